@@ -1,0 +1,420 @@
+"""Offline test fixtures: a tiny tokenizer, tiny random models, PEFT adapters, HF references.
+
+Everything is built on the fly (no network). The HF transformers + PEFT runners in fp32 on CPU
+are the ground truth that every loraplex correctness test compares against.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+__all__ = [
+    "ARCHS",
+    "CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "TOKENIZER_VOCAB_SIZE",
+    "make_tokenizer",
+    "load_tokenizer",
+    "make_tiny_model",
+    "make_peft_adapter",
+    "load_hf_model",
+    "hf_greedy",
+    "hf_logprobs",
+    "assert_greedy_close",
+    "SAMPLE_SENTENCES",
+]
+
+ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+
+# Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3.
+SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
+TOKENIZER_VOCAB_SIZE = 512
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# Small built-in English corpus; enough distinct pairs for ~250 BPE merges.
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+Once upon a time there was a little girl who lived in a village near the forest.
+Whenever she went out, the little girl wore a red riding cloak, so everyone in the village called her Little Red Riding Hood.
+It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness.
+Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse,
+and nothing particular to interest me on shore, I thought I would sail about a little and see the watery part of the world.
+In the beginning the Universe was created. This has made a lot of people very angry and been widely regarded as a bad move.
+All happy families are alike; each unhappy family is unhappy in its own way.
+The sun rose slowly over the mountains, painting the sky with shades of orange, pink and gold.
+Machine learning models learn patterns from data and use them to make predictions about new examples.
+A language model assigns a probability to every possible next token given the tokens that came before it.
+Low rank adaptation trains two small matrices whose product is added to a frozen weight matrix.
+Serving many adapters on one base model lets a single server answer requests for many different tasks.
+What is the capital of France? The capital of France is Paris, a city famous for its art, food and history.
+Please write a short poem about the ocean, the wind, and the stars that shine above the quiet sea.
+She sells sea shells by the sea shore, and the shells she sells are surely sea shells.
+How much wood would a woodchuck chuck if a woodchuck could chuck wood?
+The weather today is cloudy with a chance of rain in the afternoon and clear skies in the evening.
+He opened the door, looked around the empty room, and wondered where everyone had gone.
+Numbers like 1, 2, 3, 42, 100 and 2024 appear in text; so do symbols such as #, $, %, & and @.
+Good morning! How are you doing today? I am doing well, thank you for asking.
+The committee will meet on Monday to discuss the budget, the schedule and the new hiring plan.
+Water boils at one hundred degrees Celsius at sea level and freezes at zero degrees.
+Reading books, walking in the park and cooking dinner with friends are some of my favorite things.
+The engine processes requests in batches, schedules tokens fairly and streams results back to users.
+"""
+
+SAMPLE_SENTENCES: tuple[str, ...] = (
+    "Hi",
+    "What is the capital of France?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time there was a little girl who lived in a village near the forest.",
+    "Machine learning models learn patterns from data and use them to make good predictions.",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_tokenizer() -> Tokenizer:
+    """Train the byte-level BPE once per process: training is the slow part."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    bos_id = tok.token_to_id("<s>")
+    # Llama-style: prepend BOS to every encoded sequence; byte-level keeps text round-trippable.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    return tok
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """Wrap a fresh copy so callers cannot mutate the cached trained object."""
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tok.to_str()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+        model_max_length=512,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
+    """Save the session tokenizer (trained once) to ``out_dir`` and return it.
+
+    BOS ``<s>`` is prepended on encode (``add_special_tokens=True``); eos ``</s>``, pad ``<pad>``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast = _wrap(_trained_tokenizer())
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def load_tokenizer() -> PreTrainedTokenizerFast:
+    """The session tokenizer without saving it anywhere."""
+    return _wrap(_trained_tokenizer())
+
+
+def _arch_config(
+    arch: str,
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    tie_word_embeddings: bool,
+    rope_scaling: dict[str, Any] | None,
+    overrides: dict[str, Any],
+) -> Any:
+    """Build the transformers config; rope_scaling is handed to transformers to normalize."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=SPECIAL_TOKENS.index("<s>"),
+        eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        head_dim=hidden_size // num_heads,
+    )
+    if rope_scaling is not None:
+        common["rope_scaling"] = dict(rope_scaling)
+    if arch == "llama":
+        cls: Any = LlamaConfig
+    elif arch == "mistral":
+        cls = MistralConfig
+        common["sliding_window"] = None
+    elif arch == "qwen2":
+        cls = Qwen2Config
+        common.update(use_sliding_window=False, sliding_window=None)
+    elif arch == "qwen3":
+        cls = Qwen3Config
+        common.update(use_sliding_window=False, sliding_window=None, attention_bias=False)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    common.update(overrides)
+    return cls(**common)
+
+
+@torch.no_grad()
+def _reinit_(model: PreTrainedModel, seed: int, std: float) -> None:
+    """Large-std init so logits are peaky and greedy argmax has clear margins (no flaky ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():  # deduplicates tied weights
+        if "norm" in name:
+            p.copy_(1.0 + 0.05 * torch.randn(p.shape, generator=gen))
+        elif name.endswith(".bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+def _save_bin(model: PreTrainedModel, out_dir: Path, max_shard_bytes: int | None) -> None:
+    """transformers 5 only writes safetensors; write the legacy pytorch_model*.bin layout by hand."""
+    model.config.save_pretrained(str(out_dir))
+    if model.can_generate():
+        model.generation_config.save_pretrained(str(out_dir))
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    if max_shard_bytes is None:
+        torch.save(sd, out_dir / "pytorch_model.bin")
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"pytorch_model-{i:05d}-of-{n:05d}.bin"
+        torch.save(shard, out_dir / fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+
+
+SHARD_BYTES = 200_000  # a ~0.6 MB tiny model splits into 3-4 shards
+
+
+def make_tiny_model(
+    out_dir: Path,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    rope_scaling: dict[str, Any] | None = None,
+    sharded: bool = False,
+    safetensors: bool = True,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    dtype: torch.dtype = torch.float32,
+    init_std: float = 0.2,
+    **config_overrides: Any,
+) -> Path:
+    """Write a tiny random HF checkpoint (config, weights, tokenizer) to ``out_dir``; return it.
+
+    ``rope_scaling`` uses the legacy key; transformers 5 stores it as ``rope_parameters``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out_dir)
+    config = _arch_config(
+        arch,
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_scaling=rope_scaling,
+        overrides=config_overrides,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _reinit_(model, seed, init_std)
+    model = model.to(dtype)
+    model.config.dtype = dtype
+    model.eval()
+    if safetensors:
+        kwargs: dict[str, Any] = {"max_shard_size": SHARD_BYTES} if sharded else {}
+        model.save_pretrained(str(out_dir), **kwargs)
+    else:
+        _save_bin(model, out_dir, SHARD_BYTES if sharded else None)
+    return out_dir
+
+
+def _normalize_targets(target_modules: str | Sequence[str]) -> str | list[str]:
+    """PEFT takes a regex/"all-linear" string as-is, or a list of module-name suffixes."""
+    if isinstance(target_modules, str):
+        return target_modules
+    return list(target_modules)
+
+
+def make_peft_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    r: int = 8,
+    lora_alpha: int = 16,
+    target_modules: str | Sequence[str] = ("q_proj", "v_proj"),
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int] | None = None,
+    seed: int = 1,
+    scale: float = 0.3,
+    safetensors: bool = True,
+) -> Path:
+    """Create a PEFT LoRA adapter for ``base_dir`` with random non-zero A and B; return ``out_dir``.
+
+    PEFT inits lora_B to zero (a no-op adapter), so both A and B are re-drawn ~ N(0, scale).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    cfg = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=_normalize_targets(target_modules),
+        use_rslora=use_rslora,
+        rank_pattern=dict(rank_pattern or {}),
+        alpha_pattern=dict(alpha_pattern or {}),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(r"\.lora_[AB]\.", name):
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+                n += 1
+    if n == 0:
+        raise ValueError(f"target_modules={target_modules!r} matched no module in {base_dir}")
+    model.save_pretrained(str(out_dir), safe_serialization=safetensors)
+    return out_dir
+
+
+@functools.lru_cache(maxsize=64)
+def _load_cached(base_dir: str, adapter_dir: str | None) -> torch.nn.Module:
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return model
+
+
+def load_hf_model(base_dir: Path, adapter_dir: Path | None = None) -> torch.nn.Module:
+    """HF (+PEFT) reference model in fp32, cached per (base, adapter). Do not mutate it."""
+    return _load_cached(
+        str(Path(base_dir).resolve()),
+        None if adapter_dir is None else str(Path(adapter_dir).resolve()),
+    )
+
+
+@torch.no_grad()
+def hf_greedy(
+    base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int
+) -> list[int]:
+    """Greedy continuation of exactly ``max_new_tokens`` ids (EOS does not stop it), no padding."""
+    model = load_hf_model(base_dir, adapter_dir)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    out: list[int] = []
+    past = None
+    step_in = ids
+    for _ in range(max_new_tokens):
+        res = model(input_ids=step_in, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        nxt = int(res.logits[0, -1].float().argmax())
+        out.append(nxt)
+        step_in = torch.tensor([[nxt]], dtype=torch.long)
+    return out
+
+
+@torch.no_grad()
+def hf_logprobs(base_dir: Path, adapter_dir: Path | None, token_ids: list[int]) -> torch.Tensor:
+    """log_softmax over the vocab at every position of ``token_ids``: [len, V] fp32.
+
+    Row i is the distribution of the token *after* position i (i.e. predicts token_ids[i+1]).
+    """
+    model = load_hf_model(base_dir, adapter_dir)
+    ids = torch.tensor([list(token_ids)], dtype=torch.long)
+    logits = model(input_ids=ids, use_cache=False).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def assert_greedy_close(
+    actual_ids: Sequence[int],
+    base_dir: Path,
+    adapter_dir: Path | None,
+    prompt_ids: Sequence[int],
+    *,
+    tie_tol: float = 1e-3,
+) -> None:
+    """Assert every token in ``actual_ids`` is the reference's greedy pick given its own prefix.
+
+    Teacher-forces prompt + actual through the reference; a different pick is tolerated only
+    where the reference's top-2 log-probs are within ``tie_tol`` (a genuine near-tie), so
+    comparisons stay strict without flaking on fp32 rounding.
+    """
+    actual = [int(t) for t in actual_ids]
+    if not actual:
+        return
+    prompt = [int(t) for t in prompt_ids]
+    lp = hf_logprobs(base_dir, adapter_dir, prompt + actual)[len(prompt) - 1 : -1]
+    for i, tok in enumerate(actual):
+        best = int(lp[i].argmax())
+        if tok != best:
+            gap = float(lp[i, best] - lp[i, tok])
+            if gap >= tie_tol:
+                raise AssertionError(
+                    f"step {i}: got token {tok}, reference greedy {best} "
+                    f"(logprob gap {gap:.4g} >= tie_tol {tie_tol}); actual={actual}"
+                )
