@@ -1,0 +1,119 @@
+"""Configuration dataclasses. Each component copies out the fields it uses.
+
+`EngineArgs` (in `engine/arg_utils.py`) is the user-facing flat bag of vLLM-named
+options; `create_engine_config()` turns it into these validated pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None,
+                  device: torch.device) -> torch.dtype:
+    """`"auto"` = the checkpoint's dtype on GPU; on CPU half types are slow, so fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if config_dtype in (torch.float16, torch.bfloat16):
+            return config_dtype
+        return torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of: auto, "
+                         + ", ".join(sorted(_DTYPES)))
+    return _DTYPES[dtype]
+
+
+@dataclass
+class ModelConfig:
+    model: str
+    tokenizer: str
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    seed: int = 0
+    load_format: str = "auto"  # "auto" | "dummy"
+    revision: str | None = None
+    served_model_name: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    # KV cache budget: explicit bytes wins; else gpu_memory_utilization on CUDA, or
+    # cpu_kv_cache_gib on CPU.
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 4.0
+    num_blocks_override: int | None = None  # vLLM's num_gpu_blocks_override
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
+                f"max_model_len ({self.max_model_len}): a long prompt could never run; "
+                "raise max_num_batched_tokens or lower max_model_len")
+
+
+@dataclass
+class LoRAConfig:
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_dtype: torch.dtype | None = None  # None = the model's dtype
+    lora_extra_vocab_size: int = 0
+    long_lora_scaling_factors: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                             f"({self.max_loras})")
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    lora_config: LoRAConfig | None

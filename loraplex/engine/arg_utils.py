@@ -1,0 +1,145 @@
+"""EngineArgs: the flat, vLLM-named options a user passes; turned into validated configs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from loraplex.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+    resolve_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+# vLLM options that are accepted for compatibility but change nothing here.
+_IGNORED_WHEN_SET = {
+    "trust_remote_code": False,
+    "enforce_eager": False,
+    "swap_space": None,
+    "enable_prefix_caching": None,
+    "disable_log_stats": False,
+    "max_seq_len_to_capture": None,
+    "fully_sharded_loras": False,
+    "tokenizer_mode": "auto",
+    "disable_custom_all_reduce": False,
+    "cpu_offload_gb": 0,
+}
+_warned: set[str] = set()
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    tokenizer: str | None = None
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    cpu_kv_cache_gib: float = 4.0
+    device: str = "auto"
+    load_format: str = "auto"
+    served_model_name: str | list[str] | None = None
+    quantization: str | None = None
+    tensor_parallel_size: int = 1
+    # LoRA
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_dtype: str = "auto"
+    lora_extra_vocab_size: int = 256
+    long_lora_scaling_factors: tuple[float, ...] | None = None
+    default_mm_loras: dict | None = None
+    # accepted for vLLM compatibility; see _IGNORED_WHEN_SET
+    trust_remote_code: bool = False
+    enforce_eager: bool = False
+    swap_space: float | None = None
+    enable_prefix_caching: bool | None = None
+    disable_log_stats: bool = False
+    max_seq_len_to_capture: int | None = None
+    fully_sharded_loras: bool = False
+    tokenizer_mode: str = "auto"
+    disable_custom_all_reduce: bool = False
+    cpu_offload_gb: float = 0
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def _warn_ignored(self, device: torch.device) -> None:
+        ignored = dict(_IGNORED_WHEN_SET)
+        if device.type == "cpu":
+            ignored["gpu_memory_utilization"] = 0.9
+        for name, default in ignored.items():
+            if getattr(self, name) != default and name not in _warned:
+                _warned.add(name)
+                logger.warning("%s=%r has no effect in loraplex (accepted for vLLM "
+                               "compatibility)", name, getattr(self, name))
+
+    def create_engine_config(self, hf_config: Any) -> EngineConfig:
+        from loraplex.models.registry import sliding_window
+
+        if self.quantization:
+            raise ValueError(f"quantization={self.quantization!r} is not supported yet")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.load_format not in ("auto", "dummy", "safetensors", "pt"):
+            raise ValueError(f"load_format={self.load_format!r}: use 'auto' or 'dummy'")
+        if self.default_mm_loras:
+            raise ValueError("default_mm_loras: multimodal models are not supported yet")
+        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
+                              else ("cpu" if self.device == "auto" else self.device))
+        self._warn_ignored(device)
+        dtype = resolve_dtype(self.dtype, getattr(hf_config, "torch_dtype", None)
+                              or getattr(hf_config, "dtype", None), device)
+        limit = hf_config.max_position_embeddings
+        window = sliding_window(hf_config)
+        if window and window < limit:
+            logger.warning("model uses sliding-window attention (%d); capping max_model_len "
+                           "there, where full attention is exact", window)
+            limit = window
+        max_model_len = self.max_model_len or limit
+        if max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's limit of "
+                             f"{limit} positions")
+        served = self.served_model_name
+        if isinstance(served, list):
+            served = served[0] if served else None
+        model_config = ModelConfig(
+            model=self.model, tokenizer=self.tokenizer or self.model, dtype=dtype,
+            device=device, max_model_len=max_model_len, seed=self.seed,
+            load_format=self.load_format, revision=self.revision, served_model_name=served)
+        cache_config = CacheConfig(
+            block_size=self.block_size, kv_cache_bytes=self.kv_cache_memory_bytes,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_kv_cache_gib=self.cpu_kv_cache_gib,
+            num_blocks_override=self.num_gpu_blocks_override)
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or max(8192, max_model_len),
+            max_model_len=max_model_len)
+        lora_config = None
+        if self.enable_lora:
+            lora_dtype = None if self.lora_dtype in ("auto", None) else resolve_dtype(
+                self.lora_dtype, None, device)
+            lora_config = LoRAConfig(
+                max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                max_cpu_loras=self.max_cpu_loras, lora_dtype=lora_dtype,
+                lora_extra_vocab_size=self.lora_extra_vocab_size,
+                long_lora_scaling_factors=self.long_lora_scaling_factors)
+        return EngineConfig(model_config, cache_config, scheduler_config, lora_config)

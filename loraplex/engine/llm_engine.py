@@ -1,0 +1,317 @@
+"""LLMEngine: requests in, one batched step at a time, RequestOutputs out (vLLM's API).
+
+    add_request -> Scheduler.schedule -> LoRAManager.activate -> ModelRunner.run
+                -> Sampler -> detokenize, check stops -> RequestOutput
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from loraplex.config import EngineConfig
+from loraplex.engine.arg_utils import EngineArgs
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.request import Request
+from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.sequence import Sequence
+from loraplex.layers.sampler import Sampler, SamplingRow
+from loraplex.lora.adapter import LoRAModel
+from loraplex.lora.errors import LoRAError
+from loraplex.lora.manager import LoRAManager
+from loraplex.lora.request import LoRARequest
+from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
+from loraplex.models.registry import build_model
+from loraplex.outputs import RequestOutput
+from loraplex.sampling_params import SamplingParams
+from loraplex.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    running_lora_names: list[str]
+    waiting_lora_names: list[str]
+    max_loras: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        path = resolve_model_path(args.model, args.revision)
+        hf_config = AutoConfig.from_pretrained(path)
+        self.config: EngineConfig = args.create_engine_config(hf_config)
+        self.model_config = self.config.model_config
+        self.lora_config = self.config.lora_config
+        mc = self.model_config
+        torch.manual_seed(mc.seed)
+        tok_path = path if args.tokenizer is None else resolve_model_path(args.tokenizer)
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_path,
+                                                       revision=args.tokenizer_revision)
+        self.model = self._load_model(hf_config, path)
+        self.lora_manager = (LoRAManager(self.model, self.lora_config, mc.dtype)
+                             if self.lora_config else None)
+        self.model_runner = ModelRunner(self.model, mc, self.config.cache_config,
+                                        self.config.scheduler_config.max_num_seqs)
+        block_size = self.config.cache_config.block_size
+        if self.model_runner.num_blocks * block_size < mc.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.model_runner.num_blocks * block_size} tokens, fewer "
+                f"than max_model_len={mc.max_model_len}; give it more memory or lower "
+                "max_model_len")
+        self.block_manager = BlockManager(self.model_runner.num_blocks, block_size)
+        self.scheduler = Scheduler(
+            self.config.scheduler_config, self.block_manager,
+            self.lora_manager.num_unpinned_capacity if self.lora_manager else None)
+        eos_ids: set[int] = set()
+        for eos in (self.tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)):
+            eos_ids.update([eos] if isinstance(eos, int) else eos or [])
+        self.eos_token_ids = eos_ids
+        self.sampler = Sampler(eos_ids)
+        self.requests: dict[str, Request] = {}
+        self._pending_lora_removal: set[int] = set()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    def _load_model(self, hf_config: Any, path: str):
+        mc = self.model_config
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(mc.dtype)
+        try:
+            with torch.device(mc.device):
+                model = build_model(hf_config)
+        finally:
+            torch.set_default_dtype(default)
+        if mc.load_format == "dummy":
+            init_dummy_weights(model, mc.seed)
+        else:
+            load_weights(model, path)
+        return model.eval()
+
+    # ---- requests ---------------------------------------------------------------------
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"unsupported prompt type {type(prompt).__name__}: give a str, "
+                         "a list of token ids or {'prompt_token_ids': [...]}")
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.args.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+        limit = self.model_config.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {limit}:"
+                             " shorten the prompt or raise max_model_len")
+
+    def add_request(self, request_id: str, prompt: PromptType,
+                    params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Queue a request. Raises ValueError (LoRAError for a bad adapter); nothing is
+        queued then."""
+        request_id = str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self._tokenize(prompt)
+        self._check_prompt(ids)
+        lora_id = self._use_lora(lora_request) if lora_request is not None else 0
+        seqs, detoks = [], []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.model_config.device)
+                gen.manual_seed(params.seed + i)
+            seqs.append(Sequence(request_id, i, ids, params, lora_id, gen))
+            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params))
+        self.requests[request_id] = Request(request_id, text, ids, params, lora_request, seqs,
+                                            detoks)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _use_lora(self, req: LoRARequest) -> int:
+        if self.lora_manager is None:
+            raise ValueError(f"request asks for LoRA adapter {req.lora_name!r} but LoRA is "
+                             "not enabled: create the engine with enable_lora=True")
+        self.add_lora(req)
+        if req.lora_int_id not in self.lora_manager.pinned and \
+                len(self.lora_manager.pinned) >= self.lora_config.max_loras:
+            raise LoRAError(f"adapter {req.lora_name!r} cannot run: all max_loras="
+                            f"{self.lora_config.max_loras} slots are pinned by other adapters")
+        return req.lora_int_id
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            req = self.requests.pop(str(rid), None)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                if not seq.is_finished:
+                    seq.finish_reason = "abort"
+                    self.scheduler.finish(seq)
+        self._collect_lora_removals()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        touched: dict[str, Request] = {}
+        lora_slots = None
+        if seqs and self.lora_manager is not None:
+            lora_slots, failed = self.lora_manager.activate(
+                {s.lora_int_id for s in seqs if s.lora_int_id})
+            if failed:
+                seqs = self._fail_lora_requests(seqs, failed, touched)
+        if seqs:
+            logits = self.model_runner.run(seqs, is_prefill, lora_slots)
+            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
+                    for s in seqs]
+            sampled = self.sampler(logits, rows)
+            now = time.monotonic()
+            for i, seq in enumerate(seqs):
+                req = self.requests[seq.request_id]
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                self._append_token(req, seq, sampled.token_ids[i], sampled.token_logprobs[i],
+                                   sampled.logprobs[i])
+                touched[req.request_id] = req
+        outputs = []
+        for rid, req in touched.items():
+            outputs.append(req.to_output())
+            if req.finished:
+                self.requests.pop(rid, None)
+        self._collect_lora_removals()
+        return outputs
+
+    def _fail_lora_requests(self, seqs: list[Sequence], failed: dict[int, LoRAError],
+                            touched: dict[str, Request]) -> list[Sequence]:
+        for seq in [s for s in self.scheduler.running + list(self.scheduler.waiting)
+                    if s.lora_int_id in failed]:
+            req = self.requests[seq.request_id]
+            req.error = str(failed[seq.lora_int_id])
+            seq.finish_reason = "error"
+            self.scheduler.finish(seq)
+            touched[req.request_id] = req
+        logger.error("adapter(s) failed to load: %s", "; ".join(map(str, failed.values())))
+        return [s for s in seqs if s.lora_int_id not in failed]
+
+    def _append_token(self, req: Request, seq: Sequence, token: int, token_logprob: float,
+                      logprobs: dict | None) -> None:
+        seq.append_token(token)
+        seq.cumulative_logprob += token_logprob
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        p = seq.params
+        n_out = seq.num_output_tokens
+        detok = req.detokenizers[seq.index]
+        can_stop = n_out >= p.min_tokens
+        if can_stop and not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif can_stop and token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            detok.append(token)
+            hit = detok.stop_string_hit() if can_stop else None
+            if hit is not None:
+                seq.finish_reason, seq.stop_reason = "stop", hit
+            elif (p.max_tokens is not None and n_out >= p.max_tokens) or \
+                    seq.num_tokens >= self.model_config.max_model_len:
+                seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    # ---- adapters ---------------------------------------------------------------------
+    def _require_lora(self) -> LoRAManager:
+        if self.lora_manager is None:
+            raise ValueError("LoRA is not enabled: create the engine with enable_lora=True")
+        return self.lora_manager
+
+    def prepare_lora(self, lora_request: LoRARequest) -> LoRAModel:
+        """Read and validate an adapter (I/O only); safe to call from any thread."""
+        return self._require_lora().prepare(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest, prepared: LoRAModel | None = None) -> bool:
+        manager = self._require_lora()
+        self._pending_lora_removal.discard(lora_request.lora_int_id)
+        return manager.add(lora_request, prepared)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Unregister; requests already running on it finish on its weights first."""
+        manager = self._require_lora()
+        if lora_int_id not in manager.registered:
+            return False
+        if any(s.lora_int_id == lora_int_id for r in self.requests.values() for s in r.seqs
+               if not s.is_finished):
+            self._pending_lora_removal.add(lora_int_id)
+            return True
+        return manager.remove(lora_int_id)
+
+    def _collect_lora_removals(self) -> None:
+        if not self._pending_lora_removal:
+            return
+        busy = {s.lora_int_id for r in self.requests.values() for s in r.seqs
+                if not s.is_finished}
+        for lora_id in list(self._pending_lora_removal - busy):
+            self._pending_lora_removal.discard(lora_id)
+            self.lora_manager.remove(lora_id)
+
+    def list_loras(self) -> set[int]:
+        if self.lora_manager is None:
+            return set()
+        return set(self.lora_manager.registered) - self._pending_lora_removal
+
+    def pin_lora(self, lora_int_id: int) -> bool:
+        return self._require_lora().pin(lora_int_id)
+
+    def get_stats(self) -> EngineStats:
+        def names(seqs: Iterable[Sequence]) -> list[str]:
+            found = {self.requests[s.request_id].lora_request.lora_name for s in seqs
+                     if s.lora_int_id and s.request_id in self.requests}
+            return sorted(found)
+
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            running_lora_names=names(self.scheduler.running),
+            waiting_lora_names=names(self.scheduler.waiting),
+            max_loras=self.lora_config.max_loras if self.lora_config else 0,
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_total_blocks=self.block_manager.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions)
+
+    def get_tokenizer(self):
+        return self.tokenizer

@@ -1,0 +1,51 @@
+"""Engine-side state of one request: its n sequences, their detokenizers, timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.sequence import Sequence
+from loraplex.lora.request import LoRARequest
+from loraplex.outputs import CompletionOutput, RequestOutput
+from loraplex.sampling_params import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    lora_request: LoRARequest | None
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def to_output(self) -> RequestOutput:
+        done = self.finished
+        outputs = []
+        for seq, detok in zip(self.seqs, self.detokenizers, strict=True):
+            outputs.append(CompletionOutput(
+                index=seq.index,
+                text=detok.visible_text(seq.is_finished),
+                token_ids=seq.output_token_ids,
+                cumulative_logprob=(seq.cumulative_logprob
+                                    if self.params.logprobs is not None else None),
+                logprobs=list(seq.logprobs) if self.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason))
+        metrics = {"arrival_time": self.arrival_time}
+        if self.first_token_time is not None:
+            metrics["first_token_time"] = self.first_token_time
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
+                             prompt_token_ids=self.prompt_token_ids, outputs=outputs,
+                             finished=done, lora_request=self.lora_request, error=self.error,
+                             metrics=metrics)

@@ -1,0 +1,76 @@
+"""One sequence being generated: its tokens, state, adapter and KV block table."""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum, auto
+
+import torch
+
+from loraplex.outputs import Logprob
+from loraplex.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+_counter = itertools.count()
+
+
+class Sequence:
+    """Prompt + generated tokens of one completion (a request with n > 1 has n of them)."""
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, lora_int_id: int = 0,
+                 generator: torch.Generator | None = None) -> None:
+        self.seq_id = next(_counter)
+        self.request_id = request_id
+        self.index = index  # which of the request's n completions
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.lora_int_id = lora_int_id  # 0 = the base model
+        self.generator = generator
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[dict[int, Logprob]] = []
+        self.cumulative_logprob = 0.0
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def num_blocks_needed(self, block_size: int) -> int:
+        return (self.num_tokens + block_size - 1) // block_size
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,101 @@
+"""LLM: the offline batch API (vLLM's). Builds an LLMEngine and drives it to completion."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from loraplex.engine.arg_utils import EngineArgs
+from loraplex.engine.llm_engine import LLMEngine, PromptType
+from loraplex.lora.request import LoRARequest
+from loraplex.outputs import RequestOutput
+from loraplex.sampling_params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """One base model (plus LoRA adapters when enable_lora=True) for offline generation.
+
+    Keyword arguments are EngineArgs fields (vLLM's names); an unknown one is a TypeError.
+    """
+
+    def __init__(self, model: str, tokenizer: str | None = None, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - EngineArgs.field_names())
+        if unknown:
+            raise TypeError(f"LLM() got unexpected keyword argument(s) {', '.join(unknown)}; "
+                            "the options are the fields of loraplex.EngineArgs")
+        self.llm_engine = LLMEngine.from_engine_args(
+            EngineArgs(model=model, tokenizer=tokenizer, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order."""
+        if isinstance(prompts, str | dict) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = _broadcast(sampling_params, len(prompts), "sampling_params", SamplingParams())
+        loras = _broadcast(lora_request, len(prompts), "lora_request", None)
+        return self._run(prompts, params, loras, use_tqdm)
+
+    def chat(self, messages: Conversation | list[Conversation],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True,
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             **template_kwargs: Any) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.llm_engine.tokenizer
+        prompts: list[PromptType] = []
+        for conv in conversations:
+            ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
+                                          add_generation_prompt=add_generation_prompt,
+                                          **template_kwargs)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in v5
+                ids = ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, lora_request, use_tqdm)
+
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams],
+             loras: list[LoRARequest | None], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        ids = [str(next(self._counter)) for _ in prompts]
+        added: list[str] = []
+        try:
+            for rid, prompt, p, lora in zip(ids, prompts, params, loras, strict=True):
+                engine.add_request(rid, prompt, p, lora_request=lora)
+                added.append(rid)
+        except Exception:
+            engine.abort_request(added)  # a bad input fails the call, not the engine
+            raise
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        with bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update(1)
+        return [finished[rid] for rid in ids]
+
+
+def _broadcast(value: Any, n: int, name: str, default: Any) -> list[Any]:
+    if value is None:
+        return [default] * n
+    if isinstance(value, list | tuple):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+        return list(value)
+    return [value] * n

@@ -1,0 +1,37 @@
+"""Linear projections; packed ones (qkv, gate_up) load several HF weights into one matrix.
+
+One matmul for q, k and v (or gate and up) instead of three; `output_sizes` records the
+sub-projections so LoRA can keep one A/B pair per sub-projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). `output_sizes` lists the packed sub-projections (one for a plain linear)."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.output_sizes = list(output_sizes)
+        self.out_features = sum(output_sizes)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
+        """Copy one HF sub-projection (`shard` index into output_sizes) into its rows."""
+        param = getattr(self, param_name)
+        start = sum(self.output_sizes[:shard])
+        size = self.output_sizes[shard]
+        if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:
+            raise ValueError(f"shape {tuple(loaded.shape)} does not fit shard {shard} "
+                             f"of {param_name} {tuple(param.shape)}")
+        with torch.no_grad():
+            param.data[start:start + size].copy_(loaded)

@@ -1,0 +1,198 @@
+"""Read a PEFT LoRA directory, validate it against the base model, fold in the scaling.
+
+    W' x = W x + s * B (A x),   s = lora_alpha / r   (or lora_alpha / sqrt(r) with rsLoRA)
+
+`s` is computed here, per module (rank_pattern / alpha_pattern), and multiplied into B,
+so the serving path never sees it. Everything that can be wrong with an adapter is
+caught here, at load time, with a message that names the adapter and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.lora.errors import LoRAError, LoRANotFoundError
+from loraplex.lora.request import LoRARequest
+
+_UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out")
+
+
+@dataclass
+class LoRAModuleWeights:
+    lora_a: torch.Tensor  # [r, in]
+    lora_b: torch.Tensor  # [out, r], scaling folded in
+
+
+@dataclass
+class LoRAModel:
+    """One adapter, validated, on the host. Keys are HF module names (`...q_proj`)."""
+
+    lora_int_id: int
+    name: str
+    path: str
+    rank: int
+    modules: dict[str, LoRAModuleWeights]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(w.lora_a.numel() * w.lora_a.element_size()
+                   + w.lora_b.numel() * w.lora_b.element_size() for w in self.modules.values())
+
+
+@dataclass(frozen=True)
+class TargetShapes:
+    """What the base model offers: HF module name -> (in_features, out_features)."""
+
+    shapes: dict[str, tuple[int, int]]
+    suffixes: tuple[str, ...]  # the supported target leaf names (q_proj, ...)
+
+
+def resolve_adapter_path(req: LoRARequest) -> str:
+    path = os.path.expanduser(req.lora_path)
+    if os.path.isdir(path):
+        return path
+    if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
+        raise LoRANotFoundError(f"LoRA adapter {req.lora_name!r}: path {req.lora_path!r} "
+                                "does not exist (give a PEFT directory or a hub id 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path)
+    except Exception as e:  # offline, unknown repo, auth: all mean "cannot get it"
+        raise LoRANotFoundError(f"LoRA adapter {req.lora_name!r}: {req.lora_path!r} is not a "
+                                f"local directory and could not be fetched from the hub: {e}"
+                                ) from e
+
+
+def _read_config(name: str, path: str) -> dict:
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise LoRANotFoundError(f"LoRA adapter {name!r}: no adapter_config.json in {path}")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoRAError(f"LoRA adapter {name!r}: adapter_config.json is not valid JSON: {e}"
+                        ) from e
+    if not isinstance(cfg, dict):
+        raise LoRAError(f"LoRA adapter {name!r}: adapter_config.json is not a JSON object")
+    return cfg
+
+
+def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) -> None:
+    peft_type = cfg.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise LoRAError(f"LoRA adapter {name!r}: peft_type {peft_type!r} is not LoRA")
+    if cfg.get("use_dora"):
+        raise LoRAError(f"LoRA adapter {name!r} uses DoRA (use_dora=true), which is not "
+                        "supported yet; merge it into the base or retrain as plain LoRA")
+    if cfg.get("modules_to_save"):
+        raise LoRAError(f"LoRA adapter {name!r} has modules_to_save={cfg['modules_to_save']}: "
+                        "fully trained extra modules are not supported yet")
+    ranks = [cfg.get("r", 8), *(cfg.get("rank_pattern") or {}).values()]
+    if max(ranks) > max_rank:
+        raise LoRAError(f"LoRA adapter {name!r} has rank {max(ranks)} > max_lora_rank="
+                        f"{max_rank}; restart with --max-lora-rank {max(ranks)}")
+    target = cfg.get("target_modules")
+    names = [target] if isinstance(target, str) else list(target or [])
+    for t in names:
+        if any(u == t or t.endswith("." + u) for u in _UNSUPPORTED_TARGETS):
+            raise LoRAError(f"LoRA adapter {name!r} targets {t!r}: LoRA on embeddings or "
+                            "lm_head is not supported yet")
+    if isinstance(target, list):
+        leaves = {m.rsplit(".", 1)[-1] for m in targets.shapes}
+        for t in target:
+            if t.rsplit(".", 1)[-1] not in leaves:
+                raise LoRAError(f"LoRA adapter {name!r}: target module {t!r} not found in the "
+                                "model (supported: " + ", ".join(targets.suffixes) + "); the "
+                                "adapter was trained for a different architecture")
+
+
+def _read_tensors(name: str, path: str) -> dict[str, torch.Tensor]:
+    st = os.path.join(path, "adapter_model.safetensors")
+    bin_path = os.path.join(path, "adapter_model.bin")
+    try:
+        if os.path.isfile(st):
+            from safetensors.torch import load_file
+
+            return load_file(st, device="cpu")
+        if os.path.isfile(bin_path):
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors/pickle raise assorted types for a corrupt file
+        raise LoRAError(f"LoRA adapter {name!r}: cannot read weights in {path}: {e}") from e
+    raise LoRANotFoundError(f"LoRA adapter {name!r}: no adapter_model.safetensors or "
+                            f"adapter_model.bin in {path}")
+
+
+def _pattern_value(module: str, patterns: dict, default: float) -> float:
+    """PEFT's rule: a pattern key matches a module whose name ends with it (regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_[AB])"
+                  r"(?:\.[^.]+)?\.weight$")
+
+
+def _module_name(name: str, key: str) -> tuple[str, str]:
+    if "lora_embedding" in key or "lora_magnitude_vector" in key:
+        raise LoRAError(f"LoRA adapter {name!r} has {key!r}: embedding LoRA, DoRA or added "
+                        "tokens are not supported yet")
+    m = _KEY.match(key)
+    if m is None:
+        raise LoRAError(f"LoRA adapter {name!r}: unexpected tensor {key!r} (not a LoRA A/B "
+                        "weight); extra vocabulary or saved modules are not supported yet")
+    return m.group("module"), m.group("kind")
+
+
+def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
+                 dtype: torch.dtype) -> LoRAModel:
+    """Read, validate and scale one adapter (host memory). Thread-safe: touches no state."""
+    name = req.lora_name
+    path = resolve_adapter_path(req)
+    cfg = _read_config(name, path)
+    _check_config(name, cfg, max_rank, targets)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _read_tensors(name, path).items():
+        module, kind = _module_name(name, key)
+        pairs.setdefault(module, {})[kind] = tensor
+    if not pairs:
+        raise LoRAError(f"LoRA adapter {name!r}: no LoRA weights in {path}")
+    default_r, default_alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    modules: dict[str, LoRAModuleWeights] = {}
+    for module, ab in pairs.items():
+        if module.rsplit(".", 1)[-1] in _UNSUPPORTED_TARGETS:
+            raise LoRAError(f"LoRA adapter {name!r} targets {module!r}: LoRA on embeddings or "
+                            "lm_head is not supported yet")
+        if module not in targets.shapes:
+            raise LoRAError(f"LoRA adapter {name!r}: target module {module!r} not found in the "
+                            "model (supported: " + ", ".join(targets.suffixes) + ")")
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise LoRAError(f"LoRA adapter {name!r}: module {module!r} lacks its "
+                            f"{'lora_B' if 'lora_A' in ab else 'lora_A'} weight")
+        a, b = ab["lora_A"], ab["lora_B"]
+        in_f, out_f = targets.shapes[module]
+        rank = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, rank):
+            raise LoRAError(f"LoRA adapter {name!r}: {module} has A {tuple(a.shape)} and B "
+                            f"{tuple(b.shape)}, which do not fit the base layer (in={in_f}, "
+                            f"out={out_f}); the adapter was trained for another base model")
+        if rank > max_rank:
+            raise LoRAError(f"LoRA adapter {name!r} has rank {rank} > max_lora_rank={max_rank};"
+                            f" restart with --max-lora-rank {rank}")
+        r = _pattern_value(module, cfg.get("rank_pattern") or {}, default_r)
+        alpha = _pattern_value(module, cfg.get("alpha_pattern") or {}, default_alpha)
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        modules[module] = LoRAModuleWeights(
+            lora_a=a.to(dtype).contiguous(),
+            lora_b=(b.float() * scaling).to(dtype).contiguous())
+    return LoRAModel(lora_int_id=req.lora_int_id, name=name, path=path,
+                     rank=max(w.lora_a.shape[0] for w in modules.values()), modules=modules)

@@ -1,0 +1,95 @@
+"""Hugging Face directory or hub id -> config, tokenizer path and weights in our modules.
+
+Reads config.json with transformers' AutoConfig, weights from (sharded) safetensors or,
+as a fallback, pytorch_model*.bin. HF's separate q/k/v and gate/up weights are copied
+into our packed projections through the model's `packed_modules_mapping`.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from loraplex.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> str:
+    """A local dir as is; otherwise a hub id fetched (or found in the offline cache)."""
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, revision=revision, allow_patterns=_WEIGHT_PATTERNS)
+    except Exception as e:  # hub errors come in many types; the message says which
+        raise ValueError(f"model {model!r} is neither a local directory nor a reachable "
+                         f"Hugging Face hub id: {e}") from e
+
+
+def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        for f in files:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    yield name, st.get_tensor(name)
+        return
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
+        raise ValueError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    for f in files:
+        yield from torch.load(f, map_location="cpu", weights_only=True).items()
+
+
+def load_weights(model: LlamaForCausalLM, path: str) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
+                             leave=False, disable=None):
+        if "rotary_emb.inv_freq" in name:
+            continue
+        if name == "lm_head.weight" and model.args.tie_word_embeddings:
+            continue
+        module_name, _, param_name = name.rpartition(".")
+        prefix, _, leaf = module_name.rpartition(".")
+        if leaf in model.packed_modules_mapping:
+            packed, shard = model.packed_modules_mapping[leaf]
+            target = model.get_submodule(f"{prefix}.{packed}")
+            target.load_shard(param_name, tensor, shard)
+            loaded.add(f"{prefix}.{packed}.{param_name}")
+            continue
+        if name not in params:
+            logger.warning("ignoring checkpoint tensor %s (no such parameter)", name)
+            continue
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"model expects {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        loaded.add(name)
+    missing = [n for n in params if n not in loaded
+               and not (n == "lm_head.weight" and model.args.tie_word_embeddings)]
+    if missing:
+        raise ValueError(f"checkpoint in {path} lacks weights for: {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+
+
+def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+    """Random weights of the right shapes, for benchmarks of big models without a download."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            gen = torch.Generator(device=p.device).manual_seed(seed + i)
+            p.normal_(0.0, 0.02, generator=gen)

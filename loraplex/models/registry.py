@@ -1,0 +1,62 @@
+"""Architecture name (config.json `architectures`) -> model class and its config flags."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
+
+# name -> extra LlamaArgs flags
+_ARCHITECTURES: dict[str, dict[str, bool]] = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"qkv_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+}
+
+SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
+
+
+def _rope(hf: Any) -> tuple[float, dict | None]:
+    """rope_theta and scaling, from transformers 5 `rope_parameters` or 4.x fields."""
+    params = getattr(hf, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        scaling = params if params.get("rope_type", "default") != "default" else None
+        return float(theta), scaling
+    scaling = getattr(hf, "rope_scaling", None)
+    return float(getattr(hf, "rope_theta", 10000.0)), scaling or None
+
+
+def sliding_window(hf_config: Any) -> int | None:
+    """The attention window, when the model uses one (Mistral v0.1; Qwen2 if enabled)."""
+    window = getattr(hf_config, "sliding_window", None)
+    enabled = getattr(hf_config, "use_sliding_window", True)
+    return int(window) if window and enabled else None
+
+
+def build_model(hf_config: Any) -> LlamaForCausalLM:
+    archs = getattr(hf_config, "architectures", None) or []
+    name = next((a for a in archs if a in _ARCHITECTURES), None)
+    if name is None:
+        raise ValueError(f"model architecture {archs or '(none given)'} is not supported; "
+                         "supported: " + ", ".join(SUPPORTED_ARCHITECTURES))
+    theta, scaling = _rope(hf_config)
+    num_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    args = LlamaArgs(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position=hf_config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        **_ARCHITECTURES[name],
+    )
+    return LlamaForCausalLM(args)

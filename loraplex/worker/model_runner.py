@@ -1,0 +1,130 @@
+"""Sequences in, next-token logits out: builds the flat batch and the step context.
+
+Owns the model, its KV cache and the LoRA slots. For a prefill step the tokens of all
+sequences are laid out back to back; for a decode step one token per sequence. Each
+token carries its position, its KV-cache slot and its adapter slot (-1 = base).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from loraplex.config import CacheConfig, ModelConfig
+from loraplex.engine.sequence import Sequence
+from loraplex.layers.attention import Attention
+from loraplex.lora.meta import LoRABatchMeta
+from loraplex.models.llama import LlamaForCausalLM
+from loraplex.worker.context import StepContext, step_context
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, model_config: ModelConfig,
+                 cache_config: CacheConfig, max_num_seqs: int) -> None:
+        self.model = model
+        self.device = model_config.device
+        self.dtype = model_config.dtype
+        self.block_size = cache_config.block_size
+        self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.num_blocks = self._num_kv_blocks(cache_config, model_config.max_model_len,
+                                              max_num_seqs)
+        self._allocate_kv_cache()
+
+    def _bytes_per_block(self) -> int:
+        a = self.model.args
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
+
+    def _num_kv_blocks(self, cfg: CacheConfig, max_model_len: int, max_num_seqs: int) -> int:
+        if cfg.num_blocks_override is not None:
+            return cfg.num_blocks_override
+        if cfg.kv_cache_bytes is not None:
+            budget = cfg.kv_cache_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(free - total * (1 - cfg.gpu_memory_utilization))
+        else:
+            budget = int(cfg.cpu_kv_cache_gib * 2**30)
+        blocks_per_seq = -(-max_model_len // self.block_size)
+        # never more than every sequence at full length could use
+        return max(0, min(budget // self._bytes_per_block(), max_num_seqs * blocks_per_seq))
+
+    def _allocate_kv_cache(self) -> None:
+        a = self.model.args
+        shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        for layer in self.attention_layers:
+            layer.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks,
+                    self.block_size, self.num_blocks * self._bytes_per_block() / 2**20)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _slot_mapping(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor,
+                                                              StepContext, list[int]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        lens = [s.num_tokens for s in seqs]
+        for seq in seqs:
+            input_ids.extend(seq.token_ids)
+            positions.extend(range(seq.num_tokens))
+            slots.extend(self._slot_mapping(seq, 0, seq.num_tokens))
+        length = max(lens)
+        starts = [0]
+        for n in lens[:-1]:
+            starts.append(starts[-1] + n)
+        padded = [[st + min(i, n - 1) for i in range(length)] for st, n in zip(starts, lens)]
+        ctx = StepContext(is_prefill=True, slot_mapping=self._tensor(slots),
+                          padded_index=self._tensor(padded))
+        if any(n != length for n in lens):
+            key_valid = torch.arange(length, device=self.device)[None, :] < self._tensor(lens)[:, None]
+            causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+            ctx.prefill_mask = (causal[None] & key_valid[:, None, :]).unsqueeze(1)
+            ctx.valid_rows = self._tensor([bi * length + i for bi, n in enumerate(lens)
+                                           for i in range(n)])
+        last_rows = [st + n - 1 for st, n in zip(starts, lens)]
+        return self._tensor(input_ids), self._tensor(positions), ctx, last_rows
+
+    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor,
+                                                             StepContext]:
+        bs = self.block_size
+        input_ids = [s.last_token for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+        context_lens = self._tensor([s.num_tokens for s in seqs])
+        mask = torch.arange(max_blocks * bs, device=self.device)[None, :] < context_lens[:, None]
+        ctx = StepContext(is_prefill=False, slot_mapping=self._tensor(slots),
+                          block_tables=self._tensor(tables), decode_mask=mask[:, None, None, :])
+        return self._tensor(input_ids), self._tensor(positions), ctx
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool,
+            lora_slots: dict[int, int] | None = None) -> torch.Tensor:
+        """Logits [len(seqs), vocab] for the next token of every sequence."""
+        if is_prefill:
+            input_ids, positions, ctx, last_rows = self.prepare_prefill(seqs)
+            token_slots = [lora_slots[s.lora_int_id] if s.lora_int_id else -1
+                           for s in seqs for _ in range(s.num_tokens)] if lora_slots else None
+        else:
+            input_ids, positions, ctx = self.prepare_decode(seqs)
+            last_rows = None
+            token_slots = [lora_slots[s.lora_int_id] if s.lora_int_id else -1
+                           for s in seqs] if lora_slots else None
+        if token_slots is not None:
+            ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
+        with step_context(ctx):
+            hidden = self.model(input_ids, positions)
+            if last_rows is not None:
+                hidden = hidden.index_select(0, self._tensor(last_rows))
+            return self.model.compute_logits(hidden)
