@@ -341,7 +341,9 @@ def make_peft_adapter(
 
 
 @functools.lru_cache(maxsize=64)
-def _load_cached(base_dir: str, adapter_dir: str | None) -> torch.nn.Module:
+def _load_cached(
+    base_dir: str, adapter_dir: str | None, _stamp: tuple[int, ...] = ()
+) -> torch.nn.Module:
     model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if adapter_dir is not None:
         from peft import PeftModel
@@ -351,12 +353,24 @@ def _load_cached(base_dir: str, adapter_dir: str | None) -> torch.nn.Module:
     return model
 
 
+def _stamp(*dirs: Path | None) -> tuple[int, ...]:
+    """Config mtimes in the cache key, so a checkpoint rewritten in place is reloaded."""
+    out: list[int] = []
+    for d in dirs:
+        if d is None:
+            continue
+        for name in ("config.json", "adapter_config.json"):
+            f = d / name
+            if f.exists():
+                out.append(f.stat().st_mtime_ns)
+    return tuple(out)
+
+
 def load_hf_model(base_dir: Path, adapter_dir: Path | None = None) -> torch.nn.Module:
     """HF (+PEFT) reference model in fp32, cached per (base, adapter). Do not mutate it."""
-    return _load_cached(
-        str(Path(base_dir).resolve()),
-        None if adapter_dir is None else str(Path(adapter_dir).resolve()),
-    )
+    base = Path(base_dir).resolve()
+    adapter = None if adapter_dir is None else Path(adapter_dir).resolve()
+    return _load_cached(str(base), None if adapter is None else str(adapter), _stamp(base, adapter))
 
 
 @torch.no_grad()
