@@ -91,7 +91,7 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 scheduled.append(seq)
         self.running = scheduled
-        return scheduled
+        return list(scheduled)  # the caller finishes sequences while iterating its batch
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: free the blocks, put it at the head of the queue."""

@@ -15,6 +15,9 @@ _ARCHITECTURES: dict[str, dict[str, bool]] = {
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
+# older configs name only a model_type
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def _rope(hf: Any) -> tuple[float, dict | None]:
@@ -37,6 +40,8 @@ def sliding_window(hf_config: Any) -> int | None:
 
 def build_model(hf_config: Any) -> LlamaForCausalLM:
     archs = getattr(hf_config, "architectures", None) or []
+    if not archs and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
+        archs = [_BY_MODEL_TYPE[hf_config.model_type]]
     name = next((a for a in archs if a in _ARCHITECTURES), None)
     if name is None:
         raise ValueError(f"model architecture {archs or '(none given)'} is not supported; "

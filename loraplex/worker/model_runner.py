@@ -55,9 +55,11 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         a = self.model.args
         shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        # zeros, not empty: masked-out slots still enter `weights @ V`, and 0 * NaN garbage
+        # would poison the output; stale values from freed blocks are finite and harmless
         for layer in self.attention_layers:
-            layer.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks,
                     self.block_size, self.num_blocks * self._bytes_per_block() / 2**20)
 

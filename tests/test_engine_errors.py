@@ -1,0 +1,161 @@
+"""Bad input fails alone with a clear error; the engine and every other request carry on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from loraplex import LLM, EngineArgs, LoRARequest, SamplingParams
+from loraplex.lora.errors import LoRAError
+from tests.engine_utils import GREEDY, make_llm
+from tests.fixtures import make_peft_adapter
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return make_llm(tiny_models["llama"], enable_lora=True, max_loras=2, max_lora_rank=8,
+                    max_model_len=64)
+
+
+def _edited_adapter(src, dst, edit):
+    shutil.copytree(src, dst)
+    cfg_path = dst / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    edit(cfg)
+    cfg_path.write_text(json.dumps(cfg))
+    return dst
+
+
+def _assert_still_serves(llm, prompt, lora=None):
+    out = llm.generate([{"prompt_token_ids": prompt}], GREEDY, lora_request=lora,
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
+    ad = tiny_adapters["llama"]
+    good = LoRARequest("good", 1, str(ad["r8_all"]))
+    cases = {
+        "missing path": (LoRARequest("nope", 10, str(tmp_path / "nowhere")), "does not exist"),
+        "rank too high": (LoRARequest("big", 11, str(ad["r16_rslora"])), "--max-lora-rank 16"),
+        "DoRA": (LoRARequest("dora", 12, str(_edited_adapter(
+            ad["r4_qv"], tmp_path / "dora", lambda c: c.update(use_dora=True)))), "DoRA"),
+        "modules_to_save": (LoRARequest("mts", 13, str(_edited_adapter(
+            ad["r4_qv"], tmp_path / "mts", lambda c: c.update(modules_to_save=["lm_head"])))),
+            "modules_to_save"),
+        "unknown target": (LoRARequest("fc1", 14, str(_edited_adapter(
+            ad["r4_qv"], tmp_path / "fc1", lambda c: c.update(target_modules=["fc1"])))),
+            "not found in the model"),
+        "embedding target": (LoRARequest("emb", 15, str(_edited_adapter(
+            ad["r4_qv"], tmp_path / "emb",
+            lambda c: c.update(target_modules=["embed_tokens", "q_proj"])))), "embeddings"),
+    }
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ad["r4_qv"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    cases["corrupt safetensors"] = (LoRARequest("corrupt", 16, str(corrupt)), "cannot read")
+    no_cfg = tmp_path / "nocfg"
+    shutil.copytree(ad["r4_qv"], no_cfg)
+    (no_cfg / "adapter_config.json").unlink()
+    cases["no config"] = (LoRARequest("nocfg", 17, str(no_cfg)), "adapter_config.json")
+    other = make_peft_adapter(_wide_model(tmp_path), tmp_path / "wide_lora", r=4, seed=2)
+    cases["shape mismatch"] = (LoRARequest("wide", 18, str(other)), "do not fit")
+
+    engine = llm.llm_engine
+    engine.add_request("ok", {"prompt_token_ids": prompts[0]}, GREEDY, lora_request=good)
+    for name, (req, message) in cases.items():
+        with pytest.raises(LoRAError, match=message):
+            engine.add_request(f"bad-{name}", {"prompt_token_ids": prompts[1]}, GREEDY,
+                               lora_request=req)
+        assert f"bad-{name}" not in engine.requests, name
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in done] == ["ok"]
+    assert len(done[0].outputs[0].token_ids) == GREEDY.max_tokens
+    _assert_still_serves(llm, prompts[2], good)
+
+
+def _wide_model(tmp_path):
+    from tests.fixtures import make_tiny_model
+
+    return make_tiny_model(tmp_path / "wide", "llama", hidden_size=96, num_heads=4,
+                           num_kv_heads=2)
+
+
+def test_same_id_other_path_is_an_error(llm, tiny_adapters, prompts):
+    ad = tiny_adapters["llama"]
+    llm.llm_engine.add_lora(LoRARequest("x", 30, str(ad["r4_qv"])))
+    with pytest.raises(LoRAError, match="already used"):
+        llm.llm_engine.add_lora(LoRARequest("y", 30, str(ad["r8_all"])))
+    _assert_still_serves(llm, prompts[0], LoRARequest("x", 30, str(ad["r4_qv"])))
+
+
+def test_bad_prompts_and_params(llm, prompts):
+    engine = llm.llm_engine
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("long", {"prompt_token_ids": [5] * 64}, GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", {"prompt_token_ids": []}, GREEDY)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.add_request("oov", {"prompt_token_ids": [10**7]}, GREEDY)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+    engine.add_request("dup", {"prompt_token_ids": prompts[0]}, GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", {"prompt_token_ids": prompts[0]}, GREEDY)
+    engine.abort_request("dup")
+    assert not engine.has_unfinished_requests()
+    # a bad prompt inside a generate() call fails the call, and aborts what it queued
+    with pytest.raises(ValueError):
+        llm.generate([{"prompt_token_ids": prompts[0]}, {"prompt_token_ids": []}], GREEDY,
+                     use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    _assert_still_serves(llm, prompts[1])
+
+
+def test_lora_off_and_unknown_kwargs(tiny_models, tiny_adapters, prompts):
+    base = tiny_models["llama"]
+    with pytest.raises(TypeError, match="not_an_option"):
+        LLM(model=str(base), not_an_option=1)
+    llm = make_llm(base, enforce_eager=True)  # a vLLM option with no effect here: accepted
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY,
+                     lora_request=LoRARequest("a", 1, str(tiny_adapters["llama"]["r4_qv"])),
+                     use_tqdm=False)
+    _assert_still_serves(llm, prompts[0])
+
+
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        from loraplex import LLMEngine
+
+        LLMEngine.from_engine_args(EngineArgs(model=str(tmp_path)))
+
+
+def test_adapter_deleted_after_eviction_fails_only_its_requests(tiny_models, tiny_adapters,
+                                                                tmp_path, prompts):
+    base, ad = tiny_models["llama"], tiny_adapters["llama"]
+    doomed = tmp_path / "doomed"
+    shutil.copytree(ad["r4_qv"], doomed)
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, max_cpu_loras=1)
+    engine = llm.llm_engine
+    engine.add_lora(LoRARequest("doomed", 1, str(doomed)))
+    engine.add_lora(LoRARequest("other", 2, str(ad["r8_all"])))  # evicts 'doomed' from host
+    shutil.rmtree(doomed)
+    engine.add_request("a", {"prompt_token_ids": prompts[0]}, GREEDY,
+                       lora_request=LoRARequest("doomed", 1, str(doomed)))
+    engine.add_request("b", {"prompt_token_ids": prompts[1]}, GREEDY)
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outs["a"].outputs[0].finish_reason == "error" and "doomed" in outs["a"].error
+    assert outs["b"].outputs[0].finish_reason == "length"

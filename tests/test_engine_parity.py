@@ -1,0 +1,93 @@
+"""The engine against HF transformers + PEFT (fp32): mixed batches of the base and
+adapters of different ranks and configs, more adapters than max_loras."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex import SamplingParams
+from tests.engine_utils import GREEDY, check_against_hf, lora_requests, make_llm
+from tests.fixtures import ARCHS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_batch_matches_peft(arch, tiny_models, tiny_adapters, prompts):
+    base, adapters = tiny_models[arch], tiny_adapters[arch]
+    reqs = lora_requests(adapters)
+    names = [None, *sorted(reqs)]  # base + 5 adapters, max_loras=2 below
+    batch = [(prompts[i % len(prompts)], names[i % len(names)]) for i in range(12)]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in batch], GREEDY,
+                        lora_request=[reqs[n] if n else None for _, n in batch], use_tqdm=False)
+    check_against_hf(outs, base, [adapters[n] if n else None for _, n in batch],
+                     [p for p, _ in batch])
+    # adapters really changed something
+    texts = {n: o.outputs[0].token_ids for (p, n), o in zip(batch, outs) if p == prompts[0]}
+    assert len(set(map(tuple, texts.values()))) == len(texts)
+    # more adapters than host slots: some were evicted and read again from disk
+    assert llm.llm_engine.lora_manager.stats["host_loads"] > 0
+
+
+def test_all_adapters_in_one_step(tiny_models, tiny_adapters, prompts):
+    """max_loras large enough: base + 5 adapters decode in the very same steps."""
+    base, adapters = tiny_models["llama"], tiny_adapters["llama"]
+    reqs = lora_requests(adapters)
+    names = [None, *sorted(reqs)]
+    llm = make_llm(base, enable_lora=True, max_loras=5, max_lora_rank=16)
+    engine = llm.llm_engine
+    for i, n in enumerate(names):
+        engine.add_request(str(i), {"prompt_token_ids": prompts[i % len(prompts)]}, GREEDY,
+                           lora_request=reqs[n] if n else None)
+    seqs, is_prefill = engine.scheduler.schedule()
+    assert is_prefill and len(seqs) == len(names)  # one prefill step holds every adapter
+    engine.scheduler.running.clear()
+    for s in seqs:  # undo the peek
+        engine.block_manager.deallocate(s)
+    engine.scheduler.waiting.extendleft(reversed(seqs))
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    outs = [finished[str(i)] for i in range(len(names))]
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names],
+                     [prompts[i % len(prompts)] for i in range(len(names))])
+
+
+def test_preemption_keeps_outputs(tiny_models, tiny_adapters, prompts):
+    """A tiny KV budget forces preemption by recompute; outputs do not change."""
+    base, adapters = tiny_models["qwen2"], tiny_adapters["qwen2"]
+    reqs = lora_requests(adapters)
+    names = [None, "r8_all", "r16_rslora", None, "r4_qv", "r8_all"]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    llm = make_llm(base, enable_lora=True, max_loras=3, max_lora_rank=16, max_model_len=64,
+                   num_gpu_blocks_override=12, block_size=8)
+    batch = [prompts[i % len(prompts)] for i in range(len(names))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
+
+
+def test_sharded_bin_tied_and_llama3_rope(tmp_path, prompts):
+    """Checkpoint variants load the same way: sharded safetensors, .bin, tied embeddings,
+    Llama-3 rope scaling."""
+    from tests.fixtures import make_peft_adapter, make_tiny_model
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    variants = {
+        "sharded": dict(sharded=True),
+        "bin": dict(safetensors=False),
+        "tied": dict(tie_word_embeddings=True, rope_scaling=rope),
+    }
+    for name, kw in variants.items():
+        base = make_tiny_model(tmp_path / name, "llama", seed=7, **kw)
+        adapter = make_peft_adapter(base, tmp_path / f"{name}_lora", r=8, seed=3)
+        from loraplex import LoRARequest
+
+        llm = make_llm(base, enable_lora=True, max_lora_rank=8)
+        outs = llm.generate([{"prompt_token_ids": prompts[3]}] * 2, GREEDY,
+                            lora_request=[None, LoRARequest("a", 1, str(adapter))],
+                            use_tqdm=False)
+        check_against_hf(outs, base, [None, adapter], [prompts[3]] * 2)
