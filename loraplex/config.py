@@ -63,7 +63,7 @@ class CacheConfig:
     # cpu_kv_cache_gib on CPU.
     kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_gib: float = 4.0
+    cpu_kv_cache_gib: float = 2.0
     num_blocks_override: int | None = None  # vLLM's num_gpu_blocks_override
 
     def __post_init__(self) -> None:

@@ -50,7 +50,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     kv_cache_memory_bytes: int | None = None
-    cpu_kv_cache_gib: float = 4.0
+    cpu_kv_cache_gib: float = 2.0
     device: str = "auto"
     load_format: str = "auto"
     served_model_name: str | list[str] | None = None

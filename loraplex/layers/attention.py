@@ -55,10 +55,22 @@ class Attention(nn.Module):
     def _decode(self, q, ctx) -> torch.Tensor:
         b, nblocks = ctx.block_tables.shape
         block_size = self.k_cache.shape[1]
-        # [B, nblocks, block_size, KVH, D] -> [B, KVH, nblocks * block_size, D]
-        k = self.k_cache[ctx.block_tables].view(b, nblocks * block_size, self.num_kv_heads, -1)
-        v = self.v_cache[ctx.block_tables].view(b, nblocks * block_size, self.num_kv_heads, -1)
+        flat = ctx.block_tables.reshape(-1)
+        # gather each sequence's blocks into scratch buffers reused by every layer of the
+        # step (a fresh multi-MB tensor per layer costs page faults on the CPU)
+        k = torch.index_select(self.k_cache, 0, flat, out=_scratch(ctx, "k", self.k_cache, flat))
+        v = torch.index_select(self.v_cache, 0, flat, out=_scratch(ctx, "v", self.v_cache, flat))
+        k = k.view(b, nblocks * block_size, self.num_kv_heads, -1)  # [B, S, KVH, D]
+        v = v.view(b, nblocks * block_size, self.num_kv_heads, -1)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=ctx.decode_mask,
             scale=self.scale, enable_gqa=True)  # [B, H, 1, D]
         return out.squeeze(2)
+
+
+def _scratch(ctx, name: str, cache: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    shape = (flat.shape[0], *cache.shape[1:])
+    buf = ctx.scratch.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != cache.dtype:
+        buf = ctx.scratch[name] = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+    return buf

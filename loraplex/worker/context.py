@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class StepContext:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] long
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
     lora_meta: LoRABatchMeta | None = None
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step reusable buffers
 
 
 _current: StepContext | None = None
