@@ -1,0 +1,289 @@
+"""AsyncLLMEngine: an asyncio front over the (single-threaded) LLMEngine.
+
+One background task runs ``step()`` on a dedicated one-worker thread; every other
+engine call goes through that same thread, so calls never overlap and new requests
+join the running batch between steps. Each request gets a stream (async generator of
+cumulative RequestOutputs). Closing a stream early (client gone) aborts the request.
+Adapter files are read on other threads (``prepare_lora``) so loads never stall steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from loraplex.engine.arg_utils import EngineArgs
+from loraplex.engine.llm_engine import LLMEngine, PromptType
+from loraplex.lora.request import LoRARequest
+from loraplex.metrics import Metrics
+from loraplex.outputs import RequestOutput
+from loraplex.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed while running a request (a server bug, not the request's fault)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine was shut down."""
+
+
+@dataclass
+class _Stream:
+    model_name: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    num_tokens: int = 0
+    prompt_tokens: int = 0
+    finished: bool = False
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, model_name: str | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name or engine.model_config.name
+        self.metrics = metrics
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="loraplex-engine")
+        self._streams: dict[str, _Stream] = {}
+        self._lora_ids: set[int] = set(engine.list_loras())
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._stopped = False
+        self.errored: BaseException | None = None  # last step failure, for /health and logs
+        self.stats = None
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, **kw: Any) -> AsyncLLMEngine:
+        return cls(LLMEngine.from_engine_args(args), **kw)
+
+    # ---- plumbing ---------------------------------------------------------------------
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the engine thread (between steps)."""
+        if self._stopped:
+            raise EngineStoppedError("the engine is shut down")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+
+    async def shutdown(self) -> None:
+        self._stopped = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._loop_task is not None:
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for rid in list(self._streams):
+            self._finish_stream(rid, EngineStoppedError("the server is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def is_running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def _step(self) -> tuple[list[RequestOutput], bool]:
+        outputs = self.engine.step()
+        self._refresh_stats()
+        return outputs, self.engine.has_unfinished_requests()
+
+    def _refresh_stats(self) -> None:
+        self.stats = self.engine.get_stats()
+        if self.metrics is not None:
+            self.metrics.update_engine(self.stats)
+
+    async def _run_loop(self) -> None:
+        """Step while there is work; sleep on an event otherwise (no busy spin)."""
+        assert self._wake is not None
+        while not self._stopped:
+            self._wake.clear()  # before the step: a request added during it re-sets it
+            try:
+                outputs, busy = await self.run(self._step)
+            except EngineStoppedError:
+                break
+            except Exception as e:
+                logger.exception("engine step failed; failing the requests in flight")
+                self.errored = e
+                await self._fail_all(e)
+                continue
+            now = time.monotonic()
+            for out in outputs:
+                self._dispatch(out, now)
+            if not busy:
+                await self._wake.wait()
+            else:
+                await asyncio.sleep(0)  # let handlers add requests and read streams
+
+    async def _fail_all(self, exc: BaseException) -> None:
+        ids = list(self._streams)
+        for rid in ids:
+            self._finish_stream(rid, EngineDeadError(f"engine step failed: {exc!r}"), "error")
+
+        def abort_all() -> None:
+            self.engine.abort_request(list(self.engine.requests))
+            self._refresh_stats()
+        try:
+            await self.run(abort_all)
+        except Exception:
+            logger.exception("could not abort requests after a failed step")
+
+    def _dispatch(self, out: RequestOutput, now: float) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        n = sum(len(c.token_ids) for c in out.outputs)
+        if n > stream.num_tokens and self.metrics is not None:
+            if stream.first_token is None:
+                self.metrics.ttft.labels(stream.model_name).observe(now - stream.arrival)
+            else:
+                self.metrics.itl.labels(stream.model_name).observe(now - stream.last_token)
+        if n > stream.num_tokens:
+            stream.first_token = stream.first_token or now
+            stream.last_token = now
+            stream.num_tokens = n
+        stream.queue.put_nowait(out)
+        if out.finished:
+            reason = "error" if out.error else (out.outputs[0].finish_reason or "stop")
+            self._finish_stream(out.request_id, None, reason)
+
+    def _finish_stream(self, request_id: str, exc: BaseException | None,
+                       reason: str = "error") -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        if exc is not None:
+            stream.queue.put_nowait(exc)
+        if self.metrics is not None:
+            m, name = self.metrics, stream.model_name
+            m.requests.labels(name, reason).inc()
+            m.prompt_tokens.labels(name).inc(stream.prompt_tokens)
+            m.generation_tokens.labels(name).inc(stream.num_tokens)
+            m.e2e.labels(name).observe(time.monotonic() - stream.arrival)
+
+    # ---- requests ---------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: PromptType,
+                          sampling_params: SamplingParams,
+                          lora_request: LoRARequest | None = None
+                          ) -> AsyncGenerator[RequestOutput, None]:
+        """Queue a request; return its stream. Raises ValueError (LoRAError for a bad
+        adapter) when it is rejected. The caller must iterate the stream to its end or
+        close it (or call ``abort``): that is what frees the request's KV blocks."""
+        self.start()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if lora_request is not None and lora_request.lora_int_id not in self._lora_ids:
+            await self.add_lora(lora_request)
+        name = lora_request.lora_name if lora_request is not None else self.model_name
+        stream = _Stream(name)
+        self._streams[request_id] = stream
+        try:
+            await self.run(self.engine.add_request, request_id, prompt, sampling_params,
+                           lora_request)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            if not self._stopped:  # cancelled mid-add: the engine may hold it already
+                self._executor.submit(self.engine.abort_request, request_id)
+            raise
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            stream.prompt_tokens = len(prompt["prompt_token_ids"])
+        elif isinstance(prompt, list):
+            stream.prompt_tokens = len(prompt)
+        assert self._wake is not None
+        self._wake.set()
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream
+                       ) -> AsyncGenerator[RequestOutput, None]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                if stream.prompt_tokens == 0:
+                    stream.prompt_tokens = len(item.prompt_token_ids)
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._abort_now(request_id)
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
+                       request_id: str, lora_request: LoRARequest | None = None
+                       ) -> AsyncGenerator[RequestOutput, None]:
+        """Stream cumulative RequestOutputs (vLLM's signature); the last is finished.
+        Leaving the loop early aborts the request."""
+        stream = await self.add_request(request_id, prompt, sampling_params, lora_request)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+            self._abort_now(request_id)
+
+    def _abort_now(self, request_id: str) -> None:
+        """Abort without awaiting (safe in a cancelled task's finally)."""
+        if request_id not in self._streams or self._stopped:
+            return
+        self._finish_stream(request_id, None, "abort")
+
+        def abort() -> None:
+            self.engine.abort_request(request_id)
+            self._refresh_stats()
+        self._executor.submit(abort)
+        logger.info("aborted request %s", request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+
+    # ---- adapters ---------------------------------------------------------------------
+    async def prepare_lora(self, lora_request: LoRARequest):
+        """Read and validate the adapter on a worker thread (raises LoRAError)."""
+        return await asyncio.to_thread(self.engine.prepare_lora, lora_request)
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        prepared = None
+        if lora_request.lora_int_id not in self._lora_ids:
+            prepared = await self.prepare_lora(lora_request)
+        added = await self.run(self.engine.add_lora, lora_request, prepared)
+        self._lora_ids.add(lora_request.lora_int_id)
+        return added
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        self._lora_ids.discard(lora_int_id)
+        return await self.run(self.engine.remove_lora, lora_int_id)
+
+    async def list_loras(self) -> set[int]:
+        return await self.run(self.engine.list_loras)
+
+    async def pin_lora(self, lora_int_id: int) -> bool:
+        return await self.run(self.engine.pin_lora, lora_int_id)
+
+    async def get_stats(self):
+        def stats():
+            self._refresh_stats()
+            return self.stats
+        return await self.run(stats)
+
+    async def check_health(self) -> None:
+        if self._stopped:
+            raise EngineStoppedError("the engine is shut down")
+        if self._loop_task is not None and self._loop_task.done():
+            raise EngineDeadError("the engine loop has stopped")
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer

@@ -1,0 +1,318 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLMEngine.
+
+    GET  /health /version /metrics /v1/models
+    POST /v1/completions /v1/chat/completions
+    POST /v1/load_lora_adapter /v1/unload_lora_adapter   (LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING)
+
+Every error is OpenAI's body {"error": {message, type, param, code}}; FastAPI's 422s
+become 400s with a one-line reason. A request can fail; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import logging
+import os
+import secrets
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import AutoTokenizer
+
+from loraplex import envs
+from loraplex.engine.arg_utils import EngineArgs
+from loraplex.engine.async_engine import AsyncLLMEngine
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.entrypoints.cli import CLIError
+from loraplex.entrypoints.errors import APIError, NotFoundError, error_response
+from loraplex.entrypoints.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+)
+from loraplex.entrypoints.serving_chat import OpenAIServingChat
+from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
+from loraplex.entrypoints.serving_models import OpenAIServingModels
+from loraplex.entrypoints.serving_utils import with_cancellation
+from loraplex.metrics import Metrics
+from loraplex.plugins import PluginError, load_general_plugins
+from loraplex.version import __version__
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T", bound=BaseModel)
+
+RUNTIME_LORA_DISABLED = (
+    "Runtime LoRA adapter loading is disabled. Set the environment variable "
+    "LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING=True before starting the server to enable "
+    "/v1/load_lora_adapter and /v1/unload_lora_adapter.")
+
+
+@dataclass
+class ServerState:
+    engine: AsyncLLMEngine
+    models: OpenAIServingModels
+    completion: OpenAIServingCompletion
+    chat: OpenAIServingChat
+    metrics: Metrics
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    if errors[0].get("type") == "json_invalid":
+        ctx = errors[0].get("ctx", {}).get("error", "")
+        return f"the request body is not valid JSON: {ctx}".rstrip(": "), None
+    parts, param = [], None
+    for err in errors[:3]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = param or (loc[0] if loc else None)
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more, param
+
+
+def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        yield
+        await state.engine.shutdown()
+
+    app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
+    app.state.server = state
+    metrics = state.metrics
+
+    def failed(resp: JSONResponse) -> JSONResponse:
+        metrics.http_errors.labels(str(resp.status_code)).inc()
+        return resp
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return failed(error_response(exc.message, exc.status, exc.type, exc.param))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return failed(error_response(message, 400, "BadRequestError", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return failed(error_response(str(exc.detail), exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return failed(error_response(f"internal server error: {exc!r}", 500,
+                                     "InternalServerError"))
+
+    if api_key:
+        @app.middleware("http")
+        async def authenticate(request: Request, call_next):
+            if request.method == "OPTIONS" or not request.url.path.startswith("/v1"):
+                return await call_next(request)
+            given = request.headers.get("Authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return failed(error_response(
+                    "Unauthorized: missing or wrong API key (send 'Authorization: Bearer "
+                    "<key>')", 401, "AuthenticationError"))
+            return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await state.engine.check_health()
+        except Exception as e:
+            return error_response(str(e), 503, "ServiceUnavailableError")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(state.models.show_available_models().model_dump())
+
+    def respond(result) -> Response:
+        if hasattr(result, "model_dump"):
+            return JSONResponse(result.model_dump())
+        return StreamingResponse(result, media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    @with_cancellation
+    async def completions(request: CompletionRequest, raw_request: Request) -> Response:
+        return respond(await state.completion.create_completion(request))
+
+    @app.post("/v1/chat/completions")
+    @with_cancellation
+    async def chat_completions(request: ChatCompletionRequest, raw_request: Request
+                               ) -> Response:
+        return respond(await state.chat.create_chat_completion(request))
+
+    def require_runtime_updating() -> None:
+        if not envs.LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING:
+            raise NotFoundError(RUNTIME_LORA_DISABLED)
+
+    async def adapter_body(raw: Request, model: type[T]) -> T:
+        """Parse after the enable check, so a disabled route is a 404 whatever the body."""
+        if not envs.LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING:
+            raise NotFoundError(RUNTIME_LORA_DISABLED)
+        try:
+            return model.model_validate_json(await raw.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors(include_url=False)) from None
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(raw_request: Request) -> Response:
+        req = await adapter_body(raw_request, LoadLoRAAdapterRequest)
+        return PlainTextResponse(await state.models.load_lora_adapter(
+            req.lora_name, req.lora_path, req.load_inplace, req.base_model_name))
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(raw_request: Request) -> Response:
+        req = await adapter_body(raw_request, UnloadLoRAAdapterRequest)
+        return PlainTextResponse(await state.models.unload_lora_adapter(req.lora_name))
+
+    return app
+
+
+# ---- start-up ---------------------------------------------------------------------------
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _setup_logging() -> None:
+    level = envs.LORAPLEX_LOGGING_LEVEL
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(levelname)s %(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _engine_args(args: argparse.Namespace) -> EngineArgs:
+    names = EngineArgs.field_names() - {"model"}
+    kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if "cpu_kv_cache_gib" not in kw and envs.LORAPLEX_CPU_KVCACHE_SPACE is not None:
+        kw["cpu_kv_cache_gib"] = envs.LORAPLEX_CPU_KVCACHE_SPACE
+    return EngineArgs(model=args.model, **kw)
+
+
+def _chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        return Path(value).read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise CLIError(f"--chat-template {value!r}: no such file, and not a Jinja template")
+
+
+def _server_tokenizer(engine: LLMEngine):
+    """A tokenizer of our own: HF fast tokenizers must not be shared across threads."""
+    try:
+        return AutoTokenizer.from_pretrained(engine.tokenizer.name_or_path)
+    except Exception:
+        return copy.deepcopy(engine.tokenizer)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def build_state(args: argparse.Namespace) -> ServerState:
+    """Plugins, engine, start-up adapters: every user mistake becomes a CLIError."""
+    try:
+        load_general_plugins()
+    except PluginError as e:
+        raise CLIError(_one_line(e)) from None
+    if args.lora_modules and not getattr(args, "enable_lora", False):
+        raise CLIError("--lora-modules needs --enable-lora")
+    chat_template = _chat_template(args.chat_template)
+    try:
+        engine_args = _engine_args(args)
+        engine = LLMEngine.from_engine_args(engine_args)
+    except Exception as e:
+        if envs.LORAPLEX_LOGGING_LEVEL == "DEBUG":
+            logger.exception("engine start-up failed")
+        raise CLIError(f"cannot start the engine for {args.model!r}: {_one_line(e)}") from None
+    names = engine_args.served_model_name or [args.model]
+    names = [names] if isinstance(names, str) else list(names)
+    metrics = Metrics()
+    async_engine = AsyncLLMEngine(engine, model_name=names[0], metrics=metrics)
+    models = OpenAIServingModels(async_engine, names, engine.model_config.max_model_len,
+                                 engine.lora_config is not None)
+    tokenizer = _server_tokenizer(engine)
+    state = ServerState(
+        engine=async_engine, models=models,
+        completion=OpenAIServingCompletion(async_engine, models, tokenizer),
+        chat=OpenAIServingChat(async_engine, models, tokenizer, chat_template=chat_template),
+        metrics=metrics)
+    for m in args.lora_modules:
+        try:
+            await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)
+        except APIError as e:
+            raise CLIError(f"--lora-modules {m.name}={m.path}: {_one_line(e)}") from None
+    return state
+
+
+async def run_server(args: argparse.Namespace) -> None:
+    sock = _bind(args.host, args.port)
+    state = await build_state(args)
+    api_key = args.api_key or envs.LORAPLEX_API_KEY
+    app = build_app(state, api_key)
+    config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_keep_alive=5,
+                            access_log=args.uvicorn_log_level in ("debug", "trace"))
+    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+
+    async def announce() -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        adapters = ", ".join(f"{n} ({r.lora_path})" for n, r in
+                             state.models.lora_requests.items()) or "none"
+        print(f"loraplex: serving {state.models.base_model_name} at http://{host}:{port} "
+              f"(LoRA adapters: {adapters})", flush=True)
+
+    task = asyncio.create_task(announce())
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        task.cancel()
+        sock.close()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``loraplex serve``: returns the exit status; CLIError for user mistakes."""
+    _setup_logging()
+    asyncio.run(run_server(args))
+    return 0

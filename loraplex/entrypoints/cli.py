@@ -1,0 +1,269 @@
+"""The ``loraplex`` command: ``serve`` (OpenAI server), ``demo``; vLLM's flag names.
+
+Heavy imports (torch, transformers, fastapi) happen only once a command runs, so
+``--help`` and flag errors are instant. A bad flag or a bad start-up input prints one
+line (``loraplex serve: error: ...``) and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+EXIT_STARTUP = 1
+
+
+class CLIError(Exception):
+    """A user input problem: printed as one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+@dataclass
+class LoRAModulePath:
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+def parse_lora_module(item: str) -> LoRAModulePath:
+    """``name=path`` or JSON ``{"name": ..., "path": ..., "base_model_name": ...}``."""
+    item = item.strip()
+    if item.startswith("{"):
+        try:
+            obj = json.loads(item)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"--lora-modules item is not valid JSON: {e}") from None
+        if not isinstance(obj, dict) or not obj.get("name") or not obj.get("path"):
+            raise argparse.ArgumentTypeError(
+                "a JSON --lora-modules item needs \"name\" and \"path\"")
+        unknown = set(obj) - {"name", "path", "base_model_name"}
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown key(s) in --lora-modules item: {', '.join(sorted(unknown))}")
+        return LoRAModulePath(str(obj["name"]), str(obj["path"]), obj.get("base_model_name"))
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(
+            f"--lora-modules item {item!r}: use name=path or a JSON object")
+    return LoRAModulePath(name, path)
+
+
+def parse_human_int(text: str) -> int:
+    """``2048``, ``4k`` (4000), ``4K`` (4096), ``1m``/``1M``, as vLLM's --max-model-len."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid length {text!r}: use e.g. 2048 or 4k")
+    num, unit = float(m.group(1)), m.group(2)
+    mult = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+    return int(num * mult[unit])
+
+
+def parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace("(", "").replace(")", "").split(",")
+                     if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid scaling factors {text!r}: use e.g. 4.0,8.0") from None
+
+
+def parse_json_dict(text: str) -> dict:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return obj
+
+
+# EngineArgs field -> help. Every field gets a flag (--field-name); types come from defaults.
+ENGINE_HELP: dict[str, str] = {
+    "tokenizer": "Tokenizer name or path (default: the model's).",
+    "revision": "Model revision (branch, tag or commit) on the Hugging Face hub.",
+    "tokenizer_revision": "Tokenizer revision on the Hugging Face hub.",
+    "dtype": "Weights and activations dtype: auto (fp32 on CPU, the checkpoint's half type "
+             "on GPU), float32, float16, bfloat16.",
+    "seed": "Random seed of the engine.",
+    "max_model_len": "Context length (prompt + output) in tokens; accepts 4k/4K. Default: the "
+                     "model's max_position_embeddings.",
+    "max_num_seqs": "Most sequences in one batch.",
+    "max_num_batched_tokens": "Most tokens in one step (default: max(8192, max_model_len)).",
+    "block_size": "Tokens per KV cache block.",
+    "gpu_memory_utilization": "Fraction of GPU memory for weights + KV cache (CUDA only).",
+    "num_gpu_blocks_override": "Use exactly this many KV cache blocks.",
+    "kv_cache_memory_bytes": "KV cache size in bytes (overrides the other sizing options).",
+    "cpu_kv_cache_gib": "KV cache size in GiB on CPU (or env LORAPLEX_CPU_KVCACHE_SPACE).",
+    "device": "auto, cpu or cuda[:N].",
+    "load_format": "auto (safetensors or .bin) or dummy (random weights, for benchmarks).",
+    "served_model_name": "Name(s) the base model answers to in the API; the first is used "
+                         "in responses. Default: the model argument.",
+    "quantization": "Accepted for vLLM compatibility; quantized bases are not supported yet.",
+    "tensor_parallel_size": "Accepted for vLLM compatibility; only 1 is supported.",
+    "enable_lora": "Enable LoRA adapters (required for --lora-modules and runtime loading).",
+    "max_loras": "Most distinct adapters in one batch (device slots).",
+    "max_lora_rank": "Largest adapter rank that can be loaded; a higher-rank adapter is "
+                     "refused with a clear error.",
+    "max_cpu_loras": "Adapters kept in host memory (LRU); default: --max-loras.",
+    "lora_dtype": "Dtype of adapter weights: auto (the model's), float16, bfloat16, float32.",
+    "lora_extra_vocab_size": "Extra vocabulary slots for adapters that add tokens. Accepted; "
+                             "adapters with extra vocabulary are refused as not supported "
+                             "yet.",
+    "long_lora_scaling_factors": "RoPE scaling factors for long-context LoRA, e.g. 4.0,8.0. "
+                                 "Accepted; long-context LoRA adapters are not supported yet.",
+    "default_mm_loras": "JSON {modality: adapter}; multimodal models are not supported yet.",
+}
+_SPECIAL_TYPES = {"max_model_len": parse_human_int, "long_lora_scaling_factors": parse_floats,
+                  "default_mm_loras": parse_json_dict}
+_CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"],
+            "lora_dtype": ["auto", "float32", "float16", "bfloat16"]}
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    from_engine = parser.add_argument_group("engine (vLLM's EngineArgs)")
+    for f in _engine_fields():
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = ENGINE_HELP.get(f.name, "Accepted for vLLM compatibility; no effect in "
+                                            "loraplex.")
+        help_text += f" (default: {default})" if default not in (None, "") else ""
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        ann = str(f.type)
+        if f.name == "served_model_name":
+            kw["nargs"] = "+"
+        elif f.name in _SPECIAL_TYPES:
+            kw["type"] = _SPECIAL_TYPES[f.name]
+        elif isinstance(default, bool) or ann.startswith("bool"):
+            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        elif isinstance(default, int) or ann.startswith("int"):
+            kw["type"] = int
+        elif isinstance(default, float) or ann.startswith("float"):
+            kw["type"] = float
+        if f.name in _CHOICES:
+            kw["choices"] = _CHOICES[f.name]
+        from_engine.add_argument(flag, **kw)
+
+
+def _engine_fields():
+    from loraplex.engine.arg_utils import EngineArgs  # light: dataclasses + torch config
+    return fields(EngineArgs)
+
+
+def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve", help="Start the OpenAI-compatible server (vLLM's `vllm serve`).",
+        description="Serve a base model and its LoRA adapters on an OpenAI-compatible API. "
+                    "Every adapter is a model name: send {\"model\": \"<adapter>\"}. "
+                    "Env: LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING, LORAPLEX_PLUGINS, "
+                    "LORAPLEX_LORA_RESOLVER_CACHE_DIR, LORAPLEX_LORA_RESOLVER_HF_REPO_LIST, "
+                    "LORAPLEX_API_KEY, LORAPLEX_CPU_KVCACHE_SPACE (see docs/usage.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_tag", nargs="?", metavar="MODEL",
+                   help="Model path or Hugging Face id.")
+    p.add_argument("--model", dest="model_flag", default=None,
+                   help="Same as the positional MODEL.")
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default="0.0.0.0", help="Address to listen on.")
+    server.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    server.add_argument("--api-key", default=None,
+                        help="Require 'Authorization: Bearer <key>' on /v1 routes "
+                             "(or env LORAPLEX_API_KEY).")
+    server.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=[],
+                        metavar="ITEM",
+                        help="Adapters to serve from the start: name=path, or JSON "
+                             "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'.")
+    server.add_argument("--chat-template", default=None,
+                        help="Jinja chat template (a file path or the template text); "
+                             "default: the tokenizer's.")
+    server.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"],
+                        help="Log level of uvicorn.")
+    server.add_argument("--disable-log-requests", action="store_true",
+                        help="Accepted for vLLM compatibility.")
+    _add_engine_args(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def make_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("demo", help="Run the built-in multi-LoRA demo.",
+                       description="Run the built-in multi-LoRA demo (loraplex.entrypoints.demo).")
+    try:  # the demo may define its own flags; it is optional, so import lazily and softly
+        from loraplex.entrypoints import demo
+        add = getattr(demo, "add_cli_args", None)
+    except ImportError:
+        add = None
+    if add is not None:
+        add(p)
+    else:
+        p.add_argument("demo_args", nargs=argparse.REMAINDER, help="Arguments for the demo.")
+    p.set_defaults(func=run_demo)
+    return p
+
+
+def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="loraplex",
+                     description="loraplex: many LoRA adapters on one base LLM, with vLLM's "
+                                 "API. Run 'loraplex serve --help' for the server's flags.")
+    from loraplex.version import __version__
+    parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    make_serve_parser(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        make_demo_parser(sub)
+    else:
+        sub.add_parser("demo", help="Run the built-in multi-LoRA demo.", add_help=False)
+    return parser
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    try:
+        from loraplex.entrypoints.demo import main as demo_main
+    except ImportError as e:
+        raise CLIError(f"the demo is not available in this install: {e}") from e
+    result = demo_main(args)
+    return int(result or 0)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from loraplex.entrypoints.api_server import serve
+    return serve(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.command == "serve":
+        if args.model_tag and args.model_flag and args.model_tag != args.model_flag:
+            parser.error(f"two models given: {args.model_tag!r} and --model "
+                         f"{args.model_flag!r}")
+        args.model = args.model_tag or args.model_flag
+        if not args.model:
+            parser.error("serve needs a MODEL (path or Hugging Face id)")
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"loraplex {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""POST /v1/chat/completions: messages -> chat template -> the engine; role/delta streaming."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from loraplex.entrypoints.errors import APIError, BadRequestError, error_body
+from loraplex.entrypoints.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionLogProbs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatLogProb,
+    ChatLogProbsContent,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    UsageInfo,
+    random_id,
+)
+from loraplex.entrypoints.serving_base import OpenAIServing
+from loraplex.outputs import CompletionOutput
+
+
+class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args: Any, chat_template: str | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.chat_template = chat_template
+
+    @staticmethod
+    def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+        out = []
+        for i, m in enumerate(req.messages):
+            content = m.content
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") != "text":
+                        raise BadRequestError(f"messages[{i}]: content part of type "
+                                              f"{part.get('type')!r} is not supported yet "
+                                              "(text only)", param="messages")
+                    parts.append(str(part.get("text", "")))
+                content = "".join(parts)
+            msg = {"role": m.role, "content": content or ""}
+            if m.name:
+                msg["name"] = m.name
+            out.append(msg)
+        if not out:
+            raise BadRequestError("messages must not be empty", param="messages")
+        return out
+
+    def render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+        """Apply the chat template (request's, else --chat-template, else tokenizer's)."""
+        template = req.chat_template or self.chat_template
+        try:
+            text = self.tokenizer.apply_chat_template(
+                self._messages(req), chat_template=template, tokenize=False,
+                add_generation_prompt=req.add_generation_prompt and not
+                req.continue_final_message,
+                continue_final_message=req.continue_final_message,
+                **(req.chat_template_kwargs or {}))
+        except APIError:
+            raise
+        except Exception as e:  # jinja errors, no template, bad kwargs: the request's fault
+            hint = "" if template or self.tokenizer.chat_template else (
+                " (this model's tokenizer has no chat template: start the server with "
+                "--chat-template)")
+            raise BadRequestError(f"cannot apply the chat template: {e}{hint}",
+                                  param="messages") from e
+        ids = self.tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
+        return text, list(ids)
+
+    async def create_chat_completion(self, req: ChatCompletionRequest):
+        self.check_unsupported(req)
+        if req.tools and req.tool_choice != "none":
+            raise BadRequestError("tool calling is not supported yet", param="tools")
+        if req.response_format and req.response_format.get("type") not in (None, "text"):
+            raise BadRequestError("response_format other than text is not supported yet",
+                                  param="response_format")
+        if req.echo:
+            raise BadRequestError("echo is not supported for chat yet", param="echo")
+        if req.top_logprobs and not req.logprobs:
+            raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true",
+                                  param="top_logprobs")
+        lora = await self.models.resolve(req.model)
+        model = req.model or self.models.base_model_name
+        text, ids = self.render(req)
+        self.check_token_ids(ids)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+            else req.max_tokens
+        params = self.sampling_params(req, max_tokens,
+                                      (req.top_logprobs or 0) if req.logprobs else None)
+        self.fit_max_tokens(params, len(ids))
+        request_id = req.request_id or random_id("chatcmpl")
+        streams = await self.start_requests(request_id, [(text, ids)], [params], lora)
+        if req.stream:
+            return self._stream(req, request_id, model, len(ids), streams[0])
+        try:
+            final = None
+            async for out in streams[0]:
+                final = out
+            assert final is not None
+            self.check_output(final)
+        finally:
+            await self.abort_all(request_id, 1)
+        choices = [ChatCompletionChoice(
+            index=o.index, message=ChatResponseMessage(content=o.text),
+            logprobs=self._logprobs(o, 0) if req.logprobs else None,
+            finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in final.outputs]
+        gen = sum(len(o.token_ids) for o in final.outputs)
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices,
+                                      usage=UsageInfo(prompt_tokens=len(ids),
+                                                      completion_tokens=gen,
+                                                      total_tokens=len(ids) + gen))
+
+    def _logprobs(self, o: CompletionOutput, start: int) -> ChatCompletionLogProbs:
+        content = []
+        for tok, top in zip(o.token_ids[start:], (o.logprobs or [])[start:]):
+            text = self.token_text(tok, top.get(tok))
+            tops = [ChatLogProb(token=(t := self.token_text(k, v)), logprob=v.logprob,
+                                bytes=list(t.encode()))
+                    for k, v in sorted(top.items(), key=lambda kv: -kv[1].logprob)]
+            content.append(ChatLogProbsContent(
+                token=text, logprob=top[tok].logprob if tok in top else float("-inf"),
+                bytes=list(text.encode()), top_logprobs=tops))
+        return ChatCompletionLogProbs(content=content)
+
+    async def _stream(self, req: ChatCompletionRequest, request_id: str, model: str,
+                      prompt_tokens: int, stream) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
+            body = ChatCompletionStreamResponse(id=request_id, created=created, model=model,
+                                                choices=choices, usage=usage)
+            return f"data: {body.model_dump_json()}\n\n"
+
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        done: set[int] = set()
+        try:
+            for i in range(req.n):
+                yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                          content=""))])
+            async for out in stream:
+                self.check_output(out)
+                for o in out.outputs:
+                    if o.index in done:
+                        continue
+                    t0, k0 = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
+                    delta = o.text[t0:]
+                    if not delta and o.finish_reason is None:
+                        continue
+                    sent_text[o.index], sent_tokens[o.index] = len(o.text), len(o.token_ids)
+                    if o.finish_reason is not None:
+                        done.add(o.index)
+                    yield chunk([ChatStreamChoice(
+                        index=o.index, delta=DeltaMessage(content=delta),
+                        logprobs=self._logprobs(o, k0) if req.logprobs else None,
+                        finish_reason=o.finish_reason, stop_reason=o.stop_reason)])
+                last = out
+            if req.stream_options and req.stream_options.include_usage:
+                gen = sum(len(o.token_ids) for o in last.outputs)
+                yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen,
+                                          total_tokens=prompt_tokens + gen))
+        except APIError as e:
+            yield self.error_event(e.to_response())
+        except Exception as e:  # the engine failed mid-stream: tell the client, keep serving
+            yield self.error_event(error_body(str(e), "InternalServerError", 500))
+        finally:
+            await self.abort_all(request_id, 1)
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,161 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) -> choices, or an SSE stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from loraplex.entrypoints.errors import APIError, BadRequestError, error_body
+from loraplex.entrypoints.protocol import (
+    CompletionChoice,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    UsageInfo,
+    random_id,
+)
+from loraplex.entrypoints.serving_base import OpenAIServing
+from loraplex.entrypoints.serving_utils import merge_async_iterators
+from loraplex.outputs import CompletionOutput, RequestOutput
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    def _prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        p = req.prompt
+        if isinstance(p, str):
+            items: list = [p]
+        elif p and all(isinstance(t, int) for t in p):
+            items = [p]
+        else:
+            items = list(p)
+        if not items:
+            raise BadRequestError("the prompt is empty", param="prompt")
+        out: list[tuple[str | None, list[int]]] = []
+        for item in items:
+            if isinstance(item, str):
+                ids = self.tokenizer(item, add_special_tokens=req.add_special_tokens).input_ids
+                out.append((item, list(ids)))
+            else:
+                out.append((None, list(item)))
+            self.check_token_ids(out[-1][1])
+        return out
+
+    async def create_completion(self, req: CompletionRequest):
+        """A CompletionResponse, or an async iterator of SSE lines when ``stream``."""
+        self.check_unsupported(req)
+        if req.suffix:
+            raise BadRequestError("suffix is not supported yet", param="suffix")
+        if req.echo and req.logprobs is not None:
+            raise BadRequestError("echo with logprobs needs prompt logprobs, which are not "
+                                  "supported yet", param="echo")
+        lora = await self.models.resolve(req.model)
+        model = req.model or self.models.base_model_name
+        prompts = self._prompts(req)
+        params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        per_prompt = []
+        for _, ids in prompts:  # the same params, but max_tokens fits each prompt's context
+            p = params.clone()
+            self.fit_max_tokens(p, len(ids))
+            per_prompt.append(p)
+        request_id = req.request_id or random_id("cmpl")
+        streams = await self.start_requests(request_id, prompts, per_prompt, lora)
+        if req.stream:
+            return self._stream(req, request_id, model, prompts, streams)
+        try:
+            return await self._full(req, request_id, model, prompts, streams)
+        finally:
+            await self.abort_all(request_id, len(prompts))
+
+    def _echo(self, req: CompletionRequest, prompt: tuple[str | None, list[int]]) -> str:
+        if not req.echo:
+            return ""
+        return prompt[0] if prompt[0] is not None else self.tokenizer.decode(prompt[1])
+
+    async def _full(self, req: CompletionRequest, request_id: str, model: str,
+                    prompts: list, streams: list) -> CompletionResponse:
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in merge_async_iterators(*streams):
+            finals[i] = out
+        choices, completion_tokens = [], 0
+        for i in range(len(prompts)):
+            out = finals[i]
+            self.check_output(out)
+            prefix = self._echo(req, prompts[i])
+            for o in out.outputs:
+                completion_tokens += len(o.token_ids)
+                choices.append(CompletionChoice(
+                    index=i * req.n + o.index, text=prefix + o.text,
+                    logprobs=self._logprobs(o, 0, len(o.token_ids), len(prefix))
+                    if req.logprobs is not None else None,
+                    finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        return CompletionResponse(id=request_id, model=model, choices=choices,
+                                  usage=UsageInfo(prompt_tokens=prompt_tokens,
+                                                  completion_tokens=completion_tokens,
+                                                  total_tokens=prompt_tokens + completion_tokens))
+
+    def _logprobs(self, o: CompletionOutput, start: int, end: int, offset: int
+                  ) -> CompletionLogProbs:
+        lp = CompletionLogProbs()
+        logprobs = o.logprobs or []
+        for tok, top in zip(o.token_ids[start:end], logprobs[start:end]):
+            text = self.token_text(tok, top.get(tok))
+            lp.tokens.append(text)
+            lp.token_logprobs.append(top[tok].logprob if tok in top else None)
+            lp.top_logprobs.append({self.token_text(t, v): v.logprob for t, v in top.items()})
+            lp.text_offset.append(offset)
+            offset += len(text)
+        return lp
+
+    async def _stream(self, req: CompletionRequest, request_id: str, model: str,
+                      prompts: list, streams: list) -> AsyncIterator[str]:
+        created = int(time.time())
+        n = req.n
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        offsets: dict[int, int] = {}
+        done: set[int] = set()
+        completion_tokens = 0
+        try:
+            async for i, out in merge_async_iterators(*streams):
+                self.check_output(out)
+                for o in out.outputs:
+                    idx = i * n + o.index
+                    if idx in done:
+                        continue
+                    prefix = "" if idx in sent_text else self._echo(req, prompts[i])
+                    t0, k0 = sent_text.get(idx, 0), sent_tokens.get(idx, 0)
+                    delta = o.text[t0:]
+                    if not delta and not prefix and o.finish_reason is None:
+                        continue  # text held back (partial stop string / utf-8)
+                    sent_text[idx], sent_tokens[idx] = len(o.text), len(o.token_ids)
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = self._logprobs(o, k0, len(o.token_ids),
+                                            offsets.get(idx, 0) + len(prefix))
+                        offsets[idx] = offsets.get(idx, 0) + len(prefix) + len(delta)
+                    if o.finish_reason is not None:
+                        done.add(idx)
+                        completion_tokens += len(o.token_ids)
+                    chunk = CompletionStreamResponse(
+                        id=request_id, created=created, model=model,
+                        choices=[CompletionChoice(index=idx, text=prefix + delta, logprobs=lp,
+                                                  finish_reason=o.finish_reason,
+                                                  stop_reason=o.stop_reason)])
+                    yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
+            if req.stream_options and req.stream_options.include_usage:
+                prompt_tokens = sum(len(ids) for _, ids in prompts)
+                usage = UsageInfo(prompt_tokens=prompt_tokens,
+                                  completion_tokens=completion_tokens,
+                                  total_tokens=prompt_tokens + completion_tokens)
+                chunk = CompletionStreamResponse(id=request_id, created=created, model=model,
+                                                 choices=[], usage=usage)
+                yield f"data: {chunk.model_dump_json()}\n\n"
+        except APIError as e:
+            yield self.error_event(e.to_response())
+        except Exception as e:  # the engine failed mid-stream: tell the client, keep serving
+            yield self.error_event(error_body(str(e), "InternalServerError", 500))
+        finally:
+            await self.abort_all(request_id, len(prompts))
+        yield "data: [DONE]\n\n"

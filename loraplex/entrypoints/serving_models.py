@@ -1,0 +1,159 @@
+"""Which model names the server answers to: the base, the adapters, and how they change.
+
+Every adapter name maps to one LoRARequest. Runtime loads validate the adapter fully
+(on a worker thread) before the name is listed. An in-place reload gives the new
+weights a new lora_int_id and points the name at it: requests in flight keep the old
+id (and weights) until they finish, then the engine drops the old id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+
+from loraplex import envs
+from loraplex.engine.async_engine import AsyncLLMEngine
+from loraplex.entrypoints.errors import BadRequestError, NotFoundError
+from loraplex.entrypoints.protocol import ModelCard, ModelList
+from loraplex.lora.errors import LoRAError
+from loraplex.lora.request import LoRARequest
+from loraplex.lora.resolver import LoRAResolverRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoRAModulePath:
+    """One --lora-modules item."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+class OpenAIServingModels:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str],
+                 max_model_len: int, lora_enabled: bool) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.max_model_len = max_model_len
+        self.lora_enabled = lora_enabled
+        self.lora_requests: dict[str, LoRARequest] = {}
+        self._ids = itertools.count(1)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def base_model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def is_base_model(self, name: str | None) -> bool:
+        return name is None or name in self.served_model_names
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _new_request(self, name: str, path: str, base_model_name: str | None) -> LoRARequest:
+        return LoRARequest(name, next(self._ids), path, base_model_name=base_model_name)
+
+    # ---- listing ------------------------------------------------------------------------
+    def show_available_models(self) -> ModelList:
+        cards = [ModelCard(id=n, root=self.engine.engine.model_config.model,
+                           max_model_len=self.max_model_len)
+                 for n in self.served_model_names]
+        for name, req in self.lora_requests.items():
+            cards.append(ModelCard(id=name, root=req.lora_path,
+                                   parent=req.base_model_name or self.base_model_name,
+                                   max_model_len=self.max_model_len))
+        return ModelList(data=cards)
+
+    # ---- adapters -----------------------------------------------------------------------
+    def _require_lora(self) -> None:
+        if not self.lora_enabled:
+            raise BadRequestError("LoRA is not enabled on this server: start it with "
+                                  "--enable-lora")
+
+    async def load_lora_adapter(self, name: str, path: str, load_inplace: bool = False,
+                                base_model_name: str | None = None) -> str:
+        """Validate and register; the name is listed only once the adapter is ready."""
+        self._require_lora()
+        if self.is_base_model(name):
+            raise BadRequestError(f"{name!r} is the base model's name; pick another "
+                                  "lora_name", param="lora_name")
+        async with self._lock(name):
+            old = self.lora_requests.get(name)
+            if old is not None and not load_inplace:
+                raise BadRequestError(
+                    f"The lora adapter '{name}' has already been loaded. If you want to load "
+                    "the adapter in place, set 'load_inplace' to True.", param="lora_name")
+            req = self._new_request(name, path, base_model_name)
+            try:
+                await self.engine.add_lora(req)
+            except LoRAError as e:
+                raise BadRequestError(str(e), param="lora_path") from e
+            self.lora_requests[name] = req
+            if old is not None:
+                await self.engine.remove_lora(old.lora_int_id)  # deferred while in flight
+                logger.info("reloaded LoRA adapter %s in place from %s", name, path)
+                return f"Success: LoRA adapter '{name}' reloaded in place successfully."
+        logger.info("loaded LoRA adapter %s from %s", name, path)
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload_lora_adapter(self, name: str) -> str:
+        self._require_lora()
+        async with self._lock(name):
+            req = self.lora_requests.pop(name, None)
+            if req is None:
+                raise NotFoundError(f"The lora adapter '{name}' cannot be found.",
+                                    param="lora_name")
+            await self.engine.remove_lora(req.lora_int_id)
+        logger.info("unloaded LoRA adapter %s", name)
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    # ---- per request --------------------------------------------------------------------
+    async def resolve(self, name: str | None) -> LoRARequest | None:
+        """The adapter a request's ``model`` names (None = base); 404 if unknown.
+
+        With runtime updating on, an unknown name goes to the registered resolvers in
+        order; the first hit that loads is served from then on.
+        """
+        if self.is_base_model(name):
+            return None
+        assert name is not None
+        req = self.lora_requests.get(name)
+        if req is not None:
+            return req
+        resolvers = LoRAResolverRegistry.resolvers
+        if not (self.lora_enabled and envs.LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING and resolvers):
+            raise self._not_found(name)
+        async with self._lock(name):
+            if name in self.lora_requests:  # resolved by a concurrent request
+                return self.lora_requests[name]
+            failures = []
+            for rname, resolver in list(resolvers.items()):
+                try:
+                    hit = await resolver.resolve_lora(self.base_model_name, name)
+                except Exception as e:  # a broken plugin is a miss, not a 500
+                    logger.warning("LoRA resolver %s failed on %r: %s", rname, name, e)
+                    continue
+                if hit is None:
+                    continue
+                req = self._new_request(name, hit.lora_path, hit.base_model_name)
+                try:
+                    await self.engine.add_lora(req)
+                except LoRAError as e:
+                    failures.append(f"{rname}: {e}")
+                    continue
+                self.lora_requests[name] = req
+                logger.info("resolver %s resolved %s to %s", rname, name, hit.lora_path)
+                return req
+        if failures:
+            raise BadRequestError(f"The model `{name}` was found by a LoRA resolver but "
+                                  "could not be loaded: " + "; ".join(failures), param="model")
+        raise self._not_found(name)
+
+    def _not_found(self, name: str) -> NotFoundError:
+        return NotFoundError(f"The model `{name}` does not exist. Available models: "
+                             + ", ".join([*self.served_model_names, *self.lora_requests]),
+                             param="model")
