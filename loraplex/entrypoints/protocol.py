@@ -103,6 +103,7 @@ class SamplingFields(OpenAIBase):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:<id>"
     request_id: str | None = None
 
 

@@ -111,7 +111,9 @@ class OpenAIServing:
             raise BadRequestError(out.error)
 
     # ---- logprobs -----------------------------------------------------------------------
-    def token_text(self, token_id: int, logprob) -> str:
+    def token_text(self, token_id: int, logprob, as_id: bool = False) -> str:
+        if as_id:
+            return f"token_id:{token_id}"
         text = getattr(logprob, "decoded_token", None)
         if text is None:
             text = self.tokenizer.decode([token_id])

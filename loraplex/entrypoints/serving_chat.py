@@ -108,7 +108,7 @@ class OpenAIServingChat(OpenAIServing):
             await self.abort_all(request_id, 1)
         choices = [ChatCompletionChoice(
             index=o.index, message=ChatResponseMessage(content=o.text),
-            logprobs=self._logprobs(o, 0) if req.logprobs else None,
+            logprobs=self._logprobs(o, 0, req.return_tokens_as_token_ids) if req.logprobs else None,
             finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in final.outputs]
         gen = sum(len(o.token_ids) for o in final.outputs)
         return ChatCompletionResponse(id=request_id, model=model, choices=choices,
@@ -116,11 +116,12 @@ class OpenAIServingChat(OpenAIServing):
                                                       completion_tokens=gen,
                                                       total_tokens=len(ids) + gen))
 
-    def _logprobs(self, o: CompletionOutput, start: int) -> ChatCompletionLogProbs:
+    def _logprobs(self, o: CompletionOutput, start: int, as_ids: bool = False
+                  ) -> ChatCompletionLogProbs:
         content = []
         for tok, top in zip(o.token_ids[start:], (o.logprobs or [])[start:]):
-            text = self.token_text(tok, top.get(tok))
-            tops = [ChatLogProb(token=(t := self.token_text(k, v)), logprob=v.logprob,
+            text = self.token_text(tok, top.get(tok), as_ids)
+            tops = [ChatLogProb(token=(t := self.token_text(k, v, as_ids)), logprob=v.logprob,
                                 bytes=list(t.encode()))
                     for k, v in sorted(top.items(), key=lambda kv: -kv[1].logprob)]
             content.append(ChatLogProbsContent(
@@ -158,7 +159,8 @@ class OpenAIServingChat(OpenAIServing):
                         done.add(o.index)
                     yield chunk([ChatStreamChoice(
                         index=o.index, delta=DeltaMessage(content=delta),
-                        logprobs=self._logprobs(o, k0) if req.logprobs else None,
+                        logprobs=self._logprobs(o, k0, req.return_tokens_as_token_ids)
+                        if req.logprobs else None,
                         finish_reason=o.finish_reason, stop_reason=o.stop_reason)])
                 last = out
             if req.stream_options and req.stream_options.include_usage:

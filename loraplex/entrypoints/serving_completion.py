@@ -86,7 +86,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 completion_tokens += len(o.token_ids)
                 choices.append(CompletionChoice(
                     index=i * req.n + o.index, text=prefix + o.text,
-                    logprobs=self._logprobs(o, 0, len(o.token_ids), len(prefix))
+                    logprobs=self._logprobs(o, 0, len(o.token_ids), len(prefix),
+                                                 req.return_tokens_as_token_ids)
                     if req.logprobs is not None else None,
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
@@ -95,15 +96,16 @@ class OpenAIServingCompletion(OpenAIServing):
                                                   completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
 
-    def _logprobs(self, o: CompletionOutput, start: int, end: int, offset: int
-                  ) -> CompletionLogProbs:
+    def _logprobs(self, o: CompletionOutput, start: int, end: int, offset: int,
+                  as_ids: bool = False) -> CompletionLogProbs:
         lp = CompletionLogProbs()
         logprobs = o.logprobs or []
         for tok, top in zip(o.token_ids[start:end], logprobs[start:end]):
-            text = self.token_text(tok, top.get(tok))
+            text = self.token_text(tok, top.get(tok), as_ids)
             lp.tokens.append(text)
             lp.token_logprobs.append(top[tok].logprob if tok in top else None)
-            lp.top_logprobs.append({self.token_text(t, v): v.logprob for t, v in top.items()})
+            lp.top_logprobs.append({self.token_text(t, v, as_ids): v.logprob
+                                    for t, v in top.items()})
             lp.text_offset.append(offset)
             offset += len(text)
         return lp
@@ -133,7 +135,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     lp = None
                     if req.logprobs is not None:
                         lp = self._logprobs(o, k0, len(o.token_ids),
-                                            offsets.get(idx, 0) + len(prefix))
+                                            offsets.get(idx, 0) + len(prefix),
+                                            req.return_tokens_as_token_ids)
                         offsets[idx] = offsets.get(idx, 0) + len(prefix) + len(delta)
                     if o.finish_reason is not None:
                         done.add(idx)

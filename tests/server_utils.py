@@ -1,0 +1,124 @@
+"""Start the real `loraplex serve` as a subprocess on 127.0.0.1 and talk to it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+SERVER_START_TIMEOUT = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_cmd(model: str | Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "loraplex.entrypoints.cli", "serve", str(model), *args]
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The parent's env minus LORAPLEX_* (tests say what they want), small CPU KV cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    env["LORAPLEX_CPU_KVCACHE_SPACE"] = "0.05"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.update(extra or {})
+    return env
+
+
+class RemoteServer:
+    """One server process; ``close()`` (or the context manager) stops it."""
+
+    def __init__(self, model: str | Path, args: list[str], env: dict[str, str] | None = None,
+                 api_key: str | None = None) -> None:
+        self.port = free_port()
+        self.api_key = api_key
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
+            "w+", prefix="loraplex-server-", suffix=".log",
+            delete=False)
+        cmd = serve_cmd(model, "--host", "127.0.0.1", "--port", str(self.port),
+                        "--uvicorn-log-level", "warning", *args)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=clean_env(env))
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url_for(self, *parts: str) -> str:
+        return "/".join([self.url, *(p.strip("/") for p in parts)])
+
+    def logs(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(self.url_for("health"), timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {SERVER_START_TIMEOUT}s:\n{self.logs()}")
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return httpx.get(self.url_for(path), headers=self.headers(), timeout=60, **kw)
+
+    def post(self, path: str, json=None, **kw) -> httpx.Response:
+        return httpx.post(self.url_for(path), json=json, headers=self.headers(), timeout=60,
+                          **kw)
+
+    def get_client(self, **kw) -> openai.OpenAI:
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 60)
+        return openai.OpenAI(base_url=self.url_for("v1"), api_key=self.api_key or "unused",
+                             **kw)
+
+    def get_async_client(self, **kw) -> openai.AsyncOpenAI:
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 60)
+        return openai.AsyncOpenAI(base_url=self.url_for("v1"),
+                                  api_key=self.api_key or "unused", **kw)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> RemoteServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def token_ids_of(choice_logprobs) -> list[int]:
+    """Ids from logprob tokens rendered with return_tokens_as_token_ids."""
+    return [int(t.split(":", 1)[1]) for t in choice_logprobs.tokens]

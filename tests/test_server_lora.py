@@ -1,0 +1,315 @@
+"""The real server, driven over HTTP: parity with HF+PEFT, streaming, concurrency, runtime
+adapters, resolvers, metrics. One server for the module (start-up is the slow part)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures import assert_greedy_close, hf_greedy, make_peft_adapter
+from tests.server_utils import RemoteServer, token_ids_of
+
+BASE = "tiny-base"
+SERVED = ["r4_qv", "r8_all", "r16_rslora", "r8_patterns"]
+GREEDY = {"temperature": 0, "max_tokens": 8, "logprobs": 0,
+          "extra_body": {"ignore_eos": True, "return_tokens_as_token_ids": True}}
+
+
+@pytest.fixture(scope="module")
+def fs_cache(tmp_path_factory, tiny_adapters):
+    cache = tmp_path_factory.mktemp("lora_cache")
+    shutil.copytree(tiny_adapters["llama"]["r8_regex"], cache / "fs-r8")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tiny_adapters, fs_cache):
+    ad = tiny_adapters["llama"]
+    modules = [f"{n}={ad[n]}" for n in SERVED[:3]]
+    modules.append(json.dumps({"name": "r8_patterns", "path": str(ad["r8_patterns"]),
+                               "base_model_name": "tiny-parent"}))
+    env = {"LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING": "True",
+           "LORAPLEX_PLUGINS": "lora_filesystem_resolver",
+           "LORAPLEX_LORA_RESOLVER_CACHE_DIR": str(fs_cache)}
+    with RemoteServer(tiny_models["llama"],
+                      ["--served-model-name", BASE, "--enable-lora", "--max-loras", "2",
+                       "--max-lora-rank", "16", "--max-cpu-loras", "8", "--max-model-len",
+                       "128", "--dtype", "float32", "--lora-modules", *modules],
+                      env=env) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.get_client()
+
+
+def greedy_ids(client, model: str, prompt: list[int], max_tokens: int = 8) -> list[int]:
+    kw = dict(GREEDY, max_tokens=max_tokens)
+    r = client.completions.create(model=model, prompt=prompt, **kw)
+    return token_ids_of(r.choices[0].logprobs)
+
+
+def check_hf(got: list[int], base, adapter, prompt: list[int]) -> None:
+    if got != hf_greedy(base, adapter, prompt, len(got)):
+        assert_greedy_close(got, base, adapter, prompt, tie_tol=1e-4)
+
+
+def still_serves(client, prompt=None) -> None:
+    r = client.completions.create(model="r8_all", prompt=prompt or "Hello", max_tokens=2,
+                                  temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_health_version_models(server, tiny_models, tiny_adapters):
+    assert server.get("/health").status_code == 200
+    assert server.get("/version").json()["version"]
+    data = server.get("/v1/models").json()["data"]
+    cards = {c["id"]: c for c in data}
+    assert BASE in cards and cards[BASE]["root"] == str(tiny_models["llama"])
+    for name in SERVED:
+        assert cards[name]["root"] == str(tiny_adapters["llama"][name])
+    assert cards["r4_qv"]["parent"] == BASE
+    assert cards["r8_patterns"]["parent"] == "tiny-parent"
+
+
+def test_outputs_equal_hf_peft(client, tiny_models, tiny_adapters, prompts):
+    base = tiny_models["llama"]
+    for model in [BASE, *SERVED]:
+        adapter = None if model == BASE else tiny_adapters["llama"][model]
+        for prompt in prompts[:3]:
+            check_hf(greedy_ids(client, model, prompt), base, adapter, prompt)
+
+
+def test_stream_equals_full(client, prompts):
+    for model in (BASE, "r8_all"):
+        kw = dict(model=model, prompt="Once upon a time", max_tokens=12, temperature=0,
+                  extra_body={"ignore_eos": True})
+        full = client.completions.create(**kw)
+        chunks = list(client.completions.create(stream=True,
+                                                stream_options={"include_usage": True}, **kw))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == full.choices[0].text
+        assert chunks[-1].usage.completion_tokens == 12 == full.usage.completion_tokens
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_matches_completion_and_streams(client, tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    extra = {"ignore_eos": True}
+    full = client.chat.completions.create(model="r4_qv", messages=messages, max_tokens=10,
+                                          temperature=0, extra_body=extra)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    same = client.completions.create(model="r4_qv", prompt=ids, max_tokens=10, temperature=0,
+                                     extra_body=extra)
+    assert full.choices[0].message.content == same.choices[0].text
+    assert full.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model="r4_qv", messages=messages,
+                                                 max_tokens=10, temperature=0, stream=True,
+                                                 extra_body=extra))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_many_prompts_n_echo_seed(client):
+    r = client.completions.create(model="r8_all", prompt=["Hello", "The sun"], n=2,
+                                  max_tokens=5, temperature=0.9, seed=7)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert 4 <= r.usage.completion_tokens <= 20 and r.usage.prompt_tokens > 0
+    again = client.completions.create(model="r8_all", prompt=["Hello", "The sun"], n=2,
+                                      max_tokens=5, temperature=0.9, seed=7)
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]
+    echo = client.completions.create(model="r8_all", prompt="Hello", echo=True, max_tokens=3,
+                                     temperature=0)
+    assert echo.choices[0].text.startswith("Hello")
+
+
+def test_32_concurrent_requests_match_alone(server, client, prompts):
+    models = [BASE, *SERVED]  # 5 models over max_loras=2 slots
+    jobs = [(models[i % len(models)], tuple(prompts[i % len(prompts)]), 6 + i % 7)
+            for i in range(32)]
+    alone = {(m, p, k): greedy_ids(client, m, list(p), k) for m, p, k in set(jobs)}
+
+    async def run_all():
+        aclient = server.get_async_client()
+
+        async def one(model, prompt, max_tokens):
+            r = await aclient.completions.create(model=model, prompt=list(prompt),
+                                                 **dict(GREEDY, max_tokens=max_tokens))
+            return token_ids_of(r.choices[0].logprobs)
+        return await asyncio.gather(*(one(*job) for job in jobs))
+
+    results = asyncio.run(run_all())
+    for job, got in zip(jobs, results):
+        assert got == alone[job], job
+
+
+def test_runtime_load_inplace_unload(server, client, tiny_models, tiny_adapters, prompts):
+    base, ad, prompt = tiny_models["llama"], tiny_adapters["llama"], prompts[1]
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "dyn", "lora_path": str(ad["r4_qv"])})
+    assert r.status_code == 200 and "dyn" in r.text
+    assert "dyn" in {c["id"] for c in server.get("/v1/models").json()["data"]}
+    old = greedy_ids(client, "dyn", prompt)
+    check_hf(old, base, ad["r4_qv"], prompt)
+
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "dyn", "lora_path": str(ad["r8_all"])})
+    assert r.status_code == 400 and "load_inplace" in r.json()["error"]["message"]
+    still_serves(client)
+
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "dyn", "lora_path": str(ad["r8_all"]),
+                                              "load_inplace": True})
+    assert r.status_code == 200
+    new = greedy_ids(client, "dyn", prompt)
+    check_hf(new, base, ad["r8_all"], prompt)
+    assert new != old
+
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "dyn"}).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        greedy_ids(client, "dyn", prompt)
+    r = server.post("/v1/unload_lora_adapter", {"lora_name": "dyn"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+    still_serves(client)
+
+
+def test_inplace_reload_keeps_requests_in_flight_on_old_weights(server, client, tiny_models,
+                                                                 tiny_adapters, prompts):
+    base, ad, prompt = tiny_models["llama"], tiny_adapters["llama"], prompts[0]
+    assert server.post("/v1/load_lora_adapter",
+                       {"lora_name": "hot", "lora_path": str(ad["r4_qv"])}).status_code == 200
+    stream = client.completions.create(model="hot", prompt=prompt, stream=True,
+                                       **dict(GREEDY, max_tokens=100))
+    ids = token_ids_of(next(iter(stream)).choices[0].logprobs)
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "hot", "lora_path": str(ad["r8_all"]),
+                                              "load_inplace": True})
+    assert r.status_code == 200
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs:
+            ids += token_ids_of(chunk.choices[0].logprobs)
+    assert len(ids) == 100
+    check_hf(ids, base, ad["r4_qv"], prompt)  # the old weights, all the way
+    check_hf(greedy_ids(client, "hot", prompt), base, ad["r8_all"], prompt)
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "hot"}).status_code == 200
+
+
+def test_filesystem_resolver(server, client, tiny_models, tiny_adapters, prompts):
+    assert "fs-r8" not in {c["id"] for c in server.get("/v1/models").json()["data"]}
+    got = greedy_ids(client, "fs-r8", prompts[2])
+    check_hf(got, tiny_models["llama"], tiny_adapters["llama"]["r8_regex"], prompts[2])
+    assert "fs-r8" in {c["id"] for c in server.get("/v1/models").json()["data"]}
+    for missing in ("fs-missing", "../fs-r8", "a/b"):
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=missing, prompt="Hi", max_tokens=2)
+    still_serves(client)
+
+
+def _edited(src, dst, edit):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    edit(cfg)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_bad_adapter_loads_are_400(server, client, tiny_models, tiny_adapters, tmp_path):
+    ad = tiny_adapters["llama"]
+    big = make_peft_adapter(tiny_models["llama"], tmp_path / "r32", r=32, seed=3)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ad["r4_qv"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    fc1 = _edited(ad["r4_qv"], tmp_path / "fc1", lambda c: c.update(target_modules=["fc1"]))
+    cases = {str(tmp_path / "nowhere"): "does not exist", str(big): "max_lora_rank",
+             str(fc1): "not found in the model", str(corrupt): "cannot read"}
+    for i, (path, reason) in enumerate(cases.items()):
+        r = server.post("/v1/load_lora_adapter", {"lora_name": f"bad{i}", "lora_path": path})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert reason in err["message"] and err["type"] == "BadRequestError"
+        assert f"bad{i}" not in {c["id"] for c in server.get("/v1/models").json()["data"]}
+        still_serves(client)
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "x"})
+    assert r.status_code == 400 and "lora_path" in r.json()["error"]["message"]
+
+
+def test_request_errors(server, client, prompts):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="Hi", max_tokens=2)
+    assert e.value.body["type"] == "NotFoundError"
+    still_serves(client)
+    bad_kwargs = [dict(max_tokens=-1), dict(temperature=-0.5), dict(top_p=0),
+                  dict(max_tokens=500), dict(n=0), dict(prompt=list(range(3, 200))),
+                  dict(prompt=[10**6]), dict(prompt=[]), dict(max_tokens="abc")]
+    for kw in bad_kwargs:
+        kw = {"model": "r4_qv", "prompt": "Hi", "max_tokens": 2, **kw}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**kw)
+        assert e.value.status_code == 400 and e.value.body["type"] == "BadRequestError", kw
+        still_serves(client)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="r4_qv", messages=[], max_tokens=2)
+    still_serves(client)
+
+
+def test_malformed_bodies_are_400_not_422(server, client):
+    for body in (b"{not json", b"[1, 2]", b'{"model": "r4_qv", "prompt": {"a": 1}}', b""):
+        r = httpx.post(server.url_for("v1/completions"), content=body, timeout=30,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == 400
+        assert "Traceback" not in r.text and "pydantic" not in r.text
+        still_serves(client)
+    assert server.get("/no/such/route").json()["error"]["code"] == 404
+
+
+def test_disconnect_aborts_request(server, client):
+    with httpx.stream("POST", server.url_for("v1/completions"), timeout=30, json={
+            "model": "r8_all", "prompt": "Hello", "max_tokens": 110, "ignore_eos": True,
+            "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = _metrics(server)
+        if m.get(("loraplex:request_success_total", ("abort", "r8_all")), 0) >= 1 and \
+                m[("loraplex:num_requests_running", ())] == 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the disconnected request was not aborted")
+    still_serves(client)
+
+
+def _metrics(server) -> dict:
+    out = {}
+    for fam in text_string_to_metric_families(server.get("/metrics").text):
+        for s in fam.samples:
+            out[(s.name, tuple(v for k, v in sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics(server, client):
+    still_serves(client)
+    client.completions.create(model=BASE, prompt="Hi", max_tokens=2)
+    fams = {f.name: f for f in text_string_to_metric_families(server.get("/metrics").text)}
+    info = fams["loraplex:lora_requests_info"].samples
+    assert len(info) == 1
+    assert set(info[0].labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
+    assert info[0].labels["max_lora"] == "2"
+    for name in ("loraplex:request_success", "loraplex:prompt_tokens",
+                 "loraplex:generation_tokens", "loraplex:time_to_first_token_seconds",
+                 "loraplex:time_per_output_token_seconds", "loraplex:num_requests_running",
+                 "loraplex:num_requests_waiting"):
+        assert name in fams, name
+    models = {s.labels.get("model_name") for s in fams["loraplex:request_success"].samples}
+    assert {"r8_all", BASE} <= models
