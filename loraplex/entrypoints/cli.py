@@ -266,4 +266,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, so CLIError raised elsewhere is this CLIError.
+    from loraplex.entrypoints.cli import main as _main
+    sys.exit(_main())

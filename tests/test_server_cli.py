@@ -1,0 +1,94 @@
+"""`loraplex` command line: help texts, and one clear line (no traceback) for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from loraplex.entrypoints.cli import main, make_parser, parse_human_int, parse_lora_module
+from tests.server_utils import clean_env, free_port, serve_cmd
+
+FLAGS = ["--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
+         "--lora-dtype", "--max-model-len", "--max-num-seqs", "--dtype", "--seed", "--host",
+         "--port", "--served-model-name", "--chat-template", "--api-key",
+         "--uvicorn-log-level", "--lora-extra-vocab-size", "--long-lora-scaling-factors"]
+
+
+def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=clean_env())
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "loraplex.entrypoints.cli", *args]
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert res.returncode == code, (res.returncode, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error:" in ln]
+    assert len(errors) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_help_lists_every_flag():
+    top = run(cli("--help"))
+    assert top.returncode == 0 and "serve" in top.stdout
+    help_text = make_parser(["serve"])._subparsers._group_actions[0].choices["serve"] \
+        .format_help()
+    for flag in FLAGS:
+        assert flag in help_text, flag
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-loras", "abc"], "--max-loras"),
+    (["--bogus-flag"], "--bogus-flag"),
+    (["--lora-modules", "no-equals-sign"], "name=path"),
+    (["--lora-modules", '{"name": "x"}'], "path"),
+    (["--dtype", "float8"], "--dtype"),
+])
+def test_bad_flags_fail_fast(tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    res = subprocess.CompletedProcess([], e.value.code, "", err)
+    assert_one_line_error(res, 2, needle)
+
+
+def test_bad_flag_in_a_real_process():
+    assert_one_line_error(run(cli("serve", "some-model", "--max-loras", "x")), 2, "--max-loras")
+    assert_one_line_error(run(cli("serve")), 2, "MODEL")
+
+
+def test_bad_startup_inputs_fail_with_one_line(tiny_models, tmp_path):
+    base = str(tiny_models["llama"])
+    common = ["--port", str(free_port()), "--host", "127.0.0.1", "--max-model-len", "64"]
+    res = run(serve_cmd(base, *common, "--enable-lora", "--lora-modules",
+                        f"ghost={tmp_path / 'missing'}"))
+    assert_one_line_error(res, 1, "ghost", "does not exist")
+    res = run(serve_cmd(base, *common, "--lora-modules", f"a={tmp_path}"))
+    assert_one_line_error(res, 1, "--enable-lora")
+    res = run(serve_cmd(str(tmp_path / "no-model"), *common))
+    assert_one_line_error(res, 1, "no-model")
+    res = run(serve_cmd(base, *common, "--chat-template", "nope.jinja"))
+    assert_one_line_error(res, 1, "--chat-template")
+
+
+def test_parse_lora_module():
+    assert parse_lora_module("a=/x/y").path == "/x/y"
+    m = parse_lora_module('{"name": "n", "path": "p", "base_model_name": "b"}')
+    assert (m.name, m.path, m.base_model_name) == ("n", "p", "b")
+    for bad in ("a", "=p", '{"name": 1', '{"name": "n", "path": "p", "extra": 1}'):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_lora_module(bad)
+
+
+def test_parse_human_int():
+    assert parse_human_int("2048") == 2048
+    assert parse_human_int("4k") == 4000 and parse_human_int("4K") == 4096
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_human_int("lots")
