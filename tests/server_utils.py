@@ -86,6 +86,10 @@ class RemoteServer:
         return httpx.get(self.url_for(path), headers=self.headers(), timeout=60, **kw)
 
     def post(self, path: str, json=None, **kw) -> httpx.Response:
+        """POST a JSON body (or raw bytes as given)."""
+        if isinstance(json, bytes):
+            kw["content"] = json
+            json = None
         return httpx.post(self.url_for(path), json=json, headers=self.headers(), timeout=60,
                           **kw)
 

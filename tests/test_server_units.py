@@ -1,0 +1,192 @@
+"""In-process pieces of the server: AsyncLLMEngine, resolvers (seed 001's S3 example),
+plugins. No sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import types
+
+import pytest
+
+from loraplex import EngineArgs, LoRARequest, SamplingParams
+from loraplex.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from loraplex.entrypoints.errors import NotFoundError
+from loraplex.entrypoints.serving_models import OpenAIServingModels
+from loraplex.lora.resolver import LoRAResolver, LoRAResolverRegistry
+from loraplex.lora.resolvers import FilesystemResolver
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine_args(tiny_models):
+    return EngineArgs(model=str(tiny_models["llama"]), dtype="float32", max_model_len=64,
+                      cpu_kv_cache_gib=0.02, enable_lora=True, max_loras=2, max_lora_rank=16)
+
+
+@pytest.fixture
+def registry():
+    saved = dict(LoRAResolverRegistry.resolvers)
+    LoRAResolverRegistry.resolvers.clear()
+    yield LoRAResolverRegistry
+    LoRAResolverRegistry.resolvers.clear()
+    LoRAResolverRegistry.resolvers.update(saved)
+
+
+async def _final(engine: AsyncLLMEngine, rid: str, lora: LoRARequest | None = None,
+                 prompt=(1, 43, 76)):
+    final = None
+    async for out in engine.generate({"prompt_token_ids": list(prompt)}, GREEDY, rid, lora):
+        final = out
+    return final
+
+
+def test_step_failure_fails_requests_and_keeps_serving(engine_args):
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(engine_args)
+        real_step, calls = engine.engine.step, {"n": 0}
+
+        def flaky_step():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("boom")
+            return real_step()
+        engine.engine.step = flaky_step
+        with pytest.raises(EngineDeadError, match="boom"):
+            await _final(engine, "a")
+        assert engine.engine.get_num_unfinished_requests() == 0
+        out = await _final(engine, "b")
+        assert out.finished and len(out.outputs[0].token_ids) == 6
+        await engine.check_health()
+        # idle: no busy spin
+        n = calls["n"]
+        await asyncio.sleep(0.2)
+        assert calls["n"] == n
+        await engine.shutdown()
+    asyncio.run(main())
+
+
+def test_closing_a_stream_aborts_the_request(engine_args):
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(engine_args)
+        params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+        gen = engine.generate({"prompt_token_ids": [1, 2, 3]}, params, "x")
+        await gen.__anext__()
+        await gen.aclose()
+        stats = await engine.get_stats()
+        assert stats.num_running == stats.num_waiting == 0
+        assert engine.engine.get_num_unfinished_requests() == 0
+        await engine.shutdown()
+    asyncio.run(main())
+
+
+def test_seed_s3_resolver_example_runs(engine_args, tiny_adapters, tmp_path, monkeypatch,
+                                       registry):
+    """Seed 001's custom resolver, with only the vllm imports changed (s3fs faked)."""
+    bucket = tmp_path / "bucket"
+    shutil.copytree(tiny_adapters["llama"]["r4_qv"], bucket / "loras" / "tiny" / "sql")
+
+    class FakeS3:
+        async def _get(self, src, dst, recursive=False):
+            shutil.copytree(bucket / src.removeprefix("s3://my-bucket/"), dst,
+                            dirs_exist_ok=True)
+    monkeypatch.setitem(sys.modules, "s3fs", types.SimpleNamespace(S3FileSystem=FakeS3))
+    monkeypatch.setenv("LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    monkeypatch.chdir(tmp_path)
+    local_root = tmp_path / "local"
+
+    # ---- seed 001, imports changed (and /tmp/loras made a test dir) ----
+    import s3fs
+
+    from loraplex.lora.request import LoRARequest as SeedLoRARequest
+    from loraplex.lora.resolver import LoRAResolver as SeedResolver
+    from loraplex.lora.resolver import LoRAResolverRegistry as SeedRegistry
+
+    class S3LoRAResolver(SeedResolver):
+        def __init__(self):
+            self.s3 = s3fs.S3FileSystem()
+
+        async def resolve_lora(self, base_model_name, lora_name):
+            s3_path = f"s3://my-bucket/loras/{base_model_name}/{lora_name}"
+            local_path = f"{local_root}/{lora_name}"
+            await self.s3._get(s3_path, local_path, recursive=True)
+            return SeedLoRARequest(
+                lora_name=lora_name,
+                lora_path=local_path,
+                lora_int_id=abs(hash(lora_name)),
+            )
+
+    s3_resolver = S3LoRAResolver()
+    SeedRegistry.register_resolver("s3_resolver", s3_resolver)
+    # ---- end of the seed ----
+
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(engine_args)
+        models = OpenAIServingModels(engine, ["tiny"], 64, lora_enabled=True)
+        lora = await models.resolve("sql")
+        assert lora.lora_path == f"{local_root}/sql" and lora.lora_int_id == 1
+        assert "sql" in {c.id for c in models.show_available_models().data}
+        out = await _final(engine, "r", lora)
+        assert out.finished and out.error is None
+        with pytest.raises(NotFoundError):
+            await models.resolve("not-in-bucket")
+        await engine.shutdown()
+
+    class Missing(LoRAResolver):
+        async def resolve_lora(self, base_model_name, lora_name):
+            return None
+    registry.register_resolver("first_misses", Missing())
+    # resolvers are asked in registration order
+    assert list(registry.get_supported_resolvers()) == ["s3_resolver", "first_misses"]
+
+    def s3_miss_on_unknown(orig):
+        async def resolve(base, name):
+            if name != "sql":
+                raise FileNotFoundError(name)  # a failing plugin is a miss, not a 500
+            return await orig(base, name)
+        return resolve
+    s3_resolver.resolve_lora = s3_miss_on_unknown(s3_resolver.resolve_lora)
+    asyncio.run(main())
+
+
+def test_registry_api(registry):
+    class R(LoRAResolver):
+        async def resolve_lora(self, base_model_name, lora_name):
+            return None
+    r = R()
+    registry.register_resolver("r", r)
+    assert registry.get_resolver("r") is r and "r" in registry.get_supported_resolvers()
+    with pytest.raises(KeyError, match="not registered"):
+        registry.get_resolver("nope")
+    with pytest.raises(TypeError):
+        registry.register_resolver("bad", object())
+
+
+def test_filesystem_resolver_stays_inside_its_dir(tmp_path, tiny_adapters):
+    shutil.copytree(tiny_adapters["llama"]["r4_qv"], tmp_path / "cache" / "ok")
+    shutil.copytree(tiny_adapters["llama"]["r4_qv"], tmp_path / "outside")
+    res = FilesystemResolver(str(tmp_path / "cache"))
+
+    async def main():
+        hit = await res.resolve_lora("base", "ok")
+        assert hit is not None and hit.lora_path == str(tmp_path / "cache" / "ok")
+        for name in ("../outside", "missing", "ok/..", "/etc"):
+            assert await res.resolve_lora("base", name) is None, name
+    asyncio.run(main())
+
+
+def test_plugins_filtered_by_env(tmp_path, monkeypatch, registry):
+    from loraplex import plugins
+    monkeypatch.setattr(plugins, "_loaded", set())
+    monkeypatch.setenv("LORAPLEX_PLUGINS", "lora_filesystem_resolver")
+    monkeypatch.setenv("LORAPLEX_LORA_RESOLVER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LORAPLEX_LORA_RESOLVER_HF_REPO_LIST", "org/repo")
+    assert plugins.load_general_plugins() == ["lora_filesystem_resolver"]
+    assert set(registry.get_supported_resolvers()) == {"lora_filesystem_resolver"}
+    assert plugins.load_general_plugins() == []  # each plugin runs once
+    monkeypatch.setattr(plugins, "_loaded", set())
+    monkeypatch.setenv("LORAPLEX_LORA_RESOLVER_CACHE_DIR", str(tmp_path / "missing"))
+    with pytest.raises(plugins.PluginError, match="lora_filesystem_resolver"):
+        plugins.load_general_plugins()
