@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
-_MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: larger top-k lists cost a transfer per step
+_GREEDY_EPS = 1e-5
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 @dataclass
 class SamplingParams:
+    """Per-request sampling settings; validated on construction so bad requests fail early.
+
+    `stop` and `stop_token_ids` are normalized to lists. top_k 0 or -1 means no top-k.
+    """
+
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
+    top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -33,52 +48,59 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = list(self.stop) if self.stop is not None else []
+        self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids is not None else []
         self._validate()
 
-    def _validate(self) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+    def _bad(self, name: str, rule: str) -> ValueError:
+        return ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "an int >= 1")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", "in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", "in [-2, 2]")
-        if not self.repetition_penalty > 0.0:
-            raise bad("repetition_penalty", "> 0")
-        if not self.temperature >= 0.0:
-            raise bad("temperature", ">= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise bad("top_k", "-1, 0 (off) or a positive int")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "in [0, 1]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
-            raise bad("max_tokens", "an int >= 1 (or None)")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "an int >= 0")
+    def _check_range(self, name: str, ok: bool, rule: str) -> None:
+        if not ok:
+            raise self._bad(name, rule)
+
+    def _validate(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise self._bad("n", "an int >= 1")
+        pres, freq = self.presence_penalty, self.frequency_penalty
+        self._check_range("presence_penalty", _is_number(pres) and -2 <= pres <= 2, "in [-2, 2]")
+        self._check_range("frequency_penalty", _is_number(freq) and -2 <= freq <= 2,
+                          "in [-2, 2]")
+        rep = self.repetition_penalty
+        self._check_range("repetition_penalty", _is_number(rep) and rep > 0, "> 0")
+        temp = self.temperature
+        self._check_range("temperature", _is_number(temp) and temp >= 0, ">= 0")
+        top_p = self.top_p
+        self._check_range("top_p", _is_number(top_p) and 0 < top_p <= 1, "in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise self._bad("top_k", "-1 or 0 (disabled) or an int >= 1")
+        min_p = self.min_p
+        self._check_range("min_p", _is_number(min_p) and 0 <= min_p <= 1, "in [0, 1]")
+        if self.seed is not None and not _is_int(self.seed):
+            raise self._bad("seed", "an int or None")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise self._bad("max_tokens", "an int >= 1 or None")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise self._bad("min_tokens", "an int >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
-                             f"({self.max_tokens})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= _MAX_LOGPROBS:
-            raise bad("logprobs", f"in [0, {_MAX_LOGPROBS}]")
+            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), "
+                             f"got {self.min_tokens}")
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise self._bad("logprobs", f"an int in [0, {MAX_LOGPROBS}] or None")
         if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported yet")
+            raise ValueError(f"prompt_logprobs is not supported yet (must be None), "
+                             f"got {self.prompt_logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "a list of non-empty strings")
-        if any(not isinstance(t, int) for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "a list of ints")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an int")
+            raise self._bad("stop", "a non-empty string or a list of non-empty strings")
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise self._bad("stop_token_ids", "a list of ints >= 0")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        """Temperature ~0 means argmax: no randomness, so the seed is irrelevant."""
+        return self.temperature < _GREEDY_EPS
 
     def clone(self) -> SamplingParams:
+        """A deep copy, so per-request edits (e.g. max_tokens) do not leak to shared params."""
         return copy.deepcopy(self)

@@ -1,9 +1,10 @@
 """Next-token sampling for a batch: penalties, temperature, top-k/top-p/min-p, greedy.
 
-The math is batched over rows with per-row parameter tensors. Random rows use the
-exponential race `argmax(p / q), q ~ Exp(1)`; a seeded row draws its q from its own
-generator, so it samples the same tokens whatever else shares its batch.
-Logprobs are reported from the raw logits (before penalties and temperature), as vLLM.
+All math is batched over rows with per-row parameter tensors, on the logits' device; the
+only device->host transfer is one `.tolist()` of a packed result at the end.
+Random rows use the exponential race `argmax(p / q), q ~ Exp(1)`; a seeded row draws its q
+from its own generator, so it samples the same tokens whatever else shares its batch.
+Logprobs are reported from the raw logits (before penalties and temperature), as vLLM does.
 """
 
 from __future__ import annotations
@@ -15,114 +16,205 @@ import torch
 from loraplex.outputs import Logprob
 from loraplex.sampling_params import SamplingParams
 
+# Columns of the per-row parameter tensor (one host->device copy per call).
+_TEMP, _TOP_P, _TOP_K, _MIN_P, _REP, _PRES, _FREQ = range(7)
+
 
 @dataclass
 class SamplingRow:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # set when params.seed is not None, once per sequence
 
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    token_logprobs: list[float]
-    logprobs: list[dict[int, Logprob] | None]
+    token_ids: list[int]  # one per row
+    token_logprobs: list[float]  # raw logprob of the sampled token (cumulative_logprob)
+    logprobs: list[dict[int, Logprob] | None]  # sampled + top-k tokens, where asked for
 
 
-def _counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    counts = torch.zeros(len(rows), vocab, device=device)
-    for i, ids in enumerate(rows):
-        if ids:
-            counts[i].index_add_(0, torch.tensor(ids, device=device),
-                                 torch.ones(len(ids), device=device))
+def _token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, V] occurrence counts, built with one scatter instead of a loop over rows."""
+    counts = torch.zeros(len(seqs), vocab, device=device)
+    flat = [t for s in seqs for t in s]
+    if flat:
+        lengths = torch.tensor([len(s) for s in seqs], device=device)
+        rows = torch.repeat_interleave(torch.arange(len(seqs), device=device), lengths)
+        ids = torch.tensor(flat, device=device)
+        counts.index_put_((rows, ids), torch.ones((), device=device), accumulate=True)
     return counts
 
 
 class Sampler:
+    """Turns a batch of logits into one token per row, plus the logprobs asked for."""
+
     def __init__(self, eos_token_ids: set[int]) -> None:
-        self.eos_token_ids = eos_token_ids
+        self.eos_token_ids = set(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        logits = logits.float()
+        if not rows:
+            return SamplerOutput([], [], [])
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"logits has {logits.shape[0]} rows but {len(rows)} SamplingRows")
+        logits = logits.float()  # every op below is out-of-place: the caller's tensor is kept
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._apply_penalties(logits.clone(), rows)
-        tokens = self._sample(logits, rows)
-        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
-        k = max((r.params.logprobs or 0) for r in rows)
-        want = any(r.params.logprobs is not None for r in rows)
-        top = raw_logprobs.topk(k, dim=-1) if want and k > 0 else None
-        ranks = ((raw_logprobs > chosen[:, None]).sum(-1) + 1) if want else None
-        token_list = tokens.tolist()
-        chosen_list = chosen.tolist()
-        out_logprobs: list[dict[int, Logprob] | None] = [None] * len(rows)
-        if want:
-            rank_list = ranks.tolist()
-            top_vals = top.values.tolist() if top is not None else [[]] * len(rows)
-            top_ids = top.indices.tolist() if top is not None else [[]] * len(rows)
-            for i, r in enumerate(rows):
-                if r.params.logprobs is None:
-                    continue
-                d = {token_list[i]: Logprob(chosen_list[i], rank_list[i])}
-                for j in range(r.params.logprobs):
-                    d.setdefault(top_ids[i][j], Logprob(top_vals[i][j], j + 1))
-                out_logprobs[i] = d
-        return SamplerOutput(token_list, chosen_list, out_logprobs)
+        table = self._param_table(rows, logits.device)
+        tokens = self._sample(self._process(logits, rows, table), rows, table)
+        return self._collect(raw_logprobs, tokens, rows)
 
-    def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        device, vocab = logits.device, logits.shape[1]
-        for i, r in enumerate(rows):  # min_tokens: no stopping yet
+    def penalized_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """fp32 logits after min_tokens masking and penalties: what greedy rows argmax over
+        and temperature then divides (exposed so tests can compare with HF's processors)."""
+        logits = logits.float()
+        return self._process(logits, rows, self._param_table(rows, logits.device))
+
+    @staticmethod
+    def _param_table(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+        """[B, 7] per-row parameters (see the _TEMP.. columns), one host->device copy."""
+        return torch.tensor(
+            [[r.params.temperature, r.params.top_p, r.params.top_k, r.params.min_p,
+              r.params.repetition_penalty, r.params.presence_penalty,
+              r.params.frequency_penalty] for r in rows],
+            dtype=torch.float32, device=device)
+
+    def _process(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 table: torch.Tensor) -> torch.Tensor:
+        return self._apply_penalties(self._mask_min_tokens(logits, rows), rows, table)
+
+    # ---- logits processing -------------------------------------------------------------
+    def _mask_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Before min_tokens are out, no token may end the sequence (eos, stop_token_ids)."""
+        vocab = logits.shape[1]
+        row_idx: list[int] = []
+        tok_idx: list[int] = []
+        for i, r in enumerate(rows):
             p = r.params
-            if len(r.output_token_ids) < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-                if banned:
-                    logits[i, list(banned)] = float("-inf")
-        rep = [r.params.repetition_penalty for r in rows]
-        if any(v != 1.0 for v in rep):
-            seen = _counts([r.prompt_token_ids + r.output_token_ids for r in rows], vocab,
-                           device) > 0
-            pen = torch.tensor(rep, device=device)[:, None]
+            if len(r.output_token_ids) >= p.min_tokens:
+                continue
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+            banned = [t for t in banned if 0 <= t < vocab]
+            row_idx += [i] * len(banned)
+            tok_idx += banned
+        if not row_idx:
+            return logits
+        index = torch.tensor([row_idx, tok_idx], device=logits.device)
+        return logits.index_put((index[0], index[1]),
+                                torch.tensor(float("-inf"), device=logits.device))
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow],
+                         table: torch.Tensor) -> torch.Tensor:
+        """Repetition (prompt + output, HF/vLLM style), presence and frequency (output)."""
+        need_rep = any(r.params.repetition_penalty != 1.0 for r in rows)
+        need_pf = any(r.params.presence_penalty or r.params.frequency_penalty for r in rows)
+        if not (need_rep or need_pf):
+            return logits
+        vocab, device = logits.shape[1], logits.device
+        out_counts = _token_counts([r.output_token_ids for r in rows], vocab, device)
+        if need_rep:
+            seen = (_token_counts([r.prompt_token_ids for r in rows], vocab, device)
+                    + out_counts) > 0
+            pen = table[:, _REP, None]
             penalized = torch.where(logits > 0, logits / pen, logits * pen)
             logits = torch.where(seen, penalized, logits)
-        pres = [r.params.presence_penalty for r in rows]
-        freq = [r.params.frequency_penalty for r in rows]
-        if any(pres) or any(freq):
-            counts = _counts([r.output_token_ids for r in rows], vocab, device)
-            logits -= torch.tensor(freq, device=device)[:, None] * counts
-            logits -= torch.tensor(pres, device=device)[:, None] * (counts > 0)
+        if need_pf:
+            logits = (logits - table[:, _FREQ, None] * out_counts
+                      - table[:, _PRES, None] * (out_counts > 0).float())
         return logits
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+                table: torch.Tensor) -> torch.Tensor:
         greedy_tokens = logits.argmax(dim=-1)
-        if all(r.params.greedy for r in rows):
+        greedy = [r.params.greedy for r in rows]
+        if all(greedy):
             return greedy_tokens
-        device = logits.device
-        temps = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows],
-                             device=device)
+        device, vocab = logits.device, logits.shape[1]
+        is_greedy = torch.tensor(greedy, device=device)
+        temps = torch.where(is_greedy, torch.ones((), device=device), table[:, _TEMP])
         logits = logits / temps[:, None]
-        top_k = [r.params.top_k if r.params.top_k > 0 else logits.shape[1] for r in rows]
-        if any(k < logits.shape[1] for k in top_k):
-            kth = logits.sort(dim=-1, descending=True).values.gather(
-                1, torch.tensor(top_k, device=device)[:, None] - 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if any(0 < r.params.top_k < vocab for r in rows):
+            logits = self._top_k(logits, rows, table)
         probs = torch.softmax(logits, dim=-1)
-        top_p = [r.params.top_p for r in rows]
-        if any(p < 1.0 for p in top_p):
-            sorted_p, idx = probs.sort(dim=-1, descending=True)
-            cum = sorted_p.cumsum(-1)
-            drop = (cum - sorted_p) > torch.tensor(top_p, device=device)[:, None]
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p)
-        min_p = [r.params.min_p for r in rows]
-        if any(min_p):
-            floor = torch.tensor(min_p, device=device)[:, None] * probs.max(-1, keepdim=True).values
+        if any(r.params.top_p < 1.0 for r in rows):
+            probs = self._top_p(probs, table)
+        if any(r.params.min_p > 0.0 for r in rows):
+            floor = table[:, _MIN_P, None] * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < floor, 0.0)
-        q = torch.empty_like(probs).exponential_()
-        for i, r in enumerate(rows):
-            if r.generator is not None:
-                q[i] = torch.empty(probs.shape[1], device=device).exponential_(
-                    generator=r.generator)
+        q = self._exponential(probs, rows, greedy)
         sampled = (probs / q).argmax(dim=-1)
-        is_greedy = torch.tensor([r.params.greedy for r in rows], device=device)
         return torch.where(is_greedy, greedy_tokens, sampled)
+
+    @staticmethod
+    def _top_k(logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor) -> torch.Tensor:
+        vocab = logits.shape[1]
+        k_max = max(r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows)
+        k = table[:, _TOP_K].long()
+        off = (k <= 0) | (k >= vocab)
+        top = logits.topk(k_max, dim=-1).values
+        kth = top.gather(1, (k.clamp(1, k_max) - 1)[:, None])
+        kth = kth.masked_fill(off[:, None], float("-inf"))
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+    @staticmethod
+    def _top_p(probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Keep the smallest head whose mass reaches top_p (a token is dropped when the mass
+        strictly above it already reaches top_p; the top token always survives)."""
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        top_p = table[:, _TOP_P, None]
+        drop_sorted = (mass_before >= top_p) & (top_p < 1.0)  # top_p=1: rounding must not drop
+        drop = torch.zeros_like(drop_sorted).scatter(1, idx, drop_sorted)
+        return probs.masked_fill(drop, 0.0)
+
+    @staticmethod
+    def _exponential(probs: torch.Tensor, rows: list[SamplingRow],
+                     greedy: list[bool]) -> torch.Tensor:
+        """q ~ Exp(1): one shared draw for unseeded rows, each seeded row from its own
+        generator (so its tokens do not depend on its batch neighbours)."""
+        seeded = [i for i, r in enumerate(rows) if r.generator is not None and not greedy[i]]
+        shared = any(r.generator is None and not g for r, g in zip(rows, greedy))
+        q = torch.empty_like(probs)
+        if shared:
+            q.exponential_()
+        else:
+            q.fill_(1.0)
+        for i in seeded:
+            q[i].exponential_(generator=rows[i].generator)
+        # exponential_ may return exactly 0; 0/0 would be NaN, which argmax treats as the max.
+        return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+    # ---- results --------------------------------------------------------------------------
+    @staticmethod
+    def _collect(raw_logprobs: torch.Tensor, tokens: torch.Tensor,
+                 rows: list[SamplingRow]) -> SamplerOutput:
+        """Pack tokens, logprobs, ranks and top-k into one fp32 tensor: one transfer.
+
+        Token ids and ranks are exact in fp32 for vocabularies below 2**24.
+        """
+        chosen = raw_logprobs.gather(1, tokens[:, None])
+        parts = [tokens[:, None].float(), chosen]
+        want = [r.params.logprobs is not None for r in rows]
+        k = min(max((r.params.logprobs or 0) for r in rows), raw_logprobs.shape[1])
+        if any(want):
+            parts.append(((raw_logprobs > chosen).sum(-1, keepdim=True) + 1).float())
+            if k > 0:
+                top = raw_logprobs.topk(k, dim=-1)
+                # rank = 1 + tokens strictly higher; those all lie inside the top-k
+                top_rank = (top.values[:, None, :] > top.values[:, :, None]).sum(-1) + 1
+                parts += [top.values, top.indices.float(), top_rank.float()]
+        packed = torch.cat(parts, dim=1).tolist()
+
+        token_ids = [int(p[0]) for p in packed]
+        token_logprobs = [p[1] for p in packed]
+        logprobs: list[dict[int, Logprob] | None] = [None] * len(rows)
+        for i, r in enumerate(rows):
+            if not want[i]:
+                continue
+            p = packed[i]
+            entry = {token_ids[i]: Logprob(p[1], int(p[2]))}
+            vals, ids, ranks = p[3:3 + k], p[3 + k:3 + 2 * k], p[3 + 2 * k:3 + 3 * k]
+            for j in range(min(r.params.logprobs, k)):
+                entry.setdefault(int(ids[j]), Logprob(vals[j], int(ranks[j])))
+            logprobs[i] = entry
+        return SamplerOutput(token_ids, token_logprobs, logprobs)
