@@ -126,9 +126,9 @@ class AsyncLLMEngine:
                 await asyncio.sleep(0)  # let handlers add requests and read streams
 
     async def _fail_all(self, exc: BaseException) -> None:
+        """Abort every request in the engine first (frees its KV blocks), then fail the
+        streams, so a client that sees the error also sees a clean engine."""
         ids = list(self._streams)
-        for rid in ids:
-            self._finish_stream(rid, EngineDeadError(f"engine step failed: {exc!r}"), "error")
 
         def abort_all() -> None:
             self.engine.abort_request(list(self.engine.requests))
@@ -137,6 +137,8 @@ class AsyncLLMEngine:
             await self.run(abort_all)
         except Exception:
             logger.exception("could not abort requests after a failed step")
+        for rid in ids:
+            self._finish_stream(rid, EngineDeadError(f"engine step failed: {exc!r}"), "error")
 
     def _dispatch(self, out: RequestOutput, now: float) -> None:
         stream = self._streams.get(out.request_id)
