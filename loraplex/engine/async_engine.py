@@ -126,10 +126,8 @@ class AsyncLLMEngine:
                 await asyncio.sleep(0)  # let handlers add requests and read streams
 
     async def _fail_all(self, exc: BaseException) -> None:
-        """Abort every request in the engine first (frees its KV blocks), then fail the
-        streams, so a client that sees the error also sees a clean engine."""
-        ids = list(self._streams)
-
+        """Drop every request from the engine, then fail their streams (in that order, so
+        a client that sees the error sees the engine already clean)."""
         def abort_all() -> None:
             self.engine.abort_request(list(self.engine.requests))
             self._refresh_stats()
@@ -137,7 +135,7 @@ class AsyncLLMEngine:
             await self.run(abort_all)
         except Exception:
             logger.exception("could not abort requests after a failed step")
-        for rid in ids:
+        for rid in list(self._streams):
             self._finish_stream(rid, EngineDeadError(f"engine step failed: {exc!r}"), "error")
 
     def _dispatch(self, out: RequestOutput, now: float) -> None:
