@@ -127,7 +127,10 @@ class AsyncLLMEngine:
 
     async def _fail_all(self, exc: BaseException) -> None:
         """Drop every request from the engine, then fail their streams (in that order, so
-        a client that sees the error sees the engine already clean)."""
+        a client that sees the error sees the engine already clean). Only the streams
+        present now: a request added while we abort is not part of the failed step."""
+        ids = list(self._streams)
+
         def abort_all() -> None:
             self.engine.abort_request(list(self.engine.requests))
             self._refresh_stats()
@@ -135,7 +138,7 @@ class AsyncLLMEngine:
             await self.run(abort_all)
         except Exception:
             logger.exception("could not abort requests after a failed step")
-        for rid in list(self._streams):
+        for rid in ids:
             self._finish_stream(rid, EngineDeadError(f"engine step failed: {exc!r}"), "error")
 
     def _dispatch(self, out: RequestOutput, now: float) -> None:
