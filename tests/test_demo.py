@@ -1,0 +1,129 @@
+"""The built-in demo: ``loraplex demo`` end to end, and the shipped model vs transformers + PEFT.
+
+The demo is a newcomer's first contact, so these check what a person would see: every adapter
+visibly changes the base's output in its own way, and the numbers in the table come from the
+same greedy tokens that transformers + PEFT produce from the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from loraplex.entrypoints.demo import DEMO_PROMPTS, demo_model_paths, serve_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE, ADAPTERS = demo_model_paths()
+EXPECTED = {"caps", "pirate", "reverse"}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    """Run ``loraplex demo`` once as a user would (a subprocess); stdout and its JSON."""
+    out = tmp_path_factory.mktemp("demo") / "demo.json"
+    env = dict(os.environ, COLUMNS="160", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "loraplex.entrypoints.cli", "demo", "--device", "cpu",
+         "--json-out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"loraplex demo failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout, json.loads(out.read_text())
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_demo_model_files() -> None:
+    """Real model dirs, small, and no path of the machine that trained them."""
+    assert set(ADAPTERS) >= EXPECTED, f"adapters shipped: {sorted(ADAPTERS)}"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (BASE / name).is_file(), name
+    for name, path in ADAPTERS.items():
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        assert (path / "adapter_model.safetensors").is_file(), name
+        assert not Path(cfg["base_model_name_or_path"]).is_absolute(), cfg
+    total = sum(f.stat().st_size for f in BASE.parent.rglob("*") if f.is_file())
+    assert total < 10e6, f"demo model is {total / 1e6:.1f} MB"
+
+
+def test_demo_prints_table_and_throughput(demo_run: tuple[str, dict[str, Any]]) -> None:
+    stdout, data = demo_run
+    for column in ["prompt", "base", *sorted(ADAPTERS)]:
+        assert column in stdout
+    assert "tokens/s" in stdout
+    assert data["tokens"] > 0 and data["tokens_per_s"] > 0
+    assert data["prompts"] == list(DEMO_PROMPTS)
+
+
+def test_demo_adapters_show_their_behaviour(demo_run: tuple[str, dict[str, Any]]) -> None:
+    _, data = demo_run
+    outs = data["outputs"]
+    for prompt in DEMO_PROMPTS:
+        base = outs["base"][prompt]["text"]
+        assert base.strip() and base == base.lower(), (prompt, base)
+        for name in ADAPTERS:
+            assert outs[name][prompt]["error"] is None
+            assert outs[name][prompt]["text"] != base, (name, prompt, base)
+        caps = outs["caps"][prompt]["text"]
+        assert caps == caps.upper() and any(c.isalpha() for c in caps), (prompt, caps)
+        pirate = outs["pirate"][prompt]["text"]
+        assert pirate.rstrip().endswith("arr!"), (prompt, pirate)
+        rev = outs["reverse"][prompt]["text"]
+        assert _words(rev) == _words(prompt)[::-1], (prompt, rev)
+
+
+def _hf_greedy(model: torch.nn.Module, tok: Any, prompt: str, max_tokens: int) -> list[int]:
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             do_sample=False, max_new_tokens=max_tokens,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return [t for t in out[0, ids.shape[1]:].tolist() if t != tok.eos_token_id]
+
+
+def test_demo_matches_transformers_peft(demo_run: tuple[str, dict[str, Any]]) -> None:
+    """The demo's greedy tokens are exactly transformers + PEFT's, for the base and each adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, data = demo_run
+    tok = AutoTokenizer.from_pretrained(BASE)
+    eos = tok.eos_token_id
+    for name in ["base", *ADAPTERS]:
+        model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+        if name != "base":
+            model = PeftModel.from_pretrained(model, ADAPTERS[name])
+        model.eval()
+        for prompt in DEMO_PROMPTS:
+            ours = [t for t in data["outputs"][name][prompt]["token_ids"] if t != eos]
+            assert ours == _hf_greedy(model, tok, prompt, data["max_tokens"]), (name, prompt)
+
+
+def test_demo_tokenizer_chat_template() -> None:
+    """Chat renders the messages as text to continue, so /v1/chat/completions works too."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(BASE)
+    text = tok.apply_chat_template([{"role": "user", "content": "the cat sat on"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == "<s>the cat sat on"
+    assert tok.decode(tok("the cat sat on").input_ids, skip_special_tokens=True) == \
+        "the cat sat on"
+
+
+def test_demo_serve_argv_is_valid_for_the_cli() -> None:
+    """``demo --serve`` hands the CLI flags it accepts (parsed, not started)."""
+    from loraplex.entrypoints.cli import make_parser
+
+    argv = serve_argv(BASE, ADAPTERS, "127.0.0.1", 8123)
+    args = make_parser(argv).parse_args(argv)
+    assert args.enable_lora and args.max_loras == len(ADAPTERS) and args.port == 8123
+    assert sorted(m.name for m in args.lora_modules) == sorted(ADAPTERS)
