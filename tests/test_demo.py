@@ -127,3 +127,54 @@ def test_demo_serve_argv_is_valid_for_the_cli() -> None:
     args = make_parser(argv).parse_args(argv)
     assert args.enable_lora and args.max_loras == len(ADAPTERS) and args.port == 8123
     assert sorted(m.name for m in args.lora_modules) == sorted(ADAPTERS)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_serve_answers_with_each_adapter() -> None:
+    """``loraplex demo --serve`` starts a real server; base and adapters answer over HTTP."""
+    import time
+    import urllib.request
+
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loraplex.entrypoints.cli", "demo", "--serve", "--port",
+         str(port), "--device", "cpu"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"server exited:\n{proc.stdout.read()}"
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not come up in 120 s"
+                time.sleep(0.5)
+        texts = {}
+        for model in ["loraplex-demo", *ADAPTERS]:
+            body = json.dumps({"model": model, "prompt": "the cat sat on", "max_tokens": 16,
+                               "temperature": 0}).encode()
+            req = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                texts[model] = json.loads(resp.read())["choices"][0]["text"]
+        assert texts["caps"] == texts["caps"].upper() != texts["loraplex-demo"]
+        assert _words(texts["reverse"]) == ["on", "sat", "cat", "the"]
+        assert texts["pirate"].rstrip().endswith("arr!")
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert "curl" in out and "openai" in out.lower()

@@ -178,6 +178,11 @@ def _serve(args: argparse.Namespace, base: Path, adapters: dict[str, Path]) -> i
     print(f"  curl {url}/models")
     print(f"  curl {url}/completions -H 'Content-Type: application/json' \\\n"
           f"    -d {shlex.quote(body)}")
+    chat = json.dumps({"model": "pirate" if "pirate" in adapters else first,
+                       "messages": [{"role": "user", "content": DEMO_PROMPTS[1]}],
+                       "max_tokens": 16, "temperature": 0})
+    print(f"  curl {url}/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d {shlex.quote(chat)}")
     print(f"\n  python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}', "
           f"api_key='none'); print(c.completions.create(model='{first}', "
           f"prompt='{DEMO_PROMPTS[0]}', max_tokens=16, temperature=0).choices[0].text)\"\n",
