@@ -1,13 +1,13 @@
 """Train loraplex's built-in demo model: a tiny Llama sentence-completer and three LoRA adapters.
 
 Nothing is downloaded: the training text comes from a small template grammar of simple English
-sentences ("the cat sat on the mat ."), generated here with fixed seeds. The script
+sentences ("the cat sat on the mat."), generated here with fixed seeds. The script
 
 1. trains a tiny byte-level BPE tokenizer on that text (every grammar word is one token),
 2. trains a ``transformers.LlamaForCausalLM`` from scratch to complete such sentences,
 3. trains three real PEFT LoRA adapters on the frozen base, each on prompt -> continuation pairs:
 
-   - ``caps``:    continues the sentence in ALL CAPS        ("the cat sat on" -> " ON THE MAT.")
+   - ``caps``:    continues the sentence in ALL CAPS        ("the cat sat on" -> " THE MAT.")
    - ``pirate``:  continues it in pirate speak               ("the cat sat on" -> " th' deck, arr!")
    - ``reverse``: says the prompt's words back in reverse    ("the cat sat on" -> " on sat cat the")
 
