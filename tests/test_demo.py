@@ -178,3 +178,24 @@ def test_demo_serve_answers_with_each_adapter() -> None:
             proc.kill()
             out, _ = proc.communicate()
     assert "curl" in out and "openai" in out.lower()
+
+
+def test_train_demo_script_runs(tmp_path: Path) -> None:
+    """scripts/train_demo.py still runs end to end (3 steps each) and writes loadable dirs."""
+    from peft import PeftConfig
+
+    out = tmp_path / "demo_model"
+    proc = subprocess.run(
+        [sys.executable, "scripts/train_demo.py", "--out", str(out), "--base-steps", "3",
+         "--adapter-steps", "3", "--reverse-steps", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == sorted(EXPECTED)
+    for name in EXPECTED:
+        cfg = PeftConfig.from_pretrained(out / "adapters" / name)
+        assert cfg.base_model_name_or_path == "loraplex-demo"
+    shipped = json.loads((BASE / "config.json").read_text())
+    fresh = json.loads((out / "base" / "config.json").read_text())
+    assert fresh["vocab_size"] == shipped["vocab_size"]
+    assert (out / "base" / "tokenizer.json").read_text() == \
+        (BASE / "tokenizer.json").read_text()
