@@ -61,6 +61,16 @@ def _max_rank(adapters: dict[str, Path]) -> int:
     return max(ranks, default=8)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
     """Register ``loraplex demo``'s flags (called by the CLI when it builds the subcommand)."""
     parser.add_argument("--serve", action="store_true",
@@ -69,7 +79,7 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="With --serve: address to listen on.")
     parser.add_argument("--port", type=int, default=8000, help="With --serve: port.")
-    parser.add_argument("--max-tokens", type=int, default=24,
+    parser.add_argument("--max-tokens", type=_positive_int, default=24,
                         help="Most tokens generated per prompt (greedy decoding).")
     parser.add_argument("--prompt", dest="prompts", action="append", default=None,
                         metavar="TEXT", help="A prompt to run (repeat the flag for more); "
@@ -85,10 +95,18 @@ add_cli_args = add_demo_args  # the name cli.make_demo_parser looks up
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit status."""
-    base, adapters = demo_model_paths()
+    from loraplex.entrypoints.cli import CLIError
+
+    try:
+        base, adapters = demo_model_paths()
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
     if getattr(args, "serve", False):
         return _serve(args, base, adapters)
-    return _offline(args, base, adapters)
+    try:
+        return _offline(args, base, adapters)
+    except ValueError as e:  # a bad --prompt/--max-tokens combination, as one line
+        raise CLIError(str(e)) from None
 
 
 def _offline(args: argparse.Namespace, base: Path, adapters: dict[str, Path]) -> int:
@@ -144,7 +162,7 @@ def _offline(args: argparse.Namespace, base: Path, adapters: dict[str, Path]) ->
     console.print(table)
     for name in adapters:
         console.print(f"  [bold]{name}[/]: {ADAPTER_BLURBS.get(name, 'a LoRA adapter')}")
-    console.print(f"{len(outputs)} requests ({len(prompts)} prompts x {len(models)} models) "
+    console.print(f"{len(outputs)} requests ({len(prompts)} prompt(s) x {len(models)} models) "
                   f"in one mixed batch: {n_tokens} tokens in {gen_s:.2f}s = "
                   f"[bold]{n_tokens / gen_s:.0f} tokens/s[/]")
     console.print("Try the server: [bold]loraplex demo --serve[/]")
