@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from loraplex import LLM, LoRARequest, SamplingParams
 from tests.fixtures import assert_greedy_close, hf_greedy, hf_logprobs
 
@@ -38,10 +36,3 @@ def make_llm(base: Path, **kw) -> LLM:
     kw.setdefault("cpu_kv_cache_gib", 0.05)
     return LLM(model=str(base), **kw)
 
-
-def all_logprobs_close(a, b, atol: float = 1e-4) -> bool:
-    return all(abs(x.logprob - y.logprob) < atol for x, y in zip(a.values(), b.values()))
-
-
-__all__ = ["GREEDY", "all_logprobs_close", "check_against_hf", "lora_requests", "make_llm",
-           "torch"]

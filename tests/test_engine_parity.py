@@ -38,13 +38,11 @@ def test_all_adapters_in_one_step(tiny_models, tiny_adapters, prompts):
     for i, n in enumerate(names):
         engine.add_request(str(i), {"prompt_token_ids": prompts[i % len(prompts)]}, GREEDY,
                            lora_request=reqs[n] if n else None)
-    seqs, is_prefill = engine.scheduler.schedule()
-    assert is_prefill and len(seqs) == len(names)  # one prefill step holds every adapter
-    engine.scheduler.running.clear()
-    for s in seqs:  # undo the peek
-        engine.block_manager.deallocate(s)
-    engine.scheduler.waiting.extendleft(reversed(seqs))
-    finished = {}
+    finished = {out.request_id: out for out in engine.step() if out.finished}
+    # the first step was one prefill holding the base and every adapter together
+    running = engine.scheduler.running
+    assert len(running) == len(names)
+    assert {s.lora_int_id for s in running} == {0, *(r.lora_int_id for r in reqs.values())}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:

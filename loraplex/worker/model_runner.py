@@ -116,14 +116,13 @@ class ModelRunner:
         """Logits [len(seqs), vocab] for the next token of every sequence."""
         if is_prefill:
             input_ids, positions, ctx, last_rows = self.prepare_prefill(seqs)
-            token_slots = [lora_slots[s.lora_int_id] if s.lora_int_id else -1
-                           for s in seqs for _ in range(s.num_tokens)] if lora_slots else None
         else:
             input_ids, positions, ctx = self.prepare_decode(seqs)
             last_rows = None
-            token_slots = [lora_slots[s.lora_int_id] if s.lora_int_id else -1
-                           for s in seqs] if lora_slots else None
-        if token_slots is not None:
+        if lora_slots:
+            seq_slots = [lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
+            token_slots = ([slot for s, slot in zip(seqs, seq_slots) for _ in range(s.num_tokens)]
+                           if is_prefill else seq_slots)
             ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
         with step_context(ctx):
             hidden = self.model(input_ids, positions)
