@@ -53,13 +53,22 @@ class TargetShapes:
     suffixes: tuple[str, ...]  # the supported target leaf names (q_proj, ...)
 
 
-def resolve_adapter_path(req: LoRARequest) -> str:
+def local_adapter_dir(req: LoRARequest) -> str | None:
+    """The adapter's local directory; None for a hub id (fetched when loaded)."""
     path = os.path.expanduser(req.lora_path)
     if os.path.isdir(path):
         return path
     if os.path.isabs(path) or path.startswith(".") or path.count("/") != 1:
         raise LoRANotFoundError(f"LoRA adapter {req.lora_name!r}: path {req.lora_path!r} "
                                 "does not exist (give a PEFT directory or a hub id 'org/name')")
+    return None
+
+
+def resolve_adapter_path(req: LoRARequest) -> str:
+    path = local_adapter_dir(req)
+    if path is not None:
+        return path
+    path = os.path.expanduser(req.lora_path)
     from huggingface_hub import snapshot_download
 
     try:
@@ -114,14 +123,26 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
                                 "adapter was trained for a different architecture")
 
 
+def check_adapter_config(req: LoRARequest, targets: TargetShapes, max_rank: int) -> None:
+    """The cheap part of validation (no weights read): what registration checks, so that
+    thousands of adapters can be registered and loaded only when a request needs them.
+    A hub id is checked when it is fetched."""
+    path = local_adapter_dir(req)
+    if path is not None:
+        _check_config(req.lora_name, _read_config(req.lora_name, path), max_rank, targets)
+
+
 def _read_tensors(name: str, path: str) -> dict[str, torch.Tensor]:
     st = os.path.join(path, "adapter_model.safetensors")
     bin_path = os.path.join(path, "adapter_model.bin")
     try:
-        if os.path.isfile(st):
-            from safetensors.torch import load_file
+        if os.path.exists(st):
+            from safetensors.torch import load
 
-            return load_file(st, device="cpu")
+            # read, not mmap: adapters are small, and any readable source works (a pipe,
+            # a network filesystem) without holding the file open afterwards
+            with open(st, "rb") as f:
+                return load(f.read())
         if os.path.isfile(bin_path):
             return torch.load(bin_path, map_location="cpu", weights_only=True)
     except Exception as e:  # safetensors/pickle raise assorted types for a corrupt file
