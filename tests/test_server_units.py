@@ -4,11 +4,13 @@ plugins. No sockets."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import sys
 import types
 
 import pytest
+import torch
 
 from loraplex import EngineArgs, LoRARequest, SamplingParams
 from loraplex.engine.async_engine import AsyncLLMEngine, EngineDeadError
@@ -190,3 +192,52 @@ def test_plugins_filtered_by_env(tmp_path, monkeypatch, registry):
     monkeypatch.setenv("LORAPLEX_LORA_RESOLVER_CACHE_DIR", str(tmp_path / "missing"))
     with pytest.raises(plugins.PluginError, match="lora_filesystem_resolver"):
         plugins.load_general_plugins()
+
+
+def _variant(src, dst, config=None, files=None):
+    shutil.copytree(src, dst)
+    if config:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        cfg.update(config)
+        (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    for name, write in (files or {}).items():
+        write(dst / name)
+    return dst
+
+
+def test_extra_vocab_and_long_context_adapters_are_refused(tiny_adapters, tmp_path):
+    """What --lora-extra-vocab-size / --long-lora-scaling-factors would serve is refused
+    by name ("not supported yet"), both at registration and at full load."""
+    from safetensors.torch import save_file
+
+    from loraplex.lora.adapter import TargetShapes, check_adapter_config, load_adapter
+    from loraplex.lora.errors import LoRAError
+
+    src = tiny_adapters["llama"]["r4_qv"]
+    shapes = {f"model.layers.{i}.self_attn.{p}": (64, out) for i in range(2)
+              for p, out in (("q_proj", 64), ("v_proj", 32))}  # the tiny llama's
+    targets = TargetShapes(shapes=shapes, suffixes=("q_proj", "v_proj"), vocab_size=512)
+    emb = {"input_embeddings": torch.zeros(3, 64), "output_embeddings": torch.zeros(3, 64)}
+
+    def added(ids):
+        return lambda p: p.write_text(json.dumps({f"<t{i}>": i for i in ids}))
+    refused = {
+        "long": (_variant(src, tmp_path / "long", {"context_length": 16384}),
+                 "long-context LoRA is not supported yet"),
+        "new_emb": (_variant(src, tmp_path / "new_emb", files={
+            "new_embeddings.safetensors": lambda p: save_file(emb, str(p))}),
+            "3 new token embeddings"),
+        "added": (_variant(src, tmp_path / "added", files={"added_tokens.json": added([512, 513])}),
+                  "2 token(s) past the base vocabulary of 512"),
+        "tokens": (_variant(src, tmp_path / "tokens", {"trainable_token_indices": [5]}),
+                   "trainable_token_indices"),
+    }
+    for name, (path, reason) in refused.items():
+        req = LoRARequest(name, 1, str(path))
+        for check, args in ((check_adapter_config, ()), (load_adapter, (torch.float32,))):
+            with pytest.raises(LoRAError, match="not supported yet") as e:
+                check(req, targets, 16, *args)
+            assert reason in str(e.value) and name in str(e.value)
+    # ids inside the base vocabulary (Llama 3's special tokens, say) are not extra
+    ok = _variant(src, tmp_path / "in_vocab", files={"added_tokens.json": added([3, 511])})
+    assert load_adapter(LoRARequest("in_vocab", 1, str(ok)), targets, 16, torch.float32).modules

@@ -51,6 +51,7 @@ class TargetShapes:
 
     shapes: dict[str, tuple[int, int]]
     suffixes: tuple[str, ...]  # the supported target leaf names (q_proj, ...)
+    vocab_size: int | None = None  # the base's embedding rows; None = unknown
 
 
 def local_adapter_dir(req: LoRARequest) -> str | None:
@@ -123,13 +124,74 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
                                 "adapter was trained for a different architecture")
 
 
+_EXTRA_VOCAB = ("adapters that add tokens are not supported yet (--lora-extra-vocab-size is "
+                "accepted but has no effect); use an adapter trained on the base vocabulary")
+
+
+def _new_embeddings_rows(path: str) -> int | None:
+    """Extra tokens in vLLM's new_embeddings.safetensors (its first tensor's rows)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            return f.get_slice(keys[0]).get_shape()[0] if keys else None
+    except Exception:  # unreadable: the refusal does not need the count
+        return None
+
+
+def _added_token_ids(name: str, path: str) -> list[int]:
+    try:
+        with open(path) as f:
+            added = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LoRAError(f"LoRA adapter {name!r}: added_tokens.json is not valid JSON: {e}"
+                        ) from e
+    if not isinstance(added, dict):
+        raise LoRAError(f"LoRA adapter {name!r}: added_tokens.json is not a JSON object")
+    return [i for i in added.values() if isinstance(i, int)]
+
+
+def _check_not_supported_yet(name: str, path: str, cfg: dict, vocab_size: int | None) -> None:
+    """Long-context LoRA and extra vocabulary: refused by name, never silently ignored.
+
+    Extra vocabulary shows as vLLM's new_embeddings file, PEFT's trainable tokens, or an
+    added_tokens.json with ids past the base's vocabulary. (transformers writes every id
+    past the tokenizer's base vocab there, e.g. Llama 3's in-vocabulary special tokens,
+    so that file alone means nothing: it is checked only when ``vocab_size`` is known.)
+    """
+    if cfg.get("context_length") or cfg.get("rope_scaling"):
+        what = (f"context_length={cfg['context_length']}" if cfg.get("context_length")
+                else f"rope_scaling={cfg['rope_scaling']}")
+        raise LoRAError(f"LoRA adapter {name!r} is a long-context LoRA ({what}): long-context "
+                        "LoRA is not supported yet (--long-lora-scaling-factors is accepted "
+                        "but has no effect)")
+    for fname in ("new_embeddings.safetensors", "new_embeddings.bin"):
+        if os.path.isfile(os.path.join(path, fname)):
+            rows = _new_embeddings_rows(os.path.join(path, fname))
+            count = f"{rows} new token embeddings" if rows else "new token embeddings"
+            raise LoRAError(f"LoRA adapter {name!r} ships {count} ({fname}): " + _EXTRA_VOCAB)
+    if cfg.get("trainable_token_indices"):
+        raise LoRAError(f"LoRA adapter {name!r} trains token embeddings "
+                        "(trainable_token_indices): " + _EXTRA_VOCAB)
+    added = os.path.join(path, "added_tokens.json")
+    if vocab_size is not None and os.path.isfile(added):
+        extra = sorted(i for i in _added_token_ids(name, added) if i >= vocab_size)
+        if extra:
+            raise LoRAError(f"LoRA adapter {name!r} adds {len(extra)} token(s) past the base "
+                            f"vocabulary of {vocab_size} (added_tokens.json, ids {extra[0]}.."
+                            f"{extra[-1]}): " + _EXTRA_VOCAB)
+
+
 def check_adapter_config(req: LoRARequest, targets: TargetShapes, max_rank: int) -> None:
     """The cheap part of validation (no weights read): what registration checks, so that
     thousands of adapters can be registered and loaded only when a request needs them.
     A hub id is checked when it is fetched."""
     path = local_adapter_dir(req)
     if path is not None:
-        _check_config(req.lora_name, _read_config(req.lora_name, path), max_rank, targets)
+        cfg = _read_config(req.lora_name, path)
+        _check_config(req.lora_name, cfg, max_rank, targets)
+        _check_not_supported_yet(req.lora_name, path, cfg, targets.vocab_size)
 
 
 def _read_tensors(name: str, path: str) -> dict[str, torch.Tensor]:
@@ -168,6 +230,9 @@ def _module_name(name: str, key: str) -> tuple[str, str]:
         raise LoRAError(f"LoRA adapter {name!r} has {key!r}: embedding LoRA, DoRA or added "
                         "tokens are not supported yet")
     m = _KEY.match(key)
+    if m is None and any(f"{u}.weight" in key for u in _UNSUPPORTED_TARGETS):
+        raise LoRAError(f"LoRA adapter {name!r} ships full {key!r} weights (a resized "
+                        "vocabulary or a saved embedding/lm_head): " + _EXTRA_VOCAB)
     if m is None:
         raise LoRAError(f"LoRA adapter {name!r}: unexpected tensor {key!r} (not a LoRA A/B "
                         "weight); extra vocabulary or saved modules are not supported yet")
@@ -181,6 +246,7 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     path = resolve_adapter_path(req)
     cfg = _read_config(name, path)
     _check_config(name, cfg, max_rank, targets)
+    _check_not_supported_yet(name, path, cfg, targets.vocab_size)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in _read_tensors(name, path).items():
         module, kind = _module_name(name, key)
