@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -319,6 +320,7 @@ def main() -> None:
     device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = a.out or Path(__file__).parent / "results" / f"decode_step_{device.type}.json"
+    load_before = os.getloadavg()[0]
     gb_s = copy_bandwidth_gb_s(device, sync)
     print(f"copy bandwidth on {device}: {gb_s:.1f} GB/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="lp-decode-") as tmp:
@@ -342,6 +344,8 @@ def main() -> None:
     write_json(out, {"benchmark": "decode_step", "command": " ".join(sys.argv),
                      "config": config, "machine": machine_info(),
                      "loraplex_commit": loraplex_commit(), "device": device.type,
+                     # other processes on the machine skew timings: the 1-min load average
+                     "load_avg_1min": {"start": load_before, "end": os.getloadavg()[0]},
                      "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gb_s": gb_s,
                      "weight_bytes": weight_bytes, "weight_floor_ms": weight_floor_ms,
                      "results": records})
