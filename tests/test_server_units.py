@@ -241,3 +241,72 @@ def test_extra_vocab_and_long_context_adapters_are_refused(tiny_adapters, tmp_pa
     # ids inside the base vocabulary (Llama 3's special tokens, say) are not extra
     ok = _variant(src, tmp_path / "in_vocab", files={"added_tokens.json": added([3, 511])})
     assert load_adapter(LoRARequest("in_vocab", 1, str(ok)), targets, 16, torch.float32).modules
+
+
+def _serving(engine_args):
+    from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
+
+    engine = AsyncLLMEngine.from_engine_args(engine_args)
+    models = OpenAIServingModels(engine, ["tiny"], 64, lora_enabled=True)
+    return engine, models, OpenAIServingCompletion(engine, models, engine.get_tokenizer())
+
+
+async def _registered(engine: AsyncLLMEngine) -> set[int]:
+    """Every id the engine holds, including removals deferred for requests in flight."""
+    return await engine.run(lambda: set(engine.engine.lora_manager.registered))
+
+
+def test_a_request_racing_an_unload_or_reload_never_revives_the_old_adapter(
+        engine_args, tiny_adapters):
+    """The request looked the name up just before the unload / in-place reload and reaches
+    the engine just after: it must not register the old id again (it did: a stale copy of
+    the engine's ids sent it back through add_lora, and the old weights stayed forever)."""
+    from loraplex.entrypoints.protocol import CompletionRequest
+
+    ad = tiny_adapters["llama"]
+
+    async def main():
+        engine, models, serving = _serving(engine_args)
+        await models.load_lora_adapter("dyn", str(ad["r4_qv"]))
+        stale = await models.resolve("dyn")
+        await models.unload_lora_adapter("dyn")
+        with pytest.raises(NotFoundError):
+            await serving.start_requests("r1", [(None, [1, 43, 76])], [GREEDY], "dyn", stale)
+        assert await _registered(engine) == set()
+
+        await models.load_lora_adapter("dyn", str(ad["r4_qv"]))
+        stale = await models.resolve("dyn")
+        await models.load_lora_adapter("dyn", str(ad["r8_all"]), load_inplace=True)
+        new = models.lora_requests["dyn"]
+        queued = await serving.start_requests("r2", [(None, [1, 43, 76])], [GREEDY], "dyn",
+                                              stale)
+        outs = [o async for o in queued.streams[0]]
+        want = await _final(engine, "ref", new)
+        assert outs[-1].outputs[0].token_ids == want.outputs[0].token_ids  # the new weights
+        assert await _registered(engine) == {new.lora_int_id}
+
+        # and under load: multi-prompt requests (several engine adds each) while the name
+        # is reloaded, unloaded and loaded again; every request succeeds or is a 404
+        async def client(i):
+            req = CompletionRequest(model="dyn", prompt=[[1, 43, 76], [5, 6], [7, 8, 9]],
+                                    max_tokens=3, temperature=0)
+            try:
+                r = await serving.create_completion(req)
+            except NotFoundError:
+                return "gone"
+            assert len(r.choices) == 3
+            return "ok"
+
+        async def churn():
+            for k in range(6):
+                path = str(ad["r8_all"] if k % 2 else ad["r4_qv"])
+                await models.load_lora_adapter("dyn", path, load_inplace=True)
+                await asyncio.sleep(0)
+                await models.unload_lora_adapter("dyn")
+                await models.load_lora_adapter("dyn", path)
+        results = await asyncio.gather(churn(), *(client(i) for i in range(16)))
+        assert set(results[1:]) <= {"ok", "gone"} and "ok" in results
+        listed = {r.lora_int_id for r in models.lora_requests.values()}
+        assert await engine.list_loras() == listed == await _registered(engine)
+        await engine.shutdown()
+    asyncio.run(main())

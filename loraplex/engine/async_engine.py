@@ -5,6 +5,10 @@ engine call goes through that same thread, so calls never overlap and new reques
 join the running batch between steps. Each request gets a stream (async generator of
 cumulative RequestOutputs). Closing a stream early (client gone) aborts the request.
 Adapter files are read on other threads (``prepare_lora``) so loads never stall steps.
+
+Which adapters exist is the engine's own state (``list_loras``), read on the engine
+thread in the same call that queues a request: there is no copy here to go stale when
+a load, an unload and requests race.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any, TypeVar
 
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine, PromptType
+from loraplex.lora.adapter import LoRAModel
+from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 from loraplex.metrics import Metrics
 from loraplex.outputs import RequestOutput
@@ -34,6 +40,11 @@ class EngineDeadError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine was shut down."""
+
+
+class LoRANotLoadedError(LoRAError):
+    """A request names an adapter id the engine does not hold (now): unloaded or replaced
+    since the caller looked it up, with ``load_lora=False``. Look the name up again."""
 
 
 @dataclass
@@ -56,7 +67,6 @@ class AsyncLLMEngine:
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="loraplex-engine")
         self._streams: dict[str, _Stream] = {}
-        self._lora_ids: set[int] = set(engine.list_loras())
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._stopped = False
@@ -177,27 +187,38 @@ class AsyncLLMEngine:
     # ---- requests ---------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType,
                           sampling_params: SamplingParams,
-                          lora_request: LoRARequest | None = None
+                          lora_request: LoRARequest | None = None, *, load_lora: bool = True
                           ) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request; return its stream. Raises ValueError (LoRAError for a bad
         adapter) when it is rejected. The caller must iterate the stream to its end or
-        close it (or call ``abort``): that is what frees the request's KV blocks."""
+        close it (or call ``abort``): that is what frees the request's KV blocks.
+
+        An adapter the engine does not hold is read on a worker thread and registered
+        (vLLM's behaviour); with ``load_lora=False`` it raises LoRANotLoadedError instead,
+        for callers (the server) whose adapter ids are only valid while registered.
+        """
         self.start()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if lora_request is not None and lora_request.lora_int_id not in self._lora_ids:
-            await self.add_lora(lora_request)
         name = lora_request.lora_name if lora_request is not None else self.model_name
         stream = _Stream(name)
         self._streams[request_id] = stream
+        args = (request_id, prompt, sampling_params, lora_request)
         try:
-            await self.run(self.engine.add_request, request_id, prompt, sampling_params,
-                           lora_request)
+            if not await self.run(self._add_now, *args, None):
+                if not load_lora:
+                    raise LoRANotLoadedError(
+                        f"LoRA adapter {lora_request.lora_name!r} (id "
+                        f"{lora_request.lora_int_id}) is not loaded: it was unloaded or "
+                        "replaced")
+                await self.run(self._add_now, *args, await self.prepare_lora(lora_request))
         except BaseException:
             self._streams.pop(request_id, None)
             if not self._stopped:  # cancelled mid-add: the engine may hold it already
                 self._executor.submit(self.engine.abort_request, request_id)
             raise
+        if self._streams.get(request_id) is not stream:  # failed by a step error meanwhile
+            self._executor.submit(self.engine.abort_request, request_id)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             stream.prompt_tokens = len(prompt["prompt_token_ids"])
         elif isinstance(prompt, list):
@@ -205,6 +226,18 @@ class AsyncLLMEngine:
         assert self._wake is not None
         self._wake.set()
         return self._iterate(request_id, stream)
+
+    def _add_now(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                 lora: LoRARequest | None, prepared: LoRAModel | None) -> bool:
+        """On the engine thread: queue the request if its adapter is registered (or
+        ``prepared`` registers it). False, with nothing queued, if the adapter is missing."""
+        if lora is not None:
+            if prepared is not None:
+                self.engine.add_lora(lora, prepared)
+            elif lora.lora_int_id not in self.engine.list_loras():
+                return False
+        self.engine.add_request(request_id, prompt, params, lora)
+        return True
 
     async def _iterate(self, request_id: str, stream: _Stream
                        ) -> AsyncGenerator[RequestOutput, None]:
@@ -254,20 +287,21 @@ class AsyncLLMEngine:
         self._abort_now(request_id)
 
     # ---- adapters ---------------------------------------------------------------------
-    async def prepare_lora(self, lora_request: LoRARequest):
+    async def prepare_lora(self, lora_request: LoRARequest) -> LoRAModel:
         """Read and validate the adapter on a worker thread (raises LoRAError)."""
         return await asyncio.to_thread(self.engine.prepare_lora, lora_request)
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:
-        prepared = None
-        if lora_request.lora_int_id not in self._lora_ids:
-            prepared = await self.prepare_lora(lora_request)
-        added = await self.run(self.engine.add_lora, lora_request, prepared)
-        self._lora_ids.add(lora_request.lora_int_id)
-        return added
+        """Register an adapter, validated fully and read off the engine thread. False if
+        this adapter is registered already (LoRAError if its id names another one)."""
+        if lora_request.lora_int_id in await self.list_loras():
+            return await self.run(self.engine.add_lora, lora_request)
+        prepared = await self.prepare_lora(lora_request)
+        return await self.run(self.engine.add_lora, lora_request, prepared)
 
     async def remove_lora(self, lora_int_id: int) -> bool:
-        self._lora_ids.discard(lora_int_id)
+        """Unregister; requests running on it finish on its weights first (the engine's
+        rule), and from now on no new request can use this id."""
         return await self.run(self.engine.remove_lora, lora_int_id)
 
     async def list_loras(self) -> set[int]:

@@ -40,6 +40,11 @@ class AuthenticationError(APIError):
     type = "AuthenticationError"
 
 
+class ServiceUnavailableError(APIError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    type = "ServiceUnavailableError"
+
+
 class InternalServerError(APIError):
     status = HTTPStatus.INTERNAL_SERVER_ERROR
     type = "InternalServerError"

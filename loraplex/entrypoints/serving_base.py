@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from loraplex.engine.async_engine import AsyncLLMEngine
-from loraplex.entrypoints.errors import BadRequestError
+from loraplex.engine.async_engine import AsyncLLMEngine, LoRANotLoadedError
+from loraplex.entrypoints.errors import BadRequestError, ServiceUnavailableError
 from loraplex.entrypoints.protocol import ErrorResponse, SamplingFields
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.lora.request import LoRARequest
@@ -14,14 +20,35 @@ from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_MAX_LOOKUPS = 8  # each retry means an unload/reload of this name completed meanwhile
+
+
+@dataclass
+class EngineRequests:
+    """The engine requests behind one HTTP request: one per prompt."""
+
+    ids: list[str]
+    streams: list[AsyncIterator[RequestOutput]]
 
 
 class OpenAIServing:
     def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels, tokenizer) -> None:
         self.engine = engine
         self.models = models
-        self.tokenizer = tokenizer  # the server's own copy: never shared with the engine thread
+        # The server's own tokenizers, never the engine thread's: ``tokenizer`` decodes on
+        # the event loop (short), ``encoder`` encodes and renders chat templates on a
+        # thread of its own, so a huge prompt never stalls the streams of other requests
+        # (an HF fast tokenizer must not be used by two threads at once: hence the copy).
+        self.tokenizer = tokenizer
+        self.encoder = copy.deepcopy(tokenizer)
+        self._encode_thread = ThreadPoolExecutor(1, thread_name_prefix="loraplex-tokenize")
         self.max_model_len = models.max_model_len
+        self.max_num_seqs = engine.engine.config.scheduler_config.max_num_seqs
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (tokenizing with ``self.encoder``) on the encoder thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._encode_thread, fn, *args)
 
     # ---- validation ---------------------------------------------------------------------
     @staticmethod
@@ -32,11 +59,18 @@ class OpenAIServing:
         if req.logit_bias:
             raise BadRequestError("logit_bias is not supported yet", param="logit_bias")
 
+    def check_n(self, n: int) -> None:
+        """n >= 1 (SamplingParams), and at most a batch: each choice is a sequence."""
+        if isinstance(n, int) and n > self.max_num_seqs:
+            raise BadRequestError(f"n must be <= {self.max_num_seqs} (the server's "
+                                  f"--max-num-seqs), got {n}", param="n")
+
     def sampling_params(self, req: SamplingFields, max_tokens: int | None,
                         logprobs: int | None) -> SamplingParams:
         """vLLM's request -> SamplingParams mapping; a bad value is a 400 naming the field."""
         def pick(value, default):
             return default if value is None else value
+        self.check_n(req.n)
         try:
             return SamplingParams(
                 n=req.n, temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0),
@@ -81,29 +115,44 @@ class OpenAIServing:
 
     # ---- engine -------------------------------------------------------------------------
     async def start_requests(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
-                             params: list[SamplingParams], lora: LoRARequest | None
-                             ) -> list[AsyncIterator[RequestOutput]]:
-        """Queue one engine request per prompt (ids ``<request_id>-<i>``); on any failure
-        abort those already queued. A 400 for a request the engine refuses."""
-        streams: list[AsyncIterator[RequestOutput]] = []
+                             params: list[SamplingParams], model: str | None,
+                             lora: LoRARequest | None) -> EngineRequests:
+        """Queue one engine request per prompt, all or none. ``lora`` is what ``model``
+        resolved to; if that adapter was unloaded or replaced since, look ``model`` up
+        again (404 once it is gone; the new weights after an in-place reload)."""
+        for _ in range(_MAX_LOOKUPS):
+            try:
+                return await self._queue(request_id, prompts, params, lora)
+            except LoRANotLoadedError:
+                lora = await self.models.resolve(model)
+        raise ServiceUnavailableError(f"the adapter {model!r} kept changing while this "
+                                      "request was queued; retry")
+
+    async def _queue(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
+                     params: list[SamplingParams], lora: LoRARequest | None
+                     ) -> EngineRequests:
+        # engine ids of our own: a client's request_id may repeat, ours never collide
+        base = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        queued = EngineRequests([f"{base}-{i}" for i in range(len(prompts))], [])
         try:
-            for i, ((text, token_ids), p) in enumerate(zip(prompts, params, strict=True)):
+            for rid, (text, token_ids), p in zip(queued.ids, prompts, params, strict=True):
                 prompt: dict = {"prompt_token_ids": token_ids}
                 if text is not None:
                     prompt["prompt"] = text
-                streams.append(await self.engine.add_request(f"{request_id}-{i}", prompt, p,
-                                                             lora))
+                queued.streams.append(
+                    await self.engine.add_request(rid, prompt, p, lora, load_lora=False))
         except BaseException as e:
-            await self.abort_all(request_id, len(prompts))
-            if isinstance(e, ValueError):  # includes LoRAError
-                raise BadRequestError(str(e)) from e
+            await self.abort_all(queued)
+            if isinstance(e, ValueError) and not isinstance(e, LoRANotLoadedError):
+                param = "prompt" if str(e).startswith("prompt") else None
+                raise BadRequestError(str(e), param=param) from e  # includes LoRAError
             raise
-        return streams
+        return queued
 
-    async def abort_all(self, request_id: str, count: int) -> None:
+    async def abort_all(self, queued: EngineRequests) -> None:
         """Abort what is still running (a no-op for finished requests)."""
-        for i in range(count):
-            await self.engine.abort(f"{request_id}-{i}")
+        for rid in queued.ids:
+            await self.engine.abort(rid)
 
     @staticmethod
     def check_output(out: RequestOutput) -> None:

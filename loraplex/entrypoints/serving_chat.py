@@ -21,8 +21,9 @@ from loraplex.entrypoints.protocol import (
     UsageInfo,
     random_id,
 )
-from loraplex.entrypoints.serving_base import OpenAIServing
+from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
 from loraplex.outputs import CompletionOutput
+from loraplex.sampling_params import MAX_LOGPROBS
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -53,10 +54,11 @@ class OpenAIServingChat(OpenAIServing):
         return out
 
     def render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
-        """Apply the chat template (request's, else --chat-template, else tokenizer's)."""
+        """Apply the chat template (request's, else --chat-template, else tokenizer's) and
+        tokenize; on the encoder thread."""
         template = req.chat_template or self.chat_template
         try:
-            text = self.tokenizer.apply_chat_template(
+            text = self.encoder.apply_chat_template(
                 self._messages(req), chat_template=template, tokenize=False,
                 add_generation_prompt=req.add_generation_prompt and not
                 req.continue_final_message,
@@ -65,12 +67,12 @@ class OpenAIServingChat(OpenAIServing):
         except APIError:
             raise
         except Exception as e:  # jinja errors, no template, bad kwargs: the request's fault
-            hint = "" if template or self.tokenizer.chat_template else (
+            hint = "" if template or self.encoder.chat_template else (
                 " (this model's tokenizer has no chat template: start the server with "
                 "--chat-template)")
             raise BadRequestError(f"cannot apply the chat template: {e}{hint}",
                                   param="messages") from e
-        ids = self.tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
+        ids = self.encoder(text, add_special_tokens=req.add_special_tokens).input_ids
         return text, list(ids)
 
     async def create_chat_completion(self, req: ChatCompletionRequest):
@@ -85,27 +87,31 @@ class OpenAIServingChat(OpenAIServing):
         if req.top_logprobs and not req.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true",
                                   param="top_logprobs")
+        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise BadRequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got "
+                                  f"{req.top_logprobs}", param="top_logprobs")
         lora = await self.models.resolve(req.model)
         model = req.model or self.models.base_model_name
-        text, ids = self.render(req)
-        self.check_token_ids(ids)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
         params = self.sampling_params(req, max_tokens,
                                       (req.top_logprobs or 0) if req.logprobs else None)
+        text, ids = await self.off_loop(self.render, req)
+        self.check_token_ids(ids)
         self.fit_max_tokens(params, len(ids))
         request_id = req.request_id or random_id("chatcmpl")
-        streams = await self.start_requests(request_id, [(text, ids)], [params], lora)
+        queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
+                                           lora)
         if req.stream:
-            return self._stream(req, request_id, model, len(ids), streams[0])
+            return self._stream(req, request_id, model, len(ids), queued)
         try:
             final = None
-            async for out in streams[0]:
+            async for out in queued.streams[0]:
                 final = out
             assert final is not None
             self.check_output(final)
         finally:
-            await self.abort_all(request_id, 1)
+            await self.abort_all(queued)
         choices = [ChatCompletionChoice(
             index=o.index, message=ChatResponseMessage(content=o.text),
             logprobs=self._logprobs(o, 0, req.return_tokens_as_token_ids) if req.logprobs else None,
@@ -130,7 +136,7 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionLogProbs(content=content)
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, model: str,
-                      prompt_tokens: int, stream) -> AsyncIterator[str]:
+                      prompt_tokens: int, queued: EngineRequests) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -145,7 +151,7 @@ class OpenAIServingChat(OpenAIServing):
             for i in range(req.n):
                 yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
                                                                           content=""))])
-            async for out in stream:
+            async for out in queued.streams[0]:
                 self.check_output(out)
                 for o in out.outputs:
                     if o.index in done:
@@ -172,5 +178,5 @@ class OpenAIServingChat(OpenAIServing):
         except Exception as e:  # the engine failed mid-stream: tell the client, keep serving
             yield self.error_event(error_body(str(e), "InternalServerError", 500))
         finally:
-            await self.abort_all(request_id, 1)
+            await self.abort_all(queued)
         yield "data: [DONE]\n\n"

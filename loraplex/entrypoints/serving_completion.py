@@ -15,13 +15,14 @@ from loraplex.entrypoints.protocol import (
     UsageInfo,
     random_id,
 )
-from loraplex.entrypoints.serving_base import OpenAIServing
+from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
 from loraplex.entrypoints.serving_utils import merge_async_iterators
 from loraplex.outputs import CompletionOutput, RequestOutput
 
 
 class OpenAIServingCompletion(OpenAIServing):
     def _prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        """(text, token ids) per prompt; on the encoder thread."""
         p = req.prompt
         if isinstance(p, str):
             items: list = [p]
@@ -34,7 +35,7 @@ class OpenAIServingCompletion(OpenAIServing):
         out: list[tuple[str | None, list[int]]] = []
         for item in items:
             if isinstance(item, str):
-                ids = self.tokenizer(item, add_special_tokens=req.add_special_tokens).input_ids
+                ids = self.encoder(item, add_special_tokens=req.add_special_tokens).input_ids
                 out.append((item, list(ids)))
             else:
                 out.append((None, list(item)))
@@ -51,21 +52,21 @@ class OpenAIServingCompletion(OpenAIServing):
                                   "supported yet", param="echo")
         lora = await self.models.resolve(req.model)
         model = req.model or self.models.base_model_name
-        prompts = self._prompts(req)
         params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        prompts = await self.off_loop(self._prompts, req)
         per_prompt = []
         for _, ids in prompts:  # the same params, but max_tokens fits each prompt's context
             p = params.clone()
             self.fit_max_tokens(p, len(ids))
             per_prompt.append(p)
         request_id = req.request_id or random_id("cmpl")
-        streams = await self.start_requests(request_id, prompts, per_prompt, lora)
+        queued = await self.start_requests(request_id, prompts, per_prompt, req.model, lora)
         if req.stream:
-            return self._stream(req, request_id, model, prompts, streams)
+            return self._stream(req, request_id, model, prompts, queued)
         try:
-            return await self._full(req, request_id, model, prompts, streams)
+            return await self._full(req, request_id, model, prompts, queued.streams)
         finally:
-            await self.abort_all(request_id, len(prompts))
+            await self.abort_all(queued)
 
     def _echo(self, req: CompletionRequest, prompt: tuple[str | None, list[int]]) -> str:
         if not req.echo:
@@ -111,7 +112,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return lp
 
     async def _stream(self, req: CompletionRequest, request_id: str, model: str,
-                      prompts: list, streams: list) -> AsyncIterator[str]:
+                      prompts: list, queued: EngineRequests) -> AsyncIterator[str]:
         created = int(time.time())
         n = req.n
         sent_text: dict[int, int] = {}
@@ -120,7 +121,7 @@ class OpenAIServingCompletion(OpenAIServing):
         done: set[int] = set()
         completion_tokens = 0
         try:
-            async for i, out in merge_async_iterators(*streams):
+            async for i, out in merge_async_iterators(*queued.streams):
                 self.check_output(out)
                 for o in out.outputs:
                     idx = i * n + o.index
@@ -160,5 +161,5 @@ class OpenAIServingCompletion(OpenAIServing):
         except Exception as e:  # the engine failed mid-stream: tell the client, keep serving
             yield self.error_event(error_body(str(e), "InternalServerError", 500))
         finally:
-            await self.abort_all(request_id, len(prompts))
+            await self.abort_all(queued)
         yield "data: [DONE]\n\n"

@@ -4,6 +4,12 @@ Every adapter name maps to one LoRARequest. Runtime loads validate the adapter f
 (on a worker thread) before the name is listed. An in-place reload gives the new
 weights a new lora_int_id and points the name at it: requests in flight keep the old
 id (and weights) until they finish, then the engine drops the old id.
+
+Changes to one name (load, reload, unload, a resolver's load) take that name's lock and
+run to the end even if the client that asked goes away, so the names listed here and
+the adapters the engine holds never disagree. A request that looked a name up just
+before it changed is queued with ``load_lora=False`` and looks it up again (see
+OpenAIServing.start_requests): a stale id is never loaded back into the engine.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from loraplex import envs
 from loraplex.engine.async_engine import AsyncLLMEngine
@@ -22,6 +30,7 @@ from loraplex.lora.request import LoRARequest
 from loraplex.lora.resolver import LoRAResolverRegistry
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,7 +51,7 @@ class OpenAIServingModels:
         self.lora_enabled = lora_enabled
         self.lora_requests: dict[str, LoRARequest] = {}
         self._ids = itertools.count(1)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, users)
 
     @property
     def base_model_name(self) -> str:
@@ -51,8 +60,25 @@ class OpenAIServingModels:
     def is_base_model(self, name: str | None) -> bool:
         return name is None or name in self.served_model_names
 
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    async def _locked(self, name: str, change: Callable[[], Awaitable[T]]) -> T:
+        lock, users = self._locks.get(name, (asyncio.Lock(), 0))
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                return await change()
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]  # no lock per name ever asked for stays behind
+            else:
+                self._locks[name] = (lock, users - 1)
+
+    async def _change(self, name: str, change: Callable[[], Awaitable[T]]) -> T:
+        """Run ``change`` under ``name``'s lock, to the end even if our caller is cancelled
+        (a client disconnecting must not leave a load or unload half done)."""
+        task = asyncio.ensure_future(self._locked(name, change))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # no "never retrieved"
+        return await asyncio.shield(task)
 
     def _new_request(self, name: str, path: str, base_model_name: str | None) -> LoRARequest:
         return LoRARequest(name, next(self._ids), path, base_model_name=base_model_name)
@@ -81,7 +107,8 @@ class OpenAIServingModels:
         if self.is_base_model(name):
             raise BadRequestError(f"{name!r} is the base model's name; pick another "
                                   "lora_name", param="lora_name")
-        async with self._lock(name):
+
+        async def load() -> str:
             old = self.lora_requests.get(name)
             if old is not None and not load_inplace:
                 raise BadRequestError(
@@ -93,23 +120,26 @@ class OpenAIServingModels:
             except LoRAError as e:
                 raise BadRequestError(str(e), param="lora_path") from e
             self.lora_requests[name] = req
-            if old is not None:
-                await self.engine.remove_lora(old.lora_int_id)  # deferred while in flight
-                logger.info("reloaded LoRA adapter %s in place from %s", name, path)
-                return f"Success: LoRA adapter '{name}' reloaded in place successfully."
-        logger.info("loaded LoRA adapter %s from %s", name, path)
-        return f"Success: LoRA adapter '{name}' added successfully."
+            if old is None:
+                logger.info("loaded LoRA adapter %s from %s", name, path)
+                return f"Success: LoRA adapter '{name}' added successfully."
+            await self.engine.remove_lora(old.lora_int_id)  # deferred while in flight
+            logger.info("reloaded LoRA adapter %s in place from %s", name, path)
+            return f"Success: LoRA adapter '{name}' reloaded in place successfully."
+        return await self._change(name, load)
 
     async def unload_lora_adapter(self, name: str) -> str:
         self._require_lora()
-        async with self._lock(name):
+
+        async def unload() -> str:
             req = self.lora_requests.pop(name, None)
             if req is None:
                 raise NotFoundError(f"The lora adapter '{name}' cannot be found.",
                                     param="lora_name")
-            await self.engine.remove_lora(req.lora_int_id)
-        logger.info("unloaded LoRA adapter %s", name)
-        return f"Success: LoRA adapter '{name}' removed successfully."
+            await self.engine.remove_lora(req.lora_int_id)  # deferred while in flight
+            logger.info("unloaded LoRA adapter %s", name)
+            return f"Success: LoRA adapter '{name}' removed successfully."
+        return await self._change(name, unload)
 
     # ---- per request --------------------------------------------------------------------
     async def resolve(self, name: str | None) -> LoRARequest | None:
@@ -127,27 +157,29 @@ class OpenAIServingModels:
         resolvers = LoRAResolverRegistry.resolvers
         if not (self.lora_enabled and envs.LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING and resolvers):
             raise self._not_found(name)
-        async with self._lock(name):
-            if name in self.lora_requests:  # resolved by a concurrent request
-                return self.lora_requests[name]
-            failures = []
-            for rname, resolver in list(resolvers.items()):
-                try:
-                    hit = await resolver.resolve_lora(self.base_model_name, name)
-                except Exception as e:  # a broken plugin is a miss, not a 500
-                    logger.warning("LoRA resolver %s failed on %r: %s", rname, name, e)
-                    continue
-                if hit is None:
-                    continue
-                req = self._new_request(name, hit.lora_path, hit.base_model_name)
-                try:
-                    await self.engine.add_lora(req)
-                except LoRAError as e:
-                    failures.append(f"{rname}: {e}")
-                    continue
-                self.lora_requests[name] = req
-                logger.info("resolver %s resolved %s to %s", rname, name, hit.lora_path)
-                return req
+        return await self._change(name, lambda: self._resolve_now(name, resolvers))
+
+    async def _resolve_now(self, name: str, resolvers: dict) -> LoRARequest:
+        if name in self.lora_requests:  # resolved by a concurrent request
+            return self.lora_requests[name]
+        failures = []
+        for rname, resolver in list(resolvers.items()):
+            try:
+                hit = await resolver.resolve_lora(self.base_model_name, name)
+            except Exception as e:  # a broken plugin is a miss, not a 500
+                logger.warning("LoRA resolver %s failed on %r: %s", rname, name, e)
+                continue
+            if hit is None:
+                continue
+            req = self._new_request(name, hit.lora_path, hit.base_model_name)
+            try:
+                await self.engine.add_lora(req)
+            except LoRAError as e:
+                failures.append(f"{rname}: {e}")
+                continue
+            self.lora_requests[name] = req
+            logger.info("resolver %s resolved %s to %s", rname, name, hit.lora_path)
+            return req
         if failures:
             raise BadRequestError(f"The model `{name}` was found by a LoRA resolver but "
                                   "could not be loaded: " + "; ".join(failures), param="model")
