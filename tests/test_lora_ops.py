@@ -1,41 +1,160 @@
-"""The batched LoRA op against PEFT's one line, token by token."""
+"""The batched LoRA ops (torch backend) against PEFT's one line, token by token.
+
+Helpers here (`make_weights`, `per_token_reference`) are shared with the Triton tests.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from loraplex.layers.linear import Linear
 from loraplex.lora import ops
+from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
+from loraplex.lora.ops import torch_ops
+
+CPU = torch.device("cpu")
 
 
-def test_add_lora_matches_per_token_reference():
-    torch.manual_seed(0)
-    slots, rank, d_in, sizes = 4, 8, 32, [24, 8, 8]
-    a = torch.randn(slots, len(sizes) * rank, d_in)
-    b = [torch.randn(slots, out, rank) for out in sizes]
-    token_slots = [2, -1, 0, 2, 3, -1, 0, 0, 1, 3]
-    x = torch.randn(len(token_slots), d_in)
-    y = torch.randn(len(token_slots), sum(sizes))
-    want = y.clone()
-    for i, s in enumerate(token_slots):  # y += B (A x), per token and sub-projection
-        if s < 0:
+def make_weights(ranks: list[int], max_rank: int, d_in: int, sizes: list[int],
+                 pad: float = 0.0, gen: torch.Generator | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slot buffers as LinearWithLoRA holds them; `pad` fills past each slot's rank."""
+    n, slots = len(sizes), len(ranks)
+    a = torch.full((slots, n, max_rank, d_in), pad)
+    b = torch.full((slots, sum(sizes), max_rank), pad)
+    for s, r in enumerate(ranks):
+        a[s, :, :r] = torch.randn(n, r, d_in, generator=gen) / d_in ** 0.5
+        b[s, :, :r] = torch.randn(sum(sizes), r, generator=gen) / r ** 0.5
+    return a, b, torch.tensor(ranks, dtype=torch.int32)
+
+
+def per_token_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        ranks: list[int], token_slots: list[int], sizes: list[int]
+                        ) -> torch.Tensor:
+    """y[i, cols_k] += B_k[s] @ (A_k[s] @ x[i]) in float64, one token and slice at a time."""
+    out = y.double().clone()
+    for i, s in enumerate(token_slots):
+        if s < 0 or ranks[s] == 0:
             continue
-        off = 0
-        for k, out in enumerate(sizes):
-            a_k = a[s, k * rank:(k + 1) * rank]
-            want[i, off:off + out] += b[k][s] @ (a_k @ x[i])
-            off += out
-    for active in (token_slots, [s if s in (0, 2) else -1 for s in token_slots]):
-        got = y.clone()
-        meta = LoRABatchMeta.make(active, torch.device("cpu"))
-        ops.add_lora(got, x, a, b, meta, sizes, rank)
-        expect = want if active is token_slots else _expected_subset(y, want, active)
-        torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
-
-
-def _expected_subset(y, want, active):
-    out = y.clone()
-    for i, s in enumerate(active):
-        if s >= 0:
-            out[i] = want[i]
+        r, col = ranks[s], 0
+        for k, size in enumerate(sizes):
+            t = a[s, k, :r].double() @ x[i].double()
+            out[i, col:col + size] += b[s, col:col + size, :r].double() @ t
+            col += size
     return out
+
+
+def _case(token_slots, ranks, max_rank=64, d_in=48, sizes=(40, 8, 8), pad=0.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a, b, lora_ranks = make_weights(ranks, max_rank, d_in, list(sizes), pad, gen)
+    x = torch.randn(len(token_slots), d_in, generator=gen)
+    y = torch.randn(len(token_slots), sum(sizes), generator=gen)
+    want = per_token_reference(y, x, a, b, ranks, token_slots, list(sizes)).float()
+    return x, y, a, b, lora_ranks, want
+
+
+DECODE = [2, -1, 0, 2, 3, -1, 0, 0, 1, 3]
+PREFILL = [1] * 9 + [-1] * 4 + [3] * 30 + [0] * 2 + [2] * 17  # one segment per sequence
+
+
+@pytest.mark.parametrize("token_slots", [DECODE, PREFILL], ids=["decode", "prefill"])
+@pytest.mark.parametrize("sizes", [(40, 8, 8), (24, 24), (32,)], ids=["qkv", "gate_up", "o"])
+def test_add_lora_matches_per_token_reference(token_slots, sizes):
+    ranks = [8, 64, 16, 32]  # one slot per rank class, so no bucket reads any padding
+    x, y, a, b, lora_ranks, want = _case(token_slots, ranks, sizes=sizes, pad=float("nan"))
+    got = y.clone()
+    ops.add_lora(got, x, a, b, lora_ranks, LoRABatchMeta.make(token_slots, CPU), list(sizes))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_in_one_class_share_a_bucket_and_padding_is_zero():
+    ranks = [20, 32, 0, 24]  # 20, 24, 32 -> one bucket of rank 32; slot 2 has no weights here
+    slots = [0, 1, 2, 3, -1, 1, 2]
+    x, y, a, b, lora_ranks, want = _case(slots, ranks)
+    meta = LoRABatchMeta.make(slots, CPU)
+    [bucket] = meta.rank_buckets(ranks)
+    assert bucket.rank == 32 and bucket.slots.tolist() == [0, 1, 3]
+    got = y.clone()
+    ops.add_lora(got, x, a, b, lora_ranks, meta, [40, 8, 8])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[[2, 4, 6]], y[[2, 4, 6]])  # rank-0 slot and base rows untouched
+
+
+def test_rank_buckets_touch_only_their_rank():
+    meta = LoRABatchMeta.make([0, 1, 2, 3, 1], CPU)
+    buckets = meta.rank_buckets([8, 64, 8, 16])
+    assert [(bk.rank, bk.slots.tolist()) for bk in buckets] == [(8, [0, 2]), (64, [1]), (16, [3])]
+    assert meta.rank_buckets([8, 64, 8, 16]) is buckets  # memoized for the step
+    [only] = meta.rank_buckets([8, 0, 5, 8])  # a rank-0 slot has nothing to add
+    assert only.rank == 8 and only.slots.tolist() == [0, 2, 3]
+    assert only.gather.tolist() == [[0], [2], [3]] and only.scatter_tok.tolist() == [0, 2, 3]
+
+
+def test_shrink_and_expand_through_the_buffer():
+    slots, ranks = [1, 0, -1, 1], [8, 16]
+    x, y, a, b, lora_ranks, want = _case(slots, ranks, max_rank=16, sizes=(24, 24))
+    meta = LoRABatchMeta.make(slots, CPU)
+    buf = torch_ops.lora_shrink(x, a, lora_ranks, meta)
+    assert buf.shape == (1, 4, 2, 16) and buf.dtype == torch.float32
+    torch.testing.assert_close(buf[0, 0, 1, :16], a[1, 1] @ x[0])
+    got = y.clone()
+    torch_ops.lora_expand(buf, b, got, lora_ranks, meta, [24, 24])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_meta_tiles_and_in_place_prepare():
+    meta = LoRABatchMeta(max_tokens=40, max_loras=4, device=CPU, block_m=4)
+    buffers = [t.data_ptr() for t in (meta.tile_slot, meta.sorted_token_ids, meta.num_tiles)]
+    for step in ([3] * 9 + [-1, 0, 0], [1, -1, 2, 1], []):
+        meta.prepare(step)
+        assert [t.data_ptr() for t in (meta.tile_slot, meta.sorted_token_ids,
+                                       meta.num_tiles)] == buffers
+        n = int(meta.num_tiles)
+        covered = []
+        for t in range(n):
+            rows = meta.sorted_token_ids[meta.tile_start[t]:meta.tile_start[t] + meta.tile_len[t]]
+            assert 1 <= len(rows) <= 4 and all(step[i] == meta.tile_slot[t] for i in rows)
+            covered += rows.tolist()
+        assert sorted(covered) == [i for i, s in enumerate(step) if s >= 0]
+        assert (meta.tile_slot[n:] == -1).all() and n <= meta.max_tiles
+        assert meta.token_lora_indices[:len(step)].tolist() == step
+    assert meta.no_lora
+    with pytest.raises(ValueError, match="41 tokens"):
+        meta.prepare([0] * 41)
+
+
+def test_prefilled_meta_gives_the_same_result_as_a_fresh_one():
+    slots, ranks = PREFILL, [8, 64, 16, 32]
+    x, y, a, b, lora_ranks, want = _case(slots, ranks)
+    meta = LoRABatchMeta(max_tokens=128, max_loras=4, device=CPU).prepare(DECODE)
+    meta.prepare(slots)
+    got = y.clone()
+    ops.add_lora(got, x, a, b, lora_ranks, meta, [40, 8, 8])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_choice(monkeypatch):
+    x = torch.zeros(1, 1)
+    monkeypatch.delenv("LORAPLEX_LORA_BACKEND", raising=False)
+    assert ops.backend(x) is torch_ops  # CPU tensors: torch
+    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "torch")
+    assert ops.backend(x) is torch_ops
+    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="LORAPLEX_LORA_BACKEND"):
+        ops.backend(x)
+
+
+def test_layer_tracks_each_slots_real_rank():
+    layer = LinearWithLoRA(Linear(16, [8, 4, 4]), max_loras=3, max_rank=16, dtype=torch.float32)
+    a = [torch.randn(4, 16), None, torch.randn(8, 16)]  # q at r=4, v at r=8 (rank_pattern)
+    b = [torch.randn(8, 4), None, torch.randn(4, 8)]
+    layer.set_lora(1, a, b)
+    assert layer.slot_ranks == [0, 8, 0] and layer.lora_ranks.tolist() == [0, 8, 0]
+    assert torch.equal(layer.lora_a_stacked[1, 2, :8], a[2])
+    assert torch.equal(layer.lora_b_stacked[1, 12:, :8], b[2])
+    assert not layer.lora_a_stacked[1, 1].any() and not layer.lora_b_stacked[1, :, 8:].any()
+    layer.reset_lora(1)
+    assert layer.slot_ranks == [0, 0, 0] and not layer.lora_ranks.any()
+    assert not layer.lora_a_stacked.any() and not layer.lora_b_stacked.any()

@@ -2,9 +2,10 @@
 
     y = W x  +  B[s] (A[s] x)          s = the token's adapter slot (-1: base only)
 
-Weights live in preallocated slot buffers (vLLM's `lora_a_stacked` / `lora_b_stacked`):
-A for all packed sub-projections stacked along the rank axis, one B per sub-projection.
-Smaller ranks are zero-padded to `max_lora_rank`; an empty slot is all zeros.
+Weights live in preallocated slot buffers (vLLM's `lora_a_stacked` / `lora_b_stacked`),
+one A per packed sub-projection and their B's stacked like the base weight's rows.
+Smaller ranks are zero-padded to `max_lora_rank`; `lora_ranks` holds each slot's real
+rank so the ops skip the padding; an empty slot is all zeros with rank 0.
 """
 
 from __future__ import annotations
@@ -25,40 +26,43 @@ class LinearWithLoRA(nn.Module):
         self.output_sizes = base_layer.output_sizes
         self.max_rank = max_rank
         device = base_layer.weight.device
-        n = len(self.output_sizes)
-        # A of every sub-projection, stacked on the rank axis: [S, n * R, in]
+        n, d_in, d_out = len(self.output_sizes), base_layer.in_features, base_layer.out_features
+        # A of every sub-projection: [S, n, R, in]; B of all of them, stacked on the output
+        # axis like the base weight: [S, sum(out_k), R]
         self.register_buffer("lora_a_stacked", torch.zeros(
-            max_loras, n * max_rank, base_layer.in_features, dtype=dtype, device=device),
-            persistent=False)
-        # one B per sub-projection: [S, out_k, R]
-        self.lora_b_stacked = [torch.zeros(max_loras, out, max_rank, dtype=dtype, device=device)
-                               for out in self.output_sizes]
-        self.slot_has_lora = [False] * max_loras  # host-side: skip the op when no slot needs it
+            max_loras, n, max_rank, d_in, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("lora_b_stacked", torch.zeros(
+            max_loras, d_out, max_rank, dtype=dtype, device=device), persistent=False)
+        # the real rank in each slot (0 = no weights here); kernels loop over it, not over R
+        self.register_buffer("lora_ranks", torch.zeros(max_loras, dtype=torch.int32,
+                                                       device=device), persistent=False)
+        self.slot_ranks = [0] * max_loras  # host copy: skip the op when no active slot has weights
 
     def set_lora(self, slot: int, lora_a: list[torch.Tensor | None],
                  lora_b: list[torch.Tensor | None]) -> None:
         """Copy one adapter into `slot`; a None sub-projection stays zero."""
         self.reset_lora(slot)
-        r = self.max_rank
-        for k, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
-            if a is None:
-                continue
-            rank = a.shape[0]
-            self.lora_a_stacked[slot, k * r:k * r + rank].copy_(a, non_blocking=True)
-            self.lora_b_stacked[k][slot, :, :rank].copy_(b, non_blocking=True)
-        self.slot_has_lora[slot] = any(a is not None for a in lora_a)
+        col = 0
+        for k, (a, b, out) in enumerate(zip(lora_a, lora_b, self.output_sizes, strict=True)):
+            if a is not None:
+                rank = a.shape[0]
+                self.lora_a_stacked[slot, k, :rank].copy_(a, non_blocking=True)
+                self.lora_b_stacked[slot, col:col + out, :rank].copy_(b, non_blocking=True)
+                self.slot_ranks[slot] = max(self.slot_ranks[slot], rank)
+            col += out
+        self.lora_ranks[slot] = self.slot_ranks[slot]
 
     def reset_lora(self, slot: int) -> None:
         self.lora_a_stacked[slot].zero_()
-        for b in self.lora_b_stacked:
-            b[slot].zero_()
-        self.slot_has_lora[slot] = False
+        self.lora_b_stacked[slot].zero_()
+        self.lora_ranks[slot] = self.slot_ranks[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         meta = get_context().lora_meta
-        if meta is None or not any(self.slot_has_lora[s] for s in meta.active_slot_list):
+        if meta is None or (meta.skip_unused_layers
+                            and not any(self.slot_ranks[s] for s in meta.active_slot_list)):
             return y
-        ops.add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, meta,
-                     self.output_sizes, self.max_rank)
+        ops.add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, self.lora_ranks, meta,
+                     self.output_sizes)
         return y

@@ -1,9 +1,24 @@
-"""Per-step LoRA metadata: which slot each token uses, grouped for batched matmuls.
+"""Per-step LoRA metadata: which adapter slot each token uses, tokens grouped by slot.
 
-Tokens are grouped by adapter slot into a padded [G, Tmax] layout (G = distinct slots
-in the step), so every LoRA op is one gather, one bmm and one scatter-add, whatever the
-number of adapters: no Python loop over adapters on the hot path. Built once per step
-and shared by every wrapped layer.
+Built once per step, shared by every wrapped layer. The tokens that use an adapter are
+sorted by slot into segments (one per active slot, SGMV's layout; in a decode step a
+segment is the sequences sharing an adapter) and each segment is cut into tiles of at
+most `block_m` rows. A Triton program takes a whole tile: one slot, one rank, one read
+of that slot's weights for up to `block_m` tokens.
+
+Device tensors (all views of one int32 buffer, refilled in place by `prepare`, so a CUDA
+graph captured at `max_tokens` tokens replays any later step that fits; the only host
+ints a kernel launch sees are the upper bounds `max_tokens` and `max_tiles`):
+
+    token_lora_indices [max_tokens]  slot of token i, -1 = base (untouched)
+    sorted_token_ids   [max_tokens]  token rows with an adapter, grouped by slot
+    tile_slot, tile_start, tile_len  [max_tiles]  tile t = rows
+                       sorted_token_ids[tile_start[t] : tile_start[t] + tile_len[t]], all of slot tile_slot[t]
+    num_tiles          [1]           tiles in use; programs past it do nothing
+
+Host lists (`active_slot_list`, `rank_buckets`) serve the cheap per-layer checks and the
+torch path. For a graph: allocate at the captured batch size, set `skip_unused_layers =
+False`, capture, then `prepare(new slots)` before each replay.
 """
 
 from __future__ import annotations
@@ -13,46 +28,125 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
+class RankBucket:
+    """Active slots of similar rank, padded into one [G, Tmax] batch for the torch path."""
+
+    rank: int  # the largest real rank in the bucket: columns beyond it are never read
+    slots: torch.Tensor  # [G] long
+    gather: torch.Tensor  # [G, Tmax] long: token row of each padded position (pads repeat a row)
+    scatter_pos: torch.Tensor  # [N] long: flat padded positions that hold a real token
+    scatter_tok: torch.Tensor  # [N] long: the token row of each of those positions
+
+
 class LoRABatchMeta:
-    num_tokens: int
-    active_slot_list: list[int]  # distinct slots in this step, sorted (host copy for cheap checks)
-    active_slots: torch.Tensor  # [G] long
-    max_group_len: int  # Tmax
-    gather_idx: torch.Tensor  # [G * Tmax] long: token row for each padded position (pads -> 0)
-    scatter_pos: torch.Tensor  # [N] long: padded positions that hold a real token
-    scatter_tok: torch.Tensor  # [N] long: the token row each of those positions came from
+    def __init__(self, max_tokens: int, max_loras: int, device: torch.device,
+                 block_m: int = 16) -> None:
+        """Preallocate for any step of <= max_tokens tokens over <= max_loras slots."""
+        self.max_tokens, self.block_m, self.device = max_tokens, block_m, torch.device(device)
+        # sum_g ceil(n_g / block_m) < max_tokens / block_m + (number of segments)
+        self.max_tiles = -(-max_tokens // block_m) + min(max_tokens, max_loras)
+        sizes = [max_tokens, max_tokens, self.max_tiles, self.max_tiles, self.max_tiles, 1]
+        self._buf = torch.zeros(sum(sizes), dtype=torch.int32, device=self.device)
+        (self.token_lora_indices, self.sorted_token_ids, self.tile_slot, self.tile_start,
+         self.tile_len, self.num_tiles) = self._buf.split(sizes)
+        on_gpu = self.device.type == "cuda"  # stage in pinned host memory, copy once a step
+        self._host = (torch.zeros(sum(sizes), dtype=torch.int32, pin_memory=True) if on_gpu
+                      else self._buf)
+        self._copied = torch.cuda.Event() if on_gpu else None
+        self.num_tokens = 0
+        self.active_slot_list: list[int] = []
+        # Layers skip their op when no active slot has weights there: a host decision that
+        # a CUDA graph would bake in, so a graph runner sets this False before capture.
+        self.skip_unused_layers = True
+
+    @classmethod
+    def make(cls, token_lora_slots: list[int], device: torch.device) -> LoRABatchMeta:
+        """A meta sized for exactly this step (no graph): token_lora_slots[i] = slot or -1."""
+        n = len(token_lora_slots)
+        counts: dict[int, int] = {}
+        for s in token_lora_slots:
+            counts[s] = counts.get(s, 0) + 1
+        longest = max((c for s, c in counts.items() if s >= 0), default=0)
+        block_m = 16 if longest <= 16 else 64  # decode: 1-token tiles; prefill: fat tiles
+        meta = cls(max(n, 1), sum(s >= 0 for s in counts), device, block_m)
+        return meta.prepare(token_lora_slots)
 
     @property
     def no_lora(self) -> bool:
         return not self.active_slot_list
 
-    @classmethod
-    def make(cls, token_lora_slots: list[int], device: torch.device) -> LoRABatchMeta:
-        """token_lora_slots[i] = device slot of token i's adapter, or -1 for the base."""
-        groups: dict[int, list[int]] = {}
-        for tok, slot in enumerate(token_lora_slots):
-            if slot >= 0:
-                groups.setdefault(slot, []).append(tok)
-        slots = sorted(groups)
-        tmax = max((len(g) for g in groups.values()), default=0)
-        gather, pos, toks = [], [], []
-        for g, slot in enumerate(slots):
-            rows = groups[slot]
-            gather.extend(rows)
-            gather.extend([0] * (tmax - len(rows)))
-            pos.extend(range(g * tmax, g * tmax + len(rows)))
-            toks.extend(rows)
+    def prepare(self, token_lora_slots: list[int]) -> LoRABatchMeta:
+        """Refill every buffer in place for a new step (host work, one host->device copy)."""
+        n = len(token_lora_slots)
+        if n > self.max_tokens:
+            raise ValueError(f"{n} tokens > the {self.max_tokens} this meta was sized for")
+        slots = torch.tensor(token_lora_slots, dtype=torch.int32).reshape(n)
+        order = torch.argsort(slots, stable=True)
+        order = order[(slots < 0).sum():]  # drop base tokens (slot -1 sorts first)
+        active, counts = torch.unique_consecutive(slots[order], return_counts=True)
+        starts = counts.cumsum(0) - counts
+        # tiles: segment g covers ceil(counts[g] / block_m) of them
+        per_seg = (counts + self.block_m - 1) // self.block_m
+        seg = torch.repeat_interleave(torch.arange(len(active)), per_seg)
+        first = torch.repeat_interleave(per_seg.cumsum(0) - per_seg, per_seg)
+        offset = (torch.arange(len(seg)) - first) * self.block_m
+        host = self._host
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has left the staging buffer
+        host.fill_(0)
+        self._host_views(host, order, seg, active, starts[seg] + offset, counts, offset)
+        if self._copied is not None:
+            self._buf.copy_(host, non_blocking=True)
+            self._copied.record()
+        self.num_tokens = n
+        self.active_slot_list = active.tolist()
+        self._segments = (order.long(), starts, counts)
+        self._buckets: dict[tuple[int, ...], list[RankBucket]] = {}
+        return self
 
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=device)
+    def _host_views(self, host: torch.Tensor, order: torch.Tensor, seg: torch.Tensor,
+                    active: torch.Tensor, tile_start: torch.Tensor, counts: torch.Tensor,
+                    offset: torch.Tensor) -> None:
+        idx, srt, t_slot, t_start, t_len, num = host.split(
+            [self.max_tokens, self.max_tokens, self.max_tiles, self.max_tiles, self.max_tiles, 1])
+        idx.fill_(-1)
+        idx[order] = active.repeat_interleave(counts)
+        srt[:len(order)] = order.to(torch.int32)
+        t_slot.fill_(-1)
+        t_slot[:len(seg)] = active[seg]
+        t_start[:len(seg)] = tile_start.to(torch.int32)
+        t_len[:len(seg)] = torch.clamp(counts[seg] - offset, max=self.block_m).to(torch.int32)
+        num[0] = len(seg)
 
-        return cls(
-            num_tokens=len(token_lora_slots),
-            active_slot_list=slots,
-            active_slots=as_tensor(slots),
-            max_group_len=tmax,
-            gather_idx=as_tensor(gather),
-            scatter_pos=as_tensor(pos),
-            scatter_tok=as_tensor(toks),
-        )
+    def rank_buckets(self, slot_ranks: list[int]) -> list[RankBucket]:
+        """Active slots grouped by rank class (ceil to a power of 2), for the torch path.
+
+        `slot_ranks[s]` = real rank in slot s for the calling layer (0 = no weights: its
+        tokens are skipped). Memoized per step: layers with the same ranks share the result.
+        """
+        key = tuple(slot_ranks[s] for s in self.active_slot_list)
+        if key not in self._buckets:
+            self._buckets[key] = self._make_buckets(key)
+        return self._buckets[key]
+
+    def _make_buckets(self, ranks: tuple[int, ...]) -> list[RankBucket]:
+        order, starts, counts = self._segments
+        by_class: dict[int, list[int]] = {}
+        for g, r in enumerate(ranks):
+            if r > 0:
+                by_class.setdefault(1 << (r - 1).bit_length(), []).append(g)
+        buckets = []
+        for groups in by_class.values():
+            g = torch.tensor(groups)
+            n, tmax = counts[g], int(counts[g].max())
+            j = torch.arange(tmax)
+            gather = order[starts[g][:, None] + torch.minimum(j, n[:, None] - 1)]  # [G, Tmax]
+            pos = (j < n[:, None]).flatten().nonzero().squeeze(1)
+            dev = self.device
+            buckets.append(RankBucket(
+                rank=max(ranks[i] for i in groups),
+                slots=torch.tensor([self.active_slot_list[i] for i in groups], device=dev),
+                gather=gather.to(dev), scatter_pos=pos.to(dev),
+                scatter_tok=gather.flatten()[pos].to(dev)))
+        return buckets

@@ -1,53 +1,75 @@
-"""Batched multi-LoRA ops in plain torch: the CPU path and the oracle for GPU kernels.
+"""Batched multi-LoRA ops in plain torch: the CPU path and the oracle for the Triton kernels.
 
-For every token i with adapter slot s = idx[i] (PEFT's one line, batched):
+For every token i with adapter slot s = idx[i] >= 0 and every packed slice k (PEFT's one
+line, batched; B carries the adapter's scaling, folded in at load time):
 
-    shrink:  t[i] = A[s] @ x[i]              A: [S, n_slices * R, in]
-    expand:  y[i, slice_k] += B_k[s] @ t[i, k*R:(k+1)*R]    B_k: [S, out_k, R]
+    shrink:  t[i, k] = A[s, k, :r] @ x[i]              r = lora_ranks[s], the slot's real rank
+    expand:  y[i, cols_k] += B[s, cols_k, :r] @ t[i, k]
 
-B already carries the adapter's scaling (folded in at load time). Tokens are grouped by
-slot (see LoRABatchMeta), so each op is a gather, a bmm over the G active slots, and a
-scatter-add; each active adapter's A and B are read once per step.
+    x [T, in]   a_stacked [S, n, R, in]   b_stacked [S, sum(out_k), R]   y [T, sum(out_k)]
+    buf [P, T, n, R] fp32: t = buf.sum(0) (P partial sums over `in`; 1 here, split-K in
+    Triton). Entries past a slot's rank and rows of base tokens (slot -1) are undefined.
+
+Slots are padded to R in the buffers. The active slots are grouped into a few rank
+buckets (`LoRABatchMeta.rank_buckets`) and a bucket touches only its first `rank`
+columns, so r=8 adapters beside r=64 ones cost r=8. Per bucket each op is a gather, a
+bmm and a scatter in fp32: no Python loop over adapters.
 """
 
 from __future__ import annotations
 
 import torch
 
-from loraplex.lora.meta import LoRABatchMeta
+from loraplex.lora.meta import LoRABatchMeta, RankBucket
 
 
-def _select_slots(stacked: torch.Tensor, meta: LoRABatchMeta) -> torch.Tensor:
-    if len(meta.active_slot_list) == stacked.shape[0]:
-        return stacked  # every slot active: no copy
-    return stacked.index_select(0, meta.active_slots)
+def _buckets(meta: LoRABatchMeta, lora_ranks: torch.Tensor, max_rank: int) -> list[RankBucket]:
+    # Reading ranks off a GPU would sync every layer: there the fallback pays the padding.
+    ranks = lora_ranks.tolist() if lora_ranks.device.type == "cpu" else [max_rank] * len(lora_ranks)
+    return meta.rank_buckets(ranks)
 
 
-def lora_shrink(x: torch.Tensor, a_stacked: torch.Tensor, meta: LoRABatchMeta) -> torch.Tensor:
-    """x: [T, in], a_stacked: [S, RT, in] -> buf: [G, Tmax, RT] (fp32 accumulate not needed on CPU)."""
-    g, tmax = len(meta.active_slot_list), meta.max_group_len
-    xs = x.index_select(0, meta.gather_idx).view(g, tmax, x.shape[1])
-    a = _select_slots(a_stacked, meta).to(x.dtype)  # [G, RT, in]
-    return torch.bmm(xs, a.transpose(1, 2))
+def _select(stacked: torch.Tensor, bucket: RankBucket, rank_dim: int) -> torch.Tensor:
+    """The bucket's slots, first `rank` entries of the rank axis (no copy if that is all)."""
+    sliced = stacked.narrow(rank_dim, 0, bucket.rank)
+    if len(bucket.slots) == stacked.shape[0]:
+        return sliced  # the bucket's slots are sorted and distinct: all of them, in order
+    return sliced.index_select(0, bucket.slots)
 
 
-def lora_expand(buf: torch.Tensor, b_stacked: list[torch.Tensor], y: torch.Tensor,
-                meta: LoRABatchMeta, output_sizes: list[int], rank: int) -> None:
-    """y[:, slice_k] += B_k[idx] @ buf[..., k*R:(k+1)*R] for each packed slice k, in place."""
-    g, tmax = len(meta.active_slot_list), meta.max_group_len
-    offset = 0
-    for k, (b, out_k) in enumerate(zip(b_stacked, output_sizes, strict=True)):
-        b_active = _select_slots(b, meta).to(y.dtype)  # [G, out_k, R]
-        t_k = buf[:, :, k * rank:(k + 1) * rank]  # [G, Tmax, R]
-        delta = torch.bmm(t_k, b_active.transpose(1, 2)).view(g * tmax, out_k)
-        delta = delta.index_select(0, meta.scatter_pos)  # [N, out_k]
-        y[:, offset:offset + out_k].index_add_(0, meta.scatter_tok, delta)
-        offset += out_k
+def lora_shrink(x: torch.Tensor, a_stacked: torch.Tensor, lora_ranks: torch.Tensor,
+                meta: LoRABatchMeta) -> torch.Tensor:
+    """buf[0, i, k, :r] = A[s, k, :r] @ x[i] for every token i with a slot s."""
+    _, n, rank, d_in = a_stacked.shape
+    buf = torch.zeros(1, x.shape[0], n, rank, dtype=torch.float32, device=x.device)
+    for b in _buckets(meta, lora_ranks, rank):
+        g, r = len(b.slots), b.rank
+        xs = x[b.gather].float()  # [G, Tmax, in]
+        a = _select(a_stacked, b, rank_dim=2).float().reshape(g, n * r, d_in)
+        t = torch.bmm(xs, a.transpose(1, 2))  # [G, Tmax, n * r]
+        buf[0, b.scatter_tok, :, :r] = t.view(-1, n, r)[b.scatter_pos]
+    return buf
+
+
+def lora_expand(buf: torch.Tensor, b_stacked: torch.Tensor, y: torch.Tensor,
+                lora_ranks: torch.Tensor, meta: LoRABatchMeta, output_sizes: list[int]) -> None:
+    """y[i, cols_k] += B[s, cols_k, :r] @ buf.sum(0)[i, k, :r], in place, for each slice k."""
+    t = buf[0] if buf.shape[0] == 1 else buf.sum(0)  # [T, n, R]
+    for b in _buckets(meta, lora_ranks, b_stacked.shape[2]):
+        r = b.rank
+        tb = t[b.gather][..., :r]  # [G, Tmax, n, r]
+        w = _select(b_stacked, b, rank_dim=2).float()  # [G, sum(out), r]
+        col = 0
+        for k, out_k in enumerate(output_sizes):
+            delta = torch.bmm(tb[:, :, k], w[:, col:col + out_k].transpose(1, 2))  # [G, Tmax, out_k]
+            delta = delta.flatten(0, 1)[b.scatter_pos].to(y.dtype)
+            y[:, col:col + out_k].index_add_(0, b.scatter_tok, delta)
+            col += out_k
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a_stacked: torch.Tensor,
-             b_stacked: list[torch.Tensor], meta: LoRABatchMeta, output_sizes: list[int],
-             rank: int) -> None:
-    """y += LoRA(x) for every token whose slot is >= 0; tokens of the base are untouched."""
-    buf = lora_shrink(x, a_stacked, meta)
-    lora_expand(buf, b_stacked, y, meta, output_sizes, rank)
+             b_stacked: torch.Tensor, lora_ranks: torch.Tensor, meta: LoRABatchMeta,
+             output_sizes: list[int]) -> None:
+    """y += B[s] (A[s] x) for every token whose slot s >= 0; base tokens are untouched."""
+    buf = lora_shrink(x, a_stacked, lora_ranks, meta)
+    lora_expand(buf, b_stacked, y, lora_ranks, meta, output_sizes)
