@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,13 +36,24 @@ def assert_one_line_error(res: subprocess.CompletedProcess, code: int, *needles:
         assert needle in errors[0], errors[0]
 
 
+def _serve_parser():
+    return make_parser(["serve"])._subparsers._group_actions[0].choices["serve"]
+
+
 def test_help_lists_every_flag():
     top = run(cli("--help"))
     assert top.returncode == 0 and "serve" in top.stdout
-    help_text = make_parser(["serve"])._subparsers._group_actions[0].choices["serve"] \
-        .format_help()
+    help_text = _serve_parser().format_help()
     for flag in FLAGS:
         assert flag in help_text, flag
+    for action in _serve_parser()._actions:  # every flag says what it does
+        assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_usage_doc_lists_the_issue_flags():
+    usage = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
+    for flag in FLAGS:
+        assert f"`{flag}" in usage, flag
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -50,6 +62,8 @@ def test_help_lists_every_flag():
     (["--lora-modules", "no-equals-sign"], "name=path"),
     (["--lora-modules", '{"name": "x"}'], "path"),
     (["--dtype", "float8"], "--dtype"),
+    (["--port", "99999"], "--port"),
+    (["--long-lora-scaling-factors", "4,x"], "scaling factors"),
 ])
 def test_bad_flags_fail_fast(tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as e:
@@ -68,6 +82,10 @@ def test_bad_startup_inputs_fail_with_one_line(tiny_models, tmp_path):
     base = str(tiny_models["llama"])
     common = ["--port", str(free_port()), "--host", "127.0.0.1", "--max-model-len", "64"]
     res = run(serve_cmd(base, *common, "--enable-lora", "--lora-modules",
+                        f"ghost={tmp_path / 'missing'}"))
+    assert_one_line_error(res, 1, "ghost", "does not exist")
+    # checked before the model is read: the missing adapter is named, not the model
+    res = run(serve_cmd(str(tmp_path / "no-model"), *common, "--enable-lora", "--lora-modules",
                         f"ghost={tmp_path / 'missing'}"))
     assert_one_line_error(res, 1, "ghost", "does not exist")
     res = run(serve_cmd(base, *common, "--lora-modules", f"a={tmp_path}"))

@@ -11,6 +11,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures import assert_greedy_close, hf_greedy, make_peft_adapter
@@ -41,7 +42,8 @@ def server(tiny_models, tiny_adapters, fs_cache):
     with RemoteServer(tiny_models["llama"],
                       ["--served-model-name", BASE, "--enable-lora", "--max-loras", "2",
                        "--max-lora-rank", "16", "--max-cpu-loras", "8", "--max-model-len",
-                       "128", "--dtype", "float32", "--lora-modules", *modules],
+                       "128", "--dtype", "float32", "--lora-extra-vocab-size", "512",
+                       "--long-lora-scaling-factors", "4.0,8.0", "--lora-modules", *modules],
                       env=env) as srv:
         yield srv
 
@@ -66,6 +68,17 @@ def still_serves(client, prompt=None) -> None:
     r = client.completions.create(model="r8_all", prompt=prompt or "Hello", max_tokens=2,
                                   temperature=0)
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_announces_address_and_adapters(server, tiny_adapters):
+    want = (f"loraplex: serving {BASE} at http://127.0.0.1:{server.port} (LoRA adapters: "
+            f"r4_qv ({tiny_adapters['llama']['r4_qv']}), ")
+    deadline = time.monotonic() + 30  # printed just after uvicorn starts serving
+    while want not in server.logs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert want in server.logs()
+    for flag in ("--lora-extra-vocab-size", "--long-lora-scaling-factors"):  # accepted, said
+        assert f"{flag} is accepted but has no effect" in server.logs()
 
 
 def test_health_version_models(server, tiny_models, tiny_adapters):
@@ -282,7 +295,8 @@ def test_disconnect_aborts_request(server, client):
     while time.monotonic() < deadline:
         m = _metrics(server)
         if m.get(("loraplex:request_success_total", ("abort", "r8_all")), 0) >= 1 and \
-                m[("loraplex:num_requests_running", ())] == 0:
+                m[("loraplex:num_requests_running", ())] == 0 and \
+                m[("loraplex:kv_cache_usage_perc", ())] == 0:  # its KV blocks are free
             break
         time.sleep(0.1)
     else:
@@ -313,3 +327,137 @@ def test_metrics(server, client):
         assert name in fams, name
     models = {s.labels.get("model_name") for s in fams["loraplex:request_success"].samples}
     assert {"r8_all", BASE} <= models
+
+
+def _extra_vocab_adapter(src, dst):
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    save_file({"input_embeddings": torch.zeros(4, 64), "output_embeddings": torch.zeros(4, 64)},
+              str(dst / "new_embeddings.safetensors"))
+    return dst
+
+
+def test_extra_vocab_and_long_context_adapters_are_refused(server, client, tiny_adapters,
+                                                           tmp_path):
+    """The server runs with --lora-extra-vocab-size and --long-lora-scaling-factors; an
+    adapter that would need them is a 400 saying so, never served silently."""
+    src = tiny_adapters["llama"]["r4_qv"]
+    cases = {
+        "vocab": (_extra_vocab_adapter(src, tmp_path / "vocab"), "4 new token embeddings"),
+        "long": (_edited(src, tmp_path / "long", lambda c: c.update(context_length=16384)),
+                 "long-context LoRA"),
+    }
+    for name, (path, reason) in cases.items():
+        r = server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert reason in message and "not supported yet" in message, message
+        assert name not in {c["id"] for c in server.get("/v1/models").json()["data"]}
+        still_serves(client)
+
+
+def test_bad_requests_fail_alone_while_a_stream_runs(server, client, tiny_models, tiny_adapters,
+                                                     prompts, tmp_path):
+    """A good streaming request runs while a burst of bad ones arrives: each bad one gets
+    its status in OpenAI's error shape, the good one streams exactly what it does alone."""
+    base, ad, prompt = tiny_models["llama"], tiny_adapters["llama"], prompts[2]
+    alone = greedy_ids(client, "r8_all", prompt, 80)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ad["r4_qv"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    big = make_peft_adapter(base, tmp_path / "r32", r=32, seed=3)
+    chat = {"model": "r4_qv", "max_tokens": 2}
+    burst = [  # (route, body, status, text in the message)
+        ("load_lora_adapter", {"lora_name": "broken", "lora_path": str(corrupt)}, 400,
+         "cannot read"),
+        ("load_lora_adapter", {"lora_name": "big", "lora_path": str(big)}, 400,
+         "max_lora_rank"),
+        ("load_lora_adapter", {"lora_name": "vocab", "lora_path": str(
+            _extra_vocab_adapter(ad["r4_qv"], tmp_path / "vocab"))}, 400, "not supported yet"),
+        ("completions", {"model": "no-such-model", "prompt": "Hi"}, 404, "does not exist"),
+        ("completions", b'{"model": "r4_qv", "prompt": ', 400, "not valid JSON"),
+        ("completions", {"model": "r4_qv", "prompt": list(range(3, 200)), "max_tokens": 2},
+         400, "maximum context length"),
+        ("completions", {"model": "r4_qv", "prompt": "Hi", "max_tokens": -1}, 400,
+         "max_tokens"),
+        ("completions", {"model": "r4_qv", "prompt": "Hi", "temperature": -1}, 400,
+         "temperature"),
+        ("chat/completions", {**chat, "messages": []}, 400, "messages"),
+        ("chat/completions", {**chat, "messages": [{"role": "user", "content": "Hi"}],
+                              "chat_template": "{{ raise_exception('no') }}"}, 400, "no"),
+    ]
+
+    async def run():
+        aclient = server.get_async_client()
+        stream = await aclient.completions.create(model="r8_all", prompt=prompt, stream=True,
+                                                  **dict(GREEDY, max_tokens=80))
+        chunks = aiter(stream)
+        ids = token_ids_of((await anext(chunks)).choices[0].logprobs)
+        async with httpx.AsyncClient(base_url=server.url_for("v1"), timeout=60) as http:
+            replies = await asyncio.gather(*(
+                http.post(route, content=body, headers={"Content-Type": "application/json"})
+                if isinstance(body, bytes) else http.post(route, json=body)
+                for route, body, _, _ in burst))
+        async for chunk in chunks:
+            if chunk.choices and chunk.choices[0].logprobs:
+                ids += token_ids_of(chunk.choices[0].logprobs)
+        return ids, replies
+
+    ids, replies = asyncio.run(run())
+    for (route, body, status, text), r in zip(burst, replies):
+        assert r.status_code == status, (route, body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+        assert text in err["message"], (route, err)
+    assert ids == alone
+    check_hf(ids, base, ad["r8_all"], prompt)
+    models = {c["id"] for c in server.get("/v1/models").json()["data"]}
+    assert not models & {"broken", "big", "vocab"}
+    still_serves(client)
+
+
+def test_odd_but_valid_inputs(server, client):
+    """vLLM's choices: temperature has no upper bound (OpenAI's is 2); unknown fields are
+    accepted and named in a warning in the server log."""
+    r = client.completions.create(model="r4_qv", prompt="Hi", max_tokens=3, temperature=7.5,
+                                  extra_body={"frobnicate": 1})
+    assert r.usage.completion_tokens == 3
+    r = client.chat.completions.create(
+        model="r4_qv", max_tokens=2,
+        messages=[{"role": "user", "content": "Hi", "mood": "odd"}])
+    assert r.choices[0].message.content is not None
+    log = server.logs()
+    assert "present in the request but ignored: frobnicate" in log
+    assert "present in the request but ignored: messages[0].mood" in log
+
+
+def test_limits_are_400s_naming_the_field(server, client):
+    for kw, param in ((dict(n=257), "n"), (dict(seed=2**63), "seed"),
+                      (dict(extra_body={"top_k": -5}), "top_k")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="r4_qv", prompt="Hi", max_tokens=2, **kw)
+        assert e.value.body["param"] == param, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="r4_qv", max_tokens=2, logprobs=True,
+                                       top_logprobs=21,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.body["param"] == "top_logprobs"
+    r = httpx.post(server.url_for("v1/completions"), timeout=30,
+                   content=json.dumps({"model": "r4_qv", "prompt": "Hi"}),
+                   headers={"Content-Type": "text/plain"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.text
+    still_serves(client)
+
+
+def test_a_repeated_request_id_does_not_touch_the_other_request(server):
+    """request_id is the client's; engine ids are ours, so a duplicate cannot abort (or be
+    refused because of) another client's request."""
+    async def run():
+        aclient = server.get_async_client()
+        kw = dict(model="r8_all", prompt="Hello", max_tokens=30, temperature=0,
+                  extra_body={"ignore_eos": True, "request_id": "same"})
+        return await asyncio.gather(*(aclient.completions.create(**kw) for _ in range(3)))
+    for r in asyncio.run(run()):
+        assert r.id == "same" and r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 30

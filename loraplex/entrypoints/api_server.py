@@ -44,11 +44,15 @@ from loraplex.entrypoints.protocol import (
     CompletionRequest,
     LoadLoRAAdapterRequest,
     UnloadLoRAAdapterRequest,
+    ignored_fields,
 )
 from loraplex.entrypoints.serving_chat import OpenAIServingChat
 from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.entrypoints.serving_utils import with_cancellation
+from loraplex.lora.adapter import local_adapter_dir
+from loraplex.lora.errors import LoRAError
+from loraplex.lora.request import LoRARequest
 from loraplex.metrics import Metrics
 from loraplex.plugins import PluginError, load_general_plugins
 from loraplex.version import __version__
@@ -71,13 +75,17 @@ class ServerState:
     metrics: Metrics
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError, content_type: str
+                        ) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     if errors[0].get("type") == "json_invalid":
         ctx = errors[0].get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON: {ctx}".rstrip(": "), None
+    if tuple(errors[0].get("loc", ())) == ("body",) and "json" not in content_type:
+        return ("the request body must be a JSON object sent with 'Content-Type: "
+                f"application/json' (got {content_type or 'no Content-Type'!r})"), None
     parts, param = [], None
     for err in errors[:3]:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
@@ -108,8 +116,8 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         return failed(error_response(exc.message, exc.status, exc.type, exc.param))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc, request.headers.get("content-type", ""))
         return failed(error_response(message, 400, "BadRequestError", param))
 
     @app.exception_handler(StarletteHTTPException)
@@ -162,12 +170,14 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     @with_cancellation
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
+        warn_ignored(request)
         return respond(await state.completion.create_completion(request))
 
     @app.post("/v1/chat/completions")
     @with_cancellation
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request
                                ) -> Response:
+        warn_ignored(request)
         return respond(await state.chat.create_chat_completion(request))
 
     def require_runtime_updating() -> None:
@@ -179,9 +189,11 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         if not envs.LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING:
             raise NotFoundError(RUNTIME_LORA_DISABLED)
         try:
-            return model.model_validate_json(await raw.body())
+            body = model.model_validate_json(await raw.body())
         except ValidationError as e:
             raise RequestValidationError(e.errors(include_url=False)) from None
+        warn_ignored(body)
+        return body
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(raw_request: Request) -> Response:
@@ -198,6 +210,14 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
 
 
 # ---- start-up ---------------------------------------------------------------------------
+def warn_ignored(body: BaseModel) -> None:
+    """Unknown fields are accepted, as vLLM does, and named in a warning (vLLM's words)."""
+    extra = ignored_fields(body)
+    if extra:
+        logger.warning("The following fields were present in the request but ignored: %s",
+                       ", ".join(extra))
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -257,6 +277,16 @@ async def build_state(args: argparse.Namespace) -> ServerState:
         raise CLIError(_one_line(e)) from None
     if args.lora_modules and not getattr(args, "enable_lora", False):
         raise CLIError("--lora-modules needs --enable-lora")
+    for m in args.lora_modules:  # a missing path fails now, not after the model loads
+        try:
+            local_adapter_dir(LoRARequest(m.name, 1, m.path))
+        except LoRAError as e:
+            raise CLIError(f"--lora-modules {m.name}={m.path}: {_one_line(e)}") from None
+    for flag, what in (("lora_extra_vocab_size", "adapters that add tokens"),
+                       ("long_lora_scaling_factors", "long-context LoRA adapters")):
+        if hasattr(args, flag):  # engine flags are set only when given
+            logger.warning("--%s is accepted but has no effect: %s are refused (not "
+                           "supported yet)", flag.replace("_", "-"), what)
     chat_template = _chat_template(args.chat_template)
     try:
         engine_args = _engine_args(args)
@@ -300,7 +330,8 @@ async def run_server(args: argparse.Namespace) -> None:
             await asyncio.sleep(0.05)
         adapters = ", ".join(f"{n} ({r.lora_path})" for n, r in
                              state.models.lora_requests.items()) or "none"
-        print(f"loraplex: serving {state.models.base_model_name} at http://{host}:{port} "
+        where = f"[{host}]" if ":" in host else host
+        print(f"loraplex: serving {state.models.base_model_name} at http://{where}:{port} "
               f"(LoRA adapters: {adapters})", flush=True)
 
     task = asyncio.create_task(announce())

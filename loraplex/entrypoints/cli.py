@@ -22,6 +22,15 @@ class CLIError(Exception):
     """A user input problem: printed as one line, exit status 1."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only when it says something (not None, [] or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, [], False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -65,6 +74,16 @@ def parse_human_int(text: str) -> int:
     num, unit = float(m.group(1)), m.group(2)
     mult = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
     return int(num * mult[unit])
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use 0..65535")
+    return port
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
@@ -167,15 +186,17 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "Every adapter is a model name: send {\"model\": \"<adapter>\"}. "
                     "Env: LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING, LORAPLEX_PLUGINS, "
                     "LORAPLEX_LORA_RESOLVER_CACHE_DIR, LORAPLEX_LORA_RESOLVER_HF_REPO_LIST, "
-                    "LORAPLEX_API_KEY, LORAPLEX_CPU_KVCACHE_SPACE (see docs/usage.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "LORAPLEX_API_KEY, LORAPLEX_CPU_KVCACHE_SPACE, LORAPLEX_LOGGING_LEVEL "
+                    "(see docs/usage.md).",
+        formatter_class=_HelpFormatter)
     p.add_argument("model_tag", nargs="?", metavar="MODEL",
                    help="Model path or Hugging Face id.")
-    p.add_argument("--model", dest="model_flag", default=None,
+    p.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
                    help="Same as the positional MODEL.")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="Address to listen on.")
-    server.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    server.add_argument("--port", type=parse_port, default=8000,
+                        help="Port to listen on (0: any free port).")
     server.add_argument("--api-key", default=None,
                         help="Require 'Authorization: Bearer <key>' on /v1 routes "
                              "(or env LORAPLEX_API_KEY).")

@@ -1,7 +1,8 @@
 """Request and response bodies of the OpenAI-compatible server (OpenAI's shapes + vLLM's extras).
 
-Unknown request fields are accepted and ignored (as vLLM does), so newer OpenAI clients
-keep working; fields we cannot honour are rejected with a 400 in the serving layer.
+Unknown request fields are accepted and ignored (as vLLM does, which logs a warning naming
+them: see ``ignored_fields``), so newer OpenAI clients keep working; fields we cannot
+honour are rejected with a 400 in the serving layer.
 """
 
 from __future__ import annotations
@@ -17,8 +18,23 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+_INT64 = (-(2**63), 2**63 - 1)  # torch generator seeds (vLLM's bounds)
+
+
 class OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+def ignored_fields(body: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields of a request that no model here declares."""
+    found = [prefix + k for k in body.model_extra or {}]
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, BaseModel):
+                found += ignored_fields(item, f"{prefix}{name}{'' if i is None else f'[{i}]'}.")
+    return found
 
 
 # ---- errors -----------------------------------------------------------------------------
@@ -87,7 +103,7 @@ class SamplingFields(OpenAIBase):
     top_p: float | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
-    seed: int | None = None
+    seed: int | None = Field(None, ge=_INT64[0], le=_INT64[1])
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
