@@ -19,16 +19,59 @@ from loraplex.lora.meta import LoRABatchMeta
 @dataclass
 class StepContext:
     is_prefill: bool
-    slot_mapping: torch.Tensor  # [T] flat KV-cache index each token's K/V is written to
-    # prefill: tokens of sequence b sit at flat rows padded_index[b, :len_b]
+    slot_mapping: torch.Tensor  # [T] long: flat KV-cache slot of each token's K/V; -1 = skip
+    attn_backend: str = "torch"  # "torch" | "triton" (layers/attention.py)
+    # per sequence, both phases
+    block_tables: torch.Tensor | None = None  # [B, >= max_blocks] int32 (extra columns unread)
+    # decode: tokens in the cache including this step's; prefill: tokens already cached
+    # before this step (None = none, every sequence starts at position 0)
+    context_lens: torch.Tensor | None = None  # [B] int32
+    max_context_len: int = 0  # host-side upper bound of context_lens
+    # prefill: the step's tokens of sequence b are rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+    cu_seqlens_q: torch.Tensor | None = None  # [B + 1] int32
+    max_seqlen_q: int = 0
+    decode_splits: int = 1  # triton decode: context splits per sequence (flash-decoding)
+    # torch prefill path: tokens of sequence b sit at flat rows padded_index[b, :len_b]
     padded_index: torch.Tensor | None = None  # [B, L] long (pads point at row 0)
     prefill_mask: torch.Tensor | None = None  # [B, 1, L, L] bool, causal & valid; None = all equal len
     valid_rows: torch.Tensor | None = None  # [T] positions in the flattened [B*L] layout
-    # decode: one token per sequence
-    block_tables: torch.Tensor | None = None  # [B, max_blocks] long
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
     lora_meta: LoRABatchMeta | None = None
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step reusable buffers
+
+
+class DecodeBuffers:
+    """Decode metadata in tensors preallocated for the largest batch and filled in place
+    every step, so a CUDA graph captured at batch size n replays over new values: its
+    inputs are the first n rows of the same storage. Rows past the real batch are
+    padding: slot -1 (no cache write) and context length 0 (attention output 0)."""
+
+    def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.slot_mapping = torch.full((max_num_seqs,), -1, dtype=torch.long, device=device)
+        self.context_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32,
+                                        device=device)
+
+    def fill(self, slots: list[int], context_lens: list[int], block_tables: list[list[int]],
+             padded_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write one step's values; returns views (slot_mapping, context_lens, block_tables)
+        of padded_batch rows (default: the real batch), tables cut to the longest one."""
+        n = len(slots)
+        rows = n if padded_batch is None else padded_batch
+        width = max(len(t) for t in block_tables)
+        if rows > self.slot_mapping.shape[0] or width > self.block_tables.shape[1]:
+            raise ValueError(f"decode batch {rows} x {width} blocks exceeds the buffers "
+                             f"{tuple(self.block_tables.shape)}")
+        tables = [t + [0] * (width - len(t)) for t in block_tables]
+        pin = self.slot_mapping.is_cuda
+        host = [torch.tensor(x, dtype=dt, pin_memory=pin) for x, dt in (
+            (slots, torch.long), (context_lens, torch.int32), (tables, torch.int32))]
+        self.slot_mapping[:n].copy_(host[0], non_blocking=True)
+        self.context_lens[:n].copy_(host[1], non_blocking=True)
+        self.block_tables[:n, :width].copy_(host[2], non_blocking=True)
+        if rows > n:
+            self.slot_mapping[n:rows].fill_(-1)
+            self.context_lens[n:rows].fill_(0)
+        return self.slot_mapping[:rows], self.context_lens[:rows], self.block_tables[:rows, :width]
 
 
 _current: StepContext | None = None

@@ -13,10 +13,10 @@ import torch
 
 from loraplex.config import CacheConfig, ModelConfig
 from loraplex.engine.sequence import Sequence
-from loraplex.layers.attention import Attention
+from loraplex.layers.attention import Attention, attention_backend, decode_splits
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.models.llama import LlamaForCausalLM
-from loraplex.worker.context import StepContext, step_context
+from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +28,14 @@ class ModelRunner:
         self.device = model_config.device
         self.dtype = model_config.dtype
         self.block_size = cache_config.block_size
+        self.max_model_len = model_config.max_model_len
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.attn_backend = attention_backend(self.device)
         self.num_blocks = self._num_kv_blocks(cache_config, model_config.max_model_len,
                                               max_num_seqs)
         self._allocate_kv_cache()
+        self.decode_buffers = DecodeBuffers(max_num_seqs, -(-self.max_model_len // self.block_size),
+                                            self.device)
 
     def _bytes_per_block(self) -> int:
         a = self.model.args
@@ -63,8 +67,11 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks,
                     self.block_size, self.num_blocks * self._bytes_per_block() / 2**20)
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned, so the copy does not wait for the device
+            return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device,
+                                                                         non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def _slot_mapping(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -80,21 +87,29 @@ class ModelRunner:
             input_ids.extend(seq.token_ids)
             positions.extend(range(seq.num_tokens))
             slots.extend(self._slot_mapping(seq, 0, seq.num_tokens))
-        length = max(lens)
         starts = [0]
-        for n in lens[:-1]:
+        for n in lens:
             starts.append(starts[-1] + n)
-        padded = [[st + min(i, n - 1) for i in range(length)] for st, n in zip(starts, lens)]
         ctx = StepContext(is_prefill=True, slot_mapping=self._tensor(slots),
-                          padded_index=self._tensor(padded))
+                          attn_backend=self.attn_backend, max_seqlen_q=max(lens))
+        if self.attn_backend == "triton":
+            ctx.cu_seqlens_q = self._tensor(starts, torch.int32)
+        else:
+            self._torch_prefill_layout(ctx, lens, starts)
+        last_rows = [st + n - 1 for st, n in zip(starts, lens)]
+        return self._tensor(input_ids), self._tensor(positions), ctx, last_rows
+
+    def _torch_prefill_layout(self, ctx: StepContext, lens: list[int], starts: list[int]) -> None:
+        """The torch path pads every sequence to the longest: row indices, mask, valid rows."""
+        length = max(lens)
+        ctx.padded_index = self._tensor([[st + min(i, n - 1) for i in range(length)]
+                                         for st, n in zip(starts, lens)])
         if any(n != length for n in lens):
             key_valid = torch.arange(length, device=self.device)[None, :] < self._tensor(lens)[:, None]
             causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
             ctx.prefill_mask = (causal[None] & key_valid[:, None, :]).unsqueeze(1)
             ctx.valid_rows = self._tensor([bi * length + i for bi, n in enumerate(lens)
                                            for i in range(n)])
-        last_rows = [st + n - 1 for st, n in zip(starts, lens)]
-        return self._tensor(input_ids), self._tensor(positions), ctx, last_rows
 
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor,
                                                              StepContext]:
@@ -102,12 +117,15 @@ class ModelRunner:
         input_ids = [s.last_token for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
-        context_lens = self._tensor([s.num_tokens for s in seqs])
-        mask = torch.arange(max_blocks * bs, device=self.device)[None, :] < context_lens[:, None]
-        ctx = StepContext(is_prefill=False, slot_mapping=self._tensor(slots),
-                          block_tables=self._tensor(tables), decode_mask=mask[:, None, None, :])
+        lens = [s.num_tokens for s in seqs]
+        slot_mapping, context_lens, block_tables = self.decode_buffers.fill(
+            slots, lens, [s.block_table for s in seqs])
+        ctx = StepContext(is_prefill=False, slot_mapping=slot_mapping,
+                          attn_backend=self.attn_backend, block_tables=block_tables,
+                          context_lens=context_lens, max_context_len=max(lens))
+        if self.attn_backend == "triton":
+            ctx.decode_splits = decode_splits(len(seqs), self.model.args.num_kv_heads,
+                                              ctx.max_context_len, self.device)
         return self._tensor(input_ids), self._tensor(positions), ctx
 
     @torch.inference_mode()

@@ -1,0 +1,309 @@
+"""Triton attention over the paged KV cache (the CUDA path; tests run it on the CPU
+under TRITON_INTERPRET=1).
+
+Cache layout, as the model runner allocates it: k_cache / v_cache [num_blocks,
+block_size, KVH, D]; token position p of sequence b lives in block
+`block_tables[b, p // block_size]` at offset `p % block_size`. Kernels read K/V tiles
+straight from the cache through the block table (one table lookup per token row, so a
+tile may span several blocks and block_size need not be a power of two); nothing is
+gathered into contiguous tensors.
+
+- `store_kvcache`: write the step's K/V at `slot_mapping`; slot -1 is skipped (padded
+  rows of a CUDA-graph batch).
+- `paged_decode_attention`: one query per sequence. A program owns one sequence, one KV
+  head and one split of the context: the G query heads that share the KV head are the M
+  rows of the dot, so every K/V tile is loaded once per group. Splits (flash-decoding)
+  write fp32 partial outputs and log-sum-exps that a second kernel merges. All
+  per-sequence sizes are read on the device, so the launch is CUDA-graph safe at a
+  fixed batch size.
+- `prefill_attention`: causal, variable-length queries packed flat (cu_seqlens). Query i
+  of sequence b sits at absolute position context_lens[b] + i: it sees the whole cached
+  context (read through the block table) and the step's own K/V up to itself.
+Softmax runs in fp32 (base-2 exponentials, scale folded in); P is cast to the V dtype
+for the second dot, as flash attention does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+# The interpreter's tl.dot mishandles bf16 (numpy has none): there it runs in fp32.
+_INTERPRETED = os.getenv("TRITON_INTERPRET", "0") == "1"
+
+
+def _exact_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (_INTERPRETED and dtype == torch.bfloat16)
+
+
+@triton.jit
+def _store_kvcache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt,
+                          stride_kh, stride_vh, HEAD_DIM: tl.constexpr, KVH: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        d = tl.arange(0, BLOCK_D)
+        m = d < HEAD_DIM
+        dst = (slot * KVH + h) * HEAD_DIM + d  # caches are contiguous
+        tl.store(kc_ptr + dst, tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=m), mask=m)
+        tl.store(vc_ptr + dst, tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=m), mask=m)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    # k/v: [T, KVH, D] (last dim contiguous), caches: [num_blocks, block_size, KVH, D]
+    t, kvh, d = k.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (kvh, d)
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and slot_mapping.shape == (t,)
+    _store_kvcache_kernel[(t, kvh)](k, v, k_cache, v_cache, slot_mapping, k.stride(0),
+                                    v.stride(0), k.stride(1), v.stride(1), HEAD_DIM=d,
+                                    KVH=kvh, BLOCK_D=triton.next_power_of_2(d))
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    # fp32 accumulation; F32: exact fp32 products (fp32 inputs, or bf16 in the interpreter)
+    if F32:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr):
+    # one online-softmax step: q [M, D], k/v [N, D], valid [M, N] or [1, N]
+    s = _dot(q, tl.trans(k), F32)
+    s = tl.where(valid, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i, acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32)
+
+
+@triton.jit
+def _attend_paged(q, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, start, end,
+                  stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
+    """Online softmax of q over cached positions [start, end) of one sequence and one KV
+    head (kc_ptr/vc_ptr already offset to it), BLOCK_N rows at a time through the table."""
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        n_ok = pos < end
+        block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        rows = block * stride_cb + (pos % BLOCK_SIZE) * stride_ct
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        m_i, l_i, acc = _attend_tile(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale, F32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale,
+                   stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb,
+                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, F32: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx_len = tl.load(lens_ptr + b)
+    per_split = (ctx_len + NUM_SPLITS - 1) // NUM_SPLITS  # rounded up to whole tiles:
+    per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, ctx_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i, l_i, acc = _attend_paged(
+        q, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
+        table_ptr + b.to(tl.int64) * stride_tb, start, end, stride_cb, stride_ct, HEAD_DIM,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split/sequence gives 0
+    o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS > 1:
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps,
+                         stride_lb, stride_lh, stride_ob, stride_oh, HEAD_DIM: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s < NUM_SPLITS,
+                  other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all -inf (empty) -> all 0
+    part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                   mask=(s[:, None] < NUM_SPLITS) & (d[None, :] < HEAD_DIM), other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: a few splits, so tests exercise the merge
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
+                      device: torch.device, min_tokens_per_split: int = 256) -> int:
+    """Enough programs to fill the device twice over, but >= min_tokens_per_split tokens
+    per split at the longest context. Depends only on host-known upper bounds, so a CUDA
+    graph captured with max_context_len = max_model_len keeps its split count."""
+    want = triton.cdiv(2 * _num_sms(device), batch * num_kv_heads)
+    return max(1, min(want, triton.cdiv(max_context_len, min_tokens_per_split), 64))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           num_splits: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first context_lens[b] cached
+    tokens of sequence b (KV head h // (H // KVH)); context_lens[b] == 0 gives zeros.
+
+    q: [B, H, D] (last dim contiguous); k_cache/v_cache: [num_blocks, block_size, KVH, D];
+    block_tables: [B, max_blocks] int32; context_lens: [B] int32. Returns [B, H, D]."""
+    b, h, d = q.shape
+    _, block_size, kvh, _ = k_cache.shape
+    assert h % kvh == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride() and block_tables.shape[0] >= b
+    out = torch.empty(b, h, d, dtype=q.dtype, device=q.device) if out is None else out
+    if num_splits > 1:
+        part = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part, lse = out.unsqueeze(2), out  # lse is unused with one split
+    group = h // kvh
+    block_d = _block_d(d)
+    block_n = 64 if block_d <= 128 else 32
+    _decode_kernel[(b, kvh, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
+        lse.stride(0), lse.stride(1), GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size,
+        NUM_SPLITS=num_splits, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_D=block_d, F32=_exact_dot(q.dtype), num_warps=4)
+    if num_splits > 1:
+        _merge_splits_kernel[(b, h)](
+            part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+            lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=num_splits,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr, cu_ptr,
+                    out_ptr, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                    stride_vh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    HAS_CONTEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, F32: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    kvh = h // GROUP
+    q_start = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_start
+    i = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index among the new tokens
+    d = tl.arange(0, BLOCK_D)
+    i_ok = i < q_len
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + (q_start + i)[:, None].to(tl.int64) * stride_qt + h * stride_qh + d[None, :],
+                mask=i_ok[:, None] & d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # 1) the cached context, all of it before every query: only the length bound
+    ctx_len = tl.load(ctx_lens_ptr + b) if HAS_CONTEXT else 0
+    ctx_end = tl.where(tile * BLOCK_M < q_len, ctx_len, 0)  # tiles past the end do nothing
+    m_i, l_i, acc = _attend_paged(
+        q, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
+        table_ptr + b.to(tl.int64) * stride_tb, 0, ctx_end, stride_cb, stride_ct, HEAD_DIM,
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32)
+    # 2) the step's own K/V, causal: key j is visible to query i when j <= i
+    new_end = tl.minimum(q_len, (tile + 1) * BLOCK_M)
+    for n0 in range(0, new_end, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        j_ok = j < new_end
+        kv_rows = (q_start + j).to(tl.int64)
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv_rows[:, None] * stride_kt + kvh * stride_kh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kvh * stride_vh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        valid = j_ok[None, :] & (j[None, :] <= i[:, None])
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (q_start + i)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, max_seqlen_q: int, scale: float,
+                      k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                      block_tables: torch.Tensor | None = None,
+                      context_lens: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of new tokens packed flat: sequence b's queries and K/V are rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1] of q [T, H, D] / k, v [T, KVH, D]. With
+    context_lens, sequence b also has context_lens[b] earlier tokens in the paged cache
+    (block_tables [B, max_blocks] int32) that every one of its queries sees. Returns [T, H, D]."""
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    assert h % kvh == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    has_ctx = context_lens is not None
+    if has_ctx:
+        assert k_cache is not None and v_cache is not None and block_tables is not None
+        assert k_cache.stride() == v_cache.stride() and k_cache.shape[2:] == (kvh, d)
+    else:  # any tensor will do: the context loops never run
+        k_cache = v_cache = k
+        block_tables = context_lens = cu_seqlens_q
+    out = torch.empty(t, h, d, dtype=q.dtype, device=q.device) if out is None else out
+    batch = cu_seqlens_q.shape[0] - 1
+    block_d = _block_d(d)
+    block = 64 if block_d <= 128 else 32
+    grid = (triton.cdiv(max_seqlen_q, block), h, batch)
+    _prefill_kernel[grid](
+        q, k, v, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out,
+        scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), k_cache.stride(0), k_cache.stride(1) if has_ctx else 0,
+        k_cache.stride(2) if has_ctx else 0, block_tables.stride(0) if has_ctx else 0,
+        out.stride(0), out.stride(1), GROUP=h // kvh, HEAD_DIM=d,
+        BLOCK_SIZE=k_cache.shape[1] if has_ctx else 1, HAS_CONTEXT=has_ctx, BLOCK_M=block,
+        BLOCK_N=block, BLOCK_D=block_d, F32=_exact_dot(q.dtype), num_warps=4)
+    return out

@@ -1,0 +1,266 @@
+"""Attention over the paged KV cache against naive per-sequence attention (float64).
+
+The Triton kernels run on the CPU under TRITON_INTERPRET=1 (small shapes: the
+interpreter is slow) and, where CUDA is present, on the GPU at Llama-8B head shapes.
+Both backends are also driven through the `Attention` layer with the metadata the model
+runner builds, and the engine runs with the triton backend forced against HF.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from loraplex.layers.attention import Attention
+from loraplex.worker.context import DecodeBuffers, StepContext, step_context
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="triton does not import")
+
+
+def _interpret_triton_language() -> None:
+    """triton.jit reads TRITON_INTERPRET when a function is decorated, and transformers
+    imports triton (via torch._dynamo) before this module runs: triton's own jit'd
+    helpers (tl.max, tl.zeros, ...) were then built for the GPU. Rebuild them for the
+    interpreter. (Setting TRITON_INTERPRET=1 before triton is imported avoids this.)"""
+    import importlib
+
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.standard.max, InterpretedFunction):
+        importlib.reload(tl.standard)
+        importlib.reload(tl)
+
+
+if not CUDA:
+    _interpret_triton_language()
+from loraplex.layers import triton_attention as ta  # noqa: E402
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DEV = torch.device("cpu")
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # ||out-ref||/||ref||
+
+
+def reference(q, k, v, scale, q_offset=0):
+    """q [M, H, D] at positions q_offset.., k/v [N, KVH, D] at 0..N-1: causal, float64."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    s = torch.einsum("mhd,nhd->hmn", q.double(), k) * scale
+    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= (
+        q_offset + torch.arange(q.shape[0], device=q.device))[:, None]
+    return torch.einsum("hmn,nhd->mhd", s.masked_fill(~visible, float("-inf")).softmax(-1), v)
+
+
+def paged_cache(lens, kvh, d, block_size, dtype, device, gen, spare=3):
+    """Random caches and block tables with blocks scattered (non-contiguous, shuffled)."""
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + spare
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, at = [], 0
+    for n in need:
+        tables.append(perm[at:at + n])
+        at += n
+    width = max(max(need), 1) + 1  # a spare column, as the runner's tables have
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    shape = (num_blocks, block_size, kvh, d)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    return k_cache.to(device), v_cache.to(device), table.to(device)
+
+
+def cached_kv(k_cache, v_cache, table_row, n):
+    """The first n cached tokens of one sequence, gathered the slow obvious way."""
+    bs = k_cache.shape[1]
+    pos = torch.arange(n, device=k_cache.device)
+    blocks = table_row[pos // bs].long()
+    return k_cache[blocks, pos % bs], v_cache[blocks, pos % bs]
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+def check_decode(lens, h, kvh, d, block_size, dtype, splits, device=DEV, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, table = paged_cache(lens, kvh, d, block_size, dtype, device, gen)
+    q = torch.randn(len(lens), h, d, generator=gen).to(dtype).to(device)
+    out = torch.full_like(q, float("nan"))  # poison: every element must be written
+    ta.paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(
+        lens, dtype=torch.int32, device=device), d ** -0.5, num_splits=splits, out=out)
+    for b, n in enumerate(lens):
+        if n == 0:  # a padded row of a CUDA-graph batch
+            assert out[b].eq(0).all()
+            continue
+        k, v = cached_kv(k_cache, v_cache, table[b], n)
+        ref = reference(q[b:b + 1], k, v, d ** -0.5, q_offset=n - 1)
+        assert rel_err(out[b:b + 1], ref) < TOL[dtype], (b, n)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("d", [64, 128])
+def test_decode_gqa_head_dims(group, d):
+    check_decode([1, 37, 16, 100], h=2 * group, kvh=2, d=d, block_size=16,
+                 dtype=torch.float32, splits=1, seed=group * d)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_decode_split_k(splits):
+    """Splits merge exactly; some splits of short sequences are empty; length 0 -> zeros."""
+    check_decode([1, 0, 130, 64, 7], h=8, kvh=2, d=64, block_size=16, dtype=torch.float32,
+                 splits=splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_half_types(dtype):
+    check_decode([3, 77], h=4, kvh=1, d=64, block_size=16, dtype=dtype, splits=2)
+
+
+def test_decode_odd_block_size():
+    check_decode([1, 11, 29], h=4, kvh=2, d=32, block_size=5, dtype=torch.float32, splits=1)
+
+
+def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    t = sum(q_lens)
+    q = torch.randn(t, h, d, generator=gen).to(dtype).to(device)
+    kv = torch.randn(t, 2, kvh, d, generator=gen).to(dtype).to(device)
+    k, v = kv[:, 0], kv[:, 1]  # strided views, as the qkv split gives
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32,
+                      device=device)
+    cache = {}
+    if any(ctx_lens):
+        k_cache, v_cache, table = paged_cache(ctx_lens, kvh, d, block_size, dtype, device, gen)
+        cache = dict(k_cache=k_cache, v_cache=v_cache, block_tables=table,
+                     context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device))
+    out = ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, **cache)
+    for b, (n, c) in enumerate(zip(q_lens, ctx_lens)):
+        s = int(cu[b])
+        ks, vs = k[s:s + n], v[s:s + n]
+        if c:
+            kc, vc = cached_kv(cache["k_cache"], cache["v_cache"], cache["block_tables"][b], c)
+            ks, vs = torch.cat([kc, ks]), torch.cat([vc, vs])
+        ref = reference(q[s:s + n], ks, vs, d ** -0.5, q_offset=c)
+        assert rel_err(out[s:s + n], ref) < TOL[dtype], (b, n, c)
+
+
+@pytest.mark.parametrize("group,d", [(1, 64), (4, 128)])
+def test_prefill_varlen(group, d):
+    check_prefill([5, 1, 70, 17], [0, 0, 0, 0], h=2 * group, kvh=2, d=d, dtype=torch.float32)
+
+
+def test_prefill_with_cached_context():
+    """Prefix-cached / chunked prefill: earlier tokens sit in the paged cache."""
+    check_prefill([4, 1, 66], [0, 21, 35], h=4, kvh=1, d=64, dtype=torch.float32)
+
+
+def test_prefill_bf16():
+    check_prefill([9, 33], [16, 0], h=4, kvh=2, d=64, dtype=torch.bfloat16)
+
+
+def test_store_kvcache_skips_padding():
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(4, 8, 2, 16, generator=gen)
+    v_cache = torch.randn(4, 8, 2, 16, generator=gen)
+    kv = torch.randn(3, 2, 2, 16, generator=gen)
+    slots = torch.tensor([9, -1, 30])
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k.view(-1, 2, 16)[[9, 30]] = kv[[0, 2], 0]
+    want_v.view(-1, 2, 16)[[9, 30]] = kv[[0, 2], 1]
+    ta.store_kvcache(kv[:, 0], kv[:, 1], k_cache, v_cache, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_decode_num_splits_bounds():
+    assert ta.decode_num_splits(64, 8, 4096, DEV) == 1  # batch alone fills the device
+    assert ta.decode_num_splits(1, 8, 100, DEV) == 1  # short context: no split
+    assert 1 < ta.decode_num_splits(1, 8, 4096, DEV) <= 16
+
+
+# ---- the Attention layer, both backends, with the runner's metadata ------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_decode(backend):
+    h, kvh, d, bs = 4, 2, 32, 8
+    gen = torch.Generator().manual_seed(1)
+    lens = [1, 13, 8, 30]  # tokens per sequence, the last one being this step's
+    layer = Attention(h, kvh, d, d ** -0.5)
+    layer.k_cache, layer.v_cache, table = paged_cache(lens, kvh, d, bs, torch.float32, DEV, gen)
+    tables = [row.tolist()[:-(-n // bs)] for row, n in zip(table, lens)]
+    slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
+    q, k, v = (torch.randn(len(lens), n, d, generator=gen) for n in (h, kvh, kvh))
+    buffers = DecodeBuffers(8, 6, DEV)
+    slot_mapping, context_lens, block_tables = buffers.fill(slots, lens, tables)
+    ctx = StepContext(is_prefill=False, slot_mapping=slot_mapping, attn_backend=backend,
+                      block_tables=block_tables, context_lens=context_lens,
+                      max_context_len=max(lens), decode_splits=2)
+    with step_context(ctx):
+        out = layer(q, k, v).view(len(lens), h, d)
+    for b, n in enumerate(lens):
+        kc, vc = cached_kv(layer.k_cache, layer.v_cache, block_tables[b], n)
+        assert torch.equal(kc[-1], k[b]) and torch.equal(vc[-1], v[b])  # written first
+        assert rel_err(out[b:b + 1], reference(q[b:b + 1], kc, vc, d ** -0.5, n - 1)) < 1e-5
+
+
+def test_decode_buffers_pad_rows():
+    buffers = DecodeBuffers(4, 3, DEV)
+    buffers.fill([5, 6, 7], [9, 9, 9], [[0, 1], [2, 3], [4, 5]])
+    slot_mapping, context_lens, block_tables = buffers.fill([3], [2], [[7]], padded_batch=3)
+    assert slot_mapping.tolist() == [3, -1, -1] and context_lens.tolist() == [2, 0, 0]
+    assert block_tables.shape == (3, 1) and block_tables[0, 0] == 7
+    with pytest.raises(ValueError, match="exceeds"):
+        buffers.fill([1], [60], [[0, 1, 2, 3]])
+
+
+# ---- the engine with the triton backend (interpreter on CPU) against HF ---------------
+
+def test_engine_triton_backend_matches_hf(monkeypatch, tiny_models, tiny_adapters, prompts):
+    from loraplex import SamplingParams
+    from tests.engine_utils import check_against_hf, lora_requests, make_llm
+
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    base, adapters = tiny_models["qwen3"], tiny_adapters["qwen3"]
+    reqs = lora_requests(adapters)
+    names = [None, "r8_all", None, "r4_qv"]
+    batch = [prompts[i] for i in (1, 3, 0, 2)]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8)
+    assert llm.llm_engine.model_runner.attn_backend == "triton"
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
+
+
+def test_backend_env_is_checked(monkeypatch):
+    from loraplex.layers.attention import attention_backend
+
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "flash")
+    with pytest.raises(ValueError, match="expected one of"):
+        attention_backend(DEV)
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "auto")
+    assert attention_backend(DEV) == "torch"
+
+
+# ---- GPU: real kernels, Llama-8B head shapes -------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_gpu_decode(dtype, splits):
+    gen = torch.Generator().manual_seed(7)
+    lens = torch.randint(1, 4097, (64,), generator=gen).tolist()
+    lens[:3] = [1, 4096, 0]
+    check_decode(lens, h=32, kvh=8, d=128, block_size=16, dtype=dtype, splits=splits,
+                 device=torch.device("cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_prefill(dtype):
+    check_prefill([1, 300, 1024, 77], [0, 513, 0, 2000], h=32, kvh=8, d=128, dtype=dtype,
+                  device=torch.device("cuda"))
