@@ -461,3 +461,50 @@ def test_a_repeated_request_id_does_not_touch_the_other_request(server):
     for r in asyncio.run(run()):
         assert r.id == "same" and r.choices[0].finish_reason == "length"
         assert r.usage.completion_tokens == 30
+
+
+def test_sampling_fields_reach_the_engine(client, prompts):
+    """OpenAI's and vLLM's sampling fields, each shown to change what is generated."""
+    prompt = prompts[1]
+    ids = greedy_ids(client, "r8_all", prompt, 12)
+
+    def run(**kw):
+        extra = {**GREEDY["extra_body"], **kw.pop("extra_body", {})}
+        r = client.completions.create(model="r8_all", prompt=prompt,
+                                      **{**GREEDY, "max_tokens": 12, **kw, "extra_body": extra})
+        return r.choices[0], token_ids_of(r.choices[0].logprobs)
+
+    # sampled (temperature 1), but each of these leaves only the greedy token
+    for kw in (dict(extra_body={"top_k": 1}), dict(extra_body={"min_p": 1.0}),
+               dict(top_p=1e-9)):
+        assert run(temperature=1.0, seed=5, **kw)[1] == ids, kw
+    k = next(i for i in range(3, 12) if ids[i] not in ids[:i])
+    choice, got = run(extra_body={"stop_token_ids": [ids[k]]})
+    assert got == ids[:k + 1] and choice.finish_reason == "stop"
+    assert choice.stop_reason == ids[k]
+    first = ids[0]  # min_tokens bars a stop token from the first 3 tokens (vLLM's rule)
+    choice, got = run(extra_body={"stop_token_ids": [first], "min_tokens": 3})
+    assert got[0] != ids[0] and first not in got[:-1]
+    assert (choice.finish_reason, got[-1]) == ("stop", first) or len(got) == 12
+    choice, got = run(extra_body={"repetition_penalty": 1e9})  # nothing seen comes again
+    assert all(t not in prompt and t not in got[:i] for i, t in enumerate(got)), got
+
+    text = client.completions.create(model="r8_all", prompt=prompt, max_tokens=12,
+                                     temperature=0, extra_body={"ignore_eos": True}
+                                     ).choices[0].text
+    stop = next(text[i:i + 3] for i in range(2, len(text) - 3)
+                if "\ufffd" not in text[i:i + 3] and text[i:i + 3].strip())
+    for include in (False, True):
+        c = client.completions.create(model="r8_all", prompt=prompt, max_tokens=12,
+                                      temperature=0, stop=[stop],
+                                      extra_body={"ignore_eos": True,
+                                                  "include_stop_str_in_output": include}
+                                      ).choices[0]
+        end = text.index(stop) + (len(stop) if include else 0)
+        assert (c.text, c.finish_reason, c.stop_reason) == (text[:end], "stop", stop)
+
+    # token-id lists: one choice per prompt, each what it is alone
+    r = client.completions.create(model="r8_all", prompt=[prompts[0], prompt],
+                                  **dict(GREEDY, max_tokens=12))
+    assert [token_ids_of(c.logprobs) for c in r.choices] == \
+        [greedy_ids(client, "r8_all", prompts[0], 12), ids]

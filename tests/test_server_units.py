@@ -310,3 +310,88 @@ def test_a_request_racing_an_unload_or_reload_never_revives_the_old_adapter(
         assert await engine.list_loras() == listed == await _registered(engine)
         await engine.shutdown()
     asyncio.run(main())
+
+
+def test_lora_requests_info_names_running_and_waiting_adapters(engine_args, tiny_adapters):
+    """The gauge the Gateway API Inference Extension routes on, from a real engine step:
+    max_loras=2, so the third adapter waits."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from loraplex.engine.llm_engine import LLMEngine
+    from loraplex.metrics import Metrics
+
+    engine, metrics = LLMEngine.from_engine_args(engine_args), Metrics()
+    ad = tiny_adapters["llama"]
+    for i, name in enumerate(["r4_qv", "r8_all", "r16_rslora"], 1):
+        engine.add_request(f"r{i}", [1, 43, 76], GREEDY, LoRARequest(name, i, str(ad[name])))
+    engine.add_request("base", [1, 43, 76], GREEDY)
+
+    def info():
+        metrics.update_engine(engine.get_stats())
+        fams = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+        (sample,) = fams["loraplex:lora_requests_info"].samples
+        assert sample.value > 0  # the time of the update, as vLLM's
+        return sample.labels
+    engine.step()
+    assert info() == {"running_lora_adapters": "r4_qv,r8_all",
+                      "waiting_lora_adapters": "r16_rslora", "max_lora": "2"}
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert info() == {"running_lora_adapters": "", "waiting_lora_adapters": "",
+                      "max_lora": "2"}
+
+
+def test_hf_hub_resolver_serves_a_sub_folder(tmp_path, tiny_adapters, monkeypatch):
+    """org/repo/sub from an allowed repo (here an offline hub cache); other repos, missing
+    sub-folders and '..' are misses."""
+    import huggingface_hub.constants as hub
+
+    from loraplex.lora.resolvers import HfHubResolver
+
+    revision = "0" * 40
+    repo = tmp_path / "models--org--loras"
+    shutil.copytree(tiny_adapters["llama"]["r4_qv"], repo / "snapshots" / revision / "sql")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    resolver = HfHubResolver(["org/loras"])
+
+    async def main():
+        hit = await resolver.resolve_lora("base", "org/loras/sql")
+        assert hit.lora_name == "org/loras/sql"
+        assert hit.lora_path == str(repo / "snapshots" / revision / "sql")
+        for miss in ("org/loras/nope", "org/other/sql", "org/loras/../loras/sql"):
+            assert await resolver.resolve_lora("base", miss) is None, miss
+    asyncio.run(main())
+
+
+def test_adapter_files_are_read_off_the_engine_thread(engine_args, tiny_adapters,
+                                                      monkeypatch, registry):
+    """Runtime loads, resolver loads and first use all read and validate the adapter on
+    another thread: the step loop never waits for a disk."""
+    import threading
+
+    from loraplex.lora.resolvers import FilesystemResolver
+
+    ad = tiny_adapters["llama"]
+    monkeypatch.setenv("LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    registry.register_resolver("fs", FilesystemResolver(str(ad["r4_qv"].parent)))
+
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(engine_args)
+        models = OpenAIServingModels(engine, ["tiny"], 64, lora_enabled=True)
+        engine_thread = await engine.run(threading.get_ident)
+        readers = []
+        real = engine.engine.prepare_lora
+
+        def prepare(req):
+            readers.append(threading.get_ident())
+            return real(req)
+        monkeypatch.setattr(engine.engine, "prepare_lora", prepare)
+        await models.load_lora_adapter("a", str(ad["r8_all"]))
+        await models.resolve("r16_rslora")
+        await _final(engine, "x", LoRARequest("direct", 99, str(ad["r4_qv"])))
+        assert len(readers) == 3 and engine_thread not in readers
+        await engine.shutdown()
+    asyncio.run(main())
