@@ -447,6 +447,9 @@ def test_limits_are_400s_naming_the_field(server, client):
                    content=json.dumps({"model": "r4_qv", "prompt": "Hi"}),
                    headers={"Content-Type": "text/plain"})
     assert r.status_code == 400 and "Content-Type: application/json" in r.text
+    r = server.post("/v1/completions", {"model": "r4_qv", "prompt": "Hi",
+                                        "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options"
     still_serves(client)
 
 

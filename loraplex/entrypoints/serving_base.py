@@ -58,6 +58,9 @@ class OpenAIServing:
                                   param="best_of")
         if req.logit_bias:
             raise BadRequestError("logit_bias is not supported yet", param="logit_bias")
+        if req.stream_options is not None and not req.stream:
+            raise BadRequestError("stream_options is only allowed when stream is true "
+                                  "(OpenAI's and vLLM's rule)", param="stream_options")
 
     def check_n(self, n: int) -> None:
         """n >= 1 (SamplingParams), and at most a batch: each choice is a sequence."""
