@@ -74,15 +74,28 @@ class CacheConfig:
                              f"{self.gpu_memory_utilization}")
 
 
+LORA_POLICIES = ("fair", "fcfs")
+
+
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
+    # when more adapters are wanted than max_loras: "fair" lets requests for running
+    # adapters go ahead of blocked ones and time-slices the slots (see scheduler.py);
+    # "fcfs" admits strictly in arrival order.
+    lora_policy: str = "fair"
+    lora_min_slice_steps: int = 16  # steps an adapter keeps its slot before it must yield
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.lora_policy not in LORA_POLICIES:
+            raise ValueError(f"lora_scheduling_policy={self.lora_policy!r}: use one of "
+                             + ", ".join(LORA_POLICIES))
+        if self.lora_min_slice_steps < 0:
+            raise ValueError("lora_min_slice_steps must be >= 0")
         if self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
@@ -98,6 +111,7 @@ class LoRAConfig:
     lora_dtype: torch.dtype | None = None  # None = the model's dtype
     lora_extra_vocab_size: int = 0
     long_lora_scaling_factors: tuple[float, ...] | None = None
+    num_load_workers: int = 2  # threads reading adapters off the step loop
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:

@@ -65,6 +65,10 @@ class EngineArgs:
     lora_extra_vocab_size: int = 256
     long_lora_scaling_factors: tuple[float, ...] | None = None
     default_mm_loras: dict | None = None
+    # loraplex's own: how adapters share the slots when more are wanted than max_loras
+    lora_scheduling_policy: str = "fair"  # "fair" | "fcfs" (see engine/scheduler.py)
+    lora_min_slice_steps: int = 16
+    max_lora_load_workers: int = 2
     # accepted for vLLM compatibility; see _IGNORED_WHEN_SET
     trust_remote_code: bool = False
     enforce_eager: bool = False
@@ -132,7 +136,8 @@ class EngineArgs:
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens or max(8192, max_model_len),
-            max_model_len=max_model_len)
+            max_model_len=max_model_len, lora_policy=self.lora_scheduling_policy,
+            lora_min_slice_steps=self.lora_min_slice_steps)
         lora_config = None
         if self.enable_lora:
             lora_dtype = None if self.lora_dtype in ("auto", None) else resolve_dtype(
@@ -141,5 +146,6 @@ class EngineArgs:
                 max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                 max_cpu_loras=self.max_cpu_loras, lora_dtype=lora_dtype,
                 lora_extra_vocab_size=self.lora_extra_vocab_size,
-                long_lora_scaling_factors=self.long_lora_scaling_factors)
+                long_lora_scaling_factors=self.long_lora_scaling_factors,
+                num_load_workers=self.max_lora_load_workers)
         return EngineConfig(model_config, cache_config, scheduler_config, lora_config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from loraplex.engine.sequence import Sequence
 from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.lora.adapter import LoRAModel
 from loraplex.lora.errors import LoRAError
-from loraplex.lora.manager import LoRAManager
+from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.registry import build_model
@@ -48,6 +48,14 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     num_preemptions: int
+    # adapter tiers (zeros with LoRA off): how many are registered / in host memory /
+    # in device slots / being read now, and the cumulative cache counters
+    num_registered_loras: int = 0
+    num_host_loras: int = 0
+    num_slot_loras: int = 0
+    num_loading_loras: int = 0
+    lora_cache: LoRACacheStats | None = None
+    lora_load_seconds: list[float] = field(default_factory=list)  # loads since last call
 
 
 class LLMEngine:
@@ -74,9 +82,11 @@ class LLMEngine:
                 f"than max_model_len={mc.max_model_len}; give it more memory or lower "
                 "max_model_len")
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size)
+        lm = self.lora_manager
         self.scheduler = Scheduler(
             self.config.scheduler_config, self.block_manager,
-            self.lora_manager.num_unpinned_capacity if self.lora_manager else None)
+            lm.num_unpinned_capacity if lm else None,
+            **({"lora_ready": lm.is_ready, "lora_pinned": lm.pinned.__contains__} if lm else {}))
         eos_ids: set[int] = set()
         for eos in (self.tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)):
             eos_ids.update([eos] if isinstance(eos, int) else eos or [])
@@ -162,7 +172,7 @@ class LLMEngine:
         if self.lora_manager is None:
             raise ValueError(f"request asks for LoRA adapter {req.lora_name!r} but LoRA is "
                              "not enabled: create the engine with enable_lora=True")
-        self.add_lora(req)
+        self.register_lora(req)  # config only: the weights load off the step loop
         if req.lora_int_id not in self.lora_manager.pinned and \
                 len(self.lora_manager.pinned) >= self.lora_config.max_loras:
             raise LoRAError(f"adapter {req.lora_name!r} cannot run: all max_loras="
@@ -189,14 +199,25 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        seqs, is_prefill = self.scheduler.schedule()
         touched: dict[str, Request] = {}
-        lora_slots = None
-        if seqs and self.lora_manager is not None:
-            lora_slots, failed = self.lora_manager.activate(
-                {s.lora_int_id for s in seqs if s.lora_int_id})
+        manager = self.lora_manager
+        if manager is not None:
+            failed = manager.poll_loads()  # adapters read since the last step
             if failed:
-                seqs = self._fail_lora_requests(seqs, failed, touched)
+                self._fail_lora_requests([], failed, touched)
+        seqs, is_prefill = self.scheduler.schedule()
+        lora_slots = None
+        if manager is not None:
+            manager.prefetch(list(dict.fromkeys(
+                s.lora_int_id for s in self.scheduler.waiting if s.lora_int_id)))
+            if seqs:
+                lora_slots, failed = manager.activate(
+                    {s.lora_int_id for s in seqs if s.lora_int_id},
+                    keep=self.scheduler.running_loras())
+                if failed:
+                    seqs = self._fail_lora_requests(seqs, failed, touched)
+            elif not touched and manager.loader.num_inflight:
+                manager.loader.wait_any(timeout=0.05)  # only loads left to wait for
         if seqs:
             logits = self.model_runner.run(seqs, is_prefill, lora_slots)
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
@@ -205,6 +226,8 @@ class LLMEngine:
             now = time.monotonic()
             for i, seq in enumerate(seqs):
                 req = self.requests[seq.request_id]
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
                 if req.first_token_time is None:
                     req.first_token_time = now
                 self._append_token(req, seq, sampled.token_ids[i], sampled.token_logprobs[i],
@@ -265,7 +288,16 @@ class LLMEngine:
         """Read and validate an adapter (I/O only); safe to call from any thread."""
         return self._require_lora().prepare(lora_request)
 
+    def register_lora(self, lora_request: LoRARequest) -> bool:
+        """Make an adapter known without reading its weights (its config is checked);
+        they are read off the step loop when a request first needs them. Cheap enough
+        for thousands. False if this exact adapter is registered already."""
+        manager = self._require_lora()
+        self._pending_lora_removal.discard(lora_request.lora_int_id)
+        return manager.register(lora_request)
+
     def add_lora(self, lora_request: LoRARequest, prepared: LoRAModel | None = None) -> bool:
+        """Register and load now, validating the weights too (vLLM's add_lora)."""
         manager = self._require_lora()
         self._pending_lora_removal.discard(lora_request.lora_int_id)
         return manager.add(lora_request, prepared)
@@ -304,7 +336,16 @@ class LLMEngine:
                      if s.lora_int_id and s.request_id in self.requests}
             return sorted(found)
 
+        lm = self.lora_manager
+        lora = {}
+        if lm is not None:
+            lora = dict(num_registered_loras=len(lm.registered), num_host_loras=lm.num_host,
+                        num_slot_loras=lm.num_slots_used,
+                        num_loading_loras=lm.loader.num_inflight,
+                        lora_cache=replace(lm.stats),
+                        lora_load_seconds=lm.loader.drain_latencies())
         return EngineStats(
+            **lora,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             running_lora_names=names(self.scheduler.running),
             waiting_lora_names=names(self.scheduler.waiting),

@@ -22,6 +22,7 @@ class Request:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None  # when it first ran (queue time ends)
     first_token_time: float | None = None
     error: str | None = None
 
@@ -43,6 +44,8 @@ class Request:
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason))
         metrics = {"arrival_time": self.arrival_time}
+        if self.first_scheduled_time is not None:
+            metrics["first_scheduled_time"] = self.first_scheduled_time
         if self.first_token_time is not None:
             metrics["first_token_time"] = self.first_token_time
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,

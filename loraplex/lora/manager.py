@@ -1,27 +1,44 @@
-"""Adapters in the engine: registry, host cache (LRU) and device slots (LRU).
+"""Adapters in the engine: a registry and three tiers, each with a size and an LRU.
 
-    registered (name, path)  ->  host cache (max_cpu_loras, LRU)  ->  device slot (max_loras, LRU)
+    registered (name -> source, config checked)       any number, nothing loaded
+      -> host cache (max_cpu_loras, LRU)              read + validated on a loader thread
+      -> device slot (max_loras, LRU)                 copied in when a batch needs it
 
-Registration validates the adapter by loading it into the host cache. An adapter
-evicted from the host cache is read again from its path when next needed. A device
-slot is only reused when its adapter is not in the running batch and not pinned.
+Registration only checks adapter_config.json, so thousands can be registered. Weights
+are read off the step loop (AdapterLoader): a request whose adapter is not in host
+memory waits while it loads, and the scheduler runs everyone else. Adapters of queued
+requests are prefetched to host memory before their turn. A device slot is only reused
+when its adapter is not in the running batch and not pinned.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from loraplex.config import LoRAConfig
-from loraplex.lora.adapter import LoRAModel, TargetShapes, load_adapter
+from loraplex.lora.adapter import LoRAModel, TargetShapes, check_adapter_config, load_adapter
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.layers import LinearWithLoRA
+from loraplex.lora.loader import AdapterLoader
 from loraplex.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoRACacheStats:
+    """Counters since start: where each adapter activation found its weights."""
+
+    slot_hits: int = 0  # already in a device slot
+    host_hits: int = 0  # copied to a slot from host memory
+    host_misses: int = 0  # had to be read from disk/hub first (a load)
+    load_failures: int = 0
 
 
 def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype
@@ -44,6 +61,7 @@ class LoRAManager:
         self.cfg = cfg
         self.dtype = cfg.lora_dtype or dtype
         self.layers = wrap_lora_layers(model, cfg, self.dtype)
+        self.device = next(iter(self.layers.values())).lora_a_stacked.device
         self._packed = model.packed_modules_mapping
         self.targets = self._target_shapes(model)
         self.registered: dict[int, LoRARequest] = {}
@@ -51,7 +69,11 @@ class LoRAManager:
         self.lora_index_to_id: list[int | None] = [None] * cfg.max_loras
         self._slot_lru: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, oldest first
         self.pinned: set[int] = set()
-        self.stats = {"slot_hits": 0, "slot_loads": 0, "host_hits": 0, "host_loads": 0}
+        self.loader = AdapterLoader(self.prepare, cfg.num_load_workers)
+        self.stats = LoRACacheStats()
+        # host -> device copies on their own stream, so they can overlap compute on a GPU
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" \
+            else None
 
     def _target_shapes(self, model: nn.Module) -> TargetShapes:
         shapes: dict[str, tuple[int, int]] = {}
@@ -65,29 +87,49 @@ class LoRAManager:
                 shapes[f"{prefix}.{hf_leaf}"] = (base.in_features, base.output_sizes[k])
         return TargetShapes(shapes=shapes, suffixes=tuple(model.lora_target_modules))
 
-    # ---- registry and host tier -------------------------------------------------------
+    # ---- registry ---------------------------------------------------------------------
     def prepare(self, req: LoRARequest) -> LoRAModel:
         """Read and validate from disk/hub. Touches no shared state: safe on any thread."""
-        return load_adapter(req, self.targets, self.cfg.max_lora_rank, self.dtype)
+        lora = load_adapter(req, self.targets, self.cfg.max_lora_rank, self.dtype)
+        if self.device.type == "cuda":  # page-locked, so the slot copy is asynchronous
+            for w in lora.modules.values():
+                w.lora_a, w.lora_b = w.lora_a.pin_memory(), w.lora_b.pin_memory()
+        return lora
+
+    def _check_id(self, req: LoRARequest) -> bool:
+        """False if this exact adapter is registered already; raises if the id is taken."""
+        old = self.registered.get(req.lora_int_id)
+        if old is None:
+            return True
+        if old.lora_path != req.lora_path or old.lora_name != req.lora_name:
+            raise LoRAError(
+                f"lora_int_id {req.lora_int_id} is already used by adapter "
+                f"{old.lora_name!r} ({old.lora_path}); give {req.lora_name!r} "
+                "(" + req.lora_path + ") its own lora_int_id")
+        return False
+
+    def register(self, req: LoRARequest) -> bool:
+        """Cheap registration: the config is checked, the weights are read when needed."""
+        if not self._check_id(req):
+            return False
+        check_adapter_config(req, self.targets, self.cfg.max_lora_rank)
+        self.registered[req.lora_int_id] = req
+        return True
 
     def add(self, req: LoRARequest, prepared: LoRAModel | None = None) -> bool:
-        """Register an adapter (validating it). False if this exact adapter is already in."""
-        old = self.registered.get(req.lora_int_id)
-        if old is not None:
-            if old.lora_path != req.lora_path or old.lora_name != req.lora_name:
-                raise LoRAError(
-                    f"lora_int_id {req.lora_int_id} is already used by adapter "
-                    f"{old.lora_name!r} ({old.lora_path}); give {req.lora_name!r} "
-                    "(" + req.lora_path + ") its own lora_int_id")
+        """Register and load now (validating everything). False if already registered."""
+        if not self._check_id(req):
             return False
         lora = prepared if prepared is not None else self.prepare(req)
         self.registered[req.lora_int_id] = req
+        self.loader.cancel(req.lora_int_id)
         self._put_host(lora)
         return True
 
     def remove(self, lora_int_id: int) -> bool:
         if self.registered.pop(lora_int_id, None) is None:
             return False
+        self.loader.cancel(lora_int_id)
         self._host.pop(lora_int_id, None)
         self.pinned.discard(lora_int_id)
         slot = self._slot_lru.pop(lora_int_id, None)
@@ -103,6 +145,43 @@ class LoRAManager:
         self.pinned.add(lora_int_id)
         return True
 
+    # ---- host tier and background loads -----------------------------------------------
+    def is_ready(self, lora_int_id: int) -> bool:
+        """Can run now: in a device slot or in host memory."""
+        return lora_int_id in self._slot_lru or lora_int_id in self._host
+
+    def is_loading(self, lora_int_id: int) -> bool:
+        return lora_int_id in self.loader
+
+    def prefetch(self, queued: list[int]) -> None:
+        """Bring the adapters of queued requests (distinct ids, in queue order) to host
+        memory before their turn, as far as the host tier has room beyond the slots."""
+        room = max(1, self.cfg.max_cpu_loras - self.cfg.max_loras)
+        for lora_id in queued:
+            if room <= 0:
+                break
+            if lora_id in self._slot_lru or lora_id not in self.registered:
+                continue
+            room -= 1
+            if lora_id in self._host:
+                self._host.move_to_end(lora_id)  # keep it until its turn
+            elif lora_id not in self.loader:
+                self.stats.host_misses += 1
+                self.loader.submit(self.registered[lora_id])
+
+    def poll_loads(self) -> dict[int, LoRAError]:
+        """Move finished loads into the host tier; returns the adapters that failed."""
+        failed: dict[int, LoRAError] = {}
+        for lora_id, result in self.loader.poll().items():
+            if lora_id not in self.registered:
+                continue  # removed while loading
+            if isinstance(result, LoRAError):
+                self.stats.load_failures += 1
+                failed[lora_id] = result
+            else:
+                self._put_host(result)
+        return failed
+
     def _put_host(self, lora: LoRAModel) -> None:
         self._host[lora.lora_int_id] = lora
         self._host.move_to_end(lora.lora_int_id)
@@ -110,45 +189,46 @@ class LoRAManager:
             evicted, _ = self._host.popitem(last=False)
             logger.debug("evicted adapter %d from the host cache", evicted)
 
-    def _get_host(self, lora_int_id: int) -> LoRAModel:
-        lora = self._host.get(lora_int_id)
-        if lora is not None:
-            self._host.move_to_end(lora_int_id)
-            self.stats["host_hits"] += 1
-            return lora
-        self.stats["host_loads"] += 1
-        lora = self.prepare(self.registered[lora_int_id])  # evicted earlier: read again
-        self._put_host(lora)
-        return lora
+    @property
+    def num_host(self) -> int:
+        return len(self._host)
+
+    @property
+    def num_slots_used(self) -> int:
+        return len(self._slot_lru)
 
     # ---- device slots -----------------------------------------------------------------
     def slot_of(self, lora_int_id: int) -> int:
         return self._slot_lru[lora_int_id]
 
-    def activate(self, lora_ids: set[int]) -> tuple[dict[int, int], dict[int, LoRAError]]:
-        """Give every adapter of the batch a device slot.
+    def activate(self, lora_ids: set[int], keep: set[int] = frozenset()
+                 ) -> tuple[dict[int, int], dict[int, LoRAError]]:
+        """Give every adapter of the step a device slot.
 
-        Returns (id -> slot, id -> error for adapters that could not be (re)loaded);
-        the caller fails the requests of the latter. Never evicts an adapter of this
-        batch or a pinned one.
+        The scheduler admits only ready adapters (is_ready), so this copies host -> slot
+        and never reads from disk. Returns (id -> slot, id -> error for adapters that are
+        no longer registered or loaded); the caller fails the requests of the latter.
+        Never evicts an adapter of this step, one in `keep` (the rest of the running
+        batch: a prefill step holds only the newcomers) or a pinned one.
         """
+        keep = keep | lora_ids
         failed: dict[int, LoRAError] = {}
         for lora_id in lora_ids:
             if lora_id in self._slot_lru:
                 self._slot_lru.move_to_end(lora_id)
-                self.stats["slot_hits"] += 1
+                self.stats.slot_hits += 1
                 continue
-            try:
-                if lora_id not in self.registered:
-                    raise LoRAError(f"adapter id {lora_id} is not registered")
-                lora = self._get_host(lora_id)
-            except LoRAError as e:
-                failed[lora_id] = e
+            lora = self._host.get(lora_id)
+            if lora is None:
+                failed[lora_id] = LoRAError(
+                    f"adapter id {lora_id} is not registered" if lora_id not in self.registered
+                    else f"adapter id {lora_id} was scheduled but is not loaded (bug)")
                 continue
-            slot = self._free_slot(lora_ids)
+            self._host.move_to_end(lora_id)
+            self.stats.host_hits += 1
+            slot = self._free_slot(keep)
             self._load_slot(slot, lora)
             self._slot_lru[lora_id] = slot
-            self.stats["slot_loads"] += 1
         return {i: self._slot_lru[i] for i in lora_ids if i not in failed}, failed
 
     def _free_slot(self, keep: set[int]) -> int:
@@ -168,14 +248,20 @@ class LoRAManager:
             prefix, _, leaf = module.rpartition(".")
             packed, k = self._packed.get(leaf, (leaf, 0))
             grouped.setdefault(f"{prefix}.{packed}", {})[k] = (w.lora_a, w.lora_b)
-        for name, layer in self.layers.items():
-            parts = grouped.get(name)
-            if parts is None:
-                layer.reset_lora(slot)
-                continue
-            n = len(layer.output_sizes)
-            layer.set_lora(slot, [parts[k][0] if k in parts else None for k in range(n)],
-                           [parts[k][1] if k in parts else None for k in range(n)])
+        stream = self._copy_stream
+        if stream is not None:  # the slot was last read by compute: start after it
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for name, layer in self.layers.items():
+                parts = grouped.get(name)
+                if parts is None:
+                    layer.reset_lora(slot)
+                    continue
+                n = len(layer.output_sizes)
+                layer.set_lora(slot, [parts[k][0] if k in parts else None for k in range(n)],
+                               [parts[k][1] if k in parts else None for k in range(n)])
+        if stream is not None:  # the next forward reads the slot: wait for the copies
+            torch.cuda.current_stream(self.device).wait_stream(stream)
         self.lora_index_to_id[slot] = lora.lora_int_id
 
     def _reset_slot(self, slot: int) -> None:

@@ -1,0 +1,88 @@
+"""Background adapter loads: read + validate on worker threads, never on the step loop.
+
+    step loop:  submit(id) ... poll() -> {id: LoRAModel | LoRAError}   (non-blocking)
+    worker:     read adapter_config.json + weights, validate, scale   (load_adapter)
+
+A load is submitted once per adapter however many requests wait for it; the step loop
+picks finished loads up at the start of the next step and keeps serving everyone else
+meanwhile. Each load's wall time is recorded for the load-latency metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from loraplex.lora.adapter import LoRAModel
+from loraplex.lora.errors import LoRAError
+from loraplex.lora.request import LoRARequest
+
+logger = logging.getLogger(__name__)
+
+LoadResult = LoRAModel | LoRAError
+
+
+class AdapterLoader:
+    def __init__(self, load_fn: Callable[[LoRARequest], LoRAModel], num_workers: int = 2
+                 ) -> None:
+        self._load_fn = load_fn
+        self._executor = ThreadPoolExecutor(num_workers, thread_name_prefix="loraplex-lora")
+        self._inflight: dict[int, Future] = {}
+        self.latencies: list[float] = []  # seconds per finished load (drain_latencies)
+
+    def __contains__(self, lora_int_id: int) -> bool:
+        return lora_int_id in self._inflight
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def submit(self, req: LoRARequest) -> bool:
+        """Start loading `req` unless it is already loading. True if a load was started."""
+        if req.lora_int_id in self._inflight:
+            return False
+        self._inflight[req.lora_int_id] = self._executor.submit(self._timed_load, req)
+        return True
+
+    def _timed_load(self, req: LoRARequest) -> tuple[LoadResult, float]:
+        start = time.perf_counter()
+        try:
+            result: LoadResult = self._load_fn(req)
+        except LoRAError as e:
+            result = e
+        except Exception as e:  # an I/O or parsing failure we did not foresee: still per-adapter
+            logger.exception("loading adapter %r failed", req.lora_name)
+            result = LoRAError(f"LoRA adapter {req.lora_name!r}: loading failed: {e!r}")
+        return result, time.perf_counter() - start
+
+    def poll(self) -> dict[int, LoadResult]:
+        """Finished loads since the last poll (never blocks)."""
+        done: dict[int, LoadResult] = {}
+        for lora_id, fut in list(self._inflight.items()):
+            if fut.done():
+                del self._inflight[lora_id]
+                result, seconds = fut.result()
+                self.latencies.append(seconds)
+                done[lora_id] = result
+        return done
+
+    def drain_latencies(self) -> list[float]:
+        """Load times recorded since the last call."""
+        out, self.latencies = self.latencies, []
+        return out
+
+    def wait_any(self, timeout: float) -> None:
+        """Block until some load finishes (or `timeout`): for an engine with nothing else to do."""
+        if self._inflight:
+            wait(list(self._inflight.values()), timeout=timeout, return_when=FIRST_COMPLETED)
+
+    def cancel(self, lora_int_id: int) -> None:
+        """Forget a load (the adapter was unregistered); a running read finishes unseen."""
+        fut = self._inflight.pop(lora_int_id, None)
+        if fut is not None:
+            fut.cancel()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
