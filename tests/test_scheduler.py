@@ -1,8 +1,11 @@
-"""Scheduler rules: the max_loras cap per step, FCFS without starvation, preemption."""
+"""Scheduler rules: the max_loras cap per step, the LoRA policies (strict FCFS; fair time
+slicing), cold adapters not holding anyone up, preemption."""
 
 from __future__ import annotations
 
 import random
+
+import pytest
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.block_manager import BlockManager
@@ -11,16 +14,23 @@ from loraplex.engine.sequence import Sequence
 from loraplex.sampling_params import SamplingParams
 
 
-def _run(scheduler: Scheduler, max_tokens: int, steps: int = 10_000):
-    """Drive the scheduler like the engine does; returns the batches and finish order."""
+def _run(scheduler: Scheduler, max_tokens: int, steps: int = 10_000, arrivals=None):
+    """Drive the scheduler like the engine does; returns the batches and finish order.
+    `arrivals(step)` may add sequences before each step; `seq.first_step` is recorded."""
     batches, finished = [], []
-    for _ in range(steps):
+    for step in range(steps):
+        if arrivals is not None:
+            arrivals(step)
         if not scheduler.has_unfinished():
-            break
+            if arrivals is None:
+                break
+            continue
         seqs, _ = scheduler.schedule()
-        assert seqs, "scheduler stalled with work left"
+        assert seqs or arrivals is not None, "scheduler stalled with work left"
         batches.append({s.lora_int_id for s in seqs} | scheduler.running_loras())
         for s in seqs:
+            if not hasattr(s, "first_step"):
+                s.first_step = step
             s.append_token(1)
             if s.num_output_tokens >= max_tokens:
                 scheduler.finish(s)
@@ -28,24 +38,86 @@ def _run(scheduler: Scheduler, max_tokens: int, steps: int = 10_000):
     return batches, finished
 
 
-def test_max_loras_cap_and_no_starvation():
+def _scheduler(max_loras: int, policy: str, max_num_seqs: int = 8, **kw) -> Scheduler:
+    cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
+                          max_model_len=512, lora_policy=policy, **kw)
+    return Scheduler(cfg, BlockManager(1000, 16), lambda batch: max_loras)
+
+
+def _mixed_queue(sched: Scheduler, n: int = 60) -> list[Sequence]:
     rng = random.Random(0)
-    max_loras = 2
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096,
-                                      max_model_len=512),
-                      BlockManager(1000, 16), lambda batch: max_loras)
     params = SamplingParams(max_tokens=5)
     seqs = [Sequence(str(i), 0, [1] * rng.randint(2, 20), params,
                      lora_int_id=rng.choice([0, 1, 1, 1, 2, 3, 4, 5]))
-            for i in range(60)]
+            for i in range(n)]
     for s in seqs:
         sched.add(s)
+    return seqs
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "fair"])
+def test_max_loras_cap_and_everyone_finishes(policy):
+    sched = _scheduler(2, policy)
+    seqs = _mixed_queue(sched)
     batches, finished = _run(sched, max_tokens=5)
-    assert all(len(b - {0}) <= max_loras for b in batches)
+    assert all(len(b - {0}) <= 2 for b in batches)
     assert len(finished) == len(seqs)  # everyone, including rare adapters, completed
-    # FCFS admission: nobody finishes before a request that arrived 8+ places earlier
-    order = {s.request_id: i for i, s in enumerate(finished)}
-    assert all(order[str(i)] < order[str(j)] for i in range(60) for j in range(i + 9, 60))
+    if policy == "fcfs":  # strict admission: nobody overtakes a request 8+ places earlier
+        order = {s.request_id: i for i, s in enumerate(finished)}
+        assert all(order[str(i)] < order[str(j)] for i in range(60) for j in range(i + 9, 60))
+
+
+def test_fair_policy_lets_running_adapters_go_ahead():
+    steps = {}
+    for policy in ("fcfs", "fair"):
+        sched = _scheduler(2, policy, lora_min_slice_steps=4)
+        _mixed_queue(sched)
+        batches, _ = _run(sched, max_tokens=5)
+        steps[policy] = len(batches)
+    assert steps["fair"] < steps["fcfs"]  # fewer head-of-line stalls: fuller batches
+
+
+def test_hot_adapter_cannot_starve_the_tail():
+    """max_loras=1, a hot adapter gets new requests every step forever; one request for
+    another adapter must still get the slot within a time slice plus one drain."""
+    slice_steps, max_tokens = 8, 6
+    sched = _scheduler(1, "fair", max_num_seqs=4, lora_min_slice_steps=slice_steps)
+    params = SamplingParams(max_tokens=max_tokens)
+    tail = Sequence("tail", 0, [1, 2, 3], params, lora_int_id=2)
+
+    def arrivals(step):
+        sched.add(Sequence(f"hot{step}", 0, [1, 2], params, lora_int_id=1))
+        if step == 3:
+            sched.add(tail)
+
+    _, finished = _run(sched, max_tokens, steps=120, arrivals=arrivals)
+    assert tail in finished
+    assert tail.first_step - 3 <= slice_steps + max_tokens + 2
+    hot_done = [s for s in finished if s.request_id.startswith("hot")]
+    assert len(hot_done) > 40  # and the hot adapter keeps being served around it
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "fair"])
+def test_adapter_still_loading_does_not_hold_up_others(policy):
+    ready = {1: True, 2: False}
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096, max_model_len=512,
+                          lora_policy=policy)
+    sched = Scheduler(cfg, BlockManager(1000, 16), lambda batch: 2,
+                      lora_ready=lambda lora_id: ready[lora_id])
+    params = SamplingParams(max_tokens=4)
+    cold = Sequence("cold", 0, [1, 2], params, lora_int_id=2)
+    warm = [Sequence(f"w{i}", 0, [1, 2], params, lora_int_id=1 if i % 2 else 0)
+            for i in range(4)]
+    for s in [cold, *warm]:
+        sched.add(s)
+
+    def arrivals(step):
+        if step == 10:
+            ready[2] = True
+
+    _, finished = _run(sched, max_tokens=4, steps=40, arrivals=arrivals)
+    assert [s.first_step for s in warm] == [0] * 4  # the cold head of the queue waited alone
+    assert cold in finished and cold.first_step == 10
 
 
 def test_preemption_when_blocks_run_out():

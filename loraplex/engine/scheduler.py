@@ -1,13 +1,25 @@
 """Continuous batching: which sequences run in the next step.
 
 A step is either a prefill of newly admitted sequences or a decode of all running
-ones. Admission is first come, first served, and stops at the first waiting sequence
-that does not fit (KV blocks, max_num_seqs, token budget, or the max_loras rule), so
-nobody behind it can overtake it and nobody starves.
+ones. Waiting sequences are considered in arrival order. KV blocks, max_num_seqs and
+the token budget are first come, first served: admission stops at the first sequence
+they cannot hold, so nobody behind it overtakes it on memory.
 
 The max_loras rule: the running set never holds more than `max_loras` distinct
 adapters (the base takes no slot; slots pinned by adapters outside the batch count).
-A request for another adapter waits until a running adapter has drained.
+How requests for other adapters wait is the LoRA policy:
+
+- "fcfs": admission stops at the first request whose adapter has no slot; it waits
+  until a running adapter drains. Strict arrival order, but everything queues behind it.
+- "fair" (default): a request whose adapter has no slot is skipped, so requests for
+  running adapters (and the base) go on; and the slots are time-sliced so the tail is
+  never starved: the adapter that has waited longest is "blocked", and once some running
+  adapter has held its slot for `lora_min_slice_steps`, the one holding it longest
+  stops admitting new requests (drains); when its last sequence finishes, the blocked
+  adapter takes the slot. The longest-waiting adapter is always the next one in.
+
+A request whose adapter is still being read from disk (not `lora_ready`) is skipped
+until it is, whatever the policy: a cold adapter never holds up warm ones.
 When decode runs out of KV blocks, the newest running sequence is preempted: its
 blocks are freed and it is recomputed (prompt + output so far) when readmitted.
 """
@@ -22,17 +34,34 @@ from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.sequence import Sequence, SequenceStatus
 
 
+def _always(_: int) -> bool:
+    return True
+
+
+def _never(_: int) -> bool:
+    return False
+
+
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager,
-                 lora_capacity: Callable[[set[int]], int] | None = None) -> None:
+                 lora_capacity: Callable[[set[int]], int] | None = None,
+                 lora_ready: Callable[[int], bool] = _always,
+                 lora_pinned: Callable[[int], bool] = _never) -> None:
         self.max_num_seqs = cfg.max_num_seqs
         self.max_num_batched_tokens = cfg.max_num_batched_tokens
+        self.fair = cfg.lora_policy == "fair"
+        self.min_slice_steps = cfg.lora_min_slice_steps
         self.block_manager = block_manager
         # distinct adapters a batch holding `set` may have; None = LoRA off
         self.lora_capacity = lora_capacity
+        self.lora_ready = lora_ready
+        self.lora_pinned = lora_pinned
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_steps = 0
+        self._slot_since: dict[int, int] = {}  # running adapter -> step it got its slot
+        self.draining: set[int] = set()  # running adapters admitting nothing new
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -51,6 +80,7 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill). Empty list: nothing can run now."""
+        self.num_steps += 1
         batch = self._schedule_prefill()
         if batch:
             return batch, True
@@ -59,23 +89,51 @@ class Scheduler:
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []
         loras = self.running_loras()
+        self._track_slots(loras)
+        blocked: int | None = None  # the longest-waiting adapter that found no slot
         num_tokens = 0
-        while self.waiting:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            lora_id = seq.lora_int_id
+            if lora_id and not self.lora_ready(lora_id):
+                continue  # still loading: do not hold anyone up
+            if lora_id in self.draining:
+                continue
+            if not self._lora_fits(lora_id, loras):
+                if not self.fair:
+                    break
+                blocked = blocked or lora_id
+                continue
             if (len(self.running) + len(batch) >= self.max_num_seqs
                     or num_tokens + seq.num_tokens > self.max_num_batched_tokens
-                    or not self._lora_fits(seq.lora_int_id, loras)
                     or not self.block_manager.can_allocate(seq)):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.block_manager.allocate(seq)
             seq.status = SequenceStatus.RUNNING
-            if seq.lora_int_id:
-                loras.add(seq.lora_int_id)
+            if lora_id and lora_id not in loras:
+                loras.add(lora_id)
+                self._slot_since[lora_id] = self.num_steps
             num_tokens += seq.num_tokens
             batch.append(seq)
         self.running.extend(batch)
+        if blocked is not None and not self.draining:
+            self._drain_one(loras)
         return batch
+
+    def _track_slots(self, loras: set[int]) -> None:
+        """Forget adapters that left the running set (their slot is free again)."""
+        for lora_id in list(self._slot_since):
+            if lora_id not in loras:
+                del self._slot_since[lora_id]
+        self.draining &= loras
+
+    def _drain_one(self, loras: set[int]) -> None:
+        """Time slice: the adapter holding its slot longest stops taking new requests."""
+        candidates = [(since, lora_id) for lora_id, since in self._slot_since.items()
+                      if lora_id in loras and not self.lora_pinned(lora_id)
+                      and self.num_steps - since >= self.min_slice_steps]
+        if candidates:
+            self.draining.add(min(candidates)[1])
 
     def _schedule_decode(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
