@@ -52,16 +52,20 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
             ad["r4_qv"], tmp_path / "emb",
             lambda c: c.update(target_modules=["embed_tokens", "q_proj"])))), "embeddings"),
     }
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(ad["r4_qv"], corrupt)
-    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
-    cases["corrupt safetensors"] = (LoRARequest("corrupt", 16, str(corrupt)), "cannot read")
     no_cfg = tmp_path / "nocfg"
     shutil.copytree(ad["r4_qv"], no_cfg)
     (no_cfg / "adapter_config.json").unlink()
     cases["no config"] = (LoRARequest("nocfg", 17, str(no_cfg)), "adapter_config.json")
+    # the weights are read off the step loop when a request needs them: these fail the
+    # request (finish_reason "error" with the message), not add_request
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ad["r4_qv"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
     other = make_peft_adapter(_wide_model(tmp_path), tmp_path / "wide_lora", r=4, seed=2)
-    cases["shape mismatch"] = (LoRARequest("wide", 18, str(other)), "do not fit")
+    late_cases = {
+        "corrupt safetensors": (LoRARequest("corrupt", 16, str(corrupt)), "cannot read"),
+        "shape mismatch": (LoRARequest("wide", 18, str(other)), "do not fit"),
+    }
 
     engine = llm.llm_engine
     engine.add_request("ok", {"prompt_token_ids": prompts[0]}, GREEDY, lora_request=good)
@@ -70,11 +74,19 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
             engine.add_request(f"bad-{name}", {"prompt_token_ids": prompts[1]}, GREEDY,
                                lora_request=req)
         assert f"bad-{name}" not in engine.requests, name
-    done = []
+    for name, (req, _) in late_cases.items():
+        engine.add_request(f"late-{name}", {"prompt_token_ids": prompts[1]}, GREEDY,
+                           lora_request=req)
+    done = {}
     while engine.has_unfinished_requests():
-        done += [o for o in engine.step() if o.finished]
-    assert [o.request_id for o in done] == ["ok"]
-    assert len(done[0].outputs[0].token_ids) == GREEDY.max_tokens
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(done) == sorted(["ok"] + [f"late-{n}" for n in late_cases])
+    assert len(done["ok"].outputs[0].token_ids) == GREEDY.max_tokens
+    assert done["ok"].error is None
+    for name, (_, message) in late_cases.items():
+        out = done[f"late-{name}"]
+        assert out.outputs[0].finish_reason == "error" and out.outputs[0].token_ids == []
+        assert message in out.error, (name, out.error)
     _assert_still_serves(llm, prompts[2], good)
 
 

@@ -24,8 +24,9 @@ def test_mixed_batch_matches_peft(arch, tiny_models, tiny_adapters, prompts):
     # adapters really changed something
     texts = {n: o.outputs[0].token_ids for (p, n), o in zip(batch, outs) if p == prompts[0]}
     assert len(set(map(tuple, texts.values()))) == len(texts)
-    # more adapters than host slots: some were evicted and read again from disk
-    assert llm.llm_engine.lora_manager.stats["host_loads"] > 0
+    # more adapters than the host tier holds: every one was read, some were evicted
+    lm = llm.llm_engine.lora_manager
+    assert lm.stats.host_misses >= len(reqs) and lm.num_host <= 3
 
 
 def test_all_adapters_in_one_step(tiny_models, tiny_adapters, prompts):
@@ -35,6 +36,8 @@ def test_all_adapters_in_one_step(tiny_models, tiny_adapters, prompts):
     names = [None, *sorted(reqs)]
     llm = make_llm(base, enable_lora=True, max_loras=5, max_lora_rank=16)
     engine = llm.llm_engine
+    for req in reqs.values():  # loaded up front: a cold adapter's request would wait
+        engine.add_lora(req)
     for i, n in enumerate(names):
         engine.add_request(str(i), {"prompt_token_ids": prompts[i % len(prompts)]}, GREEDY,
                            lora_request=reqs[n] if n else None)
