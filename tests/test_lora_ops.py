@@ -86,9 +86,10 @@ def test_rank_buckets_touch_only_their_rank():
     meta = LoRABatchMeta.make([0, 1, 2, 3, 1], CPU)
     buckets = meta.rank_buckets([8, 64, 8, 16])
     assert [(bk.rank, bk.slots.tolist()) for bk in buckets] == [(8, [0, 2]), (64, [1]), (16, [3])]
+    assert buckets[0].slot_slice == slice(0, 3, 2)  # evenly spaced: weights are a view
     assert meta.rank_buckets([8, 64, 8, 16]) is buckets  # memoized for the step
     [only] = meta.rank_buckets([8, 0, 5, 8])  # a rank-0 slot has nothing to add
-    assert only.rank == 8 and only.slots.tolist() == [0, 2, 3]
+    assert only.rank == 8 and only.slots.tolist() == [0, 2, 3] and only.slot_slice is None
     assert only.gather.tolist() == [[0], [2], [3]] and only.scatter_tok.tolist() == [0, 2, 3]
 
 

@@ -28,12 +28,20 @@ from dataclasses import dataclass
 import torch
 
 
+def _owner(counts: torch.Tensor) -> torch.Tensor:
+    """[sum(counts)]: i for each of the counts[i] items of group i (repeat_interleave, which
+    on the CPU starts threads even for a few items)."""
+    ends = counts.cumsum(0)
+    return torch.searchsorted(ends, torch.arange(int(ends[-1]) if len(ends) else 0), right=True)
+
+
 @dataclass(frozen=True)
 class RankBucket:
     """Active slots of similar rank, padded into one [G, Tmax] batch for the torch path."""
 
     rank: int  # the largest real rank in the bucket: columns beyond it are never read
     slots: torch.Tensor  # [G] long
+    slot_slice: slice | None  # the same slots as a slice when evenly spaced (a view, no copy)
     gather: torch.Tensor  # [G, Tmax] long: token row of each padded position (pads repeat a row)
     scatter_pos: torch.Tensor  # [N] long: flat padded positions that hold a real token
     scatter_tok: torch.Tensor  # [N] long: the token row of each of those positions
@@ -46,12 +54,12 @@ class LoRABatchMeta:
         self.max_tokens, self.block_m, self.device = max_tokens, block_m, torch.device(device)
         # sum_g ceil(n_g / block_m) < max_tokens / block_m + (number of segments)
         self.max_tiles = -(-max_tokens // block_m) + min(max_tokens, max_loras)
-        sizes = [max_tokens, max_tokens, self.max_tiles, self.max_tiles, self.max_tiles, 1]
-        self._buf = torch.zeros(sum(sizes), dtype=torch.int32, device=self.device)
+        self._sizes = [max_tokens, max_tokens, self.max_tiles, self.max_tiles, self.max_tiles, 1]
+        self._buf = torch.zeros(sum(self._sizes), dtype=torch.int32, device=self.device)
         (self.token_lora_indices, self.sorted_token_ids, self.tile_slot, self.tile_start,
-         self.tile_len, self.num_tiles) = self._buf.split(sizes)
+         self.tile_len, self.num_tiles) = self._buf.split(self._sizes)
         on_gpu = self.device.type == "cuda"  # stage in pinned host memory, copy once a step
-        self._host = (torch.zeros(sum(sizes), dtype=torch.int32, pin_memory=True) if on_gpu
+        self._host = (torch.zeros(len(self._buf), dtype=torch.int32, pin_memory=True) if on_gpu
                       else self._buf)
         self._copied = torch.cuda.Event() if on_gpu else None
         self.num_tokens = 0
@@ -83,41 +91,35 @@ class LoRABatchMeta:
             raise ValueError(f"{n} tokens > the {self.max_tokens} this meta was sized for")
         slots = torch.tensor(token_lora_slots, dtype=torch.int32).reshape(n)
         order = torch.argsort(slots, stable=True)
-        order = order[(slots < 0).sum():]  # drop base tokens (slot -1 sorts first)
+        order = order[int((slots < 0).sum()):]  # drop base tokens (slot -1 sorts first)
         active, counts = torch.unique_consecutive(slots[order], return_counts=True)
         starts = counts.cumsum(0) - counts
-        # tiles: segment g covers ceil(counts[g] / block_m) of them
-        per_seg = (counts + self.block_m - 1) // self.block_m
-        seg = torch.repeat_interleave(torch.arange(len(active)), per_seg)
-        first = torch.repeat_interleave(per_seg.cumsum(0) - per_seg, per_seg)
-        offset = (torch.arange(len(seg)) - first) * self.block_m
-        host = self._host
+        seg, tile_start, tile_len = self._tiles(starts, counts)
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left the staging buffer
-        host.fill_(0)
-        self._host_views(host, order, seg, active, starts[seg] + offset, counts, offset)
+        idx, srt, t_slot, t_start, t_len, num = self._host.split(self._sizes)
+        for view, values, fill in ((idx, slots, -1), (srt, order, 0), (t_slot, active[seg], -1),
+                                   (t_start, tile_start, 0), (t_len, tile_len, 0)):
+            view.fill_(fill)
+            view[:len(values)] = values
+        num[0] = len(seg)
         if self._copied is not None:
-            self._buf.copy_(host, non_blocking=True)
+            self._buf.copy_(self._host, non_blocking=True)
             self._copied.record()
         self.num_tokens = n
         self.active_slot_list = active.tolist()
-        self._segments = (order.long(), starts, counts)
+        self._segments = (order, starts, counts)
         self._buckets: dict[tuple[int, ...], list[RankBucket]] = {}
         return self
 
-    def _host_views(self, host: torch.Tensor, order: torch.Tensor, seg: torch.Tensor,
-                    active: torch.Tensor, tile_start: torch.Tensor, counts: torch.Tensor,
-                    offset: torch.Tensor) -> None:
-        idx, srt, t_slot, t_start, t_len, num = host.split(
-            [self.max_tokens, self.max_tokens, self.max_tiles, self.max_tiles, self.max_tiles, 1])
-        idx.fill_(-1)
-        idx[order] = active.repeat_interleave(counts)
-        srt[:len(order)] = order.to(torch.int32)
-        t_slot.fill_(-1)
-        t_slot[:len(seg)] = active[seg]
-        t_start[:len(seg)] = tile_start.to(torch.int32)
-        t_len[:len(seg)] = torch.clamp(counts[seg] - offset, max=self.block_m).to(torch.int32)
-        num[0] = len(seg)
+    def _tiles(self, starts: torch.Tensor, counts: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cut segments into tiles of <= block_m rows: per tile its segment, first row, rows."""
+        bm = self.block_m
+        per_seg = (counts + bm - 1) // bm
+        seg = _owner(per_seg)
+        offset = (torch.arange(len(seg)) - (per_seg.cumsum(0) - per_seg)[seg]) * bm
+        return seg, starts[seg] + offset, torch.clamp(counts[seg] - offset, max=bm)
 
     def rank_buckets(self, slot_ranks: list[int]) -> list[RankBucket]:
         """Active slots grouped by rank class (ceil to a power of 2), for the torch path.
@@ -138,6 +140,9 @@ class LoRABatchMeta:
                 by_class.setdefault(1 << (r - 1).bit_length(), []).append(g)
         buckets = []
         for groups in by_class.values():
+            slots = [self.active_slot_list[i] for i in groups]
+            step = slots[1] - slots[0] if len(slots) > 1 else 1
+            even = all(b - a == step for a, b in zip(slots, slots[1:]))
             g = torch.tensor(groups)
             n, tmax = counts[g], int(counts[g].max())
             j = torch.arange(tmax)
@@ -146,7 +151,8 @@ class LoRABatchMeta:
             dev = self.device
             buckets.append(RankBucket(
                 rank=max(ranks[i] for i in groups),
-                slots=torch.tensor([self.active_slot_list[i] for i in groups], device=dev),
+                slots=torch.tensor(slots, device=dev),
+                slot_slice=slice(slots[0], slots[-1] + 1, step) if even else None,
                 gather=gather.to(dev), scatter_pos=pos.to(dev),
                 scatter_tok=gather.flatten()[pos].to(dev)))
         return buckets

@@ -12,8 +12,9 @@ line, batched; B carries the adapter's scaling, folded in at load time):
 
 Slots are padded to R in the buffers. The active slots are grouped into a few rank
 buckets (`LoRABatchMeta.rank_buckets`) and a bucket touches only its first `rank`
-columns, so r=8 adapters beside r=64 ones cost r=8. Per bucket each op is a gather, a
-bmm and a scatter in fp32: no Python loop over adapters.
+columns, so r=8 adapters beside r=64 ones cost r=8. Per bucket and packed slice each op
+is one bmm in fp32 over views of the slot buffers (a copy only when the bucket's slots are
+not evenly spaced), plus a gather and a scatter of token rows: no loop over adapters.
 """
 
 from __future__ import annotations
@@ -29,25 +30,26 @@ def _buckets(meta: LoRABatchMeta, lora_ranks: torch.Tensor, max_rank: int) -> li
     return meta.rank_buckets(ranks)
 
 
-def _select(stacked: torch.Tensor, bucket: RankBucket, rank_dim: int) -> torch.Tensor:
-    """The bucket's slots, first `rank` entries of the rank axis (no copy if that is all)."""
-    sliced = stacked.narrow(rank_dim, 0, bucket.rank)
-    if len(bucket.slots) == stacked.shape[0]:
-        return sliced  # the bucket's slots are sorted and distinct: all of them, in order
-    return sliced.index_select(0, bucket.slots)
+def _slots(stacked: torch.Tensor, bucket: RankBucket) -> torch.Tensor:
+    """stacked[bucket.slots] as a view where it can be (slots are handed out lowest first, so
+    usually a range), else a copy of only what the caller kept (the rank columns)."""
+    if bucket.slot_slice is not None:
+        return stacked[bucket.slot_slice]
+    return stacked.index_select(0, bucket.slots)
 
 
 def lora_shrink(x: torch.Tensor, a_stacked: torch.Tensor, lora_ranks: torch.Tensor,
                 meta: LoRABatchMeta) -> torch.Tensor:
     """buf[0, i, k, :r] = A[s, k, :r] @ x[i] for every token i with a slot s."""
-    _, n, rank, d_in = a_stacked.shape
+    _, n, rank, _ = a_stacked.shape
     buf = torch.zeros(1, x.shape[0], n, rank, dtype=torch.float32, device=x.device)
     for b in _buckets(meta, lora_ranks, rank):
-        g, r = len(b.slots), b.rank
+        r = b.rank
         xs = x[b.gather].float()  # [G, Tmax, in]
-        a = _select(a_stacked, b, rank_dim=2).float().reshape(g, n * r, d_in)
-        t = torch.bmm(xs, a.transpose(1, 2))  # [G, Tmax, n * r]
-        buf[0, b.scatter_tok, :, :r] = t.view(-1, n, r)[b.scatter_pos]
+        for k in range(n):
+            a_k = _slots(a_stacked[:, k, :r], b).float()  # [G, r, in]
+            t = torch.bmm(xs, a_k.transpose(1, 2))  # [G, Tmax, r]
+            buf[0, b.scatter_tok, k, :r] = t.flatten(0, 1)[b.scatter_pos]
     return buf
 
 
@@ -57,12 +59,12 @@ def lora_expand(buf: torch.Tensor, b_stacked: torch.Tensor, y: torch.Tensor,
     t = buf[0] if buf.shape[0] == 1 else buf.sum(0)  # [T, n, R]
     for b in _buckets(meta, lora_ranks, b_stacked.shape[2]):
         r = b.rank
-        tb = t[b.gather][..., :r]  # [G, Tmax, n, r]
-        w = _select(b_stacked, b, rank_dim=2).float()  # [G, sum(out), r]
+        tb = t[b.gather]  # [G, Tmax, n, R]
+        w = _slots(b_stacked[:, :, :r], b).float()  # [G, sum(out), r]
         col = 0
         for k, out_k in enumerate(output_sizes):
-            delta = torch.bmm(tb[:, :, k], w[:, col:col + out_k].transpose(1, 2))  # [G, Tmax, out_k]
-            delta = delta.flatten(0, 1)[b.scatter_pos].to(y.dtype)
+            delta = torch.bmm(tb[:, :, k, :r], w[:, col:col + out_k].transpose(1, 2))
+            delta = delta.flatten(0, 1)[b.scatter_pos].to(y.dtype)  # [N, out_k]
             y[:, col:col + out_k].index_add_(0, b.scatter_tok, delta)
             col += out_k
 
