@@ -31,6 +31,7 @@ from loraplex.models.loader import init_dummy_weights, load_weights, resolve_mod
 from loraplex.models.registry import build_model
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
+from loraplex.worker.memory import cpu_cache_config, kv_block_bytes, plan_memory
 from loraplex.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,23 @@ class LLMEngine:
         self.model = self._load_model(hf_config, path)
         self.lora_manager = (LoRAManager(self.model, self.lora_config, mc.dtype)
                              if self.lora_config else None)
-        self.model_runner = ModelRunner(self.model, mc, self.config.cache_config,
-                                        self.config.scheduler_config.max_num_seqs)
         block_size = self.config.cache_config.block_size
+        self.memory = plan_memory(self.lora_manager, kv_block_bytes(self.model, mc.dtype,
+                                                                    block_size),
+                                  block_size, mc.max_model_len)
+        cache_config = cpu_cache_config(self.config.cache_config, self.memory, mc.device.type)
+        self.model_runner = ModelRunner(self.model, mc, cache_config,
+                                        self.config.scheduler_config.max_num_seqs)
+        self.memory.num_kv_blocks = self.model_runner.num_blocks
         if self.model_runner.num_blocks * block_size < mc.max_model_len:
+            slots = (f" after the adapter slots took {self.memory.lora_slot_bytes / 2**20:.1f} "
+                     "MiB (lower max_loras or max_lora_rank)" if self.lora_manager else "")
             raise ValueError(
-                f"the KV cache holds {self.model_runner.num_blocks * block_size} tokens, fewer "
-                f"than max_model_len={mc.max_model_len}; give it more memory or lower "
+                f"the KV cache holds {self.model_runner.num_blocks * block_size} tokens{slots}, "
+                f"fewer than max_model_len={mc.max_model_len}; give it more memory or lower "
                 "max_model_len")
+        logger.info("memory: %s", self.memory.describe(
+            self.lora_config.max_lora_rank if self.lora_config else 0))
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size)
         lm = self.lora_manager
         self.scheduler = Scheduler(

@@ -60,7 +60,13 @@ class LoRAManager:
     def __init__(self, model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> None:
         self.cfg = cfg
         self.dtype = cfg.lora_dtype or dtype
-        self.layers = wrap_lora_layers(model, cfg, self.dtype)
+        try:
+            self.layers = wrap_lora_layers(model, cfg, self.dtype)
+        except torch.OutOfMemoryError as e:
+            raise ValueError(
+                f"the adapter slots (max_loras={cfg.max_loras} x max_lora_rank="
+                f"{cfg.max_lora_rank} on every LoRA layer) do not fit in device memory: "
+                "lower max_loras or max_lora_rank") from e
         self.device = next(iter(self.layers.values())).lora_a_stacked.device
         self._packed = model.packed_modules_mapping
         self.targets = self._target_shapes(model)
@@ -86,6 +92,15 @@ class LoRAManager:
             for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):
                 shapes[f"{prefix}.{hf_leaf}"] = (base.in_features, base.output_sizes[k])
         return TargetShapes(shapes=shapes, suffixes=tuple(model.lora_target_modules))
+
+    def slot_bytes_per_rank(self) -> int:
+        """Bytes of one slot at rank 1 over all wrapped layers (A and B of every slice)."""
+        total = 0
+        for layer in self.layers.values():
+            elem = layer.lora_a_stacked.element_size()
+            base = layer.base_layer
+            total += (len(layer.output_sizes) * base.in_features + sum(layer.output_sizes)) * elem
+        return total
 
     # ---- registry ---------------------------------------------------------------------
     def prepare(self, req: LoRARequest) -> LoRAModel:

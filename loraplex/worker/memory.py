@@ -1,0 +1,93 @@
+"""One memory budget for the KV cache and the adapter slots.
+
+    budget  =  adapter slots (max_loras x max_lora_rank, every LoRA-wrapped layer)
+            +  KV cache blocks
+
+On a GPU the budget is what `gpu_memory_utilization` leaves after the weights: the slot
+buffers are allocated first, so the KV cache is sized from what they leave. On the CPU
+it is `cpu_kv_cache_gib`, and the slots are taken out of it here. A config whose slots
+leave too little KV cache for one sequence of `max_model_len` is refused, with numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.config import CacheConfig
+from loraplex.lora.manager import LoRAManager
+
+
+@dataclass
+class MemoryPlan:
+    lora_slot_bytes: int  # all max_loras slots
+    bytes_per_rank: int  # one slot at rank 1 (a slot of rank r costs r times this)
+    kv_block_bytes: int
+    block_size: int
+    max_model_len: int
+    num_kv_blocks: int = 0
+    budget: int | None = None  # known up front on the CPU; else what KV + slots took
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.num_kv_blocks * self.kv_block_bytes
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.budget if self.budget is not None else self.kv_bytes + self.lora_slot_bytes
+
+    def slot_bytes(self, rank: int) -> int:
+        return rank * self.bytes_per_rank
+
+    def max_slots(self, rank: int) -> int:
+        """Adapter slots of `rank` the budget could hold, keeping KV for one full-length
+        sequence (what `max_loras` could be raised to at that `max_lora_rank`)."""
+        if not self.bytes_per_rank:
+            return 0
+        min_kv = -(-self.max_model_len // self.block_size) * self.kv_block_bytes
+        return max(0, (self.budget_bytes - min_kv) // self.slot_bytes(rank))
+
+    def describe(self, max_lora_rank: int) -> str:
+        kv = (f"KV cache {self.kv_bytes / 2**20:.1f} MiB = {self.num_kv_blocks * self.block_size}"
+              " tokens")
+        if not self.bytes_per_rank:
+            return kv
+        ranks = sorted({8, 16, 64, max_lora_rank})
+        fits = ", ".join(f"r{r}: {self.max_slots(r)}" for r in ranks)
+        return (f"{kv}; adapter slots {self.lora_slot_bytes / 2**20:.1f} MiB "
+                f"({self.slot_bytes(max_lora_rank) / 2**20:.2f} MiB each at rank "
+                f"{max_lora_rank}); slots this budget could hold by rank: {fits}")
+
+
+def kv_block_bytes(model, dtype: torch.dtype, block_size: int) -> int:
+    """K and V of `block_size` tokens in every layer."""
+    a = model.args
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * elem
+
+
+def plan_memory(lora: LoRAManager | None, kv_block_bytes: int, block_size: int,
+                max_model_len: int) -> MemoryPlan:
+    bytes_per_rank = lora.slot_bytes_per_rank() if lora is not None else 0
+    slots = bytes_per_rank * lora.cfg.max_lora_rank * lora.cfg.max_loras if lora else 0
+    return MemoryPlan(lora_slot_bytes=slots, bytes_per_rank=bytes_per_rank,
+                      kv_block_bytes=kv_block_bytes, block_size=block_size,
+                      max_model_len=max_model_len)
+
+
+def cpu_cache_config(cfg: CacheConfig, plan: MemoryPlan, device_type: str) -> CacheConfig:
+    """On the CPU the slots come out of cpu_kv_cache_gib: the KV cache gets the rest.
+    An explicit KV size (kv_cache_memory_bytes, num_gpu_blocks_override) is kept as given."""
+    if device_type != "cpu" or cfg.kv_cache_bytes is not None \
+            or cfg.num_blocks_override is not None:
+        return cfg
+    budget = plan.budget = int(cfg.cpu_kv_cache_gib * 2**30)
+    if plan.lora_slot_bytes >= budget:
+        raise ValueError(
+            f"the adapter slots need {plan.lora_slot_bytes / 2**30:.2f} GiB but the cache "
+            f"budget is cpu_kv_cache_gib={cfg.cpu_kv_cache_gib}: lower max_loras or "
+            "max_lora_rank, or raise cpu_kv_cache_gib")
+    return CacheConfig(block_size=cfg.block_size, kv_cache_bytes=budget - plan.lora_slot_bytes,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization,
+                       cpu_kv_cache_gib=cfg.cpu_kv_cache_gib)

@@ -1,0 +1,49 @@
+"""The adapter slots and the KV cache share one budget; configs that cannot work are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine_utils import make_llm
+
+
+def _slot_buffer_bytes(engine) -> int:
+    total = 0
+    for layer in engine.lora_manager.layers.values():
+        total += layer.lora_a_stacked.numel() * layer.lora_a_stacked.element_size()
+        total += sum(b.numel() * b.element_size() for b in layer.lora_b_stacked)
+    return total
+
+
+def test_slots_come_out_of_the_cpu_budget(tiny_models):
+    kw = dict(cpu_kv_cache_gib=0.02, max_num_seqs=4096, max_model_len=128)
+    few = make_llm(tiny_models["llama"], enable_lora=True, max_loras=1, max_lora_rank=16, **kw)
+    many = make_llm(tiny_models["llama"], enable_lora=True, max_loras=64, max_lora_rank=16,
+                    **kw)
+    for llm in (few, many):
+        plan = llm.llm_engine.memory
+        assert plan.lora_slot_bytes == _slot_buffer_bytes(llm.llm_engine)
+        assert plan.kv_bytes + plan.lora_slot_bytes <= int(0.02 * 2**30)
+        assert plan.budget_bytes - plan.kv_bytes - plan.lora_slot_bytes < plan.kv_block_bytes
+    assert many.llm_engine.model_runner.num_blocks < few.llm_engine.model_runner.num_blocks
+    plan = many.llm_engine.memory
+    # how many slots of a rank fit: the slots, plus what the KV cache beyond one sequence holds
+    spare_kv = plan.kv_bytes - (128 // plan.block_size) * plan.kv_block_bytes
+    assert plan.max_slots(16) == (plan.lora_slot_bytes + spare_kv) // plan.slot_bytes(16)
+    assert plan.max_slots(8) >= 2 * plan.max_slots(16) - 1
+    assert "slots this budget could hold by rank" in plan.describe(16)
+
+
+def test_config_that_cannot_work_is_refused(tiny_models):
+    with pytest.raises(ValueError, match="adapter slots need .* lower max_loras"):
+        make_llm(tiny_models["llama"], enable_lora=True, max_loras=4096, max_lora_rank=64,
+                 cpu_kv_cache_gib=0.01)
+    plan = make_llm(tiny_models["llama"], enable_lora=True, max_loras=1, max_lora_rank=64,
+                    cpu_kv_cache_gib=0.01).llm_engine.memory
+    # a budget where 20 slots leave KV for 128 tokens: max_model_len=256 cannot work
+    budget = 20 * plan.slot_bytes(64) + (128 // plan.block_size) * plan.kv_block_bytes
+    with pytest.raises(ValueError, match="holds 128 tokens after the adapter slots took"):
+        make_llm(tiny_models["llama"], enable_lora=True, max_loras=20, max_lora_rank=64,
+                 cpu_kv_cache_gib=budget / 2**30, max_model_len=256)
+    make_llm(tiny_models["llama"], enable_lora=True, max_loras=20, max_lora_rank=64,
+             cpu_kv_cache_gib=budget / 2**30, max_model_len=128)  # this one fits
