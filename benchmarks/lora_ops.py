@@ -93,7 +93,7 @@ def bench_ranks(x: torch.Tensor, y: torch.Tensor, sizes: list[int], rank_name: s
                 slots: int, time_fn, ops: dict) -> list[dict]:
     """Every adapters x backend case for one rank setup (fresh slot buffers)."""
     (max_rank, cycle), n, d_in = RANKS[rank_name], len(sizes), x.shape[1]
-    a_stacked = torch.randn(slots, n, max_rank, d_in, device=x.device, dtype=x.dtype) * 0.01
+    a_stacked = torch.randn(slots, max_rank, n, d_in, device=x.device, dtype=x.dtype) * 0.01
     b_stacked = torch.randn(slots, sum(sizes), max_rank, device=x.device, dtype=x.dtype) * 0.01
     ranks = [cycle[s % len(cycle)] for s in range(slots)]
     lora_ranks = torch.tensor(ranks, dtype=torch.int32, device=x.device)

@@ -22,10 +22,10 @@ def make_weights(ranks: list[int], max_rank: int, d_in: int, sizes: list[int],
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Slot buffers as LinearWithLoRA holds them; `pad` fills past each slot's rank."""
     n, slots = len(sizes), len(ranks)
-    a = torch.full((slots, n, max_rank, d_in), pad)
+    a = torch.full((slots, max_rank, n, d_in), pad)
     b = torch.full((slots, sum(sizes), max_rank), pad)
     for s, r in enumerate(ranks):
-        a[s, :, :r] = torch.randn(n, r, d_in, generator=gen) / d_in ** 0.5
+        a[s, :r] = torch.randn(r, n, d_in, generator=gen) / d_in ** 0.5
         b[s, :, :r] = torch.randn(sum(sizes), r, generator=gen) / r ** 0.5
     return a, b, torch.tensor(ranks, dtype=torch.int32)
 
@@ -40,7 +40,7 @@ def per_token_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: to
             continue
         r, col = ranks[s], 0
         for k, size in enumerate(sizes):
-            t = a[s, k, :r].double() @ x[i].double()
+            t = a[s, :r, k].double() @ x[i].double()
             out[i, col:col + size] += b[s, col:col + size, :r].double() @ t
             col += size
     return out
@@ -99,7 +99,7 @@ def test_shrink_and_expand_through_the_buffer():
     meta = LoRABatchMeta.make(slots, CPU)
     buf = torch_ops.lora_shrink(x, a, lora_ranks, meta)
     assert buf.shape == (1, 4, 2, 16) and buf.dtype == torch.float32
-    torch.testing.assert_close(buf[0, 0, 1, :16], a[1, 1] @ x[0])
+    torch.testing.assert_close(buf[0, 0, 1, :16], a[1, :, 1] @ x[0])
     got = y.clone()
     torch_ops.lora_expand(buf, b, got, lora_ranks, meta, [24, 24])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -153,9 +153,9 @@ def test_layer_tracks_each_slots_real_rank():
     b = [torch.randn(8, 4), None, torch.randn(4, 8)]
     layer.set_lora(1, a, b)
     assert layer.slot_ranks == [0, 8, 0] and layer.lora_ranks.tolist() == [0, 8, 0]
-    assert torch.equal(layer.lora_a_stacked[1, 2, :8], a[2])
+    assert torch.equal(layer.lora_a_stacked[1, :8, 2], a[2])
     assert torch.equal(layer.lora_b_stacked[1, 12:, :8], b[2])
-    assert not layer.lora_a_stacked[1, 1].any() and not layer.lora_b_stacked[1, :, 8:].any()
+    assert not layer.lora_a_stacked[1, :, 1].any() and not layer.lora_b_stacked[1, :, 8:].any()
     layer.reset_lora(1)
     assert layer.slot_ranks == [0, 0, 0] and not layer.lora_ranks.any()
     assert not layer.lora_a_stacked.any() and not layer.lora_b_stacked.any()

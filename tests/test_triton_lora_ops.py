@@ -56,7 +56,7 @@ def _case(token_slots, ranks, d_in, sizes, dtype, max_rank=64, seed=0):
     gen = torch.Generator().manual_seed(seed)
     a, b, lora_ranks = make_weights(ranks, max_rank, d_in, sizes, 0.0, gen)
     rank_ax = torch.arange(max_rank)
-    pad_a = rank_ax[None, None, :, None] >= lora_ranks[:, None, None, None]
+    pad_a = rank_ax[None, :, None, None] >= lora_ranks[:, None, None, None]
     pad_b = rank_ax[None, None, :] >= lora_ranks[:, None, None]
     x = torch.randn(len(token_slots), d_in, generator=gen)
     y = torch.randn(len(token_slots), sum(sizes), generator=gen)
@@ -158,10 +158,11 @@ class Capture:
     def __init__(self, fn): self.fn = fn
     def __getitem__(self, grid): return lambda *a, **kw: calls.append((self.fn, a, kw))
 T._shrink_kernel, T._expand_kernel = Capture(T._shrink_kernel), Capture(T._expand_kernel)
-for dtype, sizes in ((torch.bfloat16, [64, 16, 16]), (torch.float32, [32])):
-    meta, r = LoRABatchMeta.make([0, 1, -1, 1], torch.device("cpu")), torch.zeros(2, dtype=torch.int32)
-    x, y = torch.zeros(4, 512, dtype=dtype), torch.zeros(4, sum(sizes), dtype=dtype)
-    a = torch.zeros(2, len(sizes), 16, 512, dtype=dtype)
+for dtype, sizes, slots in ((torch.bfloat16, [64, 16, 16], [0, 1, -1, 1]),  # decode tiles
+                           (torch.float32, [32], [0] * 20)):  # a 20-row segment: 64-row tiles
+    meta, r = LoRABatchMeta.make(slots, torch.device("cpu")), torch.zeros(2, dtype=torch.int32)
+    x, y = torch.zeros(len(slots), 512, dtype=dtype), torch.zeros(len(slots), sum(sizes), dtype=dtype)
+    a = torch.zeros(2, 16, len(sizes), 512, dtype=dtype)
     b = torch.zeros(2, sum(sizes), 16, dtype=dtype)
     T.add_lora(y, x, a, b, r, meta, sizes)
 for fn, args, kw in calls:

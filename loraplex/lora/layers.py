@@ -27,10 +27,11 @@ class LinearWithLoRA(nn.Module):
         self.max_rank = max_rank
         device = base_layer.weight.device
         n, d_in, d_out = len(self.output_sizes), base_layer.in_features, base_layer.out_features
-        # A of every sub-projection: [S, n, R, in]; B of all of them, stacked on the output
-        # axis like the base weight: [S, sum(out_k), R]
+        # A of every sub-projection, rank-major so a slot's first r ranks are one block:
+        # [S, R, n, in]; B of all of them, stacked on the output axis like the base
+        # weight: [S, sum(out_k), R]
         self.register_buffer("lora_a_stacked", torch.zeros(
-            max_loras, n, max_rank, d_in, dtype=dtype, device=device), persistent=False)
+            max_loras, max_rank, n, d_in, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lora_b_stacked", torch.zeros(
             max_loras, d_out, max_rank, dtype=dtype, device=device), persistent=False)
         # the real rank in each slot (0 = no weights here); kernels loop over it, not over R
@@ -46,7 +47,7 @@ class LinearWithLoRA(nn.Module):
         for k, (a, b, out) in enumerate(zip(lora_a, lora_b, self.output_sizes, strict=True)):
             if a is not None:
                 rank = a.shape[0]
-                self.lora_a_stacked[slot, k, :rank].copy_(a, non_blocking=True)
+                self.lora_a_stacked[slot, :rank, k].copy_(a, non_blocking=True)
                 self.lora_b_stacked[slot, col:col + out, :rank].copy_(b, non_blocking=True)
                 self.slot_ranks[slot] = max(self.slot_ranks[slot], rank)
             col += out

@@ -1,6 +1,6 @@
 """Multi-LoRA shrink and expand in Triton: the GPU path, same signatures as torch_ops.
 
-    shrink:  buf[p, i, k, :r] = A[s, k, :r, in-chunk p] @ x[i, in-chunk p]     r = lora_ranks[s]
+    shrink:  buf[p, i, k, :r] = A[s, :r, k, in-chunk p] @ x[i, in-chunk p]     r = lora_ranks[s]
     expand:  y[i, cols_k] += B[s, cols_k, :r] @ sum_p buf[p, i, k, :r]
 
 (shapes in torch_ops). One launch per op per layer covers every packed slice, every
@@ -167,8 +167,8 @@ def _meta_args(meta: LoRABatchMeta) -> tuple[torch.Tensor, ...]:
 
 def lora_shrink(x: torch.Tensor, a_stacked: torch.Tensor, lora_ranks: torch.Tensor,
                 meta: LoRABatchMeta) -> torch.Tensor:
-    """buf[p, i, k, :r] = A[s, k, :r, chunk p] @ x[i, chunk p]: split_k partial sums."""
-    slots, n, rank, d_in = a_stacked.shape
+    """buf[p, i, k, :r] = A[s, :r, k, chunk p] @ x[i, chunk p]: split_k partial sums."""
+    slots, rank, n, d_in = a_stacked.shape
     _check(x, lora_ranks, slots)
     if x.shape[1] != d_in:
         raise ValueError(f"x has {x.shape[1]} features, lora_a_stacked expects {d_in}")
@@ -180,7 +180,7 @@ def lora_shrink(x: torch.Tensor, a_stacked: torch.Tensor, lora_ranks: torch.Tens
     buf = torch.empty(split_k, x.shape[0], n, rank, dtype=torch.float32, device=x.device)
     _shrink_kernel[(split_k, j)](
         x, a_stacked, buf, lora_ranks, *_meta_args(meta), d_in, k_per_split, j,
-        *x.stride(), *a_stacked.stride(), *buf.stride(),
+        *x.stride(), *(a_stacked.stride(i) for i in (0, 2, 1, 3)), *buf.stride(),
         N_SLICES=n, BLOCK_M=meta.block_m, BLOCK_R=BLOCK_R, BLOCK_K=SHRINK_BLOCK_K,
         F32=_f32_dot(a_stacked.dtype))
     return buf
