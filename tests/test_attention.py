@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from loraplex.layers.attention import Attention
+from loraplex.layers.attention import Attention, DecodeMirror
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 
 CUDA = torch.cuda.is_available()
@@ -163,15 +163,16 @@ def test_prefill_bf16():
     check_prefill([9, 33], [16, 0], h=4, kvh=2, d=64, dtype=torch.bfloat16)
 
 
-def test_store_kvcache_skips_padding():
+@pytest.mark.parametrize("kvh", [2, 3])
+def test_store_kvcache_skips_padding(kvh):
     gen = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(4, 8, 2, 16, generator=gen)
-    v_cache = torch.randn(4, 8, 2, 16, generator=gen)
-    kv = torch.randn(3, 2, 2, 16, generator=gen)
+    k_cache = torch.randn(4, 8, kvh, 16, generator=gen)
+    v_cache = torch.randn(4, 8, kvh, 16, generator=gen)
+    kv = torch.randn(3, 2, kvh, 16, generator=gen)
     slots = torch.tensor([9, -1, 30])
     want_k, want_v = k_cache.clone(), v_cache.clone()
-    want_k.view(-1, 2, 16)[[9, 30]] = kv[[0, 2], 0]
-    want_v.view(-1, 2, 16)[[9, 30]] = kv[[0, 2], 1]
+    want_k.view(-1, kvh, 16)[[9, 30]] = kv[[0, 2], 0]
+    want_v.view(-1, kvh, 16)[[9, 30]] = kv[[0, 2], 1]
     ta.store_kvcache(kv[:, 0], kv[:, 1], k_cache, v_cache, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
@@ -205,6 +206,69 @@ def test_layer_decode(backend):
         kc, vc = cached_kv(layer.k_cache, layer.v_cache, block_tables[b], n)
         assert torch.equal(kc[-1], k[b]) and torch.equal(vc[-1], v[b])  # written first
         assert rel_err(out[b:b + 1], reference(q[b:b + 1], kc, vc, d ** -0.5, n - 1)) < 1e-5
+
+
+def test_decode_mirror_plan():
+    mirror = DecodeMirror(block_size=16, bytes_per_token=10, max_bytes=10_000)
+    steps = [([7, 9], [40, 5], True, 112),  # first: rebuild, room for 64 more tokens
+             ([7, 9], [41, 6], False, 112),  # the same batch one token on: append
+             ([7, 9], [43, 8], True, 112),  # lengths jumped (a step elsewhere): rebuild
+             ([9, 7], [9, 44], True, 112),  # another order: rebuild
+             *(([9, 7], [10 + i, 45 + i], False, 112) for i in range(68)),  # up to 112
+             ([9, 7], [78, 113], True, 192),  # past the capacity: rebuild, larger
+             (list(range(12)), [20] * 12, True, 0)]  # 12 x 96 x 10 B > max_bytes: gather
+    for ids, lens, rebuild, cap in steps:
+        ctx = StepContext(is_prefill=False, slot_mapping=torch.zeros(0))
+        mirror.plan(ctx, ids, lens)
+        assert (ctx.mirror_rebuild, ctx.mirror_capacity) == (rebuild, cap), (ids, lens)
+    mirror.reset()
+    ctx = StepContext(is_prefill=False, slot_mapping=torch.zeros(0))
+    mirror.plan(ctx, [1], [21])
+    assert ctx.mirror_rebuild and ctx.mirror_capacity == 96
+
+
+@pytest.mark.parametrize("mirror_bytes", [0, 1 << 30])
+def test_torch_decode_steps_with_mirror(mirror_bytes):
+    """Several decode steps of a changing batch through the torch path: appending to the
+    mirror, rebuilding it, or gathering, the output is attention over the cache."""
+    h, kvh, d, bs = 4, 2, 16, 4
+    gen = torch.Generator().manual_seed(3)
+    layer = Attention(h, kvh, d, d ** -0.5)
+    layer.k_cache = torch.randn(64, bs, kvh, d, generator=gen)
+    layer.v_cache = torch.randn(64, bs, kvh, d, generator=gen)
+    free = torch.randperm(64, generator=gen).tolist()
+    seqs = {i: {"len": n, "table": [free.pop() for _ in range(-(-n // bs))]}
+            for i, n in enumerate([3, 9, 1])}
+    mirror = DecodeMirror(bs, 2 * kvh * d * 4, mirror_bytes)
+    mirror.headroom = 8  # run out of capacity within a few steps
+    buffers = DecodeBuffers(4, 32, DEV)
+    rebuilds = []
+    for step, batch in enumerate([[0, 1, 2]] * 3 + [[0, 2]] * 2 + [[2, 0, 1]] * 14):
+        for i in batch:  # the token this step writes
+            seq = seqs[i]
+            seq["len"] += 1
+            if seq["len"] > len(seq["table"]) * bs:
+                seq["table"].append(free.pop())
+        lens = [seqs[i]["len"] for i in batch]
+        tables = [seqs[i]["table"] for i in batch]
+        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
+        slot_mapping, context_lens, block_tables = buffers.fill(slots, lens, tables)
+        ctx = StepContext(is_prefill=False, slot_mapping=slot_mapping, block_tables=block_tables,
+                          context_lens=context_lens, max_context_len=max(lens))
+        mirror.plan(ctx, batch, lens)
+        q, k, v = (torch.randn(len(batch), n, d, generator=gen) for n in (h, kvh, kvh))
+        with step_context(ctx):
+            out = layer(q, k, v).view(len(batch), h, d)
+        for b, n in enumerate(lens):
+            kc, vc = cached_kv(layer.k_cache, layer.v_cache, block_tables[b], n)
+            ref = reference(q[b:b + 1], kc, vc, d ** -0.5, n - 1)
+            assert rel_err(out[b:b + 1], ref) < 1e-5, (step, b)
+        rebuilds.append(ctx.mirror_rebuild if ctx.mirror_capacity else None)
+    if mirror_bytes:  # batch changes at steps 3 and 5, one more when the capacity runs out
+        assert rebuilds[:6] == [True, False, False, True, False, True]
+        assert rebuilds[6:].count(True) == 1 and None not in rebuilds
+    else:
+        assert set(rebuilds) == {None}
 
 
 def test_decode_buffers_pad_rows():

@@ -17,6 +17,8 @@ under TRITON_INTERPRET=1 (tests).
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 import os
 from types import ModuleType
 
@@ -71,6 +73,7 @@ class Attention(nn.Module):
         # set by the model runner once the cache is allocated: [num_blocks, block_size, KVH, D]
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self._mirror: dict[str, torch.Tensor] = {}  # torch decode: see DecodeMirror
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D], k/v: [T, KVH, D] -> out: [T, H * D]
@@ -83,7 +86,7 @@ class Attention(nn.Module):
                     0, ctx.slot_mapping, k)
                 self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(
                     0, ctx.slot_mapping, v)
-            out = self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, ctx)
+            out = self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, k, v, ctx)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _triton(self, q, k, v, ctx: StepContext) -> torch.Tensor:
@@ -113,35 +116,127 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b * length, self.num_heads, self.head_dim)
         return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
 
-    def _decode(self, q, ctx: StepContext) -> torch.Tensor:
-        b, nblocks = ctx.block_tables.shape
-        block_size = self.k_cache.shape[1]
-        flat = ctx.block_tables.reshape(-1)
-        # gather each sequence's blocks into scratch buffers reused by every layer of the
-        # step (a fresh multi-MB tensor per layer costs page faults on the CPU)
-        k = torch.index_select(self.k_cache, 0, flat, out=_scratch(ctx, "k", self.k_cache, flat))
-        v = torch.index_select(self.v_cache, 0, flat, out=_scratch(ctx, "v", self.v_cache, flat))
-        k = k.view(b, nblocks * block_size, self.num_kv_heads, -1)  # [B, S, KVH, D]
-        v = v.view(b, nblocks * block_size, self.num_kv_heads, -1)
-        mask = _decode_mask(ctx, nblocks * block_size)
+    def _decode(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+        if ctx.mirror_capacity:
+            keys, values = self._mirrored_kv(k, v, ctx)
+        else:
+            keys, values = self._gathered_kv(ctx, ctx.block_tables, scratch=True)
+        width = keys.shape[1]
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            scale=self.scale, enable_gqa=True)  # [B, H, 1, D]
+            q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=_decode_mask(ctx, width), scale=self.scale, enable_gqa=True)  # [B, H, 1, D]
         return out.squeeze(2)
+
+    def _gathered_kv(self, ctx: StepContext, tables: torch.Tensor, scratch: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's blocks copied out of the cache: [B, tables.shape[1] * block, KVH, D].
+        scratch: into buffers every layer of the step reuses; else into the layer's mirror."""
+        b, nblocks = tables.shape
+        flat = tables.reshape(-1)
+        out = []
+        for name, cache in (("k", self.k_cache), ("v", self.v_cache)):
+            shape = (flat.shape[0], *cache.shape[1:])
+            buf = _buffer(ctx.scratch if scratch else self._mirror, name, shape, cache)
+            torch.index_select(cache, 0, flat, out=buf)
+            out.append(buf.view(b, nblocks * cache.shape[1], self.num_kv_heads, self.head_dim))
+        return out[0], out[1]
+
+    def _mirrored_kv(self, k, v, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, max_context_len, KVH, D] views of the layer's mirror: the batch's K/V kept
+        contiguous across decode steps, so a step appends one token per sequence instead of
+        gathering every block again; rebuilt from the cache when the batch changes."""
+        if ctx.mirror_rebuild:
+            cap_blocks = ctx.mirror_capacity // self.k_cache.shape[1]
+            tables = ctx.scratch.get("mirror_tables")
+            if tables is None:  # the block tables padded to the capacity (pads: block 0)
+                tables = ctx.scratch["mirror_tables"] = F.pad(
+                    ctx.block_tables, (0, cap_blocks - ctx.block_tables.shape[1]))
+            keys, values = self._gathered_kv(ctx, tables, scratch=False)
+        else:
+            shape = (ctx.context_lens.shape[0], ctx.mirror_capacity, *self.k_cache.shape[2:])
+            keys = _buffer(self._mirror, "k", shape, self.k_cache)
+            values = _buffer(self._mirror, "v", shape, self.v_cache)
+            rows, pos = _append_index(ctx)
+            keys[rows, pos] = k
+            values[rows, pos] = v
+        return keys[:, :ctx.max_context_len], values[:, :ctx.max_context_len]
+
+
+class DecodeMirror:
+    """Decides, for the torch decode path, whether this step's batch continues the last
+    decode step's (same sequences in the same order, each one token longer: the layers'
+    mirrors only need the new token) or the mirrors must be rebuilt, and their capacity
+    (tokens per sequence, with headroom so most steps append). Mirrors hold a copy of the
+    batch's K/V: they are used only while they fit in max_bytes, else decode gathers."""
+
+    headroom = 64  # tokens
+
+    def __init__(self, block_size: int, bytes_per_token: int, max_bytes: int) -> None:
+        self.block_size = block_size
+        self.bytes_per_token = bytes_per_token  # K and V, all layers
+        self.max_bytes = max_bytes
+        self.reset()
+
+    def reset(self) -> None:
+        self._seq_ids: list[int] = []
+        self._lens: list[int] = []
+        self._capacity = 0
+
+    def plan(self, ctx: StepContext, seq_ids: list[int], lens: list[int]) -> None:
+        """Set ctx.mirror_rebuild / ctx.mirror_capacity (0 = no mirror) for this step."""
+        longest = max(lens)
+        follows = (seq_ids == self._seq_ids and longest <= self._capacity
+                   and all(n == m + 1 for n, m in zip(lens, self._lens)))
+        if not follows:
+            cap = -(-(longest + self.headroom) // self.block_size) * self.block_size
+            self._capacity = cap if len(lens) * cap * self.bytes_per_token <= self.max_bytes else 0
+        self._seq_ids, self._lens = seq_ids, lens
+        ctx.mirror_rebuild, ctx.mirror_capacity = not follows, self._capacity
+
+
+def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device) -> None:
+    """Metadata of the torch prefill, which pads every sequence to the longest: the flat
+    row of each padded position, the causal & valid mask, the rows that hold tokens."""
+    length = max(lens)
+    starts = list(itertools.accumulate(lens[:-1], initial=0))
+
+    def tensor(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    ctx.padded_index = tensor([[st + min(i, n - 1) for i in range(length)]
+                               for st, n in zip(starts, lens)])
+    if any(n != length for n in lens):
+        key_valid = torch.arange(length, device=device)[None, :] < tensor(lens)[:, None]
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        ctx.prefill_mask = (causal[None] & key_valid[:, None, :]).unsqueeze(1)
+        ctx.valid_rows = tensor([bi * length + i for bi, n in enumerate(lens) for i in range(n)])
 
 
 def _decode_mask(ctx: StepContext, width: int) -> torch.Tensor:
     """[B, 1, 1, width] bool: key position < context length; built once per step."""
     mask = ctx.scratch.get("decode_mask")
-    if mask is None:
+    if mask is None or mask.shape[-1] != width:
         keys = torch.arange(width, device=ctx.context_lens.device)
         mask = ctx.scratch["decode_mask"] = (keys[None, :] < ctx.context_lens[:, None])[:, None, None]
     return mask
 
 
-def _scratch(ctx, name: str, cache: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    shape = (flat.shape[0], *cache.shape[1:])
-    buf = ctx.scratch.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != cache.dtype:
-        buf = ctx.scratch[name] = torch.empty(shape, dtype=cache.dtype, device=cache.device)
-    return buf
+def _append_index(ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of each sequence's new token in a [B, capacity, ...] mirror."""
+    idx = ctx.scratch.get("append_index")
+    if idx is None:
+        lens = ctx.context_lens
+        idx = ctx.scratch["append_index"] = (torch.arange(lens.shape[0], device=lens.device),
+                                             lens.long() - 1)
+    return idx
+
+
+def _buffer(pool: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
+            like: torch.Tensor) -> torch.Tensor:
+    """A contiguous `shape` view of pool[name], which grows when too small and is reused
+    otherwise (a fresh multi-MB tensor per layer and step costs page faults on the CPU)."""
+    numel = math.prod(shape)
+    buf = pool.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+        buf = pool[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buf[:numel].view(shape)

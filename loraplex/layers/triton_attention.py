@@ -43,15 +43,15 @@ def _exact_dot(dtype: torch.dtype) -> bool:
 
 @triton.jit
 def _store_kvcache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt,
-                          stride_kh, stride_vh, HEAD_DIM: tl.constexpr, KVH: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
+                          stride_kh, stride_vh, KVH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)  # one token: all its KV heads
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
-        d = tl.arange(0, BLOCK_D)
-        m = d < HEAD_DIM
-        dst = (slot * KVH + h) * HEAD_DIM + d  # caches are contiguous
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        m = (h < KVH) & (d < HEAD_DIM)
+        dst = slot * KVH * HEAD_DIM + h * HEAD_DIM + d  # caches are contiguous
         tl.store(kc_ptr + dst, tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=m), mask=m)
         tl.store(vc_ptr + dst, tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=m), mask=m)
 
@@ -62,9 +62,10 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     t, kvh, d = k.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (kvh, d)
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and slot_mapping.shape == (t,)
-    _store_kvcache_kernel[(t, kvh)](k, v, k_cache, v_cache, slot_mapping, k.stride(0),
-                                    v.stride(0), k.stride(1), v.stride(1), HEAD_DIM=d,
-                                    KVH=kvh, BLOCK_D=triton.next_power_of_2(d))
+    _store_kvcache_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                k.stride(1), v.stride(1), KVH=kvh, HEAD_DIM=d,
+                                BLOCK_H=triton.next_power_of_2(kvh),
+                                BLOCK_D=triton.next_power_of_2(d))
 
 
 @triton.jit

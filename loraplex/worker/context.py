@@ -31,6 +31,10 @@ class StepContext:
     cu_seqlens_q: torch.Tensor | None = None  # [B + 1] int32
     max_seqlen_q: int = 0
     decode_splits: int = 1  # triton decode: context splits per sequence (flash-decoding)
+    # torch decode path: keep the batch's K/V contiguous across steps (layers/attention.py
+    # DecodeMirror); capacity 0 = gather from the cache every step instead
+    mirror_capacity: int = 0
+    mirror_rebuild: bool = True
     # torch prefill path: tokens of sequence b sit at flat rows padded_index[b, :len_b]
     padded_index: torch.Tensor | None = None  # [B, L] long (pads point at row 0)
     prefill_mask: torch.Tensor | None = None  # [B, 1, L, L] bool, causal & valid; None = all equal len

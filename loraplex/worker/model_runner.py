@@ -13,7 +13,13 @@ import torch
 
 from loraplex.config import CacheConfig, ModelConfig
 from loraplex.engine.sequence import Sequence
-from loraplex.layers.attention import Attention, attention_backend, decode_splits
+from loraplex.layers.attention import (
+    Attention,
+    DecodeMirror,
+    attention_backend,
+    decode_splits,
+    torch_prefill_layout,
+)
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.models.llama import LlamaForCausalLM
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
@@ -36,6 +42,9 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.decode_buffers = DecodeBuffers(max_num_seqs, -(-self.max_model_len // self.block_size),
                                             self.device)
+        # torch decode keeps the batch's K/V contiguous across steps, within the cache's size
+        self.decode_mirror = DecodeMirror(self.block_size, self._bytes_per_block() // self.block_size,
+                                          self.num_blocks * self._bytes_per_block())
 
     def _bytes_per_block(self) -> int:
         a = self.model.args
@@ -92,24 +101,13 @@ class ModelRunner:
             starts.append(starts[-1] + n)
         ctx = StepContext(is_prefill=True, slot_mapping=self._tensor(slots),
                           attn_backend=self.attn_backend, max_seqlen_q=max(lens))
+        self.decode_mirror.reset()
         if self.attn_backend == "triton":
             ctx.cu_seqlens_q = self._tensor(starts, torch.int32)
         else:
-            self._torch_prefill_layout(ctx, lens, starts)
+            torch_prefill_layout(ctx, lens, self.device)
         last_rows = [st + n - 1 for st, n in zip(starts, lens)]
         return self._tensor(input_ids), self._tensor(positions), ctx, last_rows
-
-    def _torch_prefill_layout(self, ctx: StepContext, lens: list[int], starts: list[int]) -> None:
-        """The torch path pads every sequence to the longest: row indices, mask, valid rows."""
-        length = max(lens)
-        ctx.padded_index = self._tensor([[st + min(i, n - 1) for i in range(length)]
-                                         for st, n in zip(starts, lens)])
-        if any(n != length for n in lens):
-            key_valid = torch.arange(length, device=self.device)[None, :] < self._tensor(lens)[:, None]
-            causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
-            ctx.prefill_mask = (causal[None] & key_valid[:, None, :]).unsqueeze(1)
-            ctx.valid_rows = self._tensor([bi * length + i for bi, n in enumerate(lens)
-                                           for i in range(n)])
 
     def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor,
                                                              StepContext]:
@@ -126,6 +124,8 @@ class ModelRunner:
         if self.attn_backend == "triton":
             ctx.decode_splits = decode_splits(len(seqs), self.model.args.num_kv_heads,
                                               ctx.max_context_len, self.device)
+        else:
+            self.decode_mirror.plan(ctx, [s.seq_id for s in seqs], lens)
         return self._tensor(input_ids), self._tensor(positions), ctx
 
     @torch.inference_mode()
