@@ -14,6 +14,7 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
                  2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+_LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0)
 
 
@@ -48,6 +49,23 @@ class Metrics:
         self.lora_info = Gauge("loraplex:lora_requests_info", "Running stats on LoRA requests.",
                                ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
                                registry=r)
+        # adapter tiers (issue: thousands of adapters): where activations found their
+        # weights, how long reads took, how many adapters sit in each tier
+        self.lora_cache_hits = Counter(
+            "loraplex:lora_cache_hits", "Adapter activations served by a tier: device (already "
+            "in a slot) or host (copied from host memory).", ["tier"], registry=r)
+        self.lora_cache_misses = Counter(
+            "loraplex:lora_cache_misses", "Adapter activations a tier could not serve: device "
+            "(not in a slot) or host (read from disk/hub first).", ["tier"], registry=r)
+        self.lora_load_failures = Counter("loraplex:lora_load_failures",
+                                          "Adapter reads that failed.", registry=r)
+        self.lora_load_seconds = Histogram(
+            "loraplex:lora_load_seconds", "Time to read and validate one adapter (off the step "
+            "loop).", buckets=_LOAD_BUCKETS, registry=r)
+        self.lora_resident = Gauge(
+            "loraplex:lora_adapters", "Adapters per tier: registered, host, device, loading.",
+            ["tier"], registry=r)
+        self._lora_counts = {"device_hit": 0, "host_hit": 0, "host_miss": 0, "failures": 0}
         self.http_errors = Counter("loraplex:http_errors", "Error responses by status code.",
                                    ["status_code"], registry=r)
         self._lora_key: tuple[str, str, str] | None = None
@@ -65,6 +83,27 @@ class Metrics:
             self.lora_info.clear()
             self._lora_key = key
         self.lora_info.labels(*key).set_to_current_time()
+        self._update_lora_tiers(stats)
+
+    def _update_lora_tiers(self, stats) -> None:
+        cache = getattr(stats, "lora_cache", None)
+        if cache is None:
+            return
+        counts = {"device_hit": cache.slot_hits, "host_hit": cache.host_hits,
+                  "host_miss": cache.host_misses, "failures": cache.load_failures}
+        delta = {k: v - self._lora_counts[k] for k, v in counts.items()}
+        self._lora_counts = counts
+        self.lora_cache_hits.labels("device").inc(delta["device_hit"])
+        self.lora_cache_misses.labels("device").inc(delta["host_hit"] + delta["host_miss"])
+        self.lora_cache_hits.labels("host").inc(delta["host_hit"])
+        self.lora_cache_misses.labels("host").inc(delta["host_miss"])
+        self.lora_load_failures.inc(delta["failures"])
+        for seconds in stats.lora_load_seconds:
+            self.lora_load_seconds.observe(seconds)
+        for tier, n in (("registered", stats.num_registered_loras),
+                        ("host", stats.num_host_loras), ("device", stats.num_slot_loras),
+                        ("loading", stats.num_loading_loras)):
+            self.lora_resident.labels(tier).set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

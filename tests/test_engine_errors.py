@@ -52,6 +52,12 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
             ad["r4_qv"], tmp_path / "emb",
             lambda c: c.update(target_modules=["embed_tokens", "q_proj"])))), "embeddings"),
     }
+    added = tmp_path / "added"
+    shutil.copytree(ad["r4_qv"], added)
+    vocab = llm.llm_engine.model.args.vocab_size
+    (added / "added_tokens.json").write_text(json.dumps({"<new>": vocab, "<bos>": 1}))
+    cases["tokens past the vocabulary"] = (LoRARequest("added", 19, str(added)),
+                                           "past the base vocabulary")
     no_cfg = tmp_path / "nocfg"
     shutil.copytree(ad["r4_qv"], no_cfg)
     (no_cfg / "adapter_config.json").unlink()

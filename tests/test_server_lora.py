@@ -327,6 +327,16 @@ def test_metrics(server, client):
         assert name in fams, name
     models = {s.labels.get("model_name") for s in fams["loraplex:request_success"].samples}
     assert {"r8_all", BASE} <= models
+    # adapter tiers: resident counts, cache hits/misses, load latency
+    tiers = {s.labels["tier"]: s.value for s in fams["loraplex:lora_adapters"].samples}
+    assert tiers["registered"] >= 1 and 1 <= tiers["device"] <= 2 and tiers["loading"] == 0
+    hits = {s.labels["tier"]: s.value for s in fams["loraplex:lora_cache_hits"].samples
+            if s.name.endswith("_total")}
+    misses = {s.labels["tier"]: s.value for s in fams["loraplex:lora_cache_misses"].samples
+              if s.name.endswith("_total")}
+    assert hits["device"] > 0 and misses["device"] >= 1  # first use of an adapter
+    loads = [s for s in fams["loraplex:lora_load_seconds"].samples if s.name.endswith("_count")]
+    assert loads and loads[0].value >= 1 + misses["host"]  # --lora-modules read at start
 
 
 def _extra_vocab_adapter(src, dst):

@@ -5,13 +5,13 @@
 
 A load is submitted once per adapter however many requests wait for it; the step loop
 picks finished loads up at the start of the next step and keeps serving everyone else
-meanwhile. Each load's wall time is recorded for the load-latency metric.
+meanwhile. Every adapter read's wall time (here or by a direct load) is recorded for
+the load-latency metric.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -43,19 +43,21 @@ class AdapterLoader:
         """Start loading `req` unless it is already loading. True if a load was started."""
         if req.lora_int_id in self._inflight:
             return False
-        self._inflight[req.lora_int_id] = self._executor.submit(self._timed_load, req)
+        self._inflight[req.lora_int_id] = self._executor.submit(self._load, req)
         return True
 
-    def _timed_load(self, req: LoRARequest) -> tuple[LoadResult, float]:
-        start = time.perf_counter()
+    def _load(self, req: LoRARequest) -> LoadResult:
         try:
-            result: LoadResult = self._load_fn(req)
+            return self._load_fn(req)
         except LoRAError as e:
-            result = e
+            return e
         except Exception as e:  # an I/O or parsing failure we did not foresee: still per-adapter
             logger.exception("loading adapter %r failed", req.lora_name)
-            result = LoRAError(f"LoRA adapter {req.lora_name!r}: loading failed: {e!r}")
-        return result, time.perf_counter() - start
+            return LoRAError(f"LoRA adapter {req.lora_name!r}: loading failed: {e!r}")
+
+    def record(self, seconds: float) -> None:
+        """Note one adapter read (from any thread: list.append is atomic)."""
+        self.latencies.append(seconds)
 
     def poll(self) -> dict[int, LoadResult]:
         """Finished loads since the last poll (never blocks)."""
@@ -63,9 +65,7 @@ class AdapterLoader:
         for lora_id, fut in list(self._inflight.items()):
             if fut.done():
                 del self._inflight[lora_id]
-                result, seconds = fut.result()
-                self.latencies.append(seconds)
-                done[lora_id] = result
+                done[lora_id] = fut.result()
         return done
 
     def drain_latencies(self) -> list[float]:

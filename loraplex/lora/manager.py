@@ -14,6 +14,7 @@ when its adapter is not in the running batch and not pinned.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -91,7 +92,8 @@ class LoRAManager:
             base = layer.base_layer
             for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):
                 shapes[f"{prefix}.{hf_leaf}"] = (base.in_features, base.output_sizes[k])
-        return TargetShapes(shapes=shapes, suffixes=tuple(model.lora_target_modules))
+        return TargetShapes(shapes=shapes, suffixes=tuple(model.lora_target_modules),
+                            vocab_size=model.args.vocab_size)
 
     def slot_bytes_per_rank(self) -> int:
         """Bytes of one slot at rank 1 over all wrapped layers (A and B of every slice)."""
@@ -105,11 +107,15 @@ class LoRAManager:
     # ---- registry ---------------------------------------------------------------------
     def prepare(self, req: LoRARequest) -> LoRAModel:
         """Read and validate from disk/hub. Touches no shared state: safe on any thread."""
-        lora = load_adapter(req, self.targets, self.cfg.max_lora_rank, self.dtype)
-        if self.device.type == "cuda":  # page-locked, so the slot copy is asynchronous
-            for w in lora.modules.values():
-                w.lora_a, w.lora_b = w.lora_a.pin_memory(), w.lora_b.pin_memory()
-        return lora
+        start = time.perf_counter()
+        try:
+            lora = load_adapter(req, self.targets, self.cfg.max_lora_rank, self.dtype)
+            if self.device.type == "cuda":  # page-locked, so the slot copy is asynchronous
+                for w in lora.modules.values():
+                    w.lora_a, w.lora_b = w.lora_a.pin_memory(), w.lora_b.pin_memory()
+            return lora
+        finally:
+            self.loader.record(time.perf_counter() - start)
 
     def _check_id(self, req: LoRARequest) -> bool:
         """False if this exact adapter is registered already; raises if the id is taken."""
