@@ -140,10 +140,18 @@ ENGINE_HELP: dict[str, str] = {
     "long_lora_scaling_factors": "RoPE scaling factors for long-context LoRA, e.g. 4.0,8.0. "
                                  "Accepted; long-context LoRA adapters are not supported yet.",
     "default_mm_loras": "JSON {modality: adapter}; multimodal models are not supported yet.",
+    "lora_scheduling_policy": "When more adapters are wanted than --max-loras: fair (requests "
+                              "for running adapters go ahead of ones waiting for a slot; "
+                              "slots are time-sliced so the longest-waiting adapter gets the "
+                              "next one) or fcfs (strict arrival order).",
+    "lora_min_slice_steps": "fair policy: steps an adapter keeps its slot before it must "
+                            "drain for a waiting adapter.",
+    "max_lora_load_workers": "Threads reading adapters from disk/hub off the step loop.",
 }
 _SPECIAL_TYPES = {"max_model_len": parse_human_int, "long_lora_scaling_factors": parse_floats,
                   "default_mm_loras": parse_json_dict}
 _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"],
+            "lora_scheduling_policy": ["fair", "fcfs"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"]}
 
 
