@@ -193,3 +193,18 @@ def test_adapter_config_errors_still_fail_at_add_request(llm, tmp_path, tiny_ada
         llm.llm_engine.add_request("big", {"prompt_token_ids": prompts[0]}, PARAMS,
                                    lora_request=LoRARequest("big", 3001, str(bad)))
     assert "big" not in llm.llm_engine.requests
+
+
+def test_one_read_for_many_waiting_requests(llm, tiny_adapters, prompts):
+    engine = llm.llm_engine
+    before = engine.get_stats()
+    cold = LoRARequest("shared-cold", 4001, str(tiny_adapters["llama"]["r16_rslora"]))
+    for i in range(6):
+        engine.add_request(f"s{i}", {"prompt_token_ids": prompts[i % len(prompts)]}, PARAMS,
+                           lora_request=cold)
+    done = _drain(engine)
+    after = engine.get_stats()
+    assert all(done[f"s{i}"].error is None for i in range(6))
+    assert after.lora_cache.host_misses - before.lora_cache.host_misses == 1
+    assert len(after.lora_load_seconds) == 1  # one read (get_stats drains the list)
+    engine.remove_lora(4001)
