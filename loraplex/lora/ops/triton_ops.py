@@ -8,9 +8,9 @@ adapter and every rank in the step. The unit of work is a tile of LoRABatchMeta:
 BLOCK_M tokens of one slot, so decode (a tile per adapter, BGMV-like) and prefill
 (segments cut into fat tiles, SGMV-like) run the same kernels.
 
-- shrink, grid (split_k, J): program (p, j) takes tiles j, j+J, ... and for each reads
-  its slot's A over in-chunk p, all slices, rank rows only; it writes a partial sum
-  (no atomics, no zeroing: expand adds the split_k partials).
+- shrink, grid (split_k, J = `groups`): program (p, j) takes tiles j, j+J, ...; for each
+  it reads the slot's A over in-chunk p, all slices, rank rows only, and writes a
+  partial sum (no atomics, no zeroing: expand adds the split_k partials).
 - expand, grid (output blocks, J): program (n, j) takes the same tiles and for each
   reads B[slot, block n, :rank] and adds into y[rows, block n] (each y element has one
   owner). A block lies within one packed slice, which picks the buf columns.
