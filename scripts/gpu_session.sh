@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything loraplex checks on a GPU, in phases that each fit one device call (10 min):
+#
+#   here:        scripts/gpu_wheels.sh
+#   on the GPU:  bash scripts/gpu_session.sh tests        # whole suite + GPU-only tests
+#                bash scripts/gpu_session.sh kernels      # LoRA op + attention microbenchmarks
+#                bash scripts/gpu_session.sh decode       # decode ms/step vs batch, 1B and 8B
+#                bash scripts/gpu_session.sh adapters     # many adapters, 1B shape
+#
+# (device tool: carry [".gpu_wheels"]). Results land in $OUT (JSON + logs), to be copied
+# into benchmarks/results/ and docs/benchmarks.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/loraplex_gpu_out}
+mkdir -p "$OUT"
+phase=${1:-tests}
+python3 -m pip install -q --no-deps --no-index --find-links .gpu_wheels .gpu_wheels/*.whl \
+  >"$OUT/pip.log" 2>&1 || tail -5 "$OUT/pip.log"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/pip.log" 2>&1 \
+  || tail -5 "$OUT/pip.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+case "$phase" in
+  tests)
+    timeout 560 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
+      tests/test_triton_lora_ops.py tests/test_attention.py tests/test_cuda_graphs.py \
+      2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
+    ;;
+  suite)
+    timeout 580 python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_all.txt" \
+      | tail -15
+    ;;
+  kernels)
+    timeout 280 python3 benchmarks/lora_ops.py --device cuda --out "$OUT/lora_ops_cuda.json" \
+      2>&1 | tail -30
+    timeout 280 python3 benchmarks/attention.py --out "$OUT/attention_cuda.json" 2>&1 | tail -30
+    ;;
+  decode)
+    timeout 280 python3 benchmarks/decode_step.py --shape llama-3.2-1b --device cuda \
+      --batch-sizes 1 8 32 64 --out "$OUT/decode_step_cuda_1b.json" 2>&1 | tail -20
+    timeout 300 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
+      --batch-sizes 1 8 32 64 --hf --out "$OUT/decode_step_cuda_8b.json" 2>&1 | tail -20
+    ;;
+  adapters)
+    timeout 580 python3 benchmarks/many_adapters.py --shape llama-3.2-1b --device cuda \
+      --rate 100 --requests 600 --workdir /tmp --out "$OUT/many_adapters_cuda.json" 2>&1 \
+      | tail -20
+    ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+esac
