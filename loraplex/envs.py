@@ -46,6 +46,11 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "LORAPLEX_API_KEY": lambda: os.getenv("LORAPLEX_API_KEY"),
     # KV cache size in GiB when running on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE).
     "LORAPLEX_CPU_KVCACHE_SPACE": _float("LORAPLEX_CPU_KVCACHE_SPACE"),
+    # Kernel backends: auto (Triton on CUDA when triton imports, torch otherwise), torch or
+    # triton (on CPU tensors only under TRITON_INTERPRET=1: what the tests use).
+    "LORAPLEX_LORA_BACKEND": lambda: os.getenv("LORAPLEX_LORA_BACKEND", "auto").strip().lower(),
+    "LORAPLEX_ATTENTION_BACKEND":
+        lambda: os.getenv("LORAPLEX_ATTENTION_BACKEND", "auto").strip().lower(),
     # Log level of the loraplex loggers.
     "LORAPLEX_LOGGING_LEVEL": lambda: os.getenv("LORAPLEX_LOGGING_LEVEL", "INFO").upper(),
 }

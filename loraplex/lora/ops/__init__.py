@@ -12,11 +12,11 @@ tensors runs under TRITON_INTERPRET=1, which tests use).
 from __future__ import annotations
 
 import functools
-import os
 from types import ModuleType
 
 import torch
 
+from loraplex import envs
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.lora.ops import torch_ops
 
@@ -36,7 +36,7 @@ def _triton_ops() -> ModuleType | None:
 
 def backend(x: torch.Tensor) -> ModuleType:
     """The module whose ops run on `x`: torch_ops or triton_ops."""
-    choice = os.getenv("LORAPLEX_LORA_BACKEND", "auto").strip().lower()
+    choice = envs.LORAPLEX_LORA_BACKEND
     if choice not in _CHOICES:
         raise ValueError(f"LORAPLEX_LORA_BACKEND={choice!r}: expected one of {_CHOICES}")
     if choice == "torch" or (choice == "auto" and not x.is_cuda):
