@@ -210,6 +210,7 @@ def test_layer_decode(backend):
 
 def test_decode_mirror_plan():
     mirror = DecodeMirror(block_size=16, bytes_per_token=10, max_bytes=10_000)
+    mirror.headroom = 64
     steps = [([7, 9], [40, 5], True, 112),  # first: rebuild, room for 64 more tokens
              ([7, 9], [41, 6], False, 112),  # the same batch one token on: append
              ([7, 9], [43, 8], True, 112),  # lengths jumped (a step elsewhere): rebuild

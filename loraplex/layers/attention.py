@@ -169,7 +169,7 @@ class DecodeMirror:
     (tokens per sequence, with headroom so most steps append). Mirrors hold a copy of the
     batch's K/V: they are used only while they fit in max_bytes, else decode gathers."""
 
-    headroom = 64  # tokens
+    headroom = 32  # tokens: a rebuild every ~32 steps, 2 extra blocks copied at block size 16
 
     def __init__(self, block_size: int, bytes_per_token: int, max_bytes: int) -> None:
         self.block_size = block_size

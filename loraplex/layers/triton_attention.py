@@ -175,6 +175,12 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _block_n(block_d: int, dtype: torch.dtype) -> int:
+    """Tokens per K/V tile: 64 rows of up to 256 bytes (bf16 x 128), else 32, so the
+    pipelined tiles stay well inside shared memory (fp32 or head_dim 256 halve it)."""
+    return 64 if block_d * dtype.itemsize <= 256 else 32
+
+
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -211,7 +217,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part, lse = out.unsqueeze(2), out  # lse is unused with one split
     group = h // kvh
     block_d = _block_d(d)
-    block_n = 64 if block_d <= 128 else 32
+    block_n = _block_n(block_d, q.dtype)
     _decode_kernel[(b, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, lse, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -297,7 +303,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty(t, h, d, dtype=q.dtype, device=q.device) if out is None else out
     batch = cu_seqlens_q.shape[0] - 1
     block_d = _block_d(d)
-    block = 64 if block_d <= 128 else 32
+    block = _block_n(block_d, q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block), h, batch)
     _prefill_kernel[grid](
         q, k, v, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out,
