@@ -6,10 +6,15 @@ result: the weight-read floor, the time to read the base weights once at the mea
 bandwidth, which no decode step can beat on a memory-bound device; and the floor with the
 active adapters' and the KV cache's bytes added. Same script on the CPU and on CUDA.
 
+On a CPU that other processes share, run it with OMP_WAIT_POLICY=PASSIVE: torch's OpenMP
+threads otherwise spin at every barrier, and a core taken by another process then makes
+each matmul wait for a whole scheduler slice (12x slower matmuls measured on 2 cores).
+
 The base model is `load_format="dummy"` (random weights of a preset's shapes: only
 config.json and a tokenizer are written); the adapters are random PEFT directories.
 
     python benchmarks/decode_step.py                          # tiny-cpu shape, batch 1 8 32
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/decode_step.py --hf   # a CPU shared with others
     python benchmarks/decode_step.py --shape llama-3.1-8b --targets all-linear --hf   # a GPU
 """
 
@@ -206,15 +211,18 @@ def measure(engine: str, mode: str, batch: int,
             decode: Callable[[list[list[int]], int], list[float]], a: argparse.Namespace,
             bar: tqdm) -> dict:
     """One case: a warm-up on short prompts (loads the adapters into their slots, warms the
-    kernels), then `decode` timed on the real prompts."""
+    kernels), then `a.repeats` timed rounds of `decode` on the real prompts. The round
+    with the lowest median counts (timeit's rule: other processes only ever add time)."""
     bar.set_postfix_str(f"{engine} {mode} batch {batch}")
     prompts = random_prompts(batch, a.prompt_len, seed=batch)
     decode([p[:8] for p in prompts], 3)
-    times = decode(prompts, a.new_tokens)
+    rounds = [decode(prompts, a.new_tokens) for _ in range(a.repeats)]
+    medians = [1e3 * statistics.median(times) for times in rounds]
+    times = rounds[medians.index(min(medians))]
     bar.update()
     return {"engine": engine, "mode": mode, "batch": batch, "steps": len(times),
-            "ms_median": 1e3 * statistics.median(times),
-            "ms_mean": 1e3 * statistics.fmean(times), "ms_min": 1e3 * min(times)}
+            "ms_median": min(medians), "ms_mean": 1e3 * statistics.fmean(times),
+            "ms_min": 1e3 * min(times), "round_medians_ms": medians}
 
 
 def hf_decode_times(model, names: list[str] | None, sync: Callable[[], None],
@@ -297,6 +305,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed rounds per case; the round with the lowest median counts")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--targets", default="attn", choices=["attn", "all-linear"],
                     help="attn: q/k/v/o_proj; all-linear: also gate/up/down_proj")
@@ -309,6 +319,8 @@ def parse_args() -> argparse.Namespace:
     a = ap.parse_args()
     if a.new_tokens < 2:
         ap.error("--new-tokens must be >= 2 (the first token comes from the prefill)")
+    if a.repeats < 1:
+        ap.error("--repeats must be >= 1")
     a.targets = ATTN if a.targets == "attn" else ATTN + MLP
     a.device = "cuda" if a.device == "auto" and torch.cuda.is_available() else (
         "cpu" if a.device == "auto" else a.device)
@@ -340,7 +352,7 @@ def main() -> None:
               f"ms/step (floor {r['floor_ms']:.1f} ms, x{r['vs_floor']:.2f}), "
               f"{r['out_tok_s']:.0f} tok/s")
     config = vars(a) | {"targets": list(a.targets), "out": str(out), "shape_config":
-                        SHAPES[a.shape]}
+                        SHAPES[a.shape], "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
     write_json(out, {"benchmark": "decode_step", "command": " ".join(sys.argv),
                      "config": config, "machine": machine_info(),
                      "loraplex_commit": loraplex_commit(), "device": device.type,
