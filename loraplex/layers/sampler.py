@@ -1,7 +1,8 @@
 """Next-token sampling for a batch: penalties, temperature, top-k/top-p/min-p, greedy.
 
 All math is batched over rows with per-row parameter tensors, on the logits' device; the
-only device->host transfer is one `.tolist()` of a packed result at the end.
+only device->host transfer is one `.tolist()` of a packed result at the end, and host
+values reach the device through pinned memory without waiting for it (`_to_device`).
 Random rows use the exponential race `argmax(p / q), q ~ Exp(1)`; a seeded row draws its q
 from its own generator, so it samples the same tokens whatever else shares its batch.
 Logprobs are reported from the raw logits (before penalties and temperature), as vLLM does.
@@ -35,15 +36,21 @@ class SamplerOutput:
     logprobs: list[dict[int, Logprob] | None]  # sampled + top-k tokens, where asked for
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on `device`. `torch.tensor(values, device=cuda)` would copy from pageable
+    memory and wait for the device (the whole forward) first; from pinned memory the copy
+    just queues behind it."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def _token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[B, V] occurrence counts, built with one scatter instead of a loop over rows."""
     counts = torch.zeros(len(seqs), vocab, device=device)
-    flat = [t for s in seqs for t in s]
-    if flat:
-        lengths = torch.tensor([len(s) for s in seqs], device=device)
-        rows = torch.repeat_interleave(torch.arange(len(seqs), device=device), lengths)
-        ids = torch.tensor(flat, device=device)
-        counts.index_put_((rows, ids), torch.ones((), device=device), accumulate=True)
+    rows = [i for i, s in enumerate(seqs) for _ in s]
+    if rows:
+        index = _to_device([rows, [t for s in seqs for t in s]], torch.long, device)
+        counts.index_put_((index[0], index[1]), torch.ones((), device=device), accumulate=True)
     return counts
 
 
@@ -73,11 +80,11 @@ class Sampler:
     @staticmethod
     def _param_table(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
         """[B, 7] per-row parameters (see the _TEMP.. columns), one host->device copy."""
-        return torch.tensor(
+        return _to_device(
             [[r.params.temperature, r.params.top_p, r.params.top_k, r.params.min_p,
               r.params.repetition_penalty, r.params.presence_penalty,
               r.params.frequency_penalty] for r in rows],
-            dtype=torch.float32, device=device)
+            torch.float32, device)
 
     def _process(self, logits: torch.Tensor, rows: list[SamplingRow],
                  table: torch.Tensor) -> torch.Tensor:
@@ -99,9 +106,9 @@ class Sampler:
             tok_idx += banned
         if not row_idx:
             return logits
-        index = torch.tensor([row_idx, tok_idx], device=logits.device)
+        index = _to_device([row_idx, tok_idx], torch.long, logits.device)
         return logits.index_put((index[0], index[1]),
-                                torch.tensor(float("-inf"), device=logits.device))
+                                torch.full((), float("-inf"), device=logits.device))
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow],
                          table: torch.Tensor) -> torch.Tensor:
@@ -130,7 +137,7 @@ class Sampler:
         if all(greedy):
             return greedy_tokens
         device, vocab = logits.device, logits.shape[1]
-        is_greedy = torch.tensor(greedy, device=device)
+        is_greedy = _to_device(greedy, torch.bool, device)
         temps = torch.where(is_greedy, torch.ones((), device=device), table[:, _TEMP])
         logits = logits / temps[:, None]
         if any(0 < r.params.top_k < vocab for r in rows):
