@@ -50,6 +50,17 @@ class ModelConfig:
     load_format: str = "auto"  # "auto" | "dummy"
     revision: str | None = None
     served_model_name: str | None = None
+    # CUDA graphs for decode (worker/cuda_graph.py): off with enforce_eager, never on CPU.
+    # cuda_graph_sizes: None = the default sizes up to max_num_seqs; one value = the
+    # default sizes up to it; several = exactly those (larger batches run eagerly)
+    enforce_eager: bool = False
+    cuda_graph_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        sizes = self.cuda_graph_sizes
+        if sizes is not None and (not sizes or any(
+                not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes)):
+            raise ValueError(f"cuda_graph_sizes must be batch sizes >= 1, got {sizes!r}")
 
     @property
     def name(self) -> str:

@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 # vLLM options that are accepted for compatibility but change nothing here.
 _IGNORED_WHEN_SET = {
     "trust_remote_code": False,
-    "enforce_eager": False,
     "swap_space": None,
     "enable_prefix_caching": None,
     "disable_log_stats": False,
@@ -69,9 +68,12 @@ class EngineArgs:
     lora_scheduling_policy: str = "fair"  # "fair" | "fcfs" (see engine/scheduler.py)
     lora_min_slice_steps: int = 16
     max_lora_load_workers: int = 2
+    # CUDA graphs for decode (CUDA only): enforce_eager=True turns them off;
+    # cuda_graph_sizes: batch sizes to capture (a list, or "1,2,4"; one value = up to it)
+    enforce_eager: bool = False
+    cuda_graph_sizes: list[int] | str | int | None = None
     # accepted for vLLM compatibility; see _IGNORED_WHEN_SET
     trust_remote_code: bool = False
-    enforce_eager: bool = False
     swap_space: float | None = None
     enable_prefix_caching: bool | None = None
     disable_log_stats: bool = False
@@ -127,7 +129,9 @@ class EngineArgs:
         model_config = ModelConfig(
             model=self.model, tokenizer=self.tokenizer or self.model, dtype=dtype,
             device=device, max_model_len=max_model_len, seed=self.seed,
-            load_format=self.load_format, revision=self.revision, served_model_name=served)
+            load_format=self.load_format, revision=self.revision, served_model_name=served,
+            enforce_eager=self.enforce_eager,
+            cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes))
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_bytes=self.kv_cache_memory_bytes,
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -149,3 +153,17 @@ class EngineArgs:
                 long_lora_scaling_factors=self.long_lora_scaling_factors,
                 num_load_workers=self.max_lora_load_workers)
         return EngineConfig(model_config, cache_config, scheduler_config, lora_config)
+
+
+def _parse_sizes(sizes: list[int] | str | int | None) -> tuple[int, ...] | None:
+    """cuda_graph_sizes as given in Python (a list or an int) or on the command line
+    ("8", "1,2,4" or "1 2 4")."""
+    if sizes is None or isinstance(sizes, int) and not isinstance(sizes, bool):
+        return None if sizes is None else (sizes,)
+    if isinstance(sizes, str):
+        try:
+            return tuple(int(v) for v in sizes.replace(",", " ").split())
+        except ValueError:
+            raise ValueError(f"cuda_graph_sizes={sizes!r}: expected batch sizes like "
+                             "'1,2,4,8'") from None
+    return tuple(sizes)

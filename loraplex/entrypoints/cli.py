@@ -118,7 +118,13 @@ ENGINE_HELP: dict[str, str] = {
     "max_num_seqs": "Most sequences in one batch.",
     "max_num_batched_tokens": "Most tokens in one step (default: max(8192, max_model_len)).",
     "block_size": "Tokens per KV cache block.",
-    "gpu_memory_utilization": "Fraction of GPU memory for weights + KV cache (CUDA only).",
+    "gpu_memory_utilization": "Fraction of GPU memory for weights, adapter slots, "
+                              "activations and the KV cache (CUDA only).",
+    "enforce_eager": "No CUDA graphs: every decode step launches its kernels one by one "
+                     "(CUDA only; slower, for debugging).",
+    "cuda_graph_sizes": "Decode batch sizes to capture as CUDA graphs, e.g. 1,2,4,8; one "
+                        "value: the default sizes up to it. Default: 1, 2, 4, 8..64 by 8, "
+                        "then coarser, up to --max-num-seqs.",
     "num_gpu_blocks_override": "Use exactly this many KV cache blocks.",
     "kv_cache_memory_bytes": "KV cache size in bytes (overrides the other sizing options).",
     "cpu_kv_cache_gib": "KV cache size in GiB on CPU (or env LORAPLEX_CPU_KVCACHE_SPACE).",
