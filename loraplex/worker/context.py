@@ -44,37 +44,57 @@ class StepContext:
 
 
 class DecodeBuffers:
-    """Decode metadata in tensors preallocated for the largest batch and filled in place
-    every step, so a CUDA graph captured at batch size n replays over new values: its
-    inputs are the first n rows of the same storage. Rows past the real batch are
-    padding: slot -1 (no cache write) and context length 0 (attention output 0)."""
+    """Decode inputs and metadata in tensors preallocated for the largest batch and filled
+    in place every step, so a CUDA graph captured at batch size n replays over new values:
+    its inputs are the first n rows of the same storage. Rows past the real batch are
+    padding: token 0 at position 0, slot -1 (no cache write), context length 0 (attention
+    output 0). Values go host -> pinned staging -> device without waiting for the device."""
 
     def __init__(self, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        self.input_ids = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((max_num_seqs,), -1, dtype=torch.long, device=device)
         self.context_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32,
                                         device=device)
 
+    def _copy(self, dst: torch.Tensor, values: list, pad: int = 0, pad_value: int = 0) -> None:
+        host = torch.tensor(values + [pad_value] * pad, dtype=dst.dtype, pin_memory=dst.is_cuda)
+        dst.copy_(host, non_blocking=True)
+
+    def _rows(self, n: int, padded_batch: int | None) -> int:
+        rows = n if padded_batch is None else padded_batch
+        if not n <= rows <= self.slot_mapping.shape[0]:
+            raise ValueError(f"decode batch {n} padded to {rows} does not fit the buffers "
+                             f"of {self.slot_mapping.shape[0]} rows")
+        return rows
+
+    def fill_tokens(self, input_ids: list[int], positions: list[int],
+                    padded_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one step's tokens and positions; returns views of padded_batch rows."""
+        n = len(input_ids)
+        rows = self._rows(n, padded_batch)
+        self._copy(self.input_ids[:rows], input_ids, rows - n)
+        self._copy(self.positions[:rows], positions, rows - n)
+        return self.input_ids[:rows], self.positions[:rows]
+
     def fill(self, slots: list[int], context_lens: list[int], block_tables: list[list[int]],
              padded_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write one step's values; returns views (slot_mapping, context_lens, block_tables)
-        of padded_batch rows (default: the real batch), tables cut to the longest one."""
+        of padded_batch rows (default: the real batch), tables cut to the longest one
+        (the rows keep the full row stride, so a graph's view of them stays valid)."""
         n = len(slots)
-        rows = n if padded_batch is None else padded_batch
         width = max(len(t) for t in block_tables)
-        if rows > self.slot_mapping.shape[0] or width > self.block_tables.shape[1]:
-            raise ValueError(f"decode batch {rows} x {width} blocks exceeds the buffers "
+        if width > self.block_tables.shape[1] or n > self.slot_mapping.shape[0]:
+            raise ValueError(f"decode batch {n} x {width} blocks exceeds the buffers "
                              f"{tuple(self.block_tables.shape)}")
+        rows = self._rows(n, padded_batch)
+        self._copy(self.slot_mapping[:rows], slots, rows - n, -1)
+        self._copy(self.context_lens[:rows], context_lens, rows - n)
         tables = [t + [0] * (width - len(t)) for t in block_tables]
-        pin = self.slot_mapping.is_cuda
-        host = [torch.tensor(x, dtype=dt, pin_memory=pin) for x, dt in (
-            (slots, torch.long), (context_lens, torch.int32), (tables, torch.int32))]
-        self.slot_mapping[:n].copy_(host[0], non_blocking=True)
-        self.context_lens[:n].copy_(host[1], non_blocking=True)
-        self.block_tables[:n, :width].copy_(host[2], non_blocking=True)
-        if rows > n:
-            self.slot_mapping[n:rows].fill_(-1)
-            self.context_lens[n:rows].fill_(0)
+        self.block_tables[:n, :width].copy_(
+            torch.tensor(tables, dtype=torch.int32, pin_memory=self.block_tables.is_cuda),
+            non_blocking=True)
         return self.slot_mapping[:rows], self.context_lens[:rows], self.block_tables[:rows, :width]
 
 

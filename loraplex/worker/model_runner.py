@@ -1,17 +1,25 @@
 """Sequences in, next-token logits out: builds the flat batch and the step context.
 
-Owns the model, its KV cache and the LoRA slots. For a prefill step the tokens of all
-sequences are laid out back to back; for a decode step one token per sequence. Each
-token carries its position, its KV-cache slot and its adapter slot (-1 = base).
+Owns the model, its KV cache and the decode CUDA graphs; the LoRA slots live in the
+model's wrapped layers. For a prefill step the tokens of all sequences are laid out back
+to back; for a decode step one token per sequence, in buffers that a captured graph
+replays over (worker/cuda_graph.py). Each token carries its position, its KV-cache slot
+and its adapter slot (-1 = base).
+
+On a GPU the KV cache gets what gpu_memory_utilization leaves after the weights, the
+adapter slots and the activation peak of a profile run (the largest prefill the
+scheduler may send, then the sampler over max_num_seqs rows with every option on).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 
-from loraplex.config import CacheConfig, ModelConfig
+from loraplex.config import CacheConfig, ModelConfig, SchedulerConfig
 from loraplex.engine.sequence import Sequence
 from loraplex.layers.attention import (
     Attention,
@@ -20,50 +28,142 @@ from loraplex.layers.attention import (
     decode_splits,
     torch_prefill_layout,
 )
+from loraplex.layers.sampler import Sampler, SamplingRow
+from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.models.llama import LlamaForCausalLM
+from loraplex.sampling_params import SamplingParams
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
+from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
 
 logger = logging.getLogger(__name__)
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GPUMemoryProfile:
+    total: int
+    free: int  # after the profile run, its activations released
+    weights: int  # torch memory in use before the KV cache: weights, adapter slots
+    activation_peak: int  # the profile run's peak above `weights`
+    utilization: float
+
+    @property
+    def kv_budget(self) -> int:
+        """total x utilization less the weights and the activation peak, and never more
+        than is free now less the activation peak (other processes hold the rest)."""
+        by_util = int(self.total * self.utilization) - self.weights - self.activation_peak
+        return max(0, min(by_util, self.free - self.activation_peak))
+
+    def describe(self) -> str:
+        return (f"{self.total / GiB:.2f} GiB x gpu_memory_utilization={self.utilization} - "
+                f"weights and adapter slots {self.weights / GiB:.2f} GiB - activation peak "
+                f"{self.activation_peak / GiB:.2f} GiB -> KV cache {self.kv_budget / GiB:.2f} "
+                f"GiB ({self.free / GiB:.2f} GiB free)")
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, model_config: ModelConfig,
-                 cache_config: CacheConfig, max_num_seqs: int) -> None:
+                 cache_config: CacheConfig, scheduler_config: SchedulerConfig) -> None:
         self.model = model
         self.device = model_config.device
         self.dtype = model_config.dtype
         self.block_size = cache_config.block_size
         self.max_model_len = model_config.max_model_len
+        self.max_num_seqs = scheduler_config.max_num_seqs
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.attn_backend = attention_backend(self.device)
-        self.num_blocks = self._num_kv_blocks(cache_config, model_config.max_model_len,
-                                              max_num_seqs)
+        # adapter slots per LoRA layer (0: no LoRA layers)
+        self.max_loras = next((m.lora_a_stacked.shape[0] for m in model.modules()
+                               if isinstance(m, LinearWithLoRA)), 0)
+        self.memory_profile: GPUMemoryProfile | None = None
+        self.num_blocks = self._num_kv_blocks(cache_config, scheduler_config)
         self._allocate_kv_cache()
-        self.decode_buffers = DecodeBuffers(max_num_seqs, -(-self.max_model_len // self.block_size),
+        self.decode_buffers = DecodeBuffers(self.max_num_seqs,
+                                            -(-self.max_model_len // self.block_size),
                                             self.device)
         # torch decode keeps the batch's K/V contiguous across steps, within the cache's size
         self.decode_mirror = DecodeMirror(self.block_size, self._bytes_per_block() // self.block_size,
                                           self.num_blocks * self._bytes_per_block())
+        self.num_eager_decode_steps = 0
+        self.cuda_graphs: CUDAGraphRunner | None = None
+        if self.num_blocks * self.block_size >= self.max_model_len:  # else the engine refuses
+            self.cuda_graphs = capture_decode_graphs(
+                model, self.decode_buffers, self.max_num_seqs, self.max_model_len,
+                self.max_loras, model_config.enforce_eager, model_config.cuda_graph_sizes,
+                self.attn_backend)
 
     def _bytes_per_block(self) -> int:
         a = self.model.args
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
 
-    def _num_kv_blocks(self, cfg: CacheConfig, max_model_len: int, max_num_seqs: int) -> int:
+    def _num_kv_blocks(self, cfg: CacheConfig, sched: SchedulerConfig) -> int:
         if cfg.num_blocks_override is not None:
             return cfg.num_blocks_override
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(free - total * (1 - cfg.gpu_memory_utilization))
+            budget = self._profile_gpu_memory(cfg.gpu_memory_utilization,
+                                              sched.max_num_batched_tokens)
         else:
-            budget = int(cfg.cpu_kv_cache_gib * 2**30)
-        blocks_per_seq = -(-max_model_len // self.block_size)
+            budget = int(cfg.cpu_kv_cache_gib * GiB)
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
         # never more than every sequence at full length could use
-        return max(0, min(budget // self._bytes_per_block(), max_num_seqs * blocks_per_seq))
+        return max(0, min(budget // self._bytes_per_block(), self.max_num_seqs * blocks_per_seq))
+
+    def _profile_gpu_memory(self, utilization: float, max_tokens: int) -> int:
+        """The KV cache budget in bytes, from a profile run's activation peak."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        weights = torch.cuda.memory_allocated(dev)
+        try:
+            self._profile_run(max_tokens)
+            torch.cuda.synchronize(dev)
+        except torch.OutOfMemoryError as e:
+            raise ValueError(
+                f"a prefill of max_num_batched_tokens={max_tokens} tokens does not fit in GPU "
+                f"memory beside the weights and adapter slots ({weights / GiB:.2f} GiB): lower "
+                "max_num_batched_tokens, max_num_seqs, max_loras or max_lora_rank") from e
+        peak = torch.cuda.max_memory_allocated(dev) - weights
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        prof = self.memory_profile = GPUMemoryProfile(total, free, weights, peak, utilization)
+        logger.info("GPU memory: %s", prof.describe())
+        if prof.kv_budget < int(total * utilization) - weights - peak:
+            logger.warning("only %.2f GiB of GPU memory is free (other processes?): the KV "
+                           "cache gets less than gpu_memory_utilization allows", free / GiB)
+        if prof.kv_budget <= 0:
+            raise ValueError(f"no GPU memory is left for the KV cache: {prof.describe()}; "
+                             "raise gpu_memory_utilization or lower max_num_batched_tokens")
+        return prof.kv_budget
+
+    @torch.inference_mode()
+    def _profile_run(self, max_tokens: int) -> None:
+        """The largest prefill the scheduler may send (spread over max_num_seqs sequences,
+        every adapter slot in use), then the sampler over those rows with every option on.
+        The KV cache does not exist yet: attention skips writing it."""
+        n = min(max_tokens, self.max_num_seqs * self.max_model_len)
+        seqs = max(min(self.max_num_seqs, n), -(-n // self.max_model_len))
+        lens = [n // seqs + (i < n % seqs) for i in range(seqs)]
+        dev = self.device
+        positions = torch.cat([torch.arange(m, device=dev) for m in lens])
+        ctx = self._prefill_context(lens, torch.full((n,), -1, dtype=torch.long, device=dev))
+        if self.max_loras:
+            ctx.lora_meta = LoRABatchMeta.make(
+                [i % self.max_loras for i, m in enumerate(lens) for _ in range(m)], dev)
+            ctx.lora_meta.skip_unused_layers = False  # no slot has weights yet
+        with step_context(ctx):
+            hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions)
+        last = torch.tensor(lens, device=dev).cumsum(0) - 1
+        logits = self.model.compute_logits(hidden.index_select(0, last))
+        del hidden
+        params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.01,
+                                repetition_penalty=1.1, presence_penalty=0.1,
+                                frequency_penalty=0.1, logprobs=20)
+        Sampler(set())(logits, [SamplingRow(params, [0] * m, [1], None) for m in lens])
 
     def _allocate_kv_cache(self) -> None:
         a = self.model.args
@@ -86,6 +186,18 @@ class ModelRunner:
         bs = self.block_size
         return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def _prefill_context(self, lens: list[int], slot_mapping: torch.Tensor) -> StepContext:
+        ctx = StepContext(is_prefill=True, slot_mapping=slot_mapping,
+                          attn_backend=self.attn_backend, max_seqlen_q=max(lens))
+        if self.attn_backend == "triton":
+            starts = [0]
+            for n in lens:
+                starts.append(starts[-1] + n)
+            ctx.cu_seqlens_q = self._tensor(starts, torch.int32)
+        else:
+            torch_prefill_layout(ctx, lens, self.device)
+        return ctx
+
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor,
                                                               StepContext, list[int]]:
         input_ids: list[int] = []
@@ -96,54 +208,64 @@ class ModelRunner:
             input_ids.extend(seq.token_ids)
             positions.extend(range(seq.num_tokens))
             slots.extend(self._slot_mapping(seq, 0, seq.num_tokens))
-        starts = [0]
-        for n in lens:
-            starts.append(starts[-1] + n)
-        ctx = StepContext(is_prefill=True, slot_mapping=self._tensor(slots),
-                          attn_backend=self.attn_backend, max_seqlen_q=max(lens))
+        ctx = self._prefill_context(lens, self._tensor(slots))
         self.decode_mirror.reset()
-        if self.attn_backend == "triton":
-            ctx.cu_seqlens_q = self._tensor(starts, torch.int32)
-        else:
-            torch_prefill_layout(ctx, lens, self.device)
-        last_rows = [st + n - 1 for st, n in zip(starts, lens)]
-        return self._tensor(input_ids), self._tensor(positions), ctx, last_rows
+        last_rows = list(itertools.accumulate(lens))
+        return self._tensor(input_ids), self._tensor(positions), ctx, [r - 1 for r in last_rows]
 
-    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor,
-                                                             StepContext]:
+    def prepare_decode(self, seqs: list[Sequence], padded_batch: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+        """The step's inputs in the decode buffers (padded_batch rows: a graph's size)."""
         bs = self.block_size
-        input_ids = [s.last_token for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
         lens = [s.num_tokens for s in seqs]
-        slot_mapping, context_lens, block_tables = self.decode_buffers.fill(
-            slots, lens, [s.block_table for s in seqs])
+        buffers = self.decode_buffers
+        input_ids, positions_t = buffers.fill_tokens([s.last_token for s in seqs], positions,
+                                                     padded_batch)
+        slot_mapping, context_lens, block_tables = buffers.fill(
+            slots, lens, [s.block_table for s in seqs], padded_batch)
         ctx = StepContext(is_prefill=False, slot_mapping=slot_mapping,
                           attn_backend=self.attn_backend, block_tables=block_tables,
                           context_lens=context_lens, max_context_len=max(lens))
-        if self.attn_backend == "triton":
-            ctx.decode_splits = decode_splits(len(seqs), self.model.args.num_kv_heads,
-                                              ctx.max_context_len, self.device)
-        else:
-            self.decode_mirror.plan(ctx, [s.seq_id for s in seqs], lens)
-        return self._tensor(input_ids), self._tensor(positions), ctx
+        if padded_batch is None:  # eager (a graph captured its own context)
+            if self.attn_backend == "triton":
+                ctx.decode_splits = decode_splits(len(seqs), self.model.args.num_kv_heads,
+                                                  ctx.max_context_len, self.device)
+            else:
+                self.decode_mirror.plan(ctx, [s.seq_id for s in seqs], lens)
+        return input_ids, positions_t, ctx
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool,
             lora_slots: dict[int, int] | None = None) -> torch.Tensor:
         """Logits [len(seqs), vocab] for the next token of every sequence."""
-        if is_prefill:
-            input_ids, positions, ctx, last_rows = self.prepare_prefill(seqs)
-        else:
-            input_ids, positions, ctx = self.prepare_decode(seqs)
-            last_rows = None
-        if lora_slots:
-            seq_slots = [lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
-            token_slots = ([slot for s, slot in zip(seqs, seq_slots) for _ in range(s.num_tokens)]
-                           if is_prefill else seq_slots)
-            ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
+        seq_slots = ([lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
+                     if lora_slots else None)
+        if not is_prefill:
+            return self._run_decode(seqs, seq_slots)
+        input_ids, positions, ctx, last_rows = self.prepare_prefill(seqs)
+        if seq_slots:
+            ctx.lora_meta = LoRABatchMeta.make(
+                [slot for s, slot in zip(seqs, seq_slots) for _ in range(s.num_tokens)],
+                self.device)
         with step_context(ctx):
             hidden = self.model(input_ids, positions)
-            if last_rows is not None:
-                hidden = hidden.index_select(0, self._tensor(last_rows))
-            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden.index_select(0, self._tensor(last_rows)))
+
+    def _run_decode(self, seqs: list[Sequence], seq_slots: list[int] | None) -> torch.Tensor:
+        n = len(seqs)
+        graphs = self.cuda_graphs
+        padded = graphs.padded_size(n) if graphs is not None else None
+        input_ids, positions, ctx = self.prepare_decode(seqs, padded)
+        has_lora = seq_slots is not None and any(s >= 0 for s in seq_slots)
+        if padded is not None:
+            token_slots = seq_slots + [-1] * (padded - n) if has_lora else None
+            hidden = graphs.replay(padded, token_slots)[:n]
+        else:
+            self.num_eager_decode_steps += 1
+            if has_lora:
+                ctx.lora_meta = LoRABatchMeta.make(seq_slots, self.device)
+            with step_context(ctx):
+                hidden = self.model(input_ids, positions)
+        return self.model.compute_logits(hidden)
