@@ -4,7 +4,9 @@ Three modes per batch size: `base` (LoRA disabled), `one` (every sequence the sa
 adapter), `mixed` (every sequence a different adapter, max_loras >= batch). Beside each
 result: the weight-read floor, the time to read the base weights once at the measured copy
 bandwidth, which no decode step can beat on a memory-bound device; and the floor with the
-active adapters' and the KV cache's bytes added. Same script on the CPU and on CUDA.
+active adapters' and the KV cache's bytes added. Same script on the CPU and on CUDA; on
+CUDA the engine replays decode CUDA graphs unless --enforce-eager, and each result says
+how its decode steps ran (`cuda_graphs`: graph replays and eager decode steps).
 
 On a CPU that other processes share, run it with OMP_WAIT_POLICY=PASSIVE: torch's OpenMP
 threads otherwise spin-wait at every barrier, and when another process holds one of the
@@ -137,7 +139,15 @@ def make_engine(model_dir: Path, a: argparse.Namespace, lora: bool):
         model=str(model_dir), load_format="dummy", dtype=a.dtype, device=a.device,
         max_num_seqs=batch, max_model_len=a.prompt_len + a.new_tokens + 16,
         max_num_batched_tokens=max(8192, batch * a.prompt_len), enable_lora=lora,
-        max_loras=batch, max_lora_rank=a.rank, max_cpu_loras=batch))
+        max_loras=batch, max_lora_rank=a.rank, max_cpu_loras=batch,
+        enforce_eager=a.enforce_eager))
+
+
+def graph_counters(engine) -> tuple[int, int]:
+    """(CUDA graph replays, eager decode steps) so far."""
+    runner = engine.model_runner
+    graphs = runner.cuda_graphs
+    return (graphs.num_replays if graphs is not None else 0), runner.num_eager_decode_steps
 
 
 def engine_decode_times(engine, loras: list, sync: Callable[[], None],
@@ -186,7 +196,13 @@ def run_loraplex(model_dir: Path, adapters: list[Path], a: argparse.Namespace,
             for batch in a.batch_sizes:
                 decode = partial(engine_decode_times, engine,
                                  mode_loras(mode, batch, adapters), sync)
+                before = graph_counters(engine)
                 records.append(measure("loraplex", mode, batch, decode, a, bar))
+                replays, eager = (n - m for n, m in zip(graph_counters(engine), before))
+                graphs = engine.model_runner.cuda_graphs
+                records[-1]["cuda_graphs"] = {
+                    "replays": replays, "eager_decode_steps": eager,
+                    "captured_sizes": graphs.sizes if graphs is not None else []}
         dtype = engine.model_config.dtype
         del engine
         gc.collect()
@@ -322,6 +338,8 @@ def parse_args() -> argparse.Namespace:
                     help="attn: q/k/v/o_proj; all-linear: also gate/up/down_proj")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     ap.add_argument("--dtype", default="auto", help="auto: fp32 on the CPU, bf16 on CUDA")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="no CUDA graphs for decode (they are on by default on CUDA)")
     ap.add_argument("--hf", action="store_true",
                     help="also time transformers + PEFT on the same shapes (slow)")
     ap.add_argument("--out", type=Path, default=None,
@@ -362,9 +380,13 @@ def main() -> None:
     weight_floor_ms = weight_bytes / gb_s / 1e6
     print(f"weights read per step: {weight_bytes / 1e9:.3f} GB -> floor {weight_floor_ms:.1f} ms")
     for r in records:
+        graphs = r.get("cuda_graphs")
+        how = "" if graphs is None else (
+            " [graphs]" if graphs["replays"] and not graphs["eager_decode_steps"] else
+            " [eager]" if not graphs["replays"] else " [graphs+eager]")
         print(f"{r['engine']:8s} {r['mode']:5s} batch {r['batch']:3d}: {r['ms_median']:8.1f} "
               f"ms/step (floor {r['floor_ms']:.1f} ms, x{r['vs_floor']:.2f}), "
-              f"{r['out_tok_s']:.0f} tok/s")
+              f"{r['out_tok_s']:.0f} tok/s{how}")
     config = vars(a) | {"targets": list(a.targets), "out": str(out), "shape_config":
                         SHAPES[a.shape], "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
     write_json(out, {"benchmark": "decode_step", "command": " ".join(sys.argv),
@@ -375,6 +397,8 @@ def main() -> None:
                      "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gb_s": gb_s,
                      "copy_bandwidth_rounds_gb_s": bandwidths,
                      "weight_bytes": weight_bytes, "weight_floor_ms": weight_floor_ms,
+                     "cuda_graphs_used": any(r.get("cuda_graphs", {}).get("replays")
+                                             for r in records),
                      "results": records})
 
 
