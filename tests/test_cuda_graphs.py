@@ -116,6 +116,18 @@ def test_no_graphs_on_cpu(tiny_models, prompts):
     assert runner.num_eager_decode_steps == 2
 
 
+def test_profile_run_on_cpu(tiny_models):
+    """The GPU profile's forward + sampler (GPU-only in the engine) runs: every adapter slot
+    in use, max_num_seqs rows of logits, every sampling option."""
+    llm = make_llm(tiny_models["qwen3"], device="cpu", enable_lora=True, max_loras=3,
+                   max_num_seqs=16, max_model_len=64)
+    runner = llm.llm_engine.model_runner
+    for layer in runner.attention_layers:  # as at profile time: no KV cache yet
+        layer.k_cache = layer.v_cache = torch.empty(0)
+    runner._profile_run(1000)  # 16 sequences of 62-63 tokens
+    runner._profile_run(5)  # fewer tokens than sequences
+
+
 def test_kv_budget_from_the_profile():
     prof = GPUMemoryProfile(total=80 * GiB, free=62 * GiB, weights=16 * GiB,
                             activation_peak=2 * GiB, utilization=0.9)
