@@ -1,4 +1,5 @@
-"""The adapter slots and the KV cache share one budget; configs that cannot work are refused."""
+"""The adapter slots and the KV cache share one budget; configs that cannot work are refused.
+(The CPU budget, cpu_kv_cache_gib: these engines run on the CPU even where a GPU exists.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def _slot_buffer_bytes(engine) -> int:
 
 
 def test_slots_come_out_of_the_cpu_budget(tiny_models):
-    kw = dict(cpu_kv_cache_gib=0.02, max_num_seqs=4096, max_model_len=128)
+    kw = dict(cpu_kv_cache_gib=0.02, max_num_seqs=4096, max_model_len=128, device="cpu")
     few = make_llm(tiny_models["llama"], enable_lora=True, max_loras=1, max_lora_rank=16, **kw)
     many = make_llm(tiny_models["llama"], enable_lora=True, max_loras=64, max_lora_rank=16,
                     **kw)
@@ -37,13 +38,13 @@ def test_slots_come_out_of_the_cpu_budget(tiny_models):
 def test_config_that_cannot_work_is_refused(tiny_models):
     with pytest.raises(ValueError, match="adapter slots need .* lower max_loras"):
         make_llm(tiny_models["llama"], enable_lora=True, max_loras=4096, max_lora_rank=64,
-                 cpu_kv_cache_gib=0.01)
+                 cpu_kv_cache_gib=0.01, device="cpu")
     plan = make_llm(tiny_models["llama"], enable_lora=True, max_loras=1, max_lora_rank=64,
-                    cpu_kv_cache_gib=0.01).llm_engine.memory
+                    cpu_kv_cache_gib=0.01, device="cpu").llm_engine.memory
     # a budget where 20 slots leave KV for 128 tokens: max_model_len=256 cannot work
     budget = 20 * plan.slot_bytes(64) + (128 // plan.block_size) * plan.kv_block_bytes
     with pytest.raises(ValueError, match="holds 128 tokens after the adapter slots took"):
         make_llm(tiny_models["llama"], enable_lora=True, max_loras=20, max_lora_rank=64,
-                 cpu_kv_cache_gib=budget / 2**30, max_model_len=256)
+                 cpu_kv_cache_gib=budget / 2**30, max_model_len=256, device="cpu")
     make_llm(tiny_models["llama"], enable_lora=True, max_loras=20, max_lora_rank=64,
-             cpu_kv_cache_gib=budget / 2**30, max_model_len=128)  # this one fits
+             cpu_kv_cache_gib=budget / 2**30, max_model_len=128, device="cpu")  # this one fits
