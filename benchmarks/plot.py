@@ -87,7 +87,7 @@ def plot_decode_step(data: dict, out: Path) -> None:
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.set_ylim(bottom=0)
     ax.set_xlabel("batch size (sequences decoding together)")
-    ax.set_ylabel("ms per decode step (median)")
+    ax.set_ylabel("ms per decode step (median, best round)")
     c = data["config"]
     ax.set_title(f"Decode step, {c['shape']} ({data['dtype']}, LoRA r{c['rank']} on "
                  f"{len(c['targets'])} projections), {data['device']}: {_machine(data)}",
