@@ -21,6 +21,8 @@ rotate over several copies of the cache so the L2 cache does not hold them.
     python benchmarks/attention.py                     # a GPU: the whole grid
     python benchmarks/attention.py --sweep-splits      # + every triton split count
     python benchmarks/attention.py --batch 1 8 --context 256 1024 --prefill none   # quick
+FlexAttention compiles once per shape (seconds to a minute each): where one command must
+fit a time limit, run it apart, e.g. `--impls flex --batch 8 64 --context 1024 4096`.
 On the CPU (no GPU) the default grid is small and triton runs only under
 TRITON_INTERPRET=1 (correct, but the interpreter's times mean nothing).
 """

@@ -138,7 +138,8 @@ def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV,
         k_cache, v_cache, table = paged_cache(ctx_lens, kvh, d, block_size, dtype, device, gen)
         cache = dict(k_cache=k_cache, v_cache=v_cache, block_tables=table,
                      context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device))
-    out = ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, **cache)
+    out = torch.full_like(q, float("nan"))  # poison: every row must be written
+    ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, **cache, out=out)
     for b, (n, c) in enumerate(zip(q_lens, ctx_lens)):
         s = int(cu[b])
         ks, vs = k[s:s + n], v[s:s + n]
