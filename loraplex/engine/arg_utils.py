@@ -111,8 +111,8 @@ class EngineArgs:
         device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
                               else ("cpu" if self.device == "auto" else self.device))
         self._warn_ignored(device)
-        dtype = resolve_dtype(self.dtype, getattr(hf_config, "torch_dtype", None)
-                              or getattr(hf_config, "dtype", None), device)
+        dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None)
+                              or getattr(hf_config, "torch_dtype", None), device)
         limit = hf_config.max_position_embeddings
         window = sliding_window(hf_config)
         if window and window < limit:
