@@ -117,11 +117,37 @@ def plot_serve(data: dict, out: Path) -> None:
     _save(fig, out)
 
 
+def plot_many_adapters(data: dict, out: Path) -> None:
+    """Throughput and p99 latency vs the number of registered adapters (Zipf traffic)."""
+    rows = data["by_num_adapters"]
+    n = [r["num_adapters"] for r in rows]
+    a = data["args"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.plot(n, [r["throughput_tok_s"] for r in rows], "o-")
+    left.set_ylabel("output tok/s")
+    left.set_ylim(bottom=0)
+    right.plot(n, [r["latency_p99_s"] for r in rows], "o-", color="tab:red", label="p99")
+    right.plot(n, [r["latency_p50_s"] for r in rows], "o--", color="tab:blue", label="p50")
+    right.set_ylabel("request latency (s)")
+    right.set_ylim(bottom=0)
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("registered adapters N (Zipf 1.0 traffic)")
+    burst = data.get("burst", {})
+    fig.suptitle(f"many adapters: {a['requests']} requests at {a['rate']:g}/s, max_loras "
+                 f"{a['max_loras']}, max_cpu_loras {a['max_cpu_loras']}, r{a['rank']}; warm p99 "
+                 f"with a cold burst / without: {burst.get('warm_p99_ratio', float('nan')):.2f}x"
+                 f"\n{a['shape']}; {_machine(data)}", fontsize=9)
+    _save(fig, out)
+
+
 # (glob in benchmarks/results, plot function); the PNG takes the JSON file's name.
 PLOTS: list[tuple[str, Callable[[dict, Path], None]]] = [
     ("throughput_*.json", plot_throughput),
     ("decode_step_*.json", plot_decode_step),
     ("serve_*.json", plot_serve),
+    ("many_adapters_*.json", plot_many_adapters),
 ]
 
 
