@@ -7,8 +7,9 @@ picked per model runner by `attention_backend`:
 - triton (CUDA): kernels in triton_attention.py read K/V straight from the cache
   blocks; decode and prefill, GQA, CUDA-graph-safe decode.
 - torch (CPU, or forced): prefill runs SDPA over the step's own K/V padded per
-  sequence; decode gathers each sequence's blocks through its block table into scratch
-  buffers, then SDPA. GQA is handled by SDPA.
+  sequence; decode keeps the batch's K/V contiguous across steps in a per-layer mirror
+  (one new token appended per step; rebuilt from the blocks when the batch changes, or
+  gathered into scratch buffers when it would not fit), then SDPA. GQA is handled by SDPA.
 
 LORAPLEX_ATTENTION_BACKEND=auto|torch|triton forces one; triton on CPU tensors runs
 under TRITON_INTERPRET=1 (tests).
@@ -16,45 +17,30 @@ under TRITON_INTERPRET=1 (tests).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-import os
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex import envs
+from loraplex.backends import optional_module, triton_kernels
 from loraplex.worker.context import StepContext, get_context
 
-_CHOICES = ("auto", "torch", "triton")
+_KERNELS = "loraplex.layers.triton_attention"
 
 
-@functools.cache
 def _triton_attention() -> ModuleType | None:
-    try:
-        from loraplex.layers import triton_attention
-    except ImportError:
-        return None
-    return triton_attention
+    return optional_module(_KERNELS)
 
 
 def attention_backend(device: torch.device) -> str:
     """"triton" for CUDA when triton imports, else "torch"; the env var forces one."""
-    choice = os.getenv("LORAPLEX_ATTENTION_BACKEND", "auto").strip().lower()
-    if choice not in _CHOICES:
-        raise ValueError(f"LORAPLEX_ATTENTION_BACKEND={choice!r}: expected one of {_CHOICES}")
-    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
-        return "torch"
-    if _triton_attention() is not None:
-        if device.type != "cuda" and os.getenv("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError("LORAPLEX_ATTENTION_BACKEND=triton on a CPU device needs "
-                               "TRITON_INTERPRET=1")
-        return "triton"
-    if choice == "triton":
-        raise RuntimeError("LORAPLEX_ATTENTION_BACKEND=triton but triton does not import")
-    return "torch"
+    kernels = triton_kernels("LORAPLEX_ATTENTION_BACKEND", envs.LORAPLEX_ATTENTION_BACKEND,
+                             device.type == "cuda", _KERNELS)
+    return "torch" if kernels is None else "triton"
 
 
 def decode_splits(batch: int, num_kv_heads: int, max_context_len: int,

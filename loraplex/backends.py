@@ -1,0 +1,41 @@
+"""Torch or Triton: which kernels run a layer's op (LoRA ops, attention).
+
+Triton for CUDA tensors when triton imports, the torch path otherwise; an env var
+(`LORAPLEX_LORA_BACKEND`, `LORAPLEX_ATTENTION_BACKEND`) forces either. Triton on CPU
+tensors runs only under TRITON_INTERPRET=1 (set before the kernels are imported), which
+is how the tests hold the kernels against the torch path without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+CHOICES = ("auto", "torch", "triton")
+
+
+@functools.cache
+def optional_module(name: str) -> ModuleType | None:
+    """The module of Triton kernels, or None where triton does not import."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def triton_kernels(env_var: str, choice: str, on_cuda: bool, module: str) -> ModuleType | None:
+    """The Triton kernel module to use for this op, or None for the torch path."""
+    if choice not in CHOICES:
+        raise ValueError(f"{env_var}={choice!r}: expected one of {CHOICES}")
+    if choice == "torch" or (choice == "auto" and not on_cuda):
+        return None
+    kernels = optional_module(module)
+    if kernels is None:
+        if choice == "triton":
+            raise RuntimeError(f"{env_var}=triton but triton does not import")
+        return None
+    if not on_cuda and not kernels._INTERPRETED:
+        raise RuntimeError(f"{env_var}=triton on CPU tensors needs TRITON_INTERPRET=1 when "
+                           "loraplex's kernels are first imported")
+    return kernels
