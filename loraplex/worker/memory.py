@@ -11,7 +11,7 @@ leave too little KV cache for one sequence of `max_model_len` is refused, with n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -88,6 +88,4 @@ def cpu_cache_config(cfg: CacheConfig, plan: MemoryPlan, device_type: str) -> Ca
             f"the adapter slots need {plan.lora_slot_bytes / 2**30:.2f} GiB but the cache "
             f"budget is cpu_kv_cache_gib={cfg.cpu_kv_cache_gib}: lower max_loras or "
             "max_lora_rank, or raise cpu_kv_cache_gib")
-    return CacheConfig(block_size=cfg.block_size, kv_cache_bytes=budget - plan.lora_slot_bytes,
-                       gpu_memory_utilization=cfg.gpu_memory_utilization,
-                       cpu_kv_cache_gib=cfg.cpu_kv_cache_gib)
+    return replace(cfg, kv_cache_bytes=budget - plan.lora_slot_bytes)

@@ -35,6 +35,7 @@ from loraplex.models.llama import LlamaForCausalLM
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
+from loraplex.worker.memory import kv_block_bytes
 
 logger = logging.getLogger(__name__)
 GiB = 2**30
@@ -94,9 +95,7 @@ class ModelRunner:
                 self.attn_backend)
 
     def _bytes_per_block(self) -> int:
-        a = self.model.args
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * elem
+        return kv_block_bytes(self.model, self.dtype, self.block_size)
 
     def _num_kv_blocks(self, cfg: CacheConfig, sched: SchedulerConfig) -> int:
         if cfg.num_blocks_override is not None:
