@@ -218,8 +218,7 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         lora_slots = None
         if manager is not None:
-            manager.prefetch(list(dict.fromkeys(
-                s.lora_int_id for s in self.scheduler.waiting if s.lora_int_id)))
+            manager.prefetch(s.lora_int_id for s in self.scheduler.waiting if s.lora_int_id)
             if seqs:
                 lora_slots, failed = manager.activate(
                     {s.lora_int_id for s in seqs if s.lora_int_id},

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -174,15 +175,18 @@ class LoRAManager:
     def is_loading(self, lora_int_id: int) -> bool:
         return lora_int_id in self.loader
 
-    def prefetch(self, queued: list[int]) -> None:
-        """Bring the adapters of queued requests (distinct ids, in queue order) to host
-        memory before their turn, as far as the host tier has room beyond the slots."""
+    def prefetch(self, queued: Iterable[int]) -> None:
+        """Bring the adapters of queued requests (ids in queue order, repeats allowed) to
+        host memory before their turn, as far as the host tier has room beyond the slots.
+        Reads `queued` only as far as that room reaches."""
         room = max(1, self.cfg.max_cpu_loras - self.cfg.max_loras)
+        seen: set[int] = set()
         for lora_id in queued:
             if room <= 0:
                 break
-            if lora_id in self._slot_lru or lora_id not in self.registered:
+            if lora_id in seen or lora_id in self._slot_lru or lora_id not in self.registered:
                 continue
+            seen.add(lora_id)
             room -= 1
             if lora_id in self._host:
                 self._host.move_to_end(lora_id)  # keep it until its turn
