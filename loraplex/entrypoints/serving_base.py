@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from loraplex.engine.async_engine import AsyncLLMEngine, LoRANotLoadedError
-from loraplex.entrypoints.errors import BadRequestError, ServiceUnavailableError
+from loraplex.entrypoints.errors import (
+    APIError,
+    BadRequestError,
+    ServiceUnavailableError,
+    error_body,
+)
 from loraplex.entrypoints.protocol import ErrorResponse, SamplingFields
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.lora.request import LoRARequest
@@ -170,6 +175,23 @@ class OpenAIServing:
         if text is None:
             text = self.tokenizer.decode([token_id])
         return text
+
+    async def sse(self, events: AsyncIterator[str], queued: EngineRequests
+                  ) -> AsyncIterator[str]:
+        """A streamed response body: the events, then an error event if they fail (the
+        server keeps serving), then `data: [DONE]`; the requests are aborted when it ends,
+        a client that leaves early included."""
+        try:
+            async for event in events:
+                yield event
+        except APIError as e:
+            yield self.error_event(e.to_response())
+        except Exception as e:  # the engine failed mid-stream: tell the client, keep serving
+            yield self.error_event(error_body(str(e), "InternalServerError", 500))
+        finally:
+            await events.aclose()
+            await self.abort_all(queued)
+        yield "data: [DONE]\n\n"
 
     @staticmethod
     def error_event(err: ErrorResponse) -> str:

@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.entrypoints.errors import APIError, BadRequestError, error_body
+from loraplex.entrypoints.errors import APIError, BadRequestError
 from loraplex.entrypoints.protocol import (
     ChatCompletionChoice,
     ChatCompletionLogProbs,
@@ -103,7 +103,7 @@ class OpenAIServingChat(OpenAIServing):
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
                                            lora)
         if req.stream:
-            return self._stream(req, request_id, model, len(ids), queued)
+            return self.sse(self._stream(req, request_id, model, len(ids), queued), queued)
         try:
             final = None
             async for out in queued.streams[0]:
@@ -147,36 +147,28 @@ class OpenAIServingChat(OpenAIServing):
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         done: set[int] = set()
-        try:
-            for i in range(req.n):
-                yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
-                                                                          content=""))])
-            async for out in queued.streams[0]:
-                self.check_output(out)
-                for o in out.outputs:
-                    if o.index in done:
-                        continue
-                    t0, k0 = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
-                    delta = o.text[t0:]
-                    if not delta and o.finish_reason is None:
-                        continue
-                    sent_text[o.index], sent_tokens[o.index] = len(o.text), len(o.token_ids)
-                    if o.finish_reason is not None:
-                        done.add(o.index)
-                    yield chunk([ChatStreamChoice(
-                        index=o.index, delta=DeltaMessage(content=delta),
-                        logprobs=self._logprobs(o, k0, req.return_tokens_as_token_ids)
-                        if req.logprobs else None,
-                        finish_reason=o.finish_reason, stop_reason=o.stop_reason)])
-                last = out
-            if req.stream_options and req.stream_options.include_usage:
-                gen = sum(len(o.token_ids) for o in last.outputs)
-                yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen,
-                                          total_tokens=prompt_tokens + gen))
-        except APIError as e:
-            yield self.error_event(e.to_response())
-        except Exception as e:  # the engine failed mid-stream: tell the client, keep serving
-            yield self.error_event(error_body(str(e), "InternalServerError", 500))
-        finally:
-            await self.abort_all(queued)
-        yield "data: [DONE]\n\n"
+        for i in range(req.n):
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                      content=""))])
+        async for out in queued.streams[0]:
+            self.check_output(out)
+            for o in out.outputs:
+                if o.index in done:
+                    continue
+                t0, k0 = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
+                delta = o.text[t0:]
+                if not delta and o.finish_reason is None:
+                    continue
+                sent_text[o.index], sent_tokens[o.index] = len(o.text), len(o.token_ids)
+                if o.finish_reason is not None:
+                    done.add(o.index)
+                yield chunk([ChatStreamChoice(
+                    index=o.index, delta=DeltaMessage(content=delta),
+                    logprobs=self._logprobs(o, k0, req.return_tokens_as_token_ids)
+                    if req.logprobs else None,
+                    finish_reason=o.finish_reason, stop_reason=o.stop_reason)])
+            last = out
+        if req.stream_options and req.stream_options.include_usage:
+            gen = sum(len(o.token_ids) for o in last.outputs)
+            yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen,
+                                      total_tokens=prompt_tokens + gen))

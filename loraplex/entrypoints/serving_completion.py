@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from loraplex.entrypoints.errors import APIError, BadRequestError, error_body
+from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -62,7 +62,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = req.request_id or random_id("cmpl")
         queued = await self.start_requests(request_id, prompts, per_prompt, req.model, lora)
         if req.stream:
-            return self._stream(req, request_id, model, prompts, queued)
+            return self.sse(self._stream(req, request_id, model, prompts, queued), queued)
         try:
             return await self._full(req, request_id, model, prompts, queued.streams)
         finally:
@@ -120,46 +120,38 @@ class OpenAIServingCompletion(OpenAIServing):
         offsets: dict[int, int] = {}
         done: set[int] = set()
         completion_tokens = 0
-        try:
-            async for i, out in merge_async_iterators(*queued.streams):
-                self.check_output(out)
-                for o in out.outputs:
-                    idx = i * n + o.index
-                    if idx in done:
-                        continue
-                    prefix = "" if idx in sent_text else self._echo(req, prompts[i])
-                    t0, k0 = sent_text.get(idx, 0), sent_tokens.get(idx, 0)
-                    delta = o.text[t0:]
-                    if not delta and not prefix and o.finish_reason is None:
-                        continue  # text held back (partial stop string / utf-8)
-                    sent_text[idx], sent_tokens[idx] = len(o.text), len(o.token_ids)
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = self._logprobs(o, k0, len(o.token_ids),
-                                            offsets.get(idx, 0) + len(prefix),
-                                            req.return_tokens_as_token_ids)
-                        offsets[idx] = offsets.get(idx, 0) + len(prefix) + len(delta)
-                    if o.finish_reason is not None:
-                        done.add(idx)
-                        completion_tokens += len(o.token_ids)
-                    chunk = CompletionStreamResponse(
-                        id=request_id, created=created, model=model,
-                        choices=[CompletionChoice(index=idx, text=prefix + delta, logprobs=lp,
-                                                  finish_reason=o.finish_reason,
-                                                  stop_reason=o.stop_reason)])
-                    yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
-            if req.stream_options and req.stream_options.include_usage:
-                prompt_tokens = sum(len(ids) for _, ids in prompts)
-                usage = UsageInfo(prompt_tokens=prompt_tokens,
-                                  completion_tokens=completion_tokens,
-                                  total_tokens=prompt_tokens + completion_tokens)
-                chunk = CompletionStreamResponse(id=request_id, created=created, model=model,
-                                                 choices=[], usage=usage)
-                yield f"data: {chunk.model_dump_json()}\n\n"
-        except APIError as e:
-            yield self.error_event(e.to_response())
-        except Exception as e:  # the engine failed mid-stream: tell the client, keep serving
-            yield self.error_event(error_body(str(e), "InternalServerError", 500))
-        finally:
-            await self.abort_all(queued)
-        yield "data: [DONE]\n\n"
+        async for i, out in merge_async_iterators(*queued.streams):
+            self.check_output(out)
+            for o in out.outputs:
+                idx = i * n + o.index
+                if idx in done:
+                    continue
+                prefix = "" if idx in sent_text else self._echo(req, prompts[i])
+                t0, k0 = sent_text.get(idx, 0), sent_tokens.get(idx, 0)
+                delta = o.text[t0:]
+                if not delta and not prefix and o.finish_reason is None:
+                    continue  # text held back (partial stop string / utf-8)
+                sent_text[idx], sent_tokens[idx] = len(o.text), len(o.token_ids)
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._logprobs(o, k0, len(o.token_ids),
+                                        offsets.get(idx, 0) + len(prefix),
+                                        req.return_tokens_as_token_ids)
+                    offsets[idx] = offsets.get(idx, 0) + len(prefix) + len(delta)
+                if o.finish_reason is not None:
+                    done.add(idx)
+                    completion_tokens += len(o.token_ids)
+                chunk = CompletionStreamResponse(
+                    id=request_id, created=created, model=model,
+                    choices=[CompletionChoice(index=idx, text=prefix + delta, logprobs=lp,
+                                              finish_reason=o.finish_reason,
+                                              stop_reason=o.stop_reason)])
+                yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
+        if req.stream_options and req.stream_options.include_usage:
+            prompt_tokens = sum(len(ids) for _, ids in prompts)
+            usage = UsageInfo(prompt_tokens=prompt_tokens,
+                              completion_tokens=completion_tokens,
+                              total_tokens=prompt_tokens + completion_tokens)
+            chunk = CompletionStreamResponse(id=request_id, created=created, model=model,
+                                             choices=[], usage=usage)
+            yield f"data: {chunk.model_dump_json()}\n\n"
