@@ -93,6 +93,27 @@ def test_rank_buckets_touch_only_their_rank():
     assert only.gather.tolist() == [[0], [2], [3]] and only.scatter_tok.tolist() == [0, 2, 3]
 
 
+def test_a_hot_segment_is_split_not_padded_into_every_row():
+    # one adapter with a long prompt beside many one-token ones (a Zipf prefill): padding
+    # every slot to 60 rows would be 12 x 60; split, the batch stays under 2x the real rows
+    slots = [0] * 60 + [s for s in range(1, 12)] + [-1, 3]
+    ranks = [16] * 12
+    x, y, a, b, lora_ranks, want = _case(slots, ranks, max_rank=16)
+    meta = LoRABatchMeta.make(slots, CPU)
+    [bucket] = meta.rank_buckets(ranks)
+    real = sum(s >= 0 for s in slots)
+    assert bucket.gather.numel() <= 2 * real + 12 and len(bucket.slots) <= 2 * 12
+    assert bucket.slots.tolist().count(0) > 1 and bucket.slot_slice is None
+    assert sorted(bucket.scatter_tok.tolist()) == [i for i, s in enumerate(slots) if s >= 0]
+    got = y.clone()
+    ops.add_lora(got, x, a, b, lora_ranks, meta, [40, 8, 8])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    buf = torch_ops.lora_shrink(x, a, lora_ranks, meta)
+    got = y.clone()
+    torch_ops.lora_expand(buf, b, got, lora_ranks, meta, [40, 8, 8])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_shrink_and_expand_through_the_buffer():
     slots, ranks = [1, 0, -1, 1], [8, 16]
     x, y, a, b, lora_ranks, want = _case(slots, ranks, max_rank=16, sizes=(24, 24))

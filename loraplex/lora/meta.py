@@ -37,12 +37,15 @@ def _owner(counts: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class RankBucket:
-    """Active slots of similar rank, padded into one [G, Tmax] batch for the torch path."""
+    """Active slots of similar rank, padded into one [G', Tmax] batch for the torch path.
+
+    Row g of the batch holds tokens of one slot; a long segment may span several rows
+    (`_rows_per_group`), so a slot can repeat in `slots`."""
 
     rank: int  # the largest real rank in the bucket: columns beyond it are never read
-    slots: torch.Tensor  # [G] long
+    slots: torch.Tensor  # [G'] long: the slot of each row
     slot_slice: slice | None  # the same slots as a slice when evenly spaced (a view, no copy)
-    gather: torch.Tensor  # [G, Tmax] long: token row of each padded position (pads repeat a row)
+    gather: torch.Tensor  # [G', Tmax] long: token row of each padded position (pads repeat one)
     scatter_pos: torch.Tensor  # [N] long: flat padded positions that hold a real token
     scatter_tok: torch.Tensor  # [N] long: the token row of each of those positions
 
@@ -140,19 +143,46 @@ class LoRABatchMeta:
                 by_class.setdefault(1 << (r - 1).bit_length(), []).append(g)
         buckets = []
         for groups in by_class.values():
+            g = torch.tensor(groups)
+            n = counts[g]
+            tile = _rows_per_group(n)
+            pieces = (n + tile - 1) // tile  # a long segment becomes several rows of the batch
+            owner = _owner(pieces)
+            first = (pieces.cumsum(0) - pieces)[owner]
+            offset = (torch.arange(len(owner)) - first) * tile  # piece's first row in its segment
+            length = torch.clamp(n[owner] - offset, max=tile)
+            j = torch.arange(int(length.max()))
+            gather = order[starts[g][owner][:, None] + offset[:, None]
+                           + torch.minimum(j, length[:, None] - 1)]  # [G', Tmax]
+            pos = (j < length[:, None]).flatten().nonzero().squeeze(1)
             slots = [self.active_slot_list[i] for i in groups]
             step = slots[1] - slots[0] if len(slots) > 1 else 1
-            even = all(b - a == step for a, b in zip(slots, slots[1:]))
-            g = torch.tensor(groups)
-            n, tmax = counts[g], int(counts[g].max())
-            j = torch.arange(tmax)
-            gather = order[starts[g][:, None] + torch.minimum(j, n[:, None] - 1)]  # [G, Tmax]
-            pos = (j < n[:, None]).flatten().nonzero().squeeze(1)
+            even = len(owner) == len(groups) and all(b - a == step
+                                                     for a, b in zip(slots, slots[1:]))
             dev = self.device
             buckets.append(RankBucket(
                 rank=max(ranks[i] for i in groups),
-                slots=torch.tensor(slots, device=dev),
+                slots=torch.tensor(slots, device=dev)[owner.to(dev)],
                 slot_slice=slice(slots[0], slots[-1] + 1, step) if even else None,
                 gather=gather.to(dev), scatter_pos=pos.to(dev),
                 scatter_tok=gather.flatten()[pos].to(dev)))
         return buckets
+
+
+def _rows_per_group(counts: torch.Tensor) -> int:
+    """Longest row of the padded [G', Tmax] batch (rows per piece of a segment).
+
+    Padding every segment to the longest one costs G x max(n) rows: a hot adapter with a
+    few prompts beside 20 one-prompt adapters would multiply the work by ~5. Cut into
+    pieces of the mean length instead, the batch has G' <= 2G rows and <= 2 sum(n) + G
+    padded positions, but each piece copies its slot's weights (no view of the slot
+    buffers). A copied weight row costs about as much as `_WEIGHT_COPY_ROWS` token rows
+    on the CPU, so decode steps (a token or a few per slot) are not cut."""
+    total, longest = int(counts.sum()), int(counts.max())
+    tile = -(-total // len(counts))
+    pieces = int(((counts + tile - 1) // tile).sum())
+    saved = len(counts) * longest - pieces * tile
+    return tile if saved > _WEIGHT_COPY_ROWS * pieces else longest
+
+
+_WEIGHT_COPY_ROWS = 8

@@ -16,7 +16,7 @@ slice are one block). The active slots are grouped into a few rank buckets
 adapters beside r=64 ones cost r=8. Per bucket: one bmm for the shrink of all slices, one
 per slice for the expand, in fp32, over views of the slot buffers (a copy only when the
 bucket's slots are not evenly spaced), plus a gather and a scatter of token rows: no loop
-over adapters.
+over adapters. Long segments are split over several rows, so the padding stays under 2x.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _slots(stacked: torch.Tensor, bucket: RankBucket) -> torch.Tensor:
 
 
 def _shrink_bucket(x: torch.Tensor, a_stacked: torch.Tensor, b: RankBucket) -> torch.Tensor:
-    """t [G, Tmax, n, r] = A[s, :r] @ x for the bucket's tokens, padded per slot to Tmax."""
+    """t [G, Tmax, n, r] = A[s, :r] @ x for the bucket's tokens, padded per row to Tmax."""
     (g, tmax), (_, _, n, d_in) = b.gather.shape, a_stacked.shape
     xs = x.index_select(0, b.gather.flatten()).view(g, tmax, d_in).float()
     a = _slots(a_stacked[:, :b.rank], b).float().reshape(g, b.rank * n, d_in)
