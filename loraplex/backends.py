@@ -39,3 +39,27 @@ def triton_kernels(env_var: str, choice: str, on_cuda: bool, module: str) -> Mod
         raise RuntimeError(f"{env_var}=triton on CPU tensors needs TRITON_INTERPRET=1 when "
                            "loraplex's kernels are first imported")
     return kernels
+
+
+def fix_interpreter_index() -> None:
+    """Let Triton's interpreter (TRITON_INTERPRET=1) use a scalar as a loop bound under
+    numpy >= 2.4.
+
+    The interpreter holds a scalar as a 1-element array, and in triton 3.6 the
+    tensor.__index__ it installs (what range() calls on a bound like tl.load(n_ptr)) is
+    int(array), which numpy 2.4 refuses: "only 0-dimensional arrays can be converted to
+    Python scalars" (triton-lang/triton#9171). Triton 3.8 on squeezes the array first; this
+    wraps the interpreter's patching to do the same. Compiled kernels never see it.
+    """
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "squeezes_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor

@@ -32,9 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from loraplex.backends import fix_interpreter_index
+
 _LOG2E = 1.4426950408889634
 # The interpreter's tl.dot mishandles bf16 (numpy has none): there it runs in fp32.
 _INTERPRETED = os.getenv("TRITON_INTERPRET", "0") == "1"
+if _INTERPRETED:
+    fix_interpreter_index()
 
 
 def _exact_dot(dtype: torch.dtype) -> bool:

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from loraplex.backends import fix_interpreter_index
 from loraplex.lora.meta import LoRABatchMeta
 
 BLOCK_R = 16  # rank rows per step; tl.dot needs >= 16
@@ -44,6 +45,8 @@ MAX_SLICES = 3  # qkv
 # kernels avoid tl helpers that are themselves @jit (tl.zeros, tl.cdiv): those stay
 # compiled-only when triton was imported before TRITON_INTERPRET=1 was set (as in pytest).
 _INTERPRETED = os.getenv("TRITON_INTERPRET", "0") == "1"
+if _INTERPRETED:
+    fix_interpreter_index()
 
 
 @triton.jit
