@@ -137,7 +137,8 @@ def plot_many_adapters(data: dict, out: Path) -> None:
     burst = data.get("burst", {})
     fig.suptitle(f"many adapters: {a['requests']} requests at {a['rate']:g}/s, max_loras "
                  f"{a['max_loras']}, max_cpu_loras {a['max_cpu_loras']}, r{a['rank']}; warm p99 "
-                 f"with a cold burst / without: {burst.get('warm_p99_ratio', float('nan')):.2f}x"
+                 "in a cold burst / a warm one: "
+                 f"{burst.get('warm_p99_cold_vs_warm_burst', float('nan')):.2f}x"
                  f"\n{a['shape']}; {_machine(data)}", fontsize=9)
     _save(fig, out)
 

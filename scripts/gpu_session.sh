@@ -43,7 +43,7 @@ case "$phase" in
     ;;
   adapters)
     timeout 580 python3 benchmarks/many_adapters.py --shape llama-3.2-1b --device cuda \
-      --rate 100 --requests 600 --workdir /tmp --out "$OUT/many_adapters_cuda.json" 2>&1 \
+      --rate 100 --requests 600 --burst-repeats 2 --workdir /tmp --out "$OUT/many_adapters_cuda.json" 2>&1 \
       | tail -20
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
