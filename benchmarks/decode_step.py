@@ -224,16 +224,18 @@ def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
 
 def measure(engine: str, mode: str, batch: int,
             decode: Callable[[list[list[int]], int], list[float]], a: argparse.Namespace,
-            bar: tqdm) -> dict:
+            bar: tqdm, new_tokens: int | None = None) -> dict:
     """One case: a warm-up on short prompts (loads the adapters into their slots, warms the
-    kernels), then `decode` timed on the real prompts."""
+    kernels), then `decode` timed on the real prompts for `new_tokens` (default
+    --new-tokens)."""
+    new_tokens = new_tokens or a.new_tokens
     bar.set_postfix_str(f"{engine} {mode} batch {batch}")
     prompts = random_prompts(batch, a.prompt_len, seed=batch)
     decode([p[:8] for p in prompts], 3)
-    times = decode(prompts, a.new_tokens)
+    times = decode(prompts, new_tokens)
     # (the warm-up may stagger: a sequence whose adapter is still loading starts late)
-    if len(times) != a.new_tokens - 1:  # a sequence was preempted or prefilled late
-        raise RuntimeError(f"{engine} {mode} batch {batch}: expected {a.new_tokens - 1} "
+    if len(times) != new_tokens - 1:  # a sequence was preempted or prefilled late
+        raise RuntimeError(f"{engine} {mode} batch {batch}: expected {new_tokens - 1} "
                            f"decode steps of the whole batch, timed {len(times)}")
     bar.update()
     return {"engine": engine, "mode": mode, "batch": batch, "steps": len(times),
@@ -276,7 +278,9 @@ def hf_decode_times(model, names: list[str] | None, sync: Callable[[], None],
 def run_hf(model_dir: Path, adapters: list[Path], a: argparse.Namespace, dtype: torch.dtype,
            sync: Callable[[], None], bar: tqdm) -> list[dict]:
     """The same cases in transformers + PEFT (random weights of the same shapes): `one`
-    activates a single adapter, `mixed` uses PEFT's per-row `adapter_names`."""
+    activates a single adapter, `mixed` uses PEFT's per-row `adapter_names`. One round of
+    --hf-new-tokens steps: HF + PEFT mixed is ~100x slower than loraplex (854 ms/step at
+    8B batch 32 on an H100), and its step time is steady enough for that."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -292,7 +296,7 @@ def run_hf(model_dir: Path, adapters: list[Path], a: argparse.Namespace, dtype: 
         for batch in a.batch_sizes:
             names = [f"a{i}" for i in range(batch)] if mode == "mixed" else None
             decode = partial(hf_decode_times, model, names, sync)
-            records.append(measure("hf_peft", mode, batch, decode, a, bar))
+            records.append(measure("hf_peft", mode, batch, decode, a, bar, a.hf_new_tokens))
     return records
 
 
@@ -343,12 +347,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--enforce-eager", action="store_true",
                     help="no CUDA graphs for decode (they are on by default on CUDA)")
     ap.add_argument("--hf", action="store_true",
-                    help="also time transformers + PEFT on the same shapes (slow)")
+                    help="also time transformers + PEFT on the same shapes (slow: one round)")
+    ap.add_argument("--hf-new-tokens", type=int, default=16,
+                    help="tokens per HF case (its decode steps are timed the same way)")
     ap.add_argument("--out", type=Path, default=None,
                     help="default: benchmarks/results/decode_step_<device>.json")
     a = ap.parse_args()
-    if a.new_tokens < 2:
-        ap.error("--new-tokens must be >= 2 (the first token comes from the prefill)")
+    if min(a.new_tokens, a.hf_new_tokens) < 2:
+        ap.error("--new-tokens and --hf-new-tokens must be >= 2 (the first token comes from "
+                 "the prefill)")
     if a.repeats < 1:
         ap.error("--repeats must be >= 1")
     a.targets = ATTN if a.targets == "attn" else ATTN + MLP
@@ -363,23 +370,26 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = a.out or Path(__file__).parent / "results" / f"decode_step_{device.type}.json"
     load_before = os.getloadavg()[0]
-    rounds, bandwidths = [], []
+    rounds, bandwidths, hf_records = [], [], []
     with tempfile.TemporaryDirectory(prefix="lp-decode-") as tmp:
         model_dir = write_model_dir(Path(tmp) / "model", a.shape)
         adapters = write_adapters(Path(tmp), a.shape, a.targets, a.rank, max(a.batch_sizes))
-        cases = len(MODES) * len(a.batch_sizes) * (2 if a.hf else 1)
-        with tqdm(total=cases * a.repeats, desc="decode cases", unit="case") as bar:
+        cases = len(MODES) * len(a.batch_sizes) * (a.repeats + (1 if a.hf else 0))
+        with tqdm(total=cases, desc="decode cases", unit="case") as bar:
             for _ in range(a.repeats):  # whole rounds: a burst of load spoils one round
                 bandwidths.append(copy_bandwidth_gb_s(device, sync))
                 records, weight_bytes, dtype = run_loraplex(model_dir, adapters, a, sync, bar)
-                if a.hf:
-                    records += run_hf(model_dir, adapters, a, dtype, sync, bar)
                 rounds.append(records)
-    records, gb_s = best_rounds(rounds), max(bandwidths)
-    print(f"copy bandwidth on {device}: {gb_s:.1f} GB/s (best of {a.repeats} rounds)")
-    elem = torch.empty((), dtype=dtype).element_size()
-    add_floors(records, a, weight_bytes, elem, gb_s)
+                # written after every round: a run cut short by a time limit keeps them
+                write_results(out, a, rounds, hf_records, bandwidths, weight_bytes, dtype,
+                              load_before, complete=False)
+            if a.hf:
+                hf_records = run_hf(model_dir, adapters, a, dtype, sync, bar)
+    records = write_results(out, a, rounds, hf_records, bandwidths, weight_bytes, dtype,
+                            load_before, complete=True)
+    gb_s = max(bandwidths)
     weight_floor_ms = weight_bytes / gb_s / 1e6
+    print(f"copy bandwidth on {device}: {gb_s:.1f} GB/s (best of {a.repeats} rounds)")
     print(f"weights read per step: {weight_bytes / 1e9:.3f} GB -> floor {weight_floor_ms:.1f} ms")
     for r in records:
         graphs = r.get("cuda_graphs")
@@ -389,19 +399,31 @@ def main() -> None:
         print(f"{r['engine']:8s} {r['mode']:5s} batch {r['batch']:3d}: {r['ms_median']:8.1f} "
               f"ms/step (floor {r['floor_ms']:.1f} ms, x{r['vs_floor']:.2f}), "
               f"{r['out_tok_s']:.0f} tok/s{how}")
+
+
+def write_results(out: Path, a: argparse.Namespace, rounds: list[list[dict]],
+                  hf_records: list[dict], bandwidths: list[float], weight_bytes: int,
+                  dtype: torch.dtype, load_before: float, complete: bool) -> list[dict]:
+    """The JSON so far: per loraplex case its best round, the HF cases, the floors."""
+    records = best_rounds(rounds) + [dict(r) for r in hf_records]
+    gb_s = max(bandwidths)
+    elem = torch.empty((), dtype=dtype).element_size()
+    add_floors(records, a, weight_bytes, elem, gb_s)
     config = vars(a) | {"targets": list(a.targets), "out": str(out), "shape_config":
                         SHAPES[a.shape], "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
     write_json(out, {"benchmark": "decode_step", "command": " ".join(sys.argv),
+                     "complete": complete, "rounds_done": len(rounds),
                      "config": config, "machine": machine_info(),
-                     "loraplex_commit": loraplex_commit(), "device": device.type,
+                     "loraplex_commit": loraplex_commit(), "device": torch.device(a.device).type,
                      # other processes on the machine skew timings: the 1-min load average
                      "load_avg_1min": {"start": load_before, "end": os.getloadavg()[0]},
                      "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gb_s": gb_s,
                      "copy_bandwidth_rounds_gb_s": bandwidths,
-                     "weight_bytes": weight_bytes, "weight_floor_ms": weight_floor_ms,
+                     "weight_bytes": weight_bytes, "weight_floor_ms": weight_bytes / gb_s / 1e6,
                      "cuda_graphs_used": any(r.get("cuda_graphs", {}).get("replays")
                                              for r in records),
                      "results": records})
+    return records
 
 
 if __name__ == "__main__":

@@ -2,10 +2,16 @@
 # Everything loraplex checks on a GPU, in phases that each fit one device call (10 min):
 #
 #   here:        scripts/gpu_wheels.sh
-#   on the GPU:  bash scripts/gpu_session.sh tests        # whole suite + GPU-only tests
+#   on the GPU, in this order (30 device-minutes a session do not cover them all):
+#                bash scripts/gpu_session.sh tests        # GPU-only tests (kernels, graphs)
+#                bash scripts/gpu_session.sh decode       # issue 6 targets: 8B + HF, then 1B
+#                bash scripts/gpu_session.sh adapters     # issue 7 targets: many adapters, 1B
+#                bash scripts/gpu_session.sh decode-mlp   # all-linear adapters, 8B and 1B
 #                bash scripts/gpu_session.sh kernels      # LoRA op + attention microbenchmarks
-#                bash scripts/gpu_session.sh decode       # decode ms/step vs batch, 1B and 8B
-#                bash scripts/gpu_session.sh adapters     # many adapters, 1B shape
+#                bash scripts/gpu_session.sh suite        # the whole suite on the GPU machine
+#
+# decode_step.py writes its JSON after every round, so a run cut by its timeout keeps
+# the rounds it finished ("complete": false).
 #
 # (device tool: carry [".gpu_wheels"]). Results land in $OUT (JSON + logs), to be copied
 # into benchmarks/results/ and docs/benchmarks.md.
@@ -22,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case "$phase" in
   tests)
-    timeout 560 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
+    timeout 560 python3 -m pytest -q --maxfail=25 -p no:cacheprovider -o addopts="" \
       tests/test_triton_lora_ops.py tests/test_attention.py tests/test_cuda_graphs.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
@@ -36,10 +42,18 @@ case "$phase" in
     timeout 280 python3 benchmarks/attention.py --out "$OUT/attention_cuda.json" 2>&1 | tail -30
     ;;
   decode)
-    timeout 280 python3 benchmarks/decode_step.py --shape llama-3.2-1b --device cuda \
-      --batch-sizes 1 8 32 64 --out "$OUT/decode_step_cuda_1b.json" 2>&1 | tail -20
-    timeout 300 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
+    timeout 380 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
       --batch-sizes 1 8 32 64 --hf --out "$OUT/decode_step_cuda_8b.json" 2>&1 | tail -20
+    timeout 190 python3 benchmarks/decode_step.py --shape llama-3.2-1b --device cuda \
+      --batch-sizes 1 8 32 64 --out "$OUT/decode_step_cuda_1b.json" 2>&1 | tail -20
+    ;;
+  decode-mlp)
+    timeout 330 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
+      --targets all-linear --repeats 2 --batch-sizes 1 8 32 64 \
+      --out "$OUT/decode_step_cuda_8b_all_linear.json" 2>&1 | tail -20
+    timeout 240 python3 benchmarks/decode_step.py --shape llama-3.2-1b --device cuda \
+      --targets all-linear --repeats 2 --batch-sizes 1 8 32 64 \
+      --out "$OUT/decode_step_cuda_1b_all_linear.json" 2>&1 | tail -20
     ;;
   adapters)
     timeout 580 python3 benchmarks/many_adapters.py --shape llama-3.2-1b --device cuda \
