@@ -300,26 +300,27 @@ def main() -> None:
         if a.shape == "small-cpu" else _config_only(root / "model", shape)
     dirs = write_adapters(root / "adapters", max(max(a.num_adapters), a.max_loras + a.burst),
                           shape, a.rank)
+    device = "cuda" if a.device == "cuda" else "cpu"
+    out = Path(a.out or Path(__file__).parent / "results" / f"many_adapters_{device}.json")
     results = {"machine": machine_info(), "args": vars(a), "weights": weight_sizes(shape, a.rank),
-               "by_num_adapters": []}
+               "complete": False, "by_num_adapters": []}
     for n in a.num_adapters:
         res = bench_n(model_dir, dirs, n, a)
         results["by_num_adapters"].append(res)
+        res["throughput_vs_first"] = (res["throughput_tok_s"]
+                                      / results["by_num_adapters"][0]["throughput_tok_s"])
         print(f"N={n:5d}: {res['throughput_tok_s']:8.1f} tok/s  p50 {res['latency_p50_s']:.2f}s"
               f"  p99 {res['latency_p99_s']:.2f}s  max wait {res['max_first_token_wait_s']:.2f}s"
               f"  disk loads {res['cache']['disk_loads']}")
-    base = results["by_num_adapters"][0]["throughput_tok_s"]
-    for res in results["by_num_adapters"]:
-        res["throughput_vs_first"] = res["throughput_tok_s"] / base
+        write_json(out, results)  # after every N: a run cut by a time limit keeps them
     capacity = results["by_num_adapters"][0]["throughput_tok_s"] / a.output_len  # req/s
     results["burst"] = bench_burst(model_dir, dirs, a, a.burst_load * capacity)
     b = results["burst"]
     print(f"warm p99 during a burst of {a.burst} cold adapters: "
           f"{b['warm_p99_cold_vs_warm_burst']:.2f}x a burst of warm ones, "
           f"{b['warm_p99_cold_burst_vs_none']:.2f}x no burst")
-    device = "cuda" if a.device == "cuda" else "cpu"
-    write_json(Path(a.out or Path(__file__).parent / "results" / f"many_adapters_{device}.json"),
-               results)
+    results["complete"] = True
+    write_json(out, results)
 
 
 def _config_only(out_dir: Path, shape: tuple) -> Path:
