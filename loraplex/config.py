@@ -91,7 +91,7 @@ LORA_POLICIES = ("fair", "fcfs")
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 8192  # prompt tokens per step (decodes ride on top)
     max_model_len: int = 2048
     # when more adapters are wanted than max_loras: "fair" lets requests for running
     # adapters go ahead of blocked ones and time-slices the slots (see scheduler.py);

@@ -36,3 +36,22 @@ def make_llm(base: Path, **kw) -> LLM:
     kw.setdefault("cpu_kv_cache_gib", 0.05)
     return LLM(model=str(base), **kw)
 
+
+
+def run_staggered(engine, jobs: list[tuple[int, list[int], LoRARequest | None]],
+                  params: SamplingParams) -> tuple[list, int]:
+    """Add job i = (step, prompt, adapter) before engine step `step`, run to the end.
+    Returns the final outputs in job order and the number of steps whose outputs held both
+    a first token (a prefill) and a later one (a decode): mixed steps seen from outside."""
+    finished, mixed, step = {}, 0, 0
+    while len(finished) < len(jobs):
+        for i, (at, prompt, lora) in enumerate(jobs):
+            if at == step:
+                engine.add_request(str(i), {"prompt_token_ids": prompt}, params,
+                                   lora_request=lora)
+        outs = engine.step()
+        lengths = {len(o.outputs[0].token_ids) for o in outs}
+        mixed += 1 in lengths and len(lengths - {1}) > 0
+        finished.update((o.request_id, o) for o in outs if o.finished)
+        step += 1
+    return [finished[str(i)] for i in range(len(jobs))], mixed

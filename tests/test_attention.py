@@ -304,6 +304,30 @@ def test_engine_triton_backend_matches_hf(monkeypatch, tiny_models, tiny_adapter
     check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
 
 
+def test_engine_triton_backend_mixed_steps_match_hf(monkeypatch, tiny_models, tiny_adapters,
+                                                    prompts):
+    """Prompts prefilled in the same forward as running decodes, both Triton kernels (and
+    the Triton LoRA ops) over one step's rows."""
+    from loraplex import SamplingParams
+    from tests.engine_utils import check_against_hf, lora_requests, make_llm, run_staggered
+
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
+    base, adapters = tiny_models["llama"], tiny_adapters["llama"]
+    reqs = lora_requests(adapters)
+    names = [None, "r8_all", "r4_qv", None]
+    jobs = [(2 * i, prompts[i], reqs[n] if n else None) for i, n in enumerate(names)]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8)
+    for name in ("r8_all", "r4_qv"):
+        llm.llm_engine.add_lora(reqs[name])
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
+    outs, mixed = run_staggered(llm.llm_engine, jobs, params)
+    from loraplex.lora import ops
+    assert mixed > 0 and ops.backend(torch.zeros(1)).__name__.endswith("triton_ops")
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names],
+                     [p for _, p, _ in jobs])
+
+
 def test_backend_env_is_checked(monkeypatch):
     from loraplex.layers.attention import attention_backend
 

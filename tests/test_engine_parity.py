@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from loraplex import SamplingParams
-from tests.engine_utils import GREEDY, check_against_hf, lora_requests, make_llm
+from tests.engine_utils import (
+    GREEDY,
+    check_against_hf,
+    lora_requests,
+    make_llm,
+    run_staggered,
+)
 from tests.fixtures import ARCHS
 
 
@@ -53,6 +59,24 @@ def test_all_adapters_in_one_step(tiny_models, tiny_adapters, prompts):
     outs = [finished[str(i)] for i in range(len(names))]
     check_against_hf(outs, base, [adapters[n] if n else None for n in names],
                      [prompts[i % len(prompts)] for i in range(len(names))])
+
+
+def test_requests_joining_a_running_batch_match_peft(tiny_models, tiny_adapters, prompts):
+    """Requests arriving while others decode are prefilled in the same forward as those
+    decodes (mixed steps); every output still equals HF + PEFT run alone. Base and
+    adapters of ranks 4 / 8 / 16, more adapters than max_loras."""
+    base, adapters = tiny_models["llama"], tiny_adapters["llama"]
+    reqs = lora_requests(adapters)
+    names = [None, "r8_all", "r4_qv", None, "r16_rslora", "r8_patterns", "r8_all"]
+    jobs = [(2 * i, prompts[i % len(prompts)], reqs[n] if n else None)
+            for i, n in enumerate(names)]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16)
+    for req in reqs.values():  # in host memory: arrivals are not held back by reads
+        llm.llm_engine.add_lora(req)
+    outs, mixed = run_staggered(llm.llm_engine, jobs, GREEDY)
+    assert mixed > 0 and llm.llm_engine.model_runner.num_mixed_steps == mixed
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names],
+                     [p for _, p, _ in jobs])
 
 
 def test_preemption_keeps_outputs(tiny_models, tiny_adapters, prompts):

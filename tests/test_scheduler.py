@@ -25,7 +25,7 @@ def _run(scheduler: Scheduler, max_tokens: int, steps: int = 10_000, arrivals=No
             if arrivals is None:
                 break
             continue
-        seqs, _ = scheduler.schedule()
+        seqs = scheduler.schedule().seqs
         assert seqs or arrivals is not None, "scheduler stalled with work left"
         batches.append({s.lora_int_id for s in seqs} | scheduler.running_loras())
         for s in seqs:
@@ -130,3 +130,44 @@ def test_preemption_when_blocks_run_out():
     _, finished = _run(sched, max_tokens=8)
     assert len(finished) == 3 and sched.num_preemptions > 0
     assert sched.block_manager.num_free_blocks == 6
+
+
+def test_arrivals_join_the_running_decodes_in_one_step():
+    """A request arriving while others decode is prefilled in the same step as their
+    decode. The token budget is for prompts: the decodes' tokens ride on top, so a prompt
+    of the whole budget does not wait for the running sequences to finish."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64,
+                                      max_model_len=64), BlockManager(100, 4))
+    params = SamplingParams(max_tokens=8)
+    first = [Sequence(f"a{i}", 0, [1] * 4, params) for i in range(2)]
+    for s in first:
+        sched.add(s)
+    step = sched.schedule()
+    assert step.prefill == first and step.decode == []
+    for s in first:
+        s.append_token(1)
+    late = Sequence("late", 0, [1] * 60, params)
+    too_late = Sequence("too_late", 0, [1] * 5, params)  # 60 + 5 > the 64-token budget
+    sched.add(late)
+    sched.add(too_late)
+    step = sched.schedule()
+    assert step.decode == first and step.prefill == [late]
+    assert step.seqs == [late, *first]  # prompts' rows first, then the decodes
+    assert list(sched.waiting) == [too_late]
+
+
+def test_a_step_that_preempts_admits_nobody():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4096,
+                                      max_model_len=64), BlockManager(3, 4))
+    params = SamplingParams(max_tokens=8)
+    running = [Sequence(f"r{i}", 0, [1] * 4, params) for i in range(2)]  # a block each
+    for s in running:
+        sched.add(s)
+    sched.schedule()
+    for s in running:
+        s.append_token(1)  # both now need a second block; only one is free
+    newcomer = Sequence("new", 0, [1], params)
+    sched.add(newcomer)
+    step = sched.schedule()
+    assert sched.num_preemptions == 1 and step.prefill == []
+    assert step.decode == running[:1] and list(sched.waiting)[:1] == running[1:]

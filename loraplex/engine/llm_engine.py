@@ -2,6 +2,9 @@
 
     add_request -> Scheduler.schedule -> LoRAManager.activate -> ModelRunner.run
                 -> Sampler -> detokenize, check stops -> RequestOutput
+
+A step is one forward over the running sequences' next tokens and the newly admitted
+prompts together (Scheduler: a mixed step).
 """
 
 from __future__ import annotations
@@ -215,7 +218,8 @@ class LLMEngine:
             failed = manager.poll_loads()  # adapters read since the last step
             if failed:
                 self._fail_lora_requests([], failed, touched)
-        seqs, is_prefill = self.scheduler.schedule()
+        batch = self.scheduler.schedule()
+        seqs = batch.seqs
         lora_slots = None
         if manager is not None:
             manager.prefetch(s.lora_int_id for s in self.scheduler.waiting if s.lora_int_id)
@@ -224,11 +228,14 @@ class LLMEngine:
                     {s.lora_int_id for s in seqs if s.lora_int_id},
                     keep=self.scheduler.running_loras())
                 if failed:
-                    seqs = self._fail_lora_requests(seqs, failed, touched)
+                    kept = set(self._fail_lora_requests(seqs, failed, touched))
+                    batch = replace(batch, prefill=[s for s in batch.prefill if s in kept],
+                                    decode=[s for s in batch.decode if s in kept])
+                    seqs = batch.seqs
             elif not touched and manager.loader.num_inflight:
                 manager.loader.wait_any(timeout=0.05)  # only loads left to wait for
         if seqs:
-            logits = self.model_runner.run(seqs, is_prefill, lora_slots)
+            logits = self.model_runner.run(batch.prefill, batch.decode, lora_slots)
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
                     for s in seqs]
             sampled = self.sampler(logits, rows)

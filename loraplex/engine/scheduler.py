@@ -1,9 +1,14 @@
 """Continuous batching: which sequences run in the next step.
 
-A step is either a prefill of newly admitted sequences or a decode of all running
-ones. Waiting sequences are considered in arrival order. KV blocks, max_num_seqs and
-the token budget are first come, first served: admission stops at the first sequence
-they cannot hold, so nobody behind it overtakes it on memory.
+A step decodes every running sequence (one token each) and, in the same forward,
+prefills the sequences admitted this step: a mixed step, as in vLLM v1, so a new
+request never costs the running ones a step of their own. Running sequences are
+scheduled first; waiting ones are then admitted in arrival order. KV blocks,
+max_num_seqs and the token budget (max_num_batched_tokens of prompt per step; the
+decoding sequences' one token each rides on top, so a prompt of max_model_len tokens
+never waits for the running ones to drain) are first come, first served: admission
+stops at the first sequence they cannot hold, so nobody behind it overtakes it on
+memory. A step that had to preempt admits nobody.
 
 The max_loras rule: the running set never holds more than `max_loras` distinct
 adapters (the base takes no slot; slots pinned by adapters outside the batch count).
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.block_manager import BlockManager
@@ -40,6 +46,20 @@ def _always(_: int) -> bool:
 
 def _never(_: int) -> bool:
     return False
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: `prefill` (admitted now: the whole prompt, or prompt + output so
+    far after a preemption) and `decode` (running: one token each). Either may be empty."""
+
+    prefill: list[Sequence]
+    decode: list[Sequence]
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        """Prefill then decode: the order of the step's rows and logits."""
+        return self.prefill + self.decode
 
 
 class Scheduler:
@@ -78,13 +98,13 @@ class Scheduler:
         limit = self.lora_capacity(loras) if self.lora_capacity else 0
         return len(loras) < limit
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Returns (sequences, is_prefill). Empty list: nothing can run now."""
+    def schedule(self) -> ScheduledBatch:
+        """The next step's sequences; both lists empty: nothing can run now."""
         self.num_steps += 1
-        batch = self._schedule_prefill()
-        if batch:
-            return batch, True
-        return self._schedule_decode(), False
+        preemptions = self.num_preemptions
+        decode = self._schedule_decode()
+        prefill = [] if self.num_preemptions > preemptions else self._schedule_prefill()
+        return ScheduledBatch(prefill, decode)
 
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []

@@ -116,7 +116,8 @@ ENGINE_HELP: dict[str, str] = {
     "max_model_len": "Context length (prompt + output) in tokens; accepts 4k/4K. Default: the "
                      "model's max_position_embeddings.",
     "max_num_seqs": "Most sequences in one batch.",
-    "max_num_batched_tokens": "Most tokens in one step (default: max(8192, max_model_len)).",
+    "max_num_batched_tokens": ("Most prompt tokens prefilled in one step; the decoding sequences' "
+                               "one token each comes on top (default: max(8192, max_model_len))."),
     "block_size": "Tokens per KV cache block.",
     "gpu_memory_utilization": "Fraction of GPU memory for weights, adapter slots, "
                               "activations and the KV cache (CUDA only).",

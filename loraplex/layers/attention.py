@@ -64,24 +64,38 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D], k/v: [T, KVH, D] -> out: [T, H * D]
         ctx = get_context()
-        if ctx.attn_backend == "triton":
-            out = self._triton(q, k, v, ctx)
-        else:
-            if self.k_cache.numel():
-                self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(
-                    0, ctx.slot_mapping, k)
-                self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(
-                    0, ctx.slot_mapping, v)
-            out = self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, k, v, ctx)
+        self._store(k, v, ctx)
+        if ctx.decode is None:
+            out = self._attend(q, k, v, ctx)
+        else:  # a mixed step: prompts' rows, then one row per decoding sequence
+            n = q.shape[0] - ctx.decode.slot_mapping.shape[0]
+            out = torch.cat([self._attend(q[:n], k[:n], v[:n], ctx),
+                             self._attend(q[n:], k[n:], v[n:], ctx.decode)])
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
+        """Write the step's K/V into the cache at slot_mapping (before any attention reads
+        it: a decoding sequence's new token is part of its own context)."""
+        if not self.k_cache.numel():  # the profile run, before the cache exists
+            return
+        if ctx.attn_backend == "triton":
+            _triton_attention().store_kvcache(k, v, self.k_cache, self.v_cache,
+                                              ctx.slot_mapping)
+        else:
+            self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(
+                0, ctx.slot_mapping, k)
+            self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(
+                0, ctx.slot_mapping, v)
+
+    def _attend(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+        if ctx.attn_backend == "triton":
+            return self._triton(q, k, v, ctx)
+        return self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, k, v, ctx)
 
     def _triton(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         ta = _triton_attention()
-        has_cache = self.k_cache.numel() > 0
-        if has_cache:
-            ta.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
-            with_ctx = has_cache and ctx.context_lens is not None
+            with_ctx = self.k_cache.numel() > 0 and ctx.context_lens is not None
             return ta.prefill_attention(
                 q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale,
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)

@@ -41,6 +41,9 @@ class StepContext:
     valid_rows: torch.Tensor | None = None  # [T] positions in the flattened [B*L] layout
     lora_meta: LoRABatchMeta | None = None
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step reusable buffers
+    # a mixed step: this context describes its prefill rows, `decode` its last rows (one
+    # per decoding sequence); slot_mapping and lora_meta cover all rows
+    decode: StepContext | None = None
 
 
 class DecodeBuffers:

@@ -1,9 +1,10 @@
 """Sequences in, next-token logits out: builds the flat batch and the step context.
 
 Owns the model, its KV cache and the decode CUDA graphs; the LoRA slots live in the
-model's wrapped layers. For a prefill step the tokens of all sequences are laid out back
-to back; for a decode step one token per sequence, in buffers that a captured graph
-replays over (worker/cuda_graph.py). Each token carries its position, its KV-cache slot
+model's wrapped layers. Prefill sequences' tokens are laid out back to back; decoding
+sequences give one token each, in buffers that a captured graph replays over
+(worker/cuda_graph.py). A mixed step puts both in one forward: the prefill rows first,
+then one row per decoding sequence. Each token carries its position, its KV-cache slot
 and its adapter slot (-1 = base).
 
 On a GPU the KV cache gets what gpu_memory_utilization leaves after the weights, the
@@ -86,7 +87,8 @@ class ModelRunner:
         # torch decode keeps the batch's K/V contiguous across steps, within the cache's size
         self.decode_mirror = DecodeMirror(self.block_size, self._bytes_per_block() // self.block_size,
                                           self.num_blocks * self._bytes_per_block())
-        self.num_eager_decode_steps = 0
+        self.num_eager_decode_steps = 0  # pure decode steps run without a graph
+        self.num_mixed_steps = 0  # prefill + decode in one forward (always eager)
         self.cuda_graphs: CUDAGraphRunner | None = None
         if self.num_blocks * self.block_size >= self.max_model_len:  # else the engine refuses
             self.cuda_graphs = capture_decode_graphs(
@@ -103,8 +105,9 @@ class ModelRunner:
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cuda":
+            # the largest step: a full prompt budget plus a decode token per sequence
             budget = self._profile_gpu_memory(cfg.gpu_memory_utilization,
-                                              sched.max_num_batched_tokens)
+                                              sched.max_num_batched_tokens + sched.max_num_seqs)
         else:
             budget = int(cfg.cpu_kv_cache_gib * GiB)
         blocks_per_seq = -(-self.max_model_len // self.block_size)
@@ -208,7 +211,6 @@ class ModelRunner:
             positions.extend(range(seq.num_tokens))
             slots.extend(self._slot_mapping(seq, 0, seq.num_tokens))
         ctx = self._prefill_context(lens, self._tensor(slots))
-        self.decode_mirror.reset()
         last_rows = list(itertools.accumulate(lens))
         return self._tensor(input_ids), self._tensor(positions), ctx, [r - 1 for r in last_rows]
 
@@ -236,21 +238,35 @@ class ModelRunner:
         return input_ids, positions_t, ctx
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool,
+    def run(self, prefill: list[Sequence], decode: list[Sequence],
             lora_slots: dict[int, int] | None = None) -> torch.Tensor:
-        """Logits [len(seqs), vocab] for the next token of every sequence."""
-        seq_slots = ([lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
-                     if lora_slots else None)
-        if not is_prefill:
-            return self._run_decode(seqs, seq_slots)
-        input_ids, positions, ctx, last_rows = self.prepare_prefill(seqs)
-        if seq_slots:
-            ctx.lora_meta = LoRABatchMeta.make(
-                [slot for s, slot in zip(seqs, seq_slots) for _ in range(s.num_tokens)],
-                self.device)
+        """Logits [len(prefill) + len(decode), vocab]: the next token of every prefill
+        sequence, then of every decoding one."""
+        def slots_of(seqs: list[Sequence]) -> list[int] | None:
+            return ([lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
+                    if lora_slots else None)
+
+        if not prefill:
+            return self._run_decode(decode, slots_of(decode))
+        input_ids, positions, ctx, rows = self.prepare_prefill(prefill)
+        token_slots = ([slot for s, slot in zip(prefill, slots_of(prefill))
+                        for _ in range(s.num_tokens)] if lora_slots else None)
+        if decode:  # mixed: the decoding sequences' rows follow the prompts
+            self.num_mixed_steps += 1
+            d_ids, d_positions, ctx.decode = self.prepare_decode(decode)
+            n = input_ids.shape[0]
+            input_ids, positions = torch.cat([input_ids, d_ids]), torch.cat([positions, d_positions])
+            ctx.slot_mapping = torch.cat([ctx.slot_mapping, ctx.decode.slot_mapping])
+            rows += range(n, n + len(decode))
+            if token_slots is not None:
+                token_slots += slots_of(decode)
+        else:
+            self.decode_mirror.reset()  # the next decode batch is a new one
+        if token_slots is not None:
+            ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
         with step_context(ctx):
             hidden = self.model(input_ids, positions)
-        return self.model.compute_logits(hidden.index_select(0, self._tensor(last_rows)))
+        return self.model.compute_logits(hidden.index_select(0, self._tensor(rows)))
 
     def _run_decode(self, seqs: list[Sequence], seq_slots: list[int] | None) -> torch.Tensor:
         n = len(seqs)
