@@ -108,7 +108,7 @@ def run_trace(engine: LLMEngine, trace: list[tuple], a: argparse.Namespace, tag:
     done: dict[str, float] = {}
     lora_of: dict[str, int] = {}
     tokens = 0
-    step_log: list[tuple[float, bool]] = []  # (end time, was a prefill) per step
+    step_log: list[tuple[float, bool]] = []  # (end time, prefilled some prompt) per step
     start = time.perf_counter()
     nxt = 0
     with tqdm(total=len(trace), desc=tag, leave=False) as bar:
@@ -127,8 +127,7 @@ def run_trace(engine: LLMEngine, trace: list[tuple], a: argparse.Namespace, tag:
             if a.device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            step_log.append((t, bool(outs) and all(len(o.outputs[0].token_ids) == 1
-                                                   for o in outs)))
+            step_log.append((t, any(len(o.outputs[0].token_ids) == 1 for o in outs)))
             for o in outs:
                 first.setdefault(o.request_id, t)
                 if o.finished:
