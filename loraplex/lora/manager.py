@@ -233,8 +233,8 @@ class LoRAManager:
         The scheduler admits only ready adapters (is_ready), so this copies host -> slot
         and never reads from disk. Returns (id -> slot, id -> error for adapters that are
         no longer registered or loaded); the caller fails the requests of the latter.
-        Never evicts an adapter of this step, one in `keep` (the rest of the running
-        batch: a prefill step holds only the newcomers) or a pinned one.
+        Never evicts an adapter of this step, one in `keep` (the running set, whose
+        sequences may sit out a step) or a pinned one.
         """
         keep = keep | lora_ids
         failed: dict[int, LoRAError] = {}

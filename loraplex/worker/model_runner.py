@@ -8,7 +8,7 @@ then one row per decoding sequence. Each token carries its position, its KV-cach
 and its adapter slot (-1 = base).
 
 On a GPU the KV cache gets what gpu_memory_utilization leaves after the weights, the
-adapter slots and the activation peak of a profile run (the largest prefill the
+adapter slots and the activation peak of a profile run (the largest step the
 scheduler may send, then the sampler over max_num_seqs rows with every option on).
 """
 
@@ -126,9 +126,10 @@ class ModelRunner:
             torch.cuda.synchronize(dev)
         except torch.OutOfMemoryError as e:
             raise ValueError(
-                f"a prefill of max_num_batched_tokens={max_tokens} tokens does not fit in GPU "
-                f"memory beside the weights and adapter slots ({weights / GiB:.2f} GiB): lower "
-                "max_num_batched_tokens, max_num_seqs, max_loras or max_lora_rank") from e
+                f"a step of {max_tokens} tokens (max_num_batched_tokens + max_num_seqs) does "
+                f"not fit in GPU memory beside the weights and adapter slots "
+                f"({weights / GiB:.2f} GiB): lower max_num_batched_tokens, max_num_seqs, "
+                "max_loras or max_lora_rank") from e
         peak = torch.cuda.max_memory_allocated(dev) - weights
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
