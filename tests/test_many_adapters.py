@@ -123,7 +123,9 @@ def test_zipf_mix_over_200_adapters_matches_each_request_alone(llm, many, prompt
 def test_slow_adapter_source_does_not_delay_resident_adapters(llm, tiny_adapters, prompts,
                                                               tmp_path):
     """The cold adapter's weights come through a pipe that stays empty until we say so:
-    meanwhile every step still decodes the requests of the resident adapter and the base."""
+    meanwhile every step still decodes the requests of the resident adapter and the base.
+    Once read, its request is prefilled in a step that decodes them too (a mixed step):
+    they get a token in every step from the first to the last."""
     engine = llm.llm_engine
     src = tiny_adapters["llama"]["r8_all"]
     slow = tmp_path / "slow"
@@ -151,8 +153,19 @@ def test_slow_adapter_source_does_not_delay_resident_adapters(llm, tiny_adapters
     finally:
         writer = threading.Thread(target=release)
         writer.start()
-    done = _drain(engine)
     writer.join(timeout=30)
+    engine.lora_manager.loader.wait_any(timeout=30)  # read; the next step picks it up
+    done, step, joined = {}, 9, None
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        counts = {o.request_id: len(o.outputs[0].token_ids) for o in outs}
+        if step <= 20:
+            assert {counts[r] for r in ("w1", "w2", "base")} == {step}, (step, counts)
+        if counts.get("cold") == 1:
+            joined = step
+        done.update({o.request_id: o for o in outs if o.finished})
+        step += 1
+    assert joined == 9  # prefilled in the very next step, beside the three decodes
     assert done["cold"].error is None
     same_weights = LoRARequest("cold-again", 2003, str(src))
     alone = llm.generate([{"prompt_token_ids": prompts[1]}], PARAMS, lora_request=same_weights,
