@@ -140,6 +140,8 @@ def run_trace(engine: LLMEngine, trace: list[tuple], a: argparse.Namespace, tag:
 
 
 def summarize(r: dict, stats, ids: set[str] | None = None) -> dict:
+    """Latencies over `ids` (default: every request); tokens and throughput always over the
+    whole run (in the burst runs: the steady requests and the burst's together)."""
     ids = set(r["done"]) if ids is None else ids
     lat = [r["done"][i] - r["arrival"][i] for i in ids]
     wait = [r["first"][i] - r["arrival"][i] for i in ids]

@@ -75,6 +75,9 @@ def test_requests_joining_a_running_batch_match_peft(tiny_models, tiny_adapters,
         llm.llm_engine.add_lora(req)
     outs, mixed = run_staggered(llm.llm_engine, jobs, GREEDY)
     assert mixed > 0 and llm.llm_engine.model_runner.num_mixed_steps == mixed
+    for out in outs:  # the queue ends when the forward starts, the first token after it
+        m = out.metrics
+        assert m["arrival_time"] <= m["first_scheduled_time"] < m["first_token_time"]
     check_against_hf(outs, base, [adapters[n] if n else None for n in names],
                      [p for _, p, _ in jobs])
 

@@ -235,6 +235,11 @@ class LLMEngine:
             elif not touched and manager.loader.num_inflight:
                 manager.loader.wait_any(timeout=0.05)  # only loads left to wait for
         if seqs:
+            started = time.monotonic()
+            for seq in batch.prefill:  # queue time ends when the forward starts
+                req = self.requests[seq.request_id]
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = started
             logits = self.model_runner.run(batch.prefill, batch.decode, lora_slots)
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
                     for s in seqs]
@@ -242,8 +247,6 @@ class LLMEngine:
             now = time.monotonic()
             for i, seq in enumerate(seqs):
                 req = self.requests[seq.request_id]
-                if req.first_scheduled_time is None:
-                    req.first_scheduled_time = now
                 if req.first_token_time is None:
                     req.first_token_time = now
                 self._append_token(req, seq, sampled.token_ids[i], sampled.token_logprobs[i],

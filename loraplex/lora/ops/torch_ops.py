@@ -14,9 +14,11 @@ Slots are padded to R in the buffers (A rank-major, so a slot's first r ranks of
 slice are one block). The active slots are grouped into a few rank buckets
 (`LoRABatchMeta.rank_buckets`) and a bucket touches only its first `rank` ranks, so r=8
 adapters beside r=64 ones cost r=8. Per bucket: one bmm for the shrink of all slices, one
-per slice for the expand, in fp32, over views of the slot buffers (a copy only when the
-bucket's slots are not evenly spaced), plus a gather and a scatter of token rows: no loop
-over adapters. Long segments are split over several rows, so the padding stays under 2x.
+per slice for the expand, in fp32, over views of the slot buffers, plus a gather and a
+scatter of token rows: no loop over adapters. A hot adapter's long segment is split over
+several rows when that saves more padded rows than the weight copies it costs
+(`meta._rows_per_group`); the weights are copied, not viewed, when rows repeat a slot or
+the bucket's slots are not evenly spaced.
 """
 
 from __future__ import annotations

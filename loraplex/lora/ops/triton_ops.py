@@ -20,7 +20,8 @@ is never read and a rank-0 slot costs nothing. The grid comes from host upper bo
 only (meta.max_tiles from the token count, and the layer's shapes), never from max_loras;
 tiles past meta.num_tiles do nothing, and slots, ranks and tiles are read from tensors,
 so a CUDA graph captured once replays with other slots, ranks and segment lengths.
-Every active adapter's weights are read once per step (per tile; decode has one per slot).
+Each tile reads its slot's weights once: in decode a slot's few tokens are one tile, so
+each active adapter is read once per step; a long prefill segment spans several tiles.
 Launch sizes are first guesses, not yet tuned on a GPU.
 """
 
