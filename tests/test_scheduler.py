@@ -171,3 +171,18 @@ def test_a_step_that_preempts_admits_nobody():
     step = sched.schedule()
     assert sched.num_preemptions == 1 and step.prefill == []
     assert step.decode == running[:1] and list(sched.waiting)[:1] == running[1:]
+
+
+def test_enable_chunked_prefill_is_accepted_and_explained(caplog):
+    """vLLM users pass it; loraplex always mixes prompts with decodes (not splitting)."""
+    import logging
+
+    from transformers import LlamaConfig
+
+    from loraplex import EngineArgs
+
+    with caplog.at_level(logging.WARNING, logger="loraplex.engine.arg_utils"):
+        EngineArgs(model="x", device="cpu", enable_chunked_prefill=True).create_engine_config(
+            LlamaConfig(max_position_embeddings=512))
+    assert "enable_chunked_prefill=True has no effect" in caplog.text
+    assert "together with the running decodes" in caplog.text

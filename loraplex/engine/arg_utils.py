@@ -30,6 +30,12 @@ _IGNORED_WHEN_SET = {
     "tokenizer_mode": "auto",
     "disable_custom_all_reduce": False,
     "cpu_offload_gb": 0,
+    "enable_chunked_prefill": None,
+}
+# what loraplex does instead, where "no effect" would mislead
+_INSTEAD = {
+    "enable_chunked_prefill": "every step already prefills new prompts together with the "
+                              "running decodes; a prompt is not split over steps",
 }
 _warned: set[str] = set()
 
@@ -82,6 +88,7 @@ class EngineArgs:
     tokenizer_mode: str = "auto"
     disable_custom_all_reduce: bool = False
     cpu_offload_gb: float = 0
+    enable_chunked_prefill: bool | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -94,8 +101,9 @@ class EngineArgs:
         for name, default in ignored.items():
             if getattr(self, name) != default and name not in _warned:
                 _warned.add(name)
+                instead = f": {_INSTEAD[name]}" if name in _INSTEAD else ""
                 logger.warning("%s=%r has no effect in loraplex (accepted for vLLM "
-                               "compatibility)", name, getattr(self, name))
+                               "compatibility)%s", name, getattr(self, name), instead)
 
     def create_engine_config(self, hf_config: Any) -> EngineConfig:
         from loraplex.models.registry import sliding_window

@@ -119,6 +119,9 @@ ENGINE_HELP: dict[str, str] = {
     "max_num_batched_tokens": ("Most prompt tokens prefilled in one step; the decoding sequences' "
                                "one token each comes on top (default: max(8192, max_model_len))."),
     "block_size": "Tokens per KV cache block.",
+    "enable_chunked_prefill": "Accepted for vLLM compatibility: every step already prefills "
+                              "new prompts with the running decodes; a prompt is not split "
+                              "over steps.",
     "gpu_memory_utilization": "Fraction of GPU memory for weights, adapter slots, "
                               "activations and the KV cache (CUDA only).",
     "enforce_eager": "No CUDA graphs: every decode step launches its kernels one by one "
