@@ -46,6 +46,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "LORAPLEX_API_KEY": lambda: os.getenv("LORAPLEX_API_KEY"),
     # KV cache size in GiB when running on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE).
     "LORAPLEX_CPU_KVCACHE_SPACE": _float("LORAPLEX_CPU_KVCACHE_SPACE"),
+    # On the CPU, keep freed activation memory in the heap (glibc mallopt; see
+    # worker/cpu_allocator.py); 0 leaves malloc as it is.
+    "LORAPLEX_CPU_KEEP_FREED_MEMORY": _flag("LORAPLEX_CPU_KEEP_FREED_MEMORY", True),
     # Kernel backends: auto (Triton on CUDA when triton imports, torch otherwise), torch or
     # triton (on CPU tensors only under TRITON_INTERPRET=1: what the tests use).
     "LORAPLEX_LORA_BACKEND": lambda: os.getenv("LORAPLEX_LORA_BACKEND", "auto").strip().lower(),

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import pytest
 
 from tests.engine_utils import make_llm
@@ -48,3 +51,12 @@ def test_config_that_cannot_work_is_refused(tiny_models):
                  cpu_kv_cache_gib=budget / 2**30, max_model_len=256, device="cpu")
     make_llm(tiny_models["llama"], enable_lora=True, max_loras=20, max_lora_rank=64,
              cpu_kv_cache_gib=budget / 2**30, max_model_len=128, device="cpu")  # this one fits
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="mallopt thresholds are glibc's")
+def test_cpu_engine_keeps_freed_memory_with_glibc():
+    """glibc accepts the thresholds that keep freed activation buffers in the heap."""
+    from loraplex.worker.cpu_allocator import KEEP_BYTES, keep_freed_memory
+
+    assert keep_freed_memory(KEEP_BYTES)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from loraplex import envs
 from loraplex.config import EngineConfig
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
@@ -34,6 +35,7 @@ from loraplex.models.loader import init_dummy_weights, load_weights, resolve_mod
 from loraplex.models.registry import build_model
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
+from loraplex.worker.cpu_allocator import keep_freed_memory
 from loraplex.worker.memory import cpu_cache_config, kv_block_bytes, plan_memory
 from loraplex.worker.model_runner import ModelRunner
 
@@ -71,6 +73,8 @@ class LLMEngine:
         self.lora_config = self.config.lora_config
         mc = self.model_config
         torch.manual_seed(mc.seed)
+        if mc.device.type == "cpu" and envs.LORAPLEX_CPU_KEEP_FREED_MEMORY:
+            keep_freed_memory()
         tok_path = path if args.tokenizer is None else resolve_model_path(args.tokenizer)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path,
                                                        revision=args.tokenizer_revision)
