@@ -39,7 +39,10 @@ case "$phase" in
   kernels)
     timeout 280 python3 benchmarks/lora_ops.py --device cuda --out "$OUT/lora_ops_cuda.json" \
       2>&1 | tail -30
-    timeout 280 python3 benchmarks/attention.py --out "$OUT/attention_cuda.json" 2>&1 | tail -30
+    # no flex here: it compiles once per shape (~15 shapes, up to a minute each) and the
+    # JSON is written only at the end, so a timeout would lose every row
+    timeout 280 python3 benchmarks/attention.py --impls torch,torch_mirror,triton \
+      --out "$OUT/attention_cuda.json" 2>&1 | tail -30
     ;;
   decode)
     timeout 380 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
