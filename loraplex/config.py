@@ -93,6 +93,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192  # prompt tokens per step (decodes ride on top)
     max_model_len: int = 2048
+    # split a prompt over steps when it does not fit the budget's remainder (vLLM v1)
+    enable_chunked_prefill: bool = True
     # when more adapters are wanted than max_loras: "fair" lets requests for running
     # adapters go ahead of blocked ones and time-slices the slots (see scheduler.py);
     # "fcfs" admits strictly in arrival order.
@@ -107,11 +109,15 @@ class SchedulerConfig:
                              + ", ".join(LORA_POLICIES))
         if self.lora_min_slice_steps < 0:
             raise ValueError("lora_min_slice_steps must be >= 0")
-        if self.max_num_batched_tokens < self.max_model_len:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got "
+                             f"{self.max_num_batched_tokens}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
-                f"max_model_len ({self.max_model_len}): a long prompt could never run; "
-                "raise max_num_batched_tokens or lower max_model_len")
+                f"max_model_len ({self.max_model_len}) with chunked prefill off: a long "
+                "prompt could never run; raise max_num_batched_tokens, lower max_model_len "
+                "or enable chunked prefill")
 
 
 @dataclass

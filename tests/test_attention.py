@@ -314,10 +314,12 @@ def test_engine_triton_backend_matches_hf(monkeypatch, tiny_models, tiny_adapter
     check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
 
 
-def test_engine_triton_backend_mixed_steps_match_hf(monkeypatch, tiny_models, tiny_adapters,
-                                                    prompts):
+@pytest.mark.parametrize("budget", [None, 6])
+def test_engine_triton_backend_mixed_steps_match_hf(monkeypatch, budget, tiny_models,
+                                                    tiny_adapters, prompts):
     """Prompts prefilled in the same forward as running decodes, both Triton kernels (and
-    the Triton LoRA ops) over one step's rows."""
+    the Triton LoRA ops) over one step's rows; budget 6: chunked prefill, later chunks read
+    the earlier ones from the paged cache."""
     from loraplex import SamplingParams
     from tests.engine_utils import check_against_hf, lora_requests, make_llm, run_staggered
 
@@ -327,7 +329,9 @@ def test_engine_triton_backend_mixed_steps_match_hf(monkeypatch, tiny_models, ti
     reqs = lora_requests(adapters)
     names = [None, "r8_all", "r4_qv", None]
     jobs = [(2 * i, prompts[i], reqs[n] if n else None) for i, n in enumerate(names)]
-    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8)
+    assert budget is None or max(len(p) for _, p, _ in jobs) > 2 * budget
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8,
+                   max_num_batched_tokens=budget)
     for name in ("r8_all", "r4_qv"):
         llm.llm_engine.add_lora(reqs[name])
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)

@@ -25,10 +25,13 @@ def _run(scheduler: Scheduler, max_tokens: int, steps: int = 10_000, arrivals=No
             if arrivals is None:
                 break
             continue
-        seqs = scheduler.schedule().seqs
+        batch = scheduler.schedule()
+        seqs = batch.seqs
         assert seqs or arrivals is not None, "scheduler stalled with work left"
         batches.append({s.lora_int_id for s in seqs} | scheduler.running_loras())
-        for s in seqs:
+        sampled = batch.sampled
+        batch.advance()
+        for s in sampled:
             if not hasattr(s, "first_step"):
                 s.first_step = step
             s.append_token(1)
@@ -137,15 +140,15 @@ def test_arrivals_join_the_running_decodes_in_one_step():
     decode. The token budget is for prompts: the decodes' tokens ride on top, so a prompt
     of the whole budget does not wait for the running sequences to finish."""
     sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64,
-                                      max_model_len=64), BlockManager(100, 4))
+                                      max_model_len=64, enable_chunked_prefill=False),
+                      BlockManager(100, 4))
     params = SamplingParams(max_tokens=8)
     first = [Sequence(f"a{i}", 0, [1] * 4, params) for i in range(2)]
     for s in first:
         sched.add(s)
     step = sched.schedule()
     assert step.prefill == first and step.decode == []
-    for s in first:
-        s.append_token(1)
+    _finish_step(step)
     late = Sequence("late", 0, [1] * 60, params)
     too_late = Sequence("too_late", 0, [1] * 5, params)  # 60 + 5 > the 64-token budget
     sched.add(late)
@@ -163,9 +166,7 @@ def test_a_step_that_preempts_admits_nobody():
     running = [Sequence(f"r{i}", 0, [1] * 4, params) for i in range(2)]  # a block each
     for s in running:
         sched.add(s)
-    sched.schedule()
-    for s in running:
-        s.append_token(1)  # both now need a second block; only one is free
+    _finish_step(sched.schedule())  # both now need a second block; only one is free
     newcomer = Sequence("new", 0, [1], params)
     sched.add(newcomer)
     step = sched.schedule()
@@ -173,16 +174,82 @@ def test_a_step_that_preempts_admits_nobody():
     assert step.decode == running[:1] and list(sched.waiting)[:1] == running[1:]
 
 
-def test_enable_chunked_prefill_is_accepted_and_explained(caplog):
-    """vLLM users pass it; loraplex always mixes prompts with decodes (not splitting)."""
-    import logging
+def _finish_step(step) -> None:
+    """What the engine does after the forward: every sampled sequence gets a token."""
+    sampled = step.sampled
+    step.advance()
+    for s in sampled:
+        s.append_token(1)
 
+
+def test_long_prompt_is_chunked_beside_the_decodes():
+    """Chunked prefill: a prompt longer than the budget is computed a budget's worth per
+    step while the running sequences decode in every one of those steps; its first token
+    comes with its last chunk; the budget left over admits the next prompt's first chunk."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=16,
+                                      max_model_len=64), BlockManager(100, 4))
+    params = SamplingParams(max_tokens=8)
+    first = [Sequence(f"a{i}", 0, [1] * 4, params) for i in range(2)]
+    for s in first:
+        sched.add(s)
+    _finish_step(sched.schedule())
+    long, short = Sequence("long", 0, [1] * 40, params), Sequence("short", 0, [1] * 20, params)
+    sched.add(long)
+    sched.add(short)
+    chunks, got_token = [], []
+    for _ in range(4):
+        step = sched.schedule()
+        assert step.decode[:2] == first  # every step
+        chunks.append(dict(zip([s.request_id for s in step.prefill], step.prefill_lens)))
+        got_token.append(long in step.sampled)
+        _finish_step(step)
+    # long: 16 + 16 + 8; short: what each step leaves (8 in the third), then the rest
+    assert chunks == [{"long": 16}, {"long": 16}, {"long": 8, "short": 8}, {"short": 12}]
+    assert got_token == [False, False, True, True]  # its last chunk, then a decode
+    assert long.num_output_tokens == 2 and short.num_output_tokens == 1
+    assert long.num_computed_tokens == 41 and long.is_decoding
+    # the next step decodes all four; no prompt is left
+    step = sched.schedule()
+    assert step.prefill == [] and step.decode == [*first, long, short]
+
+
+def test_whole_prompts_without_chunked_prefill():
+    cfg = dict(max_num_seqs=8, max_num_batched_tokens=16, max_model_len=16)
+    sched = Scheduler(SchedulerConfig(**cfg, enable_chunked_prefill=False), BlockManager(100, 4))
+    seqs = [Sequence(str(i), 0, [1] * 10, SamplingParams()) for i in range(2)]
+    for s in seqs:
+        sched.add(s)
+    step = sched.schedule()  # 10 + 10 > 16: the second waits for the next step
+    assert step.prefill == seqs[:1] and step.prefill_lens == [10]
+    with pytest.raises(ValueError, match="chunked prefill off"):
+        SchedulerConfig(max_num_batched_tokens=8, max_model_len=16, enable_chunked_prefill=False)
+    SchedulerConfig(max_num_batched_tokens=8, max_model_len=16)  # chunked: fine
+
+
+def test_preempting_a_prompt_mid_prefill_recomputes_it_from_the_start():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4,
+                                      max_model_len=64), BlockManager(4, 4))
+    params = SamplingParams(max_tokens=8)
+    a, b = Sequence("a", 0, [1] * 7, params), Sequence("b", 0, [1] * 8, params)
+    sched.add(a)
+    sched.add(b)
+    _finish_step(sched.schedule())  # a: 4 of 7 (2 blocks); b waits: the budget is spent
+    _finish_step(sched.schedule())  # a: the other 3, sampled; b: 1 of 8 (the last 2 blocks)
+    _finish_step(sched.schedule())  # a decodes (8 tokens, 2 blocks); b: 4 more
+    assert a.num_output_tokens == 2 and b.num_computed_tokens == 5 and not b.is_decoding
+    step = sched.schedule()  # a needs a third block: b, mid-prompt, is preempted
+    assert step.decode == [a] and step.prefill == [] and sched.num_preemptions == 1
+    assert b.num_computed_tokens == 0 and list(sched.waiting) == [b]
+
+
+def test_enable_chunked_prefill_reaches_the_scheduler():
     from transformers import LlamaConfig
 
     from loraplex import EngineArgs
 
-    with caplog.at_level(logging.WARNING, logger="loraplex.engine.arg_utils"):
-        EngineArgs(model="x", device="cpu", enable_chunked_prefill=True).create_engine_config(
-            LlamaConfig(max_position_embeddings=512))
-    assert "enable_chunked_prefill=True has no effect" in caplog.text
-    assert "together with the running decodes" in caplog.text
+    hf = LlamaConfig(max_position_embeddings=32768)
+    on = EngineArgs(model="x", device="cpu").create_engine_config(hf).scheduler_config
+    assert on.enable_chunked_prefill and on.max_num_batched_tokens == 8192  # vLLM's default
+    off = EngineArgs(model="x", device="cpu", enable_chunked_prefill=False
+                     ).create_engine_config(hf).scheduler_config
+    assert not off.enable_chunked_prefill and off.max_num_batched_tokens == 32768

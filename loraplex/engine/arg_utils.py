@@ -30,12 +30,6 @@ _IGNORED_WHEN_SET = {
     "tokenizer_mode": "auto",
     "disable_custom_all_reduce": False,
     "cpu_offload_gb": 0,
-    "enable_chunked_prefill": None,
-}
-# what loraplex does instead, where "no effect" would mislead
-_INSTEAD = {
-    "enable_chunked_prefill": "every step already prefills new prompts together with the "
-                              "running decodes; a prompt is not split over steps",
 }
 _warned: set[str] = set()
 
@@ -51,6 +45,7 @@ class EngineArgs:
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool | None = None  # None: on, as in vLLM v1
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
@@ -88,7 +83,6 @@ class EngineArgs:
     tokenizer_mode: str = "auto"
     disable_custom_all_reduce: bool = False
     cpu_offload_gb: float = 0
-    enable_chunked_prefill: bool | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -101,9 +95,8 @@ class EngineArgs:
         for name, default in ignored.items():
             if getattr(self, name) != default and name not in _warned:
                 _warned.add(name)
-                instead = f": {_INSTEAD[name]}" if name in _INSTEAD else ""
                 logger.warning("%s=%r has no effect in loraplex (accepted for vLLM "
-                               "compatibility)%s", name, getattr(self, name), instead)
+                               "compatibility)", name, getattr(self, name))
 
     def create_engine_config(self, hf_config: Any) -> EngineConfig:
         from loraplex.models.registry import sliding_window
@@ -145,10 +138,12 @@ class EngineArgs:
             gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gib=self.cpu_kv_cache_gib,
             num_blocks_override=self.num_gpu_blocks_override)
+        chunked = self.enable_chunked_prefill is not False
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens or max(8192, max_model_len),
-            max_model_len=max_model_len, lora_policy=self.lora_scheduling_policy,
+            max_num_batched_tokens=self.max_num_batched_tokens or (
+                8192 if chunked else max(8192, max_model_len)),
+            max_model_len=max_model_len, enable_chunked_prefill=chunked, lora_policy=self.lora_scheduling_policy,
             lora_min_slice_steps=self.lora_min_slice_steps)
         lora_config = None
         if self.enable_lora:

@@ -233,8 +233,7 @@ class LLMEngine:
                     keep=self.scheduler.running_loras())
                 if failed:
                     kept = set(self._fail_lora_requests(seqs, failed, touched))
-                    batch = replace(batch, prefill=[s for s in batch.prefill if s in kept],
-                                    decode=[s for s in batch.decode if s in kept])
+                    batch = batch.keep(kept)
                     seqs = batch.seqs
             elif not touched and manager.loader.num_inflight:
                 manager.loader.wait_any(timeout=0.05)  # only loads left to wait for
@@ -244,10 +243,13 @@ class LLMEngine:
                 req = self.requests[seq.request_id]
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = started
-            logits = self.model_runner.run(batch.prefill, batch.decode, lora_slots)
+            logits = self.model_runner.run(batch.prefill, batch.decode, lora_slots,
+                                           batch.prefill_lens)
+            seqs = batch.sampled  # a prompt's earlier chunks give no token
+            batch.advance()
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
                     for s in seqs]
-            sampled = self.sampler(logits, rows)
+            sampled = self.sampler(logits, rows) if seqs else None
             now = time.monotonic()
             for i, seq in enumerate(seqs):
                 req = self.requests[seq.request_id]

@@ -1,14 +1,19 @@
 """Continuous batching: which sequences run in the next step.
 
 A step decodes every running sequence (one token each) and, in the same forward,
-prefills the sequences admitted this step: a mixed step, as in vLLM v1, so a new
-request never costs the running ones a step of their own. Running sequences are
-scheduled first; waiting ones are then admitted in arrival order. KV blocks,
-max_num_seqs and the token budget (max_num_batched_tokens of prompt per step; the
-decoding sequences' one token each rides on top, so a prompt of max_model_len tokens
-never waits for the running ones to drain) are first come, first served: admission
-stops at the first sequence they cannot hold, so nobody behind it overtakes it on
-memory. A step that had to preempt admits nobody.
+prefills prompts: a mixed step, as in vLLM v1, so a new request never costs the running
+ones a step of their own. The token budget, max_num_batched_tokens, counts prompt tokens
+(the decoding sequences' one token each rides on top). With chunked prefill (the
+default) a prompt that does not fit the budget's remainder gets a chunk of it now and the
+rest in the next steps, one chunk per step after the sequences mid-prompt from earlier
+steps, so a long prompt never stalls the running decodes for longer than one budget's
+worth of compute. Without it a prompt is prefilled whole, and must fit the budget.
+
+Running sequences are scheduled first (decodes, then prompts mid-prefill), then waiting
+ones are admitted in arrival order. KV blocks (all of a prompt's, at admission),
+max_num_seqs and the budget are first come, first served: admission stops at the first
+sequence they cannot hold, so nobody behind it overtakes it on memory. A step that had to
+preempt admits nobody.
 
 The max_loras rule: the running set never holds more than `max_loras` distinct
 adapters (the base takes no slot; slots pinned by adapters outside the batch count).
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loraplex.config import SchedulerConfig
 from loraplex.engine.block_manager import BlockManager
@@ -50,16 +55,41 @@ def _never(_: int) -> bool:
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: `prefill` (admitted now: the whole prompt, or prompt + output so
-    far after a preemption) and `decode` (running: one token each). Either may be empty."""
+    """One step's work: `prefill` (sequences computing part or all of their prompt, or of
+    prompt + output so far after a preemption: `prefill_lens[i]` tokens from
+    `num_computed_tokens` on) and `decode` (one token each). Either may be empty."""
 
     prefill: list[Sequence]
     decode: list[Sequence]
+    prefill_lens: list[int] = field(default_factory=list)  # default: each whole remainder
+
+    def __post_init__(self) -> None:
+        if not self.prefill_lens:
+            self.prefill_lens = [s.num_uncomputed_tokens for s in self.prefill]
 
     @property
     def seqs(self) -> list[Sequence]:
-        """Prefill then decode: the order of the step's rows and logits."""
+        """Prefill then decode: the order of the step's rows."""
         return self.prefill + self.decode
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences that get a next token this step, in the order of the step's logits:
+        prefills whose chunk reaches their last token, then every decode."""
+        done = [s for s, n in zip(self.prefill, self.prefill_lens) if n == s.num_uncomputed_tokens]
+        return done + self.decode
+
+    def keep(self, kept: set[Sequence]) -> ScheduledBatch:
+        pairs = [(s, n) for s, n in zip(self.prefill, self.prefill_lens) if s in kept]
+        return ScheduledBatch([s for s, _ in pairs], [s for s in self.decode if s in kept],
+                              [n for _, n in pairs])
+
+    def advance(self) -> None:
+        """After the forward: the step's tokens are in the cache."""
+        for seq, n in zip(self.prefill, self.prefill_lens):
+            seq.num_computed_tokens += n
+        for seq in self.decode:
+            seq.num_computed_tokens += 1
 
 
 class Scheduler:
@@ -69,6 +99,7 @@ class Scheduler:
                  lora_pinned: Callable[[int], bool] = _never) -> None:
         self.max_num_seqs = cfg.max_num_seqs
         self.max_num_batched_tokens = cfg.max_num_batched_tokens
+        self.chunked_prefill = cfg.enable_chunked_prefill
         self.fair = cfg.lora_policy == "fair"
         self.min_slice_steps = cfg.lora_min_slice_steps
         self.block_manager = block_manager
@@ -103,15 +134,32 @@ class Scheduler:
         self.num_steps += 1
         preemptions = self.num_preemptions
         decode = self._schedule_decode()
-        prefill = [] if self.num_preemptions > preemptions else self._schedule_prefill()
-        return ScheduledBatch(prefill, decode)
+        prefill, lens = self._continue_prefills()
+        if self.num_preemptions == preemptions:
+            self._admit(prefill, lens)
+        return ScheduledBatch(prefill, decode, lens)
 
-    def _schedule_prefill(self) -> list[Sequence]:
+    def _continue_prefills(self) -> tuple[list[Sequence], list[int]]:
+        """The next chunk of each running sequence that is mid-prompt, oldest first."""
+        prefill: list[Sequence] = []
+        lens: list[int] = []
+        budget = self.max_num_batched_tokens
+        for seq in self.running:
+            if seq.is_decoding or budget == 0:
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            prefill.append(seq)
+            lens.append(n)
+            budget -= n
+        return prefill, lens
+
+    def _admit(self, prefill: list[Sequence], lens: list[int]) -> None:
+        """Admit waiting sequences into this step's prefill (their first chunk)."""
         batch: list[Sequence] = []
         loras = self.running_loras()
         self._track_slots(loras)
         blocked: int | None = None  # the longest-waiting adapter that found no slot
-        num_tokens = 0
+        budget = self.max_num_batched_tokens - sum(lens)
         for seq in list(self.waiting):
             lora_id = seq.lora_int_id
             if lora_id and not self.lora_ready(lora_id):
@@ -123,8 +171,9 @@ class Scheduler:
                     break
                 blocked = blocked or lora_id
                 continue
+            n = min(seq.num_tokens, budget) if self.chunked_prefill else seq.num_tokens
             if (len(self.running) + len(batch) >= self.max_num_seqs
-                    or num_tokens + seq.num_tokens > self.max_num_batched_tokens
+                    or n == 0 or n > budget
                     or not self.block_manager.can_allocate(seq)):
                 break
             self.waiting.remove(seq)
@@ -133,12 +182,13 @@ class Scheduler:
             if lora_id and lora_id not in loras:
                 loras.add(lora_id)
                 self._slot_since[lora_id] = self.num_steps
-            num_tokens += seq.num_tokens
+            budget -= n
             batch.append(seq)
+            lens.append(n)
+        prefill.extend(batch)
         self.running.extend(batch)
         if blocked is not None and not self.draining:
             self._drain_one(loras)
-        return batch
 
     def _track_slots(self, loras: set[int]) -> None:
         """Forget adapters that left the running set (their slot is free again)."""
@@ -156,10 +206,17 @@ class Scheduler:
             self.draining.add(min(candidates)[1])
 
     def _schedule_decode(self) -> list[Sequence]:
-        scheduled: list[Sequence] = []
+        """One token for each running sequence past its prompt, preempting the newest
+        running sequences while the KV blocks do not stretch that far. Sequences
+        mid-prompt stay running (their blocks were allocated at admission)."""
+        kept: list[Sequence] = []
+        decode: list[Sequence] = []
         queue = list(self.running)  # oldest first
         while queue:
             seq = queue.pop(0)
+            if not seq.is_decoding:
+                kept.append(seq)
+                continue
             while not self.block_manager.can_append(seq):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)
@@ -167,14 +224,16 @@ class Scheduler:
                     break
             else:
                 self.block_manager.may_append(seq)
-                scheduled.append(seq)
-        self.running = scheduled
-        return list(scheduled)  # the caller finishes sequences while iterating its batch
+                kept.append(seq)
+                decode.append(seq)
+        self.running = kept
+        return decode  # a new list: the caller finishes sequences while iterating it
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: free the blocks, put it at the head of the queue."""
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -41,6 +41,9 @@ class Sequence:
         self.logprobs: list[dict[int, Logprob]] = []
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
+        # tokens whose K/V are in the cache; a step computes the next ones from here
+        # (a chunk of the prompt, or the last token when decoding)
+        self.num_computed_tokens = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -64,6 +67,16 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.token_ids[-1]
+
+    @property
+    def is_decoding(self) -> bool:
+        """Every token but the last is in the cache: the next step computes one token
+        (a prompt's last chunk of one token is the same computation)."""
+        return self.num_computed_tokens == self.num_tokens - 1
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -117,11 +117,12 @@ ENGINE_HELP: dict[str, str] = {
                      "model's max_position_embeddings.",
     "max_num_seqs": "Most sequences in one batch.",
     "max_num_batched_tokens": ("Most prompt tokens prefilled in one step; the decoding sequences' "
-                               "one token each comes on top (default: max(8192, max_model_len))."),
+                               "one token each comes on top (default: 8192; with "
+                               "--no-enable-chunked-prefill, max(8192, max_model_len))."),
     "block_size": "Tokens per KV cache block.",
-    "enable_chunked_prefill": "Accepted for vLLM compatibility: every step already prefills "
-                              "new prompts with the running decodes; a prompt is not split "
-                              "over steps.",
+    "enable_chunked_prefill": "Split a prompt over steps when it does not fit what is left "
+                              "of max_num_batched_tokens (on by default, as in vLLM v1); "
+                              "--no-enable-chunked-prefill prefills every prompt whole.",
     "gpu_memory_utilization": "Fraction of GPU memory for weights, adapter slots, "
                               "activations and the KV cache (CUDA only).",
     "enforce_eager": "No CUDA graphs: every decode step launches its kernels one by one "
@@ -182,7 +183,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         elif f.name in _SPECIAL_TYPES:
             kw["type"] = _SPECIAL_TYPES[f.name]
         elif isinstance(default, bool) or ann.startswith("bool"):
-            kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
+            # True or unset (None): --no-... must be there too, as in vLLM
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
         elif isinstance(default, int) or ann.startswith("int"):
             kw["type"] = int
         elif isinstance(default, float) or ann.startswith("float"):

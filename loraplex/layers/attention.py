@@ -7,7 +7,8 @@ picked per model runner by `attention_backend`:
 - triton (CUDA): kernels in triton_attention.py read K/V straight from the cache
   blocks; decode and prefill, GQA, CUDA-graph-safe decode.
 - torch (CPU, or forced): prefill runs SDPA over the step's own K/V padded per
-  sequence; decode keeps the batch's K/V contiguous across steps in a per-layer mirror
+  sequence (a later chunk of a prompt: over its sequence's blocks, gathered from the
+  cache once the chunk's K/V are written); decode keeps the batch's K/V contiguous across steps in a per-layer mirror
   (one new token appended per step; rebuilt from the blocks when the batch changes, or
   gathered into scratch buffers when it would not fit), then SDPA. GQA is handled by SDPA.
 
@@ -110,8 +111,13 @@ class Attention(nn.Module):
         def padded(x: torch.Tensor) -> torch.Tensor:  # [T, h, D] -> [B, h, L, D]
             return x.index_select(0, idx).view(b, length, x.shape[1], -1).transpose(1, 2)
 
+        if ctx.context_lens is None:  # every sequence starts at position 0
+            keys, values = padded(k), padded(v)
+        else:  # earlier chunks are in the cache: the whole [B, width] of each sequence
+            keys, values = (x.transpose(1, 2) for x in
+                            self._gathered_kv(ctx, ctx.block_tables, scratch=True))
         out = F.scaled_dot_product_attention(
-            padded(q), padded(k), padded(v), attn_mask=ctx.prefill_mask,
+            padded(q), keys, values, attn_mask=ctx.prefill_mask,
             is_causal=ctx.prefill_mask is None, scale=self.scale, enable_gqa=True)
         out = out.transpose(1, 2).reshape(b * length, self.num_heads, self.head_dim)
         return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
@@ -194,21 +200,32 @@ class DecodeMirror:
         ctx.mirror_rebuild, ctx.mirror_capacity = not follows, self._capacity
 
 
-def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device) -> None:
+def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device,
+                         starts: list[int] | None = None, width: int = 0) -> None:
     """Metadata of the torch prefill, which pads every sequence to the longest: the flat
-    row of each padded position, the causal & valid mask, the rows that hold tokens."""
+    row of each padded position, the causal & valid mask, the rows that hold tokens.
+    With `starts` (a later chunk of a prompt), query i of sequence b sits at position
+    starts[b] + i and the keys are positions 0..width-1 of the sequence's blocks."""
     length = max(lens)
-    starts = list(itertools.accumulate(lens[:-1], initial=0))
+    offsets = list(itertools.accumulate(lens[:-1], initial=0))
 
     def tensor(values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
     ctx.padded_index = tensor([[st + min(i, n - 1) for i in range(length)]
-                               for st, n in zip(starts, lens)])
-    if any(n != length for n in lens):
+                               for st, n in zip(offsets, lens)])
+    ragged = any(n != length for n in lens)
+    if starts is not None:
+        q_pos = tensor(starts)[:, None] + torch.arange(length, device=device)  # [B, L]
+        k_pos = torch.arange(width, device=device)
+        end = tensor([st + n for st, n in zip(starts, lens)])
+        mask = (k_pos <= q_pos[:, :, None]) & (k_pos < end[:, None, None])
+        ctx.prefill_mask = mask.unsqueeze(1)  # [B, 1, L, width]
+    elif ragged:
         key_valid = torch.arange(length, device=device)[None, :] < tensor(lens)[:, None]
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
         ctx.prefill_mask = (causal[None] & key_valid[:, None, :]).unsqueeze(1)
+    if ragged:
         ctx.valid_rows = tensor([bi * length + i for bi, n in enumerate(lens) for i in range(n)])
 
 

@@ -37,7 +37,8 @@ class StepContext:
     mirror_rebuild: bool = True
     # torch prefill path: tokens of sequence b sit at flat rows padded_index[b, :len_b]
     padded_index: torch.Tensor | None = None  # [B, L] long (pads point at row 0)
-    prefill_mask: torch.Tensor | None = None  # [B, 1, L, L] bool, causal & valid; None = all equal len
+    # [B, 1, L, L or cached width] bool, causal & valid; None = all equal length, no context
+    prefill_mask: torch.Tensor | None = None
     valid_rows: torch.Tensor | None = None  # [T] positions in the flattened [B*L] layout
     lora_meta: LoRABatchMeta | None = None
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step reusable buffers

@@ -189,31 +189,49 @@ class ModelRunner:
         bs = self.block_size
         return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _prefill_context(self, lens: list[int], slot_mapping: torch.Tensor) -> StepContext:
+    def _prefill_context(self, lens: list[int], slot_mapping: torch.Tensor,
+                         cached: list[Sequence] | None = None,
+                         starts: list[int] | None = None) -> StepContext:
+        """The prefill rows' context: `lens[b]` tokens of sequence b, from position
+        `starts[b]` on. A later chunk of a prompt (any start > 0) also attends to the
+        earlier ones, read from the cache through `cached`'s block tables."""
         ctx = StepContext(is_prefill=True, slot_mapping=slot_mapping,
                           attn_backend=self.attn_backend, max_seqlen_q=max(lens))
+        width = 0
+        if cached is not None and starts is not None and any(starts):
+            bs = self.block_size
+            width = -(-max(st + n for st, n in zip(starts, lens)) // bs)
+            ctx.block_tables = self._tensor([(s.block_table + [0] * width)[:width]
+                                             for s in cached], torch.int32)
+            ctx.context_lens = self._tensor(starts, torch.int32)
+            ctx.max_context_len = max(starts)
         if self.attn_backend == "triton":
-            starts = [0]
-            for n in lens:
-                starts.append(starts[-1] + n)
-            ctx.cu_seqlens_q = self._tensor(starts, torch.int32)
+            ctx.cu_seqlens_q = self._tensor(list(itertools.accumulate(lens, initial=0)),
+                                            torch.int32)
         else:
-            torch_prefill_layout(ctx, lens, self.device)
+            torch_prefill_layout(ctx, lens, self.device,
+                                 starts if width else None, width * self.block_size)
         return ctx
 
-    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor,
-                                                              StepContext, list[int]]:
+    def prepare_prefill(self, seqs: list[Sequence], lens: list[int] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
+        """The step's rows for `lens[i]` tokens of each sequence from its
+        num_computed_tokens on (default: all the rest), and the rows whose logits are
+        wanted: the last of each sequence whose chunk reaches its last token."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        lens = [s.num_tokens for s in seqs]
-        for seq in seqs:
-            input_ids.extend(seq.token_ids)
-            positions.extend(range(seq.num_tokens))
-            slots.extend(self._slot_mapping(seq, 0, seq.num_tokens))
-        ctx = self._prefill_context(lens, self._tensor(slots))
-        last_rows = list(itertools.accumulate(lens))
-        return self._tensor(input_ids), self._tensor(positions), ctx, [r - 1 for r in last_rows]
+        lens = lens or [s.num_uncomputed_tokens for s in seqs]
+        starts = [s.num_computed_tokens for s in seqs]
+        rows: list[int] = []
+        for seq, start, n in zip(seqs, starts, lens):
+            input_ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(self._slot_mapping(seq, start, start + n))
+            if start + n == seq.num_tokens:
+                rows.append(len(input_ids) - 1)
+        ctx = self._prefill_context(lens, self._tensor(slots), seqs, starts)
+        return self._tensor(input_ids), self._tensor(positions), ctx, rows
 
     def prepare_decode(self, seqs: list[Sequence], padded_batch: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
@@ -240,18 +258,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, prefill: list[Sequence], decode: list[Sequence],
-            lora_slots: dict[int, int] | None = None) -> torch.Tensor:
-        """Logits [len(prefill) + len(decode), vocab]: the next token of every prefill
-        sequence, then of every decoding one."""
+            lora_slots: dict[int, int] | None = None,
+            prefill_lens: list[int] | None = None) -> torch.Tensor:
+        """Computes `prefill_lens[i]` tokens of prefill sequence i (default: all it has
+        left) and one token of every decoding sequence. Logits [sampled, vocab]: the next
+        token of every prefill sequence whose chunk is its last, then of every decoding
+        one (ScheduledBatch.sampled)."""
         def slots_of(seqs: list[Sequence]) -> list[int] | None:
             return ([lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
                     if lora_slots else None)
 
         if not prefill:
             return self._run_decode(decode, slots_of(decode))
-        input_ids, positions, ctx, rows = self.prepare_prefill(prefill)
-        token_slots = ([slot for s, slot in zip(prefill, slots_of(prefill))
-                        for _ in range(s.num_tokens)] if lora_slots else None)
+        lens = prefill_lens or [s.num_uncomputed_tokens for s in prefill]
+        input_ids, positions, ctx, rows = self.prepare_prefill(prefill, lens)
+        token_slots = ([slot for n, slot in zip(lens, slots_of(prefill)) for _ in range(n)]
+                       if lora_slots else None)
         if decode:  # mixed: the decoding sequences' rows follow the prompts
             self.num_mixed_steps += 1
             d_ids, d_positions, ctx.decode = self.prepare_decode(decode)
