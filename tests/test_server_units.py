@@ -306,7 +306,8 @@ def test_a_request_racing_an_unload_or_reload_never_revives_the_old_adapter(
                 await models.unload_lora_adapter("dyn")
                 await models.load_lora_adapter("dyn", path)
         results = await asyncio.gather(churn(), *(client(i) for i in range(16)))
-        assert set(results[1:]) <= {"ok", "gone"} and "ok" in results
+        assert set(results[1:]) <= {"ok", "gone"}  # how many of each depends on timing
+        assert await client(16) == "ok"  # the name is loaded again at the end
         listed = {r.lora_int_id for r in models.lora_requests.values()}
         assert await engine.list_loras() == listed == await _registered(engine)
         await engine.shutdown()
