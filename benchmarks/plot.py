@@ -143,12 +143,38 @@ def plot_many_adapters(data: dict, out: Path) -> None:
     _save(fig, out)
 
 
+def plot_chunked_prefill(data: dict, out: Path) -> None:
+    """Per budget: the running requests' worst gap and the long prompt's TTFT (every repeat)."""
+    c = data["config"]
+    budgets = list(dict.fromkeys(r["budget"] for r in data["runs"]))
+    labels = [f"{b} tokens" if b else "whole prompt" for b in budgets]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in ((axes[0], "running_worst_gap_ms",
+                            "running requests' worst inter-token gap (ms)"),
+                           (axes[1], "long_prompt_ttft_s", "long prompt's TTFT (s)")):
+        for x, b in enumerate(budgets):
+            ys = [r[key] for r in data["runs"] if r["budget"] == b]
+            ax.plot([x] * len(ys), ys, "o", color="tab:blue")
+        if key == "running_worst_gap_ms":
+            decode = min(r["decode_step_ms"] for r in data["runs"])
+            ax.axhline(decode, color="gray", ls="--", lw=1, label="a step with no prompt")
+            ax.legend(fontsize=8)
+        ax.set_xticks(range(len(budgets)), labels)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(bottom=0)
+    fig.suptitle(f"chunked prefill: a {c['prompt_len']}-token prompt arrives while "
+                 f"{c['running']} requests decode\nLlama h{c['hidden']} x {c['layers']} "
+                 f"layers, {c['dtype']}; {_machine(data)}", fontsize=9)
+    _save(fig, out)
+
+
 # (glob in benchmarks/results, plot function); the PNG takes the JSON file's name.
 PLOTS: list[tuple[str, Callable[[dict, Path], None]]] = [
     ("throughput_*.json", plot_throughput),
     ("decode_step_*.json", plot_decode_step),
     ("serve_*.json", plot_serve),
     ("many_adapters_*.json", plot_many_adapters),
+    ("chunked_prefill_*.json", plot_chunked_prefill),
 ]
 
 
