@@ -76,6 +76,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 2.0
     num_blocks_override: int | None = None  # vLLM's num_gpu_blocks_override
+    # share the K/V of identical prompt prefixes (per adapter) between sequences
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -46,6 +46,12 @@ class Metrics:
                               "Fraction of KV cache blocks in use.", registry=r)
         self.preemptions = Gauge("loraplex:num_preemptions",
                                  "Preemptions since start.", registry=r)
+        self.prefix_queries = Counter("loraplex:prefix_cache_queries", "Prompt tokens looked "
+                                      "up in the prefix cache.", registry=r)
+        self.prefix_hits = Counter("loraplex:prefix_cache_hits", "Prompt tokens found in the "
+                                   "prefix cache (their K/V were not computed again).",
+                                   registry=r)
+        self._prefix_counts = (0, 0)
         self.lora_info = Gauge("loraplex:lora_requests_info", "Running stats on LoRA requests.",
                                ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
                                registry=r)
@@ -77,6 +83,10 @@ class Metrics:
         if stats.num_total_blocks:
             self.kv_usage.set(1.0 - stats.num_free_blocks / stats.num_total_blocks)
         self.preemptions.set(getattr(stats, "num_preemptions", 0))
+        counts = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+        self.prefix_queries.inc(counts[0] - self._prefix_counts[0])
+        self.prefix_hits.inc(counts[1] - self._prefix_counts[1])
+        self._prefix_counts = counts
         key = (",".join(stats.running_lora_names), ",".join(stats.waiting_lora_names),
                str(stats.max_loras))
         if key != self._lora_key:  # one live series, like a fresh vLLM label set

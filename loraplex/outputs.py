@@ -42,3 +42,4 @@ class RequestOutput:
     lora_request: LoRARequest | None = None
     error: str | None = None  # set when the request failed (e.g. its adapter could not load)
     metrics: dict[str, float] = field(default_factory=dict)
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache

@@ -55,3 +55,30 @@ def run_staggered(engine, jobs: list[tuple[int, list[int], LoRARequest | None]],
         finished.update((o.request_id, o) for o in outs if o.finished)
         step += 1
     return [finished[str(i)] for i in range(len(jobs))], mixed
+
+
+def check_shared_prefixes(base: Path, adapters: dict[str, Path], prompts: list[list[int]]
+                          ) -> None:
+    """Requests sharing a long prefix (block size 8) on the base, r8_all and r4_qv; two
+    compute it first, the rest arrive later and must start from their own weights' cached
+    blocks; every output equals HF + PEFT."""
+    reqs = lora_requests(adapters)
+    system = prompts[-1]  # the longest: several blocks of 8
+    names = [None, "r8_all", "r4_qv"]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8)
+    for n in names[1:]:
+        llm.llm_engine.add_lora(reqs[n])
+    first = system + prompts[0][1:]
+    jobs = [(0, first, None), (0, first, reqs["r8_all"])]
+    jobs += [(4 + i, system + p[1:], reqs[n] if n else None)
+             for i, (p, n) in enumerate([(p, n) for p in prompts[:3] for n in names])]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3)
+    outs, _ = run_staggered(llm.llm_engine, jobs, params)
+    cached = [o.num_cached_tokens for o in outs]
+    # nothing was cached yet; r4_qv's first request finds only other weights' blocks
+    assert cached[:2] == [0, 0] and cached[4] == 0, cached
+    assert all(c >= len(system) // 8 * 8 for c in cached[2:4] + cached[5:]), cached
+    stats = llm.llm_engine.get_stats()
+    assert stats.prefix_cache_hits == sum(cached) and stats.prefix_cache_queries > 0
+    check_against_hf(outs, base, [adapters[lr.lora_name] if lr else None for _, _, lr in jobs],
+                     [p for _, p, _ in jobs])

@@ -343,6 +343,18 @@ def test_engine_triton_backend_mixed_steps_match_hf(monkeypatch, budget, tiny_mo
                      [p for _, p, _ in jobs])
 
 
+@interpreted
+def test_engine_triton_backend_prefix_cache_matches_hf(monkeypatch, tiny_models,
+                                                       tiny_adapters, prompts):
+    """Prompts whose prefix is in the cache start with context: the Triton prefill kernel
+    reads the cached blocks through the block table."""
+    from tests.engine_utils import check_shared_prefixes
+
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
+    check_shared_prefixes(tiny_models["llama"], tiny_adapters["llama"], prompts)
+
+
 def test_backend_env_is_checked(monkeypatch):
     from loraplex.layers.attention import attention_backend
 

@@ -304,6 +304,25 @@ def test_disconnect_aborts_request(server, client):
     still_serves(client)
 
 
+def test_a_repeated_prompt_hits_the_prefix_cache(server, client):
+    """The second request for the same long prompt and adapter reuses the first one's
+    cached K/V, and /metrics counts it (vLLM's prefix_cache_queries / _hits)."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4
+    before = _metrics(server).get(("loraplex:prefix_cache_hits_total", ()), 0)
+    replies = [client.completions.create(model="r8_all", prompt=prompt, max_tokens=3,
+                                         temperature=0) for _ in range(2)]
+    assert replies[0].choices[0].text == replies[1].choices[0].text
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = _metrics(server)
+        if m.get(("loraplex:prefix_cache_hits_total", ()), 0) > before:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("no prefix cache hit was counted")
+    assert m[("loraplex:prefix_cache_queries_total", ())] >= 2 * replies[0].usage.prompt_tokens
+
+
 def _metrics(server) -> dict:
     out = {}
     for fam in text_string_to_metric_families(server.get("/metrics").text):

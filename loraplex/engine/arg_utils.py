@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 _IGNORED_WHEN_SET = {
     "trust_remote_code": False,
     "swap_space": None,
-    "enable_prefix_caching": None,
     "disable_log_stats": False,
     "max_seq_len_to_capture": None,
     "fully_sharded_loras": False,
@@ -46,6 +45,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool | None = None  # None: on, as in vLLM v1
+    enable_prefix_caching: bool | None = None  # None: on, as in vLLM v1
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
@@ -76,7 +76,6 @@ class EngineArgs:
     # accepted for vLLM compatibility; see _IGNORED_WHEN_SET
     trust_remote_code: bool = False
     swap_space: float | None = None
-    enable_prefix_caching: bool | None = None
     disable_log_stats: bool = False
     max_seq_len_to_capture: int | None = None
     fully_sharded_loras: bool = False
@@ -137,7 +136,8 @@ class EngineArgs:
             block_size=self.block_size, kv_cache_bytes=self.kv_cache_memory_bytes,
             gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gib=self.cpu_kv_cache_gib,
-            num_blocks_override=self.num_gpu_blocks_override)
+            num_blocks_override=self.num_gpu_blocks_override,
+            enable_prefix_caching=self.enable_prefix_caching is not False)
         chunked = self.enable_chunked_prefill is not False
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,

@@ -1,44 +1,136 @@
-"""Paged KV cache bookkeeping: fixed-size blocks handed out to sequences and taken back.
+"""Paged KV cache bookkeeping: fixed-size blocks handed out to sequences and taken back,
+and shared between sequences with the same prefix (automatic prefix caching).
 
 A sequence's K/V for token position p lives in block `block_table[p // block_size]`,
-offset `p % block_size`. Blocks come from one free list sized from the memory budget.
+offset `p % block_size`. Blocks come from one free pool sized from the memory budget.
+
+Prefix caching (vLLM's automatic prefix caching): once a block is full and its K/V are
+computed, it is registered under a hash of its tokens, the hash of the block before it
+(so the hash stands for the whole prefix) and the sequence's `cache_salt` (which adapter
+weights computed the K/V: the same prompt under two adapters has different K/V). A
+new sequence whose first blocks' hashes are registered takes those blocks (reference
+counted) and starts computing after them. A freed block keeps its contents and its hash
+while it waits in the free pool, least recently freed first, so it can still be hit until
+a new allocation takes it. At least the prompt's last token is always computed: it gives
+the logits of the first output token.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
 
 from loraplex.engine.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.enable_caching = enable_caching
+        # free blocks, least recently freed first: allocation evicts from the front
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._refs = [0] * num_blocks
+        self._cached: dict[bytes, int] = {}  # prefix hash -> block holding its K/V
+        self._hash_of: dict[int, bytes] = {}  # the reverse, for eviction
+        self.num_query_tokens = 0  # prompt tokens looked up at admission
+        self.num_hit_tokens = 0  # of those, found in the cache
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return len(self._free)
+
+    # ---- prefix caching --------------------------------------------------------------
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Hashes of the first num_blocks full blocks (memoized on the sequence: a full
+        block's tokens never change)."""
+        hashes, bs = seq.block_hashes, self.block_size
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else seq.cache_salt.to_bytes(8, "little")
+            tokens = array("q", seq.token_ids[i * bs:(i + 1) * bs]).tobytes()
+            hashes.append(hashlib.blake2b(parent + tokens, digest_size=16).digest())
+        return hashes[:num_blocks]
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the longest prefix of `seq` (never its last token)."""
+        if not self.enable_caching:
+            return []
+        hits = []
+        for h in self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
+            block = self._cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def num_cached_tokens(self, seq: Sequence) -> int:
+        """Tokens of `seq` that allocate() would take from the cache now."""
+        return len(self._prefix_hits(seq)) * self.block_size
+
+    def commit(self, seq: Sequence) -> None:
+        """After a step: register the blocks that are now full and computed."""
+        if not self.enable_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        if full <= seq.num_committed_blocks:
+            return
+        hashes = self._block_hashes(seq, full)
+        for i in range(seq.num_committed_blocks, full):
+            block = seq.block_table[i]
+            if hashes[i] not in self._cached:  # else an identical block got there first
+                self._cached[hashes[i]] = block
+                self._hash_of[block] = hashes[i]
+        seq.num_committed_blocks = full
+
+    # ---- allocation ------------------------------------------------------------------
+    def _take(self) -> int:
+        block, _ = self._free.popitem(last=False)
+        h = self._hash_of.pop(block, None)
+        if h is not None:
+            del self._cached[h]  # evicted: its contents are about to be overwritten
+        self._refs[block] = 1
+        return block
 
     def can_allocate(self, seq: Sequence) -> bool:
-        return seq.num_blocks_needed(self.block_size) <= len(self.free_blocks)
+        shared = sum(1 for b in self._prefix_hits(seq) if self._refs[b])  # cost no free block
+        return seq.num_blocks_needed(self.block_size) - shared <= len(self._free)
 
     def allocate(self, seq: Sequence) -> None:
-        """Blocks for every token of `seq` (prefill, or recompute after preemption)."""
+        """Blocks for every token of `seq` (prefill, or recompute after preemption): the
+        cached prefix's shared, the rest fresh; the sequence starts computing after the
+        cached prefix."""
         assert not seq.block_table, "sequence already holds blocks"
-        for _ in range(seq.num_blocks_needed(self.block_size)):
-            seq.block_table.append(self.free_blocks.popleft())
+        hits = self._prefix_hits(seq)
+        for block in hits:
+            if not self._refs[block]:
+                del self._free[block]
+            self._refs[block] += 1
+        fresh = [self._take() for _ in range(seq.num_blocks_needed(self.block_size) - len(hits))]
+        seq.block_table = hits + fresh
+        seq.num_committed_blocks = len(hits)
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if self.enable_caching:
+            self.num_query_tokens += seq.num_tokens
+            self.num_hit_tokens += seq.num_computed_tokens
+        if not seq.num_preemptions:  # what the request's output reports
+            seq.num_cached_tokens = seq.num_computed_tokens
 
     def deallocate(self, seq: Sequence) -> None:
-        self.free_blocks.extend(reversed(seq.block_table))
-        seq.block_table.clear()
+        """Release the sequence's blocks; the last block first in line for eviction."""
+        for block in reversed(seq.block_table):
+            self._refs[block] -= 1
+            if not self._refs[block]:
+                self._free[block] = None
+        seq.block_table = []
+        seq.num_committed_blocks = 0
 
     def can_append(self, seq: Sequence) -> bool:
         """Decode writes the K/V of the last token; it may need one more block."""
         return len(seq.block_table) >= seq.num_blocks_needed(self.block_size) or bool(
-            self.free_blocks)
+            self._free)
 
     def may_append(self, seq: Sequence) -> None:
         if len(seq.block_table) < seq.num_blocks_needed(self.block_size):
-            seq.block_table.append(self.free_blocks.popleft())
+            seq.block_table.append(self._take())

@@ -54,6 +54,9 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     num_preemptions: int
+    # prefix caching, cumulative: prompt tokens looked up at admission, and found cached
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     # adapter tiers (zeros with LoRA off): how many are registered / in host memory /
     # in device slots / being read now, and the cumulative cache counters
     num_registered_loras: int = 0
@@ -98,7 +101,8 @@ class LLMEngine:
                 "max_model_len")
         logger.info("memory: %s", self.memory.describe(
             self.lora_config.max_lora_rank if self.lora_config else 0))
-        self.block_manager = BlockManager(self.model_runner.num_blocks, block_size)
+        self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
+                                          self.config.cache_config.enable_prefix_caching)
         lm = self.lora_manager
         self.scheduler = Scheduler(
             self.config.scheduler_config, self.block_manager,
@@ -178,7 +182,10 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.model_config.device)
                 gen.manual_seed(params.seed + i)
-            seqs.append(Sequence(request_id, i, ids, params, lora_id, gen))
+            seq = Sequence(request_id, i, ids, params, lora_id, gen)
+            if lora_id:  # cached K/V are shared only under the very same adapter weights
+                seq.cache_salt = self.lora_manager.registration_of(lora_id)
+            seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params))
         self.requests[request_id] = Request(request_id, text, ids, params, lora_request, seqs,
                                             detoks)
@@ -247,6 +254,8 @@ class LLMEngine:
                                            batch.prefill_lens)
             seqs = batch.sampled  # a prompt's earlier chunks give no token
             batch.advance()
+            for seq in batch.seqs:  # full blocks become shareable prefixes
+                self.block_manager.commit(seq)
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
                     for s in seqs]
             sampled = self.sampler(logits, rows) if seqs else None
@@ -377,7 +386,9 @@ class LLMEngine:
             max_loras=self.lora_config.max_loras if self.lora_config else 0,
             num_free_blocks=self.block_manager.num_free_blocks,
             num_total_blocks=self.block_manager.num_blocks,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.block_manager.num_query_tokens,
+            prefix_cache_hits=self.block_manager.num_hit_tokens)
 
     def get_tokenizer(self):
         return self.tokenizer

@@ -51,4 +51,5 @@ class Request:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=self.prompt_token_ids, outputs=outputs,
                              finished=done, lora_request=self.lora_request, error=self.error,
-                             metrics=metrics)
+                             metrics=metrics,
+                             num_cached_tokens=max(s.num_cached_tokens for s in self.seqs))

@@ -171,13 +171,14 @@ class Scheduler:
                     break
                 blocked = blocked or lora_id
                 continue
-            n = min(seq.num_tokens, budget) if self.chunked_prefill else seq.num_tokens
+            todo = seq.num_tokens - self.block_manager.num_cached_tokens(seq)
+            n = min(todo, budget) if self.chunked_prefill else todo
             if (len(self.running) + len(batch) >= self.max_num_seqs
                     or n == 0 or n > budget
                     or not self.block_manager.can_allocate(seq)):
                 break
             self.waiting.remove(seq)
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq)  # a cached prefix counts as computed
             seq.status = SequenceStatus.RUNNING
             if lora_id and lora_id not in loras:
                 loras.add(lora_id)

@@ -44,6 +44,13 @@ class Sequence:
         # tokens whose K/V are in the cache; a step computes the next ones from here
         # (a chunk of the prompt, or the last token when decoding)
         self.num_computed_tokens = 0
+        # prefix caching (engine/block_manager.py): which weights computed this sequence's
+        # K/V (0 = the base; an adapter's registration), the hashes of its full blocks, how
+        # many of its blocks are registered, and the prompt tokens found cached
+        self.cache_salt = 0
+        self.block_hashes: list[bytes] = []
+        self.num_committed_blocks = 0
+        self.num_cached_tokens = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -120,6 +120,9 @@ ENGINE_HELP: dict[str, str] = {
                                "one token each comes on top (default: 8192; with "
                                "--no-enable-chunked-prefill, max(8192, max_model_len))."),
     "block_size": "Tokens per KV cache block.",
+    "enable_prefix_caching": "Share the KV cache of identical prompt prefixes (whole blocks, "
+                             "under the same adapter) between requests (on by default, as "
+                             "in vLLM v1); --no-enable-prefix-caching computes every prompt.",
     "enable_chunked_prefill": "Split a prompt over steps when it does not fit what is left "
                               "of max_num_batched_tokens (on by default, as in vLLM v1); "
                               "--no-enable-chunked-prefill prefills every prompt whole.",

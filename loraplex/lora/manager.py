@@ -13,6 +13,7 @@ when its adapter is not in the running batch and not pinned.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import OrderedDict
@@ -73,6 +74,10 @@ class LoRAManager:
         self._packed = model.packed_modules_mapping
         self.targets = self._target_shapes(model)
         self.registered: dict[int, LoRARequest] = {}
+        # a number per registration, never reused: the KV prefix cache's salt, so a
+        # removed and re-added id never shares K/V computed under the old weights
+        self._registration: dict[int, int] = {}
+        self._registrations = itertools.count(1)
         self._host: OrderedDict[int, LoRAModel] = OrderedDict()  # LRU: oldest first
         self.lora_index_to_id: list[int | None] = [None] * cfg.max_loras
         self._slot_lru: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, oldest first
@@ -135,15 +140,22 @@ class LoRAManager:
         if not self._check_id(req):
             return False
         check_adapter_config(req, self.targets, self.cfg.max_lora_rank)
-        self.registered[req.lora_int_id] = req
+        self._register(req)
         return True
+
+    def _register(self, req: LoRARequest) -> None:
+        self.registered[req.lora_int_id] = req
+        self._registration[req.lora_int_id] = next(self._registrations)
+
+    def registration_of(self, lora_int_id: int) -> int:
+        return self._registration[lora_int_id]
 
     def add(self, req: LoRARequest, prepared: LoRAModel | None = None) -> bool:
         """Register and load now (validating everything). False if already registered."""
         if not self._check_id(req):
             return False
         lora = prepared if prepared is not None else self.prepare(req)
-        self.registered[req.lora_int_id] = req
+        self._register(req)
         self.loader.cancel(req.lora_int_id)
         self._put_host(lora)
         return True
@@ -151,6 +163,7 @@ class LoRAManager:
     def remove(self, lora_int_id: int) -> bool:
         if self.registered.pop(lora_int_id, None) is None:
             return False
+        del self._registration[lora_int_id]
         self.loader.cancel(lora_int_id)
         self._host.pop(lora_int_id, None)
         self.pinned.discard(lora_int_id)
