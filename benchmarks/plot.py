@@ -168,6 +168,25 @@ def plot_chunked_prefill(data: dict, out: Path) -> None:
     _save(fig, out)
 
 
+def plot_prefix_caching(data: dict, out: Path) -> None:
+    """Prefix caching off / on: the batch's wall time and mean TTFT (every repeat)."""
+    c = data["config"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    for ax, key, title in ((axes[0], "seconds", "batch wall time (s)"),
+                           (axes[1], "ttft_mean_s", "mean time to first token (s)")):
+        for x, on in enumerate((False, True)):
+            ys = [r[key] for r in data["runs"] if r["prefix_caching"] == on]
+            ax.plot([x] * len(ys), ys, "o", color="tab:green" if on else "tab:gray")
+        ax.set_xticks([0, 1], ["prefix caching off", "on"])
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(bottom=0)
+    fig.suptitle(f"{c['requests']} requests over {c['adapters']} adapters: a shared "
+                 f"{c['prefix_len']}-token prefix + {c['question_len']} tokens each, "
+                 f"{c['new_tokens']} new\nLlama h{c['hidden']} x {c['layers']} layers, "
+                 f"{c['dtype']}; {_machine(data)}", fontsize=9)
+    _save(fig, out)
+
+
 # (glob in benchmarks/results, plot function); the PNG takes the JSON file's name.
 PLOTS: list[tuple[str, Callable[[dict, Path], None]]] = [
     ("throughput_*.json", plot_throughput),
@@ -175,6 +194,7 @@ PLOTS: list[tuple[str, Callable[[dict, Path], None]]] = [
     ("serve_*.json", plot_serve),
     ("many_adapters_*.json", plot_many_adapters),
     ("chunked_prefill_*.json", plot_chunked_prefill),
+    ("prefix_caching_*.json", plot_prefix_caching),
 ]
 
 
