@@ -43,3 +43,6 @@ class RequestOutput:
     error: str | None = None  # set when the request failed (e.g. its adapter could not load)
     metrics: dict[str, float] = field(default_factory=dict)
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    # with SamplingParams.prompt_logprobs, once computed: entry i = prompt token i given
+    # the tokens before it (with the top-k), entry 0 None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -88,9 +88,10 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise self._bad("logprobs", f"an int in [0, {MAX_LOGPROBS}] or None")
-        if self.prompt_logprobs is not None:
-            raise ValueError(f"prompt_logprobs is not supported yet (must be None), "
-                             f"got {self.prompt_logprobs!r}")
+        if self.prompt_logprobs is not None and (
+                not _is_int(self.prompt_logprobs)
+                or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise self._bad("prompt_logprobs", f"an int in [0, {MAX_LOGPROBS}] or None")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise self._bad("stop", "a non-empty string or a list of non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):

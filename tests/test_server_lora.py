@@ -147,6 +147,36 @@ def test_many_prompts_n_echo_seed(client):
     assert echo.choices[0].text.startswith("Hello")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt(server, client, tiny_models, tiny_adapters,
+                                              prompts, stream):
+    """lm-eval's loglikelihood call (echo + logprobs, one token): every prompt token but the
+    first gets its logprob under the adapter, equal to HF + PEFT's; vLLM's prompt_logprobs
+    extra gives the same numbers keyed by token id."""
+    from tests.fixtures import hf_logprobs
+
+    prompt = prompts[2]
+    kw = dict(model="r8_all", prompt=prompt, echo=True, logprobs=1, max_tokens=1,
+              temperature=0, extra_body={"prompt_logprobs": 1})
+    if stream:
+        chunks = list(client.completions.create(**kw, stream=True))
+        choice = chunks[0].choices[0]
+        lp = choice.logprobs
+    else:
+        choice = client.completions.create(**kw).choices[0]
+        lp = choice.logprobs
+    assert len(lp.tokens) == len(prompt) + 1 and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None and lp.text_offset == sorted(lp.text_offset)
+    ref = hf_logprobs(tiny_models["llama"], tiny_adapters["llama"]["r8_all"], prompt)
+    want = [ref[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    assert lp.token_logprobs[1:len(prompt)] == pytest.approx(want, abs=1e-4)
+    by_id = choice.model_extra["prompt_logprobs"]
+    assert by_id[0] is None and len(by_id) == len(prompt)
+    assert [by_id[i][str(prompt[i])]["logprob"] for i in range(1, len(prompt))] == \
+        pytest.approx(want, abs=1e-4)
+    assert all(by_id[i][str(prompt[i])]["rank"] >= 1 for i in range(1, len(prompt)))
+
+
 def test_32_concurrent_requests_match_alone(server, client, prompts):
     models = [BASE, *SERVED]  # 5 models over max_loras=2 slots
     jobs = [(models[i % len(models)], tuple(prompts[i % len(prompts)]), 6 + i % 7)

@@ -250,9 +250,13 @@ class LLMEngine:
                 req = self.requests[seq.request_id]
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = started
+            prompt_positions = batch.prompt_logprob_positions
             logits = self.model_runner.run(batch.prefill, batch.decode, lora_slots,
-                                           batch.prefill_lens)
+                                           batch.prefill_lens, prompt_positions)
             seqs = batch.sampled  # a prompt's earlier chunks give no token
+            if prompt_positions:
+                self._add_prompt_logprobs(prompt_positions, logits[len(seqs):])
+                logits = logits[:len(seqs)]
             batch.advance()
             for seq in batch.seqs:  # full blocks become shareable prefixes
                 self.block_manager.commit(seq)
@@ -274,6 +278,15 @@ class LLMEngine:
                 self.requests.pop(rid, None)
         self._collect_lora_removals()
         return outputs
+
+    def _add_prompt_logprobs(self, positions: list[tuple[Sequence, range]],
+                             logits: torch.Tensor) -> None:
+        """Entry p + 1 of each sequence's prompt logprobs from the logits at position p."""
+        tokens = [seq.token_ids[p + 1] for seq, span in positions for p in span]
+        ks = [seq.params.prompt_logprobs for seq, span in positions for _ in span]
+        entries = iter(self.sampler.token_logprobs(logits, tokens, ks))
+        for seq, span in positions:
+            seq.prompt_logprobs.extend(next(entries) for _ in span)
 
     def _fail_lora_requests(self, seqs: list[Sequence], failed: dict[int, LoRAError],
                             touched: dict[str, Request]) -> list[Sequence]:

@@ -52,4 +52,9 @@ class Request:
                              prompt_token_ids=self.prompt_token_ids, outputs=outputs,
                              finished=done, lora_request=self.lora_request, error=self.error,
                              metrics=metrics,
-                             num_cached_tokens=max(s.num_cached_tokens for s in self.seqs))
+                             num_cached_tokens=max(s.num_cached_tokens for s in self.seqs),
+                             prompt_logprobs=self._prompt_logprobs())
+
+    def _prompt_logprobs(self) -> list | None:
+        first = self.seqs[0].prompt_logprobs
+        return None if first is None or self.seqs[0].needs_prompt_logprobs else list(first)

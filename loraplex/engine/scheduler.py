@@ -79,6 +79,19 @@ class ScheduledBatch:
         done = [s for s, n in zip(self.prefill, self.prefill_lens) if n == s.num_uncomputed_tokens]
         return done + self.decode
 
+    @property
+    def prompt_logprob_positions(self) -> list[tuple[Sequence, range]]:
+        """Per prefill sequence collecting prompt logprobs: the positions of this step's
+        chunk whose logits give the next prompt token's logprob (entry p + 1)."""
+        spans = []
+        for seq, n in zip(self.prefill, self.prefill_lens):
+            if seq.needs_prompt_logprobs:
+                start = max(seq.num_computed_tokens, len(seq.prompt_logprobs) - 1)
+                end = min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1)
+                if start < end:
+                    spans.append((seq, range(start, end)))
+        return spans
+
     def keep(self, kept: set[Sequence]) -> ScheduledBatch:
         pairs = [(s, n) for s, n in zip(self.prefill, self.prefill_lens) if s in kept]
         return ScheduledBatch([s for s, _ in pairs], [s for s in self.decode if s in kept],

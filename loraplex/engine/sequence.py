@@ -51,6 +51,10 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_committed_blocks = 0
         self.num_cached_tokens = 0
+        # prompt_logprobs: entry i for prompt token i given the ones before (entry 0: None),
+        # filled chunk by chunk; kept on the request's first completion only
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -84,6 +88,13 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed: the prompt's logits are needed
+        (so no prefix may come from the cache)."""
+        return self.prompt_logprobs is not None and \
+            len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

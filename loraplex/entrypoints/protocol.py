@@ -131,6 +131,15 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # vLLM extra: each prompt token's logprob + top-k
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob as its server writes it in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 class CompletionLogProbs(BaseModel):
@@ -146,6 +155,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM extra, with prompt_logprobs: per prompt token (the first: None), token id -> logprob
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

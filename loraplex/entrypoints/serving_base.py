@@ -74,7 +74,8 @@ class OpenAIServing:
                                   f"--max-num-seqs), got {n}", param="n")
 
     def sampling_params(self, req: SamplingFields, max_tokens: int | None,
-                        logprobs: int | None) -> SamplingParams:
+                        logprobs: int | None, prompt_logprobs: int | None = None
+                        ) -> SamplingParams:
         """vLLM's request -> SamplingParams mapping; a bad value is a 400 naming the field."""
         def pick(value, default):
             return default if value is None else value
@@ -88,6 +89,7 @@ class OpenAIServing:
                 repetition_penalty=pick(req.repetition_penalty, 1.0), seed=req.seed,
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                 max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output)

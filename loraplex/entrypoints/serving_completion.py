@@ -12,6 +12,7 @@ from loraplex.entrypoints.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+    PromptLogprob,
     UsageInfo,
     random_id,
 )
@@ -47,12 +48,12 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_unsupported(req)
         if req.suffix:
             raise BadRequestError("suffix is not supported yet", param="suffix")
-        if req.echo and req.logprobs is not None:
-            raise BadRequestError("echo with logprobs needs prompt logprobs, which are not "
-                                  "supported yet", param="echo")
         lora = await self.models.resolve(req.model)
         model = req.model or self.models.base_model_name
-        params = self.sampling_params(req, req.max_tokens, req.logprobs)
+        prompt_logprobs = req.prompt_logprobs
+        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs
+            prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
+        params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
         prompts = await self.off_loop(self._prompts, req)
         per_prompt = []
         for _, ids in prompts:  # the same params, but max_tokens fits each prompt's context
@@ -85,17 +86,51 @@ class OpenAIServingCompletion(OpenAIServing):
             prefix = self._echo(req, prompts[i])
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._logprobs(o, 0, len(o.token_ids), len(prefix),
+                                        req.return_tokens_as_token_ids)
+                    if req.echo:
+                        lp = self._echoed_logprobs(req, out, lp)
                 choices.append(CompletionChoice(
-                    index=i * req.n + o.index, text=prefix + o.text,
-                    logprobs=self._logprobs(o, 0, len(o.token_ids), len(prefix),
-                                                 req.return_tokens_as_token_ids)
-                    if req.logprobs is not None else None,
-                    finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+                    index=i * req.n + o.index, text=prefix + o.text, logprobs=lp,
+                    finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                    prompt_logprobs=self._prompt_logprobs(req, out)))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return CompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=UsageInfo(prompt_tokens=prompt_tokens,
                                                   completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
+
+    def _prompt_logprobs(self, req: CompletionRequest, out: RequestOutput
+                         ) -> list[dict[int, PromptLogprob] | None] | None:
+        """vLLM's `prompt_logprobs` field of a choice, when the request asked for it."""
+        if req.prompt_logprobs is None or out.prompt_logprobs is None:
+            return None
+        return [None if entry is None else {
+            t: PromptLogprob(logprob=v.logprob, rank=v.rank,
+                             decoded_token=self.token_text(t, v, req.return_tokens_as_token_ids))
+            for t, v in entry.items()} for entry in out.prompt_logprobs]
+
+    def _echoed_logprobs(self, req: CompletionRequest, out: RequestOutput,
+                         generated: CompletionLogProbs) -> CompletionLogProbs:
+        """echo + logprobs: the prompt's tokens first (the first one has no logprob), then
+        the generated ones, as OpenAI's legacy completions return them."""
+        lp, offset, as_ids = CompletionLogProbs(), 0, req.return_tokens_as_token_ids
+        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        for tok, entry in zip(out.prompt_token_ids, entries, strict=True):
+            text = self.token_text(tok, entry.get(tok) if entry else None, as_ids)
+            lp.tokens.append(text)
+            lp.token_logprobs.append(entry[tok].logprob if entry else None)
+            lp.top_logprobs.append({self.token_text(t, v, as_ids): v.logprob
+                                    for t, v in entry.items()} if entry else None)
+            lp.text_offset.append(offset)
+            offset += len(text)
+        return CompletionLogProbs(
+            text_offset=lp.text_offset + generated.text_offset,
+            token_logprobs=lp.token_logprobs + generated.token_logprobs,
+            tokens=lp.tokens + generated.tokens,
+            top_logprobs=lp.top_logprobs + generated.top_logprobs)
 
     def _logprobs(self, o: CompletionOutput, start: int, end: int, offset: int,
                   as_ids: bool = False) -> CompletionLogProbs:
@@ -119,6 +154,7 @@ class OpenAIServingCompletion(OpenAIServing):
         sent_tokens: dict[int, int] = {}
         offsets: dict[int, int] = {}
         done: set[int] = set()
+        first_sent: set[int] = set()  # choices whose first chunk (with prompt_logprobs) went
         completion_tokens = 0
         async for i, out in merge_async_iterators(*queued.streams):
             self.check_output(out)
@@ -137,15 +173,20 @@ class OpenAIServingCompletion(OpenAIServing):
                     lp = self._logprobs(o, k0, len(o.token_ids),
                                         offsets.get(idx, 0) + len(prefix),
                                         req.return_tokens_as_token_ids)
+                    if req.echo and idx not in first_sent:  # with the echoed prompt
+                        lp = self._echoed_logprobs(req, out, lp)
                     offsets[idx] = offsets.get(idx, 0) + len(prefix) + len(delta)
                 if o.finish_reason is not None:
                     done.add(idx)
                     completion_tokens += len(o.token_ids)
                 chunk = CompletionStreamResponse(
                     id=request_id, created=created, model=model,
-                    choices=[CompletionChoice(index=idx, text=prefix + delta, logprobs=lp,
-                                              finish_reason=o.finish_reason,
-                                              stop_reason=o.stop_reason)])
+                    choices=[CompletionChoice(
+                        index=idx, text=prefix + delta, logprobs=lp,
+                        finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                        prompt_logprobs=(self._prompt_logprobs(req, out)
+                                         if idx not in first_sent else None))])
+                first_sent.add(idx)
                 yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
         if req.stream_options and req.stream_options.include_usage:
             prompt_tokens = sum(len(ids) for _, ids in prompts)

@@ -69,7 +69,15 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         table = self._param_table(rows, logits.device)
         tokens = self._sample(self._process(logits, rows, table), rows, table)
-        return self._collect(raw_logprobs, tokens, rows)
+        return self._collect(raw_logprobs, tokens, [r.params.logprobs for r in rows])
+
+    def token_logprobs(self, logits: torch.Tensor, tokens: list[int], num_logprobs: list[int]
+                       ) -> list[dict[int, Logprob]]:
+        """The logprob and rank of a given token per row, with the row's top-k: prompt
+        logprobs (raw logits, like every logprob here)."""
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
+        chosen = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+        return self._collect(raw_logprobs, chosen, list(num_logprobs)).logprobs
 
     def penalized_logits(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """fp32 logits after min_tokens masking and penalties: what greedy rows argmax over
@@ -194,15 +202,16 @@ class Sampler:
     # ---- results --------------------------------------------------------------------------
     @staticmethod
     def _collect(raw_logprobs: torch.Tensor, tokens: torch.Tensor,
-                 rows: list[SamplingRow]) -> SamplerOutput:
-        """Pack tokens, logprobs, ranks and top-k into one fp32 tensor: one transfer.
+                 num_logprobs: list[int | None]) -> SamplerOutput:
+        """Pack tokens, logprobs, ranks and top-k (num_logprobs[i] for row i; None: no
+        logprobs) into one fp32 tensor: one transfer.
 
         Token ids and ranks are exact in fp32 for vocabularies below 2**24.
         """
         chosen = raw_logprobs.gather(1, tokens[:, None])
         parts = [tokens[:, None].float(), chosen]
-        want = [r.params.logprobs is not None for r in rows]
-        k = min(max((r.params.logprobs or 0) for r in rows), raw_logprobs.shape[1])
+        want = [n is not None for n in num_logprobs]
+        k = min(max(n or 0 for n in num_logprobs), raw_logprobs.shape[1])
         if any(want):
             parts.append(((raw_logprobs > chosen).sum(-1, keepdim=True) + 1).float())
             if k > 0:
@@ -214,14 +223,14 @@ class Sampler:
 
         token_ids = [int(p[0]) for p in packed]
         token_logprobs = [p[1] for p in packed]
-        logprobs: list[dict[int, Logprob] | None] = [None] * len(rows)
-        for i, r in enumerate(rows):
-            if not want[i]:
+        logprobs: list[dict[int, Logprob] | None] = [None] * len(num_logprobs)
+        for i, n in enumerate(num_logprobs):
+            if n is None:
                 continue
             p = packed[i]
             entry = {token_ids[i]: Logprob(p[1], int(p[2]))}
             vals, ids, ranks = p[3:3 + k], p[3 + k:3 + 2 * k], p[3 + 2 * k:3 + 3 * k]
-            for j in range(min(r.params.logprobs, k)):
+            for j in range(min(n, k)):
                 entry.setdefault(int(ids[j]), Logprob(vals[j], int(ranks[j])))
             logprobs[i] = entry
         return SamplerOutput(token_ids, token_logprobs, logprobs)

@@ -259,11 +259,14 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, prefill: list[Sequence], decode: list[Sequence],
             lora_slots: dict[int, int] | None = None,
-            prefill_lens: list[int] | None = None) -> torch.Tensor:
+            prefill_lens: list[int] | None = None,
+            prompt_positions: list[tuple[Sequence, range]] | None = None) -> torch.Tensor:
         """Computes `prefill_lens[i]` tokens of prefill sequence i (default: all it has
-        left) and one token of every decoding sequence. Logits [sampled, vocab]: the next
-        token of every prefill sequence whose chunk is its last, then of every decoding
-        one (ScheduledBatch.sampled)."""
+        left) and one token of every decoding sequence. Logits [sampled + prompt, vocab]:
+        the next token of every prefill sequence whose chunk is its last, then of every
+        decoding one (ScheduledBatch.sampled); then, for prompt logprobs, those at the
+        given positions of prefill sequences' chunks, in order
+        (ScheduledBatch.prompt_logprob_positions)."""
         def slots_of(seqs: list[Sequence]) -> list[int] | None:
             return ([lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
                     if lora_slots else None)
@@ -287,6 +290,10 @@ class ModelRunner:
             self.decode_mirror.reset()  # the next decode batch is a new one
         if token_slots is not None:
             ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
+        if prompt_positions:  # row of position p = the chunk's first row + p - its start
+            first_row = dict(zip(prefill, itertools.accumulate(lens[:-1], initial=0)))
+            rows += [first_row[seq] + p - seq.num_computed_tokens
+                     for seq, span in prompt_positions for p in span]
         with step_context(ctx):
             hidden = self.model(input_ids, positions)
         return self.model.compute_logits(hidden.index_select(0, self._tensor(rows)))
