@@ -41,6 +41,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, [-100, 100]
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -92,6 +93,11 @@ class SamplingParams:
                 not _is_int(self.prompt_logprobs)
                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
             raise self._bad("prompt_logprobs", f"an int in [0, {MAX_LOGPROBS}] or None")
+        bias = self.logit_bias
+        if bias is not None and (not isinstance(bias, dict) or any(
+                not _is_int(t) or t < 0 or not _is_number(b) or not -100 <= b <= 100
+                for t, b in bias.items())):
+            raise self._bad("logit_bias", "a dict of token id (int >= 0) -> bias in [-100, 100]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise self._bad("stop", "a non-empty string or a list of non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):

@@ -236,6 +236,27 @@ def test_min_tokens_blocks_eos_and_stop_tokens(sampler):
     assert all(lp[EOS].rank == 1 for lp in out.logprobs)
 
 
+def test_logit_bias_per_row(sampler):
+    logits = rand_logits(3, seed=4)
+    top = logits.argmax(-1).tolist()
+    rows = [row(SamplingParams(temperature=0.0, logit_bias={17: 100.0})),
+            row(SamplingParams(temperature=0.0, logit_bias={top[1]: -100.0}, logprobs=0)),
+            row(GREEDY)]
+    out = sampler(logits, rows)
+    second = logits[1].clone()
+    second[top[1]] -= 100.0
+    assert out.token_ids == [17, int(second.argmax()), top[2]]
+    assert out.logprobs[1][out.token_ids[1]].logprob == pytest.approx(
+        torch.log_softmax(logits[1], -1)[out.token_ids[1]].item())  # raw, like vLLM's
+    # sampled rows too: +100 leaves no other token any chance
+    params = SamplingParams(temperature=1.0, logit_bias={9: 100.0})
+    assert set(sampler(logits[:1].expand(20, V), [row(params) for _ in range(20)]).token_ids) \
+        == {9}
+    for bad in ({3: 101.0}, {-1: 1.0}, {"3": 1.0}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+
+
 def test_logprobs_dict_and_ranks(sampler):
     logits = torch.tensor([[0.0, 1.0, 3.0, 3.0, 2.0, -1.0] + [-5.0] * (V - 6)])
     raw = torch.log_softmax(logits, -1)[0]

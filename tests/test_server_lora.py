@@ -177,6 +177,22 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, tiny_models, tiny_
     assert all(by_id[i][str(prompt[i])]["rank"] >= 1 for i in range(1, len(prompt)))
 
 
+def test_logit_bias(client):
+    """OpenAI's logit_bias: token ids as string keys; out-of-vocabulary ids, non-integer
+    keys and values outside [-100, 100] are 400s naming the field."""
+    r = client.completions.create(model="r4_qv", prompt="Hello", max_tokens=4,
+                                  temperature=0, logit_bias={"77": 100}, logprobs=0,
+                                  extra_body={"ignore_eos": True,
+                                              "return_tokens_as_token_ids": True})
+    assert token_ids_of(r.choices[0].logprobs) == [77] * 4
+    for bad in ({"999999": 5}, {"x": 5}, {"77": 500}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="r4_qv", prompt="Hello", max_tokens=2,
+                                      logit_bias=bad)
+        assert err.value.body["param"] == "logit_bias", err.value.body
+    still_serves(client)
+
+
 def test_32_concurrent_requests_match_alone(server, client, prompts):
     models = [BASE, *SERVED]  # 5 models over max_loras=2 slots
     jobs = [(models[i % len(models)], tuple(prompts[i % len(prompts)]), 6 + i % 7)

@@ -175,6 +175,10 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self._tokenize(prompt)
         self._check_prompt(ids)
+        vocab = self.model.args.vocab_size
+        bad = [t for t in params.logit_bias or {} if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token id {bad[0]} is out of range [0, {vocab})")
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         seqs, detoks = [], []
         for i in range(params.n):

@@ -61,8 +61,6 @@ class OpenAIServing:
         if req.best_of is not None and req.best_of != req.n:
             raise BadRequestError("best_of is not supported yet (leave it unset or equal to n)",
                                   param="best_of")
-        if req.logit_bias:
-            raise BadRequestError("logit_bias is not supported yet", param="logit_bias")
         if req.stream_options is not None and not req.stream:
             raise BadRequestError("stream_options is only allowed when stream is true "
                                   "(OpenAI's and vLLM's rule)", param="stream_options")
@@ -89,7 +87,7 @@ class OpenAIServing:
                 repetition_penalty=pick(req.repetition_penalty, 1.0), seed=req.seed,
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                 max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs,
+                prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(req.logit_bias),
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output)
@@ -154,7 +152,8 @@ class OpenAIServing:
         except BaseException as e:
             await self.abort_all(queued)
             if isinstance(e, ValueError) and not isinstance(e, LoRANotLoadedError):
-                param = "prompt" if str(e).startswith("prompt") else None
+                first = str(e).split(" ", 1)[0]  # the engine's checks name the field first
+                param = first if first in ("prompt", "logit_bias") else None
                 raise BadRequestError(str(e), param=param) from e  # includes LoRAError
             raise
         return queued
@@ -198,3 +197,13 @@ class OpenAIServing:
     @staticmethod
     def error_event(err: ErrorResponse) -> str:
         return f"data: {err.model_dump_json()}\n\n"
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI sends token ids as JSON object keys (strings)."""
+    if not bias:
+        return None
+    try:
+        return {int(k): v for k, v in bias.items()}
+    except ValueError:
+        raise ValueError("logit_bias keys must be token ids (integers as strings)") from None

@@ -96,7 +96,21 @@ class Sampler:
 
     def _process(self, logits: torch.Tensor, rows: list[SamplingRow],
                  table: torch.Tensor) -> torch.Tensor:
-        return self._apply_penalties(self._mask_min_tokens(logits, rows), rows, table)
+        logits = self._apply_penalties(self._mask_min_tokens(logits, rows), rows, table)
+        return self._add_logit_bias(logits, rows)
+
+    @staticmethod
+    def _add_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """OpenAI's logit_bias: a per-request value added to chosen tokens' logits."""
+        entries = [(i, t, b) for i, r in enumerate(rows) if r.params.logit_bias
+                   for t, b in r.params.logit_bias.items()]
+        if not entries:
+            return logits
+        rows_t, toks, vals = zip(*entries)
+        index = _to_device([list(rows_t), list(toks)], torch.long, logits.device)
+        return logits.index_put((index[0], index[1]),
+                                _to_device(list(vals), logits.dtype, logits.device),
+                                accumulate=True)
 
     # ---- logits processing -------------------------------------------------------------
     def _mask_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
