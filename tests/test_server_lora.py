@@ -193,6 +193,30 @@ def test_logit_bias(client):
     still_serves(client)
 
 
+def test_tokenize_and_detokenize(server, client, tokenizer):
+    """vLLM's /tokenize (a prompt, or messages through the chat template) and /detokenize;
+    the ids are the ones a completion is computed on; unknown models are 404s."""
+    r = server.post("/tokenize", json={"model": "r8_all", "prompt": "Hello there",
+                                       "return_token_strs": True}).json()
+    assert r["tokens"] == tokenizer.encode("Hello there") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 128 and len(r["token_strs"]) == r["count"]
+    completion = client.completions.create(model="r8_all", prompt="Hello there", max_tokens=1)
+    assert completion.usage.prompt_tokens == r["count"]
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = server.post("/tokenize", json={"messages": messages}).json()
+    reply = client.chat.completions.create(model=BASE, messages=messages, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens
+    back = server.post("/detokenize", json={"model": BASE, "tokens": r["tokens"]}).json()
+    assert back["prompt"] == tokenizer.decode(r["tokens"])
+    for path, body, status in (("/tokenize", {"model": "nope", "prompt": "x"}, 404),
+                               ("/tokenize", {"prompt": "x", "messages": messages}, 400),
+                               ("/detokenize", {"tokens": [10**9]}, 400),
+                               ("/detokenize", {"tokens": "x"}, 400)):
+        resp = server.post(path, json=body)
+        assert resp.status_code == status, (path, body, resp.text)
+        assert resp.json()["error"]["code"] == status
+
+
 def test_32_concurrent_requests_match_alone(server, client, prompts):
     models = [BASE, *SERVED]  # 5 models over max_loras=2 slots
     jobs = [(models[i % len(models)], tuple(prompts[i % len(prompts)]), 6 + i % 7)

@@ -42,13 +42,16 @@ from loraplex.entrypoints.errors import APIError, NotFoundError, error_response
 from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadLoRAAdapterRequest,
+    TokenizeRequest,
     UnloadLoRAAdapterRequest,
     ignored_fields,
 )
 from loraplex.entrypoints.serving_chat import OpenAIServingChat
 from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
 from loraplex.entrypoints.serving_models import OpenAIServingModels
+from loraplex.entrypoints.serving_tokenization import OpenAIServingTokenization
 from loraplex.entrypoints.serving_utils import with_cancellation
 from loraplex.lora.adapter import local_adapter_dir
 from loraplex.lora.errors import LoRAError
@@ -72,6 +75,7 @@ class ServerState:
     models: OpenAIServingModels
     completion: OpenAIServingCompletion
     chat: OpenAIServingChat
+    tokenization: OpenAIServingTokenization
     metrics: Metrics
 
 
@@ -172,6 +176,16 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
         warn_ignored(request)
         return respond(await state.completion.create_completion(request))
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> JSONResponse:
+        warn_ignored(request)
+        return JSONResponse((await state.tokenization.tokenize(request)).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> JSONResponse:
+        warn_ignored(request)
+        return JSONResponse((await state.tokenization.detokenize(request)).model_dump())
 
     @app.post("/v1/chat/completions")
     @with_cancellation
@@ -302,11 +316,11 @@ async def build_state(args: argparse.Namespace) -> ServerState:
     models = OpenAIServingModels(async_engine, names, engine.model_config.max_model_len,
                                  engine.lora_config is not None)
     tokenizer = _server_tokenizer(engine)
+    chat = OpenAIServingChat(async_engine, models, tokenizer, chat_template=chat_template)
     state = ServerState(
         engine=async_engine, models=models,
-        completion=OpenAIServingCompletion(async_engine, models, tokenizer),
-        chat=OpenAIServingChat(async_engine, models, tokenizer, chat_template=chat_template),
-        metrics=metrics)
+        completion=OpenAIServingCompletion(async_engine, models, tokenizer), chat=chat,
+        tokenization=OpenAIServingTokenization(chat), metrics=metrics)
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)

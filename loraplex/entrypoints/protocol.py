@@ -273,3 +273,34 @@ class LoadLoRAAdapterRequest(OpenAIBase):
 class UnloadLoRAAdapterRequest(OpenAIBase):
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None
+
+
+# ---- tokenization (vLLM's /tokenize and /detokenize) ------------------------------------
+class TokenizeRequest(OpenAIBase):
+    """A `prompt`, or chat `messages` rendered through the chat template first."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIBase):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -185,6 +185,11 @@ class OpenAIServingModels:
                                   "could not be loaded: " + "; ".join(failures), param="model")
         raise self._not_found(name)
 
+    def require_served(self, name: str | None) -> None:
+        """404 unless `name` is the base or a loaded adapter (no resolver is asked)."""
+        if not self.is_base_model(name) and name not in self.lora_requests:
+            raise self._not_found(name)
+
     def _not_found(self, name: str) -> NotFoundError:
         return NotFoundError(f"The model `{name}` does not exist. Available models: "
                              + ", ".join([*self.served_model_names, *self.lora_requests]),
