@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from loraplex.layers.attention import Attention, DecodeMirror
+from loraplex.layers.attention import Attention, DecodeMirror, decode_groups
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 from tests.triton_compile import compile_for_h100
 
@@ -198,11 +198,19 @@ def test_decode_num_splits_bounds():
 
 # ---- the Attention layer, both backends, with the runner's metadata ------------------
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreted)])
-def test_layer_decode(backend):
+def test_decode_groups():
+    assert decode_groups([40, 30, 21, 20, 9, 3]) == [(0, 4, 40), (4, 5, 9), (5, 6, 3)]
+    assert decode_groups([20, 18, 11]) is None  # one group: no row pads past 2x
+    # rows out of order: every group is as wide as its longest row (correct, just slower)
+    assert decode_groups([20, 30, 9, 40]) == [(0, 2, 30), (2, 4, 40)]
+
+
+@pytest.mark.parametrize("backend,lens", [
+    ("torch", [1, 13, 8, 30]), ("torch", [30, 13, 8, 1]),  # the second: in groups
+    pytest.param("triton", [1, 13, 8, 30], marks=interpreted)])
+def test_layer_decode(backend, lens):
     h, kvh, d, bs = 4, 2, 32, 8
-    gen = torch.Generator().manual_seed(1)
-    lens = [1, 13, 8, 30]  # tokens per sequence, the last one being this step's
+    gen = torch.Generator().manual_seed(1)  # lens: tokens per sequence, the last this step's
     layer = Attention(h, kvh, d, d ** -0.5)
     layer.k_cache, layer.v_cache, table = paged_cache(lens, kvh, d, bs, torch.float32, DEV, gen)
     tables = [row.tolist()[:-(-n // bs)] for row, n in zip(table, lens)]
@@ -212,7 +220,10 @@ def test_layer_decode(backend):
     slot_mapping, context_lens, block_tables = buffers.fill(slots, lens, tables)
     ctx = StepContext(is_prefill=False, slot_mapping=slot_mapping, attn_backend=backend,
                       block_tables=block_tables, context_lens=context_lens,
-                      max_context_len=max(lens), decode_splits=2)
+                      max_context_len=max(lens), decode_splits=2,
+                      decode_groups=decode_groups(lens) if backend == "torch" else None)
+    assert backend != "torch" or lens[0] != 30 or ctx.decode_groups == [(0, 1, 30),
+                                                                        (1, 3, 13), (3, 4, 1)]
     with step_context(ctx):
         out = layer(q, k, v).view(len(lens), h, d)
     for b, n in enumerate(lens):

@@ -8,9 +8,11 @@ picked per model runner by `attention_backend`:
   blocks; decode and prefill, GQA, CUDA-graph-safe decode.
 - torch (CPU, or forced): prefill runs SDPA over the step's own K/V padded per
   sequence (a later chunk of a prompt: over its sequence's blocks, gathered from the
-  cache once the chunk's K/V are written); decode keeps the batch's K/V contiguous across steps in a per-layer mirror
-  (one new token appended per step; rebuilt from the blocks when the batch changes, or
-  gathered into scratch buffers when it would not fit), then SDPA. GQA is handled by SDPA.
+  cache once the chunk's K/V are written); decode keeps the batch's K/V contiguous
+  across steps in a per-layer mirror (one new token appended per step; rebuilt from the
+  blocks when the batch changes, or gathered into scratch buffers when it would not
+  fit), then SDPA per group of rows of similar context length (`decode_groups`; the
+  runner orders rows longest first). GQA is handled by SDPA.
 
 LORAPLEX_ATTENTION_BACKEND=auto|torch|triton forces one; triton on CPU tensors runs
 under TRITON_INTERPRET=1 (tests).
@@ -127,10 +129,12 @@ class Attention(nn.Module):
             keys, values = self._mirrored_kv(k, v, ctx)
         else:
             keys, values = self._gathered_kv(ctx, ctx.block_tables, scratch=True)
-        width = keys.shape[1]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=_decode_mask(ctx, width), scale=self.scale, enable_gqa=True)  # [B, H, 1, D]
+        mask = _decode_mask(ctx, keys.shape[1])
+        groups = ctx.decode_groups or [(0, q.shape[0], keys.shape[1])]
+        out = torch.cat([F.scaled_dot_product_attention(  # [rows, H, 1, D] per group
+            q[a:b].unsqueeze(2), keys[a:b, :w].transpose(1, 2), values[a:b, :w].transpose(1, 2),
+            attn_mask=mask[a:b, ..., :w], scale=self.scale, enable_gqa=True)
+            for a, b, w in groups])
         return out.squeeze(2)
 
     def _gathered_kv(self, ctx: StepContext, tables: torch.Tensor, scratch: bool
@@ -227,6 +231,22 @@ def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device
         ctx.prefill_mask = (causal[None] & key_valid[:, None, :]).unsqueeze(1)
     if ragged:
         ctx.valid_rows = tensor([bi * length + i for bi, n in enumerate(lens) for i in range(n)])
+
+
+def decode_groups(lens: list[int]) -> list[tuple[int, int, int]] | None:
+    """(start, end, width) row groups for the torch decode path, rows sorted longest
+    context first: a new group starts where the context is under half its group's first,
+    so one long sequence does not make every row attend over its length (the padding at
+    most doubles the work). None: one group."""
+    groups, start, width = [], 0, lens[0]
+    for i in range(1, len(lens) + 1):
+        if i == len(lens) or 2 * lens[i] < width:
+            groups.append((start, i, width))
+            if i < len(lens):
+                start, width = i, lens[i]
+        else:
+            width = max(width, lens[i])  # (rows out of order stay correct, only slower)
+    return groups if len(groups) > 1 else None
 
 
 def _decode_mask(ctx: StepContext, width: int) -> torch.Tensor:

@@ -35,6 +35,9 @@ class StepContext:
     # DecodeMirror); capacity 0 = gather from the cache every step instead
     mirror_capacity: int = 0
     mirror_rebuild: bool = True
+    # torch decode path: rows [start, end) attend over the first `width` positions (rows
+    # longest context first; None = one group, the whole batch at max_context_len)
+    decode_groups: list[tuple[int, int, int]] | None = None
     # torch prefill path: tokens of sequence b sit at flat rows padded_index[b, :len_b]
     padded_index: torch.Tensor | None = None  # [B, L] long (pads point at row 0)
     # [B, 1, L, L or cached width] bool, causal & valid; None = all equal length, no context

@@ -26,6 +26,7 @@ from loraplex.layers.attention import (
     Attention,
     DecodeMirror,
     attention_backend,
+    decode_groups,
     decode_splits,
     torch_prefill_layout,
 )
@@ -254,7 +255,23 @@ class ModelRunner:
                                                   ctx.max_context_len, self.device)
             else:
                 self.decode_mirror.plan(ctx, [s.seq_id for s in seqs], lens)
+                ctx.decode_groups = decode_groups(lens)
         return input_ids, positions_t, ctx
+
+    def _longest_first(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int] | None]:
+        """The torch decode path attends per group of rows of similar context length
+        (decode_groups): order the rows longest first, stably, so the order holds from
+        step to step (every sequence grows by one) and the mirrors keep appending. Also
+        returns where each sequence went (None: nothing moved)."""
+        if self.attn_backend != "torch" or len(seqs) < 2:
+            return seqs, None
+        order = sorted(range(len(seqs)), key=lambda i: -seqs[i].num_tokens)
+        if order == list(range(len(seqs))):
+            return seqs, None
+        where = [0] * len(seqs)
+        for pos, i in enumerate(order):
+            where[i] = pos
+        return [seqs[i] for i in order], where
 
     @torch.inference_mode()
     def run(self, prefill: list[Sequence], decode: list[Sequence],
@@ -271,8 +288,10 @@ class ModelRunner:
             return ([lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
                     if lora_slots else None)
 
+        decode, where = self._longest_first(decode)
         if not prefill:
-            return self._run_decode(decode, slots_of(decode))
+            logits = self._run_decode(decode, slots_of(decode))
+            return logits if where is None else logits.index_select(0, self._tensor(where))
         lens = prefill_lens or [s.num_uncomputed_tokens for s in prefill]
         input_ids, positions, ctx, rows = self.prepare_prefill(prefill, lens)
         token_slots = ([slot for n, slot in zip(lens, slots_of(prefill)) for _ in range(n)]
@@ -283,7 +302,7 @@ class ModelRunner:
             n = input_ids.shape[0]
             input_ids, positions = torch.cat([input_ids, d_ids]), torch.cat([positions, d_positions])
             ctx.slot_mapping = torch.cat([ctx.slot_mapping, ctx.decode.slot_mapping])
-            rows += range(n, n + len(decode))
+            rows += [n + w for w in where] if where else range(n, n + len(decode))
             if token_slots is not None:
                 token_slots += slots_of(decode)
         else:
