@@ -11,7 +11,7 @@ from tests.engine_utils import lora_requests, make_llm
 from tests.fixtures import hf_logprobs
 
 
-def _check(out, base, adapter, prompt, k: int) -> None:
+def check_prompt_logprobs(out, base, adapter, prompt, k: int) -> None:
     entries = out.prompt_logprobs
     assert entries is not None and len(entries) == len(prompt) and entries[0] is None
     ref = hf_logprobs(base, adapter, prompt)
@@ -40,7 +40,7 @@ def test_prompt_logprobs_match_peft(budget, tiny_models, tiny_adapters, prompts)
         if i % 2:
             assert out.prompt_logprobs is None
         else:
-            _check(out, base, adapters[name] if name else None, prompt, 2)
+            check_prompt_logprobs(out, base, adapters[name] if name else None, prompt, 2)
 
 
 def test_prompt_logprobs_are_computed_not_taken_from_the_prefix_cache(tiny_models, prompts):
@@ -53,7 +53,7 @@ def test_prompt_logprobs_are_computed_not_taken_from_the_prefix_cache(tiny_model
     with_lp = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=0)
     out = llm.generate([{"prompt_token_ids": prompt}], with_lp, use_tqdm=False)[0]
     assert out.num_cached_tokens == 0
-    _check(out, base, None, prompt, 0)
+    check_prompt_logprobs(out, base, None, prompt, 0)
     assert llm.generate([{"prompt_token_ids": prompt}], plain, use_tqdm=False)[0] \
         .num_cached_tokens > 0  # the cache itself still works
 
@@ -70,4 +70,4 @@ def test_prompt_logprobs_survive_preemption(tiny_models, tiny_adapters, prompts)
                         lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
     assert llm.llm_engine.scheduler.num_preemptions > 0
     for out, name, prompt in zip(outs, names, batch):
-        _check(out, base, adapters[name] if name else None, prompt, 1)
+        check_prompt_logprobs(out, base, adapters[name] if name else None, prompt, 1)
