@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, make_random_adapter, make_random_llama, write_json  # noqa: E402
+from common import add_shape_args, build_shape, machine_info, write_json  # noqa: E402
 
 
 def run(base: Path, adapters: list[Path], a: argparse.Namespace, budget: int) -> dict:
@@ -69,13 +68,7 @@ def run(base: Path, adapters: list[Path], a: argparse.Namespace, budget: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--intermediate", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--adapters", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=16)
+    add_shape_args(ap, adapters=4)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--running", type=int, default=16, help="requests decoding")
     ap.add_argument("--short-len", type=int, default=64, help="their prompt length")
@@ -86,17 +79,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--warm-steps", type=int, default=4)
     ap.add_argument("--after-steps", type=int, default=4)
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lp-bench")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "chunked_prefill_cpu.json")
     a = ap.parse_args()
 
-    tag = f"h{a.hidden}_l{a.layers}_v{a.vocab}"
-    base = make_random_llama(a.workdir / tag, hidden=a.hidden, layers=a.layers, heads=a.heads,
-                             kv_heads=a.heads, intermediate=a.intermediate, vocab=a.vocab)
-    adapters = [make_random_adapter(base, a.workdir / f"{tag}_r{a.rank}_{i}", r=a.rank,
-                                    targets=["q_proj", "k_proj", "v_proj", "o_proj"], seed=i)
-                for i in range(a.adapters)]
+    base, adapters = build_shape(a)
     runs = []
     for rep in range(a.repeats):  # interleaved, so a slow spell of the machine hits all
         for budget in (int(b) for b in a.budgets.split(",")):

@@ -3,9 +3,11 @@ written to disk as real HF/PEFT directories (no download), and JSON output."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +69,31 @@ def make_random_adapter(base_dir: Path, out_dir: Path, *, r: int, targets: list[
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def add_shape_args(ap: argparse.ArgumentParser, adapters: int) -> None:
+    """The CPU benchmarks' small Llama and its random PEFT adapters (build_shape)."""
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=12)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--adapters", type=int, default=adapters)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lp-bench")
+
+
+def build_shape(a: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """The model and adapter directories of add_shape_args' options (written once, reused)."""
+    tag = f"h{a.hidden}_l{a.layers}_v{a.vocab}"
+    base = make_random_llama(a.workdir / tag, hidden=a.hidden, layers=a.layers, heads=a.heads,
+                             kv_heads=a.kv_heads, intermediate=a.intermediate, vocab=a.vocab)
+    adapters = [make_random_adapter(base, a.workdir / f"{tag}_r{a.rank}_{i}", r=a.rank,
+                                    targets=a.targets.split(","), seed=i)
+                for i in range(a.adapters)]
+    return base, adapters
 
 
 class Timer:

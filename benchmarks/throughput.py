@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, machine_info, make_random_adapter, make_random_llama, write_json  # noqa: E402
+from common import Timer, add_shape_args, build_shape, machine_info, write_json  # noqa: E402
 
 
 def run_loraplex(base: Path, adapters: list[Path], prompts: list[list[int]], new_tokens: int,
@@ -70,30 +69,16 @@ def run_hf(base: Path, adapters: list[Path], prompts: list[list[int]], new_token
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--kv-heads", type=int, default=12)
-    ap.add_argument("--intermediate", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    add_shape_args(ap, adapters=8)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lp-bench")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "throughput_cpu.json")
     a = ap.parse_args()
 
-    tag = f"h{a.hidden}_l{a.layers}_v{a.vocab}"
-    base = make_random_llama(a.workdir / tag, hidden=a.hidden, layers=a.layers, heads=a.heads,
-                             kv_heads=a.kv_heads, intermediate=a.intermediate, vocab=a.vocab)
-    adapters = [make_random_adapter(base, a.workdir / f"{tag}_r{a.rank}_{i}", r=a.rank,
-                                    targets=a.targets.split(","), seed=i)
-                for i in range(a.adapters)]
+    base, adapters = build_shape(a)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, a.vocab, (a.batch, a.prompt_len), generator=gen).tolist()
     total = a.batch * a.new_tokens
