@@ -56,6 +56,25 @@ def test_usage_doc_lists_the_issue_flags():
         assert f"`{flag}" in usage, flag
 
 
+def test_chunked_prefill_and_prefix_caching_flags():
+    """vLLM's spellings; the server's token budget defaults to vLLM's server value."""
+    from loraplex.entrypoints.api_server import SERVER_MAX_NUM_BATCHED_TOKENS, _engine_args
+
+    def engine_args(*flags):
+        ns = _serve_parser().parse_args(["m", *flags])
+        ns.model = ns.model_tag  # main() picks the positional or --model
+        return _engine_args(ns)
+
+    default = engine_args()
+    assert default.max_num_batched_tokens == SERVER_MAX_NUM_BATCHED_TOKENS
+    assert default.enable_chunked_prefill is None and default.enable_prefix_caching is None
+    off = engine_args("--no-enable-chunked-prefill", "--no-enable-prefix-caching")
+    assert off.enable_chunked_prefill is False and off.enable_prefix_caching is False
+    assert off.max_num_batched_tokens is None  # then max(8192, max_model_len)
+    assert engine_args("--max-num-batched-tokens", "512").max_num_batched_tokens == 512
+    assert engine_args("--enable-prefix-caching").enable_prefix_caching is True
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--max-loras", "abc"], "--max-loras"),
     (["--bogus-flag"], "--bogus-flag"),

@@ -63,6 +63,7 @@ from loraplex.version import __version__
 logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 
+SERVER_MAX_NUM_BATCHED_TOKENS = 2048  # with chunked prefill (the LLM class keeps 8192)
 RUNTIME_LORA_DISABLED = (
     "Runtime LoRA adapter loading is disabled. Set the environment variable "
     "LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING=True before starting the server to enable "
@@ -248,6 +249,9 @@ def _engine_args(args: argparse.Namespace) -> EngineArgs:
     kw = {n: getattr(args, n) for n in names if hasattr(args, n)}
     if "cpu_kv_cache_gib" not in kw and envs.LORAPLEX_CPU_KVCACHE_SPACE is not None:
         kw["cpu_kv_cache_gib"] = envs.LORAPLEX_CPU_KVCACHE_SPACE
+    if "max_num_batched_tokens" not in kw and kw.get("enable_chunked_prefill") is not False:
+        # vLLM's server default: short steps keep the streams' inter-token latency low
+        kw["max_num_batched_tokens"] = SERVER_MAX_NUM_BATCHED_TOKENS
     return EngineArgs(model=args.model, **kw)
 
 

@@ -117,7 +117,8 @@ ENGINE_HELP: dict[str, str] = {
                      "model's max_position_embeddings.",
     "max_num_seqs": "Most sequences in one batch.",
     "max_num_batched_tokens": ("Most prompt tokens prefilled in one step; the decoding sequences' "
-                               "one token each comes on top (default: 8192; with "
+                               "one token each comes on top (default: 2048 for the server "
+                               "and 8192 for the LLM class, as in vLLM; with "
                                "--no-enable-chunked-prefill, max(8192, max_model_len))."),
     "block_size": "Tokens per KV cache block.",
     "enable_prefix_caching": "Share the KV cache of identical prompt prefixes (whole blocks, "
