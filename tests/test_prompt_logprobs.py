@@ -63,7 +63,8 @@ def test_prompt_logprobs_survive_preemption(tiny_models, tiny_adapters, prompts)
     reqs = lora_requests(adapters)
     names = [None, "r8_all", None, "r4_qv"]
     llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, max_model_len=64,
-                   num_gpu_blocks_override=12, block_size=8)
+                   num_gpu_blocks_override=12, block_size=8,
+                   max_num_seqs=4)  # also: the prompt's logits in slices of 4 rows
     batch = [prompts[i % len(prompts)] for i in range(len(names))]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, prompt_logprobs=1)
     outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,

@@ -255,12 +255,11 @@ class LLMEngine:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = started
             prompt_positions = batch.prompt_logprob_positions
-            logits = self.model_runner.run(batch.prefill, batch.decode, lora_slots,
-                                           batch.prefill_lens, prompt_positions)
+            logits, prompt_hidden = self.model_runner.run(
+                batch.prefill, batch.decode, lora_slots, batch.prefill_lens, prompt_positions)
             seqs = batch.sampled  # a prompt's earlier chunks give no token
             if prompt_positions:
-                self._add_prompt_logprobs(prompt_positions, logits[len(seqs):])
-                logits = logits[:len(seqs)]
+                self._add_prompt_logprobs(prompt_positions, prompt_hidden)
             batch.advance()
             for seq in batch.seqs:  # full blocks become shareable prefixes
                 self.block_manager.commit(seq)
@@ -274,7 +273,8 @@ class LLMEngine:
                     req.first_token_time = now
                 self._append_token(req, seq, sampled.token_ids[i], sampled.token_logprobs[i],
                                    sampled.logprobs[i])
-                touched[req.request_id] = req
+                if not req.seqs[0].needs_prompt_logprobs:  # (n > 1: a sibling may be ahead)
+                    touched[req.request_id] = req
         outputs = []
         for rid, req in touched.items():
             outputs.append(req.to_output())
@@ -284,13 +284,18 @@ class LLMEngine:
         return outputs
 
     def _add_prompt_logprobs(self, positions: list[tuple[Sequence, range]],
-                             logits: torch.Tensor) -> None:
+                             hidden: torch.Tensor) -> None:
         """Entry p + 1 of each sequence's prompt logprobs from the logits at position p."""
         tokens = [seq.token_ids[p + 1] for seq, span in positions for p in span]
         ks = [seq.params.prompt_logprobs for seq, span in positions for _ in span]
-        entries = iter(self.sampler.token_logprobs(logits, tokens, ks))
+        entries = []
+        for logits in self.model_runner.prompt_logits(hidden):
+            n = len(entries)
+            entries += self.sampler.token_logprobs(logits, tokens[n:n + logits.shape[0]],
+                                                   ks[n:n + logits.shape[0]])
+        it = iter(entries)
         for seq, span in positions:
-            seq.prompt_logprobs.extend(next(entries) for _ in span)
+            seq.prompt_logprobs.extend(next(it) for _ in span)
 
     def _fail_lora_requests(self, seqs: list[Sequence], failed: dict[int, LoRAError],
                             touched: dict[str, Request]) -> list[Sequence]:
@@ -344,14 +349,16 @@ class LLMEngine:
         they are read off the step loop when a request first needs them. Cheap enough
         for thousands. False if this exact adapter is registered already."""
         manager = self._require_lora()
-        self._pending_lora_removal.discard(lora_request.lora_int_id)
-        return manager.register(lora_request)
+        added = manager.register(lora_request)  # raises for another adapter on this id
+        self._pending_lora_removal.discard(lora_request.lora_int_id)  # wanted again
+        return added
 
     def add_lora(self, lora_request: LoRARequest, prepared: LoRAModel | None = None) -> bool:
         """Register and load now, validating the weights too (vLLM's add_lora)."""
         manager = self._require_lora()
-        self._pending_lora_removal.discard(lora_request.lora_int_id)
-        return manager.add(lora_request, prepared)
+        added = manager.add(lora_request, prepared)  # raises for another adapter on this id
+        self._pending_lora_removal.discard(lora_request.lora_int_id)  # wanted again
+        return added
 
     def remove_lora(self, lora_int_id: int) -> bool:
         """Unregister; requests already running on it finish on its weights first."""

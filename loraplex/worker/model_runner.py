@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -63,6 +65,13 @@ class GPUMemoryProfile:
                 f"weights and adapter slots {self.weights / GiB:.2f} GiB - activation peak "
                 f"{self.activation_peak / GiB:.2f} GiB -> KV cache {self.kv_budget / GiB:.2f} "
                 f"GiB ({self.free / GiB:.2f} GiB free)")
+
+
+class StepOutput(NamedTuple):
+    logits: torch.Tensor  # [sampled rows, vocab]: ScheduledBatch.sampled's order
+    # [prompt positions, hidden]: ScheduledBatch.prompt_logprob_positions' order, or None;
+    # their logits come in slices from ModelRunner.prompt_logits
+    prompt_hidden: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -277,13 +286,12 @@ class ModelRunner:
     def run(self, prefill: list[Sequence], decode: list[Sequence],
             lora_slots: dict[int, int] | None = None,
             prefill_lens: list[int] | None = None,
-            prompt_positions: list[tuple[Sequence, range]] | None = None) -> torch.Tensor:
+            prompt_positions: list[tuple[Sequence, range]] | None = None) -> StepOutput:
         """Computes `prefill_lens[i]` tokens of prefill sequence i (default: all it has
-        left) and one token of every decoding sequence. Logits [sampled + prompt, vocab]:
-        the next token of every prefill sequence whose chunk is its last, then of every
-        decoding one (ScheduledBatch.sampled); then, for prompt logprobs, those at the
-        given positions of prefill sequences' chunks, in order
-        (ScheduledBatch.prompt_logprob_positions)."""
+        left) and one token of every decoding sequence. Logits of the next token of every
+        prefill sequence whose chunk is its last, then of every decoding one
+        (ScheduledBatch.sampled); for prompt logprobs, the hidden states at the given
+        positions of prefill sequences' chunks."""
         def slots_of(seqs: list[Sequence]) -> list[int] | None:
             return ([lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
                     if lora_slots else None)
@@ -291,7 +299,8 @@ class ModelRunner:
         decode, where = self._longest_first(decode)
         if not prefill:
             logits = self._run_decode(decode, slots_of(decode))
-            return logits if where is None else logits.index_select(0, self._tensor(where))
+            return StepOutput(logits if where is None else
+                              logits.index_select(0, self._tensor(where)))
         lens = prefill_lens or [s.num_uncomputed_tokens for s in prefill]
         input_ids, positions, ctx, rows = self.prepare_prefill(prefill, lens)
         token_slots = ([slot for n, slot in zip(lens, slots_of(prefill)) for _ in range(n)]
@@ -309,13 +318,23 @@ class ModelRunner:
             self.decode_mirror.reset()  # the next decode batch is a new one
         if token_slots is not None:
             ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
-        if prompt_positions:  # row of position p = the chunk's first row + p - its start
-            first_row = dict(zip(prefill, itertools.accumulate(lens[:-1], initial=0)))
-            rows += [first_row[seq] + p - seq.num_computed_tokens
-                     for seq, span in prompt_positions for p in span]
         with step_context(ctx):
             hidden = self.model(input_ids, positions)
-        return self.model.compute_logits(hidden.index_select(0, self._tensor(rows)))
+        logits = self.model.compute_logits(hidden.index_select(0, self._tensor(rows)))
+        if not prompt_positions:
+            return StepOutput(logits)
+        # row of position p = the chunk's first row + p - its start
+        first_row = dict(zip(prefill, itertools.accumulate(lens[:-1], initial=0)))
+        prompt_rows = [first_row[seq] + p - seq.num_computed_tokens
+                       for seq, span in prompt_positions for p in span]
+        return StepOutput(logits, hidden.index_select(0, self._tensor(prompt_rows)))
+
+    @torch.inference_mode()
+    def prompt_logits(self, hidden: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Logits of prompt positions, max_num_seqs rows at a time: the most the profile
+        run sized for (a whole chunk's [tokens, vocab] at once could be gigabytes)."""
+        for start in range(0, hidden.shape[0], self.max_num_seqs):
+            yield self.model.compute_logits(hidden[start:start + self.max_num_seqs])
 
     def _run_decode(self, seqs: list[Sequence], seq_slots: list[int] | None) -> torch.Tensor:
         n = len(seqs)
