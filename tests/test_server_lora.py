@@ -147,6 +147,10 @@ def test_many_prompts_n_echo_seed(client):
     assert echo.choices[0].text.startswith("Hello")
 
 
+def server_tokens(server, text: str) -> list[int]:
+    return server.post("/tokenize", json={"prompt": text}).json()["tokens"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_with_logprobs_scores_the_prompt(server, client, tiny_models, tiny_adapters,
                                               prompts, stream):
@@ -175,6 +179,18 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, tiny_models, tiny_
     assert [by_id[i][str(prompt[i])]["logprob"] for i in range(1, len(prompt))] == \
         pytest.approx(want, abs=1e-4)
     assert all(by_id[i][str(prompt[i])]["rank"] >= 1 for i in range(1, len(prompt)))
+    # a text prompt (the tokenizer adds a BOS the echoed text lacks): the offsets index
+    # the token texts one after another and never go back
+    kw.update(prompt="Hello there", max_tokens=3, extra_body={"ignore_eos": True})
+    if stream:
+        chunks = list(client.completions.create(**kw, stream=True))
+        offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+        tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    else:
+        lp = client.completions.create(**kw).choices[0].logprobs
+        offsets, tokens = lp.text_offset, lp.tokens
+    assert len(tokens) == len(offsets) == len(server_tokens(server, "Hello there")) + 3
+    assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
 
 
 def test_logit_bias(client):

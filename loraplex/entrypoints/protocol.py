@@ -148,6 +148,13 @@ class CompletionLogProbs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
+    def __add__(self, other: CompletionLogProbs) -> CompletionLogProbs:
+        """One token list after another (an echoed prompt's, then the generated ones)."""
+        return CompletionLogProbs(text_offset=self.text_offset + other.text_offset,
+                                  token_logprobs=self.token_logprobs + other.token_logprobs,
+                                  tokens=self.tokens + other.tokens,
+                                  top_logprobs=self.top_logprobs + other.top_logprobs)
+
 
 class CompletionChoice(BaseModel):
     index: int

@@ -88,10 +88,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 completion_tokens += len(o.token_ids)
                 lp = None
                 if req.logprobs is not None:
-                    lp = self._logprobs(o, 0, len(o.token_ids), len(prefix),
-                                        req.return_tokens_as_token_ids)
-                    if req.echo:
-                        lp = self._echoed_logprobs(req, out, lp)
+                    echoed, start = self._echoed_logprobs(req, out, len(prefix))
+                    lp = echoed + self._logprobs(o, 0, len(o.token_ids), start,
+                                                 req.return_tokens_as_token_ids)
                 choices.append(CompletionChoice(
                     index=i * req.n + o.index, text=prefix + o.text, logprobs=lp,
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason,
@@ -112,11 +111,15 @@ class OpenAIServingCompletion(OpenAIServing):
                              decoded_token=self.token_text(t, v, req.return_tokens_as_token_ids))
             for t, v in entry.items()} for entry in out.prompt_logprobs]
 
-    def _echoed_logprobs(self, req: CompletionRequest, out: RequestOutput,
-                         generated: CompletionLogProbs) -> CompletionLogProbs:
-        """echo + logprobs: the prompt's tokens first (the first one has no logprob), then
-        the generated ones, as OpenAI's legacy completions return them."""
+    def _echoed_logprobs(self, req: CompletionRequest, out: RequestOutput, prefix_len: int
+                         ) -> tuple[CompletionLogProbs, int]:
+        """echo + logprobs: the prompt's tokens (the first one has no logprob), to go before
+        the generated ones, as OpenAI's legacy completions return them; and the generated
+        tokens' first text offset: after the prompt's token texts (a BOS counts as its
+        text, so the offsets keep rising), or after the echoed text without echo."""
         lp, offset, as_ids = CompletionLogProbs(), 0, req.return_tokens_as_token_ids
+        if not req.echo:
+            return lp, prefix_len
         entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
         for tok, entry in zip(out.prompt_token_ids, entries, strict=True):
             text = self.token_text(tok, entry.get(tok) if entry else None, as_ids)
@@ -126,11 +129,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                     for t, v in entry.items()} if entry else None)
             lp.text_offset.append(offset)
             offset += len(text)
-        return CompletionLogProbs(
-            text_offset=lp.text_offset + generated.text_offset,
-            token_logprobs=lp.token_logprobs + generated.token_logprobs,
-            tokens=lp.tokens + generated.tokens,
-            top_logprobs=lp.top_logprobs + generated.top_logprobs)
+        return lp, offset
 
     def _logprobs(self, o: CompletionOutput, start: int, end: int, offset: int,
                   as_ids: bool = False) -> CompletionLogProbs:
@@ -170,12 +169,12 @@ class OpenAIServingCompletion(OpenAIServing):
                 sent_text[idx], sent_tokens[idx] = len(o.text), len(o.token_ids)
                 lp = None
                 if req.logprobs is not None:
-                    lp = self._logprobs(o, k0, len(o.token_ids),
-                                        offsets.get(idx, 0) + len(prefix),
-                                        req.return_tokens_as_token_ids)
-                    if req.echo and idx not in first_sent:  # with the echoed prompt
-                        lp = self._echoed_logprobs(req, out, lp)
-                    offsets[idx] = offsets.get(idx, 0) + len(prefix) + len(delta)
+                    echoed, start = CompletionLogProbs(), offsets.get(idx, 0)
+                    if idx not in first_sent:  # the first chunk: the echoed prompt's
+                        echoed, start = self._echoed_logprobs(req, out, len(prefix))
+                    lp = echoed + self._logprobs(o, k0, len(o.token_ids), start,
+                                                 req.return_tokens_as_token_ids)
+                    offsets[idx] = start + len(delta)
                 if o.finish_reason is not None:
                     done.add(idx)
                     completion_tokens += len(o.token_ids)
