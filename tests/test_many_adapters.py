@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex import LoRARequest, SamplingParams
+from loraplex.lora.errors import LoRAError
 from tests.engine_utils import make_llm
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
@@ -200,7 +201,6 @@ def test_adapter_config_errors_still_fail_at_add_request(llm, tmp_path, tiny_ada
     cfg = json.loads((bad / "adapter_config.json").read_text())
     cfg["r"] = 64
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
-    from loraplex.lora.errors import LoRAError
 
     with pytest.raises(LoRAError, match="max-lora-rank"):
         llm.llm_engine.add_request("big", {"prompt_token_ids": prompts[0]}, PARAMS,
@@ -221,3 +221,20 @@ def test_one_read_for_many_waiting_requests(llm, tiny_adapters, prompts):
     assert after.lora_cache.host_misses - before.lora_cache.host_misses == 1
     assert len(after.lora_load_seconds) == 1  # one read (get_stats drains the list)
     engine.remove_lora(4001)
+
+
+def test_a_refused_re_add_keeps_the_deferred_removal(llm, tiny_adapters, prompts):
+    """remove_lora of an adapter in use waits for its requests; adding another adapter
+    under that id meanwhile is refused, and the removal still happens."""
+    engine = llm.llm_engine
+    ad = tiny_adapters["llama"]
+    first = LoRARequest("deferred", 5001, str(ad["r4_qv"]))
+    engine.add_request("d", {"prompt_token_ids": prompts[0]}, PARAMS, lora_request=first)
+    engine.step()
+    assert engine.remove_lora(5001) and 5001 not in engine.list_loras()
+    with pytest.raises(LoRAError, match="already used"):
+        engine.add_lora(LoRARequest("other", 5001, str(ad["r8_all"])))
+    with pytest.raises(LoRAError, match="already used"):
+        engine.register_lora(LoRARequest("other", 5001, str(ad["r8_all"])))
+    _drain(engine)
+    assert 5001 not in engine.lora_manager.registered  # removed once its request ended
