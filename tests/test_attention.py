@@ -233,23 +233,31 @@ def test_layer_decode(backend, lens):
 
 
 def test_decode_mirror_plan():
+    """Rebuild or append, and each row group's capacity (its longest + headroom, in
+    blocks); no mirror past max_bytes."""
     mirror = DecodeMirror(block_size=16, bytes_per_token=10, max_bytes=10_000)
     mirror.headroom = 64
-    steps = [([7, 9], [40, 5], True, 112),  # first: rebuild, room for 64 more tokens
-             ([7, 9], [41, 6], False, 112),  # the same batch one token on: append
-             ([7, 9], [43, 8], True, 112),  # lengths jumped (a step elsewhere): rebuild
-             ([9, 7], [9, 44], True, 112),  # another order: rebuild
-             *(([9, 7], [10 + i, 45 + i], False, 112) for i in range(68)),  # up to 112
-             ([9, 7], [78, 113], True, 192),  # past the capacity: rebuild, larger
-             (list(range(12)), [20] * 12, True, 0)]  # 12 x 96 x 10 B > max_bytes: gather
-    for ids, lens, rebuild, cap in steps:
+
+    def caps(ctx):
+        return [cap for _, _, cap in ctx.mirror_groups]
+
+    steps = [([7, 9], [40, 5], True, [112, 80]),  # two groups: 5 is under half of 40
+             ([7, 9], [41, 6], False, [112, 80]),  # the same batch one token on: append
+             ([7, 9], [43, 8], True, [112, 80]),  # lengths jumped (a step elsewhere): rebuild
+             ([9, 7], [9, 44], True, [112]),  # another order (one group): rebuild
+             *(([9, 7], [10 + i, 45 + i], False, [112]) for i in range(68)),  # up to 112
+             ([9, 7], [78, 113], True, [192]),  # past the capacity: rebuild, larger
+             (list(range(12)), [20] * 12, True, [])]  # 12 x 96 x 10 B > max_bytes: gather
+    for ids, lens, rebuild, want in steps:
         ctx = StepContext(is_prefill=False, slot_mapping=torch.zeros(0))
         mirror.plan(ctx, ids, lens)
-        assert (ctx.mirror_rebuild, ctx.mirror_capacity) == (rebuild, cap), (ids, lens)
+        assert (ctx.mirror_rebuild, caps(ctx)) == (rebuild, want), (ids, lens)
+        assert [w for _, _, w in ctx.decode_groups or []] in ([], [max(lens[a:b]) for a, b, _
+                                                                  in ctx.mirror_groups])
     mirror.reset()
     ctx = StepContext(is_prefill=False, slot_mapping=torch.zeros(0))
     mirror.plan(ctx, [1], [21])
-    assert ctx.mirror_rebuild and ctx.mirror_capacity == 96
+    assert ctx.mirror_rebuild and caps(ctx) == [96]
 
 
 @pytest.mark.parametrize("mirror_bytes", [0, 1 << 30])
@@ -288,12 +296,44 @@ def test_torch_decode_steps_with_mirror(mirror_bytes):
             kc, vc = cached_kv(layer.k_cache, layer.v_cache, block_tables[b], n)
             ref = reference(q[b:b + 1], kc, vc, d ** -0.5, n - 1)
             assert rel_err(out[b:b + 1], ref) < 1e-5, (step, b)
-        rebuilds.append(ctx.mirror_rebuild if ctx.mirror_capacity else None)
+        rebuilds.append(ctx.mirror_rebuild if ctx.mirror_groups else None)
     if mirror_bytes:  # batch changes at steps 3 and 5, one more when the capacity runs out
         assert rebuilds[:6] == [True, False, False, True, False, True]
         assert rebuilds[6:].count(True) == 1 and None not in rebuilds
     else:
         assert set(rebuilds) == {None}
+
+
+def test_torch_decode_mirror_sized_per_group():
+    """One long sequence beside short ones: each row group's mirror is as long as its own
+    longest (not the batch's), and appending steps stay exact."""
+    h, kvh, d, bs = 4, 2, 16, 4
+    gen = torch.Generator().manual_seed(5)
+    layer = Attention(h, kvh, d, d ** -0.5)
+    layer.k_cache = torch.randn(64, bs, kvh, d, generator=gen)
+    layer.v_cache = torch.randn(64, bs, kvh, d, generator=gen)
+    free = list(range(64))
+    lens = [60, 5, 4]  # longest first, as the runner orders them
+    tables = [[free.pop() for _ in range(-(-(n + 3) // bs))] for n in lens]
+    mirror = DecodeMirror(bs, 2 * kvh * d * 4, 1 << 30)
+    mirror.headroom = 4
+    buffers = DecodeBuffers(4, 32, DEV)
+    for step in range(3):
+        lens = [n + 1 for n in lens]
+        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for t, n in zip(tables, lens)]
+        slot_mapping, context_lens, block_tables = buffers.fill(slots, lens, tables)
+        ctx = StepContext(is_prefill=False, slot_mapping=slot_mapping, block_tables=block_tables,
+                          context_lens=context_lens, max_context_len=max(lens))
+        mirror.plan(ctx, [0, 1, 2], lens)
+        assert ctx.mirror_rebuild == (step == 0)
+        assert ctx.mirror_groups == [(0, 1, 68), (1, 3, 12)]  # not 3 rows x 68
+        q, k, v = (torch.randn(3, n, d, generator=gen) for n in (h, kvh, kvh))
+        with step_context(ctx):
+            out = layer(q, k, v).view(3, h, d)
+        for b, n in enumerate(lens):
+            kc, vc = cached_kv(layer.k_cache, layer.v_cache, block_tables[b], n)
+            assert rel_err(out[b:b + 1], reference(q[b:b + 1], kc, vc, d ** -0.5, n - 1)) < 1e-5
+    assert layer._mirror["k"].numel() == (68 + 2 * 12) * kvh * d
 
 
 def test_decode_buffers_pad_rows():

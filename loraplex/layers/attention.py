@@ -117,7 +117,7 @@ class Attention(nn.Module):
             keys, values = padded(k), padded(v)
         else:  # earlier chunks are in the cache: the whole [B, width] of each sequence
             keys, values = (x.transpose(1, 2) for x in
-                            self._gathered_kv(ctx, ctx.block_tables, scratch=True))
+                            self._gathered_kv(ctx, ctx.block_tables))
         out = F.scaled_dot_product_attention(
             padded(q), keys, values, attn_mask=ctx.prefill_mask,
             is_causal=ctx.prefill_mask is None, scale=self.scale, enable_gqa=True)
@@ -125,59 +125,69 @@ class Attention(nn.Module):
         return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
 
     def _decode(self, q, k, v, ctx: StepContext) -> torch.Tensor:
-        if ctx.mirror_capacity:
-            keys, values = self._mirrored_kv(k, v, ctx)
+        if ctx.mirror_groups:
+            parts = self._mirrored_kv(k, v, ctx)
         else:
-            keys, values = self._gathered_kv(ctx, ctx.block_tables, scratch=True)
-        mask = _decode_mask(ctx, keys.shape[1])
-        groups = ctx.decode_groups or [(0, q.shape[0], keys.shape[1])]
+            keys, values = self._gathered_kv(ctx, ctx.block_tables)
+            groups = ctx.decode_groups or [(0, q.shape[0], ctx.max_context_len)]
+            parts = [(a, b, keys[a:b, :w], values[a:b, :w]) for a, b, w in groups]
+        mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts))
         out = torch.cat([F.scaled_dot_product_attention(  # [rows, H, 1, D] per group
-            q[a:b].unsqueeze(2), keys[a:b, :w].transpose(1, 2), values[a:b, :w].transpose(1, 2),
-            attn_mask=mask[a:b, ..., :w], scale=self.scale, enable_gqa=True)
-            for a, b, w in groups])
+            q[a:b].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask[a:b, ..., :keys.shape[1]], scale=self.scale, enable_gqa=True)
+            for a, b, keys, values in parts])
         return out.squeeze(2)
 
-    def _gathered_kv(self, ctx: StepContext, tables: torch.Tensor, scratch: bool
+    def _gathered_kv(self, ctx: StepContext, tables: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sequence's blocks copied out of the cache: [B, tables.shape[1] * block, KVH, D].
-        scratch: into buffers every layer of the step reuses; else into the layer's mirror."""
+        """Each sequence's blocks copied out of the cache into scratch buffers every layer
+        of the step reuses: [B, tables.shape[1] * block, KVH, D]."""
         b, nblocks = tables.shape
         flat = tables.reshape(-1)
         out = []
         for name, cache in (("k", self.k_cache), ("v", self.v_cache)):
             shape = (flat.shape[0], *cache.shape[1:])
-            buf = _buffer(ctx.scratch if scratch else self._mirror, name, shape, cache)
+            buf = _buffer(ctx.scratch, name, shape, cache)
             torch.index_select(cache, 0, flat, out=buf)
             out.append(buf.view(b, nblocks * cache.shape[1], self.num_kv_heads, self.head_dim))
         return out[0], out[1]
 
-    def _mirrored_kv(self, k, v, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, max_context_len, KVH, D] views of the layer's mirror: the batch's K/V kept
-        contiguous across decode steps, so a step appends one token per sequence instead of
-        gathering every block again; rebuilt from the cache when the batch changes."""
-        if ctx.mirror_rebuild:
-            cap_blocks = ctx.mirror_capacity // self.k_cache.shape[1]
-            tables = ctx.scratch.get("mirror_tables")
-            if tables is None:  # the block tables padded to the capacity (pads: block 0)
-                tables = ctx.scratch["mirror_tables"] = F.pad(
-                    ctx.block_tables, (0, cap_blocks - ctx.block_tables.shape[1]))
-            keys, values = self._gathered_kv(ctx, tables, scratch=False)
-        else:
-            shape = (ctx.context_lens.shape[0], ctx.mirror_capacity, *self.k_cache.shape[2:])
-            keys = _buffer(self._mirror, "k", shape, self.k_cache)
-            values = _buffer(self._mirror, "v", shape, self.v_cache)
-            rows, pos = _append_index(ctx)
-            keys[rows, pos] = k
-            values[rows, pos] = v
-        return keys[:, :ctx.max_context_len], values[:, :ctx.max_context_len]
+    def _mirrored_kv(self, k, v, ctx: StepContext
+                     ) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Per mirror group (rows a:b): [b - a, width, KVH, D] views of the layer's mirror,
+        the batch's K/V kept contiguous across decode steps, so a step appends one token
+        per sequence instead of gathering every block again; rebuilt from the cache when
+        the batch changes. Each group has its own capacity, so a long sequence does not
+        make the short ones' rows as long."""
+        block, tail = self.k_cache.shape[1], self.k_cache.shape[2:]
+        sizes = [(b - a) * cap * math.prod(tail) for a, b, cap in ctx.mirror_groups]
+        bufs = [(_buffer(self._mirror, "k", (sum(sizes),), self.k_cache), self.k_cache, k),
+                (_buffer(self._mirror, "v", (sum(sizes),), self.v_cache), self.v_cache, v)]
+        rows, pos = _append_index(ctx)
+        parts, offset = [], 0
+        for (a, b, cap), size, (_, _, width) in zip(ctx.mirror_groups, sizes, ctx.decode_groups):
+            views = []
+            for buf, cache, new in bufs:
+                group = buf[offset:offset + size].view(b - a, cap, *tail)
+                if ctx.mirror_rebuild:  # the rows' block tables cut or padded to the capacity
+                    tables = F.pad(ctx.block_tables[a:b], (0, cap // block - ctx.block_tables.shape[1]))
+                    torch.index_select(cache, 0, tables.reshape(-1), out=group.view(-1, block, *tail))
+                else:
+                    group[rows[a:b] - a, pos[a:b]] = new[a:b]
+                views.append(group[:, :width])
+            parts.append((a, b, *views))
+            offset += size
+        return parts
 
 
 class DecodeMirror:
-    """Decides, for the torch decode path, whether this step's batch continues the last
+    """Plans, for the torch decode path, whether this step's batch continues the last
     decode step's (same sequences in the same order, each one token longer: the layers'
-    mirrors only need the new token) or the mirrors must be rebuilt, and their capacity
-    (tokens per sequence, with headroom so most steps append). Mirrors hold a copy of the
-    batch's K/V: they are used only while they fit in max_bytes, else decode gathers."""
+    mirrors only need the new token) or the mirrors must be rebuilt, and their layout:
+    row groups of similar context length (decode_groups; rows come longest first), each
+    with its own capacity (its longest context plus headroom, so most steps append).
+    Mirrors hold a copy of the batch's K/V: they are used only while they fit in
+    max_bytes, else decode gathers the blocks every step."""
 
     headroom = 32  # tokens: a rebuild every ~32 steps, 2 extra blocks copied at block size 16
 
@@ -190,18 +200,26 @@ class DecodeMirror:
     def reset(self) -> None:
         self._seq_ids: list[int] = []
         self._lens: list[int] = []
-        self._capacity = 0
+        self._groups: list[tuple[int, int, int]] = []  # (row start, row end, capacity)
 
     def plan(self, ctx: StepContext, seq_ids: list[int], lens: list[int]) -> None:
-        """Set ctx.mirror_rebuild / ctx.mirror_capacity (0 = no mirror) for this step."""
-        longest = max(lens)
-        follows = (seq_ids == self._seq_ids and longest <= self._capacity
-                   and all(n == m + 1 for n, m in zip(lens, self._lens)))
+        """Set ctx.mirror_rebuild, ctx.mirror_groups ([] = no mirror) and the attention
+        widths ctx.decode_groups for this step."""
+        follows = (bool(self._groups) and seq_ids == self._seq_ids
+                   and all(n == m + 1 for n, m in zip(lens, self._lens))
+                   and all(max(lens[a:b]) <= cap for a, b, cap in self._groups))
         if not follows:
-            cap = -(-(longest + self.headroom) // self.block_size) * self.block_size
-            self._capacity = cap if len(lens) * cap * self.bytes_per_token <= self.max_bytes else 0
+            bs = self.block_size
+            groups = decode_groups(lens) or [(0, len(lens), max(lens))]
+            self._groups = [(a, b, -(-(w + self.headroom) // bs) * bs) for a, b, w in groups]
+            if sum((b - a) * cap for a, b, cap in self._groups) * self.bytes_per_token \
+                    > self.max_bytes:
+                self._groups = []
         self._seq_ids, self._lens = seq_ids, lens
-        ctx.mirror_rebuild, ctx.mirror_capacity = not follows, self._capacity
+        ctx.mirror_rebuild, ctx.mirror_groups = not follows, self._groups
+        # a group keeps its rows while the mirror follows; its width is its longest now
+        ctx.decode_groups = ([(a, b, max(lens[a:b])) for a, b, _ in self._groups]
+                             if self._groups else decode_groups(lens))
 
 
 def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device,

@@ -32,8 +32,8 @@ class StepContext:
     max_seqlen_q: int = 0
     decode_splits: int = 1  # triton decode: context splits per sequence (flash-decoding)
     # torch decode path: keep the batch's K/V contiguous across steps (layers/attention.py
-    # DecodeMirror); capacity 0 = gather from the cache every step instead
-    mirror_capacity: int = 0
+    # DecodeMirror), per group of rows (start, end, capacity); [] = gather every step
+    mirror_groups: list[tuple[int, int, int]] = field(default_factory=list)
     mirror_rebuild: bool = True
     # torch decode path: rows [start, end) attend over the first `width` positions (rows
     # longest context first; None = one group, the whole batch at max_context_len)

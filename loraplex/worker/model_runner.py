@@ -28,7 +28,6 @@ from loraplex.layers.attention import (
     Attention,
     DecodeMirror,
     attention_backend,
-    decode_groups,
     decode_splits,
     torch_prefill_layout,
 )
@@ -264,7 +263,6 @@ class ModelRunner:
                                                   ctx.max_context_len, self.device)
             else:
                 self.decode_mirror.plan(ctx, [s.seq_id for s in seqs], lens)
-                ctx.decode_groups = decode_groups(lens)
         return input_ids, positions_t, ctx
 
     def _longest_first(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int] | None]:
