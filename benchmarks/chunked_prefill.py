@@ -4,9 +4,10 @@ A batch of requests over several adapters is decoding when one long prompt comes
 Prefilled whole, its step holds every running request for the whole prompt's compute;
 chunked (`max_num_batched_tokens` = the chunk), the prompt is spread over several steps
 and each one costs the running requests about one chunk's worth. Reported per setting:
-the running requests' worst inter-token gap (the longest step they sat in), their median
-step, the long prompt's time to first token, the window's total time, and a step with no
-prompt in it after the window (the gap the running requests see otherwise).
+the running requests' worst inter-token gap (the longest step they sat in, from the
+prompt's arrival to a few steps after its first token), their median step until that
+token, the long prompt's time to first token, the window's total time, and a step with
+no prompt in it after the window (the gap the running requests see otherwise).
 
     python benchmarks/chunked_prefill.py                          # CPU, the small shape
     python benchmarks/chunked_prefill.py --budgets 0,256 --prompt-len 512 --layers 4  # quick
@@ -58,7 +59,8 @@ def run(base: Path, adapters: list[Path], a: argparse.Namespace, budget: int) ->
             ttft, steps_to_first = time.perf_counter() - start, len(steps)
     window = steps[:steps_to_first]
     return {"budget": budget, "chunked": budget > 0, "steps_to_first_token": steps_to_first,
-            "long_prompt_ttft_s": ttft, "running_worst_gap_ms": 1e3 * max(window),
+            # every step counts: the one after the first token rebuilds the decode mirror
+            "long_prompt_ttft_s": ttft, "running_worst_gap_ms": 1e3 * max(steps),
             "running_median_step_ms": 1e3 * statistics.median(window),
             "window_total_s": sum(window),
             "decode_step_ms": 1e3 * statistics.median(steps[steps_to_first:]),  # no prompt
