@@ -2,6 +2,7 @@
 
     GET  /health /version /metrics /v1/models
     POST /v1/completions /v1/chat/completions
+    POST /tokenize /detokenize
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   (LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING)
 
 Every error is OpenAI's body {"error": {message, type, param, code}}; FastAPI's 422s
