@@ -10,7 +10,8 @@ steps, so a long prompt never stalls the running decodes for longer than one bud
 worth of compute. Without it a prompt is prefilled whole, and must fit the budget.
 
 Running sequences are scheduled first (decodes, then prompts mid-prefill), then waiting
-ones are admitted in arrival order. KV blocks (all of a prompt's, at admission),
+ones are admitted in arrival order, each after its prefix found in the prefix cache
+(engine/block_manager.py). KV blocks (all of a prompt's, at admission),
 max_num_seqs and the budget are first come, first served: admission stops at the first
 sequence they cannot hold, so nobody behind it overtakes it on memory. A step that had to
 preempt admits nobody.

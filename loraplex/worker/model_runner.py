@@ -1,11 +1,12 @@
 """Sequences in, next-token logits out: builds the flat batch and the step context.
 
 Owns the model, its KV cache and the decode CUDA graphs; the LoRA slots live in the
-model's wrapped layers. Prefill sequences' tokens are laid out back to back; decoding
-sequences give one token each, in buffers that a captured graph replays over
-(worker/cuda_graph.py). A mixed step puts both in one forward: the prefill rows first,
-then one row per decoding sequence. Each token carries its position, its KV-cache slot
-and its adapter slot (-1 = base).
+model's wrapped layers. Prefill sequences' tokens (this step's chunk of each: from its
+num_computed_tokens on, attending to the cached ones before) are laid out back to back;
+decoding sequences give one token each, in buffers that a captured graph replays over
+(worker/cuda_graph.py; on the torch backend, longest context first). A mixed step puts
+both in one forward: the prefill rows first, then one row per decoding sequence. Each
+token carries its position, its KV-cache slot and its adapter slot (-1 = base).
 
 On a GPU the KV cache gets what gpu_memory_utilization leaves after the weights, the
 adapter slots and the activation peak of a profile run (the largest step the
