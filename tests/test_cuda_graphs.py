@@ -242,6 +242,26 @@ def test_graphs_match_eager(sizes, tiny_models, tiny_adapters, prompts):
 
 
 @gpu
+def test_chunks_and_cached_prefixes_with_graphs(tiny_models, tiny_adapters, prompts):
+    """On the GPU: later chunks of a prompt and prompts after a cached prefix go through
+    the compiled Triton prefill kernel's cached-context path (eager mixed steps), decode
+    through graphs; every output equals HF + PEFT's."""
+    from tests.engine_utils import GREEDY, check_shared_prefixes, run_staggered
+
+    base, adapters = tiny_models["llama"], tiny_adapters["llama"]
+    check_shared_prefixes(base, adapters, prompts)
+    reqs = lora_requests(adapters)
+    names = [None, "r8_all", "r4_qv", None, "r16_rslora"]
+    jobs = [(2 * i, prompts[-1 - i % 2], reqs[n] if n else None) for i, n in enumerate(names)]
+    llm = _graph_llm(base, max_num_batched_tokens=6, block_size=8)
+    outs, mixed = run_staggered(llm.llm_engine, jobs, GREEDY)
+    runner = llm.llm_engine.model_runner
+    assert mixed > 0 and runner.num_mixed_steps > 0 and runner.cuda_graphs.num_replays > 0
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names],
+                     [p for _, p, _ in jobs])
+
+
+@gpu
 def test_decode_step_syncs_once(tiny_models, tiny_adapters, prompts):
     """A decode step (graphs or eager, greedy or every sampling option) waits for the
     device once: when it reads the sampled tokens."""
