@@ -193,6 +193,37 @@ def test_echo_with_logprobs_scores_the_prompt(server, client, tiny_models, tiny_
     assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
 
 
+def test_chat_echo_and_prompt_logprobs(server, client):
+    """vLLM's chat extras: echo puts the continued assistant message before the reply
+    (streamed as its own chunk after the role); prompt_logprobs come back per prompt
+    token."""
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "The sun is"}]
+    extra = {"echo": True, "continue_final_message": True, "add_generation_prompt": False,
+             "prompt_logprobs": 1}
+    r = client.chat.completions.create(model="r8_all", messages=messages, max_tokens=3,
+                                       temperature=0, extra_body=extra)
+    content = r.choices[0].message.content
+    assert content.startswith("The sun is") and len(content) > len("The sun is")
+    prompt_lps = r.model_extra["prompt_logprobs"]
+    assert prompt_lps[0] is None and len(prompt_lps) == r.usage.prompt_tokens
+    plain = client.chat.completions.create(
+        model="r8_all", messages=messages, max_tokens=3, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert content == "The sun is" + plain.choices[0].message.content
+    assert plain.model_extra.get("prompt_logprobs") is None
+    chunks = list(client.chat.completions.create(
+        model="r8_all", messages=messages, max_tokens=3, temperature=0, stream=True,
+        extra_body={"echo": True, "continue_final_message": True,
+                    "add_generation_prompt": False}))
+    assert chunks[1].choices[0].delta.content == "The sun is"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
+    # a reply to the user's message: nothing to echo
+    r = client.chat.completions.create(model="r8_all", messages=messages[:1], max_tokens=2,
+                                       temperature=0, extra_body={"echo": True})
+    assert not r.choices[0].message.content.startswith("Hi")
+
+
 def test_logit_bias(client):
     """OpenAI's logit_bias: token ids as string keys; out-of-vocabulary ids, non-integer
     keys and values outside [-100, 100] are 400s naming the field."""

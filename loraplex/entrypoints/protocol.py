@@ -208,6 +208,7 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    prompt_logprobs: int | None = None
 
 
 class ChatLogProb(BaseModel):
@@ -245,6 +246,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatCompletionChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    # vLLM extra, with prompt_logprobs: per prompt token (the first: None), id -> logprob
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class DeltaMessage(BaseModel):

@@ -18,7 +18,7 @@ from loraplex.entrypoints.errors import (
     ServiceUnavailableError,
     error_body,
 )
-from loraplex.entrypoints.protocol import ErrorResponse, SamplingFields
+from loraplex.entrypoints.protocol import ErrorResponse, PromptLogprob, SamplingFields
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
@@ -169,6 +169,16 @@ class OpenAIServing:
             raise BadRequestError(out.error)
 
     # ---- logprobs -----------------------------------------------------------------------
+    def prompt_logprobs(self, out: RequestOutput, as_ids: bool = False
+                        ) -> list[dict[int, PromptLogprob] | None] | None:
+        """vLLM's `prompt_logprobs` field: per prompt token, token id -> logprob."""
+        if out.prompt_logprobs is None:
+            return None
+        return [None if entry is None else {
+            t: PromptLogprob(logprob=v.logprob, rank=v.rank,
+                             decoded_token=self.token_text(t, v, as_ids))
+            for t, v in entry.items()} for entry in out.prompt_logprobs]
+
     def token_text(self, token_id: int, logprob, as_id: bool = False) -> str:
         if as_id:
             return f"token_id:{token_id}"

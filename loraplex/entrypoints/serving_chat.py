@@ -82,8 +82,6 @@ class OpenAIServingChat(OpenAIServing):
         if req.response_format and req.response_format.get("type") not in (None, "text"):
             raise BadRequestError("response_format other than text is not supported yet",
                                   param="response_format")
-        if req.echo:
-            raise BadRequestError("echo is not supported for chat yet", param="echo")
         if req.top_logprobs and not req.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true",
                                   param="top_logprobs")
@@ -95,15 +93,18 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
         params = self.sampling_params(req, max_tokens,
-                                      (req.top_logprobs or 0) if req.logprobs else None)
+                                      (req.top_logprobs or 0) if req.logprobs else None,
+                                      req.prompt_logprobs)
         text, ids = await self.off_loop(self.render, req)
         self.check_token_ids(ids)
         self.fit_max_tokens(params, len(ids))
         request_id = req.request_id or random_id("chatcmpl")
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
                                            lora)
+        echo = self._echo(req)
         if req.stream:
-            return self.sse(self._stream(req, request_id, model, len(ids), queued), queued)
+            return self.sse(self._stream(req, request_id, model, len(ids), queued, echo),
+                            queued)
         try:
             final = None
             async for out in queued.streams[0]:
@@ -113,14 +114,30 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             await self.abort_all(queued)
         choices = [ChatCompletionChoice(
-            index=o.index, message=ChatResponseMessage(content=o.text),
+            index=o.index, message=ChatResponseMessage(content=echo + o.text),
             logprobs=self._logprobs(o, 0, req.return_tokens_as_token_ids) if req.logprobs else None,
             finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in final.outputs]
         gen = sum(len(o.token_ids) for o in final.outputs)
-        return ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                      usage=UsageInfo(prompt_tokens=len(ids),
-                                                      completion_tokens=gen,
-                                                      total_tokens=len(ids) + gen))
+        return ChatCompletionResponse(
+            id=request_id, model=model, choices=choices,
+            usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=gen,
+                            total_tokens=len(ids) + gen),
+            prompt_logprobs=(self.prompt_logprobs(final, req.return_tokens_as_token_ids)
+                             if req.prompt_logprobs is not None else None))
+
+    @staticmethod
+    def _echo(req: ChatCompletionRequest) -> str:
+        """vLLM's chat echo: the last message's text goes before the reply when it has the
+        reply's role (an assistant message being continued)."""
+        last = req.messages[-1]
+        role = "assistant" if req.add_generation_prompt and not req.continue_final_message \
+            else last.role
+        if not req.echo or last.role != role:
+            return ""
+        content = last.content
+        if isinstance(content, list):
+            content = "".join(str(p.get("text", "")) for p in content)
+        return content or ""
 
     def _logprobs(self, o: CompletionOutput, start: int, as_ids: bool = False
                   ) -> ChatCompletionLogProbs:
@@ -136,7 +153,8 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionLogProbs(content=content)
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, model: str,
-                      prompt_tokens: int, queued: EngineRequests) -> AsyncIterator[str]:
+                      prompt_tokens: int, queued: EngineRequests, echo: str
+                      ) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -150,6 +168,8 @@ class OpenAIServingChat(OpenAIServing):
         for i in range(req.n):
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
                                                                       content=""))])
+            if echo:
+                yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=echo))])
         async for out in queued.streams[0]:
             self.check_output(out)
             for o in out.outputs:

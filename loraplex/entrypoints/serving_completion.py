@@ -12,7 +12,6 @@ from loraplex.entrypoints.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
-    PromptLogprob,
     UsageInfo,
     random_id,
 )
@@ -94,22 +93,18 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(CompletionChoice(
                     index=i * req.n + o.index, text=prefix + o.text, logprobs=lp,
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason,
-                    prompt_logprobs=self._prompt_logprobs(req, out)))
+                    prompt_logprobs=self._prompt_field(req, out)))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return CompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=UsageInfo(prompt_tokens=prompt_tokens,
                                                   completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
 
-    def _prompt_logprobs(self, req: CompletionRequest, out: RequestOutput
-                         ) -> list[dict[int, PromptLogprob] | None] | None:
-        """vLLM's `prompt_logprobs` field of a choice, when the request asked for it."""
-        if req.prompt_logprobs is None or out.prompt_logprobs is None:
+    def _prompt_field(self, req: CompletionRequest, out: RequestOutput):
+        """A choice's vLLM `prompt_logprobs`, when the request asked for them."""
+        if req.prompt_logprobs is None:
             return None
-        return [None if entry is None else {
-            t: PromptLogprob(logprob=v.logprob, rank=v.rank,
-                             decoded_token=self.token_text(t, v, req.return_tokens_as_token_ids))
-            for t, v in entry.items()} for entry in out.prompt_logprobs]
+        return self.prompt_logprobs(out, req.return_tokens_as_token_ids)
 
     def _echoed_logprobs(self, req: CompletionRequest, out: RequestOutput, prefix_len: int
                          ) -> tuple[CompletionLogProbs, int]:
@@ -183,7 +178,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     choices=[CompletionChoice(
                         index=idx, text=prefix + delta, logprobs=lp,
                         finish_reason=o.finish_reason, stop_reason=o.stop_reason,
-                        prompt_logprobs=(self._prompt_logprobs(req, out)
+                        prompt_logprobs=(self._prompt_field(req, out)
                                          if idx not in first_sent else None))])
                 first_sent.add(idx)
                 yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
