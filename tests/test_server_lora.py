@@ -284,6 +284,36 @@ def test_32_concurrent_requests_match_alone(server, client, prompts):
         assert got == alone[job], job
 
 
+def test_chunked_prefill_and_prefix_cache_over_http(server, client, tiny_models,
+                                                    tiny_adapters, prompts):
+    """A second server with 6-token chunks and 4-token blocks: concurrent requests over
+    the base and adapters, most sharing a long prefix, get the tokens the main server
+    gives each alone, and its /metrics counts prefix-cache hits."""
+    ad = tiny_adapters["llama"]
+    models = [BASE, *SERVED[:3]]
+    jobs = [(models[i % 4], tuple(prompts[-1] + prompts[i % 3][1:]), 5) for i in range(12)]
+    alone = {job: greedy_ids(client, job[0], list(job[1]), job[2]) for job in set(jobs)}
+    args = ["--served-model-name", BASE, "--enable-lora", "--max-loras", "2",
+            "--max-lora-rank", "16", "--max-model-len", "128", "--dtype", "float32",
+            "--max-num-batched-tokens", "6", "--block-size", "4",
+            "--lora-modules", *[f"{n}={ad[n]}" for n in SERVED[:3]]]
+    with RemoteServer(tiny_models["llama"], args) as chunked:
+        async def run_all():
+            aclient = chunked.get_async_client()
+
+            async def one(model, prompt, max_tokens):
+                r = await aclient.completions.create(model=model, prompt=list(prompt),
+                                                     **dict(GREEDY, max_tokens=max_tokens))
+                return token_ids_of(r.choices[0].logprobs)
+            return await asyncio.gather(*(one(*job) for job in jobs))
+
+        results = asyncio.run(run_all())
+        hits = _metrics(chunked).get(("loraplex:prefix_cache_hits_total", ()), 0)
+    for job, got in zip(jobs, results):
+        assert got == alone[job], job
+    assert hits > 0
+
+
 def test_runtime_load_inplace_unload(server, client, tiny_models, tiny_adapters, prompts):
     base, ad, prompt = tiny_models["llama"], tiny_adapters["llama"], prompts[1]
     r = server.post("/v1/load_lora_adapter", {"lora_name": "dyn", "lora_path": str(ad["r4_qv"])})
