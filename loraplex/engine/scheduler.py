@@ -94,6 +94,7 @@ class ScheduledBatch:
         return spans
 
     def keep(self, kept: set[Sequence]) -> ScheduledBatch:
+        """The batch without the sequences not in `kept` (their adapter failed to load)."""
         pairs = [(s, n) for s, n in zip(self.prefill, self.prefill_lens) if s in kept]
         return ScheduledBatch([s for s, _ in pairs], [s for s in self.decode if s in kept],
                               [n for _, n in pairs])
