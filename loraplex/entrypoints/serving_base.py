@@ -18,7 +18,13 @@ from loraplex.entrypoints.errors import (
     ServiceUnavailableError,
     error_body,
 )
-from loraplex.entrypoints.protocol import ErrorResponse, PromptLogprob, SamplingFields
+from loraplex.entrypoints.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    PromptLogprob,
+    SamplingFields,
+)
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
@@ -169,11 +175,13 @@ class OpenAIServing:
             raise BadRequestError(out.error)
 
     # ---- logprobs -----------------------------------------------------------------------
-    def prompt_logprobs(self, out: RequestOutput, as_ids: bool = False
-                        ) -> list[dict[int, PromptLogprob] | None] | None:
-        """vLLM's `prompt_logprobs` field: per prompt token, token id -> logprob."""
-        if out.prompt_logprobs is None:
+    def prompt_logprobs(self, req: CompletionRequest | ChatCompletionRequest,
+                        out: RequestOutput) -> list[dict[int, PromptLogprob] | None] | None:
+        """vLLM's `prompt_logprobs` field when the request asked for it: per prompt token,
+        token id -> logprob."""
+        if req.prompt_logprobs is None or out.prompt_logprobs is None:
             return None
+        as_ids = req.return_tokens_as_token_ids
         return [None if entry is None else {
             t: PromptLogprob(logprob=v.logprob, rank=v.rank,
                              decoded_token=self.token_text(t, v, as_ids))

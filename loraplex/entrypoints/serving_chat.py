@@ -122,8 +122,7 @@ class OpenAIServingChat(OpenAIServing):
             id=request_id, model=model, choices=choices,
             usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=gen,
                             total_tokens=len(ids) + gen),
-            prompt_logprobs=(self.prompt_logprobs(final, req.return_tokens_as_token_ids)
-                             if req.prompt_logprobs is not None else None))
+            prompt_logprobs=self.prompt_logprobs(req, final))
 
     @staticmethod
     def _echo(req: ChatCompletionRequest) -> str:

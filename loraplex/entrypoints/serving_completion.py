@@ -93,18 +93,12 @@ class OpenAIServingCompletion(OpenAIServing):
                 choices.append(CompletionChoice(
                     index=i * req.n + o.index, text=prefix + o.text, logprobs=lp,
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason,
-                    prompt_logprobs=self._prompt_field(req, out)))
+                    prompt_logprobs=self.prompt_logprobs(req, out)))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return CompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=UsageInfo(prompt_tokens=prompt_tokens,
                                                   completion_tokens=completion_tokens,
                                                   total_tokens=prompt_tokens + completion_tokens))
-
-    def _prompt_field(self, req: CompletionRequest, out: RequestOutput):
-        """A choice's vLLM `prompt_logprobs`, when the request asked for them."""
-        if req.prompt_logprobs is None:
-            return None
-        return self.prompt_logprobs(out, req.return_tokens_as_token_ids)
 
     def _echoed_logprobs(self, req: CompletionRequest, out: RequestOutput, prefix_len: int
                          ) -> tuple[CompletionLogProbs, int]:
@@ -112,33 +106,33 @@ class OpenAIServingCompletion(OpenAIServing):
         the generated ones, as OpenAI's legacy completions return them; and the generated
         tokens' first text offset: after the prompt's token texts (a BOS counts as its
         text, so the offsets keep rising), or after the echoed text without echo."""
-        lp, offset, as_ids = CompletionLogProbs(), 0, req.return_tokens_as_token_ids
         if not req.echo:
-            return lp, prefix_len
+            return CompletionLogProbs(), prefix_len
         entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-        for tok, entry in zip(out.prompt_token_ids, entries, strict=True):
-            text = self.token_text(tok, entry.get(tok) if entry else None, as_ids)
-            lp.tokens.append(text)
-            lp.token_logprobs.append(entry[tok].logprob if entry else None)
-            lp.top_logprobs.append({self.token_text(t, v, as_ids): v.logprob
-                                    for t, v in entry.items()} if entry else None)
-            lp.text_offset.append(offset)
-            offset += len(text)
-        return lp, offset
+        return self._token_logprobs(out.prompt_token_ids, entries, 0,
+                                    req.return_tokens_as_token_ids, strict=True)
 
     def _logprobs(self, o: CompletionOutput, start: int, end: int, offset: int,
                   as_ids: bool = False) -> CompletionLogProbs:
+        return self._token_logprobs(o.token_ids[start:end], (o.logprobs or [])[start:end],
+                                    offset, as_ids)[0]
+
+    def _token_logprobs(self, token_ids: list[int], entries: list, offset: int,
+                        as_ids: bool, strict: bool = False) -> tuple[CompletionLogProbs, int]:
+        """OpenAI's legacy logprobs of tokens from their logprob dicts (None: no logprob, as
+        for a prompt's first token), text offsets from `offset` on; and the offset after."""
         lp = CompletionLogProbs()
-        logprobs = o.logprobs or []
-        for tok, top in zip(o.token_ids[start:end], logprobs[start:end]):
-            text = self.token_text(tok, top.get(tok), as_ids)
+        for tok, entry in zip(token_ids, entries, strict=strict):
+            text = self.token_text(tok, entry.get(tok) if entry is not None else None, as_ids)
             lp.tokens.append(text)
-            lp.token_logprobs.append(top[tok].logprob if tok in top else None)
-            lp.top_logprobs.append({self.token_text(t, v, as_ids): v.logprob
-                                    for t, v in top.items()})
+            lp.token_logprobs.append(entry[tok].logprob
+                                     if entry is not None and tok in entry else None)
+            lp.top_logprobs.append(None if entry is None else
+                                   {self.token_text(t, v, as_ids): v.logprob
+                                    for t, v in entry.items()})
             lp.text_offset.append(offset)
             offset += len(text)
-        return lp
+        return lp, offset
 
     async def _stream(self, req: CompletionRequest, request_id: str, model: str,
                       prompts: list, queued: EngineRequests) -> AsyncIterator[str]:
@@ -178,7 +172,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     choices=[CompletionChoice(
                         index=idx, text=prefix + delta, logprobs=lp,
                         finish_reason=o.finish_reason, stop_reason=o.stop_reason,
-                        prompt_logprobs=(self._prompt_field(req, out)
+                        prompt_logprobs=(self.prompt_logprobs(req, out)
                                          if idx not in first_sent else None))])
                 first_sent.add(idx)
                 yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
