@@ -264,14 +264,10 @@ def test_tokenize_and_detokenize(server, client, tokenizer):
         assert resp.json()["error"]["code"] == status
 
 
-def test_32_concurrent_requests_match_alone(server, client, prompts):
-    models = [BASE, *SERVED]  # 5 models over max_loras=2 slots
-    jobs = [(models[i % len(models)], tuple(prompts[i % len(prompts)]), 6 + i % 7)
-            for i in range(32)]
-    alone = {(m, p, k): greedy_ids(client, m, list(p), k) for m, p, k in set(jobs)}
-
+def concurrent_greedy_ids(srv, jobs: list[tuple[str, tuple[int, ...], int]]) -> list[list[int]]:
+    """Greedy token ids of every (model, prompt, max_tokens) job, all sent at once."""
     async def run_all():
-        aclient = server.get_async_client()
+        aclient = srv.get_async_client()
 
         async def one(model, prompt, max_tokens):
             r = await aclient.completions.create(model=model, prompt=list(prompt),
@@ -279,7 +275,15 @@ def test_32_concurrent_requests_match_alone(server, client, prompts):
             return token_ids_of(r.choices[0].logprobs)
         return await asyncio.gather(*(one(*job) for job in jobs))
 
-    results = asyncio.run(run_all())
+    return asyncio.run(run_all())
+
+
+def test_32_concurrent_requests_match_alone(server, client, prompts):
+    models = [BASE, *SERVED]  # 5 models over max_loras=2 slots
+    jobs = [(models[i % len(models)], tuple(prompts[i % len(prompts)]), 6 + i % 7)
+            for i in range(32)]
+    alone = {(m, p, k): greedy_ids(client, m, list(p), k) for m, p, k in set(jobs)}
+    results = concurrent_greedy_ids(server, jobs)
     for job, got in zip(jobs, results):
         assert got == alone[job], job
 
@@ -298,16 +302,7 @@ def test_chunked_prefill_and_prefix_cache_over_http(server, client, tiny_models,
             "--max-num-batched-tokens", "6", "--block-size", "4",
             "--lora-modules", *[f"{n}={ad[n]}" for n in SERVED[:3]]]
     with RemoteServer(tiny_models["llama"], args) as chunked:
-        async def run_all():
-            aclient = chunked.get_async_client()
-
-            async def one(model, prompt, max_tokens):
-                r = await aclient.completions.create(model=model, prompt=list(prompt),
-                                                     **dict(GREEDY, max_tokens=max_tokens))
-                return token_ids_of(r.choices[0].logprobs)
-            return await asyncio.gather(*(one(*job) for job in jobs))
-
-        results = asyncio.run(run_all())
+        results = concurrent_greedy_ids(chunked, jobs)
         hits = _metrics(chunked).get(("loraplex:prefix_cache_hits_total", ()), 0)
     for job, got in zip(jobs, results):
         assert got == alone[job], job
