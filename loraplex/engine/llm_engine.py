@@ -153,14 +153,18 @@ class LLMEngine:
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
             raise ValueError("the prompt is empty")
-        vocab = self.model.args.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+        self._check_token_ids("prompt", ids)
         limit = self.model_config.max_model_len
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {limit}:"
                              " shorten the prompt or raise max_model_len")
+
+    def _check_token_ids(self, field: str, ids: Iterable[int]) -> None:
+        """Ids inside the model's vocabulary; the error names the request's field first."""
+        vocab = self.model.args.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{field} token id {bad[0]} is out of range [0, {vocab})")
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None,
@@ -175,10 +179,7 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self._tokenize(prompt)
         self._check_prompt(ids)
-        vocab = self.model.args.vocab_size
-        bad = [t for t in params.logit_bias or {} if t >= vocab]
-        if bad:
-            raise ValueError(f"logit_bias token id {bad[0]} is out of range [0, {vocab})")
+        self._check_token_ids("logit_bias", params.logit_bias or {})
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         seqs, detoks = [], []
         for i in range(params.n):
