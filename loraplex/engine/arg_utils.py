@@ -143,7 +143,8 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens or (
                 8192 if chunked else max(8192, max_model_len)),
-            max_model_len=max_model_len, enable_chunked_prefill=chunked, lora_policy=self.lora_scheduling_policy,
+            max_model_len=max_model_len, enable_chunked_prefill=chunked,
+            lora_policy=self.lora_scheduling_policy,
             lora_min_slice_steps=self.lora_min_slice_steps)
         lora_config = None
         if self.enable_lora:
