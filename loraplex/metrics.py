@@ -1,6 +1,13 @@
 """Prometheus metrics of the server, named like vLLM's (``vllm:`` -> ``loraplex:``).
 
 Each server owns a CollectorRegistry (two apps in one process never collide).
+Request and token counters are labelled with the model a request named (an adapter or
+the base): one series each per adapter, for per-tenant accounting. The latency
+histograms are labelled with the served model name for every request, as in vLLM:
+per adapter they would be ~60 series each, and a server with thousands of adapters
+would render megabytes per scrape (``benchmarks/metrics_scrape.py``). Opt in with
+``per_adapter_latency`` (``--per-adapter-latency-metrics``). An unloaded adapter's
+series are dropped (``forget_model``), so the set stays that of the registered ones.
 ``loraplex:lora_requests_info`` has the labels the Gateway API Inference Extension
 routes on, exactly as ``vllm:lora_requests_info``: its single series carries the
 adapters of the running and waiting queues and ``max_lora``; its value is the time set.
@@ -18,8 +25,13 @@ _LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0)
 
 
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, served_model_name: str = "", per_adapter_latency: bool = False) -> None:
+        self.served_model_name = served_model_name
+        self.per_adapter_latency = per_adapter_latency
         self.registry = r = CollectorRegistry()
         m = ["model_name"]
         self.requests = Counter("loraplex:request_success", "Finished requests by model "
@@ -75,6 +87,34 @@ class Metrics:
         self.http_errors = Counter("loraplex:http_errors", "Error responses by status code.",
                                    ["status_code"], registry=r)
         self._lora_key: tuple[str, str, str] | None = None
+
+    # ---- requests -------------------------------------------------------------------
+    def _latency_label(self, model_name: str) -> str:
+        return model_name if self.per_adapter_latency else self.served_model_name
+
+    def observe_token(self, model_name: str, seconds: float, first: bool) -> None:
+        """A request got new tokens ``seconds`` after its arrival (first) or its last ones."""
+        hist = self.ttft if first else self.itl
+        hist.labels(self._latency_label(model_name)).observe(seconds)
+
+    def observe_finished(self, model_name: str, reason: str, prompt_tokens: int,
+                         generation_tokens: int, seconds: float) -> None:
+        self.requests.labels(model_name, reason).inc()
+        self.prompt_tokens.labels(model_name).inc(prompt_tokens)
+        self.generation_tokens.labels(model_name).inc(generation_tokens)
+        self.e2e.labels(self._latency_label(model_name)).observe(seconds)
+
+    def forget_model(self, model_name: str) -> None:
+        """Drop the series of an adapter that was unloaded. A request still in flight
+        for it starts them again when it finishes (a counter reset, which Prometheus'
+        rate() handles)."""
+        for reason in FINISH_REASONS:
+            self.requests.remove(model_name, reason)
+        self.prompt_tokens.remove(model_name)
+        self.generation_tokens.remove(model_name)
+        if self.per_adapter_latency and model_name != self.served_model_name:
+            for hist in (self.ttft, self.itl, self.e2e):
+                hist.remove(model_name)
 
     def update_engine(self, stats) -> None:
         """Copy an EngineStats snapshot into the gauges."""

@@ -15,7 +15,8 @@ from tests.server_utils import clean_env, free_port, serve_cmd
 FLAGS = ["--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
          "--lora-dtype", "--max-model-len", "--max-num-seqs", "--dtype", "--seed", "--host",
          "--port", "--served-model-name", "--chat-template", "--api-key",
-         "--uvicorn-log-level", "--lora-extra-vocab-size", "--long-lora-scaling-factors"]
+         "--uvicorn-log-level", "--lora-extra-vocab-size", "--long-lora-scaling-factors",
+         "--per-adapter-latency-metrics"]
 
 
 def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:

@@ -328,7 +328,10 @@ def test_runtime_load_inplace_unload(server, client, tiny_models, tiny_adapters,
     check_hf(new, base, ad["r8_all"], prompt)
     assert new != old
 
+    counted = {k[1][0] for k in _metrics(server) if k[0] == "loraplex:prompt_tokens_total"}
+    assert "dyn" in counted
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "dyn"}).status_code == 200
+    assert not [k for k in _metrics(server) if "dyn" in k[1]]  # its series went with it
     with pytest.raises(openai.NotFoundError):
         greedy_ids(client, "dyn", prompt)
     r = server.post("/v1/unload_lora_adapter", {"lora_name": "dyn"})
@@ -487,7 +490,9 @@ def test_metrics(server, client):
                  "loraplex:num_requests_waiting"):
         assert name in fams, name
     models = {s.labels.get("model_name") for s in fams["loraplex:request_success"].samples}
-    assert {"r8_all", BASE} <= models
+    assert {"r8_all", BASE} <= models  # counters: per model a request named
+    for hist in ("loraplex:time_to_first_token_seconds", "loraplex:e2e_request_latency_seconds"):
+        assert {s.labels["model_name"] for s in fams[hist].samples} == {BASE}  # as vLLM
     # adapter tiers: resident counts, cache hits/misses, load latency
     tiers = {s.labels["tier"]: s.value for s in fams["loraplex:lora_adapters"].samples}
     assert tiers["registered"] >= 1 and 1 <= tiers["device"] <= 2 and tiers["loading"] == 0

@@ -406,3 +406,70 @@ def test_adapter_files_are_read_off_the_engine_thread(engine_args, tiny_adapters
         assert len(readers) == 3 and engine_thread not in readers
         await engine.shutdown()
     asyncio.run(main())
+
+
+def _series(metrics) -> dict[str, set[str]]:
+    """metric family -> the model_name labels it has series for"""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, set[str]] = {}
+    for fam in text_string_to_metric_families(metrics.render().decode()):
+        for s in fam.samples:
+            if "model_name" in s.labels:
+                out.setdefault(fam.name, set()).add(s.labels["model_name"])
+    return out
+
+
+@pytest.mark.parametrize("per_adapter", [False, True])
+def test_latency_metrics_labels_and_unloaded_adapters(per_adapter):
+    """Counters are per model a request named; latency histograms per served model unless
+    per_adapter_latency; an unloaded adapter's series go (thousands of adapters must not
+    leave thousands of histograms behind)."""
+    from loraplex.metrics import Metrics
+
+    metrics = Metrics("base", per_adapter_latency=per_adapter)
+    for model in ("base", "a1", "a2"):
+        metrics.observe_token(model, 0.1, first=True)
+        metrics.observe_token(model, 0.01, first=False)
+        metrics.observe_finished(model, "length", 5, 2, 0.2)
+    metrics.observe_finished("a1", "abort", 5, 0, 0.05)
+    latency = {"base", "a1", "a2"} if per_adapter else {"base"}
+    series = _series(metrics)
+    for fam in ("loraplex:request_success", "loraplex:prompt_tokens",
+                "loraplex:generation_tokens"):
+        assert series[fam] == {"base", "a1", "a2"}, fam
+    for fam in ("loraplex:time_to_first_token_seconds", "loraplex:time_per_output_token_seconds",
+                "loraplex:e2e_request_latency_seconds"):
+        assert series[fam] == latency, fam
+
+    metrics.forget_model("a1")
+    metrics.forget_model("never-seen")  # nothing to drop: no error
+    series = _series(metrics)
+    assert all("a1" not in models for models in series.values()), series
+    assert series["loraplex:request_success"] == {"base", "a2"}
+    assert series["loraplex:e2e_request_latency_seconds"] == latency - {"a1"}
+
+
+def test_unknown_model_404_names_a_bounded_list(engine_args, tiny_adapters):
+    """With more adapters than the message lists, a 404 names the first ones and says how
+    many more there are, instead of every name a server with thousands would hold."""
+    from loraplex.entrypoints.serving_models import NAMES_IN_NOT_FOUND
+
+    path = str(tiny_adapters["llama"]["r4_qv"])
+
+    async def main():
+        engine, models, _ = _serving(engine_args)
+        await models.load_lora_adapter("a0", path)
+        with pytest.raises(NotFoundError) as few:
+            await models.resolve("typo")
+        assert str(few.value).endswith("Available models: tiny, a0"), str(few.value)
+        for i in range(1, NAMES_IN_NOT_FOUND + 5):
+            await models.load_lora_adapter(f"a{i}", path)
+        with pytest.raises(NotFoundError) as many:
+            await models.resolve("typo")
+        message = str(many.value)
+        # "tiny" and a0..a18 are listed; a19..a24 are not
+        assert f"a{NAMES_IN_NOT_FOUND - 3}, a{NAMES_IN_NOT_FOUND - 2} and 6 more" in message
+        assert f"a{NAMES_IN_NOT_FOUND - 1}" not in message
+        await engine.shutdown()
+    asyncio.run(main())

@@ -157,10 +157,9 @@ class AsyncLLMEngine:
             return
         n = sum(len(c.token_ids) for c in out.outputs)
         if n > stream.num_tokens and self.metrics is not None:
-            if stream.first_token is None:
-                self.metrics.ttft.labels(stream.model_name).observe(now - stream.arrival)
-            else:
-                self.metrics.itl.labels(stream.model_name).observe(now - stream.last_token)
+            first = stream.first_token is None
+            since = stream.arrival if first else stream.last_token
+            self.metrics.observe_token(stream.model_name, now - since, first)
         if n > stream.num_tokens:
             stream.first_token = stream.first_token or now
             stream.last_token = now
@@ -178,11 +177,8 @@ class AsyncLLMEngine:
         if exc is not None:
             stream.queue.put_nowait(exc)
         if self.metrics is not None:
-            m, name = self.metrics, stream.model_name
-            m.requests.labels(name, reason).inc()
-            m.prompt_tokens.labels(name).inc(stream.prompt_tokens)
-            m.generation_tokens.labels(name).inc(stream.num_tokens)
-            m.e2e.labels(name).observe(time.monotonic() - stream.arrival)
+            self.metrics.observe_finished(stream.model_name, reason, stream.prompt_tokens,
+                                          stream.num_tokens, time.monotonic() - stream.arrival)
 
     # ---- requests ---------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType,

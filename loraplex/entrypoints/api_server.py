@@ -29,7 +29,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoTokenizer
@@ -161,7 +161,7 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         return {"version": __version__}
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    def prometheus() -> Response:  # a plain def: rendered on a worker thread, not the loop
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -220,7 +220,9 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(raw_request: Request) -> Response:
         req = await adapter_body(raw_request, UnloadLoRAAdapterRequest)
-        return PlainTextResponse(await state.models.unload_lora_adapter(req.lora_name))
+        message = await state.models.unload_lora_adapter(req.lora_name)
+        metrics.forget_model(req.lora_name)
+        return PlainTextResponse(message)
 
     return app
 
@@ -316,7 +318,10 @@ async def build_state(args: argparse.Namespace) -> ServerState:
         raise CLIError(f"cannot start the engine for {args.model!r}: {_one_line(e)}") from None
     names = engine_args.served_model_name or [args.model]
     names = [names] if isinstance(names, str) else list(names)
-    metrics = Metrics()
+    # no `_created` sample beside every series (half the lines of a per-adapter counter);
+    # process-wide, so the server sets it, not the Metrics class
+    disable_created_metrics()
+    metrics = Metrics(names[0], per_adapter_latency=args.per_adapter_latency_metrics)
     async_engine = AsyncLLMEngine(engine, model_name=names[0], metrics=metrics)
     models = OpenAIServingModels(async_engine, names, engine.model_config.max_model_len,
                                  engine.lora_config is not None)

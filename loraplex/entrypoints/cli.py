@@ -236,6 +236,10 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="Log level of uvicorn.")
     server.add_argument("--disable-log-requests", action="store_true",
                         help="Accepted for vLLM compatibility.")
+    server.add_argument("--per-adapter-latency-metrics", action="store_true",
+                        help="Label /metrics' latency histograms with the adapter a request "
+                             "named, not the served model name (about 60 series per adapter: "
+                             "for tens of adapters, not thousands).")
     _add_engine_args(p)
     p.set_defaults(func=run_serve)
     return p

@@ -42,6 +42,9 @@ class LoRAModulePath:
     base_model_name: str | None = None
 
 
+NAMES_IN_NOT_FOUND = 20  # served names a 404 for an unknown model lists
+
+
 class OpenAIServingModels:
     def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str],
                  max_model_len: int, lora_enabled: bool) -> None:
@@ -191,6 +194,11 @@ class OpenAIServingModels:
             raise self._not_found(name)
 
     def _not_found(self, name: str) -> NotFoundError:
-        return NotFoundError(f"The model `{name}` does not exist. Available models: "
-                             + ", ".join([*self.served_model_names, *self.lora_requests]),
+        """vLLM's message, with the first names that are served (a server with thousands
+        of adapters must not answer a typo with all of them)."""
+        names = [*self.served_model_names, *self.lora_requests]
+        shown = ", ".join(names[:NAMES_IN_NOT_FOUND])
+        if len(names) > NAMES_IN_NOT_FOUND:
+            shown += f" and {len(names) - NAMES_IN_NOT_FOUND} more (GET /v1/models lists them)"
+        return NotFoundError(f"The model `{name}` does not exist. Available models: {shown}",
                              param="model")
