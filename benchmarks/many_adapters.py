@@ -293,14 +293,9 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where model and adapters are written")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    root = Path(a.workdir or tempfile.gettempdir()) / f"loraplex_many_{a.shape}_r{a.rank}"
     shape = SHAPES[a.shape]
-    hidden, layers, heads, kv_heads, inter, vocab = shape
-    model_dir = make_random_llama(root / "model", hidden=hidden, layers=layers, heads=heads,
-                                  kv_heads=kv_heads, intermediate=inter, vocab=vocab) \
-        if a.shape == "small-cpu" else _config_only(root / "model", shape)
-    dirs = write_adapters(root / "adapters", max(max(a.num_adapters), a.max_loras + a.burst),
-                          shape, a.rank)
+    model_dir, dirs = model_and_adapters(a.shape, a.rank, a.workdir,
+                                         max(max(a.num_adapters), a.max_loras + a.burst))
     device = "cuda" if a.device == "cuda" else "cpu"
     out = Path(a.out or Path(__file__).parent / "results" / f"many_adapters_{device}.json")
     results = {"machine": machine_info(), "args": vars(a), "weights": weight_sizes(shape, a.rank),
@@ -322,6 +317,19 @@ def main() -> None:
           f"{b['warm_p99_cold_burst_vs_none']:.2f}x no burst")
     results["complete"] = True
     write_json(out, results)
+
+
+def model_and_adapters(shape_name: str, rank: int, workdir: str | None, n: int
+                       ) -> tuple[Path, list[Path]]:
+    """The shape's model dir (random weights for small-cpu; else config and tokenizer
+    only, for load_format='dummy') and n adapter dirs, written once and reused."""
+    root = Path(workdir or tempfile.gettempdir()) / f"loraplex_many_{shape_name}_r{rank}"
+    shape = SHAPES[shape_name]
+    hidden, layers, heads, kv_heads, inter, vocab = shape
+    model_dir = make_random_llama(root / "model", hidden=hidden, layers=layers, heads=heads,
+                                  kv_heads=kv_heads, intermediate=inter, vocab=vocab) \
+        if shape_name == "small-cpu" else _config_only(root / "model", shape)
+    return model_dir, write_adapters(root / "adapters", n, shape, rank)
 
 
 def _config_only(out_dir: Path, shape: tuple) -> Path:

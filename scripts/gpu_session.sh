@@ -7,7 +7,7 @@
 #                bash scripts/gpu_session.sh decode       # issue 6 targets: 8B + HF, then 1B
 #                bash scripts/gpu_session.sh adapters     # issue 7 targets: many adapters, 1B
 #                bash scripts/gpu_session.sh decode-mlp   # all-linear adapters, 8B and 1B
-#                bash scripts/gpu_session.sh kernels      # LoRA op + attention microbenchmarks
+#                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
 #                bash scripts/gpu_session.sh suite        # the whole suite on the GPU machine
 #
 # decode_step.py writes its JSON after every round, so a run cut by its timeout keeps
@@ -37,12 +37,14 @@ case "$phase" in
       | tail -15
     ;;
   kernels)
-    timeout 280 python3 benchmarks/lora_ops.py --device cuda --out "$OUT/lora_ops_cuda.json" \
+    timeout 240 python3 benchmarks/lora_ops.py --device cuda --out "$OUT/lora_ops_cuda.json" \
       2>&1 | tail -30
     # no flex here: it compiles once per shape (~15 shapes, up to a minute each) and the
     # JSON is written only at the end, so a timeout would lose every row
-    timeout 280 python3 benchmarks/attention.py --impls torch,torch_mirror,triton \
+    timeout 240 python3 benchmarks/attention.py --impls torch,torch_mirror,triton \
       --out "$OUT/attention_cuda.json" 2>&1 | tail -30
+    timeout 90 python3 benchmarks/slot_load.py --shape llama-3.2-1b --device cuda \
+      --workdir /tmp --out "$OUT/slot_load_cuda_1b.json" 2>&1 | tail -5
     ;;
   decode)
     timeout 380 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \

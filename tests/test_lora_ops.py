@@ -180,3 +180,38 @@ def test_layer_tracks_each_slots_real_rank():
     layer.reset_lora(1)
     assert layer.slot_ranks == [0, 0, 0] and not layer.lora_ranks.any()
     assert not layer.lora_a_stacked.any() and not layer.lora_b_stacked.any()
+
+
+def test_a_reused_slot_keeps_no_trace_of_its_last_adapter():
+    """Slots are swapped in place (set_packed zeros only the ranks the last adapter used
+    past the new one's): after r=8 -> r=6 with one slice absent, the slot reads as if it
+    were fresh, also through a rank bucket of 8 that reads past the new rank."""
+    sizes, d_in = [8, 4, 4], 16
+    layer = LinearWithLoRA(Linear(d_in, sizes), max_loras=2, max_rank=16, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+
+    def adapter(ranks):
+        return ([torch.randn(r, d_in, generator=gen) if r else None for r in ranks],
+                [torch.randn(out, r, generator=gen) if r else None for out, r in zip(sizes, ranks)])
+    layer.set_lora(0, *adapter([8, 8, 8]))
+    layer.set_lora(1, *adapter([8, 8, 8]))
+    new = adapter([6, 0, 3])  # k absent, v at a lower rank (rank_pattern)
+    layer.set_lora(1, *new)
+    fresh = LinearWithLoRA(Linear(d_in, sizes), max_loras=2, max_rank=16, dtype=torch.float32)
+    fresh.set_lora(1, *new)
+    assert layer.slot_ranks[1] == 6 and layer.lora_ranks.tolist() == [8, 6]
+    assert torch.equal(layer.lora_a_stacked[1], fresh.lora_a_stacked[1])
+    assert torch.equal(layer.lora_b_stacked[1], fresh.lora_b_stacked[1])
+
+    slots = [0, 1, 1, -1]
+    meta = LoRABatchMeta.make(slots, CPU)
+    [bucket] = meta.rank_buckets(layer.slot_ranks)
+    assert bucket.rank == 8  # slot 1's ranks 6 and 7 are read: they must be zeros
+    x, y = torch.randn(4, d_in, generator=gen), torch.zeros(4, sum(sizes))
+    got = y.clone()
+    ops.add_lora(got, x, layer.lora_a_stacked, layer.lora_b_stacked, layer.lora_ranks, meta,
+                 sizes)
+    want = per_token_reference(y, x, layer.lora_a_stacked, layer.lora_b_stacked, [8, 6],
+                               slots, sizes)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:3, 8:12], torch.zeros(2, 4))  # k: no adapter weights

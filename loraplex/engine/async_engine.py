@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine, PromptType
-from loraplex.lora.adapter import LoRAModel
+from loraplex.lora.adapter import PackedLoRA
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 from loraplex.metrics import Metrics
@@ -224,7 +224,7 @@ class AsyncLLMEngine:
         return self._iterate(request_id, stream)
 
     def _add_now(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                 lora: LoRARequest | None, prepared: LoRAModel | None) -> bool:
+                 lora: LoRARequest | None, prepared: PackedLoRA | None) -> bool:
         """On the engine thread: queue the request if its adapter is registered (or
         ``prepared`` registers it). False, with nothing queued, if the adapter is missing."""
         if lora is not None:
@@ -283,7 +283,7 @@ class AsyncLLMEngine:
         self._abort_now(request_id)
 
     # ---- adapters ---------------------------------------------------------------------
-    async def prepare_lora(self, lora_request: LoRARequest) -> LoRAModel:
+    async def prepare_lora(self, lora_request: LoRARequest) -> PackedLoRA:
         """Read and validate the adapter on a worker thread (raises LoRAError)."""
         return await asyncio.to_thread(self.engine.prepare_lora, lora_request)
 

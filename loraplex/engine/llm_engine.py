@@ -27,7 +27,7 @@ from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.layers.sampler import Sampler, SamplingRow
-from loraplex.lora.adapter import LoRAModel
+from loraplex.lora.adapter import PackedLoRA
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
@@ -341,7 +341,7 @@ class LLMEngine:
             raise ValueError("LoRA is not enabled: create the engine with enable_lora=True")
         return self.lora_manager
 
-    def prepare_lora(self, lora_request: LoRARequest) -> LoRAModel:
+    def prepare_lora(self, lora_request: LoRARequest) -> PackedLoRA:
         """Read and validate an adapter (I/O only); safe to call from any thread."""
         return self._require_lora().prepare(lora_request)
 
@@ -354,7 +354,7 @@ class LLMEngine:
         self._pending_lora_removal.discard(lora_request.lora_int_id)  # wanted again
         return added
 
-    def add_lora(self, lora_request: LoRARequest, prepared: LoRAModel | None = None) -> bool:
+    def add_lora(self, lora_request: LoRARequest, prepared: PackedLoRA | None = None) -> bool:
         """Register and load now, validating the weights too (vLLM's add_lora)."""
         manager = self._require_lora()
         added = manager.add(lora_request, prepared)  # raises for another adapter on this id

@@ -45,6 +45,18 @@ class LoRAModel:
                    + w.lora_b.numel() * w.lora_b.element_size() for w in self.modules.values())
 
 
+@dataclass
+class PackedLoRA:
+    """An adapter as the host tier keeps it: for each LoRA layer it touches, its weights
+    in the layout of one slot of that layer (LinearWithLoRA.pack): A [r, n, in] and
+    B [sum(out_k), r]. Copying it into a slot is then two copies per layer."""
+
+    lora_int_id: int
+    name: str
+    rank: int
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class TargetShapes:
     """What the base model offers: HF module name -> (in_features, out_features)."""

@@ -5,7 +5,9 @@
 Weights live in preallocated slot buffers (vLLM's `lora_a_stacked` / `lora_b_stacked`),
 one A per packed sub-projection and their B's stacked like the base weight's rows.
 Smaller ranks are zero-padded to `max_lora_rank`; `lora_ranks` holds each slot's real
-rank so the ops skip the padding; an empty slot is all zeros with rank 0.
+rank so the ops skip the padding; an empty slot is all zeros with rank 0. Invariant:
+everything past a slot's rank is zero (the torch fallback on a GPU and a rank bucket
+wider than a slot read it).
 """
 
 from __future__ import annotations
@@ -39,23 +41,48 @@ class LinearWithLoRA(nn.Module):
                                                        device=device), persistent=False)
         self.slot_ranks = [0] * max_loras  # host copy: skip the op when no active slot has weights
 
-    def set_lora(self, slot: int, lora_a: list[torch.Tensor | None],
-                 lora_b: list[torch.Tensor | None]) -> None:
-        """Copy one adapter into `slot`; a None sub-projection stays zero."""
-        self.reset_lora(slot)
+    def pack(self, lora_a: list[torch.Tensor | None], lora_b: list[torch.Tensor | None]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One adapter's sub-projections (A_k [r_k, in], B_k [out_k, r_k]; None = not
+        targeted) in the layout of one slot, on the host: A [r, n, in], B [sum(out_k), r],
+        r = the largest r_k; absent slices and ranks past a slice's own are zeros."""
+        rank = max(a.shape[0] for a in lora_a if a is not None)
+        a_slot = torch.zeros(rank, len(self.output_sizes), self.base_layer.in_features,
+                             dtype=self.lora_a_stacked.dtype)
+        b_slot = torch.zeros(sum(self.output_sizes), rank, dtype=self.lora_b_stacked.dtype)
         col = 0
         for k, (a, b, out) in enumerate(zip(lora_a, lora_b, self.output_sizes, strict=True)):
             if a is not None:
-                rank = a.shape[0]
-                self.lora_a_stacked[slot, :rank, k].copy_(a, non_blocking=True)
-                self.lora_b_stacked[slot, col:col + out, :rank].copy_(b, non_blocking=True)
-                self.slot_ranks[slot] = max(self.slot_ranks[slot], rank)
+                a_slot[:a.shape[0], k] = a
+                b_slot[col:col + out, :a.shape[0]] = b
             col += out
-        self.lora_ranks[slot] = self.slot_ranks[slot]
+        return a_slot, b_slot
+
+    def set_lora(self, slot: int, lora_a: list[torch.Tensor | None],
+                 lora_b: list[torch.Tensor | None]) -> None:
+        """Copy one adapter into `slot`; a None sub-projection stays zero."""
+        self.set_packed(slot, *self.pack(lora_a, lora_b))
+
+    def set_packed(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Copy pack()'s output into `slot`: two copies, and zeros over ranks the slot's
+        last adapter used beyond this one's."""
+        rank, old = a.shape[0], self.slot_ranks[slot]
+        if old > rank:
+            self.lora_a_stacked[slot, rank:old].zero_()
+            self.lora_b_stacked[slot, :, rank:old].zero_()
+        self.lora_a_stacked[slot, :rank].copy_(a, non_blocking=True)
+        self.lora_b_stacked[slot, :, :rank].copy_(b, non_blocking=True)
+        self.lora_ranks[slot] = self.slot_ranks[slot] = rank
 
     def reset_lora(self, slot: int) -> None:
-        self.lora_a_stacked[slot].zero_()
-        self.lora_b_stacked[slot].zero_()
+        """Zero the slot. Only its first slot_ranks[slot] ranks can hold weights (set_lora
+        writes no further), so only those are cleared: swapping adapters in and out of
+        slots is a hot path when more adapters are active than max_loras."""
+        rank = self.slot_ranks[slot]
+        if rank == 0:
+            return  # already all zeros
+        self.lora_a_stacked[slot, :rank].zero_()
+        self.lora_b_stacked[slot, :, :rank].zero_()
         self.lora_ranks[slot] = self.slot_ranks[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Background adapter loads: read + validate on worker threads, never on the step loop.
 
-    step loop:  submit(id) ... poll() -> {id: LoRAModel | LoRAError}   (non-blocking)
+    step loop:  submit(id) ... poll() -> {id: PackedLoRA | LoRAError}   (non-blocking)
     worker:     read adapter_config.json + weights, validate, scale   (load_adapter)
 
 A load is submitted once per adapter however many requests wait for it; the step loop
@@ -15,17 +15,17 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from loraplex.lora.adapter import LoRAModel
+from loraplex.lora.adapter import PackedLoRA
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
-LoadResult = LoRAModel | LoRAError
+LoadResult = PackedLoRA | LoRAError
 
 
 class AdapterLoader:
-    def __init__(self, load_fn: Callable[[LoRARequest], LoRAModel], num_workers: int = 2
+    def __init__(self, load_fn: Callable[[LoRARequest], PackedLoRA], num_workers: int = 2
                  ) -> None:
         self._load_fn = load_fn
         self._executor = ThreadPoolExecutor(num_workers, thread_name_prefix="loraplex-lora")

@@ -25,7 +25,13 @@ import torch
 from torch import nn
 
 from loraplex.config import LoRAConfig
-from loraplex.lora.adapter import LoRAModel, TargetShapes, check_adapter_config, load_adapter
+from loraplex.lora.adapter import (
+    LoRAModel,
+    PackedLoRA,
+    TargetShapes,
+    check_adapter_config,
+    load_adapter,
+)
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.loader import AdapterLoader
@@ -78,7 +84,7 @@ class LoRAManager:
         # removed and re-added id never shares K/V computed under the old weights
         self._registration: dict[int, int] = {}
         self._registrations = itertools.count(1)
-        self._host: OrderedDict[int, LoRAModel] = OrderedDict()  # LRU: oldest first
+        self._host: OrderedDict[int, PackedLoRA] = OrderedDict()  # LRU: oldest first
         self.lora_index_to_id: list[int | None] = [None] * cfg.max_loras
         self._slot_lru: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, oldest first
         self.pinned: set[int] = set()
@@ -111,17 +117,33 @@ class LoRAManager:
         return total
 
     # ---- registry ---------------------------------------------------------------------
-    def prepare(self, req: LoRARequest) -> LoRAModel:
-        """Read and validate from disk/hub. Touches no shared state: safe on any thread."""
+    def prepare(self, req: LoRARequest) -> PackedLoRA:
+        """Read, validate and lay out for the slots (pack). Touches no shared state: safe
+        on any thread, so all of this stays off the step loop."""
         start = time.perf_counter()
         try:
-            lora = load_adapter(req, self.targets, self.cfg.max_lora_rank, self.dtype)
-            if self.device.type == "cuda":  # page-locked, so the slot copy is asynchronous
-                for w in lora.modules.values():
-                    w.lora_a, w.lora_b = w.lora_a.pin_memory(), w.lora_b.pin_memory()
-            return lora
+            return self.pack(load_adapter(req, self.targets, self.cfg.max_lora_rank,
+                                          self.dtype))
         finally:
             self.loader.record(time.perf_counter() - start)
+
+    def pack(self, lora: LoRAModel) -> PackedLoRA:
+        """HF modules (q_proj, k_proj, ...) -> one A and one B per LoRA layer (qkv_proj)
+        in its slot layout; page-locked on a GPU, so a slot copy is asynchronous."""
+        grouped: dict[str, dict[int, tuple]] = {}
+        for module, w in lora.modules.items():
+            prefix, _, leaf = module.rpartition(".")
+            packed, k = self._packed.get(leaf, (leaf, 0))
+            grouped.setdefault(f"{prefix}.{packed}", {})[k] = (w.lora_a, w.lora_b)
+        layers = {}
+        for name, parts in grouped.items():
+            layer = self.layers[name]
+            n = len(layer.output_sizes)
+            a, b = layer.pack([parts[k][0] if k in parts else None for k in range(n)],
+                              [parts[k][1] if k in parts else None for k in range(n)])
+            layers[name] = (a.pin_memory(), b.pin_memory()) if self.device.type == "cuda" \
+                else (a, b)
+        return PackedLoRA(lora.lora_int_id, lora.name, lora.rank, layers)
 
     def _check_id(self, req: LoRARequest) -> bool:
         """False if this exact adapter is registered already; raises if the id is taken."""
@@ -150,7 +172,7 @@ class LoRAManager:
     def registration_of(self, lora_int_id: int) -> int:
         return self._registration[lora_int_id]
 
-    def add(self, req: LoRARequest, prepared: LoRAModel | None = None) -> bool:
+    def add(self, req: LoRARequest, prepared: PackedLoRA | None = None) -> bool:
         """Register and load now (validating everything). False if already registered."""
         if not self._check_id(req):
             return False
@@ -220,7 +242,7 @@ class LoRAManager:
                 self._put_host(result)
         return failed
 
-    def _put_host(self, lora: LoRAModel) -> None:
+    def _put_host(self, lora: PackedLoRA) -> None:
         self._host[lora.lora_int_id] = lora
         self._host.move_to_end(lora.lora_int_id)
         while len(self._host) > self.cfg.max_cpu_loras:
@@ -280,24 +302,17 @@ class LoRAManager:
         raise RuntimeError("no free LoRA slot: the scheduler admitted more than max_loras "
                            "adapters (bug)")
 
-    def _load_slot(self, slot: int, lora: LoRAModel) -> None:
-        grouped: dict[str, dict[int, tuple]] = {}
-        for module, w in lora.modules.items():
-            prefix, _, leaf = module.rpartition(".")
-            packed, k = self._packed.get(leaf, (leaf, 0))
-            grouped.setdefault(f"{prefix}.{packed}", {})[k] = (w.lora_a, w.lora_b)
+    def _load_slot(self, slot: int, lora: PackedLoRA) -> None:
         stream = self._copy_stream
         if stream is not None:  # the slot was last read by compute: start after it
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             for name, layer in self.layers.items():
-                parts = grouped.get(name)
-                if parts is None:
+                packed = lora.layers.get(name)
+                if packed is None:
                     layer.reset_lora(slot)
-                    continue
-                n = len(layer.output_sizes)
-                layer.set_lora(slot, [parts[k][0] if k in parts else None for k in range(n)],
-                               [parts[k][1] if k in parts else None for k in range(n)])
+                else:
+                    layer.set_packed(slot, *packed)
         if stream is not None:  # the next forward reads the slot: wait for the copies
             torch.cuda.current_stream(self.device).wait_stream(stream)
         self.lora_index_to_id[slot] = lora.lora_int_id
