@@ -165,7 +165,7 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def list_models() -> JSONResponse:
+    def list_models() -> JSONResponse:  # a plain def: thousands of cards, off the loop
         return JSONResponse(state.models.show_available_models().model_dump())
 
     def respond(result) -> Response:

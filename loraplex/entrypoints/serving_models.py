@@ -88,10 +88,13 @@ class OpenAIServingModels:
 
     # ---- listing ------------------------------------------------------------------------
     def show_available_models(self) -> ModelList:
+        """Called on a worker thread (the route is a plain def): it reads a copy of the
+        adapters (one C call), as the event loop may load or unload some meanwhile."""
+        adapters = self.lora_requests.copy().items()
         cards = [ModelCard(id=n, root=self.engine.engine.model_config.model,
                            max_model_len=self.max_model_len)
                  for n in self.served_model_names]
-        for name, req in self.lora_requests.items():
+        for name, req in adapters:
             cards.append(ModelCard(id=name, root=req.lora_path,
                                    parent=req.base_model_name or self.base_model_name,
                                    max_model_len=self.max_model_len))
