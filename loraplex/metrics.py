@@ -7,7 +7,8 @@ histograms are labelled with the served model name for every request, as in vLLM
 per adapter they would be ~60 series each, and a server with thousands of adapters
 would render megabytes per scrape (``benchmarks/metrics_scrape.py``). Opt in with
 ``per_adapter_latency`` (``--per-adapter-latency-metrics``). An unloaded adapter's
-series are dropped (``forget_model``), so the set stays that of the registered ones.
+series are dropped (``forget_model``) once its last request in flight is done
+(``AsyncLLMEngine.forget_model_metrics``), so the set stays that of the served ones.
 ``loraplex:lora_requests_info`` has the labels the Gateway API Inference Extension
 routes on, exactly as ``vllm:lora_requests_info``: its single series carries the
 adapters of the running and waiting queues and ``max_lora``; its value is the time set.
@@ -105,9 +106,7 @@ class Metrics:
         self.e2e.labels(self._latency_label(model_name)).observe(seconds)
 
     def forget_model(self, model_name: str) -> None:
-        """Drop the series of an adapter that was unloaded. A request still in flight
-        for it starts them again when it finishes (a counter reset, which Prometheus'
-        rate() handles)."""
+        """Drop the series of an adapter that was unloaded (and has no request left)."""
         for reason in FINISH_REASONS:
             self.requests.remove(model_name, reason)
         self.prompt_tokens.remove(model_name)

@@ -414,6 +414,8 @@ def _series(metrics) -> dict[str, set[str]]:
 
     out: dict[str, set[str]] = {}
     for fam in text_string_to_metric_families(metrics.render().decode()):
+        if fam.name.endswith("_created"):  # prometheus_client's, unless disabled (the server)
+            continue
         for s in fam.samples:
             if "model_name" in s.labels:
                 out.setdefault(fam.name, set()).add(s.labels["model_name"])
@@ -471,5 +473,53 @@ def test_unknown_model_404_names_a_bounded_list(engine_args, tiny_adapters):
         # "tiny" and a0..a18 are listed; a19..a24 are not
         assert f"a{NAMES_IN_NOT_FOUND - 3}, a{NAMES_IN_NOT_FOUND - 2} and 6 more" in message
         assert f"a{NAMES_IN_NOT_FOUND - 1}" not in message
+        await engine.shutdown()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("reload", [False, True], ids=["unload", "unload_then_reload"])
+def test_an_unloaded_adapters_metrics_go_with_its_last_request(engine_args, tiny_adapters,
+                                                               reload):
+    """Unloaded while a request for it is in flight: the series are dropped when that
+    request finishes (dropping them at once let the finishing request bring them back for
+    good); loaded again meanwhile, they stay."""
+    import threading
+
+    from loraplex.metrics import Metrics
+
+    path = str(tiny_adapters["llama"]["r4_qv"])
+
+    async def main():
+        metrics = Metrics("tiny", per_adapter_latency=True)
+        engine = AsyncLLMEngine.from_engine_args(engine_args, metrics=metrics)
+        models = OpenAIServingModels(engine, ["tiny"], 64, lora_enabled=True)
+        await models.load_lora_adapter("dyn", path)
+        # hold the engine thread, so the request is queued, then the unload (and the
+        # reload), in that order, before any step can finish the request
+        gate = threading.Event()
+        held = asyncio.ensure_future(engine.run(gate.wait))
+        await asyncio.sleep(0.05)
+        add = asyncio.ensure_future(engine.add_request(
+            "r1", {"prompt_token_ids": [1, 43, 76]}, GREEDY, models.lora_requests["dyn"]))
+        await asyncio.sleep(0.05)
+        changes = [models.unload_lora_adapter("dyn")]
+        if reload:
+            changes.append(models.load_lora_adapter("dyn", path))
+        change = asyncio.ensure_future(asyncio.gather(*changes))
+        await asyncio.sleep(0.05)
+        gate.set()
+        stream = await add
+        await asyncio.gather(held, change)
+        outs = [o async for o in stream]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 6
+        served = {fam: models for fam, models in _series(metrics).items() if "dyn" in models}
+        if reload:
+            assert set(served) == {
+                "loraplex:request_success", "loraplex:prompt_tokens",
+                "loraplex:generation_tokens", "loraplex:time_to_first_token_seconds",
+                "loraplex:time_per_output_token_seconds",
+                "loraplex:e2e_request_latency_seconds"}, served
+        else:
+            assert not served, served
         await engine.shutdown()
     asyncio.run(main())

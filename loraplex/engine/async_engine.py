@@ -67,6 +67,7 @@ class AsyncLLMEngine:
         self.metrics = metrics
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="loraplex-engine")
         self._streams: dict[str, _Stream] = {}
+        self._forget: set[str] = set()  # unloaded models whose metrics go with their last stream
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._stopped = False
@@ -179,6 +180,26 @@ class AsyncLLMEngine:
         if self.metrics is not None:
             self.metrics.observe_finished(stream.model_name, reason, stream.prompt_tokens,
                                           stream.num_tokens, time.monotonic() - stream.arrival)
+        self._stream_gone(stream.model_name)
+
+    # ---- metrics of unloaded models ---------------------------------------------------
+    def forget_model_metrics(self, model_name: str) -> None:
+        """Drop an unloaded adapter's metric series, once its last request in flight is
+        done: one finishing later would bring them back, and nothing would drop them."""
+        if self.metrics is None:
+            return
+        self._forget.add(model_name)
+        self._stream_gone(model_name)
+
+    def keep_model_metrics(self, model_name: str) -> None:
+        """The name is served again (loaded after an unload): its series stay."""
+        self._forget.discard(model_name)
+
+    def _stream_gone(self, model_name: str) -> None:
+        if model_name in self._forget and all(
+                s.model_name != model_name for s in self._streams.values()):
+            self._forget.discard(model_name)
+            self.metrics.forget_model(model_name)
 
     # ---- requests ---------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType,
@@ -210,6 +231,7 @@ class AsyncLLMEngine:
                 await self.run(self._add_now, *args, await self.prepare_lora(lora_request))
         except BaseException:
             self._streams.pop(request_id, None)
+            self._stream_gone(name)
             if not self._stopped:  # cancelled mid-add: the engine may hold it already
                 self._executor.submit(self.engine.abort_request, request_id)
             raise

@@ -220,9 +220,7 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(raw_request: Request) -> Response:
         req = await adapter_body(raw_request, UnloadLoRAAdapterRequest)
-        message = await state.models.unload_lora_adapter(req.lora_name)
-        metrics.forget_model(req.lora_name)
-        return PlainTextResponse(message)
+        return PlainTextResponse(await state.models.unload_lora_adapter(req.lora_name))
 
     return app
 

@@ -126,6 +126,7 @@ class OpenAIServingModels:
             except LoRAError as e:
                 raise BadRequestError(str(e), param="lora_path") from e
             self.lora_requests[name] = req
+            self.engine.keep_model_metrics(name)
             if old is None:
                 logger.info("loaded LoRA adapter %s from %s", name, path)
                 return f"Success: LoRA adapter '{name}' added successfully."
@@ -143,6 +144,7 @@ class OpenAIServingModels:
                 raise NotFoundError(f"The lora adapter '{name}' cannot be found.",
                                     param="lora_name")
             await self.engine.remove_lora(req.lora_int_id)  # deferred while in flight
+            self.engine.forget_model_metrics(name)  # likewise
             logger.info("unloaded LoRA adapter %s", name)
             return f"Success: LoRA adapter '{name}' removed successfully."
         return await self._change(name, unload)
@@ -184,6 +186,7 @@ class OpenAIServingModels:
                 failures.append(f"{rname}: {e}")
                 continue
             self.lora_requests[name] = req
+            self.engine.keep_model_metrics(name)
             logger.info("resolver %s resolved %s to %s", rname, name, hit.lora_path)
             return req
         if failures:

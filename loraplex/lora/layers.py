@@ -41,15 +41,17 @@ class LinearWithLoRA(nn.Module):
                                                        device=device), persistent=False)
         self.slot_ranks = [0] * max_loras  # host copy: skip the op when no active slot has weights
 
-    def pack(self, lora_a: list[torch.Tensor | None], lora_b: list[torch.Tensor | None]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def pack(self, lora_a: list[torch.Tensor | None], lora_b: list[torch.Tensor | None],
+             pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One adapter's sub-projections (A_k [r_k, in], B_k [out_k, r_k]; None = not
         targeted) in the layout of one slot, on the host: A [r, n, in], B [sum(out_k), r],
-        r = the largest r_k; absent slices and ranks past a slice's own are zeros."""
+        r = the largest r_k; absent slices and ranks past a slice's own are zeros (so a
+        q,v-only adapter keeps k's rows too: one copy per buffer beats three)."""
         rank = max(a.shape[0] for a in lora_a if a is not None)
         a_slot = torch.zeros(rank, len(self.output_sizes), self.base_layer.in_features,
-                             dtype=self.lora_a_stacked.dtype)
-        b_slot = torch.zeros(sum(self.output_sizes), rank, dtype=self.lora_b_stacked.dtype)
+                             dtype=self.lora_a_stacked.dtype, pin_memory=pin_memory)
+        b_slot = torch.zeros(sum(self.output_sizes), rank, dtype=self.lora_b_stacked.dtype,
+                             pin_memory=pin_memory)
         col = 0
         for k, (a, b, out) in enumerate(zip(lora_a, lora_b, self.output_sizes, strict=True)):
             if a is not None:

@@ -139,10 +139,9 @@ class LoRAManager:
         for name, parts in grouped.items():
             layer = self.layers[name]
             n = len(layer.output_sizes)
-            a, b = layer.pack([parts[k][0] if k in parts else None for k in range(n)],
-                              [parts[k][1] if k in parts else None for k in range(n)])
-            layers[name] = (a.pin_memory(), b.pin_memory()) if self.device.type == "cuda" \
-                else (a, b)
+            layers[name] = layer.pack([parts[k][0] if k in parts else None for k in range(n)],
+                                      [parts[k][1] if k in parts else None for k in range(n)],
+                                      pin_memory=self.device.type == "cuda")
         return PackedLoRA(lora.lora_int_id, lora.name, lora.rank, layers)
 
     def _check_id(self, req: LoRARequest) -> bool:
