@@ -231,7 +231,9 @@ def test_a_refused_re_add_keeps_the_deferred_removal(llm, tiny_adapters, prompts
     first = LoRARequest("deferred", 5001, str(ad["r4_qv"]))
     engine.add_request("d", {"prompt_token_ids": prompts[0]}, PARAMS, lora_request=first)
     engine.step()
+    assert engine.has_lora(5001)
     assert engine.remove_lora(5001) and 5001 not in engine.list_loras()
+    assert not engine.has_lora(5001)  # a deferred removal is no longer offered
     with pytest.raises(LoRAError, match="already used"):
         engine.add_lora(LoRARequest("other", 5001, str(ad["r8_all"])))
     with pytest.raises(LoRAError, match="already used"):

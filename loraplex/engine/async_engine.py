@@ -252,7 +252,7 @@ class AsyncLLMEngine:
         if lora is not None:
             if prepared is not None:
                 self.engine.add_lora(lora, prepared)
-            elif lora.lora_int_id not in self.engine.list_loras():
+            elif not self.engine.has_lora(lora.lora_int_id):
                 return False
         self.engine.add_request(request_id, prompt, params, lora)
         return True
@@ -312,7 +312,7 @@ class AsyncLLMEngine:
     async def add_lora(self, lora_request: LoRARequest) -> bool:
         """Register an adapter, validated fully and read off the engine thread. False if
         this adapter is registered already (LoRAError if its id names another one)."""
-        if lora_request.lora_int_id in await self.list_loras():
+        if await self.run(self.engine.has_lora, lora_request.lora_int_id):
             return await self.run(self.engine.add_lora, lora_request)
         prepared = await self.prepare_lora(lora_request)
         return await self.run(self.engine.add_lora, lora_request, prepared)

@@ -386,6 +386,12 @@ class LLMEngine:
             return set()
         return set(self.lora_manager.registered) - self._pending_lora_removal
 
+    def has_lora(self, lora_int_id: int) -> bool:
+        """``lora_int_id in list_loras()`` without building the set of every registered
+        id (thousands of them) for each request."""
+        return (self.lora_manager is not None and lora_int_id in self.lora_manager.registered
+                and lora_int_id not in self._pending_lora_removal)
+
     def pin_lora(self, lora_int_id: int) -> bool:
         return self._require_lora().pin(lora_int_id)
 
