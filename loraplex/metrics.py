@@ -128,10 +128,13 @@ class Metrics:
         self._prefix_counts = counts
         key = (",".join(stats.running_lora_names), ",".join(stats.waiting_lora_names),
                str(stats.max_loras))
-        if key != self._lora_key:  # one live series, like a fresh vLLM label set
-            self.lora_info.clear()
-            self._lora_key = key
+        # one live series, like a fresh vLLM label set; the old one goes only after the
+        # new one is in, so a scrape on another thread never finds none
         self.lora_info.labels(*key).set_to_current_time()
+        if key != self._lora_key:
+            if self._lora_key is not None:
+                self.lora_info.remove(*self._lora_key)
+            self._lora_key = key
         self._update_lora_tiers(stats)
 
     def _update_lora_tiers(self, stats) -> None:
