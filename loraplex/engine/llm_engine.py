@@ -99,8 +99,9 @@ class LLMEngine:
                 f"the KV cache holds {self.model_runner.num_blocks * block_size} tokens{slots}, "
                 f"fewer than max_model_len={mc.max_model_len}; give it more memory or lower "
                 "max_model_len")
-        logger.info("memory: %s", self.memory.describe(
-            self.lora_config.max_lora_rank if self.lora_config else 0))
+        lc = self.lora_config
+        logger.info("memory: %s", self.memory.describe(lc.max_lora_rank, lc.max_cpu_loras)
+                    if lc else self.memory.describe(0))
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
                                           self.config.cache_config.enable_prefix_caching)
         lm = self.lora_manager

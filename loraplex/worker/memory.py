@@ -48,16 +48,24 @@ class MemoryPlan:
         min_kv = -(-self.max_model_len // self.block_size) * self.kv_block_bytes
         return max(0, (self.budget_bytes - min_kv) // self.slot_bytes(rank))
 
-    def describe(self, max_lora_rank: int) -> str:
+    def host_tier_bytes(self, max_cpu_loras: int, max_lora_rank: int) -> int:
+        """At most what the host tier holds: adapters are kept in the slot layout, so one
+        takes at most a slot of max_lora_rank (all layers and slices targeted)."""
+        return max_cpu_loras * self.slot_bytes(max_lora_rank)
+
+    def describe(self, max_lora_rank: int, max_cpu_loras: int = 0) -> str:
         kv = (f"KV cache {self.kv_bytes / 2**20:.1f} MiB = {self.num_kv_blocks * self.block_size}"
               " tokens")
         if not self.bytes_per_rank:
             return kv
         ranks = sorted({8, 16, 64, max_lora_rank})
         fits = ", ".join(f"r{r}: {self.max_slots(r)}" for r in ranks)
+        host = self.host_tier_bytes(max_cpu_loras, max_lora_rank)
         return (f"{kv}; adapter slots {self.lora_slot_bytes / 2**20:.1f} MiB "
                 f"({self.slot_bytes(max_lora_rank) / 2**20:.2f} MiB each at rank "
-                f"{max_lora_rank}); slots this budget could hold by rank: {fits}")
+                f"{max_lora_rank}); slots this budget could hold by rank: {fits}; host "
+                f"tier: {max_cpu_loras} adapters, at most {host / 2**30:.2f} GiB of host "
+                "memory (pinned on CUDA)")
 
 
 def kv_block_bytes(model, dtype: torch.dtype, block_size: int) -> int:
