@@ -31,18 +31,14 @@ class LoRAModuleWeights:
 
 @dataclass
 class LoRAModel:
-    """One adapter, validated, on the host. Keys are HF module names (`...q_proj`)."""
+    """One adapter as read and validated, PEFT's way: keys are HF module names
+    (`...q_proj`), scaling folded into B. LoRAManager.pack lays it out for the slots."""
 
     lora_int_id: int
     name: str
     path: str
     rank: int
     modules: dict[str, LoRAModuleWeights]
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(w.lora_a.numel() * w.lora_a.element_size()
-                   + w.lora_b.numel() * w.lora_b.element_size() for w in self.modules.values())
 
 
 @dataclass

@@ -257,9 +257,6 @@ class LoRAManager:
         return len(self._slot_lru)
 
     # ---- device slots -----------------------------------------------------------------
-    def slot_of(self, lora_int_id: int) -> int:
-        return self._slot_lru[lora_int_id]
-
     def activate(self, lora_ids: set[int], keep: set[int] = frozenset()
                  ) -> tuple[dict[int, int], dict[int, LoRAError]]:
         """Give every adapter of the step a device slot.
