@@ -168,14 +168,22 @@ def test_registry_api(registry):
 
 
 def test_filesystem_resolver_stays_inside_its_dir(tmp_path, tiny_adapters):
+    """A name is one entry of the dir (which may be a symlink the operator put there, as
+    vLLM's resolver allows); nothing else is reachable."""
     shutil.copytree(tiny_adapters["llama"]["r4_qv"], tmp_path / "cache" / "ok")
     shutil.copytree(tiny_adapters["llama"]["r4_qv"], tmp_path / "outside")
+    (tmp_path / "cache" / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (tmp_path / "cache" / "sub").mkdir()
+    shutil.copytree(tiny_adapters["llama"]["r4_qv"], tmp_path / "cache" / "sub" / "deep")
     res = FilesystemResolver(str(tmp_path / "cache"))
 
     async def main():
         hit = await res.resolve_lora("base", "ok")
         assert hit is not None and hit.lora_path == str(tmp_path / "cache" / "ok")
-        for name in ("../outside", "missing", "ok/..", "/etc"):
+        linked = await res.resolve_lora("base", "linked")
+        assert linked is not None and linked.lora_path == str(tmp_path / "cache" / "linked")
+        for name in ("../outside", "missing", "ok/..", "/etc", "sub/deep", "..", ".", "",
+                     "sub"):
             assert await res.resolve_lora("base", name) is None, name
     asyncio.run(main())
 

@@ -42,9 +42,12 @@ class FilesystemResolver(LoRAResolver):
         self.lora_cache_dir = Path(lora_cache_dir).resolve()
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
-        path = (self.lora_cache_dir / lora_name).resolve()
-        if path.parent != self.lora_cache_dir:  # no "../x" or "a/b": one level, inside the dir
+        # the name is one entry of the dir: no "../x", "a/b" or "/etc". The entry itself may
+        # be a symlink (a dir of links into a shared adapter store): the operator put it there
+        if lora_name in ("", ".", "..") or any(
+                sep in lora_name for sep in (os.sep, os.altsep, "/") if sep):
             return None
+        path = self.lora_cache_dir / lora_name
         if not await asyncio.to_thread(_is_lora_dir, path):
             return None
         return LoRARequest(lora_name, _placeholder_id(lora_name), str(path),
