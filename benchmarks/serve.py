@@ -43,16 +43,21 @@ def free_port() -> int:
 
 def start_server(model: str, adapters: dict[str, str], args: argparse.Namespace
                  ) -> tuple[subprocess.Popen, str]:
+    return launch([model, "--dtype", args.dtype, "--max-model-len",
+                   str(args.prompt_len + args.output_len + 8), "--max-num-seqs",
+                   str(max(args.clients, 1)), "--enable-lora", "--max-loras",
+                   str(args.max_loras), "--max-lora-rank", str(args.rank), "--max-cpu-loras",
+                   str(max(len(adapters), args.max_loras)), "--lora-modules",
+                   *[f"{n}={p}" for n, p in adapters.items()]],
+                  {"LORAPLEX_CPU_KVCACHE_SPACE": str(args.kv_gib)})
+
+
+def launch(serve_args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`loraplex serve` on a free loopback port; returns once /health answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "loraplex.entrypoints.cli", "serve", model, "--host",
-           "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning", "--dtype",
-           args.dtype, "--max-model-len", str(args.prompt_len + args.output_len + 8),
-           "--max-num-seqs", str(max(args.clients, 1)), "--enable-lora", "--max-loras",
-           str(args.max_loras), "--max-lora-rank", str(args.rank), "--max-cpu-loras",
-           str(max(len(adapters), args.max_loras)), "--lora-modules",
-           *[f"{n}={p}" for n, p in adapters.items()]]
-    env = dict(os.environ, LORAPLEX_CPU_KVCACHE_SPACE=str(args.kv_gib))
-    proc = subprocess.Popen(cmd, env=env)
+    cmd = [sys.executable, "-m", "loraplex.entrypoints.cli", "serve", *serve_args, "--host",
+           "127.0.0.1", "--port", str(port), "--uvicorn-log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, **env))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
