@@ -27,6 +27,9 @@ GREEDY = {"temperature": 0, "max_tokens": 8, "logprobs": 0,
 def fs_cache(tmp_path_factory, tiny_adapters):
     cache = tmp_path_factory.mktemp("lora_cache")
     shutil.copytree(tiny_adapters["llama"]["r8_regex"], cache / "fs-r8")
+    # a link into a store elsewhere, as a directory of many adapters is often laid out
+    (cache / "fs-linked").symlink_to(tiny_adapters["llama"]["r16_rslora"],
+                                     target_is_directory=True)
     return cache
 
 
@@ -364,6 +367,8 @@ def test_filesystem_resolver(server, client, tiny_models, tiny_adapters, prompts
     got = greedy_ids(client, "fs-r8", prompts[2])
     check_hf(got, tiny_models["llama"], tiny_adapters["llama"]["r8_regex"], prompts[2])
     assert "fs-r8" in {c["id"] for c in server.get("/v1/models").json()["data"]}
+    linked = greedy_ids(client, "fs-linked", prompts[2])
+    check_hf(linked, tiny_models["llama"], tiny_adapters["llama"]["r16_rslora"], prompts[2])
     for missing in ("fs-missing", "../fs-r8", "a/b"):
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model=missing, prompt="Hi", max_tokens=2)
