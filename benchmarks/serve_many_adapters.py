@@ -81,23 +81,24 @@ async def drive(url: str, names: list[str], a: argparse.Namespace) -> dict:
     cold = [r["ttft"] for r in results if r["ttft"] is not None and r["first"]]
     e2e = [r["e2e"] for r in results]
     out_tokens = sum(r["tokens"] for r in results)
-    ms = 1000.0
+    def ms(values: list[float], q: float) -> float | None:
+        return None if not values else pct(values, q) * 1000.0
     return {
         "requests": len(results), "wall_s": wall, "out_tok_per_s": out_tokens / wall,
         "distinct_adapters_requested": len({job[1] for job in jobs}),
         "registered_at_end": registered_adapters(final),
-        "ttft_ms": {"p50": pct(ttft, 50) * ms, "p99": pct(ttft, 99) * ms},
+        "ttft_ms": {"p50": ms(ttft, 50), "p99": ms(ttft, 99)},
         # an adapter's first request waits for the resolver and the read; later ones not
-        "ttft_first_request_ms": {"p50": pct(cold, 50) * ms, "p99": pct(cold, 99) * ms},
-        "ttft_later_requests_ms": {"p50": pct(warm, 50) * ms, "p99": pct(warm, 99) * ms},
-        "e2e_ms": {"p50": pct(e2e, 50) * ms, "p99": pct(e2e, 99) * ms},
+        "ttft_first_request_ms": {"p50": ms(cold, 50), "p99": ms(cold, 99)},
+        "ttft_later_requests_ms": {"p50": ms(warm, 50), "p99": ms(warm, 99)},
+        "e2e_ms": {"p50": ms(e2e, 50), "p99": ms(e2e, 99)},
         "scrapes": len(scrapes),
         "scrape_bytes_max": max(s["bytes"] for s in scrapes),
-        "scrape_ms": {"p50": pct([s["s"] for s in scrapes], 50) * ms,
-                      "max": max(s["s"] for s in scrapes) * ms},
+        "scrape_ms": {"p50": ms([s["s"] for s in scrapes], 50),
+                      "max": ms([s["s"] for s in scrapes], 100)},
         "final_scrape_bytes": len(final.encode()),
         "models_listing": {"adapters": len(listing.json()["data"]) - 1,
-                           "bytes": len(listing.content), "ms": models_s * ms},
+                           "bytes": len(listing.content), "ms": models_s * 1000.0},
     }
 
 
@@ -149,10 +150,12 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
         results["by_num_adapters"].append(res)
-        later = res["ttft_later_requests_ms"]
+        def f(v: float | None) -> str:
+            return "-" if v is None else f"{v:.0f}"
+        ttft, later = res["ttft_ms"], res["ttft_later_requests_ms"]
         print(f"N={n}: {res['out_tok_per_s']:.0f} tok/s, TTFT p50/p99 "
-              f"{res['ttft_ms']['p50']:.0f}/{res['ttft_ms']['p99']:.0f} ms (an adapter's "
-              f"later requests {later['p50']:.0f}/{later['p99']:.0f}), "
+              f"{f(ttft['p50'])}/{f(ttft['p99'])} ms (an adapter's "
+              f"later requests {f(later['p50'])}/{f(later['p99'])}), "
               f"{res['registered_at_end']} registered, scrapes up to "
               f"{res['scrape_bytes_max'] / 1e3:.0f} kB in {res['scrape_ms']['max']:.0f} ms, "
               f"/v1/models {res['models_listing']['bytes'] / 1e3:.0f} kB", flush=True)

@@ -26,7 +26,10 @@ def _placeholder_id(lora_name: str) -> int:
 
 def _is_lora_dir(path: Path) -> bool:
     cfg = path / "adapter_config.json"
-    if not cfg.is_file():
+    try:
+        if not cfg.is_file():
+            return False
+    except OSError:  # a name too long for the filesystem, say: a miss
         return False
     try:
         peft_type = json.loads(cfg.read_text()).get("peft_type", "LORA")

@@ -49,8 +49,9 @@ class MemoryPlan:
         return max(0, (self.budget_bytes - min_kv) // self.slot_bytes(rank))
 
     def host_tier_bytes(self, max_cpu_loras: int, max_lora_rank: int) -> int:
-        """At most what the host tier holds: adapters are kept in the slot layout, so one
-        takes at most a slot of max_lora_rank (all layers and slices targeted)."""
+        """At most the weights the host tier holds: adapters are kept in the slot layout,
+        so one takes at most a slot of max_lora_rank (all layers and slices targeted).
+        Allocator rounding (pinned memory) and adapters being read come on top."""
         return max_cpu_loras * self.slot_bytes(max_lora_rank)
 
     def describe(self, max_lora_rank: int, max_cpu_loras: int = 0) -> str:
@@ -64,8 +65,8 @@ class MemoryPlan:
         return (f"{kv}; adapter slots {self.lora_slot_bytes / 2**20:.1f} MiB "
                 f"({self.slot_bytes(max_lora_rank) / 2**20:.2f} MiB each at rank "
                 f"{max_lora_rank}); slots this budget could hold by rank: {fits}; host "
-                f"tier: {max_cpu_loras} adapters, at most {host / 2**30:.2f} GiB of host "
-                "memory (pinned on CUDA)")
+                f"tier: {max_cpu_loras} adapters, at most {host / 2**20:.1f} MiB of weights "
+                "(pinned on CUDA, whose allocator rounds each buffer up to a power of 2)")
 
 
 def kv_block_bytes(model, dtype: torch.dtype, block_size: int) -> int:
