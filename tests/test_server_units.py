@@ -531,3 +531,23 @@ def test_an_unloaded_adapters_metrics_go_with_its_last_request(engine_args, tiny
             assert not served, served
         await engine.shutdown()
     asyncio.run(main())
+
+
+def test_a_metrics_failure_never_stops_the_loop(engine_args, caplog):
+    """Metrics bookkeeping runs in the loop that dispatches every output: if it raises,
+    the requests still finish, later ones run, and the failure is logged."""
+    from loraplex.metrics import Metrics
+
+    class BrokenMetrics(Metrics):
+        def observe_finished(self, *args) -> None:
+            raise RuntimeError("broken exporter")
+
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(engine_args, metrics=BrokenMetrics("tiny"))
+        first = await asyncio.wait_for(_final(engine, "r1"), 60)  # a dead loop: a hang
+        second = await asyncio.wait_for(_final(engine, "r2"), 60)
+        assert first.finished and second.finished and engine.is_running
+        assert first.outputs[0].token_ids == second.outputs[0].token_ids
+        await engine.shutdown()
+    asyncio.run(main())
+    assert "metrics bookkeeping failed (observe_finished)" in caplog.text

@@ -160,7 +160,7 @@ class AsyncLLMEngine:
         if n > stream.num_tokens and self.metrics is not None:
             first = stream.first_token is None
             since = stream.arrival if first else stream.last_token
-            self.metrics.observe_token(stream.model_name, now - since, first)
+            self._record(self.metrics.observe_token, stream.model_name, now - since, first)
         if n > stream.num_tokens:
             stream.first_token = stream.first_token or now
             stream.last_token = now
@@ -178,9 +178,19 @@ class AsyncLLMEngine:
         if exc is not None:
             stream.queue.put_nowait(exc)
         if self.metrics is not None:
-            self.metrics.observe_finished(stream.model_name, reason, stream.prompt_tokens,
-                                          stream.num_tokens, time.monotonic() - stream.arrival)
+            self._record(self.metrics.observe_finished, stream.model_name, reason,
+                         stream.prompt_tokens, stream.num_tokens,
+                         time.monotonic() - stream.arrival)
         self._stream_gone(stream.model_name)
+
+    @staticmethod
+    def _record(observe: Callable[..., None], *args: Any) -> None:
+        """Metrics bookkeeping runs in the loop that serves every request: a failure
+        there is logged, never raised into it."""
+        try:
+            observe(*args)
+        except Exception:
+            logger.exception("metrics bookkeeping failed (%s)", observe.__name__)
 
     # ---- metrics of unloaded models ---------------------------------------------------
     def forget_model_metrics(self, model_name: str) -> None:
@@ -199,7 +209,7 @@ class AsyncLLMEngine:
         if model_name in self._forget and all(
                 s.model_name != model_name for s in self._streams.values()):
             self._forget.discard(model_name)
-            self.metrics.forget_model(model_name)
+            self._record(self.metrics.forget_model, model_name)
 
     # ---- requests ---------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType,
