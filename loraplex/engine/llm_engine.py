@@ -398,9 +398,12 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         def names(seqs: Iterable[Sequence]) -> list[str]:
-            found = {self.requests[s.request_id].lora_request.lora_name for s in seqs
-                     if s.lora_int_id and s.request_id in self.requests}
-            return sorted(found)
+            """The adapters' names, by distinct id: with thousands of requests queued
+            this runs every step. An unfinished request's id stays registered
+            (remove_lora defers), so the registry names them all."""
+            ids = {s.lora_int_id for s in seqs} - {0, None}
+            registered = self.lora_manager.registered if self.lora_manager else {}
+            return sorted({registered[i].lora_name for i in ids if i in registered})
 
         lm = self.lora_manager
         lora = {}
