@@ -117,6 +117,27 @@ def plot_serve(data: dict, out: Path) -> None:
     _save(fig, out)
 
 
+def plot_serve_many_adapters(data: dict, out: Path) -> None:
+    """Over HTTP: time to first token by number of adapters behind the resolver."""
+    rows, c = data["by_num_adapters"], data["config"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    x = range(len(rows))
+    for k, (q, color) in enumerate((("p50", "tab:blue"), ("p99", "tab:red"))):
+        bars = ax.bar([i + 0.4 * k for i in x], [r["ttft_ms"][q] for r in rows], width=0.4,
+                      color=color, label=f"TTFT {q}")
+        ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
+    ax.set_xticks([i + 0.2 for i in x],
+                  [f"N={r['num_adapters']}\n{r['registered_at_end']} registered"
+                   for r in rows])
+    ax.set_ylabel("ms")
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8)
+    ax.set_title(f"loraplex serve, adapters via the filesystem resolver, max_loras "
+                 f"{c['max_loras']}\n{c['requests']} requests at {c['rate']:g} req/s, Zipf "
+                 f"over N; {_machine(data)}", fontsize=9)
+    _save(fig, out)
+
+
 def plot_many_adapters(data: dict, out: Path) -> None:
     """Throughput and p99 latency vs the number of registered adapters (Zipf traffic)."""
     rows = data["by_num_adapters"]
@@ -187,11 +208,13 @@ def plot_prefix_caching(data: dict, out: Path) -> None:
     _save(fig, out)
 
 
-# (glob in benchmarks/results, plot function); the PNG takes the JSON file's name.
+# (glob in benchmarks/results, plot function), most specific first; the PNG takes the
+# JSON file's name.
 PLOTS: list[tuple[str, Callable[[dict, Path], None]]] = [
     ("throughput_*.json", plot_throughput),
     ("decode_step_*.json", plot_decode_step),
-    ("serve_*.json", plot_serve),
+    ("serve_many_adapters_*.json", plot_serve_many_adapters),
+    ("serve_*.json", plot_serve),  # every other serve_ file
     ("many_adapters_*.json", plot_many_adapters),
     ("chunked_prefill_*.json", plot_chunked_prefill),
     ("prefix_caching_*.json", plot_prefix_caching),
@@ -205,12 +228,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    done: set[Path] = set()  # a file goes to the first pattern it matches
     for pattern, plot in PLOTS:
-        files = sorted(a.results.glob(pattern))
+        files = sorted(set(a.results.glob(pattern)) - done)
         if not files:
             print(f"skip {pattern}: no such results yet")
         for path in files:
             plot(json.loads(path.read_text()), a.out / f"{path.stem}.png")
+        done.update(files)
 
 
 if __name__ == "__main__":
