@@ -48,8 +48,6 @@ class PackedLoRA:
     B [sum(out_k), r]. Copying it into a slot is then two copies per layer."""
 
     lora_int_id: int
-    name: str
-    rank: int
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 

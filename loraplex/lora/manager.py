@@ -142,7 +142,7 @@ class LoRAManager:
             layers[name] = layer.pack([parts[k][0] if k in parts else None for k in range(n)],
                                       [parts[k][1] if k in parts else None for k in range(n)],
                                       pin_memory=self.device.type == "cuda")
-        return PackedLoRA(lora.lora_int_id, lora.name, lora.rank, layers)
+        return PackedLoRA(lora.lora_int_id, layers)
 
     def _check_id(self, req: LoRARequest) -> bool:
         """False if this exact adapter is registered already; raises if the id is taken."""
