@@ -86,6 +86,12 @@ class OpenAIServingModels:
     def _new_request(self, name: str, path: str, base_model_name: str | None) -> LoRARequest:
         return LoRARequest(name, next(self._ids), path, base_model_name=base_model_name)
 
+    def _serve(self, name: str, req: LoRARequest) -> None:
+        """`name` answers requests from now on (loaded, reloaded or resolved): an unload's
+        pending drop of its metric series is off."""
+        self.lora_requests[name] = req
+        self.engine.keep_model_metrics(name)
+
     # ---- listing ------------------------------------------------------------------------
     def show_available_models(self) -> ModelList:
         """Called on a worker thread (the route is a plain def): it reads a copy of the
@@ -125,8 +131,7 @@ class OpenAIServingModels:
                 await self.engine.add_lora(req)
             except LoRAError as e:
                 raise BadRequestError(str(e), param="lora_path") from e
-            self.lora_requests[name] = req
-            self.engine.keep_model_metrics(name)
+            self._serve(name, req)
             if old is None:
                 logger.info("loaded LoRA adapter %s from %s", name, path)
                 return f"Success: LoRA adapter '{name}' added successfully."
@@ -185,8 +190,7 @@ class OpenAIServingModels:
             except LoRAError as e:
                 failures.append(f"{rname}: {e}")
                 continue
-            self.lora_requests[name] = req
-            self.engine.keep_model_metrics(name)
+            self._serve(name, req)
             logger.info("resolver %s resolved %s to %s", rname, name, hit.lora_path)
             return req
         if failures:
