@@ -196,6 +196,37 @@ def test_decode_num_splits_bounds():
     assert 1 < ta.decode_num_splits(1, 8, 4096, DEV) <= 16
 
 
+def test_decode_compiles_a_bounded_set_of_kernels(monkeypatch):
+    """Eager decode (every mixed step's decode half) picks its split count from the batch
+    and the longest context, so that count must not be a compile-time constant: a serving
+    process would compile a new kernel (~1 s) each time it first met a value. Records the
+    compile-time arguments of every launch over batch 1..16 and contexts to 16K on an H100."""
+    variants: set[tuple] = set()
+
+    class Record:
+        def __init__(self, fn):
+            self.name = fn.__name__
+
+        def __getitem__(self, grid):
+            return lambda *args, **constexprs: variants.add((self.name, *constexprs.items()))
+
+    monkeypatch.setattr(ta, "_num_sms", lambda device: 132)
+    for kernel in ("_decode_kernel", "_merge_splits_kernel"):
+        monkeypatch.setattr(ta, kernel, Record(getattr(ta, kernel)))
+    cache = torch.zeros(4, 16, 8, 128, dtype=torch.bfloat16)
+    splits_seen = set()
+    for batch in (1, 2, 3, 5, 8, 16):
+        for ctx in range(1, 16385, 128):
+            splits = ta.decode_num_splits(batch, 8, ctx, DEV)
+            splits_seen.add(splits)
+            ta.paged_decode_attention(torch.zeros(batch, 32, 128, dtype=torch.bfloat16), cache,
+                                      cache, torch.zeros(batch, 1, dtype=torch.int32),
+                                      torch.zeros(batch, dtype=torch.int32), 0.1, splits)
+    assert len(splits_seen) > 30  # the workload does vary the split count
+    # decode: split or not; merge: the split count's power-of-2 bucket (2..64)
+    assert len(variants) <= 2 + 6, sorted(variants)
+
+
 # ---- the Attention layer, both backends, with the runner's metadata ------------------
 
 def test_decode_groups():

@@ -23,8 +23,8 @@ Softmax runs in fp32 (base-2 exponentials, scale folded in); P is cast to the V 
 for the second dot, as flash attention does.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton 3.1's interpreter needs tl.constexpr
+# annotations as objects, not strings.
 import functools
 import os
 
@@ -49,7 +49,7 @@ def _exact_dot(dtype: torch.dtype) -> bool:
 def _store_kvcache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt,
                           stride_kh, stride_vh, KVH: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    t = tl.program_id(0)  # one token: all its KV heads
+    t = tl.program_id(0).to(tl.int64)  # one token: all its KV heads (T x stride > 2**31)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         h = tl.arange(0, BLOCK_H)[:, None]
@@ -118,15 +118,17 @@ def _attend_paged(q, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, sta
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale,
                    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb,
-                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, F32: tl.constexpr):
+    """num_splits is a runtime value: it follows the batch size and the longest context, and
+    as a constexpr every new value would compile another kernel in the middle of serving."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(lens_ptr + b)
-    per_split = (ctx_len + NUM_SPLITS - 1) // NUM_SPLITS  # rounded up to whole tiles:
+    per_split = (ctx_len + num_splits - 1) // num_splits  # rounded up to whole tiles:
     per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, ctx_len)
@@ -149,26 +151,25 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split/sequence gives 0
     o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-    if NUM_SPLITS > 1:
+    if SPLIT:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
 @triton.jit
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps,
-                         stride_lb, stride_lh, stride_ob, stride_oh, HEAD_DIM: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s < NUM_SPLITS,
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s < num_splits,
                   other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all -inf (empty) -> all 0
     part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-                   mask=(s[:, None] < NUM_SPLITS) & (d[None, :] < HEAD_DIM), other=0.0)
+                   mask=(s[:, None] < num_splits) & (d[None, :] < HEAD_DIM), other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
@@ -226,13 +227,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, part, lse, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
-        lse.stride(0), lse.stride(1), GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size,
-        NUM_SPLITS=num_splits, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        lse.stride(0), lse.stride(1), num_splits, GROUP=group, HEAD_DIM=d,
+        BLOCK_SIZE=block_size, SPLIT=num_splits > 1, BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=block_d, F32=_exact_dot(q.dtype), num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
             part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
-            lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=d, NUM_SPLITS=num_splits,
+            lse.stride(1), out.stride(0), out.stride(1), num_splits, HEAD_DIM=d,
             BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d)
     return out
 
