@@ -116,6 +116,29 @@ def test_no_graphs_on_cpu(tiny_models, prompts):
     assert runner.num_eager_decode_steps == 2
 
 
+@pytest.mark.skipif(CUDA, reason="stubs torch.cuda's current device")
+def test_steps_make_the_engines_gpu_current_on_their_thread(monkeypatch, tiny_models, prompts):
+    """Triton kernels, graph capture and CUDA events use the thread's current device, so an
+    engine on cuda:1 stepping on the async engine's own thread must make cuda:1 current
+    there. The engine runs on the CPU; only the device bookkeeping is stubbed."""
+    import threading
+
+    llm = make_llm(tiny_models["llama"], device="cpu", max_num_seqs=2)
+    engine = llm.llm_engine
+    engine._cuda_index = 1  # as built for device="cuda:1"
+    current = {}  # thread -> its current CUDA device, 0 until set
+    monkeypatch.setattr(torch.cuda, "current_device",
+                        lambda: current.get(threading.get_ident(), 0))
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda i: current.__setitem__(threading.get_ident(), i))
+    engine.add_request("a", {"prompt_token_ids": prompts[0]},
+                       SamplingParams(temperature=0.0, max_tokens=2))
+    worker = threading.Thread(target=engine.step)
+    worker.start()
+    worker.join()
+    assert current == {worker.ident: 1}
+
+
 def test_profile_run_on_cpu(tiny_models):
     """The GPU profile's forward + sampler (GPU-only in the engine) runs: every adapter slot
     in use, max_num_seqs rows of logits, every sampling option."""

@@ -32,7 +32,7 @@ from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
-from loraplex.models.registry import build_model
+from loraplex.models.registry import architecture, build_model
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.cpu_allocator import keep_freed_memory
@@ -71,10 +71,13 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         path = resolve_model_path(args.model, args.revision)
         hf_config = AutoConfig.from_pretrained(path)
+        architecture(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
         mc = self.model_config
+        self._cuda_index = mc.device.index if mc.device.type == "cuda" else None
+        self._use_device()
         torch.manual_seed(mc.seed)
         if mc.device.type == "cpu" and envs.LORAPLEX_CPU_KEEP_FREED_MEMORY:
             keep_freed_memory()
@@ -228,7 +231,15 @@ class LLMEngine:
         return len(self.requests)
 
     # ---- the step ---------------------------------------------------------------------
+    def _use_device(self) -> None:
+        """Make the engine's GPU current on the calling thread (the async engine steps on its
+        own): Triton launches, CUDA graph capture and events go to the thread's current
+        device, not their tensors', so with cuda:1 they would otherwise run on GPU 0."""
+        if self._cuda_index is not None and torch.cuda.current_device() != self._cuda_index:
+            torch.cuda.set_device(self._cuda_index)
+
     def step(self) -> list[RequestOutput]:
+        self._use_device()
         touched: dict[str, Request] = {}
         manager = self.lora_manager
         if manager is not None:

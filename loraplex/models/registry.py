@@ -38,7 +38,9 @@ def sliding_window(hf_config: Any) -> int | None:
     return int(window) if window and enabled else None
 
 
-def build_model(hf_config: Any) -> LlamaForCausalLM:
+def architecture(hf_config: Any) -> str:
+    """The supported architecture the config names; a clear error for any other model,
+    checked before anything else (tokenizer, weights) is loaded for it."""
     archs = getattr(hf_config, "architectures", None) or []
     if not archs and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
         archs = [_BY_MODEL_TYPE[hf_config.model_type]]
@@ -46,6 +48,11 @@ def build_model(hf_config: Any) -> LlamaForCausalLM:
     if name is None:
         raise ValueError(f"model architecture {archs or '(none given)'} is not supported; "
                          "supported: " + ", ".join(SUPPORTED_ARCHITECTURES))
+    return name
+
+
+def build_model(hf_config: Any) -> LlamaForCausalLM:
+    name = architecture(hf_config)
     theta, scaling = _rope(hf_config)
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
