@@ -9,6 +9,7 @@ TRITON_INTERPRET), checking each fits an H100's shared memory.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -42,6 +43,10 @@ print("compiled", len(calls))
 def compile_for_h100(launches: str) -> int:
     """Run `launches` (script lines that wrap kernels in Capture and call the ops), compile
     every recorded launch for sm_90; returns how many compiled. Skips without ptxas."""
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip("this compile check needs ASTSource(constexprs=) (triton 3.6 has it; 3.1 has not)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _PRELUDE + launches + _COMPILE_CALLS],
                           capture_output=True, text=True, env=env, timeout=300)
