@@ -19,6 +19,7 @@ import torch
 
 import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
 from loraplex import EngineArgs, SamplingParams
+from loraplex.lora.layers import LinearWithLoRA
 from loraplex.worker import cuda_graph
 from loraplex.worker.context import DecodeBuffers
 from loraplex.worker.cuda_graph import (
@@ -223,8 +224,29 @@ def test_replay_path_with_stand_in_graphs(monkeypatch, tiny_models, tiny_adapter
     runner = llm.llm_engine.model_runner
     graphs = CUDAGraphRunner(runner.model, runner.decode_buffers, [1, 2, 4, 8],
                              runner.max_model_len, runner.max_loras)
+    lora_layers = [m for m in runner.model.modules() if isinstance(m, LinearWithLoRA)]
+    ranks_in_lora_checks = []
+    check = CUDAGraphRunner._check
+
+    def recording_check(self, bs, lora):
+        forward = self._forward
+
+        def seen(bs, ctx):
+            if ctx.lora_meta is not None:
+                ranks_in_lora_checks.append(max(max(m.slot_ranks) for m in lora_layers))
+            return forward(bs, ctx)
+        self._forward = seen
+        check(self, bs, lora)
+        del self._forward
+
+    monkeypatch.setattr(CUDAGraphRunner, "_check", recording_check)
     graphs.capture()  # includes the start-up check against eager
     assert sorted(graphs.graphs) == [(bs, lora) for bs in (1, 2, 4, 8) for lora in (False, True)]
+    # the LoRA graphs were checked doing LoRA work, and left every slot empty
+    assert len(ranks_in_lora_checks) == 2 * 4 and min(ranks_in_lora_checks) > 0  # eager, replay
+    for m in lora_layers:
+        assert not any(m.slot_ranks) and not m.lora_ranks.any()
+        assert not m.lora_a_stacked.any() and not m.lora_b_stacked.any()
     runner.cuda_graphs = graphs
     outs, batch = _generate(llm, reqs, prompts)
     assert graphs.num_replays > 0 and runner.num_eager_decode_steps == 0

@@ -29,6 +29,7 @@ from torch import nn
 
 from loraplex.layers.attention import Attention, decode_splits
 from loraplex.lora import ops
+from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 
@@ -167,9 +168,11 @@ class CUDAGraphRunner:
         for layer in layers:
             for cache in (layer.k_cache, layer.v_cache):
                 cache[:used].normal_()
+        lora_layers = [m for m in self.model.modules() if isinstance(m, LinearWithLoRA)]
         if lora:
             slots = torch.randint(-1, self.max_loras, (bs,), generator=gen).tolist()
             self.metas[bs].prepare(slots)
+            _fill_random_adapters(lora_layers, gen)
         want = self._forward(bs, self._context(bs, lora)).clone()
         graph, got = self.graphs[bs, lora]
         graph.replay()
@@ -177,11 +180,31 @@ class CUDAGraphRunner:
         for layer in layers:
             for cache in (layer.k_cache, layer.v_cache):
                 cache[:used].zero_()
+        if lora:
+            for layer in lora_layers:
+                for slot in range(self.max_loras):
+                    layer.reset_lora(slot)
         tol = _CHECK_TOL.get(want.dtype, 2e-2)
         if not err <= tol:  # NaN fails too
             raise RuntimeError(f"the CUDA graph of batch {bs} ({'with' if lora else 'without'}"
                                f" LoRA) differs from the eager forward on the same inputs: "
                                f"relative error {err:.3g} > {tol}")
+
+
+def _fill_random_adapters(layers: list[LinearWithLoRA], gen: torch.Generator) -> None:
+    """Random weights of random ranks (1..max) in every slot, so the start-up check runs
+    the LoRA graph doing LoRA work: graphs are captured before any adapter is loaded, and
+    with every rank 0 the LoRA kernels return at once. reset_lora empties them after."""
+    for layer in layers:
+        assert not any(layer.slot_ranks), "the check runs before any adapter is loaded"
+        a, b = layer.lora_a_stacked, layer.lora_b_stacked
+        ranks = torch.randint(1, layer.max_rank + 1, (a.shape[0],), generator=gen)
+        past = (torch.arange(layer.max_rank) >= ranks[:, None]).to(a.device)  # [slot, rank]
+        a.normal_(0.0, a.shape[-1] ** -0.5).masked_fill_(past[:, :, None, None], 0.0)
+        b.normal_(0.0, 1.0).masked_fill_(past[:, None, :], 0.0)
+        b.mul_(ranks.to(b.device, b.dtype)[:, None, None] ** -0.5)
+        layer.lora_ranks.copy_(ranks)
+        layer.slot_ranks = ranks.tolist()
 
 
 def capture_decode_graphs(model: nn.Module, buffers: DecodeBuffers, max_num_seqs: int,
