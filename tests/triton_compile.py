@@ -46,7 +46,7 @@ def compile_for_h100(launches: str) -> int:
     from triton.compiler import ASTSource
 
     if "constexprs" not in inspect.signature(ASTSource).parameters:
-        pytest.skip("this compile check needs ASTSource(constexprs=) (triton 3.6 has it; 3.1 has not)")
+        pytest.skip("needs triton's ASTSource(constexprs=) (3.6 has it; 3.1 and 3.2 do not)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _PRELUDE + launches + _COMPILE_CALLS],
                           capture_output=True, text=True, env=env, timeout=300)

@@ -228,8 +228,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1), num_splits, GROUP=group, HEAD_DIM=d,
-        BLOCK_SIZE=block_size, SPLIT=num_splits > 1, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, F32=_exact_dot(q.dtype), num_warps=4)
+        BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        F32=_exact_dot(q.dtype), num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
             part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
