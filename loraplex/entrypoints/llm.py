@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine, PromptType
+from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
@@ -39,7 +40,11 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in input order."""
+        """Generate for every prompt; outputs come back in input order.
+
+        Raises LoRAError when an adapter's weights cannot be read (as vLLM raises): the
+        call's other requests are aborted, so the next call starts from a clean engine.
+        """
         if isinstance(prompts, str | dict) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -72,22 +77,24 @@ class LLM:
         engine = self.llm_engine
         ids = [str(next(self._counter)) for _ in prompts]
         added: list[str] = []
+        finished: dict[str, RequestOutput] = {}
         try:
             for rid, prompt, p, lora in zip(ids, prompts, params, loras, strict=True):
                 engine.add_request(rid, prompt, p, lora_request=lora)
                 added.append(rid)
-        except Exception:
-            engine.abort_request(added)  # a bad input fails the call, not the engine
-            raise
-        finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
-                   dynamic_ncols=True)
-        with bar:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.finished:
+            with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
+                      dynamic_ncols=True) as bar:
+                while engine.has_unfinished_requests():
+                    for out in engine.step():
+                        if not out.finished:
+                            continue
+                        if out.error is not None:  # its adapter's weights were unreadable
+                            raise LoRAError(out.error)
                         finished[out.request_id] = out
                         bar.update(1)
+        except BaseException:
+            engine.abort_request(added)  # a bad input or adapter fails the call, not the engine
+            raise
         return [finished[rid] for rid in ids]
 
 
