@@ -27,6 +27,7 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
+    lora_request: LoRARequest | None = None  # the adapter it ran with, as in vLLM
 
     def finished(self) -> bool:
         return self.finish_reason is not None

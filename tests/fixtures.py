@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -433,3 +434,13 @@ def assert_greedy_close(
                     f"step {i}: got token {tok}, reference greedy {best} "
                     f"(logprob gap {gap:.4g} >= tie_tol {tie_tol}); actual={actual}"
                 )
+
+
+def quantized_copy(src: Path, dst: Path, quant_method: str) -> Path:
+    """A copy of a tiny model whose config.json says it is quantized (its weights are
+    still plain): what a GPTQ/AWQ/... checkpoint looks like to the config check."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": quant_method, "bits": 4, "group_size": 128}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst

@@ -9,8 +9,8 @@ import pytest
 
 from loraplex import LLM, EngineArgs, LoRARequest, SamplingParams
 from loraplex.lora.errors import LoRAError
-from tests.engine_utils import GREEDY, make_llm
-from tests.fixtures import make_peft_adapter
+from tests.engine_utils import GREEDY, check_against_hf, make_llm
+from tests.fixtures import make_peft_adapter, quantized_copy
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +89,11 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
     assert sorted(done) == sorted(["ok"] + [f"late-{n}" for n in late_cases])
     assert len(done["ok"].outputs[0].token_ids) == GREEDY.max_tokens
     assert done["ok"].error is None
-    for name, (_, message) in late_cases.items():
+    assert done["ok"].outputs[0].lora_request is good  # vLLM's CompletionOutput field
+    for name, (req, message) in late_cases.items():
         out = done[f"late-{name}"]
         assert out.outputs[0].finish_reason == "error" and out.outputs[0].token_ids == []
+        assert out.outputs[0].lora_request is req
         assert message in out.error, (name, out.error)
     _assert_still_serves(llm, prompts[2], good)
 
@@ -177,3 +179,50 @@ def test_adapter_deleted_after_eviction_fails_only_its_requests(tiny_models, tin
         outs.update({o.request_id: o for o in engine.step() if o.finished})
     assert outs["a"].outputs[0].finish_reason == "error" and "doomed" in outs["a"].error
     assert outs["b"].outputs[0].finish_reason == "length"
+
+
+def test_generate_raises_for_unreadable_adapter_weights(llm, tiny_models, tiny_adapters,
+                                                        tmp_path, prompts):
+    """The engine reports the failed read as an errored output; LLM.generate and LLM.chat
+    raise it (as vLLM does), abort the call's other requests and serve the next call."""
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_adapters["llama"]["r4_qv"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    bad = LoRARequest("corrupt", 40, str(corrupt))
+    batch = [{"prompt_token_ids": prompts[0]}, {"prompt_token_ids": prompts[1]}]
+    with pytest.raises(LoRAError, match="cannot read"):
+        llm.generate(batch, GREEDY, lora_request=[None, bad], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    with pytest.raises(LoRAError, match="corrupt"):
+        llm.chat([{"role": "user", "content": "Hi"}], GREEDY, lora_request=bad,
+                 use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    out = llm.generate(batch[:1], GREEDY, use_tqdm=False)
+    check_against_hf(out, tiny_models["llama"], [None], [prompts[0]])
+    assert out[0].outputs[0].lora_request is None
+
+
+def test_multimodal_and_unknown_prompt_keys_are_refused(llm, prompts):
+    engine = llm.llm_engine
+    text = "What is the capital of France?"
+    with pytest.raises(ValueError, match="multimodal inputs are not supported yet"):
+        llm.generate({"prompt": text, "multi_modal_data": {"image": object()}}, GREEDY,
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="multimodal"):
+        engine.add_request("mm", {"prompt_token_ids": prompts[0],
+                                  "multi_modal_data": {"audio": [0.0]}}, GREEDY)
+    for key in ("cache_salt", "prompt_embeds", "promt"):
+        with pytest.raises(ValueError, match=repr(key)):
+            engine.add_request(key, {"prompt": text, key: "x"}, GREEDY)
+    assert not engine.has_unfinished_requests()
+    # empty multimodal fields and mm_processor_kwargs ask for nothing: accepted
+    out = llm.generate({"prompt_token_ids": prompts[0], "multi_modal_data": None,
+                        "mm_processor_kwargs": {}}, GREEDY, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize("quant_method", ["gptq", "awq", "bitsandbytes", "fp8"])
+def test_quantized_checkpoint_is_refused(tiny_models, tmp_path, quant_method):
+    model = quantized_copy(tiny_models["llama"], tmp_path / "quant", quant_method)
+    with pytest.raises(ValueError, match=f"quant_method='{quant_method}'.*not supported yet"):
+        make_llm(model)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.entrypoints.cli import main, make_parser, parse_human_int, parse_lora_module
+from tests.fixtures import quantized_copy
 from tests.server_utils import clean_env, free_port, serve_cmd
 
 FLAGS = ["--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank", "--max-cpu-loras",
@@ -114,6 +115,12 @@ def test_bad_startup_inputs_fail_with_one_line(tiny_models, tmp_path):
     assert_one_line_error(res, 1, "no-model")
     res = run(serve_cmd(base, *common, "--chat-template", "nope.jinja"))
     assert_one_line_error(res, 1, "--chat-template")
+
+
+def test_quantized_checkpoint_fails_with_one_line(tiny_models, tmp_path):
+    model = quantized_copy(tiny_models["llama"], tmp_path / "gptq", "gptq")
+    res = run(serve_cmd(str(model), "--port", str(free_port()), "--host", "127.0.0.1"))
+    assert_one_line_error(res, 1, "quant_method='gptq'", "not supported yet")
 
 
 def test_parse_lora_module():

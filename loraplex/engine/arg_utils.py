@@ -97,17 +97,25 @@ class EngineArgs:
                 logger.warning("%s=%r has no effect in loraplex (accepted for vLLM "
                                "compatibility)", name, getattr(self, name))
 
-    def create_engine_config(self, hf_config: Any) -> EngineConfig:
-        from loraplex.models.registry import sliding_window
-
+    def _refuse_unsupported(self, hf_config: Any) -> None:
         if self.quantization:
             raise ValueError(f"quantization={self.quantization!r} is not supported yet")
+        quant = getattr(hf_config, "quantization_config", None)
+        if quant:  # else its packed tensors would load as plain weights, or fail obscurely
+            method = quant.get("quant_method") if isinstance(quant, dict) else type(quant).__name__
+            raise ValueError(f"quantized checkpoint (config.json quantization_config, quant_method="
+                             f"{method!r}) is not supported yet: use an unquantized model")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if self.load_format not in ("auto", "dummy", "safetensors", "pt"):
             raise ValueError(f"load_format={self.load_format!r}: use 'auto' or 'dummy'")
         if self.default_mm_loras:
             raise ValueError("default_mm_loras: multimodal models are not supported yet")
+
+    def create_engine_config(self, hf_config: Any) -> EngineConfig:
+        from loraplex.models.registry import sliding_window
+
+        self._refuse_unsupported(hf_config)
         device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
                               else ("cpu" if self.device == "auto" else self.device))
         self._warn_ignored(device)

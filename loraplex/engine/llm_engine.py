@@ -43,6 +43,13 @@ logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict[str, Any]
 
+# vLLM's prompt-dict keys beyond prompt / prompt_token_ids that a text-only engine can accept:
+# mm_processor_kwargs only configures the processing of multi_modal_data, and these two are
+# fine while empty. Any other key (cache_salt, prompt_embeds, token_type_ids, a typo) is
+# refused: it would be silently ignored otherwise.
+_MULTIMODAL_KEYS = ("multi_modal_data", "multi_modal_uuids")
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "mm_processor_kwargs", *_MULTIMODAL_KEYS}
+
 
 @dataclass
 class EngineStats:
@@ -144,6 +151,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
+            _check_prompt_keys(prompt)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
@@ -438,3 +446,15 @@ class LLMEngine:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+
+def _check_prompt_keys(prompt: dict[str, Any]) -> None:
+    """Refuse what a prompt dict asks for that this engine cannot do (vLLM refuses
+    multimodal input for a text-only model too), rather than ignore it."""
+    for key in _MULTIMODAL_KEYS:
+        if prompt.get(key):
+            raise ValueError(f"{key}: multimodal inputs are not supported yet (text only)")
+    unknown = sorted(set(prompt) - _PROMPT_KEYS)
+    if unknown:
+        raise ValueError(f"prompt key(s) {', '.join(map(repr, unknown))} are not supported "
+                         "yet: a prompt dict takes 'prompt' or 'prompt_token_ids'")

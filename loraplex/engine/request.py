@@ -42,7 +42,8 @@ class Request:
                                     if self.params.logprobs is not None else None),
                 logprobs=list(seq.logprobs) if self.params.logprobs is not None else None,
                 finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason))
+                stop_reason=seq.stop_reason,
+                lora_request=self.lora_request))
         metrics = {"arrival_time": self.arrival_time}
         if self.first_scheduled_time is not None:
             metrics["first_scheduled_time"] = self.first_scheduled_time
