@@ -11,9 +11,12 @@ the load-latency metric.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+import torch
 
 from loraplex.lora.adapter import PackedLoRA
 from loraplex.lora.errors import LoRAError
@@ -25,10 +28,15 @@ LoadResult = PackedLoRA | LoRAError
 
 
 class AdapterLoader:
-    def __init__(self, load_fn: Callable[[LoRARequest], PackedLoRA], num_workers: int = 2
-                 ) -> None:
+    def __init__(self, load_fn: Callable[[LoRARequest], PackedLoRA], num_workers: int = 2,
+                 device: torch.device | None = None) -> None:
         self._load_fn = load_fn
-        self._executor = ThreadPoolExecutor(num_workers, thread_name_prefix="loraplex-lora")
+        # pinning host memory makes a CUDA context on the thread's current device: with
+        # cuda:N the workers pin from cuda:N, not from GPU 0 (a context there costs memory)
+        on_gpu_n = device is not None and device.type == "cuda" and device.index is not None
+        self._executor = ThreadPoolExecutor(
+            num_workers, thread_name_prefix="loraplex-lora",
+            initializer=functools.partial(torch.cuda.set_device, device) if on_gpu_n else None)
         self._inflight: dict[int, Future] = {}
         self.latencies: list[float] = []  # seconds per finished load (drain_latencies)
 

@@ -88,7 +88,7 @@ class LoRAManager:
         self.lora_index_to_id: list[int | None] = [None] * cfg.max_loras
         self._slot_lru: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, oldest first
         self.pinned: set[int] = set()
-        self.loader = AdapterLoader(self.prepare, cfg.num_load_workers)
+        self.loader = AdapterLoader(self.prepare, cfg.num_load_workers, self.device)
         self.stats = LoRACacheStats()
         # host -> device copies on their own stream, so they can overlap compute on a GPU
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" \
