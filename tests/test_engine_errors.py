@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from loraplex import LLM, EngineArgs, LoRARequest, SamplingParams
 from loraplex.lora.errors import LoRAError
@@ -226,3 +227,9 @@ def test_quantized_checkpoint_is_refused(tiny_models, tmp_path, quant_method):
     model = quantized_copy(tiny_models["llama"], tmp_path / "quant", quant_method)
     with pytest.raises(ValueError, match=f"quant_method='{quant_method}'.*not supported yet"):
         make_llm(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_models):
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        make_llm(tiny_models["llama"], device="cuda")

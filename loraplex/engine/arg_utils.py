@@ -118,6 +118,11 @@ class EngineArgs:
         self._refuse_unsupported(hf_config)
         device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
                               else ("cpu" if self.device == "auto" else self.device))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r}, but this torch ({torch.__version__}) "
+                             "sees no CUDA GPU")
+        if device.type == "cuda" and device.index is None:  # "the current GPU" is per thread:
+            device = torch.device("cuda", torch.cuda.current_device())  # fix it now
         self._warn_ignored(device)
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None)
                               or getattr(hf_config, "torch_dtype", None), device)

@@ -83,7 +83,7 @@ class LLMEngine:
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
         mc = self.model_config
-        self._cuda_index = mc.device.index if mc.device.type == "cuda" else None
+        self._cuda_index = mc.device.index if mc.device.type == "cuda" else None  # always set
         self._use_device()
         torch.manual_seed(mc.seed)
         if mc.device.type == "cpu" and envs.LORAPLEX_CPU_KEEP_FREED_MEMORY:
