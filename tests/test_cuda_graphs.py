@@ -232,8 +232,10 @@ def test_replay_path_with_stand_in_graphs(monkeypatch, tiny_models, tiny_adapter
         forward = self._forward
 
         def seen(bs, ctx):
-            if ctx.lora_meta is not None:
-                ranks_in_lora_checks.append(max(max(m.slot_ranks) for m in lora_layers))
+            if ctx.lora_meta is not None:  # the largest rank in use by a row of the batch
+                ranks_in_lora_checks.append(max(
+                    (m.slot_ranks[s] for m in lora_layers for s in ctx.lora_meta.active_slot_list),
+                    default=0))
             return forward(bs, ctx)
         self._forward = seen
         check(self, bs, lora)
@@ -252,6 +254,20 @@ def test_replay_path_with_stand_in_graphs(monkeypatch, tiny_models, tiny_adapter
     assert graphs.num_replays > 0 and runner.num_eager_decode_steps == 0
     check_against_hf(outs, base, [adapters[n] if n else None for n in NAMES], batch)
     assert llm.llm_engine.lora_manager.stats.host_hits >= 4  # 4 adapters through 2 slots
+
+    # a check that fails half-way still leaves every slot empty (the check runs before any
+    # adapter is loaded: empty the slots the generation above left, as at start-up)
+    for m in lora_layers:
+        for slot in range(2):
+            m.reset_lora(slot)
+
+    def broken_replay():
+        raise RuntimeError("replay failed")
+
+    graphs.graphs[1, True][0].replay = broken_replay
+    with pytest.raises(RuntimeError, match="replay failed"), torch.inference_mode():
+        graphs._check(1, True)  # as capture() calls it
+    assert not any(any(m.slot_ranks) or m.lora_a_stacked.any() for m in lora_layers)
 
 
 # ---- GPU: real graphs --------------------------------------------------------------------

@@ -169,19 +169,22 @@ class CUDAGraphRunner:
             for cache in (layer.k_cache, layer.v_cache):
                 cache[:used].normal_()
         lora_layers = [m for m in self.model.modules() if isinstance(m, LinearWithLoRA)]
-        if lora:
-            slots = torch.randint(-1, self.max_loras, (bs,), generator=gen).tolist()
-            self.metas[bs].prepare(slots)
-            _fill_random_adapters(lora_layers, gen)
-        want = self._forward(bs, self._context(bs, lora)).clone()
-        graph, got = self.graphs[bs, lora]
-        graph.replay()
-        err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
-        for layer in layers:
-            for cache in (layer.k_cache, layer.v_cache):
-                cache[:used].zero_()
-        if lora:
-            for layer in lora_layers:
+        try:
+            if lora:
+                slots = torch.randint(-1, self.max_loras, (bs,), generator=gen).tolist()
+                slots[0] = bs % self.max_loras  # at least one row with an adapter
+                self.metas[bs].prepare(slots)
+                _fill_random_adapters(lora_layers, gen)
+            want = self._forward(bs, self._context(bs, lora)).clone()
+            graph, got = self.graphs[bs, lora]
+            graph.replay()
+            err = float((got.float() - want.float()).norm()
+                        / want.float().norm().clamp_min(1e-30))
+        finally:  # the cache and the slots go back to empty, whatever happened
+            for layer in layers:
+                for cache in (layer.k_cache, layer.v_cache):
+                    cache[:used].zero_()
+            for layer in lora_layers if lora else []:
                 for slot in range(self.max_loras):
                     layer.reset_lora(slot)
         tol = _CHECK_TOL.get(want.dtype, 2e-2)
