@@ -57,7 +57,7 @@ def fix_interpreter_index() -> None:
     if patch is None or getattr(patch, "squeezes_index", False):
         return
 
-    def patch_lang_tensor(tensor, *scope):  # triton 3.1 patches in place, with no scope
+    def patch_lang_tensor(tensor, *scope):  # triton 3.2 patches in place, with no scope
         patch(tensor, *scope)
         index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
         if scope:

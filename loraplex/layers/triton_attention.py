@@ -23,8 +23,8 @@ Softmax runs in fp32 (base-2 exponentials, scale folded in); P is cast to the V 
 for the second dot, as flash attention does.
 """
 
-# No `from __future__ import annotations`: triton 3.1's interpreter needs tl.constexpr
-# annotations as objects, not strings.
+from __future__ import annotations
+
 import functools
 import os
 
@@ -115,15 +115,15 @@ def _attend_paged(q, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, sta
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale,
                    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, F32: tl.constexpr):
-    """num_splits is a runtime value: it follows the batch size and the longest context, and
-    as a constexpr every new value would compile another kernel in the middle of serving."""
+    """num_splits is a runtime value, not specialized on: it follows the batch size and the
+    longest context, and each new value would otherwise compile another kernel mid-serving."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -156,7 +156,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps,
                          stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):

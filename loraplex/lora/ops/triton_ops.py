@@ -25,8 +25,8 @@ each active adapter is read once per step; a long prefill segment spans several 
 Launch sizes are first guesses, not yet tuned on a GPU.
 """
 
-# No `from __future__ import annotations`: triton 3.1's interpreter needs tl.constexpr
-# annotations as objects, not strings.
+from __future__ import annotations
+
 import os
 
 import torch
