@@ -436,7 +436,7 @@ def test_engine_triton_backend_prefix_cache_matches_hf(monkeypatch, tiny_models,
     monkeypatch.setenv("LORAPLEX_LORA_BACKEND", "triton")
     # Triton's split-K sums in another order than torch: on this request (r8_all after a
     # 32-token cached prefix) the LoRA backends differ by 4e-5 on torch 2.13 and 1e-4 on
-    # the floors (scripts/check_floors.sh); dropping one rank of the adapter moves them by 8
+    # the floors (scripts/check_floors.sh); dropping one rank of the adapter moves one by 7.9
     check_shared_prefixes(tiny_models["llama"], tiny_adapters["llama"], prompts, atol=2e-4)
 
 

@@ -42,8 +42,9 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
-        Raises LoRAError when an adapter's weights cannot be read (as vLLM raises): the
-        call's other requests are aborted, so the next call starts from a clean engine.
+        Raises LoRAError when an adapter fails to load while the batch runs (unreadable or
+        missing weights, shapes of another base, a failed hub download), as vLLM raises:
+        the call's other requests are aborted, so the next call starts from a clean engine.
         """
         if isinstance(prompts, str | dict) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -88,7 +89,7 @@ class LLM:
                     for out in engine.step():
                         if not out.finished:
                             continue
-                        if out.error is not None:  # its adapter's weights were unreadable
+                        if out.error is not None:  # its adapter failed to load
                             raise LoRAError(out.error)
                         finished[out.request_id] = out
                         bar.update(1)
