@@ -212,7 +212,7 @@ def test_multimodal_and_unknown_prompt_keys_are_refused(llm, prompts):
     with pytest.raises(ValueError, match="multimodal"):
         engine.add_request("mm", {"prompt_token_ids": prompts[0],
                                   "multi_modal_data": {"audio": [0.0]}}, GREEDY)
-    for key in ("cache_salt", "prompt_embeds", "promt"):
+    for key in ("token_type_ids", "prompt_embeds", "promt"):
         with pytest.raises(ValueError, match=repr(key)):
             engine.add_request(key, {"prompt": text, key: "x"}, GREEDY)
     assert not engine.has_unfinished_requests()

@@ -4,6 +4,8 @@ outputs equal to HF + PEFT whether the prefix came from the cache or not."""
 
 from __future__ import annotations
 
+import pytest
+
 from loraplex import LoRARequest, SamplingParams
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.sequence import Sequence
@@ -12,7 +14,7 @@ from tests.engine_utils import check_against_hf, check_shared_prefixes, make_llm
 
 def _seq(tokens: list[int], salt: int = 0) -> Sequence:
     seq = Sequence("r", 0, tokens, SamplingParams())
-    seq.cache_salt = salt
+    seq.cache_salt = salt.to_bytes(8, "little")  # as the engine sets it for registration `salt`
     return seq
 
 
@@ -110,6 +112,30 @@ def test_shared_prefixes_match_peft(tiny_models, tiny_adapters, prompts):
     only under their own adapter's), and every output equals HF + PEFT. (The Triton
     backend's run: tests/test_attention.py.)"""
     check_shared_prefixes(tiny_models["llama"], tiny_adapters["llama"], prompts)
+
+
+def test_cache_salt_shares_prefixes_only_between_equal_salts(tiny_models, prompts):
+    """vLLM's cache_salt: a prompt dict's salt keeps its cached K/V from requests with any
+    other salt (or none); requests with the same salt share as usual."""
+    llm = make_llm(tiny_models["llama"], block_size=8)
+    prompt = prompts[-1] * 2  # several full blocks
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    def run(salt: str | None):
+        job = {"prompt_token_ids": prompt} | ({"cache_salt": salt} if salt else {})
+        out = llm.generate(job, params, use_tqdm=False)[0]
+        return out.num_cached_tokens, out.outputs[0].token_ids
+
+    first, tokens = run("tenant-a")
+    assert first == 0
+    assert run("tenant-b") == (0, tokens)  # another salt: nothing shared
+    assert run(None) == (0, tokens)  # no salt is a salt of its own
+    cached, again = run("tenant-a")
+    assert cached >= len(prompt) // 8 * 8 - 8 and again == tokens
+    for bad in ("", 7):
+        with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+            run_bad = {"prompt_token_ids": prompt, "cache_salt": bad}
+            llm.generate(run_bad, params, use_tqdm=False)
 
 
 def test_a_re_added_adapter_id_does_not_reuse_the_old_weights_kv(tiny_models, tiny_adapters,

@@ -473,6 +473,36 @@ def test_a_repeated_prompt_hits_the_prefix_cache(server, client):
     assert m[("loraplex:prefix_cache_queries_total", ())] >= 2 * replies[0].usage.prompt_tokens
 
 
+def test_cache_salt_over_http(server, client):
+    """vLLM's cache_salt request field: the cached prefix of one salt is not a hit for
+    another; the same salt hits; an empty salt is a 400 naming the field."""
+    prompt = "A salted prompt: the lazy dog sleeps while the quick brown fox runs. " * 2
+
+    def counted(salt: str) -> tuple[float, float]:
+        """(queries, hits) once this request's lookup is on /metrics."""
+        key = ("loraplex:prefix_cache_queries_total", ())
+        before = _metrics(server).get(key, 0)
+        client.completions.create(model="r8_all", prompt=prompt, max_tokens=2, temperature=0,
+                                  extra_body={"cache_salt": salt})
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            m = _metrics(server)
+            if m.get(key, 0) > before:
+                return m[key], m.get(("loraplex:prefix_cache_hits_total", ()), 0)
+            time.sleep(0.1)
+        pytest.fail("the request's prefix lookup was not counted")
+
+    _, hits = counted("tenant-1")
+    _, after_other = counted("tenant-2")
+    assert after_other == hits
+    _, after_same = counted("tenant-1")
+    assert after_same > hits
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="r8_all", prompt=prompt, max_tokens=2,
+                                  extra_body={"cache_salt": ""})
+    assert err.value.body["param"] == "cache_salt"
+
+
 def _metrics(server) -> dict:
     out = {}
     for fam in text_string_to_metric_families(server.get("/metrics").text):

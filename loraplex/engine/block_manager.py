@@ -7,7 +7,8 @@ offset `p % block_size`. Blocks come from one free pool sized from the memory bu
 Prefix caching (vLLM's automatic prefix caching): once a block is full and its K/V are
 computed, it is registered under a hash of its tokens, the hash of the block before it
 (so the hash stands for the whole prefix) and the sequence's `cache_salt` (which adapter
-weights computed the K/V: the same prompt under two adapters has different K/V). A
+weights computed the K/V: the same prompt under two adapters has different K/V; and
+the request's own `cache_salt`, as in vLLM: only requests with the same salt share). A
 new sequence whose first blocks' hashes are registered takes those blocks (reference
 counted) and starts computing after them. A freed block keeps its contents and its hash
 while it waits in the free pool, least recently freed first, so it can still be hit until
@@ -48,7 +49,7 @@ class BlockManager:
         hashes, bs = seq.block_hashes, self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else seq.cache_salt.to_bytes(8, "little")
+            parent = hashes[-1] if hashes else seq.cache_salt
             tokens = array("q", seq.token_ids[i * bs:(i + 1) * bs]).tobytes()
             hashes.append(hashlib.blake2b(parent + tokens, digest_size=16).digest())
         return hashes[:num_blocks]

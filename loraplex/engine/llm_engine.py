@@ -44,11 +44,12 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int] | dict[str, Any]
 
 # vLLM's prompt-dict keys beyond prompt / prompt_token_ids that a text-only engine can accept:
-# mm_processor_kwargs only configures the processing of multi_modal_data, and these two are
-# fine while empty. Any other key (cache_salt, prompt_embeds, token_type_ids, a typo) is
-# refused: it would be silently ignored otherwise.
+# cache_salt (prefix-cache isolation); mm_processor_kwargs only configures the processing
+# of multi_modal_data, and these two are fine while empty. Any other key (prompt_embeds,
+# token_type_ids, a typo) is refused: it would be silently ignored otherwise.
 _MULTIMODAL_KEYS = ("multi_modal_data", "multi_modal_uuids")
-_PROMPT_KEYS = {"prompt", "prompt_token_ids", "mm_processor_kwargs", *_MULTIMODAL_KEYS}
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt", "mm_processor_kwargs",
+                *_MULTIMODAL_KEYS}
 
 
 @dataclass
@@ -190,6 +191,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self._tokenize(prompt)
+        salt = _cache_salt(prompt)
         self._check_prompt(ids)
         self._check_token_ids("logit_bias", params.logit_bias or {})
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
@@ -200,8 +202,9 @@ class LLMEngine:
                 gen = torch.Generator(device=self.model_config.device)
                 gen.manual_seed(params.seed + i)
             seq = Sequence(request_id, i, ids, params, lora_id, gen)
-            if lora_id:  # cached K/V are shared only under the very same adapter weights
-                seq.cache_salt = self.lora_manager.registration_of(lora_id)
+            # cached K/V are shared only under the very same adapter weights, and salt
+            registration = self.lora_manager.registration_of(lora_id) if lora_id else 0
+            seq.cache_salt = registration.to_bytes(8, "little") + salt
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params))
         self.requests[request_id] = Request(request_id, text, ids, params, lora_request, seqs,
@@ -458,3 +461,14 @@ def _check_prompt_keys(prompt: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"prompt key(s) {', '.join(map(repr, unknown))} are not supported "
                          "yet: a prompt dict takes 'prompt' or 'prompt_token_ids'")
+
+
+def _cache_salt(prompt: PromptType) -> bytes:
+    """A prompt dict's cache_salt (vLLM's): requests share cached prefixes only with
+    requests of the same salt, so one tenant cannot time another's prompts."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is None:
+        return b""
+    if not isinstance(salt, str) or not salt:
+        raise ValueError("cache_salt must be a non-empty string")
+    return salt.encode()

@@ -45,9 +45,10 @@ class Sequence:
         # (a chunk of the prompt, or the last token when decoding)
         self.num_computed_tokens = 0
         # prefix caching (engine/block_manager.py): which weights computed this sequence's
-        # K/V (0 = the base; an adapter's registration), the hashes of its full blocks, how
-        # many of its blocks are registered, and the prompt tokens found cached
-        self.cache_salt = 0
+        # K/V (8 bytes: 0 = the base, else the adapter's registration) and the request's
+        # own cache_salt, if any; the hashes of its full blocks, how many of its blocks
+        # are registered, and the prompt tokens found cached
+        self.cache_salt = bytes(8)
         self.block_hashes: list[bytes] = []
         self.num_committed_blocks = 0
         self.num_cached_tokens = 0

@@ -121,6 +121,7 @@ class SamplingFields(OpenAIBase):
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:<id>"
     request_id: str | None = None
+    cache_salt: str | None = None  # prefix-cache sharing only between equal salts
 
 
 # ---- completions ------------------------------------------------------------------------

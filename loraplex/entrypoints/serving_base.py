@@ -130,21 +130,22 @@ class OpenAIServing:
     # ---- engine -------------------------------------------------------------------------
     async def start_requests(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
                              params: list[SamplingParams], model: str | None,
-                             lora: LoRARequest | None) -> EngineRequests:
+                             lora: LoRARequest | None, cache_salt: str | None = None
+                             ) -> EngineRequests:
         """Queue one engine request per prompt, all or none. ``lora`` is what ``model``
         resolved to; if that adapter was unloaded or replaced since, look ``model`` up
         again (404 once it is gone; the new weights after an in-place reload)."""
         for _ in range(_MAX_LOOKUPS):
             try:
-                return await self._queue(request_id, prompts, params, lora)
+                return await self._queue(request_id, prompts, params, lora, cache_salt)
             except LoRANotLoadedError:
                 lora = await self.models.resolve(model)
         raise ServiceUnavailableError(f"the adapter {model!r} kept changing while this "
                                       "request was queued; retry")
 
     async def _queue(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
-                     params: list[SamplingParams], lora: LoRARequest | None
-                     ) -> EngineRequests:
+                     params: list[SamplingParams], lora: LoRARequest | None,
+                     cache_salt: str | None) -> EngineRequests:
         # engine ids of our own: a client's request_id may repeat, ours never collide
         base = f"{request_id}-{uuid.uuid4().hex[:8]}"
         queued = EngineRequests([f"{base}-{i}" for i in range(len(prompts))], [])
@@ -153,13 +154,15 @@ class OpenAIServing:
                 prompt: dict = {"prompt_token_ids": token_ids}
                 if text is not None:
                     prompt["prompt"] = text
+                if cache_salt is not None:
+                    prompt["cache_salt"] = cache_salt
                 queued.streams.append(
                     await self.engine.add_request(rid, prompt, p, lora, load_lora=False))
         except BaseException as e:
             await self.abort_all(queued)
             if isinstance(e, ValueError) and not isinstance(e, LoRANotLoadedError):
                 first = str(e).split(" ", 1)[0]  # the engine's checks name the field first
-                param = first if first in ("prompt", "logit_bias") else None
+                param = first if first in ("prompt", "logit_bias", "cache_salt") else None
                 raise BadRequestError(str(e), param=param) from e  # includes LoRAError
             raise
         return queued

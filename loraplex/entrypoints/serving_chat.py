@@ -100,7 +100,7 @@ class OpenAIServingChat(OpenAIServing):
         self.fit_max_tokens(params, len(ids))
         request_id = req.request_id or random_id("chatcmpl")
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
-                                           lora)
+                                           lora, req.cache_salt)
         echo = self._echo(req)
         if req.stream:
             return self.sse(self._stream(req, request_id, model, len(ids), queued, echo),

@@ -60,7 +60,8 @@ class OpenAIServingCompletion(OpenAIServing):
             self.fit_max_tokens(p, len(ids))
             per_prompt.append(p)
         request_id = req.request_id or random_id("cmpl")
-        queued = await self.start_requests(request_id, prompts, per_prompt, req.model, lora)
+        queued = await self.start_requests(request_id, prompts, per_prompt, req.model, lora,
+                                           req.cache_salt)
         if req.stream:
             return self.sse(self._stream(req, request_id, model, prompts, queued), queued)
         try:
