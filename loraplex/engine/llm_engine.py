@@ -460,7 +460,8 @@ def _check_prompt_keys(prompt: dict[str, Any]) -> None:
     unknown = sorted(set(prompt) - _PROMPT_KEYS)
     if unknown:
         raise ValueError(f"prompt key(s) {', '.join(map(repr, unknown))} are not supported "
-                         "yet: a prompt dict takes 'prompt' or 'prompt_token_ids'")
+                         "yet: a prompt dict takes 'prompt' or 'prompt_token_ids', and "
+                         "'cache_salt'")
 
 
 def _cache_salt(prompt: PromptType) -> bytes:
