@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
@@ -90,3 +92,15 @@ def prompts(tokenizer: PreTrainedTokenizerFast) -> list[list[int]]:
     out = [tokenizer.encode(s) for s in SAMPLE_SENTENCES]
     assert all(3 <= len(p) <= 40 for p in out), [len(p) for p in out]
     return out
+
+
+@pytest.fixture
+def cuda_current_devices(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
+    """torch.cuda's per-thread current device, stubbed for a machine without a GPU:
+    thread id -> the device it set (torch.cuda.set_device); a thread reads 0 until then."""
+    current: dict[int, int] = {}
+    monkeypatch.setattr(torch.cuda, "current_device",
+                        lambda: current.get(threading.get_ident(), 0))
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda device: current.__setitem__(threading.get_ident(), device))
+    return current

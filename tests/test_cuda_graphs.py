@@ -118,7 +118,8 @@ def test_no_graphs_on_cpu(tiny_models, prompts):
 
 
 @pytest.mark.skipif(CUDA, reason="stubs torch.cuda's current device")
-def test_steps_make_the_engines_gpu_current_on_their_thread(monkeypatch, tiny_models, prompts):
+def test_steps_make_the_engines_gpu_current_on_their_thread(cuda_current_devices, tiny_models,
+                                                            prompts):
     """Triton kernels, graph capture and CUDA events use the thread's current device, so an
     engine on cuda:1 stepping on the async engine's own thread must make cuda:1 current
     there. The engine runs on the CPU; only the device bookkeeping is stubbed."""
@@ -126,18 +127,13 @@ def test_steps_make_the_engines_gpu_current_on_their_thread(monkeypatch, tiny_mo
 
     llm = make_llm(tiny_models["llama"], device="cpu", max_num_seqs=2)
     engine = llm.llm_engine
-    engine._cuda_index = 1  # as built for device="cuda:1"
-    current = {}  # thread -> its current CUDA device, 0 until set
-    monkeypatch.setattr(torch.cuda, "current_device",
-                        lambda: current.get(threading.get_ident(), 0))
-    monkeypatch.setattr(torch.cuda, "set_device",
-                        lambda i: current.__setitem__(threading.get_ident(), i))
     engine.add_request("a", {"prompt_token_ids": prompts[0]},
                        SamplingParams(temperature=0.0, max_tokens=2))
+    engine.model_config.device = torch.device("cuda", 1)  # as built for device="cuda:1"
     worker = threading.Thread(target=engine.step)
     worker.start()
     worker.join()
-    assert current == {worker.ident: 1}
+    assert cuda_current_devices == {worker.ident: 1}
 
 
 def test_profile_run_on_cpu(tiny_models):

@@ -242,19 +242,16 @@ def test_a_refused_re_add_keeps_the_deferred_removal(llm, tiny_adapters, prompts
     assert 5001 not in engine.lora_manager.registered  # removed once its request ended
 
 
-def test_loader_threads_pin_from_the_engines_gpu(monkeypatch):
+def test_loader_threads_pin_from_the_engines_gpu(cuda_current_devices):
     """Pinning host memory makes a CUDA context on the thread's current device, so with
     cuda:1 the loader threads make cuda:1 current before their first load (stubbed here:
     no GPU)."""
     from loraplex.lora.loader import AdapterLoader
 
-    current = {}
-    monkeypatch.setattr(torch.cuda, "set_device",
-                        lambda device: current.__setitem__(threading.get_ident(), device))
     ran_on = []
     loader = AdapterLoader(lambda req: ran_on.append(threading.get_ident()), 1,
                            torch.device("cuda", 1))
     loader.submit(LoRARequest("a", 1, "/nowhere"))
     loader.wait_any(timeout=10)
     loader.shutdown()
-    assert ran_on and current == {ran_on[0]: torch.device("cuda", 1)}
+    assert ran_on and cuda_current_devices == {ran_on[0]: 1}

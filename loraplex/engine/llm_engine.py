@@ -36,6 +36,7 @@ from loraplex.models.registry import architecture, build_model
 from loraplex.outputs import RequestOutput
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.cpu_allocator import keep_freed_memory
+from loraplex.worker.device import use_device
 from loraplex.worker.memory import cpu_cache_config, kv_block_bytes, plan_memory
 from loraplex.worker.model_runner import ModelRunner
 
@@ -84,8 +85,7 @@ class LLMEngine:
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
         mc = self.model_config
-        self._cuda_index = mc.device.index if mc.device.type == "cuda" else None  # always set
-        self._use_device()
+        use_device(mc.device)
         torch.manual_seed(mc.seed)
         if mc.device.type == "cpu" and envs.LORAPLEX_CPU_KEEP_FREED_MEMORY:
             keep_freed_memory()
@@ -242,15 +242,8 @@ class LLMEngine:
         return len(self.requests)
 
     # ---- the step ---------------------------------------------------------------------
-    def _use_device(self) -> None:
-        """Make the engine's GPU current on the calling thread (the async engine steps on its
-        own): Triton launches, CUDA graph capture and events go to the thread's current
-        device, not their tensors', so with cuda:1 they would otherwise run on GPU 0."""
-        if self._cuda_index is not None and torch.cuda.current_device() != self._cuda_index:
-            torch.cuda.set_device(self._cuda_index)
-
     def step(self) -> list[RequestOutput]:
-        self._use_device()
+        use_device(self.model_config.device)  # this thread may not be the constructor's
         touched: dict[str, Request] = {}
         manager = self.lora_manager
         if manager is not None:

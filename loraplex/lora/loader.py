@@ -21,6 +21,7 @@ import torch
 from loraplex.lora.adapter import PackedLoRA
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
+from loraplex.worker.device import use_device
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,9 @@ class AdapterLoader:
         self._load_fn = load_fn
         # pinning host memory makes a CUDA context on the thread's current device: with
         # cuda:N the workers pin from cuda:N, not from GPU 0 (a context there costs memory)
-        on_gpu_n = device is not None and device.type == "cuda" and device.index is not None
         self._executor = ThreadPoolExecutor(
             num_workers, thread_name_prefix="loraplex-lora",
-            initializer=functools.partial(torch.cuda.set_device, device) if on_gpu_n else None)
+            initializer=None if device is None else functools.partial(use_device, device))
         self._inflight: dict[int, Future] = {}
         self.latencies: list[float] = []  # seconds per finished load (drain_latencies)
 
