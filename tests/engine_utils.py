@@ -26,7 +26,11 @@ def check_against_hf(outputs, base: Path, adapter_dirs: list[Path | None],
         ref = hf_logprobs(base, adapter, prompt + got[:-1])[len(prompt) - 1:]
         for step, (tok, lp) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
             for t, logprob in lp.items():
-                assert abs(logprob.logprob - ref[step, t].item()) < atol, (adapter, step, t)
+                want_lp = ref[step, t].item()
+                assert abs(logprob.logprob - want_lp) < atol, (
+                    f"adapter {adapter}, step {step}, token {t}: logprob {logprob.logprob!r}, "
+                    f"HF {want_lp!r}, diff {abs(logprob.logprob - want_lp):.3e} > {atol}; "
+                    f"prompt {prompt}, tokens {got}")
             assert tok in lp
 
 
