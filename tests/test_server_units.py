@@ -388,7 +388,9 @@ def test_hf_hub_resolver_serves_a_sub_folder(tmp_path, tiny_adapters, monkeypatc
 def test_adapter_files_are_read_off_the_engine_thread(engine_args, tiny_adapters,
                                                       monkeypatch, registry):
     """Runtime loads, resolver loads and first use all read and validate the adapter on
-    another thread: the step loop never waits for a disk."""
+    an adapter-loader thread: the step loop never waits for a disk, and the torch ops of
+    a read run single-threaded, not in an OpenMP team beside the step loop's
+    (worker/cpu_threads.py)."""
     import threading
 
     from loraplex.lora.resolvers import FilesystemResolver
@@ -405,13 +407,14 @@ def test_adapter_files_are_read_off_the_engine_thread(engine_args, tiny_adapters
         real = engine.engine.prepare_lora
 
         def prepare(req):
-            readers.append(threading.get_ident())
+            readers.append((threading.get_ident(), threading.current_thread().name))
             return real(req)
         monkeypatch.setattr(engine.engine, "prepare_lora", prepare)
         await models.load_lora_adapter("a", str(ad["r8_all"]))
         await models.resolve("r16_rslora")
         await _final(engine, "x", LoRARequest("direct", 99, str(ad["r4_qv"])))
-        assert len(readers) == 3 and engine_thread not in readers
+        assert len(readers) == 3 and engine_thread not in {ident for ident, _ in readers}
+        assert all(name.startswith("loraplex-lora") for _, name in readers), readers
         await engine.shutdown()
     asyncio.run(main())
 

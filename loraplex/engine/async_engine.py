@@ -2,7 +2,9 @@
 
 One background task runs ``step()`` on a dedicated one-worker thread; every other
 engine call goes through that same thread, so calls never overlap and new requests
-join the running batch between steps. Each request gets a stream (async generator of
+join the running batch between steps. `from_engine_args` builds the engine on that
+thread too: on the CPU the thread that loads the model keeps an OpenMP team, and a second
+team beside the stepping thread's slows every step (worker/cpu_threads.py). Each request gets a stream (async generator of
 cumulative RequestOutputs). Closing a stream early (client gone) aborts the request.
 Adapter files are read on other threads (``prepare_lora``) so loads never stall steps.
 
@@ -34,6 +36,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _engine_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="loraplex-engine")
+
+
 class EngineDeadError(RuntimeError):
     """The engine failed while running a request (a server bug, not the request's fault)."""
 
@@ -61,11 +67,13 @@ class _Stream:
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, model_name: str | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None,
+                 executor: ThreadPoolExecutor | None = None) -> None:
+        """`executor`: the one-worker pool that built `engine` (from_engine_args)."""
         self.engine = engine
         self.model_name = model_name or engine.model_config.name
         self.metrics = metrics
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="loraplex-engine")
+        self._executor = executor or _engine_thread()
         self._streams: dict[str, _Stream] = {}
         self._forget: set[str] = set()  # unloaded models whose metrics go with their last stream
         self._wake: asyncio.Event | None = None
@@ -76,7 +84,14 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **kw: Any) -> AsyncLLMEngine:
-        return cls(LLMEngine.from_engine_args(args), **kw)
+        """Build the engine on the thread that will step it (blocks until it is built)."""
+        executor = _engine_thread()
+        try:
+            engine = executor.submit(LLMEngine.from_engine_args, args).result()
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(engine, executor=executor, **kw)
 
     # ---- plumbing ---------------------------------------------------------------------
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -316,8 +331,8 @@ class AsyncLLMEngine:
 
     # ---- adapters ---------------------------------------------------------------------
     async def prepare_lora(self, lora_request: LoRARequest) -> PackedLoRA:
-        """Read and validate the adapter on a worker thread (raises LoRAError)."""
-        return await asyncio.to_thread(self.engine.prepare_lora, lora_request)
+        """Read and validate the adapter on an adapter-loader thread (raises LoRAError)."""
+        return await asyncio.wrap_future(self.engine.prepare_lora_in_background(lora_request))
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:
         """Register an adapter, validated fully and read off the engine thread. False if

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -360,6 +361,11 @@ class LLMEngine:
     def prepare_lora(self, lora_request: LoRARequest) -> PackedLoRA:
         """Read and validate an adapter (I/O only); safe to call from any thread."""
         return self._require_lora().prepare(lora_request)
+
+    def prepare_lora_in_background(self, lora_request: LoRARequest) -> Future[PackedLoRA]:
+        """prepare_lora on an adapter-loader thread, whose torch ops run single-threaded
+        (worker/cpu_threads.py); the future raises what prepare_lora would."""
+        return self._require_lora().loader.run(self.prepare_lora, lora_request)
 
     def register_lora(self, lora_request: LoRARequest) -> bool:
         """Make an adapter known without reading its weights (its config is checked);

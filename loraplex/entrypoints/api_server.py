@@ -309,10 +309,7 @@ async def build_state(args: argparse.Namespace) -> ServerState:
     chat_template = _chat_template(args.chat_template)
     try:
         engine_args = _engine_args(args)
-        engine = LLMEngine.from_engine_args(engine_args)
     except Exception as e:
-        if envs.LORAPLEX_LOGGING_LEVEL == "DEBUG":
-            logger.exception("engine start-up failed")
         raise CLIError(f"cannot start the engine for {args.model!r}: {_one_line(e)}") from None
     names = engine_args.served_model_name or [args.model]
     names = [names] if isinstance(names, str) else list(names)
@@ -320,7 +317,14 @@ async def build_state(args: argparse.Namespace) -> ServerState:
     # process-wide, so the server sets it, not the Metrics class
     disable_created_metrics()
     metrics = Metrics(names[0], per_adapter_latency=args.per_adapter_latency_metrics)
-    async_engine = AsyncLLMEngine(engine, model_name=names[0], metrics=metrics)
+    try:  # built on the engine's own thread, which steps it (worker/cpu_threads.py)
+        async_engine = AsyncLLMEngine.from_engine_args(engine_args, model_name=names[0],
+                                                       metrics=metrics)
+    except Exception as e:
+        if envs.LORAPLEX_LOGGING_LEVEL == "DEBUG":
+            logger.exception("engine start-up failed")
+        raise CLIError(f"cannot start the engine for {args.model!r}: {_one_line(e)}") from None
+    engine = async_engine.engine
     models = OpenAIServingModels(async_engine, names, engine.model_config.max_model_len,
                                  engine.lora_config is not None)
     tokenizer = _server_tokenizer(engine)

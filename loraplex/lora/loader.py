@@ -15,28 +15,29 @@ import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 import torch
 
 from loraplex.lora.adapter import PackedLoRA
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
+from loraplex.worker.cpu_threads import run_torch_ops_single_threaded
 from loraplex.worker.device import use_device
 
 logger = logging.getLogger(__name__)
 
 LoadResult = PackedLoRA | LoRAError
+T = TypeVar("T")
 
 
 class AdapterLoader:
     def __init__(self, load_fn: Callable[[LoRARequest], PackedLoRA], num_workers: int = 2,
                  device: torch.device | None = None) -> None:
         self._load_fn = load_fn
-        # pinning host memory makes a CUDA context on the thread's current device: with
-        # cuda:N the workers pin from cuda:N, not from GPU 0 (a context there costs memory)
         self._executor = ThreadPoolExecutor(
             num_workers, thread_name_prefix="loraplex-lora",
-            initializer=None if device is None else functools.partial(use_device, device))
+            initializer=functools.partial(_start_worker, device))
         self._inflight: dict[int, Future] = {}
         self.latencies: list[float] = []  # seconds per finished load (drain_latencies)
 
@@ -62,6 +63,11 @@ class AdapterLoader:
         except Exception as e:  # an I/O or parsing failure we did not foresee: still per-adapter
             logger.exception("loading adapter %r failed", req.lora_name)
             return LoRAError(f"LoRA adapter {req.lora_name!r}: loading failed: {e!r}")
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """`fn(*args)` on a worker thread, for a caller that waits for it itself: not an
+        in-flight load (poll never returns it), and its errors are raised by the future."""
+        return self._executor.submit(fn, *args)
 
     def record(self, seconds: float) -> None:
         """Note one adapter read (from any thread: list.append is atomic)."""
@@ -94,3 +100,12 @@ class AdapterLoader:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_worker(device: torch.device | None) -> None:
+    # no OpenMP team of its own beside the step loop's (worker/cpu_threads.py); pinning
+    # host memory makes a CUDA context on the thread's current device: with cuda:N the
+    # workers pin from cuda:N, not from GPU 0 (a context there costs memory)
+    run_torch_ops_single_threaded()
+    if device is not None:
+        use_device(device)
