@@ -57,9 +57,12 @@ def _case(token_slots, ranks, max_rank=64, d_in=48, sizes=(40, 8, 8), pad=0.0, s
 
 DECODE = [2, -1, 0, 2, 3, -1, 0, 0, 1, 3]
 PREFILL = [1] * 9 + [-1] * 4 + [3] * 30 + [0] * 2 + [2] * 17  # one segment per sequence
+# one adapter for every token (the plain-matmul path), and one beside base tokens (not)
+WHOLE_BATCH, ONE_TOKEN, ONE_WITH_BASE = [1] * 7, [3], [-1, 1, 1, -1]
 
 
-@pytest.mark.parametrize("token_slots", [DECODE, PREFILL], ids=["decode", "prefill"])
+@pytest.mark.parametrize("token_slots", [DECODE, PREFILL, WHOLE_BATCH, ONE_TOKEN, ONE_WITH_BASE],
+                         ids=["decode", "prefill", "whole_batch", "one_token", "one_with_base"])
 @pytest.mark.parametrize("sizes", [(40, 8, 8), (24, 24), (32,)], ids=["qkv", "gate_up", "o"])
 def test_add_lora_matches_per_token_reference(token_slots, sizes):
     ranks = [8, 64, 16, 32]  # one slot per rank class, so no bucket reads any padding
@@ -67,6 +70,40 @@ def test_add_lora_matches_per_token_reference(token_slots, sizes):
     got = y.clone()
     ops.add_lora(got, x, a, b, lora_ranks, LoRABatchMeta.make(token_slots, CPU), list(sizes))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("token_slots", [[0, 1, 2, 3, 1], [2, 2, 0]], ids=["four", "two"])
+def test_adapters_sharing_a_rank_class_with_no_base_token(token_slots):
+    """Every token has an adapter and one bucket holds them all: still one slot each.
+    (Zero padding: a bucket reads up to its widest rank, LinearWithLoRA's invariant.)"""
+    ranks = [16, 12, 16, 9]  # one rank class
+    x, y, a, b, lora_ranks, want = _case(token_slots, ranks, max_rank=16)
+    got = y.clone()
+    ops.add_lora(got, x, a, b, lora_ranks, LoRABatchMeta.make(token_slots, CPU), [40, 8, 8])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("token_slots", [WHOLE_BATCH, DECODE], ids=["whole_batch", "decode"])
+def test_bf16_outputs_get_fp32_products_rounded_once(token_slots):
+    ranks = [8, 64, 16, 32]
+    x, y, a, b, lora_ranks, _ = _case(token_slots, ranks)
+    x, y, a, b = (v.bfloat16() for v in (x, y, a, b))
+    want = per_token_reference(y, x, a, b, ranks, token_slots, [40, 8, 8]).bfloat16()
+    got = y.clone()
+    ops.add_lora(got, x, a, b, lora_ranks, LoRABatchMeta.make(token_slots, CPU), [40, 8, 8])
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=1e-2)
+
+
+def test_only_a_batch_all_on_one_adapter_takes_the_plain_matmul_path():
+    ranks = [8, 64, 16, 32]
+    for token_slots, slot in ((WHOLE_BATCH, 1), (ONE_TOKEN, 3), (ONE_WITH_BASE, None),
+                              (DECODE, None), ([0, 0, 2], None), ([1, 1, 1, 3], None)):
+        buckets = LoRABatchMeta.make(token_slots, CPU).rank_buckets(ranks)
+        assert [b.whole_batch_slot for b in buckets if slot is not None] == (
+            [slot] if slot is not None else []), token_slots
+        assert slot is not None or all(b.whole_batch_slot is None for b in buckets)
+    # a slot without weights in this layer leaves its tokens out: not the whole batch
+    assert LoRABatchMeta.make([0, 0, 2], CPU).rank_buckets([8, 0, 0, 0])[0].whole_batch_slot is None
 
 
 def test_ranks_in_one_class_share_a_bucket_and_padding_is_zero():

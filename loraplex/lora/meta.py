@@ -48,6 +48,9 @@ class RankBucket:
     gather: torch.Tensor  # [G', Tmax] long: token row of each padded position (pads repeat one)
     scatter_pos: torch.Tensor  # [N] long: flat padded positions that hold a real token
     scatter_tok: torch.Tensor  # [N] long: the token row of each of those positions
+    # the slot when every token of the step uses it (then the batch is the tokens as they
+    # are: no gather, no scatter); None otherwise
+    whole_batch_slot: int | None = None
 
 
 class LoRABatchMeta:
@@ -165,7 +168,9 @@ class LoRABatchMeta:
                 slots=torch.tensor(slots, device=dev)[owner.to(dev)],
                 slot_slice=slice(slots[0], slots[-1] + 1, step) if even else None,
                 gather=gather.to(dev), scatter_pos=pos.to(dev),
-                scatter_tok=gather.flatten()[pos].to(dev)))
+                scatter_tok=gather.flatten()[pos].to(dev),
+                whole_batch_slot=slots[0] if len(groups) == 1 and int(n[0]) == self.num_tokens
+                else None))
         return buckets
 
 
