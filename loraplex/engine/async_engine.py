@@ -4,8 +4,9 @@ One background task runs ``step()`` on a dedicated one-worker thread; every othe
 engine call goes through that same thread, so calls never overlap and new requests
 join the running batch between steps. `from_engine_args` builds the engine on that
 thread too: on the CPU the thread that loads the model keeps an OpenMP team, and a second
-team beside the stepping thread's slows every step (worker/cpu_threads.py). Each request gets a stream (async generator of
-cumulative RequestOutputs). Closing a stream early (client gone) aborts the request.
+team beside the stepping thread's slows every step (worker/cpu_threads.py). Each request
+gets a stream (async generator of cumulative RequestOutputs). Closing a stream early
+(client gone) aborts the request.
 Adapter files are read on other threads (``prepare_lora``) so loads never stall steps.
 
 Which adapters exist is the engine's own state (``list_loras``), read on the engine
