@@ -307,17 +307,15 @@ async def build_state(args: argparse.Namespace) -> ServerState:
             logger.warning("--%s is accepted but has no effect: %s are refused (not "
                            "supported yet)", flag.replace("_", "-"), what)
     chat_template = _chat_template(args.chat_template)
-    try:
-        engine_args = _engine_args(args)
-    except Exception as e:
-        raise CLIError(f"cannot start the engine for {args.model!r}: {_one_line(e)}") from None
-    names = engine_args.served_model_name or [args.model]
-    names = [names] if isinstance(names, str) else list(names)
     # no `_created` sample beside every series (half the lines of a per-adapter counter);
     # process-wide, so the server sets it, not the Metrics class
     disable_created_metrics()
-    metrics = Metrics(names[0], per_adapter_latency=args.per_adapter_latency_metrics)
-    try:  # built on the engine's own thread, which steps it (worker/cpu_threads.py)
+    try:
+        engine_args = _engine_args(args)
+        names = engine_args.served_model_name or [args.model]
+        names = [names] if isinstance(names, str) else list(names)
+        metrics = Metrics(names[0], per_adapter_latency=args.per_adapter_latency_metrics)
+        # built on the engine's own thread, which steps it (worker/cpu_threads.py)
         async_engine = AsyncLLMEngine.from_engine_args(engine_args, model_name=names[0],
                                                        metrics=metrics)
     except Exception as e:
