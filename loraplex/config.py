@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.layers.quantization.config import QuantConfig
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -55,6 +57,7 @@ class ModelConfig:
     # default sizes up to it; several = exactly those (larger batches run eagerly)
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
+    quantization: QuantConfig | None = None  # the checkpoint's GPTQ / AWQ weights
 
     def __post_init__(self) -> None:
         sizes = self.cuda_graph_sizes

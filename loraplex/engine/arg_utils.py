@@ -98,13 +98,6 @@ class EngineArgs:
                                "compatibility)", name, getattr(self, name))
 
     def _refuse_unsupported(self, hf_config: Any) -> None:
-        if self.quantization:
-            raise ValueError(f"quantization={self.quantization!r} is not supported yet")
-        quant = getattr(hf_config, "quantization_config", None)
-        if quant:  # else its packed tensors would load as plain weights, or fail obscurely
-            method = quant.get("quant_method") if isinstance(quant, dict) else type(quant).__name__
-            raise ValueError(f"quantized checkpoint (config.json quantization_config, quant_method="
-                             f"{method!r}) is not supported yet: use an unquantized model")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if self.load_format not in ("auto", "dummy", "safetensors", "pt"):
@@ -113,6 +106,7 @@ class EngineArgs:
             raise ValueError("default_mm_loras: multimodal models are not supported yet")
 
     def create_engine_config(self, hf_config: Any) -> EngineConfig:
+        from loraplex.layers.quantization import quant_config_from_hf
         from loraplex.models.registry import sliding_window
 
         self._refuse_unsupported(hf_config)
@@ -144,7 +138,8 @@ class EngineArgs:
             device=device, max_model_len=max_model_len, seed=self.seed,
             load_format=self.load_format, revision=self.revision, served_model_name=served,
             enforce_eager=self.enforce_eager,
-            cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes))
+            cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes),
+            quantization=quant_config_from_hf(hf_config, self.quantization))
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_bytes=self.kv_cache_memory_bytes,
             gpu_memory_utilization=self.gpu_memory_utilization,

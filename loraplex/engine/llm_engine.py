@@ -139,7 +139,7 @@ class LLMEngine:
         torch.set_default_dtype(mc.dtype)
         try:
             with torch.device(mc.device):
-                model = build_model(hf_config)
+                model = build_model(hf_config, mc.quantization)
         finally:
             torch.set_default_dtype(default)
         if mc.load_format == "dummy":

@@ -141,7 +141,8 @@ ENGINE_HELP: dict[str, str] = {
     "load_format": "auto (safetensors or .bin) or dummy (random weights, for benchmarks).",
     "served_model_name": "Name(s) the base model answers to in the API; the first is used "
                          "in responses. Default: the model argument.",
-    "quantization": "Accepted for vLLM compatibility; quantized bases are not supported yet.",
+    "quantization": "The checkpoint's quantization method (gptq or awq; vLLM's *_marlin "
+                    "names too). Unset = read from its config.json.",
     "tensor_parallel_size": "Accepted for vLLM compatibility; only 1 is supported.",
     "enable_lora": "Enable LoRA adapters (required for --lora-modules and runtime loading).",
     "max_loras": "Most distinct adapters in one batch (device slots).",

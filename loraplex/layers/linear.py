@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.layers.quantization import AWQLinear, GPTQLinear, QuantConfig
+
 
 class Linear(nn.Module):
     """y = x W^T (+ b). `output_sizes` lists the packed sub-projections (one for a plain linear)."""
@@ -35,3 +37,19 @@ class Linear(nn.Module):
                              f"of {param_name} {tuple(param.shape)}")
         with torch.no_grad():
             param.data[start:start + size].copy_(loaded)
+
+
+def make_linear(in_features: int, output_sizes: list[int], bias: bool = False,
+                quant: QuantConfig | None = None, hf_names: tuple[str, ...] = ()) -> nn.Module:
+    """A plain Linear, or the quantized one for `quant` unless the checkpoint left these
+    HF modules (every sub-projection of a packed layer) unquantized."""
+    if quant is None:
+        return Linear(in_features, output_sizes, bias)
+    skipped = [quant.skips(n) for n in hf_names]
+    if any(skipped) and not all(skipped):
+        raise ValueError(f"{quant.method}: {', '.join(hf_names)} are packed into one layer, but "
+                         "modules_to_not_convert leaves only some of them unquantized")
+    if skipped and all(skipped):
+        return Linear(in_features, output_sizes, bias)
+    cls = GPTQLinear if quant.method == "gptq" else AWQLinear
+    return cls(in_features, output_sizes, bias, quant)

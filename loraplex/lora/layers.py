@@ -16,18 +16,19 @@ import torch
 from torch import nn
 
 from loraplex.layers.linear import Linear
+from loraplex.layers.quantization import QuantLinear
 from loraplex.lora import ops
 from loraplex.worker.context import get_context
 
 
 class LinearWithLoRA(nn.Module):
-    def __init__(self, base_layer: Linear, max_loras: int, max_rank: int,
+    def __init__(self, base_layer: Linear | QuantLinear, max_loras: int, max_rank: int,
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.output_sizes = base_layer.output_sizes
         self.max_rank = max_rank
-        device = base_layer.weight.device
+        device = next(base_layer.parameters()).device
         n, d_in, d_out = len(self.output_sizes), base_layer.in_features, base_layer.out_features
         # A of every sub-projection, rank-major so a slot's first r ranks are one block:
         # [S, R, n, in]; B of all of them, stacked on the output axis like the base

@@ -14,8 +14,9 @@ from torch import nn
 
 from loraplex.layers.activation import silu_and_mul
 from loraplex.layers.attention import Attention
-from loraplex.layers.linear import Linear
+from loraplex.layers.linear import make_linear
 from loraplex.layers.norm import RMSNorm
+from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
 
 
@@ -35,17 +36,25 @@ class LlamaArgs:
     tie_word_embeddings: bool
     qkv_bias: bool = False
     qk_norm: bool = False
+    quant: QuantConfig | None = None  # GPTQ / AWQ packed weights in the decoder's linears
+
+
+def _names(prefix: str, *leaves: str) -> tuple[str, ...]:
+    """The HF module names a (packed) projection holds, for modules_to_not_convert."""
+    return tuple(f"{prefix}.{leaf}" for leaf in leaves)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding) -> None:
+    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str) -> None:
         super().__init__()
         self.q_size = a.num_heads * a.head_dim
         self.kv_size = a.num_kv_heads * a.head_dim
         self.head_dim = a.head_dim
-        self.qkv_proj = Linear(a.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                               bias=a.qkv_bias)
-        self.o_proj = Linear(self.q_size, [a.hidden_size])
+        self.qkv_proj = make_linear(a.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                                    a.qkv_bias, a.quant, _names(prefix, "q_proj", "k_proj",
+                                                                "v_proj"))
+        self.o_proj = make_linear(self.q_size, [a.hidden_size], False, a.quant,
+                                  _names(prefix, "o_proj"))
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.rotary = rotary
@@ -63,20 +72,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs) -> None:
+    def __init__(self, a: LlamaArgs, prefix: str) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(a.hidden_size, [a.intermediate_size, a.intermediate_size])
-        self.down_proj = Linear(a.intermediate_size, [a.hidden_size])
+        self.gate_up_proj = make_linear(a.hidden_size, [a.intermediate_size] * 2, False,
+                                        a.quant, _names(prefix, "gate_proj", "up_proj"))
+        self.down_proj = make_linear(a.intermediate_size, [a.hidden_size], False, a.quant,
+                                     _names(prefix, "down_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding) -> None:
+    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(a, rotary)
-        self.mlp = LlamaMLP(a)
+        self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(a, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
@@ -90,7 +101,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary) for _ in range(a.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, f"model.layers.{i}")
+                                    for i in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from loraplex.layers.quantization import QuantLinear
 from loraplex.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_weights(model: LlamaForCausalLM, path: str) -> None:
     params = dict(model.named_parameters())
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     loaded: set[str] = set()
     for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
                              leave=False, disable=None):
@@ -67,6 +69,10 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
             target = model.get_submodule(f"{prefix}.{packed}")
             target.load_shard(param_name, tensor, shard)
             loaded.add(f"{prefix}.{packed}.{param_name}")
+            continue
+        if module_name in quantized:  # its own checks (shapes, g_idx, a saved zero bias)
+            quantized[module_name].load_shard(param_name, tensor, 0)
+            loaded.add(name)
             continue
         if name not in params:
             logger.warning("ignoring checkpoint tensor %s (no such parameter)", name)
@@ -88,8 +94,13 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     """Random weights of the right shapes, for benchmarks of big models without a download."""
     with torch.no_grad():
         for i, (name, p) in enumerate(model.named_parameters()):
+            module_name = name.rpartition(".")[0]
+            if isinstance(model.get_submodule(module_name), QuantLinear):
+                continue  # below
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
                 continue
             gen = torch.Generator(device=p.device).manual_seed(seed + i)
             p.normal_(0.0, 0.02, generator=gen)
+        for i, m in enumerate(m for m in model.modules() if isinstance(m, QuantLinear)):
+            m.fill_random(torch.Generator().manual_seed(seed + 100_003 * (i + 1)))

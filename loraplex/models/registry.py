@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraplex.layers.quantization import QuantConfig
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 
 # name -> extra LlamaArgs flags
@@ -51,7 +52,7 @@ def architecture(hf_config: Any) -> str:
     return name
 
 
-def build_model(hf_config: Any) -> LlamaForCausalLM:
+def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCausalLM:
     name = architecture(hf_config)
     theta, scaling = _rope(hf_config)
     num_heads = hf_config.num_attention_heads
@@ -69,6 +70,7 @@ def build_model(hf_config: Any) -> LlamaForCausalLM:
         rope_scaling=scaling,
         max_position=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        quant=quant,
         **_ARCHITECTURES[name],
     )
     return LlamaForCausalLM(args)

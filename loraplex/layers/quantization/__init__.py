@@ -1,0 +1,11 @@
+"""Quantized base weights (GPTQ, AWQ): which checkpoints load, and their linear layers."""
+
+from loraplex.layers.quantization.config import (
+    SUPPORTED_METHODS,
+    QuantConfig,
+    quant_config_from_hf,
+)
+from loraplex.layers.quantization.linear import AWQLinear, GPTQLinear, QuantLinear, unpack
+
+__all__ = ["SUPPORTED_METHODS", "AWQLinear", "GPTQLinear", "QuantConfig", "QuantLinear",
+           "quant_config_from_hf", "unpack"]

@@ -1,0 +1,98 @@
+"""Which quantized checkpoints load: config.json's `quantization_config` -> QuantConfig.
+
+GPTQ (AutoGPTQ / GPTQModel, 2/4/8 bits, any group size, act-order, symmetric or not,
+checkpoint formats `gptq` and `gptq_v2`) and AWQ (AutoAWQ's GEMM layout, 4 bits) keep
+their packed integer weights in memory; anything else is refused with what was found.
+`quantization=` (vLLM's flag) may name the method but cannot turn a plain checkpoint
+into a quantized one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_METHODS = ("gptq", "awq")
+# vLLM's names for the same checkpoints with other kernels: the same weights here
+_ALIASES = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str  # "gptq" | "awq"
+    bits: int
+    group_size: int  # inputs per scale/zero group; -1 = one group for the whole row
+    # GPTQ's original format stores zero - 1 (dequant adds it back); gptq_v2 and AWQ do not
+    zero_offset: int = 0
+    desc_act: bool = False  # GPTQ act-order: groups follow g_idx, not the input order
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    @property
+    def pack_factor(self) -> int:
+        """Values per int32."""
+        return 32 // self.bits
+
+    def num_groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else -(-in_features // self.group_size)
+
+    def skips(self, module_name: str) -> bool:
+        """Is this HF module (model.layers.0.mlp.down_proj) left unquantized? Substring
+        match, as transformers and vLLM read modules_to_not_convert."""
+        return any(m in module_name for m in self.modules_to_not_convert)
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantConfig | None:
+    """The checkpoint's quantization, checked against what this engine can run."""
+    raw = getattr(hf_config, "quantization_config", None)
+    requested = _ALIASES.get(requested, requested) if requested else None
+    if not raw:
+        if requested:
+            raise ValueError(f"quantization={requested!r}, but the checkpoint's config.json has "
+                             "no quantization_config: it is not a quantized checkpoint")
+        return None
+    method = str(_get(raw, "quant_method", "") or type(raw).__name__).lower()
+    if method not in SUPPORTED_METHODS:
+        raise ValueError(f"quantized checkpoint (config.json quantization_config, quant_method="
+                         f"{method!r}) is not supported yet: loraplex loads "
+                         f"{' and '.join(SUPPORTED_METHODS)} checkpoints")
+    if requested and requested != method:
+        raise ValueError(f"quantization={requested!r}, but the checkpoint is quantized with "
+                         f"{method!r}: leave quantization unset or pass {method!r}")
+    bits = int(_get(raw, "bits", _get(raw, "w_bit", 4)))
+    group_size = int(_get(raw, "group_size", _get(raw, "q_group_size", 128)))
+    skip = tuple(_get(raw, "modules_to_not_convert", None) or ())
+    if method == "gptq":
+        return _gptq(raw, bits, group_size, skip)
+    return _awq(raw, bits, group_size, skip)
+
+
+def _gptq(raw: Any, bits: int, group_size: int, skip: tuple[str, ...]) -> QuantConfig:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"GPTQ with bits={bits} is not supported: loraplex loads 2, 4 and "
+                         "8-bit GPTQ checkpoints")
+    fmt = str(_get(raw, "checkpoint_format", "gptq") or "gptq").lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"GPTQ checkpoint_format={fmt!r} is not supported: loraplex loads the "
+                         "'gptq' and 'gptq_v2' formats")
+    if _get(raw, "lm_head", False):
+        raise ValueError("a GPTQ checkpoint with a quantized lm_head is not supported yet")
+    if _get(raw, "dynamic", None):
+        raise ValueError("GPTQ per-module overrides (quantization_config.dynamic) are not "
+                         "supported yet")
+    return QuantConfig("gptq", bits, group_size, zero_offset=1 if fmt == "gptq" else 0,
+                       desc_act=bool(_get(raw, "desc_act", False)),
+                       modules_to_not_convert=skip)
+
+
+def _awq(raw: Any, bits: int, group_size: int, skip: tuple[str, ...]) -> QuantConfig:
+    version = str(_get(raw, "version", "gemm") or "gemm").lower()
+    if bits != 4 or version != "gemm":
+        raise ValueError(f"AWQ with bits={bits}, version={version!r} is not supported: "
+                         "loraplex loads 4-bit AWQ checkpoints in the GEMM layout")
+    if not _get(raw, "zero_point", True):
+        raise ValueError("AWQ without zero points (zero_point=false) is not supported yet")
+    return QuantConfig("awq", bits, group_size, modules_to_not_convert=skip)

@@ -1,0 +1,172 @@
+"""Linear layers over GPTQ / AWQ packed weights: y = x W^T (+ b) with W dequantized.
+
+    W[o, i] = scales[g(i), o] * (q[i, o] - zeros[g(i), o])        g(i) = i // group_size
+
+`q` and `zeros` are small unsigned integers packed 32 // bits to an int32, lowest bits
+first. GPTQ packs q along the inputs (qweight [in / pack, out]) and the zeros along the
+outputs; its original format stores zero - 1, and act-order checkpoints give each input
+its group in `g_idx`. AWQ packs both along the outputs, in the interleaved order of its
+GEMM kernel. Packed sub-projections (q/k/v, gate/up) sit side by side on the output axis,
+as in layers/linear.py, so LoRA sees the same `output_sizes` either way.
+
+The torch path dequantizes the whole weight for each matmul: the CPU path and the
+reference for a fused kernel. The weights stay packed in memory (a quarter of fp16 at 4
+bits); LoRA adds its delta to this output in the activation dtype, as on a plain base.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraplex.layers.quantization.config import QuantConfig
+
+# AWQ's GEMM layout: output column j of each group of 8 sits in nibble AWQ_NIBBLE[j]
+AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def unpack(packed: torch.Tensor, bits: int, dim: int,
+           nibble_of: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Each int32 -> its 32 // bits values, side by side along `dim` (int32 results)."""
+    per = 32 // bits
+    order = nibble_of if nibble_of is not None else range(per)
+    shifts = torch.tensor([bits * k for k in order], dtype=torch.int32, device=packed.device)
+    view = [1] * (packed.dim() + 1)
+    view[dim + 1] = per
+    values = (packed.unsqueeze(dim + 1) >> shifts.view(view)) & ((1 << bits) - 1)
+    return values.flatten(dim, dim + 1)
+
+
+def _frozen(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class QuantLinear(nn.Module):
+    """The parts GPTQ and AWQ share: shapes, checks, sharded loading, the matmul."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
+                 cfg: QuantConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.in_features = in_features
+        self.output_sizes = list(output_sizes)
+        self.out_features = sum(output_sizes)
+        if cfg.group_size != -1 and in_features % cfg.group_size:
+            raise ValueError(f"{cfg.method}: {in_features} inputs are not a whole number of "
+                             f"groups of {cfg.group_size}")
+        if any(size % cfg.pack_factor for size in output_sizes):
+            raise ValueError(f"{cfg.method}: output sizes {output_sizes} are not multiples of "
+                             f"{cfg.pack_factor} (values per int32)")
+        self.num_groups = cfg.num_groups(in_features)
+        self.scales = _frozen(self.num_groups, self.out_features)
+        self.bias = _frozen(self.out_features) if bias else None
+        # parameter -> (its output axis, output columns per element on it)
+        self.shard_axes: dict[str, tuple[int, int]] = {}
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """W^T as [in, out] in `dtype`."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.dequantize(x.dtype)
+        return y + self.bias if self.bias is not None else y
+
+    def _grouped(self, q: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+                 ) -> torch.Tensor:
+        """(q - zeros) * scales when inputs i*gs ... (i+1)*gs - 1 form group i."""
+        q = q.view(self.num_groups, -1, self.out_features)
+        w = (q - zeros[:, None]).to(dtype) * self.scales[:, None].to(dtype)
+        return w.view(self.in_features, self.out_features)
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
+        """Copy one HF sub-projection's tensor into its columns (packed ones: its int32s)."""
+        param = getattr(self, param_name, None)
+        if param_name == "weight":
+            raise ValueError(f"the checkpoint has a plain weight where config.json's "
+                             f"quantization_config ({self.cfg.method}) says packed qweight, "
+                             "qzeros and scales should be: the config does not match the weights")
+        if param is None:
+            if param_name == "bias" and not loaded.any():
+                return  # some quantizers save a zero bias for every linear
+            raise ValueError(f"{self.cfg.method} checkpoint tensor {param_name!r} has no place "
+                             "in this layer")
+        axis, per = self.shard_axes[param_name]
+        start, size = sum(self.output_sizes[:shard]), self.output_sizes[shard]
+        target = param.data.narrow(axis, start // per, size // per)
+        if loaded.shape != target.shape:
+            raise ValueError(f"{self.cfg.method} tensor {param_name} of shape "
+                             f"{tuple(loaded.shape)} does not fit shard {shard} "
+                             f"{tuple(target.shape)}")
+        target.copy_(loaded)
+
+    def fill_random(self, gen: torch.Generator) -> None:
+        """Dummy weights (load_format="dummy"): random integers, small positive scales."""
+        with torch.no_grad():
+            for p in (self.qweight, self.qzeros):
+                p.copy_(torch.randint(-2**31, 2**31, p.shape, generator=gen, dtype=torch.int64,
+                                      device="cpu").to(torch.int32))
+            self.scales.copy_(torch.empty(self.scales.shape).uniform_(0.002, 0.006,
+                                                                      generator=gen))
+            if self.bias is not None:
+                self.bias.zero_()
+
+
+class GPTQLinear(QuantLinear):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
+                 cfg: QuantConfig) -> None:
+        super().__init__(in_features, output_sizes, bias, cfg)
+        per = cfg.pack_factor
+        if in_features % per:
+            raise ValueError(f"gptq: {in_features} inputs are not a multiple of {per}")
+        self.shard_axes = {"qweight": (1, 1), "qzeros": (1, per), "scales": (1, 1),
+                           "bias": (0, 1)}
+        self.qweight = _frozen(in_features // per, self.out_features, dtype=torch.int32)
+        self.qzeros = _frozen(self.num_groups, self.out_features // per, dtype=torch.int32)
+        # every sub-projection of a packed layer has its own g_idx: they must agree
+        self.register_buffer("g_idx", self._plain_groups())
+        self.act_order = False  # g_idx is not i // group_size
+        self._g_idx_loaded = False
+
+    def _plain_groups(self) -> torch.Tensor:
+        i = torch.arange(self.in_features, dtype=torch.int32)
+        return i // self.cfg.group_size if self.cfg.group_size != -1 else torch.zeros_like(i)
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
+        if param_name != "g_idx":
+            return super().load_shard(param_name, loaded, shard)
+        loaded = loaded.to(torch.int32)
+        if self._g_idx_loaded and not torch.equal(self.g_idx.cpu(), loaded):
+            raise ValueError("gptq: the sub-projections of one packed layer (q/k/v or "
+                             "gate/up) have different g_idx (act-order permutations)")
+        if loaded.shape != self.g_idx.shape or int(loaded.min()) < 0 \
+                or int(loaded.max()) >= self.num_groups:
+            raise ValueError(f"gptq: g_idx must hold {self.in_features} group indices below "
+                             f"{self.num_groups}")
+        self.g_idx.copy_(loaded)
+        self._g_idx_loaded = True
+        self.act_order = not torch.equal(loaded, self._plain_groups())
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        bits = self.cfg.bits
+        q = unpack(self.qweight, bits, dim=0)  # [in, out]
+        zeros = unpack(self.qzeros, bits, dim=1) + self.cfg.zero_offset  # [groups, out]
+        if not self.act_order:
+            return self._grouped(q, zeros, dtype)
+        g = self.g_idx.long()
+        return (q - zeros[g]).to(dtype) * self.scales[g].to(dtype)
+
+
+class AWQLinear(QuantLinear):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
+                 cfg: QuantConfig) -> None:
+        super().__init__(in_features, output_sizes, bias, cfg)
+        per = cfg.pack_factor
+        self.shard_axes = {"qweight": (1, per), "qzeros": (1, per), "scales": (1, 1),
+                           "bias": (0, 1)}
+        self.qweight = _frozen(in_features, self.out_features // per, dtype=torch.int32)
+        self.qzeros = _frozen(self.num_groups, self.out_features // per, dtype=torch.int32)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        q = unpack(self.qweight, 4, dim=1, nibble_of=AWQ_NIBBLE)  # [in, out]
+        zeros = unpack(self.qzeros, 4, dim=1, nibble_of=AWQ_NIBBLE)  # [groups, out]
+        return self._grouped(q, zeros, dtype)

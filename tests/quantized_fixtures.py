@@ -1,0 +1,154 @@
+"""GPTQ and AWQ checkpoints of the tiny test models, written the way their quantizers do.
+
+Packing follows AutoGPTQ's `QuantLinear.pack` (values along the inputs, zeros stored
+minus one in the original "gptq" format) and AutoAWQ's `WQLinear_GEMM.from_linear`
+(values along the outputs in the interleaved order 0 2 4 6 1 3 5 7). The integer weights
+and the reference weights come from the same numbers before any packing, so a loader that
+unpacks wrongly cannot agree with the reference by construction.
+
+Each call writes two HF directories: the quantized checkpoint, and the same model with
+the dequantized weights in fp32, which HF transformers + PEFT run as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_LINEAR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k holds column AWQ_PACK_ORDER[k]
+
+
+def _to_int32(x: torch.Tensor) -> torch.Tensor:
+    """uint32 bit patterns held in int64 -> the int32 with the same bits."""
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """AutoGPTQ: qweight[r] |= q[r * per + j] << (bits * j)."""
+    per = 32 // bits
+    q = q.to(torch.int64).view(q.shape[0] // per, per, *q.shape[1:])
+    out = torch.zeros(q.shape[0], *q.shape[2:], dtype=torch.int64)
+    for j in range(per):
+        out |= q[:, j] << (bits * j)
+    return _to_int32(out)
+
+
+def pack_cols(q: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Values along the last axis; nibble k of column c holds q[:, c * per + order[k]]."""
+    per = 32 // bits
+    order = order or tuple(range(per))
+    q = q.to(torch.int64).view(q.shape[0], -1, per)
+    out = torch.zeros(q.shape[0], q.shape[1], dtype=torch.int64)
+    for k in range(per):
+        out |= q[:, :, order[k]] << (bits * k)
+    return _to_int32(out)
+
+
+def _scales_zeros(w_in_out: torch.Tensor, groups: torch.Tensor, num_groups: int, bits: int,
+                  sym: bool, min_zero: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min-max quantization parameters: fp16 scales, integer zeros."""
+    maxq = 2**bits - 1
+    scales = torch.empty(num_groups, w_in_out.shape[1])
+    zeros = torch.empty(num_groups, w_in_out.shape[1], dtype=torch.int64)
+    for g in range(num_groups):
+        rows = w_in_out[groups == g]
+        if sym:
+            scales[g] = rows.abs().amax(0).clamp_min(1e-5) / ((maxq + 1) // 2 - 1)
+            zeros[g] = (maxq + 1) // 2
+        else:
+            lo, hi = rows.amin(0).clamp(max=0), rows.amax(0).clamp(min=0)
+            scales[g] = ((hi - lo) / maxq).clamp_min(1e-5)
+            zeros[g] = torch.round(-lo / scales[g]).clamp(min_zero, maxq).to(torch.int64)
+    return scales.half(), zeros
+
+
+def quantize_gptq(w: torch.Tensor, *, bits: int = 4, group_size: int = 32, sym: bool = False,
+                  desc_act: bool = False, fmt: str = "gptq", seed: int = 0
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One HF weight [out, in] -> (qweight, qzeros, scales, g_idx), dequantized [out, in]."""
+    n_in = w.shape[1]
+    gs = n_in if group_size == -1 else group_size
+    num_groups = n_in // gs
+    if desc_act:  # act-order: groups follow a permutation of the inputs
+        perm = torch.randperm(n_in, generator=torch.Generator().manual_seed(seed))
+        g_idx = torch.empty(n_in, dtype=torch.int64)
+        g_idx[perm] = torch.arange(n_in) // gs
+    else:
+        g_idx = torch.arange(n_in) // gs
+    w_t = w.t().float()  # [in, out]
+    # the original format stores zero - 1, so a zero of 0 would wrap: real quantizers
+    # have that bug, the fixture avoids it
+    scales, zeros = _scales_zeros(w_t, g_idx, num_groups, bits, sym,
+                                  min_zero=1 if fmt == "gptq" else 0)
+    s, z = scales.float()[g_idx], zeros[g_idx]
+    q = torch.clamp(torch.round(w_t / s) + z, 0, 2**bits - 1).to(torch.int64)
+    deq = ((q - z).float() * s).t().contiguous()
+    stored_zeros = zeros - (1 if fmt == "gptq" else 0)
+    tensors = {"qweight": pack_rows(q, bits), "qzeros": pack_cols(stored_zeros, bits),
+               "scales": scales, "g_idx": g_idx.to(torch.int32)}
+    return tensors, deq
+
+
+def quantize_awq(w: torch.Tensor, *, group_size: int = 32, seed: int = 0
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One HF weight [out, in] -> AWQ GEMM (qweight, qzeros, scales), dequantized [out, in]."""
+    n_in = w.shape[1]
+    groups = torch.arange(n_in) // group_size
+    w_t = w.t().float()
+    scales, zeros = _scales_zeros(w_t, groups, n_in // group_size, 4, sym=False, min_zero=0)
+    s, z = scales.float()[groups], zeros[groups]
+    q = torch.clamp(torch.round(w_t / s) + z, 0, 15).to(torch.int64)
+    deq = ((q - z).float() * s).t().contiguous()
+    tensors = {"qweight": pack_cols(q, 4, AWQ_PACK_ORDER),
+               "qzeros": pack_cols(zeros, 4, AWQ_PACK_ORDER), "scales": scales}
+    return tensors, deq
+
+
+def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 4,
+                    group_size: int = 32, sym: bool = False, desc_act: bool = False,
+                    fmt: str = "gptq", skip: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """(quantized checkpoint, dequantized fp32 reference) of a tiny safetensors model."""
+    quant_dir, ref_dir = out_root / f"{method}_quant", out_root / f"{method}_ref"
+    for d in (quant_dir, ref_dir):
+        shutil.copytree(base_dir, d)
+        for f in d.glob("*.safetensors*"):
+            f.unlink()
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(base_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    quant, ref = {}, {}
+    sites: dict[str, int] = {}  # act-order permutations follow the input: q/k/v share one
+    for name, w in sorted(state.items()):
+        if not _LINEAR.search(name) or any(s in name for s in skip):
+            quant[name] = ref[name] = w
+            continue
+        prefix = name[:-len(".weight")]
+        site = re.sub(r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", prefix))
+        i = sites.setdefault(site, len(sites))
+        if method == "gptq":
+            tensors, deq = quantize_gptq(w, bits=bits, group_size=group_size, sym=sym,
+                                         desc_act=desc_act, fmt=fmt, seed=i)
+        else:
+            tensors, deq = quantize_awq(w, group_size=group_size, seed=i)
+        quant.update({f"{prefix}.{k}": v for k, v in tensors.items()})
+        ref[name] = deq.to(w.dtype)
+    save_file(quant, str(quant_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((quant_dir / "config.json").read_text())
+    if method == "gptq":
+        qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+              "desc_act": desc_act, "sym": sym, "checkpoint_format": fmt}
+    else:
+        qc = {"quant_method": "awq", "bits": 4, "group_size": group_size,
+              "zero_point": True, "version": "gemm"}
+    if skip:
+        qc["modules_to_not_convert"] = list(skip)
+    cfg["quantization_config"] = qc
+    (quant_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return quant_dir, ref_dir
