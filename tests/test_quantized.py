@@ -71,11 +71,13 @@ def test_fixture_packing_round_trips_through_the_loader_unpack(bits):
     assert torch.equal(unpack(pack_cols(q, bits), bits, dim=1), q.to(torch.int32))
 
 
-@pytest.mark.parametrize("desc_act", [False, True])
-def test_gptq_layer_dequantizes_to_the_reference(desc_act):
+@pytest.mark.parametrize(("desc_act", "group_size"), [(False, 16), (True, 16), (False, 4)])
+def test_gptq_layer_dequantizes_to_the_reference(desc_act, group_size):
+    """Plain groups take the slot-by-slot path; act-order and groups smaller than an
+    int32's values the gather."""
     w = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
-    tensors, deq = quantize_gptq(w, group_size=16, desc_act=desc_act)
-    layer = GPTQLinear(64, [96], False, QuantConfig("gptq", 4, 16, zero_offset=1,
+    tensors, deq = quantize_gptq(w, group_size=group_size, desc_act=desc_act)
+    layer = GPTQLinear(64, [96], False, QuantConfig("gptq", 4, group_size, zero_offset=1,
                                                    desc_act=desc_act))
     for name, t in tensors.items():
         layer.load_shard(name, t, 0)
