@@ -66,11 +66,24 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 MODES = ("base", "one", "mixed")
 
 
-def write_model_dir(out_dir: Path, shape: str) -> Path:
-    """config.json + tokenizer only: the engine builds random weights (load_format=dummy)."""
+# --quantization: what a typical 4-bit checkpoint's config.json says
+QUANT_CONFIGS = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+             "sym": True, "checkpoint_format": "gptq"},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+            "version": "gemm"},
+}
+
+
+def write_model_dir(out_dir: Path, shape: str, quantization: str | None = None) -> Path:
+    """config.json + tokenizer only: the engine builds random weights (load_format=dummy),
+    packed 4-bit ones when the config says the checkpoint is quantized."""
     from transformers import LlamaConfig
 
-    LlamaConfig(bos_token_id=1, eos_token_id=2, **SHAPES[shape]).save_pretrained(out_dir)
+    config = LlamaConfig(bos_token_id=1, eos_token_id=2, **SHAPES[shape])
+    if quantization:
+        config.quantization_config = QUANT_CONFIGS[quantization]
+    config.save_pretrained(out_dir)
     make_tokenizer(out_dir, SHAPES[shape]["vocab_size"])
     return out_dir
 
@@ -346,6 +359,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto", help="auto: fp32 on the CPU, bf16 on CUDA")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="no CUDA graphs for decode (they are on by default on CUDA)")
+    ap.add_argument("--quantization", choices=sorted(QUANT_CONFIGS), default=None,
+                    help="a 4-bit, group-128 base of the shape (dummy packed weights)")
     ap.add_argument("--hf", action="store_true",
                     help="also time transformers + PEFT on the same shapes (slow: one round)")
     ap.add_argument("--hf-new-tokens", type=int, default=16,
@@ -358,6 +373,8 @@ def parse_args() -> argparse.Namespace:
                  "the prefill)")
     if a.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if a.quantization and a.hf:
+        ap.error("--hf runs an unquantized base: leave it out with --quantization")
     a.targets = ATTN if a.targets == "attn" else ATTN + MLP
     a.device = "cuda" if a.device == "auto" and torch.cuda.is_available() else (
         "cpu" if a.device == "auto" else a.device)
@@ -372,7 +389,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rounds, bandwidths, hf_records = [], [], []
     with tempfile.TemporaryDirectory(prefix="lp-decode-") as tmp:
-        model_dir = write_model_dir(Path(tmp) / "model", a.shape)
+        model_dir = write_model_dir(Path(tmp) / "model", a.shape, a.quantization)
         adapters = write_adapters(Path(tmp), a.shape, a.targets, a.rank, max(a.batch_sizes))
         cases = len(MODES) * len(a.batch_sizes) * (a.repeats + (1 if a.hf else 0))
         with tqdm(total=cases, desc="decode cases", unit="case") as bar:
