@@ -54,6 +54,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "LORAPLEX_LORA_BACKEND": lambda: os.getenv("LORAPLEX_LORA_BACKEND", "auto").strip().lower(),
     "LORAPLEX_ATTENTION_BACKEND":
         lambda: os.getenv("LORAPLEX_ATTENTION_BACKEND", "auto").strip().lower(),
+    # GPTQ / AWQ base weights: the fused dequantize-matmul kernel, or torch's dequantize
+    "LORAPLEX_QUANT_BACKEND": lambda: os.getenv("LORAPLEX_QUANT_BACKEND", "auto").strip().lower(),
     # Log level of the loraplex loggers.
     "LORAPLEX_LOGGING_LEVEL": lambda: os.getenv("LORAPLEX_LOGGING_LEVEL", "INFO").upper(),
 }

@@ -8,6 +8,7 @@
 #                bash scripts/gpu_session.sh adapters     # issue 7 targets: many adapters, 1B
 #                bash scripts/gpu_session.sh decode-mlp   # all-linear adapters, 8B and 1B
 #                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
+#                bash scripts/gpu_session.sh quant        # GPTQ / AWQ 4-bit bases, 8B
 #                bash scripts/gpu_session.sh suite        # the whole suite on the GPU machine
 #
 # decode_step.py writes its JSON after every round, so a run cut by its timeout keeps
@@ -30,6 +31,7 @@ case "$phase" in
   tests)
     timeout 560 python3 -m pytest -q --maxfail=25 -p no:cacheprovider -o addopts="" \
       tests/test_triton_lora_ops.py tests/test_attention.py tests/test_cuda_graphs.py \
+      tests/test_triton_quant.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)
@@ -64,6 +66,13 @@ case "$phase" in
     timeout 580 python3 benchmarks/many_adapters.py --shape llama-3.2-1b --device cuda \
       --rate 100 --requests 600 --burst-repeats 2 --workdir /tmp --out "$OUT/many_adapters_cuda.json" 2>&1 \
       | tail -20
+    ;;
+  quant)
+    for q in gptq awq; do
+      timeout 280 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
+        --quantization $q --repeats 1 --batch-sizes 1 8 32 64 \
+        --out "$OUT/decode_step_cuda_8b_$q.json" 2>&1 | tail -15
+    done
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

@@ -9,7 +9,6 @@ kernels (zeros for the reference): a kernel that reads past a slot's rank fails.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from loraplex.lora import ops
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.lora.ops import torch_ops
 from tests.test_lora_ops import make_weights
-from tests.triton_compile import compile_for_h100
+from tests.triton_compile import compile_for_h100, import_kernels
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -26,22 +25,7 @@ if importlib.util.find_spec("triton") is None:
 CUDA = torch.cuda.is_available()
 
 
-def _import_triton_ops():
-    """Without CUDA, import with the interpreter on (it is read when kernels are defined)."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    if not CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from loraplex.lora.ops import triton_ops
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return triton_ops
-
-
-triton_ops = _import_triton_ops()
+triton_ops = import_kernels("loraplex.lora.ops.triton_ops")
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 interpreted = pytest.mark.skipif(CUDA or not triton_ops._INTERPRETED,

@@ -1,4 +1,5 @@
-"""Compile loraplex's Triton kernels for an H100 (sm_90) without a GPU.
+"""Triton kernels in tests without a GPU: import them under the interpreter, and compile
+them for an H100 (sm_90).
 
 The interpreter (TRITON_INTERPRET=1) accepts code the compiler rejects, so the kernel
 tests also compile every launch they make for real. A test's script wraps the kernels in
@@ -9,12 +10,15 @@ TRITON_INTERPRET), checking each fits an H100's shared memory.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import subprocess
 import sys
+from types import ModuleType
 
 import pytest
+import torch
 
 _PRELUDE = """
 import torch, triton
@@ -54,3 +58,18 @@ def compile_for_h100(launches: str) -> int:
         pytest.skip("triton's CUDA backend (ptxas) is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return int(proc.stdout.split("compiled")[-1])
+
+
+def import_kernels(name: str) -> ModuleType:
+    """Import a module of Triton kernels; without CUDA with the interpreter on (it is read
+    when the kernels are defined), so they run on CPU tensors."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.import_module(name)
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved

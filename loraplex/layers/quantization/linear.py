@@ -9,9 +9,10 @@ its group in `g_idx`. AWQ packs both along the outputs, in the interleaved order
 GEMM kernel. Packed sub-projections (q/k/v, gate/up) sit side by side on the output axis,
 as in layers/linear.py, so LoRA sees the same `output_sizes` either way.
 
-The torch path dequantizes the whole weight for each matmul: the CPU path and the
-reference for a fused kernel. The weights stay packed in memory (a quarter of fp16 at 4
-bits); LoRA adds its delta to this output in the activation dtype, as on a plain base.
+The torch path dequantizes the whole weight for each matmul: the CPU path, and the
+reference for the fused Triton kernel that CUDA tensors take (triton_gemm.py). The
+weights stay packed in memory (a quarter of fp16 at 4 bits); LoRA adds its delta to this
+output in the activation dtype, as on a plain base.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraplex import envs
+from loraplex.backends import triton_kernels
 from loraplex.layers.quantization.config import QuantConfig
 
 # AWQ's GEMM layout: output column j of each group of 8 sits in nibble AWQ_NIBBLE[j]
@@ -68,6 +71,10 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = triton_kernels("LORAPLEX_QUANT_BACKEND", envs.LORAPLEX_QUANT_BACKEND,
+                                 x.is_cuda, "loraplex.layers.quantization.triton_gemm")
+        if kernels is not None:  # CUDA: dequantized tile by tile inside the matmul
+            return kernels.quant_matmul(x, self)
         y = x @ self.dequantize(x.dtype)
         return y + self.bias if self.bias is not None else y
 

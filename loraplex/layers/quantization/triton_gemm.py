@@ -1,0 +1,104 @@
+"""y = x W for GPTQ / AWQ weights in one Triton kernel: dequantized tile by tile in
+registers, never written out as a full-precision matrix.
+
+Each program owns a [BLOCK_M, BLOCK_N] tile of y and walks K. Per K step it loads the
+int32 words that hold the tile's [BLOCK_K, BLOCK_N] weights, shifts out each value, loads
+the group's scale and zero (by g_idx for GPTQ, so act-order needs no reordering; by
+k // group_size for AWQ) and multiplies the dequantized tile into an fp32 accumulator.
+The bit layouts are those of linear.py (GPTQ: values along K, zeros along N; AWQ: both
+along N in the order 0 4 1 5 2 6 3 7), and `linear.py`'s torch path is the reference.
+On CPU tensors it runs only under TRITON_INTERPRET=1 (tests); there fp32 is exact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplex.backends import fix_interpreter_index
+from loraplex.layers.quantization.linear import AWQLinear, QuantLinear
+
+_INTERPRETED = os.getenv("TRITON_INTERPRET", "0") == "1"
+if _INTERPRETED:
+    fix_interpreter_index()
+
+
+@triton.jit
+def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr,
+                       M, N, K, stride_xm, stride_ym,
+                       GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
+                       MASK: tl.constexpr, ZERO_OFFSET: tl.constexpr, AWQ: tl.constexpr,
+                       F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """PER values of BITS bits per int32 (MASK = 2**BITS - 1)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    if AWQ:  # output column 8c + j sits in nibble j // 2 + 4 (j % 2) of word c
+        col = offs_n % 8
+        shift_n = (col // 2 + (col % 2) * 4) * 4
+    else:
+        shift_n = (offs_n % PER) * BITS
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        kn_mask = k_mask[:, None] & n_mask[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if AWQ:
+            words = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + offs_n[None, :] // 8,
+                            mask=kn_mask, other=0)
+            q = (words >> shift_n[None, :]) & MASK
+            g = offs_k // GROUP_SIZE
+        else:
+            words = tl.load(qweight_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :],
+                            mask=kn_mask, other=0)
+            q = (words >> ((offs_k % PER) * BITS)[:, None]) & MASK
+            g = tl.load(g_idx_ptr + offs_k, mask=k_mask, other=0)
+        zwords = tl.load(qzeros_ptr + g[:, None] * (N // PER) + offs_n[None, :] // PER,
+                         mask=kn_mask, other=0)
+        z = ((zwords >> shift_n[None, :]) & MASK) + ZERO_OFFSET
+        s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0)
+        w = (q - z).to(tl.float32) * s.to(tl.float32)
+        if F32:
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _blocks(m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K): a 16-row tile for decode, wider ones for prefill."""
+    if m <= 16:
+        return 16, 64, 128
+    if m <= 64:
+        return 64, 64, 64
+    return 128, 128, 32
+
+
+def quant_matmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """x [..., in] @ W [in, out] (+ bias) with `layer`'s packed weights."""
+    x2 = x.reshape(-1, layer.in_features).contiguous()
+    m, n = x2.shape[0], layer.out_features
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    cfg = layer.cfg
+    awq = isinstance(layer, AWQLinear)
+    g_idx = layer.qweight if awq else layer.g_idx  # AWQ reads no g_idx: any int32 pointer
+    group = cfg.group_size if cfg.group_size != -1 else layer.in_features
+    block_m, block_n, block_k = _blocks(m)
+    f32 = x.dtype == torch.float32 or (_INTERPRETED and x.dtype == torch.bfloat16)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _quant_gemm_kernel[grid](
+        x2, layer.qweight, layer.qzeros, layer.scales, g_idx, y,
+        m, n, layer.in_features, x2.stride(0), y.stride(0),
+        GROUP_SIZE=group, BITS=cfg.bits, PER=cfg.pack_factor, MASK=(1 << cfg.bits) - 1,
+        ZERO_OFFSET=cfg.zero_offset, AWQ=awq, F32=f32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if layer.bias is not None:
+        y += layer.bias
+    return y.view(*x.shape[:-1], n)
