@@ -75,8 +75,11 @@ class QuantLinear(nn.Module):
                                  x.is_cuda, "loraplex.layers.quantization.triton_gemm")
         if kernels is not None:  # CUDA: dequantized tile by tile inside the matmul
             return kernels.quant_matmul(x, self)
-        y = x @ self.dequantize(x.dtype)
+        y = self.torch_matmul(x)
         return y + self.bias if self.bias is not None else y
+
+    def torch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.dequantize(x.dtype)
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
         """Copy one HF sub-projection's tensor into its columns (packed ones: its int32s)."""
@@ -175,14 +178,28 @@ class AWQLinear(QuantLinear):
         self.qweight = _frozen(in_features, self.out_features // per, dtype=torch.int32)
         self.qzeros = _frozen(self.num_groups, self.out_features // per, dtype=torch.int32)
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        zeros = unpack(self.qzeros, 4, dim=1, nibble_of=AWQ_NIBBLE)  # [groups, out]
-        g = torch.arange(self.in_features, device=self.qweight.device) // self.cfg.group_size
+    def _by_column_in_word(self, dtype: torch.dtype) -> torch.Tensor:
+        """W^T with its columns grouped by their place in the int32 word: [in, 8, out / 8],
+        [i, j, c] = W[8c + j, i]. Each of the 8 writes is then one contiguous pass."""
         cols = self.qweight.shape[1]
-        z = zeros[g].to(dtype).view(self.in_features, cols, 8)
-        s = self.scales[g].to(dtype).view(self.in_features, cols, 8)
-        w = torch.empty(self.in_features, cols, 8, dtype=dtype, device=self.qweight.device)
-        for j, nibble in enumerate(AWQ_NIBBLE):  # output column 8c + j, one pass each
-            w[:, :, j] = ((self.qweight >> (4 * nibble)) & 15).to(dtype).sub_(z[:, :, j]) \
-                .mul_(s[:, :, j])
-        return w.view(self.in_features, self.out_features)
+        q = self.qweight.view(self.num_groups, -1, cols)  # [groups, group_size, out / 8]
+        by_word = (self.num_groups, cols, 8)  # a group's zeros / scales, word by word
+        zeros = unpack(self.qzeros, 4, dim=1, nibble_of=AWQ_NIBBLE).to(dtype)
+        z = zeros.view(by_word).transpose(1, 2).unsqueeze(1)  # [groups, 1, 8, out / 8]
+        s = self.scales.to(dtype).view(by_word).transpose(1, 2).unsqueeze(1)
+        w = torch.empty(*q.shape[:2], 8, cols, dtype=dtype, device=q.device)
+        for j, nibble in enumerate(AWQ_NIBBLE):  # output columns 8c + j
+            w[:, :, j] = ((q >> (4 * nibble)) & 15).to(dtype).sub_(z[:, :, j]).mul_(s[:, :, j])
+        return w.view(self.in_features, 8, cols)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._by_column_in_word(dtype).transpose(1, 2).reshape(self.in_features,
+                                                                       self.out_features)
+
+    def torch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T in the word-grouped column order, then the (small) output reordered:
+        cheaper than reordering the weight."""
+        w = self._by_column_in_word(x.dtype)
+        y = x @ w.view(self.in_features, self.out_features)
+        lead = x.shape[:-1]
+        return y.view(*lead, 8, -1).transpose(-1, -2).reshape(*lead, self.out_features)
