@@ -59,7 +59,8 @@ def test_usage_doc_lists_the_issue_flags():
 
 
 def test_chunked_prefill_and_prefix_caching_flags():
-    """vLLM's spellings; the server's token budget defaults to vLLM's server value."""
+    """vLLM's spellings (short ones too); the server's token budget defaults to vLLM's
+    server value."""
     from loraplex.entrypoints.api_server import SERVER_MAX_NUM_BATCHED_TOKENS, _engine_args
 
     def engine_args(*flags):
@@ -75,6 +76,10 @@ def test_chunked_prefill_and_prefix_caching_flags():
     assert off.max_num_batched_tokens is None  # then max(8192, max_model_len)
     assert engine_args("--max-num-batched-tokens", "512").max_num_batched_tokens == 512
     assert engine_args("--enable-prefix-caching").enable_prefix_caching is True
+    # vLLM's short spellings
+    assert engine_args("-q", "awq").quantization == engine_args("--quantization", "awq") \
+        .quantization == "awq"
+    assert engine_args("-tp", "1").tensor_parallel_size == 1
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -171,6 +171,9 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"]}
 
 
+_SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's
+
+
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     from_engine = parser.add_argument_group("engine (vLLM's EngineArgs)")
     for f in _engine_fields():
@@ -196,7 +199,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
             kw["type"] = float
         if f.name in _CHOICES:
             kw["choices"] = _CHOICES[f.name]
-        from_engine.add_argument(flag, **kw)
+        from_engine.add_argument(*_SHORT_FLAGS.get(f.name, ()), flag, **kw)
 
 
 def _engine_fields():
