@@ -49,6 +49,9 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
     """The checkpoint's quantization, checked against what this engine can run."""
     raw = getattr(hf_config, "quantization_config", None)
     requested = _ALIASES.get(requested, requested) if requested else None
+    if requested and requested not in SUPPORTED_METHODS:
+        raise ValueError(f"quantization={requested!r} is not supported yet: loraplex loads "
+                         f"{' and '.join(SUPPORTED_METHODS)} checkpoints")
     if not raw:
         if requested:
             raise ValueError(f"quantization={requested!r}, but the checkpoint's config.json has "

@@ -138,13 +138,13 @@ class GPTQLinear(QuantLinear):
         if param_name != "g_idx":
             return super().load_shard(param_name, loaded, shard)
         loaded = loaded.to(torch.int32)
-        if self._g_idx_loaded and not torch.equal(self.g_idx.cpu(), loaded):
-            raise ValueError("gptq: the sub-projections of one packed layer (q/k/v or "
-                             "gate/up) have different g_idx (act-order permutations)")
         if loaded.shape != self.g_idx.shape or int(loaded.min()) < 0 \
                 or int(loaded.max()) >= self.num_groups:
             raise ValueError(f"gptq: g_idx must hold {self.in_features} group indices below "
                              f"{self.num_groups}")
+        if self._g_idx_loaded and not torch.equal(self.g_idx.cpu(), loaded):
+            raise ValueError("gptq: the sub-projections of one packed layer (q/k/v or "
+                             "gate/up) have different g_idx (act-order permutations)")
         self.g_idx.copy_(loaded)
         self._g_idx_loaded = True
         self.act_order = not torch.equal(loaded, self._plain_groups())
@@ -157,7 +157,7 @@ class GPTQLinear(QuantLinear):
             g = self.g_idx.long()
             return (q - zeros[g]).to(dtype) * self.scales[g].to(dtype)
         # one int32 row holds `per` consecutive inputs of one group: dequantize slot by
-        # slot, each a contiguous pass (3x faster on a CPU than unpacking by broadcast)
+        # slot, each a contiguous pass (a broadcast unpack is slower on a CPU)
         rows = torch.arange(self.qweight.shape[0], device=self.qweight.device) * per
         g = rows // gs if gs != -1 else torch.zeros_like(rows)
         z, s = zeros[g].to(dtype), self.scales[g].to(dtype)  # [in / per, out]
