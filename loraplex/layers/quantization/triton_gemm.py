@@ -1,7 +1,9 @@
 """y = x W for GPTQ / AWQ weights in one Triton kernel: dequantized tile by tile in
 registers, never written out as a full-precision matrix.
 
-Each program owns a [BLOCK_M, BLOCK_N] tile of y and walks K. Per K step it loads the
+Each program owns a [BLOCK_M, BLOCK_N] tile of y and walks K (its share of K when a small
+batch leaves too few tiles to fill the GPU: split-K, fp32 partials summed after). Per K
+step it loads the
 int32 words that hold the tile's [BLOCK_K, BLOCK_N] weights, shifts out each value, loads
 the group's scale and zero (by g_idx for GPTQ, so act-order needs no reordering; by
 k // group_size for AWQ) and multiplies the dequantized tile into an fp32 accumulator.
@@ -28,12 +30,13 @@ if _INTERPRETED:
 
 @triton.jit
 def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr,
-                       M, N, K, stride_xm, stride_ym,
+                       M, N, K, k_per_split, stride_xm, stride_ym,
                        GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
                        MASK: tl.constexpr, ZERO_OFFSET: tl.constexpr, AWQ: tl.constexpr,
                        F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-    """PER values of BITS bits per int32 (MASK = 2**BITS - 1)."""
+    """PER values of BITS bits per int32 (MASK = 2**BITS - 1). Program (m, n, p) sums the
+    K range p * k_per_split ... into y[p] (fp32 partials when split over K)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
@@ -43,7 +46,8 @@ def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_
     else:
         shift_n = (offs_n % PER) * BITS
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = tl.program_id(2) * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         kn_mask = k_mask[:, None] & n_mask[None, :]
@@ -68,8 +72,12 @@ def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
             acc += tl.dot(x, w.to(x.dtype))
+    y_ptr += tl.program_id(2).to(tl.int64) * M * stride_ym
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+TARGET_PROGRAMS = 4 * 132  # ~4 per SM of an H100: enough loads in flight to stream weights
 
 
 def _blocks(m: int) -> tuple[int, int, int]:
@@ -81,24 +89,35 @@ def _blocks(m: int) -> tuple[int, int, int]:
     return 128, 128, 32
 
 
-def quant_matmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
-    """x [..., in] @ W [in, out] (+ bias) with `layer`'s packed weights."""
+def quant_matmul(x: torch.Tensor, layer: QuantLinear, split_k: int | None = None
+                 ) -> torch.Tensor:
+    """x [..., in] @ W [in, out] (+ bias) with `layer`'s packed weights. A small batch
+    (decode) has few output tiles, so K is split over programs too (`split_k`: how many
+    ways; None = enough programs to fill the GPU), and the fp32 partials are summed here,
+    in a fixed order."""
     x2 = x.reshape(-1, layer.in_features).contiguous()
-    m, n = x2.shape[0], layer.out_features
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    m, n, k = x2.shape[0], layer.out_features, layer.in_features
     cfg = layer.cfg
     awq = isinstance(layer, AWQLinear)
     g_idx = layer.qweight if awq else layer.g_idx  # AWQ reads no g_idx: any int32 pointer
-    group = cfg.group_size if cfg.group_size != -1 else layer.in_features
+    group = cfg.group_size if cfg.group_size != -1 else k
     block_m, block_n, block_k = _blocks(m)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    if split_k is None:
+        split_k = max(1, min(triton.cdiv(k, block_k), triton.cdiv(TARGET_PROGRAMS, tiles)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    y = torch.empty(split_k, m, n, dtype=x.dtype if split_k == 1 else torch.float32,
+                    device=x.device)
     f32 = x.dtype == torch.float32 or (_INTERPRETED and x.dtype == torch.bfloat16)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     _quant_gemm_kernel[grid](
         x2, layer.qweight, layer.qzeros, layer.scales, g_idx, y,
-        m, n, layer.in_features, x2.stride(0), y.stride(0),
+        m, n, k, k_per_split, x2.stride(0), n,
         GROUP_SIZE=group, BITS=cfg.bits, PER=cfg.pack_factor, MASK=(1 << cfg.bits) - 1,
         ZERO_OFFSET=cfg.zero_offset, AWQ=awq, F32=f32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    y = y[0] if split_k == 1 else y.sum(0).to(x.dtype)
     if layer.bias is not None:
         y += layer.bias
     return y.view(*x.shape[:-1], n)
