@@ -227,3 +227,26 @@ def test_seed_004_gptq_server_with_an_adapter(quantized, tiny_adapters, prompts)
                                                         "return_tokens_as_token_ids": True})
             got = token_ids_of(res.choices[0].logprobs)
             assert got == hf_greedy(ref_dir, adapter_dir, prompts[1], 6), model
+
+
+@pytest.mark.parametrize(("case", "side_file", "side"), [
+    ("gptq4_act_order", "quantize_config.json",  # AutoGPTQ's, no quant_method in it
+     {"bits": 4, "group_size": 32, "desc_act": True, "sym": False, "true_sequential": True}),
+    ("awq4_g32", "quant_config.json",  # AutoAWQ's older key names
+     {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}),
+])
+def test_quantization_settings_beside_config_json(quantized, tmp_path, prompts, case,
+                                                  side_file, side):
+    """Older checkpoints keep the settings in a file of their own, not in config.json."""
+    quant_dir, ref_dir = quantized[case]
+    dst = shutil.copytree(quant_dir, tmp_path / "old_style")
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / side_file).write_text(json.dumps(side))
+    llm = make_llm(dst)
+    assert llm.llm_engine.model_config.quantization.method == CASES[case][0]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], GREEDY,
+                        use_tqdm=False)
+    check_against_hf(outs, ref_dir, [None, None], prompts[:2])
+

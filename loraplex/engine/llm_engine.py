@@ -27,6 +27,7 @@ from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
+from loraplex.layers.quantization import read_side_config
 from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.lora.adapter import PackedLoRA
 from loraplex.lora.errors import LoRAError
@@ -81,6 +82,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         path = resolve_model_path(args.model, args.revision)
         hf_config = AutoConfig.from_pretrained(path)
+        read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         architecture(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config

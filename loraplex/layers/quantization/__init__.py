@@ -4,8 +4,9 @@ from loraplex.layers.quantization.config import (
     SUPPORTED_METHODS,
     QuantConfig,
     quant_config_from_hf,
+    read_side_config,
 )
 from loraplex.layers.quantization.linear import AWQLinear, GPTQLinear, QuantLinear, unpack
 
 __all__ = ["SUPPORTED_METHODS", "AWQLinear", "GPTQLinear", "QuantConfig", "QuantLinear",
-           "quant_config_from_hf", "unpack"]
+           "quant_config_from_hf", "read_side_config", "unpack"]

@@ -9,6 +9,8 @@ into a quantized one.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,25 @@ class QuantConfig:
         """Is this HF module (model.layers.0.mlp.down_proj) left unquantized? Substring
         match, as transformers and vLLM read modules_to_not_convert."""
         return any(m in module_name for m in self.modules_to_not_convert)
+
+
+# older quantizers wrote their settings beside config.json instead of into it
+_SIDE_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
+
+
+def read_side_config(hf_config: Any, path: str) -> None:
+    """AutoGPTQ's quantize_config.json / AutoAWQ's quant_config.json, when config.json has
+    no quantization_config: set as if it had (what vLLM reads too)."""
+    if getattr(hf_config, "quantization_config", None):
+        return
+    for name, method in _SIDE_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                raw = json.load(f)
+            raw.setdefault("quant_method", method)
+            hf_config.quantization_config = raw
+            return
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
