@@ -4,15 +4,23 @@ Triton for CUDA tensors when triton imports, the torch path otherwise; an env va
 (`LORAPLEX_LORA_BACKEND`, `LORAPLEX_ATTENTION_BACKEND`) forces either. Triton on CPU
 tensors runs only under TRITON_INTERPRET=1 (set before the kernels are imported), which
 is how the tests hold the kernels against the torch path without a GPU.
+
+Also what the Triton kernel modules share: the interpreter switch (`interpreter_on`),
+when `tl.dot` runs in exact fp32 (`fp32_dot`), and how far to split a reduction over
+programs (`plan_split_k`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 
+import torch
+
 CHOICES = ("auto", "torch", "triton")
+TARGET_PROGRAMS = 4 * 132  # ~4 per SM of an H100: enough loads in flight to stream weights
 
 
 @functools.cache
@@ -67,3 +75,33 @@ def fix_interpreter_index() -> None:
 
     patch_lang_tensor.squeezes_index = True
     interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def interpreter_on() -> bool:
+    """TRITON_INTERPRET=1 now, read by a kernel module when it is imported (that decides
+    how its kernels are defined); if so, the interpreter is patched (fix_interpreter_index)."""
+    on = os.getenv("TRITON_INTERPRET", "0") == "1"
+    if on:
+        fix_interpreter_index()
+    return on
+
+
+def fp32_dot(dtype: torch.dtype, interpreted: bool) -> bool:
+    """Run tl.dot in exact fp32 for these inputs: fp32 ones, and bf16 under the
+    interpreter, whose tl.dot mishandles bf16 (numpy has none)."""
+    return dtype == torch.float32 or (interpreted and dtype == torch.bfloat16)
+
+
+def plan_split_k(k: int, block_k: int, tiles: int, most: int | None = None,
+            ways: int | None = None) -> tuple[int, int]:
+    """(splits, k per split) for a reduction over `k` in `block_k` steps done by `tiles`
+    programs per split: enough splits for TARGET_PROGRAMS programs (or `ways`), at most
+    `most` and one per block; each split a whole number of blocks, so none is empty."""
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    if ways is None:
+        ways = max(1, min(cdiv(k, block_k), cdiv(TARGET_PROGRAMS, tiles), most or k))
+    k_per_split = cdiv(cdiv(k, ways), block_k) * block_k
+    return cdiv(k, k_per_split), k_per_split
+

@@ -68,14 +68,14 @@ def test_kernel_matches_torch_dequantize(name, m):
 
 @interpreted
 @pytest.mark.parametrize("name", ["gptq4_act_order", "awq4_g32"])
-@pytest.mark.parametrize("split_k", [None, 2, 3, 5])
-def test_kernel_split_over_k(name, split_k):
+@pytest.mark.parametrize("ways", [None, 2, 3, 5])
+def test_kernel_split_over_k(name, ways):
     """K = 384 is three 128-wide K blocks: split 2 gives uneven shares, 5 more ways than
     blocks (the kernel launches 3); None picks the split itself (here 3)."""
     layer = make_layer(name, 384, 64, bias=False, seed=3)
     x = torch.randn(2, 384, generator=torch.Generator().manual_seed(4))
     want = x @ layer.dequantize(torch.float32)
-    got = triton_gemm.quant_matmul(x, layer, split_k=split_k)
+    got = triton_gemm.quant_matmul(x, layer, ways=ways)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 

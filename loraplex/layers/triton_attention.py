@@ -26,23 +26,15 @@ for the second dot, as flash attention does.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from loraplex.backends import fix_interpreter_index
+from loraplex.backends import fp32_dot, interpreter_on
 
 _LOG2E = 1.4426950408889634
-# The interpreter's tl.dot mishandles bf16 (numpy has none): there it runs in fp32.
-_INTERPRETED = os.getenv("TRITON_INTERPRET", "0") == "1"
-if _INTERPRETED:
-    fix_interpreter_index()
-
-
-def _exact_dot(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (_INTERPRETED and dtype == torch.bfloat16)
+_INTERPRETED = interpreter_on()  # there tl.dot runs bf16 in fp32 (backends.fp32_dot)
 
 
 @triton.jit
@@ -230,7 +222,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lse.stride(0), lse.stride(1), num_splits, GROUP=group, HEAD_DIM=d,
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        F32=_exact_dot(q.dtype), num_warps=4)
+        F32=fp32_dot(q.dtype, _INTERPRETED), num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
             part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
@@ -318,5 +310,5 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_cache.stride(2) if has_ctx else 0, block_tables.stride(0) if has_ctx else 0,
         out.stride(0), out.stride(1), GROUP=h // kvh, HEAD_DIM=d,
         BLOCK_SIZE=k_cache.shape[1] if has_ctx else 1, HAS_CONTEXT=has_ctx, BLOCK_M=block,
-        BLOCK_N=block, BLOCK_D=block_d, F32=_exact_dot(q.dtype), num_warps=4)
+        BLOCK_N=block, BLOCK_D=block_d, F32=fp32_dot(q.dtype, _INTERPRETED), num_warps=4)
     return out

@@ -14,18 +14,14 @@ On CPU tensors it runs only under TRITON_INTERPRET=1 (tests); there fp32 is exac
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from loraplex.backends import fix_interpreter_index
+from loraplex.backends import fp32_dot, interpreter_on, plan_split_k
 from loraplex.layers.quantization.linear import AWQLinear, QuantLinear
 
-_INTERPRETED = os.getenv("TRITON_INTERPRET", "0") == "1"
-if _INTERPRETED:
-    fix_interpreter_index()
+_INTERPRETED = interpreter_on()
 
 
 @triton.jit
@@ -77,9 +73,6 @@ def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-TARGET_PROGRAMS = 4 * 132  # ~4 per SM of an H100: enough loads in flight to stream weights
-
-
 def _blocks(m: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K): a 16-row tile for decode, wider ones for prefill."""
     if m <= 16:
@@ -89,11 +82,11 @@ def _blocks(m: int) -> tuple[int, int, int]:
     return 128, 128, 32
 
 
-def quant_matmul(x: torch.Tensor, layer: QuantLinear, split_k: int | None = None
+def quant_matmul(x: torch.Tensor, layer: QuantLinear, ways: int | None = None
                  ) -> torch.Tensor:
     """x [..., in] @ W [in, out] (+ bias) with `layer`'s packed weights. A small batch
-    (decode) has few output tiles, so K is split over programs too (`split_k`: how many
-    ways; None = enough programs to fill the GPU), and the fp32 partials are summed here,
+    (decode) has few output tiles, so K is split over programs too (`ways`: how many;
+    None = enough programs to fill the GPU), and the fp32 partials are summed here,
     in a fixed order."""
     x2 = x.reshape(-1, layer.in_features).contiguous()
     m, n, k = x2.shape[0], layer.out_features, layer.in_features
@@ -103,21 +96,17 @@ def quant_matmul(x: torch.Tensor, layer: QuantLinear, split_k: int | None = None
     group = cfg.group_size if cfg.group_size != -1 else k
     block_m, block_n, block_k = _blocks(m)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    if split_k is None:
-        split_k = max(1, min(triton.cdiv(k, block_k), triton.cdiv(TARGET_PROGRAMS, tiles)))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
-    y = torch.empty(split_k, m, n, dtype=x.dtype if split_k == 1 else torch.float32,
+    splits, k_per_split = plan_split_k(k, block_k, tiles, ways=ways)
+    y = torch.empty(splits, m, n, dtype=x.dtype if splits == 1 else torch.float32,
                     device=x.device)
-    f32 = x.dtype == torch.float32 or (_INTERPRETED and x.dtype == torch.bfloat16)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
     _quant_gemm_kernel[grid](
         x2, layer.qweight, layer.qzeros, layer.scales, g_idx, y,
         m, n, k, k_per_split, x2.stride(0), n,
         GROUP_SIZE=group, BITS=cfg.bits, PER=cfg.pack_factor, MASK=(1 << cfg.bits) - 1,
-        ZERO_OFFSET=cfg.zero_offset, AWQ=awq, F32=f32,
+        ZERO_OFFSET=cfg.zero_offset, AWQ=awq, F32=fp32_dot(x.dtype, _INTERPRETED),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    y = y[0] if split_k == 1 else y.sum(0).to(x.dtype)
+    y = y[0] if splits == 1 else y.sum(0).to(x.dtype)
     if layer.bias is not None:
         y += layer.bias
     return y.view(*x.shape[:-1], n)

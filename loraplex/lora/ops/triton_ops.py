@@ -27,27 +27,22 @@ Launch sizes are first guesses, not yet tuned on a GPU.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from loraplex.backends import fix_interpreter_index
+from loraplex.backends import TARGET_PROGRAMS, fp32_dot, interpreter_on, plan_split_k
 from loraplex.lora.meta import LoRABatchMeta
 
 BLOCK_R = 16  # rank rows per step; tl.dot needs >= 16
 SHRINK_BLOCK_K = 128
 EXPAND_BLOCK_N = 128
 MAX_SPLIT_K = 32
-TARGET_PROGRAMS = 4 * 132  # ~4 per SM of an H100: enough loads in flight to stream weights
 MAX_SLICES = 3  # qkv
 # The interpreter's tl.dot mishandles bf16 (numpy has none): there it runs in fp32. The
 # kernels avoid tl helpers that are themselves @jit (tl.zeros, tl.cdiv): those stay
 # compiled-only when triton was imported before TRITON_INTERPRET=1 was set (as in pytest).
-_INTERPRETED = os.getenv("TRITON_INTERPRET", "0") == "1"
-if _INTERPRETED:
-    fix_interpreter_index()
+_INTERPRETED = interpreter_on()
 
 
 @triton.jit
@@ -152,10 +147,6 @@ def _expand_kernel(
             tl.store(y_tile, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _f32_dot(weight_dtype: torch.dtype) -> bool:
-    return weight_dtype == torch.float32 or (_INTERPRETED and weight_dtype == torch.bfloat16)
-
-
 def _check(x: torch.Tensor, lora_ranks: torch.Tensor, slots: int) -> None:
     if x.dim() != 2:
         raise ValueError(f"expected a [tokens, features] tensor, got shape {tuple(x.shape)}")
@@ -177,16 +168,13 @@ def lora_shrink(x: torch.Tensor, a_stacked: torch.Tensor, lora_ranks: torch.Tens
     if x.shape[1] != d_in:
         raise ValueError(f"x has {x.shape[1]} features, lora_a_stacked expects {d_in}")
     j = max(1, min(meta.max_tiles, 1024))
-    split_k = max(1, min(triton.cdiv(d_in, SHRINK_BLOCK_K), triton.cdiv(TARGET_PROGRAMS, j),
-                         MAX_SPLIT_K))
-    k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), SHRINK_BLOCK_K) * SHRINK_BLOCK_K
-    split_k = triton.cdiv(d_in, k_per_split)
-    buf = torch.empty(split_k, x.shape[0], n, rank, dtype=torch.float32, device=x.device)
-    _shrink_kernel[(split_k, j)](
+    splits, k_per_split = plan_split_k(d_in, SHRINK_BLOCK_K, j, most=MAX_SPLIT_K)
+    buf = torch.empty(splits, x.shape[0], n, rank, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(splits, j)](
         x, a_stacked, buf, lora_ranks, *_meta_args(meta), d_in, k_per_split, j,
         *x.stride(), *(a_stacked.stride(i) for i in (0, 2, 1, 3)), *buf.stride(),
         N_SLICES=n, BLOCK_M=meta.block_m, BLOCK_R=BLOCK_R, BLOCK_K=SHRINK_BLOCK_K,
-        F32=_f32_dot(a_stacked.dtype))
+        F32=fp32_dot(a_stacked.dtype, _INTERPRETED))
     return buf
 
 
@@ -208,7 +196,7 @@ def lora_expand(buf: torch.Tensor, b_stacked: torch.Tensor, y: torch.Tensor,
         buf, b_stacked, y, lora_ranks, *_meta_args(meta), *outs, buf.shape[0], j,
         *buf.stride(), *b_stacked.stride(), *y.stride(),
         BLOCK_M=meta.block_m, BLOCK_R=BLOCK_R, BLOCK_N=EXPAND_BLOCK_N,
-        F32=_f32_dot(b_stacked.dtype))
+        F32=fp32_dot(b_stacked.dtype, _INTERPRETED))
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a_stacked: torch.Tensor,
