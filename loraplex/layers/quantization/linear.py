@@ -158,8 +158,7 @@ class GPTQLinear(QuantLinear):
             return (q - zeros[g]).to(dtype) * self.scales[g].to(dtype)
         # one int32 row holds `per` consecutive inputs of one group: dequantize slot by
         # slot, each a contiguous pass (a broadcast unpack is slower on a CPU)
-        rows = torch.arange(self.qweight.shape[0], device=self.qweight.device) * per
-        g = rows // gs if gs != -1 else torch.zeros_like(rows)
+        g = self.g_idx[::per].long()  # each int32 row's group: that of its first input
         z, s = zeros[g].to(dtype), self.scales[g].to(dtype)  # [in / per, out]
         w = torch.empty(self.qweight.shape[0], per, self.out_features, dtype=dtype,
                         device=self.qweight.device)
