@@ -329,7 +329,7 @@ def make_peft_adapter(
     n = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if re.search(r"\.lora_[AB]\.", name):
+            if re.search(r"\.lora_(?:embedding_)?[AB]\.", name):
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
                 n += 1
     if n == 0:

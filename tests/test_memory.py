@@ -63,20 +63,31 @@ def test_cpu_engine_keeps_freed_memory_with_glibc():
     assert keep_freed_memory(KEEP_BYTES)
 
 
-def test_host_tier_bound_is_a_full_slot_per_adapter(tiny_models, tiny_adapters):
-    """The host tier keeps adapters in the slot layout: an all-linear adapter at
-    max_lora_rank takes exactly one slot's bytes, a smaller one less, and the start-up
-    line bounds the tier by max_cpu_loras such slots."""
-    llm = make_llm(tiny_models["llama"], enable_lora=True, max_loras=2, max_lora_rank=8,
+def test_host_tier_bound_is_a_full_slot_per_adapter(tiny_models, tiny_adapters, tmp_path):
+    """The host tier keeps adapters in the slot layout: an adapter on every LoRA layer
+    (all linears, the embedding and lm_head) at max_lora_rank takes exactly one slot's
+    bytes, a smaller one less, and the start-up line bounds the tier by max_cpu_loras
+    such slots."""
+    from tests.fixtures import make_peft_adapter
+
+    base = tiny_models["llama"]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8,
                    max_cpu_loras=5, device="cpu")
-    engine, ad = llm.llm_engine, tiny_adapters["llama"]
+    engine = llm.llm_engine
+    ad = {**tiny_adapters["llama"], "everything": make_peft_adapter(
+        base, tmp_path / "everything", r=8, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+            "embed_tokens", "lm_head"])}
     plan, manager = engine.memory, engine.lora_manager
 
     def host_bytes(name: str, lora_int_id: int) -> int:
         packed = manager.prepare(LoRARequest(name, lora_int_id, str(ad[name])))
         return sum(t.numel() * t.element_size() for pair in packed.layers.values()
                    for t in pair)
-    assert host_bytes("r8_all", 1) == plan.slot_bytes(8)
+    assert host_bytes("everything", 1) == plan.slot_bytes(8)
+    vocab_layers = sum(manager.layers[n].slot_bytes_per_rank()
+                       for n in ("model.embed_tokens", "lm_head"))
+    assert host_bytes("r8_all", 3) == plan.slot_bytes(8) - 8 * vocab_layers
     assert 0 < host_bytes("r4_qv", 2) < plan.slot_bytes(8)
     assert plan.host_tier_bytes(5, 8) == 5 * plan.slot_bytes(8)
     assert "host tier: 5 adapters" in plan.describe(8, 5)

@@ -275,11 +275,11 @@ class LLMEngine:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = started
             prompt_positions = batch.prompt_logprob_positions
-            logits, prompt_hidden = self.model_runner.run(
+            logits, prompt_hidden, prompt_slots = self.model_runner.run(
                 batch.prefill, batch.decode, lora_slots, batch.prefill_lens, prompt_positions)
             seqs = batch.sampled  # a prompt's earlier chunks give no token
             if prompt_positions:
-                self._add_prompt_logprobs(prompt_positions, prompt_hidden)
+                self._add_prompt_logprobs(prompt_positions, prompt_hidden, prompt_slots)
             batch.advance()
             for seq in batch.seqs:  # full blocks become shareable prefixes
                 self.block_manager.commit(seq)
@@ -304,12 +304,12 @@ class LLMEngine:
         return outputs
 
     def _add_prompt_logprobs(self, positions: list[tuple[Sequence, range]],
-                             hidden: torch.Tensor) -> None:
+                             hidden: torch.Tensor, slots: list[int] | None) -> None:
         """Entry p + 1 of each sequence's prompt logprobs from the logits at position p."""
         tokens = [seq.token_ids[p + 1] for seq, span in positions for p in span]
         ks = [seq.params.prompt_logprobs for seq, span in positions for _ in span]
         entries = []
-        for logits in self.model_runner.prompt_logits(hidden):
+        for logits in self.model_runner.prompt_logits(hidden, slots):
             n = len(entries)
             entries += self.sampler.token_logprobs(logits, tokens[n:n + logits.shape[0]],
                                                    ks[n:n + logits.shape[0]])

@@ -13,14 +13,15 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from loraplex.lora.errors import LoRAError, LoRANotFoundError
 from loraplex.lora.request import LoRARequest
 
-_UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out")
+# modules whose full weight PEFT saves beside their LoRA (save_embedding_layers)
+_VOCAB_MODULES = ("embed_tokens", "lm_head")
 
 
 @dataclass
@@ -58,6 +59,10 @@ class TargetShapes:
     shapes: dict[str, tuple[int, int]]
     suffixes: tuple[str, ...]  # the supported target leaf names (q_proj, ...)
     vocab_size: int | None = None  # the base's embedding rows; None = unknown
+    # HF name -> the base's weight, for embed_tokens / lm_head: an adapter that saved a
+    # copy of them (PEFT's save_embedding_layers) must have saved them unchanged
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict, compare=False,
+                                                  repr=False)
 
 
 def local_adapter_dir(req: LoRARequest) -> str | None:
@@ -116,11 +121,6 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
         raise LoRAError(f"LoRA adapter {name!r} has rank {max(ranks)} > max_lora_rank="
                         f"{max_rank}; restart with --max-lora-rank {max(ranks)}")
     target = cfg.get("target_modules")
-    names = [target] if isinstance(target, str) else list(target or [])
-    for t in names:
-        if any(u == t or t.endswith("." + u) for u in _UNSUPPORTED_TARGETS):
-            raise LoRAError(f"LoRA adapter {name!r} targets {t!r}: LoRA on embeddings or "
-                            "lm_head is not supported yet")
     if isinstance(target, list):
         leaves = {m.rsplit(".", 1)[-1] for m in targets.shapes}
         for t in target:
@@ -229,20 +229,50 @@ def _pattern_value(module: str, patterns: dict, default: float) -> float:
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_[AB])"
                   r"(?:\.[^.]+)?\.weight$")
+# PEFT's embedding LoRA: lora_embedding_A [r, vocab], lora_embedding_B [hidden, r], saved
+# without ".weight" (they are parameters, not modules)
+_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_"
+                            r"(?P<ab>[AB])(?:\.[^.]+)?$")
+_BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 
 
 def _module_name(name: str, key: str) -> tuple[str, str]:
-    if "lora_embedding" in key or "lora_magnitude_vector" in key:
-        raise LoRAError(f"LoRA adapter {name!r} has {key!r}: embedding LoRA, DoRA or added "
-                        "tokens are not supported yet")
+    """(HF module name, "lora_A" | "lora_B") of a LoRA weight's key."""
+    if "lora_magnitude_vector" in key:
+        raise LoRAError(f"LoRA adapter {name!r} has {key!r}: DoRA is not supported yet")
     m = _KEY.match(key)
-    if m is None and any(f"{u}.weight" in key for u in _UNSUPPORTED_TARGETS):
+    if m is not None:
+        return m.group("module"), m.group("kind")
+    m = _EMBEDDING_KEY.match(key)
+    if m is not None:
+        return m.group("module"), "lora_" + m.group("ab")
+    if any(f"{u}.weight" in key for u in _VOCAB_MODULES):
         raise LoRAError(f"LoRA adapter {name!r} ships full {key!r} weights (a resized "
                         "vocabulary or a saved embedding/lm_head): " + _EXTRA_VOCAB)
-    if m is None:
-        raise LoRAError(f"LoRA adapter {name!r}: unexpected tensor {key!r} (not a LoRA A/B "
-                        "weight); extra vocabulary or saved modules are not supported yet")
-    return m.group("module"), m.group("kind")
+    raise LoRAError(f"LoRA adapter {name!r}: unexpected tensor {key!r} (not a LoRA A/B "
+                    "weight); extra vocabulary or saved modules are not supported yet")
+
+
+def _check_base_copy(name: str, key: str, module: str, saved: torch.Tensor,
+                     targets: TargetShapes) -> None:
+    """PEFT saves embed_tokens / lm_head whole beside their LoRA (save_embedding_layers,
+    on by default when they are targeted). An unchanged copy is harmless and skipped; a
+    different one (a resized vocabulary, trained embeddings) cannot be served as LoRA."""
+    base = targets.base_weights.get(module)
+    if base is None:
+        raise LoRAError(f"LoRA adapter {name!r}: unexpected tensor {key!r} (a full copy of "
+                        f"{module}, which the base model has no LoRA layer for)")
+    if saved.shape != base.shape:
+        raise LoRAError(f"LoRA adapter {name!r} ships {module} with shape "
+                        f"{tuple(saved.shape)} where the base has {tuple(base.shape)} (a "
+                        "resized vocabulary): " + _EXTRA_VOCAB)
+    rows = max(1, 2**26 // max(1, base[0].numel() * base.element_size()))  # 64 MiB pieces
+    if not all(torch.equal(saved[i:i + rows].to(base.device, base.dtype), base[i:i + rows])
+               for i in range(0, base.shape[0], rows)):
+        raise LoRAError(f"LoRA adapter {name!r} ships a {module} ({key}) that differs from "
+                        "the base model's: fully trained embeddings or lm_head are not "
+                        "supported (LoRA on them is); if they were not trained, save the "
+                        "adapter with save_embedding_layers=False")
 
 
 def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
@@ -255,6 +285,10 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     _check_not_supported_yet(name, path, cfg, targets.vocab_size)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in _read_tensors(name, path).items():
+        copy = _BASE_COPY_KEY.match(key)
+        if copy is not None:
+            _check_base_copy(name, key, copy.group("module"), tensor, targets)
+            continue
         module, kind = _module_name(name, key)
         pairs.setdefault(module, {})[kind] = tensor
     if not pairs:
@@ -262,9 +296,6 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     default_r, default_alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     modules: dict[str, LoRAModuleWeights] = {}
     for module, ab in pairs.items():
-        if module.rsplit(".", 1)[-1] in _UNSUPPORTED_TARGETS:
-            raise LoRAError(f"LoRA adapter {name!r} targets {module!r}: LoRA on embeddings or "
-                            "lm_head is not supported yet")
         if module not in targets.shapes:
             raise LoRAError(f"LoRA adapter {name!r}: target module {module!r} not found in the "
                             "model (supported: " + ", ".join(targets.suffixes) + ")")

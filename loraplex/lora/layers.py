@@ -1,6 +1,7 @@
-"""LoRA-wrapped linear layers: the base projection plus per-slot adapter weights.
+"""LoRA-wrapped layers: the base projection plus per-slot adapter weights.
 
     y = W x  +  B[s] (A[s] x)          s = the token's adapter slot (-1: base only)
+    y = E[t] +  B[s] A[s][:, t]        the token embedding: A's column of token t
 
 Weights live in preallocated slot buffers (vLLM's `lora_a_stacked` / `lora_b_stacked`),
 one A per packed sub-projection and their B's stacked like the base weight's rows.
@@ -18,6 +19,7 @@ from torch import nn
 from loraplex.layers.linear import Linear
 from loraplex.layers.quantization import QuantLinear
 from loraplex.lora import ops
+from loraplex.lora.meta import LoRABatchMeta
 from loraplex.worker.context import get_context
 
 
@@ -26,17 +28,20 @@ class LinearWithLoRA(nn.Module):
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.output_sizes = base_layer.output_sizes
+        self.in_features = base_layer.in_features
+        self.output_sizes = list(base_layer.output_sizes)
         self.max_rank = max_rank
-        device = next(base_layer.parameters()).device
-        n, d_in, d_out = len(self.output_sizes), base_layer.in_features, base_layer.out_features
+        self._allocate(max_loras, next(base_layer.parameters()).device, dtype)
+
+    def _allocate(self, max_loras: int, device: torch.device, dtype: torch.dtype) -> None:
+        n, d_in, d_out = len(self.output_sizes), self.in_features, sum(self.output_sizes)
         # A of every sub-projection, rank-major so a slot's first r ranks are one block:
         # [S, R, n, in]; B of all of them, stacked on the output axis like the base
         # weight: [S, sum(out_k), R]
         self.register_buffer("lora_a_stacked", torch.zeros(
-            max_loras, max_rank, n, d_in, dtype=dtype, device=device), persistent=False)
+            max_loras, self.max_rank, n, d_in, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lora_b_stacked", torch.zeros(
-            max_loras, d_out, max_rank, dtype=dtype, device=device), persistent=False)
+            max_loras, d_out, self.max_rank, dtype=dtype, device=device), persistent=False)
         # the real rank in each slot (0 = no weights here); kernels loop over it, not over R
         self.register_buffer("lora_ranks", torch.zeros(max_loras, dtype=torch.int32,
                                                        device=device), persistent=False)
@@ -49,7 +54,7 @@ class LinearWithLoRA(nn.Module):
         r = the largest r_k; absent slices and ranks past a slice's own are zeros (so a
         q,v-only adapter keeps k's rows too: one copy per buffer beats three)."""
         rank = max(a.shape[0] for a in lora_a if a is not None)
-        a_slot = torch.zeros(rank, len(self.output_sizes), self.base_layer.in_features,
+        a_slot = torch.zeros(rank, len(self.output_sizes), self.in_features,
                              dtype=self.lora_a_stacked.dtype, pin_memory=pin_memory)
         b_slot = torch.zeros(sum(self.output_sizes), rank, dtype=self.lora_b_stacked.dtype,
                              pin_memory=pin_memory)
@@ -88,12 +93,54 @@ class LinearWithLoRA(nn.Module):
         self.lora_b_stacked[slot, :, :rank].zero_()
         self.lora_ranks[slot] = self.slot_ranks[slot] = 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+    def slot_bytes_per_rank(self) -> int:
+        """Bytes of one slot at rank 1: a row of A per slice and a column of B."""
+        elem = self.lora_a_stacked.element_size()
+        return (len(self.output_sizes) * self.in_features + sum(self.output_sizes)) * elem
+
+    def _meta(self) -> LoRABatchMeta | None:
+        """The step's LoRA metadata, or None when no token's slot has weights here."""
         meta = get_context().lora_meta
         if meta is None or (meta.skip_unused_layers
                             and not any(self.slot_ranks[s] for s in meta.active_slot_list)):
+            return None
+        return meta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        meta = self._meta()
+        if meta is not None:
+            ops.add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, self.lora_ranks, meta,
+                         self.output_sizes)
+        return y
+
+
+class EmbeddingWithLoRA(LinearWithLoRA):
+    """The token embedding with PEFT's embedding LoRA (lora_embedding_A [r, vocab],
+    lora_embedding_B [hidden, r]): A times a one-hot token is A's column of that token,
+    so the slots are a linear layer's with in_features = vocab, and the shrink is a
+    gather of one column per token instead of a matmul. The expand is the shared op."""
+
+    def __init__(self, base_layer: nn.Embedding, max_loras: int, max_rank: int,
+                 dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self.in_features = base_layer.num_embeddings
+        self.output_sizes = [base_layer.embedding_dim]
+        self.max_rank = max_rank
+        self._allocate(max_loras, base_layer.weight.device, dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(input_ids)
+        meta = self._meta()
+        if meta is None:
             return y
-        ops.add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, self.lora_ranks, meta,
-                     self.output_sizes)
+        n = input_ids.shape[0]
+        slots = meta.token_lora_indices[:n].long()
+        # [T, R]: column t of slot s's A (slot 0's for base tokens, zeroed: no host sync,
+        # no shape that depends on the data, so a CUDA graph can hold it)
+        cols = self.lora_a_stacked[slots.clamp(min=0), :, 0, input_ids].float()
+        cols.mul_((slots >= 0).unsqueeze(1))
+        ops.lora_expand(cols.view(1, n, 1, self.max_rank), self.lora_b_stacked, y,
+                        self.lora_ranks, meta, self.output_sizes)
         return y

@@ -33,7 +33,7 @@ from loraplex.lora.adapter import (
     load_adapter,
 )
 from loraplex.lora.errors import LoRAError
-from loraplex.lora.layers import LinearWithLoRA
+from loraplex.lora.layers import EmbeddingWithLoRA, LinearWithLoRA
 from loraplex.lora.loader import AdapterLoader
 from loraplex.lora.request import LoRARequest
 
@@ -50,16 +50,23 @@ class LoRACacheStats:
     load_failures: int = 0
 
 
+def _join(prefix: str, leaf: str) -> str:
+    """A module's full name from its parent's ('' for a top-level one such as lm_head)."""
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
 def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype
                      ) -> dict[str, LinearWithLoRA]:
-    """Swap every projection an adapter may target for a LinearWithLoRA wrapper."""
+    """Swap every module an adapter may target for its LoRA wrapper: the projections
+    and lm_head for LinearWithLoRA, the token embedding for EmbeddingWithLoRA."""
     packed_names = {packed for packed, _ in model.packed_modules_mapping.values()}
     wanted = packed_names | set(model.lora_target_modules)
     wrapped: dict[str, LinearWithLoRA] = {}
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in wanted and not isinstance(module, LinearWithLoRA):
             parent_name, _, leaf = name.rpartition(".")
-            wrapper = LinearWithLoRA(module, cfg.max_loras, cfg.max_lora_rank, dtype)
+            cls = EmbeddingWithLoRA if isinstance(module, nn.Embedding) else LinearWithLoRA
+            wrapper = cls(module, cfg.max_loras, cfg.max_lora_rank, dtype)
             setattr(model.get_submodule(parent_name), leaf, wrapper)
             wrapped[name] = wrapper
     return wrapped
@@ -99,22 +106,19 @@ class LoRAManager:
         inverse: dict[str, list[str]] = {}
         for hf_name, (packed, _) in sorted(self._packed.items(), key=lambda kv: kv[1][1]):
             inverse.setdefault(packed, []).append(hf_name)
+        vocab_layers: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
             prefix, _, leaf = name.rpartition(".")
-            base = layer.base_layer
             for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):
-                shapes[f"{prefix}.{hf_leaf}"] = (base.in_features, base.output_sizes[k])
+                shapes[_join(prefix, hf_leaf)] = (layer.in_features, layer.output_sizes[k])
+            if isinstance(layer, EmbeddingWithLoRA) or leaf == "lm_head":
+                vocab_layers[name] = layer.base_layer.weight.detach()
         return TargetShapes(shapes=shapes, suffixes=tuple(model.lora_target_modules),
-                            vocab_size=model.args.vocab_size)
+                            vocab_size=model.args.vocab_size, base_weights=vocab_layers)
 
     def slot_bytes_per_rank(self) -> int:
         """Bytes of one slot at rank 1 over all wrapped layers (A and B of every slice)."""
-        total = 0
-        for layer in self.layers.values():
-            elem = layer.lora_a_stacked.element_size()
-            base = layer.base_layer
-            total += (len(layer.output_sizes) * base.in_features + sum(layer.output_sizes)) * elem
-        return total
+        return sum(layer.slot_bytes_per_rank() for layer in self.layers.values())
 
     # ---- registry ---------------------------------------------------------------------
     def prepare(self, req: LoRARequest) -> PackedLoRA:
@@ -134,7 +138,7 @@ class LoRAManager:
         for module, w in lora.modules.items():
             prefix, _, leaf = module.rpartition(".")
             packed, k = self._packed.get(leaf, (leaf, 0))
-            grouped.setdefault(f"{prefix}.{packed}", {})[k] = (w.lora_a, w.lora_b)
+            grouped.setdefault(_join(prefix, packed), {})[k] = (w.lora_a, w.lora_b)
         layers = {}
         for name, parts in grouped.items():
             layer = self.layers[name]

@@ -121,15 +121,15 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
-    # the HF linear names a LoRA adapter may target
+    # the HF module names a LoRA adapter may target
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj",
-                           "gate_proj", "up_proj", "down_proj")
+                           "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
         self.model = LlamaModel(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

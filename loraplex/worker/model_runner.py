@@ -72,6 +72,7 @@ class StepOutput(NamedTuple):
     # [prompt positions, hidden]: ScheduledBatch.prompt_logprob_positions' order, or None;
     # their logits come in slices from ModelRunner.prompt_logits
     prompt_hidden: torch.Tensor | None = None
+    prompt_slots: list[int] | None = None  # each prompt position's adapter slot (-1: none)
 
 
 class ModelRunner:
@@ -88,6 +89,8 @@ class ModelRunner:
         # adapter slots per LoRA layer (0: no LoRA layers)
         self.max_loras = next((m.lora_a_stacked.shape[0] for m in model.modules()
                                if isinstance(m, LinearWithLoRA)), 0)
+        self.lm_head_lora = model.lm_head if isinstance(model.lm_head, LinearWithLoRA) else None
+        self._no_cache_writes = torch.empty(0, dtype=torch.long, device=self.device)
         self.memory_profile: GPUMemoryProfile | None = None
         self.num_blocks = self._num_kv_blocks(cache_config, scheduler_config)
         self._allocate_kv_cache()
@@ -171,7 +174,9 @@ class ModelRunner:
         with step_context(ctx):
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions)
         last = torch.tensor(lens, device=dev).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden.index_select(0, last))
+        logits = self._logits(hidden.index_select(0, last),
+                              [i % self.max_loras for i in range(len(lens))]
+                              if self.max_loras else None, every_slot=True)
         del hidden
         params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.01,
                                 repetition_penalty=1.1, presence_penalty=0.1,
@@ -297,7 +302,8 @@ class ModelRunner:
 
         decode, where = self._longest_first(decode)
         if not prefill:
-            logits = self._run_decode(decode, slots_of(decode))
+            seq_slots = slots_of(decode)
+            logits = self._logits(self._run_decode(decode, seq_slots), seq_slots)
             return StepOutput(logits if where is None else
                               logits.index_select(0, self._tensor(where)))
         lens = prefill_lens or [s.num_uncomputed_tokens for s in prefill]
@@ -319,23 +325,43 @@ class ModelRunner:
             ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
         with step_context(ctx):
             hidden = self.model(input_ids, positions)
-        logits = self.model.compute_logits(hidden.index_select(0, self._tensor(rows)))
+        logits = self._logits(hidden.index_select(0, self._tensor(rows)),
+                              [token_slots[r] for r in rows] if token_slots else None)
         if not prompt_positions:
             return StepOutput(logits)
         # row of position p = the chunk's first row + p - its start
         first_row = dict(zip(prefill, itertools.accumulate(lens[:-1], initial=0)))
         prompt_rows = [first_row[seq] + p - seq.num_computed_tokens
                        for seq, span in prompt_positions for p in span]
-        return StepOutput(logits, hidden.index_select(0, self._tensor(prompt_rows)))
+        return StepOutput(logits, hidden.index_select(0, self._tensor(prompt_rows)),
+                          [token_slots[r] for r in prompt_rows] if token_slots else None)
 
     @torch.inference_mode()
-    def prompt_logits(self, hidden: torch.Tensor) -> Iterator[torch.Tensor]:
+    def prompt_logits(self, hidden: torch.Tensor, slots: list[int] | None = None
+                      ) -> Iterator[torch.Tensor]:
         """Logits of prompt positions, max_num_seqs rows at a time: the most the profile
-        run sized for (a whole chunk's [tokens, vocab] at once could be gigabytes)."""
+        run sized for (a whole chunk's [tokens, vocab] at once could be gigabytes).
+        `slots`: each row's adapter slot (StepOutput.prompt_slots), for LoRA on lm_head."""
         for start in range(0, hidden.shape[0], self.max_num_seqs):
-            yield self.model.compute_logits(hidden[start:start + self.max_num_seqs])
+            end = start + self.max_num_seqs
+            yield self._logits(hidden[start:end], slots[start:end] if slots else None)
+
+    def _logits(self, hidden: torch.Tensor, row_slots: list[int] | None,
+                every_slot: bool = False) -> torch.Tensor:
+        """lm_head over the rows to sample, each with its own adapter's LoRA on lm_head
+        where that adapter has one (a LoRA metadata of these rows, built only then).
+        `every_slot`: run the LoRA op even over empty slots (the profile run)."""
+        lm_head, meta = self.lm_head_lora, None
+        if lm_head is not None and row_slots is not None and (every_slot or any(
+                lm_head.slot_ranks[s] for s in set(row_slots) if s >= 0)):
+            meta = LoRABatchMeta.make(row_slots, self.device)
+            meta.skip_unused_layers = not every_slot
+        with step_context(StepContext(is_prefill=False, slot_mapping=self._no_cache_writes,
+                                      lora_meta=meta)):
+            return self.model.compute_logits(hidden)
 
     def _run_decode(self, seqs: list[Sequence], seq_slots: list[int] | None) -> torch.Tensor:
+        """Hidden states of one decode step (a graph replay where one fits)."""
         n = len(seqs)
         graphs = self.cuda_graphs
         padded = graphs.padded_size(n) if graphs is not None else None
@@ -350,4 +376,4 @@ class ModelRunner:
                 ctx.lora_meta = LoRABatchMeta.make(seq_slots, self.device)
             with step_context(ctx):
                 hidden = self.model(input_ids, positions)
-        return self.model.compute_logits(hidden)
+        return hidden
