@@ -568,6 +568,32 @@ def test_extra_vocab_and_long_context_adapters_are_refused(server, client, tiny_
         still_serves(client)
 
 
+def test_embedding_and_lm_head_adapter_over_http(server, client, tiny_models, prompts,
+                                                 tmp_path):
+    """An adapter with LoRA on embed_tokens and lm_head (PEFT's copies of both saved
+    beside it) loads at runtime and serves what HF + PEFT gives; the same adapter with a
+    trained embedding copy is a 400 naming why, and the server carries on."""
+    from safetensors.torch import load_file, save_file
+
+    base, prompt = tiny_models["llama"], prompts[3]
+    good = make_peft_adapter(base, tmp_path / "vocab_lora", r=8, seed=31,
+                             target_modules=["embed_tokens", "lm_head", "v_proj"])
+    trained = shutil.copytree(good, tmp_path / "trained")
+    tensors = load_file(str(trained / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("embed_tokens.base_layer.weight"))
+    tensors[key] = tensors[key] * 1.5
+    save_file(tensors, str(trained / "adapter_model.safetensors"))
+
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "vocab", "lora_path": str(good)})
+    assert r.status_code == 200, r.text
+    check_hf(greedy_ids(client, "vocab", prompt), base, good, prompt)
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "trained", "lora_path": str(trained)})
+    assert r.status_code == 400, r.text
+    assert "differs from the base model's" in r.json()["error"]["message"]
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "vocab"}).status_code == 200
+    still_serves(client)
+
+
 def test_bad_requests_fail_alone_while_a_stream_runs(server, client, tiny_models, tiny_adapters,
                                                      prompts, tmp_path):
     """A good streaming request runs while a burst of bad ones arrives: each bad one gets
