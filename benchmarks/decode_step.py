@@ -72,6 +72,8 @@ QUANT_CONFIGS = {
              "sym": True, "checkpoint_format": "gptq"},
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
             "version": "gemm"},
+    "bnb-nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
 }
 
 
@@ -221,11 +223,16 @@ def run_loraplex(model_dir: Path, adapters: list[Path], a: argparse.Namespace,
 
 
 def read_weight_bytes(model: torch.nn.Module, shape: str) -> int:
-    """Bytes of the parameters a decode step reads: all but the embedding table, which is
-    read whole only when it doubles as the LM head (tied)."""
+    """Bytes of the parameters a decode step reads (and a quantized layer's buffers, such
+    as bitsandbytes' absmax): all but the embedding table, which is read whole only when
+    it doubles as the LM head (tied)."""
+    from loraplex.layers.quantization import QuantLinear
+
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for m in model.modules()
+                 if isinstance(m, QuantLinear) for b in m.buffers())
     if not SHAPES[shape]["tie_word_embeddings"]:
-        embed = next(m for n, m in model.named_modules() if n.endswith("embed_tokens"))
+        embed = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
         total -= embed.weight.numel() * embed.weight.element_size()
     return total
 
@@ -360,7 +367,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--enforce-eager", action="store_true",
                     help="no CUDA graphs for decode (they are on by default on CUDA)")
     ap.add_argument("--quantization", choices=sorted(QUANT_CONFIGS), default=None,
-                    help="a 4-bit, group-128 base of the shape (dummy packed weights)")
+                    help="a 4-bit base of the shape (dummy packed weights): GPTQ / AWQ "
+                         "in groups of 128, bitsandbytes NF4 in blocks of 64")
     ap.add_argument("--hf", action="store_true",
                     help="also time transformers + PEFT on the same shapes (slow: one round)")
     ap.add_argument("--hf-new-tokens", type=int, default=16,

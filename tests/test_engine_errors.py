@@ -219,7 +219,7 @@ def test_multimodal_and_unknown_prompt_keys_are_refused(llm, prompts):
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
 
 
-@pytest.mark.parametrize("quant_method", ["bitsandbytes", "fp8", "compressed-tensors"])
+@pytest.mark.parametrize("quant_method", ["fp8", "compressed-tensors", "hqq"])
 def test_quantized_checkpoint_is_refused(tiny_models, tmp_path, quant_method):
     model = quantized_copy(tiny_models["llama"], tmp_path / "quant", quant_method)
     with pytest.raises(ValueError, match=f"quant_method='{quant_method}'.*not supported yet"):

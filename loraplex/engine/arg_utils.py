@@ -100,8 +100,12 @@ class EngineArgs:
     def _refuse_unsupported(self, hf_config: Any) -> None:
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
-        if self.load_format not in ("auto", "dummy", "safetensors", "pt"):
+        if self.load_format not in ("auto", "dummy", "safetensors", "pt", "bitsandbytes"):
             raise ValueError(f"load_format={self.load_format!r}: use 'auto' or 'dummy'")
+        if self.load_format == "bitsandbytes" and self.quantization not in (None,
+                                                                            "bitsandbytes"):
+            raise ValueError(f"load_format='bitsandbytes' goes with quantization='bitsandbytes',"
+                             f" not {self.quantization!r}")
         if self.default_mm_loras:
             raise ValueError("default_mm_loras: multimodal models are not supported yet")
 
@@ -139,7 +143,8 @@ class EngineArgs:
             load_format=self.load_format, revision=self.revision, served_model_name=served,
             enforce_eager=self.enforce_eager,
             cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes),
-            quantization=quant_config_from_hf(hf_config, self.quantization))
+            quantization=quant_config_from_hf(hf_config, self.quantization or (
+                "bitsandbytes" if self.load_format == "bitsandbytes" else None)))
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_bytes=self.kv_cache_memory_bytes,
             gpu_memory_utilization=self.gpu_memory_utilization,

@@ -138,11 +138,13 @@ ENGINE_HELP: dict[str, str] = {
     "kv_cache_memory_bytes": "KV cache size in bytes (overrides the other sizing options).",
     "cpu_kv_cache_gib": "KV cache size in GiB on CPU (or env LORAPLEX_CPU_KVCACHE_SPACE).",
     "device": "auto, cpu or cuda[:N].",
-    "load_format": "auto (safetensors or .bin) or dummy (random weights, for benchmarks).",
+    "load_format": "auto (safetensors or .bin), dummy (random weights, for benchmarks) or "
+                   "bitsandbytes (vLLM's older name: auto, with --quantization bitsandbytes).",
     "served_model_name": "Name(s) the base model answers to in the API; the first is used "
                          "in responses. Default: the model argument.",
-    "quantization": "The checkpoint's quantization method (gptq or awq; vLLM's *_marlin "
-                    "names too). Unset = read from its config.json.",
+    "quantization": "The checkpoint's quantization method (gptq, awq or bitsandbytes; "
+                    "vLLM's *_marlin names too). Unset = read from its config.json. "
+                    "bitsandbytes on a plain checkpoint quantizes it to 4-bit NF4 as it loads.",
     "tensor_parallel_size": "Accepted for vLLM compatibility; only 1 is supported.",
     "enable_lora": "Enable LoRA adapters (required for --lora-modules and runtime loading).",
     "max_loras": "Most distinct adapters in one batch (device slots).",

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.layers.quantization import AWQLinear, GPTQLinear, QuantConfig
+from loraplex.layers.quantization import (
+    AWQLinear,
+    BnB4bitLinear,
+    BnB8bitLinear,
+    GPTQLinear,
+    QuantConfig,
+)
 
 
 class Linear(nn.Module):
@@ -51,5 +57,6 @@ def make_linear(in_features: int, output_sizes: list[int], bias: bool = False,
                          "modules_to_not_convert leaves only some of them unquantized")
     if skipped and all(skipped):
         return Linear(in_features, output_sizes, bias)
-    cls = GPTQLinear if quant.method == "gptq" else AWQLinear
+    cls = {"gptq": GPTQLinear, "awq": AWQLinear,
+           "bitsandbytes": BnB4bitLinear if quant.bits == 4 else BnB8bitLinear}[quant.method]
     return cls(in_features, output_sizes, bias, quant)

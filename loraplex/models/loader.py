@@ -52,6 +52,16 @@ def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield from torch.load(f, map_location="cpu", weights_only=True).items()
 
 
+def _split_name(name: str) -> tuple[str, str]:
+    """(module, parameter) of a checkpoint tensor. bitsandbytes' 4-bit state sits under the
+    weight's name (q_proj.weight.absmax): its parameter is "weight.absmax"."""
+    head, sep, tail = name.partition(".weight.")
+    if sep:
+        return head, "weight." + tail
+    module, _, param = name.rpartition(".")
+    return module, param
+
+
 def load_weights(model: LlamaForCausalLM, path: str) -> None:
     params = dict(model.named_parameters())
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -62,7 +72,7 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
             continue
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
             continue
-        module_name, _, param_name = name.rpartition(".")
+        module_name, param_name = _split_name(name)
         prefix, _, leaf = module_name.rpartition(".")
         if leaf in model.packed_modules_mapping:
             packed, shard = model.packed_modules_mapping[leaf]
@@ -83,6 +93,8 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
         with torch.no_grad():
             params[name].copy_(tensor)
         loaded.add(name)
+    for layer in quantized.values():
+        layer.finish_loading()
     missing = [n for n in params if n not in loaded
                and not (n == "lm_head.weight" and model.args.tie_word_embeddings)]
     if missing:

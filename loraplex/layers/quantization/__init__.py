@@ -1,5 +1,7 @@
-"""Quantized base weights (GPTQ, AWQ): which checkpoints load, and their linear layers."""
+"""Quantized base weights (GPTQ, AWQ, bitsandbytes): which checkpoints load, and their
+linear layers."""
 
+from loraplex.layers.quantization.bitsandbytes import BnB4bitLinear, BnB8bitLinear
 from loraplex.layers.quantization.config import (
     SUPPORTED_METHODS,
     QuantConfig,
@@ -8,5 +10,6 @@ from loraplex.layers.quantization.config import (
 )
 from loraplex.layers.quantization.linear import AWQLinear, GPTQLinear, QuantLinear, unpack
 
-__all__ = ["SUPPORTED_METHODS", "AWQLinear", "GPTQLinear", "QuantConfig", "QuantLinear",
+__all__ = ["SUPPORTED_METHODS", "AWQLinear", "BnB4bitLinear", "BnB8bitLinear", "GPTQLinear",
+           "QuantConfig", "QuantLinear",
            "quant_config_from_hf", "read_side_config", "unpack"]

@@ -1,10 +1,12 @@
 """Which quantized checkpoints load: config.json's `quantization_config` -> QuantConfig.
 
 GPTQ (AutoGPTQ / GPTQModel, 2/4/8 bits, any group size, act-order, symmetric or not,
-checkpoint formats `gptq` and `gptq_v2`) and AWQ (AutoAWQ's GEMM layout, 4 bits) keep
-their packed integer weights in memory; anything else is refused with what was found.
-`quantization=` (vLLM's flag) may name the method but cannot turn a plain checkpoint
-into a quantized one.
+checkpoint formats `gptq` and `gptq_v2`), AWQ (AutoAWQ's GEMM layout, 4 bits) and
+bitsandbytes (transformers' 4-bit NF4/FP4, double-quantized or not, and 8-bit LLM.int8
+checkpoints) keep their quantized weights in memory; anything else is refused with what
+was found. `quantization=` (vLLM's flag) may name the checkpoint's method; on a plain
+checkpoint only `bitsandbytes` applies, as in vLLM: its weights are quantized to 4-bit
+NF4 while they load (the base QLoRA adapters are trained on).
 """
 
 from __future__ import annotations
@@ -14,21 +16,24 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_METHODS = ("gptq", "awq")
+SUPPORTED_METHODS = ("gptq", "awq", "bitsandbytes")
+BNB_BLOCKSIZE = 64  # bitsandbytes' 4-bit block: inputs per absmax (transformers' default)
 # vLLM's names for the same checkpoints with other kernels: the same weights here
 _ALIASES = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str  # "gptq" | "awq"
+    method: str  # "gptq" | "awq" | "bitsandbytes"
     bits: int
-    group_size: int  # inputs per scale/zero group; -1 = one group for the whole row
+    # inputs per scale/zero group (bitsandbytes 4-bit: per absmax block); -1 = the whole row
+    group_size: int
     # GPTQ's original format stores zero - 1 (dequant adds it back); gptq_v2 and AWQ do not
     zero_offset: int = 0
     desc_act: bool = False  # GPTQ act-order: groups follow g_idx, not the input order
     modules_to_not_convert: tuple[str, ...] = ()
-
+    quant_type: str = ""  # bitsandbytes 4-bit: "nf4" | "fp4"
+    prequantized: bool = True  # False: a plain checkpoint, quantized as it loads
     @property
     def pack_factor(self) -> int:
         """Values per int32."""
@@ -72,8 +77,11 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
     requested = _ALIASES.get(requested, requested) if requested else None
     if requested and requested not in SUPPORTED_METHODS:
         raise ValueError(f"quantization={requested!r} is not supported yet: loraplex loads "
-                         f"{' and '.join(SUPPORTED_METHODS)} checkpoints")
+                         f"{', '.join(SUPPORTED_METHODS)} checkpoints")
     if not raw:
+        if requested == "bitsandbytes":  # vLLM's in-flight 4-bit quantization
+            return QuantConfig("bitsandbytes", 4, BNB_BLOCKSIZE, quant_type="nf4",
+                               prequantized=False)
         if requested:
             raise ValueError(f"quantization={requested!r}, but the checkpoint's config.json has "
                              "no quantization_config: it is not a quantized checkpoint")
@@ -82,7 +90,7 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
     if method not in SUPPORTED_METHODS:
         raise ValueError(f"quantized checkpoint (config.json quantization_config, quant_method="
                          f"{method!r}) is not supported yet: loraplex loads "
-                         f"{' and '.join(SUPPORTED_METHODS)} checkpoints")
+                         f"{', '.join(SUPPORTED_METHODS)} checkpoints")
     if requested and requested != method:
         raise ValueError(f"quantization={requested!r}, but the checkpoint is quantized with "
                          f"{method!r}: leave quantization unset or pass {method!r}")
@@ -91,6 +99,8 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
     skip = tuple(_get(raw, "modules_to_not_convert", None) or ())
     if method == "gptq":
         return _gptq(raw, bits, group_size, skip)
+    if method == "bitsandbytes":
+        return _bitsandbytes(raw)
     return _awq(raw, bits, group_size, skip)
 
 
@@ -120,3 +130,21 @@ def _awq(raw: Any, bits: int, group_size: int, skip: tuple[str, ...]) -> QuantCo
     if not _get(raw, "zero_point", True):
         raise ValueError("AWQ without zero points (zero_point=false) is not supported yet")
     return QuantConfig("awq", bits, group_size, modules_to_not_convert=skip)
+
+
+def _bitsandbytes(raw: Any) -> QuantConfig:
+    skip = tuple(_get(raw, "llm_int8_skip_modules", None) or ())
+    if _get(raw, "load_in_8bit", False):
+        if _get(raw, "llm_int8_has_fp16_weight", False):
+            raise ValueError("bitsandbytes 8-bit with llm_int8_has_fp16_weight=true (fp16 "
+                             "weights, a training setup) is not supported")
+        return QuantConfig("bitsandbytes", 8, -1, modules_to_not_convert=skip)
+    if not _get(raw, "load_in_4bit", False):
+        raise ValueError("bitsandbytes quantization_config with neither load_in_4bit nor "
+                         "load_in_8bit set")
+    quant_type = str(_get(raw, "bnb_4bit_quant_type", "fp4") or "fp4").lower()
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"bitsandbytes bnb_4bit_quant_type={quant_type!r} is not supported: "
+                         "loraplex loads nf4 and fp4")
+    return QuantConfig("bitsandbytes", 4, BNB_BLOCKSIZE, quant_type=quant_type,
+                       modules_to_not_convert=skip)

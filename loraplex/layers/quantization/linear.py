@@ -45,7 +45,13 @@ def _frozen(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
 
 
 class QuantLinear(nn.Module):
-    """The parts GPTQ and AWQ share: shapes, checks, sharded loading, the matmul."""
+    """What every quantized linear shares: shapes (`output_sizes` as in layers/linear.py,
+    so LoRA sees the same layer), an optional bias, the matmul (the method's fused Triton
+    kernel for CUDA tensors where it has one, else dequantize-then-matmul in torch) and
+    the loading interface."""
+
+    # module with quant_matmul(x, layer) for CUDA tensors (None: the torch path everywhere)
+    kernel_module: str | None = None
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
                  cfg: QuantConfig) -> None:
@@ -54,25 +60,16 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
         self.out_features = sum(output_sizes)
-        if cfg.group_size != -1 and in_features % cfg.group_size:
-            raise ValueError(f"{cfg.method}: {in_features} inputs are not a whole number of "
-                             f"groups of {cfg.group_size}")
-        if any(size % cfg.pack_factor for size in output_sizes):
-            raise ValueError(f"{cfg.method}: output sizes {output_sizes} are not multiples of "
-                             f"{cfg.pack_factor} (values per int32)")
-        self.num_groups = cfg.num_groups(in_features)
-        self.scales = _frozen(self.num_groups, self.out_features)
         self.bias = _frozen(self.out_features) if bias else None
-        # parameter -> (its output axis, output columns per element on it)
-        self.shard_axes: dict[str, tuple[int, int]] = {}
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T as [in, out] in `dtype`."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = triton_kernels("LORAPLEX_QUANT_BACKEND", envs.LORAPLEX_QUANT_BACKEND,
-                                 x.is_cuda, "loraplex.layers.quantization.triton_gemm")
+        kernels = (triton_kernels("LORAPLEX_QUANT_BACKEND", envs.LORAPLEX_QUANT_BACKEND,
+                                  x.is_cuda, self.kernel_module)
+                   if self.kernel_module else None)
         if kernels is not None:  # CUDA: dequantized tile by tile inside the matmul
             return kernels.quant_matmul(x, self)
         y = self.torch_matmul(x)
@@ -82,15 +79,58 @@ class QuantLinear(nn.Module):
         return x @ self.dequantize(x.dtype)
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
+        """Copy one HF sub-projection's tensor (`shard` into output_sizes) into place."""
+        raise NotImplementedError
+
+    def finish_loading(self) -> None:
+        """Raise if the checkpoint left part of this layer unset (after every tensor)."""
+
+    def fill_random(self, gen: torch.Generator) -> None:
+        """Dummy weights (load_format="dummy") of this layer's format."""
+        raise NotImplementedError
+
+    def _bias_shard(self, loaded: torch.Tensor, shard: int) -> None:
+        if self.bias is None:
+            if not loaded.any():
+                return  # some quantizers save a zero bias for every linear
+            raise ValueError(f"{self.cfg.method} checkpoint has a bias where the model has none")
+        start, size = sum(self.output_sizes[:shard]), self.output_sizes[shard]
+        if loaded.shape != (size,):
+            raise ValueError(f"{self.cfg.method} bias of shape {tuple(loaded.shape)} does not "
+                             f"fit shard {shard} ({size})")
+        self.bias.data[start:start + size].copy_(loaded)
+
+
+class PackedIntLinear(QuantLinear):
+    """GPTQ and AWQ: small unsigned integers packed into int32s, a scale and a zero per
+    group of inputs and output column."""
+
+    kernel_module = "loraplex.layers.quantization.triton_gemm"
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
+                 cfg: QuantConfig) -> None:
+        super().__init__(in_features, output_sizes, bias, cfg)
+        if cfg.group_size != -1 and in_features % cfg.group_size:
+            raise ValueError(f"{cfg.method}: {in_features} inputs are not a whole number of "
+                             f"groups of {cfg.group_size}")
+        if any(size % cfg.pack_factor for size in output_sizes):
+            raise ValueError(f"{cfg.method}: output sizes {output_sizes} are not multiples of "
+                             f"{cfg.pack_factor} (values per int32)")
+        self.num_groups = cfg.num_groups(in_features)
+        self.scales = _frozen(self.num_groups, self.out_features)
+        # parameter -> (its output axis, output columns per element on it)
+        self.shard_axes: dict[str, tuple[int, int]] = {}
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
         """Copy one HF sub-projection's tensor into its columns (packed ones: its int32s)."""
         param = getattr(self, param_name, None)
         if param_name == "weight":
             raise ValueError(f"the checkpoint has a plain weight where config.json's "
                              f"quantization_config ({self.cfg.method}) says packed qweight, "
                              "qzeros and scales should be: the config does not match the weights")
+        if param_name == "bias":
+            return self._bias_shard(loaded, shard)
         if param is None:
-            if param_name == "bias" and not loaded.any():
-                return  # some quantizers save a zero bias for every linear
             raise ValueError(f"{self.cfg.method} checkpoint tensor {param_name!r} has no place "
                              "in this layer")
         axis, per = self.shard_axes[param_name]
@@ -103,7 +143,7 @@ class QuantLinear(nn.Module):
         target.copy_(loaded)
 
     def fill_random(self, gen: torch.Generator) -> None:
-        """Dummy weights (load_format="dummy"): random integers, small positive scales."""
+        """Random integers, small positive scales."""
         with torch.no_grad():
             for p in (self.qweight, self.qzeros):
                 p.copy_(torch.randint(-2**31, 2**31, p.shape, generator=gen, dtype=torch.int64,
@@ -114,15 +154,14 @@ class QuantLinear(nn.Module):
                 self.bias.zero_()
 
 
-class GPTQLinear(QuantLinear):
+class GPTQLinear(PackedIntLinear):
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
                  cfg: QuantConfig) -> None:
         super().__init__(in_features, output_sizes, bias, cfg)
         per = cfg.pack_factor
         if in_features % per:
             raise ValueError(f"gptq: {in_features} inputs are not a multiple of {per}")
-        self.shard_axes = {"qweight": (1, 1), "qzeros": (1, per), "scales": (1, 1),
-                           "bias": (0, 1)}
+        self.shard_axes = {"qweight": (1, 1), "qzeros": (1, per), "scales": (1, 1)}
         self.qweight = _frozen(in_features // per, self.out_features, dtype=torch.int32)
         self.qzeros = _frozen(self.num_groups, self.out_features // per, dtype=torch.int32)
         # every sub-projection of a packed layer has its own g_idx: they must agree
@@ -167,13 +206,12 @@ class GPTQLinear(QuantLinear):
         return w.view(self.in_features, self.out_features)
 
 
-class AWQLinear(QuantLinear):
+class AWQLinear(PackedIntLinear):
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
                  cfg: QuantConfig) -> None:
         super().__init__(in_features, output_sizes, bias, cfg)
         per = cfg.pack_factor
-        self.shard_axes = {"qweight": (1, per), "qzeros": (1, per), "scales": (1, 1),
-                           "bias": (0, 1)}
+        self.shard_axes = {"qweight": (1, per), "qzeros": (1, per), "scales": (1, 1)}
         self.qweight = _frozen(in_features, self.out_features // per, dtype=torch.int32)
         self.qzeros = _frozen(self.num_groups, self.out_features // per, dtype=torch.int32)
 
