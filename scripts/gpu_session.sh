@@ -9,6 +9,7 @@
 #                bash scripts/gpu_session.sh decode-mlp   # all-linear adapters, 8B and 1B
 #                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
 #                bash scripts/gpu_session.sh quant        # GPTQ / AWQ 4-bit bases, 8B
+#                bash scripts/gpu_session.sh quant-bnb    # bitsandbytes NF4 (torch path), 8B, 1B
 #                bash scripts/gpu_session.sh suite        # the whole suite on the GPU machine
 #
 # decode_step.py writes its JSON after every round, so a run cut by its timeout keeps
@@ -72,6 +73,13 @@ case "$phase" in
       timeout 280 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
         --quantization $q --repeats 1 --batch-sizes 1 8 32 64 \
         --out "$OUT/decode_step_cuda_8b_$q.json" 2>&1 | tail -15
+    done
+    ;;
+  quant-bnb)
+    for shape in llama-3.1-8b llama-3.2-1b; do
+      timeout 280 python3 benchmarks/decode_step.py --shape $shape --device cuda \
+        --quantization bnb-nf4 --repeats 1 --batch-sizes 1 8 32 64 \
+        --out "$OUT/decode_step_cuda_${shape}_bnb_nf4.json" 2>&1 | tail -15
     done
     ;;
   *) echo "unknown phase $phase"; exit 2 ;;
