@@ -9,7 +9,7 @@
 #                bash scripts/gpu_session.sh decode-mlp   # all-linear adapters, 8B and 1B
 #                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
 #                bash scripts/gpu_session.sh quant        # GPTQ / AWQ 4-bit bases, 8B
-#                bash scripts/gpu_session.sh quant-bnb    # bitsandbytes NF4 (torch path), 8B, 1B
+#                bash scripts/gpu_session.sh quant-bnb    # bitsandbytes NF4 on its kernel, 8B, 1B
 #                bash scripts/gpu_session.sh suite        # the whole suite on the GPU machine
 #
 # decode_step.py writes its JSON after every round, so a run cut by its timeout keeps
@@ -32,7 +32,7 @@ case "$phase" in
   tests)
     timeout 560 python3 -m pytest -q --maxfail=25 -p no:cacheprovider -o addopts="" \
       tests/test_triton_lora_ops.py tests/test_attention.py tests/test_cuda_graphs.py \
-      tests/test_triton_quant.py \
+      tests/test_triton_quant.py tests/test_triton_bnb.py tests/test_lora_vocab_layers.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)

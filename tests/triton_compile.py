@@ -25,7 +25,8 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 calls = []
-types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32"}
+types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+         torch.uint8: "u8"}
 class Capture:
     def __init__(self, fn): self.fn = fn
     def __getitem__(self, grid): return lambda *a, **kw: calls.append((self.fn, a, kw))

@@ -12,8 +12,9 @@ rows, as in layers/linear.py. Double quantization stores absmax itself as 8-bit 
 blocks of 256, each with a float scale, plus one offset: undone while loading (absmax
 kept in fp32: 1/16 byte per weight beside the 1/2 of the 4-bit values).
 
-Both dequantize the weight for each matmul in torch, on every device (no fused kernel
-yet). bitsandbytes itself is not needed to load or run them.
+The torch path dequantizes the whole weight for each matmul: the CPU path, 8-bit's on
+every device, and the reference for the fused 4-bit Triton kernel that CUDA tensors take
+(triton_bnb.py). bitsandbytes itself is not needed to load or run them.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class _RowQuantLinear(QuantLinear):
 
 
 class BnB4bitLinear(_RowQuantLinear):
+    kernel_module = "loraplex.layers.quantization.triton_bnb"  # CUDA: the fused kernel
+
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
                  cfg: QuantConfig) -> None:
         super().__init__(in_features, output_sizes, bias, cfg)

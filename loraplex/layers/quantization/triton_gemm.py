@@ -14,6 +14,8 @@ On CPU tensors it runs only under TRITON_INTERPRET=1 (tests); there fp32 is exac
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -73,7 +75,7 @@ def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _blocks(m: int) -> tuple[int, int, int]:
+def gemm_blocks(m: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K): a 16-row tile for decode, wider ones for prefill."""
     if m <= 16:
         return 16, 64, 128
@@ -82,31 +84,42 @@ def _blocks(m: int) -> tuple[int, int, int]:
     return 128, 128, 32
 
 
-def quant_matmul(x: torch.Tensor, layer: QuantLinear, ways: int | None = None
-                 ) -> torch.Tensor:
-    """x [..., in] @ W [in, out] (+ bias) with `layer`'s packed weights. A small batch
-    (decode) has few output tiles, so K is split over programs too (`ways`: how many;
-    None = enough programs to fill the GPU), and the fp32 partials are summed here,
-    in a fixed order."""
+def split_k_matmul(x: torch.Tensor, layer: QuantLinear, ways: int | None,
+                   launch: Callable[..., None]) -> torch.Tensor:
+    """What the quantized GEMM kernels share around their launch: x as [M, K] rows, the
+    tile and split-K plan (a small batch has few output tiles, so K is split over programs
+    too: `ways` of them, None = enough to fill the GPU), the fp32 partials summed in a
+    fixed order, the bias. `launch(grid, x2, y, M, N, K, k_per_split, F32, BLOCK_M,
+    BLOCK_N, BLOCK_K)` starts the kernel."""
     x2 = x.reshape(-1, layer.in_features).contiguous()
     m, n, k = x2.shape[0], layer.out_features, layer.in_features
-    cfg = layer.cfg
-    awq = isinstance(layer, AWQLinear)
-    g_idx = layer.qweight if awq else layer.g_idx  # AWQ reads no g_idx: any int32 pointer
-    group = cfg.group_size if cfg.group_size != -1 else k
-    block_m, block_n, block_k = _blocks(m)
+    block_m, block_n, block_k = gemm_blocks(m)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     splits, k_per_split = plan_split_k(k, block_k, tiles, ways=ways)
     y = torch.empty(splits, m, n, dtype=x.dtype if splits == 1 else torch.float32,
                     device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
-    _quant_gemm_kernel[grid](
-        x2, layer.qweight, layer.qzeros, layer.scales, g_idx, y,
-        m, n, k, k_per_split, x2.stride(0), n,
-        GROUP_SIZE=group, BITS=cfg.bits, PER=cfg.pack_factor, MASK=(1 << cfg.bits) - 1,
-        ZERO_OFFSET=cfg.zero_offset, AWQ=awq, F32=fp32_dot(x.dtype, _INTERPRETED),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    launch(grid, x2, y, m, n, k, k_per_split, fp32_dot(x.dtype, _INTERPRETED),
+           block_m, block_n, block_k)
     y = y[0] if splits == 1 else y.sum(0).to(x.dtype)
     if layer.bias is not None:
         y += layer.bias
     return y.view(*x.shape[:-1], n)
+
+
+def quant_matmul(x: torch.Tensor, layer: QuantLinear, ways: int | None = None
+                 ) -> torch.Tensor:
+    """x [..., in] @ W [in, out] (+ bias) with `layer`'s packed GPTQ / AWQ weights."""
+    cfg = layer.cfg
+    awq = isinstance(layer, AWQLinear)
+    g_idx = layer.qweight if awq else layer.g_idx  # AWQ reads no g_idx: any int32 pointer
+    group = cfg.group_size if cfg.group_size != -1 else layer.in_features
+
+    def launch(grid, x2, y, m, n, k, k_per_split, f32, block_m, block_n, block_k):
+        _quant_gemm_kernel[grid](
+            x2, layer.qweight, layer.qzeros, layer.scales, g_idx, y,
+            m, n, k, k_per_split, x2.stride(0), n,
+            GROUP_SIZE=group, BITS=cfg.bits, PER=cfg.pack_factor, MASK=(1 << cfg.bits) - 1,
+            ZERO_OFFSET=cfg.zero_offset, AWQ=awq, F32=f32,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return split_k_matmul(x, layer, ways, launch)
