@@ -88,3 +88,21 @@ def check_shared_prefixes(base: Path, adapters: dict[str, Path], prompts: list[l
     assert stats.prefix_cache_hits == sum(cached) and stats.prefix_cache_queries > 0
     check_against_hf(outs, base, [adapters[lr.lora_name] if lr else None for _, _, lr in jobs],
                      [p for _, p, _ in jobs], atol)
+
+
+def check_mixed_batch(llm: LLM, base: Path, adapters: dict[str, Path], prompts: list[list[int]],
+                      extra: int = 4) -> None:
+    """Every adapter and the base on the first prompt, then `extra` more requests over the
+    other prompts, in one generate call: each output equals HF + PEFT alone, and every
+    adapter changed the first prompt's output."""
+    reqs = lora_requests(adapters)
+    names = [None, *adapters]
+    batch = [(prompts[0], n) for n in names] + [
+        (prompts[1 + i % (len(prompts) - 1)], names[(i + 1) % len(names)])
+        for i in range(extra)]
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in batch], GREEDY,
+                        lora_request=[reqs[n] if n else None for _, n in batch], use_tqdm=False)
+    check_against_hf(outs, base, [adapters[n] if n else None for _, n in batch],
+                     [p for p, _ in batch])
+    first = {tuple(o.outputs[0].token_ids) for o in outs[:len(names)]}
+    assert len(first) == len(names), "an adapter left the output unchanged"

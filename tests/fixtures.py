@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+# built on demand (not in the session-wide fixtures): tests/test_architectures.py
+EXTRA_ARCHS: tuple[str, ...] = ("gemma", "phi3")
 
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3.
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
@@ -177,10 +179,14 @@ def _arch_config(
         common.update(use_sliding_window=False, sliding_window=None)
     elif arch == "qwen3":
         common.update(use_sliding_window=False, sliding_window=None, attention_bias=False)
+    elif arch == "gemma":
+        common.update(hidden_act="gelu_pytorch_tanh", attention_bias=False)
+    elif arch == "phi3":
+        common.update(sliding_window=None, original_max_position_embeddings=512)
     elif arch != "llama":
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                    "qwen3": "Qwen3Config"}[arch]
+                    "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "phi3": "Phi3Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -18,7 +18,7 @@ from loraplex.lora import ops
 from loraplex.lora.layers import EmbeddingWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.worker.context import StepContext, step_context
-from tests.engine_utils import GREEDY, check_against_hf, make_llm, run_staggered
+from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm, run_staggered
 from tests.fixtures import make_peft_adapter, make_tiny_model
 from tests.test_prompt_logprobs import check_prompt_logprobs
 
@@ -51,19 +51,9 @@ def test_embedding_and_lm_head_lora_in_a_mixed_batch_match_peft(arch, tiny_model
     """Base, the three vocab adapters and a q/v adapter in one generate call, two slots."""
     base = tiny_models[arch]
     adapters = {**vocab_adapters[arch], "r4_qv": tiny_adapters[arch]["r4_qv"]}
-    reqs = _requests(adapters)
-    names = [None, *adapters]
-    batch = [(prompts[0], n) for n in names] + [
-        (prompts[1 + i % (len(prompts) - 1)], names[(i + 1) % len(names)]) for i in range(6)]
     llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, max_cpu_loras=3)
-    outs = llm.generate([{"prompt_token_ids": p} for p, _ in batch], GREEDY,
-                        lora_request=[reqs[n] if n else None for _, n in batch], use_tqdm=False)
-    check_against_hf(outs, base, [adapters[n] if n else None for _, n in batch],
-                     [p for p, _ in batch])
-    # each adapter changed the output: the embedding-only and lm_head-only ones too
-    first = {n: tuple(o.outputs[0].token_ids) for (p, n), o in zip(batch, outs)
-             if p == prompts[0]}
-    assert len(set(first.values())) == len(first) == len(names)
+    # each adapter changes the output: the embedding-only and lm_head-only ones too
+    check_mixed_batch(llm, base, adapters, prompts, extra=6)
     layers = llm.llm_engine.lora_manager.layers
     assert isinstance(layers["model.embed_tokens"], EmbeddingWithLoRA) and "lm_head" in layers
 

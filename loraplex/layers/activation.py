@@ -1,4 +1,10 @@
-"""SwiGLU: silu(gate) * up, on the packed gate_up projection output."""
+"""Gated MLP activations on the packed gate_up projection output: act(gate) * up.
+
+SwiGLU (Llama, Mistral, Qwen, Phi-3) uses SiLU; GeGLU (Gemma) the tanh-approximated GELU
+it was trained with (or the exact one where the config says so).
+"""
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -7,3 +13,17 @@ import torch.nn.functional as F
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate).mul_(up)  # in place: one [T, I] buffer fewer per layer
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh").mul_(up)
+
+
+def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate).mul_(up)
+
+
+ACT_AND_MUL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul, "gelu": gelu_and_mul}

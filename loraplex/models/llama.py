@@ -1,8 +1,11 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a flat batch of tokens.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3) over a flat batch of
+tokens.
 
 One file, flags for the differences: Qwen2 has a bias on q/k/v, Qwen3 RMS-normalizes
-q and k per head. Tokens of all sequences in a step are laid out flat ([T, hidden]);
-attention finds each sequence's tokens through the step context.
+q and k per head; Gemma scales the embeddings by sqrt(hidden), uses GeGLU and its own
+RMSNorm (1 + w, in fp32); Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
+already fused as qkv_proj and gate_up_proj. Tokens of all sequences in a step are laid
+out flat ([T, hidden]); attention finds each sequence's tokens through the step context.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraplex.layers.activation import silu_and_mul
+from loraplex.layers.activation import ACT_AND_MUL
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import make_linear
-from loraplex.layers.norm import RMSNorm
+from loraplex.layers.norm import GemmaRMSNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
 
@@ -36,7 +39,13 @@ class LlamaArgs:
     tie_word_embeddings: bool
     qkv_bias: bool = False
     qk_norm: bool = False
-    quant: QuantConfig | None = None  # GPTQ / AWQ packed weights in the decoder's linears
+    quant: QuantConfig | None = None  # quantized weights in the decoder's linears
+    hidden_act: str = "silu"  # the gated MLP's: silu | gelu_tanh | gelu (layers/activation.py)
+    gemma: bool = False  # embeddings x sqrt(hidden), GemmaRMSNorm
+    fused_checkpoint: bool = False  # Phi-3: qkv_proj / gate_up_proj are the HF modules
+
+    def norm(self, dim: int) -> RMSNorm:
+        return (GemmaRMSNorm if self.gemma else RMSNorm)(dim, self.rms_norm_eps)
 
 
 def _names(prefix: str, *leaves: str) -> tuple[str, ...]:
@@ -50,13 +59,17 @@ class LlamaAttention(nn.Module):
         self.q_size = a.num_heads * a.head_dim
         self.kv_size = a.num_kv_heads * a.head_dim
         self.head_dim = a.head_dim
-        self.qkv_proj = make_linear(a.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                                    a.qkv_bias, a.quant, _names(prefix, "q_proj", "k_proj",
-                                                                "v_proj"))
+        # one slice when the checkpoint's module is fused (its adapters have one A for all)
+        sizes = [self.q_size, self.kv_size, self.kv_size]
+        self.qkv_proj = (
+            make_linear(a.hidden_size, [sum(sizes)], a.qkv_bias, a.quant,
+                        _names(prefix, "qkv_proj")) if a.fused_checkpoint else
+            make_linear(a.hidden_size, sizes, a.qkv_bias, a.quant,
+                        _names(prefix, "q_proj", "k_proj", "v_proj")))
         self.o_proj = make_linear(self.q_size, [a.hidden_size], False, a.quant,
                                   _names(prefix, "o_proj"))
-        self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
-        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
+        self.q_norm = a.norm(a.head_dim) if a.qk_norm else None
+        self.k_norm = a.norm(a.head_dim) if a.qk_norm else None
         self.rotary = rotary
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
 
@@ -74,13 +87,17 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, a: LlamaArgs, prefix: str) -> None:
         super().__init__()
-        self.gate_up_proj = make_linear(a.hidden_size, [a.intermediate_size] * 2, False,
-                                        a.quant, _names(prefix, "gate_proj", "up_proj"))
+        self.gate_up_proj = (
+            make_linear(a.hidden_size, [2 * a.intermediate_size], False, a.quant,
+                        _names(prefix, "gate_up_proj")) if a.fused_checkpoint else
+            make_linear(a.hidden_size, [a.intermediate_size] * 2, False, a.quant,
+                        _names(prefix, "gate_proj", "up_proj")))
         self.down_proj = make_linear(a.intermediate_size, [a.hidden_size], False, a.quant,
                                      _names(prefix, "down_proj"))
+        self.act_and_mul = ACT_AND_MUL[a.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -88,8 +105,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(a, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.input_layernorm = a.norm(a.hidden_size)
+        self.post_attention_layernorm = a.norm(a.hidden_size)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = x + self.self_attn(positions, self.input_layernorm(x))
@@ -100,13 +117,16 @@ class LlamaModel(nn.Module):
     def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
         rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, f"model.layers.{i}")
                                     for i in range(a.num_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.norm = a.norm(a.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids)  # with the embedding's LoRA, if any
+        if self.embed_scale is not None:  # Gemma: the scale rounded to the weights' dtype
+            x = x * float(torch.tensor(self.embed_scale, dtype=x.dtype))
         for layer in self.layers:
             x = layer(positions, x)
         return self.norm(x)
@@ -128,6 +148,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
+        if args.fused_checkpoint:  # the HF modules are the packed ones: nothing to pack
+            self.packed_modules_mapping = {}
+            self.lora_target_modules = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                                        "embed_tokens", "lm_head")
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:

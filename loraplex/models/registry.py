@@ -13,12 +13,17 @@ _ARCHITECTURES: dict[str, dict[str, bool]] = {
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    "GemmaForCausalLM": {"gemma": True},
+    "Phi3ForCausalLM": {"fused_checkpoint": True},
 }
 
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 # older configs name only a model_type
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM"}
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "gelu": "gelu"}
 
 
 def _rope(hf: Any) -> tuple[float, dict | None]:
@@ -52,8 +57,29 @@ def architecture(hf_config: Any) -> str:
     return name
 
 
+def _hidden_act(hf: Any, name: str) -> str:
+    """The gated MLP's activation. Gemma was trained with the tanh GELU, which its early
+    configs call "gelu": as vLLM does, "gelu" means exact only as `hidden_activation`."""
+    if name == "GemmaForCausalLM":
+        return "gelu" if getattr(hf, "hidden_activation", None) == "gelu" else "gelu_tanh"
+    act = getattr(hf, "hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act={act!r} is not supported; supported: "
+                         + ", ".join(_ACTIVATIONS))
+    return _ACTIVATIONS[act]
+
+
+def _check_partial_rotary(hf: Any) -> None:
+    params = getattr(hf, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
+    if factor not in (None, 1.0):
+        raise ValueError(f"partial_rotary_factor={factor} (rotary on part of each head) is "
+                         "not supported yet")
+
+
 def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCausalLM:
     name = architecture(hf_config)
+    _check_partial_rotary(hf_config)
     theta, scaling = _rope(hf_config)
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
@@ -71,6 +97,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
         max_position=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         quant=quant,
+        hidden_act=_hidden_act(hf_config, name),
         **_ARCHITECTURES[name],
     )
     return LlamaForCausalLM(args)

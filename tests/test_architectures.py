@@ -1,0 +1,87 @@
+"""Gemma and Phi-3 against HF transformers + PEFT (fp32): mixed batches of the base and
+adapters of different ranks and targets, more adapters than max_loras.
+
+Gemma: GeGLU, its RMSNorm (1 + w, scaled in fp32), embeddings x sqrt(hidden) (the
+embedding's LoRA scaled with them), tied lm_head. Phi-3: checkpoints and adapters with
+q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole module).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.engine_utils import check_mixed_batch, make_llm
+from tests.fixtures import EXTRA_ARCHS, make_peft_adapter, make_tiny_model
+
+ADAPTERS = {  # arch -> name -> make_peft_adapter options
+    "gemma": {
+        "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=41),
+        "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=42),
+        "r16_vocab": dict(r=16, lora_alpha=16, seed=43,
+                          target_modules=["o_proj", "down_proj", "embed_tokens", "lm_head"]),
+    },
+    "phi3": {
+        "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], seed=44),
+        "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=45),
+        "r16_mlp": dict(r=16, lora_alpha=32, target_modules=["gate_up_proj", "down_proj"],
+                        rank_pattern={"down_proj": 4}, seed=46),
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def arch_models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
+    out = {}
+    for i, arch in enumerate(EXTRA_ARCHS):
+        base = make_tiny_model(tiny_root / "archs" / arch, arch, seed=20 + i,
+                               tie_word_embeddings=arch == "gemma")
+        out[arch] = (base, {name: make_peft_adapter(base, tiny_root / "archs" / f"{arch}_{name}",
+                                                    **spec)
+                            for name, spec in ADAPTERS[arch].items()})
+    return out
+
+
+@pytest.mark.parametrize("arch", EXTRA_ARCHS)
+@pytest.mark.parametrize("budget", [None, 6])
+def test_mixed_batch_matches_peft(arch, budget, arch_models, prompts):
+    """Base + three adapters, two slots; budget 6: prompts prefilled in chunks."""
+    base, adapters = arch_models[arch]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16,
+                   max_num_batched_tokens=budget)
+    check_mixed_batch(llm, base, adapters, prompts)
+
+
+def test_phi3_fused_modules_are_one_lora_slice(arch_models):
+    llm = make_llm(arch_models["phi3"][0], enable_lora=True, max_lora_rank=16)
+    layer = llm.llm_engine.model.model.layers[0].self_attn.qkv_proj
+    assert layer.output_sizes == [layer.base_layer.out_features]
+    targets = llm.llm_engine.lora_manager.targets.shapes
+    assert "model.layers.0.self_attn.qkv_proj" in targets
+    assert "model.layers.0.self_attn.q_proj" not in targets
+
+
+def _edited_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default",
+                                                        "rope_theta": 10000.0,
+                                                        "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor=0.5"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                          "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
+     "'longrope' is not supported"),
+])
+def test_unsupported_phi3_variants_are_clear_errors(arch_models, tmp_path, changes, message):
+    bad = _edited_config(arch_models["phi3"][0], tmp_path / "bad", **changes)
+    with pytest.raises(ValueError, match=message):
+        make_llm(bad)
