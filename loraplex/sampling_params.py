@@ -19,6 +19,54 @@ def _is_number(x: object) -> bool:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's StructuredOutputsParams; exactly one field):
+    a JSON schema (dict or JSON text), any JSON object, a regex, one of a list of
+    strings, or an EBNF grammar (xgrammar's dialect, GBNF-like)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # JSON: only the whitespace a compact dump has, not any amount between tokens
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured outputs take exactly one of json, regex, choice, "
+                             f"grammar or json_object, got {given or 'none'}")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple))
+                                        or not self.choice
+                                        or any(not isinstance(c, str) for c in self.choice)):
+            raise ValueError(f"choice must be a non-empty list of strings, got {self.choice!r}")
+        if self.choice is not None:
+            self.choice = list(self.choice)
+
+    def key(self) -> tuple[str, str]:
+        """(kind, spec): what a compiled grammar is cached by."""
+        import json
+
+        compact = "compact:" if self.disable_any_whitespace else ""
+        if self.json is not None:
+            spec = self.json if isinstance(self.json, str) else json.dumps(self.json,
+                                                                           sort_keys=True)
+            return "json", compact + spec
+        if self.choice is not None:
+            return "choice", json.dumps(self.choice)
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.grammar is not None:
+            return "grammar", self.grammar
+        return "json_object", compact
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's older name
+
+
+@dataclass
 class SamplingParams:
     """Per-request sampling settings; validated on construction so bad requests fail early.
 
@@ -45,8 +93,17 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name for it
 
     def __post_init__(self) -> None:
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding, not both")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise self._bad("structured_outputs", "a StructuredOutputsParams")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop) if self.stop is not None else []

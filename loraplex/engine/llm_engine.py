@@ -27,6 +27,7 @@ from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
+from loraplex.engine.structured_output import StructuredOutputs
 from loraplex.layers.quantization import read_side_config
 from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.lora.adapter import PackedLoRA
@@ -128,6 +129,7 @@ class LLMEngine:
             eos_ids.update([eos] if isinstance(eos, int) else eos or [])
         self.eos_token_ids = eos_ids
         self.sampler = Sampler(eos_ids)
+        self.structured = StructuredOutputs(self.tokenizer, self.model.args.vocab_size)
         self.requests: dict[str, Request] = {}
         self._pending_lora_removal: set[int] = set()
 
@@ -197,6 +199,8 @@ class LLMEngine:
         salt = _cache_salt(prompt)
         self._check_prompt(ids)
         self._check_token_ids("logit_bias", params.logit_bias or {})
+        grammars = ([self.structured.matcher(params.structured_outputs)
+                     for _ in range(params.n)] if params.structured_outputs else [None] * params.n)
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         seqs, detoks = [], []
         for i in range(params.n):
@@ -205,6 +209,7 @@ class LLMEngine:
                 gen = torch.Generator(device=self.model_config.device)
                 gen.manual_seed(params.seed + i)
             seq = Sequence(request_id, i, ids, params, lora_id, gen)
+            seq.grammar = grammars[i]
             # cached K/V are shared only under the very same adapter weights, and salt
             registration = self.lora_manager.registration_of(lora_id) if lora_id else 0
             seq.cache_salt = registration.to_bytes(8, "little") + salt
@@ -285,7 +290,9 @@ class LLMEngine:
                 self.block_manager.commit(seq)
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
                     for s in seqs]
-            sampled = self.sampler(logits, rows) if seqs else None
+            mask = (self.structured.token_mask([s.grammar for s in seqs])
+                    if any(s.grammar is not None for s in seqs) else None)
+            sampled = self.sampler(logits, rows, mask) if seqs else None
             now = time.monotonic()
             for i, seq in enumerate(seqs):
                 req = self.requests[seq.request_id]
@@ -332,6 +339,8 @@ class LLMEngine:
     def _append_token(self, req: Request, seq: Sequence, token: int, token_logprob: float,
                       logprobs: dict | None) -> None:
         seq.append_token(token)
+        if seq.grammar is not None:
+            seq.grammar.accept_token(token)  # the mask allowed only tokens it accepts
         seq.cumulative_logprob += token_logprob
         if logprobs is not None:
             seq.logprobs.append(logprobs)
@@ -351,6 +360,8 @@ class LLMEngine:
             elif (p.max_tokens is not None and n_out >= p.max_tokens) or \
                     seq.num_tokens >= self.model_config.max_model_len:
                 seq.finish_reason = "length"
+        if seq.finish_reason is None and seq.grammar is not None and seq.grammar.is_terminated():
+            seq.finish_reason = "stop"  # the grammar is complete (its stop token taken)
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum, auto
+from typing import Any
 
 import torch
 
@@ -41,6 +42,9 @@ class Sequence:
         self.logprobs: list[dict[int, Logprob]] = []
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
+        # structured outputs: where the output is in the request's grammar (an xgrammar
+        # matcher, engine/structured_output.py); None = unconstrained
+        self.grammar: Any = None
         # tokens whose K/V are in the cache; a step computes the next ones from here
         # (a chunk of the prompt, or the last token when decoding)
         self.num_computed_tokens = 0

@@ -122,6 +122,14 @@ class SamplingFields(OpenAIBase):
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:<id>"
     request_id: str | None = None
     cache_salt: str | None = None  # prefix-cache sharing only between equal salts
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs object and
+    # its older guided_* fields (at most one of them)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 # ---- completions ------------------------------------------------------------------------
@@ -201,7 +209,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = 0
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
     # vLLM extras
     echo: bool = False
     add_generation_prompt: bool = True

@@ -28,7 +28,7 @@ from loraplex.entrypoints.protocol import (
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,7 +96,10 @@ class OpenAIServing:
                 prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(req.logit_bias),
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
-                include_stop_str_in_output=req.include_stop_str_in_output)
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                structured_outputs=_structured_outputs(req))
+        except BadRequestError:
+            raise
         except (ValueError, TypeError) as e:
             param = str(e).split(" ", 1)[0]
             raise BadRequestError(str(e), param=param if param.isidentifier() else None) from e
@@ -146,6 +149,12 @@ class OpenAIServing:
     async def _queue(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
                      params: list[SamplingParams], lora: LoRARequest | None,
                      cache_salt: str | None) -> EngineRequests:
+        for spec in {id(p.structured_outputs): p.structured_outputs for p in params
+                     if p.structured_outputs is not None}.values():
+            try:  # compiled here, off the step loop; the engine then finds it cached
+                await self.off_loop(self.engine.engine.structured.matcher, spec)
+            except ValueError as e:
+                raise BadRequestError(str(e)) from e
         # engine ids of our own: a client's request_id may repeat, ours never collide
         base = f"{request_id}-{uuid.uuid4().hex[:8]}"
         queued = EngineRequests([f"{base}-{i}" for i in range(len(prompts))], [])
@@ -228,3 +237,42 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         return {int(k): v for k, v in bias.items()}
     except ValueError:
         raise ValueError("logit_bias keys must be token ids (integers as strings)") from None
+
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}
+
+
+def _structured_outputs(req: SamplingFields) -> StructuredOutputsParams | None:
+    """OpenAI's response_format, vLLM's structured_outputs or its guided_* fields (one of
+    them) -> StructuredOutputsParams; anything malformed is a 400 naming the field."""
+    given: list[tuple[str, dict]] = []
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise BadRequestError("response_format json_schema needs json_schema.schema, "
+                                      "a JSON schema object", param="response_format")
+            given.append(("response_format", {"json": schema}))
+        elif kind != "text":
+            raise BadRequestError("response_format type must be text, json_object or "
+                                  f"json_schema, got {kind!r}", param="response_format")
+    if req.structured_outputs is not None:
+        given.append(("structured_outputs", dict(req.structured_outputs)))
+    for field, key in _GUIDED.items():
+        if getattr(req, field) is not None:
+            given.append((field, {key: getattr(req, field)}))
+    if len(given) > 1:
+        raise BadRequestError("give one way to constrain the output, not "
+                              + " and ".join(f for f, _ in given), param=given[1][0])
+    if not given:
+        return None
+    field, spec = given[0]
+    try:
+        return StructuredOutputsParams(**spec)
+    except (TypeError, ValueError) as e:
+        raise BadRequestError(f"{field}: {e}", param=field) from e

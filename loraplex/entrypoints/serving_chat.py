@@ -79,9 +79,6 @@ class OpenAIServingChat(OpenAIServing):
         self.check_unsupported(req)
         if req.tools and req.tool_choice != "none":
             raise BadRequestError("tool calling is not supported yet", param="tools")
-        if req.response_format and req.response_format.get("type") not in (None, "text"):
-            raise BadRequestError("response_format other than text is not supported yet",
-                                  param="response_format")
         if req.top_logprobs and not req.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true",
                                   param="top_logprobs")

@@ -11,11 +11,15 @@ Logprobs are reported from the raw logits (before penalties and temperature), as
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from loraplex.outputs import Logprob
 from loraplex.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from loraplex.engine.structured_output import TokenMask
 
 # Columns of the per-row parameter tensor (one host->device copy per call).
 _TEMP, _TOP_P, _TOP_K, _MIN_P, _REP, _PRES, _FREQ = range(7)
@@ -60,7 +64,9 @@ class Sampler:
     def __init__(self, eos_token_ids: set[int]) -> None:
         self.eos_token_ids = set(eos_token_ids)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 token_mask: TokenMask | None = None) -> SamplerOutput:
+        """`token_mask`: the tokens structured outputs allow next, for some rows."""
         if not rows:
             return SamplerOutput([], [], [])
         if logits.shape[0] != len(rows):
@@ -68,7 +74,11 @@ class Sampler:
         logits = logits.float()  # every op below is out-of-place: the caller's tensor is kept
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         table = self._param_table(rows, logits.device)
-        tokens = self._sample(self._process(logits, rows, table), rows, table)
+        processed = self._process(logits, rows, table)
+        if token_mask is not None:  # in place, so on a copy if nothing copied it yet
+            processed = token_mask.apply(processed.clone() if processed is logits
+                                         else processed)
+        tokens = self._sample(processed, rows, table)
         return self._collect(raw_logprobs, tokens, [r.params.logprobs for r in rows])
 
     def token_logprobs(self, logits: torch.Tensor, tokens: list[int], num_logprobs: list[int]

@@ -1,0 +1,108 @@
+"""Structured outputs: requests whose output must follow a JSON schema, a regex, a list of
+choices or a grammar, with xgrammar (vLLM's default backend).
+
+A request's spec is compiled once against the tokenizer (an LRU of compiled grammars,
+so a thousand requests with one schema compile it once); each of its sequences gets a
+matcher that tracks where in the grammar its output is. Before each sampling step the
+matchers of the batch's constrained rows fill one bitmask of the tokens allowed next,
+which the sampler applies after penalties and logit_bias (logprobs stay the raw model's,
+as everywhere); each sampled token then advances its matcher. A sequence whose grammar
+is complete stops there.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loraplex.sampling_params import StructuredOutputsParams
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as e:  # a dependency; only an odd install lacks it
+        raise ValueError("structured outputs need xgrammar: pip install xgrammar") from e
+    return xgrammar
+
+
+def _choice_grammar(choices: list[str]) -> str:
+    """EBNF for exactly one of the strings (JSON string literals are valid EBNF ones)."""
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+@dataclass
+class TokenMask:
+    """The tokens allowed next for some rows of a batch: xgrammar's packed bitmask (a row
+    per batch row; only `rows` are filled and applied)."""
+
+    bitmask: torch.Tensor  # [B, ceil(vocab / 32)] int32
+    rows: list[int]
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf on every disallowed token of `rows`, in place (logits: fp32, [B, V])."""
+        _xgrammar().apply_token_bitmask_inplace(
+            logits, self.bitmask.to(logits.device, non_blocking=True), indices=self.rows)
+        return logits
+
+
+class StructuredOutputs:
+    """Compiles specs (cached) and builds the batch's token mask from its matchers."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, max_cached: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size  # the logits' width (may exceed the tokenizer's)
+        self._compiler: Any = None
+        self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._max_cached = max_cached
+        self._lock = threading.Lock()  # the server tokenizes (and compiles) off the loop
+
+    def _compile(self, params: StructuredOutputsParams) -> Any:
+        xgr = _xgrammar()
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+            self._compiler = xgr.GrammarCompiler(info)
+        kind, _ = params.key()
+        try:
+            if kind in ("json", "json_object"):  # json_object: any JSON object, as vLLM
+                schema = ('{"type": "object"}' if kind == "json_object" else params.json
+                          if isinstance(params.json, str) else json.dumps(params.json))
+                return self._compiler.compile_json_schema(
+                    schema, any_whitespace=not params.disable_any_whitespace)
+            if kind == "regex":
+                return self._compiler.compile_regex(params.regex)
+            if kind == "choice":
+                return self._compiler.compile_grammar(_choice_grammar(params.choice))
+            return self._compiler.compile_grammar(params.grammar)
+        except Exception as e:  # xgrammar raises RuntimeError / its own types
+            raise ValueError(f"invalid structured output {kind}: {e}") from e
+
+    def matcher(self, params: StructuredOutputsParams) -> Any:
+        """A fresh matcher for one sequence (the spec compiled, or taken from the cache).
+        Raises ValueError for a spec that does not compile."""
+        key = params.key()
+        with self._lock:
+            compiled = self._compiled.get(key)
+            if compiled is None:
+                compiled = self._compile(params)
+                self._compiled[key] = compiled
+                while len(self._compiled) > self._max_cached:
+                    self._compiled.popitem(last=False)
+            self._compiled.move_to_end(key)
+        return _xgrammar().GrammarMatcher(compiled)
+
+    def token_mask(self, matchers: list[Any | None]) -> TokenMask | None:
+        """The allowed next tokens of every row that has a matcher (None: no such row)."""
+        rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
+        if not rows:
+            return None
+        xgr = _xgrammar()
+        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+        for i in rows:
+            matchers[i].fill_next_token_bitmask(bitmask, i)
+        return TokenMask(bitmask, rows)
