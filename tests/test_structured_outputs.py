@@ -94,6 +94,19 @@ def test_constrained_rows_leave_the_others_alone(llm, tiny_models, tiny_adapters
         assert abs(lp[tok].logprob - ref[step, tok].item()) < 1e-4  # raw, not masked
 
 
+def test_the_grammar_end_wins_over_min_tokens_and_ignore_eos(llm):
+    """min_tokens bans the stop token the finished grammar needs: the grammar wins (no
+    filler tokens); ignore_eos does not run past the grammar's end either."""
+    spec = StructuredOutputsParams(choice=["yes"])
+    for extra in (dict(min_tokens=6), dict(ignore_eos=True)):
+        out = llm.generate(["the cat"], SamplingParams(temperature=0.0, max_tokens=12,
+                                                       structured_outputs=spec, **extra),
+                           use_tqdm=False)[0].outputs[0]
+        assert (out.text, out.finish_reason) == ("yes", "stop"), extra
+        assert out.token_ids[-1] == llm.llm_engine.tokenizer.eos_token_id
+        assert llm.llm_engine.tokenizer.decode(out.token_ids[:-1]) == "yes"
+
+
 def test_params_are_checked(llm):
     with pytest.raises(ValueError, match="exactly one of"):
         StructuredOutputsParams(regex="a", choice=["a"])

@@ -75,9 +75,8 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         table = self._param_table(rows, logits.device)
         processed = self._process(logits, rows, table)
-        if token_mask is not None:  # in place, so on a copy if nothing copied it yet
-            processed = token_mask.apply(processed.clone() if processed is logits
-                                         else processed)
+        if token_mask is not None:
+            processed = self._apply_token_mask(logits, processed, token_mask)
         tokens = self._sample(processed, rows, table)
         return self._collect(raw_logprobs, tokens, [r.params.logprobs for r in rows])
 
@@ -123,6 +122,17 @@ class Sampler:
                                 accumulate=True)
 
     # ---- logits processing -------------------------------------------------------------
+    @staticmethod
+    def _apply_token_mask(raw: torch.Tensor, processed: torch.Tensor,
+                          token_mask: TokenMask) -> torch.Tensor:
+        """Structured outputs' allowed tokens. Where min_tokens banned all of them (the
+        grammar is complete: only its stop token is left), the grammar wins over min_tokens
+        for this step: that row's raw logits, masked. No host sync."""
+        masked = token_mask.apply(processed.clone() if processed is raw else processed)
+        stuck = torch.isinf(masked).all(dim=1, keepdim=True)
+        return torch.where(stuck, token_mask.apply(raw.clone()), masked)
+
+
     def _mask_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Before min_tokens are out, no token may end the sequence (eos, stop_token_ids)."""
         vocab = logits.shape[1]
