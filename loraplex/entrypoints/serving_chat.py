@@ -18,10 +18,12 @@ from loraplex.entrypoints.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
+    DeltaToolCall,
     UsageInfo,
     random_id,
 )
 from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
+from loraplex.entrypoints.tool_calls import to_tool_calls, tool_choice_outputs, tools_in_use
 from loraplex.outputs import CompletionOutput
 from loraplex.sampling_params import MAX_LOGPROBS
 
@@ -48,6 +50,10 @@ class OpenAIServingChat(OpenAIServing):
             msg = {"role": m.role, "content": content or ""}
             if m.name:
                 msg["name"] = m.name
+            if m.tool_calls:
+                msg["tool_calls"] = m.tool_calls
+            if m.tool_call_id:
+                msg["tool_call_id"] = m.tool_call_id
             out.append(msg)
         if not out:
             raise BadRequestError("messages must not be empty", param="messages")
@@ -57,9 +63,10 @@ class OpenAIServingChat(OpenAIServing):
         """Apply the chat template (request's, else --chat-template, else tokenizer's) and
         tokenize; on the encoder thread."""
         template = req.chat_template or self.chat_template
+        tool_kw = {"tools": req.tools} if tools_in_use(req) else {}
         try:
             text = self.encoder.apply_chat_template(
-                self._messages(req), chat_template=template, tokenize=False,
+                self._messages(req), chat_template=template, tokenize=False, **tool_kw,
                 add_generation_prompt=req.add_generation_prompt and not
                 req.continue_final_message,
                 continue_final_message=req.continue_final_message,
@@ -77,8 +84,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, req: ChatCompletionRequest):
         self.check_unsupported(req)
-        if req.tools and req.tool_choice != "none":
-            raise BadRequestError("tool calling is not supported yet", param="tools")
+        calling = tools_in_use(req)
         if req.top_logprobs and not req.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true",
                                   param="top_logprobs")
@@ -92,6 +98,12 @@ class OpenAIServingChat(OpenAIServing):
         params = self.sampling_params(req, max_tokens,
                                       (req.top_logprobs or 0) if req.logprobs else None,
                                       req.prompt_logprobs)
+        if calling:
+            if params.structured_outputs is not None:
+                raise BadRequestError("tool_choice constrains the reply already: leave out "
+                                      "response_format and structured outputs",
+                                      param="tool_choice")
+            params.structured_outputs = tool_choice_outputs(req)
         text, ids = await self.off_loop(self.render, req)
         self.check_token_ids(ids)
         self.fit_max_tokens(params, len(ids))
@@ -110,16 +122,30 @@ class OpenAIServingChat(OpenAIServing):
             self.check_output(final)
         finally:
             await self.abort_all(queued)
-        choices = [ChatCompletionChoice(
-            index=o.index, message=ChatResponseMessage(content=echo + o.text),
-            logprobs=self._logprobs(o, 0, req.return_tokens_as_token_ids) if req.logprobs else None,
-            finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in final.outputs]
+        choices = []
+        for o in final.outputs:
+            message, finish = self._reply(req, calling, echo + o.text, o.finish_reason)
+            choices.append(ChatCompletionChoice(
+                index=o.index, message=message,
+                logprobs=self._logprobs(o, 0, req.return_tokens_as_token_ids)
+                if req.logprobs else None, finish_reason=finish, stop_reason=o.stop_reason))
         gen = sum(len(o.token_ids) for o in final.outputs)
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices,
             usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=gen,
                             total_tokens=len(ids) + gen),
             prompt_logprobs=self.prompt_logprobs(req, final))
+
+    @staticmethod
+    def _reply(req: ChatCompletionRequest, calling: bool, text: str, finish: str | None
+               ) -> tuple[ChatResponseMessage, str | None]:
+        """The message (tool calls when the request called tools and the reply parses)
+        and its finish_reason ("tool_calls" for a completed call)."""
+        calls = to_tool_calls(req, text) if calling else None
+        if not calls:
+            return ChatResponseMessage(content=text), finish
+        return (ChatResponseMessage(content=None, tool_calls=calls),
+                "tool_calls" if finish == "stop" else finish)
 
     @staticmethod
     def _echo(req: ChatCompletionRequest) -> str:
@@ -158,6 +184,7 @@ class OpenAIServingChat(OpenAIServing):
                                                 choices=choices, usage=usage)
             return f"data: {body.model_dump_json()}\n\n"
 
+        calling = tools_in_use(req)
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         done: set[int] = set()
@@ -175,14 +202,23 @@ class OpenAIServingChat(OpenAIServing):
                 delta = o.text[t0:]
                 if not delta and o.finish_reason is None:
                     continue
+                if calling and o.finish_reason is None:
+                    continue  # the calls go out whole once the reply is complete
                 sent_text[o.index], sent_tokens[o.index] = len(o.text), len(o.token_ids)
-                if o.finish_reason is not None:
+                finish = o.finish_reason
+                if finish is not None:
                     done.add(o.index)
+                msg = DeltaMessage(content=delta)
+                if calling:
+                    reply, finish = self._reply(req, calling, o.text, o.finish_reason)
+                    msg = DeltaMessage(content=reply.content, tool_calls=[
+                        DeltaToolCall(index=j, **c.model_dump())
+                        for j, c in enumerate(reply.tool_calls)] or None)
                 yield chunk([ChatStreamChoice(
-                    index=o.index, delta=DeltaMessage(content=delta),
+                    index=o.index, delta=msg,
                     logprobs=self._logprobs(o, k0, req.return_tokens_as_token_ids)
                     if req.logprobs else None,
-                    finish_reason=o.finish_reason, stop_reason=o.stop_reason)])
+                    finish_reason=finish, stop_reason=o.stop_reason)])
             last = out
         if req.stream_options and req.stream_options.include_usage:
             gen = sum(len(o.token_ids) for o in last.outputs)

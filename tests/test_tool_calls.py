@@ -1,0 +1,128 @@
+"""Chat tool calling with tool_choice "required" or a named function, over HTTP with the
+official openai client: the reply is constrained to the tools' schemas and comes back as
+tool_calls (streamed too); a conversation carrying calls and tool results goes through
+the chat template; "auto" and malformed tools are 400s."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.server_utils import RemoteServer
+
+pytest.importorskip("xgrammar")
+
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object",
+                       "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                      "days": {"type": "integer", "minimum": 1,
+                                               "maximum": 7}},
+                       "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "add", "parameters": {"type": "object",
+                                      "properties": {"a": {"type": "integer"},
+                                                     "b": {"type": "integer"}},
+                                      "required": ["a", "b"], "additionalProperties": False}}},
+]
+MESSAGES = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
+
+
+def check_weather(arguments: str) -> None:
+    args = json.loads(arguments)
+    assert args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7, args
+
+
+def check_call(call) -> None:
+    assert call.type == "function" and call.id
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        check_weather(call.function.arguments)
+    else:
+        assert call.function.name == "add" and set(args) == {"a", "b"}, args
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models):
+    args = ["--dtype", "float32", "--max-model-len", "512", "--cpu-kv-cache-gib", "0.05"]
+    with RemoteServer(tiny_models["llama"], args) as server:
+        yield server.get_client()
+
+
+def _model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def test_named_function(client):
+    res = client.chat.completions.create(
+        model=_model(client), messages=MESSAGES, tools=TOOLS, max_tokens=60, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = res.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    check_weather(call.function.arguments)
+
+
+def test_required_calls_one_or_more_tools(client):
+    called = 0
+    for seed in range(3):
+        res = client.chat.completions.create(
+            model=_model(client), messages=MESSAGES, tools=TOOLS, tool_choice="required",
+            max_tokens=200, temperature=1.0, seed=seed)
+        choice = res.choices[0]
+        if choice.finish_reason == "length":  # cut short: returned as text
+            assert not choice.message.tool_calls and choice.message.content
+            continue
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            check_call(call)
+        called += 1
+    assert called  # (a random model may ramble to max_tokens, but not every time)
+
+
+def test_streamed_calls_equal_the_whole_reply(client):
+    kw = dict(model=_model(client), messages=MESSAGES, tools=TOOLS, max_tokens=60,
+              temperature=0, tool_choice={"type": "function", "function": {"name": "add"}})
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == \
+        [(0, "add", whole.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_conversation_with_calls_and_results(client):
+    """An assistant turn that called a tool, and the tool's answer, go back in."""
+    messages = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    res = client.chat.completions.create(model=_model(client), messages=messages, tools=TOOLS,
+                                         tool_choice="none", max_tokens=5, temperature=0)
+    assert res.choices[0].finish_reason == "length" and res.choices[0].message.content
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"tools": TOOLS}, "tool_choice 'auto'"),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice 'auto'"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "not in tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}],
+      "tool_choice": "required"}, "tools[0] must be"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "constrains the reply already"),
+])
+def test_bad_tool_requests_are_400s(client, kw, message):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=_model(client), messages=MESSAGES, max_tokens=5,
+                                       **kw)
+    assert message in str(err.value), err.value
+    res = client.chat.completions.create(model=_model(client), messages=MESSAGES, max_tokens=3)
+    assert res.choices[0].finish_reason == "length"  # the server carries on
