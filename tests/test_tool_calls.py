@@ -1,7 +1,8 @@
-"""Chat tool calling with tool_choice "required" or a named function, over HTTP with the
-official openai client: the reply is constrained to the tools' schemas and comes back as
-tool_calls (streamed too); a conversation carrying calls and tool results goes through
-the chat template; "auto" and malformed tools are 400s."""
+"""Chat tool calling over HTTP with the official openai client: tool_choice "required" or
+a named function (the reply constrained to the tools' schemas, back as tool_calls,
+streamed too); "auto" with the hermes and llama3_json parsers (a 400 on a server started
+without them); a conversation carrying calls and tool results; malformed requests are
+400s."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import json
 import openai
 import pytest
 
-from tests.server_utils import RemoteServer
+from loraplex.entrypoints.tool_calls import HermesParser, Llama3JsonParser
+from tests.server_utils import RemoteServer, serve_cmd
+from tests.test_server_cli import assert_one_line_error, run
 
 pytest.importorskip("xgrammar")
 
@@ -109,8 +112,8 @@ def test_a_conversation_with_calls_and_results(client):
 
 
 @pytest.mark.parametrize(("kw", "message"), [
-    ({"tools": TOOLS}, "tool_choice 'auto'"),
-    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice 'auto'"),
+    ({"tools": TOOLS}, "--enable-auto-tool-choice"),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "--enable-auto-tool-choice"),
     ({"tool_choice": "required"}, "tool_choice needs tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "not in tools"),
@@ -126,3 +129,65 @@ def test_bad_tool_requests_are_400s(client, kw, message):
     assert message in str(err.value), err.value
     res = client.chat.completions.create(model=_model(client), messages=MESSAGES, max_tokens=3)
     assert res.choices[0].finish_reason == "length"  # the server carries on
+
+
+def test_hermes_parser():
+    p = HermesParser()
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
+            '"Paris", "days": 3}}\n</tool_call>\n<tool_call>{"name": "add", "arguments": '
+            '{"a": 1, "b": 2}}</tool_call>')
+    content, calls = p.parse(text)
+    assert content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "days": 3}), ("add", {"a": 1, "b": 2})]
+    assert p.parse("no calls here") == ("no calls here", [])
+    broken = "<tool_call>{not json}</tool_call>"
+    assert p.parse(broken) == (broken, [])  # kept as text
+    # streaming: text before a call goes out, a possible start of one waits
+    assert p.content_prefix("Hello <tool_call>{") == len("Hello ")
+    assert p.content_prefix("Hello <tool_c") == len("Hello ")
+    assert p.content_prefix("Hello <b>") == len("Hello <b>")
+
+
+def test_llama3_json_parser():
+    p = Llama3JsonParser()
+    content, calls = p.parse(' {"name": "add", "parameters": {"a": 1, "b": 2}}; '
+                             '{"name": "get_weather", "parameters": {"city": "Oslo", "days": 1}}')
+    assert content is None and [c.function.name for c in calls] == ["add", "get_weather"]
+    assert json.loads(calls[0].function.arguments) == {"a": 1, "b": 2}
+    assert p.parse("Paris is sunny.") == ("Paris is sunny.", [])
+    assert p.parse('{"no": "name"}') == ('{"no": "name"}', [])
+    assert p.content_prefix('  {"name"') == 0 and p.content_prefix("<|pyth") == 0
+    assert p.content_prefix("Sunny") == len("Sunny")
+
+
+def test_auto_tool_choice(tiny_models):
+    """A server with --enable-auto-tool-choice --tool-call-parser hermes serves tool_choice
+    auto: a reply without calls is text; a reply with one (made so here with guided_choice,
+    which auto leaves free) comes back as tool_calls, streamed too."""
+    args = ["--dtype", "float32", "--max-model-len", "512", "--cpu-kv-cache-gib", "0.05",
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    with RemoteServer(tiny_models["llama"], args) as server:
+        client = server.get_client()
+        model = _model(client)
+        res = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS,
+                                             max_tokens=8, temperature=0)
+        assert res.choices[0].message.content and not res.choices[0].message.tool_calls
+        reply = 'Sure.<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+        kw = dict(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=80, temperature=0,
+                  extra_body={"guided_choice": [reply]})
+        choice = client.chat.completions.create(**kw).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure."
+        assert [(c.function.name, json.loads(c.function.arguments))
+                for c in choice.message.tool_calls] == [("add", {"a": 1, "b": 2})]
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join(d.content or "" for d in deltas) == "Sure."
+        assert [(tc.index, tc.function.name, tc.function.arguments) for d in deltas
+                for tc in (d.tool_calls or [])] == [(0, "add", '{"a": 1, "b": 2}')]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_tool_choice_needs_a_parser(tiny_models):
+    res = run(serve_cmd(str(tiny_models["llama"]), "--enable-auto-tool-choice"))
+    assert_one_line_error(res, 1, "--enable-auto-tool-choice needs --tool-call-parser")

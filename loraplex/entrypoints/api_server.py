@@ -307,6 +307,10 @@ async def build_state(args: argparse.Namespace) -> ServerState:
             logger.warning("--%s is accepted but has no effect: %s are refused (not "
                            "supported yet)", flag.replace("_", "-"), what)
     chat_template = _chat_template(args.chat_template)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise CLIError("--enable-auto-tool-choice needs --tool-call-parser (hermes or "
+                       "llama3_json)")
+    parser = args.tool_call_parser if args.enable_auto_tool_choice else None
     # no `_created` sample beside every series (half the lines of a per-adapter counter);
     # process-wide, so the server sets it, not the Metrics class
     disable_created_metrics()
@@ -326,7 +330,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
     models = OpenAIServingModels(async_engine, names, engine.model_config.max_model_len,
                                  engine.lora_config is not None)
     tokenizer = _server_tokenizer(engine)
-    chat = OpenAIServingChat(async_engine, models, tokenizer, chat_template=chat_template)
+    chat = OpenAIServingChat(async_engine, models, tokenizer, chat_template=chat_template,
+                             tool_call_parser=parser)
     state = ServerState(
         engine=async_engine, models=models,
         completion=OpenAIServingCompletion(async_engine, models, tokenizer), chat=chat,

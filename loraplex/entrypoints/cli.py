@@ -237,6 +237,12 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     server.add_argument("--chat-template", default=None,
                         help="Jinja chat template (a file path or the template text); "
                              "default: the tokenizer's.")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="Serve tool_choice 'auto': the model calls tools in its own "
+                             "format, read by --tool-call-parser.")
+    server.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                        help="How the model writes tool calls: hermes (Hermes, Qwen 2.5/3: "
+                             "<tool_call> tags) or llama3_json (Llama 3.1/3.2: JSON).")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn.")

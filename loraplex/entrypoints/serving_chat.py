@@ -23,15 +23,20 @@ from loraplex.entrypoints.protocol import (
     random_id,
 )
 from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
-from loraplex.entrypoints.tool_calls import to_tool_calls, tool_choice_outputs, tools_in_use
+from loraplex.entrypoints.tool_calls import PARSERS, to_tool_calls, tool_choice_outputs, tool_mode
 from loraplex.outputs import CompletionOutput
 from loraplex.sampling_params import MAX_LOGPROBS
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, *args: Any, chat_template: str | None = None, **kw: Any) -> None:
+    def __init__(self, *args: Any, chat_template: str | None = None,
+                 tool_call_parser: str | None = None, **kw: Any) -> None:
+        """`tool_call_parser`: a PARSERS name, with which tool_choice "auto" is served
+        (--enable-auto-tool-choice); None refuses it."""
         super().__init__(*args, **kw)
         self.chat_template = chat_template
+        self.tool_call_parser = tool_call_parser
+        self.tool_parser = PARSERS[tool_call_parser]() if tool_call_parser else None
 
     @staticmethod
     def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -63,7 +68,7 @@ class OpenAIServingChat(OpenAIServing):
         """Apply the chat template (request's, else --chat-template, else tokenizer's) and
         tokenize; on the encoder thread."""
         template = req.chat_template or self.chat_template
-        tool_kw = {"tools": req.tools} if tools_in_use(req) else {}
+        tool_kw = {"tools": req.tools} if self._tool_mode(req) else {}
         try:
             text = self.encoder.apply_chat_template(
                 self._messages(req), chat_template=template, tokenize=False, **tool_kw,
@@ -84,7 +89,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, req: ChatCompletionRequest):
         self.check_unsupported(req)
-        calling = tools_in_use(req)
+        calling = self._tool_mode(req)
         if req.top_logprobs and not req.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true",
                                   param="top_logprobs")
@@ -98,7 +103,7 @@ class OpenAIServingChat(OpenAIServing):
         params = self.sampling_params(req, max_tokens,
                                       (req.top_logprobs or 0) if req.logprobs else None,
                                       req.prompt_logprobs)
-        if calling:
+        if calling == "forced":
             if params.structured_outputs is not None:
                 raise BadRequestError("tool_choice constrains the reply already: leave out "
                                       "response_format and structured outputs",
@@ -124,7 +129,7 @@ class OpenAIServingChat(OpenAIServing):
             await self.abort_all(queued)
         choices = []
         for o in final.outputs:
-            message, finish = self._reply(req, calling, echo + o.text, o.finish_reason)
+            message, finish = self._reply(req, calling, o.text, o.finish_reason, echo)
             choices.append(ChatCompletionChoice(
                 index=o.index, message=message,
                 logprobs=self._logprobs(o, 0, req.return_tokens_as_token_ids)
@@ -136,15 +141,23 @@ class OpenAIServingChat(OpenAIServing):
                             total_tokens=len(ids) + gen),
             prompt_logprobs=self.prompt_logprobs(req, final))
 
-    @staticmethod
-    def _reply(req: ChatCompletionRequest, calling: bool, text: str, finish: str | None
-               ) -> tuple[ChatResponseMessage, str | None]:
-        """The message (tool calls when the request called tools and the reply parses)
-        and its finish_reason ("tool_calls" for a completed call)."""
-        calls = to_tool_calls(req, text) if calling else None
+    def _tool_mode(self, req: ChatCompletionRequest) -> str | None:
+        return tool_mode(req, self.tool_call_parser)
+
+    def _reply(self, req: ChatCompletionRequest, calling: str | None, text: str,
+               finish: str | None, echo: str = "") -> tuple[ChatResponseMessage, str | None]:
+        """The message (tool calls when the request called tools and the generated text
+        has them; an echo goes before the content) and its finish_reason ("tool_calls"
+        for a completed call)."""
+        content, calls = text, None
+        if calling == "forced":
+            calls = to_tool_calls(req, text)
+            content = None
+        elif calling == "auto":
+            content, calls = self.tool_parser.parse(text)
         if not calls:
-            return ChatResponseMessage(content=text), finish
-        return (ChatResponseMessage(content=None, tool_calls=calls),
+            return ChatResponseMessage(content=echo + text), finish
+        return (ChatResponseMessage(content=(echo + (content or "")) or None, tool_calls=calls),
                 "tool_calls" if finish == "stop" else finish)
 
     @staticmethod
@@ -184,7 +197,7 @@ class OpenAIServingChat(OpenAIServing):
                                                 choices=choices, usage=usage)
             return f"data: {body.model_dump_json()}\n\n"
 
-        calling = tools_in_use(req)
+        calling = self._tool_mode(req)
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         done: set[int] = set()
@@ -199,21 +212,23 @@ class OpenAIServingChat(OpenAIServing):
                 if o.index in done:
                     continue
                 t0, k0 = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
-                delta = o.text[t0:]
+                # the text that may start a tool call waits; calls go out whole at the end
+                end = len(o.text) if not calling or o.finish_reason is not None else (
+                    0 if calling == "forced" else self.tool_parser.content_prefix(o.text))
+                delta = o.text[t0:end]
                 if not delta and o.finish_reason is None:
                     continue
-                if calling and o.finish_reason is None:
-                    continue  # the calls go out whole once the reply is complete
-                sent_text[o.index], sent_tokens[o.index] = len(o.text), len(o.token_ids)
+                sent_text[o.index], sent_tokens[o.index] = end, len(o.token_ids)
                 finish = o.finish_reason
                 if finish is not None:
                     done.add(o.index)
                 msg = DeltaMessage(content=delta)
-                if calling:
-                    reply, finish = self._reply(req, calling, o.text, o.finish_reason)
-                    msg = DeltaMessage(content=reply.content, tool_calls=[
-                        DeltaToolCall(index=j, **c.model_dump())
-                        for j, c in enumerate(reply.tool_calls)] or None)
+                if calling and finish is not None:
+                    reply, finish = self._reply(req, calling, o.text, finish)
+                    if reply.tool_calls:  # the content not streamed yet, then the calls
+                        msg = DeltaMessage(content=(reply.content or "")[t0:] or None,
+                                           tool_calls=[DeltaToolCall(index=j, **c.model_dump())
+                                                       for j, c in enumerate(reply.tool_calls)])
                 yield chunk([ChatStreamChoice(
                     index=o.index, delta=msg,
                     logprobs=self._logprobs(o, k0, req.return_tokens_as_token_ids)

@@ -1,19 +1,23 @@
-"""Tool calling with `tool_choice` "required" or a named function, as vLLM does it without
-a model-specific parser: the reply is constrained (structured outputs) to JSON, then
-turned into `tool_calls`.
+"""Chat tool calls, as vLLM makes them.
+
+`tool_choice` "required" or a named function needs no knowledge of the model: the reply
+is constrained (structured outputs) to JSON, then turned into `tool_calls`.
 
     named function f:  the reply is f's arguments      -> one call of f
     "required":        [{"name": ..., "parameters": {...}}, ...], each name one of the
                        tools and its parameters that tool's schema  -> one call each
 
-"auto" needs a parser for the model's own tool-call format (vLLM's --tool-call-parser),
-which loraplex does not have yet: it is refused with a message, as vLLM refuses it
-without --enable-auto-tool-choice.
+"auto" (the default when tools are given) lets the model answer or call, in its own
+format: the server needs `--enable-auto-tool-choice --tool-call-parser NAME`, and the
+parser reads the calls out of the reply (`PARSERS`: Hermes / Qwen's `<tool_call>` tags,
+Llama 3's bare JSON). Streamed, the text before a call goes out as it comes; the calls
+go out whole once the reply is complete.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from loraplex.entrypoints.errors import BadRequestError
@@ -53,24 +57,30 @@ def forced_function(req: ChatCompletionRequest) -> str | None:
     return None
 
 
-def tools_in_use(req: ChatCompletionRequest) -> bool:
-    """Whether this request calls tools (checked: a 400 for what cannot be served)."""
+def tool_mode(req: ChatCompletionRequest, auto_parser: str | None) -> str | None:
+    """How this request uses tools: None (it does not), "forced" (required or a named
+    function) or "auto" (the server's parser reads the reply). A 400 for what cannot be
+    served; `auto_parser`: the server's --tool-call-parser, None without
+    --enable-auto-tool-choice."""
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none"):
             raise BadRequestError("tool_choice needs tools", param="tool_choice")
-        return False
+        return None
+    _tool_schemas(req.tools)
     if choice == "none":
-        return False
+        return None
     if choice in (None, "auto"):
-        raise BadRequestError(
-            "tool_choice 'auto' (the default when tools are given) needs a parser for the "
-            "model's tool-call format, which loraplex does not have yet: use tool_choice "
-            "'required' or a named function", param="tool_choice")
+        if auto_parser is None:
+            raise BadRequestError(
+                "tool_choice 'auto' (the default when tools are given) needs the server "
+                "started with --enable-auto-tool-choice and --tool-call-parser; or use "
+                "tool_choice 'required' or a named function", param="tool_choice")
+        return "auto"
     if choice != "required" and forced_function(req) is None:
         raise BadRequestError("tool_choice must be 'none', 'auto', 'required' or a named "
                               "function", param="tool_choice")
-    return True
+    return "forced"
 
 
 def tool_choice_outputs(req: ChatCompletionRequest) -> StructuredOutputsParams:
@@ -103,3 +113,75 @@ def to_tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall] | Non
     return [ToolCall(function=FunctionCall(name=c["name"],
                                            arguments=json.dumps(c["parameters"])))
             for c in calls]
+
+
+# ---- "auto": the model's own format -----------------------------------------------------
+def _call(name: Any, arguments: Any) -> ToolCall:
+    if not isinstance(name, str):
+        raise ValueError("a tool call without a name")
+    return ToolCall(function=FunctionCall(
+        name=name, arguments=arguments if isinstance(arguments, str)
+        else json.dumps(arguments if arguments is not None else {})))
+
+
+def _held_back(text: str, marker: str) -> int:
+    """How much of `text` is surely not the start of `marker` (a partial stream)."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return len(text) - k
+    return len(text)
+
+
+class HermesParser:
+    """Hermes and Qwen 2.5 / 3: calls in <tool_call>{"name", "arguments"}</tool_call>,
+    after any text."""
+
+    start = "<tool_call>"
+    _calls = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls); a reply whose calls do not parse is all content."""
+        if self.start not in text:
+            return text, []
+        try:
+            calls = [_call(c.get("name"), c.get("arguments")) for c in
+                     (json.loads(m, strict=False) for m in self._calls.findall(text))]
+        except (ValueError, AttributeError):
+            return text, []
+        return (text[:text.index(self.start)].strip() or None, calls) if calls else (text, [])
+
+    def content_prefix(self, text: str) -> int:
+        """The length of the start of a partial reply that is surely content."""
+        i = text.find(self.start)
+        return i if i >= 0 else _held_back(text, self.start)
+
+
+class Llama3JsonParser:
+    """Llama 3.1 / 3.2: the whole reply is {"name", "parameters"} (several: joined by
+    ';'), after an optional <|python_tag|>."""
+
+    tag = "<|python_tag|>"
+
+    def _body(self, text: str) -> str:
+        return text.strip().removeprefix(self.tag).strip()
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = self._body(text)
+        if not body.startswith("{"):
+            return text, []
+        try:
+            calls = [_call(c.get("name"), c.get("parameters", c.get("arguments")))
+                     for c in (json.loads(part, strict=False) for part in body.split(";")
+                               if part.strip())]
+        except (ValueError, AttributeError):
+            return text, []
+        return None, calls
+
+    def content_prefix(self, text: str) -> int:
+        head = text.lstrip()
+        if not head or head.startswith(("{", self.tag)) or self.tag.startswith(head):
+            return 0  # (the start of) a call, or nothing yet: hold it
+        return len(text)
+
+
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
