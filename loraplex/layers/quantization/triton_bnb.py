@@ -18,7 +18,12 @@ import triton.language as tl
 
 from loraplex.backends import interpreter_on
 from loraplex.layers.quantization.bitsandbytes import BnB4bitLinear
-from loraplex.layers.quantization.triton_gemm import split_k_matmul
+from loraplex.layers.quantization.triton_gemm import (
+    accumulate,
+    split_k_matmul,
+    store_partial,
+    x_tile,
+)
 
 _INTERPRETED = interpreter_on()
 
@@ -30,28 +35,21 @@ def _bnb4_gemm_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, y_ptr, M, N, K, k_per_
     """Program (m, n, p) sums the K range p * k_per_split ... into y[p]."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = offs_m < M, offs_n < N
+    n_mask = offs_n < N
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     k_lo = tl.program_id(2) * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         kn_mask = k_mask[:, None] & n_mask[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        x = x_tile(x_ptr, offs_m, offs_k, M, K, stride_xm)
         byte = tl.load(w_ptr + offs_n[None, :] * (K // 2) + (offs_k // 2)[:, None],
                        mask=kn_mask, other=0).to(tl.int32)
         q = (byte >> ((1 - offs_k % 2) * 4)[:, None]) & 15
         scale = tl.load(absmax_ptr + offs_n[None, :] * (K // BLOCKSIZE)
                         + (offs_k // BLOCKSIZE)[:, None], mask=kn_mask, other=0.0)
-        w = tl.load(code_ptr + q) * scale  # [BLOCK_K, BLOCK_N] fp32
-        if F32:
-            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w.to(x.dtype))
-    y_ptr += tl.program_id(2).to(tl.int64) * M * stride_ym
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc = accumulate(acc, x, tl.load(code_ptr + q) * scale, F32)  # w: [BLOCK_K, BLOCK_N]
+    store_partial(y_ptr, acc, offs_m, offs_n, M, N, stride_ym)
 
 
 def quant_matmul(x: torch.Tensor, layer: BnB4bitLinear, ways: int | None = None

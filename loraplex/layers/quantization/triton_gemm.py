@@ -27,6 +27,32 @@ _INTERPRETED = interpreter_on()
 
 
 @triton.jit
+def x_tile(x_ptr, offs_m, offs_k, M, K, stride_xm):
+    """x[offs_m, offs_k] ([BLOCK_M, BLOCK_K]), zeros past M and K."""
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                   mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def accumulate(acc, x, w, F32: tl.constexpr):
+    """acc + x @ w, w dequantized in fp32: exact fp32 where F32 (the interpreter, fp32
+    inputs), else in x's dtype on the tensor cores."""
+    if F32:
+        acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+    else:
+        acc += tl.dot(x, w.to(x.dtype))
+    return acc
+
+
+@triton.jit
+def store_partial(y_ptr, acc, offs_m, offs_n, M, N, stride_ym):
+    """This program's tile of y[split] (y: [splits, M, N])."""
+    y_ptr += tl.program_id(2).to(tl.int64) * M * stride_ym
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr,
                        M, N, K, k_per_split, stride_xm, stride_ym,
                        GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, PER: tl.constexpr,
@@ -37,7 +63,7 @@ def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_
     K range p * k_per_split ... into y[p] (fp32 partials when split over K)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = offs_m < M, offs_n < N
+    n_mask = offs_n < N
     if AWQ:  # output column 8c + j sits in nibble j // 2 + 4 (j % 2) of word c
         col = offs_n % 8
         shift_n = (col // 2 + (col % 2) * 4) * 4
@@ -49,8 +75,7 @@ def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         kn_mask = k_mask[:, None] & n_mask[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        x = x_tile(x_ptr, offs_m, offs_k, M, K, stride_xm)
         if AWQ:
             words = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + offs_n[None, :] // 8,
                             mask=kn_mask, other=0)
@@ -65,14 +90,8 @@ def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_
                          mask=kn_mask, other=0)
         z = ((zwords >> shift_n[None, :]) & MASK) + ZERO_OFFSET
         s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0)
-        w = (q - z).to(tl.float32) * s.to(tl.float32)
-        if F32:
-            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w.to(x.dtype))
-    y_ptr += tl.program_id(2).to(tl.int64) * M * stride_ym
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc = accumulate(acc, x, (q - z).to(tl.float32) * s.to(tl.float32), F32)
+    store_partial(y_ptr, acc, offs_m, offs_n, M, N, stride_ym)
 
 
 def gemm_blocks(m: int) -> tuple[int, int, int]:
