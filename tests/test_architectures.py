@@ -3,7 +3,9 @@ adapters of different ranks and targets, more adapters than max_loras.
 
 Gemma: GeGLU, its RMSNorm (1 + w, scaled in fp32), embeddings x sqrt(hidden) (the
 embedding's LoRA scaled with them), tied lm_head. Phi-3: checkpoints and adapters with
-q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole module).
+q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole module), and
+LongRoPE (Phi-3 128k, Phi-3.5): short and long frequencies on either side of the
+pretraining window, switching as HF's generate switches.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_utils import check_mixed_batch, make_llm
-from tests.fixtures import EXTRA_ARCHS, make_peft_adapter, make_tiny_model
+from loraplex import LoRARequest, SamplingParams
+from tests.engine_utils import check_against_hf, check_mixed_batch, make_llm
+from tests.fixtures import EXTRA_ARCHS, hf_greedy, make_peft_adapter, make_tiny_model
 
 ADAPTERS = {  # arch -> name -> make_peft_adapter options
     "gemma": {
@@ -72,16 +75,36 @@ def _edited_config(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "default",
-                                                        "rope_theta": 10000.0,
-                                                        "partial_rotary_factor": 0.5}},
-     "partial_rotary_factor=0.5"),
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
-                          "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
-     "'longrope' is not supported"),
-])
-def test_unsupported_phi3_variants_are_clear_errors(arch_models, tmp_path, changes, message):
-    bad = _edited_config(arch_models["phi3"][0], tmp_path / "bad", **changes)
-    with pytest.raises(ValueError, match=message):
+def test_partial_rotary_is_a_clear_error(arch_models, tmp_path):
+    bad = _edited_config(arch_models["phi3"][0], tmp_path / "bad", partial_rotary_factor=0.5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5"):
         make_llm(bad)
+
+
+# the legacy key, which transformers 4 (Phi3Config checks it) and 5 both read
+LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0]}
+
+
+def test_phi3_longrope_matches_hf(tmp_path):
+    """A pretraining window of 24: a short prompt whose output crosses it (HF switches to
+    the long frequencies at the crossing, keeping the cached K/V) and a long prompt (long
+    throughout), on the base and with an adapter, in one batch."""
+    base = make_tiny_model(tmp_path / "phi3_long", "phi3", seed=9,
+                           original_max_position_embeddings=24, rope_scaling=LONGROPE)
+    adapter = make_peft_adapter(base, tmp_path / "phi3_long_lora", r=8,
+                                target_modules=["qkv_proj", "down_proj"], seed=10)
+    short, long = [1, *range(40, 52)], [1, *range(60, 100)]
+    lora = LoRARequest("a", 1, str(adapter))
+    jobs = [(short, None), (long, None), (short, lora), (long, lora)]
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], params,
+                        lora_request=[r for _, r in jobs], use_tqdm=False)
+    for out, (prompt, r) in zip(outs, jobs):
+        assert out.outputs[0].token_ids == hf_greedy(base, adapter if r else None, prompt, 20)
+    # teacher-forced logprobs use HF's long frequencies for the whole sequence: the same
+    # as generation only where the prompt is past the window already
+    check_against_hf([outs[1], outs[3]], base, [None, adapter], [long, long])

@@ -1,7 +1,10 @@
 """Rotary position embedding (Su et al., 2021), neox layout as in HF Llama/Qwen.
 
 The cos/sin table is built once up to max_position and indexed by each token's position.
-Llama-3 rope scaling rescales the inverse frequencies by wavelength band.
+Llama-3 rope scaling rescales the inverse frequencies by wavelength band. LongRoPE (Phi-3
+128k, Phi-3.5) has two sets of frequencies, for sequences within the pretraining window
+and beyond it: the table holds both, the long ones from row `long_offset` on, and the
+model runner picks each token's row (`rope_row`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -39,14 +42,35 @@ class RotaryEmbedding(nn.Module):
                              + ", ".join(SUPPORTED_ROPE_TYPES))
         # fp32 throughout, as the HF reference computes it, so greedy ties break the same way
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        if rope_type == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, scaling)
-        elif rope_type == "linear":
-            inv_freq = inv_freq / scaling["factor"]
         t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_position, head_dim / 2]
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.long_offset: int | None = None  # longrope: the long frequencies' first row
+        self.long_threshold = 0  # longrope: the pretraining window
+        scale = 1.0
+        if rope_type == "longrope":
+            original = scaling["original_max_position_embeddings"]
+            factor = scaling.get("factor") or max_position / original
+            scale = scaling.get("attention_factor") or (
+                1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
+            freqs = torch.cat([torch.outer(t, inv_freq / torch.tensor(scaling[f"{kind}_factor"],
+                                                                      dtype=torch.float32))
+                               for kind in ("short", "long")])
+            self.long_offset, self.long_threshold = max_position, original
+        else:
+            if rope_type == "llama3":
+                inv_freq = _llama3_inv_freq(inv_freq, scaling)
+            elif rope_type == "linear":
+                inv_freq = inv_freq / scaling["factor"]
+            freqs = torch.outer(t, inv_freq)  # [max_position, head_dim / 2]
+        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+
+    def rope_row(self, position: int, seq_len: int) -> int:
+        """The table row of a token at `position` in a sequence of `seq_len` tokens so far
+        (its prompt's, or up to this token): LongRoPE's long frequencies once the sequence
+        is longer than the pretraining window, as HF's per-forward choice gives them."""
+        if self.long_offset is not None and seq_len > self.long_threshold:
+            return position + self.long_offset
+        return position
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

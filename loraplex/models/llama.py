@@ -118,7 +118,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
-        rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta, a.rope_scaling)
+        self.rotary = rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta,
+                                               a.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, f"model.layers.{i}")
                                     for i in range(a.num_layers))
         self.norm = a.norm(a.hidden_size)

@@ -81,6 +81,10 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
     name = architecture(hf_config)
     _check_partial_rotary(hf_config)
     theta, scaling = _rope(hf_config)
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "longrope" \
+            and "original_max_position_embeddings" not in scaling:  # transformers 4: beside it
+        scaling = {**scaling, "original_max_position_embeddings":
+                   hf_config.original_max_position_embeddings}
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     args = LlamaArgs(

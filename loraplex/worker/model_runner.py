@@ -90,6 +90,8 @@ class ModelRunner:
         self.max_loras = next((m.lora_a_stacked.shape[0] for m in model.modules()
                                if isinstance(m, LinearWithLoRA)), 0)
         self.lm_head_lora = model.lm_head if isinstance(model.lm_head, LinearWithLoRA) else None
+        rotary = model.model.rotary  # longrope: a token's row in the table is not its position
+        self.rope_row = rotary.rope_row if rotary.long_offset is not None else None
         self._no_cache_writes = torch.empty(0, dtype=torch.long, device=self.device)
         self.memory_profile: GPUMemoryProfile | None = None
         self.num_blocks = self._num_kv_blocks(cache_config, scheduler_config)
@@ -241,7 +243,9 @@ class ModelRunner:
         rows: list[int] = []
         for seq, start, n in zip(seqs, starts, lens):
             input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
+            positions.extend(range(start, start + n) if self.rope_row is None else
+                             (self.rope_row(p, max(seq.num_prompt_tokens, p + 1))
+                              for p in range(start, start + n)))
             slots.extend(self._slot_mapping(seq, start, start + n))
             if start + n == seq.num_tokens:
                 rows.append(len(input_ids) - 1)
@@ -254,6 +258,8 @@ class ModelRunner:
         bs = self.block_size
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        if self.rope_row is not None:
+            positions = [self.rope_row(p, p + 1) for p in positions]
         lens = [s.num_tokens for s in seqs]
         buffers = self.decode_buffers
         input_ids, positions_t = buffers.fill_tokens([s.last_token for s in seqs], positions,
