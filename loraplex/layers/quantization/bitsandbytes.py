@@ -85,12 +85,7 @@ class BnB4bitLinear(_RowQuantLinear):
         self.register_buffer("code", torch.tensor(
             NF4_CODE if cfg.quant_type == "nf4" else FP4_CODE, dtype=torch.float32))
         self._pending: list[dict[str, torch.Tensor]] = [{} for _ in output_sizes]
-        self._loaded = [False] * len(output_sizes)
-        self._code_read = False
-
-    def _rows(self, shard: int) -> slice:
-        start = sum(self.output_sizes[:shard])
-        return slice(start, start + self.output_sizes[shard])
+        self._loaded = [False] * len(output_sizes)  # per sub-projection
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
         if param_name == "bias":
@@ -152,11 +147,10 @@ class BnB4bitLinear(_RowQuantLinear):
                              f"{packed.numel() * 2} values and {absmax.numel()} blocks, not "
                              f"[{size}, {self.in_features}]")
         code = p["weight.quant_map"].float().flatten()
-        if self._code_read and not torch.equal(code.to(self.code.device), self.code):
+        if any(self._loaded) and not torch.equal(code.to(self.code.device), self.code):
             raise ValueError("bitsandbytes 4-bit: the sub-projections of one packed layer "
                              "use different quant_maps (nf4 and fp4?)")
         self.code.copy_(code)
-        self._code_read = True
         self.weight.data[rows] = packed.reshape(size, self.in_features // 2)
         self.absmax[rows] = absmax.float().reshape(size, self.in_features // bs)
         self._loaded[shard] = True
@@ -218,8 +212,7 @@ class BnB8bitLinear(_RowQuantLinear):
             raise ValueError(f"checkpoint tensor {param_name!r} has no place in a bitsandbytes "
                              "8-bit layer (4-bit weights?): the config does not match the "
                              "weights")
-        start, size = sum(self.output_sizes[:shard]), self.output_sizes[shard]
-        target = param.data[start:start + size]
+        target = param.data[self._rows(shard)]
         if loaded.shape != target.shape:
             raise ValueError(f"bitsandbytes 8-bit tensor {param_name} of shape "
                              f"{tuple(loaded.shape)} does not fit shard {shard} "

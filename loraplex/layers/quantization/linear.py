@@ -89,16 +89,21 @@ class QuantLinear(nn.Module):
         """Dummy weights (load_format="dummy") of this layer's format."""
         raise NotImplementedError
 
+    def _rows(self, shard: int) -> slice:
+        """The output rows (columns of y) of sub-projection `shard`."""
+        start = sum(self.output_sizes[:shard])
+        return slice(start, start + self.output_sizes[shard])
+
     def _bias_shard(self, loaded: torch.Tensor, shard: int) -> None:
         if self.bias is None:
             if not loaded.any():
                 return  # some quantizers save a zero bias for every linear
             raise ValueError(f"{self.cfg.method} checkpoint has a bias where the model has none")
-        start, size = sum(self.output_sizes[:shard]), self.output_sizes[shard]
-        if loaded.shape != (size,):
+        target = self.bias.data[self._rows(shard)]
+        if loaded.shape != target.shape:
             raise ValueError(f"{self.cfg.method} bias of shape {tuple(loaded.shape)} does not "
-                             f"fit shard {shard} ({size})")
-        self.bias.data[start:start + size].copy_(loaded)
+                             f"fit shard {shard} ({target.shape[0]})")
+        target.copy_(loaded)
 
 
 class PackedIntLinear(QuantLinear):
@@ -134,8 +139,8 @@ class PackedIntLinear(QuantLinear):
             raise ValueError(f"{self.cfg.method} checkpoint tensor {param_name!r} has no place "
                              "in this layer")
         axis, per = self.shard_axes[param_name]
-        start, size = sum(self.output_sizes[:shard]), self.output_sizes[shard]
-        target = param.data.narrow(axis, start // per, size // per)
+        rows = self._rows(shard)
+        target = param.data.narrow(axis, rows.start // per, (rows.stop - rows.start) // per)
         if loaded.shape != target.shape:
             raise ValueError(f"{self.cfg.method} tensor {param_name} of shape "
                              f"{tuple(loaded.shape)} does not fit shard {shard} "
