@@ -28,24 +28,26 @@ class LinearWithLoRA(nn.Module):
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.output_sizes = list(base_layer.output_sizes)
+        self.in_features, self.output_sizes = self._dims(base_layer)
         self.max_rank = max_rank
-        self._allocate(max_loras, next(base_layer.parameters()).device, dtype)
-
-    def _allocate(self, max_loras: int, device: torch.device, dtype: torch.dtype) -> None:
+        device = next(base_layer.parameters()).device
         n, d_in, d_out = len(self.output_sizes), self.in_features, sum(self.output_sizes)
         # A of every sub-projection, rank-major so a slot's first r ranks are one block:
         # [S, R, n, in]; B of all of them, stacked on the output axis like the base
         # weight: [S, sum(out_k), R]
         self.register_buffer("lora_a_stacked", torch.zeros(
-            max_loras, self.max_rank, n, d_in, dtype=dtype, device=device), persistent=False)
+            max_loras, max_rank, n, d_in, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lora_b_stacked", torch.zeros(
-            max_loras, d_out, self.max_rank, dtype=dtype, device=device), persistent=False)
+            max_loras, d_out, max_rank, dtype=dtype, device=device), persistent=False)
         # the real rank in each slot (0 = no weights here); kernels loop over it, not over R
         self.register_buffer("lora_ranks", torch.zeros(max_loras, dtype=torch.int32,
                                                        device=device), persistent=False)
         self.slot_ranks = [0] * max_loras  # host copy: skip the op when no active slot has weights
+
+    @staticmethod
+    def _dims(base_layer: nn.Module) -> tuple[int, list[int]]:
+        """(in_features, output_sizes) of the wrapped layer, as the slots see it."""
+        return base_layer.in_features, list(base_layer.output_sizes)
 
     def pack(self, lora_a: list[torch.Tensor | None], lora_b: list[torch.Tensor | None],
              pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,14 +123,9 @@ class EmbeddingWithLoRA(LinearWithLoRA):
     so the slots are a linear layer's with in_features = vocab, and the shrink is a
     gather of one column per token instead of a matmul. The expand is the shared op."""
 
-    def __init__(self, base_layer: nn.Embedding, max_loras: int, max_rank: int,
-                 dtype: torch.dtype) -> None:
-        nn.Module.__init__(self)
-        self.base_layer = base_layer
-        self.in_features = base_layer.num_embeddings
-        self.output_sizes = [base_layer.embedding_dim]
-        self.max_rank = max_rank
-        self._allocate(max_loras, base_layer.weight.device, dtype)
+    @staticmethod
+    def _dims(base_layer: nn.Module) -> tuple[int, list[int]]:
+        return base_layer.num_embeddings, [base_layer.embedding_dim]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(input_ids)
