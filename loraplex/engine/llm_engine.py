@@ -199,8 +199,8 @@ class LLMEngine:
         salt = _cache_salt(prompt)
         self._check_prompt(ids)
         self._check_token_ids("logit_bias", params.logit_bias or {})
-        grammars = ([self.structured.matcher(params.structured_outputs)
-                     for _ in range(params.n)] if params.structured_outputs else [None] * params.n)
+        grammars = (self.structured.matchers(params.structured_outputs, params.n)
+                    if params.structured_outputs else [None] * params.n)
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         seqs, detoks = [], []
         for i in range(params.n):

@@ -62,12 +62,11 @@ class StructuredOutputs:
         self._max_cached = max_cached
         self._lock = threading.Lock()  # the server tokenizes (and compiles) off the loop
 
-    def _compile(self, params: StructuredOutputsParams) -> Any:
+    def _compile(self, params: StructuredOutputsParams, kind: str) -> Any:
         xgr = _xgrammar()
         if self._compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info)
-        kind, _ = params.key()
         try:
             if kind in ("json", "json_object"):  # json_object: any JSON object, as vLLM
                 schema = ('{"type": "object"}' if kind == "json_object" else params.json
@@ -82,19 +81,24 @@ class StructuredOutputs:
         except Exception as e:  # xgrammar raises RuntimeError / its own types
             raise ValueError(f"invalid structured output {kind}: {e}") from e
 
-    def matcher(self, params: StructuredOutputsParams) -> Any:
-        """A fresh matcher for one sequence (the spec compiled, or taken from the cache).
-        Raises ValueError for a spec that does not compile."""
+    def compiled(self, params: StructuredOutputsParams) -> Any:
+        """The spec compiled, or taken from the cache. Raises ValueError for a spec that
+        does not compile."""
         key = params.key()
         with self._lock:
             compiled = self._compiled.get(key)
             if compiled is None:
-                compiled = self._compile(params)
+                compiled = self._compile(params, key[0])
                 self._compiled[key] = compiled
                 while len(self._compiled) > self._max_cached:
                     self._compiled.popitem(last=False)
             self._compiled.move_to_end(key)
-        return _xgrammar().GrammarMatcher(compiled)
+        return compiled
+
+    def matchers(self, params: StructuredOutputsParams, n: int) -> list[Any]:
+        """A fresh matcher for each of a request's n sequences."""
+        compiled = self.compiled(params)
+        return [_xgrammar().GrammarMatcher(compiled) for _ in range(n)]
 
     def token_mask(self, matchers: list[Any | None]) -> TokenMask | None:
         """The allowed next tokens of every row that has a matcher (None: no such row)."""

@@ -152,7 +152,7 @@ class OpenAIServing:
         for spec in {id(p.structured_outputs): p.structured_outputs for p in params
                      if p.structured_outputs is not None}.values():
             try:  # compiled here, off the step loop; the engine then finds it cached
-                await self.off_loop(self.engine.engine.structured.matcher, spec)
+                await self.off_loop(self.engine.engine.structured.compiled, spec)
             except ValueError as e:
                 raise BadRequestError(str(e)) from e
         # engine ids of our own: a client's request_id may repeat, ours never collide

@@ -132,7 +132,6 @@ class Sampler:
         stuck = torch.isinf(masked).all(dim=1, keepdim=True)
         return torch.where(stuck, token_mask.apply(raw.clone()), masked)
 
-
     def _mask_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Before min_tokens are out, no token may end the sequence (eos, stop_token_ids)."""
         vocab = logits.shape[1]
