@@ -244,13 +244,18 @@ class ModelRunner:
         for seq, start, n in zip(seqs, starts, lens):
             input_ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n) if self.rope_row is None else
-                             (self.rope_row(p, max(seq.num_prompt_tokens, p + 1))
-                              for p in range(start, start + n)))
+                             (self._rope_row(seq, p) for p in range(start, start + n)))
             slots.extend(self._slot_mapping(seq, start, start + n))
             if start + n == seq.num_tokens:
                 rows.append(len(input_ids) - 1)
         ctx = self._prefill_context(lens, self._tensor(slots), seqs, starts)
         return self._tensor(input_ids), self._tensor(positions), ctx, rows
+
+    def _rope_row(self, seq: Sequence, position: int) -> int:
+        """LongRoPE: the rotary table row of `seq`'s token at `position`, the long
+        frequencies once the sequence (its prompt, or up to this token) is longer than
+        the pretraining window, as HF's generate switches (prefill and decode alike)."""
+        return self.rope_row(position, max(seq.num_prompt_tokens, position + 1))
 
     def prepare_decode(self, seqs: list[Sequence], padded_batch: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
@@ -259,7 +264,7 @@ class ModelRunner:
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
         if self.rope_row is not None:
-            positions = [self.rope_row(p, p + 1) for p in positions]
+            positions = [self._rope_row(s, p) for s, p in zip(seqs, positions)]
         lens = [s.num_tokens for s in seqs]
         buffers = self.decode_buffers
         input_ids, positions_t = buffers.fill_tokens([s.last_token for s in seqs], positions,
