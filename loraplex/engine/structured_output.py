@@ -38,16 +38,17 @@ def _choice_grammar(choices: list[str]) -> str:
 
 @dataclass
 class TokenMask:
-    """The tokens allowed next for some rows of a batch: xgrammar's packed bitmask (a row
-    per batch row; only `rows` are filled and applied)."""
+    """The tokens allowed next for some rows of a batch: xgrammar's packed bitmask, a row
+    for each of `rows`."""
 
-    bitmask: torch.Tensor  # [B, ceil(vocab / 32)] int32
-    rows: list[int]
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32
+    rows: list[int]  # the batch rows it constrains
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """-inf on every disallowed token of `rows`, in place (logits: fp32, [B, V])."""
+        """-inf on every disallowed token, in place (logits: fp32, [len(rows), V], the
+        constrained rows only)."""
         _xgrammar().apply_token_bitmask_inplace(
-            logits, self.bitmask.to(logits.device, non_blocking=True), indices=self.rows)
+            logits, self.bitmask.to(logits.device, non_blocking=True))
         return logits
 
 
@@ -105,8 +106,7 @@ class StructuredOutputs:
         rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
         if not rows:
             return None
-        xgr = _xgrammar()
-        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
-        for i in rows:
-            matchers[i].fill_next_token_bitmask(bitmask, i)
+        bitmask = _xgrammar().allocate_token_bitmask(len(rows), self.vocab_size)
+        for j, i in enumerate(rows):
+            matchers[i].fill_next_token_bitmask(bitmask, j)
         return TokenMask(bitmask, rows)

@@ -125,12 +125,15 @@ class Sampler:
     @staticmethod
     def _apply_token_mask(raw: torch.Tensor, processed: torch.Tensor,
                           token_mask: TokenMask) -> torch.Tensor:
-        """Structured outputs' allowed tokens. Where min_tokens banned all of them (the
-        grammar is complete: only its stop token is left), the grammar wins over min_tokens
-        for this step: that row's raw logits, masked. No host sync."""
-        masked = token_mask.apply(processed.clone() if processed is raw else processed)
+        """Structured outputs' allowed tokens, on the constrained rows only. Where
+        min_tokens banned all of them (the grammar is complete: only its stop token is
+        left), the grammar wins over min_tokens for this step: that row's raw logits,
+        masked. No host sync; the caller's tensors are kept."""
+        idx = _to_device(token_mask.rows, torch.long, raw.device)
+        masked = token_mask.apply(processed.index_select(0, idx))
         stuck = torch.isinf(masked).all(dim=1, keepdim=True)
-        return torch.where(stuck, token_mask.apply(raw.clone()), masked)
+        free = token_mask.apply(raw.index_select(0, idx))
+        return processed.index_copy(0, idx, torch.where(stuck, free, masked))
 
     def _mask_min_tokens(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Before min_tokens are out, no token may end the sequence (eos, stop_token_ids)."""
