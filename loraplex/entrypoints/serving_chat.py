@@ -64,11 +64,13 @@ class OpenAIServingChat(OpenAIServing):
             raise BadRequestError("messages must not be empty", param="messages")
         return out
 
-    def render(self, req: ChatCompletionRequest) -> tuple[str, list[int]]:
+    def render(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None
+               ) -> tuple[str, list[int]]:
         """Apply the chat template (request's, else --chat-template, else tokenizer's) and
-        tokenize; on the encoder thread."""
+        tokenize; on the encoder thread. `tools`: what the template is told the model
+        may call (None: nothing)."""
         template = req.chat_template or self.chat_template
-        tool_kw = {"tools": req.tools} if self._tool_mode(req) else {}
+        tool_kw = {"tools": tools} if tools else {}
         try:
             text = self.encoder.apply_chat_template(
                 self._messages(req), chat_template=template, tokenize=False, **tool_kw,
@@ -89,7 +91,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create_chat_completion(self, req: ChatCompletionRequest):
         self.check_unsupported(req)
-        calling = self._tool_mode(req)
+        calling = tool_mode(req, self.tool_call_parser)
         if req.top_logprobs and not req.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true",
                                   param="top_logprobs")
@@ -109,7 +111,7 @@ class OpenAIServingChat(OpenAIServing):
                                       "response_format and structured outputs",
                                       param="tool_choice")
             params.structured_outputs = tool_choice_outputs(req)
-        text, ids = await self.off_loop(self.render, req)
+        text, ids = await self.off_loop(self.render, req, req.tools if calling else None)
         self.check_token_ids(ids)
         self.fit_max_tokens(params, len(ids))
         request_id = req.request_id or random_id("chatcmpl")
@@ -117,7 +119,8 @@ class OpenAIServingChat(OpenAIServing):
                                            lora, req.cache_salt)
         echo = self._echo(req)
         if req.stream:
-            return self.sse(self._stream(req, request_id, model, len(ids), queued, echo),
+            return self.sse(self._stream(req, request_id, model, len(ids), queued, echo,
+                                         calling),
                             queued)
         try:
             final = None
@@ -140,9 +143,6 @@ class OpenAIServingChat(OpenAIServing):
             usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=gen,
                             total_tokens=len(ids) + gen),
             prompt_logprobs=self.prompt_logprobs(req, final))
-
-    def _tool_mode(self, req: ChatCompletionRequest) -> str | None:
-        return tool_mode(req, self.tool_call_parser)
 
     def _reply(self, req: ChatCompletionRequest, calling: str | None, text: str,
                finish: str | None, echo: str = "") -> tuple[ChatResponseMessage, str | None]:
@@ -188,8 +188,9 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionLogProbs(content=content)
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, model: str,
-                      prompt_tokens: int, queued: EngineRequests, echo: str
-                      ) -> AsyncIterator[str]:
+                      prompt_tokens: int, queued: EngineRequests, echo: str,
+                      calling: str | None) -> AsyncIterator[str]:
+        """SSE chunks; `calling`: the request's tool mode (tool_calls.tool_mode)."""
         created = int(time.time())
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -197,7 +198,6 @@ class OpenAIServingChat(OpenAIServing):
                                                 choices=choices, usage=usage)
             return f"data: {body.model_dump_json()}\n\n"
 
-        calling = self._tool_mode(req)
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         done: set[int] = set()
