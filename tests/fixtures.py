@@ -27,6 +27,7 @@ __all__ = [
     "load_tokenizer",
     "make_tiny_model",
     "make_peft_adapter",
+    "make_added_tokens_adapter",
     "load_hf_model",
     "hf_greedy",
     "hf_logprobs",
@@ -352,9 +353,82 @@ def _load_cached(
     if adapter_dir is not None:
         from peft import PeftModel
 
+        vocab = _adapter_vocab(Path(adapter_dir))
+        if vocab > model.config.vocab_size:  # it adds tokens: PEFT loads the resized rows
+            model.resize_token_embeddings(vocab, mean_resizing=False)
+
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return model
+
+
+def _adapter_vocab(adapter_dir: Path) -> int:
+    """The vocabulary an adapter was trained with: its tokenizer's, if it ships one."""
+    if not (adapter_dir / "tokenizer_config.json").exists():
+        return 0
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(adapter_dir)))
+
+
+def make_added_tokens_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    new_tokens: Sequence[str] = ("<tool>", "<think>", "<end_think>"),
+    mode: str = "resized",
+    r: int = 4,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    seed: int = 5,
+    scale: float = 0.3,
+    row_std: float = 1.0,
+) -> Path:
+    """A PEFT LoRA adapter trained after ``tokenizer.add_tokens(new_tokens)`` and
+    ``resize_token_embeddings``, saved as PEFT saves it, with its tokenizer. The added
+    tokens' rows are drawn with ``row_std`` (large next to the base's, so greedy decoding
+    picks them often). ``mode``:
+
+    - "resized": the rows live in the resized embed_tokens / lm_head PEFT saves whole;
+    - "trainable_tokens": PEFT's ``trainable_token_indices`` over the added ids;
+    - "vocab_lora": LoRA on embed_tokens and lm_head too, over the resized layers (its
+      columns / rows of the added tokens included).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    base_vocab = AutoModelForCausalLM.from_pretrained(str(base_dir)).config.vocab_size
+    tok.add_tokens(list(new_tokens))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    new = torch.arange(base_vocab, len(tok))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        emb.weight[new] = row_std * torch.randn(len(new), emb.weight.shape[1], generator=gen)
+        if head.weight is not emb.weight:
+            head.weight[new] = row_std * torch.randn(len(new), head.weight.shape[1],
+                                                     generator=gen)
+    targets = list(target_modules) + (["embed_tokens", "lm_head"] if mode == "vocab_lora" else [])
+    extra: dict[str, Any] = {}
+    if mode == "trainable_tokens":
+        extra["trainable_token_indices"] = new.tolist()
+    elif mode not in ("resized", "vocab_lora"):
+        raise ValueError(f"unknown mode {mode!r}")
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, target_modules=targets,
+                     lora_dropout=0.0, bias="none", **extra)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if re.search(r"\.lora_(?:embedding_)?[AB]\.", name):
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+            elif "trainable_tokens_delta" in name:  # the trained rows themselves
+                p.copy_(row_std * torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(str(out_dir), save_embedding_layers=True)
+    tok.save_pretrained(str(out_dir))
+    return out_dir
 
 
 def _stamp(*dirs: Path | None) -> tuple[int, ...]:

@@ -15,12 +15,13 @@ from safetensors.torch import load_file, save_file
 
 from loraplex import LoRARequest, SamplingParams
 from loraplex.lora import ops
+from loraplex.lora.errors import LoRAError
 from loraplex.lora.layers import EmbeddingWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.worker.context import StepContext, step_context
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm, run_staggered
 from tests.fixtures import make_peft_adapter, make_tiny_model
-from tests.test_prompt_logprobs import check_prompt_logprobs
+from tests.test_prompt_logprobs import check_batch_with_prompt_logprobs
 
 VOCAB_SPECS = {
     "vocab_r8": dict(r=8, lora_alpha=16, seed=21,
@@ -72,12 +73,8 @@ def test_chunked_prefill_and_prompt_logprobs_through_lm_head_lora(budget, tiny_m
                    max_num_batched_tokens=budget)
     batch = [prompts[-1 - i] for i in range(len(names))]
     assert budget is None or max(map(len, batch)) > 2 * budget
-    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
-                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
-    dirs = [adapters[n] if n else None for n in names]
-    check_against_hf(outs, base, dirs, batch)
-    for out, adapter, prompt in zip(outs, dirs, batch):
-        check_prompt_logprobs(out, base, adapter, prompt, 2)
+    check_batch_with_prompt_logprobs(llm, base, batch, [reqs[n] if n else None for n in names],
+                                     [adapters[n] if n else None for n in names], params)
 
 
 def test_tied_embeddings(tmp_path, prompts):
@@ -149,8 +146,9 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
 
 def test_saved_embedding_copies(tmp_path, tiny_models, vocab_adapters, prompts):
     """Without the copies (save_embedding_layers=False) the adapter is the same adapter;
-    a changed copy (trained embeddings) or a resized one (added tokens) fails only the
-    requests for that adapter, with the reason."""
+    a changed copy (trained embeddings) fails only the requests for that adapter, with the
+    reason; a resized one with no tokenizer for the rows it adds is refused when its
+    request is added."""
     base, src = tiny_models["llama"], vocab_adapters["llama"]["vocab_r8"]
     copies = [k for k in load_file(str(src / "adapter_model.safetensors"))
               if k.endswith("base_layer.weight")]
@@ -169,11 +167,14 @@ def test_saved_embedding_copies(tmp_path, tiny_models, vocab_adapters, prompts):
 
     lean = LoRARequest("lean", 1, str(_rewrite(src, tmp_path / "lean", drop)))
     bad = {"trained": (LoRARequest("trained", 2, str(_rewrite(src, tmp_path / "tr", trained))),
-                       "differs from the base model's"),
-           "resized": (LoRARequest("resized", 3, str(_rewrite(src, tmp_path / "rs", resized))),
-                       "resized vocabulary")}
+                       "differ from the base model's")}
+    resized_req = LoRARequest("resized", 3, str(_rewrite(src, tmp_path / "rs", resized)))
     llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8)
     engine = llm.llm_engine
+    with pytest.raises(LoRAError, match="adds 4 tokens to the vocabulary but .* no usable "
+                                        "tokenizer"):
+        engine.add_request("resized", {"prompt_token_ids": prompts[2]}, GREEDY,
+                           lora_request=resized_req)
     engine.add_request("lean", {"prompt_token_ids": prompts[0]}, GREEDY, lora_request=lean)
     engine.add_request("base", {"prompt_token_ids": prompts[1]}, GREEDY)
     for name, (req, _) in bad.items():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from loraplex import SamplingParams
-from tests.engine_utils import lora_requests, make_llm
+from tests.engine_utils import check_against_hf, lora_requests, make_llm
 from tests.fixtures import hf_logprobs
 
 
@@ -21,6 +21,18 @@ def check_prompt_logprobs(out, base, adapter, prompt, k: int) -> None:
         assert entry[tok].rank == int((row > row[tok]).sum()) + 1
         top = row.topk(k).indices.tolist()
         assert set(top) <= set(entry) <= set(top) | {tok}
+
+
+def check_batch_with_prompt_logprobs(llm, base, batch: list[list[int]], loras: list,
+                                     dirs: list, params: SamplingParams) -> None:
+    """One generate call over `batch` (each prompt with its LoRARequest or None): greedy
+    tokens and logprobs, and prompt logprobs (top params.prompt_logprobs), equal HF + PEFT
+    with the adapter in `dirs`."""
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, lora_request=loras,
+                        use_tqdm=False)
+    check_against_hf(outs, base, dirs, batch)
+    for out, adapter, prompt in zip(outs, dirs, batch):
+        check_prompt_logprobs(out, base, adapter, prompt, params.prompt_logprobs)
 
 
 @pytest.mark.parametrize("budget", [None, 6])

@@ -80,8 +80,9 @@ def test_announces_address_and_adapters(server, tiny_adapters):
     while want not in server.logs() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert want in server.logs()
-    for flag in ("--lora-extra-vocab-size", "--long-lora-scaling-factors"):  # accepted, said
-        assert f"{flag} is accepted but has no effect" in server.logs()
+    # accepted, and said to do nothing
+    assert "--long-lora-scaling-factors is accepted but has no effect" in server.logs()
+    assert "--lora-extra-vocab-size is accepted" not in server.logs()
 
 
 def test_health_version_models(server, tiny_models, tiny_adapters):
@@ -540,32 +541,75 @@ def test_metrics(server, client):
     assert loads and loads[0].value >= 1 + misses["host"]  # --lora-modules read at start
 
 
-def _extra_vocab_adapter(src, dst):
+def _extra_vocab_adapter(src, dst, rows: int):
+    """`src` plus vLLM's new_embeddings file adding `rows` tokens (and no tokenizer)."""
     from safetensors.torch import save_file
 
     shutil.copytree(src, dst)
-    save_file({"input_embeddings": torch.zeros(4, 64), "output_embeddings": torch.zeros(4, 64)},
+    save_file({"input_embeddings": torch.zeros(rows, 64),
+               "output_embeddings": torch.zeros(rows, 64)},
               str(dst / "new_embeddings.safetensors"))
     return dst
 
 
-def test_extra_vocab_and_long_context_adapters_are_refused(server, client, tiny_adapters,
-                                                           tmp_path):
-    """The server runs with --lora-extra-vocab-size and --long-lora-scaling-factors; an
-    adapter that would need them is a 400 saying so, never served silently."""
-    src = tiny_adapters["llama"]["r4_qv"]
-    cases = {
-        "vocab": (_extra_vocab_adapter(src, tmp_path / "vocab"), "4 new token embeddings"),
-        "long": (_edited(src, tmp_path / "long", lambda c: c.update(context_length=16384)),
-                 "long-context LoRA"),
-    }
-    for name, (path, reason) in cases.items():
+def test_adapter_that_adds_tokens_over_http(server, client, tiny_models, tiny_adapters,
+                                           tmp_path):
+    """An adapter trained with added tokens loads at runtime. Its requests' text is encoded
+    with its tokenizer (an added token's text becomes its id; the base's requests keep the
+    base tokenizer), its outputs and logprobs decode its tokens, and its tokens equal HF +
+    PEFT's on the resized model. Without its tokenizer it is a 400 naming why; a
+    long-context LoRA is refused ("not supported yet"); the server carries on."""
+    from transformers import AutoTokenizer
+
+    from tests.fixtures import make_added_tokens_adapter
+
+    base = tiny_models["llama"]
+    src = make_added_tokens_adapter(base, tmp_path / "added", seed=44)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "added", "lora_path": str(src)})
+    assert r.status_code == 200, r.text
+    text = "Hello <tool> world <think>"
+    ids = tok.encode(text)
+    assert {512, 513} <= set(ids)
+    kw = dict(max_tokens=8, temperature=0, logprobs=2)
+    r = client.completions.create(model="added", prompt=text, **kw, extra_body={
+        "ignore_eos": True, "return_tokens_as_token_ids": True})
+    got = token_ids_of(r.choices[0].logprobs)
+    check_hf(got, base, src, ids)
+    assert any(t >= 512 for t in got), got
+    assert r.choices[0].text == tok.decode(got).rstrip("\ufffd")
+    assert r.usage.prompt_tokens == len(ids)
+    r = client.completions.create(model="added", prompt=text, **kw,
+                                  extra_body={"ignore_eos": True})
+    assert {"<tool>", "<think>", "<end_think>"} & set(r.choices[0].logprobs.tokens)
+    base_ids = AutoTokenizer.from_pretrained(str(base)).encode(text)
+    r = client.completions.create(model=BASE, prompt=text, max_tokens=2, temperature=0)
+    assert r.usage.prompt_tokens == len(base_ids) != len(ids)
+    messages = [{"role": "user", "content": "Hi <tool>"}]
+    r = client.chat.completions.create(model="added", messages=messages, max_tokens=2,
+                                       temperature=0)
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False).input_ids)
+
+    r = server.post("/tokenize", {"model": "added", "prompt": text, "return_token_strs": True})
+    assert r.json()["tokens"] == ids and "<tool>" in r.json()["token_strs"]
+    assert server.post("/tokenize", {"model": BASE, "prompt": text}).json()["tokens"] == base_ids
+    r = server.post("/detokenize", {"model": "added", "tokens": ids})
+    assert r.json()["prompt"] == tok.decode(ids)
+
+    no_tok = shutil.copytree(src, tmp_path / "no_tok")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tok / name).unlink()
+    long = _edited(tiny_adapters["llama"]["r4_qv"], tmp_path / "long",
+                   lambda c: c.update(context_length=16384))
+    for name, path, reason in (("no_tok", no_tok, "no usable tokenizer"),
+                               ("long", long, "long-context LoRA is not supported yet")):
         r = server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
         assert r.status_code == 400, r.text
-        message = r.json()["error"]["message"]
-        assert reason in message and "not supported yet" in message, message
+        assert reason in r.json()["error"]["message"]
         assert name not in {c["id"] for c in server.get("/v1/models").json()["data"]}
         still_serves(client)
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "added"}).status_code == 200
 
 
 def test_embedding_and_lm_head_adapter_over_http(server, client, tiny_models, prompts,
@@ -589,7 +633,7 @@ def test_embedding_and_lm_head_adapter_over_http(server, client, tiny_models, pr
     check_hf(greedy_ids(client, "vocab", prompt), base, good, prompt)
     r = server.post("/v1/load_lora_adapter", {"lora_name": "trained", "lora_path": str(trained)})
     assert r.status_code == 400, r.text
-    assert "differs from the base model's" in r.json()["error"]["message"]
+    assert "differ from the base model's" in r.json()["error"]["message"]
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "vocab"}).status_code == 200
     still_serves(client)
 
@@ -611,7 +655,10 @@ def test_bad_requests_fail_alone_while_a_stream_runs(server, client, tiny_models
         ("load_lora_adapter", {"lora_name": "big", "lora_path": str(big)}, 400,
          "max_lora_rank"),
         ("load_lora_adapter", {"lora_name": "vocab", "lora_path": str(
-            _extra_vocab_adapter(ad["r4_qv"], tmp_path / "vocab"))}, 400, "not supported yet"),
+            _extra_vocab_adapter(ad["r4_qv"], tmp_path / "vocab", 600))}, 400,
+         "has 600 extra embeddings"),
+        ("completions", {"model": "r4_qv", "prompt": [1, 600], "max_tokens": 2}, 400,
+         "out of range"),
         ("completions", {"model": "no-such-model", "prompt": "Hi"}, 404, "does not exist"),
         ("completions", b'{"model": "r4_qv", "prompt": ', 400, "not valid JSON"),
         ("completions", {"model": "r4_qv", "prompt": list(range(3, 200)), "max_tokens": 2},

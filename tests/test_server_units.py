@@ -214,9 +214,11 @@ def _variant(src, dst, config=None, files=None):
     return dst
 
 
-def test_extra_vocab_and_long_context_adapters_are_refused(tiny_adapters, tmp_path):
-    """What --lora-extra-vocab-size / --long-lora-scaling-factors would serve is refused
-    by name ("not supported yet"), both at registration and at full load."""
+def test_long_context_refused_and_added_tokens_counted_from_headers(tiny_adapters, tmp_path):
+    """Long-context LoRA is refused by name ("not supported yet"). Tokens an adapter adds
+    are counted at registration from the files' headers alone, and an adapter that adds
+    more than lora_extra_vocab_size, or whose tokenizer adds ids its weights have no rows
+    for, is refused then and at full load (tests/test_added_tokens.py serves them)."""
     from safetensors.torch import save_file
 
     from loraplex.lora.adapter import TargetShapes, check_adapter_config, load_adapter
@@ -225,31 +227,37 @@ def test_extra_vocab_and_long_context_adapters_are_refused(tiny_adapters, tmp_pa
     src = tiny_adapters["llama"]["r4_qv"]
     shapes = {f"model.layers.{i}.self_attn.{p}": (64, out) for i in range(2)
               for p, out in (("q_proj", 64), ("v_proj", 32))}  # the tiny llama's
-    targets = TargetShapes(shapes=shapes, suffixes=("q_proj", "v_proj"), vocab_size=512)
     emb = {"input_embeddings": torch.zeros(3, 64), "output_embeddings": torch.zeros(3, 64)}
+
+    def targets(extra):
+        return TargetShapes(shapes=shapes, suffixes=("q_proj", "v_proj"), vocab_size=512,
+                            extra_vocab_size=extra)
 
     def added(ids):
         return lambda p: p.write_text(json.dumps({f"<t{i}>": i for i in ids}))
+    new_emb = _variant(src, tmp_path / "new_emb", files={
+        "new_embeddings.safetensors": lambda p: save_file(emb, str(p))})
     refused = {
         "long": (_variant(src, tmp_path / "long", {"context_length": 16384}),
                  "long-context LoRA is not supported yet"),
-        "new_emb": (_variant(src, tmp_path / "new_emb", files={
-            "new_embeddings.safetensors": lambda p: save_file(emb, str(p))}),
-            "3 new token embeddings"),
+        "new_emb": (new_emb, "has 3 extra embeddings (tokens added past the base vocabulary "
+                             "of 512), but lora_extra_vocab_size=2; restart with "
+                             "--lora-extra-vocab-size 3"),
         "added": (_variant(src, tmp_path / "added", files={"added_tokens.json": added([512, 513])}),
-                  "2 token(s) past the base vocabulary of 512"),
-        "tokens": (_variant(src, tmp_path / "tokens", {"trainable_token_indices": [5]}),
-                   "trainable_token_indices"),
+                  "its tokenizer adds 2 token(s) past the base vocabulary of 512"),
     }
     for name, (path, reason) in refused.items():
         req = LoRARequest(name, 1, str(path))
         for check, args in ((check_adapter_config, ()), (load_adapter, (torch.float32,))):
-            with pytest.raises(LoRAError, match="not supported yet") as e:
-                check(req, targets, 16, *args)
+            with pytest.raises(LoRAError) as e:
+                check(req, targets(2), 16, *args)
             assert reason in str(e.value) and name in str(e.value)
+    assert check_adapter_config(LoRARequest("n", 1, str(new_emb)), targets(3), 16) == 3
     # ids inside the base vocabulary (Llama 3's special tokens, say) are not extra
     ok = _variant(src, tmp_path / "in_vocab", files={"added_tokens.json": added([3, 511])})
-    assert load_adapter(LoRARequest("in_vocab", 1, str(ok)), targets, 16, torch.float32).modules
+    assert check_adapter_config(LoRARequest("in_vocab", 1, str(ok)), targets(0), 16) == 0
+    assert load_adapter(LoRARequest("in_vocab", 1, str(ok)), targets(0), 16,
+                        torch.float32).modules
 
 
 def _serving(engine_args):

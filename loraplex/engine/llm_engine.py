@@ -153,33 +153,33 @@ class LLMEngine:
         return model.eval()
 
     # ---- requests ---------------------------------------------------------------------
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: PromptType, tokenizer: Any) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             _check_prompt_keys(prompt)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
-                return self._tokenize(prompt["prompt"])
+                return self._tokenize(prompt["prompt"], tokenizer)
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}: give a str, "
                          "a list of token ids or {'prompt_token_ids': [...]}")
 
-    def _check_prompt(self, ids: list[int]) -> None:
+    def _check_prompt(self, ids: list[int], vocab: int) -> None:
         if not ids:
             raise ValueError("the prompt is empty")
-        self._check_token_ids("prompt", ids)
+        self._check_token_ids("prompt", ids, vocab)
         limit = self.model_config.max_model_len
         if len(ids) >= limit:
             raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {limit}:"
                              " shorten the prompt or raise max_model_len")
 
-    def _check_token_ids(self, field: str, ids: Iterable[int]) -> None:
-        """Ids inside the model's vocabulary; the error names the request's field first."""
-        vocab = self.model.args.vocab_size
+    def _check_token_ids(self, field: str, ids: Iterable[int], vocab: int) -> None:
+        """Ids inside the vocabulary (the base's, plus the tokens the request's adapter
+        adds); the error names the request's field first."""
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{field} token id {bad[0]} is out of range [0, {vocab})")
@@ -195,13 +195,15 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        text, ids = self._tokenize(prompt)
+        # the adapter first: one that adds tokens brings its own tokenizer
+        lora_id = self._use_lora(lora_request) if lora_request is not None else 0
+        tokenizer, vocab = self.get_tokenizer(lora_request), self.vocab_size(lora_request)
+        text, ids = self._tokenize(prompt, tokenizer)
         salt = _cache_salt(prompt)
-        self._check_prompt(ids)
-        self._check_token_ids("logit_bias", params.logit_bias or {})
+        self._check_prompt(ids, vocab)
+        self._check_token_ids("logit_bias", params.logit_bias or {}, vocab)
         grammars = (self.structured.matchers(params.structured_outputs, params.n)
                     if params.structured_outputs else [None] * params.n)
-        lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         seqs, detoks = [], []
         for i in range(params.n):
             gen = None
@@ -214,7 +216,7 @@ class LLMEngine:
             registration = self.lora_manager.registration_of(lora_id) if lora_id else 0
             seq.cache_salt = registration.to_bytes(8, "little") + salt
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params))
+            detoks.append(IncrementalDetokenizer(tokenizer, ids, params))
         self.requests[request_id] = Request(request_id, text, ids, params, lora_request, seqs,
                                             detoks)
         for seq in seqs:
@@ -459,8 +461,19 @@ class LLMEngine:
             prefix_cache_queries=self.block_manager.num_query_tokens,
             prefix_cache_hits=self.block_manager.num_hit_tokens)
 
-    def get_tokenizer(self):
-        return self.tokenizer
+    def get_tokenizer(self, lora_request: LoRARequest | None = None):
+        """The tokenizer of requests for `lora_request`: the adapter's own when it adds
+        tokens to the vocabulary (registered), else the base model's."""
+        if lora_request is None or self.lora_manager is None:
+            return self.tokenizer
+        return self.lora_manager.tokenizers.get(lora_request.lora_int_id, self.tokenizer)
+
+    def vocab_size(self, lora_request: LoRARequest | None = None) -> int:
+        """Token ids a request may use: the base's vocabulary, plus the tokens its adapter
+        adds."""
+        added = (self.lora_manager.added_token_counts.get(lora_request.lora_int_id, 0)
+                 if lora_request is not None and self.lora_manager is not None else 0)
+        return self.model.args.vocab_size + added
 
 
 def _check_prompt_keys(prompt: dict[str, Any]) -> None:

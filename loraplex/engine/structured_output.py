@@ -43,12 +43,15 @@ class TokenMask:
 
     bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32
     rows: list[int]  # the batch rows it constrains
+    vocab_size: int  # the grammar's vocabulary: columns past it are never allowed
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """-inf on every disallowed token, in place (logits: fp32, [len(rows), V], the
-        constrained rows only)."""
+        constrained rows only). Columns past the grammar's vocabulary (tokens an adapter
+        adds, which the grammar does not know) are disallowed."""
         _xgrammar().apply_token_bitmask_inplace(
             logits, self.bitmask.to(logits.device, non_blocking=True))
+        logits[:, self.vocab_size:] = float("-inf")
         return logits
 
 
@@ -109,4 +112,4 @@ class StructuredOutputs:
         bitmask = _xgrammar().allocate_token_bitmask(len(rows), self.vocab_size)
         for j, i in enumerate(rows):
             matchers[i].fill_next_token_bitmask(bitmask, j)
-        return TokenMask(bitmask, rows)
+        return TokenMask(bitmask, rows, self.vocab_size)

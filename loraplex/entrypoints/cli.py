@@ -152,9 +152,9 @@ ENGINE_HELP: dict[str, str] = {
                      "refused with a clear error.",
     "max_cpu_loras": "Adapters kept in host memory (LRU); default: --max-loras.",
     "lora_dtype": "Dtype of adapter weights: auto (the model's), float16, bfloat16, float32.",
-    "lora_extra_vocab_size": "Extra vocabulary slots for adapters that add tokens. Accepted; "
-                             "adapters with extra vocabulary are refused as not supported "
-                             "yet.",
+    "lora_extra_vocab_size": "Most tokens one adapter may add to the vocabulary (trained "
+                             "after tokenizer.add_tokens; served with the adapter's own "
+                             "tokenizer). Each slot reserves rows for this many.",
     "long_lora_scaling_factors": "RoPE scaling factors for long-context LoRA, e.g. 4.0,8.0. "
                                  "Accepted; long-context LoRA adapters are not supported yet.",
     "default_mm_loras": "JSON {modality: adapter}; multimodal models are not supported yet.",

@@ -33,8 +33,9 @@ class LLM:
             EngineArgs(model=model, tokenizer=tokenizer, **kwargs))
         self._counter = itertools.count()
 
-    def get_tokenizer(self):
-        return self.llm_engine.tokenizer
+    def get_tokenizer(self, lora_request: LoRARequest | None = None):
+        """The base model's tokenizer, or a registered adapter's own when it adds tokens."""
+        return self.llm_engine.get_tokenizer(lora_request)
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -62,16 +63,19 @@ class LLM:
              **template_kwargs: Any) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to each conversation, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.llm_engine.tokenizer
+        loras = _broadcast(lora_request, len(conversations), "lora_request", None)
         prompts: list[PromptType] = []
-        for conv in conversations:
+        for conv, lora in zip(conversations, loras):
+            if lora is not None:  # an adapter that adds tokens renders with its tokenizer
+                self.llm_engine.register_lora(lora)
+            tok = self.llm_engine.get_tokenizer(lora)
             ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
                                           add_generation_prompt=add_generation_prompt,
                                           **template_kwargs)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in v5
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)})
-        return self.generate(prompts, sampling_params, lora_request, use_tqdm)
+        return self.generate(prompts, sampling_params, loras, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams],
              loras: list[LoRARequest | None], use_tqdm: bool) -> list[RequestOutput]:

@@ -57,6 +57,17 @@ class OpenAIServing:
         self.max_model_len = models.max_model_len
         self.max_num_seqs = engine.engine.config.scheduler_config.max_num_seqs
 
+    def encoder_for(self, lora: LoRARequest | None):
+        """The encoder of requests for `lora` (its own when it adds tokens); encoder
+        thread only."""
+        own = self.models.tokenizers.get(lora.lora_int_id) if lora is not None else None
+        return own.encoder if own is not None else self.encoder
+
+    def decoder_for(self, lora: LoRARequest | None):
+        """The decoder of `lora`'s outputs (its own when it adds tokens); event loop only."""
+        own = self.models.tokenizers.get(lora.lora_int_id) if lora is not None else None
+        return own.decoder if own is not None else self.tokenizer
+
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (tokenizing with ``self.encoder``) on the encoder thread."""
         return await asyncio.get_running_loop().run_in_executor(self._encode_thread, fn, *args)
@@ -196,15 +207,16 @@ class OpenAIServing:
         as_ids = req.return_tokens_as_token_ids
         return [None if entry is None else {
             t: PromptLogprob(logprob=v.logprob, rank=v.rank,
-                             decoded_token=self.token_text(t, v, as_ids))
+                             decoded_token=self.token_text(t, v, as_ids, out.lora_request))
             for t, v in entry.items()} for entry in out.prompt_logprobs]
 
-    def token_text(self, token_id: int, logprob, as_id: bool = False) -> str:
+    def token_text(self, token_id: int, logprob, as_id: bool = False,
+                   lora: LoRARequest | None = None) -> str:
         if as_id:
             return f"token_id:{token_id}"
         text = getattr(logprob, "decoded_token", None)
         if text is None:
-            text = self.tokenizer.decode([token_id])
+            text = self.decoder_for(lora).decode([token_id])
         return text
 
     async def sse(self, events: AsyncIterator[str], queued: EngineRequests

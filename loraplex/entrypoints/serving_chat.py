@@ -24,6 +24,7 @@ from loraplex.entrypoints.protocol import (
 )
 from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
 from loraplex.entrypoints.tool_calls import PARSERS, to_tool_calls, tool_choice_outputs, tool_mode
+from loraplex.lora.request import LoRARequest
 from loraplex.outputs import CompletionOutput
 from loraplex.sampling_params import MAX_LOGPROBS
 
@@ -64,15 +65,16 @@ class OpenAIServingChat(OpenAIServing):
             raise BadRequestError("messages must not be empty", param="messages")
         return out
 
-    def render(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None
-               ) -> tuple[str, list[int]]:
+    def render(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None,
+               lora: LoRARequest | None = None) -> tuple[str, list[int]]:
         """Apply the chat template (request's, else --chat-template, else tokenizer's) and
-        tokenize; on the encoder thread. `tools`: what the template is told the model
-        may call (None: nothing)."""
+        tokenize, with `lora`'s tokenizer when it adds tokens; on the encoder thread.
+        `tools`: what the template is told the model may call (None: nothing)."""
         template = req.chat_template or self.chat_template
         tool_kw = {"tools": tools} if tools else {}
+        encoder = self.encoder_for(lora)
         try:
-            text = self.encoder.apply_chat_template(
+            text = encoder.apply_chat_template(
                 self._messages(req), chat_template=template, tokenize=False, **tool_kw,
                 add_generation_prompt=req.add_generation_prompt and not
                 req.continue_final_message,
@@ -81,12 +83,12 @@ class OpenAIServingChat(OpenAIServing):
         except APIError:
             raise
         except Exception as e:  # jinja errors, no template, bad kwargs: the request's fault
-            hint = "" if template or self.encoder.chat_template else (
+            hint = "" if template or encoder.chat_template else (
                 " (this model's tokenizer has no chat template: start the server with "
                 "--chat-template)")
             raise BadRequestError(f"cannot apply the chat template: {e}{hint}",
                                   param="messages") from e
-        ids = self.encoder(text, add_special_tokens=req.add_special_tokens).input_ids
+        ids = encoder(text, add_special_tokens=req.add_special_tokens).input_ids
         return text, list(ids)
 
     async def create_chat_completion(self, req: ChatCompletionRequest):
@@ -111,7 +113,8 @@ class OpenAIServingChat(OpenAIServing):
                                       "response_format and structured outputs",
                                       param="tool_choice")
             params.structured_outputs = tool_choice_outputs(req)
-        text, ids = await self.off_loop(self.render, req, req.tools if calling else None)
+        text, ids = await self.off_loop(self.render, req, req.tools if calling else None,
+                                        lora)
         self.check_token_ids(ids)
         self.fit_max_tokens(params, len(ids))
         request_id = req.request_id or random_id("chatcmpl")
@@ -178,8 +181,9 @@ class OpenAIServingChat(OpenAIServing):
                   ) -> ChatCompletionLogProbs:
         content = []
         for tok, top in zip(o.token_ids[start:], (o.logprobs or [])[start:]):
-            text = self.token_text(tok, top.get(tok), as_ids)
-            tops = [ChatLogProb(token=(t := self.token_text(k, v, as_ids)), logprob=v.logprob,
+            text = self.token_text(tok, top.get(tok), as_ids, o.lora_request)
+            tops = [ChatLogProb(token=(t := self.token_text(k, v, as_ids, o.lora_request)),
+                                logprob=v.logprob,
                                 bytes=list(t.encode()))
                     for k, v in sorted(top.items(), key=lambda kv: -kv[1].logprob)]
             content.append(ChatLogProbsContent(

@@ -17,12 +17,16 @@ from loraplex.entrypoints.protocol import (
 )
 from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
 from loraplex.entrypoints.serving_utils import merge_async_iterators
+from loraplex.lora.request import LoRARequest
 from loraplex.outputs import CompletionOutput, RequestOutput
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    def _prompts(self, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
-        """(text, token ids) per prompt; on the encoder thread."""
+    def _prompts(self, req: CompletionRequest, lora: LoRARequest | None
+                 ) -> list[tuple[str | None, list[int]]]:
+        """(text, token ids) per prompt, with `lora`'s tokenizer when it adds tokens; on
+        the encoder thread."""
+        encoder = self.encoder_for(lora)
         p = req.prompt
         if isinstance(p, str):
             items: list = [p]
@@ -35,7 +39,7 @@ class OpenAIServingCompletion(OpenAIServing):
         out: list[tuple[str | None, list[int]]] = []
         for item in items:
             if isinstance(item, str):
-                ids = self.encoder(item, add_special_tokens=req.add_special_tokens).input_ids
+                ids = encoder(item, add_special_tokens=req.add_special_tokens).input_ids
                 out.append((item, list(ids)))
             else:
                 out.append((None, list(item)))
@@ -53,7 +57,7 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs
             prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
         params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
-        prompts = await self.off_loop(self._prompts, req)
+        prompts = await self.off_loop(self._prompts, req, lora)
         per_prompt = []
         for _, ids in prompts:  # the same params, but max_tokens fits each prompt's context
             p = params.clone()
@@ -69,10 +73,11 @@ class OpenAIServingCompletion(OpenAIServing):
         finally:
             await self.abort_all(queued)
 
-    def _echo(self, req: CompletionRequest, prompt: tuple[str | None, list[int]]) -> str:
+    def _echo(self, req: CompletionRequest, prompt: tuple[str | None, list[int]],
+              lora: LoRARequest | None) -> str:
         if not req.echo:
             return ""
-        return prompt[0] if prompt[0] is not None else self.tokenizer.decode(prompt[1])
+        return prompt[0] if prompt[0] is not None else self.decoder_for(lora).decode(prompt[1])
 
     async def _full(self, req: CompletionRequest, request_id: str, model: str,
                     prompts: list, streams: list) -> CompletionResponse:
@@ -83,7 +88,7 @@ class OpenAIServingCompletion(OpenAIServing):
         for i in range(len(prompts)):
             out = finals[i]
             self.check_output(out)
-            prefix = self._echo(req, prompts[i])
+            prefix = self._echo(req, prompts[i], out.lora_request)
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
                 lp = None
@@ -111,25 +116,28 @@ class OpenAIServingCompletion(OpenAIServing):
             return CompletionLogProbs(), prefix_len
         entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
         return self._token_logprobs(out.prompt_token_ids, entries, 0,
-                                    req.return_tokens_as_token_ids, strict=True)
+                                    req.return_tokens_as_token_ids, out.lora_request,
+                                    strict=True)
 
     def _logprobs(self, o: CompletionOutput, start: int, end: int, offset: int,
                   as_ids: bool = False) -> CompletionLogProbs:
         return self._token_logprobs(o.token_ids[start:end], (o.logprobs or [])[start:end],
-                                    offset, as_ids)[0]
+                                    offset, as_ids, o.lora_request)[0]
 
     def _token_logprobs(self, token_ids: list[int], entries: list, offset: int,
-                        as_ids: bool, strict: bool = False) -> tuple[CompletionLogProbs, int]:
+                        as_ids: bool, lora: LoRARequest | None, strict: bool = False
+                        ) -> tuple[CompletionLogProbs, int]:
         """OpenAI's legacy logprobs of tokens from their logprob dicts (None: no logprob, as
         for a prompt's first token), text offsets from `offset` on; and the offset after."""
         lp = CompletionLogProbs()
         for tok, entry in zip(token_ids, entries, strict=strict):
-            text = self.token_text(tok, entry.get(tok) if entry is not None else None, as_ids)
+            text = self.token_text(tok, entry.get(tok) if entry is not None else None, as_ids,
+                                   lora)
             lp.tokens.append(text)
             lp.token_logprobs.append(entry[tok].logprob
                                      if entry is not None and tok in entry else None)
             lp.top_logprobs.append(None if entry is None else
-                                   {self.token_text(t, v, as_ids): v.logprob
+                                   {self.token_text(t, v, as_ids, lora): v.logprob
                                     for t, v in entry.items()})
             lp.text_offset.append(offset)
             offset += len(text)
@@ -151,7 +159,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 idx = i * n + o.index
                 if idx in done:
                     continue
-                prefix = "" if idx in sent_text else self._echo(req, prompts[i])
+                prefix = "" if idx in sent_text else self._echo(req, prompts[i], out.lora_request)
                 t0, k0 = sent_text.get(idx, 0), sent_tokens.get(idx, 0)
                 delta = o.text[t0:]
                 if not delta and not prefix and o.finish_reason is None:

@@ -15,11 +15,12 @@ OpenAIServing.start_requests): a stale id is never loaded back into the engine.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from loraplex import envs
 from loraplex.engine.async_engine import AsyncLLMEngine
@@ -45,6 +46,16 @@ class LoRAModulePath:
 NAMES_IN_NOT_FOUND = 20  # served names a 404 for an unknown model lists
 
 
+@dataclass
+class AdapterTokenizers:
+    """Copies of an adapter's own tokenizer (one that adds tokens) for the server's
+    threads, as the base's (OpenAIServing): `decoder` on the event loop, `encoder` on the
+    encoder thread; an HF fast tokenizer must not be used by two threads at once."""
+
+    decoder: Any
+    encoder: Any
+
+
 class OpenAIServingModels:
     def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str],
                  max_model_len: int, lora_enabled: bool) -> None:
@@ -53,6 +64,7 @@ class OpenAIServingModels:
         self.max_model_len = max_model_len
         self.lora_enabled = lora_enabled
         self.lora_requests: dict[str, LoRARequest] = {}
+        self.tokenizers: dict[int, AdapterTokenizers] = {}  # by lora_int_id
         self._ids = itertools.count(1)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, users)
 
@@ -86,9 +98,18 @@ class OpenAIServingModels:
     def _new_request(self, name: str, path: str, base_model_name: str | None) -> LoRARequest:
         return LoRARequest(name, next(self._ids), path, base_model_name=base_model_name)
 
-    def _serve(self, name: str, req: LoRARequest) -> None:
+    async def _serve(self, name: str, req: LoRARequest) -> None:
         """`name` answers requests from now on (loaded, reloaded or resolved): an unload's
-        pending drop of its metric series is off."""
+        pending drop of its metric series is off. An adapter that adds tokens brings its
+        own tokenizer: the server takes copies of it (see AdapterTokenizers)."""
+        def copies() -> AdapterTokenizers | None:  # on the engine thread, which uses it
+            tok = self.engine.engine.get_tokenizer(req)
+            if tok is self.engine.engine.tokenizer:
+                return None
+            return AdapterTokenizers(copy.deepcopy(tok), copy.deepcopy(tok))
+        tokenizers = await self.engine.run(copies)
+        if tokenizers is not None:
+            self.tokenizers[req.lora_int_id] = tokenizers
         self.lora_requests[name] = req
         self.engine.keep_model_metrics(name)
 
@@ -131,11 +152,12 @@ class OpenAIServingModels:
                 await self.engine.add_lora(req)
             except LoRAError as e:
                 raise BadRequestError(str(e), param="lora_path") from e
-            self._serve(name, req)
+            await self._serve(name, req)
             if old is None:
                 logger.info("loaded LoRA adapter %s from %s", name, path)
                 return f"Success: LoRA adapter '{name}' added successfully."
             await self.engine.remove_lora(old.lora_int_id)  # deferred while in flight
+            self.tokenizers.pop(old.lora_int_id, None)
             logger.info("reloaded LoRA adapter %s in place from %s", name, path)
             return f"Success: LoRA adapter '{name}' reloaded in place successfully."
         return await self._change(name, load)
@@ -149,6 +171,7 @@ class OpenAIServingModels:
                 raise NotFoundError(f"The lora adapter '{name}' cannot be found.",
                                     param="lora_name")
             await self.engine.remove_lora(req.lora_int_id)  # deferred while in flight
+            self.tokenizers.pop(req.lora_int_id, None)
             self.engine.forget_model_metrics(name)  # likewise
             logger.info("unloaded LoRA adapter %s", name)
             return f"Success: LoRA adapter '{name}' removed successfully."
@@ -190,7 +213,7 @@ class OpenAIServingModels:
             except LoRAError as e:
                 failures.append(f"{rname}: {e}")
                 continue
-            self._serve(name, req)
+            await self._serve(name, req)
             logger.info("resolver %s resolved %s to %s", rname, name, hit.lora_path)
             return req
         if failures:

@@ -17,11 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.lora.added_tokens import (
+    AddedTokens,
+    VocabParts,
+    count_added_tokens,
+    read_new_embeddings,
+    token_delta_module,
+    vocab_copy_module,
+)
 from loraplex.lora.errors import LoRAError, LoRANotFoundError
 from loraplex.lora.request import LoRARequest
-
-# modules whose full weight PEFT saves beside their LoRA (save_embedding_layers)
-_VOCAB_MODULES = ("embed_tokens", "lm_head")
 
 
 @dataclass
@@ -40,6 +45,7 @@ class LoRAModel:
     path: str
     rank: int
     modules: dict[str, LoRAModuleWeights]
+    added_tokens: AddedTokens | None = None
 
 
 @dataclass
@@ -50,6 +56,7 @@ class PackedLoRA:
 
     lora_int_id: int
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    added_tokens: AddedTokens | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class TargetShapes:
     # copy of them (PEFT's save_embedding_layers) must have saved them unchanged
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict, compare=False,
                                                   repr=False)
+    extra_vocab_size: int = 0  # most tokens an adapter may add (lora_extra_vocab_size)
+    tied_embeddings: bool = False  # lm_head is the embedding: an added token's rows too
 
 
 def local_adapter_dir(req: LoRARequest) -> str | None:
@@ -130,74 +139,28 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
                                 "adapter was trained for a different architecture")
 
 
-_EXTRA_VOCAB = ("adapters that add tokens are not supported yet (--lora-extra-vocab-size is "
-                "accepted but has no effect); use an adapter trained on the base vocabulary")
-
-
-def _new_embeddings_rows(path: str) -> int | None:
-    """Extra tokens in vLLM's new_embeddings.safetensors (its first tensor's rows)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            keys = list(f.keys())
-            return f.get_slice(keys[0]).get_shape()[0] if keys else None
-    except Exception:  # unreadable: the refusal does not need the count
-        return None
-
-
-def _added_token_ids(name: str, path: str) -> list[int]:
-    try:
-        with open(path) as f:
-            added = json.load(f)
-    except (OSError, ValueError) as e:
-        raise LoRAError(f"LoRA adapter {name!r}: added_tokens.json is not valid JSON: {e}"
-                        ) from e
-    if not isinstance(added, dict):
-        raise LoRAError(f"LoRA adapter {name!r}: added_tokens.json is not a JSON object")
-    return [i for i in added.values() if isinstance(i, int)]
-
-
-def _check_not_supported_yet(name: str, path: str, cfg: dict, vocab_size: int | None) -> None:
-    """Long-context LoRA and extra vocabulary: refused by name, never silently ignored.
-
-    Extra vocabulary shows as vLLM's new_embeddings file, PEFT's trainable tokens, or an
-    added_tokens.json with ids past the base's vocabulary. (transformers writes every id
-    past the tokenizer's base vocab there, e.g. Llama 3's in-vocabulary special tokens,
-    so that file alone means nothing: it is checked only when ``vocab_size`` is known.)
-    """
+def _check_long_context(name: str, cfg: dict) -> None:
+    """Long-context LoRA: refused by name, never silently served at the base's length."""
     if cfg.get("context_length") or cfg.get("rope_scaling"):
         what = (f"context_length={cfg['context_length']}" if cfg.get("context_length")
                 else f"rope_scaling={cfg['rope_scaling']}")
         raise LoRAError(f"LoRA adapter {name!r} is a long-context LoRA ({what}): long-context "
                         "LoRA is not supported yet (--long-lora-scaling-factors is accepted "
                         "but has no effect)")
-    for fname in ("new_embeddings.safetensors", "new_embeddings.bin"):
-        if os.path.isfile(os.path.join(path, fname)):
-            rows = _new_embeddings_rows(os.path.join(path, fname))
-            count = f"{rows} new token embeddings" if rows else "new token embeddings"
-            raise LoRAError(f"LoRA adapter {name!r} ships {count} ({fname}): " + _EXTRA_VOCAB)
-    if cfg.get("trainable_token_indices"):
-        raise LoRAError(f"LoRA adapter {name!r} trains token embeddings "
-                        "(trainable_token_indices): " + _EXTRA_VOCAB)
-    added = os.path.join(path, "added_tokens.json")
-    if vocab_size is not None and os.path.isfile(added):
-        extra = sorted(i for i in _added_token_ids(name, added) if i >= vocab_size)
-        if extra:
-            raise LoRAError(f"LoRA adapter {name!r} adds {len(extra)} token(s) past the base "
-                            f"vocabulary of {vocab_size} (added_tokens.json, ids {extra[0]}.."
-                            f"{extra[-1]}): " + _EXTRA_VOCAB)
 
 
-def check_adapter_config(req: LoRARequest, targets: TargetShapes, max_rank: int) -> None:
+def check_adapter_config(req: LoRARequest, targets: TargetShapes, max_rank: int) -> int:
     """The cheap part of validation (no weights read): what registration checks, so that
     thousands of adapters can be registered and loaded only when a request needs them.
-    A hub id is checked when it is fetched."""
+    Returns how many tokens the adapter adds to the vocabulary (from the weight files'
+    headers). A hub id is checked when it is fetched (and counts 0 until then)."""
     path = local_adapter_dir(req)
-    if path is not None:
-        cfg = _read_config(req.lora_name, path)
-        _check_config(req.lora_name, cfg, max_rank, targets)
-        _check_not_supported_yet(req.lora_name, path, cfg, targets.vocab_size)
+    if path is None:
+        return 0
+    cfg = _read_config(req.lora_name, path)
+    _check_config(req.lora_name, cfg, max_rank, targets)
+    _check_long_context(req.lora_name, cfg)
+    return count_added_tokens(req.lora_name, path, cfg, targets)
 
 
 def _read_tensors(name: str, path: str) -> dict[str, torch.Tensor]:
@@ -233,7 +196,6 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_[AB])
 # without ".weight" (they are parameters, not modules)
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_"
                             r"(?P<ab>[AB])(?:\.[^.]+)?$")
-_BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 
 
 def _module_name(name: str, key: str) -> tuple[str, str]:
@@ -246,33 +208,9 @@ def _module_name(name: str, key: str) -> tuple[str, str]:
     m = _EMBEDDING_KEY.match(key)
     if m is not None:
         return m.group("module"), "lora_" + m.group("ab")
-    if any(f"{u}.weight" in key for u in _VOCAB_MODULES):
-        raise LoRAError(f"LoRA adapter {name!r} ships full {key!r} weights (a resized "
-                        "vocabulary or a saved embedding/lm_head): " + _EXTRA_VOCAB)
     raise LoRAError(f"LoRA adapter {name!r}: unexpected tensor {key!r} (not a LoRA A/B "
-                    "weight); extra vocabulary or saved modules are not supported yet")
-
-
-def _check_base_copy(name: str, key: str, module: str, saved: torch.Tensor,
-                     targets: TargetShapes) -> None:
-    """PEFT saves embed_tokens / lm_head whole beside their LoRA (save_embedding_layers,
-    on by default when they are targeted). An unchanged copy is harmless and skipped; a
-    different one (a resized vocabulary, trained embeddings) cannot be served as LoRA."""
-    base = targets.base_weights.get(module)
-    if base is None:
-        raise LoRAError(f"LoRA adapter {name!r}: unexpected tensor {key!r} (a full copy of "
-                        f"{module}, which the base model has no LoRA layer for)")
-    if saved.shape != base.shape:
-        raise LoRAError(f"LoRA adapter {name!r} ships {module} with shape "
-                        f"{tuple(saved.shape)} where the base has {tuple(base.shape)} (a "
-                        "resized vocabulary): " + _EXTRA_VOCAB)
-    rows = max(1, 2**26 // max(1, base[0].numel() * base.element_size()))  # 64 MiB pieces
-    if not all(torch.equal(saved[i:i + rows].to(base.device, base.dtype), base[i:i + rows])
-               for i in range(0, base.shape[0], rows)):
-        raise LoRAError(f"LoRA adapter {name!r} ships a {module} ({key}) that differs from "
-                        "the base model's: fully trained embeddings or lm_head are not "
-                        "supported (LoRA on them is); if they were not trained, save the "
-                        "adapter with save_embedding_layers=False")
+                    "weight); saved modules other than embed_tokens / lm_head are not "
+                    "supported")
 
 
 def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
@@ -282,15 +220,18 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     path = resolve_adapter_path(req)
     cfg = _read_config(name, path)
     _check_config(name, cfg, max_rank, targets)
-    _check_not_supported_yet(name, path, cfg, targets.vocab_size)
+    _check_long_context(name, cfg)
+    count_added_tokens(name, path, cfg, targets)  # registration's checks (a hub id's too)
+    vocab = VocabParts(name, targets)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in _read_tensors(name, path).items():
-        copy = _BASE_COPY_KEY.match(key)
-        if copy is not None:
-            _check_base_copy(name, key, copy.group("module"), tensor, targets)
-            continue
-        module, kind = _module_name(name, key)
-        pairs.setdefault(module, {})[kind] = tensor
+        if (module := vocab_copy_module(key)) is not None:
+            vocab.add_copy(key, module, tensor)
+        elif (module := token_delta_module(key)) is not None:
+            vocab.add_delta(module, tensor)
+        else:
+            module, kind = _module_name(name, key)
+            pairs.setdefault(module, {})[kind] = tensor
     if not pairs:
         raise LoRAError(f"LoRA adapter {name!r}: no LoRA weights in {path}")
     default_r, default_alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
@@ -302,7 +243,11 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
         if set(ab) != {"lora_A", "lora_B"}:
             raise LoRAError(f"LoRA adapter {name!r}: module {module!r} lacks its "
                             f"{'lora_B' if 'lora_A' in ab else 'lora_A'} weight")
-        a, b = ab["lora_A"], ab["lora_B"]
+        r = _pattern_value(module, cfg.get("rank_pattern") or {}, default_r)
+        alpha = _pattern_value(module, cfg.get("alpha_pattern") or {}, default_alpha)
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        # a resized embed_tokens / lm_head: the added tokens' part goes into their rows
+        a, b = vocab.split_lora(module, ab["lora_A"], ab["lora_B"].float() * scaling)
         in_f, out_f = targets.shapes[module]
         rank = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, rank):
@@ -312,11 +257,11 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
         if rank > max_rank:
             raise LoRAError(f"LoRA adapter {name!r} has rank {rank} > max_lora_rank={max_rank};"
                             f" restart with --max-lora-rank {rank}")
-        r = _pattern_value(module, cfg.get("rank_pattern") or {}, default_r)
-        alpha = _pattern_value(module, cfg.get("alpha_pattern") or {}, default_alpha)
-        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        modules[module] = LoRAModuleWeights(
-            lora_a=a.to(dtype).contiguous(),
-            lora_b=(b.float() * scaling).to(dtype).contiguous())
+        modules[module] = LoRAModuleWeights(lora_a=a.to(dtype).contiguous(),
+                                            lora_b=b.to(dtype).contiguous())
+    added = vocab.added_tokens(cfg, read_new_embeddings(name, path))
+    if added is not None:
+        added = AddedTokens(added.input_embeddings.to(dtype), added.output_embeddings.to(dtype))
     return LoRAModel(lora_int_id=req.lora_int_id, name=name, path=path,
-                     rank=max(w.lora_a.shape[0] for w in modules.values()), modules=modules)
+                     rank=max(w.lora_a.shape[0] for w in modules.values()), modules=modules,
+                     added_tokens=added)

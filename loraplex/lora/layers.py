@@ -19,6 +19,7 @@ from torch import nn
 from loraplex.layers.linear import Linear
 from loraplex.layers.quantization import QuantLinear
 from loraplex.lora import ops
+from loraplex.lora.extra_vocab import ExtraVocabSlots
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.worker.context import get_context
 
@@ -127,9 +128,23 @@ class EmbeddingWithLoRA(LinearWithLoRA):
     def _dims(base_layer: nn.Module) -> tuple[int, list[int]]:
         return base_layer.num_embeddings, [base_layer.embedding_dim]
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.extra_vocab: ExtraVocabSlots | None = None  # added tokens' rows (LoRAManager's)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        meta = get_context().lora_meta
+        extra = self.extra_vocab
+        if extra is None or meta is None or (meta.skip_unused_layers and
+                                             not extra.any_active(meta.active_slot_list)):
+            return self._embed(input_ids, self._meta())
+        # added tokens (ids >= the base vocabulary) take their slot's own row
+        slots = meta.token_lora_indices[:input_ids.shape[0]].long()
+        y = self._embed(input_ids.clamp(max=extra.vocab_size - 1), self._meta())
+        return extra.embed(input_ids, slots, y)
+
+    def _embed(self, input_ids: torch.Tensor, meta: LoRABatchMeta | None) -> torch.Tensor:
         y = self.base_layer(input_ids)
-        meta = self._meta()
         if meta is None:
             return y
         n = input_ids.shape[0]

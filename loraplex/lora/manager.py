@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +32,12 @@ from loraplex.lora.adapter import (
     TargetShapes,
     check_adapter_config,
     load_adapter,
+    local_adapter_dir,
+    resolve_adapter_path,
 )
+from loraplex.lora.added_tokens import AddedTokens, load_adapter_tokenizer
 from loraplex.lora.errors import LoRAError
+from loraplex.lora.extra_vocab import ExtraVocabSlots
 from loraplex.lora.layers import EmbeddingWithLoRA, LinearWithLoRA
 from loraplex.lora.loader import AdapterLoader
 from loraplex.lora.request import LoRARequest
@@ -84,6 +89,7 @@ class LoRAManager:
                 f"{cfg.max_lora_rank} on every LoRA layer) do not fit in device memory: "
                 "lower max_loras or max_lora_rank") from e
         self.device = next(iter(self.layers.values())).lora_a_stacked.device
+        self.extra_vocab = self._extra_vocab_slots(model, cfg)
         self._packed = model.packed_modules_mapping
         self.targets = self._target_shapes(model)
         self.registered: dict[int, LoRARequest] = {}
@@ -91,6 +97,10 @@ class LoRAManager:
         # removed and re-added id never shares K/V computed under the old weights
         self._registration: dict[int, int] = {}
         self._registrations = itertools.count(1)
+        # adapters that add tokens past the base vocabulary: how many, and the adapter's
+        # own tokenizer, which its requests are encoded and decoded with
+        self.added_token_counts: dict[int, int] = {}
+        self.tokenizers: dict[int, Any] = {}
         self._host: OrderedDict[int, PackedLoRA] = OrderedDict()  # LRU: oldest first
         self.lora_index_to_id: list[int | None] = [None] * cfg.max_loras
         self._slot_lru: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, oldest first
@@ -114,7 +124,22 @@ class LoRAManager:
             if isinstance(layer, EmbeddingWithLoRA) or leaf == "lm_head":
                 vocab_layers[name] = layer.base_layer.weight.detach()
         return TargetShapes(shapes=shapes, suffixes=tuple(model.lora_target_modules),
-                            vocab_size=model.args.vocab_size, base_weights=vocab_layers)
+                            vocab_size=model.args.vocab_size, base_weights=vocab_layers,
+                            extra_vocab_size=self.cfg.lora_extra_vocab_size,
+                            tied_embeddings=bool(model.args.tie_word_embeddings))
+
+    def _extra_vocab_slots(self, model: nn.Module, cfg: LoRAConfig) -> ExtraVocabSlots | None:
+        """Rows for the tokens adapters add (lora_extra_vocab_size per slot), served by
+        the embedding and, for the logits, by the model runner."""
+        embed = next((m for m in self.layers.values() if isinstance(m, EmbeddingWithLoRA)),
+                     None)
+        if not cfg.lora_extra_vocab_size or embed is None:
+            return None
+        a = model.args
+        embed.extra_vocab = ExtraVocabSlots(a.vocab_size, cfg.max_loras,
+                                            cfg.lora_extra_vocab_size, a.hidden_size,
+                                            self.dtype, self.device)
+        return embed.extra_vocab
 
     def slot_bytes_per_rank(self) -> int:
         """Bytes of one slot at rank 1 over all wrapped layers (A and B of every slice)."""
@@ -146,7 +171,11 @@ class LoRAManager:
             layers[name] = layer.pack([parts[k][0] if k in parts else None for k in range(n)],
                                       [parts[k][1] if k in parts else None for k in range(n)],
                                       pin_memory=self.device.type == "cuda")
-        return PackedLoRA(lora.lora_int_id, layers)
+        added = lora.added_tokens
+        if added is not None and self.device.type == "cuda":
+            added = AddedTokens(added.input_embeddings.pin_memory(),
+                                added.output_embeddings.pin_memory())
+        return PackedLoRA(lora.lora_int_id, layers, added)
 
     def _check_id(self, req: LoRARequest) -> bool:
         """False if this exact adapter is registered already; raises if the id is taken."""
@@ -164,13 +193,21 @@ class LoRAManager:
         """Cheap registration: the config is checked, the weights are read when needed."""
         if not self._check_id(req):
             return False
-        check_adapter_config(req, self.targets, self.cfg.max_lora_rank)
-        self._register(req)
+        added = check_adapter_config(req, self.targets, self.cfg.max_lora_rank)
+        tokenizer = self._tokenizer(req, local_adapter_dir(req), added) if added else None
+        self._register(req, added, tokenizer)
         return True
 
-    def _register(self, req: LoRARequest) -> None:
+    def _tokenizer(self, req: LoRARequest, path: str, added: int) -> Any:
+        return load_adapter_tokenizer(req.lora_name, path, self.targets.vocab_size, added)
+
+    def _register(self, req: LoRARequest, added_tokens: int = 0, tokenizer: Any = None
+                  ) -> None:
         self.registered[req.lora_int_id] = req
         self._registration[req.lora_int_id] = next(self._registrations)
+        if added_tokens:
+            self.added_token_counts[req.lora_int_id] = added_tokens
+            self.tokenizers[req.lora_int_id] = tokenizer
 
     def registration_of(self, lora_int_id: int) -> int:
         return self._registration[lora_int_id]
@@ -180,7 +217,9 @@ class LoRAManager:
         if not self._check_id(req):
             return False
         lora = prepared if prepared is not None else self.prepare(req)
-        self._register(req)
+        added = lora.added_tokens.num_tokens if lora.added_tokens is not None else 0
+        tokenizer = self._tokenizer(req, resolve_adapter_path(req), added) if added else None
+        self._register(req, added, tokenizer)
         self.loader.cancel(req.lora_int_id)
         self._put_host(lora)
         return True
@@ -189,6 +228,8 @@ class LoRAManager:
         if self.registered.pop(lora_int_id, None) is None:
             return False
         del self._registration[lora_int_id]
+        self.added_token_counts.pop(lora_int_id, None)
+        self.tokenizers.pop(lora_int_id, None)
         self.loader.cancel(lora_int_id)
         self._host.pop(lora_int_id, None)
         self.pinned.discard(lora_int_id)
@@ -241,6 +282,13 @@ class LoRAManager:
             if isinstance(result, LoRAError):
                 self.stats.load_failures += 1
                 failed[lora_id] = result
+            elif result.added_tokens is not None and lora_id not in self.tokenizers:
+                # a hub id registered unread: its requests were encoded without its tokens
+                self.stats.load_failures += 1
+                failed[lora_id] = LoRAError(
+                    f"LoRA adapter {self.registered[lora_id].lora_name!r} adds tokens to the "
+                    "vocabulary, so its tokenizer is needed before its requests are encoded: "
+                    "load it first (add_lora, /v1/load_lora_adapter) or give a local path")
             else:
                 self._put_host(result)
         return failed
@@ -313,6 +361,12 @@ class LoRAManager:
                     layer.reset_lora(slot)
                 else:
                     layer.set_packed(slot, *packed)
+            if self.extra_vocab is not None:
+                added = lora.added_tokens
+                if added is None:
+                    self.extra_vocab.reset(slot)
+                else:
+                    self.extra_vocab.set(slot, added.input_embeddings, added.output_embeddings)
         if stream is not None:  # the next forward reads the slot: wait for the copies
             torch.cuda.current_stream(self.device).wait_stream(stream)
         self.lora_index_to_id[slot] = lora.lora_int_id
@@ -320,6 +374,8 @@ class LoRAManager:
     def _reset_slot(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.reset_lora(slot)
+        if self.extra_vocab is not None:
+            self.extra_vocab.reset(slot)
         self.lora_index_to_id[slot] = None
 
     def num_unpinned_capacity(self, batch: set[int]) -> int:

@@ -1,6 +1,7 @@
 """One memory budget for the KV cache and the adapter slots.
 
-    budget  =  adapter slots (max_loras x max_lora_rank, every LoRA-wrapped layer)
+    budget  =  adapter slots (max_loras x max_lora_rank, every LoRA-wrapped layer,
+               + the rows of lora_extra_vocab_size added tokens)
             +  KV cache blocks
 
 On a GPU the budget is what `gpu_memory_utilization` leaves after the weights: the slot
@@ -28,6 +29,7 @@ class MemoryPlan:
     max_model_len: int
     num_kv_blocks: int = 0
     budget: int | None = None  # known up front on the CPU; else what KV + slots took
+    fixed_slot_bytes: int = 0  # per slot whatever the rank: the added-token rows
 
     @property
     def kv_bytes(self) -> int:
@@ -38,7 +40,7 @@ class MemoryPlan:
         return self.budget if self.budget is not None else self.kv_bytes + self.lora_slot_bytes
 
     def slot_bytes(self, rank: int) -> int:
-        return rank * self.bytes_per_rank
+        return rank * self.bytes_per_rank + self.fixed_slot_bytes
 
     def max_slots(self, rank: int) -> int:
         """Adapter slots of `rank` the budget could hold, keeping KV for one full-length
@@ -78,11 +80,15 @@ def kv_block_bytes(model, dtype: torch.dtype, block_size: int) -> int:
 
 def plan_memory(lora: LoRAManager | None, kv_block_bytes: int, block_size: int,
                 max_model_len: int) -> MemoryPlan:
-    bytes_per_rank = lora.slot_bytes_per_rank() if lora is not None else 0
-    slots = bytes_per_rank * lora.cfg.max_lora_rank * lora.cfg.max_loras if lora else 0
-    return MemoryPlan(lora_slot_bytes=slots, bytes_per_rank=bytes_per_rank,
+    if lora is None:
+        return MemoryPlan(lora_slot_bytes=0, bytes_per_rank=0, kv_block_bytes=kv_block_bytes,
+                          block_size=block_size, max_model_len=max_model_len)
+    plan = MemoryPlan(lora_slot_bytes=0, bytes_per_rank=lora.slot_bytes_per_rank(),
                       kv_block_bytes=kv_block_bytes, block_size=block_size,
-                      max_model_len=max_model_len)
+                      max_model_len=max_model_len,
+                      fixed_slot_bytes=lora.extra_vocab.slot_bytes() if lora.extra_vocab else 0)
+    plan.lora_slot_bytes = plan.slot_bytes(lora.cfg.max_lora_rank) * lora.cfg.max_loras
+    return plan
 
 
 def cpu_cache_config(cfg: CacheConfig, plan: MemoryPlan, device_type: str) -> CacheConfig:

@@ -90,6 +90,8 @@ class ModelRunner:
         self.max_loras = next((m.lora_a_stacked.shape[0] for m in model.modules()
                                if isinstance(m, LinearWithLoRA)), 0)
         self.lm_head_lora = model.lm_head if isinstance(model.lm_head, LinearWithLoRA) else None
+        # the tokens adapters add: their logits columns are appended in _logits
+        self.extra_vocab = getattr(model.model.embed_tokens, "extra_vocab", None)
         rotary = model.model.rotary  # longrope: a token's row in the table is not its position
         self.rope_row = rotary.rope_row if rotary.long_offset is not None else None
         self._no_cache_writes = torch.empty(0, dtype=torch.long, device=self.device)
@@ -360,7 +362,9 @@ class ModelRunner:
     def _logits(self, hidden: torch.Tensor, row_slots: list[int] | None,
                 every_slot: bool = False) -> torch.Tensor:
         """lm_head over the rows to sample, each with its own adapter's LoRA on lm_head
-        where that adapter has one (a LoRA metadata of these rows, built only then).
+        where that adapter has one (a LoRA metadata of these rows, built only then), and
+        the columns of the tokens adapters add when a row's adapter adds some: then the
+        logits are [rows, vocab + lora_extra_vocab_size].
         `every_slot`: run the LoRA op even over empty slots (the profile run)."""
         lm_head, meta = self.lm_head_lora, None
         if lm_head is not None and row_slots is not None and (every_slot or any(
@@ -369,7 +373,12 @@ class ModelRunner:
             meta.skip_unused_layers = not every_slot
         with step_context(StepContext(is_prefill=False, slot_mapping=self._no_cache_writes,
                                       lora_meta=meta)):
-            return self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden)
+        extra = self.extra_vocab
+        if extra is not None and row_slots is not None and (every_slot or
+                                                            extra.any_active(row_slots)):
+            logits = extra.append_logits(hidden, row_slots, logits)
+        return logits
 
     def _run_decode(self, seqs: list[Sequence], seq_slots: list[int] | None) -> torch.Tensor:
         """Hidden states of one decode step (a graph replay where one fits)."""
