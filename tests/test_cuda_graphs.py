@@ -202,9 +202,10 @@ class _EagerGraph:
         self.out.copy_(self.runner._forward(self.bs, self.runner._context(self.bs, self.lora)))
 
 
-@pytest.mark.skipif(CUDA, reason="the real graphs run on the GPU (test_graphs_match_eager)")
-def test_replay_path_with_stand_in_graphs(monkeypatch, tiny_models, tiny_adapters, prompts):
-    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")  # pad rows need slot -1
+def use_stand_in_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphs captured from now on are _EagerGraphs; call before the engine is built (its
+    attention backend must be Triton's: pad rows need slot -1)."""
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
 
     def capture_one(self, bs, lora, pool):
@@ -213,13 +214,23 @@ def test_replay_path_with_stand_in_graphs(monkeypatch, tiny_models, tiny_adapter
         return graph, graph.out
 
     monkeypatch.setattr(CUDAGraphRunner, "_capture_one", capture_one)
+
+
+def stand_in_graph_runner(runner) -> CUDAGraphRunner:
+    """Decode graphs of batch 1, 2, 4, 8 for a CPU engine's model runner (uncaptured)."""
+    return CUDAGraphRunner(runner.model, runner.decode_buffers, [1, 2, 4, 8],
+                           runner.max_model_len, runner.max_loras)
+
+
+@pytest.mark.skipif(CUDA, reason="the real graphs run on the GPU (test_graphs_match_eager)")
+def test_replay_path_with_stand_in_graphs(monkeypatch, tiny_models, tiny_adapters, prompts):
+    use_stand_in_graphs(monkeypatch)
     base, adapters = tiny_models["qwen2"], tiny_adapters["qwen2"]
     reqs = lora_requests(adapters)
     llm = make_llm(base, device="cpu", enable_lora=True, max_loras=2, max_lora_rank=16,
                    max_num_seqs=8, block_size=8, max_model_len=64)
     runner = llm.llm_engine.model_runner
-    graphs = CUDAGraphRunner(runner.model, runner.decode_buffers, [1, 2, 4, 8],
-                             runner.max_model_len, runner.max_loras)
+    graphs = stand_in_graph_runner(runner)
     lora_layers = [m for m in runner.model.modules() if isinstance(m, LinearWithLoRA)]
     ranks_in_lora_checks = []
     check = CUDAGraphRunner._check
