@@ -37,7 +37,7 @@ __all__ = [
 
 ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 # built on demand (not in the session-wide fixtures): tests/test_architectures.py
-EXTRA_ARCHS: tuple[str, ...] = ("gemma", "phi3")
+EXTRA_ARCHS: tuple[str, ...] = ("gemma", "gemma2", "phi3")
 
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3.
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
@@ -182,12 +182,17 @@ def _arch_config(
         common.update(use_sliding_window=False, sliding_window=None, attention_bias=False)
     elif arch == "gemma":
         common.update(hidden_act="gelu_pytorch_tanh", attention_bias=False)
+    elif arch == "gemma2":  # caps small enough to bite on tiny random weights
+        common.update(hidden_activation="gelu_pytorch_tanh", attention_bias=False,
+                      query_pre_attn_scalar=24, attn_logit_softcapping=8.0,
+                      final_logit_softcapping=20.0, sliding_window=4096)
     elif arch == "phi3":
         common.update(sliding_window=None, original_max_position_embeddings=512)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                    "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "phi3": "Phi3Config"}[arch]
+                    "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
+                    "phi3": "Phi3Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

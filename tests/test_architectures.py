@@ -1,8 +1,10 @@
-"""Gemma and Phi-3 against HF transformers + PEFT (fp32): mixed batches of the base and
-adapters of different ranks and targets, more adapters than max_loras.
+"""Gemma, Gemma 2 and Phi-3 against HF transformers + PEFT (fp32): mixed batches of the
+base and adapters of different ranks and targets, more adapters than max_loras.
 
 Gemma: GeGLU, its RMSNorm (1 + w, scaled in fp32), embeddings x sqrt(hidden) (the
-embedding's LoRA scaled with them), tied lm_head. Phi-3: checkpoints and adapters with
+embedding's LoRA scaled with them), tied lm_head. Gemma 2: norms after attention and the
+MLP too, query_pre_attn_scalar, attention-score and final-logit softcaps (small caps in
+the tiny config, so they bite), through the torch and the Triton attention. Phi-3: checkpoints and adapters with
 q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole module), and
 LongRoPE (Phi-3 128k, Phi-3.5): short and long frequencies on either side of the
 pretraining window, switching as HF's generate switches.
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
 from loraplex import LoRARequest, SamplingParams
 from tests.engine_utils import check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import EXTRA_ARCHS, hf_greedy, make_peft_adapter, make_tiny_model
@@ -27,6 +30,12 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
         "r16_vocab": dict(r=16, lora_alpha=16, seed=43,
                           target_modules=["o_proj", "down_proj", "embed_tokens", "lm_head"]),
     },
+    "gemma2": {
+        "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=47),
+        "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=50),
+        "r16_vocab": dict(r=16, lora_alpha=16, seed=49,
+                          target_modules=["o_proj", "gate_proj", "embed_tokens", "lm_head"]),
+    },
     "phi3": {
         "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], seed=44),
         "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=45),
@@ -36,12 +45,15 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
 }
 
 
+SEEDS = {"gemma": 20, "phi3": 21, "gemma2": 22}
+
+
 @pytest.fixture(scope="module")
 def arch_models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
     out = {}
-    for i, arch in enumerate(EXTRA_ARCHS):
-        base = make_tiny_model(tiny_root / "archs" / arch, arch, seed=20 + i,
-                               tie_word_embeddings=arch == "gemma")
+    for arch in EXTRA_ARCHS:
+        base = make_tiny_model(tiny_root / "archs" / arch, arch, seed=SEEDS[arch],
+                               tie_word_embeddings=arch.startswith("gemma"))
         out[arch] = (base, {name: make_peft_adapter(base, tiny_root / "archs" / f"{arch}_{name}",
                                                     **spec)
                             for name, spec in ADAPTERS[arch].items()})
@@ -56,6 +68,18 @@ def test_mixed_batch_matches_peft(arch, budget, arch_models, prompts):
     llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16,
                    max_num_batched_tokens=budget)
     check_mixed_batch(llm, base, adapters, prompts)
+
+
+@pytest.mark.parametrize("budget", [None, 6])
+def test_gemma2_with_triton_attention(monkeypatch, budget, arch_models, prompts):
+    """Gemma 2's score cap in the Triton kernels (under the interpreter on the CPU):
+    prefill, chunks over cached context, decode."""
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    base, adapters = arch_models["gemma2"]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8,
+                   max_num_batched_tokens=budget)
+    assert llm.llm_engine.model_runner.attn_backend == "triton"
+    check_mixed_batch(llm, base, adapters, prompts, extra=2)
 
 
 def test_phi3_fused_modules_are_one_lora_slice(arch_models):

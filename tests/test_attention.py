@@ -50,12 +50,15 @@ DEV = torch.device("cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # ||out-ref||/||ref||
 
 
-def reference(q, k, v, scale, q_offset=0):
-    """q [M, H, D] at positions q_offset.., k/v [N, KVH, D] at 0..N-1: causal, float64."""
+def reference(q, k, v, scale, q_offset=0, softcap=0.0):
+    """q [M, H, D] at positions q_offset.., k/v [N, KVH, D] at 0..N-1: causal, float64;
+    softcap > 0: scores capped as softcap * tanh(score / softcap) (Gemma 2)."""
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, 1)
     v = v.double().repeat_interleave(group, 1)
     s = torch.einsum("mhd,nhd->hmn", q.double(), k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     visible = torch.arange(k.shape[0], device=q.device)[None, :] <= (
         q_offset + torch.arange(q.shape[0], device=q.device))[:, None]
     return torch.einsum("hmn,nhd->mhd", s.masked_fill(~visible, float("-inf")).softmax(-1), v)
@@ -90,19 +93,20 @@ def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-def check_decode(lens, h, kvh, d, block_size, dtype, splits, device=DEV, seed=0):
+def check_decode(lens, h, kvh, d, block_size, dtype, splits, device=DEV, seed=0, softcap=0.0):
     gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, table = paged_cache(lens, kvh, d, block_size, dtype, device, gen)
     q = torch.randn(len(lens), h, d, generator=gen).to(dtype).to(device)
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
     ta.paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(
-        lens, dtype=torch.int32, device=device), d ** -0.5, num_splits=splits, out=out)
+        lens, dtype=torch.int32, device=device), d ** -0.5, num_splits=splits, out=out,
+        softcap=softcap)
     for b, n in enumerate(lens):
         if n == 0:  # a padded row of a CUDA-graph batch
             assert out[b].eq(0).all()
             continue
         k, v = cached_kv(k_cache, v_cache, table[b], n)
-        ref = reference(q[b:b + 1], k, v, d ** -0.5, q_offset=n - 1)
+        ref = reference(q[b:b + 1], k, v, d ** -0.5, q_offset=n - 1, softcap=softcap)
         assert rel_err(out[b:b + 1], ref) < TOL[dtype], (b, n)
 
 
@@ -133,7 +137,8 @@ def test_decode_odd_block_size():
     check_decode([1, 11, 29], h=4, kvh=2, d=32, block_size=5, dtype=torch.float32, splits=1)
 
 
-def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV, seed=0):
+def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV, seed=0,
+                  softcap=0.0):
     gen = torch.Generator().manual_seed(seed)
     t = sum(q_lens)
     q = torch.randn(t, h, d, generator=gen).to(dtype).to(device)
@@ -147,14 +152,14 @@ def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV,
         cache = dict(k_cache=k_cache, v_cache=v_cache, block_tables=table,
                      context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device))
     out = torch.full_like(q, float("nan"))  # poison: every row must be written
-    ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, **cache, out=out)
+    ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, **cache, out=out, softcap=softcap)
     for b, (n, c) in enumerate(zip(q_lens, ctx_lens)):
         s = int(cu[b])
         ks, vs = k[s:s + n], v[s:s + n]
         if c:
             kc, vc = cached_kv(cache["k_cache"], cache["v_cache"], cache["block_tables"][b], c)
             ks, vs = torch.cat([kc, ks]), torch.cat([vc, vs])
-        ref = reference(q[s:s + n], ks, vs, d ** -0.5, q_offset=c)
+        ref = reference(q[s:s + n], ks, vs, d ** -0.5, q_offset=c, softcap=softcap)
         assert rel_err(out[s:s + n], ref) < TOL[dtype], (b, n, c)
 
 
@@ -173,6 +178,16 @@ def test_prefill_with_cached_context():
 @interpreted
 def test_prefill_bf16():
     check_prefill([9, 33], [16, 0], h=4, kvh=2, d=64, dtype=torch.bfloat16)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap(dtype):
+    """Gemma 2's capped scores (a cap of 2 bites: the raw scores here reach ~4), in decode
+    with split-K and in prefill over cached context."""
+    check_decode([1, 37, 100], h=4, kvh=2, d=64, block_size=16, dtype=dtype, splits=3,
+                 softcap=2.0)
+    check_prefill([4, 33], [21, 0], h=4, kvh=2, d=64, dtype=dtype, softcap=2.0)
 
 
 @interpreted
@@ -493,3 +508,15 @@ def test_gpu_decode(dtype, splits):
 def test_gpu_prefill(dtype):
     check_prefill([1, 300, 1024, 77], [0, 513, 0, 2000], h=32, kvh=8, d=128, dtype=dtype,
                   device=torch.device("cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_softcap(dtype):
+    """Gemma 2's shapes (head_dim 256, 8 query heads per KV head) with its cap of 50 and a
+    cap of 2 that bites on these random scores."""
+    for cap in (50.0, 2.0):
+        check_decode([1, 700, 3000], h=16, kvh=2, d=256, block_size=16, dtype=dtype,
+                     splits=4, device=torch.device("cuda"), softcap=cap)
+        check_prefill([9, 400], [0, 1000], h=16, kvh=2, d=256, dtype=dtype,
+                      device=torch.device("cuda"), softcap=cap)

@@ -53,12 +53,14 @@ def decode_splits(batch: int, num_kv_heads: int, max_context_len: int,
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 softcap: float = 0.0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.softcap = softcap  # > 0: scores are softcap * tanh(score / softcap) (Gemma 2)
         # set by the model runner once the cache is allocated: [num_blocks, block_size, KVH, D]
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -102,9 +104,10 @@ class Attention(nn.Module):
             return ta.prefill_attention(
                 q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale,
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
-                  if with_ctx else ()))
+                  if with_ctx else ()), softcap=self.softcap)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
-                                         ctx.context_lens, self.scale, ctx.decode_splits)
+                                         ctx.context_lens, self.scale, ctx.decode_splits,
+                                         softcap=self.softcap)
 
     def _prefill(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         b, length = ctx.padded_index.shape
@@ -118,9 +121,7 @@ class Attention(nn.Module):
         else:  # earlier chunks are in the cache: the whole [B, width] of each sequence
             keys, values = (x.transpose(1, 2) for x in
                             self._gathered_kv(ctx, ctx.block_tables))
-        out = F.scaled_dot_product_attention(
-            padded(q), keys, values, attn_mask=ctx.prefill_mask,
-            is_causal=ctx.prefill_mask is None, scale=self.scale, enable_gqa=True)
+        out = self._sdpa(padded(q), keys, values, ctx.prefill_mask)
         out = out.transpose(1, 2).reshape(b * length, self.num_heads, self.head_dim)
         return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
 
@@ -132,11 +133,27 @@ class Attention(nn.Module):
             groups = ctx.decode_groups or [(0, q.shape[0], ctx.max_context_len)]
             parts = [(a, b, keys[a:b, :w], values[a:b, :w]) for a, b, w in groups]
         mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts))
-        out = torch.cat([F.scaled_dot_product_attention(  # [rows, H, 1, D] per group
+        out = torch.cat([self._sdpa(  # [rows, H, 1, D] per group
             q[a:b].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask[a:b, ..., :keys.shape[1]], scale=self.scale, enable_gqa=True)
-            for a, b, keys, values in parts])
+            mask[a:b, ..., :keys.shape[1]]) for a, b, keys, values in parts])
         return out.squeeze(2)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(scale q k^T) v over [B, h, L, D] (mask: bool, True = attend; None =
+        causal). With a softcap (which SDPA has no option for) written out:
+        softmax(cap * tanh(scale q k^T / cap)) v, in fp32."""
+        if not self.softcap:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  scale=self.scale, enable_gqa=True)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+        scores = self.softcap * torch.tanh(scores / self.softcap)
+        if mask is None:
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
 
     def _gathered_kv(self, ctx: StepContext, tables: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:

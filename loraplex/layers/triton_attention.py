@@ -75,10 +75,17 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr):
+def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
     # one online-softmax step: q [M, D], k/v [N, D], valid [M, N] or [1, N]
     s = _dot(q, tl.trans(k), F32)
-    s = tl.where(valid, s * qk_scale, float("-inf"))
+    if SOFTCAP > 0:  # Gemma 2: cap * tanh(scale * q.k / cap), then base 2 (tanh via sigmoid)
+        log2e = 1.4426950408889634
+        s = (SOFTCAP * log2e) * (2.0 * tl.sigmoid(s * (2.0 * qk_scale / (log2e * SOFTCAP)))
+                                 - 1.0)
+    else:
+        s = s * qk_scale
+    s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
     p = tl.exp2(s - m_safe[:, None])
@@ -90,7 +97,8 @@ def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr):
 @triton.jit
 def _attend_paged(q, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, start, end,
                   stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
     """Online softmax of q over cached positions [start, end) of one sequence and one KV
     head (kc_ptr/vc_ptr already offset to it), BLOCK_N rows at a time through the table."""
     d = tl.arange(0, BLOCK_D)
@@ -103,7 +111,8 @@ def _attend_paged(q, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, sta
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _attend_tile(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale, F32)
+        m_i, l_i, acc = _attend_tile(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale, F32,
+                                     SOFTCAP)
     return m_i, l_i, acc
 
 
@@ -113,7 +122,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, F32: tl.constexpr):
+                   BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr):
     """num_splits is a runtime value, not specialized on: it follows the batch size and the
     longest context, and each new value would otherwise compile another kernel mid-serving."""
     b = tl.program_id(0)
@@ -138,7 +147,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
     m_i, l_i, acc = _attend_paged(
         q, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
         table_ptr + b.to(tl.int64) * stride_tb, start, end, stride_cb, stride_ct, HEAD_DIM,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32)
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split/sequence gives 0
     o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
@@ -196,9 +205,11 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           num_splits: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+                           num_splits: int = 1, out: torch.Tensor | None = None,
+                           softcap: float = 0.0) -> torch.Tensor:
     """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first context_lens[b] cached
     tokens of sequence b (KV head h // (H // KVH)); context_lens[b] == 0 gives zeros.
+    softcap > 0: the scores are softcap * tanh(score / softcap) (Gemma 2).
 
     q: [B, H, D] (last dim contiguous); k_cache/v_cache: [num_blocks, block_size, KVH, D];
     block_tables: [B, max_blocks] int32; context_lens: [B] int32. Returns [B, H, D]."""
@@ -222,7 +233,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lse.stride(0), lse.stride(1), num_splits, GROUP=group, HEAD_DIM=d,
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        F32=fp32_dot(q.dtype, _INTERPRETED), num_warps=4)
+        F32=fp32_dot(q.dtype, _INTERPRETED), SOFTCAP=float(softcap), num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
             part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
@@ -237,7 +248,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
                     stride_vh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     HAS_CONTEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, F32: tl.constexpr):
+                    BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -259,7 +270,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
     m_i, l_i, acc = _attend_paged(
         q, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
         table_ptr + b.to(tl.int64) * stride_tb, 0, ctx_end, stride_cb, stride_ct, HEAD_DIM,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32)
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP)
     # 2) the step's own K/V, causal: key j is visible to query i when j <= i
     new_end = tl.minimum(q_len, (tile + 1) * BLOCK_M)
     for n0 in range(0, new_end, BLOCK_N):
@@ -272,7 +283,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
         v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kvh * stride_vh + d[None, :],
                     mask=kv_mask, other=0.0)
         valid = j_ok[None, :] & (j[None, :] <= i[:, None])
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + i)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
@@ -283,11 +294,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                       block_tables: torch.Tensor | None = None,
                       context_lens: torch.Tensor | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Causal attention of new tokens packed flat: sequence b's queries and K/V are rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q [T, H, D] / k, v [T, KVH, D]. With
     context_lens, sequence b also has context_lens[b] earlier tokens in the paged cache
-    (block_tables [B, max_blocks] int32) that every one of its queries sees. Returns [T, H, D]."""
+    (block_tables [B, max_blocks] int32) that every one of its queries sees. softcap > 0:
+    scores capped as in paged_decode_attention. Returns [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     assert h % kvh == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -310,5 +322,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_cache.stride(2) if has_ctx else 0, block_tables.stride(0) if has_ctx else 0,
         out.stride(0), out.stride(1), GROUP=h // kvh, HEAD_DIM=d,
         BLOCK_SIZE=k_cache.shape[1] if has_ctx else 1, HAS_CONTEXT=has_ctx, BLOCK_M=block,
-        BLOCK_N=block, BLOCK_D=block_d, F32=fp32_dot(q.dtype, _INTERPRETED), num_warps=4)
+        BLOCK_N=block, BLOCK_D=block_d, F32=fp32_dot(q.dtype, _INTERPRETED),
+        SOFTCAP=float(softcap), num_warps=4)
     return out

@@ -15,7 +15,7 @@ without an adapter) are -inf, so no other request can ever sample an added token
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -67,15 +67,17 @@ class ExtraVocabSlots(nn.Module):
         rows = self.input_embeddings[slots.clamp(min=0), extra.clamp(0, self.extra_vocab_size - 1)]
         return torch.where((extra >= 0).unsqueeze(1), rows.to(y.dtype), y)
 
-    def append_logits(self, hidden: torch.Tensor, row_slots: list[int], logits: torch.Tensor
+    def append_logits(self, hidden: torch.Tensor, row_slots: list[int], logits: torch.Tensor,
+                      cap: Callable[[torch.Tensor], torch.Tensor] = lambda z: z
                       ) -> torch.Tensor:
         """[rows, V] -> [rows, V + extra_vocab_size]: each row's added-token logits,
-        h . O[s, i] for i < its adapter's n, -inf elsewhere; one matmul per slot."""
+        cap(h . O[s, i]) for i < its adapter's n (cap: the model's final softcap, as on
+        the base columns), -inf elsewhere; one matmul per slot."""
         extra = logits.new_full((logits.shape[0], self.extra_vocab_size), float("-inf"))
         for slot in {s for s in row_slots if s >= 0 and self.slot_sizes[s]}:
             n = self.slot_sizes[slot]
             rows = torch.tensor([i for i, s in enumerate(row_slots) if s == slot],
                                 device=hidden.device)
             z = hidden.index_select(0, rows) @ self.output_embeddings[slot, :n].T.to(hidden.dtype)
-            extra[rows, :n] = z.to(extra.dtype)
+            extra[rows, :n] = cap(z).to(extra.dtype)
         return torch.cat([logits, extra], dim=1)

@@ -1,9 +1,11 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3) over a flat batch of
-tokens.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3) over a flat
+batch of tokens.
 
 One file, flags for the differences: Qwen2 has a bias on q/k/v, Qwen3 RMS-normalizes
 q and k per head; Gemma scales the embeddings by sqrt(hidden), uses GeGLU and its own
-RMSNorm (1 + w, in fp32); Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
+RMSNorm (1 + w, in fp32); Gemma 2 adds a norm after each sublayer too ("sandwich"),
+scales attention by query_pre_attn_scalar^-1/2 and caps attention scores and final logits
+with cap * tanh(x / cap); Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
 already fused as qkv_proj and gate_up_proj. Tokens of all sequences in a step are laid
 out flat ([T, hidden]); attention finds each sequence's tokens through the step context.
 """
@@ -42,6 +44,10 @@ class LlamaArgs:
     quant: QuantConfig | None = None  # quantized weights in the decoder's linears
     hidden_act: str = "silu"  # the gated MLP's: silu | gelu_tanh | gelu (layers/activation.py)
     gemma: bool = False  # embeddings x sqrt(hidden), GemmaRMSNorm
+    sandwich_norm: bool = False  # Gemma 2: a norm after attention and after the MLP too
+    query_pre_attn_scalar: float | None = None  # attention scale^-2 (None: head_dim)
+    attn_logit_softcap: float = 0.0  # > 0: scores capped (Gemma 2)
+    final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
     fused_checkpoint: bool = False  # Phi-3: qkv_proj / gate_up_proj are the HF modules
 
     def norm(self, dim: int) -> RMSNorm:
@@ -71,7 +77,9 @@ class LlamaAttention(nn.Module):
         self.q_norm = a.norm(a.head_dim) if a.qk_norm else None
         self.k_norm = a.norm(a.head_dim) if a.qk_norm else None
         self.rotary = rotary
-        self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, a.head_dim ** -0.5)
+        self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim,
+                              (a.query_pre_attn_scalar or a.head_dim) ** -0.5,
+                              a.attn_logit_softcap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -107,8 +115,17 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(a, f"{prefix}.mlp")
         self.input_layernorm = a.norm(a.hidden_size)
         self.post_attention_layernorm = a.norm(a.hidden_size)
+        self.sandwich = a.sandwich_norm
+        if a.sandwich_norm:
+            self.pre_feedforward_layernorm = a.norm(a.hidden_size)
+            self.post_feedforward_layernorm = a.norm(a.hidden_size)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.sandwich:  # Gemma 2: post_attention_layernorm normalizes attention's output
+            h = x + self.post_attention_layernorm(
+                self.self_attn(positions, self.input_layernorm(x)))
+            return h + self.post_feedforward_layernorm(
+                self.mlp(self.pre_feedforward_layernorm(h)))
         h = x + self.self_attn(positions, self.input_layernorm(x))
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -162,4 +179,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)  # hidden states [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self.cap_logits(self.lm_head(hidden))
+
+    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2's final softcap, cap * tanh(logits / cap); others: as they are."""
+        cap = self.args.final_logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits

@@ -14,6 +14,7 @@ _ARCHITECTURES: dict[str, dict[str, bool]] = {
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
     "GemmaForCausalLM": {"gemma": True},
+    "Gemma2ForCausalLM": {"gemma": True, "sandwich_norm": True},
     "Phi3ForCausalLM": {"fused_checkpoint": True},
 }
 
@@ -21,7 +22,8 @@ SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 # older configs name only a model_type
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM"}
+                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "phi3": "Phi3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu"}
 
@@ -60,7 +62,7 @@ def architecture(hf_config: Any) -> str:
 def _hidden_act(hf: Any, name: str) -> str:
     """The gated MLP's activation. Gemma was trained with the tanh GELU, which its early
     configs call "gelu": as vLLM does, "gelu" means exact only as `hidden_activation`."""
-    if name == "GemmaForCausalLM":
+    if name in ("GemmaForCausalLM", "Gemma2ForCausalLM"):
         return "gelu" if getattr(hf, "hidden_activation", None) == "gelu" else "gelu_tanh"
     act = getattr(hf, "hidden_act", "silu")
     if act not in _ACTIVATIONS:
@@ -75,6 +77,15 @@ def _check_partial_rotary(hf: Any) -> None:
     if factor not in (None, 1.0):
         raise ValueError(f"partial_rotary_factor={factor} (rotary on part of each head) is "
                          "not supported yet")
+
+
+def _gemma2(hf: Any, name: str) -> dict[str, Any]:
+    """Gemma 2's attention scale and score / logit caps (None in its config: no cap)."""
+    if name != "Gemma2ForCausalLM":
+        return {}
+    return dict(query_pre_attn_scalar=float(hf.query_pre_attn_scalar),
+                attn_logit_softcap=float(getattr(hf, "attn_logit_softcapping", None) or 0.0),
+                final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0))
 
 
 def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCausalLM:
@@ -103,5 +114,6 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
         quant=quant,
         hidden_act=_hidden_act(hf_config, name),
         **_ARCHITECTURES[name],
+        **_gemma2(hf_config, name),
     )
     return LlamaForCausalLM(args)
