@@ -132,3 +132,13 @@ def test_phi3_longrope_matches_hf(tmp_path):
     # teacher-forced logprobs use HF's long frequencies for the whole sequence: the same
     # as generation only where the prompt is past the window already
     check_against_hf([outs[1], outs[3]], base, [None, adapter], [long, long])
+
+
+def test_gemma2_context_is_capped_at_its_sliding_window(arch_models, tmp_path):
+    """Gemma 2 alternates windowed and global layers: within the window both are full
+    attention, so max_model_len stops there (a longer one is refused)."""
+    base = _edited_config(arch_models["gemma2"][0], tmp_path / "win", sliding_window=64)
+    llm = make_llm(base, max_model_len=None)
+    assert llm.llm_engine.model_config.max_model_len == 64
+    with pytest.raises(ValueError, match="exceeds the model's limit of 64"):
+        make_llm(base, max_model_len=128)
