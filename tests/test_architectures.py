@@ -99,14 +99,6 @@ def _edited_config(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-def test_partial_rotary_is_a_clear_error(arch_models, tmp_path):
-    bad = _edited_config(arch_models["phi3"][0], tmp_path / "bad", partial_rotary_factor=0.5,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "partial_rotary_factor": 0.5})
-    with pytest.raises(ValueError, match="partial_rotary_factor=0.5"):
-        make_llm(bad)
-
-
 # the legacy key, which transformers 4 (Phi3Config checks it) and 5 both read
 LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
             "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0]}
@@ -132,6 +124,42 @@ def test_phi3_longrope_matches_hf(tmp_path):
     # teacher-forced logprobs use HF's long frequencies for the whole sequence: the same
     # as generation only where the prompt is past the window already
     check_against_hf([outs[1], outs[3]], base, [None, adapter], [long, long])
+
+
+@pytest.mark.parametrize("rope", ["default", "longrope"])
+def test_phi3_partial_rotary_matches_hf(rope, tmp_path):
+    """Phi-4-mini's partial rotary (there 0.75 of each head, with LongRoPE): here half of
+    each 16-dim head is rotated, the rest passes through; with an adapter on qkv_proj, and
+    with LongRoPE past its pretraining window."""
+    scaling = None if rope == "default" else {
+        "type": "longrope", "short_factor": [1.0, 1.2, 1.8, 3.0],
+        "long_factor": [1.0, 2.0, 5.0, 9.0]}
+    base = make_tiny_model(tmp_path / "partial", "phi3", seed=12, rope_scaling=scaling,
+                           original_max_position_embeddings=24, partial_rotary_factor=0.5,
+                           tie_word_embeddings=True)
+    adapter = make_peft_adapter(base, tmp_path / "partial_lora", r=8,
+                                target_modules=["qkv_proj", "o_proj"], seed=13)
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8)
+    assert llm.llm_engine.model.model.rotary.rotary_dim == 8
+    short, long = [1, *range(40, 52)], [1, *range(60, 100)]
+    lora = LoRARequest("a", 1, str(adapter))
+    jobs = [(short, None), (long, lora), (short, lora)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], params,
+                        lora_request=[r for _, r in jobs], use_tqdm=False)
+    for out, (prompt, r) in zip(outs, jobs):
+        assert out.outputs[0].token_ids == hf_greedy(base, adapter if r else None, prompt, 16)
+    if rope == "longrope":
+        return
+    odd = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.2}
+    bad = _edited_config(base, tmp_path / "odd", partial_rotary_factor=0.2, rope_parameters=odd)
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.2 gives 3 rotary"):
+        make_llm(bad)
+    # a full-rotary engine on these weights differs: the partial path is what matched
+    full = _edited_config(base, tmp_path / "full", partial_rotary_factor=1.0,
+                          rope_parameters={**odd, "partial_rotary_factor": 1.0})
+    assert make_llm(full).generate([{"prompt_token_ids": short}], params, use_tqdm=False)[
+        0].outputs[0].token_ids != outs[0].outputs[0].token_ids
 
 
 def test_gemma2_context_is_capped_at_its_sliding_window(arch_models, tmp_path):

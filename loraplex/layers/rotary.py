@@ -1,6 +1,8 @@
 """Rotary position embedding (Su et al., 2021), neox layout as in HF Llama/Qwen.
 
 The cos/sin table is built once up to max_position and indexed by each token's position.
+With partial rotary (Phi-4-mini: partial_rotary_factor 0.75) only each head's first
+`rotary_dim` dimensions are rotated; the rest pass through.
 Llama-3 rope scaling rescales the inverse frequencies by wavelength band. LongRoPE (Phi-3
 128k, Phi-3.5) has two sets of frequencies, for sequences within the pretraining window
 and beyond it: the table holds both, the long ones from row `long_offset` on, and the
@@ -33,7 +35,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, theta: float,
+    def __init__(self, rotary_dim: int, max_position: int, theta: float,
                  scaling: dict | None = None) -> None:
         super().__init__()
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -41,7 +43,9 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: "
                              + ", ".join(SUPPORTED_ROPE_TYPES))
         # fp32 throughout, as the HF reference computes it, so greedy ties break the same way
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.rotary_dim = rotary_dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float()
+                                    / rotary_dim))
         t = torch.arange(max_position, dtype=torch.float32)
         self.long_offset: int | None = None  # longrope: the long frequencies' first row
         self.long_threshold = 0  # longrope: the pretraining window
@@ -49,6 +53,11 @@ class RotaryEmbedding(nn.Module):
         if rope_type == "longrope":
             original = scaling["original_max_position_embeddings"]
             factor = scaling.get("factor") or max_position / original
+            for kind in ("short", "long"):
+                if len(scaling[f"{kind}_factor"]) != len(inv_freq):
+                    raise ValueError(f"longrope {kind}_factor has {len(scaling[kind + '_factor'])}"
+                                     f" entries; the rotary dimension {rotary_dim} needs "
+                                     f"{len(inv_freq)}")
             scale = scaling.get("attention_factor") or (
                 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
             freqs = torch.cat([torch.outer(t, inv_freq / torch.tensor(scaling[f"{kind}_factor"],
@@ -75,9 +84,13 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T], q: [T, H, D], k: [T, KVH, D]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, rotary_dim / 2]
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self.rotary_dim == q.shape[-1]:
+            return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        r = self.rotary_dim  # partial: the first r dimensions of each head
+        return (torch.cat([_rotate(q[..., :r], cos, sin), q[..., r:]], dim=-1),
+                torch.cat([_rotate(k[..., :r], cos, sin), k[..., r:]], dim=-1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ class LlamaArgs:
     attn_logit_softcap: float = 0.0  # > 0: scores capped (Gemma 2)
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
     fused_checkpoint: bool = False  # Phi-3: qkv_proj / gate_up_proj are the HF modules
+    rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
 
     def norm(self, dim: int) -> RMSNorm:
         return (GemmaRMSNorm if self.gemma else RMSNorm)(dim, self.rms_norm_eps)
@@ -135,8 +136,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
-        self.rotary = rotary = RotaryEmbedding(a.head_dim, a.max_position, a.rope_theta,
-                                               a.rope_scaling)
+        self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
+                                               a.rope_theta, a.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, f"model.layers.{i}")
                                     for i in range(a.num_layers))
         self.norm = a.norm(a.hidden_size)

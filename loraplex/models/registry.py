@@ -71,12 +71,18 @@ def _hidden_act(hf: Any, name: str) -> str:
     return _ACTIVATIONS[act]
 
 
-def _check_partial_rotary(hf: Any) -> None:
+def _rotary_dim(hf: Any, head_dim: int) -> int | None:
+    """Partial rotary (Phi-4-mini): the head dimensions rotated, int(head_dim x factor) as
+    HF computes them; None when the whole head is."""
     params = getattr(hf, "rope_parameters", None) or {}
     factor = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
-    if factor not in (None, 1.0):
-        raise ValueError(f"partial_rotary_factor={factor} (rotary on part of each head) is "
-                         "not supported yet")
+    if factor in (None, 1.0):
+        return None
+    dim = int(head_dim * factor)
+    if not 0 < dim <= head_dim or dim % 2:
+        raise ValueError(f"partial_rotary_factor={factor} gives {dim} rotary dimensions of "
+                         f"{head_dim}: not an even number in (0, head_dim]")
+    return dim
 
 
 def _gemma2(hf: Any, name: str) -> dict[str, Any]:
@@ -90,7 +96,6 @@ def _gemma2(hf: Any, name: str) -> dict[str, Any]:
 
 def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCausalLM:
     name = architecture(hf_config)
-    _check_partial_rotary(hf_config)
     theta, scaling = _rope(hf_config)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "longrope" \
             and "original_max_position_embeddings" not in scaling:  # transformers 4: beside it
@@ -113,6 +118,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         quant=quant,
         hidden_act=_hidden_act(hf_config, name),
+        rotary_dim=_rotary_dim(hf_config, head_dim),
         **_ARCHITECTURES[name],
         **_gemma2(hf_config, name),
     )
