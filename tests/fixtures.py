@@ -354,7 +354,11 @@ def make_peft_adapter(
 def _load_cached(
     base_dir: str, adapter_dir: str | None, _stamp: tuple[int, ...] = ()
 ) -> torch.nn.Module:
-    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    # Gemma 2 caps attention scores, which only HF's eager attention does (transformers 4.x
+    # picks SDPA for it and drops the cap; 5.x picks eager)
+    eager = json.loads((Path(base_dir) / "config.json").read_text()).get("model_type") == "gemma2"
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, **({"attn_implementation": "eager"} if eager else {}))
     if adapter_dir is not None:
         from peft import PeftModel
 
