@@ -1,17 +1,19 @@
 """Chat tool calling over HTTP with the official openai client: tool_choice "required" or
 a named function (the reply constrained to the tools' schemas, back as tool_calls,
-streamed too); "auto" with the hermes and llama3_json parsers (a 400 on a server started
-without them); a conversation carrying calls and tool results; malformed requests are
+streamed too); "auto" with the hermes, llama3_json and mistral parsers (a 400 on a server
+started without them; mistral's reply keeps its special tokens); a conversation carrying calls and tool results; malformed requests are
 400s."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import openai
 import pytest
 
-from loraplex.entrypoints.tool_calls import HermesParser, Llama3JsonParser
+from loraplex.entrypoints.tool_calls import HermesParser, Llama3JsonParser, MistralParser
 from tests.server_utils import RemoteServer, serve_cmd
 from tests.test_server_cli import assert_one_line_error, run
 
@@ -161,6 +163,25 @@ def test_llama3_json_parser():
     assert p.content_prefix("Sunny") == len("Sunny")
 
 
+def test_mistral_parser():
+    p = MistralParser()
+    content, calls = p.parse('Checking.[TOOL_CALLS][{"name": "get_weather", "arguments": '
+                             '{"city": "Paris", "days": 3}}, {"name": "add", "arguments": '
+                             '{"a": 1, "b": 2}}]')
+    assert content == "Checking."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "days": 3}), ("add", {"a": 1, "b": 2})]
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c.id) for c in calls)  # Mistral's ids
+    # tokenizers v11 on: name[ARGS]{...} after each [TOOL_CALLS]
+    content, calls = p.parse('[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}[TOOL_CALLS]get_weather'
+                             '[ARGS]{"city": "Oslo", "days": 1}')
+    assert content is None and [c.function.name for c in calls] == ["add", "get_weather"]
+    assert json.loads(calls[1].function.arguments) == {"city": "Oslo", "days": 1}
+    assert p.parse("Sunny.") == ("Sunny.", [])
+    assert p.parse("[TOOL_CALLS][{oops") == ("[TOOL_CALLS][{oops", [])
+    assert p.content_prefix("Hi [TOOL_CA") == len("Hi ") and p.keeps_special_tokens
+
+
 def test_auto_tool_choice(tiny_models):
     """A server with --enable-auto-tool-choice --tool-call-parser hermes serves tool_choice
     auto: a reply without calls is text; a reply with one (made so here with guided_choice,
@@ -186,6 +207,39 @@ def test_auto_tool_choice(tiny_models):
         assert [(tc.index, tc.function.name, tc.function.arguments) for d in deltas
                 for tc in (d.tool_calls or [])] == [(0, "add", '{"a": 1, "b": 2}')]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def _with_special_token(src, dst, token: str):
+    """A copy of the tiny model whose tokenizer has `token` as a special token (the last
+    id: the embeddings grow by one row)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    tok.add_special_tokens({"additional_special_tokens": [token]})
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    model.save_pretrained(str(dst))
+    tok.save_pretrained(str(dst))
+    return dst, tok.convert_tokens_to_ids(token)
+
+
+def test_mistral_parser_keeps_special_tokens(tiny_models, tmp_path):
+    """[TOOL_CALLS] is a special token: with tool_choice auto and the mistral parser the
+    reply is decoded with special tokens kept (here the model is made to say nothing
+    else: as no call follows it, it comes back as content); without tools it is dropped as
+    usual."""
+    base, tag = _with_special_token(tiny_models["llama"], tmp_path / "mistralish",
+                                    "[TOOL_CALLS]")
+    args = ["--dtype", "float32", "--max-model-len", "256", "--cpu-kv-cache-gib", "0.05",
+            "--enable-auto-tool-choice", "--tool-call-parser", "mistral"]
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        kw = dict(model=_model(client), messages=MESSAGES, max_tokens=2, temperature=0,
+                  logit_bias={str(tag): 100})
+        res = client.chat.completions.create(tools=TOOLS, **kw)
+        assert res.choices[0].message.content == "[TOOL_CALLS][TOOL_CALLS]"
+        assert client.chat.completions.create(**kw).choices[0].message.content == ""
 
 
 def test_auto_tool_choice_needs_a_parser(tiny_models):

@@ -240,7 +240,7 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     server.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="Serve tool_choice 'auto': the model calls tools in its own "
                              "format, read by --tool-call-parser.")
-    server.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+    server.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
                         help="How the model writes tool calls: hermes (Hermes, Qwen 2.5/3: "
                              "<tool_call> tags) or llama3_json (Llama 3.1/3.2: JSON).")
     server.add_argument("--uvicorn-log-level", default="info",

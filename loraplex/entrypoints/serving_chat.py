@@ -113,6 +113,8 @@ class OpenAIServingChat(OpenAIServing):
                                       "response_format and structured outputs",
                                       param="tool_choice")
             params.structured_outputs = tool_choice_outputs(req)
+        elif calling == "auto" and self.tool_parser.keeps_special_tokens:
+            params.skip_special_tokens = False  # its call tag is a special token
         text, ids = await self.off_loop(self.render, req, req.tools if calling else None,
                                         lora)
         self.check_token_ids(ids)

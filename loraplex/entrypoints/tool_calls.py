@@ -10,14 +10,16 @@ is constrained (structured outputs) to JSON, then turned into `tool_calls`.
 "auto" (the default when tools are given) lets the model answer or call, in its own
 format: the server needs `--enable-auto-tool-choice --tool-call-parser NAME`, and the
 parser reads the calls out of the reply (`PARSERS`: Hermes / Qwen's `<tool_call>` tags,
-Llama 3's bare JSON). Streamed, the text before a call goes out as it comes; the calls
+Llama 3's bare JSON, Mistral's `[TOOL_CALLS]`). Streamed, the text before a call goes out as it comes; the calls
 go out whole once the reply is complete.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
+import string
 from typing import Any
 
 from loraplex.entrypoints.errors import BadRequestError
@@ -132,7 +134,20 @@ def _held_back(text: str, marker: str) -> int:
     return len(text)
 
 
-class HermesParser:
+class _StartTagParser:
+    """A format whose calls follow a start tag, after any text; streamed, the text before
+    the tag (or before what may be its start) is content."""
+
+    start: str
+    keeps_special_tokens = False  # whether the reply must keep special tokens to parse
+
+    def content_prefix(self, text: str) -> int:
+        """The length of the start of a partial reply that is surely content."""
+        i = text.find(self.start)
+        return i if i >= 0 else _held_back(text, self.start)
+
+
+class HermesParser(_StartTagParser):
     """Hermes and Qwen 2.5 / 3: calls in <tool_call>{"name", "arguments"}</tool_call>,
     after any text."""
 
@@ -150,10 +165,38 @@ class HermesParser:
             return text, []
         return (text[:text.index(self.start)].strip() or None, calls) if calls else (text, [])
 
-    def content_prefix(self, text: str) -> int:
-        """The length of the start of a partial reply that is surely content."""
-        i = text.find(self.start)
-        return i if i >= 0 else _held_back(text, self.start)
+
+class MistralParser(_StartTagParser):
+    """Mistral: after [TOOL_CALLS], a JSON list of {"name", "arguments"} (tokenizers
+    before v11: Mistral 7B v0.3, Mixtral, Nemo), or name[ARGS]{...} for each call (v11
+    on: Mistral Small 3.1 and later). [TOOL_CALLS] is a special token, so the reply is
+    decoded with special tokens kept (vLLM does the same). Call ids are 9 letters and
+    digits: Mistral's chat templates refuse any other id in the conversation's history."""
+
+    start = "[TOOL_CALLS]"
+    keeps_special_tokens = True
+    _id_chars = string.ascii_letters + string.digits
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.start not in text:
+            return text, []
+        head, *parts = text.split(self.start)
+        try:
+            calls = [c for part in parts for c in self._calls(part.strip())]
+        except (ValueError, AttributeError):
+            return text, []
+        for call in calls:
+            call.id = "".join(random.choices(self._id_chars, k=9))
+        return (head.strip() or None, calls) if calls else (text, [])
+
+    @staticmethod
+    def _calls(part: str) -> list[ToolCall]:
+        if "[ARGS]" in part:  # v11: name[ARGS]{arguments}
+            name, _, args = part.partition("[ARGS]")
+            return [_call(name.strip(), json.loads(args, strict=False))]
+        loaded = json.loads(part, strict=False)
+        return [_call(c.get("name"), c.get("arguments"))
+                for c in (loaded if isinstance(loaded, list) else [loaded])]
 
 
 class Llama3JsonParser:
@@ -161,6 +204,7 @@ class Llama3JsonParser:
     ';'), after an optional <|python_tag|>."""
 
     tag = "<|python_tag|>"
+    keeps_special_tokens = False
 
     def _body(self, text: str) -> str:
         return text.strip().removeprefix(self.tag).strip()
@@ -184,4 +228,4 @@ class Llama3JsonParser:
         return len(text)
 
 
-PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser}
+PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}
