@@ -37,7 +37,7 @@ __all__ = [
 
 ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 # built on demand (not in the session-wide fixtures): tests/test_architectures.py
-EXTRA_ARCHS: tuple[str, ...] = ("gemma", "gemma2", "phi3")
+EXTRA_ARCHS: tuple[str, ...] = ("gemma", "gemma2", "phi3", "mixtral")
 
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3.
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
@@ -188,11 +188,13 @@ def _arch_config(
                       final_logit_softcapping=20.0, sliding_window=4096)
     elif arch == "phi3":
         common.update(sliding_window=None, original_max_position_embeddings=512)
+    elif arch == "mixtral":
+        common.update(sliding_window=None, num_local_experts=4, num_experts_per_tok=2)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                     "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
-                    "phi3": "Phi3Config"}[arch]
+                    "phi3": "Phi3Config", "mixtral": "MixtralConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

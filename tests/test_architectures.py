@@ -1,10 +1,11 @@
-"""Gemma, Gemma 2 and Phi-3 against HF transformers + PEFT (fp32): mixed batches of the
-base and adapters of different ranks and targets, more adapters than max_loras.
+"""Gemma, Gemma 2, Phi-3 and Mixtral against HF transformers + PEFT (fp32): mixed batches
+of the base and adapters of different ranks and targets, more adapters than max_loras.
 
 Gemma: GeGLU, its RMSNorm (1 + w, scaled in fp32), embeddings x sqrt(hidden) (the
 embedding's LoRA scaled with them), tied lm_head. Gemma 2: norms after attention and the
 MLP too, query_pre_attn_scalar, attention-score and final-logit softcaps (small caps in
-the tiny config, so they bite), through the torch and the Triton attention. Phi-3: checkpoints and adapters with
+the tiny config, so they bite), through the torch and the Triton attention. Mixtral: a
+sparse mixture of experts (top-2 of 4 here) under LoRA on the attention. Phi-3: checkpoints and adapters with
 q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole module), and
 LongRoPE (Phi-3 128k, Phi-3.5): short and long frequencies on either side of the
 pretraining window, switching as HF's generate switches.
@@ -13,6 +14,7 @@ pretraining window, switching as HF's generate switches.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 
 import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
 from loraplex import LoRARequest, SamplingParams
+from loraplex.lora.errors import LoRAError
 from tests.engine_utils import check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import EXTRA_ARCHS, hf_greedy, make_peft_adapter, make_tiny_model
 
@@ -36,6 +39,12 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
         "r16_vocab": dict(r=16, lora_alpha=16, seed=49,
                           target_modules=["o_proj", "gate_proj", "embed_tokens", "lm_head"]),
     },
+    "mixtral": {  # LoRA on the attention (experts and router: refused, see below)
+        "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=51),
+        "r8_attn": dict(r=8, lora_alpha=16, seed=52,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["o_proj", "lm_head"], seed=53),
+    },
     "phi3": {
         "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], seed=44),
         "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=45),
@@ -45,7 +54,7 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
 }
 
 
-SEEDS = {"gemma": 20, "phi3": 21, "gemma2": 22}
+SEEDS = {"gemma": 20, "phi3": 21, "gemma2": 22, "mixtral": 23}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +89,31 @@ def test_gemma2_with_triton_attention(monkeypatch, budget, arch_models, prompts)
                    max_num_batched_tokens=budget)
     assert llm.llm_engine.model_runner.attn_backend == "triton"
     check_mixed_batch(llm, base, adapters, prompts, extra=2)
+
+
+def test_mixtral_experts_and_lora_on_them(arch_models, tmp_path, prompts):
+    """The checkpoint's per-expert w1/w3/w2 are stacked per layer; an adapter on the
+    experts or the router is refused by name (at registration), another on the same engine
+    carries on."""
+    base, adapters = arch_models["mixtral"]
+    llm = make_llm(base, enable_lora=True, max_lora_rank=16)
+    moe = llm.llm_engine.model.model.layers[1].block_sparse_moe
+    assert moe.w13.shape == (4, 2 * 128, 64) and moe.w2.shape == (4, 64, 128)
+    engine = llm.llm_engine
+    for i, (edit, message) in enumerate([
+            (dict(target_modules=["q_proj", "w1"]), "'w1' (an expert's gate projection)"),
+            (dict(target_modules=["gate"]), "'gate' (the router)"),
+            (dict(target_parameters=["experts.gate_up_proj"]), "targets parameters")]):
+        bad = shutil.copytree(adapters["r4_qv"], tmp_path / f"bad{i}")
+        cfg = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
+        with pytest.raises(LoRAError, match=re.escape(message)):
+            engine.add_request(f"bad{i}", {"prompt_token_ids": prompts[0]}, SamplingParams(),
+                               lora_request=LoRARequest(f"bad{i}", 10 + i, str(bad)))
+    ok = llm.generate([{"prompt_token_ids": prompts[1]}], SamplingParams(max_tokens=3),
+                      lora_request=LoRARequest("ok", 1, str(adapters["r8_attn"])),
+                      use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) == 3
 
 
 def test_phi3_fused_modules_are_one_lora_slice(arch_models):

@@ -79,6 +79,7 @@ def test_graphs_unavailable_reasons():
     assert graphs_unavailable(cuda, True, "triton", True) == "enforce_eager=True"
     assert "attention backend 'torch'" in graphs_unavailable(cuda, False, "torch", False)
     assert graphs_unavailable(cuda, False, "triton", False) is None
+    assert "mixture-of-experts" in graphs_unavailable(cuda, False, "triton", False, True)
 
 
 def test_enforce_eager_and_sizes_reach_the_model_config():

@@ -115,6 +115,12 @@ def _read_config(name: str, path: str) -> dict:
     return cfg
 
 
+# HF module names of a mixture of experts (Mixtral's, in transformers 4 and 5)
+_MOE_MODULES = {"w1": "an expert's gate projection", "w2": "an expert's down projection",
+                "w3": "an expert's up projection", "experts": "the experts",
+                "gate": "the router"}
+
+
 def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) -> None:
     peft_type = cfg.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
@@ -129,11 +135,20 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     if max(ranks) > max_rank:
         raise LoRAError(f"LoRA adapter {name!r} has rank {max(ranks)} > max_lora_rank="
                         f"{max_rank}; restart with --max-lora-rank {max(ranks)}")
+    if cfg.get("target_parameters"):
+        raise LoRAError(f"LoRA adapter {name!r} targets parameters (target_parameters="
+                        f"{cfg['target_parameters']}, e.g. MoE experts): not supported yet; "
+                        "LoRA on the attention projections is")
     target = cfg.get("target_modules")
     if isinstance(target, list):
         leaves = {m.rsplit(".", 1)[-1] for m in targets.shapes}
         for t in target:
-            if t.rsplit(".", 1)[-1] not in leaves:
+            leaf = t.rsplit(".", 1)[-1]
+            if leaf not in leaves and leaf in _MOE_MODULES:
+                raise LoRAError(f"LoRA adapter {name!r} targets {t!r} ({_MOE_MODULES[leaf]}):"
+                                " LoRA on a mixture of experts' experts and router is not "
+                                "supported yet; LoRA on the attention projections is")
+            if leaf not in leaves:
                 raise LoRAError(f"LoRA adapter {name!r}: target module {t!r} not found in the "
                                 "model (supported: " + ", ".join(targets.suffixes) + "); the "
                                 "adapter was trained for a different architecture")

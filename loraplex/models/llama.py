@@ -1,11 +1,12 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3) over a flat
-batch of tokens.
+"""Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3) over
+a flat batch of tokens.
 
 One file, flags for the differences: Qwen2 has a bias on q/k/v, Qwen3 RMS-normalizes
 q and k per head; Gemma scales the embeddings by sqrt(hidden), uses GeGLU and its own
 RMSNorm (1 + w, in fp32); Gemma 2 adds a norm after each sublayer too ("sandwich"),
 scales attention by query_pre_attn_scalar^-1/2 and caps attention scores and final logits
-with cap * tanh(x / cap); Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
+with cap * tanh(x / cap); Mixtral's MLP is a sparse mixture of experts (layers/moe.py);
+Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
 already fused as qkv_proj and gate_up_proj. Tokens of all sequences in a step are laid
 out flat ([T, hidden]); attention finds each sequence's tokens through the step context.
 """
@@ -20,6 +21,7 @@ from torch import nn
 from loraplex.layers.activation import ACT_AND_MUL
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import make_linear
+from loraplex.layers.moe import SparseMoE
 from loraplex.layers.norm import GemmaRMSNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
@@ -50,6 +52,8 @@ class LlamaArgs:
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
     fused_checkpoint: bool = False  # Phi-3: qkv_proj / gate_up_proj are the HF modules
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
+    num_experts: int = 0  # > 0: Mixtral's sparse MoE instead of the MLP
+    num_experts_per_tok: int = 2
 
     def norm(self, dim: int) -> RMSNorm:
         return (GemmaRMSNorm if self.gemma else RMSNorm)(dim, self.rms_norm_eps)
@@ -113,7 +117,11 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(a, f"{prefix}.mlp")
+        if a.num_experts:  # the checkpoint's name for it
+            self.block_sparse_moe = SparseMoE(a.hidden_size, a.intermediate_size,
+                                              a.num_experts, a.num_experts_per_tok)
+        else:
+            self.mlp = LlamaMLP(a, f"{prefix}.mlp")
         self.input_layernorm = a.norm(a.hidden_size)
         self.post_attention_layernorm = a.norm(a.hidden_size)
         self.sandwich = a.sandwich_norm
@@ -121,14 +129,19 @@ class LlamaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = a.norm(a.hidden_size)
             self.post_feedforward_layernorm = a.norm(a.hidden_size)
 
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward sublayer: the MLP, or Mixtral's experts."""
+        moe = getattr(self, "block_sparse_moe", None)
+        return moe(x) if moe is not None else self.mlp(x)
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.sandwich:  # Gemma 2: post_attention_layernorm normalizes attention's output
             h = x + self.post_attention_layernorm(
                 self.self_attn(positions, self.input_layernorm(x)))
             return h + self.post_feedforward_layernorm(
-                self.mlp(self.pre_feedforward_layernorm(h)))
+                self.ffn(self.pre_feedforward_layernorm(h)))
         h = x + self.self_attn(positions, self.input_layernorm(x))
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.ffn(self.post_attention_layernorm(h))
 
 
 class LlamaModel(nn.Module):
@@ -167,6 +180,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
+        if args.num_experts:  # LoRA on the attention (the experts and router: not yet)
+            self.lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj",
+                                        "embed_tokens", "lm_head")
         if args.fused_checkpoint:  # the HF modules are the packed ones: nothing to pack
             self.packed_modules_mapping = {}
             self.lora_target_modules = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj",

@@ -2,7 +2,8 @@
 
 Reads config.json with transformers' AutoConfig, weights from (sharded) safetensors or,
 as a fallback, pytorch_model*.bin. HF's separate q/k/v and gate/up weights are copied
-into our packed projections through the model's `packed_modules_mapping`.
+into our packed projections through the model's `packed_modules_mapping`; Mixtral's
+per-expert w1 / w2 / w3 into the stacked expert weights (SparseMoE.load_expert).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from loraplex.layers.moe import SparseMoE
 from loraplex.layers.quantization import QuantLinear
 from loraplex.models.llama import LlamaForCausalLM
 
@@ -74,6 +76,10 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
             continue
         module_name, param_name = _split_name(name)
         prefix, _, leaf = module_name.rpartition(".")
+        moe_name, _, expert = prefix.rpartition(".experts.")
+        if expert and isinstance(moe := model.get_submodule(moe_name), SparseMoE):
+            loaded.add(f"{moe_name}.{moe.load_expert(int(expert), leaf, tensor)}")
+            continue
         if leaf in model.packed_modules_mapping:
             packed, shard = model.packed_modules_mapping[leaf]
             target = model.get_submodule(f"{prefix}.{packed}")

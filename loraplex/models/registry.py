@@ -11,6 +11,7 @@ from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 _ARCHITECTURES: dict[str, dict[str, bool]] = {
     "LlamaForCausalLM": {},
     "MistralForCausalLM": {},
+    "MixtralForCausalLM": {},
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
     "GemmaForCausalLM": {"gemma": True},
@@ -21,6 +22,7 @@ _ARCHITECTURES: dict[str, dict[str, bool]] = {
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 # older configs name only a model_type
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "mixtral": "MixtralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "phi3": "Phi3ForCausalLM"}
@@ -94,6 +96,17 @@ def _gemma2(hf: Any, name: str) -> dict[str, Any]:
                 final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0))
 
 
+def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
+    """Mixtral's experts per layer and per token."""
+    if name != "MixtralForCausalLM":
+        return {}
+    if quant is not None:
+        raise ValueError(f"{quant.method}-quantized mixture-of-experts models are not "
+                         "supported yet")
+    return dict(num_experts=int(hf.num_local_experts),
+                num_experts_per_tok=int(hf.num_experts_per_tok))
+
+
 def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCausalLM:
     name = architecture(hf_config)
     theta, scaling = _rope(hf_config)
@@ -121,5 +134,6 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
         rotary_dim=_rotary_dim(hf_config, head_dim),
         **_ARCHITECTURES[name],
         **_gemma2(hf_config, name),
+        **_experts(hf_config, name, quant),
     )
     return LlamaForCausalLM(args)

@@ -57,12 +57,14 @@ def padded_size(n: int, sizes: list[int]) -> int | None:
 
 
 def graphs_unavailable(device: torch.device, enforce_eager: bool, attn_backend: str,
-                       has_lora: bool) -> str | None:
+                       has_lora: bool, host_routed: bool = False) -> str | None:
     """Why decode must run eagerly here, or None when it can use CUDA graphs."""
     if device.type != "cuda":
         return "not a CUDA device"
     if enforce_eager:
         return "enforce_eager=True"
+    if host_routed:
+        return "a mixture-of-experts model (tokens are grouped by expert on the host)"
     if attn_backend != "triton":  # the torch decode path keeps host-side state per step
         return f"attention backend {attn_backend!r} (graphs need 'triton')"
     if has_lora and ops.backend(torch.empty(0, device=device)) is ops.torch_ops:
@@ -212,12 +214,14 @@ def _fill_random_adapters(layers: list[LinearWithLoRA], gen: torch.Generator) ->
 
 def capture_decode_graphs(model: nn.Module, buffers: DecodeBuffers, max_num_seqs: int,
                           max_model_len: int, max_loras: int, enforce_eager: bool,
-                          sizes: tuple[int, ...] | None, attn_backend: str
-                          ) -> CUDAGraphRunner | None:
+                          sizes: tuple[int, ...] | None, attn_backend: str,
+                          host_routed: bool = False) -> CUDAGraphRunner | None:
     """Capture and check the decode graphs; None (decode runs eagerly) when graphs are
-    off or unavailable here, or when capturing failed (logged with the exception)."""
+    off or unavailable here (`host_routed`: the model routes tokens on the host, as a
+    mixture of experts does), or when capturing failed (logged with the exception)."""
     device = buffers.input_ids.device
-    reason = graphs_unavailable(device, enforce_eager, attn_backend, max_loras > 0)
+    reason = graphs_unavailable(device, enforce_eager, attn_backend, max_loras > 0,
+                                host_routed)
     if reason is not None:
         if device.type == "cuda":
             log = logger.info if enforce_eager else logger.warning

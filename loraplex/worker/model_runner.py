@@ -111,7 +111,7 @@ class ModelRunner:
             self.cuda_graphs = capture_decode_graphs(
                 model, self.decode_buffers, self.max_num_seqs, self.max_model_len,
                 self.max_loras, model_config.enforce_eager, model_config.cuda_graph_sizes,
-                self.attn_backend)
+                self.attn_backend, host_routed=model.args.num_experts > 0)
 
     def _bytes_per_block(self) -> int:
         return kv_block_bytes(self.model, self.dtype, self.block_size)

@@ -1,0 +1,57 @@
+"""Sparse mixture of experts (Mixtral's block_sparse_moe).
+
+    p = softmax(W_g x)                      router over E experts
+    top-k experts e of p, weights w_e = p_e / sum of the top-k p
+    y = sum_e w_e * W2_e (silu(W1_e x) * W3_e x)
+
+Each expert is a SwiGLU MLP; its gate and up projections are stacked as w13 [E, 2I, H]
+(W1 then W3) and its down projection as w2 [E, H, I]. Tokens are grouped by expert on
+the host (one matmul pair per expert that has tokens), so the decode step of a MoE model
+runs without CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.layers.linear import make_linear
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 top_k: int) -> None:
+        super().__init__()
+        self.intermediate_size, self.top_k = intermediate_size, top_k
+        self.gate = make_linear(hidden_size, [num_experts])  # the router
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in experts.unique().tolist():
+            rows, k = (experts == e).nonzero(as_tuple=True)
+            gate, up = (x[rows] @ self.w13[e].T).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ self.w2[e].T
+            out.index_add_(0, rows, y * weights[rows, k, None])
+        return out
+
+    def load_expert(self, expert: int, name: str, tensor: torch.Tensor) -> str:
+        """An HF checkpoint's experts.{expert}.{w1|w2|w3}.weight into the stacks; returns
+        the parameter it went into."""
+        i = self.intermediate_size
+        target = {"w1": (self.w13, slice(0, i)), "w3": (self.w13, slice(i, 2 * i)),
+                  "w2": (self.w2, slice(None))}.get(name)
+        if target is None:
+            raise ValueError(f"unexpected expert weight {name!r} (expected w1, w2 or w3)")
+        param, rows = target
+        dst = param.data[expert, rows]
+        if dst.shape != tensor.shape:
+            raise ValueError(f"expert {expert} {name} has shape {tuple(tensor.shape)}, the "
+                             f"model expects {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        return "w13" if name in ("w1", "w3") else "w2"
