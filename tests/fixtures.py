@@ -37,7 +37,7 @@ __all__ = [
 
 ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 # built on demand (not in the session-wide fixtures): tests/test_architectures.py
-EXTRA_ARCHS: tuple[str, ...] = ("gemma", "gemma2", "phi3", "mixtral")
+EXTRA_ARCHS: tuple[str, ...] = ("gemma", "gemma2", "phi3", "mixtral", "qwen3_moe")
 
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3.
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
@@ -190,11 +190,16 @@ def _arch_config(
         common.update(sliding_window=None, original_max_position_embeddings=512)
     elif arch == "mixtral":
         common.update(sliding_window=None, num_local_experts=4, num_experts_per_tok=2)
+    elif arch == "qwen3_moe":  # layer 1 keeps a plain MLP; top-2 weights not renormalized
+        common.update(sliding_window=None, attention_bias=False, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
+                      mlp_only_layers=[1], decoder_sparse_step=1)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                     "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
-                    "phi3": "Phi3Config", "mixtral": "MixtralConfig"}[arch]
+                    "phi3": "Phi3Config", "mixtral": "MixtralConfig",
+                    "qwen3_moe": "Qwen3MoeConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -1,11 +1,13 @@
-"""Gemma, Gemma 2, Phi-3 and Mixtral against HF transformers + PEFT (fp32): mixed batches
-of the base and adapters of different ranks and targets, more adapters than max_loras.
+"""Gemma, Gemma 2, Phi-3, Mixtral and Qwen3-MoE against HF transformers + PEFT (fp32):
+mixed batches of the base and adapters of different ranks and targets, more adapters than
+max_loras.
 
 Gemma: GeGLU, its RMSNorm (1 + w, scaled in fp32), embeddings x sqrt(hidden) (the
 embedding's LoRA scaled with them), tied lm_head. Gemma 2: norms after attention and the
 MLP too, query_pre_attn_scalar, attention-score and final-logit softcaps (small caps in
-the tiny config, so they bite), through the torch and the Triton attention. Mixtral: a
-sparse mixture of experts (top-2 of 4 here) under LoRA on the attention. Phi-3: checkpoints and adapters with
+the tiny config, so they bite), through the torch and the Triton attention. Mixtral and
+Qwen3-MoE: a sparse mixture of experts (top-2 of 4 here; Qwen3-MoE's weights not
+renormalized, and a layer with a plain MLP) under LoRA on the attention. Phi-3: checkpoints and adapters with
 q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole module), and
 LongRoPE (Phi-3 128k, Phi-3.5): short and long frequencies on either side of the
 pretraining window, switching as HF's generate switches.
@@ -45,6 +47,13 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
         "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["o_proj", "lm_head"], seed=53),
     },
+    "qwen3_moe": {
+        "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=54),
+        "r8_attn": dict(r=8, lora_alpha=16, seed=55,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["k_proj", "embed_tokens"],
+                          seed=56),
+    },
     "phi3": {
         "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], seed=44),
         "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=45),
@@ -54,7 +63,7 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
 }
 
 
-SEEDS = {"gemma": 20, "phi3": 21, "gemma2": 22, "mixtral": 23}
+SEEDS = {"gemma": 20, "phi3": 21, "gemma2": 22, "mixtral": 23, "qwen3_moe": 24}
 
 
 @pytest.fixture(scope="module")
@@ -91,17 +100,27 @@ def test_gemma2_with_triton_attention(monkeypatch, budget, arch_models, prompts)
     check_mixed_batch(llm, base, adapters, prompts, extra=2)
 
 
-def test_mixtral_experts_and_lora_on_them(arch_models, tmp_path, prompts):
-    """The checkpoint's per-expert w1/w3/w2 are stacked per layer; an adapter on the
-    experts or the router is refused by name (at registration), another on the same engine
-    carries on."""
-    base, adapters = arch_models["mixtral"]
+MOE = {  # arch -> (the sparse block of layer 0, its expert size, a target on experts)
+    "mixtral": ("block_sparse_moe", 128, ("w1", "'w1' (an expert's gate projection)")),
+    "qwen3_moe": ("mlp", 48, ("down_proj", "'down_proj' (an expert's down projection)")),
+}
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_moe_experts_and_lora_on_them(arch, arch_models, tmp_path, prompts):
+    """The checkpoint's per-expert weights are stacked per layer (Qwen3-MoE's layer 1 keeps
+    its plain MLP); an adapter on the experts or the router is refused by name (at
+    registration), another on the same engine carries on."""
+    base, adapters = arch_models[arch]
+    name, size, (expert_target, expert_message) = MOE[arch]
     llm = make_llm(base, enable_lora=True, max_lora_rank=16)
-    moe = llm.llm_engine.model.model.layers[1].block_sparse_moe
-    assert moe.w13.shape == (4, 2 * 128, 64) and moe.w2.shape == (4, 64, 128)
+    layers = llm.llm_engine.model.model.layers
+    moe = getattr(layers[0], name)
+    assert moe.w13.shape == (4, 2 * size, 64) and moe.w2.shape == (4, 64, size)
+    assert (arch == "qwen3_moe") == hasattr(getattr(layers[1], "mlp", None), "gate_up_proj")
     engine = llm.llm_engine
     for i, (edit, message) in enumerate([
-            (dict(target_modules=["q_proj", "w1"]), "'w1' (an expert's gate projection)"),
+            (dict(target_modules=["q_proj", expert_target]), expert_message),
             (dict(target_modules=["gate"]), "'gate' (the router)"),
             (dict(target_parameters=["experts.gate_up_proj"]), "targets parameters")]):
         bad = shutil.copytree(adapters["r4_qv"], tmp_path / f"bad{i}")

@@ -72,6 +72,7 @@ class TargetShapes:
                                                   repr=False)
     extra_vocab_size: int = 0  # most tokens an adapter may add (lora_extra_vocab_size)
     tied_embeddings: bool = False  # lm_head is the embedding: an added token's rows too
+    moe: bool = False  # a mixture of experts, whose experts and router take no LoRA yet
 
 
 def local_adapter_dir(req: LoRARequest) -> str | None:
@@ -115,9 +116,11 @@ def _read_config(name: str, path: str) -> dict:
     return cfg
 
 
-# HF module names of a mixture of experts (Mixtral's, in transformers 4 and 5)
+# HF module names in a mixture of experts (Mixtral's and Qwen3-MoE's, transformers 4 and 5)
 _MOE_MODULES = {"w1": "an expert's gate projection", "w2": "an expert's down projection",
-                "w3": "an expert's up projection", "experts": "the experts",
+                "w3": "an expert's up projection", "gate_proj": "an expert's gate projection",
+                "up_proj": "an expert's up projection",
+                "down_proj": "an expert's down projection", "experts": "the experts",
                 "gate": "the router"}
 
 
@@ -144,7 +147,7 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
         leaves = {m.rsplit(".", 1)[-1] for m in targets.shapes}
         for t in target:
             leaf = t.rsplit(".", 1)[-1]
-            if leaf not in leaves and leaf in _MOE_MODULES:
+            if leaf not in leaves and targets.moe and leaf in _MOE_MODULES:
                 raise LoRAError(f"LoRA adapter {name!r} targets {t!r} ({_MOE_MODULES[leaf]}):"
                                 " LoRA on a mixture of experts' experts and router is not "
                                 "supported yet; LoRA on the attention projections is")

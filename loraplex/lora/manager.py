@@ -64,7 +64,8 @@ def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype
                      ) -> dict[str, LinearWithLoRA]:
     """Swap every module an adapter may target for its LoRA wrapper: the projections
     and lm_head for LinearWithLoRA, the token embedding for EmbeddingWithLoRA."""
-    packed_names = {packed for packed, _ in model.packed_modules_mapping.values()}
+    packed_names = {packed for hf_name, (packed, _) in model.packed_modules_mapping.items()
+                    if hf_name in model.lora_target_modules}  # (a MoE's dense MLPs: none)
     wanted = packed_names | set(model.lora_target_modules)
     wrapped: dict[str, LinearWithLoRA] = {}
     for name, module in list(model.named_modules()):
@@ -126,7 +127,8 @@ class LoRAManager:
         return TargetShapes(shapes=shapes, suffixes=tuple(model.lora_target_modules),
                             vocab_size=model.args.vocab_size, base_weights=vocab_layers,
                             extra_vocab_size=self.cfg.lora_extra_vocab_size,
-                            tied_embeddings=bool(model.args.tie_word_embeddings))
+                            tied_embeddings=bool(model.args.tie_word_embeddings),
+                            moe=model.args.num_experts > 0)
 
     def _extra_vocab_slots(self, model: nn.Module, cfg: LoRAConfig) -> ExtraVocabSlots | None:
         """Rows for the tokens adapters add (lora_extra_vocab_size per slot), served by

@@ -1,11 +1,12 @@
-"""Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Gemma, Gemma 2, Phi-3) over
-a flat batch of tokens.
+"""Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma, Gemma 2,
+Phi-3) over a flat batch of tokens.
 
 One file, flags for the differences: Qwen2 has a bias on q/k/v, Qwen3 RMS-normalizes
 q and k per head; Gemma scales the embeddings by sqrt(hidden), uses GeGLU and its own
 RMSNorm (1 + w, in fp32); Gemma 2 adds a norm after each sublayer too ("sandwich"),
 scales attention by query_pre_attn_scalar^-1/2 and caps attention scores and final logits
-with cap * tanh(x / cap); Mixtral's MLP is a sparse mixture of experts (layers/moe.py);
+with cap * tanh(x / cap); Mixtral's and Qwen3-MoE's MLP is a sparse mixture of experts
+(layers/moe.py);
 Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
 already fused as qkv_proj and gate_up_proj. Tokens of all sequences in a step are laid
 out flat ([T, hidden]); attention finds each sequence's tokens through the step context.
@@ -52,8 +53,12 @@ class LlamaArgs:
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
     fused_checkpoint: bool = False  # Phi-3: qkv_proj / gate_up_proj are the HF modules
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
-    num_experts: int = 0  # > 0: Mixtral's sparse MoE instead of the MLP
+    num_experts: int = 0  # > 0: a sparse mixture of experts instead of the MLP
     num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # each expert's (None: intermediate_size)
+    norm_topk_prob: bool = True  # the top-k router weights renormalized to sum to 1
+    moe_module: str = "block_sparse_moe"  # the checkpoint's name (Qwen3-MoE: "mlp")
+    dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
 
     def norm(self, dim: int) -> RMSNorm:
         return (GemmaRMSNorm if self.gemma else RMSNorm)(dim, self.rms_norm_eps)
@@ -114,14 +119,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str) -> None:
+    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn")
-        if a.num_experts:  # the checkpoint's name for it
-            self.block_sparse_moe = SparseMoE(a.hidden_size, a.intermediate_size,
-                                              a.num_experts, a.num_experts_per_tok)
-        else:
-            self.mlp = LlamaMLP(a, f"{prefix}.mlp")
+        sparse = a.num_experts > 0 and index not in a.dense_layers
+        # the feed-forward sublayer, under the checkpoint's name for it
+        self.ffn_name = a.moe_module if sparse else "mlp"
+        setattr(self, self.ffn_name, SparseMoE(
+            a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
+            a.num_experts_per_tok, a.norm_topk_prob) if sparse else LlamaMLP(a, f"{prefix}.mlp"))
         self.input_layernorm = a.norm(a.hidden_size)
         self.post_attention_layernorm = a.norm(a.hidden_size)
         self.sandwich = a.sandwich_norm
@@ -130,9 +136,8 @@ class LlamaDecoderLayer(nn.Module):
             self.post_feedforward_layernorm = a.norm(a.hidden_size)
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        """The feed-forward sublayer: the MLP, or Mixtral's experts."""
-        moe = getattr(self, "block_sparse_moe", None)
-        return moe(x) if moe is not None else self.mlp(x)
+        """The feed-forward sublayer: the MLP, or the experts."""
+        return getattr(self, self.ffn_name)(x)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.sandwich:  # Gemma 2: post_attention_layernorm normalizes attention's output
@@ -151,7 +156,7 @@ class LlamaModel(nn.Module):
         self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, f"model.layers.{i}")
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, f"model.layers.{i}", i)
                                     for i in range(a.num_layers))
         self.norm = a.norm(a.hidden_size)
 

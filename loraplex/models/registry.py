@@ -14,6 +14,7 @@ _ARCHITECTURES: dict[str, dict[str, bool]] = {
     "MixtralForCausalLM": {},
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    "Qwen3MoeForCausalLM": {"qk_norm": True},
     "GemmaForCausalLM": {"gemma": True},
     "Gemma2ForCausalLM": {"gemma": True, "sandwich_norm": True},
     "Phi3ForCausalLM": {"fused_checkpoint": True},
@@ -24,6 +25,7 @@ SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "mixtral": "MixtralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "phi3": "Phi3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -97,14 +99,23 @@ def _gemma2(hf: Any, name: str) -> dict[str, Any]:
 
 
 def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
-    """Mixtral's experts per layer and per token."""
-    if name != "MixtralForCausalLM":
+    """A mixture of experts: experts per layer and per token, and (Qwen3-MoE) the experts'
+    size, the routing weights' normalization and the layers that keep a plain MLP."""
+    if name not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
         return {}
     if quant is not None:
         raise ValueError(f"{quant.method}-quantized mixture-of-experts models are not "
                          "supported yet")
-    return dict(num_experts=int(hf.num_local_experts),
-                num_experts_per_tok=int(hf.num_experts_per_tok))
+    if name == "MixtralForCausalLM":
+        return dict(num_experts=int(hf.num_local_experts),
+                    num_experts_per_tok=int(hf.num_experts_per_tok))
+    step, only_mlp = int(getattr(hf, "decoder_sparse_step", 1) or 1), \
+        set(getattr(hf, "mlp_only_layers", None) or [])
+    return dict(num_experts=int(hf.num_experts), num_experts_per_tok=int(hf.num_experts_per_tok),
+                moe_intermediate_size=int(hf.moe_intermediate_size),
+                norm_topk_prob=bool(getattr(hf, "norm_topk_prob", False)), moe_module="mlp",
+                dense_layers=tuple(i for i in range(hf.num_hidden_layers)
+                                   if i in only_mlp or (i + 1) % step))
 
 
 def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCausalLM:
