@@ -90,6 +90,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # words never generated (their last token banned)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as
+    # many as max_model_len leaves room for)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -108,6 +112,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop) if self.stop is not None else []
         self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids is not None else []
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         self._validate()
 
     def _bad(self, name: str, rule: str) -> ValueError:
@@ -159,11 +165,29 @@ class SamplingParams:
             raise self._bad("stop", "a non-empty string or a list of non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise self._bad("stop_token_ids", "a list of ints >= 0")
+        allowed = self.allowed_token_ids
+        if allowed is not None and (not isinstance(allowed, list | tuple) or not allowed
+                                    or any(not _is_int(t) or t < 0 for t in allowed)):
+            raise self._bad("allowed_token_ids", "a non-empty list of token ids (ints >= 0)")
+        if self.bad_words is not None and (not isinstance(self.bad_words, list | tuple) or any(
+                not isinstance(w, str) or not w.strip() for w in self.bad_words)):
+            raise self._bad("bad_words", "a list of non-empty strings")
+        trunc = self.truncate_prompt_tokens
+        if trunc is not None and (not _is_int(trunc) or not (trunc >= 1 or trunc == -1)):
+            raise self._bad("truncate_prompt_tokens", "-1 or an int >= 1")
 
     @property
     def greedy(self) -> bool:
         """Temperature ~0 means argmax: no randomness, so the seed is irrelevant."""
         return self.temperature < _GREEDY_EPS
+
+    def truncate_prompt(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's last truncate_prompt_tokens ids (-1: max_model_len - 1, the most
+        that leaves room for one new token); all of them when it is None."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        return ids[-(max_model_len - 1 if k == -1 else k):]
 
     def clone(self) -> SamplingParams:
         """A deep copy, so per-request edits (e.g. max_tokens) do not leak to shared params."""

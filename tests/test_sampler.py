@@ -257,6 +257,34 @@ def test_logit_bias_per_row(sampler):
             SamplingParams(logit_bias=bad)
 
 
+def test_allowed_token_ids_and_bad_words(sampler):
+    """allowed_token_ids: nothing else can be sampled (greedy or not); bad words: a one-token
+    word is always banned, a longer one's last token only right after its other tokens."""
+    logits = rand_logits(4, seed=5)
+    top = logits.argmax(-1).tolist()
+    allowed = [3, 40, 41]
+    rows = [row(SamplingParams(temperature=0.0, allowed_token_ids=allowed)),
+            row(GREEDY, output=[7, 8]),  # a bad word [8, top] follows: its last is banned
+            row(GREEDY, output=[7, 9]),  # the same word does not follow here
+            row(GREEDY)]  # a one-token bad word
+    rows[1].bad_words = rows[2].bad_words = [[8, top[1]], [5, top[2]]]
+    rows[3].bad_words = [[top[3]]]
+    out = sampler(logits, rows)
+    only = torch.full((V,), float("-inf"))
+    only[allowed] = logits[0, allowed]
+    assert out.token_ids[0] == int(only.argmax())
+    assert out.token_ids[1] != top[1] and out.token_ids[1] == int(
+        logits[1].index_fill(0, torch.tensor([top[1]]), float("-inf")).argmax())
+    assert out.token_ids[2] == top[2] and out.token_ids[3] != top[3]
+    sampled = sampler(logits[:1].expand(50, V), [
+        row(SamplingParams(temperature=2.0, allowed_token_ids=allowed)) for _ in range(50)])
+    assert set(sampled.token_ids) <= set(allowed)
+    for field, bad in (("allowed_token_ids", []), ("allowed_token_ids", [-1]),
+                       ("bad_words", [""]), ("truncate_prompt_tokens", 0)):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: bad})
+
+
 def test_logprobs_dict_and_ranks(sampler):
     logits = torch.tensor([[0.0, 1.0, 3.0, 3.0, 2.0, -1.0] + [-5.0] * (V - 6)])
     raw = torch.log_softmax(logits, -1)[0]

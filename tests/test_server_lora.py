@@ -795,3 +795,32 @@ def test_sampling_fields_reach_the_engine(client, prompts):
                                   **dict(GREEDY, max_tokens=12))
     assert [token_ids_of(c.logprobs) for c in r.choices] == \
         [greedy_ids(client, "r8_all", prompts[0], 12), ids]
+
+
+def test_token_controls_over_http(server, client, tiny_models, prompts, tokenizer):
+    """vLLM's allowed_token_ids, bad_words and truncate_prompt_tokens as extra_body fields
+    (tests/test_token_controls.py holds them against HF); a bad value is a 400 naming it."""
+    from loraplex.engine.llm_engine import bad_words_token_ids
+    from tests.test_token_controls import hf_greedy_with
+
+    base, prompt = tiny_models["llama"], prompts[3]
+    kw = {k: v for k, v in GREEDY.items() if k != "extra_body"}
+    ids = GREEDY["extra_body"]
+    r = client.completions.create(model=BASE, prompt=prompt, **kw, extra_body={
+        **ids, "allowed_token_ids": [5, 60, 61, 300]})
+    assert token_ids_of(r.choices[0].logprobs) == hf_greedy_with(
+        base, None, prompt, allowed=[5, 60, 61, 300])
+    plain = greedy_ids(client, BASE, prompt)
+    word = next(w for t in plain if (w := tokenizer.decode([t]).strip())
+                and tokenizer.encode(w, add_special_tokens=False) == [t])
+    r = client.completions.create(model=BASE, prompt=prompt, **kw, extra_body={
+        **ids, "bad_words": [word]})
+    assert token_ids_of(r.choices[0].logprobs) == hf_greedy_with(
+        base, None, prompt, bad=bad_words_token_ids([word], tokenizer)) != plain
+    r = client.completions.create(model=BASE, prompt=prompt * 20, **kw, extra_body={
+        **ids, "truncate_prompt_tokens": 12})
+    assert r.usage.prompt_tokens == 12
+    assert token_ids_of(r.choices[0].logprobs) == hf_greedy(base, None, (prompt * 20)[-12:], 8)
+    r = server.post("/v1/completions", {"model": BASE, "prompt": "Hi",
+                                        "allowed_token_ids": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids"

@@ -199,9 +199,12 @@ class LLMEngine:
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         tokenizer, vocab = self.get_tokenizer(lora_request), self.vocab_size(lora_request)
         text, ids = self._tokenize(prompt, tokenizer)
+        ids = params.truncate_prompt(ids, self.model_config.max_model_len)
         salt = _cache_salt(prompt)
         self._check_prompt(ids, vocab)
         self._check_token_ids("logit_bias", params.logit_bias or {}, vocab)
+        self._check_token_ids("allowed_token_ids", params.allowed_token_ids or [], vocab)
+        bad_words = bad_words_token_ids(params.bad_words, tokenizer)
         grammars = (self.structured.matchers(params.structured_outputs, params.n)
                     if params.structured_outputs else [None] * params.n)
         seqs, detoks = [], []
@@ -212,6 +215,7 @@ class LLMEngine:
                 gen.manual_seed(params.seed + i)
             seq = Sequence(request_id, i, ids, params, lora_id, gen)
             seq.grammar = grammars[i]
+            seq.bad_words_token_ids = bad_words
             # cached K/V are shared only under the very same adapter weights, and salt
             registration = self.lora_manager.registration_of(lora_id) if lora_id else 0
             seq.cache_salt = registration.to_bytes(8, "little") + salt
@@ -290,8 +294,8 @@ class LLMEngine:
             batch.advance()
             for seq in batch.seqs:  # full blocks become shareable prefixes
                 self.block_manager.commit(seq)
-            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
-                    for s in seqs]
+            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
+                                s.bad_words_token_ids) for s in seqs]
             mask = (self.structured.token_mask([s.grammar for s in seqs])
                     if any(s.grammar is not None for s in seqs) else None)
             sampled = self.sampler(logits, rows, mask) if seqs else None
@@ -474,6 +478,19 @@ class LLMEngine:
         added = (self.lora_manager.added_token_counts.get(lora_request.lora_int_id, 0)
                  if lora_request is not None and self.lora_manager is not None else 0)
         return self.model.args.vocab_size + added
+
+
+def bad_words_token_ids(words: list[str] | None, tokenizer: Any) -> list[list[int]]:
+    """vLLM's rule: each word as the tokenizer encodes it alone and after a space (the
+    second only when it is another token sequence of the same length)."""
+    out: list[list[int]] = []
+    for word in words or []:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        out.append(alone)
+        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
+            out.append(spaced)
+    return out
 
 
 def _check_prompt_keys(prompt: dict[str, Any]) -> None:

@@ -45,6 +45,8 @@ class Sequence:
         # structured outputs: where the output is in the request's grammar (an xgrammar
         # matcher, engine/structured_output.py); None = unconstrained
         self.grammar: Any = None
+        # SamplingParams.bad_words in the request's tokenizer's ids (one list per variant)
+        self.bad_words_token_ids: list[list[int]] = []
         # tokens whose K/V are in the cache; a step computes the next ones from here
         # (a chunk of the prompt, or the last token when decoding)
         self.num_computed_tokens = 0

@@ -120,6 +120,9 @@ class SamplingFields(OpenAIBase):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:<id>"
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     request_id: str | None = None
     cache_salt: str | None = None  # prefix-cache sharing only between equal salts
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs object and

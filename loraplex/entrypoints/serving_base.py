@@ -108,12 +108,21 @@ class OpenAIServing:
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
                 include_stop_str_in_output=req.include_stop_str_in_output,
+                allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
+                truncate_prompt_tokens=req.truncate_prompt_tokens,
                 structured_outputs=_structured_outputs(req))
         except BadRequestError:
             raise
         except (ValueError, TypeError) as e:
             param = str(e).split(" ", 1)[0]
             raise BadRequestError(str(e), param=param if param.isidentifier() else None) from e
+
+    def truncated(self, prompt: tuple[str | None, list[int]], params: SamplingParams
+                  ) -> tuple[str | None, list[int]]:
+        """(text, ids) after truncate_prompt_tokens: the last ids, and no text (an echo
+        decodes what is left)."""
+        ids = params.truncate_prompt(prompt[1], self.max_model_len)
+        return prompt if len(ids) == len(prompt[1]) else (None, ids)
 
     def fit_max_tokens(self, params: SamplingParams, prompt_len: int) -> None:
         """Refuse prompts/max_tokens past max_model_len (vLLM's message); fill a None."""

@@ -118,6 +118,7 @@ class OpenAIServingChat(OpenAIServing):
         text, ids = await self.off_loop(self.render, req, req.tools if calling else None,
                                         lora)
         self.check_token_ids(ids)
+        text, ids = self.truncated((text, ids), params)
         self.fit_max_tokens(params, len(ids))
         request_id = req.request_id or random_id("chatcmpl")
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,

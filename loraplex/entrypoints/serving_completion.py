@@ -57,7 +57,8 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs
             prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
         params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
-        prompts = await self.off_loop(self._prompts, req, lora)
+        prompts = [self.truncated(p, params)
+                   for p in await self.off_loop(self._prompts, req, lora)]
         per_prompt = []
         for _, ids in prompts:  # the same params, but max_tokens fits each prompt's context
             p = params.clone()

@@ -10,7 +10,7 @@ Logprobs are reported from the raw logits (before penalties and temperature), as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +31,7 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None  # set when params.seed is not None, once per sequence
+    bad_words: list[list[int]] = field(default_factory=list)  # params.bad_words' token ids
 
 
 @dataclass
@@ -106,7 +107,34 @@ class Sampler:
     def _process(self, logits: torch.Tensor, rows: list[SamplingRow],
                  table: torch.Tensor) -> torch.Tensor:
         logits = self._apply_penalties(self._mask_min_tokens(logits, rows), rows, table)
-        return self._add_logit_bias(logits, rows)
+        return self._ban_tokens(self._add_logit_bias(logits, rows), rows)
+
+    @staticmethod
+    def _ban_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """-inf on what a row may not sample: every token outside its allowed_token_ids,
+        and the last token of each bad word whose other tokens end the output so far
+        (a one-token bad word: always), as vLLM bans them."""
+        allowed = [(i, r.params.allowed_token_ids) for i, r in enumerate(rows)
+                   if r.params.allowed_token_ids]
+        banned = [(i, words[-1]) for i, r in enumerate(rows) for words in r.bad_words
+                  if len(words) == 1 or r.output_token_ids[-(len(words) - 1):] == words[:-1]]
+        if not allowed and not banned:
+            return logits
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        if allowed:
+            idx = _to_device([i for i, _ in allowed], torch.long, logits.device)
+            pairs = [(j, t) for j, (_, ids) in enumerate(allowed) for t in ids]
+            only = torch.zeros(len(allowed), logits.shape[1], dtype=torch.bool,
+                               device=logits.device)
+            where = _to_device([[j for j, _ in pairs], [t for _, t in pairs]], torch.long,
+                               logits.device)
+            only[where[0], where[1]] = True
+            keep = keep.index_copy(0, idx, only)
+        if banned:
+            where = _to_device([[i for i, _ in banned], [t for _, t in banned]], torch.long,
+                               logits.device)
+            keep[where[0], where[1]] = False
+        return logits.masked_fill(~keep, float("-inf"))
 
     @staticmethod
     def _add_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
