@@ -71,8 +71,9 @@ class ExtraVocabSlots(nn.Module):
                       cap: Callable[[torch.Tensor], torch.Tensor] = lambda z: z
                       ) -> torch.Tensor:
         """[rows, V] -> [rows, V + extra_vocab_size]: each row's added-token logits,
-        cap(h . O[s, i]) for i < its adapter's n (cap: the model's final softcap, as on
-        the base columns), -inf elsewhere; one matmul per slot."""
+        cap(h . O[s, i]) for i < its adapter's n (cap: what the model does to lm_head's
+        output, as on the base columns: LlamaForCausalLM.final_logits), -inf elsewhere;
+        one matmul per slot."""
         extra = logits.new_full((logits.shape[0], self.extra_vocab_size), float("-inf"))
         for slot in {s for s in row_slots if s >= 0 and self.slot_sizes[s]}:
             n = self.slot_sizes[slot]

@@ -1,13 +1,13 @@
 """Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma, Gemma 2,
-Phi-3) over a flat batch of tokens.
+Phi-3, Granite) over a flat batch of tokens.
 
 One file, flags for the differences: Qwen2 has a bias on q/k/v, Qwen3 RMS-normalizes
 q and k per head; Gemma scales the embeddings by sqrt(hidden), uses GeGLU and its own
 RMSNorm (1 + w, in fp32); Gemma 2 adds a norm after each sublayer too ("sandwich"),
 scales attention by query_pre_attn_scalar^-1/2 and caps attention scores and final logits
 with cap * tanh(x / cap); Mixtral's and Qwen3-MoE's MLP is a sparse mixture of experts
-(layers/moe.py);
-Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
+(layers/moe.py); Granite scales the embeddings, each sublayer's output, the attention
+scores and the logits by constants of its config; Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
 already fused as qkv_proj and gate_up_proj. Tokens of all sequences in a step are laid
 out flat ([T, hidden]); attention finds each sequence's tokens through the step context.
 """
@@ -59,6 +59,10 @@ class LlamaArgs:
     norm_topk_prob: bool = True  # the top-k router weights renormalized to sum to 1
     moe_module: str = "block_sparse_moe"  # the checkpoint's name (Qwen3-MoE: "mlp")
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
+    embedding_multiplier: float = 1.0  # Granite: x = E[t] * this
+    residual_multiplier: float = 1.0  # Granite: h = x + sublayer(x) * this
+    attention_multiplier: float | None = None  # Granite: the attention scale (None: 1/sqrt(d))
+    logits_scaling: float = 1.0  # Granite: logits / this
 
     def norm(self, dim: int) -> RMSNorm:
         return (GemmaRMSNorm if self.gemma else RMSNorm)(dim, self.rms_norm_eps)
@@ -87,8 +91,8 @@ class LlamaAttention(nn.Module):
         self.q_norm = a.norm(a.head_dim) if a.qk_norm else None
         self.k_norm = a.norm(a.head_dim) if a.qk_norm else None
         self.rotary = rotary
-        self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim,
-                              (a.query_pre_attn_scalar or a.head_dim) ** -0.5,
+        scale = a.attention_multiplier or (a.query_pre_attn_scalar or a.head_dim) ** -0.5
+        self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +135,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = a.norm(a.hidden_size)
         self.post_attention_layernorm = a.norm(a.hidden_size)
         self.sandwich = a.sandwich_norm
+        self.residual_multiplier = a.residual_multiplier
         if a.sandwich_norm:
             self.pre_feedforward_layernorm = a.norm(a.hidden_size)
             self.post_feedforward_layernorm = a.norm(a.hidden_size)
@@ -145,8 +150,12 @@ class LlamaDecoderLayer(nn.Module):
                 self.self_attn(positions, self.input_layernorm(x)))
             return h + self.post_feedforward_layernorm(
                 self.ffn(self.pre_feedforward_layernorm(h)))
-        h = x + self.self_attn(positions, self.input_layernorm(x))
-        return h + self.ffn(self.post_attention_layernorm(h))
+        h = x + self._residual(self.self_attn(positions, self.input_layernorm(x)))
+        return h + self._residual(self.ffn(self.post_attention_layernorm(h)))
+
+    def _residual(self, y: torch.Tensor) -> torch.Tensor:
+        """A sublayer's output as it joins the residual stream (Granite scales it)."""
+        return y * self.residual_multiplier if self.residual_multiplier != 1.0 else y
 
 
 class LlamaModel(nn.Module):
@@ -154,6 +163,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
+        self.embedding_multiplier = a.embedding_multiplier
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, f"model.layers.{i}", i)
@@ -164,6 +174,8 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # with the embedding's LoRA, if any
         if self.embed_scale is not None:  # Gemma: the scale rounded to the weights' dtype
             x = x * float(torch.tensor(self.embed_scale, dtype=x.dtype))
+        elif self.embedding_multiplier != 1.0:  # Granite
+            x = x * self.embedding_multiplier
         for layer in self.layers:
             x = layer(positions, x)
         return self.norm(x)
@@ -201,9 +213,12 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)  # hidden states [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.cap_logits(self.lm_head(hidden))
+        return self.final_logits(self.lm_head(hidden))
 
-    def cap_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Gemma 2's final softcap, cap * tanh(logits / cap); others: as they are."""
+    def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """lm_head's output as the model reports it: Granite divides it by logits_scaling,
+        Gemma 2 caps it (cap * tanh(logits / cap)); others leave it as it is."""
+        if self.args.logits_scaling != 1.0:
+            logits = logits / self.args.logits_scaling
         cap = self.args.final_logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits

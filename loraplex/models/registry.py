@@ -17,6 +17,7 @@ _ARCHITECTURES: dict[str, dict[str, bool]] = {
     "Qwen3MoeForCausalLM": {"qk_norm": True},
     "GemmaForCausalLM": {"gemma": True},
     "Gemma2ForCausalLM": {"gemma": True, "sandwich_norm": True},
+    "GraniteForCausalLM": {},
     "Phi3ForCausalLM": {"fused_checkpoint": True},
 }
 
@@ -27,6 +28,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "granite": "GraniteForCausalLM",
                   "phi3": "Phi3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu"}
@@ -98,6 +100,17 @@ def _gemma2(hf: Any, name: str) -> dict[str, Any]:
                 final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0))
 
 
+def _granite(hf: Any, name: str) -> dict[str, Any]:
+    """Granite's multipliers of the embeddings, the sublayers' outputs and the attention
+    scores, and its logits' divisor."""
+    if name != "GraniteForCausalLM":
+        return {}
+    return dict(embedding_multiplier=float(hf.embedding_multiplier),
+                residual_multiplier=float(hf.residual_multiplier),
+                attention_multiplier=float(hf.attention_multiplier),
+                logits_scaling=float(hf.logits_scaling))
+
+
 def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     """A mixture of experts: experts per layer and per token, and (Qwen3-MoE) the experts'
     size, the routing weights' normalization and the layers that keep a plain MLP."""
@@ -146,5 +159,6 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
         **_ARCHITECTURES[name],
         **_gemma2(hf_config, name),
         **_experts(hf_config, name, quant),
+        **_granite(hf_config, name),
     )
     return LlamaForCausalLM(args)

@@ -377,7 +377,7 @@ class ModelRunner:
         extra = self.extra_vocab
         if extra is not None and row_slots is not None and (every_slot or
                                                             extra.any_active(row_slots)):
-            logits = extra.append_logits(hidden, row_slots, logits, self.model.cap_logits)
+            logits = extra.append_logits(hidden, row_slots, logits, self.model.final_logits)
         return logits
 
     def _run_decode(self, seqs: list[Sequence], seq_slots: list[int] | None) -> torch.Tensor:
