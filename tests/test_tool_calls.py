@@ -1,7 +1,8 @@
 """Chat tool calling over HTTP with the official openai client: tool_choice "required" or
 a named function (the reply constrained to the tools' schemas, back as tool_calls,
-streamed too); "auto" with the hermes, llama3_json and mistral parsers (a 400 on a server
-started without them; mistral's reply keeps its special tokens); a conversation carrying calls and tool results; malformed requests are
+streamed too: a call's arguments piece by piece); "auto" with the hermes, llama3_json and
+mistral parsers (a 400 on a server started without them; mistral's reply keeps its
+special tokens); a conversation carrying calls and tool results; malformed requests are
 400s."""
 
 from __future__ import annotations
@@ -89,14 +90,38 @@ def test_required_calls_one_or_more_tools(client):
     assert called  # (a random model may ramble to max_tokens, but not every time)
 
 
-def test_streamed_calls_equal_the_whole_reply(client):
-    kw = dict(model=_model(client), messages=MESSAGES, tools=TOOLS, max_tokens=60,
-              temperature=0, tool_choice={"type": "function", "function": {"name": "add"}})
-    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+def streamed_calls(chunks) -> list[tuple[str, str, str]]:
+    """(id, name, arguments) of each streamed call: its first piece has its id and name,
+    the later ones (in order) only more of its arguments."""
+    calls: dict[int, list[str]] = {}
+    for c in chunks:
+        for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            if tc.index not in calls:
+                assert tc.id and tc.type == "function" and tc.function.name, tc
+                calls[tc.index] = [tc.id, tc.function.name, tc.function.arguments or ""]
+            else:
+                assert tc.id is None and tc.function.name is None, tc
+                calls[tc.index][2] += tc.function.arguments
+    assert sorted(calls) == list(range(len(calls)))
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("choice", ["add", "required"])
+def test_streamed_calls_equal_the_whole_reply(client, choice):
+    """Streamed, a call goes out once its name is known, then its arguments piece by piece
+    as the model writes them; put together they are the whole reply's calls."""
+    tool_choice = {"type": "function", "function": {"name": "add"}} if choice == "add" \
+        else "required"
+    kw = dict(model=_model(client), messages=MESSAGES, tools=TOOLS, max_tokens=80,
+              temperature=0, tool_choice=tool_choice)
+    whole = client.chat.completions.create(**kw).choices[0]
     chunks = list(client.chat.completions.create(stream=True, **kw))
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == \
-        [(0, "add", whole.function.arguments)]
+    pieces = sum(len(c.choices[0].delta.tool_calls or []) for c in chunks if c.choices)
+    got = streamed_calls(chunks)
+    assert whole.finish_reason == "tool_calls"
+    assert [(n, json.loads(a)) for _, n, a in got] == [
+        (c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
+    assert pieces > len(got)  # the arguments came in pieces, not whole at the end
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -204,8 +229,7 @@ def test_auto_tool_choice(tiny_models):
         chunks = list(client.chat.completions.create(stream=True, **kw))
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.content or "" for d in deltas) == "Sure."
-        assert [(tc.index, tc.function.name, tc.function.arguments) for d in deltas
-                for tc in (d.tool_calls or [])] == [(0, "add", '{"a": 1, "b": 2}')]
+        assert [(n, a) for _, n, a in streamed_calls(chunks)] == [("add", '{"a": 1, "b": 2}')]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -245,3 +269,38 @@ def test_mistral_parser_keeps_special_tokens(tiny_models, tmp_path):
 def test_auto_tool_choice_needs_a_parser(tiny_models):
     res = run(serve_cmd(str(tiny_models["llama"]), "--enable-auto-tool-choice"))
     assert_one_line_error(res, 1, "--enable-auto-tool-choice needs --tool-call-parser")
+
+
+@pytest.mark.parametrize("parser,text,calls", [
+    ("hermes", 'Hi <tool_call>{"name": "add", "arguments": {"a": 1, "b": {"c": "}"}}}'
+               '</tool_call><tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+               '</tool_call>', [("add", '{"a": 1, "b": {"c": "}"}}'),
+                                ("get_weather", '{"city": "Oslo"}')]),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"arguments": {"b": '
+                '"x\\"y"}, "name": "sub"}]', [("add", '{"a": 1}'), ("sub", '{"b": "x\\"y"}')]),
+    ("mistral", '[TOOL_CALLS]add[ARGS]{"a": 1}[TOOL_CALLS]sub[ARGS]{"b": 2}',
+     [("add", '{"a": 1}'), ("sub", '{"b": 2}')]),
+    ("llama3_json", '<|python_tag|>{"name": "add", "parameters": {"a": [1, 2]}}; '
+                    '{"name": "sub", "parameters": {}}', [("add", '{"a": [1, 2]}'),
+                                                           ("sub", "{}")]),
+])
+def test_partial_calls_grow_with_the_text(parser, text, calls):
+    """Every prefix of a reply: the calls so far are the final ones' prefixes (arguments
+    only grow, a name appears whole), so the stream's pieces add up to the final calls."""
+    from loraplex.entrypoints.tool_calls import PARSERS, call_deltas
+
+    p = PARSERS[parser]()
+    sent: dict[int, int] = {}
+    got: dict[int, list[str]] = {}
+    for n in range(len(text) + 1):
+        for j, (name, args) in enumerate(p.partial(text[:n])):
+            final_name, final_args = calls[j]
+            assert name in (None, final_name) and final_args.startswith(args), (n, name, args)
+        for d in call_deltas(p.partial(text[:n]), sent, p.call_id):
+            if d.function.name is not None:
+                got[d.index] = [d.function.name, d.function.arguments]
+            else:
+                got[d.index][1] += d.function.arguments
+    assert [tuple(got[i]) for i in sorted(got)] == calls
+    assert p.parse(text)[1] and [json.loads(c.function.arguments) for c in p.parse(text)[1]] \
+        == [json.loads(a) for _, a in calls]

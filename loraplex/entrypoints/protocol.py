@@ -244,13 +244,28 @@ class FunctionCall(BaseModel):
 
 
 class ToolCall(BaseModel):
-    id: str = Field(default_factory=lambda: random_id("chatcmpl-tool"))
+    id: str = Field(default_factory=lambda: ToolCall.new_id())
     type: Literal["function"] = "function"
     function: FunctionCall
 
+    @staticmethod
+    def new_id() -> str:
+        return random_id("chatcmpl-tool")
 
-class DeltaToolCall(ToolCall):
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call (OpenAI's shape): the first piece of a call has its
+    id, type and name, the later ones more of its arguments' text."""
+
     index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatResponseMessage(BaseModel):

@@ -18,12 +18,21 @@ from loraplex.entrypoints.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
-    DeltaToolCall,
+    ToolCall,
     UsageInfo,
     random_id,
 )
 from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
-from loraplex.entrypoints.tool_calls import PARSERS, to_tool_calls, tool_choice_outputs, tool_mode
+from loraplex.entrypoints.tool_calls import (
+    PARSERS,
+    PartialCall,
+    call_deltas,
+    final_call_deltas,
+    forced_partial,
+    to_tool_calls,
+    tool_choice_outputs,
+    tool_mode,
+)
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import CompletionOutput
 from loraplex.sampling_params import MAX_LOGPROBS
@@ -194,6 +203,15 @@ class OpenAIServingChat(OpenAIServing):
                 bytes=list(text.encode()), top_logprobs=tops))
         return ChatCompletionLogProbs(content=content)
 
+    def _partial_calls(self, req: ChatCompletionRequest, calling: str, text: str
+                       ) -> list[PartialCall]:
+        return forced_partial(req, text) if calling == "forced" else \
+            self.tool_parser.partial(text)
+
+    def _call_id(self) -> str:
+        """A streamed call's id: the parser's kind (Mistral's 9 characters) or OpenAI's."""
+        return self.tool_parser.call_id() if self.tool_parser else ToolCall.new_id()
+
     async def _stream(self, req: ChatCompletionRequest, request_id: str, model: str,
                       prompt_tokens: int, queued: EngineRequests, echo: str,
                       calling: str | None) -> AsyncIterator[str]:
@@ -207,6 +225,7 @@ class OpenAIServingChat(OpenAIServing):
 
         sent_text: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
+        sent_calls: dict[int, dict[int, int]] = {}  # choice -> call -> arguments sent
         done: set[int] = set()
         for i in range(req.n):
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
@@ -219,23 +238,31 @@ class OpenAIServingChat(OpenAIServing):
                 if o.index in done:
                     continue
                 t0, k0 = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
-                # the text that may start a tool call waits; calls go out whole at the end
+                # content stops where a tool call may start; calls go out as they are
+                # written (tool_calls.call_deltas), the rest of them at the end
                 end = len(o.text) if not calling or o.finish_reason is not None else (
                     0 if calling == "forced" else self.tool_parser.content_prefix(o.text))
                 delta = o.text[t0:end]
-                if not delta and o.finish_reason is None:
+                sent = sent_calls.setdefault(o.index, {})
+                calls = (call_deltas(self._partial_calls(req, calling, o.text), sent,
+                                     self._call_id)
+                         if calling and o.finish_reason is None else [])
+                if not delta and not calls and o.finish_reason is None:
                     continue
                 sent_text[o.index], sent_tokens[o.index] = end, len(o.token_ids)
                 finish = o.finish_reason
                 if finish is not None:
                     done.add(o.index)
-                msg = DeltaMessage(content=delta)
+                msg = DeltaMessage(content=delta if delta or not calls else None,
+                                   tool_calls=calls or None)
                 if calling and finish is not None:
                     reply, finish = self._reply(req, calling, o.text, finish)
                     if reply.tool_calls:  # the content not streamed yet, then the calls
                         msg = DeltaMessage(content=(reply.content or "")[t0:] or None,
-                                           tool_calls=[DeltaToolCall(index=j, **c.model_dump())
-                                                       for j, c in enumerate(reply.tool_calls)])
+                                           tool_calls=final_call_deltas(
+                                               reply.tool_calls,
+                                               self._partial_calls(req, calling, o.text),
+                                               sent))
                 yield chunk([ChatStreamChoice(
                     index=o.index, delta=msg,
                     logprobs=self._logprobs(o, k0, req.return_tokens_as_token_ids)

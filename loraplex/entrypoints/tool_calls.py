@@ -10,8 +10,11 @@ is constrained (structured outputs) to JSON, then turned into `tool_calls`.
 "auto" (the default when tools are given) lets the model answer or call, in its own
 format: the server needs `--enable-auto-tool-choice --tool-call-parser NAME`, and the
 parser reads the calls out of the reply (`PARSERS`: Hermes / Qwen's `<tool_call>` tags,
-Llama 3's bare JSON, Mistral's `[TOOL_CALLS]`). Streamed, the text before a call goes out as it comes; the calls
-go out whole once the reply is complete.
+Llama 3's bare JSON, Mistral's `[TOOL_CALLS]`).
+
+Streamed, the text before a call goes out as it comes; a call goes out once its name is
+complete (id, name), then its arguments' text piece by piece as the model writes it
+(`partial` of each format: the calls so far, each a name and the raw arguments so far).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import string
 from typing import Any
 
 from loraplex.entrypoints.errors import BadRequestError
-from loraplex.entrypoints.protocol import ChatCompletionRequest, FunctionCall, ToolCall
+from loraplex.entrypoints.protocol import (
+    ChatCompletionRequest,
+    DeltaFunctionCall,
+    DeltaToolCall,
+    FunctionCall,
+    ToolCall,
+)
 from loraplex.sampling_params import StructuredOutputsParams
 
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
@@ -117,6 +126,158 @@ def to_tool_calls(req: ChatCompletionRequest, text: str) -> list[ToolCall] | Non
             for c in calls]
 
 
+# ---- calls as they are written (streaming) ---------------------------------------------
+PartialCall = tuple[str | None, str]  # (the name once complete, the arguments' text so far)
+
+
+def _object_fields(text: str, i: int) -> tuple[dict[str, tuple[int, int | None]], int | None]:
+    """The top-level fields of the JSON object that opens at text[i], as far as `text`
+    goes: key -> (start of its value, end of it or None while it is being written), and
+    the end of the object (None while it is open). A string-aware scan, no parsing."""
+    fields: dict[str, tuple[int, int | None]] = {}
+    depth, in_str, escaped = 0, False, False
+    state, key, key_start, value_start = "key", "", 0, 0
+    for j in range(i, len(text)):
+        c = text[j]
+        if in_str:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_str = False
+                if depth == 1 and state == "in_key":
+                    key, state = json.loads(text[key_start:j + 1]), "colon"
+                elif depth == 1 and state == "in_value":
+                    fields[key], state = (value_start, j + 1), "after"
+            continue
+        if c == '"':
+            in_str = True
+            if depth == 1 and state == "key":
+                key_start, state = j, "in_key"
+            elif depth == 1 and state == "value":
+                value_start, state = j, "in_value"
+        elif c in "{[":
+            if depth == 1 and state == "value":
+                value_start, state = j, "in_value"
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                if state == "in_value":  # a number or literal ends here
+                    fields[key] = (value_start, len(text[:j].rstrip()))
+                return fields, j + 1
+            if depth == 1 and state == "in_value":
+                fields[key], state = (value_start, j + 1), "after"
+        elif depth == 1 and c == ":" and state == "colon":
+            state = "value"
+        elif depth == 1 and c == ",":
+            if state == "in_value":
+                fields[key] = (value_start, len(text[:j].rstrip()))
+            state = "key"
+        elif depth == 1 and state == "value" and not c.isspace():
+            value_start, state = j, "in_value"
+    if state == "in_value":
+        fields[key] = (value_start, None)
+    return fields, None
+
+
+def _json_calls(text: str, start: int, args_key: str) -> tuple[list[PartialCall], int | None]:
+    """The calls written so far in a JSON list of {"name", args_key} objects, or one such
+    object, from text[start] on; and where the list or object ends (None: not yet)."""
+    i = _skip_space(text, start)
+    if i >= len(text):
+        return [], None
+    if text[i] == "{":
+        call, end = _json_call(text, i, args_key)
+        return [call], end
+    if text[i] != "[":
+        return [], None
+    calls: list[PartialCall] = []
+    i += 1
+    while True:
+        i = _skip_space(text, i)
+        if i >= len(text):
+            return calls, None
+        if text[i] == "]":
+            return calls, i + 1
+        if text[i] == ",":
+            i += 1
+            continue
+        if text[i] != "{":
+            return calls, None
+        call, end = _json_call(text, i, args_key)
+        calls.append(call)
+        if end is None:
+            return calls, None
+        i = end
+
+
+def _json_call(text: str, i: int, args_key: str) -> tuple[PartialCall, int | None]:
+    fields, end = _object_fields(text, i)
+    name = None
+    if "name" in fields and fields["name"][1] is not None:
+        s, e = fields["name"]
+        try:
+            name = json.loads(text[s:e])
+        except ValueError:
+            name = None
+    if args_key not in fields and "arguments" in fields:
+        args_key = "arguments"
+    s, e = fields.get(args_key, (0, 0))
+    return (name if isinstance(name, str) else None, text[s:e]), end
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def forced_partial(req: ChatCompletionRequest, text: str) -> list[PartialCall]:
+    """The calls a constrained reply has written so far (tool_choice_outputs' shapes)."""
+    name = forced_function(req)
+    if name is not None:
+        return [(name, text)]
+    return _json_calls(text, 0, "parameters")[0]
+
+
+def call_deltas(partial: list[PartialCall], sent: dict[int, int], new_id: Any
+                ) -> list[DeltaToolCall]:
+    """The stream's next pieces of the calls written so far: a call whose name is complete
+    goes out with its id and name (in order: a later call waits for an earlier one's
+    name), then what its arguments' text gained. `sent`: call index -> arguments' length
+    sent so far, updated."""
+    out: list[DeltaToolCall] = []
+    for j, (name, args) in enumerate(partial):
+        if j not in sent:
+            if name is None:
+                break
+            out.append(DeltaToolCall(index=j, id=new_id(), type="function",
+                                     function=DeltaFunctionCall(name=name, arguments=args)))
+            sent[j] = len(args)
+        elif len(args) > sent[j]:
+            out.append(DeltaToolCall(index=j, function=DeltaFunctionCall(
+                arguments=args[sent[j]:])))
+            sent[j] = len(args)
+    return out
+
+
+def final_call_deltas(calls: list[ToolCall], partial: list[PartialCall],
+                      sent: dict[int, int]) -> list[DeltaToolCall]:
+    """The last pieces once the reply is complete: a call not started yet goes out whole
+    (its parsed arguments), a started one gets the rest of its arguments' text."""
+    out: list[DeltaToolCall] = []
+    for j, call in enumerate(calls):
+        if j not in sent:
+            out.append(DeltaToolCall(index=j, id=call.id, type="function",
+                                     function=DeltaFunctionCall(**call.function.model_dump())))
+        elif j < len(partial) and len(partial[j][1]) > sent[j]:
+            out.append(DeltaToolCall(index=j, function=DeltaFunctionCall(
+                arguments=partial[j][1][sent[j]:])))
+    return out
+
+
 # ---- "auto": the model's own format -----------------------------------------------------
 def _call(name: Any, arguments: Any) -> ToolCall:
     if not isinstance(name, str):
@@ -140,6 +301,7 @@ class _StartTagParser:
 
     start: str
     keeps_special_tokens = False  # whether the reply must keep special tokens to parse
+    call_id = staticmethod(ToolCall.new_id)
 
     def content_prefix(self, text: str) -> int:
         """The length of the start of a partial reply that is surely content."""
@@ -165,6 +327,14 @@ class HermesParser(_StartTagParser):
             return text, []
         return (text[:text.index(self.start)].strip() or None, calls) if calls else (text, [])
 
+    def partial(self, text: str) -> list[PartialCall]:
+        calls: list[PartialCall] = []
+        i = text.find(self.start)
+        while i >= 0:
+            calls += _json_calls(text, i + len(self.start), "arguments")[0][:1]
+            i = text.find(self.start, i + len(self.start))
+        return calls
+
 
 class MistralParser(_StartTagParser):
     """Mistral: after [TOOL_CALLS], a JSON list of {"name", "arguments"} (tokenizers
@@ -186,8 +356,24 @@ class MistralParser(_StartTagParser):
         except (ValueError, AttributeError):
             return text, []
         for call in calls:
-            call.id = "".join(random.choices(self._id_chars, k=9))
+            call.id = self.call_id()
         return (head.strip() or None, calls) if calls else (text, [])
+
+    @classmethod
+    def call_id(cls) -> str:
+        return "".join(random.choices(cls._id_chars, k=9))
+
+    def partial(self, text: str) -> list[PartialCall]:
+        calls: list[PartialCall] = []
+        for part in text.split(self.start)[1:]:
+            if "[ARGS]" in part:  # v11: its arguments run to the next call (or the end)
+                name, _, args = part.partition("[ARGS]")
+                calls.append((name.strip(), args[:_held_back(args, self.start)]))
+            elif part.strip() and part.lstrip()[0] not in "[{":
+                calls.append((None, ""))  # v11: its name is being written
+            else:
+                calls += _json_calls(part, 0, "arguments")[0]
+        return calls
 
     @staticmethod
     def _calls(part: str) -> list[ToolCall]:
@@ -205,6 +391,7 @@ class Llama3JsonParser:
 
     tag = "<|python_tag|>"
     keeps_special_tokens = False
+    call_id = staticmethod(ToolCall.new_id)
 
     def _body(self, text: str) -> str:
         return text.strip().removeprefix(self.tag).strip()
@@ -220,6 +407,21 @@ class Llama3JsonParser:
         except (ValueError, AttributeError):
             return text, []
         return None, calls
+
+    def partial(self, text: str) -> list[PartialCall]:
+        body = self._body(text)
+        calls: list[PartialCall] = []
+        i = 0
+        while body.startswith("{", i):
+            found, end = _json_calls(body, i, "parameters")
+            calls += found
+            if end is None:
+                break
+            i = _skip_space(body, end)
+            if not body.startswith(";", i):
+                break
+            i = _skip_space(body, i + 1)
+        return calls
 
     def content_prefix(self, text: str) -> int:
         head = text.lstrip()
