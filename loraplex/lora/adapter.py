@@ -57,6 +57,7 @@ class PackedLoRA:
     lora_int_id: int
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
     added_tokens: AddedTokens | None = None
+    path: str | None = None  # the directory it was read from (its tokenizer's)
 
 
 @dataclass(frozen=True)

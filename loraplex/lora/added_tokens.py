@@ -24,11 +24,14 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loraplex.lora.errors import LoRAError
+
+if TYPE_CHECKING:
+    from loraplex.lora.adapter import TargetShapes
 
 _NEW_EMBEDDINGS = ("new_embeddings.safetensors", "new_embeddings.bin")
 # embed_tokens / lm_head whole: beside their LoRA (`X.base_layer.weight`), beside
@@ -124,7 +127,7 @@ def read_new_embeddings(name: str, path: str) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def count_added_tokens(name: str, path: str, cfg: dict, targets) -> int:
+def count_added_tokens(name: str, path: str, cfg: dict, targets: TargetShapes) -> int:
     """How many tokens the adapter adds past the base's vocabulary, from file headers and
     its config alone (registration: no weights read). Raises when it adds more than
     `targets.extra_vocab_size`, or when its tokenizer adds ids its weights have no rows
@@ -199,7 +202,7 @@ class VocabParts:
     while its tensors are read, then assembled by `added_tokens`."""
 
     name: str
-    targets: object  # TargetShapes
+    targets: TargetShapes
     copies: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)  # module -> (key, W)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # module leaf -> rows
     folds: dict[str, torch.Tensor] = field(default_factory=dict)  # module leaf -> [n, hidden]

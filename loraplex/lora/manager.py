@@ -177,7 +177,7 @@ class LoRAManager:
         if added is not None and self.device.type == "cuda":
             added = AddedTokens(added.input_embeddings.pin_memory(),
                                 added.output_embeddings.pin_memory())
-        return PackedLoRA(lora.lora_int_id, layers, added)
+        return PackedLoRA(lora.lora_int_id, layers, added, lora.path)
 
     def _check_id(self, req: LoRARequest) -> bool:
         """False if this exact adapter is registered already; raises if the id is taken."""
@@ -220,7 +220,9 @@ class LoRAManager:
             return False
         lora = prepared if prepared is not None else self.prepare(req)
         added = lora.added_tokens.num_tokens if lora.added_tokens is not None else 0
-        tokenizer = self._tokenizer(req, resolve_adapter_path(req), added) if added else None
+        # from the directory it was read from: no hub lookup on this (the engine's) thread
+        tokenizer = self._tokenizer(req, lora.path or resolve_adapter_path(req), added) \
+            if added else None
         self._register(req, added, tokenizer)
         self.loader.cancel(req.lora_int_id)
         self._put_host(lora)
