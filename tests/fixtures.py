@@ -37,7 +37,8 @@ __all__ = [
 
 ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 # built on demand (not in the session-wide fixtures): tests/test_architectures.py
-EXTRA_ARCHS: tuple[str, ...] = ("gemma", "gemma2", "phi3", "mixtral", "qwen3_moe", "granite")
+EXTRA_ARCHS: tuple[str, ...] = ("gemma", "gemma2", "phi3", "mixtral", "qwen3_moe", "granite",
+                                "olmo2")
 
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3.
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
@@ -191,6 +192,8 @@ def _arch_config(
     elif arch == "granite":  # multipliers far enough from 1 to matter
         common.update(embedding_multiplier=6.0, residual_multiplier=0.3,
                       attention_multiplier=0.2, logits_scaling=2.5, attention_bias=False)
+    elif arch == "olmo2":
+        common.update(attention_bias=False)
     elif arch == "mixtral":
         common.update(sliding_window=None, num_local_experts=4, num_experts_per_tok=2)
     elif arch == "qwen3_moe":  # layer 1 keeps a plain MLP; top-2 weights not renormalized
@@ -202,7 +205,8 @@ def _arch_config(
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
                     "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
                     "phi3": "Phi3Config", "mixtral": "MixtralConfig",
-                    "qwen3_moe": "Qwen3MoeConfig", "granite": "GraniteConfig"}[arch]
+                    "qwen3_moe": "Qwen3MoeConfig", "granite": "GraniteConfig",
+                    "olmo2": "Olmo2Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -1,12 +1,14 @@
-"""Gemma, Gemma 2, Phi-3, Granite, Mixtral and Qwen3-MoE against HF transformers + PEFT
-(fp32): mixed batches of the base and adapters of different ranks and targets, more
+"""Gemma, Gemma 2, Phi-3, Granite, OLMo 2, Mixtral and Qwen3-MoE against HF transformers +
+PEFT (fp32): mixed batches of the base and adapters of different ranks and targets, more
 adapters than max_loras.
 
 Gemma: GeGLU, its RMSNorm (1 + w, scaled in fp32), embeddings x sqrt(hidden) (the
 embedding's LoRA scaled with them), tied lm_head. Gemma 2: norms after attention and the
 MLP too, query_pre_attn_scalar, attention-score and final-logit softcaps (small caps in
 the tiny config, so they bite), through the torch and the Triton attention. Granite: its
-embedding, residual and attention multipliers and logits scaling. Mixtral and Qwen3-MoE:
+embedding, residual and attention multipliers and logits scaling. OLMo 2: norms after the
+sublayers only, q and k normalized over all heads (an adapter on k_proj, before that norm).
+Mixtral and Qwen3-MoE:
 a sparse mixture of experts (top-2 of 4 here; Qwen3-MoE's weights not renormalized, and
 a layer with a plain MLP) under LoRA on the attention. Phi-3: checkpoints and adapters
 with q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole module),
@@ -61,6 +63,11 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
         "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["embed_tokens", "lm_head"],
                           seed=59),
     },
+    "olmo2": {
+        "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=60),
+        "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=61),
+        "r16_k": dict(r=16, lora_alpha=16, target_modules=["k_proj", "down_proj"], seed=62),
+    },
     "phi3": {
         "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], seed=44),
         "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=45),
@@ -71,7 +78,7 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
 
 
 SEEDS = {"gemma": 20, "phi3": 21, "gemma2": 22, "mixtral": 23, "qwen3_moe": 24,
-         "granite": 25}
+         "granite": 25, "olmo2": 26}
 
 
 @pytest.fixture(scope="module")

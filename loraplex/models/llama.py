@@ -1,9 +1,10 @@
 """Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma, Gemma 2,
-Phi-3, Granite) over a flat batch of tokens.
+Phi-3, Granite, OLMo 2) over a flat batch of tokens.
 
 One file, flags for the differences: Qwen2 has a bias on q/k/v, Qwen3 RMS-normalizes
 q and k per head; Gemma scales the embeddings by sqrt(hidden), uses GeGLU and its own
-RMSNorm (1 + w, in fp32); Gemma 2 adds a norm after each sublayer too ("sandwich"),
+RMSNorm (1 + w, in fp32); Gemma 2 adds a norm after each sublayer too ("sandwich"), OLMo 2
+has norms only after them ("post") and RMS-normalizes q and k over all heads at once;
 scales attention by query_pre_attn_scalar^-1/2 and caps attention scores and final logits
 with cap * tanh(x / cap); Mixtral's and Qwen3-MoE's MLP is a sparse mixture of experts
 (layers/moe.py); Granite scales the embeddings, each sublayer's output, the attention
@@ -43,11 +44,14 @@ class LlamaArgs:
     max_position: int
     tie_word_embeddings: bool
     qkv_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool = False  # q and k RMS-normalized per head (Qwen3)
+    qk_norm_full: bool = False  # ... over all heads' dimensions at once (OLMo 2)
     quant: QuantConfig | None = None  # quantized weights in the decoder's linears
     hidden_act: str = "silu"  # the gated MLP's: silu | gelu_tanh | gelu (layers/activation.py)
     gemma: bool = False  # embeddings x sqrt(hidden), GemmaRMSNorm
-    sandwich_norm: bool = False  # Gemma 2: a norm after attention and after the MLP too
+    # where a layer's norms are: "pre" (on each sublayer's input), "sandwich" (Gemma 2:
+    # on its input and its output), "post" (OLMo 2: on its output only)
+    norm_layout: str = "pre"
     query_pre_attn_scalar: float | None = None  # attention scale^-2 (None: head_dim)
     attn_logit_softcap: float = 0.0  # > 0: scores capped (Gemma 2)
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
@@ -88,8 +92,11 @@ class LlamaAttention(nn.Module):
                         _names(prefix, "q_proj", "k_proj", "v_proj")))
         self.o_proj = make_linear(self.q_size, [a.hidden_size], False, a.quant,
                                   _names(prefix, "o_proj"))
-        self.q_norm = a.norm(a.head_dim) if a.qk_norm else None
-        self.k_norm = a.norm(a.head_dim) if a.qk_norm else None
+        self.qk_norm_full = a.qk_norm_full
+        self.q_norm = a.norm(self.q_size if a.qk_norm_full else a.head_dim) \
+            if a.qk_norm or a.qk_norm_full else None
+        self.k_norm = a.norm(self.kv_size if a.qk_norm_full else a.head_dim) \
+            if a.qk_norm or a.qk_norm_full else None
         self.rotary = rotary
         scale = a.attention_multiplier or (a.query_pre_attn_scalar or a.head_dim) ** -0.5
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
@@ -97,10 +104,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm_full:  # OLMo 2: over every head's dimensions together
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(x.shape[0], -1, self.head_dim)  # [T, H, D]
         k = k.view(x.shape[0], -1, self.head_dim)  # [T, KVH, D]
         v = v.view(x.shape[0], -1, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_full:  # per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
@@ -132,24 +141,29 @@ class LlamaDecoderLayer(nn.Module):
         setattr(self, self.ffn_name, SparseMoE(
             a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
             a.num_experts_per_tok, a.norm_topk_prob) if sparse else LlamaMLP(a, f"{prefix}.mlp"))
-        self.input_layernorm = a.norm(a.hidden_size)
+        self.layout = a.norm_layout
+        if a.norm_layout != "post":
+            self.input_layernorm = a.norm(a.hidden_size)
         self.post_attention_layernorm = a.norm(a.hidden_size)
-        self.sandwich = a.sandwich_norm
-        self.residual_multiplier = a.residual_multiplier
-        if a.sandwich_norm:
+        if a.norm_layout == "sandwich":
             self.pre_feedforward_layernorm = a.norm(a.hidden_size)
+        if a.norm_layout != "pre":
             self.post_feedforward_layernorm = a.norm(a.hidden_size)
+        self.residual_multiplier = a.residual_multiplier
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward sublayer: the MLP, or the experts."""
         return getattr(self, self.ffn_name)(x)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.sandwich:  # Gemma 2: post_attention_layernorm normalizes attention's output
+        if self.layout == "sandwich":  # post_attention_layernorm: on attention's output
             h = x + self.post_attention_layernorm(
                 self.self_attn(positions, self.input_layernorm(x)))
             return h + self.post_feedforward_layernorm(
                 self.ffn(self.pre_feedforward_layernorm(h)))
+        if self.layout == "post":
+            h = x + self.post_attention_layernorm(self.self_attn(positions, x))
+            return h + self.post_feedforward_layernorm(self.ffn(h))
         h = x + self._residual(self.self_attn(positions, self.input_layernorm(x)))
         return h + self._residual(self.ffn(self.post_attention_layernorm(h)))
 

@@ -8,7 +8,7 @@ from loraplex.layers.quantization import QuantConfig
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 
 # name -> extra LlamaArgs flags
-_ARCHITECTURES: dict[str, dict[str, bool]] = {
+_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "LlamaForCausalLM": {},
     "MistralForCausalLM": {},
     "MixtralForCausalLM": {},
@@ -16,7 +16,8 @@ _ARCHITECTURES: dict[str, dict[str, bool]] = {
     "Qwen3ForCausalLM": {"qk_norm": True},
     "Qwen3MoeForCausalLM": {"qk_norm": True},
     "GemmaForCausalLM": {"gemma": True},
-    "Gemma2ForCausalLM": {"gemma": True, "sandwich_norm": True},
+    "Gemma2ForCausalLM": {"gemma": True, "norm_layout": "sandwich"},
+    "Olmo2ForCausalLM": {"norm_layout": "post", "qk_norm_full": True},
     "GraniteForCausalLM": {},
     "Phi3ForCausalLM": {"fused_checkpoint": True},
 }
@@ -28,7 +29,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                  "granite": "GraniteForCausalLM",
+                  "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
                   "phi3": "Phi3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu"}
