@@ -46,6 +46,9 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
         "modules_to_save": (LoRARequest("mts", 13, str(_edited_adapter(
             ad["r4_qv"], tmp_path / "mts", lambda c: c.update(modules_to_save=["lm_head"])))),
             "modules_to_save"),
+        "lora_bias": (LoRARequest("bias", 15, str(_edited_adapter(
+            ad["r4_qv"], tmp_path / "bias", lambda c: c.update(lora_bias=True)))),
+            "lora_bias=true"),
         "unknown target": (LoRARequest("fc1", 14, str(_edited_adapter(
             ad["r4_qv"], tmp_path / "fc1", lambda c: c.update(target_modules=["fc1"])))),
             "not found in the model"),

@@ -132,6 +132,9 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     if cfg.get("use_dora"):
         raise LoRAError(f"LoRA adapter {name!r} uses DoRA (use_dora=true), which is not "
                         "supported yet; merge it into the base or retrain as plain LoRA")
+    if cfg.get("lora_bias"):
+        raise LoRAError(f"LoRA adapter {name!r} has lora_bias=true (a bias on lora_B), which is "
+                        "not supported yet; retrain without it")
     if cfg.get("modules_to_save"):
         raise LoRAError(f"LoRA adapter {name!r} has modules_to_save={cfg['modules_to_save']}: "
                         "fully trained extra modules are not supported yet")
