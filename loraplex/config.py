@@ -58,6 +58,7 @@ class ModelConfig:
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
     quantization: QuantConfig | None = None  # the checkpoint's GPTQ / AWQ weights
+    max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask (-1: any)
 
     def __post_init__(self) -> None:
         sizes = self.cuda_graph_sizes

@@ -6,7 +6,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs: larger top-k lists cost a transfer per step
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs (EngineArgs): top-k lists cost a transfer per step
 _GREEDY_EPS = 1e-5
 
 
@@ -149,13 +149,12 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), "
                              f"got {self.min_tokens}")
-        if self.logprobs is not None and (not _is_int(self.logprobs)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise self._bad("logprobs", f"an int in [0, {MAX_LOGPROBS}] or None")
+        # their upper bound is the engine's max_logprobs (LLMEngine.add_request checks it)
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
+            raise self._bad("logprobs", "an int >= 0 or None")
         if self.prompt_logprobs is not None and (
-                not _is_int(self.prompt_logprobs)
-                or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
-            raise self._bad("prompt_logprobs", f"an int in [0, {MAX_LOGPROBS}] or None")
+                not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            raise self._bad("prompt_logprobs", "an int >= 0 or None")
         bias = self.logit_bias
         if bias is not None and (not isinstance(bias, dict) or any(
                 not _is_int(t) or t < 0 or not _is_number(b) or not -100 <= b <= 100

@@ -233,3 +233,23 @@ def test_quantized_checkpoint_is_refused(tiny_models, tmp_path, quant_method):
 def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_models):
     with pytest.raises(ValueError, match="sees no CUDA GPU"):
         make_llm(tiny_models["llama"], device="cuda")
+
+
+def test_max_logprobs(tiny_models, prompts):
+    """vLLM's max_logprobs bounds logprobs and prompt_logprobs per engine (20 by default;
+    -1: no bound)."""
+    from tests.engine_utils import make_llm
+
+    base = tiny_models["llama"]
+    with pytest.raises(ValueError, match=r"logprobs must be <= max_logprobs \(20\), got 21"):
+        make_llm(base).generate(["Hi"], SamplingParams(logprobs=21), use_tqdm=False)
+    wide = make_llm(base, max_logprobs=30)
+    with pytest.raises(ValueError, match=r"prompt_logprobs must be <= max_logprobs \(30\)"):
+        wide.generate(["Hi"], SamplingParams(prompt_logprobs=31), use_tqdm=False)
+    out = wide.generate([{"prompt_token_ids": prompts[0]}],
+                        SamplingParams(max_tokens=1, logprobs=25), use_tqdm=False)[0]
+    assert len(out.outputs[0].logprobs[0]) >= 25
+    out = make_llm(base, max_logprobs=-1).generate(
+        [{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=1, logprobs=100),
+        use_tqdm=False)[0]
+    assert len(out.outputs[0].logprobs[0]) >= 100

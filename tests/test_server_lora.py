@@ -727,6 +727,9 @@ def test_limits_are_400s_naming_the_field(server, client):
                                        top_logprobs=21,
                                        messages=[{"role": "user", "content": "Hi"}])
     assert e.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as e:  # the engine's max_logprobs (20)
+        client.completions.create(model="r4_qv", prompt="Hi", max_tokens=2, logprobs=21)
+    assert e.value.body["param"] == "logprobs" and "max_logprobs (20)" in e.value.message
     r = httpx.post(server.url_for("v1/completions"), timeout=30,
                    content=json.dumps({"model": "r4_qv", "prompt": "Hi"}),
                    headers={"Content-Type": "text/plain"})

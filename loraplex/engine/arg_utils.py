@@ -56,6 +56,7 @@ class EngineArgs:
     served_model_name: str | list[str] | None = None
     quantization: str | None = None
     tensor_parallel_size: int = 1
+    max_logprobs: int = 20  # vLLM's: the most logprobs a request may ask for; -1: no limit
     # LoRA
     enable_lora: bool = False
     max_loras: int = 1
@@ -141,7 +142,7 @@ class EngineArgs:
             model=self.model, tokenizer=self.tokenizer or self.model, dtype=dtype,
             device=device, max_model_len=max_model_len, seed=self.seed,
             load_format=self.load_format, revision=self.revision, served_model_name=served,
-            enforce_eager=self.enforce_eager,
+            enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
             cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes),
             quantization=quant_config_from_hf(hf_config, self.quantization or (
                 "bitsandbytes" if self.load_format == "bitsandbytes" else None)))

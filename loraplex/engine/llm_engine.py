@@ -184,6 +184,14 @@ class LLMEngine:
         if bad:
             raise ValueError(f"{field} token id {bad[0]} is out of range [0, {vocab})")
 
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        limit = self.model_config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and limit >= 0 and n > limit:
+                raise ValueError(f"{name} must be <= max_logprobs ({limit}), got {n}: start "
+                                 "the engine with a larger max_logprobs (-1: no limit)")
+
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None,
                     lora_request: LoRARequest | None = None) -> None:
@@ -204,6 +212,7 @@ class LLMEngine:
         self._check_prompt(ids, vocab)
         self._check_token_ids("logit_bias", params.logit_bias or {}, vocab)
         self._check_token_ids("allowed_token_ids", params.allowed_token_ids or [], vocab)
+        self._check_logprobs(params)
         bad_words = bad_words_token_ids(params.bad_words, tokenizer)
         grammars = (self.structured.matchers(params.structured_outputs, params.n)
                     if params.structured_outputs else [None] * params.n)

@@ -146,6 +146,8 @@ ENGINE_HELP: dict[str, str] = {
                     "vLLM's *_marlin names too). Unset = read from its config.json. "
                     "bitsandbytes on a plain checkpoint quantizes it to 4-bit NF4 as it loads.",
     "tensor_parallel_size": "Accepted for vLLM compatibility; only 1 is supported.",
+    "max_logprobs": "The most logprobs / prompt_logprobs (and top_logprobs) a request may "
+                    "ask for; -1: no limit.",
     "enable_lora": "Enable LoRA adapters (required for --lora-modules and runtime loading).",
     "max_loras": "Most distinct adapters in one batch (device slots).",
     "max_lora_rank": "Largest adapter rank that can be loaded; a higher-rank adapter is "

@@ -191,7 +191,8 @@ class OpenAIServing:
             await self.abort_all(queued)
             if isinstance(e, ValueError) and not isinstance(e, LoRANotLoadedError):
                 first = str(e).split(" ", 1)[0]  # the engine's checks name the field first
-                param = first if first in ("prompt", "logit_bias", "cache_salt") else None
+                param = first if first in ("prompt", "logit_bias", "cache_salt", "logprobs",
+                                           "prompt_logprobs", "allowed_token_ids") else None
                 raise BadRequestError(str(e), param=param) from e  # includes LoRAError
             raise
         return queued

@@ -35,7 +35,6 @@ from loraplex.entrypoints.tool_calls import (
 )
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import CompletionOutput
-from loraplex.sampling_params import MAX_LOGPROBS
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -106,9 +105,12 @@ class OpenAIServingChat(OpenAIServing):
         if req.top_logprobs and not req.logprobs:
             raise BadRequestError("when using `top_logprobs`, `logprobs` must be set to true",
                                   param="top_logprobs")
-        if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
-            raise BadRequestError(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got "
-                                  f"{req.top_logprobs}", param="top_logprobs")
+        limit = self.engine.engine.model_config.max_logprobs
+        if req.top_logprobs is not None and (req.top_logprobs < 0 or 0 <= limit <
+                                             req.top_logprobs):
+            raise BadRequestError(f"top_logprobs must be in [0, {limit}] (the server's "
+                                  f"--max-logprobs), got {req.top_logprobs}",
+                                  param="top_logprobs")
         lora = await self.models.resolve(req.model)
         model = req.model or self.models.base_model_name
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
