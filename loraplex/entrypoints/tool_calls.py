@@ -133,7 +133,9 @@ PartialCall = tuple[str | None, str]  # (the name once complete, the arguments' 
 def _object_fields(text: str, i: int) -> tuple[dict[str, tuple[int, int | None]], int | None]:
     """The top-level fields of the JSON object that opens at text[i], as far as `text`
     goes: key -> (start of its value, end of it or None while it is being written), and
-    the end of the object (None while it is open). A string-aware scan, no parsing."""
+    the end of the object (None while it is open). A string-aware scan, no parsing; the
+    stream rescans a reply's calls at every step, so a step costs time linear in their
+    length."""
     fields: dict[str, tuple[int, int | None]] = {}
     depth, in_str, escaped = 0, False, False
     state, key, key_start, value_start = "key", "", 0, 0
@@ -147,7 +149,7 @@ def _object_fields(text: str, i: int) -> tuple[dict[str, tuple[int, int | None]]
             elif c == '"':
                 in_str = False
                 if depth == 1 and state == "in_key":
-                    key, state = json.loads(text[key_start:j + 1]), "colon"
+                    key, state = _json_string(text[key_start:j + 1]), "colon"
                 elif depth == 1 and state == "in_value":
                     fields[key], state = (value_start, j + 1), "after"
             continue
@@ -180,6 +182,13 @@ def _object_fields(text: str, i: int) -> tuple[dict[str, tuple[int, int | None]]
     if state == "in_value":
         fields[key] = (value_start, None)
     return fields, None
+
+
+def _json_string(quoted: str) -> str:
+    try:
+        return json.loads(quoted)
+    except ValueError:  # a bad escape: the key as written
+        return quoted[1:-1]
 
 
 def _json_calls(text: str, start: int, args_key: str) -> tuple[list[PartialCall], int | None]:
