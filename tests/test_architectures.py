@@ -14,6 +14,7 @@ a layer with a plain MLP) under LoRA on the attention. Phi-3: checkpoints and ad
 with q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole module),
 LongRoPE (Phi-3 128k, Phi-3.5): short and long frequencies on either side of the
 pretraining window, switching as HF's generate switches, and partial rotary (Phi-4-mini).
+Sliding-window attention (Mistral, Gemma 2) through the torch and the Triton attention.
 """
 
 from __future__ import annotations
@@ -230,11 +231,26 @@ def test_phi3_partial_rotary_matches_hf(rope, tmp_path):
         0].outputs[0].token_ids != outs[0].outputs[0].token_ids
 
 
-def test_gemma2_context_is_capped_at_its_sliding_window(arch_models, tmp_path):
-    """Gemma 2 alternates windowed and global layers: within the window both are full
-    attention, so max_model_len stops there (a longer one is refused)."""
-    base = _edited_config(arch_models["gemma2"][0], tmp_path / "win", sliding_window=64)
-    llm = make_llm(base, max_model_len=None)
-    assert llm.llm_engine.model_config.max_model_len == 64
-    with pytest.raises(ValueError, match="exceeds the model's limit of 64"):
-        make_llm(base, max_model_len=128)
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+@pytest.mark.parametrize("backend,budget", [("torch", None), ("torch", 5), ("triton", 5)])
+def test_sliding_window_matches_hf(arch, backend, budget, monkeypatch, tmp_path, prompts):
+    """A window of 6 (Mistral: every layer; Gemma 2: its even layers, the odd ones attend
+    globally) under prompts and outputs longer than it: prefill, chunks reading the cached
+    context through the window, decode; with an adapter. The window changes the output
+    (a model without it answers otherwise)."""
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", backend)
+    base = make_tiny_model(tmp_path / arch, arch, seed=30, sliding_window=6)
+    adapter = make_peft_adapter(base, tmp_path / "lora", r=4, seed=31,
+                                target_modules=["q_proj", "v_proj"])
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8, block_size=8,
+                   max_num_batched_tokens=budget)
+    assert llm.llm_engine.model_config.max_model_len == 256  # not capped at the window
+    batch = [prompts[-1], prompts[-2], prompts[2]]
+    loras = [None, LoRARequest("a", 1, str(adapter)), None]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, lora_request=loras,
+                        use_tqdm=False)
+    check_against_hf(outs, base, [None, adapter, None], batch)
+    full = _edited_config(base, tmp_path / "full", sliding_window=None)
+    other = make_llm(full).generate([{"prompt_token_ids": batch[0]}], params, use_tqdm=False)
+    assert other[0].outputs[0].token_ids != outs[0].outputs[0].token_ids

@@ -50,17 +50,21 @@ DEV = torch.device("cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # ||out-ref||/||ref||
 
 
-def reference(q, k, v, scale, q_offset=0, softcap=0.0):
+def reference(q, k, v, scale, q_offset=0, softcap=0.0, window=0):
     """q [M, H, D] at positions q_offset.., k/v [N, KVH, D] at 0..N-1: causal, float64;
-    softcap > 0: scores capped as softcap * tanh(score / softcap) (Gemma 2)."""
+    softcap > 0: scores capped as softcap * tanh(score / softcap) (Gemma 2); window > 0:
+    a query at p sees keys at p - window < k <= p."""
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, 1)
     v = v.double().repeat_interleave(group, 1)
     s = torch.einsum("mhd,nhd->hmn", q.double(), k) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= (
-        q_offset + torch.arange(q.shape[0], device=q.device))[:, None]
+    key_pos = torch.arange(k.shape[0], device=q.device)[None, :]
+    q_pos = (q_offset + torch.arange(q.shape[0], device=q.device))[:, None]
+    visible = key_pos <= q_pos
+    if window:
+        visible &= key_pos > q_pos - window
     return torch.einsum("hmn,nhd->mhd", s.masked_fill(~visible, float("-inf")).softmax(-1), v)
 
 
@@ -93,20 +97,22 @@ def rel_err(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-def check_decode(lens, h, kvh, d, block_size, dtype, splits, device=DEV, seed=0, softcap=0.0):
+def check_decode(lens, h, kvh, d, block_size, dtype, splits, device=DEV, seed=0, softcap=0.0,
+                 window=0):
     gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, table = paged_cache(lens, kvh, d, block_size, dtype, device, gen)
     q = torch.randn(len(lens), h, d, generator=gen).to(dtype).to(device)
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
     ta.paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(
         lens, dtype=torch.int32, device=device), d ** -0.5, num_splits=splits, out=out,
-        softcap=softcap)
+        softcap=softcap, window=window)
     for b, n in enumerate(lens):
         if n == 0:  # a padded row of a CUDA-graph batch
             assert out[b].eq(0).all()
             continue
         k, v = cached_kv(k_cache, v_cache, table[b], n)
-        ref = reference(q[b:b + 1], k, v, d ** -0.5, q_offset=n - 1, softcap=softcap)
+        ref = reference(q[b:b + 1], k, v, d ** -0.5, q_offset=n - 1, softcap=softcap,
+                        window=window)
         assert rel_err(out[b:b + 1], ref) < TOL[dtype], (b, n)
 
 
@@ -138,7 +144,7 @@ def test_decode_odd_block_size():
 
 
 def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV, seed=0,
-                  softcap=0.0):
+                  softcap=0.0, window=0):
     gen = torch.Generator().manual_seed(seed)
     t = sum(q_lens)
     q = torch.randn(t, h, d, generator=gen).to(dtype).to(device)
@@ -152,14 +158,16 @@ def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV,
         cache = dict(k_cache=k_cache, v_cache=v_cache, block_tables=table,
                      context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device))
     out = torch.full_like(q, float("nan"))  # poison: every row must be written
-    ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, **cache, out=out, softcap=softcap)
+    ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, **cache, out=out, softcap=softcap,
+                         window=window)
     for b, (n, c) in enumerate(zip(q_lens, ctx_lens)):
         s = int(cu[b])
         ks, vs = k[s:s + n], v[s:s + n]
         if c:
             kc, vc = cached_kv(cache["k_cache"], cache["v_cache"], cache["block_tables"][b], c)
             ks, vs = torch.cat([kc, ks]), torch.cat([vc, vs])
-        ref = reference(q[s:s + n], ks, vs, d ** -0.5, q_offset=c, softcap=softcap)
+        ref = reference(q[s:s + n], ks, vs, d ** -0.5, q_offset=c, softcap=softcap,
+                        window=window)
         assert rel_err(out[s:s + n], ref) < TOL[dtype], (b, n, c)
 
 
@@ -188,6 +196,18 @@ def test_softcap(dtype):
     check_decode([1, 37, 100], h=4, kvh=2, d=64, block_size=16, dtype=dtype, splits=3,
                  softcap=2.0)
     check_prefill([4, 33], [21, 0], h=4, kvh=2, d=64, dtype=dtype, softcap=2.0)
+
+
+@interpreted
+@pytest.mark.parametrize("window", [1, 7, 40])
+def test_sliding_window(window):
+    """Mistral's / Gemma 2's sliding window: decode over splits (contexts shorter and
+    longer than the window), prefill with cached context (queries whose window starts in
+    the cache, in their own chunk, or spans both)."""
+    check_decode([1, 5, 37, 100], h=4, kvh=2, d=32, block_size=8, dtype=torch.float32,
+                 splits=3, window=window)
+    check_prefill([4, 33, 70], [21, 0, 9], h=4, kvh=2, d=32, dtype=torch.float32,
+                  block_size=8, window=window)
 
 
 @interpreted
@@ -520,3 +540,14 @@ def test_gpu_softcap(dtype):
                      splits=4, device=torch.device("cuda"), softcap=cap)
         check_prefill([9, 400], [0, 1000], h=16, kvh=2, d=256, dtype=dtype,
                       device=torch.device("cuda"), softcap=cap)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_sliding_window(dtype):
+    """Mistral v0.1's window (4096) over longer contexts, and a short one."""
+    for window in (4096, 100):
+        check_decode([1, 3000, 6000], h=32, kvh=8, d=128, block_size=16, dtype=dtype,
+                     splits=4, device=torch.device("cuda"), window=window)
+        check_prefill([300, 700], [5000, 0], h=32, kvh=8, d=128, dtype=dtype,
+                      device=torch.device("cuda"), window=window)

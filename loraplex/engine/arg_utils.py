@@ -112,7 +112,6 @@ class EngineArgs:
 
     def create_engine_config(self, hf_config: Any) -> EngineConfig:
         from loraplex.layers.quantization import quant_config_from_hf
-        from loraplex.models.registry import sliding_window
 
         self._refuse_unsupported(hf_config)
         device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
@@ -126,11 +125,6 @@ class EngineArgs:
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None)
                               or getattr(hf_config, "torch_dtype", None), device)
         limit = hf_config.max_position_embeddings
-        window = sliding_window(hf_config)
-        if window and window < limit:
-            logger.warning("model uses sliding-window attention (%d); capping max_model_len "
-                           "there, where full attention is exact", window)
-            limit = window
         max_model_len = self.max_model_len or limit
         if max_model_len > limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's limit of "

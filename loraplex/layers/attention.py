@@ -54,13 +54,14 @@ def decode_splits(batch: int, num_kv_heads: int, max_context_len: int,
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 softcap: float = 0.0) -> None:
+                 softcap: float = 0.0, window: int = 0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
         self.softcap = softcap  # > 0: scores are softcap * tanh(score / softcap) (Gemma 2)
+        self.window = window  # > 0: a query at p sees keys at p - window < k <= p only
         # set by the model runner once the cache is allocated: [num_blocks, block_size, KVH, D]
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -104,10 +105,10 @@ class Attention(nn.Module):
             return ta.prefill_attention(
                 q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale,
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
-                  if with_ctx else ()), softcap=self.softcap)
+                  if with_ctx else ()), softcap=self.softcap, window=self.window)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                          ctx.context_lens, self.scale, ctx.decode_splits,
-                                         softcap=self.softcap)
+                                         softcap=self.softcap, window=self.window)
 
     def _prefill(self, q, k, v, ctx: StepContext) -> torch.Tensor:
         b, length = ctx.padded_index.shape
@@ -121,7 +122,8 @@ class Attention(nn.Module):
         else:  # earlier chunks are in the cache: the whole [B, width] of each sequence
             keys, values = (x.transpose(1, 2) for x in
                             self._gathered_kv(ctx, ctx.block_tables))
-        out = self._sdpa(padded(q), keys, values, ctx.prefill_mask)
+        out = self._sdpa(padded(q), keys, values,
+                         _window_mask(ctx, self.window) if self.window else ctx.prefill_mask)
         out = out.transpose(1, 2).reshape(b * length, self.num_heads, self.head_dim)
         return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
 
@@ -132,7 +134,7 @@ class Attention(nn.Module):
             keys, values = self._gathered_kv(ctx, ctx.block_tables)
             groups = ctx.decode_groups or [(0, q.shape[0], ctx.max_context_len)]
             parts = [(a, b, keys[a:b, :w], values[a:b, :w]) for a, b, w in groups]
-        mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts))
+        mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts), self.window)
         out = torch.cat([self._sdpa(  # [rows, H, 1, D] per group
             q[a:b].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
             mask[a:b, ..., :keys.shape[1]]) for a, b, keys, values in parts])
@@ -247,6 +249,7 @@ def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device
     starts[b] + i and the keys are positions 0..width-1 of the sequence's blocks."""
     length = max(lens)
     offsets = list(itertools.accumulate(lens[:-1], initial=0))
+    steps = torch.arange(length, device=device)
 
     def tensor(values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
@@ -254,9 +257,11 @@ def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device
     ctx.padded_index = tensor([[st + min(i, n - 1) for i in range(length)]
                                for st, n in zip(offsets, lens)])
     ragged = any(n != length for n in lens)
+    ctx.prefill_positions = (steps[None, :], steps)  # queries [1, L], keys [L]
     if starts is not None:
-        q_pos = tensor(starts)[:, None] + torch.arange(length, device=device)  # [B, L]
+        q_pos = tensor(starts)[:, None] + steps  # [B, L]
         k_pos = torch.arange(width, device=device)
+        ctx.prefill_positions = (q_pos, k_pos)
         end = tensor([st + n for st, n in zip(starts, lens)])
         mask = (k_pos <= q_pos[:, :, None]) & (k_pos < end[:, None, None])
         ctx.prefill_mask = mask.unsqueeze(1)  # [B, 1, L, width]
@@ -284,12 +289,33 @@ def decode_groups(lens: list[int]) -> list[tuple[int, int, int]] | None:
     return groups if len(groups) > 1 else None
 
 
-def _decode_mask(ctx: StepContext, width: int) -> torch.Tensor:
-    """[B, 1, 1, width] bool: key position < context length; built once per step."""
-    mask = ctx.scratch.get("decode_mask")
+def _decode_mask(ctx: StepContext, width: int, window: int = 0) -> torch.Tensor:
+    """[B, 1, 1, width] bool: key position < context length (and, with a window, >= the
+    context length - window); built once per step and window."""
+    name = f"decode_mask_{window}"
+    mask = ctx.scratch.get(name)
     if mask is None or mask.shape[-1] != width:
-        keys = torch.arange(width, device=ctx.context_lens.device)
-        mask = ctx.scratch["decode_mask"] = (keys[None, :] < ctx.context_lens[:, None])[:, None, None]
+        keys = torch.arange(width, device=ctx.context_lens.device)[None, :]
+        lens = ctx.context_lens[:, None]
+        visible = keys < lens
+        if window:
+            visible &= keys >= lens - window
+        mask = ctx.scratch[name] = visible[:, None, None]
+    return mask
+
+
+def _window_mask(ctx: StepContext, window: int) -> torch.Tensor:
+    """The prefill's mask (causal & valid) with keys older than `window` positions before
+    each query removed; built once per step and window."""
+    name = f"prefill_window_{window}"
+    mask = ctx.scratch.get(name)
+    if mask is None:
+        q_pos, k_pos = ctx.prefill_positions  # [B or 1, L], [width]
+        near = (k_pos[None, None, :] > q_pos[:, :, None] - window).unsqueeze(1)
+        base = ctx.prefill_mask
+        if base is None:  # causal over equal-length rows starting at 0
+            base = (k_pos[None, :] <= q_pos[0][:, None])[None, None]
+        mask = ctx.scratch[name] = base & near
     return mask
 
 

@@ -95,12 +95,13 @@ def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr,
 
 
 @triton.jit
-def _attend_paged(q, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, start, end,
-                  stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, start,
+                  end, stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
-                  SOFTCAP: tl.constexpr):
+                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):
     """Online softmax of q over cached positions [start, end) of one sequence and one KV
-    head (kc_ptr/vc_ptr already offset to it), BLOCK_N rows at a time through the table."""
+    head (kc_ptr/vc_ptr already offset to it), BLOCK_N rows at a time through the table.
+    WINDOW > 0: query row m (at position q_pos[m]) sees only positions > q_pos[m] - WINDOW."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
@@ -111,8 +112,10 @@ def _attend_paged(q, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, sta
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        m_i, l_i, acc = _attend_tile(q, k, v, n_ok[None, :], m_i, l_i, acc, qk_scale, F32,
-                                     SOFTCAP)
+        valid = n_ok[None, :]
+        if WINDOW > 0:
+            valid = valid & (pos[None, :] > q_pos[:, None] - WINDOW)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP)
     return m_i, l_i, acc
 
 
@@ -122,16 +125,19 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr):
+                   BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
+                   WINDOW: tl.constexpr):
     """num_splits is a runtime value, not specialized on: it follows the batch size and the
-    longest context, and each new value would otherwise compile another kernel mid-serving."""
+    longest context, and each new value would otherwise compile another kernel mid-serving.
+    WINDOW > 0: only the last WINDOW cached positions (the new token's own included)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(lens_ptr + b)
-    per_split = (ctx_len + num_splits - 1) // num_splits  # rounded up to whole tiles:
+    lo = tl.maximum(ctx_len - WINDOW, 0) if WINDOW > 0 else 0
+    per_split = (ctx_len - lo + num_splits - 1) // num_splits  # rounded up to whole tiles:
     per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    start = split * per_split
+    start = lo + split * per_split
     end = tl.minimum(start + per_split, ctx_len)
 
     g = tl.arange(0, BLOCK_G)
@@ -144,10 +150,10 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    m_i, l_i, acc = _attend_paged(
-        q, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
+    m_i, l_i, acc = _attend_paged(  # [lo, ctx_len) is the window: no per-key mask
+        q, g, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
         table_ptr + b.to(tl.int64) * stride_tb, start, end, stride_cb, stride_ct, HEAD_DIM,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP)
+        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split/sequence gives 0
     o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
@@ -206,10 +212,11 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int = 1, out: torch.Tensor | None = None,
-                           softcap: float = 0.0) -> torch.Tensor:
+                           softcap: float = 0.0, window: int = 0) -> torch.Tensor:
     """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first context_lens[b] cached
     tokens of sequence b (KV head h // (H // KVH)); context_lens[b] == 0 gives zeros.
-    softcap > 0: the scores are softcap * tanh(score / softcap) (Gemma 2).
+    softcap > 0: the scores are softcap * tanh(score / softcap) (Gemma 2). window > 0: only
+    the last `window` cached tokens (sliding-window attention).
 
     q: [B, H, D] (last dim contiguous); k_cache/v_cache: [num_blocks, block_size, KVH, D];
     block_tables: [B, max_blocks] int32; context_lens: [B] int32. Returns [B, H, D]."""
@@ -233,7 +240,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         lse.stride(0), lse.stride(1), num_splits, GROUP=group, HEAD_DIM=d,
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        F32=fp32_dot(q.dtype, _INTERPRETED), SOFTCAP=float(softcap), num_warps=4)
+        F32=fp32_dot(q.dtype, _INTERPRETED), SOFTCAP=float(softcap), WINDOW=int(window),
+        num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
             part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
@@ -248,7 +256,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
                     stride_vh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot, stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     HAS_CONTEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr):
+                    BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
+                    WINDOW: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -264,16 +273,21 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # 1) the cached context, all of it before every query: only the length bound
+    # 1) the cached context, all of it before every query: only the length bound (and,
+    # with a window, positions past each query's position - WINDOW)
     ctx_len = tl.load(ctx_lens_ptr + b) if HAS_CONTEXT else 0
     ctx_end = tl.where(tile * BLOCK_M < q_len, ctx_len, 0)  # tiles past the end do nothing
+    ctx_lo = tl.maximum(ctx_len + tile * BLOCK_M - WINDOW + 1, 0) if WINDOW > 0 else 0
     m_i, l_i, acc = _attend_paged(
-        q, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
-        table_ptr + b.to(tl.int64) * stride_tb, 0, ctx_end, stride_cb, stride_ct, HEAD_DIM,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP)
-    # 2) the step's own K/V, causal: key j is visible to query i when j <= i
+        q, ctx_len + i, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch,
+        vc_ptr + kvh * stride_ch, table_ptr + b.to(tl.int64) * stride_tb,
+        tl.minimum(ctx_lo, ctx_end), ctx_end, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
+        BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW)
+    # 2) the step's own K/V, causal: key j is visible to query i when j <= i (and, with a
+    # window, j > i - WINDOW)
     new_end = tl.minimum(q_len, (tile + 1) * BLOCK_M)
-    for n0 in range(0, new_end, BLOCK_N):
+    new_lo = tl.maximum(tile * BLOCK_M - WINDOW + 1, 0) if WINDOW > 0 else 0
+    for n0 in range(new_lo, new_end, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
         j_ok = j < new_end
         kv_rows = (q_start + j).to(tl.int64)
@@ -283,6 +297,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
         v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kvh * stride_vh + d[None, :],
                     mask=kv_mask, other=0.0)
         valid = j_ok[None, :] & (j[None, :] <= i[:, None])
+        if WINDOW > 0:
+            valid = valid & (j[None, :] > i[:, None] - WINDOW)
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + i)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
@@ -294,12 +310,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
                       block_tables: torch.Tensor | None = None,
                       context_lens: torch.Tensor | None = None,
-                      out: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
+                      out: torch.Tensor | None = None, softcap: float = 0.0,
+                      window: int = 0) -> torch.Tensor:
     """Causal attention of new tokens packed flat: sequence b's queries and K/V are rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q [T, H, D] / k, v [T, KVH, D]. With
     context_lens, sequence b also has context_lens[b] earlier tokens in the paged cache
     (block_tables [B, max_blocks] int32) that every one of its queries sees. softcap > 0:
-    scores capped as in paged_decode_attention. Returns [T, H, D]."""
+    scores capped and window > 0 a sliding window, as in paged_decode_attention. Returns
+    [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     assert h % kvh == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -323,5 +341,5 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out.stride(0), out.stride(1), GROUP=h // kvh, HEAD_DIM=d,
         BLOCK_SIZE=k_cache.shape[1] if has_ctx else 1, HAS_CONTEXT=has_ctx, BLOCK_M=block,
         BLOCK_N=block, BLOCK_D=block_d, F32=fp32_dot(q.dtype, _INTERPRETED),
-        SOFTCAP=float(softcap), num_warps=4)
+        SOFTCAP=float(softcap), WINDOW=int(window), num_warps=4)
     return out

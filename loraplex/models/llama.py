@@ -63,6 +63,8 @@ class LlamaArgs:
     norm_topk_prob: bool = True  # the top-k router weights renormalized to sum to 1
     moe_module: str = "block_sparse_moe"  # the checkpoint's name (Qwen3-MoE: "mlp")
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
+    sliding_window: int | None = None  # the attention window of window_layers
+    window_layers: tuple[int, ...] = ()
     embedding_multiplier: float = 1.0  # Granite: x = E[t] * this
     residual_multiplier: float = 1.0  # Granite: h = x + sublayer(x) * this
     attention_multiplier: float | None = None  # Granite: the attention scale (None: 1/sqrt(d))
@@ -78,7 +80,7 @@ def _names(prefix: str, *leaves: str) -> tuple[str, ...]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str) -> None:
+    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
         self.q_size = a.num_heads * a.head_dim
         self.kv_size = a.num_kv_heads * a.head_dim
@@ -99,8 +101,9 @@ class LlamaAttention(nn.Module):
             if a.qk_norm or a.qk_norm_full else None
         self.rotary = rotary
         scale = a.attention_multiplier or (a.query_pre_attn_scalar or a.head_dim) ** -0.5
+        window = a.sliding_window if index in a.window_layers else None
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
-                              a.attn_logit_softcap)
+                              a.attn_logit_softcap, window or 0)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -134,7 +137,7 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn", index)
         sparse = a.num_experts > 0 and index not in a.dense_layers
         # the feed-forward sublayer, under the checkpoint's name for it
         self.ffn_name = a.moe_module if sparse else "mlp"

@@ -46,11 +46,21 @@ def _rope(hf: Any) -> tuple[float, dict | None]:
     return float(getattr(hf, "rope_theta", 10000.0)), scaling or None
 
 
-def sliding_window(hf_config: Any) -> int | None:
-    """The attention window, when the model uses one (Mistral v0.1; Qwen2 if enabled)."""
+def sliding_window(hf_config: Any, name: str | None = None) -> dict[str, Any]:
+    """Sliding-window attention, as HF applies it: the window and the layers that use it
+    (`layer_types` "sliding_attention" where the config lists them; else every layer, but
+    Gemma 2's odd ones, which attend globally). Empty when the model has no window."""
     window = getattr(hf_config, "sliding_window", None)
-    enabled = getattr(hf_config, "use_sliding_window", True)
-    return int(window) if window and enabled else None
+    if not window or getattr(hf_config, "use_sliding_window", True) is False:
+        return {}
+    types = getattr(hf_config, "layer_types", None)
+    if types:
+        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    elif (name or architecture(hf_config)) == "Gemma2ForCausalLM":
+        layers = tuple(range(0, hf_config.num_hidden_layers, 2))
+    else:
+        layers = tuple(range(hf_config.num_hidden_layers))
+    return {"sliding_window": int(window), "window_layers": layers} if layers else {}
 
 
 def architecture(hf_config: Any) -> str:
@@ -161,5 +171,6 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
         **_gemma2(hf_config, name),
         **_experts(hf_config, name, quant),
         **_granite(hf_config, name),
+        **sliding_window(hf_config, name),
     )
     return LlamaForCausalLM(args)

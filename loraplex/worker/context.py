@@ -42,6 +42,8 @@ class StepContext:
     padded_index: torch.Tensor | None = None  # [B, L] long (pads point at row 0)
     # [B, 1, L, L or cached width] bool, causal & valid; None = all equal length, no context
     prefill_mask: torch.Tensor | None = None
+    # torch prefill: positions of the padded queries [B or 1, L] and of the keys [width]
+    prefill_positions: tuple[torch.Tensor, torch.Tensor] | None = None
     valid_rows: torch.Tensor | None = None  # [T] positions in the flattened [B*L] layout
     lora_meta: LoRABatchMeta | None = None
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step reusable buffers
