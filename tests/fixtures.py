@@ -38,7 +38,7 @@ __all__ = [
 ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 # built on demand (not in the session-wide fixtures): tests/test_architectures.py
 EXTRA_ARCHS: tuple[str, ...] = ("gemma", "gemma2", "phi3", "mixtral", "qwen3_moe", "granite",
-                                "olmo2")
+                                "olmo2", "gemma3")
 
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3.
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
@@ -192,6 +192,10 @@ def _arch_config(
     elif arch == "granite":  # multipliers far enough from 1 to matter
         common.update(embedding_multiplier=6.0, residual_multiplier=0.3,
                       attention_multiplier=0.2, logits_scaling=2.5, attention_bias=False)
+    elif arch == "gemma3":  # a local (window 6) and a global layer, each with its rope base
+        common.update(hidden_activation="gelu_pytorch_tanh", attention_bias=False,
+                      query_pre_attn_scalar=24, sliding_window=6,
+                      layer_types=["sliding_attention", "full_attention"])
     elif arch == "olmo2":
         common.update(attention_bias=False)
     elif arch == "mixtral":
@@ -206,7 +210,7 @@ def _arch_config(
                     "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
                     "phi3": "Phi3Config", "mixtral": "MixtralConfig",
                     "qwen3_moe": "Qwen3MoeConfig", "granite": "GraniteConfig",
-                    "olmo2": "Olmo2Config"}[arch]
+                    "olmo2": "Olmo2Config", "gemma3": "Gemma3TextConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -15,6 +15,8 @@ with q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole m
 LongRoPE (Phi-3 128k, Phi-3.5): short and long frequencies on either side of the
 pretraining window, switching as HF's generate switches, and partial rotary (Phi-4-mini).
 Sliding-window attention (Mistral, Gemma 2) through the torch and the Triton attention.
+Gemma 3 (text): Gemma 2's layout with q/k norm, a local layer (window, its own rope base)
+and a global one.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
         "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=61),
         "r16_k": dict(r=16, lora_alpha=16, target_modules=["k_proj", "down_proj"], seed=62),
     },
+    "gemma3": {  # (its embedding's LoRA: test_gemma3_embedding_lora_is_scaled)
+        "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=63),
+        "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=64),
+        "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["k_proj", "lm_head"], seed=65),
+    },
     "phi3": {
         "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], seed=44),
         "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=45),
@@ -79,7 +86,7 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
 
 
 SEEDS = {"gemma": 20, "phi3": 21, "gemma2": 22, "mixtral": 23, "qwen3_moe": 24,
-         "granite": 25, "olmo2": 26}
+         "granite": 25, "olmo2": 26, "gemma3": 27}
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +156,25 @@ def test_moe_experts_and_lora_on_them(arch, arch_models, tmp_path, prompts):
                       lora_request=LoRARequest("ok", 1, str(adapters["r8_attn"])),
                       use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 3
+
+
+def _peft_scales_embedding_lora() -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return hasattr(BaseTunerLayer, "_get_embed_scale")
+
+
+@pytest.mark.skipif(not _peft_scales_embedding_lora(), reason="this PEFT adds the LoRA of a "
+                    "scaled embedding (Gemma 3's) unscaled; later PEFT scales it, as merging "
+                    "it into the weights does, and so does loraplex")
+def test_gemma3_embedding_lora_is_scaled(arch_models, tmp_path, prompts):
+    """Gemma 3's embedding multiplies by sqrt(hidden) inside the module: the LoRA on it is
+    scaled with it (PEFT's _get_embed_scale; as if merged into the table)."""
+    base = arch_models["gemma3"][0]
+    adapter = make_peft_adapter(base, tmp_path / "emb", r=8, lora_alpha=16, seed=66,
+                                target_modules=["embed_tokens", "v_proj"])
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8)
+    check_mixed_batch(llm, base, {"emb": adapter}, prompts, extra=2)
 
 
 def test_phi3_fused_modules_are_one_lora_slice(arch_models):

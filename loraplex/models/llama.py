@@ -1,12 +1,13 @@
 """Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma, Gemma 2,
-Phi-3, Granite, OLMo 2) over a flat batch of tokens.
+Gemma 3 (text), Phi-3, Granite, OLMo 2) over a flat batch of tokens.
 
 One file, flags for the differences: Qwen2 has a bias on q/k/v, Qwen3 RMS-normalizes
 q and k per head; Gemma scales the embeddings by sqrt(hidden), uses GeGLU and its own
 RMSNorm (1 + w, in fp32); Gemma 2 adds a norm after each sublayer too ("sandwich"), OLMo 2
 has norms only after them ("post") and RMS-normalizes q and k over all heads at once;
 scales attention by query_pre_attn_scalar^-1/2 and caps attention scores and final logits
-with cap * tanh(x / cap); Mixtral's and Qwen3-MoE's MLP is a sparse mixture of experts
+with cap * tanh(x / cap); Gemma 3 normalizes q and k per head and rotates its local
+(sliding-window) layers with a base of their own; Mixtral's and Qwen3-MoE's MLP is a sparse mixture of experts
 (layers/moe.py); Granite scales the embeddings, each sublayer's output, the attention
 scores and the logits by constants of its config; Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
 already fused as qkv_proj and gate_up_proj. Tokens of all sequences in a step are laid
@@ -65,6 +66,8 @@ class LlamaArgs:
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
     sliding_window: int | None = None  # the attention window of window_layers
     window_layers: tuple[int, ...] = ()
+    local_rope: tuple[float, dict | None] | None = None  # Gemma 3: window_layers' theta,
+    # scaling (None: the model's)
     embedding_multiplier: float = 1.0  # Granite: x = E[t] * this
     residual_multiplier: float = 1.0  # Granite: h = x + sublayer(x) * this
     attention_multiplier: float | None = None  # Granite: the attention scale (None: 1/sqrt(d))
@@ -183,8 +186,13 @@ class LlamaModel(nn.Module):
         self.embedding_multiplier = a.embedding_multiplier
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(a, rotary, f"model.layers.{i}", i)
-                                    for i in range(a.num_layers))
+        local = rotary
+        if a.local_rope is not None:  # Gemma 3's sliding-window layers
+            self.rotary_local = local = RotaryEmbedding(a.rotary_dim or a.head_dim,
+                                                        a.max_position, *a.local_rope)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(a, local if i in a.window_layers else rotary,
+                              f"model.layers.{i}", i) for i in range(a.num_layers))
         self.norm = a.norm(a.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

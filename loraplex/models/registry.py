@@ -17,6 +17,7 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "Qwen3MoeForCausalLM": {"qk_norm": True},
     "GemmaForCausalLM": {"gemma": True},
     "Gemma2ForCausalLM": {"gemma": True, "norm_layout": "sandwich"},
+    "Gemma3ForCausalLM": {"gemma": True, "norm_layout": "sandwich", "qk_norm": True},
     "Olmo2ForCausalLM": {"norm_layout": "post", "qk_norm_full": True},
     "GraniteForCausalLM": {},
     "Phi3ForCausalLM": {"fused_checkpoint": True},
@@ -29,15 +30,21 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM",
                   "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
                   "phi3": "Phi3ForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu"}
 
 
-def _rope(hf: Any) -> tuple[float, dict | None]:
-    """rope_theta and scaling, from transformers 5 `rope_parameters` or 4.x fields."""
+def _rope(hf: Any, layer_type: str = "full_attention") -> tuple[float, dict | None]:
+    """rope_theta and scaling, from transformers 5 `rope_parameters` (Gemma 3's: one per
+    layer type) or 4.x fields (Gemma 3's local layers: `rope_local_base_freq`)."""
     params = getattr(hf, "rope_parameters", None)
+    if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        params = params[layer_type]
+    elif layer_type == "sliding_attention":  # 4.x: the local layers' own base, no scaling
+        return float(hf.rope_local_base_freq), None
     if isinstance(params, dict) and params:
         theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
         scaling = params if params.get("rope_type", "default") != "default" else None
@@ -79,7 +86,7 @@ def architecture(hf_config: Any) -> str:
 def _hidden_act(hf: Any, name: str) -> str:
     """The gated MLP's activation. Gemma was trained with the tanh GELU, which its early
     configs call "gelu": as vLLM does, "gelu" means exact only as `hidden_activation`."""
-    if name in ("GemmaForCausalLM", "Gemma2ForCausalLM"):
+    if name in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         return "gelu" if getattr(hf, "hidden_activation", None) == "gelu" else "gelu_tanh"
     act = getattr(hf, "hidden_act", "silu")
     if act not in _ACTIVATIONS:
@@ -103,12 +110,20 @@ def _rotary_dim(hf: Any, head_dim: int) -> int | None:
 
 
 def _gemma2(hf: Any, name: str) -> dict[str, Any]:
-    """Gemma 2's attention scale and score / logit caps (None in its config: no cap)."""
-    if name != "Gemma2ForCausalLM":
+    """Gemma 2's and 3's attention scale and score / logit caps (None in its config: no
+    cap, as in Gemma 3)."""
+    if name not in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         return {}
     return dict(query_pre_attn_scalar=float(hf.query_pre_attn_scalar),
                 attn_logit_softcap=float(getattr(hf, "attn_logit_softcapping", None) or 0.0),
                 final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0))
+
+
+def _local_rope(hf: Any, name: str) -> dict[str, Any]:
+    """Gemma 3's sliding-window layers rotate with their own base (and no scaling)."""
+    if name != "Gemma3ForCausalLM":
+        return {}
+    return {"local_rope": _rope(hf, "sliding_attention")}
 
 
 def _granite(hf: Any, name: str) -> dict[str, Any]:
@@ -172,5 +187,6 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
         **_experts(hf_config, name, quant),
         **_granite(hf_config, name),
         **sliding_window(hf_config, name),
+        **_local_rope(hf_config, name),
     )
     return LlamaForCausalLM(args)
