@@ -38,7 +38,7 @@ __all__ = [
 ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 # built on demand (not in the session-wide fixtures): tests/test_architectures.py
 EXTRA_ARCHS: tuple[str, ...] = ("gemma", "gemma2", "phi3", "mixtral", "qwen3_moe", "granite",
-                                "olmo2", "gemma3")
+                                "olmo2", "gemma3", "qwen2_moe")
 
 # Order fixes the ids: <unk>=0, <s>=1, </s>=2, <pad>=3.
 SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>")
@@ -196,6 +196,11 @@ def _arch_config(
         common.update(hidden_activation="gelu_pytorch_tanh", attention_bias=False,
                       query_pre_attn_scalar=24, sliding_window=6,
                       layer_types=["sliding_attention", "full_attention"])
+    elif arch == "qwen2_moe":  # a shared expert beside the routed ones
+        common.update(use_sliding_window=False, sliding_window=None, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
+                      shared_expert_intermediate_size=40, mlp_only_layers=[],
+                      decoder_sparse_step=1)
     elif arch == "olmo2":
         common.update(attention_bias=False)
     elif arch == "mixtral":
@@ -210,7 +215,8 @@ def _arch_config(
                     "qwen3": "Qwen3Config", "gemma": "GemmaConfig", "gemma2": "Gemma2Config",
                     "phi3": "Phi3Config", "mixtral": "MixtralConfig",
                     "qwen3_moe": "Qwen3MoeConfig", "granite": "GraniteConfig",
-                    "olmo2": "Olmo2Config", "gemma3": "Gemma3TextConfig"}[arch]
+                    "olmo2": "Olmo2Config", "gemma3": "Gemma3TextConfig",
+                    "qwen2_moe": "Qwen2MoeConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -1,6 +1,6 @@
-"""Gemma, Gemma 2, Phi-3, Granite, OLMo 2, Mixtral and Qwen3-MoE against HF transformers +
-PEFT (fp32): mixed batches of the base and adapters of different ranks and targets, more
-adapters than max_loras.
+"""Gemma, Gemma 2, Gemma 3, Phi-3, Granite, OLMo 2, Mixtral, Qwen2-MoE and Qwen3-MoE against
+HF transformers + PEFT (fp32): mixed batches of the base and adapters of different ranks
+and targets, more adapters than max_loras.
 
 Gemma: GeGLU, its RMSNorm (1 + w, scaled in fp32), embeddings x sqrt(hidden) (the
 embedding's LoRA scaled with them), tied lm_head. Gemma 2: norms after attention and the
@@ -10,7 +10,7 @@ embedding, residual and attention multipliers and logits scaling. OLMo 2: norms 
 sublayers only, q and k normalized over all heads (an adapter on k_proj, before that norm).
 Mixtral and Qwen3-MoE:
 a sparse mixture of experts (top-2 of 4 here; Qwen3-MoE's weights not renormalized, and
-a layer with a plain MLP) under LoRA on the attention. Phi-3: checkpoints and adapters
+a layer with a plain MLP; Qwen2-MoE's shared expert) under LoRA on the attention. Phi-3: checkpoints and adapters
 with q/k/v and gate/up fused (qkv_proj, gate_up_proj: one LoRA A for the whole module),
 LongRoPE (Phi-3 128k, Phi-3.5): short and long frequencies on either side of the
 pretraining window, switching as HF's generate switches, and partial rotary (Phi-4-mini).
@@ -76,6 +76,12 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
         "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=64),
         "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["k_proj", "lm_head"], seed=65),
     },
+    "qwen2_moe": {
+        "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=67),
+        "r8_attn": dict(r=8, lora_alpha=16, seed=68,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["o_proj", "lm_head"], seed=69),
+    },
     "phi3": {
         "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], seed=44),
         "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=45),
@@ -86,7 +92,7 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
 
 
 SEEDS = {"gemma": 20, "phi3": 21, "gemma2": 22, "mixtral": 23, "qwen3_moe": 24,
-         "granite": 25, "olmo2": 26, "gemma3": 27}
+         "granite": 25, "olmo2": 26, "gemma3": 27, "qwen2_moe": 28}
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +132,7 @@ def test_gemma2_with_triton_attention(monkeypatch, budget, arch_models, prompts)
 MOE = {  # arch -> (the sparse block of layer 0, its expert size, a target on experts)
     "mixtral": ("block_sparse_moe", 128, ("w1", "'w1' (an expert's gate projection)")),
     "qwen3_moe": ("mlp", 48, ("down_proj", "'down_proj' (an expert's down projection)")),
+    "qwen2_moe": ("mlp", 48, ("up_proj", "'up_proj' (an expert's up projection)")),
 }
 
 

@@ -1,4 +1,4 @@
-"""Sparse mixture of experts (Mixtral's block_sparse_moe, Qwen3-MoE's mlp).
+"""Sparse mixture of experts (Mixtral's block_sparse_moe, Qwen2-MoE's and Qwen3-MoE's mlp).
 
     p = softmax(W_g x)                      router over E experts
     top-k experts e of p, weights w_e = p_e / sum of the top-k p
@@ -6,7 +6,9 @@
     y = sum_e w_e * W2_e (silu(W1_e x) * W3_e x)
 
 Each expert is a SwiGLU MLP; its gate and up projections are stacked as w13 [E, 2I, H]
-(W1 then W3; Qwen's gate_proj and up_proj) and its down projection as w2 [E, H, I]. Tokens are grouped by expert on
+(W1 then W3; Qwen's gate_proj and up_proj) and its down projection as w2 [E, H, I].
+Qwen2-MoE adds a shared expert every token goes through, weighted by a sigmoid gate:
+y += sigmoid(w_s . x) * shared_expert(x). Tokens are grouped by expert on
 the host (one matmul pair per expert that has tokens), so the decode step of a MoE model
 runs without CUDA graphs.
 """
@@ -22,8 +24,11 @@ from loraplex.layers.linear import make_linear
 
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
-                 top_k: int, normalize: bool = True) -> None:
+                 top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None
+                 ) -> None:
         super().__init__()
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = make_linear(hidden_size, [1]) if shared_expert else None
         self.intermediate_size, self.top_k, self.normalize = intermediate_size, top_k, normalize
         self.gate = make_linear(hidden_size, [num_experts])  # the router
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
@@ -41,6 +46,8 @@ class SparseMoE(nn.Module):
             gate, up = (x[rows] @ self.w13[e].T).chunk(2, dim=-1)
             y = (F.silu(gate) * up) @ self.w2[e].T
             out.index_add_(0, rows, y * weights[rows, k, None])
+        if self.shared_expert is not None:
+            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
     def load_expert(self, expert: int, name: str, tensor: torch.Tensor) -> str:

@@ -1,17 +1,24 @@
-"""Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma, Gemma 2,
-Gemma 3 (text), Phi-3, Granite, OLMo 2) over a flat batch of tokens.
+"""Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Gemma,
+Gemma 2, Gemma 3 (text), Phi-3, Granite, OLMo 2) over a flat batch of tokens.
 
-One file, flags for the differences: Qwen2 has a bias on q/k/v, Qwen3 RMS-normalizes
-q and k per head; Gemma scales the embeddings by sqrt(hidden), uses GeGLU and its own
-RMSNorm (1 + w, in fp32); Gemma 2 adds a norm after each sublayer too ("sandwich"), OLMo 2
-has norms only after them ("post") and RMS-normalizes q and k over all heads at once;
-scales attention by query_pre_attn_scalar^-1/2 and caps attention scores and final logits
-with cap * tanh(x / cap); Gemma 3 normalizes q and k per head and rotates its local
-(sliding-window) layers with a base of their own; Mixtral's and Qwen3-MoE's MLP is a sparse mixture of experts
-(layers/moe.py); Granite scales the embeddings, each sublayer's output, the attention
-scores and the logits by constants of its config; Phi-3's checkpoints (and adapters) hold q/k/v and gate/up
-already fused as qkv_proj and gate_up_proj. Tokens of all sequences in a step are laid
-out flat ([T, hidden]); attention finds each sequence's tokens through the step context.
+One file, flags for the differences:
+- Qwen2 has a bias on q/k/v; Qwen3 RMS-normalizes q and k per head, OLMo 2 over all heads
+  at once.
+- Gemma scales the embeddings by sqrt(hidden), uses GeGLU and its own RMSNorm (1 + w, in
+  fp32). Gemma 2 adds a norm after each sublayer too ("sandwich"), scales attention by
+  query_pre_attn_scalar^-1/2 and caps attention scores and final logits with
+  cap * tanh(x / cap). Gemma 3 normalizes q and k per head and rotates its local
+  (sliding-window) layers with a base of their own.
+- OLMo 2 has norms only after the sublayers ("post").
+- Granite scales the embeddings, each sublayer's output, the attention scores and the
+  logits by constants of its config.
+- Mixtral's and the Qwen MoE models' MLP is a sparse mixture of experts (layers/moe.py).
+- Phi-3's checkpoints (and adapters) hold q/k/v and gate/up already fused as qkv_proj and
+  gate_up_proj.
+- Some layers attend within a sliding window (Mistral v0.1, Phi-3, Gemma 2 and 3).
+
+Tokens of all sequences in a step are laid out flat ([T, hidden]); attention finds each
+sequence's tokens through the step context.
 """
 
 from __future__ import annotations
@@ -62,7 +69,8 @@ class LlamaArgs:
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None  # each expert's (None: intermediate_size)
     norm_topk_prob: bool = True  # the top-k router weights renormalized to sum to 1
-    moe_module: str = "block_sparse_moe"  # the checkpoint's name (Qwen3-MoE: "mlp")
+    moe_module: str = "block_sparse_moe"  # the checkpoint's name (Qwen MoE: "mlp")
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
     sliding_window: int | None = None  # the attention window of window_layers
     window_layers: tuple[int, ...] = ()
@@ -122,14 +130,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, a: LlamaArgs, prefix: str) -> None:
+    def __init__(self, a: LlamaArgs, prefix: str, intermediate_size: int | None = None
+                 ) -> None:
         super().__init__()
+        size = intermediate_size or a.intermediate_size
         self.gate_up_proj = (
-            make_linear(a.hidden_size, [2 * a.intermediate_size], False, a.quant,
+            make_linear(a.hidden_size, [2 * size], False, a.quant,
                         _names(prefix, "gate_up_proj")) if a.fused_checkpoint else
-            make_linear(a.hidden_size, [a.intermediate_size] * 2, False, a.quant,
+            make_linear(a.hidden_size, [size] * 2, False, a.quant,
                         _names(prefix, "gate_proj", "up_proj")))
-        self.down_proj = make_linear(a.intermediate_size, [a.hidden_size], False, a.quant,
+        self.down_proj = make_linear(size, [a.hidden_size], False, a.quant,
                                      _names(prefix, "down_proj"))
         self.act_and_mul = ACT_AND_MUL[a.hidden_act]
 
@@ -144,9 +154,12 @@ class LlamaDecoderLayer(nn.Module):
         sparse = a.num_experts > 0 and index not in a.dense_layers
         # the feed-forward sublayer, under the checkpoint's name for it
         self.ffn_name = a.moe_module if sparse else "mlp"
+        shared = LlamaMLP(a, f"{prefix}.mlp.shared_expert", a.shared_expert_intermediate_size) \
+            if sparse and a.shared_expert_intermediate_size else None
         setattr(self, self.ffn_name, SparseMoE(
             a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
-            a.num_experts_per_tok, a.norm_topk_prob) if sparse else LlamaMLP(a, f"{prefix}.mlp"))
+            a.num_experts_per_tok, a.norm_topk_prob, shared) if sparse
+            else LlamaMLP(a, f"{prefix}.mlp"))
         self.layout = a.norm_layout
         if a.norm_layout != "post":
             self.input_layernorm = a.norm(a.hidden_size)

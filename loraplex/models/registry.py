@@ -14,6 +14,7 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "MixtralForCausalLM": {},
     "Qwen2ForCausalLM": {"qkv_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    "Qwen2MoeForCausalLM": {"qkv_bias": True},
     "Qwen3MoeForCausalLM": {"qk_norm": True},
     "GemmaForCausalLM": {"gemma": True},
     "Gemma2ForCausalLM": {"gemma": True, "norm_layout": "sandwich"},
@@ -28,7 +29,7 @@ SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "mixtral": "MixtralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "qwen3_moe": "Qwen3MoeForCausalLM",
+                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM",
                   "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
@@ -138,9 +139,10 @@ def _granite(hf: Any, name: str) -> dict[str, Any]:
 
 
 def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
-    """A mixture of experts: experts per layer and per token, and (Qwen3-MoE) the experts'
-    size, the routing weights' normalization and the layers that keep a plain MLP."""
-    if name not in ("MixtralForCausalLM", "Qwen3MoeForCausalLM"):
+    """A mixture of experts: experts per layer and per token, and (Qwen's) the experts'
+    size, the routing weights' normalization, the layers that keep a plain MLP and
+    (Qwen2-MoE) the shared expert's size."""
+    if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         return {}
     if quant is not None:
         raise ValueError(f"{quant.method}-quantized mixture-of-experts models are not "
@@ -153,6 +155,8 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     return dict(num_experts=int(hf.num_experts), num_experts_per_tok=int(hf.num_experts_per_tok),
                 moe_intermediate_size=int(hf.moe_intermediate_size),
                 norm_topk_prob=bool(getattr(hf, "norm_topk_prob", False)), moe_module="mlp",
+                shared_expert_intermediate_size=int(
+                    getattr(hf, "shared_expert_intermediate_size", 0) or 0),
                 dense_layers=tuple(i for i in range(hf.num_hidden_layers)
                                    if i in only_mlp or (i + 1) % step))
 
