@@ -95,6 +95,7 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: as
     # many as max_model_len leaves room for)
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, no text (no stop strings then)
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
@@ -162,6 +163,8 @@ class SamplingParams:
             raise self._bad("logit_bias", "a dict of token id (int >= 0) -> bias in [-100, 100]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise self._bad("stop", "a non-empty string or a list of non-empty strings")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are only supported when detokenize is True")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise self._bad("stop_token_ids", "a list of ints >= 0")
         allowed = self.allowed_token_ids

@@ -209,3 +209,19 @@ def test_visible_text_without_stops_is_everything(tok):
     d = run(tok, "héllo 🙂")
     assert d.visible_text(False) == d.visible_text(True) == "héllo 🙂"
 
+
+
+def test_detokenize_false_gives_ids_only(tiny_models, prompts):
+    """vLLM's detokenize=False: the same token ids, no text; stop strings need text."""
+    from loraplex import SamplingParams
+    from tests.engine_utils import make_llm
+
+    llm = make_llm(tiny_models["llama"])
+    kw = dict(temperature=0.0, max_tokens=6, ignore_eos=True)
+    plain, ids_only = llm.generate([{"prompt_token_ids": prompts[1]}] * 2,
+                                   [SamplingParams(**kw), SamplingParams(**kw, detokenize=False)],
+                                   use_tqdm=False)
+    assert ids_only.outputs[0].token_ids == plain.outputs[0].token_ids
+    assert plain.outputs[0].text and ids_only.outputs[0].text == ""
+    with pytest.raises(ValueError, match="only supported when detokenize is True"):
+        SamplingParams(stop=["x"], detokenize=False)

@@ -591,6 +591,9 @@ def test_adapter_that_adds_tokens_over_http(server, client, tiny_models, tiny_ad
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert r.usage.prompt_tokens == len(tok(rendered, add_special_tokens=False).input_ids)
 
+    r = client.completions.create(model="added", prompt=ids, echo=True, max_tokens=1,
+                                  temperature=0)  # token ids echoed as the adapter's text
+    assert r.choices[0].text.startswith(tok.decode(ids))
     r = server.post("/tokenize", {"model": "added", "prompt": text, "return_token_strs": True})
     assert r.json()["tokens"] == ids and "<tool>" in r.json()["token_strs"]
     assert server.post("/tokenize", {"model": BASE, "prompt": text}).json()["tokens"] == base_ids

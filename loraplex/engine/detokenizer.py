@@ -43,8 +43,8 @@ class IncrementalDetokenizer:
 
     def append(self, token_id: int) -> None:
         """Add one generated token; a no-op once a stop string was hit."""
-        if self._stop_hit is not None:
-            return
+        if self._stop_hit is not None or not self.params.detokenize:
+            return  # (detokenize=False: token ids only, the text stays empty)
         self._num_tokens += 1
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
