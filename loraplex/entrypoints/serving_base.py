@@ -60,13 +60,17 @@ class OpenAIServing:
     def encoder_for(self, lora: LoRARequest | None):
         """The encoder of requests for `lora` (its own when it adds tokens); encoder
         thread only."""
-        own = self.models.tokenizers.get(lora.lora_int_id) if lora is not None else None
+        own = self._own_tokenizers(lora)
         return own.encoder if own is not None else self.encoder
 
     def decoder_for(self, lora: LoRARequest | None):
         """The decoder of `lora`'s outputs (its own when it adds tokens); event loop only."""
-        own = self.models.tokenizers.get(lora.lora_int_id) if lora is not None else None
+        own = self._own_tokenizers(lora)
         return own.decoder if own is not None else self.tokenizer
+
+    def _own_tokenizers(self, lora: LoRARequest | None):
+        """The copies of `lora`'s own tokenizer (None: it uses the base's)."""
+        return self.models.tokenizers.get(lora.lora_int_id) if lora is not None else None
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (tokenizing with ``self.encoder``) on the encoder thread."""

@@ -304,13 +304,19 @@ def _held_back(text: str, marker: str) -> int:
     return len(text)
 
 
-class _StartTagParser:
+class _ToolParser:
+    """What every format's parser shares: by default the reply is decoded as usual and
+    calls get OpenAI's ids."""
+
+    keeps_special_tokens = False  # whether the reply must keep special tokens to parse
+    call_id = staticmethod(ToolCall.new_id)
+
+
+class _StartTagParser(_ToolParser):
     """A format whose calls follow a start tag, after any text; streamed, the text before
     the tag (or before what may be its start) is content."""
 
     start: str
-    keeps_special_tokens = False  # whether the reply must keep special tokens to parse
-    call_id = staticmethod(ToolCall.new_id)
 
     def content_prefix(self, text: str) -> int:
         """The length of the start of a partial reply that is surely content."""
@@ -394,13 +400,11 @@ class MistralParser(_StartTagParser):
                 for c in (loaded if isinstance(loaded, list) else [loaded])]
 
 
-class Llama3JsonParser:
+class Llama3JsonParser(_ToolParser):
     """Llama 3.1 / 3.2: the whole reply is {"name", "parameters"} (several: joined by
     ';'), after an optional <|python_tag|>."""
 
     tag = "<|python_tag|>"
-    keeps_special_tokens = False
-    call_id = staticmethod(ToolCall.new_id)
 
     def _body(self, text: str) -> str:
         return text.strip().removeprefix(self.tag).strip()

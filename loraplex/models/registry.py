@@ -110,7 +110,7 @@ def _rotary_dim(hf: Any, head_dim: int) -> int | None:
     return dim
 
 
-def _gemma2(hf: Any, name: str) -> dict[str, Any]:
+def _gemma_attention(hf: Any, name: str) -> dict[str, Any]:
     """Gemma 2's and 3's attention scale and score / logit caps (None in its config: no
     cap, as in Gemma 3)."""
     if name not in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
@@ -187,7 +187,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
         hidden_act=_hidden_act(hf_config, name),
         rotary_dim=_rotary_dim(hf_config, head_dim),
         **_ARCHITECTURES[name],
-        **_gemma2(hf_config, name),
+        **_gemma_attention(hf_config, name),
         **_experts(hf_config, name, quant),
         **_granite(hf_config, name),
         **sliding_window(hf_config, name),
