@@ -27,12 +27,32 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
 
 import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
 from loraplex import LoRARequest, SamplingParams
 from loraplex.lora.errors import LoRAError
-from tests.engine_utils import check_against_hf, check_mixed_batch, make_llm
+from loraplex.lora.experts import ExpertsWithLoRA
+from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, lora_requests, make_llm
 from tests.fixtures import EXTRA_ARCHS, hf_greedy, make_peft_adapter, make_tiny_model
+
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _experts_lora(r: int, alpha: int, seed: int, leaves: list[str]) -> dict:
+    """An adapter on a mixture of experts' experts (and q_proj), as PEFT makes it on this
+    transformers: on the 3-D expert parameters (5.x: target_parameters), or on each
+    expert's modules named `leaves` (4.x; Qwen's also match the plain MLPs); with rank
+    and alpha patterns, so a wrong scale shows."""
+    if TRANSFORMERS_5:  # each parameter with its own scale (PEFT matches the patterns)
+        return dict(r=r, lora_alpha=alpha, seed=seed, target_modules=["q_proj"],
+                    target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                    rank_pattern={"gate_up_proj": 4}, alpha_pattern={"down_proj": 30})
+    return dict(r=r, lora_alpha=alpha, seed=seed, target_modules=["q_proj", *leaves],
+                alpha_pattern={leaves[0]: 30})
+
 
 ADAPTERS = {  # arch -> name -> make_peft_adapter options
     "gemma": {
@@ -47,18 +67,18 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
         "r16_vocab": dict(r=16, lora_alpha=16, seed=49,
                           target_modules=["o_proj", "gate_proj", "embed_tokens", "lm_head"]),
     },
-    "mixtral": {  # LoRA on the attention (experts and router: refused, see below)
+    "mixtral": {  # r8_all: the router and (with r6_experts) the experts too
         "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=51),
-        "r8_attn": dict(r=8, lora_alpha=16, seed=52,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=52),
         "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["o_proj", "lm_head"], seed=53),
+        "r6_experts": _experts_lora(6, 12, 70, ["w1", "w2", "w3"]),
     },
     "qwen3_moe": {
         "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=54),
-        "r8_attn": dict(r=8, lora_alpha=16, seed=55,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=55),
         "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["k_proj", "embed_tokens"],
                           seed=56),
+        "r6_experts": _experts_lora(6, 12, 71, ["down_proj"]),
     },
     "granite": {
         "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=57),
@@ -76,11 +96,11 @@ ADAPTERS = {  # arch -> name -> make_peft_adapter options
         "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=64),
         "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["k_proj", "lm_head"], seed=65),
     },
-    "qwen2_moe": {
+    "qwen2_moe": {  # r8_all: the router, the shared expert and its gate
         "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=67),
-        "r8_attn": dict(r=8, lora_alpha=16, seed=68,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=68),
         "r16_vocab": dict(r=16, lora_alpha=16, target_modules=["o_proj", "lm_head"], seed=69),
+        "r6_experts": _experts_lora(6, 12, 72, ["gate_proj", "up_proj"]),
     },
     "phi3": {
         "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], seed=44),
@@ -129,38 +149,155 @@ def test_gemma2_with_triton_attention(monkeypatch, budget, arch_models, prompts)
     check_mixed_batch(llm, base, adapters, prompts, extra=2)
 
 
-MOE = {  # arch -> (the sparse block of layer 0, its expert size, a target on experts)
-    "mixtral": ("block_sparse_moe", 128, ("w1", "'w1' (an expert's gate projection)")),
-    "qwen3_moe": ("mlp", 48, ("down_proj", "'down_proj' (an expert's down projection)")),
-    "qwen2_moe": ("mlp", 48, ("up_proj", "'up_proj' (an expert's up projection)")),
+MOE = {  # arch -> (the sparse block, its expert size, the expert leaves of its checkpoints)
+    "mixtral": ("block_sparse_moe", 128, ("w1", "w2", "w3")),
+    "qwen3_moe": ("mlp", 48, ("gate_proj", "up_proj", "down_proj")),
+    "qwen2_moe": ("mlp", 48, ("gate_proj", "up_proj", "down_proj")),
 }
 
 
+def _per_expert_adapter(base: Path, out: Path, block: str, leaves: tuple[str, ...], r: int,
+                        seed: int, edit: dict | None = None) -> Path:
+    """A PEFT adapter as transformers 4 saves LoRA on a mixture of experts: a module per
+    expert and projection (experts.{e}.w1 ...), written directly, since transformers 5
+    has no such modules (its PEFT converts them when it loads them, the reference here)."""
+    cfg = json.loads((base / "config.json").read_text())
+    hidden = cfg["hidden_size"]
+    size = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        if layer in (cfg.get("mlp_only_layers") or []):
+            continue
+        for e in range(cfg.get("num_local_experts") or cfg["num_experts"]):
+            for leaf in leaves:
+                d_in, d_out = (size, hidden) if leaf in ("w2", "down_proj") else (hidden, size)
+                key = f"base_model.model.model.layers.{layer}.{block}.experts.{e}.{leaf}"
+                tensors[f"{key}.lora_A.weight"] = 0.3 * torch.randn(r, d_in, generator=gen)
+                tensors[f"{key}.lora_B.weight"] = 0.3 * torch.randn(d_out, r, generator=gen)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+              "target_modules": list(leaves), "base_model_name_or_path": str(base),
+              **(edit or {})}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def _merged_checkpoint(base: Path, adapter: Path, out: Path) -> Path:
+    """The base with the adapter merged into its weights (W + lora_alpha / r * B A): a
+    reference that needs no PEFT, for the formats this PEFT cannot read."""
+    shutil.copytree(base, out)
+    weights = load_file(str(base / "model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    for key, a in lora.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = lora[key.replace(".lora_A.", ".lora_B.")]
+            weights[f"{module}.weight"] += cfg["lora_alpha"] / cfg["r"] * b @ a
+    save_file(weights, str(out / "model.safetensors"))
+    return out
+
+
+def _peft_reads_per_expert(arch: str) -> bool:
+    """transformers 4 has a module per expert; 5's PEFT converts such adapters for the
+    models it has a mapping for (not Qwen2-MoE: it leaves them out, silently)."""
+    return not TRANSFORMERS_5 or arch != "qwen2_moe"
+
+
 @pytest.mark.parametrize("arch", list(MOE))
-def test_moe_experts_and_lora_on_them(arch, arch_models, tmp_path, prompts):
+def test_moe_experts_are_stacked_and_take_lora(arch, arch_models, tmp_path, prompts):
     """The checkpoint's per-expert weights are stacked per layer (Qwen3-MoE's layer 1 keeps
-    its plain MLP); an adapter on the experts or the router is refused by name (at
-    registration), another on the same engine carries on."""
+    its plain MLP). An adapter saved per expert (transformers 4's layout, vLLM's) serves in
+    one batch with the base and others: it matches HF on the merged weights, and HF + PEFT
+    where PEFT reads it; the others match HF + PEFT."""
     base, adapters = arch_models[arch]
-    name, size, (expert_target, expert_message) = MOE[arch]
-    llm = make_llm(base, enable_lora=True, max_lora_rank=16)
+    block, size, leaves = MOE[arch]
+    per_expert = _per_expert_adapter(base, tmp_path / "per_expert", block, leaves, r=4, seed=73)
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16)
     layers = llm.llm_engine.model.model.layers
-    moe = getattr(layers[0], name)
-    assert moe.w13.shape == (4, 2 * size, 64) and moe.w2.shape == (4, 64, size)
+    experts = getattr(layers[0], block).experts
+    assert isinstance(experts, ExpertsWithLoRA)
+    w13, w2 = experts.base_layer.w13, experts.base_layer.w2
+    assert w13.shape == (4, 2 * size, 64) and w2.shape == (4, 64, size)
     assert (arch == "qwen3_moe") == hasattr(getattr(layers[1], "mlp", None), "gate_up_proj")
+    manager = llm.llm_engine.lora_manager  # the memory plan counts the experts' slots
+    slot_buffers = sum(b.numel() * b.element_size() for layer in manager.layers.values()
+                       for n, b in layer.named_buffers() if b.is_floating_point()
+                       and not n.startswith(("base_layer", "extra_vocab")))
+    assert slot_buffers == manager.slot_bytes_per_rank() * 16 * 2
+
+    paths = {"per_expert": per_expert, "r4_qv": adapters["r4_qv"],
+             "r6_experts": adapters["r6_experts"]}
+    reqs = lora_requests(paths)
+    batch = [(prompts[0], None), (prompts[0], "per_expert"), (prompts[1], "r6_experts"),
+             (prompts[2], "per_expert"), (prompts[1], "r4_qv"), (prompts[3], None)]
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in batch], GREEDY,
+                        lora_request=[reqs[n] if n else None for _, n in batch],
+                        use_tqdm=False)
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+    mine = [i for i, (_, n) in enumerate(batch) if n == "per_expert"]
+    others = [i for i in range(len(batch)) if i not in mine]
+    merged = _merged_checkpoint(base, per_expert, tmp_path / "merged")
+    check_against_hf([outs[i] for i in mine], merged, [None] * len(mine),
+                     [batch[i][0] for i in mine])
+    if _peft_reads_per_expert(arch):
+        check_against_hf([outs[i] for i in mine], base, [per_expert] * len(mine),
+                         [batch[i][0] for i in mine])
+    check_against_hf([outs[i] for i in others], base,
+                     [paths[batch[i][1]] if batch[i][1] else None for i in others],
+                     [batch[i][0] for i in others])
+
+
+def _fused_experts_edit(path: Path) -> None:
+    """A ParamWrapper pair one rank short for each expert: consistent shapes, but not the
+    config's r x experts."""
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("experts.lora_A.weight"))
+    tensors[key] = tensors[key][:-4]
+    b = key.replace("lora_A", "lora_B")
+    tensors[b] = tensors[b][:, :-4].contiguous()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+BAD_EXPERT_ADAPTERS = {  # what is wrong -> (edit of a per-expert adapter's config or files,
+    # the error's words)
+    "expert past the model's": ("expert", ".experts.9.", "is past the model's 4 experts"),
+    "unknown parameter": ("config", {"target_parameters": ["experts.w13"]},
+                          "targets the parameter 'experts.w13'"),
+    "rank above the bound": ("config", {"r": 32}, "max_lora_rank=16"),
+}
+
+
+@pytest.mark.parametrize("arch", ["mixtral"])
+def test_bad_expert_adapters_fail_alone(arch, arch_models, tmp_path, prompts):
+    """Each broken adapter on the experts fails alone with a message naming the fault; a
+    request for a good adapter on the same engine carries on."""
+    base, adapters = arch_models[arch]
+    block, _, leaves = MOE[arch]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16)
     engine = llm.llm_engine
-    for i, (edit, message) in enumerate([
-            (dict(target_modules=["q_proj", expert_target]), expert_message),
-            (dict(target_modules=["gate"]), "'gate' (the router)"),
-            (dict(target_parameters=["experts.gate_up_proj"]), "targets parameters")]):
-        bad = shutil.copytree(adapters["r4_qv"], tmp_path / f"bad{i}")
-        cfg = json.loads((bad / "adapter_config.json").read_text())
-        (bad / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
+    cases = list(BAD_EXPERT_ADAPTERS.values())
+    if TRANSFORMERS_5:  # a fused (target_parameters) adapter with a truncated A
+        cases.append(("fused", adapters["r6_experts"], "not r x experts = 6 x 4"))
+    for i, (kind, edit, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}"
+        if kind == "fused":
+            shutil.copytree(edit, path)
+            _fused_experts_edit(path)
+        else:
+            _per_expert_adapter(base, path, block, leaves, r=4, seed=80 + i,
+                                edit=edit if kind == "config" else None)
+        if kind == "expert":
+            tensors = load_file(str(path / "adapter_model.safetensors"))
+            save_file({k.replace(".experts.3.", edit): v for k, v in tensors.items()},
+                      str(path / "adapter_model.safetensors"))
+        req = LoRARequest(f"bad{i}", 10 + i, str(path))
         with pytest.raises(LoRAError, match=re.escape(message)):
-            engine.add_request(f"bad{i}", {"prompt_token_ids": prompts[0]}, SamplingParams(),
-                               lora_request=LoRARequest(f"bad{i}", 10 + i, str(bad)))
+            engine.add_lora(req)
     ok = llm.generate([{"prompt_token_ids": prompts[1]}], SamplingParams(max_tokens=3),
-                      lora_request=LoRARequest("ok", 1, str(adapters["r8_attn"])),
+                      lora_request=LoRARequest("ok", 1, str(adapters["r6_experts"])),
                       use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 3
 

@@ -6,14 +6,21 @@
     y = sum_e w_e * W2_e (silu(W1_e x) * W3_e x)
 
 Each expert is a SwiGLU MLP; its gate and up projections are stacked as w13 [E, 2I, H]
-(W1 then W3; Qwen's gate_proj and up_proj) and its down projection as w2 [E, H, I].
+(W1 then W3; Qwen's gate_proj and up_proj) and its down projection as w2 [E, H, I], in
+FusedExperts (transformers 5's `experts` module, with gate_up_proj and down_proj).
 Qwen2-MoE adds a shared expert every token goes through, weighted by a sigmoid gate:
-y += sigmoid(w_s . x) * shared_expert(x). Tokens are grouped by expert on
-the host (one matmul pair per expert that has tokens), so the decode step of a MoE model
-runs without CUDA graphs.
+y += sigmoid(w_s . x) * shared_expert(x).
+
+The (token, expert) pairs are sorted by expert on the device and the group sizes read
+once per layer (one host sync), then one matmul pair runs per expert that has tokens; so
+the decode step of a MoE model runs without CUDA graphs. Under LoRA the pairs are also
+sorted by adapter slot within each expert (lora/experts.py adds each slot's delta).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,32 +29,83 @@ from torch import nn
 from loraplex.layers.linear import make_linear
 
 
-class SparseMoE(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
-                 top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None
-                 ) -> None:
+@dataclass
+class ExpertGroup:
+    """One expert's share of the step: pairs start:end of the sorted order."""
+
+    expert: int
+    start: int
+    end: int
+    # (slot, start, end) runs of one adapter slot within start:end (-1 = no adapter)
+    slot_runs: list[tuple[int, int, int]]
+
+
+def group_by_expert(experts: torch.Tensor, num_experts: int,
+                    token_slots: torch.Tensor | None = None, num_slots: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[ExpertGroup]]:
+    """Sort the (token, k) pairs of `experts` [T, k] by expert, then by slot.
+
+    Returns (token row of each sorted pair, its flat index into [T * k], the groups).
+    The group sizes are the only values read back to the host."""
+    tokens, k = experts.shape
+    flat = experts.reshape(-1).long()
+    key = flat
+    if token_slots is not None:  # slot -1 .. num_slots - 1 -> 0 .. num_slots
+        pair_slots = token_slots.long().unsqueeze(1).expand(tokens, k).reshape(-1) + 1
+        key = flat * (num_slots + 1) + pair_slots
+    order = torch.argsort(key, stable=True)
+    width = num_slots + 1 if token_slots is not None else 1
+    counts = torch.bincount(key, minlength=num_experts * width).tolist()
+    groups, start = [], 0
+    for e in range(num_experts):
+        runs, end = [], start
+        for s in range(width):
+            n = counts[e * width + s]
+            if n:
+                runs.append((s - 1, end, end + n))
+                end += n
+        if end > start:
+            groups.append(ExpertGroup(e, start, end, runs))
+        start = end
+    return order // k, order, groups
+
+
+class ExpertsLoRA(Protocol):
+    """What FusedExperts asks of a LoRA on the experts (lora/experts.py)."""
+
+    def add_gate_up(self, h: torch.Tensor, x: torch.Tensor, group: ExpertGroup) -> None: ...
+
+    def add_down(self, y: torch.Tensor, a: torch.Tensor, group: ExpertGroup) -> None: ...
+
+
+class FusedExperts(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int) -> None:
         super().__init__()
-        self.shared_expert = shared_expert
-        self.shared_expert_gate = make_linear(hidden_size, [1]) if shared_expert else None
-        self.intermediate_size, self.top_k, self.normalize = intermediate_size, top_k, normalize
-        self.gate = make_linear(hidden_size, [num_experts])  # the router
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts = num_experts
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                token_slots: torch.Tensor | None = None, num_slots: int = 0,
+                lora: ExpertsLoRA | None = None) -> torch.Tensor:
+        """sum over each token's top-k experts e of weight * expert_e(x) [T, H]."""
+        rows, pairs, groups = group_by_expert(experts, self.num_experts, token_slots,
+                                              num_slots)
+        pair_weights = weights.reshape(-1)[pairs].unsqueeze(1)
         out = torch.zeros_like(x)
-        for e in experts.unique().tolist():
-            rows, k = (experts == e).nonzero(as_tuple=True)
-            gate, up = (x[rows] @ self.w13[e].T).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ self.w2[e].T
-            out.index_add_(0, rows, y * weights[rows, k, None])
-        if self.shared_expert is not None:
-            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        for g in groups:
+            e, sel = g.expert, rows[g.start:g.end]
+            xe = x[sel]
+            h = xe @ self.w13[e].T  # [n, 2I]: W1 x, W3 x
+            if lora is not None:
+                lora.add_gate_up(h, xe, g)  # += B1 A1 x, B3 A3 x (each row its slot's)
+            gate, up = h.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+            y = a @ self.w2[e].T
+            if lora is not None:
+                lora.add_down(y, a, g)  # += B2 A2 a
+            out.index_add_(0, sel, y * pair_weights[g.start:g.end])
         return out
 
     def load_expert(self, expert: int, name: str, tensor: torch.Tensor) -> str:
@@ -68,3 +126,25 @@ class SparseMoE(nn.Module):
                              f"model expects {tuple(dst.shape)}")
         dst.copy_(tensor)
         return "w13" if target[0] is self.w13 else "w2"
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None
+                 ) -> None:
+        super().__init__()
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = make_linear(hidden_size, [1]) if shared_expert else None
+        self.top_k, self.normalize = top_k, normalize
+        self.gate = make_linear(hidden_size, [num_experts])  # the router
+        self.experts = FusedExperts(hidden_size, intermediate_size, num_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = self.experts(x, weights.to(x.dtype), experts)
+        if self.shared_expert is not None:
+            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out

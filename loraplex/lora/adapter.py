@@ -26,6 +26,15 @@ from loraplex.lora.added_tokens import (
     vocab_copy_module,
 )
 from loraplex.lora.errors import LoRAError, LoRANotFoundError
+from loraplex.lora.expert_weights import (
+    EXPERT_PROJECTIONS,
+    FUSED_PARAMETERS,
+    ExpertsShape,
+    check_expert,
+    expert_target,
+    fused_parameter,
+    split_fused,
+)
 from loraplex.lora.request import LoRARequest
 
 
@@ -46,6 +55,9 @@ class LoRAModel:
     rank: int
     modules: dict[str, LoRAModuleWeights]
     added_tokens: AddedTokens | None = None
+    # a mixture of experts' experts: our experts layer -> (expert, "gate" | "up" | "down")
+    # -> its weights (lora/expert_weights.py)
+    experts: dict[str, dict[tuple[int, str], LoRAModuleWeights]] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,7 +85,23 @@ class TargetShapes:
                                                   repr=False)
     extra_vocab_size: int = 0  # most tokens an adapter may add (lora_extra_vocab_size)
     tied_embeddings: bool = False  # lm_head is the embedding: an added token's rows too
-    moe: bool = False  # a mixture of experts, whose experts and router take no LoRA yet
+    experts: dict[str, ExpertsShape] = field(default_factory=dict)  # a MoE's experts layers
+    # an HF module path component -> ours (Mixtral's `mlp` in transformers 5: our
+    # block_sparse_moe, its checkpoints' name)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def ours(self, module: str) -> str:
+        """An adapter's module name as this model names it."""
+        if not self.aliases:
+            return module
+        return ".".join(self.aliases.get(part, part) for part in module.split("."))
+
+    def leaves(self) -> set[str]:
+        """The leaf names an adapter's target_modules may use."""
+        leaves = {m.rsplit(".", 1)[-1] for m in self.shapes}
+        if self.experts:
+            leaves |= {"experts", *EXPERT_PROJECTIONS}
+        return leaves
 
 
 def local_adapter_dir(req: LoRARequest) -> str | None:
@@ -117,14 +145,6 @@ def _read_config(name: str, path: str) -> dict:
     return cfg
 
 
-# HF module names in a mixture of experts (Mixtral's and Qwen3-MoE's, transformers 4 and 5)
-_MOE_MODULES = {"w1": "an expert's gate projection", "w2": "an expert's down projection",
-                "w3": "an expert's up projection", "gate_proj": "an expert's gate projection",
-                "up_proj": "an expert's up projection",
-                "down_proj": "an expert's down projection", "experts": "the experts",
-                "gate": "the router"}
-
-
 def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) -> None:
     peft_type = cfg.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
@@ -142,20 +162,19 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     if max(ranks) > max_rank:
         raise LoRAError(f"LoRA adapter {name!r} has rank {max(ranks)} > max_lora_rank="
                         f"{max_rank}; restart with --max-lora-rank {max(ranks)}")
-    if cfg.get("target_parameters"):
-        raise LoRAError(f"LoRA adapter {name!r} targets parameters (target_parameters="
-                        f"{cfg['target_parameters']}, e.g. MoE experts): not supported yet; "
-                        "LoRA on the attention projections is")
+    leaves = targets.leaves()
+    for t in cfg.get("target_parameters") or []:
+        module, _, param = t.rpartition(".")
+        if not ((param in FUSED_PARAMETERS and targets.experts)
+                or (param == "weight" and module.rsplit(".", 1)[-1] in leaves)):
+            raise LoRAError(f"LoRA adapter {name!r} targets the parameter {t!r}, which is not "
+                            "in the model (supported: the experts' " + " and ".join(
+                                FUSED_PARAMETERS) + " in a mixture of experts, and the "
+                            "weight of a module LoRA may target)")
     target = cfg.get("target_modules")
     if isinstance(target, list):
-        leaves = {m.rsplit(".", 1)[-1] for m in targets.shapes}
         for t in target:
-            leaf = t.rsplit(".", 1)[-1]
-            if leaf not in leaves and targets.moe and leaf in _MOE_MODULES:
-                raise LoRAError(f"LoRA adapter {name!r} targets {t!r} ({_MOE_MODULES[leaf]}):"
-                                " LoRA on a mixture of experts' experts and router is not "
-                                "supported yet; LoRA on the attention projections is")
-            if leaf not in leaves:
+            if t.rsplit(".", 1)[-1] not in leaves:
                 raise LoRAError(f"LoRA adapter {name!r}: target module {t!r} not found in the "
                                 "model (supported: " + ", ".join(targets.suffixes) + "); the "
                                 "adapter was trained for a different architecture")
@@ -256,34 +275,88 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
             pairs.setdefault(module, {})[kind] = tensor
     if not pairs:
         raise LoRAError(f"LoRA adapter {name!r}: no LoRA weights in {path}")
-    default_r, default_alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    scaling = _Scaling(cfg)
     modules: dict[str, LoRAModuleWeights] = {}
-    for module, ab in pairs.items():
-        if module not in targets.shapes:
-            raise LoRAError(f"LoRA adapter {name!r}: target module {module!r} not found in the "
-                            "model (supported: " + ", ".join(targets.suffixes) + ")")
+    experts: dict[str, dict[tuple[int, str], LoRAModuleWeights]] = {}
+    for hf_module, ab in pairs.items():
+        module = targets.ours(hf_module)
         if set(ab) != {"lora_A", "lora_B"}:
-            raise LoRAError(f"LoRA adapter {name!r}: module {module!r} lacks its "
+            raise LoRAError(f"LoRA adapter {name!r}: module {hf_module!r} lacks its "
                             f"{'lora_B' if 'lora_A' in ab else 'lora_A'} weight")
-        r = _pattern_value(module, cfg.get("rank_pattern") or {}, default_r)
-        alpha = _pattern_value(module, cfg.get("alpha_pattern") or {}, default_alpha)
-        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        if (on_experts := expert_target(module, targets.experts)) is not None:
+            _add_experts(name, hf_module, ab, on_experts, targets, scaling, max_rank, dtype,
+                         experts)
+            continue
+        if module not in targets.shapes:
+            raise LoRAError(f"LoRA adapter {name!r}: target module {hf_module!r} not found in "
+                            "the model (supported: " + ", ".join(targets.suffixes) + ")")
         # a resized embed_tokens / lm_head: the added tokens' part goes into their rows
-        a, b = vocab.split_lora(module, ab["lora_A"], ab["lora_B"].float() * scaling)
+        a, b = vocab.split_lora(module, ab["lora_A"], ab["lora_B"].float() * scaling(hf_module))
         in_f, out_f = targets.shapes[module]
         rank = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, rank):
             raise LoRAError(f"LoRA adapter {name!r}: {module} has A {tuple(a.shape)} and B "
                             f"{tuple(b.shape)}, which do not fit the base layer (in={in_f}, "
                             f"out={out_f}); the adapter was trained for another base model")
-        if rank > max_rank:
-            raise LoRAError(f"LoRA adapter {name!r} has rank {rank} > max_lora_rank={max_rank};"
-                            f" restart with --max-lora-rank {rank}")
+        _check_rank(name, rank, max_rank)
         modules[module] = LoRAModuleWeights(lora_a=a.to(dtype).contiguous(),
                                             lora_b=b.to(dtype).contiguous())
     added = vocab.added_tokens(cfg, read_new_embeddings(name, path))
     if added is not None:
         added = AddedTokens(added.input_embeddings.to(dtype), added.output_embeddings.to(dtype))
+    every = [*modules.values(), *(w for parts in experts.values() for w in parts.values())]
     return LoRAModel(lora_int_id=req.lora_int_id, name=name, path=path,
-                     rank=max(w.lora_a.shape[0] for w in modules.values()), modules=modules,
-                     added_tokens=added)
+                     rank=max(w.lora_a.shape[0] for w in every), modules=modules,
+                     added_tokens=added, experts=experts)
+
+
+class _Scaling:
+    """s = lora_alpha / r (or / sqrt(r), rsLoRA) of a module, by PEFT's patterns."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+
+    def rank(self, module: str) -> int:
+        return _pattern_value(module, self.cfg.get("rank_pattern") or {}, self.cfg.get("r", 8))
+
+    def __call__(self, module: str) -> float:
+        r = self.rank(module)
+        alpha = _pattern_value(module, self.cfg.get("alpha_pattern") or {},
+                               self.cfg.get("lora_alpha", 8))
+        return alpha / math.sqrt(r) if self.cfg.get("use_rslora") else alpha / r
+
+
+def _check_rank(name: str, rank: int, max_rank: int) -> None:
+    if rank > max_rank:
+        raise LoRAError(f"LoRA adapter {name!r} has rank {rank} > max_lora_rank={max_rank}; "
+                        f"restart with --max-lora-rank {rank}")
+
+
+def _add_experts(name: str, hf_module: str, ab: dict[str, torch.Tensor],
+                 on_experts: tuple[str, int | None, str | None], targets: TargetShapes,
+                 scaling: _Scaling, max_rank: int, dtype: torch.dtype,
+                 out: dict[str, dict[tuple[int, str], LoRAModuleWeights]]) -> None:
+    """One LoRA pair on a mixture of experts' experts, per expert and projection, into
+    `out` (lora/expert_weights.py: the two PEFT formats)."""
+    layer, expert, proj = on_experts
+    shape = targets.experts[layer]
+    a, b = ab["lora_A"], ab["lora_B"]
+    if expert is not None:
+        check_expert(name, layer, expert, proj, a, b, shape)
+        parts = {(expert, proj): (a, b.float() * scaling(hf_module))}
+    else:  # transformers 5's ParamWrapper on the 3-D gate_up_proj or down_proj
+        param = fused_parameter(name, layer, a, b, shape)
+        param_name = re.sub(r"(\.base_layer)+$", "", hf_module) + "." + param
+        r = scaling.rank(param_name)
+        if a.shape[0] != r * shape.num_experts:
+            raise LoRAError(f"LoRA adapter {name!r}: {param_name}'s A has "
+                            f"{a.shape[0]} rows, not r x experts = {r} x "
+                            f"{shape.num_experts} (adapter_config.json's r / rank_pattern)")
+        parts = split_fused(param, a, b.float() * scaling(param_name), shape)
+    for key, (a_x, b_x) in parts.items():
+        _check_rank(name, a_x.shape[0], max_rank)
+        if key in out.setdefault(layer, {}):
+            raise LoRAError(f"LoRA adapter {name!r} has two LoRAs on expert {key[0]}'s "
+                            f"{key[1]} projection in {layer}")
+        out[layer][key] = LoRAModuleWeights(lora_a=a_x.to(dtype).contiguous(),
+                                            lora_b=b_x.to(dtype).contiguous())

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from loraplex.config import LoRAConfig
+from loraplex.layers.moe import FusedExperts
 from loraplex.lora.adapter import (
     LoRAModel,
     PackedLoRA,
@@ -37,6 +38,8 @@ from loraplex.lora.adapter import (
 )
 from loraplex.lora.added_tokens import AddedTokens, load_adapter_tokenizer
 from loraplex.lora.errors import LoRAError
+from loraplex.lora.expert_weights import ExpertsShape
+from loraplex.lora.experts import ExpertsWithLoRA
 from loraplex.lora.extra_vocab import ExtraVocabSlots
 from loraplex.lora.layers import EmbeddingWithLoRA, LinearWithLoRA
 from loraplex.lora.loader import AdapterLoader
@@ -60,18 +63,23 @@ def _join(prefix: str, leaf: str) -> str:
     return f"{prefix}.{leaf}" if prefix else leaf
 
 
+LoRALayer = LinearWithLoRA | ExpertsWithLoRA
+
+
 def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype
-                     ) -> dict[str, LinearWithLoRA]:
+                     ) -> dict[str, LoRALayer]:
     """Swap every module an adapter may target for its LoRA wrapper: the projections
-    and lm_head for LinearWithLoRA, the token embedding for EmbeddingWithLoRA."""
+    and lm_head for LinearWithLoRA, the token embedding for EmbeddingWithLoRA, a mixture
+    of experts' experts for ExpertsWithLoRA."""
     packed_names = {packed for hf_name, (packed, _) in model.packed_modules_mapping.items()
                     if hf_name in model.lora_target_modules}  # (a MoE's dense MLPs: none)
     wanted = packed_names | set(model.lora_target_modules)
-    wrapped: dict[str, LinearWithLoRA] = {}
+    wrapped: dict[str, LoRALayer] = {}
     for name, module in list(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in wanted and not isinstance(module, LinearWithLoRA):
+        if name.rsplit(".", 1)[-1] in wanted and not isinstance(module, LoRALayer):
             parent_name, _, leaf = name.rpartition(".")
-            cls = EmbeddingWithLoRA if isinstance(module, nn.Embedding) else LinearWithLoRA
+            cls = EmbeddingWithLoRA if isinstance(module, nn.Embedding) else \
+                ExpertsWithLoRA if isinstance(module, FusedExperts) else LinearWithLoRA
             wrapper = cls(module, cfg.max_loras, cfg.max_lora_rank, dtype)
             setattr(model.get_submodule(parent_name), leaf, wrapper)
             wrapped[name] = wrapper
@@ -89,7 +97,7 @@ class LoRAManager:
                 f"the adapter slots (max_loras={cfg.max_loras} x max_lora_rank="
                 f"{cfg.max_lora_rank} on every LoRA layer) do not fit in device memory: "
                 "lower max_loras or max_lora_rank") from e
-        self.device = next(iter(self.layers.values())).lora_a_stacked.device
+        self.device = next(next(iter(self.layers.values())).buffers()).device
         self.extra_vocab = self._extra_vocab_slots(model, cfg)
         self._packed = model.packed_modules_mapping
         self.targets = self._target_shapes(model)
@@ -118,7 +126,12 @@ class LoRAManager:
         for hf_name, (packed, _) in sorted(self._packed.items(), key=lambda kv: kv[1][1]):
             inverse.setdefault(packed, []).append(hf_name)
         vocab_layers: dict[str, torch.Tensor] = {}
+        experts: dict[str, ExpertsShape] = {}
         for name, layer in self.layers.items():
+            if isinstance(layer, ExpertsWithLoRA):
+                experts[name] = ExpertsShape(layer.num_experts, layer.hidden_size,
+                                             layer.intermediate_size)
+                continue
             prefix, _, leaf = name.rpartition(".")
             for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):
                 shapes[_join(prefix, hf_leaf)] = (layer.in_features, layer.output_sizes[k])
@@ -128,7 +141,14 @@ class LoRAManager:
                             vocab_size=model.args.vocab_size, base_weights=vocab_layers,
                             extra_vocab_size=self.cfg.lora_extra_vocab_size,
                             tied_embeddings=bool(model.args.tie_word_embeddings),
-                            moe=model.args.num_experts > 0)
+                            experts=experts, aliases=self._aliases(model.args))
+
+    @staticmethod
+    def _aliases(args: Any) -> dict[str, str]:
+        """transformers 5 names Mixtral's block_sparse_moe `mlp` (its adapters too)."""
+        if args.num_experts and args.moe_module != "mlp":
+            return {"mlp": args.moe_module}
+        return {}
 
     def _extra_vocab_slots(self, model: nn.Module, cfg: LoRAConfig) -> ExtraVocabSlots | None:
         """Rows for the tokens adapters add (lora_extra_vocab_size per slot), served by
@@ -173,6 +193,10 @@ class LoRAManager:
             layers[name] = layer.pack([parts[k][0] if k in parts else None for k in range(n)],
                                       [parts[k][1] if k in parts else None for k in range(n)],
                                       pin_memory=self.device.type == "cuda")
+        for name, parts in lora.experts.items():
+            layers[name] = self.layers[name].pack(
+                {key: (w.lora_a, w.lora_b) for key, w in parts.items()},
+                pin_memory=self.device.type == "cuda")
         added = lora.added_tokens
         if added is not None and self.device.type == "cuda":
             added = AddedTokens(added.input_embeddings.pin_memory(),

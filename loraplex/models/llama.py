@@ -235,9 +235,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
-        if args.num_experts:  # LoRA on the attention (the experts and router: not yet)
-            self.lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj",
-                                        "embed_tokens", "lm_head")
+        if args.num_experts:  # the experts (lora/experts.py), the router, Qwen2-MoE's
+            # shared expert and its gate, Qwen3-MoE's plain MLP layers
+            self.lora_target_modules = self.lora_target_modules + (
+                "experts", "gate", "shared_expert_gate")
         if args.fused_checkpoint:  # the HF modules are the packed ones: nothing to pack
             self.packed_modules_mapping = {}
             self.lora_target_modules = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj",

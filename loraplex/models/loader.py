@@ -3,7 +3,7 @@
 Reads config.json with transformers' AutoConfig, weights from (sharded) safetensors or,
 as a fallback, pytorch_model*.bin. HF's separate q/k/v and gate/up weights are copied
 into our packed projections through the model's `packed_modules_mapping`; Mixtral's
-per-expert w1 / w2 / w3 into the stacked expert weights (SparseMoE.load_expert).
+per-expert w1 / w2 / w3 into the stacked expert weights (FusedExperts.load_expert).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from loraplex.layers.moe import SparseMoE
+from loraplex.layers.moe import FusedExperts
 from loraplex.layers.quantization import QuantLinear
 from loraplex.models.llama import LlamaForCausalLM
 
@@ -67,6 +67,7 @@ def _split_name(name: str) -> tuple[str, str]:
 def load_weights(model: LlamaForCausalLM, path: str) -> None:
     params = dict(model.named_parameters())
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    fused_experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedExperts)}
     loaded: set[str] = set()
     for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
                              leave=False, disable=None):
@@ -76,9 +77,9 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
             continue
         module_name, param_name = _split_name(name)
         prefix, _, leaf = module_name.rpartition(".")
-        moe_name, _, expert = prefix.rpartition(".experts.")
-        if expert and isinstance(moe := model.get_submodule(moe_name), SparseMoE):
-            loaded.add(f"{moe_name}.{moe.load_expert(int(expert), leaf, tensor)}")
+        experts_name, _, expert = prefix.rpartition(".")
+        if expert.isdigit() and (experts := fused_experts.get(experts_name)) is not None:
+            loaded.add(f"{experts_name}.{experts.load_expert(int(expert), leaf, tensor)}")
             continue
         if leaf in model.packed_modules_mapping:
             packed, shard = model.packed_modules_mapping[leaf]

@@ -1,0 +1,178 @@
+"""Decode step of a mixture-of-experts model: the base, LoRA on the attention, LoRA on the
+experts too.
+
+Mixtral's layout at a small size (load_format="dummy": random weights; random PEFT
+adapters saved per expert, transformers 4's layout). Modes, each sequence of the batch on
+its own adapter except in `experts-one`:
+
+    base            LoRA disabled
+    attn-mixed      r16 on q/k/v/o
+    experts-one     r16 on q/k/v/o and every expert's w1 / w2 / w3, one adapter for all
+    experts-mixed   the same, a different adapter per sequence
+
+    python benchmarks/moe_decode.py                      # the CPU shape, batch 1 8 32
+    python benchmarks/moe_decode.py --modes base attn-mixed --out old.json   # an A/B
+
+ms per decode step (median of the steps; best of --repeats rounds) to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, make_tokenizer, write_json  # noqa: E402
+from decode_step import (  # noqa: E402
+    best_rounds,
+    engine_decode_times,
+    loraplex_commit,
+    make_engine,
+    measure,
+)
+
+SHAPES = {  # MixtralConfig fields
+    "moe-cpu": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=8, intermediate_size=1024, num_local_experts=8,
+                    num_experts_per_tok=2, vocab_size=32000, tie_word_embeddings=False,
+                    sliding_window=None),
+}
+MODES = ("base", "attn-mixed", "experts-one", "experts-mixed")
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERTS = ("w1", "w2", "w3")
+
+
+def write_model_dir(out_dir: Path, shape: str) -> Path:
+    from transformers import MixtralConfig
+
+    MixtralConfig(bos_token_id=1, eos_token_id=2, **SHAPES[shape]).save_pretrained(out_dir)
+    make_tokenizer(out_dir, SHAPES[shape]["vocab_size"])
+    return out_dir
+
+
+def module_dims(shape: str, experts: bool) -> dict[str, tuple[int, int]]:
+    """HF module name -> (in, out) of every targeted projection."""
+    s = SHAPES[shape]
+    h, i = s["hidden_size"], s["intermediate_size"]
+    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
+    attn = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h)}
+    dims = {}
+    for layer in range(s["num_hidden_layers"]):
+        for t, d in attn.items():
+            dims[f"model.layers.{layer}.self_attn.{t}"] = d
+        if experts:
+            for e in range(s["num_local_experts"]):
+                for t in EXPERTS:
+                    dims[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{t}"] = \
+                        (i, h) if t == "w2" else (h, i)
+    return dims
+
+
+def write_adapters(out_dir: Path, shape: str, experts: bool, rank: int, count: int
+                   ) -> list[Path]:
+    from safetensors.torch import save_file
+
+    dims = module_dims(shape, experts)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+              "lora_alpha": 2 * rank, "target_modules": list(ATTN + (EXPERTS if experts else ())),
+              "lora_dropout": 0.0}
+    paths = []
+    for n in range(count):
+        gen = torch.Generator().manual_seed(n)
+        tensors = {}
+        for name, (d_in, d_out) in dims.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = 0.02 * torch.randn(
+                rank, d_in, generator=gen)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = 0.02 * torch.randn(
+                d_out, rank, generator=gen)
+        path = out_dir / f"{'experts' if experts else 'attn'}{n}"
+        path.mkdir(parents=True)
+        save_file(tensors, path / "adapter_model.safetensors")
+        (path / "adapter_config.json").write_text(json.dumps(config))
+        paths.append(path)
+    return paths
+
+
+def mode_loras(mode: str, batch: int, attn: list[Path], experts: list[Path]) -> list:
+    from loraplex import LoRARequest
+
+    if mode == "base":
+        return [None] * batch
+    paths = attn if mode == "attn-mixed" else experts
+    offset = 0 if mode == "attn-mixed" else len(attn)  # distinct ids over both sets
+    return [LoRARequest(f"a{offset + j}", offset + j + 1, str(paths[j]))
+            for j in ([0] * batch if mode == "experts-one" else range(batch))]
+
+
+def run_round(model_dir: Path, attn: list[Path], experts: list[Path],
+              a: argparse.Namespace, bar: tqdm) -> list[dict]:
+    records = []
+    for lora in (False, True):
+        modes = [m for m in a.modes if (m != "base") == lora]
+        if not modes:
+            continue
+        engine = make_engine(model_dir, a, lora)
+        for mode in modes:
+            for batch in a.batch_sizes:
+                decode = partial(engine_decode_times, engine,
+                                 mode_loras(mode, batch, attn, experts), lambda: None)
+                records.append(measure("loraplex", mode, batch, decode, a, bar))
+        del engine
+        gc.collect()
+    return records
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="moe-cpu")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    a.device, a.dtype, a.enforce_eager = "cpu", "float32", False  # make_engine's
+    return a
+
+
+def main() -> None:
+    a = parse_args()
+    out = a.out or Path(__file__).parent / "results" / "moe_decode_cpu.json"
+    load_before = os.getloadavg()[0]
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="lp-moe-") as tmp:
+        model_dir = write_model_dir(Path(tmp) / "model", a.shape)
+        count = max(a.batch_sizes)
+        attn = write_adapters(Path(tmp), a.shape, False, a.rank, count) \
+            if "attn-mixed" in a.modes else []
+        experts = write_adapters(Path(tmp), a.shape, True, a.rank, count) \
+            if any(m.startswith("experts") for m in a.modes) else []
+        with tqdm(total=a.repeats * len(a.modes) * len(a.batch_sizes), unit="case") as bar:
+            for _ in range(a.repeats):
+                rounds.append(run_round(model_dir, attn, experts, a, bar))
+    records = best_rounds(rounds)
+    for r in records:
+        r["out_tok_s"] = r["batch"] / (r["ms_median"] / 1e3)
+    write_json(out, {"benchmark": "moe_decode", "command": " ".join(sys.argv),
+                     "config": vars(a) | {"out": str(out), "shape_config": SHAPES[a.shape]},
+                     "machine": machine_info(), "loraplex_commit": loraplex_commit(),
+                     "load_avg_1min": {"start": load_before, "end": os.getloadavg()[0]},
+                     "results": records})
+    for r in records:
+        print(f"{r['mode']:14s} batch {r['batch']:3d}: {r['ms_median']:8.1f} ms/step, "
+              f"{r['out_tok_s']:.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""An adapter's LoRA on a mixture of experts' experts, read from either PEFT format into
+one (A [r, in], B [out, r]) per expert and projection ("gate", "up", "down").
+
+- transformers 4 (and vLLM, LoRAX): a module per expert and projection,
+  `...experts.{e}.w1` (Mixtral's w1 / w3 / w2) or `...experts.{e}.gate_proj` (up_proj,
+  down_proj), each a plain LoRA pair.
+- transformers 5, whose experts are two 3-D parameters, gate_up_proj [E, 2I, H] and
+  down_proj [E, H, I]: PEFT's `target_parameters` wraps each in a ParamWrapper, saved
+  as `...experts.lora_A` / `lora_B` (the second one targeted on the same module as
+  `...experts.base_layer.lora_A` ...), with A [r * E, in] (expert-major) and
+  B [out, r * E] (rank-major), so expert e's delta is B[:, e::E] @ A[e*r:(e+1)*r].
+  Which parameter a pair belongs to follows from its shape; gate_up's A serves gate and up.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from loraplex.lora.errors import LoRAError
+
+# an expert projection's leaf name -> ours
+EXPERT_PROJECTIONS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up",
+                      "w2": "down", "down_proj": "down"}
+FUSED_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's expert parameters
+_PER_EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<leaf>\w+)$")
+_FUSED = re.compile(r"^(?P<layer>.+\.experts)(?:\.base_layer)*$")
+
+
+@dataclass(frozen=True)
+class ExpertsShape:
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+
+    def dims(self, proj: str) -> tuple[int, int]:
+        """(in_features, out_features) of one expert's projection."""
+        h, i = self.hidden_size, self.intermediate_size
+        return (i, h) if proj == "down" else (h, i)
+
+
+def expert_target(module: str, experts: dict[str, ExpertsShape]
+                  ) -> tuple[str, int | None, str | None] | None:
+    """(experts layer, expert, projection) of a per-expert module name, (experts layer,
+    None, None) of a fused one, None if the module is not on the experts."""
+    m = _PER_EXPERT.match(module)
+    if m is not None and m.group("layer") in experts:
+        if m.group("leaf") not in EXPERT_PROJECTIONS:
+            return None
+        return m.group("layer"), int(m.group("expert")), EXPERT_PROJECTIONS[m.group("leaf")]
+    m = _FUSED.match(module)
+    if m is not None and m.group("layer") in experts:
+        return m.group("layer"), None, None
+    return None
+
+
+def check_expert(name: str, layer: str, expert: int, proj: str, a: torch.Tensor,
+                 b: torch.Tensor, shape: ExpertsShape) -> None:
+    in_f, out_f = shape.dims(proj)
+    if expert >= shape.num_experts:
+        raise LoRAError(f"LoRA adapter {name!r}: {layer}.{expert} is past the model's "
+                        f"{shape.num_experts} experts; the adapter was trained for another "
+                        "base model")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, a.shape[0]):
+        raise LoRAError(f"LoRA adapter {name!r}: expert {expert}'s {proj} projection in "
+                        f"{layer} has A {tuple(a.shape)} and B {tuple(b.shape)}, which do not "
+                        f"fit it (in={in_f}, out={out_f}); the adapter was trained for another "
+                        "base model")
+
+
+def fused_parameter(name: str, layer: str, a: torch.Tensor, b: torch.Tensor,
+                    shape: ExpertsShape) -> str:
+    """Which 3-D parameter (gate_up_proj or down_proj) a PEFT ParamWrapper pair adapts."""
+    e, h, i = shape.num_experts, shape.hidden_size, shape.intermediate_size
+    if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] and a.shape[0] % e == 0:
+        if (a.shape[1], b.shape[0]) == (h, 2 * i):
+            return "gate_up_proj"
+        if (a.shape[1], b.shape[0]) == (i, h):
+            return "down_proj"
+    raise LoRAError(f"LoRA adapter {name!r}: the LoRA on {layer} (A {tuple(a.shape)}, B "
+                    f"{tuple(b.shape)}) fits neither gate_up_proj [{e}, {2 * i}, {h}] nor "
+                    f"down_proj [{e}, {h}, {i}]; the adapter was trained for another base model")
+
+
+def split_fused(param: str, a: torch.Tensor, b: torch.Tensor, shape: ExpertsShape
+                ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """A ParamWrapper pair -> {(expert, projection): (A [r, in], B [out, r])}."""
+    e, i = shape.num_experts, shape.intermediate_size
+    r = a.shape[0] // e
+    a_e = a.reshape(e, r, a.shape[1])  # expert-major
+    b_e = b.reshape(b.shape[0], r, e)  # rank-major
+    out = {}
+    for expert in range(e):
+        a_x, b_x = a_e[expert], b_e[:, :, expert]
+        if param == "down_proj":
+            out[expert, "down"] = (a_x, b_x)
+        else:  # one A, B's rows: gate's then up's
+            out[expert, "gate"] = (a_x, b_x[:i])
+            out[expert, "up"] = (a_x, b_x[i:])
+    return out

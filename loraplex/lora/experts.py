@@ -1,0 +1,123 @@
+"""LoRA on a mixture of experts' experts: per slot, per expert, an A and a B for each
+projection.
+
+    h = W13_e x + [B1[s,e] A1[s,e] x ; B3[s,e] A3[s,e] x]     gate and up (W1, W3)
+    y = W2_e a  + B2[s,e] A2[s,e] a,   a = silu(h_gate) * h_up  down (W2)
+
+s = the token's adapter slot, e = the expert it was routed to. The slots hold what a
+PEFT adapter on transformers 4 saves (per expert: experts.{e}.w1 / w2 / w3, or
+gate_proj / up_proj / down_proj) and what one on transformers 5 saves for the fused
+experts (target_parameters gate_up_proj, down_proj: one A for gate and up, which goes
+into both slices). FusedExperts groups the (token, expert) pairs by expert, then by slot,
+so each (expert, slot) run is two small matmuls per projection here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loraplex.layers.moe import ExpertGroup, FusedExperts
+from loraplex.worker.context import get_context
+
+
+class ExpertsWithLoRA(nn.Module):
+    def __init__(self, base_layer: FusedExperts, max_loras: int, max_rank: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        e, h, i = base_layer.num_experts, base_layer.hidden_size, base_layer.intermediate_size
+        device = base_layer.w13.device
+        self.num_experts, self.hidden_size, self.intermediate_size = e, h, i
+        self.max_rank = max_rank
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(max_loras, *shape, dtype=dtype, device=device)
+
+        # gate (slice 0) and up (slice 1) share the input: A [S, E, R, 2, H], B [S, E, 2I, R]
+        self.register_buffer("gate_up_a", zeros(e, max_rank, 2, h), persistent=False)
+        self.register_buffer("gate_up_b", zeros(e, 2 * i, max_rank), persistent=False)
+        self.register_buffer("down_a", zeros(e, max_rank, i), persistent=False)  # [S, E, R, I]
+        self.register_buffer("down_b", zeros(e, h, max_rank), persistent=False)  # [S, E, H, R]
+        self.slot_ranks = [0] * max_loras  # the real rank per slot; 0 = no weights here
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+                ) -> torch.Tensor:
+        meta = get_context().lora_meta
+        if meta is None or not any(self.slot_ranks[s] for s in meta.active_slot_list):
+            return self.base_layer(x, weights, experts)
+        slots = meta.token_lora_indices[:x.shape[0]]
+        return self.base_layer(x, weights, experts, slots, len(self.slot_ranks), lora=self)
+
+    def _runs(self, group: ExpertGroup):
+        """(rank, rows within the group, slot) of each run of an adapter with weights."""
+        for slot, start, end in group.slot_runs:
+            if slot >= 0 and (rank := self.slot_ranks[slot]):
+                yield rank, slice(start - group.start, end - group.start), slot
+
+    def add_gate_up(self, h: torch.Tensor, x: torch.Tensor, group: ExpertGroup) -> None:
+        e, i = group.expert, self.intermediate_size
+        for r, rows, s in self._runs(group):
+            a, b = self.gate_up_a[s, e, :r], self.gate_up_b[s, e, :, :r]
+            t = torch.einsum("nh,rkh->knr", x[rows], a)  # A1 x, A3 x: [2, n, r]
+            h[rows, :i] += t[0] @ b[:i].T
+            h[rows, i:] += t[1] @ b[i:].T
+
+    def add_down(self, y: torch.Tensor, a: torch.Tensor, group: ExpertGroup) -> None:
+        e = group.expert
+        for r, rows, s in self._runs(group):
+            y[rows] += (a[rows] @ self.down_a[s, e, :r].T) @ self.down_b[s, e, :, :r].T
+
+    # ---- slots (LoRAManager's interface, as LinearWithLoRA's) --------------------------
+    def pack(self, parts: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+             pin_memory: bool = False) -> tuple[torch.Tensor, ...]:
+        """One adapter's per-expert weights, {(expert, "gate" | "up" | "down"): (A [r, in],
+        B [out, r])}, in the layout of one slot: (gate_up_a [E, r, 2, H], gate_up_b
+        [E, 2I, r], down_a [E, r, I], down_b [E, H, r]), r = the largest rank; what is
+        not targeted stays zero."""
+        rank = max(a.shape[0] for a, _ in parts.values())
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        dtype = self.gate_up_a.dtype
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, pin_memory=pin_memory)
+
+        gate_up_a, gate_up_b = zeros(e, rank, 2, h), zeros(e, 2 * i, rank)
+        down_a, down_b = zeros(e, rank, i), zeros(e, h, rank)
+        for (expert, proj), (a, b) in parts.items():
+            r = a.shape[0]
+            if proj == "down":
+                down_a[expert, :r], down_b[expert, :, :r] = a, b
+            else:
+                k = 0 if proj == "gate" else 1
+                gate_up_a[expert, :r, k] = a
+                gate_up_b[expert, k * i:(k + 1) * i, :r] = b
+        return gate_up_a, gate_up_b, down_a, down_b
+
+    def set_packed(self, slot: int, *packed: torch.Tensor) -> None:
+        """Copy pack()'s output into `slot`, and zero the ranks its last adapter used
+        beyond this one's."""
+        rank, old = packed[0].shape[1], self.slot_ranks[slot]
+        if old > rank:
+            for view in self._rank_views(slot, rank, old):
+                view.zero_()
+        for view, src in zip(self._rank_views(slot, 0, rank), packed, strict=True):
+            view.copy_(src, non_blocking=True)
+        self.slot_ranks[slot] = rank
+
+    def reset_lora(self, slot: int) -> None:
+        for view in self._rank_views(slot, 0, self.slot_ranks[slot]):
+            view.zero_()  # only the first slot_ranks[slot] ranks can hold weights
+        self.slot_ranks[slot] = 0
+
+    def _rank_views(self, slot: int, lo: int, hi: int) -> list[torch.Tensor]:
+        """Ranks lo:hi of the slot's four buffers (empty when lo == hi)."""
+        if lo == hi:
+            return []
+        return [self.gate_up_a[slot, :, lo:hi], self.gate_up_b[slot, :, :, lo:hi],
+                self.down_a[slot, :, lo:hi], self.down_b[slot, :, :, lo:hi]]
+
+    def slot_bytes_per_rank(self) -> int:
+        """Bytes of one slot at rank 1: every expert's A and B columns."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        return e * (2 * h + 2 * i + i + h) * self.gate_up_a.element_size()
