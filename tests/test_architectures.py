@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
 from loraplex import LoRARequest, SamplingParams
+from loraplex.lora import experts as experts_lora
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.experts import ExpertsWithLoRA
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, lora_requests, make_llm
@@ -206,12 +207,16 @@ def _peft_reads_per_expert(arch: str) -> bool:
     return not TRANSFORMERS_5 or arch != "qwen2_moe"
 
 
+@pytest.mark.parametrize("long_run", [1, 10**6], ids=["matmul_per_run", "gathered"])
 @pytest.mark.parametrize("arch", list(MOE))
-def test_moe_experts_are_stacked_and_take_lora(arch, arch_models, tmp_path, prompts):
+def test_moe_experts_are_stacked_and_take_lora(arch, long_run, arch_models, tmp_path,
+                                               prompts, monkeypatch):
     """The checkpoint's per-expert weights are stacked per layer (Qwen3-MoE's layer 1 keeps
     its plain MLP). An adapter saved per expert (transformers 4's layout, vLLM's) serves in
     one batch with the base and others: it matches HF on the merged weights, and HF + PEFT
-    where PEFT reads it; the others match HF + PEFT."""
+    where PEFT reads it; the others match HF + PEFT. Both ways of computing the experts'
+    LoRA: matmuls per adapter run, and runs gathered into one batched matmul."""
+    monkeypatch.setattr(experts_lora, "_LONG_RUN", long_run)
     base, adapters = arch_models[arch]
     block, size, leaves = MOE[arch]
     per_expert = _per_expert_adapter(base, tmp_path / "per_expert", block, leaves, r=4, seed=73)

@@ -20,6 +20,10 @@ from torch import nn
 from loraplex.layers.moe import ExpertGroup, FusedExperts
 from loraplex.worker.context import get_context
 
+# an adapter's run of at least this many rows in an expert gets its own matmuls; shorter
+# runs are gathered into one batched matmul, each row with its slot's weights
+_LONG_RUN = 8
+
 
 class ExpertsWithLoRA(nn.Module):
     def __init__(self, base_layer: FusedExperts, max_loras: int, max_rank: int,
@@ -49,24 +53,54 @@ class ExpertsWithLoRA(nn.Module):
         slots = meta.token_lora_indices[:x.shape[0]]
         return self.base_layer(x, weights, experts, slots, len(self.slot_ranks), lora=self)
 
-    def _runs(self, group: ExpertGroup):
-        """(rank, rows within the group, slot) of each run of an adapter with weights."""
+    def _plan(self, group: ExpertGroup) -> tuple[list, tuple | None]:
+        """The group's adapter runs: long ones (rank, rows, slot) each get plain matmuls;
+        the rows of all short ones (a decode step's one or two tokens per adapter) go
+        together into one batched matmul with each row's own slot: (rows, slots, the
+        largest rank), or None."""
+        long, rows, slots, rank = [], [], [], 0
         for slot, start, end in group.slot_runs:
-            if slot >= 0 and (rank := self.slot_ranks[slot]):
-                yield rank, slice(start - group.start, end - group.start), slot
+            r = self.slot_ranks[slot] if slot >= 0 else 0
+            if not r:
+                continue
+            lo, hi = start - group.start, end - group.start
+            if hi - lo >= _LONG_RUN:
+                long.append((r, slice(lo, hi), slot))
+            else:
+                rows.extend(range(lo, hi))
+                slots.extend([slot] * (hi - lo))
+                rank = max(rank, r)
+        if len(rows) == 0:
+            return long, None
+        device = self.gate_up_a.device
+        return long, (torch.tensor(rows, device=device), torch.tensor(slots, device=device),
+                      rank)
 
     def add_gate_up(self, h: torch.Tensor, x: torch.Tensor, group: ExpertGroup) -> None:
         e, i = group.expert, self.intermediate_size
-        for r, rows, s in self._runs(group):
+        long, short = self._plan(group)
+        for r, rows, s in long:
             a, b = self.gate_up_a[s, e, :r], self.gate_up_b[s, e, :, :r]
             t = torch.einsum("nh,rkh->knr", x[rows], a)  # A1 x, A3 x: [2, n, r]
             h[rows, :i] += t[0] @ b[:i].T
             h[rows, i:] += t[1] @ b[i:].T
+        if short is not None:  # the same, each row with its own slot's A and B
+            rows, slots, r = short
+            a = self.gate_up_a[slots, e, :r]  # [n, r, 2, H]
+            t = torch.bmm(a.flatten(1, 2), x[rows].unsqueeze(-1)).view(len(rows), r, 2)
+            b = self.gate_up_b[slots, e, :, :r]  # [n, 2I, r]
+            h[rows, :i] += torch.bmm(b[:, :i], t[:, :, 0:1]).squeeze(-1)
+            h[rows, i:] += torch.bmm(b[:, i:], t[:, :, 1:2]).squeeze(-1)
 
     def add_down(self, y: torch.Tensor, a: torch.Tensor, group: ExpertGroup) -> None:
         e = group.expert
-        for r, rows, s in self._runs(group):
+        long, short = self._plan(group)
+        for r, rows, s in long:
             y[rows] += (a[rows] @ self.down_a[s, e, :r].T) @ self.down_b[s, e, :, :r].T
+        if short is not None:
+            rows, slots, r = short
+            t = torch.bmm(self.down_a[slots, e, :r], a[rows].unsqueeze(-1))  # [n, r, 1]
+            y[rows] += torch.bmm(self.down_b[slots, e, :, :r], t).squeeze(-1)
 
     # ---- slots (LoRAManager's interface, as LinearWithLoRA's) --------------------------
     def pack(self, parts: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
