@@ -135,6 +135,9 @@ class LoRAConfig:
     lora_extra_vocab_size: int = 0
     long_lora_scaling_factors: tuple[float, ...] | None = None
     num_load_workers: int = 2  # threads reading adapters off the step loop
+    # the module names that get adapter slots (SGLang's --lora-target-modules); None: every
+    # one the model supports
+    target_modules: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:

@@ -17,7 +17,7 @@ FLAGS = ["--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank", "-
          "--lora-dtype", "--max-model-len", "--max-num-seqs", "--dtype", "--seed", "--host",
          "--port", "--served-model-name", "--chat-template", "--api-key",
          "--uvicorn-log-level", "--lora-extra-vocab-size", "--long-lora-scaling-factors",
-         "--per-adapter-latency-metrics"]
+         "--per-adapter-latency-metrics", "--lora-target-modules"]
 
 
 def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -66,6 +67,9 @@ class EngineArgs:
     lora_extra_vocab_size: int = 256
     long_lora_scaling_factors: tuple[float, ...] | None = None
     default_mm_loras: dict | None = None
+    # which modules get adapter slots (SGLang's flag; a list, or "q_proj,v_proj"; None or
+    # "all": every module the model supports)
+    lora_target_modules: list[str] | str | None = None
     # loraplex's own: how adapters share the slots when more are wanted than max_loras
     lora_scheduling_policy: str = "fair"  # "fair" | "fcfs" (see engine/scheduler.py)
     lora_min_slice_steps: int = 16
@@ -163,8 +167,19 @@ class EngineArgs:
                 max_cpu_loras=self.max_cpu_loras, lora_dtype=lora_dtype,
                 lora_extra_vocab_size=self.lora_extra_vocab_size,
                 long_lora_scaling_factors=self.long_lora_scaling_factors,
-                num_load_workers=self.max_lora_load_workers)
+                num_load_workers=self.max_lora_load_workers,
+                target_modules=_parse_names(self.lora_target_modules))
         return EngineConfig(model_config, cache_config, scheduler_config, lora_config)
+
+
+def _parse_names(names: list[str] | str | None) -> tuple[str, ...] | None:
+    """lora_target_modules as given in Python or on the command line ("q_proj,v_proj" or
+    "q_proj v_proj"); None for every module ("all")."""
+    if names is None:
+        return None
+    items = [names] if isinstance(names, str) else list(names)
+    parsed = tuple(n for item in items for n in re.split(r"[,\s]+", item.strip()) if n)
+    return None if not parsed or "all" in parsed else parsed
 
 
 def _parse_sizes(sizes: list[int] | str | int | None) -> tuple[int, ...] | None:

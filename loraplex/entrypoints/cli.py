@@ -167,6 +167,11 @@ ENGINE_HELP: dict[str, str] = {
     "lora_min_slice_steps": "fair policy: steps an adapter keeps its slot before it must "
                             "drain for a waiting adapter.",
     "max_lora_load_workers": "Threads reading adapters from disk/hub off the step loop.",
+    "lora_target_modules": "The modules that get adapter slots, e.g. q_proj v_proj o_proj "
+                           "(or comma-separated; q/k/v share one slot layer, as do gate/up); "
+                           "an adapter on any other is refused. Fewer modules, less slot "
+                           "memory (a mixture of experts' `experts` take the most). Default: "
+                           "all the model supports.",
 }
 _SPECIAL_TYPES = {"max_model_len": parse_human_int, "long_lora_scaling_factors": parse_floats,
                   "default_mm_loras": parse_json_dict}
@@ -190,7 +195,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help_text += f" (default: {default})" if default not in (None, "") else ""
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         ann = str(f.type)
-        if f.name == "served_model_name":
+        if f.name in ("served_model_name", "lora_target_modules"):
             kw["nargs"] = "+"
         elif f.name in _SPECIAL_TYPES:
             kw["type"] = _SPECIAL_TYPES[f.name]

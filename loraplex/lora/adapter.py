@@ -89,12 +89,27 @@ class TargetShapes:
     # an HF module path component -> ours (Mixtral's `mlp` in transformers 5: our
     # block_sparse_moe, its checkpoints' name)
     aliases: dict[str, str] = field(default_factory=dict)
+    unserved: tuple[str, ...] = ()  # supported names left without slots (lora_target_modules)
 
     def ours(self, module: str) -> str:
         """An adapter's module name as this model names it."""
         if not self.aliases:
             return module
         return ".".join(self.aliases.get(part, part) for part in module.split("."))
+
+    def no_slots(self, leaf: str) -> bool:
+        """The model has `leaf` but the engine gave it no adapter slots
+        (lora_target_modules)."""
+        if leaf in self.unserved:
+            return True
+        return "experts" in self.unserved and leaf in (*EXPERT_PROJECTIONS, *FUSED_PARAMETERS) \
+            and leaf not in self.leaves()
+
+    def no_slots_error(self, name: str, target: str) -> LoRAError:
+        served = " ".join(n for n in self.suffixes if n not in self.unserved)
+        return LoRAError(f"LoRA adapter {name!r} targets {target!r}, which has no adapter "
+                         f"slots: the engine was started with --lora-target-modules {served}; "
+                         "restart with it among them")
 
     def leaves(self) -> set[str]:
         """The leaf names an adapter's target_modules may use."""
@@ -165,6 +180,8 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     leaves = targets.leaves()
     for t in cfg.get("target_parameters") or []:
         module, _, param = t.rpartition(".")
+        if targets.no_slots(param if param != "weight" else module.rsplit(".", 1)[-1]):
+            raise targets.no_slots_error(name, t)
         if not ((param in FUSED_PARAMETERS and targets.experts)
                 or (param == "weight" and module.rsplit(".", 1)[-1] in leaves)):
             raise LoRAError(f"LoRA adapter {name!r} targets the parameter {t!r}, which is not "
@@ -174,6 +191,8 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     target = cfg.get("target_modules")
     if isinstance(target, list):
         for t in target:
+            if targets.no_slots(t.rsplit(".", 1)[-1]):
+                raise targets.no_slots_error(name, t)
             if t.rsplit(".", 1)[-1] not in leaves:
                 raise LoRAError(f"LoRA adapter {name!r}: target module {t!r} not found in the "
                                 "model (supported: " + ", ".join(targets.suffixes) + "); the "
@@ -288,6 +307,9 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
                          experts)
             continue
         if module not in targets.shapes:
+            leaf = "experts" if ".experts." in f"{module}." else module.rsplit(".", 1)[-1]
+            if targets.no_slots(leaf):
+                raise targets.no_slots_error(name, hf_module)
             raise LoRAError(f"LoRA adapter {name!r}: target module {hf_module!r} not found in "
                             "the model (supported: " + ", ".join(targets.suffixes) + ")")
         # a resized embed_tokens / lm_head: the added tokens' part goes into their rows

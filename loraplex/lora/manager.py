@@ -66,14 +66,33 @@ def _join(prefix: str, leaf: str) -> str:
 LoRALayer = LinearWithLoRA | ExpertsWithLoRA
 
 
-def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype
-                     ) -> dict[str, LoRALayer]:
-    """Swap every module an adapter may target for its LoRA wrapper: the projections
+def served_modules(model: nn.Module, cfg: LoRAConfig) -> tuple[str, ...]:
+    """The HF module names that get adapter slots: cfg.target_modules, or every one the
+    model supports. Naming one part of a packed layer (q_proj of qkv_proj) serves all its
+    parts: they share the layer's slots."""
+    supported = tuple(model.lora_target_modules)
+    if cfg.target_modules is None:
+        return supported
+    unknown = [n for n in cfg.target_modules if n not in supported]
+    if unknown:
+        raise ValueError(f"lora_target_modules: {', '.join(unknown)} not in this model "
+                         f"(it supports {', '.join(supported)}, or all)")
+    packs = {packed for hf, (packed, _) in model.packed_modules_mapping.items()
+             if hf in cfg.target_modules}
+    chosen = set(cfg.target_modules) | {hf for hf, (packed, _)
+                                        in model.packed_modules_mapping.items()
+                                        if packed in packs}
+    return tuple(n for n in supported if n in chosen)
+
+
+def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype,
+                     served: tuple[str, ...]) -> dict[str, LoRALayer]:
+    """Swap every module of `served` (HF names) for its LoRA wrapper: the projections
     and lm_head for LinearWithLoRA, the token embedding for EmbeddingWithLoRA, a mixture
     of experts' experts for ExpertsWithLoRA."""
     packed_names = {packed for hf_name, (packed, _) in model.packed_modules_mapping.items()
-                    if hf_name in model.lora_target_modules}  # (a MoE's dense MLPs: none)
-    wanted = packed_names | set(model.lora_target_modules)
+                    if hf_name in served}
+    wanted = packed_names | set(served)
     wrapped: dict[str, LoRALayer] = {}
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in wanted and not isinstance(module, LoRALayer):
@@ -90,8 +109,9 @@ class LoRAManager:
     def __init__(self, model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> None:
         self.cfg = cfg
         self.dtype = cfg.lora_dtype or dtype
+        self.served = served_modules(model, cfg)
         try:
-            self.layers = wrap_lora_layers(model, cfg, self.dtype)
+            self.layers = wrap_lora_layers(model, cfg, self.dtype, self.served)
         except torch.OutOfMemoryError as e:
             raise ValueError(
                 f"the adapter slots (max_loras={cfg.max_loras} x max_lora_rank="
@@ -141,7 +161,9 @@ class LoRAManager:
                             vocab_size=model.args.vocab_size, base_weights=vocab_layers,
                             extra_vocab_size=self.cfg.lora_extra_vocab_size,
                             tied_embeddings=bool(model.args.tie_word_embeddings),
-                            experts=experts, aliases=self._aliases(model.args))
+                            experts=experts, aliases=self._aliases(model.args),
+                            unserved=tuple(n for n in model.lora_target_modules
+                                           if n not in self.served))
 
     @staticmethod
     def _aliases(args: Any) -> dict[str, str]:
