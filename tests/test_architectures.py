@@ -433,3 +433,17 @@ def test_sliding_window_matches_hf(arch, backend, budget, monkeypatch, tmp_path,
     full = _edited_config(base, tmp_path / "full", sliding_window=None)
     other = make_llm(full).generate([{"prompt_token_ids": batch[0]}], params, use_tqdm=False)
     assert other[0].outputs[0].token_ids != outs[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("dtype, lora_dtype", [("bfloat16", "float32"),
+                                               ("float32", "bfloat16")])
+def test_moe_expert_lora_in_another_dtype(dtype, lora_dtype, arch_models, prompts):
+    """--lora-dtype other than the model's: the experts' LoRA computes in fp32 and rounds
+    once into the activations, as the projections' LoRA does."""
+    base, adapters = arch_models["mixtral"]
+    llm = make_llm(base, enable_lora=True, max_lora_rank=16, dtype=dtype,
+                   lora_dtype=lora_dtype)
+    req = LoRARequest("experts", 1, str(adapters["r6_experts"]))
+    outs = llm.generate([{"prompt_token_ids": prompts[0]}] * 2, GREEDY,
+                        lora_request=[req, None], use_tqdm=False)
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids

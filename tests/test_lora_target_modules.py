@@ -64,10 +64,13 @@ def test_moe_without_expert_slots(arch_models, prompts):  # noqa: F811
     check_against_hf(outs, base, [adapters["r4_qv"]], prompts[:1])
 
 
-def test_unknown_module_fails_at_start(tiny_models):
+def test_unknown_module_fails_at_start(tiny_models, arch_models):  # noqa: F811
     with pytest.raises(ValueError, match=re.escape(
             "lora_target_modules: experts not in this model (it supports q_proj, k_proj")):
         make_llm(tiny_models["llama"], enable_lora=True, lora_target_modules=["experts"])
+    # a name the architecture knows but this model lacks (Mixtral has no dense MLP)
+    with pytest.raises(ValueError, match="lora_target_modules down_proj: no such module"):
+        make_llm(arch_models["mixtral"][0], enable_lora=True, lora_target_modules="down_proj")
 
 
 @pytest.mark.parametrize("flags, want", [

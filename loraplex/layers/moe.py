@@ -55,18 +55,15 @@ def group_by_expert(experts: torch.Tensor, num_experts: int,
         key = flat * (num_slots + 1) + pair_slots
     order = torch.argsort(key, stable=True)
     width = num_slots + 1 if token_slots is not None else 1
-    counts = torch.bincount(key, minlength=num_experts * width).tolist()
-    groups, start = [], 0
-    for e in range(num_experts):
-        runs, end = [], start
-        for s in range(width):
-            n = counts[e * width + s]
-            if n:
-                runs.append((s - 1, end, end + n))
-                end += n
-        if end > start:
-            groups.append(ExpertGroup(e, start, end, runs))
-        start = end
+    counts = torch.bincount(key, minlength=num_experts * width).tolist()  # the host sync
+    groups: list[ExpertGroup] = []
+    end = 0
+    for key_of_run, n in [(i, n) for i, n in enumerate(counts) if n]:  # the sorted order
+        e, s = divmod(key_of_run, width)
+        if not groups or groups[-1].expert != e:
+            groups.append(ExpertGroup(e, end, end, []))
+        groups[-1].slot_runs.append((s - 1, end, end + n))
+        end = groups[-1].end = end + n
     return order // k, order, groups
 
 

@@ -77,30 +77,36 @@ class ExpertsWithLoRA(nn.Module):
                       rank)
 
     def add_gate_up(self, h: torch.Tensor, x: torch.Tensor, group: ExpertGroup) -> None:
+        """h[:, :I] += B1 A1 x, h[:, I:] += B3 A3 x, each row with its slot's weights (fp32
+        products, one rounding into h, as lora/ops)."""
         e, i = group.expert, self.intermediate_size
         long, short = self._plan(group)
+        x = x.float()
         for r, rows, s in long:
-            a, b = self.gate_up_a[s, e, :r], self.gate_up_b[s, e, :, :r]
+            a, b = self.gate_up_a[s, e, :r].float(), self.gate_up_b[s, e, :, :r].float()
             t = torch.einsum("nh,rkh->knr", x[rows], a)  # A1 x, A3 x: [2, n, r]
-            h[rows, :i] += t[0] @ b[:i].T
-            h[rows, i:] += t[1] @ b[i:].T
+            h[rows, :i] += (t[0] @ b[:i].T).to(h.dtype)
+            h[rows, i:] += (t[1] @ b[i:].T).to(h.dtype)
         if short is not None:  # the same, each row with its own slot's A and B
             rows, slots, r = short
-            a = self.gate_up_a[slots, e, :r]  # [n, r, 2, H]
+            a = self.gate_up_a[slots, e, :r].float()  # [n, r, 2, H]
             t = torch.bmm(a.flatten(1, 2), x[rows].unsqueeze(-1)).view(len(rows), r, 2)
-            b = self.gate_up_b[slots, e, :, :r]  # [n, 2I, r]
-            h[rows, :i] += torch.bmm(b[:, :i], t[:, :, 0:1]).squeeze(-1)
-            h[rows, i:] += torch.bmm(b[:, i:], t[:, :, 1:2]).squeeze(-1)
+            b = self.gate_up_b[slots, e, :, :r].float()  # [n, 2I, r]
+            h[rows, :i] += torch.bmm(b[:, :i], t[:, :, 0:1]).squeeze(-1).to(h.dtype)
+            h[rows, i:] += torch.bmm(b[:, i:], t[:, :, 1:2]).squeeze(-1).to(h.dtype)
 
     def add_down(self, y: torch.Tensor, a: torch.Tensor, group: ExpertGroup) -> None:
+        """y += B2 A2 a, each row with its slot's weights."""
         e = group.expert
         long, short = self._plan(group)
+        a = a.float()
         for r, rows, s in long:
-            y[rows] += (a[rows] @ self.down_a[s, e, :r].T) @ self.down_b[s, e, :, :r].T
+            delta = (a[rows] @ self.down_a[s, e, :r].float().T) @ self.down_b[s, e, :, :r].float().T
+            y[rows] += delta.to(y.dtype)
         if short is not None:
             rows, slots, r = short
-            t = torch.bmm(self.down_a[slots, e, :r], a[rows].unsqueeze(-1))  # [n, r, 1]
-            y[rows] += torch.bmm(self.down_b[slots, e, :, :r], t).squeeze(-1)
+            t = torch.bmm(self.down_a[slots, e, :r].float(), a[rows].unsqueeze(-1))  # [n, r, 1]
+            y[rows] += torch.bmm(self.down_b[slots, e, :, :r].float(), t).squeeze(-1).to(y.dtype)
 
     # ---- slots (LoRAManager's interface, as LinearWithLoRA's) --------------------------
     def pack(self, parts: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],

@@ -117,6 +117,9 @@ class LoRAManager:
                 f"the adapter slots (max_loras={cfg.max_loras} x max_lora_rank="
                 f"{cfg.max_lora_rank} on every LoRA layer) do not fit in device memory: "
                 "lower max_loras or max_lora_rank") from e
+        if not self.layers:
+            raise ValueError(f"lora_target_modules {' '.join(self.served)}: no such module in "
+                             "this model, so no adapter could be served")
         self.device = next(next(iter(self.layers.values())).buffers()).device
         self.extra_vocab = self._extra_vocab_slots(model, cfg)
         self._packed = model.packed_modules_mapping
