@@ -1,7 +1,7 @@
 """Chat tool calling over HTTP with the official openai client: tool_choice "required" or
 a named function (the reply constrained to the tools' schemas, back as tool_calls,
-streamed too: a call's arguments piece by piece); "auto" with the hermes, llama3_json and
-mistral parsers (a 400 on a server started without them; mistral's reply keeps its
+streamed too: a call's arguments piece by piece); "auto" with the hermes, llama3_json,
+mistral and pythonic parsers (a 400 on a server started without them; mistral's reply keeps its
 special tokens); a conversation carrying calls and tool results; malformed requests are
 400s."""
 
@@ -14,7 +14,12 @@ import shutil
 import openai
 import pytest
 
-from loraplex.entrypoints.tool_calls import HermesParser, Llama3JsonParser, MistralParser
+from loraplex.entrypoints.tool_calls import (
+    HermesParser,
+    Llama3JsonParser,
+    MistralParser,
+    PythonicParser,
+)
 from tests.server_utils import RemoteServer, serve_cmd
 from tests.test_server_cli import assert_one_line_error, run
 
@@ -207,28 +212,32 @@ def test_mistral_parser():
     assert p.content_prefix("Hi [TOOL_CA") == len("Hi ") and p.keeps_special_tokens
 
 
-def test_auto_tool_choice(tiny_models):
-    """A server with --enable-auto-tool-choice --tool-call-parser hermes serves tool_choice
+@pytest.mark.parametrize("parser, reply, content", [
+    ("hermes", 'Sure.<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>',
+     "Sure."),
+    ("pythonic", "[add(a=1, b=2)]", None),
+])
+def test_auto_tool_choice(parser, reply, content, tiny_models):
+    """A server with --enable-auto-tool-choice --tool-call-parser NAME serves tool_choice
     auto: a reply without calls is text; a reply with one (made so here with guided_choice,
     which auto leaves free) comes back as tool_calls, streamed too."""
     args = ["--dtype", "float32", "--max-model-len", "512", "--cpu-kv-cache-gib", "0.05",
-            "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+            "--enable-auto-tool-choice", "--tool-call-parser", parser]
     with RemoteServer(tiny_models["llama"], args) as server:
         client = server.get_client()
         model = _model(client)
         res = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS,
                                              max_tokens=8, temperature=0)
         assert res.choices[0].message.content and not res.choices[0].message.tool_calls
-        reply = 'Sure.<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
         kw = dict(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=80, temperature=0,
                   extra_body={"guided_choice": [reply]})
         choice = client.chat.completions.create(**kw).choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure."
+        assert choice.finish_reason == "tool_calls" and choice.message.content == content
         assert [(c.function.name, json.loads(c.function.arguments))
                 for c in choice.message.tool_calls] == [("add", {"a": 1, "b": 2})]
         chunks = list(client.chat.completions.create(stream=True, **kw))
         deltas = [c.choices[0].delta for c in chunks if c.choices]
-        assert "".join(d.content or "" for d in deltas) == "Sure."
+        assert "".join(d.content or "" for d in deltas) == (content or "")
         assert [(n, a) for _, n, a in streamed_calls(chunks)] == [("add", '{"a": 1, "b": 2}')]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
@@ -266,6 +275,25 @@ def test_mistral_parser_keeps_special_tokens(tiny_models, tmp_path):
         assert client.chat.completions.create(**kw).choices[0].message.content == ""
 
 
+def test_pythonic_parser():
+    """Llama 3.2 / 4's calls: a Python list of calls with literal keyword arguments, read
+    with ast (never evaluated); anything else is text."""
+    p = PythonicParser()
+    content, calls = p.parse('[get_weather(city="Paris", days=3), add(a=1, b=-2), '
+                             "note(text='it\\'s, ok)', tags=['x', None, True], d={'k': (1, 2)})]")
+    assert content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "days": 3}), ("add", {"a": 1, "b": -2}),
+        ("note", {"text": "it's, ok)", "tags": ["x", None, True], "d": {"k": [1, 2]}})]
+    content, calls = p.parse('<|python_start|>[add(a=1, b=2)]<|python_end|>')  # Llama 4
+    assert content is None and calls[0].function.name == "add"
+    for text in ["Paris is sunny.", "[1, 2]", "[]", "[add(1, 2)]", "[add(a=b)]",
+                 "[add(a=__import__('os'))]", "[add(**k)]", "[add(a={1, 2})]", "[add(a=1"]:
+        assert p.parse(text) == (text, []), text  # kept as text
+    assert p.content_prefix(" [add(") == 0 and p.content_prefix("<|python_st") == 0
+    assert p.content_prefix("Sunny") == len("Sunny")
+
+
 def test_auto_tool_choice_needs_a_parser(tiny_models):
     res = run(serve_cmd(str(tiny_models["llama"]), "--enable-auto-tool-choice"))
     assert_one_line_error(res, 1, "--enable-auto-tool-choice needs --tool-call-parser")
@@ -283,6 +311,9 @@ def test_auto_tool_choice_needs_a_parser(tiny_models):
     ("llama3_json", '<|python_tag|>{"name": "add", "parameters": {"a": [1, 2]}}; '
                     '{"name": "sub", "parameters": {}}', [("add", '{"a": [1, 2]}'),
                                                            ("sub", "{}")]),
+    ("pythonic", '[get_weather(city="Oslo", days=2), add(a=1, b=[1, "x,)\\"("]), sub()]',
+     [("get_weather", '{"city": "Oslo", "days": 2}'),
+      ("add", '{"a": 1, "b": [1, "x,)\\"("]}'), ("sub", "{}")]),
 ])
 def test_partial_calls_grow_with_the_text(parser, text, calls):
     """Every prefix of a reply: the calls so far are the final ones' prefixes (arguments

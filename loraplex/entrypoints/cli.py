@@ -180,6 +180,8 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"]}
 
 
+# entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)
+TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic"]
 _SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's
 
 
@@ -247,9 +249,11 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     server.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="Serve tool_choice 'auto': the model calls tools in its own "
                              "format, read by --tool-call-parser.")
-    server.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+    server.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                         help="How the model writes tool calls: hermes (Hermes, Qwen 2.5/3: "
-                             "<tool_call> tags) or llama3_json (Llama 3.1/3.2: JSON).")
+                             "<tool_call> tags), llama3_json (Llama 3.1/3.2: JSON), mistral "
+                             "([TOOL_CALLS]) or pythonic / llama4_pythonic (Llama 3.2, "
+                             "Llama 4: a Python list of calls).")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn.")
