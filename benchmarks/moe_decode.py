@@ -11,6 +11,7 @@ its own adapter except in `experts-one`:
     experts-mixed   the same, a different adapter per sequence
 
     python benchmarks/moe_decode.py                      # the CPU shape, batch 1 8 32
+    python benchmarks/moe_decode.py --hf                 # and transformers + PEFT
     python benchmarks/moe_decode.py --modes base attn-mixed --out old.json   # an A/B
 
 ms per decode step (median of the steps; best of --repeats rounds) to JSON.
@@ -35,6 +36,7 @@ from common import machine_info, make_tokenizer, write_json  # noqa: E402
 from decode_step import (  # noqa: E402
     best_rounds,
     engine_decode_times,
+    hf_decode_times,
     loraplex_commit,
     make_engine,
     measure,
@@ -131,6 +133,35 @@ def run_round(model_dir: Path, attn: list[Path], experts: list[Path],
     return records
 
 
+def run_hf(model_dir: Path, attn: list[Path], experts: list[Path], a: argparse.Namespace,
+           bar: tqdm) -> list[dict]:
+    """The same modes in transformers + PEFT (random weights of the same shapes), one
+    round of --hf-new-tokens steps: attn-mixed with PEFT's per-row `adapter_names`,
+    experts-one with one adapter active (PEFT reads the per-expert files into its LoRA on
+    transformers 5's fused experts). experts-mixed is left out: PEFT's LoRA on the fused
+    experts refuses a mixed batch."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                             dtype=torch.float32).eval()
+    records = []
+    for mode in [m for m in a.modes if m != "experts-mixed"]:
+        names = None
+        if mode == "attn-mixed":
+            model = PeftModel.from_pretrained(model, attn[0], adapter_name="a0")
+            for i, path in enumerate(attn[1:], start=1):
+                model.load_adapter(path, adapter_name=f"a{i}")
+        elif mode == "experts-one":
+            model = model.get_base_model() if isinstance(model, PeftModel) else model
+            model = PeftModel.from_pretrained(model, experts[0], adapter_name="e0")
+        for batch in a.batch_sizes:
+            names = [f"a{i}" for i in range(batch)] if mode == "attn-mixed" else None
+            decode = partial(hf_decode_times, model, names, lambda: None)
+            records.append(measure("hf_peft", mode, batch, decode, a, bar, a.hf_new_tokens))
+    return records
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="moe-cpu")
@@ -140,6 +171,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--hf", action="store_true",
+                    help="also time transformers + PEFT on the same shapes")
+    ap.add_argument("--hf-new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     a.device, a.dtype, a.enforce_eager = "cpu", "float32", False  # make_engine's
@@ -158,10 +192,13 @@ def main() -> None:
             if "attn-mixed" in a.modes else []
         experts = write_adapters(Path(tmp), a.shape, True, a.rank, count) \
             if any(m.startswith("experts") for m in a.modes) else []
-        with tqdm(total=a.repeats * len(a.modes) * len(a.batch_sizes), unit="case") as bar:
+        hf_cases = len([m for m in a.modes if m != "experts-mixed"]) if a.hf else 0
+        total = (a.repeats * len(a.modes) + hf_cases) * len(a.batch_sizes)
+        with tqdm(total=total, unit="case") as bar:
             for _ in range(a.repeats):
                 rounds.append(run_round(model_dir, attn, experts, a, bar))
-    records = best_rounds(rounds)
+            hf_records = run_hf(model_dir, attn, experts, a, bar) if a.hf else []
+    records = best_rounds(rounds) + hf_records
     for r in records:
         r["out_tok_s"] = r["batch"] / (r["ms_median"] / 1e3)
     write_json(out, {"benchmark": "moe_decode", "command": " ".join(sys.argv),
@@ -170,7 +207,8 @@ def main() -> None:
                      "load_avg_1min": {"start": load_before, "end": os.getloadavg()[0]},
                      "results": records})
     for r in records:
-        print(f"{r['mode']:14s} batch {r['batch']:3d}: {r['ms_median']:8.1f} ms/step, "
+        print(f"{r['engine']:8s} {r['mode']:14s} batch {r['batch']:3d}: "
+              f"{r['ms_median']:8.1f} ms/step, "
               f"{r['out_tok_s']:.0f} tok/s")
 
 
