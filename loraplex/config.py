@@ -138,6 +138,9 @@ class LoRAConfig:
     # the module names that get adapter slots (SGLang's --lora-target-modules); None: every
     # one the model supports
     target_modules: tuple[str, ...] | None = None
+    # per-slot whole embed_tokens / lm_head tables for PEFT's modules_to_save (two
+    # vocabulary tables per slot; off: such adapters are refused)
+    modules_to_save: bool = False
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:

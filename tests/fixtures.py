@@ -334,6 +334,7 @@ def make_peft_adapter(
     lora_alpha: int = 16,
     target_modules: str | Sequence[str] = ("q_proj", "v_proj"),
     target_parameters: Sequence[str] | None = None,
+    modules_to_save: Sequence[str] | None = None,
     use_rslora: bool = False,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, int] | None = None,
@@ -343,7 +344,8 @@ def make_peft_adapter(
 ) -> Path:
     """Create a PEFT LoRA adapter for ``base_dir`` with random non-zero A and B; return ``out_dir``.
 
-    PEFT inits lora_B to zero (a no-op adapter), so both A and B are re-drawn ~ N(0, scale).
+    PEFT inits lora_B to zero (a no-op adapter), so both A and B are re-drawn ~ N(0, scale);
+    the copies of `modules_to_save` get noise of `scale` times their spread.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -356,6 +358,7 @@ def make_peft_adapter(
         lora_alpha=lora_alpha,
         target_modules=_normalize_targets(target_modules),
         **({"target_parameters": list(target_parameters)} if target_parameters else {}),
+        **({"modules_to_save": list(modules_to_save)} if modules_to_save else {}),
         use_rslora=use_rslora,
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
@@ -370,6 +373,8 @@ def make_peft_adapter(
             if re.search(r"\.lora_(?:embedding_)?[AB]\.", name):
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
                 n += 1
+            elif ".modules_to_save." in name:  # a fully trained copy: moved off the base
+                p.add_(scale * p.std() * torch.randn(p.shape, generator=gen))
     if n == 0:
         raise ValueError(f"target_modules={target_modules!r} matched no module in {base_dir}")
     model.save_pretrained(str(out_dir), safe_serialization=safetensors)

@@ -17,7 +17,8 @@ FLAGS = ["--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank", "-
          "--lora-dtype", "--max-model-len", "--max-num-seqs", "--dtype", "--seed", "--host",
          "--port", "--served-model-name", "--chat-template", "--api-key",
          "--uvicorn-log-level", "--lora-extra-vocab-size", "--long-lora-scaling-factors",
-         "--per-adapter-latency-metrics", "--lora-target-modules"]
+         "--per-adapter-latency-metrics", "--lora-target-modules",
+         "--enable-lora-modules-to-save"]
 
 
 def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:

@@ -70,6 +70,9 @@ class EngineArgs:
     # which modules get adapter slots (SGLang's flag; a list, or "q_proj,v_proj"; None or
     # "all": every module the model supports)
     lora_target_modules: list[str] | str | None = None
+    # adapters with fully trained embed_tokens / lm_head (PEFT's modules_to_save; the name
+    # of Aphrodite's flag): each slot holds two vocabulary tables
+    enable_lora_modules_to_save: bool = False
     # loraplex's own: how adapters share the slots when more are wanted than max_loras
     lora_scheduling_policy: str = "fair"  # "fair" | "fcfs" (see engine/scheduler.py)
     lora_min_slice_steps: int = 16
@@ -168,7 +171,8 @@ class EngineArgs:
                 lora_extra_vocab_size=self.lora_extra_vocab_size,
                 long_lora_scaling_factors=self.long_lora_scaling_factors,
                 num_load_workers=self.max_lora_load_workers,
-                target_modules=_parse_names(self.lora_target_modules))
+                target_modules=_parse_names(self.lora_target_modules),
+                modules_to_save=self.enable_lora_modules_to_save)
         return EngineConfig(model_config, cache_config, scheduler_config, lora_config)
 
 

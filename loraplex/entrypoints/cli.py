@@ -167,6 +167,11 @@ ENGINE_HELP: dict[str, str] = {
     "lora_min_slice_steps": "fair policy: steps an adapter keeps its slot before it must "
                             "drain for a waiting adapter.",
     "max_lora_load_workers": "Threads reading adapters from disk/hub off the step loop.",
+    "enable_lora_modules_to_save": "Serve adapters whose embed_tokens / lm_head were fully "
+                                   "trained (PEFT's modules_to_save): each slot holds its own "
+                                   "copy of both vocabulary tables (2 x vocab x hidden per "
+                                   "slot, from the KV cache's budget). Off: such adapters are "
+                                   "refused.",
     "lora_target_modules": "The modules that get adapter slots, e.g. q_proj v_proj o_proj "
                            "(or comma-separated; q/k/v share one slot layer, as do gate/up); "
                            "an adapter on any other is refused. Fewer modules, less slot "

@@ -35,6 +35,7 @@ from loraplex.lora.expert_weights import (
     fused_parameter,
     split_fused,
 )
+from loraplex.lora.full_vocab import MODULES as FULL_VOCAB_MODULES
 from loraplex.lora.request import LoRARequest
 
 
@@ -58,6 +59,8 @@ class LoRAModel:
     # a mixture of experts' experts: our experts layer -> (expert, "gate" | "up" | "down")
     # -> its weights (lora/expert_weights.py)
     experts: dict[str, dict[tuple[int, str], LoRAModuleWeights]] = field(default_factory=dict)
+    # fully trained tables (modules_to_save): "embed_tokens" | "lm_head" -> [vocab, hidden]
+    full_vocab: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class PackedLoRA:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
     added_tokens: AddedTokens | None = None
     path: str | None = None  # the directory it was read from (its tokenizer's)
+    full_vocab: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRAModel's
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class TargetShapes:
     # block_sparse_moe, its checkpoints' name)
     aliases: dict[str, str] = field(default_factory=dict)
     unserved: tuple[str, ...] = ()  # supported names left without slots (lora_target_modules)
+    full_vocab: bool = False  # slots hold whole embed_tokens / lm_head (modules_to_save)
 
     def ours(self, module: str) -> str:
         """An adapter's module name as this model names it."""
@@ -170,9 +175,17 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     if cfg.get("lora_bias"):
         raise LoRAError(f"LoRA adapter {name!r} has lora_bias=true (a bias on lora_B), which is "
                         "not supported yet; retrain without it")
-    if cfg.get("modules_to_save"):
-        raise LoRAError(f"LoRA adapter {name!r} has modules_to_save={cfg['modules_to_save']}: "
-                        "fully trained extra modules are not supported yet")
+    saved = cfg.get("modules_to_save") or []
+    if saved:
+        others = [m for m in saved if m.rsplit(".", 1)[-1] not in FULL_VOCAB_MODULES]
+        if others:
+            raise LoRAError(f"LoRA adapter {name!r} has modules_to_save={saved}: fully "
+                            f"trained {', '.join(others)} are not supported (embed_tokens and "
+                            "lm_head are, with --enable-lora-modules-to-save)")
+        if not targets.full_vocab:
+            raise LoRAError(f"LoRA adapter {name!r} has modules_to_save={saved}: fully trained "
+                            "embed_tokens / lm_head need the engine started with "
+                            "--enable-lora-modules-to-save (each slot then holds both tables)")
     ranks = [cfg.get("r", 8), *(cfg.get("rank_pattern") or {}).values()]
     if max(ranks) > max_rank:
         raise LoRAError(f"LoRA adapter {name!r} has rank {max(ranks)} > max_lora_rank="
@@ -329,7 +342,8 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     every = [*modules.values(), *(w for parts in experts.values() for w in parts.values())]
     return LoRAModel(lora_int_id=req.lora_int_id, name=name, path=path,
                      rank=max(w.lora_a.shape[0] for w in every), modules=modules,
-                     added_tokens=added, experts=experts)
+                     added_tokens=added, experts=experts,
+                     full_vocab={k: v.to(dtype) for k, v in vocab.full.items()})
 
 
 class _Scaling:

@@ -206,6 +206,8 @@ class VocabParts:
     copies: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)  # module -> (key, W)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # module leaf -> rows
     folds: dict[str, torch.Tensor] = field(default_factory=dict)  # module leaf -> [n, hidden]
+    # fully trained tables (modules_to_save): module leaf -> rows of the base vocabulary
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add_copy(self, key: str, module: str, weight: torch.Tensor) -> None:
         if module not in self.targets.base_weights:
@@ -231,8 +233,9 @@ class VocabParts:
             return a, b[:vocab]
         return a, b
 
-    def _added_rows(self, module: str) -> torch.Tensor | None:
-        """Rows V.. of a saved embed_tokens / lm_head; its rows below V must be the base's."""
+    def _added_rows(self, module: str, trained: set[str]) -> torch.Tensor | None:
+        """Rows V.. of a saved embed_tokens / lm_head. Its rows below V must be the base's,
+        unless the module is in `trained` (modules_to_save, served): they go to `full`."""
         if module not in self.copies:
             return None
         key, saved = self.copies[module]
@@ -244,14 +247,18 @@ class VocabParts:
                             "was trained for another model (or a vocabulary resized smaller)")
         vocab = base.shape[0]
         known = saved[:vocab]
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf in trained:
+            self.full[leaf] = known
+            return saved[vocab:].float()
         rows = max(1, 2**26 // max(1, base[0].numel() * base.element_size()))  # 64 MiB pieces
         if not all(torch.equal(known[i:i + rows].to(base.device, base.dtype), base[i:i + rows])
                    for i in range(0, vocab, rows)):
             raise LoRAError(f"LoRA adapter {name!r} ships a {module} ({key}) whose rows for "
-                            "the base vocabulary differ from the base model's: fully trained "
-                            "embeddings or lm_head are not supported (LoRA on them is, and "
-                            "rows of added tokens); if they were not trained, save the "
-                            "adapter with save_embedding_layers=False")
+                            "the base vocabulary differ from the base model's, and its "
+                            "modules_to_save does not name it: if it was trained, list it "
+                            "there (and start with --enable-lora-modules-to-save); if not, "
+                            "save the adapter with save_embedding_layers=False")
         return saved[vocab:].float()
 
     def added_tokens(self, cfg: dict, new_embeddings: dict[str, torch.Tensor] | None
@@ -268,8 +275,10 @@ class VocabParts:
                                 "input_embeddings and output_embeddings tensors")
             inputs, outputs = inputs.float(), outputs.float()
         else:
-            inputs = self._added_rows(embed) if embed else None
-            outputs = self._added_rows(head) if head else None
+            trained = {m.rsplit(".", 1)[-1] for m in cfg.get("modules_to_save") or []} \
+                if t.full_vocab else set()
+            inputs = self._added_rows(embed, trained) if embed else None
+            outputs = self._added_rows(head, trained) if head else None
         for leaf, ids in _token_indices(cfg, embed).items():
             rows = self.deltas.get(leaf)
             inside = [i for i in ids if i < t.vocab_size]

@@ -20,6 +20,7 @@ from loraplex.layers.linear import Linear
 from loraplex.layers.quantization import QuantLinear
 from loraplex.lora import ops
 from loraplex.lora.extra_vocab import ExtraVocabSlots
+from loraplex.lora.full_vocab import FullVocabSlots
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.worker.context import get_context
 
@@ -131,17 +132,26 @@ class EmbeddingWithLoRA(LinearWithLoRA):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.extra_vocab: ExtraVocabSlots | None = None  # added tokens' rows (LoRAManager's)
+        self.full_vocab: FullVocabSlots | None = None  # whole tables (modules_to_save)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         meta = get_context().lora_meta
-        extra = self.extra_vocab
-        if extra is None or meta is None or (meta.skip_unused_layers and
-                                             not extra.any_active(meta.active_slot_list)):
+        extra, full = self.extra_vocab, self.full_vocab
+        every = meta is not None and not meta.skip_unused_layers  # (a graph's capture)
+        use_extra = extra is not None and meta is not None and (
+            every or extra.any_active(meta.active_slot_list))
+        use_full = full is not None and meta is not None and (
+            every or full.any_active("embed_tokens", meta.active_slot_list))
+        if not (use_extra or use_full):
             return self._embed(input_ids, self._meta())
-        # added tokens (ids >= the base vocabulary) take their slot's own row
         slots = meta.token_lora_indices[:input_ids.shape[0]].long()
-        y = self._embed(input_ids.clamp(max=extra.vocab_size - 1), self._meta())
-        return extra.embed(input_ids, slots, y)
+        vocab = (extra or full).vocab_size
+        y = self._embed(input_ids.clamp(max=vocab - 1), self._meta())
+        if use_extra:  # added tokens (ids >= the base vocabulary): their slot's own row
+            y = extra.embed(input_ids, slots, y)
+        if use_full:  # a slot with a whole table: its row instead of the base's
+            y = full.embed(input_ids, slots, y)
+        return y
 
     def _embed(self, input_ids: torch.Tensor, meta: LoRABatchMeta | None) -> torch.Tensor:
         y = self.base_layer(input_ids)

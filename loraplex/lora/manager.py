@@ -41,6 +41,7 @@ from loraplex.lora.errors import LoRAError
 from loraplex.lora.expert_weights import ExpertsShape
 from loraplex.lora.experts import ExpertsWithLoRA
 from loraplex.lora.extra_vocab import ExtraVocabSlots
+from loraplex.lora.full_vocab import FullVocabSlots
 from loraplex.lora.layers import EmbeddingWithLoRA, LinearWithLoRA
 from loraplex.lora.loader import AdapterLoader
 from loraplex.lora.request import LoRARequest
@@ -122,6 +123,7 @@ class LoRAManager:
                              "this model, so no adapter could be served")
         self.device = next(next(iter(self.layers.values())).buffers()).device
         self.extra_vocab = self._extra_vocab_slots(model, cfg)
+        self.full_vocab = self._full_vocab_slots(model, cfg)
         self._packed = model.packed_modules_mapping
         self.targets = self._target_shapes(model)
         self.registered: dict[int, LoRARequest] = {}
@@ -166,7 +168,8 @@ class LoRAManager:
                             tied_embeddings=bool(model.args.tie_word_embeddings),
                             experts=experts, aliases=self._aliases(model.args),
                             unserved=tuple(n for n in model.lora_target_modules
-                                           if n not in self.served))
+                                           if n not in self.served),
+                            full_vocab=self.cfg.modules_to_save)
 
     @staticmethod
     def _aliases(args: Any) -> dict[str, str]:
@@ -187,6 +190,25 @@ class LoRAManager:
                                             cfg.lora_extra_vocab_size, a.hidden_size,
                                             self.dtype, self.device)
         return embed.extra_vocab
+
+    def _full_vocab_slots(self, model: nn.Module, cfg: LoRAConfig) -> FullVocabSlots | None:
+        """Whole embed_tokens / lm_head tables per slot (modules_to_save), served by the
+        embedding and, for the logits, by the model runner."""
+        if not cfg.modules_to_save:
+            return None
+        embed = next((m for m in self.layers.values() if isinstance(m, EmbeddingWithLoRA)),
+                     None)
+        if embed is None or "lm_head" not in self.layers:
+            raise ValueError("--enable-lora-modules-to-save needs embed_tokens and lm_head "
+                             "among --lora-target-modules")
+        a = model.args
+        embed.full_vocab = FullVocabSlots(a.vocab_size, cfg.max_loras, a.hidden_size,
+                                          self.dtype, self.device)
+        return embed.full_vocab
+
+    def fixed_slot_bytes(self) -> int:
+        """Bytes of one slot whatever its adapter's rank: added-token rows, whole tables."""
+        return sum(x.slot_bytes() for x in (self.extra_vocab, self.full_vocab) if x is not None)
 
     def slot_bytes_per_rank(self) -> int:
         """Bytes of one slot at rank 1 over all wrapped layers (A and B of every slice)."""
@@ -222,11 +244,13 @@ class LoRAManager:
             layers[name] = self.layers[name].pack(
                 {key: (w.lora_a, w.lora_b) for key, w in parts.items()},
                 pin_memory=self.device.type == "cuda")
-        added = lora.added_tokens
-        if added is not None and self.device.type == "cuda":
-            added = AddedTokens(added.input_embeddings.pin_memory(),
-                                added.output_embeddings.pin_memory())
-        return PackedLoRA(lora.lora_int_id, layers, added, lora.path)
+        added, full = lora.added_tokens, lora.full_vocab
+        if self.device.type == "cuda":
+            if added is not None:
+                added = AddedTokens(added.input_embeddings.pin_memory(),
+                                    added.output_embeddings.pin_memory())
+            full = {k: v.pin_memory() for k, v in full.items()}
+        return PackedLoRA(lora.lora_int_id, layers, added, lora.path, full)
 
     def _check_id(self, req: LoRARequest) -> bool:
         """False if this exact adapter is registered already; raises if the id is taken."""
@@ -420,6 +444,8 @@ class LoRAManager:
                     self.extra_vocab.reset(slot)
                 else:
                     self.extra_vocab.set(slot, added.input_embeddings, added.output_embeddings)
+            if self.full_vocab is not None:
+                self.full_vocab.set(slot, lora.full_vocab)
         if stream is not None:  # the next forward reads the slot: wait for the copies
             torch.cuda.current_stream(self.device).wait_stream(stream)
         self.lora_index_to_id[slot] = lora.lora_int_id
@@ -429,6 +455,8 @@ class LoRAManager:
             layer.reset_lora(slot)
         if self.extra_vocab is not None:
             self.extra_vocab.reset(slot)
+        if self.full_vocab is not None:
+            self.full_vocab.reset(slot)
         self.lora_index_to_id[slot] = None
 
     def num_unpinned_capacity(self, batch: set[int]) -> int:

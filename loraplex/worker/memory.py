@@ -86,7 +86,7 @@ def plan_memory(lora: LoRAManager | None, kv_block_bytes: int, block_size: int,
     plan = MemoryPlan(lora_slot_bytes=0, bytes_per_rank=lora.slot_bytes_per_rank(),
                       kv_block_bytes=kv_block_bytes, block_size=block_size,
                       max_model_len=max_model_len,
-                      fixed_slot_bytes=lora.extra_vocab.slot_bytes() if lora.extra_vocab else 0)
+                      fixed_slot_bytes=lora.fixed_slot_bytes())
     plan.lora_slot_bytes = plan.slot_bytes(lora.cfg.max_lora_rank) * lora.cfg.max_loras
     return plan
 

@@ -92,6 +92,7 @@ class ModelRunner:
         self.lm_head_lora = model.lm_head if isinstance(model.lm_head, LinearWithLoRA) else None
         # the tokens adapters add: their logits columns are appended in _logits
         self.extra_vocab = getattr(model.model.embed_tokens, "extra_vocab", None)
+        self.full_vocab = getattr(model.model.embed_tokens, "full_vocab", None)
         rotary = model.model.rotary  # longrope: a token's row in the table is not its position
         self.rope_row = rotary.rope_row if rotary.long_offset is not None else None
         self._no_cache_writes = torch.empty(0, dtype=torch.long, device=self.device)
@@ -374,6 +375,10 @@ class ModelRunner:
         with step_context(StepContext(is_prefill=False, slot_mapping=self._no_cache_writes,
                                       lora_meta=meta)):
             logits = self.model.compute_logits(hidden)
+        full = self.full_vocab
+        if full is not None and row_slots is not None and (every_slot or full.any_active(
+                "lm_head", row_slots)):  # rows whose adapter trained all of lm_head
+            logits = full.replace_logits(hidden, row_slots, logits, self.model.final_logits)
         extra = self.extra_vocab
         if extra is not None and row_slots is not None and (every_slot or
                                                             extra.any_active(row_slots)):
