@@ -431,7 +431,9 @@ def make_added_tokens_adapter(
     - "resized": the rows live in the resized embed_tokens / lm_head PEFT saves whole;
     - "trainable_tokens": PEFT's ``trainable_token_indices`` over the added ids;
     - "vocab_lora": LoRA on embed_tokens and lm_head too, over the resized layers (its
-      columns / rows of the added tokens included).
+      columns / rows of the added tokens included);
+    - "modules_to_save": the resized layers fully trained (PEFT's modules_to_save, as
+      LLaMA-Factory's resize_vocab saves them): their base rows moved too.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
@@ -455,6 +457,8 @@ def make_added_tokens_adapter(
     extra: dict[str, Any] = {}
     if mode == "trainable_tokens":
         extra["trainable_token_indices"] = new.tolist()
+    elif mode == "modules_to_save":
+        extra["modules_to_save"] = ["embed_tokens", "lm_head"]
     elif mode not in ("resized", "vocab_lora"):
         raise ValueError(f"unknown mode {mode!r}")
     cfg = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, target_modules=targets,
@@ -466,6 +470,9 @@ def make_added_tokens_adapter(
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
             elif "trainable_tokens_delta" in name:  # the trained rows themselves
                 p.copy_(row_std * torch.randn(p.shape, generator=gen))
+            elif ".modules_to_save." in name:  # the base rows trained as well
+                p[:base_vocab] += scale * p[:base_vocab].std() * torch.randn(
+                    base_vocab, p.shape[1], generator=gen)
     peft_model.save_pretrained(str(out_dir), save_embedding_layers=True)
     tok.save_pretrained(str(out_dir))
     return out_dir

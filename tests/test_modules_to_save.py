@@ -128,3 +128,23 @@ def test_through_decode_graphs(monkeypatch, tiny_models, tiny_adapters, trained,
     assert runner.cuda_graphs.num_replays > 0 and runner.num_eager_decode_steps == 0
     check_against_hf(outs, base, [paths[n] if n else None for n in names], batch,
                      atol=1e-4 if not cuda else 2e-3)
+
+
+def test_with_added_tokens(tiny_root, tiny_models, prompts):
+    """LLaMA-Factory's resize_vocab: tokens added, both resized tables fully trained. The
+    base rows come from the adapter's tables, the added ones from its extra-vocabulary rows;
+    prompts hold the added ids (its own tokenizer's)."""
+    from tests.engine_utils import GREEDY, check_against_hf
+    from tests.fixtures import make_added_tokens_adapter
+    from tests.test_added_tokens import _prompt_with_added
+
+    base = tiny_models["llama"]
+    adapter = make_added_tokens_adapter(base, tiny_root / "mts_added", mode="modules_to_save",
+                                        new_tokens=("<a>", "<b>"), seed=96)
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
+                   enable_lora_modules_to_save=True)
+    req = LoRARequest("added", 1, str(adapter))
+    batch = [_prompt_with_added(prompts[0], 2), prompts[1]]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY,
+                        lora_request=[req, None], use_tqdm=False)
+    check_against_hf(outs, base, [adapter, None], batch)

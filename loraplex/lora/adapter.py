@@ -21,6 +21,7 @@ from loraplex.lora.added_tokens import (
     AddedTokens,
     VocabParts,
     count_added_tokens,
+    is_original_copy,
     read_new_embeddings,
     token_delta_module,
     vocab_copy_module,
@@ -298,6 +299,8 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     vocab = VocabParts(name, targets)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in _read_tensors(name, path).items():
+        if is_original_copy(key):
+            continue
         if (module := vocab_copy_module(key)) is not None:
             vocab.add_copy(key, module, tensor)
         elif (module := token_delta_module(key)) is not None:

@@ -35,11 +35,15 @@ if TYPE_CHECKING:
 
 _NEW_EMBEDDINGS = ("new_embeddings.safetensors", "new_embeddings.bin")
 # embed_tokens / lm_head whole: beside their LoRA (`X.base_layer.weight`), beside
-# trainable tokens (`X.token_adapter.base_layer.weight`) or alone (`X.weight`)
+# trainable tokens (`X.token_adapter.base_layer.weight`) or alone (`X.weight`; a
+# modules_to_save copy saved with save_embedding_layers also as `X.modules_to_save.weight`)
 _BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.token_adapter)?"
                             r"\.base_layer\.weight$")
 _VOCAB_WEIGHT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>(?:.+\.)?"
-                               r"(?:embed_tokens|lm_head))\.weight$")
+                               r"(?:embed_tokens|lm_head))(?:\.modules_to_save)?\.weight$")
+# the untrained original PEFT keeps beside a modules_to_save copy (save_embedding_layers)
+_ORIGINAL_KEY = re.compile(r"^(?:base_model\.model\.)?(?:.+\.)?(?:embed_tokens|lm_head)"
+                           r"\.original_module\.weight$")
 _TOKEN_DELTA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\."
                               r"trainable_tokens_delta(?:\.[^.]+)?$")
 _LORA_EMBEDDING_A = re.compile(r"(?:^|\.)embed_tokens\.lora_embedding_A(?:\.[^.]+)?$")
@@ -51,6 +55,12 @@ def vocab_copy_module(key: str) -> str | None:
     embed_tokens / lm_head saved alone); None for any other key."""
     m = _BASE_COPY_KEY.match(key) or _VOCAB_WEIGHT_KEY.match(key)
     return m.group("module") if m else None
+
+
+def is_original_copy(key: str) -> bool:
+    """An embed_tokens / lm_head as it was before training, saved beside its trained copy
+    (modules_to_save): the trained one is what serves."""
+    return _ORIGINAL_KEY.match(key) is not None
 
 
 def token_delta_module(key: str) -> str | None:
