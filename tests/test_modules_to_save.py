@@ -148,3 +148,22 @@ def test_with_added_tokens(tiny_root, tiny_models, prompts):
     outs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY,
                         lora_request=[req, None], use_tqdm=False)
     check_against_hf(outs, base, [adapter, None], batch)
+
+
+def test_over_http(tiny_models, trained, prompts):
+    """`loraplex serve --enable-lora-modules-to-save`: the adapter by name over HTTP with
+    the openai client, equal to HF + PEFT; the base beside it is the base."""
+    from tests.fixtures import hf_greedy
+    from tests.server_utils import RemoteServer, token_ids_of
+
+    base = tiny_models["llama"]
+    args = ["--served-model-name", "tiny", "--enable-lora", "--enable-lora-modules-to-save",
+            "--max-lora-rank", "8", "--dtype", "float32", "--max-model-len", "128",
+            "--cpu-kv-cache-gib", "0.05", "--lora-modules", f"both={trained['both']}"]
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        for model, adapter in (("both", trained["both"]), ("tiny", None)):
+            r = client.completions.create(
+                model=model, prompt=prompts[0], max_tokens=6, temperature=0, logprobs=1,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            assert token_ids_of(r.choices[0].logprobs) == hf_greedy(base, adapter, prompts[0], 6)

@@ -391,8 +391,11 @@ def test_bad_adapter_loads_are_400(server, client, tiny_models, tiny_adapters, t
     shutil.copytree(ad["r4_qv"], corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
     fc1 = _edited(ad["r4_qv"], tmp_path / "fc1", lambda c: c.update(target_modules=["fc1"]))
+    trained = make_peft_adapter(tiny_models["llama"], tmp_path / "trained", r=4, seed=4,
+                                modules_to_save=["lm_head"])
     cases = {str(tmp_path / "nowhere"): "does not exist", str(big): "max_lora_rank",
-             str(fc1): "not found in the model", str(corrupt): "cannot read"}
+             str(fc1): "not found in the model", str(corrupt): "cannot read",
+             str(trained): "--enable-lora-modules-to-save"}
     for i, (path, reason) in enumerate(cases.items()):
         r = server.post("/v1/load_lora_adapter", {"lora_name": f"bad{i}", "lora_path": path})
         assert r.status_code == 400, r.text
