@@ -8,12 +8,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from loraplex.beam_search import BeamSearchOutput, beam_search
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine, PromptType
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling_params import BeamSearchParams, SamplingParams
 
 Conversation = list[dict[str, Any]]
 
@@ -54,6 +55,13 @@ class LLM:
         params = _broadcast(sampling_params, len(prompts), "sampling_params", SamplingParams())
         loras = _broadcast(lora_request, len(prompts), "lora_request", None)
         return self._run(prompts, params, loras, use_tqdm)
+
+    def beam_search(self, prompts: Seq[PromptType], params: BeamSearchParams,
+                    lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search: for each prompt the params.beam_width best sequences by
+        length-penalized cumulative logprob (loraplex/beam_search.py)."""
+        return beam_search(self, list(prompts), params, lora_request, use_tqdm)
 
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
