@@ -65,10 +65,9 @@ def beam_search(llm: LLM, prompts: Sequence[Any], params: BeamSearchParams,
         else [lora_request] * len(prompts)
     if len(loras) != len(prompts):
         raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
+    llm._register(loras)  # an adapter that adds tokens encodes with its own tokenizer
     instances = []
     for prompt, lora in zip(prompts, loras, strict=True):
-        if lora is not None:  # an adapter that adds tokens encodes with its own tokenizer
-            engine.register_lora(lora)
         _, ids = engine._tokenize(prompt, engine.get_tokenizer(lora))
         instances.append(_Instance([BeamSearchSequence(list(ids), [], lora_request=lora)]))
     eos = set() if params.ignore_eos else engine.eos_token_ids

@@ -149,6 +149,34 @@ def test_text_goes_through_the_adapters_tokenizer(tiny_models, added_adapters):
     assert VOCAB in chat.prompt_token_ids
 
 
+def test_hub_adapter_that_adds_tokens(tmp_path, tiny_models, added_adapters, monkeypatch,
+                                     prompts):
+    """A hub id (here from an offline hub cache) given straight to LLM.generate / chat:
+    it is fetched and read before its prompts are encoded, so its added tokens are known
+    (text through its tokenizer, ids past the vocabulary accepted), equal to HF + PEFT."""
+    import huggingface_hub.constants as hub
+
+    revision = "1" * 40
+    repo = tmp_path / "models--org--added"
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(added_adapters["resized"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    base = tiny_models["llama"]
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8)
+    req = LoRARequest("hub", 1, "org/added")
+    ids = _prompt_with_added(prompts[1], 3)
+    outs = llm.generate(["Hello <tool> world", {"prompt_token_ids": ids}], GREEDY,
+                        lora_request=req, use_tqdm=False)
+    assert VOCAB in outs[0].prompt_token_ids
+    check_against_hf(outs, base, [snapshot, snapshot], [outs[0].prompt_token_ids, ids])
+    chat = llm.chat([{"role": "user", "content": "Hi <think>"}], GREEDY, use_tqdm=False,
+                    lora_request=LoRARequest("hub2", 2, "org/added"))[0]
+    assert VOCAB + 1 in chat.prompt_token_ids
+
+
 def test_structured_outputs_never_pick_added_tokens(tiny_models, added_adapters):
     """The grammar knows the base vocabulary only: an adapter's added tokens are
     disallowed where a grammar constrains the row."""

@@ -30,7 +30,7 @@ from loraplex.engine.sequence import Sequence
 from loraplex.engine.structured_output import StructuredOutputs
 from loraplex.layers.quantization import read_side_config
 from loraplex.layers.sampler import Sampler, SamplingRow
-from loraplex.lora.adapter import PackedLoRA
+from loraplex.lora.adapter import PackedLoRA, local_adapter_dir
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
@@ -395,11 +395,17 @@ class LLMEngine:
         (worker/cpu_threads.py); the future raises what prepare_lora would."""
         return self._require_lora().loader.run(self.prepare_lora, lora_request)
 
-    def register_lora(self, lora_request: LoRARequest) -> bool:
+    def register_lora(self, lora_request: LoRARequest, fetch_hub: bool = False) -> bool:
         """Make an adapter known without reading its weights (its config is checked);
         they are read off the step loop when a request first needs them. Cheap enough
-        for thousands. False if this exact adapter is registered already."""
+        for thousands. False if this exact adapter is registered already.
+        `fetch_hub`: a hub id not registered yet is fetched and read now, as add_lora
+        does (the offline API, which waits anyway: only then is it known whether the
+        adapter adds tokens, which its prompts must be encoded with)."""
         manager = self._require_lora()
+        if fetch_hub and lora_request.lora_int_id not in manager.registered \
+                and local_adapter_dir(lora_request) is None:
+            return self.add_lora(lora_request)
         added = manager.register(lora_request)  # raises for another adapter on this id
         self._pending_lora_removal.discard(lora_request.lora_int_id)  # wanted again
         return added

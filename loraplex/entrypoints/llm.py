@@ -54,7 +54,14 @@ class LLM:
         prompts = list(prompts)
         params = _broadcast(sampling_params, len(prompts), "sampling_params", SamplingParams())
         loras = _broadcast(lora_request, len(prompts), "lora_request", None)
+        self._register(loras)
         return self._run(prompts, params, loras, use_tqdm)
+
+    def _register(self, loras: Seq[LoRARequest | None]) -> None:
+        """Each adapter once, before its prompts are encoded; a hub id is fetched and read
+        now (whether it adds tokens decides how its prompts are encoded)."""
+        for lora in {lora.lora_int_id: lora for lora in loras if lora is not None}.values():
+            self.llm_engine.register_lora(lora, fetch_hub=True)
 
     def beam_search(self, prompts: Seq[PromptType], params: BeamSearchParams,
                     lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
@@ -72,10 +79,9 @@ class LLM:
         """Apply the tokenizer's chat template to each conversation, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         loras = _broadcast(lora_request, len(conversations), "lora_request", None)
+        self._register(loras)  # an adapter that adds tokens renders with its tokenizer
         prompts: list[PromptType] = []
         for conv, lora in zip(conversations, loras):
-            if lora is not None:  # an adapter that adds tokens renders with its tokenizer
-                self.llm_engine.register_lora(lora)
             tok = self.llm_engine.get_tokenizer(lora)
             ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
                                           add_generation_prompt=add_generation_prompt,
