@@ -94,6 +94,16 @@ def test_refused_by_name(tiny_models, tiny_adapters, trained, tmp_path, prompts)
     unnamed = _edited(trained["head"], tmp_path / "unnamed", modules_to_save=None)
     with pytest.raises(LoRAError, match="modules_to_save does not name it"):
         llm.llm_engine.add_lora(LoRARequest("unnamed", 3, str(unnamed)))
+    # modules_to_save names a table the files lack
+    from safetensors.torch import load_file, save_file
+
+    lacking = shutil.copytree(trained["both"], tmp_path / "lacking")
+    tensors = load_file(str(lacking / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.endswith("lm_head.weight")},
+              str(lacking / "adapter_model.safetensors"))
+    with pytest.raises(LoRAError, match="modules_to_save names lm_head but its weights have "
+                                        "no such table"):
+        llm.llm_engine.add_lora(LoRARequest("lacking", 5, str(lacking)))
     for engine in (plain, llm):
         out = engine.generate([{"prompt_token_ids": prompts[0]}], use_tqdm=False,
                               lora_request=LoRARequest("ok", 4,

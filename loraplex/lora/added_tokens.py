@@ -289,6 +289,9 @@ class VocabParts:
                 if t.full_vocab else set()
             inputs = self._added_rows(embed, trained) if embed else None
             outputs = self._added_rows(head, trained) if head else None
+            if missing := sorted(trained & {"embed_tokens", "lm_head"} - set(self.full)):
+                raise LoRAError(f"LoRA adapter {name!r}: modules_to_save names "
+                                f"{', '.join(missing)} but its weights have no such table")
         for leaf, ids in _token_indices(cfg, embed).items():
             rows = self.deltas.get(leaf)
             inside = [i for i in ids if i < t.vocab_size]

@@ -202,8 +202,13 @@ class LoRAManager:
             raise ValueError("--enable-lora-modules-to-save needs embed_tokens and lm_head "
                              "among --lora-target-modules")
         a = model.args
-        embed.full_vocab = FullVocabSlots(a.vocab_size, cfg.max_loras, a.hidden_size,
-                                          self.dtype, self.device)
+        try:
+            embed.full_vocab = FullVocabSlots(a.vocab_size, cfg.max_loras, a.hidden_size,
+                                              self.dtype, self.device)
+        except torch.OutOfMemoryError as e:
+            raise ValueError(f"--enable-lora-modules-to-save: max_loras={cfg.max_loras} "
+                             "slots of two vocabulary tables each do not fit in device "
+                             "memory; lower max_loras") from e
         return embed.full_vocab
 
     def fixed_slot_bytes(self) -> int:
