@@ -13,7 +13,7 @@ beam_width best are returned, best first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,57 +57,84 @@ def beam_search_score(tokens: list[int], cum_logprob: float, eos_token_ids: set[
     return cum_logprob / (length ** length_penalty)
 
 
+class BeamSearch:
+    """The search apart from running the model, so that the offline API and the server
+    drive the same one: `live()` are the beams to run one token for (none: done),
+    `advance()` takes each one's top logprobs, `best()` the result."""
+
+    def __init__(self, prompts: list[list[int]], loras: list[LoRARequest | None],
+                 params: BeamSearchParams, eos_token_ids: set[int]) -> None:
+        self.params, self.eos_token_ids = params, eos_token_ids
+        self.stop_ids = set() if params.ignore_eos else eos_token_ids
+        self.instances = [_Instance([BeamSearchSequence(list(ids), [], lora_request=lora)])
+                          for ids, lora in zip(prompts, loras, strict=True)]
+        self.steps = 0
+        # one token per beam, with the 2 x width most likely as candidates
+        self.step_params = SamplingParams(max_tokens=1, temperature=params.temperature,
+                                          logprobs=2 * params.beam_width, ignore_eos=True,
+                                          detokenize=False)
+
+    def score(self, beam: BeamSearchSequence) -> float:
+        return beam_search_score(beam.tokens, beam.cum_logprob, self.eos_token_ids,
+                                 self.params.length_penalty)
+
+    def live(self) -> list[BeamSearchSequence]:
+        if self.steps >= self.params.max_tokens:
+            return []
+        return [b for inst in self.instances for b in inst.beams]
+
+    def advance(self, tops: list[dict[int, Logprob]]) -> None:
+        """Each live beam's candidates (its step's logprobs, in live() order)."""
+        candidates = iter(tops)
+        for inst in self.instances:
+            grown = []
+            for beam in inst.beams:
+                top = next(candidates)
+                for token, lp in top.items():
+                    new = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [top],
+                                             beam.cum_logprob + lp.logprob,
+                                             lora_request=beam.lora_request)
+                    if token in self.stop_ids:
+                        new.finish_reason = "stop"
+                        inst.completed.append(new)
+                    else:
+                        grown.append(new)
+            inst.beams = sorted(grown, key=self.score, reverse=True)[:self.params.beam_width]
+        self.steps += 1
+
+    def best(self, decode: Callable[[BeamSearchSequence, list[int]], str]
+             ) -> list[BeamSearchOutput]:
+        """Per prompt the beam_width best, best first, each with its text: decode(beam,
+        its own tokens)."""
+        outputs = []
+        for inst in self.instances:
+            for beam in inst.beams:
+                beam.finish_reason = "length"
+            best = sorted(inst.completed + inst.beams, key=self.score,
+                          reverse=True)[:self.params.beam_width]
+            for beam in best:
+                beam.text = decode(beam, beam.tokens[len(beam.tokens) - len(beam.logprobs):])
+            outputs.append(BeamSearchOutput(best))
+        return outputs
+
+
 def beam_search(llm: LLM, prompts: Sequence[Any], params: BeamSearchParams,
                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
                 use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    """LLM.beam_search: the search driven by LLM.generate."""
     engine = llm.llm_engine
     loras = list(lora_request) if isinstance(lora_request, list | tuple) \
         else [lora_request] * len(prompts)
     if len(loras) != len(prompts):
         raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
     llm._register(loras)  # an adapter that adds tokens encodes with its own tokenizer
-    instances = []
-    for prompt, lora in zip(prompts, loras, strict=True):
-        _, ids = engine._tokenize(prompt, engine.get_tokenizer(lora))
-        instances.append(_Instance([BeamSearchSequence(list(ids), [], lora_request=lora)]))
-    eos = set() if params.ignore_eos else engine.eos_token_ids
-    width = params.beam_width
-    step = SamplingParams(max_tokens=1, temperature=params.temperature, logprobs=2 * width,
-                          ignore_eos=True, detokenize=False)
-
-    def score(beam: BeamSearchSequence) -> float:
-        return beam_search_score(beam.tokens, beam.cum_logprob, engine.eos_token_ids,
-                                 params.length_penalty)
-
-    for _ in range(params.max_tokens):
-        beams = [b for inst in instances for b in inst.beams]
-        if not beams:
-            break
-        outs = llm.generate([{"prompt_token_ids": b.tokens} for b in beams], step,
-                            [b.lora_request for b in beams], use_tqdm=use_tqdm)
-        results = iter(outs)
-        for inst in instances:
-            grown = []
-            for beam in inst.beams:
-                top = next(results).outputs[0].logprobs[0]
-                for token, lp in top.items():
-                    new = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [top],
-                                             beam.cum_logprob + lp.logprob,
-                                             lora_request=beam.lora_request)
-                    if token in eos:
-                        new.finish_reason = "stop"
-                        inst.completed.append(new)
-                    else:
-                        grown.append(new)
-            inst.beams = sorted(grown, key=score, reverse=True)[:width]
-    outputs = []
-    for inst in instances:
-        for beam in inst.beams:
-            beam.finish_reason = "length"
-        best = sorted(inst.completed + inst.beams, key=score, reverse=True)[:width]
-        for beam in best:
-            own = beam.tokens[len(beam.tokens) - len(beam.logprobs):]  # past the prompt
-            beam.text = engine.get_tokenizer(beam.lora_request).decode(
-                own, skip_special_tokens=True)
-        outputs.append(BeamSearchOutput(best))
-    return outputs
+    ids = [engine._tokenize(p, engine.get_tokenizer(lora))[1]
+           for p, lora in zip(prompts, loras, strict=True)]
+    search = BeamSearch(ids, loras, params, engine.eos_token_ids)
+    while beams := search.live():
+        outs = llm.generate([{"prompt_token_ids": b.tokens} for b in beams],
+                            search.step_params, [b.lora_request for b in beams],
+                            use_tqdm=use_tqdm)
+        search.advance([o.outputs[0].logprobs[0] for o in outs])
+    return search.best(lambda beam, own: engine.get_tokenizer(beam.lora_request).decode(
+        own, skip_special_tokens=True))

@@ -90,3 +90,37 @@ def test_bad_params():
         BeamSearchParams(beam_width=0, max_tokens=4)
     with pytest.raises(ValueError, match="max_tokens"):
         BeamSearchParams(beam_width=2, max_tokens=0)
+
+
+def test_over_http(tiny_models, tiny_adapters, tokenizer, prompts):
+    """vLLM's use_beam_search (extra_body) on both routes with the openai client: n beams,
+    best first, the adapter's; the same as the search on HF + PEFT. Streaming or logprobs
+    with it are 400s in OpenAI's error shape; the server carries on."""
+    import openai
+
+    from tests.server_utils import RemoteServer
+
+    base, adapter = tiny_models["llama"], tiny_adapters["llama"]["r4_qv"]
+    args = ["--served-model-name", "tiny", "--enable-lora", "--max-lora-rank", "8",
+            "--dtype", "float32", "--max-model-len", "128", "--cpu-kv-cache-gib", "0.05",
+            "--lora-modules", f"qv={adapter}"]
+    beam = {"use_beam_search": True, "length_penalty": 0.8}
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        r = client.completions.create(model="qv", prompt=prompts[1], max_tokens=4, n=3,
+                                      extra_body=beam)
+        eos = {tokenizer.eos_token_id}
+        want = reference_beams(base, adapter, prompts[1], 3, 4, eos, 0.8)
+        assert [c.text for c in r.choices] == [tokenizer.decode(t) for t, _ in want]
+        assert [c.index for c in r.choices] == [0, 1, 2]
+        assert r.usage.completion_tokens == sum(len(t) for t, _ in want)
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3, n=2,
+            extra_body=beam)
+        assert len(chat.choices) == 2 and chat.choices[0].message.content
+        for kw in (dict(stream=True), dict(logprobs=1)):
+            with pytest.raises(openai.BadRequestError) as err:
+                client.completions.create(model="qv", prompt="Hi", max_tokens=2, n=2,
+                                          extra_body=beam, **kw)
+            assert "use_beam_search does not support" in err.value.body["message"]
+        assert client.completions.create(model="qv", prompt="Hi", max_tokens=2).choices

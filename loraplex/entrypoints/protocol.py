@@ -125,6 +125,8 @@ class SamplingFields(OpenAIBase):
     truncate_prompt_tokens: int | None = None
     request_id: str | None = None
     cache_salt: str | None = None  # prefix-cache sharing only between equal salts
+    use_beam_search: bool = False  # n beams, best first (loraplex/beam_search.py)
+    length_penalty: float = 1.0  # beam search: score = logprob / length ** this
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs object and
     # its older guided_* fields (at most one of them)
     response_format: dict[str, Any] | None = None

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from loraplex.beam_search import BeamSearch, BeamSearchOutput
 from loraplex.engine.async_engine import AsyncLLMEngine, LoRANotLoadedError
 from loraplex.entrypoints.errors import (
     APIError,
@@ -26,9 +27,10 @@ from loraplex.entrypoints.protocol import (
     SamplingFields,
 )
 from loraplex.entrypoints.serving_models import OpenAIServingModels
+from loraplex.entrypoints.serving_utils import merge_async_iterators
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
-from loraplex.sampling_params import SamplingParams, StructuredOutputsParams
+from loraplex.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -200,6 +202,43 @@ class OpenAIServing:
                 raise BadRequestError(str(e), param=param) from e  # includes LoRAError
             raise
         return queued
+
+    async def beam_search(self, req: SamplingFields, request_id: str, params: SamplingParams,
+                          prompts: list[tuple[str | None, list[int]]],
+                          lora: LoRARequest | None) -> list[BeamSearchOutput]:
+        """vLLM's use_beam_search: req.n beams per prompt, best first, by the search of
+        loraplex/beam_search.py, each step's beams queued as engine requests. Whole
+        replies only, without logprobs or structured outputs."""
+        for field, on in (("stream", req.stream), ("logprobs", params.logprobs is not None),
+                          ("prompt_logprobs", params.prompt_logprobs is not None),
+                          ("structured_outputs", params.structured_outputs is not None)):
+            if on:
+                raise BadRequestError(f"use_beam_search does not support {field}",
+                                      param=field)
+        search = BeamSearch([ids for _, ids in prompts], [lora] * len(prompts),
+                            BeamSearchParams(beam_width=req.n, max_tokens=params.max_tokens,
+                                             ignore_eos=params.ignore_eos,
+                                             temperature=req.temperature or 0.0,
+                                             length_penalty=req.length_penalty),
+                            self.engine.engine.eos_token_ids)
+        step = 0
+        while beams := search.live():
+            queued = await self.start_requests(
+                f"{request_id}-beam{step}", [(None, b.tokens) for b in beams],
+                [search.step_params] * len(beams), req.model, lora, req.cache_salt)
+            finals: dict[int, RequestOutput] = {}
+            try:
+                async for i, out in merge_async_iterators(*queued.streams):
+                    finals[i] = out
+            finally:
+                await self.abort_all(queued)
+            for out in finals.values():
+                self.check_output(out)
+            search.advance([finals[i].outputs[0].logprobs[0] for i in range(len(beams))])
+            step += 1
+        decoder = self.decoder_for(lora)
+        return search.best(lambda _, own: decoder.decode(
+            own, skip_special_tokens=params.skip_special_tokens))
 
     async def abort_all(self, queued: EngineRequests) -> None:
         """Abort what is still running (a no-op for finished requests)."""

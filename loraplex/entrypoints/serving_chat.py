@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from loraplex.beam_search import BeamSearchOutput
 from loraplex.entrypoints.errors import APIError, BadRequestError
 from loraplex.entrypoints.protocol import (
     ChatCompletionChoice,
@@ -132,9 +133,15 @@ class OpenAIServingChat(OpenAIServing):
         text, ids = self.truncated((text, ids), params)
         self.fit_max_tokens(params, len(ids))
         request_id = req.request_id or random_id("chatcmpl")
+        echo = self._echo(req)
+        if req.use_beam_search:
+            if calling:
+                raise BadRequestError("use_beam_search does not call tools: leave out tools "
+                                      "or set tool_choice none", param="use_beam_search")
+            results = await self.beam_search(req, request_id, params, [(text, ids)], lora)
+            return self._beam_response(req, request_id, model, len(ids), results[0], echo)
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
                                            lora, req.cache_salt)
-        echo = self._echo(req)
         if req.stream:
             return self.sse(self._stream(req, request_id, model, len(ids), queued, echo,
                                          calling),
@@ -160,6 +167,19 @@ class OpenAIServingChat(OpenAIServing):
             usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=gen,
                             total_tokens=len(ids) + gen),
             prompt_logprobs=self.prompt_logprobs(req, final))
+
+    def _beam_response(self, req: ChatCompletionRequest, request_id: str, model: str,
+                       prompt_tokens: int, result: BeamSearchOutput, echo: str
+                       ) -> ChatCompletionResponse:
+        choices = [ChatCompletionChoice(index=j, message=message, finish_reason=finish)
+                   for j, beam in enumerate(result.sequences)
+                   for message, finish in [self._reply(req, None, beam.text,
+                                                       beam.finish_reason, echo)]]
+        gen = sum(len(beam.logprobs) for beam in result.sequences)
+        return ChatCompletionResponse(
+            id=request_id, model=model, choices=choices,
+            usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen,
+                            total_tokens=prompt_tokens + gen))
 
     def _reply(self, req: ChatCompletionRequest, calling: str | None, text: str,
                finish: str | None, echo: str = "") -> tuple[ChatResponseMessage, str | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from loraplex.beam_search import BeamSearchOutput
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.protocol import (
     CompletionChoice,
@@ -65,6 +66,10 @@ class OpenAIServingCompletion(OpenAIServing):
             self.fit_max_tokens(p, len(ids))
             per_prompt.append(p)
         request_id = req.request_id or random_id("cmpl")
+        if req.use_beam_search:
+            params.max_tokens = min(p.max_tokens for p in per_prompt)
+            return self._beam_response(req, request_id, model, prompts, lora, await
+                                       self.beam_search(req, request_id, params, prompts, lora))
         queued = await self.start_requests(request_id, prompts, per_prompt, req.model, lora,
                                            req.cache_salt)
         if req.stream:
@@ -101,6 +106,22 @@ class OpenAIServingCompletion(OpenAIServing):
                     index=i * req.n + o.index, text=prefix + o.text, logprobs=lp,
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason,
                     prompt_logprobs=self.prompt_logprobs(req, out)))
+        prompt_tokens = sum(len(ids) for _, ids in prompts)
+        return CompletionResponse(id=request_id, model=model, choices=choices,
+                                  usage=UsageInfo(prompt_tokens=prompt_tokens,
+                                                  completion_tokens=completion_tokens,
+                                                  total_tokens=prompt_tokens + completion_tokens))
+
+    def _beam_response(self, req: CompletionRequest, request_id: str, model: str,
+                       prompts: list, lora: LoRARequest | None,
+                       results: list[BeamSearchOutput]) -> CompletionResponse:
+        choices, completion_tokens = [], 0
+        for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
+            prefix = self._echo(req, prompt, lora)
+            for j, beam in enumerate(result.sequences):
+                completion_tokens += len(beam.logprobs)
+                choices.append(CompletionChoice(index=i * req.n + j, text=prefix + beam.text,
+                                                finish_reason=beam.finish_reason))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return CompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=UsageInfo(prompt_tokens=prompt_tokens,
