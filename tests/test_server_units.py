@@ -513,6 +513,24 @@ def test_an_unloaded_adapters_metrics_go_with_its_last_request(engine_args, tiny
         engine = AsyncLLMEngine.from_engine_args(engine_args, metrics=metrics)
         models = OpenAIServingModels(engine, ["tiny"], 64, lora_enabled=True)
         await models.load_lora_adapter("dyn", path)
+        if reload:  # steps do nothing until the reload's weights are read; then its
+            # registration is queued on the engine thread before the request can finish
+            # (else the request may finish first, and drop the series). A step that does
+            # nothing leaves the engine thread to the reload's jobs.
+            read = threading.Event()
+            prepare, step = engine.prepare_lora, engine.engine.step
+
+            async def prepare_then_signal(req):
+                out = await prepare(req)
+                read.set()
+                return out
+
+            def step_once_read():
+                if read.is_set():
+                    return step()
+                time.sleep(0.001)
+                return []
+            engine.prepare_lora, engine.engine.step = prepare_then_signal, step_once_read
         # hold the engine thread, so the request is queued, then the unload (and the
         # reload), in that order, before any step can finish the request
         gate = threading.Event()
