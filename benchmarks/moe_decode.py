@@ -12,6 +12,7 @@ its own adapter except in `experts-one`:
 
     python benchmarks/moe_decode.py                      # the CPU shape, batch 1 8 32
     python benchmarks/moe_decode.py --hf                 # and transformers + PEFT
+    python benchmarks/moe_decode.py --shape mixtral-16l --device cuda --hf   # a GPU, bf16
     python benchmarks/moe_decode.py --modes base attn-mixed --out old.json   # an A/B
 
 ms per decode step (median of the steps; best of --repeats rounds) to JSON.
@@ -47,6 +48,11 @@ SHAPES = {  # MixtralConfig fields
                     num_key_value_heads=8, intermediate_size=1024, num_local_experts=8,
                     num_experts_per_tok=2, vocab_size=32000, tie_word_embeddings=False,
                     sliding_window=None),
+    # Mixtral 8x7B's shapes with 16 of its 32 layers: 47 GB in bf16, fits one H100
+    "mixtral-16l": dict(hidden_size=4096, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, intermediate_size=14336, num_local_experts=8,
+                        num_experts_per_tok=2, vocab_size=32000, tie_word_embeddings=False,
+                        sliding_window=None, rope_theta=1e6),
 }
 MODES = ("base", "attn-mixed", "experts-one", "experts-mixed")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -79,8 +85,8 @@ def module_dims(shape: str, experts: bool) -> dict[str, tuple[int, int]]:
     return dims
 
 
-def write_adapters(out_dir: Path, shape: str, experts: bool, rank: int, count: int
-                   ) -> list[Path]:
+def write_adapters(out_dir: Path, shape: str, experts: bool, rank: int, count: int,
+                   dtype: torch.dtype = torch.float32) -> list[Path]:
     from safetensors.torch import save_file
 
     dims = module_dims(shape, experts)
@@ -92,10 +98,10 @@ def write_adapters(out_dir: Path, shape: str, experts: bool, rank: int, count: i
         gen = torch.Generator().manual_seed(n)
         tensors = {}
         for name, (d_in, d_out) in dims.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = 0.02 * torch.randn(
-                rank, d_in, generator=gen)
-            tensors[f"base_model.model.{name}.lora_B.weight"] = 0.02 * torch.randn(
-                d_out, rank, generator=gen)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = (0.02 * torch.randn(
+                rank, d_in, generator=gen)).to(dtype)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = (0.02 * torch.randn(
+                d_out, rank, generator=gen)).to(dtype)
         path = out_dir / f"{'experts' if experts else 'attn'}{n}"
         path.mkdir(parents=True)
         save_file(tensors, path / "adapter_model.safetensors")
@@ -126,7 +132,7 @@ def run_round(model_dir: Path, attn: list[Path], experts: list[Path],
         for mode in modes:
             for batch in a.batch_sizes:
                 decode = partial(engine_decode_times, engine,
-                                 mode_loras(mode, batch, attn, experts), lambda: None)
+                                 mode_loras(mode, batch, attn, experts), a.sync)
                 records.append(measure("loraplex", mode, batch, decode, a, bar))
         del engine
         gc.collect()
@@ -143,8 +149,9 @@ def run_hf(model_dir: Path, attn: list[Path], experts: list[Path], a: argparse.N
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
-                                             dtype=torch.float32).eval()
+    with torch.device(a.device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                                 dtype=a.torch_dtype).eval()
     records = []
     for mode in [m for m in a.modes if m != "experts-mixed"]:
         names = None
@@ -157,7 +164,7 @@ def run_hf(model_dir: Path, attn: list[Path], experts: list[Path], a: argparse.N
             model = PeftModel.from_pretrained(model, experts[0], adapter_name="e0")
         for batch in a.batch_sizes:
             names = [f"a{i}" for i in range(batch)] if mode == "attn-mixed" else None
-            decode = partial(hf_decode_times, model, names, lambda: None)
+            decode = partial(hf_decode_times, model, names, a.sync)
             records.append(measure("hf_peft", mode, batch, decode, a, bar, a.hf_new_tokens))
     return records
 
@@ -174,23 +181,30 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--hf", action="store_true",
                     help="also time transformers + PEFT on the same shapes")
     ap.add_argument("--hf-new-tokens", type=int, default=16)
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
-    a.device, a.dtype, a.enforce_eager = "cpu", "float32", False  # make_engine's
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = a.device.startswith("cuda")
+    a.dtype = "bfloat16" if cuda else "float32"  # make_engine's (MoE: no CUDA graphs)
+    a.torch_dtype, a.enforce_eager = getattr(torch, a.dtype), False
+    a.sync = torch.cuda.synchronize if cuda else (lambda: None)
     return a
 
 
 def main() -> None:
     a = parse_args()
-    out = a.out or Path(__file__).parent / "results" / "moe_decode_cpu.json"
+    device = a.device.split(":")[0]
+    out = a.out or Path(__file__).parent / "results" / f"moe_decode_{device}.json"
     load_before = os.getloadavg()[0]
     rounds = []
     with tempfile.TemporaryDirectory(prefix="lp-moe-") as tmp:
         model_dir = write_model_dir(Path(tmp) / "model", a.shape)
         count = max(a.batch_sizes)
-        attn = write_adapters(Path(tmp), a.shape, False, a.rank, count) \
+        attn = write_adapters(Path(tmp), a.shape, False, a.rank, count, a.torch_dtype) \
             if "attn-mixed" in a.modes else []
-        experts = write_adapters(Path(tmp), a.shape, True, a.rank, count) \
+        experts = write_adapters(Path(tmp), a.shape, True, a.rank, count, a.torch_dtype) \
             if any(m.startswith("experts") for m in a.modes) else []
         hf_cases = len([m for m in a.modes if m != "experts-mixed"]) if a.hf else 0
         total = (a.repeats * len(a.modes) + hf_cases) * len(a.batch_sizes)
@@ -202,7 +216,9 @@ def main() -> None:
     for r in records:
         r["out_tok_s"] = r["batch"] / (r["ms_median"] / 1e3)
     write_json(out, {"benchmark": "moe_decode", "command": " ".join(sys.argv),
-                     "config": vars(a) | {"out": str(out), "shape_config": SHAPES[a.shape]},
+                     "config": {k: v for k, v in vars(a).items()
+                                if k not in ("sync", "torch_dtype")}
+                     | {"out": str(out), "shape_config": SHAPES[a.shape]},
                      "machine": machine_info(), "loraplex_commit": loraplex_commit(),
                      "load_avg_1min": {"start": load_before, "end": os.getloadavg()[0]},
                      "results": records})

@@ -7,6 +7,7 @@
 #                bash scripts/gpu_session.sh decode       # issue 6 targets: 8B + HF, then 1B
 #                bash scripts/gpu_session.sh adapters     # issue 7 targets: many adapters, 1B
 #                bash scripts/gpu_session.sh decode-mlp   # all-linear adapters, 8B and 1B
+#                bash scripts/gpu_session.sh moe          # LoRA on Mixtral-shaped experts
 #                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
 #                bash scripts/gpu_session.sh quant        # GPTQ / AWQ 4-bit bases, 8B
 #                bash scripts/gpu_session.sh quant-bnb    # bitsandbytes NF4 on its kernel, 8B, 1B
@@ -55,6 +56,10 @@ case "$phase" in
       --batch-sizes 1 8 32 64 --hf --out "$OUT/decode_step_cuda_8b.json" 2>&1 | tail -20
     timeout 190 python3 benchmarks/decode_step.py --shape llama-3.2-1b --device cuda \
       --batch-sizes 1 8 32 64 --out "$OUT/decode_step_cuda_1b.json" 2>&1 | tail -20
+    ;;
+  moe)  # LoRA on a mixture of experts' experts (torch ops, no CUDA graphs): Mixtral shapes
+    timeout 560 python3 benchmarks/moe_decode.py --shape mixtral-16l --device cuda \
+      --repeats 1 --batch-sizes 1 8 32 --out "$OUT/moe_decode_cuda.json" 2>&1 | tail -20
     ;;
   decode-mlp)
     timeout 330 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
