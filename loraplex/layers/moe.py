@@ -28,6 +28,10 @@ from torch import nn
 
 from loraplex.layers.linear import make_linear
 
+# an expert projection's name in checkpoints and adapters (Mixtral's, Qwen's) -> which one
+EXPERT_PROJECTIONS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up",
+                      "w2": "down", "down_proj": "down"}
+
 
 @dataclass
 class ExpertGroup:
@@ -48,13 +52,12 @@ def group_by_expert(experts: torch.Tensor, num_experts: int,
     Returns (token row of each sorted pair, its flat index into [T * k], the groups).
     The group sizes are the only values read back to the host."""
     tokens, k = experts.shape
-    flat = experts.reshape(-1).long()
-    key = flat
+    key = experts.reshape(-1).long()
+    width = 1  # keys per expert: one, or one per slot and one for no adapter
     if token_slots is not None:  # slot -1 .. num_slots - 1 -> 0 .. num_slots
-        pair_slots = token_slots.long().unsqueeze(1).expand(tokens, k).reshape(-1) + 1
-        key = flat * (num_slots + 1) + pair_slots
+        width = num_slots + 1
+        key = key * width + token_slots.long().unsqueeze(1).expand(tokens, k).reshape(-1) + 1
     order = torch.argsort(key, stable=True)
-    width = num_slots + 1 if token_slots is not None else 1
     counts = torch.bincount(key, minlength=num_experts * width).tolist()  # the host sync
     groups: list[ExpertGroup] = []
     end = 0
@@ -109,20 +112,19 @@ class FusedExperts(nn.Module):
         """An HF checkpoint's experts.{expert}.{name}.weight (Mixtral's w1 / w3 / w2, Qwen's
         gate_proj / up_proj / down_proj) into the stacks; returns the parameter it went
         into."""
-        i = self.intermediate_size
-        gate, up, down = (self.w13, slice(0, i)), (self.w13, slice(i, 2 * i)), (self.w2, slice(None))
-        target = {"w1": gate, "gate_proj": gate, "w3": up, "up_proj": up, "w2": down,
-                  "down_proj": down}.get(name)
-        if target is None:
+        proj = EXPERT_PROJECTIONS.get(name)
+        if proj is None:
             raise ValueError(f"unexpected expert weight {name!r} (expected w1, w2, w3 or "
                              "gate_proj, up_proj, down_proj)")
-        param, rows = target
-        dst = param.data[expert, rows]
+        i = self.intermediate_size
+        param, rows = {"gate": ("w13", slice(0, i)), "up": ("w13", slice(i, 2 * i)),
+                       "down": ("w2", slice(None))}[proj]
+        dst = getattr(self, param).data[expert, rows]
         if dst.shape != tensor.shape:
             raise ValueError(f"expert {expert} {name} has shape {tuple(tensor.shape)}, the "
                              f"model expects {tuple(dst.shape)}")
         dst.copy_(tensor)
-        return "w13" if target[0] is self.w13 else "w2"
+        return param
 
 
 class SparseMoE(nn.Module):

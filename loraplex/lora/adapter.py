@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraplex.layers.moe import EXPERT_PROJECTIONS
 from loraplex.lora.added_tokens import (
     AddedTokens,
     VocabParts,
@@ -28,7 +29,6 @@ from loraplex.lora.added_tokens import (
 )
 from loraplex.lora.errors import LoRAError, LoRANotFoundError
 from loraplex.lora.expert_weights import (
-    EXPERT_PROJECTIONS,
     FUSED_PARAMETERS,
     ExpertsShape,
     check_expert,

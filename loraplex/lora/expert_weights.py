@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.layers.moe import EXPERT_PROJECTIONS
 from loraplex.lora.errors import LoRAError
 
-# an expert projection's leaf name -> ours
-EXPERT_PROJECTIONS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up",
-                      "w2": "down", "down_proj": "down"}
 FUSED_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's expert parameters
 _PER_EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<leaf>\w+)$")
 _FUSED = re.compile(r"^(?P<layer>.+\.experts)(?:\.base_layer)*$")

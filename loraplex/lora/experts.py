@@ -44,6 +44,8 @@ class ExpertsWithLoRA(nn.Module):
         self.register_buffer("down_a", zeros(e, max_rank, i), persistent=False)  # [S, E, R, I]
         self.register_buffer("down_b", zeros(e, h, max_rank), persistent=False)  # [S, E, H, R]
         self.slot_ranks = [0] * max_loras  # the real rank per slot; 0 = no weights here
+        # the last group's plan: add_gate_up makes it, add_down of the same group reuses it
+        self._planned: tuple[ExpertGroup, tuple[list, tuple | None]] | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
                 ) -> torch.Tensor:
@@ -57,7 +59,9 @@ class ExpertsWithLoRA(nn.Module):
         """The group's adapter runs: long ones (rank, rows, slot) each get plain matmuls;
         the rows of all short ones (a decode step's one or two tokens per adapter) go
         together into one batched matmul with each row's own slot: (rows, slots, the
-        largest rank), or None."""
+        largest rank), or None. Made once per group (both projections use it)."""
+        if self._planned is not None and self._planned[0] is group:
+            return self._planned[1]
         long, rows, slots, rank = [], [], [], 0
         for slot, start, end in group.slot_runs:
             r = self.slot_ranks[slot] if slot >= 0 else 0
@@ -70,11 +74,13 @@ class ExpertsWithLoRA(nn.Module):
                 rows.extend(range(lo, hi))
                 slots.extend([slot] * (hi - lo))
                 rank = max(rank, r)
-        if len(rows) == 0:
-            return long, None
-        device = self.gate_up_a.device
-        return long, (torch.tensor(rows, device=device), torch.tensor(slots, device=device),
-                      rank)
+        short = None
+        if rows:
+            device = self.gate_up_a.device
+            short = (torch.tensor(rows, device=device), torch.tensor(slots, device=device),
+                     rank)
+        self._planned = group, (long, short)
+        return long, short
 
     def add_gate_up(self, h: torch.Tensor, x: torch.Tensor, group: ExpertGroup) -> None:
         """h[:, :I] += B1 A1 x, h[:, I:] += B3 A3 x, each row with its slot's weights (fp32
