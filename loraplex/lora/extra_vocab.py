@@ -15,10 +15,18 @@ without an adapter) are -inf, so no other request can ever sample an added token
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+
+def rows_by_slot(row_slots: list[int], slots: Iterable[int], device: torch.device
+                 ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(slot, the indices of the rows of `row_slots` under it) for each of `slots`."""
+    for slot in slots:
+        yield slot, torch.tensor([i for i, s in enumerate(row_slots) if s == slot],
+                                 device=device)
 
 
 class ExtraVocabSlots(nn.Module):
@@ -75,10 +83,9 @@ class ExtraVocabSlots(nn.Module):
         output, as on the base columns: LlamaForCausalLM.final_logits), -inf elsewhere;
         one matmul per slot."""
         extra = logits.new_full((logits.shape[0], self.extra_vocab_size), float("-inf"))
-        for slot in {s for s in row_slots if s >= 0 and self.slot_sizes[s]}:
+        active = {s for s in row_slots if s >= 0 and self.slot_sizes[s]}
+        for slot, rows in rows_by_slot(row_slots, active, hidden.device):
             n = self.slot_sizes[slot]
-            rows = torch.tensor([i for i, s in enumerate(row_slots) if s == slot],
-                                device=hidden.device)
             z = hidden.index_select(0, rows) @ self.output_embeddings[slot, :n].T.to(hidden.dtype)
             extra[rows, :n] = cap(z).to(extra.dtype)
         return torch.cat([logits, extra], dim=1)

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from loraplex.lora.extra_vocab import rows_by_slot
+
 MODULES = ("embed_tokens", "lm_head")
 
 
@@ -71,9 +73,8 @@ class FullVocabSlots(nn.Module):
                        cap: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """logits[:, :vocab] of each row whose slot replaces lm_head: cap(h . O[s]) (cap:
         what the model does to lm_head's output, LlamaForCausalLM.final_logits)."""
-        for slot in self.slots["lm_head"].intersection(row_slots):
-            rows = torch.tensor([i for i, s in enumerate(row_slots) if s == slot],
-                                device=hidden.device)
+        for slot, rows in rows_by_slot(row_slots, self.slots["lm_head"].intersection(row_slots),
+                                       hidden.device):
             z = hidden.index_select(0, rows) @ self.lm_head[slot].T.to(hidden.dtype)
             logits[rows, :self.vocab_size] = cap(z).to(logits.dtype)
         return logits

@@ -178,11 +178,15 @@ class LoRAManager:
             return {"mlp": args.moe_module}
         return {}
 
+    def _embedding(self) -> EmbeddingWithLoRA | None:
+        """The wrapped token embedding, which serves the per-slot vocabulary rows."""
+        return next((m for m in self.layers.values() if isinstance(m, EmbeddingWithLoRA)),
+                    None)
+
     def _extra_vocab_slots(self, model: nn.Module, cfg: LoRAConfig) -> ExtraVocabSlots | None:
         """Rows for the tokens adapters add (lora_extra_vocab_size per slot), served by
         the embedding and, for the logits, by the model runner."""
-        embed = next((m for m in self.layers.values() if isinstance(m, EmbeddingWithLoRA)),
-                     None)
+        embed = self._embedding()
         if not cfg.lora_extra_vocab_size or embed is None:
             return None
         a = model.args
@@ -196,8 +200,7 @@ class LoRAManager:
         embedding and, for the logits, by the model runner."""
         if not cfg.modules_to_save:
             return None
-        embed = next((m for m in self.layers.values() if isinstance(m, EmbeddingWithLoRA)),
-                     None)
+        embed = self._embedding()
         if embed is None or "lm_head" not in self.layers:
             raise ValueError("--enable-lora-modules-to-save needs embed_tokens and lm_head "
                              "among --lora-target-modules")
