@@ -164,22 +164,20 @@ class OpenAIServingChat(OpenAIServing):
         gen = sum(len(o.token_ids) for o in final.outputs)
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices,
-            usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=gen,
-                            total_tokens=len(ids) + gen),
+            usage=UsageInfo.of(len(ids), gen),
             prompt_logprobs=self.prompt_logprobs(req, final))
 
     def _beam_response(self, req: ChatCompletionRequest, request_id: str, model: str,
                        prompt_tokens: int, result: BeamSearchOutput, echo: str
                        ) -> ChatCompletionResponse:
-        choices = [ChatCompletionChoice(index=j, message=message, finish_reason=finish)
-                   for j, beam in enumerate(result.sequences)
-                   for message, finish in [self._reply(req, None, beam.text,
-                                                       beam.finish_reason, echo)]]
+        choices = []
+        for j, beam in enumerate(result.sequences):
+            message, finish = self._reply(req, None, beam.text, beam.finish_reason, echo)
+            choices.append(ChatCompletionChoice(index=j, message=message, finish_reason=finish))
         gen = sum(len(beam.logprobs) for beam in result.sequences)
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices,
-            usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen,
-                            total_tokens=prompt_tokens + gen))
+            usage=UsageInfo.of(prompt_tokens, gen))
 
     def _reply(self, req: ChatCompletionRequest, calling: str | None, text: str,
                finish: str | None, echo: str = "") -> tuple[ChatResponseMessage, str | None]:
@@ -293,5 +291,4 @@ class OpenAIServingChat(OpenAIServing):
             last = out
         if req.stream_options and req.stream_options.include_usage:
             gen = sum(len(o.token_ids) for o in last.outputs)
-            yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen,
-                                      total_tokens=prompt_tokens + gen))
+            yield chunk([], UsageInfo.of(prompt_tokens, gen))

@@ -108,9 +108,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     prompt_logprobs=self.prompt_logprobs(req, out)))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return CompletionResponse(id=request_id, model=model, choices=choices,
-                                  usage=UsageInfo(prompt_tokens=prompt_tokens,
-                                                  completion_tokens=completion_tokens,
-                                                  total_tokens=prompt_tokens + completion_tokens))
+                                  usage=UsageInfo.of(prompt_tokens, completion_tokens))
 
     def _beam_response(self, req: CompletionRequest, request_id: str, model: str,
                        prompts: list, lora: LoRARequest | None,
@@ -124,9 +122,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                                 finish_reason=beam.finish_reason))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
         return CompletionResponse(id=request_id, model=model, choices=choices,
-                                  usage=UsageInfo(prompt_tokens=prompt_tokens,
-                                                  completion_tokens=completion_tokens,
-                                                  total_tokens=prompt_tokens + completion_tokens))
+                                  usage=UsageInfo.of(prompt_tokens, completion_tokens))
 
     def _echoed_logprobs(self, req: CompletionRequest, out: RequestOutput, prefix_len: int
                          ) -> tuple[CompletionLogProbs, int]:
@@ -209,9 +205,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
         if req.stream_options and req.stream_options.include_usage:
             prompt_tokens = sum(len(ids) for _, ids in prompts)
-            usage = UsageInfo(prompt_tokens=prompt_tokens,
-                              completion_tokens=completion_tokens,
-                              total_tokens=prompt_tokens + completion_tokens)
+            usage = UsageInfo.of(prompt_tokens, completion_tokens)
             chunk = CompletionStreamResponse(id=request_id, created=created, model=model,
                                              choices=[], usage=usage)
             yield f"data: {chunk.model_dump_json()}\n\n"
