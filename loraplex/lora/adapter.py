@@ -14,6 +14,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -109,7 +110,7 @@ class TargetShapes:
         if leaf in self.unserved:
             return True
         return "experts" in self.unserved and leaf in (*EXPERT_PROJECTIONS, *FUSED_PARAMETERS) \
-            and leaf not in self.leaves()
+            and leaf not in self.leaves
 
     def no_slots_error(self, name: str, target: str) -> LoRAError:
         served = " ".join(n for n in self.suffixes if n not in self.unserved)
@@ -117,12 +118,14 @@ class TargetShapes:
                          f"slots: the engine was started with --lora-target-modules {served}; "
                          "restart with it among them")
 
-    def leaves(self) -> set[str]:
-        """The leaf names an adapter's target_modules may use."""
+    @cached_property
+    def leaves(self) -> frozenset[str]:
+        """The leaf names an adapter's target_modules may use (the model's: computed once,
+        not for every adapter registered)."""
         leaves = {m.rsplit(".", 1)[-1] for m in self.shapes}
         if self.experts:
             leaves |= {"experts", *EXPERT_PROJECTIONS}
-        return leaves
+        return frozenset(leaves)
 
 
 def local_adapter_dir(req: LoRARequest) -> str | None:
@@ -191,7 +194,7 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     if max(ranks) > max_rank:
         raise LoRAError(f"LoRA adapter {name!r} has rank {max(ranks)} > max_lora_rank="
                         f"{max_rank}; restart with --max-lora-rank {max(ranks)}")
-    leaves = targets.leaves()
+    leaves = targets.leaves
     for t in cfg.get("target_parameters") or []:
         module, _, param = t.rpartition(".")
         if targets.no_slots(param if param != "weight" else module.rsplit(".", 1)[-1]):
