@@ -119,14 +119,10 @@ class BeamSearch:
 
 
 def beam_search(llm: LLM, prompts: Sequence[Any], params: BeamSearchParams,
-                lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
-                use_tqdm: bool = False) -> list[BeamSearchOutput]:
-    """LLM.beam_search: the search driven by LLM.generate."""
+                loras: list[LoRARequest | None], use_tqdm: bool = False
+                ) -> list[BeamSearchOutput]:
+    """LLM.beam_search: the search driven by LLM.generate (`loras`: one per prompt)."""
     engine = llm.llm_engine
-    loras = list(lora_request) if isinstance(lora_request, list | tuple) \
-        else [lora_request] * len(prompts)
-    if len(loras) != len(prompts):
-        raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
     llm._register(loras)  # an adapter that adds tokens encodes with its own tokenizer
     ids = [engine._tokenize(p, engine.get_tokenizer(lora))[1]
            for p, lora in zip(prompts, loras, strict=True)]

@@ -68,7 +68,9 @@ class LLM:
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """vLLM's beam search: for each prompt the params.beam_width best sequences by
         length-penalized cumulative logprob (loraplex/beam_search.py)."""
-        return beam_search(self, list(prompts), params, lora_request, use_tqdm)
+        prompts = list(prompts)
+        loras = _broadcast(lora_request, len(prompts), "lora_request", None)
+        return beam_search(self, prompts, params, loras, use_tqdm)
 
     def chat(self, messages: Conversation | list[Conversation],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
