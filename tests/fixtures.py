@@ -336,6 +336,7 @@ def make_peft_adapter(
     target_parameters: Sequence[str] | None = None,
     modules_to_save: Sequence[str] | None = None,
     use_rslora: bool = False,
+    use_dora: bool = False,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, int] | None = None,
     seed: int = 1,
@@ -345,7 +346,8 @@ def make_peft_adapter(
     """Create a PEFT LoRA adapter for ``base_dir`` with random non-zero A and B; return ``out_dir``.
 
     PEFT inits lora_B to zero (a no-op adapter), so both A and B are re-drawn ~ N(0, scale);
-    the copies of `modules_to_save` get noise of `scale` times their spread.
+    the copies of `modules_to_save` get noise of `scale` times their spread, and DoRA's
+    magnitudes (||W|| at init) a random 20% up or down per row.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -360,6 +362,7 @@ def make_peft_adapter(
         **({"target_parameters": list(target_parameters)} if target_parameters else {}),
         **({"modules_to_save": list(modules_to_save)} if modules_to_save else {}),
         use_rslora=use_rslora,
+        use_dora=use_dora,
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
         lora_dropout=0.0,
@@ -375,6 +378,8 @@ def make_peft_adapter(
                 n += 1
             elif ".modules_to_save." in name:  # a fully trained copy: moved off the base
                 p.add_(scale * p.std() * torch.randn(p.shape, generator=gen))
+            elif ".lora_magnitude_vector." in name:
+                p.mul_(1 + 0.2 * (2 * torch.rand(p.shape, generator=gen) - 1))
     if n == 0:
         raise ValueError(f"target_modules={target_modules!r} matched no module in {base_dir}")
     model.save_pretrained(str(out_dir), safe_serialization=safetensors)

@@ -223,6 +223,19 @@ def stand_in_graph_runner(runner) -> CUDAGraphRunner:
                            runner.max_model_len, runner.max_loras)
 
 
+def llm_with_decode_graphs(monkeypatch: pytest.MonkeyPatch, base, **kw):
+    """An LLM (make_llm's, with `kw`) whose decode steps replay graphs: real ones on a GPU,
+    on the CPU stand-ins captured at batch 1, 2, 4, 8 (the Triton attention backend)."""
+    if not CUDA:
+        use_stand_in_graphs(monkeypatch)
+    llm = make_llm(base, **kw)
+    runner = llm.llm_engine.model_runner
+    if not CUDA:
+        runner.cuda_graphs = stand_in_graph_runner(runner)
+        runner.cuda_graphs.capture()
+    return llm
+
+
 @pytest.mark.skipif(CUDA, reason="the real graphs run on the GPU (test_graphs_match_eager)")
 def test_replay_path_with_stand_in_graphs(monkeypatch, tiny_models, tiny_adapters, prompts):
     use_stand_in_graphs(monkeypatch)

@@ -41,8 +41,6 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
     cases = {
         "missing path": (LoRARequest("nope", 10, str(tmp_path / "nowhere")), "does not exist"),
         "rank too high": (LoRARequest("big", 11, str(ad["r16_rslora"])), "--max-lora-rank 16"),
-        "DoRA": (LoRARequest("dora", 12, str(_edited_adapter(
-            ad["r4_qv"], tmp_path / "dora", lambda c: c.update(use_dora=True)))), "DoRA"),
         "modules_to_save": (LoRARequest("mts", 13, str(_edited_adapter(
             ad["r4_qv"], tmp_path / "mts", lambda c: c.update(modules_to_save=["lm_head"])))),
             "modules_to_save"),
@@ -72,6 +70,9 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
     late_cases = {
         "corrupt safetensors": (LoRARequest("corrupt", 16, str(corrupt)), "cannot read"),
         "shape mismatch": (LoRARequest("wide", 18, str(other)), "do not fit"),
+        "DoRA without magnitudes": (LoRARequest("dora", 12, str(_edited_adapter(
+            ad["r4_qv"], tmp_path / "dora", lambda c: c.update(use_dora=True)))),
+            "use_dora=true but no lora_magnitude_vector"),
     }
 
     engine = llm.llm_engine

@@ -117,18 +117,14 @@ def test_through_decode_graphs(monkeypatch, tiny_models, tiny_adapters, trained,
     import torch
 
     from tests.engine_utils import GREEDY, check_against_hf, lora_requests
-    from tests.test_cuda_graphs import stand_in_graph_runner, use_stand_in_graphs
+    from tests.test_cuda_graphs import llm_with_decode_graphs
 
     cuda = torch.cuda.is_available()
-    if not cuda:
-        use_stand_in_graphs(monkeypatch)
     base = tiny_models["llama"]
-    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8, max_num_seqs=8,
-                   block_size=8, max_model_len=64, enable_lora_modules_to_save=True)
+    llm = llm_with_decode_graphs(monkeypatch, base, enable_lora=True, max_loras=2,
+                                 max_lora_rank=8, max_num_seqs=8, block_size=8,
+                                 max_model_len=64, enable_lora_modules_to_save=True)
     runner = llm.llm_engine.model_runner
-    if not cuda:
-        runner.cuda_graphs = stand_in_graph_runner(runner)
-        runner.cuda_graphs.capture()
     paths = {**trained, "r4_qv": tiny_adapters["llama"]["r4_qv"]}
     reqs = lora_requests(paths)
     names = ["embed", None, "both", "r4_qv", "head"]

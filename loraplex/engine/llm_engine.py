@@ -104,8 +104,9 @@ class LLMEngine:
                                                                     block_size),
                                   block_size, mc.max_model_len)
         cache_config = cpu_cache_config(self.config.cache_config, self.memory, mc.device.type)
-        self.model_runner = ModelRunner(self.model, mc, cache_config,
-                                        self.config.scheduler_config)
+        self.model_runner = ModelRunner(
+            self.model, mc, cache_config, self.config.scheduler_config,
+            self.lora_manager.dora_slots if self.lora_manager else None)
         self.memory.num_kv_blocks = self.model_runner.num_blocks
         if self.model_runner.num_blocks * block_size < mc.max_model_len:
             slots = (f" after the adapter slots took {self.memory.lora_slot_bytes / 2**20:.1f} "

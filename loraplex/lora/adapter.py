@@ -3,7 +3,8 @@
     W' x = W x + s * B (A x),   s = lora_alpha / r   (or lora_alpha / sqrt(r) with rsLoRA)
 
 `s` is computed here, per module (rank_pattern / alpha_pattern), and multiplied into B,
-so the serving path never sees it. Everything that can be wrong with an adapter is
+so the serving path never sees it. A DoRA adapter (use_dora) also brings each module's
+magnitude vector m (lora/dora.py). Everything that can be wrong with an adapter is
 caught here, at load time, with a message that names the adapter and the fix.
 """
 
@@ -45,6 +46,7 @@ from loraplex.lora.request import LoRARequest
 class LoRAModuleWeights:
     lora_a: torch.Tensor  # [r, in]
     lora_b: torch.Tensor  # [out, r], scaling folded in
+    magnitude: torch.Tensor | None = None  # [out] fp32: DoRA's m (None: plain LoRA)
 
 
 @dataclass
@@ -76,6 +78,11 @@ class PackedLoRA:
     added_tokens: AddedTokens | None = None
     path: str | None = None  # the directory it was read from (its tokenizer's)
     full_vocab: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRAModel's
+
+    @property
+    def dora(self) -> bool:
+        """Some layer scales its rows (DoRA): decoded outside CUDA graphs."""
+        return any(len(p) > 2 and p[2] is not None for p in self.layers.values())
 
 
 @dataclass(frozen=True)
@@ -173,9 +180,6 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     peft_type = cfg.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise LoRAError(f"LoRA adapter {name!r}: peft_type {peft_type!r} is not LoRA")
-    if cfg.get("use_dora"):
-        raise LoRAError(f"LoRA adapter {name!r} uses DoRA (use_dora=true), which is not "
-                        "supported yet; merge it into the base or retrain as plain LoRA")
     if cfg.get("lora_bias"):
         raise LoRAError(f"LoRA adapter {name!r} has lora_bias=true (a bias on lora_B), which is "
                         "not supported yet; retrain without it")
@@ -275,10 +279,17 @@ _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embe
                             r"(?P<ab>[AB])(?:\.[^.]+)?$")
 
 
+# DoRA's magnitude: a parameter ("...lora_magnitude_vector"); PEFT before 0.12 saved the
+# module's weight ("...lora_magnitude_vector.weight")
+_MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector"
+                            r"(?:\.[^.]+)?(?:\.weight)?$")
+
+
 def _module_name(name: str, key: str) -> tuple[str, str]:
-    """(HF module name, "lora_A" | "lora_B") of a LoRA weight's key."""
-    if "lora_magnitude_vector" in key:
-        raise LoRAError(f"LoRA adapter {name!r} has {key!r}: DoRA is not supported yet")
+    """(HF module name, "lora_A" | "lora_B" | "magnitude") of a LoRA weight's key."""
+    m = _MAGNITUDE_KEY.match(key)
+    if m is not None:
+        return m.group("module"), "magnitude"
     m = _KEY.match(key)
     if m is not None:
         return m.group("module"), m.group("kind")
@@ -318,9 +329,15 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     experts: dict[str, dict[tuple[int, str], LoRAModuleWeights]] = {}
     for hf_module, ab in pairs.items():
         module = targets.ours(hf_module)
+        magnitude = _dora_magnitude(name, hf_module, ab, bool(cfg.get("use_dora")))
         if set(ab) != {"lora_A", "lora_B"}:
             raise LoRAError(f"LoRA adapter {name!r}: module {hf_module!r} lacks its "
                             f"{'lora_B' if 'lora_A' in ab else 'lora_A'} weight")
+        if magnitude is not None and (module.rsplit(".", 1)[-1] in FULL_VOCAB_MODULES
+                                      or expert_target(module, targets.experts) is not None):
+            raise LoRAError(f"LoRA adapter {name!r} uses DoRA on {hf_module!r}: DoRA is "
+                            "supported on linear projections, not on embed_tokens, lm_head "
+                            "or a mixture of experts' experts")
         if (on_experts := expert_target(module, targets.experts)) is not None:
             _add_experts(name, hf_module, ab, on_experts, targets, scaling, max_rank, dtype,
                          experts)
@@ -340,8 +357,12 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
                             f"{tuple(b.shape)}, which do not fit the base layer (in={in_f}, "
                             f"out={out_f}); the adapter was trained for another base model")
         _check_rank(name, rank, max_rank)
+        if magnitude is not None and magnitude.shape != (out_f,):
+            raise LoRAError(f"LoRA adapter {name!r}: {hf_module}'s lora_magnitude_vector has "
+                            f"shape {tuple(magnitude.shape)}, not ({out_f},)")
         modules[module] = LoRAModuleWeights(lora_a=a.to(dtype).contiguous(),
-                                            lora_b=b.to(dtype).contiguous())
+                                            lora_b=b.to(dtype).contiguous(),
+                                            magnitude=magnitude)
     added = vocab.added_tokens(cfg, read_new_embeddings(name, path))
     if added is not None:
         added = AddedTokens(added.input_embeddings.to(dtype), added.output_embeddings.to(dtype))
@@ -350,6 +371,20 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
                      rank=max(w.lora_a.shape[0] for w in every), modules=modules,
                      added_tokens=added, experts=experts,
                      full_vocab={k: v.to(dtype) for k, v in vocab.full.items()})
+
+
+def _dora_magnitude(name: str, hf_module: str, weights: dict[str, torch.Tensor],
+                    use_dora: bool) -> torch.Tensor | None:
+    """Take the module's DoRA magnitude out of `weights` (fp32; None for plain LoRA), and
+    check that it is there exactly when adapter_config.json says use_dora."""
+    magnitude = weights.pop("magnitude", None)
+    if use_dora and magnitude is None:
+        raise LoRAError(f"LoRA adapter {name!r} has use_dora=true but no "
+                        f"lora_magnitude_vector for {hf_module!r}")
+    if magnitude is not None and not use_dora:
+        raise LoRAError(f"LoRA adapter {name!r} has a lora_magnitude_vector for "
+                        f"{hf_module!r} (DoRA) but use_dora is not true in adapter_config.json")
+    return None if magnitude is None else magnitude.float()
 
 
 class _Scaling:

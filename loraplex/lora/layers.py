@@ -2,6 +2,7 @@
 
     y = W x  +  B[s] (A[s] x)          s = the token's adapter slot (-1: base only)
     y = E[t] +  B[s] A[s][:, t]        the token embedding: A's column of token t
+    y = g[s] * (W x + B[s] (A[s] x))   a DoRA adapter's slot (lora/dora.py), bias unscaled
 
 Weights live in preallocated slot buffers (vLLM's `lora_a_stacked` / `lora_b_stacked`),
 one A per packed sub-projection and their B's stacked like the base weight's rows.
@@ -18,7 +19,7 @@ from torch import nn
 
 from loraplex.layers.linear import Linear
 from loraplex.layers.quantization import QuantLinear
-from loraplex.lora import ops
+from loraplex.lora import dora, ops
 from loraplex.lora.extra_vocab import ExtraVocabSlots
 from loraplex.lora.full_vocab import FullVocabSlots
 from loraplex.lora.meta import LoRABatchMeta
@@ -45,39 +46,60 @@ class LinearWithLoRA(nn.Module):
         self.register_buffer("lora_ranks", torch.zeros(max_loras, dtype=torch.int32,
                                                        device=device), persistent=False)
         self.slot_ranks = [0] * max_loras  # host copy: skip the op when no active slot has weights
+        # DoRA's per-row scale g [S, out] fp32 (1 in other slots), made by the first DoRA
+        # adapter to arrive: deployments without one hold nothing for it
+        self.magnitude_scale: torch.Tensor | None = None
+        self.slot_dora = [False] * max_loras
 
     @staticmethod
     def _dims(base_layer: nn.Module) -> tuple[int, list[int]]:
         """(in_features, output_sizes) of the wrapped layer, as the slots see it."""
         return base_layer.in_features, list(base_layer.output_sizes)
 
+    def base_weight(self) -> torch.Tensor:
+        """The base's W [out, in] as its forward uses it (a quantized one dequantized)."""
+        base = self.base_layer
+        return base.dequantize(torch.float32).T if isinstance(base, QuantLinear) else base.weight
+
     def pack(self, lora_a: list[torch.Tensor | None], lora_b: list[torch.Tensor | None],
-             pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             pin_memory: bool = False, magnitudes: list[torch.Tensor | None] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One adapter's sub-projections (A_k [r_k, in], B_k [out_k, r_k]; None = not
         targeted) in the layout of one slot, on the host: A [r, n, in], B [sum(out_k), r],
         r = the largest r_k; absent slices and ranks past a slice's own are zeros (so a
-        q,v-only adapter keeps k's rows too: one copy per buffer beats three)."""
+        q,v-only adapter keeps k's rows too: one copy per buffer beats three). With DoRA
+        (`magnitudes`: m_k [out_k]), also g [sum(out_k)] fp32, 1 on untargeted rows;
+        else None."""
         rank = max(a.shape[0] for a in lora_a if a is not None)
         a_slot = torch.zeros(rank, len(self.output_sizes), self.in_features,
                              dtype=self.lora_a_stacked.dtype, pin_memory=pin_memory)
         b_slot = torch.zeros(sum(self.output_sizes), rank, dtype=self.lora_b_stacked.dtype,
                              pin_memory=pin_memory)
+        magnitudes = magnitudes or [None] * len(self.output_sizes)
+        g = (torch.ones(sum(self.output_sizes), pin_memory=pin_memory)
+             if any(m is not None for m in magnitudes) else None)
+        weight = self.base_weight() if g is not None else None
         col = 0
         for k, (a, b, out) in enumerate(zip(lora_a, lora_b, self.output_sizes, strict=True)):
             if a is not None:
                 a_slot[:a.shape[0], k] = a
                 b_slot[col:col + out, :a.shape[0]] = b
+                if magnitudes[k] is not None:
+                    g[col:col + out] = dora.magnitude_scale(weight[col:col + out], a, b,
+                                                            magnitudes[k])
             col += out
-        return a_slot, b_slot
+        return a_slot, b_slot, g
 
     def set_lora(self, slot: int, lora_a: list[torch.Tensor | None],
-                 lora_b: list[torch.Tensor | None]) -> None:
+                 lora_b: list[torch.Tensor | None],
+                 magnitudes: list[torch.Tensor | None] | None = None) -> None:
         """Copy one adapter into `slot`; a None sub-projection stays zero."""
-        self.set_packed(slot, *self.pack(lora_a, lora_b))
+        self.set_packed(slot, *self.pack(lora_a, lora_b, magnitudes=magnitudes))
 
-    def set_packed(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Copy pack()'s output into `slot`: two copies, and zeros over ranks the slot's
-        last adapter used beyond this one's."""
+    def set_packed(self, slot: int, a: torch.Tensor, b: torch.Tensor,
+                   g: torch.Tensor | None = None) -> None:
+        """Copy pack()'s output into `slot`: two copies (three with DoRA), and zeros over
+        ranks the slot's last adapter used beyond this one's."""
         rank, old = a.shape[0], self.slot_ranks[slot]
         if old > rank:
             self.lora_a_stacked[slot, rank:old].zero_()
@@ -85,11 +107,25 @@ class LinearWithLoRA(nn.Module):
         self.lora_a_stacked[slot, :rank].copy_(a, non_blocking=True)
         self.lora_b_stacked[slot, :, :rank].copy_(b, non_blocking=True)
         self.lora_ranks[slot] = self.slot_ranks[slot] = rank
+        if g is not None:
+            if self.magnitude_scale is None:
+                self.magnitude_scale = torch.ones(len(self.slot_dora), len(g),
+                                                  device=self.lora_ranks.device)
+            self.magnitude_scale[slot].copy_(g, non_blocking=True)
+            self.slot_dora[slot] = True
+        elif self.slot_dora[slot]:
+            self._reset_dora(slot)
+
+    def _reset_dora(self, slot: int) -> None:
+        self.magnitude_scale[slot].fill_(1.0)
+        self.slot_dora[slot] = False
 
     def reset_lora(self, slot: int) -> None:
         """Zero the slot. Only its first slot_ranks[slot] ranks can hold weights (set_lora
         writes no further), so only those are cleared: swapping adapters in and out of
         slots is a hot path when more adapters are active than max_loras."""
+        if self.slot_dora[slot]:
+            self._reset_dora(slot)
         rank = self.slot_ranks[slot]
         if rank == 0:
             return  # already all zeros
@@ -116,7 +152,16 @@ class LinearWithLoRA(nn.Module):
         if meta is not None:
             ops.add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, self.lora_ranks, meta,
                          self.output_sizes)
+            if self._dora_active(meta):
+                y = dora.rescale(y, self.base_layer.bias, self.magnitude_scale,
+                                 meta.token_lora_indices[:y.shape[0]])
         return y
+
+    def _dora_active(self, meta: LoRABatchMeta) -> bool:
+        """A DoRA adapter's slot is in the step. Never inside a CUDA graph (the model
+        runner decodes a batch with one eagerly): the check is a host decision."""
+        return self.magnitude_scale is not None and meta.skip_unused_layers and any(
+            self.slot_dora[s] for s in meta.active_slot_list)
 
 
 class EmbeddingWithLoRA(LinearWithLoRA):

@@ -137,6 +137,8 @@ class LoRAManager:
         self.tokenizers: dict[int, Any] = {}
         self._host: OrderedDict[int, PackedLoRA] = OrderedDict()  # LRU: oldest first
         self.lora_index_to_id: list[int | None] = [None] * cfg.max_loras
+        # slots holding a DoRA adapter: the model runner decodes a batch using one eagerly
+        self.dora_slots: set[int] = set()
         self._slot_lru: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, oldest first
         self.pinned: set[int] = set()
         self.loader = AdapterLoader(self.prepare, cfg.num_load_workers, self.device)
@@ -240,14 +242,15 @@ class LoRAManager:
         for module, w in lora.modules.items():
             prefix, _, leaf = module.rpartition(".")
             packed, k = self._packed.get(leaf, (leaf, 0))
-            grouped.setdefault(_join(prefix, packed), {})[k] = (w.lora_a, w.lora_b)
+            grouped.setdefault(_join(prefix, packed), {})[k] = w
         layers = {}
         for name, parts in grouped.items():
             layer = self.layers[name]
-            n = len(layer.output_sizes)
-            layers[name] = layer.pack([parts[k][0] if k in parts else None for k in range(n)],
-                                      [parts[k][1] if k in parts else None for k in range(n)],
-                                      pin_memory=self.device.type == "cuda")
+            ws = [parts.get(k) for k in range(len(layer.output_sizes))]
+            layers[name] = layer.pack([w.lora_a if w else None for w in ws],
+                                      [w.lora_b if w else None for w in ws],
+                                      pin_memory=self.device.type == "cuda",
+                                      magnitudes=[w.magnitude if w else None for w in ws])
         for name, parts in lora.experts.items():
             layers[name] = self.layers[name].pack(
                 {key: (w.lora_a, w.lora_b) for key, w in parts.items()},
@@ -457,6 +460,10 @@ class LoRAManager:
         if stream is not None:  # the next forward reads the slot: wait for the copies
             torch.cuda.current_stream(self.device).wait_stream(stream)
         self.lora_index_to_id[slot] = lora.lora_int_id
+        if lora.dora:
+            self.dora_slots.add(slot)
+        else:
+            self.dora_slots.discard(slot)
 
     def _reset_slot(self, slot: int) -> None:
         for layer in self.layers.values():
@@ -466,6 +473,7 @@ class LoRAManager:
         if self.full_vocab is not None:
             self.full_vocab.reset(slot)
         self.lora_index_to_id[slot] = None
+        self.dora_slots.discard(slot)
 
     def num_unpinned_capacity(self, batch: set[int]) -> int:
         """How many distinct adapters a batch may hold: slots not held by pinned outsiders."""

@@ -77,8 +77,12 @@ class StepOutput(NamedTuple):
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, model_config: ModelConfig,
-                 cache_config: CacheConfig, scheduler_config: SchedulerConfig) -> None:
+                 cache_config: CacheConfig, scheduler_config: SchedulerConfig,
+                 eager_slots: set[int] | None = None) -> None:
         self.model = model
+        # adapter slots whose layers do work no decode graph holds (DoRA's rescaling, kept
+        # up to date by the LoRA manager): a batch using one decodes eagerly
+        self.eager_slots = eager_slots if eager_slots is not None else set()
         self.device = model_config.device
         self.dtype = model_config.dtype
         self.block_size = cache_config.block_size
@@ -390,6 +394,8 @@ class ModelRunner:
         n = len(seqs)
         graphs = self.cuda_graphs
         padded = graphs.padded_size(n) if graphs is not None else None
+        if padded is not None and seq_slots and self.eager_slots.intersection(seq_slots):
+            padded = None
         input_ids, positions, ctx = self.prepare_decode(seqs, padded)
         has_lora = seq_slots is not None and any(s >= 0 for s in seq_slots)
         if padded is not None:
