@@ -133,7 +133,9 @@ class LoRAConfig:
     max_cpu_loras: int | None = None
     lora_dtype: torch.dtype | None = None  # None = the model's dtype
     lora_extra_vocab_size: int = 0
-    long_lora_scaling_factors: tuple[float, ...] | None = None
+    # rope tables for long-context LoRA (LongLoRA): an adapter whose context_length is f x
+    # the base's max_position_embeddings needs f here
+    long_lora_scaling_factors: tuple[float, ...] = ()
     num_load_workers: int = 2  # threads reading adapters off the step loop
     # the module names that get adapter slots (SGLang's --lora-target-modules); None: every
     # one the model supports

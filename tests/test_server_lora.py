@@ -80,8 +80,6 @@ def test_announces_address_and_adapters(server, tiny_adapters):
     while want not in server.logs() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert want in server.logs()
-    # accepted, and said to do nothing
-    assert "--long-lora-scaling-factors is accepted but has no effect" in server.logs()
     assert "--lora-extra-vocab-size is accepted" not in server.logs()
 
 
@@ -561,7 +559,8 @@ def test_adapter_that_adds_tokens_over_http(server, client, tiny_models, tiny_ad
     with its tokenizer (an added token's text becomes its id; the base's requests keep the
     base tokenizer), its outputs and logprobs decode its tokens, and its tokens equal HF +
     PEFT's on the resized model. Without its tokenizer it is a 400 naming why; a
-    long-context LoRA is refused ("not supported yet"); the server carries on."""
+    long-context LoRA whose factor the server lacks is refused naming it; the server carries
+    on."""
     from transformers import AutoTokenizer
 
     from tests.fixtures import make_added_tokens_adapter
@@ -609,7 +608,9 @@ def test_adapter_that_adds_tokens_over_http(server, client, tiny_models, tiny_ad
     long = _edited(tiny_adapters["llama"]["r4_qv"], tmp_path / "long",
                    lambda c: c.update(context_length=16384))
     for name, path, reason in (("no_tok", no_tok, "no usable tokenizer"),
-                               ("long", long, "long-context LoRA is not supported yet")):
+                               ("long", long, "start the engine with "
+                                "--long-lora-scaling-factors including 32 (it was started "
+                                "with --long-lora-scaling-factors 4,8)")):
         r = server.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
         assert r.status_code == 400, r.text
         assert reason in r.json()["error"]["message"]

@@ -215,7 +215,7 @@ def _variant(src, dst, config=None, files=None):
 
 
 def test_long_context_refused_and_added_tokens_counted_from_headers(tiny_adapters, tmp_path):
-    """Long-context LoRA is refused by name ("not supported yet"). Tokens an adapter adds
+    """Long-context LoRA without its rope factor is refused by name. Tokens an adapter adds
     are counted at registration from the files' headers alone, and an adapter that adds
     more than lora_extra_vocab_size, or whose tokenizer adds ids its weights have no rows
     for, is refused then and at full load (tests/test_added_tokens.py serves them)."""
@@ -231,7 +231,7 @@ def test_long_context_refused_and_added_tokens_counted_from_headers(tiny_adapter
 
     def targets(extra):
         return TargetShapes(shapes=shapes, suffixes=("q_proj", "v_proj"), vocab_size=512,
-                            extra_vocab_size=extra)
+                            extra_vocab_size=extra, max_position=512)
 
     def added(ids):
         return lambda p: p.write_text(json.dumps({f"<t{i}>": i for i in ids}))
@@ -239,7 +239,8 @@ def test_long_context_refused_and_added_tokens_counted_from_headers(tiny_adapter
         "new_embeddings.safetensors": lambda p: save_file(emb, str(p))})
     refused = {
         "long": (_variant(src, tmp_path / "long", {"context_length": 16384}),
-                 "long-context LoRA is not supported yet"),
+                 "context_length=16384 is 32 x the base's 512 positions; start the engine "
+                 "with --long-lora-scaling-factors including 32"),
         "new_emb": (new_emb, "has 3 extra embeddings (tokens added past the base vocabulary "
                              "of 512), but lora_extra_vocab_size=2; restart with "
                              "--lora-extra-vocab-size 3"),

@@ -17,6 +17,7 @@ from loraplex.config import (
     SchedulerConfig,
     resolve_dtype,
 )
+from loraplex.models.registry import long_lora_max_position
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,12 @@ class EngineArgs:
                              f" not {self.quantization!r}")
         if self.default_mm_loras:
             raise ValueError("default_mm_loras: multimodal models are not supported yet")
+        if self.long_lora_scaling_factors and not self.enable_lora:
+            raise ValueError("long_lora_scaling_factors needs enable_lora")
+        if any(not f >= 1.0 for f in self.long_lora_scaling_factors or ()):
+            raise ValueError(f"long_lora_scaling_factors={self.long_lora_scaling_factors}: "
+                             "each factor is how many times longer than the base's context "
+                             "an adapter was trained, >= 1")
 
     def create_engine_config(self, hf_config: Any) -> EngineConfig:
         from loraplex.layers.quantization import quant_config_from_hf
@@ -131,11 +138,14 @@ class EngineArgs:
         self._warn_ignored(device)
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None)
                               or getattr(hf_config, "torch_dtype", None), device)
-        limit = hf_config.max_position_embeddings
-        max_model_len = self.max_model_len or limit
+        limit = long_lora_max_position(hf_config, self.long_lora_scaling_factors)
+        max_model_len = self.max_model_len or hf_config.max_position_embeddings
         if max_model_len > limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's limit of "
-                             f"{limit} positions")
+                             f"{limit} positions" + (
+                                 "" if self.long_lora_scaling_factors else
+                                 " (long-context LoRA adapters: --long-lora-scaling-factors "
+                                 "raises it)"))
         served = self.served_model_name
         if isinstance(served, list):
             served = served[0] if served else None
@@ -169,7 +179,7 @@ class EngineArgs:
                 max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
                 max_cpu_loras=self.max_cpu_loras, lora_dtype=lora_dtype,
                 lora_extra_vocab_size=self.lora_extra_vocab_size,
-                long_lora_scaling_factors=self.long_lora_scaling_factors,
+                long_lora_scaling_factors=tuple(self.long_lora_scaling_factors or ()),
                 num_load_workers=self.max_lora_load_workers,
                 target_modules=_parse_names(self.lora_target_modules),
                 modules_to_save=self.enable_lora_modules_to_save)

@@ -104,9 +104,11 @@ class LLMEngine:
                                                                     block_size),
                                   block_size, mc.max_model_len)
         cache_config = cpu_cache_config(self.config.cache_config, self.memory, mc.device.type)
-        self.model_runner = ModelRunner(
-            self.model, mc, cache_config, self.config.scheduler_config,
-            self.lora_manager.dora_slots if self.lora_manager else None)
+        lm = self.lora_manager
+        self.model_runner = ModelRunner(self.model, mc, cache_config,
+                                        self.config.scheduler_config,
+                                        lm.dora_slots if lm else None,
+                                        lm.rope_offsets if lm else None)
         self.memory.num_kv_blocks = self.model_runner.num_blocks
         if self.model_runner.num_blocks * block_size < mc.max_model_len:
             slots = (f" after the adapter slots took {self.memory.lora_slot_bytes / 2**20:.1f} "
@@ -120,7 +122,6 @@ class LLMEngine:
                     if lc else self.memory.describe(0))
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
                                           self.config.cache_config.enable_prefix_caching)
-        lm = self.lora_manager
         self.scheduler = Scheduler(
             self.config.scheduler_config, self.block_manager,
             lm.num_unpinned_capacity if lm else None,
@@ -144,7 +145,8 @@ class LLMEngine:
         torch.set_default_dtype(mc.dtype)
         try:
             with torch.device(mc.device):
-                model = build_model(hf_config, mc.quantization)
+                model = build_model(hf_config, mc.quantization, self.lora_config.
+                                    long_lora_scaling_factors if self.lora_config else ())
         finally:
             torch.set_default_dtype(default)
         if mc.load_format == "dummy":

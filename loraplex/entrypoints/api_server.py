@@ -301,9 +301,6 @@ async def build_state(args: argparse.Namespace) -> ServerState:
             local_adapter_dir(LoRARequest(m.name, 1, m.path))
         except LoRAError as e:
             raise CLIError(f"--lora-modules {m.name}={m.path}: {_one_line(e)}") from None
-    if hasattr(args, "long_lora_scaling_factors"):  # engine flags are set only when given
-        logger.warning("--long-lora-scaling-factors is accepted but has no effect: "
-                       "long-context LoRA adapters are refused (not supported yet)")
     chat_template = _chat_template(args.chat_template)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise CLIError("--enable-auto-tool-choice needs --tool-call-parser (hermes, "

@@ -157,8 +157,11 @@ ENGINE_HELP: dict[str, str] = {
     "lora_extra_vocab_size": "Most tokens one adapter may add to the vocabulary (trained "
                              "after tokenizer.add_tokens; served with the adapter's own "
                              "tokenizer). Each slot reserves rows for this many.",
-    "long_lora_scaling_factors": "RoPE scaling factors for long-context LoRA, e.g. 4.0,8.0. "
-                                 "Accepted; long-context LoRA adapters are not supported yet.",
+    "long_lora_scaling_factors": "RoPE scaling factors for long-context LoRA (LongLoRA), e.g. "
+                                 "4.0,8.0: an adapter whose context_length is f x the base's "
+                                 "max_position_embeddings is served with rope scaled "
+                                 "linearly by f; max_model_len may go up to the base's "
+                                 "length x the largest factor.",
     "default_mm_loras": "JSON {modality: adapter}; multimodal models are not supported yet.",
     "lora_scheduling_policy": "When more adapters are wanted than --max-loras: fair (requests "
                               "for running adapters go ahead of ones waiting for a slot; "

@@ -6,7 +6,10 @@ With partial rotary (Phi-4-mini: partial_rotary_factor 0.75) only each head's fi
 Llama-3 rope scaling rescales the inverse frequencies by wavelength band. LongRoPE (Phi-3
 128k, Phi-3.5) has two sets of frequencies, for sequences within the pretraining window
 and beyond it: the table holds both, the long ones from row `long_offset` on, and the
-model runner picks each token's row (`rope_row`).
+model runner picks each token's row (`rope_row`). Long-context LoRA (LongLoRA, vLLM's
+--long-lora-scaling-factors) works the same way: a block of rows per scaling factor f,
+linear scaling (the frequencies / f) as the adapter was trained with, from row
+`lora_offsets[f]` on; a token under such an adapter reads its position's row there.
 """
 
 from __future__ import annotations
@@ -36,17 +39,23 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, max_position: int, theta: float,
-                 scaling: dict | None = None) -> None:
+                 scaling: dict | None = None, lora_factors: tuple[float, ...] = ()) -> None:
         super().__init__()
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: "
                              + ", ".join(SUPPORTED_ROPE_TYPES))
+        if lora_factors and rope_type != "default":
+            raise ValueError(f"--long-lora-scaling-factors: long-context LoRA scales a base "
+                             f"without rope scaling linearly; this model's rope is "
+                             f"{rope_type!r}")
         # fp32 throughout, as the HF reference computes it, so greedy ties break the same way
         self.rotary_dim = rotary_dim
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float()
                                     / rotary_dim))
-        t = torch.arange(max_position, dtype=torch.float32)
+        # long-context LoRA serves max_position x its largest factor
+        t = torch.arange(int(max_position * max(lora_factors, default=1.0)),
+                         dtype=torch.float32)
         self.long_offset: int | None = None  # longrope: the long frequencies' first row
         self.long_threshold = 0  # longrope: the pretraining window
         scale = 1.0
@@ -70,6 +79,11 @@ class RotaryEmbedding(nn.Module):
             elif rope_type == "linear":
                 inv_freq = inv_freq / scaling["factor"]
             freqs = torch.outer(t, inv_freq)  # [max_position, head_dim / 2]
+        # long-context LoRA: factor -> its block's first row (1.0: the base's own rows)
+        self.lora_offsets = {1.0: 0}
+        for f in sorted(set(lora_factors) - {1.0}):
+            self.lora_offsets[f] = len(freqs)
+            freqs = torch.cat([freqs, torch.outer(t, inv_freq / f)])
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
 

@@ -65,6 +65,7 @@ class LoRAModel:
     experts: dict[str, dict[tuple[int, str], LoRAModuleWeights]] = field(default_factory=dict)
     # fully trained tables (modules_to_save): "embed_tokens" | "lm_head" -> [vocab, hidden]
     full_vocab: dict[str, torch.Tensor] = field(default_factory=dict)
+    rope_factor: float = 1.0  # long-context LoRA: its tokens' rope scaled linearly by this
 
 
 @dataclass
@@ -78,6 +79,7 @@ class PackedLoRA:
     added_tokens: AddedTokens | None = None
     path: str | None = None  # the directory it was read from (its tokenizer's)
     full_vocab: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRAModel's
+    rope_factor: float = 1.0  # LoRAModel's
 
     @property
     def dora(self) -> bool:
@@ -104,6 +106,8 @@ class TargetShapes:
     aliases: dict[str, str] = field(default_factory=dict)
     unserved: tuple[str, ...] = ()  # supported names left without slots (lora_target_modules)
     full_vocab: bool = False  # slots hold whole embed_tokens / lm_head (modules_to_save)
+    max_position: int | None = None  # the base's max_position_embeddings (None: unknown)
+    long_lora_factors: tuple[float, ...] = ()  # rope tables for long-context LoRA
 
     def ours(self, module: str) -> str:
         """An adapter's module name as this model names it."""
@@ -220,14 +224,28 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
                                 "adapter was trained for a different architecture")
 
 
-def _check_long_context(name: str, cfg: dict) -> None:
-    """Long-context LoRA: refused by name, never silently served at the base's length."""
-    if cfg.get("context_length") or cfg.get("rope_scaling"):
-        what = (f"context_length={cfg['context_length']}" if cfg.get("context_length")
-                else f"rope_scaling={cfg['rope_scaling']}")
-        raise LoRAError(f"LoRA adapter {name!r} is a long-context LoRA ({what}): long-context "
-                        "LoRA is not supported yet (--long-lora-scaling-factors is accepted "
-                        "but has no effect)")
+def long_context_factor(name: str, cfg: dict, targets: TargetShapes) -> float:
+    """Long-context LoRA (LongLoRA), by vLLM's rule: an adapter_config.json `context_length`
+    past the base's max_position_embeddings means rope scaled linearly by
+    ceil(context_length / max_position_embeddings), which the engine serves only when
+    started with that factor (its rope table). 1.0: an ordinary adapter."""
+    if cfg.get("rope_scaling"):
+        raise LoRAError(f"LoRA adapter {name!r} has rope_scaling={cfg['rope_scaling']} in "
+                        "adapter_config.json, which is not read: a long-context LoRA says "
+                        "its length with context_length")
+    length, base = cfg.get("context_length") or 0, targets.max_position
+    if not base or length <= base:
+        return 1.0
+    factor = float(math.ceil(length / base))
+    if factor not in targets.long_lora_factors:
+        started = (" (it was started with --long-lora-scaling-factors "
+                   + ",".join(f"{f:g}" for f in targets.long_lora_factors) + ")"
+                   if targets.long_lora_factors else "")
+        raise LoRAError(f"LoRA adapter {name!r} is a long-context LoRA: context_length="
+                        f"{length} is {factor:g} x the base's {base} positions; start the "
+                        f"engine with --long-lora-scaling-factors including {factor:g}"
+                        + started)
+    return factor
 
 
 def check_adapter_config(req: LoRARequest, targets: TargetShapes, max_rank: int) -> int:
@@ -240,7 +258,7 @@ def check_adapter_config(req: LoRARequest, targets: TargetShapes, max_rank: int)
         return 0
     cfg = _read_config(req.lora_name, path)
     _check_config(req.lora_name, cfg, max_rank, targets)
-    _check_long_context(req.lora_name, cfg)
+    long_context_factor(req.lora_name, cfg, targets)
     return count_added_tokens(req.lora_name, path, cfg, targets)
 
 
@@ -308,7 +326,7 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     path = resolve_adapter_path(req)
     cfg = _read_config(name, path)
     _check_config(name, cfg, max_rank, targets)
-    _check_long_context(name, cfg)
+    rope_factor = long_context_factor(name, cfg, targets)
     count_added_tokens(name, path, cfg, targets)  # registration's checks (a hub id's too)
     vocab = VocabParts(name, targets)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -370,7 +388,8 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     return LoRAModel(lora_int_id=req.lora_int_id, name=name, path=path,
                      rank=max(w.lora_a.shape[0] for w in every), modules=modules,
                      added_tokens=added, experts=experts,
-                     full_vocab={k: v.to(dtype) for k, v in vocab.full.items()})
+                     full_vocab={k: v.to(dtype) for k, v in vocab.full.items()},
+                     rope_factor=rope_factor)
 
 
 def _dora_magnitude(name: str, hf_module: str, weights: dict[str, torch.Tensor],

@@ -139,6 +139,10 @@ class LoRAManager:
         self.lora_index_to_id: list[int | None] = [None] * cfg.max_loras
         # slots holding a DoRA adapter: the model runner decodes a batch using one eagerly
         self.dora_slots: set[int] = set()
+        # long-context LoRA: adapter id -> the first row of its rope table (rotary.py), read
+        # by the model runner for the positions of its tokens; absent = the base's rows
+        self.rope_offsets: dict[int, int] = {}
+        self._rope_rows = model.model.rotary.lora_offsets
         self._slot_lru: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, oldest first
         self.pinned: set[int] = set()
         self.loader = AdapterLoader(self.prepare, cfg.num_load_workers, self.device)
@@ -171,7 +175,9 @@ class LoRAManager:
                             experts=experts, aliases=self._aliases(model.args),
                             unserved=tuple(n for n in model.lora_target_modules
                                            if n not in self.served),
-                            full_vocab=self.cfg.modules_to_save)
+                            full_vocab=self.cfg.modules_to_save,
+                            max_position=model.args.max_position,
+                            long_lora_factors=self.cfg.long_lora_scaling_factors)
 
     @staticmethod
     def _aliases(args: Any) -> dict[str, str]:
@@ -261,7 +267,7 @@ class LoRAManager:
                 added = AddedTokens(added.input_embeddings.pin_memory(),
                                     added.output_embeddings.pin_memory())
             full = {k: v.pin_memory() for k, v in full.items()}
-        return PackedLoRA(lora.lora_int_id, layers, added, lora.path, full)
+        return PackedLoRA(lora.lora_int_id, layers, added, lora.path, full, lora.rope_factor)
 
     def _check_id(self, req: LoRARequest) -> bool:
         """False if this exact adapter is registered already; raises if the id is taken."""
@@ -318,6 +324,7 @@ class LoRAManager:
         del self._registration[lora_int_id]
         self.added_token_counts.pop(lora_int_id, None)
         self.tokenizers.pop(lora_int_id, None)
+        self.rope_offsets.pop(lora_int_id, None)
         self.loader.cancel(lora_int_id)
         self._host.pop(lora_int_id, None)
         self.pinned.discard(lora_int_id)
@@ -460,6 +467,10 @@ class LoRAManager:
         if stream is not None:  # the next forward reads the slot: wait for the copies
             torch.cuda.current_stream(self.device).wait_stream(stream)
         self.lora_index_to_id[slot] = lora.lora_int_id
+        if lora.rope_factor != 1.0:
+            self.rope_offsets[lora.lora_int_id] = self._rope_rows[lora.rope_factor]
+        else:
+            self.rope_offsets.pop(lora.lora_int_id, None)
         if lora.dora:
             self.dora_slots.add(slot)
         else:

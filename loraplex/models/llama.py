@@ -76,6 +76,7 @@ class LlamaArgs:
     window_layers: tuple[int, ...] = ()
     local_rope: tuple[float, dict | None] | None = None  # Gemma 3: window_layers' theta,
     # scaling (None: the model's)
+    long_lora_factors: tuple[float, ...] = ()  # rope tables for long-context LoRA
     embedding_multiplier: float = 1.0  # Granite: x = E[t] * this
     residual_multiplier: float = 1.0  # Granite: h = x + sublayer(x) * this
     attention_multiplier: float | None = None  # Granite: the attention scale (None: 1/sqrt(d))
@@ -198,8 +199,12 @@ class LlamaModel(nn.Module):
         self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
         self.embedding_multiplier = a.embedding_multiplier
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
-                                               a.rope_theta, a.rope_scaling)
+                                               a.rope_theta, a.rope_scaling,
+                                               a.long_lora_factors)
         local = rotary
+        if a.local_rope is not None and a.long_lora_factors:
+            raise ValueError("--long-lora-scaling-factors: not supported on a model whose "
+                             "local attention layers have a rope of their own (Gemma 3)")
         if a.local_rope is not None:  # Gemma 3's sliding-window layers
             self.rotary_local = local = RotaryEmbedding(a.rotary_dim or a.head_dim,
                                                         a.max_position, *a.local_rope)

@@ -161,7 +161,15 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                                    if i in only_mlp or (i + 1) % step))
 
 
-def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCausalLM:
+def long_lora_max_position(hf_config: Any, factors: tuple[float, ...] | None) -> int:
+    """The positions a model serves: its max_position_embeddings, times the largest
+    long-context LoRA factor (a LongLoRA adapter was trained that much longer)."""
+    return int(hf_config.max_position_embeddings * max(factors or (1.0,)))
+
+
+def build_model(hf_config: Any, quant: QuantConfig | None = None,
+                long_lora_factors: tuple[float, ...] = ()) -> LlamaForCausalLM:
+    """The model of `hf_config`; `long_lora_factors`: rope tables for long-context LoRA."""
     name = architecture(hf_config)
     theta, scaling = _rope(hf_config)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "longrope" \
@@ -182,6 +190,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None) -> LlamaForCau
         rope_theta=theta,
         rope_scaling=scaling,
         max_position=hf_config.max_position_embeddings,
+        long_lora_factors=tuple(long_lora_factors),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         quant=quant,
         hidden_act=_hidden_act(hf_config, name),

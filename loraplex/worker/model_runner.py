@@ -78,11 +78,14 @@ class StepOutput(NamedTuple):
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, model_config: ModelConfig,
                  cache_config: CacheConfig, scheduler_config: SchedulerConfig,
-                 eager_slots: set[int] | None = None) -> None:
+                 eager_slots: set[int] | None = None,
+                 rope_offsets: dict[int, int] | None = None) -> None:
         self.model = model
-        # adapter slots whose layers do work no decode graph holds (DoRA's rescaling, kept
-        # up to date by the LoRA manager): a batch using one decodes eagerly
+        # kept up to date by the LoRA manager: adapter slots whose layers do work no decode
+        # graph holds (DoRA's rescaling), so a batch using one decodes eagerly; and the
+        # first rotary table row of each long-context LoRA adapter's tokens
         self.eager_slots = eager_slots if eager_slots is not None else set()
+        self.rope_offsets = rope_offsets if rope_offsets is not None else {}
         self.device = model_config.device
         self.dtype = model_config.dtype
         self.block_size = cache_config.block_size
@@ -250,7 +253,7 @@ class ModelRunner:
         rows: list[int] = []
         for seq, start, n in zip(seqs, starts, lens):
             input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n) if self.rope_row is None else
+            positions.extend(range(start, start + n) if self._rows_are_positions() else
                              (self._rope_row(seq, p) for p in range(start, start + n)))
             slots.extend(self._slot_mapping(seq, start, start + n))
             if start + n == seq.num_tokens:
@@ -258,11 +261,19 @@ class ModelRunner:
         ctx = self._prefill_context(lens, self._tensor(slots), seqs, starts)
         return self._tensor(input_ids), self._tensor(positions), ctx, rows
 
+    def _rows_are_positions(self) -> bool:
+        """Every token's rotary table row is its position (no LongRoPE, and no
+        long-context LoRA adapter loaded)."""
+        return self.rope_row is None and not self.rope_offsets
+
     def _rope_row(self, seq: Sequence, position: int) -> int:
-        """LongRoPE: the rotary table row of `seq`'s token at `position`, the long
+        """The rotary table row of `seq`'s token at `position`. LongRoPE: the long
         frequencies once the sequence (its prompt, or up to this token) is longer than
-        the pretraining window, as HF's generate switches (prefill and decode alike)."""
-        return self.rope_row(position, max(seq.num_prompt_tokens, position + 1))
+        the pretraining window, as HF's generate switches (prefill and decode alike).
+        Long-context LoRA: the row in the block of its adapter's factor."""
+        if self.rope_row is not None:
+            return self.rope_row(position, max(seq.num_prompt_tokens, position + 1))
+        return position + self.rope_offsets.get(seq.lora_int_id, 0)
 
     def prepare_decode(self, seqs: list[Sequence], padded_batch: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
@@ -270,7 +281,7 @@ class ModelRunner:
         bs = self.block_size
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        if self.rope_row is not None:
+        if not self._rows_are_positions():
             positions = [self._rope_row(s, p) for s, p in zip(seqs, positions)]
         lens = [s.num_tokens for s in seqs]
         buffers = self.decode_buffers
