@@ -59,6 +59,9 @@ class ModelConfig:
     cuda_graph_sizes: tuple[int, ...] | None = None
     quantization: QuantConfig | None = None  # the checkpoint's GPTQ / AWQ weights
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask (-1: any)
+    # the model thinks between tags (reasoning.py's REASONING_PARSERS): structured outputs
+    # constrain only the reply after its reasoning; the server splits replies
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         sizes = self.cuda_graph_sizes

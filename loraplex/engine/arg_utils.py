@@ -18,6 +18,7 @@ from loraplex.config import (
     resolve_dtype,
 )
 from loraplex.models.registry import long_lora_max_position
+from loraplex.reasoning import REASONING_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class EngineArgs:
     quantization: str | None = None
     tensor_parallel_size: int = 1
     max_logprobs: int = 20  # vLLM's: the most logprobs a request may ask for; -1: no limit
+    reasoning_parser: str | None = None  # vLLM's: deepseek_r1 | qwen3 (loraplex/reasoning.py)
     # LoRA
     enable_lora: bool = False
     max_loras: int = 1
@@ -117,6 +119,9 @@ class EngineArgs:
                              f" not {self.quantization!r}")
         if self.default_mm_loras:
             raise ValueError("default_mm_loras: multimodal models are not supported yet")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser={self.reasoning_parser!r}: use one of "
+                             + ", ".join(REASONING_PARSERS))
         if self.long_lora_scaling_factors and not self.enable_lora:
             raise ValueError("long_lora_scaling_factors needs enable_lora")
         if any(not f >= 1.0 for f in self.long_lora_scaling_factors or ()):
@@ -154,6 +159,7 @@ class EngineArgs:
             device=device, max_model_len=max_model_len, seed=self.seed,
             load_format=self.load_format, revision=self.revision, served_model_name=served,
             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
+            reasoning_parser=self.reasoning_parser,
             cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes),
             quantization=quant_config_from_hf(hf_config, self.quantization or (
                 "bitsandbytes" if self.load_format == "bitsandbytes" else None)))

@@ -37,6 +37,7 @@ from loraplex.lora.request import LoRARequest
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.registry import architecture, build_model
 from loraplex.outputs import RequestOutput
+from loraplex.reasoning import REASONING_PARSERS, reasoning_ended
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.cpu_allocator import keep_freed_memory
 from loraplex.worker.device import use_device
@@ -132,6 +133,10 @@ class LLMEngine:
         self.eos_token_ids = eos_ids
         self.sampler = Sampler(eos_ids)
         self.structured = StructuredOutputs(self.tokenizer, self.model.args.vocab_size)
+        # a reasoning model: its tag ids, so structured outputs start after the reasoning
+        parser = mc.reasoning_parser and REASONING_PARSERS[mc.reasoning_parser]
+        self.reasoning_tags = parser.tag_ids(self.tokenizer) if parser else None
+        self._reasoning_opens_in_reply = bool(parser and parser.opens_in_reply)
         self.requests: dict[str, Request] = {}
         self._pending_lora_removal: set[int] = set()
 
@@ -217,7 +222,8 @@ class LLMEngine:
         self._check_token_ids("allowed_token_ids", params.allowed_token_ids or [], vocab)
         self._check_logprobs(params)
         bad_words = bad_words_token_ids(params.bad_words, tokenizer)
-        grammars = (self.structured.matchers(params.structured_outputs, params.n)
+        grammars = (self.structured.matchers(params.structured_outputs, params.n,
+                                             self._reasoning(ids))
                     if params.structured_outputs else [None] * params.n)
         seqs, detoks = [], []
         for i in range(params.n):
@@ -266,6 +272,17 @@ class LLMEngine:
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
+
+    def _reasoning(self, prompt_ids: list[int]) -> tuple[int, int, str] | None:
+        """For structured outputs on a reasoning model: (start tag, end tag, the reply's
+        first state: "constrained" when the prompt closed the reasoning, "undecided" when
+        the reply may or may not open with the start tag (qwen3), else "reasoning")."""
+        if self.reasoning_tags is None:
+            return None
+        start, end = self.reasoning_tags
+        state = ("constrained" if reasoning_ended(prompt_ids, start, end) else
+                 "undecided" if self._reasoning_opens_in_reply else "reasoning")
+        return start, end, state
 
     # ---- the step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -8,6 +8,10 @@ matchers of the batch's constrained rows fill one bitmask of the tokens allowed 
 which the sampler applies after penalties and logit_bias (logprobs stay the raw model's,
 as everywhere); each sampled token then advances its matcher. A sequence whose grammar
 is complete stops there.
+
+A reasoning model (--reasoning-parser) thinks first: its matchers are wrapped in
+`AfterReasoning`, which lets the reasoning through unconstrained and starts the grammar
+after the end tag (vLLM's behaviour).
 """
 
 from __future__ import annotations
@@ -55,6 +59,41 @@ class TokenMask:
         return logits
 
 
+class AfterReasoning:
+    """A sequence's matcher that waits for its reasoning to end (reasoning.py): no
+    constraint until the end tag, then the grammar from the next token. "undecided"
+    (qwen3, whose replies think only when they open with the start tag): the first token
+    is the start tag or one the grammar allows."""
+
+    def __init__(self, matcher: Any, start_id: int, end_id: int, state: str) -> None:
+        self.matcher, self.start_id, self.end_id = matcher, start_id, end_id
+        self.state = state  # "reasoning" | "undecided" | "constrained"
+
+    def constrains(self) -> bool:
+        return self.state != "reasoning" and not self.matcher.is_terminated()
+
+    def is_terminated(self) -> bool:
+        return self.state == "constrained" and self.matcher.is_terminated()
+
+    def accept_token(self, token: int) -> bool:
+        if self.state == "constrained":
+            return self.matcher.accept_token(token)
+        if self.state == "undecided" and token != self.start_id:
+            self.state = "constrained"
+            return self.matcher.accept_token(token)
+        if token == self.end_id:
+            self.state = "constrained"
+        elif self.state == "undecided":
+            self.state = "reasoning"  # it opened with the start tag
+        return True
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.state == "undecided":  # the start tag is allowed as well
+            word, bit = divmod(self.start_id, 32)
+            bitmask[row, word] |= (1 << bit) if bit < 31 else -(1 << 31)
+
+
 class StructuredOutputs:
     """Compiles specs (cached) and builds the batch's token mask from its matchers."""
 
@@ -99,14 +138,21 @@ class StructuredOutputs:
             self._compiled.move_to_end(key)
         return compiled
 
-    def matchers(self, params: StructuredOutputsParams, n: int) -> list[Any]:
-        """A fresh matcher for each of a request's n sequences."""
+    def matchers(self, params: StructuredOutputsParams, n: int,
+                 reasoning: tuple[int, int, str] | None = None) -> list[Any]:
+        """A fresh matcher for each of a request's n sequences. `reasoning`: (start tag
+        id, end tag id, AfterReasoning's first state) for a model that thinks first."""
         compiled = self.compiled(params)
-        return [_xgrammar().GrammarMatcher(compiled) for _ in range(n)]
+        matchers = [_xgrammar().GrammarMatcher(compiled) for _ in range(n)]
+        if reasoning is None or reasoning[2] == "constrained":
+            return matchers
+        return [AfterReasoning(m, *reasoning) for m in matchers]
 
     def token_mask(self, matchers: list[Any | None]) -> TokenMask | None:
-        """The allowed next tokens of every row that has a matcher (None: no such row)."""
-        rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_terminated()]
+        """The allowed next tokens of every row whose matcher constrains it now (None: no
+        such row)."""
+        rows = [i for i, m in enumerate(matchers) if m is not None and (
+            m.constrains() if isinstance(m, AfterReasoning) else not m.is_terminated())]
         if not rows:
             return None
         bitmask = _xgrammar().allocate_token_bitmask(len(rows), self.vocab_size)

@@ -326,7 +326,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
                                  engine.lora_config is not None)
     tokenizer = _server_tokenizer(engine)
     chat = OpenAIServingChat(async_engine, models, tokenizer, chat_template=chat_template,
-                             tool_call_parser=parser)
+                             tool_call_parser=parser,
+                             reasoning_parser=engine.model_config.reasoning_parser)
     state = ServerState(
         engine=async_engine, models=models,
         completion=OpenAIServingCompletion(async_engine, models, tokenizer), chat=chat,

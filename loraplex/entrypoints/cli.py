@@ -175,6 +175,12 @@ ENGINE_HELP: dict[str, str] = {
                                    "copy of both vocabulary tables (2 x vocab x hidden per "
                                    "slot, from the KV cache's budget). Off: such adapters are "
                                    "refused.",
+    "reasoning_parser": "The model thinks between <think> and </think> before it answers: "
+                        "chat replies carry the thinking in `reasoning` (and "
+                        "`reasoning_content`) apart from `content`, tool calls are read "
+                        "from the content, and structured outputs constrain only the "
+                        "answer. deepseek_r1: everything before </think> (R1, QwQ, Qwen3 "
+                        "thinking-only models); qwen3: when the reply opens with <think>.",
     "lora_target_modules": "The modules that get adapter slots, e.g. q_proj v_proj o_proj "
                            "(or comma-separated; q/k/v share one slot layer, as do gate/up); "
                            "an adapter on any other is refused. Fewer modules, less slot "
@@ -185,7 +191,8 @@ _SPECIAL_TYPES = {"max_model_len": parse_human_int, "long_lora_scaling_factors":
                   "default_mm_loras": parse_json_dict}
 _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"],
             "lora_scheduling_policy": ["fair", "fcfs"],
-            "lora_dtype": ["auto", "float32", "float16", "bfloat16"]}
+            "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
+            "reasoning_parser": ["deepseek_r1", "qwen3"]}  # reasoning.py's REASONING_PARSERS
 
 
 # entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)

@@ -278,6 +278,10 @@ class DeltaToolCall(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    # a reasoning model's thinking (--reasoning-parser): vLLM's `reasoning`, and its older
+    # name `reasoning_content`, which clients still read
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -304,6 +308,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None  # as in ChatResponseMessage
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

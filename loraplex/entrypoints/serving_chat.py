@@ -36,17 +36,26 @@ from loraplex.entrypoints.tool_calls import (
 )
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import CompletionOutput
+from loraplex.reasoning import REASONING_PARSERS
 
 
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, *args: Any, chat_template: str | None = None,
-                 tool_call_parser: str | None = None, **kw: Any) -> None:
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                 **kw: Any) -> None:
         """`tool_call_parser`: a PARSERS name, with which tool_choice "auto" is served
-        (--enable-auto-tool-choice); None refuses it."""
+        (--enable-auto-tool-choice); None refuses it. `reasoning_parser`: a
+        REASONING_PARSERS name: replies are split into reasoning and content, and tool
+        calls are read from the content."""
         super().__init__(*args, **kw)
         self.chat_template = chat_template
         self.tool_call_parser = tool_call_parser
         self.tool_parser = PARSERS[tool_call_parser]() if tool_call_parser else None
+        self.reasoning = REASONING_PARSERS[reasoning_parser] if reasoning_parser else None
+
+    def _split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
+        """(reasoning, content) of a reply's text (no reasoning parser: None, text)."""
+        return self.reasoning.split(text, finished) if self.reasoning else (None, text)
 
     @staticmethod
     def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -181,9 +190,11 @@ class OpenAIServingChat(OpenAIServing):
 
     def _reply(self, req: ChatCompletionRequest, calling: str | None, text: str,
                finish: str | None, echo: str = "") -> tuple[ChatResponseMessage, str | None]:
-        """The message (tool calls when the request called tools and the generated text
-        has them; an echo goes before the content) and its finish_reason ("tool_calls"
-        for a completed call)."""
+        """The message (its reasoning apart, with a reasoning parser; tool calls when the
+        request called tools and the content has them; an echo goes before the content)
+        and its finish_reason ("tool_calls" for a completed call)."""
+        reasoning, text = self._split(text)
+        thought = {"reasoning": reasoning, "reasoning_content": reasoning}
         content, calls = text, None
         if calling == "forced":
             calls = to_tool_calls(req, text)
@@ -191,8 +202,12 @@ class OpenAIServingChat(OpenAIServing):
         elif calling == "auto":
             content, calls = self.tool_parser.parse(text)
         if not calls:
-            return ChatResponseMessage(content=echo + text), finish
-        return (ChatResponseMessage(content=(echo + (content or "")) or None, tool_calls=calls),
+            content = echo + text
+            return ChatResponseMessage(
+                content=None if reasoning is not None and not content else content,
+                **thought), finish
+        return (ChatResponseMessage(content=(echo + (content or "")) or None, tool_calls=calls,
+                                    **thought),
                 "tool_calls" if finish == "stop" else finish)
 
     @staticmethod
@@ -243,7 +258,8 @@ class OpenAIServingChat(OpenAIServing):
                                                 choices=choices, usage=usage)
             return f"data: {body.model_dump_json()}\n\n"
 
-        sent_text: dict[int, int] = {}
+        sent_text: dict[int, int] = {}  # of the content (the reply past its reasoning)
+        sent_reasoning: dict[int, int] = {}
         sent_tokens: dict[int, int] = {}
         sent_calls: dict[int, dict[int, int]] = {}  # choice -> call -> arguments sent
         done: set[int] = set()
@@ -258,30 +274,38 @@ class OpenAIServingChat(OpenAIServing):
                 if o.index in done:
                     continue
                 t0, k0 = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
+                # the reasoning as it grows (each split extends the last), then the content
+                reasoning, text = self._split(o.text, o.finish_reason is not None)
+                r0 = sent_reasoning.get(o.index, 0)
+                thought = (reasoning or "")[r0:]
                 # content stops where a tool call may start; calls go out as they are
                 # written (tool_calls.call_deltas), the rest of them at the end
-                end = len(o.text) if not calling or o.finish_reason is not None else (
-                    0 if calling == "forced" else self.tool_parser.content_prefix(o.text))
-                delta = o.text[t0:end]
+                end = len(text) if not calling or o.finish_reason is not None else (
+                    0 if calling == "forced" else self.tool_parser.content_prefix(text))
+                delta = text[t0:end]
                 sent = sent_calls.setdefault(o.index, {})
-                calls = (call_deltas(self._partial_calls(req, calling, o.text), sent,
+                calls = (call_deltas(self._partial_calls(req, calling, text), sent,
                                      self._call_id)
                          if calling and o.finish_reason is None else [])
-                if not delta and not calls and o.finish_reason is None:
+                if not delta and not thought and not calls and o.finish_reason is None:
                     continue
                 sent_text[o.index], sent_tokens[o.index] = end, len(o.token_ids)
+                sent_reasoning[o.index] = r0 + len(thought)
                 finish = o.finish_reason
                 if finish is not None:
                     done.add(o.index)
-                msg = DeltaMessage(content=delta if delta or not calls else None,
+                msg = DeltaMessage(content=delta if delta or not (calls or thought) else None,
+                                   reasoning=thought or None, reasoning_content=thought or None,
                                    tool_calls=calls or None)
                 if calling and finish is not None:
                     reply, finish = self._reply(req, calling, o.text, finish)
                     if reply.tool_calls:  # the content not streamed yet, then the calls
                         msg = DeltaMessage(content=(reply.content or "")[t0:] or None,
+                                           reasoning=msg.reasoning,
+                                           reasoning_content=msg.reasoning_content,
                                            tool_calls=final_call_deltas(
                                                reply.tool_calls,
-                                               self._partial_calls(req, calling, o.text),
+                                               self._partial_calls(req, calling, text),
                                                sent))
                 yield chunk([ChatStreamChoice(
                     index=o.index, delta=msg,

@@ -1,0 +1,83 @@
+"""Reasoning replies (vLLM's --reasoning-parser): a model that thinks between <think> and
+</think> before it answers gets its reply split into `reasoning` and `content`.
+
+    deepseek_r1  everything before </think> is reasoning, with or without the opening tag
+                 (R1's chat template writes <think> into the prompt; QwQ, and Qwen3's
+                 thinking-only models, the same); no </think> yet: all reasoning
+    qwen3        reasoning only when the reply opens with <think> (Qwen3's hybrid models;
+                 with enable_thinking=False the template puts an empty think block in the
+                 prompt and the reply is all content)
+
+The split of a reply's first n characters is a prefix of the split of the whole (a tail
+that may still become a tag is held back until it is decided), so streamed deltas add up
+to the final message. Structured outputs then constrain only what follows </think>
+(engine: `reasoning_ended`, StructuredOutputs' matchers wait for the end tag).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ReasoningParser:
+    name: str
+    opens_in_reply: bool  # reasoning only when the reply starts with the start tag (qwen3)
+    start: str = "<think>"
+    end: str = "</think>"
+
+    def split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
+        """(reasoning or None, content) of a reply's text. Not `finished`: a tail that
+        could still turn into a tag is in neither part yet."""
+        head = text.lstrip()
+        if not finished and len(head) < len(self.start) and self.start.startswith(head):
+            return None, ""  # "<thi": the opening tag or not, decided by what follows
+        if head.startswith(self.start):
+            body = head[len(self.start):]
+        elif self.opens_in_reply:
+            return None, text
+        else:
+            body = text
+        reasoning, tag, content = body.partition(self.end)
+        if not tag and not finished:  # "...</thi" may be the closing tag: hold it back
+            reasoning = reasoning[:len(reasoning) - _tag_prefix_len(reasoning, self.end)]
+        return reasoning, content
+
+    def tag_ids(self, tokenizer: Any) -> tuple[int, int]:
+        """(start, end) tag token ids: each tag must be one token of the vocabulary."""
+        ids = []
+        for tag in (self.start, self.end):
+            encoded = tokenizer.encode(tag, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise ValueError(f"--reasoning-parser {self.name}: {tag!r} is not one token of "
+                                 f"this tokenizer ({encoded}); the model does not reason "
+                                 "with these tags")
+            ids.append(encoded[0])
+        return ids[0], ids[1]
+
+
+def _tag_prefix_len(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is a proper prefix of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+REASONING_PARSERS: dict[str, ReasoningParser] = {
+    "deepseek_r1": ReasoningParser("deepseek_r1", opens_in_reply=False),
+    "qwen3": ReasoningParser("qwen3", opens_in_reply=True),
+}
+
+
+def reasoning_ended(prompt_ids: list[int], start_id: int, end_id: int) -> bool:
+    """The prompt closes any reasoning it opened: its last tag is the end tag (Qwen3's
+    enable_thinking=False writes "<think>\\n\\n</think>" into it). Then structured outputs
+    constrain the reply from its first token."""
+    for token in reversed(prompt_ids):
+        if token == end_id:
+            return True
+        if token == start_id:
+            return False
+    return False

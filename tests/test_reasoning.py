@@ -1,0 +1,195 @@
+"""Reasoning models (--reasoning-parser): the split of a reply into reasoning and content
+(prefix-stable, so streamed deltas add up to the message), structured outputs that start
+after the reasoning (the engine's matchers wait for </think>), and a real server with the
+openai client, non-streamed and streamed, against the raw completion of the same prompt."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex import SamplingParams
+from loraplex.reasoning import REASONING_PARSERS, reasoning_ended
+from loraplex.sampling_params import StructuredOutputsParams
+from tests.engine_utils import make_llm
+from tests.fixtures import make_tiny_model
+
+R1, QWEN3 = REASONING_PARSERS["deepseek_r1"], REASONING_PARSERS["qwen3"]
+REPLIES = ["<think>\nhmm, 2 + 2</think>\n\nIt is 4.", "  <think>x</think>y", "no tags at all",
+           "thinking</think>answer", "<think>cut off </thi", "<thinker>", "</think>", ""]
+
+
+@pytest.mark.parametrize(("reply", "r1", "qwen3"), [
+    (REPLIES[0], ("\nhmm, 2 + 2", "\n\nIt is 4."), ("\nhmm, 2 + 2", "\n\nIt is 4.")),
+    (REPLIES[1], ("x", "y"), ("x", "y")),
+    (REPLIES[2], ("no tags at all", ""), (None, "no tags at all")),
+    (REPLIES[3], ("thinking", "answer"), (None, "thinking</think>answer")),
+    (REPLIES[4], ("cut off </thi", ""), ("cut off </thi", "")),
+    (REPLIES[5], ("<thinker>", ""), (None, "<thinker>")),
+])
+def test_split(reply, r1, qwen3):
+    assert R1.split(reply) == r1
+    assert QWEN3.split(reply) == qwen3
+
+
+@pytest.mark.parametrize("parser", [R1, QWEN3], ids=lambda p: p.name)
+@pytest.mark.parametrize("reply", REPLIES)
+def test_the_split_of_a_prefix_is_a_prefix_of_the_split(parser, reply):
+    """What a stream sent after n characters is never taken back."""
+    sent = ("", "")
+    for n in range(len(reply) + 1):
+        for finished in (False, True) if n == len(reply) else (False,):
+            reasoning, content = parser.split(reply[:n], finished)
+            assert (reasoning or "").startswith(sent[0]) and content.startswith(sent[1]), n
+            sent = (reasoning or "", content)
+
+
+def test_the_prompt_may_close_the_reasoning():
+    start, end = 7, 8
+    assert reasoning_ended([1, 2, start, 5, end, 3], start, end)  # enable_thinking=False
+    assert not reasoning_ended([1, end, 2, start, 5], start, end)  # R1: <think> opened
+    assert not reasoning_ended([1, 2, 3], start, end)
+
+
+@pytest.fixture(scope="module")
+def thinker(tiny_root: Path) -> Path:
+    """A tiny llama whose tokenizer has <think> and </think> as tokens 512 and 513."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = make_tiny_model(tiny_root / "thinker", "llama", seed=60)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.add_tokens(["<think>", "</think>"])
+    tok.save_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    gen = torch.Generator().manual_seed(61)
+    with torch.no_grad():
+        for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            table[512:] = 0.2 * torch.randn(table[512:].shape, generator=gen)
+    model.save_pretrained(str(path))
+    return path
+
+
+def test_tags_must_be_tokens(tiny_models, thinker):
+    from transformers import AutoTokenizer
+
+    assert R1.tag_ids(AutoTokenizer.from_pretrained(str(thinker))) == (512, 513)
+    with pytest.raises(ValueError, match="'<think>' is not one token of this tokenizer"):
+        make_llm(tiny_models["llama"], reasoning_parser="deepseek_r1")
+    with pytest.raises(ValueError, match="reasoning_parser='r2': use one of deepseek_r1, qwen3"):
+        make_llm(thinker, reasoning_parser="r2")
+
+
+def _greedy(llm, prompt, **kw) -> list[int]:
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, **kw)
+    return list(llm.generate([{"prompt_token_ids": prompt}], params,
+                             use_tqdm=False)[0].outputs[0].token_ids)
+
+
+BIASES = [2 + i / 4 for i in range(40)]  # the tiny model's </think> logit is a few below
+
+
+def _ends_reasoning_at(llm, prompt, at_least: int = 2) -> tuple[float, list[int]]:
+    """A logit_bias on </think> under which the unconstrained greedy reply closes its
+    reasoning after `at_least` tokens or more, and that reply."""
+    for bias in BIASES:
+        ids = _greedy(llm, prompt, logit_bias={513: bias})
+        if 513 in ids[at_least:12] and 513 not in ids[:at_least]:
+            return bias, ids
+    raise AssertionError("no bias made the tiny model close its reasoning mid-reply")
+
+
+REGEX = "[a-z]{2,6}"
+
+
+def _text(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=True)  # (a completed grammar ends with </s>)
+
+
+def test_structured_output_starts_after_the_reasoning(thinker, prompts):
+    """deepseek_r1: the reasoning is what the unconstrained model writes, token for token;
+    after </think> the reply follows the regex. A prompt that closed the reasoning itself
+    (Qwen3's enable_thinking=False) is constrained from the first token."""
+    llm = make_llm(thinker, reasoning_parser="deepseek_r1")
+    tok = llm.get_tokenizer()
+    bias, free = _ends_reasoning_at(llm, prompts[1])
+    k = free.index(513)
+    regex = StructuredOutputsParams(regex=REGEX)
+    got = _greedy(llm, prompts[1], logit_bias={513: bias}, structured_outputs=regex)
+    assert got[:k + 1] == free[:k + 1]
+    assert re.fullmatch(REGEX, _text(tok, got[k + 1:])), _text(tok, got)
+    assert not re.fullmatch(REGEX, _text(tok, got[:k]))  # the reasoning was not held to it
+    closed = _greedy(llm, prompts[1] + [512, 513], logit_bias={513: 100.0},
+                     structured_outputs=regex)
+    assert 513 not in closed and re.fullmatch(REGEX, _text(tok, closed))
+    plain = make_llm(thinker)  # without the parser the grammar holds from the first token
+    out = _greedy(plain, prompts[1], logit_bias={513: bias}, structured_outputs=regex)
+    assert 513 not in out and re.fullmatch(REGEX, _text(tok, out))
+
+
+def test_qwen3_reply_may_open_with_the_tag(thinker, prompts):
+    """qwen3: the first token is <think> or one the grammar allows. Not opened: the whole
+    reply follows the grammar; opened: what follows is reasoning, unconstrained."""
+    llm = make_llm(thinker, reasoning_parser="qwen3")
+    tok = llm.get_tokenizer()
+    regex = StructuredOutputsParams(regex=REGEX)
+    direct = _greedy(llm, prompts[2], structured_outputs=regex)
+    assert re.fullmatch(REGEX, _text(tok, direct))
+    opened = _greedy(llm, prompts[2], logit_bias={512: 100.0}, structured_outputs=regex)
+    free = _greedy(llm, prompts[2], logit_bias={512: 100.0})
+    assert opened[0] == 512 and opened == free
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|><think>{% endif %}")
+
+
+def test_server_splits_replies(thinker, prompts):
+    """`loraplex serve --reasoning-parser deepseek_r1` (R1's way: the template opens the
+    thinking): the message's reasoning and content are the raw completion's two sides of
+    </think>, streamed or not; with a regex, the content follows it."""
+    from tests.server_utils import RemoteServer
+
+    args = ["--served-model-name", "thinker", "--dtype", "float32", "--max-model-len", "128",
+            "--cpu-kv-cache-gib", "0.05", "--reasoning-parser", "deepseek_r1",
+            "--chat-template", CHAT_TEMPLATE]
+    messages = [{"role": "user", "content": "What is two and two?"}]
+    with RemoteServer(thinker, args) as server:
+        client = server.get_client()
+        prompt = server.post("/tokenize", {"model": "thinker", "messages": messages}
+                             ).json()["tokens"]
+        for bias in BIASES:
+            raw = client.completions.create(model="thinker", prompt=prompt, max_tokens=16,
+                                            temperature=0, logit_bias={"513": bias},
+                                            extra_body={"ignore_eos": True}).choices[0].text
+            if "</think>" in raw[2:]:
+                break
+        assert "</think>" in raw[2:], raw
+        reasoning, _, content = raw.partition("</think>")
+        kw = dict(model="thinker", messages=messages, max_tokens=16, temperature=0,
+                  logit_bias={"513": bias}, extra_body={"ignore_eos": True})
+        msg = client.chat.completions.create(**kw).choices[0].message
+        assert (msg.content, msg.reasoning_content, msg.model_extra["reasoning"]) == (
+            content or None, reasoning, reasoning)
+        streamed = {"reasoning_content": "", "reasoning": "", "content": ""}
+        for chunk in client.chat.completions.create(**kw, stream=True):
+            delta = chunk.choices[0].delta.model_dump()
+            for key in streamed:
+                streamed[key] += delta.get(key) or ""
+        assert streamed == {"reasoning_content": reasoning, "reasoning": reasoning,
+                            "content": content}
+        msg = client.chat.completions.create(
+            **{**kw, "extra_body": {"ignore_eos": True, "structured_outputs": {
+                "regex": REGEX}}}).choices[0].message
+        assert msg.reasoning_content == reasoning and re.fullmatch(REGEX, msg.content)
+        tool = {"type": "function", "function": {"name": "add", "parameters": {
+            "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+        msg = client.chat.completions.create(
+            **{**kw, "max_tokens": 40}, tools=[tool],
+            tool_choice={"type": "function", "function": {"name": "add"}}).choices[0].message
+        assert msg.reasoning_content == reasoning and msg.tool_calls[0].function.name == "add"
+        assert set(json.loads(msg.tool_calls[0].function.arguments)) == {"a"}
