@@ -35,7 +35,7 @@ case "$phase" in
       tests/test_triton_lora_ops.py tests/test_attention.py tests/test_cuda_graphs.py \
       tests/test_triton_quant.py tests/test_triton_bnb.py tests/test_lora_vocab_layers.py \
       tests/test_added_tokens.py tests/test_architectures.py tests/test_modules_to_save.py \
-      tests/test_dora.py tests/test_long_lora.py tests/test_reasoning.py \
+      tests/test_dora.py tests/test_long_lora.py tests/test_reasoning.py tests/test_fp8.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)

@@ -110,11 +110,10 @@ def quantize_awq(w: torch.Tensor, *, group_size: int = 32, seed: int = 0
     return tensors, deq
 
 
-def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 4,
-                    group_size: int = 32, sym: bool = False, desc_act: bool = False,
-                    fmt: str = "gptq", skip: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """(quantized checkpoint, dequantized fp32 reference) of a tiny safetensors model."""
-    quant_dir, ref_dir = out_root / f"{method}_quant", out_root / f"{method}_ref"
+def _weights_and_two_copies(base_dir: Path, quant_dir: Path, ref_dir: Path
+                            ) -> dict[str, torch.Tensor]:
+    """The base's weights; quant_dir and ref_dir made copies of it without them (config,
+    tokenizer), for the quantized and the reference weights."""
     for d in (quant_dir, ref_dir):
         shutil.copytree(base_dir, d)
         for f in d.glob("*.safetensors*"):
@@ -122,6 +121,15 @@ def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 
     state: dict[str, torch.Tensor] = {}
     for f in sorted(base_dir.glob("*.safetensors")):
         state.update(load_file(str(f)))
+    return state
+
+
+def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 4,
+                    group_size: int = 32, sym: bool = False, desc_act: bool = False,
+                    fmt: str = "gptq", skip: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """(quantized checkpoint, dequantized fp32 reference) of a tiny safetensors model."""
+    quant_dir, ref_dir = out_root / f"{method}_quant", out_root / f"{method}_ref"
+    state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
     quant, ref = {}, {}
     sites: dict[str, int] = {}  # act-order permutations follow the input: q/k/v share one
     for name, w in sorted(state.items()):
@@ -149,6 +157,83 @@ def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 
               "zero_point": True, "version": "gemm"}
     if skip:
         qc["modules_to_not_convert"] = list(skip)
+    cfg["quantization_config"] = qc
+    (quant_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return quant_dir, ref_dir
+
+
+def quantize_fp8(w: torch.Tensor, strategy: str, block: tuple[int, int] = (16, 16)
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(FP8 values, scale, dequantized fp32) of a weight [out, in]: one scale for the tensor,
+    one per output row ([out, 1]), or one per block of `block` ([ceil(out/bo), ceil(in/bi)],
+    partial blocks at the edges), each the block's absmax / 448."""
+    fp8, top = torch.float8_e4m3fn, torch.finfo(torch.float8_e4m3fn).max
+    w = w.float()
+    if strategy == "tensor":
+        scale = w.abs().max().reshape(1) / top
+        full = scale.expand_as(w)
+    elif strategy == "channel":
+        scale = w.abs().amax(dim=1, keepdim=True) / top
+        full = scale.expand_as(w)
+    else:
+        bo, bi = block
+        rows, cols = -(-w.shape[0] // bo), -(-w.shape[1] // bi)
+        scale = torch.empty(rows, cols)
+        for r in range(rows):
+            for c in range(cols):
+                scale[r, c] = w[r * bo:(r + 1) * bo, c * bi:(c + 1) * bi].abs().max() / top
+        full = scale.repeat_interleave(bo, 0)[:w.shape[0]].repeat_interleave(bi, 1)[:, :w.shape[1]]
+    q = (w / full).clamp(-top, top).to(fp8)
+    return q, scale, q.float() * full
+
+
+def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
+              block: tuple[int, int] = (16, 16), skip: tuple[str, ...] = (),
+              static_inputs: bool = False) -> tuple[Path, Path]:
+    """(FP8 checkpoint, dequantized fp32 reference) of a tiny safetensors model, in the
+    `fp8` format (Qwen / DeepSeek / transformers: weight_scale_inv for blocks, else
+    weight_scale) or llm-compressor's `compressed-tensors` (weight_scale; `skip` are its
+    `ignore` entries, exact names or "re:" regexes)."""
+    name = f"{fmt}_{strategy}"
+    quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
+    state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
+
+    def skipped(module: str) -> bool:
+        return any(re.match(s[3:], module) if s.startswith("re:") else s == module
+                   for s in skip)
+    quant, ref = {}, {}
+    for key, w in sorted(state.items()):
+        prefix = key[:-len(".weight")]
+        if not _LINEAR.search(key) or skipped(prefix):
+            quant[key] = ref[key] = w
+            continue
+        q, scale, deq = quantize_fp8(w, strategy, block)
+        scale_name = "weight_scale_inv" if fmt == "fp8" and strategy == "block" else \
+            "weight_scale"
+        quant.update({key: q, f"{prefix}.{scale_name}": scale})
+        if static_inputs:
+            quant[f"{prefix}.input_scale"] = torch.tensor([0.01])
+        ref[key] = deq.to(w.dtype)
+    save_file(quant, str(quant_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((quant_dir / "config.json").read_text())
+    if fmt == "fp8":
+        qc: dict = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+        if strategy == "block":
+            qc["weight_block_size"] = list(block)
+        if skip:
+            qc["modules_to_not_convert"] = list(skip)
+    else:
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy,
+                   "dynamic": False}
+        if strategy == "block":
+            weights["block_structure"] = list(block)
+        inputs = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                  "dynamic": not static_inputs}
+        qc = {"quant_method": "compressed-tensors", "format": "float-quantized",
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                            "input_activations": inputs}},
+              "ignore": ["lm_head", *skip]}
     cfg["quantization_config"] = qc
     (quant_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return quant_dir, ref_dir

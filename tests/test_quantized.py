@@ -161,8 +161,8 @@ def test_quantization_flag_is_checked_against_the_checkpoint(quantized, tiny_mod
         make_llm(gptq, quantization="awq")
     with pytest.raises(ValueError, match="no quantization_config"):
         make_llm(tiny_models["llama"], quantization="gptq")
-    with pytest.raises(ValueError, match="quantization='fp8' is not supported yet"):
-        make_llm(tiny_models["llama"], quantization="fp8")  # vLLM quantizes at load time
+    with pytest.raises(ValueError, match="quantization='gguf' is not supported yet"):
+        make_llm(tiny_models["llama"], quantization="gguf")
 
 
 def _edit_config(src: Path, dst: Path, **changes) -> Path:

@@ -124,9 +124,9 @@ def test_bad_startup_inputs_fail_with_one_line(tiny_models, tmp_path):
 
 
 def test_quantized_checkpoint_fails_with_one_line(tiny_models, tmp_path):
-    model = quantized_copy(tiny_models["llama"], tmp_path / "fp8", "fp8")
+    model = quantized_copy(tiny_models["llama"], tmp_path / "hqq", "hqq")
     res = run(serve_cmd(str(model), "--port", str(free_port()), "--host", "127.0.0.1"))
-    assert_one_line_error(res, 1, "quant_method='fp8'", "not supported yet")
+    assert_one_line_error(res, 1, "quant_method='hqq'", "not supported yet")
 
 
 def test_parse_lora_module():

@@ -142,9 +142,11 @@ ENGINE_HELP: dict[str, str] = {
                    "bitsandbytes (vLLM's older name: auto, with --quantization bitsandbytes).",
     "served_model_name": "Name(s) the base model answers to in the API; the first is used "
                          "in responses. Default: the model argument.",
-    "quantization": "The checkpoint's quantization method (gptq, awq or bitsandbytes; "
+    "quantization": "The checkpoint's quantization method (gptq, awq, bitsandbytes, fp8 or "
+                    "compressed-tensors; "
                     "vLLM's *_marlin names too). Unset = read from its config.json. "
-                    "bitsandbytes on a plain checkpoint quantizes it to 4-bit NF4 as it loads.",
+                    "bitsandbytes / fp8 on a plain checkpoint quantize it as it loads (to "
+                    "4-bit NF4; to FP8 with a scale per row).",
     "tensor_parallel_size": "Accepted for vLLM compatibility; only 1 is supported.",
     "max_logprobs": "The most logprobs / prompt_logprobs (and top_logprobs) a request may "
                     "ask for; -1: no limit.",

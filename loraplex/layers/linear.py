@@ -14,6 +14,7 @@ from loraplex.layers.quantization import (
     AWQLinear,
     BnB4bitLinear,
     BnB8bitLinear,
+    FP8Linear,
     GPTQLinear,
     QuantConfig,
 )
@@ -57,6 +58,6 @@ def make_linear(in_features: int, output_sizes: list[int], bias: bool = False,
                          "modules_to_not_convert leaves only some of them unquantized")
     if skipped and all(skipped):
         return Linear(in_features, output_sizes, bias)
-    cls = {"gptq": GPTQLinear, "awq": AWQLinear,
+    cls = {"gptq": GPTQLinear, "awq": AWQLinear, "fp8": FP8Linear,
            "bitsandbytes": BnB4bitLinear if quant.bits == 4 else BnB8bitLinear}[quant.method]
     return cls(in_features, output_sizes, bias, quant)

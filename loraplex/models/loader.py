@@ -97,6 +97,10 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
         if params[name].shape != tensor.shape:
             raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
                              f"model expects {tuple(params[name].shape)}")
+        if tensor.dtype == torch.float8_e4m3fn:  # its scale is elsewhere: never copy as is
+            raise ValueError(f"checkpoint tensor {name} is FP8 where the model keeps plain "
+                             "weights (an FP8 lm_head or embedding is not supported; a layer "
+                             "the quantization_config leaves out must be saved unquantized)")
         with torch.no_grad():
             params[name].copy_(tensor)
         loaded.add(name)

@@ -1,5 +1,5 @@
-"""Quantized base weights (GPTQ, AWQ, bitsandbytes): which checkpoints load, and their
-linear layers."""
+"""Quantized base weights (GPTQ, AWQ, bitsandbytes, FP8): which checkpoints load, and
+their linear layers."""
 
 from loraplex.layers.quantization.bitsandbytes import BnB4bitLinear, BnB8bitLinear
 from loraplex.layers.quantization.config import (
@@ -8,8 +8,10 @@ from loraplex.layers.quantization.config import (
     quant_config_from_hf,
     read_side_config,
 )
+from loraplex.layers.quantization.fp8 import FP8Linear
 from loraplex.layers.quantization.linear import AWQLinear, GPTQLinear, QuantLinear, unpack
 
-__all__ = ["SUPPORTED_METHODS", "AWQLinear", "BnB4bitLinear", "BnB8bitLinear", "GPTQLinear",
+__all__ = ["SUPPORTED_METHODS", "AWQLinear", "BnB4bitLinear", "BnB8bitLinear", "FP8Linear",
+           "GPTQLinear",
            "QuantConfig", "QuantLinear",
            "quant_config_from_hf", "read_side_config", "unpack"]

@@ -1,22 +1,25 @@
 """Which quantized checkpoints load: config.json's `quantization_config` -> QuantConfig.
 
 GPTQ (AutoGPTQ / GPTQModel, 2/4/8 bits, any group size, act-order, symmetric or not,
-checkpoint formats `gptq` and `gptq_v2`), AWQ (AutoAWQ's GEMM layout, 4 bits) and
+checkpoint formats `gptq` and `gptq_v2`), AWQ (AutoAWQ's GEMM layout, 4 bits),
 bitsandbytes (transformers' 4-bit NF4/FP4, double-quantized or not, and 8-bit LLM.int8
-checkpoints) keep their quantized weights in memory; anything else is refused with what
-was found. `quantization=` (vLLM's flag) may name the checkpoint's method; on a plain
-checkpoint only `bitsandbytes` applies, as in vLLM: its weights are quantized to 4-bit
-NF4 while they load (the base QLoRA adapters are trained on).
+checkpoints) and FP8 (`fp8`: Qwen / DeepSeek / transformers, per tensor or per block;
+`compressed-tensors`: llm-compressor's FP8 float-quantized, per tensor, channel or block)
+keep their quantized weights in memory; anything else is refused with what was found.
+`quantization=` (vLLM's flag) may name the checkpoint's method; on a plain checkpoint
+`bitsandbytes` and `fp8` apply, as in vLLM: its weights are quantized while they load (to
+4-bit NF4, the base QLoRA adapters are trained on; to FP8 with a scale per row).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_METHODS = ("gptq", "awq", "bitsandbytes")
+SUPPORTED_METHODS = ("gptq", "awq", "bitsandbytes", "fp8", "compressed-tensors")
 BNB_BLOCKSIZE = 64  # bitsandbytes' 4-bit block: inputs per absmax (transformers' default)
 # vLLM's names for the same checkpoints with other kernels: the same weights here
 _ALIASES = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
@@ -24,7 +27,7 @@ _ALIASES = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str  # "gptq" | "awq" | "bitsandbytes"
+    method: str  # "gptq" | "awq" | "bitsandbytes" | "fp8" (compressed-tensors' FP8 too)
     bits: int
     # inputs per scale/zero group (bitsandbytes 4-bit: per absmax block); -1 = the whole row
     group_size: int
@@ -34,6 +37,7 @@ class QuantConfig:
     modules_to_not_convert: tuple[str, ...] = ()
     quant_type: str = ""  # bitsandbytes 4-bit: "nf4" | "fp4"
     prequantized: bool = True  # False: a plain checkpoint, quantized as it loads
+    fp8_block: tuple[int, int] | None = None  # fp8 per-block scales: (outputs, inputs)
     @property
     def pack_factor(self) -> int:
         """Values per int32."""
@@ -44,8 +48,10 @@ class QuantConfig:
 
     def skips(self, module_name: str) -> bool:
         """Is this HF module (model.layers.0.mlp.down_proj) left unquantized? Substring
-        match, as transformers and vLLM read modules_to_not_convert."""
-        return any(m in module_name for m in self.modules_to_not_convert)
+        match, as transformers and vLLM read modules_to_not_convert; "re:" entries are
+        regexes from the start of the name (compressed-tensors' `ignore`)."""
+        return any(re.match(m[3:], module_name) if m.startswith("re:") else m in module_name
+                   for m in self.modules_to_not_convert)
 
 
 # older quantizers wrote their settings beside config.json instead of into it
@@ -82,6 +88,8 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
         if requested == "bitsandbytes":  # vLLM's in-flight 4-bit quantization
             return QuantConfig("bitsandbytes", 4, BNB_BLOCKSIZE, quant_type="nf4",
                                prequantized=False)
+        if requested == "fp8":  # vLLM's in-flight FP8 (here a scale per row)
+            return QuantConfig("fp8", 8, -1, prequantized=False)
         if requested:
             raise ValueError(f"quantization={requested!r}, but the checkpoint's config.json has "
                              "no quantization_config: it is not a quantized checkpoint")
@@ -97,6 +105,10 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
     bits = int(_get(raw, "bits", _get(raw, "w_bit", 4)))
     group_size = int(_get(raw, "group_size", _get(raw, "q_group_size", 128)))
     skip = tuple(_get(raw, "modules_to_not_convert", None) or ())
+    if method == "fp8":
+        return _fp8(raw)
+    if method == "compressed-tensors":
+        return _compressed_tensors(raw)
     if method == "gptq":
         return _gptq(raw, bits, group_size, skip)
     if method == "bitsandbytes":
@@ -148,3 +160,46 @@ def _bitsandbytes(raw: Any) -> QuantConfig:
                          "loraplex loads nf4 and fp4")
     return QuantConfig("bitsandbytes", 4, BNB_BLOCKSIZE, quant_type=quant_type,
                        modules_to_not_convert=skip)
+
+
+def _fp8_config(block: Any, skip: tuple[str, ...]) -> QuantConfig:
+    if block is not None and (len(block) != 2 or any(int(b) < 1 for b in block)):
+        raise ValueError(f"fp8 weight block {block!r}: expected [outputs, inputs]")
+    block = (int(block[0]), int(block[1])) if block is not None else None
+    return QuantConfig("fp8", 8, block[1] if block else -1, fp8_block=block,
+                       modules_to_not_convert=skip)
+
+
+def _fp8(raw: Any) -> QuantConfig:
+    """transformers' / Qwen's / DeepSeek's / vLLM's `quant_method: fp8`."""
+    fmt = str(_get(raw, "fmt", "e4m3") or "e4m3").lower()
+    if fmt != "e4m3":
+        raise ValueError(f"fp8 fmt={fmt!r} is not supported: loraplex loads e4m3 weights")
+    skip = tuple(_get(raw, "modules_to_not_convert", None) or _get(raw, "ignored_layers", None)
+                 or ())
+    return _fp8_config(_get(raw, "weight_block_size", None), skip)
+
+
+def _compressed_tensors(raw: Any) -> QuantConfig:
+    """llm-compressor's FP8 checkpoints (format float-quantized): every group's weights 8-bit
+    floats, per tensor, channel or block; the activations' scheme is not used (weight-only)."""
+    fmt = str(_get(raw, "format", "") or "")
+    groups = list((_get(raw, "config_groups", None) or {}).values())
+    weights = [_get(g, "weights", None) or {} for g in groups]
+    if fmt != "float-quantized" or not weights or any(
+            _get(w, "num_bits") != 8 or _get(w, "type") != "float" for w in weights):
+        raise ValueError(f"compressed-tensors checkpoint (format {fmt!r}, weights "
+                         f"{[{k: _get(w, k) for k in ('num_bits', 'type')} for w in weights]}) "
+                         "is not supported yet: loraplex loads its FP8 weights "
+                         "(format float-quantized, 8-bit float)")
+    strategies = {str(_get(w, "strategy", "tensor")) for w in weights}
+    blocks = {tuple(_get(w, "block_structure", None) or ()) for w in weights}
+    if len(strategies) != 1 or len(blocks) != 1 or not strategies <= {"tensor", "channel",
+                                                                         "block"}:
+        raise ValueError(f"compressed-tensors FP8 weights with strategies {sorted(strategies)} "
+                         "are not supported: one of tensor, channel or block for all of them")
+    block = next(iter(blocks)) if strategies == {"block"} else None
+    # `ignore`: exact module names, or "re:" regexes
+    skip = tuple(m if m.startswith("re:") else "re:" + re.escape(m) + "$"
+                 for m in _get(raw, "ignore", None) or ())
+    return _fp8_config(block or None, skip)

@@ -1,0 +1,111 @@
+"""Linear layers over FP8 weights (float8_e4m3fn): the FP8 checkpoints of Qwen, DeepSeek
+and transformers (`quant_method: fp8`), llm-compressor's (`compressed-tensors`, FP8
+float-quantized), or a plain checkpoint quantized as it loads (`quantization="fp8"`).
+
+    W[o, i] = q[o, i] * s           per tensor (one s per sub-projection: q, k, v apart)
+    W[o, i] = q[o, i] * s[o]        per output channel
+    W[o, i] = q[o, i] * s[o // bo, i // bi]    per block (128 x 128 in Qwen3 / DeepSeek:
+                                               the checkpoints call it weight_scale_inv)
+
+Every form is kept as a scale per row and block of `block_in` inputs ([out, blocks];
+one block for tensor and channel scales), so the sub-projections of a packed layer stack
+as rows whatever their own form. Weight-only: the activations stay in the model's dtype
+(a checkpoint's static `input_scale` is not used), as vLLM runs FP8 checkpoints on GPUs
+without FP8 compute. The matmul dequantizes the weight in torch (no fused kernel yet).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.layers.quantization.bitsandbytes import _RowQuantLinear
+from loraplex.layers.quantization.config import QuantConfig
+from loraplex.layers.quantization.linear import _frozen
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain weight [out, in] -> (FP8 values, a scale per output row [out, 1])."""
+    scale = w.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class FP8Linear(_RowQuantLinear):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
+                 cfg: QuantConfig) -> None:
+        super().__init__(in_features, output_sizes, bias, cfg)
+        self.block_out, self.block_in = cfg.fp8_block or (0, in_features)
+        self.weight = _frozen(self.out_features, in_features, dtype=FP8)
+        self.register_buffer("row_scale", torch.zeros(
+            self.out_features, -(-in_features // self.block_in), dtype=torch.float32))
+        self._loaded = [set() for _ in output_sizes]  # per sub-projection: weight, scale
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
+        if param_name == "bias":
+            return self._bias_shard(loaded, shard)
+        if param_name == "input_scale":  # static activation scales: weight-only here
+            return
+        rows = self._rows(shard)
+        size = rows.stop - rows.start
+        if param_name == "weight":
+            if loaded.dtype != FP8:
+                if self.cfg.prequantized or not loaded.is_floating_point():
+                    raise ValueError(f"the checkpoint has a {loaded.dtype} weight where "
+                                     "config.json's quantization_config (fp8) says FP8 "
+                                     "(float8_e4m3fn) values should be: the config does not "
+                                     "match the weights")
+                loaded, scale = quantize_fp8(loaded)  # quantization="fp8" on a plain one
+                self._set_scale(scale, shard, size)
+            if loaded.shape != (size, self.in_features):
+                raise ValueError(f"fp8 weight of shape {tuple(loaded.shape)} does not fit "
+                                 f"shard {shard} ({size}, {self.in_features})")
+            self.weight.data[rows] = loaded
+            self._loaded[shard].add("weight")
+        elif param_name in ("weight_scale", "weight_scale_inv"):
+            self._set_scale(loaded.float(), shard, size)
+        else:
+            raise ValueError(f"checkpoint tensor {param_name!r} has no place in an fp8 layer: "
+                             "the config does not match the weights")
+
+    def _set_scale(self, scale: torch.Tensor, shard: int, size: int) -> None:
+        """A sub-projection's scale, in whichever form, as its rows of row_scale."""
+        blocks = self.row_scale.shape[1]
+        if scale.numel() == 1:  # per tensor
+            rows = scale.reshape(1, 1).expand(size, blocks)
+        elif scale.numel() == size and blocks == 1:  # per output channel
+            rows = scale.reshape(size, 1)
+        elif self.block_out and scale.dim() == 2 and scale.shape == (
+                -(-size // self.block_out), blocks):  # per block
+            rows = scale.repeat_interleave(self.block_out, dim=0)[:size]
+        else:
+            raise ValueError(f"fp8 scale of shape {tuple(scale.shape)} fits neither a tensor, "
+                             f"a channel nor a {self.block_out}x{self.block_in} block scale of "
+                             f"shard {shard} ({size} rows, {self.in_features} inputs)")
+        self.row_scale[self._rows(shard)] = rows.to(self.row_scale.device)
+        self._loaded[shard].add("scale")
+
+    def finish_loading(self) -> None:
+        for shard, have in enumerate(self._loaded):
+            if have != {"weight", "scale"}:
+                raise ValueError(f"fp8: sub-projection {shard} of this layer is incomplete in "
+                                 f"the checkpoint (found {sorted(have) or 'nothing'}: the FP8 "
+                                 "weight and its weight_scale / weight_scale_inv are needed)")
+
+    def dequantize_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """W as [out, in] in `dtype`."""
+        scale = self.row_scale
+        if scale.shape[1] > 1:  # per block: each scale over its block_in inputs
+            scale = scale.repeat_interleave(self.block_in, dim=1)[:, :self.in_features]
+        return (self.weight.to(torch.float32) * scale).to(dtype)
+
+    def fill_random(self, gen: torch.Generator) -> None:
+        with torch.no_grad():
+            values = torch.empty(self.weight.shape).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
+            self.weight.copy_(values.to(FP8))
+            self.row_scale.copy_(torch.empty(self.row_scale.shape).uniform_(
+                0.02 / FP8_MAX, 0.06 / FP8_MAX, generator=gen))
+            if self.bias is not None:
+                self.bias.zero_()
+        self._loaded = [{"weight", "scale"} for _ in self._loaded]
