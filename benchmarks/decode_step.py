@@ -66,7 +66,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 MODES = ("base", "one", "mixed")
 
 
-# --quantization: what a typical 4-bit checkpoint's config.json says
+# --quantization: what a typical 4-bit (or FP8) checkpoint's config.json says
 QUANT_CONFIGS = {
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
              "sym": True, "checkpoint_format": "gptq"},
@@ -74,6 +74,9 @@ QUANT_CONFIGS = {
             "version": "gemm"},
     "bnb-nf4": {"quant_method": "bitsandbytes", "load_in_4bit": True,
                 "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    # Qwen3-FP8's: e4m3 weights, a scale per 128 x 128 block
+    "fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128]},
 }
 
 

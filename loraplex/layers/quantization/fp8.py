@@ -32,6 +32,21 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+_FP8_VALUES: dict[torch.device, torch.Tensor] = {}
+
+
+def _fp8_to_float(q: torch.Tensor) -> torch.Tensor:
+    """fp32 values of FP8 ones. torch on a CPU converts FP8 without vector instructions,
+    slower than looking each byte up in a table of the 256 values: the table there."""
+    if q.device.type != "cpu":
+        return q.to(torch.float32)
+    table = _FP8_VALUES.get(q.device)
+    if table is None:
+        table = _FP8_VALUES[q.device] = torch.arange(256, dtype=torch.int32).to(
+            torch.uint8).view(FP8).to(torch.float32)
+    return table.index_select(0, q.view(torch.uint8).view(-1).int()).view(q.shape)
+
+
 class FP8Linear(_RowQuantLinear):
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
                  cfg: QuantConfig) -> None:
@@ -95,10 +110,16 @@ class FP8Linear(_RowQuantLinear):
 
     def dequantize_rows(self, dtype: torch.dtype) -> torch.Tensor:
         """W as [out, in] in `dtype`."""
-        scale = self.row_scale
-        if scale.shape[1] > 1:  # per block: each scale over its block_in inputs
-            scale = scale.repeat_interleave(self.block_in, dim=1)[:, :self.in_features]
-        return (self.weight.to(torch.float32) * scale).to(dtype)
+        w, scale = _fp8_to_float(self.weight), self.row_scale
+        blocks = scale.shape[1]
+        if blocks == 1:
+            w = w * scale
+        elif self.in_features % self.block_in == 0:  # each scale over its block of inputs
+            w = (w.view(self.out_features, blocks, self.block_in) * scale.unsqueeze(2)).view(
+                self.out_features, self.in_features)
+        else:  # a partial last block
+            w = w * scale.repeat_interleave(self.block_in, dim=1)[:, :self.in_features]
+        return w.to(dtype)
 
     def fill_random(self, gen: torch.Generator) -> None:
         with torch.no_grad():
