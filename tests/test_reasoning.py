@@ -193,3 +193,13 @@ def test_server_splits_replies(thinker, prompts):
             tool_choice={"type": "function", "function": {"name": "add"}}).choices[0].message
         assert msg.reasoning_content == reasoning and msg.tool_calls[0].function.name == "add"
         assert set(json.loads(msg.tool_calls[0].function.arguments)) == {"a"}
+        # the Responses API: a reasoning item, then the message; streamed alike
+        rkw = dict(model="thinker", input=messages, max_output_tokens=16, temperature=0,
+                   extra_body={"ignore_eos": True, "logit_bias": {"513": bias}})
+        r = client.responses.create(**rkw)
+        assert [item.type for item in r.output] == ["reasoning", "message"][:1 + bool(content)]
+        assert r.output[0].content[0].text == reasoning and r.output_text == content
+        events = list(client.responses.create(**rkw, stream=True))
+        assert "".join(e.delta for e in events
+                       if e.type == "response.reasoning_text.delta") == reasoning
+        assert events[-1].response.output_text == content

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLMEngine.
 
     GET  /health /version /metrics /v1/models
-    POST /v1/completions /v1/chat/completions
+    POST /v1/completions /v1/chat/completions /v1/responses
     POST /tokenize /detokenize
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   (LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING)
 
@@ -45,6 +45,7 @@ from loraplex.entrypoints.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     LoadLoRAAdapterRequest,
+    ResponsesRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
     ignored_fields,
@@ -52,6 +53,7 @@ from loraplex.entrypoints.protocol import (
 from loraplex.entrypoints.serving_chat import OpenAIServingChat
 from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
 from loraplex.entrypoints.serving_models import OpenAIServingModels
+from loraplex.entrypoints.serving_responses import OpenAIServingResponses, passed_through
 from loraplex.entrypoints.serving_tokenization import OpenAIServingTokenization
 from loraplex.entrypoints.serving_utils import with_cancellation
 from loraplex.lora.adapter import local_adapter_dir
@@ -79,6 +81,7 @@ class ServerState:
     chat: OpenAIServingChat
     tokenization: OpenAIServingTokenization
     metrics: Metrics
+    responses: OpenAIServingResponses
 
 
 def _validation_message(exc: RequestValidationError, content_type: str
@@ -195,6 +198,15 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
                                ) -> Response:
         warn_ignored(request)
         return respond(await state.chat.create_chat_completion(request))
+
+    @app.post("/v1/responses")
+    @with_cancellation
+    async def responses(request: ResponsesRequest, raw_request: Request) -> Response:
+        unused = [k for k in ignored_fields(request) if k not in passed_through(request)]
+        if unused:
+            logger.warning("The following fields were present in the request but ignored: "
+                           "%s", ", ".join(unused))
+        return respond(await state.responses.create_response(request))
 
     def require_runtime_updating() -> None:
         if not envs.LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING:
@@ -331,7 +343,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
     state = ServerState(
         engine=async_engine, models=models,
         completion=OpenAIServingCompletion(async_engine, models, tokenizer), chat=chat,
-        tokenization=OpenAIServingTokenization(chat), metrics=metrics)
+        tokenization=OpenAIServingTokenization(chat), metrics=metrics,
+        responses=OpenAIServingResponses(chat))
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)

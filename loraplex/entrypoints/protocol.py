@@ -343,6 +343,66 @@ class UnloadLoRAAdapterRequest(OpenAIBase):
     lora_int_id: int | None = None
 
 
+# ---- responses (OpenAI's Responses API, /v1/responses) ------------------------------------
+class ResponsesRequest(OpenAIBase):
+    """The Responses API's request; the chat route serves it (serving_responses.py), and
+    vLLM's sampling extras (top_k, seed, logit_bias, structured_outputs, ...) pass through
+    to it."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" |
+    # "json_schema", ...}}
+    reasoning: dict[str, Any] | None = None  # accepted; a model reasons as it was trained
+    store: bool | None = None  # accepted; nothing is stored
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: str | None = None
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens_details: dict[str, int] = Field(
+        default_factory=lambda: {"reasoning_tokens": 0})
+
+
+class ResponsesResponse(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    model: str
+    status: str  # "completed" | "incomplete" | "in_progress"
+    output: list[dict[str, Any]] = Field(default_factory=list)  # OpenAI's output items
+    usage: ResponseUsage | None = None
+    incomplete_details: dict[str, str] | None = None
+    error: dict[str, Any] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: Any = "auto"
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
+    reasoning: dict[str, Any] | None = None
+    store: bool = False
+    truncation: str = "disabled"
+
+
 # ---- tokenization (vLLM's /tokenize and /detokenize) ------------------------------------
 class TokenizeRequest(OpenAIBase):
     """A `prompt`, or chat `messages` rendered through the chat template first."""

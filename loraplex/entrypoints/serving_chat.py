@@ -109,7 +109,11 @@ class OpenAIServingChat(OpenAIServing):
         ids = encoder(text, add_special_tokens=req.add_special_tokens).input_ids
         return text, list(ids)
 
-    async def create_chat_completion(self, req: ChatCompletionRequest):
+    async def create_chat_completion(self, req: ChatCompletionRequest,
+                                     chunks: bool = False):
+        """The response, or for `req.stream` the SSE body; `chunks`: a stream as
+        (ChatCompletionStreamResponse objects, the engine requests) instead, for a route
+        that re-frames it (/v1/responses)."""
         self.check_unsupported(req)
         calling = tool_mode(req, self.tool_call_parser)
         if req.top_logprobs and not req.logprobs:
@@ -152,9 +156,10 @@ class OpenAIServingChat(OpenAIServing):
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
                                            lora, req.cache_salt)
         if req.stream:
-            return self.sse(self._stream(req, request_id, model, len(ids), queued, echo,
-                                         calling),
-                            queued)
+            stream = self._stream(req, request_id, model, len(ids), queued, echo, calling)
+            if chunks:
+                return stream, queued
+            return self.sse(_as_sse(stream), queued)
         try:
             final = None
             async for out in queued.streams[0]:
@@ -249,14 +254,14 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, model: str,
                       prompt_tokens: int, queued: EngineRequests, echo: str,
-                      calling: str | None) -> AsyncIterator[str]:
-        """SSE chunks; `calling`: the request's tool mode (tool_calls.tool_mode)."""
+                      calling: str | None) -> AsyncIterator[ChatCompletionStreamResponse]:
+        """The stream's chunks; `calling`: the request's tool mode (tool_calls.tool_mode)."""
         created = int(time.time())
 
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
-            body = ChatCompletionStreamResponse(id=request_id, created=created, model=model,
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None
+                  ) -> ChatCompletionStreamResponse:
+            return ChatCompletionStreamResponse(id=request_id, created=created, model=model,
                                                 choices=choices, usage=usage)
-            return f"data: {body.model_dump_json()}\n\n"
 
         sent_text: dict[int, int] = {}  # of the content (the reply past its reasoning)
         sent_reasoning: dict[int, int] = {}
@@ -316,3 +321,11 @@ class OpenAIServingChat(OpenAIServing):
         if req.stream_options and req.stream_options.include_usage:
             gen = sum(len(o.token_ids) for o in last.outputs)
             yield chunk([], UsageInfo.of(prompt_tokens, gen))
+
+
+async def _as_sse(chunks: AsyncIterator[ChatCompletionStreamResponse]) -> AsyncIterator[str]:
+    try:
+        async for body in chunks:
+            yield f"data: {body.model_dump_json()}\n\n"
+    finally:
+        await chunks.aclose()

@@ -1,0 +1,316 @@
+"""POST /v1/responses: OpenAI's Responses API, served by the chat route.
+
+A request becomes a chat request (instructions -> a system message, input items ->
+messages, function tools and tool_choice reshaped, text.format -> response_format,
+max_output_tokens -> max_completion_tokens; vLLM's sampling extras pass through), and the
+chat reply becomes output items: a `reasoning` item (with --reasoning-parser), a
+`message` with its `output_text`, a `function_call` per tool call. Streamed, the chat
+chunks are re-framed as the API's events (response.created, output_item.added,
+output_text.delta, ..., response.completed). Nothing is stored: previous_response_id is
+refused, and the whole conversation goes in `input`, as with chat.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from loraplex.entrypoints.errors import BadRequestError
+from loraplex.entrypoints.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    ResponsesRequest,
+    ResponsesResponse,
+    ResponseUsage,
+    UsageInfo,
+    random_id,
+)
+from loraplex.entrypoints.serving_chat import OpenAIServingChat
+
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat request that serves `req`."""
+    if req.previous_response_id:
+        raise BadRequestError("previous_response_id: this server stores no responses; send "
+                              "the whole conversation in `input`", param="previous_response_id")
+    messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    if isinstance(req.input, str):
+        messages.append({"role": "user", "content": req.input})
+    else:
+        for i, item in enumerate(req.input):
+            messages += _messages(item, i)
+    body: dict[str, Any] = {
+        "model": req.model, "messages": messages, "stream": req.stream,
+        "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
+        "top_p": req.top_p, "user": req.user,
+        "tools": [_tool(t, i) for i, t in enumerate(req.tools)] if req.tools else None,
+        "tool_choice": _tool_choice(req.tool_choice) if req.tools else None,
+        "response_format": _response_format(req.text),
+        "stream_options": {"include_usage": True} if req.stream else None,
+    }
+    body.update(passed_through(req))
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        raise BadRequestError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def passed_through(req: ResponsesRequest) -> dict[str, Any]:
+    """The request's fields unknown to the Responses API that chat takes (vLLM's
+    sampling extras: top_k, seed, logit_bias, ignore_eos, structured_outputs, ...)."""
+    chat_fields = ChatCompletionRequest.model_fields
+    return {k: v for k, v in (req.model_extra or {}).items()
+            if k in chat_fields and k not in ("messages", "stream", "stream_options")}
+
+
+def _messages(item: Any, i: int) -> list[dict[str, Any]]:
+    """One input item as chat messages (a reasoning item: none; templates drop them)."""
+    if not isinstance(item, dict):
+        raise BadRequestError(f"input[{i}] must be an object", param="input")
+    kind = item.get("type", "message")
+    if kind == "message":
+        role = {"developer": "system"}.get(item.get("role"), item.get("role"))
+        if role not in ("system", "user", "assistant"):
+            raise BadRequestError(f"input[{i}]: role {item.get('role')!r} is not one of user, "
+                                  "system, developer, assistant", param="input")
+        return [{"role": role, "content": _text(item.get("content"), i)}]
+    if kind == "function_call":
+        return [{"role": "assistant", "content": None, "tool_calls": [{
+            "id": item.get("call_id"), "type": "function",
+            "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}]}]
+    if kind == "function_call_output":
+        output = item.get("output")
+        return [{"role": "tool", "tool_call_id": item.get("call_id"),
+                 "content": output if isinstance(output, str) else json.dumps(output)}]
+    if kind == "reasoning":
+        return []
+    raise BadRequestError(f"input[{i}]: items of type {kind!r} are not supported (message, "
+                          "function_call, function_call_output, reasoning)", param="input")
+
+
+def _text(content: Any, i: int) -> str:
+    if isinstance(content, str) or content is None:
+        return content or ""
+    parts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise BadRequestError(f"input[{i}]: content part of type {kind!r} is not "
+                                  "supported (text only)", param="input")
+        parts.append(str(part.get("text", "")))
+    return "".join(parts)
+
+
+def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:
+    """A Responses function tool (flat) as a chat one (under "function")."""
+    if tool.get("type") != "function":
+        raise BadRequestError(f"tools[{i}]: tools of type {tool.get('type')!r} are not "
+                              "supported (function tools only)", param="tools")
+    return {"type": "function", "function": {
+        k: tool[k] for k in ("name", "description", "parameters") if k in tool}}
+
+
+def _tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or "name" not in choice:
+            raise BadRequestError(f"tool_choice {choice!r} is not supported: auto, none, "
+                                  "required or a function by name", param="tool_choice")
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    fmt = (text or {}).get("format") or {"type": "text"}
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {
+            k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}}
+    if fmt.get("type") in ("json_object", "text"):
+        return None if fmt["type"] == "text" else {"type": "json_object"}
+    raise BadRequestError(f"text.format type {fmt.get('type')!r} is not supported (text, "
+                          "json_object, json_schema)", param="text")
+
+
+# ---- output items --------------------------------------------------------------------
+def reasoning_item(text: str, item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id or random_id("rs"), "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": "completed"}
+
+
+def output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def message_item(text: str, status: str = "completed", item_id: str | None = None
+                 ) -> dict[str, Any]:
+    return {"type": "message", "id": item_id or random_id("msg"), "role": "assistant",
+            "status": status, "content": [output_text(text)] if status != "in_progress" else []}
+
+
+def function_call_item(call_id: str, name: str, arguments: str, status: str = "completed",
+                       item_id: str | None = None) -> dict[str, Any]:
+    return {"type": "function_call", "id": item_id or random_id("fc"), "call_id": call_id,
+            "name": name, "arguments": arguments, "status": status}
+
+
+def output_items(message: ChatResponseMessage, status: str) -> list[dict[str, Any]]:
+    items = [reasoning_item(message.reasoning)] if message.reasoning is not None else []
+    if message.content:
+        items.append(message_item(message.content, status))
+    items += [function_call_item(c.id, c.function.name, c.function.arguments)
+              for c in message.tool_calls]
+    return items
+
+
+class OpenAIServingResponses:
+    def __init__(self, chat: OpenAIServingChat) -> None:
+        self.chat = chat
+
+    async def create_response(self, req: ResponsesRequest):
+        """The response, or for `req.stream` its SSE body of events."""
+        chat_req = chat_request(req)
+        response_id, created = random_id("resp"), int(time.time())
+        model = req.model or self.chat.models.base_model_name
+        if not req.stream:
+            reply = await self.chat.create_chat_completion(chat_req)
+            choice = reply.choices[0]
+            status = "incomplete" if choice.finish_reason == "length" else "completed"
+            return self._response(req, response_id, created, model, status,
+                                  output_items(choice.message, status), reply.usage)
+        chunks, queued = await self.chat.create_chat_completion(chat_req, chunks=True)
+        return self.chat.sse(self._events(req, response_id, created, model, chunks), queued)
+
+    @staticmethod
+    def _response(req: ResponsesRequest, response_id: str, created: int, model: str,
+                  status: str, output: list[dict[str, Any]],
+                  usage: UsageInfo | None) -> ResponsesResponse:
+        return ResponsesResponse(
+            id=response_id, created_at=created, model=model, status=status, output=output,
+            usage=usage and ResponseUsage(input_tokens=usage.prompt_tokens,
+                                          output_tokens=usage.completion_tokens,
+                                          total_tokens=usage.total_tokens),
+            incomplete_details={"reason": "max_output_tokens"} if status == "incomplete"
+            else None,
+            instructions=req.instructions, max_output_tokens=req.max_output_tokens,
+            temperature=req.temperature, top_p=req.top_p, tools=req.tools or [],
+            tool_choice=req.tool_choice, parallel_tool_calls=req.parallel_tool_calls,
+            text=req.text or {"format": {"type": "text"}}, metadata=req.metadata,
+            reasoning=req.reasoning)
+
+    async def _events(self, req: ResponsesRequest, response_id: str, created: int,
+                      model: str, chunks: AsyncIterator[ChatCompletionStreamResponse]
+                      ) -> AsyncIterator[str]:
+        """The chat chunks as the API's events, each item opened when its first piece
+        comes and closed (with its whole text) when the next item starts or the reply
+        ends."""
+        stream = _EventStream()
+        head = self._response(req, response_id, created, model, "in_progress", [], None)
+        yield stream.event("response.created", response=head.model_dump())
+        yield stream.event("response.in_progress", response=head.model_dump())
+        usage, finish = None, None
+        try:
+            async for chunk in chunks:
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    finish = choice.finish_reason or finish
+                    delta = choice.delta
+                    for event in stream.add(delta.reasoning, delta.content, delta.tool_calls):
+                        yield event
+        finally:
+            await chunks.aclose()
+        status = "incomplete" if finish == "length" else "completed"
+        for event in stream.close(status):
+            yield event
+        final = self._response(req, response_id, created, model, status, stream.items, usage)
+        yield stream.event(f"response.{status}", response=final.model_dump())
+
+
+class _EventStream:
+    """The output items of a streamed response as they grow, and their events."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self._seq = itertools.count()
+        self._open: str | None = None  # "reasoning" | "message" | "call", the last item's
+        self._text = ""
+        self._calls: dict[int, dict[str, Any]] = {}  # a chat tool call's index -> its item
+
+    def event(self, kind: str, **fields: Any) -> str:
+        body = {"type": kind, "sequence_number": next(self._seq), **fields}
+        return f"event: {kind}\ndata: {json.dumps(body)}\n\n"
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1}
+
+    def _start(self, kind: str, item: dict[str, Any]) -> list[str]:
+        events = self.close("completed")
+        self.items.append(item)
+        self._open, self._text = kind, ""
+        events.append(self.event("response.output_item.added", output_index=len(self.items) - 1,
+                                 item=item))
+        if kind == "message":
+            events.append(self.event("response.content_part.added", content_index=0,
+                                     part=output_text(""), **self._where()))
+        return events
+
+    def add(self, reasoning: str | None, content: str | None, calls: list | None
+            ) -> list[str]:
+        events: list[str] = []
+        if reasoning:
+            if self._open != "reasoning":
+                item = reasoning_item("")
+                item["content"], item["status"] = [], "in_progress"
+                events += self._start("reasoning", item)
+            self._text += reasoning
+            events.append(self.event("response.reasoning_text.delta", content_index=0,
+                                     delta=reasoning, **self._where()))
+        if content:
+            if self._open != "message":
+                events += self._start("message", message_item("", "in_progress"))
+            self._text += content
+            events.append(self.event("response.output_text.delta", content_index=0,
+                                     delta=content, logprobs=[], **self._where()))
+        for call in calls or []:
+            if call.index not in self._calls:
+                item = function_call_item(call.id or "", call.function.name or "", "",
+                                          "in_progress")
+                events += self._start("call", item)
+                self._calls[call.index] = item
+            pieces = call.function.arguments if call.function else None
+            if pieces:
+                self._text += pieces
+                events.append(self.event("response.function_call_arguments.delta",
+                                         delta=pieces, **self._where()))
+        return events
+
+    def close(self, status: str) -> list[str]:
+        """Close the open item with its whole text (none open: nothing)."""
+        kind, text = self._open, self._text
+        if kind is None:
+            return []
+        self._open, item, where = None, self.items[-1], self._where()
+        if kind == "reasoning":
+            item.update(reasoning_item(text, item["id"]))
+            events = [self.event("response.reasoning_text.done", content_index=0, text=text,
+                                 **where)]
+        elif kind == "message":
+            item.update(message_item(text, status, item["id"]))
+            events = [self.event("response.output_text.done", content_index=0, text=text,
+                                 logprobs=[], **where),
+                      self.event("response.content_part.done", content_index=0,
+                                 part=output_text(text), **where)]
+        else:
+            item.update(arguments=text, status="completed")
+            events = [self.event("response.function_call_arguments.done", arguments=text,
+                                 name=item["name"], **where)]
+        events.append(self.event("response.output_item.done", output_index=where["output_index"],
+                                 item=item))
+        return events

@@ -1,0 +1,152 @@
+"""OpenAI's Responses API (/v1/responses) on a real server with the official openai client:
+the same reply as the chat route for the same conversation (instructions as a system
+message, message and function-call items, adapters by name), streamed events that add up
+to the response, max_output_tokens (incomplete), text.format json_schema, forced function
+calls, reasoning items; bad requests fail alone with OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.server_utils import RemoteServer
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+          "required": ["city"], "additionalProperties": False}
+TOOL = {"type": "function", "name": "add", "description": "Add two numbers",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                        "b": {"type": "integer"}},
+                       "required": ["a", "b"]}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tiny_adapters):
+    ad = tiny_adapters["llama"]
+    args = ["--served-model-name", "tiny", "--enable-lora", "--max-loras", "2",
+            "--max-lora-rank", "16", "--dtype", "float32", "--max-model-len", "256",
+            "--cpu-kv-cache-gib", "0.05", "--lora-modules", f"r8_all={ad['r8_all']}",
+            f"r4_qv={ad['r4_qv']}"]
+    with RemoteServer(tiny_models["llama"], args) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.get_client()
+
+
+KW = dict(temperature=0, extra_body={"ignore_eos": True})
+
+
+def _chat_text(client, model, messages, max_tokens=8) -> tuple[str, str]:
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                       **KW)
+    return r.choices[0].message.content, r.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("model", ["tiny", "r8_all", "r4_qv"])
+def test_same_reply_as_chat(client, model):
+    """A string input, and instructions + message items (a developer message, content
+    parts), give the chat route's reply to the same conversation; usage counts it."""
+    r = client.responses.create(model=model, input="Tell me a story", max_output_tokens=8,
+                                **KW)
+    text, _ = _chat_text(client, model, [{"role": "user", "content": "Tell me a story"}])
+    assert r.output_text == text and r.model == model
+    assert r.status == "incomplete"  # all 8 tokens of max_output_tokens, as chat's "length"
+    assert [item.type for item in r.output] == ["message"]
+    assert r.usage.output_tokens == 8 and r.usage.total_tokens == r.usage.input_tokens + 8
+    items = [{"role": "developer", "content": "Be brief."},
+             {"type": "message", "role": "user",
+              "content": [{"type": "input_text", "text": "Hello "},
+                          {"type": "input_text", "text": "there"}]},
+             {"role": "assistant", "content": "Hi."},
+             {"role": "user", "content": "More"}]
+    r = client.responses.create(model=model, instructions="You are terse.", input=items,
+                                max_output_tokens=6, **KW)
+    text, finish = _chat_text(client, model, [
+        {"role": "system", "content": "You are terse."},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "More"}], max_tokens=6)
+    assert r.output_text == text
+
+
+def test_stream_events_add_up_to_the_response(client):
+    kw = dict(model="r8_all", input="Once upon a time", max_output_tokens=10, **KW)
+    events = list(client.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress",
+                         "response.output_item.added"]
+    assert kinds[3] == "response.content_part.added"
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    whole = client.responses.create(**kw)
+    assert streamed == final.output_text == whole.output_text == events[-4].text
+    # 10 tokens, all of max_output_tokens: incomplete, as OpenAI says it
+    assert final.status == whole.status == "incomplete"
+    assert whole.incomplete_details.reason == "max_output_tokens"
+    assert final.usage.output_tokens == 10
+
+
+def test_json_schema_format(client):
+    r = client.responses.create(
+        model="r4_qv", input="Where?", max_output_tokens=120, temperature=0,
+        text={"format": {"type": "json_schema", "name": "place", "schema": SCHEMA,
+                         "strict": True}})
+    assert set(json.loads(r.output_text)) == {"city"}, (r.output_text, r.status)
+
+
+def test_function_calls(client):
+    """A forced function call comes back as a function_call item; its output goes back
+    as a function_call_output item, streamed too."""
+    r = client.responses.create(model="r8_all", input="Add 2 and 3", tools=[TOOL],
+                                tool_choice={"type": "function", "name": "add"},
+                                max_output_tokens=120, temperature=0)
+    call = r.output[-1]
+    assert call.type == "function_call" and call.name == "add" and r.status == "completed"
+    assert set(json.loads(call.arguments)) == {"a", "b"}
+    events = list(client.responses.create(
+        model="r8_all", input="Add 2 and 3", tools=[TOOL], stream=True,
+        tool_choice={"type": "function", "name": "add"}, max_output_tokens=120, temperature=0))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and done[0].arguments == call.arguments
+    assert "".join(e.delta for e in events
+                   if e.type == "response.function_call_arguments.delta") == call.arguments
+    follow = [{"role": "user", "content": "Add 2 and 3"},
+              {"type": "function_call", "call_id": call.call_id, "name": "add",
+               "arguments": call.arguments},
+              {"type": "function_call_output", "call_id": call.call_id, "output": "5"}]
+    r = client.responses.create(model="r8_all", input=follow, tools=[TOOL],
+                                max_output_tokens=6, tool_choice="none", **KW)
+    assert r.output_text
+
+
+def test_bad_requests_fail_alone(server, client):
+    cases = [
+        (dict(input="x", previous_response_id="resp_1"), 400, "stores no responses"),
+        (dict(input=[{"role": "user", "content": [{"type": "input_image",
+                                                   "image_url": "http://x"}]}]), 400,
+         "content part of type 'input_image' is not supported"),
+        (dict(input="x", tools=[{"type": "web_search"}]), 400,
+         "tools of type 'web_search' are not supported"),
+        (dict(input=[{"type": "computer_call"}]), 400,
+         "items of type 'computer_call' are not supported"),
+        (dict(input="x", text={"format": {"type": "grammar"}}), 400,
+         "text.format type 'grammar' is not supported"),
+        (dict(input="x", temperature=-1), 400, "temperature"),
+    ]
+    for kw, status, message in cases:
+        with pytest.raises(openai.APIStatusError) as e:
+            client.responses.create(model="tiny", max_output_tokens=4, **kw)
+        assert e.value.status_code == status and message in e.value.message, e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="nope", input="x", max_output_tokens=4)
+    r = server.post("/v1/responses", {"model": "tiny"})  # no input
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    assert client.responses.create(model="tiny", input="still here", max_output_tokens=2,
+                                   **KW).output_text
