@@ -399,7 +399,7 @@ def _load_cached(
         from peft import PeftModel
 
         vocab = _adapter_vocab(Path(adapter_dir))
-        if vocab > model.config.vocab_size:  # it adds tokens: PEFT loads the resized rows
+        if vocab > model.get_input_embeddings().num_embeddings:  # it adds tokens: resized rows
             model.resize_token_embeddings(vocab, mean_resizing=False)
 
         model = PeftModel.from_pretrained(model, adapter_dir)

@@ -36,6 +36,7 @@ from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.registry import architecture, build_model
+from loraplex.models.text_only import text_only_config
 from loraplex.outputs import RequestOutput
 from loraplex.reasoning import REASONING_PARSERS, reasoning_ended
 from loraplex.sampling_params import SamplingParams
@@ -85,6 +86,7 @@ class LLMEngine:
         path = resolve_model_path(args.model, args.revision)
         hf_config = AutoConfig.from_pretrained(path)
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
+        hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
         architecture(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
@@ -151,7 +153,8 @@ class LLMEngine:
         try:
             with torch.device(mc.device):
                 model = build_model(hf_config, mc.quantization, self.lora_config.
-                                    long_lora_scaling_factors if self.lora_config else ())
+                                    long_lora_scaling_factors if self.lora_config else (),
+                                    self.text_only)
         finally:
             torch.set_default_dtype(default)
         if mc.load_format == "dummy":

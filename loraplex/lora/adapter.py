@@ -11,6 +11,7 @@ caught here, at load time, with a message that names the adapter and the fix.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -40,6 +41,9 @@ from loraplex.lora.expert_weights import (
 )
 from loraplex.lora.full_vocab import MODULES as FULL_VOCAB_MODULES
 from loraplex.lora.request import LoRARequest
+from loraplex.models.text_only import TextOnly
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,9 +112,15 @@ class TargetShapes:
     full_vocab: bool = False  # slots hold whole embed_tokens / lm_head (modules_to_save)
     max_position: int | None = None  # the base's max_position_embeddings (None: unknown)
     long_lora_factors: tuple[float, ...] = ()  # rope tables for long-context LoRA
+    # a multimodal base served on text (models/text_only.py): adapters trained on the
+    # whole model name its language model otherwise, and may have LoRA on its vision tower
+    text_only: TextOnly | None = field(default=None, compare=False)
 
-    def ours(self, module: str) -> str:
-        """An adapter's module name as this model names it."""
+    def ours(self, module: str) -> str | None:
+        """An adapter's module name as this model names it; None for a multimodal base's
+        vision tower or projector, which serving on text never runs."""
+        if self.text_only is not None and (module := self.text_only.name(module)) is None:
+            return None
         if not self.aliases:
             return module
         return ".".join(self.aliases.get(part, part) for part in module.split("."))
@@ -214,11 +224,12 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
                                 FUSED_PARAMETERS) + " in a mixture of experts, and the "
                             "weight of a module LoRA may target)")
     target = cfg.get("target_modules")
+    vision = targets.text_only.vision_leaves if targets.text_only else ()
     if isinstance(target, list):
         for t in target:
             if targets.no_slots(t.rsplit(".", 1)[-1]):
                 raise targets.no_slots_error(name, t)
-            if t.rsplit(".", 1)[-1] not in leaves:
+            if t.rsplit(".", 1)[-1] not in leaves and t.rsplit(".", 1)[-1] not in vision:
                 raise LoRAError(f"LoRA adapter {name!r}: target module {t!r} not found in the "
                                 "model (supported: " + ", ".join(targets.suffixes) + "); the "
                                 "adapter was trained for a different architecture")
@@ -330,18 +341,28 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     count_added_tokens(name, path, cfg, targets)  # registration's checks (a hub id's too)
     vocab = VocabParts(name, targets)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    unused: set[str] = set()  # on a multimodal base's vision tower: text never runs it
     for key, tensor in _read_tensors(name, path).items():
         if is_original_copy(key):
             continue
         if (module := vocab_copy_module(key)) is not None:
-            vocab.add_copy(key, module, tensor)
+            if (ours := targets.ours(module)) is not None:
+                vocab.add_copy(key, ours, tensor)
         elif (module := token_delta_module(key)) is not None:
-            vocab.add_delta(module, tensor)
+            if (ours := targets.ours(module)) is not None:
+                vocab.add_delta(ours, tensor)
         else:
             module, kind = _module_name(name, key)
+            if targets.ours(module) is None:
+                unused.add(module)
+                continue
             pairs.setdefault(module, {})[kind] = tensor
     if not pairs:
-        raise LoRAError(f"LoRA adapter {name!r}: no LoRA weights in {path}")
+        raise LoRAError(f"LoRA adapter {name!r}: no LoRA weights in {path}" + (
+            " but on the vision tower, which serving on text never runs" if unused else ""))
+    if unused:
+        logger.info("LoRA adapter %r: %d modules on the vision tower / projector left out "
+                    "(text requests never run them)", name, len(unused))
     scaling = _Scaling(cfg)
     modules: dict[str, LoRAModuleWeights] = {}
     experts: dict[str, dict[tuple[int, str], LoRAModuleWeights]] = {}

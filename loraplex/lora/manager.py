@@ -177,7 +177,8 @@ class LoRAManager:
                                            if n not in self.served),
                             full_vocab=self.cfg.modules_to_save,
                             max_position=model.args.max_position,
-                            long_lora_factors=self.cfg.long_lora_scaling_factors)
+                            long_lora_factors=self.cfg.long_lora_scaling_factors,
+                            text_only=model.args.text_only)
 
     @staticmethod
     def _aliases(args: Any) -> dict[str, str]:

@@ -35,6 +35,7 @@ from loraplex.layers.moe import SparseMoE
 from loraplex.layers.norm import GemmaRMSNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.models.text_only import TextOnly
 
 
 @dataclass
@@ -77,6 +78,9 @@ class LlamaArgs:
     local_rope: tuple[float, dict | None] | None = None  # Gemma 3: window_layers' theta,
     # scaling (None: the model's)
     long_lora_factors: tuple[float, ...] = ()  # rope tables for long-context LoRA
+    # a multimodal checkpoint served on text: its weights' and adapters' names
+    # (models/text_only.py); None for a text checkpoint
+    text_only: TextOnly | None = None
     embedding_multiplier: float = 1.0  # Granite: x = E[t] * this
     residual_multiplier: float = 1.0  # Granite: h = x + sublayer(x) * this
     attention_multiplier: float | None = None  # Granite: the attention scale (None: 1/sqrt(d))

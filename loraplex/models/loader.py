@@ -69,8 +69,11 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     fused_experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedExperts)}
     loaded: set[str] = set()
+    text_only = model.args.text_only  # a multimodal checkpoint: its language model only
     for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
                              leave=False, disable=None):
+        if text_only is not None and (name := text_only.name(name)) is None:
+            continue  # the vision tower or the projector
         if "rotary_emb.inv_freq" in name:
             continue
         if name == "lm_head.weight" and model.args.tie_word_embeddings:

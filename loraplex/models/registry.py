@@ -6,6 +6,7 @@ from typing import Any
 
 from loraplex.layers.quantization import QuantConfig
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
+from loraplex.models.text_only import MULTIMODAL, TextOnly
 
 # name -> extra LlamaArgs flags
 _ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -24,7 +25,8 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "Phi3ForCausalLM": {"fused_checkpoint": True},
 }
 
-SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
+# multimodal checkpoints whose language model serves text (models/text_only.py)
+SUPPORTED_ARCHITECTURES = (*_ARCHITECTURES, *(f"{m} (text)" for m in MULTIMODAL))
 # older configs name only a model_type
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "mixtral": "MixtralForCausalLM",
@@ -168,8 +170,10 @@ def long_lora_max_position(hf_config: Any, factors: tuple[float, ...] | None) ->
 
 
 def build_model(hf_config: Any, quant: QuantConfig | None = None,
-                long_lora_factors: tuple[float, ...] = ()) -> LlamaForCausalLM:
-    """The model of `hf_config`; `long_lora_factors`: rope tables for long-context LoRA."""
+                long_lora_factors: tuple[float, ...] = (),
+                text_only: TextOnly | None = None) -> LlamaForCausalLM:
+    """The model of `hf_config`; `long_lora_factors`: rope tables for long-context LoRA;
+    `text_only`: hf_config is a multimodal checkpoint's text config (text_only.py)."""
     name = architecture(hf_config)
     theta, scaling = _rope(hf_config)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "longrope" \
@@ -191,6 +195,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         rope_scaling=scaling,
         max_position=hf_config.max_position_embeddings,
         long_lora_factors=tuple(long_lora_factors),
+        text_only=text_only,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         quant=quant,
         hidden_act=_hidden_act(hf_config, name),

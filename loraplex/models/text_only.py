@@ -1,0 +1,69 @@
+"""Multimodal checkpoints served on text: their language model is a text model loraplex
+runs (Gemma 3 4B/12B/27B are `Gemma3ForConditionalGeneration`: Gemma 3's text decoder
+behind a SigLIP vision tower), so a text request, and an adapter trained on the whole
+model, are served by that text model alone. Requests with images are refused as on any
+model; the vision tower and the projector are never loaded, and an adapter's LoRA on
+them is left out (a text request never runs them, so its output is the full model's).
+
+The checkpoint names the language model's weights `language_model.model.*` (the hub's
+files) and PEFT adapters trained with transformers >= 4.52 name its modules
+`model.language_model.*`: `TextOnly.name` maps both onto the text model's names.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextOnly:
+    text_architecture: str  # the text model that serves it (models/registry.py)
+    renames: tuple[tuple[str, str], ...]  # name prefix in the checkpoint / adapter -> ours
+    skipped: tuple[str, ...]  # name prefixes of the parts a text request never runs
+    vision_leaves: tuple[str, ...]  # module names only those parts have (adapter targets)
+
+    def name(self, name: str) -> str | None:
+        """A checkpoint tensor's or an adapter module's name as the text model's; None
+        for the vision tower and the projector."""
+        for old, new in self.renames:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return None if name.startswith(self.skipped) else name
+
+
+MULTIMODAL: dict[str, TextOnly] = {
+    "Gemma3ForConditionalGeneration": TextOnly(
+        "Gemma3ForCausalLM",
+        renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head.")),
+        skipped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                 "model.multi_modal_projector."),
+        vision_leaves=("fc1", "fc2", "out_proj")),
+}
+# what the whole model's config says for its language model: whether lm_head is the
+# embedding (the whole model's setting decides, as in transformers), the quantization,
+# the dtype
+_INHERITED = ("tie_word_embeddings", "quantization_config", "dtype", "torch_dtype")
+
+
+def text_only_config(hf_config: Any) -> tuple[Any, TextOnly | None]:
+    """(the config to build and serve, its TextOnly) for a multimodal checkpoint loraplex
+    serves on text; (hf_config, None) for any other."""
+    archs = getattr(hf_config, "architectures", None) or []
+    name = next((a for a in archs if a in MULTIMODAL), None)
+    if name is None:
+        return hf_config, None
+    spec = MULTIMODAL[name]
+    text = copy.deepcopy(hf_config.text_config)
+    for key in _INHERITED:
+        if getattr(hf_config, key, None) is not None:
+            setattr(text, key, getattr(hf_config, key))
+    text.architectures = [spec.text_architecture]
+    logger.info("%s: serving its language model (%s) on text; image inputs are not "
+                "supported", name, spec.text_architecture)
+    return text, spec
