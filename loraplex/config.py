@@ -62,6 +62,9 @@ class ModelConfig:
     # the model thinks between tags (reasoning.py's REASONING_PARSERS): structured outputs
     # constrain only the reply after its reasoning; the server splits replies
     reasoning_parser: str | None = None
+    # generation_config.json's eos ids and sampling defaults: "auto" (the model's), "vllm"
+    # (none), or a folder (engine/generation_config.py)
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         sizes = self.cuda_graph_sizes

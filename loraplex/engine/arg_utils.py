@@ -61,6 +61,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     max_logprobs: int = 20  # vLLM's: the most logprobs a request may ask for; -1: no limit
     reasoning_parser: str | None = None  # vLLM's: deepseek_r1 | qwen3 (loraplex/reasoning.py)
+    generation_config: str = "auto"  # vLLM's: "auto" | "vllm" | a folder (generation_config.py)
     # LoRA
     enable_lora: bool = False
     max_loras: int = 1
@@ -159,7 +160,7 @@ class EngineArgs:
             device=device, max_model_len=max_model_len, seed=self.seed,
             load_format=self.load_format, revision=self.revision, served_model_name=served,
             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
-            reasoning_parser=self.reasoning_parser,
+            reasoning_parser=self.reasoning_parser, generation_config=self.generation_config,
             cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes),
             quantization=quant_config_from_hf(hf_config, self.quantization or (
                 "bitsandbytes" if self.load_format == "bitsandbytes" else None)))

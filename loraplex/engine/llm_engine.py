@@ -24,6 +24,7 @@ from loraplex.config import EngineConfig
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.generation_config import GenerationDefaults
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
@@ -129,7 +130,9 @@ class LLMEngine:
             self.config.scheduler_config, self.block_manager,
             lm.num_unpinned_capacity if lm else None,
             **({"lora_ready": lm.is_ready, "lora_pinned": lm.pinned.__contains__} if lm else {}))
-        eos_ids: set[int] = set()
+        # generation_config.json: the ids that end a turn, the authors' sampling defaults
+        self.generation_defaults = GenerationDefaults.read(path, mc.generation_config)
+        eos_ids: set[int] = set(self.generation_defaults.eos_token_ids)
         for eos in (self.tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)):
             eos_ids.update([eos] if isinstance(eos, int) else eos or [])
         self.eos_token_ids = eos_ids

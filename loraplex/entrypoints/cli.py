@@ -183,6 +183,10 @@ ENGINE_HELP: dict[str, str] = {
                         "from the content, and structured outputs constrain only the "
                         "answer. deepseek_r1: everything before </think> (R1, QwQ, Qwen3 "
                         "thinking-only models); qwen3: when the reply opens with <think>.",
+    "generation_config": "Where generation_config.json comes from: auto (the model's), vllm "
+                         "(none), or a folder. Its eos_token_id ends replies; its "
+                         "temperature, top_p, top_k, min_p, repetition_penalty and "
+                         "max_new_tokens are the defaults of requests that leave them unset.",
     "lora_target_modules": "The modules that get adapter slots, e.g. q_proj v_proj o_proj "
                            "(or comma-separated; q/k/v share one slot layer, as do gate/up); "
                            "an adapter on any other is refused. Fewer modules, less slot "

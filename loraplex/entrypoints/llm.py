@@ -52,7 +52,8 @@ class LLM:
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
-        params = _broadcast(sampling_params, len(prompts), "sampling_params", SamplingParams())
+        params = _broadcast(sampling_params, len(prompts), "sampling_params",
+                            self.get_default_sampling_params())
         loras = _broadcast(lora_request, len(prompts), "lora_request", None)
         self._register(loras)
         return self._run(prompts, params, loras, use_tqdm)
@@ -62,6 +63,12 @@ class LLM:
         now (whether it adds tokens decides how its prompts are encoded)."""
         for lora in {lora.lora_int_id: lora for lora in loras if lora is not None}.values():
             self.llm_engine.register_lora(lora, fetch_hub=True)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams with the model's generation_config.json defaults
+        (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens);
+        what `generate` uses when given none."""
+        return SamplingParams(**self.llm_engine.generation_defaults.sampling)
 
     def beam_search(self, prompts: Seq[PromptType], params: BeamSearchParams,
                     lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,

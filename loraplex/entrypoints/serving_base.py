@@ -58,6 +58,8 @@ class OpenAIServing:
         self._encode_thread = ThreadPoolExecutor(1, thread_name_prefix="loraplex-tokenize")
         self.max_model_len = models.max_model_len
         self.max_num_seqs = engine.engine.config.scheduler_config.max_num_seqs
+        # generation_config.json's sampling defaults, for fields a request leaves unset
+        self.defaults = engine.engine.generation_defaults.sampling
 
     def encoder_for(self, lora: LoRARequest | None):
         """The encoder of requests for `lora` (its own when it adds tokens); encoder
@@ -98,16 +100,18 @@ class OpenAIServing:
                         logprobs: int | None, prompt_logprobs: int | None = None
                         ) -> SamplingParams:
         """vLLM's request -> SamplingParams mapping; a bad value is a 400 naming the field."""
-        def pick(value, default):
-            return default if value is None else value
+        def pick(value, name: str, default):  # the request's, the model's, vLLM's
+            return self.defaults.get(name, default) if value is None else value
         self.check_n(req.n)
         try:
             return SamplingParams(
-                n=req.n, temperature=pick(req.temperature, 1.0), top_p=pick(req.top_p, 1.0),
-                top_k=pick(req.top_k, 0), min_p=pick(req.min_p, 0.0),
-                presence_penalty=pick(req.presence_penalty, 0.0),
-                frequency_penalty=pick(req.frequency_penalty, 0.0),
-                repetition_penalty=pick(req.repetition_penalty, 1.0), seed=req.seed,
+                n=req.n, temperature=pick(req.temperature, "temperature", 1.0),
+                top_p=pick(req.top_p, "top_p", 1.0), top_k=pick(req.top_k, "top_k", 0),
+                min_p=pick(req.min_p, "min_p", 0.0),
+                presence_penalty=pick(req.presence_penalty, "presence_penalty", 0.0),
+                frequency_penalty=pick(req.frequency_penalty, "frequency_penalty", 0.0),
+                repetition_penalty=pick(req.repetition_penalty, "repetition_penalty", 1.0),
+                seed=req.seed,
                 stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                 max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(req.logit_bias),
@@ -138,8 +142,9 @@ class OpenAIServing:
                 f"This model's maximum context length is {limit} tokens. However, your "
                 f"request has {prompt_len} input tokens. Please reduce the length of the "
                 "input messages.", param="prompt")
-        if params.max_tokens is None:
-            params.max_tokens = limit - prompt_len
+        if params.max_tokens is None:  # what is left, or the model's max_new_tokens
+            params.max_tokens = min(limit - prompt_len,
+                                    self.defaults.get("max_tokens", limit - prompt_len))
             if params.min_tokens > params.max_tokens:
                 raise BadRequestError(f"min_tokens ({params.min_tokens}) exceeds the "
                                       f"{params.max_tokens} tokens left in the context",
