@@ -149,3 +149,25 @@ def test_what_does_not_fit_is_refused(fp8_models, tiny_models, tmp_path):
     for path, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             make_llm(path)
+
+
+@pytest.mark.parametrize("strategy", ["block", "channel"])
+def test_fp8_mixture_of_experts(strategy, tiny_root, prompts):
+    """Qwen3-MoE with FP8 experts and attention (the router left plain, as Qwen3-30B-A3B-FP8
+    leaves it), the base and an all-linear adapter in one batch; the experts stay FP8."""
+    from loraplex.layers.moe import FP8FusedExperts
+    from tests.fixtures import make_peft_adapter, make_tiny_model
+
+    root = tiny_root / "fp8_moe" / strategy
+    base = make_tiny_model(root / "base", "qwen3_moe", seed=33)
+    fmt = "fp8" if strategy == "block" else "compressed-tensors"
+    quant_dir, ref_dir = write_fp8(base, root, fmt, strategy, block=(16, 16))
+    adapter = make_peft_adapter(base, root / "all", r=8, seed=34, target_modules="all-linear")
+    llm = make_llm(quant_dir, enable_lora=True, max_loras=1, max_lora_rank=16)
+    experts = llm.llm_engine.model.model.layers[0].mlp.experts
+    experts = getattr(experts, "base_layer", experts)
+    assert isinstance(experts, FP8FusedExperts) and experts.w13.dtype == torch.float8_e4m3fn
+    _mixed_batch(llm, ref_dir, {"all": adapter}, prompts)
+    dummy = make_llm(quant_dir, load_format="dummy")
+    assert dummy.generate([{"prompt_token_ids": prompts[0]}], GREEDY,
+                          use_tqdm=False)[0].outputs[0].token_ids

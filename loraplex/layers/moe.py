@@ -14,7 +14,8 @@ y += sigmoid(w_s . x) * shared_expert(x).
 The (token, expert) pairs are sorted by expert on the device and the group sizes read
 once per layer (one host sync), then one matmul pair runs per expert that has tokens; so
 the decode step of a MoE model runs without CUDA graphs. Under LoRA the pairs are also
-sorted by adapter slot within each expert (lora/experts.py adds each slot's delta).
+sorted by adapter slot within each expert (lora/experts.py adds each slot's delta). An
+FP8 checkpoint's experts stay FP8 (FP8FusedExperts), each dequantized when it has tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.linear import make_linear
+from loraplex.layers.quantization import QuantConfig
+from loraplex.layers.quantization.fp8 import FP8, FP8_MAX, quantize_fp8
+from loraplex.layers.quantization.fp8 import dequantize as fp8_dequantize
+from loraplex.layers.quantization.fp8 import scale_rows as fp8_scale_rows
 
 # an expert projection's name in checkpoints and adapters (Mixtral's, Qwen's) -> which one
 EXPERT_PROJECTIONS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up",
@@ -79,12 +84,19 @@ class ExpertsLoRA(Protocol):
 
 
 class FusedExperts(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts = num_experts
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size,
+                                            dtype=dtype), requires_grad=dtype is None)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
+                                           dtype=dtype), requires_grad=dtype is None)
+
+    def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (w13 [2I, H], w2 [H, I]) for activations of `dtype`."""
+        return self.w13[e], self.w2[e]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 token_slots: torch.Tensor | None = None, num_slots: int = 0,
@@ -97,46 +109,124 @@ class FusedExperts(nn.Module):
         for g in groups:
             e, sel = g.expert, rows[g.start:g.end]
             xe = x[sel]
-            h = xe @ self.w13[e].T  # [n, 2I]: W1 x, W3 x
+            w13, w2 = self.expert(e, x.dtype)
+            h = xe @ w13.T  # [n, 2I]: W1 x, W3 x
             if lora is not None:
                 lora.add_gate_up(h, xe, g)  # += B1 A1 x, B3 A3 x (each row its slot's)
             gate, up = h.chunk(2, dim=-1)
             a = F.silu(gate) * up
-            y = a @ self.w2[e].T
+            y = a @ w2.T
             if lora is not None:
                 lora.add_down(y, a, g)  # += B2 A2 a
             out.index_add_(0, sel, y * pair_weights[g.start:g.end])
         return out
 
-    def load_expert(self, expert: int, name: str, tensor: torch.Tensor) -> str:
-        """An HF checkpoint's experts.{expert}.{name}.weight (Mixtral's w1 / w3 / w2, Qwen's
+    def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
+                    kind: str = "weight") -> str:
+        """An HF checkpoint's experts.{expert}.{name}.{kind} (Mixtral's w1 / w3 / w2, Qwen's
         gate_proj / up_proj / down_proj) into the stacks; returns the parameter it went
         into."""
+        param, rows = self._place(name)
+        if kind != "weight":
+            raise ValueError(f"unexpected expert tensor {name}.{kind} (a quantized "
+                             "checkpoint whose config does not say so?)")
+        dst = getattr(self, param).data[expert, rows]
+        if dst.shape != tensor.shape:
+            raise ValueError(f"expert {expert} {name} has shape {tuple(tensor.shape)}, the "
+                             f"model expects {tuple(dst.shape)}")
+        if (tensor.dtype == FP8) != (dst.dtype == FP8):
+            raise ValueError(f"expert {expert} {name} is {tensor.dtype} where the model keeps "
+                             f"{dst.dtype}: the checkpoint's quantization_config does not "
+                             "match its weights")
+        dst.copy_(tensor)
+        return param
+
+    def _place(self, name: str) -> tuple[str, slice]:
+        """(stack, its rows) of an expert projection's name."""
         proj = EXPERT_PROJECTIONS.get(name)
         if proj is None:
             raise ValueError(f"unexpected expert weight {name!r} (expected w1, w2, w3 or "
                              "gate_proj, up_proj, down_proj)")
         i = self.intermediate_size
-        param, rows = {"gate": ("w13", slice(0, i)), "up": ("w13", slice(i, 2 * i)),
-                       "down": ("w2", slice(None))}[proj]
-        dst = getattr(self, param).data[expert, rows]
-        if dst.shape != tensor.shape:
-            raise ValueError(f"expert {expert} {name} has shape {tuple(tensor.shape)}, the "
-                             f"model expects {tuple(dst.shape)}")
-        dst.copy_(tensor)
+        return {"gate": ("w13", slice(0, i)), "up": ("w13", slice(i, 2 * i)),
+                "down": ("w2", slice(None))}[proj]
+
+    def finish_loading(self) -> None:
+        """Raise if the checkpoint left part of the experts unset (after every tensor)."""
+
+
+class FP8FusedExperts(FusedExperts):
+    """The experts of an FP8 checkpoint (quantization/fp8.py): w13 and w2 stay FP8 with a
+    scale per row and block of inputs; a step dequantizes the experts it routes tokens
+    to, one at a time."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 cfg: QuantConfig) -> None:
+        super().__init__(hidden_size, intermediate_size, num_experts, dtype=FP8)
+        self.block_out, self.block_in = cfg.fp8_block or (0, 0)
+        self.prequantized = cfg.prequantized  # False: quantization="fp8" on a plain one
+        e, h, i = num_experts, hidden_size, intermediate_size
+        self.register_buffer("w13_scale", torch.zeros(e, 2 * i, self._blocks(h)))
+        self.register_buffer("w2_scale", torch.zeros(e, h, self._blocks(i)))
+        self._scaled: set[tuple[int, str]] = set()  # (expert, projection) with its scale
+
+    def _blocks(self, inputs: int) -> int:
+        return -(-inputs // self.block_in) if self.block_in else 1
+
+    def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        block_in = self.block_in or 1
+        return (fp8_dequantize(self.w13[e], self.w13_scale[e], block_in, dtype),
+                fp8_dequantize(self.w2[e], self.w2_scale[e], block_in, dtype))
+
+    def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
+                    kind: str = "weight") -> str:
+        if kind == "input_scale":  # weight-only, as the FP8 linears
+            return self._place(name)[0]
+        if kind == "weight" and tensor.dtype != FP8 and not self.prequantized:
+            tensor, scale = quantize_fp8(tensor)
+            self._set_scale(expert, name, scale)
+        elif kind in ("weight_scale", "weight_scale_inv"):
+            return self._set_scale(expert, name, tensor.float())
+        return super().load_expert(expert, name, tensor, kind)
+
+    def _set_scale(self, expert: int, name: str, scale: torch.Tensor) -> str:
+        param, rows = self._place(name)
+        dst = getattr(self, f"{param}_scale")[expert, rows]
+        dst.copy_(fp8_scale_rows(scale, dst.shape[0], dst.shape[1], self.block_out,
+                                 f"expert {expert} {name}"))
+        self._scaled.add((expert, EXPERT_PROJECTIONS[name]))
         return param
+
+    def finish_loading(self) -> None:
+        missing = [(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")
+                   if (e, p) not in self._scaled]
+        if missing:
+            raise ValueError(f"fp8 experts: no weight_scale for {len(missing)} expert "
+                             f"projections, e.g. expert {missing[0][0]}'s {missing[0][1]}")
+
+    def fill_random(self, gen: torch.Generator) -> None:
+        with torch.no_grad():
+            for w, scale in ((self.w13, self.w13_scale), (self.w2, self.w2_scale)):
+                values = torch.empty(w.shape).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
+                w.copy_(values.to(FP8))
+                scale.copy_(torch.empty(scale.shape).uniform_(0.02 / FP8_MAX, 0.06 / FP8_MAX,
+                                                              generator=gen))
+        self._scaled = {(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")}
 
 
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
-                 top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None
-                 ) -> None:
+                 top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None,
+                 quant: QuantConfig | None = None) -> None:
+        """`quant`: an FP8 checkpoint's (its experts; the router stays plain)."""
         super().__init__()
         self.shared_expert = shared_expert
         self.shared_expert_gate = make_linear(hidden_size, [1]) if shared_expert else None
         self.top_k, self.normalize = top_k, normalize
         self.gate = make_linear(hidden_size, [num_experts])  # the router
-        self.experts = FusedExperts(hidden_size, intermediate_size, num_experts)
+        self.experts = (FP8FusedExperts(hidden_size, intermediate_size, num_experts, quant)
+                        if quant is not None else
+                        FusedExperts(hidden_size, intermediate_size, num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)

@@ -163,7 +163,7 @@ class LlamaDecoderLayer(nn.Module):
             if sparse and a.shared_expert_intermediate_size else None
         setattr(self, self.ffn_name, SparseMoE(
             a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
-            a.num_experts_per_tok, a.norm_topk_prob, shared) if sparse
+            a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant) if sparse
             else LlamaMLP(a, f"{prefix}.mlp"))
         self.layout = a.norm_layout
         if a.norm_layout != "post":

@@ -82,7 +82,8 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
         prefix, _, leaf = module_name.rpartition(".")
         experts_name, _, expert = prefix.rpartition(".")
         if expert.isdigit() and (experts := fused_experts.get(experts_name)) is not None:
-            loaded.add(f"{experts_name}.{experts.load_expert(int(expert), leaf, tensor)}")
+            loaded.add(f"{experts_name}."
+                       f"{experts.load_expert(int(expert), leaf, tensor, param_name)}")
             continue
         if leaf in model.packed_modules_mapping:
             packed, shard = model.packed_modules_mapping[leaf]
@@ -107,7 +108,7 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
         with torch.no_grad():
             params[name].copy_(tensor)
         loaded.add(name)
-    for layer in quantized.values():
+    for layer in [*quantized.values(), *fused_experts.values()]:
         layer.finish_loading()
     missing = [n for n in params if n not in loaded
                and not (n == "lm_head.weight" and model.args.tie_word_embeddings)]
@@ -121,12 +122,12 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     with torch.no_grad():
         for i, (name, p) in enumerate(model.named_parameters()):
             module_name = name.rpartition(".")[0]
-            if isinstance(model.get_submodule(module_name), QuantLinear):
-                continue  # below
+            if hasattr(model.get_submodule(module_name), "fill_random"):
+                continue  # quantized: below
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
                 continue
             gen = torch.Generator(device=p.device).manual_seed(seed + i)
             p.normal_(0.0, 0.02, generator=gen)
-        for i, m in enumerate(m for m in model.modules() if isinstance(m, QuantLinear)):
+        for i, m in enumerate(m for m in model.modules() if hasattr(m, "fill_random")):
             m.fill_random(torch.Generator().manual_seed(seed + 100_003 * (i + 1)))

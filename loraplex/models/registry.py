@@ -146,9 +146,9 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     (Qwen2-MoE) the shared expert's size."""
     if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         return {}
-    if quant is not None:
+    if quant is not None and quant.method != "fp8":
         raise ValueError(f"{quant.method}-quantized mixture-of-experts models are not "
-                         "supported yet")
+                         "supported yet (FP8 ones are)")
     if name == "MixtralForCausalLM":
         return dict(num_experts=int(hf.num_local_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok))

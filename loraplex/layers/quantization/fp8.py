@@ -47,6 +47,35 @@ def _fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, q.view(torch.uint8).view(-1).int()).view(q.shape)
 
 
+def scale_rows(scale: torch.Tensor, size: int, blocks: int, block_out: int,
+               what: str) -> torch.Tensor:
+    """A weight's scale in whichever form (one value; one per row; [rows / block_out,
+    blocks] per block) as [size, blocks]: a scale per row and block of inputs."""
+    if scale.numel() == 1:  # per tensor
+        return scale.reshape(1, 1).expand(size, blocks)
+    if scale.numel() == size and blocks == 1:  # per output channel
+        return scale.reshape(size, 1)
+    if block_out and scale.dim() == 2 and scale.shape == (-(-size // block_out), blocks):
+        return scale.repeat_interleave(block_out, dim=0)[:size]
+    raise ValueError(f"fp8 scale of shape {tuple(scale.shape)} fits neither a tensor, a "
+                     f"channel nor a block scale ({block_out} rows x {blocks} blocks) of {what}")
+
+
+def dequantize(q: torch.Tensor, row_scale: torch.Tensor, block_in: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """FP8 values [out, in] times their scales (row_scale [out, blocks] over blocks of
+    block_in inputs), in `dtype`."""
+    out, n_in = q.shape
+    w, blocks = _fp8_to_float(q), row_scale.shape[1]
+    if blocks == 1:
+        w = w * row_scale
+    elif n_in % block_in == 0:  # each scale over its block of inputs
+        w = (w.view(out, blocks, block_in) * row_scale.unsqueeze(2)).view(out, n_in)
+    else:  # a partial last block
+        w = w * row_scale.repeat_interleave(block_in, dim=1)[:, :n_in]
+    return w.to(dtype)
+
+
 class FP8Linear(_RowQuantLinear):
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
                  cfg: QuantConfig) -> None:
@@ -86,18 +115,8 @@ class FP8Linear(_RowQuantLinear):
 
     def _set_scale(self, scale: torch.Tensor, shard: int, size: int) -> None:
         """A sub-projection's scale, in whichever form, as its rows of row_scale."""
-        blocks = self.row_scale.shape[1]
-        if scale.numel() == 1:  # per tensor
-            rows = scale.reshape(1, 1).expand(size, blocks)
-        elif scale.numel() == size and blocks == 1:  # per output channel
-            rows = scale.reshape(size, 1)
-        elif self.block_out and scale.dim() == 2 and scale.shape == (
-                -(-size // self.block_out), blocks):  # per block
-            rows = scale.repeat_interleave(self.block_out, dim=0)[:size]
-        else:
-            raise ValueError(f"fp8 scale of shape {tuple(scale.shape)} fits neither a tensor, "
-                             f"a channel nor a {self.block_out}x{self.block_in} block scale of "
-                             f"shard {shard} ({size} rows, {self.in_features} inputs)")
+        rows = scale_rows(scale, size, self.row_scale.shape[1], self.block_out,
+                          f"shard {shard} ({size} rows, {self.in_features} inputs)")
         self.row_scale[self._rows(shard)] = rows.to(self.row_scale.device)
         self._loaded[shard].add("scale")
 
@@ -110,16 +129,7 @@ class FP8Linear(_RowQuantLinear):
 
     def dequantize_rows(self, dtype: torch.dtype) -> torch.Tensor:
         """W as [out, in] in `dtype`."""
-        w, scale = _fp8_to_float(self.weight), self.row_scale
-        blocks = scale.shape[1]
-        if blocks == 1:
-            w = w * scale
-        elif self.in_features % self.block_in == 0:  # each scale over its block of inputs
-            w = (w.view(self.out_features, blocks, self.block_in) * scale.unsqueeze(2)).view(
-                self.out_features, self.in_features)
-        else:  # a partial last block
-            w = w * scale.repeat_interleave(self.block_in, dim=1)[:, :self.in_features]
-        return w.to(dtype)
+        return dequantize(self.weight, self.row_scale, self.block_in, dtype)
 
     def fill_random(self, gen: torch.Generator) -> None:
         with torch.no_grad():
