@@ -25,7 +25,8 @@ def make_gemma3_multimodal(root: Path, seed: int) -> Path:
     language model, a random SigLIP tower (2 x 2 patches -> 4 image tokens)."""
     from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration
 
-    text_dir = make_tiny_model(root / "text", "gemma3", seed=seed)
+    # tied, as the real ones (transformers 4 ties by the text config, 5 by the whole one's)
+    text_dir = make_tiny_model(root / "text", "gemma3", seed=seed, tie_word_embeddings=True)
     text = AutoModelForCausalLM.from_pretrained(str(text_dir), dtype=torch.float32)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=28, patch_size=14)
