@@ -84,11 +84,7 @@ class PackedLoRA:
     path: str | None = None  # the directory it was read from (its tokenizer's)
     full_vocab: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRAModel's
     rope_factor: float = 1.0  # LoRAModel's
-
-    @property
-    def dora(self) -> bool:
-        """Some layer scales its rows (DoRA): decoded outside CUDA graphs."""
-        return any(len(p) > 2 and p[2] is not None for p in self.layers.values())
+    dora: bool = False  # some layer scales its rows (DoRA): decoded outside CUDA graphs
 
 
 @dataclass(frozen=True)

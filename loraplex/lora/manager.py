@@ -268,7 +268,8 @@ class LoRAManager:
                 added = AddedTokens(added.input_embeddings.pin_memory(),
                                     added.output_embeddings.pin_memory())
             full = {k: v.pin_memory() for k, v in full.items()}
-        return PackedLoRA(lora.lora_int_id, layers, added, lora.path, full, lora.rope_factor)
+        return PackedLoRA(lora.lora_int_id, layers, added, lora.path, full, lora.rope_factor,
+                          dora=any(w.magnitude is not None for w in lora.modules.values()))
 
     def _check_id(self, req: LoRARequest) -> bool:
         """False if this exact adapter is registered already; raises if the id is taken."""
