@@ -11,6 +11,7 @@
 #                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
 #                bash scripts/gpu_session.sh quant        # GPTQ / AWQ 4-bit bases, 8B
 #                bash scripts/gpu_session.sh quant-bnb    # bitsandbytes NF4 on its kernel, 8B, 1B
+#                bash scripts/gpu_session.sh quant-fp8    # an FP8 base (torch dequantize), 8B
 #                bash scripts/gpu_session.sh suite        # the whole suite on the GPU machine
 #
 # decode_step.py writes its JSON after every round, so a run cut by its timeout keeps
@@ -82,6 +83,11 @@ case "$phase" in
         --quantization $q --repeats 1 --batch-sizes 1 8 32 64 \
         --out "$OUT/decode_step_cuda_8b_$q.json" 2>&1 | tail -15
     done
+    ;;
+  quant-fp8)  # FP8 weights (Qwen3-FP8's block layout), dequantized in torch: no fused kernel
+    timeout 400 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
+      --quantization fp8 --repeats 1 --batch-sizes 1 8 32 64 \
+      --out "$OUT/decode_step_cuda_8b_fp8.json" 2>&1 | tail -15
     ;;
   quant-bnb)
     for shape in llama-3.1-8b llama-3.2-1b; do
