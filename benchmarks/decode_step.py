@@ -106,14 +106,16 @@ def module_shapes(shape: str, targets: tuple[str, ...]) -> dict[str, tuple[int, 
 
 
 def write_adapters(out_dir: Path, shape: str, targets: tuple[str, ...], rank: int,
-                   count: int) -> list[Path]:
-    """`count` random PEFT LoRA directories (bf16 tensors, PEFT's key names and config)."""
+                   count: int, dora: bool = False) -> list[Path]:
+    """`count` random PEFT LoRA directories (bf16 tensors, PEFT's key names and config);
+    `dora`: DoRA adapters (use_dora, a magnitude vector per module)."""
     from safetensors.torch import save_file
 
     shapes = module_shapes(shape, targets)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
               "lora_alpha": 2 * rank, "target_modules": sorted(targets), "bias": "none",
-              "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True}
+              "lora_dropout": 0.0, "fan_in_fan_out": False, "inference_mode": True,
+              "use_dora": dora}
     paths = []
     for i in tqdm(range(count), desc="writing adapters", unit="adapter"):
         gen = torch.Generator().manual_seed(i)
@@ -124,6 +126,9 @@ def write_adapters(out_dir: Path, shape: str, targets: tuple[str, ...], rank: in
                                                * 0.02).to(torch.bfloat16)
             tensors[f"{key}.lora_B.weight"] = (torch.randn(n_out, rank, generator=gen)
                                                * 0.02).to(torch.bfloat16)
+            if dora:
+                tensors[f"{key}.lora_magnitude_vector"] = torch.empty(n_out).uniform_(
+                    0.5, 1.5, generator=gen).to(torch.bfloat16)
         path = out_dir / f"adapter{i}"
         path.mkdir(parents=True)
         save_file(tensors, path / "adapter_model.safetensors")
@@ -372,6 +377,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quantization", choices=sorted(QUANT_CONFIGS), default=None,
                     help="a 4-bit base of the shape (dummy packed weights): GPTQ / AWQ "
                          "in groups of 128, bitsandbytes NF4 in blocks of 64")
+    ap.add_argument("--dora", action="store_true",
+                    help="DoRA adapters (use_dora: a magnitude vector per module)")
     ap.add_argument("--hf", action="store_true",
                     help="also time transformers + PEFT on the same shapes (slow: one round)")
     ap.add_argument("--hf-new-tokens", type=int, default=16,
@@ -401,7 +408,8 @@ def main() -> None:
     rounds, bandwidths, hf_records = [], [], []
     with tempfile.TemporaryDirectory(prefix="lp-decode-") as tmp:
         model_dir = write_model_dir(Path(tmp) / "model", a.shape, a.quantization)
-        adapters = write_adapters(Path(tmp), a.shape, a.targets, a.rank, max(a.batch_sizes))
+        adapters = write_adapters(Path(tmp), a.shape, a.targets, a.rank, max(a.batch_sizes),
+                                  a.dora)
         cases = len(MODES) * len(a.batch_sizes) * (a.repeats + (1 if a.hf else 0))
         with tqdm(total=cases, desc="decode cases", unit="case") as bar:
             for _ in range(a.repeats):  # whole rounds: a burst of load spoils one round
