@@ -84,8 +84,12 @@ class LLM:
              use_tqdm: bool = True,
              lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
              chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None,
              **template_kwargs: Any) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to each conversation, then generate."""
+        """Apply the tokenizer's chat template to each conversation, then generate.
+        `chat_template_kwargs` (vLLM's: {"enable_thinking": False} for Qwen3) and any other
+        keyword (tools, continue_final_message, ...) go to the template."""
+        template_kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         loras = _broadcast(lora_request, len(conversations), "lora_request", None)
         self._register(loras)  # an adapter that adds tokens renders with its tokenizer
