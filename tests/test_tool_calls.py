@@ -216,6 +216,8 @@ def test_mistral_parser():
     ("hermes", 'Sure.<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>',
      "Sure."),
     ("pythonic", "[add(a=1, b=2)]", None),
+    ("qwen3_coder", "Sure.\n<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n"
+                    "<parameter=b>\n2\n</parameter>\n</function>\n</tool_call>", "Sure.\n"),
 ])
 def test_auto_tool_choice(parser, reply, content, tiny_models):
     """A server with --enable-auto-tool-choice --tool-call-parser NAME serves tool_choice
@@ -229,7 +231,7 @@ def test_auto_tool_choice(parser, reply, content, tiny_models):
         res = client.chat.completions.create(model=model, messages=MESSAGES, tools=TOOLS,
                                              max_tokens=8, temperature=0)
         assert res.choices[0].message.content and not res.choices[0].message.tool_calls
-        kw = dict(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=80, temperature=0,
+        kw = dict(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=200, temperature=0,
                   extra_body={"guided_choice": [reply]})
         choice = client.chat.completions.create(**kw).choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content == content
@@ -294,6 +296,32 @@ def test_pythonic_parser():
     assert p.content_prefix("Sunny") == len("Sunny")
 
 
+def test_qwen3_coder_parser_types_values_by_schema():
+    from loraplex.entrypoints.tool_calls import Qwen3CoderParser
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {
+            "n": {"type": "integer"}, "x": {"type": "number"}, "ok": {"type": "boolean"},
+            "tags": {"type": "array"}, "opts": {"type": "object"}, "s": {"type": "string"},
+            "bad": {"type": "integer"}}}}}]
+    reply = ("Let me check.\n<tool_call>\n<function=f>\n"
+             + "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in [
+                 ("n", "3"), ("x", "2.5"), ("ok", "True"), ("tags", '["a", 1]'),
+                 ("opts", '{"k": null}'), ("s", "42"), ("bad", "many"),
+                 ("unknown", "multi\nline")])
+             + "</function>\n</tool_call>")
+    content, calls = Qwen3CoderParser().for_request(tools).parse(reply)
+    assert content == "Let me check.\n" and calls[0].function.name == "f"
+    assert json.loads(calls[0].function.arguments) == {
+        "n": 3, "x": 2.5, "ok": True, "tags": ["a", 1], "opts": {"k": None}, "s": "42",
+        "bad": "many", "unknown": "multi\nline"}
+    p = Qwen3CoderParser()
+    assert p.parse("No tools needed.") == ("No tools needed.", [])
+    unfinished = "<tool_call>\n<function=f>\n<parameter=n>\n3\n</parameter>"
+    assert p.parse(unfinished) == (unfinished, [])  # no </function>: text, as written
+    assert p.content_prefix("Sure. <tool_c") == len("Sure. ")
+
+
 def test_auto_tool_choice_needs_a_parser(tiny_models):
     res = run(serve_cmd(str(tiny_models["llama"]), "--enable-auto-tool-choice"))
     assert_one_line_error(res, 1, "--enable-auto-tool-choice needs --tool-call-parser")
@@ -311,6 +339,10 @@ def test_auto_tool_choice_needs_a_parser(tiny_models):
     ("llama3_json", '<|python_tag|>{"name": "add", "parameters": {"a": [1, 2]}}; '
                     '{"name": "sub", "parameters": {}}', [("add", '{"a": [1, 2]}'),
                                                            ("sub", "{}")]),
+    ("qwen3_coder", 'Hi <tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n'
+                    '<parameter=b>\nx</parameter> y\n</parameter>\n</function>\n</tool_call>'
+                    '<tool_call>\n<function=sub>\n</function>\n</tool_call>',
+     [("add", '{"a": "1", "b": "x"}'), ("sub", "{}")]),
     ("pythonic", '[get_weather(city="Oslo", days=2), add(a=1, b=[1, "x,)\\"("]), sub()]',
      [("get_weather", '{"city": "Oslo", "days": 2}'),
       ("add", '{"a": 1, "b": [1, "x,)\\"("]}'), ("sub", "{}")]),

@@ -202,7 +202,8 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
 
 
 # entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)
-TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic"]
+TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic",
+                     "qwen3_coder"]
 _SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's
 
 

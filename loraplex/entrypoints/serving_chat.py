@@ -205,7 +205,7 @@ class OpenAIServingChat(OpenAIServing):
             calls = to_tool_calls(req, text)
             content = None
         elif calling == "auto":
-            content, calls = self.tool_parser.parse(text)
+            content, calls = self.tool_parser.for_request(req.tools).parse(text)
         if not calls:
             content = echo + text
             return ChatResponseMessage(
@@ -246,7 +246,7 @@ class OpenAIServingChat(OpenAIServing):
     def _partial_calls(self, req: ChatCompletionRequest, calling: str, text: str
                        ) -> list[PartialCall]:
         return forced_partial(req, text) if calling == "forced" else \
-            self.tool_parser.partial(text)
+            self.tool_parser.for_request(req.tools).partial(text)
 
     def _call_id(self) -> str:
         """A streamed call's id: the parser's kind (Mistral's 9 characters) or OpenAI's."""
