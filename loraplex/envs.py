@@ -56,6 +56,11 @@ environment_variables: dict[str, Callable[[], Any]] = {
         lambda: os.getenv("LORAPLEX_ATTENTION_BACKEND", "auto").strip().lower(),
     # GPTQ / AWQ base weights: the fused dequantize-matmul kernel, or torch's dequantize
     "LORAPLEX_QUANT_BACKEND": lambda: os.getenv("LORAPLEX_QUANT_BACKEND", "auto").strip().lower(),
+    # /v1/responses: keep responses in memory (LRU of LORAPLEX_RESPONSES_API_STORE_SIZE) for
+    # previous_response_id and GET /v1/responses/{id} (vLLM's VLLM_ENABLE_RESPONSES_API_STORE)
+    "LORAPLEX_ENABLE_RESPONSES_API_STORE": _flag("LORAPLEX_ENABLE_RESPONSES_API_STORE"),
+    "LORAPLEX_RESPONSES_API_STORE_SIZE":
+        lambda: int(os.getenv("LORAPLEX_RESPONSES_API_STORE_SIZE", "1024")),
     # Log level of the loraplex loggers.
     "LORAPLEX_LOGGING_LEVEL": lambda: os.getenv("LORAPLEX_LOGGING_LEVEL", "INFO").upper(),
 }

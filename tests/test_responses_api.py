@@ -150,3 +150,43 @@ def test_bad_requests_fail_alone(server, client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
     assert client.responses.create(model="tiny", input="still here", max_output_tokens=2,
                                    **KW).output_text
+
+
+def test_stored_responses_continue_a_conversation(tiny_models):
+    """LORAPLEX_ENABLE_RESPONSES_API_STORE: previous_response_id continues a stored
+    response's conversation (its output included) as chat would the whole of it; GET
+    returns a stored response; store=false and evicted ones are gone (404)."""
+    args = ["--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "256",
+            "--cpu-kv-cache-gib", "0.05"]
+    env = {"LORAPLEX_ENABLE_RESPONSES_API_STORE": "1",
+           "LORAPLEX_RESPONSES_API_STORE_SIZE": "4"}
+    with RemoteServer(tiny_models["llama"], args, env=env) as server:
+        client = server.get_client()
+        first = client.responses.create(model="tiny", input="Tell me a story",
+                                        instructions="Be terse.", max_output_tokens=6, **KW)
+        streamed = list(client.responses.create(model="tiny", input="Once upon",
+                                                max_output_tokens=6, stream=True, **KW))
+        for previous, opening in ((first, "Tell me a story"),
+                                  (streamed[-1].response, "Once upon")):
+            r = client.responses.create(model="tiny", previous_response_id=previous.id,
+                                        input="More", max_output_tokens=6, **KW)
+            text, _ = _chat_text(client, "tiny", [  # instructions are not inherited
+                {"role": "user", "content": opening},
+                {"role": "assistant", "content": previous.output_text},
+                {"role": "user", "content": "More"}], max_tokens=6)
+            assert r.output_text == text
+        assert client.responses.retrieve(first.id).output_text == first.output_text
+        unstored = client.responses.create(model="tiny", input="x", max_output_tokens=2,
+                                           store=False, **KW)
+        client.responses.create(model="tiny", input="z", max_output_tokens=2, **KW)
+        for gone in (unstored.id, first.id):  # store=false; the least recently used of 5
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(gone)
+            with pytest.raises(openai.NotFoundError):
+                client.responses.create(model="tiny", previous_response_id=gone, input="y",
+                                        max_output_tokens=2)
+
+
+def test_no_store_by_default(server, client):
+    r = server.get("/v1/responses/resp_1")
+    assert r.status_code == 404 and "LORAPLEX_ENABLE_RESPONSES_API_STORE" in r.text

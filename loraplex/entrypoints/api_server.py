@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLMEngine.
 
     GET  /health /version /metrics /v1/models
-    POST /v1/completions /v1/chat/completions /v1/responses
+    POST /v1/completions /v1/chat/completions /v1/responses   GET /v1/responses/{id}
     POST /tokenize /detokenize
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   (LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING)
 
@@ -208,6 +208,10 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
                            "%s", ", ".join(unused))
         return respond(await state.responses.create_response(request))
 
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> JSONResponse:
+        return JSONResponse(state.responses.retrieve(response_id).model_dump())
+
     def require_runtime_updating() -> None:
         if not envs.LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING:
             raise NotFoundError(RUNTIME_LORA_DISABLED)
@@ -344,7 +348,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
         engine=async_engine, models=models,
         completion=OpenAIServingCompletion(async_engine, models, tokenizer), chat=chat,
         tokenization=OpenAIServingTokenization(chat), metrics=metrics,
-        responses=OpenAIServingResponses(chat))
+        responses=OpenAIServingResponses(chat, envs.LORAPLEX_RESPONSES_API_STORE_SIZE
+                                         if envs.LORAPLEX_ENABLE_RESPONSES_API_STORE else 0))
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)

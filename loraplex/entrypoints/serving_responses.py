@@ -6,8 +6,11 @@ max_output_tokens -> max_completion_tokens; vLLM's sampling extras pass through)
 chat reply becomes output items: a `reasoning` item (with --reasoning-parser), a
 `message` with its `output_text`, a `function_call` per tool call. Streamed, the chat
 chunks are re-framed as the API's events (response.created, output_item.added,
-output_text.delta, ..., response.completed). Nothing is stored: previous_response_id is
-refused, and the whole conversation goes in `input`, as with chat.
+output_text.delta, ..., response.completed). With LORAPLEX_ENABLE_RESPONSES_API_STORE
+(off by default, as vLLM's), responses are kept in memory (LRU) so that a request can
+continue one (previous_response_id: its conversation, output included, goes before the
+new input) and GET /v1/responses/{id} returns one; off, the whole conversation goes in
+`input`, as with chat.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
-from loraplex.entrypoints.errors import BadRequestError
+from loraplex.entrypoints.errors import BadRequestError, NotFoundError
 from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
     ChatCompletionStreamResponse,
@@ -36,17 +41,20 @@ from loraplex.entrypoints.serving_chat import OpenAIServingChat
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
-def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request that serves `req`."""
-    if req.previous_response_id:
-        raise BadRequestError("previous_response_id: this server stores no responses; send "
-                              "the whole conversation in `input`", param="previous_response_id")
-    messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+def input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as chat messages."""
     if isinstance(req.input, str):
-        messages.append({"role": "user", "content": req.input})
-    else:
-        for i, item in enumerate(req.input):
-            messages += _messages(item, i)
+        return [{"role": "user", "content": req.input}]
+    return [m for i, item in enumerate(req.input) for m in _messages(item, i)]
+
+
+def chat_request(req: ResponsesRequest, history: list[dict[str, Any]] | None = None
+                 ) -> ChatCompletionRequest:
+    """The chat request that serves `req`; `history`: the conversation of the response it
+    continues (previous_response_id), before its input. Instructions are not inherited
+    (OpenAI's rule)."""
+    messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    messages += (history or []) + input_messages(req)
     body: dict[str, Any] = {
         "model": req.model, "messages": messages, "stream": req.stream,
         "max_completion_tokens": req.max_output_tokens, "temperature": req.temperature,
@@ -161,6 +169,20 @@ def function_call_item(call_id: str, name: str, arguments: str, status: str = "c
             "name": name, "arguments": arguments, "status": status}
 
 
+def output_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A response's output items as the assistant message a later turn sees (reasoning
+    left out, as chat templates leave it out)."""
+    text = "".join(part["text"] for item in items if item["type"] == "message"
+                   for part in item["content"])
+    calls = [{"id": item["call_id"], "type": "function",
+              "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in items if item["type"] == "function_call"]
+    if not text and not calls:
+        return []
+    return [{"role": "assistant", "content": text or None, **({"tool_calls": calls}
+                                                                 if calls else {})}]
+
+
 def output_items(message: ChatResponseMessage, status: str) -> list[dict[str, Any]]:
     items = [reasoning_item(message.reasoning)] if message.reasoning is not None else []
     if message.content:
@@ -170,23 +192,71 @@ def output_items(message: ChatResponseMessage, status: str) -> list[dict[str, An
     return items
 
 
+@dataclass
+class _Stored:
+    messages: list[dict[str, Any]]  # the conversation, its output included
+    response: ResponsesResponse
+
+
 class OpenAIServingResponses:
-    def __init__(self, chat: OpenAIServingChat) -> None:
+    def __init__(self, chat: OpenAIServingChat, store_size: int = 0) -> None:
+        """`store_size`: how many responses to keep for previous_response_id and
+        GET /v1/responses/{id} (LRU, in memory; 0: none, vLLM's default)."""
         self.chat = chat
+        self.store_size = store_size
+        self._stored: OrderedDict[str, _Stored] = OrderedDict()
 
     async def create_response(self, req: ResponsesRequest):
         """The response, or for `req.stream` its SSE body of events."""
-        chat_req = chat_request(req)
+        history = self._history(req.previous_response_id)
+        chat_req = chat_request(req, history)
         response_id, created = random_id("resp"), int(time.time())
         model = req.model or self.chat.models.base_model_name
         if not req.stream:
             reply = await self.chat.create_chat_completion(chat_req)
             choice = reply.choices[0]
             status = "incomplete" if choice.finish_reason == "length" else "completed"
-            return self._response(req, response_id, created, model, status,
-                                  output_items(choice.message, status), reply.usage)
+            response = self._response(req, response_id, created, model, status,
+                                      output_items(choice.message, status), reply.usage)
+            self._remember(req, history, response)
+            return response
         chunks, queued = await self.chat.create_chat_completion(chat_req, chunks=True)
-        return self.chat.sse(self._events(req, response_id, created, model, chunks), queued)
+        return self.chat.sse(self._events(req, response_id, created, model, chunks, history),
+                             queued)
+
+    def retrieve(self, response_id: str) -> ResponsesResponse:
+        """GET /v1/responses/{response_id}: a stored response (404 otherwise)."""
+        stored = self._stored.get(response_id)
+        if stored is None:
+            raise NotFoundError(f"Response with id {response_id!r} not found" + (
+                "" if self.store_size else " (this server stores none: set "
+                "LORAPLEX_ENABLE_RESPONSES_API_STORE=1)"))
+        return stored.response
+
+    def _history(self, previous: str | None) -> list[dict[str, Any]]:
+        """The conversation a request continues (none without previous_response_id)."""
+        if not previous:
+            return []
+        if not self.store_size:
+            raise BadRequestError("previous_response_id: this server stores no responses "
+                                  "(set LORAPLEX_ENABLE_RESPONSES_API_STORE=1); send the whole "
+                                  "conversation in `input`", param="previous_response_id")
+        stored = self._stored.get(previous)
+        if stored is None:
+            raise NotFoundError(f"Previous response with id {previous!r} not found (never "
+                                "stored, stored with store=false, or evicted)")
+        self._stored.move_to_end(previous)
+        return stored.messages
+
+    def _remember(self, req: ResponsesRequest, history: list[dict[str, Any]],
+                  response: ResponsesResponse) -> None:
+        if not self.store_size or req.store is False:
+            return
+        response.store = True
+        messages = history + input_messages(req) + output_messages(response.output)
+        self._stored[response.id] = _Stored(messages, response)
+        while len(self._stored) > self.store_size:
+            self._stored.popitem(last=False)
 
     @staticmethod
     def _response(req: ResponsesRequest, response_id: str, created: int, model: str,
@@ -206,8 +276,8 @@ class OpenAIServingResponses:
             reasoning=req.reasoning)
 
     async def _events(self, req: ResponsesRequest, response_id: str, created: int,
-                      model: str, chunks: AsyncIterator[ChatCompletionStreamResponse]
-                      ) -> AsyncIterator[str]:
+                      model: str, chunks: AsyncIterator[ChatCompletionStreamResponse],
+                      history: list[dict[str, Any]]) -> AsyncIterator[str]:
         """The chat chunks as the API's events, each item opened when its first piece
         comes and closed (with its whole text) when the next item starts or the reply
         ends."""
@@ -230,6 +300,7 @@ class OpenAIServingResponses:
         for event in stream.close(status):
             yield event
         final = self._response(req, response_id, created, model, status, stream.items, usage)
+        self._remember(req, history, final)
         yield stream.event(f"response.{status}", response=final.model_dump())
 
 
