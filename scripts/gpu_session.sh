@@ -11,7 +11,7 @@
 #                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
 #                bash scripts/gpu_session.sh quant        # GPTQ / AWQ 4-bit bases, 8B
 #                bash scripts/gpu_session.sh quant-bnb    # bitsandbytes NF4 on its kernel, 8B, 1B
-#                bash scripts/gpu_session.sh quant-fp8    # an FP8 base (torch dequantize), 8B
+#                bash scripts/gpu_session.sh quant-fp8    # an FP8 base on its Triton kernel, 8B
 #                bash scripts/gpu_session.sh suite        # the whole suite on the GPU machine
 #
 # decode_step.py writes its JSON after every round, so a run cut by its timeout keeps
@@ -37,7 +37,7 @@ case "$phase" in
       tests/test_triton_quant.py tests/test_triton_bnb.py tests/test_lora_vocab_layers.py \
       tests/test_added_tokens.py tests/test_architectures.py tests/test_modules_to_save.py \
       tests/test_dora.py tests/test_long_lora.py tests/test_reasoning.py tests/test_fp8.py \
-      tests/test_text_only.py tests/test_responses_api.py \
+      tests/test_text_only.py tests/test_responses_api.py tests/test_triton_fp8.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)
@@ -84,7 +84,7 @@ case "$phase" in
         --out "$OUT/decode_step_cuda_8b_$q.json" 2>&1 | tail -15
     done
     ;;
-  quant-fp8)  # FP8 weights (Qwen3-FP8's block layout), dequantized in torch: no fused kernel
+  quant-fp8)  # FP8 weights (Qwen3-FP8's block layout) on their Triton kernel
     timeout 400 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
       --quantization fp8 --repeats 1 --batch-sizes 1 8 32 64 \
       --out "$OUT/decode_step_cuda_8b_fp8.json" 2>&1 | tail -15

@@ -106,3 +106,28 @@ def check_mixed_batch(llm: LLM, base: Path, adapters: dict[str, Path], prompts: 
                      [p for p, _ in batch])
     first = {tuple(o.outputs[0].token_ids) for o in outs[:len(names)]}
     assert len(first) == len(names), "an adapter left the output unchanged"
+
+
+def check_engine_on_kernel(kernels, monkeypatch, base: Path, adapter: Path,
+                           prompts: list[list[int]], **llm_kw) -> None:
+    """An engine whose quantized linears run `kernels.quant_matmul` (a Triton module, under
+    the interpreter on the CPU) against the same engine on the torch path, with `adapter`
+    beside the base in one batch: the same tokens, logprobs within 1e-4 (the torch path
+    is held against HF + PEFT elsewhere)."""
+    lora = [None, LoRARequest("a", 1, str(adapter))]
+    jobs = [{"prompt_token_ids": p} for p in prompts[:2]]
+    calls, real = [], kernels.quant_matmul
+    monkeypatch.setattr(kernels, "quant_matmul", lambda x, lay: calls.append(lay) or real(x, lay))
+    outs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("LORAPLEX_QUANT_BACKEND", backend)
+        llm = make_llm(base, enable_lora=True, max_lora_rank=8, **llm_kw)
+        layer = llm.llm_engine.model.model.layers[0].mlp.down_proj.base_layer
+        calls.clear()
+        outs[backend] = llm.generate(jobs, GREEDY, lora_request=lora, use_tqdm=False)
+        assert any(c is layer for c in calls) == (backend == "triton")
+    for t, w in zip(outs["triton"], outs["torch"], strict=True):
+        assert t.outputs[0].token_ids == w.outputs[0].token_ids
+        for lp_t, lp_w in zip(t.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
+            for tok, entry in lp_w.items():
+                assert abs(lp_t[tok].logprob - entry.logprob) < 1e-4

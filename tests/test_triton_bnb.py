@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loraplex.layers.quantization import BnB4bitLinear, QuantConfig
-from tests.engine_utils import GREEDY, make_llm
+from tests.engine_utils import check_engine_on_kernel
 from tests.triton_compile import compile_for_h100, import_kernels
 
 if importlib.util.find_spec("triton") is None:
@@ -72,28 +72,8 @@ def test_engine_on_the_kernel_matches_the_torch_path(tiny_models, tiny_adapters,
     """The in-flight NF4 base with an adapter, its linears on the kernel: the same tokens
     and logprobs as the torch path (the torch path is held against HF + PEFT in
     tests/test_bitsandbytes.py)."""
-    from loraplex import LoRARequest
-
-    adapter = tiny_adapters["llama"]["r8_all"]
-    lora = [None, LoRARequest("a", 1, str(adapter))]
-    jobs = [{"prompt_token_ids": p} for p in prompts[:2]]
-    calls, real = [], triton_bnb.quant_matmul
-    monkeypatch.setattr(triton_bnb, "quant_matmul",
-                        lambda x, lay: calls.append(lay) or real(x, lay))
-    outs = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("LORAPLEX_QUANT_BACKEND", backend)
-        llm = make_llm(tiny_models["llama"], quantization="bitsandbytes", enable_lora=True,
-                       max_lora_rank=8)
-        layer = llm.llm_engine.model.model.layers[0].mlp.down_proj.base_layer
-        calls.clear()
-        outs[backend] = llm.generate(jobs, GREEDY, lora_request=lora, use_tqdm=False)
-        assert any(c is layer for c in calls) == (backend == "triton")
-    for t, w in zip(outs["triton"], outs["torch"], strict=True):
-        assert t.outputs[0].token_ids == w.outputs[0].token_ids
-        for lp_t, lp_w in zip(t.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
-            for tok, entry in lp_w.items():
-                assert abs(lp_t[tok].logprob - entry.logprob) < 1e-4
+    check_engine_on_kernel(triton_bnb, monkeypatch, tiny_models["llama"],
+                           tiny_adapters["llama"]["r8_all"], prompts, quantization="bitsandbytes")
 
 
 _LAUNCHES = """

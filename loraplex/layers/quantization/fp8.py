@@ -11,7 +11,8 @@ Every form is kept as a scale per row and block of `block_in` inputs ([out, bloc
 one block for tensor and channel scales), so the sub-projections of a packed layer stack
 as rows whatever their own form. Weight-only: the activations stay in the model's dtype
 (a checkpoint's static `input_scale` is not used), as vLLM runs FP8 checkpoints on GPUs
-without FP8 compute. The matmul dequantizes the weight in torch (no fused kernel yet).
+without FP8 compute. On CUDA the matmul is a Triton kernel that dequantizes each tile in
+registers (triton_fp8.py); elsewhere the weight is dequantized in torch first.
 """
 
 from __future__ import annotations
@@ -35,16 +36,23 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _FP8_VALUES: dict[torch.device, torch.Tensor] = {}
 
 
+def fp8_values(device: torch.device) -> torch.Tensor:
+    """The fp32 value of each of the 256 FP8 bytes (the table the CPU path and the Triton
+    kernel look bytes up in)."""
+    table = _FP8_VALUES.get(device)
+    if table is None:
+        table = _FP8_VALUES[device] = torch.arange(256, dtype=torch.int32).to(
+            torch.uint8).view(FP8).to(torch.float32).to(device)
+    return table
+
+
 def _fp8_to_float(q: torch.Tensor) -> torch.Tensor:
     """fp32 values of FP8 ones. torch on a CPU converts FP8 without vector instructions,
     slower than looking each byte up in a table of the 256 values: the table there."""
     if q.device.type != "cpu":
         return q.to(torch.float32)
-    table = _FP8_VALUES.get(q.device)
-    if table is None:
-        table = _FP8_VALUES[q.device] = torch.arange(256, dtype=torch.int32).to(
-            torch.uint8).view(FP8).to(torch.float32)
-    return table.index_select(0, q.view(torch.uint8).view(-1).int()).view(q.shape)
+    return fp8_values(q.device).index_select(0, q.view(torch.uint8).view(-1).int()).view(
+        q.shape)
 
 
 def scale_rows(scale: torch.Tensor, size: int, blocks: int, block_out: int,
@@ -77,6 +85,8 @@ def dequantize(q: torch.Tensor, row_scale: torch.Tensor, block_in: int,
 
 
 class FP8Linear(_RowQuantLinear):
+    kernel_module = "loraplex.layers.quantization.triton_fp8"  # CUDA: fused dequantize-matmul
+
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
                  cfg: QuantConfig) -> None:
         super().__init__(in_features, output_sizes, bias, cfg)
