@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex import envs
+from loraplex.backends import triton_kernels
 from loraplex.layers.linear import make_linear
 from loraplex.layers.quantization import QuantConfig
-from loraplex.layers.quantization.fp8 import FP8, FP8_MAX, quantize_fp8
+from loraplex.layers.quantization.fp8 import FP8, FP8_MAX, FP8Matrix, quantize_fp8
 from loraplex.layers.quantization.fp8 import dequantize as fp8_dequantize
 from loraplex.layers.quantization.fp8 import scale_rows as fp8_scale_rows
 
@@ -94,9 +96,10 @@ class FusedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
                                            dtype=dtype), requires_grad=dtype is None)
 
-    def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's (w13 [2I, H], w2 [H, I]) for activations of `dtype`."""
-        return self.w13[e], self.w2[e]
+    def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """x times expert e's `which` transposed: "w13" (gate and up, [n, 2I]) or "w2"
+        (down, [n, H])."""
+        return x @ getattr(self, which)[e].T
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 token_slots: torch.Tensor | None = None, num_slots: int = 0,
@@ -109,13 +112,12 @@ class FusedExperts(nn.Module):
         for g in groups:
             e, sel = g.expert, rows[g.start:g.end]
             xe = x[sel]
-            w13, w2 = self.expert(e, x.dtype)
-            h = xe @ w13.T  # [n, 2I]: W1 x, W3 x
+            h = self.project(e, "w13", xe)  # [n, 2I]: W1 x, W3 x
             if lora is not None:
                 lora.add_gate_up(h, xe, g)  # += B1 A1 x, B3 A3 x (each row its slot's)
             gate, up = h.chunk(2, dim=-1)
             a = F.silu(gate) * up
-            y = a @ w2.T
+            y = self.project(e, "w2", a)
             if lora is not None:
                 lora.add_down(y, a, g)  # += B2 A2 a
             out.index_add_(0, sel, y * pair_weights[g.start:g.end])
@@ -173,10 +175,14 @@ class FP8FusedExperts(FusedExperts):
     def _blocks(self, inputs: int) -> int:
         return -(-inputs // self.block_in) if self.block_in else 1
 
-    def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        block_in = self.block_in or 1
-        return (fp8_dequantize(self.w13[e], self.w13_scale[e], block_in, dtype),
-                fp8_dequantize(self.w2[e], self.w2_scale[e], block_in, dtype))
+    def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """On CUDA the FP8 kernel (triton_fp8.py), else the expert dequantized in torch."""
+        w, scale = getattr(self, which)[e], getattr(self, f"{which}_scale")[e]
+        kernels = triton_kernels("LORAPLEX_QUANT_BACKEND", envs.LORAPLEX_QUANT_BACKEND,
+                                 x.is_cuda, "loraplex.layers.quantization.triton_fp8")
+        if kernels is not None:
+            return kernels.quant_matmul(x, FP8Matrix(w, scale, self.block_in or w.shape[1]))
+        return x @ fp8_dequantize(w, scale, self.block_in or 1, x.dtype).T
 
     def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
                     kind: str = "weight") -> str:

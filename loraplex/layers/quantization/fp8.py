@@ -17,6 +17,8 @@ registers (triton_fp8.py); elsewhere the weight is dequantized in torch first.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from loraplex.layers.quantization.bitsandbytes import _RowQuantLinear
@@ -25,6 +27,25 @@ from loraplex.layers.quantization.linear import _frozen
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+@dataclass
+class FP8Matrix:
+    """One FP8 weight [out, in] and its scales, as the Triton kernel reads a layer (a
+    mixture's expert projection)."""
+
+    weight: torch.Tensor
+    row_scale: torch.Tensor  # [out, blocks]
+    block_in: int  # inputs per scale block
+    bias: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
