@@ -15,7 +15,8 @@ The (token, expert) pairs are sorted by expert on the device and the group sizes
 once per layer (one host sync), then one matmul pair runs per expert that has tokens; so
 the decode step of a MoE model runs without CUDA graphs. Under LoRA the pairs are also
 sorted by adapter slot within each expert (lora/experts.py adds each slot's delta). An
-FP8 checkpoint's experts stay FP8 (FP8FusedExperts), each dequantized when it has tokens.
+FP8 checkpoint's experts stay FP8 (FP8FusedExperts), read through the FP8 kernel or
+dequantized when they have tokens.
 """
 
 from __future__ import annotations
@@ -159,8 +160,8 @@ class FusedExperts(nn.Module):
 
 class FP8FusedExperts(FusedExperts):
     """The experts of an FP8 checkpoint (quantization/fp8.py): w13 and w2 stay FP8 with a
-    scale per row and block of inputs; a step dequantizes the experts it routes tokens
-    to, one at a time."""
+    scale per row and block of inputs; an expert a step routes tokens to goes through
+    the FP8 kernel on CUDA, or is dequantized in torch."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  cfg: QuantConfig) -> None:
