@@ -274,8 +274,9 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     server.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
                         help="How the model writes tool calls: hermes (Hermes, Qwen 2.5/3: "
                              "<tool_call> tags), llama3_json (Llama 3.1/3.2: JSON), mistral "
-                             "([TOOL_CALLS]) or pythonic / llama4_pythonic (Llama 3.2, "
-                             "Llama 4: a Python list of calls).")
+                             "([TOOL_CALLS]), pythonic / llama4_pythonic (Llama 3.2, "
+                             "Llama 4: a Python list of calls) or qwen3_coder (Qwen3-Coder: "
+                             "<function=...> <parameter=...> tags).")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn.")
