@@ -194,10 +194,12 @@ class OpenAIServingChat(OpenAIServing):
             usage=UsageInfo.of(prompt_tokens, gen))
 
     def _reply(self, req: ChatCompletionRequest, calling: str | None, text: str,
-               finish: str | None, echo: str = "") -> tuple[ChatResponseMessage, str | None]:
+               finish: str | None, echo: str = "", parser: Any = None
+               ) -> tuple[ChatResponseMessage, str | None]:
         """The message (its reasoning apart, with a reasoning parser; tool calls when the
         request called tools and the content has them; an echo goes before the content)
-        and its finish_reason ("tool_calls" for a completed call)."""
+        and its finish_reason ("tool_calls" for a completed call). `parser`: the tool
+        parser for the request's tools, when the caller has it already."""
         reasoning, text = self._split(text)
         thought = {"reasoning": reasoning, "reasoning_content": reasoning}
         content, calls = text, None
@@ -205,7 +207,7 @@ class OpenAIServingChat(OpenAIServing):
             calls = to_tool_calls(req, text)
             content = None
         elif calling == "auto":
-            content, calls = self.tool_parser.for_request(req.tools).parse(text)
+            content, calls = (parser or self.tool_parser.for_request(req.tools)).parse(text)
         if not calls:
             content = echo + text
             return ChatResponseMessage(
@@ -243,10 +245,10 @@ class OpenAIServingChat(OpenAIServing):
                 bytes=list(text.encode()), top_logprobs=tops))
         return ChatCompletionLogProbs(content=content)
 
-    def _partial_calls(self, req: ChatCompletionRequest, calling: str, text: str
+    @staticmethod
+    def _partial_calls(req: ChatCompletionRequest, calling: str, text: str, parser: Any
                        ) -> list[PartialCall]:
-        return forced_partial(req, text) if calling == "forced" else \
-            self.tool_parser.for_request(req.tools).partial(text)
+        return forced_partial(req, text) if calling == "forced" else parser.partial(text)
 
     def _call_id(self) -> str:
         """A streamed call's id: the parser's kind (Mistral's 9 characters) or OpenAI's."""
@@ -268,6 +270,8 @@ class OpenAIServingChat(OpenAIServing):
         sent_tokens: dict[int, int] = {}
         sent_calls: dict[int, dict[int, int]] = {}  # choice -> call -> arguments sent
         done: set[int] = set()
+        # the tool parser for this request's tools, once (not at every step)
+        parser = self.tool_parser.for_request(req.tools) if calling == "auto" else None
         for i in range(req.n):
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
                                                                       content=""))])
@@ -286,10 +290,10 @@ class OpenAIServingChat(OpenAIServing):
                 # content stops where a tool call may start; calls go out as they are
                 # written (tool_calls.call_deltas), the rest of them at the end
                 end = len(text) if not calling or o.finish_reason is not None else (
-                    0 if calling == "forced" else self.tool_parser.content_prefix(text))
+                    0 if calling == "forced" else parser.content_prefix(text))
                 delta = text[t0:end]
                 sent = sent_calls.setdefault(o.index, {})
-                calls = (call_deltas(self._partial_calls(req, calling, text), sent,
+                calls = (call_deltas(self._partial_calls(req, calling, text, parser), sent,
                                      self._call_id)
                          if calling and o.finish_reason is None else [])
                 if not delta and not thought and not calls and o.finish_reason is None:
@@ -303,14 +307,15 @@ class OpenAIServingChat(OpenAIServing):
                                    reasoning=thought or None, reasoning_content=thought or None,
                                    tool_calls=calls or None)
                 if calling and finish is not None:
-                    reply, finish = self._reply(req, calling, o.text, finish)
+                    reply, finish = self._reply(req, calling, o.text, finish, parser=parser)
                     if reply.tool_calls:  # the content not streamed yet, then the calls
                         msg = DeltaMessage(content=(reply.content or "")[t0:] or None,
                                            reasoning=msg.reasoning,
                                            reasoning_content=msg.reasoning_content,
                                            tool_calls=final_call_deltas(
                                                reply.tool_calls,
-                                               self._partial_calls(req, calling, text),
+                                               self._partial_calls(req, calling, text,
+                                                                   parser),
                                                sent))
                 yield chunk([ChatStreamChoice(
                     index=o.index, delta=msg,
