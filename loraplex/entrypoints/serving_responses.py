@@ -183,6 +183,12 @@ def output_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                                                  if calls else {})}]
 
 
+def response_status(finish_reason: str | None) -> str:
+    """A response's status from its reply's finish_reason: max_output_tokens reached is
+    "incomplete" (OpenAI's word), anything else "completed"."""
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
 def output_items(message: ChatResponseMessage, status: str) -> list[dict[str, Any]]:
     items = [reasoning_item(message.reasoning)] if message.reasoning is not None else []
     if message.content:
@@ -215,7 +221,7 @@ class OpenAIServingResponses:
         if not req.stream:
             reply = await self.chat.create_chat_completion(chat_req)
             choice = reply.choices[0]
-            status = "incomplete" if choice.finish_reason == "length" else "completed"
+            status = response_status(choice.finish_reason)
             response = self._response(req, response_id, created, model, status,
                                       output_items(choice.message, status), reply.usage)
             self._remember(req, history, response)
@@ -296,7 +302,7 @@ class OpenAIServingResponses:
                         yield event
         finally:
             await chunks.aclose()
-        status = "incomplete" if finish == "length" else "completed"
+        status = response_status(finish)
         for event in stream.close(status):
             yield event
         final = self._response(req, response_id, created, model, status, stream.items, usage)
