@@ -139,9 +139,10 @@ class LLMEngine:
         self.sampler = Sampler(eos_ids)
         self.structured = StructuredOutputs(self.tokenizer, self.model.args.vocab_size)
         # a reasoning model: its tag ids, so structured outputs start after the reasoning
-        parser = mc.reasoning_parser and REASONING_PARSERS[mc.reasoning_parser]
-        self.reasoning_tags = parser.tag_ids(self.tokenizer) if parser else None
-        self._reasoning_opens_in_reply = bool(parser and parser.opens_in_reply)
+        self.reasoning = (REASONING_PARSERS[mc.reasoning_parser] if mc.reasoning_parser
+                          else None)
+        self.reasoning_tags = self.reasoning.tag_ids(self.tokenizer) if self.reasoning \
+            else None
         self.requests: dict[str, Request] = {}
         self._pending_lora_removal: set[int] = set()
 
@@ -287,7 +288,7 @@ class LLMEngine:
             return None
         start, end = self.reasoning_tags
         state = ("constrained" if reasoning_ended(prompt_ids, start, end) else
-                 "undecided" if self._reasoning_opens_in_reply else "reasoning")
+                 "undecided" if self.reasoning.opens_in_reply else "reasoning")
         return start, end, state
 
     # ---- the step ---------------------------------------------------------------------
