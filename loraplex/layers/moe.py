@@ -179,11 +179,12 @@ class FP8FusedExperts(FusedExperts):
     def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
         """On CUDA the FP8 kernel (triton_fp8.py), else the expert dequantized in torch."""
         w, scale = getattr(self, which)[e], getattr(self, f"{which}_scale")[e]
+        block_in = self.block_in or w.shape[1]  # unblocked: one block of all the inputs
         kernels = triton_kernels("LORAPLEX_QUANT_BACKEND", envs.LORAPLEX_QUANT_BACKEND,
                                  x.is_cuda, "loraplex.layers.quantization.triton_fp8")
         if kernels is not None:
-            return kernels.quant_matmul(x, FP8Matrix(w, scale, self.block_in or w.shape[1]))
-        return x @ fp8_dequantize(w, scale, self.block_in or 1, x.dtype).T
+            return kernels.quant_matmul(x, FP8Matrix(w, scale, block_in))
+        return x @ fp8_dequantize(w, scale, block_in, x.dtype).T
 
     def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
                     kind: str = "weight") -> str:

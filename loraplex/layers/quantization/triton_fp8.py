@@ -54,12 +54,10 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, scale_ptr, values_ptr, y_ptr, M, N, K, k_per_
 def quant_matmul(x: torch.Tensor, layer: FP8Linear, ways: int | None = None) -> torch.Tensor:
     """x [..., in] @ W^T (+ bias) with `layer`'s FP8 weights; `ways`: K split over how many
     programs (None = enough to fill the GPU)."""
-    blocks = layer.row_scale.shape[1]
-
     def launch(grid, x2, y, m, n, k, k_per_split, f32, block_m, block_n, block_k):
         _fp8_gemm_kernel[grid](
             x2, layer.weight.view(torch.uint8), layer.row_scale, fp8_values(x.device), y,
-            m, n, k, k_per_split, x2.stride(0), n, BLOCKS=blocks,
-            BLOCK_IN=layer.block_in if blocks > 1 else k, F32=f32,
+            m, n, k, k_per_split, x2.stride(0), n, BLOCKS=layer.row_scale.shape[1],
+            BLOCK_IN=layer.block_in, F32=f32,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return split_k_matmul(x, layer, ways, launch)
