@@ -416,6 +416,25 @@ def _adapter_vocab(adapter_dir: Path) -> int:
     return len(AutoTokenizer.from_pretrained(str(adapter_dir)))
 
 
+def edited_copy(src: Path, dst: Path, edit: Any = None, *, tensors: Any = None,
+                config: str = "adapter_config.json",
+                weights: str = "adapter_model.safetensors") -> Path:
+    """A copy of a model or adapter directory with its JSON `config` file changed in place
+    by `edit` (a function of the dict) and its `weights` file passed through `tensors` (a
+    function of the tensor dict): how tests make a broken or altered checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if edit is not None:
+        cfg = json.loads((dst / config).read_text())
+        edit(cfg)
+        (dst / config).write_text(json.dumps(cfg))
+    if tensors is not None:
+        path = str(dst / weights)
+        save_file(tensors(load_file(path)), path, metadata={"format": "pt"})
+    return dst
+
+
 def make_added_tokens_adapter(
     base_dir: Path,
     out_dir: Path,

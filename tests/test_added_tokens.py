@@ -8,7 +8,6 @@ tokenizer, ids out of range, a base token's row trained), each failing alone."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,12 @@ from loraplex import LoRARequest, SamplingParams
 from loraplex.lora.errors import LoRAError
 from loraplex.sampling_params import StructuredOutputsParams
 from tests.engine_utils import GREEDY, check_against_hf, make_llm
-from tests.fixtures import hf_greedy, make_added_tokens_adapter, make_tiny_model
+from tests.fixtures import (
+    edited_copy,
+    hf_greedy,
+    make_added_tokens_adapter,
+    make_tiny_model,
+)
 from tests.test_prompt_logprobs import check_batch_with_prompt_logprobs
 
 VOCAB = 512  # the tiny models' vocabulary: added tokens are ids 512..
@@ -214,17 +218,6 @@ def test_added_tokens_through_decode_graphs(monkeypatch, tiny_models, added_adap
     assert any(t >= VOCAB for o in outs for t in o.outputs[0].token_ids)
 
 
-def _edited(src: Path, dst: Path, config: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
-    shutil.copytree(src, dst)
-    if config:
-        cfg = json.loads((dst / "adapter_config.json").read_text())
-        cfg.update(config)
-        (dst / "adapter_config.json").write_text(json.dumps(cfg))
-    for name in drop:
-        (dst / name).unlink()
-    return dst
-
-
 def test_bad_added_token_adapters_fail_alone(tmp_path, tiny_models, added_adapters, prompts):
     """More added tokens than lora_extra_vocab_size (the seed's message), no tokenizer,
     ids past the request's vocabulary, and a trained base-vocabulary row each fail alone;
@@ -239,9 +232,10 @@ def test_bad_added_token_adapters_fail_alone(tmp_path, tiny_models, added_adapte
                                         "3; restart with --lora-extra-vocab-size 4"):
         engine.add_request("many", {"prompt_token_ids": prompts[0]}, GREEDY,
                            lora_request=too_many)
-    no_tok = LoRARequest("no_tok", 3, str(_edited(added_adapters["resized"], tmp_path / "nt",
-                                                  drop=("tokenizer.json",
-                                                        "tokenizer_config.json"))))
+    no_tok_dir = edited_copy(added_adapters["resized"], tmp_path / "nt")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (no_tok_dir / name).unlink()
+    no_tok = LoRARequest("no_tok", 3, str(no_tok_dir))
     with pytest.raises(LoRAError, match="adds 3 tokens to the vocabulary but .* no usable "
                                         "tokenizer"):
         engine.add_request("no_tok", "Hi", GREEDY, lora_request=no_tok)
@@ -251,9 +245,9 @@ def test_bad_added_token_adapters_fail_alone(tmp_path, tiny_models, added_adapte
         engine.add_request("adapter_oov", {"prompt_token_ids": [1, 515]}, GREEDY,
                            lora_request=good)
     # trainable_token_indices over a base token: read off the step loop, fails its request
-    inside = LoRARequest("inside", 4, str(_edited(
+    inside = LoRARequest("inside", 4, str(edited_copy(
         added_adapters["trainable"], tmp_path / "inside",
-        config={"trainable_token_indices": [7, VOCAB + 1]})))
+        lambda c: c.update(trainable_token_indices=[7, VOCAB + 1]))))
     engine.add_request("inside", {"prompt_token_ids": prompts[1]}, GREEDY, lora_request=inside)
     ok_prompt = _prompt_with_added(prompts[2], 3)
     engine.add_request("good", {"prompt_token_ids": ok_prompt}, GREEDY, lora_request=good)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from loraplex.layers.quantization import BnB4bitLinear, BnB8bitLinear
 from loraplex.layers.quantization.bitsandbytes import FP4_CODE, NF4_CODE, quantize_nf4
 from tests.engine_utils import GREEDY, check_against_hf, lora_requests, make_llm
-from tests.fixtures import hf_logprobs
+from tests.fixtures import edited_copy, hf_logprobs
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -167,18 +167,6 @@ def test_quantization_flag_with_bnb(bnb_models, tiny_models):
         make_llm(tiny_models["llama"], load_format="bitsandbytes", quantization="awq")
 
 
-def _edited(src: Path, dst: Path, edit_state=None, **config_changes) -> Path:
-    shutil.copytree(src, dst)
-    if config_changes:
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["quantization_config"].update(config_changes)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if edit_state is not None:
-        path = dst / "model.safetensors"
-        save_file(edit_state(load_file(str(path))), str(path), metadata={"format": "pt"})
-    return dst
-
-
 def _drop(suffix: str):
     return lambda state: {k: v for k, v in state.items()
                           if not (k.endswith(suffix) and "layers.0.self_attn.k_proj" in k)}
@@ -195,7 +183,9 @@ def _drop(suffix: str):
 ])
 def test_broken_bnb_checkpoints_are_clear_errors(bnb_models, tmp_path, case, edit, changes,
                                                  message):
-    bad = _edited(bnb_models[case][0], tmp_path / "bad", edit, **changes)
+    bad = edited_copy(bnb_models[case][0], tmp_path / "bad",
+                      (lambda c: c["quantization_config"].update(changes)) if changes else None,
+                      tensors=edit, config="config.json", weights="model.safetensors")
     with pytest.raises(ValueError, match=message):
         make_llm(bad)
 

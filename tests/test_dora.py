@@ -5,9 +5,7 @@ adapter fails alone while the engine carries on."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from loraplex import LoRARequest
 from loraplex.lora import dora
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, lora_requests, make_llm
-from tests.fixtures import make_peft_adapter
+from tests.fixtures import edited_copy, make_peft_adapter
 
 
 def _dora_adapters(base: Path, root: Path) -> dict[str, Path]:
@@ -104,29 +102,14 @@ def test_decode_with_graphs_goes_eager_for_dora(monkeypatch, tiny_models, tiny_a
         check_against_hf(outs, base, [paths[n] if n else None for n in names], batch, tol)
 
 
-def _edited(src: Path, dst: Path, config: dict | None = None, tensors=None) -> Path:
-    """A copy of an adapter with its config updated and its tensors passed through
-    `tensors` (a function of the dict)."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    if config is not None:
-        cfg = json.loads((dst / "adapter_config.json").read_text())
-        (dst / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
-    if tensors is not None:
-        path = str(dst / "adapter_model.safetensors")
-        save_file(tensors(load_file(path)), path)
-    return dst
-
-
 def test_malformed_dora_adapters_fail_alone(tiny_root, tiny_models, tiny_adapters,
                                             dora_adapters, tmp_path, prompts):
     base = tiny_models["llama"]
     src = dora_adapters["llama"]["dora_qv"]
-    no_magnitude = _edited(src, tmp_path / "no_magnitude", tensors=lambda t: {
+    no_magnitude = edited_copy(src, tmp_path / "no_magnitude", tensors=lambda t: {
         k: v for k, v in t.items() if "q_proj.lora_magnitude" not in k})
-    not_dora = _edited(src, tmp_path / "not_dora", config={"use_dora": False})
-    wrong_shape = _edited(src, tmp_path / "wrong_shape", tensors=lambda t: {
+    not_dora = edited_copy(src, tmp_path / "not_dora", lambda c: c.update(use_dora=False))
+    wrong_shape = edited_copy(src, tmp_path / "wrong_shape", tensors=lambda t: {
         k: v[:-1] if "v_proj.lora_magnitude" in k else v for k, v in t.items()})
     on_embedding = make_peft_adapter(base, tmp_path / "on_embedding", r=4, seed=73,
                                      target_modules=["embed_tokens", "q_proj"], use_dora=True)

@@ -11,22 +11,13 @@ import torch
 from loraplex import LLM, EngineArgs, LoRARequest, SamplingParams
 from loraplex.lora.errors import LoRAError
 from tests.engine_utils import GREEDY, check_against_hf, make_llm
-from tests.fixtures import make_peft_adapter, quantized_copy
+from tests.fixtures import edited_copy, make_peft_adapter, quantized_copy
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_models):
     return make_llm(tiny_models["llama"], enable_lora=True, max_loras=2, max_lora_rank=8,
                     max_model_len=64)
-
-
-def _edited_adapter(src, dst, edit):
-    shutil.copytree(src, dst)
-    cfg_path = dst / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    edit(cfg)
-    cfg_path.write_text(json.dumps(cfg))
-    return dst
 
 
 def _assert_still_serves(llm, prompt, lora=None):
@@ -41,13 +32,13 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
     cases = {
         "missing path": (LoRARequest("nope", 10, str(tmp_path / "nowhere")), "does not exist"),
         "rank too high": (LoRARequest("big", 11, str(ad["r16_rslora"])), "--max-lora-rank 16"),
-        "modules_to_save": (LoRARequest("mts", 13, str(_edited_adapter(
+        "modules_to_save": (LoRARequest("mts", 13, str(edited_copy(
             ad["r4_qv"], tmp_path / "mts", lambda c: c.update(modules_to_save=["lm_head"])))),
             "modules_to_save"),
-        "lora_bias": (LoRARequest("bias", 15, str(_edited_adapter(
+        "lora_bias": (LoRARequest("bias", 15, str(edited_copy(
             ad["r4_qv"], tmp_path / "bias", lambda c: c.update(lora_bias=True)))),
             "lora_bias=true"),
-        "unknown target": (LoRARequest("fc1", 14, str(_edited_adapter(
+        "unknown target": (LoRARequest("fc1", 14, str(edited_copy(
             ad["r4_qv"], tmp_path / "fc1", lambda c: c.update(target_modules=["fc1"])))),
             "not found in the model"),
     }
@@ -70,7 +61,7 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
     late_cases = {
         "corrupt safetensors": (LoRARequest("corrupt", 16, str(corrupt)), "cannot read"),
         "shape mismatch": (LoRARequest("wide", 18, str(other)), "do not fit"),
-        "DoRA without magnitudes": (LoRARequest("dora", 12, str(_edited_adapter(
+        "DoRA without magnitudes": (LoRARequest("dora", 12, str(edited_copy(
             ad["r4_qv"], tmp_path / "dora", lambda c: c.update(use_dora=True)))),
             "use_dora=true but no lora_magnitude_vector"),
     }

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from loraplex.layers.quantization import FP8Linear
 from tests.engine_utils import GREEDY, check_against_hf, lora_requests, make_llm
+from tests.fixtures import edited_copy
 from tests.quantized_fixtures import quantize_fp8, write_fp8
 
 ADAPTERS = ("r4_qv", "r8_all", "r16_rslora")
@@ -107,29 +108,23 @@ def test_dummy_weights(fp8_models):
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
 
 
-def _edit(src: Path, dst: Path, config=None, tensors=None) -> Path:
-    shutil.copytree(src, dst)
-    if config is not None:
-        cfg = json.loads((dst / "config.json").read_text())
-        config(cfg["quantization_config"])
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if tensors is not None:
-        path = str(dst / "model.safetensors")
-        save_file(tensors(load_file(path)), path, metadata={"format": "pt"})
-    return dst
+def _edit(src: Path, dst: Path, quant=None, tensors=None) -> Path:
+    """A copy of an FP8 checkpoint, its quantization_config changed by `quant`."""
+    return edited_copy(src, dst, (lambda c: quant(c["quantization_config"])) if quant else None,
+                       tensors=tensors, config="config.json", weights="model.safetensors")
 
 
 def test_what_does_not_fit_is_refused(fp8_models, tiny_models, tmp_path):
     ct = fp8_models["ct_channel"][0]
     cases = [
-        (_edit(ct, tmp_path / "int4", config=lambda q: q.update(format="pack-quantized")),
+        (_edit(ct, tmp_path / "int4", lambda q: q.update(format="pack-quantized")),
          "compressed-tensors checkpoint (format 'pack-quantized'"),
-        (_edit(ct, tmp_path / "mixed", config=lambda q: q["config_groups"].update(
+        (_edit(ct, tmp_path / "mixed", lambda q: q["config_groups"].update(
             group_1={"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
                                                         "strategy": "block"}})),
          "FP8 weights with strategies ['block', 'channel'] are not supported"),
         (_edit(fp8_models["fp8_tensor"][0], tmp_path / "e5m2",
-               config=lambda q: q.update(fmt="e5m2")), "fp8 fmt='e5m2' is not supported"),
+               lambda q: q.update(fmt="e5m2")), "fp8 fmt='e5m2' is not supported"),
         (_edit(ct, tmp_path / "scale", tensors=lambda t: {
             k: v[:-1] if k.endswith("layers.0.self_attn.k_proj.weight_scale") else v
             for k, v in t.items()}), "fp8 scale of shape (31, 1) fits neither"),

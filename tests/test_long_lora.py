@@ -7,9 +7,7 @@ by name without the factor, while the engine carries on."""
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,18 +17,9 @@ from loraplex import LoRARequest
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.lora.errors import LoRAError
 from tests.engine_utils import GREEDY, check_against_hf, lora_requests, make_llm
-from tests.fixtures import make_peft_adapter, make_tiny_model
+from tests.fixtures import edited_copy, make_peft_adapter, make_tiny_model
 
 BASE_POSITIONS = 64  # the tiny base's max_position_embeddings
-
-
-def _with_config(src: Path, dst: Path, name: str, **changes) -> Path:
-    """A copy of a model or adapter directory with `name` (a JSON file) updated."""
-    if not dst.exists():
-        shutil.copytree(src, dst)
-        cfg = json.loads((dst / name).read_text())
-        (dst / name).write_text(json.dumps({**cfg, **changes}))
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +36,8 @@ def long_models(tiny_root: Path) -> dict[str, Path]:
                                                        "factor": float(f)})
         lora = make_peft_adapter(base, root / f"lora{f}_weights", r=8, seed=41 + f,
                                  target_modules="all-linear")
-        out[f"long{f}"] = _with_config(lora, root / f"long{f}", "adapter_config.json",
-                                       context_length=BASE_POSITIONS * f)
+        out[f"long{f}"] = edited_copy(lora, root / f"long{f}", lambda c, f=f: c.update(
+            context_length=BASE_POSITIONS * f))
     return out
 
 
@@ -148,8 +137,8 @@ def test_engine_arguments_are_checked(long_models, tmp_path):
                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0})
     with pytest.raises(ValueError, match="this model's rope is 'llama3'"):
         make_llm(llama3, enable_lora=True, long_lora_scaling_factors=(2.0,), max_model_len=64)
-    scaled = _with_config(long_models["plain"], tmp_path / "rope_scaling",
-                          "adapter_config.json", rope_scaling={"type": "linear", "factor": 2})
+    scaled = edited_copy(long_models["plain"], tmp_path / "rope_scaling", lambda c: c.update(
+        rope_scaling={"type": "linear", "factor": 2}))
     llm = make_llm(base, enable_lora=True, max_lora_rank=8, long_lora_scaling_factors=(2.0,),
                    max_model_len=64)
     with pytest.raises(LoRAError, match="rope_scaling=.* is not read"):

@@ -5,7 +5,6 @@ name without the flag or for other modules, while the engine carries on."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from loraplex import LoRARequest
 from loraplex.lora.errors import LoRAError
 from tests.engine_utils import check_mixed_batch, make_llm
-from tests.fixtures import make_peft_adapter, make_tiny_model
+from tests.fixtures import edited_copy, make_peft_adapter, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +69,6 @@ def test_slots_hold_both_tables(tiny_models):
         .full_vocab is None
 
 
-def _edited(src: Path, dst: Path, **changes) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "adapter_config.json").read_text())
-    (dst / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
-    return dst
-
-
 def test_refused_by_name(tiny_models, tiny_adapters, trained, tmp_path, prompts):
     """Without the flag, and with a module other than embed_tokens / lm_head, the adapter
     fails alone with the fix in its message; the engine serves the others."""
@@ -86,12 +78,13 @@ def test_refused_by_name(tiny_models, tiny_adapters, trained, tmp_path, prompts)
                                                   "--enable-lora-modules-to-save")):
         plain.llm_engine.add_lora(LoRARequest("both", 1, str(trained["both"])))
     llm = make_llm(base, enable_lora=True, max_lora_rank=16, enable_lora_modules_to_save=True)
-    norm = _edited(trained["both"], tmp_path / "norm",
-                   modules_to_save=["embed_tokens", "model.norm"])
+    norm = edited_copy(trained["both"], tmp_path / "norm", lambda c: c.update(
+        modules_to_save=["embed_tokens", "model.norm"]))
     with pytest.raises(LoRAError, match=re.escape("fully trained model.norm are not supported")):
         llm.llm_engine.add_lora(LoRARequest("norm", 2, str(norm)))
     # a trained table not named in modules_to_save: not taken for an untrained copy
-    unnamed = _edited(trained["head"], tmp_path / "unnamed", modules_to_save=None)
+    unnamed = edited_copy(trained["head"], tmp_path / "unnamed",
+                          lambda c: c.update(modules_to_save=None))
     with pytest.raises(LoRAError, match="modules_to_save does not name it"):
         llm.llm_engine.add_lora(LoRARequest("unnamed", 3, str(unnamed)))
     # modules_to_save names a table the files lack

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from loraplex import SamplingParams
 from loraplex.layers.quantization import AWQLinear, GPTQLinear, QuantConfig, QuantLinear, unpack
 from tests.engine_utils import GREEDY, check_against_hf, lora_requests, make_llm
-from tests.fixtures import hf_greedy
+from tests.fixtures import edited_copy, hf_greedy
 from tests.quantized_fixtures import (
     pack_cols,
     pack_rows,
@@ -165,14 +165,6 @@ def test_quantization_flag_is_checked_against_the_checkpoint(quantized, tiny_mod
         make_llm(tiny_models["llama"], quantization="gguf")
 
 
-def _edit_config(src: Path, dst: Path, **changes) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization_config"].update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize(("case", "changes", "message"), [
     ("gptq4_g32", {"bits": 3}, "bits=3 is not supported"),
     ("gptq4_g32", {"checkpoint_format": "marlin"}, "checkpoint_format='marlin'"),
@@ -184,7 +176,8 @@ def _edit_config(src: Path, dst: Path, **changes) -> Path:
 ])
 def test_unsupported_or_inconsistent_quantized_checkpoints(quantized, tmp_path, case, changes,
                                                            message):
-    bad = _edit_config(quantized[case][0], tmp_path / "bad", **changes)
+    bad = edited_copy(quantized[case][0], tmp_path / "bad",
+                      lambda c: c["quantization_config"].update(changes), config="config.json")
     with pytest.raises(ValueError, match=message):
         make_llm(bad)
 

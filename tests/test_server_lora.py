@@ -14,7 +14,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures import assert_greedy_close, hf_greedy, make_peft_adapter
+from tests.fixtures import assert_greedy_close, edited_copy, hf_greedy, make_peft_adapter
 from tests.server_utils import RemoteServer, token_ids_of
 
 BASE = "tiny-base"
@@ -374,21 +374,13 @@ def test_filesystem_resolver(server, client, tiny_models, tiny_adapters, prompts
     still_serves(client)
 
 
-def _edited(src, dst, edit):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "adapter_config.json").read_text())
-    edit(cfg)
-    (dst / "adapter_config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 def test_bad_adapter_loads_are_400(server, client, tiny_models, tiny_adapters, tmp_path):
     ad = tiny_adapters["llama"]
     big = make_peft_adapter(tiny_models["llama"], tmp_path / "r32", r=32, seed=3)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(ad["r4_qv"], corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
-    fc1 = _edited(ad["r4_qv"], tmp_path / "fc1", lambda c: c.update(target_modules=["fc1"]))
+    fc1 = edited_copy(ad["r4_qv"], tmp_path / "fc1", lambda c: c.update(target_modules=["fc1"]))
     trained = make_peft_adapter(tiny_models["llama"], tmp_path / "trained", r=4, seed=4,
                                 modules_to_save=["lm_head"])
     cases = {str(tmp_path / "nowhere"): "does not exist", str(big): "max_lora_rank",
@@ -605,7 +597,7 @@ def test_adapter_that_adds_tokens_over_http(server, client, tiny_models, tiny_ad
     no_tok = shutil.copytree(src, tmp_path / "no_tok")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (no_tok / name).unlink()
-    long = _edited(tiny_adapters["llama"]["r4_qv"], tmp_path / "long",
+    long = edited_copy(tiny_adapters["llama"]["r4_qv"], tmp_path / "long",
                    lambda c: c.update(context_length=16384))
     for name, path, reason in (("no_tok", no_tok, "no usable tokenizer"),
                                ("long", long, "start the engine with "
