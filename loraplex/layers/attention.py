@@ -14,6 +14,11 @@ picked per model runner by `attention_backend`:
   fit), then SDPA per group of rows of similar context length (`decode_groups`; the
   runner orders rows longest first). GQA is handled by SDPA.
 
+Attention sinks (gpt-oss): a learned logit per head joins every query's softmax as one
+more key with no value, so a head can attend to "nothing":
+softmax([scale q k^T, sink])[:-1] v. The torch path writes that softmax out (as it does
+for a softcap); the kernels start each row's online softmax with the sink.
+
 LORAPLEX_ATTENTION_BACKEND=auto|torch|triton forces one; triton on CPU tensors runs
 under TRITON_INTERPRET=1 (tests).
 """
@@ -67,16 +72,17 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
         self._mirror: dict[str, torch.Tensor] = {}  # torch decode: see DecodeMirror
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [T, H, D], k/v: [T, KVH, D] -> out: [T, H * D]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
+        # q: [T, H, D], k/v: [T, KVH, D], sinks: [H] or None -> out: [T, H * D]
         ctx = get_context()
         self._store(k, v, ctx)
         if ctx.decode is None:
-            out = self._attend(q, k, v, ctx)
+            out = self._attend(q, k, v, ctx, sinks)
         else:  # a mixed step: prompts' rows, then one row per decoding sequence
             n = q.shape[0] - ctx.decode.slot_mapping.shape[0]
-            out = torch.cat([self._attend(q[:n], k[:n], v[:n], ctx),
-                             self._attend(q[n:], k[n:], v[n:], ctx.decode)])
+            out = torch.cat([self._attend(q[:n], k[:n], v[:n], ctx, sinks),
+                             self._attend(q[n:], k[n:], v[n:], ctx.decode, sinks)])
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
@@ -93,24 +99,27 @@ class Attention(nn.Module):
             self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(
                 0, ctx.slot_mapping, v)
 
-    def _attend(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+    def _attend(self, q, k, v, ctx: StepContext, sinks: torch.Tensor | None) -> torch.Tensor:
         if ctx.attn_backend == "triton":
-            return self._triton(q, k, v, ctx)
-        return self._prefill(q, k, v, ctx) if ctx.is_prefill else self._decode(q, k, v, ctx)
+            return self._triton(q, k, v, ctx, sinks)
+        if ctx.is_prefill:
+            return self._prefill(q, k, v, ctx, sinks)
+        return self._decode(q, k, v, ctx, sinks)
 
-    def _triton(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+    def _triton(self, q, k, v, ctx: StepContext, sinks: torch.Tensor | None) -> torch.Tensor:
         ta = _triton_attention()
         if ctx.is_prefill:
             with_ctx = self.k_cache.numel() > 0 and ctx.context_lens is not None
             return ta.prefill_attention(
                 q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale,
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
-                  if with_ctx else ()), softcap=self.softcap, window=self.window)
+                  if with_ctx else ()), softcap=self.softcap, window=self.window,
+                sinks=sinks)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                          ctx.context_lens, self.scale, ctx.decode_splits,
-                                         softcap=self.softcap, window=self.window)
+                                         softcap=self.softcap, window=self.window, sinks=sinks)
 
-    def _prefill(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+    def _prefill(self, q, k, v, ctx: StepContext, sinks: torch.Tensor | None) -> torch.Tensor:
         b, length = ctx.padded_index.shape
         idx = ctx.padded_index.reshape(-1)
 
@@ -123,11 +132,12 @@ class Attention(nn.Module):
             keys, values = (x.transpose(1, 2) for x in
                             self._gathered_kv(ctx, ctx.block_tables))
         out = self._sdpa(padded(q), keys, values,
-                         _window_mask(ctx, self.window) if self.window else ctx.prefill_mask)
+                         _window_mask(ctx, self.window) if self.window else ctx.prefill_mask,
+                         sinks)
         out = out.transpose(1, 2).reshape(b * length, self.num_heads, self.head_dim)
         return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
 
-    def _decode(self, q, k, v, ctx: StepContext) -> torch.Tensor:
+    def _decode(self, q, k, v, ctx: StepContext, sinks: torch.Tensor | None) -> torch.Tensor:
         if ctx.mirror_groups:
             parts = self._mirrored_kv(k, v, ctx)
         else:
@@ -137,25 +147,30 @@ class Attention(nn.Module):
         mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts), self.window)
         out = torch.cat([self._sdpa(  # [rows, H, 1, D] per group
             q[a:b].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-            mask[a:b, ..., :keys.shape[1]]) for a, b, keys, values in parts])
+            mask[a:b, ..., :keys.shape[1]], sinks) for a, b, keys, values in parts])
         return out.squeeze(2)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | None) -> torch.Tensor:
+              mask: torch.Tensor | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(scale q k^T) v over [B, h, L, D] (mask: bool, True = attend; None =
-        causal). With a softcap (which SDPA has no option for) written out:
-        softmax(cap * tanh(scale q k^T / cap)) v, in fp32."""
-        if not self.softcap:
+        causal). With a softcap or sinks (which SDPA has no option for) written out, in
+        fp32: softmax(cap * tanh(scale q k^T / cap)) v; softmax([scores, sink])[:-1] v."""
+        if not self.softcap and sinks is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   scale=self.scale, enable_gqa=True)
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
-        scores = self.softcap * torch.tanh(scores / self.softcap)
+        if self.softcap:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
         if mask is None:
             mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
-        return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+        if sinks is None:
+            return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+        sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        return (probs @ v.float()).to(q.dtype)
 
     def _gathered_kv(self, ctx: StepContext, tables: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:

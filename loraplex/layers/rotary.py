@@ -3,7 +3,9 @@
 The cos/sin table is built once up to max_position and indexed by each token's position.
 With partial rotary (Phi-4-mini: partial_rotary_factor 0.75) only each head's first
 `rotary_dim` dimensions are rotated; the rest pass through.
-Llama-3 rope scaling rescales the inverse frequencies by wavelength band. LongRoPE (Phi-3
+Llama-3 rope scaling rescales the inverse frequencies by wavelength band; YaRN (Qwen3's
+long context, gpt-oss) blends interpolated and original frequencies along a ramp between
+two wavelengths and scales cos/sin by an attention factor. LongRoPE (Phi-3
 128k, Phi-3.5) has two sets of frequencies, for sequences within the pretraining window
 and beyond it: the table holds both, the long ones from row `long_offset` on, and the
 model runner picks each token's row (`rope_row`). Long-context LoRA (LongLoRA, vLLM's
@@ -19,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -35,6 +37,38 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, scaling: dict, rotary_dim: int, theta: float,
+                   max_position: int) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al., 2023), as HF computes it: frequencies that turn fewer than
+    beta_slow times over the original window are interpolated (/ factor), those that turn
+    more than beta_fast times kept, a linear ramp between; cos and sin are scaled by
+    0.1 ln(factor) + 1 (or mscale's ratio, or the given attention_factor)."""
+    original = scaling.get("original_max_position_embeddings") or max_position
+    factor = scaling.get("factor") or max_position / original
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+
+    def correction_dim(rotations: float) -> float:  # the dimension turning that often
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = correction_dim(scaling.get("beta_fast") or 32)
+    high = correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original frequency (extrapolation), 0: interpolated
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention)
 
 
 class RotaryEmbedding(nn.Module):
@@ -76,6 +110,9 @@ class RotaryEmbedding(nn.Module):
         else:
             if rope_type == "llama3":
                 inv_freq = _llama3_inv_freq(inv_freq, scaling)
+            elif rope_type == "yarn":
+                inv_freq, scale = _yarn_inv_freq(inv_freq, scaling, rotary_dim, theta,
+                                                 max_position)
             elif rope_type == "linear":
                 inv_freq = inv_freq / scaling["factor"]
             freqs = torch.outer(t, inv_freq)  # [max_position, head_dim / 2]

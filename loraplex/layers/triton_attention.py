@@ -20,7 +20,9 @@ gathered into contiguous tensors.
   of sequence b sits at absolute position context_lens[b] + i: it sees the whole cached
   context (read through the block table) and the step's own K/V up to itself.
 Softmax runs in fp32 (base-2 exponentials, scale folded in); P is cast to the V dtype
-for the second dot, as flash attention does.
+for the second dot, as flash attention does. Attention sinks (gpt-oss: a logit per head
+that joins the softmax with no value) enter each row's sum once at the end, or once in
+the merge of a split decode.
 """
 
 from __future__ import annotations
@@ -95,6 +97,15 @@ def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr,
 
 
 @triton.jit
+def _add_sink(m_i, l_i, acc, sink_logit):
+    # one more key of logit `sink_logit` (per row) and value 0: the sum grows, acc not
+    sink = sink_logit.to(tl.float32) * 1.4426950408889634  # base 2, as m_i
+    m_new = tl.maximum(m_i, sink)
+    alpha = tl.exp2(m_i - m_new)
+    return l_i * alpha + tl.exp2(sink - m_new), acc * alpha[:, None]
+
+
+@triton.jit
 def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, start,
                   end, stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
@@ -120,13 +131,14 @@ def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_p
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale,
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, out_ptr, lse_ptr,
+                   qk_scale,
                    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
-                   WINDOW: tl.constexpr):
+                   WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr):
     """num_splits is a runtime value, not specialized on: it follows the batch size and the
     longest context, and each new value would otherwise compile another kernel mid-serving.
     WINDOW > 0: only the last WINDOW cached positions (the new token's own included)."""
@@ -154,6 +166,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
         q, g, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
         table_ptr + b.to(tl.int64) * stride_tb, start, end, stride_cb, stride_ct, HEAD_DIM,
         BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0)
+    if HAS_SINKS and not SPLIT:  # split: the merge adds the sink once
+        l_i, acc = _add_sink(m_i, l_i, acc, tl.load(sinks_ptr + heads, mask=g_ok, other=0.0))
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split/sequence gives 0
     o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
@@ -164,9 +178,10 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, out_ptr, lse_ptr,
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps,
-                         stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_splits_kernel(part_ptr, lse_ptr, sinks_ptr, out_ptr, stride_pb, stride_ph,
+                         stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_SINKS: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -174,10 +189,15 @@ def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, strid
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + s, mask=s < num_splits,
                   other=float("-inf"))
     m = tl.max(lse, 0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # all -inf (empty) -> all 0
     part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
                    mask=(s[:, None] < num_splits) & (d[None, :] < HEAD_DIM), other=0.0)
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.exp2(sink - m)
     out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
@@ -212,11 +232,13 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context_len: int,
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int = 1, out: torch.Tensor | None = None,
-                           softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+                           softcap: float = 0.0, window: int = 0,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first context_lens[b] cached
     tokens of sequence b (KV head h // (H // KVH)); context_lens[b] == 0 gives zeros.
     softcap > 0: the scores are softcap * tanh(score / softcap) (Gemma 2). window > 0: only
-    the last `window` cached tokens (sliding-window attention).
+    the last `window` cached tokens (sliding-window attention). sinks [H]: each head's
+    sink logit joins its softmax (gpt-oss).
 
     q: [B, H, D] (last dim contiguous); k_cache/v_cache: [num_blocks, block_size, KVH, D];
     block_tables: [B, max_blocks] int32; context_lens: [B] int32. Returns [B, H, D]."""
@@ -233,31 +255,35 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = h // kvh
     block_d = _block_d(d)
     block_n = _block_n(block_d, q.dtype)
+    has_sinks = sinks is not None
+    sinks = sinks if has_sinks else q  # any tensor: never read
     _decode_kernel[(b, kvh, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale * _LOG2E,
+        q, k_cache, v_cache, block_tables, context_lens, sinks, part, lse, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1), num_splits, GROUP=group, HEAD_DIM=d,
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         F32=fp32_dot(q.dtype, _INTERPRETED), SOFTCAP=float(softcap), WINDOW=int(window),
-        num_warps=4)
+        HAS_SINKS=has_sinks, num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
-            part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
-            lse.stride(1), out.stride(0), out.stride(1), num_splits, HEAD_DIM=d,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d)
+            part, lse, sinks, out, part.stride(0), part.stride(1), part.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), num_splits,
+            HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+            HAS_SINKS=has_sinks)
     return out
 
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr, cu_ptr,
-                    out_ptr, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                    stride_vh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot, stride_oh,
+                    sinks_ptr, out_ptr, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                    stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot,
+                    stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     HAS_CONTEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
-                    WINDOW: tl.constexpr):
+                    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -300,6 +326,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
         if WINDOW > 0:
             valid = valid & (j[None, :] > i[:, None] - WINDOW)
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP)
+    if HAS_SINKS:
+        l_i, acc = _add_sink(m_i, l_i, acc, tl.load(sinks_ptr + h))
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + i)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & d_ok[None, :])
@@ -311,13 +339,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       block_tables: torch.Tensor | None = None,
                       context_lens: torch.Tensor | None = None,
                       out: torch.Tensor | None = None, softcap: float = 0.0,
-                      window: int = 0) -> torch.Tensor:
+                      window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of new tokens packed flat: sequence b's queries and K/V are rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q [T, H, D] / k, v [T, KVH, D]. With
     context_lens, sequence b also has context_lens[b] earlier tokens in the paged cache
     (block_tables [B, max_blocks] int32) that every one of its queries sees. softcap > 0:
-    scores capped and window > 0 a sliding window, as in paged_decode_attention. Returns
-    [T, H, D]."""
+    scores capped, window > 0 a sliding window and sinks [H] each head's sink logit, as in
+    paged_decode_attention. Returns [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     assert h % kvh == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -333,13 +361,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_d = _block_d(d)
     block = _block_n(block_d, q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block), h, batch)
+    has_sinks = sinks is not None
     _prefill_kernel[grid](
-        q, k, v, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out,
+        q, k, v, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
+        sinks if has_sinks else q, out,
         scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), k_cache.stride(0), k_cache.stride(1) if has_ctx else 0,
         k_cache.stride(2) if has_ctx else 0, block_tables.stride(0) if has_ctx else 0,
         out.stride(0), out.stride(1), GROUP=h // kvh, HEAD_DIM=d,
         BLOCK_SIZE=k_cache.shape[1] if has_ctx else 1, HAS_CONTEXT=has_ctx, BLOCK_M=block,
         BLOCK_N=block, BLOCK_D=block_d, F32=fp32_dot(q.dtype, _INTERPRETED),
-        SOFTCAP=float(softcap), WINDOW=int(window), num_warps=4)
+        SOFTCAP=float(softcap), WINDOW=int(window), HAS_SINKS=has_sinks, num_warps=4)
     return out
