@@ -209,6 +209,13 @@ def _arch_config(
         common.update(sliding_window=None, attention_bias=False, num_experts=4,
                       num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
                       mlp_only_layers=[1], decoder_sparse_step=1)
+    elif arch == "gpt_oss":  # a local (window 6) and a global layer, YaRN, sinks; a clamp
+        # of 1.5 bites on these weights
+        common.update(num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+                      layer_types=["sliding_attention", "full_attention"], swiglu_limit=1.5,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                    "original_max_position_embeddings": 128})
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -216,7 +223,7 @@ def _arch_config(
                     "phi3": "Phi3Config", "mixtral": "MixtralConfig",
                     "qwen3_moe": "Qwen3MoeConfig", "granite": "GraniteConfig",
                     "olmo2": "Olmo2Config", "gemma3": "Gemma3TextConfig",
-                    "qwen2_moe": "Qwen2MoeConfig"}[arch]
+                    "qwen2_moe": "Qwen2MoeConfig", "gpt_oss": "GptOssConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

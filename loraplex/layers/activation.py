@@ -1,10 +1,12 @@
 """Gated MLP activations on the packed gate_up projection output: act(gate) * up.
 
 SwiGLU (Llama, Mistral, Qwen, Phi-3) uses SiLU; GeGLU (Gemma) the tanh-approximated GELU
-it was trained with (or the exact one where the config says so).
+it was trained with (or the exact one where the config says so). gpt-oss's experts clamp
+their SwiGLU (ClampedSwiGLU).
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,3 +29,17 @@ def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 ACT_AND_MUL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul, "gelu": gelu_and_mul}
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation: g = min(gate, limit), u = clamp(up, -limit, limit),
+    out = (u + 1) * g * sigmoid(alpha * g)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(-self.limit, self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))

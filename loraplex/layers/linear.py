@@ -49,8 +49,9 @@ class Linear(nn.Module):
 def make_linear(in_features: int, output_sizes: list[int], bias: bool = False,
                 quant: QuantConfig | None = None, hf_names: tuple[str, ...] = ()) -> nn.Module:
     """A plain Linear, or the quantized one for `quant` unless the checkpoint left these
-    HF modules (every sub-projection of a packed layer) unquantized."""
-    if quant is None:
+    HF modules (every sub-projection of a packed layer) unquantized. MXFP4 checkpoints
+    (gpt-oss) quantize only the experts: their linears are plain."""
+    if quant is None or quant.method == "mxfp4":
         return Linear(in_features, output_sizes, bias)
     skipped = [quant.skips(n) for n in hf_names]
     if any(skipped) and not all(skipped):

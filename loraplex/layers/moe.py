@@ -1,9 +1,16 @@
-"""Sparse mixture of experts (Mixtral's block_sparse_moe, Qwen2-MoE's and Qwen3-MoE's mlp).
+"""Sparse mixture of experts (Mixtral's block_sparse_moe, Qwen2-MoE's and Qwen3-MoE's mlp,
+gpt-oss's mlp).
 
     p = softmax(W_g x)                      router over E experts
     top-k experts e of p, weights w_e = p_e / sum of the top-k p
                                             (Qwen3-MoE without norm_topk_prob: w_e = p_e)
     y = sum_e w_e * W2_e (silu(W1_e x) * W3_e x)
+
+gpt-oss (`gpt_oss`, its experts' ClampedSwiGLU): the router has a bias and its weights
+are the softmax of the top-k logits; each expert has biases and a clamped SwiGLU:
+y = sum_e w_e * (W2_e act(W1_e x + b1_e, W3_e x + b3_e) + b2_e). Its checkpoints store
+the experts fused and transposed: gate_up_proj [E, H, 2I] with gate and up interleaved
+(columns 0::2, 1::2), down_proj [E, I, H], and the biases beside them.
 
 Each expert is a SwiGLU MLP; its gate and up projections are stacked as w13 [E, 2I, H]
 (W1 then W3; Qwen's gate_proj and up_proj) and its down projection as w2 [E, H, I], in
@@ -30,8 +37,9 @@ from torch import nn
 
 from loraplex import envs
 from loraplex.backends import triton_kernels
+from loraplex.layers.activation import ClampedSwiGLU
 from loraplex.layers.linear import make_linear
-from loraplex.layers.quantization import QuantConfig
+from loraplex.layers.quantization import QuantConfig, mxfp4
 from loraplex.layers.quantization.fp8 import FP8, FP8_MAX, FP8Matrix, quantize_fp8
 from loraplex.layers.quantization.fp8 import dequantize as fp8_dequantize
 from loraplex.layers.quantization.fp8 import scale_rows as fp8_scale_rows
@@ -86,16 +94,31 @@ class ExpertsLoRA(Protocol):
     def add_down(self, y: torch.Tensor, a: torch.Tensor, group: ExpertGroup) -> None: ...
 
 
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 class FusedExperts(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, gpt_oss: ClampedSwiGLU | None = None,
+                 packing: int = 1) -> None:
+        """`dtype`: a quantized subclass's storage; `packing`: its inputs per element."""
         super().__init__()
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts = num_experts
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size,
-                                            dtype=dtype), requires_grad=dtype is None)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size,
-                                           dtype=dtype), requires_grad=dtype is None)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size,
+                                            hidden_size // packing, dtype=dtype),
+                                requires_grad=dtype is None)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size,
+                                           intermediate_size // packing, dtype=dtype),
+                               requires_grad=dtype is None)
+        self.act = gpt_oss or silu_and_mul
+        # gpt-oss: biases b13 (gate's then up's) [E, 2I] and b2 [E, H]; its checkpoints'
+        # and adapters' gate_up columns interleave gate and up
+        self.interleaved = gpt_oss is not None
+        self.b13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) \
+            if gpt_oss else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if gpt_oss else None
 
     def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
         """x times expert e's `which` transposed: "w13" (gate and up, [n, 2I]) or "w2"
@@ -114,11 +137,14 @@ class FusedExperts(nn.Module):
             e, sel = g.expert, rows[g.start:g.end]
             xe = x[sel]
             h = self.project(e, "w13", xe)  # [n, 2I]: W1 x, W3 x
+            if self.b13 is not None:
+                h += self.b13[e]
             if lora is not None:
                 lora.add_gate_up(h, xe, g)  # += B1 A1 x, B3 A3 x (each row its slot's)
-            gate, up = h.chunk(2, dim=-1)
-            a = F.silu(gate) * up
+            a = self.act(*h.chunk(2, dim=-1))
             y = self.project(e, "w2", a)
+            if self.b2 is not None:
+                y += self.b2[e]
             if lora is not None:
                 lora.add_down(y, a, g)  # += B2 A2 a
             out.index_add_(0, sel, y * pair_weights[g.start:g.end])
@@ -142,6 +168,26 @@ class FusedExperts(nn.Module):
                              f"{dst.dtype}: the checkpoint's quantization_config does not "
                              "match its weights")
         dst.copy_(tensor)
+        return param
+
+    def load_fused(self, name: str, tensor: torch.Tensor) -> str:
+        """gpt-oss's fused experts: gate_up_proj [E, H, 2I] (gate, up interleaved),
+        down_proj [E, I, H] and their biases; returns the parameter it went into."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        shapes = {"gate_up_proj": ("w13", (e, h, 2 * i)), "gate_up_proj_bias": ("b13", (e, 2 * i)),
+                  "down_proj": ("w2", (e, i, h)), "down_proj_bias": ("b2", (e, h))}
+        if not self.interleaved or name not in shapes:
+            raise ValueError(f"unexpected experts tensor {name!r} in the checkpoint")
+        param, shape = shapes[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"experts {name} has shape {tuple(tensor.shape)}, the model "
+                             f"expects {shape}")
+        if name.startswith("gate_up"):  # columns: gate's, then up's
+            tensor = torch.cat([tensor[..., 0::2], tensor[..., 1::2]], dim=-1)
+        if tensor.dim() == 3:  # [E, in, out] -> [E, out, in]
+            tensor = tensor.transpose(1, 2)
+        with torch.no_grad():
+            getattr(self, param).copy_(tensor)
         return param
 
     def _place(self, name: str) -> tuple[str, slice]:
@@ -222,25 +268,101 @@ class FP8FusedExperts(FusedExperts):
         self._scaled = {(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")}
 
 
+class MXFP4FusedExperts(FusedExperts):
+    """gpt-oss's MXFP4 experts (quantization/mxfp4.py): w13 and w2 stay packed, two 4-bit
+    values per byte, with a scale byte per row and 32 inputs; an expert a step routes
+    tokens to is dequantized in torch. Its checkpoints' gate_up rows interleave gate and
+    up, as the plain ones' columns do."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 gpt_oss: ClampedSwiGLU) -> None:
+        e, h, i = num_experts, hidden_size, intermediate_size
+        if h % mxfp4.BLOCK or i % mxfp4.BLOCK:
+            raise ValueError(f"mxfp4 experts: hidden_size {h} and intermediate_size {i} must "
+                             f"be multiples of its {mxfp4.BLOCK}-input blocks")
+        super().__init__(h, i, e, dtype=torch.uint8, gpt_oss=gpt_oss, packing=2)
+        self.register_buffer("w13_scale", torch.zeros(e, 2 * i, h // mxfp4.BLOCK,
+                                                      dtype=torch.uint8))
+        self.register_buffer("w2_scale", torch.zeros(e, h, i // mxfp4.BLOCK, dtype=torch.uint8))
+        self._loaded: set[str] = set()
+
+    def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        w = mxfp4.dequantize(getattr(self, which)[e], getattr(self, f"{which}_scale")[e],
+                             x.dtype)
+        return x @ w.T
+
+    def load_fused(self, name: str, tensor: torch.Tensor) -> str:
+        """{gate_up,down}_proj_{blocks,scales} ([E, out, in / 32, 16], [E, out, in / 32]);
+        the biases as in the plain checkpoints."""
+        proj, _, kind = name.rpartition("_")
+        target = {"gate_up_proj": "w13", "down_proj": "w2"}.get(proj)
+        if target is None or kind not in ("blocks", "scales"):
+            return super().load_fused(name, tensor)
+        dst = getattr(self, target if kind == "blocks" else f"{target}_scale")
+        if kind == "blocks":
+            tensor = tensor.reshape(*tensor.shape[:2], -1)
+        if tuple(tensor.shape) != tuple(dst.shape) or tensor.dtype != torch.uint8:
+            raise ValueError(f"mxfp4 experts {name} has shape {tuple(tensor.shape)} "
+                             f"({tensor.dtype}), the model expects {tuple(dst.shape)} uint8")
+        if target == "w13":  # rows: gate's, then up's
+            tensor = torch.cat([tensor[:, 0::2], tensor[:, 1::2]], dim=1)
+        dst.data.copy_(tensor)
+        self._loaded.add(name)
+        return target
+
+    def finish_loading(self) -> None:
+        missing = {f"{p}_{k}" for p in ("gate_up_proj", "down_proj")
+                   for k in ("blocks", "scales")} - self._loaded
+        if missing:
+            raise ValueError(f"mxfp4 experts: the checkpoint lacks {', '.join(sorted(missing))}")
+
+    def fill_random(self, gen: torch.Generator) -> None:
+        """Random bytes, scales around 2^-6 (values up to ~0.1)."""
+        with torch.no_grad():
+            for w, scale in ((self.w13, self.w13_scale), (self.w2, self.w2_scale)):
+                w.copy_(torch.randint(0, 256, w.shape, generator=gen, dtype=torch.uint8))
+                scale.copy_(torch.randint(118, 122, scale.shape, generator=gen,
+                                          dtype=torch.uint8))
+        self._loaded = {f"{p}_{k}" for p in ("gate_up_proj", "down_proj")
+                        for k in ("blocks", "scales")}
+
+
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None,
-                 quant: QuantConfig | None = None) -> None:
-        """`quant`: an FP8 checkpoint's (its experts; the router stays plain)."""
+                 quant: QuantConfig | None = None, gpt_oss: ClampedSwiGLU | None = None
+                 ) -> None:
+        """`quant`: an FP8 checkpoint's or gpt-oss's MXFP4 one (its experts; the router
+        stays plain)."""
         super().__init__()
         self.shared_expert = shared_expert
         self.shared_expert_gate = make_linear(hidden_size, [1]) if shared_expert else None
         self.top_k, self.normalize = top_k, normalize
-        self.gate = make_linear(hidden_size, [num_experts])  # the router
-        self.experts = (FP8FusedExperts(hidden_size, intermediate_size, num_experts, quant)
-                        if quant is not None else
-                        FusedExperts(hidden_size, intermediate_size, num_experts))
+        self.gpt_oss = gpt_oss is not None
+        # the router, under its checkpoints' name: Mixtral's and Qwen's "gate", gpt-oss's
+        # "router" (with a bias)
+        self.router_name = "router" if gpt_oss else "gate"
+        setattr(self, self.router_name,
+                make_linear(hidden_size, [num_experts], bias=gpt_oss is not None))
+        if quant is not None and quant.method == "mxfp4":
+            self.experts = MXFP4FusedExperts(hidden_size, intermediate_size, num_experts,
+                                             gpt_oss)
+        elif quant is not None:
+            self.experts = FP8FusedExperts(hidden_size, intermediate_size, num_experts, quant)
+        else:
+            self.experts = FusedExperts(hidden_size, intermediate_size, num_experts,
+                                        gpt_oss=gpt_oss)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
-        if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = getattr(self, self.router_name)(x)
+        if self.gpt_oss:  # the softmax of the top-k logits
+            top, experts = logits.topk(self.top_k, dim=-1)
+            weights = F.softmax(top, dim=-1, dtype=torch.float32)
+        else:
+            probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+            weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
+            if self.normalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         out = self.experts(x, weights.to(x.dtype), experts)
         if self.shared_expert is not None:
             out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

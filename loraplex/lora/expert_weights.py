@@ -10,6 +10,9 @@ one (A [r, in], B [out, r]) per expert and projection ("gate", "up", "down").
   `...experts.base_layer.lora_A` ...), with A [r * E, in] (expert-major) and
   B [out, r * E] (rank-major), so expert e's delta is B[:, e::E] @ A[e*r:(e+1)*r].
   Which parameter a pair belongs to follows from its shape; gate_up's A serves gate and up.
+  gpt-oss's experts are stored transposed (gate_up_proj [E, H, 2I], down_proj [E, I, H],
+  PEFT's in x out already) with gate and up interleaved: gate_up's B rows 0::2 are gate's,
+  1::2 up's (`interleaved`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class ExpertsShape:
     num_experts: int
     hidden_size: int
     intermediate_size: int
+    interleaved: bool = False  # gpt-oss: gate_up's outputs alternate gate, up
 
     def dims(self, proj: str) -> tuple[int, int]:
         """(in_features, out_features) of one expert's projection."""
@@ -94,6 +98,9 @@ def split_fused(param: str, a: torch.Tensor, b: torch.Tensor, shape: ExpertsShap
         a_x, b_x = a_e[expert], b_e[:, :, expert]
         if param == "down_proj":
             out[expert, "down"] = (a_x, b_x)
+        elif shape.interleaved:  # one A, B's rows alternate gate's and up's
+            out[expert, "gate"] = (a_x, b_x[0::2])
+            out[expert, "up"] = (a_x, b_x[1::2])
         else:  # one A, B's rows: gate's then up's
             out[expert, "gate"] = (a_x, b_x[:i])
             out[expert, "up"] = (a_x, b_x[i:])

@@ -161,7 +161,8 @@ class LoRAManager:
         for name, layer in self.layers.items():
             if isinstance(layer, ExpertsWithLoRA):
                 experts[name] = ExpertsShape(layer.num_experts, layer.hidden_size,
-                                             layer.intermediate_size)
+                                             layer.intermediate_size,
+                                             layer.base_layer.interleaved)
                 continue
             prefix, _, leaf = name.rpartition(".")
             for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):

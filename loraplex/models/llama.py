@@ -1,5 +1,5 @@
 """Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Gemma,
-Gemma 2, Gemma 3 (text), Phi-3, Granite, OLMo 2) over a flat batch of tokens.
+Gemma 2, Gemma 3 (text), Phi-3, Granite, OLMo 2, gpt-oss) over a flat batch of tokens.
 
 One file, flags for the differences:
 - Qwen2 has a bias on q/k/v; Qwen3 RMS-normalizes q and k per head, OLMo 2 over all heads
@@ -12,7 +12,10 @@ One file, flags for the differences:
 - OLMo 2 has norms only after the sublayers ("post").
 - Granite scales the embeddings, each sublayer's output, the attention scores and the
   logits by constants of its config.
-- Mixtral's and the Qwen MoE models' MLP is a sparse mixture of experts (layers/moe.py).
+- Mixtral's, the Qwen MoE models' and gpt-oss's MLP is a sparse mixture of experts
+  (layers/moe.py; gpt-oss's router and experts have biases, its experts a clamped SwiGLU).
+- gpt-oss has biases on q/k/v and o, and attention sinks: a learned logit per head that
+  joins the softmax (layers/attention.py).
 - Phi-3's checkpoints (and adapters) hold q/k/v and gate/up already fused as qkv_proj and
   gate_up_proj.
 - Some layers attend within a sliding window (Mistral v0.1, Phi-3, Gemma 2 and 3).
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraplex.layers.activation import ACT_AND_MUL
+from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import make_linear
 from loraplex.layers.moe import SparseMoE
@@ -53,6 +56,8 @@ class LlamaArgs:
     max_position: int
     tie_word_embeddings: bool
     qkv_bias: bool = False
+    o_bias: bool = False  # a bias on o_proj too (gpt-oss)
+    attention_sinks: bool = False  # a sink logit per head (gpt-oss)
     qk_norm: bool = False  # q and k RMS-normalized per head (Qwen3)
     qk_norm_full: bool = False  # ... over all heads' dimensions at once (OLMo 2)
     quant: QuantConfig | None = None  # quantized weights in the decoder's linears
@@ -70,6 +75,7 @@ class LlamaArgs:
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None  # each expert's (None: intermediate_size)
     norm_topk_prob: bool = True  # the top-k router weights renormalized to sum to 1
+    gpt_oss_experts: ClampedSwiGLU | None = None  # gpt-oss's router, experts and activation
     moe_module: str = "block_sparse_moe"  # the checkpoint's name (Qwen MoE: "mlp")
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
@@ -108,8 +114,9 @@ class LlamaAttention(nn.Module):
                         _names(prefix, "qkv_proj")) if a.fused_checkpoint else
             make_linear(a.hidden_size, sizes, a.qkv_bias, a.quant,
                         _names(prefix, "q_proj", "k_proj", "v_proj")))
-        self.o_proj = make_linear(self.q_size, [a.hidden_size], False, a.quant,
+        self.o_proj = make_linear(self.q_size, [a.hidden_size], a.o_bias, a.quant,
                                   _names(prefix, "o_proj"))
+        self.sinks = nn.Parameter(torch.empty(a.num_heads)) if a.attention_sinks else None
         self.qk_norm_full = a.qk_norm_full
         self.q_norm = a.norm(self.q_size if a.qk_norm_full else a.head_dim) \
             if a.qk_norm or a.qk_norm_full else None
@@ -131,7 +138,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and not self.qk_norm_full:  # per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, self.sinks))
 
 
 class LlamaMLP(nn.Module):
@@ -163,7 +170,8 @@ class LlamaDecoderLayer(nn.Module):
             if sparse and a.shared_expert_intermediate_size else None
         setattr(self, self.ffn_name, SparseMoE(
             a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
-            a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant) if sparse
+            a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts)
+            if sparse
             else LlamaMLP(a, f"{prefix}.mlp"))
         self.layout = a.norm_layout
         if a.norm_layout != "post":

@@ -3,7 +3,8 @@
 Reads config.json with transformers' AutoConfig, weights from (sharded) safetensors or,
 as a fallback, pytorch_model*.bin. HF's separate q/k/v and gate/up weights are copied
 into our packed projections through the model's `packed_modules_mapping`; Mixtral's
-per-expert w1 / w2 / w3 into the stacked expert weights (FusedExperts.load_expert).
+per-expert w1 / w2 / w3 into the stacked expert weights (FusedExperts.load_expert), and
+gpt-oss's fused ones (experts.gate_up_proj ...) too (FusedExperts.load_fused).
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
             continue
         module_name, param_name = _split_name(name)
         prefix, _, leaf = module_name.rpartition(".")
+        if (experts := fused_experts.get(module_name)) is not None:  # gpt-oss's
+            loaded.add(f"{module_name}.{experts.load_fused(param_name, tensor)}")
+            continue
         experts_name, _, expert = prefix.rpartition(".")
         if expert.isdigit() and (experts := fused_experts.get(experts_name)) is not None:
             loaded.add(f"{experts_name}."

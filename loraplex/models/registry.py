@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraplex.layers.activation import ClampedSwiGLU
 from loraplex.layers.quantization import QuantConfig
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.text_only import MULTIMODAL, TextOnly
@@ -23,6 +24,7 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "Olmo2ForCausalLM": {"norm_layout": "post", "qk_norm_full": True},
     "GraniteForCausalLM": {},
     "Phi3ForCausalLM": {"fused_checkpoint": True},
+    "GptOssForCausalLM": {"qkv_bias": True, "o_bias": True, "attention_sinks": True},
 }
 
 # multimodal checkpoints whose language model serves text (models/text_only.py)
@@ -35,7 +37,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM",
                   "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                  "phi3": "Phi3ForCausalLM"}
+                  "phi3": "Phi3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu"}
 
@@ -143,15 +145,25 @@ def _granite(hf: Any, name: str) -> dict[str, Any]:
 def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     """A mixture of experts: experts per layer and per token, and (Qwen's) the experts'
     size, the routing weights' normalization, the layers that keep a plain MLP and
-    (Qwen2-MoE) the shared expert's size."""
-    if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+    (Qwen2-MoE) the shared expert's size; gpt-oss's clamped SwiGLU."""
+    if quant is not None and quant.method == "mxfp4" and name != "GptOssForCausalLM":
+        raise ValueError(f"mxfp4-quantized {name} models are not supported: loraplex loads "
+                         "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
+    if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                    "GptOssForCausalLM"):
         return {}
-    if quant is not None and quant.method != "fp8":
-        raise ValueError(f"{quant.method}-quantized mixture-of-experts models are not "
-                         "supported yet (FP8 ones are)")
+    supported = "mxfp4" if name == "GptOssForCausalLM" else "fp8"
+    if quant is not None and quant.method != supported:
+        raise ValueError(f"{quant.method}-quantized {name} models are not supported yet "
+                         "(FP8 mixtures of experts are, and gpt-oss in MXFP4)")
     if name == "MixtralForCausalLM":
         return dict(num_experts=int(hf.num_local_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok))
+    if name == "GptOssForCausalLM":  # transformers 4.55-4.57 had no swiglu_alpha field
+        return dict(num_experts=int(hf.num_local_experts),
+                    num_experts_per_tok=int(hf.num_experts_per_tok), moe_module="mlp",
+                    gpt_oss_experts=ClampedSwiGLU(float(getattr(hf, "swiglu_alpha", 1.702)),
+                                                  float(hf.swiglu_limit)))
     step, only_mlp = int(getattr(hf, "decoder_sparse_step", 1) or 1), \
         set(getattr(hf, "mlp_only_layers", None) or [])
     return dict(num_experts=int(hf.num_experts), num_experts_per_tok=int(hf.num_experts_per_tok),

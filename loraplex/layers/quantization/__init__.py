@@ -1,4 +1,4 @@
-"""Quantized base weights (GPTQ, AWQ, bitsandbytes, FP8): which checkpoints load, and
+"""Quantized base weights (GPTQ, AWQ, bitsandbytes, FP8, MXFP4): which checkpoints load, and
 their linear layers."""
 
 from loraplex.layers.quantization.bitsandbytes import BnB4bitLinear, BnB8bitLinear

@@ -5,7 +5,8 @@ checkpoint formats `gptq` and `gptq_v2`), AWQ (AutoAWQ's GEMM layout, 4 bits),
 bitsandbytes (transformers' 4-bit NF4/FP4, double-quantized or not, and 8-bit LLM.int8
 checkpoints) and FP8 (`fp8`: Qwen / DeepSeek / transformers, per tensor or per block;
 `compressed-tensors`: llm-compressor's FP8 float-quantized, per tensor, channel or block)
-keep their quantized weights in memory; anything else is refused with what was found.
+keep their quantized weights in memory, and so does MXFP4 (`mxfp4`: gpt-oss's experts;
+its other weights are plain); anything else is refused with what was found.
 `quantization=` (vLLM's flag) may name the checkpoint's method; on a plain checkpoint
 `bitsandbytes` and `fp8` apply, as in vLLM: its weights are quantized while they load (to
 4-bit NF4, the base QLoRA adapters are trained on; to FP8 with a scale per row).
@@ -19,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_METHODS = ("gptq", "awq", "bitsandbytes", "fp8", "compressed-tensors")
+SUPPORTED_METHODS = ("gptq", "awq", "bitsandbytes", "fp8", "compressed-tensors", "mxfp4")
 BNB_BLOCKSIZE = 64  # bitsandbytes' 4-bit block: inputs per absmax (transformers' default)
 # vLLM's names for the same checkpoints with other kernels: the same weights here
 _ALIASES = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
@@ -107,6 +108,8 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
     skip = tuple(_get(raw, "modules_to_not_convert", None) or ())
     if method == "fp8":
         return _fp8(raw)
+    if method == "mxfp4":  # 4-bit values, a power-of-two scale per 32 inputs
+        return QuantConfig("mxfp4", 4, 32, modules_to_not_convert=skip)
     if method == "compressed-tensors":
         return _compressed_tensors(raw)
     if method == "gptq":
