@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 
+import openai
 import pytest
 
 from loraplex import EngineArgs
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.engine.sequence import Sequence
 from tests.engine_utils import GREEDY, make_llm
+from tests.server_utils import RemoteServer
 
 NOT_ENABLED = "Got priority 1 but Priority scheduling is not enabled."
 
@@ -99,3 +101,65 @@ def test_async_generate_passes_the_priority_on(tiny_models):
         assert outs[-1].finished
         await engine.shutdown()
     asyncio.run(main())
+
+
+# ---- over HTTP -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tiny_models):
+    args = ["--scheduling-policy", "priority", "--max-num-seqs", "1", "--dtype", "float32",
+            "--max-model-len", "256", "--served-model-name", "tiny"]
+    with RemoteServer(tiny_models["llama"], args) as srv:
+        yield srv
+
+
+def test_server_serves_by_priority(server):
+    """One sequence at a time: while a long request runs, completions and chats queue
+    with priorities; they are served lowest value first, whatever the route."""
+    done: list[str] = []
+
+    async def ask(client, name: str, priority: int, chat: bool) -> None:
+        kw = dict(model="tiny", max_tokens=4, temperature=0,
+                  extra_body={"priority": priority, "ignore_eos": True})
+        if chat:
+            r = await client.chat.completions.create(
+                messages=[{"role": "user", "content": name}], **kw)
+        else:
+            r = await client.completions.create(prompt=name, **kw)
+        assert r.usage.completion_tokens == 4
+        done.append(name)
+
+    async def main():
+        client = server.get_async_client()
+        blocker = await client.completions.create(
+            model="tiny", prompt="Hold the only slot", max_tokens=200, temperature=0,
+            stream=True, extra_body={"ignore_eos": True})
+        chunks = aiter(blocker)
+        await anext(chunks)  # it runs: everything below waits for it
+        await asyncio.gather(ask(client, "p3", 3, False), ask(client, "p1", 1, True),
+                             ask(client, "p2", 2, False), ask(client, "p0", 0, True),
+                             ask(client, "m1", -1, False), consume(chunks))
+
+    async def consume(chunks) -> None:
+        async for _ in chunks:
+            pass
+        done.append("blocker")
+
+    asyncio.run(main())
+    assert done == ["blocker", "m1", "p0", "p1", "p2", "p3"]
+
+
+def test_server_accepts_priority_on_both_routes(server):
+    client = server.get_client()
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0,
+                                  extra_body={"priority": 5})
+    assert r.choices[0].finish_reason in ("length", "stop")
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                                                "content": "Hi"}],
+                                       max_tokens=3, extra_body={"priority": -2})
+    assert r.choices[0].message.content is not None
+    r = client.responses.create(model="tiny", input="Hi", max_output_tokens=3,
+                                extra_body={"priority": 1})
+    assert r.status in ("completed", "incomplete")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=3,
+                                  extra_body={"priority": "high"})
