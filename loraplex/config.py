@@ -98,6 +98,7 @@ class CacheConfig:
 
 
 LORA_POLICIES = ("fair", "fcfs")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass
@@ -112,6 +113,9 @@ class SchedulerConfig:
     # "fcfs" admits strictly in arrival order.
     lora_policy: str = "fair"
     lora_min_slice_steps: int = 16  # steps an adapter keeps its slot before it must yield
+    # vLLM's scheduling policy: "fcfs" queues by arrival; "priority" by each request's
+    # priority (lower first), then arrival (see scheduler.py)
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -119,6 +123,9 @@ class SchedulerConfig:
         if self.lora_policy not in LORA_POLICIES:
             raise ValueError(f"lora_scheduling_policy={self.lora_policy!r}: use one of "
                              + ", ".join(LORA_POLICIES))
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy={self.policy!r}: use one of "
+                             + ", ".join(SCHEDULING_POLICIES))
         if self.lora_min_slice_steps < 0:
             raise ValueError("lora_min_slice_steps must be >= 0")
         if self.max_num_batched_tokens < 1:

@@ -1,5 +1,5 @@
 """Scheduler rules: the max_loras cap per step, the LoRA policies (strict FCFS; fair time
-slicing), cold adapters not holding anyone up, preemption."""
+slicing), cold adapters not holding anyone up, preemption, the priority policy."""
 
 from __future__ import annotations
 
@@ -253,3 +253,104 @@ def test_enable_chunked_prefill_reaches_the_scheduler():
     off = EngineArgs(model="x", device="cpu", enable_chunked_prefill=False
                      ).create_engine_config(hf).scheduler_config
     assert not off.enable_chunked_prefill and off.max_num_batched_tokens == 32768
+
+
+def _scheduling(blocks: int, block_size: int = 4, max_num_seqs: int = 8,
+                policy: str = "priority", **kw) -> Scheduler:
+    """A scheduler under the scheduling `policy`, `blocks` KV blocks, max_loras=1."""
+    cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
+                          max_model_len=64, policy=policy, **kw)
+    return Scheduler(cfg, BlockManager(blocks, block_size), lambda batch: 1)
+
+
+def _seq(name: str, priority: int, n: int = 4, lora_int_id: int = 0) -> Sequence:
+    return Sequence(name, 0, [1] * n, SamplingParams(max_tokens=8), lora_int_id,
+                    priority=priority)
+
+
+def _names(seqs) -> list[str]:
+    return [s.request_id for s in seqs]
+
+
+def test_priority_orders_the_queue_then_arrival():
+    sched = _scheduling(100, max_num_seqs=1)
+    for name, priority in [("a", 2), ("b", 0), ("c", 1), ("d", 0), ("e", -1)]:
+        sched.add(_seq(name, priority))
+    assert _names(sched.waiting) == ["e", "b", "d", "c", "a"]
+    assert _names(sched.schedule().prefill) == ["e"]
+    fcfs = _scheduling(100, policy="fcfs")
+    for name, priority in [("a", 2), ("b", 0), ("c", 1)]:
+        fcfs.add(_seq(name, priority))
+    assert _names(fcfs.waiting) == ["a", "b", "c"]  # priorities mean nothing under fcfs
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_preempted_sequence_goes_back_to_its_place(policy):
+    """fcfs: to the head of the queue; priority: to its (priority, arrival) place."""
+    sched = _scheduling(3, policy=policy)
+    r0, r1 = _seq("r0", 1), _seq("r1", 2)
+    sched.add(r0)
+    sched.add(r1)
+    _finish_step(sched.schedule())  # a block each; both now need a second, one is free
+    for s in (_seq("w0", 0, 12), _seq("w3", 3)):
+        sched.add(s)
+    step = sched.schedule()
+    assert sched.num_preemptions == 1 and step.decode == [r0] and step.prefill == []
+    want = ["r1", "w0", "w3"] if policy == "fcfs" else ["w0", "r1", "w3"]
+    assert _names(sched.waiting) == want
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_decode_victim_is_the_lowest_priority(policy):
+    """Four running sequences, admitted a and b, then v, then c; a, b and c need a new
+    block in the same step and one is free. a takes it; for b, fcfs preempts the newest
+    (c), priority the lowest-priority one (v), though v is neither the newest nor short of
+    a block itself."""
+    sched = _scheduling(6, policy=policy)
+    arrivals = {0: [("a", 0, 1), ("b", 1, 1)], 1: [("v", 9, 5)], 2: [("c", 2, 3)]}
+    for i in range(4):
+        for name, priority, n in arrivals.get(i, []):
+            sched.add(_seq(name, priority, n))
+        _finish_step(sched.schedule())
+    assert sched.num_preemptions == 0 and sched.block_manager.num_free_blocks == 1
+    step = sched.schedule()
+    victim = "c" if policy == "fcfs" else "v"
+    assert sched.num_preemptions == 1 and _names(sched.waiting) == [victim]
+    assert _names(step.decode) == [n for n in ("a", "b", "v", "c") if n != victim]
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_decode_victim_may_have_had_its_turn_this_step(policy):
+    """By priority the victim is chosen among all running sequences, one already given
+    its block this step included (it gives it back): `low` runs first, then `hi` and
+    `mid` arrive; when `mid` finds no block, fcfs preempts `mid` itself (nobody is newer),
+    priority preempts `low`."""
+    sched = _scheduling(5, policy=policy)
+    sched.add(_seq("low", 9))
+    _finish_step(sched.schedule())  # low: 5 tokens
+    sched.add(_seq("hi", 0))
+    sched.add(_seq("mid", 1))
+    _finish_step(sched.schedule())  # low decodes (its second block); hi, mid: 5 tokens
+    step = sched.schedule()  # one block free; hi and mid each need one
+    victim = "mid" if policy == "fcfs" else "low"
+    assert sched.num_preemptions == 1 and _names(sched.waiting) == [victim]
+    assert set(_names(step.decode)) == {"low", "hi", "mid"} - {victim}
+    assert set(_names(sched.running)) == {"low", "hi", "mid"} - {victim}
+
+
+@pytest.mark.parametrize("lora_policy", ["fcfs", "fair"])
+def test_priority_composes_with_the_lora_policy(lora_policy):
+    """max_loras=1: admission walks the queue by priority, the LoRA policy on the way:
+    `b` (adapter 2) goes first; `a` (adapter 1) then finds no slot, which stops admission
+    under fcfs and is skipped under fair (the base request behind it goes in)."""
+    sched = _scheduling(100, lora_policy=lora_policy)
+    for name, priority, lora in [("a", 1, 1), ("base", 2, 0), ("b", 0, 2)]:
+        sched.add(_seq(name, priority, lora_int_id=lora))
+    step = sched.schedule()
+    assert _names(step.prefill) == (["b"] if lora_policy == "fcfs" else ["b", "base"])
+    assert sched.running_loras() == {2}
+
+
+def test_unknown_scheduling_policy_is_refused():
+    with pytest.raises(ValueError, match="scheduling_policy='lifo': use one of fcfs, priority"):
+        SchedulerConfig(policy="lifo")

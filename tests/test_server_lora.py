@@ -739,6 +739,24 @@ def test_limits_are_400s_naming_the_field(server, client):
     still_serves(client)
 
 
+def test_priority_without_the_priority_policy_is_a_400(server, client):
+    """vLLM's rule: a nonzero priority needs --scheduling-policy priority (this server is
+    fcfs; tests/test_priority_scheduling.py serves by priority); the request fails alone,
+    on every route that takes it."""
+    calls = [(client.completions.create, dict(prompt="Hi", max_tokens=2)),
+             (client.chat.completions.create,
+              dict(messages=[{"role": "user", "content": "Hi"}], max_tokens=2)),
+             (client.responses.create, dict(input="Hi", max_output_tokens=2))]
+    for create, kw in calls:
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model="r4_qv", extra_body={"priority": 1}, **kw)
+        err = e.value.body
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == 400
+        assert err["message"] == "Got priority 1 but Priority scheduling is not enabled."
+        still_serves(client)
+        assert create(model="r4_qv", extra_body={"priority": 0}, **kw)
+
+
 def test_a_repeated_request_id_does_not_touch_the_other_request(server):
     """request_id is the client's; engine ids are ours, so a duplicate cannot abort (or be
     refused because of) another client's request."""

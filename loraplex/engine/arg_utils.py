@@ -49,6 +49,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool | None = None  # None: on, as in vLLM v1
     enable_prefix_caching: bool | None = None  # None: on, as in vLLM v1
+    # vLLM's: "fcfs" | "priority" (requests' priority, lower first; engine/scheduler.py)
+    scheduling_policy: str = "fcfs"
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
@@ -177,7 +179,7 @@ class EngineArgs:
                 8192 if chunked else max(8192, max_model_len)),
             max_model_len=max_model_len, enable_chunked_prefill=chunked,
             lora_policy=self.lora_scheduling_policy,
-            lora_min_slice_steps=self.lora_min_slice_steps)
+            lora_min_slice_steps=self.lora_min_slice_steps, policy=self.scheduling_policy)
         lora_config = None
         if self.enable_lora:
             lora_dtype = None if self.lora_dtype in ("auto", None) else resolve_dtype(

@@ -230,11 +230,12 @@ class AsyncLLMEngine:
     # ---- requests ---------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType,
                           sampling_params: SamplingParams,
-                          lora_request: LoRARequest | None = None, *, load_lora: bool = True
-                          ) -> AsyncGenerator[RequestOutput, None]:
+                          lora_request: LoRARequest | None = None, *, load_lora: bool = True,
+                          priority: int = 0) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request; return its stream. Raises ValueError (LoRAError for a bad
         adapter) when it is rejected. The caller must iterate the stream to its end or
         close it (or call ``abort``): that is what frees the request's KV blocks.
+        `priority`: as in LLMEngine.add_request.
 
         An adapter the engine does not hold is read on a worker thread and registered
         (vLLM's behaviour); with ``load_lora=False`` it raises LoRANotLoadedError instead,
@@ -246,7 +247,7 @@ class AsyncLLMEngine:
         name = lora_request.lora_name if lora_request is not None else self.model_name
         stream = _Stream(name)
         self._streams[request_id] = stream
-        args = (request_id, prompt, sampling_params, lora_request)
+        args = (request_id, prompt, sampling_params, lora_request, priority)
         try:
             if not await self.run(self._add_now, *args, None):
                 if not load_lora:
@@ -272,7 +273,8 @@ class AsyncLLMEngine:
         return self._iterate(request_id, stream)
 
     def _add_now(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                 lora: LoRARequest | None, prepared: PackedLoRA | None) -> bool:
+                 lora: LoRARequest | None, priority: int, prepared: PackedLoRA | None
+                 ) -> bool:
         """On the engine thread: queue the request if its adapter is registered (or
         ``prepared`` registers it). False, with nothing queued, if the adapter is missing."""
         if lora is not None:
@@ -280,7 +282,7 @@ class AsyncLLMEngine:
                 self.engine.add_lora(lora, prepared)
             elif not self.engine.has_lora(lora.lora_int_id):
                 return False
-        self.engine.add_request(request_id, prompt, params, lora)
+        self.engine.add_request(request_id, prompt, params, lora, priority)
         return True
 
     async def _iterate(self, request_id: str, stream: _Stream
@@ -303,11 +305,12 @@ class AsyncLLMEngine:
                 self._abort_now(request_id)
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams,
-                       request_id: str, lora_request: LoRARequest | None = None
-                       ) -> AsyncGenerator[RequestOutput, None]:
+                       request_id: str, lora_request: LoRARequest | None = None, *,
+                       priority: int = 0) -> AsyncGenerator[RequestOutput, None]:
         """Stream cumulative RequestOutputs (vLLM's signature); the last is finished.
         Leaving the loop early aborts the request."""
-        stream = await self.add_request(request_id, prompt, sampling_params, lora_request)
+        stream = await self.add_request(request_id, prompt, sampling_params, lora_request,
+                                        priority=priority)
         try:
             async for out in stream:
                 yield out

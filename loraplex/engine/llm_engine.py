@@ -209,12 +209,16 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | None = None,
-                    lora_request: LoRARequest | None = None) -> None:
+                    lora_request: LoRARequest | None = None, priority: int = 0) -> None:
         """Queue a request. Raises ValueError (LoRAError for a bad adapter); nothing is
-        queued then."""
+        queued then. `priority`: lower is served earlier, under the priority scheduling
+        policy only (vLLM's)."""
         request_id = str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if priority != 0 and self.config.scheduler_config.policy != "priority":
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not "
+                             "enabled.")  # vLLM's words
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -238,7 +242,7 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.model_config.device)
                 gen.manual_seed(params.seed + i)
-            seq = Sequence(request_id, i, ids, params, lora_id, gen)
+            seq = Sequence(request_id, i, ids, params, lora_id, gen, priority)
             seq.grammar = grammars[i]
             seq.bad_words_token_ids = bad_words
             # cached K/V are shared only under the very same adapter weights, and salt

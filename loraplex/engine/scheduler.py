@@ -32,11 +32,23 @@ How requests for other adapters wait is the LoRA policy:
 A request whose adapter is still being read from disk (not `lora_ready`) is skipped
 until it is, whatever the policy: a cold adapter never holds up warm ones.
 When decode runs out of KV blocks, the newest running sequence is preempted: its
-blocks are freed and it is recomputed (prompt + output so far) when readmitted.
+blocks are freed and it is recomputed (prompt + output so far) when readmitted; it goes
+back to the head of the queue.
+
+The scheduling policy (vLLM's `--scheduling-policy`, `policy` here) orders the queue:
+"fcfs" (default) is everything above. "priority" keeps the waiting queue sorted by
+(priority, arrival), lower first, so admission (and with it the LoRA policy, which walks
+the queue) goes by priority: "fair"'s blocked adapter is that of the first request the
+queue holds up, and "fcfs" stops there. A preempted sequence goes back to its
+(priority, arrival) place, and the victim is the running sequence that comes last in
+that order (lowest priority, newest), wherever it is, instead of the newest. As in
+vLLM v1, a waiting request never preempts a running one: a high-priority request that
+finds no KV blocks waits for them like any other.
 """
 
 from __future__ import annotations
 
+from bisect import insort
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +64,11 @@ def _always(_: int) -> bool:
 
 def _never(_: int) -> bool:
     return False
+
+
+def _rank(seq: Sequence) -> tuple[int, int]:
+    """The priority policy's order: lower priority first, then arrival."""
+    return seq.priority, seq.seq_id
 
 
 @dataclass
@@ -116,6 +133,7 @@ class Scheduler:
         self.max_num_batched_tokens = cfg.max_num_batched_tokens
         self.chunked_prefill = cfg.enable_chunked_prefill
         self.fair = cfg.lora_policy == "fair"
+        self.by_priority = cfg.policy == "priority"
         self.min_slice_steps = cfg.lora_min_slice_steps
         self.block_manager = block_manager
         # distinct adapters a batch holding `set` may have; None = LoRA off
@@ -130,7 +148,10 @@ class Scheduler:
         self.draining: set[int] = set()  # running adapters admitting nothing new
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.by_priority:
+            insort(self.waiting, seq, key=_rank)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -222,8 +243,8 @@ class Scheduler:
             self.draining.add(min(candidates)[1])
 
     def _schedule_decode(self) -> list[Sequence]:
-        """One token for each running sequence past its prompt, preempting the newest
-        running sequences while the KV blocks do not stretch that far. Sequences
+        """One token for each running sequence past its prompt, preempting running
+        sequences (`_victim`) while the KV blocks do not stretch that far. Sequences
         mid-prompt stay running (their blocks were allocated at admission)."""
         kept: list[Sequence] = []
         decode: list[Sequence] = []
@@ -234,7 +255,7 @@ class Scheduler:
                 kept.append(seq)
                 continue
             while not self.block_manager.can_append(seq):
-                victim = queue.pop() if queue else seq
+                victim = self._victim(seq, queue, kept, decode)
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -245,14 +266,32 @@ class Scheduler:
         self.running = kept
         return decode  # a new list: the caller finishes sequences while iterating it
 
+    def _victim(self, seq: Sequence, queue: list[Sequence], kept: list[Sequence],
+                decode: list[Sequence]) -> Sequence:
+        """Whom to preempt so that `seq` can grow, taken out of this step's lists: the
+        newest running sequence (`seq` itself when none is left behind it), or by
+        priority the last in (priority, arrival) of all running ones, those already
+        scheduled this step included (vLLM v1's choice)."""
+        if not self.by_priority:
+            return queue.pop() if queue else seq
+        victim = max([seq, *queue, *kept], key=_rank)
+        for group in (queue, kept, decode):
+            if victim in group:
+                group.remove(victim)
+        return victim
+
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute later: free the blocks, put it at the head of the queue."""
+        """Recompute later: free the blocks, put it back in the queue (at the head; by
+        priority, at its place)."""
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            self.add(seq)
+        else:
+            self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence and free its blocks."""

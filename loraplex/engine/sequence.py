@@ -26,8 +26,8 @@ class Sequence:
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, lora_int_id: int = 0,
-                 generator: torch.Generator | None = None) -> None:
-        self.seq_id = next(_counter)
+                 generator: torch.Generator | None = None, priority: int = 0) -> None:
+        self.seq_id = next(_counter)  # counts up: arrival order
         self.request_id = request_id
         self.index = index  # which of the request's n completions
         self.token_ids = list(prompt_token_ids)
@@ -35,6 +35,7 @@ class Sequence:
         self.params = params
         self.lora_int_id = lora_int_id  # 0 = the base model
         self.generator = generator
+        self.priority = priority  # the request's (lower first, under the priority policy)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.finish_reason: str | None = None

@@ -169,6 +169,9 @@ ENGINE_HELP: dict[str, str] = {
                               "for running adapters go ahead of ones waiting for a slot; "
                               "slots are time-sliced so the longest-waiting adapter gets the "
                               "next one) or fcfs (strict arrival order).",
+    "scheduling_policy": "Order of the waiting requests: fcfs (arrival) or priority (a "
+                         "request's priority, lower first, then arrival; a request's "
+                         "nonzero priority is refused under fcfs).",
     "lora_min_slice_steps": "fair policy: steps an adapter keeps its slot before it must "
                             "drain for a waiting adapter.",
     "max_lora_load_workers": "Threads reading adapters from disk/hub off the step loop.",
@@ -197,6 +200,7 @@ _SPECIAL_TYPES = {"max_model_len": parse_human_int, "long_lora_scaling_factors":
                   "default_mm_loras": parse_json_dict}
 _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"],
             "lora_scheduling_policy": ["fair", "fcfs"],
+            "scheduling_policy": ["fcfs", "priority"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
             "reasoning_parser": ["deepseek_r1", "qwen3"]}  # reasoning.py's REASONING_PARSERS
 

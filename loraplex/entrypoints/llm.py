@@ -41,8 +41,10 @@ class LLM:
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in input order.
+                 use_tqdm: bool = True, priority: Seq[int] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order. `priority`: one
+        per prompt, lower served earlier (needs scheduling_policy="priority", as in vLLM).
 
         Raises LoRAError when an adapter fails to load while the batch runs (unreadable or
         missing weights, shapes of another base, a failed hub download), as vLLM raises:
@@ -55,8 +57,9 @@ class LLM:
         params = _broadcast(sampling_params, len(prompts), "sampling_params",
                             self.get_default_sampling_params())
         loras = _broadcast(lora_request, len(prompts), "lora_request", None)
+        priorities = _broadcast(priority, len(prompts), "priority", 0)
         self._register(loras)
-        return self._run(prompts, params, loras, use_tqdm)
+        return self._run(prompts, params, loras, use_tqdm, priorities)
 
     def _register(self, loras: Seq[LoRARequest | None]) -> None:
         """Each adapter once, before its prompts are encoded; a hub id is fetched and read
@@ -105,14 +108,16 @@ class LLM:
         return self.generate(prompts, sampling_params, loras, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams],
-             loras: list[LoRARequest | None], use_tqdm: bool) -> list[RequestOutput]:
+             loras: list[LoRARequest | None], use_tqdm: bool, priorities: list[int]
+             ) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = [str(next(self._counter)) for _ in prompts]
         added: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:
-            for rid, prompt, p, lora in zip(ids, prompts, params, loras, strict=True):
-                engine.add_request(rid, prompt, p, lora_request=lora)
+            for rid, prompt, p, lora, prio in zip(ids, prompts, params, loras, priorities,
+                                                  strict=True):
+                engine.add_request(rid, prompt, p, lora_request=lora, priority=prio)
                 added.append(rid)
             with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm,
                       dynamic_ncols=True) as bar:

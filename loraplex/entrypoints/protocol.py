@@ -130,6 +130,7 @@ class SamplingFields(OpenAIBase):
     truncate_prompt_tokens: int | None = None
     request_id: str | None = None
     cache_salt: str | None = None  # prefix-cache sharing only between equal salts
+    priority: int = 0  # lower is served earlier (--scheduling-policy priority only)
     use_beam_search: bool = False  # n beams, best first (loraplex/beam_search.py)
     length_penalty: float = 1.0  # beam search: score = logprob / length ** this
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs object and

@@ -164,14 +164,15 @@ class OpenAIServing:
     # ---- engine -------------------------------------------------------------------------
     async def start_requests(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
                              params: list[SamplingParams], model: str | None,
-                             lora: LoRARequest | None, cache_salt: str | None = None
-                             ) -> EngineRequests:
+                             lora: LoRARequest | None, cache_salt: str | None = None,
+                             priority: int = 0) -> EngineRequests:
         """Queue one engine request per prompt, all or none. ``lora`` is what ``model``
         resolved to; if that adapter was unloaded or replaced since, look ``model`` up
         again (404 once it is gone; the new weights after an in-place reload)."""
         for _ in range(_MAX_LOOKUPS):
             try:
-                return await self._queue(request_id, prompts, params, lora, cache_salt)
+                return await self._queue(request_id, prompts, params, lora, cache_salt,
+                                         priority)
             except LoRANotLoadedError:
                 lora = await self.models.resolve(model)
         raise ServiceUnavailableError(f"the adapter {model!r} kept changing while this "
@@ -179,7 +180,7 @@ class OpenAIServing:
 
     async def _queue(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
                      params: list[SamplingParams], lora: LoRARequest | None,
-                     cache_salt: str | None) -> EngineRequests:
+                     cache_salt: str | None, priority: int) -> EngineRequests:
         for spec in {id(p.structured_outputs): p.structured_outputs for p in params
                      if p.structured_outputs is not None}.values():
             try:  # compiled here, off the step loop; the engine then finds it cached
@@ -197,7 +198,8 @@ class OpenAIServing:
                 if cache_salt is not None:
                     prompt["cache_salt"] = cache_salt
                 queued.streams.append(
-                    await self.engine.add_request(rid, prompt, p, lora, load_lora=False))
+                    await self.engine.add_request(rid, prompt, p, lora, load_lora=False,
+                                                  priority=priority))
         except BaseException as e:
             await self.abort_all(queued)
             if isinstance(e, ValueError) and not isinstance(e, LoRANotLoadedError):
@@ -230,7 +232,8 @@ class OpenAIServing:
         while beams := search.live():
             queued = await self.start_requests(
                 f"{request_id}-beam{step}", [(None, b.tokens) for b in beams],
-                [search.step_params] * len(beams), req.model, lora, req.cache_salt)
+                [search.step_params] * len(beams), req.model, lora, req.cache_salt,
+                req.priority)
             finals: dict[int, RequestOutput] = {}
             try:
                 async for i, out in merge_async_iterators(*queued.streams):

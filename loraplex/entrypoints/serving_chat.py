@@ -154,7 +154,7 @@ class OpenAIServingChat(OpenAIServing):
             results = await self.beam_search(req, request_id, params, [(text, ids)], lora)
             return self._beam_response(req, request_id, model, len(ids), results[0], echo)
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
-                                           lora, req.cache_salt)
+                                           lora, req.cache_salt, req.priority)
         if req.stream:
             stream = self._stream(req, request_id, model, len(ids), queued, echo, calling)
             if chunks:

@@ -71,7 +71,7 @@ class OpenAIServingCompletion(OpenAIServing):
             return self._beam_response(req, request_id, model, prompts, lora, await
                                        self.beam_search(req, request_id, params, prompts, lora))
         queued = await self.start_requests(request_id, prompts, per_prompt, req.model, lora,
-                                           req.cache_salt)
+                                           req.cache_salt, req.priority)
         if req.stream:
             return self.sse(self._stream(req, request_id, model, prompts, queued), queued)
         try:
