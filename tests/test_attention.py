@@ -580,3 +580,17 @@ def test_gpu_sliding_window(dtype):
                      splits=4, device=torch.device("cuda"), window=window)
         check_prefill([300, 700], [5000, 0], h=32, kvh=8, d=128, dtype=dtype,
                       device=torch.device("cuda"), window=window)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_attention_sinks(dtype):
+    """gpt-oss-120b's shapes (64 query heads over 8 KV heads of 64 dims), its window of 128
+    on alternate layers, bf16 sink logits."""
+    gen = torch.Generator().manual_seed(8)
+    sinks = (2 * torch.randn(64, generator=gen)).to(dtype).cuda()
+    for window in (0, 128):
+        check_decode([1, 700, 3000], h=64, kvh=8, d=64, block_size=16, dtype=dtype,
+                     splits=4, device=torch.device("cuda"), window=window, sinks=sinks)
+        check_prefill([9, 400], [0, 1000], h=64, kvh=8, d=64, dtype=dtype,
+                      device=torch.device("cuda"), window=window, sinks=sinks)

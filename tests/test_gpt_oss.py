@@ -220,6 +220,19 @@ def test_mxfp4_experts_match_hf(gpt_oss, tmp_path, prompts):
                      prompts[:3], atol=2.5e-4)
 
 
+def test_mxfp4_dummy_weights(gpt_oss, tmp_path, prompts):
+    """load_format="dummy" (benchmarks of gpt-oss without its 13 GB): random MXFP4 experts
+    and biases, finite logprobs."""
+    quantized, _ = _mxfp4_pair(gpt_oss[0], tmp_path)
+    llm = make_llm(quantized, load_format="dummy")
+    experts = llm.llm_engine.model.model.layers[0].mlp.experts
+    for bias in (experts.b13, experts.b2):  # filled, small (not torch.empty's leftovers)
+        assert 0 < bias.std() and bias.abs().max() < 1
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY, use_tqdm=False)[0]
+    assert all(torch.isfinite(torch.tensor(lp.logprob)) for step in out.outputs[0].logprobs
+               for lp in step.values())
+
+
 def test_bad_mxfp4_checkpoints_are_refused(gpt_oss, tmp_path):
     """A missing scale, blocks of the wrong shape, MXFP4 on a model without gpt-oss's
     experts: each a start-up error that names it."""

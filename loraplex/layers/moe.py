@@ -317,12 +317,14 @@ class MXFP4FusedExperts(FusedExperts):
             raise ValueError(f"mxfp4 experts: the checkpoint lacks {', '.join(sorted(missing))}")
 
     def fill_random(self, gen: torch.Generator) -> None:
-        """Random bytes, scales around 2^-6 (values up to ~0.1)."""
+        """Random bytes, scales around 2^-6 (values up to ~0.1); small biases."""
         with torch.no_grad():
             for w, scale in ((self.w13, self.w13_scale), (self.w2, self.w2_scale)):
                 w.copy_(torch.randint(0, 256, w.shape, generator=gen, dtype=torch.uint8))
                 scale.copy_(torch.randint(118, 122, scale.shape, generator=gen,
                                           dtype=torch.uint8))
+            for bias in (self.b13, self.b2):
+                bias.copy_(0.02 * torch.randn(bias.shape, generator=gen))
         self._loaded = {f"{p}_{k}" for p in ("gate_up_proj", "down_proj")
                         for k in ("blocks", "scales")}
 
