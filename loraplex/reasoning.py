@@ -7,6 +7,8 @@
     qwen3        reasoning only when the reply opens with <think> (Qwen3's hybrid models;
                  with enable_thinking=False the template puts an empty think block in the
                  prompt and the reply is all content)
+    openai_gptoss  gpt-oss's harmony messages: the analysis channel is the reasoning
+                 (harmony.py; the default for gpt-oss, as in vLLM)
 
 The split of a reply's first n characters is a prefix of the split of the whole (a tail
 that may still become a tag is held back until it is decided), so streamed deltas add up
@@ -19,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from loraplex.harmony import HarmonyReasoningParser, partial_marker_len
+
 
 @dataclass(frozen=True)
 class ReasoningParser:
@@ -26,6 +30,7 @@ class ReasoningParser:
     opens_in_reply: bool  # reasoning only when the reply starts with the start tag (qwen3)
     start: str = "<think>"
     end: str = "</think>"
+    keeps_special_tokens: bool = False  # the tags are decoded even when they are special
 
     def split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
         """(reasoning or None, content) of a reply's text. Not `finished`: a tail that
@@ -41,7 +46,7 @@ class ReasoningParser:
             body = text
         reasoning, tag, content = body.partition(self.end)
         if not tag and not finished:  # "...</thi" may be the closing tag: hold it back
-            reasoning = reasoning[:len(reasoning) - _tag_prefix_len(reasoning, self.end)]
+            reasoning = reasoning[:len(reasoning) - partial_marker_len(reasoning, self.end)]
         return reasoning, content
 
     def tag_ids(self, tokenizer: Any) -> tuple[int, int]:
@@ -57,17 +62,10 @@ class ReasoningParser:
         return ids[0], ids[1]
 
 
-def _tag_prefix_len(text: str, tag: str) -> int:
-    """The length of the longest end of `text` that is a proper prefix of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
-REASONING_PARSERS: dict[str, ReasoningParser] = {
+REASONING_PARSERS: dict[str, ReasoningParser | HarmonyReasoningParser] = {
     "deepseek_r1": ReasoningParser("deepseek_r1", opens_in_reply=False),
     "qwen3": ReasoningParser("qwen3", opens_in_reply=True),
+    "openai_gptoss": HarmonyReasoningParser(),
 }
 
 

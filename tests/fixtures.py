@@ -442,6 +442,31 @@ def edited_copy(src: Path, dst: Path, edit: Any = None, *, tensors: Any = None,
     return dst
 
 
+def add_tokens_to_model(path: Path, tokens: Sequence[str], *, special: bool = False,
+                        seed: int = 0) -> list[int]:
+    """Give the tiny model at `path` (in place) `tokens` as the ids after its vocabulary
+    (special tokens or plain), their embedding and lm_head rows random (std 0.2, as the
+    rest); returns their ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    first = len(tok)
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": list(tokens)})
+    else:
+        tok.add_tokens(list(tokens))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for table in {id(t): t for t in (model.get_input_embeddings().weight,
+                                         model.get_output_embeddings().weight)}.values():
+            table[first:] = 0.2 * torch.randn(table[first:].shape, generator=gen)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return tok.convert_tokens_to_ids(list(tokens))
+
+
 def make_added_tokens_adapter(
     base_dir: Path,
     out_dir: Path,

@@ -10,13 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from loraplex import SamplingParams
 from loraplex.reasoning import REASONING_PARSERS, reasoning_ended
 from loraplex.sampling_params import StructuredOutputsParams
 from tests.engine_utils import make_llm
-from tests.fixtures import make_tiny_model
+from tests.fixtures import add_tokens_to_model, make_tiny_model
 
 R1, QWEN3 = REASONING_PARSERS["deepseek_r1"], REASONING_PARSERS["qwen3"]
 REPLIES = ["<think>\nhmm, 2 + 2</think>\n\nIt is 4.", "  <think>x</think>y", "no tags at all",
@@ -58,19 +57,8 @@ def test_the_prompt_may_close_the_reasoning():
 @pytest.fixture(scope="module")
 def thinker(tiny_root: Path) -> Path:
     """A tiny llama whose tokenizer has <think> and </think> as tokens 512 and 513."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = make_tiny_model(tiny_root / "thinker", "llama", seed=60)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    tok.add_tokens(["<think>", "</think>"])
-    tok.save_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    gen = torch.Generator().manual_seed(61)
-    with torch.no_grad():
-        for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-            table[512:] = 0.2 * torch.randn(table[512:].shape, generator=gen)
-    model.save_pretrained(str(path))
+    assert add_tokens_to_model(path, ["<think>", "</think>"], seed=61) == [512, 513]
     return path
 
 

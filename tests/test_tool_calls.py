@@ -20,6 +20,7 @@ from loraplex.entrypoints.tool_calls import (
     MistralParser,
     PythonicParser,
 )
+from tests.fixtures import add_tokens_to_model
 from tests.server_utils import RemoteServer, serve_cmd
 from tests.test_server_cli import assert_one_line_error, run
 
@@ -247,16 +248,8 @@ def test_auto_tool_choice(parser, reply, content, tiny_models):
 def _with_special_token(src, dst, token: str):
     """A copy of the tiny model whose tokenizer has `token` as a special token (the last
     id: the embeddings grow by one row)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     shutil.copytree(src, dst)
-    tok = AutoTokenizer.from_pretrained(str(src))
-    tok.add_special_tokens({"additional_special_tokens": [token]})
-    model = AutoModelForCausalLM.from_pretrained(str(src))
-    model.resize_token_embeddings(len(tok), mean_resizing=False)
-    model.save_pretrained(str(dst))
-    tok.save_pretrained(str(dst))
-    return dst, tok.convert_tokens_to_ids(token)
+    return dst, add_tokens_to_model(dst, [token], special=True)[0]
 
 
 def test_mistral_parser_keeps_special_tokens(tiny_models, tmp_path):

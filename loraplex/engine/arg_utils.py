@@ -17,7 +17,7 @@ from loraplex.config import (
     SchedulerConfig,
     resolve_dtype,
 )
-from loraplex.models.registry import long_lora_max_position
+from loraplex.models.registry import architecture, long_lora_max_position
 from loraplex.reasoning import REASONING_PARSERS
 
 logger = logging.getLogger(__name__)
@@ -162,7 +162,9 @@ class EngineArgs:
             device=device, max_model_len=max_model_len, seed=self.seed,
             load_format=self.load_format, revision=self.revision, served_model_name=served,
             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
-            reasoning_parser=self.reasoning_parser, generation_config=self.generation_config,
+            reasoning_parser=self.reasoning_parser or (  # vLLM reads gpt-oss's as harmony
+                "openai_gptoss" if architecture(hf_config) == "GptOssForCausalLM" else None),
+            generation_config=self.generation_config,
             cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes),
             quantization=quant_config_from_hf(hf_config, self.quantization or (
                 "bitsandbytes" if self.load_format == "bitsandbytes" else None)))

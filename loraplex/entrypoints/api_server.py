@@ -320,7 +320,7 @@ async def build_state(args: argparse.Namespace) -> ServerState:
     chat_template = _chat_template(args.chat_template)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise CLIError("--enable-auto-tool-choice needs --tool-call-parser (hermes, "
-                       "llama3_json, mistral, pythonic or qwen3_coder)")
+                       "llama3_json, mistral, pythonic, qwen3_coder or openai)")
     parser = args.tool_call_parser if args.enable_auto_tool_choice else None
     # no `_created` sample beside every series (half the lines of a per-adapter counter);
     # process-wide, so the server sets it, not the Metrics class

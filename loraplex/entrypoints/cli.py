@@ -185,7 +185,9 @@ ENGINE_HELP: dict[str, str] = {
                         "`reasoning_content`) apart from `content`, tool calls are read "
                         "from the content, and structured outputs constrain only the "
                         "answer. deepseek_r1: everything before </think> (R1, QwQ, Qwen3 "
-                        "thinking-only models); qwen3: when the reply opens with <think>.",
+                        "thinking-only models); qwen3: when the reply opens with <think>; "
+                        "openai_gptoss: gpt-oss's harmony analysis channel (the default "
+                        "for gpt-oss).",
     "generation_config": "Where generation_config.json comes from: auto (the model's), vllm "
                          "(none), or a folder. Its eos_token_id ends replies; its "
                          "temperature, top_p, top_k, min_p, repetition_penalty and "
@@ -202,12 +204,12 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
             "lora_scheduling_policy": ["fair", "fcfs"],
             "scheduling_policy": ["fcfs", "priority"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
-            "reasoning_parser": ["deepseek_r1", "qwen3"]}  # reasoning.py's REASONING_PARSERS
+            "reasoning_parser": ["deepseek_r1", "qwen3", "openai_gptoss"]}  # reasoning.py's
 
 
 # entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)
 TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic",
-                     "qwen3_coder"]
+                     "qwen3_coder", "openai"]
 _SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's
 
 
@@ -279,8 +281,9 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="How the model writes tool calls: hermes (Hermes, Qwen 2.5/3: "
                              "<tool_call> tags), llama3_json (Llama 3.1/3.2: JSON), mistral "
                              "([TOOL_CALLS]), pythonic / llama4_pythonic (Llama 3.2, "
-                             "Llama 4: a Python list of calls) or qwen3_coder (Qwen3-Coder: "
-                             "<function=...> <parameter=...> tags).")
+                             "Llama 4: a Python list of calls), qwen3_coder (Qwen3-Coder: "
+                             "<function=...> <parameter=...> tags) or openai (gpt-oss: "
+                             "harmony messages to functions.NAME).")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn.")

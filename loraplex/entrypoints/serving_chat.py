@@ -51,6 +51,8 @@ class OpenAIServingChat(OpenAIServing):
         self.chat_template = chat_template
         self.tool_call_parser = tool_call_parser
         self.tool_parser = PARSERS[tool_call_parser]() if tool_call_parser else None
+        if tool_call_parser == "openai" and reasoning_parser is None:
+            reasoning_parser = "openai_gptoss"  # harmony replies: the analysis apart
         self.reasoning = REASONING_PARSERS[reasoning_parser] if reasoning_parser else None
 
     def _split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
@@ -140,6 +142,8 @@ class OpenAIServingChat(OpenAIServing):
             params.structured_outputs = tool_choice_outputs(req)
         elif calling == "auto" and self.tool_parser.keeps_special_tokens:
             params.skip_special_tokens = False  # its call tag is a special token
+        if self.reasoning is not None and self.reasoning.keeps_special_tokens:
+            params.skip_special_tokens = False  # gpt-oss's harmony markers
         text, ids = await self.off_loop(self.render, req, req.tools if calling else None,
                                         lora)
         self.check_token_ids(ids)

@@ -11,7 +11,8 @@ is constrained (structured outputs) to JSON, then turned into `tool_calls`.
 format: the server needs `--enable-auto-tool-choice --tool-call-parser NAME`, and the
 parser reads the calls out of the reply (`PARSERS`: Hermes / Qwen's `<tool_call>` tags,
 Llama 3's bare JSON, Mistral's `[TOOL_CALLS]`, Llama 3.2 / 4's Python list of calls,
-Qwen3-Coder's XML-like tags with values typed by the tools' schemas).
+Qwen3-Coder's XML-like tags with values typed by the tools' schemas, gpt-oss's harmony
+messages to functions.NAME).
 
 Streamed, the text before a call goes out as it comes; a call goes out once its name is
 complete (id, name), then its arguments' text piece by piece as the model writes it
@@ -27,6 +28,7 @@ import re
 import string
 from typing import Any
 
+from loraplex import harmony
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
@@ -636,6 +638,31 @@ class Qwen3CoderParser(_StartTagParser):
         return calls
 
 
+class OpenAIParser(_ToolParser):
+    """gpt-oss (harmony.py): a call is a commentary message to functions.NAME whose body
+    is its arguments; the final and preamble messages are the content. It reads the
+    reply as the openai_gptoss reasoning parser leaves it (its canonical calls), or a raw
+    one (the analysis then left out)."""
+
+    keeps_special_tokens = True
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        msgs = [m for m in harmony.messages(text) if m.channel != "analysis"]
+        calls = [_call(m.call, m.body) for m in msgs if m.call is not None]
+        if not calls:
+            return text, []
+        return "".join(m.body for m in msgs if m.call is None) or None, calls
+
+    def content_prefix(self, text: str) -> int:
+        """Content ends where the next message (a call, after the final text) starts."""
+        i = text.find(harmony.START)
+        return i if i >= 0 else _held_back(text, harmony.START)
+
+    def partial(self, text: str) -> list[PartialCall]:
+        return [(m.call, m.body) for m in harmony.messages(text, finished=False)
+                if m.call is not None]
+
+
 PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser,
            "pythonic": PythonicParser, "llama4_pythonic": PythonicParser,
-           "qwen3_coder": Qwen3CoderParser}
+           "qwen3_coder": Qwen3CoderParser, "openai": OpenAIParser}
