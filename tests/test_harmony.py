@@ -101,7 +101,9 @@ def test_openai_tool_parser():
         "analysis", "analysis", "final"]
 
 
-TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}"
+TEMPLATE = ("{% if reasoning_effort %}<|start|>system<|message|>Reasoning: "
+            "{{ reasoning_effort }}<|end|>{% endif %}"
+            "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}"
             "<|end|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {
@@ -164,6 +166,13 @@ def test_server_splits_harmony_replies(harmony_model):
         assert [(n, a) for _, n, a in streamed_calls(chunks)] == [("get_weather", CALL)]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
+        # reasoning_effort reaches the template (the prompt's tokens show it)
+        res = client.chat.completions.create(**kw | {"max_tokens": 1}, reasoning_effort="low",
+                                             extra_body={"prompt_logprobs": 0})
+        prompt_text = "".join(next(iter(p.values()))["decoded_token"]
+                              for p in res.model_extra["prompt_logprobs"][1:])
+        assert "Reasoning: low" in prompt_text, prompt_text
+
         # free replies (markers made likely): the chat route reads the raw completion
         prompt = server.post("/tokenize", {"model": "oss", "messages": MESSAGES}).json()["tokens"]
         raws = []
@@ -187,3 +196,13 @@ def test_gpt_oss_reads_harmony_by_default(harmony_model, tiny_models):
 
     assert make_llm(harmony_model).llm_engine.model_config.reasoning_parser == "openai_gptoss"
     assert make_llm(tiny_models["llama"]).llm_engine.model_config.reasoning_parser is None
+
+
+def test_responses_reasoning_effort_is_the_chats():
+    from loraplex.entrypoints.protocol import ResponsesRequest
+    from loraplex.entrypoints.serving_responses import chat_request
+
+    req = ResponsesRequest.model_validate({"model": "m", "input": "hi",
+                                           "reasoning": {"effort": "high"}})
+    assert chat_request(req).reasoning_effort == "high"
+    assert chat_request(ResponsesRequest(model="m", input="hi")).reasoning_effort is None

@@ -222,6 +222,8 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = 0
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    # OpenAI's; the chat template reads it (gpt-oss's: "Reasoning: low")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     # vLLM extras
     echo: bool = False
     add_generation_prompt: bool = True
@@ -362,7 +364,7 @@ class ResponsesRequest(OpenAIBase):
     parallel_tool_calls: bool = True
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" |
     # "json_schema", ...}}
-    reasoning: dict[str, Any] | None = None  # accepted; a model reasons as it was trained
+    reasoning: dict[str, Any] | None = None  # its effort: the chat's reasoning_effort
     store: bool | None = None  # accepted; nothing is stored
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None

@@ -91,11 +91,13 @@ class OpenAIServingChat(OpenAIServing):
         tokenize, with `lora`'s tokenizer when it adds tokens; on the encoder thread.
         `tools`: what the template is told the model may call (None: nothing)."""
         template = req.chat_template or self.chat_template
-        tool_kw = {"tools": tools} if tools else {}
+        template_kw: dict[str, Any] = {"tools": tools} if tools else {}
+        if req.reasoning_effort is not None:  # as vLLM: a template variable
+            template_kw["reasoning_effort"] = req.reasoning_effort
         encoder = self.encoder_for(lora)
         try:
             text = encoder.apply_chat_template(
-                self._messages(req), chat_template=template, tokenize=False, **tool_kw,
+                self._messages(req), chat_template=template, tokenize=False, **template_kw,
                 add_generation_prompt=req.add_generation_prompt and not
                 req.continue_final_message,
                 continue_final_message=req.continue_final_message,

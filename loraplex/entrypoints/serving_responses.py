@@ -63,6 +63,7 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]] | None = N
         "tool_choice": _tool_choice(req.tool_choice) if req.tools else None,
         "response_format": _response_format(req.text),
         "stream_options": {"include_usage": True} if req.stream else None,
+        "reasoning_effort": (req.reasoning or {}).get("effort"),
     }
     body.update(passed_through(req))
     try:
