@@ -94,7 +94,8 @@ class ExpertsLoRA(Protocol):
     def add_down(self, y: torch.Tensor, a: torch.Tensor, group: ExpertGroup) -> None: ...
 
 
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The experts' activation but gpt-oss's: silu(gate) * up."""
     return F.silu(gate) * up
 
 
@@ -112,7 +113,7 @@ class FusedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size,
                                            intermediate_size // packing, dtype=dtype),
                                requires_grad=dtype is None)
-        self.act = gpt_oss or silu_and_mul
+        self.act = gpt_oss or swiglu
         # gpt-oss: biases b13 (gate's then up's) [E, 2I] and b2 [E, H]; its checkpoints'
         # and adapters' gate_up columns interleave gate and up
         self.interleaved = gpt_oss is not None
@@ -174,8 +175,8 @@ class FusedExperts(nn.Module):
         """gpt-oss's fused experts: gate_up_proj [E, H, 2I] (gate, up interleaved),
         down_proj [E, I, H] and their biases; returns the parameter it went into."""
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
-        shapes = {"gate_up_proj": ("w13", (e, h, 2 * i)), "gate_up_proj_bias": ("b13", (e, 2 * i)),
-                  "down_proj": ("w2", (e, i, h)), "down_proj_bias": ("b2", (e, h))}
+        shapes = {"gate_up_proj": ("w13", (e, h, 2 * i)), "down_proj": ("w2", (e, i, h)),
+                  "gate_up_proj_bias": ("b13", (e, 2 * i)), "down_proj_bias": ("b2", (e, h))}
         if not self.interleaved or name not in shapes:
             raise ValueError(f"unexpected experts tensor {name!r} in the checkpoint")
         param, shape = shapes[name]
