@@ -210,7 +210,7 @@ def _arch_config(
                       num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
                       mlp_only_layers=[1], decoder_sparse_step=1)
     elif arch == "gpt_oss":  # a local (window 6) and a global layer, YaRN, sinks; a clamp
-        # of 1.5 bites on these weights
+        # of 1.5 bites on these weights (transformers 5 reads it: see make_tiny_model)
         common.update(num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
                       layer_types=["sliding_attention", "full_attention"], swiglu_limit=1.5,
                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
@@ -315,6 +315,9 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed, init_std)
+    if arch == "gpt_oss":  # transformers < 5 clamps at 7.0 whatever swiglu_limit says: the
+        # checkpoint then says what HF computes (real gpt-oss configs say 7.0)
+        model.config.swiglu_limit = model.model.layers[0].mlp.experts.limit
     model = model.to(dtype)
     model.config.dtype = dtype
     model.eval()
