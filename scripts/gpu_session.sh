@@ -38,7 +38,7 @@ case "$phase" in
       tests/test_added_tokens.py tests/test_architectures.py tests/test_modules_to_save.py \
       tests/test_dora.py tests/test_long_lora.py tests/test_reasoning.py tests/test_fp8.py \
       tests/test_text_only.py tests/test_responses_api.py tests/test_triton_fp8.py \
-      tests/test_gpt_oss.py tests/test_priority_scheduling.py \
+      tests/test_gpt_oss.py tests/test_priority_scheduling.py tests/test_triton_mxfp4.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)

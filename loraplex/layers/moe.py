@@ -23,13 +23,14 @@ once per layer (one host sync), then one matmul pair runs per expert that has to
 the decode step of a MoE model runs without CUDA graphs. Under LoRA the pairs are also
 sorted by adapter slot within each expert (lora/experts.py adds each slot's delta). An
 FP8 checkpoint's experts stay FP8 (FP8FusedExperts), read through the FP8 kernel or
-dequantized when they have tokens.
+dequantized when they have tokens; gpt-oss's MXFP4 experts alike (MXFP4FusedExperts).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -205,6 +206,17 @@ class FusedExperts(nn.Module):
         """Raise if the checkpoint left part of the experts unset (after every tensor)."""
 
 
+def _quantized_matmul(x: torch.Tensor, kernel_module: str, matrix: Any,
+                      dequantized: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """x @ W^T for one quantized expert projection: through its Triton kernel module
+    (layers/quantization/`kernel_module`) on CUDA, else on `dequantized()` in torch."""
+    kernels = triton_kernels("LORAPLEX_QUANT_BACKEND", envs.LORAPLEX_QUANT_BACKEND, x.is_cuda,
+                             f"loraplex.layers.quantization.{kernel_module}")
+    if kernels is not None:
+        return kernels.quant_matmul(x, matrix)
+    return x @ dequantized().T
+
+
 class FP8FusedExperts(FusedExperts):
     """The experts of an FP8 checkpoint (quantization/fp8.py): w13 and w2 stay FP8 with a
     scale per row and block of inputs; an expert a step routes tokens to goes through
@@ -227,11 +239,8 @@ class FP8FusedExperts(FusedExperts):
         """On CUDA the FP8 kernel (triton_fp8.py), else the expert dequantized in torch."""
         w, scale = getattr(self, which)[e], getattr(self, f"{which}_scale")[e]
         block_in = self.block_in or w.shape[1]  # unblocked: one block of all the inputs
-        kernels = triton_kernels("LORAPLEX_QUANT_BACKEND", envs.LORAPLEX_QUANT_BACKEND,
-                                 x.is_cuda, "loraplex.layers.quantization.triton_fp8")
-        if kernels is not None:
-            return kernels.quant_matmul(x, FP8Matrix(w, scale, block_in))
-        return x @ fp8_dequantize(w, scale, block_in, x.dtype).T
+        return _quantized_matmul(x, "triton_fp8", FP8Matrix(w, scale, block_in),
+                                 lambda: fp8_dequantize(w, scale, block_in, x.dtype))
 
     def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
                     kind: str = "weight") -> str:
@@ -272,7 +281,7 @@ class FP8FusedExperts(FusedExperts):
 class MXFP4FusedExperts(FusedExperts):
     """gpt-oss's MXFP4 experts (quantization/mxfp4.py): w13 and w2 stay packed, two 4-bit
     values per byte, with a scale byte per row and 32 inputs; an expert a step routes
-    tokens to is dequantized in torch. Its checkpoints' gate_up rows interleave gate and
+    tokens to goes through the MXFP4 kernel on CUDA, or is dequantized in torch. Its checkpoints' gate_up rows interleave gate and
     up, as the plain ones' columns do."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
@@ -288,9 +297,11 @@ class MXFP4FusedExperts(FusedExperts):
         self._loaded: set[str] = set()
 
     def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
-        w = mxfp4.dequantize(getattr(self, which)[e], getattr(self, f"{which}_scale")[e],
-                             x.dtype)
-        return x @ w.T
+        """On CUDA the MXFP4 kernel (triton_mxfp4.py), else the expert dequantized in
+        torch."""
+        w, scale = getattr(self, which)[e], getattr(self, f"{which}_scale")[e]
+        return _quantized_matmul(x, "triton_mxfp4", mxfp4.MXFP4Matrix(w, scale),
+                                 lambda: mxfp4.dequantize(w, scale, x.dtype))
 
     def load_fused(self, name: str, tensor: torch.Tensor) -> str:
         """{gate_up,down}_proj_{blocks,scales} ([E, out, in / 32, 16], [E, out, in / 32]);

@@ -6,11 +6,14 @@
 q: E2M1 values (sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and
 their negatives), two per byte, the low nibble first; s: one exponent byte per block of
 32 inputs. Checkpoints store an expert projection as `{name}_blocks` [E, out, in / 32, 16]
-and `{name}_scales` [E, out, in / 32]. The values are kept packed ([out, in / 2] bytes)
-and dequantized in torch for the experts a step routes tokens to.
+and `{name}_scales` [E, out, in / 32]. The values are kept packed ([out, in / 2] bytes);
+an expert a step routes tokens to goes through the Triton kernel on CUDA
+(triton_mxfp4.py), or is dequantized in torch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -19,13 +22,45 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+@dataclass
+class MXFP4Matrix:
+    """One MXFP4 weight [out, in] as the Triton kernel (triton_mxfp4.py) reads it: a gpt-oss
+    expert projection."""
+
+    packed: torch.Tensor  # [out, in / 2] uint8
+    scales: torch.Tensor  # [out, in / 32] uint8
+    bias: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return 2 * self.packed.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the 16 E2M1 values, the 256 scales 2 ** (s - 127)) in fp32: what a nibble and a
+    scale byte stand for, looked up by the torch path and the kernel alike."""
+    if device not in _TABLES:
+        _TABLES[device] = (torch.tensor(E2M1_VALUES, device=device),
+                           torch.exp2(torch.arange(256, dtype=torch.float64) - 127)
+                           .float().to(device))
+    return _TABLES[device]
+
+
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """packed [out, in / 2] uint8, scales [out, in / 32] uint8 -> W [out, in] in `dtype`."""
+    """packed [out, in / 2] uint8, scales [out, in / 32] uint8 -> W [out, in] in `dtype`
+    (exact: an E2M1 value times a power of two)."""
     out = packed.shape[0]
-    table = torch.tensor(E2M1_VALUES, dtype=dtype, device=packed.device)
-    low, high = table[(packed & 0x0F).int()], table[(packed >> 4).int()]
-    values = torch.stack([low, high], dim=-1).view(out, -1, BLOCK)
-    return torch.ldexp(values, scales.int().sub(127).unsqueeze(-1)).view(out, -1)
+    values, powers = tables(packed.device)
+    low, high = values[(packed & 0x0F).int()], values[(packed >> 4).int()]
+    w = torch.stack([low, high], dim=-1).view(out, -1, BLOCK) * powers[scales.int()][..., None]
+    return w.view(out, -1).to(dtype)
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
