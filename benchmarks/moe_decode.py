@@ -14,6 +14,11 @@ its own adapter except in `experts-one`:
     python benchmarks/moe_decode.py --hf                 # and transformers + PEFT
     python benchmarks/moe_decode.py --shape mixtral-16l --device cuda --hf   # a GPU, bf16
     python benchmarks/moe_decode.py --modes base attn-mixed --out old.json   # an A/B
+    python benchmarks/moe_decode.py --shape gpt-oss-cpu --modes base attn-mixed --mxfp4
+
+gpt-oss shapes (gpt-oss-*) run the base and attention LoRA (its expert LoRA is PEFT's
+target_parameters, not written here); --mxfp4 gives them OpenAI's MXFP4 experts (kept
+packed, dequantized per expert with tokens) instead of plain ones.
 
 ms per decode step (median of the steps; best of --repeats rounds) to JSON.
 """
@@ -54,25 +59,45 @@ SHAPES = {  # MixtralConfig fields
                         num_experts_per_tok=2, vocab_size=32000, tie_word_embeddings=False,
                         sliding_window=None, rope_theta=1e6),
 }
+# GptOssConfig fields: gpt-oss-20b's layout (24 layers, 32 experts, top 4, 64 query heads
+# of 64 dims over 8 KV heads, alternating 128-token windows) at a CPU size, and with 12 of
+# its 24 layers (its MXFP4 experts and bf16 rest: about 6 GB)
+GPT_OSS_SHAPES = {
+    "gpt-oss-cpu": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=2, head_dim=64, intermediate_size=512,
+                        num_local_experts=16, num_experts_per_tok=4, vocab_size=32000,
+                        sliding_window=128),
+    "gpt-oss-20b-12l": dict(hidden_size=2880, num_hidden_layers=12, num_attention_heads=64,
+                            num_key_value_heads=8, head_dim=64, intermediate_size=2880,
+                            num_local_experts=32, num_experts_per_tok=4, vocab_size=201088,
+                            sliding_window=128),
+}
 MODES = ("base", "attn-mixed", "experts-one", "experts-mixed")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERTS = ("w1", "w2", "w3")
 
 
-def write_model_dir(out_dir: Path, shape: str) -> Path:
-    from transformers import MixtralConfig
+def write_model_dir(out_dir: Path, shape: str, mxfp4: bool = False) -> Path:
+    from transformers import GptOssConfig, MixtralConfig
 
-    MixtralConfig(bos_token_id=1, eos_token_id=2, **SHAPES[shape]).save_pretrained(out_dir)
-    make_tokenizer(out_dir, SHAPES[shape]["vocab_size"])
+    if shape in GPT_OSS_SHAPES:
+        config = GptOssConfig(bos_token_id=1, eos_token_id=2, **GPT_OSS_SHAPES[shape])
+        if mxfp4:
+            config.quantization_config = {"quant_method": "mxfp4"}
+    else:
+        config = MixtralConfig(bos_token_id=1, eos_token_id=2, **SHAPES[shape])
+    config.save_pretrained(out_dir)
+    make_tokenizer(out_dir, config.vocab_size)
     return out_dir
 
 
 def module_dims(shape: str, experts: bool) -> dict[str, tuple[int, int]]:
     """HF module name -> (in, out) of every targeted projection."""
-    s = SHAPES[shape]
+    s = {**SHAPES, **GPT_OSS_SHAPES}[shape]
     h, i = s["hidden_size"], s["intermediate_size"]
-    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
-    attn = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h)}
+    d = s.get("head_dim") or h // s["num_attention_heads"]
+    q, kv = s["num_attention_heads"] * d, s["num_key_value_heads"] * d
+    attn = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
     dims = {}
     for layer in range(s["num_hidden_layers"]):
         for t, d in attn.items():
@@ -171,7 +196,9 @@ def run_hf(model_dir: Path, attn: list[Path], experts: list[Path], a: argparse.N
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="moe-cpu")
+    ap.add_argument("--shape", choices=sorted({**SHAPES, **GPT_OSS_SHAPES}), default="moe-cpu")
+    ap.add_argument("--mxfp4", action="store_true",
+                    help="gpt-oss shapes: MXFP4 experts, as OpenAI ships gpt-oss")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -184,6 +211,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    if a.shape in GPT_OSS_SHAPES and any(m.startswith("experts") for m in a.modes):
+        ap.error("gpt-oss shapes: --modes base attn-mixed (no expert adapters here)")
+    if a.mxfp4 and (a.shape not in GPT_OSS_SHAPES or a.hf):
+        ap.error("--mxfp4 goes with a gpt-oss shape, without --hf")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = a.device.startswith("cuda")
@@ -200,7 +231,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rounds = []
     with tempfile.TemporaryDirectory(prefix="lp-moe-") as tmp:
-        model_dir = write_model_dir(Path(tmp) / "model", a.shape)
+        model_dir = write_model_dir(Path(tmp) / "model", a.shape, a.mxfp4)
         count = max(a.batch_sizes)
         attn = write_adapters(Path(tmp), a.shape, False, a.rank, count, a.torch_dtype) \
             if "attn-mixed" in a.modes else []
@@ -218,7 +249,8 @@ def main() -> None:
     write_json(out, {"benchmark": "moe_decode", "command": " ".join(sys.argv),
                      "config": {k: v for k, v in vars(a).items()
                                 if k not in ("sync", "torch_dtype")}
-                     | {"out": str(out), "shape_config": SHAPES[a.shape]},
+                     | {"out": str(out),
+                        "shape_config": {**SHAPES, **GPT_OSS_SHAPES}[a.shape]},
                      "machine": machine_info(), "loraplex_commit": loraplex_commit(),
                      "load_avg_1min": {"start": load_before, "end": os.getloadavg()[0]},
                      "results": records})
