@@ -8,6 +8,7 @@
 #                bash scripts/gpu_session.sh adapters     # issue 7 targets: many adapters, 1B
 #                bash scripts/gpu_session.sh decode-mlp   # all-linear adapters, 8B and 1B
 #                bash scripts/gpu_session.sh moe          # LoRA on Mixtral-shaped experts
+#                bash scripts/gpu_session.sh gpt-oss      # gpt-oss-20b shapes, MXFP4 and bf16
 #                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
 #                bash scripts/gpu_session.sh quant        # GPTQ / AWQ 4-bit bases, 8B
 #                bash scripts/gpu_session.sh quant-bnb    # bitsandbytes NF4 on its kernel, 8B, 1B
@@ -64,6 +65,14 @@ case "$phase" in
   moe)  # LoRA on a mixture of experts' experts (torch ops, no CUDA graphs): Mixtral shapes
     timeout 560 python3 benchmarks/moe_decode.py --shape mixtral-16l --device cuda \
       --repeats 1 --batch-sizes 1 8 32 --out "$OUT/moe_decode_cuda.json" 2>&1 | tail -20
+    ;;
+  gpt-oss)  # gpt-oss-20b's shapes (12 of 24 layers): MXFP4 experts on their kernel, plain
+    timeout 280 python3 benchmarks/moe_decode.py --shape gpt-oss-20b-12l --device cuda \
+      --modes base attn-mixed --mxfp4 --repeats 1 --batch-sizes 1 8 32 \
+      --out "$OUT/gpt_oss_decode_cuda_mxfp4.json" 2>&1 | tail -8
+    timeout 280 python3 benchmarks/moe_decode.py --shape gpt-oss-20b-12l --device cuda \
+      --modes base attn-mixed --repeats 1 --batch-sizes 1 8 32 \
+      --out "$OUT/gpt_oss_decode_cuda_bf16.json" 2>&1 | tail -8
     ;;
   decode-mlp)
     timeout 330 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
