@@ -30,7 +30,7 @@ class ReasoningParser:
     opens_in_reply: bool  # reasoning only when the reply starts with the start tag (qwen3)
     start: str = "<think>"
     end: str = "</think>"
-    keeps_special_tokens: bool = False  # the tags are decoded even when they are special
+    keeps_special_tokens: bool = False  # decode the reply with special tokens (harmony)
 
     def split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
         """(reasoning or None, content) of a reply's text. Not `finished`: a tail that

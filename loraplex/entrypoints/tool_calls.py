@@ -638,12 +638,13 @@ class Qwen3CoderParser(_StartTagParser):
         return calls
 
 
-class OpenAIParser(_ToolParser):
+class OpenAIParser(_StartTagParser):
     """gpt-oss (harmony.py): a call is a commentary message to functions.NAME whose body
     is its arguments; the final and preamble messages are the content. It reads the
-    reply as the openai_gptoss reasoning parser leaves it (its canonical calls), or a raw
-    one (the analysis then left out)."""
+    reply as the openai_gptoss reasoning parser leaves it (the content, then each call
+    from its `<|start|>`), or a raw one (the analysis then left out)."""
 
+    start = harmony.START
     keeps_special_tokens = True
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -652,11 +653,6 @@ class OpenAIParser(_ToolParser):
         if not calls:
             return text, []
         return "".join(m.body for m in msgs if m.call is None) or None, calls
-
-    def content_prefix(self, text: str) -> int:
-        """Content ends where the next message (a call, after the final text) starts."""
-        i = text.find(harmony.START)
-        return i if i >= 0 else _held_back(text, harmony.START)
 
     def partial(self, text: str) -> list[PartialCall]:
         return [(m.call, m.body) for m in harmony.messages(text, finished=False)
