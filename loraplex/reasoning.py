@@ -18,6 +18,7 @@ to the final message. Structured outputs then constrain only what follows </thin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,3 +80,25 @@ def reasoning_ended(prompt_ids: list[int], start_id: int, end_id: int) -> bool:
         if token == start_id:
             return False
     return False
+
+
+def reasoning_token_count(parser: ReasoningParser | HarmonyReasoningParser,
+                          token_ids: list[int], decode: Callable[[list[int]], str]) -> int:
+    """How many of a reply's tokens its reasoning took (OpenAI's usage
+    `reasoning_tokens`): the fewest leading tokens whose text holds all of the reasoning.
+    The split of a prefix grows with the prefix, so a binary search finds them in about
+    log2(n) decodes. 0 for a reply without reasoning."""
+    def reasoning(ids: list[int], finished: bool) -> str:
+        return parser.split(decode(ids), finished)[0] or ""
+
+    whole = reasoning(token_ids, True)
+    if not whole:
+        return 0
+    lo, hi = 1, len(token_ids)
+    while lo < hi:  # (a character split over tokens is whole, not U+FFFD, only at its last)
+        mid = (lo + hi) // 2
+        if reasoning(token_ids[:mid], False) == whole:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

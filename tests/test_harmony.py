@@ -145,8 +145,14 @@ def test_server_splits_harmony_replies(harmony_model):
         kw = dict(model="oss", messages=MESSAGES, max_tokens=300, temperature=0)
         reply, reasoning, content = REPLIES["final"]
         forced = {**kw, "extra_body": {"guided_choice": [reply]}}
-        msg = client.chat.completions.create(**forced).choices[0].message
+        res = client.chat.completions.create(**forced, logprobs=True)
+        msg = res.choices[0].message
         assert (msg.reasoning_content, msg.content) == (reasoning, content)
+        # usage: the tokens through the analysis message's last character
+        tokens = [t.token for t in res.choices[0].logprobs.content]
+        through = next(i + 1 for i in range(len(tokens))
+                       if "".join(tokens[:i + 1]).endswith(reasoning))
+        assert res.usage.completion_tokens_details.reasoning_tokens == through < len(tokens)
         assert _streamed(client, **forced)[0] == {"reasoning_content": reasoning,
                                                   "content": content}
         r = client.responses.create(model="oss", input=MESSAGES, max_output_tokens=300,

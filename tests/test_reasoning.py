@@ -160,9 +160,16 @@ def test_server_splits_replies(thinker, prompts):
         reasoning, _, content = raw.partition("</think>")
         kw = dict(model="thinker", messages=messages, max_tokens=16, temperature=0,
                   logit_bias={"513": bias}, extra_body={"ignore_eos": True})
-        msg = client.chat.completions.create(**kw).choices[0].message
+        res = client.chat.completions.create(**kw, logprobs=True)
+        msg = res.choices[0].message
         assert (msg.content, msg.reasoning_content, msg.model_extra["reasoning"]) == (
             content or None, reasoning, reasoning)
+        # usage: the reasoning took the tokens before </think> (R1's template opened it)
+        tokens = [t.token for t in res.choices[0].logprobs.content]
+        assert res.usage.completion_tokens_details.reasoning_tokens == tokens.index("</think>")
+        usage = list(client.chat.completions.create(
+            **kw, stream=True, stream_options={"include_usage": True}))[-1].usage
+        assert usage.completion_tokens_details == res.usage.completion_tokens_details
         streamed = {"reasoning_content": "", "reasoning": "", "content": ""}
         for chunk in client.chat.completions.create(**kw, stream=True):
             delta = chunk.choices[0].delta.model_dump()
@@ -185,9 +192,25 @@ def test_server_splits_replies(thinker, prompts):
         rkw = dict(model="thinker", input=messages, max_output_tokens=16, temperature=0,
                    extra_body={"ignore_eos": True, "logit_bias": {"513": bias}})
         r = client.responses.create(**rkw)
+        assert r.usage.output_tokens_details.reasoning_tokens == tokens.index("</think>")
         assert [item.type for item in r.output] == ["reasoning", "message"][:1 + bool(content)]
         assert r.output[0].content[0].text == reasoning and r.output_text == content
         events = list(client.responses.create(**rkw, stream=True))
         assert "".join(e.delta for e in events
                        if e.type == "response.reasoning_text.delta") == reasoning
         assert events[-1].response.output_text == content
+
+
+def test_reasoning_token_count(thinker):
+    """The tokens a reply's reasoning took: up to </think> (R1), through a character split
+    over two byte tokens at its end; none for a qwen3 reply without <think>."""
+    from transformers import AutoTokenizer
+
+    from loraplex.reasoning import reasoning_token_count
+
+    tok = AutoTokenizer.from_pretrained(str(thinker))
+    ids = tok.encode("hmm, 2 + 2 é</think>It is 4.", add_special_tokens=False)
+    assert tok.decode(ids[:ids.index(513) - 1]).endswith("\ufffd")  # é: two tokens
+    assert reasoning_token_count(R1, ids, tok.decode) == ids.index(513)
+    assert reasoning_token_count(QWEN3, ids, tok.decode) == 0
+    assert reasoning_token_count(R1, [], tok.decode) == 0

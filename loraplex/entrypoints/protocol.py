@@ -91,11 +91,16 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # OpenAI's {"reasoning_tokens": n}: with a reasoning parser (reasoning.py), else None
+    completion_tokens_details: dict[str, int] | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    def of(cls, prompt_tokens: int, completion_tokens: int,
+           reasoning_tokens: int | None = None) -> UsageInfo:
         return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+                   total_tokens=prompt_tokens + completion_tokens,
+                   completion_tokens_details=None if reasoning_tokens is None
+                   else {"reasoning_tokens": reasoning_tokens})
 
 
 class SamplingFields(OpenAIBase):
@@ -377,7 +382,7 @@ class ResponseUsage(BaseModel):
     output_tokens: int
     total_tokens: int
     input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
-    output_tokens_details: dict[str, int] = Field(
+    output_tokens_details: dict[str, int] = Field(  # chat's completion_tokens_details
         default_factory=lambda: {"reasoning_tokens": 0})
 
 

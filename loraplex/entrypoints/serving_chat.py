@@ -36,7 +36,8 @@ from loraplex.entrypoints.tool_calls import (
 )
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import CompletionOutput
-from loraplex.reasoning import REASONING_PARSERS
+from loraplex.reasoning import REASONING_PARSERS, reasoning_token_count
+from loraplex.sampling_params import SamplingParams
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -162,7 +163,8 @@ class OpenAIServingChat(OpenAIServing):
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
                                            lora, req.cache_salt, req.priority)
         if req.stream:
-            stream = self._stream(req, request_id, model, len(ids), queued, echo, calling)
+            stream = self._stream(req, request_id, model, len(ids), queued, echo, calling,
+                                  params, lora)
             if chunks:
                 return stream, queued
             return self.sse(_as_sse(stream), queued)
@@ -181,11 +183,28 @@ class OpenAIServingChat(OpenAIServing):
                 index=o.index, message=message,
                 logprobs=self._logprobs(o, 0, req.return_tokens_as_token_ids)
                 if req.logprobs else None, finish_reason=finish, stop_reason=o.stop_reason))
-        gen = sum(len(o.token_ids) for o in final.outputs)
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices,
-            usage=UsageInfo.of(len(ids), gen),
+            usage=await self._usage(len(ids), final.outputs, params, lora),
             prompt_logprobs=self.prompt_logprobs(req, final))
+
+    async def _usage(self, prompt_tokens: int, outputs: list[CompletionOutput],
+                     params: SamplingParams, lora: LoRARequest | None) -> UsageInfo:
+        """The request's usage; with a reasoning parser, the tokens its replies' reasoning
+        took (decoded as the replies were, off the event loop)."""
+        gen = sum(len(o.token_ids) for o in outputs)
+        if self.reasoning is None:
+            return UsageInfo.of(prompt_tokens, gen)
+        decoder = self.decoder_for(lora)
+
+        def decode(token_ids: list[int]) -> str:
+            return decoder.decode(token_ids, skip_special_tokens=params.skip_special_tokens,
+                                  clean_up_tokenization_spaces=False)
+
+        reasoning = await self.off_loop(lambda: sum(
+            reasoning_token_count(self.reasoning, list(o.token_ids), decode)
+            for o in outputs))
+        return UsageInfo.of(prompt_tokens, gen, reasoning)
 
     def _beam_response(self, req: ChatCompletionRequest, request_id: str, model: str,
                        prompt_tokens: int, result: BeamSearchOutput, echo: str
@@ -262,8 +281,10 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _stream(self, req: ChatCompletionRequest, request_id: str, model: str,
                       prompt_tokens: int, queued: EngineRequests, echo: str,
-                      calling: str | None) -> AsyncIterator[ChatCompletionStreamResponse]:
-        """The stream's chunks; `calling`: the request's tool mode (tool_calls.tool_mode)."""
+                      calling: str | None, params: SamplingParams,
+                      lora: LoRARequest | None) -> AsyncIterator[ChatCompletionStreamResponse]:
+        """The stream's chunks; `calling`: the request's tool mode (tool_calls.tool_mode);
+        `params`, `lora`: the request's (its usage decodes the replies as they were)."""
         created = int(time.time())
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None
@@ -330,8 +351,7 @@ class OpenAIServingChat(OpenAIServing):
                     finish_reason=finish, stop_reason=o.stop_reason)])
             last = out
         if req.stream_options and req.stream_options.include_usage:
-            gen = sum(len(o.token_ids) for o in last.outputs)
-            yield chunk([], UsageInfo.of(prompt_tokens, gen))
+            yield chunk([], await self._usage(prompt_tokens, last.outputs, params, lora))
 
 
 async def _as_sse(chunks: AsyncIterator[ChatCompletionStreamResponse]) -> AsyncIterator[str]:

@@ -271,9 +271,11 @@ class OpenAIServingResponses:
                   usage: UsageInfo | None) -> ResponsesResponse:
         return ResponsesResponse(
             id=response_id, created_at=created, model=model, status=status, output=output,
-            usage=usage and ResponseUsage(input_tokens=usage.prompt_tokens,
-                                          output_tokens=usage.completion_tokens,
-                                          total_tokens=usage.total_tokens),
+            usage=usage and ResponseUsage(
+                input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+                output_tokens_details=usage.completion_tokens_details
+                or {"reasoning_tokens": 0}),  # no reasoning parser: none is told apart
             incomplete_details={"reason": "max_output_tokens"} if status == "incomplete"
             else None,
             instructions=req.instructions, max_output_tokens=req.max_output_tokens,
