@@ -79,7 +79,7 @@ def test_engine_on_the_kernel_matches_the_torch_path(tiny_models, tiny_adapters,
 _LAUNCHES = """
 from loraplex.layers.quantization import BnB4bitLinear, QuantConfig
 from loraplex.layers.quantization import triton_bnb as T
-T._bnb4_gemm_kernel = Capture(T._bnb4_gemm_kernel)
+T.code4_gemm_kernel = Capture(T.code4_gemm_kernel)
 cfg = QuantConfig("bitsandbytes", 4, 64, quant_type="nf4")
 for dtype in (torch.bfloat16, torch.float16):
     for layer in (BnB4bitLinear(4096, [4096, 1024, 1024], False, cfg),

@@ -89,7 +89,7 @@ def test_mxfp4_experts_on_the_kernel(monkeypatch):
 _LAUNCHES = """
 from loraplex.layers.quantization import mxfp4
 from loraplex.layers.quantization import triton_mxfp4 as T
-T._mxfp4_gemm_kernel = Capture(T._mxfp4_gemm_kernel)
+T.code4_gemm_kernel = Capture(T.code4_gemm_kernel)
 for dtype in (torch.bfloat16, torch.float16):
     for n, k in ((5760, 2880), (2880, 2880)):  # gpt-oss's gate_up and down projections
         layer = mxfp4.MXFP4Matrix(torch.zeros(n, k // 2, dtype=torch.uint8),

@@ -94,6 +94,39 @@ def _quant_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_
     store_partial(y_ptr, acc, offs_m, offs_n, M, N, stride_ym)
 
 
+@triton.jit
+def code4_gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, powers_ptr, y_ptr, M, N, K,
+                      k_per_split, stride_xm, stride_ym, SCALE_BLOCK: tl.constexpr,
+                      HIGH_FIRST: tl.constexpr, SCALE_EXPONENTS: tl.constexpr,
+                      F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """4-bit codes, two per byte (W's byte [n, k // 2]), each looked up in a 16-value
+    table and times its block's scale: bitsandbytes NF4 / FP4 (the high nibble for even k,
+    an fp32 absmax per block) and MXFP4 (the low nibble first, a scale byte s per block
+    standing for powers[s] = 2 ** (s - 127): SCALE_EXPONENTS). Program (m, n, p) sums the
+    K range p * k_per_split ... into y[p]."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    k_lo = tl.program_id(2) * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kn_mask = (offs_k < K)[:, None] & n_mask[None, :]
+        x = x_tile(x_ptr, offs_m, offs_k, M, K, stride_xm)
+        byte = tl.load(w_ptr + offs_n[None, :] * (K // 2) + (offs_k // 2)[:, None],
+                       mask=kn_mask, other=0).to(tl.int32)
+        odd = offs_k % 2
+        shift = (1 - odd) * 4 if HIGH_FIRST else odd * 4
+        q = (byte >> shift[:, None]) & 15
+        scale = tl.load(scale_ptr + offs_n[None, :] * (K // SCALE_BLOCK)
+                        + (offs_k // SCALE_BLOCK)[:, None], mask=kn_mask, other=0)
+        if SCALE_EXPONENTS:
+            scale = tl.load(powers_ptr + scale.to(tl.int32))
+        acc = accumulate(acc, x, tl.load(code_ptr + q) * scale, F32)  # w: [BLOCK_K, BLOCK_N]
+    store_partial(y_ptr, acc, offs_m, offs_n, M, N, stride_ym)
+
+
 def gemm_blocks(m: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K): a 16-row tile for decode, wider ones for prefill."""
     if m <= 16:
