@@ -302,10 +302,7 @@ def _call(name: Any, arguments: Any) -> ToolCall:
 
 def _held_back(text: str, marker: str) -> int:
     """How much of `text` is surely not the start of `marker` (a partial stream)."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return len(text) - k
-    return len(text)
+    return len(text) - harmony.partial_marker_len(text, marker)
 
 
 class _ToolParser:
