@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -26,7 +27,7 @@ def server(tiny_models, tiny_adapters):
     ad = tiny_adapters["llama"]
     args = ["--served-model-name", "tiny", "--enable-lora", "--max-loras", "2",
             "--max-lora-rank", "16", "--dtype", "float32", "--max-model-len", "256",
-            "--cpu-kv-cache-gib", "0.05", "--lora-modules", f"r8_all={ad['r8_all']}",
+            "--cpu-kv-cache-gib", "0.05", "--enable-prompt-tokens-details", "--lora-modules", f"r8_all={ad['r8_all']}",
             f"r4_qv={ad['r4_qv']}"]
     with RemoteServer(tiny_models["llama"], args) as srv:
         yield srv
@@ -190,3 +191,46 @@ def test_stored_responses_continue_a_conversation(tiny_models):
 def test_no_store_by_default(server, client):
     r = server.get("/v1/responses/resp_1")
     assert r.status_code == 404 and "LORAPLEX_ENABLE_RESPONSES_API_STORE" in r.text
+
+
+def test_usage_tells_the_prompt_tokens_read_from_the_prefix_cache(server, client):
+    """--enable-prompt-tokens-details: the second request for a prompt reports its full
+    blocks (16 tokens; the last token is always computed) as cached, through completions
+    (streamed or not: each prompt's count added up), chat and the Responses API; the
+    first request for a new prompt reports none."""
+    text = "The quick brown fox jumps over the lazy dog near the riverbank. " * 3
+    prompts = [f"{i} {text}" for i in range(2)]
+
+    def full_blocks(n: int) -> int:
+        return (n - 1) // 16 * 16
+
+    kw = dict(model="r8_all", max_tokens=2, temperature=0)
+    first = client.completions.create(prompt=prompts, **kw)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = client.completions.create(prompt=prompts, **kw)
+    lens = [httpx.post(server.url_for("tokenize"), json={"model": "r8_all", "prompt": p}
+                       ).json()["count"] for p in prompts]
+    assert again.usage.prompt_tokens == sum(lens)
+    assert again.usage.prompt_tokens_details.cached_tokens == sum(map(full_blocks, lens))
+    chunks = list(client.completions.create(prompt=prompts, stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == sum(map(full_blocks, lens))
+
+    messages = [{"role": "user", "content": text}]
+    chat = [client.chat.completions.create(messages=messages, **kw) for _ in range(2)]
+    n = chat[0].usage.prompt_tokens
+    assert n > 16
+    assert [c.usage.prompt_tokens_details.cached_tokens for c in chat] == [0, full_blocks(n)]
+    streamed = list(client.chat.completions.create(messages=messages, stream=True,
+                                                   stream_options={"include_usage": True},
+                                                   **kw))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == full_blocks(n)
+
+    response = client.responses.create(model="r8_all", input=text + " again",
+                                       max_output_tokens=2, temperature=0)
+    repeat = client.responses.create(model="r8_all", input=text + " again",
+                                     max_output_tokens=2, temperature=0)
+    assert response.usage.input_tokens_details.cached_tokens < full_blocks(
+        repeat.usage.input_tokens)  # the first time, at most what chat cached before
+    assert repeat.usage.input_tokens_details.cached_tokens == full_blocks(
+        repeat.usage.input_tokens)

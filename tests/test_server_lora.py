@@ -465,6 +465,8 @@ def test_a_repeated_prompt_hits_the_prefix_cache(server, client):
     else:
         pytest.fail("no prefix cache hit was counted")
     assert m[("loraplex:prefix_cache_queries_total", ())] >= 2 * replies[0].usage.prompt_tokens
+    # without --enable-prompt-tokens-details usage does not tell (vLLM's default)
+    assert replies[1].usage.prompt_tokens_details is None
 
 
 def test_cache_salt_over_http(server, client):

@@ -341,12 +341,15 @@ async def build_state(args: argparse.Namespace) -> ServerState:
     models = OpenAIServingModels(async_engine, names, engine.model_config.max_model_len,
                                  engine.lora_config is not None)
     tokenizer = _server_tokenizer(engine)
+    details = args.enable_prompt_tokens_details
     chat = OpenAIServingChat(async_engine, models, tokenizer, chat_template=chat_template,
                              tool_call_parser=parser,
-                             reasoning_parser=engine.model_config.reasoning_parser)
+                             reasoning_parser=engine.model_config.reasoning_parser,
+                             enable_prompt_tokens_details=details)
     state = ServerState(
         engine=async_engine, models=models,
-        completion=OpenAIServingCompletion(async_engine, models, tokenizer), chat=chat,
+        completion=OpenAIServingCompletion(async_engine, models, tokenizer,
+                                           enable_prompt_tokens_details=details), chat=chat,
         tokenization=OpenAIServingTokenization(chat), metrics=metrics,
         responses=OpenAIServingResponses(chat, envs.LORAPLEX_RESPONSES_API_STORE_SIZE
                                          if envs.LORAPLEX_ENABLE_RESPONSES_API_STORE else 0))

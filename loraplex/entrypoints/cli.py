@@ -274,6 +274,9 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     server.add_argument("--chat-template", default=None,
                         help="Jinja chat template (a file path or the template text); "
                              "default: the tokenizer's.")
+    server.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        help="Usage tells the prompt tokens read from the prefix cache "
+                             "(prompt_tokens_details.cached_tokens), as vLLM's flag does.")
     server.add_argument("--enable-auto-tool-choice", action="store_true",
                         help="Serve tool_choice 'auto': the model calls tools in its own "
                              "format, read by --tool-call-parser.")

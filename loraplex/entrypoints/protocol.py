@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 
 def random_id(prefix: str) -> str:
@@ -91,16 +91,30 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # OpenAI's {"cached_tokens": n}, the prompt tokens read from the prefix cache: with
+    # --enable-prompt-tokens-details (vLLM's flag), else None
+    prompt_tokens_details: dict[str, int] | None = None
     # OpenAI's {"reasoning_tokens": n}: with a reasoning parser (reasoning.py), else None
     completion_tokens_details: dict[str, int] | None = None
+    # the cached count whether shown or not: the Responses API always reports it
+    _cached_tokens: int = PrivateAttr(0)
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int,
-           reasoning_tokens: int | None = None) -> UsageInfo:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens,
-                   completion_tokens_details=None if reasoning_tokens is None
-                   else {"reasoning_tokens": reasoning_tokens})
+           reasoning_tokens: int | None = None, cached_tokens: int = 0,
+           show_cached: bool = False) -> UsageInfo:
+        usage = cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                    prompt_tokens_details={"cached_tokens": cached_tokens} if show_cached
+                    else None,
+                    completion_tokens_details=None if reasoning_tokens is None
+                    else {"reasoning_tokens": reasoning_tokens})
+        usage._cached_tokens = cached_tokens
+        return usage
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._cached_tokens
 
 
 class SamplingFields(OpenAIBase):
@@ -381,7 +395,7 @@ class ResponseUsage(BaseModel):
     input_tokens: int
     output_tokens: int
     total_tokens: int
-    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    input_tokens_details: dict[str, int]  # {"cached_tokens": n}, from the prefix cache
     output_tokens_details: dict[str, int] = Field(  # chat's completion_tokens_details
         default_factory=lambda: {"reasoning_tokens": 0})
 

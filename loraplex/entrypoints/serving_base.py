@@ -25,6 +25,7 @@ from loraplex.entrypoints.protocol import (
     ErrorResponse,
     PromptLogprob,
     SamplingFields,
+    UsageInfo,
 )
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.entrypoints.serving_utils import merge_async_iterators
@@ -46,8 +47,12 @@ class EngineRequests:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels, tokenizer) -> None:
+    def __init__(self, engine: AsyncLLMEngine, models: OpenAIServingModels, tokenizer,
+                 enable_prompt_tokens_details: bool = False) -> None:
+        """`enable_prompt_tokens_details`: usage tells the prompt tokens read from the
+        prefix cache (vLLM's --enable-prompt-tokens-details)."""
         self.engine = engine
+        self.enable_prompt_tokens_details = enable_prompt_tokens_details
         self.models = models
         # The server's own tokenizers, never the engine thread's: ``tokenizer`` decodes on
         # the event loop (short), ``encoder`` encodes and renders chat templates on a
@@ -75,6 +80,11 @@ class OpenAIServing:
     def _own_tokenizers(self, lora: LoRARequest | None):
         """The copies of `lora`'s own tokenizer (None: it uses the base's)."""
         return self.models.tokenizers.get(lora.lora_int_id) if lora is not None else None
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+              reasoning_tokens: int | None = None) -> UsageInfo:
+        return UsageInfo.of(prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens,
+                            show_cached=self.enable_prompt_tokens_details)
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (tokenizing with ``self.encoder``) on the encoder thread."""

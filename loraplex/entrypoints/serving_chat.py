@@ -35,7 +35,7 @@ from loraplex.entrypoints.tool_calls import (
     tool_mode,
 )
 from loraplex.lora.request import LoRARequest
-from loraplex.outputs import CompletionOutput
+from loraplex.outputs import CompletionOutput, RequestOutput
 from loraplex.reasoning import REASONING_PARSERS, reasoning_token_count
 from loraplex.sampling_params import SamplingParams
 
@@ -185,16 +185,17 @@ class OpenAIServingChat(OpenAIServing):
                 if req.logprobs else None, finish_reason=finish, stop_reason=o.stop_reason))
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices,
-            usage=await self._usage(len(ids), final.outputs, params, lora),
+            usage=await self._usage(len(ids), final, params, lora),
             prompt_logprobs=self.prompt_logprobs(req, final))
 
-    async def _usage(self, prompt_tokens: int, outputs: list[CompletionOutput],
+    async def _usage(self, prompt_tokens: int, final: RequestOutput,
                      params: SamplingParams, lora: LoRARequest | None) -> UsageInfo:
         """The request's usage; with a reasoning parser, the tokens its replies' reasoning
         took (decoded as the replies were, off the event loop)."""
+        outputs = final.outputs
         gen = sum(len(o.token_ids) for o in outputs)
         if self.reasoning is None:
-            return UsageInfo.of(prompt_tokens, gen)
+            return self.usage(prompt_tokens, gen, final.num_cached_tokens)
         decoder = self.decoder_for(lora)
 
         def decode(token_ids: list[int]) -> str:
@@ -204,7 +205,7 @@ class OpenAIServingChat(OpenAIServing):
         reasoning = await self.off_loop(lambda: sum(
             reasoning_token_count(self.reasoning, list(o.token_ids), decode)
             for o in outputs))
-        return UsageInfo.of(prompt_tokens, gen, reasoning)
+        return self.usage(prompt_tokens, gen, final.num_cached_tokens, reasoning)
 
     def _beam_response(self, req: ChatCompletionRequest, request_id: str, model: str,
                        prompt_tokens: int, result: BeamSearchOutput, echo: str
@@ -351,7 +352,7 @@ class OpenAIServingChat(OpenAIServing):
                     finish_reason=finish, stop_reason=o.stop_reason)])
             last = out
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk([], await self._usage(prompt_tokens, last.outputs, params, lora))
+            yield chunk([], await self._usage(prompt_tokens, last, params, lora))
 
 
 async def _as_sse(chunks: AsyncIterator[ChatCompletionStreamResponse]) -> AsyncIterator[str]:

@@ -107,8 +107,9 @@ class OpenAIServingCompletion(OpenAIServing):
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason,
                     prompt_logprobs=self.prompt_logprobs(req, out)))
         prompt_tokens = sum(len(ids) for _, ids in prompts)
+        cached = sum(out.num_cached_tokens for out in finals.values())
         return CompletionResponse(id=request_id, model=model, choices=choices,
-                                  usage=UsageInfo.of(prompt_tokens, completion_tokens))
+                                  usage=self.usage(prompt_tokens, completion_tokens, cached))
 
     def _beam_response(self, req: CompletionRequest, request_id: str, model: str,
                        prompts: list, lora: LoRARequest | None,
@@ -171,8 +172,10 @@ class OpenAIServingCompletion(OpenAIServing):
         done: set[int] = set()
         first_sent: set[int] = set()  # choices whose first chunk (with prompt_logprobs) went
         completion_tokens = 0
+        cached: dict[int, int] = {}  # prompt -> its tokens read from the prefix cache
         async for i, out in merge_async_iterators(*queued.streams):
             self.check_output(out)
+            cached[i] = out.num_cached_tokens
             for o in out.outputs:
                 idx = i * n + o.index
                 if idx in done:
@@ -205,7 +208,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
         if req.stream_options and req.stream_options.include_usage:
             prompt_tokens = sum(len(ids) for _, ids in prompts)
-            usage = UsageInfo.of(prompt_tokens, completion_tokens)
+            usage = self.usage(prompt_tokens, completion_tokens, sum(cached.values()))
             chunk = CompletionStreamResponse(id=request_id, created=created, model=model,
                                              choices=[], usage=usage)
             yield f"data: {chunk.model_dump_json()}\n\n"

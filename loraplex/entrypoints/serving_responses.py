@@ -274,6 +274,7 @@ class OpenAIServingResponses:
             usage=usage and ResponseUsage(
                 input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
                 total_tokens=usage.total_tokens,
+                input_tokens_details={"cached_tokens": usage.cached_tokens},
                 output_tokens_details=usage.completion_tokens_details
                 or {"reasoning_tokens": 0}),  # no reasoning parser: none is told apart
             incomplete_details={"reason": "max_output_tokens"} if status == "incomplete"
