@@ -56,6 +56,8 @@ environment_variables: dict[str, Callable[[], Any]] = {
         lambda: os.getenv("LORAPLEX_ATTENTION_BACKEND", "auto").strip().lower(),
     # GPTQ / AWQ base weights: the fused dequantize-matmul kernel, or torch's dequantize
     "LORAPLEX_QUANT_BACKEND": lambda: os.getenv("LORAPLEX_QUANT_BACKEND", "auto").strip().lower(),
+    # Development routes (vLLM's VLLM_SERVER_DEV_MODE): POST /reset_prefix_cache.
+    "LORAPLEX_SERVER_DEV_MODE": _flag("LORAPLEX_SERVER_DEV_MODE"),
     # /v1/responses: keep responses in memory (LRU of LORAPLEX_RESPONSES_API_STORE_SIZE) for
     # previous_response_id and GET /v1/responses/{id} (vLLM's VLLM_ENABLE_RESPONSES_API_STORE)
     "LORAPLEX_ENABLE_RESPONSES_API_STORE": _flag("LORAPLEX_ENABLE_RESPONSES_API_STORE"),

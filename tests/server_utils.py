@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,9 +41,14 @@ class RemoteServer:
     """One server process; ``close()`` (or the context manager) stops it."""
 
     def __init__(self, model: str | Path, args: list[str], env: dict[str, str] | None = None,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, tls_ca: str | None = None) -> None:
+        """`tls_ca`: the server serves https (its --ssl-* args), with a certificate this CA
+        file vouches for."""
         self.port = free_port()
         self.api_key = api_key
+        self.verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=tls_ca)
+                                              if tls_ca else True)
+        self.scheme = "https" if tls_ca else "http"
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
             "w+", prefix="loraplex-server-", suffix=".log",
             delete=False)
@@ -58,7 +64,7 @@ class RemoteServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def url_for(self, *parts: str) -> str:
         return "/".join([self.url, *(p.strip("/") for p in parts)])
@@ -72,7 +78,8 @@ class RemoteServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(self.url_for("health"), timeout=2).status_code == 200:
+                if httpx.get(self.url_for("health"), timeout=2,
+                             verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -82,20 +89,25 @@ class RemoteServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def get(self, path: str, **kw) -> httpx.Response:
-        return httpx.get(self.url_for(path), headers=self.headers(), timeout=60, **kw)
+    def get(self, path: str, headers: dict[str, str] | None = None, **kw) -> httpx.Response:
+        return httpx.get(self.url_for(path), headers={**self.headers(), **(headers or {})},
+                         timeout=60, verify=self.verify, **kw)
 
-    def post(self, path: str, json=None, **kw) -> httpx.Response:
+    def post(self, path: str, json=None, headers: dict[str, str] | None = None,
+             **kw) -> httpx.Response:
         """POST a JSON body (or raw bytes as given)."""
         if isinstance(json, bytes):
             kw["content"] = json
             json = None
-        return httpx.post(self.url_for(path), json=json, headers=self.headers(), timeout=60,
-                          **kw)
+        return httpx.post(self.url_for(path), json=json,
+                          headers={**self.headers(), **(headers or {})}, timeout=60,
+                          verify=self.verify, **kw)
 
     def get_client(self, **kw) -> openai.OpenAI:
         kw.setdefault("max_retries", 0)
         kw.setdefault("timeout", 60)
+        if self.scheme == "https":
+            kw.setdefault("http_client", httpx.Client(verify=self.verify))
         return openai.OpenAI(base_url=self.url_for("v1"), api_key=self.api_key or "unused",
                              **kw)
 

@@ -169,6 +169,35 @@ def test_prefix_caching_can_be_turned_off(tiny_models, prompts):
     assert llm.llm_engine.get_stats().prefix_cache_queries == 0
 
 
+def test_reset_prefix_cache_forgets_every_prefix_but_only_when_no_block_is_held():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_caching=True)
+    a = _seq(list(range(9)))
+    bm.allocate(a)
+    a.num_computed_tokens = 9
+    bm.commit(a)
+    assert not bm.reset_prefix_cache()  # `a` still holds its blocks: nothing changes
+    assert bm.num_cached_tokens(_seq(list(range(9)))) == 8
+    bm.deallocate(a)
+    assert bm.num_cached_tokens(_seq(list(range(9)))) == 8  # freed, still cached
+    assert bm.reset_prefix_cache()
+    assert bm.num_cached_tokens(_seq(list(range(9)))) == 0
+    _audit(bm, [])
+
+
+def test_llm_reset_prefix_cache(tiny_models, prompts):
+    """vLLM's LLM.reset_prefix_cache: the same prompt is computed in full again, to the
+    same tokens."""
+    llm = make_llm(tiny_models["llama"], block_size=8)
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+    prompt = [{"prompt_token_ids": prompts[-1]}]
+    first = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert llm.generate(prompt, params, use_tqdm=False)[0].num_cached_tokens > 0
+    assert llm.reset_prefix_cache()
+    again = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
 def _audit(bm: BlockManager, running: list[Sequence]) -> None:
     """The pool's invariants: a block is free iff no sequence holds it; the reference count
     is the number of holders; the cache maps agree."""

@@ -91,6 +91,7 @@ def test_chunked_prefill_and_prefix_caching_flags():
     (["--dtype", "float8"], "--dtype"),
     (["--port", "99999"], "--port"),
     (["--long-lora-scaling-factors", "4,x"], "scaling factors"),
+    (["--allowed-origins", "*"], "JSON list"),
 ])
 def test_bad_flags_fail_fast(tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as e:
@@ -121,6 +122,10 @@ def test_bad_startup_inputs_fail_with_one_line(tiny_models, tmp_path):
     assert_one_line_error(res, 1, "no-model")
     res = run(serve_cmd(base, *common, "--chat-template", "nope.jinja"))
     assert_one_line_error(res, 1, "--chat-template")
+    res = run(serve_cmd(base, *common, "--ssl-certfile", str(tmp_path / "cert.pem")))
+    assert_one_line_error(res, 1, "--ssl-certfile", "no such file")
+    res = run(serve_cmd(base, *common, "--ssl-keyfile", __file__))
+    assert_one_line_error(res, 1, "--ssl-keyfile needs --ssl-certfile")
 
 
 def test_quantized_checkpoint_fails_with_one_line(tiny_models, tmp_path):

@@ -357,6 +357,9 @@ class AsyncLLMEngine:
     async def pin_lora(self, lora_int_id: int) -> bool:
         return await self.run(self.engine.pin_lora, lora_int_id)
 
+    async def reset_prefix_cache(self) -> bool:
+        return await self.run(self.engine.reset_prefix_cache)
+
     async def get_stats(self):
         def stats():
             self._refresh_stats()

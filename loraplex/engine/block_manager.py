@@ -85,6 +85,16 @@ class BlockManager:
                 self._hash_of[block] = hashes[i]
         seq.num_committed_blocks = full
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's reset_prefix_cache: after weights change
+        under the same names, or to measure without the cache). As in vLLM, only while no
+        sequence holds a block; False (nothing changed) otherwise."""
+        if len(self._free) != self.num_blocks:
+            return False
+        self._cached.clear()
+        self._hash_of.clear()
+        return True
+
     # ---- allocation ------------------------------------------------------------------
     def _take(self) -> int:
         block, _ = self._free.popitem(last=False)

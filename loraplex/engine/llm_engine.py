@@ -441,6 +441,15 @@ class LLMEngine:
         self._pending_lora_removal.discard(lora_request.lora_int_id)  # wanted again
         return added
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache; False (with a warning) while requests hold KV blocks."""
+        if self.block_manager.reset_prefix_cache():
+            return True
+        logger.warning("the prefix cache was not reset: %d KV blocks are still held by "
+                       "requests (reset when none runs)",
+                       self.block_manager.num_blocks - self.block_manager.num_free_blocks)
+        return False
+
     def add_lora(self, lora_request: LoRARequest, prepared: PackedLoRA | None = None) -> bool:
         """Register and load now, validating the weights too (vLLM's add_lora)."""
         manager = self._require_lora()

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLMEngine.
 
-    GET  /health /version /metrics /v1/models
+    GET  /health /version /metrics /v1/models          GET|POST /ping (SageMaker's health)
     POST /v1/completions /v1/chat/completions /v1/responses   GET /v1/responses/{id}
-    POST /tokenize /detokenize
+    POST /tokenize /detokenize   POST /invocations (SageMaker's: chat or completions)
+    POST /reset_prefix_cache   (LORAPLEX_SERVER_DEV_MODE)
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   (LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING)
 
 Every error is OpenAI's body {"error": {message, type, param, code}}; FastAPI's 422s
@@ -14,9 +15,9 @@ become 400s with a one-line reason. A request can fail; the server keeps serving
 import argparse
 import asyncio
 import copy
+import json
 import logging
 import os
-import secrets
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -39,7 +40,14 @@ from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.entrypoints.cli import CLIError
-from loraplex.entrypoints.errors import APIError, NotFoundError, error_response
+from loraplex.entrypoints.errors import (
+    APIError,
+    BadRequestError,
+    ConflictError,
+    NotFoundError,
+    error_response,
+)
+from loraplex.entrypoints.http_options import HTTPOptions, add_middleware
 from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -105,14 +113,17 @@ def _validation_message(exc: RequestValidationError, content_type: str
     return "; ".join(parts) + more, param
 
 
-def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
+def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI:
+    options = options or HTTPOptions()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.engine.start()
         yield
         await state.engine.shutdown()
 
-    app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="loraplex", version=__version__, lifespan=lifespan,
+                  **options.fastapi_kwargs())
     app.state.server = state
     metrics = state.metrics
 
@@ -139,19 +150,10 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         return failed(error_response(f"internal server error: {exc!r}", 500,
                                      "InternalServerError"))
 
-    if api_key:
-        @app.middleware("http")
-        async def authenticate(request: Request, call_next):
-            if request.method == "OPTIONS" or not request.url.path.startswith("/v1"):
-                return await call_next(request)
-            given = request.headers.get("Authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return failed(error_response(
-                    "Unauthorized: missing or wrong API key (send 'Authorization: Bearer "
-                    "<key>')", 401, "AuthenticationError"))
-            return await call_next(request)
+    add_middleware(app, options, failed)
 
     @app.get("/health")
+    @app.api_route("/ping", methods=["GET", "POST"])  # SageMaker's health check
     async def health() -> Response:
         try:
             await state.engine.check_health()
@@ -199,6 +201,23 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         warn_ignored(request)
         return respond(await state.chat.create_chat_completion(request))
 
+    @app.post("/invocations")  # SageMaker's one route: chat or completions by the body
+    @with_cancellation
+    async def invocations(raw_request: Request) -> Response:
+        body = await raw_request.body()
+        try:
+            fields = json.loads(body)
+        except ValueError as e:
+            raise BadRequestError(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(fields, dict) or not ({"messages", "prompt"} & fields.keys()):
+            raise BadRequestError("/invocations takes a chat request (with 'messages') or a "
+                                  "completion request (with 'prompt')")
+        if "messages" in fields:
+            request = parse_body(body, ChatCompletionRequest)
+            return respond(await state.chat.create_chat_completion(request))
+        request = parse_body(body, CompletionRequest)
+        return respond(await state.completion.create_completion(request))
+
     @app.post("/v1/responses")
     @with_cancellation
     async def responses(request: ResponsesRequest, raw_request: Request) -> Response:
@@ -220,12 +239,7 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         """Parse after the enable check, so a disabled route is a 404 whatever the body."""
         if not envs.LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING:
             raise NotFoundError(RUNTIME_LORA_DISABLED)
-        try:
-            body = model.model_validate_json(await raw.body())
-        except ValidationError as e:
-            raise RequestValidationError(e.errors(include_url=False)) from None
-        warn_ignored(body)
-        return body
+        return parse_body(await raw.body(), model)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(raw_request: Request) -> Response:
@@ -238,10 +252,27 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         req = await adapter_body(raw_request, UnloadLoRAAdapterRequest)
         return PlainTextResponse(await state.models.unload_lora_adapter(req.lora_name))
 
+    if envs.LORAPLEX_SERVER_DEV_MODE:  # vLLM's VLLM_SERVER_DEV_MODE routes
+        @app.post("/reset_prefix_cache")
+        async def reset_prefix_cache() -> Response:
+            if not await state.engine.reset_prefix_cache():
+                raise ConflictError("the prefix cache was not reset: requests are running")
+            return Response(status_code=200)
+
     return app
 
 
 # ---- start-up ---------------------------------------------------------------------------
+def parse_body(body: bytes, model: type[T]) -> T:
+    """A JSON body as `model` (its errors as FastAPI's: a 400 with the reason)."""
+    try:
+        request = model.model_validate_json(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+    warn_ignored(request)
+    return request
+
+
 def warn_ignored(body: BaseModel) -> None:
     """Unknown fields are accepted, as vLLM does, and named in a warning (vLLM's words)."""
     extra = ignored_fields(body)
@@ -345,6 +376,7 @@ async def build_state(args: argparse.Namespace) -> ServerState:
     chat = OpenAIServingChat(async_engine, models, tokenizer, chat_template=chat_template,
                              tool_call_parser=parser,
                              reasoning_parser=engine.model_config.reasoning_parser,
+                             response_role=args.response_role,
                              enable_prompt_tokens_details=details)
     state = ServerState(
         engine=async_engine, models=models,
@@ -362,12 +394,20 @@ async def build_state(args: argparse.Namespace) -> ServerState:
 
 
 async def run_server(args: argparse.Namespace) -> None:
+    options = HTTPOptions.from_args(args)
+    for flag, path in (("--ssl-keyfile", options.ssl_keyfile),
+                       ("--ssl-certfile", options.ssl_certfile),
+                       ("--ssl-ca-certs", options.ssl_ca_certs)):
+        if path and not os.path.isfile(path):
+            raise CLIError(f"{flag} {path}: no such file")
+    if options.ssl_keyfile and not options.ssl_certfile:
+        raise CLIError("--ssl-keyfile needs --ssl-certfile (the certificate to serve)")
     sock = _bind(args.host, args.port)
     state = await build_state(args)
-    api_key = args.api_key or envs.LORAPLEX_API_KEY
-    app = build_app(state, api_key)
+    app = build_app(state, options)
     config = uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_keep_alive=5,
-                            access_log=args.uvicorn_log_level in ("debug", "trace"))
+                            access_log=args.uvicorn_log_level in ("debug", "trace"),
+                            **options.uvicorn_kwargs())
     server = uvicorn.Server(config)
     host, port = sock.getsockname()[:2]
 
@@ -377,7 +417,8 @@ async def run_server(args: argparse.Namespace) -> None:
         adapters = ", ".join(f"{n} ({r.lora_path})" for n, r in
                              state.models.lora_requests.items()) or "none"
         where = f"[{host}]" if ":" in host else host
-        print(f"loraplex: serving {state.models.base_model_name} at http://{where}:{port} "
+        print(f"loraplex: serving {state.models.base_model_name} at "
+              f"{options.scheme}://{where}:{port}{options.root_path} "
               f"(LoRA adapters: {adapters})", flush=True)
 
     task = asyncio.create_task(announce())

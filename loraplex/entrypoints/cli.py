@@ -76,6 +76,18 @@ def parse_human_int(text: str) -> int:
     return int(num * mult[unit])
 
 
+def parse_json_list(text: str) -> list[str]:
+    """A flag's JSON list of strings, as vLLM's --allowed-origins takes."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, e.g. "
+                                         f"'[\"https://example.com\"]', got {text!r}")
+    return value
+
+
 def parse_port(text: str) -> int:
     try:
         port = int(text)
@@ -292,6 +304,35 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="Log level of uvicorn.")
     server.add_argument("--disable-log-requests", action="store_true",
                         help="Accepted for vLLM compatibility.")
+    server.add_argument("--max-log-len", type=int, default=None,
+                        help="Accepted for vLLM compatibility (prompts are not logged).")
+    server.add_argument("--response-role", default="assistant",
+                        help="The role of the chat replies when add_generation_prompt is "
+                             "true.")
+    server.add_argument("--root-path", default="",
+                        help="The path prefix a proxy serves this server under (FastAPI's "
+                             "root_path); routes answer with or without it.")
+    server.add_argument("--allowed-origins", type=parse_json_list, default=["*"],
+                        help="CORS: origins browsers may call from (a JSON list).")
+    server.add_argument("--allowed-credentials", action="store_true",
+                        help="CORS: allow credentials (cookies, authorization headers).")
+    server.add_argument("--allowed-methods", type=parse_json_list, default=["*"],
+                        help="CORS: allowed methods (a JSON list).")
+    server.add_argument("--allowed-headers", type=parse_json_list, default=["*"],
+                        help="CORS: allowed request headers (a JSON list).")
+    server.add_argument("--enable-request-id-headers", action="store_true",
+                        help="Every response carries X-Request-Id: the request's own, or a "
+                             "new one.")
+    server.add_argument("--disable-fastapi-docs", action="store_true",
+                        help="No /docs, /redoc or /openapi.json.")
+    server.add_argument("--ssl-keyfile", default=None, help="TLS: the private key file.")
+    server.add_argument("--ssl-certfile", default=None,
+                        help="TLS: the certificate file (serve https).")
+    server.add_argument("--ssl-ca-certs", default=None,
+                        help="TLS: CA certificates to check client certificates against.")
+    server.add_argument("--ssl-cert-reqs", type=int, default=0,
+                        help="TLS: whether clients must send a certificate (Python's "
+                             "ssl.CERT_*: 0 none, 1 optional, 2 required).")
     server.add_argument("--per-adapter-latency-metrics", action="store_true",
                         help="Label /metrics' latency histograms with the adapter a request "
                              "named, not the served model name (about 60 series per adapter: "

@@ -40,6 +40,11 @@ class AuthenticationError(APIError):
     type = "AuthenticationError"
 
 
+class ConflictError(APIError):
+    status = HTTPStatus.CONFLICT
+    type = "ConflictError"
+
+
 class ServiceUnavailableError(APIError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     type = "ServiceUnavailableError"
@@ -51,8 +56,9 @@ class InternalServerError(APIError):
 
 
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-          404: "NotFoundError", 405: "MethodNotAllowedError", 413: "BadRequestError",
-          415: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError"}
+          404: "NotFoundError", 405: "MethodNotAllowedError", 409: "ConflictError",
+          413: "BadRequestError", 415: "BadRequestError", 422: "BadRequestError",
+          429: "RateLimitError"}
 
 
 def error_body(message: str, type_: str | None, status: int, param: str | None = None

@@ -67,6 +67,10 @@ class LLM:
         for lora in {lora.lora_int_id: lora for lora in loras if lora is not None}.values():
             self.llm_engine.register_lora(lora, fetch_hub=True)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached prompt prefix (False while requests run)."""
+        return self.llm_engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: SamplingParams with the model's generation_config.json defaults
         (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens);

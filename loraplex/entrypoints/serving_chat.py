@@ -43,13 +43,14 @@ from loraplex.sampling_params import SamplingParams
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, *args: Any, chat_template: str | None = None,
                  tool_call_parser: str | None = None, reasoning_parser: str | None = None,
-                 **kw: Any) -> None:
+                 response_role: str = "assistant", **kw: Any) -> None:
         """`tool_call_parser`: a PARSERS name, with which tool_choice "auto" is served
         (--enable-auto-tool-choice); None refuses it. `reasoning_parser`: a
         REASONING_PARSERS name: replies are split into reasoning and content, and tool
-        calls are read from the content."""
+        calls are read from the content. `response_role`: the role of a new reply."""
         super().__init__(*args, **kw)
         self.chat_template = chat_template
+        self.response_role = response_role
         self.tool_call_parser = tool_call_parser
         self.tool_parser = PARSERS[tool_call_parser]() if tool_call_parser else None
         if tool_call_parser == "openai" and reasoning_parser is None:
@@ -227,7 +228,8 @@ class OpenAIServingChat(OpenAIServing):
         and its finish_reason ("tool_calls" for a completed call). `parser`: the tool
         parser for the request's tools, when the caller has it already."""
         reasoning, text = self._split(text)
-        thought = {"reasoning": reasoning, "reasoning_content": reasoning}
+        thought = {"reasoning": reasoning, "reasoning_content": reasoning,
+                   "role": self.role(req)}
         content, calls = text, None
         if calling == "forced":
             calls = to_tool_calls(req, text)
@@ -243,14 +245,18 @@ class OpenAIServingChat(OpenAIServing):
                                     **thought),
                 "tool_calls" if finish == "stop" else finish)
 
-    @staticmethod
-    def _echo(req: ChatCompletionRequest) -> str:
+    def role(self, req: ChatCompletionRequest) -> str:
+        """The reply's role (vLLM's rule): --response-role for a new message, else that of
+        the last message, which the reply continues."""
+        if req.add_generation_prompt and not req.continue_final_message:
+            return self.response_role
+        return req.messages[-1].role
+
+    def _echo(self, req: ChatCompletionRequest) -> str:
         """vLLM's chat echo: the last message's text goes before the reply when it has the
         reply's role (an assistant message being continued)."""
         last = req.messages[-1]
-        role = "assistant" if req.add_generation_prompt and not req.continue_final_message \
-            else last.role
-        if not req.echo or last.role != role:
+        if not req.echo or last.role != self.role(req):
             return ""
         content = last.content
         if isinstance(content, list):
@@ -300,9 +306,9 @@ class OpenAIServingChat(OpenAIServing):
         done: set[int] = set()
         # the tool parser for this request's tools, once (not at every step)
         parser = self.tool_parser.for_request(req.tools) if calling == "auto" else None
+        role = self.role(req)
         for i in range(req.n):
-            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant",
-                                                                      content=""))])
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role=role, content=""))])
             if echo:
                 yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(content=echo))])
         async for out in queued.streams[0]:
