@@ -177,6 +177,17 @@ def test_server_splits_replies(thinker, prompts):
                 streamed[key] += delta.get(key) or ""
         assert streamed == {"reasoning_content": reasoning, "reasoning": reasoning,
                             "content": content}
+        # vLLM's include_reasoning=false: the content alone, the reasoning still counted
+        hidden = {**kw, "extra_body": {"ignore_eos": True, "include_reasoning": False}}
+        res = client.chat.completions.create(**hidden)
+        msg = res.choices[0].message
+        assert (msg.content, msg.reasoning_content, msg.model_extra["reasoning"]) == (
+            content or None, None, None)
+        assert res.usage.completion_tokens_details.reasoning_tokens == tokens.index("</think>")
+        deltas = [c.choices[0].delta.model_dump()
+                  for c in client.chat.completions.create(**hidden, stream=True)]
+        assert "".join(d.get("content") or "" for d in deltas) == content
+        assert not any(d.get("reasoning") or d.get("reasoning_content") for d in deltas)
         msg = client.chat.completions.create(
             **{**kw, "extra_body": {"ignore_eos": True, "structured_outputs": {
                 "regex": REGEX}}}).choices[0].message

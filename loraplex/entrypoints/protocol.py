@@ -244,6 +244,7 @@ class ChatCompletionRequest(SamplingFields):
     # OpenAI's; the chat template reads it (gpt-oss's: "Reasoning: low")
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     # vLLM extras
+    include_reasoning: bool = True  # False: a reply's reasoning is left out (usage counts it)
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False

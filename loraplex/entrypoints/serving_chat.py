@@ -228,8 +228,8 @@ class OpenAIServingChat(OpenAIServing):
         and its finish_reason ("tool_calls" for a completed call). `parser`: the tool
         parser for the request's tools, when the caller has it already."""
         reasoning, text = self._split(text)
-        thought = {"reasoning": reasoning, "reasoning_content": reasoning,
-                   "role": self.role(req)}
+        shown = reasoning if req.include_reasoning else None
+        thought = {"reasoning": shown, "reasoning_content": shown, "role": self.role(req)}
         content, calls = text, None
         if calling == "forced":
             calls = to_tool_calls(req, text)
@@ -320,7 +320,7 @@ class OpenAIServingChat(OpenAIServing):
                 # the reasoning as it grows (each split extends the last), then the content
                 reasoning, text = self._split(o.text, o.finish_reason is not None)
                 r0 = sent_reasoning.get(o.index, 0)
-                thought = (reasoning or "")[r0:]
+                thought = (reasoning or "")[r0:] if req.include_reasoning else ""
                 # content stops where a tool call may start; calls go out as they are
                 # written (tool_calls.call_deltas), the rest of them at the end
                 end = len(text) if not calling or o.finish_reason is not None else (
