@@ -23,9 +23,10 @@ from tests.quantized_fixtures import quantize_fp8, write_fp8
 
 ADAPTERS = ("r4_qv", "r8_all", "r16_rslora")
 # logprobs: the dequantized weights are bit-identical to the reference's, but with
-# compressed-tensors' 16 x 32 blocks one top logprob is 1.9e-4 off HF's (fp32 sums in
-# another order, over weights of a wider range); the other cases are within 7e-5
-ATOL = 2.5e-4
+# compressed-tensors' 16 x 32 blocks one top logprob is 1.9e-4 to 2.8e-4 off HF's,
+# depending on the machine's CPU kernels (fp32 sums in another order, over weights of a
+# wider range); the other cases are within 7e-5. A wrong scale or block is off by 1e-2+
+ATOL = 5e-4
 CASES = {  # name -> (format, strategy, options)
     "fp8_block": ("fp8", "block", {"block": (24, 24)}),  # 64 / 24: partial blocks
     "fp8_tensor": ("fp8", "tensor", {}),
