@@ -237,3 +237,132 @@ def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
     cfg["quantization_config"] = qc
     (quant_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return quant_dir, ref_dir
+
+
+def quantize_ct_int(w: torch.Tensor, *, bits: int = 4, group_size: int = 32,
+                    sym: bool = True, actorder: bool = False, seed: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    """compressed-tensors' int quantization of a weight [out, in], min-max per output row
+    and group (group_size -1: per channel): (q signed [out, in], scale [out, groups],
+    zero point signed [out, groups], g_idx [in], dequantized [out, in]), with
+    W = (q - z[:, g]) * s[:, g]. Act-order: the groups follow a permutation of the inputs."""
+    n_in = w.shape[1]
+    gs = n_in if group_size == -1 else group_size
+    if actorder:
+        perm = torch.randperm(n_in, generator=torch.Generator().manual_seed(seed))
+        g_idx = torch.empty(n_in, dtype=torch.int64)
+        g_idx[perm] = torch.arange(n_in) // gs
+    else:
+        g_idx = torch.arange(n_in) // gs
+    qmin, qmax = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    groups = n_in // gs
+    w = w.float()
+    lo = torch.stack([w[:, g_idx == g].amin(1) for g in range(groups)], 1).clamp(max=0)
+    hi = torch.stack([w[:, g_idx == g].amax(1) for g in range(groups)], 1).clamp(min=0)
+    if sym:
+        scale = (torch.maximum(-lo, hi) / ((qmax - qmin) / 2)).clamp_min(1e-5)
+        zero = torch.zeros_like(scale, dtype=torch.int64)
+    else:
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-5)
+        zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax).to(torch.int64)
+    scale = scale.half().float()  # what the checkpoint stores (fp16)
+    s, z = scale[:, g_idx], zero[:, g_idx]
+    q = torch.clamp(torch.round(w / s) + z, qmin, qmax).to(torch.int64)
+    return q, scale, zero, g_idx, (q - z).float() * s
+
+
+def write_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, bits: int = 4,
+                             group_size: int = 32, sym: bool = True, actorder: bool = False,
+                             fmt: str = "pack-quantized", ignore: tuple[str, ...] = ()
+                             ) -> tuple[Path, Path]:
+    """(compressed-tensors int checkpoint, dequantized fp32 reference) of a tiny model,
+    packed as its pack_to_int32 does (signed values + 2^(bits-1), along the inputs, lowest
+    bits first; zero points along the outputs) or, for naive-quantized, int8 as they are.
+    `ignore`: exact module names (lm_head is always left out)."""
+    quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
+    state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
+    offset = 2 ** (bits - 1)
+    quant, ref, sites = {}, {}, {}
+    for key, w in sorted(state.items()):
+        prefix = key[:-len(".weight")]
+        if not _LINEAR.search(key) or prefix in ignore:
+            quant[key] = ref[key] = w
+            continue
+        site = re.sub(r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", prefix))
+        q, scale, zero, g_idx, deq = quantize_ct_int(
+            w, bits=bits, group_size=group_size, sym=sym, actorder=actorder,
+            seed=sites.setdefault(site, len(sites)))
+        tensors = {"weight_scale": scale.half()}
+        if fmt == "pack-quantized":
+            tensors |= {"weight_packed": pack_cols(q + offset, bits),
+                        "weight_shape": torch.tensor(list(w.shape))}
+            if not sym:
+                tensors["weight_zero_point"] = pack_rows(zero + offset, bits)
+        else:
+            tensors["weight"] = q.to(torch.int8)
+            if not sym:
+                tensors["weight_zero_point"] = zero.to(torch.int8)
+        if actorder:
+            tensors["weight_g_idx"] = g_idx.to(torch.int32)
+        quant.update({f"{prefix}.{k}": v for k, v in tensors.items()})
+        ref[key] = deq.to(w.dtype)
+    save_file(quant, str(quant_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
+               "strategy": "channel" if group_size == -1 else "group",
+               "group_size": None if group_size == -1 else group_size,
+               "actorder": "group" if actorder else None, "observer": "minmax"}
+    cfg = json.loads((quant_dir / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                      "input_activations": None, "output_activations": None}},
+        "ignore": ["lm_head", *ignore], "kv_cache_scheme": None, "sparsity_config": {},
+        "transform_config": {}}
+    (quant_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return quant_dir, ref_dir
+
+
+def write_with_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, bits: int = 4,
+                                  group_size: int = 32, sym: bool = True,
+                                  ignore: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """The same kind of checkpoint written by the compressed-tensors package itself (min-max
+    scales from its calculate_qparams; its ModelCompressor packs and saves, as
+    llm-compressor does), and the reference its own decompress_model makes of it."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
+    _weights_and_two_copies(base_dir, quant_dir, ref_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym,
+                            strategy="channel" if group_size == -1 else "group",
+                            group_size=None if group_size == -1 else group_size)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+        ignore=["lm_head", *ignore]))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            w = module.weight.data
+            g = w.view(w.shape[0], -1, w.shape[1] if group_size == -1 else group_size)
+            scale, zero = calculate_qparams(g.amin(-1), g.amax(-1), args)
+            module.weight_scale.data.copy_(scale.view_as(module.weight_scale))
+            if not sym:
+                module.weight_zero_point.data.copy_(zero.view_as(module.weight_zero_point))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(str(quant_dir))
+    compressor.update_config(str(quant_dir))
+    compressor.decompress_model(model)
+    ref = {k: v.contiguous() for k, v in model.state_dict().items()  # weights, not qparams
+           if not re.search(r"\.weight_\w+$", k)}
+    save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    return quant_dir, ref_dir

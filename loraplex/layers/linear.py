@@ -14,6 +14,7 @@ from loraplex.layers.quantization import (
     AWQLinear,
     BnB4bitLinear,
     BnB8bitLinear,
+    CompressedTensorsLinear,
     FP8Linear,
     GPTQLinear,
     QuantConfig,
@@ -60,5 +61,6 @@ def make_linear(in_features: int, output_sizes: list[int], bias: bool = False,
     if skipped and all(skipped):
         return Linear(in_features, output_sizes, bias)
     cls = {"gptq": GPTQLinear, "awq": AWQLinear, "fp8": FP8Linear,
+           "compressed-tensors": CompressedTensorsLinear,
            "bitsandbytes": BnB4bitLinear if quant.bits == 4 else BnB8bitLinear}[quant.method]
     return cls(in_features, output_sizes, bias, quant)

@@ -93,11 +93,13 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
             packed, shard = model.packed_modules_mapping[leaf]
             target = model.get_submodule(f"{prefix}.{packed}")
             target.load_shard(param_name, tensor, shard)
+            if isinstance(target, QuantLinear):
+                param_name = target.param_of(param_name)
             loaded.add(f"{prefix}.{packed}.{param_name}")
             continue
         if module_name in quantized:  # its own checks (shapes, g_idx, a saved zero bias)
             quantized[module_name].load_shard(param_name, tensor, 0)
-            loaded.add(name)
+            loaded.add(f"{module_name}.{quantized[module_name].param_of(param_name)}")
             continue
         if name not in params:
             logger.warning("ignoring checkpoint tensor %s (no such parameter)", name)

@@ -1,7 +1,8 @@
-"""Quantized base weights (GPTQ, AWQ, bitsandbytes, FP8, MXFP4): which checkpoints load, and
-their linear layers."""
+"""Quantized base weights (GPTQ, AWQ, bitsandbytes, FP8, MXFP4, compressed-tensors' int
+weights): which checkpoints load, and their linear layers."""
 
 from loraplex.layers.quantization.bitsandbytes import BnB4bitLinear, BnB8bitLinear
+from loraplex.layers.quantization.compressed_tensors import CompressedTensorsLinear
 from loraplex.layers.quantization.config import (
     SUPPORTED_METHODS,
     QuantConfig,
@@ -11,7 +12,8 @@ from loraplex.layers.quantization.config import (
 from loraplex.layers.quantization.fp8 import FP8Linear
 from loraplex.layers.quantization.linear import AWQLinear, GPTQLinear, QuantLinear, unpack
 
-__all__ = ["SUPPORTED_METHODS", "AWQLinear", "BnB4bitLinear", "BnB8bitLinear", "FP8Linear",
+__all__ = ["SUPPORTED_METHODS", "AWQLinear", "BnB4bitLinear", "BnB8bitLinear",
+           "CompressedTensorsLinear", "FP8Linear",
            "GPTQLinear",
            "QuantConfig", "QuantLinear",
            "quant_config_from_hf", "read_side_config", "unpack"]

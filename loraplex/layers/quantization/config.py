@@ -4,8 +4,9 @@ GPTQ (AutoGPTQ / GPTQModel, 2/4/8 bits, any group size, act-order, symmetric or 
 checkpoint formats `gptq` and `gptq_v2`), AWQ (AutoAWQ's GEMM layout, 4 bits),
 bitsandbytes (transformers' 4-bit NF4/FP4, double-quantized or not, and 8-bit LLM.int8
 checkpoints) and FP8 (`fp8`: Qwen / DeepSeek / transformers, per tensor or per block;
-`compressed-tensors`: llm-compressor's FP8 float-quantized, per tensor, channel or block)
-keep their quantized weights in memory, and so does MXFP4 (`mxfp4`: gpt-oss's experts;
+`compressed-tensors`: llm-compressor's FP8 float-quantized, per tensor, channel or block;
+and its weight-only int ones, W4A16 / W8A16: pack-quantized, naive- or int-quantized, per
+channel or group, symmetric or not, act-order) keep their quantized weights in memory, and so does MXFP4 (`mxfp4`: gpt-oss's experts;
 its other weights are plain); anything else is refused with what was found.
 `quantization=` (vLLM's flag) may name the checkpoint's method; on a plain checkpoint
 `bitsandbytes` and `fp8` apply, as in vLLM: its weights are quantized while they load (to
@@ -28,7 +29,9 @@ _ALIASES = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str  # "gptq" | "awq" | "bitsandbytes" | "fp8" (compressed-tensors' FP8 too)
+    # "gptq" | "awq" | "bitsandbytes" | "fp8" (compressed-tensors' FP8 too) | "mxfp4" |
+    # "compressed-tensors" (its int weights)
+    method: str
     bits: int
     # inputs per scale/zero group (bitsandbytes 4-bit: per absmax block); -1 = the whole row
     group_size: int
@@ -39,6 +42,9 @@ class QuantConfig:
     quant_type: str = ""  # bitsandbytes 4-bit: "nf4" | "fp4"
     prequantized: bool = True  # False: a plain checkpoint, quantized as it loads
     fp8_block: tuple[int, int] | None = None  # fp8 per-block scales: (outputs, inputs)
+    # compressed-tensors' symmetric int weights store no zero point: it is 2^(bits - 1)
+    implicit_zero: bool = False
+
     @property
     def pack_factor(self) -> int:
         """Values per int32."""
@@ -183,18 +189,36 @@ def _fp8(raw: Any) -> QuantConfig:
     return _fp8_config(_get(raw, "weight_block_size", None), skip)
 
 
+CT_INT_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
+
+
 def _compressed_tensors(raw: Any) -> QuantConfig:
-    """llm-compressor's FP8 checkpoints (format float-quantized): every group's weights 8-bit
-    floats, per tensor, channel or block; the activations' scheme is not used (weight-only)."""
+    """llm-compressor's checkpoints: FP8 weights (format float-quantized: 8-bit floats per
+    tensor, channel or block; the activations' scheme is not used, weight-only) or int
+    weights without activation quantization (_compressed_tensors_int)."""
     fmt = str(_get(raw, "format", "") or "")
     groups = list((_get(raw, "config_groups", None) or {}).values())
     weights = [_get(g, "weights", None) or {} for g in groups]
-    if fmt != "float-quantized" or not weights or any(
+    # newer checkpoints name the format per group ("mixed-precision" at the top)
+    formats = {str(_get(g, "format", None) or fmt) for g in groups}
+    # `ignore`: exact module names, or "re:" regexes
+    skip = tuple(m if m.startswith("re:") else "re:" + re.escape(m) + "$"
+                 for m in _get(raw, "ignore", None) or ())
+    for key, plain in (("transform_config", ()), ("sparsity_config", ("dense",))):
+        extra = _get(raw, key, None) or {}
+        if extra and (not plain or str(_get(extra, "format", "")) not in plain):
+            raise ValueError(f"compressed-tensors checkpoint with a {key} ({extra}) is not "
+                             "supported: its weights are not plain quantized ones")
+    if weights and formats <= set(CT_INT_FORMATS) and all(
+            _get(w, "type") == "int" for w in weights):
+        return _compressed_tensors_int(groups, weights, skip)
+    if sorted(formats) != ["float-quantized"] or not weights or any(
             _get(w, "num_bits") != 8 or _get(w, "type") != "float" for w in weights):
         raise ValueError(f"compressed-tensors checkpoint (format {fmt!r}, weights "
                          f"{[{k: _get(w, k) for k in ('num_bits', 'type')} for w in weights]}) "
                          "is not supported yet: loraplex loads its FP8 weights "
-                         "(format float-quantized, 8-bit float)")
+                         "(format float-quantized, 8-bit float) and weight-only int ones "
+                         f"({', '.join(CT_INT_FORMATS)}; 4 or 8 bits)")
     strategies = {str(_get(w, "strategy", "tensor")) for w in weights}
     blocks = {tuple(_get(w, "block_structure", None) or ()) for w in weights}
     if len(strategies) != 1 or len(blocks) != 1 or not strategies <= {"tensor", "channel",
@@ -202,7 +226,51 @@ def _compressed_tensors(raw: Any) -> QuantConfig:
         raise ValueError(f"compressed-tensors FP8 weights with strategies {sorted(strategies)} "
                          "are not supported: one of tensor, channel or block for all of them")
     block = next(iter(blocks)) if strategies == {"block"} else None
-    # `ignore`: exact module names, or "re:" regexes
-    skip = tuple(m if m.startswith("re:") else "re:" + re.escape(m) + "$"
-                 for m in _get(raw, "ignore", None) or ())
     return _fp8_config(block or None, skip)
+
+
+def _compressed_tensors_int(groups: list[Any], weights: list[Any],
+                            skip: tuple[str, ...]) -> QuantConfig:
+    """W4A16 / W8A16 (vLLM's compressed_tensors_wNa16): int weights per channel or group,
+    symmetric or with zero points, act-order g_idx or not; one scheme for every Linear."""
+    for g in groups:
+        for key in ("input_activations", "output_activations"):
+            if _get(g, key, None):
+                raise ValueError(
+                    f"compressed-tensors int weights with activation quantization ({key}: "
+                    f"{dict(_get(g, key))}, e.g. W8A8) are not supported: loraplex runs int "
+                    "weights weight-only (W4A16, W8A16), and running these without the "
+                    "activation quantization they were calibrated with would not compute "
+                    "what vLLM does")
+    keys = ("num_bits", "strategy", "group_size", "symmetric", "actorder", "dynamic")
+    schemes = {tuple(_get(w, k) for k in keys) for w in weights}
+    if len(schemes) != 1:
+        raise ValueError(f"compressed-tensors config_groups with different int weight schemes "
+                         f"({[dict(zip(keys, s)) for s in schemes]}) are not supported: one "
+                         "scheme for every Linear")
+    targets = sorted({str(t) for g in groups for t in _get(g, "targets", None) or ()})
+    if targets != ["Linear"]:
+        raise ValueError(f"compressed-tensors config_groups targeting {targets} are not "
+                         "supported: loraplex loads one int scheme for every Linear (less "
+                         "the `ignore` list)")
+    w = weights[0]
+    bits, strategy = int(_get(w, "num_bits", 8)), str(_get(w, "strategy", "tensor"))
+    if bits not in (4, 8):
+        raise ValueError(f"compressed-tensors int weights with num_bits={bits} are not "
+                         "supported: loraplex loads 4 and 8-bit ones")
+    if strategy not in ("channel", "group") or _get(w, "dynamic", False):
+        raise ValueError(f"compressed-tensors int weights with strategy={strategy!r} (dynamic="
+                         f"{_get(w, 'dynamic', False)}) are not supported: static channel or "
+                         "group scales, as vLLM's W4A16 / W8A16")
+    group_size = int(_get(w, "group_size", 0) or 0) if strategy == "group" else -1
+    if strategy == "group" and group_size < 1:
+        raise ValueError(f"compressed-tensors group strategy with group_size={group_size}")
+    actorder = _get(w, "actorder", None)
+    cfg = QuantConfig("compressed-tensors", bits, group_size,
+                      desc_act=actorder is True or str(actorder) == "group",
+                      modules_to_not_convert=skip,
+                      implicit_zero=bool(_get(w, "symmetric", True)))
+    if not cfg.skips("lm_head"):
+        raise ValueError("a compressed-tensors checkpoint with a quantized lm_head (not in its "
+                         "`ignore` list) is not supported yet")
+    return cfg

@@ -82,6 +82,11 @@ class QuantLinear(nn.Module):
         """Copy one HF sub-projection's tensor (`shard` into output_sizes) into place."""
         raise NotImplementedError
 
+    def param_of(self, name: str) -> str:
+        """The parameter a checkpoint tensor `name` fills: its own name, unless the layer
+        converts the checkpoint's layout into another (compressed_tensors.py)."""
+        return name
+
     def finish_loading(self) -> None:
         """Raise if the checkpoint left part of this layer unset (after every tensor)."""
 
