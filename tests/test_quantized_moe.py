@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from loraplex import SamplingParams
 from loraplex.layers.moe import FusedExperts, PackedIntFusedExperts
 from loraplex.layers.quantization import QuantConfig
-from tests.engine_utils import check_mixed_batch, make_llm
+from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import make_peft_adapter, make_tiny_model
 from tests.quantized_fixtures import quantize_awq, quantize_gptq, write_quantized
 
@@ -144,6 +144,29 @@ def test_dummy_weights_for_a_quantized_moe(case, quantized_moe, prompts):
     out = llm.generate({"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=4),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_gptq_dynamic_rules_leave_modules_plain(moe_models, tiny_root, prompts):
+    """GPTQModel's `dynamic` "-:" rules (regexes from the start of the module's name) leave
+    what they match unquantized: here layer 1's experts."""
+    from loraplex import LoRARequest
+
+    base, adapters = moe_models["qwen2_moe"]
+    root = tiny_root / "quantized_moe" / "dynamic"
+    root.mkdir(parents=True, exist_ok=True)
+    quant_dir, ref_dir = write_quantized(base, root, "gptq", group_size=16,
+                                         skip=("layers.1.mlp.experts",))
+    cfg = json.loads((quant_dir / "config.json").read_text())
+    del cfg["quantization_config"]["modules_to_not_convert"]
+    cfg["quantization_config"]["dynamic"] = {r"-:.*\.layers\.1\.mlp\.experts\.": {}}
+    (quant_dir / "config.json").write_text(json.dumps(cfg))
+    llm = make_llm(quant_dir, enable_lora=True, max_lora_rank=16)
+    assert isinstance(_experts(llm, 0), PackedIntFusedExperts)
+    assert type(_experts(llm, 1)) is FusedExperts
+    lora = LoRARequest("experts", 1, str(adapters["r6_experts"]))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], GREEDY,
+                        lora_request=[None, lora], use_tqdm=False)
+    check_against_hf(outs, ref_dir, [None, adapters["r6_experts"]], prompts[:2])
 
 
 def _layer_tensors(method: str, opts: dict, e: int, h: int, i: int, seed: int
@@ -274,6 +297,9 @@ def test_unsupported_or_inconsistent_quantized_moe_checkpoints(moe_models, quant
         (_edited(gptq, tmp_path / "group", config=lambda c: c["quantization_config"]
                  .update(group_size=32)),
          "must be multiples of 8 (values per int32) and of group_size 32"),
+        (_edited(gptq, tmp_path / "dynamic", config=lambda c: c["quantization_config"]
+                 .update(dynamic={r"+:.*down_proj": {"bits": 8}})),
+         "dynamic's positive rules: other bits or group sizes) are not supported yet"),
         (_edited(moe_models["mixtral"][0], tmp_path / "plain", config=lambda c: c.update(
             quantization_config={"quant_method": "awq", "bits": 4, "group_size": 32})),
          "awq expert 0 w1.weight: a plain weight where config.json's quantization_config "
