@@ -7,7 +7,10 @@ and the reference weights come from the same numbers before any packing, so a lo
 unpacks wrongly cannot agree with the reference by construction.
 
 Each call writes two HF directories: the quantized checkpoint, and the same model with
-the dequantized weights in fp32, which HF transformers + PEFT run as the reference.
+the dequantized weights in fp32, which HF transformers + PEFT run as the reference. A
+mixture of experts' experts are quantized one linear each (Mixtral's w1 / w2 / w3, Qwen's
+gate_proj / up_proj / down_proj), as GPTQ and AWQ checkpoints of them store them; the
+routers (`gate`, `shared_expert_gate`) stay plain, as their quantizers leave them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-_LINEAR = re.compile(r"\.(q|k|v|o|gate|up|down)_proj\.weight$")
+_LINEAR = re.compile(r"\.((q|k|v|o|gate|up|down)_proj|experts\.\d+\.w[123])\.weight$")
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k holds column AWQ_PACK_ORDER[k]
 
 
@@ -137,7 +140,9 @@ def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 
             quant[name] = ref[name] = w
             continue
         prefix = name[:-len(".weight")]
-        site = re.sub(r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", prefix))
+        # (an expert's gate and up: Mixtral's w1 and w3)
+        site = re.sub(r"\.(q|k|v)_proj$", ".qkv",
+                      re.sub(r"\.(gate_proj|up_proj|w1|w3)$", ".gate_up", prefix))
         i = sites.setdefault(site, len(sites))
         if method == "gptq":
             tensors, deq = quantize_gptq(w, bits=bits, group_size=group_size, sym=sym,

@@ -167,14 +167,3 @@ def test_fp8_mixture_of_experts(strategy, tiny_root, prompts):
     dummy = make_llm(quant_dir, load_format="dummy")
     assert dummy.generate([{"prompt_token_ids": prompts[0]}], GREEDY,
                           use_tqdm=False)[0].outputs[0].token_ids
-
-
-def test_other_quantized_mixtures_of_experts_are_refused(tiny_root, tmp_path):
-    from tests.fixtures import make_tiny_model, quantized_copy
-
-    base = make_tiny_model(tiny_root / "fp8_moe" / "plain", "qwen3_moe", seed=33)
-    gptq = quantized_copy(base, tmp_path / "gptq", "gptq")
-    with pytest.raises(ValueError, match=re.escape(
-            "gptq-quantized Qwen3MoeForCausalLM models are not supported yet (FP8 mixtures "
-            "of experts are, and gpt-oss in MXFP4)")):
-        make_llm(gptq)

@@ -23,7 +23,8 @@ once per layer (one host sync), then one matmul pair runs per expert that has to
 the decode step of a MoE model runs without CUDA graphs. Under LoRA the pairs are also
 sorted by adapter slot within each expert (lora/experts.py adds each slot's delta). An
 FP8 checkpoint's experts stay FP8 (FP8FusedExperts), read through the FP8 kernel or
-dequantized when they have tokens; gpt-oss's MXFP4 experts alike (MXFP4FusedExperts).
+dequantized when they have tokens; gpt-oss's MXFP4 experts alike (MXFP4FusedExperts), and
+a GPTQ or AWQ checkpoint's packed experts (PackedIntFusedExperts).
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ from loraplex.layers.quantization import QuantConfig, mxfp4
 from loraplex.layers.quantization.fp8 import FP8, FP8_MAX, FP8Matrix, quantize_fp8
 from loraplex.layers.quantization.fp8 import dequantize as fp8_dequantize
 from loraplex.layers.quantization.fp8 import scale_rows as fp8_scale_rows
+from loraplex.layers.quantization.linear import (
+    PACKED_TENSORS,
+    PackedIntWeight,
+    checked_g_idx,
+    columns_per_element,
+    fill_packed_random,
+    plain_groups,
+)
 
 # an expert projection's name in checkpoints and adapters (Mixtral's, Qwen's) -> which one
 EXPERT_PROJECTIONS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up",
@@ -100,20 +109,22 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+Shapes = tuple[tuple[int, ...], tuple[int, ...]]
+
+
 class FusedExperts(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  dtype: torch.dtype | None = None, gpt_oss: ClampedSwiGLU | None = None,
-                 packing: int = 1) -> None:
-        """`dtype`: a quantized subclass's storage; `packing`: its inputs per element."""
+                 packing: int = 1, shapes: Shapes | None = None) -> None:
+        """`dtype`: a quantized subclass's storage; `packing`: its inputs per element;
+        `shapes`: w13's and w2's where its layout is not [E, out, in / packing]."""
         super().__init__()
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts = num_experts
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size,
-                                            hidden_size // packing, dtype=dtype),
-                                requires_grad=dtype is None)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size,
-                                           intermediate_size // packing, dtype=dtype),
-                               requires_grad=dtype is None)
+        e, h, i = num_experts, hidden_size, intermediate_size
+        w13_shape, w2_shape = shapes or ((e, 2 * i, h // packing), (e, h, i // packing))
+        self.w13 = nn.Parameter(torch.empty(w13_shape, dtype=dtype), requires_grad=dtype is None)
+        self.w2 = nn.Parameter(torch.empty(w2_shape, dtype=dtype), requires_grad=dtype is None)
         self.act = gpt_oss or swiglu
         # gpt-oss: biases b13 (gate's then up's) [E, 2I] and b2 [E, H]; its checkpoints'
         # and adapters' gate_up columns interleave gate and up
@@ -207,14 +218,15 @@ class FusedExperts(nn.Module):
 
 
 def _quantized_matmul(x: torch.Tensor, kernel_module: str, matrix: Any,
-                      dequantized: Callable[[], torch.Tensor]) -> torch.Tensor:
+                      torch_matmul: Callable[[], torch.Tensor]) -> torch.Tensor:
     """x @ W^T for one quantized expert projection: through its Triton kernel module
-    (layers/quantization/`kernel_module`) on CUDA, else on `dequantized()` in torch."""
+    (layers/quantization/`kernel_module`) on CUDA, else `torch_matmul()` (in torch, on
+    the weight dequantized)."""
     kernels = triton_kernels("LORAPLEX_QUANT_BACKEND", envs.LORAPLEX_QUANT_BACKEND, x.is_cuda,
                              f"loraplex.layers.quantization.{kernel_module}")
     if kernels is not None:
         return kernels.quant_matmul(x, matrix)
-    return x @ dequantized().T
+    return torch_matmul()
 
 
 class FP8FusedExperts(FusedExperts):
@@ -240,7 +252,7 @@ class FP8FusedExperts(FusedExperts):
         w, scale = getattr(self, which)[e], getattr(self, f"{which}_scale")[e]
         block_in = self.block_in or w.shape[1]  # unblocked: one block of all the inputs
         return _quantized_matmul(x, "triton_fp8", FP8Matrix(w, scale, block_in),
-                                 lambda: fp8_dequantize(w, scale, block_in, x.dtype))
+                                 lambda: x @ fp8_dequantize(w, scale, block_in, x.dtype).T)
 
     def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
                     kind: str = "weight") -> str:
@@ -301,7 +313,7 @@ class MXFP4FusedExperts(FusedExperts):
         torch."""
         w, scale = getattr(self, which)[e], getattr(self, f"{which}_scale")[e]
         return _quantized_matmul(x, "triton_mxfp4", mxfp4.MXFP4Matrix(w, scale),
-                                 lambda: mxfp4.dequantize(w, scale, x.dtype))
+                                 lambda: x @ mxfp4.dequantize(w, scale, x.dtype).T)
 
     def load_fused(self, name: str, tensor: torch.Tensor) -> str:
         """{gate_up,down}_proj_{blocks,scales} ([E, out, in / 32, 16], [E, out, in / 32]);
@@ -341,13 +353,138 @@ class MXFP4FusedExperts(FusedExperts):
                         for k in ("blocks", "scales")}
 
 
+class PackedIntFusedExperts(FusedExperts):
+    """The experts of a GPTQ or AWQ checkpoint (Mixtral's, the Qwen MoE models'): each
+    expert projection's qweight / qzeros / scales (and GPTQ's g_idx) stay packed as the
+    checkpoint stores them (quantization/linear.py), stacked [E, ...]; gate's and up's
+    columns side by side in w13, as a GPTQLinear packs them. An expert a step routes
+    tokens to goes through the GPTQ / AWQ kernel on CUDA, or is dequantized in torch:
+    PackedIntWeight, the linears' own code. Act-order: each expert has its own g_idx, one
+    for gate and up (the same inputs, so their quantizer's permutation agrees)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 cfg: QuantConfig) -> None:
+        e, h, i = num_experts, hidden_size, intermediate_size
+        per, gptq = cfg.pack_factor, cfg.method == "gptq"
+        for n in (h, i):
+            if n % per or (cfg.group_size != -1 and n % cfg.group_size):
+                raise ValueError(f"{cfg.method} experts: hidden_size {h} and the experts' "
+                                 f"intermediate_size {i} must be multiples of {per} (values "
+                                 f"per int32) and of group_size {cfg.group_size}")
+        # qweight: GPTQ [in / per, out], AWQ [in, out / per], per expert
+        w13_shape = (e, h // per, 2 * i) if gptq else (e, h, 2 * i // per)
+        w2_shape = (e, i // per, h) if gptq else (e, i, h // per)
+        super().__init__(h, i, e, dtype=torch.int32, shapes=(w13_shape, w2_shape))
+        self.cfg = cfg
+        for which, inputs, outputs in (("w13", h, 2 * i), ("w2", i, h)):
+            groups = cfg.num_groups(inputs)
+            self.register_buffer(f"{which}_qzeros",
+                                 torch.zeros(e, groups, outputs // per, dtype=torch.int32))
+            self.register_buffer(f"{which}_scales", torch.zeros(e, groups, outputs))
+            if gptq:
+                self.register_buffer(f"{which}_g_idx",
+                                     plain_groups(inputs, cfg.group_size).repeat(e, 1))
+        self.act_order = {"w13": False, "w2": False}  # some expert's g_idx is not plain
+        self._loaded: set[tuple[int, str, str]] = set()  # (expert, projection, tensor)
+
+    def packed(self, e: int, which: str) -> PackedIntWeight:
+        """Expert e's "w13" or "w2" as the dequantize and the kernel read a linear's."""
+        g_idx = getattr(self, f"{which}_g_idx", None)
+        return PackedIntWeight(self.cfg, getattr(self, which)[e],
+                               getattr(self, f"{which}_qzeros")[e],
+                               getattr(self, f"{which}_scales")[e],
+                               g_idx[e] if g_idx is not None else None, self.act_order[which])
+
+    def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """On CUDA the GPTQ / AWQ kernel (triton_gemm.py), else dequantized in torch."""
+        weight = self.packed(e, which)
+        return _quantized_matmul(x, "triton_gemm", weight, lambda: weight.matmul(x))
+
+    def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
+                    kind: str = "weight") -> str:
+        """One expert projection's qweight, qzeros, scales or g_idx into its columns."""
+        param, _ = self._place(name)
+        what = f"{self.cfg.method} expert {expert} {name}.{kind}"
+        if kind == "weight":
+            raise ValueError(f"{what}: a plain weight where config.json's quantization_config "
+                             f"({self.cfg.method}) says packed qweight, qzeros and scales "
+                             "should be: the config does not match the weights")
+        if kind == "bias":
+            if tensor.any():
+                raise ValueError(f"{what}: the experts have no bias")
+            return param  # some quantizers save a zero bias for every linear
+        if kind == "g_idx" and self.cfg.method == "gptq":
+            return self._load_g_idx(expert, name, tensor)
+        if kind not in PACKED_TENSORS:
+            raise ValueError(f"{what} has no place in the {self.cfg.method} experts")
+        dst = self._columns(expert, name, kind)
+        if dst.shape != tensor.shape:
+            raise ValueError(f"{what} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(dst.shape)}")
+        dst.copy_(tensor)
+        self._loaded.add((expert, EXPERT_PROJECTIONS[name], kind))
+        return param
+
+    def _columns(self, expert: int, name: str, kind: str) -> torch.Tensor:
+        """Where expert `expert`'s `name`.`kind` goes: its output columns of the stack's
+        tensor (w13: gate's first, then up's)."""
+        param, rows = self._place(name)
+        stack = getattr(self, param if kind == "qweight" else f"{param}_{kind}").data[expert]
+        per = columns_per_element(self.cfg, kind)
+        if rows.stop is None:  # down: all of w2's columns
+            return stack
+        return stack[:, rows.start // per:rows.stop // per]
+
+    def _load_g_idx(self, expert: int, name: str, tensor: torch.Tensor) -> str:
+        param, _ = self._place(name)
+        dst = getattr(self, f"{param}_g_idx")[expert]
+        loaded = checked_g_idx(tensor, dst.shape[0], self.cfg.num_groups(dst.shape[0]))
+        proj = EXPERT_PROJECTIONS[name]
+        partner = {"gate": "up", "up": "gate"}.get(proj)
+        if (expert, partner, "g_idx") in self._loaded and not torch.equal(dst.cpu(), loaded):
+            raise ValueError(f"gptq: expert {expert}'s gate and up projections have different "
+                             "g_idx (act-order permutations)")
+        dst.copy_(loaded)
+        self._loaded.add((expert, proj, "g_idx"))
+        if not torch.equal(loaded, plain_groups(dst.shape[0], self.cfg.group_size)):
+            self.act_order[param] = True
+        return param
+
+    def finish_loading(self) -> None:
+        missing = [(e, p, k) for e in range(self.num_experts) for p in ("gate", "up", "down")
+                   for k in PACKED_TENSORS if (e, p, k) not in self._loaded]
+        if missing:
+            e, p, k = missing[0]
+            raise ValueError(f"{self.cfg.method} experts: the checkpoint lacks {len(missing)} "
+                             f"expert tensors, e.g. expert {e}'s {p} projection's {k}")
+
+    def fill_random(self, gen: torch.Generator) -> None:
+        for which in ("w13", "w2"):
+            fill_packed_random(gen, getattr(self, which), getattr(self, f"{which}_qzeros"),
+                               getattr(self, f"{which}_scales"))
+        self._loaded = {(e, p, k) for e in range(self.num_experts)
+                        for p in ("gate", "up", "down") for k in PACKED_TENSORS}
+
+
+def experts_quantized(quant: QuantConfig, hf_names: tuple[str, ...]) -> bool:
+    """Are the experts (their HF modules `hf_names`) quantized, or all left plain by
+    modules_to_not_convert? Some of them plain is refused."""
+    skipped = [quant.skips(n) for n in hf_names]
+    if any(skipped) and not all(skipped):
+        raise ValueError(f"{quant.method}: modules_to_not_convert leaves only some of a "
+                         f"mixture's experts unquantized (e.g. {hf_names[skipped.index(True)]}, "
+                         f"not {hf_names[skipped.index(False)]})")
+    return not (skipped and all(skipped))
+
+
 class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None,
-                 quant: QuantConfig | None = None, gpt_oss: ClampedSwiGLU | None = None
-                 ) -> None:
-        """`quant`: an FP8 checkpoint's or gpt-oss's MXFP4 one (its experts; the router
-        stays plain)."""
+                 quant: QuantConfig | None = None, gpt_oss: ClampedSwiGLU | None = None,
+                 expert_names: tuple[str, ...] = ()) -> None:
+        """`quant`: an FP8, GPTQ or AWQ checkpoint's or gpt-oss's MXFP4 one (its experts;
+        the router stays plain); `expert_names`: the experts' HF modules, which GPTQ's /
+        AWQ's modules_to_not_convert may leave plain."""
         super().__init__()
         self.shared_expert = shared_expert
         self.shared_expert_gate = make_linear(hidden_size, [1]) if shared_expert else None
@@ -358,9 +495,15 @@ class SparseMoE(nn.Module):
         self.router_name = "router" if gpt_oss else "gate"
         setattr(self, self.router_name,
                 make_linear(hidden_size, [num_experts], bias=gpt_oss is not None))
+        if quant is not None and quant.method in ("gptq", "awq") \
+                and not experts_quantized(quant, expert_names):
+            quant = None
         if quant is not None and quant.method == "mxfp4":
             self.experts = MXFP4FusedExperts(hidden_size, intermediate_size, num_experts,
                                              gpt_oss)
+        elif quant is not None and quant.method in ("gptq", "awq"):
+            self.experts = PackedIntFusedExperts(hidden_size, intermediate_size, num_experts,
+                                                 quant)
         elif quant is not None:
             self.experts = FP8FusedExperts(hidden_size, intermediate_size, num_experts, quant)
         else:

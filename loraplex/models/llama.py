@@ -77,6 +77,8 @@ class LlamaArgs:
     norm_topk_prob: bool = True  # the top-k router weights renormalized to sum to 1
     gpt_oss_experts: ClampedSwiGLU | None = None  # gpt-oss's router, experts and activation
     moe_module: str = "block_sparse_moe"  # the checkpoint's name (Qwen MoE: "mlp")
+    # an expert's gate, up and down projections in the checkpoint (Mixtral: w1, w3, w2)
+    expert_leaves: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
     sliding_window: int | None = None  # the attention window of window_layers
@@ -168,9 +170,12 @@ class LlamaDecoderLayer(nn.Module):
         self.ffn_name = a.moe_module if sparse else "mlp"
         shared = LlamaMLP(a, f"{prefix}.mlp.shared_expert", a.shared_expert_intermediate_size) \
             if sparse and a.shared_expert_intermediate_size else None
+        experts = f"{prefix}.{a.moe_module}.experts"
         setattr(self, self.ffn_name, SparseMoE(
             a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
-            a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts)
+            a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts,
+            _names(experts, *(f"{e}.{leaf}" for e in range(a.num_experts)
+                              for leaf in a.expert_leaves)))
             if sparse
             else LlamaMLP(a, f"{prefix}.mlp"))
         self.layout = a.norm_layout

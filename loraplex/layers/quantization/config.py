@@ -135,9 +135,13 @@ def _gptq(raw: Any, bits: int, group_size: int, skip: tuple[str, ...]) -> QuantC
                          "'gptq' and 'gptq_v2' formats")
     if _get(raw, "lm_head", False):
         raise ValueError("a GPTQ checkpoint with a quantized lm_head is not supported yet")
-    if _get(raw, "dynamic", None):
-        raise ValueError("GPTQ per-module overrides (quantization_config.dynamic) are not "
-                         "supported yet")
+    # GPTQModel's per-module rules: "-:regex" leaves the modules it matches unquantized
+    dynamic = _get(raw, "dynamic", None) or {}
+    if any(not str(rule).startswith("-:") for rule in dynamic):
+        raise ValueError("GPTQ per-module overrides (quantization_config.dynamic's positive "
+                         "rules: other bits or group sizes) are not supported yet; its "
+                         "\"-:\" rules (modules left unquantized) are")
+    skip += tuple("re:" + str(rule)[2:] for rule in dynamic)
     return QuantConfig("gptq", bits, group_size, zero_offset=1 if fmt == "gptq" else 0,
                        desc_act=bool(_get(raw, "desc_act", False)),
                        modules_to_not_convert=skip)

@@ -17,6 +17,8 @@ output in the activation dtype, as on a plain base.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -42,6 +44,119 @@ def unpack(packed: torch.Tensor, bits: int, dim: int,
 
 def _frozen(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+@dataclass
+class PackedIntWeight:
+    """One GPTQ / AWQ weight as its tensors: what the torch dequantize and the Triton
+    kernel (triton_gemm.py) read, for a linear layer or one expert's projection of a
+    mixture (a view into its stacks, layers/moe.py)."""
+
+    cfg: QuantConfig
+    qweight: torch.Tensor  # GPTQ [in / per, out]; AWQ [in, out / per]
+    qzeros: torch.Tensor  # [groups, out / per]
+    scales: torch.Tensor  # [groups, out]
+    g_idx: torch.Tensor | None = None  # GPTQ: each input's group
+    act_order: bool = False  # GPTQ: g_idx is not i // group_size
+    bias: torch.Tensor | None = None
+
+    @property
+    def awq(self) -> bool:
+        return self.cfg.method == "awq"
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0] * (1 if self.awq else self.cfg.pack_factor)
+
+    @property
+    def out_features(self) -> int:
+        return self.scales.shape[1]
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """W^T as [in, out] in `dtype`."""
+        if self.awq:
+            return self._awq_by_column_in_word(dtype).transpose(1, 2).reshape(
+                self.in_features, self.out_features)
+        return self._gptq_dequantize(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T in torch (no bias)."""
+        if not self.awq:
+            return x @ self._gptq_dequantize(x.dtype)
+        # in the word-grouped column order, then the (small) output reordered: cheaper
+        # than reordering the weight
+        w = self._awq_by_column_in_word(x.dtype)
+        y = x @ w.view(self.in_features, self.out_features)
+        lead = x.shape[:-1]
+        return y.view(*lead, 8, -1).transpose(-1, -2).reshape(*lead, self.out_features)
+
+    def _gptq_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        bits, per, gs = self.cfg.bits, self.cfg.pack_factor, self.cfg.group_size
+        zeros = unpack(self.qzeros, bits, dim=1) + self.cfg.zero_offset  # [groups, out]
+        if self.act_order or (gs != -1 and gs % per):
+            q = unpack(self.qweight, bits, dim=0)  # [in, out]
+            g = self.g_idx.long()
+            return (q - zeros[g]).to(dtype) * self.scales[g].to(dtype)
+        # one int32 row holds `per` consecutive inputs of one group: dequantize slot by
+        # slot, each a contiguous pass (a broadcast unpack is slower on a CPU)
+        g = self.g_idx[::per].long()  # each int32 row's group: that of its first input
+        z, s = zeros[g].to(dtype), self.scales[g].to(dtype)  # [in / per, out]
+        w = torch.empty(self.qweight.shape[0], per, self.out_features, dtype=dtype,
+                        device=self.qweight.device)
+        for j in range(per):
+            w[:, j] = ((self.qweight >> (bits * j)) & ((1 << bits) - 1)).to(dtype).sub_(z).mul_(s)
+        return w.view(self.in_features, self.out_features)
+
+    def _awq_by_column_in_word(self, dtype: torch.dtype) -> torch.Tensor:
+        """W^T with its columns grouped by their place in the int32 word: [in, 8, out / 8],
+        [i, j, c] = W[8c + j, i]. Each of the 8 writes is then one contiguous pass."""
+        num_groups, cols = self.scales.shape[0], self.qweight.shape[1]
+        q = self.qweight.view(num_groups, -1, cols)  # [groups, group_size, out / 8]
+        by_word = (num_groups, cols, 8)  # a group's zeros / scales, word by word
+        zeros = unpack(self.qzeros, 4, dim=1, nibble_of=AWQ_NIBBLE).to(dtype)
+        z = zeros.view(by_word).transpose(1, 2).unsqueeze(1)  # [groups, 1, 8, out / 8]
+        s = self.scales.to(dtype).view(by_word).transpose(1, 2).unsqueeze(1)
+        w = torch.empty(*q.shape[:2], 8, cols, dtype=dtype, device=q.device)
+        for j, nibble in enumerate(AWQ_NIBBLE):  # output columns 8c + j
+            w[:, :, j] = ((q >> (4 * nibble)) & 15).to(dtype).sub_(z[:, :, j]).mul_(s[:, :, j])
+        return w.view(self.in_features, 8, cols)
+
+
+def fill_packed_random(gen: torch.Generator, qweight: torch.Tensor, qzeros: torch.Tensor,
+                       scales: torch.Tensor) -> None:
+    """Dummy GPTQ / AWQ weights (load_format="dummy"): random integers, small positive
+    scales."""
+    with torch.no_grad():
+        for p in (qweight, qzeros):
+            p.copy_(torch.randint(-2**31, 2**31, p.shape, generator=gen, dtype=torch.int64,
+                                  device="cpu").to(torch.int32))
+        scales.copy_(torch.empty(scales.shape).uniform_(0.002, 0.006, generator=gen))
+
+
+PACKED_TENSORS = ("qweight", "qzeros", "scales")  # a GPTQ / AWQ projection's, besides g_idx
+
+
+def columns_per_element(cfg: QuantConfig, name: str) -> int:
+    """Output columns per element of a GPTQ / AWQ tensor `name` (on its last axis): a
+    sub-projection's columns of it are its output columns over this."""
+    return cfg.pack_factor if name == "qzeros" or (name == "qweight" and cfg.method == "awq") \
+        else 1
+
+
+def plain_groups(in_features: int, group_size: int) -> torch.Tensor:
+    """GPTQ's g_idx without act-order: i // group_size."""
+    i = torch.arange(in_features, dtype=torch.int32)
+    return i // group_size if group_size != -1 else torch.zeros_like(i)
+
+
+def checked_g_idx(loaded: torch.Tensor, in_features: int, num_groups: int) -> torch.Tensor:
+    """A checkpoint's g_idx as int32, or a clear error."""
+    loaded = loaded.to(torch.int32)
+    if loaded.shape != (in_features,) or int(loaded.min()) < 0 \
+            or int(loaded.max()) >= num_groups:
+        raise ValueError(f"gptq: g_idx must hold {in_features} group indices below "
+                         f"{num_groups}")
+    return loaded
 
 
 class QuantLinear(nn.Module):
@@ -128,39 +243,42 @@ class PackedIntLinear(QuantLinear):
                              f"{cfg.pack_factor} (values per int32)")
         self.num_groups = cfg.num_groups(in_features)
         self.scales = _frozen(self.num_groups, self.out_features)
-        # parameter -> (its output axis, output columns per element on it)
-        self.shard_axes: dict[str, tuple[int, int]] = {}
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
         """Copy one HF sub-projection's tensor into its columns (packed ones: its int32s)."""
-        param = getattr(self, param_name, None)
         if param_name == "weight":
             raise ValueError(f"the checkpoint has a plain weight where config.json's "
                              f"quantization_config ({self.cfg.method}) says packed qweight, "
                              "qzeros and scales should be: the config does not match the weights")
         if param_name == "bias":
             return self._bias_shard(loaded, shard)
-        if param is None:
+        if param_name not in PACKED_TENSORS:
             raise ValueError(f"{self.cfg.method} checkpoint tensor {param_name!r} has no place "
                              "in this layer")
-        axis, per = self.shard_axes[param_name]
+        per = columns_per_element(self.cfg, param_name)
         rows = self._rows(shard)
-        target = param.data.narrow(axis, rows.start // per, (rows.stop - rows.start) // per)
+        target = getattr(self, param_name).data.narrow(1, rows.start // per,
+                                                       (rows.stop - rows.start) // per)
         if loaded.shape != target.shape:
             raise ValueError(f"{self.cfg.method} tensor {param_name} of shape "
                              f"{tuple(loaded.shape)} does not fit shard {shard} "
                              f"{tuple(target.shape)}")
         target.copy_(loaded)
 
+    def packed(self) -> PackedIntWeight:
+        """This layer's tensors, as the dequantize and the Triton kernel read them."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.packed().dequantize(dtype)
+
+    def torch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed().matmul(x)
+
     def fill_random(self, gen: torch.Generator) -> None:
-        """Random integers, small positive scales."""
-        with torch.no_grad():
-            for p in (self.qweight, self.qzeros):
-                p.copy_(torch.randint(-2**31, 2**31, p.shape, generator=gen, dtype=torch.int64,
-                                      device="cpu").to(torch.int32))
-            self.scales.copy_(torch.empty(self.scales.shape).uniform_(0.002, 0.006,
-                                                                      generator=gen))
-            if self.bias is not None:
+        fill_packed_random(gen, self.qweight, self.qzeros, self.scales)
+        if self.bias is not None:
+            with torch.no_grad():
                 self.bias.zero_()
 
 
@@ -171,49 +289,28 @@ class GPTQLinear(PackedIntLinear):
         per = cfg.pack_factor
         if in_features % per:
             raise ValueError(f"gptq: {in_features} inputs are not a multiple of {per}")
-        self.shard_axes = {"qweight": (1, 1), "qzeros": (1, per), "scales": (1, 1)}
         self.qweight = _frozen(in_features // per, self.out_features, dtype=torch.int32)
         self.qzeros = _frozen(self.num_groups, self.out_features // per, dtype=torch.int32)
         # every sub-projection of a packed layer has its own g_idx: they must agree
-        self.register_buffer("g_idx", self._plain_groups())
+        self.register_buffer("g_idx", plain_groups(in_features, cfg.group_size))
         self.act_order = False  # g_idx is not i // group_size
         self._g_idx_loaded = False
-
-    def _plain_groups(self) -> torch.Tensor:
-        i = torch.arange(self.in_features, dtype=torch.int32)
-        return i // self.cfg.group_size if self.cfg.group_size != -1 else torch.zeros_like(i)
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
         if param_name != "g_idx":
             return super().load_shard(param_name, loaded, shard)
-        loaded = loaded.to(torch.int32)
-        if loaded.shape != self.g_idx.shape or int(loaded.min()) < 0 \
-                or int(loaded.max()) >= self.num_groups:
-            raise ValueError(f"gptq: g_idx must hold {self.in_features} group indices below "
-                             f"{self.num_groups}")
+        loaded = checked_g_idx(loaded, self.in_features, self.num_groups)
         if self._g_idx_loaded and not torch.equal(self.g_idx.cpu(), loaded):
             raise ValueError("gptq: the sub-projections of one packed layer (q/k/v or "
                              "gate/up) have different g_idx (act-order permutations)")
         self.g_idx.copy_(loaded)
         self._g_idx_loaded = True
-        self.act_order = not torch.equal(loaded, self._plain_groups())
+        self.act_order = not torch.equal(loaded, plain_groups(self.in_features,
+                                                             self.cfg.group_size))
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        bits, per, gs = self.cfg.bits, self.cfg.pack_factor, self.cfg.group_size
-        zeros = unpack(self.qzeros, bits, dim=1) + self.cfg.zero_offset  # [groups, out]
-        if self.act_order or (gs != -1 and gs % per):
-            q = unpack(self.qweight, bits, dim=0)  # [in, out]
-            g = self.g_idx.long()
-            return (q - zeros[g]).to(dtype) * self.scales[g].to(dtype)
-        # one int32 row holds `per` consecutive inputs of one group: dequantize slot by
-        # slot, each a contiguous pass (a broadcast unpack is slower on a CPU)
-        g = self.g_idx[::per].long()  # each int32 row's group: that of its first input
-        z, s = zeros[g].to(dtype), self.scales[g].to(dtype)  # [in / per, out]
-        w = torch.empty(self.qweight.shape[0], per, self.out_features, dtype=dtype,
-                        device=self.qweight.device)
-        for j in range(per):
-            w[:, j] = ((self.qweight >> (bits * j)) & ((1 << bits) - 1)).to(dtype).sub_(z).mul_(s)
-        return w.view(self.in_features, self.out_features)
+    def packed(self) -> PackedIntWeight:
+        return PackedIntWeight(self.cfg, self.qweight, self.qzeros, self.scales, self.g_idx,
+                               self.act_order, self.bias)
 
 
 class AWQLinear(PackedIntLinear):
@@ -221,32 +318,8 @@ class AWQLinear(PackedIntLinear):
                  cfg: QuantConfig) -> None:
         super().__init__(in_features, output_sizes, bias, cfg)
         per = cfg.pack_factor
-        self.shard_axes = {"qweight": (1, per), "qzeros": (1, per), "scales": (1, 1)}
         self.qweight = _frozen(in_features, self.out_features // per, dtype=torch.int32)
         self.qzeros = _frozen(self.num_groups, self.out_features // per, dtype=torch.int32)
 
-    def _by_column_in_word(self, dtype: torch.dtype) -> torch.Tensor:
-        """W^T with its columns grouped by their place in the int32 word: [in, 8, out / 8],
-        [i, j, c] = W[8c + j, i]. Each of the 8 writes is then one contiguous pass."""
-        cols = self.qweight.shape[1]
-        q = self.qweight.view(self.num_groups, -1, cols)  # [groups, group_size, out / 8]
-        by_word = (self.num_groups, cols, 8)  # a group's zeros / scales, word by word
-        zeros = unpack(self.qzeros, 4, dim=1, nibble_of=AWQ_NIBBLE).to(dtype)
-        z = zeros.view(by_word).transpose(1, 2).unsqueeze(1)  # [groups, 1, 8, out / 8]
-        s = self.scales.to(dtype).view(by_word).transpose(1, 2).unsqueeze(1)
-        w = torch.empty(*q.shape[:2], 8, cols, dtype=dtype, device=q.device)
-        for j, nibble in enumerate(AWQ_NIBBLE):  # output columns 8c + j
-            w[:, :, j] = ((q >> (4 * nibble)) & 15).to(dtype).sub_(z[:, :, j]).mul_(s[:, :, j])
-        return w.view(self.in_features, 8, cols)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self._by_column_in_word(dtype).transpose(1, 2).reshape(self.in_features,
-                                                                       self.out_features)
-
-    def torch_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T in the word-grouped column order, then the (small) output reordered:
-        cheaper than reordering the weight."""
-        w = self._by_column_in_word(x.dtype)
-        y = x @ w.view(self.in_features, self.out_features)
-        lead = x.shape[:-1]
-        return y.view(*lead, 8, -1).transpose(-1, -2).reshape(*lead, self.out_features)
+    def packed(self) -> PackedIntWeight:
+        return PackedIntWeight(self.cfg, self.qweight, self.qzeros, self.scales, bias=self.bias)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from loraplex.backends import fp32_dot, interpreter_on, plan_split_k
-from loraplex.layers.quantization.linear import AWQLinear, QuantLinear
+from loraplex.layers.quantization.linear import PackedIntLinear, PackedIntWeight, QuantLinear
 
 _INTERPRETED = interpreter_on()
 
@@ -159,11 +159,12 @@ def split_k_matmul(x: torch.Tensor, layer: QuantLinear, ways: int | None,
     return y.view(*x.shape[:-1], n)
 
 
-def quant_matmul(x: torch.Tensor, layer: QuantLinear, ways: int | None = None
-                 ) -> torch.Tensor:
-    """x [..., in] @ W [in, out] (+ bias) with `layer`'s packed GPTQ / AWQ weights."""
+def quant_matmul(x: torch.Tensor, layer: PackedIntLinear | PackedIntWeight,
+                 ways: int | None = None) -> torch.Tensor:
+    """x [..., in] @ W [in, out] (+ bias) with `layer`'s packed GPTQ / AWQ weights (a
+    linear layer's, or one expert projection's)."""
     cfg = layer.cfg
-    awq = isinstance(layer, AWQLinear)
+    awq = cfg.method == "awq"
     g_idx = layer.qweight if awq else layer.g_idx  # AWQ reads no g_idx: any int32 pointer
     group = cfg.group_size if cfg.group_size != -1 else layer.in_features
 
