@@ -90,6 +90,16 @@ def check_shared_prefixes(base: Path, adapters: dict[str, Path], prompts: list[l
                      [p for _, p, _ in jobs], atol)
 
 
+def check_base_and_adapter(llm: LLM, base: Path, adapter: Path, prompts: list[list[int]]
+                           ) -> None:
+    """The base on the first prompt and `adapter` on the next two, in one generate call,
+    each output HF + PEFT's."""
+    req = lora_requests({"adapter": adapter})["adapter"]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY,
+                        lora_request=[None, req, req], use_tqdm=False)
+    check_against_hf(outs, base, [None, adapter, adapter], prompts[:3])
+
+
 def check_mixed_batch(llm: LLM, base: Path, adapters: dict[str, Path], prompts: list[list[int]],
                       extra: int = 4) -> None:
     """Every adapter and the base on the first prompt, then `extra` more requests over the

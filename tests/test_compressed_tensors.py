@@ -24,7 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from loraplex import SamplingParams
 from loraplex.layers.quantization import CompressedTensorsLinear, QuantConfig, QuantLinear
-from tests.engine_utils import GREEDY, check_against_hf, lora_requests, make_llm
+from tests.engine_utils import (
+    GREEDY,
+    check_against_hf,
+    check_base_and_adapter,
+    lora_requests,
+    make_llm,
+)
 from tests.fixtures import edited_copy
 from tests.quantized_fixtures import (
     pack_cols,
@@ -181,11 +187,7 @@ def test_qwen2_bias_and_an_ignored_module(tiny_root, tiny_models, tiny_adapters,
     assert isinstance(layers[0].mlp.down_proj.base_layer, CompressedTensorsLinear)
     assert not isinstance(layers[1].mlp.down_proj.base_layer, QuantLinear)
     assert layers[0].self_attn.qkv_proj.base_layer.bias is not None
-    adapter = tiny_adapters["qwen2"]["r8_all"]
-    req = lora_requests({"r8_all": adapter})["r8_all"]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY,
-                        lora_request=[None, req, req], use_tqdm=False)
-    check_against_hf(outs, ref_dir, [None, adapter, adapter], prompts[:3])
+    check_base_and_adapter(llm, ref_dir, tiny_adapters["qwen2"]["r8_all"], prompts)
 
 
 def test_weights_stay_packed_and_dummy_weights(ct_models):

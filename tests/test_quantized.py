@@ -16,7 +16,13 @@ from safetensors.torch import load_file, save_file
 
 from loraplex import SamplingParams
 from loraplex.layers.quantization import AWQLinear, GPTQLinear, QuantConfig, QuantLinear, unpack
-from tests.engine_utils import GREEDY, check_against_hf, lora_requests, make_llm
+from tests.engine_utils import (
+    GREEDY,
+    check_against_hf,
+    check_base_and_adapter,
+    lora_requests,
+    make_llm,
+)
 from tests.fixtures import edited_copy, hf_greedy
 from tests.quantized_fixtures import (
     pack_cols,
@@ -140,11 +146,7 @@ def test_qwen2_qkv_bias_and_modules_left_unquantized(tiny_root, tiny_models, tin
     layers = llm.llm_engine.model.model.layers
     assert isinstance(layers[0].mlp.down_proj.base_layer, QuantLinear)
     assert not isinstance(layers[1].mlp.down_proj.base_layer, QuantLinear)
-    adapter = tiny_adapters["qwen2"]["r8_all"]
-    req = lora_requests({"r8_all": adapter})["r8_all"]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY,
-                        lora_request=[None, req, req], use_tqdm=False)
-    check_against_hf(outs, ref_dir, [None, adapter, adapter], prompts[:3])
+    check_base_and_adapter(llm, ref_dir, tiny_adapters["qwen2"]["r8_all"], prompts)
 
 
 def test_dummy_weights_for_a_quantized_config(quantized):

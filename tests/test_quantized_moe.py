@@ -25,7 +25,12 @@ from loraplex.layers.moe import FusedExperts, PackedIntFusedExperts
 from loraplex.layers.quantization import QuantConfig
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import make_peft_adapter, make_tiny_model
-from tests.quantized_fixtures import quantize_awq, quantize_gptq, write_quantized
+from tests.quantized_fixtures import (
+    quantize_awq,
+    quantize_gptq,
+    write_compressed_tensors,
+    write_quantized,
+)
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -118,6 +123,54 @@ def test_quantized_moe_with_mixed_adapters_matches_hf_peft(case, moe_models, qua
     if "layer1_plain" in case:
         assert type(_experts(llm, 1)) is FusedExperts
     check_mixed_batch(llm, ref_dir, adapters, prompts)
+
+
+# llm-compressor's W4A16 / W8A16 mixtures (RedHatAI's Qwen3-30B-A3B-quantized.w4a16, ...):
+# case -> (arch, write_compressed_tensors options)
+CT_CASES = {
+    "mixtral_ct_w4a16_g32": ("mixtral", dict(bits=4, group_size=32)),
+    "qwen2_moe_ct_w4a16_asym_act_order": ("qwen2_moe", dict(bits=4, group_size=16, sym=False,
+                                                            actorder=True)),
+    "qwen3_moe_ct_w8a16_channel_naive": ("qwen3_moe", dict(bits=8, group_size=-1,
+                                                           fmt="naive-quantized")),
+}
+
+
+@pytest.fixture(scope="module")
+def ct_moe(tiny_root: Path, moe_models) -> dict[str, tuple[Path, Path]]:
+    out = {}
+    for case, (arch, opts) in CT_CASES.items():
+        root = tiny_root / "quantized_moe" / case
+        root.mkdir(parents=True, exist_ok=True)
+        out[case] = write_compressed_tensors(moe_models[arch][0], root, case, **opts)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CT_CASES))
+def test_compressed_tensors_moe_with_mixed_adapters_matches_hf_peft(case, moe_models, ct_moe,
+                                                                    prompts):
+    """compressed-tensors int experts, converted to GPTQ's layout as they load: base +
+    adapters of ranks 4, 8 and 6 (on the experts) over two slots, as HF + PEFT computes on
+    the dequantized weights."""
+    arch, opts = CT_CASES[case]
+    quant_dir, ref_dir = ct_moe[case]
+    llm = make_llm(quant_dir, enable_lora=True, max_loras=2, max_lora_rank=16)
+    experts = _experts(llm, 0)
+    assert isinstance(experts, PackedIntFusedExperts)
+    assert experts.cfg.method == "compressed-tensors" and experts.w13.dtype == torch.int32
+    assert experts.act_order["w13"] == bool(opts.get("actorder"))
+    check_mixed_batch(llm, ref_dir, moe_models[arch][1], prompts)
+
+
+def test_dummy_weights_for_a_compressed_tensors_moe(ct_moe, prompts):
+    """Symmetric experts keep their midpoint zeros under random weights."""
+    llm = make_llm(ct_moe["mixtral_ct_w4a16_g32"][0], load_format="dummy")
+    experts = _experts(llm, 0)
+    assert experts.w13_scales.min() > 0 and experts.w13.unique().numel() > 100
+    assert experts.w13_qzeros.unique().tolist() == [0x88888888 - 2**32]  # 8 in every nibble
+    out = llm.generate({"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=4),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
 
 
 def test_quantized_experts_stay_packed(quantized_moe):
@@ -239,21 +292,15 @@ def test_packed_experts_compute_the_dequantized_experts(name):
 def test_packed_experts_on_the_kernel(name, monkeypatch):
     """The CUDA path, each expert with tokens through the GPTQ / AWQ kernel (under the
     interpreter here), gives the torch path's output."""
-    from tests.triton_compile import import_kernels
+    from tests.triton_compile import import_kernels, torch_and_triton
 
     triton_gemm = import_kernels("loraplex.layers.quantization.triton_gemm")
     if not triton_gemm._INTERPRETED:
         pytest.skip("needs the Triton interpreter")
     packed, _ = _loaded_experts(name)
     x, weights, chosen = _routing(6, 4, seed=9)
-    calls, real = [], triton_gemm.quant_matmul
-    monkeypatch.setattr(triton_gemm, "quant_matmul",
-                        lambda x, layer: calls.append(layer) or real(x, layer))
-    out = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("LORAPLEX_QUANT_BACKEND", backend)
-        out[backend] = packed(x, weights, chosen)
-        assert bool(calls) == (backend == "triton")
+    out, calls = torch_and_triton(monkeypatch, triton_gemm,
+                                  lambda: packed(x, weights, chosen))
     assert len(calls) == 2 * len(chosen.unique())  # w13 and w2 of each expert with tokens
     torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-5)
 
@@ -272,7 +319,7 @@ def _edited(src: Path, dst: Path, config=None, tensors=None) -> Path:
 
 
 def test_unsupported_or_inconsistent_quantized_moe_checkpoints(moe_models, quantized_moe,
-                                                               tmp_path):
+                                                               ct_moe, tmp_path):
     gptq = quantized_moe["qwen2_moe_gptq4_act_order"][0]
     expert = "model.layers.0.mlp.experts.1"
 
@@ -285,7 +332,8 @@ def test_unsupported_or_inconsistent_quantized_moe_checkpoints(moe_models, quant
     cases = [
         (_edited(moe_models["qwen3_moe"][0], tmp_path / "bnb", config=bnb),
          "bitsandbytes-quantized Qwen3MoeForCausalLM models are not supported yet (FP8, "
-         "GPTQ and AWQ mixtures of experts are, and gpt-oss in MXFP4)"),
+         "GPTQ, AWQ and compressed-tensors int mixtures of experts are, and gpt-oss in "
+         "MXFP4)"),
         (_edited(gptq, tmp_path / "g_idx", tensors=flip(f"{expert}.up_proj.g_idx")),
          "expert 1's gate and up projections have different g_idx"),
         (_edited(gptq, tmp_path / "missing", tensors=lambda t: {
@@ -304,6 +352,11 @@ def test_unsupported_or_inconsistent_quantized_moe_checkpoints(moe_models, quant
             quantization_config={"quant_method": "awq", "bits": 4, "group_size": 32})),
          "awq expert 0 w1.weight: a plain weight where config.json's quantization_config "
          "(awq) says packed"),
+        (_edited(moe_models["mixtral"][0], tmp_path / "ct_plain", config=lambda c: c.update(
+            quantization_config=json.loads((ct_moe["mixtral_ct_w4a16_g32"][0] / "config.json"
+                                            ).read_text())["quantization_config"])),
+         "where config.json's quantization_config (compressed-tensors, int4) says int "
+         "weights"),
     ]
     for path, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loraplex.layers.quantization import mxfp4
-from tests.triton_compile import compile_for_h100, import_kernels
+from tests.triton_compile import compile_for_h100, import_kernels, torch_and_triton
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -75,14 +75,7 @@ def test_mxfp4_experts_on_the_kernel(monkeypatch):
     x = torch.randn(6, 64, generator=gen)
     weights = torch.rand(6, 2, generator=gen)
     chosen = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(6)])
-    calls, real = [], triton_mxfp4.quant_matmul
-    monkeypatch.setattr(triton_mxfp4, "quant_matmul",
-                        lambda x, layer: calls.append(layer) or real(x, layer))
-    out = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("LORAPLEX_QUANT_BACKEND", backend)
-        out[backend] = experts(x, weights, chosen)
-        assert bool(calls) == (backend == "triton")
+    out, _ = torch_and_triton(monkeypatch, triton_mxfp4, lambda: experts(x, weights, chosen))
     torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-4, atol=1e-4)
 
 

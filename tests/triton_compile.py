@@ -74,3 +74,18 @@ def import_kernels(name: str) -> ModuleType:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved
+
+
+def torch_and_triton(monkeypatch, kernels: ModuleType, run) -> tuple[dict[str, torch.Tensor],
+                                                                      list]:
+    """`run()` under LORAPLEX_QUANT_BACKEND torch, then triton: both outputs, and the
+    layers `kernels.quant_matmul` was called with (by the triton run only: checked)."""
+    calls, real = [], kernels.quant_matmul
+    monkeypatch.setattr(kernels, "quant_matmul",
+                        lambda x, layer: calls.append(layer) or real(x, layer))
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("LORAPLEX_QUANT_BACKEND", backend)
+        out[backend] = run()
+        assert bool(calls) == (backend == "triton")
+    return out, calls

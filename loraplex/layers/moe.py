@@ -42,6 +42,12 @@ from loraplex.backends import triton_kernels
 from loraplex.layers.activation import ClampedSwiGLU
 from loraplex.layers.linear import make_linear
 from loraplex.layers.quantization import QuantConfig, mxfp4
+from loraplex.layers.quantization.compressed_tensors import PARAM_OF as CT_PARAM_OF
+from loraplex.layers.quantization.compressed_tensors import (
+    check_weight_shape,
+    midpoint_zeros,
+)
+from loraplex.layers.quantization.compressed_tensors import to_gptq as ct_to_gptq
 from loraplex.layers.quantization.fp8 import FP8, FP8_MAX, FP8Matrix, quantize_fp8
 from loraplex.layers.quantization.fp8 import dequantize as fp8_dequantize
 from loraplex.layers.quantization.fp8 import scale_rows as fp8_scale_rows
@@ -360,12 +366,14 @@ class PackedIntFusedExperts(FusedExperts):
     columns side by side in w13, as a GPTQLinear packs them. An expert a step routes
     tokens to goes through the GPTQ / AWQ kernel on CUDA, or is dequantized in torch:
     PackedIntWeight, the linears' own code. Act-order: each expert has its own g_idx, one
-    for gate and up (the same inputs, so their quantizer's permutation agrees)."""
+    for gate and up (the same inputs, so their quantizer's permutation agrees).
+    compressed-tensors' int experts (W4A16 / W8A16) are converted into GPTQ's layout as
+    they load (quantization/compressed_tensors.py), as its linears are."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  cfg: QuantConfig) -> None:
         e, h, i = num_experts, hidden_size, intermediate_size
-        per, gptq = cfg.pack_factor, cfg.method == "gptq"
+        per, gptq = cfg.pack_factor, cfg.method != "awq"  # compressed-tensors: as GPTQ
         for n in (h, i):
             if n % per or (cfg.group_size != -1 and n % cfg.group_size):
                 raise ValueError(f"{cfg.method} experts: hidden_size {h} and the experts' "
@@ -378,8 +386,9 @@ class PackedIntFusedExperts(FusedExperts):
         self.cfg = cfg
         for which, inputs, outputs in (("w13", h, 2 * i), ("w2", i, h)):
             groups = cfg.num_groups(inputs)
-            self.register_buffer(f"{which}_qzeros",
-                                 torch.zeros(e, groups, outputs // per, dtype=torch.int32))
+            zeros = (midpoint_zeros(cfg, groups, outputs).repeat(e, 1, 1) if cfg.implicit_zero
+                     else torch.zeros(e, groups, outputs // per, dtype=torch.int32))
+            self.register_buffer(f"{which}_qzeros", zeros)
             self.register_buffer(f"{which}_scales", torch.zeros(e, groups, outputs))
             if gptq:
                 self.register_buffer(f"{which}_g_idx",
@@ -402,9 +411,17 @@ class PackedIntFusedExperts(FusedExperts):
 
     def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
                     kind: str = "weight") -> str:
-        """One expert projection's qweight, qzeros, scales or g_idx into its columns."""
+        """One expert projection's qweight, qzeros, scales or g_idx into its columns
+        (compressed-tensors': its weight_packed, ... as these)."""
         param, _ = self._place(name)
         what = f"{self.cfg.method} expert {expert} {name}.{kind}"
+        if self.cfg.method == "compressed-tensors" and kind != "bias":
+            if kind == "weight_shape":
+                inputs = self.hidden_size if param == "w13" else self.intermediate_size
+                outputs = self.hidden_size if param == "w2" else self.intermediate_size
+                check_weight_shape(self.cfg, tensor, outputs, inputs)
+                return param
+            tensor, kind = ct_to_gptq(self.cfg, kind, tensor), CT_PARAM_OF.get(kind, kind)
         if kind == "weight":
             raise ValueError(f"{what}: a plain weight where config.json's quantization_config "
                              f"({self.cfg.method}) says packed qweight, qzeros and scales "
@@ -413,7 +430,7 @@ class PackedIntFusedExperts(FusedExperts):
             if tensor.any():
                 raise ValueError(f"{what}: the experts have no bias")
             return param  # some quantizers save a zero bias for every linear
-        if kind == "g_idx" and self.cfg.method == "gptq":
+        if kind == "g_idx" and self.cfg.method != "awq":
             return self._load_g_idx(expert, name, tensor)
         if kind not in PACKED_TENSORS:
             raise ValueError(f"{what} has no place in the {self.cfg.method} experts")
@@ -451,8 +468,9 @@ class PackedIntFusedExperts(FusedExperts):
         return param
 
     def finish_loading(self) -> None:
+        needed = [k for k in PACKED_TENSORS if k != "qzeros" or not self.cfg.implicit_zero]
         missing = [(e, p, k) for e in range(self.num_experts) for p in ("gate", "up", "down")
-                   for k in PACKED_TENSORS if (e, p, k) not in self._loaded]
+                   for k in needed if (e, p, k) not in self._loaded]
         if missing:
             e, p, k = missing[0]
             raise ValueError(f"{self.cfg.method} experts: the checkpoint lacks {len(missing)} "
@@ -460,8 +478,12 @@ class PackedIntFusedExperts(FusedExperts):
 
     def fill_random(self, gen: torch.Generator) -> None:
         for which in ("w13", "w2"):
-            fill_packed_random(gen, getattr(self, which), getattr(self, f"{which}_qzeros"),
+            zeros = getattr(self, f"{which}_qzeros")
+            kept = zeros.clone() if self.cfg.implicit_zero else None  # symmetric: midpoint
+            fill_packed_random(gen, getattr(self, which), zeros,
                                getattr(self, f"{which}_scales"))
+            if kept is not None:
+                zeros.copy_(kept)
         self._loaded = {(e, p, k) for e in range(self.num_experts)
                         for p in ("gate", "up", "down") for k in PACKED_TENSORS}
 
@@ -495,13 +517,14 @@ class SparseMoE(nn.Module):
         self.router_name = "router" if gpt_oss else "gate"
         setattr(self, self.router_name,
                 make_linear(hidden_size, [num_experts], bias=gpt_oss is not None))
-        if quant is not None and quant.method in ("gptq", "awq") \
+        packed_int = ("gptq", "awq", "compressed-tensors")
+        if quant is not None and quant.method in packed_int \
                 and not experts_quantized(quant, expert_names):
             quant = None
         if quant is not None and quant.method == "mxfp4":
             self.experts = MXFP4FusedExperts(hidden_size, intermediate_size, num_experts,
                                              gpt_oss)
-        elif quant is not None and quant.method in ("gptq", "awq"):
+        elif quant is not None and quant.method in packed_int:
             self.experts = PackedIntFusedExperts(hidden_size, intermediate_size, num_experts,
                                                  quant)
         elif quant is not None:

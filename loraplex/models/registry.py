@@ -152,10 +152,12 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                     "GptOssForCausalLM"):
         return {}
-    supported = ("mxfp4",) if name == "GptOssForCausalLM" else ("fp8", "gptq", "awq")
+    supported = ("mxfp4",) if name == "GptOssForCausalLM" else (
+        "fp8", "gptq", "awq", "compressed-tensors")
     if quant is not None and quant.method not in supported:
         raise ValueError(f"{quant.method}-quantized {name} models are not supported yet "
-                         "(FP8, GPTQ and AWQ mixtures of experts are, and gpt-oss in MXFP4)")
+                         "(FP8, GPTQ, AWQ and compressed-tensors int mixtures of experts "
+                         "are, and gpt-oss in MXFP4)")
     if name == "MixtralForCausalLM":
         return dict(num_experts=int(hf.num_local_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),

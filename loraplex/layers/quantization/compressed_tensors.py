@@ -25,8 +25,8 @@ from loraplex.layers.quantization.config import QuantConfig
 from loraplex.layers.quantization.linear import GPTQLinear
 
 # checkpoint tensor -> the GPTQ parameter it becomes
-_PARAM_OF = {"weight_packed": "qweight", "weight": "qweight", "weight_scale": "scales",
-             "weight_zero_point": "qzeros", "weight_g_idx": "g_idx"}
+PARAM_OF = {"weight_packed": "qweight", "weight": "qweight", "weight_scale": "scales",
+            "weight_zero_point": "qzeros", "weight_g_idx": "g_idx"}
 
 
 def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -39,6 +39,44 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def midpoint_zeros(cfg: QuantConfig, groups: int, outputs: int) -> torch.Tensor:
+    """A symmetric checkpoint's zeros, which it does not store: 2^(bits - 1), as qzeros."""
+    return pack_int32(torch.full((groups, outputs), 1 << (cfg.bits - 1)), cfg.bits)
+
+
+def check_weight_shape(cfg: QuantConfig, loaded: torch.Tensor, outputs: int,
+                       inputs: int) -> None:
+    if [int(v) for v in loaded.flatten()] != [outputs, inputs]:
+        raise ValueError(f"{cfg.method} weight_shape {loaded.tolist()} does not fit "
+                         f"({outputs}, {inputs})")
+
+
+def to_gptq(cfg: QuantConfig, name: str, loaded: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor `name` in the layout of the GPTQ parameter it becomes
+    (PARAM_OF[name]): transposed (naive int8 ones also offset and packed)."""
+    bits, method, offset = cfg.bits, cfg.method, 1 << (cfg.bits - 1)
+    if name in ("weight_packed", "weight_scale"):
+        return loaded.t()
+    if name == "weight":
+        if loaded.dtype != torch.int8:
+            raise ValueError(f"the checkpoint has a {loaded.dtype} weight where config.json's "
+                             f"quantization_config ({method}, int{bits}) says int weights "
+                             "(weight_packed, or an int8 weight) should be: the config does "
+                             "not match the weights")
+        return pack_int32(loaded.to(torch.int32) + offset, bits).t()
+    if name == "weight_zero_point":
+        if cfg.implicit_zero:
+            raise ValueError(f"{method} checkpoint has a weight_zero_point where its config "
+                             "says symmetric weights: the config does not match the weights")
+        if loaded.dtype != torch.int32:  # naive: signed [out, groups], not packed
+            return pack_int32((loaded.to(torch.int32) + offset).t(), bits)
+        return loaded.t()
+    if name == "weight_g_idx":
+        return loaded
+    raise ValueError(f"checkpoint tensor {name!r} has no place in a {method} int layer: "
+                     "the config does not match the weights")
+
+
 class CompressedTensorsLinear(GPTQLinear):
     """A GPTQ layer (zero_offset 0) that reads compressed-tensors' tensor names and layouts;
     sub-projections (q/k/v, gate/up) side by side on the output axis, as for GPTQ."""
@@ -46,64 +84,31 @@ class CompressedTensorsLinear(GPTQLinear):
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
                  cfg: QuantConfig) -> None:
         super().__init__(in_features, output_sizes, bias, cfg)
-        self.offset = 1 << (cfg.bits - 1)
         if cfg.implicit_zero:  # nothing to load: a buffer holding the midpoint
             del self.qzeros
             self.register_buffer("qzeros", self._midpoint_zeros())
         self._loaded: list[set[str]] = [set() for _ in output_sizes]
 
     def _midpoint_zeros(self) -> torch.Tensor:
-        mid = torch.full((self.num_groups, self.out_features), self.offset)
-        return pack_int32(mid, self.cfg.bits)
+        return midpoint_zeros(self.cfg, self.num_groups, self.out_features)
 
     def param_of(self, name: str) -> str:
-        return _PARAM_OF.get(name, name)
+        return PARAM_OF.get(name, name)
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
         """One sub-projection's compressed-tensors tensor, in GPTQ's layout."""
-        size = self.output_sizes[shard]
         if param_name == "weight_shape":
-            if [int(v) for v in loaded.flatten()] != [size, self.in_features]:
-                raise ValueError(f"{self.cfg.method} weight_shape {loaded.tolist()} does not "
-                                 f"fit shard {shard} ({size}, {self.in_features})")
-            return
+            return check_weight_shape(self.cfg, loaded, self.output_sizes[shard],
+                                      self.in_features)
         if param_name == "bias":
             return self._bias_shard(loaded, shard)
-        name, converted = self.param_of(param_name), self._to_gptq(param_name, loaded)
+        name, converted = self.param_of(param_name), to_gptq(self.cfg, param_name, loaded)
         try:
             super().load_shard(name, converted, shard)
         except ValueError as e:  # GPTQ's names and shapes: say which tensor it was
             raise ValueError(f"{self.cfg.method} {param_name} of shard {shard}, as GPTQ's "
                              f"{name} (transposed): {e}") from e
         self._loaded[shard].add(name)
-
-    def _to_gptq(self, param_name: str, loaded: torch.Tensor) -> torch.Tensor:
-        """A checkpoint tensor in the layout of the GPTQ parameter it becomes: transposed
-        (naive int8 ones also offset and packed)."""
-        bits, method = self.cfg.bits, self.cfg.method
-        if param_name == "weight_packed":
-            return loaded.t()
-        if param_name == "weight":
-            if loaded.dtype != torch.int8:
-                raise ValueError(f"the checkpoint has a {loaded.dtype} weight where config.json's "
-                                 f"quantization_config ({method}, int{bits}) says int weights "
-                                 "(weight_packed, or an int8 weight) should be: the config does "
-                                 "not match the weights")
-            return pack_int32(loaded.to(torch.int32) + self.offset, bits).t()
-        if param_name == "weight_scale":
-            return loaded.t()
-        if param_name == "weight_zero_point":
-            if self.cfg.implicit_zero:
-                raise ValueError(f"{method} checkpoint has a weight_zero_point where its "
-                                 "config says symmetric weights: the config does not match "
-                                 "the weights")
-            if loaded.dtype != torch.int32:  # naive: signed [out, groups], not packed
-                return pack_int32((loaded.to(torch.int32) + self.offset).t(), bits)
-            return loaded.t()
-        if param_name == "weight_g_idx":
-            return loaded
-        raise ValueError(f"checkpoint tensor {param_name!r} has no place in a {method} int "
-                         "layer: the config does not match the weights")
 
     def finish_loading(self) -> None:
         need = {"qweight", "scales"} | (set() if self.cfg.implicit_zero else {"qzeros"})
