@@ -192,14 +192,17 @@ ENGINE_HELP: dict[str, str] = {
                                    "copy of both vocabulary tables (2 x vocab x hidden per "
                                    "slot, from the KV cache's budget). Off: such adapters are "
                                    "refused.",
-    "reasoning_parser": "The model thinks between <think> and </think> before it answers: "
+    "reasoning_parser": "The model thinks (between tags) before it answers: "
                         "chat replies carry the thinking in `reasoning` (and "
                         "`reasoning_content`) apart from `content`, tool calls are read "
                         "from the content, and structured outputs constrain only the "
                         "answer. deepseek_r1: everything before </think> (R1, QwQ, Qwen3 "
                         "thinking-only models); qwen3: when the reply opens with <think>; "
                         "openai_gptoss: gpt-oss's harmony analysis channel (the default "
-                        "for gpt-oss).",
+                        "for gpt-oss); mistral: Magistral's [THINK] ... [/THINK]; granite: "
+                        "Granite 3.2+'s 'Here is my thought process:' ... 'Here is my "
+                        "response:' (phrases, not tokens: structured outputs constrain "
+                        "the whole reply).",
     "generation_config": "Where generation_config.json comes from: auto (the model's), vllm "
                          "(none), or a folder. Its eos_token_id ends replies; its "
                          "temperature, top_p, top_k, min_p, repetition_penalty and "
@@ -216,7 +219,8 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
             "lora_scheduling_policy": ["fair", "fcfs"],
             "scheduling_policy": ["fcfs", "priority"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
-            "reasoning_parser": ["deepseek_r1", "qwen3", "openai_gptoss"]}  # reasoning.py's
+            "reasoning_parser": ["deepseek_r1", "qwen3", "openai_gptoss", "mistral",
+                                 "granite"]}  # reasoning.py's
 
 
 # entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)
