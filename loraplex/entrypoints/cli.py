@@ -225,7 +225,7 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
 
 # entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)
 TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic",
-                     "qwen3_coder", "openai"]
+                     "qwen3_coder", "openai", "granite", "phi4_mini_json"]
 _SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's
 
 
@@ -301,8 +301,10 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "<tool_call> tags), llama3_json (Llama 3.1/3.2: JSON), mistral "
                              "([TOOL_CALLS]), pythonic / llama4_pythonic (Llama 3.2, "
                              "Llama 4: a Python list of calls), qwen3_coder (Qwen3-Coder: "
-                             "<function=...> <parameter=...> tags) or openai (gpt-oss: "
-                             "harmony messages to functions.NAME).")
+                             "<function=...> <parameter=...> tags), openai (gpt-oss: "
+                             "harmony messages to functions.NAME), granite (Granite 3: "
+                             "<|tool_call|>[...]) or phi4_mini_json (Phi-4-mini: "
+                             "functools[...]).")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn.")
