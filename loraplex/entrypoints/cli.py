@@ -192,7 +192,7 @@ ENGINE_HELP: dict[str, str] = {
                                    "copy of both vocabulary tables (2 x vocab x hidden per "
                                    "slot, from the KV cache's budget). Off: such adapters are "
                                    "refused.",
-    "reasoning_parser": "The model thinks (between tags) before it answers: "
+    "reasoning_parser": "The model thinks before it answers: "
                         "chat replies carry the thinking in `reasoning` (and "
                         "`reasoning_content`) apart from `content`, tool calls are read "
                         "from the content, and structured outputs constrain only the "
