@@ -51,6 +51,11 @@ def check_weather(arguments: str) -> None:
     assert args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7, args
 
 
+def name_args(calls) -> list[tuple[str, object]]:
+    """Each call's name and its arguments, parsed."""
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
 def check_call(call) -> None:
     assert call.type == "function" and call.id
     args = json.loads(call.function.arguments)
@@ -128,8 +133,7 @@ def test_streamed_calls_equal_the_whole_reply(client, choice):
     pieces = sum(len(c.choices[0].delta.tool_calls or []) for c in chunks if c.choices)
     got = streamed_calls(chunks)
     assert whole.finish_reason == "tool_calls"
-    assert [(n, json.loads(a)) for _, n, a in got] == [
-        (c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
+    assert [(n, json.loads(a)) for _, n, a in got] == name_args(whole.message.tool_calls)
     assert pieces > len(got)  # the arguments came in pieces, not whole at the end
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
@@ -174,7 +178,7 @@ def test_hermes_parser():
             '{"a": 1, "b": 2}}</tool_call>')
     content, calls = p.parse(text)
     assert content == "Let me check."
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+    assert name_args(calls) == [
         ("get_weather", {"city": "Paris", "days": 3}), ("add", {"a": 1, "b": 2})]
     assert p.parse("no calls here") == ("no calls here", [])
     broken = "<tool_call>{not json}</tool_call>"
@@ -203,7 +207,7 @@ def test_mistral_parser():
                              '{"city": "Paris", "days": 3}}, {"name": "add", "arguments": '
                              '{"a": 1, "b": 2}}]')
     assert content == "Checking."
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+    assert name_args(calls) == [
         ("get_weather", {"city": "Paris", "days": 3}), ("add", {"a": 1, "b": 2})]
     assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c.id) for c in calls)  # Mistral's ids
     # tokenizers v11 on: name[ARGS]{...} after each [TOOL_CALLS]
@@ -224,9 +228,8 @@ def test_granite_parser():
             '"arguments": {"city": "Oslo", "days": 1}}]'
     for head in ["<|tool_call|>", " <tool_call>\n", "", "<|tool_call|> <tool_call>"]:
         content, got = p.parse(head + calls + "\n")
-        assert content is None and [(c.function.name, json.loads(c.function.arguments))
-                                    for c in got] == [("add", {"a": 1, "b": 2}),
-                                                      ("get_weather", {"city": "Oslo", "days": 1})]
+        assert content is None and name_args(got) == [
+            ("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo", "days": 1})]
     for text in ["Paris is sunny.", "[]", "[1, 2]", '[{"name": "add"}]',  # vLLM: arguments
                  '{"name": "add", "arguments": {}}', "<tool_call>[{oops", "Sure. " + calls,
                  calls + " done", "<tool_call>" + calls + "</tool_call>"]:
@@ -242,9 +245,8 @@ def test_phi4_mini_json_parser():
     content, calls = p.parse('Let me see. functools[{"name": "add", "parameters": {"a": [1, 2]}}, '
                              '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}]'
                              " trailing")
-    assert content == "Let me see. "
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
-        ("add", {"a": [1, 2]}), ("get_weather", {"city": "Oslo", "days": 1})]
+    assert (content, name_args(calls)) == ("Let me see. ", [
+        ("add", {"a": [1, 2]}), ("get_weather", {"city": "Oslo", "days": 1})])
     content, calls = p.parse('functools[{"name": "add", "arguments": {}}]')
     assert content is None and calls[0].function.arguments == "{}"
     for text in ["Sunny.", "functools is a module", "functools[]", 'functools[{"name": "add"}]',
@@ -287,8 +289,7 @@ def test_auto_tool_choice(parser, reply, content, tiny_models):
                   extra_body={"guided_choice": [reply]})
         choice = client.chat.completions.create(**kw).choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content == content
-        assert [(c.function.name, json.loads(c.function.arguments))
-                for c in choice.message.tool_calls] == [("add", {"a": 1, "b": 2})]
+        assert name_args(choice.message.tool_calls) == [("add", {"a": 1, "b": 2})]
         chunks = list(client.chat.completions.create(stream=True, **kw))
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.content or "" for d in deltas) == (content or "")
@@ -328,7 +329,7 @@ def test_pythonic_parser():
     content, calls = p.parse('[get_weather(city="Paris", days=3), add(a=1, b=-2), '
                              "note(text='it\\'s, ok)', tags=['x', None, True], d={'k': (1, 2)})]")
     assert content is None
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+    assert name_args(calls) == [
         ("get_weather", {"city": "Paris", "days": 3}), ("add", {"a": 1, "b": -2}),
         ("note", {"text": "it's, ok)", "tags": ["x", None, True], "d": {"k": [1, 2]}})]
     content, calls = p.parse('<|python_start|>[add(a=1, b=2)]<|python_end|>')  # Llama 4
@@ -445,8 +446,7 @@ def test_granite_thinks_then_calls(tiny_models):
             assert "".join(d.reasoning_content or "" for d in deltas) == "\nAdd them.\n\n"
             if tools:
                 assert res.choices[0].finish_reason == "tool_calls" and msg.content is None
-                assert [(c.function.name, json.loads(c.function.arguments))
-                        for c in msg.tool_calls] == [("add", {"a": 1, "b": 2})]
+                assert name_args(msg.tool_calls) == [("add", {"a": 1, "b": 2})]
                 assert [(n, a) for _, n, a in streamed_calls(chunks)] == [
                     ("add", '{"a": 1, "b": 2}')]
                 assert "".join(d.content or "" for d in deltas) == ""
