@@ -9,6 +9,12 @@
                  prompt and the reply is all content)
     openai_gptoss  gpt-oss's harmony messages: the analysis channel is the reasoning
                  (harmony.py; the default for gpt-oss, as in vLLM)
+    mistral      Magistral: between [THINK] and [/THINK] (special tokens, so kept in the
+                 decoded reply), after any content; no [THINK]: all content
+    granite      Granite 3.2+ (thinking=True): "Here is my thought process:" opens the
+                 reply, "Here is my response:" ends the reasoning ("Here's" too); plain
+                 text, not tokens, so structured outputs constrain the whole reply (as
+                 in vLLM, which does not support them with this parser either)
 
 The split of a reply's first n characters is a prefix of the split of the whole (a tail
 that may still become a tag is held back until it is decided), so streamed deltas add up
@@ -33,22 +39,40 @@ class ReasoningParser:
     end: str = "</think>"
     keeps_special_tokens: bool = False  # decode the reply with special tokens (harmony)
 
+    @property
+    def starts(self) -> tuple[str, ...]:
+        """Every way the reasoning may open (a model with variants overrides it)."""
+        return (self.start,)
+
+    @property
+    def ends(self) -> tuple[str, ...]:
+        return (self.end,)
+
     def split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
         """(reasoning or None, content) of a reply's text. Not `finished`: a tail that
         could still turn into a tag is in neither part yet."""
         head = text.lstrip()
-        if not finished and len(head) < len(self.start) and self.start.startswith(head):
+        if not finished and any(s != head and s.startswith(head) for s in self.starts):
             return None, ""  # "<thi": the opening tag or not, decided by what follows
-        if head.startswith(self.start):
-            body = head[len(self.start):]
+        opened = next((s for s in self.starts if head.startswith(s)), None)
+        if opened is not None:
+            body = head[len(opened):]
         elif self.opens_in_reply:
             return None, text
         else:
             body = text
-        reasoning, tag, content = body.partition(self.end)
-        if not tag and not finished:  # "...</thi" may be the closing tag: hold it back
-            reasoning = reasoning[:len(reasoning) - partial_marker_len(reasoning, self.end)]
-        return reasoning, content
+        return self._until_end(body, finished)
+
+    def _until_end(self, body: str, finished: bool) -> tuple[str, str]:
+        """(reasoning, content) of what follows the start tag: split at the first end tag;
+        none yet (not `finished`): a tail that may become one ("...</thi") held back."""
+        ends = [(i, e) for e in self.ends if (i := body.find(e)) >= 0]
+        if ends:
+            i, end = min(ends)
+            return body[:i], body[i + len(end):]
+        if not finished:
+            body = body[:len(body) - max(partial_marker_len(body, e) for e in self.ends)]
+        return body, ""
 
     def tag_ids(self, tokenizer: Any) -> tuple[int, int]:
         """(start, end) tag token ids: each tag must be one token of the vocabulary."""
@@ -63,10 +87,63 @@ class ReasoningParser:
         return ids[0], ids[1]
 
 
+@dataclass(frozen=True)
+class MistralReasoningParser(ReasoningParser):
+    """Magistral, as vLLM's mistral parser splits it: the reasoning is between the first
+    [THINK] and the [/THINK] after it, anywhere in the reply; the content is what is
+    around them (a [/THINK] without [THINK] is dropped). For structured outputs the reply
+    thinks when its first token is [THINK] (qwen3's way)."""
+
+    name: str = "mistral"
+    opens_in_reply: bool = True
+    start: str = "[THINK]"
+    end: str = "[/THINK]"
+    keeps_special_tokens: bool = True  # its tags are special tokens
+
+    def split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
+        before, opened, body = text.partition(self.start)
+        if not finished and not opened:  # "...[TH" may become either tag: hold it back
+            before = before[:len(before) - max(partial_marker_len(before, t)
+                                               for t in (self.start, self.end))]
+        before = before.replace(self.end, "", 1)
+        if not opened:
+            return None, before
+        reasoning, content = self._until_end(body, finished)
+        return reasoning, before + content
+
+
+@dataclass(frozen=True)
+class GraniteReasoningParser(ReasoningParser):
+    """Granite 3.2+: phrases, not tags; vLLM's granite parser accepts "Here's" for "Here
+    is" (seen from quantized models). The reasoning runs to the reply's end until the
+    response phrase comes (vLLM's stream does the same; its whole reply would then be
+    content, which a stream cannot take back)."""
+
+    name: str = "granite"
+    opens_in_reply: bool = True
+    start: str = "Here is my thought process:"
+    end: str = "Here is my response:"
+
+    @property
+    def starts(self) -> tuple[str, ...]:
+        return self.start, self.start.replace("Here is", "Here's")
+
+    @property
+    def ends(self) -> tuple[str, ...]:
+        return self.end, self.end.replace("Here is", "Here's")
+
+    def tag_ids(self, tokenizer: Any) -> None:
+        """No tag tokens: structured outputs constrain the whole reply (which then has no
+        thought process, and is read as content)."""
+        return None
+
+
 REASONING_PARSERS: dict[str, ReasoningParser | HarmonyReasoningParser] = {
     "deepseek_r1": ReasoningParser("deepseek_r1", opens_in_reply=False),
     "qwen3": ReasoningParser("qwen3", opens_in_reply=True),
     "openai_gptoss": HarmonyReasoningParser(),
+    "mistral": MistralReasoningParser(),
+    "granite": GraniteReasoningParser(),
 }
 
 

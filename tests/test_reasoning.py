@@ -1,7 +1,9 @@
 """Reasoning models (--reasoning-parser): the split of a reply into reasoning and content
 (prefix-stable, so streamed deltas add up to the message), structured outputs that start
 after the reasoning (the engine's matchers wait for </think>), and a real server with the
-openai client, non-streamed and streamed, against the raw completion of the same prompt."""
+openai client, non-streamed and streamed, against the raw completion of the same prompt;
+Magistral's [THINK] special tokens kept in the reply (mistral). Granite's phrases over a
+server: tests/test_tool_calls.py."""
 
 from __future__ import annotations
 
@@ -18,8 +20,29 @@ from tests.engine_utils import make_llm
 from tests.fixtures import add_tokens_to_model, make_tiny_model
 
 R1, QWEN3 = REASONING_PARSERS["deepseek_r1"], REASONING_PARSERS["qwen3"]
+MISTRAL, GRANITE = REASONING_PARSERS["mistral"], REASONING_PARSERS["granite"]
 REPLIES = ["<think>\nhmm, 2 + 2</think>\n\nIt is 4.", "  <think>x</think>y", "no tags at all",
            "thinking</think>answer", "<think>cut off </thi", "<thinker>", "</think>", ""]
+# (reply, its split) for Magistral's tags and Granite's phrases, as vLLM splits them
+SPLITS = {MISTRAL: [
+    ("[THINK]hmm, 2 + 2[/THINK]It is 4.", ("hmm, 2 + 2", "It is 4.")),
+    ("Sure.[THINK]cut off [/THI", ("cut off [/THI", "Sure.")),  # around the tags: content
+    ("a[THINK]b[/THINK]c", ("b", "ac")),
+    ("a[/THINK]b [THINK", (None, "ab [THINK")),  # a [/THINK] alone is dropped
+    ("[THINK]x[THINK]y[/THINK]z[/THINK]", ("x[THINK]y", "z[/THINK]")),
+    ("[TH", (None, "[TH")), ("", (None, "")),
+], GRANITE: [
+    ("Here is my thought process:\n2 + 2\n\nHere is my response:\nIt is 4.",
+     ("\n2 + 2\n\n", "\nIt is 4.")),
+    (" Here's my thought process: x Here's my response: y", (" x ", " y")),
+    ("Here is my thought process: x Here's my response: y Here is my response: z",
+     (" x ", " y Here is my response: z")),
+    ("Here is my thought process: cut off, Here is my respo", (" cut off, Here is my respo", "")),
+    ("Here is my answer: 4.", (None, "Here is my answer: 4.")),
+    ("4. Here is my thought process: x Here is my response: y",
+     (None, "4. Here is my thought process: x Here is my response: y")),
+    ("Here", (None, "Here")),
+]}
 
 
 @pytest.mark.parametrize(("reply", "r1", "qwen3"), [
@@ -35,8 +58,16 @@ def test_split(reply, r1, qwen3):
     assert QWEN3.split(reply) == qwen3
 
 
-@pytest.mark.parametrize("parser", [R1, QWEN3], ids=lambda p: p.name)
-@pytest.mark.parametrize("reply", REPLIES)
+@pytest.mark.parametrize(("parser", "reply", "split"), [
+    (parser, reply, split) for parser, cases in SPLITS.items() for reply, split in cases],
+    ids=lambda v: getattr(v, "name", None))
+def test_split_magistral_and_granite(parser, reply, split):
+    assert parser.split(reply) == split
+
+
+@pytest.mark.parametrize(("parser", "reply"), [(p, r) for p in (R1, QWEN3) for r in REPLIES] + [
+    (parser, reply) for parser, cases in SPLITS.items() for reply, _ in cases],
+    ids=lambda v: getattr(v, "name", None))
 def test_the_split_of_a_prefix_is_a_prefix_of_the_split(parser, reply):
     """What a stream sent after n characters is never taken back."""
     sent = ("", "")
@@ -45,6 +76,12 @@ def test_the_split_of_a_prefix_is_a_prefix_of_the_split(parser, reply):
             reasoning, content = parser.split(reply[:n], finished)
             assert (reasoning or "").startswith(sent[0]) and content.startswith(sent[1]), n
             sent = (reasoning or "", content)
+
+
+def test_reasoning_parser_flag_names_every_parser():
+    from loraplex.entrypoints.cli import _CHOICES
+
+    assert sorted(_CHOICES["reasoning_parser"]) == sorted(REASONING_PARSERS)
 
 
 def test_the_prompt_may_close_the_reasoning():
@@ -62,10 +99,22 @@ def thinker(tiny_root: Path) -> Path:
     return path
 
 
-def test_tags_must_be_tokens(tiny_models, thinker):
+@pytest.fixture(scope="module")
+def magistral(tiny_root: Path) -> Path:
+    """A tiny llama whose tokenizer has [THINK] and [/THINK] as special tokens 512, 513."""
+    path = make_tiny_model(tiny_root / "magistral", "llama", seed=62)
+    assert add_tokens_to_model(path, ["[THINK]", "[/THINK]"], special=True, seed=63) == [512,
+                                                                                       513]
+    return path
+
+
+def test_tags_must_be_tokens(tiny_models, thinker, magistral):
     from transformers import AutoTokenizer
 
     assert R1.tag_ids(AutoTokenizer.from_pretrained(str(thinker))) == (512, 513)
+    assert MISTRAL.tag_ids(AutoTokenizer.from_pretrained(str(magistral))) == (512, 513)
+    # Granite's phrases are no tokens: structured outputs constrain the whole reply
+    assert GRANITE.tag_ids(AutoTokenizer.from_pretrained(str(tiny_models["llama"]))) is None
     with pytest.raises(ValueError, match="'<think>' is not one token of this tokenizer"):
         make_llm(tiny_models["llama"], reasoning_parser="deepseek_r1")
     with pytest.raises(ValueError, match="reasoning_parser='r2': use one of deepseek_r1, qwen3"):
@@ -225,3 +274,32 @@ def test_reasoning_token_count(thinker):
     assert reasoning_token_count(R1, ids, tok.decode) == ids.index(513)
     assert reasoning_token_count(QWEN3, ids, tok.decode) == 0
     assert reasoning_token_count(R1, [], tok.decode) == 0
+
+
+def test_mistral_server_keeps_the_tags(magistral):
+    """`--reasoning-parser mistral`: [THINK] and [/THINK] are special tokens, kept in the
+    decoded reply, so the split finds them; streamed, the deltas add up to the message."""
+    from tests.server_utils import RemoteServer
+
+    args = ["--served-model-name", "magistral", "--dtype", "float32", "--max-model-len",
+            "128", "--cpu-kv-cache-gib", "0.05", "--reasoning-parser", "mistral"]
+    messages = [{"role": "user", "content": "What is two and two?"}]
+    with RemoteServer(magistral, args) as server:
+        client = server.get_client()
+        kw = dict(model="magistral", messages=messages, max_tokens=2, temperature=0,
+                  logit_bias={"512": 100})  # the model says [THINK], twice
+        msg = client.chat.completions.create(**kw).choices[0].message
+        assert (msg.reasoning_content, msg.content) == ("[THINK]", None)
+        # a whole reply, made with guided_choice (its tags as plain text: the special tokens
+        # are banned, else the grammar's first token may be [THINK], which starts reasoning)
+        kw = dict(model="magistral", messages=messages, max_tokens=40, temperature=0,
+                  logit_bias={"512": -100, "513": -100},
+                  extra_body={"guided_choice": ["[THINK]2 + 2[/THINK]It is 4."]})
+        msg = client.chat.completions.create(**kw).choices[0].message
+        assert (msg.reasoning_content, msg.content) == ("2 + 2", "It is 4.")
+        streamed = {"reasoning_content": "", "content": ""}
+        for chunk in client.chat.completions.create(**kw, stream=True):
+            delta = chunk.choices[0].delta.model_dump()
+            for key in streamed:
+                streamed[key] += delta.get(key) or ""
+        assert streamed == {"reasoning_content": "2 + 2", "content": "It is 4."}

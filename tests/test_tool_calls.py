@@ -1,8 +1,8 @@
 """Chat tool calling over HTTP with the official openai client: tool_choice "required" or
 a named function (the reply constrained to the tools' schemas, back as tool_calls,
 streamed too: a call's arguments piece by piece); "auto" with the hermes, llama3_json,
-mistral and pythonic parsers (a 400 on a server started without them; mistral's reply keeps its
-special tokens); a conversation carrying calls and tool results; malformed requests are
+mistral, pythonic, qwen3_coder, granite and phi4_mini_json parsers (a 400 on a server started
+without them; mistral's reply keeps its special tokens); a conversation carrying calls and tool results; malformed requests are
 400s."""
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import openai
 import pytest
 
 from loraplex.entrypoints.tool_calls import (
+    PARSERS,
+    GraniteParser,
     HermesParser,
     Llama3JsonParser,
     MistralParser,
+    Phi4MiniJsonParser,
     PythonicParser,
 )
 from tests.fixtures import add_tokens_to_model
@@ -46,6 +49,11 @@ MESSAGES = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
 def check_weather(arguments: str) -> None:
     args = json.loads(arguments)
     assert args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7, args
+
+
+def name_args(calls) -> list[tuple[str, object]]:
+    """Each call's name and its arguments, parsed."""
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
 
 
 def check_call(call) -> None:
@@ -125,8 +133,7 @@ def test_streamed_calls_equal_the_whole_reply(client, choice):
     pieces = sum(len(c.choices[0].delta.tool_calls or []) for c in chunks if c.choices)
     got = streamed_calls(chunks)
     assert whole.finish_reason == "tool_calls"
-    assert [(n, json.loads(a)) for _, n, a in got] == [
-        (c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
+    assert [(n, json.loads(a)) for _, n, a in got] == name_args(whole.message.tool_calls)
     assert pieces > len(got)  # the arguments came in pieces, not whole at the end
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
@@ -171,7 +178,7 @@ def test_hermes_parser():
             '{"a": 1, "b": 2}}</tool_call>')
     content, calls = p.parse(text)
     assert content == "Let me check."
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+    assert name_args(calls) == [
         ("get_weather", {"city": "Paris", "days": 3}), ("add", {"a": 1, "b": 2})]
     assert p.parse("no calls here") == ("no calls here", [])
     broken = "<tool_call>{not json}</tool_call>"
@@ -200,7 +207,7 @@ def test_mistral_parser():
                              '{"city": "Paris", "days": 3}}, {"name": "add", "arguments": '
                              '{"a": 1, "b": 2}}]')
     assert content == "Checking."
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+    assert name_args(calls) == [
         ("get_weather", {"city": "Paris", "days": 3}), ("add", {"a": 1, "b": 2})]
     assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c.id) for c in calls)  # Mistral's ids
     # tokenizers v11 on: name[ARGS]{...} after each [TOOL_CALLS]
@@ -213,12 +220,58 @@ def test_mistral_parser():
     assert p.content_prefix("Hi [TOOL_CA") == len("Hi ") and p.keeps_special_tokens
 
 
+def test_granite_parser():
+    """Granite 3: a JSON list of calls after <|tool_call|> and / or <tool_call>, or bare
+    (3.0's special token decoded away), as the whole reply; anything else is text."""
+    p = GraniteParser()
+    calls = '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "get_weather", ' \
+            '"arguments": {"city": "Oslo", "days": 1}}]'
+    for head in ["<|tool_call|>", " <tool_call>\n", "", "<|tool_call|> <tool_call>"]:
+        content, got = p.parse(head + calls + "\n")
+        assert content is None and name_args(got) == [
+            ("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo", "days": 1})]
+    for text in ["Paris is sunny.", "[]", "[1, 2]", '[{"name": "add"}]',  # vLLM: arguments
+                 '{"name": "add", "arguments": {}}', "<tool_call>[{oops", "Sure. " + calls,
+                 calls + " done", "<tool_call>" + calls + "</tool_call>"]:
+        assert p.parse(text) == (text, []), text  # kept as text
+    assert p.content_prefix(" <|tool_") == 0 and p.content_prefix("<tool_c") == 0
+    assert p.content_prefix("[{") == 0 and p.content_prefix("Sunny") == len("Sunny")
+
+
+def test_phi4_mini_json_parser():
+    """Phi-4-mini: functools[...] after any text, "arguments" or "parameters"; a list in
+    the arguments does not end the calls (it does in vLLM, whose regex stops at "]")."""
+    p = Phi4MiniJsonParser()
+    content, calls = p.parse('Let me see. functools[{"name": "add", "parameters": {"a": [1, 2]}}, '
+                             '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 1}}]'
+                             " trailing")
+    assert (content, name_args(calls)) == ("Let me see. ", [
+        ("add", {"a": [1, 2]}), ("get_weather", {"city": "Oslo", "days": 1})])
+    content, calls = p.parse('functools[{"name": "add", "arguments": {}}]')
+    assert content is None and calls[0].function.arguments == "{}"
+    for text in ["Sunny.", "functools is a module", "functools[]", 'functools[{"name": "add"}]',
+                 'functools[{"arguments": {}}]', "functools[{oops}]", 'functools[{"name": 1, '
+                 '"arguments": {}}]']:
+        assert p.parse(text) == (text, []), text
+    assert p.content_prefix("Hi functo") == len("Hi ")
+    assert p.content_prefix("Hi functools[{") == len("Hi ")
+    assert p.content_prefix("Hi functools.reduce") == len("Hi functools.reduce")
+
+
+def test_tool_call_parser_flag_names_every_parser():
+    from loraplex.entrypoints.cli import TOOL_CALL_PARSERS
+
+    assert sorted(TOOL_CALL_PARSERS) == sorted(PARSERS)
+
+
 @pytest.mark.parametrize("parser, reply, content", [
     ("hermes", 'Sure.<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>',
      "Sure."),
     ("pythonic", "[add(a=1, b=2)]", None),
     ("qwen3_coder", "Sure.\n<tool_call>\n<function=add>\n<parameter=a>\n1\n</parameter>\n"
                     "<parameter=b>\n2\n</parameter>\n</function>\n</tool_call>", "Sure.\n"),
+    ("phi4_mini_json", 'Sure. functools[{"name": "add", "parameters": {"a": 1, "b": 2}}]',
+     "Sure. "),
 ])
 def test_auto_tool_choice(parser, reply, content, tiny_models):
     """A server with --enable-auto-tool-choice --tool-call-parser NAME serves tool_choice
@@ -236,8 +289,7 @@ def test_auto_tool_choice(parser, reply, content, tiny_models):
                   extra_body={"guided_choice": [reply]})
         choice = client.chat.completions.create(**kw).choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content == content
-        assert [(c.function.name, json.loads(c.function.arguments))
-                for c in choice.message.tool_calls] == [("add", {"a": 1, "b": 2})]
+        assert name_args(choice.message.tool_calls) == [("add", {"a": 1, "b": 2})]
         chunks = list(client.chat.completions.create(stream=True, **kw))
         deltas = [c.choices[0].delta for c in chunks if c.choices]
         assert "".join(d.content or "" for d in deltas) == (content or "")
@@ -277,7 +329,7 @@ def test_pythonic_parser():
     content, calls = p.parse('[get_weather(city="Paris", days=3), add(a=1, b=-2), '
                              "note(text='it\\'s, ok)', tags=['x', None, True], d={'k': (1, 2)})]")
     assert content is None
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+    assert name_args(calls) == [
         ("get_weather", {"city": "Paris", "days": 3}), ("add", {"a": 1, "b": -2}),
         ("note", {"text": "it's, ok)", "tags": ["x", None, True], "d": {"k": [1, 2]}})]
     content, calls = p.parse('<|python_start|>[add(a=1, b=2)]<|python_end|>')  # Llama 4
@@ -339,6 +391,12 @@ def test_auto_tool_choice_needs_a_parser(tiny_models):
     ("pythonic", '[get_weather(city="Oslo", days=2), add(a=1, b=[1, "x,)\\"("]), sub()]',
      [("get_weather", '{"city": "Oslo", "days": 2}'),
       ("add", '{"a": 1, "b": [1, "x,)\\"("]}'), ("sub", "{}")]),
+    ("granite", '<|tool_call|><tool_call>[{"name": "add", "arguments": {"a": [1, "]"]}}, '
+                '{"arguments": {}, "name": "sub"}]', [("add", '{"a": [1, "]"]}'),
+                                                      ("sub", "{}")]),
+    ("phi4_mini_json", 'Hi functools[{"name": "add", "parameters": {"a": "x\\"]"}}, {"name": '
+                       '"sub", "arguments": [1]}] bye', [("add", '{"a": "x\\"]"}'),
+                                                        ("sub", "[1]")]),
 ])
 def test_partial_calls_grow_with_the_text(parser, text, calls):
     """Every prefix of a reply: the calls so far are the final ones' prefixes (arguments
@@ -360,3 +418,38 @@ def test_partial_calls_grow_with_the_text(parser, text, calls):
     assert [tuple(got[i]) for i in sorted(got)] == calls
     assert p.parse(text)[1] and [json.loads(c.function.arguments) for c in p.parse(text)[1]] \
         == [json.loads(a) for _, a in calls]
+
+
+def test_granite_thinks_then_calls(tiny_models):
+    """Granite 3.2's way on one server (`--reasoning-parser granite --tool-call-parser
+    granite`): the thought process apart, then the answer or a <|tool_call|> list read
+    from what follows "Here is my response:"; streamed alike. The phrases are no tokens,
+    so guided_choice constrains the whole reply, thought process included."""
+    args = ["--dtype", "float32", "--max-model-len", "512", "--cpu-kv-cache-gib", "0.05",
+            "--reasoning-parser", "granite", "--enable-auto-tool-choice",
+            "--tool-call-parser", "granite"]
+    thought = "Here is my thought process:\nAdd them.\n\nHere is my response:\n"
+    call = '<|tool_call|>[{"name": "add", "arguments": {"a": 1, "b": 2}}]'
+    with RemoteServer(tiny_models["llama"], args) as server:
+        client = server.get_client()
+        kw = dict(model=_model(client), messages=MESSAGES, max_tokens=200, temperature=0)
+        for tools, answer in [(TOOLS, call), (None, "It is 3.")]:
+            req = dict(kw, extra_body={"guided_choice": [thought + answer]},
+                       **({"tools": tools} if tools else {}))
+            res = client.chat.completions.create(**req)
+            msg = res.choices[0].message
+            assert msg.reasoning_content == "\nAdd them.\n\n"
+            assert 0 < res.usage.completion_tokens_details.reasoning_tokens \
+                < res.usage.completion_tokens
+            chunks = list(client.chat.completions.create(stream=True, **req))
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            assert "".join(d.reasoning_content or "" for d in deltas) == "\nAdd them.\n\n"
+            if tools:
+                assert res.choices[0].finish_reason == "tool_calls" and msg.content is None
+                assert name_args(msg.tool_calls) == [("add", {"a": 1, "b": 2})]
+                assert [(n, a) for _, n, a in streamed_calls(chunks)] == [
+                    ("add", '{"a": 1, "b": 2}')]
+                assert "".join(d.content or "" for d in deltas) == ""
+            else:
+                assert msg.content == "\nIt is 3." and not msg.tool_calls
+                assert "".join(d.content or "" for d in deltas) == "\nIt is 3."

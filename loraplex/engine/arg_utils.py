@@ -62,7 +62,7 @@ class EngineArgs:
     quantization: str | None = None
     tensor_parallel_size: int = 1
     max_logprobs: int = 20  # vLLM's: the most logprobs a request may ask for; -1: no limit
-    reasoning_parser: str | None = None  # vLLM's: deepseek_r1 | qwen3 (loraplex/reasoning.py)
+    reasoning_parser: str | None = None  # vLLM's names (loraplex/reasoning.py)
     generation_config: str = "auto"  # vLLM's: "auto" | "vllm" | a folder (generation_config.py)
     # LoRA
     enable_lora: bool = False

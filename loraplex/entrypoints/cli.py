@@ -192,14 +192,17 @@ ENGINE_HELP: dict[str, str] = {
                                    "copy of both vocabulary tables (2 x vocab x hidden per "
                                    "slot, from the KV cache's budget). Off: such adapters are "
                                    "refused.",
-    "reasoning_parser": "The model thinks between <think> and </think> before it answers: "
+    "reasoning_parser": "The model thinks before it answers: "
                         "chat replies carry the thinking in `reasoning` (and "
                         "`reasoning_content`) apart from `content`, tool calls are read "
                         "from the content, and structured outputs constrain only the "
                         "answer. deepseek_r1: everything before </think> (R1, QwQ, Qwen3 "
                         "thinking-only models); qwen3: when the reply opens with <think>; "
                         "openai_gptoss: gpt-oss's harmony analysis channel (the default "
-                        "for gpt-oss).",
+                        "for gpt-oss); mistral: Magistral's [THINK] ... [/THINK]; granite: "
+                        "Granite 3.2+'s 'Here is my thought process:' ... 'Here is my "
+                        "response:' (phrases, not tokens: structured outputs constrain "
+                        "the whole reply).",
     "generation_config": "Where generation_config.json comes from: auto (the model's), vllm "
                          "(none), or a folder. Its eos_token_id ends replies; its "
                          "temperature, top_p, top_k, min_p, repetition_penalty and "
@@ -216,12 +219,13 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
             "lora_scheduling_policy": ["fair", "fcfs"],
             "scheduling_policy": ["fcfs", "priority"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
-            "reasoning_parser": ["deepseek_r1", "qwen3", "openai_gptoss"]}  # reasoning.py's
+            "reasoning_parser": ["deepseek_r1", "qwen3", "openai_gptoss", "mistral",
+                                 "granite"]}  # reasoning.py's
 
 
 # entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)
 TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic",
-                     "qwen3_coder", "openai"]
+                     "qwen3_coder", "openai", "granite", "phi4_mini_json"]
 _SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's
 
 
@@ -297,8 +301,10 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "<tool_call> tags), llama3_json (Llama 3.1/3.2: JSON), mistral "
                              "([TOOL_CALLS]), pythonic / llama4_pythonic (Llama 3.2, "
                              "Llama 4: a Python list of calls), qwen3_coder (Qwen3-Coder: "
-                             "<function=...> <parameter=...> tags) or openai (gpt-oss: "
-                             "harmony messages to functions.NAME).")
+                             "<function=...> <parameter=...> tags), openai (gpt-oss: "
+                             "harmony messages to functions.NAME), granite (Granite 3: "
+                             "<|tool_call|>[...]) or phi4_mini_json (Phi-4-mini: "
+                             "functools[...]).")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn.")

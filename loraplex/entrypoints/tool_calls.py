@@ -12,7 +12,8 @@ format: the server needs `--enable-auto-tool-choice --tool-call-parser NAME`, an
 parser reads the calls out of the reply (`PARSERS`: Hermes / Qwen's `<tool_call>` tags,
 Llama 3's bare JSON, Mistral's `[TOOL_CALLS]`, Llama 3.2 / 4's Python list of calls,
 Qwen3-Coder's XML-like tags with values typed by the tools' schemas, gpt-oss's harmony
-messages to functions.NAME).
+messages to functions.NAME, Granite 3's `<|tool_call|>[...]`, Phi-4-mini's
+`functools[...]`).
 
 Streamed, the text before a call goes out as it comes; a call goes out once its name is
 complete (id, name), then its arguments' text piece by piece as the model writes it
@@ -195,14 +196,16 @@ def _json_string(quoted: str) -> str:
         return quoted[1:-1]
 
 
-def _json_calls(text: str, start: int, args_key: str) -> tuple[list[PartialCall], int | None]:
+def _json_calls(text: str, start: int, args_key: str, fallback: str = "arguments"
+                ) -> tuple[list[PartialCall], int | None]:
     """The calls written so far in a JSON list of {"name", args_key} objects, or one such
-    object, from text[start] on; and where the list or object ends (None: not yet)."""
+    object, from text[start] on; and where the list or object ends (None: not yet). A call
+    without args_key takes its `fallback` field's value."""
     i = _skip_space(text, start)
     if i >= len(text):
         return [], None
     if text[i] == "{":
-        call, end = _json_call(text, i, args_key)
+        call, end = _json_call(text, i, args_key, fallback)
         return [call], end
     if text[i] != "[":
         return [], None
@@ -219,14 +222,15 @@ def _json_calls(text: str, start: int, args_key: str) -> tuple[list[PartialCall]
             continue
         if text[i] != "{":
             return calls, None
-        call, end = _json_call(text, i, args_key)
+        call, end = _json_call(text, i, args_key, fallback)
         calls.append(call)
         if end is None:
             return calls, None
         i = end
 
 
-def _json_call(text: str, i: int, args_key: str) -> tuple[PartialCall, int | None]:
+def _json_call(text: str, i: int, args_key: str, fallback: str
+               ) -> tuple[PartialCall, int | None]:
     fields, end = _object_fields(text, i)
     name = None
     if "name" in fields and fields["name"][1] is not None:
@@ -235,8 +239,8 @@ def _json_call(text: str, i: int, args_key: str) -> tuple[PartialCall, int | Non
             name = json.loads(text[s:e])
         except ValueError:
             name = None
-    if args_key not in fields and "arguments" in fields:
-        args_key = "arguments"
+    if args_key not in fields and fallback in fields:
+        args_key = fallback
     s, e = fields.get(args_key, (0, 0))
     return (name if isinstance(name, str) else None, text[s:e]), end
 
@@ -407,28 +411,36 @@ class MistralParser(_StartTagParser):
 
 
 class _WholeReplyParser(_ToolParser):
-    """A format where calls are the whole reply, opening with `opening` after an optional
-    `tag`; streamed, a reply that starts so (or may yet) is held back, any other is
-    content."""
+    """A format where calls are the whole reply, opening with `opening` after optional
+    `tags` (each at most once, in order); streamed, a reply that starts so (or may yet) is
+    held back, any other is content."""
 
-    tag: str
+    tags: tuple[str, ...]
     opening: str
 
     def content_prefix(self, text: str) -> int:
         head = text.lstrip()
-        if not head or head.startswith((self.opening, self.tag)) or self.tag.startswith(head):
+        if not head or head.startswith((self.opening, *self.tags)) \
+                or any(tag.startswith(head) for tag in self.tags):
             return 0  # (the start of) a call, or nothing yet: hold it
         return len(text)
+
+    def _after_tags(self, text: str) -> str:
+        """The reply from its calls' opening on: past leading space and the tags."""
+        body = text.lstrip()
+        for tag in self.tags:
+            body = body.removeprefix(tag).lstrip()
+        return body
+
+    def _body(self, text: str) -> str:
+        return self._after_tags(text).rstrip()
 
 
 class Llama3JsonParser(_WholeReplyParser):
     """Llama 3.1 / 3.2: the whole reply is {"name", "parameters"} (several: joined by
     ';'), after an optional <|python_tag|>."""
 
-    tag, opening = "<|python_tag|>", "{"
-
-    def _body(self, text: str) -> str:
-        return text.strip().removeprefix(self.tag).strip()
+    tags, opening = ("<|python_tag|>",), "{"
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         body = self._body(text)
@@ -464,13 +476,12 @@ class PythonicParser(_WholeReplyParser):
     optional <|python_start|> (Llama 4; before <|python_end|>). Read with `ast` and
     literal values only: nothing in a reply is ever evaluated."""
 
-    tag, opening, end = "<|python_start|>", "[", "<|python_end|>"
+    tags, opening, end = ("<|python_start|>",), "[", "<|python_end|>"
     _name = re.compile(r"([A-Za-z_][\w.]*)\s*\(")
     _keyword = re.compile(r"([A-Za-z_]\w*)\s*=(?!=)")
 
     def _body(self, text: str) -> str:
-        body = text.strip().removeprefix(self.tag).strip()
-        return body.removesuffix(self.end).rstrip()
+        return super()._body(text).removesuffix(self.end).rstrip()
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         body = self._body(text)
@@ -497,7 +508,7 @@ class PythonicParser(_WholeReplyParser):
         """Each call once its name and "(" are written; its arguments as JSON, one
         keyword at a time as each value completes (`{"city": "Paris"`, then `, "days":
         3`, then `}` at its ")"), so the text only grows and ends as json.dumps'."""
-        body = text.lstrip().removeprefix(self.tag).lstrip()
+        body = self._after_tags(text)
         calls: list[PartialCall] = []
         if not body.startswith("["):
             return calls
@@ -554,6 +565,56 @@ def _python_value_end(text: str, i: int) -> int | None:
             return i
         i += 1
     return None
+
+
+class GraniteParser(_WholeReplyParser):
+    """Granite 3.x, as vLLM's granite parser reads it: the whole reply is a JSON list of
+    {"name", "arguments"}, after <|tool_call|> (3.0: a special token, so the reply decoded
+    as usual has a bare list) and / or <tool_call> (3.1 on)."""
+
+    tags, opening = ("<|tool_call|>", "<tool_call>"), "["
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = self._body(text)
+        if not body.startswith("["):
+            return text, []
+        try:
+            calls = [_call(c["name"], c["arguments"]) for c in json.loads(body, strict=False)]
+        except (ValueError, KeyError, TypeError):
+            return text, []  # not a list of calls (or text after it): text
+        return (None, calls) if calls else (text, [])
+
+    def partial(self, text: str) -> list[PartialCall]:
+        body = self._after_tags(text)
+        return _json_calls(body, 0, "arguments")[0] if body.startswith("[") else []
+
+
+class Phi4MiniJsonParser(_StartTagParser):
+    """Phi-4-mini: after any text (the content), functools[...], a JSON list of {"name",
+    "arguments" or "parameters"}; text after the list is dropped, as vLLM does. vLLM cuts
+    the list at its first "]" (a list inside the arguments breaks it); here it is read as
+    JSON to its own end."""
+
+    start = "functools["
+    _decoder = json.JSONDecoder(strict=False)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        i = text.find(self.start)
+        if i < 0:
+            return text, []
+        try:
+            listed, _ = self._decoder.raw_decode(text, i + len(self.start) - 1)
+            calls = [_call(c["name"], c["arguments"] if "arguments" in c else c["parameters"])
+                     for c in listed]
+        except (ValueError, KeyError, TypeError):
+            return text, []
+        content = text[:i]  # as streamed: up to the tag
+        return (content if content.strip() else None, calls) if calls else (text, [])
+
+    def partial(self, text: str) -> list[PartialCall]:
+        i = text.find(self.start)
+        return [] if i < 0 else _json_calls(text, i + len(self.start) - 1, "arguments",
+                                             "parameters")[0]
 
 
 class Qwen3CoderParser(_StartTagParser):
@@ -658,4 +719,5 @@ class OpenAIParser(_StartTagParser):
 
 PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser,
            "pythonic": PythonicParser, "llama4_pythonic": PythonicParser,
-           "qwen3_coder": Qwen3CoderParser, "openai": OpenAIParser}
+           "qwen3_coder": Qwen3CoderParser, "openai": OpenAIParser, "granite": GraniteParser,
+           "phi4_mini_json": Phi4MiniJsonParser}
