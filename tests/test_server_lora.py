@@ -116,6 +116,30 @@ def test_stream_equals_full(client, prompts):
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_continuous_usage_stats(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far
+    (the chunk's choice's tokens), growing to the final usage chunk's; off, only the final
+    chunk has one."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    kw = dict(model="r8_all", max_tokens=6, temperature=0, stream=True,
+              extra_body={"ignore_eos": True})
+    text = list(client.completions.create(prompt="Once upon a time", stream_options=options,
+                                          **kw))
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    chat = list(client.chat.completions.create(messages=messages, stream_options=options, **kw))
+    assert chat[0].choices[0].delta.role == "assistant" and chat[0].usage.completion_tokens == 0
+    for chunks in (text, chat):
+        final = chunks[-1].usage
+        assert not chunks[-1].choices and final.completion_tokens == 6
+        counts = [c.usage.completion_tokens for c in chunks[:-1]]
+        assert counts == sorted(counts) and counts[-1] == 6 and len(set(counts)) > 3
+        assert all(c.usage.prompt_tokens == final.prompt_tokens and c.usage.total_tokens
+                   == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    plain = list(client.completions.create(prompt="Once upon a time",
+                                           stream_options={"include_usage": True}, **kw))
+    assert [c.usage is None for c in plain] == [True] * (len(plain) - 1) + [False]
+
+
 def test_chat_matches_completion_and_streams(client, tokenizer):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     extra = {"ignore_eos": True}

@@ -86,6 +86,13 @@ class OpenAIServing:
         return UsageInfo.of(prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens,
                             show_cached=self.enable_prompt_tokens_details)
 
+    @staticmethod
+    def continuous_usage(req: SamplingFields) -> bool:
+        """vLLM's stream_options.continuous_usage_stats (with include_usage): every chunk
+        carries the usage so far."""
+        opts = req.stream_options
+        return bool(opts and opts.include_usage and opts.continuous_usage_stats)
+
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (tokenizing with ``self.encoder``) on the encoder thread."""
         return await asyncio.get_running_loop().run_in_executor(self._encode_thread, fn, *args)

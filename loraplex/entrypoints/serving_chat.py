@@ -294,8 +294,14 @@ class OpenAIServingChat(OpenAIServing):
         `params`, `lora`: the request's (its usage decodes the replies as they were)."""
         created = int(time.time())
 
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None
-                  ) -> ChatCompletionStreamResponse:
+        continuous = self.continuous_usage(req)
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None,
+                  generated: int = 0, cached: int = 0) -> ChatCompletionStreamResponse:
+            """`generated`, `cached`: the usage so far, which continuous_usage_stats puts
+            on every chunk (the choice's tokens)."""
+            if usage is None and continuous:
+                usage = self.usage(prompt_tokens, generated, cached)
             return ChatCompletionStreamResponse(id=request_id, created=created, model=model,
                                                 choices=choices, usage=usage)
 
@@ -355,7 +361,8 @@ class OpenAIServingChat(OpenAIServing):
                     index=o.index, delta=msg,
                     logprobs=self._logprobs(o, k0, req.return_tokens_as_token_ids)
                     if req.logprobs else None,
-                    finish_reason=finish, stop_reason=o.stop_reason)])
+                    finish_reason=finish, stop_reason=o.stop_reason)],
+                    generated=len(o.token_ids), cached=out.num_cached_tokens)
             last = out
         if req.stream_options and req.stream_options.include_usage:
             yield chunk([], await self._usage(prompt_tokens, last, params, lora))

@@ -173,6 +173,7 @@ class OpenAIServingCompletion(OpenAIServing):
         first_sent: set[int] = set()  # choices whose first chunk (with prompt_logprobs) went
         completion_tokens = 0
         cached: dict[int, int] = {}  # prompt -> its tokens read from the prefix cache
+        continuous = self.continuous_usage(req)  # each chunk: its prompt's and choice's
         async for i, out in merge_async_iterators(*queued.streams):
             self.check_output(out)
             cached[i] = out.num_cached_tokens
@@ -203,7 +204,9 @@ class OpenAIServingCompletion(OpenAIServing):
                         index=idx, text=prefix + delta, logprobs=lp,
                         finish_reason=o.finish_reason, stop_reason=o.stop_reason,
                         prompt_logprobs=(self.prompt_logprobs(req, out)
-                                         if idx not in first_sent else None))])
+                                         if idx not in first_sent else None))],
+                    usage=self.usage(len(prompts[i][1]), len(o.token_ids),
+                                     out.num_cached_tokens) if continuous else None)
                 first_sent.add(idx)
                 yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
         if req.stream_options and req.stream_options.include_usage:
