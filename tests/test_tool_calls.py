@@ -297,6 +297,43 @@ def test_auto_tool_choice(parser, reply, content, tiny_models):
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_parallel_tool_calls_false_makes_at_most_one_call(tiny_models, client):
+    """OpenAI's parallel_tool_calls=false. auto: the model's first call of two (streamed
+    too; the Responses API passes it on); required: the grammar allows one call."""
+    reply = ('<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+             '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}'
+             '</tool_call>')
+    args = ["--dtype", "float32", "--max-model-len", "512", "--cpu-kv-cache-gib", "0.05",
+            "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    with RemoteServer(tiny_models["llama"], args) as server:
+        auto = server.get_client()
+        kw = dict(model=_model(auto), messages=MESSAGES, tools=TOOLS, max_tokens=200,
+                  temperature=0, extra_body={"guided_choice": [reply]})
+        both = auto.chat.completions.create(**kw).choices[0].message.tool_calls
+        assert [c.function.name for c in both] == ["add", "get_weather"]
+        one = auto.chat.completions.create(parallel_tool_calls=False, **kw).choices[0]
+        assert one.finish_reason == "tool_calls"
+        assert name_args(one.message.tool_calls) == [("add", {"a": 1, "b": 2})]
+        chunks = list(auto.chat.completions.create(parallel_tool_calls=False, stream=True,
+                                                   **kw))
+        assert [(n, a) for _, n, a in streamed_calls(chunks)] == [("add", '{"a": 1, "b": 2}')]
+        flat = [{"type": "function", **t["function"]} for t in TOOLS]
+        items = auto.responses.create(model=_model(auto), input=MESSAGES[0]["content"],
+                                      tools=flat, parallel_tool_calls=False, temperature=0,
+                                      extra_body={"guided_choice": [reply]}).output
+        assert [i.name for i in items if i.type == "function_call"] == ["add"]
+    for seed in range(3):
+        choice = client.chat.completions.create(
+            model=_model(client), messages=MESSAGES, tools=TOOLS, tool_choice="required",
+            parallel_tool_calls=False, max_tokens=200, temperature=1.0, seed=seed).choices[0]
+        assert len(choice.message.tool_calls or []) <= 1
+    from loraplex.entrypoints.protocol import ChatCompletionRequest
+    from loraplex.entrypoints.tool_calls import tool_choice_outputs
+    req = ChatCompletionRequest(messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                parallel_tool_calls=False)
+    assert tool_choice_outputs(req).json["maxItems"] == 1
+
+
 def _with_special_token(src, dst, token: str):
     """A copy of the tiny model whose tokenizer has `token` as a special token (the last
     id: the embeddings grow by one row)."""

@@ -241,6 +241,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = 0
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = True  # false: at most one call per reply
     # OpenAI's; the chat template reads it (gpt-oss's: "Reasoning: low")
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     # vLLM extras

@@ -236,6 +236,8 @@ class OpenAIServingChat(OpenAIServing):
             content = None
         elif calling == "auto":
             content, calls = (parser or self.tool_parser.for_request(req.tools)).parse(text)
+            if req.parallel_tool_calls is False:
+                calls = calls[:1]  # the model's first call; the rest are not made
         if not calls:
             content = echo + text
             return ChatResponseMessage(
@@ -280,7 +282,8 @@ class OpenAIServingChat(OpenAIServing):
     @staticmethod
     def _partial_calls(req: ChatCompletionRequest, calling: str, text: str, parser: Any
                        ) -> list[PartialCall]:
-        return forced_partial(req, text) if calling == "forced" else parser.partial(text)
+        calls = forced_partial(req, text) if calling == "forced" else parser.partial(text)
+        return calls[:1] if req.parallel_tool_calls is False else calls
 
     def _call_id(self) -> str:
         """A streamed call's id: the parser's kind (Mistral's 9 characters) or OpenAI's."""

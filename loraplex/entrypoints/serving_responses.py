@@ -61,6 +61,7 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]] | None = N
         "top_p": req.top_p, "user": req.user,
         "tools": [_tool(t, i) for i, t in enumerate(req.tools)] if req.tools else None,
         "tool_choice": _tool_choice(req.tool_choice) if req.tools else None,
+        "parallel_tool_calls": req.parallel_tool_calls,
         "response_format": _response_format(req.text),
         "stream_options": {"include_usage": True} if req.stream else None,
         "reasoning_effort": (req.reasoning or {}).get("effort"),

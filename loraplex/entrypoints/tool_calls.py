@@ -113,6 +113,8 @@ def tool_choice_outputs(req: ChatCompletionRequest) -> StructuredOutputsParams:
             {"type": "object", "properties": {"name": {"enum": [n]}, "parameters": p},
              "required": ["name", "parameters"], "additionalProperties": False}
             for n, p in schemas.items()]}}
+        if req.parallel_tool_calls is False:
+            schema["maxItems"] = 1
     return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
 
 
