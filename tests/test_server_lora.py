@@ -116,6 +116,22 @@ def test_stream_equals_full(client, prompts):
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_chat_documents_reach_the_template(client, tokenizer):
+    """vLLM's `documents` (a RAG template's variable) render into the prompt."""
+    template = ("{% for d in documents %}[{{ d.title }}] {{ d.text }}\n{% endfor %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    documents = [{"title": "Paris", "text": "The capital of France."},
+                 {"title": "Oslo", "text": "The capital of Norway."}]
+    messages = [{"role": "user", "content": "Which capital?"}]
+    r = client.chat.completions.create(model="r4_qv", messages=messages, max_tokens=1,
+                                       extra_body={"chat_template": template,
+                                                   "documents": documents})
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         documents=documents)
+    assert text.startswith("[Paris] The capital of France.")
+    assert r.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def test_continuous_usage_stats(client):
     """vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far
     (the chunk's choice's tokens), growing to the final usage chunk's; off, only the final

@@ -252,6 +252,8 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: retrieved documents for a RAG chat template (its `documents` variable)
+    documents: list[dict[str, str]] | None = None
     prompt_logprobs: int | None = None
 
 

@@ -96,6 +96,8 @@ class OpenAIServingChat(OpenAIServing):
         template_kw: dict[str, Any] = {"tools": tools} if tools else {}
         if req.reasoning_effort is not None:  # as vLLM: a template variable
             template_kw["reasoning_effort"] = req.reasoning_effort
+        if req.documents is not None:
+            template_kw["documents"] = req.documents
         encoder = self.encoder_for(lora)
         try:
             text = encoder.apply_chat_template(
