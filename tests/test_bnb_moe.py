@@ -38,8 +38,9 @@ SIZES = {"mixtral": {}, "qwen2_moe": {"moe_intermediate_size": 64,
 
 CASES = {  # name -> (arch, write_bnb4 options)
     "mixtral_in_flight_nf4": ("mixtral", dict(prequantized=False)),
-    "qwen2_moe_in_flight_nf4": ("qwen2_moe", dict(prequantized=False)),
-    "qwen3_moe_prequantized_nf4_double": ("qwen3_moe", dict(prequantized=True,
+    "qwen3_moe_in_flight_nf4": ("qwen3_moe", dict(prequantized=False)),
+    # the routers (the shared expert's gate too) 4-bit, as transformers 4 saves them
+    "qwen2_moe_prequantized_nf4_double": ("qwen2_moe", dict(prequantized=True,
                                                             double_quant=True)),
 }
 
@@ -89,6 +90,11 @@ def test_bnb_moe_with_mixed_adapters_matches_hf_peft(case, bnb_moe_models, bnb_m
     ref = load_file(str(bnb_moe[case][1] / "model.safetensors"))
     torch.testing.assert_close(router.weight.cpu(), ref[f"model.layers.0.{ARCHS[arch][0]}"
                                                         ".gate.weight"])
+    if arch == "qwen2_moe":
+        shared_gate = getattr(block, block.ffn_name).shared_expert_gate
+        shared_gate = getattr(shared_gate, "base_layer", shared_gate)
+        torch.testing.assert_close(shared_gate.weight.cpu(),
+                                   ref["model.layers.0.mlp.shared_expert_gate.weight"])
     check_mixed_batch(llm, bnb_moe[case][1], bnb_moe_models[arch][1], prompts)
 
 
@@ -183,7 +189,7 @@ def test_bnb_experts_on_the_kernel(monkeypatch):
 
 
 def test_unsupported_or_inconsistent_bnb_moe_checkpoints(bnb_moe_models, bnb_moe, tmp_path):
-    prequantized = bnb_moe["qwen3_moe_prequantized_nf4_double"][0]
+    prequantized = bnb_moe["qwen2_moe_prequantized_nf4_double"][0]
     expert = "model.layers.0.mlp.experts.2.up_proj.weight"
 
     def quant_config(**changes):
@@ -191,7 +197,7 @@ def test_unsupported_or_inconsistent_bnb_moe_checkpoints(bnb_moe_models, bnb_moe
     cases = [
         (_edited(prequantized, tmp_path / "int8", config=quant_config(
             load_in_4bit=False, load_in_8bit=True)),
-         "bitsandbytes 8-bit Qwen3MoeForCausalLM models are not supported yet"),
+         "bitsandbytes 8-bit Qwen2MoeForCausalLM models are not supported yet"),
         (_edited(prequantized, tmp_path / "missing", tensors=lambda t: {
             k: v for k, v in t.items() if k != f"{expert}.nested_absmax"}),
          "lacks 1 expert projections, e.g. expert 2's up projection (found ['weight', "
