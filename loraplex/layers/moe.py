@@ -233,6 +233,10 @@ class FusedExperts(nn.Module):
     def finish_loading(self) -> None:
         """Raise if the checkpoint left part of the experts unset (after every tensor)."""
 
+    def projections(self) -> list[tuple[int, str]]:
+        """Every (expert, projection): what a quantized subclass's loading must cover."""
+        return [(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")]
+
 
 def _quantized_matmul(x: torch.Tensor, kernel_module: str, matrix: Any,
                       torch_matmul: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -291,8 +295,7 @@ class FP8FusedExperts(FusedExperts):
         return param
 
     def finish_loading(self) -> None:
-        missing = [(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")
-                   if (e, p) not in self._scaled]
+        missing = [ep for ep in self.projections() if ep not in self._scaled]
         if missing:
             raise ValueError(f"fp8 experts: no weight_scale for {len(missing)} expert "
                              f"projections, e.g. expert {missing[0][0]}'s {missing[0][1]}")
@@ -304,7 +307,7 @@ class FP8FusedExperts(FusedExperts):
                 w.copy_(values.to(FP8))
                 scale.copy_(torch.empty(scale.shape).uniform_(0.02 / FP8_MAX, 0.06 / FP8_MAX,
                                                               generator=gen))
-        self._scaled = {(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")}
+        self._scaled = set(self.projections())
 
 
 class MXFP4FusedExperts(FusedExperts):
@@ -480,8 +483,8 @@ class PackedIntFusedExperts(FusedExperts):
 
     def finish_loading(self) -> None:
         needed = [k for k in PACKED_TENSORS if k != "qzeros" or not self.cfg.implicit_zero]
-        missing = [(e, p, k) for e in range(self.num_experts) for p in ("gate", "up", "down")
-                   for k in needed if (e, p, k) not in self._loaded]
+        missing = [(e, p, k) for e, p in self.projections() for k in needed
+                   if (e, p, k) not in self._loaded]
         if missing:
             e, p, k = missing[0]
             raise ValueError(f"{self.cfg.method} experts: the checkpoint lacks {len(missing)} "
@@ -495,8 +498,7 @@ class PackedIntFusedExperts(FusedExperts):
                                getattr(self, f"{which}_scales"))
             if kept is not None:
                 zeros.copy_(kept)
-        self._loaded = {(e, p, k) for e in range(self.num_experts)
-                        for p in ("gate", "up", "down") for k in PACKED_TENSORS}
+        self._loaded = {(e, p, k) for e, p in self.projections() for k in PACKED_TENSORS}
 
 
 class BnB4bitFusedExperts(FusedExperts):
@@ -575,8 +577,7 @@ class BnB4bitFusedExperts(FusedExperts):
         return param
 
     def finish_loading(self) -> None:
-        missing = [(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")
-                   if (e, p) not in self._loaded]
+        missing = [ep for ep in self.projections() if ep not in self._loaded]
         if missing:
             e, p = missing[0]
             have = sorted(self._pending.get((e, p), {}))
@@ -587,7 +588,7 @@ class BnB4bitFusedExperts(FusedExperts):
     def fill_random(self, gen: torch.Generator) -> None:
         for which in ("w13", "w2"):
             fill_4bit_random(gen, getattr(self, which), getattr(self, f"{which}_absmax"))
-        self._loaded = {(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")}
+        self._loaded = set(self.projections())
 
 
 class GateLinear(Linear):
