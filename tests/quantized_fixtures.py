@@ -10,7 +10,9 @@ Each call writes two HF directories: the quantized checkpoint, and the same mode
 the dequantized weights in fp32, which HF transformers + PEFT run as the reference. A
 mixture of experts' experts are quantized one linear each (Mixtral's w1 / w2 / w3, Qwen's
 gate_proj / up_proj / down_proj), as GPTQ and AWQ checkpoints of them store them; the
-routers (`gate`, `shared_expert_gate`) stay plain, as their quantizers leave them.
+routers (`gate`, `shared_expert_gate`) stay plain, as their quantizers leave them, unless
+`router=True` (GPTQModel's / AutoRound's Qwen3-MoE checkpoints quantize `mlp.gate`).
+bitsandbytes 4-bit checkpoints (write_bnb4) come from bitsandbytes' own quantize_4bit.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 _LINEAR = re.compile(r"\.((q|k|v|o|gate|up|down)_proj|experts\.\d+\.w[123])\.weight$")
+_ROUTER = re.compile(r"\.gate\.weight$")  # a mixture's router (not shared_expert_gate)
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble k holds column AWQ_PACK_ORDER[k]
 
 
@@ -129,14 +132,17 @@ def _weights_and_two_copies(base_dir: Path, quant_dir: Path, ref_dir: Path
 
 def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 4,
                     group_size: int = 32, sym: bool = False, desc_act: bool = False,
-                    fmt: str = "gptq", skip: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """(quantized checkpoint, dequantized fp32 reference) of a tiny safetensors model."""
+                    fmt: str = "gptq", skip: tuple[str, ...] = (), router: bool = False
+                    ) -> tuple[Path, Path]:
+    """(quantized checkpoint, dequantized fp32 reference) of a tiny safetensors model;
+    `router`: the mixture's routers quantized too."""
     quant_dir, ref_dir = out_root / f"{method}_quant", out_root / f"{method}_ref"
     state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
     quant, ref = {}, {}
     sites: dict[str, int] = {}  # act-order permutations follow the input: q/k/v share one
     for name, w in sorted(state.items()):
-        if not _LINEAR.search(name) or any(s in name for s in skip):
+        quantized = _LINEAR.search(name) or (router and _ROUTER.search(name))
+        if not quantized or any(s in name for s in skip):
             quant[name] = ref[name] = w
             continue
         prefix = name[:-len(".weight")]
@@ -164,6 +170,40 @@ def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 
         qc["modules_to_not_convert"] = list(skip)
     cfg["quantization_config"] = qc
     (quant_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return quant_dir, ref_dir
+
+
+def write_bnb4(base_dir: Path, out_root: Path, name: str, *, prequantized: bool,
+               quant_type: str = "nf4", double_quant: bool = False) -> tuple[Path, Path]:
+    """(checkpoint, fp32 reference) for a bitsandbytes 4-bit base, every linear through
+    bitsandbytes' quantize_4bit / dequantize_4bit (blocks of 64). prequantized: the
+    checkpoint transformers 4's load_in_4bit saves (a Params4bit per linear, each expert's
+    and the routers' too: `weight` and its quant state); else the plain base itself, for
+    quantization="bitsandbytes", whose routers stay plain."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
+    state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
+    quant, ref = {}, {}
+    for key, w in sorted(state.items()):
+        routers = prequantized and re.search(r"\.(gate|shared_expert_gate)\.weight$", key)
+        if not (_LINEAR.search(key) or routers):
+            quant[key] = ref[key] = w
+            continue
+        q, qs = quantize_4bit(w.float(), blocksize=64, quant_type=quant_type,
+                              compress_statistics=double_quant)
+        ref[key] = dequantize_4bit(q, qs).to(w.dtype)
+        quant.update({key: q, **{f"{key}.{k}": v for k, v in qs.as_dict(packed=True).items()}}
+                     if prequantized else {key: w})
+    save_file(quant, str(quant_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    if prequantized:
+        cfg = json.loads((quant_dir / "config.json").read_text())
+        cfg["quantization_config"] = {
+            "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
+            "bnb_4bit_compute_dtype": "float32", "llm_int8_skip_modules": None}
+        (quant_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return quant_dir, ref_dir
 
 

@@ -2,7 +2,8 @@
 with a plain MLP layer) with LoRA adapters, against HF + PEFT on the dequantized weights.
 
 tests/quantized_fixtures.py quantizes each expert's linears as AutoGPTQ / AutoAWQ pack
-them (the routers stay plain); the reference model holds the same integers dequantized in
+them (the routers stay plain, but in one case: GPTQModel's Qwen3-MoE quantize mlp.gate,
+which loads dequantized); the reference model holds the same integers dequantized in
 fp32. The experts stay packed (PackedIntFusedExperts); under the Triton interpreter the
 CUDA path (the GPTQ / AWQ kernel per expert) is held against the torch one.
 """
@@ -21,7 +22,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from loraplex import SamplingParams
-from loraplex.layers.moe import FusedExperts, PackedIntFusedExperts
+from loraplex.layers.moe import FusedExperts, GateLinear, PackedIntFusedExperts
 from loraplex.layers.quantization import QuantConfig
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import make_peft_adapter, make_tiny_model
@@ -53,6 +54,9 @@ CASES = {  # name -> (arch, method, write_quantized options)
     "qwen2_moe_awq4_g16": ("qwen2_moe", "awq", {"group_size": 16}),
     "qwen3_moe_gptq8_sym_v2": ("qwen3_moe", "gptq", {"bits": 8, "group_size": -1, "sym": True,
                                                      "fmt": "gptq_v2"}),
+    # the router packed too (8 bits: 4 experts are one int32 of outputs)
+    "qwen3_moe_gptq8_act_order_router": ("qwen3_moe", "gptq", {
+        "bits": 8, "group_size": 16, "desc_act": True, "router": True}),
 }
 
 
@@ -122,6 +126,14 @@ def test_quantized_moe_with_mixed_adapters_matches_hf_peft(case, moe_models, qua
         assert experts.act_order == {"w13": True, "w2": True}
     if "layer1_plain" in case:
         assert type(_experts(llm, 1)) is FusedExperts
+    if "router" in case:  # dequantized into the plain router as it loaded
+        router = llm.llm_engine.model.model.layers[0].mlp.gate
+        router = getattr(router, "base_layer", router)
+        assert isinstance(router, GateLinear) and router.weight.dtype == torch.float32
+        want = load_file(str(ref_dir / "model.safetensors"))["model.layers.0.mlp.gate.weight"]
+        assert not torch.equal(want, load_file(str(moe_models[arch][0] / "model.safetensors"))[
+            "model.layers.0.mlp.gate.weight"])  # the reference's router is quantized
+        torch.testing.assert_close(router.weight.cpu(), want)
     check_mixed_batch(llm, ref_dir, adapters, prompts)
 
 
@@ -268,9 +280,10 @@ def _loaded_experts(name: str, e: int = 4, h: int = 64, i: int = 48
     return packed, plain
 
 
-def _routing(tokens: int, e: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _routing(tokens: int, e: int, seed: int, hidden: int = 64
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, 64, generator=gen)
+    x = torch.randn(tokens, hidden, generator=gen)
     chosen = torch.stack([torch.randperm(e, generator=gen)[:2] for _ in range(tokens)])
     return x, torch.rand(tokens, 2, generator=gen), chosen
 
@@ -305,6 +318,30 @@ def test_packed_experts_on_the_kernel(name, monkeypatch):
     torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["gptq4_act_order", "awq4_g16"])
+def test_a_quantized_router_loads_dequantized(name):
+    """A router of 8 experts packed in 4 bits (GPTQModel's / AutoRound's Qwen3-MoE) is
+    dequantized into the plain weight once its tensors have all arrived; a plain one under
+    the same config loads as it is (checkpoints that leave it plain without saying so)."""
+    method, cfg_opts, fix_opts = LAYER_CASES[name]
+    quantize = quantize_gptq if method == "gptq" else quantize_awq
+    w = 0.1 * torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    tensors, deq = quantize(w, seed=1, **fix_opts)
+    cfg = QuantConfig(method, **cfg_opts)
+    router = GateLinear(64, 8, quant=cfg)
+    for kind, t in tensors.items():
+        router.load_shard(kind, t)
+        assert router.param_of(kind) == "weight"
+    router.finish_loading()
+    torch.testing.assert_close(router.weight.data, deq)
+    plain = GateLinear(64, 8, quant=cfg)
+    plain.load_shard("weight", w)
+    plain.finish_loading()
+    assert torch.equal(plain.weight.data, w)
+    with pytest.raises(ValueError, match="the checkpoint's config names no quantization"):
+        GateLinear(64, 8).load_shard("qweight", tensors["qweight"])
+
+
 def _edited(src: Path, dst: Path, config=None, tensors=None) -> Path:
     """A copy of checkpoint `src` with its config.json and / or its tensors edited."""
     shutil.copytree(src, dst)
@@ -326,14 +363,7 @@ def test_unsupported_or_inconsistent_quantized_moe_checkpoints(moe_models, quant
     def flip(key: str):
         return lambda t: {**t, key: t[key].flip(0).contiguous()}
 
-    def bnb(cfg: dict) -> None:
-        cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                      "bnb_4bit_quant_type": "nf4"}
     cases = [
-        (_edited(moe_models["qwen3_moe"][0], tmp_path / "bnb", config=bnb),
-         "bitsandbytes-quantized Qwen3MoeForCausalLM models are not supported yet (FP8, "
-         "GPTQ, AWQ and compressed-tensors int mixtures of experts are, and gpt-oss in "
-         "MXFP4)"),
         (_edited(gptq, tmp_path / "g_idx", tensors=flip(f"{expert}.up_proj.g_idx")),
          "expert 1's gate and up projections have different g_idx"),
         (_edited(gptq, tmp_path / "missing", tensors=lambda t: {
@@ -361,6 +391,3 @@ def test_unsupported_or_inconsistent_quantized_moe_checkpoints(moe_models, quant
     for path, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             make_llm(path)
-    with pytest.raises(ValueError, match=re.escape(
-            "bitsandbytes-quantized MixtralForCausalLM models are not supported yet")):
-        make_llm(moe_models["mixtral"][0], quantization="bitsandbytes")

@@ -23,8 +23,10 @@ once per layer (one host sync), then one matmul pair runs per expert that has to
 the decode step of a MoE model runs without CUDA graphs. Under LoRA the pairs are also
 sorted by adapter slot within each expert (lora/experts.py adds each slot's delta). An
 FP8 checkpoint's experts stay FP8 (FP8FusedExperts), read through the FP8 kernel or
-dequantized when they have tokens; gpt-oss's MXFP4 experts alike (MXFP4FusedExperts), and
-a GPTQ or AWQ checkpoint's packed experts (PackedIntFusedExperts).
+dequantized when they have tokens; gpt-oss's MXFP4 experts alike (MXFP4FusedExperts), a
+GPTQ or AWQ checkpoint's packed experts (PackedIntFusedExperts) and bitsandbytes' 4-bit
+ones (BnB4bitFusedExperts). The routers stay plain (GateLinear): a checkpoint that
+quantized them is dequantized while it loads.
 """
 
 from __future__ import annotations
@@ -40,8 +42,17 @@ from torch import nn
 from loraplex import envs
 from loraplex.backends import triton_kernels
 from loraplex.layers.activation import ClampedSwiGLU
-from loraplex.layers.linear import make_linear
-from loraplex.layers.quantization import QuantConfig, mxfp4
+from loraplex.layers.linear import Linear, make_linear
+from loraplex.layers.quantization import QuantConfig, QuantLinear, mxfp4
+from loraplex.layers.quantization.bitsandbytes import (
+    PARAMS4BIT_PIECES,
+    BnB4bitMatrix,
+    adopt_code,
+    code_table,
+    fill_4bit_random,
+    quantize_nf4,
+    unpack_4bit_state,
+)
 from loraplex.layers.quantization.compressed_tensors import PARAM_OF as CT_PARAM_OF
 from loraplex.layers.quantization.compressed_tensors import (
     check_weight_shape,
@@ -222,6 +233,10 @@ class FusedExperts(nn.Module):
     def finish_loading(self) -> None:
         """Raise if the checkpoint left part of the experts unset (after every tensor)."""
 
+    def projections(self) -> list[tuple[int, str]]:
+        """Every (expert, projection): what a quantized subclass's loading must cover."""
+        return [(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")]
+
 
 def _quantized_matmul(x: torch.Tensor, kernel_module: str, matrix: Any,
                       torch_matmul: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -280,8 +295,7 @@ class FP8FusedExperts(FusedExperts):
         return param
 
     def finish_loading(self) -> None:
-        missing = [(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")
-                   if (e, p) not in self._scaled]
+        missing = [ep for ep in self.projections() if ep not in self._scaled]
         if missing:
             raise ValueError(f"fp8 experts: no weight_scale for {len(missing)} expert "
                              f"projections, e.g. expert {missing[0][0]}'s {missing[0][1]}")
@@ -293,7 +307,7 @@ class FP8FusedExperts(FusedExperts):
                 w.copy_(values.to(FP8))
                 scale.copy_(torch.empty(scale.shape).uniform_(0.02 / FP8_MAX, 0.06 / FP8_MAX,
                                                               generator=gen))
-        self._scaled = {(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")}
+        self._scaled = set(self.projections())
 
 
 class MXFP4FusedExperts(FusedExperts):
@@ -469,8 +483,8 @@ class PackedIntFusedExperts(FusedExperts):
 
     def finish_loading(self) -> None:
         needed = [k for k in PACKED_TENSORS if k != "qzeros" or not self.cfg.implicit_zero]
-        missing = [(e, p, k) for e in range(self.num_experts) for p in ("gate", "up", "down")
-                   for k in needed if (e, p, k) not in self._loaded]
+        missing = [(e, p, k) for e, p in self.projections() for k in needed
+                   if (e, p, k) not in self._loaded]
         if missing:
             e, p, k = missing[0]
             raise ValueError(f"{self.cfg.method} experts: the checkpoint lacks {len(missing)} "
@@ -484,8 +498,142 @@ class PackedIntFusedExperts(FusedExperts):
                                getattr(self, f"{which}_scales"))
             if kept is not None:
                 zeros.copy_(kept)
-        self._loaded = {(e, p, k) for e in range(self.num_experts)
-                        for p in ("gate", "up", "down") for k in PACKED_TENSORS}
+        self._loaded = {(e, p, k) for e, p in self.projections() for k in PACKED_TENSORS}
+
+
+class BnB4bitFusedExperts(FusedExperts):
+    """bitsandbytes 4-bit experts (quantization/bitsandbytes.py): `quantization=
+    "bitsandbytes"` on a plain checkpoint NF4-quantizes each expert projection as it loads,
+    as it does the linears; a checkpoint transformers 4 saved with load_in_4bit holds one
+    Params4bit per expert projection, parsed as a linear's. w13 [E, 2I, H / 2] (gate's rows,
+    then up's) and w2 [E, H, I / 2] keep two codes per byte, the even input in the high
+    nibble, with an fp32 absmax per 64 inputs. An expert a step routes tokens to goes
+    through the 4-bit kernel on CUDA (triton_bnb.py), or is dequantized in torch."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 cfg: QuantConfig) -> None:
+        e, h, i, bs = num_experts, hidden_size, intermediate_size, cfg.group_size
+        if h % bs or i % bs:
+            raise ValueError(f"bitsandbytes 4-bit experts: hidden_size {h} and the experts' "
+                             f"intermediate_size {i} must be multiples of its {bs}-input blocks")
+        super().__init__(h, i, e, dtype=torch.uint8, packing=2)
+        self.cfg = cfg
+        self.register_buffer("w13_absmax", torch.zeros(e, 2 * i, h // bs))
+        self.register_buffer("w2_absmax", torch.zeros(e, h, i // bs))
+        self.register_buffer("code", code_table(cfg.quant_type))
+        # (expert, projection) -> its Params4bit pieces so far (prequantized checkpoints)
+        self._pending: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self._loaded: set[tuple[int, str]] = set()
+
+    def matrix(self, e: int, which: str) -> BnB4bitMatrix:
+        """Expert e's "w13" or "w2", as the torch path and the kernel read a linear's."""
+        return BnB4bitMatrix(getattr(self, which)[e], getattr(self, f"{which}_absmax")[e],
+                             self.code)
+
+    def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """On CUDA the 4-bit kernel (triton_bnb.py), else dequantized in torch."""
+        w = self.matrix(e, which)
+        return _quantized_matmul(x, "triton_bnb", w,
+                                 lambda: F.linear(x, w.dequantize_rows(x.dtype)))
+
+    def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
+                    kind: str = "weight") -> str:
+        """A plain expert weight, quantized here (in-flight), or one piece of a Params4bit
+        (weight, weight.absmax, ...), placed once all of its pieces have arrived."""
+        param, rows = self._place(name)
+        proj, what = EXPERT_PROJECTIONS[name], f"expert {expert} {name}"
+        out, inputs = getattr(self, param)[expert, rows].shape
+        inputs *= 2  # two per byte
+        if kind == "weight" and tensor.is_floating_point():
+            if self.cfg.prequantized:
+                raise ValueError(
+                    f"bitsandbytes 4-bit {what}.weight is a plain {tensor.dtype} weight where "
+                    "config.json's quantization_config says 4-bit values should be (transformers "
+                    "5 saves a mixture's experts unquantized): not supported; serve the original "
+                    "checkpoint with quantization='bitsandbytes' (experts NF4 as they load)")
+            if tuple(tensor.shape) != (out, inputs):
+                raise ValueError(f"{what} has shape {tuple(tensor.shape)}, the model expects "
+                                 f"{(out, inputs)}")
+            q, absmax = quantize_nf4(tensor.to(self.w13.device), self.cfg.group_size)
+            return self._set(expert, name, q, absmax)
+        if not (kind == "weight" or kind.startswith("weight.")) or tensor.dtype == torch.int8:
+            raise ValueError(f"bitsandbytes 4-bit {what}.{kind} ({tensor.dtype}) has no place "
+                             "in the 4-bit experts (8-bit weights? a bias?)")
+        pending = self._pending.setdefault((expert, proj), {})
+        pending[kind] = tensor
+        unpacked = unpack_4bit_state(pending, out, inputs, self.cfg.group_size, what)
+        if unpacked is None:
+            return param
+        q, absmax, code = unpacked
+        adopt_code(self.code, code, not self._loaded, "the experts")
+        del self._pending[expert, proj]
+        return self._set(expert, name, q, absmax)
+
+    def _set(self, expert: int, name: str, q: torch.Tensor, absmax: torch.Tensor) -> str:
+        param, rows = self._place(name)
+        getattr(self, param).data[expert, rows] = q
+        getattr(self, f"{param}_absmax")[expert, rows] = absmax
+        self._loaded.add((expert, EXPERT_PROJECTIONS[name]))
+        return param
+
+    def finish_loading(self) -> None:
+        missing = [ep for ep in self.projections() if ep not in self._loaded]
+        if missing:
+            e, p = missing[0]
+            have = sorted(self._pending.get((e, p), {}))
+            raise ValueError(f"bitsandbytes 4-bit experts: the checkpoint lacks {len(missing)} "
+                             f"expert projections, e.g. expert {e}'s {p} projection (found "
+                             f"{have or 'nothing'}: {PARAMS4BIT_PIECES})")
+
+    def fill_random(self, gen: torch.Generator) -> None:
+        for which in ("w13", "w2"):
+            fill_4bit_random(gen, getattr(self, which), getattr(self, f"{which}_absmax"))
+        self._loaded = set(self.projections())
+
+
+class GateLinear(Linear):
+    """A mixture's router (and Qwen2-MoE's shared_expert_gate), always plain: [E, H] is
+    small, and routing on the exact weights keeps the top-k choice what the quantizer saw.
+    Some checkpoints quantize it anyway (GPTQModel's / AutoRound's Qwen3-MoE pack mlp.gate;
+    transformers 4's load_in_4bit quantizes every nn.Linear): their tensors (qweight,
+    weight.absmax, ...) gather in a linear of the checkpoint's method, built on the first of
+    them, which finish_loading dequantizes into the plain weight. Plain tensors load as
+    they are, so checkpoints that leave the router plain need not say so."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 quant: QuantConfig | None = None) -> None:
+        super().__init__(in_features, [out_features], bias)
+        self.quant = quant
+        self._quantized: QuantLinear | None = None  # while loading a quantized checkpoint's
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int = 0) -> None:
+        plain = loaded.is_floating_point() and loaded.element_size() > 1  # not FP8 / ints
+        if param_name == "bias" and self.bias is None:
+            if loaded.any():
+                raise ValueError("the checkpoint has a bias for a router that has none")
+            return  # some quantizers save a zero bias for every linear
+        if param_name in ("weight", "bias") and plain:
+            return super().load_shard(param_name, loaded, shard)
+        if self._quantized is None:
+            layer = make_linear(self.in_features, self.output_sizes, False, self.quant)
+            if not isinstance(layer, QuantLinear):
+                raise ValueError(f"router tensor {param_name} ({loaded.dtype}) is quantized, "
+                                 "but the checkpoint's config names no quantization for it")
+            self._quantized = layer.to(self.weight.device)
+        self._quantized.load_shard(param_name, loaded, 0)
+
+    def param_of(self, name: str) -> str:
+        """The parameter a checkpoint tensor fills: the weight, unless it is the bias."""
+        return "bias" if name == "bias" else "weight"
+
+    def finish_loading(self) -> None:
+        """Dequantize a quantized checkpoint's router into the plain weight."""
+        if self._quantized is None:
+            return
+        self._quantized.finish_loading()
+        with torch.no_grad():
+            self.weight.copy_(self._quantized.dequantize(torch.float32).T)
+        self._quantized = None
 
 
 def experts_quantized(quant: QuantConfig, hf_names: tuple[str, ...]) -> bool:
@@ -504,26 +652,30 @@ class SparseMoE(nn.Module):
                  top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None,
                  quant: QuantConfig | None = None, gpt_oss: ClampedSwiGLU | None = None,
                  expert_names: tuple[str, ...] = ()) -> None:
-        """`quant`: an FP8, GPTQ or AWQ checkpoint's or gpt-oss's MXFP4 one (its experts;
-        the router stays plain); `expert_names`: the experts' HF modules, which GPTQ's /
-        AWQ's modules_to_not_convert may leave plain."""
+        """`quant`: an FP8, GPTQ, AWQ or bitsandbytes 4-bit checkpoint's or gpt-oss's MXFP4
+        one (its experts; the routers stay plain, GateLinear); `expert_names`: the experts'
+        HF modules, which modules_to_not_convert may leave plain."""
         super().__init__()
         self.shared_expert = shared_expert
-        self.shared_expert_gate = make_linear(hidden_size, [1]) if shared_expert else None
+        self.shared_expert_gate = GateLinear(hidden_size, 1, quant=quant) \
+            if shared_expert else None
         self.top_k, self.normalize = top_k, normalize
         self.gpt_oss = gpt_oss is not None
         # the router, under its checkpoints' name: Mixtral's and Qwen's "gate", gpt-oss's
         # "router" (with a bias)
         self.router_name = "router" if gpt_oss else "gate"
         setattr(self, self.router_name,
-                make_linear(hidden_size, [num_experts], bias=gpt_oss is not None))
+                GateLinear(hidden_size, num_experts, bias=gpt_oss is not None, quant=quant))
         packed_int = ("gptq", "awq", "compressed-tensors")
-        if quant is not None and quant.method in packed_int \
+        if quant is not None and quant.method in (*packed_int, "bitsandbytes") \
                 and not experts_quantized(quant, expert_names):
             quant = None
         if quant is not None and quant.method == "mxfp4":
             self.experts = MXFP4FusedExperts(hidden_size, intermediate_size, num_experts,
                                              gpt_oss)
+        elif quant is not None and quant.method == "bitsandbytes":
+            self.experts = BnB4bitFusedExperts(hidden_size, intermediate_size, num_experts,
+                                               quant)
         elif quant is not None and quant.method in packed_int:
             self.experts = PackedIntFusedExperts(hidden_size, intermediate_size, num_experts,
                                                  quant)

@@ -4,7 +4,9 @@ Reads config.json with transformers' AutoConfig, weights from (sharded) safetens
 as a fallback, pytorch_model*.bin. HF's separate q/k/v and gate/up weights are copied
 into our packed projections through the model's `packed_modules_mapping`; Mixtral's
 per-expert w1 / w2 / w3 into the stacked expert weights (FusedExperts.load_expert), and
-gpt-oss's fused ones (experts.gate_up_proj ...) too (FusedExperts.load_fused).
+gpt-oss's fused ones (experts.gate_up_proj ...) too (FusedExperts.load_fused). Quantized
+linears and the routers (GateLinear: plain, dequantized from a checkpoint that quantized
+them) take their tensors through their own load_shard.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from loraplex.layers.moe import FusedExperts
+from loraplex.layers.moe import FusedExperts, GateLinear
 from loraplex.layers.quantization import QuantLinear
 from loraplex.models.llama import LlamaForCausalLM
 
@@ -67,7 +69,8 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def load_weights(model: LlamaForCausalLM, path: str) -> None:
     params = dict(model.named_parameters())
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantized = {n: m for n, m in model.named_modules()
+                 if isinstance(m, QuantLinear | GateLinear)}
     fused_experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedExperts)}
     loaded: set[str] = set()
     text_only = model.args.text_only  # a multimodal checkpoint: its language model only

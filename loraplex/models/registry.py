@@ -153,11 +153,15 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                     "GptOssForCausalLM"):
         return {}
     supported = ("mxfp4",) if name == "GptOssForCausalLM" else (
-        "fp8", "gptq", "awq", "compressed-tensors")
+        "fp8", "gptq", "awq", "compressed-tensors", "bitsandbytes")
     if quant is not None and quant.method not in supported:
         raise ValueError(f"{quant.method}-quantized {name} models are not supported yet "
-                         "(FP8, GPTQ, AWQ and compressed-tensors int mixtures of experts "
-                         "are, and gpt-oss in MXFP4)")
+                         "(FP8, GPTQ, AWQ, compressed-tensors int and bitsandbytes 4-bit "
+                         "mixtures of experts are, and gpt-oss in MXFP4)")
+    if quant is not None and quant.method == "bitsandbytes" and quant.bits == 8:
+        raise ValueError(f"bitsandbytes 8-bit {name} models are not supported yet: loraplex "
+                         "loads 4-bit (NF4 / FP4) mixtures of experts, prequantized or with "
+                         "quantization='bitsandbytes' on the plain checkpoint")
     if name == "MixtralForCausalLM":
         return dict(num_experts=int(hf.num_local_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),

@@ -20,6 +20,7 @@ every device, and the reference for the fused 4-bit Triton kernel that CUDA tens
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,110 @@ def quantize_nf4(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
     return (q[:, 0::2] << 4) | q[:, 1::2], absmax
 
 
+def code_table(quant_type: str) -> torch.Tensor:
+    """The 16 values a 4-bit code stands for (fp32): NF4's or FP4's."""
+    return torch.tensor(NF4_CODE if quant_type == "nf4" else FP4_CODE, dtype=torch.float32)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """packed [out, in / 2] uint8, absmax [out, in / blocksize] -> W [out, in] in `dtype`."""
+    out = packed.shape[0]
+    code = code.to(dtype)
+    # byte b -> (code[b >> 4], code[b & 15]): one lookup per byte (2.5x faster on a CPU
+    # than two per nibble)
+    pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)
+    values = pairs.index_select(0, packed.reshape(-1).int())  # [out * in / 2, 2]
+    blocks = values.view(out, absmax.shape[1], -1)
+    return (blocks * absmax.to(dtype).unsqueeze(-1)).view(out, -1)
+
+
+def fill_4bit_random(gen: torch.Generator, packed: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Dummy 4-bit weights (load_format="dummy"): random codes, absmax in [0.02, 0.06]."""
+    with torch.no_grad():
+        packed.copy_(torch.randint(0, 256, packed.shape, generator=gen, dtype=torch.uint8))
+        absmax.copy_(torch.empty(absmax.shape).uniform_(0.02, 0.06, generator=gen))
+
+
+@dataclass
+class BnB4bitMatrix:
+    """One 4-bit weight [out, in] as the torch path and the Triton kernel (triton_bnb.py)
+    read it: a linear's, or one expert projection of a mixture (layers/moe.py)."""
+
+    weight: torch.Tensor  # [out, in / 2] uint8, the even input in the high nibble
+    absmax: torch.Tensor  # [out, in / blocksize] fp32
+    code: torch.Tensor  # [16] fp32
+    bias: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return 2 * self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def dequantize_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """W as [out, in] in `dtype`."""
+        return dequantize_4bit(self.weight, self.absmax, self.code, dtype)
+
+
 def _quant_state(blob: torch.Tensor) -> dict:
     """bitsandbytes' `quant_state.bitsandbytes__nf4` tensor: JSON in uint8s."""
     return json.loads(bytes(blob.flatten().tolist()).decode("utf-8"))
+
+
+PARAMS4BIT_PIECES = ("weight, absmax, quant_map and quant_state are needed, plus nested_absmax "
+                     "and nested_quant_map when double-quantized")
+
+
+def unpack_4bit_state(pieces: dict[str, torch.Tensor], rows: int, in_features: int,
+                      blocksize: int, what: str
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One Params4bit as transformers saves it (`weight` and its `weight.absmax`,
+    `weight.quant_map`, `weight.quant_state.bitsandbytes__*`, and `weight.nested_*` when
+    double-quantized) -> (packed [rows, in / 2], absmax [rows, in / blocksize] fp32, code);
+    None until every piece has arrived (they come in any order). `what`: for errors."""
+    state_key = next((k for k in pieces if k.startswith("weight.quant_state.")), None)
+    needed = ["weight", "weight.absmax", "weight.quant_map"]
+    if state_key is None or any(k not in pieces for k in needed):
+        return None
+    state = _quant_state(pieces[state_key])
+    nested = "nested_offset" in state
+    if nested and ("weight.nested_absmax" not in pieces
+                   or "weight.nested_quant_map" not in pieces):
+        return None
+    if list(state.get("shape", [])) != [rows, in_features] or state.get("blocksize") != blocksize:
+        raise ValueError(f"bitsandbytes 4-bit weight of shape {state.get('shape')} in blocks of "
+                         f"{state.get('blocksize')} does not fit {what} ([{rows}, {in_features}] "
+                         f"in blocks of {blocksize})")
+    packed = pieces["weight"]
+    packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
+    absmax = pieces["weight.absmax"]
+    if nested:  # absmax = nested_code[a] * nested_absmax[block of 256] + offset
+        nbs = int(state["nested_blocksize"])
+        values = pieces["weight.nested_quant_map"].float()[absmax.flatten().long()]
+        pad = -len(values) % nbs
+        values = F.pad(values, (0, pad)).view(-1, nbs) * \
+            pieces["weight.nested_absmax"].float()[:, None]
+        absmax = values.flatten()[:absmax.numel()] + float(state["nested_offset"])
+    if packed.numel() * 2 != rows * in_features or absmax.numel() * blocksize != \
+            rows * in_features:
+        raise ValueError(f"bitsandbytes 4-bit tensors of {what} hold {packed.numel() * 2} "
+                         f"values and {absmax.numel()} blocks, not [{rows}, {in_features}]")
+    return (packed.reshape(rows, in_features // 2),
+            absmax.float().reshape(rows, in_features // blocksize),
+            pieces["weight.quant_map"].float().flatten())
+
+
+def adopt_code(code: torch.Tensor, loaded: torch.Tensor, first: bool, what: str) -> None:
+    """Take a checkpoint's quant_map into `code`: the first piece of a layer sets it, the
+    others must agree (one table per layer, as the kernel reads one)."""
+    loaded = loaded.to(code.device)
+    if not first and not torch.equal(loaded, code):
+        raise ValueError(f"bitsandbytes 4-bit: the projections of {what} use different "
+                         "quant_maps (nf4 and fp4?)")
+    code.copy_(loaded)
 
 
 class _RowQuantLinear(QuantLinear):
@@ -82,8 +184,7 @@ class BnB4bitLinear(_RowQuantLinear):
         self.weight = _frozen(self.out_features, in_features // 2, dtype=torch.uint8)
         self.register_buffer("absmax", torch.zeros(self.out_features, in_features // bs,
                                                    dtype=torch.float32))
-        self.register_buffer("code", torch.tensor(
-            NF4_CODE if cfg.quant_type == "nf4" else FP4_CODE, dtype=torch.float32))
+        self.register_buffer("code", code_table(cfg.quant_type))
         self._pending: list[dict[str, torch.Tensor]] = [{} for _ in output_sizes]
         self._loaded = [False] * len(output_sizes)  # per sub-projection
 
@@ -116,43 +217,15 @@ class BnB4bitLinear(_RowQuantLinear):
 
     def _try_unpack(self, shard: int) -> None:
         """Place a sub-projection once all its pieces have arrived (in any order)."""
-        p = self._pending[shard]
-        state_key = next((k for k in p if k.startswith("weight.quant_state.")), None)
-        needed = ["weight", "weight.absmax", "weight.quant_map"]
-        if state_key is None or any(k not in p for k in needed):
-            return
-        state = _quant_state(p[state_key])
-        nested = "nested_offset" in state
-        if nested and ("weight.nested_absmax" not in p or "weight.nested_quant_map" not in p):
-            return
         rows = self._rows(shard)
-        size, bs = rows.stop - rows.start, self.cfg.group_size
-        if list(state.get("shape", [])) != [size, self.in_features] \
-                or state.get("blocksize") != bs:
-            raise ValueError(f"bitsandbytes 4-bit weight of shape {state.get('shape')} in "
-                             f"blocks of {state.get('blocksize')} does not fit shard {shard} "
-                             f"([{size}, {self.in_features}] in blocks of {bs})")
-        packed = p["weight"]
-        packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
-        absmax = p["weight.absmax"]
-        if nested:  # absmax = nested_code[a] * nested_absmax[block of 256] + offset
-            nbs = int(state["nested_blocksize"])
-            values = p["weight.nested_quant_map"].float()[absmax.flatten().long()]
-            pad = -len(values) % nbs
-            values = F.pad(values, (0, pad)).view(-1, nbs) * p["weight.nested_absmax"].float()[:, None]
-            absmax = values.flatten()[:absmax.numel()] + float(state["nested_offset"])
-        if packed.numel() * 2 != size * self.in_features or absmax.numel() * bs != \
-                size * self.in_features:
-            raise ValueError(f"bitsandbytes 4-bit tensors of shard {shard} hold "
-                             f"{packed.numel() * 2} values and {absmax.numel()} blocks, not "
-                             f"[{size}, {self.in_features}]")
-        code = p["weight.quant_map"].float().flatten()
-        if any(self._loaded) and not torch.equal(code.to(self.code.device), self.code):
-            raise ValueError("bitsandbytes 4-bit: the sub-projections of one packed layer "
-                             "use different quant_maps (nf4 and fp4?)")
-        self.code.copy_(code)
-        self.weight.data[rows] = packed.reshape(size, self.in_features // 2)
-        self.absmax[rows] = absmax.float().reshape(size, self.in_features // bs)
+        unpacked = unpack_4bit_state(self._pending[shard], rows.stop - rows.start,
+                                     self.in_features, self.cfg.group_size, f"shard {shard}")
+        if unpacked is None:
+            return
+        packed, absmax, code = unpacked
+        adopt_code(self.code, code, not any(self._loaded), "one packed layer")
+        self.weight.data[rows] = packed
+        self.absmax[rows] = absmax
         self._loaded[shard] = True
         self._pending[shard] = {}
 
@@ -162,26 +235,16 @@ class BnB4bitLinear(_RowQuantLinear):
                 have = sorted(self._pending[shard])
                 raise ValueError(f"bitsandbytes 4-bit: sub-projection {shard} of this layer "
                                  f"is incomplete in the checkpoint (found {have or 'nothing'}: "
-                                 "weight, absmax, quant_map and quant_state are needed, plus "
-                                 "nested_absmax and nested_quant_map when double-quantized)")
+                                 f"{PARAMS4BIT_PIECES})")
 
     def dequantize_rows(self, dtype: torch.dtype) -> torch.Tensor:
         """W as [out, in] in `dtype`."""
-        code = self.code.to(dtype)
-        # byte b -> (code[b >> 4], code[b & 15]): one lookup per byte (2.5x faster on a
-        # CPU than two per nibble)
-        pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=-1)
-        values = pairs.index_select(0, self.weight.view(-1).int())  # [out * in / 2, 2]
-        blocks = values.view(self.out_features, -1, self.cfg.group_size)
-        return (blocks * self.absmax.to(dtype).unsqueeze(-1)).view(self.out_features,
-                                                                     self.in_features)
+        return dequantize_4bit(self.weight, self.absmax, self.code, dtype)
 
     def fill_random(self, gen: torch.Generator) -> None:
-        with torch.no_grad():
-            self.weight.copy_(torch.randint(0, 256, self.weight.shape, generator=gen,
-                                            dtype=torch.uint8))
-            self.absmax.copy_(torch.empty(self.absmax.shape).uniform_(0.02, 0.06, generator=gen))
-            if self.bias is not None:
+        fill_4bit_random(gen, self.weight, self.absmax)
+        if self.bias is not None:
+            with torch.no_grad():
                 self.bias.zero_()
         self._loaded = [True] * len(self._loaded)
 
