@@ -115,6 +115,14 @@ class ImageProcessor:
         return ids, ImageInputs(pixels, positions, ranges, hashes)
 
 
+def prompt_len(processor: ImageProcessor, ids: list[int], num_images: int) -> int:
+    """The prompt's length once its placeholders are expanded (ValueError: they do not
+    match the images), known before the images are processed: the server sizes
+    max_tokens and usage with it."""
+    c = processor.config
+    return len(expand_placeholders(ids, c.image_token_id, num_images, c.tokens_per_image))
+
+
 def expand_placeholders(ids: list[int], token: int, num_images: int, per_image: int
                         ) -> list[int]:
     """One placeholder per image becomes `per_image` of them (HF's processor does it to

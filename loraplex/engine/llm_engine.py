@@ -203,6 +203,14 @@ class LLMEngine:
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}: give a str, "
                          "a list of token ids or {'prompt_token_ids': [...]}")
 
+    @property
+    def image_placeholder(self) -> str | None:
+        """The image token's text (LLaVA's `<image>`); None when the model takes no
+        images."""
+        if self.image_processor is None:
+            return None
+        return self.tokenizer.convert_ids_to_tokens(self.image_processor.config.image_token_id)
+
     def _images(self, prompt: PromptType, ids: list[int]
                 ) -> tuple[list[int], ImageInputs | None]:
         """A prompt dict's multi_modal_data images: the prompt with its placeholders
