@@ -8,7 +8,9 @@ Prefix caching (vLLM's automatic prefix caching): once a block is full and its K
 computed, it is registered under a hash of its tokens, the hash of the block before it
 (so the hash stands for the whole prefix) and the sequence's `cache_salt` (which adapter
 weights computed the K/V: the same prompt under two adapters has different K/V; and
-the request's own `cache_salt`, as in vLLM: only requests with the same salt share). A
+the request's own `cache_salt`, as in vLLM: only requests with the same salt share),
+and the hashes of the images whose placeholders the block holds (vLLM's rule: the same
+text with another image has other K/V from that block on; engine/images.py). A
 new sequence whose first blocks' hashes are registered takes those blocks (reference
 counted) and starts computing after them. A freed block keeps its contents and its hash
 while it waits in the free pool, least recently freed first, so it can still be hit until
@@ -51,7 +53,8 @@ class BlockManager:
             i = len(hashes)
             parent = hashes[-1] if hashes else seq.cache_salt
             tokens = array("q", seq.token_ids[i * bs:(i + 1) * bs]).tobytes()
-            hashes.append(hashlib.blake2b(parent + tokens, digest_size=16).digest())
+            images = seq.images.block_key(i * bs, (i + 1) * bs) if seq.images else b""
+            hashes.append(hashlib.blake2b(parent + tokens + images, digest_size=16).digest())
         return hashes[:num_blocks]
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:

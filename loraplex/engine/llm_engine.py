@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,6 +25,7 @@ from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.generation_config import GenerationDefaults
+from loraplex.engine.images import ImageInputs, ImageProcessor
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
@@ -35,6 +36,7 @@ from loraplex.lora.adapter import PackedLoRA, local_adapter_dir
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
+from loraplex.models.llava import LlavaVision, LlavaVisionConfig
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.registry import architecture, build_model
 from loraplex.models.text_only import text_only_config
@@ -50,13 +52,13 @@ logger = logging.getLogger(__name__)
 
 PromptType = str | list[int] | dict[str, Any]
 
-# vLLM's prompt-dict keys beyond prompt / prompt_token_ids that a text-only engine can accept:
-# cache_salt (prefix-cache isolation); mm_processor_kwargs only configures the processing
-# of multi_modal_data, and these two are fine while empty. Any other key (prompt_embeds,
+# vLLM's prompt-dict keys beyond prompt / prompt_token_ids that the engine accepts:
+# cache_salt (prefix-cache isolation); multi_modal_data {"image": ...} on a model that takes
+# images (LLaVA), else only while empty, as multi_modal_uuids; mm_processor_kwargs (only
+# configures the processing of multi_modal_data). Any other key (prompt_embeds,
 # token_type_ids, a typo) is refused: it would be silently ignored otherwise.
-_MULTIMODAL_KEYS = ("multi_modal_data", "multi_modal_uuids")
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt", "mm_processor_kwargs",
-                *_MULTIMODAL_KEYS}
+                "multi_modal_data", "multi_modal_uuids"}
 
 
 @dataclass
@@ -87,7 +89,11 @@ class LLMEngine:
         path = resolve_model_path(args.model, args.revision)
         hf_config = AutoConfig.from_pretrained(path)
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
+        whole = hf_config
         hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
+        # LLaVA: its vision tower and projector (models/llava.py), its image processor
+        vision_config = (LlavaVisionConfig.from_hf(whole)
+                         if self.text_only is not None and self.text_only.images else None)
         architecture(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
@@ -100,6 +106,10 @@ class LLMEngine:
         tok_path = path if args.tokenizer is None else resolve_model_path(args.tokenizer)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path,
                                                        revision=args.tokenizer_revision)
+        self.vision = (self._build(lambda: LlavaVision(vision_config))
+                       if vision_config is not None else None)
+        self.image_processor = (ImageProcessor(path, vision_config)
+                                if vision_config is not None else None)
         self.model = self._load_model(hf_config, path)
         self.lora_manager = (LoRAManager(self.model, self.lora_config, mc.dtype)
                              if self.lora_config else None)
@@ -112,7 +122,7 @@ class LLMEngine:
         self.model_runner = ModelRunner(self.model, mc, cache_config,
                                         self.config.scheduler_config,
                                         lm.dora_slots if lm else None,
-                                        lm.rope_offsets if lm else None)
+                                        lm.rope_offsets if lm else None, self.vision)
         self.memory.num_kv_blocks = self.model_runner.num_blocks
         if self.model_runner.num_blocks * block_size < mc.max_model_len:
             slots = (f" after the adapter slots took {self.memory.lora_slot_bytes / 2**20:.1f} "
@@ -150,21 +160,31 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
-    def _load_model(self, hf_config: Any, path: str):
+    def _build(self, make: Callable[[], torch.nn.Module]) -> Any:
+        """A module made in the model's dtype, on its device."""
         mc = self.model_config
         default = torch.get_default_dtype()
         torch.set_default_dtype(mc.dtype)
         try:
             with torch.device(mc.device):
-                model = build_model(hf_config, mc.quantization, self.lora_config.
-                                    long_lora_scaling_factors if self.lora_config else (),
-                                    self.text_only)
+                return make()
         finally:
             torch.set_default_dtype(default)
+
+    def _load_model(self, hf_config: Any, path: str):
+        mc = self.model_config
+        model = self._build(lambda: build_model(
+            hf_config, mc.quantization,
+            self.lora_config.long_lora_scaling_factors if self.lora_config else (),
+            self.text_only))
         if mc.load_format == "dummy":
             init_dummy_weights(model, mc.seed)
+            if self.vision is not None:
+                init_dummy_weights(self.vision, mc.seed + 1)
         else:
-            load_weights(model, path)
+            load_weights(model, path, self.vision)
+        if self.vision is not None:
+            self.vision.eval()
         return model.eval()
 
     # ---- requests ---------------------------------------------------------------------
@@ -172,7 +192,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, tokenizer.encode(prompt)
         if isinstance(prompt, dict):
-            _check_prompt_keys(prompt)
+            _check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
@@ -182,6 +202,27 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}: give a str, "
                          "a list of token ids or {'prompt_token_ids': [...]}")
+
+    @property
+    def image_placeholder(self) -> str | None:
+        """The image token's text (LLaVA's `<image>`); None when the model takes no
+        images."""
+        if self.image_processor is None:
+            return None
+        return self.tokenizer.convert_ids_to_tokens(self.image_processor.config.image_token_id)
+
+    def _images(self, prompt: PromptType, ids: list[int]
+                ) -> tuple[list[int], ImageInputs | None]:
+        """A prompt dict's multi_modal_data images: the prompt with its placeholders
+        expanded, and the images' inputs (engine/images.py)."""
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if not data:
+            return ids, None
+        if not isinstance(data, dict) or set(data) != {"image"}:
+            kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"multi_modal_data: {kinds} is not supported; give "
+                             "{'image': an image or a list of images}")
+        return self.image_processor(ids, data["image"])
 
     def _check_prompt(self, ids: list[int], vocab: int) -> None:
         if not ids:
@@ -226,7 +267,12 @@ class LLMEngine:
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         tokenizer, vocab = self.get_tokenizer(lora_request), self.vocab_size(lora_request)
         text, ids = self._tokenize(prompt, tokenizer)
+        ids, images = self._images(prompt, ids)
+        n_ids = len(ids)
         ids = params.truncate_prompt(ids, self.model_config.max_model_len)
+        if images is not None and len(ids) != n_ids:
+            raise ValueError("truncate_prompt_tokens would cut a prompt with images: leave "
+                             "it unset for image requests")
         salt = _cache_salt(prompt)
         self._check_prompt(ids, vocab)
         self._check_token_ids("logit_bias", params.logit_bias or {}, vocab)
@@ -244,6 +290,7 @@ class LLMEngine:
                 gen.manual_seed(params.seed + i)
             seq = Sequence(request_id, i, ids, params, lora_id, gen, priority)
             seq.grammar = grammars[i]
+            seq.images = images
             seq.bad_words_token_ids = bad_words
             # cached K/V are shared only under the very same adapter weights, and salt
             registration = self.lora_manager.registration_of(lora_id) if lora_id else 0
@@ -548,12 +595,16 @@ def bad_words_token_ids(words: list[str] | None, tokenizer: Any) -> list[list[in
     return out
 
 
-def _check_prompt_keys(prompt: dict[str, Any]) -> None:
+def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -> None:
     """Refuse what a prompt dict asks for that this engine cannot do (vLLM refuses
     multimodal input for a text-only model too), rather than ignore it."""
-    for key in _MULTIMODAL_KEYS:
-        if prompt.get(key):
-            raise ValueError(f"{key}: multimodal inputs are not supported yet (text only)")
+    if prompt.get("multi_modal_data") and not takes_images:
+        raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
+                         f"model {model!r}: it has no vision tower (image inputs are "
+                         "served on LLaVA models)")
+    if prompt.get("multi_modal_uuids"):
+        raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
+                         "uuids (images are hashed for the prefix cache)")
     unknown = sorted(set(prompt) - _PROMPT_KEYS)
     if unknown:
         raise ValueError(f"prompt key(s) {', '.join(map(repr, unknown))} are not supported "

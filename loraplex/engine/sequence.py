@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from loraplex.engine.images import ImageInputs
 from loraplex.outputs import Logprob
 from loraplex.sampling_params import SamplingParams
 
@@ -59,6 +60,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_committed_blocks = 0
         self.num_cached_tokens = 0
+        # a LLaVA prompt's images: pixels, placeholder positions, hashes and (after the
+        # first prefill step) the tower's embeddings; shared by the request's sequences
+        self.images: ImageInputs | None = None
         # prompt_logprobs: entry i for prompt token i given the ones before (entry 0: None),
         # filled chunk by chunk; kept on the request's first completion only
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (

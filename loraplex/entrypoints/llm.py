@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from loraplex.beam_search import BeamSearchOutput, beam_search
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine, PromptType
+from loraplex.entrypoints.chat_images import ChatImages
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
@@ -101,14 +102,21 @@ class LLM:
         loras = _broadcast(lora_request, len(conversations), "lora_request", None)
         self._register(loras)  # an adapter that adds tokens renders with its tokenizer
         prompts: list[PromptType] = []
+        engine = self.llm_engine
         for conv, lora in zip(conversations, loras):
-            tok = self.llm_engine.get_tokenizer(lora)
+            tok = engine.get_tokenizer(lora)
+            # image parts (image_url, image_pil): the images go with the prompt
+            images = ChatImages(engine.model_config.name, engine.image_placeholder,
+                                chat_template or tok.chat_template)
+            conv = [{**m, "content": images.content(m.get("content"), i)} if "content" in m
+                    else m for i, m in enumerate(conv)]
             ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
                                           add_generation_prompt=add_generation_prompt,
                                           **template_kwargs)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in v5
                 ids = ids["input_ids"]
-            prompts.append({"prompt_token_ids": list(ids)})
+            prompts.append({"prompt_token_ids": list(ids)} | (
+                {"multi_modal_data": {"image": images.images}} if images.images else {}))
         return self.generate(prompts, sampling_params, loras, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams],

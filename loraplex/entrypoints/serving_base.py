@@ -182,14 +182,15 @@ class OpenAIServing:
     async def start_requests(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
                              params: list[SamplingParams], model: str | None,
                              lora: LoRARequest | None, cache_salt: str | None = None,
-                             priority: int = 0) -> EngineRequests:
+                             priority: int = 0, images: list[Any] | None = None
+                             ) -> EngineRequests:
         """Queue one engine request per prompt, all or none. ``lora`` is what ``model``
         resolved to; if that adapter was unloaded or replaced since, look ``model`` up
         again (404 once it is gone; the new weights after an in-place reload)."""
         for _ in range(_MAX_LOOKUPS):
             try:
                 return await self._queue(request_id, prompts, params, lora, cache_salt,
-                                         priority)
+                                         priority, images)
             except LoRANotLoadedError:
                 lora = await self.models.resolve(model)
         raise ServiceUnavailableError(f"the adapter {model!r} kept changing while this "
@@ -197,7 +198,9 @@ class OpenAIServing:
 
     async def _queue(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
                      params: list[SamplingParams], lora: LoRARequest | None,
-                     cache_salt: str | None, priority: int) -> EngineRequests:
+                     cache_salt: str | None, priority: int, images: list[Any] | None = None
+                     ) -> EngineRequests:
+        """`images`: every prompt's (a chat request's one prompt: its messages')."""
         for spec in {id(p.structured_outputs): p.structured_outputs for p in params
                      if p.structured_outputs is not None}.values():
             try:  # compiled here, off the step loop; the engine then finds it cached
@@ -214,6 +217,8 @@ class OpenAIServing:
                     prompt["prompt"] = text
                 if cache_salt is not None:
                     prompt["cache_salt"] = cache_salt
+                if images:
+                    prompt["multi_modal_data"] = {"image": images}
                 queued.streams.append(
                     await self.engine.add_request(rid, prompt, p, lora, load_lora=False,
                                                   priority=priority))
@@ -222,7 +227,8 @@ class OpenAIServing:
             if isinstance(e, ValueError) and not isinstance(e, LoRANotLoadedError):
                 first = str(e).split(" ", 1)[0]  # the engine's checks name the field first
                 param = first if first in ("prompt", "logit_bias", "cache_salt", "logprobs",
-                                           "prompt_logprobs", "allowed_token_ids") else None
+                                           "prompt_logprobs", "allowed_token_ids") else (
+                    "messages" if images else None)
                 raise BadRequestError(str(e), param=param) from e  # includes LoRAError
             raise
         return queued

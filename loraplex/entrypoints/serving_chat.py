@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from loraplex.beam_search import BeamSearchOutput
+from loraplex.engine.images import prompt_len
+from loraplex.entrypoints.chat_images import ChatImages
 from loraplex.entrypoints.errors import APIError, BadRequestError
 from loraplex.entrypoints.protocol import (
     ChatCompletionChoice,
@@ -61,20 +63,15 @@ class OpenAIServingChat(OpenAIServing):
         """(reasoning, content) of a reply's text (no reasoning parser: None, text)."""
         return self.reasoning.split(text, finished) if self.reasoning else (None, text)
 
-    @staticmethod
-    def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    def _messages(self, req: ChatCompletionRequest, images: ChatImages
+                  ) -> list[dict[str, Any]]:
+        """The messages for the chat template; their images (decoded) into `images`."""
         out = []
         for i, m in enumerate(req.messages):
-            content = m.content
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    if part.get("type") != "text":
-                        raise BadRequestError(f"messages[{i}]: content part of type "
-                                              f"{part.get('type')!r} is not supported yet "
-                                              "(text only)", param="messages")
-                    parts.append(str(part.get("text", "")))
-                content = "".join(parts)
+            try:
+                content = images.content(m.content, i)
+            except ValueError as e:
+                raise BadRequestError(str(e), param="messages") from e
             msg = {"role": m.role, "content": content or ""}
             if m.name:
                 msg["name"] = m.name
@@ -88,9 +85,10 @@ class OpenAIServingChat(OpenAIServing):
         return out
 
     def render(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None,
-               lora: LoRARequest | None = None) -> tuple[str, list[int]]:
+               lora: LoRARequest | None = None) -> tuple[str, list[int], list[Any]]:
         """Apply the chat template (request's, else --chat-template, else tokenizer's) and
-        tokenize, with `lora`'s tokenizer when it adds tokens; on the encoder thread.
+        tokenize, with `lora`'s tokenizer when it adds tokens; on the encoder thread, which
+        decodes (or fetches) the messages' images too: the text, its ids, the images.
         `tools`: what the template is told the model may call (None: nothing)."""
         template = req.chat_template or self.chat_template
         template_kw: dict[str, Any] = {"tools": tools} if tools else {}
@@ -99,9 +97,13 @@ class OpenAIServingChat(OpenAIServing):
         if req.documents is not None:
             template_kw["documents"] = req.documents
         encoder = self.encoder_for(lora)
+        engine = self.engine.engine
+        images = ChatImages(engine.model_config.name, engine.image_placeholder,
+                            template or encoder.chat_template)
+        messages = self._messages(req, images)
         try:
             text = encoder.apply_chat_template(
-                self._messages(req), chat_template=template, tokenize=False, **template_kw,
+                messages, chat_template=template, tokenize=False, **template_kw,
                 add_generation_prompt=req.add_generation_prompt and not
                 req.continue_final_message,
                 continue_final_message=req.continue_final_message,
@@ -115,7 +117,7 @@ class OpenAIServingChat(OpenAIServing):
             raise BadRequestError(f"cannot apply the chat template: {e}{hint}",
                                   param="messages") from e
         ids = encoder(text, add_special_tokens=req.add_special_tokens).input_ids
-        return text, list(ids)
+        return text, list(ids), images.images
 
     async def create_chat_completion(self, req: ChatCompletionRequest,
                                      chunks: bool = False):
@@ -150,23 +152,32 @@ class OpenAIServingChat(OpenAIServing):
             params.skip_special_tokens = False  # its call tag is a special token
         if self.reasoning is not None and self.reasoning.keeps_special_tokens:
             params.skip_special_tokens = False  # gpt-oss's harmony markers
-        text, ids = await self.off_loop(self.render, req, req.tools if calling else None,
-                                        lora)
+        text, ids, images = await self.off_loop(self.render, req,
+                                                req.tools if calling else None, lora)
         self.check_token_ids(ids)
         text, ids = self.truncated((text, ids), params)
-        self.fit_max_tokens(params, len(ids))
+        num_prompt = len(ids)  # with each image's placeholder expanded
+        if images:
+            try:
+                num_prompt = prompt_len(self.engine.engine.image_processor, ids, len(images))
+            except ValueError as e:
+                raise BadRequestError(f"messages: {e}", param="messages") from e
+        self.fit_max_tokens(params, num_prompt)
         request_id = req.request_id or random_id("chatcmpl")
         echo = self._echo(req)
         if req.use_beam_search:
+            if images:
+                raise BadRequestError("use_beam_search does not take images yet",
+                                      param="use_beam_search")
             if calling:
                 raise BadRequestError("use_beam_search does not call tools: leave out tools "
                                       "or set tool_choice none", param="use_beam_search")
             results = await self.beam_search(req, request_id, params, [(text, ids)], lora)
             return self._beam_response(req, request_id, model, len(ids), results[0], echo)
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
-                                           lora, req.cache_salt, req.priority)
+                                           lora, req.cache_salt, req.priority, images)
         if req.stream:
-            stream = self._stream(req, request_id, model, len(ids), queued, echo, calling,
+            stream = self._stream(req, request_id, model, num_prompt, queued, echo, calling,
                                   params, lora)
             if chunks:
                 return stream, queued
@@ -188,7 +199,7 @@ class OpenAIServingChat(OpenAIServing):
                 if req.logprobs else None, finish_reason=finish, stop_reason=o.stop_reason))
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices,
-            usage=await self._usage(len(ids), final, params, lora),
+            usage=await self._usage(num_prompt, final, params, lora),
             prompt_logprobs=self.prompt_logprobs(req, final))
 
     async def _usage(self, prompt_tokens: int, final: RequestOutput,

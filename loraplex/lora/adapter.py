@@ -353,10 +353,16 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
                 unused.add(module)
                 continue
             pairs.setdefault(module, {})[kind] = tensor
+    images = targets.text_only is not None and targets.text_only.images
     if not pairs:
         raise LoRAError(f"LoRA adapter {name!r}: no LoRA weights in {path}" + (
-            " but on the vision tower, which serving on text never runs" if unused else ""))
-    if unused:
+            "" if not unused else " but on the vision tower / projector, which LoRA is not "
+            "applied to (the language model only)" if images else
+            " but on the vision tower, which serving on text never runs"))
+    if unused and images:  # vLLM's rule too: its image requests differ from the trained model
+        logger.warning("LoRA adapter %r: %d modules on the vision tower / projector left out "
+                       "(LoRA applies to the language model only)", name, len(unused))
+    elif unused:
         logger.info("LoRA adapter %r: %d modules on the vision tower / projector left out "
                     "(text requests never run them)", name, len(unused))
     scaling = _Scaling(cfg)

@@ -40,6 +40,8 @@ from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.text_only import TextOnly
 
+ImageRows = tuple[torch.Tensor, torch.Tensor]  # rows of the flat batch [N], embeddings [N, D]
+
 
 @dataclass
 class LlamaArgs:
@@ -230,12 +232,16 @@ class LlamaModel(nn.Module):
                               f"model.layers.{i}", i) for i in range(a.num_layers))
         self.norm = a.norm(a.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                image_rows: ImageRows | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # with the embedding's LoRA, if any
         if self.embed_scale is not None:  # Gemma: the scale rounded to the weights' dtype
             x = x * float(torch.tensor(self.embed_scale, dtype=x.dtype))
         elif self.embedding_multiplier != 1.0:  # Granite
             x = x * self.embedding_multiplier
+        if image_rows is not None:  # LLaVA: image embeddings at the placeholders' rows
+            rows, embeds = image_rows
+            x = x.index_copy(0, rows, embeds.to(x.dtype))
         for layer in self.layers:
             x = layer(positions, x)
         return self.norm(x)
@@ -270,8 +276,11 @@ class LlamaForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)  # hidden states [T, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                image_rows: ImageRows | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden]; `image_rows`: (rows, embeddings) that replace those
+        rows' token embeddings (a LLaVA prompt's image placeholders)."""
+        return self.model(input_ids, positions, image_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.final_logits(self.lm_head(hidden))

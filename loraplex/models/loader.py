@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from loraplex.layers.moe import FusedExperts, GateLinear
 from loraplex.layers.quantization import QuantLinear
 from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.llava import LlavaVision
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,10 @@ def _split_name(name: str) -> tuple[str, str]:
     return module, param
 
 
-def load_weights(model: LlamaForCausalLM, path: str) -> None:
+def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None = None
+                 ) -> None:
+    """The checkpoint's weights into `model`; a multimodal checkpoint's vision tower and
+    projector into `vision` (models/llava.py) in the same pass, or skipped without one."""
     params = dict(model.named_parameters())
     quantized = {n: m for n, m in model.named_modules()
                  if isinstance(m, QuantLinear | GateLinear)}
@@ -76,8 +80,11 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
     text_only = model.args.text_only  # a multimodal checkpoint: its language model only
     for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
                              leave=False, disable=None):
-        if text_only is not None and (name := text_only.name(name)) is None:
-            continue  # the vision tower or the projector
+        if text_only is not None and (ours := text_only.name(name)) is None:
+            if vision is not None:  # the vision tower or the projector
+                vision.load_weight(name, tensor)
+            continue
+        name = ours if text_only is not None else name
         if "rotary_emb.inv_freq" in name:
             continue
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
@@ -119,6 +126,8 @@ def load_weights(model: LlamaForCausalLM, path: str) -> None:
         loaded.add(name)
     for layer in [*quantized.values(), *fused_experts.values()]:
         layer.finish_loading()
+    if vision is not None:
+        vision.check_loaded(path)
     missing = [n for n in params if n not in loaded
                and not (n == "lm_head.weight" and model.args.tie_word_embeddings)]
     if missing:

@@ -27,8 +27,10 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "GptOssForCausalLM": {"qkv_bias": True, "o_bias": True, "attention_sinks": True},
 }
 
-# multimodal checkpoints whose language model serves text (models/text_only.py)
-SUPPORTED_ARCHITECTURES = (*_ARCHITECTURES, *(f"{m} (text)" for m in MULTIMODAL))
+# multimodal checkpoints: with images (LLaVA), or their language model on text
+# (models/text_only.py)
+SUPPORTED_ARCHITECTURES = (*_ARCHITECTURES, *(m if spec.images else f"{m} (text)"
+                                              for m, spec in MULTIMODAL.items()))
 # older configs name only a model_type
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "mixtral": "MixtralForCausalLM",

@@ -1,9 +1,13 @@
-"""Multimodal checkpoints served on text: their language model is a text model loraplex
-runs (Gemma 3 4B/12B/27B are `Gemma3ForConditionalGeneration`: Gemma 3's text decoder
+"""Multimodal checkpoints: their language model is a text model loraplex runs (Gemma 3 4B/12B/27B are `Gemma3ForConditionalGeneration`: Gemma 3's text decoder
 behind a SigLIP vision tower), so a text request, and an adapter trained on the whole
 model, are served by that text model alone. Requests with images are refused as on any
 model; the vision tower and the projector are never loaded, and an adapter's LoRA on
 them is left out (a text request never runs them, so its output is the full model's).
+
+LLaVA (`LlavaForConditionalGeneration`) is served with images too: its CLIP tower and
+projector load into models/llava.py beside the language model (`TextOnly.images`); an
+adapter's LoRA on them is left out with a warning, as vLLM does (LoRA applies to the
+language model only).
 
 The checkpoint names the language model's weights `language_model.model.*` (the hub's
 files) and PEFT adapters trained with transformers >= 4.52 name its modules
@@ -22,10 +26,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TextOnly:
-    text_architecture: str  # the text model that serves it (models/registry.py)
+    # the text model that serves it (models/registry.py); None: its text config's model_type
+    text_architecture: str | None
     renames: tuple[tuple[str, str], ...]  # name prefix in the checkpoint / adapter -> ours
     skipped: tuple[str, ...]  # name prefixes of the parts a text request never runs
     vision_leaves: tuple[str, ...]  # module names only those parts have (adapter targets)
+    images: bool = False  # image inputs served (the skipped parts load in models/llava.py)
 
     def name(self, name: str) -> str | None:
         """A checkpoint tensor's or an adapter module's name as the text model's; None
@@ -44,6 +50,13 @@ MULTIMODAL: dict[str, TextOnly] = {
         skipped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                  "model.multi_modal_projector."),
         vision_leaves=("fc1", "fc2", "out_proj")),
+    "LlavaForConditionalGeneration": TextOnly(
+        None,
+        renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head.")),
+        skipped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                 "model.multi_modal_projector."),
+        vision_leaves=("fc1", "fc2", "out_proj", "linear_1", "linear_2"), images=True),
 }
 # what the whole model's config says for its language model: whether lm_head is the
 # embedding (the whole model's setting decides, as in transformers), the quantization,
@@ -63,7 +76,8 @@ def text_only_config(hf_config: Any) -> tuple[Any, TextOnly | None]:
     for key in _INHERITED:
         if getattr(hf_config, key, None) is not None:
             setattr(text, key, getattr(hf_config, key))
-    text.architectures = [spec.text_architecture]
-    logger.info("%s: serving its language model (%s) on text; image inputs are not "
-                "supported", name, spec.text_architecture)
+    text.architectures = [spec.text_architecture] if spec.text_architecture else None
+    if not spec.images:
+        logger.info("%s: serving its language model (%s) on text; image inputs are not "
+                    "supported", name, spec.text_architecture)
     return text, spec

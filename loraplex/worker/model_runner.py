@@ -35,7 +35,8 @@ from loraplex.layers.attention import (
 from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
-from loraplex.models.llama import LlamaForCausalLM
+from loraplex.models.llama import ImageRows, LlamaForCausalLM
+from loraplex.models.llava import LlavaVision
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
@@ -79,8 +80,10 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, model_config: ModelConfig,
                  cache_config: CacheConfig, scheduler_config: SchedulerConfig,
                  eager_slots: set[int] | None = None,
-                 rope_offsets: dict[int, int] | None = None) -> None:
+                 rope_offsets: dict[int, int] | None = None,
+                 vision: LlavaVision | None = None) -> None:
         self.model = model
+        self.vision = vision  # LLaVA's tower and projector: image embeddings at prefill
         # kept up to date by the LoRA manager: adapter slots whose layers do work no decode
         # graph holds (DoRA's rescaling), so a batch using one decodes eagerly; and the
         # first rotary table row of each long-context LoRA adapter's tokens
@@ -352,8 +355,9 @@ class ModelRunner:
             self.decode_mirror.reset()  # the next decode batch is a new one
         if token_slots is not None:
             ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
+        image_rows = self._image_rows(prefill, lens)
         with step_context(ctx):
-            hidden = self.model(input_ids, positions)
+            hidden = self.model(input_ids, positions, image_rows)
         logits = self._logits(hidden.index_select(0, self._tensor(rows)),
                               [token_slots[r] for r in rows] if token_slots else None)
         if not prompt_positions:
@@ -364,6 +368,27 @@ class ModelRunner:
                        for seq, span in prompt_positions for p in span]
         return StepOutput(logits, hidden.index_select(0, self._tensor(prompt_rows)),
                           [token_slots[r] for r in prompt_rows] if token_slots else None)
+
+    def _image_rows(self, prefill: list[Sequence], lens: list[int]) -> ImageRows | None:
+        """The prefill rows of image placeholders and their image embeddings (the prefill
+        rows come first in the step, chunk after chunk). A request's vision tower runs
+        here, at the first chunk that reaches a placeholder; later chunks, its siblings
+        and a recompute after preemption reuse its output."""
+        rows: list[int] = []
+        embeds: list[torch.Tensor] = []
+        first = 0
+        for seq, n in zip(prefill, lens):
+            images, start = seq.images, seq.num_computed_tokens
+            if images is not None:
+                positions, part = images.rows_in(start, start + n)
+                if positions and images.embeds is None:
+                    images.embeds = self.vision(
+                        images.pixel_values.to(self.device)).flatten(0, 1)
+                rows.extend(first + p - start for p in positions)
+                if positions:
+                    embeds.append(images.embeds[part])
+            first += n
+        return (self._tensor(rows), torch.cat(embeds)) if rows else None
 
     @torch.inference_mode()
     def prompt_logits(self, hidden: torch.Tensor, slots: list[int] | None = None

@@ -1,0 +1,146 @@
+"""A request's images: decoded, turned into pixel values by the model's own HF image
+processor (so the pixels are HF's), and the prompt's image placeholders expanded to one
+token per image embedding, as HF's LlavaProcessor expands them.
+
+The vision tower runs later, once per request, at its first prefill step that reaches a
+placeholder (worker/model_runner.py); its output stays on `ImageInputs.embeds`, so later
+chunks of the prompt and a recompute after preemption reuse it. Each image's hash goes
+into the prefix-cache hashes of the blocks its placeholders are in
+(engine/block_manager.py): the same text with another image never shares their K/V.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loraplex.models.llava import LlavaVisionConfig
+
+IMAGE_FETCH_TIMEOUT_S = 10.0
+
+
+@dataclass
+class ImageInputs:
+    """One request's images (shared by its n sequences: the tower runs once)."""
+
+    pixel_values: torch.Tensor  # [images, channels, H, W]
+    positions: list[int]  # the prompt positions of the placeholders, image after image
+    ranges: list[tuple[int, int]]  # each image's placeholders: (first position, count)
+    hashes: list[bytes]  # each image's pixel values, hashed
+    embeds: torch.Tensor | None = None  # [len(positions), hidden]: from the first prefill
+
+    def block_key(self, start: int, end: int) -> bytes:
+        """What the prefix-cache hash of the block over positions [start, end) adds: the
+        hashes of the images with placeholders in it."""
+        return b"".join(h for (first, n), h in zip(self.ranges, self.hashes)
+                        if first < end and first + n > start)
+
+    def rows_in(self, start: int, end: int) -> tuple[list[int], slice]:
+        """The placeholder positions in [start, end) and their slice of `embeds`."""
+        lo, hi = bisect_left(self.positions, start), bisect_left(self.positions, end)
+        return self.positions[lo:hi], slice(lo, hi)
+
+
+def load_image(source: Any) -> Any:
+    """A PIL image from a PIL image, a data URL (base64) or an http(s) URL (fetched with a
+    timeout); ValueError for anything else or for bytes that are not an image."""
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return source
+    if not isinstance(source, str):
+        raise ValueError(f"an image must be a PIL image or a URL, got {type(source).__name__}")
+    if source.startswith("data:"):
+        header, sep, payload = source.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ValueError("an image data URL must be data:<mime>;base64,<data>")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"the image data URL is not valid base64: {e}") from e
+    elif source.startswith(("http://", "https://")):
+        import httpx
+
+        try:
+            resp = httpx.get(source, timeout=IMAGE_FETCH_TIMEOUT_S, follow_redirects=True)
+            resp.raise_for_status()
+        except httpx.HTTPError as e:
+            raise ValueError(f"cannot fetch the image at {source}: {e}") from e
+        data = resp.content
+    else:
+        raise ValueError("an image URL must be a data: URL or an http(s) URL, got "
+                         f"{source[:40]!r}")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as e:  # PIL raises several types for bytes it cannot read
+        raise ValueError(f"cannot decode the image: {e}") from e
+    return image
+
+
+class ImageProcessor:
+    """The model's HF image processor plus LLaVA's placeholder rule."""
+
+    def __init__(self, path: str, config: LlavaVisionConfig) -> None:
+        from transformers import AutoImageProcessor
+
+        self.config = config
+        self.hf = AutoImageProcessor.from_pretrained(path)
+
+    def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
+        """The prompt with its placeholders expanded, and its images' inputs. `data`: one
+        image or a list (PIL images or URLs)."""
+        images = [load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
+        if not images:
+            raise ValueError("multi_modal_data: 'image' holds no image")
+        pixels = self.hf(images=[im.convert("RGB") for im in images],
+                         return_tensors="pt")["pixel_values"]
+        c = self.config
+        if tuple(pixels.shape[-2:]) != (c.image_size, c.image_size):
+            raise ValueError(f"the image processor gives {tuple(pixels.shape[-2:])} pixels, "
+                             f"the vision tower takes {c.image_size} x {c.image_size}")
+        ids = expand_placeholders(ids, c.image_token_id, len(images), c.tokens_per_image)
+        positions = [p for p, t in enumerate(ids) if t == c.image_token_id]
+        per = c.tokens_per_image
+        ranges = [(positions[i * per], per) for i in range(len(images))]
+        hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes(), digest_size=16).digest()
+                  for p in pixels.float()]
+        return ids, ImageInputs(pixels, positions, ranges, hashes)
+
+
+def prompt_len(processor: ImageProcessor, ids: list[int], num_images: int) -> int:
+    """The prompt's length once its placeholders are expanded (ValueError: they do not
+    match the images), known before the images are processed: the server sizes
+    max_tokens and usage with it."""
+    c = processor.config
+    return len(expand_placeholders(ids, c.image_token_id, num_images, c.tokens_per_image))
+
+
+def expand_placeholders(ids: list[int], token: int, num_images: int, per_image: int
+                        ) -> list[int]:
+    """One placeholder per image becomes `per_image` of them (HF's processor does it to
+    the text); a prompt already expanded (runs of exactly `per_image`) is kept as is."""
+    runs: list[int] = []  # lengths of the runs of placeholders
+    for i, t in enumerate(ids):
+        if t == token:
+            if i and ids[i - 1] == token:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+    if len(runs) == num_images and all(n == per_image for n in runs):
+        return list(ids)
+    count = sum(runs)
+    if count != num_images:
+        raise ValueError(f"the prompt has {count} image placeholder token(s) (id {token}) for "
+                         f"{num_images} image(s): put one placeholder where each image goes")
+    out: list[int] = []
+    for t in ids:
+        out.extend([token] * per_image if t == token else [t])
+    return out

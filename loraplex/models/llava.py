@@ -1,0 +1,231 @@
+"""LLaVA's image path (Liu et al., "Visual Instruction Tuning"; LLaVA-1.5): a CLIP ViT
+encodes the image, the hidden states of one of its layers (`vision_feature_layer`, -2 in
+LLaVA-1.5) less the CLS token ("default") or with it ("full") go through a two-layer MLP
+with a GELU (the projector), and each patch's vector takes the place of one image
+placeholder token in the language model's input embeddings.
+
+The language model is loraplex's Llama (models/llama.py), with its paged KV cache and its
+LoRA; this module is only the encoder side, run once per request (engine/images.py).
+Adapters' LoRA applies to the language model only (models/text_only.py names).
+
+Checkpoints name the tower `vision_tower.vision_model.*` (the hub's files, transformers 4),
+`model.vision_tower.vision_model.*` (saved by 4.52+) or `vision_tower.*` (saved by 5):
+`LlavaVision.load_weight` takes all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+                "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass(frozen=True)
+class LlavaVisionConfig:
+    hidden_size: int  # the tower's
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    layer_norm_eps: float
+    hidden_act: str  # the tower's MLP (CLIP: quick_gelu)
+    feature_layers: tuple[int, ...]  # hidden states taken (index into [embeddings, layer 1..])
+    keep_cls: bool  # vision_feature_select_strategy "full"
+    text_hidden_size: int
+    projector_act: str
+    projector_bias: bool
+    image_token_id: int
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> LlavaVisionConfig:
+        v = hf.vision_config
+        if getattr(v, "model_type", "clip_vision_model") != "clip_vision_model":
+            raise ValueError(f"LLaVA with a {v.model_type!r} vision tower is not supported "
+                             "(a CLIP one is)")
+        for name, act in (("vision_config.hidden_act", v.hidden_act),
+                          ("projector_hidden_act", hf.projector_hidden_act)):
+            if act not in _ACTIVATIONS:
+                raise ValueError(f"{name}={act!r} is not supported; supported: "
+                                 + ", ".join(_ACTIVATIONS))
+        strategy = hf.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy={strategy!r} is not supported "
+                             "(default, full)")
+        layers = hf.vision_feature_layer
+        layers = (layers,) if isinstance(layers, int) else tuple(layers)
+        token = getattr(hf, "image_token_id", None)
+        return cls(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
+                   v.num_attention_heads, v.image_size, v.patch_size,
+                   getattr(v, "num_channels", 3), v.layer_norm_eps, v.hidden_act,
+                   tuple(i % (v.num_hidden_layers + 1) for i in layers), strategy == "full",
+                   hf.text_config.hidden_size, hf.projector_hidden_act,
+                   bool(getattr(hf, "multimodal_projector_bias", True)),
+                   int(token if token is not None else hf.image_token_index))
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholder tokens one image takes: a vector per patch (and the CLS's, "full")."""
+        return (self.image_size // self.patch_size) ** 2 + self.keep_cls
+
+
+class CLIPEmbeddings(nn.Module):
+    """Patches by a strided convolution, a learned CLS vector first, learned positions."""
+
+    def __init__(self, c: LlavaVisionConfig) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size,
+                                         stride=c.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
+        num_positions = (c.image_size // c.patch_size) ** 2 + 1
+        self.position_embedding = nn.Embedding(num_positions, c.hidden_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # [B, P, D]
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class CLIPAttention(nn.Module):
+    """Full (bidirectional) multi-head attention over an image's tokens."""
+
+    def __init__(self, c: LlavaVisionConfig) -> None:
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)  # scale: head_dim^-1/2, as CLIP
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, c: LlavaVisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.act = _ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-norm transformer layer."""
+
+    def __init__(self, c: LlavaVisionConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = CLIPAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = CLIPMLP(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, c: LlavaVisionConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(c) for _ in range(c.num_layers))
+
+
+class CLIPVisionTower(nn.Module):
+    """CLIP's ViT up to the last layer LLaVA reads (post_layernorm, on the pooled CLS, is
+    never used: its weights are skipped)."""
+
+    def __init__(self, c: LlavaVisionConfig) -> None:
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # CLIP's name
+        self.encoder = CLIPEncoder(c)
+        self.feature_layers = c.feature_layers
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden states of `feature_layers` (0: the embeddings, i: after layer i)."""
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        states = [x]
+        for layer in self.encoder.layers[:max(self.feature_layers)]:
+            x = layer(x)
+            states.append(x)
+        return [states[i] for i in self.feature_layers]
+
+
+class LlavaProjector(nn.Module):
+    def __init__(self, c: LlavaVisionConfig) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(c.hidden_size * len(c.feature_layers), c.text_hidden_size,
+                                  bias=c.projector_bias)
+        self.linear_2 = nn.Linear(c.text_hidden_size, c.text_hidden_size, bias=c.projector_bias)
+        self.act = _ACTIVATIONS[c.projector_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaVision(nn.Module):
+    """Pixels -> one language-model input embedding per placeholder token."""
+
+    def __init__(self, c: LlavaVisionConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.vision_tower = CLIPVisionTower(c)
+        self.multi_modal_projector = LlavaProjector(c)
+        self._loaded: set[str] = set()
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[images, channels, H, W] -> [images, tokens_per_image, text hidden]."""
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        states = self.vision_tower(pixels.to(dtype))
+        if not self.config.keep_cls:
+            states = [s[:, 1:] for s in states]
+        return self.multi_modal_projector(torch.cat(states, dim=-1))
+
+    @staticmethod
+    def ours(name: str) -> str | None:
+        """A checkpoint tensor's name in this module (any of the three layouts); None for
+        one this module does not hold (post_layernorm)."""
+        name = name.removeprefix("model.")
+        if name.startswith("vision_tower.vision_model."):
+            name = "vision_tower." + name[len("vision_tower.vision_model."):]
+        if name.startswith("vision_tower.post_layernorm.") or \
+                name.endswith("position_ids"):  # (older checkpoints saved the buffer)
+            return None
+        return name
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """One checkpoint tensor of the tower or the projector."""
+        ours = self.ours(name)
+        if ours is None:
+            return
+        params = dict(self.named_parameters())
+        if ours not in params:
+            raise ValueError(f"checkpoint tensor {name}: no such parameter in LLaVA's vision "
+                             "tower / projector")
+        if params[ours].shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"the vision tower expects {tuple(params[ours].shape)}")
+        with torch.no_grad():
+            params[ours].copy_(tensor)
+        self._loaded.add(ours)
+
+    def check_loaded(self, path: str) -> None:
+        missing = [n for n, _ in self.named_parameters() if n not in self._loaded]
+        if missing:
+            raise ValueError(f"checkpoint in {path} lacks vision weights: "
+                             + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))

@@ -1,0 +1,133 @@
+"""A tiny random LLaVA (LlavaForConditionalGeneration: CLIP tower, MLP projector, Llama),
+its processor, PEFT adapters on it, and HF transformers (+ PEFT) as the reference on
+images: the ground truth of tests/test_llava.py."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.fixtures import _reinit_, make_tokenizer
+
+IMAGE_TOKEN = "<image>"
+PATCH = 7  # 28 x 28 pixels in 4 x 4 patches: 16 placeholders an image ("default": no CLS)
+TOKENS_PER_IMAGE = 16
+
+
+def make_tiny_llava(out: Path, seed: int, feature_layer: int = -2,
+                    strategy: str = "default") -> Path:
+    """Tokenizer with `<image>` (the id after the 512 of tests/fixtures.py), a 3-layer CLIP
+    tower read at `feature_layer`, a Llama language model; every weight drawn with std 0.2
+    (so an image changes the output), saved with HF's LlavaProcessor."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                       tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=2, image_size=28, patch_size=PATCH)
+    cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token,
+                      vision_feature_layer=feature_layer,
+                      vision_feature_select_strategy=strategy, image_seq_length=16)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    _reinit_(model, seed, 0.2)
+    model.save_pretrained(str(out))
+    images = CLIPImageProcessor(size={"shortest_edge": 28},
+                                crop_size={"height": 28, "width": 28})
+    LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=PATCH,
+                   vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+                   image_token=IMAGE_TOKEN).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def make_llava_adapter(base: Path, out: Path, r: int, seed: int,
+                       targets: str = r".*language_model.*\.(q_proj|v_proj|down_proj)",
+                       scale: float = 0.3) -> Path:
+    """A PEFT LoRA adapter on the whole LLaVA model (`targets`: a regex over its module
+    names, the language model's by default), A and B random."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_llava(base), LoraConfig(r=r, lora_alpha=2 * r,
+                                                    target_modules=targets,
+                                                    lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(out))
+    return out
+
+
+def _llava(base: Path) -> torch.nn.Module:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32).eval()
+
+
+@functools.lru_cache(maxsize=16)
+def hf_llava(base: str, adapter: str | None) -> torch.nn.Module:
+    """HF's LLaVA (+ PEFT) in fp32: the reference."""
+    model = _llava(Path(base))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def processor(base: str) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(base)
+
+
+def hf_inputs(base: Path, prompt: str, images: list) -> dict[str, torch.Tensor]:
+    """What HF's processor makes of a prompt and its images (placeholders expanded)."""
+    return dict(processor(str(base))(text=prompt, images=images or None, return_tensors="pt"))
+
+
+@torch.no_grad()
+def hf_logprobs(base: Path, adapter: Path | None, ids: list[int],
+                pixel_values: torch.Tensor | None) -> torch.Tensor:
+    """[len(ids), vocab] log-softmax of HF's LLaVA over `ids` with the images' pixels."""
+    model = hf_llava(str(base), None if adapter is None else str(adapter))
+    kw = {"pixel_values": pixel_values} if pixel_values is not None else {}
+    logits = model(input_ids=torch.tensor([ids]), **kw).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def image(seed: int, size: tuple[int, int] = (40, 32)) -> Any:
+    """A random RGB picture (resized and cropped to 28 x 28 by the processor)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def data_url(img: Any) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

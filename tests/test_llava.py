@@ -1,0 +1,260 @@
+"""LLaVA (LlavaForConditionalGeneration) with images, against HF transformers' LLaVA (+ PEFT)
+on the same weights and the same processor outputs, fp32: the prompt's placeholders
+expanded as HF's processor does, greedy tokens HF's and logprobs within 1e-4, for image
+requests under the base and two adapters beside text requests (adapter slots fewer than
+adapters; chunked prefill splitting an image's placeholders); prefix caching that never
+shares K/V across images; LLM.chat and the server's chat route with image parts; and the
+refusals (a model without a vision tower, placeholders that do not match the images, an
+undecodable image), each failing only its request."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraplex import LoRARequest, SamplingParams
+from loraplex.lora.errors import LoRAError
+from tests.engine_utils import make_llm
+from tests.fixtures import make_tiny_model
+from tests.llava_fixtures import (
+    TOKENS_PER_IMAGE,
+    data_url,
+    hf_inputs,
+    hf_logprobs,
+    image,
+    make_llava_adapter,
+    make_tiny_llava,
+    processor,
+)
+from tests.server_utils import RemoteServer
+
+pytest.importorskip("PIL")
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+ASK = "USER: <image>\nWhat is this? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_root: Path) -> dict[str, Path]:
+    root = tiny_root / "llava"
+    base = make_tiny_llava(root / "base", seed=90)
+    return {
+        "base": base,
+        "r8": make_llava_adapter(base, root / "r8", r=8, seed=91),
+        "r4": make_llava_adapter(base, root / "r4", r=4, seed=92,
+                                 targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)"),
+    }
+
+
+def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
+          add_special_tokens: bool = True) -> None:
+    """Each output's prompt is HF's processor's, its tokens HF's greedy ones (a pick off
+    HF's argmax only at a near-tie) and its logprobs HF's within 1e-4."""
+    for out, (prompt, images, adapter) in zip(outs, jobs, strict=True):
+        inp = dict(processor(str(base))(text=prompt, images=images or None,
+                                        add_special_tokens=add_special_tokens,
+                                        return_tensors="pt"))
+        ids = inp["input_ids"][0].tolist()
+        assert out.prompt_token_ids == ids
+        got = out.outputs[0].token_ids
+        ref = hf_logprobs(base, adapter, ids + got[:-1], inp.get("pixel_values"))[len(ids) - 1:]
+        for step, (tok, lps) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
+            best = int(ref[step].argmax())
+            assert tok == best or ref[step, best] - ref[step, tok] < 1e-4, (adapter, step)
+            for t, lp in lps.items():
+                assert abs(lp.logprob - ref[step, t].item()) < 1e-4, (adapter, step, t)
+
+
+def request(prompt: str, images: list) -> dict:
+    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
+
+
+@pytest.mark.parametrize("layout", ["saved", "hub", "in_memory"])
+def test_checkpoint_layouts(layout, llava, tmp_path):
+    """The hub's files (`vision_tower.vision_model.*`, `language_model.model.*`),
+    transformers 4.52+'s (`model.vision_tower.vision_model.*`, `model.language_model.*`)
+    and whatever this transformers saves all load to HF's model."""
+    base = llava["base"]
+    if layout != "saved":
+        base = Path(shutil.copytree(llava["base"], tmp_path / layout))
+        path = str(base / "model.safetensors")
+
+        def rename(name: str) -> str:
+            name = re.sub(r"^(model\.)?vision_tower\.(vision_model\.)?", "vision_tower.", name)
+            name = re.sub(r"^(model\.)?multi_modal_projector\.", "multi_modal_projector.", name)
+            name = re.sub(r"^(model\.language_model\.|language_model\.model\.)",
+                          "language_model.model.", name)
+            name = re.sub(r"^(language_model\.)?lm_head\.", "language_model.lm_head.", name)
+            name = name.replace("vision_tower.", "vision_tower.vision_model.", 1)
+            if layout == "in_memory":
+                name = re.sub(r"^(vision_tower|multi_modal_projector)\.", r"model.\1.", name)
+                name = name.replace("language_model.model.", "model.language_model.", 1)
+                name = name.replace("language_model.lm_head.", "lm_head.", 1)
+            return name
+
+        save_file({rename(k): v for k, v in load_file(path).items()}, path,
+                  metadata={"format": "pt"})
+    llm = make_llm(base)
+    img = image(1)
+    outs = llm.generate([request(ASK, [img])], GREEDY, use_tqdm=False)
+    check(outs, llava["base"], [(ASK, [img], None)])
+
+
+@pytest.mark.parametrize(("max_loras", "budget"), [(1, None), (2, 12)])
+def test_mixed_batch_matches_hf(max_loras, budget, llava):
+    """Image requests under the base and two adapters, a text request, two images in one
+    prompt, in one call; `budget` 12 < 16 placeholders: an image's run is split over
+    prefill chunks (the tower's output reused by the later chunk)."""
+    llm = make_llm(llava["base"], enable_lora=True, max_loras=max_loras, max_lora_rank=8,
+                   max_num_batched_tokens=budget)
+    a, b = image(1), image(2, (30, 50))
+    two = "USER: <image> and <image>: which is brighter? ASSISTANT:"
+    jobs = [(ASK, [a], None), (ASK, [a], "r8"), (ASK, [a], "r4"), (ASK, [b], "r8"),
+            ("USER: What is the capital of France? ASSISTANT:", [], "r4"),
+            (two, [a, b], None), (two, [b, a], "r8")]
+    loras = {"r8": LoRARequest("r8", 1, str(llava["r8"])),
+             "r4": LoRARequest("r4", 2, str(llava["r4"]))}
+    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[loras[n] if n else None for *_, n in jobs])
+    check(outs, llava["base"], [(p, ims, llava[n] if n else None) for p, ims, n in jobs])
+    unexpanded = processor(str(llava["base"])).tokenizer(ASK).input_ids
+    assert len(outs[0].prompt_token_ids) == len(unexpanded) + TOKENS_PER_IMAGE - 1
+    first = {tuple(o.outputs[0].token_ids) for o in outs[:3]}
+    assert len(first) == 3, "an adapter left the image request's output unchanged"
+    assert outs[1].outputs[0].token_ids != outs[3].outputs[0].token_ids  # the image counts
+
+
+def test_prefix_cache_never_shares_across_images(llava):
+    """The same text with another image: only the blocks before the image's first one
+    are shared; the same image again: the whole prompt but its last block."""
+    llm = make_llm(llava["base"], enable_prefix_caching=True, block_size=8)
+    intro = "USER: Once upon a time there was a little girl who lived in a village. "
+    prompt = intro + "<image>\nWhat is this? ASSISTANT:"
+    a, b = image(1), image(2)
+    runs = [llm.generate([request(prompt, [img])], GREEDY, use_tqdm=False)[0]
+            for img in (a, b, a)]
+    check(runs, llava["base"], [(prompt, [img], None) for img in (a, b, a)])
+    ids = runs[0].prompt_token_ids
+    first_image = ids.index(processor(str(llava["base"])).tokenizer.convert_tokens_to_ids(
+        "<image>"))
+    assert runs[0].num_cached_tokens == 0
+    assert runs[1].num_cached_tokens == first_image // 8 * 8 > 0
+    assert runs[2].num_cached_tokens == (len(ids) - 1) // 8 * 8
+    assert runs[0].outputs[0].token_ids != runs[1].outputs[0].token_ids
+
+
+def test_chat_with_image_parts(llava):
+    """LLM.chat: an image_url part (data URL) and an image_pil part become the template's
+    placeholder, the images the request's."""
+    llm = make_llm(llava["base"])
+    a, b = image(1), image(3)
+    conv = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(a)}},
+        {"type": "text", "text": "What is this? And "},
+        {"type": "image_pil", "image_pil": b}]}]
+    outs = llm.chat(conv, GREEDY, use_tqdm=False)
+    text = "<|user|><image>\nWhat is this? And <image>\n\n<|assistant|>"
+    check(outs, llava["base"], [(text, [a, b], None)], add_special_tokens=False)
+
+
+def test_offline_refusals_fail_only_their_request(llava, tiny_root):
+    llm = make_llm(llava["base"], enable_lora=True, max_lora_rank=8)
+    a = image(1)
+    with pytest.raises(ValueError, match="1 image placeholder token.*for 2 image"):
+        llm.generate(request(ASK, [a, a]), GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="2 image placeholder token.*for 1 image"):
+        llm.generate(request(ASK + " <image>", [a]), GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="cannot decode the image"):
+        llm.generate(request(ASK, ["data:image/png;base64,AAAA"]), GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"\['audio'\] is not supported"):
+        llm.generate({"prompt": ASK, "multi_modal_data": {"audio": [0.0]}}, GREEDY,
+                     use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    check(llm.generate(request(ASK, [a]), GREEDY, use_tqdm=False), llava["base"],
+          [(ASK, [a], None)])
+    text = make_llm(make_tiny_model(tiny_root / "llava_text", "llama", seed=5))
+    with pytest.raises(ValueError, match="not supported yet by model .*no vision tower"):
+        text.generate(request("Hi", [a]), GREEDY, use_tqdm=False)
+
+
+def test_lora_on_the_vision_tower(llava, tmp_path, caplog):
+    """LoRA applies to the language model (vLLM's rule): an adapter's LoRA on the tower
+    and projector is left out with a warning, and one with nothing else is refused."""
+    both = make_llava_adapter(llava["base"], tmp_path / "both", r=4, seed=93,
+                              targets=r".*(language_model.*\.q_proj|fc1|linear_1)")
+    only = shutil.copytree(both, tmp_path / "only")
+    path = str(only / "adapter_model.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if "language_model" not in k}, path)
+    llm = make_llm(llava["base"], enable_lora=True, max_lora_rank=8)
+    with caplog.at_level("WARNING"):
+        out = llm.generate(request(ASK, [image(1)]), GREEDY, use_tqdm=False,
+                           lora_request=LoRARequest("both", 1, str(both)))
+    assert "left out (LoRA applies to the language model only)" in caplog.text
+    assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+    with pytest.raises(LoRAError, match="but on the vision tower / projector"):
+        llm.generate(request(ASK, [image(1)]), GREEDY, use_tqdm=False,
+                     lora_request=LoRARequest("only", 2, str(only)))
+
+
+def _chat(client: openai.OpenAI, model: str, content: list) -> list[int]:
+    resp = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=GREEDY.max_tokens, logprobs=True,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
+
+
+def _refused(client: openai.OpenAI, model: str, content: list, match: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, model, content)
+    err = info.value.body
+    assert err["type"] == "BadRequestError" and info.value.status_code == 400, err
+    assert re.search(match, err["message"]), err["message"]
+
+
+def test_server_chat_with_data_url_image(llava, tiny_root):
+    a = image(1)
+    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
+               {"type": "text", "text": "What is this?"}]
+    args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "8", "--lora-modules", f"r8={llava['r8']}"]
+    with RemoteServer(llava["base"], args) as server:
+        client = server.get_client()
+        base = str(llava["base"])
+        for model, adapter in ((base, None), ("r8", llava["r8"])):
+            got = _chat(client, model, content)
+            text = "<|user|><image>\nWhat is this?\n<|assistant|>"
+            inp = hf_inputs(llava["base"], text, [a])
+            ids = processor(base)(text=text, images=[a], add_special_tokens=False,
+                                  return_tensors="pt")["input_ids"][0].tolist()
+            ref = hf_logprobs(llava["base"], adapter, ids + got[:-1], inp["pixel_values"])
+            assert got == ref[len(ids) - 1:].argmax(-1).tolist()
+        _refused(client, base, [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64,AAAA"}}], "cannot decode the image")
+        _refused(client, base, [*content, {"type": "text", "text": " <image>"}],
+                 "2 image placeholder token.*for 1 image")
+        _refused(client, base, [{"type": "image_url", "image_url": {"url": "ftp://x"}}],
+                 "data: URL or an http")
+        assert len(_chat(client, base, content)) == GREEDY.max_tokens  # still serving
+    text_model = make_tiny_model(tiny_root / "llava_server_text", "llama", seed=6)
+    with RemoteServer(text_model, ["--max-model-len", "128", "--dtype", "float32",
+                                   "--served-model-name", "plain"]) as server:
+        client = server.get_client()
+        _refused(client, "plain", content, "not supported by model 'plain'.*no vision tower")
+        assert len(_chat(client, "plain", content[1:])) == GREEDY.max_tokens
+
+
+def test_image_hash_keys_only_the_blocks_with_placeholders():
+    """Unit: an image's hash keys the blocks its placeholders are in, and only those."""
+    from loraplex.engine.images import ImageInputs
+
+    inputs = ImageInputs(torch.zeros(1), list(range(10, 26)), [(10, 16)], [b"h"])
+    assert inputs.block_key(0, 8) == b"" and inputs.block_key(26, 32) == b""
+    assert inputs.block_key(8, 16) == inputs.block_key(24, 32) == b"h"
+    assert inputs.rows_in(8, 16) == (list(range(10, 16)), slice(0, 6))
