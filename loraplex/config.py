@@ -41,6 +41,20 @@ def resolve_dtype(dtype: str | torch.dtype, config_dtype: torch.dtype | None,
     return _DTYPES[dtype]
 
 
+# vLLM's --kv-cache-dtype: "auto" is the model's dtype; fp8 is e4m3 (vLLM's on CUDA)
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def kv_cache_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype the paged KV cache is stored in."""
+    return KV_CACHE_DTYPES[cache_dtype] or model_dtype
+
+
 @dataclass
 class ModelConfig:
     model: str
@@ -88,8 +102,14 @@ class CacheConfig:
     num_blocks_override: int | None = None  # vLLM's num_gpu_blocks_override
     # share the K/V of identical prompt prefixes (per adapter) between sequences
     enable_prefix_caching: bool = True
+    # vLLM's kv_cache_dtype: "auto" (the model's dtype) or an FP8 type (KV_CACHE_DTYPES),
+    # stored as value / scale (the checkpoint's per-layer k_scale / v_scale, else 1.0)
+    cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.cache_dtype!r} is not supported; use one "
+                             "of: " + ", ".join(KV_CACHE_DTYPES))
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -56,6 +56,8 @@ class EngineArgs:
     num_gpu_blocks_override: int | None = None
     kv_cache_memory_bytes: int | None = None
     cpu_kv_cache_gib: float = 2.0
+    # vLLM's: "auto" (the model's dtype), "fp8" / "fp8_e4m3", "fp8_e5m2" (config.py)
+    kv_cache_dtype: str = "auto"
     device: str = "auto"
     load_format: str = "auto"
     served_model_name: str | list[str] | None = None
@@ -171,7 +173,7 @@ class EngineArgs:
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_bytes=self.kv_cache_memory_bytes,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            cpu_kv_cache_gib=self.cpu_kv_cache_gib,
+            cpu_kv_cache_gib=self.cpu_kv_cache_gib, cache_dtype=self.kv_cache_dtype,
             num_blocks_override=self.num_gpu_blocks_override,
             enable_prefix_caching=self.enable_prefix_caching is not False)
         chunked = self.enable_chunked_prefill is not False

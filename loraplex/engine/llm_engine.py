@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from loraplex import envs
-from loraplex.config import EngineConfig
+from loraplex.config import EngineConfig, kv_cache_dtype
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
@@ -114,9 +114,10 @@ class LLMEngine:
         self.lora_manager = (LoRAManager(self.model, self.lora_config, mc.dtype)
                              if self.lora_config else None)
         block_size = self.config.cache_config.block_size
-        self.memory = plan_memory(self.lora_manager, kv_block_bytes(self.model, mc.dtype,
+        kv_dtype = kv_cache_dtype(self.config.cache_config.cache_dtype, mc.dtype)
+        self.memory = plan_memory(self.lora_manager, kv_block_bytes(self.model, kv_dtype,
                                                                     block_size),
-                                  block_size, mc.max_model_len)
+                                  block_size, mc.max_model_len, kv_dtype)
         cache_config = cpu_cache_config(self.config.cache_config, self.memory, mc.device.type)
         lm = self.lora_manager
         self.model_runner = ModelRunner(self.model, mc, cache_config,

@@ -133,6 +133,9 @@ ENGINE_HELP: dict[str, str] = {
                                "and 8192 for the LLM class, as in vLLM; with "
                                "--no-enable-chunked-prefill, max(8192, max_model_len))."),
     "block_size": "Tokens per KV cache block.",
+    "kv_cache_dtype": "KV cache storage: auto (the model's dtype), fp8 / fp8_e4m3 or "
+                      "fp8_e5m2 (twice the tokens of bf16 in the same memory; values / the "
+                      "checkpoint's k_scale, v_scale, else 1.0).",
     "enable_prefix_caching": "Share the KV cache of identical prompt prefixes (whole blocks, "
                              "under the same adapter) between requests (on by default, as "
                              "in vLLM v1); --no-enable-prefix-caching computes every prompt.",
@@ -219,6 +222,7 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
             "lora_scheduling_policy": ["fair", "fcfs"],
             "scheduling_policy": ["fcfs", "priority"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
+            "kv_cache_dtype": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],  # config.py's
             "reasoning_parser": ["deepseek_r1", "qwen3", "openai_gptoss", "mistral",
                                  "granite"]}  # reasoning.py's
 

@@ -19,6 +19,13 @@ more key with no value, so a head can attend to "nothing":
 softmax([scale q k^T, sink])[:-1] v. The torch path writes that softmax out (as it does
 for a softcap); the kernels start each row's online softmax with the sink.
 
+FP8 KV cache (kv_cache_dtype fp8, as vLLM): the cache holds K / k_scale and V / v_scale
+saturated to the FP8 range and rounded (quantize_kv); reads multiply back (in fp32, then
+the model's dtype). The scales are per layer: the checkpoint's k_scale / v_scale (or one
+kv_scale), else 1.0. A prefill's own K/V are used as computed; everything read from the
+cache (earlier chunks, decode) went through FP8. The torch decode mirror holds the
+dequantized values, so it appends each new token rounded as the cache has it.
+
 LORAPLEX_ATTENTION_BACKEND=auto|torch|triton forces one; triton on CPU tensors runs
 under TRITON_INTERPRET=1 (tests).
 """
@@ -51,6 +58,23 @@ def attention_backend(device: torch.device) -> str:
     return "torch" if kernels is None else "triton"
 
 
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x / scale (as x * fp32(1 / scale), the kernels' op) saturated to the FP8 range
+    (e4m3fn has no inf: an overflow would be NaN) and rounded to nearest, even."""
+    fmax = torch.finfo(dtype).max
+    return (x.float() * (1.0 / scale)).clamp_(-fmax, fmax).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """out = x * scale in out's dtype (an FP8 value is exact in any wider float)."""
+    out.copy_(x)
+    return out if scale == 1.0 else out.mul_(scale)
+
+
 def decode_splits(batch: int, num_kv_heads: int, max_context_len: int,
                   device: torch.device) -> int:
     """Context splits per sequence for the triton decode kernel (host upper bounds only)."""
@@ -71,6 +95,25 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         self._mirror: dict[str, torch.Tensor] = {}  # torch decode: see DecodeMirror
+        # an FP8 cache holds K / k_scale, V / v_scale (load_kv_scale; unused otherwise)
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+
+    def load_kv_scale(self, name: str, tensor: torch.Tensor) -> None:
+        """A checkpoint's KV cache scale (llm-compressor / vLLM FP8 checkpoints' per-layer
+        self_attn.k_scale, v_scale, or one kv_scale for both): one positive value."""
+        leaf = name.rpartition(".")[2]
+        if tensor.numel() != 1:
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}: "
+                             "only a per-tensor KV cache scale (one value) is supported")
+        value = float(tensor.float())
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"checkpoint tensor {name} is {value}: a KV cache scale must be "
+                             "positive and finite")
+        if leaf in ("k_scale", "kv_scale"):
+            self.k_scale = value
+        if leaf in ("v_scale", "kv_scale"):
+            self.v_scale = value
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,12 +135,15 @@ class Attention(nn.Module):
             return
         if ctx.attn_backend == "triton":
             _triton_attention().store_kvcache(k, v, self.k_cache, self.v_cache,
-                                              ctx.slot_mapping)
-        else:
-            self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(
-                0, ctx.slot_mapping, k)
-            self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(
-                0, ctx.slot_mapping, v)
+                                              ctx.slot_mapping, self.k_scale, self.v_scale)
+            return
+        for cache, new, scale in ((self.k_cache, k, self.k_scale),
+                                  (self.v_cache, v, self.v_scale)):
+            rows = cache.view(-1, self.num_kv_heads, self.head_dim)
+            if is_fp8(cache.dtype):  # index_copy_ has no FP8 kernels: copy the bytes
+                rows, new = rows.view(torch.uint8), quantize_kv(new, cache.dtype,
+                                                                scale).view(torch.uint8)
+            rows.index_copy_(0, ctx.slot_mapping, new)
 
     def _attend(self, q, k, v, ctx: StepContext, sinks: torch.Tensor | None) -> torch.Tensor:
         if ctx.attn_backend == "triton":
@@ -114,10 +160,11 @@ class Attention(nn.Module):
                 q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale,
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
                   if with_ctx else ()), softcap=self.softcap, window=self.window,
-                sinks=sinks)
+                sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                          ctx.context_lens, self.scale, ctx.decode_splits,
-                                         softcap=self.softcap, window=self.window, sinks=sinks)
+                                         softcap=self.softcap, window=self.window, sinks=sinks,
+                                         k_scale=self.k_scale, v_scale=self.v_scale)
 
     def _prefill(self, q, k, v, ctx: StepContext, sinks: torch.Tensor | None) -> torch.Tensor:
         b, length = ctx.padded_index.shape
@@ -130,7 +177,7 @@ class Attention(nn.Module):
             keys, values = padded(k), padded(v)
         else:  # earlier chunks are in the cache: the whole [B, width] of each sequence
             keys, values = (x.transpose(1, 2) for x in
-                            self._gathered_kv(ctx, ctx.block_tables))
+                            self._gathered_kv(ctx, ctx.block_tables, q.dtype))
         out = self._sdpa(padded(q), keys, values,
                          _window_mask(ctx, self.window) if self.window else ctx.prefill_mask,
                          sinks)
@@ -141,7 +188,7 @@ class Attention(nn.Module):
         if ctx.mirror_groups:
             parts = self._mirrored_kv(k, v, ctx)
         else:
-            keys, values = self._gathered_kv(ctx, ctx.block_tables)
+            keys, values = self._gathered_kv(ctx, ctx.block_tables, q.dtype)
             groups = ctx.decode_groups or [(0, q.shape[0], ctx.max_context_len)]
             parts = [(a, b, keys[a:b, :w], values[a:b, :w]) for a, b, w in groups]
         mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts), self.window)
@@ -172,17 +219,18 @@ class Attention(nn.Module):
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
         return (probs @ v.float()).to(q.dtype)
 
-    def _gathered_kv(self, ctx: StepContext, tables: torch.Tensor
+    def _gathered_kv(self, ctx: StepContext, tables: torch.Tensor, dtype: torch.dtype
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sequence's blocks copied out of the cache into scratch buffers every layer
-        of the step reuses: [B, tables.shape[1] * block, KVH, D]."""
+        of the step reuses, in `dtype`: [B, tables.shape[1] * block, KVH, D]."""
         b, nblocks = tables.shape
         flat = tables.reshape(-1)
         out = []
-        for name, cache in (("k", self.k_cache), ("v", self.v_cache)):
-            shape = (flat.shape[0], *cache.shape[1:])
-            buf = _buffer(ctx.scratch, name, shape, cache)
-            torch.index_select(cache, 0, flat, out=buf)
+        for name, cache, scale in (("k", self.k_cache, self.k_scale),
+                                   ("v", self.v_cache, self.v_scale)):
+            buf = _buffer(ctx.scratch, name, (flat.shape[0], *cache.shape[1:]), dtype,
+                          cache.device)
+            _read_blocks(cache, scale, flat, buf, ctx.scratch)
             out.append(buf.view(b, nblocks * cache.shape[1], self.num_kv_heads, self.head_dim))
         return out[0], out[1]
 
@@ -195,17 +243,20 @@ class Attention(nn.Module):
         make the short ones' rows as long."""
         block, tail = self.k_cache.shape[1], self.k_cache.shape[2:]
         sizes = [(b - a) * cap * math.prod(tail) for a, b, cap in ctx.mirror_groups]
-        bufs = [(_buffer(self._mirror, "k", (sum(sizes),), self.k_cache), self.k_cache, k),
-                (_buffer(self._mirror, "v", (sum(sizes),), self.v_cache), self.v_cache, v)]
+        bufs = [(_buffer(self._mirror, name, (sum(sizes),), new.dtype, new.device), cache,
+                 scale, _as_read(new, cache.dtype, scale))
+                for name, cache, scale, new in (("k", self.k_cache, self.k_scale, k),
+                                                ("v", self.v_cache, self.v_scale, v))]
         rows, pos = _append_index(ctx)
         parts, offset = [], 0
         for (a, b, cap), size, (_, _, width) in zip(ctx.mirror_groups, sizes, ctx.decode_groups):
             views = []
-            for buf, cache, new in bufs:
+            for buf, cache, scale, new in bufs:
                 group = buf[offset:offset + size].view(b - a, cap, *tail)
                 if ctx.mirror_rebuild:  # the rows' block tables cut or padded to the capacity
                     tables = F.pad(ctx.block_tables[a:b], (0, cap // block - ctx.block_tables.shape[1]))
-                    torch.index_select(cache, 0, tables.reshape(-1), out=group.view(-1, block, *tail))
+                    _read_blocks(cache, scale, tables.reshape(-1), group.view(-1, block, *tail),
+                                 ctx.scratch)
                 else:
                     group[rows[a:b] - a, pos[a:b]] = new[a:b]
                 views.append(group[:, :width])
@@ -344,12 +395,31 @@ def _append_index(ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
     return idx
 
 
+def _read_blocks(cache: torch.Tensor, scale: float, index: torch.Tensor, out: torch.Tensor,
+                 scratch: dict[str, torch.Tensor]) -> None:
+    """out = the cache's blocks at `index`; an FP8 cache's through a scratch buffer,
+    dequantized into out's dtype."""
+    if not is_fp8(cache.dtype):
+        torch.index_select(cache, 0, index, out=out)
+        return
+    raw = _buffer(scratch, "fp8", out.shape, torch.uint8, cache.device)  # no FP8 index_select
+    torch.index_select(cache.view(torch.uint8), 0, index, out=raw)
+    dequantize_kv(raw.view(cache.dtype), scale, out)
+
+
+def _as_read(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x as a read of the cache returns it: through FP8 and back for an FP8 cache."""
+    if not is_fp8(cache_dtype):
+        return x
+    return dequantize_kv(quantize_kv(x, cache_dtype, scale), scale, torch.empty_like(x))
+
+
 def _buffer(pool: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
-            like: torch.Tensor) -> torch.Tensor:
+            dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A contiguous `shape` view of pool[name], which grows when too small and is reused
     otherwise (a fresh multi-MB tensor per layer and step costs page faults on the CPU)."""
     numel = math.prod(shape)
     buf = pool.get(name)
-    if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
-        buf = pool[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = pool[name] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)

@@ -9,7 +9,8 @@ tile may span several blocks and block_size need not be a power of two); nothing
 gathered into contiguous tensors.
 
 - `store_kvcache`: write the step's K/V at `slot_mapping`; slot -1 is skipped (padded
-  rows of a CUDA-graph batch).
+  rows of a CUDA-graph batch). An FP8 cache gets x / scale saturated and rounded
+  (attention.quantize_kv); the kernels read it back x scale, in fp32, in registers.
 - `paged_decode_attention`: one query per sequence. A program owns one sequence, one KV
   head and one split of the context: the G query heads that share the KV head are the M
   rows of the dot, so every K/V tile is loaded once per group. Splits (flash-decoding)
@@ -40,9 +41,25 @@ _INTERPRETED = interpreter_on()  # there tl.dot runs bf16 in fp32 (backends.fp32
 
 
 @triton.jit
-def _store_kvcache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt,
-                          stride_kh, stride_vh, KVH: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fp8_grid(x, inv_scale, FP8_MAX: tl.constexpr, MANT: tl.constexpr,
+              MIN_EXP: tl.constexpr):
+    """x * inv_scale saturated to +-FP8_MAX and rounded (to nearest, even) to the FP8
+    grid in fp32, so the cast after is exact: the interpreter's own fp32 -> fp8 rounding
+    is wrong where the mantissa carries into the exponent."""
+    x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -FP8_MAX), FP8_MAX)
+    bits = x.to(tl.int32, bitcast=True)
+    e = tl.maximum((bits >> 23) & 0xFF, 127 + MIN_EXP) - MANT  # the exponent of x's FP8
+    step = (e << 23).to(tl.float32, bitcast=True)  # step (subnormals': the smallest normal's)
+    inv_step = ((254 - e) << 23).to(tl.float32, bitcast=True)
+    r = ((tl.abs(x) * inv_step + 12582912.0) - 12582912.0) * step  # 1.5 * 2**23: rint
+    return tl.where(bits < 0, -r, r)  # the sign of a value rounded to zero too
+
+
+@triton.jit
+def _store_kvcache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_inv_scale, v_inv_scale,
+                          stride_kt, stride_vt, stride_kh, stride_vh, KVH: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                          FP8_MAX: tl.constexpr, MANT: tl.constexpr, MIN_EXP: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)  # one token: all its KV heads (T x stride > 2**31)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -50,20 +67,34 @@ def _store_kvcache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, str
         d = tl.arange(0, BLOCK_D)[None, :]
         m = (h < KVH) & (d < HEAD_DIM)
         dst = slot * KVH * HEAD_DIM + h * HEAD_DIM + d  # caches are contiguous
-        tl.store(kc_ptr + dst, tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=m), mask=m)
-        tl.store(vc_ptr + dst, tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=m), mask=m)
+        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=m)
+        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=m)
+        if FP8_MAX > 0:
+            k = _fp8_grid(k, k_inv_scale, FP8_MAX, MANT, MIN_EXP)
+            v = _fp8_grid(v, v_inv_scale, FP8_MAX, MANT, MIN_EXP)
+        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=m)
+        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=m)
+
+
+# FP8 cache dtypes: (largest finite value, mantissa bits, smallest normal exponent)
+_FP8 = {torch.float8_e4m3fn: (448.0, 3, -6), torch.float8_e5m2: (57344.0, 2, -14)}
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    # k/v: [T, KVH, D] (last dim contiguous), caches: [num_blocks, block_size, KVH, D]
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> None:
+    # k/v: [T, KVH, D] (last dim contiguous), caches: [num_blocks, block_size, KVH, D];
+    # an FP8 cache gets x / scale (its scales: unused otherwise)
     t, kvh, d = k.shape
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2:] == (kvh, d)
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and slot_mapping.shape == (t,)
-    _store_kvcache_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                k.stride(1), v.stride(1), KVH=kvh, HEAD_DIM=d,
+    fp8_max, mant, min_exp = _FP8.get(k_cache.dtype, (0.0, 0, 0))
+    _store_kvcache_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, 1.0 / k_scale,
+                                1.0 / v_scale, k.stride(0), v.stride(0), k.stride(1),
+                                v.stride(1), KVH=kvh, HEAD_DIM=d,
                                 BLOCK_H=triton.next_power_of_2(kvh),
-                                BLOCK_D=triton.next_power_of_2(d))
+                                BLOCK_D=triton.next_power_of_2(d), FP8_MAX=fp8_max, MANT=mant,
+                                MIN_EXP=min_exp)
 
 
 @triton.jit
@@ -107,12 +138,13 @@ def _add_sink(m_i, l_i, acc, sink_logit):
 
 @triton.jit
 def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, start,
-                  end, stride_cb, stride_ct, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F32: tl.constexpr,
-                  SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):
+                  end, stride_cb, stride_ct, k_scale, v_scale, HEAD_DIM: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  F32: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):
     """Online softmax of q over cached positions [start, end) of one sequence and one KV
     head (kc_ptr/vc_ptr already offset to it), BLOCK_N rows at a time through the table.
-    WINDOW > 0: query row m (at position q_pos[m]) sees only positions > q_pos[m] - WINDOW."""
+    WINDOW > 0: query row m (at position q_pos[m]) sees only positions > q_pos[m] - WINDOW.
+    An FP8 cache's tiles are dequantized (x scale in fp32, then q's dtype) as they load."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     for n0 in range(start, end, BLOCK_N):
@@ -123,6 +155,9 @@ def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_p
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if kc_ptr.dtype.element_ty.is_fp8():
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         valid = n_ok[None, :]
         if WINDOW > 0:
             valid = valid & (pos[None, :] > q_pos[:, None] - WINDOW)
@@ -132,7 +167,7 @@ def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_p
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, out_ptr, lse_ptr,
-                   qk_scale,
+                   qk_scale, k_scale, v_scale,
                    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -164,8 +199,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, out_pt
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     m_i, l_i, acc = _attend_paged(  # [lo, ctx_len) is the window: no per-key mask
         q, g, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
-        table_ptr + b.to(tl.int64) * stride_tb, start, end, stride_cb, stride_ct, HEAD_DIM,
-        BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0)
+        table_ptr + b.to(tl.int64) * stride_tb, start, end, stride_cb, stride_ct, k_scale,
+        v_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0)
     if HAS_SINKS and not SPLIT:  # split: the merge adds the sink once
         l_i, acc = _add_sink(m_i, l_i, acc, tl.load(sinks_ptr + heads, mask=g_ok, other=0.0))
 
@@ -233,12 +268,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int = 1, out: torch.Tensor | None = None,
                            softcap: float = 0.0, window: int = 0,
-                           sinks: torch.Tensor | None = None) -> torch.Tensor:
+                           sinks: torch.Tensor | None = None, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first context_lens[b] cached
     tokens of sequence b (KV head h // (H // KVH)); context_lens[b] == 0 gives zeros.
     softcap > 0: the scores are softcap * tanh(score / softcap) (Gemma 2). window > 0: only
     the last `window` cached tokens (sliding-window attention). sinks [H]: each head's
-    sink logit joins its softmax (gpt-oss).
+    sink logit joins its softmax (gpt-oss). An FP8 cache holds K / k_scale, V / v_scale.
 
     q: [B, H, D] (last dim contiguous); k_cache/v_cache: [num_blocks, block_size, KVH, D];
     block_tables: [B, max_blocks] int32; context_lens: [B] int32. Returns [B, H, D]."""
@@ -259,6 +295,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sinks = sinks if has_sinks else q  # any tensor: never read
     _decode_kernel[(b, kvh, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, sinks, part, lse, scale * _LOG2E,
+        float(k_scale), float(v_scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1), num_splits, GROUP=group, HEAD_DIM=d,
@@ -277,7 +314,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr, cu_ptr,
-                    sinks_ptr, out_ptr, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                    sinks_ptr, out_ptr, qk_scale, k_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot,
                     stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -307,8 +344,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
     m_i, l_i, acc = _attend_paged(
         q, ctx_len + i, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch,
         vc_ptr + kvh * stride_ch, table_ptr + b.to(tl.int64) * stride_tb,
-        tl.minimum(ctx_lo, ctx_end), ctx_end, stride_cb, stride_ct, HEAD_DIM, BLOCK_SIZE,
-        BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW)
+        tl.minimum(ctx_lo, ctx_end), ctx_end, stride_cb, stride_ct, k_scale, v_scale,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW)
     # 2) the step's own K/V, causal: key j is visible to query i when j <= i (and, with a
     # window, j > i - WINDOW)
     new_end = tl.minimum(q_len, (tile + 1) * BLOCK_M)
@@ -339,13 +376,15 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       block_tables: torch.Tensor | None = None,
                       context_lens: torch.Tensor | None = None,
                       out: torch.Tensor | None = None, softcap: float = 0.0,
-                      window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                      window: int = 0, sinks: torch.Tensor | None = None,
+                      k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of new tokens packed flat: sequence b's queries and K/V are rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q [T, H, D] / k, v [T, KVH, D]. With
     context_lens, sequence b also has context_lens[b] earlier tokens in the paged cache
     (block_tables [B, max_blocks] int32) that every one of its queries sees. softcap > 0:
     scores capped, window > 0 a sliding window and sinks [H] each head's sink logit, as in
-    paged_decode_attention. Returns [T, H, D]."""
+    paged_decode_attention; an FP8 cache holds K / k_scale, V / v_scale (the step's own K/V
+    are used as computed). Returns [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     assert h % kvh == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -365,7 +404,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _prefill_kernel[grid](
         q, k, v, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
         sinks if has_sinks else q, out,
-        scale * _LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        scale * _LOG2E, float(k_scale), float(v_scale), q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), k_cache.stride(0), k_cache.stride(1) if has_ctx else 0,
         k_cache.stride(2) if has_ctx else 0, block_tables.stride(0) if has_ctx else 0,
         out.stride(0), out.stride(1), GROUP=h // kvh, HEAD_DIM=d,

@@ -6,7 +6,9 @@ into our packed projections through the model's `packed_modules_mapping`; Mixtra
 per-expert w1 / w2 / w3 into the stacked expert weights (FusedExperts.load_expert), and
 gpt-oss's fused ones (experts.gate_up_proj ...) too (FusedExperts.load_fused). Quantized
 linears and the routers (GateLinear: plain, dequantized from a checkpoint that quantized
-them) take their tensors through their own load_shard.
+them) take their tensors through their own load_shard. FP8 checkpoints' KV cache scales
+(self_attn.k_scale / v_scale / kv_scale, or under self_attn.attn as vLLM names them) go to
+the layer's Attention (used with an FP8 KV cache only, as in vLLM).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from loraplex.layers.attention import Attention
 from loraplex.layers.moe import FusedExperts, GateLinear
 from loraplex.layers.quantization import QuantLinear
 from loraplex.models.llama import LlamaForCausalLM
@@ -27,6 +30,7 @@ from loraplex.models.llava import LlavaVision
 
 logger = logging.getLogger(__name__)
 
+_KV_SCALES = ("k_scale", "v_scale", "kv_scale")
 _WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja"]
 
 
@@ -76,6 +80,8 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None 
     quantized = {n: m for n, m in model.named_modules()
                  if isinstance(m, QuantLinear | GateLinear)}
     fused_experts = {n: m for n, m in model.named_modules() if isinstance(m, FusedExperts)}
+    attention = {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
+    attention.update({n.rpartition(".")[0]: m for n, m in list(attention.items())})
     loaded: set[str] = set()
     text_only = model.args.text_only  # a multimodal checkpoint: its language model only
     for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
@@ -91,6 +97,9 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None 
             continue
         module_name, param_name = _split_name(name)
         prefix, _, leaf = module_name.rpartition(".")
+        if param_name in _KV_SCALES and (attn := attention.get(module_name)) is not None:
+            attn.load_kv_scale(name, tensor)
+            continue
         if (experts := fused_experts.get(module_name)) is not None:  # gpt-oss's
             loaded.add(f"{module_name}.{experts.load_fused(param_name, tensor)}")
             continue

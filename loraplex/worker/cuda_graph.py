@@ -168,8 +168,8 @@ class CUDAGraphRunner:
                                          generator=gen).to(self.device)
         b.slot_mapping[:bs] = -1  # rows may share blocks: no writes, only reads
         for layer in layers:
-            for cache in (layer.k_cache, layer.v_cache):
-                cache[:used].normal_()
+            for cache in (layer.k_cache, layer.v_cache):  # (FP8 has no normal_)
+                cache[:used].copy_(torch.randn(cache[:used].shape, device=cache.device))
         lora_layers = [m for m in self.model.modules() if isinstance(m, LinearWithLoRA)]
         try:
             if lora:

@@ -30,6 +30,7 @@ class MemoryPlan:
     num_kv_blocks: int = 0
     budget: int | None = None  # known up front on the CPU; else what KV + slots took
     fixed_slot_bytes: int = 0  # per slot whatever the rank: the added-token rows
+    kv_dtype: torch.dtype | None = None  # what kv_block_bytes counted (FP8: 1 byte a value)
 
     @property
     def kv_bytes(self) -> int:
@@ -57,8 +58,9 @@ class MemoryPlan:
         return max_cpu_loras * self.slot_bytes(max_lora_rank)
 
     def describe(self, max_lora_rank: int, max_cpu_loras: int = 0) -> str:
-        kv = (f"KV cache {self.kv_bytes / 2**20:.1f} MiB = {self.num_kv_blocks * self.block_size}"
-              " tokens")
+        dtype = f" ({str(self.kv_dtype).removeprefix('torch.')})" if self.kv_dtype else ""
+        kv = (f"KV cache{dtype} {self.kv_bytes / 2**20:.1f} MiB = "
+              f"{self.num_kv_blocks * self.block_size} tokens")
         if not self.bytes_per_rank:
             return kv
         ranks = sorted({8, 16, 64, max_lora_rank})
@@ -79,14 +81,15 @@ def kv_block_bytes(model, dtype: torch.dtype, block_size: int) -> int:
 
 
 def plan_memory(lora: LoRAManager | None, kv_block_bytes: int, block_size: int,
-                max_model_len: int) -> MemoryPlan:
+                max_model_len: int, kv_dtype: torch.dtype | None = None) -> MemoryPlan:
     if lora is None:
         return MemoryPlan(lora_slot_bytes=0, bytes_per_rank=0, kv_block_bytes=kv_block_bytes,
-                          block_size=block_size, max_model_len=max_model_len)
+                          block_size=block_size, max_model_len=max_model_len,
+                          kv_dtype=kv_dtype)
     plan = MemoryPlan(lora_slot_bytes=0, bytes_per_rank=lora.slot_bytes_per_rank(),
                       kv_block_bytes=kv_block_bytes, block_size=block_size,
                       max_model_len=max_model_len,
-                      fixed_slot_bytes=lora.fixed_slot_bytes())
+                      fixed_slot_bytes=lora.fixed_slot_bytes(), kv_dtype=kv_dtype)
     plan.lora_slot_bytes = plan.slot_bytes(lora.cfg.max_lora_rank) * lora.cfg.max_loras
     return plan
 

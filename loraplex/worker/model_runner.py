@@ -23,13 +23,14 @@ from typing import NamedTuple
 
 import torch
 
-from loraplex.config import CacheConfig, ModelConfig, SchedulerConfig
+from loraplex.config import CacheConfig, ModelConfig, SchedulerConfig, kv_cache_dtype
 from loraplex.engine.sequence import Sequence
 from loraplex.layers.attention import (
     Attention,
     DecodeMirror,
     attention_backend,
     decode_splits,
+    is_fp8,
     torch_prefill_layout,
 )
 from loraplex.layers.sampler import Sampler, SamplingRow
@@ -91,6 +92,7 @@ class ModelRunner:
         self.rope_offsets = rope_offsets if rope_offsets is not None else {}
         self.device = model_config.device
         self.dtype = model_config.dtype
+        self.kv_cache_dtype = kv_cache_dtype(cache_config.cache_dtype, self.dtype)
         self.block_size = cache_config.block_size
         self.max_model_len = model_config.max_model_len
         self.max_num_seqs = scheduler_config.max_num_seqs
@@ -112,9 +114,11 @@ class ModelRunner:
         self.decode_buffers = DecodeBuffers(self.max_num_seqs,
                                             -(-self.max_model_len // self.block_size),
                                             self.device)
-        # torch decode keeps the batch's K/V contiguous across steps, within the cache's size
-        self.decode_mirror = DecodeMirror(self.block_size, self._bytes_per_block() // self.block_size,
-                                          self.num_blocks * self._bytes_per_block())
+        # torch decode keeps the batch's K/V contiguous across steps (in the model's dtype,
+        # dequantized from an FP8 cache), within the cache's size
+        self.decode_mirror = DecodeMirror(
+            self.block_size, kv_block_bytes(self.model, self.dtype, self.block_size)
+            // self.block_size, self.num_blocks * self._bytes_per_block())
         self.num_eager_decode_steps = 0  # pure decode steps run without a graph
         self.num_mixed_steps = 0  # prefill + decode in one forward (always eager)
         self.cuda_graphs: CUDAGraphRunner | None = None
@@ -125,7 +129,7 @@ class ModelRunner:
                 self.attn_backend, host_routed=model.args.num_experts > 0)
 
     def _bytes_per_block(self) -> int:
-        return kv_block_bytes(self.model, self.dtype, self.block_size)
+        return kv_block_bytes(self.model, self.kv_cache_dtype, self.block_size)
 
     def _num_kv_blocks(self, cfg: CacheConfig, sched: SchedulerConfig) -> int:
         if cfg.num_blocks_override is not None:
@@ -204,10 +208,17 @@ class ModelRunner:
         # zeros, not empty: masked-out slots still enter `weights @ V`, and 0 * NaN garbage
         # would poison the output; stale values from freed blocks are finite and harmless
         for layer in self.attention_layers:
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks,
-                    self.block_size, self.num_blocks * self._bytes_per_block() / 2**20)
+            layer.k_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", self.num_blocks,
+                    self.block_size, self.num_blocks * self._bytes_per_block() / 2**20,
+                    str(self.kv_cache_dtype).removeprefix("torch."))
+        if is_fp8(self.kv_cache_dtype):
+            scaled = sum(layer.k_scale != 1.0 or layer.v_scale != 1.0
+                         for layer in self.attention_layers)
+            logger.info("FP8 KV cache: the checkpoint's k_scale / v_scale in %d of %d layers, "
+                        "1.0 elsewhere (values beyond +-%g x scale saturate)", scaled,
+                        len(self.attention_layers), torch.finfo(self.kv_cache_dtype).max)
 
     def _tensor(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned, so the copy does not wait for the device
