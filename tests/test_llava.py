@@ -258,3 +258,77 @@ def test_image_hash_keys_only_the_blocks_with_placeholders():
     assert inputs.block_key(0, 8) == b"" and inputs.block_key(26, 32) == b""
     assert inputs.block_key(8, 16) == inputs.block_key(24, 32) == b"h"
     assert inputs.rows_in(8, 16) == (list(range(10, 16)), slice(0, 6))
+
+
+def test_engine_takes_processed_images_as_they_are(llava, monkeypatch):
+    """ImageInputs processed beforehand (what the server hands the engine) with the
+    expanded ids: add_request never calls the HF image processor (a third-party object,
+    its calls counted), and the output is HF's; inputs that are not the prompt's are
+    refused, alone."""
+    llm = make_llm(llava["base"])
+    engine, a = llm.llm_engine, image(1)
+    ids = processor(str(llava["base"])).tokenizer(ASK).input_ids
+    expanded, inputs = engine.image_processor(ids, [a])
+    hf = engine.image_processor.hf
+    calls, real = [], hf.preprocess
+    monkeypatch.setattr(hf, "preprocess", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    outs = llm.generate({"prompt_token_ids": expanded, "multi_modal_data": {"image": inputs}},
+                        GREEDY, use_tqdm=False)
+    assert calls == []
+    check(outs, llava["base"], [(ASK, [a], None)])
+    with pytest.raises(ValueError, match="processed image inputs do not match"):
+        llm.generate({"prompt_token_ids": expanded[1:], "multi_modal_data": {"image": inputs}},
+                     GREEDY, use_tqdm=False)
+    llm.generate(request(ASK, [a]), GREEDY, use_tqdm=False)  # raw images: processed here
+    assert calls == [1] and not engine.has_unfinished_requests()
+
+
+def test_server_processes_images_on_its_encoder_thread(llava, monkeypatch):
+    """The chat route runs the HF image processor on the serving layer's encoder thread,
+    never on the engine's step thread; the reply is HF's."""
+    import asyncio
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from loraplex import EngineArgs
+    from loraplex.engine.async_engine import AsyncLLMEngine
+    from loraplex.entrypoints.protocol import ChatCompletionRequest
+    from loraplex.entrypoints.serving_chat import OpenAIServingChat
+    from loraplex.entrypoints.serving_models import OpenAIServingModels
+
+    base, a = llava["base"], image(1)
+    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
+               {"type": "text", "text": "What is this?"}]
+
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(EngineArgs(
+            model=str(base), dtype="float32", max_model_len=256, cpu_kv_cache_gib=0.05))
+        try:
+            chat = OpenAIServingChat(engine, OpenAIServingModels(engine, ["llava"], 256, False),
+                                     AutoTokenizer.from_pretrained(str(base)))
+            hf = engine.engine.image_processor.hf
+            threads, real = [], hf.preprocess
+
+            def preprocess(*args, **kw):
+                threads.append(threading.current_thread().name)
+                return real(*args, **kw)
+            monkeypatch.setattr(hf, "preprocess", preprocess)
+            resp = await chat.create_chat_completion(ChatCompletionRequest(
+                model="llava", messages=[{"role": "user", "content": content}], temperature=0,
+                max_tokens=GREEDY.max_tokens, ignore_eos=True, logprobs=True,
+                return_tokens_as_token_ids=True))
+            return resp, threads
+        finally:
+            await engine.shutdown()
+    resp, threads = asyncio.run(main())
+    assert len(threads) == 1 and threads[0].startswith("loraplex-tokenize"), threads
+    got = [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
+    text = "<|user|><image>\nWhat is this?\n<|assistant|>"
+    inp = processor(str(base))(text=text, images=[a], add_special_tokens=False,
+                               return_tensors="pt")
+    ids = inp["input_ids"][0].tolist()
+    assert resp.usage.prompt_tokens == len(ids)
+    ref = hf_logprobs(base, None, ids + got[:-1], inp["pixel_values"])
+    assert got == ref[len(ids) - 1:].argmax(-1).tolist()
+
