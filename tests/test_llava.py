@@ -332,3 +332,20 @@ def test_server_processes_images_on_its_encoder_thread(llava, monkeypatch):
     ref = hf_logprobs(base, None, ids + got[:-1], inp["pixel_values"])
     assert got == ref[len(ids) - 1:].argmax(-1).tolist()
 
+
+def test_one_tower_call_for_a_steps_new_images(llava):
+    """Three image requests (one with two images, one with n=2) prefilled in one step: the
+    vision tower runs once, on their pixels stacked, and each output is still HF's."""
+    llm = make_llm(llava["base"])
+    calls: list[int] = []
+    llm.llm_engine.vision.register_forward_hook(
+        lambda module, args, out: calls.append(args[0].shape[0]))
+    a, b = image(1), image(2, (30, 50))
+    two = "USER: <image> and <image>: which is brighter? ASSISTANT:"
+    jobs = [(ASK, [a]), (two, [b, a]), (ASK, [b])]
+    params = [GREEDY, GREEDY, SamplingParams(n=2, temperature=0.0, max_tokens=6,
+                                             ignore_eos=True, logprobs=3)]
+    outs = llm.generate([request(p, ims) for p, ims in jobs], params, use_tqdm=False)
+    assert calls == [4]  # 1 + 2 + 1 images (the n=2 request's siblings share theirs)
+    check(outs, llava["base"], [(p, ims, None) for p, ims in jobs])
+    assert outs[2].outputs[1].token_ids == outs[2].outputs[0].token_ids
