@@ -349,3 +349,74 @@ def test_one_tower_call_for_a_steps_new_images(llava):
     assert calls == [4]  # 1 + 2 + 1 images (the n=2 request's siblings share theirs)
     check(outs, llava["base"], [(p, ims, None) for p, ims in jobs])
     assert outs[2].outputs[1].token_ids == outs[2].outputs[0].token_ids
+
+
+def test_server_responses_input_image_and_tokenize(llava):
+    """/v1/responses' input_image parts are the chat route's image_url parts: the same
+    reply (HF's greedy text), the same prompt tokens; /tokenize of a chat with an image
+    gives the expanded ids HF's processor makes, counted as the chat route counts them
+    (usage, max_tokens). Bad input fails alone, with OpenAI's error shape."""
+    base = str(llava["base"])
+    text = "<|user|><image>\nWhat is this?\n<|assistant|>"
+    with RemoteServer(llava["base"], ["--max-model-len", "256", "--dtype", "float32"]) as server:
+        client = server.get_client()
+        replies = []
+        for img in (image(1), image(2, (30, 50))):
+            url = data_url(img)
+            chat = client.chat.completions.create(
+                model=base, messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What is this?"}]}],
+                temperature=0, max_tokens=GREEDY.max_tokens, extra_body={"ignore_eos": True})
+            resp = client.responses.create(
+                model=base, input=[{"role": "user", "content": [
+                    {"type": "input_image", "image_url": url, "detail": "auto"},
+                    {"type": "input_text", "text": "What is this?"}]}],
+                temperature=0, max_output_tokens=GREEDY.max_tokens,
+                extra_body={"ignore_eos": True})
+            inp = processor(base)(text=text, images=[img], add_special_tokens=False,
+                                  return_tensors="pt")
+            ids = inp["input_ids"][0].tolist()
+            greedy = list(ids)
+            for _ in range(GREEDY.max_tokens):
+                ref = hf_logprobs(llava["base"], None, greedy, inp["pixel_values"])
+                greedy.append(int(ref[-1].argmax()))
+            want = processor(base).tokenizer.decode(greedy[len(ids):], skip_special_tokens=True)
+            assert resp.output_text == chat.choices[0].message.content == want
+            assert resp.usage.input_tokens == chat.usage.prompt_tokens == len(ids)
+            replies.append(want)
+
+            tok = server.post("/tokenize", {"model": base, "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is this?"}]}]})
+            assert tok.status_code == 200, tok.text
+            assert tok.json()["tokens"] == ids and tok.json()["count"] == len(ids)
+        assert replies[0] != replies[1]  # the image counts
+        content = [{"type": "image_url", "image_url": {"url": data_url(image(1))}},
+                   {"type": "text", "text": "What is this?"}]
+        with pytest.raises(openai.BadRequestError) as info:  # counted expanded: one too many
+            client.chat.completions.create(model=base, messages=[{"role": "user",
+                                                                  "content": content}],
+                                           max_tokens=256 - len(ids) + 1)
+        assert f"({len(ids)} in the messages" in info.value.body["message"]
+        bad = [([{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}],
+                "cannot decode the image"),
+               ([{"type": "input_image", "image_url": {"url": data_url(image(1))}}],
+                r"needs image_url, a data: or http\(s\) URL string \(image_url given as dict"),
+               ([{"type": "input_image", "image_url": "ftp://x"}], "data: URL or an http")]
+        for parts, match in bad:
+            with pytest.raises(openai.BadRequestError) as info:
+                client.responses.create(model=base, input=[{"role": "user", "content": parts}],
+                                        max_output_tokens=2)
+            assert info.value.body["type"] == "BadRequestError", info.value.body
+            assert re.search(match, info.value.body["message"]), info.value.body
+        tok = server.post("/tokenize", {"model": base, "messages": [
+            {"role": "user", "content": [*content, {"type": "text", "text": " <image>"}]}]})
+        assert tok.status_code == 400, tok.text
+        assert re.search("2 image placeholder token.*for 1 image", tok.json()["error"]["message"])
+        assert tok.json()["error"]["type"] == "BadRequestError"
+        resp = client.responses.create(model=base, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": data_url(image(1))},
+            {"type": "input_text", "text": "What is this?"}]}], temperature=0,
+            max_output_tokens=GREEDY.max_tokens, extra_body={"ignore_eos": True})
+        assert resp.output_text == replies[0]  # still serving
