@@ -40,7 +40,8 @@ case "$phase" in
       tests/test_dora.py tests/test_long_lora.py tests/test_reasoning.py tests/test_fp8.py \
       tests/test_text_only.py tests/test_responses_api.py tests/test_triton_fp8.py \
       tests/test_gpt_oss.py tests/test_priority_scheduling.py tests/test_triton_mxfp4.py \
-      tests/test_compressed_tensors.py tests/test_quantized_moe.py \
+      tests/test_compressed_tensors.py tests/test_quantized_moe.py tests/test_bnb_moe.py \
+      tests/test_llava.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)

@@ -16,5 +16,5 @@ python3 -m pip download -q --python-version 3.12 --platform manylinux2014_x86_64
 # structured outputs (xgrammar and its FFI): manylinux_2_28 wheels
 python3 -m pip download -q --python-version 3.12 --platform manylinux_2_28_x86_64 \
   --only-binary=:all: --no-deps -d .gpu_wheels xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 \
-  cryptography==51.0.1
+  cryptography==51.0.1 pillow==13.0.0
 ls .gpu_wheels

@@ -258,3 +258,165 @@ def test_image_hash_keys_only_the_blocks_with_placeholders():
     assert inputs.block_key(0, 8) == b"" and inputs.block_key(26, 32) == b""
     assert inputs.block_key(8, 16) == inputs.block_key(24, 32) == b"h"
     assert inputs.rows_in(8, 16) == (list(range(10, 16)), slice(0, 6))
+
+
+def test_engine_takes_processed_images_as_they_are(llava, monkeypatch):
+    """ImageInputs processed beforehand (what the server hands the engine) with the
+    expanded ids: add_request never calls the HF image processor (a third-party object,
+    its calls counted), and the output is HF's; inputs that are not the prompt's are
+    refused, alone."""
+    llm = make_llm(llava["base"])
+    engine, a = llm.llm_engine, image(1)
+    ids = processor(str(llava["base"])).tokenizer(ASK).input_ids
+    expanded, inputs = engine.image_processor(ids, [a])
+    hf = engine.image_processor.hf
+    calls, real = [], hf.preprocess
+    monkeypatch.setattr(hf, "preprocess", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    outs = llm.generate({"prompt_token_ids": expanded, "multi_modal_data": {"image": inputs}},
+                        GREEDY, use_tqdm=False)
+    assert calls == []
+    check(outs, llava["base"], [(ASK, [a], None)])
+    with pytest.raises(ValueError, match="processed image inputs do not match"):
+        llm.generate({"prompt_token_ids": expanded[1:], "multi_modal_data": {"image": inputs}},
+                     GREEDY, use_tqdm=False)
+    llm.generate(request(ASK, [a]), GREEDY, use_tqdm=False)  # raw images: processed here
+    assert calls == [1] and not engine.has_unfinished_requests()
+
+
+def test_server_processes_images_on_its_encoder_thread(llava, monkeypatch):
+    """The chat route runs the HF image processor on the serving layer's encoder thread,
+    never on the engine's step thread; the reply is HF's."""
+    import asyncio
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from loraplex import EngineArgs
+    from loraplex.engine.async_engine import AsyncLLMEngine
+    from loraplex.entrypoints.protocol import ChatCompletionRequest
+    from loraplex.entrypoints.serving_chat import OpenAIServingChat
+    from loraplex.entrypoints.serving_models import OpenAIServingModels
+
+    base, a = llava["base"], image(1)
+    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
+               {"type": "text", "text": "What is this?"}]
+
+    async def main():
+        engine = AsyncLLMEngine.from_engine_args(EngineArgs(
+            model=str(base), dtype="float32", max_model_len=256, cpu_kv_cache_gib=0.05))
+        try:
+            chat = OpenAIServingChat(engine, OpenAIServingModels(engine, ["llava"], 256, False),
+                                     AutoTokenizer.from_pretrained(str(base)))
+            hf = engine.engine.image_processor.hf
+            threads, real = [], hf.preprocess
+
+            def preprocess(*args, **kw):
+                threads.append(threading.current_thread().name)
+                return real(*args, **kw)
+            monkeypatch.setattr(hf, "preprocess", preprocess)
+            resp = await chat.create_chat_completion(ChatCompletionRequest(
+                model="llava", messages=[{"role": "user", "content": content}], temperature=0,
+                max_tokens=GREEDY.max_tokens, ignore_eos=True, logprobs=True,
+                return_tokens_as_token_ids=True))
+            return resp, threads
+        finally:
+            await engine.shutdown()
+    resp, threads = asyncio.run(main())
+    assert len(threads) == 1 and threads[0].startswith("loraplex-tokenize"), threads
+    got = [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
+    text = "<|user|><image>\nWhat is this?\n<|assistant|>"
+    inp = processor(str(base))(text=text, images=[a], add_special_tokens=False,
+                               return_tensors="pt")
+    ids = inp["input_ids"][0].tolist()
+    assert resp.usage.prompt_tokens == len(ids)
+    ref = hf_logprobs(base, None, ids + got[:-1], inp["pixel_values"])
+    assert got == ref[len(ids) - 1:].argmax(-1).tolist()
+
+
+def test_one_tower_call_for_a_steps_new_images(llava):
+    """Three image requests (one with two images, one with n=2) prefilled in one step: the
+    vision tower runs once, on their pixels stacked, and each output is still HF's."""
+    llm = make_llm(llava["base"])
+    calls: list[int] = []
+    llm.llm_engine.vision.register_forward_hook(
+        lambda module, args, out: calls.append(args[0].shape[0]))
+    a, b = image(1), image(2, (30, 50))
+    two = "USER: <image> and <image>: which is brighter? ASSISTANT:"
+    jobs = [(ASK, [a]), (two, [b, a]), (ASK, [b])]
+    params = [GREEDY, GREEDY, SamplingParams(n=2, temperature=0.0, max_tokens=6,
+                                             ignore_eos=True, logprobs=3)]
+    outs = llm.generate([request(p, ims) for p, ims in jobs], params, use_tqdm=False)
+    assert calls == [4]  # 1 + 2 + 1 images (the n=2 request's siblings share theirs)
+    check(outs, llava["base"], [(p, ims, None) for p, ims in jobs])
+    assert outs[2].outputs[1].token_ids == outs[2].outputs[0].token_ids
+
+
+def test_server_responses_input_image_and_tokenize(llava):
+    """/v1/responses' input_image parts are the chat route's image_url parts: the same
+    reply (HF's greedy text), the same prompt tokens; /tokenize of a chat with an image
+    gives the expanded ids HF's processor makes, counted as the chat route counts them
+    (usage, max_tokens). Bad input fails alone, with OpenAI's error shape."""
+    base = str(llava["base"])
+    text = "<|user|><image>\nWhat is this?\n<|assistant|>"
+    with RemoteServer(llava["base"], ["--max-model-len", "256", "--dtype", "float32"]) as server:
+        client = server.get_client()
+        replies = []
+        for img in (image(1), image(2, (30, 50))):
+            url = data_url(img)
+            chat = client.chat.completions.create(
+                model=base, messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What is this?"}]}],
+                temperature=0, max_tokens=GREEDY.max_tokens, extra_body={"ignore_eos": True})
+            resp = client.responses.create(
+                model=base, input=[{"role": "user", "content": [
+                    {"type": "input_image", "image_url": url, "detail": "auto"},
+                    {"type": "input_text", "text": "What is this?"}]}],
+                temperature=0, max_output_tokens=GREEDY.max_tokens,
+                extra_body={"ignore_eos": True})
+            inp = processor(base)(text=text, images=[img], add_special_tokens=False,
+                                  return_tensors="pt")
+            ids = inp["input_ids"][0].tolist()
+            greedy = list(ids)
+            for _ in range(GREEDY.max_tokens):
+                ref = hf_logprobs(llava["base"], None, greedy, inp["pixel_values"])
+                greedy.append(int(ref[-1].argmax()))
+            want = processor(base).tokenizer.decode(greedy[len(ids):], skip_special_tokens=True)
+            assert resp.output_text == chat.choices[0].message.content == want
+            assert resp.usage.input_tokens == chat.usage.prompt_tokens == len(ids)
+            replies.append(want)
+
+            tok = server.post("/tokenize", {"model": base, "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is this?"}]}]})
+            assert tok.status_code == 200, tok.text
+            assert tok.json()["tokens"] == ids and tok.json()["count"] == len(ids)
+        assert replies[0] != replies[1]  # the image counts
+        content = [{"type": "image_url", "image_url": {"url": data_url(image(1))}},
+                   {"type": "text", "text": "What is this?"}]
+        with pytest.raises(openai.BadRequestError) as info:  # counted expanded: one too many
+            client.chat.completions.create(model=base, messages=[{"role": "user",
+                                                                  "content": content}],
+                                           max_tokens=256 - len(ids) + 1)
+        assert f"({len(ids)} in the messages" in info.value.body["message"]
+        bad = [([{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}],
+                "cannot decode the image"),
+               ([{"type": "input_image", "image_url": {"url": data_url(image(1))}}],
+                r"needs image_url, a data: or http\(s\) URL string \(image_url given as dict"),
+               ([{"type": "input_image", "image_url": "ftp://x"}], "data: URL or an http")]
+        for parts, match in bad:
+            with pytest.raises(openai.BadRequestError) as info:
+                client.responses.create(model=base, input=[{"role": "user", "content": parts}],
+                                        max_output_tokens=2)
+            assert info.value.body["type"] == "BadRequestError", info.value.body
+            assert re.search(match, info.value.body["message"]), info.value.body
+        tok = server.post("/tokenize", {"model": base, "messages": [
+            {"role": "user", "content": [*content, {"type": "text", "text": " <image>"}]}]})
+        assert tok.status_code == 400, tok.text
+        assert re.search("2 image placeholder token.*for 1 image", tok.json()["error"]["message"])
+        assert tok.json()["error"]["type"] == "BadRequestError"
+        resp = client.responses.create(model=base, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": data_url(image(1))},
+            {"type": "input_text", "text": "What is this?"}]}], temperature=0,
+            max_output_tokens=GREEDY.max_tokens, extra_body={"ignore_eos": True})
+        assert resp.output_text == replies[0]  # still serving

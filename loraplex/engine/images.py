@@ -1,6 +1,8 @@
 """A request's images: decoded, turned into pixel values by the model's own HF image
 processor (so the pixels are HF's), and the prompt's image placeholders expanded to one
-token per image embedding, as HF's LlavaProcessor expands them.
+token per image embedding, as HF's LlavaProcessor expands them. The server does this on
+its encoder thread and hands the engine the ImageInputs (the step loop never waits on an
+image processor); offline, LLMEngine.add_request calls the same ImageProcessor.
 
 The vision tower runs later, once per request, at its first prefill step that reaches a
 placeholder (worker/model_runner.py); its output stays on `ImageInputs.embeds`, so later
@@ -100,27 +102,36 @@ class ImageProcessor:
         images = [load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
         if not images:
             raise ValueError("multi_modal_data: 'image' holds no image")
+        ids = self.expand(ids, len(images))  # before the pixels: a mismatch costs nothing
         pixels = self.hf(images=[im.convert("RGB") for im in images],
                          return_tensors="pt")["pixel_values"]
         c = self.config
         if tuple(pixels.shape[-2:]) != (c.image_size, c.image_size):
             raise ValueError(f"the image processor gives {tuple(pixels.shape[-2:])} pixels, "
                              f"the vision tower takes {c.image_size} x {c.image_size}")
-        ids = expand_placeholders(ids, c.image_token_id, len(images), c.tokens_per_image)
-        positions = [p for p, t in enumerate(ids) if t == c.image_token_id]
+        positions = self.positions(ids)
         per = c.tokens_per_image
         ranges = [(positions[i * per], per) for i in range(len(images))]
         hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes(), digest_size=16).digest()
                   for p in pixels.float()]
         return ids, ImageInputs(pixels, positions, ranges, hashes)
 
+    def expand(self, ids: list[int], num_images: int) -> list[int]:
+        """The prompt with its placeholders expanded (ValueError: they do not match the
+        images), without processing the images: what /tokenize and usage count."""
+        c = self.config
+        return expand_placeholders(ids, c.image_token_id, num_images, c.tokens_per_image)
 
-def prompt_len(processor: ImageProcessor, ids: list[int], num_images: int) -> int:
-    """The prompt's length once its placeholders are expanded (ValueError: they do not
-    match the images), known before the images are processed: the server sizes
-    max_tokens and usage with it."""
-    c = processor.config
-    return len(expand_placeholders(ids, c.image_token_id, num_images, c.tokens_per_image))
+    def positions(self, ids: list[int]) -> list[int]:
+        return [p for p, t in enumerate(ids) if t == self.config.image_token_id]
+
+    def check(self, ids: list[int], inputs: ImageInputs) -> None:
+        """Processed inputs given with a prompt (the server's) must be that prompt's: its
+        placeholders where the inputs say, one embedding each."""
+        if self.positions(ids) != inputs.positions or \
+                inputs.pixel_values.shape[0] != len(inputs.ranges):
+            raise ValueError("multi_modal_data: the processed image inputs do not match the "
+                             "prompt's (expanded) image placeholders")
 
 
 def expand_placeholders(ids: list[int], token: int, num_images: int, per_image: int

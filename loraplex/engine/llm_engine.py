@@ -215,7 +215,9 @@ class LLMEngine:
     def _images(self, prompt: PromptType, ids: list[int]
                 ) -> tuple[list[int], ImageInputs | None]:
         """A prompt dict's multi_modal_data images: the prompt with its placeholders
-        expanded, and the images' inputs (engine/images.py)."""
+        expanded, and the images' inputs (engine/images.py). ImageInputs processed already
+        (the server's, with the expanded ids) are taken as they are: no image processing
+        on the step loop."""
         data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         if not data:
             return ids, None
@@ -223,6 +225,9 @@ class LLMEngine:
             kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"multi_modal_data: {kinds} is not supported; give "
                              "{'image': an image or a list of images}")
+        if isinstance(data["image"], ImageInputs):
+            self.image_processor.check(ids, data["image"])
+            return ids, data["image"]
         return self.image_processor(ids, data["image"])
 
     def _check_prompt(self, ids: list[int], vocab: int) -> None:

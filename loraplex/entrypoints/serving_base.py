@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from loraplex.beam_search import BeamSearch, BeamSearchOutput
 from loraplex.engine.async_engine import AsyncLLMEngine, LoRANotLoadedError
+from loraplex.engine.images import ImageInputs
 from loraplex.entrypoints.errors import (
     APIError,
     BadRequestError,
@@ -182,7 +183,7 @@ class OpenAIServing:
     async def start_requests(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
                              params: list[SamplingParams], model: str | None,
                              lora: LoRARequest | None, cache_salt: str | None = None,
-                             priority: int = 0, images: list[Any] | None = None
+                             priority: int = 0, images: ImageInputs | None = None
                              ) -> EngineRequests:
         """Queue one engine request per prompt, all or none. ``lora`` is what ``model``
         resolved to; if that adapter was unloaded or replaced since, look ``model`` up
@@ -198,9 +199,9 @@ class OpenAIServing:
 
     async def _queue(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
                      params: list[SamplingParams], lora: LoRARequest | None,
-                     cache_salt: str | None, priority: int, images: list[Any] | None = None
+                     cache_salt: str | None, priority: int, images: ImageInputs | None = None
                      ) -> EngineRequests:
-        """`images`: every prompt's (a chat request's one prompt: its messages')."""
+        """`images`: a chat request's one prompt's, processed (the prompt's ids expanded)."""
         for spec in {id(p.structured_outputs): p.structured_outputs for p in params
                      if p.structured_outputs is not None}.values():
             try:  # compiled here, off the step loop; the engine then finds it cached

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from loraplex.beam_search import BeamSearchOutput
-from loraplex.engine.images import prompt_len
+from loraplex.engine.images import ImageInputs
 from loraplex.entrypoints.chat_images import ChatImages
 from loraplex.entrypoints.errors import APIError, BadRequestError
 from loraplex.entrypoints.protocol import (
@@ -88,7 +88,8 @@ class OpenAIServingChat(OpenAIServing):
                lora: LoRARequest | None = None) -> tuple[str, list[int], list[Any]]:
         """Apply the chat template (request's, else --chat-template, else tokenizer's) and
         tokenize, with `lora`'s tokenizer when it adds tokens; on the encoder thread, which
-        decodes (or fetches) the messages' images too: the text, its ids, the images.
+        decodes (or fetches) the messages' images too: the text, its ids (each image's
+        placeholder expanded: what the engine will see, and count), the images.
         `tools`: what the template is told the model may call (None: nothing)."""
         template = req.chat_template or self.chat_template
         template_kw: dict[str, Any] = {"tools": tools} if tools else {}
@@ -116,8 +117,22 @@ class OpenAIServingChat(OpenAIServing):
                 "--chat-template)")
             raise BadRequestError(f"cannot apply the chat template: {e}{hint}",
                                   param="messages") from e
-        ids = encoder(text, add_special_tokens=req.add_special_tokens).input_ids
-        return text, list(ids), images.images
+        ids = list(encoder(text, add_special_tokens=req.add_special_tokens).input_ids)
+        if images.images:
+            try:
+                ids = engine.image_processor.expand(ids, len(images.images))
+            except ValueError as e:
+                raise BadRequestError(f"messages: {e}", param="messages") from e
+        return text, ids, images.images
+
+    def process_images(self, ids: list[int], images: list[Any]
+                       ) -> tuple[list[int], ImageInputs]:
+        """The HF image processing, on the encoder thread (a big image never stalls the
+        engine's steps): the ids and the ImageInputs the engine takes as they are."""
+        try:
+            return self.engine.engine.image_processor(ids, images)
+        except ValueError as e:
+            raise BadRequestError(f"messages: {e}", param="messages") from e
 
     async def create_chat_completion(self, req: ChatCompletionRequest,
                                      chunks: bool = False):
@@ -155,14 +170,10 @@ class OpenAIServingChat(OpenAIServing):
         text, ids, images = await self.off_loop(self.render, req,
                                                 req.tools if calling else None, lora)
         self.check_token_ids(ids)
-        text, ids = self.truncated((text, ids), params)
-        num_prompt = len(ids)  # with each image's placeholder expanded
-        if images:
-            try:
-                num_prompt = prompt_len(self.engine.engine.image_processor, ids, len(images))
-            except ValueError as e:
-                raise BadRequestError(f"messages: {e}", param="messages") from e
-        self.fit_max_tokens(params, num_prompt)
+        if not images:
+            text, ids = self.truncated((text, ids), params)
+        # (with images the engine refuses a truncate_prompt_tokens that would cut them)
+        self.fit_max_tokens(params, len(ids))
         request_id = req.request_id or random_id("chatcmpl")
         echo = self._echo(req)
         if req.use_beam_search:
@@ -174,10 +185,13 @@ class OpenAIServingChat(OpenAIServing):
                                       "or set tool_choice none", param="use_beam_search")
             results = await self.beam_search(req, request_id, params, [(text, ids)], lora)
             return self._beam_response(req, request_id, model, len(ids), results[0], echo)
+        inputs = None
+        if images:
+            ids, inputs = await self.off_loop(self.process_images, ids, images)
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
-                                           lora, req.cache_salt, req.priority, images)
+                                           lora, req.cache_salt, req.priority, inputs)
         if req.stream:
-            stream = self._stream(req, request_id, model, num_prompt, queued, echo, calling,
+            stream = self._stream(req, request_id, model, len(ids), queued, echo, calling,
                                   params, lora)
             if chunks:
                 return stream, queued
@@ -199,7 +213,7 @@ class OpenAIServingChat(OpenAIServing):
                 if req.logprobs else None, finish_reason=finish, stop_reason=o.stop_reason))
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices,
-            usage=await self._usage(num_prompt, final, params, lora),
+            usage=await self._usage(len(ids), final, params, lora),
             prompt_logprobs=self.prompt_logprobs(req, final))
 
     async def _usage(self, prompt_tokens: int, final: RequestOutput,

@@ -92,7 +92,7 @@ def _messages(item: Any, i: int) -> list[dict[str, Any]]:
         if role not in ("system", "user", "assistant"):
             raise BadRequestError(f"input[{i}]: role {item.get('role')!r} is not one of user, "
                                   "system, developer, assistant", param="input")
-        return [{"role": role, "content": _text(item.get("content"), i)}]
+        return [{"role": role, "content": _content(item.get("content"), i)}]
     if kind == "function_call":
         return [{"role": "assistant", "content": None, "tool_calls": [{
             "id": item.get("call_id"), "type": "function",
@@ -107,17 +107,37 @@ def _messages(item: Any, i: int) -> list[dict[str, Any]]:
                           "function_call, function_call_output, reasoning)", param="input")
 
 
-def _text(content: Any, i: int) -> str:
+def _content(content: Any, i: int) -> str | list[dict[str, Any]]:
+    """A message's content for chat: its text parts joined, or, with an `input_image`
+    part, chat's parts (an `image_url` each; the chat route decodes and refuses them)."""
     if isinstance(content, str) or content is None:
         return content or ""
-    parts = []
+    parts: list[dict[str, Any]] = []
     for part in content:
-        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind in _TEXT_PARTS:
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif kind == "input_image":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(part, i)}})
+        else:
             raise BadRequestError(f"input[{i}]: content part of type {kind!r} is not "
-                                  "supported (text only)", param="input")
-        parts.append(str(part.get("text", "")))
-    return "".join(parts)
+                                  "supported (input_text, output_text, input_image)",
+                                  param="input")
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _image_url(part: dict[str, Any], i: int) -> str:
+    """An input_image part's URL: OpenAI's shape (and vLLM's) is a string, a data: or
+    http(s) URL; a file_id needs a files API there is none of."""
+    url = part.get("image_url")
+    if not isinstance(url, str):
+        what = "file_id" if part.get("file_id") is not None else "image_url"
+        raise BadRequestError(f"input[{i}]: an input_image part needs image_url, a data: or "
+                              f"http(s) URL string ({what} given as "
+                              f"{type(part.get(what)).__name__})", param="input")
+    return url
 
 
 def _tool(tool: dict[str, Any], i: int) -> dict[str, Any]:

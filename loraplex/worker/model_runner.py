@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from loraplex.config import CacheConfig, ModelConfig, SchedulerConfig, kv_cache_dtype
+from loraplex.engine.images import ImageInputs
 from loraplex.engine.sequence import Sequence
 from loraplex.layers.attention import (
     Attention,
@@ -382,24 +383,34 @@ class ModelRunner:
 
     def _image_rows(self, prefill: list[Sequence], lens: list[int]) -> ImageRows | None:
         """The prefill rows of image placeholders and their image embeddings (the prefill
-        rows come first in the step, chunk after chunk). A request's vision tower runs
-        here, at the first chunk that reaches a placeholder; later chunks, its siblings
-        and a recompute after preemption reuse its output."""
-        rows: list[int] = []
-        embeds: list[torch.Tensor] = []
+        rows come first in the step, chunk after chunk). The vision tower runs here, for
+        the requests whose chunk reaches a placeholder first; later chunks, siblings and a
+        recompute after preemption reuse its output."""
+        spans = []  # (the images, their placeholders' rows in the step, their embeds' slice)
         first = 0
         for seq, n in zip(prefill, lens):
             images, start = seq.images, seq.num_computed_tokens
             if images is not None:
                 positions, part = images.rows_in(start, start + n)
-                if positions and images.embeds is None:
-                    images.embeds = self.vision(
-                        images.pixel_values.to(self.device)).flatten(0, 1)
-                rows.extend(first + p - start for p in positions)
                 if positions:
-                    embeds.append(images.embeds[part])
+                    spans.append((images, [first + p - start for p in positions], part))
             first += n
-        return (self._tensor(rows), torch.cat(embeds)) if rows else None
+        if not spans:
+            return None
+        self._encode_images([images for images, *_ in spans if images.embeds is None])
+        rows = [r for _, span_rows, _ in spans for r in span_rows]
+        return self._tensor(rows), torch.cat([images.embeds[part] for images, _, part in spans])
+
+    def _encode_images(self, todo: list[ImageInputs]) -> None:
+        """One vision tower call on the pixels of every request in `todo` stacked (not one
+        per request), its output split back onto each one's ImageInputs."""
+        todo = list({id(images): images for images in todo}.values())  # siblings share one
+        if not todo:
+            return
+        pixels = torch.cat([images.pixel_values for images in todo]).to(self.device)
+        out = self.vision(pixels).split([len(images.pixel_values) for images in todo])
+        for images, embeds in zip(todo, out):
+            images.embeds = embeds.flatten(0, 1)
 
     @torch.inference_mode()
     def prompt_logits(self, hidden: torch.Tensor, slots: list[int] | None = None
