@@ -23,9 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 from loraplex import SamplingParams
-from loraplex.layers.moe import BnB4bitFusedExperts, FusedExperts, GateLinear
+from loraplex.layers.experts import FusedExperts
+from loraplex.layers.moe import GateLinear
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.quantization.bitsandbytes import dequantize_4bit, quantize_nf4
+from loraplex.layers.quantized_experts import BnB4bitFusedExperts
 from tests.engine_utils import check_mixed_batch, make_llm
 from tests.fixtures import make_peft_adapter, make_tiny_model
 from tests.quantized_fixtures import write_bnb4

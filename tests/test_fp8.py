@@ -151,7 +151,7 @@ def test_what_does_not_fit_is_refused(fp8_models, tiny_models, tmp_path):
 def test_fp8_mixture_of_experts(strategy, tiny_root, prompts):
     """Qwen3-MoE with FP8 experts and attention (the router left plain, as Qwen3-30B-A3B-FP8
     leaves it), the base and an all-linear adapter in one batch; the experts stay FP8."""
-    from loraplex.layers.moe import FP8FusedExperts
+    from loraplex.layers.quantized_experts import FP8FusedExperts
     from tests.fixtures import make_peft_adapter, make_tiny_model
 
     root = tiny_root / "fp8_moe" / strategy

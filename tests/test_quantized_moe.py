@@ -22,8 +22,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from loraplex import SamplingParams
-from loraplex.layers.moe import FusedExperts, GateLinear, PackedIntFusedExperts
+from loraplex.layers.experts import FusedExperts
+from loraplex.layers.moe import GateLinear
 from loraplex.layers.quantization import QuantConfig
+from loraplex.layers.quantized_experts import PackedIntFusedExperts
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import make_peft_adapter, make_tiny_model
 from tests.quantized_fixtures import (

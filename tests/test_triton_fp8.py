@@ -109,7 +109,7 @@ def test_kernel_on_gpu(strategy, dtype, m):
 def test_fp8_experts_on_the_kernel(monkeypatch):
     """A mixture's FP8 experts (per-block scales) through the kernel, one expert
     projection at a time: the torch path's output."""
-    from loraplex.layers.moe import FP8FusedExperts
+    from loraplex.layers.quantized_experts import FP8FusedExperts
 
     gen = torch.Generator().manual_seed(5)
     experts = FP8FusedExperts(64, 48, 4, QuantConfig("fp8", 8, 32, fp8_block=(16, 32)))

@@ -67,7 +67,7 @@ def test_mxfp4_experts_on_the_kernel(monkeypatch):
     """gpt-oss's MXFP4 experts (biases, clamped SwiGLU) through the kernel, one expert
     projection at a time: the torch path's output."""
     from loraplex.layers.activation import ClampedSwiGLU
-    from loraplex.layers.moe import MXFP4FusedExperts
+    from loraplex.layers.quantized_experts import MXFP4FusedExperts
 
     gen = torch.Generator().manual_seed(5)
     experts = MXFP4FusedExperts(64, 96, 4, ClampedSwiGLU())

@@ -20,7 +20,7 @@ from functools import cached_property
 
 import torch
 
-from loraplex.layers.moe import EXPERT_PROJECTIONS
+from loraplex.layers.experts import EXPERT_PROJECTIONS
 from loraplex.lora.added_tokens import (
     AddedTokens,
     VocabParts,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.layers.moe import EXPERT_PROJECTIONS
+from loraplex.layers.experts import EXPERT_PROJECTIONS
 from loraplex.lora.errors import LoRAError
 
 FUSED_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's expert parameters

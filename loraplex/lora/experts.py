@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplex.layers.moe import ExpertGroup, FusedExperts
+from loraplex.layers.experts import ExpertGroup, FusedExperts
 from loraplex.worker.context import get_context
 
 # an adapter's run of at least this many rows in an expert gets its own matmuls; shorter

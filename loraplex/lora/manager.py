@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from loraplex.config import LoRAConfig
-from loraplex.layers.moe import FusedExperts
+from loraplex.layers.experts import FusedExperts
 from loraplex.lora.adapter import (
     LoRAModel,
     PackedLoRA,

@@ -23,7 +23,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from loraplex.layers.attention import Attention
-from loraplex.layers.moe import FusedExperts, GateLinear
+from loraplex.layers.experts import FusedExperts
+from loraplex.layers.moe import GateLinear
 from loraplex.layers.quantization import QuantLinear
 from loraplex.models.llama import LlamaForCausalLM
 from loraplex.models.llava import LlavaVision

@@ -78,7 +78,7 @@ def fill_4bit_random(gen: torch.Generator, packed: torch.Tensor, absmax: torch.T
 @dataclass
 class BnB4bitMatrix:
     """One 4-bit weight [out, in] as the torch path and the Triton kernel (triton_bnb.py)
-    read it: a linear's, or one expert projection of a mixture (layers/moe.py)."""
+    read it: a linear's, or one expert projection of a mixture (layers/quantized_experts.py)."""
 
     weight: torch.Tensor  # [out, in / 2] uint8, the even input in the high nibble
     absmax: torch.Tensor  # [out, in / blocksize] fp32

@@ -50,7 +50,7 @@ def _frozen(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
 class PackedIntWeight:
     """One GPTQ / AWQ weight as its tensors: what the torch dequantize and the Triton
     kernel (triton_gemm.py) read, for a linear layer or one expert's projection of a
-    mixture (a view into its stacks, layers/moe.py)."""
+    mixture (a view into its stacks, layers/quantized_experts.py)."""
 
     cfg: QuantConfig
     qweight: torch.Tensor  # GPTQ [in / per, out]; AWQ [in, out / per]

@@ -5,8 +5,8 @@
                                                      nibble for even k (bitsandbytes.py)
 
 A linear layer's weight, or one expert projection of a mixture (BnB4bitMatrix,
-layers/moe.py). The kernel is triton_gemm.code4_gemm_kernel, which MXFP4's 4-bit codes share
-(triton_mxfp4.py): the same plan as triton_gemm.py's GPTQ / AWQ one, a program per
+layers/quantized_experts.py). The kernel is triton_gemm.code4_gemm_kernel, which MXFP4's
+4-bit codes share (triton_mxfp4.py): the same plan as triton_gemm.py's GPTQ / AWQ one, a program per
 [BLOCK_M, BLOCK_N] tile of y walking its share of K (split-K for small batches, fp32
 partials summed after). The 16-entry code table is read by index from global memory (it
 stays in L1). bitsandbytes.py's torch path is the reference; on CPU tensors this runs only

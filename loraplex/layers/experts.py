@@ -1,0 +1,193 @@
+"""A mixture's experts, stacked (layers/moe.py routes tokens to them).
+
+Each expert is a SwiGLU MLP; its gate and up projections are stacked as w13 [E, 2I, H]
+(W1 then W3; Qwen's gate_proj and up_proj) and its down projection as w2 [E, H, I], in
+FusedExperts (transformers 5's `experts` module, with gate_up_proj and down_proj).
+gpt-oss's experts have biases and a clamped SwiGLU, and its checkpoints store them fused
+and transposed: gate_up_proj [E, H, 2I] with gate and up interleaved (columns 0::2,
+1::2), down_proj [E, I, H], the biases beside them (FusedExperts.load_fused).
+
+The (token, expert) pairs are sorted by expert on the device and the group sizes read
+once per layer (one host sync), then one matmul pair runs per expert that has tokens; so
+the decode step of a MoE model runs without CUDA graphs. Under LoRA the pairs are also
+sorted by adapter slot within each expert (lora/experts.py adds each slot's delta).
+A quantized checkpoint's experts keep its format: layers/quantized_experts.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.layers.activation import ClampedSwiGLU
+from loraplex.layers.quantization.fp8 import FP8
+
+# an expert projection's name in checkpoints and adapters (Mixtral's, Qwen's) -> which one
+EXPERT_PROJECTIONS = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up",
+                      "w2": "down", "down_proj": "down"}
+
+
+@dataclass
+class ExpertGroup:
+    """One expert's share of the step: pairs start:end of the sorted order."""
+
+    expert: int
+    start: int
+    end: int
+    # (slot, start, end) runs of one adapter slot within start:end (-1 = no adapter)
+    slot_runs: list[tuple[int, int, int]]
+
+
+def group_by_expert(experts: torch.Tensor, num_experts: int,
+                    token_slots: torch.Tensor | None = None, num_slots: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[ExpertGroup]]:
+    """Sort the (token, k) pairs of `experts` [T, k] by expert, then by slot.
+
+    Returns (token row of each sorted pair, its flat index into [T * k], the groups).
+    The group sizes are the only values read back to the host."""
+    tokens, k = experts.shape
+    key = experts.reshape(-1).long()
+    width = 1  # keys per expert: one, or one per slot and one for no adapter
+    if token_slots is not None:  # slot -1 .. num_slots - 1 -> 0 .. num_slots
+        width = num_slots + 1
+        key = key * width + token_slots.long().unsqueeze(1).expand(tokens, k).reshape(-1) + 1
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts * width).tolist()  # the host sync
+    groups: list[ExpertGroup] = []
+    end = 0
+    for key_of_run, n in [(i, n) for i, n in enumerate(counts) if n]:  # the sorted order
+        e, s = divmod(key_of_run, width)
+        if not groups or groups[-1].expert != e:
+            groups.append(ExpertGroup(e, end, end, []))
+        groups[-1].slot_runs.append((s - 1, end, end + n))
+        end = groups[-1].end = end + n
+    return order // k, order, groups
+
+
+class ExpertsLoRA(Protocol):
+    """What FusedExperts asks of a LoRA on the experts (lora/experts.py)."""
+
+    def add_gate_up(self, h: torch.Tensor, x: torch.Tensor, group: ExpertGroup) -> None: ...
+
+    def add_down(self, y: torch.Tensor, a: torch.Tensor, group: ExpertGroup) -> None: ...
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The experts' activation but gpt-oss's: silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+Shapes = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+class FusedExperts(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 dtype: torch.dtype | None = None, gpt_oss: ClampedSwiGLU | None = None,
+                 packing: int = 1, shapes: Shapes | None = None) -> None:
+        """`dtype`: a quantized subclass's storage; `packing`: its inputs per element;
+        `shapes`: w13's and w2's where its layout is not [E, out, in / packing]."""
+        super().__init__()
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts = num_experts
+        e, h, i = num_experts, hidden_size, intermediate_size
+        w13_shape, w2_shape = shapes or ((e, 2 * i, h // packing), (e, h, i // packing))
+        self.w13 = nn.Parameter(torch.empty(w13_shape, dtype=dtype), requires_grad=dtype is None)
+        self.w2 = nn.Parameter(torch.empty(w2_shape, dtype=dtype), requires_grad=dtype is None)
+        self.act = gpt_oss or swiglu
+        # gpt-oss: biases b13 (gate's then up's) [E, 2I] and b2 [E, H]; its checkpoints'
+        # and adapters' gate_up columns interleave gate and up
+        self.interleaved = gpt_oss is not None
+        self.b13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) \
+            if gpt_oss else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if gpt_oss else None
+
+    def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """x times expert e's `which` transposed: "w13" (gate and up, [n, 2I]) or "w2"
+        (down, [n, H])."""
+        return x @ getattr(self, which)[e].T
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                token_slots: torch.Tensor | None = None, num_slots: int = 0,
+                lora: ExpertsLoRA | None = None) -> torch.Tensor:
+        """sum over each token's top-k experts e of weight * expert_e(x) [T, H]."""
+        rows, pairs, groups = group_by_expert(experts, self.num_experts, token_slots,
+                                              num_slots)
+        pair_weights = weights.reshape(-1)[pairs].unsqueeze(1)
+        out = torch.zeros_like(x)
+        for g in groups:
+            e, sel = g.expert, rows[g.start:g.end]
+            xe = x[sel]
+            h = self.project(e, "w13", xe)  # [n, 2I]: W1 x, W3 x
+            if self.b13 is not None:
+                h += self.b13[e]
+            if lora is not None:
+                lora.add_gate_up(h, xe, g)  # += B1 A1 x, B3 A3 x (each row its slot's)
+            a = self.act(*h.chunk(2, dim=-1))
+            y = self.project(e, "w2", a)
+            if self.b2 is not None:
+                y += self.b2[e]
+            if lora is not None:
+                lora.add_down(y, a, g)  # += B2 A2 a
+            out.index_add_(0, sel, y * pair_weights[g.start:g.end])
+        return out
+
+    def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
+                    kind: str = "weight") -> str:
+        """An HF checkpoint's experts.{expert}.{name}.{kind} (Mixtral's w1 / w3 / w2, Qwen's
+        gate_proj / up_proj / down_proj) into the stacks; returns the parameter it went
+        into."""
+        param, rows = self._place(name)
+        if kind != "weight":
+            raise ValueError(f"unexpected expert tensor {name}.{kind} (a quantized "
+                             "checkpoint whose config does not say so?)")
+        dst = getattr(self, param).data[expert, rows]
+        if dst.shape != tensor.shape:
+            raise ValueError(f"expert {expert} {name} has shape {tuple(tensor.shape)}, the "
+                             f"model expects {tuple(dst.shape)}")
+        if (tensor.dtype == FP8) != (dst.dtype == FP8):
+            raise ValueError(f"expert {expert} {name} is {tensor.dtype} where the model keeps "
+                             f"{dst.dtype}: the checkpoint's quantization_config does not "
+                             "match its weights")
+        dst.copy_(tensor)
+        return param
+
+    def load_fused(self, name: str, tensor: torch.Tensor) -> str:
+        """gpt-oss's fused experts: gate_up_proj [E, H, 2I] (gate, up interleaved),
+        down_proj [E, I, H] and their biases; returns the parameter it went into."""
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        shapes = {"gate_up_proj": ("w13", (e, h, 2 * i)), "down_proj": ("w2", (e, i, h)),
+                  "gate_up_proj_bias": ("b13", (e, 2 * i)), "down_proj_bias": ("b2", (e, h))}
+        if not self.interleaved or name not in shapes:
+            raise ValueError(f"unexpected experts tensor {name!r} in the checkpoint")
+        param, shape = shapes[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"experts {name} has shape {tuple(tensor.shape)}, the model "
+                             f"expects {shape}")
+        if name.startswith("gate_up"):  # columns: gate's, then up's
+            tensor = torch.cat([tensor[..., 0::2], tensor[..., 1::2]], dim=-1)
+        if tensor.dim() == 3:  # [E, in, out] -> [E, out, in]
+            tensor = tensor.transpose(1, 2)
+        with torch.no_grad():
+            getattr(self, param).copy_(tensor)
+        return param
+
+    def _place(self, name: str) -> tuple[str, slice]:
+        """(stack, its rows) of an expert projection's name."""
+        proj = EXPERT_PROJECTIONS.get(name)
+        if proj is None:
+            raise ValueError(f"unexpected expert weight {name!r} (expected w1, w2, w3 or "
+                             "gate_proj, up_proj, down_proj)")
+        i = self.intermediate_size
+        return {"gate": ("w13", slice(0, i)), "up": ("w13", slice(i, 2 * i)),
+                "down": ("w2", slice(None))}[proj]
+
+    def finish_loading(self) -> None:
+        """Raise if the checkpoint left part of the experts unset (after every tensor)."""
+
+    def projections(self) -> list[tuple[int, str]]:
+        """Every (expert, projection): what a quantized subclass's loading must cover."""
+        return [(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")]
