@@ -36,8 +36,9 @@ pytest.importorskip("PIL")
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
 ASK = "USER: <image>\nWhat is this? ASSISTANT:"
-# (width, height): 1 x 3, 3 x 1 and 2 x 2 tiles, each unpadded its own way
-WIDE, TALL, SQUARE = (60, 20), (20, 70), (40, 40)
+# (width, height): 1 x 3 tiles less a patch row above and below, 3 x 1 less a patch column
+# each side, 2 x 2 as it is, 2 x 2 less two rows above and below
+WIDE, TALL, SQUARE, SQUAT = (90, 20), (20, 90), (40, 40), (70, 40)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def test_placeholder_count_is_hf_processors(next_model):
     config = LlavaVisionConfig.from_hf(hf)
     proc = processor(str(next_model["base"]))
     token = proc.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    for w, h in [WIDE, TALL, SQUARE, (50, 35), (35, 50), (28, 28), (100, 13), (9, 90),
-                 (57, 29)]:
+    for w, h in [WIDE, TALL, SQUARE, SQUAT, (60, 20), (35, 50), (28, 28), (100, 13),
+                 (9, 90), (57, 29)]:
         ids = proc(text="<image>", images=[image(0, (w, h))])["input_ids"][0]
         assert config.tokens_for((h, w)) == list(ids).count(token), (w, h)
     hf.vision_feature_select_strategy = "full"
@@ -74,15 +75,15 @@ def test_placeholder_count_is_hf_processors(next_model):
 @pytest.mark.parametrize("budget", [None, 32])
 def test_mixed_batch_matches_hf(budget, next_model):
     """Wide, tall and square images under the base and two adapters (one slot), a text
-    request and a prompt with two images, in one call; `budget` 32: every image's
-    placeholders (68 to 88) are split over prefill chunks."""
+    request and prompts with two images, in one call; `budget` 32: every image's
+    placeholders (42 to 88) are split over prefill chunks."""
     llm = make_llm(next_model["base"], enable_lora=True, max_loras=1, max_lora_rank=8,
                    max_model_len=512, max_num_batched_tokens=budget)
     wide, tall, square = image(1, WIDE), image(2, TALL), image(3, SQUARE)
     two = "USER: <image> and <image>: which is brighter? ASSISTANT:"
     jobs = [(ASK, [wide], None), (ASK, [tall], "r8"), (ASK, [square], "r4"),
             (ASK, [wide], "r8"), ("USER: What is the capital of France? ASSISTANT:", [], "r4"),
-            (two, [tall, square], None), (two, [square, wide], "r8")]
+            (two, [tall, image(4, SQUAT)], None), (two, [square, wide], "r8")]
     loras = {"r8": LoRARequest("r8", 1, str(next_model["r8"])),
              "r4": LoRARequest("r4", 2, str(next_model["r4"]))}
     outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
