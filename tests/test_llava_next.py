@@ -95,21 +95,28 @@ def test_mixed_batch_matches_hf(budget, next_model):
     assert outs[1].outputs[0].token_ids != outs[3].outputs[0].token_ids  # the image counts
 
 
-def test_image_newline_under_both_namings(next_model, tmp_path):
-    """transformers 4.52+'s names (`model.image_newline`, `model.vision_tower.*`,
-    `model.language_model.*`) load as the hub's (`image_newline`, ...) do."""
-    base = Path(shutil.copytree(next_model["base"], tmp_path / "in_memory"))
+@pytest.mark.parametrize("layout", ["hub", "in_memory"])
+def test_image_newline_under_both_namings(layout, next_model, tmp_path):
+    """The hub's names (`image_newline`, `vision_tower.vision_model.*`,
+    `language_model.model.*`) and transformers 4.52+'s (`model.image_newline`,
+    `model.vision_tower.vision_model.*`, `model.language_model.*`) both load to HF's
+    model, whatever this transformers saves."""
+    base = Path(shutil.copytree(next_model["base"], tmp_path / layout))
     path = str(base / "model.safetensors")
+    outer = "model." if layout == "in_memory" else ""
 
     def rename(name: str) -> str:
-        name = re.sub(r"^(image_newline|multi_modal_projector\.|vision_tower\.)",
-                      r"model.\1", name)
-        name = name.replace("language_model.model.", "model.language_model.", 1)
-        return name.replace("language_model.lm_head.", "lm_head.", 1)
+        name = re.sub(r"^(model\.)?vision_tower\.(vision_model\.)?",
+                      f"{outer}vision_tower.vision_model.", name)
+        name = re.sub(r"^(model\.)?(image_newline|multi_modal_projector\.)", rf"{outer}\2", name)
+        name = re.sub(r"^(model\.language_model\.|language_model\.model\.)",
+                      "model.language_model." if outer else "language_model.model.", name)
+        return re.sub(r"^(language_model\.)?lm_head\.",
+                      "lm_head." if outer else "language_model.lm_head.", name)
 
-    tensors = load_file(path)
-    assert "image_newline" in tensors
-    save_file({rename(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    tensors = {rename(k): v for k, v in load_file(path).items()}
+    assert f"{outer}image_newline" in tensors
+    save_file(tensors, path, metadata={"format": "pt"})
     llm = make_llm(base, max_model_len=512)
     jobs = [(ASK, [image(4, TALL)], None), (ASK, [image(5, WIDE)], None)]
     outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False)
