@@ -27,24 +27,13 @@ def make_tiny_llava(out: Path, seed: int, feature_layer: int = -2,
     (so an image changes the output), saved with HF's LlavaProcessor."""
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
-    out.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out)
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tok, text, vision = tiny_parts(out)
     image_token = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                       tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=2, image_size=28, patch_size=PATCH)
     cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token,
                       vision_feature_layer=feature_layer,
                       vision_feature_select_strategy=strategy, image_seq_length=16)
@@ -59,6 +48,24 @@ def make_tiny_llava(out: Path, seed: int, feature_layer: int = -2,
                    image_token=IMAGE_TOKEN).save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
+
+
+def tiny_parts(out: Path) -> tuple[Any, Any, Any]:
+    """What the tiny LLaVAs share: the tokenizer with `<image>` (saved in `out`), a 2-layer
+    Llama config and a 3-layer CLIP tower config for 28-pixel images."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                       tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=2, image_size=28, patch_size=PATCH)
+    return tok, text, vision
 
 
 def make_llava_adapter(base: Path, out: Path, r: int, seed: int,
@@ -78,6 +85,15 @@ def make_llava_adapter(base: Path, out: Path, r: int, seed: int,
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
     model.save_pretrained(str(out))
     return out
+
+
+def with_adapters(base: Path, seed: int) -> dict[str, Path]:
+    """`base` and two adapters beside it on different language-model modules: r8 (q, v,
+    down) and r4 (k, o, gate)."""
+    return {"base": base,
+            "r8": make_llava_adapter(base, base.parent / "r8", r=8, seed=seed),
+            "r4": make_llava_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
+                                     targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)")}
 
 
 def _llava(base: Path) -> torch.nn.Module:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from tests.fixtures import _reinit_, make_tokenizer
-from tests.llava_fixtures import IMAGE_TOKEN, PATCH
+from tests.fixtures import _reinit_
+from tests.llava_fixtures import IMAGE_TOKEN, PATCH, tiny_parts
 
-TILE = 28  # the tower's image size: 4 x 4 patches a tile
+TILE = 28  # the tower's image size (tiny_parts'): 4 x 4 patches a tile
 # (height, width): 1 x 2, 2 x 1, 2 x 2, 1 x 3 and 3 x 1 tiles
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
 
@@ -22,24 +22,13 @@ def make_tiny_llava_next(out: Path, seed: int) -> Path:
     a Llama language model, every weight (image_newline too) drawn with std 0.2, saved
     with HF's LlavaNextProcessor."""
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
     )
 
-    out.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out)
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                       tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=2, image_size=TILE, patch_size=PATCH)
+    tok, text, vision = tiny_parts(out)
     cfg = LlavaNextConfig(text_config=text, vision_config=vision,
                           image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                           vision_feature_layer=-2, vision_feature_select_strategy="default",

@@ -33,6 +33,7 @@ from tests.llava_fixtures import (
     make_tiny_llava,
     processor,
     request,
+    with_adapters,
 )
 from tests.server_utils import RemoteServer
 
@@ -44,14 +45,7 @@ ASK = "USER: <image>\nWhat is this? ASSISTANT:"
 
 @pytest.fixture(scope="module")
 def llava(tiny_root: Path) -> dict[str, Path]:
-    root = tiny_root / "llava"
-    base = make_tiny_llava(root / "base", seed=90)
-    return {
-        "base": base,
-        "r8": make_llava_adapter(base, root / "r8", r=8, seed=91),
-        "r4": make_llava_adapter(base, root / "r4", r=4, seed=92,
-                                 targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)"),
-    }
+    return with_adapters(make_tiny_llava(tiny_root / "llava" / "base", seed=90), seed=91)
 
 
 @pytest.mark.parametrize("layout", ["saved", "hub", "in_memory"])

@@ -25,9 +25,9 @@ from tests.llava_fixtures import (
     data_url,
     hf_logprobs,
     image,
-    make_llava_adapter,
     processor,
     request,
+    with_adapters,
 )
 from tests.llava_next_fixtures import make_tiny_llava_next
 from tests.server_utils import RemoteServer
@@ -43,14 +43,8 @@ WIDE, TALL, SQUARE, SQUAT = (90, 20), (20, 90), (40, 40), (70, 40)
 
 @pytest.fixture(scope="module")
 def next_model(tiny_root: Path) -> dict[str, Path]:
-    root = tiny_root / "llava_next"
-    base = make_tiny_llava_next(root / "base", seed=80)
-    return {
-        "base": base,
-        "r8": make_llava_adapter(base, root / "r8", r=8, seed=81),
-        "r4": make_llava_adapter(base, root / "r4", r=4, seed=82,
-                                 targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)"),
-    }
+    return with_adapters(make_tiny_llava_next(tiny_root / "llava_next" / "base", seed=80),
+                         seed=81)
 
 
 def test_placeholder_count_is_hf_processors(next_model):
