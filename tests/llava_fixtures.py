@@ -1,6 +1,7 @@
 """A tiny random LLaVA (LlavaForConditionalGeneration: CLIP tower, MLP projector, Llama),
 its processor, PEFT adapters on it, and HF transformers (+ PEFT) as the reference on
-images: the ground truth of tests/test_llava.py."""
+images (LLaVA's or LLaVA-NeXT's, tests/llava_next_fixtures.py): the ground truth of
+tests/test_llava.py and tests/test_llava_next.py."""
 
 from __future__ import annotations
 
@@ -26,24 +27,13 @@ def make_tiny_llava(out: Path, seed: int, feature_layer: int = -2,
     (so an image changes the output), saved with HF's LlavaProcessor."""
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 
-    out.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out)
-    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tok, text, vision = tiny_parts(out)
     image_token = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                       tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=2, image_size=28, patch_size=PATCH)
     cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token,
                       vision_feature_layer=feature_layer,
                       vision_feature_select_strategy=strategy, image_seq_length=16)
@@ -58,6 +48,24 @@ def make_tiny_llava(out: Path, seed: int, feature_layer: int = -2,
                    image_token=IMAGE_TOKEN).save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
+
+
+def tiny_parts(out: Path) -> tuple[Any, Any, Any]:
+    """What the tiny LLaVAs share: the tokenizer with `<image>` (saved in `out`), a 2-layer
+    Llama config and a 3-layer CLIP tower config for 28-pixel images."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                       tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=2, image_size=28, patch_size=PATCH)
+    return tok, text, vision
 
 
 def make_llava_adapter(base: Path, out: Path, r: int, seed: int,
@@ -79,15 +87,25 @@ def make_llava_adapter(base: Path, out: Path, r: int, seed: int,
     return out
 
 
-def _llava(base: Path) -> torch.nn.Module:
-    from transformers import LlavaForConditionalGeneration
+def with_adapters(base: Path, seed: int) -> dict[str, Path]:
+    """`base` and two adapters beside it on different language-model modules: r8 (q, v,
+    down) and r4 (k, o, gate)."""
+    return {"base": base,
+            "r8": make_llava_adapter(base, base.parent / "r8", r=8, seed=seed),
+            "r4": make_llava_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
+                                     targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)")}
 
-    return LlavaForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32).eval()
+
+def _llava(base: Path) -> torch.nn.Module:
+    """The checkpoint's own class: LLaVA's or LLaVA-NeXT's."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32).eval()
 
 
 @functools.lru_cache(maxsize=16)
 def hf_llava(base: str, adapter: str | None) -> torch.nn.Module:
-    """HF's LLaVA (+ PEFT) in fp32: the reference."""
+    """HF's LLaVA or LLaVA-NeXT (+ PEFT) in fp32: the reference."""
     model = _llava(Path(base))
     if adapter is not None:
         from peft import PeftModel
@@ -110,12 +128,41 @@ def hf_inputs(base: Path, prompt: str, images: list) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def hf_logprobs(base: Path, adapter: Path | None, ids: list[int],
-                pixel_values: torch.Tensor | None) -> torch.Tensor:
-    """[len(ids), vocab] log-softmax of HF's LLaVA over `ids` with the images' pixels."""
+                pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """[len(ids), vocab] log-softmax of HF's LLaVA over `ids` with the images' pixels (and
+    LLaVA-NeXT's image_sizes)."""
     model = hf_llava(str(base), None if adapter is None else str(adapter))
     kw = {"pixel_values": pixel_values} if pixel_values is not None else {}
+    if image_sizes is not None:
+        kw["image_sizes"] = image_sizes
     logits = model(input_ids=torch.tensor([ids]), **kw).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
+          add_special_tokens: bool = True) -> None:
+    """Each output's prompt is HF's processor's, its tokens HF's greedy ones (a pick off
+    HF's argmax only at a near-tie) and its logprobs HF's within 1e-4."""
+    for out, (prompt, images, adapter) in zip(outs, jobs, strict=True):
+        inp = dict(processor(str(base))(text=prompt, images=images or None,
+                                        add_special_tokens=add_special_tokens,
+                                        return_tensors="pt"))
+        ids = inp["input_ids"][0].tolist()
+        assert out.prompt_token_ids == ids
+        got = out.outputs[0].token_ids
+        ref = hf_logprobs(base, adapter, ids + got[:-1], inp.get("pixel_values"),
+                          inp.get("image_sizes"))[len(ids) - 1:]
+        for step, (tok, lps) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
+            best = int(ref[step].argmax())
+            assert tok == best or ref[step, best] - ref[step, tok] < 1e-4, (adapter, step)
+            for t, lp in lps.items():
+                assert abs(lp.logprob - ref[step, t].item()) < 1e-4, (adapter, step, t)
+
+
+def request(prompt: str, images: list) -> dict | str:
+    """A generate() prompt with its images (a plain string without)."""
+    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
 
 
 def image(seed: int, size: tuple[int, int] = (40, 32)) -> Any:

@@ -24,6 +24,7 @@ from tests.engine_utils import make_llm
 from tests.fixtures import make_tiny_model
 from tests.llava_fixtures import (
     TOKENS_PER_IMAGE,
+    check,
     data_url,
     hf_inputs,
     hf_logprobs,
@@ -31,6 +32,8 @@ from tests.llava_fixtures import (
     make_llava_adapter,
     make_tiny_llava,
     processor,
+    request,
+    with_adapters,
 )
 from tests.server_utils import RemoteServer
 
@@ -42,37 +45,7 @@ ASK = "USER: <image>\nWhat is this? ASSISTANT:"
 
 @pytest.fixture(scope="module")
 def llava(tiny_root: Path) -> dict[str, Path]:
-    root = tiny_root / "llava"
-    base = make_tiny_llava(root / "base", seed=90)
-    return {
-        "base": base,
-        "r8": make_llava_adapter(base, root / "r8", r=8, seed=91),
-        "r4": make_llava_adapter(base, root / "r4", r=4, seed=92,
-                                 targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)"),
-    }
-
-
-def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
-          add_special_tokens: bool = True) -> None:
-    """Each output's prompt is HF's processor's, its tokens HF's greedy ones (a pick off
-    HF's argmax only at a near-tie) and its logprobs HF's within 1e-4."""
-    for out, (prompt, images, adapter) in zip(outs, jobs, strict=True):
-        inp = dict(processor(str(base))(text=prompt, images=images or None,
-                                        add_special_tokens=add_special_tokens,
-                                        return_tensors="pt"))
-        ids = inp["input_ids"][0].tolist()
-        assert out.prompt_token_ids == ids
-        got = out.outputs[0].token_ids
-        ref = hf_logprobs(base, adapter, ids + got[:-1], inp.get("pixel_values"))[len(ids) - 1:]
-        for step, (tok, lps) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
-            best = int(ref[step].argmax())
-            assert tok == best or ref[step, best] - ref[step, tok] < 1e-4, (adapter, step)
-            for t, lp in lps.items():
-                assert abs(lp.logprob - ref[step, t].item()) < 1e-4, (adapter, step, t)
-
-
-def request(prompt: str, images: list) -> dict:
-    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
+    return with_adapters(make_tiny_llava(tiny_root / "llava" / "base", seed=90), seed=91)
 
 
 @pytest.mark.parametrize("layout", ["saved", "hub", "in_memory"])

@@ -1,6 +1,7 @@
 """A request's images: decoded, turned into pixel values by the model's own HF image
 processor (so the pixels are HF's), and the prompt's image placeholders expanded to one
-token per image embedding, as HF's LlavaProcessor expands them. The server does this on
+token per image embedding, as HF's LlavaProcessor expands them (LLaVA-NeXT: as many as
+the image's size gives, LlavaNextProcessor's count). The server does this on
 its encoder thread and hands the engine the ImageInputs (the step loop never waits on an
 image processor); offline, LLMEngine.add_request calls the same ImageProcessor.
 
@@ -18,7 +19,7 @@ import binascii
 import hashlib
 import io
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,11 +33,12 @@ IMAGE_FETCH_TIMEOUT_S = 10.0
 class ImageInputs:
     """One request's images (shared by its n sequences: the tower runs once)."""
 
-    pixel_values: torch.Tensor  # [images, channels, H, W]
+    pixel_values: torch.Tensor  # [tiles, channels, H, W]: one an image but LLaVA-NeXT's
     positions: list[int]  # the prompt positions of the placeholders, image after image
     ranges: list[tuple[int, int]]  # each image's placeholders: (first position, count)
-    hashes: list[bytes]  # each image's pixel values, hashed
+    hashes: list[bytes]  # each image's pixel values and size, hashed
     embeds: torch.Tensor | None = None  # [len(positions), hidden]: from the first prefill
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's (height, width)
 
     def block_key(self, start: int, end: int) -> bytes:
         """What the prefix-cache hash of the block over positions [start, end) adds: the
@@ -102,25 +104,32 @@ class ImageProcessor:
         images = [load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
         if not images:
             raise ValueError("multi_modal_data: 'image' holds no image")
-        ids = self.expand(ids, len(images))  # before the pixels: a mismatch costs nothing
+        ids = self.expand(ids, images)  # before the pixels: a mismatch costs nothing
         pixels = self.hf(images=[im.convert("RGB") for im in images],
                          return_tensors="pt")["pixel_values"]
         c = self.config
         if tuple(pixels.shape[-2:]) != (c.image_size, c.image_size):
             raise ValueError(f"the image processor gives {tuple(pixels.shape[-2:])} pixels, "
                              f"the vision tower takes {c.image_size} x {c.image_size}")
+        sizes = [(im.height, im.width) for im in images]  # HF's image_sizes
+        if pixels.dim() == 5:  # LLaVA-NeXT's: padded to the most tiles any image has
+            pixels = torch.cat([p[:c.tiles(s)] for p, s in zip(pixels, sizes, strict=True)])
         positions = self.positions(ids)
-        per = c.tokens_per_image
-        ranges = [(positions[i * per], per) for i in range(len(images))]
-        hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes(), digest_size=16).digest()
-                  for p in pixels.float()]
-        return ids, ImageInputs(pixels, positions, ranges, hashes)
+        ranges, first = [], 0
+        for s in sizes:
+            ranges.append((positions[first], c.tokens_for(s)))
+            first += c.tokens_for(s)
+        hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes() + repr(s).encode(),
+                                  digest_size=16).digest()
+                  for p, s in zip(pixels.float().split([c.tiles(s) for s in sizes]), sizes)]
+        return ids, ImageInputs(pixels, positions, ranges, hashes, sizes=sizes)
 
-    def expand(self, ids: list[int], num_images: int) -> list[int]:
-        """The prompt with its placeholders expanded (ValueError: they do not match the
-        images), without processing the images: what /tokenize and usage count."""
-        c = self.config
-        return expand_placeholders(ids, c.image_token_id, num_images, c.tokens_per_image)
+    def expand(self, ids: list[int], images: list[Any]) -> list[int]:
+        """The prompt with its placeholders expanded for these (PIL) images (ValueError:
+        they do not match), without processing them: what /tokenize and usage count."""
+        return expand_placeholders(ids, self.config.image_token_id,
+                                   [self.config.tokens_for((im.height, im.width))
+                                    for im in images])
 
     def positions(self, ids: list[int]) -> list[int]:
         return [p for p, t in enumerate(ids) if t == self.config.image_token_id]
@@ -128,16 +137,17 @@ class ImageProcessor:
     def check(self, ids: list[int], inputs: ImageInputs) -> None:
         """Processed inputs given with a prompt (the server's) must be that prompt's: its
         placeholders where the inputs say, one embedding each."""
-        if self.positions(ids) != inputs.positions or \
-                inputs.pixel_values.shape[0] != len(inputs.ranges):
+        c = self.config
+        if self.positions(ids) != inputs.positions or len(inputs.sizes) != len(inputs.ranges) \
+                or [n for _, n in inputs.ranges] != [c.tokens_for(s) for s in inputs.sizes] \
+                or inputs.pixel_values.shape[0] != sum(c.tiles(s) for s in inputs.sizes):
             raise ValueError("multi_modal_data: the processed image inputs do not match the "
                              "prompt's (expanded) image placeholders")
 
 
-def expand_placeholders(ids: list[int], token: int, num_images: int, per_image: int
-                        ) -> list[int]:
-    """One placeholder per image becomes `per_image` of them (HF's processor does it to
-    the text); a prompt already expanded (runs of exactly `per_image`) is kept as is."""
+def expand_placeholders(ids: list[int], token: int, counts: list[int]) -> list[int]:
+    """Image i's one placeholder becomes `counts[i]` of them (HF's processor does it to
+    the text); a prompt already expanded (runs of exactly `counts`) is kept as is."""
     runs: list[int] = []  # lengths of the runs of placeholders
     for i, t in enumerate(ids):
         if t == token:
@@ -145,13 +155,14 @@ def expand_placeholders(ids: list[int], token: int, num_images: int, per_image: 
                 runs[-1] += 1
             else:
                 runs.append(1)
-    if len(runs) == num_images and all(n == per_image for n in runs):
+    if runs == counts:
         return list(ids)
-    count = sum(runs)
-    if count != num_images:
-        raise ValueError(f"the prompt has {count} image placeholder token(s) (id {token}) for "
-                         f"{num_images} image(s): put one placeholder where each image goes")
+    if sum(runs) != len(counts):
+        raise ValueError(f"the prompt has {sum(runs)} image placeholder token(s) (id {token}) "
+                         f"for {len(counts)} image(s): put one placeholder where each image "
+                         "goes")
     out: list[int] = []
+    left = iter(counts)
     for t in ids:
-        out.extend([token] * per_image if t == token else [t])
+        out.extend([token] * next(left) if t == token else [t])
     return out

@@ -120,7 +120,7 @@ class OpenAIServingChat(OpenAIServing):
         ids = list(encoder(text, add_special_tokens=req.add_special_tokens).input_ids)
         if images.images:
             try:
-                ids = engine.image_processor.expand(ids, len(images.images))
+                ids = engine.image_processor.expand(ids, images.images)
             except ValueError as e:
                 raise BadRequestError(f"messages: {e}", param="messages") from e
         return text, ids, images.images

@@ -8,9 +8,17 @@ The language model is loraplex's Llama (models/llama.py), with its paged KV cach
 LoRA; this module is only the encoder side, run once per request (engine/images.py).
 Adapters' LoRA applies to the language model only (models/text_only.py names).
 
+LLaVA-NeXT (`LlavaNextForConditionalGeneration`, LLaVA-1.6) adds "anyres": the image
+processor resizes and pads the image to the best of `image_grid_pinpoints` and cuts it into
+tiles of the tower's size after a downscaled whole-image tile; the tower and projector run
+on every tile, and `anyres_layout` arranges the grid tiles' patch vectors as HF does (rows
+across tiles, the padding rows or columns removed, an `image_newline` vector closing each
+row) after the base tile's. An image's placeholder count so depends on its size
+(`LlavaVisionConfig.tokens_for`).
+
 Checkpoints name the tower `vision_tower.vision_model.*` (the hub's files, transformers 4),
 `model.vision_tower.vision_model.*` (saved by 4.52+) or `vision_tower.*` (saved by 5):
-`LlavaVision.load_weight` takes all three.
+`LlavaVision.load_weight` takes all three (and `image_newline` or `model.image_newline`).
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ class LlavaVisionConfig:
     projector_act: str
     projector_bias: bool
     image_token_id: int
+    # LLaVA-NeXT's anyres resolutions, (height, width) each; None: LLaVA-1.5, one tile
+    grid_pinpoints: tuple[tuple[int, int], ...] | None = None
 
     @classmethod
     def from_hf(cls, hf: Any) -> LlavaVisionConfig:
@@ -62,18 +72,74 @@ class LlavaVisionConfig:
         layers = hf.vision_feature_layer
         layers = (layers,) if isinstance(layers, int) else tuple(layers)
         token = getattr(hf, "image_token_id", None)
+        pinpoints = None
+        if getattr(hf, "model_type", None) == "llava_next":
+            pinpoints = tuple((int(h), int(w)) for h, w in hf.image_grid_pinpoints)
+            if strategy != "default" or any(x % v.image_size for p in pinpoints for x in p):
+                # HF's LLaVA-NeXT lays a tile out as a square of patches (no CLS) and its
+                # grid in whole tiles: other settings have no reference to match
+                raise ValueError("LLaVA-NeXT is supported with vision_feature_select_strategy "
+                                 "'default' and image_grid_pinpoints that are multiples of "
+                                 f"the tower's image_size {v.image_size}")
         return cls(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
                    v.num_attention_heads, v.image_size, v.patch_size,
                    getattr(v, "num_channels", 3), v.layer_norm_eps, v.hidden_act,
                    tuple(i % (v.num_hidden_layers + 1) for i in layers), strategy == "full",
                    hf.text_config.hidden_size, hf.projector_hidden_act,
                    bool(getattr(hf, "multimodal_projector_bias", True)),
-                   int(token if token is not None else hf.image_token_index))
+                   int(token if token is not None else hf.image_token_index), pinpoints)
 
     @property
     def tokens_per_image(self) -> int:
         """Placeholder tokens one image takes: a vector per patch (and the CLS's, "full")."""
         return (self.image_size // self.patch_size) ** 2 + self.keep_cls
+
+    def tiles(self, size: tuple[int, int]) -> int:
+        """Tiles an image of `size` (height, width) is cut into (the base one included)."""
+        if self.grid_pinpoints is None:
+            return 1
+        down, across, _, _ = anyres_grid(self, size)
+        return down * across + 1
+
+    def tokens_for(self, size: tuple[int, int]) -> int:
+        """Placeholder tokens an image of `size` (height, width) takes: LLaVA-NeXT's base
+        tile, then each unpadded row of the grid's patches and its image_newline (what
+        HF's LlavaNextProcessor counts)."""
+        if self.grid_pinpoints is None:
+            return self.tokens_per_image
+        _, _, rows, cols = anyres_grid(self, size)
+        return self.tokens_per_image + (rows.stop - rows.start) * (cols.stop - cols.start + 1)
+
+
+def anyres_grid(c: LlavaVisionConfig, size: tuple[int, int]) -> tuple[int, int, slice, slice]:
+    """(tiles down, tiles across, the rows and columns of the grid's patch map that hold
+    the image) for an image of `size` (height, width): the best pinpoint, as HF's image
+    processor picks it, less the padding that kept the image's aspect ratio."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution(size, [list(p) for p in c.grid_pinpoints or ()])
+    down, across = best_h // c.image_size, best_w // c.image_size
+    side = c.image_size // c.patch_size
+    height, width = down * side, across * side
+    h, w = size
+    if w / h > width / height:  # wider than the grid: padded above and below
+        pad = (height - int(round(h * (width / w), 7))) // 2
+        return down, across, slice(pad, height - pad), slice(0, width)
+    pad = (width - int(round(w * (height / h), 7))) // 2
+    return down, across, slice(0, height), slice(pad, width - pad)
+
+
+def anyres_layout(c: LlavaVisionConfig, features: torch.Tensor, size: tuple[int, int],
+                  newline: torch.Tensor) -> torch.Tensor:
+    """One image's tile features [1 + tiles, patches, D] in HF LLaVA-NeXT's order: the
+    base tile's patches, then the grid's patch rows (across its tiles), unpadded, each
+    row followed by `newline`."""
+    down, across, rows, cols = anyres_grid(c, size)
+    side = c.image_size // c.patch_size
+    grid = features[1:].view(down, across, side, side, -1).permute(0, 2, 1, 3, 4)
+    grid = grid.reshape(down * side, across * side, -1)[rows, cols]
+    grid = torch.cat([grid, newline.to(grid.dtype).expand(grid.shape[0], 1, -1)], dim=1)
+    return torch.cat([features[0], grid.flatten(0, 1)])
 
 
 class CLIPEmbeddings(nn.Module):
@@ -185,16 +251,26 @@ class LlavaVision(nn.Module):
         self.config = c
         self.vision_tower = CLIPVisionTower(c)
         self.multi_modal_projector = LlavaProjector(c)
+        # LLaVA-NeXT's vector after each row of the grid's patches
+        self.image_newline = (nn.Parameter(torch.empty(c.text_hidden_size))
+                              if c.grid_pinpoints is not None else None)
         self._loaded: set[str] = set()
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[images, channels, H, W] -> [images, tokens_per_image, text hidden]."""
+    def forward(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """[tiles, channels, H, W] (LLaVA-1.5: one an image) of images of `sizes` (height,
+        width) -> [their placeholders, text hidden], image after image."""
+        c = self.config
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         states = self.vision_tower(pixels.to(dtype))
-        if not self.config.keep_cls:
+        if not c.keep_cls:
             states = [s[:, 1:] for s in states]
-        return self.multi_modal_projector(torch.cat(states, dim=-1))
+        features = self.multi_modal_projector(torch.cat(states, dim=-1))
+        if self.image_newline is None:
+            return features.flatten(0, 1)
+        tiles = features.split([c.tiles(s) for s in sizes])
+        return torch.cat([anyres_layout(c, t, s, self.image_newline)
+                          for t, s in zip(tiles, sizes, strict=True)])
 
     @staticmethod
     def ours(name: str) -> str | None:

@@ -7,7 +7,8 @@ them is left out (a text request never runs them, so its output is the full mode
 LLaVA (`LlavaForConditionalGeneration`) is served with images too: its CLIP tower and
 projector load into models/llava.py beside the language model (`TextOnly.images`); an
 adapter's LoRA on them is left out with a warning, as vLLM does (LoRA applies to the
-language model only).
+language model only). LLaVA-NeXT (`LlavaNextForConditionalGeneration`) likewise, its
+`image_newline` loading into models/llava.py too.
 
 The checkpoint names the language model's weights `language_model.model.*` (the hub's
 files) and PEFT adapters trained with transformers >= 4.52 name its modules
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,13 @@ class TextOnly:
         return None if name.startswith(self.skipped) else name
 
 
+_LLAVA = TextOnly(
+    None,
+    renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
+             ("language_model.lm_head.", "lm_head.")),
+    skipped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+             "model.multi_modal_projector."),
+    vision_leaves=("fc1", "fc2", "out_proj", "linear_1", "linear_2"), images=True)
 MULTIMODAL: dict[str, TextOnly] = {
     "Gemma3ForConditionalGeneration": TextOnly(
         "Gemma3ForCausalLM",
@@ -50,13 +58,10 @@ MULTIMODAL: dict[str, TextOnly] = {
         skipped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                  "model.multi_modal_projector."),
         vision_leaves=("fc1", "fc2", "out_proj")),
-    "LlavaForConditionalGeneration": TextOnly(
-        None,
-        renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
-                 ("language_model.lm_head.", "lm_head.")),
-        skipped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                 "model.multi_modal_projector."),
-        vision_leaves=("fc1", "fc2", "out_proj", "linear_1", "linear_2"), images=True),
+    "LlavaForConditionalGeneration": _LLAVA,
+    # LLaVA-NeXT: LLaVA's parts and its image_newline vector
+    "LlavaNextForConditionalGeneration": replace(
+        _LLAVA, skipped=(*_LLAVA.skipped, "image_newline", "model.image_newline")),
 }
 # what the whole model's config says for its language model: whether lm_head is the
 # embedding (the whole model's setting decides, as in transformers), the quantization,

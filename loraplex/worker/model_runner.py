@@ -408,9 +408,10 @@ class ModelRunner:
         if not todo:
             return
         pixels = torch.cat([images.pixel_values for images in todo]).to(self.device)
-        out = self.vision(pixels).split([len(images.pixel_values) for images in todo])
+        sizes = [s for images in todo for s in images.sizes]
+        out = self.vision(pixels, sizes).split([len(images.positions) for images in todo])
         for images, embeds in zip(todo, out):
-            images.embeds = embeds.flatten(0, 1)
+            images.embeds = embeds
 
     @torch.inference_mode()
     def prompt_logits(self, hidden: torch.Tensor, slots: list[int] | None = None
