@@ -41,7 +41,7 @@ case "$phase" in
       tests/test_text_only.py tests/test_responses_api.py tests/test_triton_fp8.py \
       tests/test_gpt_oss.py tests/test_priority_scheduling.py tests/test_triton_mxfp4.py \
       tests/test_compressed_tensors.py tests/test_quantized_moe.py tests/test_bnb_moe.py \
-      tests/test_llava.py \
+      tests/test_llava.py tests/test_llava_next.py tests/test_kv_cache_fp8.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)
