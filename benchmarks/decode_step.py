@@ -163,7 +163,7 @@ def make_engine(model_dir: Path, a: argparse.Namespace, lora: bool):
         max_num_seqs=batch, max_model_len=a.prompt_len + a.new_tokens + 16,
         max_num_batched_tokens=max(8192, batch * a.prompt_len), enable_lora=lora,
         max_loras=batch, max_lora_rank=a.rank, max_cpu_loras=batch,
-        enforce_eager=a.enforce_eager))
+        enforce_eager=a.enforce_eager, kv_cache_dtype=a.kv_cache_dtype))
 
 
 def graph_counters(engine) -> tuple[int, int]:
@@ -372,6 +372,9 @@ def parse_args() -> argparse.Namespace:
                     help="attn: q/k/v/o_proj; all-linear: also gate/up/down_proj")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     ap.add_argument("--dtype", default="auto", help="auto: fp32 on the CPU, bf16 on CUDA")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                    help="the engine's KV cache storage (vLLM's flag)")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="no CUDA graphs for decode (they are on by default on CUDA)")
     ap.add_argument("--quantization", choices=sorted(QUANT_CONFIGS), default=None,

@@ -7,6 +7,7 @@
 #                bash scripts/gpu_session.sh decode       # issue 6 targets: 8B + HF, then 1B
 #                bash scripts/gpu_session.sh adapters     # issue 7 targets: many adapters, 1B
 #                bash scripts/gpu_session.sh decode-mlp   # all-linear adapters, 8B and 1B
+#                bash scripts/gpu_session.sh kv-fp8       # FP8 KV cache against bf16's, 8B
 #                bash scripts/gpu_session.sh moe          # LoRA on Mixtral-shaped experts
 #                bash scripts/gpu_session.sh gpt-oss      # gpt-oss-20b shapes, MXFP4 and bf16
 #                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
@@ -63,6 +64,13 @@ case "$phase" in
       --batch-sizes 1 8 32 64 --hf --out "$OUT/decode_step_cuda_8b.json" 2>&1 | tail -20
     timeout 190 python3 benchmarks/decode_step.py --shape llama-3.2-1b --device cuda \
       --batch-sizes 1 8 32 64 --out "$OUT/decode_step_cuda_1b.json" 2>&1 | tail -20
+    ;;
+  kv-fp8)  # --kv-cache-dtype fp8 against the model's dtype, 8B, the same call
+    for kv in auto fp8; do
+      timeout 280 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
+        --batch-sizes 32 64 --kv-cache-dtype $kv --out "$OUT/decode_step_cuda_8b_kv_$kv.json" \
+        2>&1 | tail -8
+    done
     ;;
   moe)  # LoRA on a mixture of experts' experts (torch ops, no CUDA graphs): Mixtral shapes
     timeout 560 python3 benchmarks/moe_decode.py --shape mixtral-16l --device cuda \
