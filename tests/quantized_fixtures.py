@@ -190,8 +190,8 @@ def write_bnb4(base_dir: Path, out_root: Path, name: str, *, prequantized: bool,
         if not (_LINEAR.search(key) or routers):
             quant[key] = ref[key] = w
             continue
-        # bitsandbytes before 0.50 crashes on the CPU double-quantizing a tensor of one
-        # 64-block (the tiny Qwen2-MoE's shared_expert_gate, [1, 64]; real ones have
+        # bitsandbytes 0.47 and 0.48 (0.50 does not) crash on the CPU double-quantizing one
+        # 64-block tensor (the tiny Qwen2-MoE's shared_expert_gate, [1, 64]; real ones have
         # thousands): that one is written single-quantized, which the loader reads per tensor
         q, qs = quantize_4bit(w.float(), blocksize=64, quant_type=quant_type,
                               compress_statistics=double_quant and w.numel() > 64)
