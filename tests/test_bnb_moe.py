@@ -26,7 +26,8 @@ from loraplex import SamplingParams
 from loraplex.layers.experts import FusedExperts
 from loraplex.layers.moe import GateLinear
 from loraplex.layers.quantization import QuantConfig
-from loraplex.layers.quantization.bitsandbytes import dequantize_4bit, quantize_nf4
+from loraplex.layers.quantization.bitsandbytes import quantize_nf4
+from loraplex.layers.quantization.codes4 import dequantize_codes4
 from loraplex.layers.quantized_experts import BnB4bitFusedExperts
 from tests.engine_utils import check_mixed_batch, make_llm
 from tests.fixtures import make_peft_adapter, make_tiny_model
@@ -156,7 +157,8 @@ def _bnb_experts(source: str, e: int = 4) -> tuple[BnB4bitFusedExperts, FusedExp
             else:
                 packed.load_expert(expert, leaf, w)
                 q, absmax = quantize_nf4(w, 64)
-                stack.data[expert, rows] = dequantize_4bit(q, absmax, packed.code, torch.float32)
+                stack.data[expert, rows] = dequantize_codes4(q, absmax, packed.code,
+                                                             torch.float32, high_first=True)
     packed.finish_loading()
     return packed, plain
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraplex.layers.quantization.codes4 import dequantize_codes4
+
 BLOCK = 32  # inputs per scale
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -53,27 +55,13 @@ def tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TABLES[device]
 
 
-_BYTE_VALUES: dict[torch.device, torch.Tensor] = {}
-
-
-def _byte_values(device: torch.device) -> torch.Tensor:
-    """[256, 2]: the two values a byte holds (low nibble, high nibble), so the CPU path
-    looks each byte up once."""
-    if device not in _BYTE_VALUES:
-        values = tables(device)[0]
-        _BYTE_VALUES[device] = torch.stack([values.repeat(16), values.repeat_interleave(16)],
-                                           dim=-1)
-    return _BYTE_VALUES[device]
-
-
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """packed [out, in / 2] uint8, scales [out, in / 32] uint8 -> W [out, in] in `dtype`
-    (exact: an E2M1 value times a power of two)."""
-    out = packed.shape[0]
-    pairs = _byte_values(packed.device).index_select(0, packed.reshape(-1).int())
-    powers = tables(packed.device)[1].index_select(0, scales.reshape(-1).int())
-    w = pairs.view(out, -1, BLOCK) * powers.view(out, -1, 1)
-    return w.view(out, -1).to(dtype)
+    (exact: an E2M1 value times a power of two, computed in fp32)."""
+    values, powers = tables(packed.device)
+    block_scales = powers.index_select(0, scales.reshape(-1).int()).view(scales.shape)
+    return dequantize_codes4(packed, block_scales, values, torch.float32,
+                             high_first=False).to(dtype)
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
