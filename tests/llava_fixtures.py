@@ -13,10 +13,14 @@ from typing import Any
 
 import torch
 
+from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
 
 IMAGE_TOKEN = "<image>"
 PATCH = 7  # 28 x 28 pixels in 4 x 4 patches: 16 placeholders an image ("default": no CLS)
+# what the LLaVA tests ask: greedy with logprobs (held against HF's), one image
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+ASK = "USER: <image>\nWhat is this? ASSISTANT:"
 TOKENS_PER_IMAGE = 16
 
 

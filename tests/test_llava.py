@@ -23,6 +23,8 @@ from loraplex.lora.errors import LoRAError
 from tests.engine_utils import make_llm
 from tests.fixtures import make_tiny_model
 from tests.llava_fixtures import (
+    ASK,
+    GREEDY,
     TOKENS_PER_IMAGE,
     check,
     data_url,
@@ -39,8 +41,6 @@ from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
-ASK = "USER: <image>\nWhat is this? ASSISTANT:"
 
 # On transformers 4.56 (the floors job) HF's LLaVA-1.5 and this engine differ from the
 # first token on, though the tower's and projector's features are equal (checked on that

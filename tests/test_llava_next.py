@@ -16,10 +16,12 @@ import openai
 import pytest
 from safetensors.torch import load_file, save_file
 
-from loraplex import LoRARequest, SamplingParams
+from loraplex import LoRARequest
 from loraplex.models.llava import LlavaVisionConfig
 from tests.engine_utils import make_llm
 from tests.llava_fixtures import (
+    ASK,
+    GREEDY,
     IMAGE_TOKEN,
     check,
     data_url,
@@ -34,8 +36,6 @@ from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
-ASK = "USER: <image>\nWhat is this? ASSISTANT:"
 # (width, height): 1 x 3 tiles less a patch row above and below, 3 x 1 less a patch column
 # each side, 2 x 2 as it is, 2 x 2 less two rows above and below
 WIDE, TALL, SQUARE, SQUAT = (90, 20), (20, 90), (40, 40), (70, 40)

@@ -20,6 +20,7 @@ import hashlib
 import io
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -104,24 +105,24 @@ class ImageProcessor:
         images = [load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
         if not images:
             raise ValueError("multi_modal_data: 'image' holds no image")
-        ids = self.expand(ids, images)  # before the pixels: a mismatch costs nothing
+        c = self.config
+        sizes = [(im.height, im.width) for im in images]  # HF's image_sizes
+        counts, tiles = [c.tokens_for(s) for s in sizes], [c.tiles(s) for s in sizes]
+        # before the pixels: a mismatch costs nothing
+        ids = expand_placeholders(ids, c.image_token_id, counts)
         pixels = self.hf(images=[im.convert("RGB") for im in images],
                          return_tensors="pt")["pixel_values"]
-        c = self.config
         if tuple(pixels.shape[-2:]) != (c.image_size, c.image_size):
             raise ValueError(f"the image processor gives {tuple(pixels.shape[-2:])} pixels, "
                              f"the vision tower takes {c.image_size} x {c.image_size}")
-        sizes = [(im.height, im.width) for im in images]  # HF's image_sizes
         if pixels.dim() == 5:  # LLaVA-NeXT's: padded to the most tiles any image has
-            pixels = torch.cat([p[:c.tiles(s)] for p, s in zip(pixels, sizes, strict=True)])
+            pixels = torch.cat([p[:n] for p, n in zip(pixels, tiles, strict=True)])
         positions = self.positions(ids)
-        ranges, first = [], 0
-        for s in sizes:
-            ranges.append((positions[first], c.tokens_for(s)))
-            first += c.tokens_for(s)
+        firsts = [0, *accumulate(counts)][:-1]  # each image's first placeholder, counted
+        ranges = [(positions[f], n) for f, n in zip(firsts, counts, strict=True)]
         hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes() + repr(s).encode(),
                                   digest_size=16).digest()
-                  for p, s in zip(pixels.float().split([c.tiles(s) for s in sizes]), sizes)]
+                  for p, s in zip(pixels.float().split(tiles), sizes)]
         return ids, ImageInputs(pixels, positions, ranges, hashes, sizes=sizes)
 
     def expand(self, ids: list[int], images: list[Any]) -> list[int]:
