@@ -1,6 +1,7 @@
-"""Multimodal checkpoints: their language model is a text model loraplex runs (Gemma 3 4B/12B/27B are `Gemma3ForConditionalGeneration`: Gemma 3's text decoder
-behind a SigLIP vision tower), so a text request, and an adapter trained on the whole
-model, are served by that text model alone. Requests with images are refused as on any
+"""Multimodal checkpoints: their language model is a text model loraplex runs (Gemma 3
+4B/12B/27B are `Gemma3ForConditionalGeneration`: Gemma 3's text decoder behind a SigLIP
+vision tower), so a text request, and an adapter trained on the whole model, are served
+by that text model alone. Requests with images are refused as on any
 model; the vision tower and the projector are never loaded, and an adapter's LoRA on
 them is left out (a text request never runs them, so its output is the full model's).
 
@@ -63,10 +64,20 @@ MULTIMODAL: dict[str, TextOnly] = {
     "LlavaNextForConditionalGeneration": replace(
         _LLAVA, skipped=(*_LLAVA.skipped, "image_newline", "model.image_newline")),
 }
-# what the whole model's config says for its language model: whether lm_head is the
-# embedding (the whole model's setting decides, as in transformers), the quantization,
-# the dtype
-_INHERITED = ("tie_word_embeddings", "quantization_config", "dtype", "torch_dtype")
+# what the whole model's config says for its language model: the quantization, the dtype
+_INHERITED = ("quantization_config", "dtype", "torch_dtype")
+
+
+def lm_head_tied(hf_config: Any, text_config: Any) -> bool:
+    """Whether lm_head is the embedding, decided as the installed transformers decides it.
+    transformers 5 reads the whole model's flag (which takes the text config's True);
+    4.x reads the text config's, and there the whole model's flag is True by default
+    whether or not config.json has it (a LLaVA over an untied Llama would tie)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return bool(getattr(hf_config, "tie_word_embeddings", False))
+    return bool(getattr(text_config, "tie_word_embeddings", False))
 
 
 def text_only_config(hf_config: Any) -> tuple[Any, TextOnly | None]:
@@ -78,6 +89,7 @@ def text_only_config(hf_config: Any) -> tuple[Any, TextOnly | None]:
         return hf_config, None
     spec = MULTIMODAL[name]
     text = copy.deepcopy(hf_config.text_config)
+    text.tie_word_embeddings = lm_head_tied(hf_config, text)
     for key in _INHERITED:
         if getattr(hf_config, key, None) is not None:
             setattr(text, key, getattr(hf_config, key))
