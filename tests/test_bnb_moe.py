@@ -174,17 +174,19 @@ def _bnb_version() -> tuple[int, ...]:
 
 @pytest.mark.parametrize("source", ["in_flight", "nf4", "fp4", "nf4_double"])
 def test_bnb_experts_compute_the_dequantized_experts(source):
-    if source == "fp4" and _bnb_version() < (0, 50):
-        pytest.skip("with bitsandbytes 0.47 (the floors job) the FP4 experts are up to "
-                    "3.7e-4 off bitsandbytes' own dequantization: not diagnosed yet")
     """Loaded expert by expert (gate's and up's rows stacked in w13), the experts give
-    what plain experts on the dequantized weights give."""
+    what plain experts on the dequantized weights give. bitsandbytes before 0.50
+    dequantizes FP4 on the CPU with its table rounded to four decimals (0.6667 for 2/3);
+    its CUDA kernel, 0.50's CPU path and loraplex use the exact values: there the
+    outputs differ by up to 4e-4 (a wrong table entry would be 0.005 of a block's absmax
+    off, or more)."""
     if source != "in_flight":
         pytest.importorskip("bitsandbytes")
     packed, plain = _bnb_experts(source)
     x, weights, chosen = _routing(9, 4, seed=8, hidden=128)
+    tol = 5e-4 if source == "fp4" and _bnb_version() < (0, 50) else 1e-5
     torch.testing.assert_close(packed(x, weights, chosen), plain(x, weights, chosen),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=tol, atol=tol)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
