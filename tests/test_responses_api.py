@@ -94,6 +94,48 @@ def test_stream_events_add_up_to_the_response(client):
     assert final.usage.output_tokens == 10
 
 
+def _same_logprobs(got: list, want: list) -> bool:
+    """The same tokens and alternatives, the logprobs as close as two runs' (one of them
+    may read the prefix cache the other filled)."""
+    def tokens(lps):
+        return [(lp["token"], [t["token"] for t in lp["top_logprobs"]]) for lp in lps]
+
+    def values(lps):
+        return [v for lp in lps for v in (lp["logprob"], *(t["logprob"]
+                                                           for t in lp["top_logprobs"]))]
+    return tokens(got) == tokens(want) and values(got) == pytest.approx(values(want),
+                                                                         abs=1e-5)
+
+
+def test_output_text_logprobs(client):
+    """include=["message.output_text.logprobs"]: the message text's tokens' logprobs (and
+    top_logprobs alternatives), the chat route's for the same conversation; streamed, each
+    delta carries its tokens' and the done event all of them; none without the include."""
+    kw = dict(model="r4_qv", input="Tell me a story", max_output_tokens=6, **KW)
+    include = dict(include=["message.output_text.logprobs"], top_logprobs=2)
+    r = client.responses.create(**include, **kw)
+    chat = client.chat.completions.create(
+        model="r4_qv", messages=[{"role": "user", "content": "Tell me a story"}],
+        max_tokens=6, logprobs=True, top_logprobs=2, **KW)
+    got = [lp.model_dump() for lp in r.output[0].content[0].logprobs]
+    assert len(got) == 6 and all(len(lp["top_logprobs"]) == 2 for lp in got)
+    assert _same_logprobs(got, [lp.model_dump() for lp in chat.choices[0].logprobs.content])
+    assert "".join(lp["token"] for lp in got) == r.output_text
+    events = list(client.responses.create(stream=True, **include, **kw))
+    deltas = [lp.model_dump() for e in events if e.type == "response.output_text.delta"
+              for lp in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    final = events[-1].response.output[0].content[0].logprobs
+    assert len(deltas) == 6 and _same_logprobs(deltas, got)
+    assert [lp.model_dump() for lp in done.logprobs] == deltas
+    assert [lp.model_dump() for lp in final] == deltas
+    assert client.responses.create(top_logprobs=2, **kw).output[0].content[0].logprobs == []
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(include=["message.output_text.logprobs"], top_logprobs=-1,
+                                **kw)
+    assert "top_logprobs" in e.value.message
+
+
 def test_json_schema_format(client):
     r = client.responses.create(
         model="r4_qv", input="Where?", max_output_tokens=120, temperature=0,

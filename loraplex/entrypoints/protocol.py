@@ -370,6 +370,9 @@ class UnloadLoRAAdapterRequest(OpenAIBase):
 
 
 # ---- responses (OpenAI's Responses API, /v1/responses) ------------------------------------
+OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
+
+
 class ResponsesRequest(OpenAIBase):
     """The Responses API's request; the chat route serves it (serving_responses.py), and
     vLLM's sampling extras (top_k, seed, logit_bias, structured_outputs, ...) pass through
@@ -393,6 +396,13 @@ class ResponsesRequest(OpenAIBase):
     metadata: dict[str, str] | None = None
     user: str | None = None
     truncation: str | None = None
+    # "message.output_text.logprobs": each output_text's tokens' logprobs (other
+    # includables are accepted and have nothing to add here)
+    include: list[str] | None = None
+    top_logprobs: int | None = None  # alternatives per token, with the include above
+
+    def wants_logprobs(self) -> bool:
+        return OUTPUT_TEXT_LOGPROBS in (self.include or [])
 
 
 class ResponseUsage(BaseModel):

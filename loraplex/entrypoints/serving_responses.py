@@ -4,7 +4,8 @@ A request becomes a chat request (instructions -> a system message, input items 
 messages, function tools and tool_choice reshaped, text.format -> response_format,
 max_output_tokens -> max_completion_tokens; vLLM's sampling extras pass through), and the
 chat reply becomes output items: a `reasoning` item (with --reasoning-parser), a
-`message` with its `output_text`, a `function_call` per tool call. Streamed, the chat
+`message` with its `output_text` (and its tokens' logprobs with include=
+["message.output_text.logprobs"]), a `function_call` per tool call. Streamed, the chat
 chunks are re-framed as the API's events (response.created, output_item.added,
 output_text.delta, ..., response.completed). With LORAPLEX_ENABLE_RESPONSES_API_STORE
 (off by default, as vLLM's), responses are kept in memory (LRU) so that a request can
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 
 from loraplex.entrypoints.errors import BadRequestError, NotFoundError
 from loraplex.entrypoints.protocol import (
+    ChatCompletionLogProbs,
     ChatCompletionRequest,
     ChatCompletionStreamResponse,
     ChatResponseMessage,
@@ -65,6 +67,8 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]] | None = N
         "response_format": _response_format(req.text),
         "stream_options": {"include_usage": True} if req.stream else None,
         "reasoning_effort": (req.reasoning or {}).get("effort"),
+        "logprobs": req.wants_logprobs(),
+        "top_logprobs": req.top_logprobs if req.wants_logprobs() else None,
     }
     body.update(passed_through(req))
     try:
@@ -175,14 +179,21 @@ def reasoning_item(text: str, item_id: str | None = None) -> dict[str, Any]:
             "content": [{"type": "reasoning_text", "text": text}], "status": "completed"}
 
 
-def output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def message_item(text: str, status: str = "completed", item_id: str | None = None
-                 ) -> dict[str, Any]:
+def message_item(text: str, status: str = "completed", item_id: str | None = None,
+                 logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"type": "message", "id": item_id or random_id("msg"), "role": "assistant",
-            "status": status, "content": [output_text(text)] if status != "in_progress" else []}
+            "status": status,
+            "content": [output_text(text, logprobs)] if status != "in_progress" else []}
+
+
+def token_logprobs(logprobs: ChatCompletionLogProbs | None) -> list[dict[str, Any]]:
+    """Chat's logprobs as an output_text's: the same fields (token, logprob, bytes,
+    top_logprobs)."""
+    return [lp.model_dump() for lp in (logprobs.content or [])] if logprobs else []
 
 
 def function_call_item(call_id: str, name: str, arguments: str, status: str = "completed",
@@ -211,10 +222,13 @@ def response_status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def output_items(message: ChatResponseMessage, status: str) -> list[dict[str, Any]]:
+def output_items(message: ChatResponseMessage, status: str,
+                 logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """`logprobs`: those of the reply's tokens, on its message's text (as vLLM, the whole
+    reply's: with a reasoning parser, the reasoning's tokens too)."""
     items = [reasoning_item(message.reasoning)] if message.reasoning is not None else []
     if message.content:
-        items.append(message_item(message.content, status))
+        items.append(message_item(message.content, status, logprobs=logprobs))
     items += [function_call_item(c.id, c.function.name, c.function.arguments)
               for c in message.tool_calls]
     return items
@@ -244,8 +258,9 @@ class OpenAIServingResponses:
             reply = await self.chat.create_chat_completion(chat_req)
             choice = reply.choices[0]
             status = response_status(choice.finish_reason)
-            response = self._response(req, response_id, created, model, status,
-                                      output_items(choice.message, status), reply.usage)
+            output = output_items(choice.message, status, token_logprobs(choice.logprobs))
+            response = self._response(req, response_id, created, model, status, output,
+                                      reply.usage)
             self._remember(req, history, response)
             return response
         chunks, queued = await self.chat.create_chat_completion(chat_req, chunks=True)
@@ -323,7 +338,8 @@ class OpenAIServingResponses:
                 for choice in chunk.choices:
                     finish = choice.finish_reason or finish
                     delta = choice.delta
-                    for event in stream.add(delta.reasoning, delta.content, delta.tool_calls):
+                    for event in stream.add(delta.reasoning, delta.content, delta.tool_calls,
+                                            token_logprobs(choice.logprobs)):
                         yield event
         finally:
             await chunks.aclose()
@@ -343,6 +359,7 @@ class _EventStream:
         self._seq = itertools.count()
         self._open: str | None = None  # "reasoning" | "message" | "call", the last item's
         self._text = ""
+        self._logprobs: list[dict[str, Any]] = []  # the open message's tokens'
         self._calls: dict[int, dict[str, Any]] = {}  # a chat tool call's index -> its item
 
     def event(self, kind: str, **fields: Any) -> str:
@@ -355,7 +372,7 @@ class _EventStream:
     def _start(self, kind: str, item: dict[str, Any]) -> list[str]:
         events = self.close("completed")
         self.items.append(item)
-        self._open, self._text = kind, ""
+        self._open, self._text, self._logprobs = kind, "", []
         events.append(self.event("response.output_item.added", output_index=len(self.items) - 1,
                                  item=item))
         if kind == "message":
@@ -363,8 +380,9 @@ class _EventStream:
                                      part=output_text(""), **self._where()))
         return events
 
-    def add(self, reasoning: str | None, content: str | None, calls: list | None
-            ) -> list[str]:
+    def add(self, reasoning: str | None, content: str | None, calls: list | None,
+            logprobs: list[dict[str, Any]]) -> list[str]:
+        """A chat chunk's pieces; `logprobs`: its tokens', which go with its content."""
         events: list[str] = []
         if reasoning:
             if self._open != "reasoning":
@@ -378,8 +396,9 @@ class _EventStream:
             if self._open != "message":
                 events += self._start("message", message_item("", "in_progress"))
             self._text += content
+            self._logprobs += logprobs
             events.append(self.event("response.output_text.delta", content_index=0,
-                                     delta=content, logprobs=[], **self._where()))
+                                     delta=content, logprobs=logprobs, **self._where()))
         for call in calls or []:
             if call.index not in self._calls:
                 item = function_call_item(call.id or "", call.function.name or "", "",
@@ -404,11 +423,11 @@ class _EventStream:
             events = [self.event("response.reasoning_text.done", content_index=0, text=text,
                                  **where)]
         elif kind == "message":
-            item.update(message_item(text, status, item["id"]))
+            item.update(message_item(text, status, item["id"], self._logprobs))
             events = [self.event("response.output_text.done", content_index=0, text=text,
-                                 logprobs=[], **where),
+                                 logprobs=self._logprobs, **where),
                       self.event("response.content_part.done", content_index=0,
-                                 part=output_text(text), **where)]
+                                 part=output_text(text, self._logprobs), **where)]
         else:
             item.update(arguments=text, status="completed")
             events = [self.event("response.function_call_arguments.done", arguments=text,
