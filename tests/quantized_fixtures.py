@@ -21,6 +21,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -372,20 +373,11 @@ def write_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, bits:
     return quant_dir, ref_dir
 
 
-def write_with_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, bits: int = 4,
-                                  group_size: int = 32, sym: bool = True,
-                                  ignore: tuple[str, ...] = ()) -> tuple[Path, Path]:
-    """The same kind of checkpoint written by the compressed-tensors package itself (min-max
-    scales from its calculate_qparams; its ModelCompressor packs and saves, as
-    llm-compressor does), and the reference its own decompress_model makes of it."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-        apply_quantization_config,
-    )
-    from compressed_tensors.quantization.utils import calculate_qparams
+def _package_start(base_dir: Path, out_root: Path, name: str, bits: int, group_size: int,
+                   sym: bool) -> tuple[Any, Any, Path, Path]:
+    """What both package writers start from: (the base as an HF model, the weights' int
+    QuantizationArgs, checkpoint dir, reference dir)."""
+    from compressed_tensors.quantization import QuantizationArgs
     from transformers import AutoModelForCausalLM
 
     quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
@@ -394,6 +386,25 @@ def write_with_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, 
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym,
                             strategy="channel" if group_size == -1 else "group",
                             group_size=None if group_size == -1 else group_size)
+    return model, args, quant_dir, ref_dir
+
+
+def write_with_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, bits: int = 4,
+                                  group_size: int = 32, sym: bool = True,
+                                  ignore: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """The same kind of checkpoint written by the compressed-tensors package itself (min-max
+    scales from its calculate_qparams; its ModelCompressor packs and saves, as
+    llm-compressor does), and the reference its own decompress_model makes of it."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model, args, quant_dir, ref_dir = _package_start(base_dir, out_root, name, bits,
+                                                     group_size, sym)
     apply_quantization_config(model, QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
         ignore=["lm_head", *ignore]))
@@ -413,4 +424,74 @@ def write_with_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, 
     ref = {k: v.contiguous() for k, v in model.state_dict().items()  # weights, not qparams
            if not re.search(r"\.weight_\w+$", k)}
     save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    return quant_dir, ref_dir
+
+
+def write_ct_w8a8(base_dir: Path, out_root: Path, name: str, *, static: bool = False,
+                  sym: bool = True, calibration: list[list[int]] | None = None,
+                  weight_bits: int = 8, group_size: int = -1) -> tuple[Path, Path]:
+    """(W8A8 checkpoint, reference) written by the compressed-tensors package: int8 weights
+    per channel (min-max; or `weight_bits` per `group_size` inputs: W4A8, packed), int8
+    activations dynamic per token, or static per tensor
+    (`sym` or with a zero point) calibrated on `calibration`'s inputs (min-max). The
+    reference is the same model saved "frozen" (dequantized weights, the scales and the
+    scheme): transformers runs it through the package's own forward, which quantizes each
+    Linear's input as the scheme says."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model, weights, quant_dir, ref_dir = _package_start(base_dir, out_root, name, weight_bits,
+                                                        group_size, True)
+    acts = (QuantizationArgs(num_bits=8, type="int", symmetric=sym, strategy="tensor",
+                             dynamic=False) if static else
+            QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token",
+                             dynamic=True))
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    if static:  # each Linear's input range over the calibration prompts, unquantized
+        hooks = [m.register_forward_pre_hook(
+            lambda _, args, n=n: seen[n].append(args[0].detach().clone()))
+            for n, m in linears.items()]
+        with torch.no_grad():
+            for ids in calibration or [[1, 5, 9, 33, 70, 12, 3, 4]]:
+                model(torch.tensor([ids]))
+        for h in hooks:
+            h.remove()
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
+        targets=["Linear"], weights=weights, input_activations=acts)}, ignore=["lm_head"])
+    apply_quantization_config(model, config)
+    for n, m in linears.items():
+        w = m.weight.data
+        g = w.view(w.shape[0], -1, w.shape[1] if group_size == -1 else group_size)
+        scale, _ = calculate_qparams(g.amin(-1), g.amax(-1), weights)
+        m.weight_scale.data.copy_(scale)
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)), -2 ** (weight_bits - 1),
+                        2 ** (weight_bits - 1) - 1)
+        m.weight.data.copy_((q * scale.unsqueeze(-1)).view_as(w))
+        if static:
+            x = torch.cat([t.flatten(0, -2) for t in seen[n]])
+            scale, zero = calculate_qparams(x.amin().reshape(1), x.amax().reshape(1), acts)
+            m.input_scale.data.copy_(scale.view_as(m.input_scale))
+            if not sym:
+                m.input_zero_point.data.copy_(zero.view_as(m.input_zero_point))
+    ref = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
+    frozen = config.model_dump()
+    frozen.update(quant_method="compressed-tensors", format="dense",
+                  quantization_status="frozen")
+    cfg = json.loads((ref_dir / "config.json").read_text())
+    cfg["quantization_config"] = frozen
+    (ref_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    compressor = ModelCompressor.from_pretrained_model(
+        model, quantization_format="int-quantized" if weight_bits == 8 else "pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(str(quant_dir))
+    compressor.update_config(str(quant_dir))
     return quant_dir, ref_dir

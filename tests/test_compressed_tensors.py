@@ -1,5 +1,6 @@
 """llm-compressor's weight-only int checkpoints (compressed-tensors W4A16 / W8A16) with
-LoRA adapters, against HF + PEFT on the dequantized weights.
+LoRA adapters, against HF + PEFT on the dequantized weights (with int8 activations too:
+tests/test_compressed_tensors_w8a8.py).
 
 Two writers: tests/quantized_fixtures.py's own (pack-quantized and naive-quantized,
 act-order g_idx, which today's compressed-tensors no longer writes), and the
@@ -209,9 +210,6 @@ def _group(q: dict) -> dict:
 
 
 @pytest.mark.parametrize(("case", "edit", "message"), [
-    ("int4_g32", lambda q: _group(q).update(input_activations={
-        "num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}),
-     "activation quantization (input_activations"),
     ("int4_g32", lambda q: q.update(format="marlin-24"),
      "compressed-tensors checkpoint (format 'marlin-24'"),
     ("int4_g32", lambda q: _group(q)["weights"].update(num_bits=3), "num_bits=3 are not supported"),

@@ -198,6 +198,10 @@ class PackedIntFusedExperts(FusedExperts):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  cfg: QuantConfig) -> None:
         e, h, i = num_experts, hidden_size, intermediate_size
+        if cfg.input_activations is not None:
+            raise ValueError("compressed-tensors experts with int8 activations (W8A8) are not "
+                             "supported: loraplex quantizes the activations of its Linears "
+                             "only")
         per, gptq = cfg.pack_factor, cfg.method != "awq"  # compressed-tensors: as GPTQ
         for n in (h, i):
             if n % per or (cfg.group_size != -1 and n % cfg.group_size):

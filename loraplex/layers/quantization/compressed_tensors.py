@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.layers.quantization.config import QuantConfig
+from loraplex.layers.quantization.int8_activations import merged_static
 from loraplex.layers.quantization.linear import GPTQLinear
 
 # checkpoint tensor -> the GPTQ parameter it becomes
@@ -79,7 +80,9 @@ def to_gptq(cfg: QuantConfig, name: str, loaded: torch.Tensor) -> torch.Tensor:
 
 class CompressedTensorsLinear(GPTQLinear):
     """A GPTQ layer (zero_offset 0) that reads compressed-tensors' tensor names and layouts;
-    sub-projections (q/k/v, gate/up) side by side on the output axis, as for GPTQ."""
+    sub-projections (q/k/v, gate/up) side by side on the output axis, as for GPTQ. With
+    int8 activations (W8A8) its input is quantized first (int8_activations.py); static
+    ones by the sub-projections' input_scale / input_zero_point, merged to one."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool,
                  cfg: QuantConfig) -> None:
@@ -88,6 +91,19 @@ class CompressedTensorsLinear(GPTQLinear):
             del self.qzeros
             self.register_buffer("qzeros", self._midpoint_zeros())
         self._loaded: list[set[str]] = [set() for _ in output_sizes]
+        self.activations = cfg.input_activations
+        # static activations: each sub-projection's (NaN: not loaded), then the merged one
+        self.static_inputs = self.activations is not None and not self.activations.dynamic
+        n = len(output_sizes) if self.static_inputs else 0
+        self.register_buffer("input_scale", torch.full((n,), float("nan")))
+        self.register_buffer("input_zero_point", torch.full(
+            (n if self.static_inputs and not self.activations.symmetric else 0,), float("nan")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations is not None:
+            zero = self.input_zero_point if self.input_zero_point.numel() else None
+            x = self.activations.fake_quantize(x, self.input_scale, zero)
+        return super().forward(x)
 
     def _midpoint_zeros(self) -> torch.Tensor:
         return midpoint_zeros(self.cfg, self.num_groups, self.out_features)
@@ -102,6 +118,8 @@ class CompressedTensorsLinear(GPTQLinear):
                                       self.in_features)
         if param_name == "bias":
             return self._bias_shard(loaded, shard)
+        if param_name in ("input_scale", "input_zero_point"):
+            return self._input_quant_shard(param_name, loaded, shard)
         name, converted = self.param_of(param_name), to_gptq(self.cfg, param_name, loaded)
         try:
             super().load_shard(name, converted, shard)
@@ -110,7 +128,30 @@ class CompressedTensorsLinear(GPTQLinear):
                              f"{name} (transposed): {e}") from e
         self._loaded[shard].add(name)
 
+    def _input_quant_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
+        target = getattr(self, param_name)
+        if not self.static_inputs or shard >= target.numel():
+            raise ValueError(f"{self.cfg.method} checkpoint has an {param_name} where its "
+                             "config says no static (asymmetric, for a zero point) input "
+                             "activation quantization: the config does not match the weights")
+        if loaded.numel() != 1:
+            raise ValueError(f"{self.cfg.method} {param_name} of shape {tuple(loaded.shape)}: "
+                             "static input activations have one per tensor")
+        target[shard] = loaded.reshape(()).float()
+        self._loaded[shard].add(param_name)
+
     def finish_loading(self) -> None:
+        if self.static_inputs:
+            for name in ("input_scale", "input_zero_point"):
+                if getattr(self, name).isnan().any():
+                    raise ValueError(f"{self.cfg.method}: a sub-projection of this layer has "
+                                     f"no {name}, which its static input activations need")
+            scale, zero = merged_static(self.input_scale,
+                                        self.input_zero_point if self.input_zero_point.numel()
+                                        else None)
+            self.input_scale = scale
+            if zero is not None:
+                self.input_zero_point = zero
         need = {"qweight", "scales"} | (set() if self.cfg.implicit_zero else {"qzeros"})
         for shard, have in enumerate(self._loaded):
             if not need <= have:
@@ -126,3 +167,8 @@ class CompressedTensorsLinear(GPTQLinear):
         if self.cfg.implicit_zero:
             self.qzeros.copy_(self._midpoint_zeros())
         self._loaded = [{"qweight", "scales", "qzeros"} for _ in self._loaded]
+        if self.static_inputs:  # inputs of about unit size: steps of 1/32
+            device = self.input_scale.device
+            self.input_scale = torch.full((1,), 1 / 32, device=device)
+            self.input_zero_point = torch.zeros(self.input_zero_point.numel() and 1,
+                                                device=device)

@@ -5,9 +5,10 @@ checkpoint formats `gptq` and `gptq_v2`), AWQ (AutoAWQ's GEMM layout, 4 bits),
 bitsandbytes (transformers' 4-bit NF4/FP4, double-quantized or not, and 8-bit LLM.int8
 checkpoints) and FP8 (`fp8`: Qwen / DeepSeek / transformers, per tensor or per block;
 `compressed-tensors`: llm-compressor's FP8 float-quantized, per tensor, channel or block;
-and its weight-only int ones, W4A16 / W8A16: pack-quantized, naive- or int-quantized, per
-channel or group, symmetric or not, act-order) keep their quantized weights in memory, and so does MXFP4 (`mxfp4`: gpt-oss's experts;
-its other weights are plain); anything else is refused with what was found.
+and its int ones, W4A16 / W8A16: pack-quantized, naive- or int-quantized, per channel or
+group, symmetric or not, act-order; W8A8 with int8 activations, dynamic per token or static
+per tensor) keep their quantized weights in memory, and so does MXFP4 (`mxfp4`: gpt-oss's
+experts; its other weights are plain); anything else is refused with what was found.
 `quantization=` (vLLM's flag) may name the checkpoint's method; on a plain checkpoint
 `bitsandbytes` and `fp8` apply, as in vLLM: its weights are quantized while they load (to
 4-bit NF4, the base QLoRA adapters are trained on; to FP8 with a scale per row).
@@ -20,6 +21,8 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from loraplex.layers.quantization.int8_activations import ActivationQuant
 
 SUPPORTED_METHODS = ("gptq", "awq", "bitsandbytes", "fp8", "compressed-tensors", "mxfp4")
 BNB_BLOCKSIZE = 64  # bitsandbytes' 4-bit block: inputs per absmax (transformers' default)
@@ -44,6 +47,8 @@ class QuantConfig:
     fp8_block: tuple[int, int] | None = None  # fp8 per-block scales: (outputs, inputs)
     # compressed-tensors' symmetric int weights store no zero point: it is 2^(bits - 1)
     implicit_zero: bool = False
+    # compressed-tensors' int8 activations (W8A8): each Linear's input is quantized too
+    input_activations: ActivationQuant | None = None
 
     @property
     def pack_factor(self) -> int:
@@ -199,7 +204,7 @@ CT_INT_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
 def _compressed_tensors(raw: Any) -> QuantConfig:
     """llm-compressor's checkpoints: FP8 weights (format float-quantized: 8-bit floats per
     tensor, channel or block; the activations' scheme is not used, weight-only) or int
-    weights without activation quantization (_compressed_tensors_int)."""
+    weights, with or without int8 activations (_compressed_tensors_int)."""
     fmt = str(_get(raw, "format", "") or "")
     groups = list((_get(raw, "config_groups", None) or {}).values())
     weights = [_get(g, "weights", None) or {} for g in groups]
@@ -233,19 +238,38 @@ def _compressed_tensors(raw: Any) -> QuantConfig:
     return _fp8_config(block or None, skip)
 
 
+def _int8_activations(groups: list[Any]) -> ActivationQuant | None:
+    """The config groups' input_activations (one scheme for all, or none): int8, dynamic
+    per token and symmetric (llm-compressor's W8A8), or static per tensor (symmetric or
+    not), what vLLM's int8 W8A8 runs; output activations are refused."""
+    found = {json.dumps(dict(_get(g, "input_activations", None) or {}), sort_keys=True)
+             for g in groups}
+    for g in groups:
+        if _get(g, "output_activations", None):
+            raise ValueError(f"compressed-tensors output activation quantization "
+                             f"({dict(_get(g, 'output_activations'))}) is not supported")
+    if found == {"{}"}:
+        return None
+    if len(found) != 1:
+        raise ValueError(f"compressed-tensors config_groups with different input activation "
+                         f"schemes ({sorted(found)}) are not supported: one for every Linear")
+    a = json.loads(found.pop())
+    dynamic, strategy = a.get("dynamic") is True, str(a.get("strategy", "tensor"))
+    symmetric = a.get("symmetric", True) is not False
+    if a.get("type") != "int" or a.get("num_bits") != 8 or (strategy, dynamic) not in (
+            ("token", True), ("tensor", False)) or (dynamic and not symmetric):
+        raise ValueError(f"compressed-tensors input activations {a} are not supported: "
+                         "loraplex runs int8 ones, dynamic per token (symmetric) or static "
+                         "per tensor, as vLLM's W8A8 int8")
+    return ActivationQuant(dynamic=dynamic, symmetric=symmetric)
+
+
 def _compressed_tensors_int(groups: list[Any], weights: list[Any],
                             skip: tuple[str, ...]) -> QuantConfig:
     """W4A16 / W8A16 (vLLM's compressed_tensors_wNa16): int weights per channel or group,
-    symmetric or with zero points, act-order g_idx or not; one scheme for every Linear."""
-    for g in groups:
-        for key in ("input_activations", "output_activations"):
-            if _get(g, key, None):
-                raise ValueError(
-                    f"compressed-tensors int weights with activation quantization ({key}: "
-                    f"{dict(_get(g, key))}, e.g. W8A8) are not supported: loraplex runs int "
-                    "weights weight-only (W4A16, W8A16), and running these without the "
-                    "activation quantization they were calibrated with would not compute "
-                    "what vLLM does")
+    symmetric or with zero points, act-order g_idx or not; W8A8 (int8 activations too:
+    _int8_activations); one scheme for every Linear."""
+    activations = _int8_activations(groups)
     keys = ("num_bits", "strategy", "group_size", "symmetric", "actorder", "dynamic")
     schemes = {tuple(_get(w, k) for k in keys) for w in weights}
     if len(schemes) != 1:
@@ -273,7 +297,8 @@ def _compressed_tensors_int(groups: list[Any], weights: list[Any],
     cfg = QuantConfig("compressed-tensors", bits, group_size,
                       desc_act=actorder is True or str(actorder) == "group",
                       modules_to_not_convert=skip,
-                      implicit_zero=bool(_get(w, "symmetric", True)))
+                      implicit_zero=bool(_get(w, "symmetric", True)),
+                      input_activations=activations)
     if not cfg.skips("lm_head"):
         raise ValueError("a compressed-tensors checkpoint with a quantized lm_head (not in its "
                          "`ignore` list) is not supported yet")
