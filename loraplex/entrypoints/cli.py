@@ -266,6 +266,39 @@ def _engine_fields():
     return fields(EngineArgs)
 
 
+def _add_frontend_args(group: argparse._ArgumentGroup) -> None:
+    """What the serving code reads (api_server.build_state): `serve` and `run-batch`."""
+    group.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=[],
+                       metavar="ITEM",
+                       help="Adapters to serve from the start: name=path, or JSON "
+                            "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'.")
+    group.add_argument("--chat-template", default=None,
+                       help="Jinja chat template (a file path or the template text); "
+                            "default: the tokenizer's.")
+    group.add_argument("--enable-prompt-tokens-details", action="store_true",
+                       help="Usage tells the prompt tokens read from the prefix cache "
+                            "(prompt_tokens_details.cached_tokens), as vLLM's flag does.")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="Serve tool_choice 'auto': the model calls tools in its own "
+                            "format, read by --tool-call-parser.")
+    group.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                       help="How the model writes tool calls: hermes (Hermes, Qwen 2.5/3: "
+                            "<tool_call> tags), llama3_json (Llama 3.1/3.2: JSON), mistral "
+                            "([TOOL_CALLS]), pythonic / llama4_pythonic (Llama 3.2, "
+                            "Llama 4: a Python list of calls), qwen3_coder (Qwen3-Coder: "
+                            "<function=...> <parameter=...> tags), openai (gpt-oss: "
+                            "harmony messages to functions.NAME), granite (Granite 3: "
+                            "<|tool_call|>[...]) or phi4_mini_json (Phi-4-mini: "
+                            "functools[...]).")
+    group.add_argument("--disable-log-requests", action="store_true",
+                       help="Accepted for vLLM compatibility.")
+    group.add_argument("--max-log-len", type=int, default=None,
+                       help="Accepted for vLLM compatibility (prompts are not logged).")
+    group.add_argument("--response-role", default="assistant",
+                       help="The role of the chat replies when add_generation_prompt is "
+                            "true.")
+
+
 def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="Start the OpenAI-compatible server (vLLM's `vllm serve`).",
@@ -287,38 +320,10 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     server.add_argument("--api-key", default=None,
                         help="Require 'Authorization: Bearer <key>' on /v1 routes "
                              "(or env LORAPLEX_API_KEY).")
-    server.add_argument("--lora-modules", nargs="+", type=parse_lora_module, default=[],
-                        metavar="ITEM",
-                        help="Adapters to serve from the start: name=path, or JSON "
-                             "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'.")
-    server.add_argument("--chat-template", default=None,
-                        help="Jinja chat template (a file path or the template text); "
-                             "default: the tokenizer's.")
-    server.add_argument("--enable-prompt-tokens-details", action="store_true",
-                        help="Usage tells the prompt tokens read from the prefix cache "
-                             "(prompt_tokens_details.cached_tokens), as vLLM's flag does.")
-    server.add_argument("--enable-auto-tool-choice", action="store_true",
-                        help="Serve tool_choice 'auto': the model calls tools in its own "
-                             "format, read by --tool-call-parser.")
-    server.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
-                        help="How the model writes tool calls: hermes (Hermes, Qwen 2.5/3: "
-                             "<tool_call> tags), llama3_json (Llama 3.1/3.2: JSON), mistral "
-                             "([TOOL_CALLS]), pythonic / llama4_pythonic (Llama 3.2, "
-                             "Llama 4: a Python list of calls), qwen3_coder (Qwen3-Coder: "
-                             "<function=...> <parameter=...> tags), openai (gpt-oss: "
-                             "harmony messages to functions.NAME), granite (Granite 3: "
-                             "<|tool_call|>[...]) or phi4_mini_json (Phi-4-mini: "
-                             "functools[...]).")
+    _add_frontend_args(server)
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"],
                         help="Log level of uvicorn.")
-    server.add_argument("--disable-log-requests", action="store_true",
-                        help="Accepted for vLLM compatibility.")
-    server.add_argument("--max-log-len", type=int, default=None,
-                        help="Accepted for vLLM compatibility (prompts are not logged).")
-    server.add_argument("--response-role", default="assistant",
-                        help="The role of the chat replies when add_generation_prompt is "
-                             "true.")
     server.add_argument("--root-path", default="",
                         help="The path prefix a proxy serves this server under (FastAPI's "
                              "root_path); routes answer with or without it.")
@@ -352,6 +357,33 @@ def make_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def make_run_batch_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "run-batch", help="Run an OpenAI batch file (vLLM's `vllm run-batch`).",
+        description="Run every request of an OpenAI batch file (JSONL: custom_id, method, "
+                    "url, body; /v1/chat/completions and /v1/completions) through the "
+                    "serving code, adapters by `model`, and write one result line each, in "
+                    "input order.",
+        formatter_class=_HelpFormatter)
+    p.add_argument("--model", required=True, help="Model path or Hugging Face id.")
+    batch = p.add_argument_group("batch")
+    batch.add_argument("-i", "--input-file", required=True,
+                       help="The batch file: a local path or an http(s) URL (GET).")
+    batch.add_argument("-o", "--output-file", required=True,
+                       help="Where the results go: a local path or an http(s) URL (PUT).")
+    batch.add_argument("--output-tmp-dir", default=None,
+                       help="Where the results are kept before an upload to a URL.")
+    batch.add_argument("--enable-metrics", action="store_true",
+                       help="Serve Prometheus metrics at http://URL:PORT/metrics meanwhile.")
+    batch.add_argument("--url", default="0.0.0.0", help="The metrics server's address.")
+    batch.add_argument("--port", type=parse_port, default=8000,
+                       help="The metrics server's port.")
+    _add_frontend_args(batch)
+    _add_engine_args(p)
+    p.set_defaults(func=run_batch, per_adapter_latency_metrics=False)
+    return p
+
+
 def make_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="Run the built-in multi-LoRA demo.",
                        description="Run the built-in multi-LoRA demo (loraplex.entrypoints.demo).")
@@ -376,6 +408,7 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     make_serve_parser(sub)
+    make_run_batch_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:
         make_demo_parser(sub)
@@ -391,6 +424,11 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CLIError(f"the demo is not available in this install: {e}") from e
     result = demo_main(args)
     return int(result or 0)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from loraplex.entrypoints.run_batch import main as run_batch_main
+    return run_batch_main(args)
 
 
 def run_serve(args: argparse.Namespace) -> int:
