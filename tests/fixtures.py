@@ -216,6 +216,18 @@ def _arch_config(
                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
                                     "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
                                     "original_max_position_embeddings": 128})
+    elif arch == "llama_bias":  # Llama's optional biases, everywhere
+        common.update(attention_bias=True, mlp_bias=True)
+    elif arch == "smollm3":  # layer 1 without rotary positions (NoPE)
+        common.update(no_rope_layers=[1, 0], use_sliding_window=False)
+    elif arch == "exaone4":  # a local (window 6, rotary) and a global layer (NoPE)
+        common.update(sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    elif arch == "seed_oss":
+        common.update(attention_bias=True, attention_out_bias=True, mlp_bias=True)
+    elif arch == "ministral":  # a local (window 6) and a global layer
+        common.update(sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    elif arch == "ernie4_5":  # interleaved rotary, biases everywhere
+        common.update(use_bias=True)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -223,7 +235,10 @@ def _arch_config(
                     "phi3": "Phi3Config", "mixtral": "MixtralConfig",
                     "qwen3_moe": "Qwen3MoeConfig", "granite": "GraniteConfig",
                     "olmo2": "Olmo2Config", "gemma3": "Gemma3TextConfig",
-                    "qwen2_moe": "Qwen2MoeConfig", "gpt_oss": "GptOssConfig"}[arch]
+                    "qwen2_moe": "Qwen2MoeConfig", "gpt_oss": "GptOssConfig",
+                    "llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
+                    "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
+                    "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -73,8 +73,12 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, scaling: dict, rotary_dim: int, theta
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, max_position: int, theta: float,
-                 scaling: dict | None = None, lora_factors: tuple[float, ...] = ()) -> None:
+                 scaling: dict | None = None, lora_factors: tuple[float, ...] = (),
+                 interleaved: bool = False) -> None:
         super().__init__()
+        # interleaved (GPT-J / GLM style): dimensions (2i, 2i+1) rotate together, not
+        # (i, i + rotary_dim / 2); the frequencies are the same
+        self.rotate = _rotate_interleaved if interleaved else _rotate
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope scaling type {rope_type!r} is not supported; supported: "
@@ -137,14 +141,22 @@ class RotaryEmbedding(nn.Module):
         # positions: [T], q: [T, H, D], k: [T, KVH, D]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, rotary_dim / 2]
         sin = self.sin[positions].unsqueeze(1)
+        rotate = self.rotate
         if self.rotary_dim == q.shape[-1]:
-            return _rotate(q, cos, sin), _rotate(k, cos, sin)
+            return rotate(q, cos, sin), rotate(k, cos, sin)
         r = self.rotary_dim  # partial: the first r dimensions of each head
-        return (torch.cat([_rotate(q[..., :r], cos, sin), q[..., r:]], dim=-1),
-                torch.cat([_rotate(k[..., :r], cos, sin), k[..., r:]], dim=-1))
+        return (torch.cat([rotate(q[..., :r], cos, sin), q[..., r:]], dim=-1),
+                torch.cat([rotate(k[..., :r], cos, sin), k[..., r:]], dim=-1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                        ) -> torch.Tensor:
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     return out.to(x.dtype)

@@ -59,6 +59,7 @@ class LlamaArgs:
     tie_word_embeddings: bool
     qkv_bias: bool = False
     o_bias: bool = False  # a bias on o_proj too (gpt-oss)
+    mlp_bias: bool = False  # biases on the MLP's projections (Llama's mlp_bias, Seed-OSS)
     attention_sinks: bool = False  # a sink logit per head (gpt-oss)
     qk_norm: bool = False  # q and k RMS-normalized per head (Qwen3)
     qk_norm_full: bool = False  # ... over all heads' dimensions at once (OLMo 2)
@@ -73,6 +74,8 @@ class LlamaArgs:
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
     fused_checkpoint: bool = False  # Phi-3: qkv_proj / gate_up_proj are the HF modules
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
+    rope_interleaved: bool = False  # rotate pairs (2i, 2i+1), not halves (Ernie 4.5)
+    nope_layers: tuple[int, ...] = ()  # layers without rotary positions (SmolLM3, EXAONE 4)
     num_experts: int = 0  # > 0: a sparse mixture of experts instead of the MLP
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None  # each expert's (None: intermediate_size)
@@ -126,7 +129,7 @@ class LlamaAttention(nn.Module):
             if a.qk_norm or a.qk_norm_full else None
         self.k_norm = a.norm(self.kv_size if a.qk_norm_full else a.head_dim) \
             if a.qk_norm or a.qk_norm_full else None
-        self.rotary = rotary
+        self.rotary = None if index in a.nope_layers else rotary
         scale = a.attention_multiplier or (a.query_pre_attn_scalar or a.head_dim) ** -0.5
         window = a.sliding_window if index in a.window_layers else None
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
@@ -141,7 +144,8 @@ class LlamaAttention(nn.Module):
         v = v.view(x.shape[0], -1, self.head_dim)
         if self.q_norm is not None and not self.qk_norm_full:  # per head
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, self.sinks))
 
 
@@ -151,11 +155,11 @@ class LlamaMLP(nn.Module):
         super().__init__()
         size = intermediate_size or a.intermediate_size
         self.gate_up_proj = (
-            make_linear(a.hidden_size, [2 * size], False, a.quant,
+            make_linear(a.hidden_size, [2 * size], a.mlp_bias, a.quant,
                         _names(prefix, "gate_up_proj")) if a.fused_checkpoint else
-            make_linear(a.hidden_size, [size] * 2, False, a.quant,
+            make_linear(a.hidden_size, [size] * 2, a.mlp_bias, a.quant,
                         _names(prefix, "gate_proj", "up_proj")))
-        self.down_proj = make_linear(size, [a.hidden_size], False, a.quant,
+        self.down_proj = make_linear(size, [a.hidden_size], a.mlp_bias, a.quant,
                                      _names(prefix, "down_proj"))
         self.act_and_mul = ACT_AND_MUL[a.hidden_act]
 
@@ -219,7 +223,7 @@ class LlamaModel(nn.Module):
         self.embedding_multiplier = a.embedding_multiplier
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling,
-                                               a.long_lora_factors)
+                                               a.long_lora_factors, a.rope_interleaved)
         local = rotary
         if a.local_rope is not None and a.long_lora_factors:
             raise ValueError("--long-lora-scaling-factors: not supported on a model whose "

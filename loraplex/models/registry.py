@@ -25,6 +25,11 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "GraniteForCausalLM": {},
     "Phi3ForCausalLM": {"fused_checkpoint": True},
     "GptOssForCausalLM": {"qkv_bias": True, "o_bias": True, "attention_sinks": True},
+    "SmolLM3ForCausalLM": {},  # NoPE layers: _nope_layers
+    "Exaone4ForCausalLM": {"norm_layout": "post", "qk_norm": True},
+    "SeedOssForCausalLM": {},
+    "MinistralForCausalLM": {},
+    "Ernie4_5ForCausalLM": {"rope_interleaved": True},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -39,7 +44,16 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM",
                   "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                  "phi3": "Phi3ForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+                  "phi3": "Phi3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                  "smollm3": "SmolLM3ForCausalLM", "exaone4": "Exaone4ForCausalLM",
+                  "seed_oss": "SeedOssForCausalLM", "ministral": "MinistralForCausalLM",
+                  "ernie4_5": "Ernie4_5ForCausalLM"}
+# the architectures whose q/k/v/o have biases where the config's attention_bias says so
+# (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
+_ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
+                   "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
+                   "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM")
+_MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu"}
 
@@ -100,6 +114,34 @@ def _hidden_act(hf: Any, name: str) -> str:
         raise ValueError(f"hidden_act={act!r} is not supported; supported: "
                          + ", ".join(_ACTIVATIONS))
     return _ACTIVATIONS[act]
+
+
+def _biases(hf: Any, name: str) -> dict[str, Any]:
+    """Which projections have biases, where the architecture reads it from its config."""
+    if name == "Ernie4_5ForCausalLM":  # one flag for every projection
+        bias = bool(getattr(hf, "use_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    if name == "SeedOssForCausalLM":
+        return dict(qkv_bias=bool(getattr(hf, "attention_bias", True)),
+                    o_bias=bool(getattr(hf, "attention_out_bias", False)),
+                    mlp_bias=bool(getattr(hf, "mlp_bias", False)))
+    out: dict[str, Any] = {}
+    if name in _ATTENTION_BIAS:
+        out["qkv_bias"] = out["o_bias"] = bool(getattr(hf, "attention_bias", False))
+    if name in _MLP_BIAS:
+        out["mlp_bias"] = bool(getattr(hf, "mlp_bias", False))
+    return out
+
+
+def _nope_layers(hf: Any, name: str) -> dict[str, Any]:
+    """Layers without rotary positions: SmolLM3's no_rope_layers (0 = NoPE); EXAONE 4's
+    global layers, when it has sliding-window ones (HF rotates only those then)."""
+    layers: tuple[int, ...] = ()
+    if name == "SmolLM3ForCausalLM":
+        layers = tuple(i for i, rope in enumerate(hf.no_rope_layers) if not rope)
+    elif name == "Exaone4ForCausalLM" and getattr(hf, "sliding_window", None):
+        layers = tuple(i for i, t in enumerate(hf.layer_types) if t != "sliding_attention")
+    return {"nope_layers": layers} if layers else {}
 
 
 def _rotary_dim(hf: Any, head_dim: int) -> int | None:
@@ -222,6 +264,8 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         hidden_act=_hidden_act(hf_config, name),
         rotary_dim=_rotary_dim(hf_config, head_dim),
         **_ARCHITECTURES[name],
+        **_biases(hf_config, name),
+        **_nope_layers(hf_config, name),
         **_gemma_attention(hf_config, name),
         **_experts(hf_config, name, quant),
         **_granite(hf_config, name),

@@ -1,0 +1,57 @@
+"""More Llama-family architectures against HF transformers + PEFT (fp32), each a mixed
+batch of the base and two adapters over one slot, prompts prefilled whole and in chunks:
+
+- Llama with its optional biases (attention_bias, mlp_bias: q/k/v/o and the MLP's);
+- SmolLM3: layers without rotary positions (NoPE, its no_rope_layers);
+- EXAONE 4: norms after the sublayers (OLMo 2's layout), q/k norm per head, a local
+  layer (window, rotary) and a global one (NoPE);
+- Seed-OSS: biases on q/k/v, o and the MLP, each its own flag;
+- Ministral: local and global layers by layer_types;
+- Ernie 4.5: rotary on interleaved pairs (2i, 2i + 1), biases everywhere.
+
+A transformers without the architecture (the floors job's, for some) skips it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import transformers
+
+from tests.engine_utils import check_mixed_batch, make_llm
+from tests.fixtures import make_peft_adapter, make_tiny_model
+
+ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
+         "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
+         "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config"}
+ADAPTERS = {
+    "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
+    class Lazy(dict):
+        def __missing__(self, arch: str) -> tuple[Path, dict[str, Path]]:
+            if not hasattr(transformers, ARCHS[arch]):
+                pytest.skip(f"this transformers ({transformers.__version__}) has no {arch}")
+            root = tiny_root / "more_archs"
+            seed = 80 + list(ARCHS).index(arch)
+            base = make_tiny_model(root / arch, arch, seed=seed)
+            self[arch] = (base, {name: make_peft_adapter(base, root / f"{arch}_{name}",
+                                                         seed=seed + i, **spec)
+                                 for i, (name, spec) in enumerate(ADAPTERS.items())})
+            return self[arch]
+    return Lazy()
+
+
+@pytest.mark.parametrize("budget", [None, 6])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_mixed_batch_matches_peft(arch, budget, models, prompts):
+    base, adapters = models[arch]
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
+                   **({"enable_chunked_prefill": True, "max_num_batched_tokens": budget}
+                      if budget else {}))
+    check_mixed_batch(llm, base, adapters, prompts, extra=2)
