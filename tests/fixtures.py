@@ -228,6 +228,8 @@ def _arch_config(
         common.update(sliding_window=6, layer_types=["sliding_attention", "full_attention"])
     elif arch == "ernie4_5":  # interleaved rotary, biases everywhere
         common.update(use_bias=True)
+    elif arch in ("glm", "glm4"):  # q/k/v biases, half the head rotated (interleaved)
+        common.update(attention_bias=True, partial_rotary_factor=0.5)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -238,7 +240,8 @@ def _arch_config(
                     "qwen2_moe": "Qwen2MoeConfig", "gpt_oss": "GptOssConfig",
                     "llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
                     "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
-                    "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config"}[arch]
+                    "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config",
+                    "glm": "GlmConfig", "glm4": "Glm4Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -7,7 +7,10 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
   layer (window, rotary) and a global one (NoPE);
 - Seed-OSS: biases on q/k/v, o and the MLP, each its own flag;
 - Ministral: local and global layers by layer_types;
-- Ernie 4.5: rotary on interleaved pairs (2i, 2i + 1), biases everywhere.
+- Ernie 4.5: rotary on interleaved pairs (2i, 2i + 1), biases everywhere;
+- GLM-4 (GLM's and GLM-4-0414's): gate_up_proj fused in the checkpoint (and in adapters:
+  one LoRA A), q/k/v biases, half of each head rotated on interleaved pairs; GLM-4-0414's
+  norms on each sublayer's input and output, under its own names.
 
 A transformers without the architecture (the floors job's, for some) skips it.
 """
@@ -24,10 +27,15 @@ from tests.fixtures import make_peft_adapter, make_tiny_model
 
 ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
-         "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config"}
+         "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config",
+         "glm": "GlmConfig", "glm4": "Glm4Config"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+}
+GLM_ADAPTERS = {  # its fused gate_up_proj too
+    "r4_qv": ADAPTERS["r4_qv"],
+    "r8_mlp": dict(r=8, lora_alpha=16, target_modules=["k_proj", "gate_up_proj", "down_proj"]),
 }
 
 
@@ -42,7 +50,8 @@ def models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
             base = make_tiny_model(root / arch, arch, seed=seed)
             self[arch] = (base, {name: make_peft_adapter(base, root / f"{arch}_{name}",
                                                          seed=seed + i, **spec)
-                                 for i, (name, spec) in enumerate(ADAPTERS.items())})
+                                 for i, (name, spec) in enumerate(
+                                     (GLM_ADAPTERS if "glm" in arch else ADAPTERS).items())})
             return self[arch]
     return Lazy()
 

@@ -67,12 +67,15 @@ class LlamaArgs:
     hidden_act: str = "silu"  # the gated MLP's: silu | gelu_tanh | gelu (layers/activation.py)
     gemma: bool = False  # embeddings x sqrt(hidden), GemmaRMSNorm
     # where a layer's norms are: "pre" (on each sublayer's input), "sandwich" (Gemma 2:
-    # on its input and its output), "post" (OLMo 2: on its output only)
+    # on its input and its output), "post" (OLMo 2: on its output only), "glm" (GLM-4:
+    # sandwich, under its own names)
     norm_layout: str = "pre"
     query_pre_attn_scalar: float | None = None  # attention scale^-2 (None: head_dim)
     attn_logit_softcap: float = 0.0  # > 0: scores capped (Gemma 2)
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
-    fused_checkpoint: bool = False  # Phi-3: qkv_proj / gate_up_proj are the HF modules
+    # the HF modules are fused ones: qkv_proj (Phi-3), gate_up_proj (Phi-3, GLM)
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
     rope_interleaved: bool = False  # rotate pairs (2i, 2i+1), not halves (Ernie 4.5)
     nope_layers: tuple[int, ...] = ()  # layers without rotary positions (SmolLM3, EXAONE 4)
@@ -118,7 +121,7 @@ class LlamaAttention(nn.Module):
         sizes = [self.q_size, self.kv_size, self.kv_size]
         self.qkv_proj = (
             make_linear(a.hidden_size, [sum(sizes)], a.qkv_bias, a.quant,
-                        _names(prefix, "qkv_proj")) if a.fused_checkpoint else
+                        _names(prefix, "qkv_proj")) if a.fused_qkv else
             make_linear(a.hidden_size, sizes, a.qkv_bias, a.quant,
                         _names(prefix, "q_proj", "k_proj", "v_proj")))
         self.o_proj = make_linear(self.q_size, [a.hidden_size], a.o_bias, a.quant,
@@ -156,7 +159,7 @@ class LlamaMLP(nn.Module):
         size = intermediate_size or a.intermediate_size
         self.gate_up_proj = (
             make_linear(a.hidden_size, [2 * size], a.mlp_bias, a.quant,
-                        _names(prefix, "gate_up_proj")) if a.fused_checkpoint else
+                        _names(prefix, "gate_up_proj")) if a.fused_gate_up else
             make_linear(a.hidden_size, [size] * 2, a.mlp_bias, a.quant,
                         _names(prefix, "gate_proj", "up_proj")))
         self.down_proj = make_linear(size, [a.hidden_size], a.mlp_bias, a.quant,
@@ -190,8 +193,11 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = a.norm(a.hidden_size)
         if a.norm_layout == "sandwich":
             self.pre_feedforward_layernorm = a.norm(a.hidden_size)
-        if a.norm_layout != "pre":
+        if a.norm_layout in ("sandwich", "post"):
             self.post_feedforward_layernorm = a.norm(a.hidden_size)
+        if a.norm_layout == "glm":  # its post_attention_layernorm is on the MLP's input
+            self.post_self_attn_layernorm = a.norm(a.hidden_size)
+            self.post_mlp_layernorm = a.norm(a.hidden_size)
         self.residual_multiplier = a.residual_multiplier
 
     def ffn(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +213,10 @@ class LlamaDecoderLayer(nn.Module):
         if self.layout == "post":
             h = x + self.post_attention_layernorm(self.self_attn(positions, x))
             return h + self.post_feedforward_layernorm(self.ffn(h))
+        if self.layout == "glm":
+            h = x + self.post_self_attn_layernorm(
+                self.self_attn(positions, self.input_layernorm(x)))
+            return h + self.post_mlp_layernorm(self.ffn(self.post_attention_layernorm(h)))
         h = x + self._residual(self.self_attn(positions, self.input_layernorm(x)))
         return h + self._residual(self.ffn(self.post_attention_layernorm(h)))
 
@@ -271,10 +281,15 @@ class LlamaForCausalLM(nn.Module):
             # shared expert and its gate, Qwen3-MoE's plain MLP layers
             self.lora_target_modules = self.lora_target_modules + (
                 "experts", "gate", "shared_expert_gate")
-        if args.fused_checkpoint:  # the HF modules are the packed ones: nothing to pack
-            self.packed_modules_mapping = {}
-            self.lora_target_modules = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj",
-                                        "embed_tokens", "lm_head")
+        for is_fused, fused, parts in (
+                (args.fused_qkv, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                (args.fused_gate_up, "gate_up_proj", ("gate_proj", "up_proj"))):
+            if is_fused:  # the HF module is the packed one: nothing to pack, one LoRA A
+                self.packed_modules_mapping = {
+                    k: v for k, v in self.packed_modules_mapping.items() if k not in parts}
+                self.lora_target_modules = tuple(
+                    fused if m == parts[0] else m for m in self.lora_target_modules
+                    if m not in parts[1:])
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:

@@ -23,7 +23,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "Gemma3ForCausalLM": {"gemma": True, "norm_layout": "sandwich", "qk_norm": True},
     "Olmo2ForCausalLM": {"norm_layout": "post", "qk_norm_full": True},
     "GraniteForCausalLM": {},
-    "Phi3ForCausalLM": {"fused_checkpoint": True},
+    "Phi3ForCausalLM": {"fused_qkv": True, "fused_gate_up": True},
+    "GlmForCausalLM": {"fused_gate_up": True, "rope_interleaved": True},
+    "Glm4ForCausalLM": {"fused_gate_up": True, "rope_interleaved": True, "norm_layout": "glm"},
     "GptOssForCausalLM": {"qkv_bias": True, "o_bias": True, "attention_sinks": True},
     "SmolLM3ForCausalLM": {},  # NoPE layers: _nope_layers
     "Exaone4ForCausalLM": {"norm_layout": "post", "qk_norm": True},
@@ -47,7 +49,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "phi3": "Phi3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
                   "smollm3": "SmolLM3ForCausalLM", "exaone4": "Exaone4ForCausalLM",
                   "seed_oss": "SeedOssForCausalLM", "ministral": "MinistralForCausalLM",
-                  "ernie4_5": "Ernie4_5ForCausalLM"}
+                  "ernie4_5": "Ernie4_5ForCausalLM", "glm": "GlmForCausalLM",
+                  "glm4": "Glm4ForCausalLM"}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
@@ -121,6 +124,8 @@ def _biases(hf: Any, name: str) -> dict[str, Any]:
     if name == "Ernie4_5ForCausalLM":  # one flag for every projection
         bias = bool(getattr(hf, "use_bias", False))
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    if name in ("GlmForCausalLM", "Glm4ForCausalLM"):  # q/k/v only
+        return dict(qkv_bias=bool(getattr(hf, "attention_bias", True)))
     if name == "SeedOssForCausalLM":
         return dict(qkv_bias=bool(getattr(hf, "attention_bias", True)),
                     o_bias=bool(getattr(hf, "attention_out_bias", False)),
