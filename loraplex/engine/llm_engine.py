@@ -104,7 +104,7 @@ class LLMEngine:
         mc = self.model_config
         if mc.runner == "pooling":  # the user's fields over the checkpoint's defaults
             mc.pooler_config = resolve_pooler_config(path, mc.pooler_config)
-            self._check_dimensions(mc.pooler_config.dimensions, hf_config.hidden_size)
+            self.check_dimensions(mc.pooler_config.dimensions, hf_config.hidden_size)
         self.headless = is_headless(hf_config)
         use_device(mc.device)
         torch.manual_seed(mc.seed)
@@ -261,8 +261,8 @@ class LLMEngine:
                 raise ValueError(f"{name} must be <= max_logprobs ({limit}), got {n}: start "
                                  "the engine with a larger max_logprobs (-1: no limit)")
 
-    def _check_dimensions(self, dimensions: int | None, hidden_size: int | None = None
-                          ) -> None:
+    def check_dimensions(self, dimensions: int | None, hidden_size: int | None = None
+                         ) -> None:
         """vLLM's matryoshka rule: other output dimensions only on a model trained for
         them (config.json's is_matryoshka / matryoshka_dimensions), within its size."""
         if dimensions is None:
@@ -358,7 +358,7 @@ class LLMEngine:
                              params: PoolingParams, lora_request: LoRARequest | None,
                              priority: int) -> None:
         """One prefill-only sequence that pools its prompt's hidden states."""
-        self._check_dimensions(params.dimensions)
+        self.check_dimensions(params.dimensions)
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         text, ids = self._tokenize(prompt, self.get_tokenizer(lora_request))
         _cache_salt(prompt)  # checked; pooling takes nothing from the prefix cache
