@@ -170,6 +170,42 @@ def test_headless_model_checkpoint_is_an_embedding_model(base, headless, adapter
         LLM(str(headless), runner="generate")
 
 
+def _headless_adapter(headless: Path, out: Path) -> Path:
+    """A PEFT adapter trained over AutoModel (an embedding model's way): its names lack
+    the causal LM's `model.` (base_model.model.layers.0.self_attn.q_proj...)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    model = get_peft_model(AutoModel.from_pretrained(str(headless), dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, task_type="FEATURE_EXTRACTION",
+                                      target_modules=["q_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+def test_adapter_trained_over_a_headless_model(headless, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    adapter = _headless_adapter(headless, tmp_path / "headless_adapter")
+    llm = _pooling_llm(headless)
+    out = llm.embed(PROMPTS[2], lora_request=LoRARequest("h", 9, str(adapter)),
+                    use_tqdm=False)[0]
+    ref_model = PeftModel.from_pretrained(
+        AutoModel.from_pretrained(str(headless), dtype=torch.float32), str(adapter)).eval()
+    with torch.no_grad():
+        hidden = ref_model(torch.tensor([out.prompt_token_ids])).last_hidden_state[0, -1]
+    assert_same(out.outputs.embedding, F.normalize(hidden, dim=-1))
+    plain = llm.embed(PROMPTS[2], use_tqdm=False)[0]
+    assert (torch.tensor(plain.outputs.embedding)
+            - torch.tensor(out.outputs.embedding)).abs().max() > 1e-3
+
+
 def _sentence_transformers_dir(base: Path, out: Path, mode: str, normalize: bool) -> Path:
     shutil.copytree(base, out)
     modules = [{"idx": 0, "name": "0", "path": "",
