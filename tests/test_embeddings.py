@@ -121,6 +121,17 @@ def test_normalize_off_and_request_override(base, adapters):
     assert_same(normed.outputs.embedding, F.normalize(ref, dim=-1))
 
 
+def test_truncate_prompt_tokens_keeps_the_last(base, adapters):
+    llm = _pooling_llm(base, runner="pooling")
+    ids = llm.get_tokenizer().encode(PROMPTS[4])
+    out = llm.embed([PROMPTS[4]], truncate_prompt_tokens=5,
+                    lora_request=_lora("r8_all", adapters), use_tqdm=False)[0]
+    assert out.prompt_token_ids == ids[-5:]
+    assert_same(out.outputs.embedding, hf_embedding(base, adapters["r8_all"], ids[-5:]))
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        PoolingParams(truncate_prompt_tokens=0)
+
+
 def test_encode_returns_tensors(base):
     llm = LLM(str(base), convert="embed", max_model_len=256)
     outs = llm.encode(PROMPTS[:2], use_tqdm=False)
@@ -338,6 +349,8 @@ def test_server_token_input_base64_and_dimensions(server, base, adapters):
     ({"model": "emb", "input": "hi", "dimensions": 65}, 400, "dimensions"),
     ({"model": "emb", "input": "hi", "dimensions": 0}, 400, "dimensions"),
     ({"model": "emb", "input": "hi", "encoding_format": "int8"}, 400, None),
+    ({"model": "emb", "input": "hi", "truncate_prompt_tokens": 0}, 400,
+     "truncate_prompt_tokens"),
 ])
 def test_server_bad_requests_fail_alone(server, body, status, param):
     r = server.post("/v1/embeddings", body)
@@ -348,6 +361,17 @@ def test_server_bad_requests_fail_alone(server, body, status, param):
         assert err["param"] == param, err
     ok = server.post("/v1/embeddings", {"model": "r4_qv", "input": ["still", "serving"]})
     assert ok.status_code == 200 and len(ok.json()["data"]) == 2
+
+
+def test_server_truncates_long_inputs_when_asked(server, base):
+    text = " ".join(PROMPTS * 3)  # past max_model_len (128): a 400 without truncation
+    ids = server_tokens(server, text)
+    assert len(ids) > 128
+    r = server.post("/v1/embeddings", {"model": "emb", "input": text,
+                                       "truncate_prompt_tokens": 20})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 20
+    assert_same(r.json()["data"][0]["embedding"], hf_embedding(base, None, ids[-20:]))
 
 
 def test_server_generation_routes_refused(server):

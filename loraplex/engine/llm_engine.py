@@ -361,6 +361,7 @@ class LLMEngine:
         self.check_dimensions(params.dimensions)
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         text, ids = self._tokenize(prompt, self.get_tokenizer(lora_request))
+        ids = params.truncate_prompt(ids, self.model_config.max_model_len)
         _cache_salt(prompt)  # checked; pooling takes nothing from the prefix cache
         if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
             raise ValueError("multi_modal_data: image inputs are not supported for pooling")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -77,14 +78,22 @@ class LLM:
         self._register(loras)
         return self._run(prompts, params, loras, use_tqdm, [0] * len(prompts))
 
-    def embed(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = True,
+    def embed(self, prompts: PromptType | Seq[PromptType], *,
+              truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
               pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
               lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
               ) -> list[EmbeddingRequestOutput]:
         """vLLM's: one embedding per prompt (`outputs.embedding`, a list of floats),
         pooled and normalized as the model's PoolerConfig says (a request's
-        PoolingParams may change `normalize` and ask for matryoshka `dimensions`)."""
+        PoolingParams may change `normalize` and ask for matryoshka `dimensions`).
+        `truncate_prompt_tokens`: keep each prompt's last k tokens (-1: max_model_len - 1),
+        for every prompt whose PoolingParams does not say."""
         self._require_runner("pooling", "LLM.embed()")
+        if truncate_prompt_tokens is not None:
+            n = len(_as_list(prompts))
+            pooling_params = [p if p.truncate_prompt_tokens is not None else replace(
+                p, truncate_prompt_tokens=truncate_prompt_tokens) for p in _broadcast(
+                    pooling_params, n, "pooling_params", PoolingParams())]
         return [EmbeddingRequestOutput.from_base(out) for out in self.encode(
             prompts, pooling_params, use_tqdm, lora_request)]
 

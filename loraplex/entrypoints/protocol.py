@@ -370,6 +370,8 @@ class EmbeddingRequest(OpenAIBase):
     # vLLM extras
     add_special_tokens: bool = True
     normalize: bool | None = None  # None: the model's pooler config
+    truncate_prompt_tokens: int | None = None  # keep each input's last k tokens (-1: as
+    # many as max_model_len allows)
     priority: int = 0
     request_id: str | None = None
 

@@ -26,10 +26,10 @@ from loraplex.pooling_params import PoolingParams
 
 
 class OpenAIServingEmbedding(OpenAIServing):
-    def _inputs(self, req: EmbeddingRequest, lora: LoRARequest | None
-                ) -> list[tuple[str | None, list[int]]]:
-        """(text, token ids) per input, with `lora`'s tokenizer when it adds tokens; on
-        the encoder thread."""
+    def _inputs(self, req: EmbeddingRequest, lora: LoRARequest | None,
+                params: PoolingParams) -> list[tuple[str | None, list[int]]]:
+        """(text, token ids) per input, with `lora`'s tokenizer when it adds tokens, and
+        truncated as asked (then without text); on the encoder thread."""
         encoder = self.encoder_for(lora)
         x = req.input
         if isinstance(x, str) or (x and all(isinstance(t, int) for t in x)):
@@ -45,6 +45,9 @@ class OpenAIServingEmbedding(OpenAIServing):
                 out.append((item, list(ids)))
             else:
                 out.append((None, list(item)))
+            ids = params.truncate_prompt(out[-1][1], self.max_model_len)
+            if len(ids) != len(out[-1][1]):
+                out[-1] = (None, ids)
             self._check_length(out[-1][1])
         return out
 
@@ -59,7 +62,11 @@ class OpenAIServingEmbedding(OpenAIServing):
 
     def _params(self, req: EmbeddingRequest) -> PoolingParams:
         try:
-            params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize)
+            params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
+                                   truncate_prompt_tokens=req.truncate_prompt_tokens)
+        except ValueError as e:
+            raise BadRequestError(str(e), param=str(e).split(" ", 1)[0]) from e
+        try:
             self.engine.engine.check_dimensions(params.dimensions)
         except ValueError as e:
             raise BadRequestError(str(e), param="dimensions") from e
@@ -69,7 +76,7 @@ class OpenAIServingEmbedding(OpenAIServing):
         params = self._params(req)
         lora = await self.models.resolve(req.model)
         model = req.model or self.models.base_model_name
-        inputs = await self.off_loop(self._inputs, req, lora)
+        inputs = await self.off_loop(self._inputs, req, lora, params)
         request_id = req.request_id or random_id("embd")
         try:
             queued = await self.start_requests(request_id, inputs, [params] * len(inputs),
