@@ -382,6 +382,11 @@ def test_server_generation_routes_refused(server):
         assert r.status_code == 404, r.text
         assert "does not support" in r.json()["error"]["message"]
     assert server.post("/v1/embeddings", {"model": "emb", "input": "ok"}).status_code == 200
+    # SageMaker's one route: an embedding request by its `input`
+    r = server.post("/invocations", {"model": "r4_qv", "input": ["a", "b"]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2, r.text
+    r = server.post("/invocations", {"model": "emb", "prompt": "hi"})
+    assert r.status_code == 404 and "does not support Completions" in r.text
 
 
 def test_server_models_dynamic_adapter_and_metrics(server, base, adapters):

@@ -234,14 +234,14 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
             fields = json.loads(body)
         except ValueError as e:
             raise BadRequestError(f"the request body is not valid JSON: {e}") from None
-        if isinstance(fields, dict) and "input" in fields and "messages" not in fields:
-            state.require_runner("pooling", "Embeddings")
+        pooling = state.engine.engine.model_config.runner == "pooling"
+        if pooling and isinstance(fields, dict) and "input" in fields:
             request = parse_body(body, EmbeddingRequest)
             return respond(await state.embedding.create_embedding(request))
         if not isinstance(fields, dict) or not ({"messages", "prompt"} & fields.keys()):
-            raise BadRequestError("/invocations takes a chat request (with 'messages'), a "
-                                  "completion request (with 'prompt') or an embedding "
-                                  "request (with 'input')")
+            raise BadRequestError("/invocations takes an embedding request (with 'input')"
+                                  if pooling else "/invocations takes a chat request (with "
+                                  "'messages') or a completion request (with 'prompt')")
         state.require_runner("generate", "Chat Completions" if "messages" in fields
                              else "Completions")
         if "messages" in fields:
