@@ -4,10 +4,19 @@ from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.entrypoints.llm import LLM
 from loraplex.lora.request import LoRARequest
-from loraplex.outputs import CompletionOutput, RequestOutput
+from loraplex.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+)
+from loraplex.pooling_params import PoolingParams
 from loraplex.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "CompletionOutput", "EngineArgs", "LLMEngine", "LoRARequest",
-           "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput",
+           "EngineArgs", "LLMEngine", "LoRARequest", "PoolingOutput", "PoolingParams",
+           "PoolingRequestOutput", "RequestOutput", "SamplingParams", "__version__"]

@@ -55,6 +55,49 @@ def kv_cache_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     return KV_CACHE_DTYPES[cache_dtype] or model_dtype
 
 
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+RUNNERS = ("generate", "pooling")
+
+
+@dataclass
+class PoolerConfig:
+    """vLLM's PoolerConfig: how a pooling runner turns a prompt's final hidden states
+    (after the final norm) into one embedding. None fields take the checkpoint's
+    sentence-transformers defaults (models/pooling_defaults.py), else LAST + normalize."""
+
+    pooling_type: str | None = None  # "LAST" | "MEAN" | "CLS" (the first token)
+    normalize: bool | None = None  # L2-normalize the embedding
+    dimensions: int | None = None  # matryoshka: the default output size (truncated)
+
+    def __post_init__(self) -> None:
+        if self.pooling_type is not None:
+            self.pooling_type = self.pooling_type.upper()
+            if self.pooling_type not in POOLING_TYPES:
+                raise ValueError(f"pooling_type={self.pooling_type!r} is not supported; use "
+                                 "one of: " + ", ".join(POOLING_TYPES))
+        if self.dimensions is not None and self.dimensions < 1:
+            raise ValueError(f"dimensions must be >= 1, got {self.dimensions}")
+
+    @classmethod
+    def from_json(cls, value: PoolerConfig | dict | str | None) -> PoolerConfig | None:
+        """A PoolerConfig, a dict or a JSON string (the command line's); unknown keys
+        are an error, not silently dropped."""
+        import json
+
+        if value is None or isinstance(value, PoolerConfig):
+            return value
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"pooler_config must be a JSON object, got {value!r}")
+        known = {"pooling_type", "normalize", "dimensions"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"pooler_config: {', '.join(unknown)} not supported; the "
+                             "fields are " + ", ".join(sorted(known)))
+        return cls(**value)
+
+
 @dataclass
 class ModelConfig:
     model: str
@@ -79,8 +122,17 @@ class ModelConfig:
     # generation_config.json's eos ids and sampling defaults: "auto" (the model's), "vllm"
     # (none), or a folder (engine/generation_config.py)
     generation_config: str = "auto"
+    # vLLM's runner: "generate" (next tokens) or "pooling" (one embedding per prompt);
+    # pooling: its PoolerConfig (None fields resolved by the engine), and the matryoshka
+    # dimensions the checkpoint allows (None: any up to hidden size when is_matryoshka)
+    runner: str = "generate"
+    pooler_config: PoolerConfig | None = None
+    is_matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner={self.runner!r}: use one of " + ", ".join(RUNNERS))
         sizes = self.cuda_graph_sizes
         if sizes is not None and (not sizes or any(
                 not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes)):

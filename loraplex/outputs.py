@@ -1,8 +1,11 @@
-"""What the engine hands back: RequestOutput and CompletionOutput (vLLM's shapes)."""
+"""What the engine hands back (vLLM's shapes): RequestOutput and CompletionOutput for
+generation, PoolingRequestOutput / EmbeddingRequestOutput for pooling."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 from loraplex.lora.request import LoRARequest
 
@@ -47,3 +50,47 @@ class RequestOutput:
     # with SamplingParams.prompt_logprobs, once computed: entry i = prompt token i given
     # the tokens before it (with the top-k), entry 0 None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+
+@dataclass
+class PoolingOutput:
+    data: torch.Tensor  # the pooled (and normalized / truncated) vector, fp32 on the CPU
+
+
+@dataclass
+class PoolingRequestOutput:
+    """A pooling request's result (vLLM's shape: `outputs` is one PoolingOutput)."""
+
+    request_id: str
+    outputs: PoolingOutput | None  # None until finished
+    prompt_token_ids: list[int]
+    finished: bool
+    prompt: str | None = None
+    lora_request: LoRARequest | None = None
+    error: str | None = None  # set when the request failed (e.g. its adapter could not load)
+    metrics: dict[str, float] = field(default_factory=dict)
+    num_cached_tokens: int = 0  # always 0: pooling takes nothing from the prefix cache
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+    @classmethod
+    def from_base(cls, out: PoolingOutput) -> EmbeddingOutput:
+        return cls(out.data.tolist())
+
+
+@dataclass
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    """LLM.embed's: `outputs.embedding` a list of floats."""
+
+    @classmethod
+    def from_base(cls, out: PoolingRequestOutput) -> EmbeddingRequestOutput:
+        return cls(out.request_id, EmbeddingOutput.from_base(out.outputs),
+                   out.prompt_token_ids, out.finished, out.prompt, out.lora_request,
+                   out.error, out.metrics, out.num_cached_tokens)

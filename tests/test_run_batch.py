@@ -75,6 +75,7 @@ def test_a_batch_file_with_good_and_bad_lines(tiny_models, tiny_adapters, expect
               {"model": "r4_qv", "prompt": "x", "temperature": -1}),
         _line("no-messages", "/v1/chat/completions", {"model": "tiny"}),
         _line("unknown-url", "/v1/images/generations", {"model": "tiny"}),
+        _line("embeddings-here", "/v1/embeddings", {"model": "tiny", "input": "x"}),
         _line("get", "/v1/completions", {"model": "tiny", "prompt": "x"}, method="GET"),
         '{"custom_id": "no-url", "body": {}}',
         "{not json",
@@ -100,6 +101,7 @@ def test_a_batch_file_with_good_and_bad_lines(tiny_models, tiny_adapters, expect
     want = {"unknown-model": (404, "nope"), "streamed": (400, "stream mode"),
             "bad-temperature": (400, "temperature"), "no-messages": (400, "messages"),
             "unknown-url": (404, "/v1/images/generations is not supported"),
+            "embeddings-here": (404, "does not support Embeddings API"),
             "get": (400, "only POST"), "no-url": (400, "url"), None: (400, "not a batch")}
     for custom_id, (status, message) in want.items():
         r = by_id[custom_id]
@@ -155,3 +157,35 @@ def test_a_missing_input_file_is_a_clear_error(tiny_models, tiny_adapters, tmp_p
                  str(tmp_path / "out.jsonl"))
     assert main(args) != 0
     assert "--input-file" in capsys.readouterr().err
+
+
+def test_an_embeddings_batch(tiny_models, tiny_adapters, tmp_path):
+    """--runner pooling: /v1/embeddings lines under the base and the adapters, each the
+    offline LLM.embed's vector; a chat line there fails alone (404)."""
+    inputs = ["Once upon a time", "The quick brown fox"]
+    lines = [_line(f"emb-{m}", "/v1/embeddings", {"model": m, "input": inputs})
+             for m in ("tiny", *ADAPTERS)]
+    lines.append(_line("chat-here", "/v1/chat/completions",
+                       {"model": "tiny", "messages": MESSAGES}))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines))
+    args = _args(tiny_models["llama"], tiny_adapters["llama"], str(inp), str(out))
+    assert main([*args, "--runner", "pooling"]) == 0
+    results = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    llm = LLM(str(tiny_models["llama"]), runner="pooling", dtype="float32",
+              max_model_len=256, cpu_kv_cache_gib=0.05, enable_lora=True, max_loras=1,
+              max_lora_rank=16)
+    for i, model in enumerate(("tiny", *ADAPTERS)):
+        lora = None if model == "tiny" else LoRARequest(
+            model, i, str(tiny_adapters["llama"][model]))
+        want = [o.outputs.embedding for o in llm.embed(inputs, lora_request=lora,
+                                                        use_tqdm=False)]
+        body = results[f"emb-{model}"]["response"]["body"]
+        got = [d["embedding"] for d in body["data"]]
+        assert body["model"] == model and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert g == pytest.approx(w, abs=1e-5)
+    chat = results["chat-here"]
+    assert chat["response"]["status_code"] == 404
+    assert "does not support Chat Completions API" in chat["error"]["message"]
+

@@ -14,10 +14,11 @@ from loraplex.config import (
     EngineConfig,
     LoRAConfig,
     ModelConfig,
+    PoolerConfig,
     SchedulerConfig,
     resolve_dtype,
 )
-from loraplex.models.registry import architecture, long_lora_max_position
+from loraplex.models.registry import architecture, is_headless, long_lora_max_position
 from loraplex.reasoning import REASONING_PARSERS
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,17 @@ class EngineArgs:
     max_logprobs: int = 20  # vLLM's: the most logprobs a request may ask for; -1: no limit
     reasoning_parser: str | None = None  # vLLM's names (loraplex/reasoning.py)
     generation_config: str = "auto"  # vLLM's: "auto" | "vllm" | a folder (generation_config.py)
+    # vLLM's runner: "auto" (generate, or pooling for a headless `*Model` checkpoint),
+    # "generate" or "pooling" (embeddings: LLM.embed, /v1/embeddings); vLLM's older
+    # task="embed" and convert="embed" mean pooling too
+    runner: str = "auto"
+    task: str = "auto"
+    convert: str = "auto"
+    # vLLM's PoolerConfig as a dict or JSON: pooling_type (LAST / MEAN / CLS), normalize,
+    # dimensions; unset fields come from the checkpoint's sentence-transformers files,
+    # else LAST + normalize. pooler_config is vLLM's newer name
+    override_pooler_config: dict | str | None = None
+    pooler_config: dict | str | None = None
     # LoRA
     enable_lora: bool = False
     max_loras: int = 1
@@ -134,6 +146,28 @@ class EngineArgs:
                              "each factor is how many times longer than the base's context "
                              "an adapter was trained, >= 1")
 
+    def resolve_runner(self, hf_config: Any) -> str:
+        """"generate" or "pooling", from runner / task / convert and the checkpoint."""
+        choices = {"runner": ("auto", "generate", "pooling"),
+                   "task": ("auto", "generate", "embed"), "convert": ("auto", "none", "embed")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one "
+                                 "of: " + ", ".join(allowed))
+        wants = {"pooling" if self.runner == "pooling" or self.task == "embed"
+                 or self.convert == "embed" else None,
+                 "generate" if self.runner == "generate" or self.task == "generate" else None}
+        wants.discard(None)
+        if len(wants) > 1:
+            raise ValueError(f"runner={self.runner!r}, task={self.task!r} and "
+                             f"convert={self.convert!r} disagree")
+        headless = is_headless(hf_config)
+        runner = wants.pop() if wants else ("pooling" if headless else "generate")
+        if runner == "generate" and headless:
+            raise ValueError(f"{hf_config.architectures[0]} has no lm_head (an embedding "
+                             "model's checkpoint): it can only run as runner='pooling'")
+        return runner
+
     def create_engine_config(self, hf_config: Any) -> EngineConfig:
         from loraplex.layers.quantization import quant_config_from_hf
 
@@ -156,6 +190,12 @@ class EngineArgs:
                                  "" if self.long_lora_scaling_factors else
                                  " (long-context LoRA adapters: --long-lora-scaling-factors "
                                  "raises it)"))
+        runner = self.resolve_runner(hf_config)
+        if self.override_pooler_config is not None and self.pooler_config is not None:
+            raise ValueError("give pooler_config or override_pooler_config, not both")
+        pooler = PoolerConfig.from_json(self.pooler_config or self.override_pooler_config)
+        if pooler is not None and runner != "pooling":
+            raise ValueError("pooler_config applies to runner='pooling' only")
         served = self.served_model_name
         if isinstance(served, list):
             served = served[0] if served else None
@@ -166,7 +206,12 @@ class EngineArgs:
             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
             reasoning_parser=self.reasoning_parser or (  # vLLM reads gpt-oss's as harmony
                 "openai_gptoss" if architecture(hf_config) == "GptOssForCausalLM" else None),
-            generation_config=self.generation_config,
+            generation_config=self.generation_config, runner=runner,
+            pooler_config=pooler if runner == "pooling" else None,
+            is_matryoshka=bool(getattr(hf_config, "is_matryoshka", False)
+                               or getattr(hf_config, "matryoshka_dimensions", None)),
+            matryoshka_dimensions=tuple(getattr(hf_config, "matryoshka_dimensions", None)
+                                        or ()) or None,
             cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes),
             quantization=quant_config_from_hf(hf_config, self.quantization or (
                 "bitsandbytes" if self.load_format == "bitsandbytes" else None)))
@@ -175,7 +220,9 @@ class EngineArgs:
             gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gib=self.cpu_kv_cache_gib, cache_dtype=self.kv_cache_dtype,
             num_blocks_override=self.num_gpu_blocks_override,
-            enable_prefix_caching=self.enable_prefix_caching is not False)
+            # pooling takes nothing from the prefix cache: off unless asked for
+            enable_prefix_caching=self.enable_prefix_caching is True or (
+                self.enable_prefix_caching is None and runner == "generate"))
         chunked = self.enable_chunked_prefill is not False
         scheduler_config = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,

@@ -30,7 +30,8 @@ from loraplex.lora.adapter import PackedLoRA
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 from loraplex.metrics import Metrics
-from loraplex.outputs import RequestOutput
+from loraplex.outputs import PoolingRequestOutput, RequestOutput
+from loraplex.pooling_params import PoolingParams
 from loraplex.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -168,9 +169,14 @@ class AsyncLLMEngine:
         for rid in ids:
             self._finish_stream(rid, EngineDeadError(f"engine step failed: {exc!r}"), "error")
 
-    def _dispatch(self, out: RequestOutput, now: float) -> None:
+    def _dispatch(self, out: RequestOutput | PoolingRequestOutput, now: float) -> None:
         stream = self._streams.get(out.request_id)
         if stream is None:
+            return
+        if isinstance(out, PoolingRequestOutput):  # one output, no tokens generated
+            stream.queue.put_nowait(out)
+            if out.finished:
+                self._finish_stream(out.request_id, None, "error" if out.error else "stop")
             return
         n = sum(len(c.token_ids) for c in out.outputs)
         if n > stream.num_tokens and self.metrics is not None:
@@ -229,13 +235,14 @@ class AsyncLLMEngine:
 
     # ---- requests ---------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType,
-                          sampling_params: SamplingParams,
+                          sampling_params: SamplingParams | PoolingParams,
                           lora_request: LoRARequest | None = None, *, load_lora: bool = True,
                           priority: int = 0) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request; return its stream. Raises ValueError (LoRAError for a bad
         adapter) when it is rejected. The caller must iterate the stream to its end or
         close it (or call ``abort``): that is what frees the request's KV blocks.
-        `priority`: as in LLMEngine.add_request.
+        `priority`: as in LLMEngine.add_request. PoolingParams on a pooling engine: one
+        PoolingRequestOutput, finished.
 
         An adapter the engine does not hold is read on a worker thread and registered
         (vLLM's behaviour); with ``load_lora=False`` it raises LoRANotLoadedError instead,
@@ -272,7 +279,8 @@ class AsyncLLMEngine:
         self._wake.set()
         return self._iterate(request_id, stream)
 
-    def _add_now(self, request_id: str, prompt: PromptType, params: SamplingParams,
+    def _add_now(self, request_id: str, prompt: PromptType,
+                 params: SamplingParams | PoolingParams,
                  lora: LoRARequest | None, priority: int, prepared: PackedLoRA | None
                  ) -> bool:
         """On the engine thread: queue the request if its adapter is registered (or
@@ -317,6 +325,14 @@ class AsyncLLMEngine:
         finally:
             await stream.aclose()
             self._abort_now(request_id)
+
+    async def encode(self, prompt: PromptType, pooling_params: PoolingParams,
+                     request_id: str, lora_request: LoRARequest | None = None, *,
+                     priority: int = 0) -> AsyncGenerator[PoolingRequestOutput, None]:
+        """vLLM's: a pooling request's one finished PoolingRequestOutput, as a stream."""
+        async for out in self.generate(prompt, pooling_params, request_id, lora_request,
+                                       priority=priority):
+            yield out
 
     def _abort_now(self, request_id: str) -> None:
         """Abort without awaiting (safe in a cancelled task's finally)."""

@@ -59,8 +59,9 @@ class BlockManager:
 
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest prefix of `seq` (never its last token)."""
-        if not self.enable_caching or seq.needs_prompt_logprobs:
-            return []  # (prompt logprobs need every prompt position's logits)
+        if not self.enable_caching or seq.needs_prompt_logprobs or seq.pooling is not None:
+            return []  # (prompt logprobs need every prompt position's logits; pooling,
+            # every position's hidden state)
         hits = []
         for h in self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
             block = self._cached.get(h)

@@ -30,6 +30,7 @@ from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.structured_output import StructuredOutputs
+from loraplex.layers.pooler import PoolingState, embedding_head
 from loraplex.layers.quantization import read_side_config
 from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.lora.adapter import PackedLoRA, local_adapter_dir
@@ -38,9 +39,11 @@ from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
-from loraplex.models.registry import architecture, build_model
+from loraplex.models.pooling_defaults import resolve_pooler_config
+from loraplex.models.registry import architecture, build_model, is_headless
 from loraplex.models.text_only import text_only_config
-from loraplex.outputs import RequestOutput
+from loraplex.outputs import PoolingRequestOutput, RequestOutput
+from loraplex.pooling_params import PoolingParams
 from loraplex.reasoning import REASONING_PARSERS, reasoning_ended
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.cpu_allocator import keep_freed_memory
@@ -99,6 +102,10 @@ class LLMEngine:
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
         mc = self.model_config
+        if mc.runner == "pooling":  # the user's fields over the checkpoint's defaults
+            mc.pooler_config = resolve_pooler_config(path, mc.pooler_config)
+            self.check_dimensions(mc.pooler_config.dimensions, hf_config.hidden_size)
+        self.headless = is_headless(hf_config)
         use_device(mc.device)
         torch.manual_seed(mc.seed)
         if mc.device.type == "cpu" and envs.LORAPLEX_CPU_KEEP_FREED_MEMORY:
@@ -183,7 +190,7 @@ class LLMEngine:
             if self.vision is not None:
                 init_dummy_weights(self.vision, mc.seed + 1)
         else:
-            load_weights(model, path, self.vision)
+            load_weights(model, path, self.vision, headless=self.headless)
         if self.vision is not None:
             self.vision.eval()
         return model.eval()
@@ -254,19 +261,58 @@ class LLMEngine:
                 raise ValueError(f"{name} must be <= max_logprobs ({limit}), got {n}: start "
                                  "the engine with a larger max_logprobs (-1: no limit)")
 
+    def check_dimensions(self, dimensions: int | None, hidden_size: int | None = None
+                         ) -> None:
+        """vLLM's matryoshka rule: other output dimensions only on a model trained for
+        them (config.json's is_matryoshka / matryoshka_dimensions), within its size."""
+        if dimensions is None:
+            return
+        mc = self.model_config
+        hidden_size = hidden_size or self.model.args.hidden_size
+        if not mc.is_matryoshka:
+            raise ValueError(f'dimensions: model "{mc.name}" does not support matryoshka '
+                             "representation, changing output dimensions will lead to poor "
+                             "results.")
+        if mc.matryoshka_dimensions and dimensions not in mc.matryoshka_dimensions:
+            raise ValueError(f'dimensions: model "{mc.name}" only supports '
+                             f"{list(mc.matryoshka_dimensions)} matryoshka dimensions, got "
+                             f"{dimensions}")
+        if not 1 <= dimensions <= hidden_size:
+            raise ValueError(f"dimensions must be in [1, {hidden_size}] (the model's hidden "
+                             f"size), got {dimensions}")
+
+    def _check_runner(self, params: SamplingParams | PoolingParams) -> None:
+        """A generate runner takes SamplingParams, a pooling runner PoolingParams (vLLM
+        refuses the other kind as clearly)."""
+        runner = self.model_config.runner
+        if runner == "pooling" and not isinstance(params, PoolingParams):
+            raise ValueError("generation is only supported for generative models: this "
+                             "engine runs runner='pooling' (use LLM.embed / /v1/embeddings, "
+                             "or start it with runner='generate')")
+        if runner == "generate" and isinstance(params, PoolingParams):
+            raise ValueError("embeddings are only supported for pooling models: start the "
+                             "engine with runner='pooling' (vLLM's task='embed')")
+
     def add_request(self, request_id: str, prompt: PromptType,
-                    params: SamplingParams | None = None,
+                    params: SamplingParams | PoolingParams | None = None,
                     lora_request: LoRARequest | None = None, priority: int = 0) -> None:
-        """Queue a request. Raises ValueError (LoRAError for a bad adapter); nothing is
-        queued then. `priority`: lower is served earlier, under the priority scheduling
-        policy only (vLLM's)."""
+        """Queue a request: SamplingParams on a generate runner, PoolingParams on a pooling
+        one. Raises ValueError (LoRAError for a bad adapter); nothing is queued then.
+        `priority`: lower is served earlier, under the priority scheduling policy only
+        (vLLM's)."""
         request_id = str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if priority != 0 and self.config.scheduler_config.policy != "priority":
             raise ValueError(f"Got priority {priority} but Priority scheduling is not "
                              "enabled.")  # vLLM's words
-        params = params if params is not None else SamplingParams()
+        if params is None:
+            params = PoolingParams() if self.model_config.runner == "pooling" \
+                else SamplingParams()
+        self._check_runner(params)
+        if isinstance(params, PoolingParams):
+            self._add_pooling_request(request_id, prompt, params, lora_request, priority)
+            return
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         # the adapter first: one that adds tokens brings its own tokenizer
@@ -307,6 +353,39 @@ class LLMEngine:
                                             detoks)
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _add_pooling_request(self, request_id: str, prompt: PromptType,
+                             params: PoolingParams, lora_request: LoRARequest | None,
+                             priority: int) -> None:
+        """One prefill-only sequence that pools its prompt's hidden states."""
+        self.check_dimensions(params.dimensions)
+        lora_id = self._use_lora(lora_request) if lora_request is not None else 0
+        text, ids = self._tokenize(prompt, self.get_tokenizer(lora_request))
+        ids = params.truncate_prompt(ids, self.model_config.max_model_len)
+        _cache_salt(prompt)  # checked; pooling takes nothing from the prefix cache
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
+            raise ValueError("multi_modal_data: image inputs are not supported for pooling")
+        self._check_prompt(ids, self.vocab_size(lora_request))
+        seq = Sequence(request_id, 0, ids, params, lora_id, None, priority)
+        seq.pooling = PoolingState(self.model_config.pooler_config.pooling_type)
+        self.requests[request_id] = Request(request_id, text, ids, params, lora_request,
+                                            [seq], [])
+        self.scheduler.add(seq)
+
+    def _finish_pooling(self, prefill: list[Sequence], touched: dict[str, Request]) -> None:
+        """Pooling sequences whose prompt is all computed: their embedding, and done."""
+        pc = self.model_config.pooler_config
+        for seq in prefill:
+            if seq.pooling is None or seq.num_computed_tokens < seq.num_tokens:
+                continue
+            req = self.requests[seq.request_id]
+            p = req.params
+            req.pooled = embedding_head(
+                seq.pooling.pooled(), pc.normalize if p.normalize is None else p.normalize,
+                p.dimensions if p.dimensions is not None else pc.dimensions)
+            seq.finish_reason = "stop"
+            self.scheduler.finish(seq)
+            touched[req.request_id] = req
 
     def _use_lora(self, req: LoRARequest) -> int:
         if self.lora_manager is None:
@@ -349,7 +428,7 @@ class LLMEngine:
         return start, end, state
 
     # ---- the step ---------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
         use_device(self.model_config.device)  # this thread may not be the constructor's
         touched: dict[str, Request] = {}
         manager = self.lora_manager
@@ -387,6 +466,7 @@ class LLMEngine:
             batch.advance()
             for seq in batch.seqs:  # full blocks become shareable prefixes
                 self.block_manager.commit(seq)
+            self._finish_pooling(batch.prefill, touched)
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
                                 s.bad_words_token_ids) for s in seqs]
             mask = (self.structured.token_mask([s.grammar for s in seqs])

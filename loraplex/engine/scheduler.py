@@ -94,7 +94,8 @@ class ScheduledBatch:
     def sampled(self) -> list[Sequence]:
         """The sequences that get a next token this step, in the order of the step's logits:
         prefills whose chunk reaches their last token, then every decode."""
-        done = [s for s, n in zip(self.prefill, self.prefill_lens) if n == s.num_uncomputed_tokens]
+        done = [s for s, n in zip(self.prefill, self.prefill_lens)
+                if n == s.num_uncomputed_tokens and s.pooling is None]  # pooling: no token
         return done + self.decode
 
     @property

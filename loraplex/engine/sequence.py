@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from loraplex.engine.images import ImageInputs
+from loraplex.layers.pooler import PoolingState
 from loraplex.outputs import Logprob
 from loraplex.sampling_params import SamplingParams
 
@@ -66,7 +67,11 @@ class Sequence:
         # prompt_logprobs: entry i for prompt token i given the ones before (entry 0: None),
         # filled chunk by chunk; kept on the request's first completion only
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
-            [None] if params.prompt_logprobs is not None and index == 0 else None)
+            [None] if getattr(params, "prompt_logprobs", None) is not None and index == 0
+            else None)
+        # a pooling request (params: PoolingParams): its pooled hidden states so far; it
+        # is prefill only, finished once its prompt is computed, and never decodes
+        self.pooling: PoolingState | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -94,8 +99,9 @@ class Sequence:
     @property
     def is_decoding(self) -> bool:
         """Every token but the last is in the cache: the next step computes one token
-        (a prompt's last chunk of one token is the same computation)."""
-        return self.num_computed_tokens == self.num_tokens - 1
+        (a prompt's last chunk of one token is the same computation). Never a pooling
+        sequence's: its last token is a prefill chunk, whose hidden state it pools."""
+        return self.pooling is None and self.num_computed_tokens == self.num_tokens - 1
 
     @property
     def num_uncomputed_tokens(self) -> int:

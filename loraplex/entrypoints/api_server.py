@@ -2,6 +2,8 @@
 
     GET  /health /version /metrics /v1/models          GET|POST /ping (SageMaker's health)
     POST /v1/completions /v1/chat/completions /v1/responses   GET /v1/responses/{id}
+    POST /v1/embeddings   (runner pooling; the generation routes then answer 404, and
+                           /v1/embeddings does on a generate server)
     POST /tokenize /detokenize   POST /invocations (SageMaker's: chat or completions)
     POST /reset_prefix_cache   (LORAPLEX_SERVER_DEV_MODE)
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   (LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING)
@@ -52,6 +54,7 @@ from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     LoadLoRAAdapterRequest,
     ResponsesRequest,
     TokenizeRequest,
@@ -60,6 +63,7 @@ from loraplex.entrypoints.protocol import (
 )
 from loraplex.entrypoints.serving_chat import OpenAIServingChat
 from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
+from loraplex.entrypoints.serving_embedding import OpenAIServingEmbedding
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.entrypoints.serving_responses import OpenAIServingResponses, passed_through
 from loraplex.entrypoints.serving_tokenization import OpenAIServingTokenization
@@ -90,6 +94,18 @@ class ServerState:
     tokenization: OpenAIServingTokenization
     metrics: Metrics
     responses: OpenAIServingResponses
+    embedding: OpenAIServingEmbedding
+
+    def require_runner(self, runner: str, api: str) -> None:
+        """A generate server has no embeddings, a pooling server no generation: a 404 that
+        says so (vLLM registers only the routes its model serves; older vLLMs answered
+        "The model does not support <api> API")."""
+        if self.engine.engine.model_config.runner != runner:
+            raise NotFoundError(f"The model does not support {api} API: this server runs "
+                                f"--runner {self.engine.engine.model_config.runner}"
+                                + (" (start it with --runner pooling for embeddings)"
+                                   if runner == "pooling" else
+                                   " (POST /v1/embeddings serves it)"))
 
 
 def _validation_message(exc: RequestValidationError, content_type: str
@@ -181,6 +197,7 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
     @app.post("/v1/completions")
     @with_cancellation
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
+        state.require_runner("generate", "Completions")
         warn_ignored(request)
         return respond(await state.completion.create_completion(request))
 
@@ -198,8 +215,16 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
     @with_cancellation
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request
                                ) -> Response:
+        state.require_runner("generate", "Chat Completions")
         warn_ignored(request)
         return respond(await state.chat.create_chat_completion(request))
+
+    @app.post("/v1/embeddings")
+    @with_cancellation
+    async def embeddings(request: EmbeddingRequest, raw_request: Request) -> Response:
+        state.require_runner("pooling", "Embeddings")
+        warn_ignored(request)
+        return respond(await state.embedding.create_embedding(request))
 
     @app.post("/invocations")  # SageMaker's one route: chat or completions by the body
     @with_cancellation
@@ -209,9 +234,16 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
             fields = json.loads(body)
         except ValueError as e:
             raise BadRequestError(f"the request body is not valid JSON: {e}") from None
+        pooling = state.engine.engine.model_config.runner == "pooling"
+        if pooling and isinstance(fields, dict) and "input" in fields:
+            request = parse_body(body, EmbeddingRequest)
+            return respond(await state.embedding.create_embedding(request))
         if not isinstance(fields, dict) or not ({"messages", "prompt"} & fields.keys()):
-            raise BadRequestError("/invocations takes a chat request (with 'messages') or a "
-                                  "completion request (with 'prompt')")
+            raise BadRequestError("/invocations takes an embedding request (with 'input')"
+                                  if pooling else "/invocations takes a chat request (with "
+                                  "'messages') or a completion request (with 'prompt')")
+        state.require_runner("generate", "Chat Completions" if "messages" in fields
+                             else "Completions")
         if "messages" in fields:
             request = parse_body(body, ChatCompletionRequest)
             return respond(await state.chat.create_chat_completion(request))
@@ -221,6 +253,7 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
     @app.post("/v1/responses")
     @with_cancellation
     async def responses(request: ResponsesRequest, raw_request: Request) -> Response:
+        state.require_runner("generate", "Responses")
         unused = [k for k in ignored_fields(request) if k not in passed_through(request)]
         if unused:
             logger.warning("The following fields were present in the request but ignored: "
@@ -384,7 +417,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
                                            enable_prompt_tokens_details=details), chat=chat,
         tokenization=OpenAIServingTokenization(chat), metrics=metrics,
         responses=OpenAIServingResponses(chat, envs.LORAPLEX_RESPONSES_API_STORE_SIZE
-                                         if envs.LORAPLEX_ENABLE_RESPONSES_API_STORE else 0))
+                                         if envs.LORAPLEX_ENABLE_RESPONSES_API_STORE else 0),
+        embedding=OpenAIServingEmbedding(async_engine, models, tokenizer))
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)

@@ -165,6 +165,19 @@ ENGINE_HELP: dict[str, str] = {
     "tensor_parallel_size": "Accepted for vLLM compatibility; only 1 is supported.",
     "max_logprobs": "The most logprobs / prompt_logprobs (and top_logprobs) a request may "
                     "ask for; -1: no limit.",
+    "runner": "generate (next tokens: completions, chat) or pooling (embeddings: "
+              "/v1/embeddings, LLM.embed; each request under its own adapter); auto: "
+              "pooling for a checkpoint without lm_head (a *Model architecture), else "
+              "generate.",
+    "task": "vLLM's older name: embed = --runner pooling, generate = --runner generate.",
+    "convert": "vLLM's: embed turns a causal LM into an embedding model (= --runner "
+               "pooling; its lm_head is not used).",
+    "override_pooler_config": "Pooling runner: JSON {\"pooling_type\": \"LAST\" | "
+                              "\"MEAN\" | \"CLS\", \"normalize\": bool, \"dimensions\": "
+                              "int}; unset fields come from the checkpoint's "
+                              "sentence-transformers files (modules.json, "
+                              "1_Pooling/config.json), else LAST + normalize.",
+    "pooler_config": "vLLM's newer name of --override-pooler-config.",
     "enable_lora": "Enable LoRA adapters (required for --lora-modules and runtime loading).",
     "max_loras": "Most distinct adapters in one batch (device slots).",
     "max_lora_rank": "Largest adapter rank that can be loaded; a higher-rank adapter is "
@@ -217,9 +230,13 @@ ENGINE_HELP: dict[str, str] = {
                            "all the model supports.",
 }
 _SPECIAL_TYPES = {"max_model_len": parse_human_int, "long_lora_scaling_factors": parse_floats,
-                  "default_mm_loras": parse_json_dict}
+                  "default_mm_loras": parse_json_dict, "override_pooler_config": parse_json_dict,
+                  "pooler_config": parse_json_dict}
 _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"],
             "lora_scheduling_policy": ["fair", "fcfs"],
+            "runner": ["auto", "generate", "pooling"],
+            "task": ["auto", "generate", "embed"],
+            "convert": ["auto", "none", "embed"],
             "scheduling_policy": ["fcfs", "priority"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
             "kv_cache_dtype": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],  # config.py's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -14,14 +15,16 @@ from loraplex.engine.llm_engine import LLMEngine, PromptType
 from loraplex.entrypoints.chat_images import ChatImages
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
-from loraplex.outputs import RequestOutput
+from loraplex.outputs import EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput
+from loraplex.pooling_params import PoolingParams
 from loraplex.sampling_params import BeamSearchParams, SamplingParams
 
 Conversation = list[dict[str, Any]]
 
 
 class LLM:
-    """One base model (plus LoRA adapters when enable_lora=True) for offline generation.
+    """One base model (plus LoRA adapters when enable_lora=True) for offline generation,
+    or, with runner="pooling" (vLLM's task="embed"), for embeddings (`embed`).
 
     Keyword arguments are EngineArgs fields (vLLM's names); an unknown one is a TypeError.
     """
@@ -51,16 +54,60 @@ class LLM:
         missing weights, shapes of another base, a failed hub download), as vLLM raises:
         the call's other requests are aborted, so the next call starts from a clean engine.
         """
-        if isinstance(prompts, str | dict) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        self._require_runner("generate", "LLM.generate()")
+        prompts = _as_list(prompts)
         params = _broadcast(sampling_params, len(prompts), "sampling_params",
                             self.get_default_sampling_params())
         loras = _broadcast(lora_request, len(prompts), "lora_request", None)
         priorities = _broadcast(priority, len(prompts), "priority", 0)
         self._register(loras)
         return self._run(prompts, params, loras, use_tqdm, priorities)
+
+    def encode(self, prompts: PromptType | Seq[PromptType],
+               pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
+               use_tqdm: bool = True,
+               lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+               ) -> list[PoolingRequestOutput]:
+        """vLLM's: each prompt's pooled final hidden state (`outputs.data`, a tensor), in
+        input order; a pooling runner only. `lora_request`: one for all or one per
+        prompt; prompts under different adapters share each forward."""
+        self._require_runner("pooling", "LLM.encode()")
+        prompts = _as_list(prompts)
+        params = _broadcast(pooling_params, len(prompts), "pooling_params", PoolingParams())
+        loras = _broadcast(lora_request, len(prompts), "lora_request", None)
+        self._register(loras)
+        return self._run(prompts, params, loras, use_tqdm, [0] * len(prompts))
+
+    def embed(self, prompts: PromptType | Seq[PromptType], *,
+              truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
+              pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
+              lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+              ) -> list[EmbeddingRequestOutput]:
+        """vLLM's: one embedding per prompt (`outputs.embedding`, a list of floats),
+        pooled and normalized as the model's PoolerConfig says (a request's
+        PoolingParams may change `normalize` and ask for matryoshka `dimensions`).
+        `truncate_prompt_tokens`: keep each prompt's last k tokens (-1: max_model_len - 1),
+        for every prompt whose PoolingParams does not say."""
+        self._require_runner("pooling", "LLM.embed()")
+        if truncate_prompt_tokens is not None:
+            n = len(_as_list(prompts))
+            pooling_params = [p if p.truncate_prompt_tokens is not None else replace(
+                p, truncate_prompt_tokens=truncate_prompt_tokens) for p in _broadcast(
+                    pooling_params, n, "pooling_params", PoolingParams())]
+        return [EmbeddingRequestOutput.from_base(out) for out in self.encode(
+            prompts, pooling_params, use_tqdm, lora_request)]
+
+    def _require_runner(self, runner: str, call: str) -> None:
+        """vLLM's refusal of generation on a pooling model and of pooling on a generative
+        one, before any prompt is queued."""
+        if self.llm_engine.model_config.runner == runner:
+            return
+        if runner == "generate":
+            raise ValueError(f"{call} is only supported for generative models; this LLM "
+                             "was started with runner='pooling': use LLM.embed(), or "
+                             "runner='generate'")
+        raise ValueError(f"{call} is only supported for pooling models; start the LLM "
+                         "with runner='pooling' (vLLM's task='embed')")
 
     def _register(self, loras: Seq[LoRARequest | None]) -> None:
         """Each adapter once, before its prompts are encoded; a hub id is fetched and read
@@ -119,7 +166,7 @@ class LLM:
                 {"multi_modal_data": {"image": images.images}} if images.images else {}))
         return self.generate(prompts, sampling_params, loras, use_tqdm)
 
-    def _run(self, prompts: list[PromptType], params: list[SamplingParams],
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams | PoolingParams],
              loras: list[LoRARequest | None], use_tqdm: bool, priorities: list[int]
              ) -> list[RequestOutput]:
         engine = self.llm_engine
@@ -145,6 +192,14 @@ class LLM:
             engine.abort_request(added)  # a bad input or adapter fails the call, not the engine
             raise
         return [finished[rid] for rid in ids]
+
+
+def _as_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
+    """One prompt (a string, a prompt dict or a list of token ids) or a list of them."""
+    if isinstance(prompts, str | dict) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
 
 
 def _broadcast(value: Any, n: int, name: str, default: Any) -> list[Any]:

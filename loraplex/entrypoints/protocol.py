@@ -357,6 +357,46 @@ class ChatCompletionStreamResponse(BaseModel):
 
 
 # ---- adapters ---------------------------------------------------------------------------
+# ---- embeddings ---------------------------------------------------------------------------
+class EmbeddingRequest(OpenAIBase):
+    """OpenAI's embeddings request (vLLM's completion-style one): `input` a string, a list
+    of strings, a list of token ids or a list of such lists."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # matryoshka models only
+    user: str | None = None
+    # vLLM extras
+    add_special_tokens: bool = True
+    normalize: bool | None = None  # None: the model's pooler config
+    truncate_prompt_tokens: int | None = None  # keep each input's last k tokens (-1: as
+    # many as max_model_len allows)
+    priority: int = 0
+    request_id: str | None = None
+
+
+class EmbeddingResponseData(BaseModel):
+    index: int
+    object: str = "embedding"
+    embedding: list[float] | str  # a str: base64 of the little-endian float32 values
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int = 0  # vLLM reports it too
+
+
+class EmbeddingResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("embd"))
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[EmbeddingResponseData]
+    usage: EmbeddingUsage
+
+
 class LoadLoRAAdapterRequest(OpenAIBase):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)

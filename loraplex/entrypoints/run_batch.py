@@ -2,6 +2,7 @@
 a result file out:
 
     {"custom_id": "a1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
+    (/v1/completions, and /v1/embeddings on a --runner pooling model, too)
     -> {"id": "batch-...", "custom_id": "a1", "response": {"status_code": 200,
         "request_id": "...", "body": {<the route's response>}}, "error": null}
 
@@ -37,7 +38,12 @@ from loraplex.entrypoints.errors import (
     InternalServerError,
     NotFoundError,
 )
-from loraplex.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, random_id
+from loraplex.entrypoints.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    random_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +73,28 @@ class BatchRequestOutput(BaseModel):
 
 
 Handler = Callable[[ServerState, Any], Awaitable[Any]]
+
+
+async def _chat(state: ServerState, body: ChatCompletionRequest) -> Any:
+    state.require_runner("generate", "Chat Completions")
+    return await state.chat.create_chat_completion(body)
+
+
+async def _completion(state: ServerState, body: CompletionRequest) -> Any:
+    state.require_runner("generate", "Completions")
+    return await state.completion.create_completion(body)
+
+
+async def _embedding(state: ServerState, body: EmbeddingRequest) -> Any:
+    state.require_runner("pooling", "Embeddings")
+    return await state.embedding.create_embedding(body)
+
+
+# url -> (its body, its handler): each refuses a server of the other runner, as the routes do
 ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
-    "/v1/chat/completions": (ChatCompletionRequest,
-                             lambda s, body: s.chat.create_chat_completion(body)),
-    "/v1/completions": (CompletionRequest,
-                        lambda s, body: s.completion.create_completion(body)),
+    "/v1/chat/completions": (ChatCompletionRequest, _chat),
+    "/v1/completions": (CompletionRequest, _completion),
+    "/v1/embeddings": (EmbeddingRequest, _embedding),
 }
 
 

@@ -32,6 +32,7 @@ from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.entrypoints.serving_utils import merge_async_iterators
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import RequestOutput
+from loraplex.pooling_params import PoolingParams
 from loraplex.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,8 @@ class OpenAIServing:
 
     # ---- engine -------------------------------------------------------------------------
     async def start_requests(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
-                             params: list[SamplingParams], model: str | None,
+                             params: list[SamplingParams] | list[PoolingParams],
+                             model: str | None,
                              lora: LoRARequest | None, cache_salt: str | None = None,
                              priority: int = 0, images: ImageInputs | None = None
                              ) -> EngineRequests:
@@ -198,12 +200,13 @@ class OpenAIServing:
                                       "request was queued; retry")
 
     async def _queue(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
-                     params: list[SamplingParams], lora: LoRARequest | None,
+                     params: list[SamplingParams] | list[PoolingParams],
+                     lora: LoRARequest | None,
                      cache_salt: str | None, priority: int, images: ImageInputs | None = None
                      ) -> EngineRequests:
         """`images`: a chat request's one prompt's, processed (the prompt's ids expanded)."""
-        for spec in {id(p.structured_outputs): p.structured_outputs for p in params
-                     if p.structured_outputs is not None}.values():
+        specs = [getattr(p, "structured_outputs", None) for p in params]  # (PoolingParams:
+        for spec in {id(s): s for s in specs if s is not None}.values():  # none)
             try:  # compiled here, off the step loop; the engine then finds it cached
                 await self.off_loop(self.engine.engine.structured.compiled, spec)
             except ValueError as e:

@@ -117,6 +117,8 @@ class TargetShapes:
         vision tower or projector, which serving on text never runs."""
         if self.text_only is not None and (module := self.text_only.name(module)) is None:
             return None
+        if module.startswith(("layers.", "embed_tokens", "norm")):  # trained over a headless
+            module = "model." + module  # `*Model` (AutoModel: an embedding model's names)
         if not self.aliases:
             return module
         return ".".join(self.aliases.get(part, part) for part in module.split("."))

@@ -73,10 +73,12 @@ def _split_name(name: str) -> tuple[str, str]:
     return module, param
 
 
-def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None = None
-                 ) -> None:
+def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None = None,
+                 headless: bool = False) -> None:
     """The checkpoint's weights into `model`; a multimodal checkpoint's vision tower and
-    projector into `vision` (models/llava.py) in the same pass, or skipped without one."""
+    projector into `vision` (models/llava.py) in the same pass, or skipped without one.
+    `headless`: a `*Model` checkpoint (an embedding model's): its names lack the
+    `model.` prefix and it has no lm_head (left unloaded: a pooling runner never uses it)."""
     params = dict(model.named_parameters())
     quantized = {n: m for n, m in model.named_modules()
                  if isinstance(m, QuantLinear | GateLinear)}
@@ -87,6 +89,8 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None 
     text_only = model.args.text_only  # a multimodal checkpoint: its language model only
     for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
                              leave=False, disable=None):
+        if headless and not name.startswith("model."):  # a `*Model` checkpoint's names
+            name = "model." + name
         if text_only is not None and (ours := text_only.name(name)) is None:
             if vision is not None:  # the vision tower or the projector
                 vision.load_weight(name, tensor)
@@ -139,7 +143,11 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None 
     if vision is not None:
         vision.check_loaded(path)
     missing = [n for n in params if n not in loaded
-               and not (n == "lm_head.weight" and model.args.tie_word_embeddings)]
+               and not (n == "lm_head.weight" and (model.args.tie_word_embeddings
+                                                   or headless))]
+    if headless and "lm_head.weight" in params and "lm_head.weight" not in loaded:
+        with torch.no_grad():  # finite: a GPU profile run still samples from it
+            params["lm_head.weight"].zero_()
     if missing:
         raise ValueError(f"checkpoint in {path} lacks weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))

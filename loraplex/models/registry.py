@@ -94,13 +94,27 @@ def sliding_window(hf_config: Any, name: str | None = None) -> dict[str, Any]:
     return {"sliding_window": int(window), "window_layers": layers} if layers else {}
 
 
+def _causal_name(name: str) -> str:
+    """A headless checkpoint's architecture (`Qwen2Model`: no lm_head, saved from
+    AutoModel, as embedding models are) served by its causal LM's entry."""
+    return name[:-len("Model")] + "ForCausalLM" if name.endswith("Model") else name
+
+
+def is_headless(hf_config: Any) -> bool:
+    """The checkpoint is a `*Model` without lm_head: it serves only as an embedding
+    model (runner="pooling"), as vLLM loads such architectures."""
+    archs = getattr(hf_config, "architectures", None) or []
+    return not any(a in _ARCHITECTURES for a in archs) and any(
+        a.endswith("Model") and _causal_name(a) in _ARCHITECTURES for a in archs)
+
+
 def architecture(hf_config: Any) -> str:
     """The supported architecture the config names; a clear error for any other model,
     checked before anything else (tokenizer, weights) is loaded for it."""
     archs = getattr(hf_config, "architectures", None) or []
     if not archs and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
         archs = [_BY_MODEL_TYPE[hf_config.model_type]]
-    name = next((a for a in archs if a in _ARCHITECTURES), None)
+    name = next((a for a in map(_causal_name, archs) if a in _ARCHITECTURES), None)
     if name is None:
         raise ValueError(f"model architecture {archs or '(none given)'} is not supported; "
                          "supported: " + ", ".join(SUPPORTED_ARCHITECTURES))

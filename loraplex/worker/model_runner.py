@@ -71,7 +71,9 @@ class GPUMemoryProfile:
 
 
 class StepOutput(NamedTuple):
-    logits: torch.Tensor  # [sampled rows, vocab]: ScheduledBatch.sampled's order
+    # [sampled rows, vocab]: ScheduledBatch.sampled's order (None: none sampled, a pooling
+    # batch, whose sequences got their chunks' hidden states in their PoolingState)
+    logits: torch.Tensor | None
     # [prompt positions, hidden]: ScheduledBatch.prompt_logprob_positions' order, or None;
     # their logits come in slices from ModelRunner.prompt_logits
     prompt_hidden: torch.Tensor | None = None
@@ -126,7 +128,9 @@ class ModelRunner:
         if self.num_blocks * self.block_size >= self.max_model_len:  # else the engine refuses
             self.cuda_graphs = capture_decode_graphs(
                 model, self.decode_buffers, self.max_num_seqs, self.max_model_len,
-                self.max_loras, model_config.enforce_eager, model_config.cuda_graph_sizes,
+                self.max_loras,
+                model_config.enforce_eager or model_config.runner == "pooling",  # no decode
+                model_config.cuda_graph_sizes,
                 self.attn_backend, host_routed=model.args.num_experts > 0)
 
     def _bytes_per_block(self) -> int:
@@ -271,7 +275,7 @@ class ModelRunner:
             positions.extend(range(start, start + n) if self._rows_are_positions() else
                              (self._rope_row(seq, p) for p in range(start, start + n)))
             slots.extend(self._slot_mapping(seq, start, start + n))
-            if start + n == seq.num_tokens:
+            if start + n == seq.num_tokens and seq.pooling is None:  # pooling: no logits
                 rows.append(len(input_ids) - 1)
         ctx = self._prefill_context(lens, self._tensor(slots), seqs, starts)
         return self._tensor(input_ids), self._tensor(positions), ctx, rows
@@ -370,8 +374,10 @@ class ModelRunner:
         image_rows = self._image_rows(prefill, lens)
         with step_context(ctx):
             hidden = self.model(input_ids, positions, image_rows)
+        self._pool(prefill, lens, hidden)
         logits = self._logits(hidden.index_select(0, self._tensor(rows)),
-                              [token_slots[r] for r in rows] if token_slots else None)
+                              [token_slots[r] for r in rows] if token_slots else None
+                              ) if rows else None  # a pooling batch samples nothing
         if not prompt_positions:
             return StepOutput(logits)
         # row of position p = the chunk's first row + p - its start
@@ -380,6 +386,17 @@ class ModelRunner:
                        for seq, span in prompt_positions for p in span]
         return StepOutput(logits, hidden.index_select(0, self._tensor(prompt_rows)),
                           [token_slots[r] for r in prompt_rows] if token_slots else None)
+
+    @staticmethod
+    def _pool(prefill: list[Sequence], lens: list[int], hidden: torch.Tensor) -> None:
+        """Each pooling sequence's chunk rows (final hidden states, after the final norm)
+        into its PoolingState; the prefill rows come first in the step, chunk after
+        chunk."""
+        first = 0
+        for seq, n in zip(prefill, lens):
+            if seq.pooling is not None:
+                seq.pooling.add(hidden[first:first + n], seq.num_computed_tokens)
+            first += n
 
     def _image_rows(self, prefill: list[Sequence], lens: list[int]) -> ImageRows | None:
         """The prefill rows of image placeholders and their image embeddings (the prefill
