@@ -356,8 +356,7 @@ class ChatCompletionStreamResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
-# ---- adapters ---------------------------------------------------------------------------
-# ---- embeddings ---------------------------------------------------------------------------
+# ---- embeddings -------------------------------------------------------------------------
 class EmbeddingRequest(OpenAIBase):
     """OpenAI's embeddings request (vLLM's completion-style one): `input` a string, a list
     of strings, a list of token ids or a list of such lists."""
@@ -397,6 +396,7 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+# ---- adapters ---------------------------------------------------------------------------
 class LoadLoRAAdapterRequest(OpenAIBase):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
