@@ -6,10 +6,12 @@ chunked prefill + prefix caching, n > 1, preemption, penalties, structured outpu
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex import EngineArgs, LoRARequest, SamplingParams
 from loraplex.config import SpeculativeConfig
@@ -20,6 +22,7 @@ from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.sampling_params import StructuredOutputsParams
 from tests.engine_utils import check_against_hf, make_llm
 from tests.fixtures import load_tokenizer, make_peft_adapter, make_tiny_model
+from tests.server_utils import RemoteServer, clean_env, serve_cmd
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
         "prompt_lookup_min": 1}
@@ -429,3 +432,60 @@ def test_structured_outputs_get_no_drafts(spec_model):
     stats = _spec_stats(spec)
     alone, _ = _generate(spec, prompts[:1], constrained)
     assert _spec_stats(spec).num_drafts == stats.num_drafts  # none for it alone
+
+
+# ---- the server ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def servers(spec_model):
+    """The same server with and without --speculative-config."""
+    base, adapters = spec_model
+    args = ["--served-model-name", "tiny", "--enable-lora", "--max-loras", "2",
+            "--max-lora-rank", "16", "--max-model-len", "256", "--dtype", "float32",
+            "--lora-modules", f"r4={adapters['r4']}", f"r8={adapters['r8']}"]
+    with RemoteServer(base, [*args, "--speculative-config", json.dumps(SPEC)]) as spec, \
+            RemoteServer(base, args) as plain:
+        yield spec, plain
+
+
+def _metric_values(server, name: str) -> float:
+    return sum(s.value for family in text_string_to_metric_families(server.get("/metrics").text)
+               for s in family.samples if s.name == name)
+
+
+def test_server_completions_and_streaming_chat_match(servers):
+    """Greedy completions and streamed chats through the openai client: the text of the
+    server with drafts is the server without them's; /metrics counts the drafts."""
+    spec, plain = servers
+    kw = dict(temperature=0, max_tokens=40, extra_body={"ignore_eos": True})
+    for model in ("tiny", "r4", "r8"):
+        got = [s.get_client().completions.create(model=model, prompt=TEXTS[0], **kw)
+               for s in (spec, plain)]
+        assert got[0].choices[0].text == got[1].choices[0].text
+        assert got[0].usage.completion_tokens == got[1].usage.completion_tokens == 40
+        messages = [{"role": "user", "content": TEXTS[1]}]
+        chunks = list(spec.get_client().chat.completions.create(
+            model=model, messages=messages, stream=True, **kw))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        full = plain.get_client().chat.completions.create(model=model, messages=messages,
+                                                          **kw)
+        assert streamed == full.choices[0].message.content
+    drafts = _metric_values(spec, "loraplex:spec_decode_num_drafts_total")
+    drafted = _metric_values(spec, "loraplex:spec_decode_num_draft_tokens_total")
+    accepted = _metric_values(spec, "loraplex:spec_decode_num_accepted_tokens_total")
+    per_pos = _metric_values(spec, "loraplex:spec_decode_num_accepted_tokens_per_pos_total")
+    assert drafts > 0 and drafted > accepted > 0 and per_pos == accepted
+    assert _metric_values(plain, "loraplex:spec_decode_num_drafts_total") == 0
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ('{"method": "eagle", "num_speculative_tokens": 3}', "only supports the 'ngram'"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, '
+     '"prompt_lookup_max": 2}', "prompt_lookup_min (3) must be <="),
+    ("{nope", "not valid JSON"),
+])
+def test_serve_refuses_a_bad_speculative_config(spec_model, spec, needle):
+    res = subprocess.run(serve_cmd(spec_model[0], "--speculative-config", spec),
+                         capture_output=True, text=True, timeout=120, env=clean_env())
+    assert res.returncode == 2, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in res.stderr
