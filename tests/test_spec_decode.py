@@ -192,7 +192,8 @@ def _prompts() -> list[list[int]]:
 
 def _generate(llm, prompts, params, loras=None) -> tuple[list, list[int]]:
     """Requests in one batch, stepped to the end: the outputs in order, and per request
-    how many tokens the step that finished it emitted."""
+    how many tokens the step that finished it emitted. After every step, no running
+    sequence holds blocks past its tokens."""
     engine = llm.llm_engine
     params = params if isinstance(params, list) else [params] * len(prompts)
     for i, p in enumerate(prompts):
@@ -200,8 +201,13 @@ def _generate(llm, prompts, params, loras=None) -> tuple[list, list[int]]:
                            lora_request=loras[i] if loras else None)
     seen: dict[str, int] = {}
     finished, last_step = {}, {}
+    bs = engine.block_manager.block_size
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        outs = engine.step()
+        # the blocks of rejected drafts went back: none past a sequence's tokens
+        assert all(len(s.block_table) <= s.num_blocks_needed(bs)
+                   for s in engine.scheduler.running)
+        for out in outs:
             n = len(out.outputs[0].token_ids)
             if out.finished:
                 finished[out.request_id] = out
