@@ -22,7 +22,7 @@ from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.sampling_params import StructuredOutputsParams
 from tests.engine_utils import check_against_hf, make_llm
 from tests.fixtures import load_tokenizer, make_peft_adapter, make_tiny_model
-from tests.server_utils import RemoteServer, clean_env, serve_cmd
+from tests.server_utils import RemoteServer, clean_env, serve_cmd, token_ids_of
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
         "prompt_lookup_min": 1}
@@ -475,6 +475,16 @@ def test_server_completions_and_streaming_chat_match(servers):
         full = plain.get_client().chat.completions.create(model=model, messages=messages,
                                                           **kw)
         assert streamed == full.choices[0].message.content
+    # a streamed completion: several tokens (and their logprobs) may come in one chunk
+    kw["extra_body"] = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    chunks = list(spec.get_client().completions.create(model="r8", prompt=TEXTS[2],
+                                                       stream=True, logprobs=1, **kw))
+    full = plain.get_client().completions.create(model="r8", prompt=TEXTS[2], logprobs=1,
+                                                 **kw)
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert [t for c in chunks for t in token_ids_of(c.choices[0].logprobs)] == \
+        token_ids_of(full.choices[0].logprobs)
+    assert len(chunks) < 40  # some chunks carried several tokens
     drafts = _metric_values(spec, "loraplex:spec_decode_num_drafts_total")
     drafted = _metric_values(spec, "loraplex:spec_decode_num_draft_tokens_total")
     accepted = _metric_values(spec, "loraplex:spec_decode_num_accepted_tokens_total")
