@@ -17,6 +17,7 @@ from loraplex import EngineArgs, LoRARequest, SamplingParams
 from loraplex.config import SpeculativeConfig
 from loraplex.engine.arg_utils import parse_speculative_config
 from loraplex.engine.ngram_proposer import NgramProposer
+from loraplex.engine.spec_decode import SpecDecodeLogger, SpecDecodeStats
 from loraplex.layers.rejection_sampler import accept_or_resample
 from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.sampling_params import StructuredOutputsParams
@@ -92,6 +93,23 @@ def test_ngram_proposer_longest_then_most_recent_match():
     assert p.propose([1, 2, 3, 4], 3) == []
     assert NgramProposer(min_n=2, max_n=3).propose([5, 3, 1, 4, 3], 2) == []
     assert p.propose([1, 2, 1], 0) == []
+
+
+def test_spec_decode_stats_and_log_line():
+    stats = SpecDecodeStats()
+    stats.observe(3, 2)
+    stats.observe(2, 0)
+    assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens,
+            stats.accepted_per_position) == (2, 5, 2, [1, 1, 0])
+    log = SpecDecodeLogger(interval_s=3600)
+    assert log.maybe_log(stats) is None  # not due yet
+    line = log.maybe_log(stats, force=True)
+    assert line == ("SpecDecoding metrics: Mean acceptance length: 2.00, Accepted: 2 tokens, "
+                    "Drafted: 5 tokens, Per-position acceptance rate: 0.500, 0.500, 0.000, "
+                    "Avg Draft acceptance rate: 40.0%")
+    assert log.maybe_log(stats, force=True) is None  # nothing new since
+    stats.observe(1, 1)
+    assert "Accepted: 1 tokens, Drafted: 1 tokens" in log.maybe_log(stats, force=True)
 
 
 # ---- the acceptance rule ---------------------------------------------------------------
