@@ -241,9 +241,78 @@ class LoRAConfig:
                              f"({self.max_loras})")
 
 
+# vLLM's speculative methods that need a draft model or heads: refused by name
+_DRAFT_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp",
+                  "deepseek_mtp", "ernie_mtp", "qwen3_next_mtp", "suffix")
+_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max",
+              "prompt_lookup_min")
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's speculative_config, ngram (prompt lookup) only: each decoding sequence's
+    last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked up in
+    its prompt + output, and the up to num_speculative_tokens that followed their most
+    recent earlier occurrence are verified in one forward. No draft model: nothing to
+    load, and the proposal costs a host-side search (engine/ngram_proposer.py)."""
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int
+    prompt_lookup_min: int
+    method: str = "ngram"
+
+    def __post_init__(self) -> None:
+        k, lo, hi = self.num_speculative_tokens, self.prompt_lookup_min, self.prompt_lookup_max
+        for name, value in (("num_speculative_tokens", k), ("prompt_lookup_min", lo),
+                            ("prompt_lookup_max", hi)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config: {name} must be an int >= 1, got "
+                                 f"{value!r}")
+        if lo > hi:
+            raise ValueError(f"speculative_config: prompt_lookup_min ({lo}) must be <= "
+                             f"prompt_lookup_max ({hi})")
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> SpeculativeConfig:
+        """vLLM's dict: {"method": "ngram", "num_speculative_tokens": k,
+        "prompt_lookup_max": n, "prompt_lookup_min": m} ("model": "[ngram]" names the
+        method too, as in vLLM). A missing lookup bound takes the other's value, both
+        missing: 5, vLLM's defaults."""
+        if not isinstance(spec, dict):
+            raise ValueError(f"speculative_config must be a dict (JSON object), got "
+                             f"{type(spec).__name__}")
+        unknown = sorted(set(spec) - set(_SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; "
+                             f"loraplex takes {', '.join(_SPEC_KEYS)}")
+        method = spec.get("method")
+        model = spec.get("model")
+        if method is None and model in ("ngram", "[ngram]"):
+            method = "ngram"
+        if method in _DRAFT_METHODS or (method is None and model is not None):
+            raise ValueError(f"speculative_config: method {method or 'draft_model'!r} is not "
+                             "supported: loraplex only supports the 'ngram' method (prompt "
+                             "lookup; no draft model, EAGLE or Medusa heads)")
+        if method != "ngram":
+            raise ValueError(f"speculative_config: unknown method {method!r}; the only "
+                             "supported method is 'ngram'")
+        if model not in (None, "ngram", "[ngram]"):
+            raise ValueError(f"speculative_config: method 'ngram' takes no model, got "
+                             f"{model!r}")
+        if "num_speculative_tokens" not in spec:
+            raise ValueError("speculative_config: num_speculative_tokens is required")
+        lo, hi = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
+        if lo is None and hi is None:
+            lo = hi = 5
+        return cls(num_speculative_tokens=spec["num_speculative_tokens"],
+                   prompt_lookup_max=hi if hi is not None else lo,
+                   prompt_lookup_min=lo if lo is not None else hi)
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     lora_config: LoRAConfig | None
+    speculative_config: SpeculativeConfig | None = None

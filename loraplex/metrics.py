@@ -85,6 +85,19 @@ class Metrics:
             "loraplex:lora_adapters", "Adapters per tier: registered, host, device, loading.",
             ["tier"], registry=r)
         self._lora_counts = {"device_hit": 0, "host_hit": 0, "host_miss": 0, "failures": 0}
+        # speculative decoding (vLLM's spec_decode counters; only with speculative_config)
+        self.spec_drafts = Counter("loraplex:spec_decode_num_drafts", "Verification "
+                                   "segments with drafts (one per sequence and step).",
+                                   registry=r)
+        self.spec_draft_tokens = Counter("loraplex:spec_decode_num_draft_tokens",
+                                         "Draft tokens proposed.", registry=r)
+        self.spec_accepted_tokens = Counter("loraplex:spec_decode_num_accepted_tokens",
+                                            "Draft tokens accepted.", registry=r)
+        self.spec_accepted_per_pos = Counter(
+            "loraplex:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted, by "
+            "their position in the draft (0 = the first).", ["position"], registry=r)
+        self._spec_counts = (0, 0, 0)
+        self._spec_per_pos: list[int] = []
         self.http_errors = Counter("loraplex:http_errors", "Error responses by status code.",
                                    ["status_code"], registry=r)
         self._lora_key: tuple[str, str, str] | None = None
@@ -136,6 +149,20 @@ class Metrics:
                 self.lora_info.remove(*self._lora_key)
             self._lora_key = key
         self._update_lora_tiers(stats)
+        self._update_spec_decode(getattr(stats, "spec_decode", None))
+
+    def _update_spec_decode(self, spec) -> None:
+        if spec is None:
+            return
+        counts = (spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens)
+        for counter, new, old in zip((self.spec_drafts, self.spec_draft_tokens,
+                                      self.spec_accepted_tokens), counts, self._spec_counts):
+            counter.inc(new - old)
+        self._spec_counts = counts
+        for pos, n in enumerate(spec.accepted_per_position):
+            old = self._spec_per_pos[pos] if pos < len(self._spec_per_pos) else 0
+            self.spec_accepted_per_pos.labels(str(pos)).inc(n - old)
+        self._spec_per_pos = list(spec.accepted_per_position)
 
     def _update_lora_tiers(self, stats) -> None:
         cache = getattr(stats, "lora_cache", None)

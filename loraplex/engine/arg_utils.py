@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, fields
@@ -16,6 +17,7 @@ from loraplex.config import (
     ModelConfig,
     PoolerConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     resolve_dtype,
 )
 from loraplex.models.registry import architecture, is_headless, long_lora_max_position
@@ -101,6 +103,9 @@ class EngineArgs:
     # cuda_graph_sizes: batch sizes to capture (a list, or "1,2,4"; one value = up to it)
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | str | int | None = None
+    # vLLM's speculative_config: a dict or its JSON text, ngram (prompt lookup) only
+    # (config.py: SpeculativeConfig)
+    speculative_config: dict | str | None = None
     # accepted for vLLM compatibility; see _IGNORED_WHEN_SET
     trust_remote_code: bool = False
     swap_space: float | None = None
@@ -243,7 +248,20 @@ class EngineArgs:
                 num_load_workers=self.max_lora_load_workers,
                 target_modules=_parse_names(self.lora_target_modules),
                 modules_to_save=self.enable_lora_modules_to_save)
-        return EngineConfig(model_config, cache_config, scheduler_config, lora_config)
+        return EngineConfig(model_config, cache_config, scheduler_config, lora_config,
+                            parse_speculative_config(self.speculative_config))
+
+
+def parse_speculative_config(spec: dict | str | None) -> SpeculativeConfig | None:
+    """speculative_config as given in Python (a dict) or on the command line (JSON)."""
+    if spec is None or isinstance(spec, SpeculativeConfig):
+        return spec
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+    return SpeculativeConfig.from_dict(spec)
 
 
 def _parse_names(names: list[str] | str | None) -> tuple[str, ...] | None:

@@ -149,3 +149,23 @@ class BlockManager:
     def may_append(self, seq: Sequence) -> None:
         if len(seq.block_table) < seq.num_blocks_needed(self.block_size):
             seq.block_table.append(self._take())
+
+    # ---- speculative decoding --------------------------------------------------------
+    def reserve_lookahead(self, seq: Sequence, n: int) -> int:
+        """Room for `n` draft tokens after the sequence's tokens, from free blocks only
+        (drafts never cost anyone a preemption); how many of them fit."""
+        bs = self.block_size
+        while len(seq.block_table) * bs < seq.num_tokens + n and self._free:
+            seq.block_table.append(self._take())
+        return max(0, min(n, len(seq.block_table) * bs - seq.num_tokens))
+
+    def trim(self, seq: Sequence) -> None:
+        """After a verification step: give back the blocks past the sequence's tokens
+        (those of rejected drafts). They hold no registered prefix: only blocks of
+        computed, committed tokens are ever hashed."""
+        needed = seq.num_blocks_needed(self.block_size)
+        while len(seq.block_table) > needed:
+            block = seq.block_table.pop()
+            self._refs[block] -= 1
+            if not self._refs[block]:
+                self._free[block] = None

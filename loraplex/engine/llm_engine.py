@@ -29,10 +29,11 @@ from loraplex.engine.images import ImageInputs, ImageProcessor
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
+from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
 from loraplex.engine.structured_output import StructuredOutputs
 from loraplex.layers.pooler import PoolingState, embedding_head
 from loraplex.layers.quantization import read_side_config
-from loraplex.layers.sampler import Sampler, SamplingRow
+from loraplex.layers.sampler import Sampler, SamplerOutput, SamplingRow
 from loraplex.lora.adapter import PackedLoRA, local_adapter_dir
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
@@ -85,6 +86,8 @@ class EngineStats:
     num_loading_loras: int = 0
     lora_cache: LoRACacheStats | None = None
     lora_load_seconds: list[float] = field(default_factory=list)  # loads since last call
+    # speculative decoding, cumulative (None: off)
+    spec_decode: SpecDecodeStats | None = None
 
 
 class LLMEngine:
@@ -127,10 +130,12 @@ class LLMEngine:
                                   block_size, mc.max_model_len, kv_dtype)
         cache_config = cpu_cache_config(self.config.cache_config, self.memory, mc.device.type)
         lm = self.lora_manager
+        spec = self.config.speculative_config
         self.model_runner = ModelRunner(self.model, mc, cache_config,
                                         self.config.scheduler_config,
                                         lm.dora_slots if lm else None,
-                                        lm.rope_offsets if lm else None, self.vision)
+                                        lm.rope_offsets if lm else None, self.vision,
+                                        spec.num_speculative_tokens if spec else 0)
         self.memory.num_kv_blocks = self.model_runner.num_blocks
         if self.model_runner.num_blocks * block_size < mc.max_model_len:
             slots = (f" after the adapter slots took {self.memory.lora_slot_bytes / 2**20:.1f} "
@@ -144,10 +149,15 @@ class LLMEngine:
                     if lc else self.memory.describe(0))
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
                                           self.config.cache_config.enable_prefix_caching)
+        # speculative decoding (ngram): drafts per decoding sequence, their counters
+        self.drafter = Drafter(spec, mc.max_model_len) if spec else None
+        self.spec_stats = SpecDecodeStats() if spec else None
+        self.spec_logger = SpecDecodeLogger() if spec else None
         self.scheduler = Scheduler(
             self.config.scheduler_config, self.block_manager,
             lm.num_unpinned_capacity if lm else None,
-            **({"lora_ready": lm.is_ready, "lora_pinned": lm.pinned.__contains__} if lm else {}))
+            **({"lora_ready": lm.is_ready, "lora_pinned": lm.pinned.__contains__} if lm else {}),
+            propose=self.drafter.propose if self.drafter else None)
         # generation_config.json: the ids that end a turn, the authors' sampling defaults
         self.generation_defaults = GenerationDefaults.read(path, mc.generation_config)
         eos_ids: set[int] = set(self.generation_defaults.eos_token_ids)
@@ -459,28 +469,52 @@ class LLMEngine:
                     req.first_scheduled_time = started
             prompt_positions = batch.prompt_logprob_positions
             logits, prompt_hidden, prompt_slots = self.model_runner.run(
-                batch.prefill, batch.decode, lora_slots, batch.prefill_lens, prompt_positions)
+                batch.prefill, batch.decode, lora_slots, batch.prefill_lens, prompt_positions,
+                batch.spec, batch.spec_tokens)
             seqs = batch.sampled  # a prompt's earlier chunks give no token
             if prompt_positions:
                 self._add_prompt_logprobs(prompt_positions, prompt_hidden, prompt_slots)
             batch.advance()
-            for seq in batch.seqs:  # full blocks become shareable prefixes
+            for seq in batch.prefill + batch.decode:  # full blocks become shareable prefixes
                 self.block_manager.commit(seq)
             self._finish_pooling(batch.prefill, touched)
+            # the logits' rows: finished prompts, each verified sequence's 1 + drafts, decodes
+            done = seqs[:len(seqs) - len(batch.decode)]
+            row_seqs = done + [s for s, d in zip(batch.spec, batch.spec_tokens)
+                               for _ in range(len(d) + 1)] + batch.decode
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
-                                s.bad_words_token_ids) for s in seqs]
-            mask = (self.structured.token_mask([s.grammar for s in seqs])
-                    if any(s.grammar is not None for s in seqs) else None)
-            sampled = self.sampler(logits, rows, mask) if seqs else None
+                                s.bad_words_token_ids) for s in done]
+            drafts = [-1] * len(done)
+            for s, d in zip(batch.spec, batch.spec_tokens):  # penalties etc. per position
+                out = s.output_token_ids
+                rows += [SamplingRow(s.params, s.prompt_token_ids, out + d[:j], s.generator,
+                                     s.bad_words_token_ids) for j in range(len(d) + 1)]
+                drafts += d + [-1]
+            rows += [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
+                                 s.bad_words_token_ids) for s in batch.decode]
+            drafts += [-1] * len(batch.decode)
+            mask = (self.structured.token_mask([s.grammar for s in row_seqs])
+                    if any(s.grammar is not None for s in row_seqs) else None)
+            sampled = (self.sampler(logits, rows, mask, drafts if batch.spec else None)
+                       if rows else None)
             now = time.monotonic()
-            for i, seq in enumerate(seqs):
+            i = 0  # each sequence's first row
+            num_drafts = [0] * len(done) + [len(d) for d in batch.spec_tokens] + \
+                [0] * len(batch.decode)
+            for seq, n in zip(done + batch.spec + batch.decode, num_drafts):
                 req = self.requests[seq.request_id]
                 if req.first_token_time is None:
                     req.first_token_time = now
-                self._append_token(req, seq, sampled.token_ids[i], sampled.token_logprobs[i],
-                                   sampled.logprobs[i])
+                if n:
+                    self._emit_verified(req, seq, sampled, i, n)
+                else:
+                    self._append_token(req, seq, sampled.token_ids[i],
+                                       sampled.token_logprobs[i], sampled.logprobs[i])
+                i += n + 1
                 if not req.seqs[0].needs_prompt_logprobs:  # (n > 1: a sibling may be ahead)
                     touched[req.request_id] = req
+            if self.spec_logger is not None:
+                self.spec_logger.maybe_log(self.spec_stats)
         outputs = []
         for rid, req in touched.items():
             outputs.append(req.to_output())
@@ -514,6 +548,27 @@ class LLMEngine:
             touched[req.request_id] = req
         logger.error("adapter(s) failed to load: %s", "; ".join(map(str, failed.values())))
         return [s for s in seqs if s.lora_int_id not in failed]
+
+    def _emit_verified(self, req: Request, seq: Sequence, out: SamplerOutput, first: int,
+                       num_drafts: int) -> None:
+        """A verified sequence's tokens: rows first..first + num_drafts of `out` hold the
+        token after its last one and after each draft; the accepted drafts and the token
+        after them are appended one at a time, exactly as that many decode steps would
+        (each advances the cache by the token before it and commits full blocks; a stop,
+        eos or max_tokens ends the run there). The K/V of rejected drafts stay behind the
+        sequence's length, never read, and their blocks go back (BlockManager.trim)."""
+        accepted = 0
+        while accepted < num_drafts and out.accepted[first + accepted]:
+            accepted += 1
+        self.spec_stats.observe(num_drafts, accepted)
+        for r in range(first, first + accepted + 1):
+            seq.num_computed_tokens += 1  # the token before row r's is in the cache now
+            self.block_manager.commit(seq)
+            self._append_token(req, seq, out.token_ids[r], out.token_logprobs[r],
+                               out.logprobs[r])
+            if seq.is_finished:
+                return
+        self.block_manager.trim(seq)
 
     def _append_token(self, req: Request, seq: Sequence, token: int, token_logprob: float,
                       logprobs: dict | None) -> None:
@@ -651,7 +706,8 @@ class LLMEngine:
             num_total_blocks=self.block_manager.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=self.block_manager.num_query_tokens,
-            prefix_cache_hits=self.block_manager.num_hit_tokens)
+            prefix_cache_hits=self.block_manager.num_hit_tokens,
+            spec_decode=self.spec_stats.copy() if self.spec_stats else None)
 
     def get_tokenizer(self, lora_request: LoRARequest | None = None):
         """The tokenizer of requests for `lora_request`: the adapter's own when it adds

@@ -80,6 +80,10 @@ class ScheduledBatch:
     prefill: list[Sequence]
     decode: list[Sequence]
     prefill_lens: list[int] = field(default_factory=list)  # default: each whole remainder
+    # speculative decoding: decoding sequences with drafts to verify (not in `decode`):
+    # spec[i] computes its last token and spec_tokens[i], and gets logits at each
+    spec: list[Sequence] = field(default_factory=list)
+    spec_tokens: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prefill_lens:
@@ -87,8 +91,8 @@ class ScheduledBatch:
 
     @property
     def seqs(self) -> list[Sequence]:
-        """Prefill then decode: the order of the step's rows."""
-        return self.prefill + self.decode
+        """Prefill, verification, then decode: the order of the step's rows."""
+        return self.prefill + self.spec + self.decode
 
     @property
     def sampled(self) -> list[Sequence]:
@@ -114,11 +118,13 @@ class ScheduledBatch:
     def keep(self, kept: set[Sequence]) -> ScheduledBatch:
         """The batch without the sequences not in `kept` (their adapter failed to load)."""
         pairs = [(s, n) for s, n in zip(self.prefill, self.prefill_lens) if s in kept]
+        spec = [(s, d) for s, d in zip(self.spec, self.spec_tokens) if s in kept]
         return ScheduledBatch([s for s, _ in pairs], [s for s in self.decode if s in kept],
-                              [n for _, n in pairs])
+                              [n for _, n in pairs], [s for s, _ in spec], [d for _, d in spec])
 
     def advance(self) -> None:
-        """After the forward: the step's tokens are in the cache."""
+        """After the forward: the step's tokens are in the cache (prefill and decode; a
+        verified sequence advances by the tokens it accepted, LLMEngine._emit_verified)."""
         for seq, n in zip(self.prefill, self.prefill_lens):
             seq.num_computed_tokens += n
         for seq in self.decode:
@@ -129,7 +135,8 @@ class Scheduler:
     def __init__(self, cfg: SchedulerConfig, block_manager: BlockManager,
                  lora_capacity: Callable[[set[int]], int] | None = None,
                  lora_ready: Callable[[int], bool] = _always,
-                 lora_pinned: Callable[[int], bool] = _never) -> None:
+                 lora_pinned: Callable[[int], bool] = _never,
+                 propose: Callable[[Sequence], list[int]] | None = None) -> None:
         self.max_num_seqs = cfg.max_num_seqs
         self.max_num_batched_tokens = cfg.max_num_batched_tokens
         self.chunked_prefill = cfg.enable_chunked_prefill
@@ -141,6 +148,8 @@ class Scheduler:
         self.lora_capacity = lora_capacity
         self.lora_ready = lora_ready
         self.lora_pinned = lora_pinned
+        # speculative decoding: a decoding sequence's draft tokens ([] = none)
+        self.propose = propose
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -171,10 +180,30 @@ class Scheduler:
         self.num_steps += 1
         preemptions = self.num_preemptions
         decode = self._schedule_decode()
+        spec, drafts = self._draft(decode)
         prefill, lens = self._continue_prefills()
         if self.num_preemptions == preemptions:
             self._admit(prefill, lens)
-        return ScheduledBatch(prefill, decode, lens)
+        return ScheduledBatch(prefill, decode, lens, spec, drafts)
+
+    def _draft(self, decode: list[Sequence]) -> tuple[list[Sequence], list[list[int]]]:
+        """Speculative decoding: the decoding sequences that get drafts move out of
+        `decode` (in place). Run after every decode has its block, so drafts take only
+        free blocks and never cause a preemption; they ride on top of the token budget
+        like decodes do."""
+        if self.propose is None:
+            return [], []
+        spec, drafts, plain = [], [], []
+        for seq in decode:
+            tokens = self.propose(seq)
+            n = self.block_manager.reserve_lookahead(seq, len(tokens)) if tokens else 0
+            if n:
+                spec.append(seq)
+                drafts.append(tokens[:n])
+            else:
+                plain.append(seq)
+        decode[:] = plain
+        return spec, drafts
 
     def _continue_prefills(self) -> tuple[list[Sequence], list[int]]:
         """The next chunk of each running sequence that is mid-prompt, oldest first."""

@@ -117,6 +117,19 @@ def parse_json_dict(text: str) -> dict:
     return obj
 
 
+def parse_speculative_config(text: str) -> dict:
+    """--speculative-config: a JSON object, checked now (config.py: SpeculativeConfig), so
+    a bad one is a usage error before any model loads."""
+    from loraplex.config import SpeculativeConfig  # light: dataclasses + torch
+
+    spec = parse_json_dict(text)
+    try:
+        SpeculativeConfig.from_dict(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
+
+
 # EngineArgs field -> help. Every field gets a flag (--field-name); types come from defaults.
 ENGINE_HELP: dict[str, str] = {
     "tokenizer": "Tokenizer name or path (default: the model's).",
@@ -223,6 +236,12 @@ ENGINE_HELP: dict[str, str] = {
                          "(none), or a folder. Its eos_token_id ends replies; its "
                          "temperature, top_p, top_k, min_p, repetition_penalty and "
                          "max_new_tokens are the defaults of requests that leave them unset.",
+    "speculative_config": "Speculative decoding, as JSON (vLLM's): only ngram (prompt "
+                          "lookup) is supported, e.g. '{\"method\": \"ngram\", "
+                          "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, "
+                          "\"prompt_lookup_min\": 2}'. Greedy outputs are unchanged; "
+                          "sampled ones keep their distribution. Requests with "
+                          "structured outputs decode one token per step.",
     "lora_target_modules": "The modules that get adapter slots, e.g. q_proj v_proj o_proj "
                            "(or comma-separated; q/k/v share one slot layer, as do gate/up); "
                            "an adapter on any other is refused. Fewer modules, less slot "
@@ -231,7 +250,7 @@ ENGINE_HELP: dict[str, str] = {
 }
 _SPECIAL_TYPES = {"max_model_len": parse_human_int, "long_lora_scaling_factors": parse_floats,
                   "default_mm_loras": parse_json_dict, "override_pooler_config": parse_json_dict,
-                  "pooler_config": parse_json_dict}
+                  "pooler_config": parse_json_dict, "speculative_config": parse_speculative_config}
 _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"],
             "lora_scheduling_policy": ["fair", "fcfs"],
             "runner": ["auto", "generate", "pooling"],

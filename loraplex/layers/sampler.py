@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loraplex.layers.rejection_sampler import accept_or_resample
 from loraplex.outputs import Logprob
 from loraplex.sampling_params import SamplingParams
 
@@ -39,6 +40,8 @@ class SamplerOutput:
     token_ids: list[int]  # one per row
     token_logprobs: list[float]  # raw logprob of the sampled token (cumulative_logprob)
     logprobs: list[dict[int, Logprob] | None]  # sampled + top-k tokens, where asked for
+    # with draft tokens: per row, whether its token is its draft, accepted ([]: no drafts)
+    accepted: list[bool] = field(default_factory=list)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -66,8 +69,13 @@ class Sampler:
         self.eos_token_ids = set(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
-                 token_mask: TokenMask | None = None) -> SamplerOutput:
-        """`token_mask`: the tokens structured outputs allow next, for some rows."""
+                 token_mask: TokenMask | None = None,
+                 draft_tokens: list[int] | None = None) -> SamplerOutput:
+        """`token_mask`: the tokens structured outputs allow next, for some rows.
+        `draft_tokens`: speculative decoding, per row the draft token this position
+        verifies (-1: none); the row's token is then the accepted draft or what replaces
+        it, from exactly the distribution it would be sampled from without a draft
+        (layers/rejection_sampler.py), and `accepted` says which."""
         if not rows:
             return SamplerOutput([], [], [])
         if logits.shape[0] != len(rows):
@@ -78,8 +86,10 @@ class Sampler:
         processed = self._process(logits, rows, table)
         if token_mask is not None:
             processed = self._apply_token_mask(logits, processed, token_mask)
-        tokens = self._sample(processed, rows, table)
-        return self._collect(raw_logprobs, tokens, [r.params.logprobs for r in rows])
+        drafts = (_to_device(draft_tokens, torch.long, logits.device)
+                  if draft_tokens is not None and any(d >= 0 for d in draft_tokens) else None)
+        tokens, accepted = self._sample(processed, rows, table, drafts, draft_tokens)
+        return self._collect(raw_logprobs, tokens, [r.params.logprobs for r in rows], accepted)
 
     def token_logprobs(self, logits: torch.Tensor, tokens: list[int], num_logprobs: list[int]
                        ) -> list[dict[int, Logprob]]:
@@ -202,12 +212,16 @@ class Sampler:
                       - table[:, _PRES, None] * (out_counts > 0).float())
         return logits
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow],
-                table: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor,
+                drafts: torch.Tensor | None = None, draft_list: list[int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token of each row, and with drafts whether it is the row's accepted draft
+        (greedy: the draft is the argmax)."""
         greedy_tokens = logits.argmax(dim=-1)
         greedy = [r.params.greedy for r in rows]
+        greedy_accepts = greedy_tokens == drafts if drafts is not None else None
         if all(greedy):
-            return greedy_tokens
+            return greedy_tokens, greedy_accepts
         device, vocab = logits.device, logits.shape[1]
         is_greedy = _to_device(greedy, torch.bool, device)
         temps = torch.where(is_greedy, torch.ones((), device=device), table[:, _TEMP])
@@ -221,8 +235,28 @@ class Sampler:
             floor = table[:, _MIN_P, None] * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < floor, 0.0)
         q = self._exponential(probs, rows, greedy)
-        sampled = (probs / q).argmax(dim=-1)
-        return torch.where(is_greedy, greedy_tokens, sampled)
+        if drafts is None:
+            sampled = (probs / q).argmax(dim=-1)
+            return torch.where(is_greedy, greedy_tokens, sampled), None
+        uniform = self._uniform(rows, greedy, draft_list, device)
+        sampled, accepted = accept_or_resample(probs, drafts, uniform, q)
+        return (torch.where(is_greedy, greedy_tokens, sampled),
+                torch.where(is_greedy, greedy_accepts, accepted))
+
+    @staticmethod
+    def _uniform(rows: list[SamplingRow], greedy: list[bool], drafts: list[int],
+                 device: torch.device) -> torch.Tensor:
+        """The acceptance draws in [0, 1) of the random rows verifying a draft: one shared
+        draw, a seeded row's from its own generator (after its exponentials), so a seeded
+        request's tokens depend only on its seed and its own drafts."""
+        todo = [i for i, (g, d) in enumerate(zip(greedy, drafts)) if d >= 0 and not g]
+        uniform = torch.zeros(len(rows), device=device)
+        if any(rows[i].generator is None for i in todo):
+            uniform.uniform_()
+        for i in todo:
+            if rows[i].generator is not None:
+                uniform[i] = torch.rand((), generator=rows[i].generator, device=device)
+        return uniform
 
     @staticmethod
     def _top_k(logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor) -> torch.Tensor:
@@ -266,7 +300,8 @@ class Sampler:
     # ---- results --------------------------------------------------------------------------
     @staticmethod
     def _collect(raw_logprobs: torch.Tensor, tokens: torch.Tensor,
-                 num_logprobs: list[int | None]) -> SamplerOutput:
+                 num_logprobs: list[int | None],
+                 accepted: torch.Tensor | None = None) -> SamplerOutput:
         """Pack tokens, logprobs, ranks and top-k (num_logprobs[i] for row i; None: no
         logprobs) into one fp32 tensor: one transfer.
 
@@ -283,6 +318,8 @@ class Sampler:
                 # rank = 1 + tokens strictly higher; those all lie inside the top-k
                 top_rank = (top.values[:, None, :] > top.values[:, :, None]).sum(-1) + 1
                 parts += [top.values, top.indices.float(), top_rank.float()]
+        if accepted is not None:  # the last column
+            parts.append(accepted[:, None].float())
         packed = torch.cat(parts, dim=1).tolist()
 
         token_ids = [int(p[0]) for p in packed]
@@ -297,4 +334,5 @@ class Sampler:
             for j in range(min(n, k)):
                 entry.setdefault(int(ids[j]), Logprob(vals[j], int(ranks[j])))
             logprobs[i] = entry
-        return SamplerOutput(token_ids, token_logprobs, logprobs)
+        return SamplerOutput(token_ids, token_logprobs, logprobs,
+                             [p[-1] == 1.0 for p in packed] if accepted is not None else [])

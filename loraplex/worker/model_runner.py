@@ -85,8 +85,11 @@ class ModelRunner:
                  cache_config: CacheConfig, scheduler_config: SchedulerConfig,
                  eager_slots: set[int] | None = None,
                  rope_offsets: dict[int, int] | None = None,
-                 vision: LlavaVision | None = None) -> None:
+                 vision: LlavaVision | None = None,
+                 num_speculative_tokens: int = 0) -> None:
         self.model = model
+        # drafts a decoding sequence may verify in one step: the profile run sizes for them
+        self.num_speculative_tokens = num_speculative_tokens
         self.vision = vision  # LLaVA's tower and projector: image embeddings at prefill
         # kept up to date by the LoRA manager: adapter slots whose layers do work no decode
         # graph holds (DoRA's rescaling), so a batch using one decodes eagerly; and the
@@ -142,9 +145,11 @@ class ModelRunner:
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
         elif self.device.type == "cuda":
-            # the largest step: a full prompt budget plus a decode token per sequence
-            budget = self._profile_gpu_memory(cfg.gpu_memory_utilization,
-                                              sched.max_num_batched_tokens + sched.max_num_seqs)
+            # the largest step: a full prompt budget plus a decode token per sequence (and
+            # its drafts, with speculative decoding)
+            budget = self._profile_gpu_memory(
+                cfg.gpu_memory_utilization, sched.max_num_batched_tokens
+                + sched.max_num_seqs * (1 + self.num_speculative_tokens))
         else:
             budget = int(cfg.cpu_kv_cache_gib * GiB)
         blocks_per_seq = -(-self.max_model_len // self.block_size)
@@ -163,9 +168,9 @@ class ModelRunner:
             torch.cuda.synchronize(dev)
         except torch.OutOfMemoryError as e:
             raise ValueError(
-                f"a step of {max_tokens} tokens (max_num_batched_tokens + max_num_seqs) does "
-                f"not fit in GPU memory beside the weights and adapter slots "
-                f"({weights / GiB:.2f} GiB): lower max_num_batched_tokens, max_num_seqs, "
+                f"a step of {max_tokens} tokens (max_num_batched_tokens + max_num_seqs x (1 + "
+                f"num_speculative_tokens)) does not fit in GPU memory beside the weights and "
+                f"adapter slots ({weights / GiB:.2f} GiB): lower max_num_batched_tokens, max_num_seqs, "
                 "max_loras or max_lora_rank") from e
         peak = torch.cuda.max_memory_allocated(dev) - weights
         torch.cuda.empty_cache()
@@ -197,15 +202,18 @@ class ModelRunner:
             ctx.lora_meta.skip_unused_layers = False  # no slot has weights yet
         with step_context(ctx):
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions)
-        last = torch.tensor(lens, device=dev).cumsum(0) - 1
+        # logits rows: each sequence's last, and with speculative decoding its drafts'
+        per_seq = 1 + self.num_speculative_tokens
+        last = (torch.tensor(lens, device=dev).cumsum(0) - 1).repeat_interleave(per_seq)
         logits = self._logits(hidden.index_select(0, last),
-                              [i % self.max_loras for i in range(len(lens))]
+                              [i // per_seq % self.max_loras for i in range(last.shape[0])]
                               if self.max_loras else None, every_slot=True)
         del hidden
         params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.01,
                                 repetition_penalty=1.1, presence_penalty=0.1,
                                 frequency_penalty=0.1, logprobs=20)
-        Sampler(set())(logits, [SamplingRow(params, [0] * m, [1], None) for m in lens])
+        rows = [SamplingRow(params, [0] * m, [1], None) for m in lens for _ in range(per_seq)]
+        Sampler(set())(logits, rows, draft_tokens=[0] * len(rows) if per_seq > 1 else None)
 
     def _allocate_kv_cache(self) -> None:
         a = self.model.args
@@ -259,23 +267,31 @@ class ModelRunner:
                                  starts if width else None, width * self.block_size)
         return ctx
 
-    def prepare_prefill(self, seqs: list[Sequence], lens: list[int] | None = None
+    def prepare_prefill(self, seqs: list[Sequence], lens: list[int] | None = None,
+                        drafts: list[list[int] | None] | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
         """The step's rows for `lens[i]` tokens of each sequence from its
         num_computed_tokens on (default: all the rest), and the rows whose logits are
-        wanted: the last of each sequence whose chunk reaches its last token."""
+        wanted: the last of each sequence whose chunk reaches its last token.
+        `drafts[i]` (speculative decoding): tokens after sequence i's own, verified in
+        this step: its segment is its last token and them, and every row is wanted."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         lens = lens or [s.num_uncomputed_tokens for s in seqs]
         starts = [s.num_computed_tokens for s in seqs]
+        drafts = drafts or [None] * len(seqs)
         rows: list[int] = []
-        for seq, start, n in zip(seqs, starts, lens):
-            input_ids.extend(seq.token_ids[start:start + n])
+        for seq, start, n, draft in zip(seqs, starts, lens, drafts):
+            first = len(input_ids)
+            input_ids.extend((seq.token_ids[start:] + draft)[:n] if draft else
+                             seq.token_ids[start:start + n])
             positions.extend(range(start, start + n) if self._rows_are_positions() else
                              (self._rope_row(seq, p) for p in range(start, start + n)))
             slots.extend(self._slot_mapping(seq, start, start + n))
-            if start + n == seq.num_tokens and seq.pooling is None:  # pooling: no logits
+            if draft:
+                rows.extend(range(first, first + n))
+            elif start + n == seq.num_tokens and seq.pooling is None:  # pooling: no logits
                 rows.append(len(input_ids) - 1)
         ctx = self._prefill_context(lens, self._tensor(slots), seqs, starts)
         return self._tensor(input_ids), self._tensor(positions), ctx, rows
@@ -338,25 +354,37 @@ class ModelRunner:
     def run(self, prefill: list[Sequence], decode: list[Sequence],
             lora_slots: dict[int, int] | None = None,
             prefill_lens: list[int] | None = None,
-            prompt_positions: list[tuple[Sequence, range]] | None = None) -> StepOutput:
+            prompt_positions: list[tuple[Sequence, range]] | None = None,
+            spec: list[Sequence] | None = None,
+            spec_tokens: list[list[int]] | None = None) -> StepOutput:
         """Computes `prefill_lens[i]` tokens of prefill sequence i (default: all it has
         left) and one token of every decoding sequence. Logits of the next token of every
         prefill sequence whose chunk is its last, then of every decoding one
         (ScheduledBatch.sampled); for prompt logprobs, the hidden states at the given
-        positions of prefill sequences' chunks."""
+        positions of prefill sequences' chunks.
+        Speculative decoding: each `spec` sequence computes its last token and its
+        `spec_tokens` as one more segment after the prompts' (a chunk attending to its
+        cached tokens, as a prompt's later chunk does), with its own adapter, and gets
+        logits at every one of them: 1 + len(drafts) rows between the prefills' and the
+        decodes'. Such a step runs eagerly; decode-only steps keep their CUDA graphs."""
+        spec, spec_tokens = spec or [], spec_tokens or []
         def slots_of(seqs: list[Sequence]) -> list[int] | None:
             return ([lora_slots[s.lora_int_id] if s.lora_int_id else -1 for s in seqs]
                     if lora_slots else None)
 
         decode, where = self._longest_first(decode)
-        if not prefill:
+        if not prefill and not spec:
             seq_slots = slots_of(decode)
             logits = self._logits(self._run_decode(decode, seq_slots), seq_slots)
             return StepOutput(logits if where is None else
                               logits.index_select(0, self._tensor(where)))
         lens = prefill_lens or [s.num_uncomputed_tokens for s in prefill]
-        input_ids, positions, ctx, rows = self.prepare_prefill(prefill, lens)
-        token_slots = ([slot for n, slot in zip(lens, slots_of(prefill)) for _ in range(n)]
+        segments = prefill + spec
+        input_ids, positions, ctx, rows = self.prepare_prefill(
+            segments, lens + [len(d) + 1 for d in spec_tokens],
+            [None] * len(prefill) + spec_tokens)
+        lens = lens + [len(d) + 1 for d in spec_tokens]
+        token_slots = ([slot for n, slot in zip(lens, slots_of(segments)) for _ in range(n)]
                        if lora_slots else None)
         if decode:  # mixed: the decoding sequences' rows follow the prompts
             self.num_mixed_steps += 1
@@ -371,7 +399,7 @@ class ModelRunner:
             self.decode_mirror.reset()  # the next decode batch is a new one
         if token_slots is not None:
             ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
-        image_rows = self._image_rows(prefill, lens)
+        image_rows = self._image_rows(prefill, lens[:len(prefill)])
         with step_context(ctx):
             hidden = self.model(input_ids, positions, image_rows)
         self._pool(prefill, lens, hidden)

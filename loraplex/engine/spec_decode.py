@@ -1,0 +1,103 @@
+"""Speculative decoding's engine side: which sequences get drafts, how many, and the
+counters of how many were accepted (vLLM's spec_decode metrics and log line).
+
+Drafts come from the ngram proposer (engine/ngram_proposer.py); the scheduler reserves
+their KV slots (engine/scheduler.py: Scheduler._draft), the model runner verifies them
+in the step's forward, the sampler accepts or replaces them (layers/sampler.py,
+layers/rejection_sampler.py) and LLMEngine emits the accepted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from loraplex.config import SpeculativeConfig
+from loraplex.engine.ngram_proposer import NgramProposer
+from loraplex.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def can_speculate(seq: Sequence) -> bool:
+    """Whether a sequence's sampling can verify several positions in one step exactly.
+    Structured outputs cannot: their mask at a draft position depends on the grammar
+    state after the drafts before it, which the matcher would have to advance and roll
+    back. Everything else the sampler does depends only on the tokens before a position
+    (penalties, bad words and min_tokens count them per position), so it is exact."""
+    return seq.grammar is None and seq.params.structured_outputs is None
+
+
+class Drafter:
+    """Per decoding sequence, the drafts to verify in the next step: at most
+    num_speculative_tokens, and never so many that accepting all of them plus the bonus
+    token would pass max_tokens or max_model_len."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+
+    def propose(self, seq: Sequence) -> list[int]:
+        if not can_speculate(seq):
+            return []
+        room = min(self.config.num_speculative_tokens,
+                   self.max_model_len - seq.num_tokens - 1)
+        if seq.params.max_tokens is not None:
+            room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return self.proposer.propose(seq.token_ids, room) if room > 0 else []
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative counters, as vLLM's: verification rows with drafts, draft tokens,
+    accepted ones, and accepted ones by draft position."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_draft_tokens:
+            self.accepted_per_position += [0] * (num_draft_tokens
+                                                 - len(self.accepted_per_position))
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
+
+    def copy(self) -> SpecDecodeStats:
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens,
+                               self.num_accepted_tokens, list(self.accepted_per_position))
+
+
+class SpecDecodeLogger:
+    """vLLM's periodic "SpecDecoding metrics" line, over the drafts since the last one."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last = SpecDecodeStats()
+        self._last_time = time.monotonic()
+
+    def maybe_log(self, stats: SpecDecodeStats, force: bool = False) -> str | None:
+        now = time.monotonic()
+        if not force and now - self._last_time < self.interval_s:
+            return None
+        drafts = stats.num_drafts - self._last.num_drafts
+        if not drafts:
+            return None
+        drafted = stats.num_draft_tokens - self._last.num_draft_tokens
+        accepted = stats.num_accepted_tokens - self._last.num_accepted_tokens
+        last = self._last.accepted_per_position
+        per_pos = [(n - (last[i] if i < len(last) else 0)) / drafts
+                   for i, n in enumerate(stats.accepted_per_position)]
+        line = (f"SpecDecoding metrics: Mean acceptance length: {1 + accepted / drafts:.2f}, "
+                f"Accepted: {accepted} tokens, Drafted: {drafted} tokens, "
+                f"Per-position acceptance rate: {', '.join(f'{r:.3f}' for r in per_pos)}, "
+                f"Avg Draft acceptance rate: {100 * accepted / max(drafted, 1):.1f}%")
+        logger.info("%s", line)
+        self._last, self._last_time = stats.copy(), now
+        return line
