@@ -701,6 +701,8 @@ def test_bad_requests_fail_alone_while_a_stream_runs(server, client, tiny_models
         ("completions", {"model": "r4_qv", "prompt": [1, 600], "max_tokens": 2}, 400,
          "out of range"),
         ("completions", {"model": "no-such-model", "prompt": "Hi"}, 404, "does not exist"),
+        ("completions", {"model": "r4_qv", "prompt": [], "max_tokens": 2}, 400,
+         "the prompt is empty"),
         ("completions", b'{"model": "r4_qv", "prompt": ', 400, "not valid JSON"),
         ("completions", {"model": "r4_qv", "prompt": list(range(3, 200)), "max_tokens": 2},
          400, "maximum context length"),

@@ -74,6 +74,21 @@ class OpenAIServing:
         own = self._own_tokenizers(lora)
         return own.encoder if own is not None else self.encoder
 
+    def encode_items(self, value: str | list, lora: LoRARequest | None,
+                     add_special_tokens: bool, param: str) -> list[tuple[str | None, list[int]]]:
+        """A completion's prompt or an embedding request's input (a string, token ids, or
+        a list of either) as (text, token ids) per item, with `lora`'s tokenizer when it
+        adds tokens; encoder thread only."""
+        encoder = self.encoder_for(lora)
+        if isinstance(value, str) or (value and all(isinstance(t, int) for t in value)):
+            items: list = [value]
+        else:
+            items = list(value)
+        if not items:
+            raise BadRequestError(f"the {param} is empty", param=param)
+        return [(item, list(encoder(item, add_special_tokens=add_special_tokens).input_ids))
+                if isinstance(item, str) else (None, list(item)) for item in items]
+
     def decoder_for(self, lora: LoRARequest | None):
         """The decoder of `lora`'s outputs (its own when it adds tokens); event loop only."""
         own = self._own_tokenizers(lora)

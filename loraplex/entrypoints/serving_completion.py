@@ -27,24 +27,9 @@ class OpenAIServingCompletion(OpenAIServing):
                  ) -> list[tuple[str | None, list[int]]]:
         """(text, token ids) per prompt, with `lora`'s tokenizer when it adds tokens; on
         the encoder thread."""
-        encoder = self.encoder_for(lora)
-        p = req.prompt
-        if isinstance(p, str):
-            items: list = [p]
-        elif p and all(isinstance(t, int) for t in p):
-            items = [p]
-        else:
-            items = list(p)
-        if not items:
-            raise BadRequestError("the prompt is empty", param="prompt")
-        out: list[tuple[str | None, list[int]]] = []
-        for item in items:
-            if isinstance(item, str):
-                ids = encoder(item, add_special_tokens=req.add_special_tokens).input_ids
-                out.append((item, list(ids)))
-            else:
-                out.append((None, list(item)))
-            self.check_token_ids(out[-1][1])
+        out = self.encode_items(req.prompt, lora, req.add_special_tokens, "prompt")
+        for _, ids in out:
+            self.check_token_ids(ids)
         return out
 
     async def create_completion(self, req: CompletionRequest):

@@ -30,25 +30,12 @@ class OpenAIServingEmbedding(OpenAIServing):
                 params: PoolingParams) -> list[tuple[str | None, list[int]]]:
         """(text, token ids) per input, with `lora`'s tokenizer when it adds tokens, and
         truncated as asked (then without text); on the encoder thread."""
-        encoder = self.encoder_for(lora)
-        x = req.input
-        if isinstance(x, str) or (x and all(isinstance(t, int) for t in x)):
-            items: list = [x]
-        else:
-            items = list(x)
-        if not items:
-            raise BadRequestError("the input is empty", param="input")
-        out: list[tuple[str | None, list[int]]] = []
-        for item in items:
-            if isinstance(item, str):
-                ids = encoder(item, add_special_tokens=req.add_special_tokens).input_ids
-                out.append((item, list(ids)))
-            else:
-                out.append((None, list(item)))
-            ids = params.truncate_prompt(out[-1][1], self.max_model_len)
-            if len(ids) != len(out[-1][1]):
-                out[-1] = (None, ids)
-            self._check_length(out[-1][1])
+        out = self.encode_items(req.input, lora, req.add_special_tokens, "input")
+        for k, (_, ids) in enumerate(out):
+            kept = params.truncate_prompt(ids, self.max_model_len)
+            if len(kept) != len(ids):
+                out[k] = (None, kept)
+            self._check_length(out[k][1])
         return out
 
     def _check_length(self, ids: list[int]) -> None:
