@@ -5,6 +5,7 @@ chunked prefill + prefix caching, n > 1, preemption, penalties, structured outpu
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -278,6 +279,28 @@ def test_greedy_mixed_adapters_match_plain_and_peft(spec_model):
     assert stats.accepted_per_position[1] > 0  # runs of two or more accepted drafts
     assert spec_llm.llm_engine.scheduler.num_steps < plain_llm.llm_engine.scheduler.num_steps
     check_against_hf(spec_outs, base, [adapters[n] if n else None for n in names], batch)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_verification_through_the_triton_attention(spec_model, monkeypatch):
+    """The CUDA path's attention (the Triton kernels, under the interpreter here): a
+    verified sequence's drafts go through the varlen prefill kernel over its cached
+    context, beside decodes and prefills; the tokens are the plain engine's."""
+    import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
+
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    base, adapters = spec_model
+    prompts = _prompts()[:3]
+    loras = [None, _lora(adapters, "r8"), _lora(adapters, "r4")]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
+    kw = dict(enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8)
+    spec_llm, plain_llm = make_llm(base, speculative_config=SPEC, **kw), make_llm(base, **kw)
+    assert spec_llm.llm_engine.model_runner.attn_backend == "triton"
+    spec_outs, _ = _generate(spec_llm, prompts, params, loras)
+    plain_outs, _ = _generate(plain_llm, prompts, params, loras)
+    _assert_same(spec_outs, plain_outs)
+    stats = _spec_stats(spec_llm)
+    assert stats.num_draft_tokens > stats.num_accepted_tokens > 0
 
 
 def _chunks(llm, prompts, params, loras) -> list[list[int]]:
