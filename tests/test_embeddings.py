@@ -339,7 +339,32 @@ def test_server_token_input_base64_and_dimensions(server, base, adapters):
     assert_same(single["data"][0]["embedding"], hf_embedding(base, None, ids[0]))
 
 
+def test_server_chat_style_embeddings(server, base, adapters):
+    """vLLM's `messages` (one conversation, the chat template's rendering, no generation
+    prompt, no special tokens added): the embedding of the ids /tokenize renders for it,
+    under the adapter; HF + PEFT's on them."""
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": PROMPTS[1]}]
+    r = server.post("/tokenize", {"model": "r4_qv", "messages": messages,
+                                  "add_generation_prompt": False})
+    assert r.status_code == 200, r.text
+    ids = r.json()["tokens"]
+    r = server.post("/v1/embeddings", {"model": "r4_qv", "messages": messages})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["data"]) == 1 and body["usage"]["prompt_tokens"] == len(ids)
+    assert_same(body["data"][0]["embedding"], hf_embedding(base, adapters["r4_qv"], ids))
+    with_prompt = server.post("/v1/embeddings", {"model": "r4_qv", "messages": messages,
+                                                 "add_generation_prompt": True}).json()
+    assert with_prompt["usage"]["prompt_tokens"] > len(ids)
+
+
 @pytest.mark.parametrize("body,status,param", [
+    ({"model": "emb", "input": "hi", "messages": [{"role": "user", "content": "hi"}]},
+     400, "input"),
+    ({"model": "emb"}, 400, "input"),
+    ({"model": "emb", "messages": [{"role": "user", "content": "hi"}],
+      "chat_template": "{{ raise_exception('no') }}"}, 400, "messages"),
     ({"model": "nope", "input": "hi"}, 404, "model"),
     ({"model": "emb", "input": []}, 400, "input"),
     ({"model": "emb", "input": [[]]}, 400, "input"),

@@ -418,7 +418,7 @@ async def build_state(args: argparse.Namespace) -> ServerState:
         tokenization=OpenAIServingTokenization(chat), metrics=metrics,
         responses=OpenAIServingResponses(chat, envs.LORAPLEX_RESPONSES_API_STORE_SIZE
                                          if envs.LORAPLEX_ENABLE_RESPONSES_API_STORE else 0),
-        embedding=OpenAIServingEmbedding(async_engine, models, tokenizer))
+        embedding=OpenAIServingEmbedding(async_engine, models, tokenizer, chat=chat))
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)

@@ -358,16 +358,23 @@ class ChatCompletionStreamResponse(BaseModel):
 
 # ---- embeddings -------------------------------------------------------------------------
 class EmbeddingRequest(OpenAIBase):
-    """OpenAI's embeddings request (vLLM's completion-style one): `input` a string, a list
-    of strings, a list of token ids or a list of such lists."""
+    """OpenAI's embeddings request: `input` a string, a list of strings, a list of token
+    ids or a list of such lists; or, vLLM's chat-style one, `messages`: one conversation
+    rendered by the chat template, one embedding."""
 
     model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]]
+    input: str | list[str] | list[int] | list[list[int]] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None  # matryoshka models only
     user: str | None = None
     # vLLM extras
-    add_special_tokens: bool = True
+    messages: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = False  # (messages) vLLM's default for embeddings
+    continue_final_message: bool = False
+    # None: True for `input`, False for `messages` (the template writes them), as vLLM
+    add_special_tokens: bool | None = None
     normalize: bool | None = None  # None: the model's pooler config
     truncate_prompt_tokens: int | None = None  # keep each input's last k tokens (-1: as
     # many as max_model_len allows)

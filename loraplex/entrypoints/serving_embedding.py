@@ -1,4 +1,5 @@
-"""POST /v1/embeddings: inputs (text or token ids, one or many) -> one embedding each.
+"""POST /v1/embeddings: inputs (text or token ids, one or many) -> one embedding each;
+or vLLM's chat-style request, `messages` rendered by the chat template -> one.
 
 Each input is one pooling request on the engine, under the adapter `model` names (or the
 base), all queued before any runs, so the inputs of one call (and of concurrent calls,
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import struct
+from typing import Any
 
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.protocol import (
+    ChatCompletionRequest,
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingResponseData,
@@ -19,6 +22,7 @@ from loraplex.entrypoints.protocol import (
     random_id,
 )
 from loraplex.entrypoints.serving_base import OpenAIServing
+from loraplex.entrypoints.serving_chat import OpenAIServingChat
 from loraplex.entrypoints.serving_utils import merge_async_iterators
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import PoolingRequestOutput
@@ -26,17 +30,47 @@ from loraplex.pooling_params import PoolingParams
 
 
 class OpenAIServingEmbedding(OpenAIServing):
+    def __init__(self, *args: Any, chat: OpenAIServingChat | None = None, **kw: Any) -> None:
+        """`chat`: whose chat template (and encoder thread) render `messages`."""
+        super().__init__(*args, **kw)
+        self.chat = chat
+
     def _inputs(self, req: EmbeddingRequest, lora: LoRARequest | None,
                 params: PoolingParams) -> list[tuple[str | None, list[int]]]:
         """(text, token ids) per input, with `lora`'s tokenizer when it adds tokens, and
         truncated as asked (then without text); on the encoder thread."""
-        out = self.encode_items(req.input, lora, req.add_special_tokens, "input")
+        add = True if req.add_special_tokens is None else req.add_special_tokens
+        out = self.encode_items(req.input, lora, add, "input")
+        return self._checked(out, params)
+
+    def _checked(self, out: list[tuple[str | None, list[int]]], params: PoolingParams
+                 ) -> list[tuple[str | None, list[int]]]:
+        """Each input truncated as asked (then without text) and within max_model_len."""
         for k, (_, ids) in enumerate(out):
             kept = params.truncate_prompt(ids, self.max_model_len)
             if len(kept) != len(ids):
                 out[k] = (None, kept)
             self._check_length(out[k][1])
         return out
+
+    async def _conversation(self, req: EmbeddingRequest, lora: LoRARequest | None
+                            ) -> tuple[str, list[int]]:
+        """vLLM's chat-style embeddings: the messages rendered by the chat template
+        (the request's, else the server's), on the chat route's encoder thread."""
+        if self.chat is None:
+            raise BadRequestError("messages are not supported here: send input",
+                                  param="messages")
+        chat = ChatCompletionRequest(
+            messages=req.messages, chat_template=req.chat_template,
+            chat_template_kwargs=req.chat_template_kwargs,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            add_special_tokens=bool(req.add_special_tokens))
+        text, ids, images = await self.chat.off_loop(self.chat.render, chat, None, lora)
+        if images:
+            raise BadRequestError("image inputs are not supported for embeddings",
+                                  param="messages")
+        return text, ids
 
     def _check_length(self, ids: list[int]) -> None:
         if not ids:
@@ -63,7 +97,12 @@ class OpenAIServingEmbedding(OpenAIServing):
         params = self._params(req)
         lora = await self.models.resolve(req.model)
         model = req.model or self.models.base_model_name
-        inputs = await self.off_loop(self._inputs, req, lora, params)
+        if (req.input is None) == (req.messages is None):
+            raise BadRequestError("give exactly one of input and messages", param="input")
+        if req.messages is not None:
+            inputs = self._checked([await self._conversation(req, lora)], params)
+        else:
+            inputs = await self.off_loop(self._inputs, req, lora, params)
         request_id = req.request_id or random_id("embd")
         try:
             queued = await self.start_requests(request_id, inputs, [params] * len(inputs),
