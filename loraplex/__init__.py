@@ -11,6 +11,8 @@ from loraplex.outputs import (
     PoolingOutput,
     PoolingRequestOutput,
     RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
 )
 from loraplex.pooling_params import PoolingParams
 from loraplex.sampling_params import SamplingParams
@@ -19,4 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = ["LLM", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput",
            "EngineArgs", "LLMEngine", "LoRARequest", "PoolingOutput", "PoolingParams",
-           "PoolingRequestOutput", "RequestOutput", "SamplingParams", "__version__"]
+           "PoolingRequestOutput", "RequestOutput", "SamplingParams", "ScoringOutput",
+           "ScoringRequestOutput", "__version__"]

@@ -94,3 +94,20 @@ class EmbeddingRequestOutput(PoolingRequestOutput):
         return cls(out.request_id, EmbeddingOutput.from_base(out.outputs),
                    out.prompt_token_ids, out.finished, out.prompt, out.lora_request,
                    out.error, out.metrics, out.num_cached_tokens)
+
+
+@dataclass
+class ScoringOutput:
+    score: float  # the cosine similarity of the pair's embeddings (loraplex/scoring.py)
+
+
+@dataclass
+class ScoringRequestOutput:
+    """LLM.score's, one per pair: `outputs.score`; the two texts' ids, concatenated (as
+    vLLM reports a bi-encoder's pair)."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+

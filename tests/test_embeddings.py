@@ -281,6 +281,39 @@ def test_matryoshka_dimensions(base, matryoshka, adapters):
     assert not plain.llm_engine.has_unfinished_requests()  # the refused call left nothing
 
 
+# ---- scores (cosine similarity of embeddings) ----------------------------------------------
+QUERY = "What is the capital of France?"
+DOCS = [PROMPTS[0], "The capital of France is Paris.", PROMPTS[3]]
+
+
+def hf_cosine(base: Path, adapter: Path | None, a: list[int], b: list[int]) -> float:
+    return F.cosine_similarity(hf_embedding(base, adapter, a), hf_embedding(base, adapter, b),
+                               dim=0).item()
+
+
+def test_llm_score_is_the_cosine_of_hf_peft_embeddings(base, adapters):
+    """1:N and N:N pairs under an adapter: each score the cosine of HF + PEFT's
+    embeddings of the two texts; the pair's ids are the two texts' ids; other shapes are
+    refused."""
+    llm = _pooling_llm(base, runner="pooling", dtype="float32")
+    tok = llm.get_tokenizer()
+    lora = _lora("r8_all", adapters)
+    one_to_n = llm.score(QUERY, DOCS, lora_request=lora, use_tqdm=False)
+    q = tok(QUERY).input_ids
+    assert len(one_to_n) == len(DOCS)
+    for out, doc in zip(one_to_n, DOCS):
+        d = tok(doc).input_ids
+        assert out.prompt_token_ids == q + d
+        assert out.outputs.score == pytest.approx(hf_cosine(base, adapters["r8_all"], q, d),
+                                                  abs=1e-5)
+    pairs = llm.score(DOCS[:2], [QUERY, DOCS[2]], use_tqdm=False)
+    for out, (a, b) in zip(pairs, [(DOCS[0], QUERY), (DOCS[1], DOCS[2])], strict=True):
+        assert out.outputs.score == pytest.approx(
+            hf_cosine(base, None, tok(a).input_ids, tok(b).input_ids), abs=1e-5)
+    with pytest.raises(ValueError, match="1:1, 1:N or N:N"):
+        llm.score(DOCS[:2], DOCS)
+
+
 # ---- the server ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(matryoshka, adapters):
@@ -359,6 +392,47 @@ def test_server_chat_style_embeddings(server, base, adapters):
     assert with_prompt["usage"]["prompt_tokens"] > len(ids)
 
 
+def test_server_score_and_rerank(server, base, adapters):
+    """/score (and /v1/score) 1:N and N:N, /rerank (/v1/rerank, /v2/rerank) sorted by
+    relevance and cut at top_n: HF + PEFT's cosines under the adapter; bad shapes fail
+    alone."""
+    ids = {t: server_tokens(server, t) for t in [QUERY, *DOCS]}
+    want = [hf_cosine(base, adapters["r4_qv"], ids[QUERY], ids[d]) for d in DOCS]
+    r = server.post("/score", {"model": "r4_qv", "text_1": QUERY, "text_2": DOCS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and body["model"] == "r4_qv"
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert [d["score"] for d in body["data"]] == pytest.approx(want, abs=1e-5)
+    assert body["usage"]["prompt_tokens"] == len(ids[QUERY]) + sum(len(ids[d]) for d in DOCS)
+    pairs = server.post("/v1/score", {"model": "emb", "text_1": DOCS[:2],
+                                      "text_2": [QUERY, DOCS[2]]}).json()
+    assert [d["score"] for d in pairs["data"]] == pytest.approx(
+        [hf_cosine(base, None, ids[DOCS[0]], ids[QUERY]),
+         hf_cosine(base, None, ids[DOCS[1]], ids[DOCS[2]])], abs=1e-5)
+    order = sorted(range(len(DOCS)), key=lambda i: -want[i])
+    for route, top_n in (("/rerank", 2), ("/v1/rerank", 0), ("/v2/rerank", 10)):
+        r = server.post(route, {"model": "r4_qv", "query": QUERY, "documents": DOCS,
+                                "top_n": top_n})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [x["index"] for x in results] == order[:top_n or len(DOCS)]
+        assert [x["document"]["text"] for x in results] == [DOCS[i] for i in
+                                                             order[:top_n or len(DOCS)]]
+        assert [x["relevance_score"] for x in results] == pytest.approx(
+            [want[i] for i in order[:top_n or len(DOCS)]], abs=1e-5)
+    for route, bad, status, param in [
+            ("/score", {"text_1": DOCS[:2], "text_2": DOCS}, 400, "text_1"),
+            ("/score", {"text_1": [], "text_2": DOCS}, 400, "text_1"),
+            ("/rerank", {"query": QUERY, "documents": []}, 400, "documents"),
+            ("/rerank", {"query": QUERY, "documents": DOCS, "top_n": -1}, 400, "top_n"),
+            ("/score", {"model": "nope", "text_1": "a", "text_2": "b"}, 404, "model")]:
+        r = server.post(route, {"model": "emb", **bad})
+        assert r.status_code == status, (route, bad, r.text)
+        assert r.json()["error"]["param"] == param, r.text
+    assert server.post("/score", {"text_1": "a", "text_2": "b"}).status_code == 200
+
+
 @pytest.mark.parametrize("body,status,param", [
     ({"model": "emb", "input": "hi", "messages": [{"role": "user", "content": "hi"}]},
      400, "input"),
@@ -434,5 +508,9 @@ def test_embeddings_route_refused_on_a_generate_server(base):
         r = srv.post("/v1/embeddings", {"input": "hi"})
         assert r.status_code == 404, r.text
         assert "does not support Embeddings" in r.json()["error"]["message"]
+        for route, body, api in (("/score", {"text_1": "a", "text_2": "b"}, "Score"),
+                                 ("/rerank", {"query": "a", "documents": ["b"]}, "Rerank")):
+            r = srv.post(route, body)
+            assert r.status_code == 404 and f"does not support {api}" in r.text, r.text
         ok = srv.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
         assert ok.status_code == 200, ok.text

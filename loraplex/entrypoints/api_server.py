@@ -2,8 +2,8 @@
 
     GET  /health /version /metrics /v1/models          GET|POST /ping (SageMaker's health)
     POST /v1/completions /v1/chat/completions /v1/responses   GET /v1/responses/{id}
-    POST /v1/embeddings   (runner pooling; the generation routes then answer 404, and
-                           /v1/embeddings does on a generate server)
+    POST /v1/embeddings /score /rerank   (runner pooling; the generation routes then
+                           answer 404, and these do on a generate server)
     POST /tokenize /detokenize   POST /invocations (SageMaker's: chat or completions)
     POST /reset_prefix_cache   (LORAPLEX_SERVER_DEV_MODE)
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   (LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING)
@@ -56,7 +56,9 @@ from loraplex.entrypoints.protocol import (
     DetokenizeRequest,
     EmbeddingRequest,
     LoadLoRAAdapterRequest,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
     ignored_fields,
@@ -66,6 +68,7 @@ from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
 from loraplex.entrypoints.serving_embedding import OpenAIServingEmbedding
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.entrypoints.serving_responses import OpenAIServingResponses, passed_through
+from loraplex.entrypoints.serving_score import OpenAIServingScores
 from loraplex.entrypoints.serving_tokenization import OpenAIServingTokenization
 from loraplex.entrypoints.serving_utils import with_cancellation
 from loraplex.lora.adapter import local_adapter_dir
@@ -95,6 +98,7 @@ class ServerState:
     metrics: Metrics
     responses: OpenAIServingResponses
     embedding: OpenAIServingEmbedding
+    scores: OpenAIServingScores
 
     def require_runner(self, runner: str, api: str) -> None:
         """A generate server has no embeddings, a pooling server no generation: a 404 that
@@ -225,6 +229,23 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
         state.require_runner("pooling", "Embeddings")
         warn_ignored(request)
         return respond(await state.embedding.create_embedding(request))
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    @with_cancellation
+    async def score(request: ScoreRequest, raw_request: Request) -> Response:
+        state.require_runner("pooling", "Score")
+        warn_ignored(request)
+        return respond(await state.scores.create_score(request))
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    @with_cancellation
+    async def rerank(request: RerankRequest, raw_request: Request) -> Response:
+        state.require_runner("pooling", "Rerank")
+        warn_ignored(request)
+        return respond(await state.scores.rerank(request))
 
     @app.post("/invocations")  # SageMaker's one route: chat or completions by the body
     @with_cancellation
@@ -411,6 +432,7 @@ async def build_state(args: argparse.Namespace) -> ServerState:
                              reasoning_parser=engine.model_config.reasoning_parser,
                              response_role=args.response_role,
                              enable_prompt_tokens_details=details)
+    embedding = OpenAIServingEmbedding(async_engine, models, tokenizer, chat=chat)
     state = ServerState(
         engine=async_engine, models=models,
         completion=OpenAIServingCompletion(async_engine, models, tokenizer,
@@ -418,7 +440,7 @@ async def build_state(args: argparse.Namespace) -> ServerState:
         tokenization=OpenAIServingTokenization(chat), metrics=metrics,
         responses=OpenAIServingResponses(chat, envs.LORAPLEX_RESPONSES_API_STORE_SIZE
                                          if envs.LORAPLEX_ENABLE_RESPONSES_API_STORE else 0),
-        embedding=OpenAIServingEmbedding(async_engine, models, tokenizer, chat=chat))
+        embedding=embedding, scores=OpenAIServingScores(embedding))
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)

@@ -7,6 +7,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import replace
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from loraplex.beam_search import BeamSearchOutput, beam_search
@@ -15,9 +16,16 @@ from loraplex.engine.llm_engine import LLMEngine, PromptType
 from loraplex.entrypoints.chat_images import ChatImages
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
-from loraplex.outputs import EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput
+from loraplex.outputs import (
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from loraplex.pooling_params import PoolingParams
 from loraplex.sampling_params import BeamSearchParams, SamplingParams
+from loraplex.scoring import cosine_scores, pair_indices
 
 Conversation = list[dict[str, Any]]
 
@@ -96,6 +104,26 @@ class LLM:
                     pooling_params, n, "pooling_params", PoolingParams())]
         return [EmbeddingRequestOutput.from_base(out) for out in self.encode(
             prompts, pooling_params, use_tqdm, lora_request)]
+
+    def score(self, data_1: str | Seq[str], data_2: str | Seq[str], *,
+              truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
+              lora_request: LoRARequest | None = None) -> list[ScoringRequestOutput]:
+        """vLLM's, for an embedding model: the cosine similarity of each pair's
+        embeddings (pairs: 1:1, 1:N, or N:N in order), every text embedded in one batch
+        under `lora_request`."""
+        self._require_runner("pooling", "LLM.score()")
+        first = [data_1] if isinstance(data_1, str) else list(data_1)
+        second = [data_2] if isinstance(data_2, str) else list(data_2)
+        pairs = pair_indices(len(first), len(second))
+        outs = self.embed(first + second, truncate_prompt_tokens=truncate_prompt_tokens,
+                          use_tqdm=use_tqdm, lora_request=lora_request)
+        vectors = [torch.tensor(o.outputs.embedding) for o in outs]
+        scores = cosine_scores(vectors[:len(first)], vectors[len(first):], pairs)
+        ours, theirs = outs[:len(first)], outs[len(first):]
+        return [ScoringRequestOutput(f"{ours[i].request_id}_{theirs[j].request_id}",
+                                     ScoringOutput(score),
+                                     ours[i].prompt_token_ids + theirs[j].prompt_token_ids)
+                for (i, j), score in zip(pairs, scores, strict=True)]
 
     def _require_runner(self, runner: str, call: str) -> None:
         """vLLM's refusal of generation on a pooling model and of pooling on a generative

@@ -403,6 +403,67 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+# ---- scores (an embedding model's: cosine similarity) ----------------------------------------
+class ScoreRequest(OpenAIBase):
+    """vLLM's /score: text_1 against text_2, 1:1, 1:N or N:N."""
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+    request_id: str | None = None
+
+
+class ScoreResponseData(BaseModel):
+    index: int
+    object: str = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("score"))
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreResponseData]
+    usage: UsageInfo
+
+
+class RerankRequest(OpenAIBase):
+    """vLLM's /rerank (Jina's and Cohere's shape): the documents by relevance to the
+    query; top_n of them (0: all)."""
+
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: int = 0
+    truncate_prompt_tokens: int | None = None
+    priority: int = 0
+    request_id: str | None = None
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("rerank"))
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+
+
 # ---- adapters ---------------------------------------------------------------------------
 class LoadLoRAAdapterRequest(OpenAIBase):
     lora_name: str = Field(min_length=1)

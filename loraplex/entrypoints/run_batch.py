@@ -2,7 +2,8 @@
 a result file out:
 
     {"custom_id": "a1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
-    (/v1/completions, and /v1/embeddings on a --runner pooling model, too)
+    (/v1/completions, and /v1/embeddings, /score and /rerank on a --runner pooling
+    model, too)
     -> {"id": "batch-...", "custom_id": "a1", "response": {"status_code": 200,
         "request_id": "...", "body": {<the route's response>}}, "error": null}
 
@@ -42,6 +43,8 @@ from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
     random_id,
 )
 
@@ -90,11 +93,23 @@ async def _embedding(state: ServerState, body: EmbeddingRequest) -> Any:
     return await state.embedding.create_embedding(body)
 
 
+async def _score(state: ServerState, body: ScoreRequest) -> Any:
+    state.require_runner("pooling", "Score")
+    return await state.scores.create_score(body)
+
+
+async def _rerank(state: ServerState, body: RerankRequest) -> Any:
+    state.require_runner("pooling", "Rerank")
+    return await state.scores.rerank(body)
+
+
 # url -> (its body, its handler): each refuses a server of the other runner, as the routes do
 ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
     "/v1/chat/completions": (ChatCompletionRequest, _chat),
     "/v1/completions": (CompletionRequest, _completion),
     "/v1/embeddings": (EmbeddingRequest, _embedding),
+    **{url: (ScoreRequest, _score) for url in ("/score", "/v1/score")},
+    **{url: (RerankRequest, _rerank) for url in ("/rerank", "/v1/rerank", "/v2/rerank")},
 }
 
 

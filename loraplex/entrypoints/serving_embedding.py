@@ -12,6 +12,8 @@ import base64
 import struct
 from typing import Any
 
+import torch
+
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
@@ -41,16 +43,17 @@ class OpenAIServingEmbedding(OpenAIServing):
         truncated as asked (then without text); on the encoder thread."""
         add = True if req.add_special_tokens is None else req.add_special_tokens
         out = self.encode_items(req.input, lora, add, "input")
-        return self._checked(out, params)
+        return self.checked(out, params)
 
-    def _checked(self, out: list[tuple[str | None, list[int]]], params: PoolingParams
-                 ) -> list[tuple[str | None, list[int]]]:
-        """Each input truncated as asked (then without text) and within max_model_len."""
+    def checked(self, out: list[tuple[str | None, list[int]]], params: PoolingParams,
+                param: str = "input") -> list[tuple[str | None, list[int]]]:
+        """Each input truncated as asked (then without text) and within max_model_len
+        (`param`: the field an error names)."""
         for k, (_, ids) in enumerate(out):
             kept = params.truncate_prompt(ids, self.max_model_len)
             if len(kept) != len(ids):
                 out[k] = (None, kept)
-            self._check_length(out[k][1])
+            self._check_length(out[k][1], param)
         return out
 
     async def _conversation(self, req: EmbeddingRequest, lora: LoRARequest | None
@@ -72,14 +75,14 @@ class OpenAIServingEmbedding(OpenAIServing):
                                   param="messages")
         return text, ids
 
-    def _check_length(self, ids: list[int]) -> None:
+    def _check_length(self, ids: list[int], param: str = "input") -> None:
         if not ids:
-            raise BadRequestError("an input is empty", param="input")
+            raise BadRequestError("an input is empty", param=param)
         if len(ids) >= self.max_model_len:  # vLLM's words
             raise BadRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. "
                 f"However, you requested {len(ids)} tokens in the input for embedding "
-                "generation. Please reduce the length of the input.", param="input")
+                "generation. Please reduce the length of the input.", param=param)
 
     def _params(self, req: EmbeddingRequest) -> PoolingParams:
         try:
@@ -93,23 +96,17 @@ class OpenAIServingEmbedding(OpenAIServing):
             raise BadRequestError(str(e), param="dimensions") from e
         return params
 
-    async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
-        params = self._params(req)
-        lora = await self.models.resolve(req.model)
-        model = req.model or self.models.base_model_name
-        if (req.input is None) == (req.messages is None):
-            raise BadRequestError("give exactly one of input and messages", param="input")
-        if req.messages is not None:
-            inputs = self._checked([await self._conversation(req, lora)], params)
-        else:
-            inputs = await self.off_loop(self._inputs, req, lora, params)
-        request_id = req.request_id or random_id("embd")
+    async def embed(self, request_id: str, inputs: list[tuple[str | None, list[int]]],
+                    params: PoolingParams, model: str | None, lora: LoRARequest | None,
+                    priority: int = 0, param: str = "input") -> list[torch.Tensor]:
+        """One pooling request per input, all queued before any runs (under `lora`): their
+        vectors in input order. `param`: the field the engine's prompt checks name."""
         try:
             queued = await self.start_requests(request_id, inputs, [params] * len(inputs),
-                                               req.model, lora, None, req.priority)
+                                               model, lora, None, priority)
         except BadRequestError as e:
-            if e.param == "prompt":  # the engine's checks name a prompt; here it is input
-                e.param = "input"
+            if e.param == "prompt":  # the engine's checks name a prompt; here, `param`
+                e.param = param
             raise
         finals: dict[int, PoolingRequestOutput] = {}
         try:
@@ -117,12 +114,24 @@ class OpenAIServingEmbedding(OpenAIServing):
                 finals[i] = out
         finally:
             await self.abort_all(queued)
-        data = []
         for i in range(len(inputs)):
             self.check_output(finals[i])
-            vector = finals[i].outputs.data
-            data.append(EmbeddingResponseData(index=i, embedding=_encode(vector,
-                                                                         req.encoding_format)))
+        return [finals[i].outputs.data for i in range(len(inputs))]
+
+    async def create_embedding(self, req: EmbeddingRequest) -> EmbeddingResponse:
+        params = self._params(req)
+        lora = await self.models.resolve(req.model)
+        model = req.model or self.models.base_model_name
+        if (req.input is None) == (req.messages is None):
+            raise BadRequestError("give exactly one of input and messages", param="input")
+        if req.messages is not None:
+            inputs = self.checked([await self._conversation(req, lora)], params)
+        else:
+            inputs = await self.off_loop(self._inputs, req, lora, params)
+        request_id = req.request_id or random_id("embd")
+        vectors = await self.embed(request_id, inputs, params, req.model, lora, req.priority)
+        data = [EmbeddingResponseData(index=i, embedding=_encode(v, req.encoding_format))
+                for i, v in enumerate(vectors)]
         n = sum(len(ids) for _, ids in inputs)
         return EmbeddingResponse(id=request_id, model=model, data=data,
                                  usage=EmbeddingUsage(prompt_tokens=n, total_tokens=n))
