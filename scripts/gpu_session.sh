@@ -8,6 +8,7 @@
 #                bash scripts/gpu_session.sh adapters     # issue 7 targets: many adapters, 1B
 #                bash scripts/gpu_session.sh decode-mlp   # all-linear adapters, 8B and 1B
 #                bash scripts/gpu_session.sh kv-fp8       # FP8 KV cache against bf16's, 8B
+#                bash scripts/gpu_session.sh spec         # ngram speculative decoding vs plain
 #                bash scripts/gpu_session.sh moe          # LoRA on Mixtral-shaped experts
 #                bash scripts/gpu_session.sh gpt-oss      # gpt-oss-20b shapes, MXFP4 and bf16
 #                bash scripts/gpu_session.sh kernels      # LoRA op, attention, slot-swap microbenchmarks
@@ -43,6 +44,8 @@ case "$phase" in
       tests/test_gpt_oss.py tests/test_priority_scheduling.py tests/test_triton_mxfp4.py \
       tests/test_compressed_tensors.py tests/test_quantized_moe.py tests/test_bnb_moe.py \
       tests/test_llava.py tests/test_llava_next.py tests/test_kv_cache_fp8.py \
+      tests/test_spec_decode.py tests/test_embeddings.py tests/test_more_architectures.py \
+      tests/test_compressed_tensors_w8a8.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)
@@ -64,6 +67,10 @@ case "$phase" in
       --batch-sizes 1 8 32 64 --hf --out "$OUT/decode_step_cuda_8b.json" 2>&1 | tail -20
     timeout 190 python3 benchmarks/decode_step.py --shape llama-3.2-1b --device cuda \
       --batch-sizes 1 8 32 64 --out "$OUT/decode_step_cuda_1b.json" 2>&1 | tail -20
+    ;;
+  spec)  # ngram speculative decoding against plain decoding, the same mixed-adapter batch
+    timeout 300 python3 benchmarks/spec_decode.py --out "$OUT/spec_decode_cuda.json" \
+      2>&1 | tail -5
     ;;
   kv-fp8)  # --kv-cache-dtype fp8 against the model's dtype, 8B, the same call
     for kv in auto fp8; do
