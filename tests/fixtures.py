@@ -230,6 +230,9 @@ def _arch_config(
         common.update(use_bias=True)
     elif arch in ("glm", "glm4"):  # q/k/v biases, half the head rotated (interleaved)
         common.update(attention_bias=True, partial_rotary_factor=0.5)
+    elif arch == "hunyuan":  # q/k norm after the rotation, NTK-alpha rope, biases
+        common.update(attention_bias=True, rope_scaling={
+            "rope_type": "dynamic", "type": "dynamic", "alpha": 100.0, "factor": 1.0})
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -241,7 +244,8 @@ def _arch_config(
                     "llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
                     "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
                     "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config",
-                    "glm": "GlmConfig", "glm4": "Glm4Config"}[arch]
+                    "glm": "GlmConfig", "glm4": "Glm4Config",
+                    "hunyuan": "HunYuanDenseV1Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -10,7 +10,9 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
 - Ernie 4.5: rotary on interleaved pairs (2i, 2i + 1), biases everywhere;
 - GLM-4 (GLM's and GLM-4-0414's): gate_up_proj fused in the checkpoint (and in adapters:
   one LoRA A), q/k/v biases, half of each head rotated on interleaved pairs; GLM-4-0414's
-  norms on each sublayer's input and output, under its own names.
+  norms on each sublayer's input and output, under its own names;
+- Hunyuan (dense): q/k norm after the rotation (its query_layernorm / key_layernorm),
+  "dynamic" rope with a fixed alpha (a stretched base), q/k/v/o biases.
 
 A transformers without the architecture (the floors job's, for some) skips it.
 """
@@ -28,7 +30,7 @@ from tests.fixtures import make_peft_adapter, make_tiny_model
 ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
          "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config",
-         "glm": "GlmConfig", "glm4": "Glm4Config"}
+         "glm": "GlmConfig", "glm4": "Glm4Config", "hunyuan": "HunYuanDenseV1Config"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),

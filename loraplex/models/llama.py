@@ -63,6 +63,10 @@ class LlamaArgs:
     attention_sinks: bool = False  # a sink logit per head (gpt-oss)
     qk_norm: bool = False  # q and k RMS-normalized per head (Qwen3)
     qk_norm_full: bool = False  # ... over all heads' dimensions at once (OLMo 2)
+    qk_norm_after_rope: bool = False  # q/k normalized after the rotation (Hunyuan)
+    # checkpoint name pieces -> ours, for architectures that name a module otherwise
+    # (Hunyuan's query_layernorm is our q_norm)
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
     quant: QuantConfig | None = None  # quantized weights in the decoder's linears
     hidden_act: str = "silu"  # the gated MLP's: silu | gelu_tanh | gelu (layers/activation.py)
     gemma: bool = False  # embeddings x sqrt(hidden), GemmaRMSNorm
@@ -128,6 +132,7 @@ class LlamaAttention(nn.Module):
                                   _names(prefix, "o_proj"))
         self.sinks = nn.Parameter(torch.empty(a.num_heads)) if a.attention_sinks else None
         self.qk_norm_full = a.qk_norm_full
+        self.qk_norm_after_rope = a.qk_norm_after_rope
         self.q_norm = a.norm(self.q_size if a.qk_norm_full else a.head_dim) \
             if a.qk_norm or a.qk_norm_full else None
         self.k_norm = a.norm(self.kv_size if a.qk_norm_full else a.head_dim) \
@@ -145,10 +150,13 @@ class LlamaAttention(nn.Module):
         q = q.view(x.shape[0], -1, self.head_dim)  # [T, H, D]
         k = k.view(x.shape[0], -1, self.head_dim)  # [T, KVH, D]
         v = v.view(x.shape[0], -1, self.head_dim)
-        if self.q_norm is not None and not self.qk_norm_full:  # per head
+        per_head = self.q_norm is not None and not self.qk_norm_full
+        if per_head and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
+        if per_head and self.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         return self.o_proj(self.attn(q, k, v, self.sinks))
 
 

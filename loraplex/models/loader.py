@@ -96,6 +96,8 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None 
                 vision.load_weight(name, tensor)
             continue
         name = ours if text_only is not None else name
+        for theirs, ours_part in model.args.checkpoint_renames:
+            name = name.replace(theirs, ours_part)
         if "rotary_emb.inv_freq" in name:
             continue
         if name == "lm_head.weight" and model.args.tie_word_embeddings:

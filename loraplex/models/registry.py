@@ -32,6 +32,10 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "SeedOssForCausalLM": {},
     "MinistralForCausalLM": {},
     "Ernie4_5ForCausalLM": {"rope_interleaved": True},
+    "HunYuanDenseV1ForCausalLM": {  # q/k norm after the rotation, under its names
+        "qk_norm": True, "qk_norm_after_rope": True,
+        "checkpoint_renames": ((".self_attn.query_layernorm.", ".self_attn.q_norm."),
+                               (".self_attn.key_layernorm.", ".self_attn.k_norm."))},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -50,12 +54,13 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "smollm3": "SmolLM3ForCausalLM", "exaone4": "Exaone4ForCausalLM",
                   "seed_oss": "SeedOssForCausalLM", "ministral": "MinistralForCausalLM",
                   "ernie4_5": "Ernie4_5ForCausalLM", "glm": "GlmForCausalLM",
-                  "glm4": "Glm4ForCausalLM"}
+                  "glm4": "Glm4ForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM"}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
                    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
-                   "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM")
+                   "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
+                   "HunYuanDenseV1ForCausalLM")
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu"}
@@ -245,6 +250,16 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                                    if i in only_mlp or (i + 1) % step))
 
 
+def ntk_alpha(theta: float, scaling: dict | None, head_dim: int
+              ) -> tuple[float, dict | None]:
+    """Hunyuan's "dynamic" rope with a fixed `alpha`: not dynamic at all, the base
+    stretched to theta * alpha^(d / (d - 2)) (as HF computes it), with no other scaling."""
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "dynamic" \
+            and scaling.get("alpha"):
+        return theta * float(scaling["alpha"]) ** (head_dim / (head_dim - 2)), None
+    return theta, scaling
+
+
 def long_lora_max_position(hf_config: Any, factors: tuple[float, ...] | None) -> int:
     """The positions a model serves: its max_position_embeddings, times the largest
     long-context LoRA factor (a LongLoRA adapter was trained that much longer)."""
@@ -264,6 +279,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
                    hf_config.original_max_position_embeddings}
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    theta, scaling = ntk_alpha(theta, scaling, head_dim)
     args = LlamaArgs(
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
