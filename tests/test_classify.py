@@ -218,3 +218,20 @@ def test_classify_route_refused_on_other_servers(tiny_models):
         r = srv.post("/classify", {"input": "hi"})
         assert r.status_code == 404, r.text
         assert "does not support Classification" in r.json()["error"]["message"]
+
+
+def test_task_embed_serves_a_classifiers_hidden_states(base):
+    """task="embed" on a classifier: its pooled last hidden state (normalized), the head
+    unused; classify refused then."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification
+
+    llm = LLM(str(base), task="embed", max_model_len=64, dtype="float32")
+    out = llm.embed(PROMPTS[0], use_tqdm=False)[0]
+    hf = AutoModelForSequenceClassification.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        hidden = hf.model(torch.tensor([out.prompt_token_ids])).last_hidden_state[0, -1]
+    ref = F.normalize(hidden, dim=-1)
+    assert (torch.tensor(out.outputs.embedding) - ref).abs().max().item() < 2e-5
+    with pytest.raises(ValueError, match="not supported by this model"):
+        llm.classify("hi")
