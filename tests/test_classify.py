@@ -235,3 +235,29 @@ def test_task_embed_serves_a_classifiers_hidden_states(base):
     assert (torch.tensor(out.outputs.embedding) - ref).abs().max().item() < 2e-5
     with pytest.raises(ValueError, match="not supported by this model"):
         llm.classify("hi")
+
+
+def test_trailing_pad_tokens_and_a_bad_head_fail_alone(base, adapters, tmp_path):
+    """A prompt ending in pad_token_id is scored at its last non-pad token, as HF's
+    (over chunked prefill too); an adapter whose head has another shape fails its own
+    request, the others still classified."""
+    bad = tmp_path / "bad_head"
+    shutil.copytree(adapters["r4_qv_head"], bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "score" in k)
+    tensors[key] = torch.randn(5, tensors[key].shape[1])
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    llm = LLM(str(base), runner="pooling", enable_lora=True, max_loras=2, max_lora_rank=8,
+              max_model_len=128, max_num_batched_tokens=8, dtype="float32")
+    ids = llm.get_tokenizer().encode(PROMPTS[3])
+    assert 0 not in ids[1:]
+    padded = {"prompt_token_ids": ids + [0, 0, 0]}  # pad_token_id=0
+    outs = llm.classify([padded, padded], use_tqdm=False,
+                        lora_request=[None, _lora("r8_all_head", adapters)])
+    assert_probs(outs[0].outputs.probs, hf_probs(base, None, padded["prompt_token_ids"]))
+    assert_probs(outs[1].outputs.probs, hf_probs(base, adapters["r8_all_head"],
+                                                 padded["prompt_token_ids"]))
+    with pytest.raises(ValueError, match="classifier head has shape"):
+        llm.classify("hi", lora_request=LoRARequest("bad", 9, str(bad)), use_tqdm=False)
+    ok = llm.classify(PROMPTS[0], lora_request=_lora("r4_qv_head", adapters), use_tqdm=False)
+    assert ok[0].outputs.num_classes == 3

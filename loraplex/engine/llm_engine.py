@@ -132,6 +132,7 @@ class LLMEngine:
         self.id2label = {int(k): str(v) for k, v in
                          (getattr(hf_config, "id2label", None) or {}).items()}
         self.classifier_head: ClassifierHead | None = None  # the base's (classify)
+        self.pad_token_id: int | None = getattr(hf_config, "pad_token_id", None)
         # (lora_int_id, registration) -> the adapter's own head, or None: the base's
         self._adapter_heads: dict[tuple[int, int], ClassifierHead | None] = {}
         self.model = self._load_model(hf_config, path)
@@ -399,7 +400,8 @@ class LLMEngine:
             raise ValueError("multi_modal_data: image inputs are not supported for pooling")
         self._check_prompt(ids, self.vocab_size(lora_request))
         seq = Sequence(request_id, 0, ids, params, lora_id, None, priority)
-        seq.pooling = PoolingState(self.model_config.pooler_config.pooling_type)
+        seq.pooling = PoolingState(self.model_config.pooler_config.pooling_type,
+                                   self._classified_position(ids) if self.classify else None)
         if self.classify:  # read now: a bad head fails this request alone
             self._head_of(lora_request)
         self.requests[request_id] = Request(request_id, text, ids, params, lora_request,
@@ -423,6 +425,13 @@ class LLMEngine:
             seq.finish_reason = "stop"
             self.scheduler.finish(seq)
             touched[req.request_id] = req
+
+    def _classified_position(self, ids: list[int]) -> int:
+        """HF's classifiers score the last token that is not config.json's pad_token_id
+        (the first when all are), so a prompt ending in it is scored as HF does."""
+        pad = self.pad_token_id
+        return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] != pad), 0) \
+            if pad is not None else len(ids) - 1
 
     def _head_of(self, lora_request: LoRARequest | None) -> ClassifierHead:
         """The request's classifier head: its adapter's own (modules_to_save score /
