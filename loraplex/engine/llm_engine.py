@@ -215,6 +215,10 @@ class LLMEngine:
             init_dummy_weights(model, mc.seed)
             if self.vision is not None:
                 init_dummy_weights(self.vision, mc.seed + 1)
+            if self.classify:  # a random head of the config's shape, as the decoder's
+                gen = torch.Generator().manual_seed(mc.seed + 2)
+                self.classifier_head = ClassifierHead(0.02 * torch.randn(
+                    hf_config.num_labels, hf_config.hidden_size, generator=gen))
         else:
             heads: dict[str, torch.Tensor] | None = {} if self.classify else None
             load_weights(model, path, self.vision, headless=self.headless, classifier=heads)
