@@ -127,6 +127,9 @@ class ModelConfig:
     # dimensions the checkpoint allows (None: any up to hidden size when is_matryoshka)
     runner: str = "generate"
     pooler_config: PoolerConfig | None = None
+    # pooling: "embed" (LLM.embed, /v1/embeddings) or "classify" (a
+    # *ForSequenceClassification checkpoint: LLM.classify, /classify)
+    pooling_task: str | None = None
     is_matryoshka: bool = False
     matryoshka_dimensions: tuple[int, ...] | None = None
 

@@ -97,6 +97,32 @@ class EmbeddingRequestOutput(PoolingRequestOutput):
 
 
 @dataclass
+class ClassificationOutput:
+    """vLLM's: a classifier's class probabilities (softmax of its head's logits)."""
+
+    probs: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+    @classmethod
+    def from_base(cls, out: PoolingOutput) -> ClassificationOutput:
+        return cls(out.data.tolist())
+
+
+@dataclass
+class ClassificationRequestOutput(PoolingRequestOutput):
+    """LLM.classify's: `outputs.probs` a list of floats."""
+
+    @classmethod
+    def from_base(cls, out: PoolingRequestOutput) -> ClassificationRequestOutput:
+        return cls(out.request_id, ClassificationOutput.from_base(out.outputs),
+                   out.prompt_token_ids, out.finished, out.prompt, out.lora_request,
+                   out.error, out.metrics, out.num_cached_tokens)
+
+
+@dataclass
 class ScoringOutput:
     score: float  # the cosine similarity of the pair's embeddings (loraplex/scoring.py)
 

@@ -20,7 +20,12 @@ from loraplex.config import (
     SpeculativeConfig,
     resolve_dtype,
 )
-from loraplex.models.registry import architecture, is_headless, long_lora_max_position
+from loraplex.models.registry import (
+    architecture,
+    is_classifier,
+    is_headless,
+    long_lora_max_position,
+)
 from loraplex.reasoning import REASONING_PARSERS
 
 logger = logging.getLogger(__name__)
@@ -154,13 +159,14 @@ class EngineArgs:
     def resolve_runner(self, hf_config: Any) -> str:
         """"generate" or "pooling", from runner / task / convert and the checkpoint."""
         choices = {"runner": ("auto", "generate", "pooling"),
-                   "task": ("auto", "generate", "embed"), "convert": ("auto", "none", "embed")}
+                   "task": ("auto", "generate", "embed", "classify"),
+                   "convert": ("auto", "none", "embed", "classify")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one "
                                  "of: " + ", ".join(allowed))
-        wants = {"pooling" if self.runner == "pooling" or self.task == "embed"
-                 or self.convert == "embed" else None,
+        wants = {"pooling" if self.runner == "pooling" or self.task in ("embed", "classify")
+                 or self.convert in ("embed", "classify") else None,
                  "generate" if self.runner == "generate" or self.task == "generate" else None}
         wants.discard(None)
         if len(wants) > 1:
@@ -172,6 +178,21 @@ class EngineArgs:
             raise ValueError(f"{hf_config.architectures[0]} has no lm_head (an embedding "
                              "model's checkpoint): it can only run as runner='pooling'")
         return runner
+
+    def resolve_pooling_task(self, hf_config: Any) -> str:
+        """A pooling runner's "embed" or "classify": classify for a
+        `*ForSequenceClassification` checkpoint unless task / convert say embed (its
+        pooled hidden state); classify asked of any other checkpoint is refused (it has
+        no trained head to apply)."""
+        asked = {v for v in (self.task, self.convert) if v in ("embed", "classify")}
+        if len(asked) > 1:
+            raise ValueError(f"task={self.task!r} and convert={self.convert!r} disagree")
+        classifier = is_classifier(hf_config)
+        task = asked.pop() if asked else ("classify" if classifier else "embed")
+        if task == "classify" and not classifier:
+            raise ValueError("classify needs a *ForSequenceClassification checkpoint (its "
+                             f"trained score head); {hf_config.architectures} has none")
+        return task
 
     def create_engine_config(self, hf_config: Any) -> EngineConfig:
         from loraplex.layers.quantization import quant_config_from_hf
@@ -212,6 +233,8 @@ class EngineArgs:
             reasoning_parser=self.reasoning_parser or (  # vLLM reads gpt-oss's as harmony
                 "openai_gptoss" if architecture(hf_config) == "GptOssForCausalLM" else None),
             generation_config=self.generation_config, runner=runner,
+            pooling_task=self.resolve_pooling_task(hf_config) if runner == "pooling"
+            else None,
             pooler_config=pooler if runner == "pooling" else None,
             is_matryoshka=bool(getattr(hf_config, "is_matryoshka", False)
                                or getattr(hf_config, "matryoshka_dimensions", None)),

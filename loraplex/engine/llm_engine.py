@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from loraplex import envs
-from loraplex.config import EngineConfig, kv_cache_dtype
+from loraplex.config import EngineConfig, PoolerConfig, kv_cache_dtype
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
@@ -31,6 +31,7 @@ from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
 from loraplex.engine.structured_output import StructuredOutputs
+from loraplex.layers.classifier import ClassifierHead, read_adapter_head
 from loraplex.layers.pooler import PoolingState, embedding_head
 from loraplex.layers.quantization import read_side_config
 from loraplex.layers.sampler import Sampler, SamplerOutput, SamplingRow
@@ -105,7 +106,15 @@ class LLMEngine:
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
         mc = self.model_config
-        if mc.runner == "pooling":  # the user's fields over the checkpoint's defaults
+        self.classify = mc.pooling_task == "classify"
+        if self.classify:  # HF's classifiers: the last token, its hidden state as it is
+            asked = mc.pooler_config
+            if asked is not None and (asked.pooling_type not in (None, "LAST")
+                                      or asked.normalize or asked.dimensions):
+                raise ValueError("a classifier pools its last token, unnormalized: "
+                                 "pooler_config cannot change that")
+            mc.pooler_config = PoolerConfig(pooling_type="LAST", normalize=False)
+        elif mc.runner == "pooling":  # the user's fields over the checkpoint's defaults
             mc.pooler_config = resolve_pooler_config(path, mc.pooler_config)
             self.check_dimensions(mc.pooler_config.dimensions, hf_config.hidden_size)
         self.headless = is_headless(hf_config)
@@ -120,8 +129,15 @@ class LLMEngine:
                        if vision_config is not None else None)
         self.image_processor = (ImageProcessor(path, vision_config)
                                 if vision_config is not None else None)
+        self.id2label = {int(k): str(v) for k, v in
+                         (getattr(hf_config, "id2label", None) or {}).items()}
+        self.classifier_head: ClassifierHead | None = None  # the base's (classify)
+        self.pad_token_id: int | None = getattr(hf_config, "pad_token_id", None)
+        # (lora_int_id, registration) -> the adapter's own head, or None: the base's
+        self._adapter_heads: dict[tuple[int, int], ClassifierHead | None] = {}
         self.model = self._load_model(hf_config, path)
-        self.lora_manager = (LoRAManager(self.model, self.lora_config, mc.dtype)
+        self.lora_manager = (LoRAManager(self.model, self.lora_config, mc.dtype,
+                                         classifier_heads=self.classify)
                              if self.lora_config else None)
         block_size = self.config.cache_config.block_size
         kv_dtype = kv_cache_dtype(self.config.cache_config.cache_dtype, mc.dtype)
@@ -199,8 +215,19 @@ class LLMEngine:
             init_dummy_weights(model, mc.seed)
             if self.vision is not None:
                 init_dummy_weights(self.vision, mc.seed + 1)
+            if self.classify:  # a random head of the config's shape, as the decoder's
+                gen = torch.Generator().manual_seed(mc.seed + 2)
+                self.classifier_head = ClassifierHead(0.02 * torch.randn(
+                    hf_config.num_labels, hf_config.hidden_size, generator=gen))
         else:
-            load_weights(model, path, self.vision, headless=self.headless)
+            heads: dict[str, torch.Tensor] | None = {} if self.classify else None
+            load_weights(model, path, self.vision, headless=self.headless, classifier=heads)
+            if heads is not None:
+                self.classifier_head = ClassifierHead.from_tensors(heads, path)
+                if self.classifier_head is None:
+                    raise ValueError(f"{path}: a classifier checkpoint without score.weight")
+                if self.classifier_head.num_labels != len(self.id2label):
+                    self.id2label = {}  # labels unnamed: their indices (see label())
         if self.vision is not None:
             self.vision.eval()
         return model.eval()
@@ -377,7 +404,10 @@ class LLMEngine:
             raise ValueError("multi_modal_data: image inputs are not supported for pooling")
         self._check_prompt(ids, self.vocab_size(lora_request))
         seq = Sequence(request_id, 0, ids, params, lora_id, None, priority)
-        seq.pooling = PoolingState(self.model_config.pooler_config.pooling_type)
+        seq.pooling = PoolingState(self.model_config.pooler_config.pooling_type,
+                                   self._classified_position(ids) if self.classify else None)
+        if self.classify:  # read now: a bad head fails this request alone
+            self._head_of(lora_request)
         self.requests[request_id] = Request(request_id, text, ids, params, lora_request,
                                             [seq], [])
         self.scheduler.add(seq)
@@ -390,12 +420,41 @@ class LLMEngine:
                 continue
             req = self.requests[seq.request_id]
             p = req.params
-            req.pooled = embedding_head(
-                seq.pooling.pooled(), pc.normalize if p.normalize is None else p.normalize,
-                p.dimensions if p.dimensions is not None else pc.dimensions)
+            if self.classify:
+                req.pooled = self._head_of(req.lora_request).probs(seq.pooling.pooled())
+            else:
+                req.pooled = embedding_head(
+                    seq.pooling.pooled(), pc.normalize if p.normalize is None else p.normalize,
+                    p.dimensions if p.dimensions is not None else pc.dimensions)
             seq.finish_reason = "stop"
             self.scheduler.finish(seq)
             touched[req.request_id] = req
+
+    def _classified_position(self, ids: list[int]) -> int:
+        """HF's classifiers score the last token that is not config.json's pad_token_id
+        (the first when all are), so a prompt ending in it is scored as HF does."""
+        pad = self.pad_token_id
+        return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] != pad), 0) \
+            if pad is not None else len(ids) - 1
+
+    def _head_of(self, lora_request: LoRARequest | None) -> ClassifierHead:
+        """The request's classifier head: its adapter's own (modules_to_save score /
+        classifier, read once per registration into host memory), else the base's."""
+        assert self.classifier_head is not None, "not a classifier"
+        if lora_request is None or self.lora_manager is None:
+            return self.classifier_head
+        lid = lora_request.lora_int_id
+        key = (lid, self.lora_manager.registration_of(lid))
+        if key not in self._adapter_heads:
+            for old in [k for k in self._adapter_heads if k[0] == lid]:
+                del self._adapter_heads[old]  # an earlier registration of this id
+            self._adapter_heads[key] = read_adapter_head(
+                self.lora_manager.registered[lid], self.classifier_head)
+        return self._adapter_heads[key] or self.classifier_head
+
+    def label(self, index: int) -> str:
+        """id2label of a class index (its index as text when the config names none)."""
+        return self.id2label.get(index, str(index))
 
     def _use_lora(self, req: LoRARequest) -> int:
         if self.lora_manager is None:

@@ -4,6 +4,7 @@
     POST /v1/completions /v1/chat/completions /v1/responses   GET /v1/responses/{id}
     POST /v1/embeddings /score /rerank   (runner pooling; the generation routes then
                            answer 404, and these do on a generate server)
+    POST /classify   (runner pooling, a *ForSequenceClassification checkpoint)
     POST /tokenize /detokenize   POST /invocations (SageMaker's: chat or completions)
     POST /reset_prefix_cache   (LORAPLEX_SERVER_DEV_MODE)
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   (LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING)
@@ -52,6 +53,7 @@ from loraplex.entrypoints.errors import (
 from loraplex.entrypoints.http_options import HTTPOptions, add_middleware
 from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
@@ -64,6 +66,7 @@ from loraplex.entrypoints.protocol import (
     ignored_fields,
 )
 from loraplex.entrypoints.serving_chat import OpenAIServingChat
+from loraplex.entrypoints.serving_classification import OpenAIServingClassification
 from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
 from loraplex.entrypoints.serving_embedding import OpenAIServingEmbedding
 from loraplex.entrypoints.serving_models import OpenAIServingModels
@@ -99,6 +102,16 @@ class ServerState:
     responses: OpenAIServingResponses
     embedding: OpenAIServingEmbedding
     scores: OpenAIServingScores
+    classification: OpenAIServingClassification
+
+    def require_task(self, task: str, api: str) -> None:
+        """A pooling server serves embeddings or classification, as its checkpoint is
+        (vLLM's 404 for the other's routes)."""
+        self.require_runner("pooling", api)
+        ours = self.engine.engine.model_config.pooling_task
+        if ours != task:
+            raise NotFoundError(f"The model does not support {api} API: this server's "
+                                f"model runs the pooling task {ours!r}")
 
     def require_runner(self, runner: str, api: str) -> None:
         """A generate server has no embeddings, a pooling server no generation: a 404 that
@@ -226,15 +239,23 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
     @app.post("/v1/embeddings")
     @with_cancellation
     async def embeddings(request: EmbeddingRequest, raw_request: Request) -> Response:
-        state.require_runner("pooling", "Embeddings")
+        state.require_task("embed", "Embeddings")
         warn_ignored(request)
         return respond(await state.embedding.create_embedding(request))
+
+    @app.post("/classify")
+    @app.post("/v1/classify")
+    @with_cancellation
+    async def classify(request: ClassificationRequest, raw_request: Request) -> Response:
+        state.require_task("classify", "Classification")
+        warn_ignored(request)
+        return respond(await state.classification.create_classify(request))
 
     @app.post("/score")
     @app.post("/v1/score")
     @with_cancellation
     async def score(request: ScoreRequest, raw_request: Request) -> Response:
-        state.require_runner("pooling", "Score")
+        state.require_task("embed", "Score")
         warn_ignored(request)
         return respond(await state.scores.create_score(request))
 
@@ -243,7 +264,7 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
     @app.post("/v2/rerank")
     @with_cancellation
     async def rerank(request: RerankRequest, raw_request: Request) -> Response:
-        state.require_runner("pooling", "Rerank")
+        state.require_task("embed", "Rerank")
         warn_ignored(request)
         return respond(await state.scores.rerank(request))
 
@@ -257,6 +278,9 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
             raise BadRequestError(f"the request body is not valid JSON: {e}") from None
         pooling = state.engine.engine.model_config.runner == "pooling"
         if pooling and isinstance(fields, dict) and "input" in fields:
+            if state.engine.engine.model_config.pooling_task == "classify":
+                return respond(await state.classification.create_classify(
+                    parse_body(body, ClassificationRequest)))
             request = parse_body(body, EmbeddingRequest)
             return respond(await state.embedding.create_embedding(request))
         if not isinstance(fields, dict) or not ({"messages", "prompt"} & fields.keys()):
@@ -440,7 +464,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
         tokenization=OpenAIServingTokenization(chat), metrics=metrics,
         responses=OpenAIServingResponses(chat, envs.LORAPLEX_RESPONSES_API_STORE_SIZE
                                          if envs.LORAPLEX_ENABLE_RESPONSES_API_STORE else 0),
-        embedding=embedding, scores=OpenAIServingScores(embedding))
+        embedding=embedding, scores=OpenAIServingScores(embedding),
+        classification=OpenAIServingClassification(embedding))
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)

@@ -180,11 +180,13 @@ ENGINE_HELP: dict[str, str] = {
                     "ask for; -1: no limit.",
     "runner": "generate (next tokens: completions, chat) or pooling (embeddings: "
               "/v1/embeddings, LLM.embed; each request under its own adapter); auto: "
-              "pooling for a checkpoint without lm_head (a *Model architecture), else "
-              "generate.",
-    "task": "vLLM's older name: embed = --runner pooling, generate = --runner generate.",
+              "pooling for a checkpoint without lm_head (a *Model architecture; a "
+              "*ForSequenceClassification one classifies: /classify), else generate.",
+    "task": "vLLM's older name: embed = --runner pooling, generate = --runner generate; "
+            "classify: a *ForSequenceClassification checkpoint's classes (/classify).",
     "convert": "vLLM's: embed turns a causal LM into an embedding model (= --runner "
-               "pooling; its lm_head is not used).",
+               "pooling; its lm_head is not used); classify: a *ForSequenceClassification "
+               "checkpoint's classes (its default).",
     "override_pooler_config": "Pooling runner: JSON {\"pooling_type\": \"LAST\" | "
                               "\"MEAN\" | \"CLS\", \"normalize\": bool, \"dimensions\": "
                               "int}; unset fields come from the checkpoint's "
@@ -254,8 +256,8 @@ _SPECIAL_TYPES = {"max_model_len": parse_human_int, "long_lora_scaling_factors":
 _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"],
             "lora_scheduling_policy": ["fair", "fcfs"],
             "runner": ["auto", "generate", "pooling"],
-            "task": ["auto", "generate", "embed"],
-            "convert": ["auto", "none", "embed"],
+            "task": ["auto", "generate", "embed", "classify"],
+            "convert": ["auto", "none", "embed", "classify"],
             "scheduling_policy": ["fcfs", "priority"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
             "kv_cache_dtype": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],  # config.py's

@@ -17,6 +17,7 @@ from loraplex.entrypoints.chat_images import ChatImages
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import (
+    ClassificationRequestOutput,
     EmbeddingRequestOutput,
     PoolingRequestOutput,
     RequestOutput,
@@ -97,6 +98,7 @@ class LLM:
         `truncate_prompt_tokens`: keep each prompt's last k tokens (-1: max_model_len - 1),
         for every prompt whose PoolingParams does not say."""
         self._require_runner("pooling", "LLM.embed()")
+        self._require_task("embed", "LLM.embed()")
         if truncate_prompt_tokens is not None:
             n = len(_as_list(prompts))
             pooling_params = [p if p.truncate_prompt_tokens is not None else replace(
@@ -112,6 +114,7 @@ class LLM:
         embeddings (pairs: 1:1, 1:N, or N:N in order), every text embedded in one batch
         under `lora_request`."""
         self._require_runner("pooling", "LLM.score()")
+        self._require_task("embed", "LLM.score()")
         first = [data_1] if isinstance(data_1, str) else list(data_1)
         second = [data_2] if isinstance(data_2, str) else list(data_2)
         pairs = pair_indices(len(first), len(second))
@@ -124,6 +127,31 @@ class LLM:
                                      ScoringOutput(score),
                                      ours[i].prompt_token_ids + theirs[j].prompt_token_ids)
                 for (i, j), score in zip(pairs, scores, strict=True)]
+
+    def classify(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = True,
+                 pooling_params: PoolingParams | Seq[PoolingParams] | None = None,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+                 ) -> list[ClassificationRequestOutput]:
+        """vLLM's, for a `*ForSequenceClassification` checkpoint: each prompt's class
+        probabilities (`outputs.probs`) from its last token, under its adapter's own
+        classifier head when the adapter has one, else the base's. Prompts under
+        different adapters share each forward."""
+        self._require_runner("pooling", "LLM.classify()")
+        self._require_task("classify", "LLM.classify()")
+        return [ClassificationRequestOutput.from_base(out) for out in self.encode(
+            prompts, pooling_params, use_tqdm, lora_request)]
+
+    def _require_task(self, task: str, call: str) -> None:
+        """vLLM's refusal of embeddings from a classifier and of classify from an
+        embedding model."""
+        ours = self.llm_engine.model_config.pooling_task
+        if ours != task:
+            raise ValueError(f"{call} is not supported by this model: it runs the "
+                             f"pooling task {ours!r}" + (
+                                 " (a *ForSequenceClassification checkpoint is needed)"
+                                 if task == "classify" else
+                                 " (use LLM.classify(), or task='embed' for its pooled "
+                                 "hidden states)"))
 
     def _require_runner(self, runner: str, call: str) -> None:
         """vLLM's refusal of generation on a pooling model and of pooling on a generative

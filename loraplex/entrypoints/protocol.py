@@ -403,6 +403,37 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+# ---- classification (a *ForSequenceClassification checkpoint's) ------------------------------
+class ClassificationRequest(OpenAIBase):
+    """vLLM's /classify: `input` a string, a list of strings, a list of token ids or a
+    list of such lists; one classification each."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    user: str | None = None
+    # vLLM extras
+    add_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None  # keep each input's last k tokens
+    priority: int = 0
+    request_id: str | None = None
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str | None  # id2label of the most probable class
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("classify"))
+    object: str = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassificationData]
+    usage: EmbeddingUsage
+
+
 # ---- scores (an embedding model's: cosine similarity) ----------------------------------------
 class ScoreRequest(OpenAIBase):
     """vLLM's /score: text_1 against text_2, 1:1, 1:N or N:N."""

@@ -15,8 +15,11 @@ import torch.nn.functional as F
 class PoolingState:
     """One sequence's pooling in progress (Sequence.pooling)."""
 
-    def __init__(self, pooling_type: str) -> None:
+    def __init__(self, pooling_type: str, position: int | None = None) -> None:
+        """`position`: LAST pools that position's row instead of the last one (a
+        classifier's last non-pad token, as HF's)."""
         self.pooling_type = pooling_type
+        self.position = position
         self._sum: torch.Tensor | None = None
         self._count = 0
         self._row: torch.Tensor | None = None  # LAST / CLS
@@ -30,6 +33,9 @@ class PoolingState:
             chunk = hidden.float().sum(0)
             self._sum = chunk if self._sum is None else self._sum + chunk
             self._count += hidden.shape[0]
+        elif self.pooling_type == "LAST" and self.position is not None:
+            if start <= self.position < start + hidden.shape[0]:
+                self._row = hidden[self.position - start].float().clone()
         elif self.pooling_type == "LAST":
             self._row = hidden[-1].float().clone()
         elif start == 0:  # CLS

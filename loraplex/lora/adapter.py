@@ -20,6 +20,7 @@ from functools import cached_property
 
 import torch
 
+from loraplex.layers.classifier import CLASSIFIER_HEADS, is_classifier_key
 from loraplex.layers.experts import EXPERT_PROJECTIONS
 from loraplex.lora.added_tokens import (
     AddedTokens,
@@ -111,6 +112,9 @@ class TargetShapes:
     # a multimodal base served on text (models/text_only.py): adapters trained on the
     # whole model name its language model otherwise, and may have LoRA on its vision tower
     text_only: TextOnly | None = field(default=None, compare=False)
+    # a classify runner: an adapter's own classifier head (modules_to_save score /
+    # classifier) is allowed, read apart by the engine (layers/classifier.py)
+    classifier_heads: bool = False
 
     def ours(self, module: str) -> str | None:
         """An adapter's module name as this model names it; None for a multimodal base's
@@ -195,7 +199,8 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     if cfg.get("lora_bias"):
         raise LoRAError(f"LoRA adapter {name!r} has lora_bias=true (a bias on lora_B), which is "
                         "not supported yet; retrain without it")
-    saved = cfg.get("modules_to_save") or []
+    saved = [m for m in cfg.get("modules_to_save") or []
+             if not (targets.classifier_heads and m.rsplit(".", 1)[-1] in CLASSIFIER_HEADS)]
     if saved:
         others = [m for m in saved if m.rsplit(".", 1)[-1] not in FULL_VOCAB_MODULES]
         if others:
@@ -341,8 +346,8 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     unused: set[str] = set()  # on a multimodal base's vision tower: text never runs it
     for key, tensor in _read_tensors(name, path).items():
-        if is_original_copy(key):
-            continue
+        if is_original_copy(key) or (targets.classifier_heads and is_classifier_key(key)):
+            continue  # a classifier head: the engine's (layers/classifier.py)
         if (module := vocab_copy_module(key)) is not None:
             if (ours := targets.ours(module)) is not None:
                 vocab.add_copy(key, ours, tensor)

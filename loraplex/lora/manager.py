@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -107,7 +107,8 @@ def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype,
 
 
 class LoRAManager:
-    def __init__(self, model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> None:
+    def __init__(self, model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype,
+                 classifier_heads: bool = False) -> None:
         self.cfg = cfg
         self.dtype = cfg.lora_dtype or dtype
         self.served = served_modules(model, cfg)
@@ -125,7 +126,7 @@ class LoRAManager:
         self.extra_vocab = self._extra_vocab_slots(model, cfg)
         self.full_vocab = self._full_vocab_slots(model, cfg)
         self._packed = model.packed_modules_mapping
-        self.targets = self._target_shapes(model)
+        self.targets = replace(self._target_shapes(model), classifier_heads=classifier_heads)
         self.registered: dict[int, LoRARequest] = {}
         # a number per registration, never reused: the KV prefix cache's salt, so a
         # removed and re-added id never shares K/V computed under the old weights

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from loraplex.layers.attention import Attention
+from loraplex.layers.classifier import is_classifier_key
 from loraplex.layers.experts import FusedExperts
 from loraplex.layers.moe import GateLinear
 from loraplex.layers.quantization import QuantLinear
@@ -74,11 +75,14 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None = None,
-                 headless: bool = False) -> None:
+                 headless: bool = False,
+                 classifier: dict[str, torch.Tensor] | None = None) -> None:
     """The checkpoint's weights into `model`; a multimodal checkpoint's vision tower and
     projector into `vision` (models/llava.py) in the same pass, or skipped without one.
     `headless`: a `*Model` checkpoint (an embedding model's): its names lack the
-    `model.` prefix and it has no lm_head (left unloaded: a pooling runner never uses it)."""
+    `model.` prefix and it has no lm_head (left unloaded: a pooling runner never uses it).
+    `classifier`: a `*ForSequenceClassification` checkpoint's head tensors (score.*) go
+    there (the engine applies it per request, layers/classifier.py)."""
     params = dict(model.named_parameters())
     quantized = {n: m for n, m in model.named_modules()
                  if isinstance(m, QuantLinear | GateLinear)}
@@ -89,6 +93,10 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None 
     text_only = model.args.text_only  # a multimodal checkpoint: its language model only
     for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
                              leave=False, disable=None):
+        if classifier is not None and is_classifier_key(name) and "." not in \
+                name.rpartition(".")[0]:  # score.weight: the classifier's head
+            classifier[name] = tensor
+            continue
         if headless and not name.startswith("model."):  # a `*Model` checkpoint's names
             name = "model." + name
         if text_only is not None and (ours := text_only.name(name)) is None:

@@ -99,18 +99,34 @@ def sliding_window(hf_config: Any, name: str | None = None) -> dict[str, Any]:
     return {"sliding_window": int(window), "window_layers": layers} if layers else {}
 
 
+_CLASSIFIER = "ForSequenceClassification"
+
+
 def _causal_name(name: str) -> str:
     """A headless checkpoint's architecture (`Qwen2Model`: no lm_head, saved from
-    AutoModel, as embedding models are) served by its causal LM's entry."""
+    AutoModel, as embedding models are; `Qwen2ForSequenceClassification`: a score head
+    instead) served by its causal LM's entry."""
+    if name.endswith(_CLASSIFIER):
+        return name[:-len(_CLASSIFIER)] + "ForCausalLM"
     return name[:-len("Model")] + "ForCausalLM" if name.endswith("Model") else name
 
 
 def is_headless(hf_config: Any) -> bool:
-    """The checkpoint is a `*Model` without lm_head: it serves only as an embedding
-    model (runner="pooling"), as vLLM loads such architectures."""
+    """The checkpoint is a `*Model` (or `*ForSequenceClassification`) without lm_head:
+    it serves only as a pooling model (runner="pooling"), as vLLM loads such
+    architectures."""
     archs = getattr(hf_config, "architectures", None) or []
     return not any(a in _ARCHITECTURES for a in archs) and any(
-        a.endswith("Model") and _causal_name(a) in _ARCHITECTURES for a in archs)
+        (a.endswith("Model") or a.endswith(_CLASSIFIER)) and _causal_name(a) in _ARCHITECTURES
+        for a in archs)
+
+
+def is_classifier(hf_config: Any) -> bool:
+    """A `*ForSequenceClassification` checkpoint of a supported family: its decoder is
+    headless (`model.*`) and `score.weight` [num_labels, hidden] classifies the last
+    token (vLLM's classify)."""
+    return is_headless(hf_config) and any(
+        a.endswith(_CLASSIFIER) for a in getattr(hf_config, "architectures", None) or [])
 
 
 def architecture(hf_config: Any) -> str:
