@@ -261,3 +261,30 @@ def test_trailing_pad_tokens_and_a_bad_head_fail_alone(base, adapters, tmp_path)
         llm.classify("hi", lora_request=LoRARequest("bad", 9, str(bad)), use_tqdm=False)
     ok = llm.classify(PROMPTS[0], lora_request=_lora("r4_qv_head", adapters), use_tqdm=False)
     assert ok[0].outputs.num_classes == 3
+
+
+def test_run_batch_classify_lines(base, adapters, tmp_path):
+    """`loraplex run-batch` on a classifier: /classify lines under the base and an
+    adapter with its own head, HF + PEFT's probabilities; an embeddings line there fails
+    alone (404)."""
+    from transformers import AutoTokenizer
+
+    from loraplex.entrypoints.cli import main
+
+    ids = AutoTokenizer.from_pretrained(str(base))(PROMPTS[1]).input_ids
+    lines = [json.dumps({"custom_id": f"c-{m}", "method": "POST", "url": "/v1/classify",
+                         "body": {"model": m, "input": [ids]}})
+             for m in ("clf", "r8_all_head")]
+    lines.append(json.dumps({"custom_id": "emb", "method": "POST", "url": "/v1/embeddings",
+                             "body": {"model": "clf", "input": "hi"}}))
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines))
+    assert main(["run-batch", "--model", str(base), "-i", str(inp), "-o", str(out),
+                 "--served-model-name", "clf", "--runner", "pooling", "--enable-lora",
+                 "--max-lora-rank", "16", "--dtype", "float32", "--max-model-len", "128",
+                 "--lora-modules", f"r8_all_head={adapters['r8_all_head']}"]) == 0
+    results = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    for model, adapter in (("clf", None), ("r8_all_head", adapters["r8_all_head"])):
+        data = results[f"c-{model}"]["response"]["body"]["data"]
+        assert_probs(data[0]["probs"], hf_probs(base, adapter, ids))
+    assert results["emb"]["response"]["status_code"] == 404

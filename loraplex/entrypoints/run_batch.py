@@ -2,8 +2,8 @@
 a result file out:
 
     {"custom_id": "a1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
-    (/v1/completions, and /v1/embeddings, /score and /rerank on a --runner pooling
-    model, too)
+    (/v1/completions, and on a --runner pooling model /v1/embeddings, /score and
+    /rerank, or a classifier's /classify, too)
     -> {"id": "batch-...", "custom_id": "a1", "response": {"status_code": 200,
         "request_id": "...", "body": {<the route's response>}}, "error": null}
 
@@ -41,6 +41,7 @@ from loraplex.entrypoints.errors import (
 )
 from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     EmbeddingRequest,
     RerankRequest,
@@ -89,27 +90,33 @@ async def _completion(state: ServerState, body: CompletionRequest) -> Any:
 
 
 async def _embedding(state: ServerState, body: EmbeddingRequest) -> Any:
-    state.require_runner("pooling", "Embeddings")
+    state.require_task("embed", "Embeddings")
     return await state.embedding.create_embedding(body)
 
 
 async def _score(state: ServerState, body: ScoreRequest) -> Any:
-    state.require_runner("pooling", "Score")
+    state.require_task("embed", "Score")
     return await state.scores.create_score(body)
 
 
 async def _rerank(state: ServerState, body: RerankRequest) -> Any:
-    state.require_runner("pooling", "Rerank")
+    state.require_task("embed", "Rerank")
     return await state.scores.rerank(body)
 
 
-# url -> (its body, its handler): each refuses a server of the other runner, as the routes do
+async def _classify(state: ServerState, body: ClassificationRequest) -> Any:
+    state.require_task("classify", "Classification")
+    return await state.classification.create_classify(body)
+
+
+# url -> (its body, its handler): each refuses a server of another runner or task, as the routes do
 ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
     "/v1/chat/completions": (ChatCompletionRequest, _chat),
     "/v1/completions": (CompletionRequest, _completion),
     "/v1/embeddings": (EmbeddingRequest, _embedding),
     **{url: (ScoreRequest, _score) for url in ("/score", "/v1/score")},
     **{url: (RerankRequest, _rerank) for url in ("/rerank", "/v1/rerank", "/v2/rerank")},
+    **{url: (ClassificationRequest, _classify) for url in ("/classify", "/v1/classify")},
 }
 
 
