@@ -96,6 +96,22 @@ def build_shape(a: argparse.Namespace) -> tuple[Path, list[Path]]:
     return base, adapters
 
 
+def hf_peft_model(base: Path, adapters: list[Path] | None):
+    """HF transformers' model of `base` in fp32, eval; with `adapters`, a PeftModel
+    holding each as "a0", "a1", ... (a batch picks them with adapter_names)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+    for i, p in enumerate(adapters[1:], start=1):
+        model.load_adapter(p, adapter_name=f"a{i}")
+    return model
+
+
 class Timer:
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, add_shape_args, build_shape, machine_info, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Timer,
+    add_shape_args,
+    build_shape,
+    hf_peft_model,
+    machine_info,
+    write_json,
+)
 
 
 def _names(case: str, n_adapters: int, n: int) -> list[int | None]:
@@ -54,16 +61,9 @@ def run_loraplex(base: Path, adapters: list[Path], prompts: list[list[int]], cas
 
 def run_hf(base: Path, adapters: list[Path], prompts: list[list[int]], case: str,
            repeat: int) -> tuple[float, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = hf_peft_model(base, adapters if case != "base" else None)
     kwargs = {}
     if case != "base":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
-        for i, p in enumerate(adapters[1:], start=1):
-            model.load_adapter(p, adapter_name=f"a{i}")
         kwargs["adapter_names"] = [f"a{i}" for i in _names(case, len(adapters), len(prompts))]
     ids = torch.tensor(prompts)
 

@@ -17,7 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timer, add_shape_args, build_shape, machine_info, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Timer,
+    add_shape_args,
+    build_shape,
+    hf_peft_model,
+    machine_info,
+    write_json,
+)
 
 
 def run_loraplex(base: Path, adapters: list[Path], prompts: list[list[int]], new_tokens: int,
@@ -42,16 +49,9 @@ def run_loraplex(base: Path, adapters: list[Path], prompts: list[list[int]], new
 
 def run_hf(base: Path, adapters: list[Path], prompts: list[list[int]], new_tokens: int,
            case: str) -> float:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = hf_peft_model(base, adapters if case != "base" else None)
     kwargs = {}
     if case != "base":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
-        for i, p in enumerate(adapters[1:], start=1):
-            model.load_adapter(p, adapter_name=f"a{i}")
         names = ["a0" if case == "one" else f"a{i % len(adapters)}" for i in range(len(prompts))]
         kwargs["adapter_names"] = names
     ids = torch.tensor(prompts)
