@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraplex import LLM, LoRARequest
+from loraplex import LLM, LoRARequest, PoolingParams
 from tests.fixtures import SAMPLE_SENTENCES
 from tests.server_utils import RemoteServer
 
@@ -142,6 +142,11 @@ def test_mixed_batch_matches_hf_peft(base, adapters):
                                                  out.prompt_token_ids))
     with pytest.raises(ValueError, match="not supported by this model"):
         llm.embed("hi")
+    for bad, match in ((PoolingParams(normalize=True), "normalize"),
+                       (PoolingParams(dimensions=2), "matryoshka")):
+        with pytest.raises(ValueError, match=match):
+            llm.classify(PROMPTS[0], pooling_params=bad, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
 
 
 def test_classify_refused_on_an_embedding_model(tiny_models):

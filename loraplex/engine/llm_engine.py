@@ -395,6 +395,9 @@ class LLMEngine:
                              params: PoolingParams, lora_request: LoRARequest | None,
                              priority: int) -> None:
         """One prefill-only sequence that pools its prompt's hidden states."""
+        if self.classify and params.normalize:  # not silently ignored
+            raise ValueError("normalize: a classifier's output is its class probabilities; "
+                             "there is no embedding to normalize")
         self.check_dimensions(params.dimensions)
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         text, ids = self._tokenize(prompt, self.get_tokenizer(lora_request))
