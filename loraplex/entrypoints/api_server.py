@@ -104,6 +104,32 @@ class ServerState:
     scores: OpenAIServingScores
     classification: OpenAIServingClassification
 
+    # each route's work, behind its runner / task check: the HTTP routes and run-batch's
+    # lines (run_batch.py) both serve through these
+    async def serve_completion(self, req: CompletionRequest):
+        self.require_runner("generate", "Completions")
+        return await self.completion.create_completion(req)
+
+    async def serve_chat(self, req: ChatCompletionRequest):
+        self.require_runner("generate", "Chat Completions")
+        return await self.chat.create_chat_completion(req)
+
+    async def serve_embedding(self, req: EmbeddingRequest):
+        self.require_task("embed", "Embeddings")
+        return await self.embedding.create_embedding(req)
+
+    async def serve_classify(self, req: ClassificationRequest):
+        self.require_task("classify", "Classification")
+        return await self.classification.create_classify(req)
+
+    async def serve_score(self, req: ScoreRequest):
+        self.require_task("embed", "Score")
+        return await self.scores.create_score(req)
+
+    async def serve_rerank(self, req: RerankRequest):
+        self.require_task("embed", "Rerank")
+        return await self.scores.rerank(req)
+
     def require_task(self, task: str, api: str) -> None:
         """A pooling server serves embeddings or classification, as its checkpoint is
         (vLLM's 404 for the other's routes)."""
@@ -214,9 +240,8 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
     @app.post("/v1/completions")
     @with_cancellation
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:
-        state.require_runner("generate", "Completions")
         warn_ignored(request)
-        return respond(await state.completion.create_completion(request))
+        return respond(await state.serve_completion(request))
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> JSONResponse:
@@ -232,41 +257,36 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
     @with_cancellation
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request
                                ) -> Response:
-        state.require_runner("generate", "Chat Completions")
         warn_ignored(request)
-        return respond(await state.chat.create_chat_completion(request))
+        return respond(await state.serve_chat(request))
 
     @app.post("/v1/embeddings")
     @with_cancellation
     async def embeddings(request: EmbeddingRequest, raw_request: Request) -> Response:
-        state.require_task("embed", "Embeddings")
         warn_ignored(request)
-        return respond(await state.embedding.create_embedding(request))
+        return respond(await state.serve_embedding(request))
 
     @app.post("/classify")
     @app.post("/v1/classify")
     @with_cancellation
     async def classify(request: ClassificationRequest, raw_request: Request) -> Response:
-        state.require_task("classify", "Classification")
         warn_ignored(request)
-        return respond(await state.classification.create_classify(request))
+        return respond(await state.serve_classify(request))
 
     @app.post("/score")
     @app.post("/v1/score")
     @with_cancellation
     async def score(request: ScoreRequest, raw_request: Request) -> Response:
-        state.require_task("embed", "Score")
         warn_ignored(request)
-        return respond(await state.scores.create_score(request))
+        return respond(await state.serve_score(request))
 
     @app.post("/rerank")
     @app.post("/v1/rerank")
     @app.post("/v2/rerank")
     @with_cancellation
     async def rerank(request: RerankRequest, raw_request: Request) -> Response:
-        state.require_task("embed", "Rerank")
         warn_ignored(request)
-        return respond(await state.scores.rerank(request))
+        return respond(await state.serve_rerank(request))
 
     @app.post("/invocations")  # SageMaker's one route: chat or completions by the body
     @with_cancellation

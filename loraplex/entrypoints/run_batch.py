@@ -79,44 +79,17 @@ class BatchRequestOutput(BaseModel):
 Handler = Callable[[ServerState, Any], Awaitable[Any]]
 
 
-async def _chat(state: ServerState, body: ChatCompletionRequest) -> Any:
-    state.require_runner("generate", "Chat Completions")
-    return await state.chat.create_chat_completion(body)
-
-
-async def _completion(state: ServerState, body: CompletionRequest) -> Any:
-    state.require_runner("generate", "Completions")
-    return await state.completion.create_completion(body)
-
-
-async def _embedding(state: ServerState, body: EmbeddingRequest) -> Any:
-    state.require_task("embed", "Embeddings")
-    return await state.embedding.create_embedding(body)
-
-
-async def _score(state: ServerState, body: ScoreRequest) -> Any:
-    state.require_task("embed", "Score")
-    return await state.scores.create_score(body)
-
-
-async def _rerank(state: ServerState, body: RerankRequest) -> Any:
-    state.require_task("embed", "Rerank")
-    return await state.scores.rerank(body)
-
-
-async def _classify(state: ServerState, body: ClassificationRequest) -> Any:
-    state.require_task("classify", "Classification")
-    return await state.classification.create_classify(body)
-
-
-# url -> (its body, its handler): each refuses a server of another runner or task, as the routes do
+# url -> (its body, the route's work: ServerState's, which refuses a server of another
+# runner or task as the routes do)
 ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
-    "/v1/chat/completions": (ChatCompletionRequest, _chat),
-    "/v1/completions": (CompletionRequest, _completion),
-    "/v1/embeddings": (EmbeddingRequest, _embedding),
-    **{url: (ScoreRequest, _score) for url in ("/score", "/v1/score")},
-    **{url: (RerankRequest, _rerank) for url in ("/rerank", "/v1/rerank", "/v2/rerank")},
-    **{url: (ClassificationRequest, _classify) for url in ("/classify", "/v1/classify")},
+    "/v1/chat/completions": (ChatCompletionRequest, ServerState.serve_chat),
+    "/v1/completions": (CompletionRequest, ServerState.serve_completion),
+    "/v1/embeddings": (EmbeddingRequest, ServerState.serve_embedding),
+    **{url: (ScoreRequest, ServerState.serve_score) for url in ("/score", "/v1/score")},
+    **{url: (RerankRequest, ServerState.serve_rerank)
+       for url in ("/rerank", "/v1/rerank", "/v2/rerank")},
+    **{url: (ClassificationRequest, ServerState.serve_classify)
+       for url in ("/classify", "/v1/classify")},
 }
 
 
