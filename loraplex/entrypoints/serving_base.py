@@ -161,8 +161,8 @@ class OpenAIServing:
             param = str(e).split(" ", 1)[0]
             raise BadRequestError(str(e), param=param if param.isidentifier() else None) from e
 
-    def truncated(self, prompt: tuple[str | None, list[int]], params: SamplingParams
-                  ) -> tuple[str | None, list[int]]:
+    def truncated(self, prompt: tuple[str | None, list[int]],
+                  params: SamplingParams | PoolingParams) -> tuple[str | None, list[int]]:
         """(text, ids) after truncate_prompt_tokens: the last ids, and no text (an echo
         decodes what is left)."""
         ids = params.truncate_prompt(prompt[1], self.max_model_len)

@@ -49,11 +49,9 @@ class OpenAIServingEmbedding(OpenAIServing):
                 param: str = "input") -> list[tuple[str | None, list[int]]]:
         """Each input truncated as asked (then without text) and within max_model_len
         (`param`: the field an error names)."""
-        for k, (_, ids) in enumerate(out):
-            kept = params.truncate_prompt(ids, self.max_model_len)
-            if len(kept) != len(ids):
-                out[k] = (None, kept)
-            self._check_length(out[k][1], param)
+        out = [self.truncated(item, params) for item in out]
+        for _, ids in out:
+            self._check_length(ids, param)
         return out
 
     async def _conversation(self, req: EmbeddingRequest, lora: LoRARequest | None
