@@ -540,39 +540,36 @@ class LLMEngine:
             for seq in batch.prefill + batch.decode:  # full blocks become shareable prefixes
                 self.block_manager.commit(seq)
             self._finish_pooling(batch.prefill, touched)
-            # the logits' rows: finished prompts, each verified sequence's 1 + drafts, decodes
+            # the logits' rows: finished prompts, each verified sequence's last token and
+            # drafts (one row per position, the output before it: penalties etc. per
+            # position), then the decodes
             done = seqs[:len(seqs) - len(batch.decode)]
-            row_seqs = done + [s for s, d in zip(batch.spec, batch.spec_tokens)
-                               for _ in range(len(d) + 1)] + batch.decode
-            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
-                                s.bad_words_token_ids) for s in done]
-            drafts = [-1] * len(done)
-            for s, d in zip(batch.spec, batch.spec_tokens):  # penalties etc. per position
+            seq_drafts = ([(s, []) for s in done] + list(zip(batch.spec, batch.spec_tokens))
+                          + [(s, []) for s in batch.decode])
+            rows, row_seqs, drafts = [], [], []
+            for s, d in seq_drafts:
                 out = s.output_token_ids
-                rows += [SamplingRow(s.params, s.prompt_token_ids, out + d[:j], s.generator,
-                                     s.bad_words_token_ids) for j in range(len(d) + 1)]
+                rows += [SamplingRow(s.params, s.prompt_token_ids, out + d[:j] if j else out,
+                                     s.generator, s.bad_words_token_ids)
+                         for j in range(len(d) + 1)]
+                row_seqs += [s] * (len(d) + 1)
                 drafts += d + [-1]
-            rows += [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator,
-                                 s.bad_words_token_ids) for s in batch.decode]
-            drafts += [-1] * len(batch.decode)
             mask = (self.structured.token_mask([s.grammar for s in row_seqs])
                     if any(s.grammar is not None for s in row_seqs) else None)
             sampled = (self.sampler(logits, rows, mask, drafts if batch.spec else None)
                        if rows else None)
             now = time.monotonic()
             i = 0  # each sequence's first row
-            num_drafts = [0] * len(done) + [len(d) for d in batch.spec_tokens] + \
-                [0] * len(batch.decode)
-            for seq, n in zip(done + batch.spec + batch.decode, num_drafts):
+            for seq, d in seq_drafts:
                 req = self.requests[seq.request_id]
                 if req.first_token_time is None:
                     req.first_token_time = now
-                if n:
-                    self._emit_verified(req, seq, sampled, i, n)
+                if d:
+                    self._emit_verified(req, seq, sampled, i, len(d))
                 else:
                     self._append_token(req, seq, sampled.token_ids[i],
                                        sampled.token_logprobs[i], sampled.logprobs[i])
-                i += n + 1
+                i += len(d) + 1
                 if not req.seqs[0].needs_prompt_logprobs:  # (n > 1: a sibling may be ahead)
                     touched[req.request_id] = req
             if self.spec_logger is not None:
