@@ -233,6 +233,20 @@ def _arch_config(
     elif arch == "hunyuan":  # q/k norm after the rotation, NTK-alpha rope, biases
         common.update(attention_bias=True, rope_scaling={
             "rope_type": "dynamic", "type": "dynamic", "alpha": 100.0, "factor": 1.0})
+    elif arch == "arcee":  # an MLP without a gate, squared ReLU; biases
+        common.update(hidden_act="relu2", attention_bias=True, mlp_bias=True)
+    elif arch == "nemotron":  # no gate, squared ReLU, LayerNorm "1P", half the head rotated
+        common.update(hidden_act="relu2", norm_eps=1e-5, attention_bias=True,
+                      partial_rotary_factor=0.5)
+    elif arch == "starcoder2":  # c_fc / c_proj without a gate, LayerNorm, biases, a window
+        common.update(hidden_act="gelu_pytorch_tanh", norm_epsilon=1e-5, use_bias=True,
+                      sliding_window=6)
+    elif arch == "cohere":  # parallel sublayers, LayerNorm, q/k norm per head, logit scale
+        common.update(layer_norm_eps=1e-5, use_qk_norm=True, logit_scale=0.5,
+                      attention_bias=True)
+    elif arch == "cohere2":  # ... and a local (window 6, rotary) and a global layer (NoPE)
+        common.update(layer_norm_eps=1e-5, logit_scale=0.5, sliding_window=6,
+                      layer_types=["sliding_attention", "full_attention"])
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -245,7 +259,9 @@ def _arch_config(
                     "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
                     "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config",
                     "glm": "GlmConfig", "glm4": "Glm4Config",
-                    "hunyuan": "HunYuanDenseV1Config"}[arch]
+                    "hunyuan": "HunYuanDenseV1Config", "arcee": "ArceeConfig",
+                    "nemotron": "NemotronConfig", "starcoder2": "Starcoder2Config",
+                    "cohere": "CohereConfig", "cohere2": "Cohere2Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

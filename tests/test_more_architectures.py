@@ -13,6 +13,13 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
   norms on each sublayer's input and output, under its own names;
 - Hunyuan (dense): q/k norm after the rotation (its query_layernorm / key_layernorm),
   "dynamic" rope with a fixed alpha (a stretched base), q/k/v/o biases.
+- Arcee and Nemotron: an MLP without a gate (up, squared ReLU, down), biases; Nemotron's
+  LayerNorm with its weight stored as w - 1, and half of each head rotated;
+- StarCoder2: an ungated GELU MLP under its own names (c_fc, c_proj: adapters target
+  those), LayerNorm with biases, a sliding window;
+- Cohere (Command R): attention and MLP side by side on one normed input, LayerNorm
+  without bias, q/k norm with a weight per head, rotary on interleaved pairs, logits
+  scaled; Cohere 2: its local layers rotated, the global one NoPE.
 
 A transformers without the architecture (the floors job's, for some) skips it.
 """
@@ -30,7 +37,10 @@ from tests.fixtures import make_peft_adapter, make_tiny_model
 ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
          "ministral": "MinistralConfig", "ernie4_5": "Ernie4_5Config",
-         "glm": "GlmConfig", "glm4": "Glm4Config", "hunyuan": "HunYuanDenseV1Config"}
+         "glm": "GlmConfig", "glm4": "Glm4Config", "hunyuan": "HunYuanDenseV1Config",
+         "arcee": "ArceeConfig", "nemotron": "NemotronConfig",
+         "starcoder2": "Starcoder2Config", "cohere": "CohereConfig",
+         "cohere2": "Cohere2Config"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),

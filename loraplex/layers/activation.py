@@ -1,8 +1,9 @@
-"""Gated MLP activations on the packed gate_up projection output: act(gate) * up.
+"""MLP activations. Gated ones on the packed gate_up projection output: act(gate) * up.
 
 SwiGLU (Llama, Mistral, Qwen, Phi-3) uses SiLU; GeGLU (Gemma) the tanh-approximated GELU
 it was trained with (or the exact one where the config says so). gpt-oss's experts clamp
-their SwiGLU (ClampedSwiGLU).
+their SwiGLU (ClampedSwiGLU). MLPs without a gate (Arcee, Nemotron: squared ReLU;
+StarCoder2: tanh GELU) apply ACTIVATIONS to the up projection's output.
 """
 
 from collections.abc import Callable
@@ -29,6 +30,16 @@ def gelu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 ACT_AND_MUL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul, "gelu": gelu_and_mul}
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (So et al., "Primer"): Nemotron's and Arcee's MLP activation."""
+    return F.relu(x).square()
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
+    "relu2": relu_squared}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""RMSNorm (Zhang & Sennrich, 2019), computed in fp32 like the HF reference."""
+"""RMSNorm (Zhang & Sennrich, 2019) and LayerNorm, computed in fp32 like the HF reference."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,3 +25,24 @@ class GemmaRMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self._normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm (Ba et al., 2016) over the last dimension, in fp32: StarCoder2's (with a
+    bias), Cohere's (without; its q/k norm has a weight per head, shape [heads, head_dim])
+    and Nemotron's "1P" (the weight stored as w - 1, like Gemma's RMSNorm)."""
+
+    def __init__(self, shape: int | tuple[int, ...], eps: float = 1e-5, bias: bool = True,
+                 weight_minus_one: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight_minus_one = weight_minus_one
+        self.weight = nn.Parameter(torch.zeros(shape) if weight_minus_one else torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        y = y * (self.weight.float() + 1.0 if self.weight_minus_one else self.weight.float())
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)

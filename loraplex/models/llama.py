@@ -1,5 +1,6 @@
 """Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Gemma,
-Gemma 2, Gemma 3 (text), Phi-3, Granite, OLMo 2, gpt-oss) over a flat batch of tokens.
+Gemma 2, Gemma 3 (text), Phi-3, Granite, OLMo 2, gpt-oss, Nemotron, StarCoder2, Cohere and
+the others of models/registry.py) over a flat batch of tokens.
 
 One file, flags for the differences:
 - Qwen2 has a bias on q/k/v; Qwen3 RMS-normalizes q and k per head, OLMo 2 over all heads
@@ -19,6 +20,12 @@ One file, flags for the differences:
 - Phi-3's checkpoints (and adapters) hold q/k/v and gate/up already fused as qkv_proj and
   gate_up_proj.
 - Some layers attend within a sliding window (Mistral v0.1, Phi-3, Gemma 2 and 3).
+- Nemotron, Arcee and StarCoder2 have an MLP without a gate: down(act(up(x))), with
+  squared ReLU (Nemotron, Arcee) or GELU (StarCoder2, whose projections are c_fc, c_proj).
+- StarCoder2, Nemotron and Cohere normalize with LayerNorm (StarCoder2's and Nemotron's
+  with a bias; Nemotron stores its weight as w - 1).
+- Cohere runs attention and the MLP side by side on one normed input ("parallel"), and
+  scales its logits by logit_scale.
 
 Tokens of all sequences in a step are laid out flat ([T, hidden]); attention finds each
 sequence's tokens through the step context.
@@ -31,11 +38,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
+from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, ClampedSwiGLU
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import make_linear
 from loraplex.layers.moe import SparseMoE
-from loraplex.layers.norm import GemmaRMSNorm, RMSNorm
+from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.text_only import TextOnly
@@ -52,7 +59,7 @@ class LlamaArgs:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    norm_eps: float
     rope_theta: float
     rope_scaling: dict | None
     max_position: int
@@ -64,6 +71,7 @@ class LlamaArgs:
     qk_norm: bool = False  # q and k RMS-normalized per head (Qwen3)
     qk_norm_full: bool = False  # ... over all heads' dimensions at once (OLMo 2)
     qk_norm_after_rope: bool = False  # q/k normalized after the rotation (Hunyuan)
+    qk_norm_per_head_weight: bool = False  # each head normed with its own weight (Cohere)
     # checkpoint name pieces -> ours, for architectures that name a module otherwise
     # (Hunyuan's query_layernorm is our q_norm)
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
@@ -72,7 +80,7 @@ class LlamaArgs:
     gemma: bool = False  # embeddings x sqrt(hidden), GemmaRMSNorm
     # where a layer's norms are: "pre" (on each sublayer's input), "sandwich" (Gemma 2:
     # on its input and its output), "post" (OLMo 2: on its output only), "glm" (GLM-4:
-    # sandwich, under its own names)
+    # sandwich, under its own names), "parallel" (Cohere: one norm, both sublayers on it)
     norm_layout: str = "pre"
     query_pre_attn_scalar: float | None = None  # attention scale^-2 (None: head_dim)
     attn_logit_softcap: float = 0.0  # > 0: scores capped (Gemma 2)
@@ -105,9 +113,19 @@ class LlamaArgs:
     residual_multiplier: float = 1.0  # Granite: h = x + sublayer(x) * this
     attention_multiplier: float | None = None  # Granite: the attention scale (None: 1/sqrt(d))
     logits_scaling: float = 1.0  # Granite: logits / this
+    logit_scale: float = 1.0  # Cohere: logits * this
+    # "rms" (RMSNorm; Gemma's with gemma), "layernorm" (with a bias), "layernorm_nobias"
+    # (Cohere), "layernorm1p" (Nemotron: weight stored as w - 1, with a bias)
+    norm_type: str = "rms"
+    # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
+    ungated_mlp: tuple[str, str] | None = None
 
-    def norm(self, dim: int) -> RMSNorm:
-        return (GemmaRMSNorm if self.gemma else RMSNorm)(dim, self.rms_norm_eps)
+    def norm(self, shape: int | tuple[int, int]) -> nn.Module:
+        """A norm of the model's kind over `shape` (a tuple: one weight per head, Cohere)."""
+        if self.norm_type == "rms":
+            return (GemmaRMSNorm if self.gemma else RMSNorm)(shape, self.norm_eps)
+        return LayerNorm(shape, self.norm_eps, bias=self.norm_type != "layernorm_nobias",
+                         weight_minus_one=self.norm_type == "layernorm1p")
 
 
 def _names(prefix: str, *leaves: str) -> tuple[str, ...]:
@@ -133,10 +151,14 @@ class LlamaAttention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(a.num_heads)) if a.attention_sinks else None
         self.qk_norm_full = a.qk_norm_full
         self.qk_norm_after_rope = a.qk_norm_after_rope
-        self.q_norm = a.norm(self.q_size if a.qk_norm_full else a.head_dim) \
-            if a.qk_norm or a.qk_norm_full else None
-        self.k_norm = a.norm(self.kv_size if a.qk_norm_full else a.head_dim) \
-            if a.qk_norm or a.qk_norm_full else None
+        self.q_norm = self.k_norm = None
+        if a.qk_norm_full:
+            self.q_norm, self.k_norm = a.norm(self.q_size), a.norm(self.kv_size)
+        elif a.qk_norm and a.qk_norm_per_head_weight:  # Cohere's: [heads, head_dim]
+            self.q_norm = a.norm((a.num_heads, a.head_dim))
+            self.k_norm = a.norm((a.num_kv_heads, a.head_dim))
+        elif a.qk_norm:
+            self.q_norm, self.k_norm = a.norm(a.head_dim), a.norm(a.head_dim)
         self.rotary = None if index in a.nope_layers else rotary
         scale = a.attention_multiplier or (a.query_pre_attn_scalar or a.head_dim) ** -0.5
         window = a.sliding_window if index in a.window_layers else None
@@ -178,6 +200,26 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
+class UngatedMLP(nn.Module):
+    """down(act(up(x))): Nemotron's and Arcee's (up_proj, down_proj; squared ReLU),
+    StarCoder2's (c_fc, c_proj; GELU). Its modules carry the checkpoint's names, which its
+    adapters target."""
+
+    def __init__(self, a: LlamaArgs, prefix: str) -> None:
+        super().__init__()
+        self.up_name, self.down_name = a.ungated_mlp
+        setattr(self, self.up_name, make_linear(a.hidden_size, [a.intermediate_size],
+                                                a.mlp_bias, a.quant,
+                                                _names(prefix, self.up_name)))
+        setattr(self, self.down_name, make_linear(a.intermediate_size, [a.hidden_size],
+                                                  a.mlp_bias, a.quant,
+                                                  _names(prefix, self.down_name)))
+        self.act = ACTIVATIONS[a.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.down_name)(self.act(getattr(self, self.up_name)(x)))
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
@@ -194,11 +236,13 @@ class LlamaDecoderLayer(nn.Module):
             _names(experts, *(f"{e}.{leaf}" for e in range(a.num_experts)
                               for leaf in a.expert_leaves)))
             if sparse
+            else UngatedMLP(a, f"{prefix}.mlp") if a.ungated_mlp
             else LlamaMLP(a, f"{prefix}.mlp"))
         self.layout = a.norm_layout
         if a.norm_layout != "post":
             self.input_layernorm = a.norm(a.hidden_size)
-        self.post_attention_layernorm = a.norm(a.hidden_size)
+        if a.norm_layout != "parallel":
+            self.post_attention_layernorm = a.norm(a.hidden_size)
         if a.norm_layout == "sandwich":
             self.pre_feedforward_layernorm = a.norm(a.hidden_size)
         if a.norm_layout in ("sandwich", "post"):
@@ -225,6 +269,9 @@ class LlamaDecoderLayer(nn.Module):
             h = x + self.post_self_attn_layernorm(
                 self.self_attn(positions, self.input_layernorm(x)))
             return h + self.post_mlp_layernorm(self.ffn(self.post_attention_layernorm(h)))
+        if self.layout == "parallel":  # Cohere: both sublayers read the same normed x
+            normed = self.input_layernorm(x)
+            return x + self.self_attn(positions, normed) + self.ffn(normed)
         h = x + self._residual(self.self_attn(positions, self.input_layernorm(x)))
         return h + self._residual(self.ffn(self.post_attention_layernorm(h)))
 
@@ -298,6 +345,12 @@ class LlamaForCausalLM(nn.Module):
                 self.lora_target_modules = tuple(
                     fused if m == parts[0] else m for m in self.lora_target_modules
                     if m not in parts[1:])
+        if args.ungated_mlp:  # no gate: up and down under the checkpoint's names
+            self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()
+                                           if k not in ("gate_proj", "up_proj")}
+            renamed = dict(zip(("up_proj", "down_proj"), args.ungated_mlp, strict=True))
+            self.lora_target_modules = tuple(renamed.get(m, m) for m in self.lora_target_modules
+                                             if m != "gate_proj")
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:
@@ -314,8 +367,11 @@ class LlamaForCausalLM(nn.Module):
 
     def final_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """lm_head's output as the model reports it: Granite divides it by logits_scaling,
-        Gemma 2 caps it (cap * tanh(logits / cap)); others leave it as it is."""
+        Cohere multiplies it by logit_scale, Gemma 2 caps it (cap * tanh(logits / cap));
+        others leave it as it is."""
         if self.args.logits_scaling != 1.0:
             logits = logits / self.args.logits_scaling
+        if self.args.logit_scale != 1.0:
+            logits = logits * self.args.logit_scale
         cap = self.args.final_logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits

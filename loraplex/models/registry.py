@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraplex.layers.activation import ClampedSwiGLU
+from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
 from loraplex.layers.quantization import QuantConfig
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.text_only import MULTIMODAL, TextOnly
@@ -36,6 +36,15 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
         "qk_norm": True, "qk_norm_after_rope": True,
         "checkpoint_renames": ((".self_attn.query_layernorm.", ".self_attn.q_norm."),
                                (".self_attn.key_layernorm.", ".self_attn.k_norm."))},
+    "ArceeForCausalLM": {"ungated_mlp": ("up_proj", "down_proj")},
+    "NemotronForCausalLM": {"ungated_mlp": ("up_proj", "down_proj"),
+                            "norm_type": "layernorm1p"},
+    "Starcoder2ForCausalLM": {"ungated_mlp": ("c_fc", "c_proj"), "norm_type": "layernorm"},
+    # q/k norm per use_qk_norm (_cohere), logit_scale, Cohere 2's NoPE global layers
+    "CohereForCausalLM": {"norm_type": "layernorm_nobias", "norm_layout": "parallel",
+                          "rope_interleaved": True},
+    "Cohere2ForCausalLM": {"norm_type": "layernorm_nobias", "norm_layout": "parallel",
+                           "rope_interleaved": True},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -54,16 +63,24 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "smollm3": "SmolLM3ForCausalLM", "exaone4": "Exaone4ForCausalLM",
                   "seed_oss": "SeedOssForCausalLM", "ministral": "MinistralForCausalLM",
                   "ernie4_5": "Ernie4_5ForCausalLM", "glm": "GlmForCausalLM",
-                  "glm4": "Glm4ForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM"}
+                  "glm4": "Glm4ForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
+                  "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
+                  "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
+                  "cohere2": "Cohere2ForCausalLM"}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
                    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
                    "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
-                   "HunYuanDenseV1ForCausalLM")
-_MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM")
+                   "HunYuanDenseV1ForCausalLM", "ArceeForCausalLM", "NemotronForCausalLM",
+                   "CohereForCausalLM", "Cohere2ForCausalLM")
+_MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
+             "ArceeForCausalLM", "NemotronForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                "gelu": "gelu"}
+                "gelu": "gelu", "relu2": "relu2"}
+# what a config calls its norms' epsilon, where not rms_norm_eps
+_NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_epsilon",
+             "CohereForCausalLM": "layer_norm_eps", "Cohere2ForCausalLM": "layer_norm_eps"}
 
 
 def _rope(hf: Any, layer_type: str = "full_attention") -> tuple[float, dict | None]:
@@ -148,10 +165,17 @@ def _hidden_act(hf: Any, name: str) -> str:
     if name in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         return "gelu" if getattr(hf, "hidden_activation", None) == "gelu" else "gelu_tanh"
     act = getattr(hf, "hidden_act", "silu")
-    if act not in _ACTIVATIONS:
-        raise ValueError(f"hidden_act={act!r} is not supported; supported: "
-                         + ", ".join(_ACTIVATIONS))
+    gated = "ungated_mlp" not in _ARCHITECTURES[name]
+    supported = [a for a, ours in _ACTIVATIONS.items() if not gated or ours in ACT_AND_MUL]
+    if act not in supported:
+        raise ValueError(f"hidden_act={act!r} is not supported for {name}; supported: "
+                         + ", ".join(supported))
     return _ACTIVATIONS[act]
+
+
+def _norm_eps(hf: Any, name: str) -> float:
+    """The norms' epsilon, under the name the architecture's config gives it."""
+    return float(getattr(hf, _NORM_EPS.get(name, "rms_norm_eps")))
 
 
 def _biases(hf: Any, name: str) -> dict[str, Any]:
@@ -161,6 +185,9 @@ def _biases(hf: Any, name: str) -> dict[str, Any]:
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
     if name in ("GlmForCausalLM", "Glm4ForCausalLM"):  # q/k/v only
         return dict(qkv_bias=bool(getattr(hf, "attention_bias", True)))
+    if name == "Starcoder2ForCausalLM":  # one flag for every projection
+        bias = bool(getattr(hf, "use_bias", True))
+        return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
     if name == "SeedOssForCausalLM":
         return dict(qkv_bias=bool(getattr(hf, "attention_bias", True)),
                     o_bias=bool(getattr(hf, "attention_out_bias", False)),
@@ -175,11 +202,15 @@ def _biases(hf: Any, name: str) -> dict[str, Any]:
 
 def _nope_layers(hf: Any, name: str) -> dict[str, Any]:
     """Layers without rotary positions: SmolLM3's no_rope_layers (0 = NoPE); EXAONE 4's
-    global layers, when it has sliding-window ones (HF rotates only those then)."""
+    global layers, when it has sliding-window ones (HF rotates only those then); Cohere 2's
+    global layers (it rotates only in its sliding-window layers: none without a window)."""
     layers: tuple[int, ...] = ()
     if name == "SmolLM3ForCausalLM":
         layers = tuple(i for i, rope in enumerate(hf.no_rope_layers) if not rope)
-    elif name == "Exaone4ForCausalLM" and getattr(hf, "sliding_window", None):
+    elif name == "Cohere2ForCausalLM" and not getattr(hf, "sliding_window", None):
+        layers = tuple(range(hf.num_hidden_layers))
+    elif name in ("Exaone4ForCausalLM", "Cohere2ForCausalLM") \
+            and getattr(hf, "sliding_window", None):
         layers = tuple(i for i, t in enumerate(hf.layer_types) if t != "sliding_attention")
     return {"nope_layers": layers} if layers else {}
 
@@ -224,6 +255,15 @@ def _granite(hf: Any, name: str) -> dict[str, Any]:
                 residual_multiplier=float(hf.residual_multiplier),
                 attention_multiplier=float(hf.attention_multiplier),
                 logits_scaling=float(hf.logits_scaling))
+
+
+def _cohere(hf: Any, name: str) -> dict[str, Any]:
+    """Cohere's logit scale and its optional q/k norm (a LayerNorm weight per head)."""
+    if name not in ("CohereForCausalLM", "Cohere2ForCausalLM"):
+        return {}
+    qk_norm = bool(getattr(hf, "use_qk_norm", False))
+    return dict(logit_scale=float(hf.logit_scale if hf.logit_scale is not None else 1.0),
+                qk_norm=qk_norm, qk_norm_per_head_weight=qk_norm)
 
 
 def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
@@ -304,7 +344,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         num_heads=num_heads,
         num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
-        rms_norm_eps=hf_config.rms_norm_eps,
+        norm_eps=_norm_eps(hf_config, name),
         rope_theta=theta,
         rope_scaling=scaling,
         max_position=hf_config.max_position_embeddings,
@@ -320,6 +360,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_gemma_attention(hf_config, name),
         **_experts(hf_config, name, quant),
         **_granite(hf_config, name),
+        **_cohere(hf_config, name),
         **sliding_window(hf_config, name),
         **_local_rope(hf_config, name),
     )
