@@ -1,10 +1,14 @@
 """loraplex: many LoRA adapters on one base LLM, with vLLM's API."""
 
-from loraplex.engine.arg_utils import EngineArgs
+from loraplex.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.entrypoints.llm import LLM
+from loraplex.inputs import PromptType, TextPrompt, TokensPrompt
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
     CompletionOutput,
     EmbeddingOutput,
     EmbeddingRequestOutput,
@@ -15,11 +19,13 @@ from loraplex.outputs import (
     ScoringRequestOutput,
 )
 from loraplex.pooling_params import PoolingParams
-from loraplex.sampling_params import SamplingParams
+from loraplex.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput",
-           "EngineArgs", "LLMEngine", "LoRARequest", "PoolingOutput", "PoolingParams",
-           "PoolingRequestOutput", "RequestOutput", "SamplingParams", "ScoringOutput",
-           "ScoringRequestOutput", "__version__"]
+__all__ = ["LLM", "AsyncEngineArgs", "AsyncLLMEngine", "BeamSearchParams",
+           "ClassificationOutput", "ClassificationRequestOutput", "CompletionOutput",
+           "EmbeddingOutput", "EmbeddingRequestOutput", "EngineArgs", "LLMEngine",
+           "LoRARequest", "PoolingOutput", "PoolingParams", "PoolingRequestOutput",
+           "PromptType", "RequestOutput", "SamplingParams", "ScoringOutput",
+           "ScoringRequestOutput", "TextPrompt", "TokensPrompt", "__version__"]

@@ -76,3 +76,20 @@ def test_mixed_batch_matches_peft(arch, budget, models, prompts):
                    **({"enable_chunked_prefill": True, "max_num_batched_tokens": budget}
                       if budget else {}))
     check_mixed_batch(llm, base, adapters, prompts, extra=2)
+
+
+def test_cohere2_without_a_window_rotates_no_layer():
+    """Cohere 2 rotates q/k only in its sliding-window layers: with no window (a config
+    may say sliding_window=None) HF rotates none, so none of ours may either."""
+    if not hasattr(transformers, "Cohere2Config"):
+        pytest.skip(f"this transformers ({transformers.__version__}) has no Cohere 2")
+    from loraplex.models.registry import build_model
+
+    config = transformers.Cohere2Config(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=2, sliding_window=None,
+        architectures=["Cohere2ForCausalLM"])
+    assert build_model(config).args.nope_layers == (0, 1, 2, 3)
+    config.sliding_window = 8
+    assert build_model(config).args.nope_layers == tuple(
+        i for i, t in enumerate(config.layer_types) if t != "sliding_attention")

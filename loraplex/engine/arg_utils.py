@@ -275,6 +275,12 @@ class EngineArgs:
                             parse_speculative_config(self.speculative_config))
 
 
+@dataclass
+class AsyncEngineArgs(EngineArgs):
+    """vLLM's arguments for AsyncLLMEngine.from_engine_args: the same fields as
+    EngineArgs (the async engine steps the same LLMEngine on a thread of its own)."""
+
+
 def parse_speculative_config(spec: dict | str | None) -> SpeculativeConfig | None:
     """speculative_config as given in Python (a dict) or on the command line (JSON)."""
     if spec is None or isinstance(spec, SpeculativeConfig):

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from loraplex.engine.arg_utils import EngineArgs
-from loraplex.engine.llm_engine import LLMEngine, PromptType
+from loraplex.engine.llm_engine import LLMEngine
+from loraplex.inputs import PromptType
 from loraplex.lora.adapter import PackedLoRA
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest

@@ -31,6 +31,7 @@ from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
 from loraplex.engine.structured_output import StructuredOutputs
+from loraplex.inputs import PromptType
 from loraplex.layers.classifier import ClassifierHead, read_adapter_head
 from loraplex.layers.pooler import PoolingState, embedding_head
 from loraplex.layers.quantization import read_side_config
@@ -54,8 +55,6 @@ from loraplex.worker.memory import cpu_cache_config, kv_block_bytes, plan_memory
 from loraplex.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-PromptType = str | list[int] | dict[str, Any]
 
 # vLLM's prompt-dict keys beyond prompt / prompt_token_ids that the engine accepts:
 # cache_salt (prefix-cache isolation); multi_modal_data {"image": ...} on a model that takes

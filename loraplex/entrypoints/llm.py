@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 
 from loraplex.beam_search import BeamSearchOutput, beam_search
 from loraplex.engine.arg_utils import EngineArgs
-from loraplex.engine.llm_engine import LLMEngine, PromptType
+from loraplex.engine.llm_engine import LLMEngine
 from loraplex.entrypoints.chat_images import ChatImages
+from loraplex.inputs import PromptType
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import (
