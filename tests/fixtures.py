@@ -247,6 +247,12 @@ def _arch_config(
     elif arch == "cohere2":  # ... and a local (window 6, rotary) and a global layer (NoPE)
         common.update(layer_norm_eps=1e-5, logit_scale=0.5, sliding_window=6,
                       layer_types=["sliding_attention", "full_attention"])
+    elif arch == "glm4_moe":  # grouped sigmoid routing (4 groups of 2, 2 eligible), a
+        # scaling, a shared expert, layer 0 dense; q/k norm, q/k/v biases, partial rotary
+        common.update(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                      moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
+                      routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True,
+                      attention_bias=True, partial_rotary_factor=0.5)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -261,7 +267,8 @@ def _arch_config(
                     "glm": "GlmConfig", "glm4": "Glm4Config",
                     "hunyuan": "HunYuanDenseV1Config", "arcee": "ArceeConfig",
                     "nemotron": "NemotronConfig", "starcoder2": "Starcoder2Config",
-                    "cohere": "CohereConfig", "cohere2": "Cohere2Config"}[arch]
+                    "cohere": "CohereConfig", "cohere2": "Cohere2Config",
+                    "glm4_moe": "Glm4MoeConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 
@@ -353,6 +360,12 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed, init_std)
+    if arch == "glm4_moe":  # a correction bias that changes which experts are chosen
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for layer in model.model.layers[1:]:
+                bias = layer.mlp.gate.e_score_correction_bias
+                bias.copy_(0.3 * torch.randn(bias.shape, generator=gen))
     if arch == "gpt_oss":  # transformers < 5 clamps at 7.0 whatever swiglu_limit says: the
         # checkpoint then says what HF computes (real gpt-oss configs say 7.0)
         model.config.swiglu_limit = model.model.layers[0].mlp.experts.limit

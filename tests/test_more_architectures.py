@@ -17,6 +17,9 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
   LayerNorm with its weight stored as w - 1, and half of each head rotated;
 - StarCoder2: an ungated GELU MLP under its own names (c_fc, c_proj: adapters target
   those), LayerNorm with biases, a sliding window;
+- GLM-4.5 (MoE): experts routed by grouped sigmoid scores with a correction bias and a
+  scaling, an ungated shared expert, a dense first layer, q/k norm, partial rotary; LoRA on
+  the experts too;
 - Cohere (Command R): attention and MLP side by side on one normed input, LayerNorm
   without bias, q/k norm with a weight per head, rotary on interleaved pairs, logits
   scaled; Cohere 2: its local layers rotated, the global one NoPE.
@@ -40,15 +43,32 @@ ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "glm": "GlmConfig", "glm4": "Glm4Config", "hunyuan": "HunYuanDenseV1Config",
          "arcee": "ArceeConfig", "nemotron": "NemotronConfig",
          "starcoder2": "Starcoder2Config", "cohere": "CohereConfig",
-         "cohere2": "Cohere2Config"}
+         "cohere2": "Cohere2Config", "glm4_moe": "Glm4MoeConfig"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+}
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+GLM4_MOE_ADAPTERS = {  # the experts, at 2r on gate_up (PEFT 0.21 on transformers 5 turns
+    # gate/up/down_proj, by list or regex, into the experts' parameters, and leaves the
+    # dense layer's and the shared expert's MLPs out; those are Qwen2-MoE's, tested there)
+    "r4_qv": ADAPTERS["r4_qv"],
+    "r8_mlp": dict(r=8, lora_alpha=16,
+                   target_modules=["k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "r6_experts": dict(r=6, lora_alpha=12, target_modules=["q_proj"],
+                       target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    if TRANSFORMERS_5 else dict(r=6, lora_alpha=12, target_modules=["q_proj", "down_proj"]),
 }
 GLM_ADAPTERS = {  # its fused gate_up_proj too
     "r4_qv": ADAPTERS["r4_qv"],
     "r8_mlp": dict(r=8, lora_alpha=16, target_modules=["k_proj", "gate_up_proj", "down_proj"]),
 }
+
+
+def _adapters(arch: str) -> dict[str, dict]:
+    if arch == "glm4_moe":
+        return GLM4_MOE_ADAPTERS
+    return GLM_ADAPTERS if arch.startswith("glm") else ADAPTERS
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +83,7 @@ def models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
             self[arch] = (base, {name: make_peft_adapter(base, root / f"{arch}_{name}",
                                                          seed=seed + i, **spec)
                                  for i, (name, spec) in enumerate(
-                                     (GLM_ADAPTERS if "glm" in arch else ADAPTERS).items())})
+                                     _adapters(arch).items())})
             return self[arch]
     return Lazy()
 
@@ -72,7 +92,8 @@ def models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_mixed_batch_matches_peft(arch, budget, models, prompts):
     base, adapters = models[arch]
-    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
+    llm = make_llm(base, enable_lora=True, max_loras=1,
+                   max_lora_rank=16 if arch == "glm4_moe" else 8,  # PEFT: gate_up at 2r
                    **({"enable_chunked_prefill": True, "max_num_batched_tokens": budget}
                       if budget else {}))
     check_mixed_batch(llm, base, adapters, prompts, extra=2)

@@ -12,12 +12,21 @@ y = sum_e w_e * (W2_e act(W1_e x + b1_e, W3_e x + b3_e) + b2_e).
 Qwen2-MoE adds a shared expert every token goes through, weighted by a sigmoid gate:
 y += sigmoid(w_s . x) * shared_expert(x).
 
+GLM-4.5 (and DeepSeek-V3) route by sigmoid scores within groups ("noaux_tc",
+GroupedTopKRouter): s = sigmoid(W_g x); the experts are chosen on s + b (a learned
+correction bias, for load balance, used for the choice only) among the `topk_groups`
+groups of experts whose best two such scores sum highest; their weights are s_e,
+renormalized, times `routed_scaling_factor`; shared experts are added ungated:
+y += shared_experts(x).
+
 The experts are layers/experts.py's FusedExperts, or for a quantized checkpoint one of
 layers/quantized_experts.py's. The routers stay plain (GateLinear): a checkpoint that
 quantized them is dequantized while it loads.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +89,62 @@ class GateLinear(Linear):
         self._quantized = None
 
 
+@dataclass(frozen=True)
+class GroupedTopK:
+    """The grouped sigmoid routing of DeepSeek-V3 and GLM-4.5: experts in `num_groups`
+    groups, the best `topk_groups` groups eligible, the chosen experts' weights times
+    `scaling`."""
+
+    num_groups: int
+    topk_groups: int
+    scaling: float
+
+
+class GroupedTopKRouter(GateLinear):
+    """GLM-4.5's / DeepSeek-V3's router ("gate"): its weight and the experts' score
+    correction bias stay fp32, as in HF (the top-k choice is sensitive to both)."""
+
+    def __init__(self, in_features: int, num_experts: int, routing: GroupedTopK,
+                 quant: QuantConfig | None = None) -> None:
+        super().__init__(in_features, num_experts, quant=quant)
+        if num_experts % routing.num_groups or routing.topk_groups > routing.num_groups:
+            raise ValueError(f"{num_experts} experts cannot route in {routing.num_groups} "
+                             f"groups, {routing.topk_groups} of them eligible")
+        self.routing = routing
+        self.weight.data = self.weight.data.float()
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int = 0) -> None:
+        if param_name != "e_score_correction_bias":
+            return super().load_shard(param_name, loaded, shard)
+        if loaded.shape != self.e_score_correction_bias.shape:
+            raise ValueError(f"e_score_correction_bias has shape {tuple(loaded.shape)}, "
+                             f"the router expects {tuple(self.e_score_correction_bias.shape)}")
+        with torch.no_grad():
+            self.e_score_correction_bias.copy_(loaded)
+
+    def param_of(self, name: str) -> str:
+        return name if name == "e_score_correction_bias" else super().param_of(name)
+
+    def route(self, x: torch.Tensor, top_k: int, normalize: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] fp32, experts [T, k]) of each token."""
+        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias
+        groups, per_group = self.routing.num_groups, scores.shape[-1] // self.routing.num_groups
+        group_scores = choice.view(-1, groups, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+        best = group_scores.topk(self.routing.topk_groups, dim=-1, sorted=False)[1]
+        eligible = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.masked_fill(~eligible.repeat_interleave(per_group, dim=1),
+                                    float("-inf"))
+        experts = choice.topk(top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, experts)
+        if normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routing.scaling, experts
+
+
 def experts_quantized(quant: QuantConfig, hf_names: tuple[str, ...]) -> bool:
     """Are the experts (their HF modules `hf_names`) quantized, or all left plain by
     modules_to_not_convert? Some of them plain is refused."""
@@ -95,20 +160,24 @@ class SparseMoE(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None,
                  quant: QuantConfig | None = None, gpt_oss: ClampedSwiGLU | None = None,
-                 expert_names: tuple[str, ...] = ()) -> None:
+                 expert_names: tuple[str, ...] = (), grouped: GroupedTopK | None = None,
+                 shared_name: str = "shared_expert") -> None:
         """`quant`: an FP8, GPTQ, AWQ or bitsandbytes 4-bit checkpoint's or gpt-oss's MXFP4
         one (its experts; the routers stay plain, GateLinear); `expert_names`: the experts'
-        HF modules, which modules_to_not_convert may leave plain."""
+        HF modules, which modules_to_not_convert may leave plain; `grouped`: GLM-4.5's
+        routing, whose shared experts (`shared_name` "shared_experts") have no gate."""
         super().__init__()
-        self.shared_expert = shared_expert
+        self.shared_name = shared_name
+        setattr(self, shared_name, shared_expert)
         self.shared_expert_gate = GateLinear(hidden_size, 1, quant=quant) \
-            if shared_expert else None
+            if shared_expert and grouped is None else None
         self.top_k, self.normalize = top_k, normalize
         self.gpt_oss = gpt_oss is not None
-        # the router, under its checkpoints' name: Mixtral's and Qwen's "gate", gpt-oss's
-        # "router" (with a bias)
+        # the router, under its checkpoints' name: Mixtral's, Qwen's and GLM's "gate",
+        # gpt-oss's "router" (with a bias)
         self.router_name = "router" if gpt_oss else "gate"
         setattr(self, self.router_name,
+                GroupedTopKRouter(hidden_size, num_experts, grouped, quant) if grouped else
                 GateLinear(hidden_size, num_experts, bias=gpt_oss is not None, quant=quant))
         packed_int = ("gptq", "awq", "compressed-tensors")
         if quant is not None and quant.method in (*packed_int, "bitsandbytes") \
@@ -130,7 +199,12 @@ class SparseMoE(nn.Module):
                                         gpt_oss=gpt_oss)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = getattr(self, self.router_name)(x)
+        router = getattr(self, self.router_name)
+        if isinstance(router, GroupedTopKRouter):
+            weights, experts = router.route(x, self.top_k, self.normalize)
+            out = self.experts(x, weights.to(x.dtype), experts)
+            return out + getattr(self, self.shared_name)(x)
+        logits = router(x)
         if self.gpt_oss:  # the softmax of the top-k logits
             top, experts = logits.topk(self.top_k, dim=-1)
             weights = F.softmax(top, dim=-1, dtype=torch.float32)
@@ -140,6 +214,6 @@ class SparseMoE(nn.Module):
             if self.normalize:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
         out = self.experts(x, weights.to(x.dtype), experts)
-        if self.shared_expert is not None:
-            out += torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_expert_gate is not None:  # Qwen2-MoE's shared expert
+            out += torch.sigmoid(self.shared_expert_gate(x)) * getattr(self, self.shared_name)(x)
         return out

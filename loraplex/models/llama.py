@@ -13,8 +13,9 @@ One file, flags for the differences:
 - OLMo 2 has norms only after the sublayers ("post").
 - Granite scales the embeddings, each sublayer's output, the attention scores and the
   logits by constants of its config.
-- Mixtral's, the Qwen MoE models' and gpt-oss's MLP is a sparse mixture of experts
-  (layers/moe.py; gpt-oss's router and experts have biases, its experts a clamped SwiGLU).
+- Mixtral's, the Qwen MoE models', GLM-4.5's and gpt-oss's MLP is a sparse mixture of
+  experts (layers/moe.py; gpt-oss's router and experts have biases, its experts a clamped
+  SwiGLU; GLM-4.5 routes by grouped sigmoid scores and adds ungated shared experts).
 - gpt-oss has biases on q/k/v and o, and attention sinks: a learned logit per head that
   joins the softmax (layers/attention.py).
 - Phi-3's checkpoints (and adapters) hold q/k/v and gate/up already fused as qkv_proj and
@@ -41,7 +42,7 @@ from torch import nn
 from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, ClampedSwiGLU
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import make_linear
-from loraplex.layers.moe import SparseMoE
+from loraplex.layers.moe import GroupedTopK, SparseMoE
 from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
@@ -100,6 +101,8 @@ class LlamaArgs:
     # an expert's gate, up and down projections in the checkpoint (Mixtral: w1, w3, w2)
     expert_leaves: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    shared_expert_name: str = "shared_expert"  # GLM-4.5's: "shared_experts", ungated
+    grouped_topk: GroupedTopK | None = None  # GLM-4.5's grouped sigmoid routing
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
     sliding_window: int | None = None  # the attention window of window_layers
     window_layers: tuple[int, ...] = ()
@@ -227,14 +230,16 @@ class LlamaDecoderLayer(nn.Module):
         sparse = a.num_experts > 0 and index not in a.dense_layers
         # the feed-forward sublayer, under the checkpoint's name for it
         self.ffn_name = a.moe_module if sparse else "mlp"
-        shared = LlamaMLP(a, f"{prefix}.mlp.shared_expert", a.shared_expert_intermediate_size) \
+        shared = LlamaMLP(a, f"{prefix}.mlp.{a.shared_expert_name}",
+                          a.shared_expert_intermediate_size) \
             if sparse and a.shared_expert_intermediate_size else None
         experts = f"{prefix}.{a.moe_module}.experts"
         setattr(self, self.ffn_name, SparseMoE(
             a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
             a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts,
             _names(experts, *(f"{e}.{leaf}" for e in range(a.num_experts)
-                              for leaf in a.expert_leaves)))
+                              for leaf in a.expert_leaves)), a.grouped_topk,
+            a.shared_expert_name)
             if sparse
             else UngatedMLP(a, f"{prefix}.mlp") if a.ungated_mlp
             else LlamaMLP(a, f"{prefix}.mlp"))
@@ -333,9 +338,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         if args.num_experts:  # the experts (lora/experts.py), the router, Qwen2-MoE's
-            # shared expert and its gate, Qwen3-MoE's plain MLP layers
+            # shared expert and its gate, Qwen3-MoE's plain MLP layers (GLM-4.5's router
+            # is no Linear in HF: PEFT cannot target it)
             self.lora_target_modules = self.lora_target_modules + (
-                "experts", "gate", "shared_expert_gate")
+                ("experts",) if args.grouped_topk else ("experts", "gate", "shared_expert_gate"))
         for is_fused, fused, parts in (
                 (args.fused_qkv, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
                 (args.fused_gate_up, "gate_up_proj", ("gate_proj", "up_proj"))):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
+from loraplex.layers.moe import GroupedTopK
 from loraplex.layers.quantization import QuantConfig
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.text_only import MULTIMODAL, TextOnly
@@ -45,6 +46,7 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
                           "rope_interleaved": True},
     "Cohere2ForCausalLM": {"norm_type": "layernorm_nobias", "norm_layout": "parallel",
                            "rope_interleaved": True},
+    "Glm4MoeForCausalLM": {},  # q/k/v biases, q/k norm and the experts per its config
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -66,7 +68,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "glm4": "Glm4ForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                   "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
                   "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
-                  "cohere2": "Cohere2ForCausalLM"}
+                  "cohere2": "Cohere2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
@@ -183,7 +185,7 @@ def _biases(hf: Any, name: str) -> dict[str, Any]:
     if name == "Ernie4_5ForCausalLM":  # one flag for every projection
         bias = bool(getattr(hf, "use_bias", False))
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
-    if name in ("GlmForCausalLM", "Glm4ForCausalLM"):  # q/k/v only
+    if name in ("GlmForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM"):  # q/k/v only
         return dict(qkv_bias=bool(getattr(hf, "attention_bias", True)))
     if name == "Starcoder2ForCausalLM":  # one flag for every projection
         bias = bool(getattr(hf, "use_bias", True))
@@ -257,6 +259,13 @@ def _granite(hf: Any, name: str) -> dict[str, Any]:
                 logits_scaling=float(hf.logits_scaling))
 
 
+def _qk_norm(hf: Any, name: str) -> dict[str, Any]:
+    """GLM-4.5's optional q/k RMSNorm per head (`use_qk_norm`)."""
+    if name != "Glm4MoeForCausalLM":
+        return {}
+    return {"qk_norm": bool(getattr(hf, "use_qk_norm", False))}
+
+
 def _cohere(hf: Any, name: str) -> dict[str, Any]:
     """Cohere's logit scale and its optional q/k norm (a LayerNorm weight per head)."""
     if name not in ("CohereForCausalLM", "Cohere2ForCausalLM"):
@@ -274,7 +283,7 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
         raise ValueError(f"mxfp4-quantized {name} models are not supported: loraplex loads "
                          "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
     if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-                    "GptOssForCausalLM"):
+                    "GptOssForCausalLM", "Glm4MoeForCausalLM"):
         return {}
     supported = ("mxfp4",) if name == "GptOssForCausalLM" else (
         "fp8", "gptq", "awq", "compressed-tensors", "bitsandbytes")
@@ -295,6 +304,17 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                     num_experts_per_tok=int(hf.num_experts_per_tok), moe_module="mlp",
                     gpt_oss_experts=ClampedSwiGLU(float(getattr(hf, "swiglu_alpha", 1.702)),
                                                   float(hf.swiglu_limit)))
+    if name == "Glm4MoeForCausalLM":  # its first layers dense; shared experts, ungated
+        return dict(num_experts=int(hf.n_routed_experts),
+                    num_experts_per_tok=int(hf.num_experts_per_tok),
+                    moe_intermediate_size=int(hf.moe_intermediate_size),
+                    norm_topk_prob=bool(hf.norm_topk_prob), moe_module="mlp",
+                    grouped_topk=GroupedTopK(int(hf.n_group), int(hf.topk_group),
+                                             float(hf.routed_scaling_factor)),
+                    shared_expert_intermediate_size=int(hf.moe_intermediate_size)
+                    * int(hf.n_shared_experts),
+                    shared_expert_name="shared_experts",
+                    dense_layers=tuple(range(int(hf.first_k_dense_replace))))
     step, only_mlp = int(getattr(hf, "decoder_sparse_step", 1) or 1), \
         set(getattr(hf, "mlp_only_layers", None) or [])
     return dict(num_experts=int(hf.num_experts), num_experts_per_tok=int(hf.num_experts_per_tok),
@@ -361,6 +381,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_experts(hf_config, name, quant),
         **_granite(hf_config, name),
         **_cohere(hf_config, name),
+        **_qk_norm(hf_config, name),
         **sliding_window(hf_config, name),
         **_local_rope(hf_config, name),
     )
