@@ -29,12 +29,16 @@ A transformers without the architecture (the floors job's, for some) skips it.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
-from tests.engine_utils import check_mixed_batch, make_llm
+from tests.engine_utils import GREEDY, check_mixed_batch, make_llm
 from tests.fixtures import make_peft_adapter, make_tiny_model
 
 ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
@@ -114,3 +118,25 @@ def test_cohere2_without_a_window_rotates_no_layer():
     config.sliding_window = 8
     assert build_model(config).args.nope_layers == tuple(
         i for i, t in enumerate(config.layer_types) if t != "sliding_attention")
+
+
+def test_layers_past_num_hidden_layers_are_skipped(models, tmp_path, caplog):
+    """GLM-4.5's and DeepSeek-V3's checkpoints ship a multi-token prediction layer after
+    the last one (model.layers.{num_hidden_layers}.*, experts and all): skipped, in one log
+    line, not a warning per tensor; the model is the same."""
+    base, _ = models["glm4_moe"]
+    copy = tmp_path / "with_mtp"
+    shutil.copytree(base, copy)
+    weights = load_file(str(copy / "model.safetensors"))
+    mtp = {k.replace("model.layers.1.", "model.layers.2."): v.clone()
+           for k, v in weights.items() if k.startswith("model.layers.1.")}
+    mtp["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(mtp, str(copy / "model-mtp.safetensors"))
+    prompt = {"prompt_token_ids": [1, 43, 76, 9]}
+    want = make_llm(base).generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    with caplog.at_level(logging.INFO, logger="loraplex.models.loader"):
+        got = make_llm(copy).generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids
+    loader_lines = [r for r in caplog.records if r.name == "loraplex.models.loader"]
+    assert len(loader_lines) == 1 and f"skipped {len(mtp)} checkpoint tensors" in \
+        loader_lines[0].getMessage()

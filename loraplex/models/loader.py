@@ -74,6 +74,13 @@ def _split_name(name: str) -> tuple[str, str]:
     return module, param
 
 
+def _layer_index(name: str) -> int:
+    """The decoder layer a tensor belongs to (model.layers.{i}.*), or -1."""
+    head, _, rest = name.partition("model.layers.")
+    index = rest.partition(".")[0]
+    return int(index) if not head and index.isdigit() else -1
+
+
 def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None = None,
                  headless: bool = False,
                  classifier: dict[str, torch.Tensor] | None = None) -> None:
@@ -90,6 +97,7 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None 
     attention = {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
     attention.update({n.rpartition(".")[0]: m for n, m in list(attention.items())})
     loaded: set[str] = set()
+    past_layers = 0  # tensors of layers past num_hidden_layers (multi-token prediction)
     text_only = model.args.text_only  # a multimodal checkpoint: its language model only
     for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
                              leave=False, disable=None):
@@ -107,6 +115,9 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None 
         for theirs, ours_part in model.args.checkpoint_renames:
             name = name.replace(theirs, ours_part)
         if "rotary_emb.inv_freq" in name:
+            continue
+        if _layer_index(name) >= model.args.num_layers:
+            past_layers += 1
             continue
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
             continue
@@ -148,6 +159,10 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None 
         with torch.no_grad():
             params[name].copy_(tensor)
         loaded.add(name)
+    if past_layers:
+        logger.info("skipped %d checkpoint tensors of layers past num_hidden_layers=%d "
+                    "(multi-token prediction layers, as GLM-4.5 and DeepSeek-V3 ship them: "
+                    "loraplex does not use them)", past_layers, model.args.num_layers)
     for layer in [*quantized.values(), *fused_experts.values()]:
         layer.finish_loading()
     if vision is not None:
