@@ -380,14 +380,15 @@ def test_qwen3_reranker_recipe_matches_the_causal_lm(reranker, reranker_adapters
 
 def test_one_token_reranker_on_llama(tiny_models):
     """vLLM's no_post_processing with one token on a Llama causal LM: sigmoid of that
-    token's logit at the last token."""
+    token's logit at the last token (a pad token too: the LM has no padding)."""
     path = tiny_models["llama"]
     llm = LLM(str(path), max_model_len=128, dtype="float32", hf_overrides={
         "architectures": ["LlamaForSequenceClassification"],
         "classifier_from_token": ["no"], "method": "no_post_processing"})
     tok = _tok(path)
-    outs = llm.score(QUERIES[0], DOCS[:2], use_tqdm=False)
-    for out, d in zip(outs, DOCS[:2], strict=True):
+    docs = [DOCS[0], DOCS[3]]
+    outs = llm.score(QUERIES[0], docs, use_tqdm=False)
+    for out, d in zip(outs, docs, strict=True):
         ids = tok(QUERIES[0] + d)["input_ids"]
         with torch.no_grad():
             logits = _hf(path, None, causal=True)(torch.tensor([ids])).logits[0, -1]
