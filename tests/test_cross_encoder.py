@@ -378,6 +378,17 @@ def test_qwen3_reranker_recipe_matches_the_causal_lm(reranker, reranker_adapters
     assert_close(cls.outputs.probs[0], hf_yes_no(reranker, None, ids))
 
 
+def test_reranker_with_tied_embeddings(tmp_path):
+    """Qwen3-Reranker-0.6B ties lm_head to the embedding: the head's rows come from it."""
+    path = make_tiny_model(tmp_path / "tied", "qwen3", seed=9, init_std=0.1,
+                           tie_word_embeddings=True)
+    add_tokens_to_model(path, ["yes", "no"], seed=4)
+    llm = LLM(str(path), hf_overrides=QWEN3_RERANKER, max_model_len=128, dtype="float32")
+    q, d = _rr_pair(QUERIES[0], DOCS[0])
+    out = llm.score(q, d, use_tqdm=False)[0]
+    assert_close(out.outputs.score, hf_yes_no(path, None, _tok(path)(q + d)["input_ids"]))
+
+
 def test_one_token_reranker_on_llama(tiny_models):
     """vLLM's no_post_processing with one token on a Llama causal LM: sigmoid of that
     token's logit at the last token (a pad token too: the LM has no padding)."""
