@@ -189,6 +189,25 @@ def test_llm_score_mixed_adapters_matches_hf_peft(base, adapters):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+def test_pair_input_without_a_pair_template():
+    """vLLM hands the pair to the tokenizer as text_pair: with this tokenizer's template
+    <s> a <s> b; a tokenizer with no pair template (Qwen's: a ByteLevel post-processor)
+    joins the two encodings as they are; an LLM reranker's pair is one joined text."""
+    from tokenizers import processors
+
+    from loraplex.scoring import cross_encoder_ids
+    from tests.fixtures import load_tokenizer
+
+    tok = load_tokenizer()
+    a, b = "What is", " the capital"
+    assert cross_encoder_ids(tok, a, b, True, None) == [1, *tok.encode(a)[1:], 1,
+                                                        *tok.encode(b)[1:]]
+    assert cross_encoder_ids(tok, a, b, False, None) == tok.encode(a + b)
+    tok.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    assert cross_encoder_ids(tok, a, b, True, None) == tok.encode(a) + tok.encode(b)
+    assert len(cross_encoder_ids(tok, a, b, True, 3)) == 3  # the tokenizer truncates
+
+
 def test_llama_cross_encoder(llama_base):
     llm = LLM(str(llama_base), max_model_len=128, dtype="float32")
     assert llm.llm_engine.model_config.pooling_task == "classify"
