@@ -124,13 +124,15 @@ class ClassificationRequestOutput(PoolingRequestOutput):
 
 @dataclass
 class ScoringOutput:
-    score: float  # the cosine similarity of the pair's embeddings (loraplex/scoring.py)
+    # the cosine similarity of the pair's embeddings, or a cross-encoder's output on the
+    # pair (loraplex/scoring.py)
+    score: float
 
 
 @dataclass
 class ScoringRequestOutput:
     """LLM.score's, one per pair: `outputs.score`; the two texts' ids, concatenated (as
-    vLLM reports a bi-encoder's pair)."""
+    vLLM reports a bi-encoder's pair), or a cross-encoder's pair input."""
 
     request_id: str
     outputs: ScoringOutput

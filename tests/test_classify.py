@@ -214,8 +214,14 @@ def test_server_bad_requests_fail_alone(server, body, status):
 
 
 def test_server_embeddings_refused_on_a_classifier(server):
+    """No embeddings, and no scores from a classifier of 3 labels (a cross-encoder has
+    one: tests/test_cross_encoder.py), as vLLM's 404."""
     r = server.post("/v1/embeddings", {"model": "cls", "input": "hi"})
     assert r.status_code == 404 and "does not support Embeddings" in r.text, r.text
+    for route, body in (("/score", {"model": "cls", "text_1": "a", "text_2": "b"}),
+                        ("/v1/rerank", {"model": "cls", "query": "a", "documents": ["b"]})):
+        r = server.post(route, body)
+        assert r.status_code == 404 and "num_labels == 1" in r.text, r.text
 
 
 def test_classify_route_refused_on_other_servers(tiny_models):

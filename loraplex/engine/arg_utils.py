@@ -111,6 +111,10 @@ class EngineArgs:
     # vLLM's speculative_config: a dict or its JSON text, ngram (prompt lookup) only
     # (config.py: SpeculativeConfig)
     speculative_config: dict | str | None = None
+    # vLLM's hf_overrides: a dict (or its JSON text) merged into the checkpoint's HF config
+    # before the model is built (models/hf_overrides.py), e.g. a causal LM served as a
+    # reranker (models/lm_head_classifier.py)
+    hf_overrides: dict | str | None = None
     # accepted for vLLM compatibility; see _IGNORED_WHEN_SET
     trust_remote_code: bool = False
     swap_space: float | None = None

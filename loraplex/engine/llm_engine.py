@@ -33,6 +33,7 @@ from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeSta
 from loraplex.engine.structured_output import StructuredOutputs
 from loraplex.inputs import PromptType
 from loraplex.layers.classifier import ClassifierHead, read_adapter_head
+from loraplex.layers.classifier_activation import classify_activation, score_activation
 from loraplex.layers.pooler import PoolingState, embedding_head
 from loraplex.layers.quantization import read_side_config
 from loraplex.layers.sampler import Sampler, SamplerOutput, SamplingRow
@@ -40,7 +41,9 @@ from loraplex.lora.adapter import PackedLoRA, local_adapter_dir
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
+from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig
+from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.registry import architecture, build_model, is_headless
@@ -94,6 +97,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         path = resolve_model_path(args.model, args.revision)
         hf_config = AutoConfig.from_pretrained(path)
+        apply_hf_overrides(hf_config, parse_hf_overrides(args.hf_overrides))
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
         hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
@@ -101,11 +105,14 @@ class LLMEngine:
         vision_config = (LlavaVisionConfig.from_hf(whole)
                          if self.text_only is not None and self.text_only.images else None)
         architecture(hf_config)
+        # a causal LM served as a reranker: its head from lm_head rows (hf_overrides)
+        self.lm_head_classifier = LMHeadClassifier.from_config(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
         mc = self.model_config
         self.classify = mc.pooling_task == "classify"
+        self.activations: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         if self.classify:  # HF's classifiers: the last token, its hidden state as it is
             asked = mc.pooler_config
             if asked is not None and (asked.pooling_type not in (None, "LAST")
@@ -113,10 +120,19 @@ class LLMEngine:
                 raise ValueError("a classifier pools its last token, unnormalized: "
                                  "pooler_config cannot change that")
             mc.pooler_config = PoolerConfig(pooling_type="LAST", normalize=False)
+            self.activations = {"classify": classify_activation(hf_config),
+                                "score": score_activation(hf_config)}
+        elif self.lm_head_classifier is not None:
+            raise ValueError("classifier_from_token makes a classifier's head: hf_overrides' "
+                             "architectures must name a *ForSequenceClassification one "
+                             f"(not {hf_config.architectures}) and the runner be pooling")
         elif mc.runner == "pooling":  # the user's fields over the checkpoint's defaults
             mc.pooler_config = resolve_pooler_config(path, mc.pooler_config)
             self.check_dimensions(mc.pooler_config.dimensions, hf_config.hidden_size)
-        self.headless = is_headless(hf_config)
+        # a converted causal LM keeps its lm_head (the head's rows come from it)
+        self.headless = is_headless(hf_config) and self.lm_head_classifier is None
+        # a cross-encoder's pair: text_pair (true), or the two texts concatenated (vLLM)
+        self.use_pad_token = bool(getattr(hf_config, "use_pad_token", True))
         use_device(mc.device)
         torch.manual_seed(mc.seed)
         if mc.device.type == "cpu" and envs.LORAPLEX_CPU_KEEP_FREED_MEMORY:
@@ -218,6 +234,8 @@ class LLMEngine:
                 gen = torch.Generator().manual_seed(mc.seed + 2)
                 self.classifier_head = ClassifierHead(0.02 * torch.randn(
                     hf_config.num_labels, hf_config.hidden_size, generator=gen))
+        elif self.lm_head_classifier is not None:
+            load_weights(model, path, self.vision)
         else:
             heads: dict[str, torch.Tensor] | None = {} if self.classify else None
             load_weights(model, path, self.vision, headless=self.headless, classifier=heads)
@@ -227,9 +245,21 @@ class LLMEngine:
                     raise ValueError(f"{path}: a classifier checkpoint without score.weight")
                 if self.classifier_head.num_labels != len(self.id2label):
                     self.id2label = {}  # labels unnamed: their indices (see label())
+        if self.lm_head_classifier is not None:
+            self.classifier_head = self._lm_head_classifier(model)
         if self.vision is not None:
             self.vision.eval()
         return model.eval()
+
+    def _lm_head_classifier(self, model: Any) -> ClassifierHead:
+        """A converted causal LM's head (models/lm_head_classifier.py) from its lm_head
+        weight (the embedding's when tied), tokens looked up in the tokenizer."""
+        assert self.lm_head_classifier is not None
+        weight = getattr(model.lm_head, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
+                or not weight.dtype.is_floating_point or weight.element_size() < 2:
+            raise ValueError("classifier_from_token needs a plain (unquantized) lm_head")
+        return self.lm_head_classifier.head(weight, self.tokenizer.get_vocab())
 
     # ---- requests ---------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType, tokenizer: Any) -> tuple[str | None, list[int]]:
@@ -423,7 +453,9 @@ class LLMEngine:
             req = self.requests[seq.request_id]
             p = req.params
             if self.classify:
-                req.pooled = self._head_of(req.lora_request).probs(seq.pooling.pooled())
+                logits = self._head_of(req.lora_request).logits(seq.pooling.pooled())
+                req.pooled = self.activations[
+                    "score" if p.task == "score" else "classify"](logits)
             else:
                 req.pooled = embedding_head(
                     seq.pooling.pooled(), pc.normalize if p.normalize is None else p.normalize,
@@ -434,8 +466,9 @@ class LLMEngine:
 
     def _classified_position(self, ids: list[int]) -> int:
         """HF's classifiers score the last token that is not config.json's pad_token_id
-        (the first when all are), so a prompt ending in it is scored as HF does."""
-        pad = self.pad_token_id
+        (the first when all are), so a prompt ending in it is scored as HF does. A
+        converted causal LM scores the last token, as the LM predicts the next one."""
+        pad = None if self.lm_head_classifier is not None else self.pad_token_id
         return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] != pad), 0) \
             if pad is not None else len(ids) - 1
 
@@ -453,6 +486,13 @@ class LLMEngine:
             self._adapter_heads[key] = read_adapter_head(
                 self.lora_manager.registered[lid], self.classifier_head)
         return self._adapter_heads[key] or self.classifier_head
+
+    def check_score(self) -> None:
+        """vLLM's refusal of scores from a classifier of several labels (a cross-encoder
+        has one: its score)."""
+        if self.classify and self.classifier_head.num_labels != 1:
+            raise ValueError("Score API is only enabled for num_labels == 1 (this "
+                             f"classifier has {self.classifier_head.num_labels})")
 
     def label(self, index: int) -> str:
         """id2label of a class index (its index as text when the config names none)."""

@@ -123,12 +123,21 @@ class ServerState:
         return await self.classification.create_classify(req)
 
     async def serve_score(self, req: ScoreRequest):
-        self.require_task("embed", "Score")
+        self.require_scores("Score")
         return await self.scores.create_score(req)
 
     async def serve_rerank(self, req: RerankRequest):
-        self.require_task("embed", "Rerank")
+        self.require_scores("Rerank")
         return await self.scores.rerank(req)
+
+    def require_scores(self, api: str) -> None:
+        """Scores come from an embedding model (a bi-encoder) or a one-label classifier (a
+        cross-encoder); a classifier of several labels has none (vLLM's 404)."""
+        self.require_runner("pooling", api)
+        try:
+            self.engine.engine.check_score()
+        except ValueError as e:
+            raise NotFoundError(f"The model does not support {api} API: {e}") from e
 
     def require_task(self, task: str, api: str) -> None:
         """A pooling server serves embeddings or classification, as its checkpoint is

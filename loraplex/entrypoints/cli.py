@@ -238,6 +238,10 @@ ENGINE_HELP: dict[str, str] = {
                          "(none), or a folder. Its eos_token_id ends replies; its "
                          "temperature, top_p, top_k, min_p, repetition_penalty and "
                          "max_new_tokens are the defaults of requests that leave them unset.",
+    "hf_overrides": "JSON object merged into the model's HF config before it is built "
+                    "(vLLM's), e.g. a causal LM served as a reranker: '{\"architectures\": "
+                    "[\"Qwen3ForSequenceClassification\"], \"classifier_from_token\": "
+                    "[\"no\", \"yes\"], \"is_original_qwen3_reranker\": true}'.",
     "speculative_config": "Speculative decoding, as JSON (vLLM's): only ngram (prompt "
                           "lookup) is supported, e.g. '{\"method\": \"ngram\", "
                           "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, "
@@ -252,7 +256,8 @@ ENGINE_HELP: dict[str, str] = {
 }
 _SPECIAL_TYPES = {"max_model_len": parse_human_int, "long_lora_scaling_factors": parse_floats,
                   "default_mm_loras": parse_json_dict, "override_pooler_config": parse_json_dict,
-                  "pooler_config": parse_json_dict, "speculative_config": parse_speculative_config}
+                  "pooler_config": parse_json_dict, "speculative_config": parse_speculative_config,
+                  "hf_overrides": parse_json_dict}
 _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"],
             "lora_scheduling_policy": ["fair", "fcfs"],
             "runner": ["auto", "generate", "pooling"],

@@ -27,7 +27,12 @@ from loraplex.outputs import (
 )
 from loraplex.pooling_params import PoolingParams
 from loraplex.sampling_params import BeamSearchParams, SamplingParams
-from loraplex.scoring import cosine_scores, pair_indices
+from loraplex.scoring import (
+    cosine_scores,
+    cross_encoder_ids,
+    pair_indices,
+    truncation_length,
+)
 
 Conversation = list[dict[str, Any]]
 
@@ -110,15 +115,21 @@ class LLM:
 
     def score(self, data_1: str | Seq[str], data_2: str | Seq[str], *,
               truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
-              lora_request: LoRARequest | None = None) -> list[ScoringRequestOutput]:
-        """vLLM's, for an embedding model: the cosine similarity of each pair's
-        embeddings (pairs: 1:1, 1:N, or N:N in order), every text embedded in one batch
-        under `lora_request`."""
+              lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+              ) -> list[ScoringRequestOutput]:
+        """vLLM's: each pair's score (pairs: 1:1, 1:N, or N:N in order). An embedding
+        model: the cosine similarity of the pair's embeddings, every text embedded in one
+        batch under `lora_request`. A cross-encoder (a classifier with one label): each
+        pair one input (scoring.cross_encoder_ids), its logit through the score activation;
+        `lora_request` may then be one per pair."""
         self._require_runner("pooling", "LLM.score()")
-        self._require_task("embed", "LLM.score()")
         first = [data_1] if isinstance(data_1, str) else list(data_1)
         second = [data_2] if isinstance(data_2, str) else list(data_2)
         pairs = pair_indices(len(first), len(second))
+        if self.llm_engine.classify:
+            return self._cross_encoder_score(first, second, pairs, truncate_prompt_tokens,
+                                             use_tqdm, lora_request)
+        self._require_task("embed", "LLM.score()")
         outs = self.embed(first + second, truncate_prompt_tokens=truncate_prompt_tokens,
                           use_tqdm=use_tqdm, lora_request=lora_request)
         vectors = [torch.tensor(o.outputs.embedding) for o in outs]
@@ -128,6 +139,26 @@ class LLM:
                                      ScoringOutput(score),
                                      ours[i].prompt_token_ids + theirs[j].prompt_token_ids)
                 for (i, j), score in zip(pairs, scores, strict=True)]
+
+    def _cross_encoder_score(self, first: list[str], second: list[str],
+                             pairs: list[tuple[int, int]], truncate: int | None,
+                             use_tqdm: bool,
+                             lora_request: LoRARequest | Seq[LoRARequest | None] | None
+                             ) -> list[ScoringRequestOutput]:
+        engine = self.llm_engine
+        engine.check_score()
+        PoolingParams(truncate_prompt_tokens=truncate)  # checked, as every pooling call's
+        max_length = truncation_length(truncate, engine.model_config.max_model_len)
+        loras = _broadcast(lora_request, len(pairs), "lora_request", None)
+        self._register(loras)  # an adapter that adds tokens encodes with its tokenizer
+        prompts: list[PromptType] = [{"prompt_token_ids": cross_encoder_ids(
+            engine.get_tokenizer(lora), first[i], second[j], engine.use_pad_token,
+            max_length)} for (i, j), lora in zip(pairs, loras, strict=True)]
+        params = PoolingParams(task="score")
+        outs = self._run(prompts, [params] * len(prompts), loras, use_tqdm,
+                         [0] * len(prompts))
+        return [ScoringRequestOutput(out.request_id, ScoringOutput(float(out.outputs.data[0])),
+                                     out.prompt_token_ids) for out in outs]
 
     def classify(self, prompts: PromptType | Seq[PromptType], *, use_tqdm: bool = True,
                  pooling_params: PoolingParams | Seq[PoolingParams] | None = None,

@@ -1,7 +1,9 @@
-"""POST /score and /rerank (vLLM's, for an embedding model): every text embedded under the
-adapter `model` names, in one batch (the embeddings route's path), and each pair scored by
-the cosine similarity of its embeddings (loraplex/scoring.py). /rerank is the same with
-one query against the documents, sorted by score."""
+"""POST /score and /rerank (vLLM's), under the adapter `model` names, through the
+embeddings route's path (every engine request queued before any runs): an embedding
+model's texts each embedded, each pair scored by the cosine similarity of its embeddings;
+a cross-encoder's (a one-label classifier's) pairs each one input, scored by the
+classifier (loraplex/scoring.py). /rerank is the same with one query against the
+documents, sorted by score."""
 
 from __future__ import annotations
 
@@ -21,7 +23,12 @@ from loraplex.entrypoints.protocol import (
 from loraplex.entrypoints.serving_embedding import OpenAIServingEmbedding
 from loraplex.lora.request import LoRARequest
 from loraplex.pooling_params import PoolingParams
-from loraplex.scoring import cosine_scores, pair_indices
+from loraplex.scoring import (
+    cosine_scores,
+    cross_encoder_ids,
+    pair_indices,
+    truncation_length,
+)
 
 
 class OpenAIServingScores:
@@ -59,14 +66,22 @@ class OpenAIServingScores:
     async def _scores(self, request_id: str, model: str | None, first: list[str],
                       second: list[str], truncate: int | None, priority: int, param: str
                       ) -> tuple[list[float], int]:
-        """Each pair's score, and the prompt tokens embedded."""
+        """Each pair's score, and the prompt tokens run."""
         try:
             pairs = pair_indices(len(first), len(second))
             params = PoolingParams(truncate_prompt_tokens=truncate)
         except ValueError as e:
             raise BadRequestError(str(e), param=param) from e
+        if any(not isinstance(t, str) for t in first + second):
+            raise BadRequestError("texts must be strings", param=param)
         lora = await self.models.resolve(model)
         serving = self.embedding
+        if serving.engine.engine.classify:  # a cross-encoder
+            inputs = await serving.off_loop(self._pair_inputs, first, second, pairs, lora,
+                                            truncate, param)
+            outs = await serving.embed(request_id, inputs, PoolingParams(task="score"),
+                                       model, lora, priority, param)
+            return [float(v[0]) for v in outs], sum(len(ids) for _, ids in inputs)
         inputs = await serving.off_loop(self._inputs, first + second, lora, params, param)
         vectors = await serving.embed(request_id, inputs, params, model, lora, priority,
                                       param)
@@ -77,7 +92,19 @@ class OpenAIServingScores:
                 param: str) -> list[tuple[str | None, list[int]]]:
         """On the encoder thread: each text's ids, truncated as asked, within
         max_model_len."""
-        if any(not isinstance(t, str) for t in texts):
-            raise BadRequestError("texts must be strings", param=param)
         serving = self.embedding
         return serving.checked(serving.encode_items(texts, lora, True, param), params, param)
+
+    def _pair_inputs(self, first: list[str], second: list[str], pairs: list[tuple[int, int]],
+                     lora: LoRARequest | None, truncate: int | None, param: str
+                     ) -> list[tuple[str | None, list[int]]]:
+        """On the encoder thread: each pair's one input (scoring.cross_encoder_ids, with
+        `lora`'s tokenizer when it adds tokens), within max_model_len."""
+        serving = self.embedding
+        encoder = serving.encoder_for(lora)
+        max_length = truncation_length(truncate, serving.max_model_len)
+        use_pad = serving.engine.engine.use_pad_token
+        items: list[tuple[str | None, list[int]]] = [
+            (None, cross_encoder_ids(encoder, first[i], second[j], use_pad, max_length))
+            for i, j in pairs]
+        return serving.checked(items, PoolingParams(), param)

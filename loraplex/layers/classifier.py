@@ -1,5 +1,6 @@
 """Sequence classification (vLLM's classify): a `*ForSequenceClassification` checkpoint's
-score head on the last token's final normed hidden state, per request.
+score head on the last token's final normed hidden state, per request; the task's
+activation on its logits (layers/classifier_activation.py).
 
 HF's classifiers score the last non-pad token; an unpadded prompt's last token is that
 one, so the pooling runner's LAST pooling (no normalization) feeds the head. The head is
@@ -58,15 +59,16 @@ class ClassifierHead:
     def num_labels(self) -> int:
         return self.weight.shape[0]
 
-    def probs(self, pooled: torch.Tensor) -> torch.Tensor:
-        """softmax(pooled @ W.T + b): vLLM's classify output, fp32 on the CPU."""
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled @ W.T + b, fp32 on the CPU; the task's activation makes them the output
+        (layers/classifier_activation.py)."""
         if pooled.shape[-1] != self.weight.shape[1]:
             raise ValueError(f"the classifier head takes {self.weight.shape[1]} features, "
                              f"the model's hidden size is {pooled.shape[-1]}")
         logits = pooled.float().cpu() @ self.weight.T
         if self.bias is not None:
             logits = logits + self.bias
-        return torch.softmax(logits, dim=-1)
+        return logits
 
 
 def read_adapter_head(req: LoRARequest, base: ClassifierHead) -> ClassifierHead | None:
