@@ -7,6 +7,8 @@
     qwen3        reasoning only when the reply opens with <think> (Qwen3's hybrid models;
                  with enable_thinking=False the template puts an empty think block in the
                  prompt and the reply is all content)
+    glm45        GLM-4.5 / 4.6: as qwen3 (its template too closes an empty think block in
+                 the prompt when thinking is off)
     openai_gptoss  gpt-oss's harmony messages: the analysis channel is the reasoning
                  (harmony.py; the default for gpt-oss, as in vLLM)
     mistral      Magistral: between [THINK] and [/THINK] (special tokens, so kept in the
@@ -141,6 +143,7 @@ class GraniteReasoningParser(ReasoningParser):
 REASONING_PARSERS: dict[str, ReasoningParser | HarmonyReasoningParser] = {
     "deepseek_r1": ReasoningParser("deepseek_r1", opens_in_reply=False),
     "qwen3": ReasoningParser("qwen3", opens_in_reply=True),
+    "glm45": ReasoningParser("glm45", opens_in_reply=True),
     "openai_gptoss": HarmonyReasoningParser(),
     "mistral": MistralReasoningParser(),
     "granite": GraniteReasoningParser(),

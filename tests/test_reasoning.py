@@ -56,6 +56,7 @@ SPLITS = {MISTRAL: [
 def test_split(reply, r1, qwen3):
     assert R1.split(reply) == r1
     assert QWEN3.split(reply) == qwen3
+    assert REASONING_PARSERS["glm45"].split(reply) == qwen3  # GLM-4.5's: qwen3's rule
 
 
 @pytest.mark.parametrize(("parser", "reply", "split"), [

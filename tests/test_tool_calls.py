@@ -272,6 +272,8 @@ def test_tool_call_parser_flag_names_every_parser():
                     "<parameter=b>\n2\n</parameter>\n</function>\n</tool_call>", "Sure.\n"),
     ("phi4_mini_json", 'Sure. functools[{"name": "add", "parameters": {"a": 1, "b": 2}}]',
      "Sure. "),
+    ("glm45", "Sure.\n<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n"
+              "<arg_key>b</arg_key>\n<arg_value>2</arg_value>\n</tool_call>", "Sure.\n"),
 ])
 def test_auto_tool_choice(parser, reply, content, tiny_models):
     """A server with --enable-auto-tool-choice --tool-call-parser NAME serves tool_choice
@@ -404,6 +406,36 @@ def test_qwen3_coder_parser_types_values_by_schema():
     assert p.content_prefix("Sure. <tool_c") == len("Sure. ")
 
 
+def test_glm45_parser_types_values_as_vllm():
+    """A value is kept as written where the schema says string, else read as JSON, else
+    as a Python literal, else kept as text; GLM-4.7's form (no newline after the name)
+    and several calls read too."""
+    from loraplex.entrypoints.tool_calls import Glm45Parser
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string"}, "n": {"type": "integer"},
+                                         "tags": {"type": "array"}}}}}]
+    reply = ("Let me check.\n<tool_call>f\n"
+             + "".join(f"<arg_key>{k}</arg_key>\n<arg_value>{v}</arg_value>\n" for k, v in [
+                 ("s", "42"), ("n", "3"), ("tags", '["a", 1]'), ("py", "{'k': None}"),
+                 ("unknown", "multi\nline"), ("flag", "true")])
+             + "</tool_call><tool_call>g<arg_key>x</arg_key><arg_value>1.5</arg_value>"
+             "</tool_call>")
+    content, calls = Glm45Parser().for_request(tools).parse(reply)
+    assert content == "Let me check.\n"
+    assert [c.function.name for c in calls] == ["f", "g"]
+    assert json.loads(calls[0].function.arguments) == {
+        "s": "42", "n": 3, "tags": ["a", 1], "py": {"k": None}, "unknown": "multi\nline",
+        "flag": True}
+    assert json.loads(calls[1].function.arguments) == {"x": 1.5}
+    p = Glm45Parser()
+    assert p.parse("No tools needed.") == ("No tools needed.", [])
+    unfinished = "<tool_call>f\n<arg_key>n</arg_key><arg_value>3</arg_value>"
+    assert p.parse(unfinished) == (unfinished, [])  # no </tool_call>: text, as written
+    assert p.content_prefix("Sure. <tool_c") == len("Sure. ")
+    assert p.partial("<tool_call>get_wea") == []  # the name is not whole yet
+
+
 def test_auto_tool_choice_needs_a_parser(tiny_models):
     res = run(serve_cmd(str(tiny_models["llama"]), "--enable-auto-tool-choice"))
     assert_one_line_error(res, 1, "--enable-auto-tool-choice needs --tool-call-parser")
@@ -434,6 +466,9 @@ def test_auto_tool_choice_needs_a_parser(tiny_models):
     ("phi4_mini_json", 'Hi functools[{"name": "add", "parameters": {"a": "x\\"]"}}, {"name": '
                        '"sub", "arguments": [1]}] bye', [("add", '{"a": "x\\"]"}'),
                                                         ("sub", "[1]")]),
+    ("glm45", "Hi <tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n"
+              "<arg_key>b</arg_key>\n<arg_value>x</arg_value>\n</tool_call>"
+              "<tool_call>sub\n</tool_call>", [("add", '{"a": 1, "b": "x"}'), ("sub", "{}")]),
 ])
 def test_partial_calls_grow_with_the_text(parser, text, calls):
     """Every prefix of a reply: the calls so far are the final ones' prefixes (arguments

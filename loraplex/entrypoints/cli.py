@@ -228,7 +228,8 @@ ENGINE_HELP: dict[str, str] = {
                         "`reasoning_content`) apart from `content`, tool calls are read "
                         "from the content, and structured outputs constrain only the "
                         "answer. deepseek_r1: everything before </think> (R1, QwQ, Qwen3 "
-                        "thinking-only models); qwen3: when the reply opens with <think>; "
+                        "thinking-only models); qwen3 (and glm45, GLM-4.5's): when the reply opens "
+                        "with <think>; "
                         "openai_gptoss: gpt-oss's harmony analysis channel (the default "
                         "for gpt-oss); mistral: Magistral's [THINK] ... [/THINK]; granite: "
                         "Granite 3.2+'s 'Here is my thought process:' ... 'Here is my "
@@ -266,13 +267,13 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
             "scheduling_policy": ["fcfs", "priority"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
             "kv_cache_dtype": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],  # config.py's
-            "reasoning_parser": ["deepseek_r1", "qwen3", "openai_gptoss", "mistral",
+            "reasoning_parser": ["deepseek_r1", "qwen3", "glm45", "openai_gptoss", "mistral",
                                  "granite"]}  # reasoning.py's
 
 
 # entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)
 TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic",
-                     "qwen3_coder", "openai", "granite", "phi4_mini_json"]
+                     "qwen3_coder", "openai", "granite", "phi4_mini_json", "glm45"]
 _SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's
 
 

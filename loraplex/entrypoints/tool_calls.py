@@ -13,7 +13,7 @@ parser reads the calls out of the reply (`PARSERS`: Hermes / Qwen's `<tool_call>
 Llama 3's bare JSON, Mistral's `[TOOL_CALLS]`, Llama 3.2 / 4's Python list of calls,
 Qwen3-Coder's XML-like tags with values typed by the tools' schemas, gpt-oss's harmony
 messages to functions.NAME, Granite 3's `<|tool_call|>[...]`, Phi-4-mini's
-`functools[...]`).
+`functools[...]`, GLM-4.5's key / value tags).
 
 Streamed, the text before a call goes out as it comes; a call goes out once its name is
 complete (id, name), then its arguments' text piece by piece as the model writes it
@@ -698,6 +698,89 @@ class Qwen3CoderParser(_StartTagParser):
         return calls
 
 
+class Glm45Parser(_StartTagParser):
+    """GLM-4.5 / 4.6 (vLLM's glm45): after any text, each call is the function's name and
+    its arguments as key / value tags (GLM-4.7 writes the first key right after the name,
+    without the newline: read too):
+
+        <tool_call>get_weather
+        <arg_key>city</arg_key>
+        <arg_value>Paris</arg_value>
+        </tool_call>
+
+    A value is raw text: kept as written where the tool's schema says string, else read
+    as JSON, else as a Python literal, else kept as text (vLLM's rule, so "3" is 3 for an
+    argument the schema does not type)."""
+
+    start = "<tool_call>"
+    _end = "</tool_call>"
+    _argument = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>",
+                           re.DOTALL)
+
+    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
+        self.schemas = schemas or {}
+
+    def for_request(self, tools: list[dict[str, Any]] | None) -> Glm45Parser:
+        return Glm45Parser(_tool_schemas(tools) if tools else {})
+
+    def _blocks(self, text: str) -> list[tuple[str, bool]]:
+        """Each call's text after its <tool_call>, and whether its </tool_call> came."""
+        return [(part.split(self._end, 1)[0], self._end in part)
+                for part in text.split(self.start)[1:]]
+
+    @staticmethod
+    def _name(body: str, closed: bool) -> str | None:
+        """The function's name, once what ends it (a newline, <arg_key>, the call's end)
+        has come."""
+        ends = [i for i in (body.find("\n"), body.find("<arg_key>")) if i >= 0]
+        if not ends and not closed:
+            return None
+        name = body[:min(ends)] if ends else body
+        return name.strip() or None
+
+    def _typed(self, function: str, key: str, value: str) -> Any:
+        kind = (self.schemas.get(function, {}).get("properties", {}).get(key) or {}) \
+            .get("type")
+        if kind == "string":
+            return value
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return value
+
+    def _arguments(self, function: str, body: str) -> list[str]:
+        return [f"{json.dumps(k.strip())}: {json.dumps(self._typed(function, k.strip(), v))}"
+                for k, v in self._argument.findall(body)]
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.start not in text:
+            return text, []
+        calls = []
+        for body, closed in self._blocks(text):
+            name = self._name(body, closed)
+            if name is None or not closed:
+                return text, []
+            calls.append(_call(name, "{" + ", ".join(self._arguments(name, body)) + "}"))
+        content = text[:text.index(self.start)]
+        return content if content.strip() else None, calls
+
+    def partial(self, text: str) -> list[PartialCall]:
+        """Each call once its name is whole; its arguments as JSON, one at a time as each
+        </arg_value> comes, closed at </tool_call>."""
+        calls: list[PartialCall] = []
+        for body, closed in self._blocks(text):
+            name = self._name(body, closed)
+            if name is None:
+                break
+            calls.append((name, "{" + ", ".join(self._arguments(name, body))
+                          + ("}" if closed else "")))
+        return calls
+
+
 class OpenAIParser(_StartTagParser):
     """gpt-oss (harmony.py): a call is a commentary message to functions.NAME whose body
     is its arguments; the final and preamble messages are the content. It reads the
@@ -722,4 +805,4 @@ class OpenAIParser(_StartTagParser):
 PARSERS = {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser,
            "pythonic": PythonicParser, "llama4_pythonic": PythonicParser,
            "qwen3_coder": Qwen3CoderParser, "openai": OpenAIParser, "granite": GraniteParser,
-           "phi4_mini_json": Phi4MiniJsonParser}
+           "phi4_mini_json": Phi4MiniJsonParser, "glm45": Glm45Parser}
