@@ -8,9 +8,12 @@
     POST /tokenize /detokenize   POST /invocations (SageMaker's: chat or completions)
     POST /reset_prefix_cache   (LORAPLEX_SERVER_DEV_MODE)
     POST /v1/load_lora_adapter /v1/unload_lora_adapter   (LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING)
+    POST /generate /generate_stream /   LoRAX's and TGI's generate API (serving_generate.py)
 
 Every error is OpenAI's body {"error": {message, type, param, code}}; FastAPI's 422s
-become 400s with a one-line reason. A request can fail; the server keeps serving.
+become 400s with a one-line reason (the generate API's: TGI's {"error", "error_type"},
+422 for a bad request, as its clients read them). A request can fail; the server keeps
+serving.
 """
 
 # No `from __future__ import annotations`: FastAPI 0.110 resolves the string
@@ -50,6 +53,7 @@ from loraplex.entrypoints.errors import (
     NotFoundError,
     error_response,
 )
+from loraplex.entrypoints.generate_protocol import ErrorBody, GenerateRequest
 from loraplex.entrypoints.http_options import HTTPOptions, add_middleware
 from loraplex.entrypoints.protocol import (
     ChatCompletionRequest,
@@ -69,6 +73,7 @@ from loraplex.entrypoints.serving_chat import OpenAIServingChat
 from loraplex.entrypoints.serving_classification import OpenAIServingClassification
 from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
 from loraplex.entrypoints.serving_embedding import OpenAIServingEmbedding
+from loraplex.entrypoints.serving_generate import ServingGenerate, error_body, error_status
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.entrypoints.serving_responses import OpenAIServingResponses, passed_through
 from loraplex.entrypoints.serving_score import OpenAIServingScores
@@ -103,6 +108,7 @@ class ServerState:
     embedding: OpenAIServingEmbedding
     scores: OpenAIServingScores
     classification: OpenAIServingClassification
+    generate: ServingGenerate  # LoRAX's / TGI's generate API
 
     # each route's work, behind its runner / task check: the HTTP routes and run-batch's
     # lines (run_batch.py) both serve through these
@@ -324,6 +330,32 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
         request = parse_body(body, CompletionRequest)
         return respond(await state.completion.create_completion(request))
 
+    @app.post("/generate")
+    @app.post("/generate_stream")
+    @app.post("/")
+    @with_cancellation
+    async def generate(raw_request: Request) -> Response:
+        """LoRAX's / TGI's generate API; its errors in their shape."""
+        path = raw_request.url.path.removeprefix(raw_request.scope.get("root_path", ""))
+        try:
+            request = GenerateRequest.model_validate_json(await raw_request.body())
+        except ValidationError as e:
+            return failed(JSONResponse(ErrorBody(
+                error=_validation_message(RequestValidationError(e.errors(include_url=False)),
+                                          "application/json")[0],
+                error_type="validation").model_dump(), status_code=422))
+        stream = path.endswith("/generate_stream") or (path.rstrip("/") == "" and
+                                                       request.stream)
+        try:
+            state.require_runner("generate", "Generate")
+            result = await state.generate.generate(request, stream)
+        except APIError as e:
+            return failed(JSONResponse(error_body(e).model_dump(), status_code=error_status(e)))
+        if stream:
+            return StreamingResponse(result, media_type="text/event-stream")
+        body = result.model_dump()
+        return JSONResponse([body] if path.rstrip("/") == "" else body)  # TGI's "/": a list
+
     @app.post("/v1/responses")
     @with_cancellation
     async def responses(request: ResponsesRequest, raw_request: Request) -> Response:
@@ -494,7 +526,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
         responses=OpenAIServingResponses(chat, envs.LORAPLEX_RESPONSES_API_STORE_SIZE
                                          if envs.LORAPLEX_ENABLE_RESPONSES_API_STORE else 0),
         embedding=embedding, scores=OpenAIServingScores(embedding),
-        classification=OpenAIServingClassification(embedding))
+        classification=OpenAIServingClassification(embedding),
+        generate=ServingGenerate(async_engine, models, tokenizer))
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)
