@@ -25,7 +25,13 @@ from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.generation_config import GenerationDefaults
-from loraplex.engine.images import ImageInputs, ImageProcessor
+from loraplex.engine.images import (
+    ImageInputs,
+    ImageProcessor,
+    VisionConfig,
+    build_vision,
+    vision_config,
+)
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
@@ -39,7 +45,6 @@ from loraplex.lora.adapter import PackedLoRA, local_adapter_dir
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
-from loraplex.models.llava import LlavaVision, LlavaVisionConfig
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.registry import architecture, build_model, is_headless
@@ -98,9 +103,10 @@ class LLMEngine:
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
         hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
-        # LLaVA: its vision tower and projector (models/llava.py), its image processor
-        vision_config = (LlavaVisionConfig.from_hf(whole)
-                         if self.text_only is not None and self.text_only.images else None)
+        # LLaVA, Gemma 3: the vision tower and projector (models/llava.py,
+        # models/gemma3_vision.py), the image processor
+        vision = (vision_config(whole)
+                  if self.text_only is not None and self.text_only.images else None)
         architecture(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
@@ -125,10 +131,9 @@ class LLMEngine:
         tok_path = path if args.tokenizer is None else resolve_model_path(args.tokenizer)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path,
                                                        revision=args.tokenizer_revision)
-        self.vision = (self._build(lambda: LlavaVision(vision_config))
-                       if vision_config is not None else None)
-        self.image_processor = (ImageProcessor(path, vision_config)
-                                if vision_config is not None else None)
+        self.image_processor = self._image_processor(path, vision)
+        self.vision = (self._build(lambda: build_vision(vision))
+                       if self.image_processor is not None else None)
         self.id2label = {int(k): str(v) for k, v in
                          (getattr(hf_config, "id2label", None) or {}).items()}
         self.classifier_head: ClassifierHead | None = None  # the base's (classify)
@@ -193,6 +198,21 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
+
+    def _image_processor(self, path: str, config: VisionConfig | None
+                         ) -> ImageProcessor | None:
+        """The model's image processor; None when it takes no images, or for a Gemma 3
+        checkpoint saved without one (served on text, images refused, as before)."""
+        if config is None:
+            return None
+        try:
+            return ImageProcessor(path, config, self.tokenizer)
+        except OSError:
+            if not config.bidirectional:  # LLaVA's needs one
+                raise
+            logger.warning("%s has no image processor files: serving its language model on "
+                           "text; image inputs are refused", path)
+            return None
 
     def _build(self, make: Callable[[], torch.nn.Module]) -> Any:
         """A module made in the model's dtype, on its device."""
@@ -271,8 +291,27 @@ class LLMEngine:
                              "{'image': an image or a list of images}")
         if isinstance(data["image"], ImageInputs):
             self.image_processor.check(ids, data["image"])
-            return ids, data["image"]
-        return self.image_processor(ids, data["image"])
+            ids, images = ids, data["image"]
+        else:
+            ids, images = self.image_processor(ids, data["image"])
+        if images.bidirectional:
+            self._check_bidirectional(images)
+        return ids, images
+
+    def _check_bidirectional(self, images: ImageInputs) -> None:
+        """Gemma 3's images attend to their own tokens both ways: only the torch attention
+        path does that, and each image is prefilled within one chunk."""
+        if self.model_runner.attn_backend != "torch":
+            raise ValueError("multi_modal_data: Gemma 3's images need bidirectional "
+                             "attention over each image's tokens, which the Triton attention "
+                             "kernels do not do yet: start the engine with "
+                             "LORAPLEX_ATTENTION_BACKEND=torch to serve image requests")
+        sc = self.config.scheduler_config
+        longest = max(n for _, n in images.ranges)
+        if sc.enable_chunked_prefill and longest > sc.max_num_batched_tokens:
+            raise ValueError(f"multi_modal_data: an image takes {longest} tokens, which are "
+                             "prefilled in one step: max_num_batched_tokens "
+                             f"({sc.max_num_batched_tokens}) must be at least that")
 
     def _check_prompt(self, ids: list[int], vocab: int) -> None:
         if not ids:
@@ -802,7 +841,7 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
     if prompt.get("multi_modal_data") and not takes_images:
         raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
                          f"model {model!r}: it has no vision tower (image inputs are "
-                         "served on LLaVA models)")
+                         "served on LLaVA and Gemma 3 models)")
     if prompt.get("multi_modal_uuids"):
         raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
                          "uuids (images are hashed for the prefix cache)")

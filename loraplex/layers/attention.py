@@ -339,6 +339,29 @@ def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device
         ctx.valid_rows = tensor([bi * length + i for bi, n in enumerate(lens) for i in range(n)])
 
 
+def image_blocks(ctx: StepContext, blocks: list[list[tuple[int, int]]]) -> None:
+    """Gemma 3's images in the torch prefill's mask: a query in image span (first, count)
+    of its sequence also sees that span's later keys, so each image's tokens attend to
+    each other both ways (HF's token_type_ids blocks: OR(causal, same image); a window
+    is applied on top, AND, by _window_mask). `blocks[b]`: sequence b's image spans.
+    An image is computed within one chunk (the scheduler's rule), so a span's keys are
+    all in this step."""
+    q_pos, k_pos = ctx.prefill_positions  # [B or 1, L], [width]
+    b, device = len(blocks), k_pos.device
+    q_pos = q_pos.expand(b, -1)
+    q_img = torch.full(q_pos.shape, -1, dtype=torch.long, device=device)
+    k_img = torch.full((b, k_pos.shape[0]), -1, dtype=torch.long, device=device)
+    for row, spans in enumerate(blocks):
+        for i, (first, count) in enumerate(spans):
+            q_img[row].masked_fill_((q_pos[row] >= first) & (q_pos[row] < first + count), i)
+            k_img[row].masked_fill_((k_pos >= first) & (k_pos < first + count), i)
+    same = (q_img[:, :, None] == k_img[:, None, :]) & (q_img[:, :, None] >= 0)
+    base = ctx.prefill_mask
+    if base is None:  # causal over equal-length rows starting at 0
+        base = (k_pos[None, :] <= q_pos[0][:, None])[None, None]
+    ctx.prefill_mask = base | same.unsqueeze(1)
+
+
 def decode_groups(lens: list[int]) -> list[tuple[int, int, int]] | None:
     """(start, end, width) row groups for the torch decode path, rows sorted longest
     context first: a new group starts where the context is under half its group's first,
