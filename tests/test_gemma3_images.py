@@ -153,6 +153,31 @@ def test_prefix_cache_never_shares_across_images(gemma3):
     assert runs[0].outputs[0].cumulative_logprob != runs[1].outputs[0].cumulative_logprob
 
 
+def test_prefix_cache_hit_ending_inside_an_image(gemma3):
+    """The same image with other text after it: the cached prefix ends inside the image
+    (its block also holds the text that differs), so the next chunk starts mid-image;
+    the cached image K/V were computed with the whole image, the rest of it attends to
+    them: HF's output."""
+    llm = make_llm(gemma3["base"], enable_prefix_caching=True, block_size=16)
+    intro = "User: Once upon a time there was a girl. <start_of_image>\n"
+    prompts = [intro + "What is this? Model:", intro + "Where is it? Model:"]
+    runs = [llm.generate([request(p, [image(1)])], GREEDY, use_tqdm=False)[0]
+            for p in prompts]
+    check(runs, gemma3["base"], [(p, [image(1)], None) for p in prompts])
+    first = runs[1].prompt_token_ids.index(
+        processor(str(gemma3["base"])).tokenizer.convert_tokens_to_ids(SOFT))
+    assert first < runs[1].num_cached_tokens < first + TOKENS_PER_IMAGE
+
+
+def test_expanded_prompt_ids_are_taken_as_they_are(gemma3):
+    """prompt_token_ids HF's processor expanded already (soft tokens and all): kept."""
+    llm = make_llm(gemma3["base"])
+    ids = hf_inputs(gemma3["base"], ASK, [image(2)])["input_ids"][0].tolist()
+    outs = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": image(2)}},
+                        GREEDY, use_tqdm=False)
+    check(outs, gemma3["base"], [(ASK, [image(2)], None)])
+
+
 def test_chat_with_image_parts(gemma3):
     """LLM.chat: an image_url part (data URL) and an image_pil part become the template's
     <start_of_image>, the images the request's."""
