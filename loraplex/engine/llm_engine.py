@@ -291,7 +291,7 @@ class LLMEngine:
                              "{'image': an image or a list of images}")
         if isinstance(data["image"], ImageInputs):
             self.image_processor.check(ids, data["image"])
-            ids, images = ids, data["image"]
+            images = data["image"]
         else:
             ids, images = self.image_processor(ids, data["image"])
         if images.bidirectional:
