@@ -119,6 +119,27 @@ def test_mixed_batch_matches_hf(max_loras, budget, gemma3):
     assert outs[1].outputs[0].token_ids != outs[3].outputs[0].token_ids  # the image counts
 
 
+@pytest.mark.parametrize("budget", [None, 24])
+def test_triton_attention_matches_hf(budget, gemma3, monkeypatch):
+    """The CUDA path's attention (the Triton kernels, under the interpreter here): the
+    image tokens' key_limit in the prefill kernel; budget 24: chunks with cached context,
+    mixed steps with running decodes."""
+    import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
+
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    llm = make_llm(gemma3["base"], enable_lora=True, max_loras=2, max_lora_rank=8,
+                   max_num_batched_tokens=budget, block_size=8)
+    assert llm.llm_engine.model_runner.attn_backend == "triton"
+    a, b = image(1), image(2, (30, 50))
+    two = INTRO + "<start_of_image> and <start_of_image>: which? Model:"
+    jobs = [(ASK, [a], None), (two, [a, b], "r8"), ("User: Hi there. Model:", [], "r4"),
+            (ASK, [b], "r4")]
+    loras = {n: LoRARequest(n, i, str(gemma3[n])) for i, n in enumerate(("r8", "r4"), 1)}
+    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[loras[n] if n else None for *_, n in jobs])
+    check(outs, gemma3["base"], [(p, ims, gemma3[n] if n else None) for p, ims, n in jobs])
+
+
 def test_chunked_prefill_never_splits_an_image(gemma3):
     """Long text before the image, a budget that would cut it: the chunk stops before the
     image, which runs whole in the next step; HF's output."""
@@ -192,19 +213,14 @@ def test_chat_with_image_parts(gemma3):
     check(outs, gemma3["base"], [(text, [a, b], None)], add_special_tokens=False)
 
 
-def test_offline_refusals_fail_only_their_request(gemma3, monkeypatch):
+def test_offline_refusals_fail_only_their_request(gemma3):
     llm = make_llm(gemma3["base"], enable_lora=True, max_lora_rank=8)
     a = image(1)
     with pytest.raises(ValueError, match="1 <start_of_image> token.*for 2 image"):
         llm.generate(request(ASK, [a, a]), GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="cannot decode the image"):
         llm.generate(request(ASK, ["data:image/png;base64,AAAA"]), GREEDY, use_tqdm=False)
-    engine = llm.llm_engine
-    monkeypatch.setattr(engine.model_runner, "attn_backend", "triton")
-    with pytest.raises(ValueError, match="Triton attention.*LORAPLEX_ATTENTION_BACKEND=torch"):
-        llm.generate(request(ASK, [a]), GREEDY, use_tqdm=False)
-    monkeypatch.undo()
-    assert not engine.has_unfinished_requests()
+    assert not llm.llm_engine.has_unfinished_requests()
     check(llm.generate(request(ASK, [a]), GREEDY, use_tqdm=False), gemma3["base"],
           [(ASK, [a], None)])
     small = make_llm(gemma3["base"], max_num_batched_tokens=12)

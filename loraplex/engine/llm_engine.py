@@ -299,13 +299,8 @@ class LLMEngine:
         return ids, images
 
     def _check_bidirectional(self, images: ImageInputs) -> None:
-        """Gemma 3's images attend to their own tokens both ways: only the torch attention
-        path does that, and each image is prefilled within one chunk."""
-        if self.model_runner.attn_backend != "torch":
-            raise ValueError("multi_modal_data: Gemma 3's images need bidirectional "
-                             "attention over each image's tokens, which the Triton attention "
-                             "kernels do not do yet: start the engine with "
-                             "LORAPLEX_ATTENTION_BACKEND=torch to serve image requests")
+        """Gemma 3's images attend to their own tokens both ways, so each is prefilled
+        within one chunk: it must fit the token budget."""
         sc = self.config.scheduler_config
         longest = max(n for _, n in images.ranges)
         if sc.enable_chunked_prefill and longest > sc.max_num_batched_tokens:

@@ -160,7 +160,8 @@ class Attention(nn.Module):
                 q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale,
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
                   if with_ctx else ()), softcap=self.softcap, window=self.window,
-                sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale)
+                sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale,
+                key_limit=ctx.key_limit)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                          ctx.context_lens, self.scale, ctx.decode_splits,
                                          softcap=self.softcap, window=self.window, sinks=sinks,
@@ -360,6 +361,22 @@ def image_blocks(ctx: StepContext, blocks: list[list[tuple[int, int]]]) -> None:
     if base is None:  # causal over equal-length rows starting at 0
         base = (k_pos[None, :] <= q_pos[0][:, None])[None, None]
     ctx.prefill_mask = base | same.unsqueeze(1)
+
+
+def image_key_limits(blocks: list[list[tuple[int, int]]], starts: list[int],
+                     lens: list[int]) -> list[int]:
+    """image_blocks' rule as the Triton prefill takes it: for each prefill row (sequence
+    after sequence), the last of its sequence's step rows it sees: its own (causal), or
+    for an image token the last of its image (which the scheduler keeps in the chunk)."""
+    out: list[int] = []
+    for spans, start, n in zip(blocks, starts, lens, strict=True):
+        limits = list(range(n))
+        for first, count in spans:
+            lo, hi = max(first - start, 0), min(first + count - start, n)
+            if lo < hi:  # (an image in the cached context, or past the chunk: none)
+                limits[lo:hi] = [first + count - 1 - start] * (hi - lo)
+        out += limits
+    return out
 
 
 def decode_groups(lens: list[int]) -> list[tuple[int, int, int]] | None:

@@ -14,7 +14,8 @@ any run length). Pan-and-scan (extra crops of a wide image) is not done: a proce
 configured with do_pan_and_scan=True is refused (engine/images.py).
 
 The image's soft tokens attend to each other both ways in the language model (text stays
-causal): layers/attention.py's `image_blocks`; the scheduler never ends a prefill chunk
+causal): layers/attention.py's `image_blocks` (torch), `image_key_limits` (the Triton
+prefill kernel's `key_limit`); the scheduler never ends a prefill chunk
 inside an image's tokens (`ImageInputs.chunk_len`), so each image is computed whole.
 """
 

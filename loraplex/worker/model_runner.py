@@ -32,6 +32,7 @@ from loraplex.layers.attention import (
     attention_backend,
     decode_splits,
     image_blocks,
+    image_key_limits,
     is_fp8,
     torch_prefill_layout,
 )
@@ -268,11 +269,12 @@ class ModelRunner:
                                  starts if width else None, width * self.block_size)
         blocks = [s.images.ranges if s.images is not None and s.images.bidirectional else []
                   for s in cached or []]
-        if any(blocks):  # Gemma 3: each image's tokens see each other (add_request
-            # refuses such requests on the Triton path)
-            if self.attn_backend != "torch":
-                raise RuntimeError("bidirectional image attention needs the torch path")
-            image_blocks(ctx, blocks)
+        if any(blocks):  # Gemma 3: each image's tokens see each other
+            if self.attn_backend == "triton":
+                ctx.key_limit = self._tensor(image_key_limits(blocks, starts or [0] * len(lens),
+                                                              lens), torch.int32)
+            else:
+                image_blocks(ctx, blocks)
         return ctx
 
     def prepare_prefill(self, seqs: list[Sequence], lens: list[int] | None = None,
