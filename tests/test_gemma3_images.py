@@ -220,6 +220,9 @@ def test_offline_refusals_fail_only_their_request(gemma3):
         llm.generate(request(ASK, [a, a]), GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="cannot decode the image"):
         llm.generate(request(ASK, ["data:image/png;base64,AAAA"]), GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="do_pan_and_scan=True is not supported"):
+        llm.generate({**request(ASK, [a]), "mm_processor_kwargs": {"do_pan_and_scan": True}},
+                     GREEDY, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     check(llm.generate(request(ASK, [a]), GREEDY, use_tqdm=False), gemma3["base"],
           [(ASK, [a], None)])

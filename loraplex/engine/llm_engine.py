@@ -64,8 +64,9 @@ PromptType = str | list[int] | dict[str, Any]
 
 # vLLM's prompt-dict keys beyond prompt / prompt_token_ids that the engine accepts:
 # cache_salt (prefix-cache isolation); multi_modal_data {"image": ...} on a model that takes
-# images (LLaVA), else only while empty, as multi_modal_uuids; mm_processor_kwargs (only
-# configures the processing of multi_modal_data). Any other key (prompt_embeds,
+# images (LLaVA, Gemma 3), else only while empty, as multi_modal_uuids; mm_processor_kwargs
+# (only configures the processing of multi_modal_data; Gemma 3's do_pan_and_scan=True is
+# refused, not ignored). Any other key (prompt_embeds,
 # token_type_ids, a typo) is refused: it would be silently ignored otherwise.
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt", "mm_processor_kwargs",
                 "multi_modal_data", "multi_modal_uuids"}
@@ -285,6 +286,9 @@ class LLMEngine:
         data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         if not data:
             return ids, None
+        if (prompt.get("mm_processor_kwargs") or {}).get("do_pan_and_scan"):
+            raise ValueError("mm_processor_kwargs: do_pan_and_scan=True is not supported "
+                             "(Gemma 3's pan-and-scan crops)")
         if not isinstance(data, dict) or set(data) != {"image"}:
             kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"multi_modal_data: {kinds} is not supported; give "
