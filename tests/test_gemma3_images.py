@@ -285,6 +285,9 @@ def _chat(client: openai.OpenAI, model: str, content: list) -> list[int]:
 
 
 def test_server_chat_with_data_url_image(gemma3):
+    """The chat route's image_url parts (base and adapter: HF's greedy tokens), an
+    undecodable image a 400 alone, /v1/responses' input_image parts and /tokenize of
+    such messages: HF's expanded prompt."""
     a = image(1)
     content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
                {"type": "text", "text": "What is this?"}]
@@ -313,4 +316,8 @@ def test_server_chat_with_data_url_image(gemma3):
                 {"type": "input_text", "text": "What is this?"}]}])
         # max_output_tokens reached: "incomplete"; the prompt is HF's expansion
         assert resp.usage.input_tokens == len(ids) and resp.usage.output_tokens == 4
+        tok = server.post("/tokenize", {"model": base, "messages": [
+            {"role": "user", "content": content}]})
+        assert tok.status_code == 200, tok.text
+        assert tok.json()["tokens"] == ids and tok.json()["count"] == len(ids)
         assert len(_chat(client, base, content)) == GREEDY.max_tokens  # still serving
