@@ -50,8 +50,9 @@ DEV = torch.device("cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # ||out-ref||/||ref||
 
 
-def reference(q, k, v, scale, q_offset=0, softcap=0.0, window=0, sinks=None):
-    """q [M, H, D] at positions q_offset.., k/v [N, KVH, D] at 0..N-1: causal, float64;
+def reference(q, k, v, scale, q_offset=0, softcap=0.0, window=0, sinks=None, limit=None):
+    """q [M, H, D] at positions q_offset.., k/v [N, KVH, D] at 0..N-1: causal (or each
+    query sees keys up to limit [M], Gemma 3's image tokens their whole image), float64;
     softcap > 0: scores capped as softcap * tanh(score / softcap) (Gemma 2); window > 0:
     a query at p sees keys at p - window < k <= p; sinks [H]: one more key per head with
     that score and no value (gpt-oss)."""
@@ -63,7 +64,7 @@ def reference(q, k, v, scale, q_offset=0, softcap=0.0, window=0, sinks=None):
         s = softcap * torch.tanh(s / softcap)
     key_pos = torch.arange(k.shape[0], device=q.device)[None, :]
     q_pos = (q_offset + torch.arange(q.shape[0], device=q.device))[:, None]
-    visible = key_pos <= q_pos
+    visible = key_pos <= (q_pos if limit is None else limit.to(q.device)[:, None])
     if window:
         visible &= key_pos > q_pos - window
     s = s.masked_fill(~visible, float("-inf"))
@@ -149,7 +150,9 @@ def test_decode_odd_block_size():
 
 
 def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV, seed=0,
-                  softcap=0.0, window=0, sinks=None):
+                  softcap=0.0, window=0, sinks=None, images=None):
+    """images: each sequence's image spans (first position, count), whose tokens see their
+    whole image (Gemma 3), through the kernel's key_limit."""
     gen = torch.Generator().manual_seed(seed)
     t = sum(q_lens)
     q = torch.randn(t, h, d, generator=gen).to(dtype).to(device)
@@ -163,8 +166,14 @@ def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV,
         cache = dict(k_cache=k_cache, v_cache=v_cache, block_tables=table,
                      context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device))
     out = torch.full_like(q, float("nan"))  # poison: every row must be written
+    limits = None
+    if images is not None:
+        from loraplex.layers.attention import image_key_limits
+
+        limits = torch.tensor(image_key_limits(images, ctx_lens, q_lens), dtype=torch.int32)
     ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, **cache, out=out, softcap=softcap,
-                         window=window, sinks=sinks)
+                         window=window, sinks=sinks,
+                         key_limit=None if limits is None else limits.to(device))
     for b, (n, c) in enumerate(zip(q_lens, ctx_lens)):
         s = int(cu[b])
         ks, vs = k[s:s + n], v[s:s + n]
@@ -172,7 +181,8 @@ def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV,
             kc, vc = cached_kv(cache["k_cache"], cache["v_cache"], cache["block_tables"][b], c)
             ks, vs = torch.cat([kc, ks]), torch.cat([vc, vs])
         ref = reference(q[s:s + n], ks, vs, d ** -0.5, q_offset=c, softcap=softcap,
-                        window=window, sinks=sinks)
+                        window=window, sinks=sinks,
+                        limit=None if limits is None else c + limits[s:s + n])
         assert rel_err(out[s:s + n], ref) < TOL[dtype], (b, n, c)
 
 
@@ -213,6 +223,18 @@ def test_sliding_window(window):
                  splits=3, window=window)
     check_prefill([4, 33, 70], [21, 0, 9], h=4, kvh=2, d=32, dtype=torch.float32,
                   block_size=8, window=window)
+
+
+@interpreted
+@pytest.mark.parametrize("window", [0, 6])
+def test_prefill_image_blocks(window):
+    """Gemma 3's images (spans of positions): their tokens see the rest of their image
+    (key_limit), text stays causal; after cached context (one image in it), with a window
+    shorter than an image (it still applies), one across two query tiles (64 rows: local
+    rows 59..66)."""
+    check_prefill([40, 9, 70], [0, 21, 5], h=4, kvh=2, d=32, dtype=torch.float32,
+                  block_size=8, window=window,
+                  images=[[(3, 16), (20, 16)], [(15, 4), (22, 4)], [(10, 40), (50, 1), (64, 8)]])
 
 
 @interpreted
@@ -529,6 +551,9 @@ for splits in (1, 4):
 qt, k = torch.zeros(24, 64, 64, dtype=torch.bfloat16), torch.zeros(24, 8, 64, dtype=torch.bfloat16)
 A.prefill_attention(qt, k, k, torch.tensor([0, 10, 24], dtype=torch.int32), 14, 0.1, kc, kc,
                     table, lens, sinks=sinks, window=128)
+# Gemma 3's images: each query's last visible key (key_limit), a window
+A.prefill_attention(qt, k, k, torch.tensor([0, 10, 24], dtype=torch.int32), 14, 0.1, kc, kc,
+                    table, lens, window=1024, key_limit=torch.zeros(24, dtype=torch.int32))
 """
 
 
@@ -536,7 +561,7 @@ A.prefill_attention(qt, k, k, torch.tensor([0, 10, 24], dtype=torch.int32), 14, 
 def test_kernels_compile_for_h100():
     """The interpreter accepts code the compiler rejects: compile for sm_90 (no GPU needed),
     within an H100's shared memory."""
-    assert compile_for_h100(_LAUNCHES) == 14
+    assert compile_for_h100(_LAUNCHES) == 15
 
 
 # ---- GPU: real kernels, Llama-8B head shapes -------------------------------------------

@@ -1,6 +1,7 @@
-"""Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration) served on text: the
-language model loads from the hub layout (`language_model.model.*`, vision tower and
-projector skipped), and adapters trained on the whole model (its vision tower's LoRA
+"""Gemma 3's multimodal checkpoints (Gemma3ForConditionalGeneration) on text (their
+images: tests/test_gemma3_images.py): the language model loads from the hub layout
+(`language_model.model.*`; vision tower and projector skipped, this checkpoint having no
+image processor), and adapters trained on the whole model (its vision tower's LoRA
 too) match HF + PEFT on the multimodal model with text inputs, in mixed batches; the
 older adapter layout (`language_model.model.*`) is read the same way."""
 
@@ -97,9 +98,24 @@ def test_vision_only_adapter_is_refused(gemma3mm, tmp_path, prompts):
     path = str(only / "adapter_model.safetensors")
     save_file({k: v for k, v in load_file(path).items() if ".vision_tower." in k}, path)
     llm = make_llm(gemma3mm["base"], enable_lora=True, max_lora_rank=8)
-    with pytest.raises(LoRAError, match="but on the vision tower, which serving on text "
-                                        "never runs"):
+    with pytest.raises(LoRAError, match="but on the vision tower / projector, which LoRA "
+                                        "is not applied to"):
         llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY, use_tqdm=False,
                      lora_request=LoRARequest("vision", 1, str(only)))
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_without_image_processor_images_are_refused(gemma3mm, prompts):
+    """Saved without its image processor (as here), a Gemma 3 checkpoint is served on
+    text: image requests are refused, alone (tests/test_gemma3_images.py has them)."""
+    from PIL import Image
+
+    llm = make_llm(gemma3mm["base"])
+    assert llm.llm_engine.vision is None
+    with pytest.raises(ValueError, match="not supported yet by model .*no vision tower"):
+        llm.generate({"prompt_token_ids": prompts[0],
+                      "multi_modal_data": {"image": Image.new("RGB", (8, 8))}}, GREEDY,
+                     use_tqdm=False)
     out = llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens

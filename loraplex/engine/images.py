@@ -1,7 +1,8 @@
 """A request's images: decoded, turned into pixel values by the model's own HF image
 processor (so the pixels are HF's), and the prompt's image placeholders expanded to one
 token per image embedding, as HF's LlavaProcessor expands them (LLaVA-NeXT: as many as
-the image's size gives, LlavaNextProcessor's count). The server does this on
+the image's size gives, LlavaNextProcessor's count; Gemma 3: each <start_of_image> as
+Gemma3Processor expands it, models/gemma3_vision.py). The server does this on
 its encoder thread and hands the engine the ImageInputs (the step loop never waits on an
 image processor); offline, LLMEngine.add_request calls the same ImageProcessor.
 
@@ -25,7 +26,23 @@ from typing import Any
 
 import torch
 
-from loraplex.models.llava import LlavaVisionConfig
+from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
+from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
+
+VisionConfig = LlavaVisionConfig | Gemma3VisionConfig
+Vision = LlavaVision | Gemma3Vision
+
+
+def vision_config(hf_config: Any) -> VisionConfig:
+    """A multimodal checkpoint's image side: Gemma 3's, else LLaVA's (-NeXT)."""
+    if getattr(hf_config, "model_type", None) == "gemma3":
+        return Gemma3VisionConfig.from_hf(hf_config)
+    return LlavaVisionConfig.from_hf(hf_config)
+
+
+def build_vision(config: VisionConfig) -> Vision:
+    return (Gemma3Vision(config) if isinstance(config, Gemma3VisionConfig)
+            else LlavaVision(config))
 
 IMAGE_FETCH_TIMEOUT_S = 10.0
 
@@ -40,12 +57,27 @@ class ImageInputs:
     hashes: list[bytes]  # each image's pixel values and size, hashed
     embeds: torch.Tensor | None = None  # [len(positions), hidden]: from the first prefill
     sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's (height, width)
+    # Gemma 3: each image's placeholders attend to each other both ways, so a prefill
+    # chunk holds an image whole (chunk_len) and attention widens its mask over them
+    bidirectional: bool = False
 
     def block_key(self, start: int, end: int) -> bytes:
         """What the prefix-cache hash of the block over positions [start, end) adds: the
         hashes of the images with placeholders in it."""
         return b"".join(h for (first, n), h in zip(self.ranges, self.hashes)
                         if first < end and first + n > start)
+
+    def chunk_len(self, start: int, n: int) -> int:
+        """How much of a prefill chunk of `n` tokens from `start` may run: all of it,
+        unless it would end inside a bidirectional image, then up to that image (0: the
+        image does not fit; it waits for a step with room for it all)."""
+        if not self.bidirectional:
+            return n
+        end = start + n
+        for first, count in self.ranges:
+            if first < end < first + count:
+                return max(first - start, 0)
+        return n
 
     def rows_in(self, start: int, end: int) -> tuple[list[int], slice]:
         """The placeholder positions in [start, end) and their slice of `embeds`."""
@@ -91,13 +123,21 @@ def load_image(source: Any) -> Any:
 
 
 class ImageProcessor:
-    """The model's HF image processor plus LLaVA's placeholder rule."""
+    """The model's HF image processor plus its placeholder rule (LLaVA's; Gemma 3's,
+    which needs the tokenizer for the newlines around an image)."""
 
-    def __init__(self, path: str, config: LlavaVisionConfig) -> None:
+    def __init__(self, path: str, config: VisionConfig, tokenizer: Any = None) -> None:
         from transformers import AutoImageProcessor
 
         self.config = config
         self.hf = AutoImageProcessor.from_pretrained(path)
+        if getattr(self.hf, "do_pan_and_scan", None):
+            raise ValueError(f"the image processor in {path} has do_pan_and_scan=True: "
+                             "Gemma 3's pan-and-scan crops are not supported")
+        self._expand = (Gemma3ImageTokens(tokenizer, config)
+                        if isinstance(config, Gemma3VisionConfig) else
+                        lambda ids, counts: expand_placeholders(ids, config.image_token_id,
+                                                                counts))
 
     def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its images' inputs. `data`: one
@@ -109,7 +149,7 @@ class ImageProcessor:
         sizes = [(im.height, im.width) for im in images]  # HF's image_sizes
         counts, tiles = [c.tokens_for(s) for s in sizes], [c.tiles(s) for s in sizes]
         # before the pixels: a mismatch costs nothing
-        ids = expand_placeholders(ids, c.image_token_id, counts)
+        ids = self._expand(ids, counts)
         pixels = self.hf(images=[im.convert("RGB") for im in images],
                          return_tensors="pt")["pixel_values"]
         if tuple(pixels.shape[-2:]) != (c.image_size, c.image_size):
@@ -123,14 +163,14 @@ class ImageProcessor:
         hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes() + repr(s).encode(),
                                   digest_size=16).digest()
                   for p, s in zip(pixels.float().split(tiles), sizes)]
-        return ids, ImageInputs(pixels, positions, ranges, hashes, sizes=sizes)
+        return ids, ImageInputs(pixels, positions, ranges, hashes, sizes=sizes,
+                                bidirectional=c.bidirectional)
 
     def expand(self, ids: list[int], images: list[Any]) -> list[int]:
         """The prompt with its placeholders expanded for these (PIL) images (ValueError:
         they do not match), without processing them: what /tokenize and usage count."""
-        return expand_placeholders(ids, self.config.image_token_id,
-                                   [self.config.tokens_for((im.height, im.width))
-                                    for im in images])
+        return self._expand(ids, [self.config.tokens_for((im.height, im.width))
+                                  for im in images])
 
     def positions(self, ids: list[int]) -> list[int]:
         return [p for p, t in enumerate(ids) if t == self.config.image_token_id]
@@ -141,7 +181,8 @@ class ImageProcessor:
         c = self.config
         if self.positions(ids) != inputs.positions or len(inputs.sizes) != len(inputs.ranges) \
                 or [n for _, n in inputs.ranges] != [c.tokens_for(s) for s in inputs.sizes] \
-                or inputs.pixel_values.shape[0] != sum(c.tiles(s) for s in inputs.sizes):
+                or inputs.pixel_values.shape[0] != sum(c.tiles(s) for s in inputs.sizes) \
+                or inputs.bidirectional != c.bidirectional:
             raise ValueError("multi_modal_data: the processed image inputs do not match the "
                              "prompt's (expanded) image placeholders")
 
@@ -149,13 +190,7 @@ class ImageProcessor:
 def expand_placeholders(ids: list[int], token: int, counts: list[int]) -> list[int]:
     """Image i's one placeholder becomes `counts[i]` of them (HF's processor does it to
     the text); a prompt already expanded (runs of exactly `counts`) is kept as is."""
-    runs: list[int] = []  # lengths of the runs of placeholders
-    for i, t in enumerate(ids):
-        if t == token:
-            if i and ids[i - 1] == token:
-                runs[-1] += 1
-            else:
-                runs.append(1)
+    runs = placeholder_runs(ids, token)
     if runs == counts:
         return list(ids)
     if sum(runs) != len(counts):

@@ -25,7 +25,13 @@ from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.generation_config import GenerationDefaults
-from loraplex.engine.images import ImageInputs, ImageProcessor
+from loraplex.engine.images import (
+    ImageInputs,
+    ImageProcessor,
+    VisionConfig,
+    build_vision,
+    vision_config,
+)
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
@@ -42,7 +48,6 @@ from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
-from loraplex.models.llava import LlavaVision, LlavaVisionConfig
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.pooling_defaults import resolve_pooler_config
@@ -61,8 +66,9 @@ logger = logging.getLogger(__name__)
 
 # vLLM's prompt-dict keys beyond prompt / prompt_token_ids that the engine accepts:
 # cache_salt (prefix-cache isolation); multi_modal_data {"image": ...} on a model that takes
-# images (LLaVA), else only while empty, as multi_modal_uuids; mm_processor_kwargs (only
-# configures the processing of multi_modal_data). Any other key (prompt_embeds,
+# images (LLaVA, Gemma 3), else only while empty, as multi_modal_uuids; mm_processor_kwargs
+# (only configures the processing of multi_modal_data; Gemma 3's do_pan_and_scan=True is
+# refused, not ignored). Any other key (prompt_embeds,
 # token_type_ids, a typo) is refused: it would be silently ignored otherwise.
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt", "mm_processor_kwargs",
                 "multi_modal_data", "multi_modal_uuids"}
@@ -101,9 +107,10 @@ class LLMEngine:
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
         hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
-        # LLaVA: its vision tower and projector (models/llava.py), its image processor
-        vision_config = (LlavaVisionConfig.from_hf(whole)
-                         if self.text_only is not None and self.text_only.images else None)
+        # LLaVA, Gemma 3: the vision tower and projector (models/llava.py,
+        # models/gemma3_vision.py), the image processor
+        vision = (vision_config(whole)
+                  if self.text_only is not None and self.text_only.images else None)
         architecture(hf_config)
         # a causal LM served as a reranker: its head from lm_head rows (hf_overrides)
         self.lm_head_classifier = LMHeadClassifier.from_config(hf_config)
@@ -140,10 +147,9 @@ class LLMEngine:
         tok_path = path if args.tokenizer is None else resolve_model_path(args.tokenizer)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path,
                                                        revision=args.tokenizer_revision)
-        self.vision = (self._build(lambda: LlavaVision(vision_config))
-                       if vision_config is not None else None)
-        self.image_processor = (ImageProcessor(path, vision_config)
-                                if vision_config is not None else None)
+        self.image_processor = self._image_processor(path, vision)
+        self.vision = (self._build(lambda: build_vision(vision))
+                       if self.image_processor is not None else None)
         self.id2label = {int(k): str(v) for k, v in
                          (getattr(hf_config, "id2label", None) or {}).items()}
         self.classifier_head: ClassifierHead | None = None  # the base's (classify)
@@ -208,6 +214,21 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
+
+    def _image_processor(self, path: str, config: VisionConfig | None
+                         ) -> ImageProcessor | None:
+        """The model's image processor; None when it takes no images, or for a Gemma 3
+        checkpoint saved without one (served on text, images refused, as before)."""
+        if config is None:
+            return None
+        try:
+            return ImageProcessor(path, config, self.tokenizer)
+        except OSError:
+            if not config.bidirectional:  # LLaVA's needs one
+                raise
+            logger.warning("%s has no image processor files: serving its language model on "
+                           "text; image inputs are refused", path)
+            return None
 
     def _build(self, make: Callable[[], torch.nn.Module]) -> Any:
         """A module made in the model's dtype, on its device."""
@@ -294,14 +315,31 @@ class LLMEngine:
         data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         if not data:
             return ids, None
+        if (prompt.get("mm_processor_kwargs") or {}).get("do_pan_and_scan"):
+            raise ValueError("mm_processor_kwargs: do_pan_and_scan=True is not supported "
+                             "(Gemma 3's pan-and-scan crops)")
         if not isinstance(data, dict) or set(data) != {"image"}:
             kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"multi_modal_data: {kinds} is not supported; give "
                              "{'image': an image or a list of images}")
         if isinstance(data["image"], ImageInputs):
             self.image_processor.check(ids, data["image"])
-            return ids, data["image"]
-        return self.image_processor(ids, data["image"])
+            images = data["image"]
+        else:
+            ids, images = self.image_processor(ids, data["image"])
+        if images.bidirectional:
+            self._check_bidirectional(images)
+        return ids, images
+
+    def _check_bidirectional(self, images: ImageInputs) -> None:
+        """Gemma 3's images attend to their own tokens both ways, so each is prefilled
+        within one chunk: it must fit the token budget."""
+        sc = self.config.scheduler_config
+        longest = max(n for _, n in images.ranges)
+        if sc.enable_chunked_prefill and longest > sc.max_num_batched_tokens:
+            raise ValueError(f"multi_modal_data: an image takes {longest} tokens, which are "
+                             "prefilled in one step: max_num_batched_tokens "
+                             f"({sc.max_num_batched_tokens}) must be at least that")
 
     def _check_prompt(self, ids: list[int], vocab: int) -> None:
         if not ids:
@@ -841,7 +879,7 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
     if prompt.get("multi_modal_data") and not takes_images:
         raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
                          f"model {model!r}: it has no vision tower (image inputs are "
-                         "served on LLaVA models)")
+                         "served on LLaVA and Gemma 3 models)")
     if prompt.get("multi_modal_uuids"):
         raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
                          "uuids (images are hashed for the prefix cache)")

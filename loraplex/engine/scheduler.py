@@ -8,6 +8,9 @@ default) a prompt that does not fit the budget's remainder gets a chunk of it no
 rest in the next steps, one chunk per step after the sequences mid-prompt from earlier
 steps, so a long prompt never stalls the running decodes for longer than one budget's
 worth of compute. Without it a prompt is prefilled whole, and must fit the budget.
+A chunk never ends inside a Gemma 3 image's tokens (they attend to each other both ways,
+so an image is computed in one step): it stops before the image, or waits for a step
+with room for all of it (`ImageInputs.chunk_len`).
 
 Running sequences are scheduled first (decodes, then prompts mid-prefill), then waiting
 ones are admitted in arrival order, each after its prefix found in the prefix cache
@@ -214,6 +217,10 @@ class Scheduler:
             if seq.is_decoding or budget == 0:
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
+            if seq.images is not None:  # never inside a Gemma 3 image
+                n = seq.images.chunk_len(seq.num_computed_tokens, n)
+                if n == 0:
+                    continue
             prefill.append(seq)
             lens.append(n)
             budget -= n
@@ -237,8 +244,11 @@ class Scheduler:
                     break
                 blocked = blocked or lora_id
                 continue
-            todo = seq.num_tokens - self.block_manager.num_cached_tokens(seq)
+            cached = self.block_manager.num_cached_tokens(seq)
+            todo = seq.num_tokens - cached
             n = min(todo, budget) if self.chunked_prefill else todo
+            if seq.images is not None:  # never inside a Gemma 3 image
+                n = seq.images.chunk_len(cached, n)
             if (len(self.running) + len(batch) >= self.max_num_seqs
                     or n == 0 or n > budget
                     or not self.block_manager.can_allocate(seq)):

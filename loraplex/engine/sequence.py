@@ -61,7 +61,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_committed_blocks = 0
         self.num_cached_tokens = 0
-        # a LLaVA prompt's images: pixels, placeholder positions, hashes and (after the
+        # an image prompt's (LLaVA, Gemma 3): pixels, placeholder positions, hashes and (after the
         # first prefill step) the tower's embeddings; shared by the request's sequences
         self.images: ImageInputs | None = None
         # prompt_logprobs: entry i for prompt token i given the ones before (entry 0: None),

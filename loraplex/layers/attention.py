@@ -160,7 +160,8 @@ class Attention(nn.Module):
                 q, k, v, ctx.cu_seqlens_q, ctx.max_seqlen_q, self.scale,
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
                   if with_ctx else ()), softcap=self.softcap, window=self.window,
-                sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale)
+                sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale,
+                key_limit=ctx.key_limit)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                          ctx.context_lens, self.scale, ctx.decode_splits,
                                          softcap=self.softcap, window=self.window, sinks=sinks,
@@ -337,6 +338,45 @@ def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device
         ctx.prefill_mask = (causal[None] & key_valid[:, None, :]).unsqueeze(1)
     if ragged:
         ctx.valid_rows = tensor([bi * length + i for bi, n in enumerate(lens) for i in range(n)])
+
+
+def image_blocks(ctx: StepContext, blocks: list[list[tuple[int, int]]]) -> None:
+    """Gemma 3's images in the torch prefill's mask: a query in image span (first, count)
+    of its sequence also sees that span's later keys, so each image's tokens attend to
+    each other both ways (HF's token_type_ids blocks: OR(causal, same image); a window
+    is applied on top, AND, by _window_mask). `blocks[b]`: sequence b's image spans.
+    An image is computed within one chunk (the scheduler's rule), so a span's keys are
+    all in this step."""
+    q_pos, k_pos = ctx.prefill_positions  # [B or 1, L], [width]
+    b, device = len(blocks), k_pos.device
+    q_pos = q_pos.expand(b, -1)
+    q_img = torch.full(q_pos.shape, -1, dtype=torch.long, device=device)
+    k_img = torch.full((b, k_pos.shape[0]), -1, dtype=torch.long, device=device)
+    for row, spans in enumerate(blocks):
+        for i, (first, count) in enumerate(spans):
+            q_img[row].masked_fill_((q_pos[row] >= first) & (q_pos[row] < first + count), i)
+            k_img[row].masked_fill_((k_pos >= first) & (k_pos < first + count), i)
+    same = (q_img[:, :, None] == k_img[:, None, :]) & (q_img[:, :, None] >= 0)
+    base = ctx.prefill_mask
+    if base is None:  # causal over equal-length rows starting at 0
+        base = (k_pos[None, :] <= q_pos[0][:, None])[None, None]
+    ctx.prefill_mask = base | same.unsqueeze(1)
+
+
+def image_key_limits(blocks: list[list[tuple[int, int]]], starts: list[int],
+                     lens: list[int]) -> list[int]:
+    """image_blocks' rule as the Triton prefill takes it: for each prefill row (sequence
+    after sequence), the last of its sequence's step rows it sees: its own (causal), or
+    for an image token the last of its image (which the scheduler keeps in the chunk)."""
+    out: list[int] = []
+    for spans, start, n in zip(blocks, starts, lens, strict=True):
+        limits = list(range(n))
+        for first, count in spans:
+            lo, hi = max(first - start, 0), min(first + count - start, n)
+            if lo < hi:  # (an image in the cached context, or past the chunk: none)
+                limits[lo:hi] = [first + count - 1 - start] * (hi - lo)
+        out += limits
+    return out
 
 
 def decode_groups(lens: list[int]) -> list[tuple[int, int, int]] | None:

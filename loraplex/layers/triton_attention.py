@@ -19,7 +19,8 @@ gathered into contiguous tensors.
   fixed batch size.
 - `prefill_attention`: causal, variable-length queries packed flat (cu_seqlens). Query i
   of sequence b sits at absolute position context_lens[b] + i: it sees the whole cached
-  context (read through the block table) and the step's own K/V up to itself.
+  context (read through the block table) and the step's own K/V up to itself (Gemma 3's
+  image tokens: up to the last token of their image, `key_limit`).
 Softmax runs in fp32 (base-2 exponentials, scale folded in); P is cast to the V dtype
 for the second dot, as flash attention does. Attention sinks (gpt-oss: a logit per head
 that joins the softmax with no value) enter each row's sum once at the end, or once in
@@ -314,13 +315,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr, cu_ptr,
-                    sinks_ptr, out_ptr, qk_scale, k_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                    sinks_ptr, limit_ptr, out_ptr, qk_scale, k_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot,
                     stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     HAS_CONTEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
-                    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr):
+                    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LIMIT: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -346,9 +347,15 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
         vc_ptr + kvh * stride_ch, table_ptr + b.to(tl.int64) * stride_tb,
         tl.minimum(ctx_lo, ctx_end), ctx_end, stride_cb, stride_ct, k_scale, v_scale,
         HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW)
-    # 2) the step's own K/V, causal: key j is visible to query i when j <= i (and, with a
-    # window, j > i - WINDOW)
-    new_end = tl.minimum(q_len, (tile + 1) * BLOCK_M)
+    # 2) the step's own K/V, causal: key j is visible to query i when j <= i, or with
+    # HAS_LIMIT j <= limit[i] (Gemma 3's image tokens: the last of their image; i for
+    # text) (and, with a window, j > i - WINDOW)
+    if HAS_LIMIT:
+        lim = tl.load(limit_ptr + q_start + i, mask=i_ok, other=-1)
+        new_end = tl.minimum(q_len, tl.max(lim, 0) + 1)
+    else:
+        lim = i
+        new_end = tl.minimum(q_len, (tile + 1) * BLOCK_M)
     new_lo = tl.maximum(tile * BLOCK_M - WINDOW + 1, 0) if WINDOW > 0 else 0
     for n0 in range(new_lo, new_end, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
@@ -359,7 +366,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
                     mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_rows[:, None] * stride_vt + kvh * stride_vh + d[None, :],
                     mask=kv_mask, other=0.0)
-        valid = j_ok[None, :] & (j[None, :] <= i[:, None])
+        valid = j_ok[None, :] & (j[None, :] <= lim[:, None])
         if WINDOW > 0:
             valid = valid & (j[None, :] > i[:, None] - WINDOW)
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP)
@@ -377,14 +384,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       context_lens: torch.Tensor | None = None,
                       out: torch.Tensor | None = None, softcap: float = 0.0,
                       window: int = 0, sinks: torch.Tensor | None = None,
-                      k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                      k_scale: float = 1.0, v_scale: float = 1.0,
+                      key_limit: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of new tokens packed flat: sequence b's queries and K/V are rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q [T, H, D] / k, v [T, KVH, D]. With
     context_lens, sequence b also has context_lens[b] earlier tokens in the paged cache
     (block_tables [B, max_blocks] int32) that every one of its queries sees. softcap > 0:
     scores capped, window > 0 a sliding window and sinks [H] each head's sink logit, as in
     paged_decode_attention; an FP8 cache holds K / k_scale, V / v_scale (the step's own K/V
-    are used as computed). Returns [T, H, D]."""
+    are used as computed). key_limit [T] int32: each query's last visible key among its
+    sequence's new tokens (index from the sequence's first new token; >= its own), for
+    Gemma 3's image tokens, which see the rest of their image; None: causal. Returns
+    [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     assert h % kvh == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -403,7 +414,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     has_sinks = sinks is not None
     _prefill_kernel[grid](
         q, k, v, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-        sinks if has_sinks else q, out,
+        sinks if has_sinks else q, key_limit if key_limit is not None else cu_seqlens_q, out,
         scale * _LOG2E, float(k_scale), float(v_scale), q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), k_cache.stride(0), k_cache.stride(1) if has_ctx else 0,
@@ -411,5 +422,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out.stride(0), out.stride(1), GROUP=h // kvh, HEAD_DIM=d,
         BLOCK_SIZE=k_cache.shape[1] if has_ctx else 1, HAS_CONTEXT=has_ctx, BLOCK_M=block,
         BLOCK_N=block, BLOCK_D=block_d, F32=fp32_dot(q.dtype, _INTERPRETED),
-        SOFTCAP=float(softcap), WINDOW=int(window), HAS_SINKS=has_sinks, num_warps=4)
+        SOFTCAP=float(softcap), WINDOW=int(window), HAS_SINKS=has_sinks,
+        HAS_LIMIT=key_limit is not None, num_warps=4)
     return out

@@ -313,7 +313,8 @@ class LlamaModel(nn.Module):
             x = x * float(torch.tensor(self.embed_scale, dtype=x.dtype))
         elif self.embedding_multiplier != 1.0:  # Granite
             x = x * self.embedding_multiplier
-        if image_rows is not None:  # LLaVA: image embeddings at the placeholders' rows
+        if image_rows is not None:  # LLaVA, Gemma 3: image embeddings at the placeholders'
+            # rows (Gemma 3's unscaled, as HF's: its scale is on the token embeddings only)
             rows, embeds = image_rows
             x = x.index_copy(0, rows, embeds.to(x.dtype))
         for layer in self.layers:

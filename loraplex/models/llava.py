@@ -24,7 +24,7 @@ Checkpoints name the tower `vision_tower.vision_model.*` (the hub's files, trans
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,17 @@ class LlavaVisionConfig:
                    int(token if token is not None else hf.image_token_index), pinpoints)
 
     @property
+    def placeholder_id(self) -> int:
+        """The token a prompt puts where an image goes (expanded to tokens_for of it)."""
+        return self.image_token_id
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether an image's tokens attend to each other both ways (Gemma 3's; LLaVA's
+        are causal like text)."""
+        return False
+
+    @property
     def tokens_per_image(self) -> int:
         """Placeholder tokens one image takes: a vector per patch (and the CLS's, "full")."""
         return (self.image_size // self.patch_size) ** 2 + self.keep_cls
@@ -109,6 +120,19 @@ class LlavaVisionConfig:
             return self.tokens_per_image
         _, _, rows, cols = anyres_grid(self, size)
         return self.tokens_per_image + (rows.stop - rows.start) * (cols.stop - cols.start + 1)
+
+
+def placeholder_runs(ids: list[int], token: int) -> list[int]:
+    """The lengths of the runs of `token` in a prompt (its images' expanded
+    placeholders)."""
+    runs: list[int] = []
+    for i, t in enumerate(ids):
+        if t == token:
+            if i and ids[i - 1] == token:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+    return runs
 
 
 def anyres_grid(c: LlavaVisionConfig, size: tuple[int, int]) -> tuple[int, int, slice, slice]:
@@ -142,27 +166,46 @@ def anyres_layout(c: LlavaVisionConfig, features: torch.Tensor, size: tuple[int,
     return torch.cat([features[0], grid.flatten(0, 1)])
 
 
-class CLIPEmbeddings(nn.Module):
-    """Patches by a strided convolution, a learned CLS vector first, learned positions."""
+class TowerConfig(Protocol):
+    """What the ViT reads of a model's vision config (LlavaVisionConfig, and Gemma 3's
+    in models/gemma3_vision.py)."""
 
-    def __init__(self, c: LlavaVisionConfig) -> None:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    layer_norm_eps: float
+    hidden_act: str
+    feature_layers: tuple[int, ...]
+
+
+class CLIPEmbeddings(nn.Module):
+    """Patches by a strided convolution, a learned CLS vector first, learned positions.
+    SigLIP's (`siglip`): the convolution has a bias, there is no CLS vector."""
+
+    def __init__(self, c: TowerConfig, siglip: bool = False) -> None:
         super().__init__()
         self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size,
-                                         stride=c.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(torch.empty(c.hidden_size))
-        num_positions = (c.image_size // c.patch_size) ** 2 + 1
+                                         stride=c.patch_size, bias=siglip)
+        self.class_embedding = None if siglip else nn.Parameter(torch.empty(c.hidden_size))
+        num_positions = (c.image_size // c.patch_size) ** 2 + (not siglip)
         self.position_embedding = nn.Embedding(num_positions, c.hidden_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # [B, P, D]
-        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+        if self.class_embedding is not None:
+            cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+            patches = torch.cat([cls, patches], dim=1)
+        return patches + self.position_embedding.weight
 
 
 class CLIPAttention(nn.Module):
     """Full (bidirectional) multi-head attention over an image's tokens."""
 
-    def __init__(self, c: LlavaVisionConfig) -> None:
+    def __init__(self, c: TowerConfig) -> None:
         super().__init__()
         self.num_heads = c.num_heads
         self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
@@ -179,7 +222,7 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, c: LlavaVisionConfig) -> None:
+    def __init__(self, c: TowerConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
         self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
@@ -192,7 +235,7 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm transformer layer."""
 
-    def __init__(self, c: LlavaVisionConfig) -> None:
+    def __init__(self, c: TowerConfig) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.self_attn = CLIPAttention(c)
@@ -205,29 +248,42 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, c: LlavaVisionConfig) -> None:
+    def __init__(self, c: TowerConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(c) for _ in range(c.num_layers))
 
 
 class CLIPVisionTower(nn.Module):
     """CLIP's ViT up to the last layer LLaVA reads (post_layernorm, on the pooled CLS, is
-    never used: its weights are skipped)."""
+    never used: its weights are skipped). SigLIP's (`siglip`, Gemma 3's tower) is the same
+    ViT without the CLS vector and the pre-layernorm, with a bias on the patch
+    convolution, and its post_layernorm on every patch of the last layer's output (its
+    `last_hidden_state`, which Gemma 3 reads)."""
 
-    def __init__(self, c: LlavaVisionConfig) -> None:
+    def __init__(self, c: TowerConfig, siglip: bool = False) -> None:
         super().__init__()
-        self.embeddings = CLIPEmbeddings(c)
-        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # CLIP's name
+        self.embeddings = CLIPEmbeddings(c, siglip)
+        norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        if siglip:
+            self.post_layernorm = norm
+        else:
+            self.pre_layrnorm = norm  # CLIP's name
+        self.siglip = siglip
         self.encoder = CLIPEncoder(c)
         self.feature_layers = c.feature_layers
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """The hidden states of `feature_layers` (0: the embeddings, i: after layer i)."""
-        x = self.pre_layrnorm(self.embeddings(pixels))
+        """The hidden states of `feature_layers` (0: the embeddings, i: after layer i;
+        SigLIP: the last layer's, after post_layernorm)."""
+        x = self.embeddings(pixels)
+        if not self.siglip:
+            x = self.pre_layrnorm(x)
         states = [x]
         for layer in self.encoder.layers[:max(self.feature_layers)]:
             x = layer(x)
             states.append(x)
+        if self.siglip:
+            return [self.post_layernorm(x)]
         return [states[i] for i in self.feature_layers]
 
 
@@ -243,8 +299,57 @@ class LlavaProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaVision(nn.Module):
+class VisionWeights(nn.Module):
+    """A multimodal checkpoint's vision tower and projector as loraplex holds them,
+    loaded from any of the checkpoint layouts (vision_tower.vision_model.*,
+    model.vision_tower.vision_model.*, vision_tower.*: see the module's docstring)."""
+
+    label = "vision tower / projector"  # for errors
+    unused: tuple[str, ...] = ()  # our names (prefixes) of checkpoint tensors never used
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded: set[str] = set()
+
+    def ours(self, name: str) -> str | None:
+        """A checkpoint tensor's name in this module (any of the three layouts); None for
+        one this module does not hold."""
+        name = name.removeprefix("model.")
+        if name.startswith("vision_tower.vision_model."):
+            name = "vision_tower." + name[len("vision_tower.vision_model."):]
+        if name.startswith(self.unused) or \
+                name.endswith("position_ids"):  # (older checkpoints saved the buffer)
+            return None
+        return name
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """One checkpoint tensor of the tower or the projector."""
+        ours = self.ours(name)
+        if ours is None:
+            return
+        params = dict(self.named_parameters())
+        if ours not in params:
+            raise ValueError(f"checkpoint tensor {name}: no such parameter in the "
+                             f"{self.label}")
+        if params[ours].shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"the {self.label} expects {tuple(params[ours].shape)}")
+        with torch.no_grad():
+            params[ours].copy_(tensor)
+        self._loaded.add(ours)
+
+    def check_loaded(self, path: str) -> None:
+        missing = [n for n, _ in self.named_parameters() if n not in self._loaded]
+        if missing:
+            raise ValueError(f"checkpoint in {path} lacks vision weights: "
+                             + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+
+
+class LlavaVision(VisionWeights):
     """Pixels -> one language-model input embedding per placeholder token."""
+
+    label = "LLaVA's vision tower / projector"
+    unused = ("vision_tower.post_layernorm.",)  # CLIP's, on the pooled CLS
 
     def __init__(self, c: LlavaVisionConfig) -> None:
         super().__init__()
@@ -254,7 +359,6 @@ class LlavaVision(nn.Module):
         # LLaVA-NeXT's vector after each row of the grid's patches
         self.image_newline = (nn.Parameter(torch.empty(c.text_hidden_size))
                               if c.grid_pinpoints is not None else None)
-        self._loaded: set[str] = set()
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
@@ -271,37 +375,3 @@ class LlavaVision(nn.Module):
         tiles = features.split([c.tiles(s) for s in sizes])
         return torch.cat([anyres_layout(c, t, s, self.image_newline)
                           for t, s in zip(tiles, sizes, strict=True)])
-
-    @staticmethod
-    def ours(name: str) -> str | None:
-        """A checkpoint tensor's name in this module (any of the three layouts); None for
-        one this module does not hold (post_layernorm)."""
-        name = name.removeprefix("model.")
-        if name.startswith("vision_tower.vision_model."):
-            name = "vision_tower." + name[len("vision_tower.vision_model."):]
-        if name.startswith("vision_tower.post_layernorm.") or \
-                name.endswith("position_ids"):  # (older checkpoints saved the buffer)
-            return None
-        return name
-
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        """One checkpoint tensor of the tower or the projector."""
-        ours = self.ours(name)
-        if ours is None:
-            return
-        params = dict(self.named_parameters())
-        if ours not in params:
-            raise ValueError(f"checkpoint tensor {name}: no such parameter in LLaVA's vision "
-                             "tower / projector")
-        if params[ours].shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"the vision tower expects {tuple(params[ours].shape)}")
-        with torch.no_grad():
-            params[ours].copy_(tensor)
-        self._loaded.add(ours)
-
-    def check_loaded(self, path: str) -> None:
-        missing = [n for n, _ in self.named_parameters() if n not in self._loaded]
-        if missing:
-            raise ValueError(f"checkpoint in {path} lacks vision weights: "
-                             + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))

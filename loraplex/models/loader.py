@@ -28,7 +28,7 @@ from loraplex.layers.experts import FusedExperts
 from loraplex.layers.moe import GateLinear
 from loraplex.layers.quantization import QuantLinear
 from loraplex.models.llama import LlamaForCausalLM
-from loraplex.models.llava import LlavaVision
+from loraplex.models.llava import VisionWeights
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +81,11 @@ def _layer_index(name: str) -> int:
     return int(index) if not head and index.isdigit() else -1
 
 
-def load_weights(model: LlamaForCausalLM, path: str, vision: LlavaVision | None = None,
+def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | None = None,
                  headless: bool = False,
                  classifier: dict[str, torch.Tensor] | None = None) -> None:
     """The checkpoint's weights into `model`; a multimodal checkpoint's vision tower and
-    projector into `vision` (models/llava.py) in the same pass, or skipped without one.
+    projector into `vision` (models/llava.py, models/gemma3_vision.py) in the same pass, or skipped without one.
     `headless`: a `*Model` checkpoint (an embedding model's): its names lack the
     `model.` prefix and it has no lm_head (left unloaded: a pooling runner never uses it).
     `classifier`: a `*ForSequenceClassification` checkpoint's head tensors (score.*) go

@@ -1,15 +1,14 @@
 """Multimodal checkpoints: their language model is a text model loraplex runs (Gemma 3
 4B/12B/27B are `Gemma3ForConditionalGeneration`: Gemma 3's text decoder behind a SigLIP
 vision tower), so a text request, and an adapter trained on the whole model, are served
-by that text model alone. Requests with images are refused as on any
-model; the vision tower and the projector are never loaded, and an adapter's LoRA on
-them is left out (a text request never runs them, so its output is the full model's).
+by that text model alone.
 
-LLaVA (`LlavaForConditionalGeneration`) is served with images too: its CLIP tower and
-projector load into models/llava.py beside the language model (`TextOnly.images`); an
-adapter's LoRA on them is left out with a warning, as vLLM does (LoRA applies to the
-language model only). LLaVA-NeXT (`LlavaNextForConditionalGeneration`) likewise, its
-`image_newline` loading into models/llava.py too.
+Their images are served too (`TextOnly.images`): the vision tower and projector load
+beside the language model, LLaVA's (`LlavaForConditionalGeneration`; LLaVA-NeXT's
+`LlavaNextForConditionalGeneration` with its `image_newline`) into models/llava.py,
+Gemma 3's into models/gemma3_vision.py; an adapter's LoRA on them is left out with a
+warning, as vLLM does (LoRA applies to the language model only). A Gemma 3 checkpoint
+saved without its image processor is served on text (engine/llm_engine.py).
 
 The checkpoint names the language model's weights `language_model.model.*` (the hub's
 files) and PEFT adapters trained with transformers >= 4.52 name its modules
@@ -33,7 +32,8 @@ class TextOnly:
     renames: tuple[tuple[str, str], ...]  # name prefix in the checkpoint / adapter -> ours
     skipped: tuple[str, ...]  # name prefixes of the parts a text request never runs
     vision_leaves: tuple[str, ...]  # module names only those parts have (adapter targets)
-    images: bool = False  # image inputs served (the skipped parts load in models/llava.py)
+    images: bool = False  # image inputs served (the skipped parts load beside: llava.py,
+    # gemma3_vision.py)
 
     def name(self, name: str) -> str | None:
         """A checkpoint tensor's or an adapter module's name as the text model's; None
@@ -58,7 +58,7 @@ MULTIMODAL: dict[str, TextOnly] = {
                  ("language_model.lm_head.", "lm_head.")),
         skipped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                  "model.multi_modal_projector."),
-        vision_leaves=("fc1", "fc2", "out_proj")),
+        vision_leaves=("fc1", "fc2", "out_proj"), images=True),
     "LlavaForConditionalGeneration": _LLAVA,
     # LLaVA-NeXT: LLaVA's parts and its image_newline vector
     "LlavaNextForConditionalGeneration": replace(

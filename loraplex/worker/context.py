@@ -45,6 +45,9 @@ class StepContext:
     # torch prefill: positions of the padded queries [B or 1, L] and of the keys [width]
     prefill_positions: tuple[torch.Tensor, torch.Tensor] | None = None
     valid_rows: torch.Tensor | None = None  # [T] positions in the flattened [B*L] layout
+    # triton prefill with Gemma 3's images: each prefill row's last visible key among its
+    # sequence's step rows (layers/attention.py image_key_limits); None = causal
+    key_limit: torch.Tensor | None = None  # [T] int32
     lora_meta: LoRABatchMeta | None = None
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step reusable buffers
     # a mixed step: this context describes its prefill rows, `decode` its last rows (one

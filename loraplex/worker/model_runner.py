@@ -31,6 +31,8 @@ from loraplex.layers.attention import (
     DecodeMirror,
     attention_backend,
     decode_splits,
+    image_blocks,
+    image_key_limits,
     is_fp8,
     torch_prefill_layout,
 )
@@ -38,7 +40,7 @@ from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.models.llama import ImageRows, LlamaForCausalLM
-from loraplex.models.llava import LlavaVision
+from loraplex.models.llava import VisionWeights
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
@@ -85,12 +87,12 @@ class ModelRunner:
                  cache_config: CacheConfig, scheduler_config: SchedulerConfig,
                  eager_slots: set[int] | None = None,
                  rope_offsets: dict[int, int] | None = None,
-                 vision: LlavaVision | None = None,
+                 vision: VisionWeights | None = None,
                  num_speculative_tokens: int = 0) -> None:
         self.model = model
         # drafts a decoding sequence may verify in one step: the profile run sizes for them
         self.num_speculative_tokens = num_speculative_tokens
-        self.vision = vision  # LLaVA's tower and projector: image embeddings at prefill
+        self.vision = vision  # the tower and projector: image embeddings at prefill
         # kept up to date by the LoRA manager: adapter slots whose layers do work no decode
         # graph holds (DoRA's rescaling), so a batch using one decodes eagerly; and the
         # first rotary table row of each long-context LoRA adapter's tokens
@@ -265,6 +267,14 @@ class ModelRunner:
         else:
             torch_prefill_layout(ctx, lens, self.device,
                                  starts if width else None, width * self.block_size)
+        blocks = [s.images.ranges if s.images is not None and s.images.bidirectional else []
+                  for s in cached or []]
+        if any(blocks):  # Gemma 3: each image's tokens see each other
+            if self.attn_backend == "triton":
+                ctx.key_limit = self._tensor(image_key_limits(blocks, starts or [0] * len(lens),
+                                                              lens), torch.int32)
+            else:
+                image_blocks(ctx, blocks)
         return ctx
 
     def prepare_prefill(self, seqs: list[Sequence], lens: list[int] | None = None,
