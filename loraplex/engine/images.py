@@ -40,6 +40,10 @@ class ImageInputs:
     hashes: list[bytes]  # each image's pixel values and size, hashed
     embeds: torch.Tensor | None = None  # [len(positions), hidden]: from the first prefill
     sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's (height, width)
+    # (Qwen2-VL: its patch grid (t, h, w)); its M-RoPE positions [3, prompt] and the
+    # decode offset after them (engine/qwen_images.py; None: 1-D positions)
+    mrope: torch.Tensor | None = None
+    mrope_delta: int = 0
 
     def block_key(self, start: int, end: int) -> bytes:
         """What the prefix-cache hash of the block over positions [start, end) adds: the

@@ -26,6 +26,7 @@ from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.generation_config import GenerationDefaults
 from loraplex.engine.images import ImageInputs, ImageProcessor
+from loraplex.engine.qwen_images import QwenImageProcessor
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
@@ -43,6 +44,7 @@ from loraplex.lora.request import LoRARequest
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.pooling_defaults import resolve_pooler_config
+from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 from loraplex.models.registry import architecture, build_model, is_headless
 from loraplex.models.text_only import text_only_config
 from loraplex.outputs import PoolingRequestOutput, RequestOutput
@@ -97,9 +99,12 @@ class LLMEngine:
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
         hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
-        # LLaVA: its vision tower and projector (models/llava.py), its image processor
-        vision_config = (LlavaVisionConfig.from_hf(whole)
-                         if self.text_only is not None and self.text_only.images else None)
+        # LLaVA: its vision tower and projector (models/llava.py), its image processor;
+        # Qwen2-VL: its tower (models/qwen2_vl.py) and processor (engine/qwen_images.py)
+        qwen_vl = is_qwen_vl(whole)
+        vision_config = (None if self.text_only is None or not self.text_only.images else
+                         QwenVisionConfig.from_hf(whole) if qwen_vl else
+                         LlavaVisionConfig.from_hf(whole))
         architecture(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
@@ -124,10 +129,12 @@ class LLMEngine:
         tok_path = path if args.tokenizer is None else resolve_model_path(args.tokenizer)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path,
                                                        revision=args.tokenizer_revision)
-        self.vision = (self._build(lambda: LlavaVision(vision_config))
-                       if vision_config is not None else None)
-        self.image_processor = (ImageProcessor(path, vision_config)
-                                if vision_config is not None else None)
+        self.vision = (None if vision_config is None else
+                       self._build(lambda: QwenVision(vision_config)) if qwen_vl else
+                       self._build(lambda: LlavaVision(vision_config)))
+        self.image_processor = (None if vision_config is None else
+                                QwenImageProcessor(path, vision_config) if qwen_vl else
+                                ImageProcessor(path, vision_config))
         self.id2label = {int(k): str(v) for k, v in
                          (getattr(hf_config, "id2label", None) or {}).items()}
         self.classifier_head: ClassifierHead | None = None  # the base's (classify)
