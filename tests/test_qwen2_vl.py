@@ -18,8 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from loraplex import LoRARequest
 from loraplex.engine.qwen_images import QwenImageProcessor
+from loraplex.engine.sequence import Sequence
 from loraplex.models.mrope import mrope_positions
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig
+from loraplex.worker.mrope import mrope_step_positions
 from tests.engine_utils import make_llm
 from tests.llava_fixtures import data_url, image
 from tests.qwen2_vl_fixtures import (
@@ -97,6 +99,32 @@ def test_positions_match_hf_get_rope_index(qwen25):
                                  [tuple(g) for g in inp["image_grid_thw"].tolist()],
                                  c.merge_size)
         assert torch.equal(got, ref[:, 0]) and d == int(delta) and d != 0
+
+
+def test_step_positions_slice_chunks_and_shift_past_the_prompt(qwen25):
+    """A step's [3, T] rows: chunks of an image prompt take their slices, tokens past the
+    prompt (a recompute after preemption) index + delta, a text prompt 1-D: HF's
+    get_rope_index over the prompt and its generated tokens."""
+    base = qwen25["base"]
+    hf = hf_model(str(base), None)
+    proc = QwenImageProcessor(str(base), QwenVisionConfig.from_hf(hf.config))
+    ims = [image(1, (52, 40)), image(2, (24, 40))]
+    ids, images = proc(hf_inputs(base, TWO, [])["input_ids"][0].tolist(), ims)
+    seq = Sequence("a", 0, ids, GREEDY)
+    seq.images = images
+    seq.token_ids += [5, 6, 7]  # generated, then preempted: recomputed with the prompt
+    text = Sequence("b", 0, [9] * 7, GREEDY)
+    inp = hf_inputs(base, TWO, ims)
+    full = torch.cat([inp["input_ids"], torch.tensor([[5, 6, 7]])], dim=1)
+    ref = hf.model.get_rope_index(full, (full == proc.config.image_token_id).int(),
+                                  inp["image_grid_thw"])[0][:, 0]
+    n = len(seq.token_ids)
+    cut = images.positions[3]  # inside the first image
+    starts, lens = [0, cut, 0], [cut, n - cut, 7]
+    flat = [*range(cut), *range(cut, n), *range(7)]
+    got = mrope_step_positions([seq, seq, text], starts, lens, flat)
+    assert torch.equal(got[:, :n], ref)
+    assert torch.equal(got[:, n:], torch.arange(7).expand(3, -1))
 
 
 def test_processor_expands_as_hf(qwen25):
