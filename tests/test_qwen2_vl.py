@@ -7,6 +7,7 @@ image; LLM.chat; the server's chat route with an image_url (an undecodable image
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -160,8 +161,9 @@ def test_mixed_batch_matches_hf(budget, qwen25):
 
 
 def test_hub_checkpoint_layout(qwen25, tmp_path):
-    """The hub's files (transformers < 4.52: `visual.*`, `model.layers.*`) load to HF's
-    model as what this transformers saves does."""
+    """The hub's files (transformers < 4.52: `visual.*`, `model.layers.*`, a config.json
+    with the text fields at its top) load to HF's model as what this transformers saves
+    does."""
     base = Path(shutil.copytree(qwen25["base"], tmp_path / "hub"))
     path = str(base / "model.safetensors")
     renamed = {re.sub(r"^model\.(visual|language_model)\.",
@@ -169,6 +171,14 @@ def test_hub_checkpoint_layout(qwen25, tmp_path):
                for k, v in load_file(path).items()}
     assert any(k.startswith("visual.") for k in renamed) and "model.norm.weight" in renamed
     save_file(renamed, path, metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())  # the hub's: text fields on top,
+    text = cfg.pop("text_config")  # M-RoPE as rope_scaling type "mrope"
+    rope = text.pop("rope_parameters")
+    cfg.update({k: v for k, v in text.items() if k != "model_type"},
+               rope_theta=rope["rope_theta"],
+               rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    cfg["vision_config"]["in_chans"] = cfg["vision_config"].pop("in_channels")
+    (base / "config.json").write_text(json.dumps(cfg))
     a = image(1, (52, 40))
     outs = make_llm(base).generate([request(ASK, [a])], GREEDY, use_tqdm=False)
     check(outs, qwen25["base"], [(ASK, [a], None)])
