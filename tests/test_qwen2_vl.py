@@ -31,9 +31,11 @@ from tests.qwen2_vl_fixtures import (
     IMAGE,
     check,
     hf_inputs,
+    hf_logprobs,
     hf_model,
     make_qwen_adapter,
     make_tiny_qwen_vl,
+    tokenizer,
     with_adapters,
 )
 from tests.server_utils import RemoteServer
@@ -50,7 +52,8 @@ def qwen25(tiny_root):
 
 @pytest.fixture(scope="module")
 def qwen2(tiny_root):
-    return {"base": make_tiny_qwen_vl(tiny_root / "qwen2vl" / "base", seed=72, qwen25=False)}
+    base = make_tiny_qwen_vl(tiny_root / "qwen2vl" / "base", seed=72, qwen25=False)
+    return {"base": base, "r4": make_qwen_adapter(base, base.parent / "r4", r=4, seed=73)}
 
 
 def request(prompt: str, images: list) -> dict | str:
@@ -185,12 +188,16 @@ def test_hub_checkpoint_layout(qwen25, tmp_path):
 
 
 def test_qwen2_vl_matches_hf(qwen2):
+    """Qwen2-VL (LayerNorm + GELU blocks, no windows), the base and an adapter, chunked."""
     base = qwen2["base"]
-    llm = make_llm(base, max_num_batched_tokens=16)
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8, max_num_batched_tokens=16)
     a, b = image(1, (52, 40)), image(2, (24, 40))
-    jobs = [(ASK, [a], None), (TWO, [a, b], None), (TEXT, [], None)]
-    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False)
-    check(outs, base, jobs)
+    jobs = [(ASK, [a], None), (ASK, [a], "r4"), (TWO, [a, b], None), (TEXT, [], "r4")]
+    lora = LoRARequest("r4", 1, str(qwen2["r4"]))
+    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[lora if n else None for *_, n in jobs])
+    check(outs, base, [(p, ims, qwen2[n] if n else None) for p, ims, n in jobs])
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
 
 
 def test_prefix_cache_never_shares_across_images(qwen25):
@@ -237,13 +244,20 @@ def test_lora_on_the_vision_tower_left_out(qwen25, tmp_path, caplog):
 
 
 def test_server_chat_with_data_url_image(qwen25):
-    """The official client's chat request with a data-URL image gets HF's tokens; an
+    """The official client's chat request with a data-URL image gets HF's greedy tokens;
+    /v1/responses' input_image the same reply; /tokenize the expanded ids; an
     undecodable image fails alone with a 400 in OpenAI's error shape."""
+    base = qwen25["base"]
     a = image(1, (52, 40))
     content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
                {"type": "text", "text": "What is this?"}]
-    args = ["--max-model-len", "256", "--dtype", "float32"]
-    with RemoteServer(qwen25["base"], args) as server:
+    inp = hf_inputs(base, f"<|im_start|>user\n{IMAGE}What is this?<|im_end|>\n"
+                          "<|im_start|>assistant\n", [a], add_special_tokens=False)
+    ids = inp["input_ids"][0].tolist()
+    want: list[int] = []
+    for _ in range(GREEDY.max_tokens):
+        want.append(int(hf_logprobs(base, None, inp, want)[-1].argmax()))
+    with RemoteServer(base, ["--max-model-len", "256", "--dtype", "float32"]) as server:
         client = server.get_client()
         model = client.models.list().data[0].id
 
@@ -252,15 +266,22 @@ def test_server_chat_with_data_url_image(qwen25):
                 model=model, messages=[{"role": "user", "content": content}], temperature=0,
                 max_tokens=GREEDY.max_tokens, logprobs=True,
                 extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            assert resp.usage.prompt_tokens == len(ids)
             return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
 
-        got = chat(content)
+        assert chat(content) == want
+        resp = client.responses.create(
+            model=model, input=[{"role": "user", "content": [
+                {"type": "input_image", "image_url": data_url(a), "detail": "auto"},
+                {"type": "input_text", "text": "What is this?"}]}],
+            temperature=0, max_output_tokens=GREEDY.max_tokens, extra_body={"ignore_eos": True})
+        assert resp.output_text == tokenizer(str(base)).decode(want, skip_special_tokens=True)
+        tok = server.post("/tokenize", {"model": model, "messages": [
+            {"role": "user", "content": content}]})
+        assert tok.status_code == 200 and tok.json()["tokens"] == ids, tok.text
         with pytest.raises(openai.BadRequestError) as info:
             chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
         assert info.value.status_code == 400
         assert info.value.body["type"] == "BadRequestError"
         assert re.search("cannot decode the image", info.value.body["message"])
-        assert chat(content) == got  # the server still serves
-    llm = make_llm(qwen25["base"])
-    conv = [{"role": "user", "content": content}]
-    assert llm.chat(conv, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == got
+        assert chat(content) == want  # the server still serves

@@ -54,14 +54,15 @@ class QwenImageProcessor:
         if not images:
             raise ValueError("multi_modal_data: 'image' holds no image")
         c = self.config
-        ids = expand_placeholders(ids, c.image_token_id,
-                                  [c.tokens_for(g) for g in self._grids(images)])
+        grids = self._grids(images)
+        counts = [c.tokens_for(g) for g in grids]
+        # before the pixels: a mismatch costs nothing
+        ids = expand_placeholders(ids, c.image_token_id, counts)
         out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt")
         pixels = out["pixel_values"]
-        grids = [tuple(int(x) for x in g) for g in out["image_grid_thw"].tolist()]
-        counts = [c.tokens_for(g) for g in grids]
-        ids = expand_placeholders(ids, c.image_token_id, counts)  # (the same, unless the
-        # processor's resize differs from _grids': then this raises)
+        if [tuple(int(x) for x in g) for g in out["image_grid_thw"].tolist()] != grids:
+            raise ValueError(f"the image processor's grids {out['image_grid_thw'].tolist()} "
+                             f"are not the {grids} its smart_resize gives")
         positions = self.positions(ids)
         firsts = [0, *accumulate(counts)][:-1]
         ranges = [(positions[f], n) for f, n in zip(firsts, counts, strict=True)]

@@ -160,9 +160,25 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # [N, H, D] each
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        out = [F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in qkv)).transpose(0, 1)
-               for qkv in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
-        return self.proj(torch.cat(out).reshape(n, -1))
+        return self.proj(segment_attention(q, k, v, lengths).reshape(n, -1))
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      lengths: list[int]) -> torch.Tensor:
+    """Bidirectional attention within consecutive segments of `lengths` rows (q, k, v:
+    [N, H, D]). Segments of one length (most of an image's windows) go in one batched
+    call: a mask over all N rows would cost N^2, a call per window many launches."""
+    out = torch.empty_like(q)
+    firsts: dict[int, list[int]] = {}
+    start = 0
+    for n in lengths:
+        firsts.setdefault(n, []).append(start)
+        start += n
+    for n, starts in firsts.items():
+        rows = (torch.tensor(starts)[:, None] + torch.arange(n)).to(q.device)  # [segs, n]
+        qs, ks, vs = (t[rows].transpose(1, 2) for t in (q, k, v))  # [segs, H, n, D]
+        out[rows] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+    return out
 
 
 class VisionMLP(nn.Module):
