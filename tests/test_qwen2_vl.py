@@ -131,6 +131,20 @@ def test_step_positions_slice_chunks_and_shift_past_the_prompt(qwen25):
     assert torch.equal(got[:, n:], torch.arange(7).expand(3, -1))
 
 
+def test_mrope_with_equal_axes_is_the_1d_rope():
+    """Text on all three axes (a prompt without images, decode at p + delta) rotates
+    exactly as the plain 1-D path does, which those rows take."""
+    from loraplex.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(16, 64, 10000.0, mrope_section=(2, 3, 3))
+    q, k = torch.randn(9, 4, 16), torch.randn(9, 2, 16)
+    pos = torch.arange(30, 39)
+    for a, b in zip(rope(pos.expand(3, -1), q, k), rope(pos, q, k), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="must sum to 8"):
+        RotaryEmbedding(16, 64, 10000.0, mrope_section=(2, 3, 4))
+
+
 def test_processor_expands_as_hf(qwen25):
     base = qwen25["base"]
     ims = [image(1, (52, 40)), image(2, (24, 40))]
