@@ -28,21 +28,25 @@ import torch
 
 from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
+from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 
-VisionConfig = LlavaVisionConfig | Gemma3VisionConfig
-Vision = LlavaVision | Gemma3Vision
+VisionConfig = LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig
+Vision = LlavaVision | Gemma3Vision | QwenVision
 
 
 def vision_config(hf_config: Any) -> VisionConfig:
-    """A multimodal checkpoint's image side: Gemma 3's, else LLaVA's (-NeXT)."""
+    """A multimodal checkpoint's image side: Gemma 3's, Qwen2-VL's, else LLaVA's (-NeXT)."""
     if getattr(hf_config, "model_type", None) == "gemma3":
         return Gemma3VisionConfig.from_hf(hf_config)
+    if is_qwen_vl(hf_config):
+        return QwenVisionConfig.from_hf(hf_config)
     return LlavaVisionConfig.from_hf(hf_config)
 
 
 def build_vision(config: VisionConfig) -> Vision:
-    return (Gemma3Vision(config) if isinstance(config, Gemma3VisionConfig)
-            else LlavaVision(config))
+    if isinstance(config, Gemma3VisionConfig):
+        return Gemma3Vision(config)
+    return QwenVision(config) if isinstance(config, QwenVisionConfig) else LlavaVision(config)
 
 IMAGE_FETCH_TIMEOUT_S = 10.0
 
@@ -60,6 +64,10 @@ class ImageInputs:
     # Gemma 3: each image's placeholders attend to each other both ways, so a prefill
     # chunk holds an image whole (chunk_len) and attention widens its mask over them
     bidirectional: bool = False
+    # (Qwen2-VL: its patch grid (t, h, w)); its M-RoPE positions [3, prompt] and the
+    # decode offset after them (engine/qwen_images.py; None: 1-D positions)
+    mrope: torch.Tensor | None = None
+    mrope_delta: int = 0
 
     def block_key(self, start: int, end: int) -> bytes:
         """What the prefix-cache hash of the block over positions [start, end) adds: the

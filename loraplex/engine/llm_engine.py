@@ -32,6 +32,7 @@ from loraplex.engine.images import (
     build_vision,
     vision_config,
 )
+from loraplex.engine.qwen_images import QwenImageProcessor
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
@@ -51,6 +52,7 @@ from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.pooling_defaults import resolve_pooler_config
+from loraplex.models.qwen2_vl import QwenVisionConfig
 from loraplex.models.registry import architecture, build_model, is_headless
 from loraplex.models.text_only import text_only_config
 from loraplex.outputs import PoolingRequestOutput, RequestOutput
@@ -107,8 +109,8 @@ class LLMEngine:
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
         hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
-        # LLaVA, Gemma 3: the vision tower and projector (models/llava.py,
-        # models/gemma3_vision.py), the image processor
+        # LLaVA, Gemma 3, Qwen2-VL: the vision tower and projector (models/llava.py,
+        # models/gemma3_vision.py, models/qwen2_vl.py), the image processor
         vision = (vision_config(whole)
                   if self.text_only is not None and self.text_only.images else None)
         architecture(hf_config)
@@ -221,6 +223,8 @@ class LLMEngine:
         checkpoint saved without one (served on text, images refused, as before)."""
         if config is None:
             return None
+        if isinstance(config, QwenVisionConfig):
+            return QwenImageProcessor(path, config)
         try:
             return ImageProcessor(path, config, self.tokenizer)
         except OSError:

@@ -12,6 +12,9 @@ model runner picks each token's row (`rope_row`). Long-context LoRA (LongLoRA, v
 --long-lora-scaling-factors) works the same way: a block of rows per scaling factor f,
 linear scaling (the frequencies / f) as the adapter was trained with, from row
 `lora_offsets[f]` on; a token under such an adapter reads its position's row there.
+M-RoPE (Qwen2-VL, models/mrope.py): positions [3, T] (temporal, height, width), frequency
+i rotated by the axis whose `mrope_section` piece holds it; 1-D positions [T] are the
+same on every axis, so they take the plain path (text, decode) with the same result.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, scaling: dict, rotary_dim: int, theta
 class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, max_position: int, theta: float,
                  scaling: dict | None = None, lora_factors: tuple[float, ...] = (),
-                 interleaved: bool = False) -> None:
+                 interleaved: bool = False,
+                 mrope_section: tuple[int, ...] | None = None) -> None:
         super().__init__()
         # interleaved (GPT-J / GLM style): dimensions (2i, 2i+1) rotate together, not
         # (i, i + rotary_dim / 2); the frequencies are the same
@@ -127,6 +131,13 @@ class RotaryEmbedding(nn.Module):
             freqs = torch.cat([freqs, torch.outer(t, inv_freq / f)])
         self.register_buffer("cos", freqs.cos() * scale, persistent=False)
         self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+        axis = None  # M-RoPE: each frequency's axis (0: temporal, 1: height, 2: width)
+        if mrope_section is not None:
+            if sum(mrope_section) != rotary_dim // 2:
+                raise ValueError(f"mrope_section {list(mrope_section)} must sum to "
+                                 f"{rotary_dim // 2} (half the rotary dimension)")
+            axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)])
+        self.register_buffer("mrope_axis", axis, persistent=False)
 
     def rope_row(self, position: int, seq_len: int) -> int:
         """The table row of a token at `position` in a sequence of `seq_len` tokens so far
@@ -138,9 +149,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [T], q: [T, H, D], k: [T, KVH, D]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, rotary_dim / 2]
-        sin = self.sin[positions].unsqueeze(1)
+        # positions: [T] (or M-RoPE's [3, T]), q: [T, H, D], k: [T, KVH, D]
+        if positions.dim() == 2:  # frequency i at its axis' position: [T, rotary_dim / 2]
+            rows = positions[self.mrope_axis].T
+            cols = torch.arange(rows.shape[1], device=rows.device)
+            cos, sin = self.cos[rows, cols].unsqueeze(1), self.sin[rows, cols].unsqueeze(1)
+        else:
+            cos = self.cos[positions].unsqueeze(1)  # [T, 1, rotary_dim / 2]
+            sin = self.sin[positions].unsqueeze(1)
         rotate = self.rotate
         if self.rotary_dim == q.shape[-1]:
             return rotate(q, cos, sin), rotate(k, cos, sin)

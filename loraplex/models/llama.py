@@ -109,6 +109,7 @@ class LlamaArgs:
     local_rope: tuple[float, dict | None] | None = None  # Gemma 3: window_layers' theta,
     # scaling (None: the model's)
     long_lora_factors: tuple[float, ...] = ()  # rope tables for long-context LoRA
+    mrope_section: tuple[int, ...] | None = None  # Qwen2-VL's M-RoPE (models/mrope.py)
     # a multimodal checkpoint served on text: its weights' and adapters' names
     # (models/text_only.py); None for a text checkpoint
     text_only: TextOnly | None = None
@@ -293,7 +294,8 @@ class LlamaModel(nn.Module):
         self.embedding_multiplier = a.embedding_multiplier
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling,
-                                               a.long_lora_factors, a.rope_interleaved)
+                                               a.long_lora_factors, a.rope_interleaved,
+                                               a.mrope_section)
         local = rotary
         if a.local_rope is not None and a.long_lora_factors:
             raise ValueError("--long-lora-scaling-factors: not supported on a model whose "

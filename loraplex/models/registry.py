@@ -101,6 +101,15 @@ def _rope(hf: Any, layer_type: str = "full_attention") -> tuple[float, dict | No
     return float(getattr(hf, "rope_theta", 10000.0)), scaling or None
 
 
+def _mrope(hf: Any) -> dict[str, Any]:
+    """Qwen2-VL's M-RoPE sections (transformers 5: in rope_parameters; 4.x: rope_scaling,
+    whose type "mrope" is a default rope otherwise)."""
+    for params in (getattr(hf, "rope_parameters", None), getattr(hf, "rope_scaling", None)):
+        if isinstance(params, dict) and params.get("mrope_section"):
+            return {"mrope_section": tuple(int(n) for n in params["mrope_section"])}
+    return {}
+
+
 def sliding_window(hf_config: Any, name: str | None = None) -> dict[str, Any]:
     """Sliding-window attention, as HF applies it: the window and the layers that use it
     (`layer_types` "sliding_attention" where the config lists them; else every layer, but
@@ -349,6 +358,8 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
     `text_only`: hf_config is a multimodal checkpoint's text config (text_only.py)."""
     name = architecture(hf_config)
     theta, scaling = _rope(hf_config)
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "mrope":
+        scaling = None  # Qwen2-VL (transformers 4): a default rope in sections (_mrope)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "longrope" \
             and "original_max_position_embeddings" not in scaling:  # transformers 4: beside it
         scaling = {**scaling, "original_max_position_embeddings":
@@ -384,5 +395,6 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_qk_norm(hf_config, name),
         **sliding_window(hf_config, name),
         **_local_rope(hf_config, name),
+        **_mrope(hf_config),
     )
     return LlamaForCausalLM(args)

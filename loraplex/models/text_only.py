@@ -6,9 +6,11 @@ by that text model alone.
 Their images are served too (`TextOnly.images`): the vision tower and projector load
 beside the language model, LLaVA's (`LlavaForConditionalGeneration`; LLaVA-NeXT's
 `LlavaNextForConditionalGeneration` with its `image_newline`) into models/llava.py,
-Gemma 3's into models/gemma3_vision.py; an adapter's LoRA on them is left out with a
-warning, as vLLM does (LoRA applies to the language model only). A Gemma 3 checkpoint
-saved without its image processor is served on text (engine/llm_engine.py).
+Gemma 3's into models/gemma3_vision.py, Qwen2-VL's and Qwen2.5-VL's
+(`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`: a Qwen2
+language model with M-RoPE) into models/qwen2_vl.py; an adapter's LoRA on them is left
+out with a warning, as vLLM does (LoRA applies to the language model only). A Gemma 3
+checkpoint saved without its image processor is served on text (engine/llm_engine.py).
 
 The checkpoint names the language model's weights `language_model.model.*` (the hub's
 files) and PEFT adapters trained with transformers >= 4.52 name its modules
@@ -33,7 +35,7 @@ class TextOnly:
     skipped: tuple[str, ...]  # name prefixes of the parts a text request never runs
     vision_leaves: tuple[str, ...]  # module names only those parts have (adapter targets)
     images: bool = False  # image inputs served (the skipped parts load beside: llava.py,
-    # gemma3_vision.py)
+    # gemma3_vision.py, qwen2_vl.py)
 
     def name(self, name: str) -> str | None:
         """A checkpoint tensor's or an adapter module's name as the text model's; None
@@ -51,6 +53,14 @@ _LLAVA = TextOnly(
     skipped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
              "model.multi_modal_projector."),
     vision_leaves=("fc1", "fc2", "out_proj", "linear_1", "linear_2"), images=True)
+# Qwen2-VL: `model.*` and `visual.*` (the hub's files, transformers < 4.52) or
+# `model.language_model.*` and `model.visual.*` (saved since); the tower's own leaves
+# (Qwen2.5-VL's MLP shares gate/up/down_proj's names with the language model's: its
+# LoRA is told apart by the `visual.` prefix)
+_QWEN_VL = TextOnly(
+    "Qwen2ForCausalLM", renames=(("model.language_model.", "model."),),
+    skipped=("visual.", "model.visual."), vision_leaves=("qkv", "proj", "fc1", "fc2", "0", "2"),
+    images=True)
 MULTIMODAL: dict[str, TextOnly] = {
     "Gemma3ForConditionalGeneration": TextOnly(
         "Gemma3ForCausalLM",
@@ -63,6 +73,8 @@ MULTIMODAL: dict[str, TextOnly] = {
     # LLaVA-NeXT: LLaVA's parts and its image_newline vector
     "LlavaNextForConditionalGeneration": replace(
         _LLAVA, skipped=(*_LLAVA.skipped, "image_newline", "model.image_newline")),
+    "Qwen2VLForConditionalGeneration": _QWEN_VL,
+    "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
 }
 # what the whole model's config says for its language model: the quantization, the dtype
 _INHERITED = ("quantization_config", "dtype", "torch_dtype")

@@ -45,6 +45,7 @@ from loraplex.sampling_params import SamplingParams
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
 from loraplex.worker.memory import kv_block_bytes
+from loraplex.worker.mrope import mrope_delta, mrope_step_positions
 
 logger = logging.getLogger(__name__)
 GiB = 2**30
@@ -115,6 +116,7 @@ class ModelRunner:
         self.full_vocab = getattr(model.model.embed_tokens, "full_vocab", None)
         rotary = model.model.rotary  # longrope: a token's row in the table is not its position
         self.rope_row = rotary.rope_row if rotary.long_offset is not None else None
+        self.mrope = rotary.mrope_axis is not None  # Qwen2-VL: 3-D positions (worker/mrope.py)
         self._no_cache_writes = torch.empty(0, dtype=torch.long, device=self.device)
         self.memory_profile: GPUMemoryProfile | None = None
         self.num_blocks = self._num_kv_blocks(cache_config, scheduler_config)
@@ -304,6 +306,9 @@ class ModelRunner:
             elif start + n == seq.num_tokens and seq.pooling is None:  # pooling: no logits
                 rows.append(len(input_ids) - 1)
         ctx = self._prefill_context(lens, self._tensor(slots), seqs, starts)
+        if self.mrope and any(s.images is not None and s.images.mrope is not None for s in seqs):
+            return (self._tensor(input_ids), mrope_step_positions(seqs, starts, lens, positions
+                                                                 ).to(self.device), ctx, rows)
         return self._tensor(input_ids), self._tensor(positions), ctx, rows
 
     def _rows_are_positions(self) -> bool:
@@ -326,6 +331,8 @@ class ModelRunner:
         bs = self.block_size
         positions = [s.num_tokens - 1 for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        if self.mrope:  # Qwen2-VL: after a prompt with images, text rotates at p + delta
+            positions = [p + mrope_delta(s) for s, p in zip(seqs, positions)]
         if not self._rows_are_positions():
             positions = [self._rope_row(s, p) for s, p in zip(seqs, positions)]
         lens = [s.num_tokens for s in seqs]
@@ -400,7 +407,10 @@ class ModelRunner:
             self.num_mixed_steps += 1
             d_ids, d_positions, ctx.decode = self.prepare_decode(decode)
             n = input_ids.shape[0]
-            input_ids, positions = torch.cat([input_ids, d_ids]), torch.cat([positions, d_positions])
+            if positions.dim() == 2:  # M-RoPE prefill rows: decode rows' text positions
+                d_positions = d_positions.expand(3, -1)
+            input_ids, positions = torch.cat([input_ids, d_ids]), torch.cat([positions, d_positions],
+                                                                           dim=-1)
             ctx.slot_mapping = torch.cat([ctx.slot_mapping, ctx.decode.slot_mapping])
             rows += [n + w for w in where] if where else range(n, n + len(decode))
             if token_slots is not None:

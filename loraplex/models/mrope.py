@@ -1,0 +1,44 @@
+"""Qwen2-VL's multimodal rotary positions (M-RoPE): each token has a (temporal, height,
+width) position, and the rotary frequencies of each head are split into `mrope_section`
+pieces rotated by one axis each (layers/rotary.py).
+
+A text token's position is the same on all three axes, one past the previous token's
+largest; an image's placeholders take (t, h, w) grid positions over its merged patch
+grid, all offset by the position where the image starts. The text after an image so
+continues from that start plus the grid's longest side, not from its token count: a
+prompt with images ends `delta` = (largest position + 1) - (its length) away from where
+1-D positions would, and every later token (decode) is at its index + delta on all three
+axes, which is exactly a 1-D rope at that shifted position (HF's `get_rope_index` and
+`mrope_position_deltas`). A prompt without images has delta 0 and 1-D positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mrope_positions(ids: list[int], image_token_id: int, grids: list[tuple[int, int, int]],
+                    merge_size: int) -> tuple[torch.Tensor, int]:
+    """([3, len(ids)] positions, delta) of a prompt whose runs of `image_token_id` are the
+    images of `grids` (patch grids (t, h, w)), in order."""
+    pieces: list[torch.Tensor] = []
+    images = iter(grids)
+    pos, i = 0, 0
+    while i < len(ids):
+        if ids[i] != image_token_id:
+            j = i
+            while j < len(ids) and ids[j] != image_token_id:
+                j += 1
+            pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
+            pos += j - i
+        else:
+            t, h, w = next(images)
+            h, w = h // merge_size, w // merge_size
+            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w),
+                                              indexing="ij")).reshape(3, -1)
+            pieces.append(grid + pos)
+            j = i + grid.shape[1]
+            pos += max(h, w)
+        i = j
+    positions = torch.cat(pieces, dim=1)
+    return positions, int(positions.max()) + 1 - len(ids)

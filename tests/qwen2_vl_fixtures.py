@@ -1,0 +1,181 @@
+"""A tiny random Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration) or Qwen2-VL, its image
+processor and tokenizer (with Qwen's vision tokens and a Qwen-VL-style chat template),
+PEFT adapters on it, and HF transformers (+ PEFT) as the reference: the ground truth of
+tests/test_qwen2_vl.py.
+
+HF's Qwen2VLProcessor needs torchvision (its video processor), which this environment
+lacks: the reference prompt is expanded here by its rule (each `<|image_pad|>` becomes
+grid_t * grid_h * grid_w / merge_size^2 of them, the grid from HF's image processor)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplex import SamplingParams
+from tests.fixtures import _reinit_, make_tokenizer
+
+VISION = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+ASK = f"USER: {IMAGE}What is this? ASSISTANT:"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}" + IMAGE +
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_qwen_vl(out: Path, seed: int, qwen25: bool = True) -> Path:
+    """A 2-layer Qwen2 language model (head_dim 16, mrope_section [2, 3, 3]) behind a
+    3-block vision tower on 4-pixel patches (Qwen2.5-VL: windows of 16 pixels, 2 x 2
+    merge blocks, block 1 attending to the whole image); weights std 0.2."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out)
+    tok.add_special_tokens({"additional_special_tokens": VISION})
+    tok.chat_template = CHAT_TEMPLATE
+    ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id",
+                    "video_token_id"), tok.convert_tokens_to_ids(VISION), strict=True))
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1,
+                eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]})
+    if qwen25:
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
+                      patch_size=4, temporal_patch_size=2, spatial_merge_size=2,
+                      window_size=16, fullatt_block_indexes=[1], out_hidden_size=64)
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    else:
+        vision = dict(depth=3, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_size=64,
+                      patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        model = Qwen2VLForConditionalGeneration(cfg)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = model.eval()
+    _reinit_(model, seed, 0.2)
+    model.save_pretrained(str(out))
+    Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 64 * 64}, patch_size=4,
+                          merge_size=2, temporal_patch_size=2).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def make_qwen_adapter(base: Path, out: Path, r: int, seed: int,
+                      targets: str = r".*language_model.*\.(q_proj|v_proj|down_proj)",
+                      scale: float = 0.3) -> Path:
+    """A PEFT LoRA adapter on the whole model (`targets`: a regex over its module names)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model(base), LoraConfig(r=r, lora_alpha=2 * r,
+                                                    target_modules=targets, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(out))
+    return out
+
+
+def with_adapters(base: Path, seed: int) -> dict[str, Path]:
+    return {"base": base,
+            "r8": make_qwen_adapter(base, base.parent / "r8", r=8, seed=seed),
+            "r4": make_qwen_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
+                                    targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)")}
+
+
+def _model(base: Path) -> torch.nn.Module:
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32).eval()
+
+
+@functools.lru_cache(maxsize=16)
+def hf_model(base: str, adapter: str | None) -> torch.nn.Module:
+    model = _model(Path(base))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer(base: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
+
+
+@functools.lru_cache(maxsize=4)
+def image_processor(base: str) -> Any:
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(base)
+
+
+def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True
+              ) -> dict[str, torch.Tensor]:
+    """The prompt's ids with each image's pad expanded (Qwen2VLProcessor's rule), the
+    pixels, image_grid_thw and mm_token_type_ids, from HF's tokenizer and image processor."""
+    tok = tokenizer(str(base))
+    ids = tok(prompt, add_special_tokens=add_special_tokens).input_ids
+    pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    out: dict[str, torch.Tensor] = {}
+    if images:
+        out = dict(image_processor(str(base))(images=images, return_tensors="pt"))
+        counts = iter((out["image_grid_thw"].prod(-1) // 4).tolist())
+        ids = [x for t in ids for x in ([pad] * next(counts) if t == pad else [t])]
+    out["input_ids"] = torch.tensor([ids])
+    out["mm_token_type_ids"] = (out["input_ids"] == pad).int()
+    return out
+
+
+@torch.no_grad()
+def hf_logprobs(base: Path, adapter: Path | None, inputs: dict[str, torch.Tensor],
+                more: list[int]) -> torch.Tensor:
+    """[len(ids) + len(more), vocab] log-softmax of HF's model over the prompt's ids and
+    `more` tokens after them, in one forward (its own M-RoPE positions)."""
+    model = hf_model(str(base), None if adapter is None else str(adapter))
+    kw = dict(inputs)
+    kw["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([more], dtype=torch.long)],
+                                dim=1)
+    kw["mm_token_type_ids"] = torch.cat(
+        [inputs["mm_token_type_ids"], torch.zeros(1, len(more), dtype=torch.int)], dim=1)
+    logits = model(**kw).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
+          add_special_tokens: bool = True) -> None:
+    """Each output's prompt is the reference's, its tokens HF's greedy ones (off HF's
+    argmax only at a near-tie) and its logprobs HF's within 1e-4."""
+    for out, (prompt, images, adapter) in zip(outs, jobs, strict=True):
+        inp = hf_inputs(base, prompt, images, add_special_tokens)
+        ids = inp["input_ids"][0].tolist()
+        assert out.prompt_token_ids == ids
+        got = out.outputs[0].token_ids
+        ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
+        for step, (tok, lps) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
+            best = int(ref[step].argmax())
+            assert tok == best or ref[step, best] - ref[step, tok] < 1e-4, (adapter, step)
+            for t, lp in lps.items():
+                assert abs(lp.logprob - ref[step, t].item()) < 1e-4, (adapter, step, t)
