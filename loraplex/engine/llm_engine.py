@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 # vLLM's prompt-dict keys beyond prompt / prompt_token_ids that the engine accepts:
 # cache_salt (prefix-cache isolation); multi_modal_data {"image": ...} on a model that takes
-# images (LLaVA, Gemma 3), else only while empty, as multi_modal_uuids; mm_processor_kwargs
+# images (LLaVA, Gemma 3, Qwen2-VL), else only while empty, as multi_modal_uuids; mm_processor_kwargs
 # (only configures the processing of multi_modal_data; Gemma 3's do_pan_and_scan=True is
 # refused, not ignored). Any other key (prompt_embeds,
 # token_type_ids, a typo) is refused: it would be silently ignored otherwise.
@@ -883,7 +883,7 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
     if prompt.get("multi_modal_data") and not takes_images:
         raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
                          f"model {model!r}: it has no vision tower (image inputs are "
-                         "served on LLaVA and Gemma 3 models)")
+                         "served on LLaVA, Gemma 3 and Qwen2-VL models)")
     if prompt.get("multi_modal_uuids"):
         raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
                          "uuids (images are hashed for the prefix cache)")
