@@ -45,7 +45,8 @@ case "$phase" in
       tests/test_compressed_tensors.py tests/test_quantized_moe.py tests/test_bnb_moe.py \
       tests/test_llava.py tests/test_llava_next.py tests/test_kv_cache_fp8.py \
       tests/test_spec_decode.py tests/test_embeddings.py tests/test_more_architectures.py \
-      tests/test_compressed_tensors_w8a8.py \
+      tests/test_compressed_tensors_w8a8.py tests/test_gemma3_images.py tests/test_qwen2_vl.py \
+      tests/test_cross_encoder.py tests/test_classify.py tests/test_generate_api.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)
