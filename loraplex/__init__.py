@@ -4,7 +4,7 @@ from loraplex.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.entrypoints.llm import LLM
-from loraplex.inputs import PromptType, TextPrompt, TokensPrompt
+from loraplex.inputs import EmbedsPrompt, PromptType, TextPrompt, TokensPrompt
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import (
     ClassificationOutput,
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = ["LLM", "AsyncEngineArgs", "AsyncLLMEngine", "BeamSearchParams",
            "ClassificationOutput", "ClassificationRequestOutput", "CompletionOutput",
-           "EmbeddingOutput", "EmbeddingRequestOutput", "EngineArgs", "LLMEngine",
+           "EmbedsPrompt", "EmbeddingOutput", "EmbeddingRequestOutput", "EngineArgs", "LLMEngine",
            "LoRARequest", "PoolingOutput", "PoolingParams", "PoolingRequestOutput",
            "PromptType", "RequestOutput", "SamplingParams", "ScoringOutput",
            "ScoringRequestOutput", "TextPrompt", "TokensPrompt", "__version__"]

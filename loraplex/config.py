@@ -116,6 +116,7 @@ class ModelConfig:
     cuda_graph_sizes: tuple[int, ...] | None = None
     quantization: QuantConfig | None = None  # the checkpoint's GPTQ / AWQ weights
     max_logprobs: int = 20  # the most logprobs / prompt_logprobs a request may ask (-1: any)
+    enable_prompt_embeds: bool = False  # prompts may be given as embeddings (vLLM's)
     # the model thinks between tags (reasoning.py's REASONING_PARSERS): structured outputs
     # constrain only the reply after its reasoning; the server splits replies
     reasoning_parser: str | None = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 
+import torch
+
 
 class TextPrompt(TypedDict):
     """Text, tokenized with the model's (or the request's adapter's) tokenizer."""
@@ -33,4 +35,12 @@ class TokensPrompt(TypedDict):
     cache_salt: NotRequired[str]
 
 
-PromptType = str | list[int] | TextPrompt | TokensPrompt | dict[str, Any]
+class EmbedsPrompt(TypedDict):
+    """The prompt's embeddings [length, hidden] in place of its tokens, on an engine
+    started with enable_prompt_embeds (engine/prompt_embeds.py)."""
+
+    prompt_embeds: torch.Tensor
+    cache_salt: NotRequired[str]
+
+
+PromptType = str | list[int] | TextPrompt | TokensPrompt | EmbedsPrompt | dict[str, Any]

@@ -40,7 +40,7 @@ class CompletionOutput:
 class RequestOutput:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] | None  # None for a prompt given as embeddings (vLLM's)
     outputs: list[CompletionOutput]
     finished: bool
     lora_request: LoRARequest | None = None

@@ -72,6 +72,8 @@ class EngineArgs:
     quantization: str | None = None
     tensor_parallel_size: int = 1
     max_logprobs: int = 20  # vLLM's: the most logprobs a request may ask for; -1: no limit
+    # vLLM's: prompts may be given as embeddings (engine/prompt_embeds.py)
+    enable_prompt_embeds: bool = False
     reasoning_parser: str | None = None  # vLLM's names (loraplex/reasoning.py)
     generation_config: str = "auto"  # vLLM's: "auto" | "vllm" | a folder (generation_config.py)
     # vLLM's runner: "auto" (generate, or pooling for a headless `*Model` checkpoint),
@@ -234,6 +236,7 @@ class EngineArgs:
             device=device, max_model_len=max_model_len, seed=self.seed,
             load_format=self.load_format, revision=self.revision, served_model_name=served,
             enforce_eager=self.enforce_eager, max_logprobs=self.max_logprobs,
+            enable_prompt_embeds=self.enable_prompt_embeds,
             reasoning_parser=self.reasoning_parser or (  # vLLM reads gpt-oss's as harmony
                 "openai_gptoss" if architecture(hf_config) == "GptOssForCausalLM" else None),
             generation_config=self.generation_config, runner=runner,

@@ -305,7 +305,7 @@ class AsyncLLMEngine:
                     raise item
                 finished = item.finished
                 if stream.prompt_tokens == 0:
-                    stream.prompt_tokens = len(item.prompt_token_ids)
+                    stream.prompt_tokens = int(item.metrics.get("num_prompt_tokens", 0))
                 yield item
                 if finished:
                     return

@@ -53,7 +53,8 @@ IMAGE_FETCH_TIMEOUT_S = 10.0
 
 @dataclass
 class ImageInputs:
-    """One request's images (shared by its n sequences: the tower runs once)."""
+    """One request's images (shared by its n sequences: the tower runs once); or, with
+    `prompt_embeds`, its whole prompt given as embeddings (engine/prompt_embeds.py)."""
 
     pixel_values: torch.Tensor  # [tiles, channels, H, W]: one an image but LLaVA-NeXT's
     positions: list[int]  # the prompt positions of the placeholders, image after image
@@ -68,6 +69,8 @@ class ImageInputs:
     # decode offset after them (engine/qwen_images.py; None: 1-D positions)
     mrope: torch.Tensor | None = None
     mrope_delta: int = 0
+    # vLLM's prompt_embeds: every prompt row's embedding given, its ids placeholders
+    prompt_embeds: bool = False
 
     def block_key(self, start: int, end: int) -> bytes:
         """What the prefix-cache hash of the block over positions [start, end) adds: the

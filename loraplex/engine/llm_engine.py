@@ -32,6 +32,12 @@ from loraplex.engine.images import (
     build_vision,
     vision_config,
 )
+from loraplex.engine.prompt_embeds import (
+    NOT_ENABLED,
+    PLACEHOLDER_ID,
+    checked_prompt_embeds,
+    prompt_embeds_inputs,
+)
 from loraplex.engine.qwen_images import QwenImageProcessor
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
@@ -72,7 +78,7 @@ logger = logging.getLogger(__name__)
 # (only configures the processing of multi_modal_data; Gemma 3's do_pan_and_scan=True is
 # refused, not ignored). Any other key (prompt_embeds,
 # token_type_ids, a typo) is refused: it would be silently ignored otherwise.
-_PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt", "mm_processor_kwargs",
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "prompt_embeds", "cache_salt", "mm_processor_kwargs",
                 "multi_modal_data", "multi_modal_uuids"}
 
 
@@ -296,6 +302,8 @@ class LLMEngine:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return self._tokenize(prompt["prompt"], tokenizer)
+            if "prompt_embeds" in prompt:  # (generation takes them before this)
+                raise ValueError("prompt_embeds: supported for generation, not pooling")
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
@@ -334,6 +342,28 @@ class LLMEngine:
         if images.bidirectional:
             self._check_bidirectional(images)
         return ids, images
+
+    def _prompt_embeds(self, prompt: dict[str, Any], params: SamplingParams
+                       ) -> tuple[list[int], ImageInputs]:
+        """vLLM's EmbedsPrompt (engine/prompt_embeds.py): its placeholder ids and its
+        rows' embeddings, truncated as truncate_prompt_tokens asks."""
+        if not self.model_config.enable_prompt_embeds:
+            raise ValueError(NOT_ENABLED)
+        other = sorted(set(prompt) - {"prompt_embeds", "cache_salt"})
+        if other:
+            raise ValueError(f"a prompt with prompt_embeds takes only 'cache_salt' beside "
+                             f"them, got {', '.join(map(repr, other))}")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: not available for prompt_embeds (the prompt "
+                             "has no token ids to score)")
+        tensor = checked_prompt_embeds(prompt["prompt_embeds"], self.model.args.hidden_size)
+        k = params.truncate_prompt_tokens
+        if k is not None:
+            tensor = tensor[-(self.model_config.max_model_len - 1 if k == -1 else k):]
+        mc = self.model_config
+        scale = self.model.model.given_embeds_scale(mc.dtype)  # as HF's model scales them
+        return [PLACEHOLDER_ID] * tensor.shape[0], prompt_embeds_inputs(
+            tensor * scale if scale != 1.0 else tensor, mc.device, mc.dtype)
 
     def _check_bidirectional(self, images: ImageInputs) -> None:
         """Gemma 3's images attend to their own tokens both ways, so each is prefilled
@@ -426,8 +456,12 @@ class LLMEngine:
         # the adapter first: one that adds tokens brings its own tokenizer
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         tokenizer, vocab = self.get_tokenizer(lora_request), self.vocab_size(lora_request)
-        text, ids = self._tokenize(prompt, tokenizer)
-        ids, images = self._images(prompt, ids)
+        embedded = isinstance(prompt, dict) and "prompt_embeds" in prompt
+        if embedded:
+            text, ids, images = None, *self._prompt_embeds(prompt, params)
+        else:
+            text, ids = self._tokenize(prompt, tokenizer)
+            ids, images = self._images(prompt, ids)
         n_ids = len(ids)
         ids = params.truncate_prompt(ids, self.model_config.max_model_len)
         if images is not None and len(ids) != n_ids:
@@ -456,9 +490,9 @@ class LLMEngine:
             registration = self.lora_manager.registration_of(lora_id) if lora_id else 0
             seq.cache_salt = registration.to_bytes(8, "little") + salt
             seqs.append(seq)
-            detoks.append(IncrementalDetokenizer(tokenizer, ids, params))
+            detoks.append(IncrementalDetokenizer(tokenizer, [] if embedded else ids, params))
         self.requests[request_id] = Request(request_id, text, ids, params, lora_request, seqs,
-                                            detoks)
+                                            detoks, prompt_embedded=embedded)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -630,7 +664,7 @@ class LLMEngine:
             rows, row_seqs, drafts = [], [], []
             for s, d in seq_drafts:
                 out = s.output_token_ids
-                rows += [SamplingRow(s.params, s.prompt_token_ids, out + d[:j] if j else out,
+                rows += [SamplingRow(s.params, _scored_prompt(s), out + d[:j] if j else out,
                                      s.generator, s.bad_words_token_ids)
                          for j in range(len(d) + 1)]
                 row_seqs += [s] * (len(d) + 1)
@@ -892,6 +926,12 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
         raise ValueError(f"prompt key(s) {', '.join(map(repr, unknown))} are not supported "
                          "yet: a prompt dict takes 'prompt' or 'prompt_token_ids', and "
                          "'cache_salt'")
+
+
+def _scored_prompt(seq: Sequence) -> list[int]:
+    """The prompt tokens the repetition penalty sees: none for prompt_embeds (their ids
+    are placeholders)."""
+    return [] if seq.images is not None and seq.images.prompt_embeds else seq.prompt_token_ids
 
 
 def _cache_salt(prompt: PromptType) -> bytes:

@@ -29,6 +29,9 @@ class Request:
     first_token_time: float | None = None
     error: str | None = None
     pooled: torch.Tensor | None = None  # a pooling request's embedding, once computed
+    # the prompt was given as embeddings (vLLM's prompt_embeds): its ids are placeholders,
+    # reported as None (as vLLM reports them)
+    prompt_embedded: bool = False
 
     @property
     def finished(self) -> bool:
@@ -55,14 +58,16 @@ class Request:
                 stop_reason=seq.stop_reason,
                 lora_request=self.lora_request))
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
-                             prompt_token_ids=self.prompt_token_ids, outputs=outputs,
+                             prompt_token_ids=(None if self.prompt_embedded
+                                               else self.prompt_token_ids), outputs=outputs,
                              finished=done, lora_request=self.lora_request, error=self.error,
                              metrics=self._metrics(),
                              num_cached_tokens=max(s.num_cached_tokens for s in self.seqs),
                              prompt_logprobs=self._prompt_logprobs())
 
     def _metrics(self) -> dict[str, float]:
-        metrics = {"arrival_time": self.arrival_time}
+        metrics = {"arrival_time": self.arrival_time,
+                   "num_prompt_tokens": float(len(self.prompt_token_ids))}
         if self.first_scheduled_time is not None:
             metrics["first_scheduled_time"] = self.first_scheduled_time
         if self.first_token_time is not None:

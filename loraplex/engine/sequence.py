@@ -100,8 +100,14 @@ class Sequence:
     def is_decoding(self) -> bool:
         """Every token but the last is in the cache: the next step computes one token
         (a prompt's last chunk of one token is the same computation). Never a pooling
-        sequence's: its last token is a prefill chunk, whose hidden state it pools."""
-        return self.pooling is None and self.num_computed_tokens == self.num_tokens - 1
+        sequence's: its last token is a prefill chunk, whose hidden state it pools; nor a
+        prompt's last token whose embedding is given (an image's, prompt_embeds): only
+        the prefill path puts it in place of the token's."""
+        if self.pooling is not None or self.num_computed_tokens != self.num_tokens - 1:
+            return False
+        last = self.num_tokens - 1
+        return not (last < self.num_prompt_tokens and self.images is not None
+                    and self.images.rows_in(last, last + 1)[0])
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -318,7 +318,8 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
                     parse_body(body, ClassificationRequest)))
             request = parse_body(body, EmbeddingRequest)
             return respond(await state.embedding.create_embedding(request))
-        if not isinstance(fields, dict) or not ({"messages", "prompt"} & fields.keys()):
+        if not isinstance(fields, dict) or not ({"messages", "prompt", "prompt_embeds"}
+                                                 & fields.keys()):
             raise BadRequestError("/invocations takes an embedding request (with 'input')"
                                   if pooling else "/invocations takes a chat request (with "
                                   "'messages') or a completion request (with 'prompt')")

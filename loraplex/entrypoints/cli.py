@@ -176,6 +176,9 @@ ENGINE_HELP: dict[str, str] = {
                     "bitsandbytes / fp8 on a plain checkpoint quantize it as it loads (to "
                     "4-bit NF4; to FP8 with a scale per row).",
     "tensor_parallel_size": "Accepted for vLLM compatibility; only 1 is supported.",
+    "enable_prompt_embeds": "Accept prompts given as embeddings [length, hidden] (vLLM's): "
+                            "offline {'prompt_embeds': tensor}, in /v1/completions "
+                            "`prompt_embeds` (base64 of torch.save bytes).",
     "max_logprobs": "The most logprobs / prompt_logprobs (and top_logprobs) a request may "
                     "ask for; -1: no limit.",
     "runner": "generate (next tokens: completions, chat) or pooling (embeddings: "

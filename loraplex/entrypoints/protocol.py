@@ -164,7 +164,10 @@ class SamplingFields(OpenAIBase):
 
 # ---- completions ------------------------------------------------------------------------
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    # vLLM's: prompts as embeddings, base64 of torch.save bytes (--enable-prompt-embeds);
+    # answered before the text prompts' choices
+    prompt_embeds: str | list[str] | None = None
     max_tokens: int | None = 16
     echo: bool | None = False
     logprobs: int | None = None

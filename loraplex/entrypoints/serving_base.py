@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from loraplex.beam_search import BeamSearch, BeamSearchOutput
 from loraplex.engine.async_engine import AsyncLLMEngine, LoRANotLoadedError
 from loraplex.engine.images import ImageInputs
@@ -200,15 +202,17 @@ class OpenAIServing:
                              params: list[SamplingParams] | list[PoolingParams],
                              model: str | None,
                              lora: LoRARequest | None, cache_salt: str | None = None,
-                             priority: int = 0, images: ImageInputs | None = None
+                             priority: int = 0, images: ImageInputs | None = None,
+                             embeds: list[torch.Tensor | None] | None = None
                              ) -> EngineRequests:
         """Queue one engine request per prompt, all or none. ``lora`` is what ``model``
         resolved to; if that adapter was unloaded or replaced since, look ``model`` up
-        again (404 once it is gone; the new weights after an in-place reload)."""
+        again (404 once it is gone; the new weights after an in-place reload).
+        `embeds`: per prompt, its embeddings in place of its (placeholder) ids, or None."""
         for _ in range(_MAX_LOOKUPS):
             try:
                 return await self._queue(request_id, prompts, params, lora, cache_salt,
-                                         priority, images)
+                                         priority, images, embeds)
             except LoRANotLoadedError:
                 lora = await self.models.resolve(model)
         raise ServiceUnavailableError(f"the adapter {model!r} kept changing while this "
@@ -217,7 +221,8 @@ class OpenAIServing:
     async def _queue(self, request_id: str, prompts: list[tuple[str | None, list[int]]],
                      params: list[SamplingParams] | list[PoolingParams],
                      lora: LoRARequest | None,
-                     cache_salt: str | None, priority: int, images: ImageInputs | None = None
+                     cache_salt: str | None, priority: int, images: ImageInputs | None = None,
+                     embeds: list[torch.Tensor | None] | None = None
                      ) -> EngineRequests:
         """`images`: a chat request's one prompt's, processed (the prompt's ids expanded)."""
         specs = [getattr(p, "structured_outputs", None) for p in params]  # (PoolingParams:
@@ -230,9 +235,12 @@ class OpenAIServing:
         base = f"{request_id}-{uuid.uuid4().hex[:8]}"
         queued = EngineRequests([f"{base}-{i}" for i in range(len(prompts))], [])
         try:
-            for rid, (text, token_ids), p in zip(queued.ids, prompts, params, strict=True):
+            for i, (rid, (text, token_ids), p) in enumerate(zip(queued.ids, prompts, params,
+                                                                 strict=True)):
                 prompt: dict = {"prompt_token_ids": token_ids}
-                if text is not None:
+                if embeds is not None and embeds[i] is not None:
+                    prompt = {"prompt_embeds": embeds[i]}
+                elif text is not None:
                     prompt["prompt"] = text
                 if cache_salt is not None:
                     prompt["cache_salt"] = cache_salt

@@ -5,7 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import torch
+
 from loraplex.beam_search import BeamSearchOutput
+from loraplex.engine.prompt_embeds import (
+    NOT_ENABLED,
+    PLACEHOLDER_ID,
+    checked_prompt_embeds,
+    decode_prompt_embeds,
+)
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.protocol import (
     CompletionChoice,
@@ -27,24 +35,55 @@ class OpenAIServingCompletion(OpenAIServing):
                  ) -> list[tuple[str | None, list[int]]]:
         """(text, token ids) per prompt, with `lora`'s tokenizer when it adds tokens; on
         the encoder thread."""
+        if req.prompt is None:
+            return []
         out = self.encode_items(req.prompt, lora, req.add_special_tokens, "prompt")
         for _, ids in out:
             self.check_token_ids(ids)
         return out
+
+    def _prompt_embeds(self, req: CompletionRequest) -> list[torch.Tensor]:
+        """vLLM's prompt_embeds, each decoded and checked; on the encoder thread."""
+        items = [req.prompt_embeds] if isinstance(req.prompt_embeds, str) \
+            else list(req.prompt_embeds or [])
+        hidden = self.engine.engine.model.args.hidden_size
+        try:
+            return [checked_prompt_embeds(decode_prompt_embeds(item), hidden)
+                    for item in items]
+        except ValueError as e:
+            raise BadRequestError(str(e), param="prompt_embeds") from e
+
+    def _check_prompt_embeds(self, req: CompletionRequest) -> None:
+        """What prompt_embeds cannot go with (vLLM's refusals)."""
+        if not self.engine.engine.model_config.enable_prompt_embeds:
+            raise BadRequestError(NOT_ENABLED, param="prompt_embeds")
+        for field, why in (("echo", req.echo and "there is no prompt text to echo"),
+                           ("prompt_logprobs", req.prompt_logprobs is not None
+                            and "the prompt has no token ids to score"),
+                           ("use_beam_search", req.use_beam_search and "not supported")):
+            if why:
+                raise BadRequestError(f"{field} with prompt_embeds: {why}", param=field)
 
     async def create_completion(self, req: CompletionRequest):
         """A CompletionResponse, or an async iterator of SSE lines when ``stream``."""
         self.check_unsupported(req)
         if req.suffix:
             raise BadRequestError("suffix is not supported yet", param="suffix")
+        if req.prompt is None and req.prompt_embeds is None:
+            raise BadRequestError("give a prompt (or prompt_embeds)", param="prompt")
+        if req.prompt_embeds is not None:
+            self._check_prompt_embeds(req)
         lora = await self.models.resolve(req.model)
         model = req.model or self.models.base_model_name
         prompt_logprobs = req.prompt_logprobs
         if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs
             prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
         params = self.sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs)
+        # embedded prompts first (vLLM's order), as placeholder ids of their lengths
+        embeds = await self.off_loop(self._prompt_embeds, req)
         prompts = [self.truncated(p, params)
-                   for p in await self.off_loop(self._prompts, req, lora)]
+                   for p in [(None, [PLACEHOLDER_ID] * e.shape[0]) for e in embeds]
+                   + await self.off_loop(self._prompts, req, lora)]
         per_prompt = []
         for _, ids in prompts:  # the same params, but max_tokens fits each prompt's context
             p = params.clone()
@@ -55,8 +94,9 @@ class OpenAIServingCompletion(OpenAIServing):
             params.max_tokens = min(p.max_tokens for p in per_prompt)
             return self._beam_response(req, request_id, model, prompts, lora, await
                                        self.beam_search(req, request_id, params, prompts, lora))
-        queued = await self.start_requests(request_id, prompts, per_prompt, req.model, lora,
-                                           req.cache_salt, req.priority)
+        queued = await self.start_requests(
+            request_id, prompts, per_prompt, req.model, lora, req.cache_salt, req.priority,
+            embeds=[*embeds, *[None] * (len(prompts) - len(embeds))] if embeds else None)
         if req.stream:
             return self.sse(self._stream(req, request_id, model, prompts, queued), queued)
         try:

@@ -114,6 +114,10 @@ class LlamaArgs:
     # (models/text_only.py); None for a text checkpoint
     text_only: TextOnly | None = None
     embedding_multiplier: float = 1.0  # Granite: x = E[t] * this
+    # HF scales Gemma's embeddings inside its embedding module (Gemma 3; Gemma and
+    # Gemma 2 on transformers 5), so embeddings a caller gives (prompt_embeds) go in
+    # unscaled (registry._embedding_scaling)
+    embed_scale_in_embedding: bool = False
     residual_multiplier: float = 1.0  # Granite: h = x + sublayer(x) * this
     attention_multiplier: float | None = None  # Granite: the attention scale (None: 1/sqrt(d))
     logits_scaling: float = 1.0  # Granite: logits / this
@@ -291,6 +295,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
+        self.embed_scale_in_embedding = a.embed_scale_in_embedding
         self.embedding_multiplier = a.embedding_multiplier
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling,
@@ -307,6 +312,15 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(a, local if i in a.window_layers else rotary,
                               f"model.layers.{i}", i) for i in range(a.num_layers))
         self.norm = a.norm(a.hidden_size)
+
+    def given_embeds_scale(self, dtype: torch.dtype) -> float:
+        """What HF multiplies embeddings a caller gives (inputs_embeds; our
+        prompt_embeds) by: Granite's embedding_multiplier; Gemma's sqrt(hidden), rounded
+        to the dtype, where HF scales after its embedding module (transformers 4's Gemma
+        and Gemma 2); 1 elsewhere."""
+        if self.embed_scale is not None and not self.embed_scale_in_embedding:
+            return float(torch.tensor(self.embed_scale, dtype=dtype))
+        return self.embedding_multiplier
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 image_rows: ImageRows | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
@@ -257,6 +258,22 @@ def _local_rope(hf: Any, name: str) -> dict[str, Any]:
     return {"local_rope": _rope(hf, "sliding_attention")}
 
 
+def _embedding_scaling(name: str) -> dict[str, Any]:
+    """Whether HF scales Gemma's embeddings inside its embedding module, so embeddings a
+    caller gives (inputs_embeds; our prompt_embeds) enter unscaled: Gemma 3's always,
+    Gemma's and Gemma 2's from transformers 5 on (4.x scales whatever enters the model).
+    As the installed transformers does it, so a prompt_embeds made with its
+    get_input_embeddings() means what it means to HF."""
+    if name == "Gemma3ForCausalLM":
+        return {"embed_scale_in_embedding": True}
+    if name not in ("GemmaForCausalLM", "Gemma2ForCausalLM"):
+        return {}
+    model_type = "gemma" if name == "GemmaForCausalLM" else "gemma2"
+    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    prefix = "Gemma" if model_type == "gemma" else "Gemma2"
+    return {"embed_scale_in_embedding": hasattr(modeling, f"{prefix}TextScaledWordEmbedding")}
+
+
 def _granite(hf: Any, name: str) -> dict[str, Any]:
     """Granite's multipliers of the embeddings, the sublayers' outputs and the attention
     scores, and its logits' divisor."""
@@ -391,6 +408,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_gemma_attention(hf_config, name),
         **_experts(hf_config, name, quant),
         **_granite(hf_config, name),
+        **_embedding_scaling(name),
         **_cohere(hf_config, name),
         **_qk_norm(hf_config, name),
         **sliding_window(hf_config, name),
