@@ -29,7 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.norm import GemmaRMSNorm
-from loraplex.models.llava import _ACTIVATIONS, CLIPVisionTower, VisionWeights, placeholder_runs
+from loraplex.models.llava import (
+    VISION_ACTIVATIONS,
+    CLIPVisionTower,
+    VisionWeights,
+    placeholder_runs,
+)
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,9 @@ class Gemma3VisionConfig:
         if getattr(v, "model_type", "siglip_vision_model") != "siglip_vision_model":
             raise ValueError(f"Gemma 3 with a {v.model_type!r} vision tower is not "
                              "supported (a SigLIP one is)")
-        if v.hidden_act not in _ACTIVATIONS:
+        if v.hidden_act not in VISION_ACTIVATIONS:
             raise ValueError(f"vision_config.hidden_act={v.hidden_act!r} is not supported; "
-                             "supported: " + ", ".join(_ACTIVATIONS))
+                             "supported: " + ", ".join(VISION_ACTIVATIONS))
         side, per_side = v.image_size // v.patch_size, int(hf.mm_tokens_per_image ** 0.5)
         if per_side * per_side != hf.mm_tokens_per_image or side % per_side:
             raise ValueError(f"mm_tokens_per_image={hf.mm_tokens_per_image} must be a square "

@@ -30,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-                "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# the vision towers' activations (CLIP's quick GELU, SigLIP's tanh GELU, Qwen2.5-VL's SiLU)
+VISION_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu,
+                      "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                      "silu": F.silu}
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,9 @@ class LlavaVisionConfig:
                              "(a CLIP one is)")
         for name, act in (("vision_config.hidden_act", v.hidden_act),
                           ("projector_hidden_act", hf.projector_hidden_act)):
-            if act not in _ACTIVATIONS:
+            if act not in VISION_ACTIVATIONS:
                 raise ValueError(f"{name}={act!r} is not supported; supported: "
-                                 + ", ".join(_ACTIVATIONS))
+                                 + ", ".join(VISION_ACTIVATIONS))
         strategy = hf.vision_feature_select_strategy
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy={strategy!r} is not supported "
@@ -226,7 +228,7 @@ class CLIPMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
         self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
-        self.act = _ACTIVATIONS[c.hidden_act]
+        self.act = VISION_ACTIVATIONS[c.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -293,7 +295,7 @@ class LlavaProjector(nn.Module):
         self.linear_1 = nn.Linear(c.hidden_size * len(c.feature_layers), c.text_hidden_size,
                                   bias=c.projector_bias)
         self.linear_2 = nn.Linear(c.text_hidden_size, c.text_hidden_size, bias=c.projector_bias)
-        self.act = _ACTIVATIONS[c.projector_act]
+        self.act = VISION_ACTIVATIONS[c.projector_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(x)))

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu,
-                "silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+from loraplex.layers.norm import RMSNorm
+from loraplex.models.llava import VISION_ACTIVATIONS, VisionWeights
+
 Grid = tuple[int, int, int]  # an image's patches: (t, h, w), as image_grid_thw
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
@@ -61,9 +62,9 @@ class QwenVisionConfig:
     def from_hf(cls, hf: Any) -> QwenVisionConfig:
         v = hf.vision_config
         qwen25 = hf.model_type == "qwen2_5_vl"
-        if v.hidden_act not in _ACTIVATIONS:
+        if v.hidden_act not in VISION_ACTIVATIONS:
             raise ValueError(f"vision_config.hidden_act={v.hidden_act!r} is not supported; "
-                             "supported: " + ", ".join(_ACTIVATIONS))
+                             "supported: " + ", ".join(VISION_ACTIVATIONS))
         params = getattr(v, "rope_parameters", None) or {}
         if qwen25:
             hidden, inter, out = v.hidden_size, v.intermediate_size, v.out_hidden_size
@@ -113,20 +114,6 @@ def window_order(c: QwenVisionConfig, grids: list[Grid]) -> tuple[torch.Tensor, 
                     lengths.append(window.numel() * c.merge_size ** 2)
         first += t * bh * bw
     return torch.cat(order), lengths
-
-
-class RMSNorm(nn.Module):
-    """Qwen's RMSNorm (eps 1e-6): normalized in fp32, then cast, then weighted."""
-
-    def __init__(self, size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -187,7 +174,7 @@ class VisionMLP(nn.Module):
     def __init__(self, c: QwenVisionConfig) -> None:
         super().__init__()
         self.gated = c.qwen25
-        self.act = _ACTIVATIONS[c.hidden_act]
+        self.act = VISION_ACTIVATIONS[c.hidden_act]
         if self.gated:
             self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size)
             self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size)
@@ -233,8 +220,10 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.size))
 
 
-class QwenVision(nn.Module):
+class QwenVision(VisionWeights):
     """Patches -> one language-model input embedding per placeholder token."""
+
+    label = "Qwen-VL's vision tower"
 
     def __init__(self, c: QwenVisionConfig) -> None:
         super().__init__()
@@ -245,7 +234,6 @@ class QwenVision(nn.Module):
         head_dim = c.hidden_size // c.num_heads
         quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)
         self.register_buffer("inv_freq", 1.0 / c.rope_theta ** quarter, persistent=False)
-        self._loaded: set[str] = set()
 
     def rope(self, grids: list[Grid]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [patches, 1, head_dim]: rows' frequencies then columns', twice."""
@@ -277,26 +265,6 @@ class QwenVision(nn.Module):
         merged = self.merger(x)
         return merged if order is None else merged[torch.argsort(order)]
 
-    @staticmethod
-    def ours(name: str) -> str:
+    def ours(self, name: str) -> str:
         """A checkpoint tensor's name in this module (`visual.*` or `model.visual.*`)."""
         return name.removeprefix("model.").removeprefix("visual.")
-
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        ours = self.ours(name)
-        params = dict(self.named_parameters())
-        if ours not in params:
-            raise ValueError(f"checkpoint tensor {name}: no such parameter in Qwen-VL's "
-                             "vision tower")
-        if params[ours].shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"the vision tower expects {tuple(params[ours].shape)}")
-        with torch.no_grad():
-            params[ours].copy_(tensor)
-        self._loaded.add(ours)
-
-    def check_loaded(self, path: str) -> None:
-        missing = [n for n, _ in self.named_parameters() if n not in self._loaded]
-        if missing:
-            raise ValueError(f"checkpoint in {path} lacks vision weights: "
-                             + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
