@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, _trained_tokenizer
 from tests.llava_fixtures import data_url, image  # noqa: F401  (re-exported for the tests)
+from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 TOKENS_PER_IMAGE = 16  # 56 x 56 pixels in 8 x 8 patches, average-pooled 2 x 2
@@ -97,52 +98,15 @@ def make_tiny_gemma3(out: Path, seed: int, window: int = 6) -> Path:
     return out
 
 
-def make_gemma3_adapter(base: Path, out: Path, r: int, seed: int,
-                        targets: str = r".*language_model.*\.(q_proj|v_proj|down_proj)",
-                        scale: float = 0.3) -> Path:
-    """A PEFT LoRA adapter on the whole Gemma 3 model (`targets`: a regex over its module
-    names, the language model's by default), A and B random."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(_gemma3(base), LoraConfig(r=r, lora_alpha=2 * r,
-                                                     target_modules=targets,
-                                                     lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(scale * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(str(out))
-    return out
-
-
 def with_adapters(base: Path, seed: int) -> dict[str, Path]:
     """`base` and three adapters of different ranks on language-model modules."""
     lm = r".*language_model.*\."
     return {"base": base,
-            "r8": make_gemma3_adapter(base, base.parent / "r8", r=8, seed=seed),
-            "r4": make_gemma3_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
+            "r8": make_multimodal_adapter(base, base.parent / "r8", r=8, seed=seed),
+            "r4": make_multimodal_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
                                       targets=lm + "(k_proj|o_proj|gate_proj)"),
-            "r2": make_gemma3_adapter(base, base.parent / "r2", r=2, seed=seed + 2,
+            "r2": make_multimodal_adapter(base, base.parent / "r2", r=2, seed=seed + 2,
                                       targets=lm + "(q_proj|up_proj)")}
-
-
-def _gemma3(base: Path) -> torch.nn.Module:
-    from transformers import Gemma3ForConditionalGeneration
-
-    return Gemma3ForConditionalGeneration.from_pretrained(str(base),
-                                                          dtype=torch.float32).eval()
-
-
-@functools.lru_cache(maxsize=8)
-def hf_gemma3(base: str, adapter: str | None) -> torch.nn.Module:
-    """HF's Gemma 3 (+ PEFT) in fp32: the reference."""
-    model = _gemma3(Path(base))
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    return model
 
 
 @functools.lru_cache(maxsize=4)
@@ -167,7 +131,7 @@ def hf_logprobs(base: Path, adapter: Path | None, ids: list[int],
     """[len(ids), vocab] log-softmax of HF's Gemma 3 over `ids` with the images' pixels,
     the image tokens' bidirectional attention from token_type_ids (as generate() has it
     at prefill; the tokens after the prompt are text)."""
-    model = hf_gemma3(str(base), None if adapter is None else str(adapter))
+    model = hf_multimodal(str(base), None if adapter is None else str(adapter))
     soft = processor(str(base)).tokenizer.convert_tokens_to_ids(SOFT)
     ids_t = torch.tensor([ids])
     kw: dict[str, Any] = {"token_type_ids": (ids_t == soft).long()}

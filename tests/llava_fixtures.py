@@ -15,6 +15,7 @@ import torch
 
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
+from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter
 
 IMAGE_TOKEN = "<image>"
 PATCH = 7  # 28 x 28 pixels in 4 x 4 patches: 16 placeholders an image ("default": no CLS)
@@ -72,50 +73,13 @@ def tiny_parts(out: Path) -> tuple[Any, Any, Any]:
     return tok, text, vision
 
 
-def make_llava_adapter(base: Path, out: Path, r: int, seed: int,
-                       targets: str = r".*language_model.*\.(q_proj|v_proj|down_proj)",
-                       scale: float = 0.3) -> Path:
-    """A PEFT LoRA adapter on the whole LLaVA model (`targets`: a regex over its module
-    names, the language model's by default), A and B random."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(_llava(base), LoraConfig(r=r, lora_alpha=2 * r,
-                                                    target_modules=targets,
-                                                    lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(scale * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(str(out))
-    return out
-
-
 def with_adapters(base: Path, seed: int) -> dict[str, Path]:
     """`base` and two adapters beside it on different language-model modules: r8 (q, v,
     down) and r4 (k, o, gate)."""
     return {"base": base,
-            "r8": make_llava_adapter(base, base.parent / "r8", r=8, seed=seed),
-            "r4": make_llava_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
+            "r8": make_multimodal_adapter(base, base.parent / "r8", r=8, seed=seed),
+            "r4": make_multimodal_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
                                      targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)")}
-
-
-def _llava(base: Path) -> torch.nn.Module:
-    """The checkpoint's own class: LLaVA's or LLaVA-NeXT's."""
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32).eval()
-
-
-@functools.lru_cache(maxsize=16)
-def hf_llava(base: str, adapter: str | None) -> torch.nn.Module:
-    """HF's LLaVA or LLaVA-NeXT (+ PEFT) in fp32: the reference."""
-    model = _llava(Path(base))
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    return model
 
 
 @functools.lru_cache(maxsize=4)
@@ -136,7 +100,7 @@ def hf_logprobs(base: Path, adapter: Path | None, ids: list[int],
                 ) -> torch.Tensor:
     """[len(ids), vocab] log-softmax of HF's LLaVA over `ids` with the images' pixels (and
     LLaVA-NeXT's image_sizes)."""
-    model = hf_llava(str(base), None if adapter is None else str(adapter))
+    model = hf_multimodal(str(base), None if adapter is None else str(adapter))
     kw = {"pixel_values": pixel_values} if pixel_values is not None else {}
     if image_sizes is not None:
         kw["image_sizes"] = image_sizes

@@ -17,6 +17,7 @@ import torch
 
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
+from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter
 
 VISION = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -78,44 +79,11 @@ def make_tiny_qwen_vl(out: Path, seed: int, qwen25: bool = True) -> Path:
     return out
 
 
-def make_qwen_adapter(base: Path, out: Path, r: int, seed: int,
-                      targets: str = r".*language_model.*\.(q_proj|v_proj|down_proj)",
-                      scale: float = 0.3) -> Path:
-    """A PEFT LoRA adapter on the whole model (`targets`: a regex over its module names)."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(_model(base), LoraConfig(r=r, lora_alpha=2 * r,
-                                                    target_modules=targets, lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(scale * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(str(out))
-    return out
-
-
 def with_adapters(base: Path, seed: int) -> dict[str, Path]:
     return {"base": base,
-            "r8": make_qwen_adapter(base, base.parent / "r8", r=8, seed=seed),
-            "r4": make_qwen_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
+            "r8": make_multimodal_adapter(base, base.parent / "r8", r=8, seed=seed),
+            "r4": make_multimodal_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
                                     targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)")}
-
-
-def _model(base: Path) -> torch.nn.Module:
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32).eval()
-
-
-@functools.lru_cache(maxsize=16)
-def hf_model(base: str, adapter: str | None) -> torch.nn.Module:
-    model = _model(Path(base))
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    return model
 
 
 @functools.lru_cache(maxsize=4)
@@ -154,7 +122,7 @@ def hf_logprobs(base: Path, adapter: Path | None, inputs: dict[str, torch.Tensor
                 more: list[int]) -> torch.Tensor:
     """[len(ids) + len(more), vocab] log-softmax of HF's model over the prompt's ids and
     `more` tokens after them, in one forward (its own M-RoPE positions)."""
-    model = hf_model(str(base), None if adapter is None else str(adapter))
+    model = hf_multimodal(str(base), None if adapter is None else str(adapter))
     kw = dict(inputs)
     kw["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([more], dtype=torch.long)],
                                 dim=1)

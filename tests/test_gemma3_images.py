@@ -29,16 +29,15 @@ from tests.gemma3_fixtures import (
     TOKENS_PER_IMAGE,
     check,
     data_url,
-    hf_gemma3,
     hf_inputs,
     hf_logprobs,
     image,
-    make_gemma3_adapter,
     make_tiny_gemma3,
     processor,
     request,
     with_adapters,
 )
+from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
@@ -58,7 +57,7 @@ def test_image_features_match_hf(gemma3):
                        [image(1), image(2, (70, 50))])["pixel_values"]
     ours = llm.llm_engine.vision(pixels, [(56, 56)] * 2)
     with torch.no_grad():
-        ref = hf_gemma3(str(gemma3["base"]), None).model.get_image_features(
+        ref = hf_multimodal(str(gemma3["base"]), None).model.get_image_features(
             pixel_values=pixels).pooler_output
     assert ours.shape == (2 * TOKENS_PER_IMAGE, ref.shape[-1])
     torch.testing.assert_close(ours, ref.flatten(0, 1), atol=1e-5, rtol=0)
@@ -244,7 +243,7 @@ def test_pan_and_scan_is_refused(gemma3, tmp_path):
 def test_lora_on_the_vision_tower(gemma3, tmp_path, caplog):
     """LoRA applies to the language model (vLLM's rule): an adapter's LoRA on the tower is
     left out with a warning."""
-    both = make_gemma3_adapter(gemma3["base"], tmp_path / "both", r=4, seed=73,
+    both = make_multimodal_adapter(gemma3["base"], tmp_path / "both", r=4, seed=73,
                                targets=r".*(language_model.*\.q_proj|vision_tower.*fc1)")
     llm = make_llm(gemma3["base"], enable_lora=True, max_lora_rank=8)
     with caplog.at_level("WARNING"):

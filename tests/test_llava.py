@@ -31,12 +31,12 @@ from tests.llava_fixtures import (
     hf_inputs,
     hf_logprobs,
     image,
-    make_llava_adapter,
     make_tiny_llava,
     processor,
     request,
     with_adapters,
 )
+from tests.multimodal_fixtures import make_multimodal_adapter
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
@@ -158,7 +158,7 @@ def test_offline_refusals_fail_only_their_request(llava, tiny_root):
 def test_lora_on_the_vision_tower(llava, tmp_path, caplog):
     """LoRA applies to the language model (vLLM's rule): an adapter's LoRA on the tower
     and projector is left out with a warning, and one with nothing else is refused."""
-    both = make_llava_adapter(llava["base"], tmp_path / "both", r=4, seed=93,
+    both = make_multimodal_adapter(llava["base"], tmp_path / "both", r=4, seed=93,
                               targets=r".*(language_model.*\.q_proj|fc1|linear_1)")
     only = shutil.copytree(both, tmp_path / "only")
     path = str(only / "adapter_model.safetensors")

@@ -25,6 +25,7 @@ from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig
 from loraplex.worker.mrope import mrope_step_positions
 from tests.engine_utils import make_llm
 from tests.llava_fixtures import data_url, image
+from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter
 from tests.qwen2_vl_fixtures import (
     ASK,
     GREEDY,
@@ -32,8 +33,6 @@ from tests.qwen2_vl_fixtures import (
     check,
     hf_inputs,
     hf_logprobs,
-    hf_model,
-    make_qwen_adapter,
     make_tiny_qwen_vl,
     tokenizer,
     with_adapters,
@@ -53,7 +52,7 @@ def qwen25(tiny_root):
 @pytest.fixture(scope="module")
 def qwen2(tiny_root):
     base = make_tiny_qwen_vl(tiny_root / "qwen2vl" / "base", seed=72, qwen25=False)
-    return {"base": base, "r4": make_qwen_adapter(base, base.parent / "r4", r=4, seed=73)}
+    return {"base": base, "r4": make_multimodal_adapter(base, base.parent / "r4", r=4, seed=73)}
 
 
 def request(prompt: str, images: list) -> dict | str:
@@ -62,7 +61,7 @@ def request(prompt: str, images: list) -> dict | str:
 
 def _tower(base) -> tuple[QwenVision, object]:
     """Our tower with the checkpoint's weights, and HF's model."""
-    hf = hf_model(str(base), None)
+    hf = hf_multimodal(str(base), None)
     c = QwenVisionConfig.from_hf(hf.config)
     ours = QwenVision(c).eval()
     for name, p in hf.state_dict().items():
@@ -92,7 +91,7 @@ def test_image_embeddings_match_hf(which, request):
 def test_positions_match_hf_get_rope_index(qwen25):
     """3-D positions and the decode delta, for one image, two (adjacent and apart) and none."""
     base = qwen25["base"]
-    hf = hf_model(str(base), None)
+    hf = hf_multimodal(str(base), None)
     c = QwenVisionConfig.from_hf(hf.config)
     for prompt, ims in ((ASK, [image(1)]), (TWO, [image(1, (52, 40)), image(2, (24, 40))]),
                         (f"A {IMAGE}{IMAGE} B", [image(3), image(4, (40, 24))])):
@@ -110,7 +109,7 @@ def test_step_positions_slice_chunks_and_shift_past_the_prompt(qwen25):
     prompt (a recompute after preemption) index + delta, a text prompt 1-D: HF's
     get_rope_index over the prompt and its generated tokens."""
     base = qwen25["base"]
-    hf = hf_model(str(base), None)
+    hf = hf_multimodal(str(base), None)
     proc = QwenImageProcessor(str(base), QwenVisionConfig.from_hf(hf.config))
     ims = [image(1, (52, 40)), image(2, (24, 40))]
     ids, images = proc(hf_inputs(base, TWO, [])["input_ids"][0].tolist(), ims)
@@ -148,7 +147,7 @@ def test_mrope_with_equal_axes_is_the_1d_rope():
 def test_processor_expands_as_hf(qwen25):
     base = qwen25["base"]
     ims = [image(1, (52, 40)), image(2, (24, 40))]
-    proc = QwenImageProcessor(str(base), QwenVisionConfig.from_hf(hf_model(str(base),
+    proc = QwenImageProcessor(str(base), QwenVisionConfig.from_hf(hf_multimodal(str(base),
                                                                             None).config))
     inp = hf_inputs(base, TWO, ims)
     ids, images = proc(hf_inputs(base, TWO, [])["input_ids"][0].tolist(), ims)
@@ -246,7 +245,7 @@ def test_chat_with_image_parts(qwen25):
 
 
 def test_lora_on_the_vision_tower_left_out(qwen25, tmp_path, caplog):
-    both = make_qwen_adapter(qwen25["base"], tmp_path / "both", r=4, seed=93,
+    both = make_multimodal_adapter(qwen25["base"], tmp_path / "both", r=4, seed=93,
                              targets=r".*(language_model.*\.q_proj|visual.*\.(qkv|fc1|up_proj)"
                                      r"|merger\.mlp\.0)")
     llm = make_llm(qwen25["base"], enable_lora=True, max_lora_rank=8)

@@ -1,0 +1,48 @@
+"""What the image tests (LLaVA, LLaVA-NeXT, Gemma 3, Qwen2-VL) share: HF's own model of a
+multimodal checkpoint (+ PEFT) as the reference, and PEFT adapters on its language
+model."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+LANGUAGE_MODEL = r".*language_model.*\."  # a regex prefix for the language model's modules
+
+
+def load_multimodal(base: Path) -> torch.nn.Module:
+    """The checkpoint's own class (LLaVA's, LLaVA-NeXT's, Gemma 3's, Qwen-VL's), fp32."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32).eval()
+
+
+@functools.lru_cache(maxsize=16)
+def hf_multimodal(base: str, adapter: str | None) -> torch.nn.Module:
+    """HF's model (+ PEFT) in fp32: the reference."""
+    model = load_multimodal(Path(base))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model
+
+
+def make_multimodal_adapter(base: Path, out: Path, r: int, seed: int,
+                            targets: str = LANGUAGE_MODEL + "(q_proj|v_proj|down_proj)",
+                            scale: float = 0.3) -> Path:
+    """A PEFT LoRA adapter on the whole model (`targets`: a regex over its module names,
+    the language model's q / v / down by default), A and B random."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_multimodal(base), LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(out))
+    return out
