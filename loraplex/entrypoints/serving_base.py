@@ -303,6 +303,19 @@ class OpenAIServing:
         for rid in queued.ids:
             await self.engine.abort(rid)
 
+    async def final_output(self, queued: EngineRequests) -> RequestOutput:
+        """A one-prompt request's last output, checked; the request is aborted however
+        this ends (a client that leaves included)."""
+        try:
+            final = None
+            async for out in queued.streams[0]:
+                final = out
+            assert final is not None
+            self.check_output(final)
+            return final
+        finally:
+            await self.abort_all(queued)
+
     @staticmethod
     def check_output(out: RequestOutput) -> None:
         if out.error:

@@ -196,14 +196,7 @@ class OpenAIServingChat(OpenAIServing):
             if chunks:
                 return stream, queued
             return self.sse(_as_sse(stream), queued)
-        try:
-            final = None
-            async for out in queued.streams[0]:
-                final = out
-            assert final is not None
-            self.check_output(final)
-        finally:
-            await self.abort_all(queued)
+        final = await self.final_output(queued)
         choices = []
         for o in final.outputs:
             message, finish = self._reply(req, calling, o.text, o.finish_reason, echo)

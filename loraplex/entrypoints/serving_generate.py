@@ -86,15 +86,7 @@ class ServingGenerate(OpenAIServing):
                                            p.adapter_id, lora)
         if stream:
             return self._sse(self._events(req, prompt[1], params, queued), queued)
-        try:
-            final = None
-            async for out in queued.streams[0]:
-                final = out
-            assert final is not None
-            self.check_output(final)
-            return self._response(req, params, final)
-        finally:
-            await self.abort_all(queued)
+        return self._response(req, params, await self.final_output(queued))
 
     async def _adapter(self, adapter_id: str | None, source: str | None
                        ) -> LoRARequest | None:

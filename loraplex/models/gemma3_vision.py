@@ -32,23 +32,14 @@ from loraplex.layers.norm import GemmaRMSNorm
 from loraplex.models.llava import (
     VISION_ACTIVATIONS,
     CLIPVisionTower,
+    TowerConfig,
     VisionWeights,
     placeholder_runs,
 )
 
 
 @dataclass(frozen=True)
-class Gemma3VisionConfig:
-    hidden_size: int  # the tower's (models/llava.py TowerConfig)
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    image_size: int
-    patch_size: int
-    num_channels: int
-    layer_norm_eps: float
-    hidden_act: str
-    feature_layers: tuple[int, ...]  # the last layer's, always
+class Gemma3VisionConfig(TowerConfig):  # feature_layers: the last layer's, always
     text_hidden_size: int
     tokens_per_image: int  # mm_tokens_per_image
     image_token_id: int  # <image_soft_token>: the rows that take the image's vectors
@@ -69,10 +60,7 @@ class Gemma3VisionConfig:
             raise ValueError(f"mm_tokens_per_image={hf.mm_tokens_per_image} must be a square "
                              f"whose side divides the {side} x {side} patch grid")
         token = getattr(hf, "image_token_id", None)
-        return cls(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
-                   v.num_attention_heads, v.image_size, v.patch_size,
-                   getattr(v, "num_channels", 3), v.layer_norm_eps, v.hidden_act,
-                   (v.num_hidden_layers,), hf.text_config.hidden_size,
+        return cls(*cls.fields_of(v, (v.num_hidden_layers,)), hf.text_config.hidden_size,
                    int(hf.mm_tokens_per_image),
                    int(token if token is not None else hf.image_token_index),
                    int(hf.boi_token_index), int(hf.eoi_token_index))

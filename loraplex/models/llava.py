@@ -24,7 +24,7 @@ Checkpoints name the tower `vision_tower.vision_model.*` (the hub's files, trans
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,10 @@ VISION_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gel
 
 
 @dataclass(frozen=True)
-class LlavaVisionConfig:
+class TowerConfig:
+    """What the ViT reads of a model's vision config: the fields LlavaVisionConfig and
+    Gemma 3's (models/gemma3_vision.py) start with."""
+
     hidden_size: int  # the tower's
     intermediate_size: int
     num_layers: int
@@ -48,6 +51,17 @@ class LlavaVisionConfig:
     layer_norm_eps: float
     hidden_act: str  # the tower's MLP (CLIP: quick_gelu)
     feature_layers: tuple[int, ...]  # hidden states taken (index into [embeddings, layer 1..])
+
+    @staticmethod
+    def fields_of(v: Any, feature_layers: tuple[int, ...]) -> tuple:
+        """These fields' values from an HF vision config, in order."""
+        return (v.hidden_size, v.intermediate_size, v.num_hidden_layers,
+                v.num_attention_heads, v.image_size, v.patch_size,
+                getattr(v, "num_channels", 3), v.layer_norm_eps, v.hidden_act, feature_layers)
+
+
+@dataclass(frozen=True)
+class LlavaVisionConfig(TowerConfig):
     keep_cls: bool  # vision_feature_select_strategy "full"
     text_hidden_size: int
     projector_act: str
@@ -83,10 +97,8 @@ class LlavaVisionConfig:
                 raise ValueError("LLaVA-NeXT is supported with vision_feature_select_strategy "
                                  "'default' and image_grid_pinpoints that are multiples of "
                                  f"the tower's image_size {v.image_size}")
-        return cls(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
-                   v.num_attention_heads, v.image_size, v.patch_size,
-                   getattr(v, "num_channels", 3), v.layer_norm_eps, v.hidden_act,
-                   tuple(i % (v.num_hidden_layers + 1) for i in layers), strategy == "full",
+        return cls(*cls.fields_of(v, tuple(i % (v.num_hidden_layers + 1) for i in layers)),
+                   strategy == "full",
                    hf.text_config.hidden_size, hf.projector_hidden_act,
                    bool(getattr(hf, "multimodal_projector_bias", True)),
                    int(token if token is not None else hf.image_token_index), pinpoints)
@@ -166,22 +178,6 @@ def anyres_layout(c: LlavaVisionConfig, features: torch.Tensor, size: tuple[int,
     grid = grid.reshape(down * side, across * side, -1)[rows, cols]
     grid = torch.cat([grid, newline.to(grid.dtype).expand(grid.shape[0], 1, -1)], dim=1)
     return torch.cat([features[0], grid.flatten(0, 1)])
-
-
-class TowerConfig(Protocol):
-    """What the ViT reads of a model's vision config (LlavaVisionConfig, and Gemma 3's
-    in models/gemma3_vision.py)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    image_size: int
-    patch_size: int
-    num_channels: int
-    layer_norm_eps: float
-    hidden_act: str
-    feature_layers: tuple[int, ...]
 
 
 class CLIPEmbeddings(nn.Module):
