@@ -63,6 +63,7 @@ def test_config_flags(llama4):
         "LlamaMLP", "Llama4MoE", "LlamaMLP", "Llama4MoE"]
     assert layers[3].self_attn.temperature is not None and layers[3].self_attn.rotary is None
     assert all(layer.self_attn.l2_qk_eps is not None for layer in layers[:3])
+    assert model.args.host_routed  # its experts grouped on the host: no decode graphs
 
 
 @pytest.mark.parametrize("budget", [None, 6])

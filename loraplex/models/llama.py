@@ -129,6 +129,12 @@ class LlamaArgs:
     # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
     ungated_mlp: tuple[str, str] | None = None
 
+    @property
+    def host_routed(self) -> bool:
+        """A mixture of experts, whose tokens are grouped by expert on the host (no decode
+        CUDA graphs): SparseMoE's, or Llama 4's."""
+        return self.num_experts > 0 or bool(self.llama4 and self.llama4.moe_layers)
+
     def norm(self, shape: int | tuple[int, int]) -> nn.Module:
         """A norm of the model's kind over `shape` (a tuple: one weight per head, Cohere)."""
         if self.norm_type == "rms":
@@ -197,7 +203,7 @@ class LlamaAttention(nn.Module):
         if self.l2_qk_eps is not None:
             q, k = l2_norm(q, self.l2_qk_eps), l2_norm(k, self.l2_qk_eps)
         if self.temperature is not None:
-            q = (q * self.temperature.temperature(positions)[:, None, None]).to(q.dtype)
+            q = (q * self.temperature.query_scale(positions)[:, None, None]).to(q.dtype)
         return self.o_proj(self.attn(q, k, v, self.sinks))
 
 

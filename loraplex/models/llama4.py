@@ -8,7 +8,7 @@ are served on text by models/text_only.py).
   with use_qk_norm, RMS-normalized per head without a weight (`l2_norm`).
 - NoPE layers (no_rope_layers[i] == 0) attend globally without positions; with
   attn_temperature_tuning their queries are scaled by
-  log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1 (`temperature`), so attention
+  log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1 (`query_scale`), so attention
   stays sharp far into a long context.
 - The feed-forward sublayer is `feed_forward`: in moe_layers a mixture (`Llama4MoE`),
   elsewhere a dense SwiGLU MLP of intermediate_size_mlp. The router picks the top-k
@@ -43,7 +43,7 @@ class Llama4Args:
     floor_scale: float
     attn_scale: float
 
-    def temperature(self, positions: torch.Tensor) -> torch.Tensor:
+    def query_scale(self, positions: torch.Tensor) -> torch.Tensor:
         """The NoPE layers' query scale at each position [T] (fp32), as HF computes it."""
         floor = torch.floor((positions.float() + 1.0) / self.floor_scale)
         return torch.log1p(floor) * self.attn_scale + 1.0
