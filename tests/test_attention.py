@@ -626,6 +626,18 @@ def test_gpu_sliding_window(dtype):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_chunked_attention(dtype):
+    """Llama 4 Scout's shapes (40 query heads over 8 KV heads of 128 dims), chunks of 2048
+    (its 8192 scaled to test lengths) and of 100 (not a multiple of the tiles)."""
+    for chunk in (2048, 100):
+        check_decode([1, 2048, 2049, 3000, 6000], h=40, kvh=8, d=128, block_size=16,
+                     dtype=dtype, splits=4, device=torch.device("cuda"), chunk=chunk)
+        check_prefill([300, 700, 5], [5000, 0, 2047], h=40, kvh=8, d=128, dtype=dtype,
+                      device=torch.device("cuda"), chunk=chunk)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_attention_sinks(dtype):
     """gpt-oss-120b's shapes (64 query heads over 8 KV heads of 64 dims), its window of 128
     on alternate layers, bf16 sink logits."""

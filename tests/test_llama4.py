@@ -17,6 +17,7 @@ import pytest
 
 import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
 from loraplex import LoRARequest, SamplingParams
+from loraplex.lora.errors import LoRAError
 from loraplex.models.registry import build_model
 from loraplex.models.text_only import text_only_config
 from tests import fixtures
@@ -103,6 +104,19 @@ def test_triton_attention(monkeypatch, budget, llama4, prompts):
                    block_size=8, max_num_batched_tokens=budget)
     assert llm.llm_engine.model_runner.attn_backend == "triton"
     check_mixed_batch(llm, llama4["base"], _adapters(llama4), prompts, extra=1)
+
+
+def test_router_lora_refused(llama4, tmp_path, prompts):
+    """all-linear puts a LoRA on the router too, which PEFT itself cannot run (HF's router
+    returns a tuple): such an adapter is refused, the engine serves on."""
+    adapter = make_peft_adapter(llama4["base"], tmp_path / "router", r=4, seed=43,
+                                target_modules="all-linear")
+    llm = make_llm(llama4["base"], enable_lora=True, max_lora_rank=8)
+    with pytest.raises(LoRAError, match="target module 'router' not found"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False,
+                     lora_request=LoRARequest("router", 1, str(adapter)))
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == LONG.max_tokens
 
 
 # ---- Llama4ForConditionalGeneration (Scout, Maverick) on text -------------------------
