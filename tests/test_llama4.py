@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
 from loraplex import LoRARequest, SamplingParams
@@ -180,3 +181,52 @@ def test_multimodal_images_refused(llama4mm, prompts):
     assert len(out[0].outputs[0].token_ids) == LONG.max_tokens
 
 
+
+
+# ---- bitsandbytes 4-bit, quantized as it loads ----------------------------------------
+
+def _dequantized_experts(ref_dir: Path) -> None:
+    """The reference's fused experts through bitsandbytes' NF4 (blocks of 64 inputs), one
+    [out, in] matrix per expert and projection, as the engine quantizes them."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    from safetensors.torch import load_file, save_file
+
+    def nf4(w):  # [out, in]
+        q, qs = quantize_4bit(w.contiguous().float(), blocksize=64, quant_type="nf4")
+        return dequantize_4bit(q, qs).to(w.dtype)
+
+    path = str(ref_dir / "model.safetensors")
+    state = load_file(path)
+    for key, w in state.items():
+        if key.endswith("experts.gate_up_proj"):  # [E, H, 2I]: gate's columns, then up's
+            i = w.shape[2] // 2
+            state[key] = torch.stack([torch.cat([nf4(x[:, :i].T).T, nf4(x[:, i:].T).T], 1)
+                                      for x in w])
+        elif key.endswith("experts.down_proj"):  # [E, I, H]
+            state[key] = torch.stack([nf4(x.T).T for x in w])
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_bitsandbytes_in_flight_matches_dequantized(tiny_root, prompts):
+    """quantization="bitsandbytes" on a plain Llama 4 checkpoint: every linear and each
+    expert NF4 as it loads (the router plain), with adapters on the experts too, against
+    HF + PEFT on bitsandbytes' dequantized weights."""
+    pytest.importorskip("bitsandbytes")
+    from tests.quantized_fixtures import write_bnb4
+
+    root = tiny_root / "llama4_bnb"
+    base = make_llama4(root / "base", seed=60, intermediate_size=64,
+                       intermediate_size_mlp=128)  # bitsandbytes' blocks are 64 inputs
+    adapters = {
+        "r8_all": make_peft_adapter(base, root / "r8_all", r=8, seed=61,
+                                    target_modules=LINEARS, target_parameters=EXPERTS),
+        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=62,
+                                   target_modules=["q_proj", "v_proj"]),
+    }
+    quant, ref = write_bnb4(base, root, "nf4", prequantized=False)
+    _dequantized_experts(ref)
+    llm = make_llm(quant, quantization="bitsandbytes", enable_lora=True, max_loras=1,
+                   max_lora_rank=8, max_num_batched_tokens=6)
+    moe = llm.llm_engine.model.model.layers[1].feed_forward
+    assert moe.experts.base_layer.w13.dtype == torch.uint8  # the experts stay packed
+    check_mixed_batch(llm, ref, adapters, prompts, extra=2)

@@ -180,6 +180,15 @@ class FusedExperts(nn.Module):
         if tuple(tensor.shape) != shape:
             raise ValueError(f"experts {name} has shape {tuple(tensor.shape)}, the model "
                              f"expects {shape}")
+        if self.scale_inputs:  # Llama 4's: per expert through load_expert, which a
+            # quantized subclass quantizes (bitsandbytes in flight)
+            leaves = (("gate_proj", slice(0, i)), ("up_proj", slice(i, 2 * i))) \
+                if name == "gate_up_proj" else (("down_proj", slice(None)),)
+            for expert in range(e):
+                for leaf, cols in leaves:
+                    param = self.load_expert(expert, leaf,
+                                             tensor[expert, :, cols].T.contiguous())
+            return param
         if name.startswith("gate_up") and self.interleaved:  # columns: gate's, then up's
             tensor = torch.cat([tensor[..., 0::2], tensor[..., 1::2]], dim=-1)
         if tensor.dim() == 3:  # [E, in, out] -> [E, out, in]

@@ -252,7 +252,7 @@ def _llama4_ffn(a: LlamaArgs, prefix: str, index: int) -> nn.Module:
     if index not in l4.moe_layers:
         return LlamaMLP(a, name, l4.intermediate_size_mlp)
     return Llama4MoE(a.hidden_size, a.intermediate_size, l4.num_experts,
-                     a.num_experts_per_tok, LlamaMLP(a, f"{name}.shared_expert"))
+                     a.num_experts_per_tok, LlamaMLP(a, f"{name}.shared_expert"), a.quant)
 
 
 class LlamaDecoderLayer(nn.Module):

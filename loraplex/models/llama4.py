@@ -29,6 +29,8 @@ from torch import nn
 
 from loraplex.layers.experts import FusedExperts
 from loraplex.layers.moe import GateLinear
+from loraplex.layers.quantization import QuantConfig
+from loraplex.layers.quantized_experts import BnB4bitFusedExperts
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,22 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 class Llama4MoE(nn.Module):
     """Top-k routing by logit, sigmoid(logit) weighting the chosen experts' input, and
-    a shared expert (`shared`: the model's gated MLP)."""
+    a shared expert (`shared`: the model's gated MLP). `quant`: bitsandbytes 4-bit, the
+    experts NF4-quantized as they load (the router stays plain)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
-                 top_k: int, shared: nn.Module) -> None:
+                 top_k: int, shared: nn.Module, quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.top_k = top_k
         self.router = GateLinear(hidden_size, num_experts)
-        self.experts = FusedExperts(hidden_size, intermediate_size, num_experts, llama4=True)
+        if quant is None:
+            self.experts = FusedExperts(hidden_size, intermediate_size, num_experts,
+                                        llama4=True)
+        else:  # Llama 4's layout and routing on the 4-bit experts
+            self.experts = BnB4bitFusedExperts(hidden_size, intermediate_size, num_experts,
+                                               quant)
+            self.experts.fused_transposed = self.experts.scale_inputs = True
+            self.experts.peft_swapped = True
         self.shared_expert = shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

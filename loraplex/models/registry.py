@@ -345,9 +345,11 @@ def _llama4(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     temperature tuning, experts and dense layers."""
     if name != "Llama4ForCausalLM":
         return {}
-    if quant is not None:
-        raise ValueError(f"{quant.method}-quantized Llama 4 models are not supported yet "
-                         "(its fused experts load unquantized only)")
+    if quant is not None and not (quant.method == "bitsandbytes" and quant.bits == 4
+                                  and not quant.prequantized):
+        raise ValueError(f"{quant.method}-quantized Llama 4 checkpoints are not supported "
+                         "yet: its fused experts load unquantized, or NF4-quantized as they "
+                         "load (quantization='bitsandbytes' on the original checkpoint)")
     return llama4_flags(hf)
 
 
