@@ -50,12 +50,14 @@ DEV = torch.device("cpu")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # ||out-ref||/||ref||
 
 
-def reference(q, k, v, scale, q_offset=0, softcap=0.0, window=0, sinks=None, limit=None):
+def reference(q, k, v, scale, q_offset=0, softcap=0.0, window=0, sinks=None, limit=None,
+              chunk=0):
     """q [M, H, D] at positions q_offset.., k/v [N, KVH, D] at 0..N-1: causal (or each
     query sees keys up to limit [M], Gemma 3's image tokens their whole image), float64;
     softcap > 0: scores capped as softcap * tanh(score / softcap) (Gemma 2); window > 0:
     a query at p sees keys at p - window < k <= p; sinks [H]: one more key per head with
-    that score and no value (gpt-oss)."""
+    that score and no value (gpt-oss); chunk > 0: a query at p sees keys of its own chunk,
+    k // chunk == p // chunk (Llama 4)."""
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, 1)
     v = v.double().repeat_interleave(group, 1)
@@ -67,6 +69,8 @@ def reference(q, k, v, scale, q_offset=0, softcap=0.0, window=0, sinks=None, lim
     visible = key_pos <= (q_pos if limit is None else limit.to(q.device)[:, None])
     if window:
         visible &= key_pos > q_pos - window
+    if chunk:
+        visible &= key_pos // chunk == q_pos // chunk
     s = s.masked_fill(~visible, float("-inf"))
     if sinks is not None:
         s = torch.cat([s, sinks.double()[:, None, None].expand(-1, s.shape[1], 1)], dim=-1)
@@ -104,21 +108,21 @@ def rel_err(out, ref):
 
 
 def check_decode(lens, h, kvh, d, block_size, dtype, splits, device=DEV, seed=0, softcap=0.0,
-                 window=0, sinks=None):
+                 window=0, sinks=None, chunk=0):
     gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, table = paged_cache(lens, kvh, d, block_size, dtype, device, gen)
     q = torch.randn(len(lens), h, d, generator=gen).to(dtype).to(device)
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
     ta.paged_decode_attention(q, k_cache, v_cache, table, torch.tensor(
         lens, dtype=torch.int32, device=device), d ** -0.5, num_splits=splits, out=out,
-        softcap=softcap, window=window, sinks=sinks)
+        softcap=softcap, window=window, sinks=sinks, chunk=chunk)
     for b, n in enumerate(lens):
         if n == 0:  # a padded row of a CUDA-graph batch
             assert out[b].eq(0).all()
             continue
         k, v = cached_kv(k_cache, v_cache, table[b], n)
         ref = reference(q[b:b + 1], k, v, d ** -0.5, q_offset=n - 1, softcap=softcap,
-                        window=window, sinks=sinks)
+                        window=window, sinks=sinks, chunk=chunk)
         assert rel_err(out[b:b + 1], ref) < TOL[dtype], (b, n)
 
 
@@ -150,7 +154,7 @@ def test_decode_odd_block_size():
 
 
 def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV, seed=0,
-                  softcap=0.0, window=0, sinks=None, images=None):
+                  softcap=0.0, window=0, sinks=None, images=None, chunk=0):
     """images: each sequence's image spans (first position, count), whose tokens see their
     whole image (Gemma 3), through the kernel's key_limit."""
     gen = torch.Generator().manual_seed(seed)
@@ -172,7 +176,7 @@ def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV,
 
         limits = torch.tensor(image_key_limits(images, ctx_lens, q_lens), dtype=torch.int32)
     ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, **cache, out=out, softcap=softcap,
-                         window=window, sinks=sinks,
+                         window=window, sinks=sinks, chunk=chunk,
                          key_limit=None if limits is None else limits.to(device))
     for b, (n, c) in enumerate(zip(q_lens, ctx_lens)):
         s = int(cu[b])
@@ -181,7 +185,7 @@ def check_prefill(q_lens, ctx_lens, h, kvh, d, dtype, block_size=16, device=DEV,
             kc, vc = cached_kv(cache["k_cache"], cache["v_cache"], cache["block_tables"][b], c)
             ks, vs = torch.cat([kc, ks]), torch.cat([vc, vs])
         ref = reference(q[s:s + n], ks, vs, d ** -0.5, q_offset=c, softcap=softcap,
-                        window=window, sinks=sinks,
+                        window=window, sinks=sinks, chunk=chunk,
                         limit=None if limits is None else c + limits[s:s + n])
         assert rel_err(out[s:s + n], ref) < TOL[dtype], (b, n, c)
 
@@ -223,6 +227,19 @@ def test_sliding_window(window):
                  splits=3, window=window)
     check_prefill([4, 33, 70], [21, 0, 9], h=4, kvh=2, d=32, dtype=torch.float32,
                   block_size=8, window=window)
+
+
+@interpreted
+@pytest.mark.parametrize("chunk,window", [(1, 0), (4, 0), (24, 0), (16, 6)])
+def test_chunked_attention(chunk, window):
+    """Llama 4's chunked local attention (a query sees its own chunk's keys only): decode
+    over splits at contexts ending at, past and just before a chunk boundary; prefill with
+    cached context (chunks starting in the cache, in the step, across a query tile) and
+    with a window inside the chunk too."""
+    check_decode([1, 4, 5, 24, 25, 37, 100], h=4, kvh=2, d=32, block_size=8,
+                 dtype=torch.float32, splits=3, chunk=chunk, window=window)
+    check_prefill([4, 33, 70, 1], [21, 0, 9, 24], h=4, kvh=2, d=32, dtype=torch.float32,
+                  block_size=8, chunk=chunk, window=window)
 
 
 @interpreted
@@ -605,6 +622,18 @@ def test_gpu_sliding_window(dtype):
                      splits=4, device=torch.device("cuda"), window=window)
         check_prefill([300, 700], [5000, 0], h=32, kvh=8, d=128, dtype=dtype,
                       device=torch.device("cuda"), window=window)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_chunked_attention(dtype):
+    """Llama 4 Scout's shapes (40 query heads over 8 KV heads of 128 dims), chunks of 2048
+    (its 8192 scaled to test lengths) and of 100 (not a multiple of the tiles)."""
+    for chunk in (2048, 100):
+        check_decode([1, 2048, 2049, 3000, 6000], h=40, kvh=8, d=128, block_size=16,
+                     dtype=dtype, splits=4, device=torch.device("cuda"), chunk=chunk)
+        check_prefill([300, 700, 5], [5000, 0, 2047], h=40, kvh=8, d=128, dtype=dtype,
+                      device=torch.device("cuda"), chunk=chunk)
 
 
 @gpu

@@ -19,6 +19,10 @@ more key with no value, so a head can attend to "nothing":
 softmax([scale q k^T, sink])[:-1] v. The torch path writes that softmax out (as it does
 for a softcap); the kernels start each row's online softmax with the sink.
 
+Chunked local attention (Llama 4's rope layers, `chunk` C): a query at position p sees
+only the keys of its own chunk, p - p % C <= k <= p. Like a sliding window it is a lower
+bound on the key position (_first_key), in the torch masks and the kernels alike.
+
 FP8 KV cache (kv_cache_dtype fp8, as vLLM): the cache holds K / k_scale and V / v_scale
 saturated to the FP8 range and rounded (quantize_kv); reads multiply back (in fp32, then
 the model's dtype). The scales are per layer: the checkpoint's k_scale / v_scale (or one
@@ -83,7 +87,7 @@ def decode_splits(batch: int, num_kv_heads: int, max_context_len: int,
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 softcap: float = 0.0, window: int = 0) -> None:
+                 softcap: float = 0.0, window: int = 0, chunk: int = 0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -91,6 +95,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.softcap = softcap  # > 0: scores are softcap * tanh(score / softcap) (Gemma 2)
         self.window = window  # > 0: a query at p sees keys at p - window < k <= p only
+        self.chunk = chunk  # > 0: a query at p sees keys at p - p % chunk <= k <= p only
         # set by the model runner once the cache is allocated: [num_blocks, block_size, KVH, D]
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -161,11 +166,12 @@ class Attention(nn.Module):
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
                   if with_ctx else ()), softcap=self.softcap, window=self.window,
                 sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale,
-                key_limit=ctx.key_limit)
+                key_limit=ctx.key_limit, chunk=self.chunk)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                          ctx.context_lens, self.scale, ctx.decode_splits,
                                          softcap=self.softcap, window=self.window, sinks=sinks,
-                                         k_scale=self.k_scale, v_scale=self.v_scale)
+                                         k_scale=self.k_scale, v_scale=self.v_scale,
+                                         chunk=self.chunk)
 
     def _prefill(self, q, k, v, ctx: StepContext, sinks: torch.Tensor | None) -> torch.Tensor:
         b, length = ctx.padded_index.shape
@@ -179,9 +185,10 @@ class Attention(nn.Module):
         else:  # earlier chunks are in the cache: the whole [B, width] of each sequence
             keys, values = (x.transpose(1, 2) for x in
                             self._gathered_kv(ctx, ctx.block_tables, q.dtype))
+        local = self.window or self.chunk
         out = self._sdpa(padded(q), keys, values,
-                         _window_mask(ctx, self.window) if self.window else ctx.prefill_mask,
-                         sinks)
+                         _window_mask(ctx, self.window, self.chunk) if local
+                         else ctx.prefill_mask, sinks)
         out = out.transpose(1, 2).reshape(b * length, self.num_heads, self.head_dim)
         return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
 
@@ -192,7 +199,8 @@ class Attention(nn.Module):
             keys, values = self._gathered_kv(ctx, ctx.block_tables, q.dtype)
             groups = ctx.decode_groups or [(0, q.shape[0], ctx.max_context_len)]
             parts = [(a, b, keys[a:b, :w], values[a:b, :w]) for a, b, w in groups]
-        mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts), self.window)
+        mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts), self.window,
+                            self.chunk)
         out = torch.cat([self._sdpa(  # [rows, H, 1, D] per group
             q[a:b].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
             mask[a:b, ..., :keys.shape[1]], sinks) for a, b, keys, values in parts])
@@ -395,29 +403,45 @@ def decode_groups(lens: list[int]) -> list[tuple[int, int, int]] | None:
     return groups if len(groups) > 1 else None
 
 
-def _decode_mask(ctx: StepContext, width: int, window: int = 0) -> torch.Tensor:
-    """[B, 1, 1, width] bool: key position < context length (and, with a window, >= the
-    context length - window); built once per step and window."""
-    name = f"decode_mask_{window}"
+def _first_key(q_pos: torch.Tensor, window: int, chunk: int) -> torch.Tensor:
+    """The first key position a query at q_pos sees: q_pos - window + 1 with a sliding
+    window, the start of its chunk (q_pos - q_pos % chunk) with chunked attention, the
+    later of both with both; 0 with neither."""
+    first = torch.zeros_like(q_pos)
+    if window:
+        first = torch.maximum(first, q_pos - window + 1)
+    if chunk:
+        first = torch.maximum(first, q_pos - q_pos % chunk)
+    return first
+
+
+def _decode_mask(ctx: StepContext, width: int, window: int = 0, chunk: int = 0
+                 ) -> torch.Tensor:
+    """[B, 1, 1, width] bool: key position < context length (and, with a window or
+    chunks, >= the new token's first key, _first_key); built once per step, window and
+    chunk."""
+    name = f"decode_mask_{window}_{chunk}"
     mask = ctx.scratch.get(name)
     if mask is None or mask.shape[-1] != width:
         keys = torch.arange(width, device=ctx.context_lens.device)[None, :]
         lens = ctx.context_lens[:, None]
         visible = keys < lens
-        if window:
-            visible &= keys >= lens - window
+        if window or chunk:  # the new token sits at position len - 1
+            visible &= keys >= _first_key(lens.long() - 1, window, chunk)
         mask = ctx.scratch[name] = visible[:, None, None]
     return mask
 
 
-def _window_mask(ctx: StepContext, window: int) -> torch.Tensor:
-    """The prefill's mask (causal & valid) with keys older than `window` positions before
-    each query removed; built once per step and window."""
-    name = f"prefill_window_{window}"
+def _window_mask(ctx: StepContext, window: int, chunk: int = 0) -> torch.Tensor:
+    """The prefill's mask (causal & valid) with the keys before each query's first
+    (_first_key: older than `window` positions, or in an earlier chunk) removed; built
+    once per step, window and chunk."""
+    name = f"prefill_window_{window}_{chunk}"
     mask = ctx.scratch.get(name)
     if mask is None:
         q_pos, k_pos = ctx.prefill_positions  # [B or 1, L], [width]
-        near = (k_pos[None, None, :] > q_pos[:, :, None] - window).unsqueeze(1)
+        near = (k_pos[None, None, :] >= _first_key(q_pos, window, chunk)[:, :, None]
+                ).unsqueeze(1)
         base = ctx.prefill_mask
         if base is None:  # causal over equal-length rows starting at 0
             base = (k_pos[None, :] <= q_pos[0][:, None])[None, None]

@@ -6,6 +6,8 @@ FusedExperts (transformers 5's `experts` module, with gate_up_proj and down_proj
 gpt-oss's experts have biases and a clamped SwiGLU, and its checkpoints store them fused
 and transposed: gate_up_proj [E, H, 2I] with gate and up interleaved (columns 0::2,
 1::2), down_proj [E, I, H], the biases beside them (FusedExperts.load_fused).
+Llama 4's (`llama4`) are stored fused and transposed too, gate's columns then up's; its
+router weight multiplies each token's input to the expert instead of the output.
 
 The (token, expert) pairs are sorted by expert on the device and the group sizes read
 once per layer (one host sync), then one matmul pair runs per expert that has tokens; so
@@ -87,9 +89,11 @@ Shapes = tuple[tuple[int, ...], tuple[int, ...]]
 class FusedExperts(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  dtype: torch.dtype | None = None, gpt_oss: ClampedSwiGLU | None = None,
-                 packing: int = 1, shapes: Shapes | None = None) -> None:
+                 packing: int = 1, shapes: Shapes | None = None, llama4: bool = False
+                 ) -> None:
         """`dtype`: a quantized subclass's storage; `packing`: its inputs per element;
-        `shapes`: w13's and w2's where its layout is not [E, out, in / packing]."""
+        `shapes`: w13's and w2's where its layout is not [E, out, in / packing];
+        `llama4`: Llama 4's experts (weights on the inputs, its checkpoints' layout)."""
         super().__init__()
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts = num_experts
@@ -101,6 +105,11 @@ class FusedExperts(nn.Module):
         # gpt-oss: biases b13 (gate's then up's) [E, 2I] and b2 [E, H]; its checkpoints'
         # and adapters' gate_up columns interleave gate and up
         self.interleaved = gpt_oss is not None
+        # the checkpoint's gate_up_proj [E, H, 2I] and down_proj [E, I, H] (load_fused)
+        self.fused_transposed = gpt_oss is not None or llama4
+        # Llama 4: expert_e(w * x) rather than w * expert_e(x); its PEFT target_parameters
+        # LoRA takes the parameters for [E, out, in] (lora/expert_weights.py `swapped`)
+        self.scale_inputs = self.peft_swapped = llama4
         self.b13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) \
             if gpt_oss else None
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if gpt_oss else None
@@ -121,6 +130,8 @@ class FusedExperts(nn.Module):
         for g in groups:
             e, sel = g.expert, rows[g.start:g.end]
             xe = x[sel]
+            if self.scale_inputs:
+                xe = xe * pair_weights[g.start:g.end]
             h = self.project(e, "w13", xe)  # [n, 2I]: W1 x, W3 x
             if self.b13 is not None:
                 h += self.b13[e]
@@ -132,7 +143,7 @@ class FusedExperts(nn.Module):
                 y += self.b2[e]
             if lora is not None:
                 lora.add_down(y, a, g)  # += B2 A2 a
-            out.index_add_(0, sel, y * pair_weights[g.start:g.end])
+            out.index_add_(0, sel, y if self.scale_inputs else y * pair_weights[g.start:g.end])
         return out
 
     def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
@@ -157,17 +168,28 @@ class FusedExperts(nn.Module):
 
     def load_fused(self, name: str, tensor: torch.Tensor) -> str:
         """gpt-oss's fused experts: gate_up_proj [E, H, 2I] (gate, up interleaved),
-        down_proj [E, I, H] and their biases; returns the parameter it went into."""
+        down_proj [E, I, H] and their biases; Llama 4's (gate's columns, then up's; no
+        biases); returns the parameter it went into."""
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
         shapes = {"gate_up_proj": ("w13", (e, h, 2 * i)), "down_proj": ("w2", (e, i, h)),
                   "gate_up_proj_bias": ("b13", (e, 2 * i)), "down_proj_bias": ("b2", (e, h))}
-        if not self.interleaved or name not in shapes:
+        if not self.fused_transposed or name not in shapes \
+                or (name.endswith("_bias") and self.b13 is None):
             raise ValueError(f"unexpected experts tensor {name!r} in the checkpoint")
         param, shape = shapes[name]
         if tuple(tensor.shape) != shape:
             raise ValueError(f"experts {name} has shape {tuple(tensor.shape)}, the model "
                              f"expects {shape}")
-        if name.startswith("gate_up"):  # columns: gate's, then up's
+        if self.scale_inputs:  # Llama 4's: per expert through load_expert, which a
+            # quantized subclass quantizes (bitsandbytes in flight)
+            leaves = (("gate_proj", slice(0, i)), ("up_proj", slice(i, 2 * i))) \
+                if name == "gate_up_proj" else (("down_proj", slice(None)),)
+            for expert in range(e):
+                for leaf, cols in leaves:
+                    param = self.load_expert(expert, leaf,
+                                             tensor[expert, :, cols].T.contiguous())
+            return param
+        if name.startswith("gate_up") and self.interleaved:  # columns: gate's, then up's
             tensor = torch.cat([tensor[..., 0::2], tensor[..., 1::2]], dim=-1)
         if tensor.dim() == 3:  # [E, in, out] -> [E, out, in]
             tensor = tensor.transpose(1, 2)

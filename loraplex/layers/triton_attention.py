@@ -21,6 +21,9 @@ gathered into contiguous tensors.
   of sequence b sits at absolute position context_lens[b] + i: it sees the whole cached
   context (read through the block table) and the step's own K/V up to itself (Gemma 3's
   image tokens: up to the last token of their image, `key_limit`).
+A sliding window (WINDOW) and chunked local attention (CHUNK, Llama 4: a query at p sees
+keys from p - p % CHUNK) are lower bounds on the key position: the loops start at the
+first key any query of the tile sees, and a per-key mask does the rest.
 Softmax runs in fp32 (base-2 exponentials, scale folded in); P is cast to the V dtype
 for the second dot, as flash attention does. Attention sinks (gpt-oss: a logit per head
 that joins the softmax with no value) enter each row's sum once at the end, or once in
@@ -141,10 +144,12 @@ def _add_sink(m_i, l_i, acc, sink_logit):
 def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_ptr, start,
                   end, stride_cb, stride_ct, k_scale, v_scale, HEAD_DIM: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  F32: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr):
+                  F32: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
+                  CHUNK: tl.constexpr):
     """Online softmax of q over cached positions [start, end) of one sequence and one KV
     head (kc_ptr/vc_ptr already offset to it), BLOCK_N rows at a time through the table.
-    WINDOW > 0: query row m (at position q_pos[m]) sees only positions > q_pos[m] - WINDOW.
+    WINDOW > 0: query row m (at position q_pos[m]) sees only positions > q_pos[m] - WINDOW;
+    CHUNK > 0: only positions >= q_pos[m] - q_pos[m] % CHUNK.
     An FP8 cache's tiles are dequantized (x scale in fp32, then q's dtype) as they load."""
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
@@ -162,6 +167,8 @@ def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_p
         valid = n_ok[None, :]
         if WINDOW > 0:
             valid = valid & (pos[None, :] > q_pos[:, None] - WINDOW)
+        if CHUNK > 0:
+            valid = valid & (pos[None, :] >= q_pos[:, None] - q_pos[:, None] % CHUNK)
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP)
     return m_i, l_i, acc
 
@@ -174,15 +181,18 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, out_pt
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
-                   WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr):
+                   WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, CHUNK: tl.constexpr):
     """num_splits is a runtime value, not specialized on: it follows the batch size and the
     longest context, and each new value would otherwise compile another kernel mid-serving.
-    WINDOW > 0: only the last WINDOW cached positions (the new token's own included)."""
+    WINDOW > 0: only the last WINDOW cached positions (the new token's own included);
+    CHUNK > 0: only those of the new token's chunk."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(lens_ptr + b)
     lo = tl.maximum(ctx_len - WINDOW, 0) if WINDOW > 0 else 0
+    if CHUNK > 0:  # the new token at ctx_len - 1 sees its chunk's keys only
+        lo = tl.maximum(lo, ctx_len - 1 - (ctx_len - 1) % CHUNK)
     per_split = (ctx_len - lo + num_splits - 1) // num_splits  # rounded up to whole tiles:
     per_split = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     start = lo + split * per_split
@@ -201,7 +211,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, out_pt
     m_i, l_i, acc = _attend_paged(  # [lo, ctx_len) is the window: no per-key mask
         q, g, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
         table_ptr + b.to(tl.int64) * stride_tb, start, end, stride_cb, stride_ct, k_scale,
-        v_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0)
+        v_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0, 0)
     if HAS_SINKS and not SPLIT:  # split: the merge adds the sink once
         l_i, acc = _add_sink(m_i, l_i, acc, tl.load(sinks_ptr + heads, mask=g_ok, other=0.0))
 
@@ -270,11 +280,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_splits: int = 1, out: torch.Tensor | None = None,
                            softcap: float = 0.0, window: int = 0,
                            sinks: torch.Tensor | None = None, k_scale: float = 1.0,
-                           v_scale: float = 1.0) -> torch.Tensor:
+                           v_scale: float = 1.0, chunk: int = 0) -> torch.Tensor:
     """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first context_lens[b] cached
     tokens of sequence b (KV head h // (H // KVH)); context_lens[b] == 0 gives zeros.
     softcap > 0: the scores are softcap * tanh(score / softcap) (Gemma 2). window > 0: only
-    the last `window` cached tokens (sliding-window attention). sinks [H]: each head's
+    the last `window` cached tokens (sliding-window attention); chunk > 0: only those of
+    the new token's chunk of `chunk` positions (Llama 4). sinks [H]: each head's
     sink logit joins its softmax (gpt-oss). An FP8 cache holds K / k_scale, V / v_scale.
 
     q: [B, H, D] (last dim contiguous); k_cache/v_cache: [num_blocks, block_size, KVH, D];
@@ -303,7 +314,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         F32=fp32_dot(q.dtype, _INTERPRETED), SOFTCAP=float(softcap), WINDOW=int(window),
-        HAS_SINKS=has_sinks, num_warps=4)
+        HAS_SINKS=has_sinks, CHUNK=int(chunk), num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
             part, lse, sinks, out, part.stride(0), part.stride(1), part.stride(2),
@@ -321,7 +332,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     HAS_CONTEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
-                    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+                    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                    CHUNK: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -342,14 +354,18 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
     ctx_len = tl.load(ctx_lens_ptr + b) if HAS_CONTEXT else 0
     ctx_end = tl.where(tile * BLOCK_M < q_len, ctx_len, 0)  # tiles past the end do nothing
     ctx_lo = tl.maximum(ctx_len + tile * BLOCK_M - WINDOW + 1, 0) if WINDOW > 0 else 0
+    first_q = ctx_len + tile * BLOCK_M  # the tile's first query's position
+    if CHUNK > 0:  # no query of the tile sees a key before the first query's chunk
+        ctx_lo = tl.maximum(ctx_lo, first_q - first_q % CHUNK)
     m_i, l_i, acc = _attend_paged(
         q, ctx_len + i, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch,
         vc_ptr + kvh * stride_ch, table_ptr + b.to(tl.int64) * stride_tb,
         tl.minimum(ctx_lo, ctx_end), ctx_end, stride_cb, stride_ct, k_scale, v_scale,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW)
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW, CHUNK)
     # 2) the step's own K/V, causal: key j is visible to query i when j <= i, or with
     # HAS_LIMIT j <= limit[i] (Gemma 3's image tokens: the last of their image; i for
-    # text) (and, with a window, j > i - WINDOW)
+    # text) (and, with a window, j > i - WINDOW; with chunks, ctx_len + j at or after the
+    # start of query ctx_len + i's chunk)
     if HAS_LIMIT:
         lim = tl.load(limit_ptr + q_start + i, mask=i_ok, other=-1)
         new_end = tl.minimum(q_len, tl.max(lim, 0) + 1)
@@ -357,6 +373,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
         lim = i
         new_end = tl.minimum(q_len, (tile + 1) * BLOCK_M)
     new_lo = tl.maximum(tile * BLOCK_M - WINDOW + 1, 0) if WINDOW > 0 else 0
+    if CHUNK > 0:
+        new_lo = tl.maximum(new_lo, first_q - first_q % CHUNK - ctx_len)
     for n0 in range(new_lo, new_end, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
         j_ok = j < new_end
@@ -369,6 +387,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
         valid = j_ok[None, :] & (j[None, :] <= lim[:, None])
         if WINDOW > 0:
             valid = valid & (j[None, :] > i[:, None] - WINDOW)
+        if CHUNK > 0:
+            q_pos = ctx_len + i
+            valid = valid & (j[None, :] + ctx_len >= q_pos[:, None] - q_pos[:, None] % CHUNK)
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP)
     if HAS_SINKS:
         l_i, acc = _add_sink(m_i, l_i, acc, tl.load(sinks_ptr + h))
@@ -385,7 +406,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       out: torch.Tensor | None = None, softcap: float = 0.0,
                       window: int = 0, sinks: torch.Tensor | None = None,
                       k_scale: float = 1.0, v_scale: float = 1.0,
-                      key_limit: torch.Tensor | None = None) -> torch.Tensor:
+                      key_limit: torch.Tensor | None = None, chunk: int = 0
+                      ) -> torch.Tensor:
     """Causal attention of new tokens packed flat: sequence b's queries and K/V are rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q [T, H, D] / k, v [T, KVH, D]. With
     context_lens, sequence b also has context_lens[b] earlier tokens in the paged cache
@@ -394,8 +416,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     paged_decode_attention; an FP8 cache holds K / k_scale, V / v_scale (the step's own K/V
     are used as computed). key_limit [T] int32: each query's last visible key among its
     sequence's new tokens (index from the sequence's first new token; >= its own), for
-    Gemma 3's image tokens, which see the rest of their image; None: causal. Returns
-    [T, H, D]."""
+    Gemma 3's image tokens, which see the rest of their image; None: causal. chunk > 0:
+    each query sees only its chunk's keys (positions from p - p % chunk; Llama 4).
+    Returns [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     assert h % kvh == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -423,5 +446,5 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         BLOCK_SIZE=k_cache.shape[1] if has_ctx else 1, HAS_CONTEXT=has_ctx, BLOCK_M=block,
         BLOCK_N=block, BLOCK_D=block_d, F32=fp32_dot(q.dtype, _INTERPRETED),
         SOFTCAP=float(softcap), WINDOW=int(window), HAS_SINKS=has_sinks,
-        HAS_LIMIT=key_limit is not None, num_warps=4)
+        HAS_LIMIT=key_limit is not None, CHUNK=int(chunk), num_warps=4)
     return out

@@ -13,6 +13,10 @@ one (A [r, in], B [out, r]) per expert and projection ("gate", "up", "down").
   gpt-oss's experts are stored transposed (gate_up_proj [E, H, 2I], down_proj [E, I, H],
   PEFT's in x out already) with gate and up interleaved: gate_up's B rows 0::2 are gate's,
   1::2 up's (`interleaved`).
+  Llama 4's are stored as gpt-oss's (gate's columns, then up's), but PEFT takes its
+  3-D parameters for [E, out, in] (`swapped`): its A is [r * E, 2I] / [r * E, H] and
+  its delta B A is added to [E, H, 2I] / [E, I, H] as it is, so x's LoRA is
+  x B_e A_e: our A is B_e^T, our B is A_e^T.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class ExpertsShape:
     hidden_size: int
     intermediate_size: int
     interleaved: bool = False  # gpt-oss: gate_up's outputs alternate gate, up
+    swapped: bool = False  # Llama 4: PEFT's A and B are the output's and input's factors
 
     def dims(self, proj: str) -> tuple[int, int]:
         """(in_features, out_features) of one expert's projection."""
@@ -77,9 +82,10 @@ def fused_parameter(name: str, layer: str, a: torch.Tensor, b: torch.Tensor,
     """Which 3-D parameter (gate_up_proj or down_proj) a PEFT ParamWrapper pair adapts."""
     e, h, i = shape.num_experts, shape.hidden_size, shape.intermediate_size
     if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] and a.shape[0] % e == 0:
-        if (a.shape[1], b.shape[0]) == (h, 2 * i):
+        dims = (a.shape[1], b.shape[0])
+        if dims == ((2 * i, h) if shape.swapped else (h, 2 * i)):
             return "gate_up_proj"
-        if (a.shape[1], b.shape[0]) == (i, h):
+        if dims == ((h, i) if shape.swapped else (i, h)):
             return "down_proj"
     raise LoRAError(f"LoRA adapter {name!r}: the LoRA on {layer} (A {tuple(a.shape)}, B "
                     f"{tuple(b.shape)}) fits neither gate_up_proj [{e}, {2 * i}, {h}] nor "
@@ -96,6 +102,8 @@ def split_fused(param: str, a: torch.Tensor, b: torch.Tensor, shape: ExpertsShap
     out = {}
     for expert in range(e):
         a_x, b_x = a_e[expert], b_e[:, :, expert]
+        if shape.swapped:  # x B_e A_e: A = B_e^T [r, in], B = A_e^T [out, r]
+            a_x, b_x = b_x.T, a_x.T
         if param == "down_proj":
             out[expert, "down"] = (a_x, b_x)
         elif shape.interleaved:  # one A, B's rows alternate gate's and up's

@@ -163,7 +163,8 @@ class LoRAManager:
             if isinstance(layer, ExpertsWithLoRA):
                 experts[name] = ExpertsShape(layer.num_experts, layer.hidden_size,
                                              layer.intermediate_size,
-                                             layer.base_layer.interleaved)
+                                             layer.base_layer.interleaved,
+                                             layer.base_layer.peft_swapped)
                 continue
             prefix, _, leaf = name.rpartition(".")
             for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):

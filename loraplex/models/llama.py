@@ -27,6 +27,9 @@ One file, flags for the differences:
   with a bias; Nemotron stores its weight as w - 1).
 - Cohere runs attention and the MLP side by side on one normed input ("parallel"), and
   scales its logits by logit_scale.
+- Llama 4 (`llama4`, models/llama4.py): chunked local attention on its rope layers, q/k
+  L2-normed there, temperature-tuned queries on its NoPE layers, and a `feed_forward`
+  that is a sigmoid-routed mixture with a shared expert (Llama4MoE) or a dense MLP.
 
 Tokens of all sequences in a step are laid out flat ([T, hidden]); attention finds each
 sequence's tokens through the step context.
@@ -46,6 +49,7 @@ from loraplex.layers.moe import GroupedTopK, SparseMoE
 from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.models.llama4 import Llama4Args, Llama4MoE, l2_norm
 from loraplex.models.text_only import TextOnly
 
 ImageRows = tuple[torch.Tensor, torch.Tensor]  # rows of the flat batch [N], embeddings [N, D]
@@ -110,6 +114,7 @@ class LlamaArgs:
     # scaling (None: the model's)
     long_lora_factors: tuple[float, ...] = ()  # rope tables for long-context LoRA
     mrope_section: tuple[int, ...] | None = None  # Qwen2-VL's M-RoPE (models/mrope.py)
+    llama4: Llama4Args | None = None  # Llama 4's attention and feed-forward (llama4.py)
     # a multimodal checkpoint served on text: its weights' and adapters' names
     # (models/text_only.py); None for a text checkpoint
     text_only: TextOnly | None = None
@@ -127,6 +132,12 @@ class LlamaArgs:
     norm_type: str = "rms"
     # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
     ungated_mlp: tuple[str, str] | None = None
+
+    @property
+    def host_routed(self) -> bool:
+        """A mixture of experts, whose tokens are grouped by expert on the host (no decode
+        CUDA graphs): SparseMoE's, or Llama 4's."""
+        return self.num_experts > 0 or bool(self.llama4 and self.llama4.moe_layers)
 
     def norm(self, shape: int | tuple[int, int]) -> nn.Module:
         """A norm of the model's kind over `shape` (a tuple: one weight per head, Cohere)."""
@@ -170,8 +181,14 @@ class LlamaAttention(nn.Module):
         self.rotary = None if index in a.nope_layers else rotary
         scale = a.attention_multiplier or (a.query_pre_attn_scalar or a.head_dim) ** -0.5
         window = a.sliding_window if index in a.window_layers else None
+        l4 = a.llama4  # Llama 4: q/k L2 norm after the rope, temperature on NoPE layers
+        self.l2_qk_eps = a.norm_eps if l4 and l4.qk_norm and self.rotary is not None \
+            else None
+        self.temperature = l4 if l4 and l4.temperature_tuning and self.rotary is None \
+            else None
+        chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
-                              a.attn_logit_softcap, window or 0)
+                              a.attn_logit_softcap, window or 0, chunk=chunk)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -187,6 +204,10 @@ class LlamaAttention(nn.Module):
             q, k = self.rotary(positions, q, k)
         if per_head and self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.l2_qk_eps is not None:
+            q, k = l2_norm(q, self.l2_qk_eps), l2_norm(k, self.l2_qk_eps)
+        if self.temperature is not None:
+            q = (q * self.temperature.query_scale(positions)[:, None, None]).to(q.dtype)
         return self.o_proj(self.attn(q, k, v, self.sinks))
 
 
@@ -228,6 +249,16 @@ class UngatedMLP(nn.Module):
         return getattr(self, self.down_name)(self.act(getattr(self, self.up_name)(x)))
 
 
+def _llama4_ffn(a: LlamaArgs, prefix: str, index: int) -> nn.Module:
+    """Llama 4's feed_forward: a mixture with a shared expert in its moe_layers, else a
+    dense MLP of intermediate_size_mlp."""
+    l4, name = a.llama4, f"{prefix}.feed_forward"
+    if index not in l4.moe_layers:
+        return LlamaMLP(a, name, l4.intermediate_size_mlp)
+    return Llama4MoE(a.hidden_size, a.intermediate_size, l4.num_experts,
+                     a.num_experts_per_tok, LlamaMLP(a, f"{name}.shared_expert"), a.quant)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
@@ -235,11 +266,13 @@ class LlamaDecoderLayer(nn.Module):
         sparse = a.num_experts > 0 and index not in a.dense_layers
         # the feed-forward sublayer, under the checkpoint's name for it
         self.ffn_name = a.moe_module if sparse else "mlp"
+        if a.llama4 is not None:  # Llama 4's: a mixture or an MLP, one name for both
+            self.ffn_name = "feed_forward"
         shared = LlamaMLP(a, f"{prefix}.mlp.{a.shared_expert_name}",
                           a.shared_expert_intermediate_size) \
             if sparse and a.shared_expert_intermediate_size else None
         experts = f"{prefix}.{a.moe_module}.experts"
-        setattr(self, self.ffn_name, SparseMoE(
+        setattr(self, self.ffn_name, _llama4_ffn(a, prefix, index) if a.llama4 else SparseMoE(
             a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
             a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts,
             _names(experts, *(f"{e}.{leaf}" for e in range(a.num_experts)
@@ -374,6 +407,9 @@ class LlamaForCausalLM(nn.Module):
             renamed = dict(zip(("up_proj", "down_proj"), args.ungated_mlp, strict=True))
             self.lora_target_modules = tuple(renamed.get(m, m) for m in self.lora_target_modules
                                              if m != "gate_proj")
+        if args.llama4 is not None:  # the experts (PEFT's target_parameters); not the
+            # router, which PEFT cannot run a LoRA on (HF's returns a tuple)
+            self.lora_target_modules = self.lora_target_modules + ("experts",)
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:

@@ -9,6 +9,7 @@ from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
 from loraplex.layers.moe import GroupedTopK
 from loraplex.layers.quantization import QuantConfig
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
+from loraplex.models.llama4 import llama4_flags
 from loraplex.models.text_only import MULTIMODAL, TextOnly
 
 # name -> extra LlamaArgs flags
@@ -48,6 +49,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "Cohere2ForCausalLM": {"norm_type": "layernorm_nobias", "norm_layout": "parallel",
                            "rope_interleaved": True},
     "Glm4MoeForCausalLM": {},  # q/k/v biases, q/k norm and the experts per its config
+    # chunked attention, NoPE layers, experts and biases per its config (_llama4); rope
+    # pairs rotated as HF's complex form does
+    "Llama4ForCausalLM": {"rope_interleaved": True},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -69,7 +73,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "glm4": "Glm4ForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                   "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
                   "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
-                  "cohere2": "Cohere2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+                  "cohere2": "Cohere2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                  "llama4_text": "Llama4ForCausalLM"}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
@@ -352,6 +357,19 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                                    if i in only_mlp or (i + 1) % step))
 
 
+def _llama4(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
+    """Llama 4's flags (models/llama4.py): its chunked and NoPE layers, q/k norm,
+    temperature tuning, experts and dense layers."""
+    if name != "Llama4ForCausalLM":
+        return {}
+    if quant is not None and not (quant.method == "bitsandbytes" and quant.bits == 4
+                                  and not quant.prequantized):
+        raise ValueError(f"{quant.method}-quantized Llama 4 checkpoints are not supported "
+                         "yet: its fused experts load unquantized, or NF4-quantized as they "
+                         "load (quantization='bitsandbytes' on the original checkpoint)")
+    return llama4_flags(hf)
+
+
 def ntk_alpha(theta: float, scaling: dict | None, head_dim: int
               ) -> tuple[float, dict | None]:
     """Hunyuan's "dynamic" rope with a fixed `alpha`: not dynamic at all, the base
@@ -414,5 +432,6 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **sliding_window(hf_config, name),
         **_local_rope(hf_config, name),
         **_mrope(hf_config),
+        **_llama4(hf_config, name, quant),
     )
     return LlamaForCausalLM(args)

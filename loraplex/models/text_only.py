@@ -15,6 +15,10 @@ checkpoint saved without its image processor is served on text (engine/llm_engin
 The checkpoint names the language model's weights `language_model.model.*` (the hub's
 files) and PEFT adapters trained with transformers >= 4.52 name its modules
 `model.language_model.*`: `TextOnly.name` maps both onto the text model's names.
+
+Llama 4 (Scout, Maverick: `Llama4ForConditionalGeneration`, its language model a
+`Llama4ForCausalLM` as `language_model.*`, its tower `vision_model.*`) is served on text
+only: image requests are refused (the engine has no vision tower for it).
 """
 
 from __future__ import annotations
@@ -75,6 +79,13 @@ MULTIMODAL: dict[str, TextOnly] = {
         _LLAVA, skipped=(*_LLAVA.skipped, "image_newline", "model.image_newline")),
     "Qwen2VLForConditionalGeneration": _QWEN_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
+    "Llama4ForConditionalGeneration": TextOnly(
+        "Llama4ForCausalLM",
+        renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head.")),
+        skipped=("vision_model.", "multi_modal_projector.", "model.vision_model.",
+                 "model.multi_modal_projector."),
+        vision_leaves=("fc1", "fc2", "linear_1", "linear")),
 }
 # what the whole model's config says for its language model: the quantization, the dtype
 _INHERITED = ("quantization_config", "dtype", "torch_dtype")

@@ -138,7 +138,7 @@ class ModelRunner:
                 self.max_loras,
                 model_config.enforce_eager or model_config.runner == "pooling",  # no decode
                 model_config.cuda_graph_sizes,
-                self.attn_backend, host_routed=model.args.num_experts > 0)
+                self.attn_backend, host_routed=model.args.host_routed)
 
     def _bytes_per_block(self) -> int:
         return kv_block_bytes(self.model, self.kv_cache_dtype, self.block_size)

@@ -1,0 +1,81 @@
+"""Tiny random Llama 4 checkpoints: a Llama4ForCausalLM (text) and a
+Llama4ForConditionalGeneration (a vision tower beside the same kind of language model).
+
+Sizes chosen so every Llama 4 feature bites on a short prompt: chunked local attention
+with chunks of 4 tokens on the rope layers, one NoPE global layer (the last) with
+attention temperature tuning at floor_scale 2, MoE layers (4 experts, top-1, a shared
+expert) interleaved with dense ones (intermediate_size_mlp), q/k L2 norm, llama3 rope."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.fixtures import SPECIAL_TOKENS, _reinit_, make_tokenizer
+
+CHUNK = 4  # attention_chunk_size: prompts of 10-60 tokens cross many chunks
+
+
+def llama4_text_config(vocab_size: int, **overrides: Any) -> Any:
+    from transformers import Llama4TextConfig
+
+    kw: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=48,
+        intermediate_size_mlp=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        rms_norm_eps=1e-6, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=2,  # layers 1 and 3 MoE, 0 and 2 dense
+        no_rope_layers=[1, 1, 1, 0],  # layer 3 NoPE (global), 0-2 chunked rope layers
+        attention_chunk_size=CHUNK, use_qk_norm=True, attn_temperature_tuning=True,
+        floor_scale=2, attn_scale=0.5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64},
+        bos_token_id=SPECIAL_TOKENS.index("<s>"), eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"))
+    kw.update(overrides)
+    return Llama4TextConfig(**kw)
+
+
+def make_llama4(out_dir: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A tiny Llama4ForCausalLM checkpoint (config, safetensors, tokenizer)."""
+    from transformers import Llama4ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    model = Llama4ForCausalLM(llama4_text_config(len(tok), **overrides)).eval()
+    _reinit_(model, seed, 0.2)
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def make_llama4_multimodal(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny Llama4ForConditionalGeneration: the language model as above, a random
+    one-layer vision tower and projector."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out_dir)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14,
+                  vision_output_dim=32, projector_input_dim=32, projector_output_dim=32,
+                  pixel_shuffle_ratio=0.5)
+    cfg = Llama4Config(text_config=llama4_text_config(len(tok)).to_dict(),
+                       vision_config=vision, image_token_index=len(tok) - 1,
+                       boi_token_index=len(tok) - 2, eoi_token_index=len(tok) - 3)
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(cfg).eval()
+    _reinit_(model, seed, 0.2)
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for f in Path(src).glob("*token*"):
+        shutil.copy(f, Path(dst) / f.name)

@@ -1,0 +1,232 @@
+"""Llama 4 on text against HF transformers + PEFT (fp32): Llama4ForCausalLM and a
+Llama4ForConditionalGeneration served on its language model (tests/llama4_fixtures.py:
+chunked attention in chunks of 4 on the rope layers, a temperature-tuned NoPE layer,
+top-1 sigmoid-routed experts with a shared expert interleaved with dense MLPs, q/k norm,
+llama3 rope).
+
+Adapters of different ranks on q/k/v/o, the dense and shared MLPs and (PEFT's
+target_parameters) the fused experts; mixed batches over max_loras=1, whole and chunked
+prefill, prefix caching, the Triton kernels (under the interpreter on the CPU). Prompts
+span up to ten chunks; generations cross chunk boundaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
+from loraplex import LoRARequest, SamplingParams
+from loraplex.lora.errors import LoRAError
+from loraplex.models.registry import build_model
+from loraplex.models.text_only import text_only_config
+from tests import fixtures
+from tests.engine_utils import check_against_hf, check_mixed_batch, check_shared_prefixes, make_llm
+from tests.fixtures import make_peft_adapter
+from tests.llama4_fixtures import CHUNK, make_llama4, make_llama4_multimodal
+
+EXPERTS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+# every linear PEFT can run on Llama 4 (its router returns a tuple, which PEFT's LoRA
+# layer cannot wrap: all-linear fails in HF's forward)
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LONG = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def llama4(tiny_root: Path) -> dict[str, Path]:
+    root = tiny_root / "llama4"
+    base = make_llama4(root / "base", seed=40)
+    return {
+        "base": base,
+        # q/k/v/o, the dense and shared MLPs and the experts
+        "r8_all": make_peft_adapter(base, root / "r8_all", r=8, seed=41,
+                                    target_modules=LINEARS, target_parameters=EXPERTS),
+        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=42,
+                                   target_modules=["q_proj", "v_proj", "down_proj"]),
+    }
+
+
+def _adapters(models: dict[str, Path]) -> dict[str, Path]:
+    return {n: models[n] for n in ("r8_all", "r4_qv")}
+
+
+def test_config_flags(llama4):
+    """The registry reads the layer kinds as HF builds them."""
+    from transformers import AutoConfig
+
+    model = build_model(AutoConfig.from_pretrained(str(llama4["base"])))
+    l4 = model.args.llama4
+    assert l4.chunk_size == CHUNK and l4.chunked_layers == (0, 1, 2)
+    assert model.args.nope_layers == (3,) and l4.moe_layers == (1, 3)
+    layers = model.model.layers
+    assert [layer.self_attn.attn.chunk for layer in layers] == [CHUNK] * 3 + [0]
+    assert [type(layer.feed_forward).__name__ for layer in layers] == [
+        "LlamaMLP", "Llama4MoE", "LlamaMLP", "Llama4MoE"]
+    assert layers[3].self_attn.temperature is not None and layers[3].self_attn.rotary is None
+    assert all(layer.self_attn.l2_qk_eps is not None for layer in layers[:3])
+    assert model.args.host_routed  # its experts grouped on the host: no decode graphs
+
+
+@pytest.mark.parametrize("budget", [None, 6])
+def test_mixed_batch_matches_peft(budget, llama4, prompts):
+    """Base and two adapters (ranks 8 and 4) in one batch over one slot; whole prompts,
+    then chunks of 6 tokens (not a multiple of the attention chunk)."""
+    llm = make_llm(llama4["base"], enable_lora=True, max_loras=1, max_lora_rank=8,
+                   max_num_batched_tokens=budget)
+    check_mixed_batch(llm, llama4["base"], _adapters(llama4), prompts)
+
+
+def test_long_generations_match_peft(llama4, prompts):
+    """The longest prompts (about ten chunks) and 14 tokens each (several more chunks),
+    block size 8 (a chunk of attention starts mid-block), chunked prefill of 5."""
+    llm = make_llm(llama4["base"], enable_lora=True, max_loras=1, max_lora_rank=8,
+                   block_size=8, max_num_batched_tokens=5)
+    batch = [prompts[-1], prompts[-2], prompts[-3]]
+    reqs = [None, LoRARequest("r8_all", 1, str(llama4["r8_all"])),
+            LoRARequest("r4_qv", 2, str(llama4["r4_qv"]))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], LONG, lora_request=reqs,
+                        use_tqdm=False)
+    check_against_hf(outs, llama4["base"], [None, llama4["r8_all"], llama4["r4_qv"]], batch)
+
+
+def test_prefix_caching(llama4, prompts):
+    """Requests starting from cached blocks of their own weights' prefix (block size 8):
+    their first chunk of attention reads keys from the cache."""
+    check_shared_prefixes(llama4["base"], _adapters(llama4), prompts)
+
+
+@pytest.mark.parametrize("budget", [None, 5])
+def test_triton_attention(monkeypatch, budget, llama4, prompts):
+    """The chunk bound in the Triton kernels (under the interpreter on the CPU): prefill,
+    chunks over cached context, decode."""
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    llm = make_llm(llama4["base"], enable_lora=True, max_loras=1, max_lora_rank=8,
+                   block_size=8, max_num_batched_tokens=budget)
+    assert llm.llm_engine.model_runner.attn_backend == "triton"
+    check_mixed_batch(llm, llama4["base"], _adapters(llama4), prompts, extra=1)
+
+
+def test_router_lora_refused(llama4, tmp_path, prompts):
+    """all-linear puts a LoRA on the router too, which PEFT itself cannot run (HF's router
+    returns a tuple): such an adapter is refused, the engine serves on."""
+    adapter = make_peft_adapter(llama4["base"], tmp_path / "router", r=4, seed=43,
+                                target_modules="all-linear")
+    llm = make_llm(llama4["base"], enable_lora=True, max_lora_rank=8)
+    with pytest.raises(LoRAError, match="target module 'router' not found"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False,
+                     lora_request=LoRARequest("router", 1, str(adapter)))
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == LONG.max_tokens
+
+
+# ---- Llama4ForConditionalGeneration (Scout, Maverick) on text -------------------------
+
+class _WholeModel:
+    """AutoModelForCausalLM for tests/fixtures.py that builds the whole multimodal model
+    (PEFT adapters trained on it, and HF's reference outputs of it on text)."""
+
+    @staticmethod
+    def from_pretrained(path: str, **kw):
+        from transformers import Llama4ForConditionalGeneration
+
+        return Llama4ForConditionalGeneration.from_pretrained(path, **kw)
+
+
+@pytest.fixture(scope="module")
+def llama4mm(tiny_root: Path) -> dict[str, Path]:
+    root = tiny_root / "llama4mm"
+    base = make_llama4_multimodal(root / "base", seed=50)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fixtures, "AutoModelForCausalLM", _WholeModel)
+        return {
+            "base": base,
+            # the vision tower's and projector's linears too (its attention shares the
+            # language model's q/k/v/o_proj names)
+            "all": make_peft_adapter(base, root / "all", r=8, seed=51,
+                                     target_modules=[*LINEARS, "fc1", "fc2", "linear_1"],
+                                     target_parameters=EXPERTS),
+            "qv": make_peft_adapter(base, root / "qv", r=4, seed=52,
+                                    target_modules=["q_proj", "v_proj"]),
+        }
+
+
+@pytest.mark.parametrize("budget", [None, 6])
+def test_multimodal_checkpoint_on_text(monkeypatch, budget, llama4mm, prompts):
+    from safetensors.torch import load_file
+
+    names = set(load_file(str(llama4mm["all"] / "adapter_model.safetensors")))
+    assert any(".vision_model." in n for n in names)
+    assert any(".language_model.model.layers.1.feed_forward.experts." in n for n in names)
+    monkeypatch.setattr(fixtures, "AutoModelForCausalLM", _WholeModel)
+    llm = make_llm(llama4mm["base"], enable_lora=True, max_loras=1, max_lora_rank=8,
+                   max_num_batched_tokens=budget)
+    assert llm.llm_engine.model.args.llama4 is not None
+    check_mixed_batch(llm, llama4mm["base"], {n: llama4mm[n] for n in ("all", "qv")},
+                      prompts)
+
+
+def test_multimodal_images_refused(llama4mm, prompts):
+    from PIL import Image
+    from transformers import AutoConfig
+
+    _, spec = text_only_config(AutoConfig.from_pretrained(str(llama4mm["base"])))
+    assert spec is not None and not spec.images
+    llm = make_llm(llama4mm["base"])
+    with pytest.raises(ValueError, match="multimodal inputs are not supported"):
+        llm.generate({"prompt_token_ids": prompts[0],
+                      "multi_modal_data": {"image": Image.new("RGB", (8, 8))}}, LONG,
+                     use_tqdm=False)
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == LONG.max_tokens
+
+
+
+
+# ---- bitsandbytes 4-bit, quantized as it loads ----------------------------------------
+
+def _dequantized_experts(ref_dir: Path) -> None:
+    """The reference's fused experts through bitsandbytes' NF4 (blocks of 64 inputs), one
+    [out, in] matrix per expert and projection, as the engine quantizes them."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    from safetensors.torch import load_file, save_file
+
+    def nf4(w):  # [out, in]
+        q, qs = quantize_4bit(w.contiguous().float(), blocksize=64, quant_type="nf4")
+        return dequantize_4bit(q, qs).to(w.dtype)
+
+    path = str(ref_dir / "model.safetensors")
+    state = load_file(path)
+    for key, w in state.items():
+        if key.endswith("experts.gate_up_proj"):  # [E, H, 2I]: gate's columns, then up's
+            i = w.shape[2] // 2
+            state[key] = torch.stack([torch.cat([nf4(x[:, :i].T).T, nf4(x[:, i:].T).T], 1)
+                                      for x in w])
+        elif key.endswith("experts.down_proj"):  # [E, I, H]
+            state[key] = torch.stack([nf4(x.T).T for x in w])
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def test_bitsandbytes_in_flight_matches_dequantized(tiny_root, prompts):
+    """quantization="bitsandbytes" on a plain Llama 4 checkpoint: every linear and each
+    expert NF4 as it loads (the router plain), with adapters on the experts too, against
+    HF + PEFT on bitsandbytes' dequantized weights."""
+    pytest.importorskip("bitsandbytes")
+    from tests.quantized_fixtures import write_bnb4
+
+    root = tiny_root / "llama4_bnb"
+    base = make_llama4(root / "base", seed=60, intermediate_size=64,
+                       intermediate_size_mlp=128)  # bitsandbytes' blocks are 64 inputs
+    adapters = {
+        "r8_all": make_peft_adapter(base, root / "r8_all", r=8, seed=61,
+                                    target_modules=LINEARS, target_parameters=EXPERTS),
+        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=62,
+                                   target_modules=["q_proj", "v_proj"]),
+    }
+    quant, ref = write_bnb4(base, root, "nf4", prequantized=False)
+    _dequantized_experts(ref)
+    llm = make_llm(quant, quantization="bitsandbytes", enable_lora=True, max_loras=1,
+                   max_lora_rank=8, max_num_batched_tokens=6)
+    moe = llm.llm_engine.model.model.layers[1].feed_forward
+    assert moe.experts.base_layer.w13.dtype == torch.uint8  # the experts stay packed
+    check_mixed_batch(llm, ref, adapters, prompts, extra=2)
