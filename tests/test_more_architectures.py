@@ -140,3 +140,16 @@ def test_layers_past_num_hidden_layers_are_skipped(models, tmp_path, caplog):
     loader_lines = [r for r in caplog.records if r.name == "loraplex.models.loader"]
     assert len(loader_lines) == 1 and f"skipped {len(mtp)} checkpoint tensors" in \
         loader_lines[0].getMessage()
+
+
+def test_rope_tables_hold_only_the_served_positions(tiny_models, prompts):
+    """The rope tables hold max_model_len positions, not max_position_embeddings (Llama 4
+    Scout's is 10M: 5 GB of tables), and the outputs are the same."""
+    small = make_llm(tiny_models["llama"], max_model_len=64)
+    full = make_llm(tiny_models["llama"], max_model_len=512)  # its max_position_embeddings
+    for llm, rows in ((small, 64), (full, 512)):
+        rotary = llm.llm_engine.model.model.rotary
+        assert rotary.cos.shape[0] == rotary.sin.shape[0] == rows
+    ids = [{"prompt_token_ids": p[:40]} for p in prompts]
+    assert [o.outputs[0].token_ids for o in small.generate(ids, GREEDY, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in full.generate(ids, GREEDY, use_tqdm=False)]

@@ -256,7 +256,7 @@ class LLMEngine:
         model = self._build(lambda: build_model(
             hf_config, mc.quantization,
             self.lora_config.long_lora_scaling_factors if self.lora_config else (),
-            self.text_only))
+            self.text_only, mc.max_model_len))
         if mc.load_format == "dummy":
             init_dummy_weights(model, mc.seed)
             if self.vision is not None:

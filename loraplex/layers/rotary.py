@@ -78,7 +78,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dim: int, max_position: int, theta: float,
                  scaling: dict | None = None, lora_factors: tuple[float, ...] = (),
                  interleaved: bool = False,
-                 mrope_section: tuple[int, ...] | None = None) -> None:
+                 mrope_section: tuple[int, ...] | None = None,
+                 rows: int | None = None) -> None:
+        """`rows`: the positions the table holds when fewer than max_position are served
+        (the engine's max_model_len: Llama 4 Scout's max_position is 10M); max_position
+        still sets what scalings derive from it."""
         super().__init__()
         # interleaved (GPT-J / GLM style): dimensions (2i, 2i+1) rotate together, not
         # (i, i + rotary_dim / 2); the frequencies are the same
@@ -96,7 +100,8 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float()
                                     / rotary_dim))
         # long-context LoRA serves max_position x its largest factor
-        t = torch.arange(int(max_position * max(lora_factors, default=1.0)),
+        positions = max_position if rows is None or lora_factors else min(rows, max_position)
+        t = torch.arange(int(positions * max(lora_factors, default=1.0)),
                          dtype=torch.float32)
         self.long_offset: int | None = None  # longrope: the long frequencies' first row
         self.long_threshold = 0  # longrope: the pretraining window
@@ -114,7 +119,7 @@ class RotaryEmbedding(nn.Module):
             freqs = torch.cat([torch.outer(t, inv_freq / torch.tensor(scaling[f"{kind}_factor"],
                                                                       dtype=torch.float32))
                                for kind in ("short", "long")])
-            self.long_offset, self.long_threshold = max_position, original
+            self.long_offset, self.long_threshold = positions, original
         else:
             if rope_type == "llama3":
                 inv_freq = _llama3_inv_freq(inv_freq, scaling)

@@ -113,6 +113,7 @@ class LlamaArgs:
     local_rope: tuple[float, dict | None] | None = None  # Gemma 3: window_layers' theta,
     # scaling (None: the model's)
     long_lora_factors: tuple[float, ...] = ()  # rope tables for long-context LoRA
+    rope_rows: int | None = None  # positions the rope tables hold (None: max_position)
     mrope_section: tuple[int, ...] | None = None  # Qwen2-VL's M-RoPE (models/mrope.py)
     llama4: Llama4Args | None = None  # Llama 4's attention and feed-forward (llama4.py)
     # a multimodal checkpoint served on text: its weights' and adapters' names
@@ -333,14 +334,15 @@ class LlamaModel(nn.Module):
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling,
                                                a.long_lora_factors, a.rope_interleaved,
-                                               a.mrope_section)
+                                               a.mrope_section, rows=a.rope_rows)
         local = rotary
         if a.local_rope is not None and a.long_lora_factors:
             raise ValueError("--long-lora-scaling-factors: not supported on a model whose "
                              "local attention layers have a rope of their own (Gemma 3)")
         if a.local_rope is not None:  # Gemma 3's sliding-window layers
             self.rotary_local = local = RotaryEmbedding(a.rotary_dim or a.head_dim,
-                                                        a.max_position, *a.local_rope)
+                                                        a.max_position, *a.local_rope,
+                                                        rows=a.rope_rows)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(a, local if i in a.window_layers else rotary,
                               f"model.layers.{i}", i) for i in range(a.num_layers))

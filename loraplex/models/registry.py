@@ -388,9 +388,11 @@ def long_lora_max_position(hf_config: Any, factors: tuple[float, ...] | None) ->
 
 def build_model(hf_config: Any, quant: QuantConfig | None = None,
                 long_lora_factors: tuple[float, ...] = (),
-                text_only: TextOnly | None = None) -> LlamaForCausalLM:
+                text_only: TextOnly | None = None,
+                max_model_len: int | None = None) -> LlamaForCausalLM:
     """The model of `hf_config`; `long_lora_factors`: rope tables for long-context LoRA;
-    `text_only`: hf_config is a multimodal checkpoint's text config (text_only.py)."""
+    `text_only`: hf_config is a multimodal checkpoint's text config (text_only.py);
+    `max_model_len`: the positions served, which the rope tables need hold no more of."""
     name = architecture(hf_config)
     theta, scaling = _rope(hf_config)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "mrope":
@@ -414,6 +416,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         rope_theta=theta,
         rope_scaling=scaling,
         max_position=hf_config.max_position_embeddings,
+        rope_rows=max_model_len,
         long_lora_factors=tuple(long_lora_factors),
         text_only=text_only,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
