@@ -47,6 +47,7 @@ case "$phase" in
       tests/test_spec_decode.py tests/test_embeddings.py tests/test_more_architectures.py \
       tests/test_compressed_tensors_w8a8.py tests/test_gemma3_images.py tests/test_qwen2_vl.py \
       tests/test_cross_encoder.py tests/test_classify.py tests/test_generate_api.py \
+      tests/test_llama4.py tests/test_prompt_embeds.py \
       2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
     ;;
   suite)
