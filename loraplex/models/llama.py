@@ -27,6 +27,9 @@ One file, flags for the differences:
   with a bias; Nemotron stores its weight as w - 1).
 - Cohere runs attention and the MLP side by side on one normed input ("parallel"), and
   scales its logits by logit_scale.
+- DeepSeek-V2 / V3 attend with multi-head latent attention (layers/mla.py; `mla`), and
+  route their experts by grouped softmax (V2) or sigmoid (V3) scores with ungated shared
+  experts (models/deepseek.py reads their configs).
 
 Tokens of all sequences in a step are laid out flat ([T, hidden]); attention finds each
 sequence's tokens through the step context.
@@ -42,6 +45,7 @@ from torch import nn
 from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, ClampedSwiGLU
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import make_linear
+from loraplex.layers.mla import MLAArgs, MLAAttention
 from loraplex.layers.moe import GroupedTopK, SparseMoE
 from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
@@ -123,6 +127,8 @@ class LlamaArgs:
     norm_type: str = "rms"
     # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
     ungated_mlp: tuple[str, str] | None = None
+    # multi-head latent attention (DeepSeek-V2 / V3): head_dim is then its cache head dim
+    mla: MLAArgs | None = None
 
     def norm(self, shape: int | tuple[int, int]) -> nn.Module:
         """A norm of the model's kind over `shape` (a tuple: one weight per head, Cohere)."""
@@ -227,7 +233,9 @@ class UngatedMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn", index)
+        self.self_attn = MLAAttention(a.hidden_size, a.num_heads, a.mla, a.qkv_bias, a.quant,
+                                      rotary, f"{prefix}.self_attn") if a.mla else \
+            LlamaAttention(a, rotary, f"{prefix}.self_attn", index)
         sparse = a.num_experts > 0 and index not in a.dense_layers
         # the feed-forward sublayer, under the checkpoint's name for it
         self.ffn_name = a.moe_module if sparse else "mlp"
@@ -360,6 +368,12 @@ class LlamaForCausalLM(nn.Module):
             renamed = dict(zip(("up_proj", "down_proj"), args.ungated_mlp, strict=True))
             self.lora_target_modules = tuple(renamed.get(m, m) for m in self.lora_target_modules
                                              if m != "gate_proj")
+        if args.mla:  # its own projections, none packed; q_proj or q_a_proj + q_b_proj
+            self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()
+                                           if k not in ("q_proj", "k_proj", "v_proj")}
+            q = ("q_proj",) if args.mla.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+            self.lora_target_modules = (*q, "kv_a_proj_with_mqa", "kv_b_proj") + tuple(
+                m for m in self.lora_target_modules if m not in ("q_proj", "k_proj", "v_proj"))
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:
