@@ -6,7 +6,7 @@ whole and in chunks:
   scale), rotary on interleaved pairs, grouped sigmoid routing (4 groups of 2, 2
   eligible) with a non-zero correction bias and a scaling, a shared expert, a dense first
   layer; K and V head dims that differ (V padded in the cache);
-- V2 (V2-Lite's layout): one q_proj, softmax routing limited to the best groups, a
+- V2 (V2-Lite's layout): one q_proj, softmax routing limited to the best group, a
   scaling, a shared expert, a dense first layer.
 
 Adapters of different ranks on every attention projection and on the experts (as PEFT
@@ -49,7 +49,9 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 CONFIGS: dict[str, dict[str, Any]] = {
     "v3": dict(q_lora_rank=32, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                norm_topk_prob=True, rope_scaling=YARN),
-    "v2": dict(q_lora_rank=None, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+    # one group of 4 eligible: top-2 of all 8 would often differ (with 2 of 4 groups
+    # eligible and top-2 they never could)
+    "v2": dict(q_lora_rank=None, n_group=2, topk_group=1, topk_method="group_limited_greedy",
                routed_scaling_factor=1.5, norm_topk_prob=False),
 }
 ATTENTION = {"v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
@@ -60,18 +62,19 @@ MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
                "mlp.shared_experts.down_proj")
 
 
-def _config(version: str, vocab: int) -> Any:
+def _config(version: str, vocab: int, **overrides: Any) -> Any:
     cls = transformers.DeepseekV3Config if version == "v3" else transformers.DeepseekV2Config
-    return cls(vocab_size=vocab, **_COMMON, **CONFIGS[version])
+    return cls(vocab_size=vocab, **_COMMON, **{**CONFIGS[version], **overrides})
 
 
-def make_deepseek(out: Path, version: str, seed: int) -> Path:
+def make_deepseek(out: Path, version: str, seed: int, **overrides: Any) -> Path:
     """A tiny random DeepSeek checkpoint; V3's correction bias non-zero (it changes
     which experts are chosen)."""
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(version, len(tok)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(_config(version, len(tok), **overrides),
+                                             dtype=torch.float32)
     _reinit_(model, seed, 0.2)
     if version == "v3":
         gen = torch.Generator().manual_seed(seed + 1)
@@ -174,6 +177,18 @@ def test_v3_with_triton_attention(monkeypatch, budget, deepseek, prompts):
     check_mixed_batch(llm, base, adapters, prompts, extra=1)
 
 
+def test_v3_rotary_on_halves_without_yarn(tiny_root, prompts):
+    """rope_interleave=False (halves rotate together) and a plain rope (no mscale), with
+    only one group of experts (Kimi-K2's n_group=1): the base as HF computes it."""
+    base = make_deepseek(tiny_root / "deepseek" / "v3_halves", "v3", 97, rope_interleave=False,
+                         rope_scaling=None, n_group=1, topk_group=1)
+    llm = make_llm(base)
+    assert not llm.llm_engine.model_runner.model.args.rope_interleaved
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY,
+                        use_tqdm=False)
+    check_against_hf(outs, base, [None] * 3, prompts[:3])
+
+
 def _hf_config(version: str, **overrides: Any) -> Any:
     config = _config(version, 64)
     for k, v in overrides.items():
@@ -198,7 +213,7 @@ def test_config_flags():
     v2 = build_model(_hf_config("v2", moe_layer_freq=2, num_hidden_layers=5)).args
     assert v2.mla.q_lora_rank is None and v2.rope_interleaved
     assert v2.dense_layers == (0, 1, 3) and v2.grouped_topk.scoring == "softmax"
-    assert (v2.grouped_topk.num_groups, v2.grouped_topk.topk_groups) == (4, 2)
+    assert (v2.grouped_topk.num_groups, v2.grouped_topk.topk_groups) == (2, 1)
     greedy = build_model(_hf_config("v2", topk_method="greedy")).args.grouped_topk
     assert (greedy.num_groups, greedy.topk_groups) == (1, 1)
     config = _hf_config("v2")
