@@ -240,6 +240,18 @@ def test_v3_rotary_on_halves_without_yarn(tiny_root, prompts):
     check_against_hf(outs, base, [None] * 3, prompts[:3])
 
 
+def test_v2_biases_and_greedy_routing(tiny_root, prompts):
+    """V2 with attention_bias (q_a_proj, kv_a_proj_with_mqa, o_proj), mlp_bias (every MLP,
+    the shared experts' too), q through q_a_proj / q_b_proj and "greedy" routing: the
+    base as HF computes it."""
+    base = make_deepseek(tiny_root / "deepseek" / "v2_biases", "v2", 98, attention_bias=True,
+                         mlp_bias=True, q_lora_rank=32, topk_method="greedy")
+    llm = make_llm(base)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY,
+                        use_tqdm=False)
+    check_against_hf(outs, base, [None] * 3, prompts[:3])
+
+
 def _hf_config(version: str, **overrides: Any) -> Any:
     config = _config(version, 64)
     for k, v in overrides.items():
