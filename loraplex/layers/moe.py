@@ -18,6 +18,10 @@ correction bias, for load balance, used for the choice only) among the `topk_gro
 groups of experts whose best two such scores sum highest; their weights are s_e,
 renormalized, times `routed_scaling_factor`; shared experts are added ungated:
 y += shared_experts(x).
+DeepSeek-V2 routes by softmax instead (`scoring="softmax"`, as HF's DeepseekV2TopkRouter):
+p = softmax(W_g x); "group_limited_greedy" keeps the `topk_groups` groups whose best p is
+highest ("greedy": one group, all eligible); the chosen experts' weights are p_e times
+`routed_scaling_factor`, not renormalized; no correction bias.
 
 The experts are layers/experts.py's FusedExperts, or for a quantized checkpoint one of
 layers/quantized_experts.py's. The routers stay plain (GateLinear): a checkpoint that
@@ -93,11 +97,14 @@ class GateLinear(Linear):
 class GroupedTopK:
     """The grouped sigmoid routing of DeepSeek-V3 and GLM-4.5: experts in `num_groups`
     groups, the best `topk_groups` groups eligible, the chosen experts' weights times
-    `scaling`."""
+    `scaling`. `scoring`: "sigmoid" (noaux_tc: sigmoid scores plus a correction bias,
+    groups ranked by their best two) or "softmax" (DeepSeek-V2: softmax scores, groups
+    ranked by their best one, no bias)."""
 
     num_groups: int
     topk_groups: int
     scaling: float
+    scoring: str = "sigmoid"
 
 
 class GroupedTopKRouter(GateLinear):
@@ -110,13 +117,17 @@ class GroupedTopKRouter(GateLinear):
         if num_experts % routing.num_groups or routing.topk_groups > routing.num_groups:
             raise ValueError(f"{num_experts} experts cannot route in {routing.num_groups} "
                              f"groups, {routing.topk_groups} of them eligible")
+        if routing.scoring not in ("sigmoid", "softmax"):
+            raise ValueError(f"grouped routing scores by sigmoid or softmax, not "
+                             f"{routing.scoring!r}")
         self.routing = routing
         self.weight.data = self.weight.data.float()
         self.e_score_correction_bias = nn.Parameter(
-            torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+            torch.zeros(num_experts, dtype=torch.float32), requires_grad=False) \
+            if routing.scoring == "sigmoid" else None
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int = 0) -> None:
-        if param_name != "e_score_correction_bias":
+        if param_name != "e_score_correction_bias" or self.e_score_correction_bias is None:
             return super().load_shard(param_name, loaded, shard)
         if loaded.shape != self.e_score_correction_bias.shape:
             raise ValueError(f"e_score_correction_bias has shape {tuple(loaded.shape)}, "
@@ -130,6 +141,8 @@ class GroupedTopKRouter(GateLinear):
     def route(self, x: torch.Tensor, top_k: int, normalize: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, experts [T, k]) of each token."""
+        if self.routing.scoring == "softmax":
+            return self._route_softmax(x, top_k)
         scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias
         groups, per_group = self.routing.num_groups, scores.shape[-1] // self.routing.num_groups
@@ -142,6 +155,19 @@ class GroupedTopKRouter(GateLinear):
         weights = scores.gather(1, experts)
         if normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routing.scaling, experts
+
+    def _route_softmax(self, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V2's: softmax scores, the experts outside the best groups (by their
+        best score) zeroed, the top-k scores times the scaling (HF renormalizes none)."""
+        scores = F.linear(x.float(), self.weight).softmax(dim=-1)  # [T, E]
+        groups, per_group = self.routing.num_groups, scores.shape[-1] // self.routing.num_groups
+        if groups > 1:
+            group_scores = scores.view(-1, groups, per_group).max(dim=-1).values
+            best = group_scores.topk(self.routing.topk_groups, dim=-1, sorted=False)[1]
+            eligible = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            scores = scores.masked_fill(~eligible.repeat_interleave(per_group, dim=1), 0.0)
+        weights, experts = scores.topk(top_k, dim=-1, sorted=False)
         return weights * self.routing.scaling, experts
 
 
@@ -203,7 +229,8 @@ class SparseMoE(nn.Module):
         if isinstance(router, GroupedTopKRouter):
             weights, experts = router.route(x, self.top_k, self.normalize)
             out = self.experts(x, weights.to(x.dtype), experts)
-            return out + getattr(self, self.shared_name)(x)
+            shared = getattr(self, self.shared_name)
+            return out if shared is None else out + shared(x)
         logits = router(x)
         if self.gpt_oss:  # the softmax of the top-k logits
             top, experts = logits.topk(self.top_k, dim=-1)

@@ -30,6 +30,9 @@ One file, flags for the differences:
 - Llama 4 (`llama4`, models/llama4.py): chunked local attention on its rope layers, q/k
   L2-normed there, temperature-tuned queries on its NoPE layers, and a `feed_forward`
   that is a sigmoid-routed mixture with a shared expert (Llama4MoE) or a dense MLP.
+- DeepSeek-V2 / V3 attend with multi-head latent attention (layers/mla.py; `mla`), and
+  route their experts by grouped softmax (V2) or sigmoid (V3) scores with ungated shared
+  experts (models/deepseek.py reads their configs).
 
 Tokens of all sequences in a step are laid out flat ([T, hidden]); attention finds each
 sequence's tokens through the step context.
@@ -45,6 +48,7 @@ from torch import nn
 from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, ClampedSwiGLU
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import make_linear
+from loraplex.layers.mla import MLAArgs, MLAAttention
 from loraplex.layers.moe import GroupedTopK, SparseMoE
 from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
@@ -133,6 +137,8 @@ class LlamaArgs:
     norm_type: str = "rms"
     # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
     ungated_mlp: tuple[str, str] | None = None
+    # multi-head latent attention (DeepSeek-V2 / V3): head_dim is then its cache head dim
+    mla: MLAArgs | None = None
 
     @property
     def host_routed(self) -> bool:
@@ -263,7 +269,9 @@ def _llama4_ffn(a: LlamaArgs, prefix: str, index: int) -> nn.Module:
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn", index)
+        self.self_attn = MLAAttention(a.hidden_size, a.num_heads, a.mla, a.qkv_bias, a.quant,
+                                      rotary, f"{prefix}.self_attn") if a.mla else \
+            LlamaAttention(a, rotary, f"{prefix}.self_attn", index)
         sparse = a.num_experts > 0 and index not in a.dense_layers
         # the feed-forward sublayer, under the checkpoint's name for it
         self.ffn_name = a.moe_module if sparse else "mlp"
@@ -412,6 +420,12 @@ class LlamaForCausalLM(nn.Module):
         if args.llama4 is not None:  # the experts (PEFT's target_parameters); not the
             # router, which PEFT cannot run a LoRA on (HF's returns a tuple)
             self.lora_target_modules = self.lora_target_modules + ("experts",)
+        if args.mla:  # its own projections, none packed; q_proj or q_a_proj + q_b_proj
+            self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()
+                                           if k not in ("q_proj", "k_proj", "v_proj")}
+            q = ("q_proj",) if args.mla.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+            self.lora_target_modules = (*q, "kv_a_proj_with_mqa", "kv_b_proj") + tuple(
+                m for m in self.lora_target_modules if m not in ("q_proj", "k_proj", "v_proj"))
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:

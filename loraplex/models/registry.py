@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 from typing import Any
 
 from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
 from loraplex.layers.moe import GroupedTopK
 from loraplex.layers.quantization import QuantConfig
+from loraplex.models.deepseek import (
+    DEEPSEEK_ARCHITECTURES,
+    DEEPSEEK_MODEL_TYPES,
+    deepseek_experts,
+    mla_args,
+)
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
 from loraplex.models.text_only import MULTIMODAL, TextOnly
@@ -52,6 +59,8 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # chunked attention, NoPE layers, experts and biases per its config (_llama4); rope
     # pairs rotated as HF's complex form does
     "Llama4ForCausalLM": {"rope_interleaved": True},
+    # multi-head latent attention and the experts per its config (models/deepseek.py)
+    **dict.fromkeys(DEEPSEEK_ARCHITECTURES, {}),
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -74,7 +83,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
                   "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
                   "cohere2": "Cohere2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-                  "llama4_text": "Llama4ForCausalLM"}
+                  "llama4_text": "Llama4ForCausalLM",
+                  **DEEPSEEK_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
@@ -314,7 +324,7 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
         raise ValueError(f"mxfp4-quantized {name} models are not supported: loraplex loads "
                          "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
     if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-                    "GptOssForCausalLM", "Glm4MoeForCausalLM"):
+                    "GptOssForCausalLM", "Glm4MoeForCausalLM", *DEEPSEEK_ARCHITECTURES):
         return {}
     supported = ("mxfp4",) if name == "GptOssForCausalLM" else (
         "fp8", "gptq", "awq", "compressed-tensors", "bitsandbytes")
@@ -335,6 +345,8 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                     num_experts_per_tok=int(hf.num_experts_per_tok), moe_module="mlp",
                     gpt_oss_experts=ClampedSwiGLU(float(getattr(hf, "swiglu_alpha", 1.702)),
                                                   float(hf.swiglu_limit)))
+    if name in DEEPSEEK_ARCHITECTURES:
+        return deepseek_experts(hf, name)
     if name == "Glm4MoeForCausalLM":  # its first layers dense; shared experts, ungated
         return dict(num_experts=int(hf.n_routed_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),
@@ -437,4 +449,6 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_mrope(hf_config),
         **_llama4(hf_config, name, quant),
     )
+    if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
+        args = replace(args, **mla_args(hf_config, name, scaling))
     return LlamaForCausalLM(args)
