@@ -204,9 +204,11 @@ def test_multimodal_and_unknown_prompt_keys_are_refused(llm, prompts):
     with pytest.raises(ValueError, match="multimodal"):
         engine.add_request("mm", {"prompt_token_ids": prompts[0],
                                   "multi_modal_data": {"audio": [0.0]}}, GREEDY)
-    for key in ("token_type_ids", "prompt_embeds", "promt"):
+    for key in ("token_type_ids", "promt"):
         with pytest.raises(ValueError, match=repr(key)):
             engine.add_request(key, {"prompt": text, key: "x"}, GREEDY)
+    with pytest.raises(ValueError, match="enable_prompt_embeds=True"):  # off by default
+        engine.add_request("embeds", {"prompt_embeds": "x"}, GREEDY)
     assert not engine.has_unfinished_requests()
     # empty multimodal fields and mm_processor_kwargs ask for nothing: accepted
     out = llm.generate({"prompt_token_ids": prompts[0], "multi_modal_data": None,
