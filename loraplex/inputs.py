@@ -7,40 +7,43 @@ refuses any other key (llm_engine.py), rather than ignore it.
 
 from __future__ import annotations
 
-from typing import Any, NotRequired, TypedDict
+from typing import Any, TypedDict
 
 import torch
 
 
-class TextPrompt(TypedDict):
+class _PromptOptions(TypedDict, total=False):
+    """What any prompt dict may add (all optional)."""
+
+    # {"image": an image or a list of them}, on a model that takes images
+    multi_modal_data: dict[str, Any]
+    mm_processor_kwargs: dict[str, Any]
+    multi_modal_uuids: dict[str, Any]
+    cache_salt: str  # prefix-cache isolation: only equal salts share blocks
+
+
+class TextPrompt(_PromptOptions):
     """Text, tokenized with the model's (or the request's adapter's) tokenizer."""
 
     prompt: str
-    # {"image": an image or a list of them}, on a model that takes images (LLaVA)
-    multi_modal_data: NotRequired[dict[str, Any]]
-    mm_processor_kwargs: NotRequired[dict[str, Any]]
-    multi_modal_uuids: NotRequired[dict[str, Any]]
-    cache_salt: NotRequired[str]  # prefix-cache isolation: only equal salts share blocks
 
 
-class TokensPrompt(TypedDict):
-    """Token ids, as they are (no special tokens added); `prompt`, if given, is only
-    reported back in the output."""
+class TokensPrompt(_PromptOptions):
+    """Token ids, as they are (no special tokens added); a `prompt` given beside them is
+    only reported back in the output."""
 
     prompt_token_ids: list[int]
-    prompt: NotRequired[str]
-    multi_modal_data: NotRequired[dict[str, Any]]
-    mm_processor_kwargs: NotRequired[dict[str, Any]]
-    multi_modal_uuids: NotRequired[dict[str, Any]]
-    cache_salt: NotRequired[str]
 
 
-class EmbedsPrompt(TypedDict):
+class _EmbedsOptions(TypedDict, total=False):
+    cache_salt: str
+
+
+class EmbedsPrompt(_EmbedsOptions):
     """The prompt's embeddings [length, hidden] in place of its tokens, on an engine
     started with enable_prompt_embeds (engine/prompt_embeds.py)."""
 
     prompt_embeds: torch.Tensor
-    cache_salt: NotRequired[str]
 
 
 PromptType = str | list[int] | TextPrompt | TokensPrompt | EmbedsPrompt | dict[str, Any]
