@@ -15,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from loraplex import LoRARequest
@@ -42,6 +43,11 @@ from tests.server_utils import RemoteServer
 pytest.importorskip("PIL")
 TWO = f"USER: {IMAGE} and {IMAGE}: which is brighter? ASSISTANT:"
 TEXT = "USER: What is the capital of France? ASSISTANT:"
+
+
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# the tiny checkpoints are written in transformers 5's config layout (rope_parameters) and the reference reads HF 5's get_image_features; on 4.x the hub layout test runs
+needs_transformers_5 = pytest.mark.skipif(not TRANSFORMERS_5, reason="the tiny checkpoints are written in transformers 5's config layout (rope_parameters) and the reference reads HF 5's get_image_features; on 4.x the hub layout test runs")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +78,7 @@ def _tower(base) -> tuple[QwenVision, object]:
 
 
 @pytest.mark.parametrize("which", ["qwen25", "qwen2"])
+@needs_transformers_5
 def test_image_embeddings_match_hf(which, request):
     """Two images of different sizes in one call (several windows each, Qwen2.5-VL) give
     HF's get_image_features within 1e-5, in HF's merged order."""
@@ -88,6 +95,7 @@ def test_image_embeddings_match_hf(which, request):
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
 
 
+@needs_transformers_5
 def test_positions_match_hf_get_rope_index(qwen25):
     """3-D positions and the decode delta, for one image, two (adjacent and apart) and none."""
     base = qwen25["base"]
@@ -104,6 +112,7 @@ def test_positions_match_hf_get_rope_index(qwen25):
         assert torch.equal(got, ref[:, 0]) and d == int(delta) and d != 0
 
 
+@needs_transformers_5
 def test_step_positions_slice_chunks_and_shift_past_the_prompt(qwen25):
     """A step's [3, T] rows: chunks of an image prompt take their slices, tokens past the
     prompt (a recompute after preemption) index + delta, a text prompt 1-D: HF's
@@ -130,6 +139,7 @@ def test_step_positions_slice_chunks_and_shift_past_the_prompt(qwen25):
     assert torch.equal(got[:, n:], torch.arange(7).expand(3, -1))
 
 
+@needs_transformers_5
 def test_mrope_with_equal_axes_is_the_1d_rope():
     """Text on all three axes (a prompt without images, decode at p + delta) rotates
     exactly as the plain 1-D path does, which those rows take."""
@@ -144,6 +154,7 @@ def test_mrope_with_equal_axes_is_the_1d_rope():
         RotaryEmbedding(16, 64, 10000.0, mrope_section=(2, 3, 4))
 
 
+@needs_transformers_5
 def test_processor_expands_as_hf(qwen25):
     base = qwen25["base"]
     ims = [image(1, (52, 40)), image(2, (24, 40))]
@@ -157,6 +168,7 @@ def test_processor_expands_as_hf(qwen25):
 
 
 @pytest.mark.parametrize("budget", [None, 16])
+@needs_transformers_5
 def test_mixed_batch_matches_hf(budget, qwen25):
     """Image requests under the base and two adapters (of ranks 8 and 4, one slot), two
     images of different sizes in one prompt, a text request, in one call; budget 16:
@@ -200,6 +212,7 @@ def test_hub_checkpoint_layout(qwen25, tmp_path):
     check(outs, qwen25["base"], [(ASK, [a], None)])
 
 
+@needs_transformers_5
 def test_qwen2_vl_matches_hf(qwen2):
     """Qwen2-VL (LayerNorm + GELU blocks, no windows), the base and an adapter, chunked."""
     base = qwen2["base"]
@@ -213,6 +226,7 @@ def test_qwen2_vl_matches_hf(qwen2):
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
 
 
+@needs_transformers_5
 def test_prefix_cache_never_shares_across_images(qwen25):
     """The same text with another image (of the same size): only the blocks before the
     image are shared; the same image again: all but the last block."""
@@ -231,6 +245,7 @@ def test_prefix_cache_never_shares_across_images(qwen25):
     assert runs[0].outputs[0].token_ids != runs[1].outputs[0].token_ids
 
 
+@needs_transformers_5
 def test_chat_with_image_parts(qwen25):
     base = qwen25["base"]
     llm = make_llm(base)
@@ -244,6 +259,7 @@ def test_chat_with_image_parts(qwen25):
     check(outs, base, [(text, [a, b], None)], add_special_tokens=False)
 
 
+@needs_transformers_5
 def test_lora_on_the_vision_tower_left_out(qwen25, tmp_path, caplog):
     both = make_multimodal_adapter(qwen25["base"], tmp_path / "both", r=4, seed=93,
                              targets=r".*(language_model.*\.q_proj|visual.*\.(qkv|fc1|up_proj)"
@@ -256,6 +272,7 @@ def test_lora_on_the_vision_tower_left_out(qwen25, tmp_path, caplog):
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
 
 
+@needs_transformers_5
 def test_server_chat_with_data_url_image(qwen25):
     """The official client's chat request with a data-URL image gets HF's greedy tokens;
     /v1/responses' input_image the same reply; /tokenize the expanded ids; an

@@ -39,6 +39,18 @@ def is_qwen_vl(hf_config: Any) -> bool:
     return any(a in ARCHITECTURES for a in getattr(hf_config, "architectures", None) or [])
 
 
+def _token_id(hf: Any, name: str) -> int:
+    """A special token's id, where the config keeps it: at its top (transformers 5, the
+    hub's files) or in its text config (transformers 4.x keeps vision_start_token_id
+    there)."""
+    value = getattr(hf, name, None)
+    if value is None:
+        value = getattr(getattr(hf, "text_config", None), name, None)
+    if value is None:
+        raise ValueError(f"the config names no {name}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class QwenVisionConfig:
     qwen25: bool  # Qwen2.5-VL (RMSNorm, SwiGLU, windows); else Qwen2-VL
@@ -76,7 +88,7 @@ class QwenVisionConfig:
                    v.temporal_patch_size, v.spatial_merge_size,
                    getattr(v, "in_channels", getattr(v, "in_chans", 3)), v.hidden_act, out,
                    window, full, float(params.get("rope_theta", 10000.0)),
-                   int(hf.image_token_id), int(hf.vision_start_token_id))
+                   _token_id(hf, "image_token_id"), _token_id(hf, "vision_start_token_id"))
 
     def tokens_for(self, grid: Grid) -> int:
         """Placeholder tokens (merged embeddings) of an image of `grid` patches."""
