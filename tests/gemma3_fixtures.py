@@ -21,7 +21,11 @@ from tokenizers import Tokenizer
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, _trained_tokenizer
 from tests.llava_fixtures import data_url, image  # noqa: F401  (re-exported for the tests)
-from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter
+from tests.multimodal_fixtures import (
+    assert_matches_reference,
+    hf_multimodal,
+    make_multimodal_adapter,
+)
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 TOKENS_PER_IMAGE = 16  # 56 x 56 pixels in 8 x 8 patches, average-pooled 2 x 2
@@ -151,13 +155,4 @@ def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
         assert out.prompt_token_ids == ids
         got = out.outputs[0].token_ids
         ref = hf_logprobs(base, adapter, ids + got[:-1], inp.get("pixel_values"))[len(ids) - 1:]
-        for step, (tok, lps) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
-            best = int(ref[step].argmax())
-            assert tok == best or ref[step, best] - ref[step, tok] < 1e-4, (adapter, step)
-            for t, lp in lps.items():
-                assert abs(lp.logprob - ref[step, t].item()) < 1e-4, (adapter, step, t)
-
-
-def request(prompt: str, images: list) -> dict | str:
-    """A generate() prompt with its images (a plain string without)."""
-    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
+        assert_matches_reference(out, ref, adapter)

@@ -15,7 +15,11 @@ import torch
 
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
-from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter
+from tests.multimodal_fixtures import (
+    assert_matches_reference,
+    hf_multimodal,
+    make_multimodal_adapter,
+)
 
 IMAGE_TOKEN = "<image>"
 PATCH = 7  # 28 x 28 pixels in 4 x 4 patches: 16 placeholders an image ("default": no CLS)
@@ -121,16 +125,7 @@ def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
         got = out.outputs[0].token_ids
         ref = hf_logprobs(base, adapter, ids + got[:-1], inp.get("pixel_values"),
                           inp.get("image_sizes"))[len(ids) - 1:]
-        for step, (tok, lps) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
-            best = int(ref[step].argmax())
-            assert tok == best or ref[step, best] - ref[step, tok] < 1e-4, (adapter, step)
-            for t, lp in lps.items():
-                assert abs(lp.logprob - ref[step, t].item()) < 1e-4, (adapter, step, t)
-
-
-def request(prompt: str, images: list) -> dict | str:
-    """A generate() prompt with its images (a plain string without)."""
-    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
+        assert_matches_reference(out, ref, adapter)
 
 
 def image(seed: int, size: tuple[int, int] = (40, 32)) -> Any:

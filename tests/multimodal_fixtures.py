@@ -46,3 +46,19 @@ def make_multimodal_adapter(base: Path, out: Path, r: int, seed: int,
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
     model.save_pretrained(str(out))
     return out
+
+
+def assert_matches_reference(out, ref: torch.Tensor, adapter: Path | None) -> None:
+    """`out`'s tokens are HF's greedy ones (off HF's argmax only at a near-tie) and its
+    logprobs HF's within 1e-4; `ref`: HF's log-softmax at each generated position."""
+    got = out.outputs[0].token_ids
+    for step, (tok, lps) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
+        best = int(ref[step].argmax())
+        assert tok == best or ref[step, best] - ref[step, tok] < 1e-4, (adapter, step)
+        for t, lp in lps.items():
+            assert abs(lp.logprob - ref[step, t].item()) < 1e-4, (adapter, step, t)
+
+
+def request(prompt: str, images: list) -> dict | str:
+    """A generate() prompt with its images (a plain string without)."""
+    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt

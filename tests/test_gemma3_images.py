@@ -35,10 +35,9 @@ from tests.gemma3_fixtures import (
     image,
     make_tiny_gemma3,
     processor,
-    request,
     with_adapters,
 )
-from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter
+from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter, request
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")

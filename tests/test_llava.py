@@ -33,10 +33,9 @@ from tests.llava_fixtures import (
     image,
     make_tiny_llava,
     processor,
-    request,
     with_adapters,
 )
-from tests.multimodal_fixtures import make_multimodal_adapter
+from tests.multimodal_fixtures import make_multimodal_adapter, request
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")

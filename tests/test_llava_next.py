@@ -28,10 +28,10 @@ from tests.llava_fixtures import (
     hf_logprobs,
     image,
     processor,
-    request,
     with_adapters,
 )
 from tests.llava_next_fixtures import make_tiny_llava_next
+from tests.multimodal_fixtures import request
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")

@@ -26,7 +26,7 @@ from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig
 from loraplex.worker.mrope import mrope_step_positions
 from tests.engine_utils import make_llm
 from tests.llava_fixtures import data_url, image
-from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter
+from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter, request
 from tests.qwen2_vl_fixtures import (
     ASK,
     GREEDY,
@@ -61,10 +61,6 @@ def qwen25(tiny_root):
 def qwen2(tiny_root):
     base = make_tiny_qwen_vl(tiny_root / "qwen2vl" / "base", seed=72, qwen25=False)
     return {"base": base, "r4": make_multimodal_adapter(base, base.parent / "r4", r=4, seed=73)}
-
-
-def request(prompt: str, images: list) -> dict | str:
-    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
 
 
 def _tower(base) -> tuple[QwenVision, object]:
