@@ -30,10 +30,10 @@ from torch import nn
 
 from loraplex.layers.norm import GemmaRMSNorm
 from loraplex.models.llava import (
-    VISION_ACTIVATIONS,
     CLIPVisionTower,
     TowerConfig,
     VisionWeights,
+    check_activation,
     placeholder_runs,
 )
 
@@ -52,9 +52,7 @@ class Gemma3VisionConfig(TowerConfig):  # feature_layers: the last layer's, alwa
         if getattr(v, "model_type", "siglip_vision_model") != "siglip_vision_model":
             raise ValueError(f"Gemma 3 with a {v.model_type!r} vision tower is not "
                              "supported (a SigLIP one is)")
-        if v.hidden_act not in VISION_ACTIVATIONS:
-            raise ValueError(f"vision_config.hidden_act={v.hidden_act!r} is not supported; "
-                             "supported: " + ", ".join(VISION_ACTIVATIONS))
+        check_activation("vision_config.hidden_act", v.hidden_act)
         side, per_side = v.image_size // v.patch_size, int(hf.mm_tokens_per_image ** 0.5)
         if per_side * per_side != hf.mm_tokens_per_image or side % per_side:
             raise ValueError(f"mm_tokens_per_image={hf.mm_tokens_per_image} must be a square "

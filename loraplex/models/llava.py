@@ -36,6 +36,13 @@ VISION_ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gel
                       "silu": F.silu}
 
 
+def check_activation(field: str, act: str) -> None:
+    """A vision config's activation, refused at start-up when no tower has it."""
+    if act not in VISION_ACTIVATIONS:
+        raise ValueError(f"{field}={act!r} is not supported; supported: "
+                         + ", ".join(VISION_ACTIVATIONS))
+
+
 @dataclass(frozen=True)
 class TowerConfig:
     """What the ViT reads of a model's vision config: the fields LlavaVisionConfig and
@@ -76,11 +83,8 @@ class LlavaVisionConfig(TowerConfig):
         if getattr(v, "model_type", "clip_vision_model") != "clip_vision_model":
             raise ValueError(f"LLaVA with a {v.model_type!r} vision tower is not supported "
                              "(a CLIP one is)")
-        for name, act in (("vision_config.hidden_act", v.hidden_act),
-                          ("projector_hidden_act", hf.projector_hidden_act)):
-            if act not in VISION_ACTIVATIONS:
-                raise ValueError(f"{name}={act!r} is not supported; supported: "
-                                 + ", ".join(VISION_ACTIVATIONS))
+        check_activation("vision_config.hidden_act", v.hidden_act)
+        check_activation("projector_hidden_act", hf.projector_hidden_act)
         strategy = hf.vision_feature_select_strategy
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy={strategy!r} is not supported "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.norm import RMSNorm
-from loraplex.models.llava import VISION_ACTIVATIONS, VisionWeights
+from loraplex.models.llava import VISION_ACTIVATIONS, VisionWeights, check_activation
 
 Grid = tuple[int, int, int]  # an image's patches: (t, h, w), as image_grid_thw
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
@@ -74,9 +74,7 @@ class QwenVisionConfig:
     def from_hf(cls, hf: Any) -> QwenVisionConfig:
         v = hf.vision_config
         qwen25 = hf.model_type == "qwen2_5_vl"
-        if v.hidden_act not in VISION_ACTIVATIONS:
-            raise ValueError(f"vision_config.hidden_act={v.hidden_act!r} is not supported; "
-                             "supported: " + ", ".join(VISION_ACTIVATIONS))
+        check_activation("vision_config.hidden_act", v.hidden_act)
         params = getattr(v, "rope_parameters", None) or {}
         if qwen25:
             hidden, inter, out = v.hidden_size, v.intermediate_size, v.out_hidden_size
