@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import Any
 
 from loraplex import envs
+from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.entrypoints.errors import APIError, BadRequestError, NotFoundError
 from loraplex.entrypoints.generate_protocol import (
     BestOfSequence,
@@ -46,26 +48,19 @@ ADAPTER_SOURCES = ("hub", "local")
 
 
 class TokenTexts:
-    """Each token's text as TGI reports it: what the token adds to the text before it,
-    decoded with a few tokens of context (so a word's leading space shows), a character
-    split over tokens coming whole with its last token (the ones before: "")."""
+    """Each token's text as TGI reports it: what the token adds to the text before it
+    (the engine's incremental detokenizer, special tokens kept, no stop strings), a
+    character split over tokens coming whole with its last token (the ones before: "")."""
 
-    CONTEXT = 4
+    _PARAMS = SamplingParams(skip_special_tokens=False)
 
-    def __init__(self, decode: Callable[[list[int]], str], before: list[int]) -> None:
-        self.decode = decode
-        self.ids = list(before[-self.CONTEXT:])
-        self.read = len(self.ids)  # ids[:read] have had their text reported
+    def __init__(self, tokenizer: Any, before: list[int]) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, before, self._PARAMS)
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self.decode(self.ids[:self.read])
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete character: wait for the rest
-            return ""
-        self.ids = self.ids[-self.CONTEXT:]
-        self.read = len(self.ids)
-        return text[len(before):] if text.startswith(before) else text
+        n = len(self._detok.output_text)
+        self._detok.append(token)
+        return self._detok.output_text[n:]
 
 
 class ServingGenerate(OpenAIServing):
@@ -102,8 +97,7 @@ class ServingGenerate(OpenAIServing):
 
     # ---- responses ----------------------------------------------------------------------
     def _texts(self, lora: LoRARequest | None, before: list[int]) -> TokenTexts:
-        decoder = self.decoder_for(lora)
-        return TokenTexts(lambda ids: decoder.decode(ids, skip_special_tokens=False), before)
+        return TokenTexts(self.decoder_for(lora), before)
 
     def _tokens(self, o: CompletionOutput, texts: TokenTexts, start: int, k: int,
                 alternatives: bool) -> tuple[list[Token], list[list[Token]]]:
