@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from loraplex.sampling_params import truncated_prompt
+
 TASKS = (None, "encode", "embed", "classify", "score")
 
 
@@ -33,10 +35,7 @@ class PoolingParams:
 
     def truncate_prompt(self, ids: list[int], max_model_len: int) -> list[int]:
         """The prompt's last truncate_prompt_tokens ids (all of them when None)."""
-        k = self.truncate_prompt_tokens
-        if k is None:
-            return ids
-        return ids[-(max_model_len - 1 if k == -1 else k):]
+        return truncated_prompt(ids, self.truncate_prompt_tokens, max_model_len)
 
     def clone(self) -> PoolingParams:
         return replace(self)

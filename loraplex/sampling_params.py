@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs (EngineArgs): top-k lists cost a transfer per step
 _GREEDY_EPS = 1e-5
@@ -16,6 +17,17 @@ def _is_int(x: object) -> bool:
 
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
+P = TypeVar("P")  # a prompt's ids (a list), or its embeddings' rows (a tensor)
+
+
+def truncated_prompt(ids: P, k: int | None, max_model_len: int) -> P:
+    """A prompt's last `k` ids (truncate_prompt_tokens; -1: max_model_len - 1, the most
+    that leaves room for one new token); all of them when k is None."""
+    if k is None:
+        return ids
+    return ids[-(max_model_len - 1 if k == -1 else k):]
 
 
 @dataclass
@@ -183,13 +195,9 @@ class SamplingParams:
         """Temperature ~0 means argmax: no randomness, so the seed is irrelevant."""
         return self.temperature < _GREEDY_EPS
 
-    def truncate_prompt(self, ids: list[int], max_model_len: int) -> list[int]:
-        """The prompt's last truncate_prompt_tokens ids (-1: max_model_len - 1, the most
-        that leaves room for one new token); all of them when it is None."""
-        k = self.truncate_prompt_tokens
-        if k is None:
-            return ids
-        return ids[-(max_model_len - 1 if k == -1 else k):]
+    def truncate_prompt(self, ids: P, max_model_len: int) -> P:
+        """The prompt's last truncate_prompt_tokens ids (or rows of its embeddings)."""
+        return truncated_prompt(ids, self.truncate_prompt_tokens, max_model_len)
 
     def clone(self) -> SamplingParams:
         """A deep copy, so per-request edits (e.g. max_tokens) do not leak to shared params."""

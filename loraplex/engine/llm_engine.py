@@ -367,10 +367,8 @@ class LLMEngine:
             raise ValueError("prompt_logprobs: not available for prompt_embeds (the prompt "
                              "has no token ids to score)")
         tensor = checked_prompt_embeds(prompt["prompt_embeds"], self.model.args.hidden_size)
-        k = params.truncate_prompt_tokens
-        if k is not None:
-            tensor = tensor[-(self.model_config.max_model_len - 1 if k == -1 else k):]
         mc = self.model_config
+        tensor = params.truncate_prompt(tensor, mc.max_model_len)
         scale = self.model.model.given_embeds_scale(mc.dtype)  # as HF's model scales them
         return [PLACEHOLDER_ID] * tensor.shape[0], prompt_embeds_inputs(
             tensor * scale if scale != 1.0 else tensor, mc.device, mc.dtype)
