@@ -6,7 +6,8 @@ options; `create_engine_config()` turns it into these validated pieces.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 
 import torch
 
@@ -313,6 +314,91 @@ class SpeculativeConfig:
                    prompt_lookup_min=lo if lo is not None else hi)
 
 
+# the modalities vLLM's limit_mm_per_prompt and default_mm_loras name (loraplex's models
+# take images only: a prompt's other kinds are refused whatever their limit)
+MODALITIES = ("image", "video", "audio")
+
+
+def json_object(name: str, value: dict | str | None, of: str = "") -> dict:
+    """A dict option as given in Python (a dict) or on the command line (its JSON text);
+    {} for None, a clear error for anything else. `of` says what its keys are."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict (a JSON object){of}, got "
+                         f"{type(value).__name__}")
+    return value
+
+
+def _json_dict(name: str, value: dict | str | None) -> dict:
+    """A {modality: ...} option."""
+    value = json_object(name, value, " of modalities")
+    unknown = sorted(set(value) - set(MODALITIES))
+    if unknown:
+        raise ValueError(f"{name}: unknown modality {unknown[0]!r}; use "
+                         + ", ".join(MODALITIES))
+    return value
+
+
+@dataclass
+class MultiModalConfig:
+    """What a prompt's multi_modal_data may carry, and what it brings (vLLM's options).
+
+    `limit_per_prompt` (limit_mm_per_prompt): the most items of a modality one prompt may
+    carry; a modality not named has no limit. {"image": 0} serves a multimodal checkpoint
+    on text: its vision tower is never built, so it takes no memory.
+    `default_loras` (default_mm_loras): the adapter a prompt with that modality's data runs
+    under when the request names none (a checkpoint whose vision skills are an adapter).
+    """
+
+    limit_per_prompt: dict[str, int] = field(default_factory=dict)
+    default_loras: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, limit: dict | str | None, default_loras: dict | str | None
+                  ) -> MultiModalConfig:
+        if isinstance(limit, str) and not limit.lstrip().startswith("{"):
+            limit = _legacy_limits(limit)  # vLLM's older "image=2,video=1"
+        limits = {}
+        for modality, value in _json_dict("limit_mm_per_prompt", limit).items():
+            count = value.get("count") if isinstance(value, dict) else value  # vLLM's
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"limit_mm_per_prompt: {modality}={value!r}: give a count "
+                                 ">= 0 (or {\"count\": n})")
+            limits[modality] = count
+        loras = _json_dict("default_mm_loras", default_loras)
+        for modality, path in loras.items():
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"default_mm_loras: {modality}={path!r}: give the "
+                                 "adapter's path or hub id")
+        return cls(limits, dict(loras))
+
+    def takes(self, modality: str) -> bool:
+        return self.limit_per_prompt.get(modality) != 0
+
+    def check_count(self, modality: str, count: int) -> None:
+        limit = self.limit_per_prompt.get(modality)
+        if limit is not None and count > limit:
+            raise ValueError(f"At most {limit} {modality}(s) may be provided in one prompt, "
+                             f"got {count} (limit_mm_per_prompt / --limit-mm-per-prompt)")
+
+
+def _legacy_limits(text: str) -> dict[str, int]:
+    limits = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        modality, eq, count = item.partition("=")
+        if not eq or not count.strip().isdigit():
+            raise ValueError(f"limit_mm_per_prompt={text!r}: give JSON like "
+                             "'{\"image\": 2}' (or image=2,video=1)")
+        limits[modality.strip()] = int(count)
+    return limits
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig
@@ -320,3 +406,4 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     lora_config: LoRAConfig | None
     speculative_config: SpeculativeConfig | None = None
+    multimodal_config: MultiModalConfig = field(default_factory=MultiModalConfig)

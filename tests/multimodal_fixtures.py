@@ -62,3 +62,13 @@ def assert_matches_reference(out, ref: torch.Tensor, adapter: Path | None) -> No
 def request(prompt: str, images: list) -> dict | str:
     """A generate() prompt with its images (a plain string without)."""
     return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
+
+
+def chat_token_ids(client, model: str, content: list, max_tokens: int = 6) -> list[int]:
+    """A greedy chat over the server (the openai client) with one user message of
+    `content` parts: the reply's token ids."""
+    resp = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=max_tokens, logprobs=True,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]

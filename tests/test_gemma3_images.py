@@ -37,7 +37,12 @@ from tests.gemma3_fixtures import (
     processor,
     with_adapters,
 )
-from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter, request
+from tests.multimodal_fixtures import (
+    chat_token_ids,
+    hf_multimodal,
+    make_multimodal_adapter,
+    request,
+)
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
@@ -293,14 +298,6 @@ def test_image_blocks_mask():
     assert inputs.chunk_len(8, 2) == 1 and inputs.chunk_len(9, 1) == 0
 
 
-def _chat(client: openai.OpenAI, model: str, content: list) -> list[int]:
-    resp = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], temperature=0,
-        max_tokens=GREEDY.max_tokens, logprobs=True,
-        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
-    return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
-
-
 @needs_transformers_5
 def test_server_chat_with_data_url_image(gemma3):
     """The chat route's image_url parts (base and adapter: HF's greedy tokens), an
@@ -318,11 +315,11 @@ def test_server_chat_with_data_url_image(gemma3):
     with RemoteServer(gemma3["base"], args) as server:
         client = server.get_client()
         for model, adapter in ((base, None), ("r8", gemma3["r8"])):
-            got = _chat(client, model, content)
+            got = chat_token_ids(client, model, content)
             ref = hf_logprobs(gemma3["base"], adapter, ids + got[:-1], inp["pixel_values"])
             assert got == ref[len(ids) - 1:].argmax(-1).tolist()
         with pytest.raises(openai.BadRequestError) as info:
-            _chat(client, base, [{"type": "image_url", "image_url": {
+            chat_token_ids(client, base, [{"type": "image_url", "image_url": {
                 "url": "data:image/png;base64,AAAA"}}])
         err = info.value.body
         assert err["type"] == "BadRequestError" and info.value.status_code == 400, err
@@ -338,4 +335,4 @@ def test_server_chat_with_data_url_image(gemma3):
             {"role": "user", "content": content}]})
         assert tok.status_code == 200, tok.text
         assert tok.json()["tokens"] == ids and tok.json()["count"] == len(ids)
-        assert len(_chat(client, base, content)) == GREEDY.max_tokens  # still serving
+        assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving

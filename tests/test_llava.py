@@ -35,7 +35,7 @@ from tests.llava_fixtures import (
     processor,
     with_adapters,
 )
-from tests.multimodal_fixtures import make_multimodal_adapter, request
+from tests.multimodal_fixtures import chat_token_ids, make_multimodal_adapter, request
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
@@ -173,17 +173,9 @@ def test_lora_on_the_vision_tower(llava, tmp_path, caplog):
                      lora_request=LoRARequest("only", 2, str(only)))
 
 
-def _chat(client: openai.OpenAI, model: str, content: list) -> list[int]:
-    resp = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], temperature=0,
-        max_tokens=GREEDY.max_tokens, logprobs=True,
-        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
-    return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
-
-
 def _refused(client: openai.OpenAI, model: str, content: list, match: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        _chat(client, model, content)
+        chat_token_ids(client, model, content)
     err = info.value.body
     assert err["type"] == "BadRequestError" and info.value.status_code == 400, err
     assert re.search(match, err["message"]), err["message"]
@@ -199,7 +191,7 @@ def test_server_chat_with_data_url_image(llava, tiny_root):
         client = server.get_client()
         base = str(llava["base"])
         for model, adapter in ((base, None), ("r8", llava["r8"])):
-            got = _chat(client, model, content)
+            got = chat_token_ids(client, model, content)
             text = "<|user|><image>\nWhat is this?\n<|assistant|>"
             inp = hf_inputs(llava["base"], text, [a])
             ids = processor(base)(text=text, images=[a], add_special_tokens=False,
@@ -212,13 +204,13 @@ def test_server_chat_with_data_url_image(llava, tiny_root):
                  "2 image placeholder token.*for 1 image")
         _refused(client, base, [{"type": "image_url", "image_url": {"url": "ftp://x"}}],
                  "data: URL or an http")
-        assert len(_chat(client, base, content)) == GREEDY.max_tokens  # still serving
+        assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving
     text_model = make_tiny_model(tiny_root / "llava_server_text", "llama", seed=6)
     with RemoteServer(text_model, ["--max-model-len", "128", "--dtype", "float32",
                                    "--served-model-name", "plain"]) as server:
         client = server.get_client()
         _refused(client, "plain", content, "not supported by model 'plain'.*no vision tower")
-        assert len(_chat(client, "plain", content[1:])) == GREEDY.max_tokens
+        assert len(chat_token_ids(client, "plain", content[1:])) == GREEDY.max_tokens
 
 
 def test_image_hash_keys_only_the_blocks_with_placeholders():

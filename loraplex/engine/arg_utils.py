@@ -15,6 +15,7 @@ from loraplex.config import (
     EngineConfig,
     LoRAConfig,
     ModelConfig,
+    MultiModalConfig,
     PoolerConfig,
     SchedulerConfig,
     SpeculativeConfig,
@@ -74,6 +75,9 @@ class EngineArgs:
     max_logprobs: int = 20  # vLLM's: the most logprobs a request may ask for; -1: no limit
     # vLLM's: prompts may be given as embeddings (engine/prompt_embeds.py)
     enable_prompt_embeds: bool = False
+    # vLLM's: the most items of each modality one prompt may carry, e.g. {"image": 2};
+    # {"image": 0} serves a multimodal checkpoint on text, without its vision tower
+    limit_mm_per_prompt: dict | str | None = None
     reasoning_parser: str | None = None  # vLLM's names (loraplex/reasoning.py)
     generation_config: str = "auto"  # vLLM's: "auto" | "vllm" | a folder (generation_config.py)
     # vLLM's runner: "auto" (generate, or pooling for a headless `*Model` checkpoint),
@@ -95,7 +99,9 @@ class EngineArgs:
     lora_dtype: str = "auto"
     lora_extra_vocab_size: int = 256
     long_lora_scaling_factors: tuple[float, ...] | None = None
-    default_mm_loras: dict | None = None
+    # vLLM's: {modality: adapter path or hub id}, the adapter a prompt with that
+    # modality's data runs under when its request names none (config.py: MultiModalConfig)
+    default_mm_loras: dict | str | None = None
     # which modules get adapter slots (SGLang's flag; a list, or "q_proj,v_proj"; None or
     # "all": every module the model supports)
     lora_target_modules: list[str] | str | None = None
@@ -150,8 +156,8 @@ class EngineArgs:
                                                                             "bitsandbytes"):
             raise ValueError(f"load_format='bitsandbytes' goes with quantization='bitsandbytes',"
                              f" not {self.quantization!r}")
-        if self.default_mm_loras:
-            raise ValueError("default_mm_loras: multimodal models are not supported yet")
+        if self.default_mm_loras and not self.enable_lora:
+            raise ValueError("default_mm_loras needs enable_lora")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser={self.reasoning_parser!r}: use one of "
                              + ", ".join(REASONING_PARSERS))
@@ -279,7 +285,9 @@ class EngineArgs:
                 target_modules=_parse_names(self.lora_target_modules),
                 modules_to_save=self.enable_lora_modules_to_save)
         return EngineConfig(model_config, cache_config, scheduler_config, lora_config,
-                            parse_speculative_config(self.speculative_config))
+                            parse_speculative_config(self.speculative_config),
+                            MultiModalConfig.from_args(self.limit_mm_per_prompt,
+                                                       self.default_mm_loras))
 
 
 @dataclass

@@ -77,6 +77,9 @@ from loraplex.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
+# default_mm_loras' lora_int_ids start here, past the ids users and the server give
+DEFAULT_MM_LORA_IDS = 1 << 30
+
 # vLLM's prompt-dict keys beyond prompt / prompt_token_ids that the engine accepts:
 # cache_salt (prefix-cache isolation); multi_modal_data {"image": ...} on a model that takes
 # images (LLaVA, Gemma 3, Qwen2-VL), else only while empty, as multi_modal_uuids; mm_processor_kwargs
@@ -120,16 +123,21 @@ class LLMEngine:
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
         hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
-        # LLaVA, Gemma 3, Qwen2-VL: the vision tower and projector (models/llava.py,
-        # models/gemma3_vision.py, models/qwen2_vl.py), the image processor
-        vision = (vision_config(whole)
-                  if self.text_only is not None and self.text_only.images else None)
         architecture(hf_config)
         # a causal LM served as a reranker: its head from lm_head rows (hf_overrides)
         self.lm_head_classifier = LMHeadClassifier.from_config(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
+        self.multimodal = self.config.multimodal_config
+        # LLaVA, Gemma 3, Qwen2-VL: the vision tower and projector (models/llava.py,
+        # models/gemma3_vision.py, models/qwen2_vl.py), the image processor; none when
+        # limit_mm_per_prompt allows no image (served on text, the tower never built)
+        vision = (vision_config(whole) if self.text_only is not None
+                  and self.text_only.images and self.multimodal.takes("image") else None)
+        if vision is None and self.text_only is not None and self.text_only.images:
+            logger.info("limit_mm_per_prompt allows no image: serving %s on text (its "
+                        "vision tower is not loaded)", args.model)
         mc = self.model_config
         self.classify = mc.pooling_task == "classify"
         self.activations: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -223,6 +231,7 @@ class LLMEngine:
             else None
         self.requests: dict[str, Request] = {}
         self._pending_lora_removal: set[int] = set()
+        self.default_mm_loras = self._default_mm_loras()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -249,6 +258,30 @@ class LLMEngine:
             logger.warning("%s has no image processor files: serving its language model on "
                            "text; image inputs are refused", path)
             return None
+
+    def _default_mm_loras(self) -> dict[str, LoRARequest]:
+        """default_mm_loras as registered adapters, named by their modality; their ids
+        are vLLM's (the modality's place in sorted order + 1) moved past any id a user
+        or the server picks (DEFAULT_MM_LORA_IDS), so they never collide."""
+        asked = self.multimodal.default_loras
+        for modality in asked:
+            if modality != "image" or self.image_processor is None:
+                raise ValueError(f"default_mm_loras: {self.model_config.name!r} takes no "
+                                 f"{modality} inputs")
+        loras = {m: LoRARequest(m, DEFAULT_MM_LORA_IDS + i, asked[m])
+                 for i, m in enumerate(sorted(asked), start=1)}
+        for req in loras.values():
+            self.register_lora(req, fetch_hub=True)
+        return loras
+
+    def _default_mm_lora(self, prompt: PromptType) -> LoRARequest | None:
+        """The default_mm_loras adapter of a prompt carrying that modality's data (its
+        request named no adapter); as in vLLM, none when it carries several such."""
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if not self.default_mm_loras or not isinstance(data, dict):
+            return None
+        hits = [m for m in data if m in self.default_mm_loras]
+        return self.default_mm_loras[hits[0]] if len(hits) == 1 else None
 
     def _build(self, make: Callable[[], torch.nn.Module]) -> Any:
         """A module made in the model's dtype, on its device."""
@@ -307,6 +340,9 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, tokenizer.encode(prompt)
         if isinstance(prompt, dict):
+            if isinstance(data := prompt.get("multi_modal_data"), dict):
+                for modality, items in data.items():
+                    self.multimodal.check_count(modality, _count_items(items))
             _check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -461,6 +497,7 @@ class LLMEngine:
             return
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        lora_request = lora_request or self._default_mm_lora(prompt)
         # the adapter first: one that adds tokens brings its own tokenizer
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         tokenizer, vocab = self.get_tokenizer(lora_request), self.vocab_size(lora_request)
@@ -934,6 +971,14 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
         raise ValueError(f"prompt key(s) {', '.join(map(repr, unknown))} are not supported "
                          "yet: a prompt dict takes 'prompt' or 'prompt_token_ids', and "
                          "'cache_salt'")
+
+
+def _count_items(items: Any) -> int:
+    """How many images (or other items) a multi_modal_data entry holds: a list of them,
+    the server's processed ImageInputs, or one."""
+    if isinstance(items, ImageInputs):
+        return len(items.ranges)
+    return len(items) if isinstance(items, list | tuple) else 1
 
 
 def _scored_prompt(seq: Sequence) -> list[int]:

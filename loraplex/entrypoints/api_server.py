@@ -534,6 +534,11 @@ async def build_state(args: argparse.Namespace) -> ServerState:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)
         except APIError as e:
             raise CLIError(f"--lora-modules {m.name}={m.path}: {_one_line(e)}") from None
+    for modality, req in engine.default_mm_loras.items():  # listed by modality, as vLLM's
+        try:
+            await models.serve_registered(modality, req)
+        except APIError as e:
+            raise CLIError(f"--default-mm-loras {modality}: {_one_line(e)}") from None
     return state
 
 

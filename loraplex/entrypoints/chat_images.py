@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from loraplex.config import MultiModalConfig
 from loraplex.engine.images import load_image
 
 
@@ -26,6 +27,8 @@ class ChatImages:
     placeholder: str | None  # the image token's text; None: the model takes no images
     template: str | None  # the chat template in use, to tell its content format
     images: list[Any] = field(default_factory=list)  # the conversation's, in order
+    # limit_mm_per_prompt: checked before each image is fetched or decoded
+    multimodal: MultiModalConfig = field(default_factory=MultiModalConfig)
 
     def content(self, content: Any, i: int) -> Any:
         """Message i's content for the template; its images appended to `images`."""
@@ -37,6 +40,10 @@ class ChatImages:
             if kind == "text":
                 parts.append({"type": "text", "text": str(part.get("text", ""))})
             elif kind in ("image_url", "image_pil"):
+                try:
+                    self.multimodal.check_count("image", len(self.images) + 1)
+                except ValueError as e:
+                    raise ValueError(f"messages[{i}]: {e}") from None
                 parts.append({"type": "image"})
                 self.images.append(self._image(part, kind, i))
             else:

@@ -210,7 +210,14 @@ ENGINE_HELP: dict[str, str] = {
                                  "max_position_embeddings is served with rope scaled "
                                  "linearly by f; max_model_len may go up to the base's "
                                  "length x the largest factor.",
-    "default_mm_loras": "JSON {modality: adapter}; multimodal models are not supported yet.",
+    "default_mm_loras": "JSON {modality: adapter path or hub id}, e.g. '{\"image\": "
+                        "\"/adapters/vision\"}': a prompt with images whose request names "
+                        "no adapter runs under this one (also served by the modality's "
+                        "name).",
+    "limit_mm_per_prompt": "JSON {modality: most items in one prompt}, e.g. '{\"image\": "
+                           "2}' (or image=2); a prompt with more is refused. "
+                           "'{\"image\": 0}' serves an image model on text, without "
+                           "building its vision tower.",
     "lora_scheduling_policy": "When more adapters are wanted than --max-loras: fair (requests "
                               "for running adapters go ahead of ones waiting for a slot; "
                               "slots are time-sliced so the longest-waiting adapter gets the "

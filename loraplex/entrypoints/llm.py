@@ -242,7 +242,7 @@ class LLM:
             tok = engine.get_tokenizer(lora)
             # image parts (image_url, image_pil): the images go with the prompt
             images = ChatImages(engine.model_config.name, engine.image_placeholder,
-                                chat_template or tok.chat_template)
+                                chat_template or tok.chat_template, multimodal=engine.multimodal)
             conv = [{**m, "content": images.content(m.get("content"), i)} if "content" in m
                     else m for i, m in enumerate(conv)]
             ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,

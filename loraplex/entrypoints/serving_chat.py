@@ -100,7 +100,7 @@ class OpenAIServingChat(OpenAIServing):
         encoder = self.encoder_for(lora)
         engine = self.engine.engine
         images = ChatImages(engine.model_config.name, engine.image_placeholder,
-                            template or encoder.chat_template)
+                            template or encoder.chat_template, multimodal=engine.multimodal)
         messages = self._messages(req, images)
         try:
             text = encoder.apply_chat_template(

@@ -162,6 +162,13 @@ class OpenAIServingModels:
             return f"Success: LoRA adapter '{name}' reloaded in place successfully."
         return await self._change(name, load)
 
+    async def serve_registered(self, name: str, req: LoRARequest) -> None:
+        """Answer to `name` with an adapter the engine registered itself (vLLM serves
+        default_mm_loras under their modality's name)."""
+        if self.is_base_model(name) or name in self.lora_requests:
+            raise BadRequestError(f"{name!r} is served already", param="lora_name")
+        await self._change(name, lambda: self._serve(name, req))
+
     async def unload_lora_adapter(self, name: str) -> str:
         self._require_lora()
 

@@ -9,26 +9,17 @@ or a config value corrected without editing the files. A key naming a nested con
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from transformers import PretrainedConfig
+
+from loraplex.config import json_object
 
 
 def parse_hf_overrides(value: dict | str | None) -> dict[str, Any]:
     """The overrides as a dict: a dict as is, or its JSON text; a clear error for
     anything else."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"hf_overrides is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError("hf_overrides must be a dict (a JSON object) of config keys, got "
-                         f"{type(value).__name__}")
-    return value
+    return json_object("hf_overrides", value, " of config keys")
 
 
 def apply_hf_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:
