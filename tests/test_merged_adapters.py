@@ -59,38 +59,53 @@ def peft_merged(base: Path, sources: dict[str, Path], strategy: str, density, si
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(sources["qa"]), adapter_name="qa")
     model.load_adapter(str(sources["qb"]), adapter_name="qb")
-    model.add_weighted_adapter(["qa", "qb"], [w * w for w in WEIGHTS], "m",
-                               combination_type=strategy, density=density,
-                               majority_sign_method=sign or "total")
+    model.add_weighted_adapter(
+        ["qa", "qb"],
+        [w * w for w in WEIGHTS],
+        "m",
+        combination_type=strategy,
+        density=density,
+        majority_sign_method=sign or "total",
+    )
     model.set_adapter("m")
     return model.eval()
 
 
 @pytest.mark.parametrize("strategy, density, sign", PEFT_STRATEGIES)
-def test_merged_tensors_and_outputs_are_peft_s(base, sources, tmp_path, tokenizer, strategy,
-                                               density, sign):
+def test_merged_tensors_and_outputs_are_peft_s(
+    base, sources, tmp_path, tokenizer, strategy, density, sign
+):
     spec = spec_of(strategy, density, sign)
     merge_adapter_dirs(spec, [str(sources["qa"]), str(sources["qb"])], str(tmp_path / "m"))
     ours = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
     model = peft_merged(base, sources, strategy, density, sign)
-    theirs = {k.replace(".m.weight", ".weight"): p.detach() for k, p in
-              model.named_parameters() if ".lora_A.m." in k or ".lora_B.m." in k}
+    theirs = {
+        k.replace(".m.weight", ".weight"): p.detach()
+        for k, p in model.named_parameters()
+        if ".lora_A.m." in k or ".lora_B.m." in k
+    }
     assert set(ours) == set(theirs)
     assert any(".o_proj." in k for k in ours)  # qb's o_proj: the union of the targets
     for k, t in ours.items():
         torch.testing.assert_close(t, theirs[k], rtol=1e-6, atol=1e-6, msg=k)
 
     llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8)
-    lora = merged_lora_request(spec, [LoRARequest("qa", 1, str(sources["qa"])),
-                                      LoRARequest("qb", 2, str(sources["qb"]))],
-                               str(tmp_path / "offline"), lora_int_id=3)
-    out = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
-                                                logprobs=0), lora_request=lora,
-                       use_tqdm=False)[0].outputs[0]
+    lora = merged_lora_request(
+        spec,
+        [LoRARequest("qa", 1, str(sources["qa"])), LoRARequest("qb", 2, str(sources["qb"]))],
+        str(tmp_path / "offline"),
+        lora_int_id=3,
+    )
+    out = llm.generate(
+        [PROMPT],
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0),
+        lora_request=lora,
+        use_tqdm=False,
+    )[0].outputs[0]
     prompt = tokenizer.encode(PROMPT)
     ids = torch.tensor([prompt + list(out.token_ids)])
     with torch.no_grad():
-        ref = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)[len(prompt) - 1:-1]
+        ref = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)[len(prompt) - 1 : -1]
     assert list(out.token_ids) == ref.argmax(-1).tolist()
     got = [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)]
     want = ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0].tolist()
@@ -125,20 +140,36 @@ def test_dare_is_peft_s_with_the_merge_s_seed(sources, tmp_path, strategy, sign)
     assert checked >= 4
     other = MergeSpec.parse(["qa", "qb"], [0.8, 1.2], strategy, 0.6, sign)
     merge_adapter_dirs(other, dirs, str(tmp_path / "m3"))
-    assert not torch.equal(load_file(str(tmp_path / "m3" / "adapter_model.safetensors"))[k],
-                           ours[k])
+    assert not torch.equal(
+        load_file(str(tmp_path / "m3" / "adapter_model.safetensors"))[k], ours[k]
+    )
 
 
 # ---- over the real server ---------------------------------------------------------------
-MERGE = {"ids": ["qa", "qb"], "weights": list(WEIGHTS), "merge_strategy": "ties",
-         "density": 0.5, "majority_sign_method": "total"}
+MERGE = {
+    "ids": ["qa", "qb"],
+    "weights": list(WEIGHTS),
+    "merge_strategy": "ties",
+    "density": 0.5,
+    "majority_sign_method": "total",
+}
 
 
 @pytest.fixture(scope="module")
 def server(base, sources):
-    args = ["--dtype", "float32", "--max-model-len", "256", "--enable-lora", "--max-loras", "2",
-            "--max-lora-rank", "8",
-            "--lora-modules", *[f"{name}={path}" for name, path in sources.items()]]
+    args = [
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "256",
+        "--enable-lora",
+        "--max-loras",
+        "2",
+        "--max-lora-rank",
+        "8",
+        "--lora-modules",
+        *[f"{name}={path}" for name, path in sources.items()],
+    ]
     with RemoteServer(base, args) as s:
         yield s
 
@@ -148,23 +179,49 @@ def offline(base, sources, tmp_path_factory):
     """None | "qa" | "merged" -> the offline LLM's greedy tokens for PROMPT."""
     llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8)
     qa, qb = (LoRARequest(n, i, str(sources[n])) for i, n in enumerate(("qa", "qb"), 1))
-    merged = merged_lora_request(spec_of("ties", 0.5, "total"), [qa, qb],
-                                 str(tmp_path_factory.mktemp("merged")), lora_int_id=3)
+    merged = merged_lora_request(
+        spec_of("ties", 0.5, "total"),
+        [qa, qb],
+        str(tmp_path_factory.mktemp("merged")),
+        lora_int_id=3,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    return {name: list(llm.generate([PROMPT], params, lora_request=lora, use_tqdm=False)[0]
-                       .outputs[0].token_ids)
-            for name, lora in ((None, None), ("qa", qa), ("merged", merged))}
+    return {
+        name: list(
+            llm.generate([PROMPT], params, lora_request=lora, use_tqdm=False)[0]
+            .outputs[0]
+            .token_ids
+        )
+        for name, lora in ((None, None), ("qa", qa), ("merged", merged))
+    }
 
 
 def lorax_body(**parameters) -> dict:
     """What lorax-client posts for Client.generate(prompt, merged_adapters=...)."""
-    p = {"adapter_id": None, "adapter_source": "hub", "merged_adapters": None,
-         "api_token": None, "do_sample": False, "max_new_tokens": 8, "ignore_eos_token": True,
-         "repetition_penalty": None, "return_full_text": False, "stop": [], "seed": None,
-         "temperature": None, "top_k": None, "top_p": None, "truncate": None,
-         "typical_p": None, "best_of": None, "watermark": False, "details": True,
-         "decoder_input_details": False, "return_k_alternatives": None,
-         "response_format": None}
+    p = {
+        "adapter_id": None,
+        "adapter_source": "hub",
+        "merged_adapters": None,
+        "api_token": None,
+        "do_sample": False,
+        "max_new_tokens": 8,
+        "ignore_eos_token": True,
+        "repetition_penalty": None,
+        "return_full_text": False,
+        "stop": [],
+        "seed": None,
+        "temperature": None,
+        "top_k": None,
+        "top_p": None,
+        "truncate": None,
+        "typical_p": None,
+        "best_of": None,
+        "watermark": False,
+        "details": True,
+        "decoder_input_details": False,
+        "return_k_alternatives": None,
+        "response_format": None,
+    }
     return {"inputs": PROMPT, "parameters": {**p, **parameters}}
 
 
@@ -174,8 +231,9 @@ def tokens(res: httpx.Response) -> list[int]:
 
 
 def merged_names(server) -> list[str]:
-    return [m["id"] for m in server.get("v1/models").json()["data"]
-            if m["id"].startswith("merged-")]
+    return [
+        m["id"] for m in server.get("v1/models").json()["data"] if m["id"].startswith("merged-")
+    ]
 
 
 def test_merged_request_mixed_batch_and_cache(server, offline):
@@ -190,40 +248,69 @@ def test_merged_request_mixed_batch_and_cache(server, offline):
         name = "merged" if p["merged_adapters"] else p["adapter_id"]
         assert ids == offline[name], name
     assert len(merged_names(server)) == 1
-    assert tokens(server.post("generate", json=lorax_body(merged_adapters=MERGE))) == \
-        offline["merged"]
+    assert (
+        tokens(server.post("generate", json=lorax_body(merged_adapters=MERGE))) == offline["merged"]
+    )
     assert len(merged_names(server)) == 1
     assert server.logs().count("registered as merged-") == 1
-    with httpx.stream("POST", server.url_for("generate_stream"), timeout=60,
-                      json=lorax_body(merged_adapters=MERGE)) as r:
+    with httpx.stream(
+        "POST",
+        server.url_for("generate_stream"),
+        timeout=60,
+        json=lorax_body(merged_adapters=MERGE),
+    ) as r:
         events = [line for line in r.iter_lines() if line.startswith("data:")]
     assert len(events) == 8
     # a single id is that adapter as it is (LoRAX's rule)
-    assert tokens(server.post("generate", json=lorax_body(
-        merged_adapters={"ids": ["qa"], "weights": [0.5]}))) == offline["qa"]
+    assert (
+        tokens(
+            server.post(
+                "generate", json=lorax_body(merged_adapters={"ids": ["qa"], "weights": [0.5]})
+            )
+        )
+        == offline["qa"]
+    )
     assert len(merged_names(server)) == 1
 
 
-@pytest.mark.parametrize("merge, message", [
-    ({"ids": ["qa", "qb"], "weights": [1.0]}, "2 ids but 1 weights"),
-    ({"ids": [], "weights": []}, "non-empty list"),
-    ({"ids": ["qa", "qb"], "weights": [1, 1], "merge_strategy": "svd"}, "svd"),
-    ({"ids": ["qa", "qb"], "weights": [1, 1], "merge_strategy": "ties"}, "density"),
-    ({"ids": ["qa", "qb"], "weights": [1, 1], "merge_strategy": "ties", "density": 1.5},
-     "density must be in (0, 1]"),
-    ({"ids": ["qa", "qb"], "weights": [1, 1], "merge_strategy": "dare_linear",
-      "density": 0}, "density must be in (0, 1]"),
-    ({"ids": ["qa", "qb"], "weights": [1, 1], "merge_strategy": "ties", "density": 0.5,
-      "majority_sign_method": "median"}, "majority_sign_method"),
-    ({"ids": ["qa", "nope"], "weights": [1, 1]}, "unknown adapter 'nope'"),
-    ({"ids": ["qa", "r8"], "weights": [1, 1]}, "'qa' rank 4, 'r8' rank 8"),
-    ({"ids": ["qa", "qb"], "weights": [1, "x"]}, "weights"),
-    ({"ids": ["qa", "qb"], "wieghts": [1, 1]}, "wieghts"),
-    ("adapter_id", "not both"),
-])
+@pytest.mark.parametrize(
+    "merge, message",
+    [
+        ({"ids": ["qa", "qb"], "weights": [1.0]}, "2 ids but 1 weights"),
+        ({"ids": [], "weights": []}, "non-empty list"),
+        ({"ids": ["qa", "qb"], "weights": [1, 1], "merge_strategy": "svd"}, "svd"),
+        ({"ids": ["qa", "qb"], "weights": [1, 1], "merge_strategy": "ties"}, "density"),
+        (
+            {"ids": ["qa", "qb"], "weights": [1, 1], "merge_strategy": "ties", "density": 1.5},
+            "density must be in (0, 1]",
+        ),
+        (
+            {"ids": ["qa", "qb"], "weights": [1, 1], "merge_strategy": "dare_linear", "density": 0},
+            "density must be in (0, 1]",
+        ),
+        (
+            {
+                "ids": ["qa", "qb"],
+                "weights": [1, 1],
+                "merge_strategy": "ties",
+                "density": 0.5,
+                "majority_sign_method": "median",
+            },
+            "majority_sign_method",
+        ),
+        ({"ids": ["qa", "nope"], "weights": [1, 1]}, "unknown adapter 'nope'"),
+        ({"ids": ["qa", "r8"], "weights": [1, 1]}, "'qa' rank 4, 'r8' rank 8"),
+        ({"ids": ["qa", "qb"], "weights": [1, "x"]}, "weights"),
+        ({"ids": ["qa", "qb"], "wieghts": [1, 1]}, "wieghts"),
+        ("adapter_id", "not both"),
+    ],
+)
 def test_bad_merges_fail_alone_with_422(server, offline, merge, message):
-    body = lorax_body(merged_adapters=merge) if merge != "adapter_id" else \
-        lorax_body(adapter_id="qa", merged_adapters=MERGE)
+    body = (
+        lorax_body(merged_adapters=merge)
+        if merge != "adapter_id"
+        else lorax_body(adapter_id="qa", merged_adapters=MERGE)
+    )
     res = server.post("generate", json=body)
     assert res.status_code == 422, res.text
     assert message in res.json()["error"] and res.json()["error_type"] == "validation"
