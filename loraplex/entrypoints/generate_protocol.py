@@ -23,7 +23,7 @@ class GenerateParameters(BaseModel):
 
     adapter_id: str | None = None  # a served adapter's name (or the base model's)
     adapter_source: str | None = None  # LoRAX: hub | local (s3 / pbase: not served here)
-    merged_adapters: dict[str, Any] | None = None  # LoRAX: refused (no merging yet)
+    merged_adapters: dict[str, Any] | None = None  # LoRAX: lora/merge.py's MergeSpec
     api_token: str | None = None  # LoRAX: for private hub adapters; unused here
     do_sample: bool = False
     max_new_tokens: int | None = Field(default=None, ge=1)

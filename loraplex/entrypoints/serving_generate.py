@@ -39,6 +39,7 @@ from loraplex.entrypoints.generate_protocol import (
 )
 from loraplex.entrypoints.protocol import random_id
 from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
+from loraplex.lora.merge import MergeSpec
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import CompletionOutput, Logprob, RequestOutput
 from loraplex.sampling_params import SamplingParams, StructuredOutputsParams
@@ -69,7 +70,8 @@ class ServingGenerate(OpenAIServing):
         """The response, or (`stream`) the server-sent events' lines."""
         p = req.parameters
         _check_supported(p, stream)
-        lora = await self._adapter(p.adapter_id, p.adapter_source)
+        lora = await (self._merged(p) if p.merged_adapters is not None
+                      else self._adapter(p.adapter_id, p.adapter_source))
         params = _sampling_params(p)
         prompt = (await self.off_loop(self.encode_items, req.inputs, lora, True, "inputs"))[0]
         prompt = self.truncated(prompt, params)
@@ -77,8 +79,9 @@ class ServingGenerate(OpenAIServing):
             params.max_tokens = max(1, min(DEFAULT_MAX_NEW_TOKENS,
                                            self.max_model_len - len(prompt[1])))
         self.fit_max_tokens(params, len(prompt[1]))
-        queued = await self.start_requests(random_id("generate"), [prompt], [params],
-                                           p.adapter_id, lora)
+        model = lora.lora_name if p.merged_adapters is not None and lora else p.adapter_id
+        queued = await self.start_requests(random_id("generate"), [prompt], [params], model,
+                                           lora)
         if stream:
             return self._sse(self._events(req, prompt[1], params, queued), queued)
         return self._response(req, params, await self.final_output(queued))
@@ -94,6 +97,37 @@ class ServingGenerate(OpenAIServing):
                 raise
         await self.models.load_lora_adapter(adapter_id, adapter_id)  # LoRAX's local source
         return await self.models.resolve(adapter_id)
+
+    async def _merged(self, p: GenerateParameters) -> LoRARequest:
+        """LoRAX's merged_adapters: the merged adapter (lora/merge.py), built once per
+        merge. One id is that adapter as it is (LoRAX's rule: nothing to merge)."""
+        m = p.merged_adapters
+        if p.adapter_id is not None:
+            raise BadRequestError("give adapter_id or merged_adapters, not both",
+                                  param="merged_adapters")
+        unknown = set(m) - {"ids", "weights", "merge_strategy", "density",
+                            "majority_sign_method"}
+        if unknown:
+            raise BadRequestError(f"merged_adapters has unknown fields: {sorted(unknown)}",
+                                  param="merged_adapters")
+        try:
+            spec = MergeSpec.parse(m.get("ids"), m.get("weights"), m.get("merge_strategy"),
+                                   m.get("density"), m.get("majority_sign_method"))
+        except ValueError as e:
+            raise BadRequestError(str(e), param="merged_adapters") from e
+        sources = []
+        for adapter_id in spec.ids:
+            if self.models.is_base_model(adapter_id):
+                raise BadRequestError(f"merged_adapters: {adapter_id!r} is the base model, "
+                                      "which cannot be merged", param="merged_adapters")
+            try:
+                sources.append(await self._adapter(adapter_id, p.adapter_source))
+            except NotFoundError as e:
+                raise BadRequestError(f"merged_adapters: unknown adapter {adapter_id!r}",
+                                      param="merged_adapters") from e
+        if len(sources) == 1:
+            return sources[0]
+        return await self.models.merged(spec, sources)
 
     # ---- responses ----------------------------------------------------------------------
     def _texts(self, lora: LoRARequest | None, before: list[int]) -> TokenTexts:
@@ -217,9 +251,7 @@ def error_status(e: APIError) -> int:
 
 def _check_supported(p: GenerateParameters, stream: bool) -> None:
     """What loraplex does not do, refused rather than ignored."""
-    refused = {"merged_adapters": p.merged_adapters is not None and "adapter merging is not "
-               "supported yet: serve the merged adapter as one",
-               "watermark": p.watermark and "watermarking is not supported",
+    refused = {"watermark": p.watermark and "watermarking is not supported",
                "typical_p": p.typical_p not in (None, 1.0) and "typical sampling is not "
                "supported (leave typical_p unset)"}
     for field, why in refused.items():

@@ -18,6 +18,8 @@ import asyncio
 import copy
 import itertools
 import logging
+import os
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,7 +28,9 @@ from loraplex import envs
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.entrypoints.errors import BadRequestError, NotFoundError
 from loraplex.entrypoints.protocol import ModelCard, ModelList
+from loraplex.lora.adapter import resolve_adapter_path
 from loraplex.lora.errors import LoRAError
+from loraplex.lora.merge import MergeSpec, merge_adapter_dirs
 from loraplex.lora.request import LoRARequest
 from loraplex.lora.resolver import LoRAResolverRegistry
 
@@ -67,6 +71,7 @@ class OpenAIServingModels:
         self.tokenizers: dict[int, AdapterTokenizers] = {}  # by lora_int_id
         self._ids = itertools.count(1)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, users)
+        self._merged_dir: tempfile.TemporaryDirectory | None = None  # merged adapters' dirs
 
     @property
     def base_model_name(self) -> str:
@@ -227,6 +232,37 @@ class OpenAIServingModels:
             raise BadRequestError(f"The model `{name}` was found by a LoRA resolver but "
                                   "could not be loaded: " + "; ".join(failures), param="model")
         raise self._not_found(name)
+
+    async def merged(self, spec: MergeSpec, sources: list[LoRARequest]) -> LoRARequest:
+        """LoRAX's merged_adapters: the adapter merging `sources` by `spec`, built and
+        registered on first use under a name from the merge and its sources' ids (a source
+        reloaded in place makes a new merge), then served by that name like any adapter."""
+        self._require_lora()
+        ids = ",".join(str(r.lora_int_id) for r in sources)
+        name = "merged-" + MergeSpec.digest(f"{spec.key}|{ids}")[:16]
+        if name in self.lora_requests:
+            return self.lora_requests[name]
+
+        async def build() -> LoRARequest:
+            if name in self.lora_requests:  # built by a concurrent request
+                return self.lora_requests[name]
+            if self._merged_dir is None:
+                self._merged_dir = tempfile.TemporaryDirectory(prefix="loraplex-merged-")
+            out = os.path.join(self._merged_dir.name, name)
+
+            def write() -> None:
+                merge_adapter_dirs(spec, [resolve_adapter_path(r) for r in sources], out)
+            try:
+                await asyncio.to_thread(write)
+                req = self._new_request(name, out, None)
+                await self.engine.add_lora(req)
+            except LoRAError as e:
+                raise BadRequestError(str(e), param="merged_adapters") from e
+            await self._serve(name, req)
+            logger.info("merged adapters %s (%s) registered as %s", ",".join(spec.ids),
+                        spec.strategy, name)
+            return req
+        return await self._change(name, build)
 
     def require_served(self, name: str | None) -> None:
         """404 unless `name` is the base or a loaded adapter (no resolver is asked)."""
