@@ -63,6 +63,10 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "LORAPLEX_ENABLE_RESPONSES_API_STORE": _flag("LORAPLEX_ENABLE_RESPONSES_API_STORE"),
     "LORAPLEX_RESPONSES_API_STORE_SIZE":
         lambda: int(os.getenv("LORAPLEX_RESPONSES_API_STORE_SIZE", "1024")),
+    # LoRAX's merged_adapters: the most merges the server keeps registered (and on disk);
+    # past it the least recently used one is unloaded (requests on it finish first)
+    "LORAPLEX_MAX_MERGED_ADAPTERS":
+        lambda: int(os.getenv("LORAPLEX_MAX_MERGED_ADAPTERS", "64")),
     # Log level of the loraplex loggers.
     "LORAPLEX_LOGGING_LEVEL": lambda: os.getenv("LORAPLEX_LOGGING_LEVEL", "INFO").upper(),
 }

@@ -170,7 +170,7 @@ def server(base, sources):
         "--lora-modules",
         *[f"{name}={path}" for name, path in sources.items()],
     ]
-    with RemoteServer(base, args) as s:
+    with RemoteServer(base, args, env={"LORAPLEX_MAX_MERGED_ADAPTERS": "2"}) as s:
         yield s
 
 
@@ -315,3 +315,26 @@ def test_bad_merges_fail_alone_with_422(server, offline, merge, message):
     assert res.status_code == 422, res.text
     assert message in res.json()["error"] and res.json()["error_type"] == "validation"
     assert tokens(server.post("generate", json=lorax_body(adapter_id="qa"))) == offline["qa"]
+
+
+def test_old_merges_are_unloaded_and_deleted(server, offline):
+    """LORAPLEX_MAX_MERGED_ADAPTERS=2: a third merge unloads the least recently used one
+    and deletes its directory; asked for again, it is merged anew, the same adapter."""
+    def roots() -> dict[str, str]:
+        return {m["id"]: m["root"] for m in server.get("v1/models").json()["data"]
+                if m["id"].startswith("merged-")}
+
+    assert tokens(server.post("generate", json=lorax_body(merged_adapters=MERGE))) \
+        == offline["merged"]
+    first = roots()
+    assert len(first) == 1
+    for weights in ([1.0, 0.5], [0.5, 1.0]):
+        body = lorax_body(merged_adapters={"ids": ["qa", "qb"], "weights": weights})
+        tokens(server.post("generate", json=body))
+    now = roots()
+    assert len(now) == 2 and not set(first) & set(now)
+    assert not Path(next(iter(first.values()))).exists()
+    assert all(Path(root).is_dir() for root in now.values())
+    assert tokens(server.post("generate", json=lorax_body(merged_adapters=MERGE))) \
+        == offline["merged"]
+    assert set(first) <= set(roots())

@@ -889,6 +889,11 @@ class LLMEngine:
             return set()
         return set(self.lora_manager.registered) - self._pending_lora_removal
 
+    def list_registered_loras(self) -> set[int]:
+        """list_loras and the adapters whose removal waits for their requests: the ids
+        whose files the engine may still read."""
+        return set(self.lora_manager.registered) if self.lora_manager is not None else set()
+
     def has_lora(self, lora_int_id: int) -> bool:
         """``lora_int_id in list_loras()`` without building the set of every registered
         id (thousands of them) for each request."""

@@ -19,7 +19,9 @@ import copy
 import itertools
 import logging
 import os
+import shutil
 import tempfile
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -72,6 +74,8 @@ class OpenAIServingModels:
         self._ids = itertools.count(1)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # name -> (lock, users)
         self._merged_dir: tempfile.TemporaryDirectory | None = None  # merged adapters' dirs
+        self._merges: OrderedDict[str, LoRARequest] = OrderedDict()  # by name, LRU first
+        self._merges_dropped: dict[int, str] = {}  # lora_int_id -> dir, once unregistered
 
     @property
     def base_model_name(self) -> str:
@@ -240,12 +244,16 @@ class OpenAIServingModels:
         self._require_lora()
         ids = ",".join(str(r.lora_int_id) for r in sources)
         name = "merged-" + MergeSpec.digest(f"{spec.key}|{ids}")[:16]
-        if name in self.lora_requests:
-            return self.lora_requests[name]
+        if name in self._merges:
+            if self.lora_requests.get(name) is self._merges[name]:
+                self._merges.move_to_end(name)
+                return self._merges[name]
+            del self._merges[name]  # unloaded through /v1/unload_lora_adapter: made again
 
         async def build() -> LoRARequest:
-            if name in self.lora_requests:  # built by a concurrent request
-                return self.lora_requests[name]
+            if name in self._merges:  # built by a concurrent request
+                return self._merges[name]
+            await self._drop_old_merges()
             if self._merged_dir is None:
                 self._merged_dir = tempfile.TemporaryDirectory(prefix="loraplex-merged-")
             out = os.path.join(self._merged_dir.name, name)
@@ -259,10 +267,27 @@ class OpenAIServingModels:
             except LoRAError as e:
                 raise BadRequestError(str(e), param="merged_adapters") from e
             await self._serve(name, req)
+            self._merges[name] = req
             logger.info("merged adapters %s (%s) registered as %s", ",".join(spec.ids),
                         spec.strategy, name)
             return req
         return await self._change(name, build)
+
+    async def _drop_old_merges(self) -> None:
+        """Keep at most LORAPLEX_MAX_MERGED_ADAPTERS - 1 merges before a new one: the
+        least recently used are unloaded (requests on them finish first, the engine's
+        rule), and their directories deleted once the engine no longer holds them."""
+        while self._merges and len(self._merges) >= envs.LORAPLEX_MAX_MERGED_ADAPTERS:
+            name, req = self._merges.popitem(last=False)
+            if self.lora_requests.get(name) is req:
+                del self.lora_requests[name]
+            await self.engine.remove_lora(req.lora_int_id)
+            self.tokenizers.pop(req.lora_int_id, None)
+            self.engine.forget_model_metrics(name)
+            self._merges_dropped[req.lora_int_id] = req.lora_path
+        registered = await self.engine.run(self.engine.engine.list_registered_loras)
+        for lora_id in [i for i in self._merges_dropped if i not in registered]:
+            shutil.rmtree(self._merges_dropped.pop(lora_id), ignore_errors=True)
 
     def require_served(self, name: str | None) -> None:
         """404 unless `name` is the base or a loaded adapter (no resolver is asked)."""
