@@ -221,3 +221,14 @@ def test_server_chat_with_data_url_image(qwen3):
         assert info.value.status_code == 400
         assert re.search("video_url", info.value.body["message"]), info.value.body
         assert chat(content) == want
+
+
+def test_qwen3_vl_moe_refused_by_name(tmp_path):
+    """Qwen3-VL-MoE's config is refused at start-up, before its weights, saying why."""
+    from transformers import Qwen3VLMoeConfig
+
+    Qwen3VLMoeConfig(architectures=["Qwen3VLMoeForConditionalGeneration"]).save_pretrained(
+        str(tmp_path))
+    with pytest.raises(ValueError, match="Qwen3-VL-MoE is not supported yet: .* fused and "
+                                         "transposed"):
+        make_llm(tmp_path)

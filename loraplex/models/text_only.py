@@ -94,6 +94,15 @@ MULTIMODAL: dict[str, TextOnly] = {
                  "model.multi_modal_projector."),
         vision_leaves=("fc1", "fc2", "linear_1", "linear")),
 }
+# multimodal checkpoints refused by name, with why (a plain "not supported" would list
+# their dense sibling as if it were theirs)
+REFUSED: dict[str, str] = {
+    "Qwen3VLMoeForConditionalGeneration":
+        "Qwen3-VL-MoE is not supported yet: its checkpoint stores the experts fused and "
+        "transposed (mlp.experts.gate_up_proj [experts, hidden, 2 x intermediate]), a "
+        "layout loraplex does not load for Qwen's experts; the dense Qwen3-VL "
+        "(Qwen3VLForConditionalGeneration) is served with images",
+}
 # what the whole model's config says for its language model: the quantization, the dtype
 _INHERITED = ("quantization_config", "dtype", "torch_dtype")
 
@@ -114,6 +123,9 @@ def text_only_config(hf_config: Any) -> tuple[Any, TextOnly | None]:
     """(the config to build and serve, its TextOnly) for a multimodal checkpoint loraplex
     serves on text; (hf_config, None) for any other."""
     archs = getattr(hf_config, "architectures", None) or []
+    for a in archs:
+        if a in REFUSED:
+            raise ValueError(f"model architecture {a}: {REFUSED[a]}")
     name = next((a for a in archs if a in MULTIMODAL), None)
     if name is None:
         return hf_config, None
