@@ -4,7 +4,7 @@ the positions against HF's own functions; greedy tokens HF's and logprobs within
 for a mixed batch (one image, two of different sizes, none; the base and two adapters of
 different ranks over one slot; whole and chunked prefill, chunks cutting through images);
 prefix caching keyed on the image, cached blocks holding image rows; the server's chat
-route with an image_url; bad inputs refused alone."""
+route with an image_url, LLM.chat; bad inputs refused alone; Qwen3-VL-MoE refused."""
 
 from __future__ import annotations
 
@@ -161,21 +161,38 @@ def test_prefix_cache_never_shares_across_images(qwen3):
 
 
 def test_bad_inputs_fail_alone(qwen3):
-    """A video, more images than placeholders, an undecodable image: each refused with
-    its reason; the engine serves the next request."""
+    """A video, more images than placeholders, an undecodable image: each refused at
+    add_request with its reason while an image request already queued runs on to HF's
+    tokens."""
     base = qwen3["base"]
-    llm = make_llm(base)
+    engine = make_llm(base).llm_engine
     a = image(1)
+    engine.add_request("good", request(ASK, [a]), GREEDY)
     bad = [({"prompt": ASK, "multi_modal_data": {"video": [a]}}, "'video'.* not supported"),
            ({"prompt": ASK, "multi_modal_data": {"image": [a, a]}},
             "1 image placeholder token.* for 2 image"),
            ({"prompt": ASK, "multi_modal_data": {"image": ["data:image/png;base64,AAAA"]}},
             "cannot decode the image")]
-    for prompt, message in bad:
+    for i, (prompt, message) in enumerate(bad):
         with pytest.raises(ValueError, match=message):
-            llm.generate([prompt], GREEDY, use_tqdm=False)
-    outs = llm.generate([request(ASK, [a])], GREEDY, use_tqdm=False)
-    check(outs, base, [(ASK, [a], None)])
+            engine.add_request(f"bad{i}", prompt, GREEDY)
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in done] == ["good"]
+    check(done, base, [(ASK, [a], None)])
+
+
+def test_chat_with_image_parts(qwen3):
+    base = qwen3["base"]
+    a, b = image(1, (52, 40)), image(3)
+    conv = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(a)}},
+        {"type": "text", "text": "What is this? And "},
+        {"type": "image_pil", "image_pil": b}]}]
+    outs = make_llm(base).chat(conv, GREEDY, use_tqdm=False)
+    text = f"<|im_start|>user\n{IMAGE}What is this? And {IMAGE}<|im_end|>\n<|im_start|>assistant\n"
+    check(outs, base, [(text, [a, b], None)], add_special_tokens=False)
 
 
 def test_lora_on_the_vision_tower_left_out(qwen3, tmp_path, caplog):
