@@ -124,12 +124,20 @@ def _rope(hf: Any, layer_type: str = "full_attention") -> tuple[float, dict | No
     return float(getattr(hf, "rope_theta", 10000.0)), scaling or None
 
 
+# Qwen3-VL's text configs: M-RoPE interleaved whatever `mrope_interleaved` says (HF's
+# Qwen3VLTextRotaryEmbedding always interleaves; the hub's configs say true)
+_INTERLEAVED_MROPE = ("qwen3_vl_text", "qwen3_vl_moe_text")
+
+
 def _mrope(hf: Any) -> dict[str, Any]:
     """Qwen2-VL's M-RoPE sections (transformers 5: in rope_parameters; 4.x: rope_scaling,
-    whose type "mrope" is a default rope otherwise)."""
+    whose type "mrope" is a default rope otherwise); Qwen3-VL's interleaved."""
     for params in (getattr(hf, "rope_parameters", None), getattr(hf, "rope_scaling", None)):
         if isinstance(params, dict) and params.get("mrope_section"):
-            return {"mrope_section": tuple(int(n) for n in params["mrope_section"])}
+            return {"mrope_section": tuple(int(n) for n in params["mrope_section"]),
+                    "mrope_interleaved": getattr(hf, "model_type", None) in _INTERLEAVED_MROPE}
+    if getattr(hf, "model_type", None) in _INTERLEAVED_MROPE:  # HF's default sections
+        return {"mrope_section": (24, 20, 20), "mrope_interleaved": True}
     return {}
 
 
