@@ -249,3 +249,19 @@ def test_qwen3_vl_moe_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="Qwen3-VL-MoE is not supported yet: .* fused and "
                                          "transposed"):
         make_llm(tmp_path)
+
+
+def test_prompt_embeds_beside_deepstack_images(qwen3):
+    """A prompt given as embeddings (no DeepStack features) prefilled in the same step as
+    an image prompt (with them): each is what it is alone."""
+    base = qwen3["base"]
+    llm = make_llm(base, enable_prompt_embeds=True)
+    ids = llm.get_tokenizer().encode(TEXT)
+    with torch.no_grad():
+        embeds = hf_multimodal(str(base), None).get_input_embeddings()(torch.tensor(ids))
+    a = image(1, (52, 40))
+    image_out, embeds_out, ids_out = llm.generate(
+        [request(ASK, [a]), {"prompt_embeds": embeds}, {"prompt_token_ids": ids}], GREEDY,
+        use_tqdm=False)
+    check([image_out], base, [(ASK, [a], None)])
+    assert embeds_out.outputs[0].token_ids == ids_out.outputs[0].token_ids
