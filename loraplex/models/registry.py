@@ -61,6 +61,15 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # chunked attention, NoPE layers, experts and biases per its config (_llama4); rope
     # pairs rotated as HF's complex form does
     "Llama4ForCausalLM": {"rope_interleaved": True},
+    # OLMo 2's layout and q/k norm, local and global layers (layer_types), each with its
+    # own rope parameters (_local_rope: YaRN on the global ones only)
+    "Olmo3ForCausalLM": {"norm_layout": "post", "qk_norm_full": True},
+    "OlmoeForCausalLM": {"qk_norm_full": True},  # experts per its config (_experts)
+    # q/k norm over all heads, partial rotary, sigmoid-routed experts with a correction
+    # bias (_experts); its checkpoints keep the bias beside the router, ours in it
+    "MiniMaxM2ForCausalLM": {"qk_norm_full": True, "checkpoint_renames": (
+        (".block_sparse_moe.e_score_correction_bias",
+         ".block_sparse_moe.gate.e_score_correction_bias"),)},
     # multi-head latent attention and the experts per its config (models/deepseek.py)
     **dict.fromkeys(DEEPSEEK_ARCHITECTURES, {}),
 }
@@ -90,7 +99,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
                   "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
                   "cohere2": "Cohere2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-                  "llama4_text": "Llama4ForCausalLM",
+                  "llama4_text": "Llama4ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+                  "olmoe": "OlmoeForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
                   **DEEPSEEK_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
@@ -98,7 +108,8 @@ _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
                    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
                    "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
                    "HunYuanDenseV1ForCausalLM", "ArceeForCausalLM", "NemotronForCausalLM",
-                   "CohereForCausalLM", "Cohere2ForCausalLM")
+                   "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
+                   "OlmoeForCausalLM")
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
              "ArceeForCausalLM", "NemotronForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -286,7 +297,11 @@ def _gemma_attention(hf: Any, name: str) -> dict[str, Any]:
 
 
 def _local_rope(hf: Any, name: str) -> dict[str, Any]:
-    """Gemma 3's sliding-window layers rotate with their own base (and no scaling)."""
+    """Gemma 3's sliding-window layers rotate with their own base (and no scaling), OLMo
+    3's with their own rope parameters (the global layers' YaRN is not theirs)."""
+    if name == "Olmo3ForCausalLM" and isinstance(
+            (getattr(hf, "rope_parameters", None) or {}).get("sliding_attention"), dict):
+        return {"local_rope": _rope(hf, "sliding_attention")}
     if name != "Gemma3ForCausalLM":
         return {}
     return {"local_rope": _rope(hf, "sliding_attention")}
@@ -343,7 +358,8 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
         raise ValueError(f"mxfp4-quantized {name} models are not supported: loraplex loads "
                          "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
     if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-                    "GptOssForCausalLM", "Glm4MoeForCausalLM", *DEEPSEEK_ARCHITECTURES):
+                    "GptOssForCausalLM", "Glm4MoeForCausalLM", "OlmoeForCausalLM",
+                    "MiniMaxM2ForCausalLM", *DEEPSEEK_ARCHITECTURES):
         return {}
     supported = ("mxfp4",) if name == "GptOssForCausalLM" else (
         "fp8", "gptq", "awq", "compressed-tensors", "bitsandbytes")
@@ -366,6 +382,19 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                                                   float(hf.swiglu_limit)))
     if name in DEEPSEEK_ARCHITECTURES:
         return deepseek_experts(hf, name)
+    if name == "OlmoeForCausalLM":  # every layer's, intermediate_size each
+        if getattr(hf, "clip_qkv", None) is not None:
+            raise ValueError("OLMoE with clip_qkv is not supported (no released checkpoint "
+                             "sets it)")
+        return dict(num_experts=int(hf.num_experts),
+                    num_experts_per_tok=int(hf.num_experts_per_tok),
+                    moe_intermediate_size=int(hf.intermediate_size),
+                    norm_topk_prob=bool(hf.norm_topk_prob), moe_module="mlp")
+    if name == "MiniMaxM2ForCausalLM":  # sigmoid scores + correction bias, one group
+        return dict(num_experts=int(hf.num_local_experts),
+                    num_experts_per_tok=int(hf.num_experts_per_tok),
+                    expert_leaves=("w1", "w3", "w2"), norm_topk_prob=True,
+                    grouped_topk=GroupedTopK(1, 1, 1.0))
     if name == "Glm4MoeForCausalLM":  # its first layers dense; shared experts, ungated
         return dict(num_experts=int(hf.n_routed_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),
