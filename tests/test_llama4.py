@@ -25,7 +25,7 @@ from loraplex.models.text_only import text_only_config
 from tests import fixtures
 from tests.engine_utils import check_against_hf, check_mixed_batch, check_shared_prefixes, make_llm
 from tests.fixtures import make_peft_adapter
-from tests.llama4_fixtures import CHUNK, make_llama4, make_llama4_multimodal
+from tests.llama4_fixtures import CHUNK, fix_hf4_moe_routing, make_llama4, make_llama4_multimodal
 
 EXPERTS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
 # every linear PEFT can run on Llama 4 (its router returns a tuple, which PEFT's LoRA
@@ -35,8 +35,24 @@ LONG = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=
 
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-# loraplex serves Llama 4 with transformers >= 5 only (4.56's HF outputs differ from it)
-pytestmark = pytest.mark.skipif(not TRANSFORMERS_5, reason="Llama 4 needs transformers >= 5")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hf_reference_moe():
+    """On transformers 4.x, HF's reference with its MoE routing as transformers 5 has it
+    (4.56's Llama4TextMoe pairs a forward's tokens with the wrong router scores:
+    tests/llama4_fixtures.py `fix_hf4_moe_routing`); loraplex's config and checkpoint
+    reading on 4.x checked against it."""
+    if TRANSFORMERS_5:
+        yield
+        return
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    original = Llama4TextMoe.forward
+    fix_hf4_moe_routing()
+    yield
+    Llama4TextMoe.forward = original
+
 
 # the experts' LoRA (PEFT's target_parameters) as transformers 5 lays Llama 4's experts
 # out; PEFT 0.17 on transformers 4 lays it the other way, which loraplex refuses (with the
@@ -156,7 +172,7 @@ def llama4mm(tiny_root: Path) -> dict[str, Path]:
             # language model's q/k/v/o_proj names)
             "all": make_peft_adapter(base, root / "all", r=8, seed=51,
                                      target_modules=[*LINEARS, "fc1", "fc2", "linear_1"],
-                                     target_parameters=EXPERTS),
+                                     **EXPERTS_LORA),
             "qv": make_peft_adapter(base, root / "qv", r=4, seed=52,
                                     target_modules=["q_proj", "v_proj"]),
         }
@@ -168,7 +184,8 @@ def test_multimodal_checkpoint_on_text(monkeypatch, budget, llama4mm, prompts):
 
     names = set(load_file(str(llama4mm["all"] / "adapter_model.safetensors")))
     assert any(".vision_model." in n for n in names)
-    assert any(".language_model.model.layers.1.feed_forward.experts." in n for n in names)
+    assert any(".language_model.model.layers.1.feed_forward.experts." in n
+               for n in names) == TRANSFORMERS_5  # (PEFT 0.17's experts refused: EXPERTS_LORA)
     monkeypatch.setattr(fixtures, "AutoModelForCausalLM", _WholeModel)
     llm = make_llm(llama4mm["base"], enable_lora=True, max_loras=1, max_lora_rank=8,
                    max_num_batched_tokens=budget)
