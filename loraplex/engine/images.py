@@ -29,7 +29,6 @@ import torch
 from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
-from loraplex.models.registry import TRANSFORMERS_MAJOR
 
 VisionConfig = LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig
 Vision = LlavaVision | Gemma3Vision | QwenVision
@@ -40,9 +39,6 @@ def vision_config(hf_config: Any) -> VisionConfig:
     if getattr(hf_config, "model_type", None) == "gemma3":
         return Gemma3VisionConfig.from_hf(hf_config)
     if is_qwen_vl(hf_config):
-        if TRANSFORMERS_MAJOR < 5:
-            raise ValueError("Qwen2-VL / Qwen2.5-VL need transformers >= 5 (loraplex is "
-                             "checked against it; 4.x's configs hold other fields)")
         return QwenVisionConfig.from_hf(hf_config)
     return LlavaVisionConfig.from_hf(hf_config)
 

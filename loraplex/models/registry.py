@@ -6,8 +6,6 @@ import importlib
 from dataclasses import replace
 from typing import Any
 
-import transformers
-
 from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
 from loraplex.layers.moe import GroupedTopK
 from loraplex.layers.quantization import QuantConfig
@@ -64,10 +62,6 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # multi-head latent attention and the experts per its config (models/deepseek.py)
     **dict.fromkeys(DEEPSEEK_ARCHITECTURES, {}),
 }
-
-# transformers' major version: some image paths are checked against transformers 5 only
-# (engine/images.py, engine/llm_engine.py)
-TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
 # (models/text_only.py)
