@@ -134,6 +134,20 @@ def test_triton_attention(monkeypatch, budget, llama4, prompts):
     check_mixed_batch(llm, llama4["base"], _adapters(llama4), prompts, extra=1)
 
 
+@pytest.mark.skipif(TRANSFORMERS_5, reason="PEFT's experts layout on transformers 4.x")
+def test_transformers4_experts_lora_refused(llama4, tmp_path, prompts):
+    """PEFT 0.17's target_parameters on transformers 4.x lays the experts' LoRA out the
+    other way: refused with the shapes expected, the engine serves on."""
+    adapter = make_peft_adapter(llama4["base"], tmp_path / "experts4", r=4, seed=44,
+                                target_modules=["q_proj"], target_parameters=EXPERTS)
+    llm = make_llm(llama4["base"], enable_lora=True, max_lora_rank=8)
+    with pytest.raises(LoRAError, match="fits neither gate_up_proj"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False,
+                     lora_request=LoRARequest("experts4", 1, str(adapter)))
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == LONG.max_tokens
+
+
 def test_router_lora_refused(llama4, tmp_path, prompts):
     """all-linear puts a LoRA on the router too, which PEFT itself cannot run (HF's router
     returns a tuple): such an adapter is refused, the engine serves on."""
