@@ -47,13 +47,13 @@ INTRO = "User: Once upon a time there was a little girl who lived in a village. 
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 # the sliding-window layer's window: 6 (< TOKENS_PER_IMAGE), so an image's tokens seeing
-# each other both ways meet the window, as transformers 5 has it: the window bounds them
-# too (models/gemma3/modeling_gemma3.py `create_causal_mask_mapping`: AND(window,
-# OR(causal, image))). transformers 4.x lets an image's tokens see the whole image past
-# the window (its Gemma3Model.forward passes the image mask as create_sliding_window_causal
-# _mask's or_mask_function: OR(AND(causal, window), image)); the two agree wherever an
-# image fits in the window (every Gemma 3 checkpoint: 256 tokens, window 512 or 1024):
-# on 4.x the window is an image's length, and the tests check the rest against it
+# each other both ways meet the window. transformers 5 bounds them by it too
+# (modeling_gemma3.py `create_masks_for_vision_model`: AND(window, OR(causal, image)));
+# transformers 4.56 lets them see the whole image past it (its Gemma3Model.forward passes
+# the image mask to create_sliding_window_causal_mask as or_mask_function: OR(AND(causal,
+# window), image)). The two agree wherever an image fits in the window (every Gemma 3
+# checkpoint: 256 tokens, a window of 1024): on 4.x the window is an image's length, and
+# everything else is checked against it
 WINDOW = 6 if TRANSFORMERS_5 else TOKENS_PER_IMAGE
 
 
