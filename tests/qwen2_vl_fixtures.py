@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
@@ -61,6 +62,10 @@ def make_tiny_qwen_vl(out: Path, seed: int, qwen25: bool = True) -> Path:
                 eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                  "mrope_section": [2, 3, 3]})
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x: the sections in rope_scaling
+        del text["rope_parameters"]
+        text.update(rope_theta=10000.0,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
     if qwen25:
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
                       patch_size=4, temporal_patch_size=2, spatial_merge_size=2,

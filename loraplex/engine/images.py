@@ -30,7 +30,6 @@ from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig, is_qwen3_vl
-from loraplex.models.registry import TRANSFORMERS_MAJOR
 
 VisionConfig = LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig
 Vision = LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision
@@ -42,10 +41,6 @@ def vision_config(hf_config: Any) -> VisionConfig:
     if getattr(hf_config, "model_type", None) == "gemma3":
         return Gemma3VisionConfig.from_hf(hf_config)
     if is_qwen_vl(hf_config):
-        if TRANSFORMERS_MAJOR < 5:
-            raise ValueError("Qwen2-VL / Qwen2.5-VL / Qwen3-VL need transformers >= 5 "
-                             "(loraplex is checked against it; 4.x's configs hold other "
-                             "fields)")
         if is_qwen3_vl(hf_config):
             return Qwen3VisionConfig.from_hf(hf_config)
         return QwenVisionConfig.from_hf(hf_config)

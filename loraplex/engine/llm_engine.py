@@ -60,7 +60,6 @@ from loraplex.models.loader import init_dummy_weights, load_weights, resolve_mod
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.qwen2_vl import QwenVisionConfig
 from loraplex.models.registry import (
-    TRANSFORMERS_MAJOR,
     architecture,
     build_model,
     is_headless,
@@ -245,11 +244,6 @@ class LLMEngine:
             return None
         if isinstance(config, QwenVisionConfig):
             return QwenImageProcessor(path, config)
-        if config.bidirectional and TRANSFORMERS_MAJOR < 5:  # Gemma 3
-            logger.warning("Gemma 3's images need transformers >= 5 (loraplex's image path "
-                           "is checked against it): serving %s on text; image inputs are "
-                           "refused", path)
-            return None
         try:
             return ImageProcessor(path, config, self.tokenizer)
         except OSError:

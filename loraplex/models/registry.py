@@ -6,8 +6,6 @@ import importlib
 from dataclasses import replace
 from typing import Any
 
-import transformers
-
 from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
 from loraplex.layers.moe import GroupedTopK
 from loraplex.layers.quantization import QuantConfig
@@ -73,11 +71,6 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # multi-head latent attention and the experts per its config (models/deepseek.py)
     **dict.fromkeys(DEEPSEEK_ARCHITECTURES, {}),
 }
-
-# the models whose paths are checked against transformers 5 only: on 4.x HF's outputs
-# differ from loraplex's (Llama 4) or its configs hold other fields (Qwen-VL)
-TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-NEEDS_TRANSFORMERS_5 = ("Llama4ForCausalLM",)
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
 # (models/text_only.py)
@@ -209,10 +202,6 @@ def architecture(hf_config: Any) -> str:
     if name is None:
         raise ValueError(f"model architecture {archs or '(none given)'} is not supported; "
                          "supported: " + ", ".join(SUPPORTED_ARCHITECTURES))
-    if name in NEEDS_TRANSFORMERS_5 and TRANSFORMERS_MAJOR < 5:
-        raise ValueError(f"{name} needs transformers >= 5 (loraplex is checked against it; "
-                         f"on {transformers.__version__} its reference outputs differ): "
-                         "upgrade transformers")
     return name
 
 
