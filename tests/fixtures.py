@@ -411,6 +411,7 @@ def make_peft_adapter(
     modules_to_save: Sequence[str] | None = None,
     use_rslora: bool = False,
     use_dora: bool = False,
+    lora_bias: bool = False,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, int] | None = None,
     seed: int = 1,
@@ -419,7 +420,8 @@ def make_peft_adapter(
 ) -> Path:
     """Create a PEFT LoRA adapter for ``base_dir`` with random non-zero A and B; return ``out_dir``.
 
-    PEFT inits lora_B to zero (a no-op adapter), so both A and B are re-drawn ~ N(0, scale);
+    PEFT inits lora_B to zero (a no-op adapter), so both A and B (and lora_bias's bias on
+    B) are re-drawn ~ N(0, scale);
     the copies of `modules_to_save` get noise of `scale` times their spread, and DoRA's
     magnitudes (||W|| at init) a random 20% up or down per row.
     """
@@ -437,6 +439,7 @@ def make_peft_adapter(
         **({"modules_to_save": list(modules_to_save)} if modules_to_save else {}),
         use_rslora=use_rslora,
         use_dora=use_dora,
+        **({"lora_bias": True} if lora_bias else {}),
         rank_pattern=dict(rank_pattern or {}),
         alpha_pattern=dict(alpha_pattern or {}),
         lora_dropout=0.0,

@@ -70,7 +70,7 @@ def test_plain_deployments_hold_nothing_for_dora(tiny_models, tiny_adapters, pro
     llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY, use_tqdm=False,
                  lora_request=LoRARequest("r4_qv", 1, str(tiny_adapters["llama"]["r4_qv"])))
     manager = llm.llm_engine.lora_manager
-    assert not manager.dora_slots
+    assert not manager.eager_slots
     assert all(layer.magnitude_scale is None for layer in manager.layers.values())
 
 

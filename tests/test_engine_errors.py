@@ -35,9 +35,9 @@ def test_bad_adapters_fail_alone(llm, tiny_adapters, tmp_path, prompts):
         "modules_to_save": (LoRARequest("mts", 13, str(edited_copy(
             ad["r4_qv"], tmp_path / "mts", lambda c: c.update(modules_to_save=["lm_head"])))),
             "modules_to_save"),
-        "lora_bias": (LoRARequest("bias", 15, str(edited_copy(
-            ad["r4_qv"], tmp_path / "bias", lambda c: c.update(lora_bias=True)))),
-            "lora_bias=true"),
+        "lora_bias with DoRA": (LoRARequest("bias", 15, str(edited_copy(
+            ad["r4_qv"], tmp_path / "bias", lambda c: c.update(lora_bias=True, use_dora=True)))),
+            "lora_bias=true with use_dora=true"),
         "unknown target": (LoRARequest("fc1", 14, str(edited_copy(
             ad["r4_qv"], tmp_path / "fc1", lambda c: c.update(target_modules=["fc1"])))),
             "not found in the model"),

@@ -190,7 +190,7 @@ class LLMEngine:
         spec = self.config.speculative_config
         self.model_runner = ModelRunner(self.model, mc, cache_config,
                                         self.config.scheduler_config,
-                                        lm.dora_slots if lm else None,
+                                        lm.eager_slots if lm else None,
                                         lm.rope_offsets if lm else None, self.vision,
                                         spec.num_speculative_tokens if spec else 0)
         self.memory.num_kv_blocks = self.model_runner.num_blocks

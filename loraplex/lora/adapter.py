@@ -4,7 +4,8 @@
 
 `s` is computed here, per module (rank_pattern / alpha_pattern), and multiplied into B,
 so the serving path never sees it. A DoRA adapter (use_dora) also brings each module's
-magnitude vector m (lora/dora.py). Everything that can be wrong with an adapter is
+magnitude vector m (lora/dora.py); one with lora_bias, lora_B's bias b (W' x + s * b,
+scaled here too). Everything that can be wrong with an adapter is
 caught here, at load time, with a message that names the adapter and the fix.
 """
 
@@ -52,6 +53,7 @@ class LoRAModuleWeights:
     lora_a: torch.Tensor  # [r, in]
     lora_b: torch.Tensor  # [out, r], scaling folded in
     magnitude: torch.Tensor | None = None  # [out] fp32: DoRA's m (None: plain LoRA)
+    bias: torch.Tensor | None = None  # [out]: lora_B's bias (PEFT's lora_bias), scaled
 
 
 @dataclass
@@ -86,6 +88,7 @@ class PackedLoRA:
     full_vocab: dict[str, torch.Tensor] = field(default_factory=dict)  # LoRAModel's
     rope_factor: float = 1.0  # LoRAModel's
     dora: bool = False  # some layer scales its rows (DoRA): decoded outside CUDA graphs
+    bias: bool = False  # some layer adds lora_B's bias (lora_bias): likewise
 
 
 @dataclass(frozen=True)
@@ -196,9 +199,9 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     peft_type = cfg.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise LoRAError(f"LoRA adapter {name!r}: peft_type {peft_type!r} is not LoRA")
-    if cfg.get("lora_bias"):
-        raise LoRAError(f"LoRA adapter {name!r} has lora_bias=true (a bias on lora_B), which is "
-                        "not supported yet; retrain without it")
+    if cfg.get("lora_bias") and cfg.get("use_dora"):  # PEFT refuses it too
+        raise LoRAError(f"LoRA adapter {name!r} has lora_bias=true with use_dora=true, which "
+                        "PEFT does not define")
     saved = [m for m in cfg.get("modules_to_save") or []
              if not (targets.classifier_heads and m.rsplit(".", 1)[-1] in CLASSIFIER_HEADS)]
     if saved:
@@ -305,6 +308,8 @@ def _pattern_value(module: str, patterns: dict, default: float) -> float:
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_[AB])"
                   r"(?:\.[^.]+)?\.weight$")
+# PEFT's lora_bias: lora_B is a Linear with a bias
+_BIAS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
 # PEFT's embedding LoRA: lora_embedding_A [r, vocab], lora_embedding_B [hidden, r], saved
 # without ".weight" (they are parameters, not modules)
 _EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_"
@@ -318,10 +323,14 @@ _MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magn
 
 
 def _module_name(name: str, key: str) -> tuple[str, str]:
-    """(HF module name, "lora_A" | "lora_B" | "magnitude") of a LoRA weight's key."""
+    """(HF module name, "lora_A" | "lora_B" | "magnitude" | "bias") of a LoRA weight's
+    key."""
     m = _MAGNITUDE_KEY.match(key)
     if m is not None:
         return m.group("module"), "magnitude"
+    m = _BIAS_KEY.match(key)
+    if m is not None:
+        return m.group("module"), "bias"
     m = _KEY.match(key)
     if m is not None:
         return m.group("module"), m.group("kind")
@@ -378,6 +387,10 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     for hf_module, ab in pairs.items():
         module = targets.ours(hf_module)
         magnitude = _dora_magnitude(name, hf_module, ab, bool(cfg.get("use_dora")))
+        bias = ab.pop("bias", None)
+        if bias is not None and not cfg.get("lora_bias"):
+            raise LoRAError(f"LoRA adapter {name!r} has a lora_B bias for {hf_module!r} but "
+                            "lora_bias is not true in adapter_config.json")
         if set(ab) != {"lora_A", "lora_B"}:
             raise LoRAError(f"LoRA adapter {name!r}: module {hf_module!r} lacks its "
                             f"{'lora_B' if 'lora_A' in ab else 'lora_A'} weight")
@@ -386,6 +399,11 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
             raise LoRAError(f"LoRA adapter {name!r} uses DoRA on {hf_module!r}: DoRA is "
                             "supported on linear projections, not on embed_tokens, lm_head "
                             "or a mixture of experts' experts")
+        if bias is not None and (module.rsplit(".", 1)[-1] in FULL_VOCAB_MODULES
+                                 or expert_target(module, targets.experts) is not None):
+            raise LoRAError(f"LoRA adapter {name!r} has a lora_B bias (lora_bias) on "
+                            f"{hf_module!r}: supported on linear projections, not on "
+                            "embed_tokens, lm_head or a mixture of experts' experts")
         if (on_experts := expert_target(module, targets.experts)) is not None:
             _add_experts(name, hf_module, ab, on_experts, targets, scaling, max_rank, dtype,
                          experts)
@@ -408,9 +426,13 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
         if magnitude is not None and magnitude.shape != (out_f,):
             raise LoRAError(f"LoRA adapter {name!r}: {hf_module}'s lora_magnitude_vector has "
                             f"shape {tuple(magnitude.shape)}, not ({out_f},)")
-        modules[module] = LoRAModuleWeights(lora_a=a.to(dtype).contiguous(),
-                                            lora_b=b.to(dtype).contiguous(),
-                                            magnitude=magnitude)
+        if bias is not None and bias.shape != (out_f,):
+            raise LoRAError(f"LoRA adapter {name!r}: {hf_module}'s lora_B bias has shape "
+                            f"{tuple(bias.shape)}, not ({out_f},)")
+        modules[module] = LoRAModuleWeights(
+            lora_a=a.to(dtype).contiguous(), lora_b=b.to(dtype).contiguous(),
+            magnitude=magnitude,  # PEFT: lora_B(lora_A(x)) * s, its bias scaled too
+            bias=None if bias is None else (bias.float() * scaling(hf_module)).to(dtype))
     added = vocab.added_tokens(cfg, read_new_embeddings(name, path))
     if added is not None:
         added = AddedTokens(added.input_embeddings.to(dtype), added.output_embeddings.to(dtype))

@@ -3,6 +3,7 @@
     y = W x  +  B[s] (A[s] x)          s = the token's adapter slot (-1: base only)
     y = E[t] +  B[s] A[s][:, t]        the token embedding: A's column of token t
     y = g[s] * (W x + B[s] (A[s] x))   a DoRA adapter's slot (lora/dora.py), bias unscaled
+    y = W x + B[s] (A[s] x) + b[s]     an adapter with lora_bias (PEFT's bias on lora_B)
 
 Weights live in preallocated slot buffers (vLLM's `lora_a_stacked` / `lora_b_stacked`),
 one A per packed sub-projection and their B's stacked like the base weight's rows.
@@ -50,6 +51,9 @@ class LinearWithLoRA(nn.Module):
         # adapter to arrive: deployments without one hold nothing for it
         self.magnitude_scale: torch.Tensor | None = None
         self.slot_dora = [False] * max_loras
+        # lora_bias's b [S, out] (0 in other slots), made by the first such adapter
+        self.lora_bias: torch.Tensor | None = None
+        self.slot_bias = [False] * max_loras
 
     @staticmethod
     def _dims(base_layer: nn.Module) -> tuple[int, list[int]]:
@@ -62,14 +66,16 @@ class LinearWithLoRA(nn.Module):
         return base.dequantize(torch.float32).T if isinstance(base, QuantLinear) else base.weight
 
     def pack(self, lora_a: list[torch.Tensor | None], lora_b: list[torch.Tensor | None],
-             pin_memory: bool = False, magnitudes: list[torch.Tensor | None] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             pin_memory: bool = False, magnitudes: list[torch.Tensor | None] | None = None,
+             biases: list[torch.Tensor | None] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """One adapter's sub-projections (A_k [r_k, in], B_k [out_k, r_k]; None = not
         targeted) in the layout of one slot, on the host: A [r, n, in], B [sum(out_k), r],
         r = the largest r_k; absent slices and ranks past a slice's own are zeros (so a
         q,v-only adapter keeps k's rows too: one copy per buffer beats three). With DoRA
         (`magnitudes`: m_k [out_k]), also g [sum(out_k)] fp32, 1 on untargeted rows;
-        else None."""
+        with lora_bias (`biases`: b_k [out_k], scaled), b [sum(out_k)], 0 on untargeted
+        rows; else None."""
         rank = max(a.shape[0] for a in lora_a if a is not None)
         a_slot = torch.zeros(rank, len(self.output_sizes), self.in_features,
                              dtype=self.lora_a_stacked.dtype, pin_memory=pin_memory)
@@ -79,6 +85,10 @@ class LinearWithLoRA(nn.Module):
         g = (torch.ones(sum(self.output_sizes), pin_memory=pin_memory)
              if any(m is not None for m in magnitudes) else None)
         weight = self.base_weight() if g is not None else None
+        biases = biases or [None] * len(self.output_sizes)
+        bias = (torch.zeros(sum(self.output_sizes), dtype=self.lora_b_stacked.dtype,
+                            pin_memory=pin_memory)
+                if any(b is not None for b in biases) else None)
         col = 0
         for k, (a, b, out) in enumerate(zip(lora_a, lora_b, self.output_sizes, strict=True)):
             if a is not None:
@@ -87,19 +97,23 @@ class LinearWithLoRA(nn.Module):
                 if magnitudes[k] is not None:
                     g[col:col + out] = dora.magnitude_scale(weight[col:col + out], a, b,
                                                             magnitudes[k])
+                if biases[k] is not None:
+                    bias[col:col + out] = biases[k]
             col += out
-        return a_slot, b_slot, g
+        return a_slot, b_slot, g, bias
 
     def set_lora(self, slot: int, lora_a: list[torch.Tensor | None],
                  lora_b: list[torch.Tensor | None],
-                 magnitudes: list[torch.Tensor | None] | None = None) -> None:
+                 magnitudes: list[torch.Tensor | None] | None = None,
+                 biases: list[torch.Tensor | None] | None = None) -> None:
         """Copy one adapter into `slot`; a None sub-projection stays zero."""
-        self.set_packed(slot, *self.pack(lora_a, lora_b, magnitudes=magnitudes))
+        self.set_packed(slot, *self.pack(lora_a, lora_b, magnitudes=magnitudes,
+                                         biases=biases))
 
     def set_packed(self, slot: int, a: torch.Tensor, b: torch.Tensor,
-                   g: torch.Tensor | None = None) -> None:
-        """Copy pack()'s output into `slot`: two copies (three with DoRA), and zeros over
-        ranks the slot's last adapter used beyond this one's."""
+                   g: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+        """Copy pack()'s output into `slot`: two copies (one more each for DoRA's scales
+        and a bias), and zeros over ranks the slot's last adapter used beyond this one's."""
         rank, old = a.shape[0], self.slot_ranks[slot]
         if old > rank:
             self.lora_a_stacked[slot, rank:old].zero_()
@@ -115,10 +129,23 @@ class LinearWithLoRA(nn.Module):
             self.slot_dora[slot] = True
         elif self.slot_dora[slot]:
             self._reset_dora(slot)
+        if bias is not None:
+            if self.lora_bias is None:
+                self.lora_bias = torch.zeros(len(self.slot_bias), len(bias),
+                                             dtype=self.lora_b_stacked.dtype,
+                                             device=self.lora_ranks.device)
+            self.lora_bias[slot].copy_(bias, non_blocking=True)
+            self.slot_bias[slot] = True
+        elif self.slot_bias[slot]:
+            self._reset_bias(slot)
 
     def _reset_dora(self, slot: int) -> None:
         self.magnitude_scale[slot].fill_(1.0)
         self.slot_dora[slot] = False
+
+    def _reset_bias(self, slot: int) -> None:
+        self.lora_bias[slot].zero_()
+        self.slot_bias[slot] = False
 
     def reset_lora(self, slot: int) -> None:
         """Zero the slot. Only its first slot_ranks[slot] ranks can hold weights (set_lora
@@ -126,6 +153,8 @@ class LinearWithLoRA(nn.Module):
         slots is a hot path when more adapters are active than max_loras."""
         if self.slot_dora[slot]:
             self._reset_dora(slot)
+        if self.slot_bias[slot]:
+            self._reset_bias(slot)
         rank = self.slot_ranks[slot]
         if rank == 0:
             return  # already all zeros
@@ -155,7 +184,18 @@ class LinearWithLoRA(nn.Module):
             if self._dora_active(meta):
                 y = dora.rescale(y, self.base_layer.bias, self.magnitude_scale,
                                  meta.token_lora_indices[:y.shape[0]])
+            if self._bias_active(meta):
+                y = y + self._slot_bias(meta.token_lora_indices[:y.shape[0]]).to(y.dtype)
         return y
+
+    def _slot_bias(self, slots: torch.Tensor) -> torch.Tensor:
+        """[T, out]: each token's adapter's lora_B bias (0 for the base, slot -1)."""
+        return self.lora_bias[slots.clamp(min=0)] * (slots >= 0)[:, None]
+
+    def _bias_active(self, meta: LoRABatchMeta) -> bool:
+        """An adapter with lora_bias is in the step; a host decision, as DoRA's."""
+        return self.lora_bias is not None and meta.skip_unused_layers and any(
+            self.slot_bias[s] for s in meta.active_slot_list)
 
     def _dora_active(self, meta: LoRABatchMeta) -> bool:
         """A DoRA adapter's slot is in the step. Never inside a CUDA graph (the model

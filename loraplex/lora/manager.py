@@ -138,8 +138,9 @@ class LoRAManager:
         self.tokenizers: dict[int, Any] = {}
         self._host: OrderedDict[int, PackedLoRA] = OrderedDict()  # LRU: oldest first
         self.lora_index_to_id: list[int | None] = [None] * cfg.max_loras
-        # slots holding a DoRA adapter: the model runner decodes a batch using one eagerly
-        self.dora_slots: set[int] = set()
+        # slots holding a DoRA adapter or one with lora_bias (their layers' extra terms are
+        # host decisions): the model runner decodes a batch using one eagerly
+        self.eager_slots: set[int] = set()
         # long-context LoRA: adapter id -> the first row of its rope table (rotary.py), read
         # by the model runner for the positions of its tokens; absent = the base's rows
         self.rope_offsets: dict[int, int] = {}
@@ -260,7 +261,8 @@ class LoRAManager:
             layers[name] = layer.pack([w.lora_a if w else None for w in ws],
                                       [w.lora_b if w else None for w in ws],
                                       pin_memory=self.device.type == "cuda",
-                                      magnitudes=[w.magnitude if w else None for w in ws])
+                                      magnitudes=[w.magnitude if w else None for w in ws],
+                                      biases=[w.bias if w else None for w in ws])
         for name, parts in lora.experts.items():
             layers[name] = self.layers[name].pack(
                 {key: (w.lora_a, w.lora_b) for key, w in parts.items()},
@@ -272,7 +274,8 @@ class LoRAManager:
                                     added.output_embeddings.pin_memory())
             full = {k: v.pin_memory() for k, v in full.items()}
         return PackedLoRA(lora.lora_int_id, layers, added, lora.path, full, lora.rope_factor,
-                          dora=any(w.magnitude is not None for w in lora.modules.values()))
+                          dora=any(w.magnitude is not None for w in lora.modules.values()),
+                          bias=any(w.bias is not None for w in lora.modules.values()))
 
     def _check_id(self, req: LoRARequest) -> bool:
         """False if this exact adapter is registered already; raises if the id is taken."""
@@ -476,10 +479,10 @@ class LoRAManager:
             self.rope_offsets[lora.lora_int_id] = self._rope_rows[lora.rope_factor]
         else:
             self.rope_offsets.pop(lora.lora_int_id, None)
-        if lora.dora:
-            self.dora_slots.add(slot)
+        if lora.dora or lora.bias:
+            self.eager_slots.add(slot)
         else:
-            self.dora_slots.discard(slot)
+            self.eager_slots.discard(slot)
 
     def _reset_slot(self, slot: int) -> None:
         for layer in self.layers.values():
@@ -489,7 +492,7 @@ class LoRAManager:
         if self.full_vocab is not None:
             self.full_vocab.reset(slot)
         self.lora_index_to_id[slot] = None
-        self.dora_slots.discard(slot)
+        self.eager_slots.discard(slot)
 
     def num_unpinned_capacity(self, batch: set[int]) -> int:
         """How many distinct adapters a batch may hold: slots not held by pinned outsiders."""
