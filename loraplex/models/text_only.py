@@ -79,6 +79,12 @@ MULTIMODAL: dict[str, TextOnly] = {
         _LLAVA, skipped=(*_LLAVA.skipped, "image_newline", "model.image_newline")),
     "Qwen2VLForConditionalGeneration": _QWEN_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
+    # Mistral Small 3.1 / 3.2, Magistral Small, Ministral 3, Devstral Small 2: LLaVA's
+    # names; the language model a Mistral or a Ministral 3 (its text config's model_type),
+    # the Pixtral tower's own leaves q/k/v/o_proj and gate/up/down_proj the language
+    # model's too (their LoRA told apart by the `vision_tower.` prefix)
+    "Mistral3ForConditionalGeneration": replace(
+        _LLAVA, vision_leaves=("linear_1", "linear_2", "merging_layer"), images=False),
     "Llama4ForConditionalGeneration": TextOnly(
         "Llama4ForCausalLM",
         renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
