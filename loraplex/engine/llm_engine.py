@@ -32,6 +32,7 @@ from loraplex.engine.images import (
     build_vision,
     vision_config,
 )
+from loraplex.engine.pixtral_images import PixtralImageProcessor
 from loraplex.engine.prompt_embeds import (
     NOT_ENABLED,
     PLACEHOLDER_ID,
@@ -57,6 +58,7 @@ from loraplex.lora.request import LoRARequest
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
+from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.qwen2_vl import QwenVisionConfig
 from loraplex.models.registry import (
@@ -245,6 +247,8 @@ class LLMEngine:
             return None
         if isinstance(config, QwenVisionConfig):
             return QwenImageProcessor(path, config)
+        if isinstance(config, PixtralVisionConfig):
+            return PixtralImageProcessor(path, config, self.tokenizer)
         if config.bidirectional and TRANSFORMERS_MAJOR < 5:  # Gemma 3
             logger.warning("Gemma 3's images need transformers >= 5 (loraplex's image path "
                            "is checked against it): serving %s on text; image inputs are "

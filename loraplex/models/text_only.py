@@ -84,7 +84,7 @@ MULTIMODAL: dict[str, TextOnly] = {
     # the Pixtral tower's own leaves q/k/v/o_proj and gate/up/down_proj the language
     # model's too (their LoRA told apart by the `vision_tower.` prefix)
     "Mistral3ForConditionalGeneration": replace(
-        _LLAVA, vision_leaves=("linear_1", "linear_2", "merging_layer"), images=False),
+        _LLAVA, vision_leaves=("linear_1", "linear_2", "merging_layer")),
     "Llama4ForConditionalGeneration": TextOnly(
         "Llama4ForCausalLM",
         renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
