@@ -6,8 +6,10 @@ of different ranks over fewer slots than adapters."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import openai
 import pytest
 
 from loraplex import LoRARequest
@@ -24,7 +26,8 @@ from tests.mistral3_fixtures import (
     tokenizer,
     with_adapters,
 )
-from tests.multimodal_fixtures import request
+from tests.multimodal_fixtures import chat_token_ids, make_multimodal_adapter, request
+from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
 
@@ -77,3 +80,107 @@ def test_mixed_batch_with_images_matches_hf(max_loras, budget, mistral3):
     assert ids[ids.index(img) + 5] == brk and ids.index(end) == ids.index(img) + 23
     assert len({tuple(o.outputs[0].token_ids) for o in outs[:3]}) == 3
     assert outs[1].outputs[0].token_ids != outs[3].outputs[0].token_ids  # the image counts
+
+
+def test_prefix_cache_never_shares_across_images(mistral3):
+    """The same text with another image of the same size: only the blocks before the
+    image's first token are shared; the same image again: all but the last block."""
+    llm = make_llm(mistral3["base"], enable_prefix_caching=True, block_size=8)
+    prompt = "USER: Once upon a time there was a little girl who lived in a village. " + ASK[6:]
+    a, b = image(1), image(2)
+    runs = [llm.generate([request(prompt, [img])], GREEDY, use_tqdm=False)[0]
+            for img in (a, b, a)]
+    check(runs, mistral3["base"], [(prompt, [img], None) for img in (a, b, a)])
+    ids = runs[0].prompt_token_ids
+    first_image = ids.index(tokenizer(str(mistral3["base"])).convert_tokens_to_ids("[IMG]"))
+    assert runs[0].num_cached_tokens == 0
+    assert runs[1].num_cached_tokens == first_image // 8 * 8 > 0
+    assert runs[2].num_cached_tokens == (len(ids) - 1) // 8 * 8
+    assert runs[0].outputs[0].token_ids != runs[1].outputs[0].token_ids
+
+
+def test_chat_with_image_parts(mistral3):
+    """LLM.chat: an image_url part (data URL) and an image_pil part become `[IMG]` in the
+    template's text, the images the request's."""
+    llm = make_llm(mistral3["base"])
+    a, b = image(1), image(3, (50, 20))
+    conv = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(a)}},
+        {"type": "text", "text": "What is this? And "},
+        {"type": "image_pil", "image_pil": b}]}]
+    outs = llm.chat(conv, GREEDY, use_tqdm=False)
+    text = "<|user|>[IMG]\nWhat is this? And [IMG]\n\n<|assistant|>"
+    check(outs, mistral3["base"], [(text, [a, b], None)], add_special_tokens=False)
+
+
+def test_offline_refusals_fail_only_their_request(mistral3):
+    llm = make_llm(mistral3["base"])
+    engine, a = llm.llm_engine, image(1)
+    with pytest.raises(ValueError, match=r"1 image placeholder token.*for 2 image"):
+        llm.generate(request(ASK, [a, a]), GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"2 image placeholder token.*for 1 image"):
+        llm.generate(request(ASK + " [IMG]", [a]), GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"not the expansion of 1 image"):
+        llm.generate(request(ASK + "[IMG_BREAK]", [a]), GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="cannot decode the image"):
+        llm.generate(request(ASK, ["data:image/png;base64,AAAA"]), GREEDY, use_tqdm=False)
+    ids = tokenizer(str(mistral3["base"]))(ASK).input_ids
+    expanded, inputs = engine.image_processor(ids, [a])
+    brk = tokenizer(str(mistral3["base"])).convert_tokens_to_ids("[IMG_BREAK]")
+    broken = [t for i, t in enumerate(expanded) if i != expanded.index(brk)]  # a row merged
+    with pytest.raises(ValueError, match="processed image inputs do not match"):
+        llm.generate({"prompt_token_ids": broken, "multi_modal_data": {"image": inputs}},
+                     GREEDY, use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    # processed beforehand (the server's way) and raw: both HF's
+    outs = llm.generate([{"prompt_token_ids": expanded, "multi_modal_data": {"image": inputs}},
+                         request(ASK, [a])], GREEDY, use_tqdm=False)
+    check(outs, mistral3["base"], [(ASK, [a], None)] * 2)
+
+
+def test_lora_on_the_vision_tower(mistral3, tmp_path, caplog):
+    """LoRA applies to the language model (vLLM's rule): an adapter's LoRA on the Pixtral
+    tower (whose q_proj shares the language model's name) and the projector is left out
+    with a warning."""
+    both = make_multimodal_adapter(
+        mistral3["base"], tmp_path / "both", r=4, seed=93,
+        targets=r".*(language_model.*\.q_proj|vision_tower.*\.q_proj|merging_layer|linear_1)")
+    llm = make_llm(mistral3["base"], enable_lora=True, max_lora_rank=8)
+    with caplog.at_level("WARNING"):
+        out = llm.generate(request(ASK, [image(1)]), GREEDY, use_tqdm=False,
+                           lora_request=LoRARequest("both", 1, str(both)))
+    assert "left out (LoRA applies to the language model only)" in caplog.text
+    assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_server_chat_with_image_parts(mistral3):
+    """The chat route with an image_url part, under the base and an adapter: HF's greedy
+    tokens; /tokenize gives the expanded ids; bad inputs fail alone with a 400."""
+    a = image(2, (30, 50))
+    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
+               {"type": "text", "text": "What is this?"}]
+    args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "8", "--lora-modules", f"r8={mistral3['r8']}"]
+    text = "<|user|>[IMG]\nWhat is this?\n<|assistant|>"
+    inp = hf_inputs(mistral3["base"], text, [a], add_special_tokens=False)
+    ids = inp["input_ids"][0].tolist()
+    with RemoteServer(mistral3["base"], args) as server:
+        client = server.get_client()
+        base = str(mistral3["base"])
+        for model, adapter in ((base, None), ("r8", mistral3["r8"])):
+            got = chat_token_ids(client, model, content)
+            ref = hf_logprobs(mistral3["base"], adapter, inp, got[:-1])
+            assert got == ref[len(ids) - 1:].argmax(-1).tolist()
+        tok = server.post("/tokenize", {"model": base, "messages": [
+            {"role": "user", "content": content}]})
+        assert tok.status_code == 200, tok.text
+        assert tok.json()["tokens"] == ids
+        for parts, match in (
+                ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                 "cannot decode the image"),
+                ([*content, {"type": "text", "text": " [IMG]"}],
+                 "2 image placeholder token.*for 1 image")):
+            with pytest.raises(openai.BadRequestError) as info:
+                chat_token_ids(client, base, parts)
+            assert re.search(match, info.value.body["message"]), info.value.body
+        assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving
