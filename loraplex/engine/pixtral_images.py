@@ -132,7 +132,8 @@ class PixtralImageProcessor:
         hashes = [hashlib.blake2b(p.float().contiguous().numpy().tobytes() + repr(s).encode(),
                                   digest_size=16).digest() for p, s in zip(patches, sizes)]
         return ids, ImageInputs(torch.cat(patches), self.positions(ids),
-                                self.ranges(ids, sizes), hashes, sizes=sizes)
+                                self.ranges(ids, sizes), hashes, sizes=sizes,
+                                bidirectional=c.bidirectional)
 
     def patches(self, pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """One image's padded pixels [C, H, W] -> its patches [patches, C x p x p],
@@ -166,6 +167,7 @@ class PixtralImageProcessor:
             ok = self.tokens(ids, [c.grid(s) for s in inputs.sizes]) == ids \
                 and self.positions(ids) == inputs.positions \
                 and self.ranges(ids, inputs.sizes) == inputs.ranges \
+                and inputs.bidirectional == c.bidirectional \
                 and inputs.pixel_values.shape[0] == sum(h // p * (w // p) for h, w in inputs.sizes)
         except ValueError:
             ok = False

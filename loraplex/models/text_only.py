@@ -8,7 +8,9 @@ beside the language model, LLaVA's (`LlavaForConditionalGeneration`; LLaVA-NeXT'
 `LlavaNextForConditionalGeneration` with its `image_newline`) into models/llava.py,
 Gemma 3's into models/gemma3_vision.py, Qwen2-VL's and Qwen2.5-VL's
 (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`: a Qwen2
-language model with M-RoPE) into models/qwen2_vl.py; an adapter's LoRA on them is left
+language model with M-RoPE) into models/qwen2_vl.py, Mistral 3's
+(`Mistral3ForConditionalGeneration`: a Mistral or Ministral 3 language model, its text
+config's model_type) into models/pixtral.py; an adapter's LoRA on them is left
 out with a warning, as vLLM does (LoRA applies to the language model only). A Gemma 3
 checkpoint saved without its image processor is served on text (engine/llm_engine.py).
 
