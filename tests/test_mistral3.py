@@ -6,11 +6,14 @@ of different ranks over fewer slots than adapters."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import openai
 import pytest
+from safetensors.torch import load_file, save_file
 
 from loraplex import LoRARequest
 from tests.engine_utils import make_llm
@@ -184,3 +187,29 @@ def test_server_chat_with_image_parts(mistral3):
                 chat_token_ids(client, base, parts)
             assert re.search(match, info.value.body["message"]), info.value.body
         assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving
+
+
+@pytest.mark.parametrize("layout", ["in_memory", "no_tie_flag"])
+def test_checkpoint_layouts(layout, mistral3, tmp_path):
+    """transformers 4.52+'s in-memory names (`model.language_model.*`,
+    `model.vision_tower.*`, `lm_head.*`) load; a config.json without the top-level
+    tie_word_embeddings (Mistral3Config defaults it to true) over an untied checkpoint:
+    HF keeps lm_head apart, and so does loraplex."""
+    base = Path(shutil.copytree(mistral3["base"], tmp_path / layout))
+    if layout == "in_memory":
+        path = str(base / "model.safetensors")
+
+        def rename(name: str) -> str:
+            name = re.sub(r"^(vision_tower|multi_modal_projector)\.", r"model.\1.", name)
+            name = name.replace("language_model.model.", "model.language_model.", 1)
+            return name.replace("language_model.lm_head.", "lm_head.", 1)
+        save_file({rename(k): v for k, v in load_file(path).items()}, path,
+                  metadata={"format": "pt"})
+    else:
+        cfg = json.loads((base / "config.json").read_text())
+        del cfg["tie_word_embeddings"]
+        (base / "config.json").write_text(json.dumps(cfg))
+    llm = make_llm(base)
+    a = image(1)
+    outs = llm.generate([request(ASK, [a]), LONG], GREEDY, use_tqdm=False)
+    check(outs, base, [(ASK, [a], None), (LONG, [], None)])

@@ -124,7 +124,7 @@ class LLMEngine:
         apply_hf_overrides(hf_config, parse_hf_overrides(args.hf_overrides))
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
-        hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
+        hf_config, self.text_only = text_only_config(hf_config, path)  # Gemma 3 4B+: text model
         architecture(hf_config)
         # a causal LM served as a reranker: its head from lm_head rows (hf_overrides)
         self.lm_head_classifier = LMHeadClassifier.from_config(hf_config)
