@@ -132,9 +132,10 @@ class LLMEngine:
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
         self.multimodal = self.config.multimodal_config
-        # LLaVA, Gemma 3, Qwen2-VL: the vision tower and projector (models/llava.py,
-        # models/gemma3_vision.py, models/qwen2_vl.py), the image processor; none when
-        # limit_mm_per_prompt allows no image (served on text, the tower never built)
+        # LLaVA, Gemma 3, Qwen2-VL, Mistral 3: the vision tower and projector (models/llava.py,
+        # models/gemma3_vision.py, models/qwen2_vl.py, models/pixtral.py), the image
+        # processor; none when limit_mm_per_prompt allows no image (served on text, the
+        # tower never built)
         vision = (vision_config(whole) if self.text_only is not None
                   and self.text_only.images and self.multimodal.takes("image") else None)
         if vision is None and self.text_only is not None and self.text_only.images:
@@ -971,7 +972,7 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
     if prompt.get("multi_modal_data") and not takes_images:
         raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
                          f"model {model!r}: it has no vision tower (image inputs are "
-                         "served on LLaVA, Gemma 3 and Qwen2-VL models)")
+                         "served on LLaVA, Gemma 3, Qwen2-VL and Mistral 3 models)")
     if prompt.get("multi_modal_uuids"):
         raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
                          "uuids (images are hashed for the prefix cache)")
