@@ -103,13 +103,17 @@ class PixtralImageProcessor:
         self.config = config
         self.hf = AutoImageProcessor.from_pretrained(path)
         self.tokens = PixtralImageTokens(tokenizer, config, path)
+        size = self.hf.size if isinstance(self.hf.size, dict) else vars(self.hf.size)
+        self.longest_edge = size.get("longest_edge")
+        if not self.longest_edge:  # PixtralProcessor's resize rule reads only it
+            raise ValueError(f"the image processor in {path} gives no size.longest_edge "
+                             f"({size}): Mistral 3's images are resized by it")
 
     def _sizes(self, images: list[Any]) -> list[tuple[int, int]]:
         """Each image's (height, width) as the HF processor will resize it (its own
         get_resize_output_image_size, without the pixels)."""
         resize = importlib.import_module(type(self.hf).__module__).get_resize_output_image_size
-        size = self.hf.size if isinstance(self.hf.size, dict) else vars(self.hf.size)
-        edge, unit = size["longest_edge"], self.config.unit
+        edge, unit = self.longest_edge, self.config.unit
         return [tuple(int(x) for x in resize(  # a view of the image's shape: no pixels
             np.broadcast_to(np.zeros((1, 1, 1), np.uint8), (im.height, im.width, 3)),
             size=(edge, edge), patch_size=(unit, unit))) for im in images]
