@@ -253,6 +253,17 @@ def _arch_config(
                       moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
                       routed_scaling_factor=2.5, norm_topk_prob=True, use_qk_norm=True,
                       attention_bias=True, partial_rotary_factor=0.5)
+    elif arch == "olmo3":  # a local (window 6) and a global layer, YaRN on the global one
+        common.update(attention_bias=False, sliding_window=6,
+                      layer_types=["sliding_attention", "full_attention"],
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                    "original_max_position_embeddings": 128})
+    elif arch == "olmoe":  # q/k norm over all heads; top-2 of 4, not renormalized
+        common.update(attention_bias=False, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=False, clip_qkv=None)
+    elif arch == "minimax_m2":  # sigmoid routing with a correction bias, partial rotary
+        common.update(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48,
+                      rotary_dim=8)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -268,7 +279,8 @@ def _arch_config(
                     "hunyuan": "HunYuanDenseV1Config", "arcee": "ArceeConfig",
                     "nemotron": "NemotronConfig", "starcoder2": "Starcoder2Config",
                     "cohere": "CohereConfig", "cohere2": "Cohere2Config",
-                    "glm4_moe": "Glm4MoeConfig"}[arch]
+                    "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
+                    "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 
@@ -360,11 +372,12 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed, init_std)
-    if arch == "glm4_moe":  # a correction bias that changes which experts are chosen
-        gen = torch.Generator().manual_seed(seed + 1)
+    if arch in ("glm4_moe", "minimax_m2"):  # a correction bias that changes which experts
+        gen = torch.Generator().manual_seed(seed + 1)  # are chosen
         with torch.no_grad():
-            for layer in model.model.layers[1:]:
-                bias = layer.mlp.gate.e_score_correction_bias
+            for layer in model.model.layers[1 if arch == "glm4_moe" else 0:]:
+                bias = layer.mlp.gate.e_score_correction_bias if arch == "glm4_moe" \
+                    else layer.mlp.e_score_correction_bias
                 bias.copy_(0.3 * torch.randn(bias.shape, generator=gen))
     if arch == "gpt_oss":  # transformers < 5 clamps at 7.0 whatever swiglu_limit says: the
         # checkpoint then says what HF computes (real gpt-oss configs say 7.0)

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from tests.fixtures import SPECIAL_TOKENS, _reinit_, make_tokenizer
 
 CHUNK = 4  # attention_chunk_size: prompts of 10-60 tokens cross many chunks
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 def llama4_text_config(vocab_size: int, **overrides: Any) -> Any:
@@ -37,7 +39,33 @@ def llama4_text_config(vocab_size: int, **overrides: Any) -> Any:
         bos_token_id=SPECIAL_TOKENS.index("<s>"), eos_token_id=SPECIAL_TOKENS.index("</s>"),
         pad_token_id=SPECIAL_TOKENS.index("<pad>"))
     kw.update(overrides)
+    if TRANSFORMERS_MAJOR < 5:  # 4.x ignores rope_parameters: its rope_scaling, rope_theta
+        rope = dict(kw.pop("rope_parameters"))
+        kw["rope_theta"] = rope.pop("rope_theta")
+        kw["rope_scaling"] = rope
     return Llama4TextConfig(**kw)
+
+
+def fix_hf4_moe_routing() -> None:
+    """transformers 4.56's Llama4TextMoe.forward weights the experts' input by
+    `router_scores.reshape(-1, 1)`: the scores are [tokens, experts] but the routed input
+    is expert-major (hidden_states.repeat(E, 1)), so with more than one token in a
+    forward each row gets another token's (or expert's) score; transformers 5 transposes
+    them first. The weights are the same in both versions: for HF's reference on 4.x
+    (tests only), its forward with transformers 5's line."""
+    from transformers.models.llama4 import modeling_llama4 as hf
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_scores, router_logits = self.router(hidden_states)
+        routed_in = hidden_states.repeat(router_scores.shape[1], 1)
+        routed_in = routed_in * router_scores.transpose(0, 1).reshape(-1, 1)
+        routed_out = self.experts(routed_in)
+        out = self.shared_expert(hidden_states)
+        out.add_(routed_out.reshape(router_scores.shape[1], -1, routed_out.shape[-1]).sum(0))
+        return out, router_logits
+
+    hf.Llama4TextMoe.forward = forward
 
 
 def make_llama4(out_dir: Path, seed: int = 0, **overrides: Any) -> Path:

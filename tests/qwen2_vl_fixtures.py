@@ -1,7 +1,7 @@
-"""A tiny random Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration) or Qwen2-VL, its image
+"""A tiny random Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), Qwen2-VL or Qwen3-VL, its image
 processor and tokenizer (with Qwen's vision tokens and a Qwen-VL-style chat template),
 PEFT adapters on it, and HF transformers (+ PEFT) as the reference: the ground truth of
-tests/test_qwen2_vl.py.
+tests/test_qwen2_vl.py and tests/test_qwen3_vl.py.
 
 HF's Qwen2VLProcessor needs torchvision (its video processor), which this environment
 lacks: the reference prompt is expanded here by its rule (each `<|image_pad|>` becomes
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
@@ -61,6 +62,10 @@ def make_tiny_qwen_vl(out: Path, seed: int, qwen25: bool = True) -> Path:
                 eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                  "mrope_section": [2, 3, 3]})
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x: the sections in rope_scaling
+        del text["rope_parameters"]
+        text.update(rope_theta=10000.0,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
     if qwen25:
         vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
                       patch_size=4, temporal_patch_size=2, spatial_merge_size=2,
@@ -75,6 +80,40 @@ def make_tiny_qwen_vl(out: Path, seed: int, qwen25: bool = True) -> Path:
     cfg.tie_word_embeddings = False
     torch.manual_seed(seed)
     model = model.eval()
+    _reinit_(model, seed, 0.2)
+    model.save_pretrained(str(out))
+    Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 64 * 64}, patch_size=4,
+                          merge_size=2, temporal_patch_size=2).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def make_tiny_qwen3_vl(out: Path, seed: int) -> Path:
+    """A 3-layer Qwen3 language model (head_dim 16, q/k norm, interleaved mrope_section
+    [2, 3, 3]) behind a 3-block Qwen3-VL tower on 4-pixel patches (a 4 x 4 learned
+    position table, 2 x 2 merge blocks) with DeepStack from blocks 0 and 1 into the
+    decoder's layers 0 and 1; weights std 0.2."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out)
+    tok.add_special_tokens({"additional_special_tokens": VISION})
+    tok.chat_template = CHAT_TEMPLATE
+    ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id",
+                    "video_token_id"), tok.convert_tokens_to_ids(VISION), strict=True))
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1,
+                eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
     _reinit_(model, seed, 0.2)
     model.save_pretrained(str(out))
     Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 64 * 64}, patch_size=4,

@@ -25,7 +25,7 @@ from loraplex.models.text_only import text_only_config
 from tests import fixtures
 from tests.engine_utils import check_against_hf, check_mixed_batch, check_shared_prefixes, make_llm
 from tests.fixtures import make_peft_adapter
-from tests.llama4_fixtures import CHUNK, make_llama4, make_llama4_multimodal
+from tests.llama4_fixtures import CHUNK, fix_hf4_moe_routing, make_llama4, make_llama4_multimodal
 
 EXPERTS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
 # every linear PEFT can run on Llama 4 (its router returns a tuple, which PEFT's LoRA
@@ -35,8 +35,24 @@ LONG = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, logprobs=
 
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-# loraplex serves Llama 4 with transformers >= 5 only (4.56's HF outputs differ from it)
-pytestmark = pytest.mark.skipif(not TRANSFORMERS_5, reason="Llama 4 needs transformers >= 5")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _hf_reference_moe():
+    """On transformers 4.x, HF's reference with its MoE routing as transformers 5 has it
+    (4.56's Llama4TextMoe pairs a forward's tokens with the wrong router scores:
+    tests/llama4_fixtures.py `fix_hf4_moe_routing`); loraplex's config and checkpoint
+    reading on 4.x checked against it."""
+    if TRANSFORMERS_5:
+        yield
+        return
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    original = Llama4TextMoe.forward
+    fix_hf4_moe_routing()
+    yield
+    Llama4TextMoe.forward = original
+
 
 # the experts' LoRA (PEFT's target_parameters) as transformers 5 lays Llama 4's experts
 # out; PEFT 0.17 on transformers 4 lays it the other way, which loraplex refuses (with the
@@ -118,6 +134,20 @@ def test_triton_attention(monkeypatch, budget, llama4, prompts):
     check_mixed_batch(llm, llama4["base"], _adapters(llama4), prompts, extra=1)
 
 
+@pytest.mark.skipif(TRANSFORMERS_5, reason="PEFT's experts layout on transformers 4.x")
+def test_transformers4_experts_lora_refused(llama4, tmp_path, prompts):
+    """PEFT 0.17's target_parameters on transformers 4.x lays the experts' LoRA out the
+    other way: refused with the shapes expected, the engine serves on."""
+    adapter = make_peft_adapter(llama4["base"], tmp_path / "experts4", r=4, seed=44,
+                                target_modules=["q_proj"], target_parameters=EXPERTS)
+    llm = make_llm(llama4["base"], enable_lora=True, max_lora_rank=8)
+    with pytest.raises(LoRAError, match="fits neither gate_up_proj"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False,
+                     lora_request=LoRARequest("experts4", 1, str(adapter)))
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == LONG.max_tokens
+
+
 def test_router_lora_refused(llama4, tmp_path, prompts):
     """all-linear puts a LoRA on the router too, which PEFT itself cannot run (HF's router
     returns a tuple): such an adapter is refused, the engine serves on."""
@@ -156,7 +186,7 @@ def llama4mm(tiny_root: Path) -> dict[str, Path]:
             # language model's q/k/v/o_proj names)
             "all": make_peft_adapter(base, root / "all", r=8, seed=51,
                                      target_modules=[*LINEARS, "fc1", "fc2", "linear_1"],
-                                     target_parameters=EXPERTS),
+                                     **EXPERTS_LORA),
             "qv": make_peft_adapter(base, root / "qv", r=4, seed=52,
                                     target_modules=["q_proj", "v_proj"]),
         }
@@ -168,7 +198,8 @@ def test_multimodal_checkpoint_on_text(monkeypatch, budget, llama4mm, prompts):
 
     names = set(load_file(str(llama4mm["all"] / "adapter_model.safetensors")))
     assert any(".vision_model." in n for n in names)
-    assert any(".language_model.model.layers.1.feed_forward.experts." in n for n in names)
+    assert any(".language_model.model.layers.1.feed_forward.experts." in n
+               for n in names) == TRANSFORMERS_5  # (PEFT 0.17's experts refused: EXPERTS_LORA)
     monkeypatch.setattr(fixtures, "AutoModelForCausalLM", _WholeModel)
     llm = make_llm(llama4mm["base"], enable_lora=True, max_loras=1, max_lora_rank=8,
                    max_num_batched_tokens=budget)

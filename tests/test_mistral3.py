@@ -33,6 +33,9 @@ from tests.multimodal_fixtures import chat_token_ids, make_multimodal_adapter, r
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
+if int(__import__("transformers").__version__.split(".")[0]) < 5:  # pragma: no cover
+    pytest.skip("Mistral 3 is checked against transformers 5 only so far (4.56 lacks "
+                "Ministral 3 and PixtralImageProcessorPil)", allow_module_level=True)
 
 LONG = ("USER: Once upon a time there was a little girl who lived in a village near the "
         "forest. The quick brown fox jumps over the lazy dog. What happened next? ASSISTANT:")

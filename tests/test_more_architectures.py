@@ -22,7 +22,14 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
   the experts too;
 - Cohere (Command R): attention and MLP side by side on one normed input, LayerNorm
   without bias, q/k norm with a weight per head, rotary on interleaved pairs, logits
-  scaled; Cohere 2: its local layers rotated, the global one NoPE.
+  scaled; Cohere 2: its local layers rotated, the global one NoPE;
+- OLMo 3: OLMo 2's norms after the sublayers and q/k norm over all heads, a local layer
+  (window) and a global one, YaRN on the global one only (each layer type's own rope);
+- OLMoE: q/k norm over all heads, experts (top-2 of 4, weights not renormalized) in every
+  layer; LoRA on the experts too;
+- MiniMax-M2: experts chosen by sigmoid scores plus a correction bias (kept beside the
+  router in its checkpoints), weighted by the unbiased scores renormalized; q/k norm
+  over all heads, partial rotary.
 
 A transformers without the architecture (the floors job's, for some) skips it.
 """
@@ -47,7 +54,8 @@ ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "glm": "GlmConfig", "glm4": "Glm4Config", "hunyuan": "HunYuanDenseV1Config",
          "arcee": "ArceeConfig", "nemotron": "NemotronConfig",
          "starcoder2": "Starcoder2Config", "cohere": "CohereConfig",
-         "cohere2": "Cohere2Config", "glm4_moe": "Glm4MoeConfig"}
+         "cohere2": "Cohere2Config", "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
+         "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -69,8 +77,11 @@ GLM_ADAPTERS = {  # its fused gate_up_proj too
 }
 
 
+MOE_ARCHS = ("glm4_moe", "olmoe", "minimax_m2")
+
+
 def _adapters(arch: str) -> dict[str, dict]:
-    if arch == "glm4_moe":
+    if arch in MOE_ARCHS:
         return GLM4_MOE_ADAPTERS
     return GLM_ADAPTERS if arch.startswith("glm") else ADAPTERS
 
@@ -97,7 +108,7 @@ def models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
 def test_mixed_batch_matches_peft(arch, budget, models, prompts):
     base, adapters = models[arch]
     llm = make_llm(base, enable_lora=True, max_loras=1,
-                   max_lora_rank=16 if arch == "glm4_moe" else 8,  # PEFT: gate_up at 2r
+                   max_lora_rank=16 if arch in MOE_ARCHS else 8,  # PEFT: gate_up at 2r
                    **({"enable_chunked_prefill": True, "max_num_batched_tokens": budget}
                       if budget else {}))
     check_mixed_batch(llm, base, adapters, prompts, extra=2)

@@ -46,10 +46,6 @@ TEXT = "USER: What is the capital of France? ASSISTANT:"
 
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-# loraplex serves Qwen-VL with transformers >= 5 only (engine/images.py refuses it on 4.x)
-needs_transformers_5 = pytest.mark.skipif(
-    not TRANSFORMERS_5, reason="loraplex serves Qwen-VL with transformers >= 5 (4.x's "
-    "configs hold other fields; the tiny checkpoints are written in 5's layout)")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +72,6 @@ def _tower(base) -> tuple[QwenVision, object]:
 
 
 @pytest.mark.parametrize("which", ["qwen25", "qwen2"])
-@needs_transformers_5
 def test_image_embeddings_match_hf(which, request):
     """Two images of different sizes in one call (several windows each, Qwen2.5-VL) give
     HF's get_image_features within 1e-5, in HF's merged order."""
@@ -86,14 +81,22 @@ def test_image_embeddings_match_hf(which, request):
     grids = [tuple(g) for g in inp["image_grid_thw"].tolist()]
     assert len(grids) == 2 and grids[0] != grids[1]
     with torch.no_grad():
-        ref = torch.cat(hf.get_image_features(inp["pixel_values"], inp["image_grid_thw"],
-                                              return_dict=True).pooler_output)
+        kw = {"return_dict": True} if TRANSFORMERS_5 else {}  # 4.x: the images' tuple
+        ref = hf.get_image_features(inp["pixel_values"], inp["image_grid_thw"], **kw)
+        ref = torch.cat(getattr(ref, "pooler_output", ref))
     got = ours(inp["pixel_values"], grids)
     assert got.shape == ref.shape
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
 
 
-@needs_transformers_5
+def _rope_index(hf, input_ids, mm_token_type_ids, grids):
+    """HF's get_rope_index: transformers 5's takes the image tokens' types, 4.x's finds
+    them from the config's image_token_id."""
+    if TRANSFORMERS_5:
+        return hf.model.get_rope_index(input_ids, mm_token_type_ids, grids)
+    return hf.model.get_rope_index(input_ids, grids)
+
+
 def test_positions_match_hf_get_rope_index(qwen25):
     """3-D positions and the decode delta, for one image, two (adjacent and apart) and none."""
     base = qwen25["base"]
@@ -102,15 +105,14 @@ def test_positions_match_hf_get_rope_index(qwen25):
     for prompt, ims in ((ASK, [image(1)]), (TWO, [image(1, (52, 40)), image(2, (24, 40))]),
                         (f"A {IMAGE}{IMAGE} B", [image(3), image(4, (40, 24))])):
         inp = hf_inputs(base, prompt, ims)
-        ref, delta = hf.model.get_rope_index(inp["input_ids"], inp["mm_token_type_ids"],
-                                             inp["image_grid_thw"])
+        ref, delta = _rope_index(hf, inp["input_ids"], inp.get("mm_token_type_ids"),
+                                 inp["image_grid_thw"])
         got, d = mrope_positions(inp["input_ids"][0].tolist(), c.image_token_id,
                                  [tuple(g) for g in inp["image_grid_thw"].tolist()],
                                  c.merge_size)
         assert torch.equal(got, ref[:, 0]) and d == int(delta) and d != 0
 
 
-@needs_transformers_5
 def test_step_positions_slice_chunks_and_shift_past_the_prompt(qwen25):
     """A step's [3, T] rows: chunks of an image prompt take their slices, tokens past the
     prompt (a recompute after preemption) index + delta, a text prompt 1-D: HF's
@@ -126,8 +128,8 @@ def test_step_positions_slice_chunks_and_shift_past_the_prompt(qwen25):
     text = Sequence("b", 0, [9] * 7, GREEDY)
     inp = hf_inputs(base, TWO, ims)
     full = torch.cat([inp["input_ids"], torch.tensor([[5, 6, 7]])], dim=1)
-    ref = hf.model.get_rope_index(full, (full == proc.config.image_token_id).int(),
-                                  inp["image_grid_thw"])[0][:, 0]
+    ref = _rope_index(hf, full, (full == proc.config.image_token_id).int(),
+                      inp["image_grid_thw"])[0][:, 0]
     n = len(seq.token_ids)
     cut = images.positions[3]  # inside the first image
     starts, lens = [0, cut, 0], [cut, n - cut, 7]
@@ -137,7 +139,6 @@ def test_step_positions_slice_chunks_and_shift_past_the_prompt(qwen25):
     assert torch.equal(got[:, n:], torch.arange(7).expand(3, -1))
 
 
-@needs_transformers_5
 def test_mrope_with_equal_axes_is_the_1d_rope():
     """Text on all three axes (a prompt without images, decode at p + delta) rotates
     exactly as the plain 1-D path does, which those rows take."""
@@ -152,7 +153,6 @@ def test_mrope_with_equal_axes_is_the_1d_rope():
         RotaryEmbedding(16, 64, 10000.0, mrope_section=(2, 3, 4))
 
 
-@needs_transformers_5
 def test_processor_expands_as_hf(qwen25):
     base = qwen25["base"]
     ims = [image(1, (52, 40)), image(2, (24, 40))]
@@ -166,7 +166,6 @@ def test_processor_expands_as_hf(qwen25):
 
 
 @pytest.mark.parametrize("budget", [None, 16])
-@needs_transformers_5
 def test_mixed_batch_matches_hf(budget, qwen25):
     """Image requests under the base and two adapters (of ranks 8 and 4, one slot), two
     images of different sizes in one prompt, a text request, in one call; budget 16:
@@ -186,7 +185,6 @@ def test_mixed_batch_matches_hf(budget, qwen25):
     assert outs[1].outputs[0].token_ids != outs[3].outputs[0].token_ids
 
 
-@needs_transformers_5
 def test_hub_checkpoint_layout(qwen25, tmp_path):
     """The hub's files (transformers < 4.52: `visual.*`, `model.layers.*`, a config.json
     with the text fields at its top) load to HF's model as what this transformers saves
@@ -200,8 +198,11 @@ def test_hub_checkpoint_layout(qwen25, tmp_path):
     save_file(renamed, path, metadata={"format": "pt"})
     cfg = json.loads((base / "config.json").read_text())  # the hub's: text fields on top,
     text = cfg.pop("text_config")  # M-RoPE as rope_scaling type "mrope"
-    rope = text.pop("rope_parameters")
-    cfg.update({k: v for k, v in text.items() if k != "model_type"},
+    # (transformers 4.x saved rope_theta and rope_scaling already, its type "default")
+    rope = text.pop("rope_parameters", None) or {**text.pop("rope_scaling"),
+                                                 "rope_theta": text["rope_theta"]}
+    cfg.update({k: v for k, v in text.items()  # (4.x's text config: its ids None)
+                if k != "model_type" and not (v is None and k in cfg)},
                rope_theta=rope["rope_theta"],
                rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
     cfg["vision_config"]["in_chans"] = cfg["vision_config"].pop("in_channels")
@@ -211,7 +212,6 @@ def test_hub_checkpoint_layout(qwen25, tmp_path):
     check(outs, qwen25["base"], [(ASK, [a], None)])
 
 
-@needs_transformers_5
 def test_qwen2_vl_matches_hf(qwen2):
     """Qwen2-VL (LayerNorm + GELU blocks, no windows), the base and an adapter, chunked."""
     base = qwen2["base"]
@@ -225,7 +225,6 @@ def test_qwen2_vl_matches_hf(qwen2):
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
 
 
-@needs_transformers_5
 def test_prefix_cache_never_shares_across_images(qwen25):
     """The same text with another image (of the same size): only the blocks before the
     image are shared; the same image again: all but the last block."""
@@ -244,7 +243,6 @@ def test_prefix_cache_never_shares_across_images(qwen25):
     assert runs[0].outputs[0].token_ids != runs[1].outputs[0].token_ids
 
 
-@needs_transformers_5
 def test_chat_with_image_parts(qwen25):
     base = qwen25["base"]
     llm = make_llm(base)
@@ -258,7 +256,6 @@ def test_chat_with_image_parts(qwen25):
     check(outs, base, [(text, [a, b], None)], add_special_tokens=False)
 
 
-@needs_transformers_5
 def test_lora_on_the_vision_tower_left_out(qwen25, tmp_path, caplog):
     both = make_multimodal_adapter(qwen25["base"], tmp_path / "both", r=4, seed=93,
                              targets=r".*(language_model.*\.q_proj|visual.*\.(qkv|fc1|up_proj)"
@@ -271,7 +268,6 @@ def test_lora_on_the_vision_tower_left_out(qwen25, tmp_path, caplog):
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
 
 
-@needs_transformers_5
 def test_server_chat_with_data_url_image(qwen25):
     """The official client's chat request with a data-URL image gets HF's greedy tokens;
     /v1/responses' input_image the same reply; /tokenize the expanded ids; an

@@ -62,7 +62,6 @@ from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.qwen2_vl import QwenVisionConfig
 from loraplex.models.registry import (
-    TRANSFORMERS_MAJOR,
     architecture,
     build_model,
     is_headless,
@@ -250,11 +249,6 @@ class LLMEngine:
             return QwenImageProcessor(path, config)
         if isinstance(config, PixtralVisionConfig):
             return PixtralImageProcessor(path, config, self.tokenizer)
-        if config.bidirectional and TRANSFORMERS_MAJOR < 5:  # Gemma 3
-            logger.warning("Gemma 3's images need transformers >= 5 (loraplex's image path "
-                           "is checked against it): serving %s on text; image inputs are "
-                           "refused", path)
-            return None
         try:
             return ImageProcessor(path, config, self.tokenizer)
         except OSError:

@@ -1,6 +1,7 @@
-"""Qwen2-VL's and Qwen2.5-VL's images (engine/images.py's ImageProcessor, for these
-models): the checkpoint's HF image processor (Qwen2VLImageProcessor: smart_resize to
-multiples of patch_size x merge_size, patches in merge-block order, `image_grid_thw`), the
+"""Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's images (engine/images.py's ImageProcessor, for
+these models; Qwen3-VL's processor, placeholders and image positions are Qwen2-VL's):
+the checkpoint's HF image processor (Qwen2VLImageProcessor: smart_resize to multiples
+of patch_size x merge_size, patches in merge-block order, `image_grid_thw`), the
 prompt's `<|image_pad|>` expanded to grid_t x grid_h x grid_w / merge_size^2 tokens per
 image as Qwen2VLProcessor expands it, and the prompt's M-RoPE positions
 (models/mrope.py) computed once here, beside the pixels, for the model runner.

@@ -13,7 +13,8 @@ model runner picks each token's row (`rope_row`). Long-context LoRA (LongLoRA, v
 linear scaling (the frequencies / f) as the adapter was trained with, from row
 `lora_offsets[f]` on; a token under such an adapter reads its position's row there.
 M-RoPE (Qwen2-VL, models/mrope.py): positions [3, T] (temporal, height, width), frequency
-i rotated by the axis whose `mrope_section` piece holds it; 1-D positions [T] are the
+i rotated by the axis whose `mrope_section` piece holds it (Qwen3-VL: the axes
+interleaved, `mrope_interleaved`; models/mrope.py's frequency_axes); 1-D positions [T] are the
 same on every axis, so they take the plain path (text, decode) with the same result.
 """
 
@@ -23,6 +24,8 @@ import math
 
 import torch
 from torch import nn
+
+from loraplex.models.mrope import frequency_axes
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
 
@@ -79,6 +82,7 @@ class RotaryEmbedding(nn.Module):
                  scaling: dict | None = None, lora_factors: tuple[float, ...] = (),
                  interleaved: bool = False,
                  mrope_section: tuple[int, ...] | None = None,
+                 mrope_interleaved: bool = False,
                  rows: int | None = None) -> None:
         """`rows`: the positions the table holds when fewer than max_position are served
         (the engine's max_model_len: Llama 4 Scout's max_position is 10M); max_position
@@ -141,7 +145,7 @@ class RotaryEmbedding(nn.Module):
             if sum(mrope_section) != rotary_dim // 2:
                 raise ValueError(f"mrope_section {list(mrope_section)} must sum to "
                                  f"{rotary_dim // 2} (half the rotary dimension)")
-            axis = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(mrope_section)])
+            axis = frequency_axes(mrope_section, mrope_interleaved)
         self.register_buffer("mrope_axis", axis, persistent=False)
 
     def rope_row(self, position: int, seq_len: int) -> int:

@@ -58,7 +58,9 @@ from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.llama4 import Llama4Args, Llama4MoE, l2_norm
 from loraplex.models.text_only import TextOnly
 
-ImageRows = tuple[torch.Tensor, torch.Tensor]  # rows of the flat batch [N], embeddings [N, D]
+# rows of the flat batch [N], their embeddings [N, D]; Qwen3-VL's [N, 1 + L, D]: each
+# row's input embedding, then its DeepStack features for the first L layers' outputs
+ImageRows = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -121,6 +123,7 @@ class LlamaArgs:
     long_lora_factors: tuple[float, ...] = ()  # rope tables for long-context LoRA
     rope_rows: int | None = None  # positions the rope tables hold (None: max_position)
     mrope_section: tuple[int, ...] | None = None  # Qwen2-VL's M-RoPE (models/mrope.py)
+    mrope_interleaved: bool = False  # Qwen3-VL's: the axes interleaved over frequencies
     llama4: Llama4Args | None = None  # Llama 4's attention and feed-forward (llama4.py)
     # Ministral 3's llama_4_scaling_beta and original_max_position_embeddings: every
     # layer's queries scaled by 1 + beta ln(1 + floor(p / n)) at position p
@@ -352,7 +355,8 @@ class LlamaModel(nn.Module):
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling,
                                                a.long_lora_factors, a.rope_interleaved,
-                                               a.mrope_section, rows=a.rope_rows)
+                                               a.mrope_section, a.mrope_interleaved,
+                                               rows=a.rope_rows)
         local = rotary
         if a.local_rope is not None and a.long_lora_factors:
             raise ValueError("--long-lora-scaling-factors: not supported on a model whose "
@@ -385,10 +389,24 @@ class LlamaModel(nn.Module):
         if image_rows is not None:  # LLaVA, Gemma 3: image embeddings at the placeholders'
             # rows (Gemma 3's unscaled, as HF's: its scale is on the token embeddings only)
             rows, embeds = image_rows
+            if embeds.dim() == 3:  # Qwen3-VL's DeepStack (models/qwen3_vl.py)
+                return self.norm(self._deepstack(positions, x, rows, embeds.to(x.dtype)))
             x = x.index_copy(0, rows, embeds.to(x.dtype))
         for layer in self.layers:
             x = layer(positions, x)
         return self.norm(x)
+
+    def _deepstack(self, positions: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
+                   embeds: torch.Tensor) -> torch.Tensor:
+        """DeepStack (Qwen3-VL): the image rows take their input embedding (embeds[:, 0])
+        and, after layer i < L, their features of the tower's i-th DeepStack layer
+        (embeds[:, 1 + i]) added to the hidden state, as HF's _deepstack_process."""
+        x = x.index_copy(0, rows, embeds[:, 0])
+        for i, layer in enumerate(self.layers):
+            x = layer(positions, x)
+            if i + 1 < embeds.shape[1]:
+                x = x.index_add(0, rows, embeds[:, i + 1])
+        return x
 
 
 class LlamaForCausalLM(nn.Module):

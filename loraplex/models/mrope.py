@@ -10,11 +10,29 @@ prompt with images ends `delta` = (largest position + 1) - (its length) away fro
 1-D positions would, and every later token (decode) is at its index + delta on all three
 axes, which is exactly a 1-D rope at that shifted position (HF's `get_rope_index` and
 `mrope_position_deltas`). A prompt without images has delta 0 and 1-D positions.
+
+Which axis rotates which frequency (`frequency_axes`): Qwen2-VL gives the axes contiguous
+sections (the first `mrope_section[0]` frequencies by t, the next by h, then w); Qwen3-VL
+interleaves them (t, h, w, t, h, w, ...: frequency i by h where i % 3 == 1 and i < 3 x
+mrope_section[1], by w where i % 3 == 2 and i < 3 x mrope_section[2], else by t), so
+every axis spans the high and the low frequencies (HF's
+Qwen3VLTextRotaryEmbedding.recomposition_frequencies). The positions are the same rule
+for both (Qwen3-VL's get_rope_index differs from Qwen2-VL's only for videos' timestamps).
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def frequency_axes(section: tuple[int, ...], interleaved: bool = False) -> torch.Tensor:
+    """[sum(section)]: the axis (0: t, 1: h, 2: w) whose position rotates each frequency."""
+    if not interleaved:
+        return torch.cat([torch.full((n,), i % 3) for i, n in enumerate(section)])
+    axis = torch.zeros(sum(section), dtype=torch.long)
+    for a in (1, 2):  # h, w on every third frequency from a, over 3 x their section
+        axis[a:3 * section[a]:3] = a
+    return axis
 
 
 def mrope_positions(ids: list[int], image_token_id: int, grids: list[tuple[int, int, int]],

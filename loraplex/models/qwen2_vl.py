@@ -31,11 +31,13 @@ from loraplex.layers.norm import RMSNorm
 from loraplex.models.llava import VISION_ACTIVATIONS, VisionWeights, check_activation
 
 Grid = tuple[int, int, int]  # an image's patches: (t, h, w), as image_grid_thw
-ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                 "Qwen3VLForConditionalGeneration")  # Qwen3-VL: models/qwen3_vl.py
 
 
 def is_qwen_vl(hf_config: Any) -> bool:
-    """The checkpoint is a Qwen2-VL or Qwen2.5-VL (its images take this module's tower)."""
+    """The checkpoint is a Qwen2-VL, Qwen2.5-VL or Qwen3-VL (its images take a tower of
+    this module's parts; Qwen3-VL's: models/qwen3_vl.py)."""
     return any(a in ARCHITECTURES for a in getattr(hf_config, "architectures", None) or [])
 
 
@@ -127,11 +129,12 @@ def window_order(c: QwenVisionConfig, grids: list[Grid]) -> tuple[torch.Tensor, 
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, c: QwenVisionConfig) -> None:
+    def __init__(self, c: QwenVisionConfig, bias: bool = False) -> None:
+        """`bias`: Qwen3-VL's convolution has one."""
         super().__init__()
         self.shape = (-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
         kernel = (c.temporal_patch_size, c.patch_size, c.patch_size)
-        self.proj = nn.Conv3d(c.in_channels, c.hidden_size, kernel, stride=kernel, bias=False)
+        self.proj = nn.Conv3d(c.in_channels, c.hidden_size, kernel, stride=kernel, bias=bias)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.view(self.shape).to(self.proj.weight.dtype)
@@ -231,6 +234,22 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.size))
 
 
+def vision_inv_freq(c: QwenVisionConfig) -> torch.Tensor:
+    """The 2-D rope's frequencies: a quarter of head_dim's, shared by rows and columns."""
+    head_dim = c.hidden_size // c.num_heads
+    quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)
+    return 1.0 / c.rope_theta ** quarter
+
+
+def vision_rope(c: QwenVisionConfig, inv_freq: torch.Tensor, grids: list[Grid]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [patches, 1, head_dim]: rows' frequencies then columns', twice."""
+    pos = torch.cat([patch_positions(c, g) for g in grids]).to(inv_freq.device)
+    freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [N, head_dim / 2]
+    freqs = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+    return freqs.cos(), freqs.sin()
+
+
 class QwenVision(VisionWeights):
     """Patches -> one language-model input embedding per placeholder token."""
 
@@ -242,16 +261,10 @@ class QwenVision(VisionWeights):
         self.patch_embed = PatchEmbed(c)
         self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.num_layers))
         self.merger = PatchMerger(c)
-        head_dim = c.hidden_size // c.num_heads
-        quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2)
-        self.register_buffer("inv_freq", 1.0 / c.rope_theta ** quarter, persistent=False)
+        self.register_buffer("inv_freq", vision_inv_freq(c), persistent=False)
 
     def rope(self, grids: list[Grid]) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [patches, 1, head_dim]: rows' frequencies then columns', twice."""
-        pos = torch.cat([patch_positions(self.config, g) for g in grids]).to(self.inv_freq.device)
-        freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, head_dim / 2]
-        freqs = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
-        return freqs.cos(), freqs.sin()
+        return vision_rope(self.config, self.inv_freq, grids)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, grids: list[Grid]) -> torch.Tensor:

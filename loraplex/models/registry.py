@@ -6,8 +6,6 @@ import importlib
 from dataclasses import replace
 from typing import Any
 
-import transformers
-
 from loraplex.layers.activation import ACT_AND_MUL, ClampedSwiGLU
 from loraplex.layers.moe import GroupedTopK
 from loraplex.layers.quantization import QuantConfig
@@ -63,14 +61,18 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # chunked attention, NoPE layers, experts and biases per its config (_llama4); rope
     # pairs rotated as HF's complex form does
     "Llama4ForCausalLM": {"rope_interleaved": True},
+    # OLMo 2's layout and q/k norm, local and global layers (layer_types), each with its
+    # own rope parameters (_local_rope: YaRN on the global ones only)
+    "Olmo3ForCausalLM": {"norm_layout": "post", "qk_norm_full": True},
+    "OlmoeForCausalLM": {"qk_norm_full": True},  # experts per its config (_experts)
+    # q/k norm over all heads, partial rotary, sigmoid-routed experts with a correction
+    # bias (_experts); its checkpoints keep the bias beside the router, ours in it
+    "MiniMaxM2ForCausalLM": {"qk_norm_full": True, "checkpoint_renames": (
+        (".block_sparse_moe.e_score_correction_bias",
+         ".block_sparse_moe.gate.e_score_correction_bias"),)},
     # multi-head latent attention and the experts per its config (models/deepseek.py)
     **dict.fromkeys(DEEPSEEK_ARCHITECTURES, {}),
 }
-
-# the models whose paths are checked against transformers 5 only: on 4.x HF's outputs
-# differ from loraplex's (Llama 4) or its configs hold other fields (Qwen-VL)
-TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-NEEDS_TRANSFORMERS_5 = ("Llama4ForCausalLM",)
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
 # (models/text_only.py)
@@ -93,7 +95,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
                   "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
                   "cohere2": "Cohere2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-                  "llama4_text": "Llama4ForCausalLM",
+                  "llama4_text": "Llama4ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+                  "olmoe": "OlmoeForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
                   **DEEPSEEK_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
@@ -101,7 +104,8 @@ _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
                    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
                    "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
                    "HunYuanDenseV1ForCausalLM", "ArceeForCausalLM", "NemotronForCausalLM",
-                   "CohereForCausalLM", "Cohere2ForCausalLM")
+                   "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
+                   "OlmoeForCausalLM")
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
              "ArceeForCausalLM", "NemotronForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
@@ -127,12 +131,20 @@ def _rope(hf: Any, layer_type: str = "full_attention") -> tuple[float, dict | No
     return float(getattr(hf, "rope_theta", 10000.0)), scaling or None
 
 
+# Qwen3-VL's text configs: M-RoPE interleaved whatever `mrope_interleaved` says (HF's
+# Qwen3VLTextRotaryEmbedding always interleaves; the hub's configs say true)
+_INTERLEAVED_MROPE = ("qwen3_vl_text", "qwen3_vl_moe_text")
+
+
 def _mrope(hf: Any) -> dict[str, Any]:
     """Qwen2-VL's M-RoPE sections (transformers 5: in rope_parameters; 4.x: rope_scaling,
-    whose type "mrope" is a default rope otherwise)."""
+    whose type "mrope" is a default rope otherwise); Qwen3-VL's interleaved."""
     for params in (getattr(hf, "rope_parameters", None), getattr(hf, "rope_scaling", None)):
         if isinstance(params, dict) and params.get("mrope_section"):
-            return {"mrope_section": tuple(int(n) for n in params["mrope_section"])}
+            return {"mrope_section": tuple(int(n) for n in params["mrope_section"]),
+                    "mrope_interleaved": getattr(hf, "model_type", None) in _INTERLEAVED_MROPE}
+    if getattr(hf, "model_type", None) in _INTERLEAVED_MROPE:  # HF's default sections
+        return {"mrope_section": (24, 20, 20), "mrope_interleaved": True}
     return {}
 
 
@@ -193,10 +205,6 @@ def architecture(hf_config: Any) -> str:
     if name is None:
         raise ValueError(f"model architecture {archs or '(none given)'} is not supported; "
                          "supported: " + ", ".join(SUPPORTED_ARCHITECTURES))
-    if name in NEEDS_TRANSFORMERS_5 and TRANSFORMERS_MAJOR < 5:
-        raise ValueError(f"{name} needs transformers >= 5 (loraplex is checked against it; "
-                         f"on {transformers.__version__} its reference outputs differ): "
-                         "upgrade transformers")
     return name
 
 
@@ -281,7 +289,11 @@ def _gemma_attention(hf: Any, name: str) -> dict[str, Any]:
 
 
 def _local_rope(hf: Any, name: str) -> dict[str, Any]:
-    """Gemma 3's sliding-window layers rotate with their own base (and no scaling)."""
+    """Gemma 3's sliding-window layers rotate with their own base (and no scaling), OLMo
+    3's with their own rope parameters (the global layers' YaRN is not theirs)."""
+    if name == "Olmo3ForCausalLM" and isinstance(
+            (getattr(hf, "rope_parameters", None) or {}).get("sliding_attention"), dict):
+        return {"local_rope": _rope(hf, "sliding_attention")}
     if name != "Gemma3ForCausalLM":
         return {}
     return {"local_rope": _rope(hf, "sliding_attention")}
@@ -353,7 +365,8 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
         raise ValueError(f"mxfp4-quantized {name} models are not supported: loraplex loads "
                          "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
     if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-                    "GptOssForCausalLM", "Glm4MoeForCausalLM", *DEEPSEEK_ARCHITECTURES):
+                    "GptOssForCausalLM", "Glm4MoeForCausalLM", "OlmoeForCausalLM",
+                    "MiniMaxM2ForCausalLM", *DEEPSEEK_ARCHITECTURES):
         return {}
     supported = ("mxfp4",) if name == "GptOssForCausalLM" else (
         "fp8", "gptq", "awq", "compressed-tensors", "bitsandbytes")
@@ -376,6 +389,19 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                                                   float(hf.swiglu_limit)))
     if name in DEEPSEEK_ARCHITECTURES:
         return deepseek_experts(hf, name)
+    if name == "OlmoeForCausalLM":  # every layer's, intermediate_size each
+        if getattr(hf, "clip_qkv", None) is not None:
+            raise ValueError("OLMoE with clip_qkv is not supported (no released checkpoint "
+                             "sets it)")
+        return dict(num_experts=int(hf.num_experts),
+                    num_experts_per_tok=int(hf.num_experts_per_tok),
+                    moe_intermediate_size=int(hf.intermediate_size),
+                    norm_topk_prob=bool(hf.norm_topk_prob), moe_module="mlp")
+    if name == "MiniMaxM2ForCausalLM":  # sigmoid scores + correction bias, one group
+        return dict(num_experts=int(hf.num_local_experts),
+                    num_experts_per_tok=int(hf.num_experts_per_tok),
+                    expert_leaves=("w1", "w3", "w2"), norm_topk_prob=True,
+                    grouped_topk=GroupedTopK(1, 1, 1.0))
     if name == "Glm4MoeForCausalLM":  # its first layers dense; shared experts, ungated
         return dict(num_experts=int(hf.n_routed_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),

@@ -8,9 +8,11 @@ beside the language model, LLaVA's (`LlavaForConditionalGeneration`; LLaVA-NeXT'
 `LlavaNextForConditionalGeneration` with its `image_newline`) into models/llava.py,
 Gemma 3's into models/gemma3_vision.py, Qwen2-VL's and Qwen2.5-VL's
 (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`: a Qwen2
-language model with M-RoPE) into models/qwen2_vl.py, Mistral 3's
-(`Mistral3ForConditionalGeneration`: a Mistral or Ministral 3 language model, its text
-config's model_type) into models/pixtral.py; an adapter's LoRA on them is left
+language model with M-RoPE) into models/qwen2_vl.py, Qwen3-VL's
+(`Qwen3VLForConditionalGeneration`: a Qwen3 language model with interleaved M-RoPE and
+DeepStack) into models/qwen3_vl.py, Mistral 3's (`Mistral3ForConditionalGeneration`: a
+Mistral or Ministral 3 language model, its text config's model_type) into
+models/pixtral.py; an adapter's LoRA on them is left
 out with a warning, as vLLM does (LoRA applies to the language model only). A Gemma 3
 checkpoint saved without its image processor is served on text (engine/llm_engine.py).
 
@@ -43,7 +45,7 @@ class TextOnly:
     skipped: tuple[str, ...]  # name prefixes of the parts a text request never runs
     vision_leaves: tuple[str, ...]  # module names only those parts have (adapter targets)
     images: bool = False  # image inputs served (the skipped parts load beside: llava.py,
-    # gemma3_vision.py, qwen2_vl.py)
+    # gemma3_vision.py, qwen2_vl.py, qwen3_vl.py)
 
     def name(self, name: str) -> str | None:
         """A checkpoint tensor's or an adapter module's name as the text model's; None
@@ -69,6 +71,10 @@ _QWEN_VL = TextOnly(
     "Qwen2ForCausalLM", renames=(("model.language_model.", "model."),),
     skipped=("visual.", "model.visual."), vision_leaves=("qkv", "proj", "fc1", "fc2", "0", "2"),
     images=True)
+# Qwen3-VL: a Qwen3 language model (the same names), its tower's MLP and mergers'
+# `linear_fc1` / `linear_fc2`
+_QWEN3_VL = replace(_QWEN_VL, text_architecture="Qwen3ForCausalLM",
+                    vision_leaves=("qkv", "proj", "linear_fc1", "linear_fc2"))
 MULTIMODAL: dict[str, TextOnly] = {
     "Gemma3ForConditionalGeneration": TextOnly(
         "Gemma3ForCausalLM",
@@ -83,6 +89,7 @@ MULTIMODAL: dict[str, TextOnly] = {
         _LLAVA, skipped=(*_LLAVA.skipped, "image_newline", "model.image_newline")),
     "Qwen2VLForConditionalGeneration": _QWEN_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
+    "Qwen3VLForConditionalGeneration": _QWEN3_VL,
     # Mistral Small 3.1 / 3.2, Magistral Small, Ministral 3, Devstral Small 2: LLaVA's
     # names; the language model a Mistral or a Ministral 3 (its text config's model_type),
     # the Pixtral tower's own leaves q/k/v/o_proj and gate/up/down_proj the language
@@ -96,6 +103,15 @@ MULTIMODAL: dict[str, TextOnly] = {
         skipped=("vision_model.", "multi_modal_projector.", "model.vision_model.",
                  "model.multi_modal_projector."),
         vision_leaves=("fc1", "fc2", "linear_1", "linear")),
+}
+# multimodal checkpoints refused by name, with why (a plain "not supported" would list
+# their dense sibling as if it were theirs)
+REFUSED: dict[str, str] = {
+    "Qwen3VLMoeForConditionalGeneration":
+        "Qwen3-VL-MoE is not supported yet: its checkpoint stores the experts fused and "
+        "transposed (mlp.experts.gate_up_proj [experts, hidden, 2 x intermediate]), a "
+        "layout loraplex does not load for Qwen's experts; the dense Qwen3-VL "
+        "(Qwen3VLForConditionalGeneration) is served with images",
 }
 # what the whole model's config says for its language model: the quantization, the dtype
 _INHERITED = ("quantization_config", "dtype", "torch_dtype")
@@ -135,6 +151,9 @@ def text_only_config(hf_config: Any, path: str | None = None
     serves on text; (hf_config, None) for any other. `path`: the checkpoint's directory
     (whether it saves an lm_head of its own)."""
     archs = getattr(hf_config, "architectures", None) or []
+    for a in archs:
+        if a in REFUSED:
+            raise ValueError(f"model architecture {a}: {REFUSED[a]}")
     name = next((a for a in archs if a in MULTIMODAL), None)
     if name is None:
         return hf_config, None

@@ -464,7 +464,7 @@ class ModelRunner:
             return None
         self._encode_images([images for images, *_ in spans if images.embeds is None])
         rows = [r for _, span_rows, _ in spans for r in span_rows]
-        return self._tensor(rows), torch.cat([images.embeds[part] for images, _, part in spans])
+        return self._tensor(rows), _stack_rows([images.embeds[part] for images, _, part in spans])
 
     def _encode_images(self, todo: list[ImageInputs]) -> None:
         """One vision tower call on the pixels of every request in `todo` stacked (not one
@@ -532,3 +532,14 @@ class ModelRunner:
             with step_context(ctx):
                 hidden = self.model(input_ids, positions)
         return hidden
+
+
+def _stack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The step's image rows' embeddings, one tensor: [N, D], or [N, 1 + L, D] when a
+    Qwen3-VL image brings DeepStack features (models/qwen3_vl.py); then rows without
+    them (prompt_embeds) get zeros there, which add nothing."""
+    depth = max(p.shape[1] if p.dim() == 3 else 1 for p in parts)
+    if depth == 1:
+        return torch.cat([p if p.dim() == 2 else p[:, 0] for p in parts])
+    return torch.cat([p if p.dim() == 3 else torch.cat(
+        [p[:, None], p.new_zeros(p.shape[0], depth - 1, p.shape[1])], dim=1) for p in parts])
