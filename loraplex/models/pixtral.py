@@ -81,7 +81,8 @@ class PixtralVisionConfig:
         token = getattr(hf, "image_token_id", None)
         return cls(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
                    v.num_attention_heads, v.patch_size, getattr(v, "num_channels", 3),
-                   v.hidden_act, float(params.get("rope_theta", 10000.0)),
+                   v.hidden_act,  # transformers 4.x: rope_theta on the config itself
+                   float(params.get("rope_theta", getattr(v, "rope_theta", 10000.0))),
                    int(hf.spatial_merge_size), (layer % (v.num_hidden_layers + 1),),
                    hf.text_config.hidden_size, float(hf.text_config.rms_norm_eps),
                    hf.projector_hidden_act, bool(getattr(hf, "multimodal_projector_bias", False)),
