@@ -28,28 +28,33 @@ import torch
 
 from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
+from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, is_mistral3
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig, is_qwen3_vl
 
-VisionConfig = LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig
-Vision = LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision
+VisionConfig = LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
+Vision = LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision
 
 
 def vision_config(hf_config: Any) -> VisionConfig:
     """A multimodal checkpoint's image side: Gemma 3's, Qwen2-VL's (Qwen3-VL's: a
-    QwenVisionConfig too), else LLaVA's (-NeXT)."""
+    QwenVisionConfig too), Mistral 3's (Pixtral), else LLaVA's (-NeXT)."""
     if getattr(hf_config, "model_type", None) == "gemma3":
         return Gemma3VisionConfig.from_hf(hf_config)
     if is_qwen_vl(hf_config):
         if is_qwen3_vl(hf_config):
             return Qwen3VisionConfig.from_hf(hf_config)
         return QwenVisionConfig.from_hf(hf_config)
+    if is_mistral3(hf_config):
+        return PixtralVisionConfig.from_hf(hf_config)
     return LlavaVisionConfig.from_hf(hf_config)
 
 
 def build_vision(config: VisionConfig) -> Vision:
     if isinstance(config, Gemma3VisionConfig):
         return Gemma3Vision(config)
+    if isinstance(config, PixtralVisionConfig):
+        return PixtralVision(config)
     if isinstance(config, Qwen3VisionConfig):
         return Qwen3Vision(config)
     return QwenVision(config) if isinstance(config, QwenVisionConfig) else LlavaVision(config)
@@ -63,13 +68,16 @@ class ImageInputs:
     `prompt_embeds`, its whole prompt given as embeddings (engine/prompt_embeds.py)."""
 
     pixel_values: torch.Tensor  # [tiles, channels, H, W]: one an image but LLaVA-NeXT's
+    # (Qwen2-VL, Mistral 3: [patches, patch pixels], engine/qwen_images.py, pixtral_images.py)
     positions: list[int]  # the prompt positions of the placeholders, image after image
-    ranges: list[tuple[int, int]]  # each image's placeholders: (first position, count)
+    ranges: list[tuple[int, int]]  # each image's placeholders: (first position, count;
+    # Mistral 3: its tokens from the first [IMG] to its [IMG_END])
     hashes: list[bytes]  # each image's pixel values and size, hashed
     # [len(positions), hidden]: from the first prefill (Qwen3-VL: [len(positions), 1 + L,
     # hidden], each row's DeepStack features with it: models/qwen3_vl.py)
     embeds: torch.Tensor | None = None
-    sizes: list[tuple[int, int]] = field(default_factory=list)  # each image's (height, width)
+    # each image's (height, width) (Mistral 3: resized)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
     # Gemma 3: each image's placeholders attend to each other both ways, so a prefill
     # chunk holds an image whole (chunk_len) and attention widens its mask over them
     bidirectional: bool = False

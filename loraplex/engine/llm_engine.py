@@ -32,6 +32,7 @@ from loraplex.engine.images import (
     build_vision,
     vision_config,
 )
+from loraplex.engine.pixtral_images import PixtralImageProcessor
 from loraplex.engine.prompt_embeds import (
     NOT_ENABLED,
     PLACEHOLDER_ID,
@@ -57,6 +58,7 @@ from loraplex.lora.request import LoRARequest
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
+from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.qwen2_vl import QwenVisionConfig
 from loraplex.models.registry import (
@@ -121,7 +123,7 @@ class LLMEngine:
         apply_hf_overrides(hf_config, parse_hf_overrides(args.hf_overrides))
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
-        hf_config, self.text_only = text_only_config(hf_config)  # Gemma 3 4B+: its text model
+        hf_config, self.text_only = text_only_config(hf_config, path)  # Gemma 3 4B+: text model
         architecture(hf_config)
         # a causal LM served as a reranker: its head from lm_head rows (hf_overrides)
         self.lm_head_classifier = LMHeadClassifier.from_config(hf_config)
@@ -129,9 +131,10 @@ class LLMEngine:
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
         self.multimodal = self.config.multimodal_config
-        # LLaVA, Gemma 3, Qwen2-VL: the vision tower and projector (models/llava.py,
-        # models/gemma3_vision.py, models/qwen2_vl.py), the image processor; none when
-        # limit_mm_per_prompt allows no image (served on text, the tower never built)
+        # LLaVA, Gemma 3, Qwen2-VL, Mistral 3: the vision tower and projector (models/llava.py,
+        # models/gemma3_vision.py, models/qwen2_vl.py, models/pixtral.py), the image
+        # processor; none when limit_mm_per_prompt allows no image (served on text, the
+        # tower never built)
         vision = (vision_config(whole) if self.text_only is not None
                   and self.text_only.images and self.multimodal.takes("image") else None)
         if vision is None and self.text_only is not None and self.text_only.images:
@@ -244,6 +247,8 @@ class LLMEngine:
             return None
         if isinstance(config, QwenVisionConfig):
             return QwenImageProcessor(path, config)
+        if isinstance(config, PixtralVisionConfig):
+            return PixtralImageProcessor(path, config, self.tokenizer)
         try:
             return ImageProcessor(path, config, self.tokenizer)
         except OSError:
@@ -961,7 +966,7 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
     if prompt.get("multi_modal_data") and not takes_images:
         raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
                          f"model {model!r}: it has no vision tower (image inputs are "
-                         "served on LLaVA, Gemma 3 and Qwen2-VL models)")
+                         "served on LLaVA, Gemma 3, Qwen2-VL and Mistral 3 models)")
     if prompt.get("multi_modal_uuids"):
         raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
                          "uuids (images are hashed for the prefix cache)")

@@ -30,6 +30,8 @@ One file, flags for the differences:
 - Llama 4 (`llama4`, models/llama4.py): chunked local attention on its rope layers, q/k
   L2-normed there, temperature-tuned queries on its NoPE layers, and a `feed_forward`
   that is a sigmoid-routed mixture with a shared expert (Llama4MoE) or a dense MLP.
+- Ministral 3 (`position_query_scale`): queries scaled by 1 + beta ln(1 + floor(p / n))
+  at position p (Llama 4's scaling past the original context n), in every layer.
 - DeepSeek-V2 / V3 attend with multi-head latent attention (layers/mla.py; `mla`), and
   route their experts by grouped softmax (V2) or sigmoid (V3) scores with ungated shared
   experts (models/deepseek.py reads their configs).
@@ -123,6 +125,9 @@ class LlamaArgs:
     mrope_section: tuple[int, ...] | None = None  # Qwen2-VL's M-RoPE (models/mrope.py)
     mrope_interleaved: bool = False  # Qwen3-VL's: the axes interleaved over frequencies
     llama4: Llama4Args | None = None  # Llama 4's attention and feed-forward (llama4.py)
+    # Ministral 3's llama_4_scaling_beta and original_max_position_embeddings: every
+    # layer's queries scaled by 1 + beta ln(1 + floor(p / n)) at position p
+    position_query_scale: tuple[float, float] | None = None
     # a multimodal checkpoint served on text: its weights' and adapters' names
     # (models/text_only.py); None for a text checkpoint
     text_only: TextOnly | None = None
@@ -196,6 +201,7 @@ class LlamaAttention(nn.Module):
             else None
         self.temperature = l4 if l4 and l4.temperature_tuning and self.rotary is None \
             else None
+        self.position_query_scale = a.position_query_scale
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap, window or 0, chunk=chunk)
@@ -218,6 +224,10 @@ class LlamaAttention(nn.Module):
             q, k = l2_norm(q, self.l2_qk_eps), l2_norm(k, self.l2_qk_eps)
         if self.temperature is not None:
             q = (q * self.temperature.query_scale(positions)[:, None, None]).to(q.dtype)
+        if self.position_query_scale is not None:  # Ministral 3, as HF: after the rope
+            beta, original = self.position_query_scale
+            scale = 1.0 + beta * torch.log1p(torch.floor(positions.float() / original))
+            q = q * scale[:, None, None].to(q.dtype)
         return self.o_proj(self.attn(q, k, v, self.sinks))
 
 

@@ -141,7 +141,8 @@ class PatchEmbed(nn.Module):
         return self.proj(x).view(x.shape[0], -1)  # [patches, hidden]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, D] rotated by halves (HF's rotate_half), in fp32 (also Pixtral's)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
@@ -159,7 +160,7 @@ class VisionAttention(nn.Module):
                 sin: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # [N, H, D] each
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         return self.proj(segment_attention(q, k, v, lengths).reshape(n, -1))
 
 

@@ -41,6 +41,8 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "Exaone4ForCausalLM": {"norm_layout": "post", "qk_norm": True},
     "SeedOssForCausalLM": {},
     "MinistralForCausalLM": {},
+    # YaRN, and queries scaled past the original context (_ministral3)
+    "Ministral3ForCausalLM": {},
     "Ernie4_5ForCausalLM": {"rope_interleaved": True},
     "HunYuanDenseV1ForCausalLM": {  # q/k norm after the rotation, under its names
         "qk_norm": True, "qk_norm_after_rope": True,
@@ -87,6 +89,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "phi3": "Phi3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
                   "smollm3": "SmolLM3ForCausalLM", "exaone4": "Exaone4ForCausalLM",
                   "seed_oss": "SeedOssForCausalLM", "ministral": "MinistralForCausalLM",
+                  "ministral3": "Ministral3ForCausalLM",
                   "ernie4_5": "Ernie4_5ForCausalLM", "glm": "GlmForCausalLM",
                   "glm4": "Glm4ForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                   "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
@@ -339,6 +342,21 @@ def _cohere(hf: Any, name: str) -> dict[str, Any]:
                 qk_norm=qk_norm, qk_norm_per_head_weight=qk_norm)
 
 
+def _ministral3(hf: Any, name: str) -> dict[str, Any]:
+    """Ministral 3's (Mistral 3's newer language models: Ministral 3, Devstral Small 2)
+    query scaling by position, Llama 4's: rope_parameters' llama_4_scaling_beta and
+    original_max_position_embeddings, as HF's Ministral3Attention reads them."""
+    if name != "Ministral3ForCausalLM":
+        return {}
+    params = getattr(hf, "rope_parameters", None) or {}
+    beta, original = params.get("llama_4_scaling_beta"), \
+        params.get("original_max_position_embeddings")
+    if beta is None or not original:
+        raise ValueError("Ministral 3: rope_parameters must give llama_4_scaling_beta and "
+                         "original_max_position_embeddings (HF's attention reads both)")
+    return {"position_query_scale": (float(beta), float(original))}
+
+
 def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     """A mixture of experts: experts per layer and per token, and (Qwen's) the experts'
     size, the routing weights' normalization, the layers that keep a plain MLP and
@@ -485,6 +503,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_local_rope(hf_config, name),
         **_mrope(hf_config),
         **_llama4(hf_config, name, quant),
+        **_ministral3(hf_config, name),
     )
     if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
         args = replace(args, **mla_args(hf_config, name, scaling))

@@ -10,7 +10,9 @@ Gemma 3's into models/gemma3_vision.py, Qwen2-VL's and Qwen2.5-VL's
 (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`: a Qwen2
 language model with M-RoPE) into models/qwen2_vl.py, Qwen3-VL's
 (`Qwen3VLForConditionalGeneration`: a Qwen3 language model with interleaved M-RoPE and
-DeepStack) into models/qwen3_vl.py; an adapter's LoRA on them is left
+DeepStack) into models/qwen3_vl.py, Mistral 3's (`Mistral3ForConditionalGeneration`: a
+Mistral or Ministral 3 language model, its text config's model_type) into
+models/pixtral.py; an adapter's LoRA on them is left
 out with a warning, as vLLM does (LoRA applies to the language model only). A Gemma 3
 checkpoint saved without its image processor is served on text (engine/llm_engine.py).
 
@@ -26,7 +28,9 @@ only: image requests are refused (the engine has no vision tower for it).
 from __future__ import annotations
 
 import copy
+import glob
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -86,6 +90,12 @@ MULTIMODAL: dict[str, TextOnly] = {
     "Qwen2VLForConditionalGeneration": _QWEN_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
     "Qwen3VLForConditionalGeneration": _QWEN3_VL,
+    # Mistral Small 3.1 / 3.2, Magistral Small, Ministral 3, Devstral Small 2: LLaVA's
+    # names; the language model a Mistral or a Ministral 3 (its text config's model_type),
+    # the Pixtral tower's own leaves q/k/v/o_proj and gate/up/down_proj the language
+    # model's too (their LoRA told apart by the `vision_tower.` prefix)
+    "Mistral3ForConditionalGeneration": replace(
+        _LLAVA, vision_leaves=("linear_1", "linear_2", "merging_layer")),
     "Llama4ForConditionalGeneration": TextOnly(
         "Llama4ForCausalLM",
         renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
@@ -107,21 +117,39 @@ REFUSED: dict[str, str] = {
 _INHERITED = ("quantization_config", "dtype", "torch_dtype")
 
 
-def lm_head_tied(hf_config: Any, text_config: Any) -> bool:
+def saves_lm_head(path: str | None) -> bool:
+    """Whether the checkpoint's safetensors hold an lm_head tensor (any layout): their
+    headers only. False without a path or safetensors."""
+    from safetensors import safe_open
+
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))) if path else ():
+        with safe_open(f, framework="pt") as st:
+            if any(k.endswith("lm_head.weight") for k in st.keys()):  # noqa: SIM118
+                return True
+    return False
+
+
+def lm_head_tied(hf_config: Any, text_config: Any, path: str | None = None) -> bool:
     """Whether lm_head is the embedding, decided as the installed transformers decides it.
-    transformers 5 reads the whole model's flag (which takes the text config's True);
+    transformers 5 reads the whole model's flag (which takes the text config's True), but
+    leaves them apart when the checkpoint holds both and they differ (Mistral 3's
+    config defaults the flag to true over untied checkpoints): an lm_head tensor in the
+    checkpoint unties them here (one equal to the embedding gives the same logits);
     4.x reads the text config's, and there the whole model's flag is True by default
     whether or not config.json has it (a LLaVA over an untied Llama would tie)."""
     import transformers
 
     if int(transformers.__version__.split(".")[0]) >= 5:
-        return bool(getattr(hf_config, "tie_word_embeddings", False))
+        return bool(getattr(hf_config, "tie_word_embeddings", False)) \
+            and not saves_lm_head(path)
     return bool(getattr(text_config, "tie_word_embeddings", False))
 
 
-def text_only_config(hf_config: Any) -> tuple[Any, TextOnly | None]:
+def text_only_config(hf_config: Any, path: str | None = None
+                     ) -> tuple[Any, TextOnly | None]:
     """(the config to build and serve, its TextOnly) for a multimodal checkpoint loraplex
-    serves on text; (hf_config, None) for any other."""
+    serves on text; (hf_config, None) for any other. `path`: the checkpoint's directory
+    (whether it saves an lm_head of its own)."""
     archs = getattr(hf_config, "architectures", None) or []
     for a in archs:
         if a in REFUSED:
@@ -131,7 +159,7 @@ def text_only_config(hf_config: Any) -> tuple[Any, TextOnly | None]:
         return hf_config, None
     spec = MULTIMODAL[name]
     text = copy.deepcopy(hf_config.text_config)
-    text.tie_word_embeddings = lm_head_tied(hf_config, text)
+    text.tie_word_embeddings = lm_head_tied(hf_config, text, path)
     for key in _INHERITED:
         if getattr(hf_config, key, None) is not None:
             setattr(text, key, getattr(hf_config, key))
