@@ -4,8 +4,8 @@ Qwen3-MoE language model, 4 experts top-2 and a dense layer, `mlp_only_layers`) 
 its checkpoints' expert layouts (transformers 5's save, [E, 2I, H], and the hub's,
 transposed [E, H, 2I]); greedy tokens HF's and logprobs within 1e-4 for a mixed batch
 (image and text prompts, the base and two adapters of different ranks over one slot: one
-on the attention, one with PEFT's target_parameters LoRA on the fused experts), whole and
-chunked prefill; the router's config flags."""
+on the attention, one with PEFT's target_parameters LoRA on the fused experts and the
+router), whole and chunked prefill; the router's config flags."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ pytest.importorskip("transformers.models.qwen3_vl_moe")
 pytest.importorskip("peft")
 
 
+# PEFT's LoRA on the experts' fused parameters and on the router's weight (HF's router is
+# no nn.Linear on transformers 5: target_parameters, saved as a module's LoRA on `gate`)
+ROUTER_AND_EXPERTS = ["experts.gate_up_proj", "experts.down_proj", "mlp.gate.weight"]
+
+
 def _hub_layout(base: Path, out: Path) -> Path:
     """A copy of `base` with its experts as the hub's files store them (gate_up_proj
     [E, H, 2I], down_proj [E, I, H]), which transformers 5 transposes as it loads."""
@@ -58,8 +63,7 @@ def moe(tiny_root):
                                           targets=LANGUAGE_MODEL + "(q_proj|v_proj|o_proj)"),
             "r6": make_multimodal_adapter(base, root / "r6", r=6, seed=92,
                                           targets=LANGUAGE_MODEL + "k_proj",
-                                          target_parameters=["experts.gate_up_proj",
-                                                             "experts.down_proj"])}
+                                          target_parameters=ROUTER_AND_EXPERTS)}
 
 
 def test_checkpoint_layouts(moe):
@@ -76,7 +80,7 @@ def test_checkpoint_layouts(moe):
     ours, hub = (load_multimodal(moe[k]).state_dict() for k in ("base", "hub"))
     assert all(torch.equal(ours[k], hub[k]) for k in ours)
     config = json.loads((moe["r6"] / "adapter_config.json").read_text())
-    assert config["target_parameters"] == ["experts.gate_up_proj", "experts.down_proj"]
+    assert config["target_parameters"] == ROUTER_AND_EXPERTS
 
 
 @pytest.mark.parametrize("layout", ["base", "hub"])
