@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from loraplex import LoRARequest
 from loraplex.models.registry import _experts
@@ -32,6 +33,9 @@ from tests.test_qwen2_vl import TEXT, TWO
 pytest.importorskip("PIL")
 pytest.importorskip("transformers.models.qwen3_vl_moe")
 pytest.importorskip("peft")
+if int(transformers.__version__.split(".")[0]) < 5:  # 4.57 keeps the experts transposed
+    pytest.skip("the adapters' target_parameters LoRA is transformers 5's layout",
+                allow_module_level=True)
 
 
 # PEFT's LoRA on the experts' fused parameters and on the router's weight (HF's router is
@@ -87,10 +91,10 @@ def test_checkpoint_layouts(moe):
 @pytest.mark.parametrize("budget", [None, 16])
 def test_mixed_batch_matches_hf(layout, budget, moe):
     """Image requests (one image, two of different sizes) and text ones under the base,
-    the attention adapter (r8) and the experts adapter (r6, at 12 on gate_up as PEFT
-    trains it), one slot; budget 16: chunked prefill through the images."""
+    the attention adapter (r8) and the experts and router adapter (r6, one A for gate
+    and up per expert), one slot; budget 16: chunked prefill through the images."""
     base = moe["base"]
-    llm = make_llm(moe[layout], enable_lora=True, max_loras=1, max_lora_rank=16,
+    llm = make_llm(moe[layout], enable_lora=True, max_loras=1, max_lora_rank=8,
                    max_num_batched_tokens=budget)
     a, b = image(1, (52, 40)), image(2, (24, 40))
     jobs = [(ASK, [a], None), (ASK, [a], "r8"), (ASK, [a], "r6"), (ASK, [b], "r6"),
