@@ -5,7 +5,8 @@ its checkpoints' expert layouts (transformers 5's save, [E, 2I, H], and the hub'
 transposed [E, H, 2I]); greedy tokens HF's and logprobs within 1e-4 for a mixed batch
 (image and text prompts, the base and two adapters of different ranks over one slot: one
 on the attention, one with PEFT's target_parameters LoRA on the fused experts and the
-router), whole and chunked prefill; the router's config flags."""
+router), whole and chunked prefill; the router's config flags; the server's chat route
+under the experts adapter."""
 
 from __future__ import annotations
 
@@ -20,14 +21,24 @@ import transformers
 from loraplex import LoRARequest
 from loraplex.models.registry import _experts
 from tests.engine_utils import make_llm
-from tests.llava_fixtures import image
+from tests.llava_fixtures import data_url, image
 from tests.multimodal_fixtures import (
     LANGUAGE_MODEL,
+    chat_token_ids,
     load_multimodal,
     make_multimodal_adapter,
     request,
 )
-from tests.qwen2_vl_fixtures import ASK, GREEDY, check, make_tiny_qwen3_vl_moe
+from tests.qwen2_vl_fixtures import (
+    ASK,
+    GREEDY,
+    IMAGE,
+    check,
+    hf_inputs,
+    hf_logprobs,
+    make_tiny_qwen3_vl_moe,
+)
+from tests.server_utils import RemoteServer
 from tests.test_qwen2_vl import TEXT, TWO
 
 pytest.importorskip("PIL")
@@ -124,3 +135,21 @@ def test_router_and_sparse_layers_from_config():
     assert flags["dense_layers"] == (0, 2, 3, 4)
     with pytest.raises(ValueError, match="quantized Qwen3-VL-MoE"):
         _experts(text, "Qwen3MoeForCausalLM", QuantConfig("fp8", 8, -1))
+
+
+def test_server_chat_with_image_under_the_experts_adapter(moe):
+    """The server's chat route with a data-URL image under the experts and router
+    adapter (`--lora-modules`): HF + PEFT's greedy tokens."""
+    base = moe["base"]
+    a = image(1, (52, 40))
+    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
+               {"type": "text", "text": "What is this?"}]
+    inp = hf_inputs(base, f"<|im_start|>user\n{IMAGE}What is this?<|im_end|>\n"
+                          "<|im_start|>assistant\n", [a], add_special_tokens=False)
+    want: list[int] = []
+    for _ in range(GREEDY.max_tokens):
+        want.append(int(hf_logprobs(base, moe["r6"], inp, want)[-1].argmax()))
+    with RemoteServer(moe["hub"], ["--max-model-len", "256", "--dtype", "float32",
+                                   "--enable-lora", "--max-lora-rank", "8",
+                                   "--lora-modules", f"r6={moe['r6']}"]) as server:
+        assert chat_token_ids(server.get_client(), "r6", content) == want
