@@ -4,7 +4,7 @@ Qwen3-MoE language model, 4 experts top-2 and a dense layer, `mlp_only_layers`) 
 its checkpoints' expert layouts (transformers 5's save, [E, 2I, H], and the hub's,
 transposed [E, H, 2I]); greedy tokens HF's and logprobs within 1e-4 for a mixed batch
 (image and text prompts, the base and two adapters of different ranks over one slot: one
-on the attention, one with PEFT's target_parameters LoRA on the fused experts and the
+on the attention and the dense layer's MLP, one with PEFT's target_parameters LoRA on the fused experts and the
 router), whole and chunked prefill; the router's config flags; the server's chat route
 under the experts adapter."""
 
@@ -75,7 +75,7 @@ def moe(tiny_root):
     base = make_tiny_qwen3_vl_moe(root / "base", seed=90)
     return {"base": base, "hub": _hub_layout(base, root / "hub"),
             "r8": make_multimodal_adapter(base, root / "r8", r=8, seed=91,
-                                          targets=LANGUAGE_MODEL + "(q_proj|v_proj|o_proj)"),
+                                          targets=LANGUAGE_MODEL + "(q_proj|v_proj|o_proj|gate_proj)"),
             "r6": make_multimodal_adapter(base, root / "r6", r=6, seed=92,
                                           targets=LANGUAGE_MODEL + "k_proj",
                                           target_parameters=ROUTER_AND_EXPERTS)}
@@ -102,7 +102,7 @@ def test_checkpoint_layouts(moe):
 @pytest.mark.parametrize("budget", [None, 16])
 def test_mixed_batch_matches_hf(layout, budget, moe):
     """Image requests (one image, two of different sizes) and text ones under the base,
-    the attention adapter (r8) and the experts and router adapter (r6, one A for gate
+    the attention and dense-MLP adapter (r8) and the experts and router adapter (r6, one A for gate
     and up per expert), one slot; budget 16: chunked prefill through the images."""
     base = moe["base"]
     llm = make_llm(moe[layout], enable_lora=True, max_loras=1, max_lora_rank=8,
