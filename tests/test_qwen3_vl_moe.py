@@ -4,9 +4,9 @@ Qwen3-MoE language model, 4 experts top-2 and a dense layer, `mlp_only_layers`) 
 its checkpoints' expert layouts (transformers 5's save, [E, 2I, H], and the hub's,
 transposed [E, H, 2I]); greedy tokens HF's and logprobs within 1e-4 for a mixed batch
 (image and text prompts, the base and two adapters of different ranks over one slot: one
-on the attention and the dense layer's MLP, one with PEFT's target_parameters LoRA on the fused experts and the
-router), whole and chunked prefill; the router's config flags; the server's chat route
-under the experts adapter."""
+on the attention and the dense layer's MLP, one with PEFT's target_parameters LoRA on the
+fused experts and the router), whole and chunked prefill; the router's config flags; the
+server's chat route under the experts adapter."""
 
 from __future__ import annotations
 
