@@ -74,8 +74,9 @@ def moe(tiny_root):
     root = tiny_root / "qwen3vlmoe"
     base = make_tiny_qwen3_vl_moe(root / "base", seed=90)
     return {"base": base, "hub": _hub_layout(base, root / "hub"),
-            "r8": make_multimodal_adapter(base, root / "r8", r=8, seed=91,
-                                          targets=LANGUAGE_MODEL + "(q_proj|v_proj|o_proj|gate_proj)"),
+            "r8": make_multimodal_adapter(
+                base, root / "r8", r=8, seed=91,
+                targets=LANGUAGE_MODEL + "(q_proj|v_proj|o_proj|gate_proj)"),
             "r6": make_multimodal_adapter(base, root / "r6", r=6, seed=92,
                                           targets=LANGUAGE_MODEL + "k_proj",
                                           target_parameters=ROUTER_AND_EXPERTS)}
