@@ -4,7 +4,8 @@ the positions against HF's own functions; greedy tokens HF's and logprobs within
 for a mixed batch (one image, two of different sizes, none; the base and two adapters of
 different ranks over one slot; whole and chunked prefill, chunks cutting through images);
 prefix caching keyed on the image, cached blocks holding image rows; the server's chat
-route with an image_url, LLM.chat; bad inputs refused alone; Qwen3-VL-MoE refused."""
+route with an image_url, LLM.chat; bad inputs refused alone (Qwen3-VL-MoE:
+tests/test_qwen3_vl_moe.py)."""
 
 from __future__ import annotations
 
@@ -239,17 +240,6 @@ def test_server_chat_with_data_url_image(qwen3):
         assert info.value.status_code == 400
         assert re.search("video_url", info.value.body["message"]), info.value.body
         assert chat(content) == want
-
-
-def test_qwen3_vl_moe_refused_by_name(tmp_path):
-    """Qwen3-VL-MoE's config is refused at start-up, before its weights, saying why."""
-    from transformers import Qwen3VLMoeConfig
-
-    Qwen3VLMoeConfig(architectures=["Qwen3VLMoeForConditionalGeneration"]).save_pretrained(
-        str(tmp_path))
-    with pytest.raises(ValueError, match="Qwen3-VL-MoE is not supported yet: .* fused and "
-                                         "transposed"):
-        make_llm(tmp_path)
 
 
 def test_prompt_embeds_beside_deepstack_images(qwen3):

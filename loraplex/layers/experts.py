@@ -8,6 +8,10 @@ and transposed: gate_up_proj [E, H, 2I] with gate and up interleaved (columns 0:
 1::2), down_proj [E, I, H], the biases beside them (FusedExperts.load_fused).
 Llama 4's (`llama4`) are stored fused and transposed too, gate's columns then up's; its
 router weight multiplies each token's input to the expert instead of the output.
+Qwen3-VL-MoE's (`fused`) are fused, gate's columns then up's, in either of two layouts:
+transposed (gate_up_proj [E, H, 2I], down_proj [E, I, H]) as the hub's files hold them,
+or [E, 2I, H] / [E, H, I] as transformers 5 saves them (its loader transposes a tensor
+only when it is not already the module's shape, so its own save skips the transpose).
 
 The (token, expert) pairs are sorted by expert on the device and the group sizes read
 once per layer (one host sync), then one matmul pair runs per expert that has tokens; so
@@ -89,11 +93,12 @@ Shapes = tuple[tuple[int, ...], tuple[int, ...]]
 class FusedExperts(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  dtype: torch.dtype | None = None, gpt_oss: ClampedSwiGLU | None = None,
-                 packing: int = 1, shapes: Shapes | None = None, llama4: bool = False
-                 ) -> None:
+                 packing: int = 1, shapes: Shapes | None = None, llama4: bool = False,
+                 fused: bool = False) -> None:
         """`dtype`: a quantized subclass's storage; `packing`: its inputs per element;
         `shapes`: w13's and w2's where its layout is not [E, out, in / packing];
-        `llama4`: Llama 4's experts (weights on the inputs, its checkpoints' layout)."""
+        `llama4`: Llama 4's experts (weights on the inputs, its checkpoints' layout);
+        `fused`: Qwen3-VL-MoE's checkpoints (fused, transposed or not: load_fused)."""
         super().__init__()
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts = num_experts
@@ -106,7 +111,10 @@ class FusedExperts(nn.Module):
         # and adapters' gate_up columns interleave gate and up
         self.interleaved = gpt_oss is not None
         # the checkpoint's gate_up_proj [E, H, 2I] and down_proj [E, I, H] (load_fused)
-        self.fused_transposed = gpt_oss is not None or llama4
+        self.fused_transposed = gpt_oss is not None or llama4 or fused
+        # ... or [E, 2I, H] and [E, H, I], our own layout (Qwen3-VL-MoE saved by
+        # transformers 5)
+        self.fused_untransposed = fused
         # Llama 4: expert_e(w * x) rather than w * expert_e(x); its PEFT target_parameters
         # LoRA takes the parameters for [E, out, in] (lora/expert_weights.py `swapped`)
         self.scale_inputs = self.peft_swapped = llama4
@@ -169,7 +177,8 @@ class FusedExperts(nn.Module):
     def load_fused(self, name: str, tensor: torch.Tensor) -> str:
         """gpt-oss's fused experts: gate_up_proj [E, H, 2I] (gate, up interleaved),
         down_proj [E, I, H] and their biases; Llama 4's (gate's columns, then up's; no
-        biases); returns the parameter it went into."""
+        biases); Qwen3-VL-MoE's (Llama 4's layout, or ours: `fused_untransposed`);
+        returns the parameter it went into."""
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
         shapes = {"gate_up_proj": ("w13", (e, h, 2 * i)), "down_proj": ("w2", (e, i, h)),
                   "gate_up_proj_bias": ("b13", (e, 2 * i)), "down_proj_bias": ("b2", (e, h))}
@@ -177,6 +186,12 @@ class FusedExperts(nn.Module):
                 or (name.endswith("_bias") and self.b13 is None):
             raise ValueError(f"unexpected experts tensor {name!r} in the checkpoint")
         param, shape = shapes[name]
+        if self.fused_untransposed and tensor.shape == getattr(self, param).shape:
+            # transformers 5's save; a square one ([E, H, H]) is read so too, as HF's
+            # loader reads it (Transpose(check_dims=True): the module's shape wins)
+            with torch.no_grad():
+                getattr(self, param).copy_(tensor)
+            return param
         if tuple(tensor.shape) != shape:
             raise ValueError(f"experts {name} has shape {tuple(tensor.shape)}, the model "
                              f"expects {shape}")

@@ -187,11 +187,13 @@ class SparseMoE(nn.Module):
                  top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None,
                  quant: QuantConfig | None = None, gpt_oss: ClampedSwiGLU | None = None,
                  expert_names: tuple[str, ...] = (), grouped: GroupedTopK | None = None,
-                 shared_name: str = "shared_expert") -> None:
+                 shared_name: str = "shared_expert", fused_experts: bool = False) -> None:
         """`quant`: an FP8, GPTQ, AWQ or bitsandbytes 4-bit checkpoint's or gpt-oss's MXFP4
         one (its experts; the routers stay plain, GateLinear); `expert_names`: the experts'
         HF modules, which modules_to_not_convert may leave plain; `grouped`: GLM-4.5's
-        routing, whose shared experts (`shared_name` "shared_experts") have no gate."""
+        routing, whose shared experts (`shared_name` "shared_experts") have no gate;
+        `fused_experts`: the checkpoint's experts are fused (Qwen3-VL-MoE's, unquantized
+        only: FusedExperts.load_fused)."""
         super().__init__()
         self.shared_name = shared_name
         setattr(self, shared_name, shared_expert)
@@ -222,7 +224,7 @@ class SparseMoE(nn.Module):
             self.experts = FP8FusedExperts(hidden_size, intermediate_size, num_experts, quant)
         else:
             self.experts = FusedExperts(hidden_size, intermediate_size, num_experts,
-                                        gpt_oss=gpt_oss)
+                                        gpt_oss=gpt_oss, fused=fused_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router = getattr(self, self.router_name)

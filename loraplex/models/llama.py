@@ -110,6 +110,8 @@ class LlamaArgs:
     norm_topk_prob: bool = True  # the top-k router weights renormalized to sum to 1
     gpt_oss_experts: ClampedSwiGLU | None = None  # gpt-oss's router, experts and activation
     moe_module: str = "block_sparse_moe"  # the checkpoint's name (Qwen MoE: "mlp")
+    # the checkpoint's experts fused, experts.gate_up_proj / down_proj (Qwen3-VL-MoE)
+    fused_experts: bool = False
     # an expert's gate, up and down projections in the checkpoint (Mixtral: w1, w3, w2)
     expert_leaves: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
@@ -299,7 +301,7 @@ class LlamaDecoderLayer(nn.Module):
             a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts,
             _names(experts, *(f"{e}.{leaf}" for e in range(a.num_experts)
                               for leaf in a.expert_leaves)), a.grouped_topk,
-            a.shared_expert_name)
+            a.shared_expert_name, a.fused_experts)
             if sparse
             else UngatedMLP(a, f"{prefix}.mlp") if a.ungated_mlp
             else LlamaMLP(a, f"{prefix}.mlp"))

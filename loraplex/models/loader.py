@@ -126,7 +126,8 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | Non
         if param_name in _KV_SCALES and (attn := attention.get(module_name)) is not None:
             attn.load_kv_scale(name, tensor)
             continue
-        if (experts := fused_experts.get(module_name)) is not None:  # gpt-oss's
+        if (experts := fused_experts.get(module_name)) is not None:  # gpt-oss's, Llama
+            # 4's, Qwen3-VL-MoE's
             loaded.add(f"{module_name}.{experts.load_fused(param_name, tensor)}")
             continue
         experts_name, _, expert = prefix.rpartition(".")

@@ -32,7 +32,8 @@ from loraplex.models.llava import VISION_ACTIVATIONS, VisionWeights, check_activ
 
 Grid = tuple[int, int, int]  # an image's patches: (t, h, w), as image_grid_thw
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                 "Qwen3VLForConditionalGeneration")  # Qwen3-VL: models/qwen3_vl.py
+                 "Qwen3VLForConditionalGeneration",  # Qwen3-VL: models/qwen3_vl.py
+                 "Qwen3VLMoeForConditionalGeneration")
 
 
 def is_qwen_vl(hf_config: Any) -> bool:

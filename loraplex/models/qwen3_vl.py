@@ -41,7 +41,7 @@ from loraplex.models.qwen2_vl import (
     vision_rope,
 )
 
-ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
+ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 
 
 def is_qwen3_vl(hf_config: Any) -> bool:

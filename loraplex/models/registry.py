@@ -415,9 +415,16 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                     dense_layers=tuple(range(int(hf.first_k_dense_replace))))
     step, only_mlp = int(getattr(hf, "decoder_sparse_step", 1) or 1), \
         set(getattr(hf, "mlp_only_layers", None) or [])
+    # Qwen3-VL-MoE's language model (a Qwen3-MoE): its experts fused in the checkpoint,
+    # and HF's router always renormalizes the top-k (its config has no norm_topk_prob)
+    vl_moe = getattr(hf, "model_type", None) == "qwen3_vl_moe_text"
+    if vl_moe and quant is not None:
+        raise ValueError(f"{quant.method}-quantized Qwen3-VL-MoE checkpoints are not "
+                         "supported yet: its fused experts load unquantized only")
     return dict(num_experts=int(hf.num_experts), num_experts_per_tok=int(hf.num_experts_per_tok),
                 moe_intermediate_size=int(hf.moe_intermediate_size),
-                norm_topk_prob=bool(getattr(hf, "norm_topk_prob", False)), moe_module="mlp",
+                norm_topk_prob=vl_moe or bool(getattr(hf, "norm_topk_prob", False)),
+                moe_module="mlp", fused_experts=vl_moe,
                 shared_expert_intermediate_size=int(
                     getattr(hf, "shared_expert_intermediate_size", 0) or 0),
                 dense_layers=tuple(i for i in range(hf.num_hidden_layers)

@@ -10,9 +10,11 @@ Gemma 3's into models/gemma3_vision.py, Qwen2-VL's and Qwen2.5-VL's
 (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`: a Qwen2
 language model with M-RoPE) into models/qwen2_vl.py, Qwen3-VL's
 (`Qwen3VLForConditionalGeneration`: a Qwen3 language model with interleaved M-RoPE and
-DeepStack) into models/qwen3_vl.py, Mistral 3's (`Mistral3ForConditionalGeneration`: a
-Mistral or Ministral 3 language model, its text config's model_type) into
-models/pixtral.py; an adapter's LoRA on them is left
+DeepStack; Qwen3-VL-MoE's, `Qwen3VLMoeForConditionalGeneration`, the same over a
+Qwen3-MoE whose checkpoint fuses the experts: layers/experts.py `fused`) into
+models/qwen3_vl.py, Mistral 3's (`Mistral3ForConditionalGeneration`: a Mistral or
+Ministral 3 language model, its text config's model_type) into models/pixtral.py; an
+adapter's LoRA on them is left
 out with a warning, as vLLM does (LoRA applies to the language model only). A Gemma 3
 checkpoint saved without its image processor is served on text (engine/llm_engine.py).
 
@@ -75,6 +77,9 @@ _QWEN_VL = TextOnly(
 # `linear_fc1` / `linear_fc2`
 _QWEN3_VL = replace(_QWEN_VL, text_architecture="Qwen3ForCausalLM",
                     vision_leaves=("qkv", "proj", "linear_fc1", "linear_fc2"))
+# Qwen3-VL-MoE: the same tower and names over a Qwen3-MoE (its `qwen3_vl_moe_text` config
+# says the experts are fused: models/registry.py `_experts`)
+_QWEN3_VL_MOE = replace(_QWEN3_VL, text_architecture="Qwen3MoeForCausalLM")
 MULTIMODAL: dict[str, TextOnly] = {
     "Gemma3ForConditionalGeneration": TextOnly(
         "Gemma3ForCausalLM",
@@ -90,6 +95,7 @@ MULTIMODAL: dict[str, TextOnly] = {
     "Qwen2VLForConditionalGeneration": _QWEN_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
     "Qwen3VLForConditionalGeneration": _QWEN3_VL,
+    "Qwen3VLMoeForConditionalGeneration": _QWEN3_VL_MOE,
     # Mistral Small 3.1 / 3.2, Magistral Small, Ministral 3, Devstral Small 2: LLaVA's
     # names; the language model a Mistral or a Ministral 3 (its text config's model_type),
     # the Pixtral tower's own leaves q/k/v/o_proj and gate/up/down_proj the language
@@ -105,14 +111,8 @@ MULTIMODAL: dict[str, TextOnly] = {
         vision_leaves=("fc1", "fc2", "linear_1", "linear")),
 }
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
-# their dense sibling as if it were theirs)
-REFUSED: dict[str, str] = {
-    "Qwen3VLMoeForConditionalGeneration":
-        "Qwen3-VL-MoE is not supported yet: its checkpoint stores the experts fused and "
-        "transposed (mlp.experts.gate_up_proj [experts, hidden, 2 x intermediate]), a "
-        "layout loraplex does not load for Qwen's experts; the dense Qwen3-VL "
-        "(Qwen3VLForConditionalGeneration) is served with images",
-}
+# their dense sibling as if it were theirs); none today
+REFUSED: dict[str, str] = {}
 # what the whole model's config says for its language model: the quantization, the dtype
 _INHERITED = ("quantization_config", "dtype", "torch_dtype")
 
