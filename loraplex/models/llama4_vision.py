@@ -112,6 +112,11 @@ class Llama4VisionConfig:
     # the image processor's (preprocessor_config.json): ImageProcessor sets them
     max_patches: int = 16
     resize_to_max_canvas: bool = False
+    # HF's tower runs on images only when the adapter takes intermediate_size = hidden /
+    # ratio^2 inputs and projector_input_dim = projector_output_dim = vision_output_dim;
+    # checked when the tower is built (a checkpoint without an image processor is served
+    # on text whatever its tower)
+    shapes_ok: bool = True
 
     @classmethod
     def from_hf(cls, hf: Any) -> Llama4VisionConfig:
@@ -126,19 +131,15 @@ class Llama4VisionConfig:
         if ratio <= 0 or side * ratio != int(side * ratio) or 1 / ratio != int(1 / ratio):
             raise ValueError(f"pixel_shuffle_ratio={ratio} must fold the {side} x {side} "
                              "patch grid into whole blocks")
-        if round(v.hidden_size / ratio ** 2) != v.intermediate_size \
-                or v.projector_input_dim != v.projector_output_dim \
-                or v.vision_output_dim != v.projector_output_dim:
-            raise ValueError("Llama 4's vision_config: the adapter takes intermediate_size = "
-                             "hidden_size / pixel_shuffle_ratio^2 inputs and projector_input_"
-                             "dim = projector_output_dim = vision_output_dim (HF's shapes)")
         rope = getattr(v, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(v, "rope_theta", 10000.0))
+        shapes_ok = (round(v.hidden_size / ratio ** 2) == v.intermediate_size
+                     and v.projector_input_dim == v.projector_output_dim == v.vision_output_dim)
         return cls(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
                    v.num_attention_heads, image, patch, getattr(v, "num_channels", 3),
                    float(theta), ratio, v.projector_output_dim, hf.text_config.hidden_size,
                    int(hf.image_token_index), int(hf.boi_token_index),
-                   int(hf.eoi_token_index))
+                   int(hf.eoi_token_index), shapes_ok=shapes_ok)
 
     def with_processor(self, hf: Any) -> Llama4VisionConfig:
         """This config with the HF image processor's tiling settings; refused when its
@@ -420,6 +421,11 @@ class Llama4Vision(VisionWeights):
 
     def __init__(self, c: Llama4VisionConfig) -> None:
         super().__init__()
+        if not c.shapes_ok:
+            raise ValueError("Llama 4's vision_config cannot take images: its adapter takes "
+                             "intermediate_size = hidden_size / pixel_shuffle_ratio^2 inputs "
+                             "and projector_input_dim = projector_output_dim = "
+                             "vision_output_dim (HF's shapes)")
         self.config = c
         self.vision_model = Llama4VisionTower(c)
         self.multi_modal_projector = Llama4Projector(c)
