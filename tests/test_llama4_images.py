@@ -169,6 +169,59 @@ def test_pixels_match_hf_processor(llama4img):
         assert ours["aspect_ratios"].tolist() == ref["aspect_ratios"].tolist()
 
 
+def hf_pixels(im: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+    """HF's Llama4ImageProcessor._preprocess for one image, step by step without
+    torchvision: HF's own canvas functions and split_to_tiles, torchvision's resize rule
+    (uint8 natively where the CPU reports AVX2, else fp32 rounded back), zero padding
+    right and below, bfloat16 rescale and normalize, the global view last."""
+    import numpy as np
+    import torch.nn.functional as F
+    from transformers.image_transforms import split_to_tiles
+    from transformers.image_utils import SizeDict
+
+    from loraplex.engine.llama4_images import _native_uint8
+
+    def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == size:
+            return x
+        if _native_uint8():
+            return F.interpolate(x, size=size, mode="bilinear", antialias=True)
+        y = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True)
+        return y.round().to(torch.uint8)
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16) * (1 / 255)
+        half = torch.tensor([0.5] * 3, dtype=torch.bfloat16).view(-1, 1, 1)
+        return (x - half) / half
+
+    hf = hf_tiling()
+    options = torch.tensor(hf["find_supported_resolutions"](
+        max_num_chunks=MAX_TILES, patch_size=SizeDict(height=TILE, width=TILE)))
+    x = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)[None].contiguous()
+    h, w = x.shape[-2:]
+    th, tw = (int(v) for v in hf["get_best_fit"]((h, w), options))
+    limit = (min(max(h, TILE), th), min(max(w, TILE), tw))
+    nh, nw = hf["get_max_res_without_distortion"]((h, w), limit)
+    y = resize(x, (max(nh, 1), max(nw, 1)))
+    y = F.pad(y, (0, tw - y.shape[-1], 0, th - y.shape[-2]))
+    tiles = split_to_tiles(normalize(y), th // TILE, tw // TILE)[0]
+    if th * tw > TILE * TILE:
+        tiles = torch.cat([tiles, normalize(resize(x, (TILE, TILE)))])
+    return tiles, (th // TILE, tw // TILE)
+
+
+def test_pixels_follow_hf_steps(llama4img):
+    """Images that tile, that do not, that would be upscaled past a tile's side (HF
+    limits it): HF's steps' pixel values, exactly."""
+    llm = make_llm(llama4img["base"])
+    for size in (ONE, WIDE, BIG, (20, 40), (90, 30), (13, 100), (200, 150)):
+        im = image(5, size)
+        ours = llm.llm_engine.image_processor.hf([im])
+        ref, grid = hf_pixels(im)
+        assert ours["aspect_ratios"].tolist() == [list(grid)], size
+        assert torch.equal(ours["pixel_values"], ref), size
+
+
 def test_image_features_match_hf(llama4img):
     """The tower (2-D rope, class token, pixel shuffle, adapter) and the projector:
     HF's get_image_features within 1e-5 on a tiled image's tiles."""
