@@ -353,3 +353,17 @@ def test_server_chat_with_data_url_image(llama4img):
                 "url": "data:image/png;base64,AAAA"}}])
         assert "cannot decode the image" in info.value.body["message"]
         assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens
+
+
+def test_lora_on_the_vision_model(llama4img, tmp_path, caplog):
+    """LoRA applies to the language model (vLLM's rule): an adapter's LoRA on the vision
+    model or the projector is left out with a warning; the language model's part runs."""
+    both = make_multimodal_adapter(
+        llama4img["base"], tmp_path / "both", r=4, seed=83,
+        targets=r".*(language_model.*\.q_proj|vision_model.*fc1|multi_modal_projector\.linear_1)")
+    llm = make_llm(llama4img["base"], enable_lora=True, max_lora_rank=8)
+    with caplog.at_level("WARNING"):
+        out = llm.generate(request(ASK, [image(1, WIDE)]), GREEDY, use_tqdm=False,
+                           lora_request=LoRARequest("both", 1, str(both)))
+    assert "left out (LoRA applies to the language model only)" in caplog.text
+    assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
