@@ -1,7 +1,8 @@
 """Llama 4's image side (Llama4ForConditionalGeneration: Scout, Maverick), as HF's
 modeling_llama4.py computes it.
 
-The image processor (HF's Llama4ImageProcessor) resizes an image without distortion onto
+The image processor (HF's Llama4ImageProcessor; loraplex's in torch alone is
+engine/llama4_images.py, its canvas choice here) resizes an image without distortion onto
 the best canvas of up to `max_patches` square tiles of `image_size` (rows x columns: the
 image's `grid`), pads it, cuts it into those tiles, and, when there is more than one,
 adds the whole image resized to one tile (the global view) last. The tower is a ViT run
@@ -142,8 +143,9 @@ class Llama4VisionConfig:
                    int(hf.eoi_token_index), shapes_ok=shapes_ok)
 
     def with_processor(self, hf: Any) -> Llama4VisionConfig:
-        """This config with the HF image processor's tiling settings; refused when its
-        tiles are not the tower's."""
+        """This config with the image processor's tiling settings (its
+        preprocessor_config.json: engine/llama4_images.py); refused when its tiles are not
+        the tower's."""
         size = hf.size if isinstance(hf.size, dict) else vars(hf.size)
         if (size.get("height"), size.get("width")) != (self.image_size, self.image_size):
             raise ValueError(f"the image processor's size {size} is not the vision tower's "
