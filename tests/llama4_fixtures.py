@@ -8,6 +8,7 @@ expert) interleaved with dense ones (intermediate_size_mlp), q/k L2 norm, llama3
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,61 @@ def make_llama4_multimodal(out_dir: Path, seed: int = 0) -> Path:
 def copy_tokenizer(src: Path, dst: Path) -> None:
     for f in Path(src).glob("*token*"):
         shutil.copy(f, Path(dst) / f.name)
+
+
+# ---- Llama4ForConditionalGeneration with images (tests/test_llama4_images.py) ---------
+
+IMAGE_TOKENS = ("<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                "<|tile_x_separator|>", "<|tile_y_separator|>")
+TILE = 28  # a tile's side: 4 x 4 patches of 7 pixels, pixel-shuffled to 2 x 2 = 4 rows
+ROWS_PER_TILE = 4
+MAX_TILES = 4  # the image processor's max_patches: canvases of up to 4 tiles
+# Llama 4's template's shape: image parts become <|image|>
+IMAGE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<|image|>"
+    "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_llama4_images(out_dir: Path, seed: int) -> Path:
+    """A tiny Llama4ForConditionalGeneration whose images tile: the language model above,
+    a 2-layer vision tower on 28 x 28 tiles (4 x 4 patches, 4 rows a tile after the pixel
+    shuffle), every weight drawn with std 0.2, saved with HF's Llama4Processor (up to 4
+    tiles an image) and a tokenizer with Llama 4's image tokens."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out_dir)
+    tok.add_tokens(list(IMAGE_TOKENS), special_tokens=True)
+    tok.chat_template = IMAGE_CHAT_TEMPLATE
+    ids = tok.convert_tokens_to_ids
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=TILE, patch_size=7,
+                  vision_output_dim=48, projector_input_dim=48, projector_output_dim=48,
+                  pixel_shuffle_ratio=0.5, rope_parameters={"rope_type": "default",
+                                                            "rope_theta": 100.0})
+    if TRANSFORMERS_MAJOR < 5:
+        vision["rope_theta"] = vision.pop("rope_parameters")["rope_theta"]
+    cfg = Llama4Config(text_config=llama4_text_config(len(tok)).to_dict(),
+                       vision_config=vision, image_token_index=ids("<|patch|>"),
+                       boi_token_index=ids("<|image_start|>"),
+                       eoi_token_index=ids("<|image_end|>"))
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(cfg).eval()
+    _reinit_(model, seed, 0.2)
+    model.save_pretrained(str(out_dir))
+    # what Llama4ImageProcessor(size=TILE, max_patches=MAX_TILES).save_pretrained writes
+    # (HF's processor itself needs torchvision)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Llama4ImageProcessor", "processor_class": "Llama4Processor",
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "size": {"height": TILE, "width": TILE}, "max_patches": MAX_TILES,
+        "resize_to_max_canvas": False, "resample": 2, "rescale_factor": 1 / 255,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    (out_dir / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Llama4Processor", "patch_size": 7, "pixel_shuffle_ratio": 0.5}))
+    tok.save_pretrained(str(out_dir))
+    return out_dir

@@ -209,12 +209,15 @@ def test_multimodal_checkpoint_on_text(monkeypatch, budget, llama4mm, prompts):
 
 
 def test_multimodal_images_refused(llama4mm, prompts):
+    """Saved without its image processor: served on text, images refused (with one:
+    tests/test_llama4_images.py)."""
     from PIL import Image
     from transformers import AutoConfig
 
     _, spec = text_only_config(AutoConfig.from_pretrained(str(llama4mm["base"])))
-    assert spec is not None and not spec.images
+    assert spec is not None and spec.images
     llm = make_llm(llama4mm["base"])
+    assert llm.llm_engine.vision is None
     with pytest.raises(ValueError, match="multimodal inputs are not supported"):
         llm.generate({"prompt_token_ids": prompts[0],
                       "multi_modal_data": {"image": Image.new("RGB", (8, 8))}}, LONG,

@@ -2,7 +2,8 @@
 processor (so the pixels are HF's), and the prompt's image placeholders expanded to one
 token per image embedding, as HF's LlavaProcessor expands them (LLaVA-NeXT: as many as
 the image's size gives, LlavaNextProcessor's count; Gemma 3: each <start_of_image> as
-Gemma3Processor expands it, models/gemma3_vision.py). The server does this on
+Gemma3Processor expands it, models/gemma3_vision.py; Llama 4: each <|image|> as
+Llama4Processor expands it, tiles and separators, models/llama4_vision.py). The server does this on
 its encoder thread and hands the engine the ImageInputs (the step loop never waits on an
 image processor); offline, LLMEngine.add_request calls the same ImageProcessor.
 
@@ -20,6 +21,7 @@ import binascii
 import hashlib
 import io
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -27,20 +29,29 @@ from typing import Any
 import torch
 
 from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
+from loraplex.models.llama4_vision import (
+    Llama4ImageTokens,
+    Llama4Vision,
+    Llama4VisionConfig,
+    is_llama4,
+)
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
 from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, is_mistral3
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig, is_qwen3_vl
 
-VisionConfig = LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
-Vision = LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision
+VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
+                | Llama4VisionConfig)
+Vision = LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
 
 
 def vision_config(hf_config: Any) -> VisionConfig:
-    """A multimodal checkpoint's image side: Gemma 3's, Qwen2-VL's (Qwen3-VL's: a
-    QwenVisionConfig too), Mistral 3's (Pixtral), else LLaVA's (-NeXT)."""
+    """A multimodal checkpoint's image side: Gemma 3's, Llama 4's, Qwen2-VL's (Qwen3-VL's:
+    a QwenVisionConfig too), Mistral 3's (Pixtral), else LLaVA's (-NeXT)."""
     if getattr(hf_config, "model_type", None) == "gemma3":
         return Gemma3VisionConfig.from_hf(hf_config)
+    if is_llama4(hf_config):
+        return Llama4VisionConfig.from_hf(hf_config)
     if is_qwen_vl(hf_config):
         if is_qwen3_vl(hf_config):
             return Qwen3VisionConfig.from_hf(hf_config)
@@ -55,6 +66,8 @@ def build_vision(config: VisionConfig) -> Vision:
         return Gemma3Vision(config)
     if isinstance(config, PixtralVisionConfig):
         return PixtralVision(config)
+    if isinstance(config, Llama4VisionConfig):
+        return Llama4Vision(config)
     if isinstance(config, Qwen3VisionConfig):
         return Qwen3Vision(config)
     return QwenVision(config) if isinstance(config, QwenVisionConfig) else LlavaVision(config)
@@ -70,8 +83,10 @@ class ImageInputs:
     pixel_values: torch.Tensor  # [tiles, channels, H, W]: one an image but LLaVA-NeXT's
     # (Qwen2-VL, Mistral 3: [patches, patch pixels], engine/qwen_images.py, pixtral_images.py)
     positions: list[int]  # the prompt positions of the placeholders, image after image
-    ranges: list[tuple[int, int]]  # each image's placeholders: (first position, count;
-    # Mistral 3: its tokens from the first [IMG] to its [IMG_END])
+    # each image's placeholders: (first position, span to its last one): their count but
+    # for Llama 4's, whose tile separators lie between them (`placeholder_ranges`), and
+    # Mistral 3's, from its first [IMG] to its [IMG_END]
+    ranges: list[tuple[int, int]]
     hashes: list[bytes]  # each image's pixel values and size, hashed
     # [len(positions), hidden]: from the first prefill (Qwen3-VL: [len(positions), 1 + L,
     # hidden], each row's DeepStack features with it: models/qwen3_vl.py)
@@ -149,22 +164,45 @@ def load_image(source: Any) -> Any:
     return image
 
 
+def placeholder_ranges(positions: list[int], counts: list[int]) -> list[tuple[int, int]]:
+    """Each image's (first placeholder position, span to its last one + 1), its
+    placeholders `counts[i]` of `positions` in order."""
+    firsts = [0, *accumulate(counts)][:-1]  # each image's first placeholder, counted
+    return [(positions[f], positions[f + n - 1] - positions[f] + 1)
+            for f, n in zip(firsts, counts, strict=True)]
+
+
 class ImageProcessor:
     """The model's HF image processor plus its placeholder rule (LLaVA's; Gemma 3's,
-    which needs the tokenizer for the newlines around an image)."""
+    which needs the tokenizer for the newlines around an image; Llama 4's, for its
+    markers)."""
 
     def __init__(self, path: str, config: VisionConfig, tokenizer: Any = None) -> None:
         from transformers import AutoImageProcessor
 
-        self.config = config
-        self.hf = AutoImageProcessor.from_pretrained(path)
+        if isinstance(config, Llama4VisionConfig):  # HF's needs torchvision: ours
+            from loraplex.engine.llama4_images import Llama4ImagePreprocessor
+
+            self.hf = Llama4ImagePreprocessor.from_pretrained(path)
+        else:
+            self.hf = AutoImageProcessor.from_pretrained(path)
         if getattr(self.hf, "do_pan_and_scan", None):
             raise ValueError(f"the image processor in {path} has do_pan_and_scan=True: "
                              "Gemma 3's pan-and-scan crops are not supported")
-        self._expand = (Gemma3ImageTokens(tokenizer, config)
-                        if isinstance(config, Gemma3VisionConfig) else
-                        lambda ids, counts: expand_placeholders(ids, config.image_token_id,
-                                                                counts))
+        # the token a prompt (or the chat's string fallback) puts where an image goes
+        self.placeholder = config.image_token_id
+        self._expand: Callable[[list[int], list[tuple[int, int]]], list[int]]
+        if isinstance(config, Llama4VisionConfig):  # its tiling is the processor's
+            config = config.with_processor(self.hf)
+            llama4 = Llama4ImageTokens(tokenizer, config)
+            self._expand, self.placeholder = llama4, llama4.placeholder
+        elif isinstance(config, Gemma3VisionConfig):
+            gemma3 = Gemma3ImageTokens(tokenizer, config)
+            self._expand = lambda ids, sizes: gemma3(ids, [config.tokens_for(s) for s in sizes])
+        else:
+            self._expand = lambda ids, sizes: expand_placeholders(
+                ids, config.image_token_id, [config.tokens_for(s) for s in sizes])
+        self.config = config
 
     def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its images' inputs. `data`: one
@@ -176,17 +214,16 @@ class ImageProcessor:
         sizes = [(im.height, im.width) for im in images]  # HF's image_sizes
         counts, tiles = [c.tokens_for(s) for s in sizes], [c.tiles(s) for s in sizes]
         # before the pixels: a mismatch costs nothing
-        ids = self._expand(ids, counts)
-        pixels = self.hf(images=[im.convert("RGB") for im in images],
-                         return_tensors="pt")["pixel_values"]
+        ids = self._expand(ids, sizes)
+        out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        pixels = out["pixel_values"]
         if tuple(pixels.shape[-2:]) != (c.image_size, c.image_size):
             raise ValueError(f"the image processor gives {tuple(pixels.shape[-2:])} pixels, "
                              f"the vision tower takes {c.image_size} x {c.image_size}")
         if pixels.dim() == 5:  # LLaVA-NeXT's: padded to the most tiles any image has
             pixels = torch.cat([p[:n] for p, n in zip(pixels, tiles, strict=True)])
         positions = self.positions(ids)
-        firsts = [0, *accumulate(counts)][:-1]  # each image's first placeholder, counted
-        ranges = [(positions[f], n) for f, n in zip(firsts, counts, strict=True)]
+        ranges = placeholder_ranges(positions, counts)
         hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes() + repr(s).encode(),
                                   digest_size=16).digest()
                   for p, s in zip(pixels.float().split(tiles), sizes)]
@@ -196,8 +233,7 @@ class ImageProcessor:
     def expand(self, ids: list[int], images: list[Any]) -> list[int]:
         """The prompt with its placeholders expanded for these (PIL) images (ValueError:
         they do not match), without processing them: what /tokenize and usage count."""
-        return self._expand(ids, [self.config.tokens_for((im.height, im.width))
-                                  for im in images])
+        return self._expand(ids, [(im.height, im.width) for im in images])
 
     def positions(self, ids: list[int]) -> list[int]:
         return [p for p, t in enumerate(ids) if t == self.config.image_token_id]
@@ -206,8 +242,10 @@ class ImageProcessor:
         """Processed inputs given with a prompt (the server's) must be that prompt's: its
         placeholders where the inputs say, one embedding each."""
         c = self.config
+        counts = [c.tokens_for(s) for s in inputs.sizes]
         if self.positions(ids) != inputs.positions or len(inputs.sizes) != len(inputs.ranges) \
-                or [n for _, n in inputs.ranges] != [c.tokens_for(s) for s in inputs.sizes] \
+                or sum(counts) != len(inputs.positions) \
+                or placeholder_ranges(inputs.positions, counts) != inputs.ranges \
                 or inputs.pixel_values.shape[0] != sum(c.tiles(s) for s in inputs.sizes) \
                 or inputs.bidirectional != c.bidirectional:
             raise ValueError("multi_modal_data: the processed image inputs do not match the "

@@ -56,6 +56,7 @@ from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
+from loraplex.models.llava import LlavaVisionConfig
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.pixtral import PixtralVisionConfig
@@ -131,8 +132,9 @@ class LLMEngine:
         self.model_config = self.config.model_config
         self.lora_config = self.config.lora_config
         self.multimodal = self.config.multimodal_config
-        # LLaVA, Gemma 3, Qwen2-VL, Mistral 3: the vision tower and projector (models/llava.py,
-        # models/gemma3_vision.py, models/qwen2_vl.py, models/pixtral.py), the image
+        # LLaVA, Gemma 3, Llama 4, Qwen2-VL, Mistral 3: the vision tower and projector
+        # (models/llava.py, models/gemma3_vision.py, models/llama4_vision.py,
+        # models/qwen2_vl.py, models/pixtral.py), the image
         # processor; none when limit_mm_per_prompt allows no image (served on text, the
         # tower never built)
         vision = (vision_config(whole) if self.text_only is not None
@@ -241,8 +243,8 @@ class LLMEngine:
 
     def _image_processor(self, path: str, config: VisionConfig | None
                          ) -> ImageProcessor | None:
-        """The model's image processor; None when it takes no images, or for a Gemma 3
-        checkpoint saved without one (served on text, images refused, as before)."""
+        """The model's image processor; None when it takes no images, or for a Gemma 3 or
+        Llama 4 checkpoint saved without one (served on text, images refused, as before)."""
         if config is None:
             return None
         if isinstance(config, QwenVisionConfig):
@@ -252,7 +254,7 @@ class LLMEngine:
         try:
             return ImageProcessor(path, config, self.tokenizer)
         except OSError:
-            if not config.bidirectional:  # LLaVA's needs one
+            if isinstance(config, LlavaVisionConfig):  # LLaVA's needs one
                 raise
             logger.warning("%s has no image processor files: serving its language model on "
                            "text; image inputs are refused", path)
@@ -361,7 +363,9 @@ class LLMEngine:
         images."""
         if self.image_processor is None:
             return None
-        return self.tokenizer.convert_ids_to_tokens(self.image_processor.config.image_token_id)
+        return self.tokenizer.convert_ids_to_tokens(
+            getattr(self.image_processor, "placeholder",
+                    self.image_processor.config.image_token_id))
 
     def _images(self, prompt: PromptType, ids: list[int]
                 ) -> tuple[list[int], ImageInputs | None]:
@@ -966,7 +970,7 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
     if prompt.get("multi_modal_data") and not takes_images:
         raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
                          f"model {model!r}: it has no vision tower (image inputs are "
-                         "served on LLaVA, Gemma 3, Qwen2-VL and Mistral 3 models)")
+                         "served on LLaVA, Gemma 3, Llama 4, Qwen-VL and Mistral 3 models)")
     if prompt.get("multi_modal_uuids"):
         raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
                          "uuids (images are hashed for the prefix cache)")

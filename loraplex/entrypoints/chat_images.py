@@ -60,7 +60,7 @@ class ChatImages:
         if self.placeholder is None:
             raise ValueError(f"messages[{i}]: image inputs are not supported by model "
                              f"{self.model!r}: it has no vision tower (image inputs are served "
-                             "on LLaVA, Gemma 3, Qwen2-VL and Mistral 3 models)")
+                             "on LLaVA, Gemma 3, Llama 4, Qwen-VL and Mistral 3 models)")
         value = part.get(kind)
         if kind == "image_url" and isinstance(value, dict):
             value = value.get("url")

@@ -23,8 +23,9 @@ files) and PEFT adapters trained with transformers >= 4.52 name its modules
 `model.language_model.*`: `TextOnly.name` maps both onto the text model's names.
 
 Llama 4 (Scout, Maverick: `Llama4ForConditionalGeneration`, its language model a
-`Llama4ForCausalLM` as `language_model.*`, its tower `vision_model.*`) is served on text
-only: image requests are refused (the engine has no vision tower for it).
+`Llama4ForCausalLM` as `language_model.*`, its tower `vision_model.*`) is served with its
+images too (models/llama4_vision.py); a checkpoint saved without its image processor is
+served on text, as Gemma 3's.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class TextOnly:
     skipped: tuple[str, ...]  # name prefixes of the parts a text request never runs
     vision_leaves: tuple[str, ...]  # module names only those parts have (adapter targets)
     images: bool = False  # image inputs served (the skipped parts load beside: llava.py,
-    # gemma3_vision.py, qwen2_vl.py, qwen3_vl.py)
+    # gemma3_vision.py, qwen2_vl.py, qwen3_vl.py, llama4_vision.py)
 
     def name(self, name: str) -> str | None:
         """A checkpoint tensor's or an adapter module's name as the text model's; None
@@ -108,7 +109,7 @@ MULTIMODAL: dict[str, TextOnly] = {
                  ("language_model.lm_head.", "lm_head.")),
         skipped=("vision_model.", "multi_modal_projector.", "model.vision_model.",
                  "model.multi_modal_projector."),
-        vision_leaves=("fc1", "fc2", "linear_1", "linear")),
+        vision_leaves=("fc1", "fc2", "linear_1", "linear"), images=True),
 }
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
 # their dense sibling as if it were theirs); none today
