@@ -281,7 +281,7 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
                                  "granite"]}  # reasoning.py's
 
 
-# entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)
+# entrypoints/tool_parsers/'s PARSERS (named here: the parser is built before heavy imports)
 TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic",
                      "qwen3_coder", "openai", "granite", "phi4_mini_json", "glm45"]
 _SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's

@@ -27,7 +27,6 @@ from loraplex.entrypoints.protocol import (
 )
 from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
 from loraplex.entrypoints.tool_calls import (
-    PARSERS,
     PartialCall,
     call_deltas,
     final_call_deltas,
@@ -36,6 +35,7 @@ from loraplex.entrypoints.tool_calls import (
     tool_choice_outputs,
     tool_mode,
 )
+from loraplex.entrypoints.tool_parsers import PARSERS
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import CompletionOutput, RequestOutput
 from loraplex.reasoning import REASONING_PARSERS, reasoning_token_count
