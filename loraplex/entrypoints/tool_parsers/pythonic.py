@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from typing import Any
 
 from loraplex.entrypoints.protocol import ToolCall
 from loraplex.entrypoints.tool_parsers.base import (
@@ -111,3 +112,57 @@ def _python_value_end(text: str, i: int) -> int | None:
         i += 1
     return None
 
+
+class Llama4PythonicParser(PythonicParser):
+    """Llama 4 (`llama4_pythonic`), as vLLM's parser reads it, stricter than `pythonic`:
+    the reply must start with the list (or <|python_start|>, taken off with every
+    <|python_end|>; no leading space), each call a plain name, each keyword's value a
+    string, number, bool, None, list or dict of them (no tuple, no sign: -1 is text). A
+    reply that is not such a list is content, with its <|python_start|> taken off."""
+
+    _start, _end = "<|python_start|>", "<|python_end|>"
+    _pattern = re.compile(r"\[([a-zA-Z]+\w*\(([a-zA-Z]+\w*=.*,\s*)*([a-zA-Z]+\w*=.*\s)?\),\s*)*"
+                          r"([a-zA-Z]+\w*\(([a-zA-Z]+\w*=.*,\s*)*([a-zA-Z]+\w*=.*\s*)?\)\s*)+\]",
+                          re.DOTALL)
+
+    def content_prefix(self, text: str) -> int:
+        if text.startswith(("[", self._start)) or self._start.startswith(text):
+            return 0  # (the start of) the calls, or nothing yet: hold it
+        return len(text)
+
+    def _after_tags(self, text: str) -> str:
+        return text[len(self._start):] if text.startswith(self._start) else text
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if text.startswith(self._start):
+            text = text[len(self._start):].replace(self._end, "")
+        if not self._pattern.match(text):
+            return text, []
+        try:
+            tree = ast.parse(text).body[0]
+            listed = getattr(tree, "value", None)
+            if not isinstance(listed, ast.List) or \
+                    not all(isinstance(e, ast.Call) for e in listed.elts):
+                return text, []
+            calls = [self._strict_call(e) for e in listed.elts]
+        except (SyntaxError, ValueError, TypeError, IndexError, RecursionError):
+            return text, []
+        return None, calls
+
+    @classmethod
+    def _strict_call(cls, node: ast.Call) -> ToolCall:
+        if not isinstance(node.func, ast.Name):
+            raise ValueError("a call's name must be a plain name")
+        return _call(node.func.id, json.dumps({k.arg: cls._value(k.value)
+                                               for k in node.keywords}))
+
+    @classmethod
+    def _value(cls, node: ast.expr) -> Any:
+        """vLLM's literals: constants, and lists and dicts (constant keys) of them."""
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) for k in node.keys):
+            return {k.value: cls._value(v) for k, v in zip(node.keys, node.values)}
+        if isinstance(node, ast.List):
+            return [cls._value(v) for v in node.elts]
+        raise ValueError("a call's arguments must be literals")
