@@ -119,6 +119,10 @@ class HarmonyReasoningParser:
                        for m in msgs if m.channel != "analysis")
         return ("".join(analysis) if analysis else None), rest
 
+    def for_request(self, chat_template_kwargs: dict[str, Any] | None
+                    ) -> HarmonyReasoningParser:
+        return self
+
     def tag_ids(self, tokenizer: Any) -> None:
         """No single end-of-reasoning tag: structured outputs constrain the whole reply
         (which then has no analysis, and is read as content)."""

@@ -17,6 +17,13 @@
                  reply, "Here is my response:" ends the reasoning ("Here's" too); plain
                  text, not tokens, so structured outputs constrain the whole reply (as
                  in vLLM, which does not support them with this parser either)
+    seed_oss     Seed-OSS: deepseek_r1's rule between <seed:think> and </seed:think>
+    minimax_m2   MiniMax-M2: deepseek_r1's rule (its template opens <think> in the prompt)
+    minimax_m2_append_think  MiniMax-M2, the reasoning kept in the content: the reply is
+                 all content, "<think>" put back before it (vLLM's, for clients that
+                 send the thinking back in the conversation, as MiniMax asks)
+    deepseek_v3  DeepSeek-V3.1 / V3: per request, deepseek_r1's rule with
+                 chat_template_kwargs {"thinking": true}, else all content (vLLM's)
 
 The split of a reply's first n characters is a prefix of the split of the whole (a tail
 that may still become a tag is held back until it is decided), so streamed deltas add up
@@ -76,7 +83,13 @@ class ReasoningParser:
             body = body[:len(body) - max(partial_marker_len(body, e) for e in self.ends)]
         return body, ""
 
-    def tag_ids(self, tokenizer: Any) -> tuple[int, int]:
+    def for_request(self, chat_template_kwargs: dict[str, Any] | None
+                    ) -> ReasoningParser | None:
+        """The parser for one request (a model whose thinking a request turns on or off
+        picks here; None: its reply is all content)."""
+        return self
+
+    def tag_ids(self, tokenizer: Any) -> tuple[int, int] | None:
         """(start, end) tag token ids: each tag must be one token of the vocabulary."""
         ids = []
         for tag in (self.start, self.end):
@@ -140,6 +153,40 @@ class GraniteReasoningParser(ReasoningParser):
         return None
 
 
+@dataclass(frozen=True)
+class AppendThinkReasoningParser(ReasoningParser):
+    """MiniMax-M2's minimax_m2_append_think (vLLM's): no reasoning apart; the reply, whose
+    <think> the chat template wrote into the prompt, is content with "<think>" put back
+    before it. No tag ids: structured outputs constrain the whole reply."""
+
+    name: str = "minimax_m2_append_think"
+    opens_in_reply: bool = False
+
+    def split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
+        return None, self.start + text
+
+    def tag_ids(self, tokenizer: Any) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class DeepSeekV3ReasoningParser(ReasoningParser):
+    """DeepSeek-V3.1 (and V3), vLLM's deepseek_v3: a request whose chat_template_kwargs
+    say {"thinking": true} (V3.1's template then opens <think> in the prompt) is split as
+    deepseek_r1 splits; any other is all content. For structured outputs the engine sees
+    the prompt: one that opened <think> thinks, one that closed it (V3.1 without
+    thinking) or has no tag (V3) is constrained from the reply's start (qwen3's way)."""
+
+    name: str = "deepseek_v3"
+    opens_in_reply: bool = True
+
+    def for_request(self, chat_template_kwargs: dict[str, Any] | None
+                    ) -> ReasoningParser | None:
+        if (chat_template_kwargs or {}).get("thinking"):
+            return REASONING_PARSERS["deepseek_r1"]  # type: ignore[return-value]
+        return None
+
+
 REASONING_PARSERS: dict[str, ReasoningParser | HarmonyReasoningParser] = {
     "deepseek_r1": ReasoningParser("deepseek_r1", opens_in_reply=False),
     "qwen3": ReasoningParser("qwen3", opens_in_reply=True),
@@ -147,7 +194,22 @@ REASONING_PARSERS: dict[str, ReasoningParser | HarmonyReasoningParser] = {
     "openai_gptoss": HarmonyReasoningParser(),
     "mistral": MistralReasoningParser(),
     "granite": GraniteReasoningParser(),
+    "seed_oss": ReasoningParser("seed_oss", opens_in_reply=False, start="<seed:think>",
+                                end="</seed:think>"),
+    "minimax_m2": ReasoningParser("minimax_m2", opens_in_reply=False),
+    "minimax_m2_append_think": AppendThinkReasoningParser(),
+    "deepseek_v3": DeepSeekV3ReasoningParser(),
 }
+
+
+def reasoning_opened(prompt_ids: list[int], start_id: int, end_id: int) -> bool:
+    """The prompt opens the reasoning: its last tag is the start tag (DeepSeek-V3.1's
+    template with thinking on writes "<think>" last). Then the reply thinks from its
+    first token, whether or not its parser waits for a start tag in the reply."""
+    for token in reversed(prompt_ids):
+        if token in (start_id, end_id):
+            return token == start_id
+    return False
 
 
 def reasoning_ended(prompt_ids: list[int], start_id: int, end_id: int) -> bool:

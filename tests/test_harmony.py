@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.entrypoints.tool_calls import OpenAIParser
+from loraplex.entrypoints.tool_parsers import OpenAIParser
 from loraplex.harmony import HarmonyReasoningParser, messages, tool_call_text
 from tests.fixtures import add_tokens_to_model, make_tiny_model
 from tests.test_tool_calls import streamed_calls

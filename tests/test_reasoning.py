@@ -304,3 +304,54 @@ def test_mistral_server_keeps_the_tags(magistral):
             for key in streamed:
                 streamed[key] += delta.get(key) or ""
         assert streamed == {"reasoning_content": "2 + 2", "content": "It is 4."}
+
+
+
+SEED, MINIMAX = REASONING_PARSERS["seed_oss"], REASONING_PARSERS["minimax_m2"]
+APPEND, DSV3 = REASONING_PARSERS["minimax_m2_append_think"], REASONING_PARSERS["deepseek_v3"]
+MORE_SPLITS = {SEED: [
+    ("<seed:think>hmm</seed:think>It is 4.", ("hmm", "It is 4.")),
+    ("hmm</seed:think>It is 4.", ("hmm", "It is 4.")),  # opened in the prompt
+    ("cut off </seed:thi", ("cut off </seed:thi", "")), ("<think>x</think>", ("<think>x</think>", "")),
+], MINIMAX: [
+    ("<think>hmm</think>It is 4.", ("hmm", "It is 4.")), ("hmm</think>4", ("hmm", "4")),
+    ("still thinking", ("still thinking", "")),
+], APPEND: [
+    ("hmm</think>It is 4.", (None, "<think>hmm</think>It is 4.")), ("", (None, "<think>")),
+]}
+
+
+@pytest.mark.parametrize(("parser", "reply", "split"), [
+    (parser, reply, split) for parser, cases in MORE_SPLITS.items() for reply, split in cases],
+    ids=lambda v: getattr(v, "name", None))
+def test_split_seed_oss_and_minimax(parser, reply, split):
+    """vLLM's seed_oss and minimax_m2 split as deepseek_r1 does (their own tags);
+    minimax_m2_append_think keeps the thinking in the content, <think> put back."""
+    assert parser.split(reply) == split
+    sent = ("", "")
+    for n in range(len(reply) + 1):  # prefix-stable, as every parser
+        reasoning, content = parser.split(reply[:n], n == len(reply))
+        assert (reasoning or "").startswith(sent[0]) and content.startswith(sent[1]), n
+        sent = (reasoning or "", content)
+
+
+def test_deepseek_v3_thinks_when_the_request_says_so():
+    """vLLM's deepseek_v3: R1's split with chat_template_kwargs {"thinking": true}, else
+    the reply is all content (identity); the other parsers are the same for any request."""
+    assert DSV3.for_request({"thinking": True}) is R1
+    for kwargs in (None, {}, {"thinking": False}, {"enable_thinking": True}):
+        assert DSV3.for_request(kwargs) is None
+    assert QWEN3.for_request({"thinking": True}) is QWEN3
+    assert REASONING_PARSERS["openai_gptoss"].for_request(None) is not None
+    assert APPEND.tag_ids(None) is None  # structured outputs: the whole reply
+
+
+def test_the_prompt_may_open_the_reasoning():
+    """DeepSeek-V3.1's template with thinking writes <think> last: the reply thinks from
+    its first token (engine: structured outputs wait for </think>)."""
+    from loraplex.reasoning import reasoning_opened
+
+    start, end = 7, 8
+    assert reasoning_opened([1, end, 2, start, 5], start, end)
+    assert not reasoning_opened([1, start, 2, end, 3], start, end)
+    assert not reasoning_opened([1, 2, 3], start, end)

@@ -14,7 +14,7 @@ import shutil
 import openai
 import pytest
 
-from loraplex.entrypoints.tool_calls import (
+from loraplex.entrypoints.tool_parsers import (
     PARSERS,
     GraniteParser,
     HermesParser,
@@ -381,7 +381,7 @@ def test_pythonic_parser():
 
 
 def test_qwen3_coder_parser_types_values_by_schema():
-    from loraplex.entrypoints.tool_calls import Qwen3CoderParser
+    from loraplex.entrypoints.tool_parsers import Qwen3CoderParser
 
     tools = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {
@@ -410,7 +410,7 @@ def test_glm45_parser_types_values_as_vllm():
     """A value is kept as written where the schema says string, else read as JSON, else
     as a Python literal, else kept as text; GLM-4.7's form (no newline after the name)
     and several calls read too."""
-    from loraplex.entrypoints.tool_calls import Glm45Parser
+    from loraplex.entrypoints.tool_parsers import Glm45Parser
 
     tools = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"s": {"type": "string"}, "n": {"type": "integer"},
@@ -473,7 +473,8 @@ def test_auto_tool_choice_needs_a_parser(tiny_models):
 def test_partial_calls_grow_with_the_text(parser, text, calls):
     """Every prefix of a reply: the calls so far are the final ones' prefixes (arguments
     only grow, a name appears whole), so the stream's pieces add up to the final calls."""
-    from loraplex.entrypoints.tool_calls import PARSERS, call_deltas
+    from loraplex.entrypoints.tool_calls import call_deltas
+    from loraplex.entrypoints.tool_parsers import PARSERS
 
     p = PARSERS[parser]()
     sent: dict[int, int] = {}

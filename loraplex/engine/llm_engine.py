@@ -70,7 +70,7 @@ from loraplex.models.registry import (
 from loraplex.models.text_only import text_only_config
 from loraplex.outputs import PoolingRequestOutput, RequestOutput
 from loraplex.pooling_params import PoolingParams
-from loraplex.reasoning import REASONING_PARSERS, reasoning_ended
+from loraplex.reasoning import REASONING_PARSERS, reasoning_ended, reasoning_opened
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.cpu_allocator import keep_freed_memory
 from loraplex.worker.device import use_device
@@ -653,12 +653,14 @@ class LLMEngine:
 
     def _reasoning(self, prompt_ids: list[int]) -> tuple[int, int, str] | None:
         """For structured outputs on a reasoning model: (start tag, end tag, the reply's
-        first state: "constrained" when the prompt closed the reasoning, "undecided" when
-        the reply may or may not open with the start tag (qwen3), else "reasoning")."""
+        first state: "constrained" when the prompt closed the reasoning, "reasoning" when it
+        opened it, "undecided" when the reply may or may not open with the start tag
+        (qwen3), else "reasoning")."""
         if self.reasoning_tags is None:
             return None
         start, end = self.reasoning_tags
         state = ("constrained" if reasoning_ended(prompt_ids, start, end) else
+                 "reasoning" if reasoning_opened(prompt_ids, start, end) else
                  "undecided" if self.reasoning.opens_in_reply else "reasoning")
         return start, end, state
 

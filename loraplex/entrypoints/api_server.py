@@ -45,7 +45,7 @@ from loraplex import envs
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.engine.llm_engine import LLMEngine
-from loraplex.entrypoints.cli import CLIError
+from loraplex.entrypoints.cli import TOOL_CALL_PARSERS, CLIError
 from loraplex.entrypoints.errors import (
     APIError,
     BadRequestError,
@@ -490,8 +490,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
             raise CLIError(f"--lora-modules {m.name}={m.path}: {_one_line(e)}") from None
     chat_template = _chat_template(args.chat_template)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
-        raise CLIError("--enable-auto-tool-choice needs --tool-call-parser (hermes, "
-                       "llama3_json, mistral, pythonic, qwen3_coder or openai)")
+        raise CLIError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                       + ", ".join(TOOL_CALL_PARSERS) + ")")
     parser = args.tool_call_parser if args.enable_auto_tool_choice else None
     # no `_created` sample beside every series (half the lines of a per-adapter counter);
     # process-wide, so the server sets it, not the Metrics class

@@ -244,7 +244,11 @@ ENGINE_HELP: dict[str, str] = {
                         "for gpt-oss); mistral: Magistral's [THINK] ... [/THINK]; granite: "
                         "Granite 3.2+'s 'Here is my thought process:' ... 'Here is my "
                         "response:' (phrases, not tokens: structured outputs constrain "
-                        "the whole reply).",
+                        "the whole reply); seed_oss: Seed-OSS's <seed:think> as "
+                        "deepseek_r1; minimax_m2: MiniMax-M2's, as deepseek_r1; "
+                        "minimax_m2_append_think: all content, '<think>' put back before "
+                        "it; deepseek_v3: DeepSeek-V3.1's, deepseek_r1's rule when the "
+                        "request's chat_template_kwargs say thinking, else all content.",
     "generation_config": "Where generation_config.json comes from: auto (the model's), vllm "
                          "(none), or a folder. Its eos_token_id ends replies; its "
                          "temperature, top_p, top_k, min_p, repetition_penalty and "
@@ -278,12 +282,14 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
             "kv_cache_dtype": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],  # config.py's
             "reasoning_parser": ["deepseek_r1", "qwen3", "glm45", "openai_gptoss", "mistral",
-                                 "granite"]}  # reasoning.py's
+                                 "granite", "seed_oss", "minimax_m2",
+                                 "minimax_m2_append_think", "deepseek_v3"]}  # reasoning.py's
 
 
-# entrypoints/tool_calls.py's PARSERS (named here: the parser is built before heavy imports)
+# entrypoints/tool_parsers/'s PARSERS (named here: the parser is built before heavy imports)
 TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic",
-                     "qwen3_coder", "openai", "granite", "phi4_mini_json", "glm45"]
+                     "qwen3_coder", "openai", "granite", "phi4_mini_json", "glm45",
+                     "deepseek_v3", "deepseek_v31", "kimi_k2", "minimax_m2", "seed_oss"]
 _SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's
 
 
@@ -342,8 +348,13 @@ def _add_frontend_args(group: argparse._ArgumentGroup) -> None:
                             "Llama 4: a Python list of calls), qwen3_coder (Qwen3-Coder: "
                             "<function=...> <parameter=...> tags), openai (gpt-oss: "
                             "harmony messages to functions.NAME), granite (Granite 3: "
-                            "<|tool_call|>[...]) or phi4_mini_json (Phi-4-mini: "
-                            "functools[...]).")
+                            "<|tool_call|>[...]), phi4_mini_json (Phi-4-mini: "
+                            "functools[...]), glm45 (GLM-4.5/4.6/4.7: <arg_key> tags), "
+                            "deepseek_v3 / deepseek_v31 (DeepSeek-V3, R1-0528 / V3.1: "
+                            "<｜tool▁calls▁begin｜>), kimi_k2 (Kimi-K2: "
+                            "<|tool_calls_section_begin|>), minimax_m2 (MiniMax-M2: "
+                            "<minimax:tool_call> invokes) or seed_oss (Seed-OSS: "
+                            "<seed:tool_call>).")
     group.add_argument("--disable-log-requests", action="store_true",
                        help="Accepted for vLLM compatibility.")
     group.add_argument("--max-log-len", type=int, default=None,

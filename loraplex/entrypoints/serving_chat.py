@@ -27,7 +27,6 @@ from loraplex.entrypoints.protocol import (
 )
 from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
 from loraplex.entrypoints.tool_calls import (
-    PARSERS,
     PartialCall,
     call_deltas,
     final_call_deltas,
@@ -36,6 +35,7 @@ from loraplex.entrypoints.tool_calls import (
     tool_choice_outputs,
     tool_mode,
 )
+from loraplex.entrypoints.tool_parsers import PARSERS
 from loraplex.lora.request import LoRARequest
 from loraplex.outputs import CompletionOutput, RequestOutput
 from loraplex.reasoning import REASONING_PARSERS, reasoning_token_count
@@ -59,9 +59,18 @@ class OpenAIServingChat(OpenAIServing):
             reasoning_parser = "openai_gptoss"  # harmony replies: the analysis apart
         self.reasoning = REASONING_PARSERS[reasoning_parser] if reasoning_parser else None
 
-    def _split(self, text: str, finished: bool = True) -> tuple[str | None, str]:
+    def _reasoning_for(self, req: ChatCompletionRequest) -> Any:
+        """The reasoning parser for this request: the server's, or the one its
+        chat_template_kwargs pick (deepseek_v3: R1's with "thinking", else none)."""
+        if self.reasoning is None:
+            return None
+        return self.reasoning.for_request(req.chat_template_kwargs)
+
+    def _split(self, req: ChatCompletionRequest, text: str, finished: bool = True
+               ) -> tuple[str | None, str]:
         """(reasoning, content) of a reply's text (no reasoning parser: None, text)."""
-        return self.reasoning.split(text, finished) if self.reasoning else (None, text)
+        reasoning = self._reasoning_for(req)
+        return reasoning.split(text, finished) if reasoning else (None, text)
 
     def _messages(self, req: ChatCompletionRequest, images: ChatImages
                   ) -> list[dict[str, Any]]:
@@ -206,16 +215,17 @@ class OpenAIServingChat(OpenAIServing):
                 if req.logprobs else None, finish_reason=finish, stop_reason=o.stop_reason))
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices,
-            usage=await self._usage(len(ids), final, params, lora),
+            usage=await self._usage(req, len(ids), final, params, lora),
             prompt_logprobs=self.prompt_logprobs(req, final))
 
-    async def _usage(self, prompt_tokens: int, final: RequestOutput,
-                     params: SamplingParams, lora: LoRARequest | None) -> UsageInfo:
+    async def _usage(self, req: ChatCompletionRequest, prompt_tokens: int,
+                     final: RequestOutput, params: SamplingParams, lora: LoRARequest | None) -> UsageInfo:
         """The request's usage; with a reasoning parser, the tokens its replies' reasoning
         took (decoded as the replies were, off the event loop)."""
         outputs = final.outputs
         gen = sum(len(o.token_ids) for o in outputs)
-        if self.reasoning is None:
+        parser = self._reasoning_for(req)
+        if parser is None:
             return self.usage(prompt_tokens, gen, final.num_cached_tokens)
         decoder = self.decoder_for(lora)
 
@@ -224,7 +234,7 @@ class OpenAIServingChat(OpenAIServing):
                                   clean_up_tokenization_spaces=False)
 
         reasoning = await self.off_loop(lambda: sum(
-            reasoning_token_count(self.reasoning, list(o.token_ids), decode)
+            reasoning_token_count(parser, list(o.token_ids), decode)
             for o in outputs))
         return self.usage(prompt_tokens, gen, final.num_cached_tokens, reasoning)
 
@@ -247,7 +257,7 @@ class OpenAIServingChat(OpenAIServing):
         request called tools and the content has them; an echo goes before the content)
         and its finish_reason ("tool_calls" for a completed call). `parser`: the tool
         parser for the request's tools, when the caller has it already."""
-        reasoning, text = self._split(text)
+        reasoning, text = self._split(req, text)
         shown = reasoning if req.include_reasoning else None
         thought = {"reasoning": shown, "reasoning_content": shown, "role": self.role(req)}
         content, calls = text, None
@@ -347,7 +357,7 @@ class OpenAIServingChat(OpenAIServing):
                     continue
                 t0, k0 = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
                 # the reasoning as it grows (each split extends the last), then the content
-                reasoning, text = self._split(o.text, o.finish_reason is not None)
+                reasoning, text = self._split(req, o.text, o.finish_reason is not None)
                 r0 = sent_reasoning.get(o.index, 0)
                 thought = (reasoning or "")[r0:] if req.include_reasoning else ""
                 # content stops where a tool call may start; calls go out as they are
@@ -357,7 +367,7 @@ class OpenAIServingChat(OpenAIServing):
                 delta = text[t0:end]
                 sent = sent_calls.setdefault(o.index, {})
                 calls = (call_deltas(self._partial_calls(req, calling, text, parser), sent,
-                                     self._call_id)
+                                     parser.call_id if parser else self._call_id)
                          if calling and o.finish_reason is None else [])
                 if not delta and not thought and not calls and o.finish_reason is None:
                     continue
@@ -388,7 +398,7 @@ class OpenAIServingChat(OpenAIServing):
                     generated=len(o.token_ids), cached=out.num_cached_tokens)
             last = out
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk([], await self._usage(prompt_tokens, last, params, lora))
+            yield chunk([], await self._usage(req, prompt_tokens, last, params, lora))
 
 
 async def _as_sse(chunks: AsyncIterator[ChatCompletionStreamResponse]) -> AsyncIterator[str]:
