@@ -14,25 +14,30 @@ checked against HF's patchify and smart_resize (their source, compiled here)."""
 from __future__ import annotations
 
 import ast
+import base64
+import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 import torch
 import transformers
 
-from loraplex import LoRARequest, SamplingParams
+from loraplex import LoRARequest
 from loraplex.engine.qwen_images import QwenImageProcessor
 from loraplex.engine.qwen_videos import QwenVideoProcessor
 from loraplex.models.mrope import mrope_positions
 from loraplex.models.qwen2_vl import QwenVisionConfig
 from tests.engine_utils import make_llm
-from tests.llava_fixtures import image
+from tests.llava_fixtures import data_url, image
 from tests.multimodal_fixtures import assert_matches_reference, hf_multimodal
 from tests.qwen2_vl_fixtures import (
+    CHAT_TEMPLATE,
     GREEDY,
     IMAGE,
     image_processor,
@@ -40,6 +45,7 @@ from tests.qwen2_vl_fixtures import (
     tokenizer,
     with_adapters,
 )
+from tests.server_utils import RemoteServer
 from tests.test_qwen2_vl import _tower
 
 pytest.importorskip("PIL")
@@ -67,6 +73,29 @@ def video(seed: int, frames: int = 4, size: tuple[int, int] = (24, 16)) -> np.nd
     return rng.integers(0, 256, (frames, size[1], size[0], 3), dtype=np.uint8)
 
 
+# the fixtures' template, reading video parts too (as Qwen's own templates do)
+VIDEO_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% elif content['type'] == 'text' %}",
+    "{% elif content['type'] == 'video' %}" + VIDEO + "{% elif content['type'] == 'text' %}")
+
+
+def paletted(seed: int, frames: int = 4, size: tuple[int, int] = (24, 16)) -> np.ndarray:
+    """Random frames of 16 colours: a GIF holds them exactly."""
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)
+    return palette[rng.integers(0, 16, (frames, size[1], size[0]))]
+
+
+def gif_url(frames: np.ndarray, ms: int = 500) -> str:
+    """An animated GIF data URL of the frames, `ms` each (500: 2 fps)."""
+    from PIL import Image
+
+    ims = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    ims[0].save(buf, format="GIF", save_all=True, append_images=ims[1:], duration=ms, loop=0)
+    return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _with_video_config(base: Path) -> Path:
     (base / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_CONFIG))
     return base
@@ -92,13 +121,13 @@ def _processor(base: Path) -> QwenImageProcessor:
 
 
 def hf_inputs(base: Path, prompt: str, images: list, videos: list,
-              ) -> dict[str, torch.Tensor]:
+              add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
     """The reference's inputs: the prompt's ids with each image's and video's pad
     expanded (Qwen2_5_VLProcessor's rule), HF's image pixels, the videos' patches and
     grids, second_per_grid_ts (temporal_patch_size / 24 fps, HF's default without
     metadata) and mm_token_type_ids (1 image, 2 video)."""
     tok = tokenizer(str(base))
-    ids = tok(prompt).input_ids
+    ids = tok(prompt, add_special_tokens=add_special_tokens).input_ids
     pad, vpad = tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>"])
     out: dict[str, Any] = {}
     counts: dict[int, Any] = {}
@@ -132,9 +161,10 @@ def hf_logprobs(base: Path, adapter: Path | None, inputs: dict[str, torch.Tensor
     return torch.log_softmax(model(**kw).logits[0].float(), dim=-1)
 
 
-def check(outs, base: Path, jobs: list[tuple[str, list, list, Path | None]]) -> None:
+def check(outs, base: Path, jobs: list[tuple[str, list, list, Path | None]],
+          add_special_tokens: bool = True) -> None:
     for out, (prompt, ims, vids, adapter) in zip(outs, jobs, strict=True):
-        inp = hf_inputs(base, prompt, ims, vids)
+        inp = hf_inputs(base, prompt, ims, vids, add_special_tokens)
         ids = inp["input_ids"][0].tolist()
         assert out.prompt_token_ids == ids
         got = out.outputs[0].token_ids
@@ -361,3 +391,70 @@ def test_bad_videos_fail_alone(qwen25):
         outs += [o for o in engine.step() if o.finished]
     assert [o.request_id for o in outs] == ["good"]
     check(outs, base, [(ASK, [], [video(1)], None)])
+
+
+def test_chat_with_video_url_parts(qwen25):
+    """LLM.chat with an animated GIF video_url (decoded by PIL, its 2 fps in the
+    positions) beside an image: HF's tokens; an mp4 fails with a clear error."""
+    from loraplex.engine.qwen_videos import load_video
+
+    base = qwen25["base"]
+    llm = make_llm(base)
+    frames, im = paletted(1), image(3)
+    got, meta = load_video(gif_url(frames))
+    assert np.array_equal(got, frames) and meta == {"fps": 2.0}
+    conv = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": gif_url(frames)}},
+        {"type": "text", "text": "What happens? And "},
+        {"type": "image_url", "image_url": {"url": data_url(im)}}]}]
+    outs = llm.chat(conv, GREEDY, use_tqdm=False, chat_template=VIDEO_TEMPLATE)
+    text = f"<|im_start|>user\n{VIDEO}What happens? And {IMAGE}<|im_end|>\n<|im_start|>assistant\n"
+    check(outs, base, [(text, [im], [(frames, {"fps": 2.0})], None)], add_special_tokens=False)
+    mp4 = [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAIGZ0eXA="}}]}]
+    with pytest.raises(ValueError, match="cannot decode the video.*animated GIF"):
+        llm.chat(mp4, GREEDY, use_tqdm=False, chat_template=VIDEO_TEMPLATE)
+
+
+def test_server_chat_with_video_url(qwen25):
+    """The official client's chat request with a GIF video_url gets HF's greedy tokens
+    and /tokenize the expanded ids; an undecodable video, or more videos than
+    --limit-mm-per-prompt allows, fail alone with a 400."""
+    base = qwen25["base"]
+    frames = paletted(2)
+    content = [{"type": "video_url", "video_url": {"url": gif_url(frames)}},
+               {"type": "text", "text": "What happens?"}]
+    inp = hf_inputs(base, f"<|im_start|>user\n{VIDEO}What happens?<|im_end|>\n"
+                          "<|im_start|>assistant\n", [], [(frames, {"fps": 2.0})],
+                    add_special_tokens=False)
+    ids = inp["input_ids"][0].tolist()
+    want: list[int] = []
+    for _ in range(GREEDY.max_tokens):
+        want.append(int(hf_logprobs(base, None, inp, want)[-1].argmax()))
+    args = ["--max-model-len", "256", "--dtype", "float32", "--chat-template", VIDEO_TEMPLATE,
+            "--limit-mm-per-prompt", '{"video": 1}']
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        model = client.models.list().data[0].id
+
+        def chat(content: list) -> list[int]:
+            resp = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": content}], temperature=0,
+                max_tokens=GREEDY.max_tokens, logprobs=True,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            assert resp.usage.prompt_tokens == len(ids)
+            return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
+
+        assert chat(content) == want
+        tok = server.post("/tokenize", {"model": model, "messages": [
+            {"role": "user", "content": content}]})
+        assert tok.status_code == 200 and tok.json()["tokens"] == ids, tok.text
+        for bad, match in (
+                ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}],
+                 "cannot decode the video"),
+                ([content[0], content[0]], r"At most 1 video\(s\)")):
+            with pytest.raises(openai.BadRequestError) as info:
+                chat(bad)
+            assert info.value.status_code == 400
+            assert re.search(match, info.value.body["message"]), info.value.body
+        assert chat(content) == want  # the server still serves

@@ -370,6 +370,13 @@ class LLMEngine:
             else ("image",)
 
     @property
+    def video_placeholder(self) -> str | None:
+        """The video token's text (`<|video_pad|>`); None when the model takes no videos."""
+        if "video" not in self.modalities:
+            return None
+        return self.tokenizer.convert_ids_to_tokens(self.image_processor.config.video_token_id)
+
+    @property
     def image_placeholder(self) -> str | None:
         """The image token's text (LLaVA's `<image>`); None when the model takes no
         images."""

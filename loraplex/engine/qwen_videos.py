@@ -224,6 +224,36 @@ class QwenVideoProcessor:
         return x.reshape(t * h * w, c * tp * p * p), (t, h, w)
 
 
+def load_video(source: Any) -> tuple[np.ndarray, dict[str, float]]:
+    """A chat `video_url` part's video: (frames [T, H, W, 3] uint8, {"fps": ...}) of an
+    animated image (GIF, WebP, PNG) given as a data URL, an http(s) URL or a PIL image,
+    decoded by PIL, every frame kept; its fps from the frames' durations (else HF's 24).
+    vLLM decodes video files with OpenCV, which loraplex does not depend on: an mp4 (or
+    anything else PIL cannot open) is a ValueError that says so."""
+    from PIL import Image, ImageSequence
+
+    from loraplex.engine.images import load_image
+
+    try:
+        clip = load_image(source)
+    except ValueError as e:
+        if "cannot decode" not in str(e):
+            raise ValueError(f"video_url: {e}") from e
+        raise ValueError(f"cannot decode the video: {e}; only animated GIF, WebP and PNG "
+                         "videos are decoded here (no video decoder such as OpenCV is "
+                         "installed): send the frames as such an image") from e
+    if not isinstance(clip, Image.Image):
+        raise ValueError("a video must be a URL or an animated PIL image")
+    frames, durations = [], []
+    for frame in ImageSequence.Iterator(clip):
+        frames.append(np.asarray(frame.convert("RGB")))
+        durations.append(float(frame.info.get("duration") or 0))
+    if len({f.shape for f in frames}) != 1:
+        raise ValueError("cannot decode the video: its frames differ in size")
+    meta = {"fps": 1000 * len(durations) / sum(durations)} if all(durations) else {}
+    return np.stack(frames), meta
+
+
 def _sampled_fps(meta: dict[str, Any]) -> float:
     """HF's VideoMetadata.sampled_fps: the video's fps scaled by the share of its frames
     sampled (when the metadata says which), else its fps, else 24."""
