@@ -458,3 +458,15 @@ def test_server_chat_with_video_url(qwen25):
             assert info.value.status_code == 400
             assert re.search(match, info.value.body["message"]), info.value.body
         assert chat(content) == want  # the server still serves
+
+
+def test_default_mm_lora_for_videos(qwen25):
+    """default_mm_loras {"video": adapter}: a video request naming no adapter runs under
+    it (HF + PEFT's tokens); an image request stays on the base."""
+    base = qwen25["base"]
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8,
+                   default_mm_loras={"video": str(qwen25["r8"])})
+    a, im = video(1), image(2)
+    outs = llm.generate([request(ASK, [], [a]), request(IMAGE_ASK, [im], [])], GREEDY,
+                        use_tqdm=False)
+    check(outs, base, [(ASK, [], [a], qwen25["r8"]), (IMAGE_ASK, [im], [], None)])
