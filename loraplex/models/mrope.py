@@ -47,7 +47,9 @@ def mrope_positions(ids: list[int], image_token_id: int, grids: list[tuple[int, 
     at i x its `time_intervals` entry (Qwen2.5-VL: tokens_per_second x
     second_per_grid_t, in fp32 and truncated as HF's get_rope_index computes it;
     Qwen2-VL: 1) past the start; the text after any image or video continues from its
-    start + its longest merged side, whatever its temporal extent (HF's rule)."""
+    start + its longest merged side, whatever its temporal extent (transformers 5.x's
+    rule; <= 5.2, Qwen's reference and vLLM continue from the largest position + 1,
+    the same for images, not for a video whose temporal positions reach further)."""
     pieces: list[torch.Tensor] = []
     runs = {image_token_id: (iter(grids), iter([1.0] * len(grids)))}
     if video_token_id is not None:
