@@ -196,6 +196,32 @@ def _hf_video_functions() -> tuple[Any, Any]:
     return space["smart_resize"], space["patchify"]
 
 
+def test_video_config_where_hf_finds_it(qwen25, tmp_path):
+    """processor_config.json's nested video_processor, else
+    video_preprocessor_config.json, else the image processor's config (its min / max
+    pixels); size's older min_pixels / max_pixels keys too."""
+    base = qwen25["base"]
+    c = _processor(base).config
+
+    def bounds(files: dict[str, dict]) -> tuple[int, int]:
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        for name, body in files.items():
+            (d / name).write_text(json.dumps(body))
+        proc = QwenVideoProcessor(str(d), c)
+        return proc.min_pixels, proc.max_pixels
+
+    still = {"min_pixels": 100, "max_pixels": 2000, "patch_size": 4, "merge_size": 2}
+    assert bounds({"preprocessor_config.json": still}) == (100, 2000)
+    assert bounds({"preprocessor_config.json": still,
+                   "video_preprocessor_config.json": VIDEO_CONFIG}) == (64, 1024)
+    assert bounds({"preprocessor_config.json": still,
+                   "video_preprocessor_config.json": VIDEO_CONFIG,
+                   "processor_config.json": {"video_processor": {
+                       "size": {"min_pixels": 32, "max_pixels": 512}}}}) == (32, 512)
+    assert QwenVideoProcessor(str(base), c).max_pixels == 1024  # the fixture's
+
+
 def test_video_patches_are_hfs(qwen25):
     """The patches in HF's patchify order (frames padded by the last one), the resize
     size HF's smart_resize under the video config's bounds, and a still video's patches

@@ -107,20 +107,38 @@ def count_videos(data: Any) -> int:
         return 1
 
 
+def video_processor_dict(path: str) -> dict[str, Any]:
+    """The checkpoint's video processor settings where HF's video processor finds them:
+    processor_config.json's nested "video_processor", else video_preprocessor_config.json,
+    else the image processor's preprocessor_config.json ({}: none, the defaults)."""
+    nested = os.path.join(path, "processor_config.json")
+    if os.path.isfile(nested):
+        with open(nested) as f:
+            found = json.load(f).get("video_processor")
+        if isinstance(found, dict):
+            return found
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                return json.load(f)
+    return {}
+
+
 class QwenVideoProcessor:
-    """The checkpoint's video processor settings (video_preprocessor_config.json, else
-    preprocessor_config.json, as HF's AutoVideoProcessor falls back) applied to frames."""
+    """The checkpoint's video processor settings (video_processor_dict) applied to
+    frames."""
 
     def __init__(self, path: str, config: QwenVisionConfig) -> None:
         self.config = config
-        cfg: dict[str, Any] = {}
-        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-            file = os.path.join(path, name)
-            if os.path.isfile(file):
-                with open(file) as f:
-                    cfg = json.load(f)
-                break
+        cfg = video_processor_dict(path)
         size = dict(cfg.get("size") or DEFAULT_SIZE)
+        for old, new in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if old in size:  # older configs' size keys
+                size[new] = size.pop(old)
+        if "shortest_edge" not in size or "longest_edge" not in size:
+            raise ValueError(f"{path}: the video processor's size must give shortest_edge and "
+                             f"longest_edge (pixels), got {size}")
         if cfg.get("min_pixels") is not None:
             size["shortest_edge"] = cfg["min_pixels"]
         if cfg.get("max_pixels") is not None:
