@@ -315,7 +315,8 @@ class SpeculativeConfig:
 
 
 # the modalities vLLM's limit_mm_per_prompt and default_mm_loras name (loraplex's models
-# take images only: a prompt's other kinds are refused whatever their limit)
+# take images, Qwen2-VL / Qwen2.5-VL videos too: a prompt's other kinds are refused
+# whatever their limit)
 MODALITIES = ("image", "video", "audio")
 
 
@@ -351,7 +352,8 @@ class MultiModalConfig:
 
     `limit_per_prompt` (limit_mm_per_prompt): the most items of a modality one prompt may
     carry; a modality not named has no limit. {"image": 0} serves a multimodal checkpoint
-    on text: its vision tower is never built, so it takes no memory.
+    on text: its vision tower is never built, so it takes no memory (Qwen2-VL /
+    Qwen2.5-VL, whose tower embeds videos too: {"image": 0, "video": 0}).
     `default_loras` (default_mm_loras): the adapter a prompt with that modality's data runs
     under when the request names none (a checkpoint whose vision skills are an adapter).
     """

@@ -102,6 +102,9 @@ class ImageInputs:
     mrope_delta: int = 0
     # vLLM's prompt_embeds: every prompt row's embedding given, its ids placeholders
     prompt_embeds: bool = False
+    # Qwen2-VL / Qwen2.5-VL: which items (indices of ranges, hashes, sizes, all in prompt
+    # order, images and videos alike) are videos (engine/qwen_images.py)
+    videos: list[int] = field(default_factory=list)
 
     def block_key(self, start: int, end: int) -> bytes:
         """What the prefix-cache hash of the block over positions [start, end) adds: the
@@ -252,15 +255,17 @@ class ImageProcessor:
                              "prompt's (expanded) image placeholders")
 
 
-def expand_placeholders(ids: list[int], token: int, counts: list[int]) -> list[int]:
+def expand_placeholders(ids: list[int], token: int, counts: list[int],
+                        kind: str = "image") -> list[int]:
     """Image i's one placeholder becomes `counts[i]` of them (HF's processor does it to
-    the text); a prompt already expanded (runs of exactly `counts`) is kept as is."""
+    the text); a prompt already expanded (runs of exactly `counts`) is kept as is. `kind`:
+    what the placeholders stand for (Qwen-VL's videos have their own)."""
     runs = placeholder_runs(ids, token)
     if runs == counts:
         return list(ids)
     if sum(runs) != len(counts):
-        raise ValueError(f"the prompt has {sum(runs)} image placeholder token(s) (id {token}) "
-                         f"for {len(counts)} image(s): put one placeholder where each image "
+        raise ValueError(f"the prompt has {sum(runs)} {kind} placeholder token(s) (id {token}) "
+                         f"for {len(counts)} {kind}(s): put one placeholder where each {kind} "
                          "goes")
     out: list[int] = []
     left = iter(counts)

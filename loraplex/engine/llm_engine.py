@@ -40,6 +40,7 @@ from loraplex.engine.prompt_embeds import (
     prompt_embeds_inputs,
 )
 from loraplex.engine.qwen_images import QwenImageProcessor
+from loraplex.engine.qwen_videos import count_videos, takes_videos
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
@@ -62,6 +63,7 @@ from loraplex.models.loader import init_dummy_weights, load_weights, resolve_mod
 from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.qwen2_vl import QwenVisionConfig
+from loraplex.models.qwen3_vl import Qwen3VisionConfig
 from loraplex.models.registry import (
     architecture,
     build_model,
@@ -137,8 +139,10 @@ class LLMEngine:
         # models/qwen2_vl.py, models/pixtral.py), the image
         # processor; none when limit_mm_per_prompt allows no image (served on text, the
         # tower never built)
+        # (Qwen2-VL / Qwen2.5-VL: or no video either, which the same tower embeds)
         vision = (vision_config(whole) if self.text_only is not None
-                  and self.text_only.images and self.multimodal.takes("image") else None)
+                  and self.text_only.images and (self.multimodal.takes("image") or (
+                      takes_videos(whole) and self.multimodal.takes("video"))) else None)
         if vision is None and self.text_only is not None and self.text_only.images:
             logger.info("limit_mm_per_prompt allows no image: serving %s on text (its "
                         "vision tower is not loaded)", args.model)
@@ -248,7 +252,8 @@ class LLMEngine:
         if config is None:
             return None
         if isinstance(config, QwenVisionConfig):
-            return QwenImageProcessor(path, config)
+            return QwenImageProcessor(path, config,
+                                      videos=not isinstance(config, Qwen3VisionConfig))
         if isinstance(config, PixtralVisionConfig):
             return PixtralImageProcessor(path, config, self.tokenizer)
         try:
@@ -266,7 +271,7 @@ class LLMEngine:
         or the server picks (DEFAULT_MM_LORA_IDS), so they never collide."""
         asked = self.multimodal.default_loras
         for modality in asked:
-            if modality != "image" or self.image_processor is None:
+            if self.image_processor is None or modality not in self.modalities:
                 raise ValueError(f"default_mm_loras: {self.model_config.name!r} takes no "
                                  f"{modality} inputs")
         loras = {m: LoRARequest(m, DEFAULT_MM_LORA_IDS + i, asked[m])
@@ -343,7 +348,7 @@ class LLMEngine:
         if isinstance(prompt, dict):
             if isinstance(data := prompt.get("multi_modal_data"), dict):
                 for modality, items in data.items():
-                    self.multimodal.check_count(modality, _count_items(items))
+                    self.multimodal.check_count(modality, _count_items(items, modality))
             _check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -356,6 +361,22 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}: give a str, "
                          "a list of token ids or {'prompt_token_ids': [...]}")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What multi_modal_data may carry here: images, and Qwen2-VL's / Qwen2.5-VL's
+        videos (engine/qwen_videos.py)."""
+        if self.image_processor is None:
+            return ()
+        return ("image", "video") if getattr(self.image_processor, "video", None) is not None \
+            else ("image",)
+
+    @property
+    def video_placeholder(self) -> str | None:
+        """The video token's text (`<|video_pad|>`); None when the model takes no videos."""
+        if "video" not in self.modalities:
+            return None
+        return self.tokenizer.convert_ids_to_tokens(self.image_processor.config.video_token_id)
 
     @property
     def image_placeholder(self) -> str | None:
@@ -379,13 +400,18 @@ class LLMEngine:
         if (prompt.get("mm_processor_kwargs") or {}).get("do_pan_and_scan"):
             raise ValueError("mm_processor_kwargs: do_pan_and_scan=True is not supported "
                              "(Gemma 3's pan-and-scan crops)")
-        if not isinstance(data, dict) or set(data) != {"image"}:
+        takes = self.modalities
+        if not isinstance(data, dict) or not data or not set(data) <= set(takes):
             kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"multi_modal_data: {kinds} is not supported; give "
-                             "{'image': an image or a list of images}")
-        if isinstance(data["image"], ImageInputs):
+                             "{'image': an image or a list of images}"
+                             + (" and/or {'video': a video or a list of videos}"
+                                if "video" in takes else ""))
+        if isinstance(data.get("image"), ImageInputs) and "video" not in data:
             self.image_processor.check(ids, data["image"])
             images = data["image"]
+        elif "video" in data:
+            ids, images = self.image_processor(ids, data.get("image"), videos=data["video"])
         else:
             ids, images = self.image_processor(ids, data["image"])
         if images.bidirectional:
@@ -983,11 +1009,14 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
                          "'cache_salt'")
 
 
-def _count_items(items: Any) -> int:
+def _count_items(items: Any, modality: str = "image") -> int:
     """How many images (or other items) a multi_modal_data entry holds: a list of them,
-    the server's processed ImageInputs, or one."""
+    the server's processed ImageInputs (its images; its videos count as "video"), or
+    one; videos: engine/qwen_videos.py's count (a list of frames is one video)."""
     if isinstance(items, ImageInputs):
-        return len(items.ranges)
+        return len(items.ranges) - len(items.videos)
+    if modality == "video":
+        return count_videos(items)
     return len(items) if isinstance(items, list | tuple) else 1
 
 

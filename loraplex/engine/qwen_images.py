@@ -6,6 +6,13 @@ prompt's `<|image_pad|>` expanded to grid_t x grid_h x grid_w / merge_size^2 tok
 image as Qwen2VLProcessor expands it, and the prompt's M-RoPE positions
 (models/mrope.py) computed once here, beside the pixels, for the model runner.
 
+Videos (Qwen2-VL, Qwen2.5-VL: engine/qwen_videos.py) are items of the same ImageInputs:
+each `<|video_pad|>` expanded to its grid's t x h x w / merge_size^2 tokens, its patches
+in the pixels and its grid in `sizes` at its place in prompt order among the images (one
+tower call embeds them all, row after row as the placeholders come), its hash in the
+prefix-cache keys of its blocks, its temporal positions spaced as HF's get_rope_index
+spaces them.
+
 `ImageInputs.sizes` holds each image's patch grid (t, h, w) here, which is what the vision
 tower (models/qwen2_vl.py) and the placeholder count read.
 """
@@ -13,22 +20,30 @@ tower (models/qwen2_vl.py) and the placeholder count read.
 from __future__ import annotations
 
 import hashlib
-from itertools import accumulate
 from typing import Any
 
+import torch
+
 from loraplex.engine.images import ImageInputs, expand_placeholders, load_image
+from loraplex.engine.qwen_videos import QwenVideoProcessor, split_videos
 from loraplex.models.mrope import mrope_positions
-from loraplex.models.qwen2_vl import QwenVisionConfig
+from loraplex.models.qwen2_vl import Grid, QwenVisionConfig
 
 
 class QwenImageProcessor:
     """The model's HF image processor plus Qwen2-VL's placeholder and position rules."""
 
-    def __init__(self, path: str, config: QwenVisionConfig) -> None:
+    def __init__(self, path: str, config: QwenVisionConfig, videos: bool = True) -> None:
+        """`videos`: whether the model takes videos (Qwen3-VL's placeholders, with each
+        frame's timestamp, are not done: refused)."""
         from transformers import AutoImageProcessor
 
         self.config = config
         self.hf = AutoImageProcessor.from_pretrained(path)
+        self.video = (QwenVideoProcessor(path, config)
+                      if videos and config.video_token_id >= 0 else None)
+        self.no_videos = ("multi_modal_data: video inputs are not supported for this model "
+                          "(Qwen2-VL's and Qwen2.5-VL's are; Qwen3-VL's are not yet)")
 
     def _grids(self, images: list[Any]) -> list[tuple[int, int, int]]:
         """Each image's patch grid, as the HF processor will give it (its own smart_resize,
@@ -48,48 +63,96 @@ class QwenImageProcessor:
             grids.append((1, h // c.patch_size, w // c.patch_size))
         return grids
 
-    def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
-        """The prompt with its placeholders expanded, and its images' inputs (with the
-        prompt's M-RoPE positions). `data`: one image or a list (PIL images or URLs)."""
-        images = [load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
-        if not images:
+    def __call__(self, ids: list[int], data: Any, videos: Any = None
+                 ) -> tuple[list[int], ImageInputs]:
+        """The prompt with its placeholders expanded, and its images' and videos' inputs
+        (with the prompt's M-RoPE positions). `data`: one image or a list (PIL images or
+        URLs), or None; `videos`: multi_modal_data's "video" entry (engine/qwen_videos.py),
+        or None. Images and videos are items of one ImageInputs, in prompt order: one
+        tower call embeds them all."""
+        images = [] if data is None else [
+            load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
+        if data is not None and not images:
             raise ValueError("multi_modal_data: 'image' holds no image")
+        clips = [] if videos is None else split_videos(videos)
+        if clips and self.video is None:
+            raise ValueError(self.no_videos)
         c = self.config
         grids = self._grids(images)
-        counts = [c.tokens_for(g) for g in grids]
+        video_grids = [self.video.grid(v) for v in clips] if clips else []
         # before the pixels: a mismatch costs nothing
-        ids = expand_placeholders(ids, c.image_token_id, counts)
-        out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        pixels = out["pixel_values"]
-        if [tuple(int(x) for x in g) for g in out["image_grid_thw"].tolist()] != grids:
-            raise ValueError(f"the image processor's grids {out['image_grid_thw'].tolist()} "
-                             f"are not the {grids} its smart_resize gives")
-        positions = self.positions(ids)
-        firsts = [0, *accumulate(counts)][:-1]
-        ranges = [(positions[f], n) for f, n in zip(firsts, counts, strict=True)]
-        patches = pixels.float().split([t * h * w for t, h, w in grids])
-        hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes() + repr(g).encode(),
-                                  digest_size=16).digest() for p, g in zip(patches, grids)]
-        inputs = ImageInputs(pixels, positions, ranges, hashes, sizes=grids)
-        inputs.mrope, inputs.mrope_delta = mrope_positions(ids, c.image_token_id, grids,
-                                                           c.merge_size)
+        ids = self._expand(ids, grids, video_grids)
+        items: list[tuple[torch.Tensor, Grid, bytes]] = []
+        if images:
+            out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt")
+            if [tuple(int(x) for x in g) for g in out["image_grid_thw"].tolist()] != grids:
+                raise ValueError(f"the image processor's grids {out['image_grid_thw'].tolist()}"
+                                 f" are not the {grids} its smart_resize gives")
+            patches = out["pixel_values"].float().split([t * h * w for t, h, w in grids])
+            items += [(p, g, hashlib.blake2b(p.contiguous().numpy().tobytes()
+                                             + repr(g).encode(), digest_size=16).digest())
+                      for p, g in zip(patches, grids)]
+        processed = [self.video(v) for v in clips]
+        if [v.grid for v in processed] != video_grids:
+            raise ValueError("a video's patch grid is not the one its size gives")
+        items += [(v.patches, v.grid, v.hash) for v in processed]
+        # each item's first placeholder; the prompt order of images and videos
+        firsts = self._firsts(ids, c.image_token_id) + (
+            self._firsts(ids, c.video_token_id) if clips else [])
+        order = sorted(range(len(items)), key=firsts.__getitem__)
+        pixels = (torch.cat([items[i][0] for i in order]) if items
+                  else torch.empty(0, c.in_channels * c.temporal_patch_size * c.patch_size ** 2))
+        inputs = ImageInputs(pixels, self.positions(ids),
+                             [(firsts[i], c.tokens_for(items[i][1])) for i in order],
+                             [items[i][2] for i in order], sizes=[items[i][1] for i in order],
+                             videos=[k for k, i in enumerate(order) if i >= len(images)])
+        # Qwen2.5-VL: tokens_per_second x second_per_grid_t in fp32, as HF multiplies them
+        steps = [float(torch.tensor(v.second_per_grid_t, dtype=torch.float32)
+                       * c.tokens_per_second) if c.tokens_per_second else 1.0
+                 for v in processed]
+        inputs.mrope, inputs.mrope_delta = mrope_positions(
+            ids, c.image_token_id, grids, c.merge_size,
+            c.video_token_id if self.video is not None else None, video_grids, steps)
         return ids, inputs
 
-    def expand(self, ids: list[int], images: list[Any]) -> list[int]:
-        """The prompt with its placeholders expanded for these (PIL) images, without
-        processing them: what /tokenize and usage count."""
-        return expand_placeholders(ids, self.config.image_token_id,
-                                   [self.config.tokens_for(g) for g in self._grids(images)])
+    def _expand(self, ids: list[int], grids: list[Grid], video_grids: list[Grid]
+                ) -> list[int]:
+        c = self.config
+        ids = expand_placeholders(ids, c.image_token_id, [c.tokens_for(g) for g in grids])
+        if self.video is None:
+            return ids
+        return expand_placeholders(ids, c.video_token_id, [c.tokens_for(g) for g in video_grids],
+                                   kind="video")
+
+    @staticmethod
+    def _firsts(ids: list[int], token: int) -> list[int]:
+        """The first placeholder of each run of `token` (one run per item: expanded)."""
+        return [p for p, t in enumerate(ids) if t == token and (p == 0 or ids[p - 1] != token)]
+
+    def expand(self, ids: list[int], images: list[Any], videos: Any = None) -> list[int]:
+        """The prompt with its placeholders expanded for these (PIL) images and videos,
+        without processing them: what /tokenize and usage count."""
+        clips = [] if videos is None else split_videos(videos)
+        if clips and self.video is None:
+            raise ValueError(self.no_videos)
+        return self._expand(ids, self._grids(images),
+                            [self.video.grid(v) for v in clips] if clips else [])
 
     def positions(self, ids: list[int]) -> list[int]:
-        return [p for p, t in enumerate(ids) if t == self.config.image_token_id]
+        tokens = {self.config.image_token_id}
+        if self.video is not None:
+            tokens.add(self.config.video_token_id)
+        return [p for p, t in enumerate(ids) if t in tokens]
 
     def check(self, ids: list[int], inputs: ImageInputs) -> None:
         """Processed inputs given with a prompt (the server's) must be that prompt's."""
         c = self.config
+        videos = set(inputs.videos)
         if self.positions(ids) != inputs.positions or inputs.mrope is None \
                 or inputs.mrope.shape[1] != len(ids) \
                 or [n for _, n in inputs.ranges] != [c.tokens_for(g) for g in inputs.sizes] \
+                or any((ids[first] == c.video_token_id) != (i in videos)
+                       for i, (first, _) in enumerate(inputs.ranges)) \
                 or inputs.pixel_values.shape[0] != sum(t * h * w for t, h, w in inputs.sizes):
             raise ValueError("multi_modal_data: the processed image inputs do not match the "
                              "prompt's (expanded) image placeholders")

@@ -1,12 +1,15 @@
-"""Chat messages' content parts, as vLLM reads them: text parts, and image parts
-(OpenAI's `image_url`, with a data: or http(s) URL; vLLM's `image_pil` offline), for
-LLM.chat and the chat route alike.
+"""Chat messages' content parts, as vLLM reads them: text parts, image parts
+(OpenAI's `image_url`, with a data: or http(s) URL; vLLM's `image_pil` offline), and on
+Qwen2-VL / Qwen2.5-VL vLLM's `video_url` parts (engine/qwen_videos.py's load_video:
+animated GIF / WebP / PNG only, which PIL decodes; no video decoder is a dependency),
+for LLM.chat and the chat route alike.
 
 A message's text parts are joined into one string, as before. A message with images is
 given to the chat template as parts ({"type": "image"} where each image was) when the
 template reads parts (it names "image": LLaVA's templates do), else as one string with
 the model's image placeholder and a newline where each image was (vLLM's "string"
 content format puts them first); the images themselves go with the request, in order.
+Videos the same ({"type": "video"}; the video placeholder), in their own list.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from loraplex.config import MultiModalConfig
 from loraplex.engine.images import load_image
+from loraplex.engine.qwen_videos import load_video
 
 
 @dataclass
@@ -29,6 +33,22 @@ class ChatImages:
     images: list[Any] = field(default_factory=list)  # the conversation's, in order
     # limit_mm_per_prompt: checked before each image is fetched or decoded
     multimodal: MultiModalConfig = field(default_factory=MultiModalConfig)
+    # the video token's text; None: the model takes no videos
+    video_placeholder: str | None = None
+    videos: list[Any] = field(default_factory=list)  # (frames, metadata), in order
+
+    def __bool__(self) -> bool:
+        """Whether the conversation carries images or videos."""
+        return bool(self.images or self.videos)
+
+    def multi_modal_data(self) -> dict[str, Any]:
+        """The prompt's multi_modal_data (empty without images and videos)."""
+        data: dict[str, Any] = {}
+        if self.images:
+            data["image"] = self.images
+        if self.videos:
+            data["video"] = self.videos
+        return data
 
     def content(self, content: Any, i: int) -> Any:
         """Message i's content for the template; its images appended to `images`."""
@@ -46,15 +66,35 @@ class ChatImages:
                     raise ValueError(f"messages[{i}]: {e}") from None
                 parts.append({"type": "image"})
                 self.images.append(self._image(part, kind, i))
+            elif kind == "video_url":
+                try:
+                    self.multimodal.check_count("video", len(self.videos) + 1)
+                except ValueError as e:
+                    raise ValueError(f"messages[{i}]: {e}") from None
+                parts.append({"type": "video"})
+                self.videos.append(self._video(part, i))
             else:
                 raise ValueError(f"messages[{i}]: content part of type {kind!r} is not "
-                                 "supported yet (text, image_url)")
+                                 "supported yet (text, image_url, video_url)")
         if all(p["type"] == "text" for p in parts):
             return "".join(p["text"] for p in parts)
-        if self.template is not None and re.search(r"""['"]image['"]""", self.template):
+        if self.template is not None and re.search(r"""['"](image|video)['"]""", self.template):
             return parts
-        return "".join(p["text"] if p["type"] == "text" else f"{self.placeholder}\n"
+        return "".join(p["text"] if p["type"] == "text" else
+                       f"{self.placeholder if p['type'] == 'image' else self.video_placeholder}\n"
                        for p in parts)
+
+    def _video(self, part: dict[str, Any], i: int) -> Any:
+        if self.video_placeholder is None:
+            raise ValueError(f"messages[{i}]: video_url: video inputs are not supported by model "
+                             f"{self.model!r} (videos are served on Qwen2-VL and Qwen2.5-VL)")
+        value = part.get("video_url")
+        if isinstance(value, dict):
+            value = value.get("url")
+        try:
+            return load_video(value)
+        except ValueError as e:
+            raise ValueError(f"messages[{i}]: {e}") from e
 
     def _image(self, part: dict[str, Any], kind: str, i: int) -> Any:
         if self.placeholder is None:

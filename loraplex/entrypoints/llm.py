@@ -240,9 +240,11 @@ class LLM:
         engine = self.llm_engine
         for conv, lora in zip(conversations, loras):
             tok = engine.get_tokenizer(lora)
-            # image parts (image_url, image_pil): the images go with the prompt
+            # image parts (image_url, image_pil), video_url parts (Qwen-VL): they go with
+            # the prompt
             images = ChatImages(engine.model_config.name, engine.image_placeholder,
-                                chat_template or tok.chat_template, multimodal=engine.multimodal)
+                                chat_template or tok.chat_template, multimodal=engine.multimodal,
+                                video_placeholder=engine.video_placeholder)
             conv = [{**m, "content": images.content(m.get("content"), i)} if "content" in m
                     else m for i, m in enumerate(conv)]
             ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
@@ -251,7 +253,7 @@ class LLM:
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in v5
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)} | (
-                {"multi_modal_data": {"image": images.images}} if images.images else {}))
+                {"multi_modal_data": images.multi_modal_data()} if images else {}))
         return self.generate(prompts, sampling_params, loras, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams | PoolingParams],

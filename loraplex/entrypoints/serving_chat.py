@@ -94,11 +94,11 @@ class OpenAIServingChat(OpenAIServing):
         return out
 
     def render(self, req: ChatCompletionRequest, tools: list[dict[str, Any]] | None = None,
-               lora: LoRARequest | None = None) -> tuple[str, list[int], list[Any]]:
+               lora: LoRARequest | None = None) -> tuple[str, list[int], ChatImages]:
         """Apply the chat template (request's, else --chat-template, else tokenizer's) and
         tokenize, with `lora`'s tokenizer when it adds tokens; on the encoder thread, which
-        decodes (or fetches) the messages' images too: the text, its ids (each image's
-        placeholder expanded: what the engine will see, and count), the images.
+        decodes (or fetches) the messages' images (and videos) too: the text, its ids (each
+        image's placeholder expanded: what the engine will see, and count), the images.
         `tools`: what the template is told the model may call (None: nothing)."""
         template = req.chat_template or self.chat_template
         template_kw: dict[str, Any] = {"tools": tools} if tools else {}
@@ -109,7 +109,8 @@ class OpenAIServingChat(OpenAIServing):
         encoder = self.encoder_for(lora)
         engine = self.engine.engine
         images = ChatImages(engine.model_config.name, engine.image_placeholder,
-                            template or encoder.chat_template, multimodal=engine.multimodal)
+                            template or encoder.chat_template, multimodal=engine.multimodal,
+                            video_placeholder=engine.video_placeholder)
         messages = self._messages(req, images)
         try:
             text = encoder.apply_chat_template(
@@ -127,19 +128,24 @@ class OpenAIServingChat(OpenAIServing):
             raise BadRequestError(f"cannot apply the chat template: {e}{hint}",
                                   param="messages") from e
         ids = list(encoder(text, add_special_tokens=req.add_special_tokens).input_ids)
-        if images.images:
+        if images:
             try:
-                ids = engine.image_processor.expand(ids, images.images)
+                ids = (engine.image_processor.expand(ids, images.images, images.videos)
+                       if images.videos else engine.image_processor.expand(ids, images.images))
             except ValueError as e:
                 raise BadRequestError(f"messages: {e}", param="messages") from e
-        return text, ids, images.images
+        return text, ids, images
 
-    def process_images(self, ids: list[int], images: list[Any]
+    def process_images(self, ids: list[int], images: ChatImages
                        ) -> tuple[list[int], ImageInputs]:
-        """The HF image processing, on the encoder thread (a big image never stalls the
-        engine's steps): the ids and the ImageInputs the engine takes as they are."""
+        """The HF image processing (and Qwen-VL's videos'), on the encoder thread (a big
+        image never stalls the engine's steps): the ids and the ImageInputs the engine
+        takes as they are."""
+        processor = self.engine.engine.image_processor
         try:
-            return self.engine.engine.image_processor(ids, images)
+            if images.videos:
+                return processor(ids, images.images or None, videos=images.videos)
+            return processor(ids, images.images)
         except ValueError as e:
             raise BadRequestError(f"messages: {e}", param="messages") from e
 

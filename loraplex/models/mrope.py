@@ -4,7 +4,9 @@ pieces rotated by one axis each (layers/rotary.py).
 
 A text token's position is the same on all three axes, one past the previous token's
 largest; an image's placeholders take (t, h, w) grid positions over its merged patch
-grid, all offset by the position where the image starts. The text after an image so
+grid, all offset by the position where the image starts; a video's the same over its
+temporal patches, its t axis spaced by its time interval (Qwen2.5-VL: seconds per
+temporal patch x tokens_per_second). The text after an image so
 continues from that start plus the grid's longest side, not from its token count: a
 prompt with images ends `delta` = (largest position + 1) - (its length) away from where
 1-D positions would, and every later token (decode) is at its index + delta on all three
@@ -36,23 +38,38 @@ def frequency_axes(section: tuple[int, ...], interleaved: bool = False) -> torch
 
 
 def mrope_positions(ids: list[int], image_token_id: int, grids: list[tuple[int, int, int]],
-                    merge_size: int) -> tuple[torch.Tensor, int]:
+                    merge_size: int, video_token_id: int | None = None,
+                    video_grids: list[tuple[int, int, int]] = (),
+                    time_intervals: list[float] = ()) -> tuple[torch.Tensor, int]:
     """([3, len(ids)] positions, delta) of a prompt whose runs of `image_token_id` are the
-    images of `grids` (patch grids (t, h, w)), in order."""
+    images of `grids` (patch grids (t, h, w)), in order, and whose runs of
+    `video_token_id` the videos of `video_grids`, in order. A video's temporal patch i is
+    at i x its `time_intervals` entry (Qwen2.5-VL: tokens_per_second x
+    second_per_grid_t, in fp32 and truncated as HF's get_rope_index computes it;
+    Qwen2-VL: 1) past the start; the text after any image or video continues from its
+    start + its longest merged side, whatever its temporal extent (transformers 5.x's
+    rule; <= 5.2, Qwen's reference and vLLM continue from the largest position + 1,
+    the same for images, not for a video whose temporal positions reach further)."""
     pieces: list[torch.Tensor] = []
-    images = iter(grids)
+    runs = {image_token_id: (iter(grids), iter([1.0] * len(grids)))}
+    if video_token_id is not None:
+        intervals = list(time_intervals) or [1.0] * len(video_grids)
+        runs[video_token_id] = (iter(video_grids), iter(intervals))
     pos, i = 0, 0
     while i < len(ids):
-        if ids[i] != image_token_id:
+        if ids[i] not in runs:
             j = i
-            while j < len(ids) and ids[j] != image_token_id:
+            while j < len(ids) and ids[j] not in runs:
                 j += 1
             pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
             pos += j - i
         else:
-            t, h, w = next(images)
+            items, steps = runs[ids[i]]
+            t, h, w = next(items)
+            step = torch.tensor(next(steps), dtype=torch.float32)
             h, w = h // merge_size, w // merge_size
-            grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w),
+            temporal = (torch.arange(t) * step).long()
+            grid = torch.stack(torch.meshgrid(temporal, torch.arange(h), torch.arange(w),
                                               indexing="ij")).reshape(3, -1)
             pieces.append(grid + pos)
             j = i + grid.shape[1]

@@ -1,5 +1,7 @@
 """Qwen2-VL's and Qwen2.5-VL's vision tower (Wang et al., "Qwen2-VL"; Bai et al.,
-"Qwen2.5-VL"): a ViT over the image processor's patches at the image's own resolution.
+"Qwen2.5-VL"): a ViT over the image processor's patches at the image's own resolution,
+and over a video's (engine/qwen_videos.py) with the same weights: each temporal patch of
+a video attends within itself only (HF's cu_seqlens per frame pair).
 
 A patch is `temporal_patch_size` frames (an image: itself, repeated) of patch_size^2
 pixels, embedded by a Conv3d whose stride is its kernel. The processor lays each image's
@@ -42,14 +44,16 @@ def is_qwen_vl(hf_config: Any) -> bool:
     return any(a in ARCHITECTURES for a in getattr(hf_config, "architectures", None) or [])
 
 
-def _token_id(hf: Any, name: str) -> int:
+def _token_id(hf: Any, name: str, default: int | None = None) -> int:
     """A special token's id, where the config keeps it: at its top (transformers 5, the
     hub's files) or in its text config (transformers 4.x keeps vision_start_token_id
-    there)."""
+    there); `default` when it names none (else an error)."""
     value = getattr(hf, name, None)
     if value is None:
         value = getattr(getattr(hf, "text_config", None), name, None)
     if value is None:
+        if default is not None:
+            return default
         raise ValueError(f"the config names no {name}")
     return int(value)
 
@@ -72,6 +76,10 @@ class QwenVisionConfig:
     rope_theta: float
     image_token_id: int
     vision_start_token_id: int
+    video_token_id: int  # `<|video_pad|>` (-1: the config names none, videos refused)
+    # Qwen2.5-VL's vision_config.tokens_per_second: a video's temporal positions step by
+    # tokens_per_second x second_per_grid_t (0: Qwen2-VL's, by 1)
+    tokens_per_second: float
 
     @classmethod
     def from_hf(cls, hf: Any) -> QwenVisionConfig:
@@ -89,10 +97,13 @@ class QwenVisionConfig:
                    v.temporal_patch_size, v.spatial_merge_size,
                    getattr(v, "in_channels", getattr(v, "in_chans", 3)), v.hidden_act, out,
                    window, full, float(params.get("rope_theta", 10000.0)),
-                   _token_id(hf, "image_token_id"), _token_id(hf, "vision_start_token_id"))
+                   _token_id(hf, "image_token_id"), _token_id(hf, "vision_start_token_id"),
+                   _token_id(hf, "video_token_id", -1),
+                   float(getattr(v, "tokens_per_second", 0) or 0) if qwen25 else 0.0)
 
     def tokens_for(self, grid: Grid) -> int:
-        """Placeholder tokens (merged embeddings) of an image of `grid` patches."""
+        """Placeholder tokens (merged embeddings) of an image (or a video) of `grid`
+        patches."""
         t, h, w = grid
         return t * h * w // self.merge_size ** 2
 
@@ -106,6 +117,13 @@ def patch_positions(c: QwenVisionConfig, grid: Grid) -> torch.Tensor:
     rows = rows.reshape(blocks).transpose(1, 2).flatten()
     cols = cols.reshape(blocks).transpose(1, 2).flatten()
     return torch.stack([rows, cols], dim=-1).repeat(t, 1)
+
+
+def frame_lengths(grids: list[Grid]) -> list[int]:
+    """The tower's full-attention segments: each temporal patch (frame pair) of each grid
+    on its own, as HF's cu_seqlens (an image is one; a video's frames never attend to
+    each other's patches)."""
+    return [h * w for t, h, w in grids for _ in range(t)]
 
 
 def window_order(c: QwenVisionConfig, grids: list[Grid]) -> tuple[torch.Tensor, list[int]]:
@@ -274,7 +292,7 @@ class QwenVision(VisionWeights):
         c, unit = self.config, self.config.merge_size ** 2
         x = self.patch_embed(pixels)
         cos, sin = self.rope(grids)
-        full = [t * h * w for t, h, w in grids]
+        full = frame_lengths(grids)
         order, windows = None, full
         if c.window_size:  # Qwen2.5-VL: window by window, merge blocks kept whole
             order, windows = window_order(c, grids)

@@ -36,6 +36,7 @@ from loraplex.models.qwen2_vl import (
     QwenVisionConfig,
     VisionBlock,
     _token_id,
+    frame_lengths,
     patch_positions,
     vision_inv_freq,
     vision_rope,
@@ -71,7 +72,8 @@ class Qwen3VisionConfig(QwenVisionConfig):
                    int(v.patch_size), int(v.temporal_patch_size), v.spatial_merge_size,
                    v.in_channels, v.hidden_act, v.out_hidden_size, 0, (),
                    float(params.get("rope_theta", 10000.0)), _token_id(hf, "image_token_id"),
-                   _token_id(hf, "vision_start_token_id"), v.num_position_embeddings,
+                   _token_id(hf, "vision_start_token_id"), _token_id(hf, "video_token_id", -1),
+                   0.0, v.num_position_embeddings,
                    deepstack)
 
 
@@ -129,7 +131,7 @@ class Qwen3Vision(VisionWeights):
         x = self.patch_embed(pixels)
         x = x + self.positions(grids).to(x.dtype)
         cos, sin = vision_rope(c, self.inv_freq, grids)
-        lengths = [t * h * w for t, h, w in grids]
+        lengths = frame_lengths(grids)
         deepstack = []
         for i, block in enumerate(self.blocks):
             x = block(x, lengths, cos, sin)
