@@ -290,7 +290,13 @@ def test_positions_match_hf_get_rope_index(which, request):
         ref, delta = hf.model.get_rope_index(
             inp["input_ids"], inp["mm_token_type_ids"], inp.get("image_grid_thw"),
             inp["video_grid_thw"], second_per_grid_ts=inp.get("second_per_grid_ts"))
-        assert torch.equal(inputs.mrope, ref[:, 0]) and inputs.mrope_delta == int(delta)
+        want, want_delta = _reference_positions(inp, c, which)
+        assert torch.equal(inputs.mrope, want) and inputs.mrope_delta == want_delta
+        if prompt != THEN:  # no video reaching past its longest side: HF's rule agrees
+            assert torch.equal(inputs.mrope, ref[:, 0]) and inputs.mrope_delta == int(delta)
+        else:  # the slow video's text: this transformers restarts it inside the video
+            differs = (inputs.mrope != ref[:, 0]).any(0).nonzero()[:, 0].tolist()
+            assert differs and min(differs) == inputs.ranges[-1][0] + inputs.ranges[-1][1]
         if which == "qwen25" and prompt == THEN:  # 2 fps: tokens_per_second apart
             first, n = inputs.ranges[-1]
             steps = inputs.mrope[0, first:first + n].unique().diff()
@@ -298,7 +304,36 @@ def test_positions_match_hf_get_rope_index(which, request):
     # the plain function, too
     got, d = mrope_positions([7, c.video_token_id, c.video_token_id, 7], c.image_token_id,
                              [], c.merge_size, c.video_token_id, [(2, 2, 2)], [25.0])
-    assert got[0].tolist() == [0, 1, 26, 2] and d == 26 + 1 - 4
+    assert got[0].tolist() == [0, 1, 26, 27] and d == 27 + 1 - 4
+
+
+def _reference_positions(inp: dict, c: Any, which: str) -> tuple[torch.Tensor, int]:
+    """Qwen's reference rule (its get_rope_index, transformers <= 5.2, vLLM): text
+    continues one past the largest position so far; a video's temporal patch i at
+    int(i x second_per_grid_t x tokens_per_second) (Qwen2-VL: i)."""
+    ids = inp["input_ids"][0].tolist()
+    images = iter(inp.get("image_grid_thw", torch.zeros(0, 3)).tolist())
+    videos = iter(inp["video_grid_thw"].tolist())
+    given = inp.get("second_per_grid_ts")
+    seconds = iter((given if given is not None else torch.ones(99)).tolist())
+    pieces, i, pos = [], 0, 0
+    while i < len(ids):
+        if ids[i] in (c.image_token_id, c.video_token_id):
+            t, h, w = next(images if ids[i] == c.image_token_id else videos)
+            step = 1.0 if ids[i] == c.image_token_id or which == "qwen2" else \
+                next(seconds) * c.tokens_per_second
+            h, w = h // c.merge_size, w // c.merge_size
+            tt = (torch.arange(t).view(-1, 1).expand(-1, h * w) * step).long().flatten()
+            hh = torch.arange(h).view(1, -1, 1).expand(t, -1, w).flatten()
+            ww = torch.arange(w).view(1, 1, -1).expand(t, h, -1).flatten()
+            pieces.append(torch.stack([tt, hh, ww]) + pos)
+            i += t * h * w
+        else:
+            pieces.append(torch.tensor([[pos]] * 3))
+            i += 1
+        pos = int(pieces[-1].max()) + 1
+    out = torch.cat(pieces, dim=1)
+    return out, int(out.max()) + 1 - len(ids)
 
 
 @pytest.mark.parametrize("budget", [None, 16])

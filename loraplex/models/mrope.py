@@ -6,9 +6,10 @@ A text token's position is the same on all three axes, one past the previous tok
 largest; an image's placeholders take (t, h, w) grid positions over its merged patch
 grid, all offset by the position where the image starts; a video's the same over its
 temporal patches, its t axis spaced by its time interval (Qwen2.5-VL: seconds per
-temporal patch x tokens_per_second). The text after an image so
-continues from that start plus the grid's longest side, not from its token count: a
-prompt with images ends `delta` = (largest position + 1) - (its length) away from where
+temporal patch x tokens_per_second). The text after an image or video so continues
+from one past its largest position (for an image: its start plus the grid's longest
+side), not from its token count: a prompt with images ends `delta` = (largest position
++ 1) - (its length) away from where
 1-D positions would, and every later token (decode) is at its index + delta on all three
 axes, which is exactly a 1-D rope at that shifted position (HF's `get_rope_index` and
 `mrope_position_deltas`). A prompt without images has delta 0 and 1-D positions.
@@ -47,9 +48,10 @@ def mrope_positions(ids: list[int], image_token_id: int, grids: list[tuple[int, 
     at i x its `time_intervals` entry (Qwen2.5-VL: tokens_per_second x
     second_per_grid_t, in fp32 and truncated as HF's get_rope_index computes it;
     Qwen2-VL: 1) past the start; the text after any image or video continues from its
-    start + its longest merged side, whatever its temporal extent (transformers 5.x's
-    rule; <= 5.2, Qwen's reference and vLLM continue from the largest position + 1,
-    the same for images, not for a video whose temporal positions reach further)."""
+    largest position + 1, the rule of Qwen's reference code, vLLM and transformers <=
+    5.2, which the models were trained with (later transformers continue from the start
+    + the longest merged side: the same for images, not for a video whose temporal
+    positions reach further, whose text then overlaps it)."""
     pieces: list[torch.Tensor] = []
     runs = {image_token_id: (iter(grids), iter([1.0] * len(grids)))}
     if video_token_id is not None:
@@ -73,7 +75,7 @@ def mrope_positions(ids: list[int], image_token_id: int, grids: list[tuple[int, 
                                               indexing="ij")).reshape(3, -1)
             pieces.append(grid + pos)
             j = i + grid.shape[1]
-            pos += max(h, w)
+            pos += int(grid.max()) + 1
         i = j
     positions = torch.cat(pieces, dim=1)
     return positions, int(positions.max()) + 1 - len(ids)
