@@ -198,11 +198,14 @@ def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = 
 
 @torch.no_grad()
 def hf_logprobs(base: Path, adapter: Path | None, inputs: dict[str, torch.Tensor],
-                more: list[int]) -> torch.Tensor:
+                more: list[int], positions: torch.Tensor | None = None) -> torch.Tensor:
     """[len(ids) + len(more), vocab] log-softmax of HF's model over the prompt's ids and
-    `more` tokens after them, in one forward (its own M-RoPE positions)."""
+    `more` tokens after them, in one forward (its own M-RoPE positions, or `positions`
+    [3, len(ids) + len(more)] where given)."""
     model = hf_multimodal(str(base), None if adapter is None else str(adapter))
     kw = dict(inputs)
+    if positions is not None:
+        kw["position_ids"] = positions[:, None]
     kw["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([more], dtype=torch.long)],
                                 dim=1)
     kw["mm_token_type_ids"] = torch.cat(

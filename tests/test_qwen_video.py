@@ -40,6 +40,7 @@ from tests.qwen2_vl_fixtures import (
     CHAT_TEMPLATE,
     GREEDY,
     IMAGE,
+    hf_logprobs,
     image_processor,
     make_tiny_qwen_vl,
     tokenizer,
@@ -149,18 +150,6 @@ def hf_inputs(base: Path, prompt: str, images: list, videos: list,
 
 
 @torch.no_grad()
-def hf_logprobs(base: Path, adapter: Path | None, inputs: dict[str, torch.Tensor],
-                more: list[int]) -> torch.Tensor:
-    """HF's log-softmax over the prompt and `more` tokens after it, in one forward."""
-    model = hf_multimodal(str(base), None if adapter is None else str(adapter))
-    kw = dict(inputs)
-    kw["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([more], dtype=torch.long)],
-                                dim=1)
-    kw["mm_token_type_ids"] = torch.cat(
-        [inputs["mm_token_type_ids"], torch.zeros(1, len(more), dtype=torch.int)], dim=1)
-    return torch.log_softmax(model(**kw).logits[0].float(), dim=-1)
-
-
 def check(outs, base: Path, jobs: list[tuple[str, list, list, Path | None]],
           add_special_tokens: bool = True) -> None:
     for out, (prompt, ims, vids, adapter) in zip(outs, jobs, strict=True):
@@ -168,8 +157,18 @@ def check(outs, base: Path, jobs: list[tuple[str, list, list, Path | None]],
         ids = inp["input_ids"][0].tolist()
         assert out.prompt_token_ids == ids
         got = out.outputs[0].token_ids
-        ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
+        ref = reference_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
         assert_matches_reference(out, ref, adapter)
+
+
+def reference_logprobs(base: Path, adapter: Path | None, inputs: dict[str, torch.Tensor],
+                       more: list[int]) -> torch.Tensor:
+    """HF (+ PEFT)'s log-softmax over the prompt and `more` tokens, at the positions of
+    Qwen's rule (_reference_positions): this transformers' own differ after a video
+    whose positions reach past its longest side (a slow one, as the 2 fps ones here)."""
+    whole = {**inputs, "input_ids": torch.tensor([inputs["input_ids"][0].tolist() + more])}
+    positions, _ = _reference_positions(whole, _processor(base).config)
+    return hf_logprobs(base, adapter, inputs, more, positions)
 
 
 def request(prompt: str, images: list, videos: list) -> dict | str:
@@ -290,7 +289,7 @@ def test_positions_match_hf_get_rope_index(which, request):
         ref, delta = hf.model.get_rope_index(
             inp["input_ids"], inp["mm_token_type_ids"], inp.get("image_grid_thw"),
             inp["video_grid_thw"], second_per_grid_ts=inp.get("second_per_grid_ts"))
-        want, want_delta = _reference_positions(inp, c, which)
+        want, want_delta = _reference_positions(inp, c)
         assert torch.equal(inputs.mrope, want) and inputs.mrope_delta == want_delta
         if prompt != THEN:  # no video reaching past its longest side: HF's rule agrees
             assert torch.equal(inputs.mrope, ref[:, 0]) and inputs.mrope_delta == int(delta)
@@ -307,20 +306,20 @@ def test_positions_match_hf_get_rope_index(which, request):
     assert got[0].tolist() == [0, 1, 26, 27] and d == 27 + 1 - 4
 
 
-def _reference_positions(inp: dict, c: Any, which: str) -> tuple[torch.Tensor, int]:
+def _reference_positions(inp: dict, c: Any) -> tuple[torch.Tensor, int]:
     """Qwen's reference rule (its get_rope_index, transformers <= 5.2, vLLM): text
     continues one past the largest position so far; a video's temporal patch i at
-    int(i x second_per_grid_t x tokens_per_second) (Qwen2-VL: i)."""
+    int(i x second_per_grid_t x tokens_per_second) (Qwen2-VL, no tokens_per_second: i)."""
     ids = inp["input_ids"][0].tolist()
     images = iter(inp.get("image_grid_thw", torch.zeros(0, 3)).tolist())
-    videos = iter(inp["video_grid_thw"].tolist())
+    videos = iter(inp.get("video_grid_thw", torch.zeros(0, 3)).tolist())
     given = inp.get("second_per_grid_ts")
     seconds = iter((given if given is not None else torch.ones(99)).tolist())
     pieces, i, pos = [], 0, 0
     while i < len(ids):
         if ids[i] in (c.image_token_id, c.video_token_id):
             t, h, w = next(images if ids[i] == c.image_token_id else videos)
-            step = 1.0 if ids[i] == c.image_token_id or which == "qwen2" else \
+            step = 1.0 if ids[i] == c.image_token_id or not c.tokens_per_second else \
                 next(seconds) * c.tokens_per_second
             h, w = h // c.merge_size, w // c.merge_size
             tt = (torch.arange(t).view(-1, 1).expand(-1, h * w) * step).long().flatten()
@@ -390,7 +389,9 @@ def test_frames_as_pil_images_and_metadata(qwen25):
     inp = hf_inputs(base, ASK, [], [a])
     inp["second_per_grid_ts"] = torch.tensor([1.0])
     got = outs[2].outputs[0].token_ids
-    ref = hf_logprobs(base, None, inp, got[:-1])[inp["input_ids"].shape[1] - 1:]
+    # at 2 fps the video's positions reach past its longest side: Qwen's rule for the
+    # text after it (see test_positions_match_hf_get_rope_index), given to HF
+    ref = reference_logprobs(base, None, inp, got[:-1])[inp["input_ids"].shape[1] - 1:]
     assert_matches_reference(outs[2], ref, None)
 
 
@@ -491,7 +492,7 @@ def test_server_chat_with_video_url(qwen25):
     ids = inp["input_ids"][0].tolist()
     want: list[int] = []
     for _ in range(GREEDY.max_tokens):
-        want.append(int(hf_logprobs(base, None, inp, want)[-1].argmax()))
+        want.append(int(reference_logprobs(base, None, inp, want)[-1].argmax()))
     args = ["--max-model-len", "256", "--dtype", "float32", "--chat-template", VIDEO_TEMPLATE,
             "--limit-mm-per-prompt", '{"video": 1}']
     with RemoteServer(base, args) as server:
