@@ -67,11 +67,23 @@ def request(prompt: str, images: list) -> dict | str:
     return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
 
 
-def chat_token_ids(client, model: str, content: list, max_tokens: int = 6) -> list[int]:
+def chat_token_ids(client, model: str, content: list, max_tokens: int = 6,
+                   prompt_tokens: int | None = None) -> list[int]:
     """A greedy chat over the server (the openai client) with one user message of
-    `content` parts: the reply's token ids."""
+    `content` parts: the reply's token ids (and its usage's prompt tokens checked, where
+    `prompt_tokens` is given)."""
     resp = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": content}], temperature=0,
         max_tokens=max_tokens, logprobs=True,
         extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    assert prompt_tokens is None or resp.usage.prompt_tokens == prompt_tokens
     return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
+
+
+def greedy_reference(logprobs_of, max_tokens: int) -> list[int]:
+    """The reference's greedy reply, token by token: `logprobs_of(reply so far)` is its
+    log-softmax over the prompt and those tokens."""
+    reply: list[int] = []
+    for _ in range(max_tokens):
+        reply.append(int(logprobs_of(reply)[-1].argmax()))
+    return reply

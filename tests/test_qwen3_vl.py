@@ -22,7 +22,13 @@ from loraplex.models.mrope import mrope_positions
 from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig
 from tests.engine_utils import make_llm
 from tests.llava_fixtures import data_url, image
-from tests.multimodal_fixtures import hf_multimodal, make_multimodal_adapter, request
+from tests.multimodal_fixtures import (
+    chat_token_ids,
+    greedy_reference,
+    hf_multimodal,
+    make_multimodal_adapter,
+    request,
+)
 from tests.qwen2_vl_fixtures import (
     ASK,
     GREEDY,
@@ -219,20 +225,13 @@ def test_server_chat_with_data_url_image(qwen3):
     inp = hf_inputs(base, f"<|im_start|>user\n{IMAGE}What is this?<|im_end|>\n"
                           "<|im_start|>assistant\n", [a], add_special_tokens=False)
     ids = inp["input_ids"][0].tolist()
-    want: list[int] = []
-    for _ in range(GREEDY.max_tokens):
-        want.append(int(hf_logprobs(base, None, inp, want)[-1].argmax()))
+    want = greedy_reference(lambda reply: hf_logprobs(base, None, inp, reply), GREEDY.max_tokens)
     with RemoteServer(base, ["--max-model-len", "256", "--dtype", "float32"]) as server:
         client = server.get_client()
         model = client.models.list().data[0].id
 
         def chat(content: list) -> list[int]:
-            resp = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": content}], temperature=0,
-                max_tokens=GREEDY.max_tokens, logprobs=True,
-                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
-            assert resp.usage.prompt_tokens == len(ids)
-            return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
+            return chat_token_ids(client, model, content, GREEDY.max_tokens, len(ids))
 
         assert chat(content) == want
         with pytest.raises(openai.BadRequestError) as info:

@@ -25,6 +25,7 @@ from tests.llava_fixtures import data_url, image
 from tests.multimodal_fixtures import (
     LANGUAGE_MODEL,
     chat_token_ids,
+    greedy_reference,
     load_multimodal,
     make_multimodal_adapter,
     request,
@@ -147,9 +148,8 @@ def test_server_chat_with_image_under_the_experts_adapter(moe):
                {"type": "text", "text": "What is this?"}]
     inp = hf_inputs(base, f"<|im_start|>user\n{IMAGE}What is this?<|im_end|>\n"
                           "<|im_start|>assistant\n", [a], add_special_tokens=False)
-    want: list[int] = []
-    for _ in range(GREEDY.max_tokens):
-        want.append(int(hf_logprobs(base, moe["r6"], inp, want)[-1].argmax()))
+    want = greedy_reference(lambda reply: hf_logprobs(base, moe["r6"], inp, reply),
+                            GREEDY.max_tokens)
     with RemoteServer(moe["hub"], ["--max-model-len", "256", "--dtype", "float32",
                                    "--enable-lora", "--max-lora-rank", "8",
                                    "--lora-modules", f"r6={moe['r6']}"]) as server:

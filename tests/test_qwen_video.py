@@ -35,7 +35,12 @@ from loraplex.models.mrope import mrope_positions
 from loraplex.models.qwen2_vl import QwenVisionConfig
 from tests.engine_utils import make_llm
 from tests.llava_fixtures import data_url, image
-from tests.multimodal_fixtures import assert_matches_reference, hf_multimodal
+from tests.multimodal_fixtures import (
+    assert_matches_reference,
+    chat_token_ids,
+    greedy_reference,
+    hf_multimodal,
+)
 from tests.qwen2_vl_fixtures import (
     CHAT_TEMPLATE,
     GREEDY,
@@ -490,9 +495,7 @@ def test_server_chat_with_video_url(qwen25):
                           "<|im_start|>assistant\n", [], [(frames, {"fps": 2.0})],
                     add_special_tokens=False)
     ids = inp["input_ids"][0].tolist()
-    want: list[int] = []
-    for _ in range(GREEDY.max_tokens):
-        want.append(int(reference_logprobs(base, None, inp, want)[-1].argmax()))
+    want = greedy_reference(lambda reply: reference_logprobs(base, None, inp, reply), GREEDY.max_tokens)
     args = ["--max-model-len", "256", "--dtype", "float32", "--chat-template", VIDEO_TEMPLATE,
             "--limit-mm-per-prompt", '{"video": 1}']
     with RemoteServer(base, args) as server:
@@ -500,12 +503,7 @@ def test_server_chat_with_video_url(qwen25):
         model = client.models.list().data[0].id
 
         def chat(content: list) -> list[int]:
-            resp = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": content}], temperature=0,
-                max_tokens=GREEDY.max_tokens, logprobs=True,
-                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
-            assert resp.usage.prompt_tokens == len(ids)
-            return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
+            return chat_token_ids(client, model, content, GREEDY.max_tokens, len(ids))
 
         assert chat(content) == want
         tok = server.post("/tokenize", {"model": model, "messages": [

@@ -130,6 +130,15 @@ class ImageInputs:
         return self.positions[lo:hi], slice(lo, hi)
 
 
+def load_images(data: Any) -> list[Any]:
+    """multi_modal_data's "image" entry (one image or a list: PIL images or URLs) as PIL
+    images; an empty list is refused."""
+    images = [load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
+    if not images:
+        raise ValueError("multi_modal_data: 'image' holds no image")
+    return images
+
+
 def load_image(source: Any) -> Any:
     """A PIL image from a PIL image, a data URL (base64) or an http(s) URL (fetched with a
     timeout); ValueError for anything else or for bytes that are not an image."""
@@ -210,9 +219,7 @@ class ImageProcessor:
     def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its images' inputs. `data`: one
         image or a list (PIL images or URLs)."""
-        images = [load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
-        if not images:
-            raise ValueError("multi_modal_data: 'image' holds no image")
+        images = load_images(data)
         c = self.config
         sizes = [(im.height, im.width) for im in images]  # HF's image_sizes
         counts, tiles = [c.tokens_for(s) for s in sizes], [c.tiles(s) for s in sizes]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loraplex.engine.images import ImageInputs, load_image
+from loraplex.engine.images import ImageInputs, load_images
 from loraplex.models.pixtral import PixtralVisionConfig
 
 
@@ -121,9 +121,7 @@ class PixtralImageProcessor:
     def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its images' inputs. `data`: one
         image or a list (PIL images or URLs)."""
-        images = [load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
-        if not images:
-            raise ValueError("multi_modal_data: 'image' holds no image")
+        images = load_images(data)
         c = self.config
         sizes = self._sizes(images)
         ids = self.tokens(ids, [c.grid(s) for s in sizes])  # before the pixels

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from loraplex.engine.images import ImageInputs, expand_placeholders, load_image
+from loraplex.engine.images import ImageInputs, expand_placeholders, load_images
 from loraplex.engine.qwen_videos import QwenVideoProcessor, split_videos
 from loraplex.models.mrope import mrope_positions
 from loraplex.models.qwen2_vl import Grid, QwenVisionConfig
@@ -70,10 +70,7 @@ class QwenImageProcessor:
         URLs), or None; `videos`: multi_modal_data's "video" entry (engine/qwen_videos.py),
         or None. Images and videos are items of one ImageInputs, in prompt order: one
         tower call embeds them all."""
-        images = [] if data is None else [
-            load_image(x) for x in (data if isinstance(data, list | tuple) else [data])]
-        if data is not None and not images:
-            raise ValueError("multi_modal_data: 'image' holds no image")
+        images = [] if data is None else load_images(data)
         clips = [] if videos is None else split_videos(videos)
         if clips and self.video is None:
             raise ValueError(self.no_videos)
