@@ -88,46 +88,15 @@ def make_tiny_qwen_vl(out: Path, seed: int, qwen25: bool = True) -> Path:
     return out
 
 
-def make_tiny_qwen3_vl(out: Path, seed: int) -> Path:
+def make_tiny_qwen3_vl(out: Path, seed: int, moe: bool = False) -> Path:
     """A 3-layer Qwen3 language model (head_dim 16, q/k norm, interleaved mrope_section
     [2, 3, 3]) behind a 3-block Qwen3-VL tower on 4-pixel patches (a 4 x 4 learned
     position table, 2 x 2 merge blocks) with DeepStack from blocks 0 and 1 into the
-    decoder's layers 0 and 1; weights std 0.2."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    out.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out)
-    tok.add_special_tokens({"additional_special_tokens": VISION})
-    tok.chat_template = CHAT_TEMPLATE
-    ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id",
-                    "video_token_id"), tok.convert_tokens_to_ids(VISION), strict=True))
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1,
-                eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True})
-    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
-                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
-                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
-    cfg.tie_word_embeddings = False
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(cfg).eval()
-    _reinit_(model, seed, 0.2)
-    model.save_pretrained(str(out))
-    Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 64 * 64}, patch_size=4,
-                          merge_size=2, temporal_patch_size=2).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
-def make_tiny_qwen3_vl_moe(out: Path, seed: int) -> Path:
-    """make_tiny_qwen3_vl's tower and attention over a Qwen3-VL-MoE language model: 4
+    decoder's layers 0 and 1; weights std 0.2. `moe`: a Qwen3-VL-MoE language model, 4
     experts of size 48 (so neither of the checkpoint's expert layouts is square) top-2 in
-    layers 0 and 2, layer 1 a dense MLP (`mlp_only_layers`); weights std 0.2."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLMoeConfig
-    from transformers import Qwen3VLMoeForConditionalGeneration as Model
+    layers 0 and 2, layer 1 a dense MLP (`mlp_only_layers`)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor
 
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out)
@@ -136,20 +105,23 @@ def make_tiny_qwen3_vl_moe(out: Path, seed: int) -> Path:
     ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id",
                     "video_token_id"), tok.convert_tokens_to_ids(VISION), strict=True))
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
-                decoder_sparse_step=1, mlp_only_layers=[1],
                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                 max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1,
                 eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                  "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+    if moe:
+        text.update(moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                    decoder_sparse_step=1, mlp_only_layers=[1])
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
                   temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
                   num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **ids)
+    name = "Qwen3VLMoe" if moe else "Qwen3VL"
+    cfg = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision,
+                                                  **ids)
     cfg.tie_word_embeddings = False
     torch.manual_seed(seed)
-    model = Model(cfg).eval()
+    model = getattr(transformers, f"{name}ForConditionalGeneration")(cfg).eval()
     _reinit_(model, seed, 0.2)
     model.save_pretrained(str(out))
     Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 64 * 64}, patch_size=4,

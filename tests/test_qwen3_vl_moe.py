@@ -37,7 +37,7 @@ from tests.qwen2_vl_fixtures import (
     check,
     hf_inputs,
     hf_logprobs,
-    make_tiny_qwen3_vl_moe,
+    make_tiny_qwen3_vl,
 )
 from tests.server_utils import RemoteServer
 from tests.test_qwen2_vl import TEXT, TWO
@@ -73,7 +73,7 @@ def _hub_layout(base: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def moe(tiny_root):
     root = tiny_root / "qwen3vlmoe"
-    base = make_tiny_qwen3_vl_moe(root / "base", seed=90)
+    base = make_tiny_qwen3_vl(root / "base", seed=90, moe=True)
     return {"base": base, "hub": _hub_layout(base, root / "hub"),
             "r8": make_multimodal_adapter(
                 base, root / "r8", r=8, seed=91,
