@@ -15,10 +15,11 @@ import torch
 
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
-from tests.multimodal_fixtures import (
+from tests.multimodal_fixtures import (  # noqa: F401 (some re-exported for the tests)
     assert_matches_reference,
     hf_multimodal,
     make_multimodal_adapter,
+    with_adapters,
 )
 
 IMAGE_TOKEN = "<image>"
@@ -75,15 +76,6 @@ def tiny_parts(out: Path) -> tuple[Any, Any, Any]:
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                               num_attention_heads=2, image_size=28, patch_size=PATCH)
     return tok, text, vision
-
-
-def with_adapters(base: Path, seed: int) -> dict[str, Path]:
-    """`base` and two adapters beside it on different language-model modules: r8 (q, v,
-    down) and r4 (k, o, gate)."""
-    return {"base": base,
-            "r8": make_multimodal_adapter(base, base.parent / "r8", r=8, seed=seed),
-            "r4": make_multimodal_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
-                                     targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)")}
 
 
 @functools.lru_cache(maxsize=4)

@@ -10,18 +10,19 @@ checkpoint's image processor with PixtralProcessor's patch size (patch x merge).
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
-from tests.multimodal_fixtures import (
+from tests.multimodal_fixtures import (  # noqa: F401 (some re-exported for the tests)
     assert_matches_reference,
     hf_multimodal,
+    image_processor,
     make_multimodal_adapter,
+    tokenizer,
+    with_adapters,
 )
 
 IMAGE_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
@@ -71,27 +72,6 @@ def make_tiny_mistral3(out: Path, seed: int, text: str = "mistral") -> Path:
                              ).save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
-
-
-def with_adapters(base: Path, seed: int) -> dict[str, Path]:
-    return {"base": base,
-            "r8": make_multimodal_adapter(base, base.parent / "r8", r=8, seed=seed),
-            "r4": make_multimodal_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
-                                    targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)")}
-
-
-@functools.lru_cache(maxsize=4)
-def tokenizer(base: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(base)
-
-
-@functools.lru_cache(maxsize=4)
-def image_processor(base: str) -> Any:
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(base)
 
 
 def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,3 +88,28 @@ def greedy_reference(logprobs_of, max_tokens: int) -> list[int]:
     for _ in range(max_tokens):
         reply.append(int(logprobs_of(reply)[-1].argmax()))
     return reply
+
+
+def with_adapters(base: Path, seed: int) -> dict[str, Path]:
+    """`base` and two adapters beside it on different language-model modules: r8 (q, v,
+    down) and r4 (k, o, gate)."""
+    return {"base": base,
+            "r8": make_multimodal_adapter(base, base.parent / "r8", r=8, seed=seed),
+            "r4": make_multimodal_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
+                                          targets=LANGUAGE_MODEL + "(k_proj|o_proj|gate_proj)")}
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer(base: str) -> Any:
+    """The checkpoint's tokenizer (cached)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
+
+
+@functools.lru_cache(maxsize=8)
+def image_processor(base: str) -> Any:
+    """The checkpoint's HF image processor (cached)."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(base)

@@ -9,19 +9,20 @@ grid_t * grid_h * grid_w / merge_size^2 of them, the grid from HF's image proces
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
 
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
-from tests.multimodal_fixtures import (
+from tests.multimodal_fixtures import (  # noqa: F401 (some re-exported for the tests)
     assert_matches_reference,
     hf_multimodal,
+    image_processor,
     make_multimodal_adapter,
+    tokenizer,
+    with_adapters,
 )
 
 VISION = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
@@ -128,27 +129,6 @@ def make_tiny_qwen3_vl(out: Path, seed: int, moe: bool = False) -> Path:
                           merge_size=2, temporal_patch_size=2).save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
-
-
-def with_adapters(base: Path, seed: int) -> dict[str, Path]:
-    return {"base": base,
-            "r8": make_multimodal_adapter(base, base.parent / "r8", r=8, seed=seed),
-            "r4": make_multimodal_adapter(base, base.parent / "r4", r=4, seed=seed + 1,
-                                    targets=r".*language_model.*\.(k_proj|o_proj|gate_proj)")}
-
-
-@functools.lru_cache(maxsize=4)
-def tokenizer(base: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(base)
-
-
-@functools.lru_cache(maxsize=4)
-def image_processor(base: str) -> Any:
-    from transformers import AutoImageProcessor
-
-    return AutoImageProcessor.from_pretrained(base)
 
 
 def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True
