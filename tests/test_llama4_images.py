@@ -12,6 +12,8 @@ server's chat route with image parts; the refusals, each failing only its reques
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import math
 from collections import defaultdict
 from functools import lru_cache
@@ -210,6 +212,9 @@ def hf_pixels(im: Any) -> tuple[torch.Tensor, tuple[int, int]]:
     return tiles, (th // TILE, tw // TILE)
 
 
+@pytest.mark.skipif(not hasattr(importlib.import_module("transformers.image_transforms"),
+                                 "split_to_tiles"),
+                    reason="HF's split_to_tiles, the reference's tiling, is transformers 5's")
 def test_pixels_follow_hf_steps(llama4img):
     """Images that tile, that do not, that would be upscaled past a tile's side (HF
     limits it): HF's steps' pixel values, exactly."""
@@ -230,10 +235,18 @@ def test_image_features_match_hf(llama4img):
         llm.get_tokenizer()(ASK).input_ids, [image(1, BIG)])
     assert inputs.pixel_values.shape == (5, 3, TILE, TILE)
     ours = llm.llm_engine.vision(inputs.pixel_values, inputs.sizes)
+    hf = hf_multimodal(str(llama4img["base"]), None)
+    kw = {}
+    if "vision_feature_layer" in inspect.signature(hf.get_image_features).parameters:
+        vc = hf.config.vision_config  # transformers 4.x asks for them
+        kw = dict(vision_feature_layer=vc.vision_feature_layer,
+                  vision_feature_select_strategy=vc.vision_feature_select_strategy)
     with torch.no_grad():
-        ref = hf_multimodal(str(llama4img["base"]), None).get_image_features(
-            pixel_values=inputs.pixel_values.float())
+        ref = hf.get_image_features(pixel_values=inputs.pixel_values.float(), **kw)
     ref = getattr(ref, "pooler_output", ref)
+    if kw:  # 4.x's get_image_features stops before the projector
+        with torch.no_grad():
+            ref = hf.multi_modal_projector(ref)
     assert ours.shape == (5 * ROWS_PER_TILE, ref.shape[-1])
     torch.testing.assert_close(ours, ref.flatten(0, 1), atol=1e-5, rtol=0)
 
