@@ -189,6 +189,17 @@ class _StartTagParser(_ToolParser):
         return i if i >= 0 else _held_back(text, self.start)
 
 
+class _SchemaTypedParser(_StartTagParser):
+    """A start-tag format whose arguments come as text and are typed by the request's
+    tool schemas (name -> parameters): one parser per request, made by for_request."""
+
+    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
+        self.schemas = schemas or {}
+
+    def for_request(self, tools: list[dict[str, Any]] | None) -> _SchemaTypedParser:
+        return type(self)(_tool_schemas(tools) if tools else {})
+
+
 class _WholeReplyParser(_ToolParser):
     """A format where calls are the whole reply, opening with `opening` after optional
     `tags` (each at most once, in order); streamed, a reply that starts so (or may yet) is

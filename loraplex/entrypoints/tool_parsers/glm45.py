@@ -11,12 +11,11 @@ from loraplex.entrypoints.protocol import ToolCall
 from loraplex.entrypoints.tool_parsers.base import (
     PartialCall,
     _call,
-    _StartTagParser,
-    _tool_schemas,
+    _SchemaTypedParser,
 )
 
 
-class Glm45Parser(_StartTagParser):
+class Glm45Parser(_SchemaTypedParser):
     """GLM-4.5 / 4.6 (vLLM's glm45): after any text, each call is the function's name and
     its arguments as key / value tags (GLM-4.7 writes the first key right after the name,
     without the newline: read too):
@@ -34,12 +33,6 @@ class Glm45Parser(_StartTagParser):
     _end = "</tool_call>"
     _argument = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>",
                            re.DOTALL)
-
-    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
-        self.schemas = schemas or {}
-
-    def for_request(self, tools: list[dict[str, Any]] | None) -> Glm45Parser:
-        return Glm45Parser(_tool_schemas(tools) if tools else {})
 
     def _blocks(self, text: str) -> list[tuple[str, bool]]:
         """Each call's text after its <tool_call>, and whether its </tool_call> came."""

@@ -24,8 +24,7 @@ from loraplex.entrypoints.protocol import ToolCall
 from loraplex.entrypoints.tool_parsers.base import (
     PartialCall,
     _call,
-    _StartTagParser,
-    _tool_schemas,
+    _SchemaTypedParser,
 )
 
 
@@ -44,19 +43,13 @@ def _schema_type(schema: Any) -> str:
     return str(kind).lower()
 
 
-class MiniMaxM2Parser(_StartTagParser):
+class MiniMaxM2Parser(_SchemaTypedParser):
     start = "<minimax:tool_call>"
     end = "</minimax:tool_call>"
     keeps_special_tokens = True  # whether the tags are special or not, they stay
     _blocks = re.compile(r"<minimax:tool_call>(.*?)</minimax:tool_call>", re.DOTALL)
     _invokes = re.compile(r"<invoke name=(.*?)</invoke>", re.DOTALL)
     _parameters = re.compile(r"<parameter name=(.*?)</parameter>", re.DOTALL)
-
-    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
-        self.schemas = schemas or {}
-
-    def for_request(self, tools: list[dict[str, Any]] | None) -> MiniMaxM2Parser:
-        return MiniMaxM2Parser(_tool_schemas(tools) if tools else {})
 
     def _typed(self, function: str, key: str, value: str) -> Any:
         if value.lower() == "null":

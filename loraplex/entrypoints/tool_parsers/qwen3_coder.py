@@ -10,12 +10,11 @@ from loraplex.entrypoints.protocol import ToolCall
 from loraplex.entrypoints.tool_parsers.base import (
     PartialCall,
     _call,
-    _StartTagParser,
-    _tool_schemas,
+    _SchemaTypedParser,
 )
 
 
-class Qwen3CoderParser(_StartTagParser):
+class Qwen3CoderParser(_SchemaTypedParser):
     """Qwen3-Coder: after any text, calls in XML-like tags, each parameter's value as raw
     text, typed by the tool's schema (integer, number, boolean, object / array as JSON;
     anything else, or a parameter the schema lacks, a string):
@@ -32,12 +31,6 @@ class Qwen3CoderParser(_StartTagParser):
     start = "<tool_call>"
     _function = re.compile(r"<function=([^>\n]+)>")
     _parameter = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
-
-    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
-        self.schemas = schemas or {}
-
-    def for_request(self, tools: list[dict[str, Any]] | None) -> Qwen3CoderParser:
-        return Qwen3CoderParser(_tool_schemas(tools) if tools else {})
 
     def _blocks(self, text: str) -> list[str]:
         """Each call's text, from its <tool_call> to its </tool_call> or the reply's end."""

@@ -29,14 +29,13 @@ from loraplex.entrypoints.tool_parsers.base import (
     PartialCall,
     _call,
     _held_back,
-    _StartTagParser,
-    _tool_schemas,
+    _SchemaTypedParser,
 )
 
 THINK_START, THINK_END = "<seed:think>", "</seed:think>"
 
 
-class SeedOssParser(_StartTagParser):
+class SeedOssParser(_SchemaTypedParser):
     start = "<seed:tool_call>"
     keeps_special_tokens = True  # whether the tags are special or not, they stay
     _prefix = "<function="
@@ -44,12 +43,6 @@ class SeedOssParser(_StartTagParser):
                         re.DOTALL)
     _functions = re.compile(r"<function=(.*?)</function>|<function=(.*)$", re.DOTALL)
     _parameters = re.compile(r"<parameter=(.*?)</parameter>|<parameter=(.*?)$", re.DOTALL)
-
-    def __init__(self, schemas: dict[str, dict[str, Any]] | None = None) -> None:
-        self.schemas = schemas or {}
-
-    def for_request(self, tools: list[dict[str, Any]] | None) -> SeedOssParser:
-        return SeedOssParser(_tool_schemas(tools) if tools else {})
 
     def content_prefix(self, text: str) -> int:
         return min(super().content_prefix(text),
