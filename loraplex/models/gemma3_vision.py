@@ -34,6 +34,7 @@ from loraplex.models.llava import (
     TowerConfig,
     VisionWeights,
     check_activation,
+    check_tower,
     placeholder_runs,
 )
 
@@ -49,9 +50,7 @@ class Gemma3VisionConfig(TowerConfig):  # feature_layers: the last layer's, alwa
     @classmethod
     def from_hf(cls, hf: Any) -> Gemma3VisionConfig:
         v = hf.vision_config
-        if getattr(v, "model_type", "siglip_vision_model") != "siglip_vision_model":
-            raise ValueError(f"Gemma 3 with a {v.model_type!r} vision tower is not "
-                             "supported (a SigLIP one is)")
+        check_tower("Gemma 3", v, "siglip_vision_model", "SigLIP")
         check_activation("vision_config.hidden_act", v.hidden_act)
         side, per_side = v.image_size // v.patch_size, int(hf.mm_tokens_per_image ** 0.5)
         if per_side * per_side != hf.mm_tokens_per_image or side % per_side:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.models.llava import VisionWeights
+from loraplex.models.llava import VisionWeights, check_tower
 
 # HF's tower and adapter use nn.LayerNorm's and nn.GELU's defaults, whatever the config
 # says (norm_eps, hidden_act)
@@ -122,8 +122,7 @@ class Llama4VisionConfig:
     @classmethod
     def from_hf(cls, hf: Any) -> Llama4VisionConfig:
         v = hf.vision_config
-        if getattr(v, "model_type", "llama4_vision_model") != "llama4_vision_model":
-            raise ValueError(f"Llama 4 with a {v.model_type!r} vision tower is not supported")
+        check_tower("Llama 4", v, "llama4_vision_model", "Llama 4")
         image, patch = v.image_size, v.patch_size
         if not isinstance(image, int) or not isinstance(patch, int) or image % patch:
             raise ValueError(f"Llama 4's vision_config: image_size={image} must be a multiple "

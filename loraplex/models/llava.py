@@ -43,6 +43,15 @@ def check_activation(field: str, act: str) -> None:
                          + ", ".join(VISION_ACTIVATIONS))
 
 
+def check_tower(model: str, vision_config: Any, model_type: str, tower: str) -> None:
+    """A checkpoint's vision tower is the one loraplex builds for its family (configs that
+    name no model_type are taken as that one); another is refused at start-up."""
+    kind = getattr(vision_config, "model_type", model_type)
+    if kind != model_type:
+        raise ValueError(f"{model} with a {kind!r} vision tower is not supported (a {tower} "
+                         "one is)")
+
+
 @dataclass(frozen=True)
 class TowerConfig:
     """What the ViT reads of a model's vision config: the fields LlavaVisionConfig and
@@ -80,9 +89,7 @@ class LlavaVisionConfig(TowerConfig):
     @classmethod
     def from_hf(cls, hf: Any) -> LlavaVisionConfig:
         v = hf.vision_config
-        if getattr(v, "model_type", "clip_vision_model") != "clip_vision_model":
-            raise ValueError(f"LLaVA with a {v.model_type!r} vision tower is not supported "
-                             "(a CLIP one is)")
+        check_tower("LLaVA", v, "clip_vision_model", "CLIP")
         check_activation("vision_config.hidden_act", v.hidden_act)
         check_activation("projector_hidden_act", hf.projector_hidden_act)
         strategy = hf.vision_feature_select_strategy

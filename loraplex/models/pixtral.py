@@ -35,6 +35,7 @@ from loraplex.models.llava import (
     LlavaProjector,
     VisionWeights,
     check_activation,
+    check_tower,
 )
 from loraplex.models.qwen2_vl import rotate, segment_attention
 
@@ -68,9 +69,7 @@ class PixtralVisionConfig:
     @classmethod
     def from_hf(cls, hf: Any) -> PixtralVisionConfig:
         v = hf.vision_config
-        if getattr(v, "model_type", "pixtral") != "pixtral":
-            raise ValueError(f"Mistral 3 with a {v.model_type!r} vision tower is not "
-                             "supported (a Pixtral one is)")
+        check_tower("Mistral 3", v, "pixtral", "Pixtral")
         check_activation("vision_config.hidden_act", v.hidden_act)
         check_activation("projector_hidden_act", hf.projector_hidden_act)
         layer = hf.vision_feature_layer
