@@ -18,6 +18,8 @@ from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
 from tests.multimodal_fixtures import (  # noqa: F401 (some re-exported for the tests)
     assert_matches_reference,
+    check_jobs,
+    hf_logprobs,
     hf_multimodal,
     image_processor,
     make_multimodal_adapter,
@@ -96,27 +98,7 @@ def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = 
     return out
 
 
-@torch.no_grad()
-def hf_logprobs(base: Path, adapter: Path | None, inputs: dict[str, torch.Tensor],
-                more: list[int]) -> torch.Tensor:
-    """[len(ids) + len(more), vocab] log-softmax of HF's model over the prompt's ids and
-    `more` tokens after them, in one forward."""
-    model = hf_multimodal(str(base), None if adapter is None else str(adapter))
-    kw = dict(inputs)
-    kw["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([more], dtype=torch.long)],
-                                dim=1)
-    logits = model(**kw).logits[0]
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
 def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
           add_special_tokens: bool = True) -> None:
-    """Each output's prompt is the reference's, its tokens HF's greedy ones (off HF's
-    argmax only at a near-tie) and its logprobs HF's within 1e-4."""
-    for out, (prompt, images, adapter) in zip(outs, jobs, strict=True):
-        inp = hf_inputs(base, prompt, images, add_special_tokens)
-        ids = inp["input_ids"][0].tolist()
-        assert out.prompt_token_ids == ids
-        got = out.outputs[0].token_ids
-        ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
-        assert_matches_reference(out, ref, adapter)
+    """check_jobs with this model's hf_inputs."""
+    check_jobs(outs, base, jobs, hf_inputs, add_special_tokens)

@@ -113,3 +113,35 @@ def image_processor(base: str) -> Any:
     from transformers import AutoImageProcessor
 
     return AutoImageProcessor.from_pretrained(base)
+
+
+@torch.no_grad()
+def hf_logprobs(base: Path, adapter: Path | None, inputs: dict[str, torch.Tensor],
+                more: list[int], positions: torch.Tensor | None = None) -> torch.Tensor:
+    """[len(ids) + len(more), vocab] log-softmax of HF's model (+ PEFT) over the prompt's
+    processed `inputs` and `more` tokens after them, in one forward: its own positions
+    (Qwen-VL's M-RoPE ones), or `positions` [3, len(ids) + len(more)] where given."""
+    model = hf_multimodal(str(base), None if adapter is None else str(adapter))
+    kw = dict(inputs)
+    if positions is not None:
+        kw["position_ids"] = positions[:, None]
+    kw["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([more], dtype=torch.long)],
+                                dim=1)
+    if "mm_token_type_ids" in inputs:  # Qwen-VL's: the new tokens are text
+        kw["mm_token_type_ids"] = torch.cat(
+            [inputs["mm_token_type_ids"], torch.zeros(1, len(more), dtype=torch.int)], dim=1)
+    return torch.log_softmax(model(**kw).logits[0].float(), dim=-1)
+
+
+def check_jobs(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
+               hf_inputs: Any, add_special_tokens: bool = True) -> None:
+    """Each output's prompt is the reference's (`hf_inputs(base, prompt, images,
+    add_special_tokens)`, HF's processing), its tokens HF's greedy ones (off HF's argmax
+    only at a near-tie) and its logprobs HF's within 1e-4."""
+    for out, (prompt, images, adapter) in zip(outs, jobs, strict=True):
+        inp = hf_inputs(base, prompt, images, add_special_tokens)
+        ids = inp["input_ids"][0].tolist()
+        assert out.prompt_token_ids == ids
+        got = out.outputs[0].token_ids
+        ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
+        assert_matches_reference(out, ref, adapter)
