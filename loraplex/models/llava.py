@@ -319,6 +319,7 @@ class VisionWeights(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._loaded: set[str] = set()
+        self._params: dict[str, nn.Parameter] | None = None  # by name, for load_weight
 
     def ours(self, name: str) -> str | None:
         """A checkpoint tensor's name in this module (any of the three layouts); None for
@@ -336,7 +337,9 @@ class VisionWeights(nn.Module):
         ours = self.ours(name)
         if ours is None:
             return
-        params = dict(self.named_parameters())
+        if self._params is None:  # built once: the checkpoint holds hundreds of tensors
+            self._params = dict(self.named_parameters())
+        params = self._params
         if ours not in params:
             raise ValueError(f"checkpoint tensor {name}: no such parameter in the "
                              f"{self.label}")
