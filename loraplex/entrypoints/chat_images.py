@@ -60,17 +60,11 @@ class ChatImages:
             if kind == "text":
                 parts.append({"type": "text", "text": str(part.get("text", ""))})
             elif kind in ("image_url", "image_pil"):
-                try:
-                    self.multimodal.check_count("image", len(self.images) + 1)
-                except ValueError as e:
-                    raise ValueError(f"messages[{i}]: {e}") from None
+                self._one_more("image", self.images, i)
                 parts.append({"type": "image"})
                 self.images.append(self._image(part, kind, i))
             elif kind == "video_url":
-                try:
-                    self.multimodal.check_count("video", len(self.videos) + 1)
-                except ValueError as e:
-                    raise ValueError(f"messages[{i}]: {e}") from None
+                self._one_more("video", self.videos, i)
                 parts.append({"type": "video"})
                 self.videos.append(self._video(part, i))
             else:
@@ -83,6 +77,14 @@ class ChatImages:
         return "".join(p["text"] if p["type"] == "text" else
                        f"{self.placeholder if p['type'] == 'image' else self.video_placeholder}\n"
                        for p in parts)
+
+    def _one_more(self, modality: str, items: list[Any], i: int) -> None:
+        """limit_mm_per_prompt allows message i's next item of `modality`; checked before
+        the item is fetched or decoded."""
+        try:
+            self.multimodal.check_count(modality, len(items) + 1)
+        except ValueError as e:
+            raise ValueError(f"messages[{i}]: {e}") from None
 
     def _video(self, part: dict[str, Any], i: int) -> Any:
         if self.video_placeholder is None:
