@@ -11,6 +11,7 @@ span up to ten chunks; generations cross chunk boundaries."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,9 @@ def _hf_reference_moe():
     Llama4TextMoe.forward = original
 
 
-# the experts' LoRA (PEFT's target_parameters) as transformers 5 lays Llama 4's experts
-# out; PEFT 0.17 on transformers 4 lays it the other way, which loraplex refuses (with the
-# shapes it expected): there the adapters leave the experts out
-EXPERTS_LORA = {"target_parameters": EXPERTS} if TRANSFORMERS_5 else {}
+# the experts' LoRA (PEFT's target_parameters): PEFT 0.17 on transformers 4 saves it in
+# the layout before 0.19.1 (test_experts_lora_saved_by_older_peft)
+EXPERTS_LORA = {"target_parameters": EXPERTS}
 
 
 @pytest.fixture(scope="module")
@@ -134,18 +134,71 @@ def test_triton_attention(monkeypatch, budget, llama4, prompts):
     check_mixed_batch(llm, llama4["base"], _adapters(llama4), prompts, extra=1)
 
 
-@pytest.mark.skipif(TRANSFORMERS_5, reason="PEFT's experts layout on transformers 4.x")
-def test_transformers4_experts_lora_refused(llama4, tmp_path, prompts):
-    """PEFT 0.17's target_parameters on transformers 4.x lays the experts' LoRA out the
-    other way: refused with the shapes expected, the engine serves on."""
-    adapter = make_peft_adapter(llama4["base"], tmp_path / "experts4", r=4, seed=44,
+def _as_saved_by_old_peft(adapter: Path, out: Path, version: str | None) -> Path:
+    """`adapter`'s experts LoRA as PEFT before 0.19.1 saves the same LoRA (A of the input,
+    B of the output as transformers holds Llama 4's experts, [E, in, out]; its delta
+    einsum "o r e, e r i -> e i o", where from 0.19.1 it is "-> e o i" with A and B the
+    other way round), with adapter_config.json's `peft_version` set to `version` (None:
+    left out, as before PEFT 0.18)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg.pop("peft_version")
+    if version is not None:
+        cfg["peft_version"] = version
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    e, r = 4, cfg["r"]
+    for key in [k for k in tensors if ".experts." in k and ".lora_A." in k]:
+        a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
+        new_delta = torch.einsum("ore,eri->eoi", b.reshape(b.shape[0], r, e),
+                                 a.reshape(e, r, a.shape[1]))
+        old_a = b.reshape(b.shape[0], r, e).permute(2, 1, 0).reshape(e * r, b.shape[0])
+        old_b = a.reshape(e, r, a.shape[1]).permute(2, 1, 0).reshape(a.shape[1], r * e)
+        old_delta = torch.einsum("ore,eri->eio", old_b.reshape(old_b.shape[0], r, e),
+                                 old_a.reshape(e, r, old_a.shape[1]))
+        torch.testing.assert_close(old_delta, new_delta)  # the same LoRA
+        tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")] = old_a, old_b
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="PEFT 0.21's layout is the reference")
+def test_experts_lora_saved_by_older_peft(tmp_path, prompts):
+    """PEFT read a 3-D parameter's in and out the other way round before 0.19.1: the same
+    experts LoRA saved by PEFT 0.17 / 0.18 (no `peft_version`, "0.18.1") and 0.19.0 gives
+    the outputs HF + PEFT 0.21 gives with the LoRA as 0.21 saves it, in one batch with it
+    and the base. hidden_size = intermediate_size, so down_proj's A and B fit either
+    reading and only adapter_config.json's `peft_version` tells them apart."""
+    base = make_llama4(tmp_path / "base", seed=45, intermediate_size=64)
+    adapter = make_peft_adapter(base, tmp_path / "new", r=4, seed=46,
                                 target_modules=["q_proj"], target_parameters=EXPERTS)
+    old = {v: _as_saved_by_old_peft(adapter, tmp_path / f"old_{v}", v)
+           for v in (None, "0.18.1", "0.19.0")}
+    names = [None, "new", *old]
+    paths = {"new": adapter, **old}
+    reqs = [LoRARequest(str(n), i + 1, str(paths[n])) if i else None
+            for i, n in enumerate(names)]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8)
+    outs = llm.generate([{"prompt_token_ids": prompts[0]}] * len(names), LONG,
+                        lora_request=reqs, use_tqdm=False)
+    check_against_hf(outs, base, [None] + [adapter] * (len(names) - 1),
+                     [prompts[0]] * len(names))
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+
+
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="PEFT 0.21's layout is the reference")
+def test_experts_lora_read_by_its_shapes(llama4, tmp_path, prompts):
+    """A LoRA whose shapes fit only the reading its `peft_version` does not imply (as
+    gpt-oss trained on transformers 4, which marks nothing `is_transposed`, by PEFT 0.19.1
+    or later) is read the way it fits: here an adapter in the layout before 0.19.1
+    labelled 0.21.2 (hidden 64, intermediate 48: every pair fits one reading only)."""
+    adapter = _as_saved_by_old_peft(llama4["r8_all"], tmp_path / "mislabelled", "0.21.2")
     llm = make_llm(llama4["base"], enable_lora=True, max_lora_rank=8)
-    with pytest.raises(LoRAError, match="fits neither gate_up_proj"):
-        llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False,
-                     lora_request=LoRARequest("experts4", 1, str(adapter)))
-    out = llm.generate([{"prompt_token_ids": prompts[0]}], LONG, use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == LONG.max_tokens
+    outs = llm.generate([{"prompt_token_ids": prompts[1]}], LONG, use_tqdm=False,
+                        lora_request=LoRARequest("mislabelled", 1, str(adapter)))
+    check_against_hf(outs, llama4["base"], [llama4["r8_all"]], [prompts[1]])
 
 
 def test_router_lora_refused(llama4, tmp_path, prompts):
@@ -198,8 +251,7 @@ def test_multimodal_checkpoint_on_text(monkeypatch, budget, llama4mm, prompts):
 
     names = set(load_file(str(llama4mm["all"] / "adapter_model.safetensors")))
     assert any(".vision_model." in n for n in names)
-    assert any(".language_model.model.layers.1.feed_forward.experts." in n
-               for n in names) == TRANSFORMERS_5  # (PEFT 0.17's experts refused: EXPERTS_LORA)
+    assert any(".layers.1.feed_forward.experts." in n for n in names)
     monkeypatch.setattr(fixtures, "AutoModelForCausalLM", _WholeModel)
     llm = make_llm(llama4mm["base"], enable_lora=True, max_loras=1, max_lora_rank=8,
                    max_num_batched_tokens=budget)

@@ -115,9 +115,13 @@ class FusedExperts(nn.Module):
         # ... or [E, 2I, H] and [E, H, I], our own layout (Qwen3-VL-MoE saved by
         # transformers 5)
         self.fused_untransposed = fused
-        # Llama 4: expert_e(w * x) rather than w * expert_e(x); its PEFT target_parameters
-        # LoRA takes the parameters for [E, out, in] (lora/expert_weights.py `swapped`)
-        self.scale_inputs = self.peft_swapped = llama4
+        # Llama 4: expert_e(w * x) rather than w * expert_e(x)
+        self.scale_inputs = llama4
+        # what PEFT's target_parameters sees (lora/expert_weights.py `peft_swapped`): the
+        # parameters as transformers holds them, [E, in, out] (gpt-oss, Llama 4) or
+        # [E, out, in]; and whether transformers 5 marks them `is_transposed` (gpt-oss)
+        self.peft_in_out = gpt_oss is not None or llama4
+        self.peft_is_transposed = gpt_oss is not None
         self.b13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) \
             if gpt_oss else None
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if gpt_oss else None

@@ -39,6 +39,7 @@ from loraplex.lora.expert_weights import (
     check_expert,
     expert_target,
     fused_parameter,
+    peft_swapped,
     split_fused,
 )
 from loraplex.lora.full_vocab import MODULES as FULL_VOCAB_MODULES
@@ -493,14 +494,15 @@ def _add_experts(name: str, hf_module: str, ab: dict[str, torch.Tensor],
         check_expert(name, layer, expert, proj, a, b, shape)
         parts = {(expert, proj): (a, b.float() * scaling(hf_module))}
     else:  # transformers 5's ParamWrapper on the 3-D gate_up_proj or down_proj
-        param = fused_parameter(name, layer, a, b, shape)
+        param, swapped = fused_parameter(name, layer, a, b, shape,
+                                         peft_swapped(shape, scaling.cfg.get("peft_version")))
         param_name = re.sub(r"(\.base_layer)+$", "", hf_module) + "." + param
         r = scaling.rank(param_name)
         if a.shape[0] != r * shape.num_experts:
             raise LoRAError(f"LoRA adapter {name!r}: {param_name}'s A has "
                             f"{a.shape[0]} rows, not r x experts = {r} x "
                             f"{shape.num_experts} (adapter_config.json's r / rank_pattern)")
-        parts = split_fused(param, a, b.float() * scaling(param_name), shape)
+        parts = split_fused(param, a, b.float() * scaling(param_name), shape, swapped)
     for key, (a_x, b_x) in parts.items():
         _check_rank(name, a_x.shape[0], max_rank)
         if key in out.setdefault(layer, {}):

@@ -17,6 +17,14 @@ one (A [r, in], B [out, r]) per expert and projection ("gate", "up", "down").
   3-D parameters for [E, out, in] (`swapped`): its A is [r * E, 2I] / [r * E, H] and
   its delta B A is added to [E, H, 2I] / [E, I, H] as it is, so x's LoRA is
   x B_e A_e: our A is B_e^T, our B is A_e^T.
+
+Which of a 3-D parameter's dimensions PEFT reads as in and out changed with its version
+(`peft_swapped`): up to 0.18 always [E, in, out]; 0.19.0 [E, out, in] where
+transformers marks the experts `is_transposed` (gpt-oss on transformers 5), else
+[E, in, out]; from 0.19.1 the other way round (peft#3165 fixed 0.19.0's). An adapter's
+adapter_config.json names its version (`peft_version`, from 0.18; none: older); a pair
+whose shapes fit only the other reading is read that way (gpt-oss trained on
+transformers 4, which has no `is_transposed`, by PEFT 0.19.1 or later).
 """
 
 from __future__ import annotations
@@ -40,7 +48,9 @@ class ExpertsShape:
     hidden_size: int
     intermediate_size: int
     interleaved: bool = False  # gpt-oss: gate_up's outputs alternate gate, up
-    swapped: bool = False  # Llama 4: PEFT's A and B are the output's and input's factors
+    # transformers holds the parameters [E, in, out] (gpt-oss, Llama 4), not [E, out, in]
+    in_out: bool = False
+    is_transposed: bool = False  # transformers 5's `is_transposed` on them (gpt-oss)
 
     def dims(self, proj: str) -> tuple[int, int]:
         """(in_features, out_features) of one expert's projection."""
@@ -77,23 +87,40 @@ def check_expert(name: str, layer: str, expert: int, proj: str, a: torch.Tensor,
                         "base model")
 
 
+def peft_swapped(shape: ExpertsShape, peft_version: str | None) -> bool:
+    """Whether PEFT `peft_version` made a ParamWrapper's A the factor of the projection's
+    output and B of its input (x's LoRA is x B_e A_e): where it read the parameter's
+    in and out the other way round from how transformers holds it."""
+    v = tuple(int(p) for p in re.findall(r"\d+", peft_version or "0")[:3])
+    if v < (0, 19, 0):
+        peft_out_in = False
+    elif v < (0, 19, 1):
+        peft_out_in = shape.is_transposed
+    else:
+        peft_out_in = not shape.is_transposed
+    return peft_out_in == shape.in_out
+
+
 def fused_parameter(name: str, layer: str, a: torch.Tensor, b: torch.Tensor,
-                    shape: ExpertsShape) -> str:
-    """Which 3-D parameter (gate_up_proj or down_proj) a PEFT ParamWrapper pair adapts."""
+                    shape: ExpertsShape, swapped: bool) -> tuple[str, bool]:
+    """Which 3-D parameter (gate_up_proj or down_proj) a PEFT ParamWrapper pair adapts,
+    and whether it is `swapped`: as `swapped` says where the shapes fit both readings,
+    else the one they fit."""
     e, h, i = shape.num_experts, shape.hidden_size, shape.intermediate_size
     if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] and a.shape[0] % e == 0:
         dims = (a.shape[1], b.shape[0])
-        if dims == ((2 * i, h) if shape.swapped else (h, 2 * i)):
-            return "gate_up_proj"
-        if dims == ((h, i) if shape.swapped else (i, h)):
-            return "down_proj"
+        for swap in (swapped, not swapped):
+            if dims == ((2 * i, h) if swap else (h, 2 * i)):
+                return "gate_up_proj", swap
+            if dims == ((h, i) if swap else (i, h)):
+                return "down_proj", swap
     raise LoRAError(f"LoRA adapter {name!r}: the LoRA on {layer} (A {tuple(a.shape)}, B "
                     f"{tuple(b.shape)}) fits neither gate_up_proj [{e}, {2 * i}, {h}] nor "
                     f"down_proj [{e}, {h}, {i}]; the adapter was trained for another base model")
 
 
-def split_fused(param: str, a: torch.Tensor, b: torch.Tensor, shape: ExpertsShape
-                ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+def split_fused(param: str, a: torch.Tensor, b: torch.Tensor, shape: ExpertsShape,
+                swapped: bool) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     """A ParamWrapper pair -> {(expert, projection): (A [r, in], B [out, r])}."""
     e, i = shape.num_experts, shape.intermediate_size
     r = a.shape[0] // e
@@ -102,7 +129,7 @@ def split_fused(param: str, a: torch.Tensor, b: torch.Tensor, shape: ExpertsShap
     out = {}
     for expert in range(e):
         a_x, b_x = a_e[expert], b_e[:, :, expert]
-        if shape.swapped:  # x B_e A_e: A = B_e^T [r, in], B = A_e^T [out, r]
+        if swapped:  # x B_e A_e: A = B_e^T [r, in], B = A_e^T [out, r]
             a_x, b_x = b_x.T, a_x.T
         if param == "down_proj":
             out[expert, "down"] = (a_x, b_x)

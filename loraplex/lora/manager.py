@@ -165,7 +165,8 @@ class LoRAManager:
                 experts[name] = ExpertsShape(layer.num_experts, layer.hidden_size,
                                              layer.intermediate_size,
                                              layer.base_layer.interleaved,
-                                             layer.base_layer.peft_swapped)
+                                             layer.base_layer.peft_in_out,
+                                             layer.base_layer.peft_is_transposed)
                 continue
             prefix, _, leaf = name.rpartition(".")
             for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):

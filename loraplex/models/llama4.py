@@ -74,7 +74,7 @@ class Llama4MoE(nn.Module):
             self.experts = BnB4bitFusedExperts(hidden_size, intermediate_size, num_experts,
                                                quant)
             self.experts.fused_transposed = self.experts.scale_inputs = True
-            self.experts.peft_swapped = True
+            self.experts.peft_in_out = True
         self.shared_expert = shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
