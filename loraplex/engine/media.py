@@ -36,8 +36,8 @@ class MediaConnector:
             return _http(url, what, self.fetch_timeout)
         if url.startswith("file:"):
             return self._file(url, what), ""
-        raise ValueError(f"the {what} URL must be a data:, http(s) or file:// URL, got "
-                         f"{url[:40]!r}")
+        raise ValueError(f"{_a(what)} URL must be a data: URL or an http(s) URL (or a "
+                         f"file:// URL under --allowed-local-media-path), got {url[:40]!r}")
 
     def _file(self, url: str, what: str) -> bytes:
         if self.allowed_local_media_path is None:
@@ -69,7 +69,7 @@ def fetch_media(url: str, what: str, connector: MediaConnector | None) -> tuple[
 def _data_url(url: str, what: str) -> tuple[bytes, str]:
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
-        raise ValueError(f"the {what} data URL must be data:<mime>;base64,<data>")
+        raise ValueError(f"{_a(what)} data URL must be data:<mime>;base64,<data>")
     try:
         return base64.b64decode(payload, validate=True), header[5:-7].lower()
     except (binascii.Error, ValueError) as e:
@@ -85,3 +85,7 @@ def _http(url: str, what: str, timeout: float) -> tuple[bytes, str]:
     except httpx.HTTPError as e:
         raise ValueError(f"cannot fetch the {what} at {url}: {e}") from e
     return resp.content, resp.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _a(what: str) -> str:
+    return f"an {what}" if what[0] in "aeiou" else f"a {what}"
