@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -318,6 +319,7 @@ class SpeculativeConfig:
 # take images, Qwen2-VL / Qwen2.5-VL videos too: a prompt's other kinds are refused
 # whatever their limit)
 MODALITIES = ("image", "video", "audio")
+VIDEO_NUM_FRAMES = 32  # vLLM's VideoMediaIO: frames kept of a decoded video file
 
 
 def json_object(name: str, value: dict | str | None, of: str = "") -> dict:
@@ -356,14 +358,22 @@ class MultiModalConfig:
     Qwen2.5-VL, whose tower embeds videos too: {"image": 0, "video": 0}).
     `default_loras` (default_mm_loras): the adapter a prompt with that modality's data runs
     under when the request names none (a checkpoint whose vision skills are an adapter).
+    `allowed_local_media_path`: the directory (resolved) whose files chat messages may
+    name by file:// URL; None: no file:// URL is read (engine/media.py).
+    `video_num_frames`, `video_fps` (media_io_kwargs {"video": {"num_frames", "fps"}}):
+    how many frames of a decoded video file are kept (engine/video_decode.py).
     """
 
     limit_per_prompt: dict[str, int] = field(default_factory=dict)
     default_loras: dict[str, str] = field(default_factory=dict)
+    allowed_local_media_path: str | None = None
+    video_num_frames: int = VIDEO_NUM_FRAMES
+    video_fps: float = -1.0
 
     @classmethod
-    def from_args(cls, limit: dict | str | None, default_loras: dict | str | None
-                  ) -> MultiModalConfig:
+    def from_args(cls, limit: dict | str | None, default_loras: dict | str | None,
+                  allowed_local_media_path: str | None = None,
+                  media_io_kwargs: dict | str | None = None) -> MultiModalConfig:
         if isinstance(limit, str) and not limit.lstrip().startswith("{"):
             limit = _legacy_limits(limit)  # vLLM's older "image=2,video=1"
         limits = {}
@@ -378,7 +388,9 @@ class MultiModalConfig:
             if not isinstance(path, str) or not path:
                 raise ValueError(f"default_mm_loras: {modality}={path!r}: give the "
                                  "adapter's path or hub id")
-        return cls(limits, dict(loras))
+        num_frames, fps = _video_io(json_object("media_io_kwargs", media_io_kwargs,
+                                                " of modalities"))
+        return cls(limits, dict(loras), _media_dir(allowed_local_media_path), num_frames, fps)
 
     def takes(self, modality: str) -> bool:
         return self.limit_per_prompt.get(modality) != 0
@@ -388,6 +400,44 @@ class MultiModalConfig:
         if limit is not None and count > limit:
             raise ValueError(f"At most {limit} {modality}(s) may be provided in one prompt, "
                              f"got {count} (limit_mm_per_prompt / --limit-mm-per-prompt)")
+
+
+def _media_dir(path: str | None) -> str | None:
+    """--allowed-local-media-path checked as vLLM checks it (an existing directory), then
+    resolved, so a file's resolved path is compared with the directory's real one."""
+    if not path:
+        return None
+    where = Path(path)
+    if not where.exists():
+        raise ValueError(f"Invalid `--allowed-local-media-path`: The path {where} does not "
+                         "exist.")
+    if not where.is_dir():
+        raise ValueError(f"Invalid `--allowed-local-media-path`: The path {where} must be a "
+                         "directory.")
+    return str(where.resolve())
+
+
+def _video_io(kwargs: dict) -> tuple[int, float]:
+    """media_io_kwargs' video options (vLLM's VideoMediaIO / OpenCV loader): num_frames
+    (-1: every frame) and fps (> 0: at most duration x fps frames; -1: no such cap)."""
+    unknown = sorted(set(kwargs) - {"video"})
+    if unknown:
+        raise ValueError(f"media_io_kwargs: {unknown[0]!r} takes no options here; only "
+                         "\"video\" is read ({\"num_frames\": n, \"fps\": f})")
+    video = json_object("media_io_kwargs['video']", kwargs.get("video"))
+    unknown = sorted(set(video) - {"num_frames", "fps"})
+    if unknown:
+        raise ValueError(f"media_io_kwargs['video']: unknown option {unknown[0]!r}; use "
+                         "num_frames, fps")
+    num_frames, fps = video.get("num_frames", VIDEO_NUM_FRAMES), video.get("fps", -1)
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not (
+            num_frames == -1 or num_frames > 0):
+        raise ValueError(f"media_io_kwargs['video']: num_frames must be a positive int or -1 "
+                         f"(every frame), got {num_frames!r}")
+    if isinstance(fps, bool) or not isinstance(fps, int | float) or not (fps == -1 or fps > 0):
+        raise ValueError(f"media_io_kwargs['video']: fps must be positive or -1 (no cap), "
+                         f"got {fps!r}")
+    return num_frames, float(fps)
 
 
 def _legacy_limits(text: str) -> dict[str, int]:

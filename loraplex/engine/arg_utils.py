@@ -78,6 +78,10 @@ class EngineArgs:
     # vLLM's: the most items of each modality one prompt may carry, e.g. {"image": 2};
     # {"image": 0} serves a multimodal checkpoint on text, without its vision tower
     limit_mm_per_prompt: dict | str | None = None
+    # vLLM's: chat messages may name files under this directory by file:// URL
+    allowed_local_media_path: str | None = None
+    # vLLM's: per modality, how media is read; here {"video": {"num_frames": 32, "fps": -1}}
+    media_io_kwargs: dict | str | None = None
     reasoning_parser: str | None = None  # vLLM's names (loraplex/reasoning.py)
     generation_config: str = "auto"  # vLLM's: "auto" | "vllm" | a folder (generation_config.py)
     # vLLM's runner: "auto" (generate, or pooling for a headless `*Model` checkpoint),
@@ -286,8 +290,9 @@ class EngineArgs:
                 modules_to_save=self.enable_lora_modules_to_save)
         return EngineConfig(model_config, cache_config, scheduler_config, lora_config,
                             parse_speculative_config(self.speculative_config),
-                            MultiModalConfig.from_args(self.limit_mm_per_prompt,
-                                                       self.default_mm_loras))
+                            MultiModalConfig.from_args(
+                                self.limit_mm_per_prompt, self.default_mm_loras,
+                                self.allowed_local_media_path, self.media_io_kwargs))
 
 
 @dataclass

@@ -16,8 +16,6 @@ into the prefix-cache hashes of the blocks its placeholders are in
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 from bisect import bisect_left
@@ -28,6 +26,7 @@ from typing import Any
 
 import torch
 
+from loraplex.engine.media import MediaConnector, fetch_media
 from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
 from loraplex.models.llama4_vision import (
     Llama4ImageTokens,
@@ -71,8 +70,6 @@ def build_vision(config: VisionConfig) -> Vision:
     if isinstance(config, Qwen3VisionConfig):
         return Qwen3Vision(config)
     return QwenVision(config) if isinstance(config, QwenVisionConfig) else LlavaVision(config)
-
-IMAGE_FETCH_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -139,35 +136,17 @@ def load_images(data: Any) -> list[Any]:
     return images
 
 
-def load_image(source: Any) -> Any:
-    """A PIL image from a PIL image, a data URL (base64) or an http(s) URL (fetched with a
-    timeout); ValueError for anything else or for bytes that are not an image."""
+def load_image(source: Any, connector: MediaConnector | None = None) -> Any:
+    """A PIL image from a PIL image, a data URL (base64), an http(s) URL (fetched with a
+    timeout) or, in a chat message, a file:// URL its connector allows (engine/media.py);
+    ValueError for anything else or for bytes that are not an image."""
     from PIL import Image
 
     if isinstance(source, Image.Image):
         return source
     if not isinstance(source, str):
         raise ValueError(f"an image must be a PIL image or a URL, got {type(source).__name__}")
-    if source.startswith("data:"):
-        header, sep, payload = source.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise ValueError("an image data URL must be data:<mime>;base64,<data>")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"the image data URL is not valid base64: {e}") from e
-    elif source.startswith(("http://", "https://")):
-        import httpx
-
-        try:
-            resp = httpx.get(source, timeout=IMAGE_FETCH_TIMEOUT_S, follow_redirects=True)
-            resp.raise_for_status()
-        except httpx.HTTPError as e:
-            raise ValueError(f"cannot fetch the image at {source}: {e}") from e
-        data = resp.content
-    else:
-        raise ValueError("an image URL must be a data: URL or an http(s) URL, got "
-                         f"{source[:40]!r}")
+    data, _ = fetch_media(source, "image", connector)
     try:
         image = Image.open(io.BytesIO(data))
         image.load()

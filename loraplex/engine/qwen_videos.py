@@ -1,8 +1,9 @@
 """Qwen2-VL's and Qwen2.5-VL's videos (vLLM's `multi_modal_data={"video": ...}`): the
 frames into patches by HF's Qwen2VLVideoProcessor's rule, computed here in torch.
 
-HF's video processor imports torchvision, which loraplex does not depend on (nor on a
-video decoder: vLLM's OpenCV), so its steps are redone on the frames as given: each
+HF's video processor imports torchvision, which loraplex does not depend on, so its
+steps are redone on the frames as given (a chat's video file is decoded and its frames
+sampled first: engine/video_decode.py): each
 frame resized to the one smart_resize size (multiples of patch_size x merge_size within
 the config's pixel bounds; bicubic with antialias, as torchvision resizes a uint8 tensor:
 in fp32, clamped and rounded back), rescaled and normalized in one fused step (HF's
@@ -240,36 +241,6 @@ class QwenVideoProcessor:
         x = x.view(t, tp, c, h // m, m, p, w // m, m, p)
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return x.reshape(t * h * w, c * tp * p * p), (t, h, w)
-
-
-def load_video(source: Any) -> tuple[np.ndarray, dict[str, float]]:
-    """A chat `video_url` part's video: (frames [T, H, W, 3] uint8, {"fps": ...}) of an
-    animated image (GIF, WebP, PNG) given as a data URL, an http(s) URL or a PIL image,
-    decoded by PIL, every frame kept; its fps from the frames' durations (else HF's 24).
-    vLLM decodes video files with OpenCV, which loraplex does not depend on: an mp4 (or
-    anything else PIL cannot open) is a ValueError that says so."""
-    from PIL import Image, ImageSequence
-
-    from loraplex.engine.images import load_image
-
-    try:
-        clip = load_image(source)
-    except ValueError as e:
-        if "cannot decode" not in str(e):
-            raise ValueError(f"video_url: {e}") from e
-        raise ValueError(f"cannot decode the video: {e}; only animated GIF, WebP and PNG "
-                         "videos are decoded here (no video decoder such as OpenCV is "
-                         "installed): send the frames as such an image") from e
-    if not isinstance(clip, Image.Image):
-        raise ValueError("a video must be a URL or an animated PIL image")
-    frames, durations = [], []
-    for frame in ImageSequence.Iterator(clip):
-        frames.append(np.asarray(frame.convert("RGB")))
-        durations.append(float(frame.info.get("duration") or 0))
-    if len({f.shape for f in frames}) != 1:
-        raise ValueError("cannot decode the video: its frames differ in size")
-    meta = {"fps": 1000 * len(durations) / sum(durations)} if all(durations) else {}
-    return np.stack(frames), meta
 
 
 def _sampled_fps(meta: dict[str, Any]) -> float:

@@ -1,8 +1,9 @@
 """Chat messages' content parts, as vLLM reads them: text parts, image parts
-(OpenAI's `image_url`, with a data: or http(s) URL; vLLM's `image_pil` offline), and on
-Qwen2-VL / Qwen2.5-VL vLLM's `video_url` parts (engine/qwen_videos.py's load_video:
-animated GIF / WebP / PNG only, which PIL decodes; no video decoder is a dependency),
-for LLM.chat and the chat route alike.
+(OpenAI's `image_url`, with a data:, http(s) or file:// URL, file:// only under
+--allowed-local-media-path: engine/media.py; vLLM's `image_pil` offline), and on
+Qwen2-VL / Qwen2.5-VL vLLM's `video_url` parts (engine/video_decode.py: animated GIF /
+WebP / PNG by PIL, video files by PyAV, the `loraplex[video]` extra; frames sampled by
+media_io_kwargs), for LLM.chat and the chat route alike.
 
 A message's text parts are joined into one string, as before. A message with images is
 given to the chat template as parts ({"type": "image"} where each image was) when the
@@ -20,7 +21,8 @@ from typing import Any
 
 from loraplex.config import MultiModalConfig
 from loraplex.engine.images import load_image
-from loraplex.engine.qwen_videos import load_video
+from loraplex.engine.media import MediaConnector
+from loraplex.engine.video_decode import VideoSampling, load_video
 
 
 @dataclass
@@ -36,6 +38,14 @@ class ChatImages:
     # the video token's text; None: the model takes no videos
     video_placeholder: str | None = None
     videos: list[Any] = field(default_factory=list)  # (frames, metadata), in order
+    # how URLs are read and video files sampled: from `multimodal`
+    connector: MediaConnector = field(init=False)
+    sampling: VideoSampling = field(init=False)
+
+    def __post_init__(self) -> None:
+        mm = self.multimodal
+        self.connector = MediaConnector(mm.allowed_local_media_path)
+        self.sampling = VideoSampling(mm.video_num_frames, mm.video_fps)
 
     def __bool__(self) -> bool:
         """Whether the conversation carries images or videos."""
@@ -94,7 +104,7 @@ class ChatImages:
         if isinstance(value, dict):
             value = value.get("url")
         try:
-            return load_video(value)
+            return load_video(value, self.connector, self.sampling)
         except ValueError as e:
             raise ValueError(f"messages[{i}]: {e}") from e
 
@@ -107,6 +117,6 @@ class ChatImages:
         if kind == "image_url" and isinstance(value, dict):
             value = value.get("url")
         try:
-            return load_image(value)
+            return load_image(value, self.connector)
         except ValueError as e:
             raise ValueError(f"messages[{i}]: {e}") from e

@@ -218,6 +218,13 @@ ENGINE_HELP: dict[str, str] = {
                            "2}' (or image=2); a prompt with more is refused. "
                            "'{\"image\": 0}' serves an image model on text, without "
                            "building its vision tower.",
+    "allowed_local_media_path": "A directory whose files chat messages may name by file:// "
+                                "URL (image_url, video_url); the file's resolved path "
+                                "must lie under it. Unset: file:// URLs are refused.",
+    "media_io_kwargs": "JSON {modality: options} for reading media; vLLM's video options: "
+                       "'{\"video\": {\"num_frames\": 32, \"fps\": -1}}' (frames kept of a "
+                       "decoded video, sampled uniformly; -1: all; fps > 0 caps them at "
+                       "duration x fps).",
     "lora_scheduling_policy": "When more adapters are wanted than --max-loras: fair (requests "
                               "for running adapters go ahead of ones waiting for a slot; "
                               "slots are time-sliced so the longest-waiting adapter gets the "
