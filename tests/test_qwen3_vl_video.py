@@ -150,6 +150,10 @@ def request(prompt: str, images: list, videos: list) -> dict | str:
     return {"prompt": prompt, "multi_modal_data": data} if data else prompt
 
 
+def _span(r: tuple[int, int]) -> tuple[int, int]:
+    return r[0], r[0] + r[1]
+
+
 def _processor(base: Path) -> QwenImageProcessor:
     return QwenImageProcessor(str(base), Qwen3VisionConfig.from_hf(
         hf_multimodal(str(base), None).config), tokenizer(str(base)))
@@ -174,6 +178,13 @@ def test_prompt_and_patches_are_hf_processors(qwen3):
         rows = inputs.pixel_values.split([t * h * w for t, h, w in inputs.sizes])
         assert torch.equal(torch.cat([rows[i] for i in inputs.videos]),
                            want["pixel_values_videos"])
+        # each video's range: from its first pad to its last, its frames' pads all in it
+        vpad = proc.config.video_token_id
+        for i, (first, n) in enumerate(inputs.ranges):
+            inside = [p for p in range(first, first + n) if ids[p] == vpad]
+            assert (i in inputs.videos) == bool(inside) and ids[first + n - 1] == ids[first]
+        assert sorted(p for i in inputs.videos for p in range(*_span(inputs.ranges[i]))
+                      if ids[p] == vpad) == [p for p, t in enumerate(ids) if t == vpad]
         # the already expanded prompt is kept as it is (the server expands it first)
         assert proc(ids, ims or None, videos=vids)[0] == ids
     text = tok.decode(proc(tok(ASK).input_ids, None, videos=[odd])[0])
