@@ -57,8 +57,9 @@ class QwenImageProcessor:
             self.video = Qwen3VideoProcessor(
                 path, config, lambda text: tokenizer.encode(text, add_special_tokens=False),
                 _token(tokenizer, "vision_end_token_id", "<|vision_end|>"))
-        self.no_videos = ("multi_modal_data: video inputs are not supported for this model "
-                          "(its config names no video token)")
+        self.no_videos = "multi_modal_data: video inputs are not supported for this model " + (
+            "(its config names no video_token_id)" if config.video_token_id < 0 else
+            "(Qwen3-VL's video timestamps need the tokenizer, which was not given)")
 
     def _grids(self, images: list[Any]) -> list[tuple[int, int, int]]:
         """Each image's patch grid, as the HF processor will give it (its own smart_resize,
