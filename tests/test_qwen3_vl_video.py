@@ -383,8 +383,8 @@ def test_bad_videos_fail_alone(qwen3):
 def test_server_chat_with_gif_video_url(qwen3):
     """The official client's chat request with a GIF video_url (2 fps, from its frame
     durations) under an adapter gets HF + PEFT's greedy tokens and /tokenize the expanded
-    ids; a video too long for the context and an undecodable one fail alone with a 400;
-    the server still serves."""
+    ids; a video too long for the context, a one-frame one and an undecodable one fail
+    alone with a 400; the server still serves."""
     base = qwen3["base"]
     frames = paletted(2)
     content = [{"type": "video_url", "video_url": {"url": gif_url(frames)}},
@@ -410,6 +410,8 @@ def test_server_chat_with_gif_video_url(qwen3):
         long = [{"type": "video_url", "video_url": {"url": gif_url(paletted(3, 40, (32, 32)))}}]
         for bad, match in (
                 (long, "maximum context length is 160"),
+                ([{"type": "video_url", "video_url": {"url": gif_url(paletted(4, 1))}}],
+                 "at least 2 frames"),
                 ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}],
                  "cannot decode the video")):
             with pytest.raises(openai.BadRequestError) as info:
@@ -417,3 +419,15 @@ def test_server_chat_with_gif_video_url(qwen3):
             assert info.value.status_code == 400
             assert re.search(match, info.value.body["message"]), info.value.body
         assert chat(content) == want  # the server still serves
+
+
+def test_default_mm_lora_for_videos(qwen3):
+    """default_mm_loras {"video": adapter}: a video request naming no adapter runs under
+    it (HF + PEFT's tokens); an image request stays on the base."""
+    base = qwen3["base"]
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8,
+                   default_mm_loras={"video": str(qwen3["r8"])})
+    a, im = (video(1, 5), STEPS), image(2)
+    outs = llm.generate([request(ASK, [], [a]), request(IMAGE_ASK, [im], [])], GREEDY,
+                        use_tqdm=False)
+    check(outs, base, [(ASK, [], [a], qwen3["r8"]), (IMAGE_ASK, [im], [], None)])
