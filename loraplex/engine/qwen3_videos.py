@@ -94,20 +94,27 @@ class Qwen3VideoProcessor(QwenVideoProcessor):
         source video, and its fps."""
         frames, meta = unpack(video)
         frames = self.array(frames)
+        picked, indices, fps = self.sampled(len(frames), meta)
+        return (frames if picked is None else frames[picked]), indices, fps
+
+    @staticmethod
+    def sampled(count: int, meta: dict[str, Any]) -> tuple[list[int] | None, list[int], float]:
+        """Which of `count` frames are kept (None: all, as given), their indices in the
+        source video, and its fps, from the metadata (without the pixels)."""
         fps = float(meta.get("fps") or DEFAULT_FPS)
         if not fps > 0:
             raise ValueError(f"multi_modal_data: a video's fps must be positive, got {fps}")
         indices = meta.get("frames_indices")
-        indices = list(range(len(frames))) if indices is None else [int(i) for i in indices]
+        indices = list(range(count)) if indices is None else [int(i) for i in indices]
+        picked = None
         if meta.get("do_sample_frames"):  # HF's sample_frames over the frames given
-            total = len(frames)
-            n = min(max(int(total / fps * SAMPLE_FPS), MIN_FRAMES), MAX_FRAMES, total)
-            picked = np.linspace(0, total - 1, n).round().astype(int).tolist()
-            frames, indices = frames[picked], picked
-        if len(indices) != len(frames):
+            n = min(max(int(count / fps * SAMPLE_FPS), MIN_FRAMES), MAX_FRAMES, count)
+            picked = np.linspace(0, count - 1, n).round().astype(int).tolist()
+            indices = picked
+        if len(indices) != count and picked is None:
             raise ValueError(f"multi_modal_data: a video's frames_indices name {len(indices)} "
-                             f"frames, but it has {len(frames)}")
-        return frames, indices, fps
+                             f"frames, but it has {count}")
+        return picked, indices, fps
 
     def size(self, frames: int, height: int, width: int) -> tuple[int, int]:
         """The frames' size after resizing (Qwen3VLVideoProcessor.resize's rule)."""
@@ -130,7 +137,8 @@ class Qwen3VideoProcessor(QwenVideoProcessor):
         return (t + -t % tp) // tp, h // self.patch_size, w // self.patch_size
 
     def timestamps(self, video: Any) -> list[float]:
-        _, indices, fps = self.clip(video)
+        frames, meta = unpack(video)
+        _, indices, fps = self.sampled(len(frames), meta)
         return frame_timestamps(indices, fps, self.temporal_patch_size)
 
     def __call__(self, video: Any) -> Video:
