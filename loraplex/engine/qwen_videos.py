@@ -15,6 +15,10 @@ sampling: the caller has sampled them, as vLLM's loader does).
 A video's `second_per_grid_t` is temporal_patch_size / its fps (Qwen2_5_VLProcessor's
 rule; the fps from the video's metadata, `(frames, {"fps": ...})`, else HF's default of
 24), which spaces its temporal M-RoPE positions (models/mrope.py).
+
+Qwen3-VL's videos (engine/qwen3_videos.py) subclass the processor: the same pixels, its
+own defaults and resize, and its prompt (`expand`), item ranges (`spans`) and position
+grids (`rope_grids`) in place of the ones here.
 """
 
 from __future__ import annotations
