@@ -29,6 +29,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+import transformers
 
 from loraplex import LoRARequest
 from loraplex.engine.qwen3_videos import Qwen3VideoProcessor
@@ -53,6 +54,8 @@ from tests.test_qwen_video import VIDEO, VIDEO_TEMPLATE, gif_url, paletted, vide
 
 pytest.importorskip("PIL")
 pytest.importorskip("transformers.models.qwen3_vl")
+pytestmark = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                                reason="transformers 5's Qwen3VLProcessor and get_rope_index")
 ASK = f"USER: {VIDEO}What happens? ASSISTANT:"
 BARE = "USER: <|video_pad|> What happens? ASSISTANT:"  # no vision start / end around it
 BOTH = f"USER: {IMAGE} then {VIDEO}: same scene? ASSISTANT:"
