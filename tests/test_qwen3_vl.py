@@ -169,14 +169,14 @@ def test_prefix_cache_never_shares_across_images(qwen3):
 
 
 def test_bad_inputs_fail_alone(qwen3):
-    """A video, more images than placeholders, an undecodable image: each refused at
+    """A one-frame video, more images than placeholders, an undecodable image: each refused at
     add_request with its reason while an image request already queued runs on to HF's
     tokens."""
     base = qwen3["base"]
     engine = make_llm(base).llm_engine
     a = image(1)
     engine.add_request("good", request(ASK, [a]), GREEDY)
-    bad = [({"prompt": ASK, "multi_modal_data": {"video": [a]}}, "'video'.* not supported"),
+    bad = [({"prompt": ASK, "multi_modal_data": {"video": [a]}}, "at least 2 frames"),
            ({"prompt": ASK, "multi_modal_data": {"image": [a, a]}},
             "1 image placeholder token.* for 2 image"),
            ({"prompt": ASK, "multi_modal_data": {"image": ["data:image/png;base64,AAAA"]}},

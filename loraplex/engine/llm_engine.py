@@ -63,7 +63,6 @@ from loraplex.models.loader import init_dummy_weights, load_weights, resolve_mod
 from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.qwen2_vl import QwenVisionConfig
-from loraplex.models.qwen3_vl import Qwen3VisionConfig
 from loraplex.models.registry import (
     architecture,
     build_model,
@@ -139,7 +138,7 @@ class LLMEngine:
         # models/qwen2_vl.py, models/pixtral.py), the image
         # processor; none when limit_mm_per_prompt allows no image (served on text, the
         # tower never built)
-        # (Qwen2-VL / Qwen2.5-VL: or no video either, which the same tower embeds)
+        # (Qwen-VL: or no video either, which the same tower embeds)
         vision = (vision_config(whole) if self.text_only is not None
                   and self.text_only.images and (self.multimodal.takes("image") or (
                       takes_videos(whole) and self.multimodal.takes("video"))) else None)
@@ -252,8 +251,7 @@ class LLMEngine:
         if config is None:
             return None
         if isinstance(config, QwenVisionConfig):
-            return QwenImageProcessor(path, config,
-                                      videos=not isinstance(config, Qwen3VisionConfig))
+            return QwenImageProcessor(path, config, self.tokenizer)
         if isinstance(config, PixtralVisionConfig):
             return PixtralImageProcessor(path, config, self.tokenizer)
         try:
@@ -364,8 +362,8 @@ class LLMEngine:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """What multi_modal_data may carry here: images, and Qwen2-VL's / Qwen2.5-VL's
-        videos (engine/qwen_videos.py)."""
+        """What multi_modal_data may carry here: images, and Qwen-VL's videos
+        (engine/qwen_videos.py, engine/qwen3_videos.py)."""
         if self.image_processor is None:
             return ()
         return ("image", "video") if getattr(self.image_processor, "video", None) is not None \

@@ -6,12 +6,15 @@ prompt's `<|image_pad|>` expanded to grid_t x grid_h x grid_w / merge_size^2 tok
 image as Qwen2VLProcessor expands it, and the prompt's M-RoPE positions
 (models/mrope.py) computed once here, beside the pixels, for the model runner.
 
-Videos (Qwen2-VL, Qwen2.5-VL: engine/qwen_videos.py) are items of the same ImageInputs:
-each `<|video_pad|>` expanded to its grid's t x h x w / merge_size^2 tokens, its patches
-in the pixels and its grid in `sizes` at its place in prompt order among the images (one
-tower call embeds them all, row after row as the placeholders come), its hash in the
-prefix-cache keys of its blocks, its temporal positions spaced as HF's get_rope_index
-spaces them.
+Videos (Qwen2-VL, Qwen2.5-VL: engine/qwen_videos.py; Qwen3-VL: engine/qwen3_videos.py)
+are items of the same ImageInputs: each `<|video_pad|>` expanded as the model's
+processor does (Qwen2: its grid's t x h x w / merge_size^2 tokens; Qwen3: per temporal
+patch a timestamp and its pads between vision start and end, the item's range then
+spanning from its first pad to its last), its patches in the pixels and its grid in
+`sizes` at its place in prompt order among the images (one tower call embeds them all,
+row after row as the placeholders come; Qwen3-VL's DeepStack features with them), its
+hash in the prefix-cache keys of its blocks, its positions as HF's get_rope_index gives
+them.
 
 `ImageInputs.sizes` holds each image's patch grid (t, h, w) here, which is what the vision
 tower (models/qwen2_vl.py) and the placeholder count read.
@@ -25,25 +28,38 @@ from typing import Any
 import torch
 
 from loraplex.engine.images import ImageInputs, expand_placeholders, load_images
+from loraplex.engine.qwen3_videos import Qwen3VideoProcessor
 from loraplex.engine.qwen_videos import QwenVideoProcessor, split_videos
 from loraplex.models.mrope import mrope_positions
 from loraplex.models.qwen2_vl import Grid, QwenVisionConfig
+from loraplex.models.qwen3_vl import Qwen3VisionConfig
+
+
+def _token(tokenizer: Any, name: str, text: str) -> int:
+    """A special token's id as HF's processor finds it: the tokenizer's attribute, else
+    its text's id."""
+    return getattr(tokenizer, name, None) or tokenizer.convert_tokens_to_ids(text)
 
 
 class QwenImageProcessor:
     """The model's HF image processor plus Qwen2-VL's placeholder and position rules."""
 
-    def __init__(self, path: str, config: QwenVisionConfig, videos: bool = True) -> None:
-        """`videos`: whether the model takes videos (Qwen3-VL's placeholders, with each
-        frame's timestamp, are not done: refused)."""
+    def __init__(self, path: str, config: QwenVisionConfig, tokenizer: Any = None) -> None:
+        """`tokenizer`: Qwen3-VL's videos' timestamps are text (none: its videos refused)."""
         from transformers import AutoImageProcessor
 
         self.config = config
         self.hf = AutoImageProcessor.from_pretrained(path)
-        self.video = (QwenVideoProcessor(path, config)
-                      if videos and config.video_token_id >= 0 else None)
-        self.no_videos = ("multi_modal_data: video inputs are not supported for this model "
-                          "(Qwen2-VL's and Qwen2.5-VL's are; Qwen3-VL's are not yet)")
+        self.video: QwenVideoProcessor | None = None
+        if config.video_token_id >= 0 and not isinstance(config, Qwen3VisionConfig):
+            self.video = QwenVideoProcessor(path, config)
+        elif config.video_token_id >= 0 and tokenizer is not None:
+            self.video = Qwen3VideoProcessor(
+                path, config, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                _token(tokenizer, "vision_end_token_id", "<|vision_end|>"))
+        self.no_videos = "multi_modal_data: video inputs are not supported for this model " + (
+            "(its config names no video_token_id)" if config.video_token_id < 0 else
+            "(Qwen3-VL's video timestamps need the tokenizer, which was not given)")
 
     def _grids(self, images: list[Any]) -> list[tuple[int, int, int]]:
         """Each image's patch grid, as the HF processor will give it (its own smart_resize,
@@ -78,7 +94,7 @@ class QwenImageProcessor:
         grids = self._grids(images)
         video_grids = [self.video.grid(v) for v in clips] if clips else []
         # before the pixels: a mismatch costs nothing
-        ids = self._expand(ids, grids, video_grids)
+        ids = self._expand(ids, grids, clips, video_grids)
         items: list[tuple[torch.Tensor, Grid, bytes]] = []
         if images:
             out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt")
@@ -93,33 +109,30 @@ class QwenImageProcessor:
         if [v.grid for v in processed] != video_grids:
             raise ValueError("a video's patch grid is not the one its size gives")
         items += [(v.patches, v.grid, v.hash) for v in processed]
-        # each item's first placeholder; the prompt order of images and videos
-        firsts = self._firsts(ids, c.image_token_id) + (
-            self._firsts(ids, c.video_token_id) if clips else [])
-        order = sorted(range(len(items)), key=firsts.__getitem__)
+        # each item's placeholders (first, span); the prompt order of images and videos
+        spans = [(first, c.tokens_for(g)) for first, g in
+                 zip(self._firsts(ids, c.image_token_id), grids, strict=True)]
+        if clips:
+            spans += self.video.spans(ids, video_grids)
+        order = sorted(range(len(items)), key=lambda i: spans[i][0])
         pixels = (torch.cat([items[i][0] for i in order]) if items
                   else torch.empty(0, c.in_channels * c.temporal_patch_size * c.patch_size ** 2))
-        inputs = ImageInputs(pixels, self.positions(ids),
-                             [(firsts[i], c.tokens_for(items[i][1])) for i in order],
+        inputs = ImageInputs(pixels, self.positions(ids), [spans[i] for i in order],
                              [items[i][2] for i in order], sizes=[items[i][1] for i in order],
                              videos=[k for k, i in enumerate(order) if i >= len(images)])
-        # Qwen2.5-VL: tokens_per_second x second_per_grid_t in fp32, as HF multiplies them
-        steps = [float(torch.tensor(v.second_per_grid_t, dtype=torch.float32)
-                       * c.tokens_per_second) if c.tokens_per_second else 1.0
-                 for v in processed]
+        runs, steps = self.video.rope_grids(processed) if processed else ([], [])
         inputs.mrope, inputs.mrope_delta = mrope_positions(
             ids, c.image_token_id, grids, c.merge_size,
-            c.video_token_id if self.video is not None else None, video_grids, steps)
+            c.video_token_id if self.video is not None else None, runs, steps)
         return ids, inputs
 
-    def _expand(self, ids: list[int], grids: list[Grid], video_grids: list[Grid]
-                ) -> list[int]:
+    def _expand(self, ids: list[int], grids: list[Grid], clips: list[Any],
+                video_grids: list[Grid]) -> list[int]:
         c = self.config
         ids = expand_placeholders(ids, c.image_token_id, [c.tokens_for(g) for g in grids])
         if self.video is None:
             return ids
-        return expand_placeholders(ids, c.video_token_id, [c.tokens_for(g) for g in video_grids],
-                                   kind="video")
+        return self.video.expand(ids, clips, video_grids)
 
     @staticmethod
     def _firsts(ids: list[int], token: int) -> list[int]:
@@ -132,7 +145,7 @@ class QwenImageProcessor:
         clips = [] if videos is None else split_videos(videos)
         if clips and self.video is None:
             raise ValueError(self.no_videos)
-        return self._expand(ids, self._grids(images),
+        return self._expand(ids, self._grids(images), clips,
                             [self.video.grid(v) for v in clips] if clips else [])
 
     def positions(self, ids: list[int]) -> list[int]:
@@ -147,7 +160,8 @@ class QwenImageProcessor:
         videos = set(inputs.videos)
         if self.positions(ids) != inputs.positions or inputs.mrope is None \
                 or inputs.mrope.shape[1] != len(ids) \
-                or [n for _, n in inputs.ranges] != [c.tokens_for(g) for g in inputs.sizes] \
+                or [sum(first <= p < first + n for p in inputs.positions)
+                    for first, n in inputs.ranges] != [c.tokens_for(g) for g in inputs.sizes] \
                 or any((ids[first] == c.video_token_id) != (i in videos)
                        for i, (first, _) in enumerate(inputs.ranges)) \
                 or inputs.pixel_values.shape[0] != sum(t * h * w for t, h, w in inputs.sizes):

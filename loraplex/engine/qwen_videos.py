@@ -16,6 +16,10 @@ sampling: the caller has sampled them, as vLLM's loader does).
 A video's `second_per_grid_t` is temporal_patch_size / its fps (Qwen2_5_VLProcessor's
 rule; the fps from the video's metadata, `(frames, {"fps": ...})`, else HF's default of
 24), which spaces its temporal M-RoPE positions (models/mrope.py).
+
+Qwen3-VL's videos (engine/qwen3_videos.py) subclass the processor: the same pixels, its
+own defaults and resize, and its prompt (`expand`), item ranges (`spans`) and position
+grids (`rope_grids`) in place of the ones here.
 """
 
 from __future__ import annotations
@@ -24,15 +28,15 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loraplex.engine.images import expand_placeholders
 from loraplex.models.qwen2_vl import Grid, QwenVisionConfig, is_qwen_vl
-from loraplex.models.qwen3_vl import is_qwen3_vl
 
 DEFAULT_FPS = 24.0  # HF's VideoMetadata.sampled_fps without metadata
 # Qwen2VLVideoProcessor's defaults
@@ -49,6 +53,8 @@ class Video:
     grid: Grid
     second_per_grid_t: float
     hash: bytes
+    # Qwen3-VL: each temporal patch's time in seconds, which its prompt text gives
+    timestamps: list[float] = field(default_factory=list)
 
 
 def _smart_resize(height: int, width: int, factor: int, min_pixels: int,
@@ -70,9 +76,9 @@ def _smart_resize(height: int, width: int, factor: int, min_pixels: int,
 
 
 def takes_videos(hf_config: Any) -> bool:
-    """The checkpoint's videos are served: Qwen2-VL's and Qwen2.5-VL's (Qwen3-VL's
-    timestamped placeholders are not done)."""
-    return is_qwen_vl(hf_config) and not is_qwen3_vl(hf_config)
+    """The checkpoint's videos are served: Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's
+    (engine/qwen3_videos.py)."""
+    return is_qwen_vl(hf_config)
 
 
 def is_video(item: Any) -> bool:
@@ -126,14 +132,25 @@ def video_processor_dict(path: str) -> dict[str, Any]:
     return {}
 
 
+def unpack(video: Any) -> tuple[Any, dict[str, Any]]:
+    """A video's frames and its metadata dict ({} when given bare)."""
+    if isinstance(video, tuple) and len(video) == 2 and isinstance(video[1], dict):
+        return video
+    return video, {}
+
+
 class QwenVideoProcessor:
     """The checkpoint's video processor settings (video_processor_dict) applied to
     frames."""
 
+    default_size = DEFAULT_SIZE
+    default_mean, default_std = CLIP_MEAN, CLIP_STD
+    default_max_video_tokens = 128000
+
     def __init__(self, path: str, config: QwenVisionConfig) -> None:
         self.config = config
         cfg = video_processor_dict(path)
-        size = dict(cfg.get("size") or DEFAULT_SIZE)
+        size = dict(cfg.get("size") or self.default_size)
         for old, new in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
             if old in size:  # older configs' size keys
                 size[new] = size.pop(old)
@@ -157,17 +174,19 @@ class QwenVideoProcessor:
         self.do_rescale = bool(cfg.get("do_rescale", True))
         self.do_normalize = bool(cfg.get("do_normalize", True))
         self.rescale_factor = float(cfg.get("rescale_factor", 1 / 255))
-        self.mean = tuple(cfg.get("image_mean") or CLIP_MEAN)
-        self.std = tuple(cfg.get("image_std") or CLIP_STD)
+        self.mean = tuple(cfg.get("image_mean") or self.default_mean)
+        self.std = tuple(cfg.get("image_std") or self.default_std)
         self.cap_pixels = bool(cfg.get("cap_pixels_per_frame"))
-        self.max_video_tokens = int(cfg.get("max_video_tokens", 128000))
+        self.max_video_tokens = int(cfg.get("max_video_tokens", self.default_max_video_tokens))
 
     def frames(self, video: Any) -> tuple[torch.Tensor, float]:
         """[T, 3, H, W] frames (uint8 as given, or the array's dtype) and the fps."""
-        fps = DEFAULT_FPS
-        if isinstance(video, tuple) and len(video) == 2 and isinstance(video[1], dict):
-            video, meta = video
-            fps = _sampled_fps(meta)
+        video, meta = unpack(video)
+        return self.array(video), _sampled_fps(meta)
+
+    @staticmethod
+    def array(video: Any) -> torch.Tensor:
+        """[T, 3, H, W]: a video's frames (without metadata), uint8 or float."""
         if isinstance(video, list | tuple):
             from PIL import Image
 
@@ -184,7 +203,7 @@ class QwenVideoProcessor:
         if not (frames.dtype == torch.uint8 or frames.dtype.is_floating_point):
             raise ValueError(f"multi_modal_data: a video's pixels must be uint8 or float, "
                              f"got {frames.dtype}")
-        return frames.permute(0, 3, 1, 2), fps
+        return frames.permute(0, 3, 1, 2)
 
     def size(self, frames: int, height: int, width: int) -> tuple[int, int]:
         """The frames' size after resizing (Qwen2VLVideoProcessor.resize's rule)."""
@@ -209,6 +228,14 @@ class QwenVideoProcessor:
         frames, fps = self.frames(video)
         if fps <= 0:
             raise ValueError(f"multi_modal_data: a video's fps must be positive, got {fps}")
+        patches, grid = self.pixels(frames)
+        second = self.temporal_patch_size / fps
+        digest = hashlib.blake2b(b"video" + patches.contiguous().numpy().tobytes()
+                                 + repr((grid, second)).encode(), digest_size=16).digest()
+        return Video(patches, grid, second, digest)
+
+    def pixels(self, frames: torch.Tensor) -> tuple[torch.Tensor, Grid]:
+        """[T, 3, H, W] frames resized, rescaled, normalized and laid out in patches."""
         t, _, height, width = frames.shape
         h, w = self.size(t, height, width)
         x = frames
@@ -225,11 +252,30 @@ class QwenVideoProcessor:
             x = (x - mean[:, None, None]) / std[:, None, None]
         elif self.do_rescale:
             x = x * self.rescale_factor
-        patches, grid = self.patchify(x)
-        second = self.temporal_patch_size / fps
-        digest = hashlib.blake2b(b"video" + patches.contiguous().numpy().tobytes()
-                                 + repr((grid, second)).encode(), digest_size=16).digest()
-        return Video(patches, grid, second, digest)
+        return self.patchify(x)
+
+    def expand(self, ids: list[int], clips: list[Any], grids: list[Grid]) -> list[int]:
+        """The prompt with each video's `<|video_pad|>` expanded to its grid's tokens
+        (Qwen2VLProcessor's rule)."""
+        c = self.config
+        return expand_placeholders(ids, c.video_token_id, [c.tokens_for(g) for g in grids],
+                                   kind="video")
+
+    def spans(self, ids: list[int], grids: list[Grid]) -> list[tuple[int, int]]:
+        """Each video's placeholders in the expanded prompt: (first, span to its last)."""
+        c = self.config
+        firsts = [p for p, t in enumerate(ids)
+                  if t == c.video_token_id and (p == 0 or ids[p - 1] != t)]
+        return [(first, c.tokens_for(g)) for first, g in zip(firsts, grids, strict=True)]
+
+    def rope_grids(self, videos: list[Video]) -> tuple[list[Grid], list[float]]:
+        """What models/mrope.py's mrope_positions takes for these videos: a grid per run
+        of placeholders and its temporal step (Qwen2.5-VL: tokens_per_second x
+        second_per_grid_t in fp32, as HF multiplies them; Qwen2-VL: 1)."""
+        c = self.config
+        steps = [float(torch.tensor(v.second_per_grid_t, dtype=torch.float32)
+                       * c.tokens_per_second) if c.tokens_per_second else 1.0 for v in videos]
+        return [v.grid for v in videos], steps
 
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         """[T, C, H, W] -> [t * h * w, C x temporal x patch^2] in HF's patch order."""

@@ -20,7 +20,9 @@ interleaves them (t, h, w, t, h, w, ...: frequency i by h where i % 3 == 1 and i
 mrope_section[1], by w where i % 3 == 2 and i < 3 x mrope_section[2], else by t), so
 every axis spans the high and the low frequencies (HF's
 Qwen3VLTextRotaryEmbedding.recomposition_frequencies). The positions are the same rule
-for both (Qwen3-VL's get_rope_index differs from Qwen2-VL's only for videos' timestamps).
+for both; Qwen3-VL's get_rope_index differs only for videos, whose temporal patches are
+separated by timestamp text: each is given here as a (1, h, w) grid of its own
+(engine/qwen3_videos.py).
 """
 
 from __future__ import annotations

@@ -16,8 +16,11 @@ prefill chunk, a recompute and a prefix-cache hit treat them exactly as the inpu
 embedding (each row's features are added at its own row only).
 
 The language model is Qwen3 (q/k norm) with interleaved M-RoPE (models/mrope.py's
-frequency_axes); the placeholder expansion and the positions are Qwen2-VL's
-(engine/qwen_images.py). Checkpoints name the tower `model.visual.*` (or `visual.*`).
+frequency_axes); the images' placeholder expansion and positions are Qwen2-VL's
+(engine/qwen_images.py), the videos' Qwen3-VL's own (engine/qwen3_videos.py: timestamps
+between the temporal patches; the tower embeds a video of t temporal patches as t
+images, each attending within itself). Checkpoints name the tower `model.visual.*` (or
+`visual.*`).
 """
 
 from __future__ import annotations
