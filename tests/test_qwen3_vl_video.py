@@ -321,6 +321,27 @@ def test_frames_as_pil_images(qwen3):
     check(outs[1:], base, [(ASK, [], [(frames, STEPS)], None)])
 
 
+def test_chat_video_url_sampled_again(qwen3):
+    """A chat video_url whose every frame the loader kept (its metadata's
+    do_sample_frames, as vLLM's loader sets it) is sampled again by HF's Qwen3-VL rule,
+    as vLLM has HF do: a 10 fps GIF's 10 frames become HF's sample_frames' 4, the prompt
+    and tokens HF's on those frames and their indices."""
+    from transformers.video_utils import VideoMetadata
+
+    base = qwen3["base"]
+    frames = paletted(6, 10)
+    hf = hf_processor(str(base)).video_processor
+    want = hf.sample_frames(VideoMetadata(total_num_frames=10, fps=10.0))
+    assert len(want) < len(frames)
+    content = [{"type": "video_url", "video_url": {"url": gif_url(frames, ms=100)}},
+               {"type": "text", "text": "What happens?"}]
+    outs = make_llm(base).chat([{"role": "user", "content": content}], GREEDY,
+                               chat_template=VIDEO_TEMPLATE, use_tqdm=False)
+    prompt = f"<|im_start|>user\n{VIDEO}What happens?<|im_end|>\n<|im_start|>assistant\n"
+    sampled = (frames[want], {"fps": 10.0, "frames_indices": want.tolist()})
+    check(outs, base, [(prompt, [], [sampled], None)], add_special_tokens=False)
+
+
 def test_prefix_cache_never_shares_across_videos(qwen3):
     """The same text with another video of the same size: only the blocks before it are
     shared; the same video again: all but the last block; the same frames at other
