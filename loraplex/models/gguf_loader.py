@@ -1,0 +1,144 @@
+"""A GGUF file (llama.cpp's format) as a base model: config, tokenizer and weights.
+
+Read the way transformers reads one (`from_pretrained(dir, gguf_file=...)`), since that is
+the code PEFT adapters' users trust: the config and the tokenizer from the file's metadata
+through transformers, the tensors renamed to HF's names and llama.cpp's changes undone
+(Llama's q/k row permutation for its rope layout, Gemma's norm offset) by transformers'
+tensor processors. Quantized tensors (Q8_0, Q4_K, ...) are dequantized by the `gguf`
+package into the model's dtype as they load, one tensor at a time: loraplex has no GGUF
+kernels, so a GGUF base costs the memory of an unquantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+# llama.cpp's `general.architecture` values served: transformers reads them and our
+# registry has the model (llama.cpp writes Llama and Mistral files as "llama")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def require_gguf() -> Any:
+    """The `gguf` package, which transformers' GGUF reading needs; a clear error without."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("loading a GGUF file needs the `gguf` package: pip install "
+                          "'loraplex[gguf]'") from e
+    return gguf
+
+
+def _has_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def gguf_file(model: str, load_format: str = "auto") -> str | None:
+    """The GGUF file `model` names (a local `.gguf` file, a file that starts with GGUF's
+    magic, or any file with load_format="gguf"), or None for an HF checkpoint."""
+    named = model.endswith(".gguf") or load_format == "gguf"
+    if not os.path.isfile(model):
+        if named and os.path.isdir(model):
+            raise ValueError(f"model {model!r} is a directory, not a GGUF file "
+                             "(load_format='gguf' takes a .gguf file)")
+        if named:
+            raise ValueError(f"model {model!r}: no such GGUF file (loraplex reads local GGUF "
+                             "files; download one first, e.g. `hf download REPO FILE.gguf`)")
+        return None
+    if not _has_magic(model):
+        if named:
+            raise ValueError(f"model {model!r} is not a GGUF file (it does not start with "
+                             "GGUF's magic bytes)")
+        return None
+    return model
+
+
+def check_gguf(path: str) -> str:
+    """The file's llama.cpp architecture, after checking that its header and tensor table
+    read and that every tensor's data is in the file (a truncated download fails here, at
+    start-up, not halfway through loading)."""
+    gguf = require_gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+        arch = str(reader.fields["general.architecture"].contents())
+    except Exception as e:  # numpy / struct errors of a cut or corrupt file
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                         "is it truncated?") from e
+    for t in reader.tensors:
+        if t.data.nbytes != t.n_bytes:
+            raise ValueError(f"{path}: tensor {t.name} has {t.data.nbytes} of its "
+                             f"{t.n_bytes} bytes: the file is truncated")
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                         + ", ".join(SUPPORTED_GGUF_ARCHITECTURES))
+    return arch
+
+
+def gguf_config(path: str) -> Any:
+    """The HF config transformers builds from the file's metadata."""
+    from transformers import AutoConfig
+
+    check_gguf(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    return AutoConfig.from_pretrained(folder, gguf_file=name)
+
+
+def gguf_tokenizer(path: str) -> Any:
+    """The tokenizer (and chat template) transformers builds from the file's metadata."""
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(path))
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def _hf_names(hf_config: Any, processor: Any) -> dict[str, str]:
+    """GGUF tensor name -> HF parameter name, from transformers' map over an HF model of
+    this config built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(hf_config)
+    return get_gguf_hf_weights_map(hf_model, processor)
+
+
+def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, dequantized tensor) of each of the file's tensors, one at a time: what
+    transformers' load_gguf_checkpoint computes, without holding them all."""
+    gguf = require_gguf()
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    reader = gguf.GGUFReader(path)
+    arch = str(reader.fields["general.architecture"].contents())
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict())
+    names = _hf_names(hf_config, processor)
+    skipped = []
+    for tensor in reader.tensors:
+        result = processor.process(weights=gguf.dequantize(tensor.data, tensor.tensor_type),
+                                   name=tensor.name, tensor_key_mapping=names,
+                                   parsed_parameters={"tensors": {}})
+        if result.name not in names:  # transformers drops them too (llama.cpp's rope_freqs)
+            skipped.append(tensor.name)
+            continue
+        yield names[result.name], torch.from_numpy(np.array(result.weights, copy=True))
+    if skipped:
+        logger.info("%s: skipped %d tensors that have no HF parameter: %s", path,
+                    len(skipped), ", ".join(skipped[:8]))
+
+
+def log_dequantized_size(path: str, model: torch.nn.Module) -> None:
+    """Say what dequantizing cost: the file's size against the loaded weights'."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype = next(model.parameters()).dtype
+    logger.info("GGUF %s (%.2f GiB on disk) dequantized into %.2f GiB of %s weights "
+                "(loraplex keeps no GGUF quantization)", os.path.basename(path),
+                os.path.getsize(path) / 2**30, params / 2**30, str(dtype).replace("torch.", ""))
