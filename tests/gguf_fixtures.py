@@ -62,9 +62,11 @@ def _write_tokenizer(writer, hf_dir: Path) -> None:
         writer.add_chat_template(template)
 
 
-def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny") -> Path:
+def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
+               rope_scaling: str | None = None) -> Path:
     """The tiny HF checkpoint in `hf_dir` as a GGUF file `out`; `quant`: the matrices' type
-    (F16, F32, or a type `gguf.quants.quantize` writes: Q8_0, Q4_0 ...)."""
+    (F16, F32, or a type `gguf.quants.quantize` writes: Q8_0, Q4_0 ...); `rope_scaling`:
+    a `rope.scaling.type` key to write (its factor 2)."""
     import gguf
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -85,6 +87,9 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny")
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_rope_dimension_count(head_dim)
+    if rope_scaling is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
+        writer.add_rope_scaling_factor(2.0)
     if arch == "qwen3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)

@@ -179,3 +179,12 @@ def test_without_the_gguf_package_the_error_names_the_extra(gguf_files, monkeypa
     monkeypatch.setitem(sys.modules, "gguf", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install 'loraplex\[gguf\]'"):
         make_llm(gguf_files[("llama", "Q8_0")])
+
+
+def test_rope_scaling_the_config_does_not_read_is_warned_about(hf_models, tmp_path, caplog):
+    """transformers builds no rope_scaling from a GGUF: the user is told to give it."""
+    path = write_gguf(hf_models["llama"][0], tmp_path / "linear.gguf", "F16",
+                      rope_scaling="linear")
+    with caplog.at_level("WARNING", logger="loraplex.models.gguf_loader"):
+        make_llm(path, tokenizer=str(hf_models["llama"][0]))
+    assert "llama.rope.scaling.type" in caplog.text and "hf_overrides" in caplog.text

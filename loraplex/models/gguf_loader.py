@@ -3,8 +3,7 @@
 Read the way transformers reads one (`from_pretrained(dir, gguf_file=...)`), since that is
 the code PEFT adapters' users trust: the config and the tokenizer from the file's metadata
 through transformers, the tensors renamed to HF's names and llama.cpp's changes undone
-(Llama's q/k row permutation for its rope layout, Gemma's norm offset) by transformers'
-tensor processors. Quantized tensors (Q8_0, Q4_K, ...) are dequantized by the `gguf`
+(Llama's q/k row permutation for its rope layout) by transformers' tensor processors. Quantized tensors (Q8_0, Q4_K, ...) are dequantized by the `gguf`
 package into the model's dtype as they load, one tensor at a time: loraplex has no GGUF
 kernels, so a GGUF base costs the memory of an unquantized checkpoint.
 """
@@ -80,6 +79,12 @@ def check_gguf(path: str) -> str:
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                          + ", ".join(SUPPORTED_GGUF_ARCHITECTURES))
+    scaled = [k for k in reader.fields if k.startswith(f"{arch}.rope.scaling.")]
+    if scaled or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        logger.warning("%s has rope scaling (%s), which transformers' GGUF config does not "
+                       "read, so neither does loraplex: give the original config.json's "
+                       "rope_scaling through hf_overrides (--hf-overrides)", path,
+                       ", ".join(scaled) or "rope_freqs.weight: Llama 3's")
     return arch
 
 
