@@ -1,10 +1,10 @@
 """GGUF files of the tiny test models, written as llama.cpp's convert_hf_to_gguf.py writes them.
 
 The tensors get llama.cpp's names (the `gguf` package's own name map), Llama's q/k rows are
-permuted for llama.cpp's rope layout, 1-D tensors stay F32 and the matrices are F16 or
-quantized with `gguf.quants.quantize` (Q8_0 by default); the metadata holds the config's
-sizes, the tokenizer (byte-level BPE: tokens, types, merges, special ids) and the chat
-template. Needs the `gguf` package (tests skip without it).
+permuted for llama.cpp's rope layout, Gemma's norms stored as 1 + w, 1-D tensors stay F32
+and the matrices are F16 or quantized with `gguf.quants.quantize` (Q8_0 by default); the
+metadata holds the config's sizes, the tokenizer (byte-level BPE: tokens, types, merges,
+special ids) and the chat template. Needs the `gguf` package (tests skip without it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 # HF model_type -> llama.cpp architecture (the ones these tests write)
-GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+              "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 
 
 def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -90,9 +91,14 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
     if rope_scaling is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
         writer.add_rope_scaling_factor(2.0)
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma2", "gemma3"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if arch in ("gemma2", "gemma3"):
+        writer.add_sliding_window(cfg["sliding_window"])
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     _write_tokenizer(writer, hf_dir)
     names = gguf.get_tensor_name_map(
         next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
@@ -105,6 +111,8 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
             w = _permute(w, n_head, n_head)
         elif arch == "llama" and hf_name.endswith("k_proj.weight"):
             w = _permute(w, n_head, n_kv)
+        elif arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+            w = w + 1  # llama.cpp's Gemma norms multiply by w, HF's by 1 + w
         base, _, suffix = hf_name.rpartition(".")
         gguf_name = f"{names.get_name(base)}.{suffix}"
         if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:

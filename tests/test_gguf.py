@@ -26,38 +26,66 @@ gguf = pytest.importorskip("gguf")
 from tests.gguf_fixtures import write_gguf  # noqa: E402 (needs gguf)
 
 ADAPTERS = ("r4_qv", "r8_all", "r16_rslora")
+# the files the tests write: (arch, the matrices' type)
+CASES = [("llama", "Q8_0"), ("llama", "F16"), ("qwen2", "Q8_0"), ("qwen3", "Q4_0"),
+         ("phi3", "Q8_0"), ("gemma2", "Q8_0"), ("gemma3", "Q8_0")]
+# a tiny HF model of its own per arch past the session's (ties: as llama.cpp writes Gemma)
+OWN_MODELS = {"qwen3": dict(head_dim=128), "phi3": {}, "gemma2": dict(tie_word_embeddings=True),
+              "gemma3": dict(tie_word_embeddings=True)}
+OWN_ADAPTERS = {"r4_qkv": dict(r=4, lora_alpha=8, target_modules=["qkv_proj"], seed=21),
+                "r8_all": ADAPTER_SPECS["r8_all"]}
+
+
+class TinyModels:
+    """arch -> (HF model dir, its PEFT adapters), built when first asked for: the session's
+    Llama and Qwen2; a Qwen3 of head_dim 128, since transformers reads no head_dim from a
+    qwen3 GGUF (Qwen3Config's default, 128, every released Qwen3's); Phi-3 (fused qkv, so
+    its r4 adapter is on qkv_proj), Gemma 2 and Gemma 3."""
+
+    def __init__(self, root: Path, tiny_models, tiny_adapters) -> None:
+        self.root, self.built = root, {a: (tiny_models[a], {n: tiny_adapters[a][n] for n in
+                                                            ADAPTERS}) for a in ("llama", "qwen2")}
+
+    def __getitem__(self, arch: str) -> tuple[Path, dict[str, Path]]:
+        if arch not in self.built:
+            base = make_tiny_model(self.root / f"{arch}-hf", arch, seed=7, **OWN_MODELS[arch])
+            specs = OWN_ADAPTERS if arch == "phi3" else {
+                n: ADAPTER_SPECS[n] for n in ADAPTERS if arch == "qwen3" or n != "r16_rslora"}
+            self.built[arch] = (base, {n: make_peft_adapter(base, self.root / f"{arch}-ad" / n,
+                                                            **spec) for n, spec in specs.items()})
+        return self.built[arch]
+
+
+class GGUFFiles:
+    """(arch, type) -> a GGUF file of the arch's tiny model in a folder of its own, written
+    when first asked for."""
+
+    def __init__(self, root: Path, models: TinyModels) -> None:
+        self.root, self.models, self.written = root, models, {}
+
+    def __getitem__(self, case: tuple[str, str]) -> Path:
+        if case not in self.written:
+            folder = self.root / "-".join(case)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.written[case] = write_gguf(self.models[case[0]][0],
+                                            folder / f"{'-'.join(case)}.gguf", case[1])
+        return self.written[case]
 
 
 @pytest.fixture(scope="module")
-def hf_models(tiny_root: Path, tiny_models, tiny_adapters):
-    """arch -> (HF model dir, its adapters): the session's, and a Qwen3 of head_dim 128,
-    since transformers reads no head_dim from a qwen3 GGUF (Qwen3Config's default, 128,
-    which every released Qwen3 has)."""
-    out = {arch: (tiny_models[arch], tiny_adapters[arch]) for arch in ("llama", "qwen2")}
-    qwen3 = make_tiny_model(tiny_root / "gguf" / "qwen3-hf", "qwen3", seed=7, head_dim=128)
-    out["qwen3"] = (qwen3, {n: make_peft_adapter(qwen3, tiny_root / "gguf" / "qwen3-ad" / n,
-                                                 **ADAPTER_SPECS[n]) for n in ADAPTERS})
-    return out
+def hf_models(tiny_root: Path, tiny_models, tiny_adapters) -> TinyModels:
+    return TinyModels(tiny_root / "gguf", tiny_models, tiny_adapters)
 
 
 @pytest.fixture(scope="module")
-def gguf_files(tiny_root: Path, hf_models) -> dict[tuple[str, str], Path]:
-    """(arch, type) -> a GGUF file of the arch's tiny model, in a folder of its own."""
-    out = {}
-    for arch, quant in (("llama", "Q8_0"), ("llama", "F16"), ("qwen2", "Q8_0"),
-                        ("qwen3", "Q4_0")):
-        folder = tiny_root / "gguf" / f"{arch}-{quant}"
-        folder.mkdir(parents=True, exist_ok=True)
-        out[(arch, quant)] = write_gguf(hf_models[arch][0], folder / f"{arch}-{quant}.gguf",
-                                        quant)
-    return out
+def gguf_files(tiny_root: Path, hf_models) -> GGUFFiles:
+    return GGUFFiles(tiny_root / "gguf", hf_models)
 
 
-@pytest.mark.parametrize("case", [("llama", "Q8_0"), ("llama", "F16"), ("qwen2", "Q8_0"),
-                                  ("qwen3", "Q4_0")], ids=lambda c: "-".join(c))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
 def test_gguf_base_with_mixed_adapters_matches_hf_peft(case, gguf_files, hf_models, prompts,
                                                        caplog):
-    """Base and adapters of ranks 4, 8, 16 in one batch over the dequantized file, each
+    """Base and adapters of different ranks in one batch over the dequantized file, each
     equal to HF's GGUF model + PEFT; the tokenizer is the HF model's (vLLM's advice)."""
     arch, _ = case
     path, (hf_dir, ad) = gguf_files[case], hf_models[arch]
@@ -65,7 +93,7 @@ def test_gguf_base_with_mixed_adapters_matches_hf_peft(case, gguf_files, hf_mode
         llm = make_llm(path, tokenizer=str(hf_dir), enable_lora=True, max_loras=3,
                        max_lora_rank=16)
     assert "dequantized into" in caplog.text
-    reqs = [None, *(LoRARequest(n, i + 1, str(ad[n])) for i, n in enumerate(ADAPTERS))]
+    reqs = [None, *(LoRARequest(n, i + 1, str(ad[n])) for i, n in enumerate(sorted(ad)))]
     jobs = [(p, r) for i, p in enumerate(prompts[:4]) for r in reqs[i % 2:][:3]]
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], GREEDY,
                         lora_request=[r for _, r in jobs])
@@ -93,6 +121,8 @@ def test_tokenizer_and_chat_template_from_the_file(gguf_files, tiny_models, prom
     assert tok(text).input_ids == ref(text).input_ids == \
         AutoTokenizer.from_pretrained(str(tiny_models["llama"]))(text).input_ids
     assert tok.chat_template and tok.chat_template == ref.chat_template
+    copy = llm.llm_engine.load_tokenizer()  # the server's own copy: from the file too
+    assert copy is not tok and copy(text).input_ids == tok(text).input_ids
     out = llm.generate([text], GREEDY)[0]
     assert out.prompt_token_ids == ref(text).input_ids
     assert out.outputs[0].token_ids == hf_greedy(path, None, out.prompt_token_ids, 8)

@@ -3,9 +3,10 @@
 Read the way transformers reads one (`from_pretrained(dir, gguf_file=...)`), since that is
 the code PEFT adapters' users trust: the config and the tokenizer from the file's metadata
 through transformers, the tensors renamed to HF's names and llama.cpp's changes undone
-(Llama's q/k row permutation for its rope layout) by transformers' tensor processors. Quantized tensors (Q8_0, Q4_K, ...) are dequantized by the `gguf`
-package into the model's dtype as they load, one tensor at a time: loraplex has no GGUF
-kernels, so a GGUF base costs the memory of an unquantized checkpoint.
+(Llama's q/k row permutation for its rope layout, Gemma's norms stored as 1 + w) by
+transformers' tensor processors. Quantized tensors (Q8_0, Q4_K, ...) are dequantized by
+the `gguf` package into the model's dtype as they load, one tensor at a time: loraplex has
+no GGUF kernels, so a GGUF base costs the memory of an unquantized checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's `general.architecture` values served: transformers reads them and our
 # registry has the model (llama.cpp writes Llama and Mistral files as "llama")
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 
 
 def require_gguf() -> Any:
@@ -79,12 +80,14 @@ def check_gguf(path: str) -> str:
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                          + ", ".join(SUPPORTED_GGUF_ARCHITECTURES))
+    # Llama 3's rope_freqs, Phi-3's LongRoPE rope_factors_long / _short; yarn, linear keys
     scaled = [k for k in reader.fields if k.startswith(f"{arch}.rope.scaling.")]
-    if scaled or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    scaled += [t.name for t in reader.tensors if t.name.startswith("rope_")]
+    if scaled:
         logger.warning("%s has rope scaling (%s), which transformers' GGUF config does not "
                        "read, so neither does loraplex: give the original config.json's "
                        "rope_scaling through hf_overrides (--hf-overrides)", path,
-                       ", ".join(scaled) or "rope_freqs.weight: Llama 3's")
+                       ", ".join(scaled))
     return arch
 
 
