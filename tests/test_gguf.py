@@ -169,10 +169,13 @@ def _serve(model: Path, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env=clean_env())
 
 
-def _unsupported_arch(path: Path) -> Path:
-    """A well-formed GGUF of an architecture loraplex does not serve (BERT)."""
-    writer = gguf.GGUFWriter(str(path), "bert")
+def _minimal_gguf(path: Path, arch: str, split_count: int | None = None) -> Path:
+    """A well-formed GGUF of one tensor: an architecture loraplex does not serve (BERT), or
+    one part of a split file."""
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
+    if split_count is not None:
+        writer.add_uint16("split.count", split_count)
     writer.add_tensor("token_embd.weight", torch.zeros(8, 32).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -192,7 +195,9 @@ def test_bad_gguf_bases_fail_at_start_up_with_a_clear_message(gguf_files, tiny_m
         "not.gguf": "not a GGUF file", "missing.gguf": "no such GGUF file",
         "bert.gguf": "GGUF architecture 'bert' is not supported; supported: llama, qwen2",
     }
-    _unsupported_arch(tmp_path / "bert.gguf")
+    _minimal_gguf(tmp_path / "bert.gguf", "bert")
+    cases["part.gguf"] = "one part of a GGUF split in 3 files: merge them"
+    _minimal_gguf(tmp_path / "part.gguf", "llama", split_count=3)
     for name, message in cases.items():
         with pytest.raises(ValueError, match=message):
             make_llm(tmp_path / name)
@@ -218,3 +223,32 @@ def test_rope_scaling_the_config_does_not_read_is_warned_about(hf_models, tmp_pa
     with caplog.at_level("WARNING", logger="loraplex.models.gguf_loader"):
         make_llm(path, tokenizer=str(hf_models["llama"][0]))
     assert "llama.rope.scaling.type" in caplog.text and "hf_overrides" in caplog.text
+
+
+def test_hub_forms_repo_quant_type_and_repo_file(gguf_files, hf_models, tmp_path, monkeypatch,
+                                                 prompts):
+    """vLLM's `repo_id:quant_type` (the repo's one file of that type) and
+    `repo_id/file.gguf`, here from an offline hub cache holding two quantizations."""
+    import huggingface_hub.constants as hub
+
+    revision = "2" * 40
+    repo = tmp_path / "models--org--tiny-GGUF"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for case in (("llama", "Q8_0"), ("llama", "F16")):
+        (snapshot / f"tiny-{case[1]}.gguf").write_bytes(gguf_files[case].read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    hf_dir = hf_models["llama"][0]
+    for model, case in (("org/tiny-GGUF:Q8_0", "Q8_0"), ("org/tiny-GGUF:q8_0", "Q8_0"),
+                        ("org/tiny-GGUF/tiny-F16.gguf", "F16")):
+        llm = make_llm(model, tokenizer=str(hf_dir))
+        out = llm.generate([{"prompt_token_ids": prompts[1]}], GREEDY)
+        check_against_hf(out, gguf_files[("llama", case)], [None], [prompts[1]])
+    with pytest.raises(ValueError, match=r"exactly one .gguf file of type Q4_K_M \(found: "
+                                         r"none\)"):
+        make_llm("org/tiny-GGUF:Q4_K_M")
+    with pytest.raises(ValueError, match="cannot fetch it from the Hugging Face hub"):
+        make_llm("org/elsewhere-GGUF:Q8_0")

@@ -21,7 +21,7 @@ from loraplex.config import (
     SpeculativeConfig,
     resolve_dtype,
 )
-from loraplex.models.gguf_loader import gguf_file
+from loraplex.models.gguf_loader import is_gguf_model
 from loraplex.models.registry import (
     architecture,
     is_classifier,
@@ -154,7 +154,7 @@ class EngineArgs:
         if self.load_format not in ("auto", "dummy", "safetensors", "pt", "bitsandbytes",
                                     "gguf"):
             raise ValueError(f"load_format={self.load_format!r}: use 'auto', 'gguf' or 'dummy'")
-        if self.quantization == "gguf" and not gguf_file(self.model, self.load_format):
+        if self.quantization == "gguf" and not is_gguf_model(self.model, self.load_format):
             raise ValueError(f"quantization='gguf' needs a GGUF file as the model, not "
                              f"{self.model!r}")
         if self.load_format == "bitsandbytes" and self.quantization not in (None,

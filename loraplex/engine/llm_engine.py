@@ -129,7 +129,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         # a GGUF file: config, tokenizer and weights from it (models/gguf_loader.py)
-        self.gguf = gguf_file(args.model, args.load_format)
+        self.gguf = gguf_file(args.model, args.load_format, args.revision)
         path = self.gguf or resolve_model_path(args.model, args.revision)
         hf_config = gguf_config(path) if self.gguf else AutoConfig.from_pretrained(path)
         apply_hf_overrides(hf_config, parse_hf_overrides(args.hf_overrides))

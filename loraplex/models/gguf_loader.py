@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from loraplex.models.gguf_hub import download_gguf, hub_gguf_name
+
 logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
@@ -42,23 +44,33 @@ def _has_magic(path: str) -> bool:
         return f.read(4) == GGUF_MAGIC
 
 
-def gguf_file(model: str, load_format: str = "auto") -> str | None:
-    """The GGUF file `model` names (a local `.gguf` file, a file that starts with GGUF's
-    magic, or any file with load_format="gguf"), or None for an HF checkpoint."""
-    named = model.endswith(".gguf") or load_format == "gguf"
-    if not os.path.isfile(model):
-        if named and os.path.isdir(model):
-            raise ValueError(f"model {model!r} is a directory, not a GGUF file "
-                             "(load_format='gguf' takes a .gguf file)")
-        if named:
-            raise ValueError(f"model {model!r}: no such GGUF file (loraplex reads local GGUF "
-                             "files; download one first, e.g. `hf download REPO FILE.gguf`)")
+def is_gguf_model(model: str, load_format: str = "auto") -> bool:
+    """`model` names a GGUF base: load_format="gguf", a `.gguf` name, one of vLLM's hub
+    forms (`repo_id:quant_type`), or a local file starting with GGUF's magic."""
+    if load_format == "gguf" or model.endswith(".gguf"):
+        return True
+    if os.path.isfile(model):
+        return _has_magic(model)
+    return not os.path.exists(model) and hub_gguf_name(model) is not None
+
+
+def gguf_file(model: str, load_format: str = "auto", revision: str | None = None
+              ) -> str | None:
+    """The local GGUF file `model` names (see is_gguf_model; a hub form fetched into the
+    hub cache), or None for an HF checkpoint."""
+    if not is_gguf_model(model, load_format):
         return None
+    if os.path.isdir(model):
+        raise ValueError(f"model {model!r} is a directory, not a GGUF file "
+                         "(load_format='gguf' takes a .gguf file)")
+    if not os.path.exists(model):
+        if (hub := hub_gguf_name(model)) is not None:
+            return download_gguf(hub, revision)
+        raise ValueError(f"model {model!r}: no such GGUF file (a local path, "
+                         "`repo_id:quant_type` or `repo_id/file.gguf`)")
     if not _has_magic(model):
-        if named:
-            raise ValueError(f"model {model!r} is not a GGUF file (it does not start with "
-                             "GGUF's magic bytes)")
-        return None
+        raise ValueError(f"model {model!r} is not a GGUF file (it does not start with "
+                         "GGUF's magic bytes)")
     return model
 
 
@@ -73,6 +85,9 @@ def check_gguf(path: str) -> str:
     except Exception as e:  # numpy / struct errors of a cut or corrupt file
         raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
                          "is it truncated?") from e
+    if (split := reader.fields.get("split.count")) is not None and int(split.contents()) > 1:
+        raise ValueError(f"{path} is one part of a GGUF split in {split.contents()} files: "
+                         "merge them into one first (llama.cpp's `llama-gguf-split --merge`)")
     for t in reader.tensors:
         if t.data.nbytes != t.n_bytes:
             raise ValueError(f"{path}: tensor {t.name} has {t.data.nbytes} of its "
