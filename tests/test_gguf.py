@@ -252,3 +252,17 @@ def test_hub_forms_repo_quant_type_and_repo_file(gguf_files, hf_models, tmp_path
         make_llm("org/tiny-GGUF:Q4_K_M")
     with pytest.raises(ValueError, match="cannot fetch it from the Hugging Face hub"):
         make_llm("org/elsewhere-GGUF:Q8_0")
+
+
+def test_a_llama_file_named_mistral(gguf_files, hf_models, tmp_path, prompts):
+    """transformers reads a llama file whose general.name is "mistral" as Mistral, and then
+    cannot map its tensors (its own loading fails); loraplex maps them by the file's
+    architecture: the same outputs as HF on the identical file named otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    path = write_gguf(hf_models["llama"][0], tmp_path / "mistral.gguf", "Q8_0", name="mistral")
+    with pytest.raises(NotImplementedError, match="mistral"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name)
+    llm = make_llm(path, tokenizer=str(hf_models["llama"][0]))
+    out = llm.generate([{"prompt_token_ids": prompts[2]}], GREEDY)
+    check_against_hf(out, gguf_files[("llama", "Q8_0")], [None], [prompts[2]])

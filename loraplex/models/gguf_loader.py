@@ -123,15 +123,17 @@ def gguf_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
-def _hf_names(hf_config: Any, processor: Any) -> dict[str, str]:
+def _hf_names(hf_config: Any, processor: Any, arch: str) -> dict[str, str]:
     """GGUF tensor name -> HF parameter name, from transformers' map over an HF model of
-    this config built on the meta device (no memory)."""
+    this config built on the meta device (no memory). The map is the file's architecture's
+    (transformers derives it from the config's model_type, which fails for a "llama" file
+    it reads as Mistral because its general.name is "mistral")."""
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     with torch.device("meta"):
         hf_model = AutoModelForCausalLM.from_config(hf_config)
-    return get_gguf_hf_weights_map(hf_model, processor)
+    return get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
 
 
 def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -143,7 +145,7 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
     reader = gguf.GGUFReader(path)
     arch = str(reader.fields["general.architecture"].contents())
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict())
-    names = _hf_names(hf_config, processor)
+    names = _hf_names(hf_config, processor, arch)
     skipped = []
     for tensor in reader.tensors:
         result = processor.process(weights=gguf.dequantize(tensor.data, tensor.tensor_type),
