@@ -467,11 +467,16 @@ def make_peft_adapter(
 def _load_cached(
     base_dir: str, adapter_dir: str | None, _stamp: tuple[int, ...] = ()
 ) -> torch.nn.Module:
-    # Gemma 2 caps attention scores, which only HF's eager attention does (transformers 4.x
-    # picks SDPA for it and drops the cap; 5.x picks eager)
-    eager = json.loads((Path(base_dir) / "config.json").read_text()).get("model_type") == "gemma2"
-    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=torch.float32, **({"attn_implementation": "eager"} if eager else {}))
+    base = Path(base_dir)
+    if base.suffix == ".gguf":  # a GGUF base (tests/gguf_fixtures.py): HF's own GGUF reading
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
+            str(base.parent), gguf_file=base.name, dtype=torch.float32)
+    else:
+        # Gemma 2 caps attention scores, which only HF's eager attention does (transformers
+        # 4.x picks SDPA for it and drops the cap; 5.x picks eager)
+        eager = json.loads((base / "config.json").read_text()).get("model_type") == "gemma2"
+        model = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.float32, **({"attn_implementation": "eager"} if eager else {}))
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -609,6 +614,9 @@ def _stamp(*dirs: Path | None) -> tuple[int, ...]:
     out: list[int] = []
     for d in dirs:
         if d is None:
+            continue
+        if d.is_file():  # a GGUF base
+            out.append(d.stat().st_mtime_ns)
             continue
         for name in ("config.json", "adapter_config.json"):
             f = d / name

@@ -21,6 +21,7 @@ from loraplex.config import (
     SpeculativeConfig,
     resolve_dtype,
 )
+from loraplex.models.gguf_loader import is_gguf_model
 from loraplex.models.registry import (
     architecture,
     is_classifier,
@@ -154,8 +155,12 @@ class EngineArgs:
     def _refuse_unsupported(self, hf_config: Any) -> None:
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
-        if self.load_format not in ("auto", "dummy", "safetensors", "pt", "bitsandbytes"):
-            raise ValueError(f"load_format={self.load_format!r}: use 'auto' or 'dummy'")
+        if self.load_format not in ("auto", "dummy", "safetensors", "pt", "bitsandbytes",
+                                    "gguf"):
+            raise ValueError(f"load_format={self.load_format!r}: use 'auto', 'gguf' or 'dummy'")
+        if self.quantization == "gguf" and not is_gguf_model(self.model, self.load_format):
+            raise ValueError(f"quantization='gguf' needs a GGUF file as the model, not "
+                             f"{self.model!r}")
         if self.load_format == "bitsandbytes" and self.quantization not in (None,
                                                                             "bitsandbytes"):
             raise ValueError(f"load_format='bitsandbytes' goes with quantization='bitsandbytes',"
@@ -258,7 +263,8 @@ class EngineArgs:
             matryoshka_dimensions=tuple(getattr(hf_config, "matryoshka_dimensions", None)
                                         or ()) or None,
             cuda_graph_sizes=_parse_sizes(self.cuda_graph_sizes),
-            quantization=quant_config_from_hf(hf_config, self.quantization or (
+            quantization=quant_config_from_hf(hf_config, None if self.quantization == "gguf"
+                                              else self.quantization or (
                 "bitsandbytes" if self.load_format == "bitsandbytes" else None)))
         cache_config = CacheConfig(
             block_size=self.block_size, kv_cache_bytes=self.kv_cache_memory_bytes,

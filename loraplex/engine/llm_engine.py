@@ -56,6 +56,13 @@ from loraplex.lora.adapter import PackedLoRA, local_adapter_dir
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.manager import LoRACacheStats, LoRAManager
 from loraplex.lora.request import LoRARequest
+from loraplex.models.gguf_loader import (
+    gguf_config,
+    gguf_file,
+    gguf_tokenizer,
+    iterate_gguf_weights,
+    log_dequantized_size,
+)
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.llava import LlavaVisionConfig
 from loraplex.models.lm_head_classifier import LMHeadClassifier
@@ -120,8 +127,10 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
-        path = resolve_model_path(args.model, args.revision)
-        hf_config = AutoConfig.from_pretrained(path)
+        # a GGUF file: config, tokenizer and weights from it (models/gguf_loader.py)
+        self.gguf = gguf_file(args.model, args.load_format, args.revision)
+        path = self.gguf or resolve_model_path(args.model, args.revision)
+        hf_config = gguf_config(path) if self.gguf else AutoConfig.from_pretrained(path)
         apply_hf_overrides(hf_config, parse_hf_overrides(args.hf_overrides))
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
@@ -172,9 +181,9 @@ class LLMEngine:
         torch.manual_seed(mc.seed)
         if mc.device.type == "cpu" and envs.LORAPLEX_CPU_KEEP_FREED_MEMORY:
             keep_freed_memory()
-        tok_path = path if args.tokenizer is None else resolve_model_path(args.tokenizer)
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path,
-                                                       revision=args.tokenizer_revision)
+        self._tokenizer_source = (path if args.tokenizer is None
+                                  else resolve_model_path(args.tokenizer), args.tokenizer_revision)
+        self.tokenizer = self.load_tokenizer()
         self.image_processor = self._image_processor(path, vision)
         self.vision = (self._build(lambda: build_vision(vision))
                        if self.image_processor is not None else None)
@@ -243,6 +252,14 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
+
+    def load_tokenizer(self) -> Any:
+        """A new copy of the base's tokenizer: the `tokenizer` option's, else the model's
+        (a GGUF file's built from its metadata)."""
+        source, revision = self._tokenizer_source
+        if source == self.gguf:
+            return gguf_tokenizer(source)
+        return AutoTokenizer.from_pretrained(source, revision=revision)
 
     def _image_processor(self, path: str, config: VisionConfig | None
                          ) -> ImageProcessor | None:
@@ -314,6 +331,9 @@ class LLMEngine:
                     hf_config.num_labels, hf_config.hidden_size, generator=gen))
         elif self.lm_head_classifier is not None:
             load_weights(model, path, self.vision)
+        elif self.gguf:
+            load_weights(model, path, weights=iterate_gguf_weights(path, hf_config))
+            log_dequantized_size(path, model)
         else:
             heads: dict[str, torch.Tensor] | None = {} if self.classify else None
             load_weights(model, path, self.vision, headless=self.headless, classifier=heads)

@@ -39,7 +39,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import AutoTokenizer
 
 from loraplex import envs
 from loraplex.engine.arg_utils import EngineArgs
@@ -456,7 +455,7 @@ def _chat_template(value: str | None) -> str | None:
 def _server_tokenizer(engine: LLMEngine):
     """A tokenizer of our own: HF fast tokenizers must not be shared across threads."""
     try:
-        return AutoTokenizer.from_pretrained(engine.tokenizer.name_or_path)
+        return engine.load_tokenizer()
     except Exception:
         return copy.deepcopy(engine.tokenizer)
 

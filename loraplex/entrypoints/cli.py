@@ -166,8 +166,9 @@ ENGINE_HELP: dict[str, str] = {
     "kv_cache_memory_bytes": "KV cache size in bytes (overrides the other sizing options).",
     "cpu_kv_cache_gib": "KV cache size in GiB on CPU (or env LORAPLEX_CPU_KVCACHE_SPACE).",
     "device": "auto, cpu or cuda[:N].",
-    "load_format": "auto (safetensors or .bin), dummy (random weights, for benchmarks) or "
-                   "bitsandbytes (vLLM's older name: auto, with --quantization bitsandbytes).",
+    "load_format": "auto (safetensors or .bin; a .gguf file or one with GGUF's magic as "
+                   "gguf), gguf, dummy (random weights, for benchmarks) or bitsandbytes "
+                   "(vLLM's older name: auto, with --quantization bitsandbytes).",
     "served_model_name": "Name(s) the base model answers to in the API; the first is used "
                          "in responses. Default: the model argument.",
     "quantization": "The checkpoint's quantization method (gptq, awq, bitsandbytes, fp8 or "

@@ -83,13 +83,16 @@ def _layer_index(name: str) -> int:
 
 def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | None = None,
                  headless: bool = False,
-                 classifier: dict[str, torch.Tensor] | None = None) -> None:
+                 classifier: dict[str, torch.Tensor] | None = None,
+                 weights: Iterator[tuple[str, torch.Tensor]] | None = None) -> None:
     """The checkpoint's weights into `model`; a multimodal checkpoint's vision tower and
     projector into `vision` (models/llava.py, models/gemma3_vision.py) in the same pass, or skipped without one.
     `headless`: a `*Model` checkpoint (an embedding model's): its names lack the
     `model.` prefix and it has no lm_head (left unloaded: a pooling runner never uses it).
     `classifier`: a `*ForSequenceClassification` checkpoint's head tensors (score.*) go
-    there (the engine applies it per request, layers/classifier.py)."""
+    there (the engine applies it per request, layers/classifier.py).
+    `weights`: the (HF name, tensor) pairs to load, when they are not `path`'s safetensors
+    (a GGUF file's: models/gguf_loader.py)."""
     params = dict(model.named_parameters())
     quantized = {n: m for n, m in model.named_modules()
                  if isinstance(m, QuantLinear | GateLinear)}
@@ -99,8 +102,9 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | Non
     loaded: set[str] = set()
     past_layers = 0  # tensors of layers past num_hidden_layers (multi-token prediction)
     text_only = model.args.text_only  # a multimodal checkpoint: its language model only
-    for name, tensor in tqdm(iterate_weights(path), desc="Loading weights", unit=" tensors",
-                             leave=False, disable=None):
+    tensors = weights if weights is not None else iterate_weights(path)
+    for name, tensor in tqdm(tensors, desc="Loading weights", unit=" tensors", leave=False,
+                             disable=None):
         if classifier is not None and is_classifier_key(name) and "." not in \
                 name.rpartition(".")[0]:  # score.weight: the classifier's head
             classifier[name] = tensor

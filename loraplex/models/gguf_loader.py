@@ -1,0 +1,169 @@
+"""A GGUF file (llama.cpp's format) as a base model: config, tokenizer and weights.
+
+Read the way transformers reads one (`from_pretrained(dir, gguf_file=...)`), since that is
+the code PEFT adapters' users trust: the config and the tokenizer from the file's metadata
+through transformers, the tensors renamed to HF's names and llama.cpp's changes undone
+(Llama's q/k row permutation for its rope layout, Gemma's norms stored as 1 + w) by
+transformers' tensor processors. Quantized tensors (Q8_0, Q4_K, ...) are dequantized by
+the `gguf` package into the model's dtype as they load, one tensor at a time: loraplex has
+no GGUF kernels, so a GGUF base costs the memory of an unquantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from loraplex.models.gguf_hub import download_gguf, hub_gguf_name
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+# llama.cpp's `general.architecture` values served: transformers reads them and our
+# registry has the model (llama.cpp writes Llama and Mistral files as "llama")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+
+
+def require_gguf() -> Any:
+    """The `gguf` package, which transformers' GGUF reading needs; a clear error without."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("loading a GGUF file needs the `gguf` package: pip install "
+                          "'loraplex[gguf]'") from e
+    return gguf
+
+
+def _has_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def is_gguf_model(model: str, load_format: str = "auto") -> bool:
+    """`model` names a GGUF base: load_format="gguf", a `.gguf` name, one of vLLM's hub
+    forms (`repo_id:quant_type`), or a local file starting with GGUF's magic."""
+    if load_format == "gguf" or model.endswith(".gguf"):
+        return True
+    if os.path.isfile(model):
+        return _has_magic(model)
+    return not os.path.exists(model) and hub_gguf_name(model) is not None
+
+
+def gguf_file(model: str, load_format: str = "auto", revision: str | None = None
+              ) -> str | None:
+    """The local GGUF file `model` names (see is_gguf_model; a hub form fetched into the
+    hub cache), or None for an HF checkpoint."""
+    if not is_gguf_model(model, load_format):
+        return None
+    if os.path.isdir(model):
+        raise ValueError(f"model {model!r} is a directory, not a GGUF file "
+                         "(load_format='gguf' takes a .gguf file)")
+    if not os.path.exists(model):
+        if (hub := hub_gguf_name(model)) is not None:
+            return download_gguf(hub, revision)
+        raise ValueError(f"model {model!r}: no such GGUF file (a local path, "
+                         "`repo_id:quant_type` or `repo_id/file.gguf`)")
+    if not _has_magic(model):
+        raise ValueError(f"model {model!r} is not a GGUF file (it does not start with "
+                         "GGUF's magic bytes)")
+    return model
+
+
+def check_gguf(path: str) -> str:
+    """The file's llama.cpp architecture, after checking that its header and tensor table
+    read and that every tensor's data is in the file (a truncated download fails here, at
+    start-up, not halfway through loading)."""
+    gguf = require_gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+        arch = str(reader.fields["general.architecture"].contents())
+    except Exception as e:  # numpy / struct errors of a cut or corrupt file
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                         "is it truncated?") from e
+    if (split := reader.fields.get("split.count")) is not None and int(split.contents()) > 1:
+        raise ValueError(f"{path} is one part of a GGUF split in {split.contents()} files: "
+                         "merge them into one first (llama.cpp's `llama-gguf-split --merge`)")
+    for t in reader.tensors:
+        if t.data.nbytes != t.n_bytes:
+            raise ValueError(f"{path}: tensor {t.name} has {t.data.nbytes} of its "
+                             f"{t.n_bytes} bytes: the file is truncated")
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                         + ", ".join(SUPPORTED_GGUF_ARCHITECTURES))
+    # Llama 3's rope_freqs, Phi-3's LongRoPE rope_factors_long / _short; yarn, linear keys
+    scaled = [k for k in reader.fields if k.startswith(f"{arch}.rope.scaling.")]
+    scaled += [t.name for t in reader.tensors if t.name.startswith("rope_")]
+    if scaled:
+        logger.warning("%s has rope scaling (%s), which transformers' GGUF config does not "
+                       "read, so neither does loraplex: give the original config.json's "
+                       "rope_scaling through hf_overrides (--hf-overrides)", path,
+                       ", ".join(scaled))
+    return arch
+
+
+def gguf_config(path: str) -> Any:
+    """The HF config transformers builds from the file's metadata."""
+    from transformers import AutoConfig
+
+    check_gguf(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    return AutoConfig.from_pretrained(folder, gguf_file=name)
+
+
+def gguf_tokenizer(path: str) -> Any:
+    """The tokenizer (and chat template) transformers builds from the file's metadata."""
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(path))
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def _hf_names(hf_config: Any, processor: Any, arch: str) -> dict[str, str]:
+    """GGUF tensor name -> HF parameter name, from transformers' map over an HF model of
+    this config built on the meta device (no memory). The map is the file's architecture's
+    (transformers derives it from the config's model_type, which fails for a "llama" file
+    it reads as Mistral because its general.name is "mistral")."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(hf_config)
+    return get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
+
+
+def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, dequantized tensor) of each of the file's tensors, one at a time: what
+    transformers' load_gguf_checkpoint computes, without holding them all."""
+    gguf = require_gguf()
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    reader = gguf.GGUFReader(path)
+    arch = str(reader.fields["general.architecture"].contents())
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict())
+    names = _hf_names(hf_config, processor, arch)
+    skipped = []
+    for tensor in reader.tensors:
+        result = processor.process(weights=gguf.dequantize(tensor.data, tensor.tensor_type),
+                                   name=tensor.name, tensor_key_mapping=names,
+                                   parsed_parameters={"tensors": {}})
+        if result.name not in names:  # transformers drops them too (llama.cpp's rope_freqs)
+            skipped.append(tensor.name)
+            continue
+        yield names[result.name], torch.from_numpy(np.array(result.weights, copy=True))
+    if skipped:
+        logger.info("%s: skipped %d tensors that have no HF parameter: %s", path,
+                    len(skipped), ", ".join(skipped[:8]))
+
+
+def log_dequantized_size(path: str, model: torch.nn.Module) -> None:
+    """Say what dequantizing cost: the file's size against the loaded weights'."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    dtype = next(model.parameters()).dtype
+    logger.info("GGUF %s (%.2f GiB on disk) dequantized into %.2f GiB of %s weights "
+                "(loraplex keeps no GGUF quantization)", os.path.basename(path),
+                os.path.getsize(path) / 2**30, params / 2**30, str(dtype).replace("torch.", ""))
