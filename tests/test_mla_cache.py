@@ -1,0 +1,211 @@
+"""MLA's latent KV cache (layers/mla.py, layers/mla_lora.py): the paged cache holds [c, kr]
+per token and layer, one tensor that is both K and V, and attention runs absorbed.
+
+Against HF transformers + PEFT (fp32, tiny DeepSeek-V3 / V2 from tests/test_deepseek.py):
+adapters of different ranks on kv_b_proj (plain, DoRA, lora_bias, and one also on the
+query) in one batch with the base over several slots; prefix caching with chunked
+prefill (later chunks and cache hits attend over cached latents); preemption by
+recompute; the Triton kernels (interpreter) with all of it; an FP8 latent cache against
+HF whose cached latents are rounded as the cache holds them. The cache's size: bytes per
+token and layer = (kv_lora_rank + qk_rope_head_dim) x the dtype's size, in the tensors
+allocated, the memory plan and the blocks a budget buys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex import SamplingParams
+from loraplex.layers.attention import quantize_kv
+from tests.engine_utils import check_against_hf, check_mixed_batch, lora_requests, make_llm
+from tests.engine_utils import run_staggered
+from tests.fixtures import make_peft_adapter
+from tests.test_deepseek import ATTENTION, make_deepseek
+
+LATENT = 24 + 8  # kv_lora_rank + qk_rope_head_dim of test_deepseek's configs
+LAYERS = 3
+FP8 = torch.float8_e4m3fn
+
+
+def _specs(version: str) -> dict[str, dict]:
+    query = ATTENTION[version][0] if version == "v2" else "q_b_proj"
+    return {"r2_kvb": dict(r=2, lora_alpha=4, target_modules=["kv_b_proj"]),
+            "r8_kvb_q": dict(r=8, lora_alpha=16, target_modules=["kv_b_proj", query]),
+            "dora_kvb": dict(r=4, lora_alpha=8, target_modules=["kv_b_proj"], use_dora=True),
+            "bias_kvb": dict(r=4, lora_alpha=8, target_modules=["kv_b_proj"], lora_bias=True)}
+
+
+@pytest.fixture(scope="module")
+def mla(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
+    """version -> (base, {adapter name -> dir}), built on first use."""
+    class Lazy(dict):
+        def __missing__(self, version: str) -> tuple[Path, dict[str, Path]]:
+            root = tiny_root / "mla_cache"
+            seed = 60 if version == "v3" else 65
+            base = make_deepseek(root / version, version, seed)
+            self[version] = (base, {name: make_peft_adapter(
+                base, root / f"{version}_{name}", seed=seed + i, **spec)
+                for i, (name, spec) in enumerate(_specs(version).items())})
+            return self[version]
+    return Lazy()
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+@pytest.mark.parametrize("cache_dtype", ["auto", "fp8"])
+def test_cache_holds_the_latent(cache_dtype, mla):
+    """Each layer's cache is one [blocks, block, 1, kv_lora_rank + rope] tensor (v_cache is
+    k_cache), the memory plan counts that many bytes a block, and a budget of 10 blocks
+    buys 10 (the decompressed K/V, 2 x 4 heads x 24 a token, would not fit one)."""
+    base, _ = mla["v3"]
+    block = 16
+    dtype = FP8 if cache_dtype == "fp8" else torch.float32
+    block_bytes = LAYERS * block * LATENT * _elem(dtype)
+    llm = make_llm(base, block_size=block, max_model_len=64, kv_cache_dtype=cache_dtype,
+                   kv_cache_memory_bytes=10 * block_bytes + block_bytes // 2)
+    engine = llm.llm_engine
+    runner = engine.model_runner
+    assert runner.num_blocks == 10 and engine.memory.kv_block_bytes == block_bytes
+    assert len(runner.attention_layers) == LAYERS
+    tensors = {}
+    for layer in runner.attention_layers:
+        assert layer.v_cache is layer.k_cache
+        assert layer.k_cache.shape == (10, block, 1, LATENT) and layer.k_cache.dtype == dtype
+        tensors[layer.k_cache.data_ptr()] = layer.k_cache.nbytes
+    assert sum(tensors.values()) == 10 * block_bytes == engine.memory.kv_bytes
+    out = llm.generate([{"prompt_token_ids": [1, 5, 9, 14]}],
+                       SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("version", ["v3", "v2"])
+def test_kv_b_adapters_of_different_ranks_in_one_batch(version, mla, prompts):
+    """The base and four adapters on kv_b_proj (ranks 2, 8 with the query too, DoRA,
+    lora_bias) over four slots, in one generate call: each output HF + PEFT's."""
+    base, adapters = mla[version]
+    llm = make_llm(base, enable_lora=True, max_loras=4, max_lora_rank=8)
+    check_mixed_batch(llm, base, adapters, prompts, extra=3)
+
+
+def test_prefix_caching_with_chunked_prefill(mla, prompts):
+    """A long shared prefix (block size 4) computed by the first requests, then requests
+    on the base and kv_b_proj adapters that find it cached, prompts cut into chunks of 5:
+    every later chunk attends over latents read from the cache; outputs as HF + PEFT."""
+    base, adapters = mla["v3"]
+    reqs = lora_requests(adapters)
+    system = prompts[-1]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8, block_size=4,
+                   enable_chunked_prefill=True, max_num_batched_tokens=5,
+                   enable_prefix_caching=True)
+    first = system + prompts[0][1:]
+    names = [None, "r2_kvb", "r8_kvb_q", "r2_kvb"]
+    jobs = [(0, first, None), (0, first, reqs["r2_kvb"])]
+    jobs += [(12 + 2 * i, system + prompts[1 + i % 3][1:], reqs[n] if n else None)
+             for i, n in enumerate(names)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3)
+    outs, _ = run_staggered(llm.llm_engine, jobs, params)
+    cached = [o.num_cached_tokens for o in outs]
+    assert cached[:2] == [0, 0] and cached[4] == 0, cached  # r8_kvb_q: nothing of its own
+    assert all(c >= len(system) // 4 * 4 for c in cached[2:4] + cached[5:]), cached
+    check_against_hf(outs, base, [adapters[r.lora_name] if r else None for _, _, r in jobs],
+                     [p for _, p, _ in jobs], atol=2e-4)
+
+
+def test_preemption_recomputes_latents(mla, prompts):
+    """A KV cache of 12 blocks of 8 for six requests of up to 64 tokens forces preemption;
+    recomputed latents give HF + PEFT's outputs."""
+    base, adapters = mla["v3"]
+    reqs = lora_requests(adapters)
+    names = [None, "r2_kvb", "dora_kvb", None, "bias_kvb", "r8_kvb_q"]
+    llm = make_llm(base, enable_lora=True, max_loras=3, max_lora_rank=8, max_model_len=64,
+                   num_gpu_blocks_override=12, block_size=8)
+    batch = [prompts[i % len(prompts)] for i in range(len(names))]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
+
+
+@pytest.mark.parametrize("budget", [None, 5])
+def test_triton_kernels_over_the_latent(monkeypatch, budget, mla, prompts):
+    """The Triton kernels forced (under the interpreter on the CPU): the latent as one KV
+    head of width 32 for 4 query heads, prefill, chunks over the cache, decode, with
+    kv_b_proj adapters of two ranks over two slots beside the base."""
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    base, adapters = mla["v3"]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8, block_size=8,
+                   max_num_batched_tokens=budget)
+    assert llm.llm_engine.model_runner.attn_backend == "triton"
+    pick = {n: adapters[n] for n in ("r2_kvb", "r8_kvb_q")}
+    check_mixed_batch(llm, base, pick, prompts, extra=1)
+
+
+def test_auto_backend_is_torch_for_mla(monkeypatch, mla):
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "auto")
+    base, _ = mla["v2"]
+    assert make_llm(base).llm_engine.model_runner.attn_backend == "torch"
+
+
+def hf_latent_fp8_logprobs(base: Path, adapter: Path | None, prompt: list[int],
+                           tokens: list[int]) -> torch.Tensor:
+    """HF + PEFT's log-probs after the prompt and each of tokens[:-1] as the engine computes
+    them over an FP8 latent cache: the prompt in one forward with its latents as computed,
+    then one token a forward over every latent (c and the rotated kr) rounded through FP8
+    (scale 1), as a read of the cache returns it."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
+
+    rounding: list[bool] = []
+    expand = hf_v3.DeepseekV3Attention.expand_kv
+
+    def rounded(self, kv_nope, k_rot):
+        if rounding:
+            kv_nope, k_rot = (quantize_kv(x, FP8, 1.0).to(x.dtype) for x in (kv_nope, k_rot))
+        return expand(self, kv_nope, k_rot)
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    rows, past = [], None
+    hf_v3.DeepseekV3Attention.expand_kv = rounded
+    try:
+        with torch.no_grad():
+            for i, chunk in enumerate([prompt, *([t] for t in tokens[:-1])]):
+                rounding[:] = [True] if i else []
+                res = model(input_ids=torch.tensor([chunk]), past_key_values=past,
+                            use_cache=True)
+                past = res.past_key_values
+                rows.append(res.logits[0, -1])
+    finally:
+        hf_v3.DeepseekV3Attention.expand_kv = expand
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+
+
+def test_fp8_latent_cache_against_hf(mla, prompts):
+    """kv_cache_dtype fp8: the base and two kv_b_proj adapters, each output against HF +
+    PEFT whose cached latents are rounded through FP8 (so only fp32 noise is left:
+    logprobs within 1e-4, greedy picks the reference's)."""
+    base, adapters = mla["v3"]
+    reqs = lora_requests(adapters)
+    names = [None, "r2_kvb", "dora_kvb"]
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8,
+                   kv_cache_dtype="fp8")
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": prompts[i]} for i in range(3)], params,
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
+    for out, name, prompt in zip(outs, names, prompts, strict=False):
+        got = out.outputs[0].token_ids
+        ref = hf_latent_fp8_logprobs(base, adapters[name] if name else None, prompt, got)
+        for step, (tok, lp) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
+            assert ref[step].max() - ref[step, tok] < 1e-3, (name, step)
+            for t, logprob in lp.items():
+                assert abs(logprob.logprob - ref[step, t].item()) < 1e-4, (name, step, t)
