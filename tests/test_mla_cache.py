@@ -20,8 +20,13 @@ import torch
 
 from loraplex import SamplingParams
 from loraplex.layers.attention import quantize_kv
-from tests.engine_utils import check_against_hf, check_mixed_batch, lora_requests, make_llm
-from tests.engine_utils import run_staggered
+from tests.engine_utils import (
+    check_against_hf,
+    check_mixed_batch,
+    lora_requests,
+    make_llm,
+    run_staggered,
+)
 from tests.fixtures import make_peft_adapter
 from tests.test_deepseek import ATTENTION, make_deepseek
 
@@ -209,3 +214,59 @@ def test_fp8_latent_cache_against_hf(mla, prompts):
             assert ref[step].max() - ref[step, tok] < 1e-3, (name, step)
             for t, logprob in lp.items():
                 assert abs(logprob.logprob - ref[step, t].item()) < 1e-4, (name, step, t)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_absorbed_kv_b_lora_equals_the_decompressed(graph):
+    """KvBLoRA against PEFT's one line on the decompressed form: per token i of slot s,
+    k = (W + B_s A_s) c (K rows) scores q . k, v = (W + B_s A_s) o (V rows), slot -1 the
+    base. Slots of ranks 3 and 5 (max 6) and the base in one batch; `graph`: the CUDA
+    graph's branch (every slot over every row, masked; skip_unused_layers False)."""
+    from loraplex.layers.linear import Linear
+    from loraplex.layers.mla_lora import kv_b_lora
+    from loraplex.lora.layers import LinearWithLoRA
+    from loraplex.lora.meta import LoRABatchMeta
+    from loraplex.worker.context import StepContext, step_context
+
+    heads, nope, v_dim, c_dim = 3, 4, 5, 7
+    gen = torch.Generator().manual_seed(0)
+    base = Linear(c_dim, [heads * (nope + v_dim)])
+    base.weight.data = torch.randn(base.weight.shape, generator=gen)
+    layer = LinearWithLoRA(base, max_loras=3, max_rank=6, dtype=torch.float32)
+    ab = {s: (torch.randn(r, c_dim, generator=gen), torch.randn(heads * (nope + v_dim), r,
+                                                              generator=gen))
+          for s, r in ((0, 3), (2, 5))}
+    for s, (a, b) in ab.items():
+        layer.set_lora(s, [a], [b])
+    slots = [2, -1, 0, 2, -1, 0]
+    t = len(slots)
+    q = torch.randn(t, heads, nope, generator=gen)
+    o = torch.randn(t, heads, c_dim, generator=gen)
+    meta = LoRABatchMeta.make(slots, torch.device("cpu"))
+    meta.skip_unused_layers = not graph
+    ctx = StepContext(is_prefill=True, slot_mapping=torch.zeros(t, dtype=torch.long),
+                      attn_backend="torch", lora_meta=meta)
+    with step_context(ctx):
+        lora = kv_b_lora(layer, heads, nope)
+        w = base.weight.view(heads, nope + v_dim, c_dim)
+        q_latent = torch.einsum("thn,hnc->thc", q, w[:, :nope])
+        lora.add_query(q_latent, q)
+        v = lora.add_value(torch.einsum("thc,hvc->thv", o, w[:, nope:]), o)
+    for i, s in enumerate(slots):
+        full = base.weight + (ab[s][1] @ ab[s][0] if s >= 0 else 0)  # [H (nope + v), C]
+        full = full.view(heads, nope + v_dim, c_dim)
+        c = torch.randn(c_dim, generator=gen)  # any latent: the scores agree
+        torch.testing.assert_close(torch.einsum("hc,c->h", q_latent[i], c),
+                                   torch.einsum("hn,hnc,c->h", q[i], full[:, :nope], c))
+        torch.testing.assert_close(v[i], torch.einsum("hvc,hc->hv", full[:, nope:], o[i]))
+
+
+def test_latent_fp8_scale_is_keys():
+    """The latent is one tensor, so one scale: a checkpoint's k_scale (or kv_scale) is
+    used for both reads, a v_scale is ignored (vLLM's MLA reads k_scale alone)."""
+    from loraplex.layers.attention import Attention
+
+    attn = Attention(4, 1, LATENT, 0.1, values_are_keys=True)
+    attn.load_kv_scale("model.layers.0.self_attn.k_scale", torch.tensor(0.5))
+    attn.load_kv_scale("model.layers.0.self_attn.v_scale", torch.tensor(2.0))
+    assert (attn.k_scale, attn.v_scale) == (0.5, 0.5)
