@@ -28,6 +28,7 @@ from tests.engine_utils import (
     run_staggered,
 )
 from tests.fixtures import make_peft_adapter
+from tests.test_attention import check_decode, interpreted
 from tests.test_deepseek import ATTENTION, make_deepseek
 
 LATENT = 24 + 8  # kv_lora_rank + qk_rope_head_dim of test_deepseek's configs
@@ -152,12 +153,6 @@ def test_triton_kernels_over_the_latent(monkeypatch, budget, mla, prompts):
     check_mixed_batch(llm, base, pick, prompts, extra=1)
 
 
-def test_auto_backend_is_torch_for_mla(monkeypatch, mla):
-    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "auto")
-    base, _ = mla["v2"]
-    assert make_llm(base).llm_engine.model_runner.attn_backend == "torch"
-
-
 def hf_latent_fp8_logprobs(base: Path, adapter: Path | None, prompt: list[int],
                            tokens: list[int]) -> torch.Tensor:
     """HF + PEFT's log-probs after the prompt and each of tokens[:-1] as the engine computes
@@ -270,3 +265,38 @@ def test_latent_fp8_scale_is_keys():
     attn.load_kv_scale("model.layers.0.self_attn.k_scale", torch.tensor(0.5))
     attn.load_kv_scale("model.layers.0.self_attn.v_scale", torch.tensor(2.0))
     assert (attn.k_scale, attn.v_scale) == (0.5, 0.5)
+
+
+@interpreted
+def test_decode_kernel_tiles_a_wide_group():
+    """The decode kernel over MLA's shape: 40 query heads on one KV head wider than 256
+    (here 272, padded to 512), so a program takes 16 heads and the group spans three
+    programs (the last one part empty); splits merged. Against the float64 reference."""
+    check_decode([1, 37, 16, 100], h=40, kvh=1, d=272, block_size=16,
+                 dtype=torch.float32, splits=3, seed=5)
+
+
+_MLA_LAUNCHES = """
+from loraplex.layers import triton_attention as A
+for name in ("_store_kvcache_kernel", "_decode_kernel", "_merge_splits_kernel", "_prefill_kernel"):
+    setattr(A, name, Capture(getattr(A, name)))
+for h in (16, 128):  # DeepSeek-V2-Lite / Moonlight, DeepSeek-V3: the latent 512 + 64
+    kc = torch.zeros(8, 16, 1, 576, dtype=torch.bfloat16)
+    table, lens = torch.zeros(2, 4, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    q = torch.zeros(2, h, 576, dtype=torch.bfloat16)
+    A.paged_decode_attention(q, kc, kc, table, lens, 0.1, num_splits=4)
+    qt = torch.zeros(24, h, 576, dtype=torch.bfloat16)
+    k = torch.zeros(24, 1, 576, dtype=torch.bfloat16)
+    A.prefill_attention(qt, k, k, torch.tensor([0, 10, 24], dtype=torch.int32), 14, 0.1,
+                        kc, kc, table, lens)
+    A.store_kvcache(k, k, kc, kc, torch.zeros(24, dtype=torch.int32))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels run for real")
+def test_kernels_compile_for_h100_at_deepseek_shapes():
+    """Compiled for sm_90 (no GPU needed) at DeepSeek's latent shape, each launch within an
+    H100's shared memory (a whole 128-head group's decode tile took 384 KiB)."""
+    from tests.triton_compile import compile_for_h100
+
+    assert compile_for_h100(_MLA_LAUNCHES) == 8

@@ -55,13 +55,8 @@ def _triton_attention() -> ModuleType | None:
     return optional_module(_KERNELS)
 
 
-def attention_backend(device: torch.device, latent: bool = False) -> str:
-    """"triton" for CUDA when triton imports, else "torch"; the env var forces one. A
-    `latent` (MLA) cache takes "torch" unless triton is forced: the kernels hold a tile of
-    a whole head group by the padded head dim (DeepSeek-V3: 128 x 1024), far past what
-    they were tuned for, and are checked at that shape only under the interpreter."""
-    if latent and envs.LORAPLEX_ATTENTION_BACKEND == "auto":
-        return "torch"
+def attention_backend(device: torch.device) -> str:
+    """"triton" for CUDA when triton imports, else "torch"; the env var forces one."""
     kernels = triton_kernels("LORAPLEX_ATTENTION_BACKEND", envs.LORAPLEX_ATTENTION_BACKEND,
                              device.type == "cuda", _KERNELS)
     return "torch" if kernels is None else "triton"

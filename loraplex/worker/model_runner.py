@@ -106,7 +106,7 @@ class ModelRunner:
         self.max_model_len = model_config.max_model_len
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        self.attn_backend = attention_backend(self.device, latent=model.args.mla is not None)
+        self.attn_backend = attention_backend(self.device)
         # adapter slots per LoRA layer (0: no LoRA layers)
         self.max_loras = next((m.lora_a_stacked.shape[0] for m in model.modules()
                                if isinstance(m, LinearWithLoRA)), 0)
