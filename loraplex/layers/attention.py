@@ -30,6 +30,10 @@ kv_scale), else 1.0. A prefill's own K/V are used as computed; everything read f
 cache (earlier chunks, decode) went through FP8. The torch decode mirror holds the
 dequantized values, so it appends each new token rounded as the cache has it.
 
+MLA's latent (layers/mla.py, `values_are_keys`): one KV head that is both K and V, so
+v_cache is k_cache; the torch path writes and reads it once (the Triton store writes the
+same values twice into the one tensor).
+
 LORAPLEX_ATTENTION_BACKEND=auto|torch|triton forces one; triton on CPU tensors runs
 under TRITON_INTERPRET=1 (tests).
 """
