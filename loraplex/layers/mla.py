@@ -20,12 +20,13 @@ W_UK_h / W_UV_h head h's K and V rows of kv_b_proj,
     o_h        = softmax(scale [q_latent_h, q_rope_h] . [c, kr]) [c, kr]   (rope cut)
     out_h      = W_UV_h o_h                              [T, H, v]
 
-since q_nope_h . (W_UK_h c) = (W_UK_h^T q_nope_h) . c. One form everywhere keeps a later
-chunk of a prompt (or a prefix-cache hit) attending over cached latents like its own
-tokens; it costs H x kv_lora_rank query values per token where the decompressed
-prefill would need H x (nope + v) K/V values. LoRA on kv_b_proj is absorbed the same
-way (layers/mla_lora.py); every other projection is a plain module under its HF name,
-before or after the cache, so LoRA adapters target each of them as usual.
+since q_nope_h . (W_UK_h c) = (W_UK_h^T q_nope_h) . c. vLLM decompresses K and V for
+prefill instead (fewer FLOPs for long prompts: each key is then nope + rope wide, not
+kv_lora_rank + rope); one form here keeps a later chunk of a prompt, or a prefix-cache
+hit, attending over cached latents exactly as its own tokens and as decode do. LoRA on
+kv_b_proj is absorbed the same way (layers/mla_lora.py); every other projection is a
+plain module under its HF name, before or after the cache, so LoRA adapters target each
+of them as usual.
 """
 
 from __future__ import annotations
