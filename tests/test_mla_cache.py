@@ -300,3 +300,40 @@ def test_kernels_compile_for_h100_at_deepseek_shapes():
     from tests.triton_compile import compile_for_h100
 
     assert compile_for_h100(_MLA_LAUNCHES) == 8
+
+
+def test_fp8_weights_absorbed(mla, prompts, tiny_root):
+    """An FP8 checkpoint (a scale per row on every projection, kv_b_proj's included):
+    kv_b_proj's weight is dequantized for the absorption. Against HF + PEFT on the same
+    weights rounded through FP8 and back (fp32), with a kv_b_proj adapter beside the base."""
+    import json
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.quantized_fixtures import quantize_fp8
+
+    base, adapters = mla["v3"]
+    quant, ref = tiny_root / "mla_cache" / "v3_fp8", tiny_root / "mla_cache" / "v3_fp8_ref"
+    if not quant.exists():
+        state = load_file(str(base / "model.safetensors"))
+        q_state, ref_state = {}, {}
+        for key, w in state.items():
+            if re.search(r"_proj(_with_mqa)?\.weight$", key) and w.dim() == 2:
+                q, scale, deq = quantize_fp8(w, "channel")
+                q_state.update({key: q, key.replace(".weight", ".weight_scale"): scale})
+                ref_state[key] = deq.to(w.dtype)
+            else:
+                q_state[key] = ref_state[key] = w
+        for d, s in ((quant, q_state), (ref, ref_state)):
+            shutil.copytree(base, d)
+            save_file(s, str(d / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((quant / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                      "activation_scheme": "dynamic"}
+        (quant / "config.json").write_text(json.dumps(cfg))
+    llm = make_llm(quant, enable_lora=True, max_loras=1, max_lora_rank=8)
+    kv_b = llm.llm_engine.model.model.layers[0].self_attn.kv_b_proj
+    assert kv_b.base_layer.weight.dtype == FP8
+    check_mixed_batch(llm, ref, {"r2_kvb": adapters["r2_kvb"]}, prompts, extra=1)
