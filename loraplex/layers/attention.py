@@ -216,10 +216,14 @@ class Attention(nn.Module):
             parts = [(a, b, keys[a:b, :w], values[a:b, :w]) for a, b, w in groups]
         mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts), self.window,
                             self.chunk)
-        out = torch.cat([self._sdpa(  # [rows, H, 1, D] per group
-            q[a:b].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+        # [rows, H, 1, D]; MLA's one latent KV head: [rows, 1, H, D], the heads as one
+        # head's H queries under the same mask, so SDPA does not copy the latent per head
+        # (enable_gqa does on the CPU: ~6x slower at DeepSeek-V3's 128 heads)
+        heads_axis = 2 if self.values_are_keys else 1
+        out = torch.cat([self._sdpa(
+            q[a:b].unsqueeze(3 - heads_axis), keys.transpose(1, 2), values.transpose(1, 2),
             mask[a:b, ..., :keys.shape[1]], sinks) for a, b, keys, values in parts])
-        return out.squeeze(2)
+        return out.squeeze(3 - heads_axis)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
