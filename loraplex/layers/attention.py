@@ -30,6 +30,10 @@ kv_scale), else 1.0. A prefill's own K/V are used as computed; everything read f
 cache (earlier chunks, decode) went through FP8. The torch decode mirror holds the
 dequantized values, so it appends each new token rounded as the cache has it.
 
+MLA's latent (layers/mla.py, `values_are_keys`): one KV head that is both K and V, so
+v_cache is k_cache; the torch path writes and reads it once (the Triton store writes the
+same values twice into the one tensor).
+
 LORAPLEX_ATTENTION_BACKEND=auto|torch|triton forces one; triton on CPU tensors runs
 under TRITON_INTERPRET=1 (tests).
 """
@@ -87,7 +91,8 @@ def decode_splits(batch: int, num_kv_heads: int, max_context_len: int,
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 softcap: float = 0.0, window: int = 0, chunk: int = 0) -> None:
+                 softcap: float = 0.0, window: int = 0, chunk: int = 0,
+                 values_are_keys: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -96,6 +101,9 @@ class Attention(nn.Module):
         self.softcap = softcap  # > 0: scores are softcap * tanh(score / softcap) (Gemma 2)
         self.window = window  # > 0: a query at p sees keys at p - window < k <= p only
         self.chunk = chunk  # > 0: a query at p sees keys at p - p % chunk <= k <= p only
+        # V is K (MLA's latent, layers/mla.py): v_cache is k_cache, one tensor, written and
+        # read once; the caller passes k as v
+        self.values_are_keys = values_are_keys
         # set by the model runner once the cache is allocated: [num_blocks, block_size, KVH, D]
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -117,7 +125,9 @@ class Attention(nn.Module):
                              "positive and finite")
         if leaf in ("k_scale", "kv_scale"):
             self.k_scale = value
-        if leaf in ("v_scale", "kv_scale"):
+            if self.values_are_keys:  # one tensor, one scale: K's (as vLLM's MLA)
+                self.v_scale = value
+        if leaf in ("v_scale", "kv_scale") and not self.values_are_keys:
             self.v_scale = value
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -133,6 +143,11 @@ class Attention(nn.Module):
                              self._attend(q[n:], k[n:], v[n:], ctx.decode, sinks)])
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
+    @property
+    def _kv_tensors(self) -> int:
+        """Cache tensors to write and read: K and V, or K alone when V is K."""
+        return 1 if self.values_are_keys else 2
+
     def _store(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
         """Write the step's K/V into the cache at slot_mapping (before any attention reads
         it: a decoding sequence's new token is part of its own context)."""
@@ -143,7 +158,7 @@ class Attention(nn.Module):
                                               ctx.slot_mapping, self.k_scale, self.v_scale)
             return
         for cache, new, scale in ((self.k_cache, k, self.k_scale),
-                                  (self.v_cache, v, self.v_scale)):
+                                  (self.v_cache, v, self.v_scale))[:self._kv_tensors]:
             rows = cache.view(-1, self.num_kv_heads, self.head_dim)
             if is_fp8(cache.dtype):  # index_copy_ has no FP8 kernels: copy the bytes
                 rows, new = rows.view(torch.uint8), quantize_kv(new, cache.dtype,
@@ -201,10 +216,14 @@ class Attention(nn.Module):
             parts = [(a, b, keys[a:b, :w], values[a:b, :w]) for a, b, w in groups]
         mask = _decode_mask(ctx, max(part[2].shape[1] for part in parts), self.window,
                             self.chunk)
-        out = torch.cat([self._sdpa(  # [rows, H, 1, D] per group
-            q[a:b].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+        # [rows, H, 1, D]; MLA's one latent KV head: [rows, 1, H, D], the heads as one
+        # head's H queries under the same mask, so SDPA does not copy the latent per head
+        # (enable_gqa does on the CPU: ~6x slower at DeepSeek-V3's 128 heads)
+        heads_axis = 2 if self.values_are_keys else 1
+        out = torch.cat([self._sdpa(
+            q[a:b].unsqueeze(3 - heads_axis), keys.transpose(1, 2), values.transpose(1, 2),
             mask[a:b, ..., :keys.shape[1]], sinks) for a, b, keys, values in parts])
-        return out.squeeze(2)
+        return out.squeeze(3 - heads_axis)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,12 +255,12 @@ class Attention(nn.Module):
         flat = tables.reshape(-1)
         out = []
         for name, cache, scale in (("k", self.k_cache, self.k_scale),
-                                   ("v", self.v_cache, self.v_scale)):
+                                   ("v", self.v_cache, self.v_scale))[:self._kv_tensors]:
             buf = _buffer(ctx.scratch, name, (flat.shape[0], *cache.shape[1:]), dtype,
                           cache.device)
             _read_blocks(cache, scale, flat, buf, ctx.scratch)
             out.append(buf.view(b, nblocks * cache.shape[1], self.num_kv_heads, self.head_dim))
-        return out[0], out[1]
+        return out[0], out[-1]
 
     def _mirrored_kv(self, k, v, ctx: StepContext
                      ) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -255,7 +274,8 @@ class Attention(nn.Module):
         bufs = [(_buffer(self._mirror, name, (sum(sizes),), new.dtype, new.device), cache,
                  scale, _as_read(new, cache.dtype, scale))
                 for name, cache, scale, new in (("k", self.k_cache, self.k_scale, k),
-                                                ("v", self.v_cache, self.v_scale, v))]
+                                                ("v", self.v_cache, self.v_scale, v)
+                                                )[:self._kv_tensors]]
         rows, pos = _append_index(ctx)
         parts, offset = [], 0
         for (a, b, cap), size, (_, _, width) in zip(ctx.mirror_groups, sizes, ctx.decode_groups):
@@ -269,7 +289,7 @@ class Attention(nn.Module):
                 else:
                     group[rows[a:b] - a, pos[a:b]] = new[a:b]
                 views.append(group[:, :width])
-            parts.append((a, b, *views))
+            parts.append((a, b, views[0], views[-1]))
             offset += size
         return parts
 

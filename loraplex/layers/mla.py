@@ -10,12 +10,23 @@ HF's DeepseekV2Attention / DeepseekV3Attention compute it:
 scale = (nope + rope)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (HF's
 yarn_apply_mscale). The latent norms use eps 1e-6 whatever rms_norm_eps says (HF's).
 
-The paged cache holds the decompressed per-head K ([nope, rope]) and V, V padded with
-zeros to K's head dimension (the cache has one head dim; the output's padding is cut
-off before o_proj), so both attention backends run their usual kernels. vLLM caches the
-latent c and kr instead, ~(kv_lora_rank + rope) / (2 H head_dim) of this: a later
-optimization. Every projection is a plain module under its HF name, so LoRA adapters
-target each of them.
+The paged cache holds the latent, as vLLM's: per token and layer the normalized c and
+the rotated kr, [c, kr] of kv_lora_rank + rope values, one "KV head" that every head
+reads (MQA), and the same tensor serves as V (Attention's values_are_keys: nothing is
+stored twice). Attention runs in the absorbed form, for prefill and decode alike: with
+W_UK_h / W_UV_h head h's K and V rows of kv_b_proj,
+
+    q_latent_h = W_UK_h^T q_nope_h                       [T, H, kv_lora_rank]
+    o_h        = softmax(scale [q_latent_h, q_rope_h] . [c, kr]) [c, kr]   (rope cut)
+    out_h      = W_UV_h o_h                              [T, H, v]
+
+since q_nope_h . (W_UK_h c) = (W_UK_h^T q_nope_h) . c. vLLM decompresses K and V for
+prefill instead (fewer FLOPs for long prompts: each key is then nope + rope wide, not
+kv_lora_rank + rope); one form here keeps a later chunk of a prompt, or a prefix-cache
+hit, attending over cached latents exactly as its own tokens and as decode do. LoRA on
+kv_b_proj is absorbed the same way (layers/mla_lora.py); every other projection is a
+plain module under its HF name, before or after the cache, so LoRA adapters target each
+of them as usual.
 """
 
 from __future__ import annotations
@@ -24,13 +35,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import make_linear
+from loraplex.layers.mla_lora import kv_b_lora
 from loraplex.layers.norm import RMSNorm
-from loraplex.layers.quantization import QuantConfig
+from loraplex.layers.quantization import QuantConfig, QuantLinear
 from loraplex.layers.rotary import RotaryEmbedding
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
@@ -50,9 +61,9 @@ class MLAArgs:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
-    def cache_head_dim(self) -> int:
-        """The head dimension K and V share in the paged cache."""
-        return max(self.qk_head_dim, self.v_head_dim)
+    def latent_dim(self) -> int:
+        """Values per token and layer in the cache: [c, kr]."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
 
 
 def mla_softmax_scale(qk_head_dim: int, rope_scaling: dict | None) -> float:
@@ -98,27 +109,40 @@ class MLAAttention(nn.Module):
         self.o_proj = make_linear(num_heads * mla.v_head_dim, [hidden_size], bias, quant,
                                   _names(prefix, "o_proj"))
         self.rotary = rotary
-        self.attn = Attention(num_heads, num_heads, mla.cache_head_dim, mla.scale)
+        self.attn = Attention(num_heads, 1, mla.latent_dim, mla.scale, values_are_keys=True)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.mla.q_lora_rank is None:
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
+    def _kv_b_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's base W per head: W_UK [H, nope, C] and W_UV [H, v, C] (a quantized
+        one dequantized, every step)."""
+        base = getattr(self.kv_b_proj, "base_layer", self.kv_b_proj)  # under LoRA
+        w = base.dequantize(torch.float32).T if isinstance(base, QuantLinear) else base.weight
+        w = w.to(dtype).view(self.num_heads, -1, self.mla.kv_lora_rank)
+        return w[:, :self.mla.qk_nope_head_dim], w[:, self.mla.qk_nope_head_dim:]
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         m, t, h = self.mla, x.shape[0], self.num_heads
         q_nope, q_rope = self._query(x).view(t, h, m.qk_head_dim).split(
             [m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)  # [T, H, nope], [T, H, rope]
         latent, k_rope = self.kv_a_proj_with_mqa(x).split(
-            [m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)  # [T, kv_lora_rank], [T, rope]
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(
-            t, h, m.qk_nope_head_dim + m.v_head_dim)
-        k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+            [m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)  # [T, C], [T, rope]
         q_rope, k_rope = self.rotary(positions, q_rope, k_rope.unsqueeze(1))  # k: [T, 1, rope]
-        q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(t, h, m.qk_rope_head_dim)], dim=-1)
-        d = m.cache_head_dim  # zeros pad the shorter of K (and q) or V to the cache's dim
-        q, k = F.pad(q, (0, d - m.qk_head_dim)), F.pad(k, (0, d - m.qk_head_dim))
-        out = self.attn(q, k, F.pad(v, (0, d - m.v_head_dim)))  # [T, H * d]
-        out = out.view(t, h, d)[..., :m.v_head_dim].reshape(t, h * m.v_head_dim)
-        return self.o_proj(out)
+        cache = torch.cat([self.kv_a_layernorm(latent).unsqueeze(1), k_rope], dim=-1)
+        w_uk, w_uv = self._kv_b_weight(x.dtype)
+        lora = kv_b_lora(self.kv_b_proj, h, m.qk_nope_head_dim)
+        if lora is not None:
+            q_nope = lora.scale_query(q_nope)
+        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]
+        if lora is not None:
+            lora.add_query(q_latent, q_nope)
+        q = torch.cat([q_latent, q_rope], dim=-1)  # [T, H, C + rope]
+        out = self.attn(q, cache, cache)  # [T, H * (C + rope)]: V is the latent
+        o_latent = out.view(t, h, m.latent_dim)[..., :m.kv_lora_rank]  # [T, H, C]
+        v = torch.einsum("thc,hvc->thv", o_latent, w_uv)  # [T, H, v]
+        if lora is not None:
+            v = lora.add_value(v, o_latent)
+        return self.o_proj(v.reshape(t, h * m.v_head_dim))

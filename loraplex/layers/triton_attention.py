@@ -13,7 +13,9 @@ gathered into contiguous tensors.
   (attention.quantize_kv); the kernels read it back x scale, in fp32, in registers.
 - `paged_decode_attention`: one query per sequence. A program owns one sequence, one KV
   head and one split of the context: the G query heads that share the KV head are the M
-  rows of the dot, so every K/V tile is loaded once per group. Splits (flash-decoding)
+  rows of the dot, so every K/V tile is loaded once per group (past head dim 256, MLA's
+  one latent KV head of 576 under 16-128 heads, 16 heads a program: a whole group's
+  tile would not fit in shared memory; `_block_g`). Splits (flash-decoding)
   write fp32 partial outputs and log-sum-exps that a second kernel merges. All
   per-sequence sizes are read on the device, so the launch is CUDA-graph safe at a
   fixed batch size.
@@ -181,13 +183,17 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, out_pt
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
-                   WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, CHUNK: tl.constexpr):
+                   WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, CHUNK: tl.constexpr,
+                   HEAD_TILES: tl.constexpr):
     """num_splits is a runtime value, not specialized on: it follows the batch size and the
     longest context, and each new value would otherwise compile another kernel mid-serving.
     WINDOW > 0: only the last WINDOW cached positions (the new token's own included);
-    CHUNK > 0: only those of the new token's chunk."""
+    CHUNK > 0: only those of the new token's chunk. A program takes BLOCK_G heads of a
+    group: the group's HEAD_TILES-th part (1 but for MLA's 16 to 128 heads over one wide
+    latent KV head)."""
     b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1) // HEAD_TILES
+    tile = tl.program_id(1) % HEAD_TILES
     split = tl.program_id(2)
     ctx_len = tl.load(lens_ptr + b)
     lo = tl.maximum(ctx_len - WINDOW, 0) if WINDOW > 0 else 0
@@ -198,7 +204,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, out_pt
     start = lo + split * per_split
     end = tl.minimum(start + per_split, ctx_len)
 
-    g = tl.arange(0, BLOCK_G)
+    g = tile * BLOCK_G + tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     g_ok = g < GROUP
     d_ok = d < HEAD_DIM
@@ -253,6 +259,14 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _block_g(group: int, block_d: int) -> int:
+    """Query heads a decode program takes: the whole group (at least 16, a dot's minimum),
+    but at most 16 past head dim 256 (MLA's latent: 576, padded to 1024), where a whole
+    group's tile (DeepSeek-V3: 128 heads) would not fit in shared memory."""
+    whole = max(16, triton.next_power_of_2(group))
+    return whole if block_d <= 256 else 16
+
+
 def _block_n(block_d: int, dtype: torch.dtype) -> int:
     """Tokens per K/V tile: 64 rows of up to 256 bytes (bf16 x 128), else 32, so the
     pipelined tiles stay well inside shared memory (fp32 or head_dim 256 halve it)."""
@@ -303,18 +317,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = h // kvh
     block_d = _block_d(d)
     block_n = _block_n(block_d, q.dtype)
+    block_g = _block_g(group, block_d)
     has_sinks = sinks is not None
     sinks = sinks if has_sinks else q  # any tensor: never read
-    _decode_kernel[(b, kvh, num_splits)](
+    head_tiles = triton.cdiv(group, block_g)
+    _decode_kernel[(b, kvh * head_tiles, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, sinks, part, lse, scale * _LOG2E,
         float(k_scale), float(v_scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1), num_splits, GROUP=group, HEAD_DIM=d,
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         F32=fp32_dot(q.dtype, _INTERPRETED), SOFTCAP=float(softcap), WINDOW=int(window),
-        HAS_SINKS=has_sinks, CHUNK=int(chunk), num_warps=4)
+        HAS_SINKS=has_sinks, CHUNK=int(chunk), HEAD_TILES=head_tiles, num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
             part, lse, sinks, out, part.stride(0), part.stride(1), part.stride(2),

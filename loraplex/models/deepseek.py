@@ -3,8 +3,8 @@ the Llama-family decoder's flags: multi-head latent attention (layers/mla.py) an
 mixture of experts (layers/moe.py), as HF transformers builds them.
 
 - Attention: MLA; its rotary part turns pairs (2i, 2i+1) (V2 always, through complex
-  numbers; V3 where `rope_interleave`, else halves); the cache head dim is the larger of
-  qk_nope + qk_rope and v_head_dim.
+  numbers; V3 where `rope_interleave`, else halves); the cache holds the latent
+  (kv_lora_rank + qk_rope values a token and layer, worker/memory.py's kv_cache_layout).
 - Experts: V3 routes by grouped sigmoid scores with a correction bias ("noaux_tc"), V2 by
   softmax ("greedy", or "group_limited_greedy" within n_group groups); both add
   n_shared_experts ungated shared experts. Layer i has experts when
@@ -27,9 +27,9 @@ _V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 
 def mla_args(hf: Any, name: str, rope_scaling: dict | None) -> dict[str, Any]:
-    """LlamaArgs fields of a DeepSeek attention: `mla`, the cache's heads and head dim,
-    the rotary dim and layout, and the biases (attention_bias: q_a_proj, kv_a_proj and
-    o_proj; V2's mlp_bias: every MLP)."""
+    """LlamaArgs fields of a DeepSeek attention: `mla` (which shapes the cache), the heads
+    and query / key head dim of the decompressed form, the rotary dim and layout, and the
+    biases (attention_bias: q_a_proj, kv_a_proj and o_proj; V2's mlp_bias: every MLP)."""
     mla = MLAArgs(q_lora_rank=int(hf.q_lora_rank) if hf.q_lora_rank else None,
                   kv_lora_rank=int(hf.kv_lora_rank),
                   qk_nope_head_dim=int(hf.qk_nope_head_dim),
@@ -39,7 +39,7 @@ def mla_args(hf: Any, name: str, rope_scaling: dict | None) -> dict[str, Any]:
                                           rope_scaling))
     interleaved = name == "DeepseekV2ForCausalLM" or bool(getattr(hf, "rope_interleave", True))
     return dict(mla=mla, num_kv_heads=int(hf.num_attention_heads),
-                head_dim=mla.cache_head_dim, rotary_dim=mla.qk_rope_head_dim,
+                head_dim=mla.qk_head_dim, rotary_dim=mla.qk_rope_head_dim,
                 rope_interleaved=interleaved,
                 qkv_bias=bool(getattr(hf, "attention_bias", False)),
                 o_bias=bool(getattr(hf, "attention_bias", False)),

@@ -147,7 +147,8 @@ class LlamaArgs:
     norm_type: str = "rms"
     # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
     ungated_mlp: tuple[str, str] | None = None
-    # multi-head latent attention (DeepSeek-V2 / V3): head_dim is then its cache head dim
+    # multi-head latent attention (DeepSeek-V2 / V3): it shapes the cache (the latent,
+    # worker/memory.py's kv_cache_layout); head_dim is then the query / key head dim
     mla: MLAArgs | None = None
 
     @property

@@ -73,11 +73,20 @@ class MemoryPlan:
                 "(pinned on CUDA, whose allocator rounds each buffer up to a power of 2)")
 
 
+def kv_cache_layout(args) -> tuple[int, int, int]:
+    """(tensors, KV heads, head dim) of each layer's cache: K and V of num_kv_heads x
+    head_dim; for MLA (layers/mla.py) one tensor, the latent [c, kr], that is both."""
+    if args.mla is not None:
+        return 1, 1, args.mla.latent_dim
+    return 2, args.num_kv_heads, args.head_dim
+
+
 def kv_block_bytes(model, dtype: torch.dtype, block_size: int) -> int:
-    """K and V of `block_size` tokens in every layer."""
+    """The cache of `block_size` tokens in every layer (K and V, or MLA's latent)."""
     a = model.args
+    tensors, heads, head_dim = kv_cache_layout(a)
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * elem
+    return tensors * a.num_layers * block_size * heads * head_dim * elem
 
 
 def plan_memory(lora: LoRAManager | None, kv_block_bytes: int, block_size: int,

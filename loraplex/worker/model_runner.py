@@ -44,7 +44,7 @@ from loraplex.models.llava import VisionWeights
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
-from loraplex.worker.memory import kv_block_bytes
+from loraplex.worker.memory import kv_block_bytes, kv_cache_layout
 from loraplex.worker.mrope import mrope_delta, mrope_step_positions
 
 logger = logging.getLogger(__name__)
@@ -220,13 +220,14 @@ class ModelRunner:
         Sampler(set())(logits, rows, draft_tokens=[0] * len(rows) if per_seq > 1 else None)
 
     def _allocate_kv_cache(self) -> None:
-        a = self.model.args
-        shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        _, heads, head_dim = kv_cache_layout(self.model.args)
+        shape = (self.num_blocks, self.block_size, heads, head_dim)
         # zeros, not empty: masked-out slots still enter `weights @ V`, and 0 * NaN garbage
         # would poison the output; stale values from freed blocks are finite and harmless
         for layer in self.attention_layers:
             layer.k_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            layer.v_cache = layer.k_cache if layer.values_are_keys else torch.zeros(
+                shape, dtype=self.kv_cache_dtype, device=self.device)
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s)", self.num_blocks,
                     self.block_size, self.num_blocks * self._bytes_per_block() / 2**20,
                     str(self.kv_cache_dtype).removeprefix("torch."))
@@ -346,7 +347,7 @@ class ModelRunner:
                           context_lens=context_lens, max_context_len=max(lens))
         if padded_batch is None:  # eager (a graph captured its own context)
             if self.attn_backend == "triton":
-                ctx.decode_splits = decode_splits(len(seqs), self.model.args.num_kv_heads,
+                ctx.decode_splits = decode_splits(len(seqs), kv_cache_layout(self.model.args)[1],
                                                   ctx.max_context_len, self.device)
             else:
                 self.decode_mirror.plan(ctx, [s.seq_id for s in seqs], lens)
