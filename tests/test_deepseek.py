@@ -5,7 +5,7 @@ whole and in chunks:
 - V3: q through q_a_proj -> q_a_layernorm -> q_b_proj, YaRN (its mscale^2 on the softmax
   scale), rotary on interleaved pairs, grouped sigmoid routing (4 groups of 2, 2
   eligible) with a non-zero correction bias and a scaling, a shared expert, a dense first
-  layer; K and V head dims that differ (V padded in the cache);
+  layer; K and V head dims that differ (the cache holds the latent: tests/test_mla_cache.py);
 - V2 (V2-Lite's layout): one q_proj, softmax routing limited to the best group, a
   scaling, a shared expert, a dense first layer.
 
@@ -218,8 +218,8 @@ def test_per_expert_adapter(version, deepseek, prompts, tmp_path):
 
 @pytest.mark.parametrize("budget", [None, 6])
 def test_v3_with_triton_attention(monkeypatch, budget, deepseek, prompts):
-    """MLA through the Triton kernels (under the interpreter on the CPU): K and V padded to
-    one head dim, prefill, chunks over cached context, decode."""
+    """MLA through the Triton kernels (under the interpreter on the CPU): the latent as one
+    KV head that is also V, prefill, chunks over cached context, decode."""
     monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
     base, adapters = deepseek["v3"]
     llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=8,
