@@ -163,7 +163,7 @@ def test_quantization_flag_is_checked_against_the_checkpoint(quantized, tiny_mod
         make_llm(gptq, quantization="awq")
     with pytest.raises(ValueError, match="no quantization_config"):
         make_llm(tiny_models["llama"], quantization="gptq")
-    with pytest.raises(ValueError, match="quantization='gguf' is not supported yet"):
+    with pytest.raises(ValueError, match="quantization='gguf' needs a GGUF file as the model"):
         make_llm(tiny_models["llama"], quantization="gguf")
 
 
