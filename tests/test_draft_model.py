@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from loraplex.layers.rejection_sampler import accept_or_resample
 from loraplex.layers.sampler import Sampler, SamplingRow
 from tests.engine_utils import check_against_hf, make_llm
 from tests.fixtures import edited_copy, load_tokenizer, make_peft_adapter, make_tiny_model
-from tests.server_utils import RemoteServer
+from tests.server_utils import RemoteServer, clean_env, serve_cmd
 from tests.test_spec_decode import TEXTS, _assert_same, _generate
 
 K = 3
@@ -218,6 +219,12 @@ def test_draft_equal_to_target_accepts_everything(models):
     assert stats.accepted_per_position == [stats.num_drafts] * K
     # 25 tokens in chunks of K + 1 = 4: 7 steps of decode + the prefill step
     assert spec.llm_engine.scheduler.num_steps == 1 + -(-(25 - 1) // (K + 1))
+    # the draft's cache kept the K - 1 drafts it forwarded and the target accepted: its
+    # catch-up computed each prompt, then per later proposal only the last draft (never
+    # forwarded); the bonus token is each decode forward's first
+    proposals = -(-(25 - 1) // (K + 1))  # one per decode step
+    assert spec.llm_engine.draft.num_catch_up_tokens == sum(len(p) for p in prompts) \
+        + len(prompts) * (proposals - 1)
     before = _stats(spec).copy()
     sampled = SamplingParams(temperature=0.8, max_tokens=25, ignore_eos=True, seed=5)
     _generate(spec, prompts, sampled)
@@ -335,3 +342,17 @@ def test_server_with_a_draft_model(models, tmp_path):
               if ln.startswith("loraplex:spec_decode_num_accepted_tokens_total")]
     assert drafts and float(drafts[0].split()[-1]) > 0
     assert "draft model: weights" in log_copy.read_text()
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ('{"model": "/nonexistent/draft", "num_speculative_tokens": 3}',
+     "draft model '/nonexistent/draft' is neither a local directory"),
+    ('{"model": "d", "num_speculative_tokens": 0}', "num_speculative_tokens must be"),
+])
+def test_serve_refuses_a_bad_draft(models, spec, needle):
+    res = subprocess.run(serve_cmd(models["base"], "--dtype", "float32",
+                                   "--speculative-config", spec),
+                         capture_output=True, text=True, timeout=120, env=clean_env())
+    assert res.returncode != 0
+    errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in res.stderr

@@ -94,6 +94,7 @@ class DraftModel:
         self.free_blocks = list(range(runner.num_blocks - 1, -1, -1))
         self.states: dict[int, DraftState] = {}
         self.num_forwards = 0  # draft forwards run (catch-up chunks and decode steps)
+        self.num_catch_up_tokens = 0  # tokens its catch-up prefills computed
 
     @property
     def num_blocks(self) -> int:
@@ -155,9 +156,8 @@ class DraftModel:
                 drafts[i].append(token)
                 if dist is not None:
                     probs[i].append(dist)
-        for i, seq, state, room in active:
+        for i, seq, state, room in active:  # its cache now holds the room - 1 drafts too
             state.base, state.forwarded = seq.num_tokens, drafts[i][:room - 1]
-            state.num_computed_tokens = seq.num_tokens  # trusted: up to the drafts (sync)
             out[i] = (drafts[i], torch.stack(probs[i]) if probs[i] else None)
         return out
 
@@ -181,6 +181,7 @@ class DraftModel:
             self.num_forwards += 1
             for state, n in zip(batch, lens):
                 state.num_computed_tokens += n
+            self.num_catch_up_tokens += sum(lens)
 
     @staticmethod
     def _choose(logits: torch.Tensor, seqs: list[Sequence]
