@@ -19,7 +19,13 @@ from loraplex.engine.arg_utils import parse_speculative_config
 from loraplex.layers.rejection_sampler import accept_or_resample
 from loraplex.layers.sampler import Sampler, SamplingRow
 from tests.engine_utils import check_against_hf, make_llm
-from tests.fixtures import edited_copy, load_tokenizer, make_peft_adapter, make_tiny_model
+from tests.fixtures import (
+    edited_copy,
+    hf_greedy,
+    load_tokenizer,
+    make_peft_adapter,
+    make_tiny_model,
+)
 from tests.server_utils import RemoteServer, clean_env, serve_cmd
 from tests.test_spec_decode import TEXTS, _assert_same, _generate
 
@@ -70,6 +76,18 @@ def _prompts() -> list[list[int]]:
 
 def _stats(llm):
     return llm.llm_engine.get_stats().spec_decode
+
+
+def _check_draft_cache(llm) -> None:
+    """Only running sequences hold draft state (a preempted one's went), and every draft
+    block is either free or in exactly one state's table."""
+    engine = llm.llm_engine
+    draft = engine.draft
+    running = {s.seq_id for s in engine.scheduler.running}
+    assert set(draft.states) <= running
+    held = [b for st in draft.states.values() for b in st.block_table]
+    assert len(set(held)) == len(held)
+    assert sorted(held + draft.free_blocks) == list(range(draft.num_blocks))
 
 
 def _assert_draft_cache_empty(llm) -> None:
@@ -235,6 +253,53 @@ def test_draft_equal_to_target_accepts_everything(models):
     _assert_draft_cache_empty(spec)
 
 
+def test_draft_cache_after_rejections(models):
+    """The target as its own draft, the target penalizing repetition (the draft does
+    not): drafts get rejected, and after each step every sequence's drafts are exactly
+    the target's unpenalized greedy continuation (HF's) of its tokens then, so the
+    draft's cache held the right K/V: the accepted drafts' kept, the rest recomputed."""
+    base = models["base"]
+    prompts = _prompts()[:3]
+    spec = make_llm(base, speculative_config=_spec(models, "same"))
+    engine = spec.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                            repetition_penalty=1.6)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": p}, params)
+    checked = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:
+            state = engine.draft.states.get(seq.seq_id)
+            if state is not None and state.forwarded:
+                want = hf_greedy(base, None, seq.token_ids[:state.base], K)
+                assert state.forwarded == want[:len(state.forwarded)], seq.seq_id
+                checked += 1
+    stats = _stats(spec)
+    assert checked > 10 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert engine.draft.num_catch_up_tokens > sum(len(p) for p in prompts)  # rejections
+
+
+def test_kv_budget_is_shared_with_the_draft(models):
+    """The draft's KV cache comes out of the same budget: the target gets budget //
+    (its bytes per block + the draft's) blocks, the draft as many; the memory line says
+    so."""
+    base = models["base"]
+    budget = 2**20
+    spec = make_llm(base, speculative_config=_spec(models, "truncated"),
+                    kv_cache_memory_bytes=budget)
+    engine = spec.llm_engine
+    plain = make_llm(base, kv_cache_memory_bytes=budget).llm_engine
+    target_block = plain.memory.kv_block_bytes
+    draft_block = engine.memory.draft_kv_block_bytes
+    assert draft_block * 2 == target_block  # one layer of two
+    assert plain.model_runner.num_blocks == budget // target_block
+    assert engine.model_runner.num_blocks == budget // (target_block + draft_block)
+    assert engine.draft.num_blocks == engine.model_runner.num_blocks
+    line = engine.memory.describe(0)
+    assert "draft model: weights" in line and engine.memory.draft_weight_bytes > 0
+
+
 def test_unrelated_random_draft_keeps_outputs(models):
     """A random draft of another shape: most drafts are rejected, the outputs are still
     the plain engine's, with adapters, n = 2, stop token ids, max_tokens and a request
@@ -284,7 +349,14 @@ def test_chunked_prefill_preemption_and_abort(models):
     kw = dict(enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=64,
               num_gpu_blocks_override=12, block_size=8, max_num_batched_tokens=5)
     spec = make_llm(base, speculative_config=_spec(models, "truncated"), **kw)
-    spec_outs, _ = _generate(spec, prompts, params, loras)
+    engine = spec.llm_engine
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": p}, params, lora_request=loras[i])
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+        _check_draft_cache(spec)
+    spec_outs = [finished[str(i)] for i in range(len(prompts))]
     _assert_same(spec_outs, _generate(make_llm(base, **kw), prompts, params, loras)[0])
     assert spec.llm_engine.scheduler.num_preemptions > 0
     assert _stats(spec).num_accepted_tokens > 0
