@@ -230,8 +230,8 @@ def load_draft_model(spec: SpeculativeConfig, target_config: Any, target_tokeniz
                          "vocabulary")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tokenizer = None  # no tokenizer files: the vocab size is all there is to check
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = None  # no (usable) tokenizer files: the vocab size is all to check
     if tokenizer is not None and tokenizer.get_vocab() != target_tokenizer.get_vocab():
         raise ValueError(f"speculative_config: the draft model's tokenizer ({spec.model}) "
                          "does not have the target's vocabulary (token -> id)")
