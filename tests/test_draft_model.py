@@ -6,6 +6,7 @@ sampling, stops, chunked prefill, preemption, abort), and the server."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -278,6 +279,27 @@ def test_draft_cache_after_rejections(models):
     stats = _stats(spec)
     assert checked > 10 and 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert engine.draft.num_catch_up_tokens > sum(len(p) for p in prompts)  # rejections
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_draft_through_the_triton_attention(models, monkeypatch):
+    """The CUDA path's attention (the Triton kernels, under the interpreter here) for
+    both models: the draft's catch-up chunks (blocks of 8, chunks of 6) and its decode
+    forwards over its own block tables; the tokens are the plain engine's."""
+    import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
+
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    base = models["base"]
+    prompts = _prompts()[:3]
+    loras = _loras(models, [None, "r8", "r4"])
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+    kw = dict(enable_lora=True, max_loras=2, max_lora_rank=8, block_size=8,
+              max_num_batched_tokens=6)
+    spec = make_llm(base, speculative_config=_spec(models, "perturbed"), **kw)
+    assert spec.llm_engine.draft.runner.attn_backend == "triton"
+    spec_outs, _ = _generate(spec, prompts, params, loras)
+    _assert_same(spec_outs, _generate(make_llm(base, **kw), prompts, params, loras)[0])
+    assert _stats(spec).num_accepted_tokens > 0
 
 
 def test_kv_budget_is_shared_with_the_draft(models):
