@@ -222,7 +222,12 @@ class ModelRunner:
                                 repetition_penalty=1.1, presence_penalty=0.1,
                                 frequency_penalty=0.1, logprobs=20)
         rows = [SamplingRow(params, [0] * m, [1], None) for m in lens for _ in range(per_seq)]
-        Sampler(set())(logits, rows, draft_tokens=[0] * len(rows) if per_seq > 1 else None)
+        # a draft model's sampled drafts come with its distributions: [rows, vocab] more
+        draft_probs = (torch.full(logits.shape, 1 / logits.shape[1], dtype=torch.float32,
+                                  device=dev)
+                       if per_seq > 1 and self.draft_block_bytes else None)
+        Sampler(set())(logits, rows, draft_tokens=[0] * len(rows) if per_seq > 1 else None,
+                       draft_probs=draft_probs)
 
     def _allocate_kv_cache(self) -> None:
         a = self.model.args
