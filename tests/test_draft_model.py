@@ -244,6 +244,20 @@ def test_draft_equal_to_target_accepts_everything(models):
     proposals = -(-(25 - 1) // (K + 1))  # one per decode step
     assert spec.llm_engine.draft.num_catch_up_tokens == sum(len(p) for p in prompts) \
         + len(prompts) * (proposals - 1)
+    # stops inside an accepted run (the step emitting output 5..8 stops at 6): a stop
+    # string, max_tokens, and a stop token (min_tokens bans it before: its own output);
+    # each as without speculation
+    tok = load_tokenizer()
+    ids = outs[0].outputs[0].token_ids
+    stops = [SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True, min_tokens=7,
+                            stop=[tok.decode([ids[6]])]),
+             SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True, min_tokens=7,
+                            stop_token_ids=[ids[6]]),
+             SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)]
+    stopped, last_step = _generate(spec, [prompts[0]] * 3, stops)
+    _assert_same(stopped, _generate(make_llm(base), [prompts[0]] * 3, stops)[0])
+    assert [len(stopped[i].outputs[0].token_ids) for i in (0, 2)] == [7, 7]
+    assert last_step[0] == last_step[2] == 2  # the run's first two, nothing after them
     before = _stats(spec).copy()
     sampled = SamplingParams(temperature=0.8, max_tokens=25, ignore_eos=True, seed=5)
     _generate(spec, prompts, sampled)
