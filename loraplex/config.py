@@ -247,70 +247,102 @@ class LoRAConfig:
                              f"({self.max_loras})")
 
 
-# vLLM's speculative methods that need a draft model or heads: refused by name
-_DRAFT_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "draft_model", "mtp",
-                  "deepseek_mtp", "ernie_mtp", "qwen3_next_mtp", "suffix")
-_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max",
-              "prompt_lookup_min")
+# vLLM's speculative methods that need heads or other proposers: refused by name
+_UNSUPPORTED_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "deepseek_mtp",
+                        "ernie_mtp", "qwen3_next_mtp", "suffix")
+# the keys each method takes (vLLM's names)
+_NGRAM_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max",
+               "prompt_lookup_min")
+_DRAFT_KEYS = ("method", "model", "num_speculative_tokens", "draft_tensor_parallel_size",
+               "quantization", "max_model_len", "revision")
 
 
 @dataclass
 class SpeculativeConfig:
-    """vLLM's speculative_config, ngram (prompt lookup) only: each decoding sequence's
-    last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked up in
-    its prompt + output, and the up to num_speculative_tokens that followed their most
-    recent earlier occurrence are verified in one forward. No draft model: nothing to
-    load, and the proposal costs a host-side search (engine/ngram_proposer.py)."""
+    """vLLM's speculative_config, two methods. "ngram" (prompt lookup): each decoding
+    sequence's last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are
+    looked up in its prompt + output, and the up to num_speculative_tokens that followed
+    their most recent earlier occurrence are verified in one forward; nothing to load
+    (engine/ngram_proposer.py). "draft_model": a small LLM of the same vocabulary
+    (`model`) proposes them, k forwards of its own with its own KV cache
+    (engine/draft_model.py); it runs without adapters."""
 
     num_speculative_tokens: int
-    prompt_lookup_max: int
-    prompt_lookup_min: int
+    prompt_lookup_max: int = 0
+    prompt_lookup_min: int = 0
     method: str = "ngram"
+    # draft_model: the draft's path or hub id, its revision, its quantization (None: the
+    # checkpoint's own), and the positions it serves (None: the target's max_model_len)
+    model: str | None = None
+    revision: str | None = None
+    quantization: str | None = None
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         k, lo, hi = self.num_speculative_tokens, self.prompt_lookup_min, self.prompt_lookup_max
-        for name, value in (("num_speculative_tokens", k), ("prompt_lookup_min", lo),
-                            ("prompt_lookup_max", hi)):
+        checks = [("num_speculative_tokens", k)]
+        if self.method == "ngram":
+            checks += [("prompt_lookup_min", lo), ("prompt_lookup_max", hi)]
+        elif self.max_model_len is not None:
+            checks.append(("max_model_len", self.max_model_len))
+        for name, value in checks:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"speculative_config: {name} must be an int >= 1, got "
                                  f"{value!r}")
-        if lo > hi:
+        if self.method == "ngram" and lo > hi:
             raise ValueError(f"speculative_config: prompt_lookup_min ({lo}) must be <= "
                              f"prompt_lookup_max ({hi})")
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
+            raise ValueError("speculative_config: method 'draft_model' needs a 'model' (the "
+                             "draft's path or hub id)")
 
     @classmethod
     def from_dict(cls, spec: dict) -> SpeculativeConfig:
         """vLLM's dict: {"method": "ngram", "num_speculative_tokens": k,
         "prompt_lookup_max": n, "prompt_lookup_min": m} ("model": "[ngram]" names the
-        method too, as in vLLM). A missing lookup bound takes the other's value, both
-        missing: 5, vLLM's defaults."""
+        method too, as in vLLM; a missing lookup bound takes the other's value, both
+        missing: 5, vLLM's defaults), or {"model": "path-or-hub-id",
+        "num_speculative_tokens": k} (method "draft_model", implied by a model), with
+        vLLM's optional "revision", "quantization", "max_model_len" and
+        "draft_tensor_parallel_size" (1 only)."""
         if not isinstance(spec, dict):
             raise ValueError(f"speculative_config must be a dict (JSON object), got "
                              f"{type(spec).__name__}")
-        unknown = sorted(set(spec) - set(_SPEC_KEYS))
-        if unknown:
-            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; "
-                             f"loraplex takes {', '.join(_SPEC_KEYS)}")
-        method = spec.get("method")
-        model = spec.get("model")
+        method, model = spec.get("method"), spec.get("model")
         if method is None and model in ("ngram", "[ngram]"):
             method = "ngram"
-        if method in _DRAFT_METHODS or (method is None and model is not None):
-            raise ValueError(f"speculative_config: method {method or 'draft_model'!r} is not "
-                             "supported: loraplex only supports the 'ngram' method (prompt "
-                             "lookup; no draft model, EAGLE or Medusa heads)")
-        if method != "ngram":
-            raise ValueError(f"speculative_config: unknown method {method!r}; the only "
-                             "supported method is 'ngram'")
+        elif method is None and model is not None:
+            method = "draft_model"
+        keys = _DRAFT_KEYS if method == "draft_model" else _NGRAM_KEYS
+        unknown = sorted(set(spec) - set(keys))
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; "
+                             f"method {method or 'ngram'!r} takes {', '.join(keys)}")
+        if method in _UNSUPPORTED_METHODS:
+            raise ValueError(f"speculative_config: method {method!r} is not supported: "
+                             "loraplex only supports the 'ngram' (prompt lookup) and "
+                             "'draft_model' methods (no EAGLE, Medusa or MTP heads)")
+        if method not in ("ngram", "draft_model"):
+            raise ValueError(f"speculative_config: unknown method {method!r}; the supported "
+                             "methods are 'ngram' and 'draft_model'")
+        if "num_speculative_tokens" not in spec:
+            raise ValueError("speculative_config: num_speculative_tokens is required")
+        k = spec["num_speculative_tokens"]
+        if method == "draft_model":
+            tp = spec.get("draft_tensor_parallel_size")
+            if tp not in (None, 1):
+                raise ValueError(f"speculative_config: draft_tensor_parallel_size={tp!r}: "
+                                 "loraplex runs the draft on one device (1)")
+            return cls(num_speculative_tokens=k, method="draft_model", model=model,
+                       revision=spec.get("revision"), quantization=spec.get("quantization"),
+                       max_model_len=spec.get("max_model_len"))
         if model not in (None, "ngram", "[ngram]"):
             raise ValueError(f"speculative_config: method 'ngram' takes no model, got "
                              f"{model!r}")
-        if "num_speculative_tokens" not in spec:
-            raise ValueError("speculative_config: num_speculative_tokens is required")
         lo, hi = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
         if lo is None and hi is None:
             lo = hi = 5
-        return cls(num_speculative_tokens=spec["num_speculative_tokens"],
+        return cls(num_speculative_tokens=k,
                    prompt_lookup_max=hi if hi is not None else lo,
                    prompt_lookup_min=lo if lo is not None else hi)
 

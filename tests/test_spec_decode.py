@@ -42,7 +42,7 @@ TEXTS = (
 @pytest.mark.parametrize("spec, match", [
     ({"method": "eagle", "num_speculative_tokens": 2}, "only supports the 'ngram'"),
     ({"method": "medusa", "num_speculative_tokens": 2}, "only supports the 'ngram'"),
-    ({"model": "some/draft-model", "num_speculative_tokens": 2}, "only supports the 'ngram'"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a 'model'"),
     ({"method": "lookahead", "num_speculative_tokens": 2}, "unknown method 'lookahead'"),
     ({"method": "ngram"}, "num_speculative_tokens is required"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be"),

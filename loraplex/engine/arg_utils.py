@@ -121,7 +121,8 @@ class EngineArgs:
     # cuda_graph_sizes: batch sizes to capture (a list, or "1,2,4"; one value = up to it)
     enforce_eager: bool = False
     cuda_graph_sizes: list[int] | str | int | None = None
-    # vLLM's speculative_config: a dict or its JSON text, ngram (prompt lookup) only
+    # vLLM's speculative_config: a dict or its JSON text, ngram (prompt lookup) or a draft
+    # model
     # (config.py: SpeculativeConfig)
     speculative_config: dict | str | None = None
     # vLLM's hf_overrides: a dict (or its JSON text) merged into the checkpoint's HF config

@@ -9,6 +9,7 @@ prompts together (Scheduler: a mixed step).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from loraplex.config import EngineConfig, PoolerConfig, kv_cache_dtype
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
+from loraplex.engine.draft_model import load_draft_model, make_draft
 from loraplex.engine.generation_config import GenerationDefaults
 from loraplex.engine.images import (
     ImageInputs,
@@ -42,7 +44,7 @@ from loraplex.engine.prompt_embeds import (
 from loraplex.engine.qwen_images import QwenImageProcessor
 from loraplex.engine.qwen_videos import count_videos, takes_videos
 from loraplex.engine.request import Request
-from loraplex.engine.scheduler import Scheduler
+from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
 from loraplex.engine.structured_output import StructuredOutputs
@@ -205,11 +207,21 @@ class LLMEngine:
         cache_config = cpu_cache_config(self.config.cache_config, self.memory, mc.device.type)
         lm = self.lora_manager
         spec = self.config.speculative_config
+        # a draft model (speculative decoding): loaded before the KV cache is sized, so
+        # its weights and its cache come out of the same budget (worker/memory.py)
+        draft_model = (load_draft_model(spec, hf_config, self.tokenizer, mc, self._build)
+                       if spec and spec.method == "draft_model" else None)
+        if draft_model is not None:
+            self.memory.draft_kv_block_bytes = kv_block_bytes(draft_model, kv_dtype, block_size)
+            self.memory.draft_weight_bytes = sum(
+                t.numel() * t.element_size()
+                for t in itertools.chain(draft_model.parameters(), draft_model.buffers()))
         self.model_runner = ModelRunner(self.model, mc, cache_config,
                                         self.config.scheduler_config,
                                         lm.eager_slots if lm else None,
                                         lm.rope_offsets if lm else None, self.vision,
-                                        spec.num_speculative_tokens if spec else 0)
+                                        spec.num_speculative_tokens if spec else 0,
+                                        self.memory.draft_kv_block_bytes)
         self.memory.num_kv_blocks = self.model_runner.num_blocks
         if self.model_runner.num_blocks * block_size < mc.max_model_len:
             slots = (f" after the adapter slots took {self.memory.lora_slot_bytes / 2**20:.1f} "
@@ -223,15 +235,21 @@ class LLMEngine:
                     if lc else self.memory.describe(0))
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
                                           self.config.cache_config.enable_prefix_caching)
-        # speculative decoding (ngram): drafts per decoding sequence, their counters
-        self.drafter = Drafter(spec, mc.max_model_len) if spec else None
+        # speculative decoding: drafts per decoding sequence (ngram, or the draft model
+        # with its own KV cache of as many blocks), their counters
+        self.draft = (make_draft(draft_model, mc, self.config.cache_config,
+                                 self.config.scheduler_config, spec,
+                                 self.model_runner.num_blocks)
+                      if draft_model is not None else None)
+        self.drafter = Drafter(spec, mc.max_model_len, self.draft) if spec else None
         self.spec_stats = SpecDecodeStats() if spec else None
         self.spec_logger = SpecDecodeLogger() if spec else None
         self.scheduler = Scheduler(
             self.config.scheduler_config, self.block_manager,
             lm.num_unpinned_capacity if lm else None,
             **({"lora_ready": lm.is_ready, "lora_pinned": lm.pinned.__contains__} if lm else {}),
-            propose=self.drafter.propose if self.drafter else None)
+            propose=self.drafter.propose_all if self.drafter else None,
+            release=self.draft.release if self.draft else None)
         # generation_config.json: the ids that end a turn, the authors' sampling defaults
         self.generation_defaults = GenerationDefaults.read(path, mc.generation_config)
         eos_ids: set[int] = set(self.generation_defaults.eos_token_ids)
@@ -765,7 +783,8 @@ class LLMEngine:
                 drafts += d + [-1]
             mask = (self.structured.token_mask([s.grammar for s in row_seqs])
                     if any(s.grammar is not None for s in row_seqs) else None)
-            sampled = (self.sampler(logits, rows, mask, drafts if batch.spec else None)
+            sampled = (self.sampler(logits, rows, mask, drafts if batch.spec else None,
+                                    _draft_probs(seq_drafts, batch, logits))
                        if rows else None)
             now = time.monotonic()
             i = 0  # each sequence's first row
@@ -1053,3 +1072,23 @@ def _cache_salt(prompt: PromptType) -> bytes:
     if not isinstance(salt, str) or not salt:
         raise ValueError("cache_salt must be a non-empty string")
     return salt.encode()
+
+
+def _draft_probs(seq_drafts: list[tuple[Sequence, list[int]]], batch: ScheduledBatch,
+                 logits: torch.Tensor) -> torch.Tensor | None:
+    """[rows, logits' width] the draft model's distribution behind each sampled row's
+    draft (zeros elsewhere: greedy and draftless rows ignore it), in the sampler's row
+    order; None when no draft came with one (ngram, or only greedy requests)."""
+    probs = dict(zip(batch.spec, batch.spec_probs))
+    if all(q is None for q in probs.values()):
+        return None
+    out = logits.new_zeros(sum(len(d) + 1 for _, d in seq_drafts), logits.shape[1],
+                           dtype=torch.float32)
+    row = 0
+    for seq, d in seq_drafts:
+        q = probs.get(seq) if d else None
+        if q is not None:
+            width = min(q.shape[1], out.shape[1])
+            out[row:row + len(d), :width] = q[:, :width]
+        row += len(d) + 1
+    return out

@@ -56,6 +56,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from loraplex.config import SchedulerConfig
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.sequence import Sequence, SequenceStatus
@@ -87,10 +89,15 @@ class ScheduledBatch:
     # spec[i] computes its last token and spec_tokens[i], and gets logits at each
     spec: list[Sequence] = field(default_factory=list)
     spec_tokens: list[list[int]] = field(default_factory=list)
+    # a draft model's sampled requests: the draft's distribution at each draft ([n, vocab];
+    # None: a deterministic draft, ngram's or a greedy request's)
+    spec_probs: list[torch.Tensor | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prefill_lens:
             self.prefill_lens = [s.num_uncomputed_tokens for s in self.prefill]
+        if not self.spec_probs:
+            self.spec_probs = [None] * len(self.spec)
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -121,9 +128,11 @@ class ScheduledBatch:
     def keep(self, kept: set[Sequence]) -> ScheduledBatch:
         """The batch without the sequences not in `kept` (their adapter failed to load)."""
         pairs = [(s, n) for s, n in zip(self.prefill, self.prefill_lens) if s in kept]
-        spec = [(s, d) for s, d in zip(self.spec, self.spec_tokens) if s in kept]
+        spec = [(s, d, q) for s, d, q in zip(self.spec, self.spec_tokens, self.spec_probs)
+                if s in kept]
         return ScheduledBatch([s for s, _ in pairs], [s for s in self.decode if s in kept],
-                              [n for _, n in pairs], [s for s, _ in spec], [d for _, d in spec])
+                              [n for _, n in pairs], [s for s, _, _ in spec],
+                              [d for _, d, _ in spec], [q for _, _, q in spec])
 
     def advance(self) -> None:
         """After the forward: the step's tokens are in the cache (prefill and decode; a
@@ -139,7 +148,9 @@ class Scheduler:
                  lora_capacity: Callable[[set[int]], int] | None = None,
                  lora_ready: Callable[[int], bool] = _always,
                  lora_pinned: Callable[[int], bool] = _never,
-                 propose: Callable[[Sequence], list[int]] | None = None) -> None:
+                 propose: Callable[[list[Sequence]], list[tuple[list[int], torch.Tensor | None]]]
+                 | None = None,
+                 release: Callable[[Sequence], None] | None = None) -> None:
         self.max_num_seqs = cfg.max_num_seqs
         self.max_num_batched_tokens = cfg.max_num_batched_tokens
         self.chunked_prefill = cfg.enable_chunked_prefill
@@ -151,8 +162,11 @@ class Scheduler:
         self.lora_capacity = lora_capacity
         self.lora_ready = lora_ready
         self.lora_pinned = lora_pinned
-        # speculative decoding: a decoding sequence's draft tokens ([] = none)
+        # speculative decoding: the decoding sequences' draft tokens ([] = none) and the
+        # draft's distributions; `release`: a sequence left the running set (a draft
+        # model's cache of it goes)
         self.propose = propose
+        self.release = release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -183,30 +197,31 @@ class Scheduler:
         self.num_steps += 1
         preemptions = self.num_preemptions
         decode = self._schedule_decode()
-        spec, drafts = self._draft(decode)
+        spec, drafts, probs = self._draft(decode)
         prefill, lens = self._continue_prefills()
         if self.num_preemptions == preemptions:
             self._admit(prefill, lens)
-        return ScheduledBatch(prefill, decode, lens, spec, drafts)
+        return ScheduledBatch(prefill, decode, lens, spec, drafts, probs)
 
-    def _draft(self, decode: list[Sequence]) -> tuple[list[Sequence], list[list[int]]]:
+    def _draft(self, decode: list[Sequence]
+               ) -> tuple[list[Sequence], list[list[int]], list[torch.Tensor | None]]:
         """Speculative decoding: the decoding sequences that get drafts move out of
         `decode` (in place). Run after every decode has its block, so drafts take only
         free blocks and never cause a preemption; they ride on top of the token budget
         like decodes do."""
-        if self.propose is None:
-            return [], []
-        spec, drafts, plain = [], [], []
-        for seq in decode:
-            tokens = self.propose(seq)
+        if self.propose is None or not decode:
+            return [], [], []
+        spec, drafts, probs, plain = [], [], [], []
+        for seq, (tokens, q) in zip(decode, self.propose(decode)):
             n = self.block_manager.reserve_lookahead(seq, len(tokens)) if tokens else 0
             if n:
                 spec.append(seq)
                 drafts.append(tokens[:n])
+                probs.append(q[:n] if q is not None else None)
             else:
                 plain.append(seq)
         decode[:] = plain
-        return spec, drafts
+        return spec, drafts, probs
 
     def _continue_prefills(self) -> tuple[list[Sequence], list[int]]:
         """The next chunk of each running sequence that is mid-prompt, oldest first."""
@@ -324,6 +339,8 @@ class Scheduler:
         """Recompute later: free the blocks, put it back in the queue (at the head; by
         priority, at its place)."""
         self.block_manager.deallocate(seq)
+        if self.release is not None:
+            self.release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -341,3 +358,5 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.deallocate(seq)
+        if self.release is not None:
+            self.release(seq)

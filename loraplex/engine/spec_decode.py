@@ -1,8 +1,9 @@
 """Speculative decoding's engine side: which sequences get drafts, how many, and the
 counters of how many were accepted (vLLM's spec_decode metrics and log line).
 
-Drafts come from the ngram proposer (engine/ngram_proposer.py); the scheduler reserves
-their KV slots (engine/scheduler.py: Scheduler._draft), the model runner verifies them
+Drafts come from the ngram proposer (engine/ngram_proposer.py) or a draft model
+(engine/draft_model.py, batched over the sequences); the scheduler reserves their KV
+slots (engine/scheduler.py: Scheduler._draft), the model runner verifies them
 in the step's forward, the sampler accepts or replaces them (layers/sampler.py,
 layers/rejection_sampler.py) and LLMEngine emits the accepted run.
 """
@@ -12,10 +13,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
 
 from loraplex.config import SpeculativeConfig
 from loraplex.engine.ngram_proposer import NgramProposer
 from loraplex.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from loraplex.engine.draft_model import DraftModel
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +39,39 @@ def can_speculate(seq: Sequence) -> bool:
 class Drafter:
     """Per decoding sequence, the drafts to verify in the next step: at most
     num_speculative_tokens, and never so many that accepting all of them plus the bonus
-    token would pass max_tokens or max_model_len."""
+    token would pass max_tokens or max_model_len. From the ngram proposer, or with a
+    draft model from it, for all the step's sequences at once."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int,
+                 draft: DraftModel | None = None) -> None:
         self.config = config
         self.max_model_len = max_model_len
-        self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.draft = draft
+        self.proposer = (NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+                         if draft is None else None)
 
-    def propose(self, seq: Sequence) -> list[int]:
+    def room(self, seq: Sequence) -> int:
+        """How many drafts the sequence may verify now (0: none)."""
         if not can_speculate(seq):
-            return []
+            return 0
         room = min(self.config.num_speculative_tokens,
                    self.max_model_len - seq.num_tokens - 1)
         if seq.params.max_tokens is not None:
             room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return max(room, 0)
+
+    def propose(self, seq: Sequence) -> list[int]:
+        """The ngram proposer's drafts for one sequence."""
+        room = self.room(seq)
         return self.proposer.propose(seq.token_ids, room) if room > 0 else []
+
+    def propose_all(self, seqs: list[Sequence]
+                    ) -> list[tuple[list[int], torch.Tensor | None]]:
+        """Per sequence its drafts and, for a draft model's sampled request, the draft's
+        distribution at each ([n, vocab]; else None: the draft is deterministic)."""
+        if self.draft is None:
+            return [(self.propose(seq), None) for seq in seqs]
+        return self.draft.propose(seqs, [self.room(seq) for seq in seqs])
 
 
 @dataclass

@@ -265,10 +265,12 @@ ENGINE_HELP: dict[str, str] = {
                     "(vLLM's), e.g. a causal LM served as a reranker: '{\"architectures\": "
                     "[\"Qwen3ForSequenceClassification\"], \"classifier_from_token\": "
                     "[\"no\", \"yes\"], \"is_original_qwen3_reranker\": true}'.",
-    "speculative_config": "Speculative decoding, as JSON (vLLM's): only ngram (prompt "
-                          "lookup) is supported, e.g. '{\"method\": \"ngram\", "
-                          "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4, "
-                          "\"prompt_lookup_min\": 2}'. Greedy outputs are unchanged; "
+    "speculative_config": "Speculative decoding, as JSON (vLLM's): ngram (prompt lookup), "
+                          "e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                          "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}', or a "
+                          "small draft model of the same vocabulary, e.g. '{\"model\": "
+                          "\"path-or-hub-id\", \"num_speculative_tokens\": 3}' (it runs "
+                          "without adapters). Greedy outputs are unchanged; "
                           "sampled ones keep their distribution. Requests with "
                           "structured outputs decode one token per step.",
     "lora_target_modules": "The modules that get adapter slots, e.g. q_proj v_proj o_proj "

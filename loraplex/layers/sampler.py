@@ -70,12 +70,15 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
                  token_mask: TokenMask | None = None,
-                 draft_tokens: list[int] | None = None) -> SamplerOutput:
+                 draft_tokens: list[int] | None = None,
+                 draft_probs: torch.Tensor | None = None) -> SamplerOutput:
         """`token_mask`: the tokens structured outputs allow next, for some rows.
         `draft_tokens`: speculative decoding, per row the draft token this position
         verifies (-1: none); the row's token is then the accepted draft or what replaces
         it, from exactly the distribution it would be sampled from without a draft
-        (layers/rejection_sampler.py), and `accepted` says which."""
+        (layers/rejection_sampler.py), and `accepted` says which. `draft_probs`: [rows,
+        vocab] the distribution each row's draft was drawn from (a draft model's sampled
+        drafts; None: deterministic drafts)."""
         if not rows:
             return SamplerOutput([], [], [])
         if logits.shape[0] != len(rows):
@@ -88,7 +91,8 @@ class Sampler:
             processed = self._apply_token_mask(logits, processed, token_mask)
         drafts = (_to_device(draft_tokens, torch.long, logits.device)
                   if draft_tokens is not None and any(d >= 0 for d in draft_tokens) else None)
-        tokens, accepted = self._sample(processed, rows, table, drafts, draft_tokens)
+        tokens, accepted = self._sample(processed, rows, table, drafts, draft_tokens,
+                                        draft_probs if drafts is not None else None)
         return self._collect(raw_logprobs, tokens, [r.params.logprobs for r in rows], accepted)
 
     def token_logprobs(self, logits: torch.Tensor, tokens: list[int], num_logprobs: list[int]
@@ -213,7 +217,8 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor,
-                drafts: torch.Tensor | None = None, draft_list: list[int] | None = None
+                drafts: torch.Tensor | None = None, draft_list: list[int] | None = None,
+                draft_probs: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The token of each row, and with drafts whether it is the row's accepted draft
         (greedy: the draft is the argmax)."""
@@ -239,7 +244,7 @@ class Sampler:
             sampled = (probs / q).argmax(dim=-1)
             return torch.where(is_greedy, greedy_tokens, sampled), None
         uniform = self._uniform(rows, greedy, draft_list, device)
-        sampled, accepted = accept_or_resample(probs, drafts, uniform, q)
+        sampled, accepted = accept_or_resample(probs, drafts, uniform, q, draft_probs)
         return (torch.where(is_greedy, greedy_tokens, sampled),
                 torch.where(is_greedy, greedy_accepts, accepted))
 

@@ -3,11 +3,15 @@
     budget  =  adapter slots (max_loras x max_lora_rank, every LoRA-wrapped layer,
                + the rows of lora_extra_vocab_size added tokens)
             +  KV cache blocks
+            (+ a draft model's KV cache: as many blocks, of its own size)
 
 On a GPU the budget is what `gpu_memory_utilization` leaves after the weights: the slot
 buffers are allocated first, so the KV cache is sized from what they leave. On the CPU
 it is `cpu_kv_cache_gib`, and the slots are taken out of it here. A config whose slots
 leave too little KV cache for one sequence of `max_model_len` is refused, with numbers.
+A draft model's weights (speculative decoding) are loaded before the budget is measured
+on a GPU, so they come out of it like the target's; its KV cache is sized with the
+target's (ModelRunner: the budget over the two caches' bytes per block).
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ class MemoryPlan:
     budget: int | None = None  # known up front on the CPU; else what KV + slots took
     fixed_slot_bytes: int = 0  # per slot whatever the rank: the added-token rows
     kv_dtype: torch.dtype | None = None  # what kv_block_bytes counted (FP8: 1 byte a value)
+    draft_kv_block_bytes: int = 0  # a draft model's cache, per block (0: none)
+    draft_weight_bytes: int = 0
+
+    @property
+    def draft_kv_bytes(self) -> int:
+        return self.num_kv_blocks * self.draft_kv_block_bytes
 
     @property
     def kv_bytes(self) -> int:
@@ -38,7 +48,8 @@ class MemoryPlan:
 
     @property
     def budget_bytes(self) -> int:
-        return self.budget if self.budget is not None else self.kv_bytes + self.lora_slot_bytes
+        return self.budget if self.budget is not None else (self.kv_bytes + self.lora_slot_bytes
+                                                            + self.draft_kv_bytes)
 
     def slot_bytes(self, rank: int) -> int:
         return rank * self.bytes_per_rank + self.fixed_slot_bytes
@@ -48,7 +59,8 @@ class MemoryPlan:
         sequence (what `max_loras` could be raised to at that `max_lora_rank`)."""
         if not self.bytes_per_rank:
             return 0
-        min_kv = -(-self.max_model_len // self.block_size) * self.kv_block_bytes
+        min_kv = -(-self.max_model_len // self.block_size) * (self.kv_block_bytes
+                                                              + self.draft_kv_block_bytes)
         return max(0, (self.budget_bytes - min_kv) // self.slot_bytes(rank))
 
     def host_tier_bytes(self, max_cpu_loras: int, max_lora_rank: int) -> int:
@@ -61,6 +73,10 @@ class MemoryPlan:
         dtype = f" ({str(self.kv_dtype).removeprefix('torch.')})" if self.kv_dtype else ""
         kv = (f"KV cache{dtype} {self.kv_bytes / 2**20:.1f} MiB = "
               f"{self.num_kv_blocks * self.block_size} tokens")
+        if self.draft_kv_block_bytes:
+            kv += (f"; draft model: weights {self.draft_weight_bytes / 2**20:.1f} MiB, KV "
+                   f"cache {self.draft_kv_bytes / 2**20:.1f} MiB ({self.num_kv_blocks} blocks, "
+                   "from the same budget)")
         if not self.bytes_per_rank:
             return kv
         ranks = sorted({8, 16, 64, max_lora_rank})

@@ -89,10 +89,14 @@ class ModelRunner:
                  eager_slots: set[int] | None = None,
                  rope_offsets: dict[int, int] | None = None,
                  vision: VisionWeights | None = None,
-                 num_speculative_tokens: int = 0) -> None:
+                 num_speculative_tokens: int = 0,
+                 draft_block_bytes: int = 0) -> None:
         self.model = model
         # drafts a decoding sequence may verify in one step: the profile run sizes for them
         self.num_speculative_tokens = num_speculative_tokens
+        # a draft model's KV bytes per block: its cache has as many blocks as this one,
+        # so each block of the budget pays for both
+        self.draft_block_bytes = draft_block_bytes
         self.vision = vision  # the tower and projector: image embeddings at prefill
         # kept up to date by the LoRA manager: adapter slots whose layers do work no decode
         # graph holds (DoRA's rescaling), so a batch using one decodes eagerly; and the
@@ -158,7 +162,8 @@ class ModelRunner:
             budget = int(cfg.cpu_kv_cache_gib * GiB)
         blocks_per_seq = -(-self.max_model_len // self.block_size)
         # never more than every sequence at full length could use
-        return max(0, min(budget // self._bytes_per_block(), self.max_num_seqs * blocks_per_seq))
+        return max(0, min(budget // (self._bytes_per_block() + self.draft_block_bytes),
+                          self.max_num_seqs * blocks_per_seq))
 
     def _profile_gpu_memory(self, utilization: float, max_tokens: int) -> int:
         """The KV cache budget in bytes, from a profile run's activation peak."""
@@ -217,7 +222,12 @@ class ModelRunner:
                                 repetition_penalty=1.1, presence_penalty=0.1,
                                 frequency_penalty=0.1, logprobs=20)
         rows = [SamplingRow(params, [0] * m, [1], None) for m in lens for _ in range(per_seq)]
-        Sampler(set())(logits, rows, draft_tokens=[0] * len(rows) if per_seq > 1 else None)
+        # a draft model's sampled drafts come with its distributions: [rows, vocab] more
+        draft_probs = (torch.full(logits.shape, 1 / logits.shape[1], dtype=torch.float32,
+                                  device=dev)
+                       if per_seq > 1 and self.draft_block_bytes else None)
+        Sampler(set())(logits, rows, draft_tokens=[0] * len(rows) if per_seq > 1 else None,
+                       draft_probs=draft_probs)
 
     def _allocate_kv_cache(self) -> None:
         _, heads, head_dim = kv_cache_layout(self.model.args)
