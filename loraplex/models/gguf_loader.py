@@ -4,7 +4,8 @@ Read the way transformers reads one (`from_pretrained(dir, gguf_file=...)`), sin
 the code PEFT adapters' users trust: the config and the tokenizer from the file's metadata
 through transformers, the tensors renamed to HF's names and llama.cpp's changes undone
 (Llama's q/k row permutation for its rope layout, Gemma's norms stored as 1 + w) by
-transformers' tensor processors. Quantized tensors (Q8_0, Q4_K, ...) are dequantized by
+transformers' tensor processors. A mixture of experts' experts, which llama.cpp stacks per
+layer (`blk.N.ffn_gate_exps.weight` [E, I, H]), load expert by expert. Quantized tensors (Q8_0, Q4_K, ...) are dequantized by
 the `gguf` package into the model's dtype as they load, one tensor at a time: loraplex has
 no GGUF kernels, so a GGUF base costs the memory of an unquantized checkpoint.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +28,18 @@ logger = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's `general.architecture` values served: transformers reads them and our
 # registry has the model (llama.cpp writes Llama and Mistral files as "llama")
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+                                "qwen2moe", "qwen3moe")
+# metadata transformers' GGUF config does not read (5.x), whose config defaults are one
+# released model's sizes (Qwen1.5-MoE-A2.7B's, Qwen3-30B-A3B's): read here so the others
+# (Qwen2-57B-A14B, Qwen3-235B-A22B ...) get theirs
+MISSED_CONFIG_KEYS = {
+    "qwen2moe": {"expert_feed_forward_length": "moe_intermediate_size",
+                 "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+    "qwen3moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}
+# llama.cpp's experts, stacked per layer: [E, out, in]
+STACKED_EXPERTS = re.compile(r"blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.weight")
 
 
 def require_gguf() -> Any:
@@ -95,6 +108,9 @@ def check_gguf(path: str) -> str:
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                          + ", ".join(SUPPORTED_GGUF_ARCHITECTURES))
+    if arch == "llama" and any(STACKED_EXPERTS.fullmatch(t.name) for t in reader.tensors):
+        raise ValueError(f"{path}: a \"llama\" GGUF with experts (Mixtral as llama.cpp writes "
+                         "it) is not supported: transformers reads it as a dense Llama")
     # Llama 3's rope_freqs, Phi-3's LongRoPE rope_factors_long / _short; yarn, linear keys
     scaled = [k for k in reader.fields if k.startswith(f"{arch}.rope.scaling.")]
     scaled += [t.name for t in reader.tensors if t.name.startswith("rope_")]
@@ -110,9 +126,15 @@ def gguf_config(path: str) -> Any:
     """The HF config transformers builds from the file's metadata."""
     from transformers import AutoConfig
 
-    check_gguf(path)
+    gguf = require_gguf()
+    arch = check_gguf(path)
     folder, name = os.path.split(os.path.abspath(path))
-    return AutoConfig.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    fields = gguf.GGUFReader(path).fields
+    for key, attr in MISSED_CONFIG_KEYS.get(arch, {}).items():
+        if (field := fields.get(f"{arch}.{key}")) is not None:
+            setattr(config, attr, int(field.contents()))
+    return config
 
 
 def gguf_tokenizer(path: str) -> Any:
@@ -148,6 +170,12 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
     names = _hf_names(hf_config, processor, arch)
     skipped = []
     for tensor in reader.tensors:
+        if m := STACKED_EXPERTS.fullmatch(tensor.name):  # transformers fuses them: we do not
+            stack = gguf.dequantize(tensor.data, tensor.tensor_type)
+            for e, w in enumerate(stack):
+                yield (f"model.layers.{m['layer']}.mlp.experts.{e}.{m['proj']}_proj.weight",
+                       torch.from_numpy(np.array(w, copy=True)))
+            continue
         result = processor.process(weights=gguf.dequantize(tensor.data, tensor.tensor_type),
                                    name=tensor.name, tensor_key_mapping=names,
                                    parsed_parameters={"tensors": {}})
