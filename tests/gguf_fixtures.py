@@ -83,10 +83,12 @@ def _moe_stacked(tensors: dict[str, torch.Tensor]):
 
 
 def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
-               rope_scaling: str | None = None) -> Path:
+               rope_scaling: str | None = None, types: dict[str, str] | None = None) -> Path:
     """The tiny HF checkpoint in `hf_dir` as a GGUF file `out`; `quant`: the matrices' type
     (F16, F32, or a type `gguf.quants.quantize` writes: Q8_0, Q4_0 ...); `rope_scaling`:
-    a `rope.scaling.type` key to write (its factor 2)."""
+    a `rope.scaling.type` key to write (its factor 2); `types`: other types for the
+    matrices whose HF names contain a key (a file of mixed types, as llama.cpp's K-quant
+    mixes are)."""
     import gguf
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -127,7 +129,6 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
     _write_tokenizer(writer, hf_dir)
     names = gguf.get_tensor_name_map(
         next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
-    qtype = gguf.GGMLQuantizationType[quant]
     for hf_name, w in _moe_stacked(load_file(str(hf_dir / "model.safetensors"))):
         if cfg.get("tie_word_embeddings") and hf_name == "lm_head.weight":
             continue
@@ -140,6 +141,8 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
         w = w.squeeze()  # Qwen2-MoE's shared_expert_gate [1, H] is stored as [H]
         base, _, suffix = hf_name.rpartition(".")
         gguf_name = f"{names.get_name(base)}.{suffix}"
+        qtype = gguf.GGMLQuantizationType[next(
+            (t for k, t in (types or {}).items() if k in hf_name), quant)]
         # F32: vectors and the routers (llama.cpp never quantizes ffn_gate_inp); F16: a
         # matrix whose rows are no whole number of blocks (the converter's fallback)
         if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32 or ".ffn_gate_inp" in gguf_name:

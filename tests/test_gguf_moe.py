@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from loraplex import LoRARequest
+from loraplex.layers.quantized_experts import PackedIntFusedExperts
 from tests.engine_utils import GREEDY, check_against_hf, make_llm
 from tests.fixtures import make_peft_adapter, make_tiny_model
 
@@ -101,7 +102,12 @@ def test_moe_gguf_with_mixed_adapters_matches_hf_peft(case, moe_models, prompts)
     llm = make_llm(path, tokenizer=str(hf_dir), enable_lora=True, max_loras=3,
                    max_lora_rank=32)
     experts = llm.llm_engine.model.model.layers[1].mlp.experts.base_layer
-    assert experts.w13.shape == (4, 128, 64) and experts.w2.shape == (4, 64, 64)
+    if quant == "F16":  # dequantized, stacked [E, out, in]
+        assert experts.w13.shape == (4, 128, 64) and experts.w2.shape == (4, 64, 64)
+    else:  # kept in GPTQ's layout: [E, in / per, out] int32 words
+        per = 32 // {"Q8_0": 8, "Q4_0": 4}[quant]
+        assert isinstance(experts, PackedIntFusedExperts) and experts.cfg.bits == 32 // per
+        assert experts.w13.shape == (4, 64 // per, 128) and experts.w2.shape == (4, 64 // per, 64)
     reqs = [None, *(LoRARequest(n, i + 1, str(ad[n])) for i, n in enumerate(sorted(ad)))]
     jobs = [(p, r) for i, p in enumerate(prompts[:4]) for r in reqs[i % 2:][:3]]
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], GREEDY,

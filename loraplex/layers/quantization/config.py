@@ -49,6 +49,9 @@ class QuantConfig:
     implicit_zero: bool = False
     # compressed-tensors' int8 activations (W8A8): each Linear's input is quantized too
     input_activations: ActivationQuant | None = None
+    # GGUF's Q8_0 / Q4_0 as GPTQ (models/gguf_quant.py): the scales stay the file's fp16
+    # (exact) instead of the model dtype's
+    fp16_scales: bool = False
 
     @property
     def pack_factor(self) -> int:
@@ -107,6 +110,10 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
                              "no quantization_config: it is not a quantized checkpoint")
         return None
     method = str(_get(raw, "quant_method", "") or type(raw).__name__).lower()
+    if method == "gguf":  # set by models/gguf_loader.py, never by a config.json
+        return QuantConfig("gptq", int(raw["bits"]), int(raw["group_size"]),
+                           modules_to_not_convert=tuple(raw["modules_to_not_convert"]),
+                           fp16_scales=True)
     if method not in SUPPORTED_METHODS:
         raise ValueError(f"quantized checkpoint (config.json quantization_config, quant_method="
                          f"{method!r}) is not supported yet: loraplex loads "

@@ -1,0 +1,159 @@
+"""A GGUF file's Q8_0 / Q4_0 matrices kept quantized in GPTQ's layout (models/gguf_quant.py).
+
+The packed weights dequantize to exactly what the `gguf` package's dequantization gives
+(random blocks: any code, any finite fp16 scale, negative ones too, as Q4_0 writes), the
+engine on them gives what it gives on the file dequantized (hf_overrides'
+quantization_config null) and what HF's GGUF model + PEFT gives, with adapters in a mixed
+batch; a file of mixed types keeps only whole packed layers of its main type; the GPTQ
+kernel runs them under TRITON_INTERPRET=1. (test_gguf.py and test_gguf_moe.py run their
+Q8_0 / Q4_0 files through this path too.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loraplex import LoRARequest
+from loraplex.layers.quantization import GPTQLinear, QuantConfig
+from loraplex.layers.quantization.linear import PackedIntWeight
+from tests.engine_utils import GREEDY, check_against_hf, make_llm
+from tests.fixtures import make_peft_adapter, make_tiny_model
+
+gguf = pytest.importorskip("gguf")
+
+from loraplex.models.gguf_quant import codes_and_scales, to_gptq  # noqa: E402
+from tests.gguf_fixtures import write_gguf  # noqa: E402 (needs gguf)
+
+TYPES = {"Q8_0": (8, 34), "Q4_0": (4, 18)}  # bits, bytes a block
+
+
+def random_blocks(type_name: str, rows: int, inputs: int, seed: int) -> np.ndarray:
+    """Random bytes of a [rows, inputs] tensor of this type: random codes, finite fp16
+    scales of either sign (the bytes GGUFReader maps: [rows, bytes per row])."""
+    rng = np.random.default_rng(seed)
+    size = TYPES[type_name][1]
+    raw = rng.integers(0, 256, (rows, inputs // 32, size), dtype=np.uint8)
+    scales = (rng.standard_normal((rows, inputs // 32)) * 0.05).astype(np.float16)
+    raw[..., :2] = scales[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", list(TYPES))
+def test_packed_weights_dequantize_to_exactly_ggufs(type_name):
+    """GPTQ's torch dequantize of the packed codes (fp32, and fp16 / bf16: one rounding of
+    the exact value) against gguf.dequantize, bit for bit; 96 inputs: three blocks."""
+    bits = TYPES[type_name][0]
+    raw = random_blocks(type_name, 40, 96, seed=bits)
+    want = torch.from_numpy(gguf.dequantize(raw, gguf.GGMLQuantizationType[type_name]))
+    codes, scales = codes_and_scales(raw, type_name)
+    packed = to_gptq(codes, scales, bits)
+    assert packed["qweight"].shape == (96 * bits // 32, 40) and packed["scales"].dtype == \
+        torch.float16
+    weight = PackedIntWeight(QuantConfig("gptq", bits, 32, fp16_scales=True), **packed,
+                             g_idx=torch.arange(96, dtype=torch.int32) // 32)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(weight.dequantize(dtype).T, want.to(dtype)), dtype
+    # a stack of experts ([E, rows, bytes]) reads expert by expert the same
+    stack = np.stack([raw, random_blocks(type_name, 40, 96, seed=9)])
+    codes3, scales3 = codes_and_scales(stack, type_name)
+    assert np.array_equal(codes3[0], codes) and np.array_equal(scales3[0], scales)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
+    base = make_tiny_model(tiny_root / "gguf-quant" / "llama", "llama", seed=91)
+    specs = {"r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=92),
+             "r16_all": dict(r=16, lora_alpha=16, target_modules="all-linear", seed=93)}
+    return base, {n: make_peft_adapter(base, tiny_root / "gguf-quant" / n, **s)
+                  for n, s in specs.items()}
+
+
+def _file(llama, type_name: str, **kw) -> Path:
+    folder = llama[0].parent / f"llama-{type_name}-{len(kw)}"
+    folder.mkdir(exist_ok=True)
+    return write_gguf(llama[0], folder / "model.gguf", type_name, **kw)
+
+
+@pytest.mark.parametrize("type_name", list(TYPES))
+def test_engine_on_the_packed_file_as_dequantized_and_as_hf_peft(type_name, llama, prompts,
+                                                                   caplog):
+    """Every decoder linear a GPTQLinear of the file's bits (lm_head and the embedding
+    plain), a half / a quarter... of the fp32 bytes; greedy tokens and logprobs as on the
+    same file dequantized and as HF + PEFT, base and two adapters in one batch."""
+    path, (hf_dir, ad) = _file(llama, type_name), llama
+    bits = TYPES[type_name][0]
+    with caplog.at_level("INFO", logger="loraplex.models.gguf_loader"):
+        llm = make_llm(path, tokenizer=str(hf_dir), enable_lora=True, max_lora_rank=16)
+    assert f"of {type_name} matrices kept quantized" in caplog.text
+    model = llm.llm_engine.model
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        layer = model.model.layers[1].get_submodule(name).base_layer
+        assert isinstance(layer, GPTQLinear) and layer.cfg.bits == bits, name
+        assert layer.qweight.numel() * 4 == layer.in_features * layer.out_features * bits // 8
+        assert layer.scales.dtype == torch.float16
+    assert getattr(model.lm_head, "base_layer", model.lm_head).weight.dtype == torch.float32
+    plain = make_llm(path, tokenizer=str(hf_dir), enable_lora=True, max_lora_rank=16,
+                     hf_overrides={"quantization_config": None})
+    assert not isinstance(plain.llm_engine.model.model.layers[1].mlp.down_proj.base_layer,
+                          GPTQLinear)
+    reqs = [None, LoRARequest("r4_qv", 1, str(ad["r4_qv"])),
+            LoRARequest("r16_all", 2, str(ad["r16_all"]))]
+    jobs = [(p, r) for p in prompts[:3] for r in reqs]
+    args = ([{"prompt_token_ids": p} for p, _ in jobs], GREEDY)
+    outs = llm.generate(*args, lora_request=[r for _, r in jobs])
+    ref = plain.generate(*args, lora_request=[r for _, r in jobs])
+    for got, want in zip(outs, ref, strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs, strict=True):
+            for t in a:  # the same weights: only the matmul's summation order differs
+                assert abs(a[t].logprob - b[t].logprob) < 1e-5
+    check_against_hf(outs, path, [ad[r.lora_name] if r else None for _, r in jobs],
+                     [p for p, _ in jobs], atol=3e-4)
+
+
+def test_a_file_of_mixed_types_keeps_whole_layers_of_its_main_type(llama, prompts):
+    """Q4_0 most of it; v_proj Q8_0 (so q/k/v, one packed layer, stay plain), down_proj of
+    layer 0 F16 (plain) and up_proj of layer 1 Q8_0 (gate/up plain there): the rest kept
+    as 4-bit GPTQ; outputs as HF's on the file."""
+    path = _file(llama, "Q4_0", types={"v_proj": "Q8_0", "layers.0.mlp.down_proj": "F16",
+                                       "layers.1.mlp.up_proj": "Q8_0"})
+    llm = make_llm(path, tokenizer=str(llama[0]))
+    layers = llm.llm_engine.model.model.layers
+    packed = {f"{i}.{n}": isinstance(layers[i].get_submodule(n), GPTQLinear)
+              for i in range(2) for n in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                          "mlp.gate_up_proj", "mlp.down_proj")}
+    assert packed == {"0.self_attn.qkv_proj": False, "0.self_attn.o_proj": True,
+                      "0.mlp.gate_up_proj": True, "0.mlp.down_proj": False,
+                      "1.self_attn.qkv_proj": False, "1.self_attn.o_proj": True,
+                      "1.mlp.gate_up_proj": False, "1.mlp.down_proj": True}
+    assert layers[0].self_attn.o_proj.cfg.bits == 4
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], GREEDY)
+    check_against_hf(outs, path, [None, None], prompts[:2], atol=3e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("type_name", list(TYPES))
+def test_the_gptq_kernel_runs_the_packed_file(type_name, llama, prompts, monkeypatch):
+    """LORAPLEX_QUANT_BACKEND=triton: the GPTQ kernel (interpreted on the CPU, compiled on
+    CUDA) on the kept matrices and their fp16 scales, with an adapter: as HF + PEFT."""
+    from tests.triton_compile import import_kernels
+
+    triton_gemm = import_kernels("loraplex.layers.quantization.triton_gemm")
+    if not torch.cuda.is_available() and not triton_gemm._INTERPRETED:
+        pytest.skip("Triton runs here only on a GPU or under TRITON_INTERPRET=1")
+    path, (hf_dir, ad) = _file(llama, type_name), llama
+    monkeypatch.setenv("LORAPLEX_QUANT_BACKEND", "triton")
+    calls, real = [], triton_gemm.quant_matmul
+    monkeypatch.setattr(triton_gemm, "quant_matmul",
+                        lambda x, layer: calls.append(layer) or real(x, layer))
+    llm = make_llm(path, tokenizer=str(hf_dir), enable_lora=True, max_lora_rank=16)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], GREEDY,
+                        lora_request=[None, LoRARequest("a", 1, str(ad["r4_qv"]))])
+    layer = llm.llm_engine.model.model.layers[0].mlp.down_proj.base_layer
+    assert any(c is layer for c in calls)
+    check_against_hf(outs, path, [None, ad["r4_qv"]], prompts[:2], atol=3e-4)
