@@ -157,3 +157,16 @@ def test_the_gptq_kernel_runs_the_packed_file(type_name, llama, prompts, monkeyp
     layer = llm.llm_engine.model.model.layers[0].mlp.down_proj.base_layer
     assert any(c is layer for c in calls)
     check_against_hf(outs, path, [None, ad["r4_qv"]], prompts[:2], atol=3e-4)
+
+
+def test_another_quantization_on_a_packed_file_is_refused(llama):
+    """quantization="fp8" would re-quantize weights that are kept packed: refused, the
+    message naming the way to dequantize first; with it, fp8 applies as on any plain
+    checkpoint."""
+    path = _file(llama, "Q8_0")
+    with pytest.raises(ValueError, match=r"quantization='fp8' on a GGUF file .* "
+                                         r"\{\"quantization_config\": null\}"):
+        make_llm(path, tokenizer=str(llama[0]), quantization="fp8")
+    llm = make_llm(path, tokenizer=str(llama[0]), quantization="fp8",
+                   hf_overrides={"quantization_config": None})
+    assert llm.llm_engine.model_config.quantization.method == "fp8"

@@ -145,7 +145,7 @@ def gguf_config(path: str) -> Any:
     for key, attr in MISSED_CONFIG_KEYS.get(arch, {}).items():
         if (field := reader.fields.get(f"{arch}.{key}")) is not None:
             setattr(config, attr, int(field.contents()))
-    plan = _quant_plan(reader, config, arch)
+    plan = _quant_plan(reader, _hf_names(config, _processor(config, arch), arch))
     if plan.bits is not None:
         config.quantization_config = gptq_config(plan.bits, plan.skipped)
     return config
@@ -184,9 +184,9 @@ def _stacked_modules(m: re.Match, num_experts: int) -> list[str]:
             for e in range(num_experts)]
 
 
-def _quant_plan(reader: Any, hf_config: Any, arch: str) -> GGUFQuantPlan:
-    """models/gguf_quant.py's plan for this file: which matrices stay packed."""
-    names = _hf_names(hf_config, _processor(hf_config, arch), arch)
+def _quant_plan(reader: Any, names: dict[str, str]) -> GGUFQuantPlan:
+    """models/gguf_quant.py's plan for this file (`names`: _hf_names'): which matrices
+    stay packed."""
     modules_of = {}
     for t in reader.tensors:
         if m := STACKED_EXPERTS.fullmatch(t.name):
@@ -206,7 +206,7 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
     processor = _processor(hf_config, arch)
     names = _hf_names(hf_config, processor, arch)
     quant = getattr(hf_config, "quantization_config", None)
-    plan = _quant_plan(reader, hf_config, arch) if isinstance(quant, dict) and \
+    plan = _quant_plan(reader, names) if isinstance(quant, dict) and \
         quant.get("quant_method") == "gguf" else GGUFQuantPlan(None, frozenset(), [])
     skipped = []
     for tensor in reader.tensors:

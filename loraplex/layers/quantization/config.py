@@ -111,6 +111,11 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
         return None
     method = str(_get(raw, "quant_method", "") or type(raw).__name__).lower()
     if method == "gguf":  # set by models/gguf_loader.py, never by a config.json
+        if requested:
+            raise ValueError(f"quantization={requested!r} on a GGUF file whose Q8_0 / Q4_0 "
+                             "matrices stay quantized: leave it unset (or 'gguf'), or "
+                             "dequantize them first with hf_overrides "
+                             "{\"quantization_config\": null}")
         return QuantConfig("gptq", int(raw["bits"]), int(raw["group_size"]),
                            modules_to_not_convert=tuple(raw["modules_to_not_convert"]),
                            fp16_scales=True)
