@@ -6,12 +6,13 @@ Qwen2-MoE's shared expert and its gate); the reference is transformers' GGUF rea
 PEFT, fp32. transformers 5 reads no expert_feed_forward_length (nor Qwen2-MoE's
 expert_shared_feed_forward_length): its configs get their defaults, the sizes of one
 released model. loraplex reads them; the reference gets them by adding the two keys to
-transformers' own GGUF key map for these tests (`hf_reads_expert_sizes`), since the tiny
-models' sizes are not those defaults.
+transformers' own GGUF key map while it is built (`hf_reads_expert_sizes`), since the
+tiny models' sizes are not those defaults.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +48,10 @@ ADAPTERS = {
 CASES = [("qwen2_moe", "Q8_0"), ("qwen3_moe", "Q4_0"), ("qwen3_moe", "F16")]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@contextmanager
 def hf_reads_expert_sizes():
-    """The two keys transformers' GGUF config map lacks, added for the reference."""
+    """The two keys transformers' GGUF config map lacks, added for the reference only
+    (loraplex reads them itself)."""
     from transformers.integrations import ggml
 
     with pytest.MonkeyPatch.context() as mp:
@@ -112,8 +114,13 @@ def test_moe_gguf_with_mixed_adapters_matches_hf_peft(case, moe_models, prompts)
     jobs = [(p, r) for i, p in enumerate(prompts[:4]) for r in reqs[i % 2:][:3]]
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], GREEDY,
                         lora_request=[r for _, r in jobs])
-    check_against_hf(outs, path, [ad[r.lora_name] if r else None for _, r in jobs],
-                     [p for p, _ in jobs], atol=3e-4)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert hf_config.moe_intermediate_size != 64  # transformers' default: not the file's
+    with hf_reads_expert_sizes():
+        check_against_hf(outs, path, [ad[r.lora_name] if r else None for _, r in jobs],
+                         [p for p, _ in jobs], atol=3e-4)
 
 
 def test_a_llama_file_with_experts_is_refused(tmp_path):
