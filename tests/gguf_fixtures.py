@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 # HF model_type -> llama.cpp architecture (the ones these tests write)
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
               "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3",
-              "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+              "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "minimax_m2": "minimax-m2"}
 QK = 32  # Q8_0 / Q4_0 block: inputs per scale
 
 
@@ -72,12 +72,12 @@ def _moe_stacked(tensors: dict[str, torch.Tensor]):
     stacks: dict[str, dict[int, np.ndarray]] = {}
     for name, tensor in tensors.items():
         w = tensor.to(torch.float32).numpy()
-        head, sep, rest = name.partition(".mlp.experts.")
+        head, sep, rest = name.partition(".experts.")
         if not sep:
             yield name, w
             continue
         expert, _, leaf = rest.partition(".")
-        stacks.setdefault(f"{head}.mlp.experts.{leaf}", {})[int(expert)] = w
+        stacks.setdefault(f"{head}.experts.{leaf}", {})[int(expert)] = w
     for name, experts in stacks.items():
         yield name, np.stack([experts[e] for e in sorted(experts)])
 
@@ -108,11 +108,11 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
     writer.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(cfg.get("rotary_dim") or head_dim)
     if rope_scaling is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
         writer.add_rope_scaling_factor(2.0)
-    if arch in ("qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe"):
+    if arch in ("qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe", "minimax-m2"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if arch in ("gemma2", "gemma3"):
@@ -123,6 +123,11 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
         writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if arch == "qwen2moe":
             writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    if arch == "minimax-m2":  # convert_hf_to_gguf.py's MiniMaxM2Model
+        writer.add_expert_count(cfg["num_local_experts"])
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_expert_feed_forward_length(cfg["intermediate_size"])
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
@@ -139,6 +144,8 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
         elif arch.startswith("gemma") and hf_name.endswith("norm.weight"):
             w = w + 1  # llama.cpp's Gemma norms multiply by w, HF's by 1 + w
         w = w.squeeze()  # Qwen2-MoE's shared_expert_gate [1, H] is stored as [H]
+        # MiniMax-M2's router bias: llama.cpp's exp_probs_b.bias
+        hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
         base, _, suffix = hf_name.rpartition(".")
         gguf_name = f"{names.get_name(base)}.{suffix}"
         qtype = gguf.GGMLQuantizationType[next(

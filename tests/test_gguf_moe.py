@@ -1,8 +1,8 @@
-"""Mixture-of-experts GGUF files (qwen2moe, qwen3moe) as bases, with PEFT adapters on top.
+"""Mixture-of-experts GGUF files (qwen2moe, qwen3moe, minimax-m2) as bases, with PEFT adapters on top.
 
 The files are written as llama.cpp's converter writes them (tests/gguf_fixtures.py: the
 experts stacked per layer into ffn_{gate,up,down}_exps, the router ffn_gate_inp in F32,
-Qwen2-MoE's shared expert and its gate); the reference is transformers' GGUF reading +
+Qwen2-MoE's shared expert and its gate, MiniMax-M2's router bias exp_probs_b); the reference is transformers' GGUF reading +
 PEFT, fp32. transformers 5 reads no expert_feed_forward_length (nor Qwen2-MoE's
 expert_shared_feed_forward_length): its configs get their defaults, the sizes of one
 released model. loraplex reads them; the reference gets them by adding the two keys to
@@ -34,7 +34,12 @@ MODELS = {
     "qwen2_moe": dict(moe_intermediate_size=64, shared_expert_intermediate_size=96, seed=81),
     "qwen3_moe": dict(moe_intermediate_size=64, mlp_only_layers=[], norm_topk_prob=True,
                       seed=82),
+    # 8 experts of 48 (tests/fixtures.py): sigmoid routing with a correction bias
+    "minimax_m2": dict(seed=86),
 }
+# model_type -> (its MoE block's name, experts, their intermediate size)
+MOE = {"qwen2_moe": ("mlp", 4, 64), "qwen3_moe": ("mlp", 4, 64),
+       "minimax_m2": ("block_sparse_moe", 8, 48)}
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]  # PEFT's target_parameters (5.x)
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], seed=83),
@@ -45,7 +50,14 @@ ADAPTERS = {
     # every linear: the router, Qwen2-MoE's shared expert and its gate too
     "r16_all": dict(r=16, lora_alpha=16, target_modules="all-linear", seed=85, scale=0.2),
 }
-CASES = [("qwen2_moe", "Q8_0"), ("qwen3_moe", "Q4_0"), ("qwen3_moe", "F16")]
+# MiniMax-M2's HF router is no Linear: all-linear puts a LoRA on its parameter, which
+# loraplex refuses (test_more_architectures.py); attention and the experts instead
+MINIMAX_ADAPTERS = {"r4_qv": ADAPTERS["r4_qv"], "r8_experts": ADAPTERS["r8_experts"],
+                    "r16_attn": dict(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj",
+                                                                          "v_proj", "o_proj"],
+                                     seed=87)}
+CASES = [("qwen2_moe", "Q8_0"), ("qwen3_moe", "Q4_0"), ("qwen3_moe", "F16"),
+         ("minimax_m2", "Q8_0")]
 
 
 @contextmanager
@@ -76,7 +88,8 @@ class MoEModels:
             base = make_tiny_model(self.root / arch, arch, **MODELS[arch])
             self.built[arch] = (base, {n: make_peft_adapter(base, self.root / f"{arch}-{n}",
                                                             **spec)
-                                       for n, spec in ADAPTERS.items()})
+                                       for n, spec in (MINIMAX_ADAPTERS if arch == "minimax_m2"
+                                                       else ADAPTERS).items()})
         return self.built[arch]
 
 
@@ -103,13 +116,17 @@ def test_moe_gguf_with_mixed_adapters_matches_hf_peft(case, moe_models, prompts)
     assert ("blk.0.ffn_gate_inp_shexp.weight" in names) == (arch == "qwen2_moe")
     llm = make_llm(path, tokenizer=str(hf_dir), enable_lora=True, max_loras=3,
                    max_lora_rank=32)
-    experts = llm.llm_engine.model.model.layers[1].mlp.experts.base_layer
-    if quant == "F16":  # dequantized, stacked [E, out, in]
-        assert experts.w13.shape == (4, 128, 64) and experts.w2.shape == (4, 64, 64)
+    block, e, i = MOE[arch]
+    experts = getattr(llm.llm_engine.model.model.layers[1], block).experts.base_layer
+    # MiniMax-M2's down_exps rows (48 inputs) are no whole number of blocks: F16, as
+    # llama.cpp falls back, so its layers' experts are dequantized whole
+    if quant == "F16" or arch == "minimax_m2":  # dequantized, stacked [E, out, in]
+        assert experts.w13.shape == (e, 2 * i, 64) and experts.w2.shape == (e, 64, i)
     else:  # kept in GPTQ's layout: [E, in / per, out] int32 words
         per = 32 // {"Q8_0": 8, "Q4_0": 4}[quant]
         assert isinstance(experts, PackedIntFusedExperts) and experts.cfg.bits == 32 // per
-        assert experts.w13.shape == (4, 64 // per, 128) and experts.w2.shape == (4, 64 // per, 64)
+        assert experts.w13.shape == (e, 64 // per, 2 * i) and experts.w2.shape == (e, i // per,
+                                                                                  64)
     reqs = [None, *(LoRARequest(n, i + 1, str(ad[n])) for i, n in enumerate(sorted(ad)))]
     jobs = [(p, r) for i, p in enumerate(prompts[:4]) for r in reqs[i % 2:][:3]]
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], GREEDY,
@@ -117,7 +134,8 @@ def test_moe_gguf_with_mixed_adapters_matches_hf_peft(case, moe_models, prompts)
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    assert hf_config.moe_intermediate_size != 64  # transformers' default: not the file's
+    if arch != "minimax_m2":  # transformers' default: not the file's
+        assert hf_config.moe_intermediate_size != 64
     with hf_reads_expert_sizes():
         check_against_hf(outs, path, [ad[r.lora_name] if r else None for _, r in jobs],
                          [p for p, _ in jobs], atol=3e-4)

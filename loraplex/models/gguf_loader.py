@@ -38,7 +38,7 @@ GGUF_MAGIC = b"GGUF"
 # llama.cpp's `general.architecture` values served: transformers reads them and our
 # registry has the model (llama.cpp writes Llama and Mistral files as "llama")
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
-                                "qwen2moe", "qwen3moe")
+                                "qwen2moe", "qwen3moe", "minimax-m2")
 # metadata transformers' GGUF config does not read (5.x), whose config defaults are one
 # released model's sizes (Qwen1.5-MoE-A2.7B's, Qwen3-30B-A3B's): read here so the others
 # (Qwen2-57B-A14B, Qwen3-235B-A22B ...) get theirs
@@ -49,6 +49,12 @@ MISSED_CONFIG_KEYS = {
 }
 # llama.cpp's experts, stacked per layer: [E, out, in]
 STACKED_EXPERTS = re.compile(r"blk\.(?P<layer>\d+)\.ffn_(?P<proj>gate|up|down)_exps\.weight")
+# where the HF checkpoints (what loraplex reads) keep one expert's projections
+_QWEN_EXPERTS = ("mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
+EXPERT_MODULES = {"qwen2moe": _QWEN_EXPERTS, "qwen3moe": _QWEN_EXPERTS,
+                  "minimax-m2": ("block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"})}
+# transformers 5's module names -> its checkpoints' (MiniMax-M2's router and bias)
+HF_RENAMES = {"minimax-m2": ((".mlp.", ".block_sparse_moe."),)}
 
 
 def require_gguf() -> Any:
@@ -145,7 +151,7 @@ def gguf_config(path: str) -> Any:
     for key, attr in MISSED_CONFIG_KEYS.get(arch, {}).items():
         if (field := reader.fields.get(f"{arch}.{key}")) is not None:
             setattr(config, attr, int(field.contents()))
-    plan = _quant_plan(reader, _hf_names(config, _processor(config, arch), arch))
+    plan = _quant_plan(reader, _hf_names(config, _processor(config, arch), arch), arch)
     if plan.bits is not None:
         config.quantization_config = gptq_config(plan.bits, plan.skipped)
     return config
@@ -169,7 +175,10 @@ def _hf_names(hf_config: Any, processor: Any, arch: str) -> dict[str, str]:
 
     with torch.device("meta"):
         hf_model = AutoModelForCausalLM.from_config(hf_config)
-    return get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
+    names = get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
+    for theirs, ours in HF_RENAMES.get(arch, ()):
+        names = {k: v.replace(theirs, ours) for k, v in names.items()}
+    return names
 
 
 def _processor(hf_config: Any, arch: str) -> Any:
@@ -178,19 +187,20 @@ def _processor(hf_config: Any, arch: str) -> Any:
     return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict())
 
 
-def _stacked_modules(m: re.Match, num_experts: int) -> list[str]:
-    """Every expert's HF module of a stacked expert tensor (Qwen's names)."""
-    return [f"model.layers.{m['layer']}.mlp.experts.{e}.{m['proj']}_proj"
+def _stacked_modules(m: re.Match, num_experts: int, arch: str) -> list[str]:
+    """Every expert's HF module of a stacked expert tensor (EXPERT_MODULES)."""
+    block, leaves = EXPERT_MODULES[arch]
+    return [f"model.layers.{m['layer']}.{block}.experts.{e}.{leaves[m['proj']]}"
             for e in range(num_experts)]
 
 
-def _quant_plan(reader: Any, names: dict[str, str]) -> GGUFQuantPlan:
+def _quant_plan(reader: Any, names: dict[str, str], arch: str) -> GGUFQuantPlan:
     """models/gguf_quant.py's plan for this file (`names`: _hf_names'): which matrices
     stay packed."""
     modules_of = {}
     for t in reader.tensors:
         if m := STACKED_EXPERTS.fullmatch(t.name):
-            modules_of[t.name] = _stacked_modules(m, int(t.shape[-1]))
+            modules_of[t.name] = _stacked_modules(m, int(t.shape[-1]), arch)
         elif t.name.endswith(".weight") and len(t.shape) == 2 and t.name in names:
             modules_of[t.name] = [names[t.name].removesuffix(".weight")]
     return quant_plan(list(reader.tensors), modules_of)
@@ -206,7 +216,7 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
     processor = _processor(hf_config, arch)
     names = _hf_names(hf_config, processor, arch)
     quant = getattr(hf_config, "quantization_config", None)
-    plan = _quant_plan(reader, names) if isinstance(quant, dict) and \
+    plan = _quant_plan(reader, names, arch) if isinstance(quant, dict) and \
         quant.get("quant_method") == "gguf" else GGUFQuantPlan(None, frozenset(), [])
     skipped = []
     for tensor in reader.tensors:
@@ -215,13 +225,13 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
             codes, scales = codes_and_scales(tensor.data, tensor.tensor_type.name)
         m = STACKED_EXPERTS.fullmatch(tensor.name)
         if m and kept:
-            for module, c, s in zip(_stacked_modules(m, codes.shape[0]), codes, scales,
+            for module, c, s in zip(_stacked_modules(m, codes.shape[0], arch), codes, scales,
                                     strict=True):
                 yield from packed_tensors(module, c, s, plan.bits)
             continue
         if m:  # transformers fuses them: we load them expert by expert
             stack = gguf.dequantize(tensor.data, tensor.tensor_type)
-            for module, w in zip(_stacked_modules(m, stack.shape[0]), stack, strict=True):
+            for module, w in zip(_stacked_modules(m, stack.shape[0], arch), stack, strict=True):
                 yield f"{module}.weight", torch.from_numpy(np.array(w, copy=True))
             continue
         if kept:  # the processor's row changes (Llama's q/k permutation) on both
