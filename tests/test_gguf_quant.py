@@ -170,3 +170,36 @@ def test_another_quantization_on_a_packed_file_is_refused(llama):
     llm = make_llm(path, tokenizer=str(llama[0]), quantization="fp8",
                    hf_overrides={"quantization_config": None})
     assert llm.llm_engine.model_config.quantization.method == "fp8"
+
+
+def test_the_plan_keeps_only_what_gptqs_layout_can_hold():
+    """quant_plan on a tensor table: the main type by weights of the matrices it may keep
+    (Q4_0 here: the Q8_0 embedding does not count), never the embedding, lm_head or a router; a matrix whose rows GPTQ
+    cannot pack its zeros along (36 outputs at 4 bits: 8 a word) stays plain, and so do
+    its siblings in the packed layer (q/k/v), each a module to leave unconverted."""
+    from types import SimpleNamespace
+
+    from loraplex.models.gguf_quant import quant_plan
+
+    def tensor(name, type_name, rows, inputs=64):
+        return SimpleNamespace(name=name, tensor_type=SimpleNamespace(name=type_name),
+                               n_elements=rows * inputs, shape=[inputs, rows])
+
+    table = [tensor("token_embd.weight", "Q8_0", 4096), tensor("output.weight", "Q6_K", 4096),
+             tensor("blk.0.ffn_gate_inp.weight", "Q4_0", 8),
+             tensor("blk.0.attn_q.weight", "Q4_0", 64), tensor("blk.0.attn_k.weight", "Q4_0", 36),
+             tensor("blk.0.attn_v.weight", "Q4_0", 32),
+             tensor("blk.0.attn_output.weight", "Q4_0", 64),
+             tensor("blk.0.ffn_down.weight", "Q8_0", 64), tensor("blk.0.ffn_up.weight", "Q4_0", 128)]
+    layer = "model.layers.0."
+    modules = {"token_embd.weight": ["model.embed_tokens"], "output.weight": ["lm_head"],
+               "blk.0.ffn_gate_inp.weight": [layer + "mlp.gate"],
+               **{f"blk.0.{g}.weight": [layer + h] for g, h in (
+                   ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                   ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                   ("ffn_down", "mlp.down_proj"), ("ffn_up", "mlp.up_proj"))}}
+    plan = quant_plan(table, modules)
+    assert plan.bits == 4 and plan.type_name == "Q4_0"
+    assert plan.kept == {"blk.0.attn_output.weight", "blk.0.ffn_up.weight"}
+    assert plan.skipped == [layer + m for m in ("mlp.down_proj", "self_attn.k_proj",
+                                                "self_attn.q_proj", "self_attn.v_proj")]
