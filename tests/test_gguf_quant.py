@@ -203,3 +203,22 @@ def test_the_plan_keeps_only_what_gptqs_layout_can_hold():
     assert plan.kept == {"blk.0.attn_output.weight", "blk.0.ffn_up.weight"}
     assert plan.skipped == [layer + m for m in ("mlp.down_proj", "self_attn.k_proj",
                                                 "self_attn.q_proj", "self_attn.v_proj")]
+
+
+@pytest.mark.parametrize("type_name", list(TYPES))
+def test_under_bf16_the_packed_weights_are_the_dequantized_ones(type_name, llama, prompts):
+    """dtype bfloat16: each packed matrix dequantizes to the very bf16 weights the
+    dequantized load holds (the fp16 scales kept: one rounding of the exact value, not
+    two), so both engines give the same greedy tokens."""
+    path, hf_dir = _file(llama, type_name), str(llama[0])
+    packed = make_llm(path, tokenizer=hf_dir, dtype="bfloat16")
+    plain = make_llm(path, tokenizer=hf_dir, dtype="bfloat16",
+                     hf_overrides={"quantization_config": None})
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        ours = packed.llm_engine.model.model.layers[0].get_submodule(name)
+        theirs = plain.llm_engine.model.model.layers[0].get_submodule(name)
+        assert isinstance(ours, GPTQLinear)
+        assert torch.equal(ours.dequantize(torch.bfloat16).T, theirs.weight), name
+    args = ([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY)
+    assert [o.outputs[0].token_ids for o in packed.generate(*args)] == \
+        [o.outputs[0].token_ids for o in plain.generate(*args)]

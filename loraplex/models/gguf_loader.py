@@ -264,7 +264,8 @@ def log_dequantized_size(path: str, model: torch.nn.Module) -> None:
     size = sum(t.numel() * t.element_size() for _, t in tensors)
     kept = sum(t.numel() * t.element_size() for n, t in tensors
                if t.dtype == torch.int32 or n.endswith("scales"))
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    dtype = str(next(t.dtype for n, t in tensors if t.is_floating_point()
+                     and not n.endswith("scales"))).replace("torch.", "")
     quant = getattr(model.args, "quant", None)
     logger.info("GGUF %s (%s on disk) loaded into %s: %s, the rest dequantized into %s",
                 os.path.basename(path), _size(os.path.getsize(path)), _size(size),
