@@ -39,7 +39,7 @@ _EXPERT = re.compile(r"(?P<layer>.+\.experts)\.\d+\.\w+")
 
 def gptq_config(bits: int, skipped: list[str]) -> dict[str, Any]:
     """The quantization_config a plan stands for (layers/quantization/config.py reads it)."""
-    return {"quant_method": "gguf", "bits": bits, "group_size": QK,
+    return {"quant_method": "gguf", "gptq_layout": True, "bits": bits, "group_size": QK,
             "modules_to_not_convert": ["re:" + re.escape(m) + "$" for m in skipped]}
 
 
