@@ -222,3 +222,27 @@ def test_under_bf16_the_packed_weights_are_the_dequantized_ones(type_name, llama
     args = ([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY)
     assert [o.outputs[0].token_ids for o in packed.generate(*args)] == \
         [o.outputs[0].token_ids for o in plain.generate(*args)]
+
+
+_LAUNCHES = """
+from loraplex.layers.quantization import GPTQLinear, QuantConfig
+from loraplex.layers.quantization import triton_gemm as T
+T._quant_gemm_kernel = Capture(T._quant_gemm_kernel)
+torch.set_default_dtype(torch.bfloat16)  # as the engine builds a bf16 model
+for bits in (8, 4):
+    cfg = QuantConfig("gptq", bits, 32, fp16_scales=True)
+    layer = GPTQLinear(2048, [4096, 512, 512], False, cfg)
+    assert layer.scales.dtype == torch.float16
+    for m in (1, 512):
+        T.quant_matmul(torch.zeros(m, 2048, dtype=torch.bfloat16), layer)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
+                    reason="needs triton; with CUDA the kernel test above runs compiled")
+def test_the_kernel_compiles_for_h100_with_fp16_scales_and_bf16_activations():
+    """The GPTQ kernel's launches for GGUF's layers (fp16 scales beside bf16 activations,
+    group size 32, 8 and 4 bits) compile for sm_90."""
+    from tests.triton_compile import compile_for_h100
+
+    assert compile_for_h100(_LAUNCHES) == 4
