@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 # HF model_type -> llama.cpp architecture (the ones these tests write)
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-              "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+              "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3",
+              "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "minimax_m2": "minimax-m2"}
+QK = 32  # Q8_0 / Q4_0 block: inputs per scale
 
 
 def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -63,11 +65,30 @@ def _write_tokenizer(writer, hf_dir: Path) -> None:
         writer.add_chat_template(template)
 
 
+def _moe_stacked(tensors: dict[str, torch.Tensor]):
+    """(HF name, fp32 array) of each tensor, a mixture's experts stacked per layer and
+    projection as llama.cpp stores them: experts.{e}.gate_proj.weight [I, H] ->
+    experts.gate_proj.weight [E, I, H] (its ffn_gate_exps)."""
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    for name, tensor in tensors.items():
+        w = tensor.to(torch.float32).numpy()
+        head, sep, rest = name.partition(".experts.")
+        if not sep:
+            yield name, w
+            continue
+        expert, _, leaf = rest.partition(".")
+        stacks.setdefault(f"{head}.experts.{leaf}", {})[int(expert)] = w
+    for name, experts in stacks.items():
+        yield name, np.stack([experts[e] for e in sorted(experts)])
+
+
 def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
-               rope_scaling: str | None = None) -> Path:
+               rope_scaling: str | None = None, types: dict[str, str] | None = None) -> Path:
     """The tiny HF checkpoint in `hf_dir` as a GGUF file `out`; `quant`: the matrices' type
     (F16, F32, or a type `gguf.quants.quantize` writes: Q8_0, Q4_0 ...); `rope_scaling`:
-    a `rope.scaling.type` key to write (its factor 2)."""
+    a `rope.scaling.type` key to write (its factor 2); `types`: other types for the
+    matrices whose HF names contain a key (a file of mixed types, as llama.cpp's K-quant
+    mixes are)."""
     import gguf
 
     cfg = json.loads((hf_dir / "config.json").read_text())
@@ -87,37 +108,53 @@ def write_gguf(hf_dir: Path, out: Path, quant: str = "Q8_0", name: str = "tiny",
     writer.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(cfg.get("rotary_dim") or head_dim)
     if rope_scaling is not None:
         writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
         writer.add_rope_scaling_factor(2.0)
-    if arch in ("qwen3", "gemma2", "gemma3"):
+    if arch in ("qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe", "minimax-m2"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     if arch in ("gemma2", "gemma3"):
         writer.add_sliding_window(cfg["sliding_window"])
+    if arch in ("qwen2moe", "qwen3moe"):  # convert_hf_to_gguf.py's Qwen2MoeModel
+        writer.add_expert_count(cfg.get("num_experts") or cfg["num_local_experts"])
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if arch == "qwen2moe":
+            writer.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    if arch == "minimax-m2":  # convert_hf_to_gguf.py's MiniMaxM2Model
+        writer.add_expert_count(cfg["num_local_experts"])
+        writer.add_expert_used_count(cfg["num_experts_per_tok"])
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_expert_feed_forward_length(cfg["intermediate_size"])
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     _write_tokenizer(writer, hf_dir)
     names = gguf.get_tensor_name_map(
         next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), n_layers)
-    qtype = gguf.GGMLQuantizationType[quant]
-    for hf_name, tensor in load_file(str(hf_dir / "model.safetensors")).items():
+    for hf_name, w in _moe_stacked(load_file(str(hf_dir / "model.safetensors"))):
         if cfg.get("tie_word_embeddings") and hf_name == "lm_head.weight":
             continue
-        w = tensor.to(torch.float32).numpy()
         if arch == "llama" and hf_name.endswith("q_proj.weight"):
             w = _permute(w, n_head, n_head)
         elif arch == "llama" and hf_name.endswith("k_proj.weight"):
             w = _permute(w, n_head, n_kv)
         elif arch.startswith("gemma") and hf_name.endswith("norm.weight"):
             w = w + 1  # llama.cpp's Gemma norms multiply by w, HF's by 1 + w
+        w = w.squeeze()  # Qwen2-MoE's shared_expert_gate [1, H] is stored as [H]
+        # MiniMax-M2's router bias: llama.cpp's exp_probs_b.bias
+        hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
         base, _, suffix = hf_name.rpartition(".")
         gguf_name = f"{names.get_name(base)}.{suffix}"
-        if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        qtype = gguf.GGMLQuantizationType[next(
+            (t for k, t in (types or {}).items() if k in hf_name), quant)]
+        # F32: vectors and the routers (llama.cpp never quantizes ffn_gate_inp); F16: a
+        # matrix whose rows are no whole number of blocks (the converter's fallback)
+        if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32 or ".ffn_gate_inp" in gguf_name:
             writer.add_tensor(gguf_name, w.astype(np.float32))
-        elif qtype == gguf.GGMLQuantizationType.F16:
+        elif qtype == gguf.GGMLQuantizationType.F16 or w.shape[-1] % QK:
             writer.add_tensor(gguf_name, w.astype(np.float16))
         else:
             writer.add_tensor(gguf_name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)

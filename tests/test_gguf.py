@@ -93,6 +93,8 @@ def test_gguf_base_with_mixed_adapters_matches_hf_peft(case, gguf_files, hf_mode
         llm = make_llm(path, tokenizer=str(hf_dir), enable_lora=True, max_loras=3,
                        max_lora_rank=16)
     assert "dequantized into" in caplog.text
+    # Q8_0 / Q4_0 matrices kept in GPTQ's layout (tests/test_gguf_quant.py), F16 dequantized
+    assert ("matrices kept quantized" in caplog.text) == (case[1] != "F16"), caplog.text
     reqs = [None, *(LoRARequest(n, i + 1, str(ad[n])) for i, n in enumerate(sorted(ad)))]
     jobs = [(p, r) for i, p in enumerate(prompts[:4]) for r in reqs[i % 2:][:3]]
     outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], GREEDY,

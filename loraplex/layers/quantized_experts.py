@@ -218,7 +218,8 @@ class PackedIntFusedExperts(FusedExperts):
             zeros = (midpoint_zeros(cfg, groups, outputs).repeat(e, 1, 1) if cfg.implicit_zero
                      else torch.zeros(e, groups, outputs // per, dtype=torch.int32))
             self.register_buffer(f"{which}_qzeros", zeros)
-            self.register_buffer(f"{which}_scales", torch.zeros(e, groups, outputs))
+            self.register_buffer(f"{which}_scales", torch.zeros(
+                e, groups, outputs, dtype=torch.float16 if cfg.fp16_scales else None))
             if gptq:
                 self.register_buffer(f"{which}_g_idx",
                                      plain_groups(inputs, cfg.group_size).repeat(e, 1))

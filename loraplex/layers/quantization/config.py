@@ -8,7 +8,9 @@ checkpoints) and FP8 (`fp8`: Qwen / DeepSeek / transformers, per tensor or per b
 and its int ones, W4A16 / W8A16: pack-quantized, naive- or int-quantized, per channel or
 group, symmetric or not, act-order; W8A8 with int8 activations, dynamic per token or static
 per tensor) keep their quantized weights in memory, and so does MXFP4 (`mxfp4`: gpt-oss's
-experts; its other weights are plain); anything else is refused with what was found.
+experts; its other weights are plain), and so do a GGUF file's Q8_0 / Q4_0 matrices, as
+GPTQ with fp16 scales (models/gguf_quant.py marks them); anything else is refused with
+what was found.
 `quantization=` (vLLM's flag) may name the checkpoint's method; on a plain checkpoint
 `bitsandbytes` and `fp8` apply, as in vLLM: its weights are quantized while they load (to
 4-bit NF4, the base QLoRA adapters are trained on; to FP8 with a scale per row).
@@ -49,6 +51,9 @@ class QuantConfig:
     implicit_zero: bool = False
     # compressed-tensors' int8 activations (W8A8): each Linear's input is quantized too
     input_activations: ActivationQuant | None = None
+    # GGUF's Q8_0 / Q4_0 as GPTQ (models/gguf_quant.py): the scales stay the file's fp16
+    # (exact) instead of the model dtype's
+    fp16_scales: bool = False
 
     @property
     def pack_factor(self) -> int:
@@ -107,6 +112,16 @@ def quant_config_from_hf(hf_config: Any, requested: str | None = None) -> QuantC
                              "no quantization_config: it is not a quantized checkpoint")
         return None
     method = str(_get(raw, "quant_method", "") or type(raw).__name__).lower()
+    if method == "gguf" and _get(raw, "gptq_layout", False):  # models/gguf_loader.py's
+        # (a config.json's quant_method gguf is refused below)
+        if requested:
+            raise ValueError(f"quantization={requested!r} on a GGUF file whose Q8_0 / Q4_0 "
+                             "matrices stay quantized: leave it unset (or 'gguf'), or "
+                             "dequantize them first with hf_overrides "
+                             "{\"quantization_config\": null}")
+        return QuantConfig("gptq", int(raw["bits"]), int(raw["group_size"]),
+                           modules_to_not_convert=tuple(raw["modules_to_not_convert"]),
+                           fp16_scales=True)
     if method not in SUPPORTED_METHODS:
         raise ValueError(f"quantized checkpoint (config.json quantization_config, quant_method="
                          f"{method!r}) is not supported yet: loraplex loads "

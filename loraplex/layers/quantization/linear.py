@@ -91,6 +91,9 @@ class PackedIntWeight:
         return y.view(*lead, 8, -1).transpose(-1, -2).reshape(*lead, self.out_features)
 
     def _gptq_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.scales.dtype not in (dtype, torch.float32) and dtype != torch.float32:
+            # fp16 scales (GGUF's) under bf16: each weight rounded once, from fp32
+            return self._gptq_dequantize(torch.float32).to(dtype)
         bits, per, gs = self.cfg.bits, self.cfg.pack_factor, self.cfg.group_size
         zeros = unpack(self.qzeros, bits, dim=1) + self.cfg.zero_offset  # [groups, out]
         if self.act_order or (gs != -1 and gs % per):
@@ -242,7 +245,8 @@ class PackedIntLinear(QuantLinear):
             raise ValueError(f"{cfg.method}: output sizes {output_sizes} are not multiples of "
                              f"{cfg.pack_factor} (values per int32)")
         self.num_groups = cfg.num_groups(in_features)
-        self.scales = _frozen(self.num_groups, self.out_features)
+        self.scales = _frozen(self.num_groups, self.out_features,
+                              dtype=torch.float16 if cfg.fp16_scales else None)
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
         """Copy one HF sub-projection's tensor into its columns (packed ones: its int32s)."""
