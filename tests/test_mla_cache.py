@@ -123,6 +123,65 @@ def test_prefix_caching_with_chunked_prefill(mla, prompts):
                      [p for _, p, _ in jobs], atol=2e-4)
 
 
+def test_prefill_decompressed_decode_absorbed(mla, prompts):
+    """The torch path's two forms, seen through kv_b_proj's base linear (a forward hook):
+    the decompressed prefill calls it once a layer and step on each prefilling sequence's
+    latents, its cached context's and its chunk's ([B, width] rows), never on a decode
+    row's (absorbed: kv_b_proj's weight taken into the query and output, the module not
+    called); a decode-only step never calls it. Chunks of 5 over a cached prefix (block
+    size 4) under kv_b_proj adapters (plain, DoRA, lora_bias) beside the base, with
+    decode rows in the same steps: every output HF + PEFT's."""
+    from loraplex.worker.context import get_context
+
+    base, adapters = mla["v3"]
+    reqs = lora_requests(adapters)
+    llm = make_llm(base, enable_lora=True, max_loras=3, max_lora_rank=8, block_size=4,
+                   enable_chunked_prefill=True, max_num_batched_tokens=5,
+                   enable_prefix_caching=True)
+    model = llm.llm_engine.model
+    # is_prefill, mixed, cached context, an adapter on a prefill row
+    steps: list[tuple[bool, bool, bool, bool]] = []
+    kv_b_rows: list[tuple[int, int]] = []  # (rows kv_b_proj took, the prefill's B x width)
+
+    def on_attention(module, args) -> None:
+        ctx = get_context()
+        meta, rows = ctx.lora_meta, args[1].shape[0]  # meta None: only the base
+        if ctx.decode is not None:
+            rows -= ctx.decode.slot_mapping.shape[0]
+        adapter = meta is not None and bool((meta.token_lora_indices[:rows] >= 0).any())
+        steps.append((ctx.is_prefill, ctx.decode is not None, ctx.context_lens is not None,
+                      adapter))
+
+    def on_kv_b(module, args, out) -> None:
+        ctx = get_context()
+        b, length = ctx.padded_index.shape
+        width = length if ctx.context_lens is None else ctx.block_tables.shape[1] * 4
+        kv_b_rows.append((args[0].shape[0], b * width))
+
+    first = model.model.layers[0].self_attn
+    hooks = [first.register_forward_pre_hook(on_attention)]
+    hooks += [layer.self_attn.kv_b_proj.base_layer.register_forward_hook(on_kv_b)
+              for layer in model.model.layers]
+    system = prompts[-1]
+    names = ["r2_kvb", "dora_kvb", None, "bias_kvb", "r2_kvb"]
+    jobs = [(3 * i, system + prompts[i][1:], reqs[n] if n else None)
+            for i, n in enumerate(names)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    try:
+        outs, _ = run_staggered(llm.llm_engine, jobs, params)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    prefill_steps = sum(step[0] for step in steps)
+    assert len(kv_b_rows) == LAYERS * prefill_steps > 0
+    assert all(rows == want for rows, want in kv_b_rows), kv_b_rows
+    assert any(not step[0] for step in steps)  # decode-only steps: kv_b_proj not called
+    assert any(all(step) for step in steps), steps  # mixed, cached context, an adapter
+    assert any(o.num_cached_tokens for o in outs)
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names],
+                     [p for _, p, _ in jobs], atol=2e-4)
+
+
 def test_preemption_recomputes_latents(mla, prompts):
     """A KV cache of 12 blocks of 8 for six requests of up to 64 tokens forces preemption;
     recomputed latents give HF + PEFT's outputs."""
@@ -242,7 +301,7 @@ def test_absorbed_kv_b_lora_equals_the_decompressed(graph):
     ctx = StepContext(is_prefill=True, slot_mapping=torch.zeros(t, dtype=torch.long),
                       attn_backend="torch", lora_meta=meta)
     with step_context(ctx):
-        lora = kv_b_lora(layer, heads, nope)
+        lora = kv_b_lora(layer, heads, nope, slice(0, t))
         w = base.weight.view(heads, nope + v_dim, c_dim)
         q_latent = torch.einsum("thn,hnc->thc", q, w[:, :nope])
         lora.add_query(q_latent, q)

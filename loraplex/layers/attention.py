@@ -143,6 +143,22 @@ class Attention(nn.Module):
                              self._attend(q[n:], k[n:], v[n:], ctx.decode, sinks)])
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the step's K/V alone: MLA's prefill attends in its own form (layers/mla.py),
+        over what gathered_keys reads back."""
+        self._store(k, v, get_context())
+
+    def gathered_keys(self, ctx: StepContext, dtype: torch.dtype) -> torch.Tensor:
+        """A prefill's sequences' cached K (the step's own too, once stored), an FP8 cache's
+        dequantized: [B, width, KVH, D] in `dtype`, a scratch buffer the step reuses."""
+        return self._gathered_kv(ctx, ctx.block_tables, dtype)[0]
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A mixed step's decode rows (the last ones, ctx.decode's), already stored:
+        [rows, H * D]."""
+        out = self._attend(q, k, v, get_context().decode, None)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
     @property
     def _kv_tensors(self) -> int:
         """Cache tensors to write and read: K and V, or K alone when V is K."""

@@ -32,9 +32,11 @@ of them as usual.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.attention import Attention
@@ -43,6 +45,7 @@ from loraplex.layers.mla_lora import kv_b_lora
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.quantization import QuantConfig, QuantLinear
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.worker.context import StepContext, get_context
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
 
@@ -132,17 +135,82 @@ class MLAAttention(nn.Module):
             [m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)  # [T, C], [T, rope]
         q_rope, k_rope = self.rotary(positions, q_rope, k_rope.unsqueeze(1))  # k: [T, 1, rope]
         cache = torch.cat([self.kv_a_layernorm(latent).unsqueeze(1), k_rope], dim=-1)
-        w_uk, w_uv = self._kv_b_weight(x.dtype)
-        lora = kv_b_lora(self.kv_b_proj, h, m.qk_nope_head_dim)
+        ctx = get_context()
+        if ctx.attn_backend != "torch" or not ctx.is_prefill:  # all rows absorbed
+            v = self._absorbed(q_nope, q_rope, cache, slice(0, t),
+                               lambda q, kv: self.attn(q, kv, kv))
+        else:  # the prompts' rows decompressed, a mixed step's decode rows absorbed
+            n = t - (0 if ctx.decode is None else ctx.decode.slot_mapping.shape[0])
+            self.attn.store(cache, cache)
+            v = self._decompressed(q_nope[:n], q_rope[:n], cache[:n, 0], ctx)
+            if n < t:
+                v = torch.cat([v, self._absorbed(q_nope[n:], q_rope[n:], cache[n:],
+                                                 slice(n, t),
+                                                 lambda q, kv: self.attn.decode(q, kv, kv))])
+        return self.o_proj(v.reshape(t, h * m.v_head_dim))
+
+    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
+                  rows: slice, attend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                  ) -> torch.Tensor:
+        """Each head's output [t, H, v] for the step's `rows` in the absorbed form;
+        attend(q, latent) runs attention over the cached latents."""
+        m, t, h = self.mla, q_nope.shape[0], self.num_heads
+        w_uk, w_uv = self._kv_b_weight(q_nope.dtype)
+        lora = kv_b_lora(self.kv_b_proj, h, m.qk_nope_head_dim, rows)
         if lora is not None:
             q_nope = lora.scale_query(q_nope)
-        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]
+        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [t, H, C]
         if lora is not None:
             lora.add_query(q_latent, q_nope)
-        q = torch.cat([q_latent, q_rope], dim=-1)  # [T, H, C + rope]
-        out = self.attn(q, cache, cache)  # [T, H * (C + rope)]: V is the latent
-        o_latent = out.view(t, h, m.latent_dim)[..., :m.kv_lora_rank]  # [T, H, C]
-        v = torch.einsum("thc,hvc->thv", o_latent, w_uv)  # [T, H, v]
-        if lora is not None:
-            v = lora.add_value(v, o_latent)
-        return self.o_proj(v.reshape(t, h * m.v_head_dim))
+        q = torch.cat([q_latent, q_rope], dim=-1)  # [t, H, C + rope]
+        out = attend(q, cache)  # [t, H * (C + rope)]: V is the latent
+        o_latent = out.view(t, h, m.latent_dim)[..., :m.kv_lora_rank]  # [t, H, C]
+        v = torch.einsum("thc,hvc->thv", o_latent, w_uv)  # [t, H, v]
+        return v if lora is None else lora.add_value(v, o_latent)
+
+    def _decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, new: torch.Tensor,
+                      ctx: StepContext) -> torch.Tensor:
+        """The prefill rows' output [n, H, v] in the decompressed form (torch path): each
+        sequence's latents, its cached context's (read back from the cache) and its new
+        rows' (as computed), through kv_b_proj with the sequence's adapter, then causal
+        attention over K = [k_nope, k_rope] per head and V. new: the rows' [n, C + rope]."""
+        m, h = self.mla, self.num_heads
+        b, length = ctx.padded_index.shape
+        idx = ctx.padded_index.reshape(-1)
+        if ctx.context_lens is None:  # every sequence starts at position 0
+            latents = new.index_select(0, idx).view(b, length, m.latent_dim)
+        else:  # [B, width]; the new rows put back as computed (an FP8 cache rounds them)
+            latents = self.attn.gathered_keys(ctx, new.dtype)[:, :, 0]
+            width = latents.shape[1]
+            q_pos = ctx.prefill_positions[0]  # [B, L]: the padded rows' positions
+            dest = (torch.arange(b, device=new.device)[:, None] * width + q_pos).view(-1)
+            if ctx.valid_rows is not None:
+                dest = dest.index_select(0, ctx.valid_rows)
+            latents.view(-1, m.latent_dim).index_copy_(0, dest, new)
+        keys, values = self._decompress(latents, ctx)  # [B, H, width, nope + rope], v
+        q = torch.cat([q_nope, q_rope], dim=-1).index_select(0, idx)
+        q = q.view(b, length, h, m.qk_head_dim).transpose(1, 2)  # [B, H, L, nope + rope]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.prefill_mask,
+                                             is_causal=ctx.prefill_mask is None,
+                                             scale=m.scale)  # [B, H, L, v]
+        out = out.transpose(1, 2).reshape(b * length, h, m.v_head_dim)
+        return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
+
+    def _decompress(self, latents: torch.Tensor, ctx: StepContext
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per head K = [kv_b_proj's K rows c, k_rope] [B, H, W, nope + rope] and V [B, H,
+        W, v] of latents [B, W, C + rope], kv_b_proj under each sequence's adapter (PEFT's:
+        on its output)."""
+        m, h = self.mla, self.num_heads
+        b, w = latents.shape[:2]
+        c, k_rope = latents.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        c = c.reshape(b * w, m.kv_lora_rank)
+        kv = getattr(self.kv_b_proj, "base_layer", self.kv_b_proj)(c)  # [B W, H (nope + v)]
+        lora = kv_b_lora(self.kv_b_proj, h, m.qk_nope_head_dim, slice(None))
+        if lora is not None:  # a sequence's rows all have its slot: its first row's
+            slots = lora.slots.index_select(0, ctx.padded_index[:, 0])  # [B]
+            kv = lora.for_rows(slots[:, None].expand(b, w).reshape(-1)).add_to_output(kv, c)
+        k_nope, v = kv.view(b, w, h, -1).split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        keys = torch.cat([k_nope, k_rope[:, :, None].expand(b, w, h, m.qk_rope_head_dim)],
+                         dim=-1)
+        return keys.transpose(1, 2), v.transpose(1, 2)
