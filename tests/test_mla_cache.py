@@ -213,20 +213,23 @@ def test_triton_kernels_over_the_latent(monkeypatch, budget, mla, prompts):
 
 
 def hf_latent_fp8_logprobs(base: Path, adapter: Path | None, prompt: list[int],
-                           tokens: list[int]) -> torch.Tensor:
+                           tokens: list[int], chunk: int = 0) -> torch.Tensor:
     """HF + PEFT's log-probs after the prompt and each of tokens[:-1] as the engine computes
-    them over an FP8 latent cache: the prompt in one forward with its latents as computed,
-    then one token a forward over every latent (c and the rotated kr) rounded through FP8
-    (scale 1), as a read of the cache returns it."""
+    them over an FP8 latent cache: the prompt in one forward with its latents as computed
+    (`chunk`: in forwards of that many tokens, each over the earlier chunks' latents
+    rounded and its own as computed, as the decompressed prefill takes them), then one
+    token a forward over every latent (c and the rotated kr) rounded through FP8 (scale 1),
+    as a read of the cache returns it."""
     from transformers import AutoModelForCausalLM
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
-    rounding: list[bool] = []
+    exact: list[int] = [0]  # the forward's last positions whose latents are as computed
     expand = hf_v3.DeepseekV3Attention.expand_kv
 
     def rounded(self, kv_nope, k_rot):
-        if rounding:
-            kv_nope, k_rot = (quantize_kv(x, FP8, 1.0).to(x.dtype) for x in (kv_nope, k_rot))
+        cut = kv_nope.shape[2] - exact[0]
+        kv_nope, k_rot = (torch.cat([quantize_kv(x[:, :, :cut], FP8, 1.0).to(x.dtype),
+                                     x[:, :, cut:]], dim=2) for x in (kv_nope, k_rot))
         return expand(self, kv_nope, k_rot)
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -234,16 +237,19 @@ def hf_latent_fp8_logprobs(base: Path, adapter: Path | None, prompt: list[int],
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
+    size = chunk or len(prompt)
+    pieces = [prompt[i:i + size] for i in range(0, len(prompt), size)]
     rows, past = [], None
     hf_v3.DeepseekV3Attention.expand_kv = rounded
     try:
         with torch.no_grad():
-            for i, chunk in enumerate([prompt, *([t] for t in tokens[:-1])]):
-                rounding[:] = [True] if i else []
-                res = model(input_ids=torch.tensor([chunk]), past_key_values=past,
+            for i, piece in enumerate([*pieces, *([t] for t in tokens[:-1])]):
+                exact[0] = len(piece) if i < len(pieces) else 0
+                res = model(input_ids=torch.tensor([piece]), past_key_values=past,
                             use_cache=True)
                 past = res.past_key_values
-                rows.append(res.logits[0, -1])
+                if i >= len(pieces) - 1:
+                    rows.append(res.logits[0, -1])
     finally:
         hf_v3.DeepseekV3Attention.expand_kv = expand
     return torch.log_softmax(torch.stack(rows).float(), dim=-1)
@@ -264,6 +270,31 @@ def test_fp8_latent_cache_against_hf(mla, prompts):
     for out, name, prompt in zip(outs, names, prompts, strict=False):
         got = out.outputs[0].token_ids
         ref = hf_latent_fp8_logprobs(base, adapters[name] if name else None, prompt, got)
+        for step, (tok, lp) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
+            assert ref[step].max() - ref[step, tok] < 1e-3, (name, step)
+            for t, logprob in lp.items():
+                assert abs(logprob.logprob - ref[step, t].item()) < 1e-4, (name, step, t)
+
+
+def test_fp8_latent_cache_chunked_prefill_against_hf(mla, prompts):
+    """kv_cache_dtype fp8 with prompts in chunks of 5: each later chunk's decompressed
+    prefill reads the earlier chunks' latents back through FP8 and takes its own as
+    computed (vLLM's). The base and kv_b_proj adapters (plain, lora_bias), each request
+    alone, against HF + PEFT over the same chunks with the same latents rounded."""
+    base, adapters = mla["v3"]
+    reqs = lora_requests(adapters)
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8,
+                   kv_cache_dtype="fp8", enable_chunked_prefill=True,
+                   max_num_batched_tokens=5, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3)
+    for name, prompt in ((None, prompts[-1]), ("r2_kvb", prompts[-2]),
+                         ("bias_kvb", prompts[-1])):
+        assert len(prompt) > 10
+        out = llm.generate([{"prompt_token_ids": prompt}], params,
+                           lora_request=reqs[name] if name else None, use_tqdm=False)[0]
+        got = out.outputs[0].token_ids
+        ref = hf_latent_fp8_logprobs(base, adapters[name] if name else None, prompt, got,
+                                     chunk=5)
         for step, (tok, lp) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
             assert ref[step].max() - ref[step, tok] < 1e-3, (name, step)
             for t, logprob in lp.items():
