@@ -32,7 +32,9 @@ dequantized values, so it appends each new token rounded as the cache has it.
 
 MLA's latent (layers/mla.py, `values_are_keys`): one KV head that is both K and V, so
 v_cache is k_cache; the torch path writes and reads it once (the Triton store writes the
-same values twice into the one tensor).
+same values twice into the one tensor). On the torch path MLA runs its prefill rows
+itself, in the decompressed form, through three hooks: `store`, `gathered_keys` (a
+sequence's cached latents) and `decode` (a mixed step's decode rows, absorbed).
 
 LORAPLEX_ATTENTION_BACKEND=auto|torch|triton forces one; triton on CPU tensors runs
 under TRITON_INTERPRET=1 (tests).

@@ -13,20 +13,31 @@ yarn_apply_mscale). The latent norms use eps 1e-6 whatever rms_norm_eps says (HF
 The paged cache holds the latent, as vLLM's: per token and layer the normalized c and
 the rotated kr, [c, kr] of kv_lora_rank + rope values, one "KV head" that every head
 reads (MQA), and the same tensor serves as V (Attention's values_are_keys: nothing is
-stored twice). Attention runs in the absorbed form, for prefill and decode alike: with
-W_UK_h / W_UV_h head h's K and V rows of kv_b_proj,
+stored twice). Two forms of attention over it, as vLLM's MLA:
+
+- decode rows (and every row on the Triton path): absorbed. With W_UK_h / W_UV_h head
+  h's K and V rows of kv_b_proj,
 
     q_latent_h = W_UK_h^T q_nope_h                       [T, H, kv_lora_rank]
     o_h        = softmax(scale [q_latent_h, q_rope_h] . [c, kr]) [c, kr]   (rope cut)
     out_h      = W_UV_h o_h                              [T, H, v]
 
-since q_nope_h . (W_UK_h c) = (W_UK_h^T q_nope_h) . c. vLLM decompresses K and V for
-prefill instead (fewer FLOPs for long prompts: each key is then nope + rope wide, not
-kv_lora_rank + rope); one form here keeps a later chunk of a prompt, or a prefix-cache
-hit, attending over cached latents exactly as its own tokens and as decode do. LoRA on
-kv_b_proj is absorbed the same way (layers/mla_lora.py); every other projection is a
-plain module under its HF name, before or after the cache, so LoRA adapters target each
-of them as usual.
+  since q_nope_h . (W_UK_h c) = (W_UK_h^T q_nope_h) . c: a decode step reads the latent
+  once for every head, never a per-head K or V.
+- prefill rows on the torch path: decompressed. Each prefilling sequence's latents (its
+  cached context, earlier chunks or a prefix-cache hit, read back from the cache; its new
+  rows as computed) go through kv_b_proj under the sequence's adapter, K_h = [kn_h, kr],
+  V_h = vn_h, then causal SDPA: each query-key pair costs a nope + rope wide dot and a v
+  wide value instead of kv_lora_rank + rope and kv_lora_rank (~3.4x fewer FLOPs at
+  DeepSeek's 128 / 64 / 128 against 512), for kv_b_proj over the context once a layer.
+
+CUDA keeps the absorbed form for prefill too: the Triton prefill kernel takes one head
+dim for q, K and V and reads a chunk's context as K and V from the cache blocks, so the
+decompressed form there would need V padded to K's width and the context's per-head K
+and V materialized in a paged layout, or a kernel that decompresses latent tiles (not
+done; nothing measured without a GPU). LoRA on kv_b_proj in
+either form: layers/mla_lora.py; every other projection is a plain module under its HF
+name, before or after the cache, so LoRA adapters target each of them as usual.
 """
 
 from __future__ import annotations
@@ -188,11 +199,14 @@ class MLAAttention(nn.Module):
                 dest = dest.index_select(0, ctx.valid_rows)
             latents.view(-1, m.latent_dim).index_copy_(0, dest, new)
         keys, values = self._decompress(latents, ctx)  # [B, H, width, nope + rope], v
+        # V zero-padded to K's width: SDPA's fused CPU kernel wants one head dim (with V
+        # narrower it falls back to the unfused one, ~3x slower at 192 / 128)
+        values = F.pad(values, (0, max(m.qk_head_dim - m.v_head_dim, 0)))
         q = torch.cat([q_nope, q_rope], dim=-1).index_select(0, idx)
         q = q.view(b, length, h, m.qk_head_dim).transpose(1, 2)  # [B, H, L, nope + rope]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.prefill_mask,
                                              is_causal=ctx.prefill_mask is None,
-                                             scale=m.scale)  # [B, H, L, v]
+                                             scale=m.scale)[..., :m.v_head_dim]  # [B, H, L, v]
         out = out.transpose(1, 2).reshape(b * length, h, m.v_head_dim)
         return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
 

@@ -1,7 +1,7 @@
-"""LoRA on MLA's kv_b_proj in the absorbed form (layers/mla.py).
+"""LoRA on MLA's kv_b_proj in both of layers/mla.py's forms, absorbed and decompressed.
 
-The cache holds the latent c, never kv_b_proj's output, so an adapter's delta goes
-through the same absorption as the base weight. With the slot's A [r, C] and B
+The cache holds the latent c, never kv_b_proj's output, so in the absorbed form (decode)
+an adapter's delta goes through the same absorption as the base weight. With the slot's A [r, C] and B
 [H (nope + v), r] (the scaling s folded into B at load, lora/adapter.py), B_K_h / B_V_h
 head h's K and V rows, q_h its query's nope part and o_h = sum_j p_hj c_j its attention
 over the latent:
@@ -14,9 +14,10 @@ moves onto the query (q_h * g_K_h, before absorbing), on the V rows onto out_h.
 lora_bias b adds b_K_h to every key of head h, i.e. the same logit q_h . b_K_h for all
 of a query's keys, which softmax ignores; and b_V_h to out_h (the weights sum to 1).
 
-The prefill's decompressed form (layers/mla.py) applies the adapter as PEFT does, to
-kv_b_proj's output on each latent row of a sequence, its cached context included:
-(W + B A) c, times DoRA's g, plus lora_bias (add_to_output).
+The decompressed form (the torch path's prefill) applies the adapter as PEFT does, to
+kv_b_proj's output on each latent row of a sequence, its cached context included (every
+row has the sequence's slot): (W + B A) c, times DoRA's g, plus lora_bias
+(add_to_output).
 
 Per active slot, its rows are gathered and the delta added back (PEFT's mixed batch);
 inside a CUDA graph (no host-side slot list) every slot runs over every row, masked to
