@@ -1,12 +1,14 @@
 """MLA's latent KV cache (layers/mla.py, layers/mla_lora.py): the paged cache holds [c, kr]
-per token and layer, one tensor that is both K and V, and attention runs absorbed.
+per token and layer, one tensor that is both K and V; decode rows (and the Triton path)
+attend absorbed, the torch path's prefill rows decompressed (which runs where: a forward
+hook on kv_b_proj's base linear, which only the decompressed form calls).
 
 Against HF transformers + PEFT (fp32, tiny DeepSeek-V3 / V2 from tests/test_deepseek.py):
 adapters of different ranks on kv_b_proj (plain, DoRA, lora_bias, and one also on the
 query) in one batch with the base over several slots; prefix caching with chunked
 prefill (later chunks and cache hits attend over cached latents); preemption by
 recompute; the Triton kernels (interpreter) with all of it; an FP8 latent cache against
-HF whose cached latents are rounded as the cache holds them. The cache's size: bytes per
+HF whose cached latents are rounded as the cache holds them, whole prompts and chunks. The cache's size: bytes per
 token and layer = (kv_lora_rank + qk_rope_head_dim) x the dtype's size, in the tensors
 allocated, the memory plan and the blocks a budget buys.
 """
