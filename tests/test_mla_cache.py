@@ -8,9 +8,9 @@ adapters of different ranks on kv_b_proj (plain, DoRA, lora_bias, and one also o
 query) in one batch with the base over several slots; prefix caching with chunked
 prefill (later chunks and cache hits attend over cached latents); preemption by
 recompute; the Triton kernels (interpreter) with all of it; an FP8 latent cache against
-HF whose cached latents are rounded as the cache holds them, whole prompts and chunks. The cache's size: bytes per
-token and layer = (kv_lora_rank + qk_rope_head_dim) x the dtype's size, in the tensors
-allocated, the memory plan and the blocks a budget buys.
+HF whose cached latents are rounded as the cache holds them, whole prompts and chunks.
+The cache's size: bytes per token and layer = (kv_lora_rank + qk_rope_head_dim) x the
+dtype's size, in the tensors allocated, the memory plan and the blocks a budget buys.
 """
 
 from __future__ import annotations

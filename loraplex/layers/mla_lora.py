@@ -1,10 +1,10 @@
 """LoRA on MLA's kv_b_proj in both of layers/mla.py's forms, absorbed and decompressed.
 
 The cache holds the latent c, never kv_b_proj's output, so in the absorbed form (decode)
-an adapter's delta goes through the same absorption as the base weight. With the slot's A [r, C] and B
-[H (nope + v), r] (the scaling s folded into B at load, lora/adapter.py), B_K_h / B_V_h
-head h's K and V rows, q_h its query's nope part and o_h = sum_j p_hj c_j its attention
-over the latent:
+an adapter's delta goes through the same absorption as the base weight. With the slot's
+A [r, C] and B [H (nope + v), r] (the scaling s folded into B at load, lora/adapter.py),
+B_K_h / B_V_h head h's K and V rows, q_h its query's nope part and o_h = sum_j p_hj c_j
+its attention over the latent:
 
     k_h = (W_UK_h + B_K_h A) c    ->   q_latent_h = W_UK_h^T q_h + A^T (B_K_h^T q_h)
     v_h = (W_UV_h + B_V_h A) c    ->   out_h      = W_UV_h o_h   + B_V_h (A o_h)
