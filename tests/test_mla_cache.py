@@ -1,14 +1,16 @@
 """MLA's latent KV cache (layers/mla.py, layers/mla_lora.py): the paged cache holds [c, kr]
-per token and layer, one tensor that is both K and V, and attention runs absorbed.
+per token and layer, one tensor that is both K and V; decode rows (and the Triton path)
+attend absorbed, the torch path's prefill rows decompressed (which runs where: a forward
+hook on kv_b_proj's base linear, which only the decompressed form calls).
 
 Against HF transformers + PEFT (fp32, tiny DeepSeek-V3 / V2 from tests/test_deepseek.py):
 adapters of different ranks on kv_b_proj (plain, DoRA, lora_bias, and one also on the
 query) in one batch with the base over several slots; prefix caching with chunked
 prefill (later chunks and cache hits attend over cached latents); preemption by
 recompute; the Triton kernels (interpreter) with all of it; an FP8 latent cache against
-HF whose cached latents are rounded as the cache holds them. The cache's size: bytes per
-token and layer = (kv_lora_rank + qk_rope_head_dim) x the dtype's size, in the tensors
-allocated, the memory plan and the blocks a budget buys.
+HF whose cached latents are rounded as the cache holds them, whole prompts and chunks.
+The cache's size: bytes per token and layer = (kv_lora_rank + qk_rope_head_dim) x the
+dtype's size, in the tensors allocated, the memory plan and the blocks a budget buys.
 """
 
 from __future__ import annotations
@@ -123,6 +125,65 @@ def test_prefix_caching_with_chunked_prefill(mla, prompts):
                      [p for _, p, _ in jobs], atol=2e-4)
 
 
+def test_prefill_decompressed_decode_absorbed(mla, prompts):
+    """The torch path's two forms, seen through kv_b_proj's base linear (a forward hook):
+    the decompressed prefill calls it once a layer and step on each prefilling sequence's
+    latents, its cached context's and its chunk's ([B, width] rows), never on a decode
+    row's (absorbed: kv_b_proj's weight taken into the query and output, the module not
+    called); a decode-only step never calls it. Chunks of 5 over a cached prefix (block
+    size 4) under kv_b_proj adapters (plain, DoRA, lora_bias) beside the base, with
+    decode rows in the same steps: every output HF + PEFT's."""
+    from loraplex.worker.context import get_context
+
+    base, adapters = mla["v3"]
+    reqs = lora_requests(adapters)
+    llm = make_llm(base, enable_lora=True, max_loras=3, max_lora_rank=8, block_size=4,
+                   enable_chunked_prefill=True, max_num_batched_tokens=5,
+                   enable_prefix_caching=True)
+    model = llm.llm_engine.model
+    # is_prefill, mixed, cached context, an adapter on a prefill row
+    steps: list[tuple[bool, bool, bool, bool]] = []
+    kv_b_rows: list[tuple[int, int]] = []  # (rows kv_b_proj took, the prefill's B x width)
+
+    def on_attention(module, args) -> None:
+        ctx = get_context()
+        meta, rows = ctx.lora_meta, args[1].shape[0]  # meta None: only the base
+        if ctx.decode is not None:
+            rows -= ctx.decode.slot_mapping.shape[0]
+        adapter = meta is not None and bool((meta.token_lora_indices[:rows] >= 0).any())
+        steps.append((ctx.is_prefill, ctx.decode is not None, ctx.context_lens is not None,
+                      adapter))
+
+    def on_kv_b(module, args, out) -> None:
+        ctx = get_context()
+        b, length = ctx.padded_index.shape
+        width = length if ctx.context_lens is None else ctx.block_tables.shape[1] * 4
+        kv_b_rows.append((args[0].shape[0], b * width))
+
+    first = model.model.layers[0].self_attn
+    hooks = [first.register_forward_pre_hook(on_attention)]
+    hooks += [layer.self_attn.kv_b_proj.base_layer.register_forward_hook(on_kv_b)
+              for layer in model.model.layers]
+    system = prompts[-1]
+    names = ["r2_kvb", "dora_kvb", None, "bias_kvb", "r2_kvb"]
+    jobs = [(3 * i, system + prompts[i][1:], reqs[n] if n else None)
+            for i, n in enumerate(names)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    try:
+        outs, _ = run_staggered(llm.llm_engine, jobs, params)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    prefill_steps = sum(step[0] for step in steps)
+    assert len(kv_b_rows) == LAYERS * prefill_steps > 0
+    assert all(rows == want for rows, want in kv_b_rows), kv_b_rows
+    assert any(not step[0] for step in steps)  # decode-only steps: kv_b_proj not called
+    assert any(all(step) for step in steps), steps  # mixed, cached context, an adapter
+    assert any(o.num_cached_tokens for o in outs)
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names],
+                     [p for _, p, _ in jobs], atol=2e-4)
+
+
 def test_preemption_recomputes_latents(mla, prompts):
     """A KV cache of 12 blocks of 8 for six requests of up to 64 tokens forces preemption;
     recomputed latents give HF + PEFT's outputs."""
@@ -154,20 +215,23 @@ def test_triton_kernels_over_the_latent(monkeypatch, budget, mla, prompts):
 
 
 def hf_latent_fp8_logprobs(base: Path, adapter: Path | None, prompt: list[int],
-                           tokens: list[int]) -> torch.Tensor:
+                           tokens: list[int], chunk: int = 0) -> torch.Tensor:
     """HF + PEFT's log-probs after the prompt and each of tokens[:-1] as the engine computes
-    them over an FP8 latent cache: the prompt in one forward with its latents as computed,
-    then one token a forward over every latent (c and the rotated kr) rounded through FP8
-    (scale 1), as a read of the cache returns it."""
+    them over an FP8 latent cache: the prompt in one forward with its latents as computed
+    (`chunk`: in forwards of that many tokens, each over the earlier chunks' latents
+    rounded and its own as computed, as the decompressed prefill takes them), then one
+    token a forward over every latent (c and the rotated kr) rounded through FP8 (scale 1),
+    as a read of the cache returns it."""
     from transformers import AutoModelForCausalLM
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
-    rounding: list[bool] = []
+    exact: list[int] = [0]  # the forward's last positions whose latents are as computed
     expand = hf_v3.DeepseekV3Attention.expand_kv
 
     def rounded(self, kv_nope, k_rot):
-        if rounding:
-            kv_nope, k_rot = (quantize_kv(x, FP8, 1.0).to(x.dtype) for x in (kv_nope, k_rot))
+        cut = kv_nope.shape[2] - exact[0]
+        kv_nope, k_rot = (torch.cat([quantize_kv(x[:, :, :cut], FP8, 1.0).to(x.dtype),
+                                     x[:, :, cut:]], dim=2) for x in (kv_nope, k_rot))
         return expand(self, kv_nope, k_rot)
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -175,16 +239,19 @@ def hf_latent_fp8_logprobs(base: Path, adapter: Path | None, prompt: list[int],
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
+    size = chunk or len(prompt)
+    pieces = [prompt[i:i + size] for i in range(0, len(prompt), size)]
     rows, past = [], None
     hf_v3.DeepseekV3Attention.expand_kv = rounded
     try:
         with torch.no_grad():
-            for i, chunk in enumerate([prompt, *([t] for t in tokens[:-1])]):
-                rounding[:] = [True] if i else []
-                res = model(input_ids=torch.tensor([chunk]), past_key_values=past,
+            for i, piece in enumerate([*pieces, *([t] for t in tokens[:-1])]):
+                exact[0] = len(piece) if i < len(pieces) else 0
+                res = model(input_ids=torch.tensor([piece]), past_key_values=past,
                             use_cache=True)
                 past = res.past_key_values
-                rows.append(res.logits[0, -1])
+                if i >= len(pieces) - 1:
+                    rows.append(res.logits[0, -1])
     finally:
         hf_v3.DeepseekV3Attention.expand_kv = expand
     return torch.log_softmax(torch.stack(rows).float(), dim=-1)
@@ -205,6 +272,31 @@ def test_fp8_latent_cache_against_hf(mla, prompts):
     for out, name, prompt in zip(outs, names, prompts, strict=False):
         got = out.outputs[0].token_ids
         ref = hf_latent_fp8_logprobs(base, adapters[name] if name else None, prompt, got)
+        for step, (tok, lp) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
+            assert ref[step].max() - ref[step, tok] < 1e-3, (name, step)
+            for t, logprob in lp.items():
+                assert abs(logprob.logprob - ref[step, t].item()) < 1e-4, (name, step, t)
+
+
+def test_fp8_latent_cache_chunked_prefill_against_hf(mla, prompts):
+    """kv_cache_dtype fp8 with prompts in chunks of 5: each later chunk's decompressed
+    prefill reads the earlier chunks' latents back through FP8 and takes its own as
+    computed (vLLM's). The base and kv_b_proj adapters (plain, lora_bias), each request
+    alone, against HF + PEFT over the same chunks with the same latents rounded."""
+    base, adapters = mla["v3"]
+    reqs = lora_requests(adapters)
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8,
+                   kv_cache_dtype="fp8", enable_chunked_prefill=True,
+                   max_num_batched_tokens=5, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3)
+    for name, prompt in ((None, prompts[-1]), ("r2_kvb", prompts[-2]),
+                         ("bias_kvb", prompts[-1])):
+        assert len(prompt) > 10
+        out = llm.generate([{"prompt_token_ids": prompt}], params,
+                           lora_request=reqs[name] if name else None, use_tqdm=False)[0]
+        got = out.outputs[0].token_ids
+        ref = hf_latent_fp8_logprobs(base, adapters[name] if name else None, prompt, got,
+                                     chunk=5)
         for step, (tok, lp) in enumerate(zip(got, out.outputs[0].logprobs, strict=True)):
             assert ref[step].max() - ref[step, tok] < 1e-3, (name, step)
             for t, logprob in lp.items():
@@ -242,7 +334,7 @@ def test_absorbed_kv_b_lora_equals_the_decompressed(graph):
     ctx = StepContext(is_prefill=True, slot_mapping=torch.zeros(t, dtype=torch.long),
                       attn_backend="torch", lora_meta=meta)
     with step_context(ctx):
-        lora = kv_b_lora(layer, heads, nope)
+        lora = kv_b_lora(layer, heads, nope, slice(0, t))
         w = base.weight.view(heads, nope + v_dim, c_dim)
         q_latent = torch.einsum("thn,hnc->thc", q, w[:, :nope])
         lora.add_query(q_latent, q)

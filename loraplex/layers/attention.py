@@ -32,7 +32,9 @@ dequantized values, so it appends each new token rounded as the cache has it.
 
 MLA's latent (layers/mla.py, `values_are_keys`): one KV head that is both K and V, so
 v_cache is k_cache; the torch path writes and reads it once (the Triton store writes the
-same values twice into the one tensor).
+same values twice into the one tensor). On the torch path MLA runs its prefill rows
+itself, in the decompressed form, through three hooks: `store`, `gathered_keys` (a
+sequence's cached latents) and `decode` (a mixed step's decode rows, absorbed).
 
 LORAPLEX_ATTENTION_BACKEND=auto|torch|triton forces one; triton on CPU tensors runs
 under TRITON_INTERPRET=1 (tests).
@@ -141,6 +143,22 @@ class Attention(nn.Module):
             n = q.shape[0] - ctx.decode.slot_mapping.shape[0]
             out = torch.cat([self._attend(q[:n], k[:n], v[:n], ctx, sinks),
                              self._attend(q[n:], k[n:], v[n:], ctx.decode, sinks)])
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the step's K/V alone: MLA's prefill attends in its own form (layers/mla.py),
+        over what gathered_keys reads back."""
+        self._store(k, v, get_context())
+
+    def gathered_keys(self, ctx: StepContext, dtype: torch.dtype) -> torch.Tensor:
+        """A prefill's sequences' cached K (the step's own too, once stored), an FP8 cache's
+        dequantized: [B, width, KVH, D] in `dtype`, a scratch buffer the step reuses."""
+        return self._gathered_kv(ctx, ctx.block_tables, dtype)[0]
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """A mixed step's decode rows (the last ones, ctx.decode's), already stored:
+        [rows, H * D]."""
+        out = self._attend(q, k, v, get_context().decode, None)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     @property

@@ -13,28 +13,41 @@ yarn_apply_mscale). The latent norms use eps 1e-6 whatever rms_norm_eps says (HF
 The paged cache holds the latent, as vLLM's: per token and layer the normalized c and
 the rotated kr, [c, kr] of kv_lora_rank + rope values, one "KV head" that every head
 reads (MQA), and the same tensor serves as V (Attention's values_are_keys: nothing is
-stored twice). Attention runs in the absorbed form, for prefill and decode alike: with
-W_UK_h / W_UV_h head h's K and V rows of kv_b_proj,
+stored twice). Two forms of attention over it, as vLLM's MLA:
+
+- decode rows (and every row on the Triton path): absorbed. With W_UK_h / W_UV_h head
+  h's K and V rows of kv_b_proj,
 
     q_latent_h = W_UK_h^T q_nope_h                       [T, H, kv_lora_rank]
     o_h        = softmax(scale [q_latent_h, q_rope_h] . [c, kr]) [c, kr]   (rope cut)
     out_h      = W_UV_h o_h                              [T, H, v]
 
-since q_nope_h . (W_UK_h c) = (W_UK_h^T q_nope_h) . c. vLLM decompresses K and V for
-prefill instead (fewer FLOPs for long prompts: each key is then nope + rope wide, not
-kv_lora_rank + rope); one form here keeps a later chunk of a prompt, or a prefix-cache
-hit, attending over cached latents exactly as its own tokens and as decode do. LoRA on
-kv_b_proj is absorbed the same way (layers/mla_lora.py); every other projection is a
-plain module under its HF name, before or after the cache, so LoRA adapters target each
-of them as usual.
+  since q_nope_h . (W_UK_h c) = (W_UK_h^T q_nope_h) . c: a decode step reads the latent
+  once for every head, never a per-head K or V.
+- prefill rows on the torch path: decompressed. Each prefilling sequence's latents (its
+  cached context, earlier chunks or a prefix-cache hit, read back from the cache; its new
+  rows as computed) go through kv_b_proj under the sequence's adapter, K_h = [kn_h, kr],
+  V_h = vn_h, then causal SDPA: each query-key pair costs a nope + rope wide dot and a v
+  wide value instead of kv_lora_rank + rope and kv_lora_rank (~3.4x fewer FLOPs at
+  DeepSeek's 128 / 64 / 128 against 512), for kv_b_proj over the context once a layer.
+
+CUDA keeps the absorbed form for prefill too: the Triton prefill kernel takes one head
+dim for q, K and V and reads a chunk's context as K and V from the cache blocks, so the
+decompressed form there would need V padded to K's width and the context's per-head K
+and V materialized in a paged layout, or a kernel that decompresses latent tiles (not
+done; nothing measured without a GPU). LoRA on kv_b_proj in
+either form: layers/mla_lora.py; every other projection is a plain module under its HF
+name, before or after the cache, so LoRA adapters target each of them as usual.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.attention import Attention
@@ -43,6 +56,7 @@ from loraplex.layers.mla_lora import kv_b_lora
 from loraplex.layers.norm import RMSNorm
 from loraplex.layers.quantization import QuantConfig, QuantLinear
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.worker.context import StepContext, get_context
 
 LATENT_NORM_EPS = 1e-6  # HF builds q_a_layernorm / kv_a_layernorm with the default eps
 
@@ -132,17 +146,85 @@ class MLAAttention(nn.Module):
             [m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)  # [T, C], [T, rope]
         q_rope, k_rope = self.rotary(positions, q_rope, k_rope.unsqueeze(1))  # k: [T, 1, rope]
         cache = torch.cat([self.kv_a_layernorm(latent).unsqueeze(1), k_rope], dim=-1)
-        w_uk, w_uv = self._kv_b_weight(x.dtype)
-        lora = kv_b_lora(self.kv_b_proj, h, m.qk_nope_head_dim)
+        ctx = get_context()
+        if ctx.attn_backend != "torch" or not ctx.is_prefill:  # all rows absorbed
+            v = self._absorbed(q_nope, q_rope, cache, slice(0, t),
+                               lambda q, kv: self.attn(q, kv, kv))
+        else:  # the prompts' rows decompressed, a mixed step's decode rows absorbed
+            n = t - (0 if ctx.decode is None else ctx.decode.slot_mapping.shape[0])
+            self.attn.store(cache, cache)
+            v = self._decompressed(q_nope[:n], q_rope[:n], cache[:n, 0], ctx)
+            if n < t:
+                v = torch.cat([v, self._absorbed(q_nope[n:], q_rope[n:], cache[n:],
+                                                 slice(n, t),
+                                                 lambda q, kv: self.attn.decode(q, kv, kv))])
+        return self.o_proj(v.reshape(t, h * m.v_head_dim))
+
+    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor,
+                  rows: slice, attend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                  ) -> torch.Tensor:
+        """Each head's output [t, H, v] for the step's `rows` in the absorbed form;
+        attend(q, latent) runs attention over the cached latents."""
+        m, t, h = self.mla, q_nope.shape[0], self.num_heads
+        w_uk, w_uv = self._kv_b_weight(q_nope.dtype)
+        lora = kv_b_lora(self.kv_b_proj, h, m.qk_nope_head_dim, rows)
         if lora is not None:
             q_nope = lora.scale_query(q_nope)
-        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [T, H, C]
+        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # [t, H, C]
         if lora is not None:
             lora.add_query(q_latent, q_nope)
-        q = torch.cat([q_latent, q_rope], dim=-1)  # [T, H, C + rope]
-        out = self.attn(q, cache, cache)  # [T, H * (C + rope)]: V is the latent
-        o_latent = out.view(t, h, m.latent_dim)[..., :m.kv_lora_rank]  # [T, H, C]
-        v = torch.einsum("thc,hvc->thv", o_latent, w_uv)  # [T, H, v]
-        if lora is not None:
-            v = lora.add_value(v, o_latent)
-        return self.o_proj(v.reshape(t, h * m.v_head_dim))
+        q = torch.cat([q_latent, q_rope], dim=-1)  # [t, H, C + rope]
+        out = attend(q, cache)  # [t, H * (C + rope)]: V is the latent
+        o_latent = out.view(t, h, m.latent_dim)[..., :m.kv_lora_rank]  # [t, H, C]
+        v = torch.einsum("thc,hvc->thv", o_latent, w_uv)  # [t, H, v]
+        return v if lora is None else lora.add_value(v, o_latent)
+
+    def _decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, new: torch.Tensor,
+                      ctx: StepContext) -> torch.Tensor:
+        """The prefill rows' output [n, H, v] in the decompressed form (torch path): each
+        sequence's latents, its cached context's (read back from the cache) and its new
+        rows' (as computed), through kv_b_proj with the sequence's adapter, then causal
+        attention over K = [k_nope, k_rope] per head and V. new: the rows' [n, C + rope]."""
+        m, h = self.mla, self.num_heads
+        b, length = ctx.padded_index.shape
+        idx = ctx.padded_index.reshape(-1)
+        if ctx.context_lens is None:  # every sequence starts at position 0
+            latents = new.index_select(0, idx).view(b, length, m.latent_dim)
+        else:  # [B, width]; the new rows put back as computed (an FP8 cache rounds them)
+            latents = self.attn.gathered_keys(ctx, new.dtype)[:, :, 0]
+            width = latents.shape[1]
+            q_pos = ctx.prefill_positions[0]  # [B, L]: the padded rows' positions
+            dest = (torch.arange(b, device=new.device)[:, None] * width + q_pos).view(-1)
+            if ctx.valid_rows is not None:
+                dest = dest.index_select(0, ctx.valid_rows)
+            latents.view(-1, m.latent_dim).index_copy_(0, dest, new)
+        keys, values = self._decompress(latents, ctx)  # [B, H, width, nope + rope], v
+        # V zero-padded to K's width: SDPA's fused CPU kernel wants one head dim (with V
+        # narrower it falls back to the unfused one, ~3x slower at 192 / 128)
+        values = F.pad(values, (0, max(m.qk_head_dim - m.v_head_dim, 0)))
+        q = torch.cat([q_nope, q_rope], dim=-1).index_select(0, idx)
+        q = q.view(b, length, h, m.qk_head_dim).transpose(1, 2)  # [B, H, L, nope + rope]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.prefill_mask,
+                                             is_causal=ctx.prefill_mask is None,
+                                             scale=m.scale)[..., :m.v_head_dim]  # [B, H, L, v]
+        out = out.transpose(1, 2).reshape(b * length, h, m.v_head_dim)
+        return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
+
+    def _decompress(self, latents: torch.Tensor, ctx: StepContext
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per head K = [kv_b_proj's K rows c, k_rope] [B, H, W, nope + rope] and V [B, H,
+        W, v] of latents [B, W, C + rope], kv_b_proj under each sequence's adapter (PEFT's:
+        on its output)."""
+        m, h = self.mla, self.num_heads
+        b, w = latents.shape[:2]
+        c, k_rope = latents.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        c = c.reshape(b * w, m.kv_lora_rank)
+        kv = getattr(self.kv_b_proj, "base_layer", self.kv_b_proj)(c)  # [B W, H (nope + v)]
+        lora = kv_b_lora(self.kv_b_proj, h, m.qk_nope_head_dim, slice(None))
+        if lora is not None:  # a sequence's rows all have its slot: its first row's
+            slots = lora.slots.index_select(0, ctx.padded_index[:, 0])  # [B]
+            kv = lora.for_rows(slots[:, None].expand(b, w).reshape(-1)).add_to_output(kv, c)
+        k_nope, v = kv.view(b, w, h, -1).split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        keys = torch.cat([k_nope, k_rope[:, :, None].expand(b, w, h, m.qk_rope_head_dim)],
+                         dim=-1)
+        return keys.transpose(1, 2), v.transpose(1, 2)
