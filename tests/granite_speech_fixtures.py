@@ -125,11 +125,11 @@ def clip(seed: int, seconds: float = 0.25, rate: int = RATE) -> tuple[np.ndarray
 def hf_logprobs(plain: Path, adapter: Path | None, ids: list[int],
                 frames: list[torch.Tensor]) -> torch.Tensor:
     """[len(ids), vocab] log-softmax of HF's Granite Speech over `ids` (placeholders
-    expanded) with one clip's frames (HF takes a batch of one padded clip: one here)."""
+    expanded) with its clips' frames, stacked (HF pads a batch of clips and its encoder has
+    no mask: the clips of one prompt here have equal lengths)."""
     model = hf_reference(str(plain), None if adapter is None else str(adapter))
     kw = {}
     if frames:
-        assert len(frames) == 1
-        kw["input_features"] = frames[0][None]
+        kw["input_features"] = torch.stack(frames)
     logits = model(input_ids=torch.tensor([ids]), **kw).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
