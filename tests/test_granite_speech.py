@@ -10,6 +10,7 @@ failing alone; vLLM's seed example with AudioAsset read from the cache."""
 from __future__ import annotations
 
 import io
+import json
 import wave
 from pathlib import Path
 from types import SimpleNamespace
@@ -256,3 +257,84 @@ def test_seed_example(speech, tmp_path, monkeypatch):
     encoder_frames = (-(-len(audio_) * RATE // rate) // 160 + 1) // 2
     assert outputs[0].prompt_token_ids.count(
         llm.get_tokenizer().convert_tokens_to_ids("<|audio|>")) == -(-encoder_frames // 6) * 2
+
+
+def _wav_b64(c: tuple[np.ndarray, int]) -> str:
+    import base64
+
+    return base64.b64encode(_wav(c[0].astype(np.float64), 2, 1, c[1])).decode()
+
+
+def _chat_reference(paths, text_ids: list[int], c, adapter: str | None, n: int) -> list[int]:
+    """HF's greedy reply to `text_ids` (its one `<|audio|>` expanded to 6) with clip `c`
+    decoded from its 16-bit WAV."""
+    from tests.multimodal_fixtures import greedy_reference
+
+    decoded = decode_audio(_wav(c[0].astype(np.float64), 2, 1, c[1]))
+    token = 512
+    ids = [t for x in text_ids for t in ([x] * 6 if x == token else [x])]
+    return greedy_reference(lambda reply: hf_logprobs(
+        paths["plain"], paths[adapter] if adapter else None, ids + reply,
+        [frames(decoded)]), n)
+
+
+def test_chat_with_audio_parts(speech):
+    """LLM.chat: an input_audio part (base64 WAV) and an audio_url part (a data URL) become
+    `<|audio|>` placeholders in the template's text, the clips the request's; the
+    default_mm_loras adapter applies."""
+    llm = make_llm(speech["base"], enable_lora=True, max_lora_rank=8,
+                   default_mm_loras={"audio": str(speech["base"])})
+    a = clip(1)
+    for part in ({"type": "input_audio", "input_audio": {"data": _wav_b64(a), "format": "wav"}},
+                 {"type": "audio_url",
+                  "audio_url": {"url": "data:audio/wav;base64," + _wav_b64(a)}}):
+        conv = [{"role": "user", "content": [part, {"type": "text", "text": "Transcribe"}]}]
+        out = llm.chat(conv, GREEDY, use_tqdm=False)[0]
+        text = llm.get_tokenizer()("<|user|><|audio|>\nTranscribe\n<|assistant|>",
+                                   add_special_tokens=False).input_ids
+        assert out.outputs[0].token_ids == _chat_reference(speech, text, a, "r8", 6)
+
+
+def _refused(client, model: str, content: list, message: str) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, max_tokens=4, messages=[
+            {"role": "user", "content": content}])
+    assert info.value.status_code == 400
+    assert __import__("re").search(message, info.value.message), info.value.message
+
+
+def test_server_chat_with_input_audio(speech, tiny_root):
+    """The chat route: a WAV input_audio part under default_mm_loras (HF + PEFT's greedy
+    reply); a malformed clip and an audio part to a text-only model get a 400 alone."""
+    from tests.multimodal_fixtures import chat_token_ids
+    from tests.server_utils import RemoteServer
+
+    a = clip(1)
+    content = [{"type": "input_audio", "input_audio": {"data": _wav_b64(a), "format": "wav"}},
+               {"type": "text", "text": "Transcribe"}]
+    base = str(speech["base"])
+    args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "8", "--default-mm-loras", json.dumps({"audio": base})]
+    with RemoteServer(speech["base"], args) as server:
+        client = server.get_client()
+        got = chat_token_ids(client, base, content)
+        from transformers import AutoTokenizer
+
+        text = AutoTokenizer.from_pretrained(base)(
+            "<|user|><|audio|>\nTranscribe\n<|assistant|>", add_special_tokens=False).input_ids
+        assert got == _chat_reference(speech, text, a, "r8", len(got))
+        _refused(client, base, [{"type": "input_audio", "input_audio": {
+            "data": "UklGRgAAAABXQVZFanVuaw==", "format": "wav"}}], "cannot decode")
+        _refused(client, base, [{"type": "input_audio", "input_audio": {"data": "@@"}}],
+                 "not valid base64")
+        _refused(client, base, [{"type": "image_url", "image_url": {"url": "data:x"}}],
+                 "image inputs are not supported")
+        assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving
+    text_model = make_tiny_model(tiny_root / "speech_server_text", "llama", seed=6)
+    with RemoteServer(text_model, ["--max-model-len", "128", "--dtype", "float32",
+                                   "--served-model-name", "plain"]) as server:
+        client = server.get_client()
+        _refused(client, "plain", content, "audio inputs are not supported by model 'plain'")
+        assert len(chat_token_ids(client, "plain", content[1:])) == GREEDY.max_tokens
