@@ -73,6 +73,8 @@ def test_features_match_transformers_numpy_audio_tools():
 
     for n in (4000, 4321, 16000):
         wave_, _ = clip(n, seconds=n / RATE)
+        if n == 16000:  # half silence: the clamp to the maximum - 8 at work
+            wave_[8000:] = 0
         fb = mel_filter_bank(num_frequency_bins=257, num_mel_filters=N_MELS, min_frequency=0.0,
                              max_frequency=RATE / 2, sampling_rate=RATE, norm=None,
                              mel_scale="htk")
@@ -104,6 +106,9 @@ def test_resample_keeps_a_tone():
         assert y.shape[0] == -(-x.shape[0] * RATE // rate)
         want = np.sin(2 * np.pi * 440 * np.arange(y.shape[0]) / RATE)
         np.testing.assert_allclose(y.numpy()[200:-200], want[200:-200], atol=2e-3)
+    # a 12 kHz tone has no place at 16 kHz: the low-pass removes it (its window's stopband)
+    x = torch.from_numpy(np.sin(2 * np.pi * 12000 * np.arange(24000) / 48000).astype(np.float32))
+    assert resample(x, 48000, RATE)[200:-200].abs().max() < 3e-3
 
 
 def test_mixed_batch_matches_hf(speech):
