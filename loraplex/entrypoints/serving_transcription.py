@@ -20,7 +20,7 @@ from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.serving_base import OpenAIServing
 from loraplex.sampling_params import SamplingParams
 
-TRANSCRIBE = "transcribe the speech"
+TRANSCRIBE = "can you transcribe the speech into a written format?"
 RESPONSE_FORMATS = ("json", "text")
 
 
