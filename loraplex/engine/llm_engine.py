@@ -270,6 +270,11 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._pending_lora_removal: set[int] = set()
         self.default_mm_loras = self._default_mm_loras()
+        if isinstance(self.image_processor, AudioProcessor) and "audio" not in \
+                self.default_mm_loras and getattr(whole, "has_lora_adapter", False):
+            logger.warning("%s ships a LoRA adapter for its audio inputs (has_lora_adapter): "
+                           "without default_mm_loras={'audio': <the model>} (and enable_lora) "
+                           "audio requests run on the base model", args.model)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
