@@ -135,8 +135,8 @@ def test_mixed_batch_matches_hf(speech):
 
 
 def test_default_lora_only_with_audio(speech):
-    """Without default_mm_loras an audio request runs on the base model (HF's base); with
-    it, the built-in adapter (HF + PEFT of the dir)."""
+    """Without default_mm_loras an audio request runs on the base model (HF's base model,
+    no adapter); test_mixed_batch_matches_hf covers it with default_mm_loras."""
     a = clip(1)
     llm = make_llm(speech["base"])
     check(llm.generate([audio(ASK, [a])], GREEDY, use_tqdm=False), speech, [(ASK, [a], None)])
