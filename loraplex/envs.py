@@ -42,6 +42,9 @@ environment_variables: dict[str, Callable[[], Any]] = {
     "LORAPLEX_LORA_RESOLVER_CACHE_DIR": lambda: os.getenv("LORAPLEX_LORA_RESOLVER_CACHE_DIR"),
     # HF hub resolver: repos whose sub-folders may be requested as `org/repo/subpath`.
     "LORAPLEX_LORA_RESOLVER_HF_REPO_LIST": _list("LORAPLEX_LORA_RESOLVER_HF_REPO_LIST"),
+    # Where loraplex.assets keeps downloaded example media (vLLM's VLLM_ASSETS_CACHE);
+    # unset: ~/.cache/loraplex/assets.
+    "LORAPLEX_ASSETS_CACHE": lambda: os.getenv("LORAPLEX_ASSETS_CACHE"),
     # Same as --api-key (the flag wins).
     "LORAPLEX_API_KEY": lambda: os.getenv("LORAPLEX_API_KEY"),
     # KV cache size in GiB when running on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE).

@@ -28,6 +28,11 @@ import torch
 
 from loraplex.engine.media import MediaConnector, fetch_media
 from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
+from loraplex.models.granite_speech import (
+    GraniteSpeechAudio,
+    GraniteSpeechAudioConfig,
+    is_granite_speech,
+)
 from loraplex.models.llama4_vision import (
     Llama4ImageTokens,
     Llama4Vision,
@@ -39,14 +44,19 @@ from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, is_mistr
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig, is_qwen3_vl
 
+# (Granite Speech's audio encoder plugs in the same way: models/granite_speech.py)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
-                | Llama4VisionConfig)
-Vision = LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
+                | Llama4VisionConfig | GraniteSpeechAudioConfig)
+Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
+          | GraniteSpeechAudio)
 
 
 def vision_config(hf_config: Any) -> VisionConfig:
     """A multimodal checkpoint's image side: Gemma 3's, Llama 4's, Qwen2-VL's (Qwen3-VL's:
-    a QwenVisionConfig too), Mistral 3's (Pixtral), else LLaVA's (-NeXT)."""
+    a QwenVisionConfig too), Mistral 3's (Pixtral), Granite Speech's audio side, else
+    LLaVA's (-NeXT)."""
+    if is_granite_speech(hf_config):
+        return GraniteSpeechAudioConfig.from_hf(hf_config)
     if getattr(hf_config, "model_type", None) == "gemma3":
         return Gemma3VisionConfig.from_hf(hf_config)
     if is_llama4(hf_config):
@@ -61,6 +71,8 @@ def vision_config(hf_config: Any) -> VisionConfig:
 
 
 def build_vision(config: VisionConfig) -> Vision:
+    if isinstance(config, GraniteSpeechAudioConfig):
+        return GraniteSpeechAudio(config)
     if isinstance(config, Gemma3VisionConfig):
         return Gemma3Vision(config)
     if isinstance(config, PixtralVisionConfig):

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoTokenizer
 from loraplex import envs
 from loraplex.config import EngineConfig, PoolerConfig, kv_cache_dtype
 from loraplex.engine.arg_utils import EngineArgs
+from loraplex.engine.audio import AudioProcessor, is_clip
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.draft_model import load_draft_model, make_draft
@@ -65,6 +66,7 @@ from loraplex.models.gguf_loader import (
     iterate_gguf_weights,
     log_dequantized_size,
 )
+from loraplex.models.granite_speech import GraniteSpeechAudioConfig, is_granite_speech
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.llava import LlavaVisionConfig
 from loraplex.models.lm_head_classifier import LMHeadClassifier
@@ -149,13 +151,15 @@ class LLMEngine:
         # models/qwen2_vl.py, models/pixtral.py), the image
         # processor; none when limit_mm_per_prompt allows no image (served on text, the
         # tower never built)
-        # (Qwen-VL: or no video either, which the same tower embeds)
+        # (Qwen-VL: or no video either, which the same tower embeds; Granite Speech: its
+        # audio encoder, models/granite_speech.py, when audio is allowed)
+        modality = "audio" if is_granite_speech(whole) else "image"
         vision = (vision_config(whole) if self.text_only is not None
-                  and self.text_only.images and (self.multimodal.takes("image") or (
+                  and self.text_only.images and (self.multimodal.takes(modality) or (
                       takes_videos(whole) and self.multimodal.takes("video"))) else None)
         if vision is None and self.text_only is not None and self.text_only.images:
-            logger.info("limit_mm_per_prompt allows no image: serving %s on text (its "
-                        "vision tower is not loaded)", args.model)
+            logger.info("limit_mm_per_prompt allows no %s: serving %s on text (its "
+                        "encoder is not loaded)", modality, args.model)
         mc = self.model_config
         self.classify = mc.pooling_task == "classify"
         self.activations: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -266,6 +270,11 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._pending_lora_removal: set[int] = set()
         self.default_mm_loras = self._default_mm_loras()
+        if isinstance(self.image_processor, AudioProcessor) and "audio" not in \
+                self.default_mm_loras and getattr(whole, "has_lora_adapter", False):
+            logger.warning("%s ships a LoRA adapter for its audio inputs (has_lora_adapter): "
+                           "without default_mm_loras={'audio': <the model>} (and enable_lora) "
+                           "audio requests run on the base model", args.model)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -280,11 +289,13 @@ class LLMEngine:
         return AutoTokenizer.from_pretrained(source, revision=revision)
 
     def _image_processor(self, path: str, config: VisionConfig | None
-                         ) -> ImageProcessor | None:
+                         ) -> ImageProcessor | AudioProcessor | None:
         """The model's image processor; None when it takes no images, or for a Gemma 3 or
         Llama 4 checkpoint saved without one (served on text, images refused, as before)."""
         if config is None:
             return None
+        if isinstance(config, GraniteSpeechAudioConfig):  # engine/audio.py
+            return AudioProcessor(path, config)
         if isinstance(config, QwenVisionConfig):
             return QwenImageProcessor(path, config, self.tokenizer)
         if isinstance(config, PixtralVisionConfig):
@@ -401,9 +412,11 @@ class LLMEngine:
     @property
     def modalities(self) -> tuple[str, ...]:
         """What multi_modal_data may carry here: images, and Qwen-VL's videos
-        (engine/qwen_videos.py, engine/qwen3_videos.py)."""
+        (engine/qwen_videos.py, engine/qwen3_videos.py); Granite Speech's audio only."""
         if self.image_processor is None:
             return ()
+        if isinstance(self.image_processor, AudioProcessor):
+            return ("audio",)
         return ("image", "video") if getattr(self.image_processor, "video", None) is not None \
             else ("image",)
 
@@ -418,11 +431,19 @@ class LLMEngine:
     def image_placeholder(self) -> str | None:
         """The image token's text (LLaVA's `<image>`); None when the model takes no
         images."""
-        if self.image_processor is None:
+        if "image" not in self.modalities:
             return None
         return self.tokenizer.convert_ids_to_tokens(
             getattr(self.image_processor, "placeholder",
                     self.image_processor.config.image_token_id))
+
+    @property
+    def audio_placeholder(self) -> str | None:
+        """The audio token's text (Granite Speech's `<|audio|>`); None when the model
+        takes no audio."""
+        if "audio" not in self.modalities:
+            return None
+        return self.tokenizer.convert_ids_to_tokens(self.image_processor.placeholder)
 
     def _images(self, prompt: PromptType, ids: list[int]
                 ) -> tuple[list[int], ImageInputs | None]:
@@ -439,10 +460,19 @@ class LLMEngine:
         takes = self.modalities
         if not isinstance(data, dict) or not data or not set(data) <= set(takes):
             kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
+            if takes == ("audio",):
+                raise ValueError(f"multi_modal_data: {kinds} is not supported; give "
+                                 "{'audio': a (waveform, sample_rate) tuple or a list of "
+                                 "them}")
             raise ValueError(f"multi_modal_data: {kinds} is not supported; give "
                              "{'image': an image or a list of images}"
                              + (" and/or {'video': a video or a list of videos}"
                                 if "video" in takes else ""))
+        if "audio" in data:  # Granite Speech (engine/audio.py)
+            if isinstance(data["audio"], ImageInputs):
+                self.image_processor.check(ids, data["audio"])
+                return ids, data["audio"]
+            return self.image_processor(ids, data["audio"])
         if isinstance(data.get("image"), ImageInputs) and "video" not in data:
             self.image_processor.check(ids, data["image"])
             images = data["image"]
@@ -1035,7 +1065,8 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
     if prompt.get("multi_modal_data") and not takes_images:
         raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
                          f"model {model!r}: it has no vision tower (image inputs are "
-                         "served on LLaVA, Gemma 3, Llama 4, Qwen-VL and Mistral 3 models)")
+                         "served on LLaVA, Gemma 3, Llama 4, Qwen-VL and Mistral 3 models) "
+                         "and no audio encoder (audio inputs: Granite Speech)")
     if prompt.get("multi_modal_uuids"):
         raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
                          "uuids (images are hashed for the prefix cache)")
@@ -1054,6 +1085,8 @@ def _count_items(items: Any, modality: str = "image") -> int:
         return len(items.ranges) - len(items.videos)
     if modality == "video":
         return count_videos(items)
+    if modality == "audio" and is_clip(items):  # one (waveform, rate) tuple
+        return 1
     return len(items) if isinstance(items, list | tuple) else 1
 
 

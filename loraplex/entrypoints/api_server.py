@@ -77,6 +77,10 @@ from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.entrypoints.serving_responses import OpenAIServingResponses, passed_through
 from loraplex.entrypoints.serving_score import OpenAIServingScores
 from loraplex.entrypoints.serving_tokenization import OpenAIServingTokenization
+from loraplex.entrypoints.serving_transcription import (
+    OpenAIServingTranscription,
+    parse_form,
+)
 from loraplex.entrypoints.serving_utils import with_cancellation
 from loraplex.lora.adapter import local_adapter_dir
 from loraplex.lora.errors import LoRAError
@@ -108,6 +112,7 @@ class ServerState:
     scores: OpenAIServingScores
     classification: OpenAIServingClassification
     generate: ServingGenerate  # LoRAX's / TGI's generate API
+    transcription: OpenAIServingTranscription  # Granite Speech's audio
 
     # each route's work, behind its runner / task check: the HTTP routes and run-batch's
     # lines (run_batch.py) both serve through these
@@ -273,6 +278,14 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
                                ) -> Response:
         warn_ignored(request)
         return respond(await state.serve_chat(request))
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(raw_request: Request) -> Response:
+        state.require_runner("generate", "Transcriptions")
+        fields = parse_form(raw_request.headers.get("content-type", ""),
+                            await raw_request.body())
+        result = await state.transcription.create_transcription(fields)
+        return PlainTextResponse(result) if isinstance(result, str) else JSONResponse(result)
 
     @app.post("/v1/embeddings")
     @with_cancellation
@@ -527,7 +540,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
                                          if envs.LORAPLEX_ENABLE_RESPONSES_API_STORE else 0),
         embedding=embedding, scores=OpenAIServingScores(embedding),
         classification=OpenAIServingClassification(embedding),
-        generate=ServingGenerate(async_engine, models, tokenizer))
+        generate=ServingGenerate(async_engine, models, tokenizer),
+        transcription=OpenAIServingTranscription(async_engine, models, tokenizer))
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)

@@ -3,23 +3,30 @@
 --allowed-local-media-path: engine/media.py; vLLM's `image_pil` offline), and on
 Qwen2-VL / Qwen2.5-VL vLLM's `video_url` parts (engine/video_decode.py: animated GIF /
 WebP / PNG by PIL, video files by PyAV, the `loraplex[video]` extra; frames sampled by
-media_io_kwargs), for LLM.chat and the chat route alike.
+media_io_kwargs), and on Granite Speech audio parts (OpenAI's `input_audio`, base64 data
+with its format; vLLM's `audio_url`, data: / http(s) / file:// like an image's: WAV decoded
+by the standard library, other formats by PyAV, engine/audio_decode.py), for LLM.chat and
+the chat route alike.
 
 A message's text parts are joined into one string, as before. A message with images is
 given to the chat template as parts ({"type": "image"} where each image was) when the
 template reads parts (it names "image": LLaVA's templates do), else as one string with
 the model's image placeholder and a newline where each image was (vLLM's "string"
 content format puts them first); the images themselves go with the request, in order.
-Videos the same ({"type": "video"}; the video placeholder), in their own list.
+Videos the same ({"type": "video"}; the video placeholder), in their own list; audio
+clips too ({"type": "audio"}; `<|audio|>`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from loraplex.config import MultiModalConfig
+from loraplex.engine.audio_decode import decode_audio, load_audio
 from loraplex.engine.images import load_image
 from loraplex.engine.media import MediaConnector
 from loraplex.engine.video_decode import VideoSampling, load_video
@@ -38,6 +45,9 @@ class ChatImages:
     # the video token's text; None: the model takes no videos
     video_placeholder: str | None = None
     videos: list[Any] = field(default_factory=list)  # (frames, metadata), in order
+    # the audio token's text; None: the model takes no audio
+    audio_placeholder: str | None = None
+    audios: list[Any] = field(default_factory=list)  # (waveform, sample rate), in order
     # how URLs are read and video files sampled: from `multimodal`
     connector: MediaConnector = field(init=False)
     sampling: VideoSampling = field(init=False)
@@ -48,8 +58,8 @@ class ChatImages:
         self.sampling = VideoSampling(mm.video_num_frames, mm.video_fps)
 
     def __bool__(self) -> bool:
-        """Whether the conversation carries images or videos."""
-        return bool(self.images or self.videos)
+        """Whether the conversation carries images, videos or audio."""
+        return bool(self.images or self.videos or self.audios)
 
     def multi_modal_data(self) -> dict[str, Any]:
         """The prompt's multi_modal_data (empty without images and videos)."""
@@ -58,6 +68,8 @@ class ChatImages:
             data["image"] = self.images
         if self.videos:
             data["video"] = self.videos
+        if self.audios:
+            data["audio"] = self.audios
         return data
 
     def content(self, content: Any, i: int) -> Any:
@@ -77,15 +89,22 @@ class ChatImages:
                 self._one_more("video", self.videos, i)
                 parts.append({"type": "video"})
                 self.videos.append(self._video(part, i))
+            elif kind in ("input_audio", "audio_url"):
+                self._one_more("audio", self.audios, i)
+                parts.append({"type": "audio"})
+                self.audios.append(self._audio(part, kind, i))
             else:
                 raise ValueError(f"messages[{i}]: content part of type {kind!r} is not "
-                                 "supported yet (text, image_url, video_url)")
+                                 "supported yet (text, image_url, video_url, input_audio, "
+                                 "audio_url)")
         if all(p["type"] == "text" for p in parts):
             return "".join(p["text"] for p in parts)
-        if self.template is not None and re.search(r"""['"](image|video)['"]""", self.template):
+        if self.template is not None and re.search(r"""['"](image|video|audio)['"]""",
+                                                   self.template):
             return parts
-        return "".join(p["text"] if p["type"] == "text" else
-                       f"{self.placeholder if p['type'] == 'image' else self.video_placeholder}\n"
+        marks = {"image": self.placeholder, "video": self.video_placeholder,
+                 "audio": self.audio_placeholder}
+        return "".join(p["text"] if p["type"] == "text" else f"{marks[p['type']]}\n"
                        for p in parts)
 
     def _one_more(self, modality: str, items: list[Any], i: int) -> None:
@@ -119,5 +138,28 @@ class ChatImages:
             value = value.get("url")
         try:
             return load_image(value, self.connector)
+        except ValueError as e:
+            raise ValueError(f"messages[{i}]: {e}") from e
+
+    def _audio(self, part: dict[str, Any], kind: str, i: int) -> Any:
+        if self.audio_placeholder is None:
+            raise ValueError(f"messages[{i}]: {kind}: audio inputs are not supported by model "
+                             f"{self.model!r} (audio is served on Granite Speech)")
+        value = part.get(kind)
+        try:
+            if kind == "audio_url":
+                url = value.get("url") if isinstance(value, dict) else value
+                if not isinstance(url, str):
+                    raise ValueError("an audio_url part needs {\"url\": ...}")
+                return load_audio(url, self.connector)
+            data = value.get("data") if isinstance(value, dict) else None
+            if not isinstance(data, str):
+                raise ValueError("an input_audio part needs {\"data\": <base64>, "
+                                 "\"format\": ...}")
+            try:
+                raw = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise ValueError(f"input_audio data is not valid base64: {e}") from e
+            return decode_audio(raw)
         except ValueError as e:
             raise ValueError(f"messages[{i}]: {e}") from e

@@ -244,8 +244,9 @@ class OpenAIServing:
                     prompt["prompt"] = text
                 if cache_salt is not None:
                     prompt["cache_salt"] = cache_salt
-                if images:
-                    prompt["multi_modal_data"] = {"image": images}
+                if images:  # (Granite Speech's are audio: default_mm_loras by modality)
+                    audio = self.engine.engine.modalities == ("audio",)
+                    prompt["multi_modal_data"] = {"audio" if audio else "image": images}
                 queued.streams.append(
                     await self.engine.add_request(rid, prompt, p, lora, load_lora=False,
                                                   priority=priority))

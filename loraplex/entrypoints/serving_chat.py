@@ -110,7 +110,8 @@ class OpenAIServingChat(OpenAIServing):
         engine = self.engine.engine
         images = ChatImages(engine.model_config.name, engine.image_placeholder,
                             template or encoder.chat_template, multimodal=engine.multimodal,
-                            video_placeholder=engine.video_placeholder)
+                            video_placeholder=engine.video_placeholder,
+                            audio_placeholder=engine.audio_placeholder)
         messages = self._messages(req, images)
         try:
             text = encoder.apply_chat_template(
@@ -131,7 +132,8 @@ class OpenAIServingChat(OpenAIServing):
         if images:
             try:
                 ids = (engine.image_processor.expand(ids, images.images, images.videos)
-                       if images.videos else engine.image_processor.expand(ids, images.images))
+                       if images.videos else engine.image_processor.expand(
+                           ids, images.audios or images.images))
             except ValueError as e:
                 raise BadRequestError(f"messages: {e}", param="messages") from e
         return text, ids, images
@@ -145,7 +147,7 @@ class OpenAIServingChat(OpenAIServing):
         try:
             if images.videos:
                 return processor(ids, images.images or None, videos=images.videos)
-            return processor(ids, images.images)
+            return processor(ids, images.audios or images.images)  # (Granite Speech: audio)
         except ValueError as e:
             raise BadRequestError(f"messages: {e}", param="messages") from e
 

@@ -50,7 +50,10 @@ def resolve_model_path(model: str, revision: str | None = None) -> str:
 
 
 def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    # (a PEFT adapter saved beside the weights, as Granite Speech ships its own, is not
+    # the model's: it loads as an adapter, default_mm_loras)
+    files = sorted(f for f in glob.glob(os.path.join(path, "*.safetensors"))
+                   if not os.path.basename(f).startswith("adapter_model"))
     if files:
         for f in files:
             with safe_open(f, framework="pt") as st:

@@ -1,0 +1,106 @@
+"""vLLM's `/v1/audio/transcriptions` for Granite Speech: a multipart form (file, model,
+language, prompt, response_format json / text, temperature, and vLLM's
+max_completion_tokens) becomes the prompt vLLM's Granite
+Speech builds for a transcription (the chat template over one user message, `<|audio|>can
+you transcribe the speech into a written format?`, encoded as vLLM encodes it), the clip its
+audio; the reply's text comes back as {"text", "usage"} or plain text. As in vLLM's Granite
+Speech, `language` and `prompt` do not change the prompt. A clip is not split: one longer
+than the context allows is refused (vLLM cuts long audio into chunks)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import Any
+
+from loraplex.engine.audio_decode import decode_audio
+from loraplex.entrypoints.errors import BadRequestError
+from loraplex.entrypoints.serving_base import OpenAIServing
+from loraplex.sampling_params import SamplingParams
+
+TRANSCRIBE = "can you transcribe the speech into a written format?"
+RESPONSE_FORMATS = ("json", "text")
+
+
+def parse_form(content_type: str, body: bytes) -> dict[str, tuple[bytes, str | None]]:
+    """A multipart/form-data body's fields: name -> (bytes, the file name or None); parsed
+    by the standard library's MIME parser (no python-multipart needed)."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise BadRequestError("a transcription request is multipart/form-data (file, model, "
+                              f"...), got {content_type or 'no content type'!r}")
+    head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+    msg = BytesParser(policy=HTTP).parsebytes(head + body)
+    if not msg.is_multipart():
+        raise BadRequestError("the multipart/form-data body cannot be read")
+    fields: dict[str, tuple[bytes, str | None]] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            fields[name] = (part.get_payload(decode=True) or b"", part.get_filename())
+    return fields
+
+
+def _text(fields: dict[str, tuple[bytes, str | None]], name: str) -> str | None:
+    value = fields.get(name)
+    return None if value is None else value[0].decode("utf-8", "replace").strip()
+
+
+class OpenAIServingTranscription(OpenAIServing):
+    async def create_transcription(self, fields: dict[str, tuple[bytes, str | None]]
+                                   ) -> dict[str, Any] | str:
+        """The transcription of the form's `file`: {"text", "usage"} (json) or the text."""
+        engine = self.engine.engine
+        if "audio" not in engine.modalities:
+            raise BadRequestError(f"model {engine.model_config.name!r} takes no audio: "
+                                  "transcriptions are served on Granite Speech", param="file")
+        if "file" not in fields:
+            raise BadRequestError("the form needs a `file` field (the audio)", param="file")
+        fmt = _text(fields, "response_format") or "json"
+        if fmt not in RESPONSE_FORMATS:
+            raise BadRequestError(f"response_format {fmt!r} is not supported (json, text)",
+                                  param="response_format")
+        try:
+            temperature = float(_text(fields, "temperature") or 0.0)
+        except ValueError:
+            raise BadRequestError("temperature must be a number",
+                                  param="temperature") from None
+        try:
+            limit = _text(fields, "max_completion_tokens")
+            max_tokens = int(limit) if limit else None
+        except ValueError:
+            raise BadRequestError("max_completion_tokens must be an int",
+                                  param="max_completion_tokens") from None
+        model = _text(fields, "model") or None
+        lora = await self.models.resolve(model)
+        try:
+            wave, rate = await self.off_loop(decode_audio, fields["file"][0])
+        except ValueError as e:
+            raise BadRequestError(f"file: {e}", param="file") from e
+        text, ids, inputs = await self.off_loop(self._prompt, (wave, rate))
+        try:
+            params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+        except ValueError as e:
+            raise BadRequestError(str(e)) from e
+        self.fit_max_tokens(params, len(ids))
+        queued = await self.start_requests(f"trsc-{uuid.uuid4().hex}", [(text, ids)],
+                                           [params], model, lora, images=inputs)
+        out = (await self.final_output(queued)).outputs[0].text
+        if fmt == "text":
+            return out
+        return {"text": out, "usage": {"type": "duration",
+                                       "seconds": math.ceil(len(wave) / rate)}}
+
+    def _prompt(self, clip: tuple[Any, int]) -> tuple[str, list[int], Any]:
+        """On the encoder thread: the template's text, its ids with `<|audio|>` expanded,
+        the clip's processed inputs."""
+        engine = self.engine.engine
+        message = {"role": "user", "content": engine.audio_placeholder + TRANSCRIBE}
+        text = self.encoder.apply_chat_template([message], tokenize=False,
+                                                add_generation_prompt=True)
+        try:
+            ids, inputs = engine.image_processor(list(self.encoder.encode(text)), [clip])
+        except ValueError as e:
+            raise BadRequestError(f"file: {e}", param="file") from e
+        return text, ids, inputs
