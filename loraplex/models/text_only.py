@@ -49,9 +49,6 @@ class TextOnly:
     vision_leaves: tuple[str, ...]  # module names only those parts have (adapter targets)
     images: bool = False  # image inputs served (the skipped parts load beside: llava.py,
     # gemma3_vision.py, qwen2_vl.py, qwen3_vl.py, llama4_vision.py; granite_speech.py)
-    # text config fields the whole model's forward overrides (HF's Granite Speech puts its
-    # own lm_head after the language model: the logits are never divided by logits_scaling)
-    text_overrides: tuple[tuple[str, Any], ...] = ()
 
     def name(self, name: str) -> str | None:
         """A checkpoint tensor's or an adapter module's name as the text model's; None
@@ -123,8 +120,7 @@ MULTIMODAL: dict[str, TextOnly] = {
                  ("language_model.lm_head.", "lm_head.")),
         skipped=("encoder.", "projector.", "model.encoder.", "model.projector."),
         vision_leaves=("to_q", "to_kv", "to_out", "input_linear", "out_mid", "up_conv",
-                       "down_conv", "query", "key", "value", "dense", "linear"), images=True,
-        text_overrides=(("logits_scaling", 1.0),)),
+                       "down_conv", "query", "key", "value", "dense", "linear"), images=True),
 }
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
 # their dense sibling as if it were theirs); none today
@@ -180,8 +176,6 @@ def text_only_config(hf_config: Any, path: str | None = None
         if getattr(hf_config, key, None) is not None:
             setattr(text, key, getattr(hf_config, key))
     text.architectures = [spec.text_architecture] if spec.text_architecture else None
-    for key, value in spec.text_overrides:
-        setattr(text, key, value)
     if not spec.images:
         logger.info("%s: serving its language model (%s) on text; image inputs are not "
                     "supported", name, spec.text_architecture)
