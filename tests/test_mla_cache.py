@@ -225,6 +225,9 @@ def hf_latent_fp8_logprobs(base: Path, adapter: Path | None, prompt: list[int],
     from transformers import AutoModelForCausalLM
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
+    if not hasattr(hf_v3.DeepseekV3Attention, "expand_kv"):
+        pytest.skip("the reference rounds the cached latents in HF's expand_kv, which "
+                    "transformers 4.x's DeepseekV3Attention does not have")
     exact: list[int] = [0]  # the forward's last positions whose latents are as computed
     expand = hf_v3.DeepseekV3Attention.expand_kv
 
