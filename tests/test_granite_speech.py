@@ -15,6 +15,7 @@ import wave
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -380,6 +381,12 @@ def test_server_transcriptions(speech, tiny_root):
             with pytest.raises(openai.BadRequestError, match=message):
                 client.audio.transcriptions.create(**{"model": base, "file": ("a.wav", wav),
                                                       **kw})
+        for body, message in ((b'{"model": "x"}', "multipart/form-data"),
+                              (None, "needs a `file` field")):
+            r = (server.post("/v1/audio/transcriptions", body) if body else httpx.post(
+                server.url_for("/v1/audio/transcriptions"), data={"model": base},
+                files={"notes": ("a.txt", b"no audio")}))
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
         assert client.audio.transcriptions.create(model=base, file=("a.wav", wav),
                                                   extra_body=extra).text == want
     text_model = make_tiny_model(tiny_root / "speech_server_text", "llama", seed=6)

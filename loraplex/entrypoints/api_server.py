@@ -79,7 +79,7 @@ from loraplex.entrypoints.serving_score import OpenAIServingScores
 from loraplex.entrypoints.serving_tokenization import OpenAIServingTokenization
 from loraplex.entrypoints.serving_transcription import (
     OpenAIServingTranscription,
-    parse_form,
+    read_form,
 )
 from loraplex.entrypoints.serving_utils import with_cancellation
 from loraplex.lora.adapter import local_adapter_dir
@@ -282,8 +282,7 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(raw_request: Request) -> Response:
         state.require_runner("generate", "Transcriptions")
-        fields = parse_form(raw_request.headers.get("content-type", ""),
-                            await raw_request.body())
+        fields = await read_form(raw_request)
         result = await state.transcription.create_transcription(fields)
         return PlainTextResponse(result) if isinstance(result, str) else JSONResponse(result)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import uuid
-from email.parser import BytesParser
-from email.policy import HTTP
 from typing import Any
 
 from loraplex.engine.audio_decode import decode_audio
@@ -24,21 +22,23 @@ TRANSCRIBE = "can you transcribe the speech into a written format?"
 RESPONSE_FORMATS = ("json", "text")
 
 
-def parse_form(content_type: str, body: bytes) -> dict[str, tuple[bytes, str | None]]:
-    """A multipart/form-data body's fields: name -> (bytes, the file name or None); parsed
-    by the standard library's MIME parser (no python-multipart needed)."""
+async def read_form(request: Any) -> dict[str, tuple[bytes, str | None]]:
+    """A multipart/form-data request's fields: name -> (bytes, the file name or None),
+    read by starlette's form parser (python-multipart)."""
+    content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise BadRequestError("a transcription request is multipart/form-data (file, model, "
                               f"...), got {content_type or 'no content type'!r}")
-    head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-    msg = BytesParser(policy=HTTP).parsebytes(head + body)
-    if not msg.is_multipart():
-        raise BadRequestError("the multipart/form-data body cannot be read")
+    try:
+        form = await request.form()
+    except Exception as e:  # the parser's errors are its own types; the message says which
+        raise BadRequestError(f"the multipart/form-data body cannot be read: {e}") from e
     fields: dict[str, tuple[bytes, str | None]] = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if isinstance(name, str):
-            fields[name] = (part.get_payload(decode=True) or b"", part.get_filename())
+    for name, value in form.multi_items():
+        if isinstance(value, str):
+            fields[name] = (value.encode(), None)
+        else:  # an uploaded file
+            fields[name] = (await value.read(), value.filename)
     return fields
 
 
