@@ -14,6 +14,7 @@ package into the model's dtype as it loads, one tensor at a time.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -175,7 +176,10 @@ def _hf_names(hf_config: Any, processor: Any, arch: str) -> dict[str, str]:
 
     with torch.device("meta"):
         hf_model = AutoModelForCausalLM.from_config(hf_config)
-    names = get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
+    if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters:
+        names = get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
+    else:  # transformers 4.x: no processor argument
+        names = get_gguf_hf_weights_map(hf_model, model_type=arch)
     for theirs, ours in HF_RENAMES.get(arch, ()):
         names = {k: v.replace(theirs, ours) for k, v in names.items()}
     return names
