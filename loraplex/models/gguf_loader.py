@@ -14,6 +14,7 @@ package into the model's dtype as it loads, one tensor at a time.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
@@ -188,6 +189,9 @@ def _hf_names(hf_config: Any, processor: Any, arch: str) -> dict[str, str]:
 def _processor(hf_config: Any, arch: str) -> Any:
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
+    if getattr(hf_config, "quantization_config", False) is None:  # hf_overrides' "off",
+        hf_config = copy.copy(hf_config)  # which transformers 4.x's to_dict cannot write
+        del hf_config.quantization_config
     return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict())
 
 
