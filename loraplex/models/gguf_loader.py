@@ -176,7 +176,7 @@ def _hf_names(hf_config: Any, processor: Any, arch: str) -> dict[str, str]:
     from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     with torch.device("meta"):
-        hf_model = AutoModelForCausalLM.from_config(hf_config)
+        hf_model = AutoModelForCausalLM.from_config(_unquantized(hf_config))
     if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters:
         names = get_gguf_hf_weights_map(hf_model, processor, model_type=arch)
     else:  # transformers 4.x: no processor argument
@@ -189,10 +189,17 @@ def _hf_names(hf_config: Any, processor: Any, arch: str) -> dict[str, str]:
 def _processor(hf_config: Any, arch: str) -> Any:
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    if getattr(hf_config, "quantization_config", False) is None:  # hf_overrides' "off",
-        hf_config = copy.copy(hf_config)  # which transformers 4.x's to_dict cannot write
-        del hf_config.quantization_config
-    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_config.to_dict())
+    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=_unquantized(hf_config).to_dict())
+
+
+def _unquantized(hf_config: Any) -> Any:
+    """The config without its quantization_config (the names and the tensor processors do
+    not depend on it; transformers 4.x's to_dict cannot write one turned off, None)."""
+    if not hasattr(hf_config, "quantization_config"):
+        return hf_config
+    hf_config = copy.copy(hf_config)
+    del hf_config.quantization_config
+    return hf_config
 
 
 def _stacked_modules(m: re.Match, num_experts: int, arch: str) -> list[str]:
