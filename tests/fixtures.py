@@ -469,8 +469,9 @@ def _load_cached(
 ) -> torch.nn.Module:
     base = Path(base_dir)
     if base.suffix == ".gguf":  # a GGUF base (tests/gguf_fixtures.py): HF's own GGUF reading
-        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
-            str(base.parent), gguf_file=base.name, dtype=torch.float32)
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(  # eager: Gemma 2
+            str(base.parent), gguf_file=base.name, dtype=torch.float32,  # (see below)
+            attn_implementation="eager")
     else:
         # Gemma 2 caps attention scores, which only HF's eager attention does (transformers
         # 4.x picks SDPA for it and drops the cap; 5.x picks eager)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 
 from loraplex.models.gguf_hub import download_gguf, hub_gguf_name
 from loraplex.models.gguf_quant import (
@@ -35,6 +36,8 @@ from loraplex.models.gguf_quant import (
 )
 
 logger = logging.getLogger(__name__)
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 GGUF_MAGIC = b"GGUF"
 # llama.cpp's `general.architecture` values served: transformers reads them and our
@@ -125,6 +128,10 @@ def check_gguf(path: str) -> str:
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
                          + ", ".join(SUPPORTED_GGUF_ARCHITECTURES))
+    if arch in EXPERT_MODULES and TRANSFORMERS_MAJOR < 5:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} (a mixture of experts) needs "
+                         f"transformers 5, whose GGUF reading maps its experts (installed: "
+                         f"{transformers.__version__})")
     if arch == "llama" and any(STACKED_EXPERTS.fullmatch(t.name) for t in reader.tensors):
         raise ValueError(f"{path}: a \"llama\" GGUF with experts (Mixtral as llama.cpp writes "
                          "it) is not supported: transformers reads it as a dense Llama")
