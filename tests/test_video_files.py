@@ -104,6 +104,13 @@ def test_decoded_frames_and_metadata(container):
     assert meta["frames_indices"] == [0, 9]
 
 
+# HF's VideoMetadata.sampled_fps and Qwen-VL's video positions: transformers 5.x (the Qwen
+# video tests' reference, tests/test_qwen_video.py)
+NEEDS_TRANSFORMERS_5 = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                                          reason="HF's video reference is transformers 5.x's")
+
+
+@NEEDS_TRANSFORMERS_5
 def test_sampled_fps_is_hfs(qwen):
     """The kept frames' rate the positions use is HF's VideoMetadata.sampled_fps of the
     metadata: 4 of 10 frames at 5 fps are 2 fps, a temporal patch (2 frames) 1 s."""
@@ -228,6 +235,7 @@ def _moving(seed: int) -> np.ndarray:
                      4, 2)
 
 
+@NEEDS_TRANSFORMERS_5
 def test_chat_with_mp4_matches_frames_and_hf(qwen, tmp_path):
     """LLM.chat with an mp4 video_url (data: and file://, media_io_kwargs num_frames 4)
     gives the tokens and logprobs of multi_modal_data={"video": (its decoded frames,
