@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from loraplex.config import VllmConfig
 from loraplex.v1.sample.logits_processor import (
     AdapterLogitsProcessor,
     BatchUpdate,
@@ -117,6 +118,11 @@ class RepeatPromptStart(AdapterLogitsProcessor):
     """Per-request callables: extra_args={"repeat": "first"} forces the prompt's first
     token (fn(prompt_ids, output_ids, row)); {"repeat": "last_output"} after the first
     token forces the last output token again (fn(output_ids, row))."""
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device,
+                 is_pin_memory: bool) -> None:
+        super().__init__(vllm_config, device, is_pin_memory)
+        self.max_model_len = vllm_config.model_config.max_model_len  # as vLLM's example
 
     def is_argmax_invariant(self) -> bool:
         return False

@@ -108,6 +108,7 @@ def test_adapter_processor_and_argmax_invariant_placement(tiny_models, prompts):
     base = tiny_models["llama"]
     llm = make_llm(base, logits_processors=[RepeatPromptStart, OnlyTokenForRandomRows])
     plain = make_llm(base)
+    assert llm.llm_engine.logits_processors.processors[0].max_model_len == 256
     p = prompts[2]
     first = SamplingParams(temperature=0.0, max_tokens=4, extra_args={"repeat": "first"},
                            ignore_eos=True)
