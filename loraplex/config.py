@@ -491,3 +491,9 @@ class EngineConfig:
     lora_config: LoRAConfig | None
     speculative_config: SpeculativeConfig | None = None
     multimodal_config: MultiModalConfig = field(default_factory=MultiModalConfig)
+
+
+# vLLM's name for the whole engine config (what a custom logits processor's __init__ gets,
+# `from vllm.config import VllmConfig`): its model_config, cache_config, scheduler_config,
+# lora_config, speculative_config and multimodal_config are loraplex's own
+VllmConfig = EngineConfig

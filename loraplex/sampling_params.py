@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs (EngineArgs): top-k lists cost a transfer per step
 _GREEDY_EPS = 1e-5
@@ -112,6 +112,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
     guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name for it
+    # vLLM's: arguments for custom logits processors and other extensions (over HTTP:
+    # the request's vllm_xargs); loraplex itself reads none of them
+    extra_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.guided_decoding is not None:
@@ -186,6 +189,8 @@ class SamplingParams:
         if self.bad_words is not None and (not isinstance(self.bad_words, list | tuple) or any(
                 not isinstance(w, str) or not w.strip() for w in self.bad_words)):
             raise self._bad("bad_words", "a list of non-empty strings")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise self._bad("extra_args", "a dict or None")
         trunc = self.truncate_prompt_tokens
         if trunc is not None and (not _is_int(trunc) or not (trunc >= 1 or trunc == -1)):
             raise self._bad("truncate_prompt_tokens", "-1 or an int >= 1")

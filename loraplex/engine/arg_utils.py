@@ -129,6 +129,9 @@ class EngineArgs:
     # before the model is built (models/hf_overrides.py), e.g. a causal LM served as a
     # reranker (models/lm_head_classifier.py)
     hf_overrides: dict | str | None = None
+    # vLLM's custom logits processors (engine/logits_processors.py): LogitsProcessor
+    # subclasses, or their names as "pkg.module:Class"
+    logits_processors: list[type | str] | None = None
     # accepted for vLLM compatibility; see _IGNORED_WHEN_SET
     trust_remote_code: bool = False
     swap_space: float | None = None

@@ -35,6 +35,7 @@ from loraplex.engine.images import (
     build_vision,
     vision_config,
 )
+from loraplex.engine.logits_processors import LogitsProcessorBatch, load_logits_processors
 from loraplex.engine.pixtral_images import PixtralImageProcessor
 from loraplex.engine.prompt_embeds import (
     NOT_ENABLED,
@@ -144,6 +145,10 @@ class LLMEngine:
         self.lm_head_classifier = LMHeadClassifier.from_config(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
+        # custom logits processors: imported now, so a bad name fails before the model loads
+        logits_processor_classes = load_logits_processors(
+            args.logits_processors, self.config.model_config.runner,
+            self.config.speculative_config is not None)
         self.lora_config = self.config.lora_config
         self.multimodal = self.config.multimodal_config
         # LLaVA, Gemma 3, Llama 4, Qwen2-VL, Mistral 3: the vision tower and projector
@@ -261,6 +266,9 @@ class LLMEngine:
             eos_ids.update([eos] if isinstance(eos, int) else eos or [])
         self.eos_token_ids = eos_ids
         self.sampler = Sampler(eos_ids)
+        self.logits_processors = (LogitsProcessorBatch(logits_processor_classes, self.config,
+                                                       mc.device)
+                                  if logits_processor_classes else None)
         self.structured = StructuredOutputs(self.tokenizer, self.model.args.vocab_size)
         # a reasoning model: its tag ids, so structured outputs start after the reasoning
         self.reasoning = (REASONING_PARSERS[mc.reasoning_parser] if mc.reasoning_parser
@@ -612,6 +620,8 @@ class LLMEngine:
         self._check_token_ids("logit_bias", params.logit_bias or {}, vocab)
         self._check_token_ids("allowed_token_ids", params.allowed_token_ids or [], vocab)
         self._check_logprobs(params)
+        if self.logits_processors is not None:
+            self.logits_processors.validate(params)
         bad_words = bad_words_token_ids(params.bad_words, tokenizer)
         grammars = (self.structured.matchers(params.structured_outputs, params.n,
                                              self._reasoning(ids))
@@ -811,10 +821,13 @@ class LLMEngine:
                          for j in range(len(d) + 1)]
                 row_seqs += [s] * (len(d) + 1)
                 drafts += d + [-1]
+            if self.logits_processors is not None:  # (no drafts: one row per sequence)
+                self.logits_processors.update(row_seqs)
             mask = (self.structured.token_mask([s.grammar for s in row_seqs])
                     if any(s.grammar is not None for s in row_seqs) else None)
             sampled = (self.sampler(logits, rows, mask, drafts if batch.spec else None,
-                                    _draft_probs(seq_drafts, batch, logits))
+                                    _draft_probs(seq_drafts, batch, logits),
+                                    self.logits_processors)
                        if rows else None)
             now = time.monotonic()
             i = 0  # each sequence's first row

@@ -34,6 +34,9 @@ class Sequence:
         self.index = index  # which of the request's n completions
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        # the output so far as one list that grows in place: custom logits processors
+        # keep a reference to it (output_token_ids is a fresh copy each time)
+        self.live_output_token_ids: list[int] = []
         self.params = params
         self.lora_int_id = lora_int_id  # 0 = the base model
         self.generator = generator
@@ -129,3 +132,4 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        self.live_output_token_ids.append(token_id)

@@ -273,6 +273,10 @@ ENGINE_HELP: dict[str, str] = {
                           "without adapters). Greedy outputs are unchanged; "
                           "sampled ones keep their distribution. Requests with "
                           "structured outputs decode one token per step.",
+    "logits_processors": "Custom logits processors (vLLM's V1 interface, loraplex.v1.sample."
+                         "logits_processor.LogitsProcessor subclasses), as pkg.module:Class "
+                         "(or pkg.module.Class); a request passes them arguments in "
+                         "vllm_xargs. Not with --speculative-config or --runner pooling.",
     "lora_target_modules": "The modules that get adapter slots, e.g. q_proj v_proj o_proj "
                            "(or comma-separated; q/k/v share one slot layer, as do gate/up); "
                            "an adapter on any other is refused. Fewer modules, less slot "
@@ -315,7 +319,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         help_text += f" (default: {default})" if default not in (None, "") else ""
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         ann = str(f.type)
-        if f.name in ("served_model_name", "lora_target_modules"):
+        if f.name in ("served_model_name", "lora_target_modules", "logits_processors"):
             kw["nargs"] = "+"
         elif f.name in _SPECIAL_TYPES:
             kw["type"] = _SPECIAL_TYPES[f.name]

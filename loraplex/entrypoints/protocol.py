@@ -117,6 +117,9 @@ class UsageInfo(BaseModel):
         return self._cached_tokens
 
 
+XArg = str | int | float  # a vllm_xargs value (or a list of them), vLLM's types
+
+
 class SamplingFields(OpenAIBase):
     """Sampling fields common to both endpoints; names and defaults follow vLLM."""
 
@@ -160,6 +163,14 @@ class SamplingFields(OpenAIBase):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's: arguments for custom logits processors (SamplingParams.extra_args);
+    # loraplex_xargs is the same field by loraplex's name (both given: merged)
+    vllm_xargs: dict[str, XArg | list[XArg]] | None = None
+    loraplex_xargs: dict[str, XArg | list[XArg]] | None = None
+
+    def extra_args(self) -> dict[str, Any] | None:
+        merged = {**(self.vllm_xargs or {}), **(self.loraplex_xargs or {})}
+        return merged or None
 
 
 # ---- completions ------------------------------------------------------------------------

@@ -156,7 +156,7 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words,
                 truncate_prompt_tokens=req.truncate_prompt_tokens,
-                structured_outputs=_structured_outputs(req))
+                structured_outputs=_structured_outputs(req), extra_args=req.extra_args())
         except BadRequestError:
             raise
         except (ValueError, TypeError) as e:

@@ -6,6 +6,8 @@ values reach the device through pinned memory without waiting for it (`_to_devic
 Random rows use the exponential race `argmax(p / q), q ~ Exp(1)`; a seeded row draws its q
 from its own generator, so it samples the same tokens whatever else shares its batch.
 Logprobs are reported from the raw logits (before penalties and temperature), as vLLM does.
+Custom logits processors (engine/logits_processors.py) run as vLLM orders them: those that
+may change the argmax after min_tokens and before penalties, the others after temperature.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from loraplex.outputs import Logprob
 from loraplex.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from loraplex.engine.logits_processors import LogitsProcessorBatch
     from loraplex.engine.structured_output import TokenMask
 
 # Columns of the per-row parameter tensor (one host->device copy per call).
@@ -71,14 +74,16 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow],
                  token_mask: TokenMask | None = None,
                  draft_tokens: list[int] | None = None,
-                 draft_probs: torch.Tensor | None = None) -> SamplerOutput:
+                 draft_probs: torch.Tensor | None = None,
+                 processors: LogitsProcessorBatch | None = None) -> SamplerOutput:
         """`token_mask`: the tokens structured outputs allow next, for some rows.
         `draft_tokens`: speculative decoding, per row the draft token this position
         verifies (-1: none); the row's token is then the accepted draft or what replaces
         it, from exactly the distribution it would be sampled from without a draft
         (layers/rejection_sampler.py), and `accepted` says which. `draft_probs`: [rows,
         vocab] the distribution each row's draft was drawn from (a draft model's sampled
-        drafts; None: deterministic drafts)."""
+        drafts; None: deterministic drafts). `processors`: the engine's custom logits
+        processors, their batch updated for these rows."""
         if not rows:
             return SamplerOutput([], [], [])
         if logits.shape[0] != len(rows):
@@ -86,13 +91,14 @@ class Sampler:
         logits = logits.float()  # every op below is out-of-place: the caller's tensor is kept
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         table = self._param_table(rows, logits.device)
-        processed = self._process(logits, rows, table)
+        processed = self._process(logits, rows, table, processors)
         if token_mask is not None:
             processed = self._apply_token_mask(logits, processed, token_mask)
         drafts = (_to_device(draft_tokens, torch.long, logits.device)
                   if draft_tokens is not None and any(d >= 0 for d in draft_tokens) else None)
         tokens, accepted = self._sample(processed, rows, table, drafts, draft_tokens,
-                                        draft_probs if drafts is not None else None)
+                                        draft_probs if drafts is not None else None,
+                                        processors)
         return self._collect(raw_logprobs, tokens, [r.params.logprobs for r in rows], accepted)
 
     def token_logprobs(self, logits: torch.Tensor, tokens: list[int], num_logprobs: list[int]
@@ -118,9 +124,12 @@ class Sampler:
               r.params.frequency_penalty] for r in rows],
             torch.float32, device)
 
-    def _process(self, logits: torch.Tensor, rows: list[SamplingRow],
-                 table: torch.Tensor) -> torch.Tensor:
-        logits = self._apply_penalties(self._mask_min_tokens(logits, rows), rows, table)
+    def _process(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor,
+                 processors: LogitsProcessorBatch | None = None) -> torch.Tensor:
+        logits = self._mask_min_tokens(logits, rows)
+        if processors is not None:  # vLLM: after min_tokens, before penalties
+            logits = processors.apply(logits, argmax_invariant=False)
+        logits = self._apply_penalties(logits, rows, table)
         return self._ban_tokens(self._add_logit_bias(logits, rows), rows)
 
     @staticmethod
@@ -218,7 +227,8 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow], table: torch.Tensor,
                 drafts: torch.Tensor | None = None, draft_list: list[int] | None = None,
-                draft_probs: torch.Tensor | None = None
+                draft_probs: torch.Tensor | None = None,
+                processors: LogitsProcessorBatch | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The token of each row, and with drafts whether it is the row's accepted draft
         (greedy: the draft is the argmax)."""
@@ -231,6 +241,8 @@ class Sampler:
         is_greedy = _to_device(greedy, torch.bool, device)
         temps = torch.where(is_greedy, torch.ones((), device=device), table[:, _TEMP])
         logits = logits / temps[:, None]
+        if processors is not None:  # the argmax-invariant ones: random rows only matter
+            logits = processors.apply(logits, argmax_invariant=True)
         if any(0 < r.params.top_k < vocab for r in rows):
             logits = self._top_k(logits, rows, table)
         probs = torch.softmax(logits, dim=-1)
