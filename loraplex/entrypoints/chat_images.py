@@ -144,7 +144,7 @@ class ChatImages:
     def _audio(self, part: dict[str, Any], kind: str, i: int) -> Any:
         if self.audio_placeholder is None:
             raise ValueError(f"messages[{i}]: {kind}: audio inputs are not supported by model "
-                             f"{self.model!r} (audio is served on Granite Speech)")
+                             f"{self.model!r} (audio is served on Granite Speech and Qwen2-Audio)")
         value = part.get(kind)
         try:
             if kind == "audio_url":
