@@ -145,6 +145,22 @@ def test_tower_lora_left_out(qa, caplog):
                for r in caplog.records)
 
 
+def test_limit_and_default_mm_lora(qa):
+    """{"audio": 0}: served on text, the encoder never built, audio refused;
+    default_mm_loras={"audio": r8}: an audio prompt naming no adapter runs on r8 (HF +
+    PEFT's), a text prompt on the base."""
+    text = make_llm(qa["base"], limit_mm_per_prompt={"audio": 0})
+    assert text.llm_engine.vision is None
+    check(text.generate(["Hello there"], GREEDY, use_tqdm=False), qa, [("Hello there", [], None)])
+    with pytest.raises(ValueError, match="At most 0 audio"):
+        text.generate(audio(ASK, [clip(1)]), GREEDY, use_tqdm=False)
+    llm = make_llm(qa["base"], enable_lora=True, max_lora_rank=8,
+                   default_mm_loras={"audio": str(qa["r8"])})
+    a = clip(1)
+    outs = llm.generate([audio(ASK, [a]), "Hello there"], GREEDY, use_tqdm=False)
+    check(outs, qa, [(ASK, [a], "r8"), ("Hello there", [], None)])
+
+
 def test_bad_inputs_fail_alone(qa):
     llm = make_llm(qa["base"], max_model_len=1024)
     a = clip(1)
