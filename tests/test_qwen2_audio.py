@@ -173,6 +173,15 @@ def test_bad_inputs_fail_alone(qa):
     for data, message in bad:
         with pytest.raises(ValueError, match=message):
             llm.generate({"prompt": ASK, "multi_modal_data": data}, GREEDY, use_tqdm=False)
+    # processed inputs (the server's form) for another prompt
+    tok = llm.get_tokenizer()
+    ids, inputs = llm.llm_engine.image_processor(tok(ASK).input_ids, [a])
+    with pytest.raises(ValueError, match="do not match the prompt's"):
+        llm.generate({"prompt_token_ids": ids[1:], "multi_modal_data": {"audio": inputs}},
+                     GREEDY, use_tqdm=False)
+    ok = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"audio": inputs}},
+                      GREEDY, use_tqdm=False)
+    check(ok, qa, [(ASK, [a], None)])
     assert not llm.llm_engine.has_unfinished_requests()
     # 30 s exactly is the window: served
     full = llm.generate(audio(ASK, [clip(5, seconds=30.0)]), SamplingParams(max_tokens=1),

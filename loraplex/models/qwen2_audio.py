@@ -142,7 +142,6 @@ class Qwen2Audio(VisionWeights):
     """Padded log-mel features -> one language-model input embedding per `<|AUDIO|>`."""
 
     label = "Qwen2-Audio's encoder / projector"
-    unused = ("audio_tower.embed_positions._float_tensor",)
 
     def __init__(self, c: Qwen2AudioConfig) -> None:
         super().__init__()
