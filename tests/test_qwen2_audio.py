@@ -208,6 +208,27 @@ def _decoded(c: tuple[np.ndarray, int]) -> tuple[np.ndarray, int]:
     return decode_audio(base64.b64decode(_wav_b64(c)))
 
 
+def test_chat_numbers_the_clips(qa):
+    """LLM.chat: input_audio parts across two messages become vLLM's `Audio 1: ...`,
+    `Audio 2: ...` placeholders; the prompt Qwen2AudioProcessor's, the reply HF's."""
+    llm = make_llm(qa["base"])
+    a, b = clip(1), clip(2)
+    part = [{"type": "input_audio", "input_audio": {"data": _wav_b64(c), "format": "wav"}}
+            for c in (a, b)]
+    conv = [{"role": "user", "content": [part[0], {"type": "text", "text": "First."}]},
+            {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": [{"type": "text", "text": "And "}, part[1]]}]
+    out = llm.chat(conv, GREEDY, use_tqdm=False)[0]
+    text = llm.get_tokenizer().apply_chat_template([
+        {"role": "user", "content": "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nFirst."},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "And Audio 2: <|audio_bos|><|AUDIO|><|audio_eos|>\n"}],
+        tokenize=False, add_generation_prompt=True)
+    clips = [_decoded(a), _decoded(b)]
+    assert out.prompt_token_ids == hf_processor_ids(qa["base"], text, clips, bos=False)
+    check([out], qa, [(text, clips, None)])
+
+
 def test_server_chat_with_input_audio(qa):
     """The chat route: a WAV input_audio part on an adapter, the reply HF + PEFT's greedy
     one; a malformed clip and a transcription request get a 400 alone, the server goes on."""
@@ -224,8 +245,8 @@ def test_server_chat_with_input_audio(qa):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(qa["base"]))
-    text = tok.apply_chat_template([{"role": "user", "content":
-                                     "<|audio_bos|><|AUDIO|><|audio_eos|>\nWhat is this?"}],
+    text = tok.apply_chat_template([{"role": "user", "content": "Audio 1: <|audio_bos|>"
+                                     "<|AUDIO|><|audio_eos|>\nWhat is this?"}],
                                    tokenize=False, add_generation_prompt=True)
     ids = hf_processor_ids(qa["base"], text, [_decoded(a)], bos=False)
     want = greedy_reference(lambda reply: hf_logprobs(qa["base"], qa["r8"], ids + reply,

@@ -452,13 +452,15 @@ class LLMEngine:
 
     @property
     def audio_placeholder(self) -> str | None:
-        """The audio token's text (Granite Speech's `<|audio|>`; Qwen2-Audio's `<|AUDIO|>`
-        between `<|audio_bos|>` and `<|audio_eos|>`); None when the model takes no audio."""
+        """The audio token's text (Granite Speech's `<|audio|>`; Qwen2-Audio's
+        `Audio {i}: <|audio_bos|><|AUDIO|><|audio_eos|>`, {i} the clip's number in the
+        conversation); None when the model takes no audio."""
         if "audio" not in self.modalities:
             return None
         text = self.tokenizer.convert_ids_to_tokens(self.image_processor.placeholder)
-        if isinstance(self.image_processor, Qwen2AudioProcessor):  # between its bos / eos,
-            return f"<|audio_bos|>{text}<|audio_eos|>"  # as vLLM's Qwen2-Audio writes it
+        if isinstance(self.image_processor, Qwen2AudioProcessor):  # vLLM's Qwen2-Audio text:
+            # the clip's 1-based number (chat_images.py fills {i} in), its bos / eos around
+            return f"Audio {{i}}: <|audio_bos|>{text}<|audio_eos|>"
         return text
 
     def _images(self, prompt: PromptType, ids: list[int]
