@@ -41,22 +41,26 @@ from loraplex.models.llama4_vision import (
 )
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
 from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, is_mistral3
+from loraplex.models.qwen2_audio import Qwen2Audio, Qwen2AudioConfig, is_qwen2_audio
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig, is_qwen3_vl
 
-# (Granite Speech's audio encoder plugs in the same way: models/granite_speech.py)
+# (Granite Speech's and Qwen2-Audio's audio encoders plug in the same way:
+# models/granite_speech.py, models/qwen2_audio.py)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
-                | Llama4VisionConfig | GraniteSpeechAudioConfig)
+                | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
-          | GraniteSpeechAudio)
+          | GraniteSpeechAudio | Qwen2Audio)
 
 
 def vision_config(hf_config: Any) -> VisionConfig:
     """A multimodal checkpoint's image side: Gemma 3's, Llama 4's, Qwen2-VL's (Qwen3-VL's:
-    a QwenVisionConfig too), Mistral 3's (Pixtral), Granite Speech's audio side, else
-    LLaVA's (-NeXT)."""
+    a QwenVisionConfig too), Mistral 3's (Pixtral), Granite Speech's and Qwen2-Audio's audio
+    sides, else LLaVA's (-NeXT)."""
     if is_granite_speech(hf_config):
         return GraniteSpeechAudioConfig.from_hf(hf_config)
+    if is_qwen2_audio(hf_config):
+        return Qwen2AudioConfig.from_hf(hf_config)
     if getattr(hf_config, "model_type", None) == "gemma3":
         return Gemma3VisionConfig.from_hf(hf_config)
     if is_llama4(hf_config):
@@ -73,6 +77,8 @@ def vision_config(hf_config: Any) -> VisionConfig:
 def build_vision(config: VisionConfig) -> Vision:
     if isinstance(config, GraniteSpeechAudioConfig):
         return GraniteSpeechAudio(config)
+    if isinstance(config, Qwen2AudioConfig):
+        return Qwen2Audio(config)
     if isinstance(config, Gemma3VisionConfig):
         return Gemma3Vision(config)
     if isinstance(config, PixtralVisionConfig):

@@ -43,6 +43,7 @@ from loraplex.engine.prompt_embeds import (
     checked_prompt_embeds,
     prompt_embeds_inputs,
 )
+from loraplex.engine.qwen2_audio_inputs import Qwen2AudioProcessor
 from loraplex.engine.qwen_images import QwenImageProcessor
 from loraplex.engine.qwen_videos import count_videos, takes_videos
 from loraplex.engine.request import Request
@@ -74,6 +75,7 @@ from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
+from loraplex.models.qwen2_audio import Qwen2AudioConfig, is_qwen2_audio
 from loraplex.models.qwen2_vl import QwenVisionConfig
 from loraplex.models.registry import (
     architecture,
@@ -157,8 +159,9 @@ class LLMEngine:
         # processor; none when limit_mm_per_prompt allows no image (served on text, the
         # tower never built)
         # (Qwen-VL: or no video either, which the same tower embeds; Granite Speech: its
-        # audio encoder, models/granite_speech.py, when audio is allowed)
-        modality = "audio" if is_granite_speech(whole) else "image"
+        # audio encoder, models/granite_speech.py, when audio is allowed; Qwen2-Audio's,
+        # models/qwen2_audio.py, the same)
+        modality = "audio" if is_granite_speech(whole) or is_qwen2_audio(whole) else "image"
         vision = (vision_config(whole) if self.text_only is not None
                   and self.text_only.images and (self.multimodal.takes(modality) or (
                       takes_videos(whole) and self.multimodal.takes("video"))) else None)
@@ -304,6 +307,8 @@ class LLMEngine:
             return None
         if isinstance(config, GraniteSpeechAudioConfig):  # engine/audio.py
             return AudioProcessor(path, config)
+        if isinstance(config, Qwen2AudioConfig):  # engine/qwen2_audio_inputs.py
+            return Qwen2AudioProcessor(path, config)
         if isinstance(config, QwenVisionConfig):
             return QwenImageProcessor(path, config, self.tokenizer)
         if isinstance(config, PixtralVisionConfig):
@@ -447,11 +452,16 @@ class LLMEngine:
 
     @property
     def audio_placeholder(self) -> str | None:
-        """The audio token's text (Granite Speech's `<|audio|>`); None when the model
-        takes no audio."""
+        """The audio token's text (Granite Speech's `<|audio|>`; Qwen2-Audio's
+        `Audio {i}: <|audio_bos|><|AUDIO|><|audio_eos|>`, {i} the clip's number in the
+        conversation); None when the model takes no audio."""
         if "audio" not in self.modalities:
             return None
-        return self.tokenizer.convert_ids_to_tokens(self.image_processor.placeholder)
+        text = self.tokenizer.convert_ids_to_tokens(self.image_processor.placeholder)
+        if isinstance(self.image_processor, Qwen2AudioProcessor):  # vLLM's Qwen2-Audio text:
+            # the clip's 1-based number (chat_images.py fills {i} in), its bos / eos around
+            return f"Audio {{i}}: <|audio_bos|>{text}<|audio_eos|>"
+        return text
 
     def _images(self, prompt: PromptType, ids: list[int]
                 ) -> tuple[list[int], ImageInputs | None]:
@@ -1079,7 +1089,7 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
         raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
                          f"model {model!r}: it has no vision tower (image inputs are "
                          "served on LLaVA, Gemma 3, Llama 4, Qwen-VL and Mistral 3 models) "
-                         "and no audio encoder (audio inputs: Granite Speech)")
+                         "and no audio encoder (audio inputs: Granite Speech, Qwen2-Audio)")
     if prompt.get("multi_modal_uuids"):
         raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
                          "uuids (images are hashed for the prefix cache)")

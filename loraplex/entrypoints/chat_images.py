@@ -104,8 +104,18 @@ class ChatImages:
             return parts
         marks = {"image": self.placeholder, "video": self.video_placeholder,
                  "audio": self.audio_placeholder}
-        return "".join(p["text"] if p["type"] == "text" else f"{marks[p['type']]}\n"
-                       for p in parts)
+        # the conversation's 1-based audio count, for a placeholder that writes it
+        # (Qwen2-Audio's "Audio {i}: ...", as vLLM's)
+        n = len(self.audios) - sum(p["type"] == "audio" for p in parts)
+        out = []
+        for p in parts:
+            if p["type"] == "text":
+                out.append(p["text"])
+                continue
+            n += p["type"] == "audio"
+            mark = marks[p["type"]]
+            out.append((mark.replace("{i}", str(n)) if p["type"] == "audio" else mark) + "\n")
+        return "".join(out)
 
     def _one_more(self, modality: str, items: list[Any], i: int) -> None:
         """limit_mm_per_prompt allows message i's next item of `modality`; checked before
@@ -144,7 +154,7 @@ class ChatImages:
     def _audio(self, part: dict[str, Any], kind: str, i: int) -> Any:
         if self.audio_placeholder is None:
             raise ValueError(f"messages[{i}]: {kind}: audio inputs are not supported by model "
-                             f"{self.model!r} (audio is served on Granite Speech)")
+                             f"{self.model!r} (audio is served on Granite Speech and Qwen2-Audio)")
         value = part.get(kind)
         try:
             if kind == "audio_url":

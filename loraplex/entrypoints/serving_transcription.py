@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from loraplex.engine.audio_decode import decode_audio
+from loraplex.engine.qwen2_audio_inputs import Qwen2AudioProcessor
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.serving_base import OpenAIServing
 from loraplex.sampling_params import SamplingParams
@@ -55,6 +56,10 @@ class OpenAIServingTranscription(OpenAIServing):
         if "audio" not in engine.modalities:
             raise BadRequestError(f"model {engine.model_config.name!r} takes no audio: "
                                   "transcriptions are served on Granite Speech", param="file")
+        if isinstance(engine.image_processor, Qwen2AudioProcessor):  # as vLLM: no ASR prompt
+            raise BadRequestError(f"model {engine.model_config.name!r} (Qwen2-Audio) does not "
+                                  "serve transcriptions (vLLM neither): use the chat route "
+                                  "with an input_audio part", param="model")
         if "file" not in fields:
             raise BadRequestError("the form needs a `file` field (the audio)", param="file")
         fmt = _text(fields, "response_format") or "json"

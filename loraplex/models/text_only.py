@@ -48,7 +48,8 @@ class TextOnly:
     skipped: tuple[str, ...]  # name prefixes of the parts a text request never runs
     vision_leaves: tuple[str, ...]  # module names only those parts have (adapter targets)
     images: bool = False  # image inputs served (the skipped parts load beside: llava.py,
-    # gemma3_vision.py, qwen2_vl.py, qwen3_vl.py, llama4_vision.py; granite_speech.py)
+    # gemma3_vision.py, qwen2_vl.py, qwen3_vl.py, llama4_vision.py; granite_speech.py,
+    # qwen2_audio.py)
 
     def name(self, name: str) -> str | None:
         """A checkpoint tensor's or an adapter module's name as the text model's; None
@@ -121,6 +122,16 @@ MULTIMODAL: dict[str, TextOnly] = {
         skipped=("encoder.", "projector.", "model.encoder.", "model.projector."),
         vision_leaves=("to_q", "to_kv", "to_out", "input_linear", "out_mid", "up_conv",
                        "down_conv", "query", "key", "value", "dense", "linear"), images=True),
+    # Qwen2-Audio: a Qwen2 language model behind Whisper's encoder and a linear projector
+    # (models/qwen2_audio.py); LLaVA's layouts under `audio_tower.*` (the encoder's q/k/v_proj
+    # share the language model's names: its LoRA is told apart by the prefix)
+    "Qwen2AudioForConditionalGeneration": TextOnly(
+        "Qwen2ForCausalLM",
+        renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head.")),
+        skipped=("audio_tower.", "multi_modal_projector.", "model.audio_tower.",
+                 "model.multi_modal_projector."),
+        vision_leaves=("out_proj", "fc1", "fc2", "linear", "conv1", "conv2"), images=True),
 }
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
 # their dense sibling as if it were theirs); none today

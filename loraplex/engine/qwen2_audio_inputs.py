@@ -1,0 +1,93 @@
+"""A request's audio clips for Qwen2-Audio: each waveform resampled to the feature
+extractor's rate (engine/audio.py's `resample`), its log-mel features made by HF's own
+WhisperFeatureExtractor (numpy, no torchaudio: the checkpoint's preprocessor_config.json)
+padded to the 30 s window as Qwen2AudioProcessor asks it (padding="max_length", the
+attention mask's sum the clip's frames), and each `<|AUDIO|>` expanded to the clip's count
+of audio tokens, as Qwen2AudioProcessor expands it (the `<|audio_bos|>` / `<|audio_eos|>`
+around it are the prompt's, as the chat template writes them).
+
+A clip longer than the window is refused: HF's extractor would cut it to 30 s silently,
+which drops what the user sent. The features travel on engine/images.py's ImageInputs
+(`pixel_values`: [clips * n_mels, 3000]; `sizes`: each clip's (frames, placeholders)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from loraplex.engine.audio import AudioProcessor, as_clips, resample, waveform
+from loraplex.engine.images import ImageInputs, expand_placeholders, placeholder_ranges
+from loraplex.models.qwen2_audio import Qwen2AudioConfig
+
+
+class Qwen2AudioProcessor(AudioProcessor):
+    """Qwen2-Audio's features and placeholder rule (Granite Speech's AudioProcessor
+    interface, so the engine routes it as audio)."""
+
+    def __init__(self, path: str, config: Qwen2AudioConfig) -> None:  # noqa: D107
+        from transformers import WhisperFeatureExtractor
+
+        self.config = config
+        self.extractor = WhisperFeatureExtractor.from_pretrained(path)
+        if self.extractor.feature_size != config.num_mel_bins:
+            raise ValueError(f"the feature extractor's feature_size="
+                             f"{self.extractor.feature_size}, the encoder takes "
+                             f"num_mel_bins={config.num_mel_bins}")
+        if self.extractor.nb_max_frames != config.window_frames:
+            raise ValueError(f"the feature extractor's window is {self.extractor.nb_max_frames} "
+                             f"frames, the encoder's {config.window_frames}")
+        self.placeholder = config.image_token_id
+
+    @property
+    def rate(self) -> int:
+        return int(self.extractor.sampling_rate)
+
+    def clips(self, data: Any) -> list[tuple[torch.Tensor, int]]:
+        """Each clip's padded features [n_mels, window] and its real frames."""
+        out = []
+        for i, (wave, rate) in enumerate(as_clips(data)):
+            x = resample(waveform(wave, rate, i), int(rate), self.rate)
+            limit = self.extractor.n_samples
+            if x.shape[0] > limit:
+                raise ValueError(f"audio {i}: {x.shape[0] / self.rate:.2f} s is longer than "
+                                 f"Qwen2-Audio's {limit / self.rate:g} s window: split it")
+            if self.config.tokens_for(-(-x.shape[0] // self.extractor.hop_length)) < 1:
+                raise ValueError(f"audio {i}: {x.shape[0]} samples at {self.rate} Hz is too "
+                                 "short (it gives no audio token)")
+            f = self.extractor(x.numpy(), sampling_rate=self.rate, padding="max_length",
+                               return_attention_mask=True, return_tensors="np")
+            out.append((torch.from_numpy(np.asarray(f["input_features"][0], np.float32)),
+                        int(f["attention_mask"][0].sum())))
+        return out
+
+    def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
+        """The prompt with its placeholders expanded, and its clips' inputs."""
+        clips = self.clips(data)
+        sizes = [(frames, self.config.tokens_for(frames)) for _, frames in clips]
+        ids = expand_placeholders(ids, self.placeholder, [n for _, n in sizes], "audio")
+        positions = self.positions(ids)
+        ranges = placeholder_ranges(positions, [n for _, n in sizes])
+        hashes = [hashlib.blake2b(b"audio" + f.numpy().tobytes(), digest_size=16).digest()
+                  for f, _ in clips]
+        return ids, ImageInputs(torch.cat([f for f, _ in clips]), positions, ranges, hashes,
+                                sizes=sizes)
+
+    def expand(self, ids: list[int], data: Any) -> list[int]:
+        counts = [self.config.tokens_for(frames) for _, frames in self.clips(data)]
+        return expand_placeholders(ids, self.placeholder, counts, "audio")
+
+    def check(self, ids: list[int], inputs: ImageInputs) -> None:
+        """Processed inputs given with a prompt (the server's) must be that prompt's."""
+        c = self.config
+        counts = [n for _, n in inputs.sizes]
+        if self.positions(ids) != inputs.positions \
+                or [c.tokens_for(f) for f, _ in inputs.sizes] != counts \
+                or placeholder_ranges(inputs.positions, counts) != inputs.ranges \
+                or tuple(inputs.pixel_values.shape) != (len(counts) * c.num_mel_bins,
+                                                        c.window_frames):
+            raise ValueError("multi_modal_data: the processed audio inputs do not match the "
+                             "prompt's (expanded) audio placeholders")
