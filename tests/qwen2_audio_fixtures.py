@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from tests.fixtures import _reinit_, make_tokenizer
+from tests.granite_speech_fixtures import clip as speech_clip
 from tests.multimodal_fixtures import LANGUAGE_MODEL
 
 AUDIO = "<|AUDIO|>"
@@ -92,12 +93,8 @@ def hf_reference(base: str, adapter: str | None) -> torch.nn.Module:
 
 
 def clip(seed: int, seconds: float = 0.5, rate: int = RATE) -> tuple[np.ndarray, int]:
-    """A waveform: two tones and noise, in [-1, 1] (vLLM's (audio, sample_rate) form)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    f1, f2 = 200 + 700 * rng.random(), 1000 + 3000 * rng.random()
-    wave = 0.5 * np.sin(2 * np.pi * f1 * t) + 0.3 * np.sin(2 * np.pi * f2 * t)
-    return (wave + 0.05 * rng.standard_normal(t.shape)).astype(np.float32), rate
+    """Granite Speech's test waveform (two tones and noise), half a second by default."""
+    return speech_clip(seed, seconds, rate)
 
 
 def hf_features(base: Path, waves: list[np.ndarray]) -> dict[str, torch.Tensor]:
