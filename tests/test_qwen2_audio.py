@@ -106,7 +106,8 @@ def test_audio_embeddings_match_hf(qa):
     got = engine.vision(inputs.pixel_values, inputs.sizes)
     model = hf_reference(str(qa["base"]), None)
     seen = []
-    hook = model.model.multi_modal_projector.register_forward_hook(
+    inner = model.model if hasattr(model, "model") else model  # transformers 4.x: no .model
+    hook = inner.multi_modal_projector.register_forward_hook(
         lambda mod, args, out: seen.append(out))
     try:
         model(input_ids=torch.tensor([ids]), **hf_features(qa["base"], [c[0] for c in clips]))
