@@ -325,11 +325,6 @@ class GraniteSpeechAudio(VisionWeights):
         `model.encoder.*` / `model.projector.*` (saved by transformers 5)."""
         return name.removeprefix("model.")
 
-    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        if self._params is None:  # the batch norm's running statistics load too
-            self._params = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        super().load_weight(name, tensor)
-
     @torch.inference_mode()
     def forward(self, frames: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
         """[frames, input_dim] of clips of `sizes` (frames, placeholders), stacked ->

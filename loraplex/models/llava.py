@@ -319,7 +319,7 @@ class VisionWeights(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._loaded: set[str] = set()
-        self._params: dict[str, nn.Parameter] | None = None  # by name, for load_weight
+        self._params: dict[str, torch.Tensor] | None = None  # by name, for load_weight
 
     def ours(self, name: str) -> str | None:
         """A checkpoint tensor's name in this module (any of the three layouts); None for
@@ -337,8 +337,10 @@ class VisionWeights(nn.Module):
         ours = self.ours(name)
         if ours is None:
             return
-        if self._params is None:  # built once: the checkpoint holds hundreds of tensors
-            self._params = dict(self.named_parameters())
+        if self._params is None:  # built once: the checkpoint holds hundreds of tensors;
+            # what a checkpoint holds: parameters and persistent buffers (Granite Speech's
+            # batch norm statistics)
+            self._params = dict(self.state_dict(keep_vars=True))
         params = self._params
         if ours not in params:
             raise ValueError(f"checkpoint tensor {name}: no such parameter in the "
