@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from tests.fixtures import _reinit_, make_tokenizer
+from tests.multimodal_fixtures import with_peft
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -107,12 +108,7 @@ def hf_model(plain: str) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=8)
 def hf_reference(plain: str, adapter: str | None) -> torch.nn.Module:
-    model = hf_model(plain)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    return model
+    return with_peft(hf_model(plain), adapter)
 
 
 def clip(seed: int, seconds: float = 0.25, rate: int = RATE) -> tuple[np.ndarray, int]:

@@ -20,15 +20,19 @@ def load_multimodal(base: Path) -> torch.nn.Module:
     return AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32).eval()
 
 
-@functools.lru_cache(maxsize=16)
-def hf_multimodal(base: str, adapter: str | None) -> torch.nn.Module:
-    """HF's model (+ PEFT) in fp32: the reference."""
-    model = load_multimodal(Path(base))
+def with_peft(model: torch.nn.Module, adapter: str | None) -> torch.nn.Module:
+    """`model` under the PEFT adapter saved at `adapter` (None: as it is)."""
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).eval()
     return model
+
+
+@functools.lru_cache(maxsize=16)
+def hf_multimodal(base: str, adapter: str | None) -> torch.nn.Module:
+    """HF's model (+ PEFT) in fp32: the reference."""
+    return with_peft(load_multimodal(Path(base)), adapter)
 
 
 def make_multimodal_adapter(base: Path, out: Path, r: int, seed: int,

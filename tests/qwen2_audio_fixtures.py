@@ -14,7 +14,7 @@ import torch
 
 from tests.fixtures import _reinit_, make_tokenizer
 from tests.granite_speech_fixtures import clip as speech_clip
-from tests.multimodal_fixtures import LANGUAGE_MODEL
+from tests.multimodal_fixtures import LANGUAGE_MODEL, with_peft
 
 AUDIO = "<|AUDIO|>"
 ASK = "<|audio_bos|><|AUDIO|><|audio_eos|>What is this sound?"
@@ -84,12 +84,7 @@ def hf_model(base: str) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=8)
 def hf_reference(base: str, adapter: str | None) -> torch.nn.Module:
-    model = hf_model(base)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).eval()
-    return model
+    return with_peft(hf_model(base), adapter)
 
 
 def clip(seed: int, seconds: float = 0.5, rate: int = RATE) -> tuple[np.ndarray, int]:
