@@ -394,3 +394,21 @@ def test_server_transcriptions(speech, tiny_root):
                                    "--served-model-name", "plain"]) as server, \
             pytest.raises(openai.BadRequestError, match="takes no audio"):
         server.get_client().audio.transcriptions.create(model="plain", file=("a.wav", wav))
+
+
+@pytest.mark.parametrize("rate", [16000, 8000, 22050, 44100])
+def test_placeholder_count_without_features(speech, rate):
+    """expand() (the chat route's and /tokenize's count) counts each clip's placeholders
+    from its length alone; they must be the ones the features give (__call__)."""
+    from transformers import AutoConfig
+
+    from loraplex.engine.audio import AudioProcessor
+    from loraplex.models.granite_speech import GraniteSpeechAudioConfig
+
+    config = GraniteSpeechAudioConfig.from_hf(AutoConfig.from_pretrained(speech["plain"]))
+    processor = AudioProcessor(str(speech["plain"]), config)
+    ids = [7, processor.placeholder, 9]
+    gen = np.random.default_rng(rate)
+    for n in [rate // 31, rate // 10 + 1, rate // 4 - 1, rate // 2, rate + 3, 2 * rate + 159]:
+        clips = [(gen.standard_normal(n).astype(np.float32) * 0.1, rate)]
+        assert processor.expand(ids, clips) == processor(ids, clips)[0], n

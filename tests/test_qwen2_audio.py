@@ -264,3 +264,21 @@ def test_server_chat_with_input_audio(qa):
             client.audio.transcriptions.create(model=str(qa["base"]),
                                                file=("a.wav", base64.b64decode(_wav_b64(a))))
         assert chat_token_ids(client, "r8", content) == want  # still serving
+
+
+@pytest.mark.parametrize("rate", [16000, 8000, 22050, 44100])
+def test_placeholder_count_without_features(qa, rate):
+    """expand() (the chat route's and /tokenize's count) counts each clip's placeholders
+    from its length alone; they must be the ones HF's extractor's mask gives (__call__)."""
+    from transformers import AutoConfig
+
+    from loraplex.engine.qwen2_audio_inputs import Qwen2AudioProcessor
+    from loraplex.models.qwen2_audio import Qwen2AudioConfig
+
+    config = Qwen2AudioConfig.from_hf(AutoConfig.from_pretrained(qa["base"]))
+    processor = Qwen2AudioProcessor(str(qa["base"]), config)
+    ids = [7, processor.placeholder, 9]
+    gen = np.random.default_rng(rate)
+    for n in [rate // 25, rate // 10 + 1, rate // 4 - 1, rate + 3, 3 * rate + 159, 30 * rate]:
+        clips = [(gen.standard_normal(n).astype(np.float32) * 0.1, rate)]
+        assert processor.expand(ids, clips) == processor(ids, clips)[0], n

@@ -119,7 +119,12 @@ def resample(wave: torch.Tensor, orig: int, new: int, zeros: int = 6,
     x = torch.nn.functional.pad(wave.float()[None, None], (width, width + orig))
     out = torch.nn.functional.conv1d(x, kernels, stride=orig)  # [1, new, steps]
     out = out[0].T.reshape(-1)
-    return out[:math.ceil(new * length / orig)]
+    return out[:resampled_length(length, orig, new)]
+
+
+def resampled_length(length: int, orig: int, new: int) -> int:
+    """Samples `resample` gives for `length` samples: ceil(length * new / orig)."""
+    return -(-length * new // orig)
 
 
 def as_clips(data: Any) -> list[tuple[np.ndarray | torch.Tensor, int]]:
@@ -167,17 +172,28 @@ class AudioProcessor:
                              f"of {2 * self.mel.n_mels}, the encoder takes {config.input_dim}")
         self.placeholder = config.image_token_id
 
-    def features(self, data: Any) -> list[torch.Tensor]:
-        """Each clip's frames, resampled to the model's rate first."""
+    def checked(self, data: Any) -> list[tuple[torch.Tensor, int, int]]:
+        """Each clip checked: (waveform, its rate, its length in samples at the model's
+        rate once resampled), so placeholders are counted without computing features."""
         out = []
         for i, (wave, rate) in enumerate(as_clips(data)):
-            x = resample(waveform(wave, rate, i), int(rate), self.mel.sampling_rate)
-            if x.shape[0] < self.mel.min_samples:
-                raise ValueError(f"audio {i}: {x.shape[0]} samples at "
-                                 f"{self.mel.sampling_rate} Hz is too short (at least "
-                                 f"{self.mel.min_samples})")
-            out.append(log_mel_frames(x, self.mel))
+            x = waveform(wave, rate, i)
+            n = resampled_length(x.shape[0], int(rate), self.mel.sampling_rate)
+            if n < self.mel.min_samples:
+                raise ValueError(f"audio {i}: {n} samples at {self.mel.sampling_rate} Hz is "
+                                 f"too short (at least {self.mel.min_samples})")
+            out.append((x, int(rate), n))
         return out
+
+    def frames(self, samples: int) -> int:
+        """Feature rows of a clip of `samples`: the centred STFT's 1 + samples // hop
+        frames, stacked in pairs (an odd last one dropped)."""
+        return (1 + samples // self.mel.hop_length) // 2
+
+    def features(self, data: Any) -> list[torch.Tensor]:
+        """Each clip's frames, resampled to the model's rate first."""
+        return [log_mel_frames(resample(x, rate, self.mel.sampling_rate), self.mel)
+                for x, rate, _ in self.checked(data)]
 
     def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its clips' inputs."""
@@ -193,7 +209,7 @@ class AudioProcessor:
     def expand(self, ids: list[int], data: Any) -> list[int]:
         """The prompt with its placeholders expanded for these clips (what /tokenize and
         usage count)."""
-        counts = [self.config.tokens_for(f.shape[0]) for f in self.features(data)]
+        counts = [self.config.tokens_for(self.frames(n)) for *_, n in self.checked(data)]
         return expand_placeholders(ids, self.placeholder, counts, "audio")
 
     def positions(self, ids: list[int]) -> list[int]:

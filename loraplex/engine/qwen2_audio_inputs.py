@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loraplex.engine.audio import AudioProcessor, as_clips, resample, waveform
+from loraplex.engine.audio import AudioProcessor, as_clips, resample, resampled_length, waveform
 from loraplex.engine.images import ImageInputs, expand_placeholders, placeholder_ranges
 from loraplex.models.qwen2_audio import Qwen2AudioConfig
 
@@ -46,20 +46,34 @@ class Qwen2AudioProcessor(AudioProcessor):
     def rate(self) -> int:
         return int(self.extractor.sampling_rate)
 
+    def checked(self, data: Any) -> list[tuple[torch.Tensor, int, int]]:
+        """Each clip checked: (waveform, its rate, its length in samples at the
+        extractor's rate once resampled)."""
+        out = []
+        for i, (wave, rate) in enumerate(as_clips(data)):
+            x = waveform(wave, rate, i)
+            n, limit = resampled_length(x.shape[0], int(rate), self.rate), self.extractor.n_samples
+            if n > limit:
+                raise ValueError(f"audio {i}: {n / self.rate:.2f} s is longer than "
+                                 f"Qwen2-Audio's {limit / self.rate:g} s window: split it")
+            if self.config.tokens_for(self.frames(n)) < 1:
+                raise ValueError(f"audio {i}: {n} samples at {self.rate} Hz is too "
+                                 "short (it gives no audio token)")
+            out.append((x, int(rate), n))
+        return out
+
+    def frames(self, samples: int) -> int:
+        """A clip's mel frames (its feature_attention_mask's sum: the extractor keeps
+        every hop_length-th sample's mask)."""
+        return -(-samples // self.extractor.hop_length)
+
     def clips(self, data: Any) -> list[tuple[torch.Tensor, int]]:
         """Each clip's padded features [n_mels, window] and its real frames."""
         out = []
-        for i, (wave, rate) in enumerate(as_clips(data)):
-            x = resample(waveform(wave, rate, i), int(rate), self.rate)
-            limit = self.extractor.n_samples
-            if x.shape[0] > limit:
-                raise ValueError(f"audio {i}: {x.shape[0] / self.rate:.2f} s is longer than "
-                                 f"Qwen2-Audio's {limit / self.rate:g} s window: split it")
-            if self.config.tokens_for(-(-x.shape[0] // self.extractor.hop_length)) < 1:
-                raise ValueError(f"audio {i}: {x.shape[0]} samples at {self.rate} Hz is too "
-                                 "short (it gives no audio token)")
-            f = self.extractor(x.numpy(), sampling_rate=self.rate, padding="max_length",
-                               return_attention_mask=True, return_tensors="np")
+        for x, rate, _ in self.checked(data):
+            f = self.extractor(resample(x, rate, self.rate).numpy(), sampling_rate=self.rate,
+                               padding="max_length", return_attention_mask=True,
+                               return_tensors="np")
             out.append((torch.from_numpy(np.asarray(f["input_features"][0], np.float32)),
                         int(f["attention_mask"][0].sum())))
         return out
@@ -77,7 +91,7 @@ class Qwen2AudioProcessor(AudioProcessor):
                                 sizes=sizes)
 
     def expand(self, ids: list[int], data: Any) -> list[int]:
-        counts = [self.config.tokens_for(frames) for _, frames in self.clips(data)]
+        counts = [self.config.tokens_for(self.frames(n)) for *_, n in self.checked(data)]
         return expand_placeholders(ids, self.placeholder, counts, "audio")
 
     def check(self, ids: list[int], inputs: ImageInputs) -> None:
