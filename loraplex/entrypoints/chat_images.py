@@ -104,17 +104,19 @@ class ChatImages:
             return parts
         marks = {"image": self.placeholder, "video": self.video_placeholder,
                  "audio": self.audio_placeholder}
-        # the conversation's 1-based audio count, for a placeholder that writes it
-        # (Qwen2-Audio's "Audio {i}: ...", as vLLM's)
-        n = len(self.audios) - sum(p["type"] == "audio" for p in parts)
+        # each item's 1-based number among the conversation's items of its modality, for
+        # a placeholder that writes it (vLLM's placeholder strings take it: Qwen2-Audio's
+        # "Audio {i}: ...")
+        numbers = {kind: len(items) - sum(p["type"] == kind for p in parts)
+                   for kind, items in (("image", self.images), ("video", self.videos),
+                                       ("audio", self.audios))}
         out = []
         for p in parts:
             if p["type"] == "text":
                 out.append(p["text"])
                 continue
-            n += p["type"] == "audio"
-            mark = marks[p["type"]]
-            out.append((mark.replace("{i}", str(n)) if p["type"] == "audio" else mark) + "\n")
+            numbers[p["type"]] += 1
+            out.append(marks[p["type"]].replace("{i}", str(numbers[p["type"]])) + "\n")
         return "".join(out)
 
     def _one_more(self, modality: str, items: list[Any], i: int) -> None:
