@@ -1,0 +1,218 @@
+"""Mistral's own format as the base: `tokenizer_mode` / `config_format` / `load_format`
+"mistral" (params.json, consolidated.safetensors, tekken.json), as Mistral's model cards
+serve their checkpoints with vLLM.
+
+The reference is HF transformers + PEFT on the HF-format checkpoint the Mistral-format
+one was written from (tests/mistral_fixtures.py: Mistral's names, q / k rows in the
+interleaved rotary order), fp32: a missed or wrong permutation changes every logit.
+Chat prompts must be mistral_common's own encoding of the messages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex import LoRARequest, SamplingParams
+from tests.engine_utils import GREEDY, check_against_hf, make_llm
+from tests.server_utils import RemoteServer, clean_env, token_ids_of
+
+pytest.importorskip("mistral_common")
+
+from mistral_common.protocol.instruct.messages import (  # noqa: E402
+    AssistantMessage,
+    SystemMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.request import ChatCompletionRequest  # noqa: E402
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer  # noqa: E402
+
+from tests.mistral_fixtures import write_mistral_format  # noqa: E402
+
+MISTRAL = dict(tokenizer_mode="mistral", config_format="mistral", load_format="mistral")
+ADAPTERS = ("r4_qv", "r8_all")  # ranks 4 and 8 (q/v; every linear)
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tiny_root: Path, tiny_models) -> Path:
+    """The session's tiny HF Mistral in Mistral's format, in a folder of its own."""
+    return write_mistral_format(tiny_models["mistral"], tiny_root / "mistral-format")
+
+
+def test_weights_and_adapters_match_hf(mistral_dir, tiny_models, tiny_adapters, prompts):
+    """The consolidated weights serve the HF checkpoint's logits, and PEFT adapters trained
+    on the HF model apply unchanged, in one mixed batch (base + ranks 4 and 8)."""
+    hf_dir, ad = tiny_models["mistral"], tiny_adapters["mistral"]
+    llm = make_llm(mistral_dir, enable_lora=True, max_loras=2, max_lora_rank=8, **MISTRAL)
+    loras = [None, *(LoRARequest(n, i + 1, str(ad[n])) for i, n in enumerate(ADAPTERS))]
+    jobs = [(p, loras[i % 3]) for i, p in enumerate(prompts[:3] * 2)]
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], GREEDY,
+                        lora_request=[lora for _, lora in jobs], use_tqdm=False)
+    check_against_hf(outs, hf_dir, [None if lo is None else ad[lo.lora_name] for _, lo in jobs],
+                     [p for p, _ in jobs])
+
+
+def test_auto_detects_mistral_format_beside_hf_files(mistral_dir, tiny_models, tmp_path,
+                                                     prompts):
+    """A repo holding both formats (Mistral-7B-Instruct-v0.3's layout): "auto" reads
+    params.json, the consolidated weights and tekken.json, as vLLM does, and the logits
+    are the HF-format model's own."""
+    both = tmp_path / "both"
+    shutil.copytree(tiny_models["mistral"], both)
+    for f in mistral_dir.iterdir():
+        shutil.copy(f, both / f.name)
+    (both / "model.safetensors").unlink()  # the HF weights gone: only consolidated load
+    llm = make_llm(both)
+    engine = llm.llm_engine
+    assert engine.mistral_format.config and engine.mistral_format.weights
+    assert engine.tokenizer_mode == "mistral" and engine.tokenizer.is_mistral
+    hf = make_llm(tiny_models["mistral"])
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=5)
+    for ours, theirs in zip(llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
+                                         params, use_tqdm=False),
+                            hf.generate([{"prompt_token_ids": p} for p in prompts[:2]],
+                                        params, use_tqdm=False), strict=True):
+        assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+        for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs, strict=True):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-5 for t in a)
+
+
+def test_chat_is_mistral_commons_encoding(mistral_dir, tiny_models):
+    """LLM.chat's prompt ids are mistral_common's own encoding of the messages; the text
+    round-trips through the tokenizer; a chat template is refused."""
+    llm = make_llm(mistral_dir, **MISTRAL)
+    reference = MistralTokenizer.from_file(str(mistral_dir / "tekken.json"))
+    want = reference.encode_chat_completion(ChatCompletionRequest(messages=[
+        SystemMessage(content="Answer briefly."), UserMessage(content="Hi"),
+        AssistantMessage(content="Hello there."),
+        UserMessage(content="What is the capital of France?")])).tokens
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello there."},
+                {"role": "user", "content": [{"type": "text",
+                                              "text": "What is the capital of France?"}]}]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
+                   use_tqdm=False)[0]
+    assert out.prompt_token_ids == want
+    assert want[0] == 1 and 17 in want  # <s>, [SYSTEM_PROMPT]
+    tok = llm.get_tokenizer()
+    text = "The quick brown fox jumps over the lazy dog."
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+    assert tok.encode("[INST]", add_special_tokens=False) != [3]  # text, not control
+    with pytest.raises(ValueError, match="not supported for Mistral tokenizers"):
+        llm.chat(messages, chat_template="{{ messages }}", use_tqdm=False)
+
+
+def _params(path: Path, **changes) -> Path:
+    params = json.loads((path / "params.json").read_text())
+    (path / "params.json").write_text(json.dumps({**params, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no_params", "reads params.json, which"),
+    ("vision", "vision encoder"),
+    ("moe", "mixture of experts"),
+    ("no_consolidated", "no consolidated"),
+    ("no_tokenizer", "no tekken.json"),
+])
+def test_unsupported_checkpoints_refused(case, match, mistral_dir, tiny_models, tmp_path):
+    """What this loader does not serve fails at start-up with a message saying what."""
+    bad = tmp_path / case
+    shutil.copytree(mistral_dir, bad)
+    if case == "no_params":
+        bad = tiny_models["mistral"]  # an HF-format checkpoint
+    elif case == "vision":
+        _params(bad, vision_encoder={"hidden_size": 64, "num_hidden_layers": 1})
+    elif case == "moe":
+        _params(bad, moe={"num_experts": 4, "num_experts_per_tok": 2})
+    elif case == "no_consolidated":
+        (bad / "consolidated.safetensors").unlink()
+    elif case == "no_tokenizer":
+        (bad / "tekken.json").unlink()
+    with pytest.raises(ValueError, match=match):
+        make_llm(bad, **({"config_format": "mistral"} if case == "no_params" else MISTRAL))
+
+
+def _serve(model: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loraplex.entrypoints.cli", "serve",
+                           str(model), "--dtype", "float32", *args], capture_output=True,
+                          text=True, timeout=120, env=clean_env())
+
+
+def test_server_refuses_vision_params_and_chat_template(mistral_dir, tmp_path):
+    """`loraplex serve` stops at start-up, saying why: Pixtral-style params.json; a
+    --chat-template beside Mistral's tokenizer."""
+    vision = _params(shutil.copytree(mistral_dir, tmp_path / "vision"),
+                     vision_encoder={"hidden_size": 64})
+    res = _serve(vision, "--tokenizer_mode", "mistral", "--config_format", "mistral",
+                 "--load_format", "mistral")
+    assert res.returncode != 0 and "vision encoder" in res.stderr, res.stderr[-2000:]
+    res = _serve(mistral_dir, "--tokenizer-mode", "mistral", "--chat-template",
+                 "{{ messages }}", "--cpu-kv-cache-gib", "0.05", "--max-model-len", "128")
+    assert res.returncode != 0 and "--chat-template cannot be used" in res.stderr, \
+        res.stderr[-2000:]
+
+
+def test_server_chat_completions_and_adapters(mistral_dir, tiny_models, tiny_adapters,
+                                              prompts):
+    """`loraplex serve DIR --tokenizer-mode mistral --config-format mistral --load-format
+    mistral --enable-lora --lora-modules ...` with the openai client: completions of the
+    base and the adapters as HF + PEFT on the HF checkpoint; chat prompts as
+    mistral_common encodes them (streamed once); bad chats fail alone with a 400."""
+    hf_dir, ad = tiny_models["mistral"], tiny_adapters["mistral"]
+    args = ["--tokenizer-mode", "mistral", "--config-format", "mistral", "--load-format",
+            "mistral", "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
+            "--lora-modules", f"a4={ad['r4_qv']}", f"a8={ad['r8_all']}",
+            "--dtype", "float32", "--cpu-kv-cache-gib", "0.05", "--max-model-len", "256"]
+    extra = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    reference = MistralTokenizer.from_file(str(mistral_dir / "tekken.json"))
+    chat_ids = reference.encode_chat_completion(ChatCompletionRequest(
+        messages=[UserMessage(content="What is the capital of France?")])).tokens
+    with RemoteServer(mistral_dir, args) as server:
+        client = server.get_client()
+        for model, adapter in ((str(mistral_dir), None), ("a4", ad["r4_qv"]),
+                               ("a8", ad["r8_all"])):
+            res = client.completions.create(model=model, prompt=prompts[1], max_tokens=6,
+                                            temperature=0.0, logprobs=1, extra_body=extra)
+            assert token_ids_of(res.choices[0].logprobs) == \
+                torch.tensor(_greedy(hf_dir, adapter, prompts[1], 6)).tolist(), model
+            chat = client.chat.completions.create(
+                model=model, max_tokens=5, temperature=0.0, logprobs=True,
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                extra_body=extra)
+            assert chat.usage.prompt_tokens == len(chat_ids)
+            got = [int(c.token.split(":", 1)[1]) for c in chat.choices[0].logprobs.content]
+            assert got == _greedy(hf_dir, adapter, chat_ids, 5), model
+        stream = client.completions.create(model="a8", prompt="The quick brown", max_tokens=5,
+                                           temperature=0.0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        text = "".join(c.choices[0].text for c in stream if c.choices)
+        whole = client.completions.create(model="a8", prompt="The quick brown", max_tokens=5,
+                                          temperature=0.0, extra_body={"ignore_eos": True})
+        assert text == whole.choices[0].text
+        r = server.post("/v1/chat/completions", {
+            "model": "a4", "messages": [{"role": "user", "content": "Hi"}],
+            "chat_template": "{{ messages }}"})
+        assert r.status_code == 400 and "Mistral tokenizers" in r.json()["error"]["message"]
+        r = server.post("/v1/chat/completions", {  # ends with the assistant: not a prompt
+            "model": "a4", "messages": [{"role": "user", "content": "Hi"},
+                                        {"role": "assistant", "content": "Hello"}]})
+        assert r.status_code == 400 and "mistral_common" in r.json()["error"]["message"], r.text
+        again = client.chat.completions.create(
+            model="a4", max_tokens=3, temperature=0.0,
+            messages=[{"role": "user", "content": "Hi"}])
+        assert again.choices[0].finish_reason in ("length", "stop")
+
+
+def _greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
+    from tests.fixtures import hf_greedy
+
+    return hf_greedy(base, adapter, list(prompt), n)
