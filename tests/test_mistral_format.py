@@ -11,6 +11,7 @@ Chat prompts must be mistral_common's own encoding of the messages.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from loraplex import LoRARequest, SamplingParams
+from loraplex.sampling_params import StructuredOutputsParams
 from tests.engine_utils import GREEDY, check_against_hf, make_llm
 from tests.server_utils import RemoteServer, clean_env, token_ids_of
 
@@ -108,6 +110,31 @@ def test_chat_is_mistral_commons_encoding(mistral_dir, tiny_models):
     assert tok.encode("[INST]", add_special_tokens=False) != [3]  # text, not control
     with pytest.raises(ValueError, match="not supported for Mistral tokenizers"):
         llm.chat(messages, chat_template="{{ messages }}", use_tqdm=False)
+
+
+def test_magistral_reasoning_tags_are_control_tokens(mistral_dir):
+    """--reasoning-parser mistral finds [THINK] / [/THINK] as the control tokens they are
+    (text never encodes to them), so structured outputs start after the reasoning."""
+    llm = make_llm(mistral_dir, reasoning_parser="mistral", **MISTRAL)
+    assert llm.llm_engine.reasoning_tags == (20, 21)
+    tok = llm.get_tokenizer()
+    assert tok.decode([5, 20, 21]) == "[AVAILABLE_TOOLS][THINK][/THINK]"
+    assert tok.decode([5, 20, 21], skip_special_tokens=True) == ""
+
+
+def test_structured_outputs_through_mistrals_tokenizer(mistral_dir):
+    """xgrammar reads tekken's byte vocabulary (its HF reader cannot): a choice and a
+    regex constrain the reply, with adapters or without."""
+    llm = make_llm(mistral_dir, **MISTRAL)
+    choices = ["Paris", "London", "the red fox"]
+    for spec, ok in ((StructuredOutputsParams(choice=choices), choices.__contains__),
+                     (StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2}"),
+                      re.compile(r"[0-9]{3}-[a-z]{2}").fullmatch)):
+        params = SamplingParams(temperature=0.8, seed=3, max_tokens=20,
+                                structured_outputs=spec)
+        for out in llm.generate(["The capital of France is", "Numbers like"], params,
+                                use_tqdm=False):
+            assert ok(out.outputs[0].text), out.outputs[0].text
 
 
 def _params(path: Path, **changes) -> Path:

@@ -157,6 +157,26 @@ class MistralTokenizer:
             return self._vocab.get(tokens, self.raw.unk_id)
         return [self._vocab.get(t, self.raw.unk_id) for t in tokens]
 
+    def xgrammar_info(self, xgr: Any, vocab_size: int) -> Any:
+        """xgrammar's TokenizerInfo (its from_huggingface reads HF tokenizers only):
+        tekken's raw bytes, or sentencepiece's pieces (byte fallback); control tokens are
+        empty, so no grammar writes them as text."""
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+        special = set(self.all_special_ids)
+        if isinstance(self.raw, Tekkenizer):
+            vocab: list[Any] = [b"" if i in special else
+                                self.raw.id_to_byte_piece(i, SpecialTokenPolicy.KEEP)
+                                for i in range(self.raw.n_words)]
+            kind = xgr.VocabType.RAW
+        else:
+            vocab = ["" if i in special else self.raw.id_to_piece(i)
+                     for i in range(self.raw.n_words)]
+            kind = xgr.VocabType.BYTE_FALLBACK
+        return xgr.TokenizerInfo(vocab, kind, vocab_size=vocab_size,
+                                 stop_token_ids=[self.eos_token_id])
+
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
                     continue_final_message: bool = False,
                     reasoning_effort: str | None = None) -> list[int]:
