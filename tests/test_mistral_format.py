@@ -137,6 +137,37 @@ def test_structured_outputs_through_mistrals_tokenizer(mistral_dir):
             assert ok(out.outputs[0].text), out.outputs[0].text
 
 
+def test_sentencepiece_v3_tokenizer(tmp_path):
+    """A tokenizer.model.v3 (Mistral 7B v0.3's, shipped in mistral_common's package) in a
+    Mistral-format folder: "auto" picks it, text round-trips, chat is mistral_common's
+    encoding and xgrammar reads its byte-fallback pieces."""
+    import mistral_common
+    import xgrammar as xgr
+
+    from loraplex.engine.mistral_tokenizer import MistralTokenizer as Ours
+    from loraplex.engine.mistral_tokenizer import resolve_tokenizer_mode
+
+    data = Path(mistral_common.__file__).parent / "data"
+    shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3",
+                tmp_path / "tokenizer.model.v3")
+    assert resolve_tokenizer_mode("auto", str(tmp_path)) == "hf"  # not Mistral's format
+    (tmp_path / "consolidated.safetensors").write_bytes(b"")
+    assert resolve_tokenizer_mode("auto", str(tmp_path)) == "mistral"
+    tok = Ours.from_pretrained(str(tmp_path))
+    text = "Hello world, the capital of France is Paris.\nÇa va?"
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
+    assert tok.encode(text)[0] == tok.bos_token_id == 1
+    reference = MistralTokenizer.from_file(str(tmp_path / "tokenizer.model.v3"))
+    want = reference.encode_chat_completion(ChatCompletionRequest(
+        messages=[UserMessage(content="Hi"), AssistantMessage(content="Hello."),
+                  UserMessage(content="Bye")])).tokens
+    assert tok.encode_chat([{"role": "user", "content": "Hi"},
+                            {"role": "assistant", "content": "Hello."},
+                            {"role": "user", "content": "Bye"}]) == want
+    info = tok.xgrammar_info(xgr, len(tok))
+    assert info.vocab_size == 32768 and info.stop_token_ids == [2]
+
+
 def _params(path: Path, **changes) -> Path:
     params = json.loads((path / "params.json").read_text())
     (path / "params.json").write_text(json.dumps({**params, **changes}))

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 MODES = ("auto", "hf", "slow", "mistral")
 _SPM_FILE = re.compile(r"tokenizer\.model\.v\d+(m\d+)?")
-INSTALL_HINT = "tokenizer_mode='mistral' needs mistral_common: pip install 'loraplex[mistral]'"
+INSTALL_HINT = ("tokenizer_mode='mistral' needs mistral_common (and sentencepiece for "
+                "tokenizer.model.v* files): pip install 'loraplex[mistral]'")
 
 
 def mistral_tokenizer_file(path: str) -> str | None:
