@@ -11,6 +11,7 @@ Chat prompts must be mistral_common's own encoding of the messages.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ import torch
 from loraplex import LoRARequest, SamplingParams
 from loraplex.sampling_params import StructuredOutputsParams
 from tests.engine_utils import GREEDY, check_against_hf, make_llm
+from tests.fixtures import make_tiny_model
 from tests.server_utils import RemoteServer, clean_env, token_ids_of
 
 pytest.importorskip("mistral_common")
@@ -60,8 +62,22 @@ def test_weights_and_adapters_match_hf(mistral_dir, tiny_models, tiny_adapters, 
                      [p for p, _ in jobs])
 
 
+def test_yarn_params_match_hf(tiny_root, prompts):
+    """params.json's yarn block (beta / alpha) as HF's yarn rope_parameters: the logits
+    of an HF Mistral with that rope scaling."""
+    hf_dir = make_tiny_model(tiny_root / "mistral-yarn-hf", "mistral", seed=5, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
+        "beta_fast": 16.0, "beta_slow": 2.0})
+    ours = write_mistral_format(hf_dir, tiny_root / "mistral-yarn")
+    assert "yarn" in json.loads((ours / "params.json").read_text())
+    llm = make_llm(ours, **MISTRAL)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[2:4]], GREEDY,
+                        use_tqdm=False)
+    check_against_hf(outs, hf_dir, [None, None], prompts[2:4])
+
+
 def test_auto_detects_mistral_format_beside_hf_files(mistral_dir, tiny_models, tmp_path,
-                                                     prompts):
+                                                     prompts, caplog):
     """A repo holding both formats (Mistral-7B-Instruct-v0.3's layout): "auto" reads
     params.json, the consolidated weights and tekken.json, as vLLM does, and the logits
     are the HF-format model's own."""
@@ -75,11 +91,16 @@ def test_auto_detects_mistral_format_beside_hf_files(mistral_dir, tiny_models, t
     assert engine.mistral_format.config and engine.mistral_format.weights
     assert engine.tokenizer_mode == "mistral" and engine.tokenizer.is_mistral
     hf = make_llm(tiny_models["mistral"])
+    shutil.copy(tiny_models["mistral"] / "model.safetensors", both)  # both formats' weights
+    with caplog.at_level(logging.WARNING, logger="loraplex.models.loader"):
+        hf_weights = make_llm(both, config_format="hf", load_format="safetensors")
+    assert not hf_weights.llm_engine.mistral_format.weights
+    assert "ignoring checkpoint tensor" not in caplog.text  # consolidated ones not read
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=5)
-    for ours, theirs in zip(llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
-                                         params, use_tqdm=False),
-                            hf.generate([{"prompt_token_ids": p} for p in prompts[:2]],
-                                        params, use_tqdm=False), strict=True):
+    for ours, theirs, again in zip(*(m.generate([{"prompt_token_ids": p} for p in prompts[:2]],
+                                                params, use_tqdm=False)
+                                     for m in (llm, hf, hf_weights)), strict=True):
+        assert again.outputs[0].token_ids == theirs.outputs[0].token_ids
         assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
         for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs, strict=True):
             assert a.keys() == b.keys()

@@ -79,7 +79,10 @@ class MistralTokenizer:
         except ImportError as e:
             raise ImportError(INSTALL_HINT) from e
         self.file = file
-        self.mistral = _Mistral.from_file(file, mode=ValidationMode.test)
+        try:
+            self.mistral = _Mistral.from_file(file, mode=ValidationMode.test)
+        except ImportError as e:  # sentencepiece, for tokenizer.model.v* files
+            raise ImportError(f"{INSTALL_HINT} ({e})") from e
         self.raw = self.mistral.instruct_tokenizer.tokenizer  # Tekkenizer or sentencepiece
 
     @classmethod
