@@ -124,8 +124,10 @@ def test_chat_is_mistral_commons_encoding(mistral_dir, tiny_models):
     out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True),
                    use_tqdm=False)[0]
     assert out.prompt_token_ids == want
-    assert want[0] == 1 and 17 in want  # <s>, [SYSTEM_PROMPT]
     tok = llm.get_tokenizer()
+    assert tok.apply_chat_template(messages) == want  # HF's call, for users
+    assert tok.apply_chat_template(messages, tokenize=False).startswith("<s>[SYSTEM_PROMPT]")
+    assert want[0] == 1 and 17 in want  # <s>, [SYSTEM_PROMPT]
     text = "The quick brown fox jumps over the lazy dog."
     assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
     assert tok.encode("[INST]", add_special_tokens=False) != [3]  # text, not control

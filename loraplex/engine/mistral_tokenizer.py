@@ -161,6 +161,22 @@ class MistralTokenizer:
             return self._vocab.get(tokens, self.raw.unk_id)
         return [self._vocab.get(t, self.raw.unk_id) for t in tokens]
 
+    def apply_chat_template(self, conversation: list[dict[str, Any]],
+                            tools: list[dict] | None = None, tokenize: bool = True,
+                            add_generation_prompt: bool = True,
+                            continue_final_message: bool = False,
+                            chat_template: str | None = None, **kwargs: Any
+                            ) -> list[int] | str:
+        """HF's call, for users of LLM.get_tokenizer(): encode_chat's ids (or their text);
+        add_generation_prompt means nothing here (mistral_common ends a user turn with
+        [/INST]); a template, or another template variable, is refused."""
+        effort = kwargs.pop("reasoning_effort", None)
+        if chat_template is not None or kwargs:
+            raise ValueError("chat_template and template variables are not supported for "
+                             "Mistral tokenizers (tokenizer_mode 'mistral')")
+        ids = self.encode_chat(conversation, tools, continue_final_message, effort)
+        return ids if tokenize else self.decode(ids)
+
     def xgrammar_info(self, xgr: Any, vocab_size: int) -> Any:
         """xgrammar's TokenizerInfo (its from_huggingface reads HF tokenizers only):
         tekken's raw bytes, or sentencepiece's pieces (byte fallback); control tokens are
