@@ -248,12 +248,9 @@ class LLM:
                                 audio_placeholder=engine.audio_placeholder)
             conv = [{**m, "content": images.content(m.get("content"), i)} if "content" in m
                     else m for i, m in enumerate(conv)]
-            if getattr(tok, "is_mistral", False):  # mistral_common encodes it (no template)
-                ids = _mistral_chat_ids(tok, conv, chat_template, template_kwargs)
-            else:
-                ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
-                                              add_generation_prompt=add_generation_prompt,
-                                              **template_kwargs)
+            ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,
+                                          add_generation_prompt=add_generation_prompt,
+                                          **template_kwargs)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in v5
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)} | (
@@ -294,22 +291,6 @@ def _as_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
         return [prompts]
     return list(prompts)
-
-
-def _mistral_chat_ids(tok: Any, conv: list[dict[str, Any]], chat_template: str | None,
-                      template_kwargs: dict[str, Any]) -> list[int]:
-    """tokenizer_mode="mistral": mistral_common's encoding of the chat; a template, or a
-    template variable it has no use for, is refused (as vLLM refuses them)."""
-    kw = dict(template_kwargs)
-    tools = kw.pop("tools", None)
-    continue_final = bool(kw.pop("continue_final_message", False))
-    effort = kw.pop("reasoning_effort", None)
-    if chat_template is not None or kw:
-        raise ValueError("chat_template and template variables are not supported for "
-                         f"Mistral tokenizers (tokenizer_mode 'mistral'): got "
-                         f"{'chat_template' if chat_template is not None else sorted(kw)}")
-    return tok.encode_chat(conv, tools, continue_final_message=continue_final,
-                           reasoning_effort=effort)
 
 
 def _broadcast(value: Any, n: int, name: str, default: Any) -> list[Any]:
