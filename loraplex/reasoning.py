@@ -94,6 +94,9 @@ class ReasoningParser:
         ids = []
         for tag in (self.start, self.end):
             encoded = tokenizer.encode(tag, add_special_tokens=False)
+            if len(encoded) != 1 and getattr(tokenizer, "is_mistral", False) and \
+                    tag in tokenizer.get_vocab():  # Magistral's: a control token, which
+                encoded = [tokenizer.get_vocab()[tag]]  # mistral_common never encodes
             if len(encoded) != 1:
                 raise ValueError(f"--reasoning-parser {self.name}: {tag!r} is not one token of "
                                  f"this tokenizer ({encoded}); the model does not reason "

@@ -39,7 +39,6 @@ _IGNORED_WHEN_SET = {
     "disable_log_stats": False,
     "max_seq_len_to_capture": None,
     "fully_sharded_loras": False,
-    "tokenizer_mode": "auto",
     "disable_custom_all_reduce": False,
     "cpu_offload_gb": 0,
 }
@@ -69,7 +68,15 @@ class EngineArgs:
     # vLLM's: "auto" (the model's dtype), "fp8" / "fp8_e4m3", "fp8_e5m2" (config.py)
     kv_cache_dtype: str = "auto"
     device: str = "auto"
+    # "auto", "gguf", "dummy", "mistral" (Mistral's consolidated*.safetensors; auto when
+    # the model has them, as in vLLM), ... (models/mistral_format.py)
     load_format: str = "auto"
+    # vLLM's: "auto", "hf" (config.json) or "mistral" (params.json; auto beside
+    # consolidated*.safetensors)
+    config_format: str = "auto"
+    # vLLM's: "auto", "hf" ("slow": the same here) or "mistral" (mistral_common's tokenizer,
+    # engine/mistral_tokenizer.py; auto for a Mistral-format checkpoint that ships one)
+    tokenizer_mode: str = "auto"
     served_model_name: str | list[str] | None = None
     quantization: str | None = None
     tensor_parallel_size: int = 1
@@ -138,7 +145,6 @@ class EngineArgs:
     disable_log_stats: bool = False
     max_seq_len_to_capture: int | None = None
     fully_sharded_loras: bool = False
-    tokenizer_mode: str = "auto"
     disable_custom_all_reduce: bool = False
     cpu_offload_gb: float = 0
 
@@ -160,8 +166,9 @@ class EngineArgs:
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if self.load_format not in ("auto", "dummy", "safetensors", "pt", "bitsandbytes",
-                                    "gguf"):
-            raise ValueError(f"load_format={self.load_format!r}: use 'auto', 'gguf' or 'dummy'")
+                                    "gguf", "mistral"):
+            raise ValueError(f"load_format={self.load_format!r}: use 'auto', 'gguf', "
+                             "'mistral' or 'dummy'")
         if self.quantization == "gguf" and not is_gguf_model(self.model, self.load_format):
             raise ValueError(f"quantization='gguf' needs a GGUF file as the model, not "
                              f"{self.model!r}")

@@ -36,6 +36,7 @@ from loraplex.engine.images import (
     vision_config,
 )
 from loraplex.engine.logits_processors import LogitsProcessorBatch, load_logits_processors
+from loraplex.engine.mistral_tokenizer import MistralTokenizer, resolve_tokenizer_mode
 from loraplex.engine.pixtral_images import PixtralImageProcessor
 from loraplex.engine.prompt_embeds import (
     NOT_ENABLED,
@@ -73,6 +74,11 @@ from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.llava import LlavaVisionConfig
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
+from loraplex.models.mistral_format import (
+    MistralFormat,
+    iterate_mistral_weights,
+    mistral_config,
+)
 from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.qwen2_audio import Qwen2AudioConfig, is_qwen2_audio
@@ -137,7 +143,11 @@ class LLMEngine:
         # a GGUF file: config, tokenizer and weights from it (models/gguf_loader.py)
         self.gguf = gguf_file(args.model, args.load_format, args.revision)
         path = self.gguf or resolve_model_path(args.model, args.revision)
-        hf_config = gguf_config(path) if self.gguf else AutoConfig.from_pretrained(path)
+        # Mistral's own format: params.json, consolidated*.safetensors (mistral_format.py)
+        self.mistral_format = MistralFormat() if self.gguf else MistralFormat.resolve(
+            path, args.config_format, args.load_format)
+        hf_config = gguf_config(path) if self.gguf else mistral_config(path) \
+            if self.mistral_format.config else AutoConfig.from_pretrained(path)
         apply_hf_overrides(hf_config, parse_hf_overrides(args.hf_overrides))
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
@@ -197,6 +207,8 @@ class LLMEngine:
             keep_freed_memory()
         self._tokenizer_source = (path if args.tokenizer is None
                                   else resolve_model_path(args.tokenizer), args.tokenizer_revision)
+        self.tokenizer_mode = "hf" if self.gguf and args.tokenizer is None else \
+            resolve_tokenizer_mode(args.tokenizer_mode, self._tokenizer_source[0])
         self.tokenizer = self.load_tokenizer()
         self.image_processor = self._image_processor(path, vision)
         self.vision = (self._build(lambda: build_vision(vision))
@@ -293,10 +305,12 @@ class LLMEngine:
 
     def load_tokenizer(self) -> Any:
         """A new copy of the base's tokenizer: the `tokenizer` option's, else the model's
-        (a GGUF file's built from its metadata)."""
+        (a GGUF file's built from its metadata; tokenizer_mode="mistral": mistral_common's)."""
         source, revision = self._tokenizer_source
         if source == self.gguf:
             return gguf_tokenizer(source)
+        if self.tokenizer_mode == "mistral":
+            return MistralTokenizer.from_pretrained(source)
         return AutoTokenizer.from_pretrained(source, revision=revision)
 
     def _image_processor(self, path: str, config: VisionConfig | None
@@ -376,6 +390,8 @@ class LLMEngine:
         elif self.gguf:
             load_weights(model, path, weights=iterate_gguf_weights(path, hf_config))
             log_dequantized_size(path, model)
+        elif self.mistral_format.weights:
+            load_weights(model, path, weights=iterate_mistral_weights(path, hf_config))
         else:
             heads: dict[str, torch.Tensor] | None = {} if self.classify else None
             load_weights(model, path, self.vision, headless=self.headless, classifier=heads)

@@ -108,7 +108,9 @@ class StructuredOutputs:
     def _compile(self, params: StructuredOutputsParams, kind: str) -> Any:
         xgr = _xgrammar()
         if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+            own = getattr(self.tokenizer, "xgrammar_info", None)  # Mistral's tokenizer
+            info = own(xgr, self.vocab_size) if own is not None else \
+                xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
             self._compiler = xgr.GrammarCompiler(info)
         try:
             if kind in ("json", "json_object"):  # json_object: any JSON object, as vLLM

@@ -523,6 +523,9 @@ async def build_state(args: argparse.Namespace) -> ServerState:
     models = OpenAIServingModels(async_engine, names, engine.model_config.max_model_len,
                                  engine.lora_config is not None)
     tokenizer = _server_tokenizer(engine)
+    if chat_template is not None and getattr(tokenizer, "is_mistral", False):
+        raise CLIError("--chat-template cannot be used with Mistral's tokenizer "
+                       "(tokenizer_mode 'mistral'): mistral_common encodes the chat, as in vLLM")
     details = args.enable_prompt_tokens_details
     chat = OpenAIServingChat(async_engine, models, tokenizer, chat_template=chat_template,
                              tool_call_parser=parser,

@@ -167,8 +167,18 @@ ENGINE_HELP: dict[str, str] = {
     "cpu_kv_cache_gib": "KV cache size in GiB on CPU (or env LORAPLEX_CPU_KVCACHE_SPACE).",
     "device": "auto, cpu or cuda[:N].",
     "load_format": "auto (safetensors or .bin; a .gguf file or one with GGUF's magic as "
-                   "gguf), gguf, dummy (random weights, for benchmarks) or bitsandbytes "
+                   "gguf; Mistral's consolidated*.safetensors as mistral, as vLLM does), "
+                   "gguf, mistral (Mistral's consolidated*.safetensors), dummy (random "
+                   "weights, for benchmarks) or bitsandbytes "
                    "(vLLM's older name: auto, with --quantization bitsandbytes).",
+    "config_format": "Where the model's config comes from: auto (params.json beside "
+                     "consolidated*.safetensors: mistral; else hf), hf (config.json) or "
+                     "mistral (Mistral's params.json; text models only).",
+    "tokenizer_mode": "auto (Mistral's tokenizer for a checkpoint in Mistral's format "
+                      "that ships tekken.json or tokenizer.model.v*, as vLLM does; else "
+                      "HF's), hf / slow (HF's) or mistral (mistral_common's tekken.json or "
+                      "tokenizer.model.v*: chat encoded by mistral_common, no Jinja "
+                      "template; needs loraplex[mistral]).",
     "served_model_name": "Name(s) the base model answers to in the API; the first is used "
                          "in responses. Default: the model argument.",
     "quantization": "The checkpoint's quantization method (gptq, awq, bitsandbytes, fp8 or "
@@ -295,6 +305,8 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
             "scheduling_policy": ["fcfs", "priority"],
             "lora_dtype": ["auto", "float32", "float16", "bfloat16"],
             "kv_cache_dtype": ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],  # config.py's
+            "config_format": ["auto", "hf", "mistral"],
+            "tokenizer_mode": ["auto", "hf", "slow", "mistral"],
             "reasoning_parser": ["deepseek_r1", "qwen3", "glm45", "openai_gptoss", "mistral",
                                  "granite", "seed_oss", "minimax_m2",
                                  "minimax_m2_append_think", "deepseek_v3"]}  # reasoning.py's
@@ -304,7 +316,10 @@ _CHOICES = {"dtype": ["auto", "float32", "float", "float16", "half", "bfloat16"]
 TOOL_CALL_PARSERS = ["hermes", "llama3_json", "mistral", "pythonic", "llama4_pythonic",
                      "qwen3_coder", "openai", "granite", "phi4_mini_json", "glm45",
                      "deepseek_v3", "deepseek_v31", "kimi_k2", "minimax_m2", "seed_oss"]
-_SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",)}  # vLLM's
+_SHORT_FLAGS = {"quantization": ("-q",), "tensor_parallel_size": ("-tp",),  # vLLM's
+                # as Mistral's model cards spell them (vLLM takes any flag with "_")
+                "tokenizer_mode": ("--tokenizer_mode",), "config_format": ("--config_format",),
+                "load_format": ("--load_format",)}
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:

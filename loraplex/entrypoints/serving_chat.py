@@ -113,6 +113,8 @@ class OpenAIServingChat(OpenAIServing):
                             video_placeholder=engine.video_placeholder,
                             audio_placeholder=engine.audio_placeholder)
         messages = self._messages(req, images)
+        if getattr(encoder, "is_mistral", False):  # tokenizer_mode="mistral": no template
+            return (*self._render_mistral(req, tools, encoder, messages), images)
         try:
             text = encoder.apply_chat_template(
                 messages, chat_template=template, tokenize=False, **template_kw,
@@ -137,6 +139,23 @@ class OpenAIServingChat(OpenAIServing):
             except ValueError as e:
                 raise BadRequestError(f"messages: {e}", param="messages") from e
         return text, ids, images
+
+    @staticmethod
+    def _render_mistral(req: ChatCompletionRequest, tools: list[dict[str, Any]] | None,
+                        encoder: Any, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
+        """The chat as mistral_common encodes it (engine/mistral_tokenizer.py), and its
+        text; a template of the request's is refused, as vLLM refuses it."""
+        if req.chat_template is not None or req.chat_template_kwargs is not None:
+            raise BadRequestError("chat_template is not supported for Mistral tokenizers "
+                                  "(tokenizer_mode 'mistral': mistral_common encodes the chat)",
+                                  param="chat_template")
+        try:
+            ids = encoder.encode_chat(messages, tools,
+                                      continue_final_message=req.continue_final_message,
+                                      reasoning_effort=req.reasoning_effort)
+        except ValueError as e:
+            raise BadRequestError(str(e), param="messages") from e
+        return encoder.decode(ids), ids
 
     def process_images(self, ids: list[int], images: ChatImages
                        ) -> tuple[list[int], ImageInputs]:

@@ -33,7 +33,8 @@ from loraplex.models.llava import VisionWeights
 logger = logging.getLogger(__name__)
 
 _KV_SCALES = ("k_scale", "v_scale", "kv_scale")
-_WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja"]
+_WEIGHT_PATTERNS = ["*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.jinja",
+                    "tokenizer.model.v*"]  # (Mistral's sentencepiece files)
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> str:
@@ -54,6 +55,10 @@ def iterate_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     # the model's: it loads as an adapter, default_mm_loras)
     files = sorted(f for f in glob.glob(os.path.join(path, "*.safetensors"))
                    if not os.path.basename(f).startswith("adapter_model"))
+    # Mistral's repos ship consolidated*.safetensors beside the HF files: the same weights
+    # under Mistral's names (load_format="mistral" reads them: models/mistral_format.py)
+    hf_files = [f for f in files if not os.path.basename(f).startswith("consolidated")]
+    files = hf_files or files
     if files:
         for f in files:
             with safe_open(f, framework="pt") as st:
