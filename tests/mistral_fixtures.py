@@ -119,14 +119,15 @@ def write_mistral_format(hf_dir: Path, out: Path, *, config_json: bool = False) 
             t = to_interleaved(t, kv_heads)
         tensors[_mistral_name(name)] = t.contiguous()
     save_file(tensors, str(out / "consolidated.safetensors"))
-    rope = cfg.get("rope_parameters") or {}
+    # transformers 5's rope_parameters; 4.x's rope_scaling (rope_theta apart)
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     theta = rope.get("rope_theta") or cfg.get("rope_theta")
     params = {"dim": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"],
               "head_dim": cfg["head_dim"], "hidden_dim": cfg["intermediate_size"],
               "n_heads": heads, "n_kv_heads": kv_heads, "norm_eps": cfg["rms_norm_eps"],
               "vocab_size": cfg["vocab_size"], "rope_theta": theta,
               "max_position_embeddings": cfg["max_position_embeddings"]}
-    if rope.get("rope_type") == "yarn":  # Mistral's names (beta: HF's beta_fast ...)
+    if rope.get("rope_type", rope.get("type")) == "yarn":  # Mistral's names (beta: HF's beta_fast ...)
         params["yarn"] = {"factor": rope["factor"], "beta": rope["beta_fast"],
                           "alpha": rope["beta_slow"], "original_max_position_embeddings":
                           rope["original_max_position_embeddings"]}
