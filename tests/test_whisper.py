@@ -1,0 +1,173 @@
+"""Whisper (WhisperForConditionalGeneration), an encoder-decoder, against HF transformers'
+model (+ PEFT) on the same weights, fp32, HF's WhisperFeatureExtractor's input_features:
+features and encoder output; greedy tokens HF's and logprobs within 1e-4 for a mixed batch
+(the base and adapters of two ranks, one on the decoder, one on the encoder and the
+cross-attention; both of vLLM's prompt forms; an 8 kHz clip), chunked prefill, preemption,
+an abort mid-request; bad inputs each failing alone; the transcription and translation
+routes over a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loraplex import LoRARequest, SamplingParams
+from loraplex.engine.audio import resample
+from tests.engine_utils import make_llm
+from tests.multimodal_fixtures import assert_matches_reference
+from tests.whisper_fixtures import (
+    RATE,
+    SOT,
+    clip,
+    hf_features,
+    hf_logprobs,
+    hf_reference,
+    make_tiny_whisper,
+)
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def whisper(tiny_root: Path) -> dict[str, Path]:
+    return make_tiny_whisper(tiny_root / "whisper", seed=70)
+
+
+def whisper_llm(base: Path, **kw):
+    kw.setdefault("max_model_len", 64)  # the decoder's max_target_positions
+    return make_llm(base, **kw)
+
+
+def at_16k(c: tuple[np.ndarray, int]) -> np.ndarray:
+    """The waveform HF's extractor is given: 16 kHz (ours resampled, as vLLM resamples)."""
+    return resample(torch.from_numpy(c[0]), c[1], RATE).numpy()
+
+
+def plain(c: tuple[np.ndarray, int], decoder: str = SOT) -> dict:
+    return {"prompt": decoder, "multi_modal_data": {"audio": c}}
+
+
+def explicit(c: tuple[np.ndarray, int], decoder: str = SOT) -> dict:
+    return {"encoder_prompt": {"prompt": "", "multi_modal_data": {"audio": c}},
+            "decoder_prompt": decoder}
+
+
+def check(outs, paths: dict[str, Path], jobs: list[tuple[tuple, str | None]]) -> None:
+    for out, (c, adapter) in zip(outs, jobs, strict=True):
+        ids, got = out.prompt_token_ids, out.outputs[0].token_ids
+        ref = hf_logprobs(paths["base"], paths[adapter] if adapter else None,
+                          ids + got[:-1], at_16k(c))[len(ids) - 1:]
+        assert_matches_reference(out, ref, adapter)
+
+
+def test_features_and_encoder_match_hf(whisper):
+    llm = whisper_llm(whisper["base"])
+    engine = llm.llm_engine
+    c = clip(1, seconds=2.0)
+    _, audio = engine.image_processor([], c)
+    want = hf_features(whisper["base"], c[0])[0]
+    assert torch.equal(audio.pixel_values, want)
+    model = engine.model
+    with torch.no_grad():
+        hf_out = hf_reference(str(whisper["base"]), None).model.encoder(want[None])
+        kv = model.encode(audio.pixel_values, -1)
+        hf_layer = hf_reference(str(whisper["base"]), None).model.decoder.layers[1]
+        want_k = hf_layer.encoder_attn.k_proj(hf_out.last_hidden_state[0])
+    assert len(kv) == 2
+    k = kv[1][0].transpose(0, 1).reshape(1500, -1)
+    torch.testing.assert_close(k, want_k, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_tokens_without_special_tokens(whisper):
+    """The decoder prompt is the text's tokens alone (no BOS / EOS around it), both
+    forms."""
+    llm = whisper_llm(whisper["base"])
+    tok = llm.get_tokenizer()
+    outs = llm.generate([plain(clip(1)), explicit(clip(1))],
+                        SamplingParams(max_tokens=1), use_tqdm=False)
+    want = tok.encode(SOT, add_special_tokens=False)
+    assert [o.prompt_token_ids for o in outs] == [want, want]
+    assert want[0] == tok.convert_tokens_to_ids("<|startoftranscript|>")
+
+
+def test_mixed_batch_matches_hf(whisper):
+    """One call: the base, r8 (decoder) and r4 (encoder + cross-attention) on different
+    clips, both prompt forms, an 8 kHz clip, a 2 s one; a 3-token budget chunks the
+    decoder prompts, so prefill chunks and decodes share steps."""
+    llm = whisper_llm(whisper["base"], enable_lora=True, max_lora_rank=8, max_loras=2,
+                   max_num_batched_tokens=3)
+    a, b, slow = clip(1), clip(2, seconds=2.0), clip(3, rate=8000)
+    jobs = [(a, None), (a, "r8"), (a, "r4"), (b, "r4"), (slow, "r8"), (b, None)]
+    loras = {"r8": LoRARequest("r8", 1, str(whisper["r8"])),
+             "r4": LoRARequest("r4", 2, str(whisper["r4"]))}
+    prompts = [(plain if i % 2 else explicit)(c) for i, (c, _) in enumerate(jobs)]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False,
+                        lora_request=[loras.get(n) for _, n in jobs])
+    check(outs, whisper, jobs)
+    cum = [o.outputs[0].cumulative_logprob for o in outs]
+    assert len({round(x, 3) for x in cum[:3]}) == 3  # each adapter changes the output
+    assert llm.llm_engine.model_runner.num_mixed_steps > 0
+
+
+def test_preemption_recomputes_the_decoder(whisper):
+    """A KV cache of 6 blocks of 4 tokens for 3 requests of 4 + 8 tokens: some are
+    preempted and recomputed; every output is still HF's."""
+    llm = whisper_llm(whisper["base"], num_gpu_blocks_override=6, block_size=4,
+                   max_model_len=24)
+    jobs = [(clip(i), None) for i in (1, 2, 3)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    outs = llm.generate([plain(c) for c, _ in jobs], params, use_tqdm=False)
+    check(outs, whisper, jobs)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_abort_mid_request(whisper):
+    llm = whisper_llm(whisper["base"])
+    engine = llm.llm_engine
+    engine.add_request("a", plain(clip(1)), GREEDY)
+    engine.add_request("b", plain(clip(2)), GREEDY)
+    engine.step()
+    engine.step()
+    engine.abort_request("a")
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert set(done) == {"b"}
+    check([done["b"]], whisper, [(clip(2), None)])
+
+
+def test_bad_inputs_fail_alone(whisper):
+    llm = whisper_llm(whisper["base"])
+    engine = llm.llm_engine
+    long = clip(4, seconds=30.5)
+    bad = {"too long": plain(long),
+           "two clips": {"prompt": SOT, "multi_modal_data": {"audio": [clip(1), clip(2)]}},
+           "no audio": SOT,
+           "no audio dict": {"prompt": SOT},
+           "text to the encoder": {"encoder_prompt": {"prompt": "hi", "multi_modal_data":
+                                                      {"audio": clip(1)}},
+                                   "decoder_prompt": SOT},
+           "NaN": plain((np.full(800, np.nan, np.float32), RATE)),
+           "int samples": plain((np.zeros(800, np.int16), RATE))}
+    messages = {}
+    for name, prompt in bad.items():
+        with pytest.raises(ValueError) as e:
+            engine.add_request(name, prompt, GREEDY)
+        messages[name] = str(e.value)
+    assert "30 s window" in messages["too long"]
+    assert "one audio clip" in messages["two clips"]
+    assert "Whisper transcribes audio" in messages["no audio"]
+    assert "encoder_prompt" in messages["text to the encoder"]
+    assert not engine.has_unfinished_requests()
+    out = llm.generate([plain(clip(1))], GREEDY, use_tqdm=False)
+    check(out, whisper, [(clip(1), None)])
+
+
+def test_speculative_decoding_refused(whisper):
+    with pytest.raises(ValueError, match="speculative decoding is not supported for Whisper"):
+        whisper_llm(whisper["base"], speculative_config={"method": "ngram",
+                                                      "num_speculative_tokens": 2,
+                                                      "prompt_lookup_max": 2})
