@@ -171,3 +171,96 @@ def test_speculative_decoding_refused(whisper):
         whisper_llm(whisper["base"], speculative_config={"method": "ngram",
                                                       "num_speculative_tokens": 2,
                                                       "prompt_lookup_max": 2})
+
+
+def test_prefix_cache_keyed_by_the_audio(whisper):
+    """The same decoder prompt with another clip shares no block (every block's K/V
+    depends on the audio); the same clip again shares the whole prompt but its last
+    block."""
+    llm = whisper_llm(whisper["base"], enable_prefix_caching=True, block_size=4)
+    prompt = "<|startofprev|> Hello there, how are you?" + SOT
+    a, b = clip(1), clip(2)
+    runs = [llm.generate([plain(c, prompt)], GREEDY, use_tqdm=False)[0] for c in (a, b, a)]
+    check(runs, whisper, [(c, None) for c in (a, b, a)])
+    n = len(runs[0].prompt_token_ids)
+    assert n > 8
+    assert [r.num_cached_tokens for r in runs] == [0, 0, (n - 1) // 4 * 4]
+
+
+def _wav(c: tuple[np.ndarray, int]) -> bytes:
+    """16-bit mono WAV of a clip."""
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(c[1])
+        f.writeframes(np.round(c[0] * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def _greedy_text(paths, adapter: str | None, prompt: str, wav: bytes, n: int) -> str:
+    """HF (+ PEFT)'s greedy reply to the decoder prompt `prompt` with the clip decoded from
+    `wav`, at most n tokens, eos ending it, as text."""
+    from transformers import AutoTokenizer
+
+    from loraplex.engine.audio_decode import decode_audio
+
+    tok = AutoTokenizer.from_pretrained(str(paths["base"]))
+    wave, rate = decode_audio(wav)
+    x = at_16k((wave, rate))
+    ids = tok.encode(prompt, add_special_tokens=False)
+    out: list[int] = []
+    for _ in range(n):
+        t = int(hf_logprobs(paths["base"], paths[adapter] if adapter else None, ids + out,
+                            x)[-1].argmax())
+        out.append(t)
+        if t == tok.eos_token_id:
+            break
+    return tok.decode(out, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_server_transcriptions_and_translations(whisper):
+    """/v1/audio/transcriptions and /v1/audio/translations through the openai client: the
+    reply HF (+ PEFT)'s greedy one on vLLM's Whisper decoder prompt (language, prompt,
+    task), an adapter by `model`, json and text; a clip over 30 s, an unknown language, a
+    bad response_format and an undecodable file get a 400 alone."""
+    import openai
+
+    from tests.server_utils import RemoteServer
+
+    wav = _wav(clip(1, seconds=1.0))
+    base = str(whisper["base"])
+    args = ["--max-model-len", "64", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "8", "--lora-modules", f"r4={whisper['r4']}"]
+    extra = {"max_completion_tokens": 5}
+    with RemoteServer(whisper["base"], args) as server:
+        client = server.get_client()
+        got = client.audio.transcriptions.create(model=base, file=("a.wav", wav),
+                                                 temperature=0.0, extra_body=extra)
+        assert got.text == _greedy_text(whisper, None, SOT, wav, 5)
+        fr = client.audio.transcriptions.create(
+            model="r4", file=("a.wav", wav), language="fr", prompt=" Hello there",
+            response_format="text", extra_body=extra)
+        want = _greedy_text(whisper, "r4", "<|startofprev|> Hello there<|startoftranscript|>"
+                            "<|fr|><|transcribe|><|notimestamps|>", wav, 5)
+        assert fr.strip() == want.strip()
+        tr = client.audio.translations.create(model="r4", file=("a.wav", wav),
+                                              extra_body=extra)
+        assert tr.text == _greedy_text(whisper, "r4", "<|startoftranscript|><|en|><|translate|>"
+                                       "<|notimestamps|>", wav, 5)
+        assert tr.text != got.text
+        for kw, message in (({"file": ("long.wav", _wav(clip(2, seconds=31.0)))},
+                             "30 s window"),
+                            ({"language": "xx"}, "language 'xx'"),
+                            ({"response_format": "srt"}, "response_format 'srt'"),
+                            ({"file": ("a.wav", b"RIFF0000WAVEjunk")}, "cannot decode")):
+            with pytest.raises(openai.BadRequestError, match=message):
+                client.audio.transcriptions.create(**{"model": base, "file": ("a.wav", wav),
+                                                      **kw})
+        with pytest.raises(openai.NotFoundError):
+            client.audio.translations.create(model="nope", file=("a.wav", wav))
+        assert client.audio.transcriptions.create(model=base, file=("a.wav", wav),
+                                                  extra_body=extra).text == got.text
