@@ -231,7 +231,7 @@ def test_server_transcriptions_and_translations(whisper):
 
     from tests.server_utils import RemoteServer
 
-    wav = _wav(clip(1, seconds=1.0))
+    wav = _wav(clip(2, seconds=1.0))
     base = str(whisper["base"])
     args = ["--max-model-len", "64", "--dtype", "float32", "--enable-lora",
             "--max-lora-rank", "8", "--lora-modules", f"r4={whisper['r4']}"]
@@ -246,12 +246,12 @@ def test_server_transcriptions_and_translations(whisper):
             response_format="text", extra_body=extra)
         want = _greedy_text(whisper, "r4", "<|startofprev|> Hello there<|startoftranscript|>"
                             "<|fr|><|transcribe|><|notimestamps|>", wav, 5)
-        assert fr.strip() == want.strip()
+        assert fr.strip() == want.strip() and want != got.text
         tr = client.audio.translations.create(model="r4", file=("a.wav", wav),
                                               extra_body=extra)
         assert tr.text == _greedy_text(whisper, "r4", "<|startoftranscript|><|en|><|translate|>"
                                        "<|notimestamps|>", wav, 5)
-        assert tr.text != got.text
+        assert tr.text != _greedy_text(whisper, "r4", SOT, wav, 5)  # the task token counts
         for kw, message in (({"file": ("long.wav", _wav(clip(2, seconds=31.0)))},
                              "30 s window"),
                             ({"language": "xx"}, "language 'xx'"),
