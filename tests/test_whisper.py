@@ -264,3 +264,12 @@ def test_server_transcriptions_and_translations(whisper):
             client.audio.translations.create(model="nope", file=("a.wav", wav))
         assert client.audio.transcriptions.create(model=base, file=("a.wav", wav),
                                                   extra_body=extra).text == got.text
+
+
+def test_chat_audio_refused(whisper):
+    """Whisper has no chat prompt: an audio part in a chat is refused."""
+    llm = whisper_llm(whisper["base"])
+    part = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    with pytest.raises(ValueError, match="audio inputs are not supported"):
+        llm.chat([{"role": "user", "content": [part]}], GREEDY, use_tqdm=False,
+                 chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")

@@ -470,8 +470,8 @@ class LLMEngine:
         """The audio token's text (Granite Speech's `<|audio|>`; Qwen2-Audio's
         `Audio {i}: <|audio_bos|><|AUDIO|><|audio_eos|>`, {i} the clip's number in the
         conversation); None when the model takes no audio."""
-        if "audio" not in self.modalities:
-            return None
+        if "audio" not in self.modalities or self.image_processor.placeholder is None:
+            return None  # (Whisper's audio goes to its encoder, not into a chat prompt)
         text = self.tokenizer.convert_ids_to_tokens(self.image_processor.placeholder)
         if isinstance(self.image_processor, Qwen2AudioProcessor):  # vLLM's Qwen2-Audio text:
             # the clip's 1-based number (chat_images.py fills {i} in), its bos / eos around
