@@ -222,10 +222,29 @@ def _greedy_text(paths, adapter: str | None, prompt: str, wav: bytes, n: int) ->
     return tok.decode(out, skip_special_tokens=True).rstrip("\ufffd")
 
 
+def _hf_language(paths, adapter: str | None, wav: bytes) -> str:
+    """HF (+ PEFT)'s language token after <|startoftranscript|>, among <|en|> and <|fr|>."""
+    from transformers import AutoTokenizer
+
+    from loraplex.engine.audio_decode import decode_audio
+
+    tok = AutoTokenizer.from_pretrained(str(paths["base"]))
+    ids = {lang: tok.convert_tokens_to_ids(f"<|{lang}|>") for lang in ("en", "fr")}
+    lp = hf_logprobs(paths["base"], paths[adapter] if adapter else None,
+                     tok.encode("<|startoftranscript|>", add_special_tokens=False),
+                     at_16k(decode_audio(wav)))[-1]
+    return max(ids, key=lambda lang: lp[ids[lang]])
+
+
+def _task_prompt(language: str, task: str) -> str:
+    return f"<|startoftranscript|><|{language}|><|{task}|><|notimestamps|>"
+
+
 def test_server_transcriptions_and_translations(whisper):
     """/v1/audio/transcriptions and /v1/audio/translations through the openai client: the
     reply HF (+ PEFT)'s greedy one on vLLM's Whisper decoder prompt (language, prompt,
-    task), an adapter by `model`, json and text; a clip over 30 s, an unknown language, a
+    task; without a language, the one HF's decoder picks first among the language tokens),
+    an adapter by `model`, json and text; a clip over 30 s, an unknown language, a
     bad response_format and an undecodable file get a 400 alone."""
     import openai
 
@@ -240,7 +259,8 @@ def test_server_transcriptions_and_translations(whisper):
         client = server.get_client()
         got = client.audio.transcriptions.create(model=base, file=("a.wav", wav),
                                                  temperature=0.0, extra_body=extra)
-        assert got.text == _greedy_text(whisper, None, SOT, wav, 5)
+        lang = _hf_language(whisper, None, wav)
+        assert got.text == _greedy_text(whisper, None, _task_prompt(lang, "transcribe"), wav, 5)
         fr = client.audio.transcriptions.create(
             model="r4", file=("a.wav", wav), language="fr", prompt=" Hello there",
             response_format="text", extra_body=extra)
@@ -249,9 +269,13 @@ def test_server_transcriptions_and_translations(whisper):
         assert fr.strip() == want.strip() and want != got.text
         tr = client.audio.translations.create(model="r4", file=("a.wav", wav),
                                               extra_body=extra)
-        assert tr.text == _greedy_text(whisper, "r4", "<|startoftranscript|><|en|><|translate|>"
-                                       "<|notimestamps|>", wav, 5)
-        assert tr.text != _greedy_text(whisper, "r4", SOT, wav, 5)  # the task token counts
+        lang = _hf_language(whisper, "r4", wav)
+        assert tr.text == _greedy_text(whisper, "r4", _task_prompt(lang, "translate"), wav, 5)
+        # the task token counts
+        assert tr.text != _greedy_text(whisper, "r4", _task_prompt(lang, "transcribe"), wav, 5)
+        en = client.audio.transcriptions.create(model=base, file=("a.wav", wav),
+                                                language="en", extra_body=extra)
+        assert en.text == _greedy_text(whisper, None, SOT, wav, 5)
         for kw, message in (({"file": ("long.wav", _wav(clip(2, seconds=31.0)))},
                              "30 s window"),
                             ({"language": "xx"}, "language 'xx'"),

@@ -12,13 +12,15 @@ Whisper's decoder prompt is vLLM's (its `get_generation_prompt`):
 `<|startoftranscript|><|{language}|><|{task}|><|notimestamps|>`, task `transcribe` or
 `translate` (the translations route), after `<|startofprev|>{prompt}` when the form has a
 prompt (vLLM writes `<|prev|>`, which is no Whisper token; `<|startofprev|>` is the one
-Whisper was trained with). `language` defaults to `en` (vLLM detects it from the audio;
-loraplex does not); one not among the tokenizer's `<|xx|>` tokens gets a 400. A clip over
-30 s is refused (vLLM splits it into 30 s chunks)."""
+Whisper was trained with). Without `language` it is detected as vLLM detects it: one
+greedy token after `<|startoftranscript|>`, only language tokens allowed; one not among
+the tokenizer's `<|xx|>` tokens gets a 400. A clip over 30 s is refused (vLLM splits it
+into 30 s chunks)."""
 
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from typing import Any
 
@@ -31,6 +33,7 @@ from loraplex.sampling_params import SamplingParams
 
 TRANSCRIBE = "can you transcribe the speech into a written format?"
 RESPONSE_FORMATS = ("json", "text")
+LANGUAGE_TOKEN = re.compile(r"<\|[a-z]{2,3}\|>")  # Whisper's <|en|>, <|haw|>, ...
 
 
 async def read_form(request: Any) -> dict[str, tuple[bytes, str | None]]:
@@ -106,9 +109,11 @@ class OpenAIServingTranscription(OpenAIServing):
         except ValueError as e:
             raise BadRequestError(f"file: {e}", param="file") from e
         if whisper:
+            language = _text(fields, "language") or await self._detect_language(
+                (wave, rate), model, lora)
             text, ids, inputs = await self.off_loop(
-                self._whisper_prompt, (wave, rate), _text(fields, "language") or "en",
-                _raw_text(fields, "prompt"), task)
+                self._whisper_prompt, (wave, rate), language, _raw_text(fields, "prompt"),
+                task)
         else:
             text, ids, inputs = await self.off_loop(self._prompt, (wave, rate))
         try:
@@ -136,6 +141,33 @@ class OpenAIServingTranscription(OpenAIServing):
         except ValueError as e:
             raise BadRequestError(f"file: {e}", param="file") from e
         return text, ids, inputs
+
+    async def _detect_language(self, clip: tuple[Any, int], model: str | None,
+                               lora: Any) -> str:
+        """Whisper's language of the clip, as vLLM detects it: the decoder's greedy token
+        after `<|startoftranscript|>` among the language tokens (under the request's
+        model)."""
+        engine = self.engine.engine
+        languages = {i: t[2:-2] for t, i in engine.tokenizer.get_added_vocab().items()
+                     if LANGUAGE_TOKEN.fullmatch(t)}
+        if not languages:
+            raise BadRequestError("this Whisper tokenizer has no language tokens: give "
+                                  "`language`", param="language")
+        text = "<|startoftranscript|>"
+
+        def prompt() -> tuple[list[int], Any]:
+            try:
+                return engine.image_processor(
+                    list(self.encoder.encode(text, add_special_tokens=False)), clip)
+            except ValueError as e:
+                raise BadRequestError(f"file: {e}", param="file") from e
+
+        ids, inputs = await self.off_loop(prompt)
+        params = SamplingParams(temperature=0.0, max_tokens=1,
+                                allowed_token_ids=sorted(languages))
+        queued = await self.start_requests(f"lang-{uuid.uuid4().hex}", [(text, ids)], [params],
+                                           model, lora, images=inputs)
+        return languages[(await self.final_output(queued)).outputs[0].token_ids[0]]
 
     def _whisper_prompt(self, clip: tuple[Any, int], language: str, prompt: str, task: str
                         ) -> tuple[str, list[int], Any]:
