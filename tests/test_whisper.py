@@ -297,3 +297,28 @@ def test_chat_audio_refused(whisper):
     with pytest.raises(ValueError, match="audio inputs are not supported"):
         llm.chat([{"role": "user", "content": [part]}], GREEDY, use_tqdm=False,
                  chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+def test_siblings_and_default_mm_lora(whisper):
+    """n=2 siblings share one clip and its encoder states; default_mm_loras={"audio": r8} applies to the
+    explicit form too (its audio is the encoder prompt's)."""
+    llm = whisper_llm(whisper["base"], enable_lora=True, max_lora_rank=8,
+                      default_mm_loras={"audio": str(whisper["r8"])})
+    engine = llm.llm_engine
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2)
+    engine.add_request("a", explicit(clip(2)), params)
+    seqs = engine.requests["a"].seqs
+    for _ in range(100):  # (the adapter loads on a worker thread first)
+        if seqs[0].num_computed_tokens:
+            break
+        engine.step()
+    assert seqs[0].images is seqs[1].images and seqs[0].images.cross_kv is not None
+    while engine.has_unfinished_requests():
+        outs = [o for o in engine.step() if o.finished]
+    out = outs[0]
+    assert len(out.outputs) == 2 and out.outputs[0].token_ids == out.outputs[1].token_ids
+    ids, got = out.prompt_token_ids, out.outputs[1].token_ids
+    ref = hf_logprobs(whisper["base"], whisper["r8"], ids + got[:-1], at_16k(clip(2)))
+    for step, lps in enumerate(out.outputs[1].logprobs):
+        for t, lp in lps.items():
+            assert abs(lp.logprob - ref[len(ids) - 1 + step, t].item()) < 1e-4

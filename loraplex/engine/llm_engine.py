@@ -625,12 +625,12 @@ class LLMEngine:
             return
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(self.image_processor, WhisperAudioProcessor):  # either vLLM form
+            prompt = decoder_prompt(prompt, self.tokenizer)
         lora_request = lora_request or self._default_mm_lora(prompt)
         # the adapter first: one that adds tokens brings its own tokenizer
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         tokenizer, vocab = self.get_tokenizer(lora_request), self.vocab_size(lora_request)
-        if isinstance(self.image_processor, WhisperAudioProcessor):  # either vLLM form
-            prompt = decoder_prompt(prompt, tokenizer)
         embedded = isinstance(prompt, dict) and "prompt_embeds" in prompt
         if embedded:
             text, ids, images = None, *self._prompt_embeds(prompt, params)
