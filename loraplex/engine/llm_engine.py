@@ -52,6 +52,7 @@ from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
 from loraplex.engine.structured_output import StructuredOutputs
+from loraplex.engine.whisper_inputs import WhisperAudioProcessor, decoder_prompt
 from loraplex.inputs import PromptType
 from loraplex.layers.classifier import ClassifierHead, read_adapter_head
 from loraplex.layers.classifier_activation import classify_activation, score_activation
@@ -89,6 +90,7 @@ from loraplex.models.registry import (
     is_headless,
 )
 from loraplex.models.text_only import text_only_config
+from loraplex.models.whisper import WhisperConfig, is_whisper, serving_config
 from loraplex.outputs import PoolingRequestOutput, RequestOutput
 from loraplex.pooling_params import PoolingParams
 from loraplex.reasoning import REASONING_PARSERS, reasoning_ended, reasoning_opened
@@ -152,6 +154,8 @@ class LLMEngine:
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config
         hf_config, self.text_only = text_only_config(hf_config, path)  # Gemma 3 4B+: text model
+        if is_whisper(hf_config):  # its decoder's positions are max_model_len's limit
+            hf_config = serving_config(hf_config)
         architecture(hf_config)
         # a causal LM served as a reranker: its head from lm_head rows (hf_overrides)
         self.lm_head_classifier = LMHeadClassifier.from_config(hf_config)
@@ -213,6 +217,9 @@ class LLMEngine:
         self.image_processor = self._image_processor(path, vision)
         self.vision = (self._build(lambda: build_vision(vision))
                        if self.image_processor is not None else None)
+        if is_whisper(hf_config):  # engine/whisper_inputs.py; its encoder is in the model
+            self._check_whisper()
+            self.image_processor = WhisperAudioProcessor(path, WhisperConfig.from_hf(hf_config))
         self.id2label = {int(k): str(v) for k, v in
                          (getattr(hf_config, "id2label", None) or {}).items()}
         self.classifier_head: ClassifierHead | None = None  # the base's (classify)
@@ -335,6 +342,14 @@ class LLMEngine:
             logger.warning("%s has no image processor files: serving its language model on "
                            "text; image inputs are refused", path)
             return None
+
+    def _check_whisper(self) -> None:
+        """What Whisper is not served with, refused at start."""
+        if self.config.speculative_config is not None:
+            raise ValueError("speculative decoding is not supported for Whisper "
+                             "(an encoder-decoder model)")
+        if self.model_config.runner == "pooling":
+            raise ValueError("Whisper runs as a generate model, not a pooling one")
 
     def _default_mm_loras(self) -> dict[str, LoRARequest]:
         """default_mm_loras as registered adapters, named by their modality; their ids
@@ -471,8 +486,8 @@ class LLMEngine:
         """The audio token's text (Granite Speech's `<|audio|>`; Qwen2-Audio's
         `Audio {i}: <|audio_bos|><|AUDIO|><|audio_eos|>`, {i} the clip's number in the
         conversation); None when the model takes no audio."""
-        if "audio" not in self.modalities:
-            return None
+        if "audio" not in self.modalities or self.image_processor.placeholder is None:
+            return None  # (Whisper's audio goes to its encoder, not into a chat prompt)
         text = self.tokenizer.convert_ids_to_tokens(self.image_processor.placeholder)
         if isinstance(self.image_processor, Qwen2AudioProcessor):  # vLLM's Qwen2-Audio text:
             # the clip's 1-based number (chat_images.py fills {i} in), its bos / eos around
@@ -626,6 +641,8 @@ class LLMEngine:
             return
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(self.image_processor, WhisperAudioProcessor):  # either vLLM form
+            prompt = decoder_prompt(prompt, self.tokenizer)
         lora_request = lora_request or self._default_mm_lora(prompt)
         # the adapter first: one that adds tokens brings its own tokenizer
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0

@@ -286,6 +286,13 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
         result = await state.transcription.create_transcription(fields)
         return PlainTextResponse(result) if isinstance(result, str) else JSONResponse(result)
 
+    @app.post("/v1/audio/translations")
+    async def translations(raw_request: Request) -> Response:
+        state.require_runner("generate", "Translations")
+        fields = await read_form(raw_request)
+        result = await state.transcription.create_transcription(fields, task="translate")
+        return PlainTextResponse(result) if isinstance(result, str) else JSONResponse(result)
+
     @app.post("/v1/embeddings")
     @with_cancellation
     async def embeddings(request: EmbeddingRequest, raw_request: Request) -> Response:

@@ -1,26 +1,39 @@
-"""vLLM's `/v1/audio/transcriptions` for Granite Speech: a multipart form (file, model,
+"""vLLM's `/v1/audio/transcriptions` for Granite Speech and Whisper, and
+`/v1/audio/translations` for Whisper: a multipart form (file, model,
 language, prompt, response_format json / text, temperature, and vLLM's
 max_completion_tokens) becomes the prompt vLLM's Granite
 Speech builds for a transcription (the chat template over one user message, `<|audio|>can
 you transcribe the speech into a written format?`, encoded as vLLM encodes it), the clip its
 audio; the reply's text comes back as {"text", "usage"} or plain text. As in vLLM's Granite
 Speech, `language` and `prompt` do not change the prompt. A clip is not split: one longer
-than the context allows is refused (vLLM cuts long audio into chunks)."""
+than the context allows is refused (vLLM cuts long audio into chunks).
+
+Whisper's decoder prompt is vLLM's (its `get_generation_prompt`):
+`<|startoftranscript|><|{language}|><|{task}|><|notimestamps|>`, task `transcribe` or
+`translate` (the translations route), after `<|startofprev|>{prompt}` when the form has a
+prompt (vLLM writes `<|prev|>`, which is no Whisper token; `<|startofprev|>` is the one
+Whisper was trained with). Without `language` it is detected as vLLM detects it: one
+greedy token after `<|startoftranscript|>`, only language tokens allowed; one not among
+the tokenizer's `<|xx|>` tokens gets a 400. A clip over 30 s is refused (vLLM splits it
+into 30 s chunks)."""
 
 from __future__ import annotations
 
 import math
+import re
 import uuid
 from typing import Any
 
 from loraplex.engine.audio_decode import decode_audio
 from loraplex.engine.qwen2_audio_inputs import Qwen2AudioProcessor
+from loraplex.engine.whisper_inputs import WhisperAudioProcessor
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.serving_base import OpenAIServing
 from loraplex.sampling_params import SamplingParams
 
 TRANSCRIBE = "can you transcribe the speech into a written format?"
 RESPONSE_FORMATS = ("json", "text")
+LANGUAGE_TOKEN = re.compile(r"<\|[a-z]{2,3}\|>")  # Whisper's <|en|>, <|haw|>, ...
 
 
 async def read_form(request: Any) -> dict[str, tuple[bytes, str | None]]:
@@ -48,14 +61,26 @@ def _text(fields: dict[str, tuple[bytes, str | None]], name: str) -> str | None:
     return None if value is None else value[0].decode("utf-8", "replace").strip()
 
 
+def _raw_text(fields: dict[str, tuple[bytes, str | None]], name: str) -> str:
+    """A field's text as sent (Whisper's prompt: its leading space is a token of its own)."""
+    value = fields.get(name)
+    return "" if value is None else value[0].decode("utf-8", "replace")
+
+
 class OpenAIServingTranscription(OpenAIServing):
-    async def create_transcription(self, fields: dict[str, tuple[bytes, str | None]]
-                                   ) -> dict[str, Any] | str:
-        """The transcription of the form's `file`: {"text", "usage"} (json) or the text."""
+    async def create_transcription(self, fields: dict[str, tuple[bytes, str | None]],
+                                   task: str = "transcribe") -> dict[str, Any] | str:
+        """The transcription (or, task "translate", the English translation) of the form's
+        `file`: {"text", "usage"} (json) or the text."""
         engine = self.engine.engine
         if "audio" not in engine.modalities:
             raise BadRequestError(f"model {engine.model_config.name!r} takes no audio: "
-                                  "transcriptions are served on Granite Speech", param="file")
+                                  "transcriptions are served on Granite Speech and Whisper",
+                                  param="file")
+        whisper = isinstance(engine.image_processor, WhisperAudioProcessor)
+        if task == "translate" and not whisper:
+            raise BadRequestError(f"model {engine.model_config.name!r}: translations are "
+                                  "served on Whisper", param="model")
         if isinstance(engine.image_processor, Qwen2AudioProcessor):  # as vLLM: no ASR prompt
             raise BadRequestError(f"model {engine.model_config.name!r} (Qwen2-Audio) does not "
                                   "serve transcriptions (vLLM neither): use the chat route "
@@ -83,7 +108,14 @@ class OpenAIServingTranscription(OpenAIServing):
             wave, rate = await self.off_loop(decode_audio, fields["file"][0])
         except ValueError as e:
             raise BadRequestError(f"file: {e}", param="file") from e
-        text, ids, inputs = await self.off_loop(self._prompt, (wave, rate))
+        if whisper:
+            language = _text(fields, "language") or await self._detect_language(
+                (wave, rate), model, lora)
+            text, ids, inputs = await self.off_loop(
+                self._whisper_prompt, (wave, rate), language, _raw_text(fields, "prompt"),
+                task)
+        else:
+            text, ids, inputs = await self.off_loop(self._prompt, (wave, rate))
         try:
             params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
         except ValueError as e:
@@ -106,6 +138,51 @@ class OpenAIServingTranscription(OpenAIServing):
                                                 add_generation_prompt=True)
         try:
             ids, inputs = engine.image_processor(list(self.encoder.encode(text)), [clip])
+        except ValueError as e:
+            raise BadRequestError(f"file: {e}", param="file") from e
+        return text, ids, inputs
+
+    async def _detect_language(self, clip: tuple[Any, int], model: str | None,
+                               lora: Any) -> str:
+        """Whisper's language of the clip, as vLLM detects it: the decoder's greedy token
+        after `<|startoftranscript|>` among the language tokens (under the request's
+        model)."""
+        engine = self.engine.engine
+        languages = {i: t[2:-2] for t, i in engine.tokenizer.get_added_vocab().items()
+                     if LANGUAGE_TOKEN.fullmatch(t)}
+        if not languages:
+            raise BadRequestError("this Whisper tokenizer has no language tokens: give "
+                                  "`language`", param="language")
+        text = "<|startoftranscript|>"
+
+        def prompt() -> tuple[list[int], Any]:
+            try:
+                return engine.image_processor(
+                    list(self.encoder.encode(text, add_special_tokens=False)), clip)
+            except ValueError as e:
+                raise BadRequestError(f"file: {e}", param="file") from e
+
+        ids, inputs = await self.off_loop(prompt)
+        params = SamplingParams(temperature=0.0, max_tokens=1,
+                                allowed_token_ids=sorted(languages))
+        queued = await self.start_requests(f"lang-{uuid.uuid4().hex}", [(text, ids)], [params],
+                                           model, lora, images=inputs)
+        return languages[(await self.final_output(queued)).outputs[0].token_ids[0]]
+
+    def _whisper_prompt(self, clip: tuple[Any, int], language: str, prompt: str, task: str
+                        ) -> tuple[str, list[int], Any]:
+        """On the encoder thread: Whisper's decoder prompt as vLLM builds it, its ids
+        (no special tokens added), the clip's features."""
+        engine = self.engine.engine
+        token = f"<|{language}|>"
+        if engine.tokenizer.convert_tokens_to_ids(token) in (None, engine.tokenizer.unk_token_id):
+            raise BadRequestError(f"language {language!r} is not one of Whisper's (no {token} "
+                                  "token)", param="language")
+        text = (f"<|startofprev|>{prompt}" if prompt else "") + \
+            f"<|startoftranscript|>{token}<|{task}|><|notimestamps|>"
+        try:
+            ids, inputs = engine.image_processor(
+                list(self.encoder.encode(text, add_special_tokens=False)), clip)
         except ValueError as e:
             raise BadRequestError(f"file: {e}", param="file") from e
         return text, ids, inputs

@@ -18,6 +18,10 @@ from loraplex.models.deepseek import (
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
 from loraplex.models.text_only import MULTIMODAL, TextOnly
+from loraplex.models.whisper import WhisperConfig, WhisperForConditionalGeneration
+
+# encoder-decoder models, each its own class (not LlamaForCausalLM's flags)
+ENCODER_DECODER = ("WhisperForConditionalGeneration",)
 
 # name -> extra LlamaArgs flags
 _ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -76,8 +80,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
 # (models/text_only.py)
-SUPPORTED_ARCHITECTURES = (*_ARCHITECTURES, *(m if spec.images else f"{m} (text)"
-                                              for m, spec in MULTIMODAL.items()))
+SUPPORTED_ARCHITECTURES = (*_ARCHITECTURES, *ENCODER_DECODER,
+                           *(m if spec.images else f"{m} (text)"
+                             for m, spec in MULTIMODAL.items()))
 # older configs name only a model_type
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "mixtral": "MixtralForCausalLM",
@@ -201,6 +206,8 @@ def architecture(hf_config: Any) -> str:
     archs = getattr(hf_config, "architectures", None) or []
     if not archs and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
         archs = [_BY_MODEL_TYPE[hf_config.model_type]]
+    if any(a in ENCODER_DECODER for a in archs):
+        return next(a for a in archs if a in ENCODER_DECODER)
     name = next((a for a in map(_causal_name, archs) if a in _ARCHITECTURES), None)
     if name is None:
         raise ValueError(f"model architecture {archs or '(none given)'} is not supported; "
@@ -468,6 +475,10 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
     `text_only`: hf_config is a multimodal checkpoint's text config (text_only.py);
     `max_model_len`: the positions served, which the rope tables need hold no more of."""
     name = architecture(hf_config)
+    if name == "WhisperForConditionalGeneration":  # models/whisper.py
+        if quant is not None:
+            raise ValueError(f"{name}: quantized checkpoints are not supported")
+        return WhisperForConditionalGeneration(WhisperConfig.from_hf(hf_config))
     theta, scaling = _rope(hf_config)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "mrope":
         scaling = None  # Qwen2-VL (transformers 4): a default rope in sections (_mrope)

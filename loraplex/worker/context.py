@@ -10,10 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from loraplex.lora.meta import LoRABatchMeta
+
+if TYPE_CHECKING:
+    from loraplex.models.whisper import CrossBatch
 
 
 @dataclass
@@ -53,6 +57,9 @@ class StepContext:
     # a mixed step: this context describes its prefill rows, `decode` its last rows (one
     # per decoding sequence); slot_mapping and lora_meta cover all rows
     decode: StepContext | None = None
+    # Whisper (models/whisper.py): each request's rows and its encoder K/V for
+    # cross-attention; None elsewhere
+    cross: CrossBatch | None = None
 
 
 class DecodeBuffers:

@@ -41,6 +41,7 @@ from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.models.llama import ImageRows, LlamaForCausalLM
 from loraplex.models.llava import VisionWeights
+from loraplex.models.whisper import CrossBatch, WhisperForConditionalGeneration
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
@@ -98,6 +99,8 @@ class ModelRunner:
         # so each block of the budget pays for both
         self.draft_block_bytes = draft_block_bytes
         self.vision = vision  # the tower and projector: image embeddings at prefill
+        # Whisper: its rows cross-attend to their request's encoder states (_cross_batch)
+        self.whisper = model if isinstance(model, WhisperForConditionalGeneration) else None
         # kept up to date by the LoRA manager: adapter slots whose layers do work no decode
         # graph holds (DoRA's rescaling), so a batch using one decodes eagerly; and the
         # first rotary table row of each long-context LoRA adapter's tokens
@@ -140,7 +143,8 @@ class ModelRunner:
             self.cuda_graphs = capture_decode_graphs(
                 model, self.decode_buffers, self.max_num_seqs, self.max_model_len,
                 self.max_loras,
-                model_config.enforce_eager or model_config.runner == "pooling",  # no decode
+                model_config.enforce_eager or model_config.runner == "pooling"  # no decode
+                or self.whisper is not None,  # its cross-attention is per request, eager
                 model_config.cuda_graph_sizes,
                 self.attn_backend, host_routed=model.args.host_routed)
 
@@ -430,6 +434,9 @@ class ModelRunner:
             self.decode_mirror.reset()  # the next decode batch is a new one
         if token_slots is not None:
             ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
+        if self.whisper is not None:  # (no speculative decoding: no spec segments)
+            ctx.cross = self._cross_batch(prefill + decode, lens[:len(prefill)] + [1] * len(decode),
+                                          slots_of(prefill + decode))
         image_rows = self._image_rows(prefill, lens[:len(prefill)])
         with step_context(ctx):
             hidden = self.model(input_ids, positions, image_rows)
@@ -476,6 +483,22 @@ class ModelRunner:
         self._encode_images([images for images, *_ in spans if images.embeds is None])
         rows = [r for _, span_rows, _ in spans for r in span_rows]
         return self._tensor(rows), _stack_rows([images.embeds[part] for images, _, part in spans])
+
+    def _cross_batch(self, seqs: list[Sequence], lens: list[int], slots: list[int] | None
+                     ) -> CrossBatch:
+        """Whisper: each sequence's rows in the step (`lens[i]` of them, in order) and its
+        request's cross-attention K/V, from the encoder run here at the request's first
+        step, under its adapter (siblings and later steps reuse them)."""
+        spans, states, first = [], [], 0
+        for i, (seq, n) in enumerate(zip(seqs, lens, strict=True)):
+            audio = seq.images  # engine/whisper_inputs.py's WhisperAudio
+            if audio.cross_kv is None:
+                audio.cross_kv = self.whisper.encode(audio.pixel_values,
+                                                     slots[i] if slots else -1)
+            spans.append((first, first + n))
+            states.append(audio.cross_kv)
+            first += n
+        return CrossBatch(spans, states)
 
     def _encode_images(self, todo: list[ImageInputs]) -> None:
         """One vision tower call on the pixels of every request in `todo` stacked (not one
@@ -532,6 +555,8 @@ class ModelRunner:
         if padded is not None and seq_slots and self.eager_slots.intersection(seq_slots):
             padded = None
         input_ids, positions, ctx = self.prepare_decode(seqs, padded)
+        if self.whisper is not None:
+            ctx.cross = self._cross_batch(seqs, [1] * n, seq_slots)
         has_lora = seq_slots is not None and any(s >= 0 for s in seq_slots)
         if padded is not None:
             token_slots = seq_slots + [-1] * (padded - n) if has_lora else None

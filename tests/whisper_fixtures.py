@@ -1,0 +1,114 @@
+"""A tiny random Whisper (WhisperForConditionalGeneration: its full 30 s encoder window, a
+short decoder) written with transformers, with its WhisperFeatureExtractor, a tokenizer
+holding Whisper's control tokens, PEFT adapters of two ranks (one on the decoder, one on
+the encoder and the cross-attention), and HF's model (+ PEFT) on HF's extractor's
+input_features as the reference of tests/test_whisper.py."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.fixtures import _reinit_, make_tokenizer
+from tests.granite_speech_fixtures import clip as speech_clip
+from tests.multimodal_fixtures import with_peft
+
+N_MELS = 16
+RATE = 16000
+CONTROL = ["<|startoftranscript|>", "<|en|>", "<|fr|>", "<|transcribe|>", "<|translate|>",
+           "<|notimestamps|>", "<|startofprev|>"]
+SOT = "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
+
+
+def make_tiny_whisper(out: Path, seed: int) -> dict[str, Path]:
+    """{"base": the checkpoint, "r8": an adapter on the decoder's q / v (self- and
+    cross-attention) and fc1, "r4": one on the encoder's q / v / fc2 and the
+    cross-attention's k / out}."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    base = out / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(base)
+    tok.add_special_tokens({"additional_special_tokens": CONTROL})
+    cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=N_MELS, d_model=32,
+                        encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                        decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                        max_source_positions=1500, max_target_positions=64,
+                        decoder_start_token_id=tok.convert_tokens_to_ids(CONTROL[0]),
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        bos_token_id=tok.bos_token_id, begin_suppress_tokens=None,
+                        suppress_tokens=None)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration(cfg).eval()
+    # weights wide and biases small: with the tied output projection, smaller weights
+    # leave every greedy reply one repeated token whatever the audio and the prompt
+    _reinit_(model, seed, 0.5)
+    with torch.no_grad():
+        from transformers.models.whisper.modeling_whisper import sinusoids
+
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.mul_(0.2)
+        model.model.encoder.embed_positions.weight.copy_(sinusoids(1500, 32))  # HF's table
+    model.save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    WhisperFeatureExtractor(feature_size=N_MELS, sampling_rate=RATE).save_pretrained(str(base))
+    return {"base": base,
+            "r8": _adapter(base, out / "r8", 8, seed + 1,
+                           r".*decoder\.layers.*\.(q_proj|v_proj|fc1)"),
+            "r4": _adapter(base, out / "r4", 4, seed + 2,
+                           r".*encoder\.layers.*\.(q_proj|v_proj|fc2)|.*encoder_attn\."
+                           r"(k_proj|out_proj)")}
+
+
+def _adapter(base: Path, out: Path, r: int, seed: int, targets: str) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(hf_model(str(base)), LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(out))
+    return out
+
+
+def hf_model(base: str) -> torch.nn.Module:
+    from transformers import WhisperForConditionalGeneration
+
+    return WhisperForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
+
+
+@functools.lru_cache(maxsize=8)
+def hf_reference(base: str, adapter: str | None) -> torch.nn.Module:
+    return with_peft(hf_model(base), adapter)
+
+
+def clip(seed: int, seconds: float = 0.5, rate: int = RATE) -> tuple[np.ndarray, int]:
+    """Granite Speech's test waveform (two tones and noise), half a second by default."""
+    return speech_clip(seed, seconds, rate)
+
+
+def hf_features(base: Path, wave: np.ndarray) -> torch.Tensor:
+    """HF's input_features [1, n_mels, 3000] of a 16 kHz waveform (WhisperProcessor's
+    call: the extractor's defaults, padded to 30 s)."""
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor.from_pretrained(str(base))
+    return fe(wave, sampling_rate=RATE, return_tensors="pt")["input_features"]
+
+
+@torch.no_grad()
+def hf_logprobs(base: Path, adapter: Path | None, ids: list[int],
+                wave: np.ndarray) -> torch.Tensor:
+    """[len(ids), vocab] log-softmax of HF's Whisper decoder over `ids` with the clip (a
+    16 kHz waveform) through HF's extractor and encoder."""
+    model = hf_reference(str(base), None if adapter is None else str(adapter))
+    logits = model(input_features=hf_features(base, wave),
+                   decoder_input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
