@@ -92,7 +92,7 @@ def make_eagle3_head(target: Path, out: Path, seed: int = 0, std: float = 0.2,
     t["fc.weight"] = std * torch.randn(h, 3 * h, generator=gen)
     t["norm.weight"] = 1 + 0.1 * torch.randn(h, generator=gen)
     t["lm_head.weight"] = std * torch.randn(dv, h, generator=gen)
-    ids = [i for i in range(vocab) if i % 3 != 2][:dv]
+    ids = list(range(vocab)) if dv == vocab else [i for i in range(vocab) if i % 3 != 2][:dv]
     t["d2t"] = torch.tensor(ids) - torch.arange(dv)
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[ids] = True
@@ -144,11 +144,13 @@ def _layer(t: dict, p: str, x: torch.Tensor, residual: torch.Tensor, cfg: dict
 
 
 def reference_drafts(method: str, head: Path, embed: torch.Tensor, target_lm_head: torch.Tensor,
-                     tokens: list[int], features: torch.Tensor, k: int) -> list[int]:
+                     tokens: list[int], features: torch.Tensor, k: int,
+                     given: list[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
     """The head's k greedy drafts after `tokens` (n of them), from the target's features
     of positions 0..n-2 ([n - 1, F]): rows p = 0..n-2 read token p + 1 and feature p, each
     draft row the draft before it and the row before's output; every forward over all
-    rows (no cache)."""
+    rows (no cache). With `given`: those drafts fed instead of the argmax. Returns the
+    drafts and the logits each came from ([target vocab] each)."""
     raw = json.loads((head / "config.json").read_text())
     cfg = raw.get("transformer_layer_config") or raw
     files = list(head.glob("*.safetensors"))
@@ -165,7 +167,8 @@ def reference_drafts(method: str, head: Path, embed: torch.Tensor, target_lm_hea
     else:
         feats = features
     drafts: list[int] = []
-    for _ in range(k):
+    all_logits: list[torch.Tensor] = []
+    for j in range(k):
         e = embed[torch.tensor(ids)]
         if method == "eagle":
             x = torch.cat([e, feats], -1) @ t["fc.weight"].T + t.get("fc.bias", 0)
@@ -179,8 +182,35 @@ def reference_drafts(method: str, head: Path, embed: torch.Tensor, target_lm_hea
             small = _rms(out[-1], t["norm.weight"], eps) @ t["lm_head.weight"].T
             logits = torch.full((embed.shape[0],), float("-inf"))
             logits[torch.arange(small.shape[0]) + t["d2t"].long()] = small
-        token = int(logits.argmax())
+        token = int(logits.argmax()) if given is None else given[j]
         drafts.append(token)
+        all_logits.append(logits)
         ids.append(token)
         feats = torch.cat([feats, out[-1:]])
-    return drafts
+    return drafts, all_logits
+
+
+@torch.no_grad()
+def hf_features(model: torch.nn.Module, tokens: list[int], aux_ids: list[int] | None
+                ) -> torch.Tensor:
+    """The HF (+ PEFT) target's features of every position of `tokens`: its final hidden
+    state after the norm (EAGLE-1), or the inputs of layers aux_ids concatenated in layer
+    order (EAGLE-3), caught by hooks on its modules."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kept: dict[int, torch.Tensor] = {}
+    hooks = []
+    if aux_ids is None:
+        hooks.append(base.model.norm.register_forward_hook(
+            lambda m, a, out: kept.__setitem__(-1, out[0])))
+    else:
+        for i in sorted(set(aux_ids)):
+            hooks.append(base.model.layers[i].register_forward_pre_hook(
+                lambda m, a, kw, i=i: kept.__setitem__(i, (a[0] if a else
+                                                           kw["hidden_states"])[0]),
+                with_kwargs=True))
+    try:
+        model(input_ids=torch.tensor([tokens]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat([kept[i] for i in sorted(kept)], dim=-1).float()
