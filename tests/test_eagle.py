@@ -95,13 +95,17 @@ def _stats(llm):
     return llm.llm_engine.get_stats().spec_decode
 
 
-def _record_proposals(llm) -> list[tuple]:
+def _record_proposals(llm, pause: range = range(0)) -> list[tuple]:
     """Every proposal the scheduler gets, as it gets it: (sequence, its tokens then, the
-    drafts, their distributions or None). The real proposer runs; this only keeps a copy."""
+    drafts, their distributions or None). The real proposer runs; this only keeps a copy.
+    In the scheduler's steps in `pause` it is not asked: no drafts then (as when none
+    fit), so those steps decode plainly."""
     scheduler = llm.llm_engine.scheduler
     propose, seen = scheduler.propose, []
 
     def keep(seqs):
+        if scheduler.num_steps in pause:
+            return [([], None)] * len(seqs)
         out = propose(seqs)
         for seq, (tokens, q) in zip(seqs, out):
             if tokens:
@@ -173,12 +177,14 @@ def test_proposals_match_a_reference_head(models, head):
     plain-torch head's on the HF + PEFT target's features of the same tokens: the drafts
     of greedy requests its argmaxes, a sampled request's distributions its softmax at
     the temperature, given the drafts drawn. So the features (the adapted target's,
-    EAGLE-3's layers), their alignment, the catch-up, the head's own features fed back
-    and d2t are right, not only the outputs."""
+    EAGLE-3's layers; of prompt chunks, verified drafts and, in two steps without
+    drafts, plain decodes), their alignment, the catch-up, the head's own features fed
+    back and d2t are right, not only the outputs."""
     base = models["base"]
     llm = make_llm(base, speculative_config=_spec(models, head), enable_lora=True,
-                   max_loras=2, max_lora_rank=8, enable_prefix_caching=False)
-    seen = _record_proposals(llm)
+                   max_loras=2, max_lora_rank=8, enable_prefix_caching=False,
+                   max_num_batched_tokens=16)
+    seen = _record_proposals(llm, pause=range(6, 8))
     names = [None, "r8", None]
     greedy = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
     sampled = SamplingParams(temperature=0.8, max_tokens=14, ignore_eos=True, seed=1)
@@ -384,3 +390,33 @@ def test_serve_refuses_a_missing_head(models):
     errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1 and "EAGLE head model '/nonexistent/head' is neither" in \
         errors[0] and "Traceback" not in res.stderr
+
+
+def test_sampled_tokens_keep_the_target_distribution(models):
+    """Rejection sampling with the head's distributions: 1500 seeded requests at
+    temperature 0.8, one draft each (max_tokens 3), the random EAGLE-1 head (its q far
+    from the target's p: accepted and resampled tokens both). The second
+    token's count of each id, summed over the requests, is the sum of the target's
+    probabilities of it given each request's first token (HF's softmax(logits / 0.8))
+    within 5 sigma."""
+    base = models["base"]
+    prompt = _prompts()[4][:6]
+    spec = make_llm(base, speculative_config=_spec(models, "e1", k=1),
+                    max_num_seqs=256)
+    params = [SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True, seed=i)
+              for i in range(1500)]
+    outs, _ = _generate(spec, [prompt] * len(params), params)
+    stats = _stats(spec)
+    assert stats.num_drafts == len(params) and 0 < stats.num_accepted_tokens < len(params)
+    firsts = torch.tensor([o.outputs[0].token_ids[0] for o in outs])
+    seconds = torch.tensor([o.outputs[0].token_ids[1] for o in outs])
+    distinct = firsts.unique()
+    ids = torch.cat([torch.tensor([prompt]).expand(len(distinct), -1), distinct[:, None]], 1)
+    with torch.no_grad():
+        logits = load_hf_model(base)(input_ids=ids).logits[:, -1].double()
+    p = torch.softmax(logits / 0.8, -1)[torch.searchsorted(distinct, firsts)]  # [N, V]
+    want = p.sum(0)
+    got = torch.bincount(seconds, minlength=p.shape[1]).double()
+    sigma = (p * (1 - p)).sum(0).sqrt().clamp_min(1.0)
+    z = (got - want).abs() / sigma
+    assert (z <= 5).all(), (z.max(), int(z.argmax()))
