@@ -205,7 +205,9 @@ class EagleHead(nn.Module):
                 image_rows: Any = None) -> torch.Tensor:
         """The rows' logits inputs; their output features are left in `prenorm`."""
         body, features = self.model, self.features
-        embeds = body.embed_tokens(input_ids)
+        # a token an adapter added (past the base vocabulary) reads as the last base one:
+        # the head has no row for it (its drafts are only verified, never trusted)
+        embeds = body.embed_tokens(input_ids.clamp(max=self.args.vocab_size - 1))
         if self.cfg.method == "eagle":
             x = body.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
             self.prenorm = body.layers[0](positions, x)
