@@ -25,7 +25,7 @@ def _layer_config(target: Path, **over) -> dict:
             "rms_norm_eps", "vocab_size", "max_position_embeddings", "hidden_act",
             "rope_theta", "rope_parameters", "head_dim")
     out = {k: cfg[k] for k in keep if k in cfg}
-    out.update(model_type="llama", num_hidden_layers=1, **over)
+    out.update({"model_type": "llama", "num_hidden_layers": 1, **over})
     return out
 
 

@@ -8,6 +8,7 @@ chunked prefill, preemption, abort, prefix caching, structured outputs; the serv
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -135,9 +136,10 @@ def test_eagle_config_forms():
 
 
 def test_bad_heads_fail_at_start_up(models, tmp_path):
-    """A missing head, one of another hidden size, EAGLE-3 layer ids out of range or
-    repeated (the default ids on a 4-layer target: 2, 2, 1), a head of the other method,
-    a head missing a tensor: the engine refuses to start, saying why."""
+    """A missing head, one of another hidden size, vocab size or depth, EAGLE-3 layer
+    ids out of range or repeated (the default ids on a 4-layer target: 2, 2, 1), a head
+    of the other method, a head missing a tensor: the engine refuses to start, saying
+    why."""
     base = models["base"]
 
     def start(method: str, head: Path) -> None:
@@ -150,6 +152,10 @@ def test_bad_heads_fail_at_start_up(models, tmp_path):
     with pytest.raises(ValueError, match="features of width 32; the target's hidden_size "
                                          "is 64"):
         start("eagle", narrow)
+    with pytest.raises(ValueError, match=r"vocab_size \(600\) is not the target's \(512\)"):
+        start("eagle", make_eagle1_head(base, tmp_path / "wide", vocab_size=600))
+    with pytest.raises(ValueError, match="has 2 layers; loraplex runs one-layer heads"):
+        start("eagle", make_eagle1_head(base, tmp_path / "deep", num_hidden_layers=2))
     far = make_eagle3_head(base, tmp_path / "far", aux_ids=[0, 2, 9])
     with pytest.raises(ValueError, match=r"three distinct layers of the target's 4; layer "
                                          r"ids \[0, 2, 9\]"):
@@ -228,6 +234,36 @@ def test_greedy_mixed_adapters_match_plain_and_peft(models, head):
     assert stats.num_drafts > 30 and stats.num_draft_tokens > stats.num_accepted_tokens
     check_against_hf(spec_outs, base, [models[n] if n else None for n in names], prompts)
     _assert_draft_cache_empty(spec)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_eagle3_through_the_triton_attention(models, monkeypatch):
+    """The CUDA path's attention (the Triton kernels, under the interpreter here) for
+    the target and the head: the head's catch-up chunks (blocks of 8, chunks of 6) and
+    its one-row draft forwards over its own block tables; the tokens are the plain
+    engine's."""
+    import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
+
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    base = models["base"]
+    prompts = _prompts()[:2]
+    loras = _loras(models, [None, "r8"])
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)
+    kw = dict(enable_lora=True, max_loras=2, max_lora_rank=8, block_size=8,
+              max_num_batched_tokens=6)
+    spec = make_llm(base, speculative_config=_spec(models, "e3"), **kw)
+    assert spec.llm_engine.draft.runner.attn_backend == "triton"
+    seen = _record_proposals(spec)
+    spec_outs, _ = _generate(spec, prompts, params, loras)
+    _assert_same(spec_outs, _generate(make_llm(base, **kw), prompts, params, loras)[0])
+    hf = load_hf_model(base)
+    embed, lm_head = hf.model.embed_tokens.weight.float(), hf.lm_head.weight.float()
+    for seq, tokens, drafts, _ in seen[:6]:  # the head's math on this path too
+        target = load_hf_model(base, models["r8"] if seq.lora_int_id else None)
+        features = hf_features(target, tokens[:-1], AUX["e3"])
+        assert drafts == reference_drafts("eagle3", models["e3"], embed, lm_head, tokens,
+                                          features, len(drafts))[0]
+    assert len(seen) >= 6
 
 
 def test_oracle_head_accepts_everything(models):
