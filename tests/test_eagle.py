@@ -45,7 +45,7 @@ METHOD = {"e1": "eagle", "e3": "eagle3", "e3s": "eagle3"}
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A 4-layer tiny llama target and adapters of ranks 4 and 8 on it; random heads:
-    EAGLE-1 (with fc.bias), EAGLE-3 with a draft vocabulary of 200 (d2t), EAGLE-3 in the
+    EAGLE-1 (with fc.bias; trained on 32 positions, served on more), EAGLE-3 with a draft vocabulary of 200 (d2t), EAGLE-3 in the
     speculators format (norm_before_residual); and an oracle pair: a target whose next
     token depends on its last token only (attention and MLP outputs zeroed, final norm
     weight 1) and an EAGLE-1 head that passes the next token's embedding through (fc
@@ -66,7 +66,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     torch.save(t, oracle / "pytorch_model.bin")
     return {
         "base": base, "bigram": bigram, "oracle": oracle,
-        "e1": make_eagle1_head(base, root / "e1", seed=5),
+        "e1": make_eagle1_head(base, root / "e1", seed=5, max_position_embeddings=32),
         "e3": make_eagle3_head(base, root / "e3", seed=6, draft_vocab=200, aux_ids=AUX["e3"]),
         "e3s": make_eagle3_head(base, root / "e3s", seed=7, speculators=True,
                                 aux_ids=AUX["e3s"]),

@@ -71,6 +71,11 @@ def read_head_config(path: str, method: str, max_model_len: int) -> EagleHeadCon
         raise ValueError(f"speculative_config: {path} is {other} head: use method "
                          f"{'eagle3' if method == 'eagle' else 'eagle'!r}")
     layer = raw.get("transformer_layer_config") or raw
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                           "vocab_size") if k not in layer]
+    if missing:
+        raise ValueError(f"speculative_config: the EAGLE head's config.json in {path} lacks "
+                         + ", ".join(missing))
     if layer.get("num_hidden_layers", 1) != 1:
         raise ValueError(f"speculative_config: the EAGLE head in {path} has "
                          f"{layer['num_hidden_layers']} layers; loraplex runs one-layer heads")
@@ -83,7 +88,9 @@ def read_head_config(path: str, method: str, max_model_len: int) -> EagleHeadCon
         intermediate_size=layer["intermediate_size"], num_layers=1, num_heads=heads,
         num_kv_heads=layer.get("num_key_value_heads") or heads, head_dim=head_dim,
         norm_eps=float(layer.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-        rope_scaling=scaling, max_position=layer.get("max_position_embeddings", 8192),
+        # the rotary table serves the target's positions, whatever the head trained on
+        rope_scaling=scaling,
+        max_position=max(layer.get("max_position_embeddings", 0), max_model_len),
         rope_rows=max_model_len, tie_word_embeddings=False,
         qkv_bias=bool(layer.get("attention_bias", False)),
         o_bias=bool(layer.get("attention_bias", False)),
