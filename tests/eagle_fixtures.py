@@ -2,8 +2,9 @@
 drafting math in plain torch (from the formulas, not loraplex's code).
 
 EAGLE-1 (yuhuili/EAGLE-LLaMA3-Instruct-8B's layout): a Llama config of one layer,
-pytorch_model.bin with fc.weight / fc.bias and layers.0.* (no input_layernorm), no
-embed_tokens or lm_head (the target's). EAGLE-3 (yuhuili/EAGLE3-LLaMA3.1-Instruct-8B's):
+pytorch_model.bin with fc.weight / fc.bias, layers.0.* (no input_layernorm) and
+embed_tokens (the public heads ship the target's copy; here a random one, which must
+not be loaded: the target's is used), no lm_head (the target's). EAGLE-3 (yuhuili/EAGLE3-LLaMA3.1-Instruct-8B's):
 architectures LlamaForCausalLMEagle3, draft_vocab_size, pytorch_model.bin with
 midlayer.*, fc.weight [H, 3H], norm.weight, lm_head.weight [draft vocab, H], d2t, t2d;
 or the speculators format (RedHatAI's): config with transformer_layer_config and
@@ -59,6 +60,7 @@ def make_eagle1_head(target: Path, out: Path, seed: int = 0, std: float = 0.2,
     t["fc.weight"] = std * torch.randn(h, 2 * h, generator=gen)
     if fc_bias:
         t["fc.bias"] = std * torch.randn(h, generator=gen)
+    t["embed_tokens.weight"] = torch.randn(cfg["vocab_size"], h, generator=gen)
     torch.save(t, out / "pytorch_model.bin")
     return out
 

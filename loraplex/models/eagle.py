@@ -14,7 +14,8 @@ feature, after it the logits' input over the head's own vocabulary (draft_vocab_
 whose id i is the target's i + d2t[i].
 
 Both share the target's embed_tokens and lm_head unless the checkpoint has its own (the
-base weights: the head runs without adapters). The head runs on the ModelRunner as a
+base weights: the head runs without adapters); an EAGLE-1 checkpoint's embed_tokens, a
+copy of the target's, is not loaded (as vLLM). The head runs on the ModelRunner as a
 model would: its layer's Attention has its own paged KV cache; the proposer sets each
 forward's `features` (one row per input token) before the runner calls it.
 """
@@ -252,7 +253,10 @@ def build_head(cfg: EagleHeadConfig, tensors: dict[str, torch.Tensor], target: n
     (the engine's _build): its own embed_tokens / lm_head where it has them, else the
     target's; EAGLE-3's d2t checked against the target's vocabulary."""
     a = cfg.args
-    own_embed, own_head = tensors.get("embed_tokens.weight"), tensors.get("lm_head.weight")
+    # EAGLE-1 trains with the target's embedding frozen: its checkpoint's copy is not
+    # loaded again (vLLM shares the target's too); EAGLE-3 heads may train their own
+    own_embed = tensors.get("embed_tokens.weight") if cfg.method == "eagle3" else None
+    own_head = tensors.get("lm_head.weight")
     embed = (nn.Embedding(a.vocab_size, a.hidden_size) if own_embed is not None else
              SharedEmbedding(_base_weight(target.model.embed_tokens, "embed_tokens")))
     rows = cfg.draft_vocab_size if cfg.method == "eagle3" else a.vocab_size
