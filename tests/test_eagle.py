@@ -156,6 +156,11 @@ def test_bad_heads_fail_at_start_up(models, tmp_path):
         start("eagle", make_eagle1_head(base, tmp_path / "wide", vocab_size=600))
     with pytest.raises(ValueError, match="has 2 layers; loraplex runs one-layer heads"):
         start("eagle", make_eagle1_head(base, tmp_path / "deep", num_hidden_layers=2))
+    small = make_eagle3_head(base, tmp_path / "small", aux_ids=[0, 2, 3], hidden_size=32,
+                             intermediate_size=64, target_hidden_size=64)
+    with pytest.raises(ValueError, match="hidden size 32. has no embed_tokens of its own and "
+                                         "the target's is 64 wide"):
+        start("eagle3", small)
     far = make_eagle3_head(base, tmp_path / "far", aux_ids=[0, 2, 9])
     with pytest.raises(ValueError, match=r"three distinct layers of the target's 4; layer "
                                          r"ids \[0, 2, 9\]"):

@@ -238,12 +238,16 @@ class EagleHead(nn.Module):
         return logits
 
 
-def _base_weight(module: nn.Module, what: str) -> torch.Tensor:
-    """The target's embedding or lm_head weight under its LoRA wrapper, if any."""
+def _base_weight(module: nn.Module, what: str, hidden: int) -> torch.Tensor:
+    """The target's embedding or lm_head weight under its LoRA wrapper, if any, checked
+    to fit a head of width `hidden`."""
     weight = getattr(getattr(module, "base_layer", module), "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         raise ValueError(f"speculative_config: the EAGLE head shares the target's {what}, "
                          "which is quantized here; a head with its own is needed")
+    if weight.shape[1] != hidden:
+        raise ValueError(f"speculative_config: the EAGLE head (hidden size {hidden}) has no "
+                         f"{what} of its own and the target's is {weight.shape[1]} wide")
     return weight
 
 
@@ -258,13 +262,14 @@ def build_head(cfg: EagleHeadConfig, tensors: dict[str, torch.Tensor], target: n
     own_embed = tensors.get("embed_tokens.weight") if cfg.method == "eagle3" else None
     own_head = tensors.get("lm_head.weight")
     embed = (nn.Embedding(a.vocab_size, a.hidden_size) if own_embed is not None else
-             SharedEmbedding(_base_weight(target.model.embed_tokens, "embed_tokens")))
+             SharedEmbedding(_base_weight(target.model.embed_tokens, "embed_tokens",
+                                         a.hidden_size)))
     rows = cfg.draft_vocab_size if cfg.method == "eagle3" else a.vocab_size
     if own_head is None and rows != a.vocab_size:
         raise ValueError(f"speculative_config: the EAGLE-3 head in {path} has no lm_head "
                          f"for its draft vocabulary ({rows} tokens)")
     lm_head = (Linear(a.hidden_size, [rows]) if own_head is not None else
-               SharedHead(_base_weight(target.lm_head, "lm_head")))
+               SharedHead(_base_weight(target.lm_head, "lm_head", a.hidden_size)))
     head = EagleHead(cfg, embed, lm_head)
     for name, module, tensor in (("embed_tokens.weight", embed, own_embed),
                                  ("lm_head.weight", lm_head, own_head)):
