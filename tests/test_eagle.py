@@ -181,6 +181,26 @@ def test_bad_heads_fail_at_start_up(models, tmp_path):
         start("eagle", holed)
 
 
+def test_eagle_state_keeps_the_latest_features_per_position():
+    """A sequence's waiting features: a later computation of a position replaces the
+    earlier one and drops what lay after it (a rejected draft's rows), positions the
+    head has read are not taken again, a gap is refused (the proposer then starts the
+    state over); positions count from the state's offset."""
+    from loraplex.engine.eagle import EagleState
+    from loraplex.engine.sequence import Sequence
+
+    state = EagleState(Sequence("r", 0, list(range(10)), SamplingParams()), offset=2)
+    rows = torch.arange(12.0)[:, None]  # row value = the position it stands for
+    assert state.add(2, rows[2:6]) and state.features.flatten().tolist() == [2, 3, 4, 5]
+    assert state.add(4, rows[4:5] + 100)  # position 4 again: 5 (stale) goes
+    assert state.features.flatten().tolist() == [2, 3, 104]
+    state.num_computed_tokens, state.features = 2, state.features[2:]  # 2 positions read
+    assert state.add(3, rows[3:7])  # 3 (read already) not taken again, 4 replaced
+    assert state.features.flatten().tolist() == [4, 5, 6]
+    assert not state.add(10, rows[10:11])  # positions 7..9 never came
+    assert state.features.flatten().tolist() == [4, 5, 6]
+
+
 # ---- the head's math --------------------------------------------------------------------
 @pytest.mark.parametrize("head", ["e1", "e3", "e3s"])
 def test_proposals_match_a_reference_head(models, head):
