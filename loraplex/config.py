@@ -248,13 +248,17 @@ class LoRAConfig:
 
 
 # vLLM's speculative methods that need heads or other proposers: refused by name
-_UNSUPPORTED_METHODS = ("eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "deepseek_mtp",
+_UNSUPPORTED_METHODS = ("medusa", "mlp_speculator", "mtp", "deepseek_mtp",
                         "ernie_mtp", "qwen3_next_mtp", "suffix")
 # the keys each method takes (vLLM's names)
 _NGRAM_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max",
                "prompt_lookup_min")
 _DRAFT_KEYS = ("method", "model", "num_speculative_tokens", "draft_tensor_parallel_size",
                "quantization", "max_model_len", "revision")
+_EAGLE_KEYS = ("method", "model", "num_speculative_tokens", "draft_tensor_parallel_size",
+               "max_model_len", "revision")
+# the methods whose proposer is a model loaded from `model`
+_MODEL_METHODS = ("draft_model", "eagle", "eagle3")
 
 
 @dataclass
@@ -265,7 +269,9 @@ class SpeculativeConfig:
     their most recent earlier occurrence are verified in one forward; nothing to load
     (engine/ngram_proposer.py). "draft_model": a small LLM of the same vocabulary
     (`model`) proposes them, k forwards of its own with its own KV cache
-    (engine/draft_model.py); it runs without adapters."""
+    (engine/draft_model.py); it runs without adapters. "eagle" / "eagle3": an EAGLE-1 or
+    EAGLE-3 head (`model`) proposes them from the target's hidden states (engine/eagle.py,
+    models/eagle.py); it runs without adapters too."""
 
     num_speculative_tokens: int
     prompt_lookup_max: int = 0
@@ -292,9 +298,9 @@ class SpeculativeConfig:
         if self.method == "ngram" and lo > hi:
             raise ValueError(f"speculative_config: prompt_lookup_min ({lo}) must be <= "
                              f"prompt_lookup_max ({hi})")
-        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model):
-            raise ValueError("speculative_config: method 'draft_model' needs a 'model' (the "
-                             "draft's path or hub id)")
+        if self.method in _MODEL_METHODS and not (isinstance(self.model, str) and self.model):
+            raise ValueError(f"speculative_config: method {self.method!r} needs a 'model' "
+                             "(the draft's or head's path or hub id)")
 
     @classmethod
     def from_dict(cls, spec: dict) -> SpeculativeConfig:
@@ -304,7 +310,9 @@ class SpeculativeConfig:
         missing: 5, vLLM's defaults), or {"model": "path-or-hub-id",
         "num_speculative_tokens": k} (method "draft_model", implied by a model), with
         vLLM's optional "revision", "quantization", "max_model_len" and
-        "draft_tensor_parallel_size" (1 only)."""
+        "draft_tensor_parallel_size" (1 only); or {"method": "eagle" | "eagle3", "model":
+        "path-or-hub-id of the head", "num_speculative_tokens": k} (with the optional
+        "revision", "max_model_len", "draft_tensor_parallel_size")."""
         if not isinstance(spec, dict):
             raise ValueError(f"speculative_config must be a dict (JSON object), got "
                              f"{type(spec).__name__}")
@@ -313,27 +321,28 @@ class SpeculativeConfig:
             method = "ngram"
         elif method is None and model is not None:
             method = "draft_model"
-        keys = _DRAFT_KEYS if method == "draft_model" else _NGRAM_KEYS
+        keys = (_DRAFT_KEYS if method == "draft_model" else
+                _EAGLE_KEYS if method in ("eagle", "eagle3") else _NGRAM_KEYS)
         unknown = sorted(set(spec) - set(keys))
         if unknown:
             raise ValueError(f"speculative_config: unknown key(s) {', '.join(unknown)}; "
                              f"method {method or 'ngram'!r} takes {', '.join(keys)}")
         if method in _UNSUPPORTED_METHODS:
             raise ValueError(f"speculative_config: method {method!r} is not supported: "
-                             "loraplex only supports the 'ngram' (prompt lookup) and "
-                             "'draft_model' methods (no EAGLE, Medusa or MTP heads)")
-        if method not in ("ngram", "draft_model"):
+                             "loraplex only supports the 'ngram' (prompt lookup), 'draft_model', "
+                             "'eagle' and 'eagle3' methods (no Medusa or MTP heads)")
+        if method not in ("ngram", *_MODEL_METHODS):
             raise ValueError(f"speculative_config: unknown method {method!r}; the supported "
-                             "methods are 'ngram' and 'draft_model'")
+                             "methods are 'ngram', 'draft_model', 'eagle' and 'eagle3'")
         if "num_speculative_tokens" not in spec:
             raise ValueError("speculative_config: num_speculative_tokens is required")
         k = spec["num_speculative_tokens"]
-        if method == "draft_model":
+        if method in _MODEL_METHODS:
             tp = spec.get("draft_tensor_parallel_size")
             if tp not in (None, 1):
                 raise ValueError(f"speculative_config: draft_tensor_parallel_size={tp!r}: "
                                  "loraplex runs the draft on one device (1)")
-            return cls(num_speculative_tokens=k, method="draft_model", model=model,
+            return cls(num_speculative_tokens=k, method=method, model=model,
                        revision=spec.get("revision"), quantization=spec.get("quantization"),
                        max_model_len=spec.get("max_model_len"))
         if model not in (None, "ngram", "[ngram]"):

@@ -40,7 +40,7 @@ TEXTS = (
 
 # ---- configuration --------------------------------------------------------------------
 @pytest.mark.parametrize("spec, match", [
-    ({"method": "eagle", "num_speculative_tokens": 2}, "only supports the 'ngram'"),
+    ({"method": "eagle", "num_speculative_tokens": 2}, "method 'eagle' needs a 'model'"),
     ({"method": "medusa", "num_speculative_tokens": 2}, "only supports the 'ngram'"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a 'model'"),
     ({"method": "lookahead", "num_speculative_tokens": 2}, "unknown method 'lookahead'"),
@@ -75,7 +75,7 @@ def test_engine_args_refuse_a_bad_config(spec_model):
 
     args = EngineArgs(model=str(base), speculative_config={"method": "eagle3",
                                                             "num_speculative_tokens": 3})
-    with pytest.raises(ValueError, match="only supports the 'ngram'"):
+    with pytest.raises(ValueError, match="method 'eagle3' needs a 'model'"):
         args.create_engine_config(AutoConfig.from_pretrained(base))
 
 
@@ -535,7 +535,7 @@ def test_server_completions_and_streaming_chat_match(servers):
 
 
 @pytest.mark.parametrize("spec, needle", [
-    ('{"method": "eagle", "num_speculative_tokens": 3}', "only supports the 'ngram'"),
+    ('{"method": "eagle", "num_speculative_tokens": 3}', "method 'eagle' needs a 'model'"),
     ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, '
      '"prompt_lookup_max": 2}', "prompt_lookup_min (3) must be <="),
     ("{nope", "not valid JSON"),

@@ -68,11 +68,15 @@ class DraftState:
     def last_token(self) -> int:
         return self.token_ids[-1]
 
-    def sync(self, seq: Sequence) -> None:
-        """The sequence's tokens now; the cache is trusted up to the last proposal's
-        length plus the forwarded drafts the sequence went on with (and never past its
-        last token, whose logits the first forward needs)."""
+    def sync(self, seq: Sequence, vocab_size: int) -> None:
+        """The sequence's tokens now (a token an adapter added, past the draft's
+        vocabulary, read as its last token: the draft has no row for it); the cache is
+        trusted up to the last proposal's length plus the forwarded drafts the sequence
+        went on with (and never past its last token, whose logits the first forward
+        needs)."""
         self.token_ids = list(seq.token_ids)
+        if self.token_ids and max(self.token_ids) >= vocab_size:
+            self.token_ids = [min(t, vocab_size - 1) for t in self.token_ids]
         kept = 0
         for draft, token in zip(self.forwarded, seq.token_ids[self.base:]):
             if draft != token:
@@ -135,7 +139,7 @@ class DraftModel:
             state = self.states.get(seq.seq_id)
             if state is None:
                 state = self.states[seq.seq_id] = DraftState(seq)
-            state.sync(seq)
+            state.sync(seq, self.vocab_size)
             # positions written: the sequence's tokens, then the drafts but the last
             if self._grow(state, seq.num_tokens + room - 1):
                 active.append((i, seq, state, room))

@@ -27,6 +27,7 @@ from loraplex.engine.audio import AudioProcessor, is_clip
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.draft_model import load_draft_model, make_draft
+from loraplex.engine.eagle import EagleProposer, load_eagle_head, make_eagle
 from loraplex.engine.generation_config import GenerationDefaults
 from loraplex.engine.images import (
     ImageInputs,
@@ -241,12 +242,15 @@ class LLMEngine:
         # a draft model (speculative decoding): loaded before the KV cache is sized, so
         # its weights and its cache come out of the same budget (worker/memory.py)
         draft_model = (load_draft_model(spec, hf_config, self.tokenizer, mc, self._build)
-                       if spec and spec.method == "draft_model" else None)
+                       if spec and spec.method == "draft_model" else
+                       load_eagle_head(spec, hf_config, self.model, mc, self._build)
+                       if spec and spec.method in ("eagle", "eagle3") else None)
         if draft_model is not None:
             self.memory.draft_kv_block_bytes = kv_block_bytes(draft_model, kv_dtype, block_size)
             self.memory.draft_weight_bytes = sum(
                 t.numel() * t.element_size()
-                for t in itertools.chain(draft_model.parameters(), draft_model.buffers()))
+                for t in itertools.chain(draft_model.parameters(), draft_model.buffers())
+                if t is not None)
         self.model_runner = ModelRunner(self.model, mc, cache_config,
                                         self.config.scheduler_config,
                                         lm.eager_slots if lm else None,
@@ -268,10 +272,12 @@ class LLMEngine:
                                           self.config.cache_config.enable_prefix_caching)
         # speculative decoding: drafts per decoding sequence (ngram, or the draft model
         # with its own KV cache of as many blocks), their counters
-        self.draft = (make_draft(draft_model, mc, self.config.cache_config,
-                                 self.config.scheduler_config, spec,
-                                 self.model_runner.num_blocks)
+        make = make_draft if spec and spec.method == "draft_model" else make_eagle
+        self.draft = (make(draft_model, mc, self.config.cache_config,
+                           self.config.scheduler_config, spec, self.model_runner.num_blocks)
                       if draft_model is not None else None)
+        if isinstance(self.draft, EagleProposer):  # the target's features feed the head
+            self.model_runner.feature_sink = self.draft.observe
         self.drafter = Drafter(spec, mc.max_model_len, self.draft) if spec else None
         self.spec_stats = SpecDecodeStats() if spec else None
         self.spec_logger = SpecDecodeLogger() if spec else None

@@ -1,8 +1,9 @@
 """Speculative decoding's engine side: which sequences get drafts, how many, and the
 counters of how many were accepted (vLLM's spec_decode metrics and log line).
 
-Drafts come from the ngram proposer (engine/ngram_proposer.py) or a draft model
-(engine/draft_model.py, batched over the sequences); the scheduler reserves their KV
+Drafts come from the ngram proposer (engine/ngram_proposer.py), a draft model
+(engine/draft_model.py) or an EAGLE head (engine/eagle.py), the latter two batched over
+the sequences; the scheduler reserves their KV
 slots (engine/scheduler.py: Scheduler._draft), the model runner verifies them
 in the step's forward, the sampler accepts or replaces them (layers/sampler.py,
 layers/rejection_sampler.py) and LLMEngine emits the accepted run.
@@ -40,7 +41,8 @@ class Drafter:
     """Per decoding sequence, the drafts to verify in the next step: at most
     num_speculative_tokens, and never so many that accepting all of them plus the bonus
     token would pass max_tokens or max_model_len. From the ngram proposer, or with a
-    draft model from it, for all the step's sequences at once."""
+    draft model or EAGLE head (a DraftModel) from it, for all the step's sequences at
+    once."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int,
                  draft: DraftModel | None = None) -> None:

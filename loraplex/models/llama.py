@@ -372,6 +372,11 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(a, local if i in a.window_layers else rotary,
                               f"model.layers.{i}", i) for i in range(a.num_layers))
         self.norm = a.norm(a.hidden_size)
+        # an EAGLE-3 head reads the residual stream entering these layers (vLLM's
+        # aux_hidden_state_layers): each forward then keeps them, concatenated, in
+        # aux_hidden_states [T, len(aux_layers) x hidden]; None (the rule): nothing kept
+        self.aux_layers: tuple[int, ...] | None = None
+        self.aux_hidden_states: torch.Tensor | None = None
 
     def given_embeds_scale(self, dtype: torch.dtype) -> float:
         """What HF multiplies embeddings a caller gives (inputs_embeds; our
@@ -395,9 +400,21 @@ class LlamaModel(nn.Module):
             if embeds.dim() == 3:  # Qwen3-VL's DeepStack (models/qwen3_vl.py)
                 return self.norm(self._deepstack(positions, x, rows, embeds.to(x.dtype)))
             x = x.index_copy(0, rows, embeds.to(x.dtype))
+        if self.aux_layers is not None:
+            return self.norm(self._keep_aux(positions, x))
         for layer in self.layers:
             x = layer(positions, x)
         return self.norm(x)
+
+    def _keep_aux(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layers' forward, keeping the input of each of aux_layers (EAGLE-3)."""
+        kept = []
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                kept.append(x)
+            x = layer(positions, x)
+        self.aux_hidden_states = torch.cat(kept, dim=-1)
+        return x
 
     def _deepstack(self, positions: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
                    embeds: torch.Tensor) -> torch.Tensor:
@@ -405,10 +422,15 @@ class LlamaModel(nn.Module):
         and, after layer i < L, their features of the tower's i-th DeepStack layer
         (embeds[:, 1 + i]) added to the hidden state, as HF's _deepstack_process."""
         x = x.index_copy(0, rows, embeds[:, 0])
+        kept = []  # (EAGLE-3: the inputs of aux_layers)
         for i, layer in enumerate(self.layers):
+            if self.aux_layers is not None and i in self.aux_layers:
+                kept.append(x)
             x = layer(positions, x)
             if i + 1 < embeds.shape[1]:
                 x = x.index_add(0, rows, embeds[:, i + 1])
+        if kept:
+            self.aux_hidden_states = torch.cat(kept, dim=-1)
         return x
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -136,6 +136,11 @@ class ModelRunner:
         self.decode_mirror = DecodeMirror(
             self.block_size, kv_block_bytes(self.model, self.dtype, self.block_size)
             // self.block_size, self.num_blocks * self._bytes_per_block())
+        # EAGLE speculative decoding (engine/eagle.py): gets, after every forward, each
+        # sequence's first position computed and its rows' features (the final hidden
+        # states, or with the model's aux_layers set the EAGLE-3 layers' inputs)
+        self.feature_sink: Callable[[list[tuple[Sequence, int, torch.Tensor]]], None] | None \
+            = None
         self.num_eager_decode_steps = 0  # pure decode steps run without a graph
         self.num_mixed_steps = 0  # prefill + decode in one forward (always eager)
         self.cuda_graphs: CUDAGraphRunner | None = None
@@ -407,7 +412,10 @@ class ModelRunner:
         decode, where = self._longest_first(decode)
         if not prefill and not spec:
             seq_slots = slots_of(decode)
-            logits = self._logits(self._run_decode(decode, seq_slots), seq_slots)
+            hidden = self._run_decode(decode, seq_slots)
+            if self.feature_sink is not None:
+                self._keep_features([], [], decode, hidden)
+            logits = self._logits(hidden, seq_slots)
             return StepOutput(logits if where is None else
                               logits.index_select(0, self._tensor(where)))
         lens = prefill_lens or [s.num_uncomputed_tokens for s in prefill]
@@ -440,6 +448,8 @@ class ModelRunner:
         image_rows = self._image_rows(prefill, lens[:len(prefill)])
         with step_context(ctx):
             hidden = self.model(input_ids, positions, image_rows)
+        if self.feature_sink is not None:
+            self._keep_features(segments, lens, decode, hidden)
         self._pool(prefill, lens, hidden)
         logits = self._logits(hidden.index_select(0, self._tensor(rows)),
                               [token_slots[r] for r in rows] if token_slots else None
@@ -452,6 +462,22 @@ class ModelRunner:
                        for seq, span in prompt_positions for p in span]
         return StepOutput(logits, hidden.index_select(0, self._tensor(prompt_rows)),
                           [token_slots[r] for r in prompt_rows] if token_slots else None)
+
+    def _keep_features(self, segments: list[Sequence], lens: list[int],
+                       decode: list[Sequence], hidden: torch.Tensor) -> None:
+        """The step's rows' features to the EAGLE proposer, per sequence from its first
+        position computed: the segments' rows first (prompt chunks, verified drafts),
+        then one per decoding sequence (in the step's order)."""
+        aux = self.model.model.aux_hidden_states if self.model.model.aux_layers else None
+        features = hidden if aux is None else aux
+        out, first = [], 0
+        for seq, n in zip(segments, lens):
+            out.append((seq, seq.num_computed_tokens, features[first:first + n]))
+            first += n
+        for seq in decode:
+            out.append((seq, seq.num_tokens - 1, features[first:first + 1]))
+            first += 1
+        self.feature_sink(out)
 
     @staticmethod
     def _pool(prefill: list[Sequence], lens: list[int], hidden: torch.Tensor) -> None:
@@ -554,6 +580,8 @@ class ModelRunner:
         padded = graphs.padded_size(n) if graphs is not None else None
         if padded is not None and seq_slots and self.eager_slots.intersection(seq_slots):
             padded = None
+        if self.model.model.aux_layers is not None:  # EAGLE-3's layer inputs: no graph
+            padded = None  # keeps them (the graphs return the final hidden states only)
         input_ids, positions, ctx = self.prepare_decode(seqs, padded)
         if self.whisper is not None:
             ctx.cross = self._cross_batch(seqs, [1] * n, seq_slots)
