@@ -136,6 +136,9 @@ class ModelRunner:
         self.decode_mirror = DecodeMirror(
             self.block_size, kv_block_bytes(self.model, self.dtype, self.block_size)
             // self.block_size, self.num_blocks * self._bytes_per_block())
+        # EAGLE-3: the target keeps its aux layers' inputs (set before this runner is made)
+        self.keeps_aux_states = getattr(getattr(model, "model", None), "aux_layers",
+                                        None) is not None
         # EAGLE speculative decoding (engine/eagle.py): gets, after every forward, each
         # sequence's first position computed and its rows' features (the final hidden
         # states, or with the model's aux_layers set the EAGLE-3 layers' inputs)
@@ -468,7 +471,7 @@ class ModelRunner:
         """The step's rows' features to the EAGLE proposer, per sequence from its first
         position computed: the segments' rows first (prompt chunks, verified drafts),
         then one per decoding sequence (in the step's order)."""
-        aux = self.model.model.aux_hidden_states if self.model.model.aux_layers else None
+        aux = self.model.model.aux_hidden_states if self.keeps_aux_states else None
         features = hidden if aux is None else aux
         out, first = [], 0
         for seq, n in zip(segments, lens):
@@ -580,8 +583,8 @@ class ModelRunner:
         padded = graphs.padded_size(n) if graphs is not None else None
         if padded is not None and seq_slots and self.eager_slots.intersection(seq_slots):
             padded = None
-        if self.model.model.aux_layers is not None:  # EAGLE-3's layer inputs: no graph
-            padded = None  # keeps them (the graphs return the final hidden states only)
+        if self.keeps_aux_states:  # EAGLE-3's layer inputs: no graph keeps them (the
+            padded = None  # graphs return the final hidden states only)
         input_ids, positions, ctx = self.prepare_decode(seqs, padded)
         if self.whisper is not None:
             ctx.cross = self._cross_batch(seqs, [1] * n, seq_slots)
