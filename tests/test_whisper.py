@@ -124,6 +124,47 @@ def test_preemption_recomputes_the_decoder(whisper):
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
+def test_encoder_states_come_out_of_the_budget(whisper):
+    """Each running request's encoder K/V are reserved from the KV budget: max_num_seqs
+    drops to the requests that fit with a full decoder cache each, the blocks get the
+    rest; more requests than that queue and still give HF's tokens; a preempted request
+    drops its K/V and runs the encoder again; a budget for none is refused."""
+    budget_gib = 0.012
+    llm = whisper_llm(whisper["base"], cpu_kv_cache_gib=budget_gib, block_size=16)
+    engine = llm.llm_engine
+    runner = engine.model_runner
+    cross = engine.model.config.cross_kv_bytes(torch.float32)
+    block = runner._bytes_per_block()
+    budget = int(budget_gib * 2**30)
+    fit = budget // (cross + 4 * block)  # max_model_len 64: 4 blocks of 16
+    assert 1 < fit < 256
+    assert runner.max_num_seqs == engine.config.scheduler_config.max_num_seqs == fit
+    assert runner.num_blocks == min((budget - fit * cross) // block, fit * 4)
+    encoded = []
+    encode = engine.model.encode
+    engine.model.encode = lambda *a: encoded.append(1) or encode(*a)
+    jobs = [(clip(i), None) for i in range(1, fit + 3)]
+    outs = llm.generate([plain(c) for c, _ in jobs], GREEDY, use_tqdm=False)
+    check(outs, whisper, jobs)
+    assert len(encoded) == len(jobs)
+    with pytest.raises(ValueError, match="cannot hold one Whisper request"):
+        whisper_llm(whisper["base"], cpu_kv_cache_gib=cross / 2**31)
+
+
+def test_preempted_request_runs_its_encoder_again(whisper):
+    llm = whisper_llm(whisper["base"], num_gpu_blocks_override=6, block_size=4,
+                      max_model_len=24)
+    engine = llm.llm_engine
+    encoded = []
+    encode = engine.model.encode
+    engine.model.encode = lambda *a: encoded.append(1) or encode(*a)
+    jobs = [(clip(i), None) for i in (1, 2, 3)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    outs = llm.generate([plain(c) for c, _ in jobs], params, use_tqdm=False)
+    check(outs, whisper, jobs)
+    assert len(encoded) == len(jobs) + engine.scheduler.num_preemptions > len(jobs)
+
+
 def test_abort_mid_request(whisper):
     llm = whisper_llm(whisper["base"])
     engine = llm.llm_engine

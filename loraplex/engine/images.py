@@ -121,6 +121,11 @@ class ImageInputs:
     # order, images and videos alike) are videos (engine/qwen_images.py)
     videos: list[int] = field(default_factory=list)
 
+    def free_on_preempt(self) -> None:
+        """What the request gives back while preempted: nothing here (its embeddings are
+        small, and the recompute reuses them); Whisper's encoder K/V are dropped
+        (engine/whisper_inputs.py)."""
+
     def block_key(self, start: int, end: int) -> bytes:
         """What the prefix-cache hash of the block over positions [start, end) adds: the
         hashes of the images with placeholders in it."""

@@ -258,6 +258,10 @@ class LLMEngine:
                                         spec.num_speculative_tokens if spec else 0,
                                         self.memory.draft_kv_block_bytes)
         self.memory.num_kv_blocks = self.model_runner.num_blocks
+        if self.model_runner.max_num_seqs < self.config.scheduler_config.max_num_seqs:
+            # Whisper: no more running requests than their encoder K/V fit (model_runner)
+            self.config.scheduler_config = replace(self.config.scheduler_config,
+                                                   max_num_seqs=self.model_runner.max_num_seqs)
         if self.model_runner.num_blocks * block_size < mc.max_model_len:
             slots = (f" after the adapter slots took {self.memory.lora_slot_bytes / 2**20:.1f} "
                      "MiB (lower max_loras or max_lora_rank)" if self.lora_manager else "")

@@ -341,6 +341,8 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         if self.release is not None:
             self.release(seq)
+        if seq.images is not None:
+            seq.images.free_on_preempt()
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1

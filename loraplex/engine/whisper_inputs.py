@@ -7,8 +7,9 @@ clip per request; a clip longer than 30 s is refused (vLLM's speech-to-text rout
 long audio into chunks; loraplex does not split). The features travel on a WhisperAudio (an
 engine/images.py ImageInputs without placeholders: Whisper's decoder prompt has none), and
 so do the decoder layers' cross-attention K/V once the model runner has run the encoder
-(models/whisper.py): kept while the request lives, shared by its n sequences, kept across
-a preemption (only the decoder's paged K/V is recomputed), freed with the request.
+(models/whisper.py): kept while the request runs, shared by its n sequences, dropped when
+it is preempted (the recompute runs the encoder again) and freed with it; the model
+runner counts them per running request in the memory budget.
 
 The prompt, in vLLM's two forms: {"prompt": decoder text, "multi_modal_data": {"audio":
 clip}} and the explicit {"encoder_prompt": {"prompt": "", "multi_modal_data": ...},
@@ -41,6 +42,12 @@ class WhisperAudio(ImageInputs):
     """One request's clip: `pixel_values` its [n_mels, 3000] features, no placeholders."""
 
     cross_kv: CrossKV | None = None  # every decoder layer's K/V, from the first prefill
+
+    def free_on_preempt(self) -> None:
+        """The K/V go with the request's KV blocks: the memory budget counts them per
+        running request (worker/model_runner.py), and the recompute runs the encoder
+        again."""
+        self.cross_kv = None
 
     def block_key(self, start: int, end: int) -> bytes:
         """Every decoder block's K/V depends on the audio (cross-attention): the clip's

@@ -78,6 +78,13 @@ class WhisperConfig:
         """Mel frames the encoder takes (3000: 30 s)."""
         return 2 * self.max_source_positions
 
+    def cross_kv_bytes(self, dtype: torch.dtype) -> int:
+        """One request's cross-attention K/V: every decoder layer's keys and values of
+        the encoder's max_source_positions states (as much as that many tokens of KV
+        cache: the decoder layers' self-attention has the same width)."""
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return self.decoder_layers * 2 * self.max_source_positions * self.d_model * elem
+
     def decoder_args(self) -> LlamaArgs:
         """The decoder's shape as the engine sizes it (KV cache, vocabulary, positions):
         the paged cache holds the decoder's self-attention only."""

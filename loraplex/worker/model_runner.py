@@ -173,9 +173,31 @@ class ModelRunner:
         else:
             budget = int(cfg.cpu_kv_cache_gib * GiB)
         blocks_per_seq = -(-self.max_model_len // self.block_size)
+        if self.whisper is not None:
+            budget = self._reserve_cross_kv(budget, blocks_per_seq)
         # never more than every sequence at full length could use
         return max(0, min(budget // (self._bytes_per_block() + self.draft_block_bytes),
                           self.max_num_seqs * blocks_per_seq))
+
+    def _reserve_cross_kv(self, budget: int, blocks_per_seq: int) -> int:
+        """Whisper: each running request holds its encoder K/V (models/whisper.py) beside
+        its KV blocks. As many requests run at once as the budget holds with a
+        full-length decoder cache each (max_num_seqs lowered to that, logged); their K/V
+        come out of the budget first. The budget left for the KV blocks."""
+        cross = self.whisper.config.cross_kv_bytes(self.dtype)
+        per_request = cross + blocks_per_seq * self._bytes_per_block()
+        fit = budget // per_request
+        if fit < 1:
+            raise ValueError(f"the KV cache budget ({budget / 2**20:.1f} MiB) cannot hold one "
+                             f"Whisper request: its encoder K/V take {cross / 2**20:.1f} MiB "
+                             f"and a max_model_len decoder cache "
+                             f"{(per_request - cross) / 2**20:.1f} MiB; give it more memory")
+        if fit < self.max_num_seqs:
+            logger.info("Whisper: max_num_seqs %d -> %d, the requests whose encoder K/V "
+                        "(%.1f MiB each) and decoder cache fit the budget",
+                        self.max_num_seqs, fit, cross / 2**20)
+            self.max_num_seqs = fit
+        return budget - self.max_num_seqs * cross
 
     def _profile_gpu_memory(self, utilization: float, max_tokens: int) -> int:
         """The KV cache budget in bytes, from a profile run's activation peak."""
