@@ -70,7 +70,7 @@ from loraplex.models.gguf_loader import (
 )
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig, is_granite_speech
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
-from loraplex.models.llava import LlavaVisionConfig
+from loraplex.models.llava import LlavaVisionConfig, VisionWeights
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.pixtral import PixtralVisionConfig
@@ -209,7 +209,8 @@ class LLMEngine:
         self._adapter_heads: dict[tuple[int, int], ClassifierHead | None] = {}
         self.model = self._load_model(hf_config, path)
         self.lora_manager = (LoRAManager(self.model, self.lora_config, mc.dtype,
-                                         classifier_heads=self.classify)
+                                         classifier_heads=self.classify,
+                                         tower=self._lora_tower())
                              if self.lora_config else None)
         block_size = self.config.cache_config.block_size
         kv_dtype = kv_cache_dtype(self.config.cache_config.cache_dtype, mc.dtype)
@@ -356,6 +357,14 @@ class LLMEngine:
                 return make()
         finally:
             torch.set_default_dtype(default)
+
+    def _lora_tower(self) -> VisionWeights | None:
+        """The tower and projector whose linears get adapter slots
+        (enable_tower_connector_lora); None: LoRA on the language model only (also when
+        the tower is not loaded: served on text)."""
+        if not self.lora_config.tower_connector_lora or self.vision is None:
+            return None
+        return self.vision
 
     def _load_model(self, hf_config: Any, path: str):
         mc = self.model_config

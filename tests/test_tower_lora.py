@@ -1,0 +1,202 @@
+"""LoRA on the vision tower and projector (--enable-tower-connector-lora, lora/tower.py),
+against HF transformers + PEFT on the same weights, fp32: an adapter with LoRA on every
+linear of the tower, the projector and the language model gives HF's greedy tokens and
+logprobs within 1e-4, beside the base, an adapter on the language model only and one on
+the tower only, in one batch with more adapters than slots (LLaVA, Qwen2.5-VL, Gemma 3;
+then the other towers); the flag off keeps the language model's LoRA alone (a warning);
+a tower module of too high a rank fails its adapter alone; the server's chat route."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from loraplex import LoRARequest, SamplingParams
+from loraplex.lora.errors import LoRAError
+from loraplex.lora.tower import TowerLinearWithLoRA
+from tests import gemma3_fixtures, llava_fixtures, mistral3_fixtures, qwen2_vl_fixtures
+from tests.engine_utils import make_llm
+from tests.llava_fixtures import data_url, image
+from tests.multimodal_fixtures import (
+    LANGUAGE_MODEL,
+    chat_token_ids,
+    make_multimodal_adapter,
+    request,
+)
+from tests.server_utils import RemoteServer
+
+pytest.importorskip("PIL")
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+# the linears of the tower and projector (PEFT matches the whole module name)
+TOWER = (r".*(vision_tower|visual|multi_modal_projector)\..*\.?(q_proj|k_proj|v_proj|out_proj|"
+         r"o_proj|fc1|fc2|linear_1|linear_2|qkv|attn\.proj|merging_layer|mlp\.[02]|"
+         r"linear_fc1|linear_fc2|gate_proj|up_proj|down_proj)")
+
+
+def _adapters(base: Path, seed: int) -> dict[str, Path]:
+    """`base` and three adapters beside it: every linear (tower, projector, language
+    model; r8), the language model's only (r4), the tower's and projector's only (r2)."""
+    return {"base": base,
+            "all": make_multimodal_adapter(base, base.parent / "all", r=8, seed=seed,
+                                           targets="all-linear", scale=0.2),
+            "lm": make_multimodal_adapter(base, base.parent / "lm", r=4, seed=seed + 1,
+                                          targets=LANGUAGE_MODEL + "(k_proj|o_proj)"),
+            "tower": make_multimodal_adapter(base, base.parent / "tower", r=2, seed=seed + 2,
+                                             targets=TOWER, scale=0.4)}
+
+
+# model -> (its tiny checkpoint's maker, its reference check, a prompt with one image)
+MODELS = {
+    "llava": (llava_fixtures.make_tiny_llava, llava_fixtures.check, llava_fixtures.ASK),
+    "qwen25_vl": (qwen2_vl_fixtures.make_tiny_qwen_vl, qwen2_vl_fixtures.check,
+                  qwen2_vl_fixtures.ASK),
+    "gemma3": (gemma3_fixtures.make_tiny_gemma3, gemma3_fixtures.check, gemma3_fixtures.ASK),
+    "mistral3": (mistral3_fixtures.make_tiny_mistral3, mistral3_fixtures.check,
+                 mistral3_fixtures.ASK),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_root: Path) -> dict[str, dict[str, Path]]:
+    made: dict[str, dict[str, Path]] = {}
+
+    def get(name: str) -> dict[str, Path]:
+        if name not in made:
+            maker = MODELS[name][0]
+            made[name] = _adapters(maker(tiny_root / "tower_lora" / name / "base", seed=40),
+                                   seed=41)
+        return made[name]
+    return get
+
+
+def _tower_modules(adapter: Path) -> list[str]:
+    keys = load_file(str(adapter / "adapter_model.safetensors"))
+    return [k for k in keys if "language_model" not in k]
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen25_vl", "gemma3"])
+def test_mixed_batch_matches_hf_peft(name, models):
+    """Base, LoRA everywhere, LoRA on the language model only, LoRA on the tower only:
+    image requests (one adapter's two at once, a text one) in one call over two slots;
+    each HF + PEFT's output. The tower runs once per adapter of the step."""
+    m = models(name)
+    _, check, ask = MODELS[name]
+    assert _tower_modules(m["all"]) and _tower_modules(m["tower"])  # the tower is trained
+    llm = make_llm(m["base"], enable_lora=True, enable_tower_connector_lora=True,
+                   max_loras=2, max_lora_rank=8)
+    calls: list[int] = []
+    llm.llm_engine.vision.register_forward_hook(
+        lambda module, args, out: calls.append(args[0].shape[0]))
+    a, b = image(1), image(2, (30, 50))
+    jobs = [(ask, [a], None), (ask, [a], "all"), (ask, [a], "lm"), (ask, [b], "all"),
+            (ask, [a], "tower"), ("USER: What is the capital of France? ASSISTANT:", [],
+                                  "all")]
+    loras = {n: LoRARequest(n, i, str(m[n])) for i, n in enumerate(("all", "lm", "tower"), 1)}
+    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[loras[n] if n else None for *_, n in jobs])
+    check(outs, m["base"], [(p, ims, m[n] if n else None) for p, ims, n in jobs])
+    assert len(calls) >= 3  # (two slots, three adapters and the base: steps and calls vary)
+    tokens = [o.outputs[0].token_ids for o in outs]
+    assert tokens[4] != tokens[0], "the tower's LoRA left the image request unchanged"
+    assert llm.llm_engine.lora_manager.stats.host_hits >= 3
+
+
+def test_flag_off_keeps_the_language_models_lora(models, tmp_path, caplog):
+    """Off (the default): the tower and projector keep their base weights, the language
+    model runs the adapter (HF + PEFT over the adapter without its tower part), with
+    a warning; no tower layer gets slots."""
+    m = models("llava")
+    lm_only = shutil.copytree(m["all"], tmp_path / "lm_only")
+    path = str(lm_only / "adapter_model.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if "language_model" in k}, path)
+    llm = make_llm(m["base"], enable_lora=True, max_lora_rank=8)
+    assert not any(isinstance(x, TowerLinearWithLoRA) for x in llm.llm_engine.vision.modules())
+    ask = llava_fixtures.ASK
+    with caplog.at_level("WARNING"):
+        outs = llm.generate(request(ask, [image(1)]), GREEDY, use_tqdm=False,
+                            lora_request=LoRARequest("all", 1, str(m["all"])))
+    assert "left out (LoRA applies to the language model only)" in caplog.text
+    llava_fixtures.check(outs, m["base"], [(ask, [image(1)], lm_only)])
+
+
+def test_tower_rank_past_max_fails_its_adapter_alone(models, tmp_path):
+    """A tower module of rank 16 > max_lora_rank 8 (its config saying r=8): that
+    adapter's request fails with a LoRAError naming the rank; the engine carries on."""
+    m = models("llava")
+    big = make_multimodal_adapter(m["base"], tmp_path / "big", r=8, seed=50,
+                                  targets=r".*(vision_tower.*\.fc1|language_model.*\.q_proj)")
+    wide = make_multimodal_adapter(m["base"], tmp_path / "wide", r=16, seed=51,
+                                   targets=r".*vision_tower.*\.fc1")
+    tensors = load_file(str(big / "adapter_model.safetensors"))
+    tensors.update(load_file(str(wide / "adapter_model.safetensors")))  # fc1's at r=16
+    save_file(tensors, str(big / "adapter_model.safetensors"))
+    llm = make_llm(m["base"], enable_lora=True, enable_tower_connector_lora=True,
+                   max_lora_rank=8)
+    ask = llava_fixtures.ASK
+    with pytest.raises(LoRAError, match="rank 16 > max_lora_rank=8"):
+        llm.generate(request(ask, [image(1)]), GREEDY, use_tqdm=False,
+                     lora_request=LoRARequest("big", 1, str(big)))
+    assert not llm.llm_engine.has_unfinished_requests()
+    outs = llm.generate(request(ask, [image(1)]), GREEDY, use_tqdm=False,
+                        lora_request=LoRARequest("all", 2, str(m["all"])))
+    llava_fixtures.check(outs, m["base"], [(ask, [image(1)], m["all"])])
+
+
+def test_server_chat_with_tower_lora(models):
+    """--enable-tower-connector-lora over HTTP: a chat with an image_url part under the
+    adapter is HF + PEFT's greedy reply; an adapter whose tower does not fit fails its
+    request alone (OpenAI's error shape), the server carrying on."""
+    m = models("llava")
+    base = str(m["base"])
+    bad = Path(str(m["all"]) + "_bad")
+    if not bad.exists():
+        shutil.copytree(m["all"], bad)
+        cfg = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 4}))
+        path = str(bad / "adapter_model.safetensors")
+        tensors = load_file(path)
+        save_file({k: v[:, :3].contiguous() if "vision_tower" in k and "lora_A" in k else v
+                   for k, v in tensors.items()}, path)  # A of the wrong width
+    args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
+            "--enable-tower-connector-lora", "--max-lora-rank", "8",
+            "--lora-modules", f"all={m['all']}"]
+    content = [{"type": "image_url", "image_url": {"url": data_url(image(1))}},
+               {"type": "text", "text": "What is this?"}]
+    text = "<|user|><image>\nWhat is this?\n<|assistant|>"
+    env = {"LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    with RemoteServer(m["base"], args, env=env) as server:
+        client = server.get_client()
+        got = chat_token_ids(client, "all", content)
+        inp = llava_fixtures.processor(base)(text=text, images=[image(1)],
+                                             add_special_tokens=False, return_tensors="pt")
+        ids = inp["input_ids"][0].tolist()
+        ref = llava_fixtures.hf_logprobs(m["base"], m["all"], ids + got[:-1],
+                                         inp["pixel_values"])
+        assert got == ref[len(ids) - 1:].argmax(-1).tolist()
+        r = server.post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(bad)})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "BadRequestError", r.text
+        assert re.search(r"'bad': tower\.vision_tower\.encoder\.\S+ has A \(8, 3\) and B "
+                         r"\(32, 8\), which do not fit", r.json()["error"]["message"]), r.text
+        assert chat_token_ids(client, "all", content) == got  # still serving
+
+
+@pytest.mark.parametrize("name", ["mistral3"])
+def test_other_towers_match_hf_peft(name, models):
+    """One image request under LoRA everywhere, one under the tower's only, on the
+    other towers, against HF + PEFT."""
+    m = models(name)
+    _, check, ask = MODELS[name]
+    llm = make_llm(m["base"], enable_lora=True, enable_tower_connector_lora=True,
+                   max_loras=2, max_lora_rank=8)
+    jobs = [(ask, [image(1)], "all"), (ask, [image(1)], "tower")]
+    loras = {"all": LoRARequest("all", 1, str(m["all"])),
+             "tower": LoRARequest("tower", 2, str(m["tower"]))}
+    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[loras[n] for *_, n in jobs])
+    check(outs, m["base"], [(p, ims, m[n]) for p, ims, n in jobs])
