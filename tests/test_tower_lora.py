@@ -8,12 +8,14 @@ a tower module of too high a rank fails its adapter alone; the server's chat rou
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex import LoRARequest, SamplingParams
@@ -21,7 +23,9 @@ from loraplex.lora.errors import LoRAError
 from loraplex.lora.tower import TowerLinearWithLoRA
 from tests import gemma3_fixtures, llava_fixtures, mistral3_fixtures, qwen2_vl_fixtures
 from tests.engine_utils import make_llm
+from tests.llama4_fixtures import make_llama4_images
 from tests.llava_fixtures import data_url, image
+from tests.llava_next_fixtures import make_tiny_llava_next
 from tests.multimodal_fixtures import (
     LANGUAGE_MODEL,
     chat_token_ids,
@@ -29,36 +33,56 @@ from tests.multimodal_fixtures import (
     request,
 )
 from tests.server_utils import RemoteServer
+from tests.test_llama4_images import ASK as LLAMA4_ASK
+from tests.test_llama4_images import check as llama4_check
 
 pytest.importorskip("PIL")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
 # the linears of the tower and projector (PEFT matches the whole module name)
-TOWER = (r".*(vision_tower|visual|multi_modal_projector)\..*\.?(q_proj|k_proj|v_proj|out_proj|"
+TOWER = (r".*(vision_tower|vision_model|visual|multi_modal_projector)\..*\.?(q_proj|k_proj|v_proj|out_proj|"
          r"o_proj|fc1|fc2|linear_1|linear_2|qkv|attn\.proj|merging_layer|mlp\.[02]|"
-         r"linear_fc1|linear_fc2|gate_proj|up_proj|down_proj)")
+         r"linear_fc1|linear_fc2|gate_proj|up_proj|down_proj|linear)")
 
 
-def _adapters(base: Path, seed: int) -> dict[str, Path]:
+def _adapters(base: Path, seed: int, everything: str = "all-linear") -> dict[str, Path]:
     """`base` and three adapters beside it: every linear (tower, projector, language
     model; r8), the language model's only (r4), the tower's and projector's only (r2)."""
     return {"base": base,
             "all": make_multimodal_adapter(base, base.parent / "all", r=8, seed=seed,
-                                           targets="all-linear", scale=0.2),
+                                           targets=everything, scale=0.2),
             "lm": make_multimodal_adapter(base, base.parent / "lm", r=4, seed=seed + 1,
                                           targets=LANGUAGE_MODEL + "(k_proj|o_proj)"),
             "tower": make_multimodal_adapter(base, base.parent / "tower", r=2, seed=seed + 2,
                                              targets=TOWER, scale=0.4)}
 
 
+def _simple(check):
+    """A fixture's check(outs, base, jobs) as check(llm, outs, base, jobs)."""
+    return lambda llm, outs, base, jobs: check(outs, base, jobs)
+
+
 # model -> (its tiny checkpoint's maker, its reference check, a prompt with one image)
 MODELS = {
-    "llava": (llava_fixtures.make_tiny_llava, llava_fixtures.check, llava_fixtures.ASK),
-    "qwen25_vl": (qwen2_vl_fixtures.make_tiny_qwen_vl, qwen2_vl_fixtures.check,
+    "llava": (llava_fixtures.make_tiny_llava, _simple(llava_fixtures.check),
+              llava_fixtures.ASK),
+    "llava_next": (make_tiny_llava_next, _simple(llava_fixtures.check), llava_fixtures.ASK),
+    "qwen25_vl": (qwen2_vl_fixtures.make_tiny_qwen_vl, _simple(qwen2_vl_fixtures.check),
                   qwen2_vl_fixtures.ASK),
-    "gemma3": (gemma3_fixtures.make_tiny_gemma3, gemma3_fixtures.check, gemma3_fixtures.ASK),
-    "mistral3": (mistral3_fixtures.make_tiny_mistral3, mistral3_fixtures.check,
+    "qwen2_vl": (functools.partial(qwen2_vl_fixtures.make_tiny_qwen_vl, qwen25=False),
+                 _simple(qwen2_vl_fixtures.check), qwen2_vl_fixtures.ASK),
+    "qwen3_vl": (qwen2_vl_fixtures.make_tiny_qwen3_vl, _simple(qwen2_vl_fixtures.check),
+                 qwen2_vl_fixtures.ASK),
+    "qwen3_vl_moe": (functools.partial(qwen2_vl_fixtures.make_tiny_qwen3_vl, moe=True),
+                     _simple(qwen2_vl_fixtures.check), qwen2_vl_fixtures.ASK),
+    "gemma3": (gemma3_fixtures.make_tiny_gemma3, _simple(gemma3_fixtures.check),
+               gemma3_fixtures.ASK),
+    "mistral3": (mistral3_fixtures.make_tiny_mistral3, _simple(mistral3_fixtures.check),
                  mistral3_fixtures.ASK),
+    "llama4": (make_llama4_images, llama4_check, LLAMA4_ASK),
 }
+
+# Llama 4's all-linear would take its MoE router too, which LoRA does not serve
+EVERYTHING = {"llama4": rf"{TOWER}|{LANGUAGE_MODEL}(q_proj|k_proj|v_proj|o_proj|down_proj)"}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +93,7 @@ def models(tiny_root: Path) -> dict[str, dict[str, Path]]:
         if name not in made:
             maker = MODELS[name][0]
             made[name] = _adapters(maker(tiny_root / "tower_lora" / name / "base", seed=40),
-                                   seed=41)
+                                   seed=41, everything=EVERYTHING.get(name, "all-linear"))
         return made[name]
     return get
 
@@ -99,7 +123,7 @@ def test_mixed_batch_matches_hf_peft(name, models):
     loras = {n: LoRARequest(n, i, str(m[n])) for i, n in enumerate(("all", "lm", "tower"), 1)}
     outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
                         lora_request=[loras[n] if n else None for *_, n in jobs])
-    check(outs, m["base"], [(p, ims, m[n] if n else None) for p, ims, n in jobs])
+    check(llm, outs, m["base"], [(p, ims, m[n] if n else None) for p, ims, n in jobs])
     assert len(calls) >= 3  # (two slots, three adapters and the base: steps and calls vary)
     tokens = [o.outputs[0].token_ids for o in outs]
     assert tokens[4] != tokens[0], "the tower's LoRA left the image request unchanged"
@@ -186,17 +210,82 @@ def test_server_chat_with_tower_lora(models):
         assert chat_token_ids(client, "all", content) == got  # still serving
 
 
-@pytest.mark.parametrize("name", ["mistral3"])
+@pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe",
+                                  "mistral3", "llama4"])
 def test_other_towers_match_hf_peft(name, models):
     """One image request under LoRA everywhere, one under the tower's only, on the
     other towers, against HF + PEFT."""
     m = models(name)
     _, check, ask = MODELS[name]
+    assert _tower_modules(m["all"]) and _tower_modules(m["tower"])
     llm = make_llm(m["base"], enable_lora=True, enable_tower_connector_lora=True,
                    max_loras=2, max_lora_rank=8)
-    jobs = [(ask, [image(1)], "all"), (ask, [image(1)], "tower")]
+    jobs = [(ask, [image(1)], "all"), (ask, [image(1)], "tower"), (ask, [image(1)], None)]
     loras = {"all": LoRARequest("all", 1, str(m["all"])),
-             "tower": LoRARequest("tower", 2, str(m["tower"]))}
+             "tower": LoRARequest("tower", 2, str(m["tower"])), None: None}
     outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
                         lora_request=[loras[n] for *_, n in jobs])
-    check(outs, m["base"], [(p, ims, m[n]) for p, ims, n in jobs])
+    check(llm, outs, m["base"], [(p, ims, m[n] if n else None) for p, ims, n in jobs])
+    assert outs[1].outputs[0].token_ids != outs[2].outputs[0].token_ids
+
+
+def _peft_adapter(model, out: Path, r: int, seed: int, targets: str) -> Path:
+    """A PEFT adapter on `model`'s `targets`, A and B random (the audio models' HF classes
+    are not AutoModelForImageTextToText's)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                            lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    peft.save_pretrained(str(out))
+    return out
+
+
+def test_granite_speech_default_mm_lora_runs_its_encoder_lora(tiny_root):
+    """Granite Speech's built-in adapter (default_mm_loras) with LoRA on its encoder,
+    Q-Former projector and language model: an audio request under it is HF + PEFT's, a
+    text request stays the base's (no encoder run), an explicit language-model adapter
+    beside them its own."""
+    from tests.granite_speech_fixtures import hf_model, make_tiny_granite_speech
+    from tests.test_granite_speech import ASK, audio, check, clip
+
+    made = make_tiny_granite_speech(tiny_root / "tower_lora" / "granite", seed=60)
+    plain = made["plain"]
+    paths = {"plain": plain, "r4": made["r4"],
+             "all": _peft_adapter(hf_model(str(plain)), plain.parent / "all", 8, 61,
+                                  "all-linear")}
+    assert _tower_modules(paths["all"])
+    base = Path(shutil.copytree(plain, plain.parent / "with_all"))
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(paths["all"] / f, base / f)
+    llm = make_llm(base, enable_lora=True, enable_tower_connector_lora=True, max_lora_rank=8,
+                   max_loras=2, default_mm_loras={"audio": str(base)})
+    jobs = [("Hello there, how are you?", [], None), (ASK, [clip(1)], "all"),
+            (ASK, [clip(1)], "r4")]
+    r4 = LoRARequest("r4", 7, str(paths["r4"]))
+    outs = llm.generate([audio(p, c) for p, c, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[r4 if n == "r4" else None for *_, n in jobs])
+    check(outs, paths, jobs)
+
+
+def test_qwen2_audio_encoder_lora(tiny_root):
+    """Qwen2-Audio's Whisper encoder and projector under an all-linear adapter, beside
+    the base, against HF + PEFT."""
+    from tests.qwen2_audio_fixtures import hf_model, make_tiny_qwen2_audio
+    from tests.test_qwen2_audio import ASK, audio, check, clip
+
+    made = make_tiny_qwen2_audio(tiny_root / "tower_lora" / "qwen2_audio", seed=62)
+    paths = {"base": made["base"],
+             "all": _peft_adapter(hf_model(str(made["base"])), made["base"].parent / "all",
+                                  8, 63, "all-linear")}
+    assert _tower_modules(paths["all"])
+    llm = make_llm(paths["base"], enable_lora=True, enable_tower_connector_lora=True,
+                   max_lora_rank=8)
+    jobs = [(ASK, [clip(1)], "all"), (ASK, [clip(1)], None)]
+    outs = llm.generate([audio(p, c) for p, c, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[LoRARequest("all", 1, str(paths["all"])), None])
+    check(outs, paths, jobs)
