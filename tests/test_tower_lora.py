@@ -112,19 +112,24 @@ def test_mixed_batch_matches_hf_peft(name, models):
     _, check, ask = MODELS[name]
     assert _tower_modules(m["all"]) and _tower_modules(m["tower"])  # the tower is trained
     llm = make_llm(m["base"], enable_lora=True, enable_tower_connector_lora=True,
-                   max_loras=2, max_lora_rank=8)
+                   max_loras=2, max_lora_rank=8, max_cpu_loras=3)
     calls: list[int] = []
     llm.llm_engine.vision.register_forward_hook(
         lambda module, args, out: calls.append(args[0].shape[0]))
     a, b = image(1), image(2, (30, 50))
-    jobs = [(ask, [a], None), (ask, [a], "all"), (ask, [a], "lm"), (ask, [b], "all"),
+    # "lm" first: it takes slot 0, "all" slot 1 (a tower run in the wrong slot shows)
+    jobs = [(ask, [a], None), (ask, [a], "lm"), (ask, [a], "all"), (ask, [b], "all"),
             (ask, [a], "tower"), ("USER: What is the capital of France? ASSISTANT:", [],
                                   "all")]
-    loras = {n: LoRARequest(n, i, str(m[n])) for i, n in enumerate(("all", "lm", "tower"), 1)}
+    loras = {n: LoRARequest(n, i, str(m[n])) for i, n in enumerate(("lm", "all", "tower"), 1)}
+    for n in ("lm", "all"):  # loaded now: the first step holds the base, "lm" and "all"
+        llm.llm_engine.add_lora(loras[n])
     outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
                         lora_request=[loras[n] if n else None for *_, n in jobs])
     check(llm, outs, m["base"], [(p, ims, m[n] if n else None) for p, ims, n in jobs])
-    assert len(calls) >= 3  # (two slots, three adapters and the base: steps and calls vary)
+    # the first step: a call for the base's image, one for "lm"'s, one for "all"'s two;
+    # then "tower"'s, in the slot "lm" left
+    assert len(calls) == 4, calls
     tokens = [o.outputs[0].token_ids for o in outs]
     assert tokens[4] != tokens[0], "the tower's LoRA left the image request unchanged"
     assert llm.llm_engine.lora_manager.stats.host_hits >= 3
