@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from loraplex import LoRARequest, SamplingParams
@@ -151,6 +152,14 @@ def test_flag_off_keeps_the_language_models_lora(models, tmp_path, caplog):
                             lora_request=LoRARequest("all", 1, str(m["all"])))
     assert "left out (LoRA applies to the language model only)" in caplog.text
     llava_fixtures.check(outs, m["base"], [(ask, [image(1)], lm_only)])
+    # on: each tower / projector linear's slots counted with the others' (worker/memory.py)
+    on = make_llm(m["base"], enable_lora=True, enable_tower_connector_lora=True,
+                  max_lora_rank=8).llm_engine
+    linears = [x for x in llm.llm_engine.vision.modules() if isinstance(x, torch.nn.Linear)]
+    per_rank = sum((x.in_features + x.out_features) * 4 for x in linears)  # fp32 A row, B col
+    assert on.lora_manager.slot_bytes_per_rank() == \
+        llm.llm_engine.lora_manager.slot_bytes_per_rank() + per_rank
+    assert on.memory.lora_slot_bytes == llm.llm_engine.memory.lora_slot_bytes + 8 * per_rank
 
 
 def test_tower_rank_past_max_fails_its_adapter_alone(models, tmp_path):
@@ -294,3 +303,27 @@ def test_qwen2_audio_encoder_lora(tiny_root):
     outs = llm.generate([audio(p, c) for p, c, _ in jobs], GREEDY, use_tqdm=False,
                         lora_request=[LoRARequest("all", 1, str(paths["all"])), None])
     check(outs, paths, jobs)
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="tests/test_qwen_video.py's reference: transformers 5's positions")
+def test_qwen25_vl_videos_under_tower_lora(tiny_root):
+    """Qwen2.5-VL's videos go through the same tower: a video (and a video beside an
+    image) under LoRA everywhere, one under the base, against HF + PEFT."""
+    from tests.test_qwen_video import ASK, BOTH, _with_video_config, check, video
+    from tests.test_qwen_video import request as video_request
+
+    base = _with_video_config(qwen2_vl_fixtures.make_tiny_qwen_vl(
+        tiny_root / "tower_lora" / "qwen25_video" / "base", seed=64))
+    everything = make_multimodal_adapter(base, base.parent / "all", r=8, seed=65,
+                                         targets="all-linear", scale=0.2)
+    llm = make_llm(base, enable_lora=True, enable_tower_connector_lora=True, max_lora_rank=8)
+    im = image(3, (52, 40))
+    jobs = [(ASK, [], [video(1)], everything), (BOTH, [im], [video(2)], everything),
+            (ASK, [], [video(1)], None)]
+    adapter = LoRARequest("all", 1, str(everything))
+    outs = llm.generate([video_request(p, ims, vids) for p, ims, vids, _ in jobs], GREEDY,
+                        use_tqdm=False,
+                        lora_request=[adapter if a else None for *_, a in jobs])
+    check(outs, base, jobs)
+    assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
