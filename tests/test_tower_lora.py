@@ -327,3 +327,21 @@ def test_qwen25_vl_videos_under_tower_lora(tiny_root):
                         lora_request=[adapter if a else None for *_, a in jobs])
     check(outs, base, jobs)
     assert outs[0].outputs[0].token_ids != outs[2].outputs[0].token_ids
+
+
+def test_processed_images_reused_never_share_a_tower_output(models):
+    """The same processed ImageInputs (what the server hands the engine) given to
+    requests under "all", the base and "tower" in turn: each runs the tower under its own
+    adapter (the engine takes a copy per request), each HF + PEFT's output."""
+    m = models("llava")
+    llm = make_llm(m["base"], enable_lora=True, enable_tower_connector_lora=True,
+                   max_lora_rank=8)
+    ask = llava_fixtures.ASK
+    ids = llava_fixtures.processor(str(m["base"])).tokenizer(ask).input_ids
+    expanded, inputs = llm.llm_engine.image_processor(ids, [image(1)])
+    prompt = {"prompt_token_ids": expanded, "multi_modal_data": {"image": inputs}}
+    for i, name in enumerate(("all", None, "tower")):
+        out = llm.generate(prompt, GREEDY, use_tqdm=False, lora_request=LoRARequest(
+            name, i + 1, str(m[name])) if name else None)
+        llava_fixtures.check(out, m["base"], [(ask, [image(1)], m[name] if name else None)])
+    assert inputs.embeds is None  # the caller's object is left as it was

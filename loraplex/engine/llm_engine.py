@@ -498,11 +498,11 @@ class LLMEngine:
         if "audio" in data:  # Granite Speech (engine/audio.py)
             if isinstance(data["audio"], ImageInputs):
                 self.image_processor.check(ids, data["audio"])
-                return ids, data["audio"]
+                return ids, _own_copy(data["audio"])
             return self.image_processor(ids, data["audio"])
         if isinstance(data.get("image"), ImageInputs) and "video" not in data:
             self.image_processor.check(ids, data["image"])
-            images = data["image"]
+            images = _own_copy(data["image"])
         elif "video" in data:
             ids, images = self.image_processor(ids, data.get("image"), videos=data["video"])
         else:
@@ -1157,3 +1157,10 @@ def _draft_probs(seq_drafts: list[tuple[Sequence, list[int]]], batch: ScheduledB
             out[row:row + len(d), :width] = q[:, :width]
         row += len(d) + 1
     return out
+
+
+def _own_copy(images: ImageInputs) -> ImageInputs:
+    """Processed inputs given to a request, as its own: the tower's output it gets is
+    never another request's (one that reused the object, perhaps under another adapter
+    with LoRA on the tower), nor written back into the caller's object."""
+    return replace(images, embeds=None)
