@@ -44,7 +44,7 @@ class TowerLinearWithLoRA(LinearWithLoRA):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [rows, in]
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # [..., in] -> [rows, in]
         y = self._add_lora(self.base_layer(rows), rows, _call_meta(self, rows.shape[0]))
         return y.view(*x.shape[:-1], y.shape[-1])
 
