@@ -497,6 +497,7 @@ class ModelRunner:
                 self._encode_group(list(group.values()))
 
     def _encode_group(self, todo: list[ImageInputs]) -> None:
+        """One tower call: `todo`'s pixels stacked, the output split back per request."""
         pixels = torch.cat([images.pixel_values for images in todo]).to(self.device)
         sizes = [s for images in todo for s in images.sizes]
         out = self.vision(pixels, sizes).split([len(images.positions) for images in todo])
