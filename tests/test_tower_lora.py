@@ -160,6 +160,8 @@ def test_flag_off_keeps_the_language_models_lora(models, tmp_path, caplog):
     assert on.lora_manager.slot_bytes_per_rank() == \
         llm.llm_engine.lora_manager.slot_bytes_per_rank() + per_rank
     assert on.memory.lora_slot_bytes == llm.llm_engine.memory.lora_slot_bytes + 8 * per_rank
+    with pytest.raises(ValueError, match="enable_tower_connector_lora needs enable_lora"):
+        make_llm(m["base"], enable_tower_connector_lora=True)
 
 
 def test_tower_rank_past_max_fails_its_adapter_alone(models, tmp_path):
