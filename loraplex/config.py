@@ -234,6 +234,9 @@ class LoRAConfig:
     # per-slot whole embed_tokens / lm_head tables for PEFT's modules_to_save (two
     # vocabulary tables per slot; off: such adapters are refused)
     modules_to_save: bool = False
+    # vLLM's enable_tower_connector_lora: a multimodal model's tower and projector linears
+    # get adapter slots too (lora/tower.py); off: an adapter's LoRA there is left out
+    tower_connector_lora: bool = False
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:

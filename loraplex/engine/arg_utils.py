@@ -120,6 +120,8 @@ class EngineArgs:
     # adapters with fully trained embed_tokens / lm_head (PEFT's modules_to_save; the name
     # of Aphrodite's flag): each slot holds two vocabulary tables
     enable_lora_modules_to_save: bool = False
+    # vLLM's: LoRA on a multimodal model's vision / audio tower and projector too
+    enable_tower_connector_lora: bool = False
     # loraplex's own: how adapters share the slots when more are wanted than max_loras
     lora_scheduling_policy: str = "fair"  # "fair" | "fcfs" (see engine/scheduler.py)
     lora_min_slice_steps: int = 16
@@ -304,7 +306,10 @@ class EngineArgs:
                 long_lora_scaling_factors=tuple(self.long_lora_scaling_factors or ()),
                 num_load_workers=self.max_lora_load_workers,
                 target_modules=_parse_names(self.lora_target_modules),
-                modules_to_save=self.enable_lora_modules_to_save)
+                modules_to_save=self.enable_lora_modules_to_save,
+                tower_connector_lora=self.enable_tower_connector_lora)
+        elif self.enable_tower_connector_lora:
+            raise ValueError("enable_tower_connector_lora needs enable_lora")
         return EngineConfig(model_config, cache_config, scheduler_config, lora_config,
                             parse_speculative_config(self.speculative_config),
                             MultiModalConfig.from_args(

@@ -73,7 +73,7 @@ from loraplex.models.gguf_loader import (
 )
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig, is_granite_speech
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
-from loraplex.models.llava import LlavaVisionConfig
+from loraplex.models.llava import LlavaVisionConfig, VisionWeights
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.mistral_format import (
@@ -229,7 +229,8 @@ class LLMEngine:
         self._adapter_heads: dict[tuple[int, int], ClassifierHead | None] = {}
         self.model = self._load_model(hf_config, path)
         self.lora_manager = (LoRAManager(self.model, self.lora_config, mc.dtype,
-                                         classifier_heads=self.classify)
+                                         classifier_heads=self.classify,
+                                         tower=self._lora_tower())
                              if self.lora_config else None)
         block_size = self.config.cache_config.block_size
         kv_dtype = kv_cache_dtype(self.config.cache_config.cache_dtype, mc.dtype)
@@ -396,6 +397,14 @@ class LLMEngine:
         finally:
             torch.set_default_dtype(default)
 
+    def _lora_tower(self) -> VisionWeights | None:
+        """The tower and projector whose linears get adapter slots
+        (enable_tower_connector_lora); None: LoRA on the language model only (also when
+        the tower is not loaded: served on text)."""
+        if not self.lora_config.tower_connector_lora or self.vision is None:
+            return None
+        return self.vision
+
     def _load_model(self, hf_config: Any, path: str):
         mc = self.model_config
         model = self._build(lambda: build_model(
@@ -530,11 +539,11 @@ class LLMEngine:
         if "audio" in data:  # Granite Speech (engine/audio.py)
             if isinstance(data["audio"], ImageInputs):
                 self.image_processor.check(ids, data["audio"])
-                return ids, data["audio"]
+                return ids, _own_copy(data["audio"])
             return self.image_processor(ids, data["audio"])
         if isinstance(data.get("image"), ImageInputs) and "video" not in data:
             self.image_processor.check(ids, data["image"])
-            images = data["image"]
+            images = _own_copy(data["image"])
         elif "video" in data:
             ids, images = self.image_processor(ids, data.get("image"), videos=data["video"])
         else:
@@ -1191,3 +1200,10 @@ def _draft_probs(seq_drafts: list[tuple[Sequence, list[int]]], batch: ScheduledB
             out[row:row + len(d), :width] = q[:, :width]
         row += len(d) + 1
     return out
+
+
+def _own_copy(images: ImageInputs) -> ImageInputs:
+    """Processed inputs given to a request, as its own: the tower's output it gets is
+    never another request's (one that reused the object, perhaps under another adapter
+    with LoRA on the tower), nor written back into the caller's object."""
+    return replace(images, embeds=None)

@@ -251,6 +251,11 @@ ENGINE_HELP: dict[str, str] = {
                                    "copy of both vocabulary tables (2 x vocab x hidden per "
                                    "slot, from the KV cache's budget). Off: such adapters are "
                                    "refused.",
+    "enable_tower_connector_lora": "LoRA on a multimodal model's vision / audio tower and "
+                                   "projector too (their linear layers get the adapter "
+                                   "slots; the tower runs once per adapter of a step's new "
+                                   "images). Off: an adapter's LoRA there is left out with a "
+                                   "warning (the language model only).",
     "reasoning_parser": "The model thinks before it answers: "
                         "chat replies carry the thinking in `reasoning` (and "
                         "`reasoning_content`) apart from `content`, tool calls are read "

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -44,6 +45,7 @@ from loraplex.lora.expert_weights import (
 )
 from loraplex.lora.full_vocab import MODULES as FULL_VOCAB_MODULES
 from loraplex.lora.request import LoRARequest
+from loraplex.lora.tower import TOWER_PREFIX
 from loraplex.models.text_only import TextOnly
 
 logger = logging.getLogger(__name__)
@@ -119,12 +121,20 @@ class TargetShapes:
     # a classify runner: an adapter's own classifier head (modules_to_save score /
     # classifier) is allowed, read apart by the engine (layers/classifier.py)
     classifier_heads: bool = False
+    # --enable-tower-connector-lora (lora/tower.py): an adapter's tower / projector module
+    # name -> the tower's own (VisionWeights.ours); None: those modules are left out
+    tower: Callable[[str], str | None] | None = field(default=None, compare=False)
 
     def ours(self, module: str) -> str | None:
         """An adapter's module name as this model names it; None for a multimodal base's
-        vision tower or projector, which serving on text never runs."""
-        if self.text_only is not None and (module := self.text_only.name(module)) is None:
-            return None
+        vision tower or projector, unless they have adapter slots (TOWER_PREFIX + the
+        tower's own name)."""
+        if self.text_only is not None:
+            text = self.text_only.name(module)
+            if text is None:
+                tower = self.tower(module) if self.tower is not None else None
+                return None if tower is None else TOWER_PREFIX + tower
+            module = text
         if module.startswith(("layers.", "embed_tokens", "norm")):  # trained over a headless
             module = "model." + module  # `*Model` (AutoModel: an embedding model's names)
         if not self.aliases:
@@ -376,7 +386,10 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
             "" if not unused else " but on the vision tower / projector, which LoRA is not "
             "applied to (the language model only)" if images else
             " but on the vision tower, which serving on text never runs"))
-    if unused and images:  # vLLM's rule too: its image requests differ from the trained model
+    if unused and targets.tower is not None:  # parts of the checkpoint the tower never runs
+        logger.warning("LoRA adapter %r: %d modules the vision tower / projector never runs "
+                       "left out", name, len(unused))
+    elif unused and images:  # vLLM's rule too: its image requests differ from the trained model
         logger.warning("LoRA adapter %r: %d modules on the vision tower / projector left out "
                        "(LoRA applies to the language model only)", name, len(unused))
     elif unused:
@@ -409,6 +422,10 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
             _add_experts(name, hf_module, ab, on_experts, targets, scaling, max_rank, dtype,
                          experts)
             continue
+        if module not in targets.shapes and module.startswith(TOWER_PREFIX):
+            raise LoRAError(f"LoRA adapter {name!r}: {hf_module!r} on the tower / projector "
+                            "is not one of its linear layers (LoRA on the tower serves its "
+                            "nn.Linear layers only)")
         if module not in targets.shapes:
             leaf = "experts" if ".experts." in f"{module}." else module.rsplit(".", 1)[-1]
             if targets.no_slots(leaf):

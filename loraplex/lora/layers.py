@@ -176,8 +176,12 @@ class LinearWithLoRA(nn.Module):
         return meta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        meta = self._meta()
+        return self._add_lora(self.base_layer(x), x, self._meta())
+
+    def _add_lora(self, y: torch.Tensor, x: torch.Tensor, meta: LoRABatchMeta | None
+                  ) -> torch.Tensor:
+        """y (the base's output on x [T, in]) plus each row's adapter's terms under `meta`
+        (None: y as it is)."""
         if meta is not None:
             ops.add_lora(y, x, self.lora_a_stacked, self.lora_b_stacked, self.lora_ranks, meta,
                          self.output_sizes)

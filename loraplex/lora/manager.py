@@ -45,6 +45,8 @@ from loraplex.lora.full_vocab import FullVocabSlots
 from loraplex.lora.layers import EmbeddingWithLoRA, LinearWithLoRA
 from loraplex.lora.loader import AdapterLoader
 from loraplex.lora.request import LoRARequest
+from loraplex.lora.tower import TOWER_PREFIX, wrap_tower
+from loraplex.models.llava import VisionWeights
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +110,18 @@ def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype,
 
 class LoRAManager:
     def __init__(self, model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype,
-                 classifier_heads: bool = False) -> None:
+                 classifier_heads: bool = False, tower: VisionWeights | None = None) -> None:
+        """`tower`: a multimodal model's tower and projector, whose linear layers get
+        slots too (--enable-tower-connector-lora, lora/tower.py); None: the language model
+        alone."""
         self.cfg = cfg
         self.dtype = cfg.lora_dtype or dtype
         self.served = served_modules(model, cfg)
         try:
             self.layers = wrap_lora_layers(model, cfg, self.dtype, self.served)
+            if tower is not None:
+                self.layers.update(wrap_tower(tower, cfg.max_loras, cfg.max_lora_rank,
+                                              self.dtype))
         except torch.OutOfMemoryError as e:
             raise ValueError(
                 f"the adapter slots (max_loras={cfg.max_loras} x max_lora_rank="
@@ -126,7 +134,8 @@ class LoRAManager:
         self.extra_vocab = self._extra_vocab_slots(model, cfg)
         self.full_vocab = self._full_vocab_slots(model, cfg)
         self._packed = model.packed_modules_mapping
-        self.targets = replace(self._target_shapes(model), classifier_heads=classifier_heads)
+        self.targets = replace(self._target_shapes(model), classifier_heads=classifier_heads,
+                               tower=tower.ours if tower is not None else None)
         self.registered: dict[int, LoRARequest] = {}
         # a number per registration, never reused: the KV prefix cache's salt, so a
         # removed and re-added id never shares K/V computed under the old weights
@@ -169,6 +178,9 @@ class LoRAManager:
                                              layer.base_layer.peft_is_transposed)
                 continue
             prefix, _, leaf = name.rpartition(".")
+            if name.startswith(TOWER_PREFIX):  # the tower's own, unpacked linears
+                shapes[name] = (layer.in_features, layer.output_sizes[0])
+                continue
             for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):
                 shapes[_join(prefix, hf_leaf)] = (layer.in_features, layer.output_sizes[k])
             if isinstance(layer, EmbeddingWithLoRA) or leaf == "lm_head":
@@ -253,7 +265,8 @@ class LoRAManager:
         grouped: dict[str, dict[int, tuple]] = {}
         for module, w in lora.modules.items():
             prefix, _, leaf = module.rpartition(".")
-            packed, k = self._packed.get(leaf, (leaf, 0))
+            packed, k = ((leaf, 0) if module.startswith(TOWER_PREFIX)
+                         else self._packed.get(leaf, (leaf, 0)))
             grouped.setdefault(_join(prefix, packed), {})[k] = w
         layers = {}
         for name, parts in grouped.items():

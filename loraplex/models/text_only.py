@@ -15,7 +15,9 @@ Qwen3-MoE whose checkpoint fuses the experts: layers/experts.py `fused`) into
 models/qwen3_vl.py, Mistral 3's (`Mistral3ForConditionalGeneration`: a Mistral or
 Ministral 3 language model, its text config's model_type) into models/pixtral.py; an
 adapter's LoRA on them is left
-out with a warning, as vLLM does (LoRA applies to the language model only). A Gemma 3
+out with a warning, as vLLM does (LoRA applies to the language model only), unless the
+engine has enable_tower_connector_lora (their linears get adapter slots: lora/tower.py,
+which names them through each tower's VisionWeights.ours). A Gemma 3
 checkpoint saved without its image processor is served on text (engine/llm_engine.py).
 
 The checkpoint names the language model's weights `language_model.model.*` (the hub's

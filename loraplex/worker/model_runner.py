@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,6 +40,7 @@ from loraplex.layers.attention import (
 from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
+from loraplex.lora.tower import has_tower_lora, tower_adapter
 from loraplex.models.llama import ImageRows, LlamaForCausalLM
 from loraplex.models.llava import VisionWeights
 from loraplex.models.whisper import CrossBatch, WhisperForConditionalGeneration
@@ -101,6 +103,7 @@ class ModelRunner:
         self.vision = vision  # the tower and projector: image embeddings at prefill
         # Whisper: its rows cross-attend to their request's encoder states (_cross_batch)
         self.whisper = model if isinstance(model, WhisperForConditionalGeneration) else None
+        self.tower_lora = has_tower_lora(vision)  # adapter slots there: a call per adapter
         # kept up to date by the LoRA manager: adapter slots whose layers do work no decode
         # graph holds (DoRA's rescaling), so a batch using one decodes eagerly; and the
         # first rotary table row of each long-context LoRA adapter's tokens
@@ -470,7 +473,7 @@ class ModelRunner:
         if self.whisper is not None:  # (no speculative decoding: no spec segments)
             ctx.cross = self._cross_batch(prefill + decode, lens[:len(prefill)] + [1] * len(decode),
                                           slots_of(prefill + decode))
-        image_rows = self._image_rows(prefill, lens[:len(prefill)])
+        image_rows = self._image_rows(prefill, lens[:len(prefill)], slots_of(prefill))
         with step_context(ctx):
             hidden = self.model(input_ids, positions, image_rows)
         if self.feature_sink is not None:
@@ -515,23 +518,28 @@ class ModelRunner:
                 seq.pooling.add(hidden[first:first + n], seq.num_computed_tokens)
             first += n
 
-    def _image_rows(self, prefill: list[Sequence], lens: list[int]) -> ImageRows | None:
+    def _image_rows(self, prefill: list[Sequence], lens: list[int],
+                    slots: list[int] | None) -> ImageRows | None:
         """The prefill rows of image placeholders and their image embeddings (the prefill
         rows come first in the step, chunk after chunk). The vision tower runs here, for
-        the requests whose chunk reaches a placeholder first; later chunks, siblings and a
-        recompute after preemption reuse its output."""
+        the requests whose chunk reaches a placeholder first (`slots`: each one's adapter
+        slot, None: no adapters); later chunks, siblings and a recompute after preemption
+        reuse its output (a request's own: ImageInputs are per request)."""
         spans = []  # (the images, their placeholders' rows in the step, their embeds' slice)
+        todo: list[tuple[ImageInputs, int]] = []  # (images to encode, their adapter slot)
         first = 0
-        for seq, n in zip(prefill, lens):
+        for i, (seq, n) in enumerate(zip(prefill, lens)):
             images, start = seq.images, seq.num_computed_tokens
             if images is not None:
                 positions, part = images.rows_in(start, start + n)
                 if positions:
                     spans.append((images, [first + p - start for p in positions], part))
+                    if images.embeds is None:
+                        todo.append((images, slots[i] if slots else -1))
             first += n
         if not spans:
             return None
-        self._encode_images([images for images, *_ in spans if images.embeds is None])
+        self._encode_images(todo)
         rows = [r for _, span_rows, _ in spans for r in span_rows]
         return self._tensor(rows), _stack_rows([images.embeds[part] for images, _, part in spans])
 
@@ -551,12 +559,19 @@ class ModelRunner:
             first += n
         return CrossBatch(spans, states)
 
-    def _encode_images(self, todo: list[ImageInputs]) -> None:
+    def _encode_images(self, todo: list[tuple[ImageInputs, int]]) -> None:
         """One vision tower call on the pixels of every request in `todo` stacked (not one
-        per request), its output split back onto each one's ImageInputs."""
-        todo = list({id(images): images for images in todo}.values())  # siblings share one
-        if not todo:
-            return
+        per request), its output split back onto each one's ImageInputs. With LoRA on the
+        tower, one such call per adapter slot, under that slot (lora/tower.py)."""
+        groups: dict[int, dict[int, ImageInputs]] = {}  # siblings share one ImageInputs
+        for images, slot in todo:
+            groups.setdefault(slot if self.tower_lora else -1, {})[id(images)] = images
+        for slot, group in groups.items():
+            with tower_adapter(slot, self.device) if self.tower_lora else nullcontext():
+                self._encode_group(list(group.values()))
+
+    def _encode_group(self, todo: list[ImageInputs]) -> None:
+        """One tower call: `todo`'s pixels stacked, the output split back per request."""
         pixels = torch.cat([images.pixel_values for images in todo]).to(self.device)
         sizes = [s for images in todo for s in images.sizes]
         out = self.vision(pixels, sizes).split([len(images.positions) for images in todo])
