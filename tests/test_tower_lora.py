@@ -24,7 +24,7 @@ from loraplex.lora.errors import LoRAError
 from loraplex.lora.tower import TowerLinearWithLoRA
 from tests import gemma3_fixtures, llava_fixtures, mistral3_fixtures, qwen2_vl_fixtures
 from tests.engine_utils import make_llm
-from tests.llama4_fixtures import make_llama4_images
+from tests.llama4_fixtures import fix_hf4_moe_routing, make_llama4_images
 from tests.llava_fixtures import data_url, image
 from tests.llava_next_fixtures import make_tiny_llava_next
 from tests.multimodal_fixtures import (
@@ -39,6 +39,7 @@ from tests.test_llama4_images import check as llama4_check
 
 pytest.importorskip("PIL")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 # the linears of the tower and projector (PEFT matches the whole module name)
 TOWER = (r".*(vision_tower|vision_model|visual|multi_modal_projector)\..*\.?(q_proj|k_proj|v_proj|out_proj|"
          r"o_proj|fc1|fc2|linear_1|linear_2|qkv|attn\.proj|merging_layer|mlp\.[02]|"
@@ -75,12 +76,21 @@ MODELS = {
                  qwen2_vl_fixtures.ASK),
     "qwen3_vl_moe": (functools.partial(qwen2_vl_fixtures.make_tiny_qwen3_vl, moe=True),
                      _simple(qwen2_vl_fixtures.check), qwen2_vl_fixtures.ASK),
-    "gemma3": (gemma3_fixtures.make_tiny_gemma3, _simple(gemma3_fixtures.check),
-               gemma3_fixtures.ASK),
+    # (transformers 4.56 masks an image's tokens past the window otherwise than 5.x: a
+    # window of the image's length on 4.x, as tests/test_gemma3_images.py)
+    "gemma3": (functools.partial(gemma3_fixtures.make_tiny_gemma3, window=6 if TRANSFORMERS_5
+                                 else gemma3_fixtures.TOKENS_PER_IMAGE),
+               _simple(gemma3_fixtures.check), gemma3_fixtures.ASK),
     "mistral3": (mistral3_fixtures.make_tiny_mistral3, _simple(mistral3_fixtures.check),
                  mistral3_fixtures.ASK),
     "llama4": (make_llama4_images, llama4_check, LLAMA4_ASK),
 }
+
+# what transformers 4.56 lacks, or where only 5.x is the reference (as in the models' own
+# test files)
+NEEDS = {"qwen3_vl": "transformers.models.qwen3_vl",
+         "qwen3_vl_moe": "transformers.models.qwen3_vl_moe"}
+ONLY_5 = {"mistral3"}
 
 # Llama 4's all-linear would take its MoE router too, which LoRA does not serve
 EVERYTHING = {"llama4": rf"{TOWER}|{LANGUAGE_MODEL}(q_proj|k_proj|v_proj|o_proj|down_proj)"}
@@ -91,6 +101,12 @@ def models(tiny_root: Path) -> dict[str, dict[str, Path]]:
     made: dict[str, dict[str, Path]] = {}
 
     def get(name: str) -> dict[str, Path]:
+        if name in NEEDS:
+            pytest.importorskip(NEEDS[name])
+        if name in ONLY_5 and not TRANSFORMERS_5:
+            pytest.skip(f"{name} is checked against transformers 5 only")
+        if name == "llama4" and not TRANSFORMERS_5:
+            fix_hf4_moe_routing()  # tests/test_llama4_images.py's 4.x reference
         if name not in made:
             maker = MODELS[name][0]
             made[name] = _adapters(maker(tiny_root / "tower_lora" / name / "base", seed=40),
