@@ -36,7 +36,7 @@ from loraplex.layers.linear import Linear, make_linear
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.llama import LlamaArgs, LlamaAttention, LlamaDecoderLayer, LlamaMLP
 from loraplex.models.loader import iterate_weights
-from loraplex.models.registry import _rope
+from loraplex.models.registry import rope_params
 
 # HF sub-projections packed into one of our linears: (ours, shard)
 _PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -83,7 +83,7 @@ def read_head_config(path: str, method: str, max_model_len: int) -> EagleHeadCon
     hf = SimpleNamespace(**layer)
     heads, hidden = layer["num_attention_heads"], layer["hidden_size"]
     head_dim = layer.get("head_dim") or hidden // heads
-    theta, scaling = _rope(hf)
+    theta, scaling = rope_params(hf)
     args = LlamaArgs(
         vocab_size=layer["vocab_size"], hidden_size=hidden,
         intermediate_size=layer["intermediate_size"], num_layers=1, num_heads=heads,

@@ -120,7 +120,7 @@ _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_e
              "CohereForCausalLM": "layer_norm_eps", "Cohere2ForCausalLM": "layer_norm_eps"}
 
 
-def _rope(hf: Any, layer_type: str = "full_attention") -> tuple[float, dict | None]:
+def rope_params(hf: Any, layer_type: str = "full_attention") -> tuple[float, dict | None]:
     """rope_theta and scaling, from transformers 5 `rope_parameters` (Gemma 3's: one per
     layer type) or 4.x fields (Gemma 3's local layers: `rope_local_base_freq`)."""
     params = getattr(hf, "rope_parameters", None)
@@ -300,10 +300,10 @@ def _local_rope(hf: Any, name: str) -> dict[str, Any]:
     3's with their own rope parameters (the global layers' YaRN is not theirs)."""
     if name == "Olmo3ForCausalLM" and isinstance(
             (getattr(hf, "rope_parameters", None) or {}).get("sliding_attention"), dict):
-        return {"local_rope": _rope(hf, "sliding_attention")}
+        return {"local_rope": rope_params(hf, "sliding_attention")}
     if name != "Gemma3ForCausalLM":
         return {}
-    return {"local_rope": _rope(hf, "sliding_attention")}
+    return {"local_rope": rope_params(hf, "sliding_attention")}
 
 
 def _embedding_scaling(name: str) -> dict[str, Any]:
@@ -479,7 +479,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         if quant is not None:
             raise ValueError(f"{name}: quantized checkpoints are not supported")
         return WhisperForConditionalGeneration(WhisperConfig.from_hf(hf_config))
-    theta, scaling = _rope(hf_config)
+    theta, scaling = rope_params(hf_config)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "mrope":
         scaling = None  # Qwen2-VL (transformers 4): a default rope in sections (_mrope)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "longrope" \
