@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GraniteMoeHybridConfig
 
-from loraplex import LoRARequest, SamplingParams
+from loraplex import SamplingParams
 from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer, MambaBatch
 from tests.engine_utils import (
     GREEDY,
@@ -28,7 +29,8 @@ from tests.engine_utils import (
     make_llm,
     run_staggered,
 )
-from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
+from tests.fixtures import _reinit_, hf_greedy, make_peft_adapter, make_tokenizer
+from tests.server_utils import RemoteServer, token_ids_of
 
 ADAPTERS = {
     "r4_attn": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], seed=61),
@@ -113,3 +115,122 @@ def test_mixed_batch_matches_peft(budget, granite, prompts):
     if budget:
         assert engine.model_runner.num_mixed_steps > 0
     assert engine.model_runner.mamba_state.num_free_slots == engine.model_runner.max_num_seqs
+
+
+def test_staggered_arrivals(granite, prompts):
+    """Requests arriving while others decode (budget 6): steps that prefill chunks of some
+    sequences and decode others, each sequence's rows from its own state slot."""
+    base, adapters = granite
+    reqs = lora_requests(adapters)
+    llm = make_llm(base, enable_lora=True, max_loras=3, max_lora_rank=16, block_size=8,
+                   max_num_batched_tokens=6)
+    names = [None, "r8_mamba", "r16_all", "r4_attn", None]
+    jobs = [(2 * i, prompts[(i + 2) % len(prompts)], reqs[n] if n else None)
+            for i, n in enumerate(names)]
+    outs, mixed = run_staggered(llm.llm_engine, jobs, GREEDY)
+    assert mixed > 0
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names],
+                     [p for _, p, _ in jobs])
+
+
+def test_rope_dense_untied_variant(tiny_root, prompts):
+    """position_embedding_type "rope", no experts (num_local_experts 0: the shared MLP
+    alone), lm_head untied, attention first: the base and an adapter on the shared MLP."""
+    base = make_hybrid(tiny_root / "granite_hybrid_dense" / "base", seed=70,
+                       position_embedding_type="rope", num_local_experts=0,
+                       tie_word_embeddings=False, layer_types=LAYER_TYPES[::-1])
+    adapters = {"r8_mlp": make_peft_adapter(
+        base, tiny_root / "granite_hybrid_dense" / "r8_mlp", r=8, lora_alpha=16,
+        target_modules=["input_linear", "output_linear", "lm_head"], seed=71)}
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=8,
+                   max_num_batched_tokens=9)
+    layers = llm.llm_engine.model.model.layers
+    assert layers[0].self_attn.rotary is not None and layers[0].block_sparse_moe is None
+    check_mixed_batch(llm, base, adapters, prompts, extra=2)
+
+
+def test_preemption_recomputes_the_state(granite, prompts):
+    """A KV cache of 12 blocks of 8 for 6 requests: preempted sequences give their state
+    slot back and recompute from the prompt (their first chunk from zeros) exactly."""
+    base, adapters = granite
+    reqs = lora_requests(adapters)
+    names = [None, "r16_all", "r8_mamba", None, "r4_attn", "r16_all"]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    llm = make_llm(base, enable_lora=True, max_loras=3, max_lora_rank=16, max_model_len=64,
+                   num_gpu_blocks_override=12, block_size=8, max_num_batched_tokens=16)
+    batch = [prompts[i % len(prompts)] for i in range(len(names))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
+    engine = llm.llm_engine
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.model_runner.mamba_state.num_free_slots == engine.model_runner.max_num_seqs
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
+
+
+def test_abort_frees_the_state_slot(granite, prompts):
+    """Two slots, both in use; aborting one frees its slot, which a new request then takes
+    (holding the aborted one's state: a first chunk starts from zeros) and runs exactly."""
+    base, adapters = granite
+    llm = make_llm(base, max_num_seqs=2, block_size=8)
+    engine = llm.llm_engine
+    state = engine.model_runner.mamba_state
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=3)
+    engine.add_request("a", {"prompt_token_ids": prompts[3]}, long)
+    engine.add_request("b", {"prompt_token_ids": prompts[2]}, GREEDY)
+    for _ in range(3):
+        engine.step()
+    assert state.num_free_slots == 0
+    slots = set(state.slot_of.values())
+    engine.abort_request("a")
+    assert state.num_free_slots == 1
+    engine.add_request("c", {"prompt_token_ids": prompts[1]}, GREEDY)
+    finished = {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        if "c" not in finished and state.slot_of:
+            assert set(state.slot_of.values()) <= slots  # c took a's slot
+        finished.update((o.request_id, o) for o in outs if o.finished)
+    assert state.num_free_slots == 2
+    check_against_hf([finished["b"], finished["c"]], base, [None, None], prompts[2:0:-1])
+
+
+def test_n_siblings_each_prefill_alone(granite, prompts):
+    """n = 2 greedy: each sibling runs its own prefill (no prefix cache to share) and
+    both equal HF."""
+    base, _ = granite
+    llm = make_llm(base, block_size=8)
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=6, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": prompts[2]}], params, use_tqdm=False)[0]
+    want = hf_greedy(base, None, prompts[2], 6)
+    assert [list(c.token_ids) for c in out.outputs] == [want, want]
+
+
+def test_refusals(granite):
+    """The state slots of max_num_seqs sequences must fit the cache budget; speculative
+    decoding is refused; both with a message that says so."""
+    base, _ = granite
+    with pytest.raises(ValueError, match="Mamba state slots of max_num_seqs=256"):
+        make_llm(base, max_num_seqs=256, cpu_kv_cache_gib=0.004)
+    with pytest.raises(ValueError, match="speculative decoding is not supported for hybrid"):
+        make_llm(base, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                           "prompt_lookup_max": 3})
+
+
+def test_server_adapter_by_model(granite, prompts):
+    """`loraplex serve` with an adapter: the base and the adapter by `model` through the
+    openai client equal HF + PEFT; an unknown model is a 404 and the server carries on."""
+    base, adapters = granite
+    args = ["--enable-lora", "--max-lora-rank", "16", "--dtype", "float32",
+            "--max-model-len", "128", "--cpu-kv-cache-gib", "0.05",
+            "--max-num-batched-tokens", "8",
+            "--lora-modules", f"r16_all={adapters['r16_all']}"]
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt=prompts[0], max_tokens=2)
+        for model, adapter in ((str(base), None), ("r16_all", adapters["r16_all"])):
+            r = client.completions.create(
+                model=model, prompt=prompts[3], max_tokens=6, temperature=0, logprobs=1,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            assert token_ids_of(r.choices[0].logprobs) == hf_greedy(base, adapter,
+                                                                    prompts[3], 6)
