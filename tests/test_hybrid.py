@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, GraniteMoeHybridConfig
 
 from loraplex import SamplingParams
 from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer, MambaBatch
+from loraplex.worker.mamba_state import state_bytes_per_slot
 from tests.engine_utils import (
     GREEDY,
     check_against_hf,
@@ -205,10 +206,16 @@ def test_n_siblings_each_prefill_alone(granite, prompts):
     assert [list(c.token_ids) for c in out.outputs] == [want, want]
 
 
-def test_refusals(granite):
-    """The state slots of max_num_seqs sequences must fit the cache budget; speculative
-    decoding is refused; both with a message that says so."""
+def test_state_memory_and_refusals(granite):
+    """The state slots of max_num_seqs sequences come out of the cache budget first (the
+    KV blocks get the rest) and must fit it; speculative decoding is refused; both with a
+    message that says so."""
     base, _ = granite
+    runner = make_llm(base, max_num_seqs=64, cpu_kv_cache_gib=0.004,
+                      block_size=8).llm_engine.model_runner
+    per_slot = state_bytes_per_slot(runner.mixers[0].m, 2, torch.float32)
+    assert per_slot == 2 * (192 * 3 * 4 + 4 * 32 * 16 * 4)  # conv + SSM states, 2 mixers
+    assert runner.num_blocks == (int(0.004 * 2**30) - 64 * per_slot) // runner._bytes_per_block()
     with pytest.raises(ValueError, match="Mamba state slots of max_num_seqs=256"):
         make_llm(base, max_num_seqs=256, cpu_kv_cache_gib=0.004)
     with pytest.raises(ValueError, match="speculative decoding is not supported for hybrid"):
