@@ -5,7 +5,7 @@ A tiny random GraniteMoeHybrid (mamba, attention, mamba, attention layers; 4 exp
 per token, and a shared MLP; NoPE; Granite's multipliers): the Mamba2 mixer alone against
 HF's layer (a prompt in chunks that carry the state, then decode steps); the whole model
 in mixed batches (base + adapters of different ranks on the attention, the mixers'
-in_proj / out_proj and the shared MLP) with chunked prefill and mixed prefill / decode
+in_proj / out_proj, the shared MLP and the experts) with chunked prefill and mixed prefill / decode
 steps; preemption; the state slot freed by an abort and reused; the memory refusal; the
 server with the openai client.
 """
@@ -37,6 +37,8 @@ ADAPTERS = {
     "r4_attn": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], seed=61),
     "r8_mamba": dict(r=8, lora_alpha=16, target_modules=["in_proj", "out_proj"], seed=62),
     "r16_all": dict(r=16, lora_alpha=16, target_modules="all-linear", seed=63),
+    "r6_experts": dict(r=6, lora_alpha=12, target_modules=["k_proj"], seed=64,
+                       target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
 }
 LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
 
@@ -103,8 +105,8 @@ def test_mixer_matches_hf_layer():
 
 @pytest.mark.parametrize("budget", [None, 7])
 def test_mixed_batch_matches_peft(budget, granite, prompts):
-    """The base and three adapters (attention; the mixers' in_proj / out_proj; every
-    linear, the shared MLP's too) over two slots; budget 7: prompts prefilled in chunks
+    """The base and four adapters (attention; the mixers' in_proj / out_proj; every
+    linear, the shared MLP's too; the experts, target_parameters) over two slots; budget 7: prompts prefilled in chunks
     that carry the state, beside other sequences' decodes."""
     base, adapters = granite
     llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8,
@@ -148,6 +150,21 @@ def test_rope_dense_untied_variant(tiny_root, prompts):
     layers = llm.llm_engine.model.model.layers
     assert layers[0].self_attn.rotary is not None and layers[0].block_sparse_moe is None
     check_mixed_batch(llm, base, adapters, prompts, extra=2)
+
+
+def test_attention_only_micro(tiny_root, prompts):
+    """Granite 4.0 -micro's shape: the same class with attention layers only (rope, dense):
+    no state slots, prefix caching kept on, a shared prefix served from the cache."""
+    base = make_hybrid(tiny_root / "granite_micro" / "base", seed=72, num_local_experts=0,
+                       position_embedding_type="rope", layer_types=["full_attention"] * 2,
+                       num_hidden_layers=2)
+    llm = make_llm(base, block_size=8)
+    engine = llm.llm_engine
+    assert engine.model_runner.mamba_state is None and engine.block_manager.enable_caching
+    batch = [prompts[-1], prompts[-1] + prompts[1][1:]]
+    outs = [llm.generate([{"prompt_token_ids": p}], GREEDY, use_tqdm=False)[0] for p in batch]
+    assert outs[1].num_cached_tokens > 0
+    check_against_hf(outs, base, [None, None], batch)
 
 
 def test_preemption_recomputes_the_state(granite, prompts):

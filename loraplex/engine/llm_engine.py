@@ -71,7 +71,7 @@ from loraplex.models.gguf_loader import (
     iterate_gguf_weights,
     log_dequantized_size,
 )
-from loraplex.models.granite_hybrid import HYBRID_ARCHITECTURES
+from loraplex.models.granite_hybrid import hybrid_flags
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig, is_granite_speech
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.llava import LlavaVisionConfig, VisionWeights
@@ -359,8 +359,9 @@ class LLMEngine:
     def _check_hybrid(self, hf_config: Any) -> None:
         """A hybrid model (Mamba2 mixers: their state is per sequence, not per token):
         speculative decoding refused; prefix caching turned off (a cached prefix has no
-        state to start from), so n > 1 siblings each run their own prefill."""
-        if architecture(hf_config) not in HYBRID_ARCHITECTURES:
+        state to start from), so n > 1 siblings each run their own prefill. (Granite
+        4.0's attention-only -micro, in the same class, is no hybrid.)"""
+        if not hybrid_flags(hf_config, architecture(hf_config)).get("mamba_layers"):
             return
         if self.config.speculative_config is not None:
             raise ValueError("speculative decoding is not supported for hybrid Mamba2 "

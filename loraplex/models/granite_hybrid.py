@@ -22,10 +22,10 @@ from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.worker.context import get_context
 
 HYBRID_ARCHITECTURES = ("GraniteMoeHybridForCausalLM",)
-# the HF module names a LoRA adapter may target (not the experts: their fused tensors
-# are no Linear PEFT wraps as a module)
+# the HF module names a LoRA adapter may target; the experts through transformers 5's
+# target_parameters (experts.gate_up_proj / down_proj, lora/experts.py)
 HYBRID_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj",
-                       "input_linear", "output_linear", "embed_tokens", "lm_head")
+                       "input_linear", "output_linear", "embed_tokens", "lm_head", "experts")
 # the hub's (and transformers 5's saved) names for the experts and the router -> ours
 HYBRID_RENAMES = ((".block_sparse_moe.input_linear.weight",
                    ".block_sparse_moe.experts.gate_up_proj"),
