@@ -167,6 +167,44 @@ def test_attention_only_micro(tiny_root, prompts):
     check_against_hf(outs, base, [None, None], batch)
 
 
+@pytest.mark.parametrize("config,extra", [("GraniteMoeConfig", {}),
+                                          ("GraniteMoeSharedConfig",
+                                           {"shared_intermediate_size": 96})])
+def test_granite3_moe(config, extra, tiny_root, prompts):
+    """Granite 3.x MoE (GraniteMoeForCausalLM; GraniteMoeSharedForCausalLM with the shared
+    MLP), attention only: the same layers without mixers. The base and adapters on every
+    linear and on the experts, in chunks."""
+    import transformers
+
+    out = tiny_root / config
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out)
+    cfg = getattr(transformers, config)(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, embedding_multiplier=2.0, residual_multiplier=0.5,
+        attention_multiplier=0.2, logits_scaling=1.5, attention_bias=True,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        **extra)
+    torch.manual_seed(73)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _reinit_(model, 73, 0.2)
+    model.eval().save_pretrained(str(out / "base"))
+    tok.save_pretrained(str(out / "base"))
+    base = out / "base"
+    adapters = {"r8_all": make_peft_adapter(base, out / "r8_all", r=8, lora_alpha=16,
+                                            target_modules="all-linear", seed=74),
+                "r4_experts": make_peft_adapter(
+                    base, out / "r4_experts", r=4, lora_alpha=8, target_modules=["v_proj"],
+                    target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                    seed=75)}
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8, block_size=8,
+                   max_num_batched_tokens=9)
+    layer = llm.llm_engine.model.model.layers[0]
+    assert (layer.shared_mlp is not None) == bool(extra) and layer.mamba is None
+    check_mixed_batch(llm, base, adapters, prompts, extra=2)
+
+
 def test_preemption_recomputes_the_state(granite, prompts):
     """A KV cache of 12 blocks of 8 for 6 requests: preempted sequences give their state
     slot back and recompute from the prompt (their first chunk from zeros) exactly."""

@@ -4,7 +4,9 @@ of experts (`block_sparse_moe`, fused `input_linear` / `output_linear`, a softma
 top-k router logits) plus an always-on shared MLP (`shared_mlp`), or the shared MLP alone
 when num_local_experts is 0 (the dense variants). Granite's multipliers (embedding,
 residual, attention, logits) and NoPE or rope attention come from LlamaArgs; this file
-builds one layer (LlamaModel picks it when `LlamaArgs.mamba` is set) and reads the config.
+builds one layer (LlamaModel picks it when `LlamaArgs.granite_moe` is set) and reads the
+config. Granite 3.x's MoE models are the same layer with attention only: the experts
+alone (GraniteMoeForCausalLM) or with the shared MLP (GraniteMoeSharedForCausalLM).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.worker.context import get_context
 
 HYBRID_ARCHITECTURES = ("GraniteMoeHybridForCausalLM",)
+GRANITE_MOE_ARCHITECTURES = ("GraniteMoeForCausalLM", "GraniteMoeSharedForCausalLM",
+                             *HYBRID_ARCHITECTURES)
 # the HF module names a LoRA adapter may target; the experts through transformers 5's
 # target_parameters (experts.gate_up_proj / down_proj, lora/experts.py)
 HYBRID_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj",
@@ -63,7 +67,8 @@ class GraniteHybridDecoderLayer(nn.Module):
         self.block_sparse_moe = SparseMoE(
             a.hidden_size, a.intermediate_size, a.num_experts, a.num_experts_per_tok,
             fused_experts=True) if a.num_experts else None
-        self.shared_mlp = GraniteSharedMLP(a.hidden_size, a.shared_mlp_size, a.hidden_act)
+        self.shared_mlp = GraniteSharedMLP(a.hidden_size, a.shared_mlp_size, a.hidden_act) \
+            if a.shared_mlp_size else None  # (GraniteMoe: none)
         self.residual_multiplier = a.residual_multiplier
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -72,18 +77,30 @@ class GraniteHybridDecoderLayer(nn.Module):
             else self.self_attn(positions, h)
         x = x + h * self.residual_multiplier
         h = self.post_attention_layernorm(x)
-        out = self.shared_mlp(h)
+        out = self.shared_mlp(h) if self.shared_mlp is not None else 0
         if self.block_sparse_moe is not None:
             out = self.block_sparse_moe(h) + out
         return x + out * self.residual_multiplier
 
 
 def hybrid_flags(hf: Any, name: str) -> dict[str, Any]:
-    """LlamaArgs flags of a GraniteMoeHybrid config: which layers are Mamba2 mixers and
-    their shape, the shared MLP's size, the experts (0: dense), NoPE unless
-    position_embedding_type is "rope", Granite's multipliers (registry._granite)."""
-    if name not in HYBRID_ARCHITECTURES:
+    """LlamaArgs flags of a GraniteMoe, GraniteMoeShared or GraniteMoeHybrid config: the
+    experts (0: dense), the shared MLP's size (0: none), Granite's multipliers
+    (registry._granite's); a hybrid's: which layers are Mamba2 mixers and their shape,
+    NoPE unless position_embedding_type is "rope"."""
+    if name not in GRANITE_MOE_ARCHITECTURES:
         return {}
+    common = dict(granite_moe=True,
+                  shared_mlp_size=int(getattr(hf, "shared_intermediate_size", 0) or 0),
+                  num_experts=int(hf.num_local_experts or 0),
+                  num_experts_per_tok=int(hf.num_experts_per_tok),
+                  checkpoint_renames=HYBRID_RENAMES,
+                  embedding_multiplier=float(hf.embedding_multiplier),
+                  residual_multiplier=float(hf.residual_multiplier),
+                  attention_multiplier=float(hf.attention_multiplier),
+                  logits_scaling=float(hf.logits_scaling))
+    if name not in HYBRID_ARCHITECTURES:
+        return common
     types = list(getattr(hf, "layer_types", None) or hf.layers_block_type)
     unknown = sorted({t for t in types if t not in _MAMBA_TYPES + _ATTENTION_TYPES})
     if unknown:
@@ -102,14 +119,6 @@ def hybrid_flags(hf: Any, name: str) -> dict[str, Any]:
                        eps=float(hf.rms_norm_eps),
                        time_step_limit=(float(limit[0]), float(limit[1])))
     rope = getattr(hf, "position_embedding_type", None) == "rope"
-    return dict(mamba=mamba,
+    return dict(common, mamba=mamba,
                 mamba_layers=tuple(i for i, t in enumerate(types) if t in _MAMBA_TYPES),
-                nope_layers=() if rope else tuple(range(hf.num_hidden_layers)),
-                shared_mlp_size=int(hf.shared_intermediate_size),
-                num_experts=int(hf.num_local_experts or 0),
-                num_experts_per_tok=int(hf.num_experts_per_tok),
-                checkpoint_renames=HYBRID_RENAMES,
-                embedding_multiplier=float(hf.embedding_multiplier),
-                residual_multiplier=float(hf.residual_multiplier),
-                attention_multiplier=float(hf.attention_multiplier),
-                logits_scaling=float(hf.logits_scaling))
+                nope_layers=() if rope else tuple(range(hf.num_hidden_layers)))

@@ -151,8 +151,10 @@ class LlamaArgs:
     # multi-head latent attention (DeepSeek-V2 / V3): it shapes the cache (the latent,
     # worker/memory.py's kv_cache_layout); head_dim is then the query / key head dim
     mla: MLAArgs | None = None
-    # a hybrid (Granite 4.0, models/granite_hybrid.py): the Mamba2 mixers' shape, the
-    # layers that are mixers (the others attend), the shared MLP's size
+    # GraniteMoe's layers (models/granite_hybrid.py): experts + a shared MLP of this size
+    # (0: none); a hybrid's (Granite 4.0) Mamba2 mixers' shape and the layers that are
+    # mixers (the others attend)
+    granite_moe: bool = False
     mamba: Mamba2Args | None = None
     mamba_layers: tuple[int, ...] = ()
     shared_mlp_size: int = 0
@@ -380,7 +382,7 @@ class LlamaModel(nn.Module):
                                                         a.max_position, *a.local_rope,
                                                         rows=a.rope_rows)
         layer_cls = LlamaDecoderLayer
-        if a.mamba is not None:  # Granite 4.0's mixer or attention layers
+        if a.granite_moe:  # GraniteMoe's layers, Granite 4.0's mixers among them
             from loraplex.models.granite_hybrid import GraniteHybridDecoderLayer
             layer_cls = GraniteHybridDecoderLayer
         self.layers = nn.ModuleList(
@@ -494,7 +496,7 @@ class LlamaForCausalLM(nn.Module):
             q = ("q_proj",) if args.mla.q_lora_rank is None else ("q_a_proj", "q_b_proj")
             self.lora_target_modules = (*q, "kv_a_proj_with_mqa", "kv_b_proj") + tuple(
                 m for m in self.lora_target_modules if m not in ("q_proj", "k_proj", "v_proj"))
-        if args.mamba is not None:  # Granite 4.0 (models/granite_hybrid.py)
+        if args.granite_moe:  # Granite 3.x MoE, Granite 4.0 (models/granite_hybrid.py)
             from loraplex.models.granite_hybrid import HYBRID_LORA_TARGETS
             self.lora_target_modules = HYBRID_LORA_TARGETS
             self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()

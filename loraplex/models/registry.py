@@ -15,7 +15,7 @@ from loraplex.models.deepseek import (
     deepseek_experts,
     mla_args,
 )
-from loraplex.models.granite_hybrid import HYBRID_ARCHITECTURES, hybrid_flags
+from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, hybrid_flags
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
 from loraplex.models.text_only import MULTIMODAL, TextOnly
@@ -77,8 +77,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
          ".block_sparse_moe.gate.e_score_correction_bias"),)},
     # multi-head latent attention and the experts per its config (models/deepseek.py)
     **dict.fromkeys(DEEPSEEK_ARCHITECTURES, {}),
-    # Mamba2 mixers and attention layers, experts and a shared MLP (models/granite_hybrid.py)
-    **dict.fromkeys(HYBRID_ARCHITECTURES, {}),
+    # experts and a shared MLP; Granite 4.0's Mamba2 mixers beside attention layers
+    # (models/granite_hybrid.py)
+    **dict.fromkeys(GRANITE_MOE_ARCHITECTURES, {}),
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -106,10 +107,12 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "llama4_text": "Llama4ForCausalLM", "olmo3": "Olmo3ForCausalLM",
                   "olmoe": "OlmoeForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
                   "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+                  "granitemoe": "GraniteMoeForCausalLM",
+                  "granitemoeshared": "GraniteMoeSharedForCausalLM",
                   **DEEPSEEK_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
-_ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
+_ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
                    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
                    "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
                    "HunYuanDenseV1ForCausalLM", "ArceeForCausalLM", "NemotronForCausalLM",
