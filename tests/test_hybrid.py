@@ -250,15 +250,19 @@ def test_abort_frees_the_state_slot(granite, prompts):
     check_against_hf([finished["b"], finished["c"]], base, [None, None], prompts[2:0:-1])
 
 
-def test_n_siblings_each_prefill_alone(granite, prompts):
-    """n = 2 greedy: each sibling runs its own prefill (no prefix cache to share) and
-    both equal HF."""
+def test_shared_prompts_each_prefill_alone(granite, prompts):
+    """n = 2 greedy siblings, then the same prompt again: no prefix cache (a cached block
+    has no Mamba state), so each runs its own prefill from zeros and all equal HF."""
     base, _ = granite
     llm = make_llm(base, block_size=8)
+    prompt = prompts[-1]
+    assert len(prompt) > 16  # full blocks a prefix cache would have shared
+    want = hf_greedy(base, None, prompt, 6)
     params = SamplingParams(n=2, temperature=0.0, max_tokens=6, ignore_eos=True)
-    out = llm.generate([{"prompt_token_ids": prompts[2]}], params, use_tqdm=False)[0]
-    want = hf_greedy(base, None, prompts[2], 6)
-    assert [list(c.token_ids) for c in out.outputs] == [want, want]
+    for _ in range(2):
+        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        assert [list(c.token_ids) for c in out.outputs] == [want, want]
+        assert out.num_cached_tokens == 0
 
 
 def test_state_memory_and_refusals(granite):
