@@ -195,7 +195,7 @@ class Mamba2Mixer(nn.Module):
         y, h = ssd_scan(xs, dt, a, b, c, h0, m.chunk_size)
         if keep:
             self.conv_state[slot] = full[:, -k:]
-            self.ssm_state[slot] = h
+            self.ssm_state[slot] = h.to(self.ssm_state.dtype)
         y = y + self.D.float()[:, None] * xs
         return y.reshape(y.shape[0], -1)
 

@@ -5,8 +5,8 @@ and SSM state [heads, head_dim, d_state], in tensors preallocated for max_num_se
 (the KV cache's budget pays for them first: ModelRunner._num_kv_blocks). A slot is taken
 at a sequence's first step and given back when it finishes, is aborted or is preempted
 (Scheduler.release): a preempted sequence recomputes from its prompt, its first chunk
-starting the state from zeros again. The SSM state is kept in fp32, the conv state in
-the model's dtype.
+starting the state from zeros again. Both states are kept in the model's dtype, as vLLM
+keeps them by default (mamba_ssm_cache_dtype "auto"); the scan itself runs in fp32.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer, MambaBatch
 def state_bytes_per_slot(m: Mamba2Args, num_mixers: int, dtype: torch.dtype) -> int:
     """One sequence's states over every mixer layer."""
     (c, k), (h, p, n) = m.state_shapes()
-    return num_mixers * (c * k * torch.tensor([], dtype=dtype).element_size() + h * p * n * 4)
+    return num_mixers * (c * k + h * p * n) * torch.tensor([], dtype=dtype).element_size()
 
 
 class MambaStateCache:
@@ -29,7 +29,7 @@ class MambaStateCache:
         for mixer in mixers:
             conv, ssm = mixer.m.state_shapes()
             mixer.conv_state = torch.zeros(num_slots, *conv, dtype=dtype, device=device)
-            mixer.ssm_state = torch.zeros(num_slots, *ssm, dtype=torch.float32, device=device)
+            mixer.ssm_state = torch.zeros(num_slots, *ssm, dtype=dtype, device=device)
         self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() takes the lowest
         self.slot_of: dict[int, int] = {}  # seq_id -> its slot
