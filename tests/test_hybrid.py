@@ -6,8 +6,10 @@ per token, and a shared MLP; NoPE; Granite's multipliers): the Mamba2 mixer alon
 HF's layer (a prompt in chunks that carry the state, then decode steps); the whole model
 in mixed batches (base + adapters of different ranks on the attention, the mixers'
 in_proj / out_proj, the shared MLP and the experts) with chunked prefill and mixed prefill / decode
-steps; preemption; the state slot freed by an abort and reused; the memory refusal; the
-server with the openai client.
+steps; a rope / dense / untied variant; an attention-only one (-micro, prefix caching
+kept); Granite 3.x MoE (GraniteMoe, GraniteMoeShared); preemption; the state slot freed by
+an abort and reused; shared prompts computed afresh; the state memory and its refusal;
+speculative decoding refused; the server with the openai client.
 """
 
 from __future__ import annotations
