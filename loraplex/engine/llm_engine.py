@@ -71,6 +71,7 @@ from loraplex.models.gguf_loader import (
     iterate_gguf_weights,
     log_dequantized_size,
 )
+from loraplex.models.granite_hybrid import hybrid_flags
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig, is_granite_speech
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.llava import LlavaVisionConfig, VisionWeights
@@ -221,6 +222,7 @@ class LLMEngine:
         if is_whisper(hf_config):  # engine/whisper_inputs.py; its encoder is in the model
             self._check_whisper()
             self.image_processor = WhisperAudioProcessor(path, WhisperConfig.from_hf(hf_config))
+        self._check_hybrid(hf_config)
         self.id2label = {int(k): str(v) for k, v in
                          (getattr(hf_config, "id2label", None) or {}).items()}
         self.classifier_head: ClassifierHead | None = None  # the base's (classify)
@@ -291,7 +293,7 @@ class LLMEngine:
             lm.num_unpinned_capacity if lm else None,
             **({"lora_ready": lm.is_ready, "lora_pinned": lm.pinned.__contains__} if lm else {}),
             propose=self.drafter.propose_all if self.drafter else None,
-            release=self.draft.release if self.draft else None)
+            release=self.draft.release if self.draft else self.model_runner.release_state)
         # generation_config.json: the ids that end a turn, the authors' sampling defaults
         self.generation_defaults = GenerationDefaults.read(path, mc.generation_config)
         eos_ids: set[int] = set(self.generation_defaults.eos_token_ids)
@@ -353,6 +355,22 @@ class LLMEngine:
             logger.warning("%s has no image processor files: serving its language model on "
                            "text; image inputs are refused", path)
             return None
+
+    def _check_hybrid(self, hf_config: Any) -> None:
+        """A hybrid model (Mamba2 mixers: their state is per sequence, not per token):
+        speculative decoding refused; prefix caching turned off (a cached prefix has no
+        state to start from), so n > 1 siblings each run their own prefill. (Granite
+        4.0's attention-only -micro, in the same class, is no hybrid.)"""
+        if not hybrid_flags(hf_config, architecture(hf_config)).get("mamba_layers"):
+            return
+        if self.config.speculative_config is not None:
+            raise ValueError("speculative decoding is not supported for hybrid Mamba2 "
+                             "models (their recurrent state cannot roll back rejected drafts)")
+        if self.config.cache_config.enable_prefix_caching:
+            logger.info("prefix caching is off for hybrid Mamba2 models (a cached prefix "
+                        "holds no Mamba state to resume from)")
+            self.config.cache_config = replace(self.config.cache_config,
+                                               enable_prefix_caching=False)
 
     def _check_whisper(self) -> None:
         """What Whisper is not served with, refused at start."""

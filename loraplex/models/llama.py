@@ -50,6 +50,7 @@ from torch import nn
 from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, ClampedSwiGLU
 from loraplex.layers.attention import Attention
 from loraplex.layers.linear import make_linear
+from loraplex.layers.mamba2 import Mamba2Args
 from loraplex.layers.mla import MLAArgs, MLAAttention
 from loraplex.layers.moe import GroupedTopK, SparseMoE
 from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
@@ -150,6 +151,18 @@ class LlamaArgs:
     # multi-head latent attention (DeepSeek-V2 / V3): it shapes the cache (the latent,
     # worker/memory.py's kv_cache_layout); head_dim is then the query / key head dim
     mla: MLAArgs | None = None
+    # GraniteMoe's layers (models/granite_hybrid.py): experts + a shared MLP of this size
+    # (0: none); a hybrid's (Granite 4.0) Mamba2 mixers' shape and the layers that are
+    # mixers (the others attend)
+    granite_moe: bool = False
+    mamba: Mamba2Args | None = None
+    mamba_layers: tuple[int, ...] = ()
+    shared_mlp_size: int = 0
+
+    @property
+    def num_attention_layers(self) -> int:
+        """The layers with a KV cache (a hybrid's mixers hold a state instead)."""
+        return self.num_layers - len(self.mamba_layers)
 
     @property
     def host_routed(self) -> bool:
@@ -368,8 +381,12 @@ class LlamaModel(nn.Module):
             self.rotary_local = local = RotaryEmbedding(a.rotary_dim or a.head_dim,
                                                         a.max_position, *a.local_rope,
                                                         rows=a.rope_rows)
+        layer_cls = LlamaDecoderLayer
+        if a.granite_moe:  # GraniteMoe's layers, Granite 4.0's mixers among them
+            from loraplex.models.granite_hybrid import GraniteHybridDecoderLayer
+            layer_cls = GraniteHybridDecoderLayer
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(a, local if i in a.window_layers else rotary,
+            layer_cls(a, local if i in a.window_layers else rotary,
                               f"model.layers.{i}", i) for i in range(a.num_layers))
         self.norm = a.norm(a.hidden_size)
         # an EAGLE-3 head reads the residual stream entering these layers (vLLM's
@@ -479,6 +496,11 @@ class LlamaForCausalLM(nn.Module):
             q = ("q_proj",) if args.mla.q_lora_rank is None else ("q_a_proj", "q_b_proj")
             self.lora_target_modules = (*q, "kv_a_proj_with_mqa", "kv_b_proj") + tuple(
                 m for m in self.lora_target_modules if m not in ("q_proj", "k_proj", "v_proj"))
+        if args.granite_moe:  # Granite 3.x MoE, Granite 4.0 (models/granite_hybrid.py)
+            from loraplex.models.granite_hybrid import HYBRID_LORA_TARGETS
+            self.lora_target_modules = HYBRID_LORA_TARGETS
+            self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()
+                                           if k in ("q_proj", "k_proj", "v_proj")}
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:

@@ -15,6 +15,7 @@ from loraplex.models.deepseek import (
     deepseek_experts,
     mla_args,
 )
+from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, hybrid_flags
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
 from loraplex.models.text_only import MULTIMODAL, TextOnly
@@ -76,6 +77,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
          ".block_sparse_moe.gate.e_score_correction_bias"),)},
     # multi-head latent attention and the experts per its config (models/deepseek.py)
     **dict.fromkeys(DEEPSEEK_ARCHITECTURES, {}),
+    # experts and a shared MLP; Granite 4.0's Mamba2 mixers beside attention layers
+    # (models/granite_hybrid.py)
+    **dict.fromkeys(GRANITE_MOE_ARCHITECTURES, {}),
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -102,11 +106,14 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "cohere2": "Cohere2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
                   "llama4_text": "Llama4ForCausalLM", "olmo3": "Olmo3ForCausalLM",
                   "olmoe": "OlmoeForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
+                  "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+                  "granitemoe": "GraniteMoeForCausalLM",
+                  "granitemoeshared": "GraniteMoeSharedForCausalLM",
                   **DEEPSEEK_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
-_ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "GemmaForCausalLM",
-                   "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
+_ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
+                   "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
                    "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
                    "HunYuanDenseV1ForCausalLM", "ArceeForCausalLM", "NemotronForCausalLM",
                    "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
@@ -522,6 +529,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_mrope(hf_config),
         **_llama4(hf_config, name, quant),
         **_ministral3(hf_config, name),
+        **hybrid_flags(hf_config, name),
     )
     if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
         args = replace(args, **mla_args(hf_config, name, scaling))

@@ -17,6 +17,7 @@ import torch
 from loraplex.lora.meta import LoRABatchMeta
 
 if TYPE_CHECKING:
+    from loraplex.layers.mamba2 import MambaBatch
     from loraplex.models.whisper import CrossBatch
 
 
@@ -60,6 +61,8 @@ class StepContext:
     # Whisper (models/whisper.py): each request's rows and its encoder K/V for
     # cross-attention; None elsewhere
     cross: CrossBatch | None = None
+    # a hybrid model (layers/mamba2.py): each sequence's rows and its Mamba state slot
+    mamba: MambaBatch | None = None
 
 
 class DecodeBuffers:

@@ -102,7 +102,7 @@ def kv_block_bytes(model, dtype: torch.dtype, block_size: int) -> int:
     a = model.args
     tensors, heads, head_dim = kv_cache_layout(a)
     elem = torch.tensor([], dtype=dtype).element_size()
-    return tensors * a.num_layers * block_size * heads * head_dim * elem
+    return tensors * a.num_attention_layers * block_size * heads * head_dim * elem
 
 
 def plan_memory(lora: LoRAManager | None, kv_block_bytes: int, block_size: int,

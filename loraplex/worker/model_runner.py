@@ -37,6 +37,7 @@ from loraplex.layers.attention import (
     is_fp8,
     torch_prefill_layout,
 )
+from loraplex.layers.mamba2 import Mamba2Mixer, MambaBatch
 from loraplex.layers.sampler import Sampler, SamplingRow
 from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
@@ -47,6 +48,7 @@ from loraplex.models.whisper import CrossBatch, WhisperForConditionalGeneration
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
+from loraplex.worker.mamba_state import MambaStateCache, state_bytes_per_slot
 from loraplex.worker.memory import kv_block_bytes, kv_cache_layout
 from loraplex.worker.mrope import mrope_delta, mrope_step_positions
 
@@ -116,6 +118,9 @@ class ModelRunner:
         self.max_model_len = model_config.max_model_len
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        # a hybrid's Mamba2 mixers: their per-sequence states (worker/mamba_state.py)
+        self.mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer)]
+        self.mamba_state: MambaStateCache | None = None
         self.attn_backend = attention_backend(self.device)
         # adapter slots per LoRA layer (0: no LoRA layers)
         self.max_loras = next((m.lora_a_stacked.shape[0] for m in model.modules()
@@ -131,6 +136,9 @@ class ModelRunner:
         self.memory_profile: GPUMemoryProfile | None = None
         self.num_blocks = self._num_kv_blocks(cache_config, scheduler_config)
         self._allocate_kv_cache()
+        if self.mixers:
+            self.mamba_state = MambaStateCache(self.mixers, self.max_num_seqs, self.dtype,
+                                               self.device)
         self.decode_buffers = DecodeBuffers(self.max_num_seqs,
                                             -(-self.max_model_len // self.block_size),
                                             self.device)
@@ -155,7 +163,8 @@ class ModelRunner:
                 model, self.decode_buffers, self.max_num_seqs, self.max_model_len,
                 self.max_loras,
                 model_config.enforce_eager or model_config.runner == "pooling"  # no decode
-                or self.whisper is not None,  # its cross-attention is per request, eager
+                or self.whisper is not None  # its cross-attention is per request, eager
+                or bool(self.mixers),  # a hybrid's state slots: eager decode
                 model_config.cuda_graph_sizes,
                 self.attn_backend, host_routed=model.args.host_routed)
 
@@ -178,6 +187,8 @@ class ModelRunner:
         blocks_per_seq = -(-self.max_model_len // self.block_size)
         if self.whisper is not None:
             budget = self._reserve_cross_kv(budget, blocks_per_seq)
+        if self.mixers:
+            budget = self._reserve_mamba_state(budget)
         # never more than every sequence at full length could use
         return max(0, min(budget // (self._bytes_per_block() + self.draft_block_bytes),
                           self.max_num_seqs * blocks_per_seq))
@@ -201,6 +212,26 @@ class ModelRunner:
                         self.max_num_seqs, fit, cross / 2**20)
             self.max_num_seqs = fit
         return budget - self.max_num_seqs * cross
+
+    def _reserve_mamba_state(self, budget: int) -> int:
+        """A hybrid: the state slots of max_num_seqs sequences come out of the budget
+        first; refused when they do not fit. The budget left for the KV blocks."""
+        per_slot = state_bytes_per_slot(self.mixers[0].m, len(self.mixers), self.dtype)
+        state = self.max_num_seqs * per_slot
+        if state >= budget:
+            raise ValueError(
+                f"the Mamba state slots of max_num_seqs={self.max_num_seqs} sequences need "
+                f"{state / 2**20:.1f} MiB ({per_slot / 2**20:.2f} MiB each) but the KV cache "
+                f"budget is {budget / 2**20:.1f} MiB: lower max_num_seqs or give it more "
+                "memory")
+        logger.info("Mamba state: %d slots of %.2f MiB (%.1f MiB) from the KV cache budget",
+                    self.max_num_seqs, per_slot / 2**20, state / 2**20)
+        return budget - state
+
+    @property
+    def release_state(self) -> Callable[[Sequence], None] | None:
+        """A hybrid: gives a sequence's state slot back (Scheduler.release); else None."""
+        return self.mamba_state.release if self.mamba_state is not None else None
 
     def _profile_gpu_memory(self, utilization: float, max_tokens: int) -> int:
         """The KV cache budget in bytes, from a profile run's activation peak."""
@@ -242,6 +273,9 @@ class ModelRunner:
         dev = self.device
         positions = torch.cat([torch.arange(m, device=dev) for m in lens])
         ctx = self._prefill_context(lens, torch.full((n,), -1, dtype=torch.long, device=dev))
+        if self.mixers:  # no state slots yet: each sequence from zeros, nothing kept
+            ctx.mamba = MambaBatch([(s, s + m, -1, True) for s, m in zip(
+                itertools.accumulate(lens[:-1], initial=0), lens)])
         if self.max_loras:
             ctx.lora_meta = LoRABatchMeta.make(
                 [i % self.max_loras for i, m in enumerate(lens) for _ in range(m)], dev)
@@ -470,6 +504,9 @@ class ModelRunner:
             self.decode_mirror.reset()  # the next decode batch is a new one
         if token_slots is not None:
             ctx.lora_meta = LoRABatchMeta.make(token_slots, self.device)
+        if self.mamba_state is not None:  # (no speculative decoding: no spec segments)
+            ctx.mamba = self.mamba_state.batch(prefill, lens[:len(prefill)], decode,
+                                               sum(lens))
         if self.whisper is not None:  # (no speculative decoding: no spec segments)
             ctx.cross = self._cross_batch(prefill + decode, lens[:len(prefill)] + [1] * len(decode),
                                           slots_of(prefill + decode))
@@ -625,6 +662,8 @@ class ModelRunner:
         input_ids, positions, ctx = self.prepare_decode(seqs, padded)
         if self.whisper is not None:
             ctx.cross = self._cross_batch(seqs, [1] * n, seq_slots)
+        if self.mamba_state is not None:
+            ctx.mamba = self.mamba_state.batch([], [], seqs, 0)
         has_lora = seq_slots is not None and any(s >= 0 for s in seq_slots)
         if padded is not None:
             token_slots = seq_slots + [-1] * (padded - n) if has_lora else None

@@ -1,0 +1,70 @@
+"""State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py).
+
+A running sequence holds one slot: per mixer layer its conv state [conv_dim, d_conv - 1]
+and SSM state [heads, head_dim, d_state], in tensors preallocated for max_num_seqs slots
+(the KV cache's budget pays for them first: ModelRunner._num_kv_blocks). A slot is taken
+at a sequence's first step and given back when it finishes, is aborted or is preempted
+(Scheduler.release): a preempted sequence recomputes from its prompt, its first chunk
+starting the state from zeros again. Both states are kept in the model's dtype, as vLLM
+keeps them by default (mamba_ssm_cache_dtype "auto"); the scan itself runs in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.engine.sequence import Sequence
+from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer, MambaBatch
+
+
+def state_bytes_per_slot(m: Mamba2Args, num_mixers: int, dtype: torch.dtype) -> int:
+    """One sequence's states over every mixer layer."""
+    (c, k), (h, p, n) = m.state_shapes()
+    return num_mixers * (c * k + h * p * n) * torch.tensor([], dtype=dtype).element_size()
+
+
+class MambaStateCache:
+    def __init__(self, mixers: list[Mamba2Mixer], num_slots: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        for mixer in mixers:
+            conv, ssm = mixer.m.state_shapes()
+            mixer.conv_state = torch.zeros(num_slots, *conv, dtype=dtype, device=device)
+            mixer.ssm_state = torch.zeros(num_slots, *ssm, dtype=dtype, device=device)
+        self.num_slots = num_slots
+        self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() takes the lowest
+        self.slot_of: dict[int, int] = {}  # seq_id -> its slot
+        self.device = device
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self.free_slots)
+
+    def slot(self, seq: Sequence) -> int:
+        """The sequence's slot, taken now if it has none (the scheduler runs at most
+        max_num_seqs sequences, as many as there are slots)."""
+        slot = self.slot_of.get(seq.seq_id)
+        if slot is None:
+            if not self.free_slots:
+                raise RuntimeError("no free Mamba state slot: more running sequences than "
+                                   "max_num_seqs")
+            slot = self.slot_of[seq.seq_id] = self.free_slots.pop()
+        return slot
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence left the running set (finished, aborted, preempted)."""
+        slot = self.slot_of.pop(seq.seq_id, None)
+        if slot is not None:
+            self.free_slots.append(slot)
+
+    def batch(self, prefill: list[Sequence], lens: list[int], decode: list[Sequence],
+              decode_start: int) -> MambaBatch:
+        """The step's rows per sequence and their slots: prefill chunks back to back from
+        row 0 (fresh: the chunk starts at the prompt's first token), then one decode row
+        each from `decode_start`."""
+        spans, first = [], 0
+        for seq, n in zip(prefill, lens, strict=True):
+            spans.append((first, first + n, self.slot(seq), seq.num_computed_tokens == 0))
+            first += n
+        slots = torch.tensor([self.slot(s) for s in decode], dtype=torch.long,
+                             device=self.device) if decode else None
+        return MambaBatch(spans, decode_start, slots)
