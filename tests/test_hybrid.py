@@ -269,16 +269,24 @@ def test_shared_prompts_each_prefill_alone(granite, prompts):
 
 def test_state_memory_and_refusals(granite):
     """The state slots of max_num_seqs sequences come out of the cache budget first (the
-    KV blocks get the rest) and must fit it; speculative decoding is refused; both with a
-    message that says so."""
+    KV blocks get the rest); max_num_seqs is lowered to the sequences that fit, and a
+    budget for none is refused; speculative decoding is refused."""
     base, _ = granite
     runner = make_llm(base, max_num_seqs=64, cpu_kv_cache_gib=0.004,
                       block_size=8).llm_engine.model_runner
     per_slot = state_bytes_per_slot(runner.mixers[0].m, 2, torch.float32)
     assert per_slot == 2 * (192 * 3 + 4 * 32 * 16) * 4  # conv + SSM states, 2 mixers, fp32
     assert runner.num_blocks == (int(0.004 * 2**30) - 64 * per_slot) // runner._bytes_per_block()
-    with pytest.raises(ValueError, match="Mamba state slots of max_num_seqs=256"):
-        make_llm(base, max_num_seqs=256, cpu_kv_cache_gib=0.004)
+    # 256 sequences' states do not fit: max_num_seqs drops to those whose states fit
+    # beside one max_model_len KV cache (the scheduler's too); a budget for none is refused
+    engine = make_llm(base, max_num_seqs=256, cpu_kv_cache_gib=0.004, block_size=8).llm_engine
+    kv = 32 * engine.model_runner._bytes_per_block()  # max_model_len 256 in blocks of 8
+    fit = (int(0.004 * 2**30) - kv) // per_slot
+    assert 1 < fit < 256
+    assert engine.model_runner.max_num_seqs == engine.config.scheduler_config.max_num_seqs \
+        == engine.model_runner.mamba_state.num_free_slots == fit
+    with pytest.raises(ValueError, match="cannot hold one sequence: a Mamba state slot"):
+        make_llm(base, cpu_kv_cache_gib=per_slot / 2**30)
     with pytest.raises(ValueError, match="speculative decoding is not supported for hybrid"):
         make_llm(base, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                            "prompt_lookup_max": 3})

@@ -136,7 +136,7 @@ def test_encoder_states_come_out_of_the_budget(whisper):
     cross = engine.model.config.cross_kv_bytes(torch.float32)
     block = runner._bytes_per_block()
     budget = int(budget_gib * 2**30)
-    fit = budget // (cross + 4 * block)  # max_model_len 64: 4 blocks of 16
+    fit = (budget - 4 * block) // cross  # beside one max_model_len (64: 4 blocks of 16)
     assert 1 < fit < 256
     assert runner.max_num_seqs == engine.config.scheduler_config.max_num_seqs == fit
     assert runner.num_blocks == min((budget - fit * cross) // block, fit * 4)
@@ -147,7 +147,7 @@ def test_encoder_states_come_out_of_the_budget(whisper):
     outs = llm.generate([plain(c) for c, _ in jobs], GREEDY, use_tqdm=False)
     check(outs, whisper, jobs)
     assert len(encoded) == len(jobs)
-    with pytest.raises(ValueError, match="cannot hold one Whisper request"):
+    with pytest.raises(ValueError, match="cannot hold one sequence: Whisper's encoder K/V"):
         whisper_llm(whisper["base"], cpu_kv_cache_gib=cross / 2**31)
 
 

@@ -262,7 +262,8 @@ class LLMEngine:
                                         self.memory.draft_kv_block_bytes)
         self.memory.num_kv_blocks = self.model_runner.num_blocks
         if self.model_runner.max_num_seqs < self.config.scheduler_config.max_num_seqs:
-            # Whisper: no more running requests than their encoder K/V fit (model_runner)
+            # no more running sequences than their encoder K/V (Whisper) or Mamba state
+            # (a hybrid) fit beside their KV cache (ModelRunner._reserve_per_sequence)
             self.config.scheduler_config = replace(self.config.scheduler_config,
                                                    max_num_seqs=self.model_runner.max_num_seqs)
         if self.model_runner.num_blocks * block_size < mc.max_model_len:

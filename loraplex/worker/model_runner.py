@@ -185,48 +185,41 @@ class ModelRunner:
         else:
             budget = int(cfg.cpu_kv_cache_gib * GiB)
         blocks_per_seq = -(-self.max_model_len // self.block_size)
-        if self.whisper is not None:
-            budget = self._reserve_cross_kv(budget, blocks_per_seq)
-        if self.mixers:
-            budget = self._reserve_mamba_state(budget)
+        if self.whisper is not None:  # each running request's encoder K/V
+            budget = self._reserve_per_sequence(
+                budget, blocks_per_seq, self.whisper.config.cross_kv_bytes(self.dtype),
+                "Whisper's encoder K/V")
+        if self.mixers:  # each running sequence's Mamba state slot
+            budget = self._reserve_per_sequence(
+                budget, blocks_per_seq,
+                state_bytes_per_slot(self.mixers[0].m, len(self.mixers), self.dtype),
+                "a Mamba state slot")
         # never more than every sequence at full length could use
         return max(0, min(budget // (self._bytes_per_block() + self.draft_block_bytes),
                           self.max_num_seqs * blocks_per_seq))
 
-    def _reserve_cross_kv(self, budget: int, blocks_per_seq: int) -> int:
-        """Whisper: each running request holds its encoder K/V (models/whisper.py) beside
-        its KV blocks. As many requests run at once as the budget holds with a
-        full-length decoder cache each (max_num_seqs lowered to that, logged); their K/V
-        come out of the budget first. The budget left for the KV blocks."""
-        cross = self.whisper.config.cross_kv_bytes(self.dtype)
-        per_request = cross + blocks_per_seq * self._bytes_per_block()
-        fit = budget // per_request
+    def _reserve_per_sequence(self, budget: int, blocks_per_seq: int, each: int,
+                              what: str) -> int:
+        """Memory each running sequence holds beside its KV blocks (Whisper's encoder
+        K/V, a hybrid's Mamba state), for max_num_seqs sequences, out of the budget
+        first. When that would leave less KV cache than one max_model_len sequence
+        needs, max_num_seqs is lowered to what leaves it (logged); refused when not even
+        one sequence fits. The budget left for the KV blocks."""
+        kv = blocks_per_seq * self._bytes_per_block()
+        fit = max(budget - kv, 0) // each
         if fit < 1:
             raise ValueError(f"the KV cache budget ({budget / 2**20:.1f} MiB) cannot hold one "
-                             f"Whisper request: its encoder K/V take {cross / 2**20:.1f} MiB "
-                             f"and a max_model_len decoder cache "
-                             f"{(per_request - cross) / 2**20:.1f} MiB; give it more memory")
+                             f"sequence: {what} takes {each / 2**20:.2f} MiB and a "
+                             f"max_model_len KV cache {kv / 2**20:.2f} MiB; give it more "
+                             "memory or lower max_model_len")
         if fit < self.max_num_seqs:
-            logger.info("Whisper: max_num_seqs %d -> %d, the requests whose encoder K/V "
-                        "(%.1f MiB each) and decoder cache fit the budget",
-                        self.max_num_seqs, fit, cross / 2**20)
+            logger.info("max_num_seqs %d -> %d: the sequences whose %s (%.2f MiB each) fit "
+                        "the budget beside one max_model_len KV cache", self.max_num_seqs, fit,
+                        what, each / 2**20)
             self.max_num_seqs = fit
-        return budget - self.max_num_seqs * cross
-
-    def _reserve_mamba_state(self, budget: int) -> int:
-        """A hybrid: the state slots of max_num_seqs sequences come out of the budget
-        first; refused when they do not fit. The budget left for the KV blocks."""
-        per_slot = state_bytes_per_slot(self.mixers[0].m, len(self.mixers), self.dtype)
-        state = self.max_num_seqs * per_slot
-        if state >= budget:
-            raise ValueError(
-                f"the Mamba state slots of max_num_seqs={self.max_num_seqs} sequences need "
-                f"{state / 2**20:.1f} MiB ({per_slot / 2**20:.2f} MiB each) but the KV cache "
-                f"budget is {budget / 2**20:.1f} MiB: lower max_num_seqs or give it more "
-                "memory")
-        logger.info("Mamba state: %d slots of %.2f MiB (%.1f MiB) from the KV cache budget",
-                    self.max_num_seqs, per_slot / 2**20, state / 2**20)
-        return budget - state
+        logger.info("%s: %.1f MiB for %d sequences, from the KV cache budget", what,
+                    self.max_num_seqs * each / 2**20, self.max_num_seqs)
+        return budget - self.max_num_seqs * each
 
     @property
     def release_state(self) -> Callable[[Sequence], None] | None:
