@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, GraniteMoeHybridConfig
 
 from loraplex import SamplingParams
@@ -42,15 +43,27 @@ ADAPTERS = {
     "r6_experts": dict(r=6, lora_alpha=12, target_modules=["k_proj"], seed=64,
                        target_parameters=["experts.gate_up_proj", "experts.down_proj"]),
 }
-LAYER_TYPES = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+# transformers 5's names; 4.x's config takes the hub's (mamba / attention)
+MAMBA, ATTENTION = ("linear_attention", "full_attention") if TRANSFORMERS_5 else ("mamba",
+                                                                                  "attention")
+# transformers 4.56's gated norm normalizes a mixer's output over all its groups at once,
+# 5.x's (and vLLM's) group by group: the two agree with one group, as every Granite 4.0
+# checkpoint has; 4.x is checked there
+GROUPS = 2 if TRANSFORMERS_5 else 1
+# the models are checked against transformers 5 (PEFT's target_parameters on its fused
+# experts; 4.56's GraniteMoeParallelExperts and its router's nn.Linear, which PEFT's
+# all-linear takes, are other layouts): on 4.x only the mixer is
+ONLY_5 = pytest.mark.skipif(not TRANSFORMERS_5, reason="checked against transformers 5")
+LAYER_TYPES = [MAMBA, ATTENTION, MAMBA, ATTENTION]
 
 
 def hybrid_config(vocab_size: int, **overrides) -> GraniteMoeHybridConfig:
-    """Mixers of 4 heads of 32 in 2 groups, 16 states, chunks of 8 (several per prompt)."""
+    """Mixers of 4 heads of 32 in 2 groups (1 on transformers 4), 16 states, chunks of 8 (several per prompt)."""
     kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=48,
               shared_intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-              mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4,
+              mamba_n_heads=4, mamba_n_groups=GROUPS, mamba_d_state=16, mamba_d_conv=4,
               mamba_expand=2, mamba_chunk_size=8, layer_types=LAYER_TYPES,
               embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
               logits_scaling=1.5, position_embedding_type="nope", max_position_embeddings=512,
@@ -89,7 +102,7 @@ def test_mixer_matches_hf_layer():
     hf = GraniteMoeHybridMambaLayer(cfg, 0).float()
     for p in hf.parameters():
         p.normal_(0, 0.3)
-    m = Mamba2Args(4, cfg.mamba_d_head, 16, 2, 4, 128, 8)
+    m = Mamba2Args(4, cfg.mamba_d_head, 16, GROUPS, 4, 128, 8)
     ours = Mamba2Mixer(64, m)
     ours.load_state_dict(hf.state_dict())
     ours.conv_state = torch.zeros(3, m.conv_dim, 3)
@@ -105,6 +118,7 @@ def test_mixer_matches_hf_layer():
     torch.testing.assert_close(again, want[:13], atol=1e-5, rtol=1e-5)
 
 
+@ONLY_5
 @pytest.mark.parametrize("budget", [None, 7])
 def test_mixed_batch_matches_peft(budget, granite, prompts):
     """The base and four adapters (attention; the mixers' in_proj / out_proj; every
@@ -122,6 +136,7 @@ def test_mixed_batch_matches_peft(budget, granite, prompts):
     assert engine.model_runner.mamba_state.num_free_slots == engine.model_runner.max_num_seqs
 
 
+@ONLY_5
 def test_staggered_arrivals(granite, prompts):
     """Requests arriving while others decode (budget 6): steps that prefill chunks of some
     sequences and decode others, each sequence's rows from its own state slot."""
@@ -138,6 +153,7 @@ def test_staggered_arrivals(granite, prompts):
                      [p for _, p, _ in jobs])
 
 
+@ONLY_5
 def test_rope_dense_untied_variant(tiny_root, prompts):
     """position_embedding_type "rope", no experts (num_local_experts 0: the shared MLP
     alone), lm_head untied, attention first: the base and an adapter on the shared MLP."""
@@ -154,11 +170,12 @@ def test_rope_dense_untied_variant(tiny_root, prompts):
     check_mixed_batch(llm, base, adapters, prompts, extra=2)
 
 
+@ONLY_5
 def test_attention_only_micro(tiny_root, prompts):
     """Granite 4.0 -micro's shape: the same class with attention layers only (rope, dense):
     no state slots, prefix caching kept on, a shared prefix served from the cache."""
     base = make_hybrid(tiny_root / "granite_micro" / "base", seed=72, num_local_experts=0,
-                       position_embedding_type="rope", layer_types=["full_attention"] * 2,
+                       position_embedding_type="rope", layer_types=[ATTENTION] * 2,
                        num_hidden_layers=2)
     llm = make_llm(base, block_size=8)
     engine = llm.llm_engine
@@ -172,6 +189,7 @@ def test_attention_only_micro(tiny_root, prompts):
 @pytest.mark.parametrize("config,extra", [("GraniteMoeConfig", {}),
                                           ("GraniteMoeSharedConfig",
                                            {"shared_intermediate_size": 96})])
+@ONLY_5
 def test_granite3_moe(config, extra, tiny_root, prompts):
     """Granite 3.x MoE (GraniteMoeForCausalLM; GraniteMoeSharedForCausalLM with the shared
     MLP), attention only: the same layers without mixers. The base and adapters on every
@@ -207,6 +225,7 @@ def test_granite3_moe(config, extra, tiny_root, prompts):
     check_mixed_batch(llm, base, adapters, prompts, extra=2)
 
 
+@ONLY_5
 def test_preemption_recomputes_the_state(granite, prompts):
     """A KV cache of 12 blocks of 8 for 6 requests: preempted sequences give their state
     slot back and recompute from the prompt (their first chunk from zeros) exactly."""
@@ -225,6 +244,7 @@ def test_preemption_recomputes_the_state(granite, prompts):
     check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
 
 
+@ONLY_5
 def test_abort_frees_the_state_slot(granite, prompts):
     """Two slots, both in use; aborting one frees its slot, which a new request then takes
     (holding the aborted one's state: a first chunk starts from zeros) and runs exactly."""
@@ -252,6 +272,7 @@ def test_abort_frees_the_state_slot(granite, prompts):
     check_against_hf([finished["b"], finished["c"]], base, [None, None], prompts[2:0:-1])
 
 
+@ONLY_5
 def test_shared_prompts_each_prefill_alone(granite, prompts):
     """n = 2 greedy siblings, then the same prompt again: no prefix cache (a cached block
     has no Mamba state), so each runs its own prefill from zeros and all equal HF."""
@@ -267,6 +288,7 @@ def test_shared_prompts_each_prefill_alone(granite, prompts):
         assert out.num_cached_tokens == 0
 
 
+@ONLY_5
 def test_state_memory_and_refusals(granite):
     """The state slots of max_num_seqs sequences come out of the cache budget first (the
     KV blocks get the rest); max_num_seqs is lowered to the sequences that fit, and a
@@ -275,7 +297,8 @@ def test_state_memory_and_refusals(granite):
     runner = make_llm(base, max_num_seqs=64, cpu_kv_cache_gib=0.004,
                       block_size=8).llm_engine.model_runner
     per_slot = state_bytes_per_slot(runner.mixers[0].m, 2, torch.float32)
-    assert per_slot == 2 * (192 * 3 + 4 * 32 * 16) * 4  # conv + SSM states, 2 mixers, fp32
+    conv_dim = 128 + 2 * GROUPS * 16  # x, B, C
+    assert per_slot == 2 * (conv_dim * 3 + 4 * 32 * 16) * 4  # conv + SSM states, 2 mixers, fp32
     assert runner.num_blocks == (int(0.004 * 2**30) - 64 * per_slot) // runner._bytes_per_block()
     # 256 sequences' states do not fit: max_num_seqs drops to those whose states fit
     # beside one max_model_len KV cache (the scheduler's too); a budget for none is refused
@@ -292,6 +315,7 @@ def test_state_memory_and_refusals(granite):
                                            "prompt_lookup_max": 3})
 
 
+@ONLY_5
 def test_server_adapter_by_model(granite, prompts):
     """`loraplex serve` with an adapter: the base and the adapter by `model` through the
     openai client equal HF + PEFT; an unknown model is a 404 and the server carries on."""
