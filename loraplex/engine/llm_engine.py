@@ -38,6 +38,7 @@ from loraplex.engine.images import (
 )
 from loraplex.engine.logits_processors import LogitsProcessorBatch, load_logits_processors
 from loraplex.engine.mistral_tokenizer import MistralTokenizer, resolve_tokenizer_mode
+from loraplex.engine.phi4mm_inputs import Phi4MMImageProcessor
 from loraplex.engine.pixtral_images import PixtralImageProcessor
 from loraplex.engine.prompt_embeds import (
     NOT_ENABLED,
@@ -81,6 +82,7 @@ from loraplex.models.mistral_format import (
     iterate_mistral_weights,
     mistral_config,
 )
+from loraplex.models.phi4mm import Phi4MMVisionConfig
 from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.qwen2_audio import Qwen2AudioConfig, is_qwen2_audio
@@ -341,6 +343,8 @@ class LLMEngine:
             return AudioProcessor(path, config)
         if isinstance(config, Qwen2AudioConfig):  # engine/qwen2_audio_inputs.py
             return Qwen2AudioProcessor(path, config)
+        if isinstance(config, Phi4MMVisionConfig):  # engine/phi4mm_inputs.py
+            return Phi4MMImageProcessor(path, config)
         if isinstance(config, QwenVisionConfig):
             return QwenImageProcessor(path, config, self.tokenizer)
         if isinstance(config, PixtralVisionConfig):

@@ -1,0 +1,161 @@
+"""Phi-4-multimodal (transformers' native Phi4MultimodalForCausalLM) against HF's model
+(+ PEFT) on the same weights, fp32: the image embeddings (our torch image processor's crops
+through our tower vs HF's tower on the same crops and masks), a mixed batch greedy-identical
+to HF with logprobs within 1e-4 (text on the base, images under the checkpoint's
+vision-lora, text under a user adapter), default_mm_loras, bad inputs failing alone, and the
+chat route over a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from loraplex import LoRARequest, SamplingParams
+from tests.engine_utils import make_llm
+from tests.multimodal_fixtures import assert_matches_reference, request
+from tests.phi4mm_fixtures import IMAGE, hf_image_token_count, hf_reference, make_tiny_phi4mm
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
+ASK = IMAGE + "What is in this picture?"
+
+
+@pytest.fixture(scope="module")
+def phi(tiny_root: Path) -> dict[str, Path]:
+    return make_tiny_phi4mm(tiny_root / "phi4mm", seed=60)
+
+
+def picture(seed: int, width: int, height: int) -> Image.Image:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
+    return Image.fromarray(x.numpy())
+
+
+def hf_image_kwargs(llm, images: list[Image.Image]) -> dict:
+    """HF's model inputs for `images` as its processor lays them out (crops padded to
+    the most crops, masks, the padded sizes), from our crops."""
+    proc = llm.llm_engine.image_processor
+    c = proc.config
+    crops = [proc.crops(im) for im in images]
+    most = max(len(x) for x in crops)
+    pixels, masks, sizes = [], [], []
+    for im, x in zip(images, crops):
+        size = (im.height, im.width, proc.dynamic_hd)
+        m = llm.llm_engine.vision.crop_masks(size).float()
+        pad = most - len(x)
+        pixels.append(torch.cat([x, torch.zeros(pad, *x.shape[1:])]))
+        masks.append(torch.cat([m, torch.ones(pad, *m.shape[1:])]))
+        rows, cols = c.sub_mask(size).shape
+        sizes.append([rows * c.patch_size, cols * c.patch_size])
+    return {"image_pixel_values": torch.stack(pixels), "image_attention_mask": torch.stack(masks),
+            "image_sizes": torch.tensor(sizes)}
+
+
+@torch.no_grad()
+def hf_logprobs(base: Path, adapter: Path | None, ids: list[int], llm, images) -> torch.Tensor:
+    model = hf_reference(str(base), None if adapter is None else str(adapter))
+    kw = hf_image_kwargs(llm, images) if images else {}
+    logits = model(input_ids=torch.tensor([ids]), **kw).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def check(llm, outs, paths, jobs) -> None:
+    for out, (_, images, adapter) in zip(outs, jobs, strict=True):
+        ids, got = out.prompt_token_ids, out.outputs[0].token_ids
+        ref = hf_logprobs(paths["base"], paths[adapter] if adapter else None,
+                          ids + got[:-1], llm, images)[len(ids) - 1:]
+        assert_matches_reference(out, ref, adapter)
+
+
+@torch.no_grad()
+def test_image_embeddings_match_hf(phi):
+    """Our tower + HD stitching + projection on our crops is HF's image embedding on the
+    same crops (one crop, a 2 x 1 grid with padding below, a 1 x 2 grid with padding
+    right), within 1e-5; the token counts are Phi4MultimodalImageProcessor's rule."""
+    llm = make_llm(phi["base"], max_model_len=2048)
+    engine = llm.llm_engine
+    images = [picture(1, 50, 40), picture(2, 60, 100), picture(3, 90, 30)]
+    token = llm.get_tokenizer().convert_tokens_to_ids(IMAGE)
+    ids, inputs = engine.image_processor([1, token, 5, token, token], images)
+    got = engine.vision(inputs.pixel_values, inputs.sizes)
+    model = hf_reference(str(phi["base"]), None)
+    embed = model.model.embed_tokens_extend.image_embed
+    base = torch.zeros(1, len(ids), model.config.hidden_size)
+    want = embed(torch.tensor([ids]), base, **hf_image_kwargs(llm, images))[0]
+    rows = torch.tensor(inputs.positions)
+    assert got.shape == (len(rows), model.config.hidden_size)
+    torch.testing.assert_close(got, want[rows], atol=1e-5, rtol=1e-5)
+    counts = [engine.vision.config.tokens_for(s) for s in inputs.sizes]
+    assert counts == [hf_image_token_count(im.height, im.width) for im in images]
+
+
+def test_token_counts_are_hf_processors():
+    """Our count of `<|image|>` tokens per image size is HF's processor's, over grids
+    with padding right, below, none, and past dynamic_hd's 36 crops (the closest ratio)."""
+    from loraplex.models.phi4mm import Phi4MMVisionConfig
+
+    c = Phi4MMVisionConfig(32, 64, 2, 2, 64, 2, "gelu", 1e-6, 64, 0, 2)
+    for h, w in [(40, 50), (100, 60), (30, 90), (64, 64), (128, 192), (65, 64), (33, 700),
+                 (500, 400), (1000, 30), (13, 20)]:
+        assert c.tokens_for((h, w, 36)) == hf_image_token_count(h, w), (h, w)
+
+
+def test_mixed_batch_matches_hf(phi):
+    """One call: text on the base, an image under the checkpoint's vision-lora (r 8), two
+    images in one prompt on the base, text under a user adapter (r 4), an image under
+    the speech-lora (r 16, the largest rank); a 64-token budget splits every image over
+    prefill chunks."""
+    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=16, max_loras=3,
+                   max_num_batched_tokens=64, max_num_seqs=8, max_model_len=2048)
+    a, b = picture(1, 50, 40), picture(2, 60, 100)
+    two = IMAGE + " and " + IMAGE + "?"
+    jobs = [("Hello there, how are you?", [], None), (ASK, [a], "vision"),
+            (two, [a, b], None), ("Hello there, how are you?", [], "user"),
+            (ASK, [b], "speech")]
+    reqs = {n: LoRARequest(n, i + 1, str(phi[n]))
+            for i, n in enumerate(("vision", "user", "speech"))}
+    outs = llm.generate([request(p, c) for p, c, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[reqs.get(n) for *_, n in jobs])
+    check(llm, outs, phi, jobs)
+    token = llm.get_tokenizer().convert_tokens_to_ids(IMAGE)
+    # 50 x 40: one crop, resized to 64 x 51, 26 of 32 patch rows unpadded -> 13 x 16
+    # pooled: 13 * 17 + 1 + 16 * 17
+    assert outs[1].prompt_token_ids.count(token) == 494
+    cum = [o.outputs[0].cumulative_logprob for o in outs]
+    assert abs(cum[0] - cum[3]) > 1e-2  # the user adapter counts
+
+
+def test_default_mm_lora_runs_images_under_vision_lora(phi):
+    """default_mm_loras={"image": vision-lora}: an image prompt naming no adapter runs
+    under it (HF + PEFT's), a text prompt on the base, an image prompt naming the user
+    adapter under that one."""
+    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=8, max_model_len=2048,
+                   default_mm_loras={"image": str(phi["vision"])})
+    a = picture(4, 70, 40)
+    user = LoRARequest("user", 1, str(phi["user"]))
+    outs = llm.generate([request(ASK, [a]), "Hello there", request(ASK, [a])], GREEDY,
+                        use_tqdm=False, lora_request=[None, None, user])
+    check(llm, outs, phi, [(ASK, [a], "vision"), ("Hello there", [], None),
+                           (ASK, [a], "user")])
+
+
+def test_bad_inputs_fail_alone(phi):
+    llm = make_llm(phi["base"], max_model_len=2048)
+    a = picture(1, 50, 40)
+    bad = [({"image": [a, a]}, "1 image placeholder token.*for 2 image"),
+           ({"image": [picture(5, 400, 4)]}, "too extreme an aspect ratio"),
+           ({"image": [picture(6, 2000, 2000)]}, "max_model_len"),
+           ({"video": [a]}, r"\['video'\] is not supported")]
+    for data, message in bad:
+        with pytest.raises(ValueError, match=message):
+            llm.generate({"prompt": ASK, "multi_modal_data": data}, GREEDY, use_tqdm=False)
+    tok = llm.get_tokenizer()
+    ids, inputs = llm.llm_engine.image_processor(tok(ASK).input_ids, [a])
+    with pytest.raises(ValueError, match="do not match the prompt's"):
+        llm.generate({"prompt_token_ids": ids[1:], "multi_modal_data": {"image": inputs}},
+                     GREEDY, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    check(llm, llm.generate([request(ASK, [a])], GREEDY, use_tqdm=False), phi,
+          [(ASK, [a], None)])
