@@ -16,7 +16,14 @@ from PIL import Image
 from loraplex import LoRARequest, SamplingParams
 from tests.engine_utils import make_llm
 from tests.multimodal_fixtures import assert_matches_reference, request
-from tests.phi4mm_fixtures import IMAGE, hf_image_token_count, hf_reference, make_tiny_phi4mm
+from tests.phi4mm_fixtures import (
+    AUDIO,
+    IMAGE,
+    hf_image_token_count,
+    hf_reference,
+    make_tiny_phi4mm,
+)
+from tests.qwen2_audio_fixtures import clip
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
 ASK = IMAGE + "What is in this picture?"
@@ -53,15 +60,32 @@ def hf_image_kwargs(llm, images: list[Image.Image]) -> dict:
             "image_sizes": torch.tensor(sizes)}
 
 
+def hf_audio_kwargs(clips: list) -> dict:
+    """HF's feature extractor's inputs for 16 kHz clips (one: no attention mask)."""
+    from transformers import Phi4MultimodalFeatureExtractor
+
+    f = Phi4MultimodalFeatureExtractor()(
+        [c[0] for c in clips] if len(clips) > 1 else clips[0][0], sampling_rate=16000,
+        return_tensors="pt")
+    return {"audio_input_features": f["audio_input_features"],
+            "audio_embed_sizes": f["audio_embed_sizes"],
+            "audio_attention_mask": f.get("audio_attention_mask")}
+
+
 @torch.no_grad()
-def hf_logprobs(base: Path, adapter: Path | None, ids: list[int], llm, images) -> torch.Tensor:
+def hf_logprobs(base: Path, adapter: Path | None, ids: list[int], llm, items) -> torch.Tensor:
     model = hf_reference(str(base), None if adapter is None else str(adapter))
+    images = [x for x in items if isinstance(x, Image.Image)]
+    clips = [x for x in items if isinstance(x, tuple)]
     kw = hf_image_kwargs(llm, images) if images else {}
+    kw.update(hf_audio_kwargs(clips) if clips else {})
     logits = model(input_ids=torch.tensor([ids]), **kw).logits[0]
     return torch.log_softmax(logits.float(), dim=-1)
 
 
 def check(llm, outs, paths, jobs) -> None:
+    """Each output vs HF (+ PEFT); a job: (prompt, its images and (16 kHz) clips,
+    adapter)."""
     for out, (_, images, adapter) in zip(outs, jobs, strict=True):
         ids, got = out.prompt_token_ids, out.outputs[0].token_ids
         ref = hf_logprobs(paths["base"], paths[adapter] if adapter else None,
@@ -159,3 +183,71 @@ def test_bad_inputs_fail_alone(phi):
     assert not llm.llm_engine.has_unfinished_requests()
     check(llm, llm.generate([request(ASK, [a])], GREEDY, use_tqdm=False), phi,
           [(ASK, [a], None)])
+
+
+def mm(prompt: str, items: list) -> dict | str:
+    images = [x for x in items if isinstance(x, Image.Image)]
+    clips = [x for x in items if isinstance(x, tuple)]
+    data = ({"image": images} if images else {}) | ({"audio": clips} if clips else {})
+    return {"prompt": prompt, "multi_modal_data": data} if data else prompt
+
+
+@torch.no_grad()
+def test_audio_embeddings_match_hf(phi):
+    """The conformer + speech projection on our features (HF's extractor's) is HF's audio
+    embedding, one clip at a time: 0.5 s, 1.3 s, and 41 s (past 500 encoder positions:
+    folded into 500-long chunks as HF folds it), within 1e-4; the token counts HF's."""
+    llm = make_llm(phi["base"], max_model_len=4096)
+    engine = llm.llm_engine
+    model = hf_reference(str(phi["base"]), None)
+    embed = model.model.embed_tokens_extend.audio_embed
+    token = llm.get_tokenizer().convert_tokens_to_ids(AUDIO)
+    for seconds in (0.5, 1.3, 41.0):
+        c = clip(int(seconds * 10), seconds=seconds)
+        ids, inputs = engine.image_processor([1, token, 5], audio=[c])
+        got = engine.vision(inputs.pixel_values, inputs.sizes)
+        kw = hf_audio_kwargs([c])
+        assert inputs.sizes[0][2] == int(kw["audio_embed_sizes"][0]) == got.shape[0]
+        base = torch.zeros(1, len(ids), model.config.hidden_size)
+        want = embed(torch.tensor([ids]), base, **kw)[0][torch.tensor(inputs.positions)]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert engine.image_processor.expand([1, token, 5], [c]) == ids
+
+
+def test_mixed_modalities_batch_matches_hf(phi):
+    """One call: text on the base, an image under the vision-lora, audio under the
+    speech-lora (r 16), text under a user adapter, an image and a clip in one prompt (the
+    clip through HF's vision_speech projection) on the base, an 8 kHz clip (resampled);
+    HF's greedy tokens, logprobs within 1e-4."""
+    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=16, max_loras=3,
+                   max_num_batched_tokens=64, max_num_seqs=8, max_model_len=2048)
+    a, b = picture(1, 50, 40), clip(2, seconds=0.7)
+    slow = clip(3, seconds=0.6, rate=8000)
+    from loraplex.engine.audio import resample
+
+    slow16 = (resample(torch.from_numpy(slow[0]), 8000, 16000).numpy(), 16000)
+    hello, listen = "Hello there, how are you?", AUDIO + "Transcribe this."
+    both = IMAGE + " and " + AUDIO + "?"
+    jobs = [(hello, [], None), (ASK, [a], "vision"), (listen, [b], "speech"),
+            (hello, [], "user"), (both, [a, b], None), (listen, [slow], "speech")]
+    reqs = {n: LoRARequest(n, i + 1, str(phi[n]))
+            for i, n in enumerate(("vision", "user", "speech"))}
+    outs = llm.generate([mm(p, c) for p, c, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[reqs.get(n) for *_, n in jobs])
+    check(llm, outs, phi, [(p, [slow16] if c and c[0] is slow else c, n) for p, c, n in jobs])
+    cum = [o.outputs[0].cumulative_logprob for o in outs]
+    assert abs(cum[0] - cum[3]) > 1e-2
+
+
+def test_default_mm_loras_by_modality(phi):
+    """default_mm_loras={"image": vision-lora, "audio": speech-lora} (rank 16 under
+    max_lora_rank 16): image prompts run under the first, audio ones under the second,
+    text on the base, a prompt with both on the base (vLLM's rule)."""
+    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=16, max_model_len=2048,
+                   default_mm_loras={"image": str(phi["vision"]), "audio": str(phi["speech"])})
+    a, b = picture(4, 70, 40), clip(5, seconds=0.5)
+    listen, both = AUDIO + "Transcribe this.", IMAGE + AUDIO
+    jobs = [(ASK, [a], "vision"), (listen, [b], "speech"), ("Hello", [], None),
+            (both, [a, b], None)]
+    outs = llm.generate([mm(p, c) for p, c, _ in jobs], GREEDY, use_tqdm=False)
+    check(llm, outs, phi, jobs)

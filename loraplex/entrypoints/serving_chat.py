@@ -166,6 +166,8 @@ class OpenAIServingChat(OpenAIServing):
         try:
             if images.videos:
                 return processor(ids, images.images or None, videos=images.videos)
+            if "audio" in getattr(processor, "modalities", ()):  # Phi-4-multimodal: both
+                return processor(ids, images.images or None, audio=images.audios or None)
             return processor(ids, images.audios or images.images)  # (Granite Speech: audio)
         except ValueError as e:
             raise BadRequestError(f"messages: {e}", param="messages") from e

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.models.llava import VISION_ACTIVATIONS, VisionWeights, check_activation
+from loraplex.models.phi4mm_audio import AudioEmbedding, Phi4MMAudioConfig
 
 PREFIX = "model.embed_tokens_extend."  # the checkpoint's names of both towers
 
@@ -58,9 +59,11 @@ class Phi4MMVisionConfig:
     text_hidden_size: int
     image_token_id: int
     all_layers: int  # the checkpoint's
+    audio: Phi4MMAudioConfig | None = None  # models/phi4mm_audio.py; None: images only
 
     @classmethod
-    def from_hf(cls, hf: Any) -> Phi4MMVisionConfig:
+    def from_hf(cls, hf: Any, with_audio: bool = True) -> Phi4MMVisionConfig:
+        """`with_audio`: the audio encoder too (limit_mm_per_prompt allows audio)."""
         v = hf.vision_config
         check_activation("vision_config.hidden_act", v.hidden_act)
         if v.crop_size != v.image_size:
@@ -75,7 +78,8 @@ class Phi4MMVisionConfig:
             raise ValueError(f"vision_config.feature_layer={layer} is not supported")
         return cls(v.hidden_size, v.intermediate_size, used, v.num_attention_heads,
                    v.image_size, v.patch_size, v.hidden_act, v.layer_norm_eps,
-                   hf.hidden_size, int(v.image_token_id), v.num_hidden_layers)
+                   hf.hidden_size, int(v.image_token_id), v.num_hidden_layers,
+                   Phi4MMAudioConfig.from_hf(hf) if with_audio else None)
 
     @property
     def bidirectional(self) -> bool:
@@ -92,14 +96,24 @@ class Phi4MMVisionConfig:
         """Pooled features per crop side."""
         return self.mask_size // 2
 
+    def numel(self, size: tuple[Any, int, int]) -> int:
+        """An item's values in the flat `pixel_values`: an image's crops, a clip's
+        features."""
+        if is_audio(size):
+            return size[1] * self.audio.input_size
+        return self.tiles(size) * 3 * self.image_size ** 2
+
     def tiles(self, size: tuple[int, int, int]) -> int:
         """Crops of an image (its global view first)."""
         (w, h), _, _ = crop_layout(size[0], size[1], self.image_size, size[2])
         return 1 + w * h
 
-    def tokens_for(self, size: tuple[int, int, int]) -> int:
+    def tokens_for(self, size: tuple[Any, int, int]) -> int:
         """`<|image|>` tokens of an image of (height, width, dynamic_hd): its stitched sub
-        grid with a separator per row, one separator, the global grid with its own."""
+        grid with a separator per row, one separator, the global grid with its own; a
+        clip's `<|audio|>` tokens (its size's last)."""
+        if is_audio(size):
+            return size[2]
         rows, cols = self.useful(size)
         return rows * (cols + 1) + 1 + self.base * (self.base + 1)
 
@@ -120,6 +134,12 @@ class Phi4MMVisionConfig:
         if pad_h >= p:
             mask[-(pad_h // p):, :] = 0
         return mask
+
+
+def is_audio(size: tuple[Any, int, int]) -> bool:
+    """An item of ImageInputs.sizes is a clip's ("speech" or "vision": which projection,
+    mel frames, tokens), else an image's (height, width, dynamic_hd)."""
+    return isinstance(size[0], str)
 
 
 def crop_layout(height: int, width: int, crop: int, max_crops: int
@@ -244,10 +264,15 @@ class Phi4MMVision(VisionWeights):
         super().__init__()
         self.config = c
         self.image_embed = ImageEmbedding(c)
+        if c.audio is not None:
+            self.audio_embed = AudioEmbedding(c.audio)
 
     def ours(self, name: str) -> str | None:
-        """`model.embed_tokens_extend.image_embed.*`; the tower's pooling head, its last
-        norm and the layers past the feature layer are never run."""
+        """`model.embed_tokens_extend.image_embed.*` and `.audio_embed.*` (without audio:
+        none of those); the tower's pooling head, its last norm and the layers past the
+        feature layer are never run."""
+        if name.startswith(PREFIX + "audio_embed.") and self.config.audio is not None:
+            return name[len(PREFIX):]
         if not name.startswith(PREFIX + "image_embed."):
             return None
         name = name[len(PREFIX):]
@@ -291,15 +316,32 @@ class Phi4MMVision(VisionWeights):
                           glob.reshape(-1, d)])
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, sizes: list[tuple[int, int, int]]) -> torch.Tensor:
-        """[all crops, 3, S, S] (each image's global view then its crops, image after
-        image) and each image's (height, width, dynamic_hd) -> [its placeholders, text
-        hidden], image after image."""
+    def forward(self, values: torch.Tensor, sizes: list[tuple[Any, int, int]]) -> torch.Tensor:
+        """The items' values flat, item after item (an image's global view then its crops,
+        [1 + crops, 3, S, S]; a clip's log-mel features, [frames, mels]), and each item's
+        size (`is_audio`) -> [their placeholders, text hidden], item after item. One
+        tower call for every image's crops; the clips one by one."""
         c, e = self.config, self.image_embed
         dtype = e.img_projection_up.weight.dtype
-        masks = torch.cat([self.crop_masks(s) for s in sizes]).to(pixels.device)
-        feats = self.features(pixels.to(dtype), masks)
+        parts = values.to(dtype).split([c.numel(s) for s in sizes])
+        images = [(p, s) for p, s in zip(parts, sizes) if not is_audio(s)]
+        embeds = iter(self.images(images) if images else [])
         out = []
-        for f, s in zip(feats.split([c.tiles(s) for s in sizes]), sizes, strict=True):
-            out.append(e.img_projection_down(F.gelu(e.img_projection_up(self.stitch(f, s)))))
+        for part, size in zip(parts, sizes, strict=True):
+            if is_audio(size):
+                clip = part.view(size[1], c.audio.input_size)
+                out.append(self.audio_embed(clip, size[2], size[0] == "vision"))
+            else:
+                out.append(next(embeds))
         return torch.cat(out)
+
+    def images(self, items: list[tuple[torch.Tensor, tuple[int, int, int]]]
+               ) -> list[torch.Tensor]:
+        """Each image's embeddings, from one tower call on all their crops."""
+        c, e = self.config, self.image_embed
+        s = c.image_size
+        pixels = torch.cat([p.view(-1, 3, s, s) for p, _ in items])
+        masks = torch.cat([self.crop_masks(size) for _, size in items]).to(pixels.device)
+        feats = self.features(pixels, masks).split([c.tiles(size) for _, size in items])
+        return [e.img_projection_down(F.gelu(e.img_projection_up(self.stitch(f, size))))
+                for f, (_, size) in zip(feats, items, strict=True)]
