@@ -251,3 +251,137 @@ def test_default_mm_loras_by_modality(phi):
             (both, [a, b], None)]
     outs = llm.generate([mm(p, c) for p, c, _ in jobs], GREEDY, use_tqdm=False)
     check(llm, outs, phi, jobs)
+
+
+def _wav_b64(c: tuple) -> str:
+    import base64
+    import io
+    import wave
+
+    import numpy as np
+
+    ints = np.round(c[0].astype(np.float64) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(c[1])
+        f.writeframes(ints.tobytes())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _decoded(c: tuple) -> tuple:
+    import base64
+
+    from loraplex.engine.audio_decode import decode_audio
+
+    return decode_audio(base64.b64decode(_wav_b64(c)))
+
+
+def test_chat_with_image_and_audio_parts(phi):
+    """LLM.chat: an image_url part and an input_audio part in one message become the
+    tokenizer's `<|image|>` / `<|audio|>` placeholders; the reply HF's (the audio through
+    the vision_speech projection, as HF picks it with an image in the prompt)."""
+    from tests.llava_fixtures import data_url
+
+    llm = make_llm(phi["base"], max_model_len=2048)
+    a, b = picture(7, 50, 40), clip(8, seconds=0.5)
+    conv = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(a)}},
+        {"type": "input_audio", "input_audio": {"data": _wav_b64(b), "format": "wav"}},
+        {"type": "text", "text": "Both?"}]}]
+    out = llm.chat(conv, GREEDY, use_tqdm=False)[0]
+    text = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": f"{IMAGE}\n{AUDIO}\nBoth?"}], tokenize=False,
+        add_generation_prompt=True)
+    tok = llm.get_tokenizer()
+    want = llm.llm_engine.image_processor(tok(text, add_special_tokens=False).input_ids, [a],
+                                          audio=[_decoded(b)])[0]
+    assert out.prompt_token_ids == want
+    check(llm, [out], phi, [(text, [a, _decoded(b)], None)])
+
+
+@pytest.mark.parametrize("rate", [16000, 8000, 44100])
+def test_audio_count_without_features(phi, rate):
+    """expand() (the chat route's and /tokenize's count) counts each clip's placeholders
+    from its length alone: HF's extractor's audio_embed_sizes (__call__)."""
+    import numpy as np
+
+    llm = make_llm(phi["base"], max_model_len=4096)
+    proc = llm.llm_engine.image_processor
+    ids = [7, proc.audio_placeholder, 9]
+    gen = np.random.default_rng(rate)
+    for n in [rate // 40, rate // 10 + 1, rate // 4 - 1, rate + 3, 3 * rate + 159]:
+        clips = [(gen.standard_normal(n).astype(np.float32) * 0.1, rate)]
+        assert proc.expand(ids, [], clips) == proc(ids, audio=clips)[0], n
+
+
+def test_audio_bad_inputs_and_limits(phi):
+    """A clip shorter than one window, a clip without its placeholder, and a 2-D waveform
+    fail alone; {"audio": 0}: images served, audio refused, the audio encoder not built."""
+    import numpy as np
+
+    llm = make_llm(phi["base"], max_model_len=2048)
+    listen = AUDIO + "Transcribe this."
+    bad = [({"audio": [(np.zeros(300, np.float32), 16000)]}, "too short"),
+           ({"audio": [clip(1), clip(2)]}, "1 audio placeholder token.*for 2 audio"),
+           ({"audio": [(np.zeros((2, 4000), np.float32), 16000)]}, "must be 1-D")]
+    for data, message in bad:
+        with pytest.raises(ValueError, match=message):
+            llm.generate({"prompt": listen, "multi_modal_data": data}, GREEDY,
+                         use_tqdm=False)
+    check(llm, llm.generate([mm(listen, [clip(1)])], GREEDY, use_tqdm=False), phi,
+          [(listen, [clip(1)], None)])
+    images_only = make_llm(phi["base"], max_model_len=2048, limit_mm_per_prompt={"audio": 0})
+    assert not hasattr(images_only.llm_engine.vision, "audio_embed")
+    with pytest.raises(ValueError, match="At most 0 audio"):
+        images_only.generate(mm(listen, [clip(1)]), GREEDY, use_tqdm=False)
+    a = picture(1, 50, 40)
+    check(images_only, images_only.generate([mm(ASK, [a])], GREEDY, use_tqdm=False), phi,
+          [(ASK, [a], None)])
+
+
+def test_server_chat_with_image_and_audio(phi):
+    """The chat route over a real server with default_mm_loras: an image_url part runs
+    under the vision-lora, an input_audio part under the speech-lora (HF + PEFT's greedy
+    replies); an undecodable image gets a 400 alone and the server goes on."""
+    import json
+
+    import openai
+
+    from tests.llava_fixtures import data_url
+    from tests.multimodal_fixtures import chat_token_ids, greedy_reference
+    from tests.server_utils import RemoteServer
+
+    a, b = picture(9, 50, 40), clip(10, seconds=0.5)
+    image_part = {"type": "image_url", "image_url": {"url": data_url(a)}}
+    audio_part = {"type": "input_audio", "input_audio": {"data": _wav_b64(b), "format": "wav"}}
+    question = {"type": "text", "text": "What is this?"}
+    args = ["--max-model-len", "2048", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "16", "--default-mm-loras",
+            json.dumps({"image": str(phi["vision"]), "audio": str(phi["speech"])})]
+    llm = make_llm(phi["base"], max_model_len=2048)
+    tok = llm.get_tokenizer()
+    wants = []
+    for mark, item, adapter in ((IMAGE, a, "vision"), (AUDIO, _decoded(b), "speech")):
+        text = tok.apply_chat_template([{"role": "user", "content": f"{mark}\nWhat is this?"}],
+                                       tokenize=False, add_generation_prompt=True)
+        ids = llm.llm_engine.image_processor(
+            tok(text, add_special_tokens=False).input_ids,
+            *([[item]] if mark == IMAGE else [None, [item]]))[0]
+        wants.append((len(ids), greedy_reference(
+            lambda reply, ids=ids, item=item, adapter=adapter: hf_logprobs(
+                phi["base"], phi[adapter], ids + reply, llm, [item]), 5)))
+    with RemoteServer(phi["base"], args) as server:
+        client = server.get_client()
+        model = str(phi["base"])
+        for part, (n, want) in zip((image_part, audio_part), wants):
+            assert chat_token_ids(client, model, [part, question], max_tokens=5,
+                                  prompt_tokens=n) == want
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=model, max_tokens=4, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {
+                    "url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}])
+        assert info.value.status_code == 400 and "cannot decode" in info.value.message
+        assert chat_token_ids(client, model, [audio_part, question], max_tokens=5) \
+            == wants[1][1]
