@@ -25,7 +25,7 @@ LM = r"model\.layers\.\d+\."  # the language model's modules (not the towers')
 
 def make_tiny_phi4mm(out: Path, seed: int) -> dict[str, Path]:
     """{"base": the checkpoint, "vision": its vision-lora (r 8), "speech": its speech-lora
-    (r 16), "user": a user adapter (r 4)}."""
+    (r 320, the checkpoint's rank), "user": a user adapter (r 4)}."""
     from transformers import Phi4MultimodalConfig, Phi4MultimodalForCausalLM
 
     base = out / "base"
@@ -63,7 +63,7 @@ def make_tiny_phi4mm(out: Path, seed: int) -> dict[str, Path]:
             "vision": _adapter(base, base / "vision-lora", 8, seed + 1,
                                LM + "(self_attn.qkv_proj|self_attn.o_proj|mlp.gate_up_proj|"
                                "mlp.down_proj)"),
-            "speech": _adapter(base, base / "speech-lora", 16, seed + 2,
+            "speech": _adapter(base, base / "speech-lora", 320, seed + 2,
                                LM + "(self_attn.qkv_proj|mlp.gate_up_proj|mlp.down_proj)"),
             "user": _adapter(base, out / "user", 4, seed + 3, LM + "(self_attn.o_proj)")}
 
@@ -77,7 +77,8 @@ def _adapter(base: Path, out: Path, r: int, seed: int, targets: str) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+                # the same size of update at any rank (B A sums r products)
+                p.copy_(0.3 * (8 / r) ** 0.25 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(str(out))
     return out
 

@@ -129,9 +129,9 @@ def test_token_counts_are_hf_processors():
 def test_mixed_batch_matches_hf(phi):
     """One call: text on the base, an image under the checkpoint's vision-lora (r 8), two
     images in one prompt on the base, text under a user adapter (r 4), an image under
-    the speech-lora (r 16, the largest rank); a 64-token budget splits every image over
+    the speech-lora (r 320, the largest rank); a 64-token budget splits every image over
     prefill chunks."""
-    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=16, max_loras=3,
+    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=320, max_loras=3,
                    max_num_batched_tokens=64, max_num_seqs=8, max_model_len=2048)
     a, b = picture(1, 50, 40), picture(2, 60, 100)
     two = IMAGE + " and " + IMAGE + "?"
@@ -216,10 +216,10 @@ def test_audio_embeddings_match_hf(phi):
 
 def test_mixed_modalities_batch_matches_hf(phi):
     """One call: text on the base, an image under the vision-lora, audio under the
-    speech-lora (r 16), text under a user adapter, an image and a clip in one prompt (the
+    speech-lora (r 320), text under a user adapter, an image and a clip in one prompt (the
     clip through HF's vision_speech projection) on the base, an 8 kHz clip (resampled);
     HF's greedy tokens, logprobs within 1e-4."""
-    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=16, max_loras=3,
+    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=320, max_loras=3,
                    max_num_batched_tokens=64, max_num_seqs=8, max_model_len=2048)
     a, b = picture(1, 50, 40), clip(2, seconds=0.7)
     slow = clip(3, seconds=0.6, rate=8000)
@@ -240,10 +240,10 @@ def test_mixed_modalities_batch_matches_hf(phi):
 
 
 def test_default_mm_loras_by_modality(phi):
-    """default_mm_loras={"image": vision-lora, "audio": speech-lora} (rank 16 under
-    max_lora_rank 16): image prompts run under the first, audio ones under the second,
+    """default_mm_loras={"image": vision-lora, "audio": speech-lora} (rank 320 under
+    max_lora_rank 320): image prompts run under the first, audio ones under the second,
     text on the base, a prompt with both on the base (vLLM's rule)."""
-    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=16, max_model_len=2048,
+    llm = make_llm(phi["base"], enable_lora=True, max_lora_rank=320, max_model_len=2048,
                    default_mm_loras={"image": str(phi["vision"]), "audio": str(phi["speech"])})
     a, b = picture(4, 70, 40), clip(5, seconds=0.5)
     listen, both = AUDIO + "Transcribe this.", IMAGE + AUDIO
@@ -344,7 +344,9 @@ def test_audio_bad_inputs_and_limits(phi):
 def test_server_chat_with_image_and_audio(phi):
     """The chat route over a real server with default_mm_loras: an image_url part runs
     under the vision-lora, an input_audio part under the speech-lora (HF + PEFT's greedy
-    replies); an undecodable image gets a 400 alone and the server goes on."""
+    replies); an undecodable image gets a 400 alone and the server goes on;
+    /v1/audio/transcriptions runs the clip under the speech-lora too."""
+    import base64
     import json
 
     import openai
@@ -358,7 +360,7 @@ def test_server_chat_with_image_and_audio(phi):
     audio_part = {"type": "input_audio", "input_audio": {"data": _wav_b64(b), "format": "wav"}}
     question = {"type": "text", "text": "What is this?"}
     args = ["--max-model-len", "2048", "--dtype", "float32", "--enable-lora",
-            "--max-lora-rank", "16", "--default-mm-loras",
+            "--max-lora-rank", "320", "--default-mm-loras",
             json.dumps({"image": str(phi["vision"]), "audio": str(phi["speech"])})]
     llm = make_llm(phi["base"], max_model_len=2048)
     tok = llm.get_tokenizer()
@@ -372,6 +374,14 @@ def test_server_chat_with_image_and_audio(phi):
         wants.append((len(ids), greedy_reference(
             lambda reply, ids=ids, item=item, adapter=adapter: hf_logprobs(
                 phi["base"], phi[adapter], ids + reply, llm, [item]), 5)))
+    text = tok.apply_chat_template([{"role": "user", "content": AUDIO + "can you transcribe "
+                                     "the speech into a written format?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = llm.llm_engine.image_processor(tok.encode(text), audio=[_decoded(b)])[0]
+    reply = greedy_reference(lambda r: hf_logprobs(phi["base"], phi["speech"], ids + r, llm,
+                                                   [_decoded(b)]), 5)
+    # (a byte-level token left incomplete at the end is held back by the detokenizer)
+    transcript = tok.decode(reply, skip_special_tokens=True).rstrip("\ufffd")
     with RemoteServer(phi["base"], args) as server:
         client = server.get_client()
         model = str(phi["base"])
@@ -385,3 +395,7 @@ def test_server_chat_with_image_and_audio(phi):
         assert info.value.status_code == 400 and "cannot decode" in info.value.message
         assert chat_token_ids(client, model, [audio_part, question], max_tokens=5) \
             == wants[1][1]
+        got = client.audio.transcriptions.create(
+            model=model, file=("a.wav", base64.b64decode(_wav_b64(b))), temperature=0.0,
+            extra_body={"max_completion_tokens": 5})
+        assert got.text == transcript
