@@ -43,11 +43,14 @@ def make_tiny_phi4mm(out: Path, seed: int) -> dict[str, Path]:
                  audio_token_id=audio_id)
     cfg = Phi4MultimodalConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
         original_max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
         pad_token_id=3, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                         "partial_rotary_factor": 0.75},
+        # Phi-4-mini's rope: longrope over 3/4 of each head (its short factors here)
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                         "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0]},
         vision_config=vision, audio_config=audio)
     torch.manual_seed(seed)
     model = Phi4MultimodalForCausalLM(cfg).eval()
