@@ -399,3 +399,31 @@ def test_server_chat_with_image_and_audio(phi):
             model=model, file=("a.wav", base64.b64decode(_wav_b64(b))), temperature=0.0,
             extra_body={"max_completion_tokens": 5})
         assert got.text == transcript
+
+
+def test_crops_follow_hf_processor_steps(phi):
+    """HF's processor needs torchvision (absent), so its steps are checked one by one on
+    images where they are plain: a 128 x 128 image fills a 2 x 2 grid unresized (each crop
+    its quarter, rescaled and normalized to [-1, 1], row by row; the global view the
+    whole bicubic-resized to one crop); a 50 x 40 image is resized to 64 x 51 and padded
+    white below (1.0 once normalized), and its global view is the padded image's."""
+    import numpy as np
+
+    llm = make_llm(phi["base"], max_model_len=2048)
+    proc = llm.llm_engine.image_processor
+    grid = picture(11, 128, 128)
+    x = torch.from_numpy(np.array(grid)).permute(2, 0, 1).float() / 255 * 2 - 1
+    crops = proc.crops(grid)
+    assert crops.shape == (5, 3, 64, 64)
+    for i, (top, left) in enumerate([(0, 0), (0, 64), (64, 0), (64, 64)], start=1):
+        torch.testing.assert_close(crops[i], x[:, top:top + 64, left:left + 64], atol=1e-6,
+                                   rtol=0)
+    glob = torch.nn.functional.interpolate(x[None], size=[64, 64], mode="bicubic",
+                                           align_corners=False)[0]
+    torch.testing.assert_close(crops[0], glob, atol=1e-5, rtol=0)
+    small = proc.crops(picture(12, 50, 40))
+    assert small.shape == (2, 3, 64, 64)
+    assert torch.all(small[1, :, 51:] == 1.0) and not torch.all(small[1, :, 50] == 1.0)
+    glob = torch.nn.functional.interpolate(small[1:2], size=[64, 64], mode="bicubic",
+                                           align_corners=False)[0]
+    torch.testing.assert_close(small[0], glob, atol=1e-5, rtol=0)
