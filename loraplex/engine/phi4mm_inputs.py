@@ -1,14 +1,21 @@
-"""A request's images for Phi-4-multimodal: HF's Phi4MultimodalImageProcessor step for
-step in torch alone (HF's runs only with torchvision, which loraplex does not need): the
-crop grid from the image's size (models/phi4mm.py `crop_layout`), the uint8 image resized
-into it bilinear with antialias as torchvision resizes it (engine/llama4_images.py
-`resize`), padded white right and below, rescaled and normalized in fp32, cut into crops
-row by row behind the whole padded image resized bicubic (no antialias) to one crop (the
-global view); each `<|image|>` expanded to the image's token count, as
-Phi4MultimodalProcessor expands it.
+"""A request's images and audio clips for Phi-4-multimodal.
 
-The ImageInputs carry every image's crops ([1 + crops, 3, S, S], image after image) and
-its (height, width, dynamic_hd), from which the tower rebuilds the crop masks.
+Images: HF's Phi4MultimodalImageProcessor step for step in torch alone (HF's runs only with
+torchvision, which loraplex does not need): the crop grid from the image's size
+(models/phi4mm.py `crop_layout`), the uint8 image resized into it bilinear with antialias
+as torchvision resizes it (engine/llama4_images.py `resize`), padded white right and
+below, rescaled and normalized in fp32, cut into crops row by row behind the whole padded
+image resized bicubic (no antialias) to one crop (the global view); each `<|image|>`
+expanded to the image's token count, as Phi4MultimodalProcessor expands it.
+
+Clips: each resampled to the feature extractor's rate, HF's own
+Phi4MultimodalFeatureExtractor (torch) on it alone, each `<|audio|>` expanded to its
+`audio_embed_sizes`.
+
+One ImageInputs holds both kinds, items in prompt order: `pixel_values` their values flat
+(an image's [1 + crops, 3, S, S], a clip's [frames, mels], item after item: the two do not
+stack), `sizes` each image's (height, width, dynamic_hd), from which the tower rebuilds
+the crop masks, and each clip's ("speech" or "vision": its projection, frames, tokens).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ An image's crop layout (how many crops across and down, the white padding right 
 follows from its size and the processor's `dynamic_hd` alone (`crop_layout`, HF's
 `_get_crop_layout`): the ImageInputs carry each image's (height, width, dynamic_hd), and
 the tower rebuilds each crop's patch mask from them (padded patches are no attention keys,
-and take position 0). The pixels are engine/phi4mm_inputs.py's.
+and take position 0). The pixels are engine/phi4mm_inputs.py's. The same module embeds
+the prompt's audio clips (models/phi4mm_audio.py), so one request's images and clips are
+one ImageInputs whose items keep the prompt's order.
 """
 
 from __future__ import annotations
