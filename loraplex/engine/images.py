@@ -40,6 +40,7 @@ from loraplex.models.llama4_vision import (
     is_llama4,
 )
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
+from loraplex.models.phi4mm import Phi4MMVision, Phi4MMVisionConfig, is_phi4mm
 from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, is_mistral3
 from loraplex.models.qwen2_audio import Qwen2Audio, Qwen2AudioConfig, is_qwen2_audio
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
@@ -48,9 +49,10 @@ from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig, is_qwen3_vl
 # (Granite Speech's and Qwen2-Audio's audio encoders plug in the same way:
 # models/granite_speech.py, models/qwen2_audio.py)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
-                | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig)
+                | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig
+                | Phi4MMVisionConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
-          | GraniteSpeechAudio | Qwen2Audio)
+          | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision)
 
 
 def vision_config(hf_config: Any) -> VisionConfig:
@@ -61,6 +63,8 @@ def vision_config(hf_config: Any) -> VisionConfig:
         return GraniteSpeechAudioConfig.from_hf(hf_config)
     if is_qwen2_audio(hf_config):
         return Qwen2AudioConfig.from_hf(hf_config)
+    if is_phi4mm(hf_config):  # models/phi4mm.py
+        return Phi4MMVisionConfig.from_hf(hf_config)
     if getattr(hf_config, "model_type", None) == "gemma3":
         return Gemma3VisionConfig.from_hf(hf_config)
     if is_llama4(hf_config):
@@ -79,6 +83,8 @@ def build_vision(config: VisionConfig) -> Vision:
         return GraniteSpeechAudio(config)
     if isinstance(config, Qwen2AudioConfig):
         return Qwen2Audio(config)
+    if isinstance(config, Phi4MMVisionConfig):
+        return Phi4MMVision(config)
     if isinstance(config, Gemma3VisionConfig):
         return Gemma3Vision(config)
     if isinstance(config, PixtralVisionConfig):

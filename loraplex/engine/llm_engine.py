@@ -38,6 +38,7 @@ from loraplex.engine.images import (
 )
 from loraplex.engine.logits_processors import LogitsProcessorBatch, load_logits_processors
 from loraplex.engine.mistral_tokenizer import MistralTokenizer, resolve_tokenizer_mode
+from loraplex.engine.phi4mm_inputs import Phi4MMProcessor
 from loraplex.engine.pixtral_images import PixtralImageProcessor
 from loraplex.engine.prompt_embeds import (
     NOT_ENABLED,
@@ -82,6 +83,7 @@ from loraplex.models.mistral_format import (
     iterate_mistral_weights,
     mistral_config,
 )
+from loraplex.models.phi4mm import Phi4MMVisionConfig, is_phi4mm
 from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.qwen2_audio import Qwen2AudioConfig, is_qwen2_audio
@@ -178,9 +180,13 @@ class LLMEngine:
         # audio encoder, models/granite_speech.py, when audio is allowed; Qwen2-Audio's,
         # models/qwen2_audio.py, the same)
         modality = "audio" if is_granite_speech(whole) or is_qwen2_audio(whole) else "image"
+        if is_phi4mm(whole) and self.multimodal.takes("audio"):  # images and audio
+            modality = "audio"
         vision = (vision_config(whole) if self.text_only is not None
                   and self.text_only.images and (self.multimodal.takes(modality) or (
                       takes_videos(whole) and self.multimodal.takes("video"))) else None)
+        if isinstance(vision, Phi4MMVisionConfig) and not self.multimodal.takes("audio"):
+            vision = replace(vision, audio=None)  # Phi-4-multimodal: images only
         if vision is None and self.text_only is not None and self.text_only.images:
             logger.info("limit_mm_per_prompt allows no %s: serving %s on text (its "
                         "encoder is not loaded)", modality, args.model)
@@ -344,6 +350,8 @@ class LLMEngine:
             return AudioProcessor(path, config)
         if isinstance(config, Qwen2AudioConfig):  # engine/qwen2_audio_inputs.py
             return Qwen2AudioProcessor(path, config)
+        if isinstance(config, Phi4MMVisionConfig):  # engine/phi4mm_inputs.py
+            return Phi4MMProcessor(path, config)
         if isinstance(config, QwenVisionConfig):
             return QwenImageProcessor(path, config, self.tokenizer)
         if isinstance(config, PixtralVisionConfig):
@@ -395,6 +403,14 @@ class LLMEngine:
         for req in loras.values():
             self.register_lora(req, fetch_hub=True)
         return loras
+
+    def data_keys(self, inputs: ImageInputs) -> list[str]:
+        """multi_modal_data's keys for processed inputs (default_mm_loras go by them):
+        Granite Speech's and Qwen2-Audio's "audio"; Phi-4-multimodal's the modalities its
+        items are; else "image"."""
+        if isinstance(self.image_processor, Phi4MMProcessor):
+            return self.image_processor.modalities_of(inputs)
+        return ["audio" if self.modalities == ("audio",) else "image"]
 
     def _default_mm_lora(self, prompt: PromptType) -> LoRARequest | None:
         """The default_mm_loras adapter of a prompt carrying that modality's data (its
@@ -497,6 +513,8 @@ class LLMEngine:
         (engine/qwen_videos.py, engine/qwen3_videos.py); Granite Speech's audio only."""
         if self.image_processor is None:
             return ()
+        if isinstance(self.image_processor, Phi4MMProcessor):  # images, and audio
+            return self.image_processor.modalities
         if isinstance(self.image_processor, AudioProcessor):
             return ("audio",)
         return ("image", "video") if getattr(self.image_processor, "video", None) is not None \
@@ -526,6 +544,8 @@ class LLMEngine:
         conversation); None when the model takes no audio."""
         if "audio" not in self.modalities or self.image_processor.placeholder is None:
             return None  # (Whisper's audio goes to its encoder, not into a chat prompt)
+        if isinstance(self.image_processor, Phi4MMProcessor):  # `<|audio|>`
+            return self.tokenizer.convert_ids_to_tokens(self.image_processor.audio_placeholder)
         text = self.tokenizer.convert_ids_to_tokens(self.image_processor.placeholder)
         if isinstance(self.image_processor, Qwen2AudioProcessor):  # vLLM's Qwen2-Audio text:
             # the clip's 1-based number (chat_images.py fills {i} in), its bos / eos around
@@ -555,6 +575,12 @@ class LLMEngine:
                              "{'image': an image or a list of images}"
                              + (" and/or {'video': a video or a list of videos}"
                                 if "video" in takes else ""))
+        if isinstance(self.image_processor, Phi4MMProcessor):  # engine/phi4mm_inputs.py
+            given = [v for v in data.values() if isinstance(v, ImageInputs)]
+            if given:  # the server's: one ImageInputs under each modality it holds
+                self.image_processor.check(ids, given[0])
+                return ids, _own_copy(given[0])
+            return self.image_processor(ids, data.get("image"), audio=data.get("audio"))
         if "audio" in data:  # Granite Speech (engine/audio.py)
             if isinstance(data["audio"], ImageInputs):
                 self.image_processor.check(ids, data["audio"])

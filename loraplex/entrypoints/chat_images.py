@@ -144,7 +144,8 @@ class ChatImages:
         if self.placeholder is None:
             raise ValueError(f"messages[{i}]: image inputs are not supported by model "
                              f"{self.model!r}: it has no vision tower (image inputs are served "
-                             "on LLaVA, Gemma 3, Llama 4, Qwen-VL and Mistral 3 models)")
+                             "on LLaVA, Gemma 3, Llama 4, Qwen-VL, Mistral 3 and Phi-4-multimodal "
+                             "models)")
         value = part.get(kind)
         if kind == "image_url" and isinstance(value, dict):
             value = value.get("url")
@@ -156,7 +157,8 @@ class ChatImages:
     def _audio(self, part: dict[str, Any], kind: str, i: int) -> Any:
         if self.audio_placeholder is None:
             raise ValueError(f"messages[{i}]: {kind}: audio inputs are not supported by model "
-                             f"{self.model!r} (audio is served on Granite Speech and Qwen2-Audio)")
+                             f"{self.model!r} (audio is served on Granite Speech, Qwen2-Audio and "
+                             "Phi-4-multimodal)")
         value = part.get(kind)
         try:
             if kind == "audio_url":

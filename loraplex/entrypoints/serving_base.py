@@ -245,8 +245,8 @@ class OpenAIServing:
                 if cache_salt is not None:
                     prompt["cache_salt"] = cache_salt
                 if images:  # (Granite Speech's are audio: default_mm_loras by modality)
-                    audio = self.engine.engine.modalities == ("audio",)
-                    prompt["multi_modal_data"] = {"audio" if audio else "image": images}
+                    prompt["multi_modal_data"] = dict.fromkeys(
+                        self.engine.engine.data_keys(images), images)
                 queued.streams.append(
                     await self.engine.add_request(rid, prompt, p, lora, load_lora=False,
                                                   priority=priority))

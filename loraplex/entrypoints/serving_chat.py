@@ -133,9 +133,12 @@ class OpenAIServingChat(OpenAIServing):
         ids = list(encoder(text, add_special_tokens=req.add_special_tokens).input_ids)
         if images:
             try:
-                ids = (engine.image_processor.expand(ids, images.images, images.videos)
-                       if images.videos else engine.image_processor.expand(
-                           ids, images.audios or images.images))
+                processor = engine.image_processor
+                if "audio" in engine.modalities[1:]:  # Phi-4-multimodal: images and audio
+                    ids = processor.expand(ids, images.images, images.audios)
+                else:
+                    ids = (processor.expand(ids, images.images, images.videos) if images.videos
+                           else processor.expand(ids, images.audios or images.images))
             except ValueError as e:
                 raise BadRequestError(f"messages: {e}", param="messages") from e
         return text, ids, images
@@ -166,6 +169,8 @@ class OpenAIServingChat(OpenAIServing):
         try:
             if images.videos:
                 return processor(ids, images.images or None, videos=images.videos)
+            if "audio" in getattr(processor, "modalities", ()):  # Phi-4-multimodal: both
+                return processor(ids, images.images or None, audio=images.audios or None)
             return processor(ids, images.audios or images.images)  # (Granite Speech: audio)
         except ValueError as e:
             raise BadRequestError(f"messages: {e}", param="messages") from e

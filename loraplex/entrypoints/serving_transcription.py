@@ -75,7 +75,8 @@ class OpenAIServingTranscription(OpenAIServing):
         engine = self.engine.engine
         if "audio" not in engine.modalities:
             raise BadRequestError(f"model {engine.model_config.name!r} takes no audio: "
-                                  "transcriptions are served on Granite Speech and Whisper",
+                                  "transcriptions are served on Granite Speech, Phi-4-multimodal "
+                                  "and Whisper",
                                   param="file")
         whisper = isinstance(engine.image_processor, WhisperAudioProcessor)
         if task == "translate" and not whisper:

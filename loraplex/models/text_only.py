@@ -134,6 +134,13 @@ MULTIMODAL: dict[str, TextOnly] = {
         skipped=("audio_tower.", "multi_modal_projector.", "model.audio_tower.",
                  "model.multi_modal_projector."),
         vision_leaves=("out_proj", "fc1", "fc2", "linear", "conv1", "conv2"), images=True),
+    # Phi-4-multimodal (transformers' native format): a Phi-3 language model under its own
+    # names, its image and audio embeddings under `model.embed_tokens_extend.*`
+    # (models/phi4mm.py); its config is flat (no text_config: `phi3_text_config`)
+    "Phi4MultimodalForCausalLM": TextOnly(
+        "Phi3ForCausalLM", renames=(), skipped=("model.embed_tokens_extend.",),
+        vision_leaves=("fc1", "fc2", "out_proj", "img_projection_up", "img_projection_down"),
+        images=True),
 }
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
 # their dense sibling as if it were theirs); none today
@@ -183,7 +190,12 @@ def text_only_config(hf_config: Any, path: str | None = None
     if name is None:
         return hf_config, None
     spec = MULTIMODAL[name]
-    text = copy.deepcopy(hf_config.text_config)
+    if getattr(hf_config, "text_config", None) is None:  # Phi-4-multimodal's flat config
+        from loraplex.models.phi4mm import phi3_text_config
+
+        text = phi3_text_config(hf_config)
+    else:
+        text = copy.deepcopy(hf_config.text_config)
     text.tie_word_embeddings = lm_head_tied(hf_config, text, path)
     for key in _INHERITED:
         if getattr(hf_config, key, None) is not None:
