@@ -38,6 +38,7 @@ def make_tiny_phi4mm(out: Path, seed: int) -> dict[str, Path]:
                   image_token_id=image_id)
     audio = dict(hidden_size=32, intermediate_size=48, num_blocks=2, num_attention_heads=2,
                  ext_pw_out_channel=32, depthwise_separable_out_channel=32,
+                 depthwise_seperable_out_channel=32,  # (transformers 4.x's spelling)
                  nemo_conv_channels=16, input_size=80, time_reduction=8,
                  bias_max_distance=50, chunk_size=-1, left_chunk=18,
                  audio_token_id=audio_id)

@@ -61,12 +61,14 @@ class Phi4MMAudioConfig:
         if a.downsample_rate != 1:
             raise ValueError(f"audio_config.downsample_rate={a.downsample_rate} is not "
                              "supported (1 is)")
-        if a.ext_pw_out_channel != a.hidden_size or a.depthwise_separable_out_channel \
-                != a.hidden_size:
+        # (transformers 4.x spells it depthwise_seperable_out_channel)
+        separable = getattr(a, "depthwise_separable_out_channel",
+                            getattr(a, "depthwise_seperable_out_channel", None))
+        if a.ext_pw_out_channel != a.hidden_size or separable != a.hidden_size:
             raise ValueError("audio_config: the conv module's channels must be hidden_size")
         return cls(a.hidden_size, a.intermediate_size, a.num_blocks, a.num_attention_heads,
                    a.activation, a.chunk_size, a.left_chunk, a.ext_pw_out_channel,
-                   a.depthwise_separable_out_channel, a.depthwise_multiplier, a.kernel_size,
+                   separable, a.depthwise_multiplier, a.kernel_size,
                    a.conv_activation, a.conv_glu_type, a.input_size, a.time_reduction,
                    a.bias_max_distance, a.bias_symmetric, a.nemo_activation,
                    a.nemo_conv_channels, a.nemo_final_size, hf.hidden_size,
