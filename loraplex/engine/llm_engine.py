@@ -53,6 +53,7 @@ from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
 from loraplex.engine.structured_output import StructuredOutputs
+from loraplex.engine.voxtral_inputs import VoxtralAudioProcessor
 from loraplex.engine.whisper_inputs import WhisperAudioProcessor, decoder_prompt
 from loraplex.inputs import PromptType
 from loraplex.layers.classifier import ClassifierHead, read_adapter_head
@@ -91,6 +92,7 @@ from loraplex.models.registry import (
     is_headless,
 )
 from loraplex.models.text_only import text_only_config
+from loraplex.models.voxtral import VoxtralAudioConfig, is_voxtral
 from loraplex.models.whisper import WhisperConfig, is_whisper, serving_config
 from loraplex.outputs import PoolingRequestOutput, RequestOutput
 from loraplex.pooling_params import PoolingParams
@@ -175,8 +177,9 @@ class LLMEngine:
         # tower never built)
         # (Qwen-VL: or no video either, which the same tower embeds; Granite Speech: its
         # audio encoder, models/granite_speech.py, when audio is allowed; Qwen2-Audio's,
-        # models/qwen2_audio.py, the same)
-        modality = "audio" if is_granite_speech(whole) or is_qwen2_audio(whole) else "image"
+        # models/qwen2_audio.py, the same; Voxtral's, models/voxtral.py)
+        modality = ("audio" if is_granite_speech(whole) or is_qwen2_audio(whole)
+                    or is_voxtral(whole) else "image")
         vision = (vision_config(whole) if self.text_only is not None
                   and self.text_only.images and (self.multimodal.takes(modality) or (
                       takes_videos(whole) and self.multimodal.takes("video"))) else None)
@@ -341,6 +344,8 @@ class LLMEngine:
             return AudioProcessor(path, config)
         if isinstance(config, Qwen2AudioConfig):  # engine/qwen2_audio_inputs.py
             return Qwen2AudioProcessor(path, config)
+        if isinstance(config, VoxtralAudioConfig):  # engine/voxtral_inputs.py
+            return VoxtralAudioProcessor(path, config)
         if isinstance(config, QwenVisionConfig):
             return QwenImageProcessor(path, config, self.tokenizer)
         if isinstance(config, PixtralVisionConfig):

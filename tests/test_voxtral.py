@@ -1,0 +1,134 @@
+"""Voxtral (VoxtralForConditionalGeneration) with audio, against HF transformers' model
+(+ PEFT) on the same weights, fp32, HF's VoxtralProcessor's input_features (each clip padded
+to whole 30 s windows): the audio embeddings, greedy tokens HF's and logprobs within 1e-4
+for a mixed batch (text and audio on the base and on adapters of two ranks, two clips in
+one prompt, a clip over 30 s: two windows, an 8 kHz clip), LoRA on the encoder and
+projector (enable_tower_connector_lora), bad inputs each failing alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loraplex import LoRARequest, SamplingParams
+from loraplex.engine.audio import resample
+from tests.engine_utils import make_llm
+from tests.multimodal_fixtures import assert_matches_reference
+from tests.voxtral_fixtures import ASK, RATE, clip, hf_logprobs, make_tiny_voxtral
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def vx(tiny_root: Path) -> dict[str, Path]:
+    return make_tiny_voxtral(tiny_root / "voxtral", seed=70)
+
+
+def audio(prompt: str, clips: list) -> dict | str:
+    return {"prompt": prompt, "multi_modal_data": {"audio": clips}} if clips else prompt
+
+
+def at_16k(c: tuple[np.ndarray, int]) -> np.ndarray:
+    """The waveform HF's processor is given: 16 kHz (ours resampled, as vLLM resamples)."""
+    return resample(torch.from_numpy(c[0]), c[1], RATE).numpy()
+
+
+def check(outs, paths: dict[str, Path], jobs: list[tuple[str, list, str | None]]) -> None:
+    for out, (_, clips, adapter) in zip(outs, jobs, strict=True):
+        ids, got = out.prompt_token_ids, out.outputs[0].token_ids
+        ref = hf_logprobs(paths["base"], paths[adapter] if adapter else None,
+                          ids + got[:-1], [at_16k(c) for c in clips])[len(ids) - 1:]
+        assert_matches_reference(out, ref, adapter)
+
+
+@torch.no_grad()
+def test_audio_embeddings_match_hf(vx):
+    """The encoder + projector's rows for a short clip and one of 31 s (two windows, each
+    its own encoder pass) are HF's get_audio_features' within 1e-5, and the features are
+    HF's processor's."""
+    from tests.voxtral_fixtures import hf_features, hf_reference
+
+    llm = make_llm(vx["base"])
+    engine = llm.llm_engine
+    clips = [clip(6, seconds=0.5), clip(7, seconds=31.0)]
+    token = llm.get_tokenizer().convert_tokens_to_ids("[AUDIO]")
+    ids, inputs = engine.image_processor([1, token, 5, token], clips)
+    assert inputs.sizes == [(1, 375), (2, 750)] and ids.count(token) == 1125
+    want_features = hf_features(vx["base"], [c[0] for c in clips])
+    torch.testing.assert_close(inputs.pixel_values.view(want_features.shape), want_features)
+    got = engine.vision(inputs.pixel_values, inputs.sizes)
+    want = hf_reference(str(vx["base"]), None).model.get_audio_features(
+        want_features).pooler_output
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_matches_hf(vx):
+    """One call: text on the base, audio on the base, on r8 and on r4, text on r4, two
+    clips in one prompt, an 8 kHz clip (resampled); a 64-token budget splits every clip's
+    375 rows over prefill chunks."""
+    llm = make_llm(vx["base"], enable_lora=True, max_lora_rank=8, max_loras=2,
+                   max_num_batched_tokens=64, max_num_seqs=8, max_model_len=1024)
+    a, b, slow = clip(1), clip(2), clip(3, rate=8000)
+    two = "[INST][BEGIN_AUDIO][AUDIO] then [BEGIN_AUDIO][AUDIO]?[/INST]"
+    jobs = [("Hello there, how are you?", [], None), (ASK, [a], None), (ASK, [a], "r8"),
+            (ASK, [b], "r4"), ("Hello there, how are you?", [], "r4"), (two, [a, b], "r8"),
+            (ASK, [slow], None)]
+    reqs = {n: LoRARequest(n, i + 1, str(vx[n])) for i, n in enumerate(("r8", "r4"))}
+    outs = llm.generate([audio(p, c) for p, c, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[reqs.get(n) for *_, n in jobs])
+    check(outs, vx, jobs)
+    token = llm.get_tokenizer().convert_tokens_to_ids("[AUDIO]")
+    assert [o.prompt_token_ids.count(token) for o in outs] == [0, 375, 375, 375, 0, 750, 375]
+    cum = [o.outputs[0].cumulative_logprob for o in outs]
+    assert abs(cum[1] - cum[2]) > 1e-2  # the adapter counts on audio rows
+
+
+def test_clip_over_30_s_matches_hf(vx):
+    """A 65 s clip: three windows, 1125 placeholders, HF's tokens and logprobs."""
+    llm = make_llm(vx["base"], max_model_len=2048, max_num_batched_tokens=512)
+    long_ = clip(9, seconds=65.0)
+    outs = llm.generate([audio(ASK, [long_])], GREEDY, use_tqdm=False)
+    token = llm.get_tokenizer().convert_tokens_to_ids("[AUDIO]")
+    assert outs[0].prompt_token_ids.count(token) == 1125
+    check(outs, vx, [(ASK, [long_], None)])
+
+
+def test_tower_connector_lora_matches_hf_peft(vx):
+    """An adapter on the language model's q_proj, the encoder's fc1 and the projector's
+    linear_1, with enable_tower_connector_lora: HF + PEFT's tokens and logprobs, beside a
+    base request in the same batch."""
+    llm = make_llm(vx["base"], enable_lora=True, enable_tower_connector_lora=True,
+                   max_lora_rank=8, max_model_len=1024)
+    req = LoRARequest("tower", 1, str(vx["tower"]))
+    a = clip(4)
+    outs = llm.generate([audio(ASK, [a]), audio(ASK, [a])], GREEDY, use_tqdm=False,
+                        lora_request=[req, None])
+    check(outs, vx, [(ASK, [a], "tower"), (ASK, [a], None)])
+    assert outs[0].outputs[0].cumulative_logprob != pytest.approx(
+        outs[1].outputs[0].cumulative_logprob, abs=1e-3)
+
+
+def test_bad_inputs_fail_alone(vx):
+    llm = make_llm(vx["base"], max_model_len=1024)
+    a = clip(1)
+    bad = [({"audio": (np.zeros((2, 4000), np.float32), RATE)}, "must be 1-D"),
+           ({"audio": (np.zeros(4000, np.int16), RATE)}, "must hold floats"),
+           ({"audio": (np.zeros(0, np.float32), RATE)}, "is empty"),
+           ({"audio": [a, a]}, "1 audio placeholder token.*for 2 audio"),
+           ({"audio": (clip(2, seconds=70.0)[0], RATE)}, "1139 tokens, but max_model_len is 1024"),
+           ({"image": [a]}, r"\['image'\] is not supported.*'audio'")]
+    for data, message in bad:
+        with pytest.raises(ValueError, match=message):
+            llm.generate({"prompt": ASK, "multi_modal_data": data}, GREEDY, use_tqdm=False)
+    tok = llm.get_tokenizer()
+    ids, inputs = llm.llm_engine.image_processor(tok(ASK).input_ids, [a])
+    with pytest.raises(ValueError, match="do not match the prompt's"):
+        short = list(ids)
+        short.remove(tok.convert_tokens_to_ids("[AUDIO]"))  # one placeholder fewer
+        llm.generate({"prompt_token_ids": short, "multi_modal_data": {"audio": inputs}},
+                     GREEDY, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    check(llm.generate([audio(ASK, [a])], GREEDY, use_tqdm=False), vx, [(ASK, [a], None)])

@@ -1,0 +1,118 @@
+"""A tiny random Voxtral (VoxtralForConditionalGeneration: Whisper's encoder at its full
+30 s window, the stacking projector, a Llama language model) written with transformers, with
+its WhisperFeatureExtractor, PEFT adapters of two ranks on the language model and one on
+the encoder / projector, and HF's model (+ PEFT) on HF's VoxtralProcessor's
+input_features as the reference of tests/test_voxtral.py."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tests.fixtures import _reinit_, make_tokenizer
+from tests.granite_speech_fixtures import clip as speech_clip
+from tests.multimodal_fixtures import LANGUAGE_MODEL, with_peft
+
+AUDIO = "[AUDIO]"
+BEGIN_AUDIO = "[BEGIN_AUDIO]"
+ASK = "[INST][BEGIN_AUDIO][AUDIO]What is this sound?[/INST]"
+N_MELS = 16
+RATE = 16000
+
+
+def make_tiny_voxtral(out: Path, seed: int) -> dict[str, Path]:
+    """{"base": the checkpoint, "r8": an adapter on q / v / down, "r4": one on k / o / up,
+    "tower": one on the encoder's fc1 and the projector's linear_1 (and q_proj)}."""
+    from transformers import (
+        LlamaConfig,
+        VoxtralConfig,
+        VoxtralEncoderConfig,
+        VoxtralForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
+
+    base = out / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(base)
+    tok.add_special_tokens({"additional_special_tokens": [AUDIO, BEGIN_AUDIO, "[INST]",
+                                                          "[/INST]"]})
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                       tie_word_embeddings=False)
+    audio = VoxtralEncoderConfig(num_mel_bins=N_MELS, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, hidden_size=16,
+                                 max_source_positions=1500)
+    cfg = VoxtralConfig(audio_config=audio.to_dict(), text_config=text.to_dict(),
+                        audio_token_id=tok.convert_tokens_to_ids(AUDIO))
+    torch.manual_seed(seed)
+    model = VoxtralForConditionalGeneration(cfg).eval()
+    _reinit_(model, seed, 0.2)
+    model.save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    WhisperFeatureExtractor(feature_size=N_MELS, sampling_rate=RATE).save_pretrained(str(base))
+    return {"base": base,
+            "r8": _adapter(base, out / "r8", 8, seed + 1, LANGUAGE_MODEL + "(q_proj|v_proj|"
+                           "down_proj)"),
+            "r4": _adapter(base, out / "r4", 4, seed + 2, LANGUAGE_MODEL + "(k_proj|o_proj|"
+                           "up_proj)"),
+            "tower": _adapter(base, out / "tower", 4, seed + 3,
+                              r".*(language_model.*\.q_proj|audio_tower.*\.fc1|"
+                              r"multi_modal_projector\.linear_1)")}
+
+
+def _adapter(base: Path, out: Path, r: int, seed: int, targets: str) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(hf_model(str(base)), LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(out))
+    return out
+
+
+def hf_model(base: str) -> torch.nn.Module:
+    from transformers import VoxtralForConditionalGeneration
+
+    return VoxtralForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
+
+
+@functools.lru_cache(maxsize=8)
+def hf_reference(base: str, adapter: str | None) -> torch.nn.Module:
+    return with_peft(hf_model(base), adapter)
+
+
+def clip(seed: int, seconds: float = 0.5, rate: int = RATE) -> tuple[np.ndarray, int]:
+    """Granite Speech's test waveform (two tones and noise), half a second by default."""
+    return speech_clip(seed, seconds, rate)
+
+
+def hf_features(base: Path, waves: list[np.ndarray]) -> torch.Tensor:
+    """HF's VoxtralProcessor's input_features: each clip padded to a multiple of 30 s, its
+    log-mel features cut into 3000-frame windows, all windows stacked."""
+    from transformers import AutoTokenizer, VoxtralProcessor, WhisperFeatureExtractor
+
+    proc = VoxtralProcessor(WhisperFeatureExtractor.from_pretrained(str(base)),
+                            AutoTokenizer.from_pretrained(str(base)))
+    return proc._retrieve_input_features(waves, 3000, sampling_rate=RATE, padding=True,
+                                         truncation=False, pad_to_multiple_of=480000,
+                                         return_tensors="pt")
+
+
+@torch.no_grad()
+def hf_logprobs(base: Path, adapter: Path | None, ids: list[int],
+                waves: list[np.ndarray]) -> torch.Tensor:
+    """[len(ids), vocab] log-softmax of HF's Voxtral over `ids` (placeholders expanded)
+    with its clips (16 kHz waveforms) through HF's processor's features."""
+    model = hf_reference(str(base), None if adapter is None else str(adapter))
+    kw = {"input_features": hf_features(base, waves)} if waves else {}
+    logits = model(input_ids=torch.tensor([ids]), **kw).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
