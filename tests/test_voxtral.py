@@ -3,10 +3,15 @@
 to whole 30 s windows): the audio embeddings, greedy tokens HF's and logprobs within 1e-4
 for a mixed batch (text and audio on the base and on adapters of two ranks, two clips in
 one prompt, a clip over 30 s: two windows, an 8 kHz clip), LoRA on the encoder and
-projector (enable_tower_connector_lora), bad inputs each failing alone."""
+projector (enable_tower_connector_lora), bad inputs each failing alone; chat with an
+audio part on the HF tokenizer (template) and on Mistral's (mistral_common encodes it), and
+the server's chat and /v1/audio/transcriptions with the openai client."""
 
 from __future__ import annotations
 
+import base64
+import io
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +137,133 @@ def test_bad_inputs_fail_alone(vx):
                      GREEDY, use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     check(llm.generate([audio(ASK, [a])], GREEDY, use_tqdm=False), vx, [(ASK, [a], None)])
+
+
+def _wav_b64(c: tuple[np.ndarray, int]) -> str:
+    """A clip as a base64 16-bit WAV, as a client sends it."""
+    return base64.b64encode(_wav(c)).decode()
+
+
+def _wav(c: tuple[np.ndarray, int]) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(c[1])
+        f.writeframes(np.round(c[0] * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def _audio_part(c: tuple[np.ndarray, int]) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": _wav_b64(c), "format": "wav"}}
+
+
+def test_chat_with_audio_hf_tokenizer(vx):
+    """LLM.chat with an input_audio part on the HF tokenizer: the template's text holds
+    `[BEGIN_AUDIO][AUDIO]` where the clip was, expanded to 375; HF's tokens and logprobs
+    on the decoded clip."""
+    from loraplex.engine.audio_decode import decode_audio
+
+    llm = make_llm(vx["base"], max_model_len=1024)
+    a = clip(5)
+    conv = [{"role": "user", "content": [_audio_part(a), {"type": "text", "text": "Why?"}]}]
+    out = llm.chat(conv, GREEDY, use_tqdm=False)
+    tok = llm.get_tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": "[BEGIN_AUDIO][AUDIO]\nWhy?"}],
+                                   tokenize=False, add_generation_prompt=True)
+    audio_id = tok.convert_tokens_to_ids("[AUDIO]")
+    want = []
+    for t in tok(text, add_special_tokens=False).input_ids:
+        want.extend([t] * (375 if t == audio_id else 1))
+    assert out[0].prompt_token_ids == want
+    check(out, vx, [(text, [decode_audio(_wav(a))], None)])
+
+
+def test_chat_with_audio_mistral_tokenizer(vx):
+    """tokenizer_mode="mistral": mistral_common encodes the chat's audio part itself
+    (`[BEGIN_AUDIO]` + 375 `[AUDIO]` in its [INST] turn), an 8 kHz clip resampled first;
+    HF's tokens and logprobs under an adapter, beside a text-only chat."""
+    from loraplex.engine.audio_decode import decode_audio
+
+    llm = make_llm(vx["mistral"], tokenizer_mode="mistral", max_model_len=1024,
+                   enable_lora=True, max_lora_rank=8)
+    a = clip(6, rate=8000)
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Hello "}, _audio_part(a),
+                                         {"type": "text", "text": "what is it?"}]}]
+    text_only = [{"role": "user", "content": "Hello there"}]
+    req = LoRARequest("r8", 1, str(vx["r8"]))
+    outs = llm.chat([conv, text_only], GREEDY, use_tqdm=False, lora_request=req)
+    ids = outs[0].prompt_token_ids
+    assert ids[:2] == [1, 3]  # <s>[INST]
+    assert ids.count(24) == 375 and ids[ids.index(24) - 1] == 25 and ids[-1] == 4
+    check(outs, {**vx, "base": vx["mistral"]},
+          [("", [decode_audio(_wav(a))], "r8"), ("", [], "r8")])
+
+
+def test_server_chat_and_transcription(vx):
+    """The server (tokenizer_mode mistral) through the openai client: a chat with an
+    input_audio part and a transcription (with and without `language`, vLLM's
+    TranscriptionRequest prompt) are HF's greedy replies; a bad language, a file that is no
+    audio and a chat part with bad base64 get a 400 alone; the server carries on."""
+    import openai
+
+    from loraplex.engine.audio_decode import decode_audio
+    from loraplex.engine.mistral_tokenizer import MistralTokenizer
+    from loraplex.engine.voxtral_inputs import transcription_ids
+    from tests.server_utils import RemoteServer
+
+    base = vx["mistral"]
+    tok = MistralTokenizer.from_pretrained(str(base))
+    a = clip(7)
+    wav = _wav(a)
+    clip16 = decode_audio(wav)
+    extra = {"ignore_eos": True}
+
+    def greedy(ids: list[int], n: int = 6) -> list[int]:
+        out: list[int] = []
+        for _ in range(n):
+            out.append(int(hf_logprobs(base, None, ids + out, [at_16k(clip16)])[-1].argmax()))
+        return out
+
+    def text(ids: list[int]) -> str:
+        """HF's greedy reply as the server's text (an incomplete UTF-8 tail held back)."""
+        return tok.decode(greedy(ids), skip_special_tokens=True).rstrip("\ufffd")
+
+    args = ["--max-model-len", "1024", "--dtype", "float32", "--tokenizer-mode", "mistral"]
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        chat = client.chat.completions.create(
+            model=str(base), max_tokens=6, temperature=0.0, logprobs=True,
+            extra_body={**extra, "return_tokens_as_token_ids": True},
+            messages=[{"role": "user", "content": [_audio_part(a),
+                                                   {"type": "text", "text": "Say it"}]}])
+        prompt = tok.encode_chat([{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(),
+                                                    "format": "wav"}},
+            {"type": "text", "text": "Say it"}]}])
+        assert chat.usage.prompt_tokens == len(prompt)
+        assert [int(c.token.split(":")[1]) for c in chat.choices[0].logprobs.content] \
+            == greedy(prompt)
+        extra_t = {"max_completion_tokens": 6, **extra}
+        texts = []
+        for language in ("en", None):
+            kw = {"language": language} if language else {}
+            got = client.audio.transcriptions.create(model=str(base), file=("a.wav", wav),
+                                                     temperature=0.0, extra_body=extra_t, **kw)
+            ids = transcription_ids(tok, clip16, RATE, language)
+            assert ids.count(24) == 375 and ids[-1] == 34
+            assert got.text == text(ids)
+            texts.append(got.text)
+        assert texts[0] != texts[1]  # `lang:en` counts
+        for kw, message in (({"language": "zz"}, "language 'zz'"),
+                            ({"file": ("a.wav", b"RIFF0000WAVEjunk")}, "cannot decode")):
+            with pytest.raises(openai.BadRequestError, match=message):
+                client.audio.transcriptions.create(**{"model": str(base),
+                                                      "file": ("a.wav", wav), **kw})
+        bad = {"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}
+        with pytest.raises(openai.BadRequestError, match="not valid base64"):
+            client.chat.completions.create(model=str(base), max_tokens=2,
+                                           messages=[{"role": "user", "content": [bad]}])
+        again = client.audio.transcriptions.create(model=str(base), file=("a.wav", wav),
+                                                   temperature=0.0, extra_body=extra_t)
+        assert again.text == text(transcription_ids(tok, clip16, RATE, None))

@@ -6,14 +6,17 @@ input_features as the reference of tests/test_voxtral.py."""
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tests.fixtures import _reinit_, make_tokenizer
+from tests.fixtures import _CORPUS, TOKENIZER_VOCAB_SIZE, _reinit_, make_tokenizer
 from tests.granite_speech_fixtures import clip as speech_clip
+from tests.mistral_fixtures import _PATTERN, _SPECIAL, _bpe_merges
 from tests.multimodal_fixtures import LANGUAGE_MODEL, with_peft
 
 AUDIO = "[AUDIO]"
@@ -55,7 +58,7 @@ def make_tiny_voxtral(out: Path, seed: int) -> dict[str, Path]:
     model.save_pretrained(str(base))
     tok.save_pretrained(str(base))
     WhisperFeatureExtractor(feature_size=N_MELS, sampling_rate=RATE).save_pretrained(str(base))
-    return {"base": base,
+    return {"base": base, "mistral": _mistral_tokenizer_copy(base, out / "mistral"),
             "r8": _adapter(base, out / "r8", 8, seed + 1, LANGUAGE_MODEL + "(q_proj|v_proj|"
                            "down_proj)"),
             "r4": _adapter(base, out / "r4", 4, seed + 2, LANGUAGE_MODEL + "(k_proj|o_proj|"
@@ -63,6 +66,40 @@ def make_tiny_voxtral(out: Path, seed: int) -> dict[str, Path]:
             "tower": _adapter(base, out / "tower", 4, seed + 3,
                               r".*(language_model.*\.q_proj|audio_tower.*\.fc1|"
                               r"multi_modal_projector\.linear_1)")}
+
+
+# Voxtral's tekken.json control tokens where its ids are (mistral_common finds them by name)
+_VOXTRAL_SPECIAL = {24: AUDIO, 25: BEGIN_AUDIO, 34: "[TRANSCRIBE]"}
+NUM_SPECIAL = 40
+
+
+def _mistral_tokenizer_copy(base: Path, out: Path) -> Path:
+    """The same weights with Voxtral's own tokenizer: tekken.json (v7, an `audio` block as
+    Voxtral's: 16 kHz, 12.5 tokens a second, 30 s chunks; [AUDIO] = 24) and the config's
+    audio_token_id 24, for tokenizer_mode="mistral"."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "preprocessor_config.json", "generation_config.json"):
+        if (base / name).exists():
+            (out / name).write_bytes((base / name).read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "audio_token_id": 24}))
+    pieces = [bytes([i]) for i in range(256)]
+    pieces += _bpe_merges(_CORPUS, TOKENIZER_VOCAB_SIZE - NUM_SPECIAL - 256)
+    vocab = [{"rank": i, "token_bytes": base64.b64encode(p).decode(),
+              "token_str": p.decode("utf-8", errors="replace")} for i, p in enumerate(pieces)]
+    names = [_VOXTRAL_SPECIAL.get(i, _SPECIAL[i] if i < 20 else f"<SPECIAL_{i}>")
+             for i in range(NUM_SPECIAL)]
+    data = {"config": {"pattern": _PATTERN, "num_vocab_tokens": len(vocab),
+                       "default_vocab_size": NUM_SPECIAL + len(vocab),
+                       "default_num_special_tokens": NUM_SPECIAL, "version": "v7"},
+            "vocab": vocab, "version": 1, "type": "Tekken",
+            "special_tokens": [{"rank": i, "token_str": t, "is_control": True}
+                               for i, t in enumerate(names)],
+            "audio": {"sampling_rate": RATE, "frame_rate": 12.5, "chunk_length_s": 30.0,
+                      "audio_encoding_config": {"num_mel_bins": N_MELS, "hop_length": 160,
+                                                "window_size": 400}}}
+    (out / "tekken.json").write_text(json.dumps(data))
+    return out
 
 
 def _adapter(base: Path, out: Path, r: int, seed: int, targets: str) -> Path:
@@ -98,13 +135,16 @@ def clip(seed: int, seconds: float = 0.5, rate: int = RATE) -> tuple[np.ndarray,
 def hf_features(base: Path, waves: list[np.ndarray]) -> torch.Tensor:
     """HF's VoxtralProcessor's input_features: each clip padded to a multiple of 30 s, its
     log-mel features cut into 3000-frame windows, all windows stacked."""
-    from transformers import AutoTokenizer, VoxtralProcessor, WhisperFeatureExtractor
+    from types import SimpleNamespace
 
-    proc = VoxtralProcessor(WhisperFeatureExtractor.from_pretrained(str(base)),
-                            AutoTokenizer.from_pretrained(str(base)))
-    return proc._retrieve_input_features(waves, 3000, sampling_rate=RATE, padding=True,
-                                         truncation=False, pad_to_multiple_of=480000,
-                                         return_tensors="pt")
+    from transformers import VoxtralProcessor, WhisperFeatureExtractor
+
+    # its method reads only the feature extractor (no tokenizer: the mistral copy has
+    # tekken.json alone)
+    proc = SimpleNamespace(feature_extractor=WhisperFeatureExtractor.from_pretrained(str(base)))
+    return VoxtralProcessor._retrieve_input_features(
+        proc, waves, 3000, sampling_rate=RATE, padding=True, truncation=False,
+        pad_to_multiple_of=480000, return_tensors="pt")
 
 
 @torch.no_grad()

@@ -516,7 +516,18 @@ class LLMEngine:
         if isinstance(self.image_processor, Qwen2AudioProcessor):  # vLLM's Qwen2-Audio text:
             # the clip's 1-based number (chat_images.py fills {i} in), its bos / eos around
             return f"Audio {{i}}: <|audio_bos|>{text}<|audio_eos|>"
+        if isinstance(self.image_processor, VoxtralAudioProcessor):  # as mistral_common
+            return "[BEGIN_AUDIO]" + text  # writes it (its own chat: mistral_audio_rate)
         return text
+
+    @property
+    def mistral_audio_rate(self) -> int | None:
+        """Voxtral under tokenizer_mode "mistral": the rate its chat clips go to
+        mistral_common at (entrypoints/chat_images.py); None otherwise."""
+        if isinstance(self.image_processor, VoxtralAudioProcessor) \
+                and getattr(self.tokenizer, "is_mistral", False):
+            return self.image_processor.rate
+        return None
 
     def _images(self, prompt: PromptType, ids: list[int]
                 ) -> tuple[list[int], ImageInputs | None]:

@@ -9,11 +9,20 @@ encoding writes it.
 
 The features travel on engine/images.py's ImageInputs (`pixel_values`: [windows * n_mels,
 3000]; `sizes`: each clip's (windows, placeholders)).
+
+With tokenizer_mode "mistral" (vLLM's only mode for Voxtral) mistral_common writes the
+placeholders itself: a chat's audio parts go to it as `input_audio` parts (`input_audio_part`:
+the clip resampled here first, as a float WAV, so mistral_common neither resamples nor
+rounds it), and a transcription is its TranscriptionRequest (`transcription_ids`), as vLLM's
+Voxtral `get_generation_prompt` builds it; both need the `soundfile` package, which
+mistral_common decodes audio with.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 from typing import Any
 
 import numpy as np
@@ -101,3 +110,39 @@ class VoxtralAudioProcessor(AudioProcessor):
                     sum(w for w, _ in inputs.sizes) * c.num_mel_bins, c.window_frames):
             raise ValueError("multi_modal_data: the processed audio inputs do not match the "
                              "prompt's (expanded) audio placeholders")
+
+
+def wav_base64(wave: torch.Tensor, rate: int) -> str:
+    """A clip as a base64 float32 WAV: mistral_common reads it back sample for sample."""
+    import soundfile
+
+    buf = io.BytesIO()
+    soundfile.write(buf, wave.numpy(), rate, format="WAV", subtype="FLOAT")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def input_audio_part(clip: tuple[Any, int], rate: int) -> tuple[dict[str, Any],
+                                                                 tuple[np.ndarray, int]]:
+    """A chat's decoded clip as mistral_common takes it (an OpenAI `input_audio` part, WAV
+    at the model's rate), and the resampled clip that goes with the request."""
+    x = resample(waveform(clip[0], clip[1], 0), int(clip[1]), rate)
+    part = {"type": "input_audio", "input_audio": {"data": wav_base64(x, rate),
+                                                   "format": "wav"}}
+    return part, (x.numpy(), rate)
+
+
+def transcription_ids(tokenizer: Any, clip: tuple[Any, int], rate: int,
+                      language: str | None) -> list[int]:
+    """mistral_common's TranscriptionRequest for the clip (resampled to the model's rate),
+    encoded: `<s>[INST][BEGIN_AUDIO]` + its `[AUDIO]` tokens + `[/INST]`, then
+    `lang:{language}` when given, then `[TRANSCRIBE]`."""
+    from mistral_common.protocol.instruct.chunk import RawAudio
+    from mistral_common.protocol.transcription.request import TranscriptionRequest
+
+    x = resample(waveform(clip[0], clip[1], 0), int(clip[1]), rate)
+    try:
+        request = TranscriptionRequest(model="voxtral", language=language,
+                                       audio=RawAudio(data=wav_base64(x, rate), format="wav"))
+    except ValueError as e:  # pydantic's: a language that is no ISO 639-1 code
+        raise ValueError(f"language {language!r} is not an ISO 639-1 code") from e
+    return list(tokenizer.mistral.instruct_tokenizer.encode_transcription(request).tokens)
