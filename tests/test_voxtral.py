@@ -200,6 +200,23 @@ def test_chat_with_audio_mistral_tokenizer(vx):
           [("", [decode_audio(_wav(a))], "r8"), ("", [], "r8")])
 
 
+def test_repo_in_both_formats(vx):
+    """A repo with Mistral's params.json (its audio encoder block) and consolidated weights
+    beside the HF files, as Voxtral's: all "auto" serves the HF files with Mistral's
+    tokenizer (vLLM's rule for tekken.json); config_format="mistral" is refused by name."""
+    auto = make_llm(vx["mistral"], max_model_len=1024)
+    assert getattr(auto.get_tokenizer(), "is_mistral", False)
+    a = clip(8)
+    conv = [{"role": "user", "content": [_audio_part(a), {"type": "text", "text": "Hi"}]}]
+    out = auto.chat(conv, GREEDY, use_tqdm=False)
+    assert out[0].prompt_token_ids.count(24) == 375
+    from loraplex.engine.audio_decode import decode_audio
+
+    check(out, {**vx, "base": vx["mistral"]}, [("", [decode_audio(_wav(a))], None)])
+    with pytest.raises(ValueError, match="Voxtral in Mistral's format"):
+        make_llm(vx["mistral"], config_format="mistral", load_format="mistral")
+
+
 def test_server_chat_and_transcription(vx):
     """The server (tokenizer_mode mistral) through the openai client: a chat with an
     input_audio part and a transcription (with and without `language`, vLLM's

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from tests.fixtures import _CORPUS, TOKENIZER_VOCAB_SIZE, _reinit_, make_tokenizer
 from tests.granite_speech_fixtures import clip as speech_clip
@@ -99,6 +100,16 @@ def _mistral_tokenizer_copy(base: Path, out: Path) -> Path:
                       "audio_encoding_config": {"num_mel_bins": N_MELS, "hop_length": 160,
                                                 "window_size": 400}}}
     (out / "tekken.json").write_text(json.dumps(data))
+    # Voxtral's repos ship Mistral's format beside the HF files: a params.json with the
+    # audio encoder's block, and consolidated weights (a stand-in here: never read)
+    params = {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4,
+              "n_kv_heads": 2, "vocab_size": config["text_config"]["vocab_size"],
+              "norm_eps": 1e-5, "multimodal": {"whisper_model_args": {
+                  "encoder_args": {"dim": 16, "n_layers": 2}, "downsample_args": {
+                      "downsample_factor": 4}}}}
+    (out / "params.json").write_text(json.dumps(params))
+    save_file({"tok_embeddings.weight": torch.zeros(2, 2)},
+              str(out / "consolidated.safetensors"))
     return out
 
 

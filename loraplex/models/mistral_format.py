@@ -11,7 +11,9 @@ layouts agree and a PEFT adapter trained on the HF model applies unchanged.
 
 Text models only: a params.json with a vision encoder (Pixtral, Mistral Small 3.1+ in
 this format), an audio encoder, experts, latent attention, Llama 4 query scaling or
-quantization is refused at start-up rather than loaded wrongly.
+quantization is refused at start-up rather than loaded wrongly. A repo in both formats
+whose params.json has Voxtral's audio encoder (`multimodal.whisper_model_args`) is served
+from its HF files when config_format and load_format are "auto" (models/voxtral.py).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ _KNOWN = {*_RENAMES, "max_seq_len", "max_position_embeddings", "sliding_window",
 _UNSUPPORTED = {
     "vision_encoder": "a vision encoder (Pixtral / Mistral Small 3.1+ in Mistral's format: "
                       "serve the HF-format checkpoint, which loraplex reads as Mistral 3)",
-    "multimodal": "a multimodal encoder (vision or audio)",
+    "multimodal": "a multimodal encoder (vision or audio; Voxtral in Mistral's format: "
+                  "serve the HF-format checkpoint, which loraplex reads as Voxtral)",
     "moe": "a mixture of experts (Mixtral / Mistral Large 3 in Mistral's format: serve the "
            "HF-format checkpoint)",
     "quantization": "quantized weights",
@@ -73,12 +76,29 @@ class MistralFormat:
             raise ValueError(f"config_format={config_format!r}: use one of "
                              + ", ".join(FORMATS))
         consolidated = has_consolidated(path)
+        if config_format == "auto" and load_format == "auto" and _hf_beside_audio(path):
+            logger.info("%s: params.json describes an audio encoder (Voxtral), which Mistral's "
+                        "format is not served with: loading the HF-format files beside it", path)
+            return cls()
         config = config_format == "mistral" or (config_format == "auto" and consolidated
                                                 and os.path.isfile(os.path.join(path, PARAMS)))
         weights = load_format == "mistral" or (load_format == "auto" and consolidated)
         if weights and not consolidated:
             raise ValueError(f"load_format='mistral': no {_CONSOLIDATED} in {path}")
         return cls(config, weights)
+
+
+def _hf_beside_audio(path: str) -> bool:
+    """A repo in both formats (Voxtral's) whose params.json has an audio encoder: its HF
+    files (config.json, model*.safetensors: models/voxtral.py) serve it."""
+    file = os.path.join(path, PARAMS)
+    if not (os.path.isfile(file) and os.path.isfile(os.path.join(path, "config.json"))
+            and glob.glob(os.path.join(path, "model*.safetensors"))):
+        return False
+    with open(file) as f:
+        params = json.load(f)
+    multimodal = params.get("multimodal") if isinstance(params, dict) else None
+    return isinstance(multimodal, dict) and bool(multimodal.get("whisper_model_args"))
 
 
 def has_consolidated(path: str) -> bool:
