@@ -114,8 +114,11 @@ class VoxtralAudioProcessor(AudioProcessor):
 
 def wav_base64(wave: torch.Tensor, rate: int) -> str:
     """A clip as a base64 float32 WAV: mistral_common reads it back sample for sample."""
-    import soundfile
-
+    try:
+        import soundfile
+    except ImportError:
+        raise ValueError("Voxtral's audio through mistral_common needs the soundfile "
+                         "package: pip install 'loraplex[mistral]'") from None
     buf = io.BytesIO()
     soundfile.write(buf, wave.numpy(), rate, format="WAV", subtype="FLOAT")
     return base64.b64encode(buf.getvalue()).decode()

@@ -3,9 +3,10 @@
 --allowed-local-media-path: engine/media.py; vLLM's `image_pil` offline), and on
 Qwen2-VL / Qwen2.5-VL vLLM's `video_url` parts (engine/video_decode.py: animated GIF /
 WebP / PNG by PIL, video files by PyAV, the `loraplex[video]` extra; frames sampled by
-media_io_kwargs), and on Granite Speech audio parts (OpenAI's `input_audio`, base64 data
-with its format; vLLM's `audio_url`, data: / http(s) / file:// like an image's: WAV decoded
-by the standard library, other formats by PyAV, engine/audio_decode.py), for LLM.chat and
+media_io_kwargs), and on Granite Speech, Qwen2-Audio and Voxtral audio parts (OpenAI's
+`input_audio`, base64 data with its format; vLLM's `audio_url`, data: / http(s) / file://
+like an image's: WAV decoded by the standard library, other formats by PyAV,
+engine/audio_decode.py), for LLM.chat and
 the chat route alike.
 
 A message's text parts are joined into one string, as before. A message with images is

@@ -90,7 +90,8 @@ class AudioTower(nn.Module):
         self.conv1 = nn.Conv1d(c.num_mel_bins, c.d_model, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(c.d_model, c.d_model, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(c.max_source_positions, c.d_model)
-        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.layers))  # type: ignore[arg-type]
+        # (Qwen2-Audio's layers read the same field names)
+        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.layers))  # type: ignore
         self.layer_norm = nn.LayerNorm(c.d_model)
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
