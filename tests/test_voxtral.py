@@ -203,7 +203,7 @@ def test_chat_with_audio_mistral_tokenizer(vx):
 def test_repo_in_both_formats(vx):
     """A repo with Mistral's params.json (its audio encoder block) and consolidated weights
     beside the HF files, as Voxtral's: all "auto" serves the HF files with Mistral's
-    tokenizer (vLLM's rule for tekken.json); config_format="mistral" is refused by name."""
+    tokenizer (vLLM's rule for tekken.json)."""
     auto = make_llm(vx["mistral"], max_model_len=1024)
     assert getattr(auto.get_tokenizer(), "is_mistral", False)
     a = clip(8)
@@ -213,8 +213,25 @@ def test_repo_in_both_formats(vx):
     from loraplex.engine.audio_decode import decode_audio
 
     check(out, {**vx, "base": vx["mistral"]}, [("", [decode_audio(_wav(a))], None)])
-    with pytest.raises(ValueError, match="Voxtral in Mistral's format"):
-        make_llm(vx["mistral"], config_format="mistral", load_format="mistral")
+
+
+def test_mistral_format_matches_hf(vx):
+    """Mistral's format alone (params.json's whisper_model_args, consolidated.safetensors'
+    mm_whisper_embeddings.*, no encoder positions stored: Whisper's sinusoids; no
+    preprocessor_config.json), all "auto" as vLLM picks it: HF's tokens and logprobs for a
+    chat with a clip over 30 s under an adapter beside a base text chat."""
+    from loraplex.engine.audio_decode import decode_audio
+
+    llm = make_llm(vx["mformat"], max_model_len=1024, enable_lora=True, max_lora_rank=8)
+    assert llm.llm_engine.mistral_format.weights and llm.llm_engine.mistral_audio_rate
+    a = clip(9, seconds=31.0)
+    conv = [{"role": "user", "content": [_audio_part(a), {"type": "text", "text": "Hi"}]}]
+    req = LoRARequest("r4", 1, str(vx["r4"]))
+    outs = llm.chat([conv, [{"role": "user", "content": "Hello there"}]], GREEDY,
+                    use_tqdm=False, lora_request=[req, None])
+    assert outs[0].prompt_token_ids.count(24) == 750
+    check(outs, {**vx, "base": vx["mistral"]},
+          [("", [decode_audio(_wav(a))], "r4"), ("", [], None)])
 
 
 def test_server_chat_and_transcription(vx):

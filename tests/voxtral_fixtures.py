@@ -56,10 +56,17 @@ def make_tiny_voxtral(out: Path, seed: int) -> dict[str, Path]:
     torch.manual_seed(seed)
     model = VoxtralForConditionalGeneration(cfg).eval()
     _reinit_(model, seed, 0.2)
+    with torch.no_grad():  # Whisper's sinusoids, as every Voxtral checkpoint has them
+        from transformers.models.whisper.modeling_whisper import sinusoids
+
+        table = model.model.audio_tower.embed_positions.weight
+        table.copy_(sinusoids(*table.shape))
     model.save_pretrained(str(base))
     tok.save_pretrained(str(base))
     WhisperFeatureExtractor(feature_size=N_MELS, sampling_rate=RATE).save_pretrained(str(base))
-    return {"base": base, "mistral": _mistral_tokenizer_copy(base, out / "mistral"),
+    mistral = _mistral_tokenizer_copy(base, out / "mistral")
+    return {"base": base, "mistral": mistral,
+            "mformat": _mistral_format(mistral, out / "mformat"),
             "r8": _adapter(base, out / "r8", 8, seed + 1, LANGUAGE_MODEL + "(q_proj|v_proj|"
                            "down_proj)"),
             "r4": _adapter(base, out / "r4", 4, seed + 2, LANGUAGE_MODEL + "(k_proj|o_proj|"
@@ -78,11 +85,19 @@ def _mistral_tokenizer_copy(base: Path, out: Path) -> Path:
     """The same weights with Voxtral's own tokenizer: tekken.json (v7, an `audio` block as
     Voxtral's: 16 kHz, 12.5 tokens a second, 30 s chunks; [AUDIO] = 24) and the config's
     audio_token_id 24, for tokenizer_mode="mistral"."""
+    from safetensors.torch import load_file
+
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "preprocessor_config.json", "generation_config.json"):
+    for name in ("preprocessor_config.json", "generation_config.json"):
         if (base / name).exists():
             (out / name).write_bytes((base / name).read_bytes())
+    # the vocabulary cut to tekken's ids (the HF tokenizer's added ones are past them)
+    tensors = load_file(str(base / "model.safetensors"))
+    for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
+        tensors[name] = tensors[name][:TOKENIZER_VOCAB_SIZE].clone()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((base / "config.json").read_text())
+    config["text_config"]["vocab_size"] = TOKENIZER_VOCAB_SIZE
     (out / "config.json").write_text(json.dumps({**config, "audio_token_id": 24}))
     pieces = [bytes([i]) for i in range(256)]
     pieces += _bpe_merges(_CORPUS, TOKENIZER_VOCAB_SIZE - NUM_SPECIAL - 256)
@@ -110,6 +125,93 @@ def _mistral_tokenizer_copy(base: Path, out: Path) -> Path:
     (out / "params.json").write_text(json.dumps(params))
     save_file({"tok_embeddings.weight": torch.zeros(2, 2)},
               str(out / "consolidated.safetensors"))
+    return out
+
+
+# HF's names as saved (the hub's layout) -> consolidated.safetensors' (the inverse of
+# transformers' conversion)
+_TO_MISTRAL = (
+    (r"language_model\.model\.embed_tokens\.", "mm_whisper_embeddings.tok_embeddings."),
+    (r"language_model\.model\.norm\.", "norm."),
+    (r"language_model\.lm_head\.", "output."),
+    (r"language_model\.model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.", r"layers.\1.attention.w\2."),
+    (r"language_model\.model\.layers\.(\d+)\.mlp\.gate_proj\.", r"layers.\1.feed_forward.w1."),
+    (r"language_model\.model\.layers\.(\d+)\.mlp\.down_proj\.", r"layers.\1.feed_forward.w2."),
+    (r"language_model\.model\.layers\.(\d+)\.mlp\.up_proj\.", r"layers.\1.feed_forward.w3."),
+    (r"language_model\.model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
+    (r"language_model\.model\.layers\.(\d+)\.post_attention_layernorm\.",
+     r"layers.\1.ffn_norm."),
+    (r"audio_tower\.conv([12])\.", None),
+    (r"audio_tower\.layer_norm\.", "mm_whisper_embeddings.whisper_encoder.transformer.norm."),
+    (r"audio_tower\.layers\.(\d+)\.self_attn\.([qkv])_proj\.",
+     r"mm_whisper_embeddings.whisper_encoder.transformer.layers.\1.attention.w\2."),
+    (r"audio_tower\.layers\.(\d+)\.self_attn\.out_proj\.",
+     r"mm_whisper_embeddings.whisper_encoder.transformer.layers.\1.attention.wo."),
+    (r"audio_tower\.layers\.(\d+)\.self_attn_layer_norm\.",
+     r"mm_whisper_embeddings.whisper_encoder.transformer.layers.\1.attention_norm."),
+    (r"audio_tower\.layers\.(\d+)\.fc([12])\.",
+     r"mm_whisper_embeddings.whisper_encoder.transformer.layers.\1.feed_forward.w\2."),
+    (r"audio_tower\.layers\.(\d+)\.final_layer_norm\.",
+     r"mm_whisper_embeddings.whisper_encoder.transformer.layers.\1.ffn_norm."),
+    (r"multi_modal_projector\.linear_([12])\.", None),
+)
+
+
+def _mistral_name(name: str) -> str | None:
+    import re
+
+    for pattern, new in _TO_MISTRAL:
+        if (m := re.match(pattern, name)) is None:
+            continue
+        if new is None and "conv" in pattern:
+            new = f"mm_whisper_embeddings.whisper_encoder.conv_layers.{int(m[1]) - 1}."
+        elif new is None:
+            new = f"mm_whisper_embeddings.audio_language_projection.{2 * int(m[1]) - 2}."
+        return m.expand(new) + name[m.end():]
+    return None  # the encoder's positions: not stored
+
+
+def _mistral_format(hf_dir: Path, out: Path) -> Path:
+    """The checkpoint in Mistral's format alone (params.json as Voxtral's, with its
+    `multimodal.whisper_model_args`; consolidated.safetensors under Mistral's names, the
+    language model's q / k rows interleaved; no encoder positions; tekken.json; no
+    config.json or preprocessor_config.json)."""
+    from safetensors.torch import load_file
+
+    from tests.mistral_fixtures import to_interleaved
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((hf_dir / "config.json").read_text())
+    text, audio = config["text_config"], config["audio_config"]
+    tensors = {}
+    for name, t in load_file(str(hf_dir / "model.safetensors")).items():
+        new = _mistral_name(name)
+        if new is None:
+            assert name.endswith("embed_positions.weight"), name
+            continue
+        if new.startswith("layers.") and new.split(".")[-2] in ("wq", "wk"):
+            heads = text["num_attention_heads"] if ".wq." in new else text["num_key_value_heads"]
+            t = to_interleaved(t, heads)
+        tensors[new] = t.contiguous()
+    save_file(tensors, str(out / "consolidated.safetensors"))
+    params = {"dim": text["hidden_size"], "n_layers": text["num_hidden_layers"],
+              "head_dim": text["head_dim"], "hidden_dim": text["intermediate_size"],
+              "n_heads": text["num_attention_heads"], "n_kv_heads": text["num_key_value_heads"],
+              "rope_theta": 10000.0, "norm_eps": text["rms_norm_eps"],
+              "vocab_size": text["vocab_size"], "max_position_embeddings": 2048,
+              "tied_embeddings": False,
+              "multimodal": {"whisper_model_args": {
+                  "encoder_args": {"audio_encoding_args": {
+                      "sampling_rate": RATE, "frame_rate": 12.5, "num_mel_bins": N_MELS,
+                      "hop_length": 160, "window_size": 400, "chunk_length_s": 30.0},
+                      "dim": audio["hidden_size"], "n_layers": audio["num_hidden_layers"],
+                      "head_dim": audio["hidden_size"] // audio["num_attention_heads"],
+                      "hidden_dim": audio["intermediate_size"],
+                      "n_heads": audio["num_attention_heads"], "vocab_size": 51866,
+                      "max_source_positions": audio["max_source_positions"]},
+                  "downsample_args": {"downsample_factor": 4}}}}
+    (out / "params.json").write_text(json.dumps(params))
+    (out / "tekken.json").write_bytes((hf_dir / "tekken.json").read_bytes())
     return out
 
 

@@ -430,7 +430,8 @@ class LLMEngine:
             load_weights(model, path, weights=iterate_gguf_weights(path, hf_config))
             log_dequantized_size(path, model)
         elif self.mistral_format.weights:
-            load_weights(model, path, weights=iterate_mistral_weights(path, hf_config))
+            load_weights(model, path, self.vision,  # (Voxtral's encoder: models/voxtral.py)
+                         weights=iterate_mistral_weights(path, hf_config))
         else:
             heads: dict[str, torch.Tensor] | None = {} if self.classify else None
             load_weights(model, path, self.vision, headless=self.headless, classifier=heads)

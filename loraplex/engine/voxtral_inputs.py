@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,11 @@ class VoxtralAudioProcessor(AudioProcessor):
         from transformers import WhisperFeatureExtractor
 
         self.config = config
-        self.extractor = WhisperFeatureExtractor.from_pretrained(path)
+        # Mistral's format ships no preprocessor_config.json: Whisper's extractor at
+        # tekken.json's settings (16 kHz, hop 160, window 400, 30 s), as vLLM computes them
+        self.extractor = (WhisperFeatureExtractor.from_pretrained(path)
+                          if os.path.isfile(os.path.join(path, "preprocessor_config.json"))
+                          else WhisperFeatureExtractor(feature_size=config.num_mel_bins))
         if self.extractor.feature_size != config.num_mel_bins:
             raise ValueError(f"the feature extractor's feature_size="
                              f"{self.extractor.feature_size}, the encoder takes "

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from loraplex.models.voxtral import config_from_params, hf_audio_name
+
 logger = logging.getLogger(__name__)
 
 PARAMS = "params.json"
@@ -49,8 +51,7 @@ _KNOWN = {*_RENAMES, "max_seq_len", "max_position_embeddings", "sliding_window",
 _UNSUPPORTED = {
     "vision_encoder": "a vision encoder (Pixtral / Mistral Small 3.1+ in Mistral's format: "
                       "serve the HF-format checkpoint, which loraplex reads as Mistral 3)",
-    "multimodal": "a multimodal encoder (vision or audio; Voxtral in Mistral's format: "
-                  "serve the HF-format checkpoint, which loraplex reads as Voxtral)",
+    "multimodal": "a multimodal encoder other than Voxtral's audio one (vision)",
     "moe": "a mixture of experts (Mixtral / Mistral Large 3 in Mistral's format: serve the "
            "HF-format checkpoint)",
     "quantization": "quantized weights",
@@ -97,8 +98,7 @@ def _hf_beside_audio(path: str) -> bool:
         return False
     with open(file) as f:
         params = json.load(f)
-    multimodal = params.get("multimodal") if isinstance(params, dict) else None
-    return isinstance(multimodal, dict) and bool(multimodal.get("whisper_model_args"))
+    return isinstance(params, dict) and is_voxtral_params(params)
 
 
 def has_consolidated(path: str) -> bool:
@@ -124,7 +124,9 @@ def mistral_config(path: str) -> Any:
     from transformers import MistralConfig
 
     params = read_params(path)
-    _refuse_unsupported(params, path)
+    audio = is_voxtral_params(params)
+    _refuse_unsupported({k: v for k, v in params.items() if not (audio and k == "multimodal")},
+                        path)
     fields: dict[str, Any] = {hf: params[key] for key, hf in _RENAMES.items()
                               if params.get(key) is not None}
     fields.setdefault("num_key_value_heads", fields.get("num_attention_heads"))
@@ -139,7 +141,13 @@ def mistral_config(path: str) -> Any:
     config = MistralConfig(**fields, rope_parameters=rope, bos_token_id=1, eos_token_id=2,
                            **({"dtype": dtype} if dtype else {}))
     config.architectures = ["MistralForCausalLM"]
-    return config
+    return config_from_params(params, config) if audio else config
+
+
+def is_voxtral_params(params: dict[str, Any]) -> bool:
+    """params.json's multimodal block is Voxtral's audio encoder alone (models/voxtral.py)."""
+    multimodal = params.get("multimodal")
+    return isinstance(multimodal, dict) and set(multimodal) == {"whisper_model_args"}
 
 
 def _refuse_unsupported(params: dict[str, Any], path: str) -> None:
@@ -271,4 +279,4 @@ def iterate_mistral_weights(path: str, hf_config: Any) -> Iterator[tuple[str, to
                 leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
                 if leaf in heads and name.endswith(".weight") and name.startswith("layers."):
                     tensor = to_half_split(tensor, heads[leaf], head_dim)
-                yield hf_name(name), tensor
+                yield hf_audio_name(name) or hf_name(name), tensor

@@ -11,10 +11,17 @@ documented as unused). A clip longer than 30 s is several windows, each its own 
 pass, their outputs concatenated in time, as HF's VoxtralProcessor splits the features and
 vLLM's Voxtral does. The language model is loraplex's Llama (models/text_only.py); this
 module runs once per clip at its first prefill step (engine/voxtral_inputs.py).
+
+Mistral's format (params.json's `multimodal.whisper_model_args`, consolidated.safetensors'
+`mm_whisper_embeddings.*`) is read as transformers' conversion script reads it
+(`config_from_params`, `hf_audio_name`); it stores no encoder positions, which are
+Whisper's sinusoids (filled in at `check_loaded`, as the conversion and vLLM do).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +89,72 @@ class VoxtralAudioConfig:
         return self.max_source_positions * self.d_model // self.intermediate_size
 
 
+def config_from_params(params: dict[str, Any], text: Any) -> Any:
+    """params.json's audio block (Mistral's format) as HF's VoxtralConfig over `text`
+    (models/mistral_format.py's config of the language model)."""
+    from transformers import VoxtralConfig
+
+    whisper = params["multimodal"]["whisper_model_args"]
+    enc = whisper["encoder_args"]
+    factor = (whisper.get("downsample_args") or {}).get("downsample_factor", 4)
+    if enc["hidden_dim"] != factor * enc["dim"]:
+        raise ValueError(f"params.json: the audio encoder's hidden_dim={enc['hidden_dim']} is "
+                         f"not downsample_factor={factor} x dim={enc['dim']} (HF's Voxtral "
+                         "stacks that many frames through its feed-forward width)")
+    audio = {"hidden_size": enc["dim"], "num_hidden_layers": enc["n_layers"],
+             "intermediate_size": enc["hidden_dim"], "num_attention_heads": enc["n_heads"],
+             "num_mel_bins": (enc.get("audio_encoding_args") or {}).get("num_mel_bins", 128),
+             "max_source_positions": enc.get("max_source_positions", 1500)}
+    config = VoxtralConfig(audio_config=audio, text_config=text.to_dict(), audio_token_id=24,
+                           projector_hidden_act="gelu")
+    config.architectures = ["VoxtralForConditionalGeneration"]
+    config.dtype = getattr(text, "dtype", None)
+    return config
+
+
+# consolidated.safetensors' audio names -> HF's
+_AUDIO_NAMES = (
+    (r"whisper_encoder\.conv_layers\.([01])\.(?:conv\.)?", lambda m: f"audio_tower.conv"
+                                                            f"{int(m[1]) + 1}."),
+    (r"whisper_encoder\.transformer\.norm\.", lambda m: "audio_tower.layer_norm."),
+    (r"whisper_encoder\.transformer\.layers\.(\d+)\.attention\.w([qkv])\.",
+     lambda m: f"audio_tower.layers.{m[1]}.self_attn.{m[2]}_proj."),
+    (r"whisper_encoder\.transformer\.layers\.(\d+)\.attention\.wo\.",
+     lambda m: f"audio_tower.layers.{m[1]}.self_attn.out_proj."),
+    (r"whisper_encoder\.transformer\.layers\.(\d+)\.attention_norm\.",
+     lambda m: f"audio_tower.layers.{m[1]}.self_attn_layer_norm."),
+    (r"whisper_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w([12])\.",
+     lambda m: f"audio_tower.layers.{m[1]}.fc{m[2]}."),
+    (r"whisper_encoder\.transformer\.layers\.(\d+)\.ffn_norm\.",
+     lambda m: f"audio_tower.layers.{m[1]}.final_layer_norm."),
+    (r"audio_language_projection\.([02])\.", lambda m: f"multi_modal_projector.linear_"
+                                                       f"{int(m[1]) // 2 + 1}."),
+)
+
+
+def hf_audio_name(name: str) -> str | None:
+    """A consolidated tensor's HF name when it is Voxtral's (`mm_whisper_embeddings.*`:
+    the encoder, the projector, and the language model's token embedding); None for
+    any other."""
+    prefix = "mm_whisper_embeddings."
+    if not name.startswith(prefix):
+        return None
+    rest = name[len(prefix):]
+    if rest == "tok_embeddings.weight":
+        return "model.embed_tokens.weight"
+    for pattern, new in _AUDIO_NAMES:
+        if (m := re.match(pattern, rest)) is not None:
+            return new(m) + rest[m.end():]
+    return name  # unknown: the loader says it ignores it
+
+
+def sinusoids(length: int, channels: int) -> torch.Tensor:
+    """Whisper's fixed encoder positions: sin, then cos, of position x 10000^(-i / (c/2 - 1))."""
+    rates = torch.exp(-math.log(10000) / (channels // 2 - 1) * torch.arange(channels // 2))
+    angles = torch.arange(length)[:, None] * rates[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
 class AudioTower(nn.Module):
     """HF's VoxtralEncoder (its names), one window at a time, nothing masked."""
 
@@ -133,6 +206,16 @@ class Voxtral(VisionWeights):
         """Checkpoint names: `audio_tower.*` / `multi_modal_projector.*`, or the same
         under `model.` (transformers 5's layout)."""
         return name.removeprefix("model.")
+
+    def check_loaded(self, path: str) -> None:
+        """Mistral's format stores no encoder positions: Whisper's sinusoids, as HF's
+        conversion writes them."""
+        table = self.audio_tower.embed_positions.weight
+        if "audio_tower.embed_positions.weight" not in self._loaded:
+            with torch.no_grad():
+                table.copy_(sinusoids(*table.shape))
+            self._loaded.add("audio_tower.embed_positions.weight")
+        super().check_loaded(path)
 
     @torch.inference_mode()
     def forward(self, features: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
