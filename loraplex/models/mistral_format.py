@@ -9,11 +9,12 @@ interleaved rotary order (pairs 0,1 2,3 ...); HF's conversion permutes them to t
 half-split order its rotate_half needs, and so do we (vLLM's maybe_remap_mistral), so the
 layouts agree and a PEFT adapter trained on the HF model applies unchanged.
 
-Text models only: a params.json with a vision encoder (Pixtral, Mistral Small 3.1+ in
-this format), an audio encoder, experts, latent attention, Llama 4 query scaling or
-quantization is refused at start-up rather than loaded wrongly. A repo in both formats
-whose params.json has Voxtral's audio encoder (`multimodal.whisper_model_args`) is served
-from its HF files when config_format and load_format are "auto" (models/voxtral.py).
+Text models, and Voxtral (params.json's `multimodal.whisper_model_args`: its audio encoder
+and projector, models/voxtral.py); a params.json with a vision encoder (Pixtral, Mistral
+Small 3.1+ in this format), another multimodal block, experts, latent attention, Llama 4
+query scaling or quantization is refused at start-up rather than loaded wrongly. A repo in
+both formats whose params.json has Voxtral's audio encoder is served from its HF files when
+config_format and load_format are "auto" (the tested path; the weights are the same).
 """
 
 from __future__ import annotations
