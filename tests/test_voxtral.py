@@ -301,3 +301,21 @@ def test_server_chat_and_transcription(vx):
         again = client.audio.transcriptions.create(model=str(base), file=("a.wav", wav),
                                                    temperature=0.0, extra_body=extra_t)
         assert again.text == text(transcription_ids(tok, clip16, RATE, None))
+
+
+def test_server_transcription_needs_mistral_tokenizer(vx):
+    """On the HF tokenizer a transcription is refused (a 400 naming --tokenizer-mode
+    mistral: mistral_common writes the prompt); a chat with audio is served after it."""
+    import openai
+
+    from tests.server_utils import RemoteServer
+
+    a = clip(3)
+    with RemoteServer(vx["base"], ["--max-model-len", "1024", "--dtype", "float32"]) as server:
+        client = server.get_client()
+        with pytest.raises(openai.BadRequestError, match="--tokenizer-mode mistral"):
+            client.audio.transcriptions.create(model=str(vx["base"]), file=("a.wav", _wav(a)))
+        chat = client.chat.completions.create(
+            model=str(vx["base"]), max_tokens=2, temperature=0.0,
+            messages=[{"role": "user", "content": [_audio_part(a)]}])
+        assert chat.usage.prompt_tokens > 375
