@@ -45,14 +45,15 @@ from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, is_mistr
 from loraplex.models.qwen2_audio import Qwen2Audio, Qwen2AudioConfig, is_qwen2_audio
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig, is_qwen3_vl
+from loraplex.models.voxtral import Voxtral, VoxtralAudioConfig, is_voxtral
 
 # (Granite Speech's and Qwen2-Audio's audio encoders plug in the same way:
 # models/granite_speech.py, models/qwen2_audio.py)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
                 | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig
-                | Phi4MMVisionConfig)
+                | Phi4MMVisionConfig | VoxtralAudioConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
-          | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision)
+          | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral)
 
 
 def vision_config(hf_config: Any) -> VisionConfig:
@@ -65,6 +66,8 @@ def vision_config(hf_config: Any) -> VisionConfig:
         return Qwen2AudioConfig.from_hf(hf_config)
     if is_phi4mm(hf_config):  # models/phi4mm.py
         return Phi4MMVisionConfig.from_hf(hf_config)
+    if is_voxtral(hf_config):
+        return VoxtralAudioConfig.from_hf(hf_config)
     if getattr(hf_config, "model_type", None) == "gemma3":
         return Gemma3VisionConfig.from_hf(hf_config)
     if is_llama4(hf_config):
@@ -85,6 +88,8 @@ def build_vision(config: VisionConfig) -> Vision:
         return Qwen2Audio(config)
     if isinstance(config, Phi4MMVisionConfig):
         return Phi4MMVision(config)
+    if isinstance(config, VoxtralAudioConfig):
+        return Voxtral(config)
     if isinstance(config, Gemma3VisionConfig):
         return Gemma3Vision(config)
     if isinstance(config, PixtralVisionConfig):

@@ -54,6 +54,7 @@ from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
 from loraplex.engine.structured_output import StructuredOutputs
+from loraplex.engine.voxtral_inputs import VoxtralAudioProcessor
 from loraplex.engine.whisper_inputs import WhisperAudioProcessor, decoder_prompt
 from loraplex.inputs import PromptType
 from loraplex.layers.classifier import ClassifierHead, read_adapter_head
@@ -94,6 +95,7 @@ from loraplex.models.registry import (
     is_headless,
 )
 from loraplex.models.text_only import text_only_config
+from loraplex.models.voxtral import VoxtralAudioConfig, is_voxtral
 from loraplex.models.whisper import WhisperConfig, is_whisper, serving_config
 from loraplex.outputs import PoolingRequestOutput, RequestOutput
 from loraplex.pooling_params import PoolingParams
@@ -178,8 +180,9 @@ class LLMEngine:
         # tower never built)
         # (Qwen-VL: or no video either, which the same tower embeds; Granite Speech: its
         # audio encoder, models/granite_speech.py, when audio is allowed; Qwen2-Audio's,
-        # models/qwen2_audio.py, the same)
-        modality = "audio" if is_granite_speech(whole) or is_qwen2_audio(whole) else "image"
+        # models/qwen2_audio.py, the same; Voxtral's, models/voxtral.py)
+        modality = ("audio" if is_granite_speech(whole) or is_qwen2_audio(whole)
+                    or is_voxtral(whole) else "image")
         if is_phi4mm(whole) and self.multimodal.takes("audio"):  # images and audio
             modality = "audio"
         vision = (vision_config(whole) if self.text_only is not None
@@ -352,6 +355,8 @@ class LLMEngine:
             return Qwen2AudioProcessor(path, config)
         if isinstance(config, Phi4MMVisionConfig):  # engine/phi4mm_inputs.py
             return Phi4MMProcessor(path, config)
+        if isinstance(config, VoxtralAudioConfig):  # engine/voxtral_inputs.py
+            return VoxtralAudioProcessor(path, config)
         if isinstance(config, QwenVisionConfig):
             return QwenImageProcessor(path, config, self.tokenizer)
         if isinstance(config, PixtralVisionConfig):
@@ -460,7 +465,8 @@ class LLMEngine:
             load_weights(model, path, weights=iterate_gguf_weights(path, hf_config))
             log_dequantized_size(path, model)
         elif self.mistral_format.weights:
-            load_weights(model, path, weights=iterate_mistral_weights(path, hf_config))
+            load_weights(model, path, self.vision,  # (Voxtral's encoder: models/voxtral.py)
+                         weights=iterate_mistral_weights(path, hf_config))
         else:
             heads: dict[str, torch.Tensor] | None = {} if self.classify else None
             load_weights(model, path, self.vision, headless=self.headless, classifier=heads)
@@ -550,7 +556,18 @@ class LLMEngine:
         if isinstance(self.image_processor, Qwen2AudioProcessor):  # vLLM's Qwen2-Audio text:
             # the clip's 1-based number (chat_images.py fills {i} in), its bos / eos around
             return f"Audio {{i}}: <|audio_bos|>{text}<|audio_eos|>"
+        if isinstance(self.image_processor, VoxtralAudioProcessor):  # as mistral_common
+            return "[BEGIN_AUDIO]" + text  # writes it (its own chat: mistral_audio_rate)
         return text
+
+    @property
+    def mistral_audio_rate(self) -> int | None:
+        """Voxtral under tokenizer_mode "mistral": the rate its chat clips go to
+        mistral_common at (entrypoints/chat_images.py); None otherwise."""
+        if isinstance(self.image_processor, VoxtralAudioProcessor) \
+                and getattr(self.tokenizer, "is_mistral", False):
+            return self.image_processor.rate
+        return None
 
     def _images(self, prompt: PromptType, ids: list[int]
                 ) -> tuple[list[int], ImageInputs | None]:

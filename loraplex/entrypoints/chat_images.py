@@ -3,9 +3,10 @@
 --allowed-local-media-path: engine/media.py; vLLM's `image_pil` offline), and on
 Qwen2-VL / Qwen2.5-VL vLLM's `video_url` parts (engine/video_decode.py: animated GIF /
 WebP / PNG by PIL, video files by PyAV, the `loraplex[video]` extra; frames sampled by
-media_io_kwargs), and on Granite Speech audio parts (OpenAI's `input_audio`, base64 data
-with its format; vLLM's `audio_url`, data: / http(s) / file:// like an image's: WAV decoded
-by the standard library, other formats by PyAV, engine/audio_decode.py), for LLM.chat and
+media_io_kwargs), and on Granite Speech, Qwen2-Audio and Voxtral audio parts (OpenAI's
+`input_audio`, base64 data with its format; vLLM's `audio_url`, data: / http(s) / file://
+like an image's: WAV decoded by the standard library, other formats by PyAV,
+engine/audio_decode.py), for LLM.chat and
 the chat route alike.
 
 A message's text parts are joined into one string, as before. A message with images is
@@ -48,6 +49,10 @@ class ChatImages:
     # the audio token's text; None: the model takes no audio
     audio_placeholder: str | None = None
     audios: list[Any] = field(default_factory=list)  # (waveform, sample rate), in order
+    # Voxtral under tokenizer_mode "mistral": mistral_common encodes the audio parts
+    # itself, so they stay parts (`input_audio`, each clip resampled to this rate first:
+    # engine/voxtral_inputs.py); None: parts or placeholders as the template reads them
+    mistral_audio_rate: int | None = None
     # how URLs are read and video files sampled: from `multimodal`
     connector: MediaConnector = field(init=False)
     sampling: VideoSampling = field(init=False)
@@ -99,6 +104,8 @@ class ChatImages:
                                  "audio_url)")
         if all(p["type"] == "text" for p in parts):
             return "".join(p["text"] for p in parts)
+        if self.mistral_audio_rate is not None:
+            return self._mistral_parts(parts)
         if self.template is not None and re.search(r"""['"](image|video|audio)['"]""",
                                                    self.template):
             return parts
@@ -118,6 +125,21 @@ class ChatImages:
             numbers[p["type"]] += 1
             out.append(marks[p["type"]].replace("{i}", str(numbers[p["type"]])) + "\n")
         return "".join(out)
+
+    def _mistral_parts(self, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The message's parts for mistral_common: its clips (the last of `audios`) as
+        `input_audio` WAVs at the model's rate, the resampled clips kept instead."""
+        from loraplex.engine.voxtral_inputs import input_audio_part
+
+        first = len(self.audios) - sum(p["type"] == "audio" for p in parts)
+        out = []
+        for p in parts:
+            if p["type"] == "audio":
+                p, self.audios[first] = input_audio_part(self.audios[first],
+                                                         self.mistral_audio_rate)
+                first += 1
+            out.append(p)
+        return out
 
     def _one_more(self, modality: str, items: list[Any], i: int) -> None:
         """limit_mm_per_prompt allows message i's next item of `modality`; checked before
@@ -157,8 +179,8 @@ class ChatImages:
     def _audio(self, part: dict[str, Any], kind: str, i: int) -> Any:
         if self.audio_placeholder is None:
             raise ValueError(f"messages[{i}]: {kind}: audio inputs are not supported by model "
-                             f"{self.model!r} (audio is served on Granite Speech, Qwen2-Audio and "
-                             "Phi-4-multimodal)")
+                             f"{self.model!r} (audio is served on Granite Speech, Qwen2-Audio, "
+                             "Phi-4-multimodal and Voxtral)")
         value = part.get(kind)
         try:
             if kind == "audio_url":

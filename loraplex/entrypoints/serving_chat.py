@@ -111,7 +111,8 @@ class OpenAIServingChat(OpenAIServing):
         images = ChatImages(engine.model_config.name, engine.image_placeholder,
                             template or encoder.chat_template, multimodal=engine.multimodal,
                             video_placeholder=engine.video_placeholder,
-                            audio_placeholder=engine.audio_placeholder)
+                            audio_placeholder=engine.audio_placeholder,
+                            mistral_audio_rate=engine.mistral_audio_rate)
         messages = self._messages(req, images)
         if getattr(encoder, "is_mistral", False):  # tokenizer_mode="mistral": no template
             return (*self._render_mistral(req, tools, encoder, messages), images)

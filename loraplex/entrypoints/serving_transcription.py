@@ -15,7 +15,12 @@ prompt (vLLM writes `<|prev|>`, which is no Whisper token; `<|startofprev|>` is 
 Whisper was trained with). Without `language` it is detected as vLLM detects it: one
 greedy token after `<|startoftranscript|>`, only language tokens allowed; one not among
 the tokenizer's `<|xx|>` tokens gets a 400. A clip over 30 s is refused (vLLM splits it
-into 30 s chunks)."""
+into 30 s chunks).
+
+Voxtral's prompt is vLLM's (its `get_generation_prompt`): mistral_common's
+TranscriptionRequest for the clip and the form's `language` (optional), which needs
+tokenizer_mode "mistral" (engine/voxtral_inputs.py); a clip over 30 s is several encoder
+windows, as in chat."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from typing import Any
 
 from loraplex.engine.audio_decode import decode_audio
 from loraplex.engine.qwen2_audio_inputs import Qwen2AudioProcessor
+from loraplex.engine.voxtral_inputs import VoxtralAudioProcessor, transcription_ids
 from loraplex.engine.whisper_inputs import WhisperAudioProcessor
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.serving_base import OpenAIServing
@@ -75,8 +81,8 @@ class OpenAIServingTranscription(OpenAIServing):
         engine = self.engine.engine
         if "audio" not in engine.modalities:
             raise BadRequestError(f"model {engine.model_config.name!r} takes no audio: "
-                                  "transcriptions are served on Granite Speech, Phi-4-multimodal "
-                                  "and Whisper",
+                                  "transcriptions are served on Granite Speech, Phi-4-multimodal, "
+                                  "Whisper and Voxtral",
                                   param="file")
         whisper = isinstance(engine.image_processor, WhisperAudioProcessor)
         if task == "translate" and not whisper:
@@ -86,6 +92,11 @@ class OpenAIServingTranscription(OpenAIServing):
             raise BadRequestError(f"model {engine.model_config.name!r} (Qwen2-Audio) does not "
                                   "serve transcriptions (vLLM neither): use the chat route "
                                   "with an input_audio part", param="model")
+        voxtral = isinstance(engine.image_processor, VoxtralAudioProcessor)
+        if voxtral and not getattr(self.encoder, "is_mistral", False):
+            raise BadRequestError(f"model {engine.model_config.name!r} (Voxtral): "
+                                  "transcriptions are mistral_common's TranscriptionRequest: "
+                                  "serve it with --tokenizer-mode mistral", param="model")
         if "file" not in fields:
             raise BadRequestError("the form needs a `file` field (the audio)", param="file")
         fmt = _text(fields, "response_format") or "json"
@@ -115,6 +126,9 @@ class OpenAIServingTranscription(OpenAIServing):
             text, ids, inputs = await self.off_loop(
                 self._whisper_prompt, (wave, rate), language, _raw_text(fields, "prompt"),
                 task)
+        elif voxtral:
+            text, ids, inputs = await self.off_loop(self._voxtral_prompt, (wave, rate),
+                                                    _text(fields, "language") or None)
         else:
             text, ids, inputs = await self.off_loop(self._prompt, (wave, rate))
         try:
@@ -142,6 +156,21 @@ class OpenAIServingTranscription(OpenAIServing):
         except ValueError as e:
             raise BadRequestError(f"file: {e}", param="file") from e
         return text, ids, inputs
+
+    def _voxtral_prompt(self, clip: tuple[Any, int], language: str | None
+                        ) -> tuple[str, list[int], Any]:
+        """On the encoder thread: mistral_common's transcription request for the clip, its
+        text, the clip's features."""
+        processor = self.engine.engine.image_processor
+        try:
+            ids = transcription_ids(self.encoder, clip, processor.rate, language)
+        except ValueError as e:
+            raise BadRequestError(str(e), param="language") from e
+        try:
+            ids, inputs = processor(ids, [clip])
+        except ValueError as e:
+            raise BadRequestError(f"file: {e}", param="file") from e
+        return self.encoder.decode(ids), ids, inputs
 
     async def _detect_language(self, clip: tuple[Any, int], model: str | None,
                                lora: Any) -> str:

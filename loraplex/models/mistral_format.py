@@ -9,9 +9,12 @@ interleaved rotary order (pairs 0,1 2,3 ...); HF's conversion permutes them to t
 half-split order its rotate_half needs, and so do we (vLLM's maybe_remap_mistral), so the
 layouts agree and a PEFT adapter trained on the HF model applies unchanged.
 
-Text models only: a params.json with a vision encoder (Pixtral, Mistral Small 3.1+ in
-this format), an audio encoder, experts, latent attention, Llama 4 query scaling or
-quantization is refused at start-up rather than loaded wrongly.
+Text models, and Voxtral (params.json's `multimodal.whisper_model_args`: its audio encoder
+and projector, models/voxtral.py); a params.json with a vision encoder (Pixtral, Mistral
+Small 3.1+ in this format), another multimodal block, experts, latent attention, Llama 4
+query scaling or quantization is refused at start-up rather than loaded wrongly. A repo in
+both formats whose params.json has Voxtral's audio encoder is served from its HF files when
+config_format and load_format are "auto" (the tested path; the weights are the same).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from loraplex.models.voxtral import config_from_params, hf_audio_name
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ _KNOWN = {*_RENAMES, "max_seq_len", "max_position_embeddings", "sliding_window",
 _UNSUPPORTED = {
     "vision_encoder": "a vision encoder (Pixtral / Mistral Small 3.1+ in Mistral's format: "
                       "serve the HF-format checkpoint, which loraplex reads as Mistral 3)",
-    "multimodal": "a multimodal encoder (vision or audio)",
+    "multimodal": "a multimodal encoder other than Voxtral's audio one (vision)",
     "moe": "a mixture of experts (Mixtral / Mistral Large 3 in Mistral's format: serve the "
            "HF-format checkpoint)",
     "quantization": "quantized weights",
@@ -73,12 +78,28 @@ class MistralFormat:
             raise ValueError(f"config_format={config_format!r}: use one of "
                              + ", ".join(FORMATS))
         consolidated = has_consolidated(path)
+        if config_format == "auto" and load_format == "auto" and _hf_beside_audio(path):
+            logger.info("%s: params.json describes an audio encoder (Voxtral), which Mistral's "
+                        "format is not served with: loading the HF-format files beside it", path)
+            return cls()
         config = config_format == "mistral" or (config_format == "auto" and consolidated
                                                 and os.path.isfile(os.path.join(path, PARAMS)))
         weights = load_format == "mistral" or (load_format == "auto" and consolidated)
         if weights and not consolidated:
             raise ValueError(f"load_format='mistral': no {_CONSOLIDATED} in {path}")
         return cls(config, weights)
+
+
+def _hf_beside_audio(path: str) -> bool:
+    """A repo in both formats (Voxtral's) whose params.json has an audio encoder: its HF
+    files (config.json, model*.safetensors: models/voxtral.py) serve it."""
+    file = os.path.join(path, PARAMS)
+    if not (os.path.isfile(file) and os.path.isfile(os.path.join(path, "config.json"))
+            and glob.glob(os.path.join(path, "model*.safetensors"))):
+        return False
+    with open(file) as f:
+        params = json.load(f)
+    return isinstance(params, dict) and is_voxtral_params(params)
 
 
 def has_consolidated(path: str) -> bool:
@@ -104,7 +125,9 @@ def mistral_config(path: str) -> Any:
     from transformers import MistralConfig
 
     params = read_params(path)
-    _refuse_unsupported(params, path)
+    audio = is_voxtral_params(params)
+    _refuse_unsupported({k: v for k, v in params.items() if not (audio and k == "multimodal")},
+                        path)
     fields: dict[str, Any] = {hf: params[key] for key, hf in _RENAMES.items()
                               if params.get(key) is not None}
     fields.setdefault("num_key_value_heads", fields.get("num_attention_heads"))
@@ -119,7 +142,13 @@ def mistral_config(path: str) -> Any:
     config = MistralConfig(**fields, rope_parameters=rope, bos_token_id=1, eos_token_id=2,
                            **({"dtype": dtype} if dtype else {}))
     config.architectures = ["MistralForCausalLM"]
-    return config
+    return config_from_params(params, config) if audio else config
+
+
+def is_voxtral_params(params: dict[str, Any]) -> bool:
+    """params.json's multimodal block is Voxtral's audio encoder alone (models/voxtral.py)."""
+    multimodal = params.get("multimodal")
+    return isinstance(multimodal, dict) and set(multimodal) == {"whisper_model_args"}
 
 
 def _refuse_unsupported(params: dict[str, Any], path: str) -> None:
@@ -251,4 +280,4 @@ def iterate_mistral_weights(path: str, hf_config: Any) -> Iterator[tuple[str, to
                 leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
                 if leaf in heads and name.endswith(".weight") and name.startswith("layers."):
                     tensor = to_half_split(tensor, heads[leaf], head_dim)
-                yield hf_name(name), tensor
+                yield hf_audio_name(name) or hf_name(name), tensor

@@ -141,6 +141,16 @@ MULTIMODAL: dict[str, TextOnly] = {
         "Phi3ForCausalLM", renames=(), skipped=("model.embed_tokens_extend.",),
         vision_leaves=("fc1", "fc2", "out_proj", "img_projection_up", "img_projection_down"),
         images=True),
+    # Voxtral: a Llama language model (its text config's) behind Whisper's encoder and a
+    # two-layer projector (models/voxtral.py); Qwen2-Audio's layouts
+    "VoxtralForConditionalGeneration": TextOnly(
+        None,
+        renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
+                 ("language_model.lm_head.", "lm_head.")),
+        skipped=("audio_tower.", "multi_modal_projector.", "model.audio_tower.",
+                 "model.multi_modal_projector."),
+        vision_leaves=("out_proj", "fc1", "fc2", "linear_1", "linear_2", "conv1", "conv2"),
+        images=True),
 }
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
 # their dense sibling as if it were theirs); none today
