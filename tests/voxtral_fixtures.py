@@ -59,7 +59,8 @@ def make_tiny_voxtral(out: Path, seed: int) -> dict[str, Path]:
     with torch.no_grad():  # Whisper's sinusoids, as every Voxtral checkpoint has them
         from transformers.models.whisper.modeling_whisper import sinusoids
 
-        table = model.model.audio_tower.embed_positions.weight
+        # (transformers 5 keeps the towers under .model, 4.x on the model itself)
+        table = getattr(model, "model", model).audio_tower.embed_positions.weight
         table.copy_(sinusoids(*table.shape))
     model.save_pretrained(str(base))
     tok.save_pretrained(str(base))
@@ -255,7 +256,9 @@ def hf_features(base: Path, waves: list[np.ndarray]) -> torch.Tensor:
     # its method reads only the feature extractor (no tokenizer: the mistral copy has
     # tekken.json alone)
     proc = SimpleNamespace(feature_extractor=WhisperFeatureExtractor.from_pretrained(str(base)))
-    return VoxtralProcessor._retrieve_input_features(
+    retrieve = getattr(VoxtralProcessor, "_retrieve_input_features", None) or \
+        VoxtralProcessor._retreive_input_features  # (transformers 4.x's spelling)
+    return retrieve(
         proc, waves, 3000, sampling_rate=RATE, padding=True, truncation=False,
         pad_to_multiple_of=480000, return_tensors="pt")
 
