@@ -441,34 +441,39 @@ def test_server_with_a_draft_model(models, tmp_path):
     with an adapter: greedy completions through the openai client equal the plain
     engine's; the start-up log reports the draft's memory; /metrics counts the drafts; a
     bad request fails alone (404) and the server carries on."""
-    base = models["base"]
-    log_copy = tmp_path / "log"
+    log = check_spec_server(models["base"], models["r8"], _spec(models, "truncated"),
+                            "loraplex:spec_decode_num_accepted_tokens_total", tmp_path)
+    assert "draft model: weights" in log
+
+
+def check_spec_server(base: Path, r8: Path, spec: dict, counter: str, tmp_path: Path) -> str:
+    """A server speculating with `spec` and an adapter r8: greedy completions of the base
+    and of r8 through the openai client equal the plain engine's, an unknown model is a
+    404 and the server carries on, /metrics' `counter` is past 0. Returns the server's
+    log."""
+    import openai
+
     args = ["--served-model-name", "tiny", "--enable-lora", "--max-lora-rank", "8",
-            "--max-model-len", "256", "--dtype", "float32",
-            "--lora-modules", f"r8={models['r8']}",
-            "--speculative-config", json.dumps(_spec(models, "truncated"))]
+            "--max-model-len", "256", "--dtype", "float32", "--lora-modules", f"r8={r8}",
+            "--speculative-config", json.dumps(spec)]
     plain = make_llm(base, enable_lora=True, max_lora_rank=8)
     prompt = _prompts()[0]
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     with RemoteServer(base, args) as server:
         client = server.get_client()
-        for model, lora in (("tiny", None), ("r8", _loras(models, ["r8"])[0])):
+        for model, lora in (("tiny", None), ("r8", LoRARequest("r8", 2, str(r8)))):
             got = client.completions.create(model=model, prompt=prompt, temperature=0,
                                             max_tokens=30, extra_body={"ignore_eos": True})
-            want = plain.generate([{"prompt_token_ids": prompt}],
-                                  SamplingParams(temperature=0.0, max_tokens=30,
-                                                 ignore_eos=True), lora_request=lora)
+            want = plain.generate([{"prompt_token_ids": prompt}], greedy, lora_request=lora)
             assert got.choices[0].text == want[0].outputs[0].text
-        import openai
-
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="nope", prompt="hi", max_tokens=3)
         assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).choices
         metrics = server.get("/metrics").text
-        shutil.copy(server.log.name, log_copy)
-    drafts = [ln for ln in metrics.splitlines()
-              if ln.startswith("loraplex:spec_decode_num_accepted_tokens_total")]
-    assert drafts and float(drafts[0].split()[-1]) > 0
-    assert "draft model: weights" in log_copy.read_text()
+        shutil.copy(server.log.name, tmp_path / "log")
+    counts = [ln for ln in metrics.splitlines() if ln.startswith(counter)]
+    assert counts and float(counts[0].split()[-1]) > 0
+    return (tmp_path / "log").read_text()
 
 
 @pytest.mark.parametrize("spec, needle", [

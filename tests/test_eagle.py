@@ -9,7 +9,6 @@ chunked prefill, preemption, abort, prefix caching, structured outputs; the serv
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,8 +32,12 @@ from tests.fixtures import (
     make_peft_adapter,
     make_tiny_model,
 )
-from tests.server_utils import RemoteServer, clean_env, serve_cmd
-from tests.test_draft_model import _assert_draft_cache_empty, _check_draft_cache
+from tests.server_utils import clean_env, serve_cmd
+from tests.test_draft_model import (
+    _assert_draft_cache_empty,
+    _check_draft_cache,
+    check_spec_server,
+)
 from tests.test_spec_decode import TEXTS, _assert_same, _generate
 
 K = 3
@@ -431,34 +434,9 @@ def test_server_with_an_eagle3_head(models, tmp_path):
     """`loraplex serve --speculative-config '{"method": "eagle3", ...}'` with an adapter:
     greedy completions through the openai client equal the plain engine's; /metrics
     counts the drafts; a bad request fails alone (404) and the server carries on."""
-    base = models["base"]
-    log_copy = tmp_path / "log"
-    args = ["--served-model-name", "tiny", "--enable-lora", "--max-lora-rank", "8",
-            "--max-model-len", "256", "--dtype", "float32",
-            "--lora-modules", f"r8={models['r8']}",
-            "--speculative-config", json.dumps(_spec(models, "e3"))]
-    plain = make_llm(base, enable_lora=True, max_lora_rank=8)
-    prompt = _prompts()[0]
-    with RemoteServer(base, args) as server:
-        client = server.get_client()
-        for model, lora in (("tiny", None), ("r8", _loras(models, ["r8"])[0])):
-            got = client.completions.create(model=model, prompt=prompt, temperature=0,
-                                            max_tokens=30, extra_body={"ignore_eos": True})
-            want = plain.generate([{"prompt_token_ids": prompt}],
-                                  SamplingParams(temperature=0.0, max_tokens=30,
-                                                 ignore_eos=True), lora_request=lora)
-            assert got.choices[0].text == want[0].outputs[0].text
-        import openai
-
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model="nope", prompt="hi", max_tokens=3)
-        assert client.completions.create(model="tiny", prompt="hi", max_tokens=3).choices
-        metrics = server.get("/metrics").text
-        shutil.copy(server.log.name, log_copy)
-    drafts = [ln for ln in metrics.splitlines()
-              if ln.startswith("loraplex:spec_decode_num_draft_tokens_total")]
-    assert drafts and float(drafts[0].split()[-1]) > 0
-    assert "EAGLE-3 head" in log_copy.read_text()
+    log = check_spec_server(models["base"], models["r8"], _spec(models, "e3"),
+                            "loraplex:spec_decode_num_draft_tokens_total", tmp_path)
+    assert "EAGLE-3 head" in log
 
 
 def test_serve_refuses_a_missing_head(models):
