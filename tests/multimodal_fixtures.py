@@ -37,14 +37,15 @@ def hf_multimodal(base: str, adapter: str | None) -> torch.nn.Module:
 
 def make_multimodal_adapter(base: Path, out: Path, r: int, seed: int,
                             targets: str = LANGUAGE_MODEL + "(q_proj|v_proj|down_proj)",
-                            scale: float = 0.3, target_parameters: list[str] | None = None
-                            ) -> Path:
+                            scale: float = 0.3, target_parameters: list[str] | None = None,
+                            model: torch.nn.Module | None = None) -> Path:
     """A PEFT LoRA adapter on the whole model (`targets`: a regex over its module names,
     the language model's q / v / down by default; `target_parameters`: PEFT's LoRA on
-    parameters, transformers 5's fused experts), A and B random."""
+    parameters, transformers 5's fused experts), A and B random. `model`: the HF model
+    of `base` where AutoModelForImageTextToText does not load it (the audio models)."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(load_multimodal(base), LoraConfig(
+    model = get_peft_model(model if model is not None else load_multimodal(base), LoraConfig(
         r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0,
         target_parameters=target_parameters))
     gen = torch.Generator().manual_seed(seed)

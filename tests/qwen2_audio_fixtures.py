@@ -14,7 +14,7 @@ import torch
 
 from tests.fixtures import _reinit_, make_tokenizer
 from tests.granite_speech_fixtures import clip as speech_clip
-from tests.multimodal_fixtures import LANGUAGE_MODEL, with_peft
+from tests.multimodal_fixtures import LANGUAGE_MODEL, make_multimodal_adapter, with_peft
 
 AUDIO = "<|AUDIO|>"
 ASK = "<|audio_bos|><|AUDIO|><|audio_eos|>What is this sound?"
@@ -63,17 +63,7 @@ def make_tiny_qwen2_audio(out: Path, seed: int) -> dict[str, Path]:
 
 
 def _adapter(base: Path, out: Path, r: int, seed: int, targets: str) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(hf_model(str(base)), LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(str(out))
-    return out
+    return make_multimodal_adapter(base, out, r, seed, targets, model=hf_model(str(base)))
 
 
 def hf_model(base: str) -> torch.nn.Module:

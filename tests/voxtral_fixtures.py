@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tests.fixtures import _CORPUS, TOKENIZER_VOCAB_SIZE, _reinit_, make_tokenizer
 from tests.granite_speech_fixtures import clip as speech_clip
 from tests.mistral_fixtures import _PATTERN, _SPECIAL, _bpe_merges
-from tests.multimodal_fixtures import LANGUAGE_MODEL, with_peft
+from tests.multimodal_fixtures import LANGUAGE_MODEL, make_multimodal_adapter, with_peft
 
 AUDIO = "[AUDIO]"
 BEGIN_AUDIO = "[BEGIN_AUDIO]"
@@ -217,17 +217,7 @@ def _mistral_format(hf_dir: Path, out: Path) -> Path:
 
 
 def _adapter(base: Path, out: Path, r: int, seed: int, targets: str) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(hf_model(str(base)), LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=targets, lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(str(out))
-    return out
+    return make_multimodal_adapter(base, out, r, seed, targets, model=hf_model(str(base)))
 
 
 def hf_model(base: str) -> torch.nn.Module:

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 # the names HF's classifiers give their head (modules_to_save of a PEFT SEQ_CLS adapter)
 CLASSIFIER_HEADS = ("score", "classifier")
+# what PEFT (0.22+) lists in every SEQ_CLS adapter's modules_to_save besides: DistilBERT's
+# pre_classifier, which no decoder LLM has, so nothing is saved under it (a tensor there
+# would be refused as unexpected)
+LISTED_NOT_SAVED = ("pre_classifier",)
 # PEFT's saved head: base_model.model.score.weight (or ...score.modules_to_save.X.weight)
 _HEAD_KEY = re.compile(r"^(?:.*\.)?(?P<head>score|classifier)"
                        r"(?:\.modules_to_save\.[^.]+)?\.(?P<param>weight|bias)$")

@@ -22,7 +22,7 @@ from functools import cached_property
 
 import torch
 
-from loraplex.layers.classifier import CLASSIFIER_HEADS, is_classifier_key
+from loraplex.layers.classifier import CLASSIFIER_HEADS, LISTED_NOT_SAVED, is_classifier_key
 from loraplex.layers.experts import EXPERT_PROJECTIONS
 from loraplex.lora.added_tokens import (
     AddedTokens,
@@ -214,7 +214,8 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
         raise LoRAError(f"LoRA adapter {name!r} has lora_bias=true with use_dora=true, which "
                         "PEFT does not define")
     saved = [m for m in cfg.get("modules_to_save") or []
-             if not (targets.classifier_heads and m.rsplit(".", 1)[-1] in CLASSIFIER_HEADS)]
+             if not (targets.classifier_heads and m.rsplit(".", 1)[-1] in CLASSIFIER_HEADS)
+             and m.rsplit(".", 1)[-1] not in LISTED_NOT_SAVED]
     if saved:
         others = [m for m in saved if m.rsplit(".", 1)[-1] not in FULL_VOCAB_MODULES]
         if others:
