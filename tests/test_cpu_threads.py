@@ -11,6 +11,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,11 @@ from loraplex import EngineArgs, LoRARequest
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.engine.llm_engine import LLMEngine
 from loraplex.lora.loader import AdapterLoader
-from loraplex.worker.cpu_threads import _omp_set_num_threads, run_torch_ops_single_threaded
+from loraplex.worker.cpu_threads import (
+    _omp_set_num_threads,
+    run_torch_ops_single_threaded,
+    torch_openmp_library,
+)
 
 needs_openmp_team = pytest.mark.skipif(
     _omp_set_num_threads() is None or torch.get_num_threads() < 2,
@@ -112,3 +117,14 @@ def test_async_engine_builds_the_model_on_the_thread_that_steps_it(monkeypatch, 
         finally:
             await engine.shutdown()
     asyncio.run(main())
+
+
+@needs_openmp_team
+def test_torch_openmp_found_beside_another_wheels_copy():
+    """sentencepiece (mistral_common's) brings its own libgomp, mapped before torch's:
+    the runtime whose team is limited must be torch's own."""
+    pytest.importorskip("sentencepiece")
+    import sentencepiece  # noqa: F401  (maps its libgomp copy)
+
+    home = Path(torch.__file__).parent
+    assert Path(torch_openmp_library()).parent in (home / "lib", home.with_name("torch.libs"))

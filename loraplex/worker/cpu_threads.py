@@ -24,18 +24,28 @@ from pathlib import Path
 import torch
 
 
-@functools.cache
-def _omp_set_num_threads() -> Callable[[int], None] | None:
-    """omp_set_num_threads of the OpenMP runtime torch loaded (found through
-    /proc/self/maps, so Linux only); None without one."""
+def torch_openmp_library() -> str | None:
+    """The path of the OpenMP runtime torch loaded (found through /proc/self/maps, so
+    Linux only); None without one. Other wheels bring their own copy (sentencepiece's
+    libgomp): torch's is the one in its package (torch/lib, or auditwheel's torch.libs
+    beside it), else the first loaded."""
     if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    found = re.search(r"\S*/lib[gi]?omp[\w.-]*\.so[\w.]*", maps)
-    return None if found is None else ctypes.CDLL(found.group(0)).omp_set_num_threads
+    found = list(dict.fromkeys(re.findall(r"\S*/lib[gi]?omp[\w.-]*\.so[\w.]*", maps)))
+    home = Path(torch.__file__).parent
+    ours = [f for f in found if Path(f).parent in (home / "lib", home.with_name("torch.libs"))]
+    return (ours or found or [None])[0]
+
+
+@functools.cache
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    """omp_set_num_threads of torch's OpenMP runtime; None without one."""
+    library = torch_openmp_library()
+    return None if library is None else ctypes.CDLL(library).omp_set_num_threads
 
 
 def run_torch_ops_single_threaded() -> None:
