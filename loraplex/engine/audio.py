@@ -224,3 +224,32 @@ class AudioProcessor:
                 or inputs.pixel_values.shape[0] != sum(f for f, _ in inputs.sizes):
             raise ValueError("multi_modal_data: the processed audio inputs do not match the "
                              "prompt's (expanded) audio placeholders")
+
+
+class WhisperFeaturesProcessor(AudioProcessor):
+    """The audio models whose features HF's WhisperFeatureExtractor makes (Qwen2-Audio,
+    Whisper, Voxtral): the checkpoint's extractor (its preprocessor_config.json; with
+    `defaults`, Whisper's own at the encoder's mel bins when there is none), checked
+    against the encoder's mel bins and window."""
+
+    def __init__(self, path: str, config: Any, placeholder: int | None,
+                 defaults: bool = False) -> None:
+        from transformers import WhisperFeatureExtractor
+
+        self.config = config
+        self.extractor = (WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+                          if defaults and not os.path.isfile(
+                              os.path.join(path, "preprocessor_config.json"))
+                          else WhisperFeatureExtractor.from_pretrained(path))
+        if self.extractor.feature_size != config.num_mel_bins:
+            raise ValueError(f"the feature extractor's feature_size="
+                             f"{self.extractor.feature_size}, the encoder takes "
+                             f"num_mel_bins={config.num_mel_bins}")
+        if self.extractor.nb_max_frames != config.window_frames:
+            raise ValueError(f"the feature extractor's window is {self.extractor.nb_max_frames} "
+                             f"frames, the encoder's {config.window_frames}")
+        self.placeholder = placeholder
+
+    @property
+    def rate(self) -> int:
+        return int(self.extractor.sampling_rate)

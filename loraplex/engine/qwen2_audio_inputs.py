@@ -19,32 +19,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from loraplex.engine.audio import AudioProcessor, as_clips, resample, resampled_length, waveform
+from loraplex.engine.audio import (
+    WhisperFeaturesProcessor,
+    as_clips,
+    resample,
+    resampled_length,
+    waveform,
+)
 from loraplex.engine.images import ImageInputs, expand_placeholders, placeholder_ranges
 from loraplex.models.qwen2_audio import Qwen2AudioConfig
 
 
-class Qwen2AudioProcessor(AudioProcessor):
+class Qwen2AudioProcessor(WhisperFeaturesProcessor):
     """Qwen2-Audio's features and placeholder rule (Granite Speech's AudioProcessor
     interface, so the engine routes it as audio)."""
 
     def __init__(self, path: str, config: Qwen2AudioConfig) -> None:  # noqa: D107
-        from transformers import WhisperFeatureExtractor
-
-        self.config = config
-        self.extractor = WhisperFeatureExtractor.from_pretrained(path)
-        if self.extractor.feature_size != config.num_mel_bins:
-            raise ValueError(f"the feature extractor's feature_size="
-                             f"{self.extractor.feature_size}, the encoder takes "
-                             f"num_mel_bins={config.num_mel_bins}")
-        if self.extractor.nb_max_frames != config.window_frames:
-            raise ValueError(f"the feature extractor's window is {self.extractor.nb_max_frames} "
-                             f"frames, the encoder's {config.window_frames}")
-        self.placeholder = config.image_token_id
-
-    @property
-    def rate(self) -> int:
-        return int(self.extractor.sampling_rate)
+        super().__init__(path, config, config.image_token_id)
 
     def checked(self, data: Any) -> list[tuple[torch.Tensor, int, int]]:
         """Each clip checked: (waveform, its rate, its length in samples at the

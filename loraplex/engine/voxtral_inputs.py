@@ -23,42 +23,30 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
-from loraplex.engine.audio import AudioProcessor, as_clips, resample, resampled_length, waveform
+from loraplex.engine.audio import (
+    WhisperFeaturesProcessor,
+    as_clips,
+    resample,
+    resampled_length,
+    waveform,
+)
 from loraplex.engine.images import ImageInputs, expand_placeholders, placeholder_ranges
 from loraplex.models.voxtral import VoxtralAudioConfig
 
 
-class VoxtralAudioProcessor(AudioProcessor):
+class VoxtralAudioProcessor(WhisperFeaturesProcessor):
     """Voxtral's features and placeholder rule (Granite Speech's AudioProcessor interface,
     so the engine routes it as audio)."""
 
     def __init__(self, path: str, config: VoxtralAudioConfig) -> None:  # noqa: D107
-        from transformers import WhisperFeatureExtractor
-
-        self.config = config
         # Mistral's format ships no preprocessor_config.json: Whisper's extractor at
         # tekken.json's settings (16 kHz, hop 160, window 400, 30 s), as vLLM computes them
-        self.extractor = (WhisperFeatureExtractor.from_pretrained(path)
-                          if os.path.isfile(os.path.join(path, "preprocessor_config.json"))
-                          else WhisperFeatureExtractor(feature_size=config.num_mel_bins))
-        if self.extractor.feature_size != config.num_mel_bins:
-            raise ValueError(f"the feature extractor's feature_size="
-                             f"{self.extractor.feature_size}, the encoder takes "
-                             f"num_mel_bins={config.num_mel_bins}")
-        if self.extractor.nb_max_frames != config.window_frames:
-            raise ValueError(f"the feature extractor's window is {self.extractor.nb_max_frames} "
-                             f"frames, the encoder's {config.window_frames}")
-        self.placeholder = config.image_token_id
-
-    @property
-    def rate(self) -> int:
-        return int(self.extractor.sampling_rate)
+        super().__init__(path, config, config.image_token_id, defaults=True)
 
     def windows(self, samples: int) -> int:
         """30 s windows of a clip of `samples` at the extractor's rate."""

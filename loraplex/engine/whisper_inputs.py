@@ -28,7 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from loraplex.engine.audio import AudioProcessor, as_clips, resample, resampled_length, waveform
+from loraplex.engine.audio import (
+    WhisperFeaturesProcessor,
+    as_clips,
+    resample,
+    resampled_length,
+    waveform,
+)
 from loraplex.engine.images import ImageInputs
 from loraplex.models.whisper import CrossKV, WhisperConfig
 
@@ -85,27 +91,12 @@ def decoder_prompt(prompt: Any, tokenizer: Any) -> dict[str, Any]:
                                                            add_special_tokens=False)}
 
 
-class WhisperAudioProcessor(AudioProcessor):
+class WhisperAudioProcessor(WhisperFeaturesProcessor):
     """Whisper's features (the AudioProcessor interface, so the engine routes it as
     audio); no placeholders."""
 
     def __init__(self, path: str, config: WhisperConfig) -> None:  # noqa: D107
-        from transformers import WhisperFeatureExtractor
-
-        self.config = config
-        self.extractor = WhisperFeatureExtractor.from_pretrained(path)
-        if self.extractor.feature_size != config.num_mel_bins:
-            raise ValueError(f"the feature extractor's feature_size="
-                             f"{self.extractor.feature_size}, the encoder takes "
-                             f"num_mel_bins={config.num_mel_bins}")
-        if self.extractor.nb_max_frames != config.window_frames:
-            raise ValueError(f"the feature extractor's window is {self.extractor.nb_max_frames} "
-                             f"frames, the encoder's {config.window_frames}")
-        self.placeholder = None
-
-    @property
-    def rate(self) -> int:
-        return int(self.extractor.sampling_rate)
+        super().__init__(path, config, None)
 
     def checked(self, data: Any) -> list[tuple[torch.Tensor, int, int]]:
         """The one clip, checked: (waveform, its rate, its samples once resampled)."""
