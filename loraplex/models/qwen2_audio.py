@@ -109,7 +109,8 @@ class EncoderLayer(nn.Module):
 
 
 class AudioTower(nn.Module):
-    """HF's Qwen2AudioEncoder (its names), one clip at a time."""
+    """HF's Qwen2AudioEncoder (its names), one clip at a time (Voxtral's encoder is the
+    same without the pooling: models/voxtral.py reads its config's same field names)."""
 
     def __init__(self, c: Qwen2AudioConfig) -> None:
         super().__init__()
@@ -119,14 +120,20 @@ class AudioTower(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.layers))
         self.layer_norm = nn.LayerNorm(c.d_model)
 
-    def forward(self, features: torch.Tensor, frames: int) -> torch.Tensor:
-        """[n_mels, window] padded features of a clip with `frames` real ones ->
-        [tokens_for(frames), d_model]."""
+    def encode(self, n: int, features: torch.Tensor) -> torch.Tensor:
+        """The layers' output [n, d_model] over the first `n` positions of [n_mels,
+        window] features: two convs (the second of stride 2) with GELU, the positions
+        added (Voxtral's tower too: models/voxtral.py)."""
         x = F.gelu(self.conv2(F.gelu(self.conv1(features[None]))))[0].T  # [positions, d]
-        n = (frames - 1) // 2 + 1  # the positions HF leaves unmasked
         x = x[:n] + self.embed_positions.weight[:n]
         for layer in self.layers:
             x = layer(x)
+        return x
+
+    def forward(self, features: torch.Tensor, frames: int) -> torch.Tensor:
+        """[n_mels, window] padded features of a clip with `frames` real ones ->
+        [tokens_for(frames), d_model]."""
+        x = self.encode((frames - 1) // 2 + 1, features)  # the positions HF leaves unmasked
         tokens = Qwen2AudioConfig.tokens_for(frames)
         x = x[:2 * tokens].view(tokens, 2, -1).mean(1)  # AvgPool1d(2, stride 2)
         return self.layer_norm(x)

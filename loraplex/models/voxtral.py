@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraplex.models.llava import VISION_ACTIVATIONS, VisionWeights, check_activation
-from loraplex.models.qwen2_audio import EncoderLayer
+from loraplex.models.qwen2_audio import AudioTower as Qwen2AudioTower
 
 
 def is_voxtral(hf_config: Any) -> bool:
@@ -155,25 +154,13 @@ def sinusoids(length: int, channels: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-class AudioTower(nn.Module):
-    """HF's VoxtralEncoder (its names), one window at a time, nothing masked."""
-
-    def __init__(self, c: VoxtralAudioConfig) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv1d(c.num_mel_bins, c.d_model, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(c.d_model, c.d_model, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(c.max_source_positions, c.d_model)
-        # (Qwen2-Audio's layers read the same field names)
-        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.layers))  # type: ignore
-        self.layer_norm = nn.LayerNorm(c.d_model)
+class AudioTower(Qwen2AudioTower):
+    """HF's VoxtralEncoder (its names; Qwen2-Audio's encoder without the pooling), one
+    window at a time, nothing masked."""
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         """[n_mels, 3000] -> [1500, d_model]."""
-        x = F.gelu(self.conv2(F.gelu(self.conv1(window[None]))))[0].T  # [positions, d]
-        x = x + self.embed_positions.weight
-        for layer in self.layers:
-            x = layer(x)
-        return self.layer_norm(x)
+        return self.layer_norm(self.encode(self.embed_positions.num_embeddings, window))
 
 
 class Projector(nn.Module):
