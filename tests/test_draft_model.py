@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -364,19 +365,27 @@ def test_adapter_added_tokens(models, tmp_path):
     """An adapter that adds tokens, greedy picks them often: the draft (base vocabulary)
     reads them as its last token, never proposes them, and the step carries on; the
     outputs are the plain engine's."""
+    spec, _ = check_added_tokens(models["base"], _spec(models, "same"), tmp_path)
+    assert _stats(spec).num_accepted_tokens > 0
+
+
+def check_added_tokens(base: Path, speculative_config: dict, tmp_path: Path
+                       ) -> tuple[Any, list[Any]]:
+    """Two prompts, one under an adapter that adds tokens (greedy picks them often), with
+    speculation: its outputs hold added tokens and are the plain engine's. Returns the
+    speculating LLM and its outputs (the adapter's first)."""
     from tests.fixtures import make_added_tokens_adapter
 
-    base = models["base"]
     adapter = make_added_tokens_adapter(base, tmp_path / "added", mode="resized", row_std=2.0)
     prompts = _prompts()[:2]
     loras = [LoRARequest("added", 1, str(adapter)), None]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=1)
     kw = dict(enable_lora=True, max_loras=1, max_lora_rank=8)
-    spec = make_llm(base, speculative_config=_spec(models, "same"), **kw)
+    spec = make_llm(base, speculative_config=speculative_config, **kw)
     outs, _ = _generate(spec, prompts, params, loras)
     assert any(t >= 512 for t in outs[0].outputs[0].token_ids)
     _assert_same(outs, _generate(make_llm(base, **kw), prompts, params, loras)[0])
-    assert _stats(spec).num_accepted_tokens > 0
+    return spec, outs
 
 
 def test_structured_outputs_get_no_drafts(models):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex import LoRARequest, SamplingParams
+from loraplex import SamplingParams
 from loraplex.engine.arg_utils import parse_speculative_config
 from tests.eagle_fixtures import (
     hf_features,
@@ -36,9 +36,12 @@ from tests.server_utils import clean_env, serve_cmd
 from tests.test_draft_model import (
     _assert_draft_cache_empty,
     _check_draft_cache,
+    _loras,
+    _prompts,
+    check_added_tokens,
     check_spec_server,
 )
-from tests.test_spec_decode import TEXTS, _assert_same, _generate
+from tests.test_spec_decode import _assert_same, _generate
 
 K = 3
 AUX = {"e3": [0, 2, 3], "e3s": [1, 2, 3]}  # the EAGLE-3 heads' target layers
@@ -83,16 +86,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
 def _spec(models: dict[str, Path], head: str, k: int = K) -> dict:
     return {"method": METHOD.get(head, "eagle"), "model": str(models[head]),
             "num_speculative_tokens": k}
-
-
-def _loras(models: dict[str, Path], names: list[str | None]) -> list[LoRARequest | None]:
-    return [LoRARequest(n, 1 if n == "r4" else 2, str(models[n])) if n else None
-            for n in names]
-
-
-def _prompts() -> list[list[int]]:
-    tok = load_tokenizer()
-    return [tok.encode(t) for t in TEXTS]
 
 
 def _stats(llm):
@@ -385,20 +378,8 @@ def test_adapter_added_tokens(models, tmp_path):
     """An adapter that adds tokens, greedy picks them often: the head (base vocabulary)
     reads them as its last token and never proposes them; the outputs are the plain
     engine's and HF + PEFT's."""
-    from tests.fixtures import make_added_tokens_adapter
-
-    base = models["base"]
-    adapter = make_added_tokens_adapter(base, tmp_path / "added", mode="resized", row_std=2.0)
-    prompts = _prompts()[:2]
-    loras = [LoRARequest("added", 1, str(adapter)), None]
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=1)
-    kw = dict(enable_lora=True, max_loras=1, max_lora_rank=8)
-    spec = make_llm(base, speculative_config=_spec(models, "e3"), **kw)
-    outs, _ = _generate(spec, prompts, params, loras)
-    assert any(t >= 512 for t in outs[0].outputs[0].token_ids)
-    _assert_same(outs, _generate(make_llm(base, **kw), prompts, params, loras)[0])
-    check_against_hf(outs, base, [adapter, None], prompts)
-    assert _stats(spec).num_drafts > 0
+    _, outs = check_added_tokens(models["base"], _spec(models, "e3"), tmp_path)
+    check_against_hf(outs, models["base"], [tmp_path / "added", None], _prompts()[:2])
 
 
 def test_structured_outputs_get_no_drafts(models):
