@@ -150,3 +150,28 @@ def check_jobs(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
         got = out.outputs[0].token_ids
         ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
         assert_matches_reference(out, ref, adapter)
+
+
+def audio_prompt(prompt: str, clips: list) -> dict | str:
+    """`prompt` with its audio clips as multi_modal_data (the prompt alone without)."""
+    return {"prompt": prompt, "multi_modal_data": {"audio": clips}} if clips else prompt
+
+
+def at_16k(c: tuple[Any, int]) -> Any:
+    """The waveform HF's feature extractor is given: 16 kHz (ours resampled, as vLLM
+    resamples)."""
+    from loraplex.engine.audio import resample
+
+    return resample(torch.from_numpy(c[0]), c[1], 16000).numpy()
+
+
+def check_audio(outs, paths: dict[str, Path], jobs: list[tuple[str, list, str | None]],
+                hf_logprobs: Any) -> None:
+    """Each output's tokens and logprobs HF's (+ PEFT's), as assert_matches_reference
+    holds them; `hf_logprobs(base, adapter, ids, waveforms at 16 kHz)`: the model's
+    reference log-softmax over `ids`."""
+    for out, (_, clips, adapter) in zip(outs, jobs, strict=True):
+        ids, got = out.prompt_token_ids, out.outputs[0].token_ids
+        ref = hf_logprobs(paths["base"], paths[adapter] if adapter else None,
+                          ids + got[:-1], [at_16k(c) for c in clips])[len(ids) - 1:]
+        assert_matches_reference(out, ref, adapter)

@@ -33,6 +33,7 @@ from tests.granite_speech_fixtures import (
     make_tiny_granite_speech,
 )
 from tests.multimodal_fixtures import assert_matches_reference
+from tests.multimodal_fixtures import audio_prompt as audio
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
 ASK = "<|audio|>Transcribe this:"
@@ -46,10 +47,6 @@ def speech(tiny_root: Path) -> dict[str, Path]:
 
 def frames(c: tuple[np.ndarray, int]) -> torch.Tensor:
     return log_mel_frames(resample(torch.from_numpy(c[0]), c[1], RATE), MEL)
-
-
-def audio(prompt: str, clips: list) -> dict | str:
-    return {"prompt": prompt, "multi_modal_data": {"audio": clips}} if clips else prompt
 
 
 def check(outs, paths: dict[str, Path], jobs: list[tuple[str, list, str | None]]) -> None:

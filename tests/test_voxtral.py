@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from loraplex import LoRARequest, SamplingParams
-from loraplex.engine.audio import resample
 from tests.engine_utils import make_llm
-from tests.multimodal_fixtures import assert_matches_reference
+from tests.multimodal_fixtures import at_16k, check_audio
+from tests.multimodal_fixtures import audio_prompt as audio
 from tests.voxtral_fixtures import ASK, RATE, clip, hf_logprobs, make_tiny_voxtral
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
@@ -32,21 +32,8 @@ def vx(tiny_root: Path) -> dict[str, Path]:
     return make_tiny_voxtral(tiny_root / "voxtral", seed=70)
 
 
-def audio(prompt: str, clips: list) -> dict | str:
-    return {"prompt": prompt, "multi_modal_data": {"audio": clips}} if clips else prompt
-
-
-def at_16k(c: tuple[np.ndarray, int]) -> np.ndarray:
-    """The waveform HF's processor is given: 16 kHz (ours resampled, as vLLM resamples)."""
-    return resample(torch.from_numpy(c[0]), c[1], RATE).numpy()
-
-
 def check(outs, paths: dict[str, Path], jobs: list[tuple[str, list, str | None]]) -> None:
-    for out, (_, clips, adapter) in zip(outs, jobs, strict=True):
-        ids, got = out.prompt_token_ids, out.outputs[0].token_ids
-        ref = hf_logprobs(paths["base"], paths[adapter] if adapter else None,
-                          ids + got[:-1], [at_16k(c) for c in clips])[len(ids) - 1:]
-        assert_matches_reference(out, ref, adapter)
+    check_audio(outs, paths, jobs, hf_logprobs)
 
 
 @torch.no_grad()

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from loraplex import LoRARequest, SamplingParams
-from loraplex.engine.audio import resample
 from tests.engine_utils import make_llm
-from tests.multimodal_fixtures import assert_matches_reference
+from tests.multimodal_fixtures import assert_matches_reference, at_16k
 from tests.whisper_fixtures import (
     RATE,
     SOT,
@@ -39,11 +38,6 @@ def whisper(tiny_root: Path) -> dict[str, Path]:
 def whisper_llm(base: Path, **kw):
     kw.setdefault("max_model_len", 64)  # the decoder's max_target_positions
     return make_llm(base, **kw)
-
-
-def at_16k(c: tuple[np.ndarray, int]) -> np.ndarray:
-    """The waveform HF's extractor is given: 16 kHz (ours resampled, as vLLM resamples)."""
-    return resample(torch.from_numpy(c[0]), c[1], RATE).numpy()
 
 
 def plain(c: tuple[np.ndarray, int], decoder: str = SOT) -> dict:
