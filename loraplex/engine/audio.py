@@ -198,7 +198,13 @@ class AudioProcessor:
     def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its clips' inputs."""
         clips = self.features(data)
-        sizes = [(f.shape[0], self.config.tokens_for(f.shape[0])) for f in clips]
+        return self.inputs(ids, clips, [(f.shape[0], self.config.tokens_for(f.shape[0]))
+                                        for f in clips])
+
+    def inputs(self, ids: list[int], clips: list[torch.Tensor],
+               sizes: list[tuple[int, int]]) -> tuple[list[int], ImageInputs]:
+        """The prompt with each clip's placeholder expanded to its count (sizes: (frames,
+        placeholders) a clip), and the clips' features on an ImageInputs, each hashed."""
         ids = expand_placeholders(ids, self.placeholder, [n for _, n in sizes], "audio")
         positions = self.positions(ids)
         ranges = placeholder_ranges(positions, [n for _, n in sizes])

@@ -13,7 +13,6 @@ which drops what the user sent. The features travel on engine/images.py's ImageI
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -72,14 +71,8 @@ class Qwen2AudioProcessor(WhisperFeaturesProcessor):
     def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its clips' inputs."""
         clips = self.clips(data)
-        sizes = [(frames, self.config.tokens_for(frames)) for _, frames in clips]
-        ids = expand_placeholders(ids, self.placeholder, [n for _, n in sizes], "audio")
-        positions = self.positions(ids)
-        ranges = placeholder_ranges(positions, [n for _, n in sizes])
-        hashes = [hashlib.blake2b(b"audio" + f.numpy().tobytes(), digest_size=16).digest()
-                  for f, _ in clips]
-        return ids, ImageInputs(torch.cat([f for f, _ in clips]), positions, ranges, hashes,
-                                sizes=sizes)
+        return self.inputs(ids, [f for f, _ in clips],
+                           [(frames, self.config.tokens_for(frames)) for _, frames in clips])
 
     def expand(self, ids: list[int], data: Any) -> list[int]:
         counts = [self.config.tokens_for(self.frames(n)) for *_, n in self.checked(data)]

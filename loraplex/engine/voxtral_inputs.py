@@ -21,7 +21,6 @@ mistral_common decodes audio with.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 from typing import Any
 
@@ -81,12 +80,7 @@ class VoxtralAudioProcessor(WhisperFeaturesProcessor):
         n_mels = self.config.num_mel_bins
         sizes = [(f.shape[0] // n_mels, f.shape[0] // n_mels * self.config.tokens_per_window)
                  for f in clips]
-        ids = expand_placeholders(ids, self.placeholder, [n for _, n in sizes], "audio")
-        positions = self.positions(ids)
-        ranges = placeholder_ranges(positions, [n for _, n in sizes])
-        hashes = [hashlib.blake2b(b"audio" + f.numpy().tobytes(), digest_size=16).digest()
-                  for f in clips]
-        return ids, ImageInputs(torch.cat(clips), positions, ranges, hashes, sizes=sizes)
+        return self.inputs(ids, clips, sizes)
 
     def expand(self, ids: list[int], data: Any) -> list[int]:
         counts = [w * self.config.tokens_per_window for *_, w in self.checked(data)]
