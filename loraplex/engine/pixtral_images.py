@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from loraplex.engine.images import ImageInputs, load_images
+from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.models.pixtral import PixtralVisionConfig
 
 
@@ -94,13 +95,14 @@ class PixtralImageTokens:
         return None if inside else out
 
 
-class PixtralImageProcessor:
+class PixtralImageProcessor(MultimodalProcessor):
     """The model's HF image processor plus PixtralProcessor's placeholder rule."""
 
     def __init__(self, path: str, config: PixtralVisionConfig, tokenizer: Any) -> None:
         from transformers import AutoImageProcessor
 
         self.config = config
+        self.placeholder = config.image_token_id
         self.hf = AutoImageProcessor.from_pretrained(path)
         self.tokens = PixtralImageTokens(tokenizer, config, path)
         size = self.hf.size if isinstance(self.hf.size, dict) else vars(self.hf.size)
