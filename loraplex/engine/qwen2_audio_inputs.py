@@ -36,6 +36,12 @@ class Qwen2AudioProcessor(WhisperFeaturesProcessor):
     def __init__(self, path: str, config: Qwen2AudioConfig) -> None:  # noqa: D107
         super().__init__(path, config, config.image_token_id)
 
+    def placeholder_text(self, modality: str, tokenizer: Any) -> str | None:
+        """vLLM's Qwen2-Audio text: the clip's 1-based number (chat_images.py fills {i}
+        in), its bos / eos around the placeholder."""
+        text = super().placeholder_text(modality, tokenizer)
+        return None if text is None else f"Audio {{i}}: <|audio_bos|>{text}<|audio_eos|>"
+
     def checked(self, data: Any) -> list[tuple[torch.Tensor, int, int]]:
         """Each clip checked: (waveform, its rate, its length in samples at the
         extractor's rate once resampled)."""
