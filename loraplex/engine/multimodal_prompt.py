@@ -1,9 +1,11 @@
-"""A prompt's multi_modal_data on its way into the engine: the model's processor picked by
-its vision / audio config's class (PROCESSORS, one line a model family), the prompt's items
-counted against limit_mm_per_prompt, turned into the prompt with its placeholders expanded
-and one ImageInputs (or processed inputs the server gave checked and taken as they are),
-and the default_mm_loras adapter of a prompt that names none. LLMEngine.add_request calls
-it; no code here names a model beyond the table.
+"""A prompt's multi_modal_data on its way into the engine. At start-up: which encoder
+config a checkpoint gets under limit_mm_per_prompt (`encoder_config`) and the model's
+processor, picked by that config's class (PROCESSORS, one line a model family). Per
+request (LLMEngine.add_request): the prompt's items counted against limit_mm_per_prompt,
+turned by the processor into the prompt with its placeholders expanded and one ImageInputs
+(or processed inputs the server gave, checked and taken as they are), and the
+default_mm_loras adapter of a prompt that names none. What differs between models is the
+processor's (engine/multimodal_processor.py), so the engine names none.
 """
 
 from __future__ import annotations
