@@ -41,6 +41,9 @@ class MultimodalProcessor:
     def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
         raise NotImplementedError
 
+    def expand(self, ids: list[int], items: Any) -> list[int]:
+        raise NotImplementedError
+
     def check(self, ids: list[int], inputs: ImageInputs) -> None:
         """Processed inputs given with a prompt (the server's) must be that prompt's:
         ValueError otherwise."""
@@ -51,6 +54,12 @@ class MultimodalProcessor:
         """A prompt's raw multi_modal_data (its keys within `modalities`): the prompt with
         its placeholders expanded, and its items' inputs."""
         return self(ids, data[self.modalities[0]])
+
+    def expanded(self, ids: list[int], data: Mapping[str, Any]) -> list[int]:
+        """The prompt with its placeholders expanded for multi_modal_data's raw items,
+        without processing them (ValueError: they do not match): what the chat route's
+        /tokenize and usage count."""
+        return self.expand(ids, data[self.modalities[0]])
 
     def processed_inputs(self, data: Mapping[str, Any]) -> ImageInputs | None:
         """The ImageInputs processed already that multi_modal_data holds (the server puts

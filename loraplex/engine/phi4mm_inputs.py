@@ -109,6 +109,9 @@ class Phi4MMProcessor(MultimodalProcessor):
                 ) -> tuple[list[int], ImageInputs]:
         return self(ids, data.get("image"), audio=data.get("audio"))
 
+    def expanded(self, ids: list[int], data: Mapping[str, Any]) -> list[int]:
+        return self.expand(ids, data.get("image", []), data.get("audio"))
+
     def data_keys(self, inputs: ImageInputs) -> list[str]:
         return self.modalities_of(inputs)
 

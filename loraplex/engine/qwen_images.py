@@ -77,6 +77,9 @@ class QwenImageProcessor(MultimodalProcessor):
             return self(ids, data.get("image"), videos=data["video"])
         return self(ids, data["image"])
 
+    def expanded(self, ids: list[int], data: Mapping[str, Any]) -> list[int]:
+        return self.expand(ids, data.get("image", []), data.get("video"))
+
     def processed_inputs(self, data: Mapping[str, Any]) -> ImageInputs | None:
         """The server's inputs (under "image": its videos are items of them); raw videos
         beside them are processed with them, as raw items."""

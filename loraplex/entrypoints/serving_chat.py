@@ -133,13 +133,8 @@ class OpenAIServingChat(OpenAIServing):
                                   param="messages") from e
         ids = list(encoder(text, add_special_tokens=req.add_special_tokens).input_ids)
         if images:
-            try:
-                processor = engine.image_processor
-                if "audio" in engine.modalities[1:]:  # Phi-4-multimodal: images and audio
-                    ids = processor.expand(ids, images.images, images.audios)
-                else:
-                    ids = (processor.expand(ids, images.images, images.videos) if images.videos
-                           else processor.expand(ids, images.audios or images.images))
+            try:  # (engine/multimodal_processor.py: whichever modalities the model takes)
+                ids = engine.image_processor.expanded(ids, images.multi_modal_data())
             except ValueError as e:
                 raise BadRequestError(f"messages: {e}", param="messages") from e
         return text, ids, images
