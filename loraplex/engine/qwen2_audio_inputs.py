@@ -30,8 +30,8 @@ from loraplex.models.qwen2_audio import Qwen2AudioConfig
 
 
 class Qwen2AudioProcessor(WhisperFeaturesProcessor):
-    """Qwen2-Audio's features and placeholder rule (Granite Speech's AudioProcessor
-    interface, so the engine routes it as audio)."""
+    """Qwen2-Audio's features and placeholder rule (an AudioProcessor: audio only, and
+    its placeholder text numbers the clips)."""
 
     def __init__(self, path: str, config: Qwen2AudioConfig) -> None:  # noqa: D107
         super().__init__(path, config, config.image_token_id)

@@ -39,8 +39,8 @@ from loraplex.models.voxtral import VoxtralAudioConfig
 
 
 class VoxtralAudioProcessor(WhisperFeaturesProcessor):
-    """Voxtral's features and placeholder rule (Granite Speech's AudioProcessor interface,
-    so the engine routes it as audio)."""
+    """Voxtral's features and placeholder rule (an AudioProcessor: audio only; under the
+    Mistral tokenizer a chat's clips go to mistral_common)."""
 
     def __init__(self, path: str, config: VoxtralAudioConfig) -> None:  # noqa: D107
         # Mistral's format ships no preprocessor_config.json: Whisper's extractor at

@@ -92,8 +92,8 @@ def decoder_prompt(prompt: Any, tokenizer: Any) -> dict[str, Any]:
 
 
 class WhisperAudioProcessor(WhisperFeaturesProcessor):
-    """Whisper's features (the AudioProcessor interface, so the engine routes it as
-    audio); no placeholders."""
+    """Whisper's features (an AudioProcessor: audio only); no placeholders, and its own
+    prompt forms (request_prompt)."""
 
     def __init__(self, path: str, config: WhisperConfig) -> None:  # noqa: D107
         super().__init__(path, config, None)
