@@ -131,10 +131,13 @@ def test_options_refused_alone():
     assert ok.timestamps and not ok.stream
 
 
-def test_server_long_streamed_and_timestamped(whisper):
+def test_server_long_streamed_and_timestamped(whisper, tmp_path):
     """One server: the 70 s clip under an adapter (json, the openai client's stream, raw
-    SSE events with usage), verbose_json on the base with each chunk's offset, and bad
-    requests each failing alone."""
+    SSE events with usage), verbose_json on the base with each chunk's offset, bad
+    requests each failing alone, and a stream failing after it started (its adapter,
+    evicted from the host tier, can no longer be read): an error event, then [DONE]."""
+    import shutil
+
     import openai
 
     from tests.server_utils import RemoteServer
@@ -145,8 +148,11 @@ def test_server_long_streamed_and_timestamped(whisper):
     chunks = [heard[a:b] for a, b in split_audio(heard, ChunkConfig())]
     assert [len(c) for c in chunks] == [CUTS[0], CUTS[1] - CUTS[0], len(x) - CUTS[1]]
     tok = AutoTokenizer.from_pretrained(str(whisper["base"]))
+    r8 = tmp_path / "r8"
+    shutil.copytree(whisper["r8"], r8)
     args = ["--max-model-len", "64", "--dtype", "float32", "--enable-lora",
-            "--max-lora-rank", "8", "--lora-modules", f"r8={whisper['r8']}"]
+            "--max-lora-rank", "8", "--max-loras", "1", "--max-cpu-loras", "1",
+            "--lora-modules", f"r8={r8}", f"r4={whisper['r4']}"]
     with RemoteServer(whisper["base"], args) as server:
         client = server.get_client()
         # the chunks' texts, HF (+ PEFT)'s greedy replies joined in order
@@ -218,3 +224,16 @@ def test_server_long_streamed_and_timestamped(whisper):
                                                    extra_body={"max_completion_tokens": 4})
         assert short.text == tok.decode(_hf_greedy(whisper, "r8", PROMPT + "<|notimestamps|>",
                                                    heard[:RATE], 4), skip_special_tokens=True)
+        # r4 takes r8's place in the host tier; r8's file is then broken: its stream fails
+        evicting = client.audio.transcriptions.create(model="r4", file=("a.wav", one_second),
+                                                      language="en",
+                                                      extra_body={"max_completion_tokens": 4})
+        (r8 / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+        r = server.post("v1/audio/transcriptions", files={"file": ("a.wav", one_second)},
+                        data={"model": "r8", "language": "en", "stream": "true"})
+        lines = [ln[6:] for ln in r.text.split("\n\n") if ln.startswith("data: ")]
+        assert r.status_code == 200 and lines[-1] == "[DONE]" and len(lines) == 2
+        assert "cannot read weights" in json.loads(lines[0])["error"]["message"]
+        assert client.audio.transcriptions.create(
+            model="r4", file=("a.wav", one_second), language="en",
+            extra_body={"max_completion_tokens": 4}).text == evicting.text
