@@ -39,15 +39,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
-import torch
-
-from loraplex.engine.audio import resample
 from loraplex.engine.audio_decode import decode_audio
 from loraplex.engine.qwen2_audio_inputs import Qwen2AudioProcessor
 from loraplex.engine.voxtral_inputs import VoxtralAudioProcessor, transcription_ids
 from loraplex.engine.whisper_inputs import WhisperAudioProcessor
-from loraplex.entrypoints.audio_chunks import ChunkConfig, split_audio
+from loraplex.entrypoints.audio_chunks import chunk_config, cut
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.serving_base import EngineRequests, OpenAIServing
 from loraplex.entrypoints.transcription_options import (
@@ -106,8 +102,8 @@ class OpenAIServingTranscription(OpenAIServing):
         except ValueError as e:
             raise BadRequestError(f"file: {e}", param="file") from e
         processor = engine.image_processor
-        chunking = _chunk_config(processor)
-        clips = await self.off_loop(_chunks, wave, rate, chunking)
+        chunking = chunk_config(processor)
+        clips = await self.off_loop(cut, wave, rate, chunking)
         language = None
         if isinstance(processor, WhisperAudioProcessor):
             language = text_field(fields, "language") or await self._detect_language(
@@ -115,6 +111,33 @@ class OpenAIServingTranscription(OpenAIServing):
         prompts = [await self.off_loop(self._chunk_prompt, c, fields, language, task,
                                        opts.timestamps) for c in clips]
         request_id = f"{'trsl' if task == 'translate' else 'trsc'}-{uuid.uuid4().hex}"
+        chunks = await self._queue_chunks(request_id, prompts, opts, model, lora)
+        seconds = len(wave) / rate
+        if opts.stream:
+            spec = StreamSpec(request_id, "translation.chunk" if task == "translate"
+                              else "transcription.chunk", model or engine.model_config.name,
+                              self._prompt_tokens(prompts, seconds), opts.include_usage,
+                              opts.continuous_usage)
+            everything = EngineRequests(sum((q.ids for q in chunks), []),
+                                        sum((q.streams for q in chunks), []))
+            return self.sse(transcription_events(spec, chunks, self.check_output), everything)
+        try:
+            finals = await asyncio.gather(*(self.final_output(q) for q in chunks))
+        except BaseException:  # one failed: the others stop too
+            for queued in chunks:
+                await self.abort_all(queued)
+            raise
+        usage = {"type": "duration", "seconds": math.ceil(seconds)}
+        if opts.timestamps:
+            return self._verbose(finals, clips, chunking, task, language, opts, seconds, usage)
+        out = "".join(f.outputs[0].text for f in finals)
+        return out if opts.response_format == "text" else {"text": out, "usage": usage}
+
+    async def _queue_chunks(self, request_id: str, prompts: list[tuple[str, list[int], Any]],
+                            opts: TranscriptionOptions, model: str | None, lora: Any
+                            ) -> list[EngineRequests]:
+        """Every chunk's request queued (all or none), under the request's adapter: they
+        run in the same steps."""
         chunks: list[EngineRequests] = []
         try:
             for i, (text, ids, inputs) in enumerate(prompts):
@@ -131,21 +154,7 @@ class OpenAIServingTranscription(OpenAIServing):
             for queued in chunks:
                 await self.abort_all(queued)
             raise
-        seconds = len(wave) / rate
-        if opts.stream:
-            spec = StreamSpec(request_id, "translation.chunk" if task == "translate"
-                              else "transcription.chunk", model or engine.model_config.name,
-                              self._prompt_tokens(prompts, seconds), opts.include_usage,
-                              opts.continuous_usage)
-            everything = EngineRequests(sum((q.ids for q in chunks), []),
-                                        sum((q.streams for q in chunks), []))
-            return self.sse(transcription_events(spec, chunks, self.check_output), everything)
-        finals = await asyncio.gather(*(self.final_output(q) for q in chunks))
-        usage = {"type": "duration", "seconds": math.ceil(seconds)}
-        if opts.timestamps:
-            return self._verbose(finals, clips, chunking, task, language, opts, seconds, usage)
-        out = "".join(f.outputs[0].text for f in finals)
-        return out if opts.response_format == "text" else {"text": out, "usage": usage}
+        return chunks
 
     def _check_model(self, task: str) -> None:
         """400 unless the model serves the route."""
@@ -300,22 +309,3 @@ class OpenAIServingTranscription(OpenAIServing):
             raise BadRequestError(f"file: {e}", param="file") from e
         return text, ids, inputs
 
-
-def _chunk_config(processor: Any) -> ChunkConfig | None:
-    """How the model's clips are cut (None: Voxtral's are not), at its sample rate."""
-    if isinstance(processor, VoxtralAudioProcessor):
-        return None
-    if isinstance(processor, WhisperAudioProcessor):  # its extractor's window, as vLLM's
-        return ChunkConfig(rate=processor.rate,
-                           max_audio_clip_s=int(processor.extractor.chunk_length))
-    rate = getattr(processor, "rate", None) or processor.mel.sampling_rate
-    return ChunkConfig(rate=int(rate))  # vLLM's defaults (Granite Speech's)
-
-
-def _chunks(wave: np.ndarray, rate: int, config: ChunkConfig | None
-            ) -> list[tuple[np.ndarray, int]]:
-    """The clip as (waveform, rate) chunks: at the model's rate, cut where it is quiet."""
-    if config is None:
-        return [(wave, rate)]
-    x = resample(torch.from_numpy(np.asarray(wave, np.float32)), rate, config.rate).numpy()
-    return [(x[a:b], config.rate) for a, b in split_audio(x, config)]
