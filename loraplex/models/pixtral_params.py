@@ -27,6 +27,8 @@ _KNOWN = {"hidden_size", "num_channels", "image_size", "max_image_size", "patch_
           "rope_theta", "intermediate_size", "num_hidden_layers", "num_attention_heads",
           "image_token_id", "image_break_token_id", "image_end_token_id", "adapter_bias",
           "spatial_merge_size", "add_pre_mm_projector_layer_norm", "mm_projector_id"}
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "patch_size")
 
 
 def vision_block(params: dict[str, Any]) -> dict[str, Any] | None:
@@ -54,6 +56,9 @@ def config_from_params(params: dict[str, Any], text: Any) -> Any:
     if unknown:
         raise ValueError(f"params.json's vision encoder has {', '.join(unknown)}, which "
                          "loraplex does not read")
+    missing = [k for k in _REQUIRED if v.get(k) is None]
+    if missing:
+        raise ValueError(f"params.json's vision encoder lacks {', '.join(missing)}")
     merge, norm = v.get("mm_projector_id") == PATCH_MERGE, \
         bool(v.get("add_pre_mm_projector_layer_norm"))
     if v.get("mm_projector_id") not in (None, "", PATCH_MERGE) or merge != norm:
