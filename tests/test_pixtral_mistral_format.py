@@ -14,6 +14,7 @@ with LoRA on the tower and projector too (--enable-tower-connector-lora), in one
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import openai
@@ -197,3 +198,16 @@ def test_server_chat(small31):
                 chat_token_ids(client, base, parts)
             assert re.search(match, info.value.body["message"]), info.value.body
         assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving
+
+
+def test_hf_layout_under_mistral_tokenizer(small31, tmp_path):
+    """An HF-format Mistral 3 with Mistral's tokenizer beside it (tokenizer_mode
+    "mistral", no HF image processor): its chats' images take mistral_common's encoding
+    too, HF's output on them."""
+    hf = Path(shutil.copytree(small31["base"], tmp_path / "hf"))
+    shutil.copy(small31["mistral"] / "tekken.json", hf / "tekken.json")
+    llm = make_llm(hf, tokenizer_mode="mistral")
+    assert not llm.llm_engine.mistral_format.weights
+    jobs = [([image(1), ASK], None), ([image(2, (30, 50)), ASK], None)]
+    outs = llm.chat([conversation(p) for p, _ in jobs], GREEDY, use_tqdm=False)
+    check(outs, small31, jobs)
