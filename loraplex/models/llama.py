@@ -158,11 +158,18 @@ class LlamaArgs:
     mamba: Mamba2Args | None = None
     mamba_layers: tuple[int, ...] = ()
     shared_mlp_size: int = 0
+    # Bamba's, Mamba2's and Nemotron-H's layers (models/mamba_hybrid.py): "bamba", or
+    # "mixer_block" with the layers whose mixer is an MLP (Nemotron-H's); their adapters'
+    # module path components -> ours (backbone -> model)
+    hybrid_layer: str = ""
+    mlp_layers: tuple[int, ...] = ()
+    adapter_aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def num_attention_layers(self) -> int:
-        """The layers with a KV cache (a hybrid's mixers hold a state instead)."""
-        return self.num_layers - len(self.mamba_layers)
+        """The layers with a KV cache (a hybrid's mixers hold a state instead; Nemotron-H's
+        MLP layers nothing)."""
+        return self.num_layers - len(self.mamba_layers) - len(self.mlp_layers)
 
     @property
     def host_routed(self) -> bool:
@@ -382,12 +389,13 @@ class LlamaModel(nn.Module):
                                                         a.max_position, *a.local_rope,
                                                         rows=a.rope_rows)
         layer_cls = LlamaDecoderLayer
-        if a.granite_moe:  # GraniteMoe's layers, Granite 4.0's mixers among them
-            from loraplex.models.granite_hybrid import GraniteHybridDecoderLayer
-            layer_cls = GraniteHybridDecoderLayer
+        if a.granite_moe or a.hybrid_layer:  # GraniteMoe's layers, Granite 4.0's mixers
+            # among them; Bamba's, Mamba2's, Nemotron-H's (models/mamba_hybrid.py)
+            from loraplex.models.mamba_hybrid import layer_class
+            layer_cls = layer_class(a)
         self.layers = nn.ModuleList(
             layer_cls(a, local if i in a.window_layers else rotary,
-                              f"model.layers.{i}", i) for i in range(a.num_layers))
+                      f"model.layers.{i}", i) for i in range(a.num_layers))
         self.norm = a.norm(a.hidden_size)
         # an EAGLE-3 head reads the residual stream entering these layers (vLLM's
         # aux_hidden_state_layers): each forward then keeps them, concatenated, in
@@ -501,6 +509,8 @@ class LlamaForCausalLM(nn.Module):
             self.lora_target_modules = HYBRID_LORA_TARGETS
             self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()
                                            if k in ("q_proj", "k_proj", "v_proj")}
+        elif args.mamba is not None:  # Bamba, Mamba2, Nemotron-H: the mixers' projections
+            self.lora_target_modules = self.lora_target_modules + ("in_proj", "out_proj")
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:
