@@ -22,7 +22,14 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from loraplex import SamplingParams
-from tests.engine_utils import check_against_hf, check_mixed_batch, lora_requests, make_llm
+from loraplex.models.registry import build_model
+from tests.engine_utils import (
+    GREEDY,
+    check_against_hf,
+    check_mixed_batch,
+    lora_requests,
+    make_llm,
+)
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -45,7 +52,7 @@ def mamba2_config(vocab_size: int):
     return transformers.Mamba2Config(
         vocab_size=vocab_size, **{**kw, "num_hidden_layers": 2}, num_heads=4, head_dim=32,
         expand=2, state_size=16, n_groups=GROUPS, conv_kernel=4, chunk_size=8,
-        tie_word_embeddings=True)
+        tie_word_embeddings=TRANSFORMERS_5)  # (4.56 cannot save Mamba2's tied lm_head)
 
 
 def nemotron_h_config(vocab_size: int):
@@ -73,6 +80,9 @@ ADAPTER_TARGETS = {
 def _skip_reason(kind: str) -> str | None:
     if kind == "nemotron_h" and not hasattr(transformers, "NemotronHConfig"):
         return f"transformers {transformers.__version__} has no NemotronH"
+    if kind == "mamba2" and not TRANSFORMERS_5:  # (its cache_params, not past_key_values)
+        return "transformers 4's Mamba2 keeps its state apart from past_key_values, which " \
+               "the HF reference (fixtures.hf_greedy) threads"
     return None
 
 
@@ -130,3 +140,30 @@ def test_preemption_recomputes_the_state(hybrid, prompts):
     assert engine.scheduler.num_preemptions > 0
     assert engine.model_runner.mamba_state.num_free_slots == engine.model_runner.max_num_seqs
     check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
+
+
+def test_mamba2_has_no_kv_cache(tiny_root, prompts):
+    """Mamba2 has no attention layer: a KV block costs nothing, so there are as many as
+    max_num_seqs sequences of max_model_len take (the scheduler still counts them), the
+    budget goes to the state slots, and with no max_model_len given a config without
+    max_position_embeddings serves 2048 positions."""
+    if (reason := _skip_reason("mamba2")) is not None:
+        pytest.skip(reason)
+    base = make_model(tiny_root / "mamba2_no_kv" / "base", "mamba2", 95)
+    llm = make_llm(base, max_model_len=None, max_num_seqs=4, block_size=8)
+    runner = llm.llm_engine.model_runner
+    assert not runner.attention_layers and runner._bytes_per_block() == 0
+    assert runner.max_model_len == 2048 and runner.num_blocks == 4 * 2048 // 8
+    out = llm.generate([{"prompt_token_ids": prompts[2]}], GREEDY, use_tqdm=False)
+    check_against_hf(out, base, [None], [prompts[2]])
+
+
+def test_unsupported_layer_kinds_refused():
+    """Nemotron-H's mixture-of-experts layers (Nemotron 3) are refused by name."""
+    if (reason := _skip_reason("nemotron_h")) is not None:
+        pytest.skip(reason)
+    cfg = nemotron_h_config(64)
+    cfg.layers_block_type = ["linear_attention", "moe", "full_attention", "mlp"]
+    cfg.architectures = ["NemotronHForCausalLM"]
+    with pytest.raises(ValueError, match=r"layer types \['moe'\] are not supported"):
+        build_model(cfg)
