@@ -64,7 +64,22 @@ def nemotron_h_config(vocab_size: int):
         conv_kernel=4, expand=2, chunk_size=8, tie_word_embeddings=False)
 
 
-CONFIGS = {"bamba": bamba_config, "mamba2": mamba2_config, "nemotron_h": nemotron_h_config}
+def falcon_h1_config(vocab_size: int):
+    """2 layers (each attends beside its mixer), every muP multiplier away from 1, the
+    mixers' gated norm after the gate."""
+    return transformers.FalconH1Config(
+        vocab_size=vocab_size, **{**MAMBA, "num_hidden_layers": 2}, **ATTENTION,
+        intermediate_size=96, mamba_d_ssm=None, mamba_n_heads=4, mamba_n_groups=GROUPS,
+        mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=8,
+        mamba_rms_norm=True, mamba_norm_before_gate=True, tie_word_embeddings=False,
+        embedding_multiplier=1.5, lm_head_multiplier=0.8, key_multiplier=0.9,
+        attention_in_multiplier=1.2, attention_out_multiplier=0.8, mlp_multipliers=[0.7, 1.3],
+        ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.9], ssm_in_multiplier=1.1,
+        ssm_out_multiplier=0.7)
+
+
+CONFIGS = {"bamba": bamba_config, "mamba2": mamba2_config, "nemotron_h": nemotron_h_config,
+           "falcon_h1": falcon_h1_config}
 # the adapters of each, of ranks 4 and 8: the mixers' projections (with attention's q / v
 # where there is attention), and every linear. PEFT refuses LoRA on the mixers' out_proj
 # of Mamba2 and Nemotron-H (HF's fused kernels read its weight), so theirs leave it out
@@ -74,6 +89,9 @@ ADAPTER_TARGETS = {
     "mamba2": (["in_proj"], ["in_proj", "embeddings"]),
     "nemotron_h": (["in_proj", "q_proj", "v_proj"],
                    ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
+    "falcon_h1": (["in_proj", "q_proj", "v_proj"],
+                  ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                   "down_proj"]),
 }
 
 
@@ -121,7 +139,8 @@ def test_mixed_batch_in_chunks(hybrid, prompts):
     runner = llm.llm_engine.model_runner
     assert runner.num_mixed_steps > 0
     assert runner.mamba_state.num_free_slots == runner.max_num_seqs
-    assert len(runner.attention_layers) == {"bamba": 2, "mamba2": 0, "nemotron_h": 1}[kind]
+    assert len(runner.attention_layers) == {"bamba": 2, "mamba2": 0, "nemotron_h": 1,
+                                            "falcon_h1": 2}[kind]
 
 
 def test_preemption_recomputes_the_state(hybrid, prompts):

@@ -56,6 +56,7 @@ from loraplex.layers.moe import GroupedTopK, SparseMoE
 from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.models.falcon_h1 import FalconH1Args
 from loraplex.models.llama4 import Llama4Args, Llama4MoE, l2_norm
 from loraplex.models.text_only import TextOnly
 
@@ -164,11 +165,18 @@ class LlamaArgs:
     hybrid_layer: str = ""
     mlp_layers: tuple[int, ...] = ()
     adapter_aliases: tuple[tuple[str, str], ...] = ()
+    # Falcon-H1 (models/falcon_h1.py): every layer attends beside its mixer; its keys
+    # scaled by key_multiplier after k_proj
+    parallel_mamba: bool = False
+    key_multiplier: float = 1.0
+    falcon_h1: FalconH1Args | None = None  # its layers' other multipliers
 
     @property
     def num_attention_layers(self) -> int:
         """The layers with a KV cache (a hybrid's mixers hold a state instead; Nemotron-H's
         MLP layers nothing)."""
+        if self.parallel_mamba:
+            return self.num_layers
         return self.num_layers - len(self.mamba_layers) - len(self.mlp_layers)
 
     @property
@@ -225,6 +233,7 @@ class LlamaAttention(nn.Module):
         self.temperature = l4 if l4 and l4.temperature_tuning and self.rotary is None \
             else None
         self.position_query_scale = a.position_query_scale
+        self.key_multiplier = a.key_multiplier
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap, window or 0, chunk=chunk)
@@ -233,6 +242,8 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm_full:  # OLMo 2: over every head's dimensions together
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.key_multiplier != 1.0:  # Falcon-H1
+            k = k * self.key_multiplier
         q = q.view(x.shape[0], -1, self.head_dim)  # [T, H, D]
         k = k.view(x.shape[0], -1, self.head_dim)  # [T, KVH, D]
         v = v.view(x.shape[0], -1, self.head_dim)

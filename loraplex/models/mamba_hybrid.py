@@ -25,6 +25,7 @@ from torch import nn
 
 from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.models.falcon_h1 import FALCON_H1, FalconH1DecoderLayer, falcon_h1_flags
 from loraplex.worker.context import get_context
 
 _MAMBA_TYPES = ("mamba", "linear_attention", "M")
@@ -51,7 +52,8 @@ _MAMBA_FIELDS = {
                    "layer_norm_epsilon"),
 }
 _FAMILY = {"GraniteMoeHybridForCausalLM": "granite", "BambaForCausalLM": "granite",
-           "Mamba2ForCausalLM": "mamba2", "NemotronHForCausalLM": "nemotron_h"}
+           "FalconH1ForCausalLM": "granite", "Mamba2ForCausalLM": "mamba2",
+           "NemotronHForCausalLM": "nemotron_h"}
 
 
 class HybridDecoderLayer(nn.Module):
@@ -120,6 +122,8 @@ def layer_class(a: Any) -> type[nn.Module]:
         return BambaDecoderLayer
     if a.hybrid_layer == "mixer_block":
         return MixerBlock
+    if a.hybrid_layer == "falcon_h1":
+        return FalconH1DecoderLayer
     from loraplex.models.granite_hybrid import GraniteHybridDecoderLayer
     return GraniteHybridDecoderLayer
 
@@ -129,7 +133,7 @@ def layer_kinds(hf: Any, name: str) -> list[str]:
     (transformers 5), layers_block_type (Granite, Nemotron-H on 4.x) or
     hybrid_override_pattern (Nemotron-H's hub configs, read by its remote code: M, *, -);
     Mamba2's are all mixers. Other kinds (Nemotron-H's "moe") are refused."""
-    if name == "Mamba2ForCausalLM":
+    if name in ("Mamba2ForCausalLM", FALCON_H1):  # (Falcon-H1's attend beside them)
         return ["mamba"] * int(hf.num_hidden_layers)
     types = list(getattr(hf, "layer_types", None) or getattr(hf, "layers_block_type", None)
                  or getattr(hf, "hybrid_override_pattern", None) or [])
@@ -150,6 +154,8 @@ def mamba2_args(hf: Any, name: str) -> Mamba2Args:
     hidden = int(hf.hidden_size)
     inner = int(heads) * int(head_dim) if name == "NemotronHForCausalLM" \
         else int(expand * hidden)
+    if name == FALCON_H1 and hf.mamba_d_ssm is not None:
+        inner = int(hf.mamba_d_ssm)
     if head_dim in (None, "auto"):
         head_dim = inner // int(heads)
     act = getattr(hf, "mamba_hidden_act" if name == "NemotronHForCausalLM" else "hidden_act",
@@ -158,11 +164,15 @@ def mamba2_args(hf: Any, name: str) -> Mamba2Args:
         raise ValueError(f"{name}: the Mamba2 mixers' activation {act!r} is not supported "
                          "(silu)")
     limit = getattr(hf, "time_step_limit", None) or (0.0, float("inf"))
+    falcon = {} if name != FALCON_H1 else dict(  # (HF's default ssm_multipliers: 1)
+        norm_before_gate=bool(hf.mamba_norm_before_gate), gated_norm=bool(hf.mamba_rms_norm),
+        out_proj_bias=bool(hf.projectors_bias), in_multiplier=float(hf.ssm_in_multiplier),
+        zxbcdt_multipliers=tuple(float(v) for v in hf.ssm_multipliers or (1.0,) * 5))
     return Mamba2Args(num_heads=int(heads), head_dim=int(head_dim), state_size=int(state),
                       n_groups=int(groups), conv_kernel=int(conv), intermediate_size=inner,
                       chunk_size=int(chunk), conv_bias=bool(conv_bias),
                       proj_bias=bool(proj_bias), eps=float(eps),
-                      time_step_limit=(float(limit[0]), float(limit[1])))
+                      time_step_limit=(float(limit[0]), float(limit[1])), **falcon)
 
 
 def mamba_flags(hf: Any, name: str) -> dict[str, Any]:
@@ -172,6 +182,8 @@ def mamba_flags(hf: Any, name: str) -> dict[str, Any]:
     head rotated on Bamba (its fixed partial_rotary_factor)."""
     if name not in _FAMILY or name == "GraniteMoeHybridForCausalLM":
         return {}
+    if name == FALCON_H1:
+        return dict(falcon_h1_flags(hf), mamba=mamba2_args(hf, name))
     kinds = layer_kinds(hf, name)
     flags = dict(mamba=mamba2_args(hf, name),
                  mamba_layers=tuple(i for i, k in enumerate(kinds) if k == "mamba"))

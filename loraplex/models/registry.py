@@ -87,6 +87,8 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "BambaForCausalLM": {},
     "Mamba2ForCausalLM": {},
     "NemotronHForCausalLM": {"ungated_mlp": ("up_proj", "down_proj")},
+    # attention beside a Mamba2 mixer in every layer, muP multipliers (models/falcon_h1.py)
+    "FalconH1ForCausalLM": {},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -117,12 +119,12 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "granitemoe": "GraniteMoeForCausalLM",
                   "granitemoeshared": "GraniteMoeSharedForCausalLM",
                   "bamba": "BambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
-                  "nemotron_h": "NemotronHForCausalLM",
+                  "nemotron_h": "NemotronHForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
                   **DEEPSEEK_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
-                   "BambaForCausalLM",
+                   "BambaForCausalLM", "FalconH1ForCausalLM",
                    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
                    "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
                    "HunYuanDenseV1ForCausalLM", "ArceeForCausalLM", "NemotronForCausalLM",
@@ -130,7 +132,7 @@ _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHIT
                    "OlmoeForCausalLM")
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
              "ArceeForCausalLM", "NemotronForCausalLM", "BambaForCausalLM",
-             "NemotronHForCausalLM")
+             "NemotronHForCausalLM", "FalconH1ForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu", "relu2": "relu2"}
 _DEFAULT_MAX_POSITIONS = 2048  # a config without max_position_embeddings (Mamba2)
