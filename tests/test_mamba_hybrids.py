@@ -186,3 +186,24 @@ def test_unsupported_layer_kinds_refused():
     cfg.architectures = ["NemotronHForCausalLM"]
     with pytest.raises(ValueError, match=r"layer types \['moe'\] are not supported"):
         build_model(cfg)
+
+
+def test_falcon_h1_without_mixer_norm(tiny_root, prompts):
+    """Falcon-H1 with mamba_rms_norm off (y * silu(z), no norm weight in the checkpoint)
+    and tied embeddings: the base and an adapter on the mixers and the MLP, in chunks."""
+    cfg = falcon_h1_config
+    root = tiny_root / "falcon_h1_no_norm"
+    tok = make_tokenizer(root / "base")
+    model_cfg = cfg(len(tok))
+    model_cfg.mamba_rms_norm, model_cfg.tie_word_embeddings = False, True
+    torch.manual_seed(96)
+    model = AutoModelForCausalLM.from_config(model_cfg, dtype=torch.float32)
+    _reinit_(model, 96, 0.2)
+    model.eval().save_pretrained(str(root / "base"))
+    base = root / "base"
+    adapters = {"r8": make_peft_adapter(base, root / "r8", r=8, lora_alpha=16, seed=97,
+                                        target_modules=["in_proj", "gate_proj", "down_proj"])}
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=8,
+                   max_num_batched_tokens=9)
+    assert llm.llm_engine.model.model.layers[0].mamba.norm is None
+    check_mixed_batch(llm, base, adapters, prompts, extra=2)
