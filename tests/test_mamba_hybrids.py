@@ -22,6 +22,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from loraplex import SamplingParams
+from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer, MambaBatch
 from loraplex.models.registry import build_model
 from tests.engine_utils import (
     GREEDY,
@@ -78,8 +79,19 @@ def falcon_h1_config(vocab_size: int):
         ssm_out_multiplier=0.7)
 
 
+def zamba2_config(vocab_size: int):
+    """Mixers, two of them after the one shared block (each invocation with its own q / k
+    / v and gate_up adapters of rank 8), rope in the block."""
+    return transformers.Zamba2Config(
+        vocab_size=vocab_size, **MAMBA, num_attention_heads=4, num_key_value_heads=4,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], intermediate_size=96,
+        n_mamba_heads=4, mamba_ngroups=GROUPS, mamba_d_state=16, mamba_d_conv=4,
+        mamba_expand=2, chunk_size=8, num_mem_blocks=1, use_shared_attention_adapter=True,
+        adapter_rank=8, use_mem_rope=True, tie_word_embeddings=True)
+
+
 CONFIGS = {"bamba": bamba_config, "mamba2": mamba2_config, "nemotron_h": nemotron_h_config,
-           "falcon_h1": falcon_h1_config}
+           "falcon_h1": falcon_h1_config, "zamba2": zamba2_config}
 # the adapters of each, of ranks 4 and 8: the mixers' projections (with attention's q / v
 # where there is attention), and every linear. PEFT refuses LoRA on the mixers' out_proj
 # of Mamba2 and Nemotron-H (HF's fused kernels read its weight), so theirs leave it out
@@ -89,15 +101,27 @@ ADAPTER_TARGETS = {
     "mamba2": (["in_proj"], ["in_proj", "embeddings"]),
     "nemotron_h": (["in_proj", "q_proj", "v_proj"],
                    ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
+    "zamba2": (["in_proj", "out_proj", "q_proj", "v_proj"],
+               ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj",
+                "down_proj", "linear"]),
     "falcon_h1": (["in_proj", "q_proj", "v_proj"],
                   ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                    "down_proj"]),
 }
 
 
+# Zamba2's weights and LoRA weights are drawn smaller: at the others' scale its mixers'
+# dt falls below its time_step_min, where HF's prefill clamps it and HF's decode does not
+# (loraplex clamps in both: test_decode_clamps_dt_as_a_prefill), so the HF reference
+# would disagree with itself
+INIT_STD, ADAPTER_SCALE = {"zamba2": 0.1}, {"zamba2": 0.1}
+
+
 def _skip_reason(kind: str) -> str | None:
     if kind == "nemotron_h" and not hasattr(transformers, "NemotronHConfig"):
         return f"transformers {transformers.__version__} has no NemotronH"
+    if kind == "zamba2" and not TRANSFORMERS_5:
+        return "transformers 4's Zamba2 ties its blocks' adapters per layer (another layout)"
     if kind == "mamba2" and not TRANSFORMERS_5:  # (its cache_params, not past_key_values)
         return "transformers 4's Mamba2 keeps its state apart from past_key_values, which " \
                "the HF reference (fixtures.hf_greedy) threads"
@@ -109,7 +133,7 @@ def make_model(out: Path, kind: str, seed: int) -> Path:
     tok = make_tokenizer(out)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[kind](len(tok)), dtype=torch.float32)
-    _reinit_(model, seed, 0.2)
+    _reinit_(model, seed, INIT_STD.get(kind, 0.2))
     model.eval().save_pretrained(str(out))
     return out
 
@@ -123,8 +147,11 @@ def hybrid(request, tiny_root: Path) -> tuple[str, Path, dict[str, Path]]:
     root = tiny_root / f"mamba_hybrid_{kind}"
     base = make_model(root / "base", kind, seed)
     mixer, every = ADAPTER_TARGETS[kind]
-    specs = {"r4_mixer": dict(r=4, lora_alpha=8, target_modules=mixer, seed=seed + 1),
-             "r8_all": dict(r=8, lora_alpha=16, target_modules=every, seed=seed + 2)}
+    scale = ADAPTER_SCALE.get(kind, 0.3)
+    specs = {"r4_mixer": dict(r=4, lora_alpha=8, target_modules=mixer, seed=seed + 1,
+                              scale=scale),
+             "r8_all": dict(r=8, lora_alpha=16, target_modules=every, seed=seed + 2,
+                            scale=scale)}
     return kind, base, {n: make_peft_adapter(base, root / n, **s) for n, s in specs.items()}
 
 
@@ -140,7 +167,7 @@ def test_mixed_batch_in_chunks(hybrid, prompts):
     assert runner.num_mixed_steps > 0
     assert runner.mamba_state.num_free_slots == runner.max_num_seqs
     assert len(runner.attention_layers) == {"bamba": 2, "mamba2": 0, "nemotron_h": 1,
-                                            "falcon_h1": 2}[kind]
+                                            "falcon_h1": 2, "zamba2": 2}[kind]
 
 
 def test_preemption_recomputes_the_state(hybrid, prompts):
@@ -207,3 +234,23 @@ def test_falcon_h1_without_mixer_norm(tiny_root, prompts):
                    max_num_batched_tokens=9)
     assert llm.llm_engine.model.model.layers[0].mamba.norm is None
     check_mixed_batch(llm, base, adapters, prompts, extra=2)
+
+
+@torch.no_grad()
+def test_decode_clamps_dt_as_a_prefill():
+    """A time_step_limit that clamps most of dt (Zamba2's is (time_step_min, inf)): 12
+    tokens as one prefill, and as a prefill of 5 then 7 decode steps, give the same
+    outputs and state (a preempted sequence's recompute equals its decode)."""
+    torch.manual_seed(3)
+    m = Mamba2Args(4, 32, 16, 2, 4, 128, 8, time_step_limit=(0.9, 1.5))
+    mixer = Mamba2Mixer(64, m)
+    for p in mixer.parameters():
+        p.normal_(0, 0.3)
+    mixer.conv_state = torch.zeros(2, m.conv_dim, 3)
+    mixer.ssm_state = torch.zeros(2, 4, 32, 16)
+    x = torch.randn(12, 64)
+    want = mixer(x, MambaBatch([(0, 12, 0, True)]))
+    got = [mixer(x[:5], MambaBatch([(0, 5, 1, True)]))]
+    got += [mixer(x[t:t + 1], MambaBatch([], 0, torch.tensor([1]))) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(got), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixer.ssm_state[1], mixer.ssm_state[0], atol=1e-5, rtol=1e-5)

@@ -11,7 +11,9 @@ Each sequence carries its own conv and SSM states from step to step, in state sl
 (worker/mamba_state.py) that this layer reads and writes as the step context says
 (`StepContext.mamba`): a prefill chunk runs the chunked scan of HF's torch_forward from
 the state its previous chunk left (zeros for a first chunk), a decode row one step of
-the recurrence. Plain torch, fp32 inside; no mamba_ssm / causal_conv1d kernels.
+the recurrence, dt clamped to time_step_limit in both (HF clamps it in its prefill only:
+the two differ where dt falls outside the limit, as Zamba2's lower one of time_step_min
+allows). Plain torch, fp32 inside; no mamba_ssm / causal_conv1d kernels.
 """
 
 from __future__ import annotations
@@ -230,7 +232,9 @@ class Mamba2Mixer(nn.Module):
             conv = conv + self.conv1d.bias
         self.conv_state[slots] = full[:, :, 1:]
         xs, b, c = self._split(F.silu(conv))
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # [D, H]
+        # clamped as in a prefill (HF's and mamba_ssm's decode step does not), so a token's
+        # state is the same whether it was decoded or recomputed in a prefill (preemption)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.m.time_step_limit)
         da = torch.exp(dt * -torch.exp(self.A_log.float()))
         h = self.ssm_state[slots].float() * da[..., None, None] \
             + (dt[..., None] * xs)[..., None] * b[:, :, None, :]  # [D, H, P, N]

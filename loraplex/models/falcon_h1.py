@@ -90,9 +90,9 @@ class FalconH1Args:
 
 def falcon_h1_flags(hf: Any) -> dict[str, Any]:
     """LlamaArgs flags of a Falcon-H1 config (its mixers' shape: mamba_hybrid.py)."""
-    return dict(hybrid_layer="falcon_h1", parallel_mamba=True,
-                falcon_h1=FalconH1Args.from_hf(hf),
-                mamba_layers=tuple(range(int(hf.num_hidden_layers))),
+    every = tuple(range(int(hf.num_hidden_layers)))
+    return dict(hybrid_layer="falcon_h1", falcon_h1=FalconH1Args.from_hf(hf),
+                mamba_layers=every, mixer_attention_layers=every,
                 checkpoint_renames=FALCON_H1_RENAMES,
                 key_multiplier=float(hf.key_multiplier),
                 embedding_multiplier=float(hf.embedding_multiplier),

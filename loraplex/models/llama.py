@@ -59,6 +59,7 @@ from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.falcon_h1 import FalconH1Args
 from loraplex.models.llama4 import Llama4Args, Llama4MoE, l2_norm
 from loraplex.models.text_only import TextOnly
+from loraplex.models.zamba2 import Zamba2Args, tie_shared_blocks
 
 # rows of the flat batch [N], their embeddings [N, D]; Qwen3-VL's [N, 1 + L, D]: each
 # row's input embedding, then its DeepStack features for the first L layers' outputs
@@ -165,19 +166,19 @@ class LlamaArgs:
     hybrid_layer: str = ""
     mlp_layers: tuple[int, ...] = ()
     adapter_aliases: tuple[tuple[str, str], ...] = ()
-    # Falcon-H1 (models/falcon_h1.py): every layer attends beside its mixer; its keys
-    # scaled by key_multiplier after k_proj
-    parallel_mamba: bool = False
+    # the mixer layers that attend too: Falcon-H1's, all (models/falcon_h1.py: its keys
+    # scaled by key_multiplier after k_proj); Zamba2's hybrid layers (models/zamba2.py)
+    mixer_attention_layers: tuple[int, ...] = ()
     key_multiplier: float = 1.0
     falcon_h1: FalconH1Args | None = None  # its layers' other multipliers
+    zamba2: Zamba2Args | None = None  # its shared blocks
 
     @property
     def num_attention_layers(self) -> int:
         """The layers with a KV cache (a hybrid's mixers hold a state instead; Nemotron-H's
         MLP layers nothing)."""
-        if self.parallel_mamba:
-            return self.num_layers
-        return self.num_layers - len(self.mamba_layers) - len(self.mlp_layers)
+        return self.num_layers - len(self.mamba_layers) - len(self.mlp_layers) \
+            + len(self.mixer_attention_layers)
 
     @property
     def host_routed(self) -> bool:
@@ -407,6 +408,10 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             layer_cls(a, local if i in a.window_layers else rotary,
                       f"model.layers.{i}", i) for i in range(a.num_layers))
+        # Zamba2's layers read the token embeddings too, and share their blocks' weights
+        self.layers_take_embeddings = a.zamba2 is not None
+        if a.zamba2 is not None:
+            tie_shared_blocks(self.layers, a.zamba2)
         self.norm = a.norm(a.hidden_size)
         # an EAGLE-3 head reads the residual stream entering these layers (vLLM's
         # aux_hidden_state_layers): each forward then keeps them, concatenated, in
@@ -438,6 +443,11 @@ class LlamaModel(nn.Module):
             x = x.index_copy(0, rows, embeds.to(x.dtype))
         if self.aux_layers is not None:
             return self.norm(self._keep_aux(positions, x))
+        if self.layers_take_embeddings:
+            embeds = x
+            for layer in self.layers:
+                x = layer(positions, x, embeds)
+            return self.norm(x)
         for layer in self.layers:
             x = layer(positions, x)
         return self.norm(x)
@@ -520,8 +530,10 @@ class LlamaForCausalLM(nn.Module):
             self.lora_target_modules = HYBRID_LORA_TARGETS
             self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()
                                            if k in ("q_proj", "k_proj", "v_proj")}
-        elif args.mamba is not None:  # Bamba, Mamba2, Nemotron-H: the mixers' projections
-            self.lora_target_modules = self.lora_target_modules + ("in_proj", "out_proj")
+        elif args.mamba is not None:  # Bamba, Mamba2, Nemotron-H, Falcon-H1, Zamba2: the
+            # mixers' projections; Zamba2's linear after each block
+            self.lora_target_modules = self.lora_target_modules + ("in_proj", "out_proj") \
+                + (("linear",) if args.zamba2 is not None else ())
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:

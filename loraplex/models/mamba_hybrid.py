@@ -26,6 +26,7 @@ from torch import nn
 from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.falcon_h1 import FALCON_H1, FalconH1DecoderLayer, falcon_h1_flags
+from loraplex.models.zamba2 import ZAMBA2, zamba2_flags, zamba2_layer
 from loraplex.worker.context import get_context
 
 _MAMBA_TYPES = ("mamba", "linear_attention", "M")
@@ -53,7 +54,7 @@ _MAMBA_FIELDS = {
 }
 _FAMILY = {"GraniteMoeHybridForCausalLM": "granite", "BambaForCausalLM": "granite",
            "FalconH1ForCausalLM": "granite", "Mamba2ForCausalLM": "mamba2",
-           "NemotronHForCausalLM": "nemotron_h"}
+           "NemotronHForCausalLM": "nemotron_h", "Zamba2ForCausalLM": "zamba2"}
 
 
 class HybridDecoderLayer(nn.Module):
@@ -124,6 +125,8 @@ def layer_class(a: Any) -> type[nn.Module]:
         return MixerBlock
     if a.hybrid_layer == "falcon_h1":
         return FalconH1DecoderLayer
+    if a.hybrid_layer == "zamba2":
+        return zamba2_layer
     from loraplex.models.granite_hybrid import GraniteHybridDecoderLayer
     return GraniteHybridDecoderLayer
 
@@ -133,7 +136,8 @@ def layer_kinds(hf: Any, name: str) -> list[str]:
     (transformers 5), layers_block_type (Granite, Nemotron-H on 4.x) or
     hybrid_override_pattern (Nemotron-H's hub configs, read by its remote code: M, *, -);
     Mamba2's are all mixers. Other kinds (Nemotron-H's "moe") are refused."""
-    if name in ("Mamba2ForCausalLM", FALCON_H1):  # (Falcon-H1's attend beside them)
+    if name in ("Mamba2ForCausalLM", FALCON_H1, ZAMBA2):  # (Falcon-H1's, some of
+        # Zamba2's attend beside them)
         return ["mamba"] * int(hf.num_hidden_layers)
     types = list(getattr(hf, "layer_types", None) or getattr(hf, "layers_block_type", None)
                  or getattr(hf, "hybrid_override_pattern", None) or [])
@@ -184,6 +188,8 @@ def mamba_flags(hf: Any, name: str) -> dict[str, Any]:
         return {}
     if name == FALCON_H1:
         return dict(falcon_h1_flags(hf), mamba=mamba2_args(hf, name))
+    if name == ZAMBA2:
+        return zamba2_flags(hf)
     kinds = layer_kinds(hf, name)
     flags = dict(mamba=mamba2_args(hf, name),
                  mamba_layers=tuple(i for i, k in enumerate(kinds) if k == "mamba"))

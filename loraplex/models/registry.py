@@ -89,6 +89,8 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "NemotronHForCausalLM": {"ungated_mlp": ("up_proj", "down_proj")},
     # attention beside a Mamba2 mixer in every layer, muP multipliers (models/falcon_h1.py)
     "FalconH1ForCausalLM": {},
+    # Mamba2 layers, some after a transformer block shared between layers (models/zamba2.py)
+    "Zamba2ForCausalLM": {},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -120,6 +122,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "granitemoeshared": "GraniteMoeSharedForCausalLM",
                   "bamba": "BambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
                   "nemotron_h": "NemotronHForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
+                  "zamba2": "Zamba2ForCausalLM",
                   **DEEPSEEK_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
