@@ -80,13 +80,14 @@ def falcon_h1_config(vocab_size: int):
 
 
 def zamba2_config(vocab_size: int):
-    """Mixers, two of them after the one shared block (each invocation with its own q / k
-    / v and gate_up adapters of rank 8), rope in the block."""
+    """Mixers, three of them after a shared block: blocks 0, 1, 0 (the last reuses the
+    first's weights), each invocation with its own q / k / v and gate_up adapters of rank
+    8; rope in the blocks."""
     return transformers.Zamba2Config(
         vocab_size=vocab_size, **MAMBA, num_attention_heads=4, num_key_value_heads=4,
-        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], intermediate_size=96,
+        layers_block_type=["hybrid", "mamba", "hybrid", "hybrid"], intermediate_size=96,
         n_mamba_heads=4, mamba_ngroups=GROUPS, mamba_d_state=16, mamba_d_conv=4,
-        mamba_expand=2, chunk_size=8, num_mem_blocks=1, use_shared_attention_adapter=True,
+        mamba_expand=2, chunk_size=8, num_mem_blocks=2, use_shared_attention_adapter=True,
         adapter_rank=8, use_mem_rope=True, tie_word_embeddings=True)
 
 
@@ -166,8 +167,12 @@ def test_mixed_batch_in_chunks(hybrid, prompts):
     runner = llm.llm_engine.model_runner
     assert runner.num_mixed_steps > 0
     assert runner.mamba_state.num_free_slots == runner.max_num_seqs
+    if kind == "zamba2":  # blocks 0, 1, 0: the third's weights are the first's
+        blocks = [llm.llm_engine.model.model.layers[i].shared_transformer for i in (0, 2, 3)]
+        assert blocks[2].pre_ff_layernorm.weight is blocks[0].pre_ff_layernorm.weight
+        assert blocks[1].pre_ff_layernorm.weight is not blocks[0].pre_ff_layernorm.weight
     assert len(runner.attention_layers) == {"bamba": 2, "mamba2": 0, "nemotron_h": 1,
-                                            "falcon_h1": 2, "zamba2": 2}[kind]
+                                            "falcon_h1": 2, "zamba2": 3}[kind]
 
 
 def test_preemption_recomputes_the_state(hybrid, prompts):
