@@ -66,8 +66,8 @@ class Zamba2Attention(nn.Module):
         self.q_size, self.kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         self.head_dim, self.hybrid_index = a.head_dim, hybrid_index
         self.qkv_proj = make_linear(width, [self.q_size, self.kv_size, self.kv_size], False,
-                                    None, tuple(f"{prefix}.{p}_proj" for p in "qkv"))
-        self.o_proj = make_linear(self.q_size, [a.hidden_size], False, None,
+                                    a.quant, tuple(f"{prefix}.{p}_proj" for p in "qkv"))
+        self.o_proj = make_linear(self.q_size, [a.hidden_size], False, a.quant,
                                   (f"{prefix}.o_proj",))
         if z.attention_adapters:
             for p in "qkv":
@@ -100,9 +100,9 @@ class Zamba2MLP(nn.Module):
     def __init__(self, a: Any, prefix: str, hybrid_index: int) -> None:
         super().__init__()
         size = a.intermediate_size
-        self.gate_up_proj = make_linear(a.hidden_size, [2 * size], False, None,
+        self.gate_up_proj = make_linear(a.hidden_size, [2 * size], False, a.quant,
                                         (f"{prefix}.gate_up_proj",))
-        self.down_proj = make_linear(size, [a.hidden_size], False, None,
+        self.down_proj = make_linear(size, [a.hidden_size], False, a.quant,
                                      (f"{prefix}.down_proj",))
         self.gate_up_proj_adapter_list = a.zamba2.adapter_list(hybrid_index, a.hidden_size,
                                                                2 * size)
@@ -137,7 +137,7 @@ class Zamba2MambaLayer(nn.Module):
     def __init__(self, a: Any, prefix: str) -> None:
         super().__init__()
         self.input_layernorm = a.norm(a.hidden_size)
-        self.mamba = Mamba2Mixer(a.hidden_size, a.mamba, None, f"{prefix}.mamba")
+        self.mamba = Mamba2Mixer(a.hidden_size, a.mamba, a.quant, f"{prefix}.mamba")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, embeds: torch.Tensor,
                 t: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,7 +151,7 @@ class Zamba2HybridLayer(nn.Module):
         hybrid_index = a.zamba2.hybrid_layers.index(index)
         self.shared_transformer = Zamba2Block(a, rotary, f"{prefix}.shared_transformer",
                                               hybrid_index)
-        self.linear = make_linear(a.hidden_size, [a.hidden_size], False, None,
+        self.linear = make_linear(a.hidden_size, [a.hidden_size], False, a.quant,
                                   (f"{prefix}.linear",))
         self.mamba_decoder = Zamba2MambaLayer(a, f"{prefix}.mamba_decoder")
 
