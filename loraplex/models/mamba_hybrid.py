@@ -11,9 +11,11 @@ Two layer shapes:
   squared-ReLU MLP (Nemotron-H's). Their checkpoints' `backbone.` / `embeddings` /
   `norm_f` are our `model.` / `embed_tokens` / `norm`.
 
-`mamba2_args` and `layer_kinds` read a config's Mamba2 shape and layer kinds for all of
-them (granite_hybrid.py's flags too); `mamba_flags` is the registry's hook for Bamba,
-Mamba2 and Nemotron-H; llama.py builds the layers (layer_class).
+Falcon-H1's layer (attention beside the mixer) and Zamba2's (shared transformer blocks)
+are their own files'. `mamba2_args` and `layer_kinds` read a config's Mamba2 shape and
+layer kinds (granite_hybrid.py's flags too); `mamba_flags` is the registry's hook for
+Bamba, Mamba2, Nemotron-H, Falcon-H1 and Zamba2; llama.py builds the layers
+(layer_class).
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ from loraplex.worker.context import get_context
 _MAMBA_TYPES = ("mamba", "linear_attention", "M")
 _ATTENTION_TYPES = ("attention", "full_attention", "*")
 _MLP_TYPES = ("mlp", "-")
-# the architectures whose layers are MixerBlocks, and their checkpoints' names -> ours
-MIXER_BLOCK_ARCHITECTURES = ("Mamba2ForCausalLM", "NemotronHForCausalLM")
+# MixerBlock models' checkpoint names -> ours
 MIXER_BLOCK_RENAMES = (("backbone.", "model."), ("model.embeddings.", "model.embed_tokens."),
                        ("model.norm_f.", "model.norm."))
 # ... and the module path components of their adapters (PEFT on HF's model)
