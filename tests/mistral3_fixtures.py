@@ -10,6 +10,7 @@ checkpoint's image processor with PixtralProcessor's patch size (patch x merge).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -84,8 +85,9 @@ def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = 
     ids = tok(prompt, add_special_tokens=add_special_tokens).input_ids
     img, brk, end = tok.convert_tokens_to_ids(IMAGE_TOKENS)
     out: dict[str, torch.Tensor] = {}
-    if images:
-        step = PATCH * MERGE
+    if images:  # (a LLaVA with a Pixtral tower: no merge; tests/pixtral_fixtures.py)
+        cfg = json.loads((base / "config.json").read_text())
+        step = cfg["vision_config"]["patch_size"] * cfg.get("spatial_merge_size", 1)
         out = dict(image_processor(str(base))(
             images=images, patch_size={"height": step, "width": step}, return_tensors="pt"))
         sizes = iter(out["image_sizes"].tolist())

@@ -346,7 +346,8 @@ def test_server_chat_with_input_audio(speech, tiny_root):
 def test_server_transcriptions(speech, tiny_root):
     """/v1/audio/transcriptions (the openai client's multipart form): vLLM's Granite Speech
     prompt, the reply HF + PEFT's greedy one under default_mm_loras (json and text); a bad
-    form field, an undecodable file and a model without audio get a 400 alone."""
+    form field, verbose_json (no timestamp tokens), an undecodable file and a model without
+    audio get a 400 alone."""
     import openai
     from transformers import AutoTokenizer
 
@@ -374,6 +375,8 @@ def test_server_transcriptions(speech, tiny_root):
                                                    response_format="text", extra_body=extra)
         assert plain.strip() == want.strip()
         for kw, message in (({"response_format": "srt"}, "response_format 'srt'"),
+                            ({"response_format": "verbose_json",
+                              "timestamp_granularities": ["segment"]}, "writes no timestamps"),
                             ({"file": ("a.wav", b"RIFF0000WAVEjunk")}, "cannot decode")):
             with pytest.raises(openai.BadRequestError, match=message):
                 client.audio.transcriptions.create(**{"model": base, "file": ("a.wav", wav),

@@ -242,7 +242,7 @@ def test_unsupported_checkpoints_refused(case, match, mistral_dir, tiny_models, 
     shutil.copytree(mistral_dir, bad)
     if case == "no_params":
         bad = tiny_models["mistral"]  # an HF-format checkpoint
-    elif case == "vision":
+    elif case == "vision":  # (a whole one is served: tests/test_pixtral_mistral_format.py)
         _params(bad, vision_encoder={"hidden_size": 64, "num_hidden_layers": 1})
     elif case == "moe":
         _params(bad, moe={"num_experts": 4, "num_experts_per_tok": 2})
@@ -261,8 +261,8 @@ def _serve(model: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_server_refuses_vision_params_and_chat_template(mistral_dir, tmp_path):
-    """`loraplex serve` stops at start-up, saying why: Pixtral-style params.json; a
-    --chat-template beside Mistral's tokenizer."""
+    """`loraplex serve` stops at start-up, saying why: a params.json whose vision encoder
+    block lacks its settings; a --chat-template beside Mistral's tokenizer."""
     vision = _params(shutil.copytree(mistral_dir, tmp_path / "vision"),
                      vision_encoder={"hidden_size": 64})
     res = _serve(vision, "--tokenizer_mode", "mistral", "--config_format", "mistral",

@@ -25,6 +25,19 @@ def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=clean_env())
 
 
+def run_many(commands: list[list[str]], timeout: float = 120
+             ) -> list[subprocess.CompletedProcess]:
+    """Each command run as `run` runs it, all at once (each pays the imports: serially this
+    test took the most time of the suite)."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=clean_env()) for c in commands]
+    out = []
+    for c, p in zip(commands, procs, strict=True):
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
+    return out
+
+
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "loraplex.entrypoints.cli", *args]
 
@@ -102,30 +115,33 @@ def test_bad_flags_fail_fast(tmp_path, capsys, args, needle):
 
 
 def test_bad_flag_in_a_real_process():
-    assert_one_line_error(run(cli("serve", "some-model", "--max-loras", "x")), 2, "--max-loras")
-    assert_one_line_error(run(cli("serve")), 2, "MODEL")
+    flag, model = run_many([cli("serve", "some-model", "--max-loras", "x"), cli("serve")])
+    assert_one_line_error(flag, 2, "--max-loras")
+    assert_one_line_error(model, 2, "MODEL")
 
 
 def test_bad_startup_inputs_fail_with_one_line(tiny_models, tmp_path):
     base = str(tiny_models["llama"])
-    common = ["--port", str(free_port()), "--host", "127.0.0.1", "--max-model-len", "64"]
-    res = run(serve_cmd(base, *common, "--enable-lora", "--lora-modules",
-                        f"ghost={tmp_path / 'missing'}"))
-    assert_one_line_error(res, 1, "ghost", "does not exist")
-    # checked before the model is read: the missing adapter is named, not the model
-    res = run(serve_cmd(str(tmp_path / "no-model"), *common, "--enable-lora", "--lora-modules",
-                        f"ghost={tmp_path / 'missing'}"))
-    assert_one_line_error(res, 1, "ghost", "does not exist")
-    res = run(serve_cmd(base, *common, "--lora-modules", f"a={tmp_path}"))
-    assert_one_line_error(res, 1, "--enable-lora")
-    res = run(serve_cmd(str(tmp_path / "no-model"), *common))
-    assert_one_line_error(res, 1, "no-model")
-    res = run(serve_cmd(base, *common, "--chat-template", "nope.jinja"))
-    assert_one_line_error(res, 1, "--chat-template")
-    res = run(serve_cmd(base, *common, "--ssl-certfile", str(tmp_path / "cert.pem")))
-    assert_one_line_error(res, 1, "--ssl-certfile", "no such file")
-    res = run(serve_cmd(base, *common, "--ssl-keyfile", __file__))
-    assert_one_line_error(res, 1, "--ssl-keyfile needs --ssl-certfile")
+
+    def serve(model: str, *args: str) -> list[str]:
+        return serve_cmd(model, "--port", str(free_port()), "--host", "127.0.0.1",
+                         "--max-model-len", "64", *args)
+
+    cases = [
+        (serve(base, "--enable-lora", "--lora-modules", f"ghost={tmp_path / 'missing'}"),
+         ("ghost", "does not exist")),
+        # checked before the model is read: the missing adapter is named, not the model
+        (serve(str(tmp_path / "no-model"), "--enable-lora", "--lora-modules",
+               f"ghost={tmp_path / 'missing'}"), ("ghost", "does not exist")),
+        (serve(base, "--lora-modules", f"a={tmp_path}"), ("--enable-lora",)),
+        (serve(str(tmp_path / "no-model")), ("no-model",)),
+        (serve(base, "--chat-template", "nope.jinja"), ("--chat-template",)),
+        (serve(base, "--ssl-certfile", str(tmp_path / "cert.pem")),
+         ("--ssl-certfile", "no such file")),
+        (serve(base, "--ssl-keyfile", __file__), ("--ssl-keyfile needs --ssl-certfile",)),
+    ]
+    for res, (_, needles) in zip(run_many([c for c, _ in cases]), cases, strict=True):
+        assert_one_line_error(res, 1, *needles)
 
 
 def test_quantized_checkpoint_fails_with_one_line(tiny_models, tmp_path):

@@ -33,6 +33,7 @@ from tests.multimodal_fixtures import (
     make_multimodal_adapter,
     request,
 )
+from tests.pixtral_fixtures import make_tiny_pixtral
 from tests.server_utils import RemoteServer
 from tests.test_llama4_images import ASK as LLAMA4_ASK
 from tests.test_llama4_images import check as llama4_check
@@ -83,6 +84,9 @@ MODELS = {
                _simple(gemma3_fixtures.check), gemma3_fixtures.ASK),
     "mistral3": (mistral3_fixtures.make_tiny_mistral3, _simple(mistral3_fixtures.check),
                  mistral3_fixtures.ASK),
+    # Pixtral-12B's HF layout: LLaVA's projector after the Pixtral tower
+    "pixtral_llava": (make_tiny_pixtral, _simple(mistral3_fixtures.check),
+                      mistral3_fixtures.ASK),
     "llama4": (make_llama4_images, llama4_check, LLAMA4_ASK),
 }
 
@@ -90,7 +94,7 @@ MODELS = {
 # test files)
 NEEDS = {"qwen3_vl": "transformers.models.qwen3_vl",
          "qwen3_vl_moe": "transformers.models.qwen3_vl_moe"}
-ONLY_5 = {"mistral3"}
+ONLY_5 = {"mistral3", "pixtral_llava"}
 
 # Llama 4's all-linear would take its MoE router too, which LoRA does not serve
 EVERYTHING = {"llama4": rf"{TOWER}|{LANGUAGE_MODEL}(q_proj|k_proj|v_proj|o_proj|down_proj)"}
@@ -243,7 +247,7 @@ def test_server_chat_with_tower_lora(models):
 
 
 @pytest.mark.parametrize("name", ["llava_next", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe",
-                                  "mistral3", "llama4"])
+                                  "mistral3", "pixtral_llava", "llama4"])
 def test_other_towers_match_hf_peft(name, models):
     """One image request under LoRA everywhere, one under the tower's only, on the
     other towers, against HF + PEFT."""

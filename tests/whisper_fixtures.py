@@ -23,16 +23,20 @@ CONTROL = ["<|startoftranscript|>", "<|en|>", "<|fr|>", "<|transcribe|>", "<|tra
 SOT = "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
 
 
-def make_tiny_whisper(out: Path, seed: int) -> dict[str, Path]:
+def make_tiny_whisper(out: Path, seed: int, timestamps: bool = False) -> dict[str, Path]:
     """{"base": the checkpoint, "r8": an adapter on the decoder's q / v (self- and
     cross-attention) and fc1, "r4": one on the encoder's q / v / fc2 and the
-    cross-attention's k / out}."""
+    cross-attention's k / out}. `timestamps`: HF's WhisperTokenizer with Whisper's 1501
+    timestamp tokens (`timestamp_tokenizer`)."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     base = out / "base"
     base.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(base)
-    tok.add_special_tokens({"additional_special_tokens": CONTROL})
+    if timestamps:
+        tok = timestamp_tokenizer()
+    else:
+        tok = make_tokenizer(base)
+        tok.add_special_tokens({"additional_special_tokens": CONTROL})
     cfg = WhisperConfig(vocab_size=len(tok), num_mel_bins=N_MELS, d_model=32,
                         encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
                         decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
@@ -53,6 +57,9 @@ def make_tiny_whisper(out: Path, seed: int) -> dict[str, Path]:
             if name.endswith(".bias"):
                 p.mul_(0.2)
         model.model.encoder.embed_positions.weight.copy_(sinusoids(1500, 32))  # HF's table
+        if timestamps:  # (tied to the output projection) so greedy replies mix timestamps
+            first = tok.convert_tokens_to_ids("<|0.00|>")  # and text rather than all one
+            model.model.decoder.embed_tokens.weight[first:] *= 0.7
     model.save_pretrained(str(base))
     tok.save_pretrained(str(base))
     WhisperFeatureExtractor(feature_size=N_MELS, sampling_rate=RATE).save_pretrained(str(base))
@@ -62,6 +69,26 @@ def make_tiny_whisper(out: Path, seed: int) -> dict[str, Path]:
             "r4": _adapter(base, out / "r4", 4, seed + 2,
                            r".*encoder\.layers.*\.(q_proj|v_proj|fc2)|.*encoder_attn\."
                            r"(k_proj|out_proj)")}
+
+
+def timestamp_tokenizer():
+    """HF's WhisperTokenizer over the session's BPE: `<|endoftext|>` (bos / eos / unk),
+    the control tokens with `<|notimestamps|>` last, then `<|0.00|>` ... `<|30.00|>` as
+    Whisper orders them (HF finds the timestamps past the last special token)."""
+    import json
+
+    from tokenizers import AddedToken
+    from transformers import WhisperTokenizer
+
+    from tests.fixtures import _trained_tokenizer
+
+    bpe = json.loads(_trained_tokenizer().to_str())["model"]
+    tok = WhisperTokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]])
+    control = [t for t in CONTROL if t != "<|notimestamps|>"] + ["<|notimestamps|>"]
+    tok.add_special_tokens({"additional_special_tokens": control})
+    tok.add_tokens([AddedToken(f"<|{i * 0.02:.2f}|>", special=False, normalized=False)
+                    for i in range(1501)])
+    return tok
 
 
 def _adapter(base: Path, out: Path, r: int, seed: int, targets: str) -> Path:

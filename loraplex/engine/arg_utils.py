@@ -27,6 +27,7 @@ from loraplex.models.registry import (
     is_classifier,
     is_headless,
     long_lora_max_position,
+    max_positions,
 )
 from loraplex.reasoning import REASONING_PARSERS
 
@@ -243,7 +244,7 @@ class EngineArgs:
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None)
                               or getattr(hf_config, "torch_dtype", None), device)
         limit = long_lora_max_position(hf_config, self.long_lora_scaling_factors)
-        max_model_len = self.max_model_len or hf_config.max_position_embeddings
+        max_model_len = self.max_model_len or max_positions(hf_config)
         if max_model_len > limit:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's limit of "
                              f"{limit} positions" + (

@@ -43,7 +43,7 @@ from loraplex.models.llama4_vision import (
 )
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
 from loraplex.models.phi4mm import Phi4MMVision, Phi4MMVisionConfig, is_phi4mm
-from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, is_mistral3
+from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, takes_pixtral_tower
 from loraplex.models.qwen2_audio import Qwen2Audio, Qwen2AudioConfig, is_qwen2_audio
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig, is_qwen3_vl
@@ -62,7 +62,7 @@ Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision 
 
 def vision_config(hf_config: Any) -> VisionConfig:
     """A multimodal checkpoint's image side: Gemma 3's, Llama 4's, Qwen2-VL's (Qwen3-VL's:
-    a QwenVisionConfig too), Mistral 3's (Pixtral), Granite Speech's and Qwen2-Audio's audio
+    a QwenVisionConfig too), Mistral 3's and Pixtral-12B's (Pixtral), Granite Speech's and Qwen2-Audio's audio
     sides, else LLaVA's (-NeXT)."""
     if is_granite_speech(hf_config):
         return GraniteSpeechAudioConfig.from_hf(hf_config)
@@ -80,7 +80,7 @@ def vision_config(hf_config: Any) -> VisionConfig:
         if is_qwen3_vl(hf_config):
             return Qwen3VisionConfig.from_hf(hf_config)
         return QwenVisionConfig.from_hf(hf_config)
-    if is_mistral3(hf_config):
+    if takes_pixtral_tower(hf_config):
         return PixtralVisionConfig.from_hf(hf_config)
     return LlavaVisionConfig.from_hf(hf_config)
 

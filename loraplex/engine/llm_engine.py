@@ -66,11 +66,11 @@ from loraplex.models.gguf_loader import (
     iterate_gguf_weights,
     log_dequantized_size,
 )
-from loraplex.models.granite_hybrid import hybrid_flags
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.llava import VisionWeights
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
+from loraplex.models.mamba_hybrid import has_mamba_layers
 from loraplex.models.mistral_format import (
     MistralFormat,
     iterate_mistral_weights,
@@ -320,7 +320,7 @@ class LLMEngine:
         speculative decoding refused; prefix caching turned off (a cached prefix has no
         state to start from), so n > 1 siblings each run their own prefill. (Granite
         4.0's attention-only -micro, in the same class, is no hybrid.)"""
-        if not hybrid_flags(hf_config, architecture(hf_config)).get("mamba_layers"):
+        if not has_mamba_layers(hf_config, architecture(hf_config)):
             return
         if self.config.speculative_config is not None:
             raise ValueError("speculative decoding is not supported for hybrid Mamba2 "

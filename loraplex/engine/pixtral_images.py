@@ -1,9 +1,13 @@
-"""Mistral 3's images (engine/images.py's ImageProcessor, for this model): the
-checkpoint's HF image processor (PixtralImageProcessor: each image resized, its aspect
-kept, to at most `longest_edge` and up to multiples of patch x merge pixels, as
-PixtralProcessor asks it), and each `[IMG]` of the prompt expanded as PixtralProcessor
-expands it: per row of merged patches that many `[IMG]` and an `[IMG_BREAK]`, the last
-`[IMG_BREAK]` an `[IMG_END]`.
+"""Pixtral images (Mistral 3, Pixtral-12B; engine/images.py's ImageProcessor, for this
+model): each image resized, its aspect kept, to at most the longest edge and up to
+multiples of patch x merge pixels, and each `[IMG]` of the prompt expanded as
+PixtralProcessor (and mistral_common) expands it: per row of merged patches that many
+`[IMG]` and an `[IMG_BREAK]`, the last `[IMG_BREAK]` an `[IMG_END]`.
+
+The pixels come from the checkpoint's HF image processor (PixtralImageProcessor, with
+PixtralProcessor's patch size), or, under tokenizer_mode "mistral" (the only way for
+Mistral's own format, which ships no HF processor), from mistral_common's image encoding
+(engine/mistral_images.py), the one its chat encoding expanded the prompt by.
 
 Only the `[IMG]` rows take image embeddings (`ImageInputs.positions`); an image's range
 covers its whole expansion, breaks and end included, for the prefix cache's keys.
@@ -41,10 +45,14 @@ class PixtralImageTokens:
         for key, token in names.items():
             ids[key] = tokenizer.convert_tokens_to_ids(token)
             if ids[key] is None or ids[key] == tokenizer.unk_token_id:
-                raise ValueError(f"Mistral 3's images need the token {token!r} ({key}), "
+                raise ValueError(f"Pixtral images need the token {token!r} ({key}), "
                                  "which the tokenizer lacks")
         self.img, self.brk, self.end = (c.image_token_id, ids["image_break_token"],
                                         ids["image_end_token"])
+        # mistral_common never encodes a control token from text: "[IMG]" must be an id
+        self.hint = (" (tokenizer_mode 'mistral' reads \"[IMG]\" in a prompt's text as text: "
+                     "give prompt_token_ids, or chat)") if getattr(tokenizer, "is_mistral",
+                                                                   False) else ""
 
     def image(self, grid: tuple[int, int]) -> list[int]:
         rows, cols = grid
@@ -68,7 +76,7 @@ class PixtralImageTokens:
         if found != len(grids):
             raise ValueError(f"the prompt has {found} image placeholder token(s) (id "
                              f"{self.img}) for {len(grids)} image(s): put one [IMG] where "
-                             "each image goes")
+                             "each image goes" + self.hint)
         left = iter(grids)
         return [x for t in ids for x in (self.image(next(left)) if t == self.img else [t])]
 
@@ -95,23 +103,22 @@ class PixtralImageTokens:
         return None if inside else out
 
 
-class PixtralImageProcessor(MultimodalProcessor):
-    """The model's HF image processor plus PixtralProcessor's placeholder rule."""
+class HFPixtralPixels:
+    """The checkpoint's HF image processor (PixtralImageProcessor) at PixtralProcessor's
+    patch size: each image's resized size, and its pixels."""
 
-    def __init__(self, path: str, config: PixtralVisionConfig, tokenizer: Any) -> None:
+    def __init__(self, path: str, config: PixtralVisionConfig) -> None:
         from transformers import AutoImageProcessor
 
         self.config = config
-        self.placeholder = config.image_token_id
         self.hf = AutoImageProcessor.from_pretrained(path)
-        self.tokens = PixtralImageTokens(tokenizer, config, path)
         size = self.hf.size if isinstance(self.hf.size, dict) else vars(self.hf.size)
         self.longest_edge = size.get("longest_edge")
         if not self.longest_edge:  # PixtralProcessor's resize rule reads only it
             raise ValueError(f"the image processor in {path} gives no size.longest_edge "
-                             f"({size}): Mistral 3's images are resized by it")
+                             f"({size}): Pixtral images are resized by it")
 
-    def _sizes(self, images: list[Any]) -> list[tuple[int, int]]:
+    def sizes(self, images: list[Any]) -> list[tuple[int, int]]:
         """Each image's (height, width) as the HF processor will resize it (its own
         get_resize_output_image_size, without the pixels)."""
         resize = importlib.import_module(type(self.hf).__module__).get_resize_output_image_size
@@ -120,19 +127,42 @@ class PixtralImageProcessor(MultimodalProcessor):
             np.broadcast_to(np.zeros((1, 1, 1), np.uint8), (im.height, im.width, 3)),
             size=(edge, edge), patch_size=(unit, unit))) for im in images]
 
+    def pixels(self, images: list[Any], sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Each image's pixels [C, H, W] (padded to the largest: cut by `sizes` later)."""
+        unit = self.config.unit
+        out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt",
+                      patch_size={"height": unit, "width": unit})
+        if [tuple(s) for s in out["image_sizes"].tolist()] != sizes:
+            raise ValueError(f"the image processor's sizes {out['image_sizes'].tolist()} are "
+                             f"not the {sizes} its resize rule gives")
+        return list(out["pixel_values"])
+
+
+class PixtralImageProcessor(MultimodalProcessor):
+    """The pixels (HF's image processor, or mistral_common's encoding under
+    tokenizer_mode "mistral") plus PixtralProcessor's placeholder rule."""
+
+    def __init__(self, path: str, config: PixtralVisionConfig, tokenizer: Any) -> None:
+        self.config = config
+        self.placeholder = config.image_token_id
+        self.tokens = PixtralImageTokens(tokenizer, config, path)
+        if getattr(tokenizer, "is_mistral", False):
+            from loraplex.engine.mistral_images import MistralImagePixels
+
+            self.source: HFPixtralPixels | MistralImagePixels = MistralImagePixels(
+                tokenizer, config, self.tokens)
+        else:
+            self.source = HFPixtralPixels(path, config)
+
     def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its images' inputs. `data`: one
         image or a list (PIL images or URLs)."""
         images = load_images(data)
         c = self.config
-        sizes = self._sizes(images)
+        sizes = self.source.sizes(images)
         ids = self.tokens(ids, [c.grid(s) for s in sizes])  # before the pixels
-        out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt",
-                      patch_size={"height": c.unit, "width": c.unit})
-        if [tuple(s) for s in out["image_sizes"].tolist()] != sizes:
-            raise ValueError(f"the image processor's sizes {out['image_sizes'].tolist()} are "
-                             f"not the {sizes} its resize rule gives")
-        patches = [self.patches(p, s) for p, s in zip(out["pixel_values"], sizes, strict=True)]
+        pixels = self.source.pixels(images, sizes)
+        patches = [self.patches(p, s) for p, s in zip(pixels, sizes, strict=True)]
         hashes = [hashlib.blake2b(p.float().contiguous().numpy().tobytes() + repr(s).encode(),
                                   digest_size=16).digest() for p, s in zip(patches, sizes)]
         return ids, ImageInputs(torch.cat(patches), self.positions(ids),
@@ -159,7 +189,7 @@ class PixtralImageProcessor(MultimodalProcessor):
     def expand(self, ids: list[int], images: list[Any]) -> list[int]:
         """The prompt with its placeholders expanded for these (PIL) images, without
         processing them: what /tokenize and usage count."""
-        return self.tokens(ids, [self.config.grid(s) for s in self._sizes(images)])
+        return self.tokens(ids, [self.config.grid(s) for s in self.source.sizes(images)])
 
     def positions(self, ids: list[int]) -> list[int]:
         return [p for p, t in enumerate(ids) if t == self.config.image_token_id]

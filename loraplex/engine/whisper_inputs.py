@@ -3,8 +3,9 @@
 The clip: resampled to the feature extractor's rate (engine/audio.py's `resample`), its
 log-mel features made by HF's own WhisperFeatureExtractor (the checkpoint's
 preprocessor_config.json) padded to the 30 s window as HF's WhisperProcessor pads them. One
-clip per request; a clip longer than 30 s is refused (vLLM's speech-to-text route splits
-long audio into chunks; loraplex does not split). The features travel on a WhisperAudio (an
+clip per request; a clip longer than 30 s is refused (vLLM does not split it offline either: its
+feature extractor truncates it to 30 s; the transcription routes cut long clips into
+chunks first: entrypoints/audio_chunks.py). The features travel on a WhisperAudio (an
 engine/images.py ImageInputs without placeholders: Whisper's decoder prompt has none), and
 so do the decoder layers' cross-attention K/V once the model runner has run the encoder
 (models/whisper.py): kept while the request runs, shared by its n sequences, dropped when

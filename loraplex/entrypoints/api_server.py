@@ -279,19 +279,25 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
         warn_ignored(request)
         return respond(await state.serve_chat(request))
 
+    def audio_reply(result) -> Response:
+        if isinstance(result, str):
+            return PlainTextResponse(result)
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return StreamingResponse(result, media_type="text/event-stream")
+
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(raw_request: Request) -> Response:
         state.require_runner("generate", "Transcriptions")
         fields = await read_form(raw_request)
-        result = await state.transcription.create_transcription(fields)
-        return PlainTextResponse(result) if isinstance(result, str) else JSONResponse(result)
+        return audio_reply(await state.transcription.create_transcription(fields))
 
     @app.post("/v1/audio/translations")
     async def translations(raw_request: Request) -> Response:
         state.require_runner("generate", "Translations")
         fields = await read_form(raw_request)
-        result = await state.transcription.create_transcription(fields, task="translate")
-        return PlainTextResponse(result) if isinstance(result, str) else JSONResponse(result)
+        return audio_reply(await state.transcription.create_transcription(fields,
+                                                                          task="translate"))
 
     @app.post("/v1/embeddings")
     @with_cancellation

@@ -15,13 +15,15 @@ template reads parts (it names "image": LLaVA's templates do), else as one strin
 the model's image placeholder and a newline where each image was (vLLM's "string"
 content format puts them first); the images themselves go with the request, in order.
 Videos the same ({"type": "video"}; the video placeholder), in their own list; audio
-clips too ({"type": "audio"}; `<|audio|>`).
+clips too ({"type": "audio"}; `<|audio|>`). Under tokenizer_mode "mistral" (no template)
+Voxtral's clips and Pixtral's images go to mistral_common as parts, which it expands.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +55,10 @@ class ChatImages:
     # itself, so they stay parts (`input_audio`, each clip resampled to this rate first:
     # engine/voxtral_inputs.py); None: parts or placeholders as the template reads them
     mistral_audio_rate: int | None = None
+    # a Pixtral model under tokenizer_mode "mistral": mistral_common expands the image parts
+    # itself (its own image encoding, engine/mistral_images.py), so they stay parts
+    # (`image_url`, the decoded image as a PNG data URL)
+    mistral_images: bool = False
     # how URLs are read and video files sampled: from `multimodal`
     connector: MediaConnector = field(init=False)
     sampling: VideoSampling = field(init=False)
@@ -104,7 +110,7 @@ class ChatImages:
                                  "audio_url)")
         if all(p["type"] == "text" for p in parts):
             return "".join(p["text"] for p in parts)
-        if self.mistral_audio_rate is not None:
+        if self.mistral_audio_rate is not None or (self.mistral_images and self.images):
             return self._mistral_parts(parts)
         if self.template is not None and re.search(r"""['"](image|video|audio)['"]""",
                                                    self.template):
@@ -128,16 +134,22 @@ class ChatImages:
 
     def _mistral_parts(self, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The message's parts for mistral_common: its clips (the last of `audios`) as
-        `input_audio` WAVs at the model's rate, the resampled clips kept instead."""
-        from loraplex.engine.voxtral_inputs import input_audio_part
-
-        first = len(self.audios) - sum(p["type"] == "audio" for p in parts)
+        `input_audio` WAVs at the model's rate, the resampled clips kept instead; its
+        images (the last of `images`) as `image_url` PNG data URLs."""
+        first = {kind: len(items) - sum(p["type"] == kind for p in parts)
+                 for kind, items in (("audio", self.audios), ("image", self.images))}
         out = []
         for p in parts:
-            if p["type"] == "audio":
-                p, self.audios[first] = input_audio_part(self.audios[first],
-                                                         self.mistral_audio_rate)
-                first += 1
+            if p["type"] == "audio" and self.mistral_audio_rate is not None:
+                from loraplex.engine.voxtral_inputs import input_audio_part
+
+                k = first["audio"]
+                p, self.audios[k] = input_audio_part(self.audios[k], self.mistral_audio_rate)
+                first["audio"] += 1
+            elif p["type"] == "image" and self.mistral_images:
+                p = {"type": "image_url", "image_url": {"url": png_data_url(
+                    self.images[first["image"]])}}
+                first["image"] += 1
             out.append(p)
         return out
 
@@ -199,3 +211,12 @@ class ChatImages:
             return decode_audio(raw)
         except ValueError as e:
             raise ValueError(f"messages[{i}]: {e}") from e
+
+
+def png_data_url(image: Any) -> str:
+    """A decoded image as a lossless PNG data URL (mistral_common decodes it back to the
+    same pixels; a mode PNG has not, such as CMYK, as RGBA: mistral_common's own first
+    step)."""
+    buf = io.BytesIO()
+    (image if image.mode in ("RGB", "RGBA") else image.convert("RGBA")).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

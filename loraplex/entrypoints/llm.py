@@ -246,7 +246,8 @@ class LLM:
                                 chat_template or tok.chat_template, multimodal=engine.multimodal,
                                 video_placeholder=engine.video_placeholder,
                                 audio_placeholder=engine.audio_placeholder,
-                                mistral_audio_rate=engine.mistral_audio_rate)
+                                mistral_audio_rate=engine.mistral_audio_rate,
+                                mistral_images=getattr(tok, "is_mistral", False))
             conv = [{**m, "content": images.content(m.get("content"), i)} if "content" in m
                     else m for i, m in enumerate(conv)]
             ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,

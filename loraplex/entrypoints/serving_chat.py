@@ -112,7 +112,8 @@ class OpenAIServingChat(OpenAIServing):
                             template or encoder.chat_template, multimodal=engine.multimodal,
                             video_placeholder=engine.video_placeholder,
                             audio_placeholder=engine.audio_placeholder,
-                            mistral_audio_rate=engine.mistral_audio_rate)
+                            mistral_audio_rate=engine.mistral_audio_rate,
+                            mistral_images=getattr(encoder, "is_mistral", False))
         messages = self._messages(req, images)
         if getattr(encoder, "is_mistral", False):  # tokenizer_mode="mistral": no template
             return (*self._render_mistral(req, tools, encoder, messages), images)

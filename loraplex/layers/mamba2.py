@@ -11,7 +11,9 @@ Each sequence carries its own conv and SSM states from step to step, in state sl
 (worker/mamba_state.py) that this layer reads and writes as the step context says
 (`StepContext.mamba`): a prefill chunk runs the chunked scan of HF's torch_forward from
 the state its previous chunk left (zeros for a first chunk), a decode row one step of
-the recurrence. Plain torch, fp32 inside; no mamba_ssm / causal_conv1d kernels.
+the recurrence, dt clamped to time_step_limit in both (HF clamps it in its prefill only:
+the two differ where dt falls outside the limit, as Zamba2's lower one of time_step_min
+allows). Plain torch, fp32 inside; no mamba_ssm / causal_conv1d kernels.
 """
 
 from __future__ import annotations
@@ -40,10 +42,25 @@ class Mamba2Args:
     eps: float = 1e-6
     time_step_limit: tuple[float, float] = (0.0, float("inf"))
     norm_before_gate: bool = False  # Granite: False (y * silu(z), then the norm)
+    gated_norm: bool = True  # False: no norm, y * silu(z) (Falcon-H1 without mamba_rms_norm)
+    out_proj_bias: bool | None = None  # out_proj's bias where not proj_bias's (Falcon-H1)
+    # Falcon-H1's muP: the input times in_multiplier, in_proj's output (z, x, B, C, dt)
+    # times one multiplier per part
+    in_multiplier: float = 1.0
+    zxbcdt_multipliers: tuple[float, float, float, float, float] | None = None
 
     @property
     def conv_dim(self) -> int:
         return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+    def zxbcdt_scale(self) -> torch.Tensor | None:
+        """in_proj's output multipliers per channel (Falcon-H1's mup_vector); None: 1."""
+        if self.zxbcdt_multipliers is None:
+            return None
+        gn = self.n_groups * self.state_size
+        sizes = (self.intermediate_size, self.intermediate_size, gn, gn, self.num_heads)
+        return torch.cat([torch.full((n,), float(v)) for n, v in
+                          zip(sizes, self.zxbcdt_multipliers, strict=True)])
 
     def state_shapes(self) -> tuple[tuple[int, int], tuple[int, int, int]]:
         """One sequence's conv state [conv_dim, d_conv - 1] and SSM state [heads, head_dim,
@@ -145,22 +162,30 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(m.num_heads))
         self.A_log = nn.Parameter(torch.empty(m.num_heads))
         self.D = nn.Parameter(torch.empty(m.num_heads))
-        self.norm = GatedRMSNorm(m.intermediate_size, m.n_groups, m.eps, m.norm_before_gate)
-        self.out_proj = make_linear(m.intermediate_size, [hidden_size], m.proj_bias, quant,
-                                    (f"{prefix}.out_proj",))
+        self.norm = GatedRMSNorm(m.intermediate_size, m.n_groups, m.eps, m.norm_before_gate) \
+            if m.gated_norm else None
+        self.out_proj = make_linear(m.intermediate_size, [hidden_size],
+                                    m.proj_bias if m.out_proj_bias is None else m.out_proj_bias,
+                                    quant, (f"{prefix}.out_proj",))
+        scale = m.zxbcdt_scale()
+        self.register_buffer("zxbcdt_scale", scale, persistent=False)
         self.conv_state: torch.Tensor | None = None
         self.ssm_state: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, batch: MambaBatch) -> torch.Tensor:
         m = self.m
-        z, xbc, dt = self.in_proj(x).split([m.intermediate_size, m.conv_dim, m.num_heads], -1)
+        proj = self.in_proj(x * m.in_multiplier if m.in_multiplier != 1.0 else x)
+        if self.zxbcdt_scale is not None:
+            proj = proj * self.zxbcdt_scale.to(proj.dtype)
+        z, xbc, dt = proj.split([m.intermediate_size, m.conv_dim, m.num_heads], -1)
         parts = [self._prefill(xbc[s:e], dt[s:e], slot, fresh)
                  for s, e, slot, fresh in batch.prefill]
         if batch.decode_slots is not None and batch.decode_slots.numel():
             d = batch.decode_start
             parts.append(self._decode(xbc[d:], dt[d:], batch.decode_slots))
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return self.out_proj(self.norm(y, z).to(x.dtype))
+        y = self.norm(y, z) if self.norm is not None else y * F.silu(z.float())
+        return self.out_proj(y.to(x.dtype))
 
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight[:, 0]  # [conv_dim, d_conv]
@@ -207,7 +232,9 @@ class Mamba2Mixer(nn.Module):
             conv = conv + self.conv1d.bias
         self.conv_state[slots] = full[:, :, 1:]
         xs, b, c = self._split(F.silu(conv))
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # [D, H]
+        # clamped as in a prefill (HF's and mamba_ssm's decode step does not), so a token's
+        # state is the same whether it was decoded or recomputed in a prefill (preemption)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.m.time_step_limit)
         da = torch.exp(dt * -torch.exp(self.A_log.float()))
         h = self.ssm_state[slots].float() * da[..., None, None] \
             + (dt[..., None] * xs)[..., None] * b[:, :, None, :]  # [D, H, P, N]

@@ -160,6 +160,7 @@ class TargetShapes:
         """The leaf names an adapter's target_modules may use (the model's: computed once,
         not for every adapter registered)."""
         leaves = {m.rsplit(".", 1)[-1] for m in self.shapes}
+        leaves |= {theirs for theirs, ours in self.aliases.items() if ours in leaves}
         if self.experts:
             leaves |= {"experts", *EXPERT_PROJECTIONS}
         return frozenset(leaves)

@@ -199,10 +199,11 @@ class LoRAManager:
 
     @staticmethod
     def _aliases(args: Any) -> dict[str, str]:
-        """transformers 5 names Mixtral's block_sparse_moe `mlp` (its adapters too)."""
+        """transformers 5 names Mixtral's block_sparse_moe `mlp` (its adapters too); Mamba2's
+        and Nemotron-H's adapters name our model and embed_tokens backbone and embeddings."""
         if args.num_experts and args.moe_module != "mlp":
             return {"mlp": args.moe_module}
-        return {}
+        return dict(args.adapter_aliases)
 
     def _embedding(self) -> EmbeddingWithLoRA | None:
         """The wrapped token embedding, which serves the per-slot vocabulary rows."""

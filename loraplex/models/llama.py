@@ -56,8 +56,10 @@ from loraplex.layers.moe import GroupedTopK, SparseMoE
 from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.models.falcon_h1 import FalconH1Args
 from loraplex.models.llama4 import Llama4Args, Llama4MoE, l2_norm
 from loraplex.models.text_only import TextOnly
+from loraplex.models.zamba2 import Zamba2Args, tie_shared_blocks
 
 # rows of the flat batch [N], their embeddings [N, D]; Qwen3-VL's [N, 1 + L, D]: each
 # row's input embedding, then its DeepStack features for the first L layers' outputs
@@ -158,11 +160,25 @@ class LlamaArgs:
     mamba: Mamba2Args | None = None
     mamba_layers: tuple[int, ...] = ()
     shared_mlp_size: int = 0
+    # Bamba's, Mamba2's and Nemotron-H's layers (models/mamba_hybrid.py): "bamba", or
+    # "mixer_block" with the layers whose mixer is an MLP (Nemotron-H's); their adapters'
+    # module path components -> ours (backbone -> model)
+    hybrid_layer: str = ""
+    mlp_layers: tuple[int, ...] = ()
+    adapter_aliases: tuple[tuple[str, str], ...] = ()
+    # the mixer layers that attend too: Falcon-H1's, all (models/falcon_h1.py: its keys
+    # scaled by key_multiplier after k_proj); Zamba2's hybrid layers (models/zamba2.py)
+    mixer_attention_layers: tuple[int, ...] = ()
+    key_multiplier: float = 1.0
+    falcon_h1: FalconH1Args | None = None  # its layers' other multipliers
+    zamba2: Zamba2Args | None = None  # its shared blocks
 
     @property
     def num_attention_layers(self) -> int:
-        """The layers with a KV cache (a hybrid's mixers hold a state instead)."""
-        return self.num_layers - len(self.mamba_layers)
+        """The layers with a KV cache (a hybrid's mixers hold a state instead; Nemotron-H's
+        MLP layers nothing)."""
+        return self.num_layers - len(self.mamba_layers) - len(self.mlp_layers) \
+            + len(self.mixer_attention_layers)
 
     @property
     def host_routed(self) -> bool:
@@ -218,6 +234,7 @@ class LlamaAttention(nn.Module):
         self.temperature = l4 if l4 and l4.temperature_tuning and self.rotary is None \
             else None
         self.position_query_scale = a.position_query_scale
+        self.key_multiplier = a.key_multiplier
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap, window or 0, chunk=chunk)
@@ -226,6 +243,8 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm_full:  # OLMo 2: over every head's dimensions together
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.key_multiplier != 1.0:  # Falcon-H1
+            k = k * self.key_multiplier
         q = q.view(x.shape[0], -1, self.head_dim)  # [T, H, D]
         k = k.view(x.shape[0], -1, self.head_dim)  # [T, KVH, D]
         v = v.view(x.shape[0], -1, self.head_dim)
@@ -382,12 +401,17 @@ class LlamaModel(nn.Module):
                                                         a.max_position, *a.local_rope,
                                                         rows=a.rope_rows)
         layer_cls = LlamaDecoderLayer
-        if a.granite_moe:  # GraniteMoe's layers, Granite 4.0's mixers among them
-            from loraplex.models.granite_hybrid import GraniteHybridDecoderLayer
-            layer_cls = GraniteHybridDecoderLayer
+        if a.granite_moe or a.hybrid_layer:  # GraniteMoe's layers, Granite 4.0's mixers
+            # among them; Bamba's, Mamba2's, Nemotron-H's (models/mamba_hybrid.py)
+            from loraplex.models.mamba_hybrid import layer_class
+            layer_cls = layer_class(a)
         self.layers = nn.ModuleList(
             layer_cls(a, local if i in a.window_layers else rotary,
-                              f"model.layers.{i}", i) for i in range(a.num_layers))
+                      f"model.layers.{i}", i) for i in range(a.num_layers))
+        # Zamba2's layers read the token embeddings too, and share their blocks' weights
+        self.layers_take_embeddings = a.zamba2 is not None
+        if a.zamba2 is not None:
+            tie_shared_blocks(self.layers, a.zamba2)
         self.norm = a.norm(a.hidden_size)
         # an EAGLE-3 head reads the residual stream entering these layers (vLLM's
         # aux_hidden_state_layers): each forward then keeps them, concatenated, in
@@ -419,6 +443,11 @@ class LlamaModel(nn.Module):
             x = x.index_copy(0, rows, embeds.to(x.dtype))
         if self.aux_layers is not None:
             return self.norm(self._keep_aux(positions, x))
+        if self.layers_take_embeddings:
+            embeds = x
+            for layer in self.layers:
+                x = layer(positions, x, embeds)
+            return self.norm(x)
         for layer in self.layers:
             x = layer(positions, x)
         return self.norm(x)
@@ -501,6 +530,10 @@ class LlamaForCausalLM(nn.Module):
             self.lora_target_modules = HYBRID_LORA_TARGETS
             self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()
                                            if k in ("q_proj", "k_proj", "v_proj")}
+        elif args.mamba is not None:  # Bamba, Mamba2, Nemotron-H, Falcon-H1, Zamba2: the
+            # mixers' projections; Zamba2's linear after each block
+            self.lora_target_modules = self.lora_target_modules + ("in_proj", "out_proj") \
+                + (("linear",) if args.zamba2 is not None else ())
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:

@@ -9,10 +9,12 @@ interleaved rotary order (pairs 0,1 2,3 ...); HF's conversion permutes them to t
 half-split order its rotate_half needs, and so do we (vLLM's maybe_remap_mistral), so the
 layouts agree and a PEFT adapter trained on the HF model applies unchanged.
 
-Text models, and Voxtral (params.json's `multimodal.whisper_model_args`: its audio encoder
-and projector, models/voxtral.py); a params.json with a vision encoder (Pixtral, Mistral
-Small 3.1+ in this format), another multimodal block, experts, latent attention, Llama 4
-query scaling or quantization is refused at start-up rather than loaded wrongly. A repo in
+Text models, Voxtral (params.json's `multimodal.whisper_model_args`: its audio encoder
+and projector, models/voxtral.py), and Pixtral's vision encoder (`vision_encoder`:
+Pixtral-12B-2409, Mistral Small 3.1+; models/pixtral_params.py, its images through
+mistral_common's encoding: engine/mistral_images.py); another multimodal block, experts,
+latent attention, Llama 4 query scaling or quantization is refused at start-up rather
+than loaded wrongly. A repo in
 both formats whose params.json has Voxtral's audio encoder is served from its HF files when
 config_format and load_format are "auto" (the tested path; the weights are the same).
 """
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from loraplex.models import pixtral_params
 from loraplex.models.voxtral import config_from_params, hf_audio_name
 
 logger = logging.getLogger(__name__)
@@ -50,9 +53,8 @@ _KNOWN = {*_RENAMES, "max_seq_len", "max_position_embeddings", "sliding_window",
           "model_type", "dtype", "max_batch_size", "lora"}
 # what this loader does not serve, and why
 _UNSUPPORTED = {
-    "vision_encoder": "a vision encoder (Pixtral / Mistral Small 3.1+ in Mistral's format: "
-                      "serve the HF-format checkpoint, which loraplex reads as Mistral 3)",
-    "multimodal": "a multimodal encoder other than Voxtral's audio one (vision)",
+    "vision_encoder": "a vision encoder beside another multimodal block",
+    "multimodal": "a multimodal encoder other than Voxtral's audio one or Pixtral's vision one",
     "moe": "a mixture of experts (Mixtral / Mistral Large 3 in Mistral's format: serve the "
            "HF-format checkpoint)",
     "quantization": "quantized weights",
@@ -126,8 +128,10 @@ def mistral_config(path: str) -> Any:
 
     params = read_params(path)
     audio = is_voxtral_params(params)
-    _refuse_unsupported({k: v for k, v in params.items() if not (audio and k == "multimodal")},
-                        path)
+    vision = pixtral_params.is_vision_params(params)  # (its block: vision_encoder or multimodal)
+    _refuse_unsupported({k: v for k, v in params.items() if not (
+        (audio and k == "multimodal") or (vision and k in ("multimodal", "vision_encoder")))},
+        path)
     fields: dict[str, Any] = {hf: params[key] for key, hf in _RENAMES.items()
                               if params.get(key) is not None}
     fields.setdefault("num_key_value_heads", fields.get("num_attention_heads"))
@@ -142,6 +146,8 @@ def mistral_config(path: str) -> Any:
     config = MistralConfig(**fields, rope_parameters=rope, bos_token_id=1, eos_token_id=2,
                            **({"dtype": dtype} if dtype else {}))
     config.architectures = ["MistralForCausalLM"]
+    if vision:
+        return pixtral_params.config_from_params(params, config)
     return config_from_params(params, config) if audio else config
 
 
@@ -269,7 +275,9 @@ def to_half_split(w: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tenso
 
 
 def iterate_mistral_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """consolidated*.safetensors' tensors under HF's names, q / k permuted."""
+    """consolidated*.safetensors' tensors under HF's names, q / k permuted (a vision
+    encoder's too: models/pixtral_params.py)."""
+    params = read_params(path) if os.path.isfile(os.path.join(path, PARAMS)) else {}
     heads = {"wq": hf_config.num_attention_heads, "wk": hf_config.num_key_value_heads}
     head_dim = getattr(hf_config, "head_dim", None) or \
         hf_config.hidden_size // hf_config.num_attention_heads
@@ -277,6 +285,9 @@ def iterate_mistral_weights(path: str, hf_config: Any) -> Iterator[tuple[str, to
         with safe_open(file, framework="pt") as st:
             for name in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 tensor = st.get_tensor(name)
+                if (vision := pixtral_params.vision_tensor(name, tensor, params)) is not None:
+                    yield vision
+                    continue
                 leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
                 if leaf in heads and name.endswith(".weight") and name.startswith("layers."):
                     tensor = to_half_split(tensor, heads[leaf], head_dim)

@@ -16,6 +16,11 @@ out, channel-major, then `merging_layer`), then LLaVA's Linear-GELU-Linear
 one `[IMG]` token; the `[IMG_BREAK]` after each row and the final `[IMG_END]` are text
 tokens (engine/pixtral_images.py expands the prompt).
 
+Pixtral-12B in HF's layout (`LlavaForConditionalGeneration` with a `pixtral` vision
+config: mistral-community/pixtral-12b) is the same tower without the projector's norm and
+patch merger (one `[IMG]` per patch), LLaVA's MLP after it. Mistral's own format with a
+vision encoder (models/pixtral_params.py) becomes one of these two configs.
+
 Checkpoints name the parts `vision_tower.*` and `multi_modal_projector.*` (the hub's
 files and transformers 5's) or under `model.` (transformers 4.52+ in memory): both load
 (models/llava.py's VisionWeights).
@@ -44,8 +49,20 @@ TOWER_NORM_EPS = 1e-5  # HF's Pixtral hard-codes its norms' eps
 
 
 def is_mistral3(hf_config: Any) -> bool:
-    """The checkpoint is a Mistral 3 (its images take this module's tower)."""
+    """The checkpoint is a Mistral 3 (the projector with its norm and patch merger)."""
     return any(a in ARCHITECTURES for a in getattr(hf_config, "architectures", None) or [])
+
+
+def is_pixtral_llava(hf_config: Any) -> bool:
+    """A LLaVA whose tower is Pixtral's (Pixtral-12B in HF's layout)."""
+    vision = getattr(hf_config, "vision_config", None)
+    return "LlavaForConditionalGeneration" in (getattr(hf_config, "architectures", None) or []) \
+        and getattr(vision, "model_type", None) == "pixtral"
+
+
+def takes_pixtral_tower(hf_config: Any) -> bool:
+    """The checkpoint's images take this module's tower (Mistral 3, Pixtral-12B)."""
+    return is_mistral3(hf_config) or is_pixtral_llava(hf_config)
 
 
 @dataclass(frozen=True)
@@ -66,26 +83,38 @@ class PixtralVisionConfig:
     projector_bias: bool
     image_token_id: int  # [IMG]: the rows that take the image's embeddings
 
+    # Mistral 3's projector: RMSNorm and the patch merger before LLaVA's MLP (Pixtral-12B's
+    # LLaVA: the MLP alone, merge_size 1)
+    mistral3_projector: bool = True
+
     @classmethod
     def from_hf(cls, hf: Any) -> PixtralVisionConfig:
         v = hf.vision_config
-        check_tower("Mistral 3", v, "pixtral", "Pixtral")
+        mistral3 = is_mistral3(hf)
+        model = "Mistral 3" if mistral3 else "Pixtral (LLaVA)"
+        check_tower(model, v, "pixtral", "Pixtral")
         check_activation("vision_config.hidden_act", v.hidden_act)
         check_activation("projector_hidden_act", hf.projector_hidden_act)
         layer = hf.vision_feature_layer
         if not isinstance(layer, int):  # HF's projector norms one layer's width only
-            raise ValueError(f"vision_feature_layer={layer!r} is not supported for Mistral 3 "
+            raise ValueError(f"vision_feature_layer={layer!r} is not supported for {model} "
                              "(one layer, an int)")
+        strategy = getattr(hf, "vision_feature_select_strategy", "full")
+        if not mistral3 and strategy != "full":  # "default" would drop the first patch
+            raise ValueError(f"vision_feature_select_strategy={strategy!r} is not supported "
+                             "for a Pixtral tower (full: every patch)")
         params = getattr(v, "rope_parameters", None) or {}
         token = getattr(hf, "image_token_id", None)
         return cls(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
                    v.num_attention_heads, v.patch_size, getattr(v, "num_channels", 3),
                    v.hidden_act,  # transformers 4.x: rope_theta on the config itself
                    float(params.get("rope_theta", getattr(v, "rope_theta", 10000.0))),
-                   int(hf.spatial_merge_size), (layer % (v.num_hidden_layers + 1),),
+                   int(hf.spatial_merge_size) if mistral3 else 1,
+                   (layer % (v.num_hidden_layers + 1),),
                    hf.text_config.hidden_size, float(hf.text_config.rms_norm_eps),
-                   hf.projector_hidden_act, bool(getattr(hf, "multimodal_projector_bias", False)),
-                   int(token if token is not None else hf.image_token_index))
+                   hf.projector_hidden_act,
+                   bool(getattr(hf, "multimodal_projector_bias", not mistral3)),
+                   int(token if token is not None else hf.image_token_index), mistral3)
 
     @property
     def bidirectional(self) -> bool:
@@ -216,22 +245,26 @@ class PatchMerger(nn.Module):
 
 
 class PixtralProjector(LlavaProjector):
-    """HF's Mistral3MultiModalProjector: RMSNorm, the patch merger, LLaVA's MLP."""
+    """HF's Mistral3MultiModalProjector: RMSNorm, the patch merger, LLaVA's MLP; Pixtral-12B's
+    (LLaVA's LlavaMultiModalProjector): the MLP alone."""
 
     def __init__(self, c: PixtralVisionConfig) -> None:
         super().__init__(c)  # type: ignore[arg-type]  # LLaVA's fields, by name
-        self.norm = RMSNorm(c.hidden_size, c.text_norm_eps)
-        self.patch_merger = PatchMerger(c)
+        merger = c.mistral3_projector
+        self.norm = RMSNorm(c.hidden_size, c.text_norm_eps) if merger else None
+        self.patch_merger = PatchMerger(c) if merger else None
 
     def forward(self, x: torch.Tensor, grids: list[tuple[int, int]] | None = None
                 ) -> torch.Tensor:
-        return super().forward(self.patch_merger(self.norm(x), grids or []))
+        if self.patch_merger is not None:
+            x = self.patch_merger(self.norm(x), grids or [])
+        return super().forward(x)
 
 
 class PixtralVision(VisionWeights):
     """Patches -> one language-model input embedding per [IMG] token."""
 
-    label = "Mistral 3's vision tower / projector"
+    label = "the Pixtral vision tower / projector"
 
     def __init__(self, c: PixtralVisionConfig) -> None:
         super().__init__()

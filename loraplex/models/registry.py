@@ -15,9 +15,10 @@ from loraplex.models.deepseek import (
     deepseek_experts,
     mla_args,
 )
-from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, hybrid_flags
+from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, granite_moe_flags
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
+from loraplex.models.mamba_hybrid import mamba_flags
 from loraplex.models.text_only import MULTIMODAL, TextOnly
 from loraplex.models.whisper import WhisperConfig, WhisperForConditionalGeneration
 
@@ -80,6 +81,16 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # experts and a shared MLP; Granite 4.0's Mamba2 mixers beside attention layers
     # (models/granite_hybrid.py)
     **dict.fromkeys(GRANITE_MOE_ARCHITECTURES, {}),
+    # Mamba2 mixers beside attention and SwiGLU MLPs (Bamba), alone (Mamba2), or beside
+    # attention without positions and squared-ReLU MLPs, one per layer (Nemotron-H):
+    # models/mamba_hybrid.py
+    "BambaForCausalLM": {},
+    "Mamba2ForCausalLM": {},
+    "NemotronHForCausalLM": {"ungated_mlp": ("up_proj", "down_proj")},
+    # attention beside a Mamba2 mixer in every layer, muP multipliers (models/falcon_h1.py)
+    "FalconH1ForCausalLM": {},
+    # Mamba2 layers, some after a transformer block shared between layers (models/zamba2.py)
+    "Zamba2ForCausalLM": {},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -109,22 +120,30 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "granitemoehybrid": "GraniteMoeHybridForCausalLM",
                   "granitemoe": "GraniteMoeForCausalLM",
                   "granitemoeshared": "GraniteMoeSharedForCausalLM",
+                  "bamba": "BambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
+                  "nemotron_h": "NemotronHForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
+                  "zamba2": "Zamba2ForCausalLM",
                   **DEEPSEEK_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
+                   "BambaForCausalLM", "FalconH1ForCausalLM",
                    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
                    "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
                    "HunYuanDenseV1ForCausalLM", "ArceeForCausalLM", "NemotronForCausalLM",
                    "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
                    "OlmoeForCausalLM")
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
-             "ArceeForCausalLM", "NemotronForCausalLM")
+             "ArceeForCausalLM", "NemotronForCausalLM", "BambaForCausalLM",
+             "NemotronHForCausalLM", "FalconH1ForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu": "gelu", "relu2": "relu2"}
+_DEFAULT_MAX_POSITIONS = 2048  # a config without max_position_embeddings (Mamba2)
 # what a config calls its norms' epsilon, where not rms_norm_eps
 _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_epsilon",
-             "CohereForCausalLM": "layer_norm_eps", "Cohere2ForCausalLM": "layer_norm_eps"}
+             "CohereForCausalLM": "layer_norm_eps", "Cohere2ForCausalLM": "layer_norm_eps",
+             "Mamba2ForCausalLM": "layer_norm_epsilon",
+             "NemotronHForCausalLM": "layer_norm_epsilon"}
 
 
 def rope_params(hf: Any, layer_type: str = "full_attention") -> tuple[float, dict | None]:
@@ -227,7 +246,8 @@ def _hidden_act(hf: Any, name: str) -> str:
     configs call "gelu": as vLLM does, "gelu" means exact only as `hidden_activation`."""
     if name in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         return "gelu" if getattr(hf, "hidden_activation", None) == "gelu" else "gelu_tanh"
-    act = getattr(hf, "hidden_act", "silu")
+    act = getattr(hf, "mlp_hidden_act" if name == "NemotronHForCausalLM" else "hidden_act",
+                  "silu")
     gated = "ungated_mlp" not in _ARCHITECTURES[name]
     supported = [a for a, ours in _ACTIVATIONS.items() if not gated or ours in ACT_AND_MUL]
     if act not in supported:
@@ -468,9 +488,18 @@ def ntk_alpha(theta: float, scaling: dict | None, head_dim: int
     return theta, scaling
 
 
+def max_positions(hf_config: Any) -> int:
+    """The config's max_position_embeddings; for a model without positions (Mamba2, whose
+    config has none) vLLM's default of 2048, which max_model_len may raise."""
+    return int(getattr(hf_config, "max_position_embeddings", None) or _DEFAULT_MAX_POSITIONS)
+
+
 def long_lora_max_position(hf_config: Any, factors: tuple[float, ...] | None) -> int:
     """The positions a model serves: its max_position_embeddings, times the largest
-    long-context LoRA factor (a LongLoRA adapter was trained that much longer)."""
+    long-context LoRA factor (a LongLoRA adapter was trained that much longer); any number
+    for a model without positions (Mamba2)."""
+    if getattr(hf_config, "max_position_embeddings", None) is None:
+        return 2**62
     return int(hf_config.max_position_embeddings * max(factors or (1.0,)))
 
 
@@ -493,13 +522,14 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
             and "original_max_position_embeddings" not in scaling:  # transformers 4: beside it
         scaling = {**scaling, "original_max_position_embeddings":
                    hf_config.original_max_position_embeddings}
-    num_heads = hf_config.num_attention_heads
+    # (Mamba2 has no attention: its num_heads / head_dim are its mixers', unused here)
+    num_heads = getattr(hf_config, "num_attention_heads", None) or hf_config.num_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     theta, scaling = ntk_alpha(theta, scaling, head_dim)
     args = LlamaArgs(
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
+        intermediate_size=getattr(hf_config, "intermediate_size", 0),  # (Mamba2: none)
         num_layers=hf_config.num_hidden_layers,
         num_heads=num_heads,
         num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
@@ -507,7 +537,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         norm_eps=_norm_eps(hf_config, name),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position=hf_config.max_position_embeddings,
+        max_position=max_positions(hf_config),
         rope_rows=max_model_len,
         long_lora_factors=tuple(long_lora_factors),
         text_only=text_only,
@@ -529,7 +559,8 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_mrope(hf_config),
         **_llama4(hf_config, name, quant),
         **_ministral3(hf_config, name),
-        **hybrid_flags(hf_config, name),
+        **granite_moe_flags(hf_config, name),
+        **mamba_flags(hf_config, name),
     )
     if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
         args = replace(args, **mla_args(hf_config, name, scaling))

@@ -5,7 +5,8 @@ by that text model alone.
 
 Their images are served too (`TextOnly.images`): the vision tower and projector load
 beside the language model, LLaVA's (`LlavaForConditionalGeneration`; LLaVA-NeXT's
-`LlavaNextForConditionalGeneration` with its `image_newline`) into models/llava.py,
+`LlavaNextForConditionalGeneration` with its `image_newline`) into models/llava.py (a
+`pixtral` tower, Pixtral-12B's, into models/pixtral.py),
 Gemma 3's into models/gemma3_vision.py, Qwen2-VL's and Qwen2.5-VL's
 (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`: a Qwen2
 language model with M-RoPE) into models/qwen2_vl.py, Qwen3-VL's

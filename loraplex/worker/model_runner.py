@@ -195,8 +195,10 @@ class ModelRunner:
                 state_bytes_per_slot(self.mixers[0].m, len(self.mixers), self.dtype),
                 "a Mamba state slot")
         # never more than every sequence at full length could use
-        return max(0, min(budget // (self._bytes_per_block() + self.draft_block_bytes),
-                          self.max_num_seqs * blocks_per_seq))
+        most = self.max_num_seqs * blocks_per_seq
+        if not self._bytes_per_block() + self.draft_block_bytes:  # no attention layers
+            return most  # (Mamba2): blocks hold nothing, they only count positions
+        return max(0, min(budget // (self._bytes_per_block() + self.draft_block_bytes), most))
 
     def _reserve_per_sequence(self, budget: int, blocks_per_seq: int, each: int,
                               what: str) -> int:
