@@ -436,6 +436,15 @@ def test_limit_mm_per_prompt_video(qwen25):
     check(out, base, [(ASK, [], [video(1)], None)])
 
 
+def test_placeholder_texts(qwen25):
+    """What a chat's text puts where an image / a video goes (the engine asks its
+    processor, engine/multimodal_processor.py); no audio here."""
+    engine = make_llm(qwen25["base"]).llm_engine
+    assert (engine.image_placeholder, engine.video_placeholder, engine.audio_placeholder) \
+        == ("<|image_pad|>", "<|video_pad|>", None)
+    assert engine.modalities == ("image", "video")
+
+
 def test_bad_videos_fail_alone(qwen25):
     """Each bad video raises at add_request with a clear error and queues nothing; the
     good request beside them finishes with HF's tokens."""
@@ -443,7 +452,12 @@ def test_bad_videos_fail_alone(qwen25):
     llm = make_llm(base)
     engine = llm.llm_engine
     engine.add_request("good", request(ASK, [], [video(1)]), GREEDY)
+    ids, processed = engine.image_processor(engine.tokenizer.encode(IMAGE_ASK), [image(1)])
     bad = [(request(ASK, [], [video(1)[..., :2]]), r"\[frames, height, width, 3\]"),
+           # processed inputs (the server's) beside raw videos: refused, not half taken
+           ({"prompt_token_ids": ids, "multi_modal_data": {"image": processed,
+                                                           "video": video(1)}},
+            "got ImageInputs"),
            (request(ASK, [], [[image(1), image(2, (16, 16))]]), "one size"),
            (request(TEXT, [], [video(1)]), r"0 video placeholder token\(s\).*for 1 video"),
            (request(f"{VIDEO}{VIDEO}", [], [video(1)]), r"2 video placeholder"),

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from loraplex.engine.images import ImageInputs, expand_placeholders, placeholder_ranges
+from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig
 
 
@@ -160,9 +161,15 @@ def waveform(wave: Any, rate: Any, index: int) -> torch.Tensor:
     return tensor.float()
 
 
-class AudioProcessor:
-    """Granite Speech's feature extractor and placeholder rule (the image processors'
-    interface: engine/images.py)."""
+class AudioProcessor(MultimodalProcessor):
+    """Granite Speech's feature extractor and placeholder rule (engine/multimodal_processor.py's
+    interface, audio only)."""
+
+    modalities = ("audio",)
+
+    @classmethod
+    def load(cls, path: str, config: Any, tokenizer: Any) -> AudioProcessor:
+        return cls(path, config)
 
     def __init__(self, path: str, config: GraniteSpeechAudioConfig) -> None:
         self.config = config

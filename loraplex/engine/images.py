@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from loraplex.engine.media import MediaConnector, fetch_media
+from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
 from loraplex.models.granite_speech import (
     GraniteSpeechAudio,
@@ -46,6 +48,8 @@ from loraplex.models.qwen2_audio import Qwen2Audio, Qwen2AudioConfig, is_qwen2_a
 from loraplex.models.qwen2_vl import QwenVision, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import Qwen3Vision, Qwen3VisionConfig, is_qwen3_vl
 from loraplex.models.voxtral import Voxtral, VoxtralAudioConfig, is_voxtral
+
+logger = logging.getLogger(__name__)
 
 # (Granite Speech's and Qwen2-Audio's audio encoders plug in the same way:
 # models/granite_speech.py, models/qwen2_audio.py)
@@ -197,10 +201,23 @@ def placeholder_ranges(positions: list[int], counts: list[int]) -> list[tuple[in
             for f, n in zip(firsts, counts, strict=True)]
 
 
-class ImageProcessor:
+class ImageProcessor(MultimodalProcessor):
     """The model's HF image processor plus its placeholder rule (LLaVA's; Gemma 3's,
     which needs the tokenizer for the newlines around an image; Llama 4's, for its
     markers)."""
+
+    @classmethod
+    def load(cls, path: str, config: VisionConfig, tokenizer: Any) -> ImageProcessor | None:
+        """None for a Gemma 3 or Llama 4 checkpoint saved without image processor files
+        (served on text, images refused); LLaVA's needs them."""
+        try:
+            return cls(path, config, tokenizer)
+        except OSError:
+            if isinstance(config, LlavaVisionConfig):
+                raise
+            logger.warning("%s has no image processor files: serving its language model on "
+                           "text; image inputs are refused", path)
+            return None
 
     def __init__(self, path: str, config: VisionConfig, tokenizer: Any = None) -> None:
         from transformers import AutoImageProcessor

@@ -23,39 +23,32 @@ from transformers import AutoConfig, AutoTokenizer
 from loraplex import envs
 from loraplex.config import EngineConfig, PoolerConfig, kv_cache_dtype
 from loraplex.engine.arg_utils import EngineArgs
-from loraplex.engine.audio import AudioProcessor, is_clip
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
 from loraplex.engine.draft_model import load_draft_model, make_draft
 from loraplex.engine.eagle import EagleProposer, load_eagle_head, make_eagle
 from loraplex.engine.generation_config import GenerationDefaults
-from loraplex.engine.images import (
-    ImageInputs,
-    ImageProcessor,
-    VisionConfig,
-    build_vision,
-    vision_config,
-)
+from loraplex.engine.images import ImageInputs, build_vision
 from loraplex.engine.logits_processors import LogitsProcessorBatch, load_logits_processors
 from loraplex.engine.mistral_tokenizer import MistralTokenizer, resolve_tokenizer_mode
-from loraplex.engine.phi4mm_inputs import Phi4MMProcessor
-from loraplex.engine.pixtral_images import PixtralImageProcessor
+from loraplex.engine.multimodal_processor import MultimodalProcessor
+from loraplex.engine.multimodal_prompt import (
+    MultimodalPrompts,
+    default_mm_lora,
+    encoder_config,
+    load_processor,
+)
 from loraplex.engine.prompt_embeds import (
     NOT_ENABLED,
     PLACEHOLDER_ID,
     checked_prompt_embeds,
     prompt_embeds_inputs,
 )
-from loraplex.engine.qwen2_audio_inputs import Qwen2AudioProcessor
-from loraplex.engine.qwen_images import QwenImageProcessor
-from loraplex.engine.qwen_videos import count_videos, takes_videos
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import ScheduledBatch, Scheduler
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
 from loraplex.engine.structured_output import StructuredOutputs
-from loraplex.engine.voxtral_inputs import VoxtralAudioProcessor
-from loraplex.engine.whisper_inputs import WhisperAudioProcessor, decoder_prompt
 from loraplex.inputs import PromptType
 from loraplex.layers.classifier import ClassifierHead, read_adapter_head
 from loraplex.layers.classifier_activation import classify_activation, score_activation
@@ -73,9 +66,8 @@ from loraplex.models.gguf_loader import (
     iterate_gguf_weights,
     log_dequantized_size,
 )
-from loraplex.models.granite_speech import GraniteSpeechAudioConfig, is_granite_speech
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
-from loraplex.models.llava import LlavaVisionConfig, VisionWeights
+from loraplex.models.llava import VisionWeights
 from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.mamba_hybrid import has_mamba_layers
@@ -84,18 +76,13 @@ from loraplex.models.mistral_format import (
     iterate_mistral_weights,
     mistral_config,
 )
-from loraplex.models.phi4mm import Phi4MMVisionConfig, is_phi4mm
-from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.pooling_defaults import resolve_pooler_config
-from loraplex.models.qwen2_audio import Qwen2AudioConfig, is_qwen2_audio
-from loraplex.models.qwen2_vl import QwenVisionConfig
 from loraplex.models.registry import (
     architecture,
     build_model,
     is_headless,
 )
 from loraplex.models.text_only import text_only_config
-from loraplex.models.voxtral import VoxtralAudioConfig, is_voxtral
 from loraplex.models.whisper import WhisperConfig, is_whisper, serving_config
 from loraplex.outputs import PoolingRequestOutput, RequestOutput
 from loraplex.pooling_params import PoolingParams
@@ -173,26 +160,9 @@ class LLMEngine:
             self.config.speculative_config is not None)
         self.lora_config = self.config.lora_config
         self.multimodal = self.config.multimodal_config
-        # LLaVA, Gemma 3, Llama 4, Qwen2-VL, Mistral 3: the vision tower and projector
-        # (models/llava.py, models/gemma3_vision.py, models/llama4_vision.py,
-        # models/qwen2_vl.py, models/pixtral.py), the image
-        # processor; none when limit_mm_per_prompt allows no image (served on text, the
-        # tower never built)
-        # (Qwen-VL: or no video either, which the same tower embeds; Granite Speech: its
-        # audio encoder, models/granite_speech.py, when audio is allowed; Qwen2-Audio's,
-        # models/qwen2_audio.py, the same; Voxtral's, models/voxtral.py)
-        modality = ("audio" if is_granite_speech(whole) or is_qwen2_audio(whole)
-                    or is_voxtral(whole) else "image")
-        if is_phi4mm(whole) and self.multimodal.takes("audio"):  # images and audio
-            modality = "audio"
-        vision = (vision_config(whole) if self.text_only is not None
-                  and self.text_only.images and (self.multimodal.takes(modality) or (
-                      takes_videos(whole) and self.multimodal.takes("video"))) else None)
-        if isinstance(vision, Phi4MMVisionConfig) and not self.multimodal.takes("audio"):
-            vision = replace(vision, audio=None)  # Phi-4-multimodal: images only
-        if vision is None and self.text_only is not None and self.text_only.images:
-            logger.info("limit_mm_per_prompt allows no %s: serving %s on text (its "
-                        "encoder is not loaded)", modality, args.model)
+        # the vision tower / audio encoder's config; None: text only (also when
+        # limit_mm_per_prompt allows none of its inputs: the encoder never built)
+        vision = encoder_config(whole, self.text_only, self.multimodal, args.model)
         mc = self.model_config
         self.classify = mc.pooling_task == "classify"
         self.activations: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -225,12 +195,14 @@ class LLMEngine:
         self.tokenizer_mode = "hf" if self.gguf and args.tokenizer is None else \
             resolve_tokenizer_mode(args.tokenizer_mode, self._tokenizer_source[0])
         self.tokenizer = self.load_tokenizer()
-        self.image_processor = self._image_processor(path, vision)
+        # the model's processor of multi_modal_data (engine/multimodal_prompt.py)
+        processor = load_processor(path, vision, self.tokenizer)
         self.vision = (self._build(lambda: build_vision(vision))
-                       if self.image_processor is not None else None)
+                       if processor is not None else None)
         if is_whisper(hf_config):  # engine/whisper_inputs.py; its encoder is in the model
             self._check_whisper()
-            self.image_processor = WhisperAudioProcessor(path, WhisperConfig.from_hf(hf_config))
+            processor = load_processor(path, WhisperConfig.from_hf(hf_config), self.tokenizer)
+        self.mm_prompts = MultimodalPrompts(processor, self.multimodal, self.tokenizer)
         self._check_hybrid(hf_config)
         self.id2label = {int(k): str(v) for k, v in
                          (getattr(hf_config, "id2label", None) or {}).items()}
@@ -323,8 +295,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._pending_lora_removal: set[int] = set()
         self.default_mm_loras = self._default_mm_loras()
-        if isinstance(self.image_processor, AudioProcessor) and "audio" not in \
-                self.default_mm_loras and getattr(whole, "has_lora_adapter", False):
+        if self.modalities == ("audio",) and "audio" not in self.default_mm_loras \
+                and getattr(whole, "has_lora_adapter", False):
             logger.warning("%s ships a LoRA adapter for its audio inputs (has_lora_adapter): "
                            "without default_mm_loras={'audio': <the model>} (and enable_lora) "
                            "audio requests run on the base model", args.model)
@@ -342,33 +314,6 @@ class LLMEngine:
         if self.tokenizer_mode == "mistral":
             return MistralTokenizer.from_pretrained(source)
         return AutoTokenizer.from_pretrained(source, revision=revision)
-
-    def _image_processor(self, path: str, config: VisionConfig | None
-                         ) -> ImageProcessor | AudioProcessor | None:
-        """The model's image processor; None when it takes no images, or for a Gemma 3 or
-        Llama 4 checkpoint saved without one (served on text, images refused, as before)."""
-        if config is None:
-            return None
-        if isinstance(config, GraniteSpeechAudioConfig):  # engine/audio.py
-            return AudioProcessor(path, config)
-        if isinstance(config, Qwen2AudioConfig):  # engine/qwen2_audio_inputs.py
-            return Qwen2AudioProcessor(path, config)
-        if isinstance(config, Phi4MMVisionConfig):  # engine/phi4mm_inputs.py
-            return Phi4MMProcessor(path, config)
-        if isinstance(config, VoxtralAudioConfig):  # engine/voxtral_inputs.py
-            return VoxtralAudioProcessor(path, config)
-        if isinstance(config, QwenVisionConfig):
-            return QwenImageProcessor(path, config, self.tokenizer)
-        if isinstance(config, PixtralVisionConfig):
-            return PixtralImageProcessor(path, config, self.tokenizer)
-        try:
-            return ImageProcessor(path, config, self.tokenizer)
-        except OSError:
-            if isinstance(config, LlavaVisionConfig):  # LLaVA's needs one
-                raise
-            logger.warning("%s has no image processor files: serving its language model on "
-                           "text; image inputs are refused", path)
-            return None
 
     def _check_hybrid(self, hf_config: Any) -> None:
         """A hybrid model (Mamba2 mixers: their state is per sequence, not per token):
@@ -400,7 +345,7 @@ class LLMEngine:
         or the server picks (DEFAULT_MM_LORA_IDS), so they never collide."""
         asked = self.multimodal.default_loras
         for modality in asked:
-            if self.image_processor is None or modality not in self.modalities:
+            if modality not in self.modalities:
                 raise ValueError(f"default_mm_loras: {self.model_config.name!r} takes no "
                                  f"{modality} inputs")
         loras = {m: LoRARequest(m, DEFAULT_MM_LORA_IDS + i, asked[m])
@@ -409,22 +354,43 @@ class LLMEngine:
             self.register_lora(req, fetch_hub=True)
         return loras
 
-    def data_keys(self, inputs: ImageInputs) -> list[str]:
-        """multi_modal_data's keys for processed inputs (default_mm_loras go by them):
-        Granite Speech's and Qwen2-Audio's "audio"; Phi-4-multimodal's the modalities its
-        items are; else "image"."""
-        if isinstance(self.image_processor, Phi4MMProcessor):
-            return self.image_processor.modalities_of(inputs)
-        return ["audio" if self.modalities == ("audio",) else "image"]
+    @property
+    def image_processor(self) -> MultimodalProcessor | None:
+        """The model's processor of multi_modal_data (engine/multimodal_processor.py); None
+        when it takes none."""
+        return self.mm_prompts.processor
 
-    def _default_mm_lora(self, prompt: PromptType) -> LoRARequest | None:
-        """The default_mm_loras adapter of a prompt carrying that modality's data (its
-        request named no adapter); as in vLLM, none when it carries several such."""
-        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
-        if not self.default_mm_loras or not isinstance(data, dict):
-            return None
-        hits = [m for m in data if m in self.default_mm_loras]
-        return self.default_mm_loras[hits[0]] if len(hits) == 1 else None
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What multi_modal_data may carry here (images, Qwen-VL's videos, audio)."""
+        return self.mm_prompts.modalities
+
+    @property
+    def image_placeholder(self) -> str | None:
+        """The image token's text (LLaVA's `<image>`); None: the model takes no images."""
+        return self.mm_prompts.placeholder("image")
+
+    @property
+    def video_placeholder(self) -> str | None:
+        """The video token's text (`<|video_pad|>`); None: the model takes no videos."""
+        return self.mm_prompts.placeholder("video")
+
+    @property
+    def audio_placeholder(self) -> str | None:
+        """What a chat puts where a clip goes (Granite Speech's `<|audio|>`; Qwen2-Audio's
+        `Audio {i}: <|audio_bos|><|AUDIO|><|audio_eos|>`, {i} the clip's number in the
+        conversation); None: the model takes no audio, or not in a chat (Whisper)."""
+        return self.mm_prompts.placeholder("audio")
+
+    @property
+    def mistral_audio_rate(self) -> int | None:
+        """Voxtral under tokenizer_mode "mistral": the rate its chat clips go to
+        mistral_common at (entrypoints/chat_images.py); None otherwise."""
+        return self.mm_prompts.mistral_audio_rate
+
+    def data_keys(self, inputs: ImageInputs) -> list[str]:
+        """multi_modal_data's keys for processed inputs (default_mm_loras go by them)."""
+        return self.mm_prompts.data_keys(inputs)
 
     def _build(self, make: Callable[[], torch.nn.Module]) -> Any:
         """A module made in the model's dtype, on its device."""
@@ -497,9 +463,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, tokenizer.encode(prompt)
         if isinstance(prompt, dict):
-            if isinstance(data := prompt.get("multi_modal_data"), dict):
-                for modality, items in data.items():
-                    self.multimodal.check_count(modality, _count_items(items, modality))
+            self.mm_prompts.check_counts(prompt)
             _check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -512,107 +476,6 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}: give a str, "
                          "a list of token ids or {'prompt_token_ids': [...]}")
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        """What multi_modal_data may carry here: images, and Qwen-VL's videos
-        (engine/qwen_videos.py, engine/qwen3_videos.py); Granite Speech's audio only."""
-        if self.image_processor is None:
-            return ()
-        if isinstance(self.image_processor, Phi4MMProcessor):  # images, and audio
-            return self.image_processor.modalities
-        if isinstance(self.image_processor, AudioProcessor):
-            return ("audio",)
-        return ("image", "video") if getattr(self.image_processor, "video", None) is not None \
-            else ("image",)
-
-    @property
-    def video_placeholder(self) -> str | None:
-        """The video token's text (`<|video_pad|>`); None when the model takes no videos."""
-        if "video" not in self.modalities:
-            return None
-        return self.tokenizer.convert_ids_to_tokens(self.image_processor.config.video_token_id)
-
-    @property
-    def image_placeholder(self) -> str | None:
-        """The image token's text (LLaVA's `<image>`); None when the model takes no
-        images."""
-        if "image" not in self.modalities:
-            return None
-        return self.tokenizer.convert_ids_to_tokens(
-            getattr(self.image_processor, "placeholder",
-                    self.image_processor.config.image_token_id))
-
-    @property
-    def audio_placeholder(self) -> str | None:
-        """The audio token's text (Granite Speech's `<|audio|>`; Qwen2-Audio's
-        `Audio {i}: <|audio_bos|><|AUDIO|><|audio_eos|>`, {i} the clip's number in the
-        conversation); None when the model takes no audio."""
-        if "audio" not in self.modalities or self.image_processor.placeholder is None:
-            return None  # (Whisper's audio goes to its encoder, not into a chat prompt)
-        if isinstance(self.image_processor, Phi4MMProcessor):  # `<|audio|>`
-            return self.tokenizer.convert_ids_to_tokens(self.image_processor.audio_placeholder)
-        text = self.tokenizer.convert_ids_to_tokens(self.image_processor.placeholder)
-        if isinstance(self.image_processor, Qwen2AudioProcessor):  # vLLM's Qwen2-Audio text:
-            # the clip's 1-based number (chat_images.py fills {i} in), its bos / eos around
-            return f"Audio {{i}}: <|audio_bos|>{text}<|audio_eos|>"
-        if isinstance(self.image_processor, VoxtralAudioProcessor):  # as mistral_common
-            return "[BEGIN_AUDIO]" + text  # writes it (its own chat: mistral_audio_rate)
-        return text
-
-    @property
-    def mistral_audio_rate(self) -> int | None:
-        """Voxtral under tokenizer_mode "mistral": the rate its chat clips go to
-        mistral_common at (entrypoints/chat_images.py); None otherwise."""
-        if isinstance(self.image_processor, VoxtralAudioProcessor) \
-                and getattr(self.tokenizer, "is_mistral", False):
-            return self.image_processor.rate
-        return None
-
-    def _images(self, prompt: PromptType, ids: list[int]
-                ) -> tuple[list[int], ImageInputs | None]:
-        """A prompt dict's multi_modal_data images: the prompt with its placeholders
-        expanded, and the images' inputs (engine/images.py). ImageInputs processed already
-        (the server's, with the expanded ids) are taken as they are: no image processing
-        on the step loop."""
-        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
-        if not data:
-            return ids, None
-        if (prompt.get("mm_processor_kwargs") or {}).get("do_pan_and_scan"):
-            raise ValueError("mm_processor_kwargs: do_pan_and_scan=True is not supported "
-                             "(Gemma 3's pan-and-scan crops)")
-        takes = self.modalities
-        if not isinstance(data, dict) or not data or not set(data) <= set(takes):
-            kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
-            if takes == ("audio",):
-                raise ValueError(f"multi_modal_data: {kinds} is not supported; give "
-                                 "{'audio': a (waveform, sample_rate) tuple or a list of "
-                                 "them}")
-            raise ValueError(f"multi_modal_data: {kinds} is not supported; give "
-                             "{'image': an image or a list of images}"
-                             + (" and/or {'video': a video or a list of videos}"
-                                if "video" in takes else ""))
-        if isinstance(self.image_processor, Phi4MMProcessor):  # engine/phi4mm_inputs.py
-            given = [v for v in data.values() if isinstance(v, ImageInputs)]
-            if given:  # the server's: one ImageInputs under each modality it holds
-                self.image_processor.check(ids, given[0])
-                return ids, _own_copy(given[0])
-            return self.image_processor(ids, data.get("image"), audio=data.get("audio"))
-        if "audio" in data:  # Granite Speech (engine/audio.py)
-            if isinstance(data["audio"], ImageInputs):
-                self.image_processor.check(ids, data["audio"])
-                return ids, _own_copy(data["audio"])
-            return self.image_processor(ids, data["audio"])
-        if isinstance(data.get("image"), ImageInputs) and "video" not in data:
-            self.image_processor.check(ids, data["image"])
-            images = _own_copy(data["image"])
-        elif "video" in data:
-            ids, images = self.image_processor(ids, data.get("image"), videos=data["video"])
-        else:
-            ids, images = self.image_processor(ids, data["image"])
-        if images.bidirectional:
-            self._check_bidirectional(images)
-        return ids, images
 
     def _prompt_embeds(self, prompt: dict[str, Any], params: SamplingParams
                        ) -> tuple[list[int], ImageInputs]:
@@ -633,16 +496,6 @@ class LLMEngine:
         scale = self.model.model.given_embeds_scale(mc.dtype)  # as HF's model scales them
         return [PLACEHOLDER_ID] * tensor.shape[0], prompt_embeds_inputs(
             tensor * scale if scale != 1.0 else tensor, mc.device, mc.dtype)
-
-    def _check_bidirectional(self, images: ImageInputs) -> None:
-        """Gemma 3's images attend to their own tokens both ways, so each is prefilled
-        within one chunk: it must fit the token budget."""
-        sc = self.config.scheduler_config
-        longest = max(n for _, n in images.ranges)
-        if sc.enable_chunked_prefill and longest > sc.max_num_batched_tokens:
-            raise ValueError(f"multi_modal_data: an image takes {longest} tokens, which are "
-                             "prefilled in one step: max_num_batched_tokens "
-                             f"({sc.max_num_batched_tokens}) must be at least that")
 
     def _check_prompt(self, ids: list[int], vocab: int) -> None:
         if not ids:
@@ -722,9 +575,8 @@ class LLMEngine:
             return
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        if isinstance(self.image_processor, WhisperAudioProcessor):  # either vLLM form
-            prompt = decoder_prompt(prompt, self.tokenizer)
-        lora_request = lora_request or self._default_mm_lora(prompt)
+        prompt = self.mm_prompts.request_prompt(prompt)  # (Whisper's forms as one dict)
+        lora_request = lora_request or default_mm_lora(prompt, self.default_mm_loras)
         # the adapter first: one that adds tokens brings its own tokenizer
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         tokenizer, vocab = self.get_tokenizer(lora_request), self.vocab_size(lora_request)
@@ -733,7 +585,7 @@ class LLMEngine:
             text, ids, images = None, *self._prompt_embeds(prompt, params)
         else:
             text, ids = self._tokenize(prompt, tokenizer)
-            ids, images = self._images(prompt, ids)
+            ids, images = self.mm_prompts.inputs(prompt, ids, self.config.scheduler_config)
         n_ids = len(ids)
         ids = params.truncate_prompt(ids, self.model_config.max_model_len)
         if images is not None and len(ids) != n_ids:
@@ -1214,19 +1066,6 @@ def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -
                          "'cache_salt'")
 
 
-def _count_items(items: Any, modality: str = "image") -> int:
-    """How many images (or other items) a multi_modal_data entry holds: a list of them,
-    the server's processed ImageInputs (its images; its videos count as "video"), or
-    one; videos: engine/qwen_videos.py's count (a list of frames is one video)."""
-    if isinstance(items, ImageInputs):
-        return len(items.ranges) - len(items.videos)
-    if modality == "video":
-        return count_videos(items)
-    if modality == "audio" and is_clip(items):  # one (waveform, rate) tuple
-        return 1
-    return len(items) if isinstance(items, list | tuple) else 1
-
-
 def _scored_prompt(seq: Sequence) -> list[int]:
     """The prompt tokens the repetition penalty sees: none for prompt_embeds (their ids
     are placeholders)."""
@@ -1262,10 +1101,3 @@ def _draft_probs(seq_drafts: list[tuple[Sequence, list[int]]], batch: ScheduledB
             out[row:row + len(d), :width] = q[:, :width]
         row += len(d) + 1
     return out
-
-
-def _own_copy(images: ImageInputs) -> ImageInputs:
-    """Processed inputs given to a request, as its own: the tower's output it gets is
-    never another request's (one that reused the object, perhaps under another adapter
-    with LoRA on the tower), nor written back into the caller's object."""
-    return replace(images, embeds=None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from loraplex.engine.images import (
     placeholder_ranges,
 )
 from loraplex.engine.llama4_images import resize
+from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.models.phi4mm import Phi4MMVisionConfig, crop_layout, is_audio
 
 # what preprocessor_config.json may set of the feature extractor
@@ -46,9 +48,13 @@ _EXTRACTOR_KEYS = ("feature_size", "sampling_rate", "hop_length", "n_fft", "win_
 _BICUBIC = 3  # PILImageResampling.BICUBIC: the global view's (HF's default)
 
 
-class Phi4MMProcessor:
+class Phi4MMProcessor(MultimodalProcessor):
     """preprocessor_config.json's settings plus the `<|image|>` and `<|audio|>` rules
-    (the interface of engine/images.py's ImageProcessor, both modalities in one)."""
+    (engine/multimodal_processor.py's interface, both modalities in one)."""
+
+    @classmethod
+    def load(cls, path: str, config: Phi4MMVisionConfig, tokenizer: Any) -> Phi4MMProcessor:
+        return cls(path, config)
 
     def __init__(self, path: str, config: Phi4MMVisionConfig) -> None:  # noqa: D107
         with open(os.path.join(path, "preprocessor_config.json")) as f:
@@ -95,6 +101,19 @@ class Phi4MMProcessor:
     @property
     def rate(self) -> int:
         return int(self.extractor.sampling_rate)
+
+    def placeholder_token(self, modality: str) -> int | None:
+        return self.audio_placeholder if modality == "audio" else self.placeholder
+
+    def process(self, ids: list[int], data: Mapping[str, Any]
+                ) -> tuple[list[int], ImageInputs]:
+        return self(ids, data.get("image"), audio=data.get("audio"))
+
+    def expanded(self, ids: list[int], data: Mapping[str, Any]) -> list[int]:
+        return self.expand(ids, data.get("image", []), data.get("audio"))
+
+    def data_keys(self, inputs: ImageInputs) -> list[str]:
+        return self.modalities_of(inputs)
 
     def crops(self, image: Any) -> torch.Tensor:
         """One PIL image -> [1 + crops, 3, S, S] (the global view first)."""

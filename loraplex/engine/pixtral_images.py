@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from loraplex.engine.images import ImageInputs, load_images
+from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.models.pixtral import PixtralVisionConfig
 
 
@@ -137,12 +138,13 @@ class HFPixtralPixels:
         return list(out["pixel_values"])
 
 
-class PixtralImageProcessor:
+class PixtralImageProcessor(MultimodalProcessor):
     """The pixels (HF's image processor, or mistral_common's encoding under
     tokenizer_mode "mistral") plus PixtralProcessor's placeholder rule."""
 
     def __init__(self, path: str, config: PixtralVisionConfig, tokenizer: Any) -> None:
         self.config = config
+        self.placeholder = config.image_token_id
         self.tokens = PixtralImageTokens(tokenizer, config, path)
         if getattr(tokenizer, "is_mistral", False):
             from loraplex.engine.mistral_images import MistralImagePixels

@@ -30,11 +30,17 @@ from loraplex.models.qwen2_audio import Qwen2AudioConfig
 
 
 class Qwen2AudioProcessor(WhisperFeaturesProcessor):
-    """Qwen2-Audio's features and placeholder rule (Granite Speech's AudioProcessor
-    interface, so the engine routes it as audio)."""
+    """Qwen2-Audio's features and placeholder rule (an AudioProcessor: audio only, and
+    its placeholder text numbers the clips)."""
 
     def __init__(self, path: str, config: Qwen2AudioConfig) -> None:  # noqa: D107
         super().__init__(path, config, config.image_token_id)
+
+    def placeholder_text(self, modality: str, tokenizer: Any) -> str | None:
+        """vLLM's Qwen2-Audio text: the clip's 1-based number (chat_images.py fills {i}
+        in), its bos / eos around the placeholder."""
+        text = super().placeholder_text(modality, tokenizer)
+        return None if text is None else f"Audio {{i}}: <|audio_bos|>{text}<|audio_eos|>"
 
     def checked(self, data: Any) -> list[tuple[torch.Tensor, int, int]]:
         """Each clip checked: (waveform, its rate, its length in samples at the

@@ -23,11 +23,13 @@ tower (models/qwen2_vl.py) and the placeholder count read.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from loraplex.engine.images import ImageInputs, expand_placeholders, load_images
+from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.engine.qwen3_videos import Qwen3VideoProcessor
 from loraplex.engine.qwen_videos import QwenVideoProcessor, split_videos
 from loraplex.models.mrope import mrope_positions
@@ -41,7 +43,7 @@ def _token(tokenizer: Any, name: str, text: str) -> int:
     return getattr(tokenizer, name, None) or tokenizer.convert_tokens_to_ids(text)
 
 
-class QwenImageProcessor:
+class QwenImageProcessor(MultimodalProcessor):
     """The model's HF image processor plus Qwen2-VL's placeholder and position rules."""
 
     def __init__(self, path: str, config: QwenVisionConfig, tokenizer: Any = None) -> None:
@@ -49,6 +51,7 @@ class QwenImageProcessor:
         from transformers import AutoImageProcessor
 
         self.config = config
+        self.placeholder = config.image_token_id
         self.hf = AutoImageProcessor.from_pretrained(path)
         self.video: QwenVideoProcessor | None = None
         if config.video_token_id >= 0 and not isinstance(config, Qwen3VisionConfig):
@@ -60,6 +63,27 @@ class QwenImageProcessor:
         self.no_videos = "multi_modal_data: video inputs are not supported for this model " + (
             "(its config names no video_token_id)" if config.video_token_id < 0 else
             "(Qwen3-VL's video timestamps need the tokenizer, which was not given)")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image", "video") if self.video is not None else ("image",)
+
+    def placeholder_token(self, modality: str) -> int | None:
+        return self.config.video_token_id if modality == "video" else self.placeholder
+
+    def process(self, ids: list[int], data: Mapping[str, Any]
+                ) -> tuple[list[int], ImageInputs]:
+        if "video" in data:
+            return self(ids, data.get("image"), videos=data["video"])
+        return self(ids, data["image"])
+
+    def expanded(self, ids: list[int], data: Mapping[str, Any]) -> list[int]:
+        return self.expand(ids, data.get("image", []), data.get("video"))
+
+    def processed_inputs(self, data: Mapping[str, Any]) -> ImageInputs | None:
+        """The server's inputs (under "image": its videos are items of them); raw videos
+        beside them are processed with them, as raw items."""
+        return None if "video" in data else super().processed_inputs(data)
 
     def _grids(self, images: list[Any]) -> list[tuple[int, int, int]]:
         """Each image's patch grid, as the HF processor will give it (its own smart_resize,

@@ -39,13 +39,24 @@ from loraplex.models.voxtral import VoxtralAudioConfig
 
 
 class VoxtralAudioProcessor(WhisperFeaturesProcessor):
-    """Voxtral's features and placeholder rule (Granite Speech's AudioProcessor interface,
-    so the engine routes it as audio)."""
+    """Voxtral's features and placeholder rule (an AudioProcessor: audio only; under the
+    Mistral tokenizer a chat's clips go to mistral_common)."""
 
     def __init__(self, path: str, config: VoxtralAudioConfig) -> None:  # noqa: D107
         # Mistral's format ships no preprocessor_config.json: Whisper's extractor at
         # tekken.json's settings (16 kHz, hop 160, window 400, 30 s), as vLLM computes them
         super().__init__(path, config, config.image_token_id, defaults=True)
+
+    def placeholder_text(self, modality: str, tokenizer: Any) -> str | None:
+        """`[BEGIN_AUDIO][AUDIO]`, as mistral_common writes it (which, under tokenizer_mode
+        "mistral", writes the chat itself: mistral_audio_rate)."""
+        text = super().placeholder_text(modality, tokenizer)
+        return None if text is None else "[BEGIN_AUDIO]" + text
+
+    def mistral_audio_rate(self, tokenizer: Any) -> int | None:
+        """Under tokenizer_mode "mistral" the chat's clips go to mistral_common at the
+        model's rate (entrypoints/chat_images.py)."""
+        return self.rate if getattr(tokenizer, "is_mistral", False) else None
 
     def windows(self, samples: int) -> int:
         """30 s windows of a clip of `samples` at the extractor's rate."""

@@ -93,11 +93,15 @@ def decoder_prompt(prompt: Any, tokenizer: Any) -> dict[str, Any]:
 
 
 class WhisperAudioProcessor(WhisperFeaturesProcessor):
-    """Whisper's features (the AudioProcessor interface, so the engine routes it as
-    audio); no placeholders."""
+    """Whisper's features (an AudioProcessor: audio only); no placeholders, and its own
+    prompt forms (request_prompt)."""
 
     def __init__(self, path: str, config: WhisperConfig) -> None:  # noqa: D107
         super().__init__(path, config, None)
+
+    def request_prompt(self, prompt: Any, tokenizer: Any) -> dict[str, Any]:
+        """Either vLLM form of a Whisper prompt as one dict (decoder_prompt)."""
+        return decoder_prompt(prompt, tokenizer)
 
     def checked(self, data: Any) -> list[tuple[torch.Tensor, int, int]]:
         """The one clip, checked: (waveform, its rate, its samples once resampled)."""

@@ -134,13 +134,8 @@ class OpenAIServingChat(OpenAIServing):
                                   param="messages") from e
         ids = list(encoder(text, add_special_tokens=req.add_special_tokens).input_ids)
         if images:
-            try:
-                processor = engine.image_processor
-                if "audio" in engine.modalities[1:]:  # Phi-4-multimodal: images and audio
-                    ids = processor.expand(ids, images.images, images.audios)
-                else:
-                    ids = (processor.expand(ids, images.images, images.videos) if images.videos
-                           else processor.expand(ids, images.audios or images.images))
+            try:  # (engine/multimodal_processor.py: whichever modalities the model takes)
+                ids = engine.image_processor.expanded(ids, images.multi_modal_data())
             except ValueError as e:
                 raise BadRequestError(f"messages: {e}", param="messages") from e
         return text, ids, images
@@ -167,13 +162,8 @@ class OpenAIServingChat(OpenAIServing):
         """The HF image processing (and Qwen-VL's videos'), on the encoder thread (a big
         image never stalls the engine's steps): the ids and the ImageInputs the engine
         takes as they are."""
-        processor = self.engine.engine.image_processor
-        try:
-            if images.videos:
-                return processor(ids, images.images or None, videos=images.videos)
-            if "audio" in getattr(processor, "modalities", ()):  # Phi-4-multimodal: both
-                return processor(ids, images.images or None, audio=images.audios or None)
-            return processor(ids, images.audios or images.images)  # (Granite Speech: audio)
+        try:  # (engine/multimodal_processor.py: whichever modalities the model takes)
+            return self.engine.engine.image_processor.process(ids, images.multi_modal_data())
         except ValueError as e:
             raise BadRequestError(f"messages: {e}", param="messages") from e
 

@@ -13,6 +13,12 @@ patches, D]) to their linears; the op takes rows, so they are flattened.
 
 The manager names these layers TOWER_PREFIX + the tower's own name (VisionWeights.ours
 of an adapter's HF module name), apart from the language model's.
+
+`tower_adapter` is a context of its own, not worker/context.py's StepContext (which
+Whisper's encoder runs in: its linears are the language model's kind, one LoRABatchMeta
+over its fixed rows): a tower call runs before the step's forward opens its StepContext,
+and what it carries is one slot, not per-row slots, for rows whose count changes between
+its layers.
 """
 
 from __future__ import annotations
