@@ -14,6 +14,7 @@ written directly: transformers 5 has no such modules), checked on the merged wei
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from loraplex import SamplingParams
+from loraplex import LoRARequest, SamplingParams
+from loraplex.lora.errors import LoRAError
 from loraplex.lora.experts import ExpertsWithLoRA
 from tests.engine_utils import check_against_hf, check_mixed_batch, lora_requests, make_llm
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
@@ -201,3 +203,24 @@ def test_latent_projection(tiny_root, prompts):
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)
     check_against_hf(outs, base, [None, None], prompts[:2])
+
+
+def test_bad_expert_adapters_fail_alone(nemotron_moe, tmp_path, prompts):
+    """A LoRA on a gate these experts lack, or on an expert past the 8, fails alone with a
+    message naming it; the engine serves a good adapter after them."""
+    base, adapters = nemotron_moe
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8)
+    cases = {".experts.5.gate_proj.": "a LoRA on a gate projection, which these experts do "
+                                      "not have",
+             ".experts.9.up_proj.": "is past the model's 8 experts"}
+    for i, (edit, message) in enumerate(cases.items()):
+        path = _per_expert_adapter(base, tmp_path / f"bad{i}", r=4, seed=144 + i)
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        save_file({k.replace(".experts.5.up_proj.", edit): v for k, v in tensors.items()},
+                  str(path / "adapter_model.safetensors"))
+        with pytest.raises(LoRAError, match=re.escape(message)):
+            llm.llm_engine.add_lora(LoRARequest(f"bad{i}", 10 + i, str(path)))
+    ok = llm.generate([{"prompt_token_ids": prompts[1]}], SamplingParams(max_tokens=3),
+                      lora_request=LoRARequest("ok", 1, str(adapters["r8_experts"])),
+                      use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) == 3
