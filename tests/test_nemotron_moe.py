@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from loraplex import LoRARequest, SamplingParams
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.experts import ExpertsWithLoRA
+from loraplex.models.registry import build_model
 from tests.engine_utils import check_against_hf, check_mixed_batch, lora_requests, make_llm
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
 
@@ -196,13 +197,20 @@ def test_fused_checkpoint_and_per_expert_adapter(nemotron_moe, tmp_path, prompts
 
 def test_latent_projection(tiny_root, prompts):
     """moe_latent_size: the experts run in a latent of 32 between fc1_latent_proj and
-    fc2_latent_proj (the router and the shared experts on the hidden state)."""
-    base = make_model(tiny_root / "nemotron_moe_latent" / "base", 150, latent=32)
-    llm = make_llm(base, block_size=8, max_num_batched_tokens=9)
-    assert llm.llm_engine.model.model.layers[1].mixer.experts.w13.shape == (EXPERTS, SIZE, 32)
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)
-    check_against_hf(outs, base, [None, None], prompts[:2])
+    fc2_latent_proj (the router and the shared experts on the hidden state); an adapter on
+    both projections and the experts beside the base, in chunks of 9."""
+    root = tiny_root / "nemotron_moe_latent"
+    base = make_model(root / "base", 150, latent=32)
+    adapters = {"r4_latent": make_peft_adapter(
+        base, root / "r4_latent", r=4, lora_alpha=8, seed=151,
+        target_modules=["fc1_latent_proj", "fc2_latent_proj"],
+        target_parameters=["experts.up_proj", "experts.down_proj"])}
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=4, block_size=8,
+                   max_num_batched_tokens=9)
+    mixer = llm.llm_engine.model.model.layers[1].mixer
+    assert mixer.experts.base_layer.w13.shape == (EXPERTS, SIZE, 32)
+    assert hasattr(mixer.fc1_latent_proj, "base_layer")  # wrapped for LoRA
+    check_mixed_batch(llm, base, adapters, prompts, extra=1)
 
 
 def test_bad_expert_adapters_fail_alone(nemotron_moe, tmp_path, prompts):
@@ -224,3 +232,12 @@ def test_bad_expert_adapters_fail_alone(nemotron_moe, tmp_path, prompts):
                       lora_request=LoRARequest("ok", 1, str(adapters["r8_experts"])),
                       use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 3
+
+
+def test_other_shared_expert_counts_refused():
+    """n_shared_experts other than 1 (where transformers and vLLM build different shared
+    MLPs) is refused by name at start-up."""
+    cfg = nemotron_moe_config(64)
+    cfg.n_shared_experts, cfg.architectures = 2, ["NemotronHForCausalLM"]
+    with pytest.raises(ValueError, match=r"n_shared_experts=2 is not supported"):
+        build_model(cfg)

@@ -524,6 +524,10 @@ class LlamaForCausalLM(nn.Module):
             renamed = dict(zip(("up_proj", "down_proj"), args.ungated_mlp, strict=True))
             self.lora_target_modules = tuple(renamed.get(m, m) for m in self.lora_target_modules
                                              if m != "gate_proj")
+        if args.nemotron_moe is not None and args.nemotron_moe.latent_size is not None:
+            # Nemotron-H's latent projections around its experts
+            self.lora_target_modules = self.lora_target_modules + (
+                "fc1_latent_proj", "fc2_latent_proj")
         if args.llama4 is not None:  # the experts (PEFT's target_parameters); not the
             # router, which PEFT cannot run a LoRA on (HF's returns a tuple)
             self.lora_target_modules = self.lora_target_modules + ("experts",)

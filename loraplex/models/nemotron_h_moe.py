@@ -41,6 +41,14 @@ class NemotronMoEArgs:
 
 
 def nemotron_moe_args(hf: Any) -> NemotronMoEArgs:
+    """The config's fields; n_shared_experts other than 1 is refused: transformers 5 builds
+    one shared MLP of moe_shared_expert_intermediate_size whatever it says (vLLM one of
+    n_shared_experts times that size, or none), so the two would disagree."""
+    shared = getattr(hf, "n_shared_experts", 1)
+    if shared not in (None, 1):
+        raise ValueError(f"NemotronHForCausalLM: n_shared_experts={shared} is not supported "
+                         "(1: one shared MLP of moe_shared_expert_intermediate_size, as "
+                         "transformers builds it)")
     return NemotronMoEArgs(
         num_experts=int(hf.n_routed_experts), top_k=int(hf.num_experts_per_tok),
         intermediate_size=int(hf.moe_intermediate_size),
