@@ -210,13 +210,14 @@ def test_mamba2_has_no_kv_cache(tiny_root, prompts):
 
 
 def test_unsupported_layer_kinds_refused():
-    """Nemotron-H's mixture-of-experts layers (Nemotron 3) are refused by name."""
+    """A layer kind none of these models has is refused by name (Nemotron-H's "moe" layers
+    are served: test_nemotron_moe.py)."""
     if (reason := _skip_reason("nemotron_h")) is not None:
         pytest.skip(reason)
     cfg = nemotron_h_config(64)
-    cfg.layers_block_type = ["linear_attention", "moe", "full_attention", "mlp"]
+    cfg.layers_block_type = ["linear_attention", "hybrid", "full_attention", "mlp"]
     cfg.architectures = ["NemotronHForCausalLM"]
-    with pytest.raises(ValueError, match=r"layer types \['moe'\] are not supported"):
+    with pytest.raises(ValueError, match=r"layer types \['hybrid'\] are not supported"):
         build_model(cfg)
 
 

@@ -6,6 +6,9 @@ FusedExperts (transformers 5's `experts` module, with gate_up_proj and down_proj
 gpt-oss's experts have biases and a clamped SwiGLU, and its checkpoints store them fused
 and transposed: gate_up_proj [E, H, 2I] with gate and up interleaved (columns 0::2,
 1::2), down_proj [E, I, H], the biases beside them (FusedExperts.load_fused).
+Nemotron-H's (`ungated`: its squared ReLU) have no gate: w13 holds up alone [E, I, H],
+and y = W2_e act(W1_e x); its checkpoints hold them per expert (up_proj, down_proj), or
+fused as transformers 5 saves them, up_proj [E, I, H] and down_proj [E, H, I] (ours).
 Llama 4's (`llama4`) are stored fused and transposed too, gate's columns then up's; its
 router weight multiplies each token's input to the expert instead of the output.
 Qwen3-VL-MoE's (`fused`) are fused, gate's columns then up's, in either of two layouts:
@@ -22,6 +25,7 @@ A quantized checkpoint's experts keep its format: layers/quantized_experts.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -94,19 +98,25 @@ class FusedExperts(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  dtype: torch.dtype | None = None, gpt_oss: ClampedSwiGLU | None = None,
                  packing: int = 1, shapes: Shapes | None = None, llama4: bool = False,
-                 fused: bool = False) -> None:
+                 fused: bool = False,
+                 ungated: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """`dtype`: a quantized subclass's storage; `packing`: its inputs per element;
         `shapes`: w13's and w2's where its layout is not [E, out, in / packing];
         `llama4`: Llama 4's experts (weights on the inputs, its checkpoints' layout);
-        `fused`: Qwen3-VL-MoE's checkpoints (fused, transposed or not: load_fused)."""
+        `fused`: Qwen3-VL-MoE's checkpoints (fused, transposed or not: load_fused);
+        `ungated`: the activation of experts without a gate (Nemotron-H's)."""
         super().__init__()
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts = num_experts
+        # the projections w13 stacks: gate and up, or up alone
+        self.w13_projections = ("up",) if ungated is not None else ("gate", "up")
         e, h, i = num_experts, hidden_size, intermediate_size
-        w13_shape, w2_shape = shapes or ((e, 2 * i, h // packing), (e, h, i // packing))
+        w13_rows = len(self.w13_projections) * i
+        w13_shape, w2_shape = shapes or ((e, w13_rows, h // packing), (e, h, i // packing))
         self.w13 = nn.Parameter(torch.empty(w13_shape, dtype=dtype), requires_grad=dtype is None)
         self.w2 = nn.Parameter(torch.empty(w2_shape, dtype=dtype), requires_grad=dtype is None)
         self.act = gpt_oss or swiglu
+        self.ungated = ungated
         # gpt-oss: biases b13 (gate's then up's) [E, 2I] and b2 [E, H]; its checkpoints'
         # and adapters' gate_up columns interleave gate and up
         self.interleaved = gpt_oss is not None
@@ -149,7 +159,7 @@ class FusedExperts(nn.Module):
                 h += self.b13[e]
             if lora is not None:
                 lora.add_gate_up(h, xe, g)  # += B1 A1 x, B3 A3 x (each row its slot's)
-            a = self.act(*h.chunk(2, dim=-1))
+            a = self.ungated(h) if self.ungated is not None else self.act(*h.chunk(2, dim=-1))
             y = self.project(e, "w2", a)
             if self.b2 is not None:
                 y += self.b2[e]
@@ -184,6 +194,8 @@ class FusedExperts(nn.Module):
         biases); Qwen3-VL-MoE's (Llama 4's layout, or ours: `fused_untransposed`);
         returns the parameter it went into."""
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        if self.ungated is not None:
+            return self._load_fused_ungated(name, tensor)
         shapes = {"gate_up_proj": ("w13", (e, h, 2 * i)), "down_proj": ("w2", (e, i, h)),
                   "gate_up_proj_bias": ("b13", (e, 2 * i)), "down_proj_bias": ("b2", (e, h))}
         if not self.fused_transposed or name not in shapes \
@@ -216,13 +228,30 @@ class FusedExperts(nn.Module):
             getattr(self, param).copy_(tensor)
         return param
 
+    def _load_fused_ungated(self, name: str, tensor: torch.Tensor) -> str:
+        """Nemotron-H's experts as transformers 5 saves them: up_proj [E, I, H] and
+        down_proj [E, H, I], our layout."""
+        param = {"up_proj": "w13", "down_proj": "w2"}.get(name)
+        if param is None:
+            raise ValueError(f"unexpected experts tensor {name!r} in the checkpoint (expected "
+                             "up_proj, down_proj)")
+        if tensor.shape != getattr(self, param).shape:
+            raise ValueError(f"experts {name} has shape {tuple(tensor.shape)}, the model "
+                             f"expects {tuple(getattr(self, param).shape)}")
+        with torch.no_grad():
+            getattr(self, param).copy_(tensor)
+        return param
+
     def _place(self, name: str) -> tuple[str, slice]:
         """(stack, its rows) of an expert projection's name."""
         proj = EXPERT_PROJECTIONS.get(name)
-        if proj is None:
-            raise ValueError(f"unexpected expert weight {name!r} (expected w1, w2, w3 or "
-                             "gate_proj, up_proj, down_proj)")
+        if proj is None or proj not in (*self.w13_projections, "down"):
+            expected = "up_proj, down_proj" if self.ungated is not None \
+                else "w1, w2, w3 or gate_proj, up_proj, down_proj"
+            raise ValueError(f"unexpected expert weight {name!r} (expected {expected})")
         i = self.intermediate_size
+        if self.ungated is not None:
+            return ("w13", slice(None)) if proj == "up" else ("w2", slice(None))
         return {"gate": ("w13", slice(0, i)), "up": ("w13", slice(i, 2 * i)),
                 "down": ("w2", slice(None))}[proj]
 
@@ -231,4 +260,5 @@ class FusedExperts(nn.Module):
 
     def projections(self) -> list[tuple[int, str]]:
         """Every (expert, projection): what a quantized subclass's loading must cover."""
-        return [(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")]
+        return [(e, p) for e in range(self.num_experts)
+                for p in (*self.w13_projections, "down")]

@@ -239,7 +239,7 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
         if not ((param in FUSED_PARAMETERS and targets.experts)
                 or (param == "weight" and module.rsplit(".", 1)[-1] in leaves)):
             raise LoRAError(f"LoRA adapter {name!r} targets the parameter {t!r}, which is not "
-                            "in the model (supported: the experts' " + " and ".join(
+                            "in the model (supported: the experts' " + ", ".join(
                                 FUSED_PARAMETERS) + " in a mixture of experts, and the "
                             "weight of a module LoRA may target)")
     target = cfg.get("target_modules")

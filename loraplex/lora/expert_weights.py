@@ -18,6 +18,10 @@ one (A [r, in], B [out, r]) per expert and projection ("gate", "up", "down").
   its delta B A is added to [E, H, 2I] / [E, I, H] as it is, so x's LoRA is
   x B_e A_e: our A is B_e^T, our B is A_e^T.
 
+Nemotron-H's experts have no gate (`ungated`): per expert up_proj / down_proj, or the
+3-D up_proj [E, I, H] and down_proj [E, H, I], one ParamWrapper each (their shapes tell
+them apart unless I = H, which is refused as ambiguous).
+
 Which of a 3-D parameter's dimensions PEFT reads as in and out changed with its version
 (`peft_swapped`): up to 0.18 always [E, in, out]; 0.19.0 [E, out, in] where
 transformers marks the experts `is_transposed` (gpt-oss on transformers 5), else
@@ -37,7 +41,8 @@ import torch
 from loraplex.layers.experts import EXPERT_PROJECTIONS
 from loraplex.lora.errors import LoRAError
 
-FUSED_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's expert parameters
+# transformers 5's expert parameters (up_proj: Nemotron-H's, without a gate)
+FUSED_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
 _PER_EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<leaf>\w+)$")
 _FUSED = re.compile(r"^(?P<layer>.+\.experts)(?:\.base_layer)*$")
 
@@ -51,6 +56,7 @@ class ExpertsShape:
     # transformers holds the parameters [E, in, out] (gpt-oss, Llama 4), not [E, out, in]
     in_out: bool = False
     is_transposed: bool = False  # transformers 5's `is_transposed` on them (gpt-oss)
+    ungated: bool = False  # no gate: up and down (Nemotron-H)
 
     def dims(self, proj: str) -> tuple[int, int]:
         """(in_features, out_features) of one expert's projection."""
@@ -76,6 +82,9 @@ def expert_target(module: str, experts: dict[str, ExpertsShape]
 def check_expert(name: str, layer: str, expert: int, proj: str, a: torch.Tensor,
                  b: torch.Tensor, shape: ExpertsShape) -> None:
     in_f, out_f = shape.dims(proj)
+    if shape.ungated and proj == "gate":
+        raise LoRAError(f"LoRA adapter {name!r}: {layer}.{expert} has a LoRA on a gate "
+                        "projection, which these experts do not have (up_proj, down_proj)")
     if expert >= shape.num_experts:
         raise LoRAError(f"LoRA adapter {name!r}: {layer}.{expert} is past the model's "
                         f"{shape.num_experts} experts; the adapter was trained for another "
@@ -107,6 +116,8 @@ def fused_parameter(name: str, layer: str, a: torch.Tensor, b: torch.Tensor,
     and whether it is `swapped`: as `swapped` says where the shapes fit both readings,
     else the one they fit."""
     e, h, i = shape.num_experts, shape.hidden_size, shape.intermediate_size
+    if shape.ungated:
+        return _ungated_parameter(name, layer, a, b, shape), False
     if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] and a.shape[0] % e == 0:
         dims = (a.shape[1], b.shape[0])
         for swap in (swapped, not swapped):
@@ -117,6 +128,26 @@ def fused_parameter(name: str, layer: str, a: torch.Tensor, b: torch.Tensor,
     raise LoRAError(f"LoRA adapter {name!r}: the LoRA on {layer} (A {tuple(a.shape)}, B "
                     f"{tuple(b.shape)}) fits neither gate_up_proj [{e}, {2 * i}, {h}] nor "
                     f"down_proj [{e}, {h}, {i}]; the adapter was trained for another base model")
+
+
+def _ungated_parameter(name: str, layer: str, a: torch.Tensor, b: torch.Tensor,
+                      shape: ExpertsShape) -> str:
+    """up_proj or down_proj, for experts without a gate (Nemotron-H's [E, out, in], as
+    PEFT reads them)."""
+    e, h, i = shape.num_experts, shape.hidden_size, shape.intermediate_size
+    if h == i:
+        raise LoRAError(f"LoRA adapter {name!r}: the LoRA on {layer} cannot be told apart "
+                        f"between up_proj and down_proj (both [{e}, {h}, {i}]); target the "
+                        "experts per expert (experts.{e}.up_proj ...) instead")
+    if a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] and a.shape[0] % e == 0:
+        dims = (a.shape[1], b.shape[0])
+        if dims == (h, i):
+            return "up_proj"
+        if dims == (i, h):
+            return "down_proj"
+    raise LoRAError(f"LoRA adapter {name!r}: the LoRA on {layer} (A {tuple(a.shape)}, B "
+                    f"{tuple(b.shape)}) fits neither up_proj [{e}, {i}, {h}] nor down_proj "
+                    f"[{e}, {h}, {i}]; the adapter was trained for another base model")
 
 
 def split_fused(param: str, a: torch.Tensor, b: torch.Tensor, shape: ExpertsShape,
@@ -133,6 +164,8 @@ def split_fused(param: str, a: torch.Tensor, b: torch.Tensor, shape: ExpertsShap
             a_x, b_x = b_x.T, a_x.T
         if param == "down_proj":
             out[expert, "down"] = (a_x, b_x)
+        elif param == "up_proj":  # no gate (Nemotron-H)
+            out[expert, "up"] = (a_x, b_x)
         elif shape.interleaved:  # one A, B's rows alternate gate's and up's
             out[expert, "gate"] = (a_x, b_x[0::2])
             out[expert, "up"] = (a_x, b_x[1::2])

@@ -4,7 +4,8 @@ projection.
     h = W13_e x + [B1[s,e] A1[s,e] x ; B3[s,e] A3[s,e] x]     gate and up (W1, W3)
     y = W2_e a  + B2[s,e] A2[s,e] a,   a = silu(h_gate) * h_up  down (W2)
 
-s = the token's adapter slot, e = the expert it was routed to. The slots hold what a
+s = the token's adapter slot, e = the expert it was routed to. Experts without a gate
+(Nemotron-H's) have the up slice alone: h = W1_e x + B1 A1 x, a = act(h). The slots hold what a
 PEFT adapter on transformers 4 saves (per expert: experts.{e}.w1 / w2 / w3, or
 gate_proj / up_proj / down_proj) and what one on transformers 5 saves for the fused
 experts (target_parameters gate_up_proj, down_proj: one A for gate and up, which goes
@@ -34,13 +35,16 @@ class ExpertsWithLoRA(nn.Module):
         device = base_layer.w13.device
         self.num_experts, self.hidden_size, self.intermediate_size = e, h, i
         self.max_rank = max_rank
+        self.projections = base_layer.w13_projections  # ("gate", "up"), or ("up",)
+        n = len(self.projections)
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(max_loras, *shape, dtype=dtype, device=device)
 
-        # gate (slice 0) and up (slice 1) share the input: A [S, E, R, 2, H], B [S, E, 2I, R]
-        self.register_buffer("gate_up_a", zeros(e, max_rank, 2, h), persistent=False)
-        self.register_buffer("gate_up_b", zeros(e, 2 * i, max_rank), persistent=False)
+        # gate (slice 0) and up (slice 1) share the input: A [S, E, R, n, H], B [S, E, nI, R]
+        # (n = 2; 1 without a gate, up alone)
+        self.register_buffer("gate_up_a", zeros(e, max_rank, n, h), persistent=False)
+        self.register_buffer("gate_up_b", zeros(e, n * i, max_rank), persistent=False)
         self.register_buffer("down_a", zeros(e, max_rank, i), persistent=False)  # [S, E, R, I]
         self.register_buffer("down_b", zeros(e, h, max_rank), persistent=False)  # [S, E, H, R]
         self.slot_ranks = [0] * max_loras  # the real rank per slot; 0 = no weights here
@@ -85,21 +89,22 @@ class ExpertsWithLoRA(nn.Module):
     def add_gate_up(self, h: torch.Tensor, x: torch.Tensor, group: ExpertGroup) -> None:
         """h[:, :I] += B1 A1 x, h[:, I:] += B3 A3 x, each row with its slot's weights (fp32
         products, one rounding into h, as lora/ops)."""
-        e, i = group.expert, self.intermediate_size
+        e, i, n = group.expert, self.intermediate_size, len(self.projections)
         long, short = self._plan(group)
         x = x.float()
         for r, rows, s in long:
             a, b = self.gate_up_a[s, e, :r].float(), self.gate_up_b[s, e, :, :r].float()
             t = torch.einsum("nh,rkh->knr", x[rows], a)  # A1 x, A3 x: [2, n, r]
-            h[rows, :i] += (t[0] @ b[:i].T).to(h.dtype)
-            h[rows, i:] += (t[1] @ b[i:].T).to(h.dtype)
+            for k in range(n):
+                h[rows, k * i:(k + 1) * i] += (t[k] @ b[k * i:(k + 1) * i].T).to(h.dtype)
         if short is not None:  # the same, each row with its own slot's A and B
             rows, slots, r = short
             a = self.gate_up_a[slots, e, :r].float()  # [n, r, 2, H]
-            t = torch.bmm(a.flatten(1, 2), x[rows].unsqueeze(-1)).view(len(rows), r, 2)
+            t = torch.bmm(a.flatten(1, 2), x[rows].unsqueeze(-1)).view(len(rows), r, n)
             b = self.gate_up_b[slots, e, :, :r].float()  # [n, 2I, r]
-            h[rows, :i] += torch.bmm(b[:, :i], t[:, :, 0:1]).squeeze(-1).to(h.dtype)
-            h[rows, i:] += torch.bmm(b[:, i:], t[:, :, 1:2]).squeeze(-1).to(h.dtype)
+            for k in range(n):
+                cols = slice(k * i, (k + 1) * i)
+                h[rows, cols] += torch.bmm(b[:, cols], t[:, :, k:k + 1]).squeeze(-1).to(h.dtype)
 
     def add_down(self, y: torch.Tensor, a: torch.Tensor, group: ExpertGroup) -> None:
         """y += B2 A2 a, each row with its slot's weights."""
@@ -123,19 +128,19 @@ class ExpertsWithLoRA(nn.Module):
         not targeted stays zero."""
         rank = max(a.shape[0] for a, _ in parts.values())
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
-        dtype = self.gate_up_a.dtype
+        dtype, n = self.gate_up_a.dtype, len(self.projections)
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, pin_memory=pin_memory)
 
-        gate_up_a, gate_up_b = zeros(e, rank, 2, h), zeros(e, 2 * i, rank)
+        gate_up_a, gate_up_b = zeros(e, rank, n, h), zeros(e, n * i, rank)
         down_a, down_b = zeros(e, rank, i), zeros(e, h, rank)
         for (expert, proj), (a, b) in parts.items():
             r = a.shape[0]
             if proj == "down":
                 down_a[expert, :r], down_b[expert, :, :r] = a, b
             else:
-                k = 0 if proj == "gate" else 1
+                k = self.projections.index(proj)
                 gate_up_a[expert, :r, k] = a
                 gate_up_b[expert, k * i:(k + 1) * i, :r] = b
         return gate_up_a, gate_up_b, down_a, down_b
@@ -166,4 +171,5 @@ class ExpertsWithLoRA(nn.Module):
     def slot_bytes_per_rank(self) -> int:
         """Bytes of one slot at rank 1: every expert's A and B columns."""
         e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
-        return e * (2 * h + 2 * i + i + h) * self.gate_up_a.element_size()
+        n = len(self.projections)
+        return e * (n * h + n * i + i + h) * self.gate_up_a.element_size()

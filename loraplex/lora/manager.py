@@ -175,7 +175,8 @@ class LoRAManager:
                                              layer.intermediate_size,
                                              layer.base_layer.interleaved,
                                              layer.base_layer.peft_in_out,
-                                             layer.base_layer.peft_is_transposed)
+                                             layer.base_layer.peft_is_transposed,
+                                             layer.base_layer.ungated is not None)
                 continue
             prefix, _, leaf = name.rpartition(".")
             if name.startswith(TOWER_PREFIX):  # the tower's own, unpacked linears
@@ -201,7 +202,7 @@ class LoRAManager:
     def _aliases(args: Any) -> dict[str, str]:
         """transformers 5 names Mixtral's block_sparse_moe `mlp` (its adapters too); Mamba2's
         and Nemotron-H's adapters name our model and embed_tokens backbone and embeddings."""
-        if args.num_experts and args.moe_module != "mlp":
+        if args.num_experts and args.moe_module == "block_sparse_moe":
             return {"mlp": args.moe_module}
         return dict(args.adapter_aliases)
 

@@ -58,6 +58,7 @@ from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.falcon_h1 import FalconH1Args
 from loraplex.models.llama4 import Llama4Args, Llama4MoE, l2_norm
+from loraplex.models.nemotron_h_moe import NemotronMoEArgs
 from loraplex.models.text_only import TextOnly
 from loraplex.models.zamba2 import Zamba2Args, tie_shared_blocks
 
@@ -165,6 +166,9 @@ class LlamaArgs:
     # module path components -> ours (backbone -> model)
     hybrid_layer: str = ""
     mlp_layers: tuple[int, ...] = ()
+    # Nemotron-H's mixture-of-experts mixers (models/nemotron_h_moe.py) and their layers
+    nemotron_moe: NemotronMoEArgs | None = None
+    moe_mixer_layers: tuple[int, ...] = ()
     adapter_aliases: tuple[tuple[str, str], ...] = ()
     # the mixer layers that attend too: Falcon-H1's, all (models/falcon_h1.py: its keys
     # scaled by key_multiplier after k_proj); Zamba2's hybrid layers (models/zamba2.py)
@@ -176,9 +180,9 @@ class LlamaArgs:
     @property
     def num_attention_layers(self) -> int:
         """The layers with a KV cache (a hybrid's mixers hold a state instead; Nemotron-H's
-        MLP layers nothing)."""
+        MLP and MoE layers nothing)."""
         return self.num_layers - len(self.mamba_layers) - len(self.mlp_layers) \
-            + len(self.mixer_attention_layers)
+            - len(self.moe_mixer_layers) + len(self.mixer_attention_layers)
 
     @property
     def host_routed(self) -> bool:
@@ -289,13 +293,17 @@ class UngatedMLP(nn.Module):
     StarCoder2's (c_fc, c_proj; GELU). Its modules carry the checkpoint's names, which its
     adapters target."""
 
-    def __init__(self, a: LlamaArgs, prefix: str) -> None:
+    def __init__(self, a: LlamaArgs, prefix: str, intermediate_size: int | None = None
+                 ) -> None:
+        """`intermediate_size`: None for the config's (Nemotron-H's shared experts have
+        their own)."""
         super().__init__()
         self.up_name, self.down_name = a.ungated_mlp
-        setattr(self, self.up_name, make_linear(a.hidden_size, [a.intermediate_size],
+        size = intermediate_size or a.intermediate_size
+        setattr(self, self.up_name, make_linear(a.hidden_size, [size],
                                                 a.mlp_bias, a.quant,
                                                 _names(prefix, self.up_name)))
-        setattr(self, self.down_name, make_linear(a.intermediate_size, [a.hidden_size],
+        setattr(self, self.down_name, make_linear(size, [a.hidden_size],
                                                   a.mlp_bias, a.quant,
                                                   _names(prefix, self.down_name)))
         self.act = ACTIVATIONS[a.hidden_act]
@@ -516,6 +524,10 @@ class LlamaForCausalLM(nn.Module):
             renamed = dict(zip(("up_proj", "down_proj"), args.ungated_mlp, strict=True))
             self.lora_target_modules = tuple(renamed.get(m, m) for m in self.lora_target_modules
                                              if m != "gate_proj")
+        if args.nemotron_moe is not None and args.nemotron_moe.latent_size is not None:
+            # Nemotron-H's latent projections around its experts
+            self.lora_target_modules = self.lora_target_modules + (
+                "fc1_latent_proj", "fc2_latent_proj")
         if args.llama4 is not None:  # the experts (PEFT's target_parameters); not the
             # router, which PEFT cannot run a LoRA on (HF's returns a tuple)
             self.lora_target_modules = self.lora_target_modules + ("experts",)

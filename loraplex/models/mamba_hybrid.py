@@ -7,8 +7,8 @@ Two layer shapes:
   feed-forward (models/granite_hybrid.py); Bamba's is a SwiGLU MLP (`feed_forward`), its
   second norm pre_ff_layernorm in its checkpoints.
 - MixerBlock (Mamba2, Nemotron-H): one sublayer per layer, `norm` -> `mixer` -> residual,
-  the mixer a Mamba2 mixer, attention without positions (Nemotron-H's) or an ungated
-  squared-ReLU MLP (Nemotron-H's). Their checkpoints' `backbone.` / `embeddings` /
+  the mixer a Mamba2 mixer, attention without positions (Nemotron-H's), an ungated
+  squared-ReLU MLP or a mixture of such experts (Nemotron-H's, models/nemotron_h_moe.py). Their checkpoints' `backbone.` / `embeddings` /
   `norm_f` are our `model.` / `embed_tokens` / `norm`.
 
 Falcon-H1's layer (attention beside the mixer) and Zamba2's (shared transformer blocks)
@@ -28,12 +28,14 @@ from torch import nn
 from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.falcon_h1 import FALCON_H1, FalconH1DecoderLayer, falcon_h1_flags
+from loraplex.models.nemotron_h_moe import NemotronHMoE, nemotron_moe_args
 from loraplex.models.zamba2 import ZAMBA2, zamba2_flags, zamba2_layer
 from loraplex.worker.context import get_context
 
 _MAMBA_TYPES = ("mamba", "linear_attention", "M")
 _ATTENTION_TYPES = ("attention", "full_attention", "*")
 _MLP_TYPES = ("mlp", "-")
+_MOE_TYPES = ("moe", "E")  # Nemotron-H's
 # MixerBlock models' checkpoint names -> ours
 MIXER_BLOCK_RENAMES = (("backbone.", "model."), ("model.embeddings.", "model.embed_tokens."),
                        ("model.norm_f.", "model.norm."))
@@ -105,17 +107,18 @@ class MixerBlock(nn.Module):
         from loraplex.models.llama import LlamaAttention, UngatedMLP
         self.norm = a.norm(a.hidden_size)
         self.kind = "mamba" if index in a.mamba_layers else "mlp" if index in a.mlp_layers \
-            else "attention"
+            else "moe" if index in a.moe_mixer_layers else "attention"
         self.mixer = (Mamba2Mixer(a.hidden_size, a.mamba, a.quant, f"{prefix}.mixer")
                       if self.kind == "mamba" else UngatedMLP(a, f"{prefix}.mixer")
-                      if self.kind == "mlp" else
+                      if self.kind == "mlp" else NemotronHMoE(a, f"{prefix}.mixer")
+                      if self.kind == "moe" else
                       LlamaAttention(a, rotary, f"{prefix}.mixer", index))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         if self.kind == "mamba":
             return x + self.mixer(h, get_context().mamba)
-        return x + (self.mixer(h) if self.kind == "mlp" else self.mixer(positions, h))
+        return x + (self.mixer(positions, h) if self.kind == "attention" else self.mixer(h))
 
 
 def layer_class(a: Any) -> type[nn.Module]:
@@ -135,20 +138,23 @@ def layer_class(a: Any) -> type[nn.Module]:
 def layer_kinds(hf: Any, name: str) -> list[str]:
     """Each layer's kind: "mamba", "attention" or "mlp", from the config's layer_types
     (transformers 5), layers_block_type (Granite, Nemotron-H on 4.x) or
-    hybrid_override_pattern (Nemotron-H's hub configs, read by its remote code: M, *, -);
-    Mamba2's are all mixers. Other kinds (Nemotron-H's "moe") are refused."""
+    hybrid_override_pattern (Nemotron-H's hub configs, read by its remote code: M, *, -,
+    E); Mamba2's are all mixers. Nemotron-H's may be "mlp" or "moe" too; other kinds are
+    refused."""
     if name in ("Mamba2ForCausalLM", FALCON_H1, ZAMBA2):  # (Falcon-H1's, some of
         # Zamba2's attend beside them)
         return ["mamba"] * int(hf.num_hidden_layers)
     types = list(getattr(hf, "layer_types", None) or getattr(hf, "layers_block_type", None)
                  or getattr(hf, "hybrid_override_pattern", None) or [])
     kinds = ["mamba" if t in _MAMBA_TYPES else "attention" if t in _ATTENTION_TYPES
-             else "mlp" if t in _MLP_TYPES and name == "NemotronHForCausalLM" else t
+             else "mlp" if t in _MLP_TYPES and name == "NemotronHForCausalLM"
+             else "moe" if t in _MOE_TYPES and name == "NemotronHForCausalLM" else t
              for t in types]
-    unknown = sorted({k for k in kinds if k not in ("mamba", "attention", "mlp")})
+    unknown = sorted({k for k in kinds if k not in ("mamba", "attention", "mlp", "moe")})
     if unknown:
         raise ValueError(f"{name}: layer types {unknown} are not supported (Mamba2 mixer, "
-                         "attention" + (", MLP)" if name == "NemotronHForCausalLM" else ")"))
+                         "attention" + (", MLP, MoE)" if name == "NemotronHForCausalLM"
+                                       else ")"))
     return kinds
 
 
@@ -201,6 +207,12 @@ def mamba_flags(hf: Any, name: str) -> dict[str, Any]:
                  mlp_layers=tuple(i for i, k in enumerate(kinds) if k == "mlp"))
     if name == "NemotronHForCausalLM":  # (its MLP: registry's ungated_mlp, relu2)
         flags.update(nope_layers=tuple(range(len(kinds))))
+    if "moe" in kinds:  # Nemotron-H's mixtures (num_experts and grouped_topk: the
+        # experts' LoRA slots, tokens grouped on the host)
+        moe = nemotron_moe_args(hf)
+        flags.update(nemotron_moe=moe, num_experts=moe.num_experts, grouped_topk=moe.routing,
+                     moe_module="mixer",
+                     moe_mixer_layers=tuple(i for i, k in enumerate(kinds) if k == "moe"))
     return flags
 
 
