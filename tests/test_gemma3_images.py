@@ -238,9 +238,13 @@ def test_offline_refusals_fail_only_their_request(gemma3):
         llm.generate(request(ASK, [a, a]), GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="cannot decode the image"):
         llm.generate(request(ASK, ["data:image/png;base64,AAAA"]), GREEDY, use_tqdm=False)
-    with pytest.raises(ValueError, match="do_pan_and_scan=True is not supported"):
-        llm.generate({**request(ASK, [a]), "mm_processor_kwargs": {"do_pan_and_scan": True}},
-                     GREEDY, use_tqdm=False)
+    for kwargs, message in (({"do_pan_and_scan": True, "num_crops": 2},
+                             "'num_crops' is not an option.*takes: do_pan_and_scan"),
+                            ({"do_pan_and_scan": "yes"}, "do_pan_and_scan must be true or"),
+                            ({"pan_and_scan_max_num_crops": 0}, "an integer >= 1")):
+        with pytest.raises(ValueError, match=message):
+            llm.generate({**request(ASK, [a]), "mm_processor_kwargs": kwargs}, GREEDY,
+                         use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     check(llm.generate(request(ASK, [a]), GREEDY, use_tqdm=False), gemma3["base"],
           [(ASK, [a], None)])
@@ -250,21 +254,61 @@ def test_offline_refusals_fail_only_their_request(gemma3):
     assert len(small.generate("Hi", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 6
 
 
-def test_pan_and_scan_is_refused(gemma3, tmp_path):
+def test_pan_and_scan_from_the_processor_config(gemma3, tmp_path):
+    """A checkpoint whose image processor config turns pan-and-scan on (and a crop size
+    the tiny images reach): crops, as vLLM reads that config (HF's image processor reads
+    it too, but HF's Gemma3Processor passes its own default, False, over it: the
+    reference is given the options); an mm_processor_kwargs key the processor does not
+    take is refused at start-up."""
     base = Path(shutil.copytree(gemma3["base"], tmp_path / "pas"))
     # transformers 5 nests the image processor's in processor_config.json, 4.x saves it
     # as preprocessor_config.json
     path = base / "processor_config.json"
     cfg = json.loads(path.read_text()) if path.exists() else {}
+    saved = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20}
     if "image_processor" in cfg:
-        cfg["image_processor"]["do_pan_and_scan"] = True
+        cfg["image_processor"].update(saved)
     else:
         path = base / "preprocessor_config.json"
-        cfg = json.loads(path.read_text())
-        cfg["do_pan_and_scan"] = True
+        cfg = {**json.loads(path.read_text()), **saved}
     path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="do_pan_and_scan=True.*not supported"):
-        make_llm(base)
+    processor.cache_clear()
+    llm = make_llm(base)
+    wide = image(5, (120, 40))
+    outs = llm.generate([request(ASK, [wide])], GREEDY, use_tqdm=False)
+    assert len(hf_inputs(base, ASK, [wide], options=saved)["pixel_values"]) == 4  # 3 crops
+    check(outs, base, [(ASK, [wide], None)], options=[saved])
+    with pytest.raises(ValueError, match="'image_size' is not an option"):
+        make_llm(gemma3["base"], mm_processor_kwargs='{"image_size": 28}')
+
+
+def test_pan_and_scan_mixed_batch_matches_hf(gemma3):
+    """vLLM's mm_processor_kwargs {"do_pan_and_scan": true} for the engine, a request's
+    own over it (fewer crops, or none): a wide and a tall image each cut into crops, each
+    crop an image of its own after "Here is the original image ..." (its own
+    bidirectional block, prefilled whole within a 24-token budget), beside a square one
+    and text, under the base and two adapters in one call: HF's prompt, greedy tokens and
+    logprobs."""
+    on = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20}
+    llm = make_llm(gemma3["base"], enable_lora=True, max_loras=2, max_lora_rank=8,
+                   max_num_batched_tokens=24, mm_processor_kwargs=on)
+    wide, tall, square = image(5, (120, 40)), image(6, (40, 100)), image(7, (56, 56))
+    two = "User: <start_of_image> and <start_of_image>: which? Model:"
+    fewer, off = {"pan_and_scan_max_num_crops": 2}, {"do_pan_and_scan": False}
+    jobs = [(ASK, [wide], None, {}), (ASK, [wide], "r8", {}), (two, [tall, square], "r4", {}),
+            (ASK, [tall], "r8", fewer), (ASK, [wide], None, off),
+            ("User: What is the capital of France? Model:", [], "r4", {})]
+    loras = {n: LoRARequest(n, i, str(gemma3[n])) for i, n in enumerate(("r8", "r4"), 1)}
+    prompts = [{**request(p, ims), "mm_processor_kwargs": kw} if ims else p
+               for p, ims, _, kw in jobs]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False,
+                        lora_request=[loras[n] if n else None for _, _, n, _ in jobs])
+    check(outs, gemma3["base"], [(p, ims, gemma3[n] if n else None) for p, ims, n, _ in jobs],
+          options=[{**on, **kw} for *_, kw in jobs])
+    soft = processor(str(gemma3["base"])).tokenizer.convert_tokens_to_ids(SOFT)
+    images = [o.prompt_token_ids.count(soft) // TOKENS_PER_IMAGE for o in outs]
+    assert images == [4, 4, 5, 3, 1, 0]  # wide, tall: 3 crops (max 2: 2); square: none
+    assert outs[0].outputs[0].token_ids != outs[4].outputs[0].token_ids  # the crops count
 
 
 def test_lora_on_the_vision_tower(gemma3, tmp_path, caplog):
