@@ -382,4 +382,40 @@ def test_server_chat_with_data_url_image(gemma3):
             {"role": "user", "content": content}]})
         assert tok.status_code == 200, tok.text
         assert tok.json()["tokens"] == ids and tok.json()["count"] == len(ids)
+        _pan_and_scan_over_http(server, client, gemma3, text)
         assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving
+
+
+def _pan_and_scan_over_http(server, client, gemma3, text: str) -> None:
+    """A chat request's mm_processor_kwargs (vLLM's extra): a wide image's crops in its
+    prompt (usage and /tokenize count them), under an adapter: HF's greedy tokens; a key
+    the processor does not take, and a value of the wrong kind, a 400 each."""
+    wide = image(5, (120, 40))
+    options = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20}
+    content = [{"type": "image_url", "image_url": {"url": data_url(wide)}},
+               {"type": "text", "text": "What is this?"}]
+    inp = hf_inputs(gemma3["base"], text, [wide], add_special_tokens=False, options=options)
+    ids = inp["input_ids"][0].tolist()
+    assert len(inp["pixel_values"]) == 4  # the image and 3 crops
+    resp = client.chat.completions.create(
+        model="r8", messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=4, logprobs=True, extra_body={
+            "ignore_eos": True, "return_tokens_as_token_ids": True,
+            "mm_processor_kwargs": options})
+    got = [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
+    assert resp.usage.prompt_tokens == len(ids)
+    ref = hf_logprobs(gemma3["base"], gemma3["r8"], ids + got[:-1], inp["pixel_values"])
+    assert got == ref[len(ids) - 1:].argmax(-1).tolist()
+    tok = server.post("/tokenize", {"model": "r8", "mm_processor_kwargs": options,
+                                    "messages": [{"role": "user", "content": content}]})
+    assert tok.status_code == 200, tok.text
+    assert tok.json()["tokens"] == ids
+    for bad, message in (({"do_pan_and_scan": True, "crop": 2}, "'crop' is not an option"),
+                         ({"do_pan_and_scan": 1}, "must be true or false")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="r8", messages=[{"role": "user", "content": content}], max_tokens=2,
+                extra_body={"mm_processor_kwargs": bad})
+        err = info.value.body
+        assert info.value.status_code == 400 and message in err["message"], err
+        assert err["param"] == "mm_processor_kwargs", err
