@@ -293,10 +293,11 @@ def test_pan_and_scan_mixed_batch_matches_hf(gemma3):
     llm = make_llm(gemma3["base"], enable_lora=True, max_loras=2, max_lora_rank=8,
                    max_num_batched_tokens=24, mm_processor_kwargs=on)
     wide, tall, square = image(5, (120, 40)), image(6, (40, 100)), image(7, (56, 56))
+    squat = image(8, (78, 60))  # 1.3 x as wide: rounds to 1 crop, HF makes it 2
     two = "User: <start_of_image> and <start_of_image>: which? Model:"
     fewer, off = {"pan_and_scan_max_num_crops": 2}, {"do_pan_and_scan": False}
     jobs = [(ASK, [wide], None, {}), (ASK, [wide], "r8", {}), (two, [tall, square], "r4", {}),
-            (ASK, [tall], "r8", fewer), (ASK, [wide], None, off),
+            (ASK, [tall], "r8", fewer), (ASK, [wide], None, off), (ASK, [squat], "r4", {}),
             ("User: What is the capital of France? Model:", [], "r4", {})]
     loras = {n: LoRARequest(n, i, str(gemma3[n])) for i, n in enumerate(("r8", "r4"), 1)}
     prompts = [{**request(p, ims), "mm_processor_kwargs": kw} if ims else p
@@ -307,7 +308,7 @@ def test_pan_and_scan_mixed_batch_matches_hf(gemma3):
           options=[{**on, **kw} for *_, kw in jobs])
     soft = processor(str(gemma3["base"])).tokenizer.convert_tokens_to_ids(SOFT)
     images = [o.prompt_token_ids.count(soft) // TOKENS_PER_IMAGE for o in outs]
-    assert images == [4, 4, 5, 3, 1, 0]  # wide, tall: 3 crops (max 2: 2); square: none
+    assert images == [4, 4, 5, 3, 1, 3, 0]  # wide, tall: 3 crops (max 2: 2); square: none
     assert outs[0].outputs[0].token_ids != outs[4].outputs[0].token_ids  # the crops count
 
 

@@ -289,9 +289,10 @@ class ImageProcessor(MultimodalProcessor):
         kwargs = rule.hf_kwargs() if rule is not None else {}
         out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt",
                       **kwargs)
-        if rule is not None and [int(n) for n in out.get("num_crops", crops)] != crops:
-            raise ValueError(f"the image processor cut {out['num_crops']} pan-and-scan "
-                             f"crops, loraplex counted {crops}")
+        cut = [int(n) for n in out.get("num_crops", crops)] if rule is not None else crops
+        if cut != crops:
+            raise ValueError(f"the image processor cut {cut} pan-and-scan crops, loraplex "
+                             f"counted {crops}")
         sizes = [s for s, k in zip(sizes, crops, strict=True) for _ in range(1 + k)]
         counts, tiles = [c.tokens_for(s) for s in sizes], [c.tiles(s) for s in sizes]
         pixels = out["pixel_values"]
