@@ -229,6 +229,12 @@ def test_chat_with_image_parts(gemma3):
     outs = llm.chat(conv, GREEDY, use_tqdm=False)
     text = "<|user|><start_of_image>What is this? And <start_of_image>\n<|assistant|>"
     check(outs, gemma3["base"], [(text, [a, b], None)], add_special_tokens=False)
+    wide, on = image(5, (120, 40)), {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20}
+    conv = [{"role": "user", "content": [{"type": "image_pil", "image_pil": wide},
+                                         {"type": "text", "text": "Hm?"}]}]
+    outs = llm.chat(conv, GREEDY, use_tqdm=False, mm_processor_kwargs=on)  # vLLM's keyword
+    check(outs, gemma3["base"], [("<|user|><start_of_image>Hm?\n<|assistant|>", [wide], None)],
+          add_special_tokens=False, options=[on])
 
 
 def test_offline_refusals_fail_only_their_request(gemma3):
