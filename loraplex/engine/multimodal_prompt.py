@@ -106,6 +106,9 @@ class MultimodalPrompts:
 
         if processor is not None and config.processor_kwargs:
             self.options(None)  # the engine's mm_processor_kwargs, checked at start-up
+        elif config.processor_kwargs:
+            logger.warning("mm_processor_kwargs %s unused: the model takes no "
+                           "multi_modal_data here", config.processor_kwargs)
 
     def options(self, request: Any) -> dict[str, Any]:
         """A request's mm_processor_kwargs over the engine's (vLLM's precedence), checked
