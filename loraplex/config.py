@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -413,11 +414,15 @@ class MultiModalConfig:
     allowed_local_media_path: str | None = None
     video_num_frames: int = VIDEO_NUM_FRAMES
     video_fps: float = -1.0
+    # mm_processor_kwargs: the model's processor's options for every request (a request's
+    # own go over them); the keys the processor takes are checked when it loads
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, limit: dict | str | None, default_loras: dict | str | None,
                   allowed_local_media_path: str | None = None,
-                  media_io_kwargs: dict | str | None = None) -> MultiModalConfig:
+                  media_io_kwargs: dict | str | None = None,
+                  mm_processor_kwargs: dict | str | None = None) -> MultiModalConfig:
         if isinstance(limit, str) and not limit.lstrip().startswith("{"):
             limit = _legacy_limits(limit)  # vLLM's older "image=2,video=1"
         limits = {}
@@ -434,7 +439,8 @@ class MultiModalConfig:
                                  "adapter's path or hub id")
         num_frames, fps = _video_io(json_object("media_io_kwargs", media_io_kwargs,
                                                 " of modalities"))
-        return cls(limits, dict(loras), _media_dir(allowed_local_media_path), num_frames, fps)
+        return cls(limits, dict(loras), _media_dir(allowed_local_media_path), num_frames, fps,
+                   dict(json_object("mm_processor_kwargs", mm_processor_kwargs)))
 
     def takes(self, modality: str) -> bool:
         return self.limit_per_prompt.get(modality) != 0

@@ -120,13 +120,14 @@ def processor(base: str) -> Any:
     return AutoProcessor.from_pretrained(base)
 
 
-def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True
-              ) -> dict[str, torch.Tensor]:
+def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True,
+              options: dict | None = None) -> dict[str, torch.Tensor]:
     """What HF's processor makes of a prompt and its images (each <start_of_image>
-    expanded, token_type_ids marking the image tokens)."""
+    expanded, token_type_ids marking the image tokens); `options`: its images kwargs
+    (pan-and-scan's)."""
     return dict(processor(str(base))(text=prompt, images=images or None,
                                      add_special_tokens=add_special_tokens,
-                                     return_tensors="pt"))
+                                     return_tensors="pt", **(options or {})))
 
 
 @torch.no_grad()
@@ -146,11 +147,13 @@ def hf_logprobs(base: Path, adapter: Path | None, ids: list[int],
 
 
 def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
-          add_special_tokens: bool = True) -> None:
+          add_special_tokens: bool = True, options: list[dict | None] | None = None) -> None:
     """Each output's prompt is HF's processor's, its tokens HF's greedy ones (a pick off
-    HF's argmax only at a near-tie) and its logprobs HF's within 1e-4."""
-    for out, (prompt, images, adapter) in zip(outs, jobs, strict=True):
-        inp = hf_inputs(base, prompt, images, add_special_tokens)
+    HF's argmax only at a near-tie) and its logprobs HF's within 1e-4. `options`: each
+    job's processor kwargs for HF's processor (pan-and-scan's)."""
+    for out, (prompt, images, adapter), opts in zip(outs, jobs, options or [None] * len(jobs),
+                                                    strict=True):
+        inp = hf_inputs(base, prompt, images, add_special_tokens, opts)
         ids = inp["input_ids"][0].tolist()
         assert out.prompt_token_ids == ids
         got = out.outputs[0].token_ids

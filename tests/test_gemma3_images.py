@@ -229,6 +229,12 @@ def test_chat_with_image_parts(gemma3):
     outs = llm.chat(conv, GREEDY, use_tqdm=False)
     text = "<|user|><start_of_image>What is this? And <start_of_image>\n<|assistant|>"
     check(outs, gemma3["base"], [(text, [a, b], None)], add_special_tokens=False)
+    wide, on = image(5, (120, 40)), {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20}
+    conv = [{"role": "user", "content": [{"type": "image_pil", "image_pil": wide},
+                                         {"type": "text", "text": "Hm?"}]}]
+    outs = llm.chat(conv, GREEDY, use_tqdm=False, mm_processor_kwargs=on)  # vLLM's keyword
+    check(outs, gemma3["base"], [("<|user|><start_of_image>Hm?\n<|assistant|>", [wide], None)],
+          add_special_tokens=False, options=[on])
 
 
 def test_offline_refusals_fail_only_their_request(gemma3):
@@ -238,9 +244,13 @@ def test_offline_refusals_fail_only_their_request(gemma3):
         llm.generate(request(ASK, [a, a]), GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="cannot decode the image"):
         llm.generate(request(ASK, ["data:image/png;base64,AAAA"]), GREEDY, use_tqdm=False)
-    with pytest.raises(ValueError, match="do_pan_and_scan=True is not supported"):
-        llm.generate({**request(ASK, [a]), "mm_processor_kwargs": {"do_pan_and_scan": True}},
-                     GREEDY, use_tqdm=False)
+    for kwargs, message in (({"do_pan_and_scan": True, "num_crops": 2},
+                             "'num_crops' is not an option.*takes: do_pan_and_scan"),
+                            ({"do_pan_and_scan": "yes"}, "do_pan_and_scan must be true or"),
+                            ({"pan_and_scan_max_num_crops": 0}, "an integer >= 1")):
+        with pytest.raises(ValueError, match=message):
+            llm.generate({**request(ASK, [a]), "mm_processor_kwargs": kwargs}, GREEDY,
+                         use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     check(llm.generate(request(ASK, [a]), GREEDY, use_tqdm=False), gemma3["base"],
           [(ASK, [a], None)])
@@ -250,21 +260,62 @@ def test_offline_refusals_fail_only_their_request(gemma3):
     assert len(small.generate("Hi", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 6
 
 
-def test_pan_and_scan_is_refused(gemma3, tmp_path):
+def test_pan_and_scan_from_the_processor_config(gemma3, tmp_path):
+    """A checkpoint whose image processor config turns pan-and-scan on (and a crop size
+    the tiny images reach): crops, as vLLM reads that config (HF's image processor reads
+    it too, but HF's Gemma3Processor passes its own default, False, over it: the
+    reference is given the options); an mm_processor_kwargs key the processor does not
+    take is refused at start-up."""
     base = Path(shutil.copytree(gemma3["base"], tmp_path / "pas"))
     # transformers 5 nests the image processor's in processor_config.json, 4.x saves it
     # as preprocessor_config.json
     path = base / "processor_config.json"
     cfg = json.loads(path.read_text()) if path.exists() else {}
+    saved = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20}
     if "image_processor" in cfg:
-        cfg["image_processor"]["do_pan_and_scan"] = True
+        cfg["image_processor"].update(saved)
     else:
         path = base / "preprocessor_config.json"
-        cfg = json.loads(path.read_text())
-        cfg["do_pan_and_scan"] = True
+        cfg = {**json.loads(path.read_text()), **saved}
     path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="do_pan_and_scan=True.*not supported"):
-        make_llm(base)
+    processor.cache_clear()
+    llm = make_llm(base)
+    wide = image(5, (120, 40))
+    outs = llm.generate([request(ASK, [wide])], GREEDY, use_tqdm=False)
+    assert len(hf_inputs(base, ASK, [wide], options=saved)["pixel_values"]) == 4  # 3 crops
+    check(outs, base, [(ASK, [wide], None)], options=[saved])
+    with pytest.raises(ValueError, match="'image_size' is not an option"):
+        make_llm(gemma3["base"], mm_processor_kwargs='{"image_size": 28}')
+
+
+def test_pan_and_scan_mixed_batch_matches_hf(gemma3):
+    """vLLM's mm_processor_kwargs {"do_pan_and_scan": true} for the engine, a request's
+    own over it (fewer crops, or none): a wide and a tall image each cut into crops, each
+    crop an image of its own after "Here is the original image ..." (its own
+    bidirectional block, prefilled whole within a 24-token budget), beside a square one
+    and text, under the base and two adapters in one call: HF's prompt, greedy tokens and
+    logprobs."""
+    on = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20}
+    llm = make_llm(gemma3["base"], enable_lora=True, max_loras=2, max_lora_rank=8,
+                   max_num_batched_tokens=24, mm_processor_kwargs=on)
+    wide, tall, square = image(5, (120, 40)), image(6, (40, 100)), image(7, (56, 56))
+    squat = image(8, (78, 60))  # 1.3 x as wide: rounds to 1 crop, HF makes it 2
+    two = "User: <start_of_image> and <start_of_image>: which? Model:"
+    fewer, off = {"pan_and_scan_max_num_crops": 2}, {"do_pan_and_scan": False}
+    jobs = [(ASK, [wide], None, {}), (ASK, [wide], "r8", {}), (two, [tall, square], "r4", {}),
+            (ASK, [tall], "r8", fewer), (ASK, [wide], None, off), (ASK, [squat], "r4", {}),
+            ("User: What is the capital of France? Model:", [], "r4", {})]
+    loras = {n: LoRARequest(n, i, str(gemma3[n])) for i, n in enumerate(("r8", "r4"), 1)}
+    prompts = [{**request(p, ims), "mm_processor_kwargs": kw} if ims else p
+               for p, ims, _, kw in jobs]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False,
+                        lora_request=[loras[n] if n else None for _, _, n, _ in jobs])
+    check(outs, gemma3["base"], [(p, ims, gemma3[n] if n else None) for p, ims, n, _ in jobs],
+          options=[{**on, **kw} for *_, kw in jobs])
+    soft = processor(str(gemma3["base"])).tokenizer.convert_tokens_to_ids(SOFT)
+    images = [o.prompt_token_ids.count(soft) // TOKENS_PER_IMAGE for o in outs]
+    assert images == [4, 4, 5, 3, 1, 3, 0]  # wide, tall: 3 crops (max 2: 2); square: none
+    assert outs[0].outputs[0].token_ids != outs[4].outputs[0].token_ids  # the crops count
 
 
 def test_lora_on_the_vision_tower(gemma3, tmp_path, caplog):
@@ -310,7 +361,8 @@ def test_server_chat_with_data_url_image(gemma3):
     content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
                {"type": "text", "text": "What is this?"}]
     args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
-            "--max-lora-rank", "8", "--lora-modules", f"r8={gemma3['r8']}"]
+            "--max-lora-rank", "8", "--lora-modules", f"r8={gemma3['r8']}",
+            "--limit-mm-per-prompt", '{"image": 1}']  # (an image's crops are not counted)
     base = str(gemma3["base"])
     text = "<|user|><start_of_image>What is this?\n<|assistant|>"
     inp = hf_inputs(gemma3["base"], text, [a], add_special_tokens=False)
@@ -338,4 +390,40 @@ def test_server_chat_with_data_url_image(gemma3):
             {"role": "user", "content": content}]})
         assert tok.status_code == 200, tok.text
         assert tok.json()["tokens"] == ids and tok.json()["count"] == len(ids)
+        _pan_and_scan_over_http(server, client, gemma3, text)
         assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving
+
+
+def _pan_and_scan_over_http(server, client, gemma3, text: str) -> None:
+    """A chat request's mm_processor_kwargs (vLLM's extra): a wide image's crops in its
+    prompt (usage and /tokenize count them), under an adapter: HF's greedy tokens; a key
+    the processor does not take, and a value of the wrong kind, a 400 each."""
+    wide = image(5, (120, 40))
+    options = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20}
+    content = [{"type": "image_url", "image_url": {"url": data_url(wide)}},
+               {"type": "text", "text": "What is this?"}]
+    inp = hf_inputs(gemma3["base"], text, [wide], add_special_tokens=False, options=options)
+    ids = inp["input_ids"][0].tolist()
+    assert len(inp["pixel_values"]) == 4  # the image and 3 crops
+    resp = client.chat.completions.create(
+        model="r8", messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=4, logprobs=True, extra_body={
+            "ignore_eos": True, "return_tokens_as_token_ids": True,
+            "mm_processor_kwargs": options})
+    got = [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
+    assert resp.usage.prompt_tokens == len(ids)
+    ref = hf_logprobs(gemma3["base"], gemma3["r8"], ids + got[:-1], inp["pixel_values"])
+    assert got == ref[len(ids) - 1:].argmax(-1).tolist()
+    tok = server.post("/tokenize", {"model": "r8", "mm_processor_kwargs": options,
+                                    "messages": [{"role": "user", "content": content}]})
+    assert tok.status_code == 200, tok.text
+    assert tok.json()["tokens"] == ids
+    for bad, message in (({"do_pan_and_scan": True, "crop": 2}, "'crop' is not an option"),
+                         ({"do_pan_and_scan": 1}, "must be true or false")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="r8", messages=[{"role": "user", "content": content}], max_tokens=2,
+                extra_body={"mm_processor_kwargs": bad})
+        err = info.value.body
+        assert info.value.status_code == 400 and message in err["message"], err
+        assert err["param"] == "mm_processor_kwargs", err

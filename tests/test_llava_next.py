@@ -14,6 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex import LoRARequest
@@ -64,6 +65,27 @@ def test_placeholder_count_is_hf_processors(next_model):
     hf.vision_feature_select_strategy = "full"
     with pytest.raises(ValueError, match="LLaVA-NeXT is supported with .*'default'"):
         LlavaVisionConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("change", [{"vision_feature_select_strategy": "full"},
+                                    {"image_grid_pinpoints": [[28, 42], [42, 28]]}])
+def test_refused_settings_have_no_reference(change, next_model):
+    """Why loraplex refuses LLaVA-NeXT's "full" strategy and pinpoints that are not whole
+    tiles: HF's own model fails on an image with them (if a transformers release runs
+    them, this fails, and they can be matched)."""
+    from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
+
+    hf = AutoConfig.from_pretrained(str(next_model["base"]))
+    for key, value in change.items():
+        setattr(hf, key, value)
+    with pytest.raises(ValueError, match="HF's and vLLM's LLaVA-NeXT run no other"):
+        LlavaVisionConfig.from_hf(hf)
+    proc = AutoProcessor.from_pretrained(str(next_model["base"]))  # (not the cached one)
+    proc.image_processor.image_grid_pinpoints = hf.image_grid_pinpoints
+    proc.vision_feature_select_strategy = hf.vision_feature_select_strategy
+    inp = proc(text="<image>", images=[image(0, WIDE)], return_tensors="pt")
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        LlavaNextForConditionalGeneration(hf).eval()(**inp)
 
 
 @pytest.mark.parametrize("budget", [None, 32])

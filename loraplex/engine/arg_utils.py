@@ -91,6 +91,8 @@ class EngineArgs:
     allowed_local_media_path: str | None = None
     # vLLM's: per modality, how media is read; here {"video": {"num_frames": 32, "fps": -1}}
     media_io_kwargs: dict | str | None = None
+    # vLLM's: the model's processor's options, e.g. Gemma 3's {"do_pan_and_scan": True}
+    mm_processor_kwargs: dict | str | None = None
     reasoning_parser: str | None = None  # vLLM's names (loraplex/reasoning.py)
     generation_config: str = "auto"  # vLLM's: "auto" | "vllm" | a folder (generation_config.py)
     # vLLM's runner: "auto" (generate, or pooling for a headless `*Model` checkpoint),
@@ -315,7 +317,8 @@ class EngineArgs:
                             parse_speculative_config(self.speculative_config),
                             MultiModalConfig.from_args(
                                 self.limit_mm_per_prompt, self.default_mm_loras,
-                                self.allowed_local_media_path, self.media_io_kwargs))
+                                self.allowed_local_media_path, self.media_io_kwargs,
+                                self.mm_processor_kwargs))
 
 
 @dataclass

@@ -20,7 +20,7 @@ import hashlib
 import io
 import logging
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -29,6 +29,8 @@ import torch
 
 from loraplex.engine.media import MediaConnector, fetch_media
 from loraplex.engine.multimodal_processor import MultimodalProcessor
+from loraplex.engine.pan_and_scan import KEYS as PAN_AND_SCAN_KEYS
+from loraplex.engine.pan_and_scan import PanAndScan
 from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
 from loraplex.models.granite_speech import (
     GraniteSpeechAudio,
@@ -135,6 +137,9 @@ class ImageInputs:
     # Qwen2-VL / Qwen2.5-VL: which items (indices of ranges, hashes, sizes, all in prompt
     # order, images and videos alike) are videos (engine/qwen_images.py)
     videos: list[int] = field(default_factory=list)
+    # Gemma 3's pan-and-scan: each image's crops, items of their own after it (empty:
+    # none); what limit_mm_per_prompt does not count (engine/pan_and_scan.py)
+    crops: list[int] = field(default_factory=list)
 
     def free_on_preempt(self) -> None:
         """What the request gives back while preempted: nothing here (its embeddings are
@@ -228,34 +233,68 @@ class ImageProcessor(MultimodalProcessor):
             self.hf = Llama4ImagePreprocessor.from_pretrained(path)
         else:
             self.hf = AutoImageProcessor.from_pretrained(path)
-        if getattr(self.hf, "do_pan_and_scan", None):
-            raise ValueError(f"the image processor in {path} has do_pan_and_scan=True: "
-                             "Gemma 3's pan-and-scan crops are not supported")
         # the token a prompt (or the chat's string fallback) puts where an image goes
         self.placeholder = config.image_token_id
-        self._expand: Callable[[list[int], list[tuple[int, int]]], list[int]]
+        # Gemma 3's pan-and-scan options as saved (engine/pan_and_scan.py); None: no crops
+        self.pan_and_scan: PanAndScan | None = None
+        self._expand: Callable[[list[int], list[tuple[int, int]], list[int]], list[int]]
         if isinstance(config, Llama4VisionConfig):  # its tiling is the processor's
             config = config.with_processor(self.hf)
             llama4 = Llama4ImageTokens(tokenizer, config)
-            self._expand, self.placeholder = llama4, llama4.placeholder
+            self._expand = lambda ids, sizes, crops: llama4(ids, sizes)
+            self.placeholder = llama4.placeholder
         elif isinstance(config, Gemma3VisionConfig):
             gemma3 = Gemma3ImageTokens(tokenizer, config)
-            self._expand = lambda ids, sizes: gemma3(ids, [config.tokens_for(s) for s in sizes])
+            self._expand = lambda ids, sizes, crops: gemma3(
+                ids, [config.tokens_for(s) for s in sizes], crops)
+            self.pan_and_scan = PanAndScan.of_processor(self.hf)
+            self.option_keys = PAN_AND_SCAN_KEYS
         else:
-            self._expand = lambda ids, sizes: expand_placeholders(
+            self._expand = lambda ids, sizes, crops: expand_placeholders(
                 ids, config.image_token_id, [config.tokens_for(s) for s in sizes])
         self.config = config
 
-    def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        super().check_options(options)
+        self._crops_rule(options)
+
+    def _crops_rule(self, options: Mapping[str, Any] | None) -> PanAndScan | None:
+        """The pan-and-scan options under mm_processor_kwargs `options`; None: the model
+        cuts no crops."""
+        if self.pan_and_scan is None:
+            return None
+        return self.pan_and_scan.with_options(options or {})
+
+    def process(self, ids: list[int], data: Mapping[str, Any],
+                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
+        return self(ids, data["image"], options)
+
+    def expanded(self, ids: list[int], data: Mapping[str, Any],
+                 options: Mapping[str, Any] | None = None) -> list[int]:
+        return self.expand(ids, data["image"], options)
+
+    def __call__(self, ids: list[int], data: Any, options: Mapping[str, Any] | None = None
+                 ) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its images' inputs. `data`: one
-        image or a list (PIL images or URLs)."""
+        image or a list (PIL images or URLs). Gemma 3's pan-and-scan crops (`options`, over
+        the processor's own) are items of their own after their image's: each its own
+        pixels, placeholders and bidirectional block, as HF's model takes them."""
         images = load_images(data)
         c = self.config
         sizes = [(im.height, im.width) for im in images]  # HF's image_sizes
-        counts, tiles = [c.tokens_for(s) for s in sizes], [c.tiles(s) for s in sizes]
+        rule = self._crops_rule(options)
+        crops = [rule.crops(s) for s in sizes] if rule is not None else [0] * len(sizes)
         # before the pixels: a mismatch costs nothing
-        ids = self._expand(ids, sizes)
-        out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        ids = self._expand(ids, sizes, crops)
+        kwargs = rule.hf_kwargs() if rule is not None else {}
+        out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt",
+                      **kwargs)
+        cut = [int(n) for n in out.get("num_crops", crops)] if rule is not None else crops
+        if cut != crops:
+            raise ValueError(f"the image processor cut {cut} pan-and-scan crops, loraplex "
+                             f"counted {crops}")
+        sizes = [s for s, k in zip(sizes, crops, strict=True) for _ in range(1 + k)]
+        counts, tiles = [c.tokens_for(s) for s in sizes], [c.tiles(s) for s in sizes]
         pixels = out["pixel_values"]
         if tuple(pixels.shape[-2:]) != (c.image_size, c.image_size):
             raise ValueError(f"the image processor gives {tuple(pixels.shape[-2:])} pixels, "
@@ -268,12 +307,16 @@ class ImageProcessor(MultimodalProcessor):
                                   digest_size=16).digest()
                   for p, s in zip(pixels.float().split(tiles), sizes)]
         return ids, ImageInputs(pixels, positions, ranges, hashes, sizes=sizes,
-                                bidirectional=c.bidirectional)
+                                bidirectional=c.bidirectional,
+                                crops=crops if any(crops) else [])
 
-    def expand(self, ids: list[int], images: list[Any]) -> list[int]:
+    def expand(self, ids: list[int], images: list[Any],
+               options: Mapping[str, Any] | None = None) -> list[int]:
         """The prompt with its placeholders expanded for these (PIL) images (ValueError:
         they do not match), without processing them: what /tokenize and usage count."""
-        return self._expand(ids, [(im.height, im.width) for im in images])
+        sizes = [(im.height, im.width) for im in images]
+        rule = self._crops_rule(options)
+        return self._expand(ids, sizes, [rule.crops(s) if rule else 0 for s in sizes])
 
     def positions(self, ids: list[int]) -> list[int]:
         return [p for p, t in enumerate(ids) if t == self.config.image_token_id]

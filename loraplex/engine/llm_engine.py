@@ -101,8 +101,8 @@ DEFAULT_MM_LORA_IDS = 1 << 30
 # vLLM's prompt-dict keys beyond prompt / prompt_token_ids that the engine accepts:
 # cache_salt (prefix-cache isolation); multi_modal_data {"image": ...} on a model that takes
 # images (and Qwen-VL videos), else only while empty, as multi_modal_uuids; mm_processor_kwargs
-# (only configures the processing of multi_modal_data; Gemma 3's do_pan_and_scan=True is
-# refused, not ignored). Any other key (prompt_embeds,
+# (the options of the model's processor for its multi_modal_data, over the engine's: a key
+# it does not take is refused, engine/multimodal_prompt.py). Any other key (prompt_embeds,
 # token_type_ids, a typo) is refused: it would be silently ignored otherwise.
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "prompt_embeds", "cache_salt", "mm_processor_kwargs",
                 "multi_modal_data", "multi_modal_uuids"}

@@ -31,6 +31,8 @@ class MultimodalProcessor:
     # the token a prompt puts where an item goes (None: the model has none, Whisper)
     placeholder: int | None
     config: Any  # the model's vision / audio config (models/)
+    # the mm_processor_kwargs keys it takes (Gemma 3's pan-and-scan options); others refused
+    option_keys: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: str, config: Any, tokenizer: Any) -> MultimodalProcessor | None:
@@ -49,13 +51,24 @@ class MultimodalProcessor:
         ValueError otherwise."""
         raise NotImplementedError
 
-    def process(self, ids: list[int], data: Mapping[str, Any]
-                ) -> tuple[list[int], ImageInputs]:
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """mm_processor_kwargs (the engine's and a request's, merged): ValueError for a key
+        this processor does not take (or, where it takes some, a bad value)."""
+        unknown = sorted(set(options) - set(self.option_keys))
+        if unknown:
+            takes = ", ".join(self.option_keys) or "none"
+            raise ValueError(f"mm_processor_kwargs: {unknown[0]!r} is not an option of this "
+                             f"model's processor (it takes: {takes})")
+
+    def process(self, ids: list[int], data: Mapping[str, Any],
+                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
         """A prompt's raw multi_modal_data (its keys within `modalities`): the prompt with
-        its placeholders expanded, and its items' inputs."""
+        its placeholders expanded, and its items' inputs. `options`: mm_processor_kwargs,
+        checked (check_options): empty but for a processor with option_keys."""
         return self(ids, data[self.modalities[0]])
 
-    def expanded(self, ids: list[int], data: Mapping[str, Any]) -> list[int]:
+    def expanded(self, ids: list[int], data: Mapping[str, Any],
+                 options: Mapping[str, Any] | None = None) -> list[int]:
         """The prompt with its placeholders expanded for multi_modal_data's raw items,
         without processing them (ValueError: they do not match): what the chat route's
         /tokenize and usage count."""

@@ -104,6 +104,23 @@ class MultimodalPrompts:
         self.config = config
         self.tokenizer = tokenizer
 
+        if processor is not None and config.processor_kwargs:
+            self.options(None)  # the engine's mm_processor_kwargs, checked at start-up
+        elif config.processor_kwargs:
+            logger.warning("mm_processor_kwargs %s unused: the model takes no "
+                           "multi_modal_data here", config.processor_kwargs)
+
+    def options(self, request: Any) -> dict[str, Any]:
+        """A request's mm_processor_kwargs over the engine's (vLLM's precedence), checked
+        against the processor's options: ValueError for a key it does not take."""
+        if request is not None and not isinstance(request, dict):
+            raise ValueError("mm_processor_kwargs must be a dict, got "
+                             f"{type(request).__name__}")
+        options = {**self.config.processor_kwargs, **(request or {})}
+        if options and self.processor is not None:
+            self.processor.check_options(options)
+        return options
+
     @property
     def modalities(self) -> tuple[str, ...]:
         """What multi_modal_data may carry: the processor's modalities; () without one."""
@@ -142,16 +159,14 @@ class MultimodalPrompts:
         data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         if not data:
             return ids, None
-        if (prompt.get("mm_processor_kwargs") or {}).get("do_pan_and_scan"):
-            raise ValueError("mm_processor_kwargs: do_pan_and_scan=True is not supported "
-                             "(Gemma 3's pan-and-scan crops)")
+        options = self.options(prompt.get("mm_processor_kwargs"))
         self._check_modalities(data)
         given = self.processor.processed_inputs(data)
-        if given is not None:
+        if given is not None:  # (the server processed them under the request's options)
             self.processor.check(ids, given)
             images = own_copy(given)
         else:
-            ids, images = self.processor.process(ids, data)
+            ids, images = self.processor.process(ids, data, options)
         if images.bidirectional:
             check_bidirectional(images, scheduler)
         return ids, images
@@ -196,7 +211,7 @@ def count_items(items: Any, modality: str = "image") -> int:
     the server's processed ImageInputs (its images; its videos count as "video"), or
     one; videos: engine/qwen_videos.py's count (a list of frames is one video)."""
     if isinstance(items, ImageInputs):
-        return len(items.ranges) - len(items.videos)
+        return len(items.ranges) - len(items.videos) - sum(items.crops)
     if modality == "video":
         return count_videos(items)
     if modality == "audio" and is_clip(items):  # one (waveform, rate) tuple

@@ -105,11 +105,12 @@ class Phi4MMProcessor(MultimodalProcessor):
     def placeholder_token(self, modality: str) -> int | None:
         return self.audio_placeholder if modality == "audio" else self.placeholder
 
-    def process(self, ids: list[int], data: Mapping[str, Any]
-                ) -> tuple[list[int], ImageInputs]:
+    def process(self, ids: list[int], data: Mapping[str, Any],
+                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
         return self(ids, data.get("image"), audio=data.get("audio"))
 
-    def expanded(self, ids: list[int], data: Mapping[str, Any]) -> list[int]:
+    def expanded(self, ids: list[int], data: Mapping[str, Any],
+                 options: Mapping[str, Any] | None = None) -> list[int]:
         return self.expand(ids, data.get("image", []), data.get("audio"))
 
     def data_keys(self, inputs: ImageInputs) -> list[str]:

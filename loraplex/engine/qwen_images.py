@@ -71,13 +71,14 @@ class QwenImageProcessor(MultimodalProcessor):
     def placeholder_token(self, modality: str) -> int | None:
         return self.config.video_token_id if modality == "video" else self.placeholder
 
-    def process(self, ids: list[int], data: Mapping[str, Any]
-                ) -> tuple[list[int], ImageInputs]:
+    def process(self, ids: list[int], data: Mapping[str, Any],
+                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
         if "video" in data:
             return self(ids, data.get("image"), videos=data["video"])
         return self(ids, data["image"])
 
-    def expanded(self, ids: list[int], data: Mapping[str, Any]) -> list[int]:
+    def expanded(self, ids: list[int], data: Mapping[str, Any],
+                 options: Mapping[str, Any] | None = None) -> list[int]:
         return self.expand(ids, data.get("image", []), data.get("video"))
 
     def processed_inputs(self, data: Mapping[str, Any]) -> ImageInputs | None:

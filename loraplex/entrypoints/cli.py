@@ -236,6 +236,12 @@ ENGINE_HELP: dict[str, str] = {
                        "'{\"video\": {\"num_frames\": 32, \"fps\": -1}}' (frames kept of a "
                        "decoded video, sampled uniformly; -1: all; fps > 0 caps them at "
                        "duration x fps).",
+    "mm_processor_kwargs": "JSON options of the model's multimodal processor for every "
+                           "request (a chat request's own mm_processor_kwargs go over "
+                           "them); Gemma 3's pan-and-scan: '{\"do_pan_and_scan\": true}' "
+                           "(and pan_and_scan_min_crop_size, pan_and_scan_max_num_crops, "
+                           "pan_and_scan_min_ratio_to_activate). A key the model's "
+                           "processor does not take is refused at start-up.",
     "lora_scheduling_policy": "When more adapters are wanted than --max-loras: fair (requests "
                               "for running adapters go ahead of ones waiting for a slot; "
                               "slots are time-sliced so the longest-waiting adapter gets the "

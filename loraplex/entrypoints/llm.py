@@ -228,10 +228,12 @@ class LLM:
              lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              chat_template_kwargs: dict[str, Any] | None = None,
+             mm_processor_kwargs: dict[str, Any] | None = None,
              **template_kwargs: Any) -> list[RequestOutput]:
         """Apply the tokenizer's chat template to each conversation, then generate.
         `chat_template_kwargs` (vLLM's: {"enable_thinking": False} for Qwen3) and any other
-        keyword (tools, continue_final_message, ...) go to the template."""
+        keyword (tools, continue_final_message, ...) go to the template;
+        `mm_processor_kwargs` (vLLM's) to each prompt with images."""
         template_kwargs = {**(chat_template_kwargs or {}), **template_kwargs}
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         loras = _broadcast(lora_request, len(conversations), "lora_request", None)
@@ -256,7 +258,8 @@ class LLM:
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in v5
                 ids = ids["input_ids"]
             prompts.append({"prompt_token_ids": list(ids)} | (
-                {"multi_modal_data": images.multi_modal_data()} if images else {}))
+                {"multi_modal_data": images.multi_modal_data(),
+                 "mm_processor_kwargs": mm_processor_kwargs or {}} if images else {}))
         return self.generate(prompts, sampling_params, loras, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams | PoolingParams],

@@ -266,6 +266,9 @@ class ChatCompletionRequest(SamplingFields):
     add_special_tokens: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: options of the model's processor for this request's images, over the
+    # server's --mm-processor-kwargs (Gemma 3's {"do_pan_and_scan": true})
+    mm_processor_kwargs: dict[str, Any] | None = None
     # vLLM's: retrieved documents for a RAG chat template (its `documents` variable)
     documents: list[dict[str, str]] | None = None
     prompt_logprobs: int | None = None
@@ -604,6 +607,7 @@ class TokenizeRequest(OpenAIBase):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None  # (messages) as the chat route's
     return_token_strs: bool = False
 
 

@@ -134,11 +134,20 @@ class OpenAIServingChat(OpenAIServing):
                                   param="messages") from e
         ids = list(encoder(text, add_special_tokens=req.add_special_tokens).input_ids)
         if images:
+            options = self.processor_options(req)
             try:  # (engine/multimodal_processor.py: whichever modalities the model takes)
-                ids = engine.image_processor.expanded(ids, images.multi_modal_data())
+                ids = engine.image_processor.expanded(ids, images.multi_modal_data(), options)
             except ValueError as e:
                 raise BadRequestError(f"messages: {e}", param="messages") from e
         return text, ids, images
+
+    def processor_options(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        """The request's mm_processor_kwargs over the server's, checked: a 400 for a key
+        the model's processor does not take."""
+        try:
+            return self.engine.engine.mm_prompts.options(req.mm_processor_kwargs)
+        except ValueError as e:
+            raise BadRequestError(str(e), param="mm_processor_kwargs") from e
 
     @staticmethod
     def _render_mistral(req: ChatCompletionRequest, tools: list[dict[str, Any]] | None,
@@ -157,13 +166,15 @@ class OpenAIServingChat(OpenAIServing):
             raise BadRequestError(str(e), param="messages") from e
         return encoder.decode(ids), ids
 
-    def process_images(self, ids: list[int], images: ChatImages
+    def process_images(self, ids: list[int], images: ChatImages,
+                       options: dict[str, Any] | None = None
                        ) -> tuple[list[int], ImageInputs]:
         """The HF image processing (and Qwen-VL's videos'), on the encoder thread (a big
         image never stalls the engine's steps): the ids and the ImageInputs the engine
-        takes as they are."""
+        takes as they are. `options`: the request's mm_processor_kwargs (processor_options)."""
         try:  # (engine/multimodal_processor.py: whichever modalities the model takes)
-            return self.engine.engine.image_processor.process(ids, images.multi_modal_data())
+            return self.engine.engine.image_processor.process(
+                ids, images.multi_modal_data(), options)
         except ValueError as e:
             raise BadRequestError(f"messages: {e}", param="messages") from e
 
@@ -220,7 +231,8 @@ class OpenAIServingChat(OpenAIServing):
             return self._beam_response(req, request_id, model, len(ids), results[0], echo)
         inputs = None
         if images:
-            ids, inputs = await self.off_loop(self.process_images, ids, images)
+            ids, inputs = await self.off_loop(self.process_images, ids, images,
+                                              self.processor_options(req))
         queued = await self.start_requests(request_id, [(text, ids)], [params], req.model,
                                            lora, req.cache_salt, req.priority, inputs)
         if req.stream:

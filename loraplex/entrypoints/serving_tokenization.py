@@ -32,7 +32,8 @@ class OpenAIServingTokenization:
             messages=req.messages, add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
             add_special_tokens=bool(req.add_special_tokens), chat_template=req.chat_template,
-            chat_template_kwargs=req.chat_template_kwargs)
+            chat_template_kwargs=req.chat_template_kwargs,
+            mm_processor_kwargs=req.mm_processor_kwargs)
         return self.chat.render(chat, None, lora)[1]
 
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:

@@ -10,8 +10,11 @@ replaces it, in the text, by "\\n\\n<start_of_image>" + mm_tokens_per_image soft
 "<end_of_image>\\n\\n". `Gemma3ImageTokens` does the same to token ids: the inserted "\\n\\n"
 merges with a neighbouring newline token ("\\n" + "\\n\\n" is Gemma's one "\\n\\n\\n" token) by
 re-tokenizing the newline run, as tokenizing the expanded text would (vLLM's fix, for
-any run length). Pan-and-scan (extra crops of a wide image) is not done: a processor
-configured with do_pan_and_scan=True is refused (engine/images.py).
+any run length). With pan-and-scan crops (engine/pan_and_scan.py) the image's
+<start_of_image> becomes, as Gemma3Processor writes it, "Here is the original image " + the
+image's sequence + " and here are some crops to help you see better " + the crops'
+sequences joined by spaces; each crop is an image of its own. The text around such an
+insertion is tokenized again with it (what tokenizing the expanded text gives).
 
 The image's soft tokens attend to each other both ways in the language model (text stays
 causal): layers/attention.py's `image_blocks` (torch), `image_key_limits` (the Triton
@@ -119,6 +122,11 @@ class Gemma3Vision(VisionWeights):
         return self.multi_modal_projector(states).flatten(0, 1)
 
 
+# what Gemma3Processor writes around an image's and its crops' sequences
+ORIGINAL_IMAGE = "Here is the original image "
+SOME_CROPS = " and here are some crops to help you see better "
+
+
 class Gemma3ImageTokens:
     """Gemma3Processor's expansion of each <start_of_image>, on token ids."""
 
@@ -126,6 +134,12 @@ class Gemma3ImageTokens:
         self.c = c
         self.encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
         self.wrap = self.encode("\n\n")
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False,
+                                                   clean_up_tokenization_spaces=False)
+        # what splits the text when HF tokenizes it: special and added tokens
+        self.special = {c.boi_token_id, c.eoi_token_id, c.image_token_id,
+                        *getattr(tokenizer, "all_special_ids", ()),
+                        *getattr(tokenizer, "added_tokens_decoder", {})}
         # the tokens that are only newlines, and how many each holds
         self.newlines: dict[int, int] = {}
         for k in range(1, 33):
@@ -133,18 +147,23 @@ class Gemma3ImageTokens:
             if len(ids) == 1:
                 self.newlines[ids[0]] = k
 
-    def __call__(self, ids: list[int], counts: list[int]) -> list[int]:
+    def __call__(self, ids: list[int], counts: list[int], crops: list[int] | None = None
+                 ) -> list[int]:
         """The prompt with image i's <start_of_image> expanded for `counts[i]` soft
-        tokens; one already expanded (its runs of soft tokens are `counts`) as it is."""
+        tokens (and `crops[i]` pan-and-scan crops of as many); one already expanded (its
+        runs of soft tokens are those counts) as it is."""
         c = self.c
+        crops = crops or [0] * len(counts)
         runs = placeholder_runs(ids, c.image_token_id)
-        if runs == counts:
+        if runs == [n for n, k in zip(counts, crops, strict=True) for _ in range(1 + k)]:
             return list(ids)
         boi = sum(t == c.boi_token_id for t in ids)
         if runs or boi != len(counts):
             raise ValueError(f"the prompt has {boi} <start_of_image> token(s) (id "
                              f"{c.boi_token_id}) for {len(counts)} image(s): put one "
                              "<start_of_image> where each image goes")
+        if any(crops):
+            return self._with_crops(ids, counts, crops)
         out: list[tuple[int, bool]] = []  # (token, whether it is an inserted newline)
         left = iter(counts)
         for t in ids:
@@ -155,6 +174,47 @@ class Gemma3ImageTokens:
             out += [(t, False)] + [(c.image_token_id, False)] * next(left)
             out += [(c.eoi_token_id, False)] + [(n, True) for n in self.wrap]
         return self._merge_newlines(out)
+
+    def _with_crops(self, ids: list[int], counts: list[int], crops: list[int]) -> list[int]:
+        """Gemma3Processor's text for images with crops: the inserted text (str pieces)
+        tokenized with the prompt's text around it, up to the nearest special tokens."""
+        c = self.c
+        pieces: list[int | str] = []
+        left = iter(zip(counts, crops, strict=True))
+        for t in ids:
+            if t != c.boi_token_id:
+                pieces.append(t)
+                continue
+            n, k = next(left)
+            one = ["\n\n", t, *[c.image_token_id] * n, c.eoi_token_id, "\n\n"]
+            if k:
+                pieces += [ORIGINAL_IMAGE, *one, SOME_CROPS, *one] + [" ", *one] * (k - 1)
+            else:
+                pieces += one
+        out: list[int] = []
+        run: list[int | str] = []
+        for p in [*pieces, None]:
+            if p is not None and (isinstance(p, str) or p not in self.special):
+                run.append(p)
+                continue
+            out += self._text_run(run)
+            run = []
+            if p is not None:
+                out.append(p)
+        return out
+
+    def _text_run(self, run: list[int | str]) -> list[int]:
+        """A run of text between special tokens: as it is, or with inserted text in it,
+        its text tokenized again."""
+        if not any(isinstance(p, str) for p in run):
+            return list(run)  # type: ignore[arg-type]
+        text, ids = "", []
+        for p in run:
+            if isinstance(p, str):
+                text, ids = text + self.decode(ids) + p, []
+            else:
+                ids.append(p)
+        return self.encode(text + self.decode(ids))
 
     def _merge_newlines(self, tokens: list[tuple[int, bool]]) -> list[int]:
         """Each run of newline tokens that holds an inserted one, tokenized again as

@@ -104,10 +104,13 @@ class LlavaVisionConfig(TowerConfig):
             pinpoints = tuple((int(h), int(w)) for h, w in hf.image_grid_pinpoints)
             if strategy != "default" or any(x % v.image_size for p in pinpoints for x in p):
                 # HF's LLaVA-NeXT lays a tile out as a square of patches (no CLS) and its
-                # grid in whole tiles: other settings have no reference to match
+                # grid in whole tiles: with "full" or such pinpoints its model fails on
+                # every image (transformers 5.x, tests/test_llava_next.py), vLLM's
+                # refuses "full": there is no output to match
                 raise ValueError("LLaVA-NeXT is supported with vision_feature_select_strategy "
                                  "'default' and image_grid_pinpoints that are multiples of "
-                                 f"the tower's image_size {v.image_size}")
+                                 f"the tower's image_size {v.image_size} (HF's and vLLM's "
+                                 "LLaVA-NeXT run no other)")
         return cls(*cls.fields_of(v, tuple(i % (v.num_hidden_layers + 1) for i in layers)),
                    strategy == "full",
                    hf.text_config.hidden_size, hf.projector_hidden_act,
