@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,13 @@ from tests.fixtures import (
     make_peft_adapter,
     make_tiny_model,
 )
+
+# Under pytest-xdist (the README's `-n 2`) the workers share the cores: each, and each
+# server it starts (tests/server_utils.py copies this env), runs torch on one thread, so no
+# two OpenMP teams spin against each other. tests/test_cpu_threads.py gives itself two.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Progress bars from every tiny load/save would drown test output.
 hf_logging.disable_progress_bar()

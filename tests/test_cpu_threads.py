@@ -27,8 +27,17 @@ from loraplex.worker.cpu_threads import (
 )
 
 needs_openmp_team = pytest.mark.skipif(
-    _omp_set_num_threads() is None or torch.get_num_threads() < 2,
-    reason="needs torch's OpenMP runtime (Linux) and 2+ torch threads: else there is no team")
+    _omp_set_num_threads() is None or (os.cpu_count() or 1) < 2,
+    reason="needs torch's OpenMP runtime (Linux) and 2+ cores: else there is no team")
+
+
+@pytest.fixture(autouse=True)
+def two_torch_threads():
+    """Teams need 2+ torch threads; tests/conftest.py gives pytest-xdist's workers one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    yield
+    torch.set_num_threads(threads)
 
 
 def _native_threads() -> int:
