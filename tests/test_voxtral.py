@@ -227,7 +227,8 @@ def test_mistral_format_matches_hf(vx):
 def test_server_chat_and_transcription(vx):
     """The server (tokenizer_mode mistral) through the openai client: a chat with an
     input_audio part and a transcription (with and without `language`, vLLM's
-    TranscriptionRequest prompt) are HF's greedy replies; a bad language, a file that is no
+    TranscriptionRequest prompt; a 31 s clip as one request of two windows, not cut) are
+    HF's greedy replies; a bad language, a file that is no
     audio and a chat part with bad base64 get a 400 alone; the server carries on."""
     import openai
 
@@ -243,15 +244,16 @@ def test_server_chat_and_transcription(vx):
     clip16 = decode_audio(wav)
     extra = {"ignore_eos": True}
 
-    def greedy(ids: list[int], n: int = 6) -> list[int]:
+    def greedy(ids: list[int], n: int = 6, audio: tuple | None = None) -> list[int]:
         out: list[int] = []
         for _ in range(n):
-            out.append(int(hf_logprobs(base, None, ids + out, [at_16k(clip16)])[-1].argmax()))
+            out.append(int(hf_logprobs(base, None, ids + out,
+                                       [at_16k(audio or clip16)])[-1].argmax()))
         return out
 
-    def text(ids: list[int]) -> str:
+    def text(ids: list[int], audio: tuple | None = None) -> str:
         """HF's greedy reply as the server's text (an incomplete UTF-8 tail held back)."""
-        return tok.decode(greedy(ids), skip_special_tokens=True).rstrip("\ufffd")
+        return tok.decode(greedy(ids, audio=audio), skip_special_tokens=True).rstrip("\ufffd")
 
     args = ["--max-model-len", "1024", "--dtype", "float32", "--tokenizer-mode", "mistral"]
     with RemoteServer(base, args) as server:
@@ -279,6 +281,13 @@ def test_server_chat_and_transcription(vx):
             assert got.text == text(ids)
             texts.append(got.text)
         assert texts[0] != texts[1]  # `lang:en` counts
+        long_wav = _wav(clip(8, seconds=31.0))  # not cut into 30 s chunks (vLLM neither)
+        long16 = decode_audio(long_wav)
+        got = client.audio.transcriptions.create(model=str(base), file=("b.wav", long_wav),
+                                                 temperature=0.0, extra_body=extra_t)
+        ids = transcription_ids(tok, long16, RATE, None)
+        assert ids.count(24) == 2 * 375
+        assert got.text == text(ids, long16)
         for kw, message in (({"language": "zz"}, "language 'zz'"),
                             ({"file": ("a.wav", b"RIFF0000WAVEjunk")}, "cannot decode")):
             with pytest.raises(openai.BadRequestError, match=message):

@@ -179,6 +179,11 @@ class AudioProcessor(MultimodalProcessor):
                              f"of {2 * self.mel.n_mels}, the encoder takes {config.input_dim}")
         self.placeholder = config.image_token_id
 
+    @property
+    def rate(self) -> int:
+        """The sample rate clips are resampled to."""
+        return self.mel.sampling_rate
+
     def checked(self, data: Any) -> list[tuple[torch.Tensor, int, int]]:
         """Each clip checked: (waveform, its rate, its length in samples at the model's
         rate once resampled), so placeholders are counted without computing features."""

@@ -62,49 +62,56 @@ Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision 
           | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral)
 
 
+def _is_gemma3(hf_config: Any) -> bool:
+    return getattr(hf_config, "model_type", None) == "gemma3"
+
+
+# a multimodal checkpoint's encoder config: the first whose test its HF config meets (Qwen3-VL
+# before Qwen2-VL, whose test it meets too), else LLaVA's (-NeXT's)
+ENCODER_CONFIGS: tuple[tuple[Callable[[Any], bool], type[VisionConfig]], ...] = (
+    (is_granite_speech, GraniteSpeechAudioConfig),
+    (is_qwen2_audio, Qwen2AudioConfig),
+    (is_phi4mm, Phi4MMVisionConfig),  # models/phi4mm.py: images and audio
+    (is_voxtral, VoxtralAudioConfig),
+    (_is_gemma3, Gemma3VisionConfig),
+    (is_llama4, Llama4VisionConfig),
+    (is_qwen3_vl, Qwen3VisionConfig),  # a QwenVisionConfig
+    (is_qwen_vl, QwenVisionConfig),  # Qwen2-VL, Qwen2.5-VL
+    (takes_pixtral_tower, PixtralVisionConfig),  # Mistral 3, Pixtral-12B
+)
+
+# the module an encoder config builds (by its exact class: Qwen3-VL's config is a
+# QwenVisionConfig, its tower not a QwenVision)
+TOWERS: dict[type[VisionConfig], Callable[[Any], Vision]] = {
+    LlavaVisionConfig: LlavaVision,  # (LLaVA-NeXT too)
+    Gemma3VisionConfig: Gemma3Vision,
+    Llama4VisionConfig: Llama4Vision,
+    QwenVisionConfig: QwenVision,
+    Qwen3VisionConfig: Qwen3Vision,
+    PixtralVisionConfig: PixtralVision,
+    GraniteSpeechAudioConfig: GraniteSpeechAudio,
+    Qwen2AudioConfig: Qwen2Audio,
+    VoxtralAudioConfig: Voxtral,
+    Phi4MMVisionConfig: Phi4MMVision,
+}
+
+
+def encoder_class(hf_config: Any) -> type[VisionConfig]:
+    """The class of a multimodal checkpoint's encoder config (ENCODER_CONFIGS), without
+    reading the config."""
+    return next((c for takes, c in ENCODER_CONFIGS if takes(hf_config)), LlavaVisionConfig)
+
+
 def vision_config(hf_config: Any) -> VisionConfig:
-    """A multimodal checkpoint's image side: Gemma 3's, Llama 4's, Qwen2-VL's (Qwen3-VL's:
-    a QwenVisionConfig too), Mistral 3's and Pixtral-12B's (Pixtral), Granite Speech's and Qwen2-Audio's audio
-    sides, else LLaVA's (-NeXT)."""
-    if is_granite_speech(hf_config):
-        return GraniteSpeechAudioConfig.from_hf(hf_config)
-    if is_qwen2_audio(hf_config):
-        return Qwen2AudioConfig.from_hf(hf_config)
-    if is_phi4mm(hf_config):  # models/phi4mm.py
-        return Phi4MMVisionConfig.from_hf(hf_config)
-    if is_voxtral(hf_config):
-        return VoxtralAudioConfig.from_hf(hf_config)
-    if getattr(hf_config, "model_type", None) == "gemma3":
-        return Gemma3VisionConfig.from_hf(hf_config)
-    if is_llama4(hf_config):
-        return Llama4VisionConfig.from_hf(hf_config)
-    if is_qwen_vl(hf_config):
-        if is_qwen3_vl(hf_config):
-            return Qwen3VisionConfig.from_hf(hf_config)
-        return QwenVisionConfig.from_hf(hf_config)
-    if takes_pixtral_tower(hf_config):
-        return PixtralVisionConfig.from_hf(hf_config)
-    return LlavaVisionConfig.from_hf(hf_config)
+    """A multimodal checkpoint's image side (Qwen3-VL's: a QwenVisionConfig too), or its
+    audio side (Granite Speech, Qwen2-Audio, Voxtral; Phi-4-multimodal: both); else
+    LLaVA's (-NeXT)."""
+    return encoder_class(hf_config).from_hf(hf_config)
 
 
 def build_vision(config: VisionConfig) -> Vision:
-    if isinstance(config, GraniteSpeechAudioConfig):
-        return GraniteSpeechAudio(config)
-    if isinstance(config, Qwen2AudioConfig):
-        return Qwen2Audio(config)
-    if isinstance(config, Phi4MMVisionConfig):
-        return Phi4MMVision(config)
-    if isinstance(config, VoxtralAudioConfig):
-        return Voxtral(config)
-    if isinstance(config, Gemma3VisionConfig):
-        return Gemma3Vision(config)
-    if isinstance(config, PixtralVisionConfig):
-        return PixtralVision(config)
-    if isinstance(config, Llama4VisionConfig):
-        return Llama4Vision(config)
-    if isinstance(config, Qwen3VisionConfig):
-        return Qwen3Vision(config)
-    return QwenVision(config) if isinstance(config, QwenVisionConfig) else LlavaVision(config)
+    """The vision tower (and projector) or audio encoder `config` describes (TOWERS)."""
+    return TOWERS[type(config)](config)
 
 
 @dataclass

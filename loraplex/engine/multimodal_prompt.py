@@ -16,7 +16,13 @@ from typing import Any
 
 from loraplex.config import MultiModalConfig, SchedulerConfig
 from loraplex.engine.audio import AudioProcessor, is_clip
-from loraplex.engine.images import ImageInputs, ImageProcessor, VisionConfig, vision_config
+from loraplex.engine.images import (
+    ImageInputs,
+    ImageProcessor,
+    VisionConfig,
+    encoder_class,
+    vision_config,
+)
 from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.engine.phi4mm_inputs import Phi4MMProcessor
 from loraplex.engine.pixtral_images import PixtralImageProcessor
@@ -28,15 +34,15 @@ from loraplex.engine.whisper_inputs import WhisperAudioProcessor
 from loraplex.inputs import PromptType
 from loraplex.lora.request import LoRARequest
 from loraplex.models.gemma3_vision import Gemma3VisionConfig
-from loraplex.models.granite_speech import GraniteSpeechAudioConfig, is_granite_speech
+from loraplex.models.granite_speech import GraniteSpeechAudioConfig
 from loraplex.models.llama4_vision import Llama4VisionConfig
 from loraplex.models.llava import LlavaVisionConfig
-from loraplex.models.phi4mm import Phi4MMVisionConfig, is_phi4mm
+from loraplex.models.phi4mm import Phi4MMVisionConfig
 from loraplex.models.pixtral import PixtralVisionConfig
-from loraplex.models.qwen2_audio import Qwen2AudioConfig, is_qwen2_audio
+from loraplex.models.qwen2_audio import Qwen2AudioConfig
 from loraplex.models.qwen2_vl import QwenVisionConfig
 from loraplex.models.text_only import TextOnly
-from loraplex.models.voxtral import VoxtralAudioConfig, is_voxtral
+from loraplex.models.voxtral import VoxtralAudioConfig
 from loraplex.models.whisper import WhisperConfig
 
 logger = logging.getLogger(__name__)
@@ -67,9 +73,9 @@ def encoder_config(hf_config: Any, text_only: TextOnly | None, multimodal: Multi
     embeds)."""
     if text_only is None or not text_only.images:
         return None
-    modality = ("audio" if is_granite_speech(hf_config) or is_qwen2_audio(hf_config)
-                or is_voxtral(hf_config) else "image")
-    if is_phi4mm(hf_config) and multimodal.takes("audio"):  # images and audio
+    kind = encoder_class(hf_config)
+    modality = "audio" if issubclass(processor_class(kind), AudioProcessor) else "image"
+    if kind is Phi4MMVisionConfig and multimodal.takes("audio"):  # images and audio
         modality = "audio"
     if not (multimodal.takes(modality)
             or (takes_videos(hf_config) and multimodal.takes("video"))):
@@ -88,10 +94,15 @@ def load_processor(path: str, config: Any, tokenizer: Any) -> MultimodalProcesso
     a checkpoint served on text without one (MultimodalProcessor.load)."""
     if config is None:
         return None
-    kind = next((PROCESSORS[k] for k in type(config).__mro__ if k in PROCESSORS), None)
+    return processor_class(type(config)).load(path, config, tokenizer)
+
+
+def processor_class(config_class: type) -> type[MultimodalProcessor]:
+    """PROCESSORS' entry for a vision / audio config class (or its nearest base's)."""
+    kind = next((PROCESSORS[k] for k in config_class.__mro__ if k in PROCESSORS), None)
     if kind is None:
-        raise ValueError(f"no multimodal processor for {type(config).__name__}")
-    return kind.load(path, config, tokenizer)
+        raise ValueError(f"no multimodal processor for {config_class.__name__}")
+    return kind
 
 
 class MultimodalPrompts:

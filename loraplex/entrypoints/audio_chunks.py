@@ -5,21 +5,19 @@ A clip longer than the model's window (`max_audio_clip_s`: Whisper's feature ext
 into chunks of at most that length, each ending at the quietest `min_energy_split_window_size`
 samples (RMS) of the last `overlap_chunk_second` before its limit, so a cut falls in a pause
 rather than in a word. Each chunk is then transcribed as a request of its own. Voxtral is not
-cut (vLLM: its encoder takes a long clip as several 30 s windows): `chunk_config` None.
+cut (vLLM: its encoder takes a long clip as several 30 s windows). Each model's ChunkConfig
+(None: not cut) is its transcriber's (entrypoints/transcription_models.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from loraplex.engine.audio import resample
-from loraplex.engine.voxtral_inputs import VoxtralAudioProcessor
-from loraplex.engine.whisper_inputs import WhisperAudioProcessor
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,17 +60,6 @@ def quietest_point(wave: np.ndarray, start: int, end: int, window: int) -> int:
         if energy < best_energy:
             best, best_energy = start + i, energy
     return best
-
-
-def chunk_config(processor: Any) -> ChunkConfig | None:
-    """How the model's clips are cut (None: Voxtral's are not), at its sample rate."""
-    if isinstance(processor, VoxtralAudioProcessor):
-        return None
-    if isinstance(processor, WhisperAudioProcessor):  # its extractor's window, as vLLM's
-        return ChunkConfig(rate=processor.rate,
-                           max_audio_clip_s=int(processor.extractor.chunk_length))
-    rate = getattr(processor, "rate", None) or processor.mel.sampling_rate
-    return ChunkConfig(rate=int(rate))  # vLLM's defaults (Granite Speech's)
 
 
 def cut(wave: np.ndarray, rate: int, config: ChunkConfig | None
