@@ -76,14 +76,24 @@ def timestamp_tokenizer():
     the control tokens with `<|notimestamps|>` last, then `<|0.00|>` ... `<|30.00|>` as
     Whisper orders them (HF finds the timestamps past the last special token)."""
     import json
+    import tempfile
 
+    import transformers
     from tokenizers import AddedToken
     from transformers import WhisperTokenizer
 
     from tests.fixtures import _trained_tokenizer
 
     bpe = json.loads(_trained_tokenizer().to_str())["model"]
-    tok = WhisperTokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tok = WhisperTokenizer(vocab=bpe["vocab"], merges=merges)
+    else:  # transformers 4.x reads them from files only
+        files = Path(tempfile.mkdtemp(prefix="whisper-bpe-"))
+        (files / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+        (files / "merges.txt").write_text("#version: 0.2\n"
+                                          + "".join(f"{a} {b}\n" for a, b in merges))
+        tok = WhisperTokenizer(str(files / "vocab.json"), str(files / "merges.txt"))
     control = [t for t in CONTROL if t != "<|notimestamps|>"] + ["<|notimestamps|>"]
     tok.add_special_tokens({"additional_special_tokens": control})
     tok.add_tokens([AddedToken(f"<|{i * 0.02:.2f}|>", special=False, normalized=False)
