@@ -230,12 +230,23 @@ def test_preemption_recomputes_the_state(granite, prompts):
     """A KV cache of 12 blocks of 8 for 6 requests: preempted sequences give their state
     slot back and recompute from the prompt (their first chunk from zeros) exactly."""
     base, adapters = granite
+    check_preemption(base, adapters, [None, "r16_all", "r8_mamba", None, "r4_attn", "r16_all"],
+                     prompts, max_tokens=24, max_loras=3, max_lora_rank=16, num_blocks=12)
+
+
+def check_preemption(base: Path, adapters: dict[str, Path], names: list[str | None],
+                     prompts: list[list[int]], *, max_tokens: int = 20, max_loras: int = 2,
+                     max_lora_rank: int = 8, num_blocks: int = 10, shift: int = 0) -> None:
+    """`names`' requests (None: the base) in a KV cache of `num_blocks` blocks of 8: some
+    are preempted, give their state slot back and recompute from the prompt exactly (the
+    hybrid tests' check, tests/test_mamba_hybrids.py's and test_nemotron_moe.py's too)."""
     reqs = lora_requests(adapters)
-    names = [None, "r16_all", "r8_mamba", None, "r4_attn", "r16_all"]
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
-    llm = make_llm(base, enable_lora=True, max_loras=3, max_lora_rank=16, max_model_len=64,
-                   num_gpu_blocks_override=12, block_size=8, max_num_batched_tokens=16)
-    batch = [prompts[i % len(prompts)] for i in range(len(names))]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                            logprobs=1)
+    llm = make_llm(base, enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                   max_model_len=64, num_gpu_blocks_override=num_blocks, block_size=8,
+                   max_num_batched_tokens=16)
+    batch = [prompts[(i + shift) % len(prompts)] for i in range(len(names))]
     outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
                         lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
     engine = llm.llm_engine

@@ -21,17 +21,16 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from loraplex import SamplingParams
 from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer, MambaBatch
 from loraplex.models.registry import build_model
 from tests.engine_utils import (
     GREEDY,
     check_against_hf,
     check_mixed_batch,
-    lora_requests,
     make_llm,
 )
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
+from tests.test_hybrid import check_preemption
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 # transformers 4.56's gated norm normalizes over all groups at once (test_hybrid.py)
@@ -179,18 +178,8 @@ def test_preemption_recomputes_the_state(hybrid, prompts):
     """10 KV blocks of 8 for 5 requests: preempted sequences give their state slot back
     and recompute from the prompt exactly (Mamba2's blocks hold no bytes, yet count)."""
     kind, base, adapters = hybrid
-    reqs = lora_requests(adapters)
-    names = [None, "r8_all", "r4_mixer", None, "r8_all"]
-    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1)
-    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=64,
-                   num_gpu_blocks_override=10, block_size=8, max_num_batched_tokens=16)
-    batch = [prompts[(i + 1) % len(prompts)] for i in range(len(names))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
-                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
-    engine = llm.llm_engine
-    assert engine.scheduler.num_preemptions > 0
-    assert engine.model_runner.mamba_state.num_free_slots == engine.model_runner.max_num_seqs
-    check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
+    check_preemption(base, adapters, [None, "r8_all", "r4_mixer", None, "r8_all"],
+                     prompts, shift=1)
 
 
 def test_mamba2_has_no_kv_cache(tiny_root, prompts):

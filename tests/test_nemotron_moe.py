@@ -29,6 +29,7 @@ from loraplex.lora.experts import ExpertsWithLoRA
 from loraplex.models.registry import build_model
 from tests.engine_utils import check_against_hf, check_mixed_batch, lora_requests, make_llm
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
+from tests.test_hybrid import check_preemption
 
 pytestmark = pytest.mark.skipif(
     not hasattr(transformers, "NemotronHConfig")
@@ -123,18 +124,8 @@ def test_mixed_batch_in_chunks(nemotron_moe, prompts):
 def test_preemption_recomputes_the_state(nemotron_moe, prompts):
     """10 KV blocks of 8 for 5 requests: preempted sequences recompute their state."""
     base, adapters = nemotron_moe
-    reqs = lora_requests(adapters)
-    names = [None, "r8_experts", "r4_mixer", None, "r8_experts"]
-    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1)
-    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=64,
-                   num_gpu_blocks_override=10, block_size=8, max_num_batched_tokens=16)
-    batch = [prompts[(i + 1) % len(prompts)] for i in range(len(names))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
-                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
-    engine = llm.llm_engine
-    assert engine.scheduler.num_preemptions > 0
-    assert engine.model_runner.mamba_state.num_free_slots == engine.model_runner.max_num_seqs
-    check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
+    check_preemption(base, adapters, [None, "r8_experts", "r4_mixer", None, "r8_experts"],
+                     prompts, shift=1)
 
 
 def _per_expert_adapter(base: Path, out: Path, r: int, seed: int) -> Path:
