@@ -22,7 +22,13 @@ from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.transcription_options import TranscriptionOptions
 from loraplex.entrypoints.transcription_segments import segments
 from tests.multimodal_fixtures import at_16k
-from tests.whisper_fixtures import RATE, clip, hf_logprobs, make_tiny_whisper, timestamp_tokenizer
+from tests.whisper_fixtures import (
+    RATE,
+    clip,
+    hf_greedy_reply,
+    make_tiny_whisper,
+    timestamp_tokenizer,
+)
 
 QUIET = (29.25, 29.45), (58.65, 58.85)  # the pauses the cuts must fall in (seconds)
 CUTS = [int(29.3 * RATE), int(58.7 * RATE)]  # their whole quiet 0.1 s windows' starts
@@ -53,21 +59,6 @@ def _wav(x: np.ndarray) -> bytes:
         f.setframerate(RATE)
         f.writeframes(np.round(np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
     return buf.getvalue()
-
-
-def _hf_greedy(paths, adapter: str | None, prompt: str, x: np.ndarray, n: int) -> list[int]:
-    """HF (+ PEFT)'s greedy reply tokens to the decoder prompt with the 16 kHz clip, at
-    most n, eos ending it."""
-    tok = AutoTokenizer.from_pretrained(str(paths["base"]))
-    ids = tok.encode(prompt, add_special_tokens=False)
-    out: list[int] = []
-    for _ in range(n):
-        t = int(hf_logprobs(paths["base"], paths[adapter] if adapter else None, ids + out,
-                            x)[-1].argmax())
-        out.append(t)
-        if t == tok.eos_token_id:
-            break
-    return out
 
 
 def test_split_points_are_the_quiet_windows():
@@ -159,7 +150,7 @@ def test_server_long_streamed_and_timestamped(whisper, tmp_path):
         got = client.audio.transcriptions.create(
             model="r8", file=("a.wav", wav), language="en",
             extra_body={"max_completion_tokens": 4})
-        want = [_hf_greedy(whisper, "r8", PROMPT + "<|notimestamps|>", c, 4) for c in chunks]
+        want = [hf_greedy_reply(whisper, "r8", PROMPT + "<|notimestamps|>", c, 4) for c in chunks]
         texts = [tok.decode(w, skip_special_tokens=True) for w in want]
         assert got.text == "".join(texts) and len(set(texts)) > 1
         assert got.usage.seconds == 70
@@ -195,7 +186,7 @@ def test_server_long_streamed_and_timestamped(whisper, tmp_path):
         ts0 = tok.convert_tokens_to_ids("<|0.00|>")
         offsets, start = [], 0.0
         for c in chunks:
-            reply = _hf_greedy(whisper, None, PROMPT + "<|0.00|>", c, 24)
+            reply = hf_greedy_reply(whisper, None, PROMPT + "<|0.00|>", c, 24)
             reply = reply[:-1] if reply[-1] == tok.eos_token_id else reply
             offsets += [(w["text"], start + w["timestamp"][0], start + w["timestamp"][1])
                         for w in tok.decode([ts0] + reply, output_offsets=True)["offsets"]]
@@ -222,7 +213,7 @@ def test_server_long_streamed_and_timestamped(whisper, tmp_path):
         short = client.audio.transcriptions.create(model="r8", file=("a.wav", one_second),
                                                    language="en",
                                                    extra_body={"max_completion_tokens": 4})
-        assert short.text == tok.decode(_hf_greedy(whisper, "r8", PROMPT + "<|notimestamps|>",
+        assert short.text == tok.decode(hf_greedy_reply(whisper, "r8", PROMPT + "<|notimestamps|>",
                                                    heard[:RATE], 4), skip_special_tokens=True)
         # r4 takes r8's place in the host tier; r8's file is then broken: its stream fails
         evicting = client.audio.transcriptions.create(model="r4", file=("a.wav", one_second),

@@ -22,6 +22,7 @@ from tests.whisper_fixtures import (
     SOT,
     clip,
     hf_features,
+    hf_greedy_reply,
     hf_logprobs,
     hf_reference,
     make_tiny_whisper,
@@ -244,16 +245,7 @@ def _greedy_text(paths, adapter: str | None, prompt: str, wav: bytes, n: int) ->
     from loraplex.engine.audio_decode import decode_audio
 
     tok = AutoTokenizer.from_pretrained(str(paths["base"]))
-    wave, rate = decode_audio(wav)
-    x = at_16k((wave, rate))
-    ids = tok.encode(prompt, add_special_tokens=False)
-    out: list[int] = []
-    for _ in range(n):
-        t = int(hf_logprobs(paths["base"], paths[adapter] if adapter else None, ids + out,
-                            x)[-1].argmax())
-        out.append(t)
-        if t == tok.eos_token_id:
-            break
+    out = hf_greedy_reply(paths, adapter, prompt, at_16k(decode_audio(wav)), n)
     return tok.decode(out, skip_special_tokens=True).rstrip("\ufffd")
 
 

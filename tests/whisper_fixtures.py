@@ -116,6 +116,23 @@ def hf_reference(base: str, adapter: str | None) -> torch.nn.Module:
     return with_peft(hf_model(base), adapter)
 
 
+def hf_greedy_reply(paths: dict[str, Path], adapter: str | None, prompt: str, x: np.ndarray, n: int) -> list[int]:
+    """HF (+ PEFT)'s greedy reply tokens to the decoder prompt with the 16 kHz clip, at
+    most n, eos ending it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(paths["base"]))
+    ids = tok.encode(prompt, add_special_tokens=False)
+    out: list[int] = []
+    for _ in range(n):
+        t = int(hf_logprobs(paths["base"], paths[adapter] if adapter else None, ids + out,
+                            x)[-1].argmax())
+        out.append(t)
+        if t == tok.eos_token_id:
+            break
+    return out
+
+
 def clip(seed: int, seconds: float = 0.5, rate: int = RATE) -> tuple[np.ndarray, int]:
     """Granite Speech's test waveform (two tones and noise), half a second by default."""
     return speech_clip(seed, seconds, rate)
