@@ -14,13 +14,19 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
+import openai
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from tests.fixtures import TOKENIZER_VOCAB_SIZE, _reinit_, make_tokenizer
-from tests.mistral3_fixtures import IMAGE_TOKENS
+from tests.llava_fixtures import data_url
+from tests.mistral3_fixtures import GREEDY, IMAGE_TOKENS
 from tests.mistral_fixtures import to_interleaved, write_mistral_format
+from tests.multimodal_fixtures import chat_token_ids, hf_logprobs
+from tests.server_utils import RemoteServer
 
 PATCH = 8  # Pixtral-12B's layout: a placeholder per 8 x 8 pixels
 TEKKEN_IMAGE_TOKEN = 10  # mistral_common's [IMG] rank ([IMG_BREAK] 12, [IMG_END] 13)
@@ -156,3 +162,32 @@ def write_pixtral_mistral_format(hf_dir: Path, out: Path) -> Path:
                        "spatial_merge_size": merge}
     (out / "tekken.json").write_text(json.dumps(tekken))
     return out
+
+
+def check_chat_server(served: Path, pixtral: dict[str, Path], picture: Any, text: str,
+                      inputs: dict[str, torch.Tensor]) -> None:
+    """The chat route of a server of `served` with an image_url part (`picture`) and
+    `text`, under the base and the r8 adapter: HF's greedy tokens over `inputs` (HF's
+    processed prompt); a bad image and a second image past the limit fail with a 400, the
+    server carrying on. Both Pixtral layouts' test files check their server with it."""
+    content = [{"type": "image_url", "image_url": {"url": data_url(picture)}},
+               {"type": "text", "text": text}]
+    args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "8", "--lora-modules", f"r8={pixtral['r8']}",
+            "--limit-mm-per-prompt", '{"image": 1}']
+    n = inputs["input_ids"].shape[1]
+    with RemoteServer(served, args) as server:
+        client = server.get_client()
+        base = str(served)
+        for model, adapter in ((base, None), ("r8", pixtral["r8"])):
+            got = chat_token_ids(client, model, content, prompt_tokens=n)
+            ref = hf_logprobs(pixtral["base"], adapter, inputs, got[:-1])
+            assert got == ref[n - 1:].argmax(-1).tolist()
+        for parts, match in (
+                ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                 "cannot decode the image"),
+                ([*content, content[0]], "At most 1 image")):
+            with pytest.raises(openai.BadRequestError) as info:
+                chat_token_ids(client, base, parts)
+            assert re.search(match, info.value.body["message"]), info.value.body
+        assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving

@@ -7,10 +7,8 @@ server's chat route; bad inputs fail alone. (Tower LoRA: tests/test_tower_lora.p
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import openai
 import pytest
 
 from loraplex import LoRARequest
@@ -22,13 +20,11 @@ from tests.mistral3_fixtures import (
     IMAGE_TOKENS,
     check,
     hf_inputs,
-    hf_logprobs,
     tokenizer,
     with_adapters,
 )
-from tests.multimodal_fixtures import chat_token_ids, request
-from tests.pixtral_fixtures import make_tiny_pixtral
-from tests.server_utils import RemoteServer
+from tests.multimodal_fixtures import request
+from tests.pixtral_fixtures import check_chat_server, make_tiny_pixtral
 
 pytest.importorskip("PIL")
 if int(__import__("transformers").__version__.split(".")[0]) < 5:  # pragma: no cover
@@ -95,26 +91,6 @@ def test_server_chat_with_image_parts(pixtral):
     tokens; a bad image and a second image past the limit fail with a 400, the server
     carrying on."""
     a = image(2, (30, 50))
-    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
-               {"type": "text", "text": "What is this?"}]
-    args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
-            "--max-lora-rank", "8", "--lora-modules", f"r8={pixtral['r8']}",
-            "--limit-mm-per-prompt", '{"image": 1}']
     text = "<|user|>[IMG]\nWhat is this?\n<|assistant|>"
-    inp = hf_inputs(pixtral["base"], text, [a], add_special_tokens=False)
-    ids = inp["input_ids"][0].tolist()
-    with RemoteServer(pixtral["base"], args) as server:
-        client = server.get_client()
-        base = str(pixtral["base"])
-        for model, adapter in ((base, None), ("r8", pixtral["r8"])):
-            got = chat_token_ids(client, model, content, prompt_tokens=len(ids))
-            ref = hf_logprobs(pixtral["base"], adapter, inp, got[:-1])
-            assert got == ref[len(ids) - 1:].argmax(-1).tolist()
-        for parts, match in (
-                ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
-                 "cannot decode the image"),
-                ([*content, content[0]], "At most 1 image")):
-            with pytest.raises(openai.BadRequestError) as info:
-                chat_token_ids(client, base, parts)
-            assert re.search(match, info.value.body["message"]), info.value.body
-        assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving
+    inputs = hf_inputs(pixtral["base"], text, [a], add_special_tokens=False)
+    check_chat_server(pixtral["base"], pixtral, a, "What is this?", inputs)

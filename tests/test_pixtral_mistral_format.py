@@ -13,31 +13,28 @@ with LoRA on the tower and projector too (--enable-tower-connector-lora), in one
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 
 from loraplex import LoRARequest
 from tests.engine_utils import make_llm
-from tests.llava_fixtures import data_url, image
+from tests.llava_fixtures import image
 from tests.mistral3_fixtures import GREEDY
 from tests.multimodal_fixtures import (
     assert_matches_reference,
-    chat_token_ids,
     hf_logprobs,
     make_multimodal_adapter,
     with_adapters,
 )
 from tests.pixtral_fixtures import (
     TEKKEN_IMAGE_TOKEN,
+    check_chat_server,
     make_tiny_pixtral,
     write_pixtral_mistral_format,
 )
-from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
 pytest.importorskip("mistral_common")
@@ -176,28 +173,8 @@ def test_server_chat(small31):
     fail with a 400, the server carrying on."""
     pixtral = small31
     a = image(2, (30, 50))
-    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
-               {"type": "text", "text": ASK}]
-    args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
-            "--max-lora-rank", "8", "--lora-modules", f"r8={pixtral['r8']}",
-            "--limit-mm-per-prompt", '{"image": 1}']
-    inp = reference_inputs(pixtral["mistral"], [a, ASK])
-    n = inp["input_ids"].shape[1]
-    with RemoteServer(pixtral["mistral"], args) as server:
-        client = server.get_client()
-        base = str(pixtral["mistral"])
-        for model, adapter in ((base, None), ("r8", pixtral["r8"])):
-            got = chat_token_ids(client, model, content, prompt_tokens=n)
-            ref = hf_logprobs(pixtral["base"], adapter, inp, got[:-1])
-            assert got == ref[n - 1:].argmax(-1).tolist()
-        for parts, match in (
-                ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
-                 "cannot decode the image"),
-                ([*content, content[0]], "At most 1 image")):
-            with pytest.raises(openai.BadRequestError) as info:
-                chat_token_ids(client, base, parts)
-            assert re.search(match, info.value.body["message"]), info.value.body
-        assert len(chat_token_ids(client, base, content)) == GREEDY.max_tokens  # still serving
+    check_chat_server(pixtral["mistral"], pixtral, a, ASK,
+                      reference_inputs(pixtral["mistral"], [a, ASK]))
 
 
 def test_hf_layout_under_mistral_tokenizer(small31, tmp_path):
