@@ -30,8 +30,9 @@ def is_qwen2_audio(hf_config: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class Qwen2AudioConfig:
-    """What the encoder, the projector and the splice read of HF's Qwen2AudioConfig."""
+class WhisperEncoderConfig:
+    """Whisper's encoder as HF's audio_config gives it: Qwen2-Audio's and Voxtral's (which
+    shares these layers, models/voxtral.py) configs start with these fields."""
 
     num_mel_bins: int
     d_model: int
@@ -39,22 +40,17 @@ class Qwen2AudioConfig:
     heads: int
     ffn_dim: int
     act: str
-    max_source_positions: int  # encoder positions of the 30 s window (1500)
-    text_hidden_size: int
-    image_token_id: int  # the `<|AUDIO|>` token (engine/images.py's name for a placeholder)
+    max_source_positions: int  # encoder positions of one 30 s window (1500)
 
-    @classmethod
-    def from_hf(cls, hf: Any) -> Qwen2AudioConfig:
-        a = hf.audio_config
+    @staticmethod
+    def encoder_fields(a: Any) -> tuple[int, int, int, int, int, str, int]:
+        """HF's audio_config checked and read, in this class's field order."""
         check_activation("audio_config.activation_function", a.activation_function)
         if a.d_model % a.encoder_attention_heads:
             raise ValueError(f"audio_config.d_model={a.d_model} is not a multiple of "
                              f"encoder_attention_heads={a.encoder_attention_heads}")
-        token = getattr(hf, "audio_token_id", None)
-        token = getattr(hf, "audio_token_index", 151646) if token is None else token
-        return cls(a.num_mel_bins, a.d_model, a.encoder_layers, a.encoder_attention_heads,
-                   a.encoder_ffn_dim, a.activation_function, a.max_source_positions,
-                   hf.text_config.hidden_size, int(token))
+        return (a.num_mel_bins, a.d_model, a.encoder_layers, a.encoder_attention_heads,
+                a.encoder_ffn_dim, a.activation_function, a.max_source_positions)
 
     @property
     def bidirectional(self) -> bool:
@@ -65,6 +61,21 @@ class Qwen2AudioConfig:
     def window_frames(self) -> int:
         """Mel frames of the padded window the encoder takes (3000: 30 s)."""
         return 2 * self.max_source_positions
+
+
+@dataclass(frozen=True)
+class Qwen2AudioConfig(WhisperEncoderConfig):
+    """What the encoder, the projector and the splice read of HF's Qwen2AudioConfig."""
+
+    text_hidden_size: int
+    image_token_id: int  # the `<|AUDIO|>` token (engine/images.py's name for a placeholder)
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> Qwen2AudioConfig:
+        token = getattr(hf, "audio_token_id", None)
+        token = getattr(hf, "audio_token_index", 151646) if token is None else token
+        return cls(*cls.encoder_fields(hf.audio_config), hf.text_config.hidden_size,
+                   int(token))
 
     @staticmethod
     def tokens_for(frames: int) -> int:

@@ -30,6 +30,7 @@ from torch import nn
 
 from loraplex.models.llava import VISION_ACTIVATIONS, VisionWeights, check_activation
 from loraplex.models.qwen2_audio import AudioTower as Qwen2AudioTower
+from loraplex.models.qwen2_audio import WhisperEncoderConfig
 
 
 def is_voxtral(hf_config: Any) -> bool:
@@ -37,17 +38,10 @@ def is_voxtral(hf_config: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class VoxtralAudioConfig:
+class VoxtralAudioConfig(WhisperEncoderConfig):
     """What the encoder, the projector and the splice read of HF's VoxtralConfig (the
-    encoder's field names are models/qwen2_audio.py's, whose layers it shares)."""
+    encoder's fields and checks are models/qwen2_audio.py's, whose layers it shares)."""
 
-    num_mel_bins: int
-    d_model: int
-    layers: int
-    heads: int
-    ffn_dim: int
-    act: str
-    max_source_positions: int  # encoder positions of one 30 s window (1500)
     intermediate_size: int  # the projector's input: this many / d_model frames stacked
     projector_act: str
     text_hidden_size: int
@@ -56,31 +50,16 @@ class VoxtralAudioConfig:
     @classmethod
     def from_hf(cls, hf: Any) -> VoxtralAudioConfig:
         a = hf.audio_config
-        check_activation("audio_config.activation_function", a.activation_function)
+        encoder = cls.encoder_fields(a)
         check_activation("projector_hidden_act", hf.projector_hidden_act)
-        if a.d_model % a.encoder_attention_heads:
-            raise ValueError(f"audio_config.d_model={a.d_model} is not a multiple of "
-                             f"encoder_attention_heads={a.encoder_attention_heads}")
         stack, rest = divmod(a.intermediate_size, a.d_model)
         if rest or a.max_source_positions % stack:
             raise ValueError(f"audio_config.intermediate_size={a.intermediate_size} must be "
                              f"a multiple of d_model={a.d_model} that divides the window's "
                              f"{a.max_source_positions} positions")
         token = 24 if hf.audio_token_id is None else hf.audio_token_id  # HF's processor's
-        return cls(a.num_mel_bins, a.d_model, a.encoder_layers, a.encoder_attention_heads,
-                   a.encoder_ffn_dim, a.activation_function, a.max_source_positions,
-                   a.intermediate_size, hf.projector_hidden_act, hf.text_config.hidden_size,
-                   int(token))
-
-    @property
-    def bidirectional(self) -> bool:
-        """Audio rows are causal in the language model, like text."""
-        return False
-
-    @property
-    def window_frames(self) -> int:
-        """Mel frames of one encoder window (3000: 30 s)."""
-        return 2 * self.max_source_positions
+        return cls(*encoder, a.intermediate_size, hf.projector_hidden_act,
+                   hf.text_config.hidden_size, int(token))
 
     @property
     def tokens_per_window(self) -> int:
