@@ -175,3 +175,27 @@ def check_audio(outs, paths: dict[str, Path], jobs: list[tuple[str, list, str | 
         ref = hf_logprobs(paths["base"], paths[adapter] if adapter else None,
                           ids + got[:-1], [at_16k(c) for c in clips])[len(ids) - 1:]
         assert_matches_reference(out, ref, adapter)
+
+
+def wav_bytes(c: tuple[Any, int]) -> bytes:
+    """A clip (a float waveform in [-1, 1], its rate) as a 16-bit mono WAV file, as a client
+    uploads it."""
+    import io
+    import wave
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(c[1])
+        f.writeframes(np.round(np.asarray(c[0], np.float64) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def wav_b64(c: tuple[Any, int]) -> str:
+    """wav_bytes as base64: a chat `input_audio` part's data."""
+    import base64
+
+    return base64.b64encode(wav_bytes(c)).decode()

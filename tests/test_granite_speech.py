@@ -32,7 +32,7 @@ from tests.granite_speech_fixtures import (
     hf_logprobs,
     make_tiny_granite_speech,
 )
-from tests.multimodal_fixtures import assert_matches_reference
+from tests.multimodal_fixtures import assert_matches_reference, wav_b64
 from tests.multimodal_fixtures import audio_prompt as audio
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
@@ -262,12 +262,6 @@ def test_seed_example(speech, tmp_path, monkeypatch):
         llm.get_tokenizer().convert_tokens_to_ids("<|audio|>")) == -(-encoder_frames // 6) * 2
 
 
-def _wav_b64(c: tuple[np.ndarray, int]) -> str:
-    import base64
-
-    return base64.b64encode(_wav(c[0].astype(np.float64), 2, 1, c[1])).decode()
-
-
 def _chat_reference(paths, text_ids: list[int], c, adapter: str | None, n: int) -> list[int]:
     """HF's greedy reply to `text_ids` (its one `<|audio|>` expanded to 6) with clip `c`
     decoded from its 16-bit WAV."""
@@ -288,9 +282,9 @@ def test_chat_with_audio_parts(speech):
     llm = make_llm(speech["base"], enable_lora=True, max_lora_rank=8,
                    default_mm_loras={"audio": str(speech["base"])})
     a = clip(1)
-    for part in ({"type": "input_audio", "input_audio": {"data": _wav_b64(a), "format": "wav"}},
+    for part in ({"type": "input_audio", "input_audio": {"data": wav_b64(a), "format": "wav"}},
                  {"type": "audio_url",
-                  "audio_url": {"url": "data:audio/wav;base64," + _wav_b64(a)}}):
+                  "audio_url": {"url": "data:audio/wav;base64," + wav_b64(a)}}):
         conv = [{"role": "user", "content": [part, {"type": "text", "text": "Transcribe"}]}]
         out = llm.chat(conv, GREEDY, use_tqdm=False)[0]
         text = llm.get_tokenizer()("<|user|><|audio|>\nTranscribe\n<|assistant|>",
@@ -315,7 +309,7 @@ def test_server_chat_with_input_audio(speech, tiny_root):
     from tests.server_utils import RemoteServer
 
     a = clip(1)
-    content = [{"type": "input_audio", "input_audio": {"data": _wav_b64(a), "format": "wav"}},
+    content = [{"type": "input_audio", "input_audio": {"data": wav_b64(a), "format": "wav"}},
                {"type": "text", "text": "Transcribe"}]
     base = str(speech["base"])
     args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",

@@ -15,7 +15,7 @@ from PIL import Image
 
 from loraplex import LoRARequest, SamplingParams
 from tests.engine_utils import make_llm
-from tests.multimodal_fixtures import assert_matches_reference, request
+from tests.multimodal_fixtures import assert_matches_reference, request, wav_b64, wav_bytes
 from tests.phi4mm_fixtures import (
     AUDIO,
     IMAGE,
@@ -258,29 +258,11 @@ def test_default_mm_loras_by_modality(phi):
     check(llm, outs, phi, jobs)
 
 
-def _wav_b64(c: tuple) -> str:
-    import base64
-    import io
-    import wave
-
-    import numpy as np
-
-    ints = np.round(c[0].astype(np.float64) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(c[1])
-        f.writeframes(ints.tobytes())
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _decoded(c: tuple) -> tuple:
-    import base64
 
     from loraplex.engine.audio_decode import decode_audio
 
-    return decode_audio(base64.b64decode(_wav_b64(c)))
+    return decode_audio(wav_bytes(c))
 
 
 def test_chat_with_image_and_audio_parts(phi):
@@ -293,7 +275,7 @@ def test_chat_with_image_and_audio_parts(phi):
     a, b = picture(7, 50, 40), clip(8, seconds=0.5)
     conv = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(a)}},
-        {"type": "input_audio", "input_audio": {"data": _wav_b64(b), "format": "wav"}},
+        {"type": "input_audio", "input_audio": {"data": wav_b64(b), "format": "wav"}},
         {"type": "text", "text": "Both?"}]}]
     out = llm.chat(conv, GREEDY, use_tqdm=False)[0]
     text = llm.get_tokenizer().apply_chat_template(
@@ -351,7 +333,6 @@ def test_server_chat_with_image_and_audio(phi):
     under the vision-lora, an input_audio part under the speech-lora (HF + PEFT's greedy
     replies); an undecodable image gets a 400 alone and the server goes on;
     /v1/audio/transcriptions runs the clip under the speech-lora too."""
-    import base64
     import json
 
     import openai
@@ -362,7 +343,7 @@ def test_server_chat_with_image_and_audio(phi):
 
     a, b = picture(9, 50, 40), clip(10, seconds=0.5)
     image_part = {"type": "image_url", "image_url": {"url": data_url(a)}}
-    audio_part = {"type": "input_audio", "input_audio": {"data": _wav_b64(b), "format": "wav"}}
+    audio_part = {"type": "input_audio", "input_audio": {"data": wav_b64(b), "format": "wav"}}
     question = {"type": "text", "text": "What is this?"}
     args = ["--max-model-len", "2048", "--dtype", "float32", "--enable-lora",
             "--max-lora-rank", "320", "--default-mm-loras",
@@ -401,7 +382,7 @@ def test_server_chat_with_image_and_audio(phi):
         assert chat_token_ids(client, model, [audio_part, question], max_tokens=5) \
             == wants[1][1]
         got = client.audio.transcriptions.create(
-            model=model, file=("a.wav", base64.b64decode(_wav_b64(b))), temperature=0.0,
+            model=model, file=("a.wav", wav_bytes(b)), temperature=0.0,
             extra_body={"max_completion_tokens": 5})
         assert got.text == transcript
 

@@ -8,9 +8,6 @@ audio tower left out, bad inputs each failing alone; the chat route over a real 
 
 from __future__ import annotations
 
-import base64
-import io
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ import torch
 
 from loraplex import LoRARequest, SamplingParams
 from tests.engine_utils import make_llm
-from tests.multimodal_fixtures import at_16k, check_audio
+from tests.multimodal_fixtures import at_16k, check_audio, wav_b64, wav_bytes
 from tests.multimodal_fixtures import audio_prompt as audio
 from tests.qwen2_audio_fixtures import (
     ASK,
@@ -179,21 +176,10 @@ def test_bad_inputs_fail_alone(qa):
     check(llm.generate([audio(ASK, [a])], GREEDY, use_tqdm=False), qa, [(ASK, [a], None)])
 
 
-def _wav_b64(c: tuple[np.ndarray, int]) -> str:
-    ints = np.round(c[0].astype(np.float64) * 32767).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(c[1])
-        f.writeframes(ints.tobytes())
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def _decoded(c: tuple[np.ndarray, int]) -> tuple[np.ndarray, int]:
     from loraplex.engine.audio_decode import decode_audio
 
-    return decode_audio(base64.b64decode(_wav_b64(c)))
+    return decode_audio(wav_bytes(c))
 
 
 def test_chat_numbers_the_clips(qa):
@@ -201,7 +187,7 @@ def test_chat_numbers_the_clips(qa):
     `Audio 2: ...` placeholders; the prompt Qwen2AudioProcessor's, the reply HF's."""
     llm = make_llm(qa["base"])
     a, b = clip(1), clip(2)
-    part = [{"type": "input_audio", "input_audio": {"data": _wav_b64(c), "format": "wav"}}
+    part = [{"type": "input_audio", "input_audio": {"data": wav_b64(c), "format": "wav"}}
             for c in (a, b)]
     conv = [{"role": "user", "content": [part[0], {"type": "text", "text": "First."}]},
             {"role": "assistant", "content": "Yes."},
@@ -226,7 +212,7 @@ def test_server_chat_with_input_audio(qa):
     from tests.server_utils import RemoteServer
 
     a = clip(1)
-    content = [{"type": "input_audio", "input_audio": {"data": _wav_b64(a), "format": "wav"}},
+    content = [{"type": "input_audio", "input_audio": {"data": wav_b64(a), "format": "wav"}},
                {"type": "text", "text": "What is this?"}]
     args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
             "--max-lora-rank", "8", "--lora-modules", f"r8={qa['r8']}"]
@@ -249,7 +235,7 @@ def test_server_chat_with_input_audio(qa):
         assert info.value.status_code == 400 and "cannot decode" in info.value.message
         with pytest.raises(openai.BadRequestError, match="does not serve transcriptions"):
             client.audio.transcriptions.create(model=str(qa["base"]),
-                                               file=("a.wav", base64.b64decode(_wav_b64(a))))
+                                               file=("a.wav", wav_bytes(a)))
         assert chat_token_ids(client, "r8", content) == want  # still serving
 
 

@@ -21,7 +21,7 @@ from loraplex.entrypoints.audio_chunks import ChunkConfig, split_audio
 from loraplex.entrypoints.errors import BadRequestError
 from loraplex.entrypoints.transcription_options import TranscriptionOptions
 from loraplex.entrypoints.transcription_segments import segments
-from tests.multimodal_fixtures import at_16k
+from tests.multimodal_fixtures import at_16k, wav_bytes
 from tests.whisper_fixtures import (
     RATE,
     clip,
@@ -46,19 +46,6 @@ def long_clip() -> np.ndarray:
     for a, b in QUIET:
         x[int(a * RATE):int(b * RATE)] = 0.0
     return x
-
-
-def _wav(x: np.ndarray) -> bytes:
-    import io
-    import wave
-
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(RATE)
-        f.writeframes(np.round(np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 def test_split_points_are_the_quiet_windows():
@@ -134,7 +121,8 @@ def test_server_long_streamed_and_timestamped(whisper, tmp_path):
     from tests.server_utils import RemoteServer
 
     x = long_clip()
-    wav, one_second = _wav(x), _wav(x[:RATE])
+    wav = wav_bytes((np.clip(x, -1, 1), RATE))
+    one_second = wav_bytes((np.clip(x[:RATE], -1, 1), RATE))
     heard = at_16k(decode_audio(wav))  # what the server hears (16-bit)
     chunks = [heard[a:b] for a, b in split_audio(heard, ChunkConfig())]
     assert [len(c) for c in chunks] == [CUTS[0], CUTS[1] - CUTS[0], len(x) - CUTS[1]]

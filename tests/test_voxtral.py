@@ -10,8 +10,6 @@ the server's chat and /v1/audio/transcriptions with the openai client."""
 from __future__ import annotations
 
 import base64
-import io
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import torch
 
 from loraplex import LoRARequest, SamplingParams
 from tests.engine_utils import make_llm
-from tests.multimodal_fixtures import at_16k, check_audio
+from tests.multimodal_fixtures import at_16k, check_audio, wav_b64, wav_bytes
 from tests.multimodal_fixtures import audio_prompt as audio
 from tests.voxtral_fixtures import ASK, RATE, clip, hf_logprobs, make_tiny_voxtral
 
@@ -129,23 +127,8 @@ def test_bad_inputs_fail_alone(vx):
     check(llm.generate([audio(ASK, [a])], GREEDY, use_tqdm=False), vx, [(ASK, [a], None)])
 
 
-def _wav_b64(c: tuple[np.ndarray, int]) -> str:
-    """A clip as a base64 16-bit WAV, as a client sends it."""
-    return base64.b64encode(_wav(c)).decode()
-
-
-def _wav(c: tuple[np.ndarray, int]) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(c[1])
-        f.writeframes(np.round(c[0] * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 def _audio_part(c: tuple[np.ndarray, int]) -> dict:
-    return {"type": "input_audio", "input_audio": {"data": _wav_b64(c), "format": "wav"}}
+    return {"type": "input_audio", "input_audio": {"data": wav_b64(c), "format": "wav"}}
 
 
 def test_chat_with_audio_hf_tokenizer(vx):
@@ -166,7 +149,7 @@ def test_chat_with_audio_hf_tokenizer(vx):
     for t in tok(text, add_special_tokens=False).input_ids:
         want.extend([t] * (375 if t == audio_id else 1))
     assert out[0].prompt_token_ids == want
-    check(out, vx, [(text, [decode_audio(_wav(a))], None)])
+    check(out, vx, [(text, [decode_audio(wav_bytes(a))], None)])
 
 
 def test_chat_with_audio_mistral_tokenizer(vx):
@@ -187,7 +170,7 @@ def test_chat_with_audio_mistral_tokenizer(vx):
     assert ids[:2] == [1, 3]  # <s>[INST]
     assert ids.count(24) == 375 and ids[ids.index(24) - 1] == 25 and ids[-1] == 4
     check(outs, {**vx, "base": vx["mistral"]},
-          [("", [decode_audio(_wav(a))], "r8"), ("", [], "r8")])
+          [("", [decode_audio(wav_bytes(a))], "r8"), ("", [], "r8")])
 
 
 def test_repo_in_both_formats(vx):
@@ -202,7 +185,7 @@ def test_repo_in_both_formats(vx):
     assert out[0].prompt_token_ids.count(24) == 375
     from loraplex.engine.audio_decode import decode_audio
 
-    check(out, {**vx, "base": vx["mistral"]}, [("", [decode_audio(_wav(a))], None)])
+    check(out, {**vx, "base": vx["mistral"]}, [("", [decode_audio(wav_bytes(a))], None)])
 
 
 def test_mistral_format_matches_hf(vx):
@@ -221,7 +204,7 @@ def test_mistral_format_matches_hf(vx):
                     use_tqdm=False, lora_request=[req, None])
     assert outs[0].prompt_token_ids.count(24) == 750
     check(outs, {**vx, "base": vx["mistral"]},
-          [("", [decode_audio(_wav(a))], "r4"), ("", [], None)])
+          [("", [decode_audio(wav_bytes(a))], "r4"), ("", [], None)])
 
 
 def test_server_chat_and_transcription(vx):
@@ -240,7 +223,7 @@ def test_server_chat_and_transcription(vx):
     base = vx["mistral"]
     tok = MistralTokenizer.from_pretrained(str(base))
     a = clip(7)
-    wav = _wav(a)
+    wav = wav_bytes(a)
     clip16 = decode_audio(wav)
     extra = {"ignore_eos": True}
 
@@ -281,7 +264,7 @@ def test_server_chat_and_transcription(vx):
             assert got.text == text(ids)
             texts.append(got.text)
         assert texts[0] != texts[1]  # `lang:en` counts
-        long_wav = _wav(clip(8, seconds=31.0))  # not cut into 30 s chunks (vLLM neither)
+        long_wav = wav_bytes(clip(8, seconds=31.0))  # not cut into 30 s chunks (vLLM neither)
         long16 = decode_audio(long_wav)
         got = client.audio.transcriptions.create(model=str(base), file=("b.wav", long_wav),
                                                  temperature=0.0, extra_body=extra_t)
@@ -313,7 +296,7 @@ def test_server_transcription_needs_mistral_tokenizer(vx):
     with RemoteServer(vx["base"], ["--max-model-len", "1024", "--dtype", "float32"]) as server:
         client = server.get_client()
         with pytest.raises(openai.BadRequestError, match="--tokenizer-mode mistral"):
-            client.audio.transcriptions.create(model=str(vx["base"]), file=("a.wav", _wav(a)))
+            client.audio.transcriptions.create(model=str(vx["base"]), file=("a.wav", wav_bytes(a)))
         chat = client.chat.completions.create(
             model=str(vx["base"]), max_tokens=2, temperature=0.0,
             messages=[{"role": "user", "content": [_audio_part(a)]}])

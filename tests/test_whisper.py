@@ -16,7 +16,7 @@ import torch
 
 from loraplex import LoRARequest, SamplingParams
 from tests.engine_utils import make_llm
-from tests.multimodal_fixtures import assert_matches_reference, at_16k
+from tests.multimodal_fixtures import assert_matches_reference, at_16k, wav_bytes
 from tests.whisper_fixtures import (
     RATE,
     SOT,
@@ -223,20 +223,6 @@ def test_prefix_cache_keyed_by_the_audio(whisper):
     assert [r.num_cached_tokens for r in runs] == [0, 0, (n - 1) // 4 * 4]
 
 
-def _wav(c: tuple[np.ndarray, int]) -> bytes:
-    """16-bit mono WAV of a clip."""
-    import io
-    import wave
-
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(c[1])
-        f.writeframes(np.round(c[0] * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
-
-
 def _greedy_text(paths, adapter: str | None, prompt: str, wav: bytes, n: int) -> str:
     """HF (+ PEFT)'s greedy reply to the decoder prompt `prompt` with the clip decoded from
     `wav`, at most n tokens, eos ending it, as text."""
@@ -278,7 +264,7 @@ def test_server_transcriptions_and_translations(whisper):
 
     from tests.server_utils import RemoteServer
 
-    wav = _wav(clip(2, seconds=1.0))
+    wav = wav_bytes(clip(2, seconds=1.0))
     base = str(whisper["base"])
     args = ["--max-model-len", "64", "--dtype", "float32", "--enable-lora",
             "--max-lora-rank", "8", "--lora-modules", f"r4={whisper['r4']}"]
