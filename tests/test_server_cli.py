@@ -22,19 +22,24 @@ FLAGS = ["--enable-lora", "--lora-modules", "--max-loras", "--max-lora-rank", "-
 
 
 def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=clean_env())
+    return run_many([args], timeout)[0]
 
 
 def run_many(commands: list[list[str]], timeout: float = 120
              ) -> list[subprocess.CompletedProcess]:
-    """Each command run as `run` runs it, all at once (each pays the imports: serially this
-    test took the most time of the suite)."""
+    """Each command run with the tests' env, output captured, all at once (each pays the
+    imports: one after another, the CLI's start-up tests took the most time of the suite)."""
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=clean_env()) for c in commands]
     out = []
-    for c, p in zip(commands, procs, strict=True):
-        stdout, stderr = p.communicate(timeout=timeout)
-        out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
+    try:
+        for c, p in zip(commands, procs, strict=True):
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append(subprocess.CompletedProcess(c, p.returncode, stdout, stderr))
+    finally:  # (a timeout: none left running, as subprocess.run leaves none)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     return out
 
 
