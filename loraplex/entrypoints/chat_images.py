@@ -63,6 +63,16 @@ class ChatImages:
     connector: MediaConnector = field(init=False)
     sampling: VideoSampling = field(init=False)
 
+    @classmethod
+    def for_engine(cls, engine: Any, template: str | None, tokenizer: Any) -> ChatImages:
+        """What the served engine's model takes, for a chat rendered with `template` by
+        `tokenizer` (LLM.chat's and the chat route's alike)."""
+        return cls(engine.model_config.name, engine.image_placeholder, template,
+                   multimodal=engine.multimodal, video_placeholder=engine.video_placeholder,
+                   audio_placeholder=engine.audio_placeholder,
+                   mistral_audio_rate=engine.mistral_audio_rate,
+                   mistral_images=getattr(tokenizer, "is_mistral", False))
+
     def __post_init__(self) -> None:
         mm = self.multimodal
         self.connector = MediaConnector(mm.allowed_local_media_path)

@@ -244,12 +244,7 @@ class LLM:
             tok = engine.get_tokenizer(lora)
             # image parts (image_url, image_pil), video_url parts (Qwen-VL): they go with
             # the prompt
-            images = ChatImages(engine.model_config.name, engine.image_placeholder,
-                                chat_template or tok.chat_template, multimodal=engine.multimodal,
-                                video_placeholder=engine.video_placeholder,
-                                audio_placeholder=engine.audio_placeholder,
-                                mistral_audio_rate=engine.mistral_audio_rate,
-                                mistral_images=getattr(tok, "is_mistral", False))
+            images = ChatImages.for_engine(engine, chat_template or tok.chat_template, tok)
             conv = [{**m, "content": images.content(m.get("content"), i)} if "content" in m
                     else m for i, m in enumerate(conv)]
             ids = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=True,

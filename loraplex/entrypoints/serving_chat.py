@@ -108,12 +108,7 @@ class OpenAIServingChat(OpenAIServing):
             template_kw["documents"] = req.documents
         encoder = self.encoder_for(lora)
         engine = self.engine.engine
-        images = ChatImages(engine.model_config.name, engine.image_placeholder,
-                            template or encoder.chat_template, multimodal=engine.multimodal,
-                            video_placeholder=engine.video_placeholder,
-                            audio_placeholder=engine.audio_placeholder,
-                            mistral_audio_rate=engine.mistral_audio_rate,
-                            mistral_images=getattr(encoder, "is_mistral", False))
+        images = ChatImages.for_engine(engine, template or encoder.chat_template, encoder)
         messages = self._messages(req, images)
         if getattr(encoder, "is_mistral", False):  # tokenizer_mode="mistral": no template
             return (*self._render_mistral(req, tools, encoder, messages), images)
