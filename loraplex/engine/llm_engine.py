@@ -39,6 +39,15 @@ from loraplex.engine.multimodal_prompt import (
     load_processor,
 )
 from loraplex.engine.pooling_heads import PoolingHeads, check_dimensions
+from loraplex.engine.prompt_checks import (
+    bad_words_token_ids,
+    cache_salt,
+    check_logprobs,
+    check_prompt,
+    check_prompt_keys,
+    check_runner,
+    check_token_ids,
+)
 from loraplex.engine.prompt_embeds import (
     NOT_ENABLED,
     PLACEHOLDER_ID,
@@ -96,14 +105,6 @@ logger = logging.getLogger(__name__)
 # default_mm_loras' lora_int_ids start here, past the ids users and the server give
 DEFAULT_MM_LORA_IDS = 1 << 30
 
-# vLLM's prompt-dict keys beyond prompt / prompt_token_ids that the engine accepts:
-# cache_salt (prefix-cache isolation); multi_modal_data {"image": ...} on a model that takes
-# images (and Qwen-VL videos), else only while empty, as multi_modal_uuids; mm_processor_kwargs
-# (the options of the model's processor for its multi_modal_data, over the engine's: a key
-# it does not take is refused, engine/multimodal_prompt.py). Any other key (prompt_embeds,
-# token_type_ids, a typo) is refused: it would be silently ignored otherwise.
-_PROMPT_KEYS = {"prompt", "prompt_token_ids", "prompt_embeds", "cache_salt", "mm_processor_kwargs",
-                "multi_modal_data", "multi_modal_uuids"}
 
 
 @dataclass
@@ -423,7 +424,7 @@ class LLMEngine:
             return prompt, tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             self.mm_prompts.check_counts(prompt)
-            _check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
+            check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
@@ -456,45 +457,9 @@ class LLMEngine:
         return [PLACEHOLDER_ID] * tensor.shape[0], prompt_embeds_inputs(
             tensor * scale if scale != 1.0 else tensor, mc.device, mc.dtype)
 
-    def _check_prompt(self, ids: list[int], vocab: int) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        self._check_token_ids("prompt", ids, vocab)
-        limit = self.model_config.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {limit}:"
-                             " shorten the prompt or raise max_model_len")
-
-    def _check_token_ids(self, field: str, ids: Iterable[int], vocab: int) -> None:
-        """Ids inside the vocabulary (the base's, plus the tokens the request's adapter
-        adds); the error names the request's field first."""
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{field} token id {bad[0]} is out of range [0, {vocab})")
-
-    def _check_logprobs(self, params: SamplingParams) -> None:
-        limit = self.model_config.max_logprobs
-        for name in ("logprobs", "prompt_logprobs"):
-            n = getattr(params, name)
-            if n is not None and limit >= 0 and n > limit:
-                raise ValueError(f"{name} must be <= max_logprobs ({limit}), got {n}: start "
-                                 "the engine with a larger max_logprobs (-1: no limit)")
-
     def check_dimensions(self, dimensions: int | None) -> None:
         """An embedding request's `dimensions`: within the model's matryoshka sizes."""
         check_dimensions(self.model_config, dimensions, self.model.args.hidden_size)
-
-    def _check_runner(self, params: SamplingParams | PoolingParams) -> None:
-        """A generate runner takes SamplingParams, a pooling runner PoolingParams (vLLM
-        refuses the other kind as clearly)."""
-        runner = self.model_config.runner
-        if runner == "pooling" and not isinstance(params, PoolingParams):
-            raise ValueError("generation is only supported for generative models: this "
-                             "engine runs runner='pooling' (use LLM.embed / /v1/embeddings, "
-                             "or start it with runner='generate')")
-        if runner == "generate" and isinstance(params, PoolingParams):
-            raise ValueError("embeddings are only supported for pooling models: start the "
-                             "engine with runner='pooling' (vLLM's task='embed')")
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | PoolingParams | None = None,
@@ -512,7 +477,7 @@ class LLMEngine:
         if params is None:
             params = PoolingParams() if self.model_config.runner == "pooling" \
                 else SamplingParams()
-        self._check_runner(params)
+        check_runner(self.model_config.runner, params)
         if isinstance(params, PoolingParams):
             self._add_pooling_request(request_id, prompt, params, lora_request, priority)
             return
@@ -534,11 +499,11 @@ class LLMEngine:
         if images is not None and len(ids) != n_ids:
             raise ValueError("truncate_prompt_tokens would cut a prompt with images: leave "
                              "it unset for image requests")
-        salt = _cache_salt(prompt)
-        self._check_prompt(ids, vocab)
-        self._check_token_ids("logit_bias", params.logit_bias or {}, vocab)
-        self._check_token_ids("allowed_token_ids", params.allowed_token_ids or [], vocab)
-        self._check_logprobs(params)
+        salt = cache_salt(prompt)
+        check_prompt(ids, vocab, self.model_config.max_model_len)
+        check_token_ids("logit_bias", params.logit_bias or {}, vocab)
+        check_token_ids("allowed_token_ids", params.allowed_token_ids or [], vocab)
+        check_logprobs(params, self.model_config.max_logprobs)
         if self.logits_processors is not None:
             self.logits_processors.validate(params)
         bad_words = bad_words_token_ids(params.bad_words, tokenizer)
@@ -574,10 +539,10 @@ class LLMEngine:
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         text, ids = self._tokenize(prompt, self.get_tokenizer(lora_request))
         ids = params.truncate_prompt(ids, self.model_config.max_model_len)
-        _cache_salt(prompt)  # checked; pooling takes nothing from the prefix cache
+        cache_salt(prompt)  # checked; pooling takes nothing from the prefix cache
         if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
             raise ValueError("multi_modal_data: image inputs are not supported for pooling")
-        self._check_prompt(ids, self.vocab_size(lora_request))
+        check_prompt(ids, self.vocab_size(lora_request), self.model_config.max_model_len)
         seq = Sequence(request_id, 0, ids, params, lora_id, None, priority)
         seq.pooling = PoolingState(self.model_config.pooler_config.pooling_type,
                                    self.pooling.position(ids))
@@ -935,52 +900,10 @@ class LLMEngine:
         return self.model.args.vocab_size + added
 
 
-def bad_words_token_ids(words: list[str] | None, tokenizer: Any) -> list[list[int]]:
-    """vLLM's rule: each word as the tokenizer encodes it alone and after a space (the
-    second only when it is another token sequence of the same length)."""
-    out: list[list[int]] = []
-    for word in words or []:
-        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
-        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
-        out.append(alone)
-        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
-            out.append(spaced)
-    return out
-
-
-def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -> None:
-    """Refuse what a prompt dict asks for that this engine cannot do (vLLM refuses
-    multimodal input for a text-only model too), rather than ignore it."""
-    if prompt.get("multi_modal_data") and not takes_images:
-        raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
-                         f"model {model!r}: it has no vision tower (image inputs are "
-                         "served on LLaVA, Gemma 3, Llama 4, Qwen-VL and Mistral 3 models) "
-                         "and no audio encoder (audio inputs: Granite Speech, Qwen2-Audio)")
-    if prompt.get("multi_modal_uuids"):
-        raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
-                         "uuids (images are hashed for the prefix cache)")
-    unknown = sorted(set(prompt) - _PROMPT_KEYS)
-    if unknown:
-        raise ValueError(f"prompt key(s) {', '.join(map(repr, unknown))} are not supported "
-                         "yet: a prompt dict takes 'prompt' or 'prompt_token_ids', and "
-                         "'cache_salt'")
-
-
 def _scored_prompt(seq: Sequence) -> list[int]:
     """The prompt tokens the repetition penalty sees: none for prompt_embeds (their ids
     are placeholders)."""
     return [] if seq.images is not None and seq.images.prompt_embeds else seq.prompt_token_ids
-
-
-def _cache_salt(prompt: PromptType) -> bytes:
-    """A prompt dict's cache_salt (vLLM's): requests share cached prefixes only with
-    requests of the same salt, so one tenant cannot time another's prompts."""
-    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-    if salt is None:
-        return b""
-    if not isinstance(salt, str) or not salt:
-        raise ValueError("cache_salt must be a non-empty string")
-    return salt.encode()
 
 
 def _draft_probs(seq_drafts: list[tuple[Sequence, list[int]]], batch: ScheduledBatch,
