@@ -864,7 +864,7 @@ def test_sampling_fields_reach_the_engine(client, prompts):
 def test_token_controls_over_http(server, client, tiny_models, prompts, tokenizer):
     """vLLM's allowed_token_ids, bad_words and truncate_prompt_tokens as extra_body fields
     (tests/test_token_controls.py holds them against HF); a bad value is a 400 naming it."""
-    from loraplex.engine.llm_engine import bad_words_token_ids
+    from loraplex.engine.prompt_checks import bad_words_token_ids
     from tests.test_token_controls import hf_greedy_with
 
     base, prompt = tiny_models["llama"], prompts[3]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loraplex import LoRARequest, SamplingParams
-from loraplex.engine.llm_engine import bad_words_token_ids
+from loraplex.engine.prompt_checks import bad_words_token_ids
 from tests.engine_utils import make_llm
 from tests.fixtures import hf_greedy, load_hf_model
 

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from loraplex import envs
-from loraplex.config import EngineConfig, PoolerConfig, kv_cache_dtype
+from loraplex.config import EngineConfig, kv_cache_dtype
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
@@ -38,6 +38,16 @@ from loraplex.engine.multimodal_prompt import (
     encoder_config,
     load_processor,
 )
+from loraplex.engine.pooling_heads import PoolingHeads, check_dimensions
+from loraplex.engine.prompt_checks import (
+    bad_words_token_ids,
+    cache_salt,
+    check_logprobs,
+    check_prompt,
+    check_prompt_keys,
+    check_runner,
+    check_token_ids,
+)
 from loraplex.engine.prompt_embeds import (
     NOT_ENABLED,
     PLACEHOLDER_ID,
@@ -50,9 +60,8 @@ from loraplex.engine.sequence import Sequence
 from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
 from loraplex.engine.structured_output import StructuredOutputs
 from loraplex.inputs import PromptType
-from loraplex.layers.classifier import ClassifierHead, read_adapter_head
-from loraplex.layers.classifier_activation import classify_activation, score_activation
-from loraplex.layers.pooler import PoolingState, embedding_head
+from loraplex.layers.classifier import ClassifierHead
+from loraplex.layers.pooler import PoolingState
 from loraplex.layers.quantization import read_side_config
 from loraplex.layers.sampler import Sampler, SamplerOutput, SamplingRow
 from loraplex.lora.adapter import PackedLoRA, local_adapter_dir
@@ -68,7 +77,6 @@ from loraplex.models.gguf_loader import (
 )
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
 from loraplex.models.llava import VisionWeights
-from loraplex.models.lm_head_classifier import LMHeadClassifier
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.mamba_hybrid import has_mamba_layers
 from loraplex.models.mistral_format import (
@@ -76,7 +84,6 @@ from loraplex.models.mistral_format import (
     iterate_mistral_weights,
     mistral_config,
 )
-from loraplex.models.pooling_defaults import resolve_pooler_config
 from loraplex.models.registry import (
     architecture,
     build_model,
@@ -98,14 +105,6 @@ logger = logging.getLogger(__name__)
 # default_mm_loras' lora_int_ids start here, past the ids users and the server give
 DEFAULT_MM_LORA_IDS = 1 << 30
 
-# vLLM's prompt-dict keys beyond prompt / prompt_token_ids that the engine accepts:
-# cache_salt (prefix-cache isolation); multi_modal_data {"image": ...} on a model that takes
-# images (and Qwen-VL videos), else only while empty, as multi_modal_uuids; mm_processor_kwargs
-# (the options of the model's processor for its multi_modal_data, over the engine's: a key
-# it does not take is refused, engine/multimodal_prompt.py). Any other key (prompt_embeds,
-# token_type_ids, a typo) is refused: it would be silently ignored otherwise.
-_PROMPT_KEYS = {"prompt", "prompt_token_ids", "prompt_embeds", "cache_salt", "mm_processor_kwargs",
-                "multi_modal_data", "multi_modal_uuids"}
 
 
 @dataclass
@@ -150,8 +149,6 @@ class LLMEngine:
         if is_whisper(hf_config):  # its decoder's positions are max_model_len's limit
             hf_config = serving_config(hf_config)
         architecture(hf_config)
-        # a causal LM served as a reranker: its head from lm_head rows (hf_overrides)
-        self.lm_head_classifier = LMHeadClassifier.from_config(hf_config)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
         # custom logits processors: imported now, so a bad name fails before the model loads
@@ -164,26 +161,11 @@ class LLMEngine:
         # limit_mm_per_prompt allows none of its inputs: the encoder never built)
         vision = encoder_config(whole, self.text_only, self.multimodal, args.model)
         mc = self.model_config
-        self.classify = mc.pooling_task == "classify"
-        self.activations: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-        if self.classify:  # HF's classifiers: the last token, its hidden state as it is
-            asked = mc.pooler_config
-            if asked is not None and (asked.pooling_type not in (None, "LAST")
-                                      or asked.normalize or asked.dimensions):
-                raise ValueError("a classifier pools its last token, unnormalized: "
-                                 "pooler_config cannot change that")
-            mc.pooler_config = PoolerConfig(pooling_type="LAST", normalize=False)
-            self.activations = {"classify": classify_activation(hf_config),
-                                "score": score_activation(hf_config)}
-        elif self.lm_head_classifier is not None:
-            raise ValueError("classifier_from_token makes a classifier's head: hf_overrides' "
-                             "architectures must name a *ForSequenceClassification one "
-                             f"(not {hf_config.architectures}) and the runner be pooling")
-        elif mc.runner == "pooling":  # the user's fields over the checkpoint's defaults
-            mc.pooler_config = resolve_pooler_config(path, mc.pooler_config)
-            self.check_dimensions(mc.pooler_config.dimensions, hf_config.hidden_size)
+        # the pooler config, and a classifier's head, labels, activations (pooling_heads.py)
+        self.pooling = PoolingHeads.configure(hf_config, mc, path)
+        self.classify = self.pooling.classify
         # a converted causal LM keeps its lm_head (the head's rows come from it)
-        self.headless = is_headless(hf_config) and self.lm_head_classifier is None
+        self.headless = is_headless(hf_config) and self.pooling.lm_head_classifier is None
         # a cross-encoder's pair: text_pair (true), or the two texts concatenated (vLLM)
         self.use_pad_token = bool(getattr(hf_config, "use_pad_token", True))
         use_device(mc.device)
@@ -204,12 +186,6 @@ class LLMEngine:
             processor = load_processor(path, WhisperConfig.from_hf(hf_config), self.tokenizer)
         self.mm_prompts = MultimodalPrompts(processor, self.multimodal, self.tokenizer)
         self._check_hybrid(hf_config)
-        self.id2label = {int(k): str(v) for k, v in
-                         (getattr(hf_config, "id2label", None) or {}).items()}
-        self.classifier_head: ClassifierHead | None = None  # the base's (classify)
-        self.pad_token_id: int | None = getattr(hf_config, "pad_token_id", None)
-        # (lora_int_id, registration) -> the adapter's own head, or None: the base's
-        self._adapter_heads: dict[tuple[int, int], ClassifierHead | None] = {}
         self.model = self._load_model(hf_config, path)
         self.lora_manager = (LoRAManager(self.model, self.lora_config, mc.dtype,
                                          classifier_heads=self.classify,
@@ -421,11 +397,9 @@ class LLMEngine:
             init_dummy_weights(model, mc.seed)
             if self.vision is not None:
                 init_dummy_weights(self.vision, mc.seed + 1)
-            if self.classify:  # a random head of the config's shape, as the decoder's
-                gen = torch.Generator().manual_seed(mc.seed + 2)
-                self.classifier_head = ClassifierHead(0.02 * torch.randn(
-                    hf_config.num_labels, hf_config.hidden_size, generator=gen))
-        elif self.lm_head_classifier is not None:
+            if self.classify:
+                self.pooling.random_head(hf_config, mc.seed + 2)
+        elif self.pooling.lm_head_classifier is not None:
             load_weights(model, path, self.vision)
         elif self.gguf:
             load_weights(model, path, weights=iterate_gguf_weights(path, hf_config))
@@ -437,26 +411,12 @@ class LLMEngine:
             heads: dict[str, torch.Tensor] | None = {} if self.classify else None
             load_weights(model, path, self.vision, headless=self.headless, classifier=heads)
             if heads is not None:
-                self.classifier_head = ClassifierHead.from_tensors(heads, path)
-                if self.classifier_head is None:
-                    raise ValueError(f"{path}: a classifier checkpoint without score.weight")
-                if self.classifier_head.num_labels != len(self.id2label):
-                    self.id2label = {}  # labels unnamed: their indices (see label())
-        if self.lm_head_classifier is not None:
-            self.classifier_head = self._lm_head_classifier(model)
+                self.pooling.set_head(ClassifierHead.from_tensors(heads, path), path)
+        if self.pooling.lm_head_classifier is not None:
+            self.pooling.head_from_lm_head(model, self.tokenizer.get_vocab())
         if self.vision is not None:
             self.vision.eval()
         return model.eval()
-
-    def _lm_head_classifier(self, model: Any) -> ClassifierHead:
-        """A converted causal LM's head (models/lm_head_classifier.py) from its lm_head
-        weight (the embedding's when tied), tokens looked up in the tokenizer."""
-        assert self.lm_head_classifier is not None
-        weight = getattr(model.lm_head, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 \
-                or not weight.dtype.is_floating_point or weight.element_size() < 2:
-            raise ValueError("classifier_from_token needs a plain (unquantized) lm_head")
-        return self.lm_head_classifier.head(weight, self.tokenizer.get_vocab())
 
     # ---- requests ---------------------------------------------------------------------
     def _tokenize(self, prompt: PromptType, tokenizer: Any) -> tuple[str | None, list[int]]:
@@ -464,7 +424,7 @@ class LLMEngine:
             return prompt, tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             self.mm_prompts.check_counts(prompt)
-            _check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
+            check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
@@ -497,61 +457,9 @@ class LLMEngine:
         return [PLACEHOLDER_ID] * tensor.shape[0], prompt_embeds_inputs(
             tensor * scale if scale != 1.0 else tensor, mc.device, mc.dtype)
 
-    def _check_prompt(self, ids: list[int], vocab: int) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        self._check_token_ids("prompt", ids, vocab)
-        limit = self.model_config.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {limit}:"
-                             " shorten the prompt or raise max_model_len")
-
-    def _check_token_ids(self, field: str, ids: Iterable[int], vocab: int) -> None:
-        """Ids inside the vocabulary (the base's, plus the tokens the request's adapter
-        adds); the error names the request's field first."""
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{field} token id {bad[0]} is out of range [0, {vocab})")
-
-    def _check_logprobs(self, params: SamplingParams) -> None:
-        limit = self.model_config.max_logprobs
-        for name in ("logprobs", "prompt_logprobs"):
-            n = getattr(params, name)
-            if n is not None and limit >= 0 and n > limit:
-                raise ValueError(f"{name} must be <= max_logprobs ({limit}), got {n}: start "
-                                 "the engine with a larger max_logprobs (-1: no limit)")
-
-    def check_dimensions(self, dimensions: int | None, hidden_size: int | None = None
-                         ) -> None:
-        """vLLM's matryoshka rule: other output dimensions only on a model trained for
-        them (config.json's is_matryoshka / matryoshka_dimensions), within its size."""
-        if dimensions is None:
-            return
-        mc = self.model_config
-        hidden_size = hidden_size or self.model.args.hidden_size
-        if not mc.is_matryoshka:
-            raise ValueError(f'dimensions: model "{mc.name}" does not support matryoshka '
-                             "representation, changing output dimensions will lead to poor "
-                             "results.")
-        if mc.matryoshka_dimensions and dimensions not in mc.matryoshka_dimensions:
-            raise ValueError(f'dimensions: model "{mc.name}" only supports '
-                             f"{list(mc.matryoshka_dimensions)} matryoshka dimensions, got "
-                             f"{dimensions}")
-        if not 1 <= dimensions <= hidden_size:
-            raise ValueError(f"dimensions must be in [1, {hidden_size}] (the model's hidden "
-                             f"size), got {dimensions}")
-
-    def _check_runner(self, params: SamplingParams | PoolingParams) -> None:
-        """A generate runner takes SamplingParams, a pooling runner PoolingParams (vLLM
-        refuses the other kind as clearly)."""
-        runner = self.model_config.runner
-        if runner == "pooling" and not isinstance(params, PoolingParams):
-            raise ValueError("generation is only supported for generative models: this "
-                             "engine runs runner='pooling' (use LLM.embed / /v1/embeddings, "
-                             "or start it with runner='generate')")
-        if runner == "generate" and isinstance(params, PoolingParams):
-            raise ValueError("embeddings are only supported for pooling models: start the "
-                             "engine with runner='pooling' (vLLM's task='embed')")
+    def check_dimensions(self, dimensions: int | None) -> None:
+        """An embedding request's `dimensions`: within the model's matryoshka sizes."""
+        check_dimensions(self.model_config, dimensions, self.model.args.hidden_size)
 
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | PoolingParams | None = None,
@@ -569,7 +477,7 @@ class LLMEngine:
         if params is None:
             params = PoolingParams() if self.model_config.runner == "pooling" \
                 else SamplingParams()
-        self._check_runner(params)
+        check_runner(self.model_config.runner, params)
         if isinstance(params, PoolingParams):
             self._add_pooling_request(request_id, prompt, params, lora_request, priority)
             return
@@ -591,11 +499,11 @@ class LLMEngine:
         if images is not None and len(ids) != n_ids:
             raise ValueError("truncate_prompt_tokens would cut a prompt with images: leave "
                              "it unset for image requests")
-        salt = _cache_salt(prompt)
-        self._check_prompt(ids, vocab)
-        self._check_token_ids("logit_bias", params.logit_bias or {}, vocab)
-        self._check_token_ids("allowed_token_ids", params.allowed_token_ids or [], vocab)
-        self._check_logprobs(params)
+        salt = cache_salt(prompt)
+        check_prompt(ids, vocab, self.model_config.max_model_len)
+        check_token_ids("logit_bias", params.logit_bias or {}, vocab)
+        check_token_ids("allowed_token_ids", params.allowed_token_ids or [], vocab)
+        check_logprobs(params, self.model_config.max_logprobs)
         if self.logits_processors is not None:
             self.logits_processors.validate(params)
         bad_words = bad_words_token_ids(params.bad_words, tokenizer)
@@ -626,22 +534,20 @@ class LLMEngine:
                              params: PoolingParams, lora_request: LoRARequest | None,
                              priority: int) -> None:
         """One prefill-only sequence that pools its prompt's hidden states."""
-        if self.classify and params.normalize:  # not silently ignored
-            raise ValueError("normalize: a classifier's output is its class probabilities; "
-                             "there is no embedding to normalize")
+        self.pooling.check_request(params)
         self.check_dimensions(params.dimensions)
         lora_id = self._use_lora(lora_request) if lora_request is not None else 0
         text, ids = self._tokenize(prompt, self.get_tokenizer(lora_request))
         ids = params.truncate_prompt(ids, self.model_config.max_model_len)
-        _cache_salt(prompt)  # checked; pooling takes nothing from the prefix cache
+        cache_salt(prompt)  # checked; pooling takes nothing from the prefix cache
         if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
             raise ValueError("multi_modal_data: image inputs are not supported for pooling")
-        self._check_prompt(ids, self.vocab_size(lora_request))
+        check_prompt(ids, self.vocab_size(lora_request), self.model_config.max_model_len)
         seq = Sequence(request_id, 0, ids, params, lora_id, None, priority)
         seq.pooling = PoolingState(self.model_config.pooler_config.pooling_type,
-                                   self._classified_position(ids) if self.classify else None)
+                                   self.pooling.position(ids))
         if self.classify:  # read now: a bad head fails this request alone
-            self._head_of(lora_request)
+            self.pooling.head_of(lora_request, self.lora_manager)
         self.requests[request_id] = Request(request_id, text, ids, params, lora_request,
                                             [seq], [])
         self.scheduler.add(seq)
@@ -653,52 +559,11 @@ class LLMEngine:
             if seq.pooling is None or seq.num_computed_tokens < seq.num_tokens:
                 continue
             req = self.requests[seq.request_id]
-            p = req.params
-            if self.classify:
-                logits = self._head_of(req.lora_request).logits(seq.pooling.pooled())
-                req.pooled = self.activations[
-                    "score" if p.task == "score" else "classify"](logits)
-            else:
-                req.pooled = embedding_head(
-                    seq.pooling.pooled(), pc.normalize if p.normalize is None else p.normalize,
-                    p.dimensions if p.dimensions is not None else pc.dimensions)
+            req.pooled = self.pooling.output(seq.pooling.pooled(), req.params, pc,
+                                             req.lora_request, self.lora_manager)
             seq.finish_reason = "stop"
             self.scheduler.finish(seq)
             touched[req.request_id] = req
-
-    def _classified_position(self, ids: list[int]) -> int:
-        """HF's classifiers score the last token that is not config.json's pad_token_id
-        (the first when all are), so a prompt ending in it is scored as HF does. A
-        converted causal LM scores the last token, as the LM predicts the next one."""
-        pad = None if self.lm_head_classifier is not None else self.pad_token_id
-        return next((i for i in range(len(ids) - 1, -1, -1) if ids[i] != pad), 0) \
-            if pad is not None else len(ids) - 1
-
-    def _head_of(self, lora_request: LoRARequest | None) -> ClassifierHead:
-        """The request's classifier head: its adapter's own (modules_to_save score /
-        classifier, read once per registration into host memory), else the base's."""
-        assert self.classifier_head is not None, "not a classifier"
-        if lora_request is None or self.lora_manager is None:
-            return self.classifier_head
-        lid = lora_request.lora_int_id
-        key = (lid, self.lora_manager.registration_of(lid))
-        if key not in self._adapter_heads:
-            for old in [k for k in self._adapter_heads if k[0] == lid]:
-                del self._adapter_heads[old]  # an earlier registration of this id
-            self._adapter_heads[key] = read_adapter_head(
-                self.lora_manager.registered[lid], self.classifier_head)
-        return self._adapter_heads[key] or self.classifier_head
-
-    def check_score(self) -> None:
-        """vLLM's refusal of scores from a classifier of several labels (a cross-encoder
-        has one: its score)."""
-        if self.classify and self.classifier_head.num_labels != 1:
-            raise ValueError("Score API is only enabled for num_labels == 1 (this "
-                             f"classifier has {self.classifier_head.num_labels})")
-
-    def label(self, index: int) -> str:
-        """id2label of a class index (its index as text when the config names none)."""
-        return self.id2label.get(index, str(index))
 
     def _use_lora(self, req: LoRARequest) -> int:
         if self.lora_manager is None:
@@ -1035,52 +900,10 @@ class LLMEngine:
         return self.model.args.vocab_size + added
 
 
-def bad_words_token_ids(words: list[str] | None, tokenizer: Any) -> list[list[int]]:
-    """vLLM's rule: each word as the tokenizer encodes it alone and after a space (the
-    second only when it is another token sequence of the same length)."""
-    out: list[list[int]] = []
-    for word in words or []:
-        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
-        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
-        out.append(alone)
-        if spaced and spaced[0] != alone[0] and len(spaced) == len(alone):
-            out.append(spaced)
-    return out
-
-
-def _check_prompt_keys(prompt: dict[str, Any], model: str, takes_images: bool) -> None:
-    """Refuse what a prompt dict asks for that this engine cannot do (vLLM refuses
-    multimodal input for a text-only model too), rather than ignore it."""
-    if prompt.get("multi_modal_data") and not takes_images:
-        raise ValueError(f"multi_modal_data: multimodal inputs are not supported yet by "
-                         f"model {model!r}: it has no vision tower (image inputs are "
-                         "served on LLaVA, Gemma 3, Llama 4, Qwen-VL and Mistral 3 models) "
-                         "and no audio encoder (audio inputs: Granite Speech, Qwen2-Audio)")
-    if prompt.get("multi_modal_uuids"):
-        raise ValueError("multi_modal_uuids: multimodal inputs are not supported yet with "
-                         "uuids (images are hashed for the prefix cache)")
-    unknown = sorted(set(prompt) - _PROMPT_KEYS)
-    if unknown:
-        raise ValueError(f"prompt key(s) {', '.join(map(repr, unknown))} are not supported "
-                         "yet: a prompt dict takes 'prompt' or 'prompt_token_ids', and "
-                         "'cache_salt'")
-
-
 def _scored_prompt(seq: Sequence) -> list[int]:
     """The prompt tokens the repetition penalty sees: none for prompt_embeds (their ids
     are placeholders)."""
     return [] if seq.images is not None and seq.images.prompt_embeds else seq.prompt_token_ids
-
-
-def _cache_salt(prompt: PromptType) -> bytes:
-    """A prompt dict's cache_salt (vLLM's): requests share cached prefixes only with
-    requests of the same salt, so one tenant cannot time another's prompts."""
-    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-    if salt is None:
-        return b""
-    if not isinstance(salt, str) or not salt:
-        raise ValueError("cache_salt must be a non-empty string")
-    return salt.encode()
 
 
 def _draft_probs(seq_drafts: list[tuple[Sequence, list[int]]], batch: ScheduledBatch,

@@ -145,7 +145,7 @@ class ServerState:
         cross-encoder); a classifier of several labels has none (vLLM's 404)."""
         self.require_runner("pooling", api)
         try:
-            self.engine.engine.check_score()
+            self.engine.engine.pooling.check_score()
         except ValueError as e:
             raise NotFoundError(f"The model does not support {api} API: {e}") from e
 

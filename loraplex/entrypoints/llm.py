@@ -146,7 +146,7 @@ class LLM:
                              lora_request: LoRARequest | Seq[LoRARequest | None] | None
                              ) -> list[ScoringRequestOutput]:
         engine = self.llm_engine
-        engine.check_score()
+        engine.pooling.check_score()
         PoolingParams(truncate_prompt_tokens=truncate)  # checked, as every pooling call's
         max_length = truncation_length(truncate, engine.model_config.max_model_len)
         loras = _broadcast(lora_request, len(pairs), "lora_request", None)

@@ -38,7 +38,7 @@ class OpenAIServingClassification:
         request_id = req.request_id or random_id("classify")
         probs = await emb.embed(request_id, inputs, params, req.model, lora, req.priority)
         engine = emb.engine.engine
-        data = [ClassificationData(index=i, label=engine.label(int(p.argmax())),
+        data = [ClassificationData(index=i, label=engine.pooling.label(int(p.argmax())),
                                    probs=p.tolist(), num_classes=p.numel())
                 for i, p in enumerate(probs)]
         n = sum(len(ids) for _, ids in inputs)
