@@ -290,6 +290,16 @@ def _arch_config(
     return getattr(transformers, config_class)(**common)
 
 
+def _correction_bias(arch: str, moe: torch.nn.Module) -> torch.Tensor:
+    """Where HF keeps a sparse block's expert-score correction bias."""
+    if arch == "glm4_moe":
+        return moe.gate.e_score_correction_bias
+    if arch == "ernie4_5_moe":  # in the router from transformers 5, beside it before
+        statics = moe.moe_statics if hasattr(moe, "moe_statics") else moe.gate.moe_statics
+        return statics.e_score_correction_bias
+    return moe.e_score_correction_bias
+
+
 @torch.no_grad()
 def _reinit_(model: PreTrainedModel, seed: int, std: float) -> None:
     """Large-std init so logits are peaky and greedy argmax has clear margins (no flaky ties)."""
@@ -381,9 +391,7 @@ def make_tiny_model(
         gen = torch.Generator().manual_seed(seed + 1)  # changes which experts are chosen
         with torch.no_grad():
             for layer in model.model.layers[0 if arch == "minimax_m2" else 1:]:
-                bias = layer.mlp.gate.e_score_correction_bias if arch == "glm4_moe" \
-                    else layer.mlp.gate.moe_statics.e_score_correction_bias \
-                    if arch == "ernie4_5_moe" else layer.mlp.e_score_correction_bias
+                bias = _correction_bias(arch, layer.mlp)
                 # (softmax scores are ~1/E: a smaller bias still changes the choice)
                 scale = 0.05 if arch == "ernie4_5_moe" else 0.3
                 bias.copy_(scale * torch.randn(bias.shape, generator=gen))
