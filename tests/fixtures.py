@@ -264,6 +264,10 @@ def _arch_config(
     elif arch == "minimax_m2":  # sigmoid routing with a correction bias, partial rotary
         common.update(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48,
                       rotary_dim=8)
+    elif arch == "ernie4_5_moe":  # softmax routing with a correction bias (top-2 of 8),
+        # a shared expert, layer 0 dense; interleaved rotary
+        common.update(moe_num_experts=8, moe_k=2, moe_intermediate_size=48,
+                      moe_num_shared_experts=1, moe_layer_start_index=1)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -280,9 +284,20 @@ def _arch_config(
                     "nemotron": "NemotronConfig", "starcoder2": "Starcoder2Config",
                     "cohere": "CohereConfig", "cohere2": "Cohere2Config",
                     "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
-                    "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config"}[arch]
+                    "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config",
+                    "ernie4_5_moe": "Ernie4_5_MoeConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
+
+
+def _correction_bias(arch: str, moe: torch.nn.Module) -> torch.Tensor:
+    """Where HF keeps a sparse block's expert-score correction bias."""
+    if arch == "glm4_moe":
+        return moe.gate.e_score_correction_bias
+    if arch == "ernie4_5_moe":  # in the router from transformers 5, beside it before
+        statics = moe.moe_statics if hasattr(moe, "moe_statics") else moe.gate.moe_statics
+        return statics.e_score_correction_bias
+    return moe.e_score_correction_bias
 
 
 @torch.no_grad()
@@ -372,13 +387,14 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed, init_std)
-    if arch in ("glm4_moe", "minimax_m2"):  # a correction bias that changes which experts
-        gen = torch.Generator().manual_seed(seed + 1)  # are chosen
+    if arch in ("glm4_moe", "minimax_m2", "ernie4_5_moe"):  # a correction bias that
+        gen = torch.Generator().manual_seed(seed + 1)  # changes which experts are chosen
         with torch.no_grad():
-            for layer in model.model.layers[1 if arch == "glm4_moe" else 0:]:
-                bias = layer.mlp.gate.e_score_correction_bias if arch == "glm4_moe" \
-                    else layer.mlp.e_score_correction_bias
-                bias.copy_(0.3 * torch.randn(bias.shape, generator=gen))
+            for layer in model.model.layers[0 if arch == "minimax_m2" else 1:]:
+                bias = _correction_bias(arch, layer.mlp)
+                # (softmax scores are ~1/E: a smaller bias still changes the choice)
+                scale = 0.05 if arch == "ernie4_5_moe" else 0.3
+                bias.copy_(scale * torch.randn(bias.shape, generator=gen))
     if arch == "gpt_oss":  # transformers < 5 clamps at 7.0 whatever swiglu_limit says: the
         # checkpoint then says what HF computes (real gpt-oss configs say 7.0)
         model.config.swiglu_limit = model.model.layers[0].mlp.experts.limit

@@ -29,7 +29,11 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
   layer; LoRA on the experts too;
 - MiniMax-M2: experts chosen by sigmoid scores plus a correction bias (kept beside the
   router in its checkpoints), weighted by the unbiased scores renormalized; q/k norm
-  over all heads, partial rotary.
+  over all heads, partial rotary;
+- ERNIE 4.5 (MoE): experts chosen by softmax scores plus a correction bias (kept in
+  moe_statics in its checkpoints, [1, E]), weighted by the softmax scores renormalized, a
+  shared expert, a dense first layer, rotary on interleaved pairs; LoRA on the experts
+  too (use_bias, which puts a bias on lm_head too, refused: no checkpoint sets it).
 
 A transformers without the architecture (the floors job's, for some) skips it.
 """
@@ -55,7 +59,8 @@ ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "arcee": "ArceeConfig", "nemotron": "NemotronConfig",
          "starcoder2": "Starcoder2Config", "cohere": "CohereConfig",
          "cohere2": "Cohere2Config", "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
-         "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config"}
+         "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config",
+         "ernie4_5_moe": "Ernie4_5_MoeConfig"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -77,7 +82,7 @@ GLM_ADAPTERS = {  # its fused gate_up_proj too
 }
 
 
-MOE_ARCHS = ("glm4_moe", "olmoe", "minimax_m2")
+MOE_ARCHS = ("glm4_moe", "olmoe", "minimax_m2", "ernie4_5_moe")
 
 
 def _adapters(arch: str) -> dict[str, dict]:
@@ -164,3 +169,20 @@ def test_rope_tables_hold_only_the_served_positions(tiny_models, prompts):
     ids = [{"prompt_token_ids": p[:40]} for p in prompts]
     assert [o.outputs[0].token_ids for o in small.generate(ids, GREEDY, use_tqdm=False)] == \
         [o.outputs[0].token_ids for o in full.generate(ids, GREEDY, use_tqdm=False)]
+
+
+def test_ernie_moe_with_biases_is_refused():
+    """ERNIE 4.5 MoE's use_bias also puts a bias on lm_head, which loraplex's head has
+    not: refused at start-up rather than served without it."""
+    if not hasattr(transformers, "Ernie4_5_MoeConfig"):
+        pytest.skip(f"this transformers ({transformers.__version__}) has no ERNIE 4.5 MoE")
+    from loraplex.models.registry import build_model
+
+    config = transformers.Ernie4_5_MoeConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, moe_num_experts=4, moe_k=2,
+        moe_intermediate_size=16, use_bias=True, architectures=["Ernie4_5_MoeForCausalLM"])
+    with pytest.raises(ValueError, match="use_bias=true"):
+        build_model(config)
+    config.use_bias = False
+    assert build_model(config).args.dense_layers == (0,)

@@ -98,8 +98,9 @@ class GroupedTopK:
     """The grouped sigmoid routing of DeepSeek-V3 and GLM-4.5: experts in `num_groups`
     groups, the best `topk_groups` groups eligible, the chosen experts' weights times
     `scaling`. `scoring`: "sigmoid" (noaux_tc: sigmoid scores plus a correction bias,
-    groups ranked by their best two) or "softmax" (DeepSeek-V2: softmax scores, groups
-    ranked by their best one, no bias)."""
+    groups ranked by their best two), "softmax" (DeepSeek-V2: softmax scores, groups
+    ranked by their best one, no bias) or "softmax_bias" (ERNIE 4.5: softmax scores plus a
+    correction bias choose, the softmax scores weigh; one group)."""
 
     num_groups: int
     topk_groups: int
@@ -117,18 +118,20 @@ class GroupedTopKRouter(GateLinear):
         if num_experts % routing.num_groups or routing.topk_groups > routing.num_groups:
             raise ValueError(f"{num_experts} experts cannot route in {routing.num_groups} "
                              f"groups, {routing.topk_groups} of them eligible")
-        if routing.scoring not in ("sigmoid", "softmax"):
+        if routing.scoring not in ("sigmoid", "softmax", "softmax_bias"):
             raise ValueError(f"grouped routing scores by sigmoid or softmax, not "
                              f"{routing.scoring!r}")
         self.routing = routing
         self.weight.data = self.weight.data.float()
         self.e_score_correction_bias = nn.Parameter(
             torch.zeros(num_experts, dtype=torch.float32), requires_grad=False) \
-            if routing.scoring == "sigmoid" else None
+            if routing.scoring != "softmax" else None
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int = 0) -> None:
         if param_name != "e_score_correction_bias" or self.e_score_correction_bias is None:
             return super().load_shard(param_name, loaded, shard)
+        if loaded.dim() == 2 and loaded.shape[0] == 1:  # ERNIE 4.5's moe_statics: [1, E]
+            loaded = loaded[0]
         if loaded.shape != self.e_score_correction_bias.shape:
             raise ValueError(f"e_score_correction_bias has shape {tuple(loaded.shape)}, "
                              f"the router expects {tuple(self.e_score_correction_bias.shape)}")
@@ -143,7 +146,8 @@ class GroupedTopKRouter(GateLinear):
         """(weights [T, k] fp32, experts [T, k]) of each token."""
         if self.routing.scoring == "softmax":
             return self._route_softmax(x, top_k)
-        scores = F.linear(x.float(), self.weight).sigmoid()  # [T, E]
+        logits = F.linear(x.float(), self.weight)  # [T, E]
+        scores = logits.sigmoid() if self.routing.scoring == "sigmoid" else logits.softmax(-1)
         choice = scores + self.e_score_correction_bias
         groups, per_group = self.routing.num_groups, scores.shape[-1] // self.routing.num_groups
         group_scores = choice.view(-1, groups, per_group).topk(2, dim=-1)[0].sum(dim=-1)

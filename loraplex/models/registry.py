@@ -50,6 +50,11 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # YaRN, and queries scaled past the original context (_ministral3)
     "Ministral3ForCausalLM": {},
     "Ernie4_5ForCausalLM": {"rope_interleaved": True},
+    # ERNIE 4.5's experts chosen by softmax scores plus a correction bias (its checkpoints
+    # keep the bias in moe_statics, ours in the router), shared experts, dense layers
+    # outside its MoE layer range (_experts)
+    "Ernie4_5_MoeForCausalLM": {"rope_interleaved": True, "checkpoint_renames": (
+        (".mlp.moe_statics.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"),)},
     "HunYuanDenseV1ForCausalLM": {  # q/k norm after the rotation, under its names
         "qk_norm": True, "qk_norm_after_rope": True,
         "checkpoint_renames": ((".self_attn.query_layernorm.", ".self_attn.q_norm."),
@@ -110,7 +115,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "smollm3": "SmolLM3ForCausalLM", "exaone4": "Exaone4ForCausalLM",
                   "seed_oss": "SeedOssForCausalLM", "ministral": "MinistralForCausalLM",
                   "ministral3": "Ministral3ForCausalLM",
-                  "ernie4_5": "Ernie4_5ForCausalLM", "glm": "GlmForCausalLM",
+                  "ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+                  "glm": "GlmForCausalLM",
                   "glm4": "Glm4ForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
                   "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
                   "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
@@ -263,6 +269,9 @@ def _norm_eps(hf: Any, name: str) -> float:
 
 def _biases(hf: Any, name: str) -> dict[str, Any]:
     """Which projections have biases, where the architecture reads it from its config."""
+    if name == "Ernie4_5_MoeForCausalLM" and getattr(hf, "use_bias", False):
+        raise ValueError("ERNIE 4.5 MoE with use_bias=true (biases on every projection and "
+                         "on lm_head) is not supported: no released checkpoint sets it")
     if name == "Ernie4_5ForCausalLM":  # one flag for every projection
         bias = bool(getattr(hf, "use_bias", False))
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
@@ -400,7 +409,8 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                          "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
     if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                     "GptOssForCausalLM", "Glm4MoeForCausalLM", "OlmoeForCausalLM",
-                    "MiniMaxM2ForCausalLM", *DEEPSEEK_ARCHITECTURES):
+                    "MiniMaxM2ForCausalLM", "Ernie4_5_MoeForCausalLM",
+                    *DEEPSEEK_ARCHITECTURES):
         return {}
     supported = ("mxfp4",) if name == "GptOssForCausalLM" else (
         "fp8", "gptq", "awq", "compressed-tensors", "bitsandbytes")
@@ -436,6 +446,21 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                     num_experts_per_tok=int(hf.num_experts_per_tok),
                     expert_leaves=("w1", "w3", "w2"), norm_topk_prob=True,
                     grouped_topk=GroupedTopK(1, 1, 1.0))
+    if name == "Ernie4_5_MoeForCausalLM":  # experts every moe_layer_interval-th layer
+        # of [moe_layer_start_index, moe_layer_end_index], the others dense (HF's rule)
+        end = int(hf.moe_layer_end_index)
+        end = hf.num_hidden_layers - 1 if end == -1 else end
+        interval, start = int(hf.moe_layer_interval), int(hf.moe_layer_start_index)
+        shared = int(getattr(hf, "moe_num_shared_experts", 0) or 0)
+        return dict(num_experts=int(hf.num_experts),
+                    num_experts_per_tok=int(hf.num_experts_per_tok),
+                    moe_intermediate_size=int(hf.moe_intermediate_size),
+                    norm_topk_prob=True, moe_module="mlp",
+                    grouped_topk=GroupedTopK(1, 1, 1.0, "softmax_bias"),
+                    shared_expert_intermediate_size=int(hf.moe_intermediate_size) * shared,
+                    shared_expert_name="shared_experts",
+                    dense_layers=tuple(i for i in range(hf.num_hidden_layers)
+                                       if (i + 1) % interval or not start <= i <= end))
     if name == "Glm4MoeForCausalLM":  # its first layers dense; shared experts, ungated
         return dict(num_experts=int(hf.n_routed_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),
