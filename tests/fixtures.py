@@ -268,6 +268,11 @@ def _arch_config(
         # a shared expert, layer 0 dense; interleaved rotary
         common.update(moe_num_experts=8, moe_k=2, moe_intermediate_size=48,
                       moe_num_shared_experts=1, moe_layer_start_index=1)
+    elif arch == "hunyuan_moe":  # Hunyuan's attention; softmax top-2 of 4 renormalized,
+        # a shared MLP beside the experts in every layer
+        common.update(attention_bias=True, num_experts=4, moe_topk=2, intermediate_size=48,
+                      rope_scaling={"rope_type": "dynamic", "type": "dynamic",
+                                    "alpha": 100.0, "factor": 1.0})
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -285,7 +290,8 @@ def _arch_config(
                     "cohere": "CohereConfig", "cohere2": "Cohere2Config",
                     "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
                     "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config",
-                    "ernie4_5_moe": "Ernie4_5_MoeConfig"}[arch]
+                    "ernie4_5_moe": "Ernie4_5_MoeConfig",
+                    "hunyuan_moe": "HunYuanMoEV1Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -99,8 +99,9 @@ class GroupedTopK:
     groups, the best `topk_groups` groups eligible, the chosen experts' weights times
     `scaling`. `scoring`: "sigmoid" (noaux_tc: sigmoid scores plus a correction bias,
     groups ranked by their best two), "softmax" (DeepSeek-V2: softmax scores, groups
-    ranked by their best one, no bias) or "softmax_bias" (ERNIE 4.5: softmax scores plus a
-    correction bias choose, the softmax scores weigh; one group)."""
+    ranked by their best one, no bias; Hunyuan's, one group) or "softmax_bias" (ERNIE
+    4.5: softmax scores plus a correction bias choose, the softmax scores weigh; one
+    group)."""
 
     num_groups: int
     topk_groups: int
@@ -145,7 +146,7 @@ class GroupedTopKRouter(GateLinear):
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, experts [T, k]) of each token."""
         if self.routing.scoring == "softmax":
-            return self._route_softmax(x, top_k)
+            return self._route_softmax(x, top_k, normalize)
         logits = F.linear(x.float(), self.weight)  # [T, E]
         scores = logits.sigmoid() if self.routing.scoring == "sigmoid" else logits.softmax(-1)
         choice = scores + self.e_score_correction_bias
@@ -161,9 +162,11 @@ class GroupedTopKRouter(GateLinear):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.routing.scaling, experts
 
-    def _route_softmax(self, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route_softmax(self, x: torch.Tensor, top_k: int, normalize: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """DeepSeek-V2's: softmax scores, the experts outside the best groups (by their
-        best score) zeroed, the top-k scores times the scaling (HF renormalizes none)."""
+        best score) zeroed, the top-k scores times the scaling (HF renormalizes none);
+        Hunyuan's: one group, the top-k renormalized."""
         scores = F.linear(x.float(), self.weight).softmax(dim=-1)  # [T, E]
         groups, per_group = self.routing.num_groups, scores.shape[-1] // self.routing.num_groups
         if groups > 1:
@@ -172,6 +175,8 @@ class GroupedTopKRouter(GateLinear):
             eligible = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
             scores = scores.masked_fill(~eligible.repeat_interleave(per_group, dim=1), 0.0)
         weights, experts = scores.topk(top_k, dim=-1, sorted=False)
+        if normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * self.routing.scaling, experts
 
 

@@ -59,6 +59,13 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
         "qk_norm": True, "qk_norm_after_rope": True,
         "checkpoint_renames": ((".self_attn.query_layernorm.", ".self_attn.q_norm."),
                                (".self_attn.key_layernorm.", ".self_attn.k_norm."))},
+    # ... and Hunyuan-A13B's experts: softmax top-k renormalized (one group of
+    # GroupedTopK, its router "wg" in the gate), an ungated shared MLP beside them (_experts)
+    "HunYuanMoEV1ForCausalLM": {
+        "qk_norm": True, "qk_norm_after_rope": True,
+        "checkpoint_renames": ((".self_attn.query_layernorm.", ".self_attn.q_norm."),
+                               (".self_attn.key_layernorm.", ".self_attn.k_norm."),
+                               (".mlp.gate.wg.", ".mlp.gate."))},
     "ArceeForCausalLM": {"ungated_mlp": ("up_proj", "down_proj")},
     "NemotronForCausalLM": {"ungated_mlp": ("up_proj", "down_proj"),
                             "norm_type": "layernorm1p"},
@@ -118,6 +125,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
                   "glm": "GlmForCausalLM",
                   "glm4": "Glm4ForCausalLM", "hunyuan_v1_dense": "HunYuanDenseV1ForCausalLM",
+                  "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
                   "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
                   "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
                   "cohere2": "Cohere2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
@@ -136,7 +144,8 @@ _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHIT
                    "BambaForCausalLM", "FalconH1ForCausalLM",
                    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
                    "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
-                   "HunYuanDenseV1ForCausalLM", "ArceeForCausalLM", "NemotronForCausalLM",
+                   "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM", "ArceeForCausalLM",
+                   "NemotronForCausalLM",
                    "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
                    "OlmoeForCausalLM")
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
@@ -409,7 +418,7 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                          "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
     if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                     "GptOssForCausalLM", "Glm4MoeForCausalLM", "OlmoeForCausalLM",
-                    "MiniMaxM2ForCausalLM", "Ernie4_5_MoeForCausalLM",
+                    "MiniMaxM2ForCausalLM", "Ernie4_5_MoeForCausalLM", "HunYuanMoEV1ForCausalLM",
                     *DEEPSEEK_ARCHITECTURES):
         return {}
     supported = ("mxfp4",) if name == "GptOssForCausalLM" else (
@@ -461,6 +470,17 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                     shared_expert_name="shared_experts",
                     dense_layers=tuple(i for i in range(hf.num_hidden_layers)
                                        if (i + 1) % interval or not start <= i <= end))
+    if name == "HunYuanMoEV1ForCausalLM":  # every layer's; experts and the shared MLP of
+        # intermediate_size each, as HF's port builds them
+        top_k = {hf.moe_topk} if isinstance(hf.moe_topk, int) else set(hf.moe_topk)
+        if len(top_k) != 1 or not isinstance(hf.num_experts, int):
+            raise ValueError("Hunyuan MoE with a different moe_topk or num_experts per layer "
+                             "is not supported")
+        return dict(num_experts=int(hf.num_experts), num_experts_per_tok=int(top_k.pop()),
+                    moe_intermediate_size=int(hf.intermediate_size), norm_topk_prob=True,
+                    moe_module="mlp", grouped_topk=GroupedTopK(1, 1, 1.0, "softmax"),
+                    shared_expert_intermediate_size=int(hf.intermediate_size),
+                    shared_expert_name="shared_mlp")
     if name == "Glm4MoeForCausalLM":  # its first layers dense; shared experts, ungated
         return dict(num_experts=int(hf.n_routed_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),
