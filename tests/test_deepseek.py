@@ -7,7 +7,9 @@ whole and in chunks:
   eligible) with a non-zero correction bias and a scaling, a shared expert, a dense first
   layer; K and V head dims that differ (the cache holds the latent: tests/test_mla_cache.py);
 - V2 (V2-Lite's layout): one q_proj, softmax routing limited to the best group, a
-  scaling, a shared expert, a dense first layer.
+  scaling, a shared expert, a dense first layer;
+- GLM-4.7-Flash (Glm4MoeLiteForCausalLM): V3's attention and routing, its dense layer
+  named by mlp_layer_types (the middle one here).
 
 Adapters of different ranks on every attention projection and on the experts (as PEFT
 makes them on transformers 5); on the dense layer's MLP and the shared experts (which
@@ -55,9 +57,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # eligible and top-2 they never could)
     "v2": dict(q_lora_rank=None, n_group=2, topk_group=1, topk_method="group_limited_greedy",
                routed_scaling_factor=1.5, norm_topk_prob=False),
+    # GLM-4.7-Flash: V3's attention and routing; its dense layers by mlp_layer_types (one
+    # after a sparse one here, which first_k_dense_replace could not say)
+    "glm_lite": dict(q_lora_rank=32, n_group=4, topk_group=2, routed_scaling_factor=1.8,
+                     norm_topk_prob=True, rope_scaling=YARN,
+                     mlp_layer_types=["sparse", "dense", "sparse"]),
 }
+CONFIG_CLASSES = {"v3": "DeepseekV3Config", "v2": "DeepseekV2Config",
+                  "glm_lite": "Glm4MoeLiteConfig"}
 ATTENTION = {"v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
              "v2": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]}
+ATTENTION["glm_lite"] = ATTENTION["v3"]
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
                "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
@@ -65,8 +75,13 @@ MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 
 
 def _config(version: str, vocab: int, **overrides: Any) -> Any:
-    cls = transformers.DeepseekV3Config if version == "v3" else transformers.DeepseekV2Config
-    return cls(vocab_size=vocab, **_COMMON, **{**CONFIGS[version], **overrides})
+    if not hasattr(transformers, CONFIG_CLASSES[version]):
+        pytest.skip(f"this transformers ({transformers.__version__}) has no {version}")
+    common = dict(_COMMON)
+    if version == "glm_lite":  # (its layers' kinds come from mlp_layer_types)
+        del common["first_k_dense_replace"]
+    cls = getattr(transformers, CONFIG_CLASSES[version])
+    return cls(vocab_size=vocab, **common, **{**CONFIGS[version], **overrides})
 
 
 def make_deepseek(out: Path, version: str, seed: int, **overrides: Any) -> Path:
@@ -78,12 +93,13 @@ def make_deepseek(out: Path, version: str, seed: int, **overrides: Any) -> Path:
     model = AutoModelForCausalLM.from_config(_config(version, len(tok), **overrides),
                                              dtype=torch.float32)
     _reinit_(model, seed, 0.2)
-    if version == "v3":
+    if version != "v2":
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            for layer in model.model.layers[1:]:
-                bias = layer.mlp.gate.e_score_correction_bias
-                bias.copy_(0.3 * torch.randn(bias.shape, generator=gen))
+            for layer in model.model.layers:
+                if hasattr(layer.mlp, "experts"):
+                    bias = layer.mlp.gate.e_score_correction_bias
+                    bias.copy_(0.3 * torch.randn(bias.shape, generator=gen))
     model.eval().save_pretrained(str(out))
     return out
 
@@ -122,7 +138,7 @@ def deepseek(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
     class Lazy(dict):
         def __missing__(self, version: str) -> tuple[Path, dict[str, Path]]:
             root = tiny_root / "deepseek"
-            seed = 90 if version == "v3" else 95
+            seed = {"v3": 90, "v2": 95, "glm_lite": 85}[version]
             base = make_deepseek(root / version, version, seed)
             specs = {"r4_attn": dict(r=4, lora_alpha=8, target_modules=ATTENTION[version]),
                      "r8_experts": dict(r=8, lora_alpha=16, target_modules=["kv_b_proj"],
@@ -135,7 +151,7 @@ def deepseek(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
 
 
 @pytest.mark.parametrize("budget", [None, 6])
-@pytest.mark.parametrize("version", ["v3", "v2"])
+@pytest.mark.parametrize("version", ["v3", "v2", "glm_lite"])
 def test_mixed_batch_matches_peft(version, budget, deepseek, prompts):
     base, adapters = deepseek[version]
     llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,

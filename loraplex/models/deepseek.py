@@ -1,6 +1,8 @@
-"""DeepSeek-V2 / V3 configs (DeepSeek-V2-Lite, Moonlight, DeepSeek-V3 / R1, Kimi-K2) ->
-the Llama-family decoder's flags: multi-head latent attention (layers/mla.py) and the
-mixture of experts (layers/moe.py), as HF transformers builds them.
+"""DeepSeek-V2 / V3 configs (DeepSeek-V2-Lite, Moonlight, DeepSeek-V3 / R1, Kimi-K2) and
+GLM-4.7-Flash's (`Glm4MoeLiteForCausalLM`: DeepSeek-V3's attention and routing, its dense
+layers named by `mlp_layer_types`) -> the Llama-family decoder's flags: multi-head latent
+attention (layers/mla.py) and the mixture of experts (layers/moe.py), as HF transformers
+builds them.
 
 - Attention: MLA; its rotary part turns pairs (2i, 2i+1) (V2 always, through complex
   numbers; V3 where `rope_interleave`, else halves); the cache holds the latent
@@ -20,9 +22,11 @@ from typing import Any
 from loraplex.layers.mla import MLAArgs, mla_softmax_scale
 from loraplex.layers.moe import GroupedTopK
 
-DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+DEEPSEEK_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+                          "Glm4MoeLiteForCausalLM")
 DEEPSEEK_MODEL_TYPES = {"deepseek_v2": "DeepseekV2ForCausalLM",
-                        "deepseek_v3": "DeepseekV3ForCausalLM"}
+                        "deepseek_v3": "DeepseekV3ForCausalLM",
+                        "glm4_moe_lite": "Glm4MoeLiteForCausalLM"}
 _V2_TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 
@@ -30,6 +34,11 @@ def mla_args(hf: Any, name: str, rope_scaling: dict | None) -> dict[str, Any]:
     """LlamaArgs fields of a DeepSeek attention: `mla` (which shapes the cache), the heads
     and query / key head dim of the decompressed form, the rotary dim and layout, and the
     biases (attention_bias: q_a_proj, kv_a_proj and o_proj; V2's mlp_bias: every MLP)."""
+    rope = getattr(hf, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):  # HF would rotate part of qk_rope_head_dim only
+        raise ValueError(f"{name} with partial_rotary_factor={partial} is not supported: "
+                         "latent attention rotates all of qk_rope_head_dim")
     mla = MLAArgs(q_lora_rank=int(hf.q_lora_rank) if hf.q_lora_rank else None,
                   kv_lora_rank=int(hf.kv_lora_rank),
                   qk_nope_head_dim=int(hf.qk_nope_head_dim),
@@ -50,7 +59,7 @@ def _routing(hf: Any, name: str) -> GroupedTopK:
     scaling = float(getattr(hf, "routed_scaling_factor", 1.0) or 1.0)
     groups, eligible = int(getattr(hf, "n_group", None) or 1), \
         int(getattr(hf, "topk_group", None) or 1)
-    if name == "DeepseekV3ForCausalLM":  # noaux_tc whatever topk_method says (as HF)
+    if name != "DeepseekV2ForCausalLM":  # noaux_tc whatever topk_method says (as HF)
         return GroupedTopK(groups, eligible, scaling)
     method = getattr(hf, "topk_method", "greedy") or "greedy"
     if method not in _V2_TOPK_METHODS:
@@ -70,12 +79,14 @@ def deepseek_experts(hf: Any, name: str) -> dict[str, Any]:
     freq = int(getattr(hf, "moe_layer_freq", 1) or 1)
     first = int(getattr(hf, "first_k_dense_replace", 0) or 0)
     shared = int(getattr(hf, "n_shared_experts", 0) or 0)
+    types = getattr(hf, "mlp_layer_types", None)  # GLM-4.7-Flash's: "dense" / "sparse"
+    dense = tuple(i for i in range(hf.num_hidden_layers) if types[i] != "sparse") if types \
+        else tuple(i for i in range(hf.num_hidden_layers) if i < first or i % freq)
     return dict(num_experts=int(hf.n_routed_experts),
                 num_experts_per_tok=int(hf.num_experts_per_tok),
                 moe_intermediate_size=int(hf.moe_intermediate_size),
-                norm_topk_prob=name == "DeepseekV3ForCausalLM" and bool(hf.norm_topk_prob),
+                norm_topk_prob=name != "DeepseekV2ForCausalLM" and bool(hf.norm_topk_prob),
                 moe_module="mlp", grouped_topk=_routing(hf, name),
                 shared_expert_intermediate_size=int(hf.moe_intermediate_size) * shared,
                 shared_expert_name="shared_experts",
-                dense_layers=tuple(i for i in range(hf.num_hidden_layers)
-                                   if i < first or i % freq))
+                dense_layers=dense)
