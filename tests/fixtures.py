@@ -273,6 +273,12 @@ def _arch_config(
         common.update(attention_bias=True, num_experts=4, moe_topk=2, intermediate_size=48,
                       rope_scaling={"rope_type": "dynamic", "type": "dynamic",
                                     "alpha": 100.0, "factor": 1.0})
+    elif arch == "dots1":  # Qwen3's attention, a local layer (window 6); grouped sigmoid
+        # routing (4 groups of 2, 2 eligible), a scaling, a shared expert, layer 0 dense
+        common.update(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                      moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
+                      routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True,
+                      sliding_window=6, layer_types=["full_attention", "sliding_attention"])
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -291,14 +297,14 @@ def _arch_config(
                     "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
                     "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config",
                     "ernie4_5_moe": "Ernie4_5_MoeConfig",
-                    "hunyuan_moe": "HunYuanMoEV1Config"}[arch]
+                    "hunyuan_moe": "HunYuanMoEV1Config", "dots1": "Dots1Config"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 
 
 def _correction_bias(arch: str, moe: torch.nn.Module) -> torch.Tensor:
     """Where HF keeps a sparse block's expert-score correction bias."""
-    if arch == "glm4_moe":
+    if arch in ("glm4_moe", "dots1"):
         return moe.gate.e_score_correction_bias
     if arch == "ernie4_5_moe":  # in the router from transformers 5, beside it before
         statics = moe.moe_statics if hasattr(moe, "moe_statics") else moe.gate.moe_statics
@@ -393,8 +399,8 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed, init_std)
-    if arch in ("glm4_moe", "minimax_m2", "ernie4_5_moe"):  # a correction bias that
-        gen = torch.Generator().manual_seed(seed + 1)  # changes which experts are chosen
+    if arch in ("glm4_moe", "minimax_m2", "ernie4_5_moe", "dots1"):  # a correction bias
+        gen = torch.Generator().manual_seed(seed + 1)  # that changes which experts are chosen
         with torch.no_grad():
             for layer in model.model.layers[0 if arch == "minimax_m2" else 1:]:
                 bias = _correction_bias(arch, layer.mlp)

@@ -36,7 +36,9 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
   too (use_bias, which puts a bias on lm_head too, refused: no checkpoint sets it);
 - Hunyuan-A13B (MoE): Hunyuan's attention (above), experts routed by softmax scores (top-k
   renormalized, the router under its name `wg`), a shared MLP beside them in every
-  layer; LoRA on the experts and the shared MLP too.
+  layer; LoRA on the experts and the shared MLP too;
+- dots.llm1: Qwen3's attention with q/k/v/o biases and a local (window) layer, GLM-4.5's
+  grouped sigmoid routing, shared expert and dense first layer; LoRA on the experts too.
 
 A transformers without the architecture (the floors job's, for some) skips it.
 """
@@ -63,7 +65,8 @@ ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "starcoder2": "Starcoder2Config", "cohere": "CohereConfig",
          "cohere2": "Cohere2Config", "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
          "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config",
-         "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_moe": "HunYuanMoEV1Config"}
+         "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_moe": "HunYuanMoEV1Config",
+         "dots1": "Dots1Config"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -85,7 +88,7 @@ GLM_ADAPTERS = {  # its fused gate_up_proj too
 }
 
 
-MOE_ARCHS = ("glm4_moe", "olmoe", "minimax_m2", "ernie4_5_moe", "hunyuan_moe")
+MOE_ARCHS = ("glm4_moe", "olmoe", "minimax_m2", "ernie4_5_moe", "hunyuan_moe", "dots1")
 
 
 def _adapters(arch: str) -> dict[str, dict]:

@@ -76,6 +76,8 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "Cohere2ForCausalLM": {"norm_type": "layernorm_nobias", "norm_layout": "parallel",
                            "rope_interleaved": True},
     "Glm4MoeForCausalLM": {},  # q/k/v biases, q/k norm and the experts per its config
+    # dots.llm1: Qwen3's attention (local layers per layer_types), GLM-4.5's experts
+    "Dots1ForCausalLM": {"qk_norm": True},
     # chunked attention, NoPE layers, experts and biases per its config (_llama4); rope
     # pairs rotated as HF's complex form does
     "Llama4ForCausalLM": {"rope_interleaved": True},
@@ -129,6 +131,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "arcee": "ArceeForCausalLM", "nemotron": "NemotronForCausalLM",
                   "starcoder2": "Starcoder2ForCausalLM", "cohere": "CohereForCausalLM",
                   "cohere2": "Cohere2ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                  "dots1": "Dots1ForCausalLM",
                   "llama4_text": "Llama4ForCausalLM", "olmo3": "Olmo3ForCausalLM",
                   "olmoe": "OlmoeForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
                   "granitemoehybrid": "GraniteMoeHybridForCausalLM",
@@ -143,7 +146,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
                    "BambaForCausalLM", "FalconH1ForCausalLM",
                    "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Qwen3ForCausalLM",
-                   "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
+                   "Qwen3MoeForCausalLM", "Dots1ForCausalLM", "Olmo2ForCausalLM",
+                   "SmolLM3ForCausalLM",
                    "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM", "ArceeForCausalLM",
                    "NemotronForCausalLM",
                    "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
@@ -419,6 +423,7 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                     "GptOssForCausalLM", "Glm4MoeForCausalLM", "OlmoeForCausalLM",
                     "MiniMaxM2ForCausalLM", "Ernie4_5_MoeForCausalLM", "HunYuanMoEV1ForCausalLM",
+                    "Dots1ForCausalLM",
                     *DEEPSEEK_ARCHITECTURES):
         return {}
     supported = ("mxfp4",) if name == "GptOssForCausalLM" else (
@@ -481,7 +486,8 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                     moe_module="mlp", grouped_topk=GroupedTopK(1, 1, 1.0, "softmax"),
                     shared_expert_intermediate_size=int(hf.intermediate_size),
                     shared_expert_name="shared_mlp")
-    if name == "Glm4MoeForCausalLM":  # its first layers dense; shared experts, ungated
+    if name in ("Glm4MoeForCausalLM", "Dots1ForCausalLM"):  # its first layers dense;
+        # shared experts, ungated
         return dict(num_experts=int(hf.n_routed_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),
                     moe_intermediate_size=int(hf.moe_intermediate_size),
