@@ -99,12 +99,14 @@ class GroupedTopK:
     groups, the best `topk_groups` groups eligible, the chosen experts' weights times
     `scaling`. `scoring`: "sigmoid" (noaux_tc: sigmoid scores plus a correction bias,
     groups ranked by their best two) or "softmax" (DeepSeek-V2: softmax scores, groups
-    ranked by their best one, no bias)."""
+    ranked by their best one, no bias). `norm_eps`: added to the sum the chosen weights
+    are divided by (LFM2-MoE's HF router adds 1e-6)."""
 
     num_groups: int
     topk_groups: int
     scaling: float
     scoring: str = "sigmoid"
+    norm_eps: float = 1e-20
 
 
 class GroupedTopKRouter(GateLinear):
@@ -154,7 +156,7 @@ class GroupedTopKRouter(GateLinear):
         experts = choice.topk(top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, experts)
         if normalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.routing.norm_eps)
         return weights * self.routing.scaling, experts
 
     def _route_softmax(self, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

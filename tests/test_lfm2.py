@@ -1,0 +1,184 @@
+"""LFM2 and LFM2-MoE (models/lfm2.py, layers/short_conv.py) against HF transformers + PEFT
+(fp32).
+
+Tiny random models, hidden 64, 4 attention heads over 2 KV heads, convolutions of 3 taps:
+- LFM2: layers conv, attention, conv, conv; intermediate_size 100 with
+  block_auto_adjust_ff_dim (x 2/3, x 1.5, up to a multiple of 32: an MLP of 128), tied
+  embeddings.
+- LFM2-MoE: conv, attention, conv with biases on the conv blocks; the first layer a dense
+  MLP of 96, the others 8 experts of 32, 2 per token, sigmoid-routed with an expert bias
+  that changes the choice, renormalized, times 1.5.
+Adapters of ranks 4 (the conv blocks' in_proj / out_proj and attention's q / v) and 8
+(every linear; LFM2-MoE's experts too, PEFT's target_parameters), in one batch with the
+base, prompts prefilled in chunks of 7 beside other sequences' decodes; preemption; an
+adapter of too high a rank refused alone, in the engine and over HTTP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from loraplex import LoRARequest, SamplingParams
+from loraplex.layers.short_conv import ShortConv
+from loraplex.lora.errors import LoRAError
+from loraplex.models.lfm2 import ff_size
+from loraplex.worker.mamba_state import state_bytes_per_slot
+from tests.engine_utils import GREEDY, check_mixed_batch, make_llm
+from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
+from tests.server_utils import RemoteServer, token_ids_of
+from tests.test_hybrid import check_preemption
+
+HIDDEN, EXPERTS, EXPERT_SIZE = 64, 8, 32
+COMMON = dict(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=512, conv_L_cache=3, bos_token_id=1, eos_token_id=2,
+              pad_token_id=3, tie_word_embeddings=True)
+
+
+def lfm2_config(vocab_size: int):
+    return transformers.Lfm2Config(
+        vocab_size=vocab_size, **COMMON, num_hidden_layers=4, intermediate_size=100,
+        layer_types=["conv", "full_attention", "conv", "conv"], block_auto_adjust_ff_dim=True,
+        block_ffn_dim_multiplier=1.5, block_multiple_of=32)
+
+
+def lfm2_moe_config(vocab_size: int):
+    return transformers.Lfm2MoeConfig(
+        vocab_size=vocab_size, **COMMON, num_hidden_layers=3, intermediate_size=96,
+        layer_types=["conv", "full_attention", "conv"], conv_bias=True, num_dense_layers=1,
+        num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=EXPERT_SIZE,
+        routed_scaling_factor=1.5, norm_topk_prob=True, use_expert_bias=True)
+
+
+CONFIGS = {"lfm2": lfm2_config, "lfm2_moe": lfm2_moe_config}
+CONV = ["in_proj", "out_proj", "q_proj", "v_proj"]
+EXPERT_PARAMETERS = {"lfm2_moe": ["feed_forward.experts.gate_up_proj",
+                                  "feed_forward.experts.down_proj"]}
+
+
+def _skip_reason(kind: str) -> str | None:
+    name = "Lfm2Config" if kind == "lfm2" else "Lfm2MoeConfig"
+    if not hasattr(transformers, name):
+        return f"transformers {transformers.__version__} has no {name}"
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return ("transformers 4's LFM2 keeps its conv state in its own cache class, which the "
+                "HF reference (fixtures.hf_greedy) does not build")
+    return None
+
+
+def make_model(out: Path, kind: str, seed: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[kind](len(tok)), dtype=torch.float32)
+    _reinit_(model, seed, 0.2)
+    gen = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():  # an expert bias that changes the choice
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+    model.eval().save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def lfm2(request, tiny_root: Path) -> tuple[str, Path, dict[str, Path]]:
+    kind = request.param
+    if (reason := _skip_reason(kind)) is not None:
+        pytest.skip(reason)
+    seed = 170 + 10 * list(CONFIGS).index(kind)
+    root = tiny_root / f"lfm2_{kind}"
+    base = make_model(root / "base", kind, seed)
+    specs = {"r4_conv": dict(r=4, lora_alpha=8, target_modules=CONV, seed=seed + 1),
+             "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=seed + 2,
+                            target_parameters=EXPERT_PARAMETERS.get(kind))}
+    return kind, base, {n: make_peft_adapter(base, root / n, **s) for n, s in specs.items()}
+
+
+def test_mixed_batch_in_chunks(lfm2, prompts):
+    """The base and both adapters over two slots, prompts prefilled in chunks of 7 (each
+    from the conv window the last left) beside other sequences' decodes: HF + PEFT's
+    tokens and logprobs. Each conv layer's state is its window alone."""
+    kind, base, adapters = lfm2
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8, block_size=8,
+                   max_num_batched_tokens=7)
+    assert max(len(p) for p in prompts) > 7
+    check_mixed_batch(llm, base, adapters, prompts, extra=3)
+    runner = llm.llm_engine.model_runner
+    assert runner.num_mixed_steps > 0
+    assert runner.mamba_state.num_free_slots == runner.max_num_seqs
+    assert len(runner.attention_layers) == 1
+    assert all(isinstance(m, ShortConv) for m in runner.mixers) and len(runner.mixers) == \
+        {"lfm2": 3, "lfm2_moe": 2}[kind]
+    assert runner.mixers[0].conv_state.shape == (runner.max_num_seqs, HIDDEN, 2)
+    assert state_bytes_per_slot(runner.mixers, torch.float32) == len(runner.mixers) \
+        * HIDDEN * 2 * 4
+    ffn = llm.llm_engine.model.model.layers[0].feed_forward
+    assert ffn.down_proj.in_features == (128 if kind == "lfm2" else 96)
+
+
+def test_preemption_recomputes_the_state(lfm2, prompts):
+    """10 KV blocks of 8 for 5 requests: preempted sequences give their state slot back
+    and recompute their conv windows from the prompt exactly."""
+    kind, base, adapters = lfm2
+    check_preemption(base, adapters, [None, "r8_all", "r4_conv", None, "r8_all"], prompts,
+                     shift=1)
+
+
+def test_rank_too_high_fails_alone(lfm2, prompts):
+    """With max_lora_rank 4 the rank-8 adapter is refused by name, in the engine and over
+    HTTP (a 400 in OpenAI's shape); the rank-4 one and the base serve after it."""
+    kind, base, adapters = lfm2
+    if kind != "lfm2":
+        pytest.skip("one server is enough: LFM2's")
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=4)
+    with pytest.raises(LoRAError, match="rank 8 > max_lora_rank=4"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY,
+                     lora_request=LoRARequest("r8_all", 1, str(adapters["r8_all"])),
+                     use_tqdm=False)
+    ok = llm.generate([{"prompt_token_ids": prompts[1]}], SamplingParams(max_tokens=3),
+                      lora_request=LoRARequest("r4_conv", 2, str(adapters["r4_conv"])),
+                      use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) == 3
+    args = ["--enable-lora", "--max-loras", "1", "--max-lora-rank", "4", "--max-model-len",
+            "128", "--dtype", "float32", "--lora-modules", f"r4_conv={adapters['r4_conv']}"]
+    env = {"LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    with RemoteServer(base, args, env=env) as server:
+        r = server.post("/v1/load_lora_adapter",
+                        {"lora_name": "r8_all", "lora_path": str(adapters["r8_all"])})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "max_lora_rank=4" in err["message"] and err["type"] == "BadRequestError"
+        client = server.get_client()
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="r8_all", prompt=prompts[0], max_tokens=2)
+        # the same tokens as the engine: the server carries on with the good adapter
+        r = client.completions.create(model="r4_conv", prompt=prompts[1], max_tokens=3,
+                                      temperature=0, logprobs=0,
+                                      extra_body={"return_tokens_as_token_ids": True,
+                                                  "ignore_eos": True})
+        want = llm.generate([{"prompt_token_ids": prompts[1]}],
+                            SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                            lora_request=LoRARequest("r4_conv", 2, str(adapters["r4_conv"])),
+                            use_tqdm=False)[0].outputs[0].token_ids
+        assert token_ids_of(r.choices[0].logprobs) == list(want)
+
+
+def test_ff_size_is_hf_mlp_width():
+    """block_auto_adjust_ff_dim as HF's Lfm2MLP sizes it: LFM2-1.2B's 12288 -> 8192, a
+    multiplier and rounding, no adjustment at all."""
+    if (reason := _skip_reason("lfm2")) is not None:
+        pytest.skip(reason)
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2MLP
+    cases = [dict(hidden_size=64, intermediate_size=12288),
+             dict(hidden_size=64, intermediate_size=100, block_ffn_dim_multiplier=1.5,
+                  block_multiple_of=32),
+             dict(hidden_size=64, intermediate_size=96, block_auto_adjust_ff_dim=False)]
+    for kw in cases:
+        cfg = transformers.Lfm2Config(num_hidden_layers=1, **kw)
+        assert ff_size(cfg) == Lfm2MLP(cfg).w1.out_features, kw
