@@ -6,7 +6,7 @@ Tiny random models, hidden 64, 4 attention heads over 2 KV heads, convolutions o
   block_auto_adjust_ff_dim (x 2/3, x 1.5, up to a multiple of 32: an MLP of 128), tied
   embeddings.
 - LFM2-MoE: conv, attention, conv with biases on the conv blocks; the first layer a dense
-  MLP of 96, the others 8 experts of 32, 2 per token, sigmoid-routed with an expert bias
+  MLP of 96, the others 8 experts of 24, 2 per token, sigmoid-routed with an expert bias
   that changes the choice, renormalized, times 1.5.
 Adapters of ranks 4 (the conv blocks' in_proj / out_proj and attention's q / v) and 8
 (every linear; LFM2-MoE's experts too, PEFT's target_parameters), in one batch with the
@@ -22,6 +22,7 @@ import openai
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from loraplex import LoRARequest, SamplingParams
@@ -34,7 +35,7 @@ from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
 from tests.server_utils import RemoteServer, token_ids_of
 from tests.test_hybrid import check_preemption
 
-HIDDEN, EXPERTS, EXPERT_SIZE = 64, 8, 32
+HIDDEN, EXPERTS, EXPERT_SIZE = 64, 8, 24
 COMMON = dict(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=512, conv_L_cache=3, bos_token_id=1, eos_token_id=2,
               pad_token_id=3, tie_word_embeddings=True)
@@ -65,9 +66,6 @@ def _skip_reason(kind: str) -> str | None:
     name = "Lfm2Config" if kind == "lfm2" else "Lfm2MoeConfig"
     if not hasattr(transformers, name):
         return f"transformers {transformers.__version__} has no {name}"
-    if int(transformers.__version__.split(".")[0]) < 5:
-        return ("transformers 4's LFM2 keeps its conv state in its own cache class, which the "
-                "HF reference (fixtures.hf_greedy) does not build")
     return None
 
 
@@ -128,6 +126,44 @@ def test_preemption_recomputes_the_state(lfm2, prompts):
     kind, base, adapters = lfm2
     check_preemption(base, adapters, [None, "r8_all", "r4_conv", None, "r8_all"], prompts,
                      shift=1)
+
+
+def fused_copy(base: Path, out: Path) -> Path:
+    """The checkpoint with each layer's experts fused as transformers 5 holds them,
+    gate_up_proj [E, 2I, H] (w1's rows, then w3's) and down_proj [E, H, I]."""
+    out.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(base / "model.safetensors"))
+    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
+    for layer in {k.partition(".experts.")[0] for k in tensors if ".experts." in k}:
+        w1, w3, w2 = (torch.stack([tensors[f"{layer}.experts.{e}.{leaf}.weight"]
+                                   for e in range(EXPERTS)]) for leaf in ("w1", "w3", "w2"))
+        fused[f"{layer}.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)
+        fused[f"{layer}.experts.down_proj"] = w2
+    save_file(fused, str(out / "model.safetensors"))
+    return out
+
+
+def test_fused_experts_load_as_the_hubs(lfm2, tmp_path, prompts):
+    """LFM2-MoE saved per expert (the hub's layout, transformers 5's save) and with its
+    experts fused: the same tokens and logprobs, base and an adapter on the experts."""
+    kind, base, adapters = lfm2
+    if kind != "lfm2_moe":
+        pytest.skip("LFM2 has no experts")
+    fused = fused_copy(base, tmp_path / "fused")
+    req = LoRARequest("r8_all", 1, str(adapters["r8_all"]))
+    outs = []
+    for path in (base, fused):
+        llm = make_llm(path, enable_lora=True, max_loras=1, max_lora_rank=8)
+        outs.append(llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], GREEDY,
+                                 lora_request=[None, req], use_tqdm=False))
+    for a, b in zip(*outs, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert la.keys() == lb.keys()
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-5 for t in la)
 
 
 def test_rank_too_high_fails_alone(lfm2, prompts):
