@@ -218,3 +218,131 @@ def test_ff_size_is_hf_mlp_width():
     for kw in cases:
         cfg = transformers.Lfm2Config(num_hidden_layers=1, **kw)
         assert ff_size(cfg) == Lfm2MLP(cfg).w1.out_features, kw
+
+
+# ---- LFM2-VL on text (models/text_only.py) -------------------------------------------
+
+
+def _vl_skip_reason() -> str | None:
+    if not hasattr(transformers, "Lfm2VlConfig"):
+        return f"transformers {transformers.__version__} has no Lfm2VlConfig"
+    return None
+
+
+def make_vl_model(out: Path, seed: int) -> Path:
+    """A tiny Lfm2VlForConditionalGeneration: the LFM2 above behind a one-layer SigLIP2
+    tower and a projector, saved as transformers 5 saves it (model.language_model.*)."""
+    tok = make_tokenizer(out)
+    vision = dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=2, num_patches=16, patch_size=4)
+    cfg = transformers.Lfm2VlConfig(text_config=lfm2_config(len(tok)).to_dict(),
+                                    vision_config=vision, image_token_id=len(tok) - 1,
+                                    projector_hidden_size=48)
+    torch.manual_seed(seed)
+    model = transformers.Lfm2VlForConditionalGeneration(cfg)
+    _reinit_(model, seed, 0.2)
+    model.eval().save_pretrained(str(out))
+    return out
+
+
+def make_vl_adapter(base: Path, out: Path, r: int, targets: str | list[str],
+                    seed: int) -> Path:
+    """A PEFT adapter trained on the whole VL model (fixtures' make_peft_adapter loads
+    AutoModelForCausalLM, which has no LFM2-VL): random A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.Lfm2VlForConditionalGeneration.from_pretrained(
+        str(base), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
+                                             lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(out))
+    return out
+
+
+@torch.no_grad()
+def vl_reference(base: Path, adapter: Path | None, prompt: list[int], n: int
+                 ) -> tuple[list[int], torch.Tensor]:
+    """HF (+ PEFT) on the VL model, text only: n greedy tokens (cached decode) and the
+    log-softmax of each step's logits, recomputed over the whole sequence [n, vocab]."""
+    model = transformers.Lfm2VlForConditionalGeneration.from_pretrained(
+        str(base), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    ids, past, tokens = torch.tensor([prompt]), None, []
+    for _ in range(n):
+        res = model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        tokens.append(int(res.logits[0, -1].argmax()))
+        ids = torch.tensor([[tokens[-1]]])
+    logits = model(input_ids=torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1:]
+    return tokens, torch.log_softmax(logits.float(), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def lfm2_vl(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
+    if (reason := _vl_skip_reason()) is not None:
+        pytest.skip(reason)
+    root = tiny_root / "lfm2_vl"
+    base = make_vl_model(root / "base", 190)
+    # all-linear: the tower's and the projector's linears too; q / v: the tower's alike
+    return base, {"r8_all": make_vl_adapter(base, root / "r8_all", 8, "all-linear", 191),
+                  "r4_qv": make_vl_adapter(base, root / "r4_qv", 4,
+                                           ["in_proj", "q_proj", "v_proj"], 192)}
+
+
+def test_vl_text_matches_hf_and_peft(lfm2_vl, prompts):
+    """LFM2-VL served by its language model: the base and adapters trained on the whole
+    model (their tower LoRA left out) in one batch, prompts in chunks of 7, each output
+    HF + PEFT's on the VL model."""
+    base, adapters = lfm2_vl
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8, block_size=8,
+                   max_num_batched_tokens=7)
+    assert llm.llm_engine.vision is None
+    names = [None, "r8_all", "r4_qv", None, "r8_all"]
+    batch = [prompts[i % len(prompts)] for i in range(len(names))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY,
+                        lora_request=[LoRARequest(n, 1 + i, str(adapters[n])) if n else None
+                                      for i, n in enumerate(names)], use_tqdm=False)
+    for out, name, prompt in zip(outs, names, batch, strict=True):
+        got = out.outputs[0].token_ids
+        want, ref = vl_reference(base, adapters[name] if name else None, prompt, len(got))
+        assert got == want, (name, got, want)
+        for step, lp in enumerate(out.outputs[0].logprobs):
+            assert all(abs(v.logprob - ref[step, t].item()) < 1e-4 for t, v in lp.items())
+    assert len({tuple(o.outputs[0].token_ids) for o in outs[:3]}) == 3
+
+
+def test_vl_images_are_refused(lfm2_vl, prompts):
+    """An image, offline or in a chat request over HTTP (a 400), is refused alone; text
+    goes on."""
+    from PIL import Image
+
+    base, _ = lfm2_vl
+    llm = make_llm(base)
+    with pytest.raises(ValueError, match="no vision tower"):
+        llm.generate({"prompt_token_ids": prompts[0],
+                      "multi_modal_data": {"image": Image.new("RGB", (8, 8))}}, GREEDY,
+                     use_tqdm=False)
+    with RemoteServer(base, ["--max-model-len", "128", "--dtype", "float32"]) as server:
+        client = server.get_client()
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=str(base), max_tokens=2,
+                messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}, image]}])
+        assert "image inputs are not supported" in err.value.body["message"], err.value.body
+        r = client.completions.create(model=str(base), prompt=prompts[1], max_tokens=3,
+                                      temperature=0, logprobs=0,
+                                      extra_body={"return_tokens_as_token_ids": True,
+                                                  "ignore_eos": True})
+        want = llm.generate([{"prompt_token_ids": prompts[1]}],
+                            SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids
+        assert token_ids_of(r.choices[0].logprobs) == list(want)

@@ -152,6 +152,16 @@ MULTIMODAL: dict[str, TextOnly] = {
                  "model.multi_modal_projector."),
         vision_leaves=("out_proj", "fc1", "fc2", "linear_1", "linear_2", "conv1", "conv2"),
         images=True),
+    # LFM2-VL: an LFM2 language model (models/lfm2.py) behind a SigLIP2 tower and a
+    # projector, served on text only; its tower's q/k/v/out_proj share the language
+    # model's names (its LoRA told apart by the `vision_tower.` prefix)
+    "Lfm2VlForConditionalGeneration": TextOnly(
+        "Lfm2ForCausalLM",
+        renames=(("model.language_model.", "model."), ("language_model.model.", "model."),
+                 ("language_model.lm_head.", "lm_head.")),
+        skipped=("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.",
+                 "multi_modal_projector."),
+        vision_leaves=("fc1", "fc2", "patch_embedding", "linear_1", "linear_2")),
 }
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
 # their dense sibling as if it were theirs); none today
