@@ -25,6 +25,10 @@ The checkpoint names the language model's weights `language_model.model.*` (the 
 files) and PEFT adapters trained with transformers >= 4.52 name its modules
 `model.language_model.*`: `TextOnly.name` maps both onto the text model's names.
 
+LFM2-VL (`Lfm2VlForConditionalGeneration`: an LFM2 language model, models/lfm2.py,
+behind a SigLIP2 tower) is served on text only: its tower is never loaded and image
+inputs are refused.
+
 Llama 4 (Scout, Maverick: `Llama4ForConditionalGeneration`, its language model a
 `Llama4ForCausalLM` as `language_model.*`, its tower `vision_model.*`) is served with its
 images too (models/llama4_vision.py); a checkpoint saved without its image processor is
