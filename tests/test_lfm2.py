@@ -30,7 +30,7 @@ from loraplex.layers.short_conv import ShortConv
 from loraplex.lora.errors import LoRAError
 from loraplex.models.lfm2 import ff_size
 from loraplex.worker.mamba_state import state_bytes_per_slot
-from tests.engine_utils import GREEDY, check_mixed_batch, make_llm
+from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
 from tests.server_utils import RemoteServer, token_ids_of
 from tests.test_hybrid import check_preemption
@@ -69,11 +69,14 @@ def _skip_reason(kind: str) -> str | None:
     return None
 
 
-def make_model(out: Path, kind: str, seed: int) -> Path:
+def make_model(out: Path, kind: str, seed: int, **overrides) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[kind](len(tok)), dtype=torch.float32)
+    config = CONFIGS[kind](len(tok))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed, 0.2)
     gen = torch.Generator().manual_seed(seed + 5)
     with torch.no_grad():  # an expert bias that changes the choice
@@ -164,6 +167,19 @@ def test_fused_experts_load_as_the_hubs(lfm2, tmp_path, prompts):
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             assert la.keys() == lb.keys()
             assert all(abs(la[t].logprob - lb[t].logprob) < 1e-5 for t in la)
+
+
+def test_moe_without_expert_bias(tiny_root, prompts):
+    """use_expert_bias off: no expert_bias in the checkpoint, the plain top-k of the
+    scores; unnormalized weights (norm_topk_prob off) too."""
+    if (reason := _skip_reason("lfm2_moe")) is not None:
+        pytest.skip(reason)
+    base = make_model(tiny_root / "lfm2_moe_no_bias" / "base", "lfm2_moe", 185,
+                      use_expert_bias=False, norm_topk_prob=False)
+    llm = make_llm(base, max_num_batched_tokens=9, block_size=8)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY,
+                        use_tqdm=False)
+    check_against_hf(outs, base, [None] * 3, prompts[:3])
 
 
 def test_rank_too_high_fails_alone(lfm2, prompts):
