@@ -167,6 +167,7 @@ def lfm2_flags(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                      num_experts_per_tok=int(hf.num_experts_per_tok),
                      moe_intermediate_size=int(hf.moe_intermediate_size),
                      norm_topk_prob=bool(hf.norm_topk_prob), fused_experts=True,
+                     moe_module="feed_forward",  # (its name: no adapter alias for it)
                      grouped_topk=GroupedTopK(1, 1, float(hf.routed_scaling_factor),
                                               norm_eps=1e-6),
                      dense_layers=tuple(range(int(hf.num_dense_layers))))
