@@ -11,7 +11,11 @@ Tiny random models, hidden 64, 4 attention heads over 2 KV heads, convolutions o
 Adapters of ranks 4 (the conv blocks' in_proj / out_proj and attention's q / v) and 8
 (every linear; LFM2-MoE's experts too, PEFT's target_parameters), in one batch with the
 base, prompts prefilled in chunks of 7 beside other sequences' decodes; preemption; an
-adapter of too high a rank refused alone, in the engine and over HTTP.
+adapter of too high a rank refused alone, in the engine and over HTTP. LFM2-MoE also with
+its experts fused (transformers 5's in-memory layout), without expert_bias and
+renormalization, and its routing weights against HF's router to fp32 rounding. LFM2-VL
+(the LFM2 above behind a tiny SigLIP2 tower) on text against HF + PEFT on the VL model,
+its images refused offline and over HTTP.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from loraplex import LoRARequest, SamplingParams
+from loraplex.layers.moe import GroupedTopKRouter
 from loraplex.layers.short_conv import ShortConv
 from loraplex.lora.errors import LoRAError
-from loraplex.models.lfm2 import ff_size
+from loraplex.models.lfm2 import ff_size, lfm2_flags
 from loraplex.worker.mamba_state import state_bytes_per_slot
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
@@ -180,6 +185,34 @@ def test_moe_without_expert_bias(tiny_root, prompts):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY,
                         use_tqdm=False)
     check_against_hf(outs, base, [None] * 3, prompts[:3])
+
+
+@torch.no_grad()
+def test_routing_weights_are_hfs():
+    """LFM2-MoE's routing as HF's Lfm2MoeTopKRouter computes it, to fp32 rounding: the
+    same experts, and weights renormalized with its 1e-6 in the sum (1e-20 would differ by
+    ~1e-6 of each weight, below what logprobs show)."""
+    if (reason := _skip_reason("lfm2_moe")) is not None:
+        pytest.skip(reason)
+    from transformers.models.lfm2_moe.modeling_lfm2_moe import Lfm2MoeTopKRouter
+
+    cfg = lfm2_moe_config(64)
+    cfg.architectures = ["Lfm2MoeForCausalLM"]
+    hf = Lfm2MoeTopKRouter(cfg)
+    ours = GroupedTopKRouter(HIDDEN, EXPERTS, lfm2_flags(cfg, "Lfm2MoeForCausalLM",
+                                                         None)["grouped_topk"])
+    gen = torch.Generator().manual_seed(7)
+    hf.weight.copy_(torch.randn(hf.weight.shape, generator=gen))
+    ours.weight.copy_(hf.weight)
+    bias = 0.3 * torch.randn(EXPERTS, generator=gen)
+    ours.e_score_correction_bias.copy_(bias)
+    x = torch.randn(50, HIDDEN, generator=gen)
+    _, want, want_experts = hf(x, bias)
+    got, experts = ours.route(x, cfg.num_experts_per_tok, True)
+    order, want_order = experts.argsort(-1), want_experts.argsort(-1)
+    assert torch.equal(experts.gather(1, order), want_experts.gather(1, want_order))
+    torch.testing.assert_close(got.gather(1, order), want.gather(1, want_order), rtol=0,
+                               atol=1e-7)
 
 
 def test_rank_too_high_fails_alone(lfm2, prompts):
