@@ -20,6 +20,7 @@ its images refused offline and over HTTP.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import openai
@@ -35,7 +36,13 @@ from loraplex.layers.short_conv import ShortConv
 from loraplex.lora.errors import LoRAError
 from loraplex.models.lfm2 import ff_size, lfm2_flags
 from loraplex.worker.mamba_state import state_bytes_per_slot
-from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
+from tests.engine_utils import (
+    GREEDY,
+    check_against_hf,
+    check_mixed_batch,
+    lora_requests,
+    make_llm,
+)
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
 from tests.server_utils import RemoteServer, token_ids_of
 from tests.test_hybrid import check_preemption
@@ -172,6 +179,64 @@ def test_fused_experts_load_as_the_hubs(lfm2, tmp_path, prompts):
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             assert la.keys() == lb.keys()
             assert all(abs(la[t].logprob - lb[t].logprob) < 1e-5 for t in la)
+
+
+def per_expert_adapter(base: Path, out: Path, r: int, seed: int) -> Path:
+    """LoRA on every expert's w1 / w3 / w2, a module each (vLLM's layout; transformers 5
+    has no such modules, so it is written directly)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in (1, 2):
+        for e in range(EXPERTS):
+            for leaf, (d_in, d_out) in (("w1", (HIDDEN, EXPERT_SIZE)),
+                                        ("w3", (HIDDEN, EXPERT_SIZE)),
+                                        ("w2", (EXPERT_SIZE, HIDDEN))):
+                key = f"base_model.model.model.layers.{layer}.feed_forward.experts.{e}.{leaf}"
+                tensors[f"{key}.lora_A.weight"] = 0.3 * torch.randn(r, d_in, generator=gen)
+                tensors[f"{key}.lora_B.weight"] = 0.3 * torch.randn(d_out, r, generator=gen)
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+         "target_modules": ["w1", "w3", "w2"], "base_model_name_or_path": str(base)}))
+    return out
+
+
+def merged(base: Path, adapter: Path, out: Path) -> Path:
+    """The base with a per-expert adapter merged (W + 2 B A): the reference for it."""
+    out.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(base / "model.safetensors"))
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    for key, a in lora.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            weights[f"{module}.weight"] += 2.0 * lora[key.replace("lora_A", "lora_B")] @ a
+    save_file(weights, str(out / "model.safetensors"))
+    return out
+
+
+def test_per_expert_adapter(lfm2, tmp_path, prompts):
+    """An adapter per expert (experts.{e}.w1 ...) beside the base and a target_parameters
+    one in one batch: it matches HF on the merged weights, the others HF + PEFT."""
+    kind, base, adapters = lfm2
+    if kind != "lfm2_moe":
+        pytest.skip("LFM2 has no experts")
+    per_expert = per_expert_adapter(base, tmp_path / "per_expert", r=4, seed=186)
+    reqs = lora_requests({"per_expert": per_expert, "r8_all": adapters["r8_all"]})
+    llm = make_llm(base, enable_lora=True, max_loras=2, max_lora_rank=8)
+    batch = [(prompts[0], None), (prompts[0], "per_expert"), (prompts[1], "r8_all"),
+             (prompts[2], "per_expert")]
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in batch], GREEDY,
+                        lora_request=[reqs[n] if n else None for _, n in batch],
+                        use_tqdm=False)
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+    reference = merged(base, per_expert, tmp_path / "merged")
+    check_against_hf([outs[1], outs[3]], reference, [None, None], [prompts[0], prompts[2]])
+    check_against_hf([outs[0], outs[2]], base, [None, adapters["r8_all"]],
+                     [prompts[0], prompts[1]])
 
 
 def test_moe_without_expert_bias(tiny_root, prompts):
