@@ -18,6 +18,8 @@ correction bias, for load balance, used for the choice only) among the `topk_gro
 groups of experts whose best two such scores sum highest; their weights are s_e,
 renormalized, times `routed_scaling_factor`; shared experts are added ungated:
 y += shared_experts(x).
+LFM2-MoE routes so with one group (its expert_bias the correction bias, no shared
+experts), HF's 1e-6 added to the sum it renormalizes by (`GroupedTopK.norm_eps`).
 DeepSeek-V2 routes by softmax instead (`scoring="softmax"`, as HF's DeepseekV2TopkRouter):
 p = softmax(W_g x); "group_limited_greedy" keeps the `topk_groups` groups whose best p is
 highest ("greedy": one group, all eligible); the chosen experts' weights are p_e times
