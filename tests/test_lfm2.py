@@ -421,9 +421,9 @@ def test_vl_text_matches_hf_and_peft(lfm2_vl, prompts):
     assert llm.llm_engine.vision is None
     names = [None, "r8_all", "r4_qv", None, "r8_all"]
     batch = [prompts[i % len(prompts)] for i in range(len(names))]
+    reqs = lora_requests(adapters)
     outs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY,
-                        lora_request=[LoRARequest(n, 1 + i, str(adapters[n])) if n else None
-                                      for i, n in enumerate(names)], use_tqdm=False)
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
     for out, name, prompt in zip(outs, names, batch, strict=True):
         got = out.outputs[0].token_ids
         want, ref = vl_reference(base, adapters[name] if name else None, prompt, len(got))
