@@ -307,7 +307,7 @@ def test_state_memory_and_refusals(granite):
     base, _ = granite
     runner = make_llm(base, max_num_seqs=64, cpu_kv_cache_gib=0.004,
                       block_size=8).llm_engine.model_runner
-    per_slot = state_bytes_per_slot(runner.mixers[0].m, 2, torch.float32)
+    per_slot = state_bytes_per_slot(runner.mixers, torch.float32)
     conv_dim = 128 + 2 * GROUPS * 16  # x, B, C
     assert per_slot == 2 * (conv_dim * 3 + 4 * 32 * 16) * 4  # conv + SSM states, 2 mixers, fp32
     assert runner.num_blocks == (int(0.004 * 2**30) - 64 * per_slot) // runner._bytes_per_block()

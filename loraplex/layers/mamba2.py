@@ -172,6 +172,11 @@ class Mamba2Mixer(nn.Module):
         self.conv_state: torch.Tensor | None = None
         self.ssm_state: torch.Tensor | None = None
 
+    def slot_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One sequence's states, by the attribute the state cache sets."""
+        conv, ssm = self.m.state_shapes()
+        return {"conv_state": conv, "ssm_state": ssm}
+
     def forward(self, x: torch.Tensor, batch: MambaBatch) -> torch.Tensor:
         m = self.m
         proj = self.in_proj(x * m.in_multiplier if m.in_multiplier != 1.0 else x)

@@ -18,6 +18,8 @@ correction bias, for load balance, used for the choice only) among the `topk_gro
 groups of experts whose best two such scores sum highest; their weights are s_e,
 renormalized, times `routed_scaling_factor`; shared experts are added ungated:
 y += shared_experts(x).
+LFM2-MoE routes so with one group (its expert_bias the correction bias, no shared
+experts), HF's 1e-6 added to the sum it renormalizes by (`GroupedTopK.norm_eps`).
 DeepSeek-V2 routes by softmax instead (`scoring="softmax"`, as HF's DeepseekV2TopkRouter):
 p = softmax(W_g x); "group_limited_greedy" keeps the `topk_groups` groups whose best p is
 highest ("greedy": one group, all eligible); the chosen experts' weights are p_e times
@@ -101,12 +103,14 @@ class GroupedTopK:
     groups ranked by their best two), "softmax" (DeepSeek-V2: softmax scores, groups
     ranked by their best one, no bias; Hunyuan's, one group) or "softmax_bias" (ERNIE
     4.5: softmax scores plus a correction bias choose, the softmax scores weigh; one
-    group)."""
+    group). `norm_eps`: added to the sum the chosen weights are divided by (LFM2-MoE's
+    HF router adds 1e-6)."""
 
     num_groups: int
     topk_groups: int
     scaling: float
     scoring: str = "sigmoid"
+    norm_eps: float = 1e-20
 
 
 class GroupedTopKRouter(GateLinear):
@@ -159,7 +163,7 @@ class GroupedTopKRouter(GateLinear):
         experts = choice.topk(top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, experts)
         if normalize:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.routing.norm_eps)
         return weights * self.routing.scaling, experts
 
     def _route_softmax(self, x: torch.Tensor, top_k: int, normalize: bool

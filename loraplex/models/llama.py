@@ -43,6 +43,7 @@ sequence's tokens through the step context.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -61,6 +62,9 @@ from loraplex.models.llama4 import Llama4Args, Llama4MoE, l2_norm
 from loraplex.models.nemotron_h_moe import NemotronMoEArgs
 from loraplex.models.text_only import TextOnly
 from loraplex.models.zamba2 import Zamba2Args, tie_shared_blocks
+
+if TYPE_CHECKING:  # (models/lfm2.py builds on this file)
+    from loraplex.models.lfm2 import Lfm2Args
 
 # rows of the flat batch [N], their embeddings [N, D]; Qwen3-VL's [N, 1 + L, D]: each
 # row's input embedding, then its DeepStack features for the first L layers' outputs
@@ -176,13 +180,17 @@ class LlamaArgs:
     key_multiplier: float = 1.0
     falcon_h1: FalconH1Args | None = None  # its layers' other multipliers
     zamba2: Zamba2Args | None = None  # its shared blocks
+    # LFM2's layers (models/lfm2.py, hybrid_layer "lfm2"): its conv layers (a state per
+    # sequence, no KV cache), their shape and the MLP's width
+    lfm2: Lfm2Args | None = None
 
     @property
     def num_attention_layers(self) -> int:
         """The layers with a KV cache (a hybrid's mixers hold a state instead; Nemotron-H's
         MLP and MoE layers nothing)."""
+        conv = len(self.lfm2.conv_layers) if self.lfm2 is not None else 0
         return self.num_layers - len(self.mamba_layers) - len(self.mlp_layers) \
-            - len(self.moe_mixer_layers) + len(self.mixer_attention_layers)
+            - len(self.moe_mixer_layers) + len(self.mixer_attention_layers) - conv
 
     @property
     def host_routed(self) -> bool:
@@ -546,6 +554,9 @@ class LlamaForCausalLM(nn.Module):
             # mixers' projections; Zamba2's linear after each block
             self.lora_target_modules = self.lora_target_modules + ("in_proj", "out_proj") \
                 + (("linear",) if args.zamba2 is not None else ())
+        if args.lfm2 is not None:  # LFM2's names: out_proj, w1 / w3 / w2, the conv's
+            from loraplex.models.lfm2 import lfm2_lora_targets
+            self.lora_target_modules, self.packed_modules_mapping = lfm2_lora_targets(args)
         self.model = LlamaModel(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:

@@ -131,6 +131,9 @@ def layer_class(a: Any) -> type[nn.Module]:
         return FalconH1DecoderLayer
     if a.hybrid_layer == "zamba2":
         return zamba2_layer
+    if a.hybrid_layer == "lfm2":
+        from loraplex.models.lfm2 import Lfm2DecoderLayer
+        return Lfm2DecoderLayer
     from loraplex.models.granite_hybrid import GraniteHybridDecoderLayer
     return GraniteHybridDecoderLayer
 
@@ -218,5 +221,7 @@ def mamba_flags(hf: Any, name: str) -> dict[str, Any]:
 
 def has_mamba_layers(hf: Any, name: str) -> bool:
     """Whether the model has Mamba2 mixers (Granite 4.0 -micro, in the same class, has
-    attention layers only)."""
-    return name in _FAMILY and "mamba" in layer_kinds(hf, name)
+    attention layers only), or LFM2's short convolutions: a state per sequence either
+    way."""
+    from loraplex.models.lfm2 import has_conv_layers
+    return (name in _FAMILY and "mamba" in layer_kinds(hf, name)) or has_conv_layers(hf, name)

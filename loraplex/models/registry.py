@@ -16,6 +16,7 @@ from loraplex.models.deepseek import (
     mla_args,
 )
 from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, granite_moe_flags
+from loraplex.models.lfm2 import LFM2_ARCHITECTURES, LFM2_MODEL_TYPES, lfm2_flags
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
 from loraplex.models.mamba_hybrid import mamba_flags
@@ -105,6 +106,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "FalconH1ForCausalLM": {},
     # Mamba2 layers, some after a transformer block shared between layers (models/zamba2.py)
     "Zamba2ForCausalLM": {},
+    # short convolutions beside attention, LFM2-MoE's experts after its first layers
+    # (models/lfm2.py)
+    **dict.fromkeys(LFM2_ARCHITECTURES, {}),
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -140,7 +144,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "bamba": "BambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
                   "nemotron_h": "NemotronHForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
                   "zamba2": "Zamba2ForCausalLM",
-                  **DEEPSEEK_MODEL_TYPES}
+                  **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
@@ -162,7 +166,8 @@ _DEFAULT_MAX_POSITIONS = 2048  # a config without max_position_embeddings (Mamba
 _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_epsilon",
              "CohereForCausalLM": "layer_norm_eps", "Cohere2ForCausalLM": "layer_norm_eps",
              "Mamba2ForCausalLM": "layer_norm_epsilon",
-             "NemotronHForCausalLM": "layer_norm_epsilon"}
+             "NemotronHForCausalLM": "layer_norm_epsilon",
+             **dict.fromkeys(LFM2_ARCHITECTURES, "norm_eps")}
 
 
 def rope_params(hf: Any, layer_type: str = "full_attention") -> tuple[float, dict | None]:
@@ -612,6 +617,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_ministral3(hf_config, name),
         **granite_moe_flags(hf_config, name),
         **mamba_flags(hf_config, name),
+        **lfm2_flags(hf_config, name, quant),
     )
     if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
         args = replace(args, **mla_args(hf_config, name, scaling))

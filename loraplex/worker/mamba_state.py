@@ -1,7 +1,10 @@
-"""State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py).
+"""State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py) or LFM2's short
+convolutions (layers/short_conv.py).
 
 A running sequence holds one slot: per mixer layer its conv state [conv_dim, d_conv - 1]
-and SSM state [heads, head_dim, d_state], in tensors preallocated for max_num_seqs slots
+and SSM state [heads, head_dim, d_state] (a short convolution: its conv window
+[hidden, L_cache - 1] alone; each mixer names its own, `slot_state_shapes`), in tensors
+preallocated for max_num_seqs slots
 (the KV cache's budget pays for them first: ModelRunner._num_kv_blocks). A slot is taken
 at a sequence's first step and given back when it finishes, is aborted or is preempted
 (Scheduler.release): a preempted sequence recomputes from its prompt, its first chunk
@@ -11,25 +14,32 @@ keeps them by default (mamba_ssm_cache_dtype "auto"); the scan itself runs in fp
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from loraplex.engine.sequence import Sequence
-from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer, MambaBatch
+from loraplex.layers.mamba2 import Mamba2Mixer, MambaBatch
+from loraplex.layers.short_conv import ShortConv
+
+# the layers whose state is per sequence
+StateMixer = Mamba2Mixer | ShortConv
 
 
-def state_bytes_per_slot(m: Mamba2Args, num_mixers: int, dtype: torch.dtype) -> int:
+def state_bytes_per_slot(mixers: list[StateMixer], dtype: torch.dtype) -> int:
     """One sequence's states over every mixer layer."""
-    (c, k), (h, p, n) = m.state_shapes()
-    return num_mixers * (c * k + h * p * n) * torch.tensor([], dtype=dtype).element_size()
+    elements = sum(math.prod(shape) for mixer in mixers
+                   for shape in mixer.slot_state_shapes().values())
+    return elements * torch.tensor([], dtype=dtype).element_size()
 
 
 class MambaStateCache:
-    def __init__(self, mixers: list[Mamba2Mixer], num_slots: int, dtype: torch.dtype,
+    def __init__(self, mixers: list[StateMixer], num_slots: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         for mixer in mixers:
-            conv, ssm = mixer.m.state_shapes()
-            mixer.conv_state = torch.zeros(num_slots, *conv, dtype=dtype, device=device)
-            mixer.ssm_state = torch.zeros(num_slots, *ssm, dtype=dtype, device=device)
+            for name, shape in mixer.slot_state_shapes().items():
+                setattr(mixer, name, torch.zeros(num_slots, *shape, dtype=dtype,
+                                                 device=device))
         self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() takes the lowest
         self.slot_of: dict[int, int] = {}  # seq_id -> its slot

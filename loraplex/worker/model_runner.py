@@ -39,6 +39,7 @@ from loraplex.layers.attention import (
 )
 from loraplex.layers.mamba2 import Mamba2Mixer, MambaBatch
 from loraplex.layers.sampler import Sampler, SamplingRow
+from loraplex.layers.short_conv import ShortConv
 from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.lora.tower import has_tower_lora, tower_adapter
@@ -118,8 +119,9 @@ class ModelRunner:
         self.max_model_len = model_config.max_model_len
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        # a hybrid's Mamba2 mixers: their per-sequence states (worker/mamba_state.py)
-        self.mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer)]
+        # a hybrid's Mamba2 mixers or LFM2's short convolutions: their per-sequence
+        # states (worker/mamba_state.py)
+        self.mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer | ShortConv)]
         self.mamba_state: MambaStateCache | None = None
         self.attn_backend = attention_backend(self.device)
         # adapter slots per LoRA layer (0: no LoRA layers)
@@ -192,7 +194,7 @@ class ModelRunner:
         if self.mixers:  # each running sequence's Mamba state slot
             budget = self._reserve_per_sequence(
                 budget, blocks_per_seq,
-                state_bytes_per_slot(self.mixers[0].m, len(self.mixers), self.dtype),
+                state_bytes_per_slot(self.mixers, self.dtype),
                 "a Mamba state slot")
         # never more than every sequence at full length could use
         most = self.max_num_seqs * blocks_per_seq
