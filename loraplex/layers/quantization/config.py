@@ -4,8 +4,9 @@ GPTQ (AutoGPTQ / GPTQModel, 2/4/8 bits, any group size, act-order, symmetric or 
 checkpoint formats `gptq` and `gptq_v2`), AWQ (AutoAWQ's GEMM layout, 4 bits),
 bitsandbytes (transformers' 4-bit NF4/FP4, double-quantized or not, and 8-bit LLM.int8
 checkpoints) and FP8 (`fp8`: Qwen / DeepSeek / transformers, per tensor or per block;
-`compressed-tensors`: llm-compressor's FP8 float-quantized, per tensor, channel or block;
-and its int ones, W4A16 / W8A16: pack-quantized, naive- or int-quantized, per channel or
+`compressed-tensors`: llm-compressor's FP8 float-quantized, per tensor, channel or block,
+weight-only or with FP8 activations; its NVFP4, nvfp4-pack-quantized, with or without
+NVFP4 activations; and its int ones, W4A16 / W8A16: pack-quantized, naive- or int-quantized, per channel or
 group, symmetric or not, act-order; W8A8 with int8 activations, dynamic per token or static
 per tensor) keep their quantized weights in memory, and so does MXFP4 (`mxfp4`: gpt-oss's
 experts; its other weights are plain), and so do a GGUF file's Q8_0 / Q4_0 matrices, as
