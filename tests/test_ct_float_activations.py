@@ -130,11 +130,11 @@ def test_fake_quantize_is_the_packages(quant, dtype):
 def test_e2m1_rounding_is_the_packages():
     """Every tie between two e2m1 values (0.25, 0.75, ..., 5) and the values around them
     round as the package's cast_to_fp4 rounds them (to the even code)."""
-    from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4
+    from compressed_tensors.quantization.quant_args import FP4_E2M1_DATA
 
     x = torch.arange(-6, 6.001, 1 / 64)
     x = torch.cat([x, x + 1e-6, x - 1e-6])
-    assert torch.equal(round_to_e2m1(x), cast_to_fp4(x.clone()))
+    assert torch.equal(round_to_e2m1(x), FP4_E2M1_DATA.cast_to_fp4(x.clone()))
 
 
 def test_nvfp4_dequantizes_as_the_package():
