@@ -90,6 +90,42 @@ def test_base_with_mixed_adapters_matches_hf_peft(scheme, ct_float_models, tiny_
                                 batch)
 
 
+def test_transformers_reads_the_fp8_checkpoint_as_the_frozen_reference(ct_float_models,
+                                                                       prompts):
+    """The reference is what transformers computes for the compressed checkpoint itself
+    (decompressed, activations fake-quantized by the package's forward)."""
+    from tests.fixtures import hf_logprobs
+
+    quant_dir, ref_dir = ct_float_models["FP8_DYNAMIC"]
+    try:
+        got = hf_logprobs(quant_dir, None, prompts[2])
+    except Exception as e:  # noqa: BLE001 - an older transformers' own limits
+        pytest.skip(f"transformers does not load this compressed checkpoint: {e}")
+    assert torch.equal(got, hf_logprobs(ref_dir, None, prompts[2]))
+
+
+def test_static_scales_of_sub_projections_merge_to_the_largest():
+    """q/k/v calibrated apart: one input_scale (FP8) / input_global_scale (NVFP4) for the
+    packed layer, the largest, as vLLM takes; each sub-projection keeps its own weight
+    global scale."""
+    fp8 = FP8Linear(64, [64, 32, 32], False, QuantConfig(
+        "fp8", 8, -1, input_activations=FloatActivationQuant(8, dynamic=False)))
+    nvfp4 = NVFP4Linear(64, [64, 32, 32], False, QuantConfig(
+        "nvfp4", 4, 16, input_activations=FloatActivationQuant(4, True, 16)))
+    for shard, size in enumerate([64, 32, 32]):
+        fp8.load_shard("weight", torch.zeros(size, 64, dtype=torch.float8_e4m3fn), shard)
+        fp8.load_shard("weight_scale", torch.ones(1), shard)
+        fp8.load_shard("input_scale", torch.tensor([0.5, 2.0, 1.0][shard]), shard)
+        nvfp4.load_shard("weight_packed", torch.zeros(size, 32, dtype=torch.uint8), shard)
+        nvfp4.load_shard("weight_scale", torch.ones(size, 4, dtype=torch.float8_e4m3fn), shard)
+        nvfp4.load_shard("weight_global_scale", torch.tensor([10.0 * (shard + 1)]), shard)
+        nvfp4.load_shard("input_global_scale", torch.tensor([[7.0, 9.0, 8.0][shard]]), shard)
+    fp8.finish_loading()
+    nvfp4.finish_loading()
+    assert fp8.input_scale.tolist() == [2.0] and nvfp4.input_global_scale.tolist() == [9.0]
+    assert nvfp4.weight_global_scale.flatten().tolist() == [10.0] * 64 + [20.0] * 32 + [30.0] * 32
+
+
 def _package_args(quant: FloatActivationQuant):
     from compressed_tensors.quantization import QuantizationArgs
 
