@@ -289,3 +289,30 @@ def test_nvfp4_mixture_of_experts_is_refused(tiny_root, ct_float_models, tmp_pat
         quantization_config=quant["quantization_config"]), config="config.json")
     with pytest.raises(ValueError, match="nvfp4-quantized Qwen3MoeForCausalLM models are not"):
         make_llm(moe)
+
+
+def test_over_http(ct_float_models, tiny_adapters, prompts):
+    """`loraplex serve` on an NVFP4 (W4A4) base with two adapters: each request's tokens
+    are HF + PEFT's greedy ones, an unknown adapter is a 404 and the server carries on."""
+    import openai
+
+    from tests.fixtures import assert_greedy_close
+    from tests.server_utils import RemoteServer, token_ids_of
+
+    quant_dir, ref_dir = ct_float_models["NVFP4"]
+    paths = {n: tiny_adapters["llama"][n] for n in ("r4_qv", "r8_all")}
+    args = ["--enable-lora", "--max-lora-rank", "16", "--dtype", "float32",
+            "--max-model-len", "128", "--cpu-kv-cache-gib", "0.05", "--lora-modules",
+            *(f"{n}={p}" for n, p in paths.items())]
+    with RemoteServer(quant_dir, args) as server:
+        client = server.get_client()
+        for model in (str(quant_dir), "r4_qv", "r8_all"):
+            r = client.completions.create(
+                model=model, prompt=prompts[1], max_tokens=6, temperature=0, logprobs=1,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            assert_greedy_close(token_ids_of(r.choices[0].logprobs), ref_dir,
+                                paths.get(model), prompts[1], tie_tol=0.1)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="nope", prompt=prompts[0], max_tokens=2)
+        assert client.completions.create(model="r4_qv", prompt=prompts[0],
+                                         max_tokens=2).choices[0].text is not None
