@@ -241,8 +241,10 @@ def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
               static_inputs: bool = False) -> tuple[Path, Path]:
     """(FP8 checkpoint, dequantized fp32 reference) of a tiny safetensors model, in the
     `fp8` format (Qwen / DeepSeek / transformers: weight_scale_inv for blocks, else
-    weight_scale) or llm-compressor's `compressed-tensors` (weight_scale; `skip` are its
-    `ignore` entries, exact names or "re:" regexes)."""
+    weight_scale; `static_inputs`: activation_scheme static, with transformers'
+    activation_scale) or llm-compressor's `compressed-tensors`, weight-only (weight_scale;
+    `skip` are its `ignore` entries, exact names or "re:" regexes; with FP8 activations:
+    tests/ct_float_fixtures.py)."""
     name = f"{fmt}_{strategy}"
     quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
     state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
@@ -260,14 +262,15 @@ def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
         scale_name = "weight_scale_inv" if fmt == "fp8" and strategy == "block" else \
             "weight_scale"
         quant.update({key: q, f"{prefix}.{scale_name}": scale})
-        if static_inputs:
-            quant[f"{prefix}.input_scale"] = torch.tensor([0.01])
+        if static_inputs:  # transformers' name for them
+            quant[f"{prefix}.activation_scale"] = torch.tensor(0.01)
         ref[key] = deq.to(w.dtype)
     save_file(quant, str(quant_dir / "model.safetensors"), metadata={"format": "pt"})
     save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((quant_dir / "config.json").read_text())
     if fmt == "fp8":
-        qc: dict = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+        qc: dict = {"quant_method": "fp8", "fmt": "e4m3",
+                    "activation_scheme": "static" if static_inputs else "dynamic"}
         if strategy == "block":
             qc["weight_block_size"] = list(block)
         if skip:
@@ -277,11 +280,9 @@ def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
                    "dynamic": False}
         if strategy == "block":
             weights["block_structure"] = list(block)
-        inputs = {"num_bits": 8, "type": "float", "strategy": "tensor",
-                  "dynamic": not static_inputs}
         qc = {"quant_method": "compressed-tensors", "format": "float-quantized",
               "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                            "input_activations": inputs}},
+                                            "input_activations": None}},
               "ignore": ["lm_head", *skip]}
     cfg["quantization_config"] = qc
     (quant_dir / "config.json").write_text(json.dumps(cfg, indent=2))

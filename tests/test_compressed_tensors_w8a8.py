@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from loraplex import SamplingParams
 from loraplex.layers.quantization import CompressedTensorsLinear
 from loraplex.layers.quantization.int8_activations import ActivationQuant, merged_static
-from tests.engine_utils import GREEDY, lora_requests, make_llm
-from tests.fixtures import assert_greedy_close, edited_copy, hf_logprobs
+from tests.engine_utils import GREEDY, check_fake_quant_against_hf, lora_requests, make_llm
+from tests.fixtures import edited_copy
 from tests.quantized_fixtures import write_ct_w8a8
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("compressed_tensors") is None,
@@ -52,29 +52,6 @@ def w8a8_models(tiny_root: Path, tiny_models, prompts) -> dict[str, tuple[Path, 
     return Lazy()
 
 
-# A Linear's input value right at an int8 rounding boundary may round the other way here
-# than in HF (LoRA deltas summed in another order, 1e-7 apart): one int8 step on one
-# value, which moves that step's logprobs by up to ~0.1 and leaves the next ones be.
-FLIP = 0.1
-
-
-def check_w8a8_against_hf(outs, ref_dir: Path, adapters: list[Path | None],
-                          prompts: list[list[int]]) -> None:
-    """Each token HF + PEFT's greedy pick (unless HF's top two are within FLIP), every
-    logprob within FLIP of HF's and three quarters of them within 1e-4 (without the
-    activations quantized, or quantized otherwise, nearly none are)."""
-    close, total = 0, 0
-    for out, adapter, prompt in zip(outs, adapters, prompts, strict=True):
-        got = out.outputs[0].token_ids
-        assert_greedy_close(got, ref_dir, adapter, prompt, tie_tol=FLIP)
-        ref = hf_logprobs(ref_dir, adapter, prompt + got[:-1])[len(prompt) - 1:]
-        for step, lps in enumerate(out.outputs[0].logprobs):
-            diff = max(abs(lp.logprob - ref[step, t].item()) for t, lp in lps.items())
-            assert diff < FLIP, (adapter, prompt, step, diff)
-            close, total = close + (diff < 1e-4), total + 1
-    assert close >= 0.75 * total, f"only {close} of {total} logprobs within 1e-4 of HF's"
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_w8a8_base_with_mixed_adapters_matches_hf_peft(case, w8a8_models, tiny_adapters,
                                                        prompts):
@@ -93,7 +70,7 @@ def test_w8a8_base_with_mixed_adapters_matches_hf_peft(case, w8a8_models, tiny_a
     batch = [prompts[i % len(prompts)] for i in range(len(names))]
     outs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY,
                         lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
-    check_w8a8_against_hf(outs, ref_dir, [adapters[n] if n else None for n in names], batch)
+    check_fake_quant_against_hf(outs, ref_dir, [adapters[n] if n else None for n in names], batch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,9 +1,11 @@
 """FP8 bases (float8_e4m3fn weights) with LoRA adapters, against HF + PEFT on the same
 FP8 values dequantized in fp32: the `fp8` format (Qwen / DeepSeek / transformers: per
-tensor, or per block with weight_scale_inv) and llm-compressor's compressed-tensors (per
-tensor, channel or block; its `ignore` list; static input scales, unused), partial
-blocks, DoRA on top, quantization="fp8" on a plain checkpoint; what does not fit is
-refused with a clear message."""
+tensor, or per block with weight_scale_inv; activation_scheme static, its
+activation_scale unused as transformers on the CPU leaves it) and llm-compressor's
+compressed-tensors, weight-only (per tensor, channel or block; its `ignore` list; with
+FP8 activations: tests/test_ct_float_activations.py), partial blocks, DoRA on top,
+quantization="fp8" on a plain checkpoint; what does not fit is refused with a clear
+message."""
 
 from __future__ import annotations
 
@@ -32,7 +34,10 @@ CASES = {  # name -> (format, strategy, options)
     "fp8_tensor": ("fp8", "tensor", {}),
     "ct_channel": ("compressed-tensors", "channel", {
         "skip": ("model.layers.1.mlp.down_proj", r"re:.*layers\.0\.self_attn\.o_proj$")}),
-    "ct_tensor_static": ("compressed-tensors", "tensor", {"static_inputs": True}),
+    "ct_tensor": ("compressed-tensors", "tensor", {}),
+    # transformers' activation_scheme "static": weight-only, as transformers runs it on the
+    # CPU (its activation_scale unused)
+    "fp8_tensor_static": ("fp8", "tensor", {"static_inputs": True}),
     "ct_block": ("compressed-tensors", "block", {"block": (16, 32)}),
 }
 

@@ -17,6 +17,7 @@ from loraplex.layers.quantization import (
     CompressedTensorsLinear,
     FP8Linear,
     GPTQLinear,
+    NVFP4Linear,
     QuantConfig,
 )
 
@@ -60,7 +61,7 @@ def make_linear(in_features: int, output_sizes: list[int], bias: bool = False,
                          "modules_to_not_convert leaves only some of them unquantized")
     if skipped and all(skipped):
         return Linear(in_features, output_sizes, bias)
-    cls = {"gptq": GPTQLinear, "awq": AWQLinear, "fp8": FP8Linear,
+    cls = {"gptq": GPTQLinear, "awq": AWQLinear, "fp8": FP8Linear, "nvfp4": NVFP4Linear,
            "compressed-tensors": CompressedTensorsLinear,
            "bitsandbytes": BnB4bitLinear if quant.bits == 4 else BnB8bitLinear}[quant.method]
     return cls(in_features, output_sizes, bias, quant)

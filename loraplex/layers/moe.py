@@ -208,6 +208,9 @@ class SparseMoE(nn.Module):
         `fused_experts`: the checkpoint's experts are fused (Qwen3-VL-MoE's, unquantized
         only: FusedExperts.load_fused)."""
         super().__init__()
+        if quant is not None and quant.method == "nvfp4":
+            raise ValueError("compressed-tensors NVFP4 mixtures of experts are not supported "
+                             "yet: loraplex loads NVFP4 weights in a model's Linears only")
         self.shared_name = shared_name
         setattr(self, shared_name, shared_expert)
         self.shared_expert_gate = GateLinear(hidden_size, 1, quant=quant) \

@@ -36,6 +36,7 @@ from loraplex.layers.quantization.compressed_tensors import (
     midpoint_zeros,
 )
 from loraplex.layers.quantization.compressed_tensors import to_gptq as ct_to_gptq
+from loraplex.layers.quantization.float_activations import check_groups
 from loraplex.layers.quantization.fp8 import FP8, FP8_MAX, FP8Matrix, quantize_fp8
 from loraplex.layers.quantization.fp8 import dequantize as fp8_dequantize
 from loraplex.layers.quantization.fp8 import scale_rows as fp8_scale_rows
@@ -68,6 +69,10 @@ class FP8FusedExperts(FusedExperts):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  cfg: QuantConfig) -> None:
+        if cfg.input_activations is not None and not cfg.input_activations.dynamic:
+            raise ValueError("compressed-tensors FP8 experts with static FP8 activations (the "
+                             "FP8 scheme's input_scale) are not supported: their dynamic "
+                             "ones (FP8_DYNAMIC, FP8_BLOCK) are")
         super().__init__(hidden_size, intermediate_size, num_experts, dtype=FP8)
         self.block_out, self.block_in = cfg.fp8_block or (0, 0)
         self.prequantized = cfg.prequantized  # False: quantization="fp8" on a plain one
@@ -75,14 +80,21 @@ class FP8FusedExperts(FusedExperts):
         self.register_buffer("w13_scale", torch.zeros(e, 2 * i, self._blocks(h)))
         self.register_buffer("w2_scale", torch.zeros(e, h, self._blocks(i)))
         self._scaled: set[tuple[int, str]] = set()  # (expert, projection) with its scale
+        # compressed-tensors' dynamic FP8 activations: each projection's input rounded first
+        self.activations = cfg.input_activations
+        for size in (h, i):
+            check_groups(self.activations, size, "fp8 experts")
 
     def _blocks(self, inputs: int) -> int:
         return -(-inputs // self.block_in) if self.block_in else 1
 
     def project(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
-        """On CUDA the FP8 kernel (triton_fp8.py), else the expert dequantized in torch."""
+        """On CUDA the FP8 kernel (triton_fp8.py), else the expert dequantized in torch
+        (dynamic FP8 activations: x quantized first)."""
         w, scale = getattr(self, which)[e], getattr(self, f"{which}_scale")[e]
         block_in = self.block_in or w.shape[1]  # unblocked: one block of all the inputs
+        if self.activations is not None:
+            x = self.activations.fake_quantize(x)
         return quantized_matmul(x, "triton_fp8", FP8Matrix(w, scale, block_in),
                                  lambda: x @ fp8_dequantize(w, scale, block_in, x.dtype).T)
 

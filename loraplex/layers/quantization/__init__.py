@@ -1,5 +1,5 @@
 """Quantized base weights (GPTQ, AWQ, bitsandbytes, FP8, MXFP4, compressed-tensors' int
-weights): which checkpoints load, and their linear layers."""
+and NVFP4 weights): which checkpoints load, and their linear layers."""
 
 from loraplex.layers.quantization.bitsandbytes import BnB4bitLinear, BnB8bitLinear
 from loraplex.layers.quantization.compressed_tensors import CompressedTensorsLinear
@@ -11,9 +11,10 @@ from loraplex.layers.quantization.config import (
 )
 from loraplex.layers.quantization.fp8 import FP8Linear
 from loraplex.layers.quantization.linear import AWQLinear, GPTQLinear, QuantLinear, unpack
+from loraplex.layers.quantization.nvfp4 import NVFP4Linear
 
 __all__ = ["SUPPORTED_METHODS", "AWQLinear", "BnB4bitLinear", "BnB8bitLinear",
            "CompressedTensorsLinear", "FP8Linear",
-           "GPTQLinear",
+           "GPTQLinear", "NVFP4Linear",
            "QuantConfig", "QuantLinear",
            "quant_config_from_hf", "read_side_config", "unpack"]

@@ -4,10 +4,11 @@ GPTQ (AutoGPTQ / GPTQModel, 2/4/8 bits, any group size, act-order, symmetric or 
 checkpoint formats `gptq` and `gptq_v2`), AWQ (AutoAWQ's GEMM layout, 4 bits),
 bitsandbytes (transformers' 4-bit NF4/FP4, double-quantized or not, and 8-bit LLM.int8
 checkpoints) and FP8 (`fp8`: Qwen / DeepSeek / transformers, per tensor or per block;
-`compressed-tensors`: llm-compressor's FP8 float-quantized, per tensor, channel or block;
-and its int ones, W4A16 / W8A16: pack-quantized, naive- or int-quantized, per channel or
-group, symmetric or not, act-order; W8A8 with int8 activations, dynamic per token or static
-per tensor) keep their quantized weights in memory, and so does MXFP4 (`mxfp4`: gpt-oss's
+`compressed-tensors`: llm-compressor's FP8 float-quantized, per tensor, channel or block,
+weight-only or with FP8 activations; its NVFP4, nvfp4-pack-quantized, with or without
+NVFP4 activations; and its int ones, W4A16 / W8A16: pack-quantized, naive- or
+int-quantized, per channel or group, symmetric or not, act-order; W8A8 with int8
+activations, dynamic per token or static per tensor) keep their quantized weights in memory, and so does MXFP4 (`mxfp4`: gpt-oss's
 experts; its other weights are plain), and so do a GGUF file's Q8_0 / Q4_0 matrices, as
 GPTQ with fp16 scales (models/gguf_quant.py marks them); anything else is refused with
 what was found.
@@ -21,9 +22,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from loraplex.layers.quantization.float_activations import FloatActivationQuant
 from loraplex.layers.quantization.int8_activations import ActivationQuant
 
 SUPPORTED_METHODS = ("gptq", "awq", "bitsandbytes", "fp8", "compressed-tensors", "mxfp4")
@@ -35,7 +37,7 @@ _ALIASES = {"gptq_marlin": "gptq", "marlin": "gptq", "awq_marlin": "awq"}
 @dataclass(frozen=True)
 class QuantConfig:
     # "gptq" | "awq" | "bitsandbytes" | "fp8" (compressed-tensors' FP8 too) | "mxfp4" |
-    # "compressed-tensors" (its int weights)
+    # "compressed-tensors" (its int weights) | "nvfp4" (compressed-tensors' NVFP4)
     method: str
     bits: int
     # inputs per scale/zero group (bitsandbytes 4-bit: per absmax block); -1 = the whole row
@@ -49,8 +51,9 @@ class QuantConfig:
     fp8_block: tuple[int, int] | None = None  # fp8 per-block scales: (outputs, inputs)
     # compressed-tensors' symmetric int weights store no zero point: it is 2^(bits - 1)
     implicit_zero: bool = False
-    # compressed-tensors' int8 activations (W8A8): each Linear's input is quantized too
-    input_activations: ActivationQuant | None = None
+    # compressed-tensors' int8 activations (W8A8; int weights) or FP8 / NVFP4 ones (FP8 /
+    # NVFP4 weights): each Linear's input is quantized too
+    input_activations: ActivationQuant | FloatActivationQuant | None = None
     # GGUF's Q8_0 / Q4_0 as GPTQ (models/gguf_quant.py): the scales stay the file's fp16
     # (exact) instead of the model dtype's
     fp16_scales: bool = False
@@ -218,8 +221,9 @@ CT_INT_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized")
 
 def _compressed_tensors(raw: Any) -> QuantConfig:
     """llm-compressor's checkpoints: FP8 weights (format float-quantized: 8-bit floats per
-    tensor, channel or block; the activations' scheme is not used, weight-only) or int
-    weights, with or without int8 activations (_compressed_tensors_int)."""
+    tensor, channel or block; weight-only or with FP8 activations, _fp8_activations), NVFP4
+    ones (_nvfp4) or int weights, with or without int8 activations
+    (_compressed_tensors_int)."""
     fmt = str(_get(raw, "format", "") or "")
     groups = list((_get(raw, "config_groups", None) or {}).values())
     weights = [_get(g, "weights", None) or {} for g in groups]
@@ -236,12 +240,15 @@ def _compressed_tensors(raw: Any) -> QuantConfig:
     if weights and formats <= set(CT_INT_FORMATS) and all(
             _get(w, "type") == "int" for w in weights):
         return _compressed_tensors_int(groups, weights, skip)
+    if weights and formats == {"nvfp4-pack-quantized"}:
+        return _nvfp4(groups, weights, skip)
     if sorted(formats) != ["float-quantized"] or not weights or any(
             _get(w, "num_bits") != 8 or _get(w, "type") != "float" for w in weights):
         raise ValueError(f"compressed-tensors checkpoint (format {fmt!r}, weights "
                          f"{[{k: _get(w, k) for k in ('num_bits', 'type')} for w in weights]}) "
                          "is not supported yet: loraplex loads its FP8 weights "
-                         "(format float-quantized, 8-bit float) and weight-only int ones "
+                         "(format float-quantized, 8-bit float), NVFP4 ones "
+                         "(nvfp4-pack-quantized) and int ones "
                          f"({', '.join(CT_INT_FORMATS)}; 4 or 8 bits)")
     strategies = {str(_get(w, "strategy", "tensor")) for w in weights}
     blocks = {tuple(_get(w, "block_structure", None) or ()) for w in weights}
@@ -250,33 +257,89 @@ def _compressed_tensors(raw: Any) -> QuantConfig:
         raise ValueError(f"compressed-tensors FP8 weights with strategies {sorted(strategies)} "
                          "are not supported: one of tensor, channel or block for all of them")
     block = next(iter(blocks)) if strategies == {"block"} else None
-    return _fp8_config(block or None, skip)
+    return replace(_fp8_config(block or None, skip),
+                   input_activations=_fp8_activations(_input_activations(groups)))
 
 
-def _int8_activations(groups: list[Any]) -> ActivationQuant | None:
-    """The config groups' input_activations (one scheme for all, or none): int8, dynamic
-    per token and symmetric (llm-compressor's W8A8), or static per tensor (symmetric or
-    not), what vLLM's int8 W8A8 runs; output activations are refused."""
+def _input_activations(groups: list[Any]) -> dict | None:
+    """The config groups' input_activations: one scheme for all, or none; output
+    activations are refused."""
     found = {json.dumps(dict(_get(g, "input_activations", None) or {}), sort_keys=True)
              for g in groups}
     for g in groups:
         if _get(g, "output_activations", None):
             raise ValueError(f"compressed-tensors output activation quantization "
                              f"({dict(_get(g, 'output_activations'))}) is not supported")
-    if found == {"{}"}:
-        return None
     if len(found) != 1:
         raise ValueError(f"compressed-tensors config_groups with different input activation "
                          f"schemes ({sorted(found)}) are not supported: one for every Linear")
     a = json.loads(found.pop())
+    return a or None
+
+
+def _int8_activations(a: dict | None) -> ActivationQuant | None:
+    """int8, dynamic per token and symmetric (llm-compressor's W8A8), or static per
+    tensor (symmetric or not), what vLLM's int8 W8A8 runs."""
+    if a is None:
+        return None
     dynamic, strategy = a.get("dynamic") is True, str(a.get("strategy", "tensor"))
     symmetric = a.get("symmetric", True) is not False
     if a.get("type") != "int" or a.get("num_bits") != 8 or (strategy, dynamic) not in (
             ("token", True), ("tensor", False)) or (dynamic and not symmetric):
-        raise ValueError(f"compressed-tensors input activations {a} are not supported: "
-                         "loraplex runs int8 ones, dynamic per token (symmetric) or static "
-                         "per tensor, as vLLM's W8A8 int8")
+        raise ValueError(f"compressed-tensors input activations {a} are not supported on "
+                         "int weights: loraplex runs int8 ones, dynamic per token "
+                         "(symmetric) or static per tensor, as vLLM's W8A8 int8")
     return ActivationQuant(dynamic=dynamic, symmetric=symmetric)
+
+
+def _fp8_activations(a: dict | None) -> FloatActivationQuant | None:
+    """FP8 (e4m3, symmetric): dynamic per token (FP8_DYNAMIC) or per group of inputs
+    (FP8_BLOCK's), or static per tensor (FP8, `input_scale`)."""
+    if a is None:
+        return None
+    dynamic, strategy = a.get("dynamic") is True, str(a.get("strategy", "tensor"))
+    group = int(a.get("group_size") or 0)
+    if a.get("type") != "float" or a.get("num_bits") != 8 or a.get("symmetric") is False \
+            or (strategy, dynamic) not in (("token", True), ("group", True),
+                                           ("tensor", False)) \
+            or (strategy == "group" and group < 1):
+        raise ValueError(f"compressed-tensors input activations {a} are not supported on "
+                         "FP8 weights: loraplex runs FP8 ones (symmetric), dynamic per "
+                         "token or per group of inputs, or static per tensor")
+    return FloatActivationQuant(8, dynamic, group if strategy == "group" else -1)
+
+
+def _nvfp4(groups: list[Any], weights: list[Any], skip: tuple[str, ...]) -> QuantConfig:
+    """NVFP4 (nvfp4-pack-quantized): e2m1 weights two per byte, an FP8 scale per 16 inputs
+    over a per-tensor global scale; activations none (NVFP4A16) or NVFP4 too (NVFP4:
+    dynamic per 16 inputs over the static input_global_scale)."""
+    keys = ("num_bits", "type", "strategy", "group_size", "symmetric", "dynamic")
+    schemes = {tuple(_get(w, k) for k in keys) for w in weights}
+    want = (4, "float", "tensor_group", 16, True, False)
+    if schemes != {want}:
+        raise ValueError(f"compressed-tensors nvfp4-pack-quantized weights "
+                         f"{[dict(zip(keys, s)) for s in schemes]} are not supported: "
+                         f"loraplex loads NVFP4 ones ({dict(zip(keys, want))})")
+    a = _input_activations(groups)
+    acts = None
+    if a is not None:
+        if (a.get("num_bits"), a.get("type"), a.get("strategy"), a.get("group_size"),
+                a.get("dynamic"), a.get("symmetric", True)) != (4, "float", "tensor_group",
+                                                                16, "local", True):
+            raise ValueError(f"compressed-tensors input activations {a} are not supported "
+                             "on NVFP4 weights: loraplex runs NVFP4 ones (dynamic 'local' "
+                             "per 16 inputs, over a static input_global_scale)")
+        acts = FloatActivationQuant(4, dynamic=True, group_size=16)
+    targets = sorted({str(t) for g in groups for t in _get(g, "targets", None) or ()})
+    if targets != ["Linear"]:
+        raise ValueError(f"compressed-tensors NVFP4 config_groups targeting {targets} are "
+                         "not supported: loraplex loads one scheme for every Linear (less "
+                         "the `ignore` list)")
+    cfg = QuantConfig("nvfp4", 4, 16, modules_to_not_convert=skip, input_activations=acts)
+    if not cfg.skips("lm_head"):
+        raise ValueError("a compressed-tensors checkpoint with a quantized lm_head (not in its "
+                         "`ignore` list) is not supported yet")
+    return cfg
 
 
 def _compressed_tensors_int(groups: list[Any], weights: list[Any],
@@ -284,7 +347,7 @@ def _compressed_tensors_int(groups: list[Any], weights: list[Any],
     """W4A16 / W8A16 (vLLM's compressed_tensors_wNa16): int weights per channel or group,
     symmetric or with zero points, act-order g_idx or not; W8A8 (int8 activations too:
     _int8_activations); one scheme for every Linear."""
-    activations = _int8_activations(groups)
+    activations = _int8_activations(_input_activations(groups))
     keys = ("num_bits", "strategy", "group_size", "symmetric", "actorder", "dynamic")
     schemes = {tuple(_get(w, k) for k in keys) for w in weights}
     if len(schemes) != 1:

@@ -9,10 +9,13 @@ float-quantized), or a plain checkpoint quantized as it loads (`quantization="fp
 
 Every form is kept as a scale per row and block of `block_in` inputs ([out, blocks];
 one block for tensor and channel scales), so the sub-projections of a packed layer stack
-as rows whatever their own form. Weight-only: the activations stay in the model's dtype
-(a checkpoint's static `input_scale` is not used), as vLLM runs FP8 checkpoints on GPUs
-without FP8 compute. On CUDA the matmul is a Triton kernel that dequantizes each tile in
-registers (triton_fp8.py); elsewhere the weight is dequantized in torch first.
+as rows whatever their own form. `fp8` checkpoints are weight-only (their static
+`input_scale` / `activation_scale` is not used), as transformers runs them on the CPU
+and vLLM on GPUs without FP8 compute. compressed-tensors' FP8 activations (FP8_DYNAMIC,
+FP8, FP8_BLOCK) quantize the input first, as the package does (float_activations.py;
+static scales of q/k/v, gate/up merged to the largest, as vLLM does). On CUDA the matmul
+is a Triton kernel that dequantizes each tile in registers (triton_fp8.py); elsewhere the
+weight is dequantized in torch first.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 
 from loraplex.layers.quantization.bitsandbytes import _RowQuantLinear
 from loraplex.layers.quantization.config import QuantConfig
+from loraplex.layers.quantization.float_activations import check_groups
+from loraplex.layers.quantization.int8_activations import merged_static
 from loraplex.layers.quantization.linear import _frozen
 
 FP8 = torch.float8_e4m3fn
@@ -116,12 +121,23 @@ class FP8Linear(_RowQuantLinear):
         self.register_buffer("row_scale", torch.zeros(
             self.out_features, -(-in_features // self.block_in), dtype=torch.float32))
         self._loaded = [set() for _ in output_sizes]  # per sub-projection: weight, scale
+        self.activations = cfg.input_activations  # compressed-tensors' FP8 ones, or None
+        check_groups(self.activations, in_features, "fp8")
+        # static activations: each sub-projection's input_scale (NaN: not loaded), then one
+        self.static_inputs = self.activations is not None and not self.activations.dynamic
+        self.register_buffer("input_scale", torch.full(
+            (len(output_sizes) if self.static_inputs else 0,), float("nan")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations is not None:
+            x = self.activations.fake_quantize(x, self.input_scale)
+        return super().forward(x)
 
     def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int) -> None:
         if param_name == "bias":
             return self._bias_shard(loaded, shard)
-        if param_name == "input_scale":  # static activation scales: weight-only here
-            return
+        if param_name in ("input_scale", "activation_scale"):
+            return self._input_scale_shard(loaded, shard)
         rows = self._rows(shard)
         size = rows.stop - rows.start
         if param_name == "weight":
@@ -151,7 +167,25 @@ class FP8Linear(_RowQuantLinear):
         self.row_scale[self._rows(shard)] = rows.to(self.row_scale.device)
         self._loaded[shard].add("scale")
 
+    def _input_scale_shard(self, loaded: torch.Tensor, shard: int) -> None:
+        """A static activation scale: used by compressed-tensors' static FP8 activations;
+        an `fp8` checkpoint's (or a weight-only one's) is not, as transformers on the CPU."""
+        if self.activations is None:
+            return
+        if not self.static_inputs:
+            raise ValueError("fp8 checkpoint has an input_scale where its config says dynamic "
+                             "input activations: the config does not match the weights")
+        if loaded.numel() != 1:
+            raise ValueError(f"fp8 input_scale of shape {tuple(loaded.shape)}: static input "
+                             "activations have one per tensor")
+        self.input_scale[shard] = loaded.reshape(()).float()
+
     def finish_loading(self) -> None:
+        if self.static_inputs:
+            if self.input_scale.isnan().any():
+                raise ValueError("fp8: a sub-projection of this layer has no input_scale, "
+                                 "which its static input activations need")
+            self.input_scale = merged_static(self.input_scale, None)[0]
         for shard, have in enumerate(self._loaded):
             if have != {"weight", "scale"}:
                 raise ValueError(f"fp8: sub-projection {shard} of this layer is incomplete in "
@@ -171,3 +205,5 @@ class FP8Linear(_RowQuantLinear):
             if self.bias is not None:
                 self.bias.zero_()
         self._loaded = [{"weight", "scale"} for _ in self._loaded]
+        if self.static_inputs:  # inputs of about unit size
+            self.input_scale = torch.full((1,), 1 / 32, device=self.input_scale.device)
