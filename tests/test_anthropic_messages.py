@@ -37,6 +37,13 @@ CHAT_CONVERSATION = [{"role": "system", "content": SYSTEM},
                      {"role": "user", "content": "Tell me a story"}]
 # this SDK's create() has no sampling arguments (Anthropic's newer models take none):
 # temperature, like vLLM's extras, goes in the body
+# the tiny models' template, with the tools, the calls and the results' ids written out
+TEMPLATE = ("{% if tools %}<|tools|>{{ tools | tojson }}\n{% endif %}"
+            "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] or '' }}"
+            "{% for c in m.get('tool_calls') or [] %}<call {{ c['id'] }}>"
+            "{{ c['function']['name'] }} {{ c['function']['arguments'] }}{% endfor %}"
+            "{% if m.get('tool_call_id') %}[{{ m['tool_call_id'] }}]{% endif %}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 GREEDY = dict(extra_body={"temperature": 0, "ignore_eos": True})
 
 
@@ -44,9 +51,10 @@ GREEDY = dict(extra_body={"temperature": 0, "ignore_eos": True})
 def server(tiny_models, tiny_adapters):
     ad = tiny_adapters["llama"]
     args = ["--served-model-name", "tiny", "--enable-lora", "--max-loras", "2",
-            "--max-lora-rank", "16", "--dtype", "float32", "--max-model-len", "256",
+            "--max-lora-rank", "16", "--dtype", "float32", "--max-model-len", "512",
             "--cpu-kv-cache-gib", "0.05", "--enable-auto-tool-choice", "--tool-call-parser",
             "hermes", "--reasoning-parser", "granite", "--api-key", KEY,
+            "--chat-template", TEMPLATE,
             "--lora-modules", f"r8_all={ad['r8_all']}", f"r4_qv={ad['r4_qv']}"]
     with RemoteServer(tiny_models["llama"], args, api_key=KEY) as srv:
         yield srv
@@ -170,13 +178,19 @@ def test_tool_call_round_trip(client, chat):
 
 @pytest.mark.parametrize("choice", [{"type": "any"}, {"type": "tool", "name": "add"}])
 def test_forced_tool_choice(client, choice):
-    """any / tool: the reply constrained to the tools' schemas, a tool_use block."""
-    msg = client.messages.create(model="r8_all", messages=[{"role": "user", "content": "Go"}],
-                                 tools=[TOOL], tool_choice=choice, max_tokens=60,
-                                 extra_body={"temperature": 0})
+    """any / tool: the reply constrained to the tools' schemas, a tool_use block; cut
+    short by max_tokens, the input its JSON holds so far (as the stream helper reads it)."""
+    kw = dict(model="r8_all", messages=[{"role": "user", "content": "Go"}], tools=[TOOL],
+              tool_choice=choice, extra_body={"temperature": 0})
+    msg = client.messages.create(max_tokens=200, **kw)
     [block] = msg.content
     assert block.type == "tool_use" and block.name == "add" and set(block.input) == {"a", "b"}
     assert msg.stop_reason == "tool_use"
+    if choice["type"] == "tool":
+        cut = client.messages.create(max_tokens=4, **kw)
+        assert cut.stop_reason == "max_tokens" and isinstance(cut.content[-1].input, dict)
+        with client.messages.stream(max_tokens=4, **kw) as stream:
+            assert _blocks(stream.get_final_message()) == _blocks(cut)
 
 
 def test_thinking_blocks(client, chat):
@@ -199,9 +213,10 @@ def test_thinking_blocks(client, chat):
 
 def test_count_tokens(client, chat):
     """The rendered prompt's tokens: what the chat route counts for the same conversation
-    (the tools in the template)."""
+    (the tools in the template; system blocks joined)."""
+    system = [{"type": "text", "text": SYSTEM[:4]}, {"type": "text", "text": SYSTEM[4:]}]
     for tools, chat_tools in (([], None), ([TOOL], [CHAT_TOOL])):
-        n = client.messages.count_tokens(model="r8_all", system=SYSTEM,
+        n = client.messages.count_tokens(model="r8_all", system=system,
                                          messages=CONVERSATION, tools=tools).input_tokens
         ref = chat.chat.completions.create(model="r8_all", messages=CHAT_CONVERSATION,
                                            tools=chat_tools, max_tokens=1)
@@ -235,6 +250,7 @@ def test_bad_requests_fail_alone(server, client):
         (dict(messages=user, max_tokens=4, tool_choice={"type": "any"}), "tool_choice"),
         (dict(messages=user, max_tokens=4000), "maximum context length"),
         (dict(messages=user, max_tokens=4000, stream=True), "maximum context length"),
+        (dict(messages=user, max_tokens=4, extra_body={"n": 2}), "n must be 1"),
     ]
     for kw, message in cases:
         with pytest.raises(anthropic.BadRequestError) as e:
@@ -243,6 +259,8 @@ def test_bad_requests_fail_alone(server, client):
     r = server.post("/v1/messages", {"model": "tiny", "messages": user})  # no max_tokens
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in r.json()["error"]["message"]
+    r = server.get("/v1/messages")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     msg = client.messages.create(model="tiny", messages=user, max_tokens=3, **GREEDY)
     assert msg.usage.output_tokens == 3  # the server carried on
 

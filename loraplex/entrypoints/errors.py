@@ -78,9 +78,11 @@ def error_response(message: str, status: int, type_: str | None = None,
 # Anthropic's Messages API (/v1/messages) has its own body, and its error types by status
 ANTHROPIC_PATH = "/v1/messages"
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                    422: "invalid_request_error", 429: "rate_limit_error",
-                    503: "overloaded_error", 529: "overloaded_error"}
+                    403: "permission_error", 404: "not_found_error",
+                    405: "invalid_request_error", 413: "request_too_large",
+                    415: "invalid_request_error", 422: "invalid_request_error",
+                    429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error",
+                    529: "overloaded_error"}
 
 
 def anthropic_error_body(message: str, status: int) -> dict:

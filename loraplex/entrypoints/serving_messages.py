@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from loraplex.entrypoints.anthropic_protocol import (
     AnthropicUsage,
@@ -77,6 +78,8 @@ def chat_request(req: CountTokensRequest, request_id: str | None = None
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}
             if req.stream else None})
     extras = passed_through(req)
+    if extras.get("n", 1) != 1:
+        raise BadRequestError("n: a message is one reply (n must be 1)", param="n")
     if "chat_template_kwargs" in extras and "chat_template_kwargs" in body:
         extras["chat_template_kwargs"] = {**body["chat_template_kwargs"],
                                           **(extras["chat_template_kwargs"] or {})}
@@ -214,8 +217,13 @@ def _signature(text: str) -> str:
 
 
 def tool_input(arguments: str) -> dict[str, Any]:
-    """A call's arguments (JSON text, as chat has them) as a tool_use block's input."""
-    value = json.loads(arguments) if arguments.strip() else {}
+    """A call's arguments (JSON text, as chat has them) as a tool_use block's input; a
+    call cut short by max_tokens: what its text holds so far, read as the anthropic SDK's
+    stream helper reads partial JSON (an unfinished string or key left out)."""
+    try:
+        value = from_json(arguments, allow_partial=True) if arguments.strip() else {}
+    except ValueError:
+        value = {}
     return value if isinstance(value, dict) else {"value": value}
 
 
