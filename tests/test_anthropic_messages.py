@@ -113,8 +113,8 @@ def test_stream_adds_up_to_the_message(server, client):
     assert streamed.usage.input_tokens == whole.usage.input_tokens
     assert streamed.usage.output_tokens == whole.usage.output_tokens == 10
     # the events in Anthropic's order, each with its `event:` line
-    body = {**kw, "stream": True, **kw.pop("extra_body")}
-    del body["extra_body"]
+    body = {k: v for k, v in kw.items() if k != "extra_body"} | kw["extra_body"]
+    body["stream"] = True
     r = server.post("/v1/messages", body)
     assert r.status_code == 200 and "[DONE]" not in r.text
     events = [e for e in r.text.split("\n\n") if e.strip()]
