@@ -2,6 +2,8 @@
 
     GET  /health /version /metrics /v1/models          GET|POST /ping (SageMaker's health)
     POST /v1/completions /v1/chat/completions /v1/responses   GET /v1/responses/{id}
+    POST /v1/messages /v1/messages/count_tokens   (Anthropic's Messages API, its errors
+                           in Anthropic's shape: serving_messages.py)
     POST /v1/embeddings /score /rerank   (runner pooling; the generation routes then
                            answer 404, and these do on a generate server)
     POST /classify   (runner pooling, a *ForSequenceClassification checkpoint)
@@ -44,6 +46,7 @@ from loraplex import envs
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.async_engine import AsyncLLMEngine
 from loraplex.engine.llm_engine import LLMEngine
+from loraplex.entrypoints.anthropic_protocol import CountTokensRequest, MessagesRequest
 from loraplex.entrypoints.cli import TOOL_CALL_PARSERS, CLIError
 from loraplex.entrypoints.errors import (
     APIError,
@@ -51,6 +54,7 @@ from loraplex.entrypoints.errors import (
     ConflictError,
     NotFoundError,
     error_response,
+    shaped_error_response,
 )
 from loraplex.entrypoints.generate_protocol import ErrorBody, GenerateRequest
 from loraplex.entrypoints.http_options import HTTPOptions, add_middleware
@@ -73,6 +77,7 @@ from loraplex.entrypoints.serving_classification import OpenAIServingClassificat
 from loraplex.entrypoints.serving_completion import OpenAIServingCompletion
 from loraplex.entrypoints.serving_embedding import OpenAIServingEmbedding
 from loraplex.entrypoints.serving_generate import ServingGenerate, error_body, error_status
+from loraplex.entrypoints.serving_messages import ServingMessages
 from loraplex.entrypoints.serving_models import OpenAIServingModels
 from loraplex.entrypoints.serving_responses import OpenAIServingResponses, passed_through
 from loraplex.entrypoints.serving_score import OpenAIServingScores
@@ -113,6 +118,7 @@ class ServerState:
     classification: OpenAIServingClassification
     generate: ServingGenerate  # LoRAX's / TGI's generate API
     transcription: OpenAIServingTranscription  # Granite Speech's audio
+    messages: ServingMessages  # Anthropic's Messages API
 
     # each route's work, behind its runner / task check: the HTTP routes and run-batch's
     # lines (run_batch.py) both serve through these
@@ -209,24 +215,30 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
         metrics.http_errors.labels(str(resp.status_code)).inc()
         return resp
 
+    def shaped(request: Request, message: str, status: int, type_: str | None = None,
+               param: str | None = None) -> JSONResponse:
+        """The error in its API's shape (the Messages API's routes: Anthropic's)."""
+        return failed(shaped_error_response(request.url.path,
+                                            request.scope.get("root_path", ""), message,
+                                            status, type_, param))
+
     @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return failed(error_response(exc.message, exc.status, exc.type, exc.param))
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return shaped(request, exc.message, exc.status, exc.type, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc, request.headers.get("content-type", ""))
-        return failed(error_response(message, 400, "BadRequestError", param))
+        return shaped(request, message, 400, "BadRequestError", param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return failed(error_response(str(exc.detail), exc.status_code))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return shaped(request, str(exc.detail), exc.status_code)
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error")
-        return failed(error_response(f"internal server error: {exc!r}", 500,
-                                     "InternalServerError"))
+        return shaped(request, f"internal server error: {exc!r}", 500, "InternalServerError")
 
     add_middleware(app, options, failed)
 
@@ -385,11 +397,26 @@ def build_app(state: ServerState, options: HTTPOptions | None = None) -> FastAPI
     @with_cancellation
     async def responses(request: ResponsesRequest, raw_request: Request) -> Response:
         state.require_runner("generate", "Responses")
-        unused = [k for k in ignored_fields(request) if k not in passed_through(request)]
-        if unused:
-            logger.warning("The following fields were present in the request but ignored: "
-                           "%s", ", ".join(unused))
+        warn_unused(request)
         return respond(await state.responses.create_response(request))
+
+    @app.post("/v1/messages")
+    @with_cancellation
+    async def messages(request: MessagesRequest, raw_request: Request) -> Response:
+        """Anthropic's Messages API; its errors in Anthropic's shape (the handlers above
+        shape them by path)."""
+        state.require_runner("generate", "Messages")
+        warn_unused(request)
+        result = await state.messages.create_message(request)
+        if hasattr(result, "model_dump"):
+            return JSONResponse(result.model_dump())
+        return StreamingResponse(result, media_type="text/event-stream")
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: CountTokensRequest) -> JSONResponse:
+        state.require_runner("generate", "Messages")
+        warn_unused(request)
+        return JSONResponse((await state.messages.count_tokens(request)).model_dump())
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve_response(response_id: str) -> JSONResponse:
@@ -435,6 +462,15 @@ def parse_body(body: bytes, model: type[T]) -> T:
         raise RequestValidationError(e.errors(include_url=False)) from None
     warn_ignored(request)
     return request
+
+
+def warn_unused(body: BaseModel) -> None:
+    """A request of an API served by the chat route (Responses, Messages): the unknown
+    fields that chat does not take either, named in a warning."""
+    unused = [k for k in ignored_fields(body) if k not in passed_through(body)]
+    if unused:
+        logger.warning("The following fields were present in the request but ignored: %s",
+                       ", ".join(unused))
 
 
 def warn_ignored(body: BaseModel) -> None:
@@ -556,7 +592,8 @@ async def build_state(args: argparse.Namespace) -> ServerState:
         embedding=embedding, scores=OpenAIServingScores(embedding),
         classification=OpenAIServingClassification(embedding),
         generate=ServingGenerate(async_engine, models, tokenizer),
-        transcription=OpenAIServingTranscription(async_engine, models, tokenizer))
+        transcription=OpenAIServingTranscription(async_engine, models, tokenizer),
+        messages=ServingMessages(chat))
     for m in args.lora_modules:
         try:
             await models.load_lora_adapter(m.name, m.path, base_model_name=m.base_model_name)

@@ -16,12 +16,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from loraplex import envs
-from loraplex.entrypoints.errors import error_response
+from loraplex.entrypoints.errors import shaped_error_response
 
 
 @dataclass(frozen=True)
 class HTTPOptions:
-    api_key: str | None = None  # required as 'Authorization: Bearer <key>' on /v1 routes
+    api_key: str | None = None  # required on /v1 routes: 'Authorization: Bearer <key>' or
+    # 'x-api-key: <key>' (Anthropic's header)
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     allowed_credentials: bool = False
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
@@ -61,6 +62,7 @@ def add_middleware(app: FastAPI, options: HTTPOptions,
     401 too, so a browser can read it), then the request id, then the key check."""
     if options.api_key:
         expected = f"Bearer {options.api_key}".encode()
+        key = options.api_key.encode()
 
         @app.middleware("http")
         async def authenticate(request: Request, call_next):
@@ -70,10 +72,13 @@ def add_middleware(app: FastAPI, options: HTTPOptions,
             if request.method == "OPTIONS" or not path.startswith("/v1"):
                 return await call_next(request)
             given = request.headers.get("Authorization", "")
-            if not secrets.compare_digest(given.encode(), expected):
-                return failed(error_response(
-                    "Unauthorized: missing or wrong API key (send 'Authorization: Bearer "
-                    "<key>')", 401, "AuthenticationError"))
+            # Anthropic's clients (Claude Code, its SDKs) send the key as x-api-key
+            other = request.headers.get("x-api-key")
+            if not (secrets.compare_digest(given.encode(), expected) or (
+                    other is not None and secrets.compare_digest(other.encode(), key))):
+                return failed(shaped_error_response(
+                    path, "", "Unauthorized: missing or wrong API key (send 'Authorization: "
+                    "Bearer <key>' or 'x-api-key: <key>')", 401, "AuthenticationError"))
             return await call_next(request)
 
     if options.enable_request_id_headers:

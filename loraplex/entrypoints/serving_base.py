@@ -344,22 +344,27 @@ class OpenAIServing:
             text = self.decoder_for(lora).decode([token_id])
         return text
 
-    async def sse(self, events: AsyncIterator[str], queued: EngineRequests
-                  ) -> AsyncIterator[str]:
+    async def sse(self, events: AsyncIterator[str], queued: EngineRequests,
+                  error_event: Callable[[str, int], str] | None = None,
+                  done: str = "data: [DONE]\n\n") -> AsyncIterator[str]:
         """A streamed response body: the events, then an error event if they fail (the
-        server keeps serving), then `data: [DONE]`; the requests are aborted when it ends,
-        a client that leaves early included."""
+        server keeps serving), then `done`; the requests are aborted when it ends, a
+        client that leaves early included. `error_event(message, status)`: an API's own
+        error event (default: OpenAI's error body as a data line)."""
         try:
             async for event in events:
                 yield event
         except APIError as e:
-            yield self.error_event(e.to_response())
+            yield (error_event(e.message, int(e.status)) if error_event else
+                   self.error_event(e.to_response()))
         except Exception as e:  # the engine failed mid-stream: tell the client, keep serving
-            yield self.error_event(error_body(str(e), "InternalServerError", 500))
+            yield (error_event(str(e), 500) if error_event else
+                   self.error_event(error_body(str(e), "InternalServerError", 500)))
         finally:
             await events.aclose()
             await self.abort_all(queued)
-        yield "data: [DONE]\n\n"
+        if done:
+            yield done
 
     @staticmethod
     def error_event(err: ErrorResponse) -> str:

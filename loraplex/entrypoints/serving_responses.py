@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from loraplex.entrypoints.errors import BadRequestError, NotFoundError
 from loraplex.entrypoints.protocol import (
@@ -78,9 +78,10 @@ def chat_request(req: ResponsesRequest, history: list[dict[str, Any]] | None = N
         raise BadRequestError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
-def passed_through(req: ResponsesRequest) -> dict[str, Any]:
-    """The request's fields unknown to the Responses API that chat takes (vLLM's
-    sampling extras: top_k, seed, logit_bias, ignore_eos, structured_outputs, ...)."""
+def passed_through(req: BaseModel) -> dict[str, Any]:
+    """The request's fields unknown to its API (the Responses API's, the Messages API's)
+    that chat takes (vLLM's sampling extras: top_k, seed, logit_bias, ignore_eos,
+    structured_outputs, ...)."""
     chat_fields = ChatCompletionRequest.model_fields
     return {k: v for k, v in (req.model_extra or {}).items()
             if k in chat_fields and k not in ("messages", "stream", "stream_options")}
