@@ -131,6 +131,9 @@ def layer_class(a: Any) -> type[nn.Module]:
         return FalconH1DecoderLayer
     if a.hybrid_layer == "zamba2":
         return zamba2_layer
+    if a.hybrid_layer == "qwen3_next":
+        from loraplex.models.qwen3_next import Qwen3NextDecoderLayer
+        return Qwen3NextDecoderLayer
     from loraplex.models.granite_hybrid import GraniteHybridDecoderLayer
     return GraniteHybridDecoderLayer
 
@@ -218,5 +221,8 @@ def mamba_flags(hf: Any, name: str) -> dict[str, Any]:
 
 def has_mamba_layers(hf: Any, name: str) -> bool:
     """Whether the model has Mamba2 mixers (Granite 4.0 -micro, in the same class, has
-    attention layers only)."""
-    return name in _FAMILY and "mamba" in layer_kinds(hf, name)
+    attention layers only) or gated DeltaNets (models/qwen3_next.py): a state per
+    sequence."""
+    from loraplex.models.qwen3_next import has_gated_delta_net_layers
+    return (name in _FAMILY and "mamba" in layer_kinds(hf, name)) \
+        or has_gated_delta_net_layers(hf, name)

@@ -19,6 +19,12 @@ from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, granite_mo
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
 from loraplex.models.mamba_hybrid import mamba_flags
+from loraplex.models.qwen3_next import (
+    ARCHITECTURE_FLAGS,
+    GATED_DELTA_NET_ARCHITECTURES,
+    GATED_DELTA_NET_MODEL_TYPES,
+    gated_delta_net_flags,
+)
 from loraplex.models.text_only import MULTIMODAL, TextOnly
 from loraplex.models.whisper import WhisperConfig, WhisperForConditionalGeneration
 
@@ -91,6 +97,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "FalconH1ForCausalLM": {},
     # Mamba2 layers, some after a transformer block shared between layers (models/zamba2.py)
     "Zamba2ForCausalLM": {},
+    # gated DeltaNet layers beside attention with an output gate; experts with a gated
+    # shared expert (Qwen3-Next, Qwen3.5-MoE) or an MLP (Qwen3.5): models/qwen3_next.py
+    **dict.fromkeys(GATED_DELTA_NET_ARCHITECTURES, ARCHITECTURE_FLAGS),
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -123,7 +132,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "bamba": "BambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
                   "nemotron_h": "NemotronHForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
                   "zamba2": "Zamba2ForCausalLM",
-                  **DEEPSEEK_MODEL_TYPES}
+                  **DEEPSEEK_MODEL_TYPES, **GATED_DELTA_NET_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
@@ -132,7 +141,7 @@ _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHIT
                    "Qwen3MoeForCausalLM", "Olmo2ForCausalLM", "SmolLM3ForCausalLM",
                    "HunYuanDenseV1ForCausalLM", "ArceeForCausalLM", "NemotronForCausalLM",
                    "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
-                   "OlmoeForCausalLM")
+                   "OlmoeForCausalLM", *GATED_DELTA_NET_ARCHITECTURES)
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
              "ArceeForCausalLM", "NemotronForCausalLM", "BambaForCausalLM",
              "NemotronHForCausalLM", "FalconH1ForCausalLM")
@@ -165,11 +174,17 @@ def rope_params(hf: Any, layer_type: str = "full_attention") -> tuple[float, dic
 # Qwen3-VL's text configs: M-RoPE interleaved whatever `mrope_interleaved` says (HF's
 # Qwen3VLTextRotaryEmbedding always interleaves; the hub's configs say true)
 _INTERLEAVED_MROPE = ("qwen3_vl_text", "qwen3_vl_moe_text")
+# Qwen3.5's: the same M-RoPE, served on text only, where every axis holds the token's
+# position and it is the plain rope (models/qwen3_next.py)
+_TEXT_ONLY_MROPE = ("qwen3_5_text", "qwen3_5_moe_text")
 
 
 def _mrope(hf: Any) -> dict[str, Any]:
     """Qwen2-VL's M-RoPE sections (transformers 5: in rope_parameters; 4.x: rope_scaling,
-    whose type "mrope" is a default rope otherwise); Qwen3-VL's interleaved."""
+    whose type "mrope" is a default rope otherwise); Qwen3-VL's interleaved; none for
+    Qwen3.5's (served on text only)."""
+    if getattr(hf, "model_type", None) in _TEXT_ONLY_MROPE:
+        return {}
     for params in (getattr(hf, "rope_parameters", None), getattr(hf, "rope_scaling", None)):
         if isinstance(params, dict) and params.get("mrope_section"):
             return {"mrope_section": tuple(int(n) for n in params["mrope_section"]),
@@ -561,6 +576,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_ministral3(hf_config, name),
         **granite_moe_flags(hf_config, name),
         **mamba_flags(hf_config, name),
+        **gated_delta_net_flags(hf_config, name, quant),
     )
     if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
         args = replace(args, **mla_args(hf_config, name, scaling))

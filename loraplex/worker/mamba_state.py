@@ -1,8 +1,10 @@
-"""State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py).
+"""State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py) or gated DeltaNet
+layers (layers/gated_delta_net.py: Qwen3-Next's, Qwen3.5's).
 
 A running sequence holds one slot: per mixer layer its conv state [conv_dim, d_conv - 1]
-and SSM state [heads, head_dim, d_state], in tensors preallocated for max_num_seqs slots
-(the KV cache's budget pays for them first: ModelRunner._num_kv_blocks). A slot is taken
+and SSM state ([heads, head_dim, d_state]; a DeltaNet's [v heads, d_k, d_v]), in tensors
+preallocated for max_num_seqs slots (the KV cache's budget pays for them first:
+ModelRunner._num_kv_blocks). A slot is taken
 at a sequence's first step and given back when it finishes, is aborted or is preempted
 (Scheduler.release): a preempted sequence recomputes from its prompt, its first chunk
 starting the state from zeros again. Both states are kept in the model's dtype, as vLLM
@@ -14,17 +16,23 @@ from __future__ import annotations
 import torch
 
 from loraplex.engine.sequence import Sequence
+from loraplex.layers.gated_delta_net import GatedDeltaNet, GatedDeltaNetArgs
 from loraplex.layers.mamba2 import Mamba2Args, Mamba2Mixer, MambaBatch
 
+# the layers whose state is per sequence (each has `m.state_shapes()`, `conv_state`,
+# `ssm_state`)
+STATE_LAYERS = (Mamba2Mixer, GatedDeltaNet)
 
-def state_bytes_per_slot(m: Mamba2Args, num_mixers: int, dtype: torch.dtype) -> int:
+
+def state_bytes_per_slot(m: Mamba2Args | GatedDeltaNetArgs, num_mixers: int,
+                         dtype: torch.dtype) -> int:
     """One sequence's states over every mixer layer."""
     (c, k), (h, p, n) = m.state_shapes()
     return num_mixers * (c * k + h * p * n) * torch.tensor([], dtype=dtype).element_size()
 
 
 class MambaStateCache:
-    def __init__(self, mixers: list[Mamba2Mixer], num_slots: int, dtype: torch.dtype,
+    def __init__(self, mixers: list[Mamba2Mixer | GatedDeltaNet], num_slots: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         for mixer in mixers:
             conv, ssm = mixer.m.state_shapes()
