@@ -17,19 +17,35 @@ image with a 400 and carrying on.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import openai
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from loraplex import LoRARequest
 from loraplex.layers.gated_delta_net import GatedDeltaNet
+from loraplex.layers.quantization import QuantConfig
 from loraplex.lora.errors import LoRAError
 from loraplex.models.registry import build_model
-from tests.engine_utils import check_mixed_batch, lora_requests, make_llm
-from tests.fixtures import _reinit_, hf_greedy, make_peft_adapter, make_tokenizer
+from tests.engine_utils import (
+    GREEDY,
+    check_against_hf,
+    check_mixed_batch,
+    lora_requests,
+    make_llm,
+)
+from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
+from tests.multimodal_fixtures import (
+    LANGUAGE_MODEL,
+    greedy_reference,
+    hf_multimodal,
+    make_multimodal_adapter,
+)
 from tests.server_utils import RemoteServer, token_ids_of
 from tests.test_hybrid import check_preemption
 
@@ -119,3 +135,170 @@ def test_preemption_recomputes_the_state(model, prompts):
     _, base, adapters = model
     check_preemption(base, adapters, [None, "r8_all", "r4_mixer", None, "r8_all"], prompts,
                      max_lora_rank=16)
+
+
+def _fused_experts(base: Path, out: Path) -> Path:
+    """A copy of `base` with each layer's experts fused as Qwen3.5-MoE's hub files (and
+    transformers 5's own layout) hold them: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    for f in out.glob("*.safetensors"):
+        tensors, fused = load_file(str(f)), {}
+        for name in sorted(tensors):
+            head, _, rest = name.partition(".experts.")
+            if not rest:
+                fused[name] = tensors[name]
+                continue
+            expert, leaf = rest.split(".")[0], rest.split(".")[1]
+            fused.setdefault((head, leaf), {})[int(expert)] = tensors[name]
+        for key in [k for k in fused if isinstance(k, tuple)]:
+            head, leaf = key
+            if leaf == "gate_proj":
+                ups = fused.pop((head, "up_proj"))
+                gates = fused.pop(key)
+                fused[f"{head}.experts.gate_up_proj"] = torch.stack(
+                    [torch.cat([gates[e], ups[e]]) for e in sorted(gates)])
+        for key in [k for k in fused if isinstance(k, tuple)]:
+            downs = fused.pop(key)
+            fused[f"{key[0]}.experts.down_proj"] = torch.stack([downs[e] for e in sorted(downs)])
+        save_file(fused, str(f), metadata={"format": "pt"})
+    return out
+
+
+def test_fused_experts_checkpoint(model, prompts):
+    """The experts stored fused (gate_up_proj [E, 2I, H], down_proj [E, H, I]) load as
+    the per-expert ones: the base and the experts adapter equal HF + PEFT's."""
+    kind, base, adapters = model
+    if kind == "qwen3_5":
+        pytest.skip("Qwen3.5 (dense) has no experts")
+    fused = _fused_experts(base, base.parent / "fused")
+    with safe_open(str(next(fused.glob("*.safetensors"))), "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys()  # noqa: SIM118
+    llm = make_llm(fused, enable_lora=True, max_loras=1, max_lora_rank=16, block_size=8)
+    reqs = lora_requests(adapters)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], GREEDY,
+                        lora_request=[None, reqs["r8_all"]], use_tqdm=False)
+    check_against_hf(outs, base, [None, adapters["r8_all"]], prompts[:2])
+
+
+def test_adapter_on_a_missing_module_fails_alone(model, prompts):
+    """An adapter whose target is no module of the model (Qwen3-Next's in_proj_qkvz on
+    Qwen3.5, Qwen3.5's in_proj_qkv on Qwen3-Next) is refused by name; the base and a
+    good adapter run on."""
+    kind, base, adapters = model
+    wrong = "in_proj_qkv" if kind == "qwen3_next" else "in_proj_qkvz"
+    right = "in_proj_qkvz" if kind == "qwen3_next" else "in_proj_qkv"
+    bad = base.parent / "bad"
+    shutil.copytree(adapters["r4_mixer"], bad, dirs_exist_ok=True)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    save_file({k.replace(f".{right}.", f".{wrong}."): v for k, v in tensors.items()},
+              str(bad / "adapter_model.safetensors"))
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=16, block_size=8)
+    with pytest.raises(LoRAError, match=f"target module .*{wrong}.* not found"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY,
+                     lora_request=LoRARequest("bad", 9, str(bad)), use_tqdm=False)
+    reqs = lora_requests(adapters)
+    outs = llm.generate([{"prompt_token_ids": prompts[1]}] * 2, GREEDY,
+                        lora_request=[None, reqs["r4_mixer"]], use_tqdm=False)
+    check_against_hf(outs, base, [None, adapters["r4_mixer"]], [prompts[1]] * 2)
+
+
+def test_build_refusals():
+    """A layer kind outside linear / full attention, and a quantized checkpoint, are
+    refused by name."""
+    cfg = qwen3_5_config(64)
+    cfg.layer_types = ["linear_attention", "sliding_attention", "linear_attention",
+                       "full_attention"]
+    with pytest.raises(ValueError, match=r"layer types \['sliding_attention'\] are not"):
+        build_model(cfg)
+    cfg = qwen3_next_config(64)
+    with pytest.raises(ValueError, match="fp8-quantized Qwen3NextForCausalLM"):
+        build_model(cfg, QuantConfig(method="fp8", bits=8, group_size=-1))
+
+
+@pytest.fixture(scope="module")
+def conditional(tiny_root: Path) -> tuple[Path, Path]:
+    """A Qwen3_5ForConditionalGeneration checkpoint (a 2-block tower beside the 4-layer
+    language model, M-RoPE sections [2, 1, 1] over half of each head) and an adapter on
+    the whole model (its language model's DeltaNet, attention and MLP modules)."""
+    root = tiny_root / "gdn_qwen3_5_vl"
+    tok = make_tokenizer(root / "base")
+    text = dict(vocab_size=len(tok), **COMMON, intermediate_size=96,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
+                  num_position_embeddings=16)
+    cfg = transformers.Qwen3_5Config(text_config=text, vision_config=vision)
+    torch.manual_seed(330)
+    hf = transformers.Qwen3_5ForConditionalGeneration(cfg).eval()
+    _reinit_(hf, 330, 0.1)
+    hf.save_pretrained(str(root / "base"))
+    tok.save_pretrained(str(root / "base"))
+    adapter = make_multimodal_adapter(
+        root / "base", root / "r8", r=8, seed=331,
+        targets=LANGUAGE_MODEL + "(in_proj_qkv|in_proj_z|out_proj|q_proj|v_proj|down_proj)")
+    return root / "base", adapter
+
+
+def _hf_reply(base: Path, adapter: Path | None, prompt: list[int], n: int
+              ) -> tuple[list[int], torch.Tensor]:
+    """HF's ForConditionalGeneration (+ PEFT) on the text prompt: its greedy reply and
+    the log-softmax at each reply position."""
+    model = hf_multimodal(str(base), None if adapter is None else str(adapter))
+
+    def logprobs_of(reply: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + reply])).logits[0]
+        return torch.log_softmax(logits.float(), -1)[len(prompt) - 1:]
+
+    reply = greedy_reference(logprobs_of, n)
+    return reply, logprobs_of(reply[:-1])
+
+
+def test_conditional_generation_served_on_text(conditional, prompts):
+    """The whole model's checkpoint served by its language model: the base and the
+    adapter (trained on the whole model) in one batch equal HF's ForConditionalGeneration
+    (+ PEFT) on text, tokens and logprobs."""
+    base, adapter = conditional
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=8,
+                   max_num_batched_tokens=9)
+    assert llm.llm_engine.model.args.mrope_section is None  # text: the plain rope
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], GREEDY,
+                        lora_request=[None, LoRARequest("r8", 1, str(adapter))],
+                        use_tqdm=False)
+    for out, a, prompt in zip(outs, [None, adapter], prompts[:2], strict=True):
+        want, ref = _hf_reply(base, a, prompt, len(out.outputs[0].token_ids))
+        assert list(out.outputs[0].token_ids) == want
+        for step, lp in enumerate(out.outputs[0].logprobs):
+            for t, logprob in lp.items():
+                assert abs(logprob.logprob - ref[step, t].item()) < 1e-4
+
+
+def test_server_refuses_images(conditional, prompts):
+    """`loraplex serve` on the ForConditionalGeneration checkpoint with its adapter: a
+    chat with an image is a 400 naming why, and the server carries on (the base and the
+    adapter by `model` through the openai client equal HF's)."""
+    base, adapter = conditional
+    args = ["--enable-lora", "--max-lora-rank", "8", "--dtype", "float32",
+            "--max-model-len", "128", "--cpu-kv-cache-gib", "0.05",
+            "--max-num-batched-tokens", "8", "--lora-modules", f"r8={adapter}"]
+    image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4" \
+            "nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        with pytest.raises(openai.BadRequestError, match="image inputs are not supported"):
+            client.chat.completions.create(
+                model=str(base), max_tokens=2,
+                messages=[{"role": "user", "content": [
+                    {"type": "text", "text": "what is this"},
+                    {"type": "image_url", "image_url": {"url": image}}]}])
+        for model, a in ((str(base), None), ("r8", adapter)):
+            r = client.completions.create(
+                model=model, prompt=prompts[3], max_tokens=5, temperature=0, logprobs=1,
+                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            assert token_ids_of(r.choices[0].logprobs) == _hf_reply(base, a, prompts[3], 5)[0]
