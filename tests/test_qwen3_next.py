@@ -40,14 +40,20 @@ from tests.engine_utils import (
     make_llm,
 )
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
+from tests.llava_fixtures import data_url, image
 from tests.multimodal_fixtures import (
     LANGUAGE_MODEL,
+    chat_token_ids,
     greedy_reference,
-    hf_multimodal,
     make_multimodal_adapter,
+    request,
 )
-from tests.server_utils import RemoteServer, token_ids_of
+from tests.qwen2_vl_fixtures import ASK, CHAT_TEMPLATE, IMAGE, VISION, check, hf_inputs
+from tests.qwen2_vl_fixtures import GREEDY as VL_GREEDY
+from tests.qwen2_vl_fixtures import hf_logprobs as vl_logprobs
+from tests.server_utils import RemoteServer
 from tests.test_hybrid import check_preemption
+from tests.test_qwen2_vl import TEXT, TWO
 
 pytest.importorskip("transformers.models.qwen3_next",
                     reason=f"transformers {transformers.__version__} has no Qwen3-Next")
@@ -69,12 +75,20 @@ def qwen3_next_config(vocab_size: int):
                                         intermediate_size=96, mlp_only_layers=[2])
 
 
+# Qwen3.5's interleaved M-RoPE over half of each head (4 frequencies); on text every
+# axis has the token's position
+QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+
+
 def qwen3_5_config(vocab_size: int):
-    return transformers.Qwen3_5TextConfig(vocab_size=vocab_size, **COMMON, intermediate_size=96)
+    return transformers.Qwen3_5TextConfig(vocab_size=vocab_size, **COMMON, intermediate_size=96,
+                                          rope_parameters=QWEN3_5_ROPE)
 
 
 def qwen3_5_moe_config(vocab_size: int):
-    return transformers.Qwen3_5MoeTextConfig(vocab_size=vocab_size, **COMMON, **EXPERTS)
+    return transformers.Qwen3_5MoeTextConfig(vocab_size=vocab_size, **COMMON, **EXPERTS,
+                                             rope_parameters=QWEN3_5_ROPE)
 
 
 CONFIGS = {"qwen3_next": qwen3_next_config, "qwen3_5": qwen3_5_config,
@@ -220,85 +234,76 @@ def test_build_refusals():
 
 
 @pytest.fixture(scope="module")
-def conditional(tiny_root: Path) -> tuple[Path, Path]:
-    """A Qwen3_5ForConditionalGeneration checkpoint (a 2-block tower beside the 4-layer
-    language model, M-RoPE sections [2, 1, 1] over half of each head) and an adapter on
-    the whole model (its language model's DeltaNet, attention and MLP modules)."""
+def conditional(tiny_root: Path) -> dict[str, Path]:
+    """A Qwen3_5ForConditionalGeneration checkpoint (a 2-block Qwen3-VL tower without
+    DeepStack on 4-pixel patches beside the 4-layer language model; interleaved M-RoPE
+    sections [2, 1, 1] over half of each head) and an adapter on the whole model (its
+    language model's DeltaNet, attention and MLP modules)."""
+    from transformers import Qwen2VLImageProcessor
+
     root = tiny_root / "gdn_qwen3_5_vl"
     tok = make_tokenizer(root / "base")
+    tok.add_special_tokens({"additional_special_tokens": VISION})
+    tok.chat_template = CHAT_TEMPLATE
+    ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id",
+                    "video_token_id"), tok.convert_tokens_to_ids(VISION), strict=True))
     text = dict(vocab_size=len(tok), **COMMON, intermediate_size=96,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
-                                 "mrope_interleaved": True})
+                rope_parameters=QWEN3_5_ROPE)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
                   temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
                   num_position_embeddings=16)
-    cfg = transformers.Qwen3_5Config(text_config=text, vision_config=vision)
+    cfg = transformers.Qwen3_5Config(text_config=text, vision_config=vision, **ids)
+    cfg.tie_word_embeddings = False
     torch.manual_seed(330)
     hf = transformers.Qwen3_5ForConditionalGeneration(cfg).eval()
     _reinit_(hf, 330, 0.1)
     hf.save_pretrained(str(root / "base"))
+    Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 64 * 64}, patch_size=4,
+                          merge_size=2, temporal_patch_size=2).save_pretrained(str(root / "base"))
     tok.save_pretrained(str(root / "base"))
     adapter = make_multimodal_adapter(
         root / "base", root / "r8", r=8, seed=331,
         targets=LANGUAGE_MODEL + "(in_proj_qkv|in_proj_z|out_proj|q_proj|v_proj|down_proj)")
-    return root / "base", adapter
+    return {"base": root / "base", "r8": adapter}
 
 
-def _hf_reply(base: Path, adapter: Path | None, prompt: list[int], n: int
-              ) -> tuple[list[int], torch.Tensor]:
-    """HF's ForConditionalGeneration (+ PEFT) on the text prompt: its greedy reply and
-    the log-softmax at each reply position."""
-    model = hf_multimodal(str(base), None if adapter is None else str(adapter))
-
-    def logprobs_of(reply: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([prompt + reply])).logits[0]
-        return torch.log_softmax(logits.float(), -1)[len(prompt) - 1:]
-
-    reply = greedy_reference(logprobs_of, n)
-    return reply, logprobs_of(reply[:-1])
-
-
-def test_conditional_generation_served_on_text(conditional, prompts):
-    """The whole model's checkpoint served by its language model: the base and the
-    adapter (trained on the whole model) in one batch equal HF's ForConditionalGeneration
-    (+ PEFT) on text, tokens and logprobs."""
-    base, adapter = conditional
-    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=8,
-                   max_num_batched_tokens=9)
-    assert llm.llm_engine.model.args.mrope_section is None  # text: the plain rope
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], GREEDY,
-                        lora_request=[None, LoRARequest("r8", 1, str(adapter))],
-                        use_tqdm=False)
-    for out, a, prompt in zip(outs, [None, adapter], prompts[:2], strict=True):
-        want, ref = _hf_reply(base, a, prompt, len(out.outputs[0].token_ids))
-        assert list(out.outputs[0].token_ids) == want
-        for step, lp in enumerate(out.outputs[0].logprobs):
-            for t, logprob in lp.items():
-                assert abs(logprob.logprob - ref[step, t].item()) < 1e-4
+@pytest.mark.parametrize("budget", [None, 16])
+def test_conditional_generation_with_images(budget, conditional):
+    """The whole model's checkpoint: image and text prompts under the base and the
+    adapter (trained on the whole model) in one batch, two images of different sizes in
+    one prompt; budget 16: prefill chunks cutting through images. HF's
+    ForConditionalGeneration (+ PEFT): its greedy tokens, logprobs within 1e-4."""
+    base = conditional["base"]
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
+                   max_num_batched_tokens=budget)
+    assert llm.llm_engine.model.args.mrope_section == (2, 1, 1)
+    a, b = image(1, (52, 40)), image(2, (24, 40))
+    jobs = [(ASK, [a], None), (ASK, [a], "r8"), (ASK, [b], "r8"), (TEXT, [], "r8"),
+            (TEXT, [], None), (TWO, [a, b], None)]
+    r8 = LoRARequest("r8", 1, str(conditional["r8"]))
+    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], VL_GREEDY, use_tqdm=False,
+                        lora_request=[r8 if n else None for *_, n in jobs])
+    check(outs, base, [(p, ims, conditional[n] if n else None) for p, ims, n in jobs])
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
 
 
-def test_server_refuses_images(conditional, prompts):
-    """`loraplex serve` on the ForConditionalGeneration checkpoint with its adapter: a
-    chat with an image is a 400 naming why, and the server carries on (the base and the
-    adapter by `model` through the openai client equal HF's)."""
-    base, adapter = conditional
-    args = ["--enable-lora", "--max-lora-rank", "8", "--dtype", "float32",
-            "--max-model-len", "128", "--cpu-kv-cache-gib", "0.05",
-            "--max-num-batched-tokens", "8", "--lora-modules", f"r8={adapter}"]
-    image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4" \
-            "nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg=="
-    with RemoteServer(base, args) as server:
+def test_server_image_chat_and_video_refused(conditional):
+    """The official client's chat with a data-URL image gets HF's greedy tokens; a video
+    part (Qwen3.5's videos are not served) fails alone with a 400 naming why; the server
+    carries on."""
+    base = conditional["base"]
+    a = image(1, (52, 40))
+    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
+               {"type": "text", "text": "What is this?"}]
+    inp = hf_inputs(base, f"<|im_start|>user\n{IMAGE}What is this?<|im_end|>\n"
+                          "<|im_start|>assistant\n", [a], add_special_tokens=False)
+    n = VL_GREEDY.max_tokens
+    want = greedy_reference(lambda reply: vl_logprobs(base, None, inp, reply), n)
+    with RemoteServer(base, ["--max-model-len", "256", "--dtype", "float32"]) as server:
         client = server.get_client()
-        with pytest.raises(openai.BadRequestError, match="image inputs are not supported"):
-            client.chat.completions.create(
-                model=str(base), max_tokens=2,
-                messages=[{"role": "user", "content": [
-                    {"type": "text", "text": "what is this"},
-                    {"type": "image_url", "image_url": {"url": image}}]}])
-        for model, a in ((str(base), None), ("r8", adapter)):
-            r = client.completions.create(
-                model=model, prompt=prompts[3], max_tokens=5, temperature=0, logprobs=1,
-                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
-            assert token_ids_of(r.choices[0].logprobs) == _hf_reply(base, a, prompts[3], 5)[0]
+        model = client.models.list().data[0].id
+        assert chat_token_ids(client, model, content, n, len(inp["input_ids"][0])) == want
+        with pytest.raises(openai.BadRequestError, match="video inputs are not supported"):
+            chat_token_ids(client, model, [
+                {"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}], n)
+        assert chat_token_ids(client, model, content, n) == want

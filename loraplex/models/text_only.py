@@ -101,12 +101,12 @@ MULTIMODAL: dict[str, TextOnly] = {
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
     "Qwen3VLForConditionalGeneration": _QWEN3_VL,
     "Qwen3VLMoeForConditionalGeneration": _QWEN3_VL_MOE,
-    # Qwen3.5: Qwen3-VL's names and tower (without DeepStack) over a gated DeltaNet
-    # language model (models/qwen3_next.py), served on text: its images are not yet
+    # Qwen3.5: Qwen3-VL's names and tower (without DeepStack: models/qwen3_vl.py) over a
+    # gated DeltaNet language model (models/qwen3_next.py); images (its videos refused)
     "Qwen3_5ForConditionalGeneration": replace(
-        _QWEN3_VL, text_architecture="Qwen3_5ForCausalLM", images=False),
+        _QWEN3_VL, text_architecture="Qwen3_5ForCausalLM"),
     "Qwen3_5MoeForConditionalGeneration": replace(
-        _QWEN3_VL, text_architecture="Qwen3_5MoeForCausalLM", images=False),
+        _QWEN3_VL, text_architecture="Qwen3_5MoeForCausalLM"),
     # Mistral Small 3.1 / 3.2, Magistral Small, Ministral 3, Devstral Small 2: LLaVA's
     # names; the language model a Mistral or a Ministral 3 (its text config's model_type),
     # the Pixtral tower's own leaves q/k/v/o_proj and gate/up/down_proj the language
