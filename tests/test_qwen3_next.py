@@ -3,18 +3,19 @@ beside gated attention) against HF transformers 5 + PEFT (fp32).
 
 Tiny random models, hidden 64, 4 layers (DeltaNet, attention, DeltaNet, attention):
 DeltaNets of 2 key heads of 16 and 4 value heads of 8; attention of 4 heads of 16 (2 KV
-heads), a quarter of each head rotated, output-gated; Qwen3-Next's and Qwen3.5-MoE's
-feed-forward 4 experts of 32, 2 per token, plus a sigmoid-gated shared expert of 48 (Qwen3-
-Next's layer 2 a dense MLP: mlp_only_layers); Qwen3.5's a SwiGLU MLP. Each: the base and
-adapters of two ranks (the DeltaNets' projections with q / v; every linear and, on the
-mixtures, the experts through target_parameters) in one batch, prompts prefilled in
-chunks of 7 that carry the state beside other sequences' decodes; then a KV cache too
-small for all requests at once, so sequences are preempted and recompute their state.
-Qwen3.5's ForConditionalGeneration checkpoint (a vision tower beside the language model)
-is served on text: an adapter trained on the whole model, and the server refusing an
-image with a 400 and carrying on.
+heads), output-gated, a quarter of each head rotated (Qwen3-Next) or half of it by
+interleaved M-RoPE (Qwen3.5); Qwen3-Next's and Qwen3.5-MoE's feed-forward 4 experts of
+32, 2 per token, plus a sigmoid-gated shared expert of 48 (Qwen3-Next's layer 2 a dense
+MLP: mlp_only_layers); Qwen3.5's a SwiGLU MLP. Each: the base and adapters of two ranks
+(the DeltaNets' projections with q / v; every linear and, on the mixtures, the experts
+and the router through target_parameters) in one batch, prompts prefilled in chunks of
+7 that carry the state beside other sequences' decodes; a KV cache too small for all
+requests at once, so sequences are preempted and recompute their state; the experts
+stored fused; an adapter on a module the model lacks, refused alone. Qwen3.5's
+ForConditionalGeneration checkpoint (Qwen3-VL's tower without DeepStack): image and text
+prompts under the base and an adapter trained on the whole model, whole and chunked;
+the server's image chat, a video refused with a 400 and the server carrying on.
 """
-
 from __future__ import annotations
 
 import shutil

@@ -11,9 +11,8 @@ every norm but the DeltaNet's is the zero-centred RMSNorm (x * (1 + w), Gemma's)
 feed-forward: Qwen3-Next's and Qwen3.5-MoE's a sparse mixture (softmax top-k) plus a
 shared expert gated by sigmoid(shared_expert_gate(x)), Qwen2-MoE's; Qwen3.5's a SwiGLU
 MLP. LlamaArgs carries the rest (models/llama.py); this file builds one layer and reads
-the config. Qwen3.5's rope is M-RoPE with interleaved sections (HF's
-Qwen3VLTextRotaryEmbedding): on text every axis has the token's position, which makes it
-the plain rope used here.
+the config. Qwen3.5's rope is Qwen3-VL's M-RoPE with interleaved sections (the registry's
+_mrope), its images Qwen3-VL's tower without DeepStack (models/qwen3_vl.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ Gemma 3's into models/gemma3_vision.py, Qwen2-VL's and Qwen2.5-VL's
 language model with M-RoPE) into models/qwen2_vl.py, Qwen3-VL's
 (`Qwen3VLForConditionalGeneration`: a Qwen3 language model with interleaved M-RoPE and
 DeepStack; Qwen3-VL-MoE's, `Qwen3VLMoeForConditionalGeneration`, the same over a
-Qwen3-MoE whose checkpoint fuses the experts: layers/experts.py `fused`) into
+Qwen3-MoE whose checkpoint fuses the experts: layers/experts.py `fused`; Qwen3.5's,
+without DeepStack, over models/qwen3_next.py's gated DeltaNet models) into
 models/qwen3_vl.py, Mistral 3's (`Mistral3ForConditionalGeneration`: a Mistral or
 Ministral 3 language model, its text config's model_type) into models/pixtral.py; an
 adapter's LoRA on them is left
