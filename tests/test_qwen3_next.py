@@ -277,7 +277,9 @@ def test_conditional_generation_with_images(budget, conditional):
     base = conditional["base"]
     llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
                    max_num_batched_tokens=budget)
-    assert llm.llm_engine.model.args.mrope_section == (2, 1, 1)
+    engine = llm.llm_engine
+    assert engine.model.args.mrope_section == (2, 1, 1)
+    assert engine.model_runner.mamba_state is not None and not engine.block_manager.enable_caching
     a, b = image(1, (52, 40)), image(2, (24, 40))
     jobs = [(ASK, [a], None), (ASK, [a], "r8"), (ASK, [b], "r8"), (TEXT, [], "r8"),
             (TEXT, [], None), (TWO, [a, b], None)]

@@ -174,23 +174,23 @@ def rope_params(hf: Any, layer_type: str = "full_attention") -> tuple[float, dic
 # Qwen3-VL's text configs: M-RoPE interleaved whatever `mrope_interleaved` says (HF's
 # Qwen3VLTextRotaryEmbedding always interleaves; the hub's configs say true)
 _INTERLEAVED_MROPE = ("qwen3_vl_text", "qwen3_vl_moe_text")
-# Qwen3.5's: the same M-RoPE, served on text only, where every axis holds the token's
-# position and it is the plain rope (models/qwen3_next.py)
-_TEXT_ONLY_MROPE = ("qwen3_5_text", "qwen3_5_moe_text")
+# Qwen3.5's: the same, its default sections HF's Qwen3_5TextRotaryEmbedding's
+_QWEN3_5_MROPE = ("qwen3_5_text", "qwen3_5_moe_text")
 
 
 def _mrope(hf: Any) -> dict[str, Any]:
     """Qwen2-VL's M-RoPE sections (transformers 5: in rope_parameters; 4.x: rope_scaling,
-    whose type "mrope" is a default rope otherwise); Qwen3-VL's interleaved; none for
-    Qwen3.5's (served on text only)."""
-    if getattr(hf, "model_type", None) in _TEXT_ONLY_MROPE:
-        return {}
+    whose type "mrope" is a default rope otherwise); Qwen3-VL's and Qwen3.5's
+    interleaved."""
+    interleaved = getattr(hf, "model_type", None) in (*_INTERLEAVED_MROPE, *_QWEN3_5_MROPE)
     for params in (getattr(hf, "rope_parameters", None), getattr(hf, "rope_scaling", None)):
         if isinstance(params, dict) and params.get("mrope_section"):
             return {"mrope_section": tuple(int(n) for n in params["mrope_section"]),
-                    "mrope_interleaved": getattr(hf, "model_type", None) in _INTERLEAVED_MROPE}
+                    "mrope_interleaved": interleaved}
     if getattr(hf, "model_type", None) in _INTERLEAVED_MROPE:  # HF's default sections
         return {"mrope_section": (24, 20, 20), "mrope_interleaved": True}
+    if getattr(hf, "model_type", None) in _QWEN3_5_MROPE:
+        return {"mrope_section": (11, 11, 10), "mrope_interleaved": True}
     return {}
 
 
