@@ -221,6 +221,14 @@ def test_adapter_on_a_missing_module_fails_alone(model, prompts):
     check_against_hf(outs, base, [None, adapters["r4_mixer"]], [prompts[1]] * 2)
 
 
+def test_speculative_decoding_refused(model):
+    """A recurrent state cannot roll back rejected drafts: refused at start-up."""
+    _, base, _ = model
+    with pytest.raises(ValueError, match="speculative decoding is not supported for hybrid"):
+        make_llm(base, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                           "prompt_lookup_max": 3})
+
+
 def test_build_refusals():
     """A layer kind outside linear / full attention, and a quantized checkpoint, are
     refused by name."""
