@@ -35,6 +35,9 @@ One file, flags for the differences:
 - DeepSeek-V2 / V3 attend with multi-head latent attention (layers/mla.py; `mla`), and
   route their experts by grouped softmax (V2) or sigmoid (V3) scores with ungated shared
   experts (models/deepseek.py reads their configs).
+- Qwen3-Next's and Qwen3.5's attention gates its output per channel (`attn_output_gate`:
+  q_proj gives each head's query, then its gate; o_proj(attn * sigmoid(gate))); their
+  other layers are gated DeltaNets (models/qwen3_next.py).
 
 Tokens of all sequences in a step are laid out flat ([T, hidden]); attention finds each
 sequence's tokens through the step context.
@@ -50,6 +53,7 @@ from torch import nn
 
 from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, ClampedSwiGLU
 from loraplex.layers.attention import Attention
+from loraplex.layers.gated_delta_net import GatedDeltaNetArgs
 from loraplex.layers.linear import make_linear
 from loraplex.layers.mamba2 import Mamba2Args
 from loraplex.layers.mla import MLAArgs, MLAAttention
@@ -150,7 +154,8 @@ class LlamaArgs:
     attention_multiplier: float | None = None  # Granite: the attention scale (None: 1/sqrt(d))
     logits_scaling: float = 1.0  # Granite: logits / this
     logit_scale: float = 1.0  # Cohere: logits * this
-    # "rms" (RMSNorm; Gemma's with gemma), "layernorm" (with a bias), "layernorm_nobias"
+    # "rms" (RMSNorm; Gemma's with gemma), "rms_1p" (Gemma's, 1 + w, without Gemma's
+    # embedding scale: Qwen3-Next), "layernorm" (with a bias), "layernorm_nobias"
     # (Cohere), "layernorm1p" (Nemotron: weight stored as w - 1, with a bias)
     norm_type: str = "rms"
     # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
@@ -183,6 +188,10 @@ class LlamaArgs:
     # LFM2's layers (models/lfm2.py, hybrid_layer "lfm2"): its conv layers (a state per
     # sequence, no KV cache), their shape and the MLP's width
     lfm2: Lfm2Args | None = None
+    # Qwen3-Next's and Qwen3.5's gated DeltaNet layers (the layers of mamba_layers:
+    # models/qwen3_next.py); their attention's output gate, q_proj's second half per head
+    gated_delta_net: GatedDeltaNetArgs | None = None
+    attn_output_gate: bool = False
 
     @property
     def num_attention_layers(self) -> int:
@@ -202,6 +211,8 @@ class LlamaArgs:
         """A norm of the model's kind over `shape` (a tuple: one weight per head, Cohere)."""
         if self.norm_type == "rms":
             return (GemmaRMSNorm if self.gemma else RMSNorm)(shape, self.norm_eps)
+        if self.norm_type == "rms_1p":
+            return GemmaRMSNorm(shape, self.norm_eps)
         return LayerNorm(shape, self.norm_eps, bias=self.norm_type != "layernorm_nobias",
                          weight_minus_one=self.norm_type == "layernorm1p")
 
@@ -218,7 +229,8 @@ class LlamaAttention(nn.Module):
         self.kv_size = a.num_kv_heads * a.head_dim
         self.head_dim = a.head_dim
         # one slice when the checkpoint's module is fused (its adapters have one A for all)
-        sizes = [self.q_size, self.kv_size, self.kv_size]
+        self.output_gate = a.attn_output_gate  # q_proj: each head's query, then its gate
+        sizes = [self.q_size * (2 if self.output_gate else 1), self.kv_size, self.kv_size]
         self.qkv_proj = (
             make_linear(a.hidden_size, [sum(sizes)], a.qkv_bias, a.quant,
                         _names(prefix, "qkv_proj")) if a.fused_qkv else
@@ -252,7 +264,12 @@ class LlamaAttention(nn.Module):
                               a.attn_logit_softcap, window or 0, chunk=chunk)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q_size = self.q_size * (2 if self.output_gate else 1)
+        q, k, v = self.qkv_proj(x).split([q_size, self.kv_size, self.kv_size], dim=-1)
+        gate = None
+        if self.output_gate:  # [T, H, 2D] -> query, gate
+            q, gate = q.view(x.shape[0], -1, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(x.shape[0], -1), gate.reshape(x.shape[0], -1)
         if self.qk_norm_full:  # OLMo 2: over every head's dimensions together
             q, k = self.q_norm(q), self.k_norm(k)
         if self.key_multiplier != 1.0:  # Falcon-H1
@@ -275,7 +292,8 @@ class LlamaAttention(nn.Module):
             beta, original = self.position_query_scale
             scale = 1.0 + beta * torch.log1p(torch.floor(positions.float() / original))
             q = q * scale[:, None, None].to(q.dtype)
-        return self.o_proj(self.attn(q, k, v, self.sinks))
+        out = self.attn(q, k, v, self.sinks)
+        return self.o_proj(out if gate is None else out * torch.sigmoid(gate))
 
 
 class LlamaMLP(nn.Module):
@@ -330,30 +348,36 @@ def _llama4_ffn(a: LlamaArgs, prefix: str, index: int) -> nn.Module:
                      a.num_experts_per_tok, LlamaMLP(a, f"{name}.shared_expert"), a.quant)
 
 
+def feed_forward(a: LlamaArgs, prefix: str, index: int) -> tuple[str, nn.Module]:
+    """A layer's feed-forward sublayer and the checkpoint's name for it: the experts in
+    a MoE model's sparse layers, else an MLP (Llama 4's: models/llama4.py)."""
+    sparse = a.num_experts > 0 and index not in a.dense_layers
+    if a.llama4 is not None:  # Llama 4's: a mixture or an MLP, one name for both
+        return "feed_forward", _llama4_ffn(a, prefix, index)
+    if not sparse:
+        return "mlp", UngatedMLP(a, f"{prefix}.mlp") if a.ungated_mlp \
+            else LlamaMLP(a, f"{prefix}.mlp")
+    shared = LlamaMLP(a, f"{prefix}.mlp.{a.shared_expert_name}",
+                      a.shared_expert_intermediate_size) \
+        if a.shared_expert_intermediate_size else None
+    experts = f"{prefix}.{a.moe_module}.experts"
+    return a.moe_module, SparseMoE(
+        a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
+        a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts,
+        _names(experts, *(f"{e}.{leaf}" for e in range(a.num_experts)
+                          for leaf in a.expert_leaves)), a.grouped_topk,
+        a.shared_expert_name, a.fused_experts)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
         self.self_attn = MLAAttention(a.hidden_size, a.num_heads, a.mla, a.qkv_bias, a.quant,
                                       rotary, f"{prefix}.self_attn") if a.mla else \
             LlamaAttention(a, rotary, f"{prefix}.self_attn", index)
-        sparse = a.num_experts > 0 and index not in a.dense_layers
         # the feed-forward sublayer, under the checkpoint's name for it
-        self.ffn_name = a.moe_module if sparse else "mlp"
-        if a.llama4 is not None:  # Llama 4's: a mixture or an MLP, one name for both
-            self.ffn_name = "feed_forward"
-        shared = LlamaMLP(a, f"{prefix}.mlp.{a.shared_expert_name}",
-                          a.shared_expert_intermediate_size) \
-            if sparse and a.shared_expert_intermediate_size else None
-        experts = f"{prefix}.{a.moe_module}.experts"
-        setattr(self, self.ffn_name, _llama4_ffn(a, prefix, index) if a.llama4 else SparseMoE(
-            a.hidden_size, a.moe_intermediate_size or a.intermediate_size, a.num_experts,
-            a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts,
-            _names(experts, *(f"{e}.{leaf}" for e in range(a.num_experts)
-                              for leaf in a.expert_leaves)), a.grouped_topk,
-            a.shared_expert_name, a.fused_experts)
-            if sparse
-            else UngatedMLP(a, f"{prefix}.mlp") if a.ungated_mlp
-            else LlamaMLP(a, f"{prefix}.mlp"))
+        self.ffn_name, ffn = feed_forward(a, prefix, index)
+        setattr(self, self.ffn_name, ffn)
         self.layout = a.norm_layout
         if a.norm_layout != "post":
             self.input_layernorm = a.norm(a.hidden_size)
@@ -554,6 +578,10 @@ class LlamaForCausalLM(nn.Module):
             # mixers' projections; Zamba2's linear after each block
             self.lora_target_modules = self.lora_target_modules + ("in_proj", "out_proj") \
                 + (("linear",) if args.zamba2 is not None else ())
+        elif args.gated_delta_net is not None:  # Qwen3-Next's, Qwen3.5's DeltaNets
+            self.lora_target_modules = self.lora_target_modules + (
+                ("in_proj_qkvz", "in_proj_ba") if args.gated_delta_net.fused_projections
+                else ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")) + ("out_proj",)
         if args.lfm2 is not None:  # LFM2's names: out_proj, w1 / w3 / w2, the conv's
             from loraplex.models.lfm2 import lfm2_lora_targets
             self.lora_target_modules, self.packed_modules_mapping = lfm2_lora_targets(args)

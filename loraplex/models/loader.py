@@ -128,8 +128,8 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | Non
             name = name.replace(theirs, ours_part)
         if "rotary_emb.inv_freq" in name:
             continue
-        if _layer_index(name) >= model.args.num_layers:
-            past_layers += 1
+        if _layer_index(name) >= model.args.num_layers or name.startswith("mtp."):
+            past_layers += 1  # (Qwen3-Next's and Qwen3.5's under mtp.*)
             continue
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
             continue

@@ -45,7 +45,12 @@ from loraplex.models.qwen2_vl import (
     vision_rope,
 )
 
-ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+# (Qwen3.5's: the same tower without DeepStack, over a gated DeltaNet language model,
+# models/qwen3_next.py; its images only, videos refused)
+QWEN3_5_ARCHITECTURES = ("Qwen3_5ForConditionalGeneration",
+                         "Qwen3_5MoeForConditionalGeneration")
+ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+                 *QWEN3_5_ARCHITECTURES)
 
 
 def is_qwen3_vl(hf_config: Any) -> bool:
@@ -62,7 +67,7 @@ class Qwen3VisionConfig(QwenVisionConfig):
     def from_hf(cls, hf: Any) -> Qwen3VisionConfig:
         v = hf.vision_config
         check_activation("vision_config.hidden_act", v.hidden_act)
-        deepstack = tuple(int(i) for i in v.deepstack_visual_indexes)
+        deepstack = tuple(int(i) for i in getattr(v, "deepstack_visual_indexes", ()) or ())
         if any(not 0 <= i < v.depth for i in deepstack):
             raise ValueError(f"vision_config.deepstack_visual_indexes {list(deepstack)} must "
                              f"be blocks of the tower (depth {v.depth})")
@@ -75,7 +80,9 @@ class Qwen3VisionConfig(QwenVisionConfig):
                    int(v.patch_size), int(v.temporal_patch_size), v.spatial_merge_size,
                    v.in_channels, v.hidden_act, v.out_hidden_size, 0, (),
                    float(params.get("rope_theta", 10000.0)), _token_id(hf, "image_token_id"),
-                   _token_id(hf, "vision_start_token_id"), _token_id(hf, "video_token_id", -1),
+                   _token_id(hf, "vision_start_token_id"),
+                   -1 if any(a in QWEN3_5_ARCHITECTURES for a in hf.architectures or [])
+                   else _token_id(hf, "video_token_id", -1),
                    0.0, v.num_position_embeddings,
                    deepstack)
 

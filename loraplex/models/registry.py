@@ -20,6 +20,12 @@ from loraplex.models.lfm2 import LFM2_ARCHITECTURES, LFM2_MODEL_TYPES, lfm2_flag
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
 from loraplex.models.mamba_hybrid import mamba_flags
+from loraplex.models.qwen3_next import (
+    ARCHITECTURE_FLAGS,
+    GATED_DELTA_NET_ARCHITECTURES,
+    GATED_DELTA_NET_MODEL_TYPES,
+    gated_delta_net_flags,
+)
 from loraplex.models.text_only import MULTIMODAL, TextOnly
 from loraplex.models.whisper import WhisperConfig, WhisperForConditionalGeneration
 
@@ -109,6 +115,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # short convolutions beside attention, LFM2-MoE's experts after its first layers
     # (models/lfm2.py)
     **dict.fromkeys(LFM2_ARCHITECTURES, {}),
+    # gated DeltaNet layers beside attention with an output gate; experts with a gated
+    # shared expert (Qwen3-Next, Qwen3.5-MoE) or an MLP (Qwen3.5): models/qwen3_next.py
+    **dict.fromkeys(GATED_DELTA_NET_ARCHITECTURES, ARCHITECTURE_FLAGS),
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -144,7 +153,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "bamba": "BambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
                   "nemotron_h": "NemotronHForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
                   "zamba2": "Zamba2ForCausalLM",
-                  **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES}
+                  **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES,
+                  **GATED_DELTA_NET_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
@@ -155,7 +165,7 @@ _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHIT
                    "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM", "ArceeForCausalLM",
                    "NemotronForCausalLM",
                    "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
-                   "OlmoeForCausalLM")
+                   "OlmoeForCausalLM", *GATED_DELTA_NET_ARCHITECTURES)
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
              "ArceeForCausalLM", "NemotronForCausalLM", "BambaForCausalLM",
              "NemotronHForCausalLM", "FalconH1ForCausalLM")
@@ -189,17 +199,23 @@ def rope_params(hf: Any, layer_type: str = "full_attention") -> tuple[float, dic
 # Qwen3-VL's text configs: M-RoPE interleaved whatever `mrope_interleaved` says (HF's
 # Qwen3VLTextRotaryEmbedding always interleaves; the hub's configs say true)
 _INTERLEAVED_MROPE = ("qwen3_vl_text", "qwen3_vl_moe_text")
+# Qwen3.5's: the same, its default sections HF's Qwen3_5TextRotaryEmbedding's
+_QWEN3_5_MROPE = ("qwen3_5_text", "qwen3_5_moe_text")
 
 
 def _mrope(hf: Any) -> dict[str, Any]:
     """Qwen2-VL's M-RoPE sections (transformers 5: in rope_parameters; 4.x: rope_scaling,
-    whose type "mrope" is a default rope otherwise); Qwen3-VL's interleaved."""
+    whose type "mrope" is a default rope otherwise); Qwen3-VL's and Qwen3.5's
+    interleaved."""
+    interleaved = getattr(hf, "model_type", None) in (*_INTERLEAVED_MROPE, *_QWEN3_5_MROPE)
     for params in (getattr(hf, "rope_parameters", None), getattr(hf, "rope_scaling", None)):
         if isinstance(params, dict) and params.get("mrope_section"):
             return {"mrope_section": tuple(int(n) for n in params["mrope_section"]),
-                    "mrope_interleaved": getattr(hf, "model_type", None) in _INTERLEAVED_MROPE}
+                    "mrope_interleaved": interleaved}
     if getattr(hf, "model_type", None) in _INTERLEAVED_MROPE:  # HF's default sections
         return {"mrope_section": (24, 20, 20), "mrope_interleaved": True}
+    if getattr(hf, "model_type", None) in _QWEN3_5_MROPE:
+        return {"mrope_section": (11, 11, 10), "mrope_interleaved": True}
     return {}
 
 
@@ -618,6 +634,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **granite_moe_flags(hf_config, name),
         **mamba_flags(hf_config, name),
         **lfm2_flags(hf_config, name, quant),
+        **gated_delta_net_flags(hf_config, name, quant),
     )
     if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
         args = replace(args, **mla_args(hf_config, name, scaling))

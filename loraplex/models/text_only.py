@@ -12,7 +12,8 @@ Gemma 3's into models/gemma3_vision.py, Qwen2-VL's and Qwen2.5-VL's
 language model with M-RoPE) into models/qwen2_vl.py, Qwen3-VL's
 (`Qwen3VLForConditionalGeneration`: a Qwen3 language model with interleaved M-RoPE and
 DeepStack; Qwen3-VL-MoE's, `Qwen3VLMoeForConditionalGeneration`, the same over a
-Qwen3-MoE whose checkpoint fuses the experts: layers/experts.py `fused`) into
+Qwen3-MoE whose checkpoint fuses the experts: layers/experts.py `fused`; Qwen3.5's,
+without DeepStack, over models/qwen3_next.py's gated DeltaNet models) into
 models/qwen3_vl.py, Mistral 3's (`Mistral3ForConditionalGeneration`: a Mistral or
 Ministral 3 language model, its text config's model_type) into models/pixtral.py; an
 adapter's LoRA on them is left
@@ -105,6 +106,12 @@ MULTIMODAL: dict[str, TextOnly] = {
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
     "Qwen3VLForConditionalGeneration": _QWEN3_VL,
     "Qwen3VLMoeForConditionalGeneration": _QWEN3_VL_MOE,
+    # Qwen3.5: Qwen3-VL's names and tower (without DeepStack: models/qwen3_vl.py) over a
+    # gated DeltaNet language model (models/qwen3_next.py); images (its videos refused)
+    "Qwen3_5ForConditionalGeneration": replace(
+        _QWEN3_VL, text_architecture="Qwen3_5ForCausalLM"),
+    "Qwen3_5MoeForConditionalGeneration": replace(
+        _QWEN3_VL, text_architecture="Qwen3_5MoeForCausalLM"),
     # Mistral Small 3.1 / 3.2, Magistral Small, Ministral 3, Devstral Small 2: LLaVA's
     # names; the language model a Mistral or a Ministral 3 (its text config's model_type),
     # the Pixtral tower's own leaves q/k/v/o_proj and gate/up/down_proj the language

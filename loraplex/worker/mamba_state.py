@@ -1,11 +1,12 @@
-"""State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py) or LFM2's short
-convolutions (layers/short_conv.py).
+"""State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py), LFM2's short
+convolutions (layers/short_conv.py) or gated DeltaNet layers (layers/gated_delta_net.py:
+Qwen3-Next's, Qwen3.5's).
 
 A running sequence holds one slot: per mixer layer its conv state [conv_dim, d_conv - 1]
-and SSM state [heads, head_dim, d_state] (a short convolution: its conv window
-[hidden, L_cache - 1] alone; each mixer names its own, `slot_state_shapes`), in tensors
-preallocated for max_num_seqs slots
-(the KV cache's budget pays for them first: ModelRunner._num_kv_blocks). A slot is taken
+and SSM state ([heads, head_dim, d_state]; a DeltaNet's [v heads, d_k, d_v]; a short
+convolution: its conv window [hidden, L_cache - 1] alone; each mixer names its own,
+`slot_state_shapes`), in tensors preallocated for max_num_seqs slots (the KV cache's
+budget pays for them first: ModelRunner._num_kv_blocks). A slot is taken
 at a sequence's first step and given back when it finishes, is aborted or is preempted
 (Scheduler.release): a preempted sequence recomputes from its prompt, its first chunk
 starting the state from zeros again. Both states are kept in the model's dtype, as vLLM
@@ -19,11 +20,13 @@ import math
 import torch
 
 from loraplex.engine.sequence import Sequence
+from loraplex.layers.gated_delta_net import GatedDeltaNet
 from loraplex.layers.mamba2 import Mamba2Mixer, MambaBatch
 from loraplex.layers.short_conv import ShortConv
 
-# the layers whose state is per sequence
-StateMixer = Mamba2Mixer | ShortConv
+# the layers whose state is per sequence (each names its states: `slot_state_shapes`)
+STATE_LAYERS = (Mamba2Mixer, ShortConv, GatedDeltaNet)
+StateMixer = Mamba2Mixer | ShortConv | GatedDeltaNet
 
 
 def state_bytes_per_slot(mixers: list[StateMixer], dtype: torch.dtype) -> int:

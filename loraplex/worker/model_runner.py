@@ -37,9 +37,8 @@ from loraplex.layers.attention import (
     is_fp8,
     torch_prefill_layout,
 )
-from loraplex.layers.mamba2 import Mamba2Mixer, MambaBatch
+from loraplex.layers.mamba2 import MambaBatch
 from loraplex.layers.sampler import Sampler, SamplingRow
-from loraplex.layers.short_conv import ShortConv
 from loraplex.lora.layers import LinearWithLoRA
 from loraplex.lora.meta import LoRABatchMeta
 from loraplex.lora.tower import has_tower_lora, tower_adapter
@@ -49,7 +48,7 @@ from loraplex.models.whisper import CrossBatch, WhisperForConditionalGeneration
 from loraplex.sampling_params import SamplingParams
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
 from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
-from loraplex.worker.mamba_state import MambaStateCache, state_bytes_per_slot
+from loraplex.worker.mamba_state import STATE_LAYERS, MambaStateCache, state_bytes_per_slot
 from loraplex.worker.memory import kv_block_bytes, kv_cache_layout
 from loraplex.worker.mrope import mrope_delta, mrope_step_positions
 
@@ -119,9 +118,9 @@ class ModelRunner:
         self.max_model_len = model_config.max_model_len
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        # a hybrid's Mamba2 mixers or LFM2's short convolutions: their per-sequence
-        # states (worker/mamba_state.py)
-        self.mixers = [m for m in model.modules() if isinstance(m, Mamba2Mixer | ShortConv)]
+        # a hybrid's Mamba2 mixers, LFM2's short convolutions or gated DeltaNet layers:
+        # their per-sequence states (worker/mamba_state.py)
+        self.mixers = [m for m in model.modules() if isinstance(m, STATE_LAYERS)]
         self.mamba_state: MambaStateCache | None = None
         self.attn_backend = attention_backend(self.device)
         # adapter slots per LoRA layer (0: no LoRA layers)
