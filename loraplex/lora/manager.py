@@ -182,7 +182,9 @@ class LoRAManager:
             if name.startswith(TOWER_PREFIX):  # the tower's own, unpacked linears
                 shapes[name] = (layer.in_features, layer.output_sizes[0])
                 continue
-            for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):
+            # (a packed layer may hold fewer parts than the mapping names: Gemma 4's q
+            # alone, or q and k without v)
+            for k, hf_leaf in zip(range(len(layer.output_sizes)), inverse.get(leaf, [leaf])):
                 shapes[_join(prefix, hf_leaf)] = (layer.in_features, layer.output_sizes[k])
             if isinstance(layer, EmbeddingWithLoRA) or leaf == "lm_head":
                 vocab_layers[name] = layer.base_layer.weight.detach()

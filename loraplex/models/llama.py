@@ -43,6 +43,7 @@ sequence's tokens through the step context.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -61,6 +62,9 @@ from loraplex.models.llama4 import Llama4Args, Llama4MoE, l2_norm
 from loraplex.models.nemotron_h_moe import NemotronMoEArgs
 from loraplex.models.text_only import TextOnly
 from loraplex.models.zamba2 import Zamba2Args, tie_shared_blocks
+
+if TYPE_CHECKING:
+    from loraplex.models.gemma4 import Gemma4Args
 
 # rows of the flat batch [N], their embeddings [N, D]; Qwen3-VL's [N, 1 + L, D]: each
 # row's input embedding, then its DeepStack features for the first L layers' outputs
@@ -176,6 +180,8 @@ class LlamaArgs:
     key_multiplier: float = 1.0
     falcon_h1: FalconH1Args | None = None  # its layers' other multipliers
     zamba2: Zamba2Args | None = None  # its shared blocks
+    # Gemma 4's per-layer shapes, KV sharing, per-layer embeddings, experts (gemma4.py)
+    gemma4: Gemma4Args | None = None
 
     @property
     def num_attention_layers(self) -> int:
@@ -187,8 +193,9 @@ class LlamaArgs:
     @property
     def host_routed(self) -> bool:
         """A mixture of experts, whose tokens are grouped by expert on the host (no decode
-        CUDA graphs): SparseMoE's, or Llama 4's."""
-        return self.num_experts > 0 or bool(self.llama4 and self.llama4.moe_layers)
+        CUDA graphs): SparseMoE's, Llama 4's or Gemma 4's."""
+        return self.num_experts > 0 or bool(self.llama4 and self.llama4.moe_layers) \
+            or bool(self.gemma4 and self.gemma4.num_experts)
 
     def norm(self, shape: int | tuple[int, int]) -> nn.Module:
         """A norm of the model's kind over `shape` (a tuple: one weight per head, Cohere)."""
@@ -489,6 +496,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    decoder_class: type[nn.Module] = LlamaModel  # Gemma 4's: models/gemma4.py
     # HF sub-projection name -> (our packed module, index of the sub-projection)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", 0),
@@ -546,7 +554,7 @@ class LlamaForCausalLM(nn.Module):
             # mixers' projections; Zamba2's linear after each block
             self.lora_target_modules = self.lora_target_modules + ("in_proj", "out_proj") \
                 + (("linear",) if args.zamba2 is not None else ())
-        self.model = LlamaModel(args)
+        self.model = self.decoder_class(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

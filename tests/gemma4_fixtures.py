@@ -1,0 +1,82 @@
+"""A tiny random Gemma 4 text model (transformers >= 5.5), saved as Gemma4ForCausalLM or,
+with its weights under model.language_model.*, as Gemma4ForConditionalGeneration.
+
+Four layers, sliding / full alternating (window 6), the full ones wider (head_dim 32, one
+KV head, values = keys) with the proportional rope on a quarter of their dimensions;
+the last two layers reuse the first two's K/V (KV sharing) with a double-wide MLP;
+per-layer embeddings of 8; experts beside the MLP (4, top 2); final logits capped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.fixtures import SPECIAL_TOKENS, _reinit_, make_tokenizer
+
+LAYER_TYPES = ["sliding_attention", "full_attention"] * 2
+WINDOW = 6
+
+
+def gemma4_config(vocab_size: int):
+    from transformers import Gemma4TextConfig
+
+    return Gemma4TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+        num_global_key_value_heads=1, layer_types=list(LAYER_TYPES), sliding_window=WINDOW,
+        final_logit_softcapping=20.0, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=vocab_size, attention_k_eq_v=True, num_kv_shared_layers=2,
+        use_double_wide_mlp=True, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=24, max_position_embeddings=512, rms_norm_eps=1e-6,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                               "rope_theta": 1e6}},
+        bos_token_id=SPECIAL_TOKENS.index("<s>"), eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"), tie_word_embeddings=True)
+
+
+@torch.no_grad()
+def make_gemma4(out_dir: Path, seed: int = 0) -> Path:
+    """The tiny Gemma4ForCausalLM checkpoint (fp32, random weights of std 0.1: varied
+    enough that adapters change the greedy tokens; layer scalars and router scales off 1,
+    so they matter)."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    tok = make_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(gemma4_config(len(tok)), dtype=torch.float32)
+    _reinit_(model, seed, 0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for layer in model.model.layers:
+        layer.layer_scalar.copy_(0.8 + 0.4 * torch.rand(1, generator=gen))
+        for p in (layer.router.scale, layer.router.per_expert_scale):
+            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def as_conditional_generation(text_dir: Path, out_dir: Path) -> Path:
+    """The same text weights as a Gemma4ForConditionalGeneration checkpoint without its
+    towers (model.language_model.*, the whole config's text_config)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, Gemma4Config
+
+    out_dir = Path(out_dir)
+    make_tokenizer(out_dir)
+    text = AutoConfig.from_pretrained(str(text_dir))
+    config = Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=None)
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    config.save_pretrained(str(out_dir))
+    tensors = load_file(str(Path(text_dir) / "model.safetensors"))
+    renamed = {("model.language_model." + k[len("model."):]) if k.startswith("model.") else k: v
+               for k, v in tensors.items()}
+    save_file(renamed, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out_dir / "config.json").read_text())
+    assert cfg["model_type"] == "gemma4", cfg["model_type"]
+    return out_dir
