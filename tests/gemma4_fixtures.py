@@ -9,7 +9,6 @@ per-layer embeddings of 8; experts beside the MLP (4, top 2); final logits cappe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -61,22 +60,26 @@ def make_gemma4(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+@torch.no_grad()
 def as_conditional_generation(text_dir: Path, out_dir: Path) -> Path:
-    """The same text weights as a Gemma4ForConditionalGeneration checkpoint without its
-    towers (model.language_model.*, the whole config's text_config)."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig, Gemma4Config
+    """The same text weights in HF's Gemma4ForConditionalGeneration (their names
+    model.language_model.*) beside tiny random vision and audio towers, saved as HF saves
+    it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Gemma4Config
+    from transformers import Gemma4ForConditionalGeneration as HFGemma4
 
     out_dir = Path(out_dir)
     make_tokenizer(out_dir)
-    text = AutoConfig.from_pretrained(str(text_dir))
-    config = Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=None)
-    config.architectures = ["Gemma4ForConditionalGeneration"]
-    config.save_pretrained(str(out_dir))
-    tensors = load_file(str(Path(text_dir) / "model.safetensors"))
-    renamed = {("model.language_model." + k[len("model."):]) if k.startswith("model.") else k: v
-               for k, v in tensors.items()}
-    save_file(renamed, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((out_dir / "config.json").read_text())
-    assert cfg["model_type"] == "gemma4", cfg["model_type"]
+    config = Gemma4Config(
+        text_config=AutoConfig.from_pretrained(str(text_dir)).to_dict(),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                           patch_size=4, pooling_kernel_size=2, position_embedding_size=64),
+        audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          subsampling_conv_channels=[8, 4], output_proj_dims=32,
+                          conv_kernel_size=3))
+    model = HFGemma4(config)
+    text = AutoModelForCausalLM.from_pretrained(str(text_dir), dtype=torch.float32)
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.save_pretrained(str(out_dir))
     return out_dir

@@ -28,6 +28,7 @@ from tests.fixtures import (  # noqa: E402
     make_peft_adapter,
 )
 from tests.gemma4_fixtures import WINDOW, as_conditional_generation, make_gemma4  # noqa: E402
+from tests.multimodal_fixtures import wav_b64  # noqa: E402
 from tests.server_utils import RemoteServer, token_ids_of  # noqa: E402
 
 # every module PEFT can put a LoRA on in Gemma 4's decoder but the router's proj
@@ -156,6 +157,13 @@ def test_server_conditional_generation_on_text(server, gemma4, prompts, tmp_path
                 {"type": "text", "text": "What is this?"}]}])
     assert info.value.status_code == 400 and "image inputs are not supported" in \
         info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=base, max_tokens=2, messages=[{
+            "role": "user", "content": [
+                {"type": "input_audio", "input_audio": {
+                    "data": wav_b64(([0.0] * 1600, 16000)), "format": "wav"}},
+                {"type": "text", "text": "What is this?"}]}])
+    assert info.value.status_code == 400 and "audio" in info.value.body["message"]
     big = make_peft_adapter(gemma4["base"], tmp_path / "r32", r=32, seed=4)
     r = server.post("/v1/load_lora_adapter", {"lora_name": "big", "lora_path": str(big)})
     assert r.status_code == 400 and "max_lora_rank" in r.json()["error"]["message"], r.text

@@ -124,8 +124,7 @@ MULTIMODAL: dict[str, TextOnly] = {
         skipped=("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.",
                  "model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
                  "model.embed_audio."),
-        vision_leaves=("linear", "embedding_projection", "input_proj_linear",
-                       "output_proj")),
+        vision_leaves=("linear", "embedding_projection")),
     # Granite Speech: a Granite language model behind a conformer encoder and a Q-Former
     # projector (models/granite_speech.py); the hub's files name them `language_model.*`,
     # `encoder.*`, `projector.*`, transformers 5 `model.language_model.*` and so on. Its
