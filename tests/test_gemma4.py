@@ -25,6 +25,7 @@ from tests.fixtures import (  # noqa: E402
     SAMPLE_SENTENCES,
     hf_greedy,
     load_tokenizer,
+    make_added_tokens_adapter,
     make_peft_adapter,
 )
 from tests.gemma4_fixtures import WINDOW, as_conditional_generation, make_gemma4  # noqa: E402
@@ -113,11 +114,17 @@ def test_kv_cache_counts_only_storing_layers(llm):
     assert attns[0].k_cache.shape[2:] == (2, 16) and attns[1].k_cache.shape[2:] == (1, 32)
 
 
-def test_too_high_rank_and_images_fail_alone(llm, gemma4, prompts, tmp_path):
+def test_bad_requests_fail_alone(llm, gemma4, prompts, tmp_path):
+    """An adapter of a rank above max_lora_rank, one that adds tokens (which have no
+    per-layer embedding rows), an image: each refused, the engine serving on."""
     big = make_peft_adapter(gemma4["base"], tmp_path / "r32", r=32, seed=4)
     with pytest.raises(ValueError, match="max_lora_rank"):
         llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2),
                      lora_request=LoRARequest("big", 9, str(big)), use_tqdm=False)
+    added = make_added_tokens_adapter(gemma4["base"], tmp_path / "added")
+    with pytest.raises(ValueError, match="lora_extra_vocab_size=0"):  # no per-layer rows
+        llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2),
+                     lora_request=LoRARequest("added", 10, str(added)), use_tqdm=False)
     with pytest.raises(ValueError, match="multi_modal_data"):
         llm.generate([{"prompt_token_ids": prompts[0],
                        "multi_modal_data": {"image": torch.zeros(3, 8, 8)}}],

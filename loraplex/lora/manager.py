@@ -108,6 +108,11 @@ def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype,
     return wrapped
 
 
+def _no_added_tokens(args: Any) -> bool:
+    """Gemma 4 with per-layer embeddings: an added token would have no row there."""
+    return getattr(args, "gemma4", None) is not None and args.gemma4.ple_size > 0
+
+
 class LoRAManager:
     def __init__(self, model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype,
                  classifier_heads: bool = False, tower: VisionWeights | None = None) -> None:
@@ -190,7 +195,8 @@ class LoRAManager:
                 vocab_layers[name] = layer.base_layer.weight.detach()
         return TargetShapes(shapes=shapes, suffixes=tuple(model.lora_target_modules),
                             vocab_size=model.args.vocab_size, base_weights=vocab_layers,
-                            extra_vocab_size=self.cfg.lora_extra_vocab_size,
+                            extra_vocab_size=0 if _no_added_tokens(model.args)
+                            else self.cfg.lora_extra_vocab_size,
                             tied_embeddings=bool(model.args.tie_word_embeddings),
                             experts=experts, aliases=self._aliases(model.args),
                             unserved=tuple(n for n in model.lora_target_modules
@@ -218,6 +224,10 @@ class LoRAManager:
         the embedding and, for the logits, by the model runner."""
         embed = self._embedding()
         if not cfg.lora_extra_vocab_size or embed is None:
+            return None
+        if _no_added_tokens(model.args):
+            logger.info("Gemma 4: adapters that add tokens are not served (their tokens "
+                        "have no per-layer embedding rows); lora_extra_vocab_size ignored")
             return None
         a = model.args
         embed.extra_vocab = ExtraVocabSlots(a.vocab_size, cfg.max_loras,

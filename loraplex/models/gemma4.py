@@ -329,6 +329,10 @@ def gemma4_args(hf: Any, quant: Any, max_model_len: int | None, text_only: Any,
         num_experts=int(hf.num_experts or 0) if hf.enable_moe_block else 0,
         top_k=int(hf.top_k_experts or 0), moe_intermediate_size=int(
             hf.moe_intermediate_size or 0))
+    if g.ple_size and g.ple_vocab < hf.vocab_size:
+        raise ValueError(f"Gemma 4: vocab_size_per_layer_input={g.ple_vocab} below "
+                         f"vocab_size={hf.vocab_size} is not supported (tokens without a "
+                         "per-layer embedding row)")
     for i in range(len(types)):  # a reusing layer attends with its source's shape
         s = g.kv_source(i)
         if (head_dims[s], kv_heads[s]) != (head_dims[i], kv_heads[i]):
