@@ -7,6 +7,8 @@ on text over HTTP, and bad input refused alone."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import openai
 import pytest
 import torch
@@ -81,6 +83,33 @@ def test_decode_past_window_after_chunked_prefill(llm, gemma4, prompts):
                         lora_request=[None, reqs["r8_all"]], use_tqdm=False)
     check_against_hf(outs, gemma4["base"], [None, gemma4["adapters"]["r8_all"]],
                      [prompts[-1]] * 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_backend_matches_hf(monkeypatch, gemma4, prompts):
+    """The Triton attention kernels (interpreted on the CPU, compiled on CUDA) over the
+    layers' own shapes and the shared caches, chunked prefill and decode past the window:
+    HF + PEFT's tokens."""
+    from tests.triton_compile import import_kernels, interpret_triton_language
+
+    if not torch.cuda.is_available():  # (as tests/test_attention.py runs them)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        interpret_triton_language()
+    kernels = import_kernels("loraplex.layers.triton_attention")
+    if not torch.cuda.is_available() and not kernels._INTERPRETED:
+        pytest.skip("Triton runs here only on a GPU or under TRITON_INTERPRET=1")
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    llm = make_llm(gemma4["base"], enable_lora=True, max_loras=2, max_lora_rank=16,
+                   block_size=8, max_num_batched_tokens=16)
+    assert llm.llm_engine.model_runner.attn_backend == "triton"
+    reqs = lora_requests(gemma4["adapters"])
+    batch = [prompts[-1], prompts[1], prompts[-1]]
+    names = [None, "r4_qv", "r8_all"]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2)
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], params,
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
+    check_against_hf(outs, gemma4["base"],
+                     [gemma4["adapters"][n] if n else None for n in names], batch)
 
 
 def test_prefix_cache_repeat_equals_fresh(llm, gemma4, prompts):
