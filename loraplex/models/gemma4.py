@@ -235,8 +235,17 @@ class Gemma4Model(nn.Module):
             self.per_layer_model_projection = make_linear(
                 a.hidden_size, [width], False, a.quant, ("model.per_layer_model_projection",))
             self.per_layer_projection_norm = Gemma4RMSNorm(g.ple_size, a.norm_eps)
-        self.aux_layers: tuple[int, ...] | None = None  # (EAGLE-3: not served here)
         self.aux_hidden_states: torch.Tensor | None = None
+
+    @property
+    def aux_layers(self) -> tuple[int, ...] | None:
+        """The layers whose inputs an EAGLE-3 head reads: none here."""
+        return None
+
+    @aux_layers.setter
+    def aux_layers(self, layers: tuple[int, ...] | None) -> None:
+        if layers is not None:
+            raise ValueError("EAGLE-3 speculative decoding is not supported on Gemma 4")
 
     def given_embeds_scale(self, dtype: torch.dtype) -> float:
         """prompt_embeds: refused, the per-layer embeddings need each token's id."""
