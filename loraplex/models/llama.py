@@ -64,7 +64,7 @@ from loraplex.models.text_only import TextOnly
 from loraplex.models.zamba2 import Zamba2Args, tie_shared_blocks
 
 if TYPE_CHECKING:
-    from loraplex.models.gemma4 import Gemma4Args
+    from loraplex.models.gemma4_args import Gemma4Args
 
 # rows of the flat batch [N], their embeddings [N, D]; Qwen3-VL's [N, 1 + L, D]: each
 # row's input embedding, then its DeepStack features for the first L layers' outputs
@@ -180,7 +180,8 @@ class LlamaArgs:
     key_multiplier: float = 1.0
     falcon_h1: FalconH1Args | None = None  # its layers' other multipliers
     zamba2: Zamba2Args | None = None  # its shared blocks
-    # Gemma 4's per-layer shapes, KV sharing, per-layer embeddings, experts (gemma4.py)
+    # Gemma 4's per-layer shapes, KV sharing, per-layer embeddings, experts (gemma4.py,
+    # gemma4_args.py)
     gemma4: Gemma4Args | None = None
 
     @property

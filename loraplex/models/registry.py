@@ -15,7 +15,8 @@ from loraplex.models.deepseek import (
     deepseek_experts,
     mla_args,
 )
-from loraplex.models.gemma4 import Gemma4ForCausalLM, gemma4_args
+from loraplex.models.gemma4 import Gemma4ForCausalLM
+from loraplex.models.gemma4_args import gemma4_args
 from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, granite_moe_flags
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
