@@ -19,10 +19,10 @@ LAYER_TYPES = ["sliding_attention", "full_attention"] * 2
 WINDOW = 6
 
 
-def gemma4_config(vocab_size: int):
+def gemma4_config(vocab_size: int, **overrides):
     from transformers import Gemma4TextConfig
 
-    return Gemma4TextConfig(
+    fields = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
         num_global_key_value_heads=1, layer_types=list(LAYER_TYPES), sliding_window=WINDOW,
@@ -36,25 +36,29 @@ def gemma4_config(vocab_size: int):
                                "rope_theta": 1e6}},
         bos_token_id=SPECIAL_TOKENS.index("<s>"), eos_token_id=SPECIAL_TOKENS.index("</s>"),
         pad_token_id=SPECIAL_TOKENS.index("<pad>"), tie_word_embeddings=True)
+    return Gemma4TextConfig(**{**fields, **overrides})
 
 
 @torch.no_grad()
-def make_gemma4(out_dir: Path, seed: int = 0) -> Path:
+def make_gemma4(out_dir: Path, seed: int = 0, **overrides) -> Path:
     """The tiny Gemma4ForCausalLM checkpoint (fp32, random weights of std 0.1: varied
     enough that adapters change the greedy tokens; layer scalars and router scales off 1,
-    so they matter)."""
+    so they matter). `overrides`: config fields other than these (E2B's shape: no experts,
+    a v_proj on every layer)."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     tok = make_tokenizer(out_dir)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(gemma4_config(len(tok)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(gemma4_config(len(tok), **overrides),
+                                             dtype=torch.float32)
     _reinit_(model, seed, 0.1)
     gen = torch.Generator().manual_seed(seed + 1)
     for layer in model.model.layers:
         layer.layer_scalar.copy_(0.8 + 0.4 * torch.rand(1, generator=gen))
-        for p in (layer.router.scale, layer.router.per_expert_scale):
-            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+        if layer.enable_moe_block:
+            for p in (layer.router.scale, layer.router.per_expert_scale):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
     model.eval()
     model.save_pretrained(str(out_dir))
     return out_dir

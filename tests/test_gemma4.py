@@ -18,6 +18,7 @@ pytest.importorskip("transformers.models.gemma4",
 
 from loraplex import LoRARequest, SamplingParams  # noqa: E402
 from tests.engine_utils import (  # noqa: E402
+    GREEDY,
     check_against_hf,
     check_mixed_batch,
     lora_requests,
@@ -83,6 +84,21 @@ def test_decode_past_window_after_chunked_prefill(llm, gemma4, prompts):
                         lora_request=[None, reqs["r8_all"]], use_tqdm=False)
     check_against_hf(outs, gemma4["base"], [None, gemma4["adapters"]["r8_all"]],
                      [prompts[-1]] * 2)
+
+
+def test_dense_model_without_shared_values(gemma4, prompts):
+    """E2B's shape: no experts, every layer with its v_proj (attention_k_eq_v off, the
+    full layers still of their own shape), KV sharing and per-layer embeddings: the base
+    and a q/v adapter in one batch, as HF + PEFT."""
+    base = make_gemma4(gemma4["root"] / "dense", seed=5, enable_moe_block=False,
+                       attention_k_eq_v=False)
+    adapter = make_peft_adapter(base, gemma4["root"] / "dense_qv", r=4, seed=6)
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=8)
+    assert not llm.llm_engine.model.args.host_routed  # (decode graphs, on a GPU)
+    req = lora_requests({"qv": adapter})["qv"]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:2]] * 2, GREEDY,
+                        lora_request=[None, None, req, req], use_tqdm=False)
+    check_against_hf(outs, base, [None, None, adapter, adapter], prompts[:2] * 2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
