@@ -159,6 +159,16 @@ def test_kv_cache_counts_only_storing_layers(llm):
     assert attns[0].k_cache.shape[2:] == (2, 16) and attns[1].k_cache.shape[2:] == (1, 32)
 
 
+def test_kv_budget_holds_blocks_of_the_storing_layers(gemma4):
+    """A budget of 40 blocks' bytes at what the two storing layers need per block gives 40
+    blocks (counting all four layers would give 20), each 8 tokens."""
+    per_block = 2 * 8 * 4 * (2 * 16 + 1 * 32)
+    llm = make_llm(gemma4["base"], block_size=8, max_model_len=64,
+                   kv_cache_memory_bytes=40 * per_block + 100)
+    assert llm.llm_engine.model_runner.num_blocks == 40
+    assert llm.llm_engine.model.model.layers[0].self_attn.attn.k_cache.shape[0] == 40
+
+
 def test_bad_requests_fail_alone(llm, gemma4, prompts, tmp_path):
     """An adapter of a rank above max_lora_rank, one that adds tokens (which have no
     per-layer embedding rows), an image: each refused, the engine serving on."""
