@@ -169,6 +169,17 @@ def test_kv_budget_holds_blocks_of_the_storing_layers(gemma4):
     assert llm.llm_engine.model.model.layers[0].self_attn.attn.k_cache.shape[0] == 40
 
 
+def test_prompt_embeds_refused(gemma4, prompts):
+    """prompt_embeds have no token ids for the per-layer embeddings: refused alone."""
+    llm = make_llm(gemma4["base"], enable_prompt_embeds=True, max_model_len=64)
+    with pytest.raises(ValueError, match="per-layer embeddings"):
+        llm.generate([{"prompt_embeds": torch.zeros(3, 64)}], SamplingParams(max_tokens=2),
+                     use_tqdm=False)
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=2),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
 def test_bad_requests_fail_alone(llm, gemma4, prompts, tmp_path):
     """An adapter of a rank above max_lora_rank, one that adds tokens (which have no
     per-layer embedding rows), an image: each refused, the engine serving on."""
