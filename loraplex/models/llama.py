@@ -32,6 +32,8 @@ One file, flags for the differences:
   that is a sigmoid-routed mixture with a shared expert (Llama4MoE) or a dense MLP.
 - Ministral 3 (`position_query_scale`): queries scaled by 1 + beta ln(1 + floor(p / n))
   at position p (Llama 4's scaling past the original context n), in every layer.
+- Gemma 4 (`gemma4`) runs a decoder of its own, models/gemma4.py (`decoder_class`):
+  per-layer attention shapes, KV sharing, per-layer embeddings, experts beside the MLP.
 - DeepSeek-V2 / V3 attend with multi-head latent attention (layers/mla.py; `mla`), and
   route their experts by grouped softmax (V2) or sigmoid (V3) scores with ungated shared
   experts (models/deepseek.py reads their configs).
