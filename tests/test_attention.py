@@ -15,7 +15,7 @@ import torch
 
 from loraplex.layers.attention import Attention, DecodeMirror, decode_groups
 from loraplex.worker.context import DecodeBuffers, StepContext, step_context
-from tests.triton_compile import compile_for_h100
+from tests.triton_compile import compile_for_h100, interpret_triton_language
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -23,23 +23,8 @@ if not CUDA:
 pytest.importorskip("triton", reason="triton does not import")
 
 
-def _interpret_triton_language() -> None:
-    """triton.jit reads TRITON_INTERPRET when a function is decorated, and transformers
-    imports triton (via torch._dynamo) before this module runs: triton's own jit'd
-    helpers (tl.max, tl.zeros, ...) were then built for the GPU. Rebuild them for the
-    interpreter. (Setting TRITON_INTERPRET=1 before triton is imported avoids this.)"""
-    import importlib
-
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl.standard.max, InterpretedFunction):
-        importlib.reload(tl.standard)
-        importlib.reload(tl)
-
-
 if not CUDA:
-    _interpret_triton_language()
+    interpret_triton_language()
 from loraplex.layers import triton_attention as ta  # noqa: E402
 
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -61,6 +61,19 @@ def compile_for_h100(launches: str) -> int:
     return int(proc.stdout.split("compiled")[-1])
 
 
+def interpret_triton_language() -> None:
+    """triton.jit reads TRITON_INTERPRET when a function is decorated, and transformers
+    imports triton (via torch._dynamo) before a test module runs: triton's own jit'd
+    helpers (tl.max, tl.zeros, ...) were then built for the GPU. Rebuild them for the
+    interpreter. (Setting TRITON_INTERPRET=1 before triton is imported avoids this.)"""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.standard.max, InterpretedFunction):
+        importlib.reload(tl.standard)
+        importlib.reload(tl)
+
+
 def import_kernels(name: str) -> ModuleType:
     """Import a module of Triton kernels; without CUDA with the interpreter on (it is read
     when the kernels are defined), so they run on CPU tensors."""

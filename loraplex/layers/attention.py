@@ -36,6 +36,9 @@ same values twice into the one tensor). On the torch path MLA runs its prefill r
 itself, in the decompressed form, through three hooks: `store`, `gathered_keys` (a
 sequence's cached latents) and `decode` (a mixed step's decode rows, absorbed).
 
+KV sharing (Gemma 4, `reads_kv_of`): a layer that attends over an earlier layer's cache
+writes nothing; it shares that layer's cache tensors and torch decode mirror.
+
 LORAPLEX_ATTENTION_BACKEND=auto|torch|triton forces one; triton on CPU tensors runs
 under TRITON_INTERPRET=1 (tests).
 """
@@ -113,6 +116,10 @@ class Attention(nn.Module):
         # an FP8 cache holds K / k_scale, V / v_scale (load_kv_scale; unused otherwise)
         self.k_scale = 1.0
         self.v_scale = 1.0
+        # KV sharing (Gemma 4): the layer whose cache this one attends over, writing
+        # nothing (the caller passes that layer's K/V of the step); the model runner gives
+        # it that layer's cache, scales and decode mirror
+        self.reads_kv_of: Attention | None = None
 
     def load_kv_scale(self, name: str, tensor: torch.Tensor) -> None:
         """A checkpoint's KV cache scale (llm-compressor / vLLM FP8 checkpoints' per-layer
@@ -169,7 +176,8 @@ class Attention(nn.Module):
     def _store(self, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> None:
         """Write the step's K/V into the cache at slot_mapping (before any attention reads
         it: a decoding sequence's new token is part of its own context)."""
-        if not self.k_cache.numel():  # the profile run, before the cache exists
+        # the profile run, before the cache exists; a layer reusing another's K/V (stored)
+        if not self.k_cache.numel() or self.reads_kv_of is not None:
             return
         if ctx.attn_backend == "triton":
             _triton_attention().store_kvcache(k, v, self.k_cache, self.v_cache,

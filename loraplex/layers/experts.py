@@ -99,12 +99,15 @@ class FusedExperts(nn.Module):
                  dtype: torch.dtype | None = None, gpt_oss: ClampedSwiGLU | None = None,
                  packing: int = 1, shapes: Shapes | None = None, llama4: bool = False,
                  fused: bool = False,
-                 ungated: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 ungated: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                 ) -> None:
         """`dtype`: a quantized subclass's storage; `packing`: its inputs per element;
         `shapes`: w13's and w2's where its layout is not [E, out, in / packing];
         `llama4`: Llama 4's experts (weights on the inputs, its checkpoints' layout);
         `fused`: Qwen3-VL-MoE's checkpoints (fused, transposed or not: load_fused);
-        `ungated`: the activation of experts without a gate (Nemotron-H's)."""
+        `ungated`: the activation of experts without a gate (Nemotron-H's); `act`: a
+        gated one other than SwiGLU, act(gate, up) (Gemma 4's GeGLU)."""
         super().__init__()
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts = num_experts
@@ -115,7 +118,7 @@ class FusedExperts(nn.Module):
         w13_shape, w2_shape = shapes or ((e, w13_rows, h // packing), (e, h, i // packing))
         self.w13 = nn.Parameter(torch.empty(w13_shape, dtype=dtype), requires_grad=dtype is None)
         self.w2 = nn.Parameter(torch.empty(w2_shape, dtype=dtype), requires_grad=dtype is None)
-        self.act = gpt_oss or swiglu
+        self.act = gpt_oss or act or swiglu
         self.ungated = ungated
         # gpt-oss: biases b13 (gate's then up's) [E, 2I] and b2 [E, H]; its checkpoints'
         # and adapters' gate_up columns interleave gate and up

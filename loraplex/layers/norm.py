@@ -27,6 +27,23 @@ class GemmaRMSNorm(RMSNorm):
         return (self._normalized(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
+class Gemma4RMSNorm(RMSNorm):
+    """Gemma 4's: the weight as it is (not 1 + w), applied in fp32 before the cast back, and
+    x * (mean(x^2) + eps)^-1/2 as HF writes it; `with_scale` False: no weight (its v norm
+    and its router's)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True) -> None:
+        super().__init__(dim, eps)
+        if not with_scale:
+            del self.weight
+            self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        return (y if self.weight is None else y * self.weight.float()).to(x.dtype)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm (Ba et al., 2016) over the last dimension, in fp32: StarCoder2's (with a
     bias), Cohere's (without; its q/k norm has a weight per head, shape [heads, head_dim])

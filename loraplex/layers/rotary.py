@@ -2,7 +2,8 @@
 
 The cos/sin table is built once up to max_position and indexed by each token's position.
 With partial rotary (Phi-4-mini: partial_rotary_factor 0.75) only each head's first
-`rotary_dim` dimensions are rotated; the rest pass through.
+`rotary_dim` dimensions are rotated; the rest pass through. Gemma 4's "proportional"
+rope rotates the whole head, its last frequencies 0 (_proportional_inv_freq).
 Llama-3 rope scaling rescales the inverse frequencies by wavelength band; YaRN (Qwen3's
 long context, gpt-oss) blends interpolated and original frequencies along a ramp between
 two wavelengths and scales cos/sin by an attention factor. LongRoPE (Phi-3
@@ -27,7 +28,7 @@ from torch import nn
 
 from loraplex.models.mrope import frequency_axes
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "longrope", "yarn", "proportional")
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -43,6 +44,17 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def _proportional_inv_freq(scaling: dict, head_dim: int, theta: float) -> torch.Tensor:
+    """Gemma 4's full-attention rope, as HF computes it: the first partial_rotary_factor
+    of the head's frequency pairs at theta^(-2i / head_dim) (the whole head's exponents),
+    the others 0 (cos 1, sin 0: those dimensions pass through), all / factor."""
+    angles = int(scaling.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    turning = 1.0 / (theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float()
+                               / head_dim))
+    inv_freq = torch.cat([turning, torch.zeros(head_dim // 2 - angles)])
+    return inv_freq / scaling.get("factor", 1.0)
 
 
 def _yarn_inv_freq(inv_freq: torch.Tensor, scaling: dict, rotary_dim: int, theta: float,
@@ -132,6 +144,8 @@ class RotaryEmbedding(nn.Module):
                                                  max_position)
             elif rope_type == "linear":
                 inv_freq = inv_freq / scaling["factor"]
+            elif rope_type == "proportional":
+                inv_freq = _proportional_inv_freq(scaling, rotary_dim, theta)
             freqs = torch.outer(t, inv_freq)  # [max_position, head_dim / 2]
         # long-context LoRA: factor -> its block's first row (1.0: the base's own rows)
         self.lora_offsets = {1.0: 0}

@@ -108,6 +108,11 @@ def wrap_lora_layers(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype,
     return wrapped
 
 
+def _no_added_tokens(args: Any) -> bool:
+    """Gemma 4 with per-layer embeddings: an added token would have no row there."""
+    return getattr(args, "gemma4", None) is not None and args.gemma4.ple_size > 0
+
+
 class LoRAManager:
     def __init__(self, model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype,
                  classifier_heads: bool = False, tower: VisionWeights | None = None) -> None:
@@ -182,13 +187,16 @@ class LoRAManager:
             if name.startswith(TOWER_PREFIX):  # the tower's own, unpacked linears
                 shapes[name] = (layer.in_features, layer.output_sizes[0])
                 continue
-            for k, hf_leaf in enumerate(inverse.get(leaf, [leaf])):
+            # (a packed layer may hold fewer parts than the mapping names: Gemma 4's q
+            # alone, or q and k without v)
+            for k, hf_leaf in zip(range(len(layer.output_sizes)), inverse.get(leaf, [leaf])):
                 shapes[_join(prefix, hf_leaf)] = (layer.in_features, layer.output_sizes[k])
             if isinstance(layer, EmbeddingWithLoRA) or leaf == "lm_head":
                 vocab_layers[name] = layer.base_layer.weight.detach()
         return TargetShapes(shapes=shapes, suffixes=tuple(model.lora_target_modules),
                             vocab_size=model.args.vocab_size, base_weights=vocab_layers,
-                            extra_vocab_size=self.cfg.lora_extra_vocab_size,
+                            extra_vocab_size=0 if _no_added_tokens(model.args)
+                            else self.cfg.lora_extra_vocab_size,
                             tied_embeddings=bool(model.args.tie_word_embeddings),
                             experts=experts, aliases=self._aliases(model.args),
                             unserved=tuple(n for n in model.lora_target_modules
@@ -216,6 +224,10 @@ class LoRAManager:
         the embedding and, for the logits, by the model runner."""
         embed = self._embedding()
         if not cfg.lora_extra_vocab_size or embed is None:
+            return None
+        if _no_added_tokens(model.args):
+            logger.info("Gemma 4: adapters that add tokens are not served (their tokens "
+                        "have no per-layer embedding rows); lora_extra_vocab_size ignored")
             return None
         a = model.args
         embed.extra_vocab = ExtraVocabSlots(a.vocab_size, cfg.max_loras,

@@ -32,6 +32,8 @@ One file, flags for the differences:
   that is a sigmoid-routed mixture with a shared expert (Llama4MoE) or a dense MLP.
 - Ministral 3 (`position_query_scale`): queries scaled by 1 + beta ln(1 + floor(p / n))
   at position p (Llama 4's scaling past the original context n), in every layer.
+- Gemma 4 (`gemma4`) runs a decoder of its own, models/gemma4.py (`decoder_class`):
+  per-layer attention shapes, KV sharing, per-layer embeddings, experts beside the MLP.
 - DeepSeek-V2 / V3 attend with multi-head latent attention (layers/mla.py; `mla`), and
   route their experts by grouped softmax (V2) or sigmoid (V3) scores with ungated shared
   experts (models/deepseek.py reads their configs).
@@ -67,7 +69,8 @@ from loraplex.models.nemotron_h_moe import NemotronMoEArgs
 from loraplex.models.text_only import TextOnly
 from loraplex.models.zamba2 import Zamba2Args, tie_shared_blocks
 
-if TYPE_CHECKING:  # (models/lfm2.py builds on this file)
+if TYPE_CHECKING:  # (models/lfm2.py and gemma4_args.py build on this file)
+    from loraplex.models.gemma4_args import Gemma4Args
     from loraplex.models.lfm2 import Lfm2Args
 
 # rows of the flat batch [N], their embeddings [N, D]; Qwen3-VL's [N, 1 + L, D]: each
@@ -192,6 +195,9 @@ class LlamaArgs:
     # models/qwen3_next.py); their attention's output gate, q_proj's second half per head
     gated_delta_net: GatedDeltaNetArgs | None = None
     attn_output_gate: bool = False
+    # Gemma 4's per-layer shapes, KV sharing, per-layer embeddings, experts (gemma4.py,
+    # gemma4_args.py)
+    gemma4: Gemma4Args | None = None
 
     @property
     def num_attention_layers(self) -> int:
@@ -204,8 +210,9 @@ class LlamaArgs:
     @property
     def host_routed(self) -> bool:
         """A mixture of experts, whose tokens are grouped by expert on the host (no decode
-        CUDA graphs): SparseMoE's, or Llama 4's."""
-        return self.num_experts > 0 or bool(self.llama4 and self.llama4.moe_layers)
+        CUDA graphs): SparseMoE's, Llama 4's or Gemma 4's."""
+        return self.num_experts > 0 or bool(self.llama4 and self.llama4.moe_layers) \
+            or bool(self.gemma4 and self.gemma4.num_experts)
 
     def norm(self, shape: int | tuple[int, int]) -> nn.Module:
         """A norm of the model's kind over `shape` (a tuple: one weight per head, Cohere)."""
@@ -521,6 +528,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    decoder_class: type[nn.Module] = LlamaModel  # Gemma 4's: models/gemma4.py
     # HF sub-projection name -> (our packed module, index of the sub-projection)
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", 0),
@@ -585,7 +593,7 @@ class LlamaForCausalLM(nn.Module):
         if args.lfm2 is not None:  # LFM2's names: out_proj, w1 / w3 / w2, the conv's
             from loraplex.models.lfm2 import lfm2_lora_targets
             self.lora_target_modules, self.packed_modules_mapping = lfm2_lora_targets(args)
-        self.model = LlamaModel(args)
+        self.model = self.decoder_class(args)
         self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -15,6 +15,8 @@ from loraplex.models.deepseek import (
     deepseek_experts,
     mla_args,
 )
+from loraplex.models.gemma4 import Gemma4ForCausalLM
+from loraplex.models.gemma4_args import gemma4_args
 from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, granite_moe_flags
 from loraplex.models.lfm2 import LFM2_ARCHITECTURES, LFM2_MODEL_TYPES, lfm2_flags
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
@@ -44,6 +46,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "GemmaForCausalLM": {"gemma": True},
     "Gemma2ForCausalLM": {"gemma": True, "norm_layout": "sandwich"},
     "Gemma3ForCausalLM": {"gemma": True, "norm_layout": "sandwich", "qk_norm": True},
+    # its own decoder (models/gemma4.py): per-layer shapes, KV sharing, per-layer
+    # embeddings, experts beside the MLP
+    "Gemma4ForCausalLM": {},
     "Olmo2ForCausalLM": {"norm_layout": "post", "qk_norm_full": True},
     "GraniteForCausalLM": {},
     "Phi3ForCausalLM": {"fused_qkv": True, "fused_gate_up": True},
@@ -131,7 +136,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM",
                   "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
                   "phi3": "Phi3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
                   "smollm3": "SmolLM3ForCausalLM", "exaone4": "Exaone4ForCausalLM",
@@ -587,6 +592,9 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         if quant is not None:
             raise ValueError(f"{name}: quantized checkpoints are not supported")
         return WhisperForConditionalGeneration(WhisperConfig.from_hf(hf_config))
+    if name == "Gemma4ForCausalLM":  # its config has per-layer head_dim / KV heads
+        return Gemma4ForCausalLM(gemma4_args(hf_config, quant, max_model_len, text_only,
+                                             tuple(long_lora_factors)))
     theta, scaling = rope_params(hf_config)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "mrope":
         scaling = None  # Qwen2-VL (transformers 4): a default rope in sections (_mrope)

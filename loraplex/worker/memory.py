@@ -98,10 +98,16 @@ def kv_cache_layout(args) -> tuple[int, int, int]:
 
 
 def kv_block_bytes(model, dtype: torch.dtype, block_size: int) -> int:
-    """The cache of `block_size` tokens in every layer (K and V, or MLA's latent)."""
+    """The cache of `block_size` tokens in every layer (K and V, or MLA's latent; Gemma
+    4's: in every layer that keeps one, of its own shape)."""
     a = model.args
-    tensors, heads, head_dim = kv_cache_layout(a)
     elem = torch.tensor([], dtype=dtype).element_size()
+    if a.gemma4 is not None:  # each layer its own shape; the layers that reuse another's
+        # K/V (KV sharing) hold none
+        g = a.gemma4
+        return 2 * block_size * elem * sum(g.kv_heads[i] * g.head_dims[i]
+                                           for i in g.cache_layers())
+    tensors, heads, head_dim = kv_cache_layout(a)
     return tensors * a.num_attention_layers * block_size * heads * head_dim * elem
 
 

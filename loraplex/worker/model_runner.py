@@ -297,11 +297,18 @@ class ModelRunner:
                        draft_probs=draft_probs)
 
     def _allocate_kv_cache(self) -> None:
-        _, heads, head_dim = kv_cache_layout(self.model.args)
-        shape = (self.num_blocks, self.block_size, heads, head_dim)
         # zeros, not empty: masked-out slots still enter `weights @ V`, and 0 * NaN garbage
-        # would poison the output; stale values from freed blocks are finite and harmless
+        # would poison the output; stale values from freed blocks are finite and harmless.
+        # Each layer its own heads and head dim (Gemma 4's differ by layer; MLA's latent:
+        # one head of latent_dim); a layer that reuses another's K/V gets that one's cache
         for layer in self.attention_layers:
+            source = layer.reads_kv_of
+            if source is not None:
+                layer.k_cache, layer.v_cache = source.k_cache, source.v_cache
+                layer.k_scale, layer.v_scale = source.k_scale, source.v_scale
+                layer._mirror = source._mirror
+                continue
+            shape = (self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.k_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             layer.v_cache = layer.k_cache if layer.values_are_keys else torch.zeros(
                 shape, dtype=self.kv_cache_dtype, device=self.device)
