@@ -118,6 +118,11 @@ MULTIMODAL: dict[str, TextOnly] = {
     # model's too (their LoRA told apart by the `vision_tower.` prefix)
     "Mistral3ForConditionalGeneration": replace(
         _LLAVA, vision_leaves=("linear_1", "linear_2", "merging_layer")),
+    # InternVL3 / InternVL3.5 (-hf): LLaVA's names; the language model a Qwen2, Qwen3 or
+    # Llama (its text config's model_type); InternViT's q/k/v_proj share the language
+    # model's names (their LoRA told apart by the `vision_tower.` prefix)
+    "InternVLForConditionalGeneration": replace(
+        _LLAVA, vision_leaves=("projection_layer", "fc1", "fc2", "linear_1", "linear_2")),
     "Llama4ForConditionalGeneration": TextOnly(
         "Llama4ForCausalLM",
         renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
