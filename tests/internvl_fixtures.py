@@ -35,10 +35,11 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs
 ASK = "USER: <IMG_CONTEXT>\nWhat is this? ASSISTANT:"
 
 
-def make_tiny_internvl(out: Path, seed: int, text: str = "qwen2") -> Path:
-    """A 2-layer language model (`text`: qwen2 or qwen3) behind a 2-layer InternViT
-    (RMSNorms, q / k norms, a final LayerNorm: InternViT-6B's options) on 16-pixel tiles,
-    at most 6 tiles an image; weights std 0.2."""
+def make_tiny_internvl(out: Path, seed: int, text: str = "qwen2", tied: bool = False) -> Path:
+    """A 2-layer language model (`text`: qwen2, qwen3 or llama; `tied`: lm_head the
+    embedding, as InternVL3-1B's) behind a 2-layer InternViT (RMSNorms, q / k norms, a
+    final LayerNorm: InternViT-6B's options) on 16-pixel tiles, at most 6 tiles an image;
+    weights std 0.2."""
     from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
 
     out.mkdir(parents=True, exist_ok=True)
@@ -53,13 +54,13 @@ def make_tiny_internvl(out: Path, seed: int, text: str = "qwen2") -> Path:
     lm = dict(model_type=text, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
               max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=1,
-              eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+              eos_token_id=2, pad_token_id=3, tie_word_embeddings=tied)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, image_size=TILE, patch_size=PATCH, use_qk_norm=True,
                   norm_type="rms_norm", use_mean_pooling=False, hidden_act="gelu")
     cfg = InternVLConfig(text_config=lm, vision_config=vision, image_seq_length=SEQ,
                          image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                         downsample_ratio=0.5, tie_word_embeddings=False)
+                         downsample_ratio=0.5, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(cfg).eval()
     _reinit_(model, seed, 0.2)
