@@ -69,7 +69,7 @@ PROCESSORS: dict[type, type[MultimodalProcessor]] = {
 def encoder_config(hf_config: Any, text_only: TextOnly | None, multimodal: MultiModalConfig,
                    model: str) -> VisionConfig | None:
     """The config of a multimodal checkpoint's vision tower and projector (LLaVA, Gemma 3,
-    Llama 4, Qwen-VL, Mistral 3: models/llava.py and its siblings) or audio encoder
+    Llama 4, Qwen-VL, Mistral 3, InternVL: models/llava.py and its siblings) or audio encoder
     (Granite Speech, Qwen2-Audio, Voxtral; Phi-4-multimodal: both); None for a text
     model, or when limit_mm_per_prompt allows none of its inputs (served on text, the
     encoder never built; Qwen-VL: neither images nor videos, which the same tower

@@ -15,7 +15,9 @@ DeepStack; Qwen3-VL-MoE's, `Qwen3VLMoeForConditionalGeneration`, the same over a
 Qwen3-MoE whose checkpoint fuses the experts: layers/experts.py `fused`; Qwen3.5's,
 without DeepStack, over models/qwen3_next.py's gated DeltaNet models) into
 models/qwen3_vl.py, Mistral 3's (`Mistral3ForConditionalGeneration`: a Mistral or
-Ministral 3 language model, its text config's model_type) into models/pixtral.py; an
+Ministral 3 language model, its text config's model_type) into models/pixtral.py,
+InternVL's (`InternVLForConditionalGeneration`: a Qwen2, Qwen3 or Llama language model,
+LLaVA's names) into models/internvl.py; an
 adapter's LoRA on them is left
 out with a warning, as vLLM does (LoRA applies to the language model only), unless the
 engine has enable_tower_connector_lora (their linears get adapter slots: lora/tower.py,
