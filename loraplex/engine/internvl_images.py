@@ -52,9 +52,12 @@ class InternVLImageProcessor(ImageProcessor):
                                 max_patches=self.hf.max_patches, processor=self.hf)
         self.config = tiling
         self.hf_kwargs = {"crop_to_patches": True}  # InternVLProcessor's default
-        start, end = (tokenizer.convert_tokens_to_ids(t) for t in (IMAGE_START, IMAGE_END))
-        if start == tokenizer.unk_token_id or end == tokenizer.unk_token_id:
-            raise ValueError(f"InternVL's tokenizer lacks {IMAGE_START} / {IMAGE_END}")
+        # the names the hub's tokenizer_config gives them (extra_special_tokens), else HF's
+        texts = (getattr(tokenizer, "start_image_token", None) or IMAGE_START,
+                 getattr(tokenizer, "end_image_token", None) or IMAGE_END)
+        start, end = (tokenizer.convert_tokens_to_ids(t) for t in texts)
+        if None in (start, end) or tokenizer.unk_token_id in (start, end):
+            raise ValueError(f"InternVL's tokenizer lacks {texts[0]} / {texts[1]}")
         self._expand = lambda ids, sizes, crops: expand_internvl(
             ids, tiling.image_token_id, start, end, [tiling.tokens_for(s) for s in sizes])
 
