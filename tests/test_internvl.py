@@ -139,6 +139,7 @@ def test_offline_refusals_fail_only_their_request(internvl):
     check(outs, internvl["base"], [(ASK, [a], None)] * 2)
 
 
+@pytest.mark.parametrize("internvl", ["qwen2"], indirect=True)  # (one server is enough)
 def test_chat_and_server(internvl):
     """LLM.chat with an image part, and the chat route over HTTP (the openai client, a
     data URL) under the base and an adapter: HF's greedy tokens; too many images and a
