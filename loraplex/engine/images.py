@@ -37,6 +37,7 @@ from loraplex.models.granite_speech import (
     GraniteSpeechAudioConfig,
     is_granite_speech,
 )
+from loraplex.models.internvl import InternVLVision, InternVLVisionConfig, is_internvl
 from loraplex.models.llama4_vision import (
     Llama4ImageTokens,
     Llama4Vision,
@@ -57,9 +58,9 @@ logger = logging.getLogger(__name__)
 # models/granite_speech.py, models/qwen2_audio.py)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
                 | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig
-                | Phi4MMVisionConfig | VoxtralAudioConfig)
+                | Phi4MMVisionConfig | VoxtralAudioConfig | InternVLVisionConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
-          | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral)
+          | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral | InternVLVision)
 
 
 def _is_gemma3(hf_config: Any) -> bool:
@@ -78,6 +79,7 @@ ENCODER_CONFIGS: tuple[tuple[Callable[[Any], bool], type[VisionConfig]], ...] = 
     (is_qwen3_vl, Qwen3VisionConfig),  # a QwenVisionConfig
     (is_qwen_vl, QwenVisionConfig),  # Qwen2-VL, Qwen2.5-VL
     (takes_pixtral_tower, PixtralVisionConfig),  # Mistral 3, Pixtral-12B
+    (is_internvl, InternVLVisionConfig),  # engine/internvl_images.py's tiles
 )
 
 # the module an encoder config builds (by its exact class: Qwen3-VL's config is a
@@ -93,6 +95,7 @@ TOWERS: dict[type[VisionConfig], Callable[[Any], Vision]] = {
     Qwen2AudioConfig: Qwen2Audio,
     VoxtralAudioConfig: Voxtral,
     Phi4MMVisionConfig: Phi4MMVision,
+    InternVLVisionConfig: InternVLVision,
 }
 
 
@@ -244,6 +247,8 @@ class ImageProcessor(MultimodalProcessor):
         self.placeholder = config.image_token_id
         # Gemma 3's pan-and-scan options as saved (engine/pan_and_scan.py); None: no crops
         self.pan_and_scan: PanAndScan | None = None
+        # what the HF image processor is always called with (InternVL's crop_to_patches)
+        self.hf_kwargs: dict[str, Any] = {}
         self._expand: Callable[[list[int], list[tuple[int, int]], list[int]], list[int]]
         if isinstance(config, Llama4VisionConfig):  # its tiling is the processor's
             config = config.with_processor(self.hf)
@@ -293,7 +298,7 @@ class ImageProcessor(MultimodalProcessor):
         crops = [rule.crops(s) for s in sizes] if rule is not None else [0] * len(sizes)
         # before the pixels: a mismatch costs nothing
         ids = self._expand(ids, sizes, crops)
-        kwargs = rule.hf_kwargs() if rule is not None else {}
+        kwargs = rule.hf_kwargs() if rule is not None else self.hf_kwargs
         out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt",
                       **kwargs)
         cut = [int(n) for n in out.get("num_crops", crops)] if rule is not None else crops

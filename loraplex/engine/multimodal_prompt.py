@@ -23,6 +23,7 @@ from loraplex.engine.images import (
     encoder_class,
     vision_config,
 )
+from loraplex.engine.internvl_images import InternVLImageProcessor
 from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.engine.phi4mm_inputs import Phi4MMProcessor
 from loraplex.engine.pixtral_images import PixtralImageProcessor
@@ -35,6 +36,7 @@ from loraplex.inputs import PromptType
 from loraplex.lora.request import LoRARequest
 from loraplex.models.gemma3_vision import Gemma3VisionConfig
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig
+from loraplex.models.internvl import InternVLVisionConfig
 from loraplex.models.llama4_vision import Llama4VisionConfig
 from loraplex.models.llava import LlavaVisionConfig
 from loraplex.models.phi4mm import Phi4MMVisionConfig
@@ -55,6 +57,7 @@ PROCESSORS: dict[type, type[MultimodalProcessor]] = {
     Llama4VisionConfig: ImageProcessor,
     QwenVisionConfig: QwenImageProcessor,  # engine/qwen_images.py
     PixtralVisionConfig: PixtralImageProcessor,  # engine/pixtral_images.py (Mistral 3)
+    InternVLVisionConfig: InternVLImageProcessor,  # engine/internvl_images.py: tiles
     GraniteSpeechAudioConfig: AudioProcessor,  # engine/audio.py
     Qwen2AudioConfig: Qwen2AudioProcessor,  # engine/qwen2_audio_inputs.py
     VoxtralAudioConfig: VoxtralAudioProcessor,  # engine/voxtral_inputs.py
@@ -66,7 +69,7 @@ PROCESSORS: dict[type, type[MultimodalProcessor]] = {
 def encoder_config(hf_config: Any, text_only: TextOnly | None, multimodal: MultiModalConfig,
                    model: str) -> VisionConfig | None:
     """The config of a multimodal checkpoint's vision tower and projector (LLaVA, Gemma 3,
-    Llama 4, Qwen-VL, Mistral 3: models/llava.py and its siblings) or audio encoder
+    Llama 4, Qwen-VL, Mistral 3, InternVL: models/llava.py and its siblings) or audio encoder
     (Granite Speech, Qwen2-Audio, Voxtral; Phi-4-multimodal: both); None for a text
     model, or when limit_mm_per_prompt allows none of its inputs (served on text, the
     encoder never built; Qwen-VL: neither images nor videos, which the same tower

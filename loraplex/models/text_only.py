@@ -15,7 +15,9 @@ DeepStack; Qwen3-VL-MoE's, `Qwen3VLMoeForConditionalGeneration`, the same over a
 Qwen3-MoE whose checkpoint fuses the experts: layers/experts.py `fused`; Qwen3.5's,
 without DeepStack, over models/qwen3_next.py's gated DeltaNet models) into
 models/qwen3_vl.py, Mistral 3's (`Mistral3ForConditionalGeneration`: a Mistral or
-Ministral 3 language model, its text config's model_type) into models/pixtral.py; an
+Ministral 3 language model, its text config's model_type) into models/pixtral.py,
+InternVL's (`InternVLForConditionalGeneration`: a Qwen2, Qwen3 or Llama language model,
+LLaVA's names) into models/internvl.py; an
 adapter's LoRA on them is left
 out with a warning, as vLLM does (LoRA applies to the language model only), unless the
 engine has enable_tower_connector_lora (their linears get adapter slots: lora/tower.py,
@@ -118,6 +120,11 @@ MULTIMODAL: dict[str, TextOnly] = {
     # model's too (their LoRA told apart by the `vision_tower.` prefix)
     "Mistral3ForConditionalGeneration": replace(
         _LLAVA, vision_leaves=("linear_1", "linear_2", "merging_layer")),
+    # InternVL3 / InternVL3.5 (-hf): LLaVA's names; the language model a Qwen2, Qwen3 or
+    # Llama (its text config's model_type); InternViT's q/k/v_proj share the language
+    # model's names (their LoRA told apart by the `vision_tower.` prefix)
+    "InternVLForConditionalGeneration": replace(
+        _LLAVA, vision_leaves=("projection_layer", "fc1", "fc2", "linear_1", "linear_2")),
     "Llama4ForConditionalGeneration": TextOnly(
         "Llama4ForCausalLM",
         renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
