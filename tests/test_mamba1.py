@@ -15,7 +15,8 @@ target_parameters), in one batch, prompts prefilled in chunks of 7 beside other
 sequences' decodes; preemption. PEFT refuses out_proj on Mamba and FalconMamba, and HF 5
 computes dt from dt_proj.weight directly (PEFT's dt_proj LoRA never runs there), so an
 adapter on dt_proj and out_proj (and Jamba's router) is checked against HF on the merged
-weights. An adapter of too high a rank is refused alone, in the engine and over HTTP.
+weights. An adapter of too high a rank is refused alone, in the engine and over HTTP;
+prefix caching off and speculative decoding refused; a Jamba without experts.
 """
 
 from __future__ import annotations
@@ -316,3 +317,36 @@ def test_rank_too_high_fails_alone(mamba1, prompts):
                                       extra_body={"return_tokens_as_token_ids": True,
                                                   "ignore_eos": True})
         assert token_ids_of(r.choices[0].logprobs) == list(want)
+
+
+def test_hybrid_refusals(mamba1):
+    """A state per sequence: prefix caching off, speculative decoding refused."""
+    kind, base, _ = mamba1
+    if kind != "jamba":
+        pytest.skip("the same rule for all three: Jamba's")
+    llm = make_llm(base)
+    assert not llm.llm_engine.config.cache_config.enable_prefix_caching
+    with pytest.raises(ValueError, match="speculative decoding is not supported for hybrid"):
+        make_llm(base, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                           "prompt_lookup_max": 3})
+
+
+def test_jamba_without_experts(tiny_root, prompts):
+    """num_experts 1: every feed-forward a SwiGLU MLP (no router, no experts), attention
+    in every other layer."""
+    if (reason := _skip_reason("jamba")) is not None:
+        pytest.skip(reason)
+    root = tiny_root / "jamba_dense"
+    tok = make_tokenizer(root / "base")
+    cfg = jamba_config(len(tok))
+    cfg.num_experts, cfg.attn_layer_period, cfg.attn_layer_offset = 1, 2, 1
+    torch.manual_seed(350)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _reinit_(model, 350, INIT_STD["jamba"])
+    model.eval().save_pretrained(str(root / "base"))
+    llm = make_llm(root / "base", max_num_batched_tokens=9, block_size=8)
+    runner = llm.llm_engine.model_runner
+    assert len(runner.mixers) == 2 and len(runner.attention_layers) == 2
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY,
+                        use_tqdm=False)
+    check_against_hf(outs, root / "base", [None] * 3, prompts[:3])
