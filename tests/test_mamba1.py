@@ -37,7 +37,7 @@ from loraplex.layers.mamba2 import MambaBatch
 from loraplex.lora.errors import LoRAError
 from loraplex.worker.mamba_state import state_bytes_per_slot
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
-from tests.fixtures import _reinit_, make_tokenizer
+from tests.fixtures import _reinit_, load_hf_model, make_tokenizer
 from tests.server_utils import RemoteServer, token_ids_of
 from tests.test_hybrid import check_preemption
 
@@ -66,7 +66,9 @@ def jamba_config(vocab_size: int):
         expert_layer_offset=1, num_experts=EXPERTS, num_experts_per_tok=2,
         mamba_d_state=STATES, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=RANK,
         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-        tie_word_embeddings=False)
+        tie_word_embeddings=False,
+        **({} if TRANSFORMERS_5 else {"use_mamba_kernels": False}))  # (4.x: else refused
+    # without CUDA kernels; 5.x picks the torch path itself)
 
 
 CONFIGS = {"mamba": mamba_config, "falcon_mamba": falcon_mamba_config, "jamba": jamba_config}
@@ -83,9 +85,12 @@ ADAPTER_TARGETS = {
 
 
 def _skip_reason(kind: str) -> str | None:
+    if kind == "jamba" and not TRANSFORMERS_5:
+        return ("Jamba is checked against transformers 5 (4.x's holds its experts as "
+                "modules, another PEFT layout)")
     if not TRANSFORMERS_5:
-        return ("checked against transformers 5 (4.x's Mamba caches its state apart from "
-                "past_key_values; its Jamba holds experts as modules, another PEFT layout)")
+        return ("transformers 4's Mamba returns its state as cache_params, no "
+                "past_key_values, which the HF reference (fixtures.hf_greedy) threads")
     return None
 
 
@@ -262,10 +267,27 @@ def merged(base: Path, adapter: Path, out: Path) -> Path:
     return out
 
 
+@torch.no_grad()
+def hf_cached_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int
+                     ) -> list[int]:
+    """HF's (+ PEFT's) greedy decode carrying its own state cache, which transformers 5's
+    Mamba takes as `cache` only: fixtures.hf_greedy's past_key_values never reaches it,
+    so check_against_hf checks Mamba's tokens teacher-forced (assert_greedy_close)."""
+    model = load_hf_model(base, adapter)
+    ids, cache, out = torch.tensor([prompt]), None, []
+    for _ in range(n):
+        res = model(input_ids=ids, cache=cache, use_cache=True)
+        cache = res.cache if hasattr(res, "cache") else res.past_key_values
+        out.append(int(res.logits[0, -1].argmax()))
+        ids = torch.tensor([[out[-1]]])
+    return out
+
+
 def test_dt_proj_out_proj_router_adapter(mamba1, tmp_path, prompts):
     """An adapter on dt_proj and out_proj (and Jamba's router, by its checkpoints' name)
     beside the base and a PEFT one in one batch, prompts in chunks of 7: it matches HF on
-    the merged weights, the others HF + PEFT."""
+    the merged weights, the others HF + PEFT; greedy tokens as HF's cached decode gives
+    them too."""
     kind, base, adapters = mamba1
     direct = direct_adapter(kind, base, tmp_path / "direct", r=4, seed=333)
     reqs = {"direct": LoRARequest("direct", 1, str(direct)),
@@ -282,6 +304,12 @@ def test_dt_proj_out_proj_router_adapter(mamba1, tmp_path, prompts):
     check_against_hf([outs[1], outs[3]], reference, [None, None], [prompts[0], prompts[2]])
     check_against_hf([outs[0], outs[2]], base, [None, adapters["r8_all"]],
                      [prompts[0], prompts[1]])
+    # the same tokens as HF's own decode with its state cache
+    for out, ref, adapter, prompt in ((outs[0], base, None, prompts[0]),
+                                      (outs[1], reference, None, prompts[0]),
+                                      (outs[2], base, adapters["r8_all"], prompts[1])):
+        got = out.outputs[0].token_ids
+        assert got == hf_cached_greedy(ref, adapter, prompt, len(got))
 
 
 def test_rank_too_high_fails_alone(mamba1, prompts):
