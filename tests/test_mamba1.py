@@ -16,7 +16,8 @@ sequences' decodes; preemption. PEFT refuses out_proj on Mamba and FalconMamba, 
 computes dt from dt_proj.weight directly (PEFT's dt_proj LoRA never runs there), so an
 adapter on dt_proj and out_proj (and Jamba's router) is checked against HF on the merged
 weights. An adapter of too high a rank is refused alone, in the engine and over HTTP;
-prefix caching off and speculative decoding refused; a Jamba without experts.
+prefix caching off and speculative decoding refused; a Jamba without experts, and one
+whose checkpoint fuses its experts (transformers 5's in-memory layout).
 """
 
 from __future__ import annotations
@@ -378,3 +379,43 @@ def test_jamba_without_experts(tiny_root, prompts):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY,
                         use_tqdm=False)
     check_against_hf(outs, root / "base", [None] * 3, prompts[:3])
+
+
+def fused_copy(base: Path, out: Path) -> Path:
+    """Jamba's checkpoint with each layer's experts fused as transformers 5 holds them:
+    gate_up_proj [E, 2I, H] (gate's rows, then up's) and down_proj [E, H, I]."""
+    out.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(base / "model.safetensors"))
+    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
+    for layer in {k.partition(".experts.")[0] for k in tensors if ".experts." in k}:
+        gate, up, down = (torch.stack([tensors[f"{layer}.experts.{e}.{leaf}.weight"]
+                                       for e in range(EXPERTS)])
+                          for leaf in ("gate_proj", "up_proj", "down_proj"))
+        fused[f"{layer}.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        fused[f"{layer}.experts.down_proj"] = down
+    save_file(fused, str(out / "model.safetensors"))
+    return out
+
+
+def test_jamba_fused_experts_load_as_the_hubs(mamba1, tmp_path, prompts):
+    """Jamba saved per expert (the hub's layout, transformers 5's save) and with its
+    experts fused: the same tokens and logprobs, base and an adapter on the experts."""
+    kind, base, adapters = mamba1
+    if kind != "jamba":
+        pytest.skip("only Jamba has experts")
+    assert any(".experts.0.gate_proj." in k for k in load_file(str(base / "model.safetensors")))
+    fused = fused_copy(base, tmp_path / "fused")
+    req = LoRARequest("r8_all", 1, str(adapters["r8_all"]))
+    outs = []
+    for path in (base, fused):
+        llm = make_llm(path, enable_lora=True, max_loras=1, max_lora_rank=8)
+        outs.append(llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], GREEDY,
+                                 lora_request=[None, req], use_tqdm=False))
+    for a, b in zip(*outs, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert la.keys() == lb.keys()
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-5 for t in la)
