@@ -91,7 +91,7 @@ class Mamba1Mixer(nn.Module):
     d_inner, d_conv - 1] and `ssm_state` [slots, d_inner, d_state] are set by the state
     cache (worker/mamba_state.py)."""
 
-    def __init__(self, hidden_size: int, m: Mamba1Args, prefix: str = "") -> None:
+    def __init__(self, hidden_size: int, m: Mamba1Args) -> None:
         super().__init__()
         self.m = m
         inner, n, rank = m.intermediate_size, m.state_size, m.time_step_rank

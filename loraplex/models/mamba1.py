@@ -52,7 +52,7 @@ class Mamba1Block(nn.Module):
     def __init__(self, a: Any, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
         self.norm = a.norm(a.hidden_size)
-        self.mixer = Mamba1Mixer(a.hidden_size, a.mamba1, f"{prefix}.mixer")
+        self.mixer = Mamba1Mixer(a.hidden_size, a.mamba1)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x + self.mixer(self.norm(x), get_context().mamba)
@@ -69,7 +69,7 @@ class JambaDecoderLayer(nn.Module):
         self.post_attention_layernorm = a.norm(a.hidden_size)
         self.mamba = self.self_attn = None
         if index in a.mamba_layers:
-            self.mamba = Mamba1Mixer(a.hidden_size, a.mamba1, f"{prefix}.mamba")
+            self.mamba = Mamba1Mixer(a.hidden_size, a.mamba1)
         else:
             self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn", index)
         self.feed_forward = LlamaMLP(a, f"{prefix}.feed_forward") \
