@@ -292,20 +292,20 @@ class LLMEngine:
         return AutoTokenizer.from_pretrained(source, revision=revision)
 
     def _check_hybrid(self, hf_config: Any) -> None:
-        """A hybrid model (Mamba2 mixers, LFM2's short convolutions, gated DeltaNets: their
-        state is per sequence, not per token): speculative decoding refused; prefix caching
-        turned off (a cached prefix has no state to start from), so n > 1 siblings each run
-        their own prefill. (Granite 4.0's attention-only -micro, in the same class, is no
-        hybrid.)"""
+        """A hybrid model (Mamba2 or Mamba-1 mixers, LFM2's short convolutions, gated
+        DeltaNets: their state is per sequence, not per token): speculative decoding
+        refused; prefix caching turned off (a cached prefix has no state to start from), so
+        n > 1 siblings each run their own prefill. (Granite 4.0's attention-only -micro, in
+        the same class, is no hybrid.)"""
         if not has_mamba_layers(hf_config, architecture(hf_config)):
             return
         if self.config.speculative_config is not None:
             raise ValueError("speculative decoding is not supported for hybrid models (Mamba2, "
-                             "LFM2, gated DeltaNet: their recurrent state cannot roll back "
-                             "rejected drafts)")
+                             "Mamba-1, LFM2, gated DeltaNet: their recurrent state cannot "
+                             "roll back rejected drafts)")
         if self.config.cache_config.enable_prefix_caching:
             logger.info("prefix caching is off for hybrid models (a cached prefix holds no "
-                        "Mamba2 / LFM2 / DeltaNet state to resume from)")
+                        "Mamba2 / Mamba-1 / LFM2 / DeltaNet state to resume from)")
             self.config.cache_config = replace(self.config.cache_config,
                                                enable_prefix_caching=False)
 

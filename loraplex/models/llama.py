@@ -57,6 +57,7 @@ from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, ClampedSwiGLU
 from loraplex.layers.attention import Attention
 from loraplex.layers.gated_delta_net import GatedDeltaNetArgs
 from loraplex.layers.linear import make_linear
+from loraplex.layers.mamba1 import Mamba1Args
 from loraplex.layers.mamba2 import Mamba2Args
 from loraplex.layers.mla import MLAArgs, MLAAttention
 from loraplex.layers.moe import GroupedTopK, SparseMoE
@@ -198,6 +199,9 @@ class LlamaArgs:
     # Gemma 4's per-layer shapes, KV sharing, per-layer embeddings, experts (gemma4.py,
     # gemma4_args.py)
     gemma4: Gemma4Args | None = None
+    # Mamba's, FalconMamba's and Jamba's Mamba-1 mixers (the layers of mamba_layers:
+    # models/mamba1.py, hybrid_layer "mamba1" or "jamba")
+    mamba1: Mamba1Args | None = None
 
     @property
     def num_attention_layers(self) -> int:
@@ -590,6 +594,9 @@ class LlamaForCausalLM(nn.Module):
             self.lora_target_modules = self.lora_target_modules + (
                 ("in_proj_qkvz", "in_proj_ba") if args.gated_delta_net.fused_projections
                 else ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")) + ("out_proj",)
+        if args.mamba1 is not None:  # the Mamba-1 mixers' projections (models/mamba1.py)
+            from loraplex.models.mamba1 import mamba1_lora_targets
+            self.lora_target_modules = mamba1_lora_targets(args, self.lora_target_modules)
         if args.lfm2 is not None:  # LFM2's names: out_proj, w1 / w3 / w2, the conv's
             from loraplex.models.lfm2 import lfm2_lora_targets
             self.lora_target_modules, self.packed_modules_mapping = lfm2_lora_targets(args)

@@ -21,6 +21,7 @@ from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, granite_mo
 from loraplex.models.lfm2 import LFM2_ARCHITECTURES, LFM2_MODEL_TYPES, lfm2_flags
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
+from loraplex.models.mamba1 import MAMBA1_ARCHITECTURES, MAMBA1_MODEL_TYPES, mamba1_flags
 from loraplex.models.mamba_hybrid import mamba_flags
 from loraplex.models.qwen3_next import (
     ARCHITECTURE_FLAGS,
@@ -123,6 +124,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # gated DeltaNet layers beside attention with an output gate; experts with a gated
     # shared expert (Qwen3-Next, Qwen3.5-MoE) or an MLP (Qwen3.5): models/qwen3_next.py
     **dict.fromkeys(GATED_DELTA_NET_ARCHITECTURES, ARCHITECTURE_FLAGS),
+    # Mamba-1 mixers alone (Mamba, FalconMamba), or beside attention without positions
+    # and experts (Jamba): models/mamba1.py
+    **dict.fromkeys(MAMBA1_ARCHITECTURES, {}),
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -159,7 +163,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "nemotron_h": "NemotronHForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
                   "zamba2": "Zamba2ForCausalLM",
                   **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES,
-                  **GATED_DELTA_NET_MODEL_TYPES}
+                  **GATED_DELTA_NET_MODEL_TYPES, **MAMBA1_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
@@ -182,6 +186,8 @@ _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_e
              "CohereForCausalLM": "layer_norm_eps", "Cohere2ForCausalLM": "layer_norm_eps",
              "Mamba2ForCausalLM": "layer_norm_epsilon",
              "NemotronHForCausalLM": "layer_norm_epsilon",
+             "MambaForCausalLM": "layer_norm_epsilon",
+             "FalconMambaForCausalLM": "layer_norm_epsilon",
              **dict.fromkeys(LFM2_ARCHITECTURES, "norm_eps")}
 
 
@@ -602,8 +608,10 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
             and "original_max_position_embeddings" not in scaling:  # transformers 4: beside it
         scaling = {**scaling, "original_max_position_embeddings":
                    hf_config.original_max_position_embeddings}
-    # (Mamba2 has no attention: its num_heads / head_dim are its mixers', unused here)
-    num_heads = getattr(hf_config, "num_attention_heads", None) or hf_config.num_heads
+    # (Mamba2 has no attention: its num_heads / head_dim are its mixers', unused here;
+    # Mamba's config names no heads at all)
+    num_heads = getattr(hf_config, "num_attention_heads", None) \
+        or getattr(hf_config, "num_heads", None) or 1
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     theta, scaling = ntk_alpha(theta, scaling, head_dim)
     args = LlamaArgs(
@@ -643,6 +651,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **mamba_flags(hf_config, name),
         **lfm2_flags(hf_config, name, quant),
         **gated_delta_net_flags(hf_config, name, quant),
+        **mamba1_flags(hf_config, name, quant),
     )
     if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
         args = replace(args, **mla_args(hf_config, name, scaling))

@@ -1,6 +1,7 @@
 """State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py), LFM2's short
-convolutions (layers/short_conv.py) or gated DeltaNet layers (layers/gated_delta_net.py:
-Qwen3-Next's, Qwen3.5's).
+convolutions (layers/short_conv.py), gated DeltaNet layers (layers/gated_delta_net.py:
+Qwen3-Next's, Qwen3.5's) or Mamba-1 mixers (layers/mamba1.py: Mamba's, FalconMamba's,
+Jamba's).
 
 A running sequence holds one slot: per mixer layer its conv state [conv_dim, d_conv - 1]
 and SSM state ([heads, head_dim, d_state]; a DeltaNet's [v heads, d_k, d_v]; a short
@@ -21,12 +22,13 @@ import torch
 
 from loraplex.engine.sequence import Sequence
 from loraplex.layers.gated_delta_net import GatedDeltaNet
+from loraplex.layers.mamba1 import Mamba1Mixer
 from loraplex.layers.mamba2 import Mamba2Mixer, MambaBatch
 from loraplex.layers.short_conv import ShortConv
 
 # the layers whose state is per sequence (each names its states: `slot_state_shapes`)
-STATE_LAYERS = (Mamba2Mixer, ShortConv, GatedDeltaNet)
-StateMixer = Mamba2Mixer | ShortConv | GatedDeltaNet
+STATE_LAYERS = (Mamba2Mixer, ShortConv, GatedDeltaNet, Mamba1Mixer)
+StateMixer = Mamba2Mixer | ShortConv | GatedDeltaNet | Mamba1Mixer
 
 
 def state_bytes_per_slot(mixers: list[StateMixer], dtype: torch.dtype) -> int:
