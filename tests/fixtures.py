@@ -279,6 +279,25 @@ def _arch_config(
                       moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
                       routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True,
                       sliding_window=6, layer_types=["full_attention", "sliding_attention"])
+    elif arch == "apertus":  # xIELU MLP, q/k norm, Llama 3 rope scaling, biases
+        common.update(hidden_act="xielu", attention_bias=True, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 10000.0})
+    elif arch == "phi":  # parallel sublayers on one LayerNorm, fc1/fc2 GELU, partial rotary,
+        # q/k LayerNorm, lm_head with a bias
+        common.update(hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.5,
+                      qk_layernorm=True)
+    elif arch == "phi2":  # Phi-2's: no q/k norm, tied nothing
+        common.update(hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.4)
+    elif arch == "stablelm":  # LayerNorm, partial rotary, q/k/v biases
+        common.update(layer_norm_eps=1e-5, partial_rotary_factor=0.25, use_qkv_bias=True)
+    elif arch == "stablelm_parallel":  # ... its sublayers side by side on one norm
+        common.update(layer_norm_eps=1e-5, partial_rotary_factor=0.5, use_qkv_bias=False,
+                      use_parallel_residual=True)
+    elif arch == "olmo":  # LayerNorm without parameters, q/k/v clamped, biases
+        common.update(clip_qkv=0.6, attention_bias=True)
+    elif arch == "helium":  # interleaved rotary, q/k/v and MLP biases
+        common.update(attention_bias=True, mlp_bias=True)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -297,7 +316,10 @@ def _arch_config(
                     "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
                     "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config",
                     "ernie4_5_moe": "Ernie4_5_MoeConfig",
-                    "hunyuan_moe": "HunYuanMoEV1Config", "dots1": "Dots1Config"}[arch]
+                    "hunyuan_moe": "HunYuanMoEV1Config", "dots1": "Dots1Config",
+                    "apertus": "ApertusConfig", "phi": "PhiConfig", "phi2": "PhiConfig",
+                    "stablelm": "StableLmConfig", "stablelm_parallel": "StableLmConfig",
+                    "olmo": "OlmoConfig", "helium": "HeliumConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

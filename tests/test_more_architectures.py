@@ -66,7 +66,10 @@ ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "cohere2": "Cohere2Config", "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
          "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config",
          "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_moe": "HunYuanMoEV1Config",
-         "dots1": "Dots1Config"}
+         "dots1": "Dots1Config", "apertus": "ApertusConfig", "phi": "PhiConfig",
+         "phi2": "PhiConfig", "stablelm": "StableLmConfig",
+         "stablelm_parallel": "StableLmConfig", "olmo": "OlmoConfig",
+         "helium": "HeliumConfig"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),

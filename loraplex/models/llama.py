@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, ClampedSwiGLU
+from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, XIELU, ClampedSwiGLU
 from loraplex.layers.attention import Attention
 from loraplex.layers.gated_delta_net import GatedDeltaNetArgs
 from loraplex.layers.linear import make_linear
@@ -100,6 +100,12 @@ class LlamaArgs:
     # checkpoint name pieces -> ours, for architectures that name a module otherwise
     # (Hunyuan's query_layernorm is our q_norm)
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # an HF module (in checkpoints and adapters) -> ours, which it is the whole of (Phi's
+    # attention output `dense` is our o_proj)
+    module_renames: tuple[tuple[str, str], ...] = ()
+    lm_head_bias: bool = False  # lm_head has a bias (Phi)
+    clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after their projection
+    # (OLMo)
     quant: QuantConfig | None = None  # quantized weights in the decoder's linears
     hidden_act: str = "silu"  # the gated MLP's: silu | gelu_tanh | gelu (layers/activation.py)
     gemma: bool = False  # embeddings x sqrt(hidden), GemmaRMSNorm
@@ -156,7 +162,8 @@ class LlamaArgs:
     logit_scale: float = 1.0  # Cohere: logits * this
     # "rms" (RMSNorm; Gemma's with gemma), "rms_1p" (Gemma's, 1 + w, without Gemma's
     # embedding scale: Qwen3-Next), "layernorm" (with a bias), "layernorm_nobias"
-    # (Cohere), "layernorm1p" (Nemotron: weight stored as w - 1, with a bias)
+    # (Cohere), "layernorm1p" (Nemotron: weight stored as w - 1, with a bias),
+    # "layernorm_noparam" (OLMo: neither weight nor bias, eps 1e-5)
     norm_type: str = "rms"
     # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
     ungated_mlp: tuple[str, str] | None = None
@@ -213,6 +220,8 @@ class LlamaArgs:
             return (GemmaRMSNorm if self.gemma else RMSNorm)(shape, self.norm_eps)
         if self.norm_type == "rms_1p":
             return GemmaRMSNorm(shape, self.norm_eps)
+        if self.norm_type == "layernorm_noparam":
+            return LayerNorm(shape, 1e-5, bias=False, weight=False)
         return LayerNorm(shape, self.norm_eps, bias=self.norm_type != "layernorm_nobias",
                          weight_minus_one=self.norm_type == "layernorm1p")
 
@@ -259,6 +268,7 @@ class LlamaAttention(nn.Module):
             else None
         self.position_query_scale = a.position_query_scale
         self.key_multiplier = a.key_multiplier
+        self.clip_qkv = a.clip_qkv
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap, window or 0, chunk=chunk)
@@ -270,6 +280,9 @@ class LlamaAttention(nn.Module):
         if self.output_gate:  # [T, H, 2D] -> query, gate
             q, gate = q.view(x.shape[0], -1, 2 * self.head_dim).chunk(2, dim=-1)
             q, gate = q.reshape(x.shape[0], -1), gate.reshape(x.shape[0], -1)
+        if self.clip_qkv is not None:  # OLMo
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if self.qk_norm_full:  # OLMo 2: over every head's dimensions together
             q, k = self.q_norm(q), self.k_norm(k)
         if self.key_multiplier != 1.0:  # Falcon-H1
@@ -316,7 +329,7 @@ class LlamaMLP(nn.Module):
 
 class UngatedMLP(nn.Module):
     """down(act(up(x))): Nemotron's and Arcee's (up_proj, down_proj; squared ReLU),
-    StarCoder2's (c_fc, c_proj; GELU). Its modules carry the checkpoint's names, which its
+    StarCoder2's (c_fc, c_proj; GELU), Apertus's (xIELU, its parameters in act_fn). Its modules carry the checkpoint's names, which its
     adapters target."""
 
     def __init__(self, a: LlamaArgs, prefix: str, intermediate_size: int | None = None
@@ -332,10 +345,11 @@ class UngatedMLP(nn.Module):
         setattr(self, self.down_name, make_linear(size, [a.hidden_size],
                                                   a.mlp_bias, a.quant,
                                                   _names(prefix, self.down_name)))
-        self.act = ACTIVATIONS[a.hidden_act]
+        # (Apertus's xIELU: learned, its parameters under the checkpoint's name act_fn)
+        self.act_fn = XIELU() if a.hidden_act == "xielu" else ACTIVATIONS[a.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.down_name)(self.act(getattr(self, self.up_name)(x)))
+        return getattr(self, self.down_name)(self.act_fn(getattr(self, self.up_name)(x)))
 
 
 def _llama4_ffn(a: LlamaArgs, prefix: str, index: int) -> nn.Module:
@@ -582,11 +596,15 @@ class LlamaForCausalLM(nn.Module):
             self.lora_target_modules = self.lora_target_modules + (
                 ("in_proj_qkvz", "in_proj_ba") if args.gated_delta_net.fused_projections
                 else ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")) + ("out_proj",)
+        for theirs, ours in args.module_renames:  # (Phi's dense: our o_proj)
+            self.packed_modules_mapping = {**self.packed_modules_mapping, theirs: (ours, 0)}
+            self.lora_target_modules = tuple(theirs if m == ours else m
+                                             for m in self.lora_target_modules)
         if args.lfm2 is not None:  # LFM2's names: out_proj, w1 / w3 / w2, the conv's
             from loraplex.models.lfm2 import lfm2_lora_targets
             self.lora_target_modules, self.packed_modules_mapping = lfm2_lora_targets(args)
         self.model = LlamaModel(args)
-        self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
+        self.lm_head = make_linear(args.hidden_size, [args.vocab_size], args.lm_head_bias)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -182,10 +182,12 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | Non
         vision.check_loaded(path)
     missing = [n for n in params if n not in loaded
                and not (n == "lm_head.weight" and (model.args.tie_word_embeddings
-                                                   or headless))]
-    if headless and "lm_head.weight" in params and "lm_head.weight" not in loaded:
-        with torch.no_grad():  # finite: a GPU profile run still samples from it
-            params["lm_head.weight"].zero_()
+                                                   or headless))
+               and not (n == "lm_head.bias" and headless)]
+    for head in ("lm_head.weight", "lm_head.bias"):
+        if headless and head in params and head not in loaded:
+            with torch.no_grad():  # finite: a GPU profile run still samples from it
+                params[head].zero_()
     if missing:
         raise ValueError(f"checkpoint in {path} lacks weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))

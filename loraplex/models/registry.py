@@ -118,6 +118,28 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # gated DeltaNet layers beside attention with an output gate; experts with a gated
     # shared expert (Qwen3-Next, Qwen3.5-MoE) or an MLP (Qwen3.5): models/qwen3_next.py
     **dict.fromkeys(GATED_DELTA_NET_ARCHITECTURES, ARCHITECTURE_FLAGS),
+    # Apertus: an ungated MLP with xIELU (its learned parameters in mlp.act_fn), q/k norm,
+    # its norms under its own names
+    "ApertusForCausalLM": {"ungated_mlp": ("up_proj", "down_proj"), "qk_norm": True,
+                           "checkpoint_renames": (
+                               (".attention_layernorm.", ".input_layernorm."),
+                               (".feedforward_layernorm.", ".post_attention_layernorm."))},
+    # Phi-1.5 / Phi-2: attention and an ungated GELU MLP (fc1, fc2) side by side on one
+    # LayerNorm'd input, biases everywhere (lm_head's too), partial rotary; its attention
+    # output is `dense`, its optional q/k LayerNorm per head (_phi)
+    "PhiForCausalLM": {"norm_type": "layernorm", "norm_layout": "parallel",
+                       "ungated_mlp": ("fc1", "fc2"), "module_renames": (("dense", "o_proj"),),
+                       "qkv_bias": True, "o_bias": True, "mlp_bias": True, "lm_head_bias": True,
+                       "checkpoint_renames": (("model.final_layernorm.", "model.norm."),
+                                              (".self_attn.q_layernorm.", ".self_attn.q_norm."),
+                                              (".self_attn.k_layernorm.", ".self_attn.k_norm."))},
+    # StableLM 2: LayerNorm with biases, partial rotary, q/k/v biases per use_qkv_bias, its
+    # sublayers side by side per use_parallel_residual (_stablelm)
+    "StableLmForCausalLM": {"norm_type": "layernorm"},
+    # OLMo 1: LayerNorm without parameters, q/k/v clamped per clip_qkv (_olmo)
+    "OlmoForCausalLM": {"norm_type": "layernorm_noparam"},
+    # Helium: Llama's layers, rotary on interleaved pairs
+    "HeliumForCausalLM": {"rope_interleaved": True},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -152,7 +174,9 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "granitemoeshared": "GraniteMoeSharedForCausalLM",
                   "bamba": "BambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
                   "nemotron_h": "NemotronHForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
-                  "zamba2": "Zamba2ForCausalLM",
+                  "zamba2": "Zamba2ForCausalLM", "apertus": "ApertusForCausalLM",
+                  "phi": "PhiForCausalLM", "stablelm": "StableLmForCausalLM",
+                  "olmo": "OlmoForCausalLM", "helium": "HeliumForCausalLM",
                   **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES,
                   **GATED_DELTA_NET_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
@@ -165,18 +189,20 @@ _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHIT
                    "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM", "ArceeForCausalLM",
                    "NemotronForCausalLM",
                    "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
-                   "OlmoeForCausalLM", *GATED_DELTA_NET_ARCHITECTURES)
+                   "OlmoeForCausalLM", *GATED_DELTA_NET_ARCHITECTURES,
+                   "ApertusForCausalLM", "OlmoForCausalLM")
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
              "ArceeForCausalLM", "NemotronForCausalLM", "BambaForCausalLM",
-             "NemotronHForCausalLM", "FalconH1ForCausalLM")
+             "NemotronHForCausalLM", "FalconH1ForCausalLM", "HeliumForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                "gelu": "gelu", "relu2": "relu2"}
+                "gelu": "gelu", "relu2": "relu2", "xielu": "xielu"}
 _DEFAULT_MAX_POSITIONS = 2048  # a config without max_position_embeddings (Mamba2)
 # what a config calls its norms' epsilon, where not rms_norm_eps
 _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_epsilon",
              "CohereForCausalLM": "layer_norm_eps", "Cohere2ForCausalLM": "layer_norm_eps",
              "Mamba2ForCausalLM": "layer_norm_epsilon",
              "NemotronHForCausalLM": "layer_norm_epsilon",
+             "PhiForCausalLM": "layer_norm_eps", "StableLmForCausalLM": "layer_norm_eps",
              **dict.fromkeys(LFM2_ARCHITECTURES, "norm_eps")}
 
 
@@ -289,7 +315,8 @@ def _hidden_act(hf: Any, name: str) -> str:
     act = getattr(hf, "mlp_hidden_act" if name == "NemotronHForCausalLM" else "hidden_act",
                   "silu")
     gated = "ungated_mlp" not in _ARCHITECTURES[name]
-    supported = [a for a, ours in _ACTIVATIONS.items() if not gated or ours in ACT_AND_MUL]
+    supported = [a for a, ours in _ACTIVATIONS.items() if (not gated or ours in ACT_AND_MUL)
+                 and (ours != "xielu" or name == "ApertusForCausalLM")]
     if act not in supported:
         raise ValueError(f"hidden_act={act!r} is not supported for {name}; supported: "
                          + ", ".join(supported))
@@ -297,7 +324,10 @@ def _hidden_act(hf: Any, name: str) -> str:
 
 
 def _norm_eps(hf: Any, name: str) -> float:
-    """The norms' epsilon, under the name the architecture's config gives it."""
+    """The norms' epsilon, under the name the architecture's config gives it (OLMo's
+    config has none: HF's norm fixes it at 1e-5)."""
+    if name == "OlmoForCausalLM":
+        return 1e-5
     return float(getattr(hf, _NORM_EPS.get(name, "rms_norm_eps")))
 
 
@@ -314,6 +344,11 @@ def _biases(hf: Any, name: str) -> dict[str, Any]:
     if name == "Starcoder2ForCausalLM":  # one flag for every projection
         bias = bool(getattr(hf, "use_bias", True))
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    if name == "StableLmForCausalLM":  # q/k/v only
+        return dict(qkv_bias=bool(getattr(hf, "use_qkv_bias", False)))
+    if name == "HeliumForCausalLM":  # o_proj never has one
+        return dict(qkv_bias=bool(getattr(hf, "attention_bias", False)),
+                    mlp_bias=bool(getattr(hf, "mlp_bias", False)))
     if name == "SeedOssForCausalLM":
         return dict(qkv_bias=bool(getattr(hf, "attention_bias", True)),
                     o_bias=bool(getattr(hf, "attention_out_bias", False)),
@@ -417,6 +452,23 @@ def _cohere(hf: Any, name: str) -> dict[str, Any]:
     qk_norm = bool(getattr(hf, "use_qk_norm", False))
     return dict(logit_scale=float(hf.logit_scale if hf.logit_scale is not None else 1.0),
                 qk_norm=qk_norm, qk_norm_per_head_weight=qk_norm)
+
+
+def _phi(hf: Any, name: str) -> dict[str, Any]:
+    """Phi's optional q/k LayerNorm (qk_layernorm: one over head_dim, shared by the heads,
+    with a bias); StableLM's sublayers side by side (use_parallel_residual: one norm) and
+    its q/k LayerNorm (a weight per head, refused); OLMo's clip_qkv."""
+    if name == "PhiForCausalLM":
+        return {"qk_norm": bool(getattr(hf, "qk_layernorm", False))}
+    if name == "StableLmForCausalLM":
+        if getattr(hf, "qk_layernorm", False):
+            raise ValueError("StableLM with qk_layernorm=true (StableLM 2 12B: a LayerNorm "
+                             "per head) is not supported yet")
+        return {"norm_layout": "parallel"} if getattr(hf, "use_parallel_residual", False) \
+            else {}
+    if name == "OlmoForCausalLM" and getattr(hf, "clip_qkv", None) is not None:
+        return {"clip_qkv": float(hf.clip_qkv)}
+    return {}
 
 
 def _ministral3(hf: Any, name: str) -> dict[str, Any]:
@@ -631,6 +683,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_mrope(hf_config),
         **_llama4(hf_config, name, quant),
         **_ministral3(hf_config, name),
+        **_phi(hf_config, name),
         **granite_moe_flags(hf_config, name),
         **mamba_flags(hf_config, name),
         **lfm2_flags(hf_config, name, quant),
