@@ -298,6 +298,12 @@ def _arch_config(
         common.update(clip_qkv=0.6, attention_bias=True)
     elif arch == "helium":  # interleaved rotary, q/k/v and MLP biases
         common.update(attention_bias=True, mlp_bias=True)
+    elif arch == "gpt_neox":  # q/k/v fused per head, parallel sublayers (two norms)
+        common.update(hidden_act="gelu", layer_norm_eps=1e-5, partial_rotary_factor=0.25,
+                      rotary_pct=0.25, use_parallel_residual=True)
+    elif arch == "gpt_neox_sequential":  # ... or one after the other
+        common.update(hidden_act="gelu", layer_norm_eps=1e-5, partial_rotary_factor=0.5,
+                      rotary_pct=0.5, use_parallel_residual=False)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -319,7 +325,8 @@ def _arch_config(
                     "hunyuan_moe": "HunYuanMoEV1Config", "dots1": "Dots1Config",
                     "apertus": "ApertusConfig", "phi": "PhiConfig", "phi2": "PhiConfig",
                     "stablelm": "StableLmConfig", "stablelm_parallel": "StableLmConfig",
-                    "olmo": "OlmoConfig", "helium": "HeliumConfig"}[arch]
+                    "olmo": "OlmoConfig", "helium": "HeliumConfig",
+                    "gpt_neox": "GPTNeoXConfig", "gpt_neox_sequential": "GPTNeoXConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

@@ -69,7 +69,8 @@ ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "dots1": "Dots1Config", "apertus": "ApertusConfig", "phi": "PhiConfig",
          "phi2": "PhiConfig", "stablelm": "StableLmConfig",
          "stablelm_parallel": "StableLmConfig", "olmo": "OlmoConfig",
-         "helium": "HeliumConfig"}
+         "helium": "HeliumConfig", "gpt_neox": "GPTNeoXConfig",
+         "gpt_neox_sequential": "GPTNeoXConfig"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -91,12 +92,21 @@ GLM_ADAPTERS = {  # its fused gate_up_proj too
 }
 
 
+NEOX_ADAPTERS = {  # its own names: the fused q/k/v, the MLP's, the embeddings and lm_head
+    "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["query_key_value", "dense_4h_to_h",
+                                                       "embed_in", "embed_out"]),
+    "r8_all": ADAPTERS["r8_all"],
+}
+
+
 MOE_ARCHS = ("glm4_moe", "olmoe", "minimax_m2", "ernie4_5_moe", "hunyuan_moe", "dots1")
 
 
 def _adapters(arch: str) -> dict[str, dict]:
     if arch in MOE_ARCHS:
         return GLM4_MOE_ADAPTERS
+    if arch.startswith("gpt_neox"):
+        return NEOX_ADAPTERS
     return GLM_ADAPTERS if arch.startswith("glm") else ADAPTERS
 
 

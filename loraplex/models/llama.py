@@ -111,13 +111,16 @@ class LlamaArgs:
     gemma: bool = False  # embeddings x sqrt(hidden), GemmaRMSNorm
     # where a layer's norms are: "pre" (on each sublayer's input), "sandwich" (Gemma 2:
     # on its input and its output), "post" (OLMo 2: on its output only), "glm" (GLM-4:
-    # sandwich, under its own names), "parallel" (Cohere: one norm, both sublayers on it)
+    # sandwich, under its own names), "parallel" (Cohere: one norm, both sublayers on it),
+    # "parallel_two_norms" (GPT-NeoX: both sublayers on x, each through its own norm)
     norm_layout: str = "pre"
     query_pre_attn_scalar: float | None = None  # attention scale^-2 (None: head_dim)
     attn_logit_softcap: float = 0.0  # > 0: scores capped (Gemma 2)
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
     # the HF modules are fused ones: qkv_proj (Phi-3), gate_up_proj (Phi-3, GLM)
     fused_qkv: bool = False
+    # ... laid out per head, [heads, (q, k, v), head_dim] (GPT-NeoX's query_key_value)
+    qkv_per_head: bool = False
     fused_gate_up: bool = False
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
     rope_interleaved: bool = False  # rotate pairs (2i, 2i+1), not halves (Ernie 4.5)
@@ -269,13 +272,18 @@ class LlamaAttention(nn.Module):
         self.position_query_scale = a.position_query_scale
         self.key_multiplier = a.key_multiplier
         self.clip_qkv = a.clip_qkv
+        self.qkv_per_head = a.qkv_per_head
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap, window or 0, chunk=chunk)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q_size = self.q_size * (2 if self.output_gate else 1)
-        q, k, v = self.qkv_proj(x).split([q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qkv_per_head:  # GPT-NeoX: each head's q, k, v side by side
+            q, k, v = self.qkv_proj(x).view(x.shape[0], -1, 3 * self.head_dim).chunk(3, dim=-1)
+            q, k, v = (t.reshape(x.shape[0], -1) for t in (q, k, v))
+        else:
+            q, k, v = self.qkv_proj(x).split([q_size, self.kv_size, self.kv_size], dim=-1)
         gate = None
         if self.output_gate:  # [T, H, 2D] -> query, gate
             q, gate = q.view(x.shape[0], -1, 2 * self.head_dim).chunk(2, dim=-1)
@@ -426,6 +434,9 @@ class LlamaDecoderLayer(nn.Module):
         if self.layout == "parallel":  # Cohere: both sublayers read the same normed x
             normed = self.input_layernorm(x)
             return x + self.self_attn(positions, normed) + self.ffn(normed)
+        if self.layout == "parallel_two_norms":  # GPT-NeoX: both read x, each normed
+            return x + self.self_attn(positions, self.input_layernorm(x)) \
+                + self.ffn(self.post_attention_layernorm(x))
         h = x + self._residual(self.self_attn(positions, self.input_layernorm(x)))
         return h + self._residual(self.ffn(self.post_attention_layernorm(h)))
 

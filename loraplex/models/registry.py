@@ -126,7 +126,7 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
                                (".feedforward_layernorm.", ".post_attention_layernorm."))},
     # Phi-1.5 / Phi-2: attention and an ungated GELU MLP (fc1, fc2) side by side on one
     # LayerNorm'd input, biases everywhere (lm_head's too), partial rotary; its attention
-    # output is `dense`, its optional q/k LayerNorm per head (_phi)
+    # output is `dense`, its optional q/k LayerNorm per head (_layer_options)
     "PhiForCausalLM": {"norm_type": "layernorm", "norm_layout": "parallel",
                        "ungated_mlp": ("fc1", "fc2"), "module_renames": (("dense", "o_proj"),),
                        "qkv_bias": True, "o_bias": True, "mlp_bias": True, "lm_head_bias": True,
@@ -134,12 +134,26 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
                                               (".self_attn.q_layernorm.", ".self_attn.q_norm."),
                                               (".self_attn.k_layernorm.", ".self_attn.k_norm."))},
     # StableLM 2: LayerNorm with biases, partial rotary, q/k/v biases per use_qkv_bias, its
-    # sublayers side by side per use_parallel_residual (_stablelm)
+    # sublayers side by side per use_parallel_residual (_layer_options)
     "StableLmForCausalLM": {"norm_type": "layernorm"},
-    # OLMo 1: LayerNorm without parameters, q/k/v clamped per clip_qkv (_olmo)
+    # OLMo 1: LayerNorm without parameters, q/k/v clamped per clip_qkv (_layer_options)
     "OlmoForCausalLM": {"norm_type": "layernorm_noparam"},
     # Helium: Llama's layers, rotary on interleaved pairs
     "HeliumForCausalLM": {"rope_interleaved": True},
+    # GPT-NeoX (Pythia): q/k/v fused per head (query_key_value), its attention output
+    # `dense`, an ungated GELU MLP, LayerNorm with biases, partial rotary; its sublayers
+    # side by side per use_parallel_residual (_layer_options); its own names for the model, the
+    # embeddings, attention and lm_head, in checkpoints and adapters
+    "GPTNeoXForCausalLM": {
+        "norm_type": "layernorm", "fused_qkv": True, "qkv_per_head": True,
+        "ungated_mlp": ("dense_h_to_4h", "dense_4h_to_h"), "mlp_bias": True,
+        "module_renames": (("query_key_value", "qkv_proj"), ("dense", "o_proj")),
+        "checkpoint_renames": (("gpt_neox.embed_in.", "model.embed_tokens."),
+                               ("gpt_neox.final_layer_norm.", "model.norm."),
+                               ("gpt_neox.layers.", "model.layers."),
+                               (".attention.", ".self_attn."), ("embed_out.", "lm_head.")),
+        "adapter_aliases": (("gpt_neox", "model"), ("attention", "self_attn"),
+                            ("embed_in", "embed_tokens"), ("embed_out", "lm_head"))},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -177,6 +191,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "zamba2": "Zamba2ForCausalLM", "apertus": "ApertusForCausalLM",
                   "phi": "PhiForCausalLM", "stablelm": "StableLmForCausalLM",
                   "olmo": "OlmoForCausalLM", "helium": "HeliumForCausalLM",
+                  "gpt_neox": "GPTNeoXForCausalLM",
                   **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES,
                   **GATED_DELTA_NET_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
@@ -203,6 +218,7 @@ _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_e
              "Mamba2ForCausalLM": "layer_norm_epsilon",
              "NemotronHForCausalLM": "layer_norm_epsilon",
              "PhiForCausalLM": "layer_norm_eps", "StableLmForCausalLM": "layer_norm_eps",
+             "GPTNeoXForCausalLM": "layer_norm_eps",
              **dict.fromkeys(LFM2_ARCHITECTURES, "norm_eps")}
 
 
@@ -346,6 +362,9 @@ def _biases(hf: Any, name: str) -> dict[str, Any]:
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
     if name == "StableLmForCausalLM":  # q/k/v only
         return dict(qkv_bias=bool(getattr(hf, "use_qkv_bias", False)))
+    if name == "GPTNeoXForCausalLM":  # query_key_value's and dense's (the MLP's: always)
+        bias = bool(getattr(hf, "attention_bias", True))
+        return dict(qkv_bias=bias, o_bias=bias)
     if name == "HeliumForCausalLM":  # o_proj never has one
         return dict(qkv_bias=bool(getattr(hf, "attention_bias", False)),
                     mlp_bias=bool(getattr(hf, "mlp_bias", False)))
@@ -454,10 +473,11 @@ def _cohere(hf: Any, name: str) -> dict[str, Any]:
                 qk_norm=qk_norm, qk_norm_per_head_weight=qk_norm)
 
 
-def _phi(hf: Any, name: str) -> dict[str, Any]:
+def _layer_options(hf: Any, name: str) -> dict[str, Any]:
     """Phi's optional q/k LayerNorm (qk_layernorm: one over head_dim, shared by the heads,
     with a bias); StableLM's sublayers side by side (use_parallel_residual: one norm) and
-    its q/k LayerNorm (a weight per head, refused); OLMo's clip_qkv."""
+    its q/k LayerNorm (a weight per head, refused); GPT-NeoX's sublayers side by side
+    (use_parallel_residual: each its own norm); OLMo's clip_qkv."""
     if name == "PhiForCausalLM":
         return {"qk_norm": bool(getattr(hf, "qk_layernorm", False))}
     if name == "StableLmForCausalLM":
@@ -466,6 +486,9 @@ def _phi(hf: Any, name: str) -> dict[str, Any]:
                              "per head) is not supported yet")
         return {"norm_layout": "parallel"} if getattr(hf, "use_parallel_residual", False) \
             else {}
+    if name == "GPTNeoXForCausalLM":
+        return {"norm_layout": "parallel_two_norms"} \
+            if getattr(hf, "use_parallel_residual", True) else {}
     if name == "OlmoForCausalLM" and getattr(hf, "clip_qkv", None) is not None:
         return {"clip_qkv": float(hf.clip_qkv)}
     return {}
@@ -656,7 +679,9 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         intermediate_size=getattr(hf_config, "intermediate_size", 0),  # (Mamba2: none)
         num_layers=hf_config.num_hidden_layers,
         num_heads=num_heads,
-        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        # (GPT-NeoX's heads are all q/k/v heads, whatever else its config holds)
+        num_kv_heads=num_heads if name == "GPTNeoXForCausalLM" else
+        getattr(hf_config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         norm_eps=_norm_eps(hf_config, name),
         rope_theta=theta,
@@ -683,7 +708,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_mrope(hf_config),
         **_llama4(hf_config, name, quant),
         **_ministral3(hf_config, name),
-        **_phi(hf_config, name),
+        **_layer_options(hf_config, name),
         **granite_moe_flags(hf_config, name),
         **mamba_flags(hf_config, name),
         **lfm2_flags(hf_config, name, quant),
