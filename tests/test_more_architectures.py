@@ -54,8 +54,10 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from loraplex.lora.errors import LoRAError
+from loraplex.lora.request import LoRARequest
 from tests.engine_utils import GREEDY, check_mixed_batch, make_llm
-from tests.fixtures import make_peft_adapter, make_tiny_model
+from tests.fixtures import make_added_tokens_adapter, make_peft_adapter, make_tiny_model
 
 ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
@@ -205,3 +207,45 @@ def test_ernie_moe_with_biases_is_refused():
         build_model(config)
     config.use_bias = False
     assert build_model(config).args.dense_layers == (0,)
+
+
+def test_phi_adapters_that_bring_lm_head_rows_are_refused(models, prompts, tmp_path):
+    """Phi's lm_head has a bias: an adapter that adds tokens fails alone with a clear
+    error (its rows would be served without one), the engine serving the next request;
+    whole lm_head tables (modules_to_save) are refused at start-up."""
+    base, adapters = models["phi"]
+    added = make_added_tokens_adapter(base, tmp_path / "added")
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8)
+    with pytest.raises(LoRAError, match="adds 3 tokens past the base vocabulary of 512: not "
+                                        "supported on a model whose lm_head has a bias"):
+        llm.llm_engine.add_request("added", {"prompt_token_ids": prompts[0]}, GREEDY,
+                                   lora_request=LoRARequest("added", 1, str(added)))
+    check_mixed_batch(llm, base, adapters, prompts, extra=0)
+    with pytest.raises(ValueError, match="--enable-lora-modules-to-save is not supported on "
+                                         "a model whose lm_head has a bias"):
+        make_llm(base, enable_lora=True, enable_lora_modules_to_save=True,
+                 lora_target_modules=["q_proj", "embed_tokens", "lm_head"])
+
+
+def test_unsupported_options_are_refused_at_start_up():
+    """What HF's code does that loraplex does not is refused before anything loads:
+    StableLM's per-head q/k LayerNorm (StableLM 2 12B), xIELU outside Apertus."""
+    from loraplex.models.registry import build_model
+
+    if not hasattr(transformers, "StableLmConfig"):
+        pytest.skip(f"this transformers ({transformers.__version__}) has no StableLM")
+    config = transformers.StableLmConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, qk_layernorm=True,
+        architectures=["StableLmForCausalLM"])
+    with pytest.raises(ValueError, match="StableLM with qk_layernorm=true .* not supported"):
+        build_model(config)
+    config.qk_layernorm = False
+    assert build_model(config).args.rotary_dim == 4  # (a quarter of each head: 16)
+    config = transformers.ArceeConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, hidden_act="xielu",
+        architectures=["ArceeForCausalLM"])
+    with pytest.raises(ValueError, match="hidden_act='xielu' is not supported for "
+                                         "ArceeForCausalLM"):
+        build_model(config)

@@ -19,6 +19,13 @@ class RMSNorm(nn.Module):
         return self.weight * self._normalized(x).to(x.dtype)
 
 
+class FP32ScaleRMSNorm(RMSNorm):
+    """Helium's: the weight applied in fp32 before the cast back (Llama casts first)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight.float() * self._normalized(x)).to(x.dtype)
+
+
 class GemmaRMSNorm(RMSNorm):
     """Gemma's: the weight is stored as w - 1, and the scaling happens in fp32 before
     the cast back (Llama casts first)."""

@@ -58,7 +58,7 @@ from loraplex.layers.linear import make_linear
 from loraplex.layers.mamba2 import Mamba2Args
 from loraplex.layers.mla import MLAArgs, MLAAttention
 from loraplex.layers.moe import GroupedTopK, SparseMoE
-from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
+from loraplex.layers.norm import FP32ScaleRMSNorm, GemmaRMSNorm, LayerNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.falcon_h1 import FalconH1Args
@@ -164,7 +164,8 @@ class LlamaArgs:
     logits_scaling: float = 1.0  # Granite: logits / this
     logit_scale: float = 1.0  # Cohere: logits * this
     # "rms" (RMSNorm; Gemma's with gemma), "rms_1p" (Gemma's, 1 + w, without Gemma's
-    # embedding scale: Qwen3-Next), "layernorm" (with a bias), "layernorm_nobias"
+    # embedding scale: Qwen3-Next), "rms_fp32_scale" (Helium's: w applied before the
+    # cast), "layernorm" (with a bias), "layernorm_nobias"
     # (Cohere), "layernorm1p" (Nemotron: weight stored as w - 1, with a bias),
     # "layernorm_noparam" (OLMo: neither weight nor bias, eps 1e-5)
     norm_type: str = "rms"
@@ -223,6 +224,8 @@ class LlamaArgs:
             return (GemmaRMSNorm if self.gemma else RMSNorm)(shape, self.norm_eps)
         if self.norm_type == "rms_1p":
             return GemmaRMSNorm(shape, self.norm_eps)
+        if self.norm_type == "rms_fp32_scale":
+            return FP32ScaleRMSNorm(shape, self.norm_eps)
         if self.norm_type == "layernorm_noparam":
             return LayerNorm(shape, 1e-5, bias=False, weight=False)
         return LayerNorm(shape, self.norm_eps, bias=self.norm_type != "layernorm_nobias",

@@ -138,8 +138,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "StableLmForCausalLM": {"norm_type": "layernorm"},
     # OLMo 1: LayerNorm without parameters, q/k/v clamped per clip_qkv (_layer_options)
     "OlmoForCausalLM": {"norm_type": "layernorm_noparam"},
-    # Helium: Llama's layers, rotary on interleaved pairs
-    "HeliumForCausalLM": {"rope_interleaved": True},
+    # Helium: Llama's layers, rotary on interleaved pairs, its RMSNorm's weight applied
+    # in fp32
+    "HeliumForCausalLM": {"rope_interleaved": True, "norm_type": "rms_fp32_scale"},
     # GPT-NeoX (Pythia): q/k/v fused per head (query_key_value), its attention output
     # `dense`, an ungated GELU MLP, LayerNorm with biases, partial rotary; its sublayers
     # side by side per use_parallel_residual (_layer_options); its own names for the model, the
