@@ -304,6 +304,11 @@ def _arch_config(
     elif arch == "gpt_neox_sequential":  # ... or one after the other
         common.update(hidden_act="gelu", layer_norm_eps=1e-5, partial_rotary_factor=0.5,
                       rotary_pct=0.5, use_parallel_residual=False)
+    elif arch == "phimoe":  # sparsemixer routing (a jitter eps that masks some experts),
+        # LayerNorm, biases on q/k/v/o and lm_head
+        common.update(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.1,
+                      input_jitter_noise=0.0, attention_bias=True, lm_head_bias=True,
+                      rms_norm_eps=1e-5, sliding_window=None)
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -326,7 +331,8 @@ def _arch_config(
                     "apertus": "ApertusConfig", "phi": "PhiConfig", "phi2": "PhiConfig",
                     "stablelm": "StableLmConfig", "stablelm_parallel": "StableLmConfig",
                     "olmo": "OlmoConfig", "helium": "HeliumConfig",
-                    "gpt_neox": "GPTNeoXConfig", "gpt_neox_sequential": "GPTNeoXConfig"}[arch]
+                    "gpt_neox": "GPTNeoXConfig", "gpt_neox_sequential": "GPTNeoXConfig",
+                    "phimoe": "PhimoeConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

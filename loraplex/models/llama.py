@@ -138,6 +138,7 @@ class LlamaArgs:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
     shared_expert_name: str = "shared_expert"  # GLM-4.5's: "shared_experts", ungated
     grouped_topk: GroupedTopK | None = None  # GLM-4.5's grouped sigmoid routing
+    sparsemixer_eps: float | None = None  # Phi-3.5-MoE's routing: its router_jitter_noise
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
     sliding_window: int | None = None  # the attention window of window_layers
     window_layers: tuple[int, ...] = ()
@@ -391,7 +392,7 @@ def feed_forward(a: LlamaArgs, prefix: str, index: int) -> tuple[str, nn.Module]
         a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts,
         _names(experts, *(f"{e}.{leaf}" for e in range(a.num_experts)
                           for leaf in a.expert_leaves)), a.grouped_topk,
-        a.shared_expert_name, a.fused_experts)
+        a.shared_expert_name, a.fused_experts, a.sparsemixer_eps)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -141,6 +141,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # Helium: Llama's layers, rotary on interleaved pairs, its RMSNorm's weight applied
     # in fp32
     "HeliumForCausalLM": {"rope_interleaved": True, "norm_type": "rms_fp32_scale"},
+    # Phi-3.5-MoE: Mixtral's layers with LayerNorm, routed by its sparsemixer (_experts),
+    # biases per attention_bias and lm_head_bias (_biases)
+    "PhimoeForCausalLM": {"norm_type": "layernorm"},
     # GPT-NeoX (Pythia): q/k/v fused per head (query_key_value), its attention output
     # `dense`, an ungated GELU MLP, LayerNorm with biases, partial rotary; its sublayers
     # side by side per use_parallel_residual (_layer_options); its own names for the model, the
@@ -192,7 +195,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "zamba2": "Zamba2ForCausalLM", "apertus": "ApertusForCausalLM",
                   "phi": "PhiForCausalLM", "stablelm": "StableLmForCausalLM",
                   "olmo": "OlmoForCausalLM", "helium": "HeliumForCausalLM",
-                  "gpt_neox": "GPTNeoXForCausalLM",
+                  "gpt_neox": "GPTNeoXForCausalLM", "phimoe": "PhimoeForCausalLM",
                   **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES,
                   **GATED_DELTA_NET_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
@@ -366,6 +369,10 @@ def _biases(hf: Any, name: str) -> dict[str, Any]:
     if name == "GPTNeoXForCausalLM":  # query_key_value's and dense's (the MLP's: always)
         bias = bool(getattr(hf, "attention_bias", True))
         return dict(qkv_bias=bias, o_bias=bias)
+    if name == "PhimoeForCausalLM":  # q/k/v/o's, and lm_head's of its own flag
+        bias = bool(getattr(hf, "attention_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias,
+                    lm_head_bias=bool(getattr(hf, "lm_head_bias", False)))
     if name == "HeliumForCausalLM":  # o_proj never has one
         return dict(qkv_bias=bool(getattr(hf, "attention_bias", False)),
                     mlp_bias=bool(getattr(hf, "mlp_bias", False)))
@@ -517,7 +524,7 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     if quant is not None and quant.method == "mxfp4" and name != "GptOssForCausalLM":
         raise ValueError(f"mxfp4-quantized {name} models are not supported: loraplex loads "
                          "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
-    if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    if name not in ("MixtralForCausalLM", "PhimoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                     "GptOssForCausalLM", "Glm4MoeForCausalLM", "OlmoeForCausalLM",
                     "MiniMaxM2ForCausalLM", "Ernie4_5_MoeForCausalLM", "HunYuanMoEV1ForCausalLM",
                     "Dots1ForCausalLM",
@@ -537,6 +544,13 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
         return dict(num_experts=int(hf.num_local_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),
                     expert_leaves=("w1", "w3", "w2"))
+    if name == "PhimoeForCausalLM":  # Mixtral's experts, its sparsemixer's top-2
+        if int(hf.num_experts_per_tok) != 2:
+            raise ValueError(f"Phi-3.5-MoE with num_experts_per_tok={hf.num_experts_per_tok}"
+                             " is not supported: its sparsemixer routes to 2 experts")
+        return dict(num_experts=int(hf.num_local_experts), num_experts_per_tok=2,
+                    expert_leaves=("w1", "w3", "w2"),
+                    sparsemixer_eps=float(hf.router_jitter_noise))
     if name == "GptOssForCausalLM":  # transformers 4.55-4.57 had no swiglu_alpha field
         return dict(num_experts=int(hf.num_local_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok), moe_module="mlp",
