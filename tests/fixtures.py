@@ -305,10 +305,15 @@ def _arch_config(
         common.update(hidden_act="gelu", layer_norm_eps=1e-5, partial_rotary_factor=0.5,
                       rotary_pct=0.5, use_parallel_residual=False)
     elif arch == "phimoe":  # sparsemixer routing (a jitter eps that masks some experts),
-        # LayerNorm, biases on q/k/v/o and lm_head
+        # LayerNorm, biases on q/k/v/o and lm_head, LongRoPE with its own mscale
         common.update(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.1,
                       input_jitter_noise=0.0, attention_bias=True, lm_head_bias=True,
-                      rms_norm_eps=1e-5, sliding_window=None)
+                      rms_norm_eps=1e-5, sliding_window=None,
+                      rope_scaling={"rope_type": "longrope", "type": "longrope",
+                                    "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                    "long_factor": [2.0 + 0.2 * i for i in range(8)],
+                                    "short_mscale": 1.3, "long_mscale": 1.3,
+                                    "original_max_position_embeddings": 256})
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",

@@ -640,6 +640,19 @@ def _llama4(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     return llama4_flags(hf)
 
 
+def _phimoe_mscale(scaling: dict) -> dict:
+    """Phi-3.5-MoE's LongRoPE scales cos / sin by its config's short_mscale (prompts within
+    the original context) or long_mscale, not by HF's computed attention factor: one value
+    for both is served as that factor; two different ones are refused."""
+    short, long = scaling.get("short_mscale"), scaling.get("long_mscale")
+    if short is None and long is None:
+        return scaling
+    if short != long:
+        raise ValueError(f"Phi-3.5-MoE with short_mscale={short} and long_mscale={long} is "
+                         "not supported: loraplex's LongRoPE tables take one scale")
+    return {**scaling, "attention_factor": float(short)}
+
+
 def ntk_alpha(theta: float, scaling: dict | None, head_dim: int
               ) -> tuple[float, dict | None]:
     """Hunyuan's "dynamic" rope with a fixed `alpha`: not dynamic at all, the base
@@ -684,6 +697,8 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
             and "original_max_position_embeddings" not in scaling:  # transformers 4: beside it
         scaling = {**scaling, "original_max_position_embeddings":
                    hf_config.original_max_position_embeddings}
+    if name == "PhimoeForCausalLM" and scaling is not None:
+        scaling = _phimoe_mscale(scaling)
     # (Mamba2 has no attention: its num_heads / head_dim are its mixers', unused here)
     num_heads = getattr(hf_config, "num_attention_heads", None) or hf_config.num_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
