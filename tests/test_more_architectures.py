@@ -245,7 +245,8 @@ def test_phi_adapters_that_bring_lm_head_rows_are_refused(models, prompts, tmp_p
 
 def test_unsupported_options_are_refused_at_start_up():
     """What HF's code does that loraplex does not is refused before anything loads:
-    StableLM's per-head q/k LayerNorm (StableLM 2 12B), xIELU outside Apertus."""
+    StableLM's per-head q/k LayerNorm (StableLM 2 12B), xIELU outside Apertus, Phi-3.5-MoE
+    routed to other than two experts."""
     from loraplex.models.registry import build_model
 
     if not hasattr(transformers, "StableLmConfig"):
@@ -265,3 +266,11 @@ def test_unsupported_options_are_refused_at_start_up():
     with pytest.raises(ValueError, match="hidden_act='xielu' is not supported for "
                                          "ArceeForCausalLM"):
         build_model(config)
+    config = transformers.PhimoeConfig(  # its sparsemixer picks two experts, no more
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=3, architectures=["PhimoeForCausalLM"])
+    with pytest.raises(ValueError, match="num_experts_per_tok=3 is not supported"):
+        build_model(config)
+    config.num_experts_per_tok = 2
+    assert build_model(config).args.sparsemixer_eps == config.router_jitter_noise
