@@ -26,7 +26,12 @@ One file, flags for the differences:
 - StarCoder2, Nemotron and Cohere normalize with LayerNorm (StarCoder2's and Nemotron's
   with a bias; Nemotron stores its weight as w - 1).
 - Cohere runs attention and the MLP side by side on one normed input ("parallel"), and
-  scales its logits by logit_scale.
+  scales its logits by logit_scale; so do Phi-1.5 / Phi-2 (fc1 / fc2, their attention
+  output `dense`, lm_head with a bias) and StableLM's parallel-residual configs. GPT-NeoX
+  runs them side by side each on its own norm ("parallel_two_norms"), its q/k/v fused
+  per head (qkv_per_head).
+- Apertus's ungated MLP has xIELU, learned per layer; OLMo 1 normalizes without
+  parameters and clamps q/k/v (clip_qkv); Phi-3.5-MoE routes its experts by sparsemixer.
 - Llama 4 (`llama4`, models/llama4.py): chunked local attention on its rope layers, q/k
   L2-normed there, temperature-tuned queries on its NoPE layers, and a `feed_forward`
   that is a sigmoid-routed mixture with a shared expert (Llama4MoE) or a dense MLP.
