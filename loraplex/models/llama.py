@@ -171,9 +171,9 @@ class LlamaArgs:
     logit_scale: float = 1.0  # Cohere: logits * this
     # "rms" (RMSNorm; Gemma's with gemma), "rms_1p" (Gemma's, 1 + w, without Gemma's
     # embedding scale: Qwen3-Next), "rms_fp32_scale" (Helium's: w applied before the
-    # cast), "layernorm" (with a bias), "layernorm_nobias"
-    # (Cohere), "layernorm1p" (Nemotron: weight stored as w - 1, with a bias),
-    # "layernorm_noparam" (OLMo: neither weight nor bias, eps 1e-5)
+    # cast), "layernorm" (with a bias), "layernorm_nobias" (Cohere), "layernorm1p"
+    # (Nemotron: weight stored as w - 1, with a bias), "layernorm_noparam" (OLMo: neither
+    # weight nor bias, eps 1e-5)
     norm_type: str = "rms"
     # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
     ungated_mlp: tuple[str, str] | None = None
@@ -346,8 +346,9 @@ class LlamaMLP(nn.Module):
 
 class UngatedMLP(nn.Module):
     """down(act(up(x))): Nemotron's and Arcee's (up_proj, down_proj; squared ReLU),
-    StarCoder2's (c_fc, c_proj; GELU), Apertus's (xIELU, its parameters in act_fn). Its modules carry the checkpoint's names, which its
-    adapters target."""
+    StarCoder2's (c_fc, c_proj; GELU), Apertus's (xIELU, its parameters in act_fn), Phi's
+    (fc1, fc2; GELU). Its modules carry the checkpoint's names, which its adapters
+    target."""
 
     def __init__(self, a: LlamaArgs, prefix: str, intermediate_size: int | None = None
                  ) -> None:

@@ -524,8 +524,9 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     if quant is not None and quant.method == "mxfp4" and name != "GptOssForCausalLM":
         raise ValueError(f"mxfp4-quantized {name} models are not supported: loraplex loads "
                          "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
-    if name not in ("MixtralForCausalLM", "PhimoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-                    "GptOssForCausalLM", "Glm4MoeForCausalLM", "OlmoeForCausalLM",
+    if name not in ("MixtralForCausalLM", "PhimoeForCausalLM", "Qwen2MoeForCausalLM",
+                    "Qwen3MoeForCausalLM", "GptOssForCausalLM", "Glm4MoeForCausalLM",
+                    "OlmoeForCausalLM",
                     "MiniMaxM2ForCausalLM", "Ernie4_5_MoeForCausalLM", "HunYuanMoEV1ForCausalLM",
                     "Dots1ForCausalLM",
                     *DEEPSEEK_ARCHITECTURES):
