@@ -57,7 +57,12 @@ from safetensors.torch import load_file, save_file
 from loraplex.lora.errors import LoRAError
 from loraplex.lora.request import LoRARequest
 from tests.engine_utils import GREEDY, check_mixed_batch, make_llm
-from tests.fixtures import make_added_tokens_adapter, make_peft_adapter, make_tiny_model
+from tests.fixtures import (
+    edited_copy,
+    make_added_tokens_adapter,
+    make_peft_adapter,
+    make_tiny_model,
+)
 
 ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
@@ -274,3 +279,25 @@ def test_unsupported_options_are_refused_at_start_up():
         build_model(config)
     config.num_experts_per_tok = 2
     assert build_model(config).args.sparsemixer_eps == config.router_jitter_noise
+
+
+def test_pythia_checkpoints_causal_mask_buffers_are_skipped(models, tmp_path, caplog):
+    """Pythia's checkpoints hold each layer's causal-mask buffers (attention.bias,
+    attention.masked_bias): skipped without a warning each, the model the same."""
+    base, _ = models["gpt_neox"]
+
+    def with_buffers(tensors: dict) -> dict:
+        for i in range(2):
+            tensors[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(
+                1, 1, 8, 8, dtype=torch.bool).tril()
+            tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        return tensors
+
+    copy = edited_copy(base, tmp_path / "pythia", tensors=with_buffers,
+                       weights="model.safetensors")
+    prompt = {"prompt_token_ids": [1, 43, 76, 9]}
+    want = make_llm(base).generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    with caplog.at_level(logging.WARNING, logger="loraplex.models.loader"):
+        got = make_llm(copy).generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids
+    assert not [r for r in caplog.records if r.name == "loraplex.models.loader"]

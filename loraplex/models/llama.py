@@ -108,6 +108,9 @@ class LlamaArgs:
     # an HF module (in checkpoints and adapters) -> ours, which it is the whole of (Phi's
     # attention output `dense` is our o_proj)
     module_renames: tuple[tuple[str, str], ...] = ()
+    # checkpoint tensors (name endings, after the renames) that are no weights: skipped
+    # quietly (GPT-NeoX's causal-mask buffers, attention.bias / masked_bias)
+    checkpoint_skips: tuple[str, ...] = ()
     lm_head_bias: bool = False  # lm_head has a bias (Phi)
     clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after their projection
     # (OLMo)

@@ -126,7 +126,7 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | Non
         name = ours if text_only is not None else name
         for theirs, ours_part in model.args.checkpoint_renames:
             name = name.replace(theirs, ours_part)
-        if "rotary_emb.inv_freq" in name:
+        if "rotary_emb.inv_freq" in name or name.endswith(model.args.checkpoint_skips):
             continue
         if _layer_index(name) >= model.args.num_layers or name.startswith("mtp."):
             past_layers += 1  # (Qwen3-Next's and Qwen3.5's under mtp.*)

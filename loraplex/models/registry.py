@@ -156,6 +156,7 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
                                ("gpt_neox.final_layer_norm.", "model.norm."),
                                ("gpt_neox.layers.", "model.layers."),
                                (".attention.", ".self_attn."), ("embed_out.", "lm_head.")),
+        "checkpoint_skips": (".self_attn.bias", ".self_attn.masked_bias"),
         "adapter_aliases": (("gpt_neox", "model"), ("attention", "self_attn"),
                             ("embed_in", "embed_tokens"), ("embed_out", "lm_head"))},
 }
