@@ -249,21 +249,10 @@ def test_phi_adapters_that_bring_lm_head_rows_are_refused(models, prompts, tmp_p
 
 
 def test_unsupported_options_are_refused_at_start_up():
-    """What HF's code does that loraplex does not is refused before anything loads:
-    StableLM's per-head q/k LayerNorm (StableLM 2 12B), xIELU outside Apertus, Phi-3.5-MoE
-    routed to other than two experts."""
+    """What HF's code does that loraplex does not is refused before anything loads: xIELU
+    outside Apertus, Phi-3.5-MoE routed to other than two experts."""
     from loraplex.models.registry import build_model
 
-    if not hasattr(transformers, "StableLmConfig"):
-        pytest.skip(f"this transformers ({transformers.__version__}) has no StableLM")
-    config = transformers.StableLmConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, qk_layernorm=True,
-        architectures=["StableLmForCausalLM"])
-    with pytest.raises(ValueError, match="StableLM with qk_layernorm=true .* not supported"):
-        build_model(config)
-    config.qk_layernorm = False
-    assert build_model(config).args.rotary_dim == 4  # (a quarter of each head: 16)
     config = transformers.ArceeConfig(
         vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, hidden_act="xielu",

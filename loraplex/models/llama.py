@@ -101,7 +101,8 @@ class LlamaArgs:
     qk_norm: bool = False  # q and k RMS-normalized per head (Qwen3)
     qk_norm_full: bool = False  # ... over all heads' dimensions at once (OLMo 2)
     qk_norm_after_rope: bool = False  # q/k normalized after the rotation (Hunyuan)
-    qk_norm_per_head_weight: bool = False  # each head normed with its own weight (Cohere)
+    # each head normed with its own LayerNorm weight (Cohere, StableLM 2 12B)
+    qk_norm_per_head_weight: bool = False
     # checkpoint name pieces -> ours, for architectures that name a module otherwise
     # (Hunyuan's query_layernorm is our q_norm)
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
@@ -111,6 +112,9 @@ class LlamaArgs:
     # checkpoint tensors (name endings, after the renames) that are no weights: skipped
     # quietly (GPT-NeoX's causal-mask buffers, attention.bias / masked_bias)
     checkpoint_skips: tuple[str, ...] = ()
+    # checkpoint modules, one per row of one of our weights (name piece -> ours): StableLM's
+    # q_layernorm.norms.{head} -> the rows of our per-head q_norm.weight
+    checkpoint_stacks: tuple[tuple[str, str], ...] = ()
     lm_head_bias: bool = False  # lm_head has a bias (Phi)
     clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after their projection
     # (OLMo)
@@ -268,9 +272,10 @@ class LlamaAttention(nn.Module):
         self.q_norm = self.k_norm = None
         if a.qk_norm_full:
             self.q_norm, self.k_norm = a.norm(self.q_size), a.norm(self.kv_size)
-        elif a.qk_norm and a.qk_norm_per_head_weight:  # Cohere's: [heads, head_dim]
-            self.q_norm = a.norm((a.num_heads, a.head_dim))
-            self.k_norm = a.norm((a.num_kv_heads, a.head_dim))
+        elif a.qk_norm and a.qk_norm_per_head_weight:  # Cohere's, StableLM's: a
+            # LayerNorm weight per head [heads, head_dim], no bias
+            self.q_norm = LayerNorm((a.num_heads, a.head_dim), a.norm_eps, bias=False)
+            self.k_norm = LayerNorm((a.num_kv_heads, a.head_dim), a.norm_eps, bias=False)
         elif a.qk_norm:
             self.q_norm, self.k_norm = a.norm(a.head_dim), a.norm(a.head_dim)
         self.rotary = None if index in a.nope_layers else rotary

@@ -485,16 +485,19 @@ def _cohere(hf: Any, name: str) -> dict[str, Any]:
 def _layer_options(hf: Any, name: str) -> dict[str, Any]:
     """Phi's optional q/k LayerNorm (qk_layernorm: one over head_dim, shared by the heads,
     with a bias); StableLM's sublayers side by side (use_parallel_residual: one norm) and
-    its q/k LayerNorm (a weight per head, refused); GPT-NeoX's sublayers side by side
+    its q/k LayerNorm (StableLM 2 12B: a LayerNorm per head, whose weights load as rows of
+    one per-head weight); GPT-NeoX's sublayers side by side
     (use_parallel_residual: each its own norm); OLMo's clip_qkv."""
     if name == "PhiForCausalLM":
         return {"qk_norm": bool(getattr(hf, "qk_layernorm", False))}
     if name == "StableLmForCausalLM":
+        flags: dict[str, Any] = {"norm_layout": "parallel"} \
+            if getattr(hf, "use_parallel_residual", False) else {}
         if getattr(hf, "qk_layernorm", False):
-            raise ValueError("StableLM with qk_layernorm=true (StableLM 2 12B: a LayerNorm "
-                             "per head) is not supported yet")
-        return {"norm_layout": "parallel"} if getattr(hf, "use_parallel_residual", False) \
-            else {}
+            flags.update(qk_norm=True, qk_norm_per_head_weight=True, checkpoint_stacks=(
+                (".self_attn.q_layernorm.norms.", ".self_attn.q_norm."),
+                (".self_attn.k_layernorm.norms.", ".self_attn.k_norm.")))
+        return flags
     if name == "GPTNeoXForCausalLM":
         return {"norm_layout": "parallel_two_norms"} \
             if getattr(hf, "use_parallel_residual", True) else {}
