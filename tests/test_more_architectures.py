@@ -38,7 +38,20 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
   renormalized, the router under its name `wg`), a shared MLP beside them in every
   layer; LoRA on the experts and the shared MLP too;
 - dots.llm1: Qwen3's attention with q/k/v/o biases and a local (window) layer, GLM-4.5's
-  grouped sigmoid routing, shared expert and dense first layer; LoRA on the experts too.
+  grouped sigmoid routing, shared expert and dense first layer; LoRA on the experts too;
+- Apertus: an ungated MLP with xIELU (its learned parameters per layer), q/k norm, Llama 3
+  rope scaling, biases (transformers 4.x's reference computes xIELU in bf16: skipped);
+- Phi-1.5 / Phi-2: attention and an fc1 / fc2 GELU MLP side by side on one LayerNorm,
+  partial rotary, q/k LayerNorm (or none), biases everywhere, lm_head's too; adapters on
+  its attention output `dense`;
+- StableLM 2: LayerNorm, partial rotary, q/k/v biases; sequential, or parallel with a
+  LayerNorm per head on q and k (StableLM 2 12B's);
+- GPT-NeoX: q/k/v fused per head, parallel residual on two LayerNorms or sequential,
+  partial rotary; adapters under its names (query_key_value, embed_in, embed_out ...);
+- OLMo 1: LayerNorm without parameters, q/k/v clamped (clip_qkv), biases;
+- Helium: rotary on interleaved pairs, q/k/v and MLP biases;
+- Phi-3.5-MoE: experts routed by its sparsemixer (a jitter eps that masks), LayerNorm,
+  LongRoPE scaled by its config's mscale, q/k/v/o and lm_head biases; LoRA on the experts.
 
 A transformers without the architecture (the floors job's, for some) skips it.
 """
