@@ -291,9 +291,11 @@ def _arch_config(
         common.update(hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.4)
     elif arch == "stablelm":  # LayerNorm, partial rotary, q/k/v biases
         common.update(layer_norm_eps=1e-5, partial_rotary_factor=0.25, use_qkv_bias=True)
-    elif arch == "stablelm_parallel":  # ... its sublayers side by side on one norm, a
-        # LayerNorm per head on q and k (StableLM 2 12B's)
+    elif arch == "stablelm_parallel":  # ... its sublayers side by side on one norm
         common.update(layer_norm_eps=1e-5, partial_rotary_factor=0.5, use_qkv_bias=False,
+                      use_parallel_residual=True)
+    elif arch == "stablelm_qk":  # ... and a LayerNorm per head on q and k (StableLM 2 12B's)
+        common.update(layer_norm_eps=1e-5, partial_rotary_factor=0.25, use_qkv_bias=False,
                       use_parallel_residual=True, qk_layernorm=True)
     elif arch == "olmo":  # LayerNorm without parameters, q/k/v clamped, biases
         common.update(clip_qkv=0.6, attention_bias=True)
@@ -336,6 +338,7 @@ def _arch_config(
                     "hunyuan_moe": "HunYuanMoEV1Config", "dots1": "Dots1Config",
                     "apertus": "ApertusConfig", "phi": "PhiConfig", "phi2": "PhiConfig",
                     "stablelm": "StableLmConfig", "stablelm_parallel": "StableLmConfig",
+                    "stablelm_qk": "StableLmConfig",
                     "olmo": "OlmoConfig", "helium": "HeliumConfig",
                     "gpt_neox": "GPTNeoXConfig", "gpt_neox_sequential": "GPTNeoXConfig",
                     "phimoe": "PhimoeConfig"}[arch]
