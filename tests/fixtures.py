@@ -279,6 +279,44 @@ def _arch_config(
                       moe_intermediate_size=48, n_shared_experts=1, first_k_dense_replace=1,
                       routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True,
                       sliding_window=6, layer_types=["full_attention", "sliding_attention"])
+    elif arch == "apertus":  # xIELU MLP, q/k norm, Llama 3 rope scaling, biases
+        common.update(hidden_act="xielu", attention_bias=True, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 10000.0})
+    elif arch == "phi":  # parallel sublayers on one LayerNorm, fc1/fc2 GELU, partial rotary,
+        # q/k LayerNorm, lm_head with a bias
+        common.update(hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.5,
+                      qk_layernorm=True)
+    elif arch == "phi2":  # Phi-2's: no q/k norm, tied nothing
+        common.update(hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.4)
+    elif arch == "stablelm":  # LayerNorm, partial rotary, q/k/v biases
+        common.update(layer_norm_eps=1e-5, partial_rotary_factor=0.25, use_qkv_bias=True)
+    elif arch == "stablelm_parallel":  # ... its sublayers side by side on one norm
+        common.update(layer_norm_eps=1e-5, partial_rotary_factor=0.5, use_qkv_bias=False,
+                      use_parallel_residual=True)
+    elif arch == "stablelm_qk":  # ... and a LayerNorm per head on q and k (StableLM 2 12B's)
+        common.update(layer_norm_eps=1e-5, partial_rotary_factor=0.25, use_qkv_bias=False,
+                      use_parallel_residual=True, qk_layernorm=True)
+    elif arch == "olmo":  # LayerNorm without parameters, q/k/v clamped, biases
+        common.update(clip_qkv=0.6, attention_bias=True)
+    elif arch == "helium":  # interleaved rotary, q/k/v and MLP biases
+        common.update(attention_bias=True, mlp_bias=True)
+    elif arch == "gpt_neox":  # q/k/v fused per head, parallel sublayers (two norms)
+        common.update(hidden_act="gelu", layer_norm_eps=1e-5, partial_rotary_factor=0.25,
+                      rotary_pct=0.25, use_parallel_residual=True)
+    elif arch == "gpt_neox_sequential":  # ... or one after the other
+        common.update(hidden_act="gelu", layer_norm_eps=1e-5, partial_rotary_factor=0.5,
+                      rotary_pct=0.5, use_parallel_residual=False)
+    elif arch == "phimoe":  # sparsemixer routing (a jitter eps that masks some experts),
+        # LayerNorm, biases on q/k/v/o and lm_head, LongRoPE with its own mscale
+        common.update(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.1,
+                      input_jitter_noise=0.0, attention_bias=True, lm_head_bias=True,
+                      rms_norm_eps=1e-5, sliding_window=None,
+                      rope_scaling={"rope_type": "longrope", "type": "longrope",
+                                    "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                    "long_factor": [2.0 + 0.2 * i for i in range(8)],
+                                    "short_mscale": 1.3, "long_mscale": 1.3,
+                                    "original_max_position_embeddings": 256})
     elif arch != "llama":
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS + EXTRA_ARCHS}")
     config_class = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
@@ -297,7 +335,13 @@ def _arch_config(
                     "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
                     "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config",
                     "ernie4_5_moe": "Ernie4_5_MoeConfig",
-                    "hunyuan_moe": "HunYuanMoEV1Config", "dots1": "Dots1Config"}[arch]
+                    "hunyuan_moe": "HunYuanMoEV1Config", "dots1": "Dots1Config",
+                    "apertus": "ApertusConfig", "phi": "PhiConfig", "phi2": "PhiConfig",
+                    "stablelm": "StableLmConfig", "stablelm_parallel": "StableLmConfig",
+                    "stablelm_qk": "StableLmConfig",
+                    "olmo": "OlmoConfig", "helium": "HeliumConfig",
+                    "gpt_neox": "GPTNeoXConfig", "gpt_neox_sequential": "GPTNeoXConfig",
+                    "phimoe": "PhimoeConfig"}[arch]
     common.update(overrides)
     return getattr(transformers, config_class)(**common)
 

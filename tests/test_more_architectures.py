@@ -38,7 +38,20 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
   renormalized, the router under its name `wg`), a shared MLP beside them in every
   layer; LoRA on the experts and the shared MLP too;
 - dots.llm1: Qwen3's attention with q/k/v/o biases and a local (window) layer, GLM-4.5's
-  grouped sigmoid routing, shared expert and dense first layer; LoRA on the experts too.
+  grouped sigmoid routing, shared expert and dense first layer; LoRA on the experts too;
+- Apertus: an ungated MLP with xIELU (its learned parameters per layer), q/k norm, Llama 3
+  rope scaling, biases (transformers 4.x's reference computes xIELU in bf16: skipped);
+- Phi-1.5 / Phi-2: attention and an fc1 / fc2 GELU MLP side by side on one LayerNorm,
+  partial rotary, q/k LayerNorm (or none), biases everywhere, lm_head's too; adapters on
+  its attention output `dense`;
+- StableLM 2: LayerNorm, partial rotary, q/k/v biases; sequential, or parallel, with a
+  LayerNorm per head on q and k (StableLM 2 12B's; transformers 5 only) or not;
+- GPT-NeoX: q/k/v fused per head, parallel residual on two LayerNorms or sequential,
+  partial rotary; adapters under its names (query_key_value, embed_in, embed_out ...);
+- OLMo 1: LayerNorm without parameters, q/k/v clamped (clip_qkv), biases;
+- Helium: rotary on interleaved pairs, q/k/v and MLP biases;
+- Phi-3.5-MoE: experts routed by its sparsemixer (a jitter eps that masks), LayerNorm,
+  LongRoPE scaled by its config's mscale, q/k/v/o and lm_head biases; LoRA on the experts.
 
 A transformers without the architecture (the floors job's, for some) skips it.
 """
@@ -54,8 +67,15 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from loraplex.lora.errors import LoRAError
+from loraplex.lora.request import LoRARequest
 from tests.engine_utils import GREEDY, check_mixed_batch, make_llm
-from tests.fixtures import make_peft_adapter, make_tiny_model
+from tests.fixtures import (
+    edited_copy,
+    make_added_tokens_adapter,
+    make_peft_adapter,
+    make_tiny_model,
+)
 
 ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "exaone4": "Exaone4Config", "seed_oss": "SeedOssConfig",
@@ -66,7 +86,12 @@ ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "cohere2": "Cohere2Config", "glm4_moe": "Glm4MoeConfig", "olmo3": "Olmo3Config",
          "olmoe": "OlmoeConfig", "minimax_m2": "MiniMaxM2Config",
          "ernie4_5_moe": "Ernie4_5_MoeConfig", "hunyuan_moe": "HunYuanMoEV1Config",
-         "dots1": "Dots1Config"}
+         "dots1": "Dots1Config", "apertus": "ApertusConfig", "phi": "PhiConfig",
+         "phi2": "PhiConfig", "stablelm": "StableLmConfig",
+         "stablelm_parallel": "StableLmConfig", "stablelm_qk": "StableLmConfig",
+         "olmo": "OlmoConfig",
+         "helium": "HeliumConfig", "gpt_neox": "GPTNeoXConfig",
+         "gpt_neox_sequential": "GPTNeoXConfig", "phimoe": "PhimoeConfig"}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -88,12 +113,34 @@ GLM_ADAPTERS = {  # its fused gate_up_proj too
 }
 
 
-MOE_ARCHS = ("glm4_moe", "olmoe", "minimax_m2", "ernie4_5_moe", "hunyuan_moe", "dots1")
+NEOX_ADAPTERS = {  # its own names: the fused q/k/v, the MLP's, the embeddings and lm_head
+    "r4_qkv": dict(r=4, lora_alpha=8, target_modules=["query_key_value", "dense_4h_to_h",
+                                                       "embed_in", "embed_out"]),
+    "r8_all": ADAPTERS["r8_all"],
+}
+
+
+PHIMOE_ADAPTERS = {  # the experts too: transformers 5's fused ones through
+    # target_parameters, 4.x's per-expert w1 / w3 / w2 and its router (gate)
+    "r4_qv": ADAPTERS["r4_qv"],
+    "r6_experts": dict(r=6, lora_alpha=12, target_modules=["k_proj", "o_proj"],
+                       target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    if TRANSFORMERS_5 else dict(r=6, lora_alpha=12,
+                                target_modules=["k_proj", "o_proj", "w1", "w3", "w2", "gate"]),
+}
+
+
+MOE_ARCHS = ("glm4_moe", "olmoe", "minimax_m2", "ernie4_5_moe", "hunyuan_moe", "dots1",
+             "phimoe")
 
 
 def _adapters(arch: str) -> dict[str, dict]:
+    if arch == "phimoe":
+        return PHIMOE_ADAPTERS
     if arch in MOE_ARCHS:
         return GLM4_MOE_ADAPTERS
+    if arch.startswith("gpt_neox"):
+        return NEOX_ADAPTERS
     return GLM_ADAPTERS if arch.startswith("glm") else ADAPTERS
 
 
@@ -117,6 +164,12 @@ def models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
 @pytest.mark.parametrize("budget", [None, 6])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_mixed_batch_matches_peft(arch, budget, models, prompts):
+    if arch == "apertus" and not TRANSFORMERS_5:
+        pytest.skip("transformers 4.x builds Apertus's xIELU parameters in bf16 whatever the "
+                    "model's dtype, so its fp32 reference is not fp32 there")
+    if arch == "stablelm_qk" and not TRANSFORMERS_5:
+        pytest.skip("transformers 4.x cannot build StableLM with qk_layernorm (its weight "
+                    "init zeroes the bias its per-head LayerNorms do not have)")
     base, adapters = models[arch]
     llm = make_llm(base, enable_lora=True, max_loras=1,
                    max_lora_rank=16 if arch in MOE_ARCHS else 8,  # PEFT: gate_up at 2r
@@ -192,3 +245,65 @@ def test_ernie_moe_with_biases_is_refused():
         build_model(config)
     config.use_bias = False
     assert build_model(config).args.dense_layers == (0,)
+
+
+def test_phi_adapters_that_bring_lm_head_rows_are_refused(models, prompts, tmp_path):
+    """Phi's lm_head has a bias: an adapter that adds tokens fails alone with a clear
+    error (its rows would be served without one), the engine serving the next request;
+    whole lm_head tables (modules_to_save) are refused at start-up."""
+    base, adapters = models["phi"]
+    added = make_added_tokens_adapter(base, tmp_path / "added")
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8)
+    with pytest.raises(LoRAError, match="adds 3 tokens past the base vocabulary of 512: not "
+                                        "supported on a model whose lm_head has a bias"):
+        llm.llm_engine.add_request("added", {"prompt_token_ids": prompts[0]}, GREEDY,
+                                   lora_request=LoRARequest("added", 1, str(added)))
+    check_mixed_batch(llm, base, adapters, prompts, extra=0)
+    with pytest.raises(ValueError, match="--enable-lora-modules-to-save is not supported on "
+                                         "a model whose lm_head has a bias"):
+        make_llm(base, enable_lora=True, enable_lora_modules_to_save=True,
+                 lora_target_modules=["q_proj", "embed_tokens", "lm_head"])
+
+
+def test_unsupported_options_are_refused_at_start_up():
+    """What HF's code does that loraplex does not is refused before anything loads: xIELU
+    outside Apertus, Phi-3.5-MoE routed to other than two experts."""
+    from loraplex.models.registry import build_model
+
+    config = transformers.ArceeConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, hidden_act="xielu",
+        architectures=["ArceeForCausalLM"])
+    with pytest.raises(ValueError, match="hidden_act='xielu' is not supported for "
+                                         "ArceeForCausalLM"):
+        build_model(config)
+    config = transformers.PhimoeConfig(  # its sparsemixer picks two experts, no more
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=3, architectures=["PhimoeForCausalLM"])
+    with pytest.raises(ValueError, match="num_experts_per_tok=3 is not supported"):
+        build_model(config)
+    config.num_experts_per_tok = 2
+    assert build_model(config).args.sparsemixer_eps == config.router_jitter_noise
+
+
+def test_pythia_checkpoints_causal_mask_buffers_are_skipped(models, tmp_path, caplog):
+    """Pythia's checkpoints hold each layer's causal-mask buffers (attention.bias,
+    attention.masked_bias): skipped without a warning each, the model the same."""
+    base, _ = models["gpt_neox"]
+
+    def with_buffers(tensors: dict) -> dict:
+        for i in range(2):
+            tensors[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(
+                1, 1, 8, 8, dtype=torch.bool).tril()
+            tensors[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        return tensors
+
+    copy = edited_copy(base, tmp_path / "pythia", tensors=with_buffers,
+                       weights="model.safetensors")
+    prompt = {"prompt_token_ids": [1, 43, 76, 9]}
+    want = make_llm(base).generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    with caplog.at_level(logging.WARNING, logger="loraplex.models.loader"):
+        got = make_llm(copy).generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == want.token_ids
+    assert not [r for r in caplog.records if r.name == "loraplex.models.loader"]

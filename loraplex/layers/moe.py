@@ -25,6 +25,11 @@ p = softmax(W_g x); "group_limited_greedy" keeps the `topk_groups` groups whose 
 highest ("greedy": one group, all eligible); the chosen experts' weights are p_e times
 `routed_scaling_factor`, not renormalized; no correction bias.
 
+Phi-3.5-MoE routes by its "sparsemixer" (HF's `sparsemixer`, as it runs in eval): the
+best logit's expert first, weighted by its softmax among the logits within a relative
+2 * jitter_eps of it (the others masked); then the best of the rest, weighted likewise
+among the rest; top-2 only, the weights not renormalized (`sparsemixer_route`).
+
 The experts are layers/experts.py's FusedExperts, or for a quantized checkpoint one of
 layers/quantized_experts.py's. The routers stay plain (GateLinear): a checkpoint that
 quantized them is dequantized while it loads.
@@ -184,6 +189,23 @@ class GroupedTopKRouter(GateLinear):
         return weights * self.routing.scaling, experts
 
 
+def sparsemixer_route(logits: torch.Tensor, jitter_eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3.5-MoE's top-2 choice (weights [T, 2], experts [T, 2]), computed as HF's
+    sparsemixer does outside training, in the logits' dtype: each pick's distance to the
+    others measured against the full logits, the earlier picks out of the softmax."""
+    weights, experts, rest = [], [], logits
+    for _ in range(2):
+        best, expert = rest.max(dim=-1, keepdim=True)
+        factor = logits.abs().clamp(min=best)
+        far = (best - logits) / factor > 2 * jitter_eps
+        gates = rest.masked_fill(far, float("-inf")).softmax(dim=-1)
+        weights.append(gates.gather(-1, expert))
+        experts.append(expert)
+        rest = rest.scatter(-1, expert, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(experts, dim=-1)
+
+
 def experts_quantized(quant: QuantConfig, hf_names: tuple[str, ...]) -> bool:
     """Are the experts (their HF modules `hf_names`) quantized, or all left plain by
     modules_to_not_convert? Some of them plain is refused."""
@@ -200,13 +222,15 @@ class SparseMoE(nn.Module):
                  top_k: int, normalize: bool = True, shared_expert: nn.Module | None = None,
                  quant: QuantConfig | None = None, gpt_oss: ClampedSwiGLU | None = None,
                  expert_names: tuple[str, ...] = (), grouped: GroupedTopK | None = None,
-                 shared_name: str = "shared_expert", fused_experts: bool = False) -> None:
+                 shared_name: str = "shared_expert", fused_experts: bool = False,
+                 sparsemixer_eps: float | None = None) -> None:
         """`quant`: an FP8, GPTQ, AWQ or bitsandbytes 4-bit checkpoint's or gpt-oss's MXFP4
         one (its experts; the routers stay plain, GateLinear); `expert_names`: the experts'
         HF modules, which modules_to_not_convert may leave plain; `grouped`: GLM-4.5's
         routing, whose shared experts (`shared_name` "shared_experts") have no gate;
         `fused_experts`: the checkpoint's experts are fused (Qwen3-VL-MoE's, unquantized
-        only: FusedExperts.load_fused)."""
+        only: FusedExperts.load_fused); `sparsemixer_eps`: Phi-3.5-MoE's routing, with its
+        router_jitter_noise (sparsemixer_route)."""
         super().__init__()
         if quant is not None and quant.method == "nvfp4":
             raise ValueError("compressed-tensors NVFP4 mixtures of experts are not supported "
@@ -216,6 +240,7 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = GateLinear(hidden_size, 1, quant=quant) \
             if shared_expert and grouped is None else None
         self.top_k, self.normalize = top_k, normalize
+        self.sparsemixer_eps = sparsemixer_eps
         self.gpt_oss = gpt_oss is not None
         # the router, under its checkpoints' name: Mixtral's, Qwen's and GLM's "gate",
         # gpt-oss's "router" (with a bias)
@@ -250,7 +275,9 @@ class SparseMoE(nn.Module):
             shared = getattr(self, self.shared_name)
             return out if shared is None else out + shared(x)
         logits = router(x)
-        if self.gpt_oss:  # the softmax of the top-k logits
+        if self.sparsemixer_eps is not None:  # Phi-3.5-MoE
+            weights, experts = sparsemixer_route(logits, self.sparsemixer_eps)
+        elif self.gpt_oss:  # the softmax of the top-k logits
             top, experts = logits.topk(self.top_k, dim=-1)
             weights = F.softmax(top, dim=-1, dtype=torch.float32)
         else:

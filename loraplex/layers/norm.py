@@ -19,6 +19,13 @@ class RMSNorm(nn.Module):
         return self.weight * self._normalized(x).to(x.dtype)
 
 
+class FP32ScaleRMSNorm(RMSNorm):
+    """Helium's: the weight applied in fp32 before the cast back (Llama casts first)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight.float() * self._normalized(x)).to(x.dtype)
+
+
 class GemmaRMSNorm(RMSNorm):
     """Gemma's: the weight is stored as w - 1, and the scaling happens in fp32 before
     the cast back (Llama casts first)."""
@@ -46,20 +53,24 @@ class Gemma4RMSNorm(RMSNorm):
 
 class LayerNorm(nn.Module):
     """LayerNorm (Ba et al., 2016) over the last dimension, in fp32: StarCoder2's (with a
-    bias), Cohere's (without; its q/k norm has a weight per head, shape [heads, head_dim])
-    and Nemotron's "1P" (the weight stored as w - 1, like Gemma's RMSNorm)."""
+    bias), Cohere's (without; its q/k norm has a weight per head, shape [heads, head_dim]),
+    Nemotron's "1P" (the weight stored as w - 1, like Gemma's RMSNorm) and OLMo's (neither
+    weight nor bias: `weight=False`)."""
 
     def __init__(self, shape: int | tuple[int, ...], eps: float = 1e-5, bias: bool = True,
-                 weight_minus_one: bool = False) -> None:
+                 weight_minus_one: bool = False, weight: bool = True) -> None:
         super().__init__()
         self.eps = eps
         self.weight_minus_one = weight_minus_one
-        self.weight = nn.Parameter(torch.zeros(shape) if weight_minus_one else torch.ones(shape))
+        self.weight = None if not weight else nn.Parameter(
+            torch.zeros(shape) if weight_minus_one else torch.ones(shape))
         self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        y = y * (self.weight.float() + 1.0 if self.weight_minus_one else self.weight.float())
+        if self.weight is not None:
+            y = y * (self.weight.float() + 1.0 if self.weight_minus_one
+                     else self.weight.float())
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)

@@ -106,6 +106,7 @@ class TargetShapes:
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict, compare=False,
                                                   repr=False)
     extra_vocab_size: int = 0  # most tokens an adapter may add (lora_extra_vocab_size)
+    lm_head_bias: bool = False  # the base's lm_head has a bias (Phi): no added tokens
     tied_embeddings: bool = False  # lm_head is the embedding: an added token's rows too
     experts: dict[str, ExpertsShape] = field(default_factory=dict)  # a MoE's experts layers
     # an HF module path component -> ours (Mixtral's `mlp` in transformers 5: our

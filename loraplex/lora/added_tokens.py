@@ -160,6 +160,10 @@ def count_added_tokens(name: str, path: str, cfg: dict, targets: TargetShapes) -
     indices = [i for ids in _token_indices(cfg, None).values() for i in ids]
     counts += [max(indices) + 1 - vocab] if indices else []
     n = max(counts)
+    if n and targets.lm_head_bias:
+        raise LoRAError(f"LoRA adapter {name!r} adds {n} tokens past the base vocabulary "
+                        f"of {vocab}: not supported on a model whose lm_head has a bias "
+                        "(Phi), which the added tokens' rows would be served without")
     if n > targets.extra_vocab_size:
         raise LoRAError(f"LoRA adapter {name!r} has {n} extra embeddings (tokens added past "
                         f"the base vocabulary of {vocab}), but lora_extra_vocab_size="

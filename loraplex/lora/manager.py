@@ -69,6 +69,14 @@ def _join(prefix: str, leaf: str) -> str:
 LoRALayer = LinearWithLoRA | ExpertsWithLoRA
 
 
+def _refuse_head_bias(args: Any, option: str) -> None:
+    """Whole lm_head tables an adapter brings are served without a bias: refused on a
+    model whose lm_head has one (Phi), as adapters that add tokens are (added_tokens.py)."""
+    if getattr(args, "lm_head_bias", False):
+        raise ValueError(f"{option} is not supported on a model whose lm_head has a bias "
+                         "(Phi): an adapter's own lm_head would be served without it")
+
+
 def served_modules(model: nn.Module, cfg: LoRAConfig) -> tuple[str, ...]:
     """The HF module names that get adapter slots: cfg.target_modules, or every one the
     model supports. Naming one part of a packed layer (q_proj of qkv_proj) serves all its
@@ -198,6 +206,7 @@ class LoRAManager:
                             extra_vocab_size=0 if _no_added_tokens(model.args)
                             else self.cfg.lora_extra_vocab_size,
                             tied_embeddings=bool(model.args.tie_word_embeddings),
+                            lm_head_bias=bool(getattr(model.args, "lm_head_bias", False)),
                             experts=experts, aliases=self._aliases(model.args),
                             unserved=tuple(n for n in model.lora_target_modules
                                            if n not in self.served),
@@ -245,6 +254,7 @@ class LoRAManager:
             raise ValueError("--enable-lora-modules-to-save needs embed_tokens and lm_head "
                              "among --lora-target-modules")
         a = model.args
+        _refuse_head_bias(a, "--enable-lora-modules-to-save")
         try:
             embed.full_vocab = FullVocabSlots(a.vocab_size, cfg.max_loras, a.hidden_size,
                                               self.dtype, self.device)

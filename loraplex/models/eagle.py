@@ -268,6 +268,9 @@ def build_head(cfg: EagleHeadConfig, tensors: dict[str, torch.Tensor], target: n
     if own_head is None and rows != a.vocab_size:
         raise ValueError(f"speculative_config: the EAGLE-3 head in {path} has no lm_head "
                          f"for its draft vocabulary ({rows} tokens)")
+    if own_head is None and getattr(getattr(target, "args", None), "lm_head_bias", False):
+        raise ValueError(f"speculative_config: the EAGLE head in {path} has no lm_head, and "
+                         "the target's has a bias (Phi), which a shared head does not apply")
     lm_head = (Linear(a.hidden_size, [rows]) if own_head is not None else
                SharedHead(_base_weight(target.lm_head, "lm_head", a.hidden_size)))
     head = EagleHead(cfg, embed, lm_head)

@@ -26,7 +26,12 @@ One file, flags for the differences:
 - StarCoder2, Nemotron and Cohere normalize with LayerNorm (StarCoder2's and Nemotron's
   with a bias; Nemotron stores its weight as w - 1).
 - Cohere runs attention and the MLP side by side on one normed input ("parallel"), and
-  scales its logits by logit_scale.
+  scales its logits by logit_scale; so do Phi-1.5 / Phi-2 (fc1 / fc2, their attention
+  output `dense`, lm_head with a bias) and StableLM's parallel-residual configs. GPT-NeoX
+  runs them side by side each on its own norm ("parallel_two_norms"), its q/k/v fused
+  per head (qkv_per_head).
+- Apertus's ungated MLP has xIELU, learned per layer; OLMo 1 normalizes without
+  parameters and clamps q/k/v (clip_qkv); Phi-3.5-MoE routes its experts by sparsemixer.
 - Llama 4 (`llama4`, models/llama4.py): chunked local attention on its rope layers, q/k
   L2-normed there, temperature-tuned queries on its NoPE layers, and a `feed_forward`
   that is a sigmoid-routed mixture with a shared expert (Llama4MoE) or a dense MLP.
@@ -53,7 +58,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, ClampedSwiGLU
+from loraplex.layers.activation import ACT_AND_MUL, ACTIVATIONS, XIELU, ClampedSwiGLU
 from loraplex.layers.attention import Attention
 from loraplex.layers.gated_delta_net import GatedDeltaNetArgs
 from loraplex.layers.linear import make_linear
@@ -61,7 +66,7 @@ from loraplex.layers.mamba1 import Mamba1Args
 from loraplex.layers.mamba2 import Mamba2Args
 from loraplex.layers.mla import MLAArgs, MLAAttention
 from loraplex.layers.moe import GroupedTopK, SparseMoE
-from loraplex.layers.norm import GemmaRMSNorm, LayerNorm, RMSNorm
+from loraplex.layers.norm import FP32ScaleRMSNorm, GemmaRMSNorm, LayerNorm, RMSNorm
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.falcon_h1 import FalconH1Args
@@ -100,22 +105,38 @@ class LlamaArgs:
     qk_norm: bool = False  # q and k RMS-normalized per head (Qwen3)
     qk_norm_full: bool = False  # ... over all heads' dimensions at once (OLMo 2)
     qk_norm_after_rope: bool = False  # q/k normalized after the rotation (Hunyuan)
-    qk_norm_per_head_weight: bool = False  # each head normed with its own weight (Cohere)
+    # each head normed with its own LayerNorm weight (Cohere, StableLM 2 12B)
+    qk_norm_per_head_weight: bool = False
     # checkpoint name pieces -> ours, for architectures that name a module otherwise
     # (Hunyuan's query_layernorm is our q_norm)
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # an HF module (in checkpoints and adapters) -> ours, which it is the whole of (Phi's
+    # attention output `dense` is our o_proj)
+    module_renames: tuple[tuple[str, str], ...] = ()
+    # checkpoint tensors (name endings, after the renames) that are no weights: skipped
+    # quietly (GPT-NeoX's causal-mask buffers, attention.bias / masked_bias)
+    checkpoint_skips: tuple[str, ...] = ()
+    # checkpoint modules, one per row of one of our weights (name piece -> ours): StableLM's
+    # q_layernorm.norms.{head} -> the rows of our per-head q_norm.weight
+    checkpoint_stacks: tuple[tuple[str, str], ...] = ()
+    lm_head_bias: bool = False  # lm_head has a bias (Phi)
+    clip_qkv: float | None = None  # q, k and v clamped to [-c, c] after their projection
+    # (OLMo)
     quant: QuantConfig | None = None  # quantized weights in the decoder's linears
     hidden_act: str = "silu"  # the gated MLP's: silu | gelu_tanh | gelu (layers/activation.py)
     gemma: bool = False  # embeddings x sqrt(hidden), GemmaRMSNorm
     # where a layer's norms are: "pre" (on each sublayer's input), "sandwich" (Gemma 2:
     # on its input and its output), "post" (OLMo 2: on its output only), "glm" (GLM-4:
-    # sandwich, under its own names), "parallel" (Cohere: one norm, both sublayers on it)
+    # sandwich, under its own names), "parallel" (Cohere: one norm, both sublayers on it),
+    # "parallel_two_norms" (GPT-NeoX: both sublayers on x, each through its own norm)
     norm_layout: str = "pre"
     query_pre_attn_scalar: float | None = None  # attention scale^-2 (None: head_dim)
     attn_logit_softcap: float = 0.0  # > 0: scores capped (Gemma 2)
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
     # the HF modules are fused ones: qkv_proj (Phi-3), gate_up_proj (Phi-3, GLM)
     fused_qkv: bool = False
+    # ... laid out per head, [heads, (q, k, v), head_dim] (GPT-NeoX's query_key_value)
+    qkv_per_head: bool = False
     fused_gate_up: bool = False
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
     rope_interleaved: bool = False  # rotate pairs (2i, 2i+1), not halves (Ernie 4.5)
@@ -133,6 +154,7 @@ class LlamaArgs:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
     shared_expert_name: str = "shared_expert"  # GLM-4.5's: "shared_experts", ungated
     grouped_topk: GroupedTopK | None = None  # GLM-4.5's grouped sigmoid routing
+    sparsemixer_eps: float | None = None  # Phi-3.5-MoE's routing: its router_jitter_noise
     dense_layers: tuple[int, ...] = ()  # layers with a plain MLP in a MoE model
     sliding_window: int | None = None  # the attention window of window_layers
     window_layers: tuple[int, ...] = ()
@@ -159,8 +181,10 @@ class LlamaArgs:
     logits_scaling: float = 1.0  # Granite: logits / this
     logit_scale: float = 1.0  # Cohere: logits * this
     # "rms" (RMSNorm; Gemma's with gemma), "rms_1p" (Gemma's, 1 + w, without Gemma's
-    # embedding scale: Qwen3-Next), "layernorm" (with a bias), "layernorm_nobias"
-    # (Cohere), "layernorm1p" (Nemotron: weight stored as w - 1, with a bias)
+    # embedding scale: Qwen3-Next), "rms_fp32_scale" (Helium's: w applied before the
+    # cast), "layernorm" (with a bias), "layernorm_nobias" (Cohere), "layernorm1p"
+    # (Nemotron: weight stored as w - 1, with a bias), "layernorm_noparam" (OLMo: neither
+    # weight nor bias, eps 1e-5)
     norm_type: str = "rms"
     # no gate: the MLP is down(act(up(x))), its projections' HF names (up, down)
     ungated_mlp: tuple[str, str] | None = None
@@ -224,6 +248,10 @@ class LlamaArgs:
             return (GemmaRMSNorm if self.gemma else RMSNorm)(shape, self.norm_eps)
         if self.norm_type == "rms_1p":
             return GemmaRMSNorm(shape, self.norm_eps)
+        if self.norm_type == "rms_fp32_scale":
+            return FP32ScaleRMSNorm(shape, self.norm_eps)
+        if self.norm_type == "layernorm_noparam":
+            return LayerNorm(shape, 1e-5, bias=False, weight=False)
         return LayerNorm(shape, self.norm_eps, bias=self.norm_type != "layernorm_nobias",
                          weight_minus_one=self.norm_type == "layernorm1p")
 
@@ -255,9 +283,10 @@ class LlamaAttention(nn.Module):
         self.q_norm = self.k_norm = None
         if a.qk_norm_full:
             self.q_norm, self.k_norm = a.norm(self.q_size), a.norm(self.kv_size)
-        elif a.qk_norm and a.qk_norm_per_head_weight:  # Cohere's: [heads, head_dim]
-            self.q_norm = a.norm((a.num_heads, a.head_dim))
-            self.k_norm = a.norm((a.num_kv_heads, a.head_dim))
+        elif a.qk_norm and a.qk_norm_per_head_weight:  # Cohere's, StableLM's: a
+            # LayerNorm weight per head [heads, head_dim], no bias
+            self.q_norm = LayerNorm((a.num_heads, a.head_dim), a.norm_eps, bias=False)
+            self.k_norm = LayerNorm((a.num_kv_heads, a.head_dim), a.norm_eps, bias=False)
         elif a.qk_norm:
             self.q_norm, self.k_norm = a.norm(a.head_dim), a.norm(a.head_dim)
         self.rotary = None if index in a.nope_layers else rotary
@@ -270,17 +299,26 @@ class LlamaAttention(nn.Module):
             else None
         self.position_query_scale = a.position_query_scale
         self.key_multiplier = a.key_multiplier
+        self.clip_qkv = a.clip_qkv
+        self.qkv_per_head = a.qkv_per_head
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap, window or 0, chunk=chunk)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q_size = self.q_size * (2 if self.output_gate else 1)
-        q, k, v = self.qkv_proj(x).split([q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qkv_per_head:  # GPT-NeoX: each head's q, k, v side by side
+            q, k, v = self.qkv_proj(x).view(x.shape[0], -1, 3 * self.head_dim).chunk(3, dim=-1)
+            q, k, v = (t.reshape(x.shape[0], -1) for t in (q, k, v))
+        else:
+            q, k, v = self.qkv_proj(x).split([q_size, self.kv_size, self.kv_size], dim=-1)
         gate = None
         if self.output_gate:  # [T, H, 2D] -> query, gate
             q, gate = q.view(x.shape[0], -1, 2 * self.head_dim).chunk(2, dim=-1)
             q, gate = q.reshape(x.shape[0], -1), gate.reshape(x.shape[0], -1)
+        if self.clip_qkv is not None:  # OLMo
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if self.qk_norm_full:  # OLMo 2: over every head's dimensions together
             q, k = self.q_norm(q), self.k_norm(k)
         if self.key_multiplier != 1.0:  # Falcon-H1
@@ -327,8 +365,9 @@ class LlamaMLP(nn.Module):
 
 class UngatedMLP(nn.Module):
     """down(act(up(x))): Nemotron's and Arcee's (up_proj, down_proj; squared ReLU),
-    StarCoder2's (c_fc, c_proj; GELU). Its modules carry the checkpoint's names, which its
-    adapters target."""
+    StarCoder2's (c_fc, c_proj; GELU), Apertus's (xIELU, its parameters in act_fn), Phi's
+    (fc1, fc2; GELU). Its modules carry the checkpoint's names, which its adapters
+    target."""
 
     def __init__(self, a: LlamaArgs, prefix: str, intermediate_size: int | None = None
                  ) -> None:
@@ -343,10 +382,11 @@ class UngatedMLP(nn.Module):
         setattr(self, self.down_name, make_linear(size, [a.hidden_size],
                                                   a.mlp_bias, a.quant,
                                                   _names(prefix, self.down_name)))
-        self.act = ACTIVATIONS[a.hidden_act]
+        # (Apertus's xIELU: learned, its parameters under the checkpoint's name act_fn)
+        self.act_fn = XIELU() if a.hidden_act == "xielu" else ACTIVATIONS[a.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, self.down_name)(self.act(getattr(self, self.up_name)(x)))
+        return getattr(self, self.down_name)(self.act_fn(getattr(self, self.up_name)(x)))
 
 
 def _llama4_ffn(a: LlamaArgs, prefix: str, index: int) -> nn.Module:
@@ -377,7 +417,7 @@ def feed_forward(a: LlamaArgs, prefix: str, index: int) -> tuple[str, nn.Module]
         a.num_experts_per_tok, a.norm_topk_prob, shared, a.quant, a.gpt_oss_experts,
         _names(experts, *(f"{e}.{leaf}" for e in range(a.num_experts)
                           for leaf in a.expert_leaves)), a.grouped_topk,
-        a.shared_expert_name, a.fused_experts)
+        a.shared_expert_name, a.fused_experts, a.sparsemixer_eps)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -423,6 +463,9 @@ class LlamaDecoderLayer(nn.Module):
         if self.layout == "parallel":  # Cohere: both sublayers read the same normed x
             normed = self.input_layernorm(x)
             return x + self.self_attn(positions, normed) + self.ffn(normed)
+        if self.layout == "parallel_two_norms":  # GPT-NeoX: both read x, each normed
+            return x + self.self_attn(positions, self.input_layernorm(x)) \
+                + self.ffn(self.post_attention_layernorm(x))
         h = x + self._residual(self.self_attn(positions, self.input_layernorm(x)))
         return h + self._residual(self.ffn(self.post_attention_layernorm(h)))
 
@@ -597,11 +640,15 @@ class LlamaForCausalLM(nn.Module):
         if args.mamba1 is not None:  # the Mamba-1 mixers' projections (models/mamba1.py)
             from loraplex.models.mamba1 import mamba1_lora_targets
             self.lora_target_modules = mamba1_lora_targets(args, self.lora_target_modules)
+        for theirs, ours in args.module_renames:  # (Phi's dense: our o_proj)
+            self.packed_modules_mapping = {**self.packed_modules_mapping, theirs: (ours, 0)}
+            self.lora_target_modules = tuple(theirs if m == ours else m
+                                             for m in self.lora_target_modules)
         if args.lfm2 is not None:  # LFM2's names: out_proj, w1 / w3 / w2, the conv's
             from loraplex.models.lfm2 import lfm2_lora_targets
             self.lora_target_modules, self.packed_modules_mapping = lfm2_lora_targets(args)
         self.model = self.decoder_class(args)
-        self.lm_head = make_linear(args.hidden_size, [args.vocab_size])
+        self.lm_head = make_linear(args.hidden_size, [args.vocab_size], args.lm_head_bias)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

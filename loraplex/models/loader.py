@@ -82,6 +82,17 @@ def _split_name(name: str) -> tuple[str, str]:
     return module, param
 
 
+def _stacked_row(name: str, stacks: tuple[tuple[str, str], ...]) -> tuple[str, int] | None:
+    """(our parameter, its row) of a checkpoint tensor that is one row of it (StableLM's
+    q_layernorm.norms.{head}.weight: a row of q_norm.weight), else None."""
+    for theirs, ours in stacks:
+        head, sep, rest = name.partition(theirs)
+        row, _, param = rest.partition(".")
+        if sep and row.isdigit():
+            return f"{head}{ours}{param}", int(row)
+    return None
+
+
 def _layer_index(name: str) -> int:
     """The decoder layer a tensor belongs to (model.layers.{i}.*), or -1."""
     head, _, rest = name.partition("model.layers.")
@@ -108,6 +119,7 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | Non
     attention = {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
     attention.update({n.rpartition(".")[0]: m for n, m in list(attention.items())})
     loaded: set[str] = set()
+    stacked_rows: dict[str, set[int]] = {}  # checkpoint_stacks: the rows each one has had
     past_layers = 0  # tensors of layers past num_hidden_layers (multi-token prediction)
     text_only = model.args.text_only  # a multimodal checkpoint: its language model only
     tensors = weights if weights is not None else iterate_weights(path)
@@ -126,7 +138,19 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | Non
         name = ours if text_only is not None else name
         for theirs, ours_part in model.args.checkpoint_renames:
             name = name.replace(theirs, ours_part)
-        if "rotary_emb.inv_freq" in name:
+        if "rotary_emb.inv_freq" in name or name.endswith(model.args.checkpoint_skips):
+            continue
+        if (stacked := _stacked_row(name, model.args.checkpoint_stacks)) is not None:
+            target, row = stacked
+            param = params.get(target)
+            if param is None or row >= param.shape[0] or param.shape[1:] != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name} ({tuple(tensor.shape)}) is no row "
+                                 f"of {target}")
+            with torch.no_grad():
+                param[row].copy_(tensor)
+            stacked_rows.setdefault(target, set()).add(row)
+            if len(stacked_rows[target]) == param.shape[0]:  # every row: loaded
+                loaded.add(target)
             continue
         if _layer_index(name) >= model.args.num_layers or name.startswith("mtp."):
             past_layers += 1  # (Qwen3-Next's and Qwen3.5's under mtp.*)
@@ -182,10 +206,12 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | Non
         vision.check_loaded(path)
     missing = [n for n in params if n not in loaded
                and not (n == "lm_head.weight" and (model.args.tie_word_embeddings
-                                                   or headless))]
-    if headless and "lm_head.weight" in params and "lm_head.weight" not in loaded:
-        with torch.no_grad():  # finite: a GPU profile run still samples from it
-            params["lm_head.weight"].zero_()
+                                                   or headless))
+               and not (n == "lm_head.bias" and headless)]
+    for head in ("lm_head.weight", "lm_head.bias"):
+        if headless and head in params and head not in loaded:
+            with torch.no_grad():  # finite: a GPU profile run still samples from it
+                params[head].zero_()
     if missing:
         raise ValueError(f"checkpoint in {path} lacks weights for: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))

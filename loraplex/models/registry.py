@@ -127,6 +127,47 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # Mamba-1 mixers alone (Mamba, FalconMamba), or beside attention without positions
     # and experts (Jamba): models/mamba1.py
     **dict.fromkeys(MAMBA1_ARCHITECTURES, {}),
+    # Apertus: an ungated MLP with xIELU (its learned parameters in mlp.act_fn), q/k norm,
+    # its norms under its own names
+    "ApertusForCausalLM": {"ungated_mlp": ("up_proj", "down_proj"), "qk_norm": True,
+                           "checkpoint_renames": (
+                               (".attention_layernorm.", ".input_layernorm."),
+                               (".feedforward_layernorm.", ".post_attention_layernorm."))},
+    # Phi-1.5 / Phi-2: attention and an ungated GELU MLP (fc1, fc2) side by side on one
+    # LayerNorm'd input, biases everywhere (lm_head's too), partial rotary; its attention
+    # output is `dense`, its optional q/k LayerNorm per head (_layer_options)
+    "PhiForCausalLM": {"norm_type": "layernorm", "norm_layout": "parallel",
+                       "ungated_mlp": ("fc1", "fc2"), "module_renames": (("dense", "o_proj"),),
+                       "qkv_bias": True, "o_bias": True, "mlp_bias": True, "lm_head_bias": True,
+                       "checkpoint_renames": (("model.final_layernorm.", "model.norm."),
+                                              (".self_attn.q_layernorm.", ".self_attn.q_norm."),
+                                              (".self_attn.k_layernorm.", ".self_attn.k_norm."))},
+    # StableLM 2: LayerNorm with biases, partial rotary, q/k/v biases per use_qkv_bias, its
+    # sublayers side by side per use_parallel_residual (_layer_options)
+    "StableLmForCausalLM": {"norm_type": "layernorm"},
+    # OLMo 1: LayerNorm without parameters, q/k/v clamped per clip_qkv (_layer_options)
+    "OlmoForCausalLM": {"norm_type": "layernorm_noparam"},
+    # Helium: Llama's layers, rotary on interleaved pairs, its RMSNorm's weight applied
+    # in fp32
+    "HeliumForCausalLM": {"rope_interleaved": True, "norm_type": "rms_fp32_scale"},
+    # Phi-3.5-MoE: Mixtral's layers with LayerNorm, routed by its sparsemixer (_experts),
+    # biases per attention_bias and lm_head_bias (_biases)
+    "PhimoeForCausalLM": {"norm_type": "layernorm"},
+    # GPT-NeoX (Pythia): q/k/v fused per head (query_key_value), its attention output
+    # `dense`, an ungated GELU MLP, LayerNorm with biases, partial rotary; its sublayers
+    # side by side per use_parallel_residual (_layer_options); its own names for the model, the
+    # embeddings, attention and lm_head, in checkpoints and adapters
+    "GPTNeoXForCausalLM": {
+        "norm_type": "layernorm", "fused_qkv": True, "qkv_per_head": True,
+        "ungated_mlp": ("dense_h_to_4h", "dense_4h_to_h"), "mlp_bias": True,
+        "module_renames": (("query_key_value", "qkv_proj"), ("dense", "o_proj")),
+        "checkpoint_renames": (("gpt_neox.embed_in.", "model.embed_tokens."),
+                               ("gpt_neox.final_layer_norm.", "model.norm."),
+                               ("gpt_neox.layers.", "model.layers."),
+                               (".attention.", ".self_attn."), ("embed_out.", "lm_head.")),
+        "checkpoint_skips": (".self_attn.bias", ".self_attn.masked_bias"),
+        "adapter_aliases": (("gpt_neox", "model"), ("attention", "self_attn"),
+                            ("embed_in", "embed_tokens"), ("embed_out", "lm_head"))},
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -161,7 +202,10 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "granitemoeshared": "GraniteMoeSharedForCausalLM",
                   "bamba": "BambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
                   "nemotron_h": "NemotronHForCausalLM", "falcon_h1": "FalconH1ForCausalLM",
-                  "zamba2": "Zamba2ForCausalLM",
+                  "zamba2": "Zamba2ForCausalLM", "apertus": "ApertusForCausalLM",
+                  "phi": "PhiForCausalLM", "stablelm": "StableLmForCausalLM",
+                  "olmo": "OlmoForCausalLM", "helium": "HeliumForCausalLM",
+                  "gpt_neox": "GPTNeoXForCausalLM", "phimoe": "PhimoeForCausalLM",
                   **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES,
                   **GATED_DELTA_NET_MODEL_TYPES, **MAMBA1_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
@@ -174,12 +218,13 @@ _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHIT
                    "HunYuanDenseV1ForCausalLM", "HunYuanMoEV1ForCausalLM", "ArceeForCausalLM",
                    "NemotronForCausalLM",
                    "CohereForCausalLM", "Cohere2ForCausalLM", "Olmo3ForCausalLM",
-                   "OlmoeForCausalLM", *GATED_DELTA_NET_ARCHITECTURES)
+                   "OlmoeForCausalLM", *GATED_DELTA_NET_ARCHITECTURES,
+                   "ApertusForCausalLM", "OlmoForCausalLM")
 _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
              "ArceeForCausalLM", "NemotronForCausalLM", "BambaForCausalLM",
-             "NemotronHForCausalLM", "FalconH1ForCausalLM")
+             "NemotronHForCausalLM", "FalconH1ForCausalLM", "HeliumForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                "gelu": "gelu", "relu2": "relu2"}
+                "gelu": "gelu", "relu2": "relu2", "xielu": "xielu"}
 _DEFAULT_MAX_POSITIONS = 2048  # a config without max_position_embeddings (Mamba2)
 # what a config calls its norms' epsilon, where not rms_norm_eps
 _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_epsilon",
@@ -188,6 +233,8 @@ _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_e
              "NemotronHForCausalLM": "layer_norm_epsilon",
              "MambaForCausalLM": "layer_norm_epsilon",
              "FalconMambaForCausalLM": "layer_norm_epsilon",
+             "PhiForCausalLM": "layer_norm_eps", "StableLmForCausalLM": "layer_norm_eps",
+             "GPTNeoXForCausalLM": "layer_norm_eps",
              **dict.fromkeys(LFM2_ARCHITECTURES, "norm_eps")}
 
 
@@ -300,7 +347,8 @@ def _hidden_act(hf: Any, name: str) -> str:
     act = getattr(hf, "mlp_hidden_act" if name == "NemotronHForCausalLM" else "hidden_act",
                   "silu")
     gated = "ungated_mlp" not in _ARCHITECTURES[name]
-    supported = [a for a, ours in _ACTIVATIONS.items() if not gated or ours in ACT_AND_MUL]
+    supported = [a for a, ours in _ACTIVATIONS.items() if (not gated or ours in ACT_AND_MUL)
+                 and (ours != "xielu" or name == "ApertusForCausalLM")]
     if act not in supported:
         raise ValueError(f"hidden_act={act!r} is not supported for {name}; supported: "
                          + ", ".join(supported))
@@ -308,7 +356,10 @@ def _hidden_act(hf: Any, name: str) -> str:
 
 
 def _norm_eps(hf: Any, name: str) -> float:
-    """The norms' epsilon, under the name the architecture's config gives it."""
+    """The norms' epsilon, under the name the architecture's config gives it (OLMo's
+    config has none: HF's norm fixes it at 1e-5)."""
+    if name == "OlmoForCausalLM":
+        return 1e-5
     return float(getattr(hf, _NORM_EPS.get(name, "rms_norm_eps")))
 
 
@@ -325,6 +376,18 @@ def _biases(hf: Any, name: str) -> dict[str, Any]:
     if name == "Starcoder2ForCausalLM":  # one flag for every projection
         bias = bool(getattr(hf, "use_bias", True))
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    if name == "StableLmForCausalLM":  # q/k/v only
+        return dict(qkv_bias=bool(getattr(hf, "use_qkv_bias", False)))
+    if name == "GPTNeoXForCausalLM":  # query_key_value's and dense's (the MLP's: always)
+        bias = bool(getattr(hf, "attention_bias", True))
+        return dict(qkv_bias=bias, o_bias=bias)
+    if name == "PhimoeForCausalLM":  # q/k/v/o's, and lm_head's of its own flag
+        bias = bool(getattr(hf, "attention_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias,
+                    lm_head_bias=bool(getattr(hf, "lm_head_bias", False)))
+    if name == "HeliumForCausalLM":  # o_proj never has one
+        return dict(qkv_bias=bool(getattr(hf, "attention_bias", False)),
+                    mlp_bias=bool(getattr(hf, "mlp_bias", False)))
     if name == "SeedOssForCausalLM":
         return dict(qkv_bias=bool(getattr(hf, "attention_bias", True)),
                     o_bias=bool(getattr(hf, "attention_out_bias", False)),
@@ -430,6 +493,30 @@ def _cohere(hf: Any, name: str) -> dict[str, Any]:
                 qk_norm=qk_norm, qk_norm_per_head_weight=qk_norm)
 
 
+def _layer_options(hf: Any, name: str) -> dict[str, Any]:
+    """Phi's optional q/k LayerNorm (qk_layernorm: one over head_dim, shared by the heads,
+    with a bias); StableLM's sublayers side by side (use_parallel_residual: one norm) and
+    its q/k LayerNorm (StableLM 2 12B: a LayerNorm per head, whose weights load as rows of
+    one per-head weight); GPT-NeoX's sublayers side by side
+    (use_parallel_residual: each its own norm); OLMo's clip_qkv."""
+    if name == "PhiForCausalLM":
+        return {"qk_norm": bool(getattr(hf, "qk_layernorm", False))}
+    if name == "StableLmForCausalLM":
+        flags: dict[str, Any] = {"norm_layout": "parallel"} \
+            if getattr(hf, "use_parallel_residual", False) else {}
+        if getattr(hf, "qk_layernorm", False):
+            flags.update(qk_norm=True, qk_norm_per_head_weight=True, checkpoint_stacks=(
+                (".self_attn.q_layernorm.norms.", ".self_attn.q_norm."),
+                (".self_attn.k_layernorm.norms.", ".self_attn.k_norm.")))
+        return flags
+    if name == "GPTNeoXForCausalLM":
+        return {"norm_layout": "parallel_two_norms"} \
+            if getattr(hf, "use_parallel_residual", True) else {}
+    if name == "OlmoForCausalLM" and getattr(hf, "clip_qkv", None) is not None:
+        return {"clip_qkv": float(hf.clip_qkv)}
+    return {}
+
+
 def _ministral3(hf: Any, name: str) -> dict[str, Any]:
     """Ministral 3's (Mistral 3's newer language models: Ministral 3, Devstral Small 2)
     query scaling by position, Llama 4's: rope_parameters' llama_4_scaling_beta and
@@ -452,8 +539,9 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     if quant is not None and quant.method == "mxfp4" and name != "GptOssForCausalLM":
         raise ValueError(f"mxfp4-quantized {name} models are not supported: loraplex loads "
                          "MXFP4 experts of gpt-oss (GptOssForCausalLM)")
-    if name not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-                    "GptOssForCausalLM", "Glm4MoeForCausalLM", "OlmoeForCausalLM",
+    if name not in ("MixtralForCausalLM", "PhimoeForCausalLM", "Qwen2MoeForCausalLM",
+                    "Qwen3MoeForCausalLM", "GptOssForCausalLM", "Glm4MoeForCausalLM",
+                    "OlmoeForCausalLM",
                     "MiniMaxM2ForCausalLM", "Ernie4_5_MoeForCausalLM", "HunYuanMoEV1ForCausalLM",
                     "Dots1ForCausalLM",
                     *DEEPSEEK_ARCHITECTURES):
@@ -472,6 +560,13 @@ def _experts(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
         return dict(num_experts=int(hf.num_local_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok),
                     expert_leaves=("w1", "w3", "w2"))
+    if name == "PhimoeForCausalLM":  # Mixtral's experts, its sparsemixer's top-2
+        if int(hf.num_experts_per_tok) != 2:
+            raise ValueError(f"Phi-3.5-MoE with num_experts_per_tok={hf.num_experts_per_tok}"
+                             " is not supported: its sparsemixer routes to 2 experts")
+        return dict(num_experts=int(hf.num_local_experts), num_experts_per_tok=2,
+                    expert_leaves=("w1", "w3", "w2"),
+                    sparsemixer_eps=float(hf.router_jitter_noise))
     if name == "GptOssForCausalLM":  # transformers 4.55-4.57 had no swiglu_alpha field
         return dict(num_experts=int(hf.num_local_experts),
                     num_experts_per_tok=int(hf.num_experts_per_tok), moe_module="mlp",
@@ -561,6 +656,19 @@ def _llama4(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     return llama4_flags(hf)
 
 
+def _phimoe_mscale(scaling: dict) -> dict:
+    """Phi-3.5-MoE's LongRoPE scales cos / sin by its config's short_mscale (prompts within
+    the original context) or long_mscale, not by HF's computed attention factor: one value
+    for both is served as that factor; two different ones are refused."""
+    short, long = scaling.get("short_mscale"), scaling.get("long_mscale")
+    if short is None and long is None:
+        return scaling
+    if short != long:
+        raise ValueError(f"Phi-3.5-MoE with short_mscale={short} and long_mscale={long} is "
+                         "not supported: loraplex's LongRoPE tables take one scale")
+    return {**scaling, "attention_factor": float(short)}
+
+
 def ntk_alpha(theta: float, scaling: dict | None, head_dim: int
               ) -> tuple[float, dict | None]:
     """Hunyuan's "dynamic" rope with a fixed `alpha`: not dynamic at all, the base
@@ -608,6 +716,8 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
             and "original_max_position_embeddings" not in scaling:  # transformers 4: beside it
         scaling = {**scaling, "original_max_position_embeddings":
                    hf_config.original_max_position_embeddings}
+    if name == "PhimoeForCausalLM" and scaling is not None:
+        scaling = _phimoe_mscale(scaling)
     # (Mamba2 has no attention: its num_heads / head_dim are its mixers', unused here;
     # Mamba's config names no heads at all)
     num_heads = getattr(hf_config, "num_attention_heads", None) \
@@ -620,7 +730,9 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         intermediate_size=getattr(hf_config, "intermediate_size", 0),  # (Mamba2: none)
         num_layers=hf_config.num_hidden_layers,
         num_heads=num_heads,
-        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        # (GPT-NeoX's heads are all q/k/v heads, whatever else its config holds)
+        num_kv_heads=num_heads if name == "GPTNeoXForCausalLM" else
+        getattr(hf_config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         norm_eps=_norm_eps(hf_config, name),
         rope_theta=theta,
@@ -647,6 +759,7 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **_mrope(hf_config),
         **_llama4(hf_config, name, quant),
         **_ministral3(hf_config, name),
+        **_layer_options(hf_config, name),
         **granite_moe_flags(hf_config, name),
         **mamba_flags(hf_config, name),
         **lfm2_flags(hf_config, name, quant),
