@@ -29,7 +29,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
@@ -40,6 +39,7 @@ from loraplex.lora.errors import LoRAError
 from loraplex.lora.experts import ExpertsWithLoRA
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, lora_requests, make_llm
 from tests.fixtures import EXTRA_ARCHS, hf_greedy, make_peft_adapter, make_tiny_model
+from tests.handmade_lora import merged_checkpoint, write_lora_adapter
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -169,40 +169,13 @@ def _per_expert_adapter(base: Path, out: Path, block: str, leaves: tuple[str, ..
     cfg = json.loads((base / "config.json").read_text())
     hidden = cfg["hidden_size"]
     size = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        if layer in (cfg.get("mlp_only_layers") or []):
-            continue
-        for e in range(cfg.get("num_local_experts") or cfg["num_experts"]):
-            for leaf in leaves:
-                d_in, d_out = (size, hidden) if leaf in ("w2", "down_proj") else (hidden, size)
-                key = f"base_model.model.model.layers.{layer}.{block}.experts.{e}.{leaf}"
-                tensors[f"{key}.lora_A.weight"] = 0.3 * torch.randn(r, d_in, generator=gen)
-                tensors[f"{key}.lora_B.weight"] = 0.3 * torch.randn(d_out, r, generator=gen)
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-              "target_modules": list(leaves), "base_model_name_or_path": str(base),
-              **(edit or {})}
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
-
-
-def _merged_checkpoint(base: Path, adapter: Path, out: Path) -> Path:
-    """The base with the adapter merged into its weights (W + lora_alpha / r * B A): a
-    reference that needs no PEFT, for the formats this PEFT cannot read."""
-    shutil.copytree(base, out)
-    weights = load_file(str(base / "model.safetensors"))
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    lora = load_file(str(adapter / "adapter_model.safetensors"))
-    for key, a in lora.items():
-        if key.endswith(".lora_A.weight"):
-            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            b = lora[key.replace(".lora_A.", ".lora_B.")]
-            weights[f"{module}.weight"] += cfg["lora_alpha"] / cfg["r"] * b @ a
-    save_file(weights, str(out / "model.safetensors"))
-    return out
+    modules = [(f"model.layers.{layer}.{block}.experts.{e}.{leaf}",
+                *((size, hidden) if leaf in ("w2", "down_proj") else (hidden, size)))
+               for layer in range(cfg["num_hidden_layers"])
+               if layer not in (cfg.get("mlp_only_layers") or [])
+               for e in range(cfg.get("num_local_experts") or cfg["num_experts"])
+               for leaf in leaves]
+    return write_lora_adapter(out, modules, r, seed, list(leaves), base, edit)
 
 
 def _peft_reads_per_expert(arch: str) -> bool:
@@ -248,7 +221,7 @@ def test_moe_experts_are_stacked_and_take_lora(arch, long_run, arch_models, tmp_
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
     mine = [i for i, (_, n) in enumerate(batch) if n == "per_expert"]
     others = [i for i in range(len(batch)) if i not in mine]
-    merged = _merged_checkpoint(base, per_expert, tmp_path / "merged")
+    merged = merged_checkpoint(base, per_expert, tmp_path / "merged")
     check_against_hf([outs[i] for i in mine], merged, [None] * len(mine),
                      [batch[i][0] for i in mine])
     if _peft_reads_per_expert(arch):

@@ -20,7 +20,6 @@ its images refused offline and over HTTP.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import openai
@@ -44,6 +43,7 @@ from tests.engine_utils import (
     make_llm,
 )
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
+from tests.handmade_lora import merged_checkpoint, write_lora_adapter
 from tests.server_utils import RemoteServer, token_ids_of
 from tests.test_hybrid import check_preemption
 
@@ -184,38 +184,12 @@ def test_fused_experts_load_as_the_hubs(lfm2, tmp_path, prompts):
 def per_expert_adapter(base: Path, out: Path, r: int, seed: int) -> Path:
     """LoRA on every expert's w1 / w3 / w2, a module each (vLLM's layout; transformers 5
     has no such modules, so it is written directly)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in (1, 2):
-        for e in range(EXPERTS):
-            for leaf, (d_in, d_out) in (("w1", (HIDDEN, EXPERT_SIZE)),
-                                        ("w3", (HIDDEN, EXPERT_SIZE)),
-                                        ("w2", (EXPERT_SIZE, HIDDEN))):
-                key = f"base_model.model.model.layers.{layer}.feed_forward.experts.{e}.{leaf}"
-                tensors[f"{key}.lora_A.weight"] = 0.3 * torch.randn(r, d_in, generator=gen)
-                tensors[f"{key}.lora_B.weight"] = 0.3 * torch.randn(d_out, r, generator=gen)
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-         "target_modules": ["w1", "w3", "w2"], "base_model_name_or_path": str(base)}))
-    return out
-
-
-def merged(base: Path, adapter: Path, out: Path) -> Path:
-    """The base with a per-expert adapter merged (W + 2 B A): the reference for it."""
-    out.mkdir(parents=True)
-    for f in base.iterdir():
-        if f.name != "model.safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    weights = load_file(str(base / "model.safetensors"))
-    lora = load_file(str(adapter / "adapter_model.safetensors"))
-    for key, a in lora.items():
-        if key.endswith(".lora_A.weight"):
-            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            weights[f"{module}.weight"] += 2.0 * lora[key.replace("lora_A", "lora_B")] @ a
-    save_file(weights, str(out / "model.safetensors"))
-    return out
+    modules = [(f"model.layers.{layer}.feed_forward.experts.{e}.{leaf}", d_in, d_out)
+               for layer in (1, 2) for e in range(EXPERTS)
+               for leaf, (d_in, d_out) in (("w1", (HIDDEN, EXPERT_SIZE)),
+                                           ("w3", (HIDDEN, EXPERT_SIZE)),
+                                           ("w2", (EXPERT_SIZE, HIDDEN)))]
+    return write_lora_adapter(out, modules, r, seed, ["w1", "w3", "w2"], base)
 
 
 def test_per_expert_adapter(lfm2, tmp_path, prompts):
@@ -233,7 +207,7 @@ def test_per_expert_adapter(lfm2, tmp_path, prompts):
                         lora_request=[reqs[n] if n else None for _, n in batch],
                         use_tqdm=False)
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
-    reference = merged(base, per_expert, tmp_path / "merged")
+    reference = merged_checkpoint(base, per_expert, tmp_path / "merged")
     check_against_hf([outs[1], outs[3]], reference, [None, None], [prompts[0], prompts[2]])
     check_against_hf([outs[0], outs[2]], base, [None, adapters["r8_all"]],
                      [prompts[0], prompts[1]])

@@ -22,7 +22,6 @@ whose checkpoint fuses its experts (transformers 5's in-memory layout).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import openai
@@ -39,6 +38,7 @@ from loraplex.lora.errors import LoRAError
 from loraplex.worker.mamba_state import state_bytes_per_slot
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import _reinit_, load_hf_model, make_tokenizer
+from tests.handmade_lora import merged_checkpoint, write_lora_adapter
 from tests.server_utils import RemoteServer, token_ids_of
 from tests.test_hybrid import check_preemption
 
@@ -237,35 +237,8 @@ def _direct_targets(kind: str) -> list[tuple[str, int, int]]:
 def direct_adapter(kind: str, base: Path, out: Path, r: int, seed: int) -> Path:
     """LoRA on dt_proj and out_proj (and Jamba's router), written directly (PEFT refuses
     or does not run some of them here)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for module, d_in, d_out in _direct_targets(kind):
-        key = f"base_model.model.{module}"
-        tensors[f"{key}.lora_A.weight"] = 0.3 * torch.randn(r, d_in, generator=gen)
-        tensors[f"{key}.lora_B.weight"] = 0.3 * torch.randn(d_out, r, generator=gen)
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
     targets = ["dt_proj", "out_proj"] + (["router"] if kind == "jamba" else [])
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-         "target_modules": targets, "base_model_name_or_path": str(base)}))
-    return out
-
-
-def merged(base: Path, adapter: Path, out: Path) -> Path:
-    """The base with a direct adapter merged (W + 2 B A): the reference for it."""
-    out.mkdir(parents=True)
-    for f in base.iterdir():
-        if f.name != "model.safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    weights = load_file(str(base / "model.safetensors"))
-    lora = load_file(str(adapter / "adapter_model.safetensors"))
-    for key, a in lora.items():
-        if key.endswith(".lora_A.weight"):
-            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            weights[f"{module}.weight"] += 2.0 * lora[key.replace("lora_A", "lora_B")] @ a
-    save_file(weights, str(out / "model.safetensors"))
-    return out
+    return write_lora_adapter(out, _direct_targets(kind), r, seed, targets, base)
 
 
 @torch.no_grad()
@@ -301,7 +274,7 @@ def test_dt_proj_out_proj_router_adapter(mamba1, tmp_path, prompts):
                         lora_request=[reqs[n] if n else None for _, n in batch],
                         use_tqdm=False)
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
-    reference = merged(base, direct, tmp_path / "merged")
+    reference = merged_checkpoint(base, direct, tmp_path / "merged")
     check_against_hf([outs[1], outs[3]], reference, [None, None], [prompts[0], prompts[2]])
     check_against_hf([outs[0], outs[2]], base, [None, adapters["r8_all"]],
                      [prompts[0], prompts[1]])

@@ -13,7 +13,6 @@ written directly: transformers 5 has no such modules), checked on the merged wei
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from loraplex.lora.experts import ExpertsWithLoRA
 from loraplex.models.registry import build_model
 from tests.engine_utils import check_against_hf, check_mixed_batch, lora_requests, make_llm
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
+from tests.handmade_lora import merged_checkpoint, write_lora_adapter
 from tests.test_hybrid import check_preemption
 
 pytestmark = pytest.mark.skipif(
@@ -130,37 +130,11 @@ def test_preemption_recomputes_the_state(nemotron_moe, prompts):
 
 def _per_expert_adapter(base: Path, out: Path, r: int, seed: int) -> Path:
     """LoRA on every expert's up_proj and down_proj, a module each (vLLM's layout)."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in (1, 3):
-        for e in range(EXPERTS):
-            for leaf, (d_in, d_out) in (("up_proj", (HIDDEN, SIZE)),
-                                        ("down_proj", (SIZE, HIDDEN))):
-                key = f"base_model.model.backbone.layers.{layer}.mixer.experts.{e}.{leaf}"
-                tensors[f"{key}.lora_A.weight"] = 0.3 * torch.randn(r, d_in, generator=gen)
-                tensors[f"{key}.lora_B.weight"] = 0.3 * torch.randn(d_out, r, generator=gen)
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-         "target_modules": ["up_proj", "down_proj"], "base_model_name_or_path": str(base)}))
-    return out
-
-
-def _merged(base: Path, adapter: Path, out: Path) -> Path:
-    """The base with a per-expert adapter merged (W + 2 B A): the reference for it."""
-    out.mkdir(parents=True)
-    for f in base.iterdir():
-        if f.name != "model.safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    weights = load_file(str(base / "model.safetensors"))
-    lora = load_file(str(adapter / "adapter_model.safetensors"))
-    for key, a in lora.items():
-        if key.endswith(".lora_A.weight"):
-            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            weights[f"{module}.weight"] += 2.0 * lora[key.replace("lora_A", "lora_B")] @ a
-    save_file(weights, str(out / "model.safetensors"))
-    return out
+    modules = [(f"backbone.layers.{layer}.mixer.experts.{e}.{leaf}", d_in, d_out)
+               for layer in (1, 3) for e in range(EXPERTS)
+               for leaf, (d_in, d_out) in (("up_proj", (HIDDEN, SIZE)),
+                                           ("down_proj", (SIZE, HIDDEN)))]
+    return write_lora_adapter(out, modules, r, seed, ["up_proj", "down_proj"], base)
 
 
 def test_fused_checkpoint_and_per_expert_adapter(nemotron_moe, tmp_path, prompts):
@@ -180,7 +154,7 @@ def test_fused_checkpoint_and_per_expert_adapter(nemotron_moe, tmp_path, prompts
                         lora_request=[reqs[n] if n else None for _, n in batch],
                         use_tqdm=False)
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
-    merged = _merged(base, per_expert, tmp_path / "merged")
+    merged = merged_checkpoint(base, per_expert, tmp_path / "merged")
     check_against_hf([outs[1], outs[3]], merged, [None, None], [prompts[0], prompts[2]])
     check_against_hf([outs[0], outs[2]], base, [None, adapters["r8_experts"]],
                      [prompts[0], prompts[1]])
