@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.models.llava import VISION_ACTIVATIONS, VisionWeights, check_activation, check_tower
+from loraplex.models.llava import (
+    CLIPMLP,
+    VISION_ACTIVATIONS,
+    VisionWeights,
+    check_activation,
+    check_tower,
+)
 
 
 def is_internvl(hf_config: Any) -> bool:
@@ -167,17 +173,6 @@ class Attention(nn.Module):
         return self.projection_layer(out.transpose(1, 2).reshape(b, n, d))
 
 
-class MLP(nn.Module):
-    def __init__(self, c: InternVLVisionConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
-        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
-        self.act = VISION_ACTIVATIONS[c.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Layer(nn.Module):
     """Pre-norm, each branch scaled by its layer-scale vector before the residual."""
 
@@ -186,7 +181,7 @@ class Layer(nn.Module):
         self.layernorm_before = _norm(c)
         self.attention = Attention(c)
         self.layernorm_after = _norm(c)
-        self.mlp = MLP(c)
+        self.mlp = CLIPMLP(c)  # (fc1, GELU, fc2: CLIP's, by its names)
         self.lambda_1 = nn.Parameter(torch.empty(c.hidden_size))
         self.lambda_2 = nn.Parameter(torch.empty(c.hidden_size))
 
