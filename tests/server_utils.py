@@ -138,3 +138,41 @@ class RemoteServer:
 def token_ids_of(choice_logprobs) -> list[int]:
     """Ids from logprob tokens rendered with return_tokens_as_token_ids."""
     return [int(t.split(":", 1)[1]) for t in choice_logprobs.tokens]
+
+
+def check_rank_refused(base: Path, good: tuple[str, Path], bad: tuple[str, Path],
+                       prompts: list[list[int]]) -> None:
+    """With max_lora_rank 4, the rank-8 adapter `bad` is refused by name, in the engine and
+    over HTTP (a 400 in OpenAI's shape, then a 404 for its name); the rank-4 one `good`
+    then serves, over HTTP the engine's tokens."""
+    import pytest
+
+    from loraplex import LoRARequest, SamplingParams
+    from loraplex.lora.errors import LoRAError
+    from tests.engine_utils import make_llm
+
+    good_req = LoRARequest(good[0], 2, str(good[1]))
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    with pytest.raises(LoRAError, match="rank 8 > max_lora_rank=4"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], greedy,
+                     lora_request=LoRARequest(bad[0], 1, str(bad[1])), use_tqdm=False)
+    want = llm.generate([{"prompt_token_ids": prompts[1]}], greedy, lora_request=good_req,
+                        use_tqdm=False)[0].outputs[0].token_ids
+    assert len(want) == 3
+    args = ["--enable-lora", "--max-loras", "1", "--max-lora-rank", "4", "--max-model-len",
+            "128", "--dtype", "float32", "--lora-modules", f"{good[0]}={good[1]}"]
+    env = {"LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    with RemoteServer(base, args, env=env) as server:
+        r = server.post("/v1/load_lora_adapter", {"lora_name": bad[0], "lora_path": str(bad[1])})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "max_lora_rank=4" in err["message"] and err["type"] == "BadRequestError"
+        client = server.get_client()
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=bad[0], prompt=prompts[0], max_tokens=2)
+        r = client.completions.create(model=good[0], prompt=prompts[1], max_tokens=3,
+                                      temperature=0, logprobs=0,
+                                      extra_body={"return_tokens_as_token_ids": True,
+                                                  "ignore_eos": True})
+        assert token_ids_of(r.choices[0].logprobs) == list(want)

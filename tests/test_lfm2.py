@@ -32,7 +32,6 @@ from transformers import AutoModelForCausalLM
 from loraplex import LoRARequest, SamplingParams
 from loraplex.layers.moe import GroupedTopKRouter
 from loraplex.layers.short_conv import ShortConv
-from loraplex.lora.errors import LoRAError
 from loraplex.models.lfm2 import ff_size, lfm2_flags
 from loraplex.worker.mamba_state import state_bytes_per_slot
 from tests.engine_utils import (
@@ -44,7 +43,7 @@ from tests.engine_utils import (
 )
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
 from tests.handmade_lora import merged_checkpoint, write_lora_adapter
-from tests.server_utils import RemoteServer, token_ids_of
+from tests.server_utils import RemoteServer, check_rank_refused, token_ids_of
 from tests.test_hybrid import check_preemption
 
 HIDDEN, EXPERTS, EXPERT_SIZE = 64, 8, 24
@@ -260,37 +259,8 @@ def test_rank_too_high_fails_alone(lfm2, prompts):
     kind, base, adapters = lfm2
     if kind != "lfm2":
         pytest.skip("one server is enough: LFM2's")
-    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=4)
-    with pytest.raises(LoRAError, match="rank 8 > max_lora_rank=4"):
-        llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY,
-                     lora_request=LoRARequest("r8_all", 1, str(adapters["r8_all"])),
-                     use_tqdm=False)
-    ok = llm.generate([{"prompt_token_ids": prompts[1]}], SamplingParams(max_tokens=3),
-                      lora_request=LoRARequest("r4_conv", 2, str(adapters["r4_conv"])),
-                      use_tqdm=False)
-    assert len(ok[0].outputs[0].token_ids) == 3
-    args = ["--enable-lora", "--max-loras", "1", "--max-lora-rank", "4", "--max-model-len",
-            "128", "--dtype", "float32", "--lora-modules", f"r4_conv={adapters['r4_conv']}"]
-    env = {"LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    with RemoteServer(base, args, env=env) as server:
-        r = server.post("/v1/load_lora_adapter",
-                        {"lora_name": "r8_all", "lora_path": str(adapters["r8_all"])})
-        assert r.status_code == 400, r.text
-        err = r.json()["error"]
-        assert "max_lora_rank=4" in err["message"] and err["type"] == "BadRequestError"
-        client = server.get_client()
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model="r8_all", prompt=prompts[0], max_tokens=2)
-        # the same tokens as the engine: the server carries on with the good adapter
-        r = client.completions.create(model="r4_conv", prompt=prompts[1], max_tokens=3,
-                                      temperature=0, logprobs=0,
-                                      extra_body={"return_tokens_as_token_ids": True,
-                                                  "ignore_eos": True})
-        want = llm.generate([{"prompt_token_ids": prompts[1]}],
-                            SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
-                            lora_request=LoRARequest("r4_conv", 2, str(adapters["r4_conv"])),
-                            use_tqdm=False)[0].outputs[0].token_ids
-        assert token_ids_of(r.choices[0].logprobs) == list(want)
+    check_rank_refused(base, ("r4_conv", adapters["r4_conv"]), ("r8_all", adapters["r8_all"]),
+                       prompts)
 
 
 def test_ff_size_is_hf_mlp_width():

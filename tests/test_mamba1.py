@@ -24,22 +24,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from loraplex import LoRARequest, SamplingParams
+from loraplex import LoRARequest
 from loraplex.layers.mamba1 import Mamba1Args, Mamba1Mixer
 from loraplex.layers.mamba2 import MambaBatch
-from loraplex.lora.errors import LoRAError
 from loraplex.worker.mamba_state import state_bytes_per_slot
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import _reinit_, load_hf_model, make_tokenizer
 from tests.handmade_lora import merged_checkpoint, write_lora_adapter
-from tests.server_utils import RemoteServer, token_ids_of
+from tests.server_utils import check_rank_refused
 from tests.test_hybrid import check_preemption
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -292,33 +290,8 @@ def test_rank_too_high_fails_alone(mamba1, prompts):
     kind, base, adapters = mamba1
     if kind != "mamba":
         pytest.skip("one server is enough: Mamba's")
-    r4 = LoRARequest("r4_mixer", 2, str(adapters["r4_mixer"]))
-    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=4)
-    with pytest.raises(LoRAError, match="rank 8 > max_lora_rank=4"):
-        llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY,
-                     lora_request=LoRARequest("r8_all", 1, str(adapters["r8_all"])),
-                     use_tqdm=False)
-    greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-    want = llm.generate([{"prompt_token_ids": prompts[1]}], greedy, lora_request=r4,
-                        use_tqdm=False)[0].outputs[0].token_ids
-    assert len(want) == 3
-    args = ["--enable-lora", "--max-loras", "1", "--max-lora-rank", "4", "--max-model-len",
-            "128", "--dtype", "float32", "--lora-modules", f"r4_mixer={adapters['r4_mixer']}"]
-    env = {"LORAPLEX_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    with RemoteServer(base, args, env=env) as server:
-        r = server.post("/v1/load_lora_adapter",
-                        {"lora_name": "r8_all", "lora_path": str(adapters["r8_all"])})
-        assert r.status_code == 400, r.text
-        err = r.json()["error"]
-        assert "max_lora_rank=4" in err["message"] and err["type"] == "BadRequestError"
-        client = server.get_client()
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model="r8_all", prompt=prompts[0], max_tokens=2)
-        r = client.completions.create(model="r4_mixer", prompt=prompts[1], max_tokens=3,
-                                      temperature=0, logprobs=0,
-                                      extra_body={"return_tokens_as_token_ids": True,
-                                                  "ignore_eos": True})
-        assert token_ids_of(r.choices[0].logprobs) == list(want)
+    check_rank_refused(base, ("r4_mixer", adapters["r4_mixer"]), ("r8_all", adapters["r8_all"]),
+                       prompts)
 
 
 def test_hybrid_refusals(mamba1):
