@@ -13,6 +13,11 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
+
+from loraplex import LoRARequest, SamplingParams
+from loraplex.lora.errors import LoRAError
+from tests.engine_utils import make_llm
 
 SERVER_START_TIMEOUT = 120.0
 
@@ -145,12 +150,6 @@ def check_rank_refused(base: Path, good: tuple[str, Path], bad: tuple[str, Path]
     """With max_lora_rank 4, the rank-8 adapter `bad` is refused by name, in the engine and
     over HTTP (a 400 in OpenAI's shape, then a 404 for its name); the rank-4 one `good`
     then serves, over HTTP the engine's tokens."""
-    import pytest
-
-    from loraplex import LoRARequest, SamplingParams
-    from loraplex.lora.errors import LoRAError
-    from tests.engine_utils import make_llm
-
     good_req = LoRARequest(good[0], 2, str(good[1]))
     llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=4)
     greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
