@@ -154,6 +154,9 @@ def models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
         def __missing__(self, arch: str) -> tuple[Path, dict[str, Path]]:
             if not hasattr(transformers, ARCHS[arch]):
                 pytest.skip(f"this transformers ({transformers.__version__}) has no {arch}")
+            if arch == "ernie4_5_moe_bias" and not TRANSFORMERS_5:
+                pytest.skip("transformers 4.x puts use_bias's biases on ERNIE 4.5 MoE's "
+                            "experts too (5.x and vLLM do not): test_ernie_moe_biased_experts")
             root = tiny_root / "more_archs"
             seed = 80 + list(ARCHS).index(arch)
             kind, overrides = VARIANTS.get(arch, (arch, {}))
@@ -233,6 +236,17 @@ def test_rope_tables_hold_only_the_served_positions(tiny_models, prompts):
     ids = [{"prompt_token_ids": p[:40]} for p in prompts]
     assert [o.outputs[0].token_ids for o in small.generate(ids, GREEDY, use_tqdm=False)] == \
         [o.outputs[0].token_ids for o in full.generate(ids, GREEDY, use_tqdm=False)]
+
+
+def test_ernie_moe_biased_experts_are_refused(tmp_path):
+    """A use_bias checkpoint as transformers 4.x saves it (biases on the experts, which
+    5.x's and loraplex's experts have not) is refused at load, naming why."""
+    if TRANSFORMERS_5 or not hasattr(transformers, "Ernie4_5_MoeConfig"):
+        pytest.skip(f"transformers {transformers.__version__} saves no ERNIE 4.5 MoE with "
+                    "biased experts")
+    base = make_tiny_model(tmp_path / "ernie", "ernie4_5_moe", seed=3, use_bias=True)
+    with pytest.raises(ValueError, match="unexpected expert tensor .*bias.*ERNIE 4.5 MoE"):
+        make_llm(base)
 
 
 @pytest.mark.parametrize("arch", ["phi", "ernie4_5_moe_bias"])
