@@ -9,7 +9,8 @@ processor config beside it; the reference's inputs are HF's processor's
 (tests/test_qwen3_vl_video.py's hf_inputs: frames of valid sizes, taken as given).
 Checked: prompt ids and M-RoPE positions, greedy tokens and logprobs within 1e-4 for a
 mixed batch (videos under the base and the adapter, image + video, text; whole and
-chunked prefill through the DeltaNet state), limit_mm_per_prompt's "video", bad videos
+chunked prefill through the DeltaNet state), the same on Qwen3.5-MoE
+(Qwen3_5MoeForConditionalGeneration), limit_mm_per_prompt's "video", bad videos
 failing alone, and the server's chat with an image and a GIF video_url, a bad video a 400.
 """
 
@@ -37,9 +38,16 @@ from tests.multimodal_fixtures import (
 pytest.importorskip("transformers.models.qwen3_5",
                     reason=f"transformers {transformers.__version__} has no Qwen3.5")
 
-from tests.qwen2_vl_fixtures import IMAGE  # noqa: E402
+from tests.fixtures import _reinit_, make_tokenizer  # noqa: E402
+from tests.multimodal_fixtures import LANGUAGE_MODEL, make_multimodal_adapter  # noqa: E402
+from tests.qwen2_vl_fixtures import CHAT_TEMPLATE, IMAGE, VISION  # noqa: E402
 from tests.server_utils import RemoteServer  # noqa: E402
-from tests.test_qwen3_next import conditional  # noqa: E402,F401 (the fixture)
+from tests.test_qwen3_next import (  # noqa: E402
+    COMMON,
+    EXPERTS,
+    QWEN3_5_ROPE,
+    conditional,  # noqa: F401 (the fixture)
+)
 from tests.test_qwen3_vl_video import (  # noqa: E402
     ASK,
     BOTH,
@@ -63,6 +71,40 @@ def qwen35(conditional):  # noqa: F811
     (conditional["base"] / "video_preprocessor_config.json").write_text(json.dumps(
         {"video_processor_type": "Qwen3VLVideoProcessor", **VIDEO_CONFIG}))
     return conditional
+
+
+@pytest.fixture(scope="module")
+def qwen35_moe(tiny_root):
+    """A Qwen3_5MoeForConditionalGeneration checkpoint: `conditional`'s tower beside the
+    4-layer Qwen3.5-MoE language model (4 experts, 2 per token, a shared expert), the same
+    video processor, and an adapter on its attention and DeltaNets (r8)."""
+    from transformers import Qwen2VLImageProcessor
+
+    root = tiny_root / "gdn_qwen3_5_moe_vl"
+    tok = make_tokenizer(root / "base")
+    tok.add_special_tokens({"additional_special_tokens": VISION})
+    tok.chat_template = CHAT_TEMPLATE
+    ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id",
+                    "video_token_id"), tok.convert_tokens_to_ids(VISION), strict=True))
+    text = dict(vocab_size=len(tok), **COMMON, **EXPERTS, rope_parameters=QWEN3_5_ROPE)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
+                  num_position_embeddings=16)
+    cfg = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **ids)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(334)
+    hf = transformers.Qwen3_5MoeForConditionalGeneration(cfg).eval()
+    _reinit_(hf, 334, 0.1)
+    base = root / "base"
+    hf.save_pretrained(str(base))
+    Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 64 * 64}, patch_size=4,
+                          merge_size=2, temporal_patch_size=2).save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    (base / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "Qwen3VLVideoProcessor", **VIDEO_CONFIG}))
+    return {"base": base, "r8": make_multimodal_adapter(
+        base, root / "r8", r=8, seed=335,
+        targets=LANGUAGE_MODEL + "(in_proj_qkv|out_proj|q_proj|v_proj)")}
 
 
 def test_prompt_and_positions_are_hfs(qwen35):
@@ -103,6 +145,22 @@ def test_mixed_batch_matches_hf(budget, qwen35):
                         use_tqdm=False, lora_request=[r8 if n else None for *_, n in jobs])
     check(outs, base, [(p, ims, vids, qwen35[n] if n else None) for p, ims, vids, n in jobs])
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+
+
+def test_moe_video_matches_hf(qwen35_moe):
+    """Qwen3.5-MoE: a video under the base and the adapter, an image + video and a text
+    request in one batch, chunked; HF's greedy tokens, logprobs within 1e-4."""
+    base = qwen35_moe["base"]
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
+                   max_num_batched_tokens=16)
+    a, im = (video(1, 5), STEPS), image(3)
+    jobs = [(ASK, [], [a], None), (ASK, [], [a], "r8"), (BOTH, [im], [a], "r8"),
+            (TEXT, [], [], None)]
+    r8 = LoRARequest("r8", 1, str(qwen35_moe["r8"]))
+    outs = llm.generate([request(p, ims, vids) for p, ims, vids, _ in jobs], GREEDY,
+                        use_tqdm=False, lora_request=[r8 if n else None for *_, n in jobs])
+    check(outs, base, [(p, ims, vids, qwen35_moe[n] if n else None)
+                       for p, ims, vids, n in jobs])
 
 
 def test_limit_and_bad_videos_fail_alone(qwen35):
