@@ -33,7 +33,8 @@ batch of the base and two adapters over one slot, prompts prefilled whole and in
 - ERNIE 4.5 (MoE): experts chosen by softmax scores plus a correction bias (kept in
   moe_statics in its checkpoints, [1, E]), weighted by the softmax scores renormalized, a
   shared expert, a dense first layer, rotary on interleaved pairs; LoRA on the experts
-  too (use_bias, which puts a bias on lm_head too, refused: no checkpoint sets it);
+  too; and with use_bias (biases on q/k/v/o, the dense and shared MLPs and lm_head, none
+  on the experts; adapters that add tokens refused, as on Phi);
 - Hunyuan-A13B (MoE): Hunyuan's attention (above), experts routed by softmax scores (top-k
   renormalized, the router under its name `wg`), a shared MLP beside them in every
   layer; LoRA on the experts and the shared MLP too;
@@ -91,7 +92,10 @@ ARCHS = {"llama_bias": "LlamaConfig", "smollm3": "SmolLM3Config",
          "stablelm_parallel": "StableLmConfig", "stablelm_qk": "StableLmConfig",
          "olmo": "OlmoConfig",
          "helium": "HeliumConfig", "gpt_neox": "GPTNeoXConfig",
-         "gpt_neox_sequential": "GPTNeoXConfig", "phimoe": "PhimoeConfig"}
+         "gpt_neox_sequential": "GPTNeoXConfig", "phimoe": "PhimoeConfig",
+         "ernie4_5_moe_bias": "Ernie4_5_MoeConfig"}
+# entries that are another's fixture with config overrides: (its fixture, the overrides)
+VARIANTS = {"ernie4_5_moe_bias": ("ernie4_5_moe", {"use_bias": True})}
 ADAPTERS = {
     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
@@ -131,7 +135,7 @@ PHIMOE_ADAPTERS = {  # the experts too: transformers 5's fused ones through
 
 
 MOE_ARCHS = ("glm4_moe", "olmoe", "minimax_m2", "ernie4_5_moe", "hunyuan_moe", "dots1",
-             "phimoe")
+             "phimoe", "ernie4_5_moe_bias")
 
 
 def _adapters(arch: str) -> dict[str, dict]:
@@ -150,9 +154,13 @@ def models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
         def __missing__(self, arch: str) -> tuple[Path, dict[str, Path]]:
             if not hasattr(transformers, ARCHS[arch]):
                 pytest.skip(f"this transformers ({transformers.__version__}) has no {arch}")
+            if arch == "ernie4_5_moe_bias" and not TRANSFORMERS_5:
+                pytest.skip("transformers 4.x puts use_bias's biases on ERNIE 4.5 MoE's "
+                            "experts too (5.x and vLLM do not): test_ernie_moe_biased_experts")
             root = tiny_root / "more_archs"
             seed = 80 + list(ARCHS).index(arch)
-            base = make_tiny_model(root / arch, arch, seed=seed)
+            kind, overrides = VARIANTS.get(arch, (arch, {}))
+            base = make_tiny_model(root / arch, kind, seed=seed, **overrides)
             self[arch] = (base, {name: make_peft_adapter(base, root / f"{arch}_{name}",
                                                          seed=seed + i, **spec)
                                  for i, (name, spec) in enumerate(
@@ -230,30 +238,26 @@ def test_rope_tables_hold_only_the_served_positions(tiny_models, prompts):
         [o.outputs[0].token_ids for o in full.generate(ids, GREEDY, use_tqdm=False)]
 
 
-def test_ernie_moe_with_biases_is_refused():
-    """ERNIE 4.5 MoE's use_bias also puts a bias on lm_head, which loraplex's head has
-    not: refused at start-up rather than served without it."""
-    if not hasattr(transformers, "Ernie4_5_MoeConfig"):
-        pytest.skip(f"this transformers ({transformers.__version__}) has no ERNIE 4.5 MoE")
-    from loraplex.models.registry import build_model
-
-    config = transformers.Ernie4_5_MoeConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, moe_num_experts=4, moe_k=2,
-        moe_intermediate_size=16, use_bias=True, architectures=["Ernie4_5_MoeForCausalLM"])
-    with pytest.raises(ValueError, match="use_bias=true"):
-        build_model(config)
-    config.use_bias = False
-    assert build_model(config).args.dense_layers == (0,)
+def test_ernie_moe_biased_experts_are_refused(tmp_path):
+    """A use_bias checkpoint as transformers 4.x saves it (biases on the experts, which
+    5.x's and loraplex's experts have not) is refused at load, naming why."""
+    if TRANSFORMERS_5 or not hasattr(transformers, "Ernie4_5_MoeConfig"):
+        pytest.skip(f"transformers {transformers.__version__} saves no ERNIE 4.5 MoE with "
+                    "biased experts")
+    base = make_tiny_model(tmp_path / "ernie", "ernie4_5_moe", seed=3, use_bias=True)
+    with pytest.raises(ValueError, match="unexpected expert tensor .*bias.*ERNIE 4.5 MoE"):
+        make_llm(base)
 
 
-def test_phi_adapters_that_bring_lm_head_rows_are_refused(models, prompts, tmp_path):
-    """Phi's lm_head has a bias: an adapter that adds tokens fails alone with a clear
-    error (its rows would be served without one), the engine serving the next request;
-    whole lm_head tables (modules_to_save) are refused at start-up."""
-    base, adapters = models["phi"]
+@pytest.mark.parametrize("arch", ["phi", "ernie4_5_moe_bias"])
+def test_adapters_that_bring_lm_head_rows_are_refused(arch, models, prompts, tmp_path):
+    """Phi's and ERNIE 4.5 MoE's (use_bias) lm_head has a bias: an adapter that adds
+    tokens fails alone with a clear error (its rows would be served without one), the
+    engine serving the next request; whole lm_head tables (modules_to_save) are refused at
+    start-up."""
+    base, adapters = models[arch]
     added = make_added_tokens_adapter(base, tmp_path / "added")
-    llm = make_llm(base, enable_lora=True, max_lora_rank=8)
+    llm = make_llm(base, enable_lora=True, max_lora_rank=16 if arch in MOE_ARCHS else 8)
     with pytest.raises(LoRAError, match="adds 3 tokens past the base vocabulary of 512: not "
                                         "supported on a model whose lm_head has a bias"):
         llm.llm_engine.add_request("added", {"prompt_token_ids": prompts[0]}, GREEDY,

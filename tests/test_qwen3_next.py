@@ -13,15 +13,14 @@ and the router through target_parameters) in one batch, prompts prefilled in chu
 requests at once, so sequences are preempted and recompute their state; the experts
 stored fused; an adapter on a module the model lacks, refused alone. Qwen3.5's
 ForConditionalGeneration checkpoint (Qwen3-VL's tower without DeepStack): image and text
-prompts under the base and an adapter trained on the whole model, whole and chunked;
-the server's image chat, a video refused with a 400 and the server carrying on.
+prompts under the base and an adapter trained on the whole model, whole and chunked
+(its videos, and the server's image and video chat: tests/test_qwen3_5_video.py).
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 import transformers
@@ -41,18 +40,14 @@ from tests.engine_utils import (
     make_llm,
 )
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
-from tests.llava_fixtures import data_url, image
+from tests.llava_fixtures import image
 from tests.multimodal_fixtures import (
     LANGUAGE_MODEL,
-    chat_token_ids,
-    greedy_reference,
     make_multimodal_adapter,
     request,
 )
-from tests.qwen2_vl_fixtures import ASK, CHAT_TEMPLATE, IMAGE, VISION, check, hf_inputs
+from tests.qwen2_vl_fixtures import ASK, CHAT_TEMPLATE, VISION, check
 from tests.qwen2_vl_fixtures import GREEDY as VL_GREEDY
-from tests.qwen2_vl_fixtures import hf_logprobs as vl_logprobs
-from tests.server_utils import RemoteServer
 from tests.test_hybrid import check_preemption
 from tests.test_qwen2_vl import TEXT, TWO
 
@@ -296,25 +291,3 @@ def test_conditional_generation_with_images(budget, conditional):
                         lora_request=[r8 if n else None for *_, n in jobs])
     check(outs, base, [(p, ims, conditional[n] if n else None) for p, ims, n in jobs])
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
-
-
-def test_server_image_chat_and_video_refused(conditional):
-    """The official client's chat with a data-URL image gets HF's greedy tokens; a video
-    part (Qwen3.5's videos are not served) fails alone with a 400 naming why; the server
-    carries on."""
-    base = conditional["base"]
-    a = image(1, (52, 40))
-    content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
-               {"type": "text", "text": "What is this?"}]
-    inp = hf_inputs(base, f"<|im_start|>user\n{IMAGE}What is this?<|im_end|>\n"
-                          "<|im_start|>assistant\n", [a], add_special_tokens=False)
-    n = VL_GREEDY.max_tokens
-    want = greedy_reference(lambda reply: vl_logprobs(base, None, inp, reply), n)
-    with RemoteServer(base, ["--max-model-len", "256", "--dtype", "float32"]) as server:
-        client = server.get_client()
-        model = client.models.list().data[0].id
-        assert chat_token_ids(client, model, content, n, len(inp["input_ids"][0])) == want
-        with pytest.raises(openai.BadRequestError, match="video inputs are not supported"):
-            chat_token_ids(client, model, [
-                {"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}], n)
-        assert chat_token_ids(client, model, content, n) == want

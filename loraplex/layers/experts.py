@@ -178,8 +178,10 @@ class FusedExperts(nn.Module):
         into."""
         param, rows = self._place(name)
         if kind != "weight":
-            raise ValueError(f"unexpected expert tensor {name}.{kind} (a quantized "
-                             "checkpoint whose config does not say so?)")
+            raise ValueError(f"unexpected expert tensor {name}.{kind}: these experts have "
+                             "weights only (a quantized checkpoint whose config does not say "
+                             "so? ERNIE 4.5 MoE's use_bias as transformers 4.x saves it, with "
+                             "biased experts, is not supported)")
         dst = getattr(self, param).data[expert, rows]
         if dst.shape != tensor.shape:
             raise ValueError(f"expert {expert} {name} has shape {tuple(tensor.shape)}, the "

@@ -46,7 +46,7 @@ from loraplex.models.qwen2_vl import (
 )
 
 # (Qwen3.5's: the same tower without DeepStack, over a gated DeltaNet language model,
-# models/qwen3_next.py; its images only, videos refused)
+# models/qwen3_next.py; its images and videos as Qwen3-VL's, HF's Qwen3VLProcessor)
 QWEN3_5_ARCHITECTURES = ("Qwen3_5ForConditionalGeneration",
                          "Qwen3_5MoeForConditionalGeneration")
 ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
@@ -80,9 +80,7 @@ class Qwen3VisionConfig(QwenVisionConfig):
                    int(v.patch_size), int(v.temporal_patch_size), v.spatial_merge_size,
                    v.in_channels, v.hidden_act, v.out_hidden_size, 0, (),
                    float(params.get("rope_theta", 10000.0)), _token_id(hf, "image_token_id"),
-                   _token_id(hf, "vision_start_token_id"),
-                   -1 if any(a in QWEN3_5_ARCHITECTURES for a in hf.architectures or [])
-                   else _token_id(hf, "video_token_id", -1),
+                   _token_id(hf, "vision_start_token_id"), _token_id(hf, "video_token_id", -1),
                    0.0, v.num_position_embeddings,
                    deepstack)
 

@@ -365,12 +365,13 @@ def _norm_eps(hf: Any, name: str) -> float:
 
 def _biases(hf: Any, name: str) -> dict[str, Any]:
     """Which projections have biases, where the architecture reads it from its config."""
-    if name == "Ernie4_5_MoeForCausalLM" and getattr(hf, "use_bias", False):
-        raise ValueError("ERNIE 4.5 MoE with use_bias=true (biases on every projection and "
-                         "on lm_head) is not supported: no released checkpoint sets it")
     if name == "Ernie4_5ForCausalLM":  # one flag for every projection
         bias = bool(getattr(hf, "use_bias", False))
         return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    if name == "Ernie4_5_MoeForCausalLM":  # the same, and lm_head's; the experts have
+        # none (the dense and shared MLPs have: HF builds them so)
+        bias = bool(getattr(hf, "use_bias", False))
+        return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bias, lm_head_bias=bias)
     if name in ("GlmForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM"):  # q/k/v only
         return dict(qkv_bias=bool(getattr(hf, "attention_bias", True)))
     if name == "Starcoder2ForCausalLM":  # one flag for every projection
