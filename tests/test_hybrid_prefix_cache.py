@@ -134,19 +134,19 @@ def test_adapters_never_share_a_prefix(granite, prompts):
 
 
 def test_evicted_snapshots_shorten_hits(granite, prompts):
-    """A pool of one snapshot: a second prompt's evicts the first's, so the first prompt
-    again finds its K/V blocks but no state and is computed in full; once more, it
-    starts from its snapshot. Exact throughout."""
+    """A pool of two snapshots, least recently used overwritten (one per prompt here):
+    a, b, a again (from its snapshot), c (overwrites b's), a (still there), b (its K/V
+    blocks are cached but its state is not: computed in full). Exact throughout."""
     base, _ = granite
-    llm = make_llm(base, block_size=8, mamba_state_snapshots=1)
+    llm = make_llm(base, block_size=8, mamba_state_snapshots=2)
     snapshots = llm.llm_engine.model_runner.mamba_state.snapshots
-    a, b = prompts[-1], prompts[-2] + prompts[0][1:]
-    assert len(a) % 8 and snapshots.num_entries == 1
-    outs = [generate(llm, a), generate(llm, b)]
-    assert len(snapshots) == 1
-    outs += [generate(llm, a), generate(llm, a)]
-    assert [o.num_cached_tokens for o in outs] == [0, 0, 0, len(a) // 8 * 8]
-    check_against_hf(outs, base, [None] * 4, [a, b, a, a])
+    a, b, c = prompts[-1], prompts[-2] + prompts[1][1:], prompts[-3] + prompts[0][1:]
+    assert all(len(p) % 8 and len(p) > 16 for p in (a, b, c)) and snapshots.num_entries == 2
+    order = [a, b, a, c, a, b]
+    outs = [generate(llm, p) for p in order]
+    assert len(snapshots) == 2
+    assert [o.num_cached_tokens for o in outs] == [0, 0, len(a) // 8 * 8, 0, len(a) // 8 * 8, 0]
+    check_against_hf(outs, base, [None] * len(order), order)
 
 
 def test_preemption_with_shared_prefixes(granite, prompts):
