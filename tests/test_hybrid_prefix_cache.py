@@ -5,9 +5,9 @@ sequence's state slot.
 Tiny random Granite 4.0 hybrid (Mamba2), LFM2 (short convolutions), Qwen3.5 (gated
 DeltaNet) and Mamba (Mamba-1): a repeated prompt and a multi-turn continuation start
 from the cache, and every output equals the same engine's without prefix caching and HF's.
-On Granite: n = 2 siblings in chunks, a prefix cached under one adapter never used by
-another (nor by the base), a pool of one snapshot (eviction), preemption under shared
-prefixes, reset_prefix_cache.
+On Bamba (Mamba2 beside attention): n = 2 siblings in chunks, a prefix cached under one
+adapter never used by the base, a pool of two snapshots (eviction), preemption under
+shared prefixes, reset_prefix_cache, the snapshots' memory.
 """
 
 from __future__ import annotations
@@ -53,11 +53,16 @@ def hybrid(request, tiny_root: Path) -> tuple[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def granite(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
-    base = build("granite", tiny_root / "hybrid_prefix_granite")
-    return base, {"r8_mamba": make_peft_adapter(
-        base, tiny_root / "hybrid_prefix_granite" / "r8_mamba", r=8, lora_alpha=16,
-        target_modules=["in_proj", "out_proj"], seed=511)}
+def bamba(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
+    """A tiny Bamba (Mamba2 mixers and attention; transformers 4.56 builds it too) and an
+    adapter on its mixers."""
+    from tests.test_mamba_hybrids import make_model
+
+    root = tiny_root / "hybrid_prefix_bamba"
+    base = make_model(root / "base", "bamba", 510)
+    return base, {"r8_mamba": make_peft_adapter(base, root / "r8_mamba", r=8, lora_alpha=16,
+                                                target_modules=["in_proj", "out_proj"],
+                                                seed=511)}
 
 
 def generate(llm, prompt: list[int], lora=None, params: SamplingParams = PARAMS):
@@ -99,10 +104,10 @@ def test_repeat_and_continuation(hybrid, prompts):
     check_against_hf([first, again, second], base, [None] * 3, [prompt, prompt, turn2])
 
 
-def test_siblings_share_the_prefix(granite, prompts):
+def test_siblings_share_the_prefix(bamba, prompts):
     """n = 2 greedy siblings in chunks of 16: the second is admitted once the first has
     computed (and kept the state of) its first chunks, and starts after them."""
-    base, _ = granite
+    base, _ = bamba
     llm = make_llm(base, block_size=8, max_num_batched_tokens=16)
     prompt = prompts[-1] + prompts[3][1:]
     params = SamplingParams(n=2, temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2)
@@ -113,12 +118,12 @@ def test_siblings_share_the_prefix(granite, prompts):
     assert_same(out, want)
 
 
-def test_adapters_never_share_a_prefix(granite, prompts):
+def test_adapters_never_share_a_prefix(bamba, prompts):
     """The same prompt under an adapter, then the base, then the adapter again: the base
     finds nothing of the adapter's (the hash holds the registration: its blocks and its
     state snapshot are other keys), the adapter's second run its own; all equal HF +
     PEFT."""
-    base, adapters = granite
+    base, adapters = bamba
     req = lora_requests(adapters)["r8_mamba"]
     llm = make_llm(base, enable_lora=True, max_lora_rank=8, block_size=8)
     snapshots = llm.llm_engine.model_runner.mamba_state.snapshots
@@ -133,11 +138,11 @@ def test_adapters_never_share_a_prefix(granite, prompts):
                      [prompt] * 3)
 
 
-def test_evicted_snapshots_shorten_hits(granite, prompts):
+def test_evicted_snapshots_shorten_hits(bamba, prompts):
     """A pool of two snapshots, least recently used overwritten (one per prompt here):
     a, b, a again (from its snapshot), c (overwrites b's), a (still there), b (its K/V
     blocks are cached but its state is not: computed in full). Exact throughout."""
-    base, _ = granite
+    base, _ = bamba
     llm = make_llm(base, block_size=8, mamba_state_snapshots=2)
     snapshots = llm.llm_engine.model_runner.mamba_state.snapshots
     a, b, c = prompts[-1], prompts[-2] + prompts[1][1:], prompts[-3] + prompts[0][1:]
@@ -149,10 +154,10 @@ def test_evicted_snapshots_shorten_hits(granite, prompts):
     check_against_hf(outs, base, [None] * len(order), order)
 
 
-def test_preemption_with_shared_prefixes(granite, prompts):
+def test_preemption_with_shared_prefixes(bamba, prompts):
     """Six requests sharing a 24-token prefix in 12 KV blocks of 8: some are preempted and
     recomputed, starting from a cached prefix's snapshot; all equal HF + PEFT."""
-    base, adapters = granite
+    base, adapters = bamba
     req = lora_requests(adapters)["r8_mamba"]
     llm = make_llm(base, enable_lora=True, max_lora_rank=8, max_model_len=64,
                    num_gpu_blocks_override=12, block_size=8, max_num_batched_tokens=16)
@@ -169,8 +174,8 @@ def test_preemption_with_shared_prefixes(granite, prompts):
     check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
 
 
-def test_reset_prefix_cache_drops_the_snapshots(granite, prompts):
-    base, _ = granite
+def test_reset_prefix_cache_drops_the_snapshots(bamba, prompts):
+    base, _ = bamba
     llm = make_llm(base, block_size=8)
     snapshots = llm.llm_engine.model_runner.mamba_state.snapshots
     first = generate(llm, prompts[-1])
@@ -182,12 +187,12 @@ def test_reset_prefix_cache_drops_the_snapshots(granite, prompts):
     assert_same(again, first)
 
 
-def test_snapshot_memory_and_refusal(granite):
+def test_snapshot_memory_and_refusal(bamba):
     """The snapshots come out of the KV cache budget after the state slots: by default
     max_num_seqs of them; more than fit are refused; without prefix caching, none."""
     from loraplex.worker.mamba_state import state_bytes_per_slot
 
-    base, _ = granite
+    base, _ = bamba
     runner = make_llm(base, max_num_seqs=64, cpu_kv_cache_gib=0.004,
                       block_size=8).llm_engine.model_runner
     per_slot = state_bytes_per_slot(runner.mixers, torch.float32)
