@@ -189,7 +189,8 @@ def test_reset_prefix_cache_drops_the_snapshots(bamba, prompts):
 
 def test_snapshot_memory_and_refusal(bamba):
     """The snapshots come out of the KV cache budget after the state slots: by default
-    max_num_seqs of them; more than fit are refused; without prefix caching, none."""
+    max_num_seqs of them; a negative number, or more than fit, are refused; without prefix
+    caching, none."""
     from loraplex.worker.mamba_state import state_bytes_per_slot
 
     base, _ = bamba
@@ -200,5 +201,7 @@ def test_snapshot_memory_and_refusal(bamba):
     assert runner.num_blocks == (int(0.004 * 2**30) - 128 * per_slot) // runner._bytes_per_block()
     off = make_llm(base, max_num_seqs=4, block_size=8, enable_prefix_caching=False)
     assert off.llm_engine.model_runner.mamba_state.snapshots is None
+    with pytest.raises(ValueError, match="mamba_state_snapshots must be >= 0"):
+        make_llm(base, mamba_state_snapshots=-1)
     with pytest.raises(ValueError, match="mamba_state_snapshots=100000"):
         make_llm(base, max_num_seqs=4, cpu_kv_cache_gib=0.004, mamba_state_snapshots=100000)

@@ -38,7 +38,6 @@ class StateSnapshots:
         self.num_entries = num_entries
         self._entry: OrderedDict[bytes, int] = OrderedDict()  # key -> entry, LRU first
         self._free = list(range(num_entries - 1, -1, -1))
-        self.num_saved = 0  # snapshots copied in (not counting refreshed ones)
         self.num_loaded = 0  # snapshots copied into a sequence's slot
 
     def __contains__(self, key: bytes) -> bool:
@@ -60,7 +59,6 @@ class StateSnapshots:
         for mixer, name, copies in self._tensors:
             copies[entry].copy_(getattr(mixer, name)[slot])
         self._entry[key] = entry
-        self.num_saved += 1
 
     def load(self, key: bytes, slot: int) -> None:
         """Copy the state after prefix `key` into state slot `slot`."""
