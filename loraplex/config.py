@@ -161,6 +161,10 @@ class CacheConfig:
     num_blocks_override: int | None = None  # vLLM's num_gpu_blocks_override
     # share the K/V of identical prompt prefixes (per adapter) between sequences
     enable_prefix_caching: bool = True
+    # a hybrid model under prefix caching: how many copies of one sequence's whole
+    # recurrent state (worker/state_snapshots.py) to keep, out of the KV cache's budget;
+    # None: as many as max_num_seqs (those that fit); 0: none (no prefix is ever hit)
+    mamba_state_snapshots: int | None = None
     # vLLM's kv_cache_dtype: "auto" (the model's dtype) or an FP8 type (KV_CACHE_DTYPES),
     # stored as value / scale (the checkpoint's per-layer k_scale / v_scale, else 1.0)
     cache_dtype: str = "auto"
@@ -169,6 +173,9 @@ class CacheConfig:
         if self.cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.cache_dtype!r} is not supported; use one "
                              "of: " + ", ".join(KV_CACHE_DTYPES))
+        if self.mamba_state_snapshots is not None and self.mamba_state_snapshots < 0:
+            raise ValueError("mamba_state_snapshots must be >= 0, got "
+                             f"{self.mamba_state_snapshots}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

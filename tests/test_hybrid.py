@@ -8,7 +8,7 @@ in mixed batches (base + adapters of different ranks on the attention, the mixer
 in_proj / out_proj, the shared MLP and the experts) with chunked prefill and mixed prefill / decode
 steps; a rope / dense / untied variant; an attention-only one (-micro, prefix caching
 kept); Granite 3.x MoE (GraniteMoe, GraniteMoeShared); preemption; the state slot freed by
-an abort and reused; shared prompts computed afresh; the state memory and its refusal;
+an abort and reused; shared prompts from the prefix cache; the state memory and its refusal;
 speculative decoding refused; the server with the openai client.
 """
 
@@ -130,7 +130,7 @@ def test_mixed_batch_matches_peft(budget, granite, prompts):
     assert max(len(p) for p in prompts) > 7
     check_mixed_batch(llm, base, adapters, prompts, extra=3)
     engine = llm.llm_engine
-    assert not engine.block_manager.enable_caching  # turned off for a hybrid
+    assert engine.block_manager.states is not None  # prefix caching with state snapshots
     if budget:
         assert engine.model_runner.num_mixed_steps > 0
     assert engine.model_runner.mamba_state.num_free_slots == engine.model_runner.max_num_seqs
@@ -284,19 +284,20 @@ def test_abort_frees_the_state_slot(granite, prompts):
 
 
 @ONLY_5
-def test_shared_prompts_each_prefill_alone(granite, prompts):
-    """n = 2 greedy siblings, then the same prompt again: no prefix cache (a cached block
-    has no Mamba state), so each runs its own prefill from zeros and all equal HF."""
+def test_shared_prompts_share_the_cached_prefix(granite, prompts):
+    """n = 2 greedy siblings admitted in one step each run their own prefill (nothing is
+    cached yet); the same prompt again starts after the cached blocks from the state
+    snapshot kept there (tests/test_hybrid_prefix_cache.py); all equal HF."""
     base, _ = granite
     llm = make_llm(base, block_size=8)
     prompt = prompts[-1]
-    assert len(prompt) > 16  # full blocks a prefix cache would have shared
+    assert len(prompt) > 16  # full blocks the prefix cache shares
     want = hf_greedy(base, None, prompt, 6)
     params = SamplingParams(n=2, temperature=0.0, max_tokens=6, ignore_eos=True)
-    for _ in range(2):
+    for cached in (0, (len(prompt) - 1) // 8 * 8):
         out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
         assert [list(c.token_ids) for c in out.outputs] == [want, want]
-        assert out.num_cached_tokens == 0
+        assert out.num_cached_tokens == cached
 
 
 @ONLY_5
@@ -305,15 +306,17 @@ def test_state_memory_and_refusals(granite):
     KV blocks get the rest); max_num_seqs is lowered to the sequences that fit, and a
     budget for none is refused; speculative decoding is refused."""
     base, _ = granite
-    runner = make_llm(base, max_num_seqs=64, cpu_kv_cache_gib=0.004,
-                      block_size=8).llm_engine.model_runner
+    # (prefix caching off: its state snapshots take budget too, test_hybrid_prefix_cache.py)
+    runner = make_llm(base, max_num_seqs=64, cpu_kv_cache_gib=0.004, block_size=8,
+                      enable_prefix_caching=False).llm_engine.model_runner
     per_slot = state_bytes_per_slot(runner.mixers, torch.float32)
     conv_dim = 128 + 2 * GROUPS * 16  # x, B, C
     assert per_slot == 2 * (conv_dim * 3 + 4 * 32 * 16) * 4  # conv + SSM states, 2 mixers, fp32
     assert runner.num_blocks == (int(0.004 * 2**30) - 64 * per_slot) // runner._bytes_per_block()
     # 256 sequences' states do not fit: max_num_seqs drops to those whose states fit
     # beside one max_model_len KV cache (the scheduler's too); a budget for none is refused
-    engine = make_llm(base, max_num_seqs=256, cpu_kv_cache_gib=0.004, block_size=8).llm_engine
+    engine = make_llm(base, max_num_seqs=256, cpu_kv_cache_gib=0.004, block_size=8,
+                      enable_prefix_caching=False).llm_engine
     kv = 32 * engine.model_runner._bytes_per_block()  # max_model_len 256 in blocks of 8
     fit = (int(0.004 * 2**30) - kv) // per_slot
     assert 1 < fit < 256

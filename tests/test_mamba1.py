@@ -16,7 +16,7 @@ sequences' decodes; preemption. PEFT refuses out_proj on Mamba and FalconMamba, 
 computes dt from dt_proj.weight directly (PEFT's dt_proj LoRA never runs there), so an
 adapter on dt_proj and out_proj (and Jamba's router) is checked against HF on the merged
 weights. An adapter of too high a rank is refused alone, in the engine and over HTTP;
-prefix caching off and speculative decoding refused; a Jamba without experts, and one
+prefix caching with state snapshots, speculative decoding refused; a Jamba without experts, and one
 whose checkpoint fuses its experts (transformers 5's in-memory layout).
 """
 
@@ -295,12 +295,13 @@ def test_rank_too_high_fails_alone(mamba1, prompts):
 
 
 def test_hybrid_refusals(mamba1):
-    """A state per sequence: prefix caching off, speculative decoding refused."""
+    """A state per sequence: prefix caching with state snapshots, speculative decoding
+    refused."""
     kind, base, _ = mamba1
     if kind != "jamba":
         pytest.skip("the same rule for all three: Jamba's")
     llm = make_llm(base)
-    assert not llm.llm_engine.config.cache_config.enable_prefix_caching
+    assert llm.llm_engine.block_manager.states is not None
     with pytest.raises(ValueError, match="speculative decoding is not supported for hybrid"):
         make_llm(base, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                            "prompt_lookup_max": 3})

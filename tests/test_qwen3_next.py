@@ -133,7 +133,7 @@ def test_mixed_batch_in_chunks(model, prompts):
     check_mixed_batch(llm, base, adapters, prompts, extra=3)
     engine = llm.llm_engine
     runner = engine.model_runner
-    assert runner.num_mixed_steps > 0 and not engine.block_manager.enable_caching
+    assert runner.num_mixed_steps > 0 and engine.block_manager.states is not None
     assert runner.mamba_state.num_free_slots == runner.max_num_seqs
     assert len(runner.attention_layers) == 2
     assert [isinstance(m, GatedDeltaNet) for m in runner.mixers] == [True, True]
@@ -282,7 +282,7 @@ def test_conditional_generation_with_images(budget, conditional):
                    max_num_batched_tokens=budget)
     engine = llm.llm_engine
     assert engine.model.args.mrope_section == (2, 1, 1)
-    assert engine.model_runner.mamba_state is not None and not engine.block_manager.enable_caching
+    assert engine.model_runner.mamba_state is not None and engine.block_manager.states
     a, b = image(1, (52, 40)), image(2, (24, 40))
     jobs = [(ASK, [a], None), (ASK, [a], "r8"), (ASK, [b], "r8"), (TEXT, [], "r8"),
             (TEXT, [], None), (TWO, [a, b], None)]

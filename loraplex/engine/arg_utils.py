@@ -59,6 +59,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool | None = None  # None: on, as in vLLM v1
     enable_prefix_caching: bool | None = None  # None: on, as in vLLM v1
+    # a hybrid's recurrent-state snapshots for prefix caching (config.py's CacheConfig)
+    mamba_state_snapshots: int | None = None
     # vLLM's: "fcfs" | "priority" (requests' priority, lower first; engine/scheduler.py)
     scheduling_policy: str = "fcfs"
     block_size: int = 16
@@ -287,6 +289,7 @@ class EngineArgs:
             gpu_memory_utilization=self.gpu_memory_utilization,
             cpu_kv_cache_gib=self.cpu_kv_cache_gib, cache_dtype=self.kv_cache_dtype,
             num_blocks_override=self.num_gpu_blocks_override,
+            mamba_state_snapshots=self.mamba_state_snapshots,
             # pooling takes nothing from the prefix cache: off unless asked for
             enable_prefix_caching=self.enable_prefix_caching is True or (
                 self.enable_prefix_caching is None and runner == "generate"))

@@ -16,6 +16,12 @@ counted) and starts computing after them. A freed block keeps its contents and i
 while it waits in the free pool, least recently freed first, so it can still be hit until
 a new allocation takes it. At least the prompt's last token is always computed: it gives
 the logits of the first output token.
+
+A hybrid model (`states`: its Mamba state slots with their snapshot pool,
+worker/state_snapshots.py) needs the recurrent state after the prefix as well: a prefill
+chunk that ends on a block boundary keeps a snapshot of the state under that block's hash
+(`commit(..., state=True)`), a hit is cut to the longest cached prefix whose last block
+has one, and prefill chunks are made to end where snapshots are wanted (`state_chunk_len`).
 """
 
 from __future__ import annotations
@@ -23,15 +29,23 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from loraplex.engine.sequence import Sequence
 
+if TYPE_CHECKING:
+    from loraplex.worker.mamba_state import MambaStateCache
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False,
+                 states: MambaStateCache | None = None) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
+        # a hybrid's state slots and snapshots (None: no recurrent state, or caching off)
+        self.states = states if enable_caching and states is not None \
+            and states.snapshots is not None else None
         # free blocks, least recently freed first: allocation evicts from the front
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refs = [0] * num_blocks
@@ -62,20 +76,41 @@ class BlockManager:
         if not self.enable_caching or seq.needs_prompt_logprobs or seq.pooling is not None:
             return []  # (prompt logprobs need every prompt position's logits; pooling,
             # every position's hidden state)
-        hits = []
+        hits, usable = [], 0
         for h in self._block_hashes(seq, (seq.num_tokens - 1) // self.block_size):
             block = self._cached.get(h)
             if block is None:
                 break
             hits.append(block)
-        return hits
+            if self.states is None or h in self.states.snapshots:
+                usable = len(hits)  # (a hybrid: the state after this block is kept too)
+        return hits[:usable]
+
+    def state_chunk_len(self, seq: Sequence, start: int, n: int) -> int:
+        """A hybrid under prefix caching: how much of a prefill chunk of `n` tokens from
+        `start` to take so that it ends where a state snapshot is wanted: never past the
+        last block boundary before the sequence's last token (the longest prefix a request
+        with these tokens can hit), and a chunk cut short by the token budget ends on a
+        block boundary when one lies inside it."""
+        if self.states is None:
+            return n
+        bs = self.block_size
+        last = (seq.num_tokens - 1) // bs * bs
+        if start < last < start + n:
+            return last - start
+        if start + n < seq.num_tokens and (start + n) // bs * bs > start:
+            return (start + n) // bs * bs - start
+        return n
 
     def num_cached_tokens(self, seq: Sequence) -> int:
         """Tokens of `seq` that allocate() would take from the cache now."""
         return len(self._prefix_hits(seq)) * self.block_size
 
-    def commit(self, seq: Sequence) -> None:
-        """After a step: register the blocks that are now full and computed."""
+    def commit(self, seq: Sequence, state: bool = False) -> None:
+        """After a step: register the blocks that are now full and computed. `state`: the
+        step was a prefill chunk of `seq`, so a hybrid's state is at its computed tokens:
+        when they end on a block boundary, its snapshot is kept under that block's hash
+        (decode steps keep none)."""
         if not self.enable_caching:
             return
         full = seq.num_computed_tokens // self.block_size
@@ -88,6 +123,8 @@ class BlockManager:
                 self._cached[hashes[i]] = block
                 self._hash_of[block] = hashes[i]
         seq.num_committed_blocks = full
+        if state and self.states is not None and seq.num_computed_tokens == full * self.block_size:
+            self.states.save_snapshot(seq, hashes[full - 1])
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (vLLM's reset_prefix_cache: after weights change
@@ -97,6 +134,8 @@ class BlockManager:
             return False
         self._cached.clear()
         self._hash_of.clear()
+        if self.states is not None:
+            self.states.snapshots.clear()
         return True
 
     # ---- allocation ------------------------------------------------------------------

@@ -234,7 +234,8 @@ class LLMEngine:
         logger.info("memory: %s", self.memory.describe(lc.max_lora_rank, lc.max_cpu_loras)
                     if lc else self.memory.describe(0))
         self.block_manager = BlockManager(self.model_runner.num_blocks, block_size,
-                                          self.config.cache_config.enable_prefix_caching)
+                                          self.config.cache_config.enable_prefix_caching,
+                                          self.model_runner.mamba_state)
         # speculative decoding: drafts per decoding sequence (ngram, or the draft model
         # with its own KV cache of as many blocks), their counters
         make = make_draft if spec and spec.method == "draft_model" else make_eagle
@@ -294,20 +295,15 @@ class LLMEngine:
     def _check_hybrid(self, hf_config: Any) -> None:
         """A hybrid model (Mamba2 or Mamba-1 mixers, LFM2's short convolutions, gated
         DeltaNets: their state is per sequence, not per token): speculative decoding
-        refused; prefix caching turned off (a cached prefix has no state to start from), so
-        n > 1 siblings each run their own prefill. (Granite 4.0's attention-only -micro, in
-        the same class, is no hybrid.)"""
+        refused. Prefix caching stays on: a cached prefix is used up to the last block whose
+        state snapshot is kept (worker/state_snapshots.py). (Granite 4.0's attention-only
+        -micro, in the same class, is no hybrid.)"""
         if not has_mamba_layers(hf_config, architecture(hf_config)):
             return
         if self.config.speculative_config is not None:
             raise ValueError("speculative decoding is not supported for hybrid models (Mamba2, "
                              "Mamba-1, LFM2, gated DeltaNet: their recurrent state cannot "
                              "roll back rejected drafts)")
-        if self.config.cache_config.enable_prefix_caching:
-            logger.info("prefix caching is off for hybrid models (a cached prefix holds no "
-                        "Mamba2 / Mamba-1 / LFM2 / DeltaNet state to resume from)")
-            self.config.cache_config = replace(self.config.cache_config,
-                                               enable_prefix_caching=False)
 
     def _check_whisper(self) -> None:
         """What Whisper is not served with, refused at start."""
@@ -647,7 +643,9 @@ class LLMEngine:
             if prompt_positions:
                 self._add_prompt_logprobs(prompt_positions, prompt_hidden, prompt_slots)
             batch.advance()
-            for seq in batch.prefill + batch.decode:  # full blocks become shareable prefixes
+            for seq in batch.prefill:  # full blocks become shareable prefixes (and a
+                self.block_manager.commit(seq, state=True)  # hybrid's state a snapshot)
+            for seq in batch.decode:
                 self.block_manager.commit(seq)
             self._finish_pooling(batch.prefill, touched)
             # the logits' rows: finished prompts, each verified sequence's last token and

@@ -10,7 +10,10 @@ steps, so a long prompt never stalls the running decodes for longer than one bud
 worth of compute. Without it a prompt is prefilled whole, and must fit the budget.
 A chunk never ends inside a Gemma 3 image's tokens (they attend to each other both ways,
 so an image is computed in one step): it stops before the image, or waits for a step
-with room for all of it (`ImageInputs.chunk_len`).
+with room for all of it (`ImageInputs.chunk_len`). A hybrid model under prefix caching
+ends chunks where its recurrent state is to be kept: at the last block boundary before
+the prompt's last token, and on a block boundary when the budget cuts a chunk
+(BlockManager.state_chunk_len).
 
 Running sequences are scheduled first (decodes, then prompts mid-prefill), then waiting
 ones are admitted in arrival order, each after its prefix found in the prefix cache
@@ -231,7 +234,8 @@ class Scheduler:
         for seq in self.running:
             if seq.is_decoding or budget == 0:
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self.block_manager.state_chunk_len(seq, seq.num_computed_tokens,
+                                                   min(seq.num_uncomputed_tokens, budget))
             if seq.images is not None:  # never inside a Gemma 3 image
                 n = seq.images.chunk_len(seq.num_computed_tokens, n)
                 if n == 0:
@@ -262,6 +266,8 @@ class Scheduler:
             cached = self.block_manager.num_cached_tokens(seq)
             todo = seq.num_tokens - cached
             n = min(todo, budget) if self.chunked_prefill else todo
+            if n <= budget:  # a hybrid's chunk ends where its state is kept
+                n = self.block_manager.state_chunk_len(seq, cached, n)
             if seq.images is not None:  # never inside a Gemma 3 image
                 n = seq.images.chunk_len(cached, n)
             if (len(self.running) + len(batch) >= self.max_num_seqs

@@ -152,6 +152,11 @@ ENGINE_HELP: dict[str, str] = {
     "enable_prefix_caching": "Share the KV cache of identical prompt prefixes (whole blocks, "
                              "under the same adapter) between requests (on by default, as "
                              "in vLLM v1); --no-enable-prefix-caching computes every prompt.",
+    "mamba_state_snapshots": "A hybrid model (Mamba2, Mamba-1, LFM2, gated DeltaNet) under "
+                             "prefix caching: how many snapshots of one sequence's recurrent "
+                             "state to keep (taken at block boundaries of prompts, least "
+                             "recently used overwritten), out of the KV cache's memory; "
+                             "default: max_num_seqs, or as many as fit.",
     "enable_chunked_prefill": "Split a prompt over steps when it does not fit what is left "
                               "of max_num_batched_tokens (on by default, as in vLLM v1); "
                               "--no-enable-chunked-prefill prefills every prompt whole.",

@@ -10,8 +10,11 @@ convolution: its conv window [hidden, L_cache - 1] alone; each mixer names its o
 budget pays for them first: ModelRunner._num_kv_blocks). A slot is taken
 at a sequence's first step and given back when it finishes, is aborted or is preempted
 (Scheduler.release): a preempted sequence recomputes from its prompt, its first chunk
-starting the state from zeros again. Both states are kept in the model's dtype, as vLLM
-keeps them by default (mamba_ssm_cache_dtype "auto"); the scan itself runs in fp32.
+starting the state from zeros again. With prefix caching, a sequence admitted after a
+cached prefix gets the state snapshot of that prefix copied into its new slot, and its
+first chunk continues from it (worker/state_snapshots.py). Both states are kept in the
+model's dtype, as vLLM keeps them by default (mamba_ssm_cache_dtype "auto"); the scan
+itself runs in fp32.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from loraplex.layers.gated_delta_net import GatedDeltaNet
 from loraplex.layers.mamba1 import Mamba1Mixer
 from loraplex.layers.mamba2 import Mamba2Mixer, MambaBatch
 from loraplex.layers.short_conv import ShortConv
+from loraplex.worker.state_snapshots import StateSnapshots
 
 # the layers whose state is per sequence (each names its states: `slot_state_shapes`)
 STATE_LAYERS = (Mamba2Mixer, ShortConv, GatedDeltaNet, Mamba1Mixer)
@@ -40,7 +44,8 @@ def state_bytes_per_slot(mixers: list[StateMixer], dtype: torch.dtype) -> int:
 
 class MambaStateCache:
     def __init__(self, mixers: list[StateMixer], num_slots: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, snapshots: StateSnapshots | None = None,
+                 block_size: int = 0) -> None:
         for mixer in mixers:
             for name, shape in mixer.slot_state_shapes().items():
                 setattr(mixer, name, torch.zeros(num_slots, *shape, dtype=dtype,
@@ -49,6 +54,9 @@ class MambaStateCache:
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() takes the lowest
         self.slot_of: dict[int, int] = {}  # seq_id -> its slot
         self.device = device
+        # prefix caching: states at block boundaries, keyed by the prefix's block hash
+        self.snapshots = snapshots
+        self.block_size = block_size
 
     @property
     def num_free_slots(self) -> int:
@@ -65,6 +73,13 @@ class MambaStateCache:
             slot = self.slot_of[seq.seq_id] = self.free_slots.pop()
         return slot
 
+    def save_snapshot(self, seq: Sequence, key: bytes) -> None:
+        """The sequence's state now (its computed tokens, a block boundary) as the state
+        after the prefix `key` (BlockManager.commit)."""
+        slot = self.slot_of.get(seq.seq_id)
+        if self.snapshots is not None and slot is not None:
+            self.snapshots.save(key, slot)
+
     def release(self, seq: Sequence) -> None:
         """The sequence left the running set (finished, aborted, preempted)."""
         slot = self.slot_of.pop(seq.seq_id, None)
@@ -74,11 +89,19 @@ class MambaStateCache:
     def batch(self, prefill: list[Sequence], lens: list[int], decode: list[Sequence],
               decode_start: int) -> MambaBatch:
         """The step's rows per sequence and their slots: prefill chunks back to back from
-        row 0 (fresh: the chunk starts at the prompt's first token), then one decode row
-        each from `decode_start`."""
+        row 0 (fresh: the chunk starts at the prompt's first token; a sequence's first
+        chunk after a cached prefix starts from the prefix's snapshot, copied into its
+        slot now), then one decode row each from `decode_start`."""
         spans, first = [], 0
         for seq, n in zip(prefill, lens, strict=True):
-            spans.append((first, first + n, self.slot(seq), seq.num_computed_tokens == 0))
+            start, new = seq.num_computed_tokens, seq.seq_id not in self.slot_of
+            slot = self.slot(seq)
+            if new and start:  # admitted after a cached prefix (BlockManager.allocate)
+                if self.snapshots is None:
+                    raise RuntimeError("a hybrid sequence starts mid-prompt without state "
+                                       "snapshots")
+                self.snapshots.load(seq.block_hashes[start // self.block_size - 1], slot)
+            spans.append((first, first + n, slot, start == 0))
             first += n
         slots = torch.tensor([self.slot(s) for s in decode], dtype=torch.long,
                              device=self.device) if decode else None

@@ -51,6 +51,7 @@ from loraplex.worker.cuda_graph import CUDAGraphRunner, capture_decode_graphs
 from loraplex.worker.mamba_state import STATE_LAYERS, MambaStateCache, state_bytes_per_slot
 from loraplex.worker.memory import kv_block_bytes, kv_cache_layout
 from loraplex.worker.mrope import mrope_delta, mrope_step_positions
+from loraplex.worker.state_snapshots import StateSnapshots
 
 logger = logging.getLogger(__name__)
 GiB = 2**30
@@ -135,11 +136,16 @@ class ModelRunner:
         self.mrope = rotary.mrope_axis is not None  # Qwen2-VL: 3-D positions (worker/mrope.py)
         self._no_cache_writes = torch.empty(0, dtype=torch.long, device=self.device)
         self.memory_profile: GPUMemoryProfile | None = None
+        # a hybrid under prefix caching: its state snapshots (set by _num_kv_blocks)
+        self.num_state_snapshots = 0
         self.num_blocks = self._num_kv_blocks(cache_config, scheduler_config)
         self._allocate_kv_cache()
         if self.mixers:
+            snapshots = (StateSnapshots(self.mixers, self.num_state_snapshots, self.dtype,
+                                        self.device)
+                         if cache_config.enable_prefix_caching else None)
             self.mamba_state = MambaStateCache(self.mixers, self.max_num_seqs, self.dtype,
-                                               self.device)
+                                               self.device, snapshots, self.block_size)
         self.decode_buffers = DecodeBuffers(self.max_num_seqs,
                                             -(-self.max_model_len // self.block_size),
                                             self.device)
@@ -174,6 +180,9 @@ class ModelRunner:
 
     def _num_kv_blocks(self, cfg: CacheConfig, sched: SchedulerConfig) -> int:
         if cfg.num_blocks_override is not None:
+            if self.mixers and cfg.enable_prefix_caching:
+                self.num_state_snapshots = (self.max_num_seqs if cfg.mamba_state_snapshots
+                                            is None else cfg.mamba_state_snapshots)
             return cfg.num_blocks_override
         if cfg.kv_cache_bytes is not None:
             budget = cfg.kv_cache_bytes
@@ -195,6 +204,9 @@ class ModelRunner:
                 budget, blocks_per_seq,
                 state_bytes_per_slot(self.mixers, self.dtype),
                 "a Mamba state slot")
+            if cfg.enable_prefix_caching:
+                budget = self._reserve_snapshots(budget, blocks_per_seq,
+                                                 cfg.mamba_state_snapshots)
         # never more than every sequence at full length could use
         most = self.max_num_seqs * blocks_per_seq
         if not self._bytes_per_block() + self.draft_block_bytes:  # no attention layers
@@ -223,6 +235,23 @@ class ModelRunner:
         logger.info("%s: %.1f MiB for %d sequences, from the KV cache budget", what,
                     self.max_num_seqs * each / 2**20, self.max_num_seqs)
         return budget - self.max_num_seqs * each
+
+    def _reserve_snapshots(self, budget: int, blocks_per_seq: int, asked: int | None) -> int:
+        """Prefix caching on a hybrid: its state snapshots out of the budget, after the
+        state slots: `asked` of them (refused when they do not fit beside one max_model_len
+        KV cache), or by default max_num_seqs, as many of those as fit. The budget left."""
+        each = state_bytes_per_slot(self.mixers, self.dtype)
+        fit = max(budget - blocks_per_seq * self._bytes_per_block(), 0) // each
+        if asked is not None and asked > fit:
+            raise ValueError(f"mamba_state_snapshots={asked} ({asked * each / 2**20:.1f} MiB) "
+                             f"do not fit the KV cache budget beside the state slots and one "
+                             f"max_model_len KV cache (room for {fit}); give it more memory "
+                             "or ask for fewer")
+        self.num_state_snapshots = asked if asked is not None else min(self.max_num_seqs, fit)
+        logger.info("prefix caching: %d Mamba state snapshots, %.1f MiB from the KV cache "
+                    "budget", self.num_state_snapshots,
+                    self.num_state_snapshots * each / 2**20)
+        return budget - self.num_state_snapshots * each
 
     @property
     def release_state(self) -> Callable[[Sequence], None] | None:
