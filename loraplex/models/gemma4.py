@@ -191,6 +191,7 @@ class Gemma4Model(nn.Module):
                 layer.self_attn.attn.reads_kv_of = self.layers[source].self_attn.attn
         self.norm = Gemma4RMSNorm(a.hidden_size, a.norm_eps)
         self.ple_size, self.num_layers = g.ple_size, a.num_layers
+        self.pad_token_id = g.pad_token_id
         if g.ple_size:
             width = a.num_layers * g.ple_size
             self.embed_tokens_per_layer = nn.Embedding(g.ple_vocab, width)
@@ -228,9 +229,12 @@ class Gemma4Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 image_rows: ImageRows | None = None) -> torch.Tensor:
-        if image_rows is not None:
-            raise ValueError("Gemma 4: image and embedding inputs are not supported")
         x = self._scaled(self.embed_tokens(input_ids), self.embed_scale)
+        if image_rows is not None:  # images (models/gemma4_vision.py): their vectors
+            # unscaled at their rows, whose per-layer embeddings are the pad token's (HF's)
+            rows, embeds = image_rows
+            x = x.index_copy(0, rows, embeds.to(x.dtype))
+            input_ids = input_ids.index_fill(0, rows, self.pad_token_id)
         ple = self.per_layer_inputs(input_ids, x) if self.ple_size else None
         shared: SharedKV = {}
         for i, layer in enumerate(self.layers):
