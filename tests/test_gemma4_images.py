@@ -49,6 +49,16 @@ def gemma4(tiny_root: Path) -> dict[str, Path]:
                                           targets=LANGUAGE_MODEL + "(k_proj|gate_proj)")}
 
 
+@pytest.fixture(scope="module")
+def gemma4_blocks(tiny_root: Path) -> dict[str, Path]:
+    """use_bidirectional_attention "vision": image tokens both ways on the sliding layers."""
+    base = make_tiny_gemma4_vision(tiny_root / "gemma4blocks" / "base", seed=84,
+                                   image_blocks=True)
+    return {"base": base,
+            "r8": make_multimodal_adapter(base, base.parent / "r8", r=8, seed=85,
+                                          targets=LANGUAGE_MODEL + "(q_proj|o_proj|down_proj)")}
+
+
 def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
           add_special_tokens: bool = True) -> None:
     """Each output's prompt ids are HF's processor's, its tokens HF's greedy ones and its
@@ -113,6 +123,23 @@ def test_mixed_batch_matches_hf(gemma4):
     check(outs, gemma4["base"], [(p, ims, gemma4[n] if n else None) for p, ims, n in jobs])
     assert len({tuple(o.outputs[0].token_ids) for o in outs[:3]}) == 3
     assert outs[0].outputs[0].token_ids != outs[5].outputs[0].token_ids  # the image counts
+
+
+@pytest.mark.parametrize("budget", [None, 80])
+def test_image_blocks_match_hf(budget, gemma4_blocks):
+    """use_bidirectional_attention "vision": HF's mask (the sliding layers AND(window,
+    OR(causal, same image)), the full layers causal) in a batch of image and text requests
+    on the base and an adapter; `budget` 80: prompts chunked, never inside an image."""
+    llm = make_llm(gemma4_blocks["base"], enable_lora=True, max_lora_rank=8,
+                   max_num_batched_tokens=budget)
+    a, b = image(1), image(2, (90, 30))
+    jobs = [(ASK, [a], None), (ASK, [b], "r8"), (TWO, [a, b], None),
+            ("User: What is the capital of France? Model:", [], "r8")]
+    r8 = LoRARequest("r8", 1, str(gemma4_blocks["r8"]))
+    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
+                        lora_request=[r8 if n else None for *_, n in jobs])
+    check(outs, gemma4_blocks["base"],
+          [(p, ims, gemma4_blocks[n] if n else None) for p, ims, n in jobs])
 
 
 def test_tower_connector_lora_matches_peft(gemma4, tmp_path):

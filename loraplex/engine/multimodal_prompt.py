@@ -80,11 +80,6 @@ def encoder_config(hf_config: Any, text_only: TextOnly | None, multimodal: Multi
     if text_only is None or not text_only.images:
         return None
     kind = encoder_class(hf_config)
-    if kind is Gemma4VisionConfig and not kind.takes_images(hf_config):
-        logger.info("%s: its language model sees an image's tokens both ways on its sliding "
-                    "layers (use_bidirectional_attention='vision'), which loraplex does not "
-                    "serve: text only, images refused", model)
-        return None
     modality = "audio" if issubclass(processor_class(kind), AudioProcessor) else "image"
     if kind is Phi4MMVisionConfig and multimodal.takes("audio"):  # images and audio
         modality = "audio"

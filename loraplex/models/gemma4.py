@@ -77,6 +77,9 @@ class Gemma4Attention(nn.Module):
         self.rotary = rotary
         window = a.sliding_window if self.layer_type == SLIDING else None
         self.attn = Attention(a.num_heads, g.kv_heads[index], hd, 1.0, window=window or 0)
+        # an image's tokens see each other both ways on the sliding layers only (HF's
+        # use_bidirectional_attention "vision"; models/gemma4_vision.py)
+        self.attn.images_causal = self.layer_type == FULL
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, shared: SharedKV
                 ) -> torch.Tensor:

@@ -1,7 +1,5 @@
 """Gemma 4's image side (Gemma4ForConditionalGeneration; transformers 5's Gemma4VisionModel
-and Gemma4MultimodalEmbedder), served where the language model attends causally over image
-tokens (text_config.use_bidirectional_attention unset; "vision", where the sliding layers
-see an image's tokens both ways but the full layers do not, is refused: images off).
+and Gemma4MultimodalEmbedder).
 
 HF's image processor resizes each image, keeping its aspect ratio, to the largest size
 of at most max_soft_tokens x k^2 patches (k: pooling_kernel_size) whose sides are
@@ -20,6 +18,10 @@ The prompt marks an image with <|image|> (the processor's image_token); Gemma4Pr
 writes boi, the image's soft tokens (<|image|> each), eoi in its place
 (`expand_gemma4`). In the language model an image row's token embedding is the image's
 vector (unscaled), and its per-layer embedding is the pad token's (models/gemma4.py).
+With text_config.use_bidirectional_attention "vision" an image's tokens see each other
+both ways on the sliding layers (AND(window, OR(causal, same image)), as Gemma 3's on
+transformers 5: layers/attention.py image_blocks), while the full layers stay causal over
+them (Attention.images_causal); unset, every layer is causal over them.
 """
 
 from __future__ import annotations
@@ -62,13 +64,8 @@ class Gemma4VisionConfig:
     boi_token_id: int
     eoi_token_id: int
     pad_token_id: int  # the text model's: an image row's per-layer embedding
-    max_soft_tokens: int = 280  # the image processor's (with_processor)
-
-    @staticmethod
-    def takes_images(hf: Any) -> bool:
-        """Whether loraplex serves this checkpoint's images: not with the sliding layers'
-        bidirectional image blocks (use_bidirectional_attention 'vision')."""
-        return getattr(hf.text_config, "use_bidirectional_attention", None) != "vision"
+    image_blocks: bool  # use_bidirectional_attention "vision": both ways on sliding layers
+    max_soft_tokens: int = 280  # the image processor's (engine/gemma4_images.py)
 
     @classmethod
     def from_hf(cls, hf: Any) -> Gemma4VisionConfig:
@@ -87,7 +84,8 @@ class Gemma4VisionConfig:
                    float(rope.get("rope_theta", 100.0)), float(v.rms_norm_eps),
                    bool(v.use_clipped_linears), bool(v.standardize),
                    hf.text_config.hidden_size, int(hf.image_token_id), int(hf.boi_token_id),
-                   int(hf.eoi_token_id), int(hf.text_config.pad_token_id or 0))
+                   int(hf.eoi_token_id), int(hf.text_config.pad_token_id or 0),
+                   getattr(hf.text_config, "use_bidirectional_attention", None) == "vision")
 
     @property
     def placeholder_id(self) -> int:
@@ -95,7 +93,9 @@ class Gemma4VisionConfig:
 
     @property
     def bidirectional(self) -> bool:
-        return False  # (the 'vision' mask is refused: takes_images)
+        """An image's tokens see each other both ways (on the sliding layers): each image
+        is then prefilled within one chunk (ImageInputs.chunk_len)."""
+        return self.image_blocks
 
     def grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """(rows, columns) of patches an image of `size` (height, width) is resized to, as
