@@ -46,14 +46,16 @@ def make_tokenizer(out: Path) -> Any:
 def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False) -> Path:
     """The checkpoint and its processor in `out`; random weights of std 0.1.
     `image_blocks`: use_bidirectional_attention "vision" (an image's tokens see each other
-    both ways on the sliding layers, whose window of 6 is shorter than an image)."""
+    both ways on the sliding layers, whose window of 6 is shorter than an image), and no
+    KV sharing (with it, the full layers' outputs at image rows reach no later layer's
+    K/V: their causal rule would not show)."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil
 
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out)
     ids = tok.convert_tokens_to_ids
-    text = gemma4_config(len(tok), use_bidirectional_attention="vision" if image_blocks
-                         else None).to_dict()
+    blocks = {"use_bidirectional_attention": "vision", "num_kv_shared_layers": 0}
+    text = gemma4_config(len(tok), **(blocks if image_blocks else {})).to_dict()
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4,
                   pooling_kernel_size=2, position_embedding_size=160, standardize=True)

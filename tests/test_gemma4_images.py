@@ -133,8 +133,11 @@ def test_image_blocks_match_hf(budget, gemma4_blocks):
     llm = make_llm(gemma4_blocks["base"], enable_lora=True, max_lora_rank=8,
                    max_num_batched_tokens=budget)
     a, b = image(1), image(2, (90, 30))
-    jobs = [(ASK, [a], None), (ASK, [b], "r8"), (TWO, [a, b], None),
-            ("User: What is the capital of France? Model:", [], "r8")]
+    # the replies of a prompt ending with its image are within the window of the image's
+    # rows on the sliding layers, so the full layers' rule over those rows shows there
+    end = "User: Say what you see <|image|>"
+    jobs = [(ASK, [a], None), (ASK, [b], "r8"), (TWO, [a, b], None), (end, [b], None),
+            (end, [a], "r8"), ("User: What is the capital of France? Model:", [], "r8")]
     r8 = LoRARequest("r8", 1, str(gemma4_blocks["r8"]))
     outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False,
                         lora_request=[r8 if n else None for *_, n in jobs])
