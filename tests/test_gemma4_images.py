@@ -145,6 +145,22 @@ def test_image_blocks_match_hf(budget, gemma4_blocks):
           [(p, ims, gemma4_blocks[n] if n else None) for p, ims, n in jobs])
 
 
+def test_image_blocks_triton_attention_matches_hf(gemma4_blocks, monkeypatch):
+    """The CUDA path's attention (the Triton kernels, under the interpreter here): the
+    sliding layers' key_limit over an image, the full layers' none; chunks with cached
+    context beside a decode."""
+    import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpreter)
+
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    llm = make_llm(gemma4_blocks["base"], max_num_batched_tokens=80, block_size=8)
+    assert llm.llm_engine.model_runner.attn_backend == "triton"
+    a, b = image(1), image(2, (90, 30))
+    jobs = [(TWO, [a, b], None), ("User: Say what you see <|image|>", [b], None),
+            ("User: Hi there. Model:", [], None)]
+    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], GREEDY, use_tqdm=False)
+    check(outs, gemma4_blocks["base"], jobs)
+
+
 def test_tower_connector_lora_matches_peft(gemma4, tmp_path):
     """enable_tower_connector_lora: an adapter on the tower's q_proj, its patch
     projection and the embedder, and the language model's q_proj: PEFT's tokens."""
