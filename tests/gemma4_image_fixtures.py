@@ -48,7 +48,8 @@ def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False) ->
     `image_blocks`: use_bidirectional_attention "vision" (an image's tokens see each other
     both ways on the sliding layers, whose window of 6 is shorter than an image), and no
     KV sharing (with it, the full layers' outputs at image rows reach no later layer's
-    K/V: their causal rule would not show)."""
+    K/V: their causal rule would not show), and the tower's clipped linears (bounds that
+    clip on its first layer's MLP)."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil
 
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,8 @@ def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False) ->
     text = gemma4_config(len(tok), **(blocks if image_blocks else {})).to_dict()
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4,
-                  pooling_kernel_size=2, position_embedding_size=160, standardize=True)
+                  pooling_kernel_size=2, position_embedding_size=160, standardize=True,
+                  use_clipped_linears=image_blocks)
     cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
                        image_token_id=ids(IMAGE), boi_token_id=ids(BOI),
                        eoi_token_id=ids(EOI), audio_token_id=ids(AUDIO))
@@ -69,6 +71,13 @@ def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False) ->
     tower = model.model.vision_tower
     tower.std_bias.copy_(0.1 * torch.randn(tower.std_bias.shape, generator=gen))
     tower.std_scale.copy_(1.0 + 0.2 * torch.randn(tower.std_scale.shape, generator=gen))
+    if image_blocks:
+        mlp = tower.encoder.layers[0].mlp
+        for linear, bound in ((mlp.gate_proj, 0.3), (mlp.up_proj, 0.2), (mlp.down_proj, 0.1)):
+            linear.input_min.fill_(-4 * bound)
+            linear.input_max.fill_(4 * bound)
+            linear.output_min.fill_(-bound)
+            linear.output_max.fill_(bound)
     for layer in model.model.language_model.layers:
         layer.layer_scalar.copy_(0.8 + 0.4 * torch.rand(1, generator=gen))
     model.save_pretrained(str(out))

@@ -63,7 +63,6 @@ class Gemma4VisionConfig:
     image_token_id: int  # <|image|>: the placeholder, and each soft token
     boi_token_id: int
     eoi_token_id: int
-    pad_token_id: int  # the text model's: an image row's per-layer embedding
     image_blocks: bool  # use_bidirectional_attention "vision": both ways on sliding layers
     max_soft_tokens: int = 280  # the image processor's (engine/gemma4_images.py)
 
@@ -84,7 +83,7 @@ class Gemma4VisionConfig:
                    float(rope.get("rope_theta", 100.0)), float(v.rms_norm_eps),
                    bool(v.use_clipped_linears), bool(v.standardize),
                    hf.text_config.hidden_size, int(hf.image_token_id), int(hf.boi_token_id),
-                   int(hf.eoi_token_id), int(hf.text_config.pad_token_id or 0),
+                   int(hf.eoi_token_id),
                    getattr(hf.text_config, "use_bidirectional_attention", None) == "vision")
 
     @property
