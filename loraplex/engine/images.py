@@ -32,6 +32,7 @@ from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.engine.pan_and_scan import KEYS as PAN_AND_SCAN_KEYS
 from loraplex.engine.pan_and_scan import PanAndScan
 from loraplex.models.gemma3_vision import Gemma3ImageTokens, Gemma3Vision, Gemma3VisionConfig
+from loraplex.models.gemma4_vision import Gemma4Vision, Gemma4VisionConfig, is_gemma4
 from loraplex.models.granite_speech import (
     GraniteSpeechAudio,
     GraniteSpeechAudioConfig,
@@ -58,9 +59,11 @@ logger = logging.getLogger(__name__)
 # models/granite_speech.py, models/qwen2_audio.py)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
                 | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig
-                | Phi4MMVisionConfig | VoxtralAudioConfig | InternVLVisionConfig)
+                | Phi4MMVisionConfig | VoxtralAudioConfig | InternVLVisionConfig
+                | Gemma4VisionConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
-          | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral | InternVLVision)
+          | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral | InternVLVision
+          | Gemma4Vision)
 
 
 def _is_gemma3(hf_config: Any) -> bool:
@@ -75,6 +78,7 @@ ENCODER_CONFIGS: tuple[tuple[Callable[[Any], bool], type[VisionConfig]], ...] = 
     (is_phi4mm, Phi4MMVisionConfig),  # models/phi4mm.py: images and audio
     (is_voxtral, VoxtralAudioConfig),
     (_is_gemma3, Gemma3VisionConfig),
+    (is_gemma4, Gemma4VisionConfig),  # engine/gemma4_images.py: its patches
     (is_llama4, Llama4VisionConfig),
     (is_qwen3_vl, Qwen3VisionConfig),  # a QwenVisionConfig
     (is_qwen_vl, QwenVisionConfig),  # Qwen2-VL, Qwen2.5-VL
@@ -87,6 +91,7 @@ ENCODER_CONFIGS: tuple[tuple[Callable[[Any], bool], type[VisionConfig]], ...] = 
 TOWERS: dict[type[VisionConfig], Callable[[Any], Vision]] = {
     LlavaVisionConfig: LlavaVision,  # (LLaVA-NeXT too)
     Gemma3VisionConfig: Gemma3Vision,
+    Gemma4VisionConfig: Gemma4Vision,
     Llama4VisionConfig: Llama4Vision,
     QwenVisionConfig: QwenVision,
     Qwen3VisionConfig: Qwen3Vision,
@@ -308,9 +313,7 @@ class ImageProcessor(MultimodalProcessor):
         sizes = [s for s, k in zip(sizes, crops, strict=True) for _ in range(1 + k)]
         counts, tiles = [c.tokens_for(s) for s in sizes], [c.tiles(s) for s in sizes]
         pixels = out["pixel_values"]
-        if tuple(pixels.shape[-2:]) != (c.image_size, c.image_size):
-            raise ValueError(f"the image processor gives {tuple(pixels.shape[-2:])} pixels, "
-                             f"the vision tower takes {c.image_size} x {c.image_size}")
+        self.check_pixels(pixels)
         if pixels.dim() == 5:  # LLaVA-NeXT's: padded to the most tiles any image has
             pixels = torch.cat([p[:n] for p, n in zip(pixels, tiles, strict=True)])
         positions = self.positions(ids)
@@ -321,6 +324,13 @@ class ImageProcessor(MultimodalProcessor):
         return ids, ImageInputs(pixels, positions, ranges, hashes, sizes=sizes,
                                 bidirectional=c.bidirectional,
                                 crops=crops if any(crops) else [])
+
+    def check_pixels(self, pixels: torch.Tensor) -> None:
+        """The image processor's pixels are what the tower takes (their side)."""
+        c = self.config
+        if tuple(pixels.shape[-2:]) != (c.image_size, c.image_size):
+            raise ValueError(f"the image processor gives {tuple(pixels.shape[-2:])} pixels, "
+                             f"the vision tower takes {c.image_size} x {c.image_size}")
 
     def expand(self, ids: list[int], images: list[Any],
                options: Mapping[str, Any] | None = None) -> list[int]:

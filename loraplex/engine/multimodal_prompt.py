@@ -16,6 +16,7 @@ from typing import Any
 
 from loraplex.config import MultiModalConfig, SchedulerConfig
 from loraplex.engine.audio import AudioProcessor, is_clip
+from loraplex.engine.gemma4_images import Gemma4ImageProcessor
 from loraplex.engine.images import (
     ImageInputs,
     ImageProcessor,
@@ -35,6 +36,7 @@ from loraplex.engine.whisper_inputs import WhisperAudioProcessor
 from loraplex.inputs import PromptType
 from loraplex.lora.request import LoRARequest
 from loraplex.models.gemma3_vision import Gemma3VisionConfig
+from loraplex.models.gemma4_vision import Gemma4VisionConfig
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig
 from loraplex.models.internvl import InternVLVisionConfig
 from loraplex.models.llama4_vision import Llama4VisionConfig
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 PROCESSORS: dict[type, type[MultimodalProcessor]] = {
     LlavaVisionConfig: ImageProcessor,  # (LLaVA-NeXT too)
     Gemma3VisionConfig: ImageProcessor,
+    Gemma4VisionConfig: Gemma4ImageProcessor,  # engine/gemma4_images.py: its patches
     Llama4VisionConfig: ImageProcessor,
     QwenVisionConfig: QwenImageProcessor,  # engine/qwen_images.py
     PixtralVisionConfig: PixtralImageProcessor,  # engine/pixtral_images.py (Mistral 3)

@@ -120,6 +120,9 @@ class Attention(nn.Module):
         # nothing (the caller passes that layer's K/V of the step); the model runner gives
         # it that layer's cache, scales and decode mirror
         self.reads_kv_of: Attention | None = None
+        # Gemma 4's full layers: causal over images whose tokens the other layers see both
+        # ways (image_blocks' widening, and the Triton prefill's key_limit, not applied)
+        self.images_causal = False
 
     def load_kv_scale(self, name: str, tensor: torch.Tensor) -> None:
         """A checkpoint's KV cache scale (llm-compressor / vLLM FP8 checkpoints' per-layer
@@ -207,7 +210,7 @@ class Attention(nn.Module):
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
                   if with_ctx else ()), softcap=self.softcap, window=self.window,
                 sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale,
-                key_limit=ctx.key_limit, chunk=self.chunk)
+                key_limit=None if self.images_causal else ctx.key_limit, chunk=self.chunk)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                          ctx.context_lens, self.scale, ctx.decode_splits,
                                          softcap=self.softcap, window=self.window, sinks=sinks,
@@ -227,9 +230,10 @@ class Attention(nn.Module):
             keys, values = (x.transpose(1, 2) for x in
                             self._gathered_kv(ctx, ctx.block_tables, q.dtype))
         local = self.window or self.chunk
+        mask = ctx.scratch.get(CAUSAL_MASK, ctx.prefill_mask) if self.images_causal \
+            else ctx.prefill_mask
         out = self._sdpa(padded(q), keys, values,
-                         _window_mask(ctx, self.window, self.chunk) if local
-                         else ctx.prefill_mask, sinks)
+                         _window_mask(ctx, self.window, self.chunk) if local else mask, sinks)
         out = out.transpose(1, 2).reshape(b * length, self.num_heads, self.head_dim)
         return out if ctx.valid_rows is None else out.index_select(0, ctx.valid_rows)
 
@@ -394,6 +398,9 @@ def torch_prefill_layout(ctx: StepContext, lens: list[int], device: torch.device
         ctx.valid_rows = tensor([bi * length + i for bi, n in enumerate(lens) for i in range(n)])
 
 
+CAUSAL_MASK = "prefill_mask_causal"  # the prefill's mask before image_blocks widened it
+
+
 def image_blocks(ctx: StepContext, blocks: list[list[tuple[int, int]]]) -> None:
     """Gemma 3's images in the torch prefill's mask: a query in image span (first, count)
     of its sequence also sees that span's later keys, so each image's tokens attend to
@@ -414,6 +421,7 @@ def image_blocks(ctx: StepContext, blocks: list[list[tuple[int, int]]]) -> None:
     base = ctx.prefill_mask
     if base is None:  # causal over equal-length rows starting at 0
         base = (k_pos[None, :] <= q_pos[0][:, None])[None, None]
+    ctx.scratch[CAUSAL_MASK] = base  # (what Attention.images_causal layers read)
     ctx.prefill_mask = base | same.unsqueeze(1)
 
 

@@ -77,6 +77,9 @@ class Gemma4Attention(nn.Module):
         self.rotary = rotary
         window = a.sliding_window if self.layer_type == SLIDING else None
         self.attn = Attention(a.num_heads, g.kv_heads[index], hd, 1.0, window=window or 0)
+        # an image's tokens see each other both ways on the sliding layers only (HF's
+        # use_bidirectional_attention "vision"; models/gemma4_vision.py)
+        self.attn.images_causal = self.layer_type == FULL
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, shared: SharedKV
                 ) -> torch.Tensor:
@@ -191,6 +194,7 @@ class Gemma4Model(nn.Module):
                 layer.self_attn.attn.reads_kv_of = self.layers[source].self_attn.attn
         self.norm = Gemma4RMSNorm(a.hidden_size, a.norm_eps)
         self.ple_size, self.num_layers = g.ple_size, a.num_layers
+        self.pad_token_id = g.pad_token_id
         if g.ple_size:
             width = a.num_layers * g.ple_size
             self.embed_tokens_per_layer = nn.Embedding(g.ple_vocab, width)
@@ -228,9 +232,12 @@ class Gemma4Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 image_rows: ImageRows | None = None) -> torch.Tensor:
-        if image_rows is not None:
-            raise ValueError("Gemma 4: image and embedding inputs are not supported")
         x = self._scaled(self.embed_tokens(input_ids), self.embed_scale)
+        if image_rows is not None:  # images (models/gemma4_vision.py): their vectors
+            # unscaled at their rows, whose per-layer embeddings are the pad token's (HF's)
+            rows, embeds = image_rows
+            x = x.index_copy(0, rows, embeds.to(x.dtype))
+            input_ids = input_ids.index_fill(0, rows, self.pad_token_id)
         ple = self.per_layer_inputs(input_ids, x) if self.ple_size else None
         shared: SharedKV = {}
         for i, layer in enumerate(self.layers):

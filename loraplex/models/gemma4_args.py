@@ -26,6 +26,7 @@ class Gemma4Args:
     num_experts: int = 0  # > 0: enable_moe_block
     top_k: int = 0
     moe_intermediate_size: int = 0
+    pad_token_id: int = 0  # an image row's token for its per-layer embedding, as HF's
 
     def kv_source(self, index: int) -> int:
         """The layer whose cache layer `index` attends over: itself, or for a reusing
@@ -91,7 +92,7 @@ def gemma4_args(hf: Any, quant: Any, max_model_len: int | None, text_only: Any,
         double_wide=bool(getattr(hf, "use_double_wide_mlp", False)),
         num_experts=int(hf.num_experts or 0) if hf.enable_moe_block else 0,
         top_k=int(hf.top_k_experts or 0), moe_intermediate_size=int(
-            hf.moe_intermediate_size or 0))
+            hf.moe_intermediate_size or 0), pad_token_id=int(hf.pad_token_id or 0))
     if g.ple_size and g.ple_vocab < hf.vocab_size:
         raise ValueError(f"Gemma 4: vocab_size_per_layer_input={g.ple_vocab} below "
                          f"vocab_size={hf.vocab_size} is not supported (tokens without a "

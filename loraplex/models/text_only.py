@@ -132,9 +132,10 @@ MULTIMODAL: dict[str, TextOnly] = {
         skipped=("vision_model.", "multi_modal_projector.", "model.vision_model.",
                  "model.multi_modal_projector."),
         vision_leaves=("fc1", "fc2", "linear_1", "linear"), images=True),
-    # Gemma 4 (E2B, E4B, 26B-A4B, 31B): its language model (models/gemma4.py) on text; its
-    # vision and audio towers and their embedders are not loaded (their inputs are
-    # refused), their own linears are `linear` inside Gemma4ClippableLinear
+    # Gemma 4 (E2B, E4B, 26B-A4B, 31B): its language model (models/gemma4.py); its vision
+    # tower and embedder load into models/gemma4_vision.py (images served where the
+    # language model is causal over them), its audio tower is not loaded (audio refused);
+    # the towers' linears are `linear` inside Gemma4ClippableLinear
     "Gemma4ForConditionalGeneration": TextOnly(
         "Gemma4ForCausalLM",
         renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
@@ -142,7 +143,7 @@ MULTIMODAL: dict[str, TextOnly] = {
         skipped=("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.",
                  "model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
                  "model.embed_audio."),
-        vision_leaves=("linear", "embedding_projection")),
+        vision_leaves=("linear", "embedding_projection", "input_proj"), images=True),
     # Granite Speech: a Granite language model behind a conformer encoder and a Q-Former
     # projector (models/granite_speech.py); the hub's files name them `language_model.*`,
     # `encoder.*`, `projector.*`, transformers 5 `model.language_model.*` and so on. Its

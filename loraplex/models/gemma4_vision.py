@@ -1,0 +1,307 @@
+"""Gemma 4's image side (Gemma4ForConditionalGeneration; transformers 5's Gemma4VisionModel
+and Gemma4MultimodalEmbedder).
+
+HF's image processor resizes each image, keeping its aspect ratio, to the largest size
+of at most max_soft_tokens x k^2 patches (k: pooling_kernel_size) whose sides are
+multiples of k x patch_size, cuts it into patches (row-major, each patch_size^2 x 3
+values), and pads them to that many. The tower:
+- patch_embedder: 2 (v - 0.5), one linear, plus a learned x and a y position embedding;
+- encoder layers: Gemma's sandwich norms, q/k RMS-normed (v without a weight), a 2-D rope
+  (the first half of each head rotates by the patch's column, the second by its row),
+  attention scale 1.0, every patch seeing every patch of its image; a GeGLU MLP. Every
+  linear sits inside a Gemma4ClippableLinear (`.linear`, with optional clamps);
+- pooler: each k x k block of patches averaged (one soft token each, row-major),
+  x sqrt(hidden), then (standardize) (x - std_bias) x std_scale.
+embed_vision maps each into the language model: RMSNorm without a weight, one linear.
+
+The prompt marks an image with <|image|> (the processor's image_token); Gemma4Processor
+writes boi, the image's soft tokens (<|image|> each), eoi in its place
+(`expand_gemma4`). In the language model an image row's token embedding is the image's
+vector (unscaled), and its per-layer embedding is the pad token's (models/gemma4.py).
+With text_config.use_bidirectional_attention "vision" an image's tokens see each other
+both ways on the sliding layers (AND(window, OR(causal, same image)), as Gemma 3's on
+transformers 5: layers/attention.py image_blocks), while the full layers stay causal over
+them (Attention.images_causal); unset, every layer is causal over them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.layers.activation import ACTIVATIONS
+from loraplex.layers.norm import Gemma4RMSNorm
+from loraplex.models.llava import VisionWeights, placeholder_runs
+
+
+def is_gemma4(hf_config: Any) -> bool:
+    return getattr(hf_config, "model_type", None) == "gemma4" \
+        and getattr(hf_config, "vision_config", None) is not None
+
+
+@dataclass(frozen=True)
+class Gemma4VisionConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    patch_size: int
+    pooling_kernel_size: int
+    position_embedding_size: int
+    rope_theta: float
+    eps: float
+    clipped: bool  # use_clipped_linears
+    standardize: bool
+    text_hidden_size: int
+    image_token_id: int  # <|image|>: the placeholder, and each soft token
+    boi_token_id: int
+    eoi_token_id: int
+    image_blocks: bool  # use_bidirectional_attention "vision": both ways on sliding layers
+    max_soft_tokens: int = 280  # the image processor's (engine/gemma4_images.py)
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> Gemma4VisionConfig:
+        v = hf.vision_config
+        if v.hidden_activation not in ("gelu_pytorch_tanh", "gelu_new"):
+            raise ValueError(f"Gemma 4 vision_config.hidden_activation={v.hidden_activation!r}"
+                             " is not supported (gelu_pytorch_tanh is)")
+        rope = v.rope_parameters or {}
+        if rope.get("rope_type", "axial") != "axial":
+            raise ValueError("Gemma 4's vision rope must be 'axial'")
+        if v.num_attention_heads % v.num_key_value_heads:
+            raise ValueError("Gemma 4 vision: heads must be a multiple of the KV heads")
+        return cls(v.hidden_size, v.intermediate_size, v.num_hidden_layers,
+                   v.num_attention_heads, v.num_key_value_heads, v.head_dim, v.patch_size,
+                   v.pooling_kernel_size, v.position_embedding_size,
+                   float(rope.get("rope_theta", 100.0)), float(v.rms_norm_eps),
+                   bool(v.use_clipped_linears), bool(v.standardize),
+                   hf.text_config.hidden_size, int(hf.image_token_id), int(hf.boi_token_id),
+                   int(hf.eoi_token_id),
+                   getattr(hf.text_config, "use_bidirectional_attention", None) == "vision")
+
+    @property
+    def placeholder_id(self) -> int:
+        return self.image_token_id
+
+    @property
+    def bidirectional(self) -> bool:
+        """An image's tokens see each other both ways (on the sliding layers): each image
+        is then prefilled within one chunk (ImageInputs.chunk_len)."""
+        return self.image_blocks
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of patches an image of `size` (height, width) is resized to, as
+        HF's get_aspect_ratio_preserving_size picks it."""
+        h, w = size
+        p, k = self.patch_size, self.pooling_kernel_size
+        max_patches = self.max_soft_tokens * k * k
+        factor = math.sqrt(max_patches * p * p / (h * w))
+        side = k * p
+        th, tw = int(math.floor(factor * h / side)) * side, int(math.floor(factor * w / side)) * side
+        longest = (max_patches // k ** 2) * side
+        if th == 0 and tw == 0:
+            raise ValueError(f"an image of {h} x {w} pixels resizes to nothing")
+        if th == 0:
+            th, tw = side, min(int(math.floor(w / h)) * side, longest)
+        elif tw == 0:
+            th, tw = min(int(math.floor(h / w)) * side, longest), side
+        if th * tw > max_patches * p * p:
+            raise ValueError(f"an image of {h} x {w} pixels exceeds {max_patches} patches")
+        return th // p, tw // p
+
+    def tokens_for(self, size: tuple[int, int]) -> int:
+        rows, cols = self.grid(size)
+        return rows * cols // self.pooling_kernel_size ** 2
+
+    def tiles(self, size: tuple[int, int]) -> int:
+        return 1
+
+
+class ClippableLinear(nn.Module):
+    """HF's Gemma4ClippableLinear: a linear (`.linear`, what LoRA targets), its input and
+    output clamped by saved bounds when the config says so."""
+
+    def __init__(self, d_in: int, d_out: int, clipped: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out, bias=False)
+        self.clipped = clipped
+        if clipped:
+            for name in ("input_min", "input_max", "output_min", "output_max"):
+                self.register_buffer(name, torch.tensor(math.inf * (-1 if "min" in name else 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clipped:
+            x = torch.clamp(x, self.input_min, self.input_max)
+        y = self.linear(x)
+        return torch.clamp(y, self.output_min, self.output_max) if self.clipped else y
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-b, a), dim=-1) * sin
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, c: Gemma4VisionConfig) -> None:
+        super().__init__()
+        self.c = c
+        d, hd = c.hidden_size, c.head_dim
+        self.q_proj = ClippableLinear(d, c.num_heads * hd, c.clipped)
+        self.k_proj = ClippableLinear(d, c.num_kv_heads * hd, c.clipped)
+        self.v_proj = ClippableLinear(d, c.num_kv_heads * hd, c.clipped)
+        self.o_proj = ClippableLinear(c.num_heads * hd, d, c.clipped)
+        self.q_norm = Gemma4RMSNorm(hd, c.eps)
+        self.k_norm = Gemma4RMSNorm(hd, c.eps)
+        self.v_norm = Gemma4RMSNorm(hd, c.eps, with_scale=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> torch.Tensor:
+        n, hd = x.shape[0], self.c.head_dim  # x: [patches, D], one image
+        q = self._rope(self.q_norm(self.q_proj(x).view(n, -1, hd)), rope)
+        k = self._rope(self.k_norm(self.k_proj(x).view(n, -1, hd)), rope)
+        v = self.v_norm(self.v_proj(x).view(n, -1, hd))
+        rep = self.c.num_heads // self.c.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                             v.transpose(0, 1), scale=1.0)
+        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
+
+    @staticmethod
+    def _rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The first half of each head turned by the column, the second by the row."""
+        cos, sin = rope  # [patches, 2, head_dim / 2]
+        halves = x.chunk(2, dim=-1)
+        return torch.cat([_rotate(h, cos[:, None, i], sin[:, None, i])
+                          for i, h in enumerate(halves)], dim=-1)
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, c: Gemma4VisionConfig) -> None:
+        super().__init__()
+        self.self_attn = VisionAttention(c)
+        self.mlp = nn.Module()
+        for name, (i, o) in (("gate_proj", (c.hidden_size, c.intermediate_size)),
+                             ("up_proj", (c.hidden_size, c.intermediate_size)),
+                             ("down_proj", (c.intermediate_size, c.hidden_size))):
+            setattr(self.mlp, name, ClippableLinear(i, o, c.clipped))
+        for name in ("input_layernorm", "post_attention_layernorm",
+                     "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            setattr(self, name, Gemma4RMSNorm(c.hidden_size, c.eps))
+        self.act = ACTIVATIONS["gelu_tanh"]
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope))
+        h, m = self.pre_feedforward_layernorm(x), self.mlp
+        return x + self.post_feedforward_layernorm(
+            m.down_proj(self.act(m.gate_proj(h)) * m.up_proj(h)))
+
+
+class VisionTower(nn.Module):
+    """HF's Gemma4VisionModel (its names: patch_embedder, encoder.layers, std_*)."""
+
+    def __init__(self, c: Gemma4VisionConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.patch_embedder = nn.Module()
+        self.patch_embedder.input_proj = nn.Linear(3 * c.patch_size ** 2, c.hidden_size,
+                                                   bias=False)
+        self.patch_embedder.position_embedding_table = nn.Parameter(
+            torch.ones(2, c.position_embedding_size, c.hidden_size))
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(VisionLayer(c) for _ in range(c.num_layers))
+        if c.standardize:
+            self.register_buffer("std_bias", torch.zeros(c.hidden_size))
+            self.register_buffer("std_scale", torch.ones(c.hidden_size))
+        quarter = c.head_dim // 2
+        self.inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, quarter, 2).float() / quarter))
+
+    def forward(self, patches: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """One image's real patches [rows x cols, 3 p^2] (row-major) -> its soft tokens
+        [rows x cols / k^2, D] (fp32 until standardized, as HF)."""
+        c, pe = self.c, self.patch_embedder
+        ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        xs, ys = xs.flatten().to(patches.device), ys.flatten().to(patches.device)
+        x = pe.input_proj((2 * (patches - 0.5)).to(pe.input_proj.weight.dtype))
+        x = x + pe.position_embedding_table[0][xs] + pe.position_embedding_table[1][ys]
+        freqs = torch.stack((xs, ys), -1)[..., None].float() * self.inv_freq.to(x.device)
+        freqs = torch.cat((freqs, freqs), dim=-1)  # [patches, 2, head_dim / 2]
+        rope = (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
+        for layer in self.encoder.layers:
+            x = layer(x, rope)
+        k = c.pooling_kernel_size
+        grid = x.float().view(rows // k, k, cols // k, k, -1)
+        pooled = grid.mean(dim=(1, 3)).flatten(0, 1) * c.hidden_size ** 0.5
+        if c.standardize:
+            pooled = (pooled - self.std_bias.float()) * self.std_scale.float()
+        return pooled.to(x.dtype)
+
+
+class Gemma4Vision(VisionWeights):
+    """Pixels (HF's padded patches) -> one language-model input embedding per soft token."""
+
+    label = "Gemma 4's vision tower / embedder"
+
+    def __init__(self, c: Gemma4VisionConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.vision_tower = VisionTower(c)
+        self.embed_vision = nn.Module()
+        self.embed_vision.embedding_pre_projection_norm = Gemma4RMSNorm(
+            c.hidden_size, c.eps, with_scale=False)
+        self.embed_vision.embedding_projection = nn.Linear(c.hidden_size, c.text_hidden_size,
+                                                           bias=False)
+
+    def ours(self, name: str) -> str | None:
+        name = name.removeprefix("model.")
+        return name if name.startswith(("vision_tower.", "embed_vision.")) else None
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """[images, max patches, 3 p^2] -> [their soft tokens, text hidden]."""
+        e = self.embed_vision
+        dtype = e.embedding_projection.weight.dtype
+        # the processor's max_soft_tokens, from its padding: max_soft_tokens x k^2 patches
+        c = replace(self.config,
+                    max_soft_tokens=pixels.shape[1] // self.config.pooling_kernel_size ** 2)
+        out = []
+        for patches, size in zip(pixels, sizes, strict=True):
+            rows, cols = c.grid(size)
+            tokens = self.vision_tower(patches[:rows * cols].to(dtype), rows, cols)
+            out.append(e.embedding_projection(e.embedding_pre_projection_norm(tokens)))
+        return torch.cat(out)
+
+
+def expand_gemma4(ids: list[int], c: Gemma4VisionConfig, counts: list[int]) -> list[int]:
+    """Image i's one <|image|> becomes boi, `counts[i]` <|image|>, eoi (Gemma4Processor's
+    text); a prompt already so expanded is kept as is."""
+    runs = placeholder_runs(ids, c.image_token_id)
+    if runs == counts and _wrapped(ids, c):
+        return list(ids)
+    if sum(runs) != len(counts):
+        raise ValueError(f"the prompt has {sum(runs)} <|image|> token(s) (id "
+                         f"{c.image_token_id}) for {len(counts)} image(s): put one <|image|> "
+                         "where each image goes")
+    out: list[int] = []
+    left = iter(counts)
+    for t in ids:
+        out.extend([c.boi_token_id, *[t] * next(left), c.eoi_token_id]
+                   if t == c.image_token_id else [t])
+    return out
+
+
+def _wrapped(ids: list[int], c: Gemma4VisionConfig) -> bool:
+    """Every <|image|> run lies between boi and eoi."""
+    for i, t in enumerate(ids):
+        if t == c.image_token_id and (
+                (i == 0 or ids[i - 1] not in (t, c.boi_token_id))
+                or (i + 1 == len(ids) or ids[i + 1] not in (t, c.eoi_token_id))):
+            return False
+    return True

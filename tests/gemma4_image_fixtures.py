@@ -1,0 +1,124 @@
+"""A tiny random Gemma 4 with images (Gemma4ForConditionalGeneration: a 2-layer vision
+tower, its embedder, tests/gemma4_fixtures.py's text model) and its processor
+(Gemma4Processor: HF's Gemma 4 image processor with 70 soft tokens at most, 4-pixel
+patches pooled 2 x 2), saved as HF saves them: the ground truth of
+tests/test_gemma4_images.py."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests.fixtures import _reinit_, _trained_tokenizer
+from tests.gemma4_fixtures import gemma4_config
+
+IMAGE, BOI, EOI = "<|image|>", "<|image>", "<image|>"
+AUDIO, BOA, EOA = "<|audio|>", "<|audio>", "<audio|>"
+# Gemma 4's template's shape: an image part becomes <|image|>
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<|image|>"
+    "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer(out: Path) -> Any:
+    """The session tokenizer with Gemma 4's image and audio tokens."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer().to_str()), bos_token="<s>",
+        eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        clean_up_tokenization_spaces=False, model_max_length=512,
+        extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI,
+                              "audio_token": AUDIO, "boa_token": BOA, "eoa_token": EOA})
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+    return tok
+
+
+@torch.no_grad()
+def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False) -> Path:
+    """The checkpoint and its processor in `out`; random weights of std 0.1.
+    `image_blocks`: use_bidirectional_attention "vision" (an image's tokens see each other
+    both ways on the sliding layers, whose window of 6 is shorter than an image), and no
+    KV sharing (with it, the full layers' outputs at image rows reach no later layer's
+    K/V: their causal rule would not show), and the tower's clipped linears (bounds that
+    clip on its first layer's MLP)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(out)
+    ids = tok.convert_tokens_to_ids
+    blocks = {"use_bidirectional_attention": "vision", "num_kv_shared_layers": 0}
+    text = gemma4_config(len(tok), **(blocks if image_blocks else {})).to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4,
+                  pooling_kernel_size=2, position_embedding_size=160, standardize=True,
+                  use_clipped_linears=image_blocks)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                       image_token_id=ids(IMAGE), boi_token_id=ids(BOI),
+                       eoi_token_id=ids(EOI), audio_token_id=ids(AUDIO))
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(cfg).eval()
+    _reinit_(model, seed, 0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    tower = model.model.vision_tower
+    tower.std_bias.copy_(0.1 * torch.randn(tower.std_bias.shape, generator=gen))
+    tower.std_scale.copy_(1.0 + 0.2 * torch.randn(tower.std_scale.shape, generator=gen))
+    if image_blocks:
+        mlp = tower.encoder.layers[0].mlp
+        for linear, bound in ((mlp.gate_proj, 0.3), (mlp.up_proj, 0.2), (mlp.down_proj, 0.1)):
+            linear.input_min.fill_(-4 * bound)
+            linear.input_max.fill_(4 * bound)
+            linear.output_min.fill_(-bound)
+            linear.output_max.fill_(bound)
+    for layer in model.model.language_model.layers:
+        layer.layer_scalar.copy_(0.8 + 0.4 * torch.rand(1, generator=gen))
+    model.save_pretrained(str(out))
+    Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2,
+                            max_soft_tokens=70).save_pretrained(str(out))
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def processor(base: str) -> Any:
+    """HF's Gemma4Processor over the checkpoint's tokenizer and image processor. Its
+    video processor needs torchvision, which this environment lacks: it is built without
+    one (ProcessorMixin's class check let through for it alone; images never use it)."""
+    from transformers import (
+        AutoImageProcessor,
+        AutoTokenizer,
+        Gemma4AudioFeatureExtractor,
+        Gemma4Processor,
+    )
+    from transformers.processing_utils import ProcessorMixin
+
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def without_video(self: Any, name: str, arg: Any) -> Any:
+        return None if name == "video_processor" and arg is None else check(self, name, arg)
+
+    ProcessorMixin.check_argument_for_proper_class = without_video
+    try:
+        return Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
+                               image_processor=AutoImageProcessor.from_pretrained(base),
+                               tokenizer=AutoTokenizer.from_pretrained(base),
+                               video_processor=None)
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True
+              ) -> dict[str, torch.Tensor]:
+    """What HF's processor makes of a prompt and its images, as the model takes them (no
+    attention mask: all ones)."""
+    out = processor(str(base))(text=prompt, images=images or None, return_tensors="pt",
+                               add_special_tokens=add_special_tokens)
+    return {k: v for k, v in out.items() if k not in ("num_soft_tokens_per_image",
+                                                      "attention_mask")}
