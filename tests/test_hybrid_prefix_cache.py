@@ -189,16 +189,21 @@ def test_reset_prefix_cache_drops_the_snapshots(bamba, prompts):
 
 def test_snapshot_memory_and_refusal(bamba):
     """The snapshots come out of the KV cache budget after the state slots: by default
-    max_num_seqs of them; a negative number, or more than fit, are refused; without prefix
-    caching, none."""
+    max_num_seqs of them, at most a quarter of that budget's worth; a negative number, or
+    more than fit, are refused; without prefix caching, none."""
     from loraplex.worker.mamba_state import state_bytes_per_slot
 
     base, _ = bamba
-    runner = make_llm(base, max_num_seqs=64, cpu_kv_cache_gib=0.004,
-                      block_size=8).llm_engine.model_runner
-    per_slot = state_bytes_per_slot(runner.mixers, torch.float32)
-    assert runner.num_state_snapshots == 64
-    assert runner.num_blocks == (int(0.004 * 2**30) - 128 * per_slot) // runner._bytes_per_block()
+    for gib in (0.004, 0.05):  # a quarter holds fewer than max_num_seqs, then all of them
+        runner = make_llm(base, max_num_seqs=64, cpu_kv_cache_gib=gib,
+                          block_size=8).llm_engine.model_runner
+        per_slot = state_bytes_per_slot(runner.mixers, torch.float32)
+        after_slots = int(gib * 2**30) - 64 * per_slot
+        want = min(64, after_slots // 4 // per_slot)
+        assert runner.num_state_snapshots == want and (want < 64) == (gib == 0.004)
+        if gib == 0.004:  # (the larger budget's blocks stop at what 64 sequences can use)
+            assert runner.num_blocks == (after_slots - want * per_slot) \
+                // runner._bytes_per_block()
     off = make_llm(base, max_num_seqs=4, block_size=8, enable_prefix_caching=False)
     assert off.llm_engine.model_runner.mamba_state.snapshots is None
     with pytest.raises(ValueError, match="mamba_state_snapshots must be >= 0"):

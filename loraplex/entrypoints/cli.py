@@ -156,7 +156,7 @@ ENGINE_HELP: dict[str, str] = {
                              "prefix caching: how many snapshots of one sequence's recurrent "
                              "state to keep (taken at block boundaries of prompts, least "
                              "recently used overwritten), out of the KV cache's memory; "
-                             "default: max_num_seqs, or as many as fit.",
+                             "default: max_num_seqs, or as many as fit in a quarter of it.",
     "enable_chunked_prefill": "Split a prompt over steps when it does not fit what is left "
                               "of max_num_batched_tokens (on by default, as in vLLM v1); "
                               "--no-enable-chunked-prefill prefills every prompt whole.",

@@ -239,9 +239,13 @@ class ModelRunner:
     def _reserve_snapshots(self, budget: int, blocks_per_seq: int, asked: int | None) -> int:
         """Prefix caching on a hybrid: its state snapshots out of the budget, after the
         state slots: `asked` of them (refused when they do not fit beside one max_model_len
-        KV cache), or by default max_num_seqs, as many of those as fit. The budget left."""
+        KV cache), or by default max_num_seqs, as many of those as fit in a quarter of the
+        budget (a big model's snapshot is tens of MB: the KV cache keeps the rest). The
+        budget left."""
         each = state_bytes_per_slot(self.mixers, self.dtype)
         fit = max(budget - blocks_per_seq * self._bytes_per_block(), 0) // each
+        if asked is None:
+            fit = min(fit, budget // 4 // each)
         if asked is not None and asked > fit:
             raise ValueError(f"mamba_state_snapshots={asked} ({asked * each / 2**20:.1f} MiB) "
                              f"do not fit the KV cache budget beside the state slots and one "
