@@ -48,3 +48,21 @@ def merged_checkpoint(base: Path, adapter: Path, out: Path) -> Path:
             weights[f"{module}.weight"] += cfg["lora_alpha"] / cfg["r"] * b @ a
     save_file(weights, str(out / "model.safetensors"))
     return out
+
+
+def fused_experts_checkpoint(base: Path, out: Path, leaves: tuple[str, str, str],
+                             num_experts: int) -> Path:
+    """The base with each layer's per-expert weights (experts.{e}.{leaf}.weight, as the hub
+    ships them) fused as transformers 5 holds them: gate_up_proj [E, 2I, H] (the gate's
+    rows, then the up projection's) and down_proj [E, H, I]; `leaves`: the checkpoint's
+    names of gate, up and down."""
+    shutil.copytree(base, out)
+    tensors = load_file(str(base / "model.safetensors"))
+    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
+    for layer in {k.partition(".experts.")[0] for k in tensors if ".experts." in k}:
+        gate, up, down = (torch.stack([tensors[f"{layer}.experts.{e}.{leaf}.weight"]
+                                       for e in range(num_experts)]) for leaf in leaves)
+        fused[f"{layer}.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        fused[f"{layer}.experts.down_proj"] = down
+    save_file(fused, str(out / "model.safetensors"))
+    return out

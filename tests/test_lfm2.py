@@ -26,7 +26,6 @@ import openai
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from loraplex import LoRARequest, SamplingParams
@@ -42,7 +41,11 @@ from tests.engine_utils import (
     make_llm,
 )
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
-from tests.handmade_lora import merged_checkpoint, write_lora_adapter
+from tests.handmade_lora import (
+    fused_experts_checkpoint,
+    merged_checkpoint,
+    write_lora_adapter,
+)
 from tests.server_utils import RemoteServer, check_rank_refused, token_ids_of
 from tests.test_hybrid import check_preemption
 
@@ -142,31 +145,13 @@ def test_preemption_recomputes_the_state(lfm2, prompts):
                      shift=1)
 
 
-def fused_copy(base: Path, out: Path) -> Path:
-    """The checkpoint with each layer's experts fused as transformers 5 holds them,
-    gate_up_proj [E, 2I, H] (w1's rows, then w3's) and down_proj [E, H, I]."""
-    out.mkdir(parents=True)
-    for f in base.iterdir():
-        if f.name != "model.safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(str(base / "model.safetensors"))
-    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
-    for layer in {k.partition(".experts.")[0] for k in tensors if ".experts." in k}:
-        w1, w3, w2 = (torch.stack([tensors[f"{layer}.experts.{e}.{leaf}.weight"]
-                                   for e in range(EXPERTS)]) for leaf in ("w1", "w3", "w2"))
-        fused[f"{layer}.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1)
-        fused[f"{layer}.experts.down_proj"] = w2
-    save_file(fused, str(out / "model.safetensors"))
-    return out
-
-
 def test_fused_experts_load_as_the_hubs(lfm2, tmp_path, prompts):
     """LFM2-MoE saved per expert (the hub's layout, transformers 5's save) and with its
     experts fused: the same tokens and logprobs, base and an adapter on the experts."""
     kind, base, adapters = lfm2
     if kind != "lfm2_moe":
         pytest.skip("LFM2 has no experts")
-    fused = fused_copy(base, tmp_path / "fused")
+    fused = fused_experts_checkpoint(base, tmp_path / "fused", ("w1", "w3", "w2"), EXPERTS)
     req = LoRARequest("r8_all", 1, str(adapters["r8_all"]))
     outs = []
     for path in (base, fused):

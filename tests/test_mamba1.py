@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from loraplex import LoRARequest
@@ -36,7 +36,11 @@ from loraplex.layers.mamba2 import MambaBatch
 from loraplex.worker.mamba_state import state_bytes_per_slot
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import _reinit_, load_hf_model, make_tokenizer
-from tests.handmade_lora import merged_checkpoint, write_lora_adapter
+from tests.handmade_lora import (
+    fused_experts_checkpoint,
+    merged_checkpoint,
+    write_lora_adapter,
+)
 from tests.server_utils import check_rank_refused
 from tests.test_hybrid import check_preemption
 
@@ -328,25 +332,6 @@ def test_jamba_without_experts(tiny_root, prompts):
     check_against_hf(outs, root / "base", [None] * 3, prompts[:3])
 
 
-def fused_copy(base: Path, out: Path) -> Path:
-    """Jamba's checkpoint with each layer's experts fused as transformers 5 holds them:
-    gate_up_proj [E, 2I, H] (gate's rows, then up's) and down_proj [E, H, I]."""
-    out.mkdir(parents=True)
-    for f in base.iterdir():
-        if f.name != "model.safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(str(base / "model.safetensors"))
-    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
-    for layer in {k.partition(".experts.")[0] for k in tensors if ".experts." in k}:
-        gate, up, down = (torch.stack([tensors[f"{layer}.experts.{e}.{leaf}.weight"]
-                                       for e in range(EXPERTS)])
-                          for leaf in ("gate_proj", "up_proj", "down_proj"))
-        fused[f"{layer}.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
-        fused[f"{layer}.experts.down_proj"] = down
-    save_file(fused, str(out / "model.safetensors"))
-    return out
-
-
 def test_jamba_fused_experts_load_as_the_hubs(mamba1, tmp_path, prompts):
     """Jamba saved per expert (the hub's layout, transformers 5's save) and with its
     experts fused: the same tokens and logprobs, base and an adapter on the experts."""
@@ -354,7 +339,8 @@ def test_jamba_fused_experts_load_as_the_hubs(mamba1, tmp_path, prompts):
     if kind != "jamba":
         pytest.skip("only Jamba has experts")
     assert any(".experts.0.gate_proj." in k for k in load_file(str(base / "model.safetensors")))
-    fused = fused_copy(base, tmp_path / "fused")
+    fused = fused_experts_checkpoint(base, tmp_path / "fused",
+                                     ("gate_proj", "up_proj", "down_proj"), EXPERTS)
     req = LoRARequest("r8_all", 1, str(adapters["r8_all"]))
     outs = []
     for path in (base, fused):
