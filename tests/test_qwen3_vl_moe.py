@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from loraplex import LoRARequest
-from loraplex.models.registry import _experts
+from loraplex.models.moe_flags import moe_flags
 from tests.engine_utils import make_llm
 from tests.llava_fixtures import data_url, image
 from tests.multimodal_fixtures import (
@@ -132,11 +132,11 @@ def test_router_and_sparse_layers_from_config():
     text = Qwen3VLMoeConfig(text_config=dict(num_hidden_layers=6, decoder_sparse_step=2,
                                              mlp_only_layers=[3], num_experts=4,
                                              num_experts_per_tok=2)).text_config
-    flags = _experts(text, "Qwen3MoeForCausalLM", None)
+    flags = moe_flags(text, "Qwen3MoeForCausalLM", None)
     assert flags["norm_topk_prob"] and flags["fused_experts"]
     assert flags["dense_layers"] == (0, 2, 3, 4)
     with pytest.raises(ValueError, match="quantized Qwen3-VL-MoE"):
-        _experts(text, "Qwen3MoeForCausalLM", QuantConfig("fp8", 8, -1))
+        moe_flags(text, "Qwen3MoeForCausalLM", QuantConfig("fp8", 8, -1))
 
 
 def test_server_chat_with_image_under_the_experts_adapter(moe):
