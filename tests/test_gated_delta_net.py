@@ -18,7 +18,7 @@ from loraplex.layers.gated_delta_net import (
     l2_normed,
     recurrent_gated_delta_step,
 )
-from loraplex.layers.mamba2 import MambaBatch
+from tests.test_hybrid import mixer_in_chunks
 
 qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next",
                                  reason="transformers without Qwen3-Next (4.56)")
@@ -88,9 +88,6 @@ def test_layer_matches_hf(fused):
     ours.ssm_state = torch.zeros(3, 4, 16, 8)
     x = torch.randn(30, 64)
     want = hf(x[None])[0]
-    got = [ours(x[:13], MambaBatch([(0, 13, 1, True)])),
-           ours(x[13:27], MambaBatch([(0, 14, 1, False)]))]
-    got += [ours(x[t:t + 1], MambaBatch([], 0, torch.tensor([1]))) for t in range(27, 30)]
-    torch.testing.assert_close(torch.cat(got), want, atol=1e-5, rtol=1e-5)
-    again = ours(x[:13], MambaBatch([(0, 13, 1, True)]))
+    got, again = mixer_in_chunks(ours, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, want[:13], atol=1e-5, rtol=1e-5)

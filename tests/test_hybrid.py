@@ -89,6 +89,18 @@ def granite(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
                   for name, spec in ADAPTERS.items()}
 
 
+def mixer_in_chunks(mixer: torch.nn.Module, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A state layer (Mamba2 / Mamba-1 mixer, gated DeltaNet) on 30 tokens `x` in slot 1 of
+    its states: a prompt in chunks of 13 and 14 (the second from the state the first
+    left), then 3 decode steps (the recurrence); and the first chunk again, fresh (it must
+    ignore what the slot holds). (the 30 rows, the fresh chunk's 13)"""
+    got = [mixer(x[:13], MambaBatch([(0, 13, 1, True)])),
+           mixer(x[13:27], MambaBatch([(0, 14, 1, False)]))]
+    got += [mixer(x[t:t + 1], MambaBatch([], 0, torch.tensor([1]))) for t in range(27, 30)]
+    return torch.cat(got), mixer(x[:13], MambaBatch([(0, 13, 1, True)]))
+
+
 @torch.no_grad()
 def test_mixer_matches_hf_layer():
     """A 30-token input through HF's GraniteMoeHybridMambaLayer at once, and through ours
@@ -109,12 +121,9 @@ def test_mixer_matches_hf_layer():
     ours.ssm_state = torch.zeros(3, 4, 32, 16)
     x = torch.randn(30, 64)
     want = hf(x[None])[0]
-    got = [ours(x[:13], MambaBatch([(0, 13, 1, True)])),
-           ours(x[13:27], MambaBatch([(0, 14, 1, False)]))]
-    got += [ours(x[t:t + 1], MambaBatch([], 0, torch.tensor([1]))) for t in range(27, 30)]
-    torch.testing.assert_close(torch.cat(got), want, atol=1e-5, rtol=1e-5)
+    got, again = mixer_in_chunks(ours, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # a fresh first chunk ignores whatever the slot held
-    again = ours(x[:13], MambaBatch([(0, 13, 1, True)]))
     torch.testing.assert_close(again, want[:13], atol=1e-5, rtol=1e-5)
 
 

@@ -32,7 +32,6 @@ from transformers import AutoModelForCausalLM
 
 from loraplex import LoRARequest
 from loraplex.layers.mamba1 import Mamba1Args, Mamba1Mixer
-from loraplex.layers.mamba2 import MambaBatch
 from loraplex.worker.mamba_state import state_bytes_per_slot
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, make_llm
 from tests.fixtures import _reinit_, load_hf_model, make_tokenizer
@@ -42,7 +41,7 @@ from tests.handmade_lora import (
     write_lora_adapter,
 )
 from tests.server_utils import check_rank_refused
-from tests.test_hybrid import check_preemption
+from tests.test_hybrid import check_preemption, mixer_in_chunks
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 HIDDEN, INNER, STATES, RANK, EXPERTS = 64, 128, 8, 6, 4
@@ -181,12 +180,9 @@ def test_mixer_matches_hf_layer(kind):
     ours.conv_state, ours.ssm_state = torch.zeros(3, INNER, 3), torch.zeros(3, INNER, STATES)
     x = torch.randn(30, HIDDEN)
     want = hf(x[None])[0]
-    got = [ours(x[:13], MambaBatch([(0, 13, 1, True)])),
-           ours(x[13:27], MambaBatch([(0, 14, 1, False)]))]
-    got += [ours(x[t:t + 1], MambaBatch([], 0, torch.tensor([1]))) for t in range(27, 30)]
+    got, again = mixer_in_chunks(ours, x)
     scale = want.abs().max()  # (random weights of 0.3: outputs in the hundreds)
-    torch.testing.assert_close(torch.cat(got) / scale, want / scale, atol=1e-6, rtol=0)
-    again = ours(x[:13], MambaBatch([(0, 13, 1, True)]))
+    torch.testing.assert_close(got / scale, want / scale, atol=1e-6, rtol=0)
     torch.testing.assert_close(again / scale, want[:13] / scale, atol=1e-6, rtol=0)
 
 
