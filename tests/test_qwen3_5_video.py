@@ -38,15 +38,12 @@ from tests.multimodal_fixtures import (
 pytest.importorskip("transformers.models.qwen3_5",
                     reason=f"transformers {transformers.__version__} has no Qwen3.5")
 
-from tests.fixtures import _reinit_, make_tokenizer  # noqa: E402
 from tests.multimodal_fixtures import LANGUAGE_MODEL, make_multimodal_adapter  # noqa: E402
-from tests.qwen2_vl_fixtures import CHAT_TEMPLATE, IMAGE, VISION  # noqa: E402
+from tests.qwen2_vl_fixtures import IMAGE  # noqa: E402
 from tests.server_utils import RemoteServer  # noqa: E402
 from tests.test_qwen3_next import (  # noqa: E402
-    COMMON,
-    EXPERTS,
-    QWEN3_5_ROPE,
     conditional,  # noqa: F401 (the fixture)
+    make_qwen3_5_vl,
 )
 from tests.test_qwen3_vl_video import (  # noqa: E402
     ASK,
@@ -78,28 +75,8 @@ def qwen35_moe(tiny_root):
     """A Qwen3_5MoeForConditionalGeneration checkpoint: `conditional`'s tower beside the
     4-layer Qwen3.5-MoE language model (4 experts, 2 per token, a shared expert), the same
     video processor, and an adapter on its attention and DeltaNets (r8)."""
-    from transformers import Qwen2VLImageProcessor
-
     root = tiny_root / "gdn_qwen3_5_moe_vl"
-    tok = make_tokenizer(root / "base")
-    tok.add_special_tokens({"additional_special_tokens": VISION})
-    tok.chat_template = CHAT_TEMPLATE
-    ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id",
-                    "video_token_id"), tok.convert_tokens_to_ids(VISION), strict=True))
-    text = dict(vocab_size=len(tok), **COMMON, **EXPERTS, rope_parameters=QWEN3_5_ROPE)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
-                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
-                  num_position_embeddings=16)
-    cfg = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, **ids)
-    cfg.tie_word_embeddings = False
-    torch.manual_seed(334)
-    hf = transformers.Qwen3_5MoeForConditionalGeneration(cfg).eval()
-    _reinit_(hf, 334, 0.1)
-    base = root / "base"
-    hf.save_pretrained(str(base))
-    Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 64 * 64}, patch_size=4,
-                          merge_size=2, temporal_patch_size=2).save_pretrained(str(base))
-    tok.save_pretrained(str(base))
+    base = make_qwen3_5_vl(root / "base", 334, moe=True)
     (base / "video_preprocessor_config.json").write_text(json.dumps(
         {"video_processor_type": "Qwen3VLVideoProcessor", **VIDEO_CONFIG}))
     return {"base": base, "r8": make_multimodal_adapter(

@@ -237,34 +237,44 @@ def test_build_refusals():
         build_model(cfg, QuantConfig(method="fp8", bits=8, group_size=-1))
 
 
-@pytest.fixture(scope="module")
-def conditional(tiny_root: Path) -> dict[str, Path]:
-    """A Qwen3_5ForConditionalGeneration checkpoint (a 2-block Qwen3-VL tower without
-    DeepStack on 4-pixel patches beside the 4-layer language model; interleaved M-RoPE
-    sections [2, 1, 1] over half of each head) and an adapter on the whole model (its
-    language model's DeltaNet, attention and MLP modules)."""
+def make_qwen3_5_vl(base: Path, seed: int, moe: bool = False) -> Path:
+    """A tiny Qwen3_5ForConditionalGeneration checkpoint (Qwen3_5MoeForConditionalGeneration
+    with `moe`: 4 experts, 2 per token, a shared expert): a 2-block Qwen3-VL tower without
+    DeepStack on 4-pixel patches beside the 4-layer language model (interleaved M-RoPE
+    sections [2, 1, 1] over half of each head), its image processor and tokenizer."""
     from transformers import Qwen2VLImageProcessor
 
-    root = tiny_root / "gdn_qwen3_5_vl"
-    tok = make_tokenizer(root / "base")
+    tok = make_tokenizer(base)
     tok.add_special_tokens({"additional_special_tokens": VISION})
     tok.chat_template = CHAT_TEMPLATE
     ids = dict(zip(("vision_start_token_id", "image_token_id", "vision_end_token_id",
                     "video_token_id"), tok.convert_tokens_to_ids(VISION), strict=True))
-    text = dict(vocab_size=len(tok), **COMMON, intermediate_size=96,
-                rope_parameters=QWEN3_5_ROPE)
+    sizes = EXPERTS if moe else {"intermediate_size": 96}
+    text = dict(vocab_size=len(tok), **COMMON, **sizes, rope_parameters=QWEN3_5_ROPE)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
                   temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=64,
                   num_position_embeddings=16)
-    cfg = transformers.Qwen3_5Config(text_config=text, vision_config=vision, **ids)
+    config, model = ((transformers.Qwen3_5MoeConfig,
+                      transformers.Qwen3_5MoeForConditionalGeneration) if moe else
+                     (transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration))
+    cfg = config(text_config=text, vision_config=vision, **ids)
     cfg.tie_word_embeddings = False
-    torch.manual_seed(330)
-    hf = transformers.Qwen3_5ForConditionalGeneration(cfg).eval()
-    _reinit_(hf, 330, 0.1)
-    hf.save_pretrained(str(root / "base"))
+    torch.manual_seed(seed)
+    hf = model(cfg).eval()
+    _reinit_(hf, seed, 0.1)
+    hf.save_pretrained(str(base))
     Qwen2VLImageProcessor(size={"shortest_edge": 64, "longest_edge": 64 * 64}, patch_size=4,
-                          merge_size=2, temporal_patch_size=2).save_pretrained(str(root / "base"))
-    tok.save_pretrained(str(root / "base"))
+                          merge_size=2, temporal_patch_size=2).save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    return base
+
+
+@pytest.fixture(scope="module")
+def conditional(tiny_root: Path) -> dict[str, Path]:
+    """A Qwen3_5ForConditionalGeneration checkpoint (make_qwen3_5_vl) and an adapter on the
+    whole model (its language model's DeltaNet, attention and MLP modules)."""
+    root = tiny_root / "gdn_qwen3_5_vl"
+    make_qwen3_5_vl(root / "base", 330)
     adapter = make_multimodal_adapter(
         root / "base", root / "r8", r=8, seed=331,
         targets=LANGUAGE_MODEL + "(in_proj_qkv|in_proj_z|out_proj|q_proj|v_proj|down_proj)")
