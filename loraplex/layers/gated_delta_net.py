@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.linear import make_linear
-from loraplex.layers.mamba2 import MambaBatch
+from loraplex.layers.mamba2 import ConvSSMState, MambaBatch
 from loraplex.layers.quantization import QuantConfig
 
 
@@ -117,7 +117,7 @@ def recurrent_gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return (s * q[..., None]).sum(-2), s
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(ConvSSMState, nn.Module):
     """A gated DeltaNet layer under HF's module names (linear_attn.*). `conv_state`
     [slots, conv_dim, d_conv - 1] and `ssm_state` [slots, v heads, d_k, d_v] are set by
     the state cache (worker/mamba_state.py)."""
@@ -149,11 +149,6 @@ class GatedDeltaNet(nn.Module):
                                     (f"{prefix}.out_proj",))
         self.conv_state: torch.Tensor | None = None
         self.ssm_state: torch.Tensor | None = None
-
-    def slot_state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """One sequence's states, by the attribute the state cache sets."""
-        conv, ssm = self.m.state_shapes()
-        return {"conv_state": conv, "ssm_state": ssm}
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [T, hidden] -> the conv's input [T, conv_dim] (q, k, v each whole), z [T, Hv,

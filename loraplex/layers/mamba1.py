@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.layers.linear import make_linear
-from loraplex.layers.mamba2 import MambaBatch
+from loraplex.layers.mamba2 import ConvSSMState, MambaBatch
 from loraplex.layers.norm import RMSNorm
 
 
@@ -85,7 +85,7 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-class Mamba1Mixer(nn.Module):
+class Mamba1Mixer(ConvSSMState, nn.Module):
     """A Mamba-1 layer under HF's module names (in_proj, conv1d, x_proj, dt_proj, A_log,
     D, out_proj; Jamba's dt_layernorm, b_layernorm, c_layernorm). `conv_state` [slots,
     d_inner, d_conv - 1] and `ssm_state` [slots, d_inner, d_state] are set by the state
@@ -109,11 +109,6 @@ class Mamba1Mixer(nn.Module):
             self.c_layernorm = RMSNorm(n, m.norm_eps)
         self.conv_state: torch.Tensor | None = None
         self.ssm_state: torch.Tensor | None = None
-
-    def slot_state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """One sequence's states, by the attribute the state cache sets."""
-        conv, ssm = self.m.state_shapes()
-        return {"conv_state": conv, "ssm_state": ssm}
 
     def forward(self, x: torch.Tensor, batch: MambaBatch) -> torch.Tensor:
         m = self.m

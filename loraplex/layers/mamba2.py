@@ -19,6 +19,7 @@ allows). Plain torch, fp32 inside; no mamba_ssm / causal_conv1d kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +147,20 @@ class GatedRMSNorm(nn.Module):
         return self.weight * y.to(dtype)
 
 
-class Mamba2Mixer(nn.Module):
+class ConvSSMState:
+    """A layer whose per-sequence state is a conv state and an SSM state of the shapes its
+    args give (`m.state_shapes()`: Mamba2's and Mamba-1's mixers, gated DeltaNets), which
+    the state cache (worker/mamba_state.py) sets as `conv_state` / `ssm_state`."""
+
+    m: Any
+
+    def slot_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One sequence's states, by the attribute the state cache sets."""
+        conv, ssm = self.m.state_shapes()
+        return {"conv_state": conv, "ssm_state": ssm}
+
+
+class Mamba2Mixer(ConvSSMState, nn.Module):
     """A Mamba2 layer under HF's module names (in_proj, conv1d, dt_bias, A_log, D, norm,
     out_proj). `conv_state` [slots, conv_dim, d_conv - 1] and `ssm_state` [slots, heads,
     head_dim, d_state] are set by the state cache (worker/mamba_state.py)."""
@@ -171,11 +185,6 @@ class Mamba2Mixer(nn.Module):
         self.register_buffer("zxbcdt_scale", scale, persistent=False)
         self.conv_state: torch.Tensor | None = None
         self.ssm_state: torch.Tensor | None = None
-
-    def slot_state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """One sequence's states, by the attribute the state cache sets."""
-        conv, ssm = self.m.state_shapes()
-        return {"conv_state": conv, "ssm_state": ssm}
 
     def forward(self, x: torch.Tensor, batch: MambaBatch) -> torch.Tensor:
         m = self.m
