@@ -3,14 +3,17 @@ with the official anthropic client: the chat route's reply to the same conversat
 base and two adapters of different ranks, in one batch), the SDK's stream helper adding up
 to the whole message, stop sequences, a tool call round trip (hermes), thinking blocks
 (granite's reasoning phrases), the prompt's token count, the API key as x-api-key too;
-bad requests fail alone with Anthropic's error shape."""
+bad requests fail alone with Anthropic's error shape, before the stream or inside it.
+(Image blocks: tests/test_llava.py, on a model with a vision tower.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 
 import httpx
+import openai
 import pytest
 
 from tests.server_utils import RemoteServer
@@ -48,14 +51,24 @@ GREEDY = dict(extra_body={"temperature": 0, "ignore_eos": True})
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models, tiny_adapters):
+def doomed(tiny_adapters, tmp_path_factory):
+    """A copy of an adapter, registered at start-up and deleted by a test before its first
+    use: its load fails in the engine, after the stream's headers are sent."""
+    path = tmp_path_factory.mktemp("anthropic") / "doomed"
+    shutil.copytree(tiny_adapters["llama"]["r4_qv"], path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tiny_adapters, doomed):
     ad = tiny_adapters["llama"]
     args = ["--served-model-name", "tiny", "--enable-lora", "--max-loras", "2",
             "--max-lora-rank", "16", "--dtype", "float32", "--max-model-len", "512",
             "--cpu-kv-cache-gib", "0.05", "--enable-auto-tool-choice", "--tool-call-parser",
             "hermes", "--reasoning-parser", "granite", "--api-key", KEY,
             "--chat-template", TEMPLATE,
-            "--lora-modules", f"r8_all={ad['r8_all']}", f"r4_qv={ad['r4_qv']}"]
+            "--lora-modules", f"r8_all={ad['r8_all']}", f"r4_qv={ad['r4_qv']}",
+            f"doomed={doomed}"]
     with RemoteServer(tiny_models["llama"], args, api_key=KEY) as srv:
         yield srv
 
@@ -262,6 +275,34 @@ def test_bad_requests_fail_alone(server, client):
     r = server.get("/v1/messages")
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     msg = client.messages.create(model="tiny", messages=user, max_tokens=3, **GREEDY)
+    assert msg.usage.output_tokens == 3  # the server carried on
+
+
+def test_error_inside_a_stream(server, client, chat, doomed):
+    """A failure after the stream began (an adapter deleted from disk before its first
+    load) ends the stream with Anthropic's `error` event, which the SDK raises; the chat
+    route's stream ends with OpenAI's error body; the other requests carry on."""
+    user = [{"role": "user", "content": "Hi"}]
+    shutil.rmtree(doomed)
+    r = server.post("/v1/messages", {"model": "doomed", "messages": user, "max_tokens": 4,
+                                     "stream": True})
+    assert r.status_code == 200  # the headers went out before the load failed
+    events = [e for e in r.text.split("\n\n") if e.strip()]
+    kinds = [e.split("\n")[0].removeprefix("event: ") for e in events]
+    assert kinds == ["message_start", "error"], r.text  # the message began, then failed
+    body = json.loads(events[1].split("\n")[1].removeprefix("data: "))
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "doomed" in body["error"]["message"], body
+    with (pytest.raises(anthropic.APIStatusError) as e,
+          client.messages.stream(model="doomed", messages=user, max_tokens=4) as stream):
+        stream.get_final_message()
+    _error(e, "invalid_request_error", "doomed")
+    with pytest.raises(openai.APIError) as info:
+        for _ in chat.chat.completions.create(model="doomed", messages=user, max_tokens=4,
+                                              stream=True):
+            pass
+    assert "doomed" in info.value.message
+    msg = client.messages.create(model="r4_qv", messages=user, max_tokens=3, **GREEDY)
     assert msg.usage.output_tokens == 3  # the server carried on
 
 

@@ -5,12 +5,16 @@ requests under the base and two adapters beside text requests (adapter slots few
 adapters; chunked prefill splitting an image's placeholders); prefix caching that never
 shares K/V across images; LLM.chat and the server's chat route with image parts; and the
 refusals (a model without a vision tower, placeholders that do not match the images, an
-undecodable image), each failing only its request."""
+undecodable image), each failing only its request; Anthropic's Messages API's image blocks
+served as the chat route's image parts."""
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
@@ -383,3 +387,81 @@ def test_server_responses_input_image_and_tokenize(llava):
             {"type": "input_text", "text": "What is this?"}]}], temperature=0,
             max_output_tokens=GREEDY.max_tokens, extra_body={"ignore_eos": True})
         assert resp.output_text == replies[0]  # still serving
+
+
+class _Pictures(BaseHTTPRequestHandler):
+    """A loopback image host for URL image sources."""
+    files: dict[str, bytes] = {}
+
+    def do_GET(self):  # noqa: N802
+        data = self.files.get(self.path)
+        self.send_response(200 if data else 404)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()
+        self.wfile.write(data or b"")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_anthropic_messages_with_image_blocks(llava):
+    """/v1/messages' image blocks (base64, and a URL fetched from a loopback host) are the
+    chat route's image_url parts: the same reply and prompt tokens for the base and an
+    adapter; a bad image block fails alone in Anthropic's error shape."""
+    anthropic = pytest.importorskip("anthropic")
+    host = ThreadingHTTPServer(("127.0.0.1", 0), _Pictures)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    png = io.BytesIO()
+    image(2, (30, 50)).save(png, format="PNG")
+    _Pictures.files["/b.png"] = png.getvalue()
+    url = f"http://127.0.0.1:{host.server_address[1]}/b.png"
+    args = ["--max-model-len", "256", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "8", "--lora-modules", f"r8={llava['r8']}"]
+    try:
+        with RemoteServer(llava["base"], args) as server:
+            chat = server.get_client()
+            client = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0,
+                                         timeout=60)
+            base64_png = data_url(image(1)).removeprefix("data:image/png;base64,")
+            blocks = [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                   "data": base64_png}},
+                      {"type": "image", "source": {"type": "url", "url": url}}]
+            replies = set()
+            for model in (str(llava["base"]), "r8"):
+                for block, image_url in zip(blocks, (data_url(image(1)), url)):
+                    msg = client.messages.create(
+                        model=model, max_tokens=GREEDY.max_tokens,
+                        messages=[{"role": "user", "content": [
+                            block, {"type": "text", "text": "What is this?"}]}],
+                        extra_body={"temperature": 0, "ignore_eos": True})
+                    ref = chat.chat.completions.create(
+                        model=model, max_tokens=GREEDY.max_tokens, temperature=0,
+                        messages=[{"role": "user", "content": [
+                            {"type": "image_url", "image_url": {"url": image_url}},
+                            {"type": "text", "text": "What is this?"}]}],
+                        extra_body={"ignore_eos": True})
+                    assert msg.content[0].text == ref.choices[0].message.content
+                    assert msg.usage.input_tokens == ref.usage.prompt_tokens
+                    assert msg.usage.output_tokens == GREEDY.max_tokens
+                    replies.add(msg.content[0].text)
+            assert len(replies) > 1  # the image and the adapter count
+            bad = [
+                ([{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                               "data": "AAAA"}}], "user", "cannot decode"),
+                ([{"type": "image", "source": {"type": "url", "url": url + ".gone"}}], "user",
+                 "404"),
+                ([{"type": "image", "source": {"type": "file", "file_id": "f"}}], "user",
+                 "an image block's source must be"),
+                (blocks[:1], "assistant", "a block of type 'image' is not valid in a assistant"),
+            ]
+            for content, role, match in bad:
+                with pytest.raises(anthropic.BadRequestError) as info:
+                    client.messages.create(model="r8", max_tokens=2,
+                                           messages=[{"role": role, "content": content}])
+                assert info.value.body["error"]["type"] == "invalid_request_error"
+                assert match in info.value.body["error"]["message"], info.value.body
+            msg = client.messages.create(model="r8", max_tokens=GREEDY.max_tokens, messages=[
+                {"role": "user", "content": [blocks[0], {"type": "text", "text": "Hi"}]}])
+            assert msg.usage.output_tokens >= 1  # still serving
+    finally:
+        host.shutdown()
