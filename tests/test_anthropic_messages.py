@@ -52,8 +52,8 @@ GREEDY = dict(extra_body={"temperature": 0, "ignore_eos": True})
 
 @pytest.fixture(scope="module")
 def doomed(tiny_adapters, tmp_path_factory):
-    """A copy of an adapter, registered at start-up and deleted by a test before its first
-    use: its load fails in the engine, after the stream's headers are sent."""
+    """A copy of an adapter, registered at start-up, evicted from host memory and deleted
+    by a test: its next load fails in the engine, after the stream's headers are sent."""
     path = tmp_path_factory.mktemp("anthropic") / "doomed"
     shutil.copytree(tiny_adapters["llama"]["r4_qv"], path)
     return path
@@ -63,7 +63,7 @@ def doomed(tiny_adapters, tmp_path_factory):
 def server(tiny_models, tiny_adapters, doomed):
     ad = tiny_adapters["llama"]
     args = ["--served-model-name", "tiny", "--enable-lora", "--max-loras", "2",
-            "--max-lora-rank", "16", "--dtype", "float32", "--max-model-len", "512",
+            "--max-cpu-loras", "2", "--max-lora-rank", "16", "--dtype", "float32", "--max-model-len", "512",
             "--cpu-kv-cache-gib", "0.05", "--enable-auto-tool-choice", "--tool-call-parser",
             "hermes", "--reasoning-parser", "granite", "--api-key", KEY,
             "--chat-template", TEMPLATE,
@@ -283,7 +283,9 @@ def test_error_inside_a_stream(server, client, chat, doomed):
     load) ends the stream with Anthropic's `error` event, which the SDK raises; the chat
     route's stream ends with OpenAI's error body; the other requests carry on."""
     user = [{"role": "user", "content": "Hi"}]
-    shutil.rmtree(doomed)
+    for model in ("r8_all", "r4_qv"):  # these two fill host memory (max_cpu_loras = 2)
+        client.messages.create(model=model, messages=user, max_tokens=1)
+    shutil.rmtree(doomed)  # so 'doomed' is read again, and fails, when it is asked for
     r = server.post("/v1/messages", {"model": "doomed", "messages": user, "max_tokens": 4,
                                      "stream": True})
     assert r.status_code == 200  # the headers went out before the load failed
@@ -312,7 +314,9 @@ def test_api_key_as_x_api_key(server):
     user = [{"role": "user", "content": "Hi"}]
     keyed = anthropic.Anthropic(base_url=server.url, max_retries=0, api_key=None,
                                 default_headers={"x-api-key": KEY})
-    assert keyed.messages.create(model="tiny", messages=user, max_tokens=2).content
+    # (sampled: two tokens may decode to no text, so the count is what is checked)
+    assert keyed.messages.create(model="tiny", messages=user, max_tokens=2,
+                                 extra_body={"ignore_eos": True}).usage.output_tokens == 2
     wrong = anthropic.Anthropic(base_url=server.url, max_retries=0, api_key=None,
                                 default_headers={"x-api-key": "wrong"})
     with pytest.raises(anthropic.AuthenticationError) as e:
