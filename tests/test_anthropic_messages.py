@@ -63,7 +63,8 @@ def doomed(tiny_adapters, tmp_path_factory):
 def server(tiny_models, tiny_adapters, doomed):
     ad = tiny_adapters["llama"]
     args = ["--served-model-name", "tiny", "--enable-lora", "--max-loras", "2",
-            "--max-cpu-loras", "2", "--max-lora-rank", "16", "--dtype", "float32", "--max-model-len", "512",
+            "--max-cpu-loras", "2", "--max-lora-rank", "16", "--dtype", "float32",
+            "--max-model-len", "512",
             "--cpu-kv-cache-gib", "0.05", "--enable-auto-tool-choice", "--tool-call-parser",
             "hermes", "--reasoning-parser", "granite", "--api-key", KEY,
             "--chat-template", TEMPLATE,
