@@ -313,13 +313,15 @@ def test_api_key_as_x_api_key(server):
     """--api-key: Anthropic's x-api-key header is accepted as the bearer token is; a wrong
     key is a 401 in Anthropic's shape."""
     user = [{"role": "user", "content": "Hi"}]
-    keyed = anthropic.Anthropic(base_url=server.url, max_retries=0, api_key=None,
-                                default_headers={"x-api-key": KEY})
+    # the SDK sends its api_key as x-api-key (no Authorization header)
+    keyed = anthropic.Anthropic(base_url=server.url, max_retries=0, api_key=KEY)
     # (sampled: two tokens may decode to no text, so the count is what is checked)
     assert keyed.messages.create(model="tiny", messages=user, max_tokens=2,
                                  extra_body={"ignore_eos": True}).usage.output_tokens == 2
-    wrong = anthropic.Anthropic(base_url=server.url, max_retries=0, api_key=None,
-                                default_headers={"x-api-key": "wrong"})
+    r = httpx.post(server.url_for("v1/messages"), headers={"x-api-key": KEY},
+                   json={"model": "tiny", "messages": user, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    wrong = anthropic.Anthropic(base_url=server.url, max_retries=0, api_key="wrong")
     with pytest.raises(anthropic.AuthenticationError) as e:
         wrong.messages.create(model="tiny", messages=user, max_tokens=2)
     _error(e, "authentication_error", "Unauthorized")
