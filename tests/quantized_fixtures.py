@@ -133,16 +133,17 @@ def _weights_and_two_copies(base_dir: Path, quant_dir: Path, ref_dir: Path
 
 def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 4,
                     group_size: int = 32, sym: bool = False, desc_act: bool = False,
-                    fmt: str = "gptq", skip: tuple[str, ...] = (), router: bool = False
-                    ) -> tuple[Path, Path]:
+                    fmt: str = "gptq", skip: tuple[str, ...] = (), router: bool = False,
+                    linears: re.Pattern[str] = _LINEAR) -> tuple[Path, Path]:
     """(quantized checkpoint, dequantized fp32 reference) of a tiny safetensors model;
-    `router`: the mixture's routers quantized too."""
+    `router`: the mixture's routers quantized too; `linears`: the weights to quantize (a
+    hybrid model's own projections too)."""
     quant_dir, ref_dir = out_root / f"{method}_quant", out_root / f"{method}_ref"
     state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
     quant, ref = {}, {}
     sites: dict[str, int] = {}  # act-order permutations follow the input: q/k/v share one
     for name, w in sorted(state.items()):
-        quantized = _LINEAR.search(name) or (router and _ROUTER.search(name))
+        quantized = linears.search(name) or (router and _ROUTER.search(name))
         if not quantized or any(s in name for s in skip):
             quant[name] = ref[name] = w
             continue
@@ -238,7 +239,8 @@ def quantize_fp8(w: torch.Tensor, strategy: str, block: tuple[int, int] = (16, 1
 
 def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
               block: tuple[int, int] = (16, 16), skip: tuple[str, ...] = (),
-              static_inputs: bool = False) -> tuple[Path, Path]:
+              static_inputs: bool = False, linears: re.Pattern[str] = _LINEAR
+              ) -> tuple[Path, Path]:
     """(FP8 checkpoint, dequantized fp32 reference) of a tiny safetensors model, in the
     `fp8` format (Qwen / DeepSeek / transformers: weight_scale_inv for blocks, else
     weight_scale; `static_inputs`: activation_scheme static, with transformers'
@@ -255,7 +257,7 @@ def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
     quant, ref = {}, {}
     for key, w in sorted(state.items()):
         prefix = key[:-len(".weight")]
-        if not _LINEAR.search(key) or skipped(prefix):
+        if not linears.search(key) or skipped(prefix):
             quant[key] = ref[key] = w
             continue
         q, scale, deq = quantize_fp8(w, strategy, block)
@@ -324,8 +326,8 @@ def quantize_ct_int(w: torch.Tensor, *, bits: int = 4, group_size: int = 32,
 
 def write_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, bits: int = 4,
                              group_size: int = 32, sym: bool = True, actorder: bool = False,
-                             fmt: str = "pack-quantized", ignore: tuple[str, ...] = ()
-                             ) -> tuple[Path, Path]:
+                             fmt: str = "pack-quantized", ignore: tuple[str, ...] = (),
+                             linears: re.Pattern[str] = _LINEAR) -> tuple[Path, Path]:
     """(compressed-tensors int checkpoint, dequantized fp32 reference) of a tiny model,
     packed as its pack_to_int32 does (signed values + 2^(bits-1), along the inputs, lowest
     bits first; zero points along the outputs) or, for naive-quantized, int8 as they are.
@@ -336,7 +338,7 @@ def write_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, bits:
     quant, ref, sites = {}, {}, {}
     for key, w in sorted(state.items()):
         prefix = key[:-len(".weight")]
-        if not _LINEAR.search(key) or prefix in ignore:
+        if not linears.search(key) or prefix in ignore:
             quant[key] = ref[key] = w
             continue
         site = re.sub(r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", prefix))

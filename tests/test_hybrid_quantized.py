@@ -1,0 +1,185 @@
+"""Quantized checkpoints of the hybrid models (models/hybrid_quant.py): Qwen3-Next,
+Qwen3.5 and Qwen3.5-MoE (gated DeltaNets), LFM2 and LFM2-MoE (short convolutions), with
+LoRA adapters trained on the unquantized base (QLoRA's way), against HF transformers +
+PEFT on the dequantized weights in fp32 (transformers runs neither FP8 nor packed int
+checkpoints in fp32 on the CPU; the reference holds the very values the checkpoint
+encodes, so a loader that unpacks or scales wrongly cannot agree with it).
+
+The checkpoints: `fp8` block-quantized as Qwen ships Qwen3-Next-80B-A3B-FP8 (a
+`weight_block_size`, here [32, 32] so the tiny matrices hold several blocks and partial
+ones, and a per-module `modules_to_not_convert` list); compressed-tensors FP8 per channel
+and int W4A16 written as llm-compressor lays them out (tests/quantized_fixtures.py), and
+W4A16 / W8A16 written by the compressed-tensors package itself; GPTQ and AWQ as AutoGPTQ
+/ AutoAWQ pack them. Every case quantizes the mixers' projections (the DeltaNets' fused
+or split in_proj / out_proj, the conv blocks' in_proj / out_proj), attention, the MLPs,
+the experts one linear each and the shared expert; routers, gates, convs and norms stay
+plain. Each runs the base and adapters of ranks 4 and 8 (the experts too, through PEFT's
+target_parameters) in one batch, prompts prefilled in chunks beside other decodes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from loraplex.layers.quantization import QuantConfig, QuantLinear
+from loraplex.layers.quantized_experts import FP8FusedExperts, PackedIntFusedExperts
+from loraplex.models.hybrid_quant import check_hybrid_quant
+from tests.engine_utils import check_mixed_batch, make_llm
+from tests.quantized_fixtures import (
+    write_compressed_tensors,
+    write_fp8,
+    write_quantized,
+    write_with_compressed_tensors,
+)
+
+# every projection a hybrid quantizer packs: attention's, the MLPs' and experts', the
+# mixers' in_proj* / out_proj, LFM2's w1 / w3 / w2
+HYBRID_LINEARS = re.compile(r"\.((q|k|v|o|gate|up|down)_proj|in_proj\w*|out_proj|w[123])"
+                            r"\.weight$")
+ATOL = 5e-4  # (tests/test_fp8.py's: blocked FP8 weights sum in another order than HF's)
+
+
+def _qwen(root: Path, kind: str) -> tuple[Path, dict[str, Path]]:
+    pytest.importorskip("transformers.models.qwen3_next", reason="transformers has no "
+                        "Qwen3-Next")
+    pytest.importorskip("transformers.models.qwen3_5", reason="transformers has no Qwen3.5")
+    from tests.fixtures import make_peft_adapter
+    from tests.test_qwen3_next import ADAPTER_TARGETS, make_model
+
+    seed = 700 + 10 * list(ADAPTER_TARGETS).index(kind)
+    base = make_model(root / "base", kind, seed)
+    (mixer, _), (every, every_params) = ADAPTER_TARGETS[kind]
+    specs = {"r4_mixer": dict(r=4, lora_alpha=8, target_modules=mixer, seed=seed + 1),
+             "r8_all": dict(r=8, lora_alpha=16, target_modules=every, seed=seed + 2,
+                            target_parameters=every_params)}
+    return base, {n: make_peft_adapter(base, root / n, **s) for n, s in specs.items()}
+
+
+def _lfm2(root: Path, kind: str) -> tuple[Path, dict[str, Path]]:
+    from tests.fixtures import make_peft_adapter
+    from tests.test_lfm2 import CONV, EXPERT_PARAMETERS, _skip_reason, make_model
+
+    if (reason := _skip_reason(kind)) is not None:
+        pytest.skip(reason)
+    seed = 760 + 10 * (kind == "lfm2_moe")
+    base = make_model(root / "base", kind, seed)
+    specs = {"r4_mixer": dict(r=4, lora_alpha=8, target_modules=CONV, seed=seed + 1),
+             "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=seed + 2,
+                            target_parameters=EXPERT_PARAMETERS.get(kind))}
+    return base, {n: make_peft_adapter(base, root / n, **s) for n, s in specs.items()}
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_root: Path):
+    """kind -> (plain base, its adapters), each made on first use."""
+    made: dict[str, tuple[Path, dict[str, Path]]] = {}
+
+    def get(kind: str) -> tuple[Path, dict[str, Path]]:
+        if kind not in made:
+            root = tiny_root / "hybrid_quant" / kind
+            made[kind] = (_lfm2 if kind.startswith("lfm2") else _qwen)(root, kind)
+        return made[kind]
+    return get
+
+
+def _fp8(fmt: str, strategy: str, **opts: Any):
+    return lambda base, root: write_fp8(base, root, fmt, strategy, linears=HYBRID_LINEARS,
+                                        **opts)
+
+
+def _ct_int(**opts: Any):
+    return lambda base, root: write_compressed_tensors(base, root, "ct", linears=HYBRID_LINEARS,
+                                                       **opts)
+
+
+def _packed(method: str, **opts: Any):
+    return lambda base, root: write_quantized(base, root, method, linears=HYBRID_LINEARS,
+                                              **opts)
+
+
+def _ct_package(**opts: Any):
+    return lambda base, root: write_with_compressed_tensors(base, root, "ctpkg", **opts)
+
+
+# case -> (model, checkpoint writer, the HF modules it leaves plain); Qwen's FP8 lists
+# (as Qwen3-Next-80B-A3B-FP8's) name each layer's small DeltaNet projections, router and
+# shared-expert gate
+QWEN3_NEXT_PLAIN = ("model.layers.0.linear_attn.in_proj_ba", "model.layers.0.mlp.gate",
+                    "model.layers.0.mlp.shared_expert_gate")
+QWEN3_5_PLAIN = ("model.layers.2.linear_attn.in_proj_b", "model.layers.2.linear_attn.in_proj_a")
+# the tiny DeltaNets' b and a projections have 4 outputs, less than an int32 packs (real
+# ones have 32 or more): left plain under the packed int formats
+SMALL = ("in_proj_b", "in_proj_a")
+CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "qwen3_next_fp8_block": ("qwen3_next", _fp8("fp8", "block", block=(32, 32),
+                                                 skip=QWEN3_NEXT_PLAIN), QWEN3_NEXT_PLAIN),
+    "qwen3_5_moe_fp8_block": ("qwen3_5_moe", _fp8("fp8", "block", block=(32, 32),
+                                                   skip=QWEN3_5_PLAIN), QWEN3_5_PLAIN),
+    "qwen3_5_moe_ct_fp8_channel": ("qwen3_5_moe", _fp8("compressed-tensors", "channel"), ()),
+    "qwen3_next_ct_w4a16": ("qwen3_next", _ct_int(group_size=16), ()),
+    "qwen3_5_ct_package_w4a16": ("qwen3_5", _ct_package(group_size=32, ignore=(
+        r"re:.*linear_attn\.in_proj_[ab]$",)), ()),
+    "qwen3_5_moe_gptq4": ("qwen3_5_moe", _packed("gptq", group_size=16, skip=SMALL),
+                          QWEN3_5_PLAIN),
+    "qwen3_next_awq4": ("qwen3_next", _packed("awq", group_size=16), ()),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_root: Path, bases):
+    """case -> (quantized checkpoint, dequantized reference, adapters), each made on first
+    use."""
+    made: dict[str, tuple[Path, Path, dict[str, Path]]] = {}
+
+    def get(case: str) -> tuple[Path, Path, dict[str, Path]]:
+        if case not in made:
+            kind, write, _ = CASES[case]
+            base, adapters = bases(kind)
+            root = tiny_root / "hybrid_quant" / case
+            root.mkdir(parents=True, exist_ok=True)
+            made[case] = (*write(base, root), adapters)
+        return made[case]
+    return get
+
+
+def _quantized(module: torch.nn.Module) -> bool:
+    inner = getattr(module, "base_layer", module)
+    return isinstance(inner, QuantLinear | FP8FusedExperts | PackedIntFusedExperts)
+
+
+def _module(model: torch.nn.Module, hf_name: str) -> torch.nn.Module:
+    return model.get_submodule(hf_name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantized_hybrid_with_mixed_adapters_matches_hf_peft(case, checkpoints, prompts):
+    """The base and adapters of ranks 4 and 8 over two slots, prompts prefilled in chunks
+    of 7: HF + PEFT's tokens on the dequantized weights; the mixers' projections and the
+    experts stay quantized, the not-convert list's modules plain."""
+    quant_dir, ref_dir, adapters = checkpoints(case)
+    llm = make_llm(quant_dir, enable_lora=True, max_loras=2, max_lora_rank=16, block_size=8,
+                   max_num_batched_tokens=7)
+    model = llm.llm_engine.model
+    mixer = next(m for m in model.modules() if hasattr(m, "out_proj")
+                 and hasattr(m, "conv_state"))
+    assert _quantized(mixer.out_proj)
+    for name in CASES[case][2]:
+        if not name.endswith("gate"):
+            assert not _quantized(_module(model, name)), name
+    experts = [m for n, m in model.named_modules() if n.endswith("experts")]
+    assert all(_quantized(e) for e in experts)
+    check_mixed_batch(llm, ref_dir, adapters, prompts, extra=3)
+
+
+def test_unsupported_methods_are_refused_by_name():
+    """NVFP4 experts and MXFP4 (gpt-oss's) are refused, naming what loads."""
+    with pytest.raises(ValueError, match=r"nvfp4-quantized Qwen3NextForCausalLM checkpoints "
+                       r"are not supported yet: loraplex loads FP8"):
+        check_hybrid_quant(QuantConfig("nvfp4", 4, 16), "Qwen3NextForCausalLM", experts=True)
+    with pytest.raises(ValueError, match="mxfp4-quantized Lfm2ForCausalLM"):
+        check_hybrid_quant(QuantConfig("mxfp4", 4, 32), "Lfm2ForCausalLM", experts=False)
