@@ -424,7 +424,7 @@ def write_with_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, 
     model.save_pretrained(str(quant_dir))
     compressor.update_config(str(quant_dir))
     compressor.decompress_model(model)
-    ref = {k: v.contiguous() for k, v in model.state_dict().items()  # weights, not qparams
+    ref = {k: v.clone() for k, v in model.state_dict().items()  # weights, not qparams
            if not re.search(r"\.weight_\w+$", k)}
     save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
     return quant_dir, ref_dir

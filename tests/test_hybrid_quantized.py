@@ -127,6 +127,13 @@ CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "qwen3_5_moe_gptq4": ("qwen3_5_moe", _packed("gptq", group_size=16, skip=SMALL),
                           QWEN3_5_PLAIN),
     "qwen3_next_awq4": ("qwen3_next", _packed("awq", group_size=16), ()),
+    "lfm2_fp8_block": ("lfm2", _fp8("fp8", "block", block=(32, 32),
+                                    skip=("model.layers.0.conv.in_proj",)),
+                       ("model.layers.0.conv.in_proj",)),
+    "lfm2_moe_fp8_block": ("lfm2_moe", _fp8("fp8", "block", block=(32, 32)), ()),
+    "lfm2_moe_ct_w4a16": ("lfm2_moe", _ct_int(group_size=8), ()),
+    "lfm2_ct_package_w8a16": ("lfm2", _ct_package(bits=8, group_size=-1), ()),
+    "lfm2_moe_gptq4": ("lfm2_moe", _packed("gptq", group_size=8, sym=True), ()),
 }
 
 
@@ -183,3 +190,39 @@ def test_unsupported_methods_are_refused_by_name():
         check_hybrid_quant(QuantConfig("nvfp4", 4, 16), "Qwen3NextForCausalLM", experts=True)
     with pytest.raises(ValueError, match="mxfp4-quantized Lfm2ForCausalLM"):
         check_hybrid_quant(QuantConfig("mxfp4", 4, 32), "Lfm2ForCausalLM", experts=False)
+
+
+def test_qwen3_5_moe_conditional_generation_fp8(tiny_root: Path):
+    """Qwen3.5-MoE's whole-model checkpoint in FP8 blocks, as Qwen ships Qwen3.5 FP8: its
+    not-convert list names the language model's modules under the whole model's names
+    (`model.language_model.layers.0.linear_attn.in_proj_b`) and the tower's; those load
+    plain, the rest FP8. Text and image prompts, the base and an adapter on the whole
+    model: HF's ForConditionalGeneration (+ PEFT) on the dequantized weights."""
+    pytest.importorskip("transformers.models.qwen3_5_moe", reason="transformers has no "
+                        "Qwen3.5-MoE")
+    from loraplex import LoRARequest
+    from tests.llava_fixtures import image
+    from tests.multimodal_fixtures import LANGUAGE_MODEL, make_multimodal_adapter, request
+    from tests.qwen2_vl_fixtures import ASK, check
+    from tests.qwen2_vl_fixtures import GREEDY as VL_GREEDY
+    from tests.test_qwen2_vl import TEXT
+    from tests.test_qwen3_next import make_qwen3_5_vl
+
+    root = tiny_root / "hybrid_quant" / "qwen3_5_moe_vl"
+    base = make_qwen3_5_vl(root / "base", 790, moe=True)
+    adapter = make_multimodal_adapter(
+        base, root / "r8", r=8, seed=791,
+        targets=LANGUAGE_MODEL + "(in_proj_qkv|in_proj_z|out_proj|q_proj|v_proj|down_proj)")
+    plain = ("model.language_model.layers.0.linear_attn.in_proj_b",
+             "model.language_model.layers.0.linear_attn.in_proj_a")
+    quant_dir, ref_dir = write_fp8(base, root, "fp8", "block", block=(32, 32),
+                                   skip=plain, linears=HYBRID_LINEARS)
+    llm = make_llm(quant_dir, enable_lora=True, max_loras=1, max_lora_rank=8)
+    layer = llm.llm_engine.model.model.layers[0].linear_attn
+    assert not _quantized(layer.in_proj_b) and not _quantized(layer.in_proj_a)
+    assert _quantized(layer.in_proj_qkv) and _quantized(layer.out_proj)
+    jobs = [(TEXT, [], None), (TEXT, [], adapter), (ASK, [image(1, (24, 40))], adapter)]
+    r8 = LoRARequest("r8", 1, str(adapter))
+    outs = llm.generate([request(p, ims) for p, ims, _ in jobs], VL_GREEDY, use_tqdm=False,
+                        lora_request=[r8 if a else None for *_, a in jobs])
+    check(outs, ref_dir, jobs)
