@@ -38,8 +38,8 @@ from tests.quantized_fixtures import (
 )
 
 # every projection a hybrid quantizer packs: attention's, the MLPs' and experts', the
-# mixers' in_proj* / out_proj, LFM2's w1 / w3 / w2
-HYBRID_LINEARS = re.compile(r"\.((q|k|v|o|gate|up|down)_proj|in_proj\w*|out_proj|w[123])"
+# mixers' in_proj* / out_proj (Mamba-1's x_proj / dt_proj too), LFM2's w1 / w3 / w2
+HYBRID_LINEARS = re.compile(r"\.((q|k|v|o|gate|up|down|x|dt)_proj|in_proj\w*|out_proj|w[123])"
                             r"\.weight$")
 ATOL = 5e-4  # (tests/test_fp8.py's: blocked FP8 weights sum in another order than HF's)
 
@@ -74,6 +74,22 @@ def _lfm2(root: Path, kind: str) -> tuple[Path, dict[str, Path]]:
     return base, {n: make_peft_adapter(base, root / n, **s) for n, s in specs.items()}
 
 
+def _mamba1(root: Path, kind: str) -> tuple[Path, dict[str, Path]]:
+    from tests.test_mamba1 import ADAPTER_TARGETS, _skip_reason, make_adapter, make_model
+
+    if (reason := _skip_reason(kind)) is not None:
+        pytest.skip(reason)
+    seed = 780 + 5 * list(ADAPTER_TARGETS).index(kind)
+    base = make_model(root / "base", kind, seed)
+    small, every, parameters = ADAPTER_TARGETS[kind]
+    return base, {"r4_mixer": make_adapter(base, root / "r4_mixer", 4, small, None, seed + 1),
+                  "r8_all": make_adapter(base, root / "r8_all", 8, every, parameters, seed + 2)}
+
+
+MAKERS = {"qwen3_next": _qwen, "qwen3_5": _qwen, "qwen3_5_moe": _qwen, "lfm2": _lfm2,
+          "lfm2_moe": _lfm2, "mamba": _mamba1, "falcon_mamba": _mamba1, "jamba": _mamba1}
+
+
 @pytest.fixture(scope="module")
 def bases(tiny_root: Path):
     """kind -> (plain base, its adapters), each made on first use."""
@@ -82,7 +98,7 @@ def bases(tiny_root: Path):
     def get(kind: str) -> tuple[Path, dict[str, Path]]:
         if kind not in made:
             root = tiny_root / "hybrid_quant" / kind
-            made[kind] = (_lfm2 if kind.startswith("lfm2") else _qwen)(root, kind)
+            made[kind] = MAKERS[kind](root, kind)
         return made[kind]
     return get
 
@@ -115,6 +131,7 @@ QWEN3_5_PLAIN = ("model.layers.2.linear_attn.in_proj_b", "model.layers.2.linear_
 # the tiny DeltaNets' b and a projections have 4 outputs, less than an int32 packs (real
 # ones have 32 or more): left plain under the packed int formats
 SMALL = ("in_proj_b", "in_proj_a")
+MAMBA_PLAIN = tuple(f"backbone.layers.{i}.mixer.{p}" for i in (0, 1) for p in ("x_proj", "dt_proj"))
 CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "qwen3_next_fp8_block": ("qwen3_next", _fp8("fp8", "block", block=(32, 32),
                                                  skip=QWEN3_NEXT_PLAIN), QWEN3_NEXT_PLAIN),
@@ -134,6 +151,12 @@ CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "lfm2_moe_ct_w4a16": ("lfm2_moe", _ct_int(group_size=8), ()),
     "lfm2_ct_package_w8a16": ("lfm2", _ct_package(bits=8, group_size=-1), ()),
     "lfm2_moe_gptq4": ("lfm2_moe", _packed("gptq", group_size=8, sym=True), ()),
+    "jamba_fp8_block": ("jamba", _fp8("fp8", "block", block=(32, 32)), ()),
+    # Mamba-1's x_proj (6 + 2 x 8 outputs) and dt_proj (6 inputs) too narrow to pack:
+    # left plain, under their checkpoints' names (backbone.*)
+    "falcon_mamba_ct_w8a16": ("falcon_mamba", _ct_int(bits=8, group_size=-1, ignore=MAMBA_PLAIN),
+                              MAMBA_PLAIN),
+    "mamba_gptq4": ("mamba", _packed("gptq", group_size=32, skip=("x_proj", "dt_proj")), ()),
 }
 
 
@@ -160,7 +183,8 @@ def _quantized(module: torch.nn.Module) -> bool:
 
 
 def _module(model: torch.nn.Module, hf_name: str) -> torch.nn.Module:
-    return model.get_submodule(hf_name)
+    """Our module of an HF module name (Mamba's backbone.* is our model.*)."""
+    return model.get_submodule(re.sub(r"^backbone\.", "model.", hf_name))
 
 
 @pytest.mark.parametrize("case", list(CASES))
