@@ -176,12 +176,14 @@ def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 
 
 
 def write_bnb4(base_dir: Path, out_root: Path, name: str, *, prequantized: bool,
-               quant_type: str = "nf4", double_quant: bool = False) -> tuple[Path, Path]:
+               quant_type: str = "nf4", double_quant: bool = False,
+               linears: re.Pattern[str] = _LINEAR) -> tuple[Path, Path]:
     """(checkpoint, fp32 reference) for a bitsandbytes 4-bit base, every linear through
     bitsandbytes' quantize_4bit / dequantize_4bit (blocks of 64). prequantized: the
     checkpoint transformers 4's load_in_4bit saves (a Params4bit per linear, each expert's
     and the routers' too: `weight` and its quant state); else the plain base itself, for
-    quantization="bitsandbytes", whose routers stay plain."""
+    quantization="bitsandbytes", whose routers stay plain. `linears`: the weights
+    quantized."""
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
@@ -189,7 +191,7 @@ def write_bnb4(base_dir: Path, out_root: Path, name: str, *, prequantized: bool,
     quant, ref = {}, {}
     for key, w in sorted(state.items()):
         routers = prequantized and re.search(r"\.(gate|shared_expert_gate)\.weight$", key)
-        if not (_LINEAR.search(key) or routers):
+        if not (linears.search(key) or routers):
             quant[key] = ref[key] = w
             continue
         # bitsandbytes 0.47 and 0.48 (0.50 does not) crash on the CPU double-quantizing one
@@ -246,7 +248,7 @@ def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
     weight_scale; `static_inputs`: activation_scheme static, with transformers'
     activation_scale) or llm-compressor's `compressed-tensors`, weight-only (weight_scale;
     `skip` are its `ignore` entries, exact names or "re:" regexes; with FP8 activations:
-    tests/ct_float_fixtures.py)."""
+    tests/ct_float_fixtures.py). `linears`: the weights quantized."""
     name = f"{fmt}_{strategy}"
     quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
     state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
@@ -331,7 +333,8 @@ def write_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, bits:
     """(compressed-tensors int checkpoint, dequantized fp32 reference) of a tiny model,
     packed as its pack_to_int32 does (signed values + 2^(bits-1), along the inputs, lowest
     bits first; zero points along the outputs) or, for naive-quantized, int8 as they are.
-    `ignore`: exact module names (lm_head is always left out)."""
+    `ignore`: exact module names (lm_head is always left out); `linears`: the weights
+    quantized."""
     quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
     state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
     offset = 2 ** (bits - 1)

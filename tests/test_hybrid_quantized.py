@@ -29,7 +29,7 @@ import torch
 from loraplex.layers.quantization import QuantConfig, QuantLinear
 from loraplex.layers.quantized_experts import FP8FusedExperts, PackedIntFusedExperts
 from loraplex.models.hybrid_quant import check_hybrid_quant
-from tests.engine_utils import check_mixed_batch, make_llm
+from tests.engine_utils import GREEDY, check_mixed_batch, make_llm
 from tests.quantized_fixtures import (
     write_compressed_tensors,
     write_fp8,
@@ -204,6 +204,57 @@ def test_quantized_hybrid_with_mixed_adapters_matches_hf_peft(case, checkpoints,
             assert not _quantized(_module(model, name)), name
     experts = [m for n, m in model.named_modules() if n.endswith("experts")]
     assert all(_quantized(e) for e in experts)
+    check_mixed_batch(llm, ref_dir, adapters, prompts, extra=3)
+
+
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "NVFP4A16"])
+def test_compressed_tensors_float_schemes_on_qwen3_5(scheme, tiny_root, bases, prompts):
+    """llm-compressor's FP8_DYNAMIC (each Linear's input FP8 per token) and NVFP4A16 on
+    Qwen3.5 (dense), written by the compressed-tensors package, the DeltaNets' every
+    projection included: the base and both adapters against HF + PEFT running the
+    package's own fake-quantized forward."""
+    from tests.ct_float_fixtures import write_ct_float
+    from tests.engine_utils import check_fake_quant_against_hf, lora_requests
+
+    base, adapters = bases("qwen3_5")
+    root = tiny_root / "hybrid_quant" / f"qwen3_5_{scheme}"
+    root.mkdir(parents=True, exist_ok=True)
+    quant_dir, ref_dir = write_ct_float(base, root, scheme, prompts[:3])
+    # (prompts whole: an input at a rounding boundary of its FP8 step may round the other
+    # way than in HF (tests/engine_utils.py FLIP), and a DeltaNet's state carries such a
+    # flip on to every later token, so chunks, whose sums run in other orders, leave
+    # fewer logprobs within 1e-4 than check_fake_quant_against_hf asks of a model
+    # without a state; the weight-only cases above are chunked)
+    llm = make_llm(quant_dir, enable_lora=True, max_loras=2, max_lora_rank=16)
+    layer = llm.llm_engine.model.model.layers[0].linear_attn
+    assert all(_quantized(getattr(layer, n)) for n in
+               ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"))
+    reqs = lora_requests(adapters)
+    names = [None, *sorted(adapters)] * 2
+    batch = [prompts[i % len(prompts)] for i in range(len(names))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY,
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
+    check_fake_quant_against_hf(outs, ref_dir, [adapters[n] if n else None for n in names],
+                                batch)
+
+
+def test_lfm2_quantized_to_nf4_as_it_loads(tiny_root, bases, prompts):
+    """quantization="bitsandbytes" on the plain LFM2 (QLoRA's base): its conv blocks,
+    attention and MLPs NF4 as they load (blocks of 64 inputs: the tiny LFM2-MoE's 24-wide
+    experts would not fit); the base and adapters trained on the plain model against HF +
+    PEFT on the NF4 values dequantized."""
+    from loraplex.layers.quantization import BnB4bitLinear
+    from tests.quantized_fixtures import write_bnb4
+
+    base, adapters = bases("lfm2")
+    root = tiny_root / "hybrid_quant" / "lfm2_nf4"
+    root.mkdir(parents=True, exist_ok=True)
+    plain, ref_dir = write_bnb4(base, root, "nf4", prequantized=False, linears=HYBRID_LINEARS)
+    llm = make_llm(plain, quantization="bitsandbytes", enable_lora=True, max_loras=2,
+                   max_lora_rank=16, block_size=8, max_num_batched_tokens=7)
+    layers = llm.llm_engine.model.model.layers
+    assert isinstance(layers[0].conv.in_proj.base_layer, BnB4bitLinear)
+    assert isinstance(layers[1].feed_forward.down_proj.base_layer, BnB4bitLinear)
     check_mixed_batch(llm, ref_dir, adapters, prompts, extra=3)
 
 
