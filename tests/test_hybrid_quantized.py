@@ -136,7 +136,7 @@ CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "qwen3_next_fp8_block": ("qwen3_next", _fp8("fp8", "block", block=(32, 32),
                                                  skip=QWEN3_NEXT_PLAIN), QWEN3_NEXT_PLAIN),
     "qwen3_5_moe_fp8_block": ("qwen3_5_moe", _fp8("fp8", "block", block=(32, 32),
-                                                   skip=QWEN3_5_PLAIN), QWEN3_5_PLAIN),
+                                                   skip=QWEN3_5_PLAIN[:1]), QWEN3_5_PLAIN[:1]),
     "qwen3_5_moe_ct_fp8_channel": ("qwen3_5_moe", _fp8("compressed-tensors", "channel"), ()),
     "qwen3_next_ct_w4a16": ("qwen3_next", _ct_int(group_size=16), ()),
     "qwen3_5_ct_package_w4a16": ("qwen3_5", _ct_package(group_size=32, ignore=(
@@ -150,7 +150,10 @@ CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "lfm2_moe_fp8_block": ("lfm2_moe", _fp8("fp8", "block", block=(32, 32)), ()),
     "lfm2_moe_ct_w4a16": ("lfm2_moe", _ct_int(group_size=8), ()),
     "lfm2_ct_package_w8a16": ("lfm2", _ct_package(bits=8, group_size=-1), ()),
-    "lfm2_moe_gptq4": ("lfm2_moe", _packed("gptq", group_size=8, sym=True), ()),
+    # layer 1's experts left plain beside layer 2's packed ones
+    "lfm2_moe_gptq4": ("lfm2_moe", _packed("gptq", group_size=8, sym=True,
+                                           skip=("layers.1.feed_forward.experts",)),
+                       ("model.layers.1.feed_forward.experts",)),
     "jamba_fp8_block": ("jamba", _fp8("fp8", "block", block=(32, 32)), ()),
     # Mamba-1's x_proj (6 + 2 x 8 outputs) and dt_proj (6 inputs) too narrow to pack:
     # left plain, under their checkpoints' names (backbone.*)
@@ -202,7 +205,8 @@ def test_quantized_hybrid_with_mixed_adapters_matches_hf_peft(case, checkpoints,
     for name in CASES[case][2]:
         if not name.endswith("gate"):
             assert not _quantized(_module(model, name)), name
-    experts = [m for n, m in model.named_modules() if n.endswith("experts")]
+    experts = [m for n, m in model.named_modules() if n.endswith("experts")
+               and n not in CASES[case][2]]
     assert all(_quantized(e) for e in experts)
     check_mixed_batch(llm, ref_dir, adapters, prompts, extra=3)
 
@@ -259,12 +263,17 @@ def test_lfm2_quantized_to_nf4_as_it_loads(tiny_root, bases, prompts):
 
 
 def test_unsupported_methods_are_refused_by_name():
-    """NVFP4 experts and MXFP4 (gpt-oss's) are refused, naming what loads."""
+    """NVFP4 experts, MXFP4 (gpt-oss's) and bitsandbytes 8-bit experts are refused,
+    naming what loads; the linears of a model without experts take NVFP4 and 8-bit."""
     with pytest.raises(ValueError, match=r"nvfp4-quantized Qwen3NextForCausalLM checkpoints "
                        r"are not supported yet: loraplex loads FP8"):
         check_hybrid_quant(QuantConfig("nvfp4", 4, 16), "Qwen3NextForCausalLM", experts=True)
     with pytest.raises(ValueError, match="mxfp4-quantized Lfm2ForCausalLM"):
         check_hybrid_quant(QuantConfig("mxfp4", 4, 32), "Lfm2ForCausalLM", experts=False)
+    with pytest.raises(ValueError, match="bitsandbytes 8-bit JambaForCausalLM"):
+        check_hybrid_quant(QuantConfig("bitsandbytes", 8, -1), "JambaForCausalLM", experts=True)
+    check_hybrid_quant(QuantConfig("bitsandbytes", 8, -1), "MambaForCausalLM", experts=False)
+    check_hybrid_quant(QuantConfig("nvfp4", 4, 16), "Qwen3_5ForCausalLM", experts=False)
 
 
 def test_qwen3_5_moe_conditional_generation_fp8(tiny_root: Path):
