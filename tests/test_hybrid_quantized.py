@@ -132,6 +132,8 @@ QWEN3_5_PLAIN = ("model.layers.2.linear_attn.in_proj_b", "model.layers.2.linear_
 # ones have 32 or more): left plain under the packed int formats
 SMALL = ("in_proj_b", "in_proj_a")
 MAMBA_PLAIN = tuple(f"backbone.layers.{i}.mixer.{p}" for i in (0, 1) for p in ("x_proj", "dt_proj"))
+LFM2_LAYER1_EXPERTS = tuple(f"model.layers.1.feed_forward.experts.{e}.{leaf}"
+                            for e in range(8) for leaf in ("w1", "w3", "w2"))
 CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "qwen3_next_fp8_block": ("qwen3_next", _fp8("fp8", "block", block=(32, 32),
                                                  skip=QWEN3_NEXT_PLAIN), QWEN3_NEXT_PLAIN),
@@ -148,7 +150,9 @@ CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
                                     skip=("model.layers.0.conv.in_proj",)),
                        ("model.layers.0.conv.in_proj",)),
     "lfm2_moe_fp8_block": ("lfm2_moe", _fp8("fp8", "block", block=(32, 32)), ()),
-    "lfm2_moe_ct_w4a16": ("lfm2_moe", _ct_int(group_size=8), ()),
+    # layer 1's experts left plain by exact names (llm-compressor's `ignore`)
+    "lfm2_moe_ct_w4a16": ("lfm2_moe", _ct_int(group_size=8, ignore=LFM2_LAYER1_EXPERTS),
+                          ("model.layers.1.feed_forward.experts",)),
     "lfm2_ct_package_w8a16": ("lfm2", _ct_package(bits=8, group_size=-1), ()),
     # layer 1's experts left plain beside layer 2's packed ones
     "lfm2_moe_gptq4": ("lfm2_moe", _packed("gptq", group_size=8, sym=True,
