@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from loraplex.layers.quantization import QuantConfig, QuantLinear
 from loraplex.layers.quantized_experts import FP8FusedExperts, PackedIntFusedExperts
@@ -45,9 +46,9 @@ ATOL = 5e-4  # (tests/test_fp8.py's: blocked FP8 weights sum in another order th
 
 
 def _qwen(root: Path, kind: str) -> tuple[Path, dict[str, Path]]:
-    pytest.importorskip("transformers.models.qwen3_next", reason="transformers has no "
-                        "Qwen3-Next")
-    pytest.importorskip("transformers.models.qwen3_5", reason="transformers has no Qwen3.5")
+    version = f"transformers {transformers.__version__}"
+    pytest.importorskip("transformers.models.qwen3_next", reason=f"{version} has no Qwen3-Next")
+    pytest.importorskip("transformers.models.qwen3_5", reason=f"{version} has no Qwen3.5")
     from tests.fixtures import make_peft_adapter
     from tests.test_qwen3_next import ADAPTER_TARGETS, make_model
 
@@ -286,8 +287,8 @@ def test_qwen3_5_moe_conditional_generation_fp8(tiny_root: Path):
     (`model.language_model.layers.0.linear_attn.in_proj_b`) and the tower's; those load
     plain, the rest FP8. Text and image prompts, the base and an adapter on the whole
     model: HF's ForConditionalGeneration (+ PEFT) on the dequantized weights."""
-    pytest.importorskip("transformers.models.qwen3_5_moe", reason="transformers has no "
-                        "Qwen3.5-MoE")
+    pytest.importorskip("transformers.models.qwen3_5_moe",
+                        reason=f"transformers {transformers.__version__} has no Qwen3.5-MoE")
     from loraplex import LoRARequest
     from tests.llava_fixtures import image
     from tests.multimodal_fixtures import LANGUAGE_MODEL, make_multimodal_adapter, request
