@@ -247,6 +247,26 @@ def test_compressed_tensors_float_schemes_on_qwen3_5(scheme, tiny_root, bases, p
                                 batch)
 
 
+def test_qwen3_5_moe_quantized_to_fp8_as_it_loads(tiny_root, bases, prompts):
+    """quantization="fp8" on the plain Qwen3.5-MoE (vLLM's in-flight FP8): the DeltaNets',
+    attention's, the shared expert's and the experts' weights FP8 with a scale per row as
+    they load, routers and gates plain; against HF + PEFT on the same rounding dequantized."""
+    from tests.fixtures import edited_copy
+    from tests.quantized_fixtures import quantize_fp8
+
+    base, adapters = bases("qwen3_5_moe")
+    ref_dir = tiny_root / "hybrid_quant" / "qwen3_5_moe_fp8_online_ref"
+    if not ref_dir.exists():
+        edited_copy(base, ref_dir, tensors=lambda t: {
+            k: quantize_fp8(v, "channel")[2] if HYBRID_LINEARS.search(k) else v
+            for k, v in t.items()}, config="config.json", weights="model.safetensors")
+    llm = make_llm(base, quantization="fp8", enable_lora=True, max_loras=2, max_lora_rank=16,
+                   block_size=8, max_num_batched_tokens=7)
+    layer = llm.llm_engine.model.model.layers[0]
+    assert _quantized(layer.linear_attn.in_proj_b) and _quantized(layer.mlp.experts)
+    check_mixed_batch(llm, ref_dir, adapters, prompts, extra=3)
+
+
 def test_lfm2_quantized_to_nf4_as_it_loads(tiny_root, bases, prompts):
     """quantization="bitsandbytes" on the plain LFM2 (QLoRA's base): its conv blocks,
     attention and MLPs NF4 as they load (blocks of 64 inputs: the tiny LFM2-MoE's 24-wide
