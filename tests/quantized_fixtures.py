@@ -133,16 +133,17 @@ def _weights_and_two_copies(base_dir: Path, quant_dir: Path, ref_dir: Path
 
 def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 4,
                     group_size: int = 32, sym: bool = False, desc_act: bool = False,
-                    fmt: str = "gptq", skip: tuple[str, ...] = (), router: bool = False
-                    ) -> tuple[Path, Path]:
+                    fmt: str = "gptq", skip: tuple[str, ...] = (), router: bool = False,
+                    linears: re.Pattern[str] = _LINEAR) -> tuple[Path, Path]:
     """(quantized checkpoint, dequantized fp32 reference) of a tiny safetensors model;
-    `router`: the mixture's routers quantized too."""
+    `router`: the mixture's routers quantized too; `linears`: the weights to quantize (a
+    hybrid model's own projections too)."""
     quant_dir, ref_dir = out_root / f"{method}_quant", out_root / f"{method}_ref"
     state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
     quant, ref = {}, {}
     sites: dict[str, int] = {}  # act-order permutations follow the input: q/k/v share one
     for name, w in sorted(state.items()):
-        quantized = _LINEAR.search(name) or (router and _ROUTER.search(name))
+        quantized = linears.search(name) or (router and _ROUTER.search(name))
         if not quantized or any(s in name for s in skip):
             quant[name] = ref[name] = w
             continue
@@ -175,12 +176,14 @@ def write_quantized(base_dir: Path, out_root: Path, method: str, *, bits: int = 
 
 
 def write_bnb4(base_dir: Path, out_root: Path, name: str, *, prequantized: bool,
-               quant_type: str = "nf4", double_quant: bool = False) -> tuple[Path, Path]:
+               quant_type: str = "nf4", double_quant: bool = False,
+               linears: re.Pattern[str] = _LINEAR) -> tuple[Path, Path]:
     """(checkpoint, fp32 reference) for a bitsandbytes 4-bit base, every linear through
     bitsandbytes' quantize_4bit / dequantize_4bit (blocks of 64). prequantized: the
     checkpoint transformers 4's load_in_4bit saves (a Params4bit per linear, each expert's
     and the routers' too: `weight` and its quant state); else the plain base itself, for
-    quantization="bitsandbytes", whose routers stay plain."""
+    quantization="bitsandbytes", whose routers stay plain. `linears`: the weights
+    quantized."""
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
@@ -188,7 +191,7 @@ def write_bnb4(base_dir: Path, out_root: Path, name: str, *, prequantized: bool,
     quant, ref = {}, {}
     for key, w in sorted(state.items()):
         routers = prequantized and re.search(r"\.(gate|shared_expert_gate)\.weight$", key)
-        if not (_LINEAR.search(key) or routers):
+        if not (linears.search(key) or routers):
             quant[key] = ref[key] = w
             continue
         # bitsandbytes 0.47 and 0.48 (0.50 does not) crash on the CPU double-quantizing one
@@ -238,13 +241,14 @@ def quantize_fp8(w: torch.Tensor, strategy: str, block: tuple[int, int] = (16, 1
 
 def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
               block: tuple[int, int] = (16, 16), skip: tuple[str, ...] = (),
-              static_inputs: bool = False) -> tuple[Path, Path]:
+              static_inputs: bool = False, linears: re.Pattern[str] = _LINEAR
+              ) -> tuple[Path, Path]:
     """(FP8 checkpoint, dequantized fp32 reference) of a tiny safetensors model, in the
     `fp8` format (Qwen / DeepSeek / transformers: weight_scale_inv for blocks, else
     weight_scale; `static_inputs`: activation_scheme static, with transformers'
     activation_scale) or llm-compressor's `compressed-tensors`, weight-only (weight_scale;
     `skip` are its `ignore` entries, exact names or "re:" regexes; with FP8 activations:
-    tests/ct_float_fixtures.py)."""
+    tests/ct_float_fixtures.py). `linears`: the weights quantized."""
     name = f"{fmt}_{strategy}"
     quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
     state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
@@ -255,7 +259,7 @@ def write_fp8(base_dir: Path, out_root: Path, fmt: str, strategy: str, *,
     quant, ref = {}, {}
     for key, w in sorted(state.items()):
         prefix = key[:-len(".weight")]
-        if not _LINEAR.search(key) or skipped(prefix):
+        if not linears.search(key) or skipped(prefix):
             quant[key] = ref[key] = w
             continue
         q, scale, deq = quantize_fp8(w, strategy, block)
@@ -324,19 +328,20 @@ def quantize_ct_int(w: torch.Tensor, *, bits: int = 4, group_size: int = 32,
 
 def write_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, bits: int = 4,
                              group_size: int = 32, sym: bool = True, actorder: bool = False,
-                             fmt: str = "pack-quantized", ignore: tuple[str, ...] = ()
-                             ) -> tuple[Path, Path]:
+                             fmt: str = "pack-quantized", ignore: tuple[str, ...] = (),
+                             linears: re.Pattern[str] = _LINEAR) -> tuple[Path, Path]:
     """(compressed-tensors int checkpoint, dequantized fp32 reference) of a tiny model,
     packed as its pack_to_int32 does (signed values + 2^(bits-1), along the inputs, lowest
     bits first; zero points along the outputs) or, for naive-quantized, int8 as they are.
-    `ignore`: exact module names (lm_head is always left out)."""
+    `ignore`: exact module names (lm_head is always left out); `linears`: the weights
+    quantized."""
     quant_dir, ref_dir = out_root / f"{name}_quant", out_root / f"{name}_ref"
     state = _weights_and_two_copies(base_dir, quant_dir, ref_dir)
     offset = 2 ** (bits - 1)
     quant, ref, sites = {}, {}, {}
     for key, w in sorted(state.items()):
         prefix = key[:-len(".weight")]
-        if not _LINEAR.search(key) or prefix in ignore:
+        if not linears.search(key) or prefix in ignore:
             quant[key] = ref[key] = w
             continue
         site = re.sub(r"\.(q|k|v)_proj$", ".qkv", re.sub(r"\.(gate|up)_proj$", ".gate_up", prefix))
@@ -422,7 +427,7 @@ def write_with_compressed_tensors(base_dir: Path, out_root: Path, name: str, *, 
     model.save_pretrained(str(quant_dir))
     compressor.update_config(str(quant_dir))
     compressor.decompress_model(model)
-    ref = {k: v.contiguous() for k, v in model.state_dict().items()  # weights, not qparams
+    ref = {k: v.clone() for k, v in model.state_dict().items()  # weights, not qparams
            if not re.search(r"\.weight_\w+$", k)}
     save_file(ref, str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
     return quant_dir, ref_dir

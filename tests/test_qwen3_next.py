@@ -225,7 +225,8 @@ def test_speculative_decoding_refused(model):
 
 
 def test_build_refusals():
-    """A layer kind outside linear / full attention, and a quantized checkpoint, are
+    """A layer kind outside linear / full attention, and a quantized checkpoint of a
+    method its experts cannot hold (tests/test_hybrid_quantized.py: those that load), are
     refused by name."""
     cfg = qwen3_5_config(64)
     cfg.layer_types = ["linear_attention", "sliding_attention", "linear_attention",
@@ -233,8 +234,8 @@ def test_build_refusals():
     with pytest.raises(ValueError, match=r"layer types \['sliding_attention'\] are not"):
         build_model(cfg)
     cfg = qwen3_next_config(64)
-    with pytest.raises(ValueError, match="fp8-quantized Qwen3NextForCausalLM"):
-        build_model(cfg, QuantConfig(method="fp8", bits=8, group_size=-1))
+    with pytest.raises(ValueError, match="nvfp4-quantized Qwen3NextForCausalLM"):
+        build_model(cfg, QuantConfig(method="nvfp4", bits=4, group_size=16))
 
 
 def make_qwen3_5_vl(base: Path, seed: int, moe: bool = False) -> Path:

@@ -29,6 +29,7 @@ from torch import nn
 from loraplex.layers.linear import make_linear
 from loraplex.layers.mamba2 import ConvSSMState, MambaBatch
 from loraplex.layers.norm import RMSNorm
+from loraplex.layers.quantization import QuantConfig
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,24 @@ class Mamba1Mixer(ConvSSMState, nn.Module):
     d_inner, d_conv - 1] and `ssm_state` [slots, d_inner, d_state] are set by the state
     cache (worker/mamba_state.py)."""
 
-    def __init__(self, hidden_size: int, m: Mamba1Args) -> None:
+    def __init__(self, hidden_size: int, m: Mamba1Args, quant: QuantConfig | None = None,
+                 prefix: str = "") -> None:
+        """`quant`: a quantized checkpoint's, for the four projections (`prefix`: the
+        mixer's module name, which modules_to_not_convert may name them under)."""
         super().__init__()
         self.m = m
         inner, n, rank = m.intermediate_size, m.state_size, m.time_step_rank
+
+        def linear(name: str, inputs: int, outputs: int, bias: bool) -> nn.Module:
+            return make_linear(inputs, [outputs], bias, quant, (f"{prefix}.{name}",))
         # one module each in HF (and for PEFT): one LoRA A over u and z together
-        self.in_proj = make_linear(hidden_size, [2 * inner], m.proj_bias)
+        self.in_proj = linear("in_proj", hidden_size, 2 * inner, m.proj_bias)
         self.conv1d = nn.Conv1d(inner, inner, m.conv_kernel, groups=inner, bias=m.conv_bias)
-        self.x_proj = make_linear(inner, [rank + 2 * n])
-        self.dt_proj = make_linear(rank, [inner], True)
+        self.x_proj = linear("x_proj", inner, rank + 2 * n, False)
+        self.dt_proj = linear("dt_proj", rank, inner, True)
         self.A_log = nn.Parameter(torch.empty(inner, n))
         self.D = nn.Parameter(torch.empty(inner))
-        self.out_proj = make_linear(inner, [hidden_size], m.proj_bias)
+        self.out_proj = linear("out_proj", inner, hidden_size, m.proj_bias)
         if m.bcdt_norm == "weighted":
             self.dt_layernorm = RMSNorm(rank, m.norm_eps)
             self.b_layernorm = RMSNorm(n, m.norm_eps)

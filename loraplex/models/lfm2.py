@@ -30,6 +30,7 @@ from loraplex.layers.moe import GroupedTopK, SparseMoE
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.layers.short_conv import ShortConv
+from loraplex.models.hybrid_quant import check_hybrid_quant
 from loraplex.models.llama import LlamaArgs, LlamaAttention, LlamaMLP
 from loraplex.worker.context import get_context
 
@@ -75,11 +76,14 @@ class Lfm2Attention(LlamaAttention):
 
 
 def _experts(a: LlamaArgs, prefix: str) -> SparseMoE:
-    """LFM2-MoE's sparse feed-forward; without use_expert_bias its bias is zeros, kept as a
-    buffer (no checkpoint has one to load)."""
+    """LFM2-MoE's sparse feed-forward (a quantized checkpoint's experts in its format, each
+    expert's w1 / w3 / w2 a module modules_to_not_convert may name); without
+    use_expert_bias its bias is zeros, kept as a buffer (no checkpoint has one to load)."""
+    names = tuple(f"{prefix}.experts.{e}.{leaf}" for e in range(a.num_experts)
+                  for leaf in ("w1", "w3", "w2"))
     moe = SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts,
-                    a.num_experts_per_tok, a.norm_topk_prob, grouped=a.grouped_topk,
-                    fused_experts=True)
+                    a.num_experts_per_tok, a.norm_topk_prob, quant=a.quant,
+                    expert_names=names, grouped=a.grouped_topk, fused_experts=True)
     if not a.lfm2.use_expert_bias:
         bias = moe.gate.e_score_correction_bias
         del moe.gate.e_score_correction_bias
@@ -149,9 +153,7 @@ def lfm2_flags(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
     """LlamaArgs flags of an LFM2 / LFM2-MoE config (the registry's hook)."""
     if name not in LFM2_ARCHITECTURES:
         return {}
-    if quant is not None:
-        raise ValueError(f"{quant.method}-quantized LFM2 checkpoints are not supported yet "
-                         "(the plain ones are)")
+    check_hybrid_quant(quant, name, experts=name == LFM2_MOE)
     kernel = int(hf.conv_L_cache)
     if kernel < 2:
         raise ValueError(f"LFM2: conv_L_cache={kernel} is not supported (2 or more taps)")

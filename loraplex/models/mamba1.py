@@ -31,6 +31,7 @@ from loraplex.layers.mamba1 import Mamba1Args, Mamba1Mixer
 from loraplex.layers.moe import SparseMoE
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.models.hybrid_quant import check_hybrid_quant
 from loraplex.models.mamba_hybrid import MIXER_BLOCK_ALIASES, MIXER_BLOCK_RENAMES
 from loraplex.worker.context import get_context
 
@@ -52,7 +53,10 @@ class Mamba1Block(nn.Module):
     def __init__(self, a: Any, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
         self.norm = a.norm(a.hidden_size)
-        self.mixer = Mamba1Mixer(a.hidden_size, a.mamba1)
+        # (under its checkpoints' name, backbone.layers.N.mixer, which a quantized one's
+        # not-convert list names)
+        self.mixer = Mamba1Mixer(a.hidden_size, a.mamba1, a.quant,
+                                 f"backbone{prefix.removeprefix('model')}.mixer")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x + self.mixer(self.norm(x), get_context().mamba)
@@ -69,13 +73,16 @@ class JambaDecoderLayer(nn.Module):
         self.post_attention_layernorm = a.norm(a.hidden_size)
         self.mamba = self.self_attn = None
         if index in a.mamba_layers:
-            self.mamba = Mamba1Mixer(a.hidden_size, a.mamba1)
+            self.mamba = Mamba1Mixer(a.hidden_size, a.mamba1, a.quant, f"{prefix}.mamba")
         else:
             self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn", index)
         self.feed_forward = LlamaMLP(a, f"{prefix}.feed_forward") \
             if a.num_experts == 0 or index in a.dense_layers else \
             SparseMoE(a.hidden_size, a.intermediate_size, a.num_experts, a.num_experts_per_tok,
-                      normalize=False, fused_experts=True)
+                      normalize=False, quant=a.quant, fused_experts=True,
+                      expert_names=tuple(f"{prefix}.feed_forward.experts.{e}.{leaf}"
+                                         for e in range(a.num_experts)
+                                         for leaf in a.expert_leaves))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         h = self.input_layernorm(x)
@@ -122,9 +129,7 @@ def mamba1_flags(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any
     """LlamaArgs flags of a Mamba, FalconMamba or Jamba config (the registry's hook)."""
     if name not in MAMBA1_ARCHITECTURES:
         return {}
-    if quant is not None:
-        raise ValueError(f"{quant.method}-quantized {name} checkpoints are not supported yet "
-                         "(the Mamba-1 mixers load unquantized weights only)")
+    check_hybrid_quant(quant, name, experts=name == JAMBA and int(hf.num_experts) > 1)
     n = int(hf.num_hidden_layers)
     if name != JAMBA:
         return dict(mamba1=_mixer_args(hf, name), mamba_layers=tuple(range(n)),

@@ -25,6 +25,7 @@ from torch import nn
 from loraplex.layers.gated_delta_net import GatedDeltaNet, GatedDeltaNetArgs
 from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.models.hybrid_quant import check_hybrid_quant
 from loraplex.worker.context import get_context
 
 QWEN3_NEXT = "Qwen3NextForCausalLM"
@@ -98,9 +99,7 @@ def gated_delta_net_flags(hf: Any, name: str, quant: QuantConfig | None) -> dict
     their checkpoints' experts per expert or fused (either of transformers' layouts)."""
     if name not in GATED_DELTA_NET_ARCHITECTURES:
         return {}
-    if quant is not None:
-        raise ValueError(f"{quant.method}-quantized {name} checkpoints are not supported yet "
-                         "(the gated DeltaNet layers load unquantized weights only)")
+    check_hybrid_quant(quant, name, experts=name != QWEN3_5)
     kinds = layer_kinds(hf)
     flags: dict[str, Any] = dict(
         gated_delta_net=gated_delta_net_args(hf), hybrid_layer="qwen3_next",

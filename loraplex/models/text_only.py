@@ -200,6 +200,23 @@ REFUSED: dict[str, str] = {}
 _INHERITED = ("quantization_config", "dtype", "torch_dtype")
 
 
+# a quantization config's lists of modules left unquantized (fp8 / GPTQ / AWQ,
+# compressed-tensors, bitsandbytes)
+_PLAIN_LISTS = ("modules_to_not_convert", "ignored_layers", "ignore", "llm_int8_skip_modules")
+
+
+def _text_model_names(quant: dict, spec: TextOnly) -> dict:
+    """The quantization config with the whole model's module names in its not-convert lists
+    as the text model's too (Qwen3.5's FP8 checkpoints list
+    `model.language_model.layers.0.linear_attn.in_proj_a`); the tower's, and regexes, as
+    they are."""
+    quant = dict(quant)
+    for key in _PLAIN_LISTS:
+        if isinstance(quant.get(key), list):
+            quant[key] = [n if n.startswith("re:") else spec.name(n) or n for n in quant[key]]
+    return quant
+
+
 def saves_lm_head(path: str | None) -> bool:
     """Whether the checkpoint's safetensors hold an lm_head tensor (any layout): their
     headers only. False without a path or safetensors."""
@@ -251,6 +268,8 @@ def text_only_config(hf_config: Any, path: str | None = None
     for key in _INHERITED:
         if getattr(hf_config, key, None) is not None:
             setattr(text, key, getattr(hf_config, key))
+    if isinstance(getattr(text, "quantization_config", None), dict):
+        text.quantization_config = _text_model_names(text.quantization_config, spec)
     text.architectures = [spec.text_architecture] if spec.text_architecture else None
     if not spec.images:
         logger.info("%s: serving its language model (%s) on text; image inputs are not "
