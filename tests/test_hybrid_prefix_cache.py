@@ -70,13 +70,13 @@ def generate(llm, prompt: list[int], lora=None, params: SamplingParams = PARAMS)
                         use_tqdm=False)[0]
 
 
-def assert_same(got, want) -> None:
-    """Two runs' completions: the same tokens, logprobs within 1e-5."""
+def assert_same(got, want, atol: float = 1e-5) -> None:
+    """Two runs' completions: the same tokens, logprobs within `atol`."""
     for g, w in zip(got.outputs, want.outputs, strict=True):
         assert g.token_ids == w.token_ids
         for lg, lw in zip(g.logprobs, w.logprobs, strict=True):
             assert lg.keys() == lw.keys()
-            assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-5 for t in lw)
+            assert all(abs(lg[t].logprob - lw[t].logprob) < atol for t in lw)
 
 
 def test_repeat_and_continuation(hybrid, prompts):
