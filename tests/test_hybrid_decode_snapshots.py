@@ -19,7 +19,10 @@ import pytest
 import torch
 
 from loraplex import LoRARequest, SamplingParams
+from loraplex.engine.block_manager import BlockManager
+from loraplex.engine.sequence import Sequence
 from loraplex.sampling_params import BeamSearchParams
+from loraplex.worker.mamba_state import MambaStateCache
 from loraplex.worker.state_snapshots import StateSnapshots
 from tests.engine_utils import check_against_hf, make_llm
 from tests.fixtures import hf_logprobs, make_peft_adapter
@@ -89,6 +92,45 @@ def test_snapshot_copies_never_read_the_state():
     pool.save(b"c", 0, supersedes=b"b")
     pool.load(b"c", 1)
     assert len(pool) == 2 and b"a" in pool
+
+
+def test_commit_keeps_snapshots_at_block_boundaries():
+    """BlockManager.commit on a hybrid's slots, blocks of 8, a 32-token prompt: a chunk
+    that crosses a boundary and ends past it keeps none, chunks ending at 16 and at the
+    prompt's end keep theirs (the prompt's, never superseded); a verified draft's commit
+    reaching 40 keeps none, decode steps reaching 48 and 56 keep theirs, 56's superseding
+    48's (first in line for eviction); release forgets the sequence's latest."""
+    mixer = FakeMixer(slots=1)
+    pool = StateSnapshots([mixer], 8, torch.float32, torch.device("cpu"))
+    states = MambaStateCache([mixer], 1, torch.float32, torch.device("cpu"), pool, BS)
+    bm = BlockManager(8, BS, enable_caching=True, states=states)
+    seq = Sequence("r", 0, list(range(32)), SamplingParams())
+    seq.cache_salt = bytes(8)
+    bm.allocate(seq)
+    states.slot(seq)
+    for computed in (11, 16, 32):
+        seq.num_computed_tokens = computed
+        bm.commit(seq, state=True)
+    h = seq.block_hashes
+    assert list(pool._entry) == [h[1], h[3]] and not states.generated_snapshot
+    for token in range(100, 116):  # decode steps: each computes the token before it
+        seq.append_token(token)
+        bm.may_append(seq)
+        seq.num_computed_tokens += 1
+        bm.commit(seq, state=seq.num_computed_tokens != 40)  # (40: a verified draft's)
+        if seq.num_computed_tokens == 41:
+            assert list(pool._entry) == [h[1], h[3]]
+    assert list(pool._entry) == [h[1], h[3], h[5]]
+    assert states.generated_snapshot == {seq.seq_id: h[5]}
+    seq.append_token(116)
+    for token in range(117, 125):
+        seq.append_token(token)
+        bm.may_append(seq)
+        seq.num_computed_tokens += 1
+        bm.commit(seq, state=True)
+    assert list(pool._entry) == [h[5], h[1], h[3], h[6]]
+    states.release(seq)
+    assert not states.generated_snapshot
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -65,7 +65,7 @@ class StateSnapshots:
         is only marked recently used: the same prefix under the same weights has the same
         state. `supersedes`: the same sequence's previous snapshot past its prompt, moved
         to the LRU end (the first entry overwritten when the pool is full)."""
-        if supersedes is not None and supersedes != key and supersedes in self._entry:
+        if supersedes in self._entry:  # (the key itself: moved back to the end below)
             self._entry.move_to_end(supersedes, last=False)
         if key in self._entry:
             self._entry.move_to_end(key)
