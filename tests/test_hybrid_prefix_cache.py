@@ -70,19 +70,20 @@ def generate(llm, prompt: list[int], lora=None, params: SamplingParams = PARAMS)
                         use_tqdm=False)[0]
 
 
-def assert_same(got, want) -> None:
-    """Two runs' completions: the same tokens, logprobs within 1e-5."""
+def assert_same(got, want, atol: float = 1e-5) -> None:
+    """Two runs' completions: the same tokens, logprobs within `atol`."""
     for g, w in zip(got.outputs, want.outputs, strict=True):
         assert g.token_ids == w.token_ids
         for lg, lw in zip(g.logprobs, w.logprobs, strict=True):
             assert lg.keys() == lw.keys()
-            assert all(abs(lg[t].logprob - lw[t].logprob) < 1e-5 for t in lw)
+            assert all(abs(lg[t].logprob - lw[t].logprob) < atol for t in lw)
 
 
 def test_repeat_and_continuation(hybrid, prompts):
     """A prompt of several blocks, the same prompt again, and a second turn (the prompt,
     its reply and more): the second and third start after cached blocks whose state was
-    kept, and all three equal the engine's without prefix caching and HF's."""
+    kept (the third after the reply's last full block, kept by a decode step), and all
+    three equal the engine's without prefix caching and HF's."""
     kind, base = hybrid
     prompt = prompts[-1] + prompts[2][1:]  # 5 blocks of 8 and a part
     assert len(prompt) % 8
@@ -95,7 +96,9 @@ def test_repeat_and_continuation(hybrid, prompts):
     second = generate(cached, turn2)
     assert first.num_cached_tokens == 0
     assert again.num_cached_tokens == len(prompt) // 8 * 8
-    assert second.num_cached_tokens == len(prompt) // 8 * 8
+    computed = len(prompt) + PARAMS.max_tokens - 1  # (the reply's last token never is)
+    assert computed // 8 > len(prompt) // 8  # the reply ends a block
+    assert second.num_cached_tokens == computed // 8 * 8
     state = cached.llm_engine.model_runner.mamba_state
     assert state.snapshots.num_loaded == 2
     assert state.num_free_slots == state.num_slots
@@ -139,16 +142,18 @@ def test_adapters_never_share_a_prefix(bamba, prompts):
 
 
 def test_evicted_snapshots_shorten_hits(bamba, prompts):
-    """A pool of two snapshots, least recently used overwritten (one per prompt here):
-    a, b, a again (from its snapshot), c (overwrites b's), a (still there), b (its K/V
-    blocks are cached but its state is not: computed in full). Exact throughout."""
+    """A pool of two snapshots, least recently used overwritten (one per prompt here: one
+    output token, so no decode step keeps one): a, b, a again (from its snapshot), c
+    (overwrites b's), a (still there), b (its K/V blocks are cached but its state is not:
+    computed in full). Exact throughout."""
     base, _ = bamba
     llm = make_llm(base, block_size=8, mamba_state_snapshots=2)
     snapshots = llm.llm_engine.model_runner.mamba_state.snapshots
     a, b, c = prompts[-1], prompts[-2] + prompts[1][1:], prompts[-3] + prompts[0][1:]
     assert all(len(p) % 8 and len(p) > 16 for p in (a, b, c)) and snapshots.num_entries == 2
     order = [a, b, a, c, a, b]
-    outs = [generate(llm, p) for p in order]
+    one = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2)
+    outs = [generate(llm, p, params=one) for p in order]
     assert len(snapshots) == 2
     assert [o.num_cached_tokens for o in outs] == [0, 0, len(a) // 8 * 8, 0, len(a) // 8 * 8, 0]
     check_against_hf(outs, base, [None] * len(order), order)

@@ -19,9 +19,10 @@ the logits of the first output token.
 
 A hybrid model (`states`: its Mamba state slots with their snapshot pool,
 worker/state_snapshots.py) needs the recurrent state after the prefix as well: a prefill
-chunk that ends on a block boundary keeps a snapshot of the state under that block's hash
-(`commit(..., state=True)`), a hit is cut to the longest cached prefix whose last block
-has one, and prefill chunks are made to end where snapshots are wanted (`state_chunk_len`).
+chunk or a decode step that ends on a block boundary keeps a snapshot of the state under
+that block's hash (`commit(..., state=True)`), a hit is cut to the longest cached prefix
+whose last block has one, and prefill chunks are made to end where snapshots are wanted
+(`state_chunk_len`; decode steps end on every boundary by themselves).
 """
 
 from __future__ import annotations
@@ -108,9 +109,10 @@ class BlockManager:
 
     def commit(self, seq: Sequence, state: bool = False) -> None:
         """After a step: register the blocks that are now full and computed. `state`: the
-        step was a prefill chunk of `seq`, so a hybrid's state is at its computed tokens:
-        when they end on a block boundary, its snapshot is kept under that block's hash
-        (decode steps keep none)."""
+        step was a prefill chunk or a decode step of `seq`, so a hybrid's state is at its
+        computed tokens: when they end on a block boundary, its snapshot is kept under that
+        block's hash. (Not after a verified draft: its state would be past the tokens
+        accepted so far; hybrids take no drafts.)"""
         if not self.enable_caching:
             return
         full = seq.num_computed_tokens // self.block_size

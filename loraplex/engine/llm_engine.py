@@ -643,10 +643,9 @@ class LLMEngine:
             if prompt_positions:
                 self._add_prompt_logprobs(prompt_positions, prompt_hidden, prompt_slots)
             batch.advance()
-            for seq in batch.prefill:  # full blocks become shareable prefixes (and a
-                self.block_manager.commit(seq, state=True)  # hybrid's state a snapshot)
-            for seq in batch.decode:
-                self.block_manager.commit(seq)
+            for seq in batch.prefill + batch.decode:  # full blocks become shareable
+                self.block_manager.commit(seq, state=True)  # prefixes (a hybrid's state
+                # at a block boundary a snapshot: a chat's next turn starts after the reply)
             self._finish_pooling(batch.prefill, touched)
             # the logits' rows: finished prompts, each verified sequence's last token and
             # drafts (one row per position, the output before it: penalties etc. per

@@ -12,7 +12,8 @@ at a sequence's first step and given back when it finishes, is aborted or is pre
 (Scheduler.release): a preempted sequence recomputes from its prompt, its first chunk
 starting the state from zeros again. With prefix caching, a sequence admitted after a
 cached prefix gets the state snapshot of that prefix copied into its new slot, and its
-first chunk continues from it (worker/state_snapshots.py). Both states are kept in the
+first chunk continues from it; prefill chunks and decode steps that end on a block
+boundary keep one (worker/state_snapshots.py). Both states are kept in the
 model's dtype, as vLLM keeps them by default (mamba_ssm_cache_dtype "auto"); the scan
 itself runs in fp32.
 """
@@ -57,6 +58,8 @@ class MambaStateCache:
         # prefix caching: states at block boundaries, keyed by the prefix's block hash
         self.snapshots = snapshots
         self.block_size = block_size
+        # seq_id -> the key of its latest snapshot past its prompt (superseded by its next)
+        self.generated_snapshot: dict[int, bytes] = {}
 
     @property
     def num_free_slots(self) -> int:
@@ -75,13 +78,22 @@ class MambaStateCache:
 
     def save_snapshot(self, seq: Sequence, key: bytes) -> None:
         """The sequence's state now (its computed tokens, a block boundary) as the state
-        after the prefix `key` (BlockManager.commit)."""
+        after the prefix `key` (BlockManager.commit). Past its prompt (decode steps, or a
+        preempted sequence's recompute of its output), it supersedes the sequence's
+        previous snapshot there (StateSnapshots.save)."""
         slot = self.slot_of.get(seq.seq_id)
-        if self.snapshots is not None and slot is not None:
+        if self.snapshots is None or slot is None:
+            return
+        if seq.num_computed_tokens <= seq.num_prompt_tokens:
             self.snapshots.save(key, slot)
+            return
+        self.snapshots.save(key, slot, supersedes=self.generated_snapshot.get(seq.seq_id))
+        self.generated_snapshot[seq.seq_id] = key
 
     def release(self, seq: Sequence) -> None:
-        """The sequence left the running set (finished, aborted, preempted)."""
+        """The sequence left the running set (finished, aborted, preempted): its latest
+        snapshot stays an ordinary entry (the one a chat's next turn hits)."""
+        self.generated_snapshot.pop(seq.seq_id, None)
         slot = self.slot_of.pop(seq.seq_id, None)
         if slot is not None:
             self.free_slots.append(slot)
