@@ -16,6 +16,7 @@ layout (models/lfm2_vl.py).
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any
 
 from loraplex.engine.images import ImageInputs, load_images, placeholder_ranges
@@ -23,6 +24,8 @@ from loraplex.engine.lfm2_vl_tiling import Lfm2VlTiling
 from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.models.lfm2_vl import Lfm2VlLayout, Lfm2VlVisionConfig, tile_grids
 from loraplex.models.llava import placeholder_runs
+
+logger = logging.getLogger(__name__)
 
 # Lfm2VlProcessor's defaults for the markers (a tokenizer may name its own)
 MARKERS = {"image_start_token": "<|image_start|>", "image_end_token": "<|image_end|>",
@@ -97,6 +100,18 @@ def _contains_in_order(ids: list[int], parts: list[list[int]]) -> bool:
 
 class Lfm2VlImageProcessor(MultimodalProcessor):
     """LFM2-VL's tiling (ours, HF's rules) and Lfm2VlProcessor's expansion."""
+
+    @classmethod
+    def load(cls, path: str, config: Lfm2VlVisionConfig, tokenizer: Any
+             ) -> Lfm2VlImageProcessor | None:
+        """None for a checkpoint saved without preprocessor_config.json (served on text,
+        images refused)."""
+        try:
+            return cls(path, config, tokenizer)
+        except OSError:
+            logger.warning("%s has no preprocessor_config.json: serving its language model "
+                           "on text; image inputs are refused", path)
+            return None
 
     def __init__(self, path: str, config: Lfm2VlVisionConfig, tokenizer: Any = None) -> None:
         self.hf = Lfm2VlTiling.from_pretrained(path)
