@@ -11,6 +11,7 @@ images failing alone, offline and over HTTP with the openai client."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import openai
@@ -84,13 +85,14 @@ def check(outs, paths: dict[str, Path], jobs: list[tuple[str, list, str | None]]
 
 def test_prompt_ids_and_pixels_match_hf_processor(lfm2vl):
     """Images that fit one tile, that split into tiles down or across (with the
-    thumbnail), tiny and square ones, two in a prompt: the expanded ids and the patches
+    thumbnail; one whose grid is a tie), tiny and square ones, two in a prompt: the expanded ids and the patches
     are HF's processor's (its padding cut off), each image's layout its spatial shapes;
     `expand` counts the same ids without pixels; an expanded prompt is kept as is."""
     base = lfm2vl["base"]
     llm = make_llm(base)
     proc, tok = llm.llm_engine.image_processor, llm.get_tokenizer()
-    sizes = [SMALL, TALL, WIDE, (64, 40), (30, 30), (7, 9), (33, 70), (50, 50)]
+    # (48, 64): 1 x 2 and 2 x 2 tiles equally near its aspect ratio, HF's tie rule picks
+    sizes = [SMALL, TALL, WIDE, (64, 40), (30, 30), (7, 9), (33, 70), (50, 50), (48, 64)]
     for images in [[image(i, s)] for i, s in enumerate(sizes)] + [
             [image(1, TALL), image(2, SMALL)]]:
         prompt = ASK if len(images) == 1 else TWO
@@ -186,10 +188,12 @@ def test_bad_images_fail_alone_offline(lfm2vl):
     outs = llm.generate([{"prompt_token_ids": expanded, "multi_modal_data": {"image": inputs}},
                          request(ASK, [a])], GREEDY, use_tqdm=False)
     check(outs, lfm2vl, [(ASK, [a], None)] * 2)
-    inputs.sizes = [(1, 1, 4, 4, 6)]  # another image's layout: refused
-    with pytest.raises(ValueError, match="do not match"):
-        llm.generate({"prompt_token_ids": expanded, "multi_modal_data": {"image": inputs}},
-                     GREEDY, use_tqdm=False)
+    short = replace(inputs, pixel_values=inputs.pixel_values[:-1])  # a patch short
+    wrong = replace(inputs, sizes=[(1, 1, 4, 4, 6)])  # another image's layout
+    for bad in (short, wrong):
+        with pytest.raises(ValueError, match="do not match"):
+            llm.generate({"prompt_token_ids": expanded, "multi_modal_data": {"image": bad}},
+                         GREEDY, use_tqdm=False)
 
 
 def test_chat_over_http(lfm2vl):
@@ -219,3 +223,22 @@ def test_chat_over_http(lfm2vl):
                 chat_token_ids(client, str(base), parts)
             assert re.search(match, info.value.body["message"]), info.value.body
         assert len(chat_token_ids(client, str(base), content, max_tokens=3)) == 3
+
+
+def test_hub_checkpoint_layout(lfm2vl, tmp_path):
+    """The hub's files' tower names (`model.vision_tower.vision_model.*`, as transformers
+    4.57 saved them) load as transformers 5's (`model.vision_tower.*`) do."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = Path(shutil.copytree(lfm2vl["base"], tmp_path / "hub"))
+    path = str(base / "model.safetensors")
+    tensors = load_file(path)
+    renamed = {k.replace("model.vision_tower.", "model.vision_tower.vision_model.", 1): v
+               for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, path, metadata={"format": "pt"})
+    a = image(2, TALL)
+    outs = make_llm(base).generate([request(ASK, [a]), TEXT], GREEDY, use_tqdm=False)
+    check(outs, lfm2vl, [(ASK, [a], None), (TEXT, [], None)])
