@@ -17,8 +17,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import sys
-import types
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 
 from tests.fixtures import _reinit_, make_tokenizer
+from tests.multimodal_fixtures import with_peft, without_torchvision
 
 PATCH, TILE, MAX_TILES = 4, 16, 4
 MARKERS = ["<image>", "<|image_start|>", "<|image_end|>", "<|img_thumbnail|>"] + [
@@ -78,25 +77,10 @@ def _hf_image_processor_class() -> type:
         return Lfm2VlImageProcessor
     except ImportError:
         pass
-    import transformers
-
-    name = "transformers.models.lfm2_vl._image_processing_without_torchvision"
-    if name not in sys.modules:
-        stubs = {m: types.ModuleType(m) for m in
-                 ("torchvision", "torchvision.transforms", "torchvision.transforms.v2")}
-        stubs["torchvision.transforms.v2"].functional = types.SimpleNamespace()
-        sys.modules.update(stubs)
-        try:
-            path = Path(transformers.__file__).parent / "models/lfm2_vl" \
-                / "image_processing_lfm2_vl.py"
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        finally:
-            for m in stubs:
-                sys.modules.pop(m, None)
-    return sys.modules[name].Lfm2VlImageProcessor
+    return without_torchvision(
+        "models/lfm2_vl/image_processing_lfm2_vl.py",
+        "transformers.models.lfm2_vl._image_processing_without_torchvision"
+    ).Lfm2VlImageProcessor
 
 
 @contextmanager
@@ -151,8 +135,6 @@ def hf_processor(base: Path, prompt: str, images: list) -> dict[str, torch.Tenso
 def hf_model(base: str, adapter: str | None) -> torch.nn.Module:
     """HF's Lfm2VlForConditionalGeneration (+ PEFT), fp32."""
     import transformers
-
-    from tests.multimodal_fixtures import with_peft
 
     model = transformers.Lfm2VlForConditionalGeneration.from_pretrained(
         base, dtype=torch.float32).eval()
