@@ -112,7 +112,8 @@ def _torchvision_standins():
 
 
 @functools.lru_cache(maxsize=4)
-def _processor(base: str) -> Any:
+def hf_processor_of(base: str) -> Any:
+    """HF's Lfm2VlProcessor of the tiny checkpoint (cached)."""
     from transformers import AutoTokenizer
     from transformers.models.lfm2_vl.processing_lfm2_vl import Lfm2VlProcessor
 
@@ -121,13 +122,14 @@ def _processor(base: str) -> Any:
                            AutoTokenizer.from_pretrained(base))
 
 
-def hf_processor(base: Path, prompt: str, images: list) -> dict[str, torch.Tensor]:
-    """HF's Lfm2VlProcessor on `prompt` and its images: input_ids (no BOS: the
-    processor's add_special_tokens=False), pixel_values, pixel_attention_mask,
-    spatial_shapes."""
+def hf_processor(base: Path, prompt: str, images: list, **kwargs: Any
+                 ) -> dict[str, torch.Tensor]:
+    """HF's Lfm2VlProcessor on `prompt` and its images (`kwargs`: its image options):
+    input_ids (no BOS: the processor's add_special_tokens=False), pixel_values,
+    pixel_attention_mask, spatial_shapes."""
     with _torchvision_standins():
-        out = _processor(str(base))(text=[prompt], images=[images] if images else None,
-                                    return_tensors="pt")
+        out = hf_processor_of(str(base))(text=[prompt], images=[images] if images else None,
+                                         return_tensors="pt", **kwargs)
     return dict(out)
 
 

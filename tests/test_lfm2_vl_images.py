@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import transformers
@@ -36,6 +37,7 @@ if not hasattr(transformers, "Lfm2VlConfig"):
 from tests.lfm2_vl_fixtures import (  # noqa: E402 (after the skip: it needs Lfm2VlConfig)
     hf_logprobs,
     hf_processor,
+    hf_processor_of,
     make_adapter,
     make_tiny_lfm2_vl,
 )
@@ -69,11 +71,12 @@ def loras(paths: dict[str, Path]) -> dict[str, LoRARequest]:
 
 
 def check(outs, paths: dict[str, Path], jobs: list[tuple[str, list, str | None]],
-          bos: bool = True) -> None:
+          **options: Any) -> None:
     """Each output's prompt is HF's processor's (on the text with the tokenizer's BOS
-    before it, as the engine tokenizes a text prompt), its tokens and logprobs HF's."""
+    before it, as the engine tokenizes a text prompt; `options`: the processor's image
+    options), its tokens and logprobs HF's."""
     for out, (prompt, images, name) in zip(outs, jobs, strict=True):
-        inputs = hf_processor(paths["base"], ("<s>" if bos else "") + prompt, images)
+        inputs = hf_processor(paths["base"], "<s>" + prompt, images, **options)
         ids = inputs["input_ids"][0].tolist()
         assert out.prompt_token_ids == ids, (prompt, name)
         got = out.outputs[0].token_ids
@@ -235,3 +238,48 @@ def test_hub_checkpoint_layout(lfm2vl, tmp_path):
     a = image(2, TALL)
     outs = make_llm(base).generate([request(ASK, [a]), TEXT], GREEDY, use_tqdm=False)
     check(outs, lfm2vl, [(ASK, [a], None), (TEXT, [], None)])
+
+
+def test_processor_config_of_transformers_5(lfm2vl, tmp_path):
+    """A checkpoint whose processor transformers 5 saved (processor_config.json holding
+    the image processor, no preprocessor_config.json) serves its images as the other;
+    use_image_special_tokens false is refused at start-up."""
+    import json
+    import shutil
+
+    base = Path(shutil.copytree(lfm2vl["base"], tmp_path / "v5"))
+    (base / "preprocessor_config.json").unlink()
+    hf_processor_of(str(lfm2vl["base"])).save_pretrained(str(base))
+    assert "image_processor" in json.loads((base / "processor_config.json").read_text())
+    a = image(2, TALL)
+    outs = make_llm(base).generate([request(ASK, [a])], GREEDY, use_tqdm=False)
+    check(outs, lfm2vl, [(ASK, [a], None)])
+    saved = json.loads((base / "processor_config.json").read_text())
+    saved["use_image_special_tokens"] = False
+    (base / "processor_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="use_image_special_tokens"):
+        make_llm(base)
+
+
+def test_mm_processor_kwargs(lfm2vl):
+    """vLLM's mm_processor_kwargs (the processor's image options, per request over the
+    engine's): fewer tokens an image, no splitting, no thumbnail, smaller tiles; the
+    prompt ids and outputs HF's processor and model give under the same options; a bad
+    value or an unknown option refused alone."""
+    llm = make_llm(lfm2vl["base"], mm_processor_kwargs={"max_image_tokens": 6})
+    tall = image(2, TALL)
+    cases = [{}, {"do_image_splitting": False}, {"use_thumbnail": False},
+             {"min_tiles": 3, "max_tiles": 4, "tile_size": 8, "max_image_tokens": 4}]
+    outs = llm.generate([{**request(ASK, [tall]), "mm_processor_kwargs": o} for o in cases],
+                        GREEDY, use_tqdm=False)
+    assert len({len(o.prompt_token_ids) for o in outs}) == len(cases)
+    for out, options in zip(outs, cases, strict=True):
+        check([out], lfm2vl, [(ASK, [tall], None)], **{"max_image_tokens": 6, **options})
+    for bad, match in (({"max_tiles": 0}, "max_tiles must be an integer >= 1"),
+                       ({"min_tiles": 5}, "min_tiles must be at most max_tiles"),
+                       ({"tile_size": 12}, "tile_size 12 must be a multiple of 8"),
+                       ({"crop_to_patches": True}, "'crop_to_patches' is not an option")):
+        with pytest.raises(ValueError, match=match):
+            llm.generate({**request(ASK, [tall]), "mm_processor_kwargs": bad}, GREEDY,
+                         use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()

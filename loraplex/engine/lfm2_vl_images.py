@@ -16,11 +16,14 @@ layout (models/lfm2_vl.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from loraplex.engine.images import ImageInputs, load_images, placeholder_ranges
-from loraplex.engine.lfm2_vl_tiling import Lfm2VlTiling
+from loraplex.engine.lfm2_vl_tiling import OPTIONS, Lfm2VlTiling
 from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.models.lfm2_vl import Lfm2VlLayout, Lfm2VlVisionConfig, tile_grids
 from loraplex.models.llava import placeholder_runs
@@ -98,19 +101,30 @@ def _contains_in_order(ids: list[int], parts: list[list[int]]) -> bool:
     return True
 
 
+def _special_tokens(path: str) -> bool:
+    """Lfm2VlProcessor's use_image_special_tokens as processor_config.json saves it
+    (default true)."""
+    saved = os.path.join(path, "processor_config.json")
+    if not os.path.isfile(saved):
+        return True
+    with open(saved) as f:
+        return bool(json.load(f).get("use_image_special_tokens", True))
+
+
 class Lfm2VlImageProcessor(MultimodalProcessor):
     """LFM2-VL's tiling (ours, HF's rules) and Lfm2VlProcessor's expansion."""
 
     @classmethod
     def load(cls, path: str, config: Lfm2VlVisionConfig, tokenizer: Any
              ) -> Lfm2VlImageProcessor | None:
-        """None for a checkpoint saved without preprocessor_config.json (served on text,
-        images refused)."""
+        """None for a checkpoint saved without its image processor's settings (served on
+        text, images refused)."""
         try:
             return cls(path, config, tokenizer)
         except OSError:
-            logger.warning("%s has no preprocessor_config.json: serving its language model "
-                           "on text; image inputs are refused", path)
+            logger.warning("%s has no preprocessor_config.json (nor a processor_config.json "
+                           "with an image_processor): serving its language model on text; "
+                           "image inputs are refused", path)
             return None
 
     def __init__(self, path: str, config: Lfm2VlVisionConfig, tokenizer: Any = None) -> None:
@@ -119,22 +133,38 @@ class Lfm2VlImageProcessor(MultimodalProcessor):
             raise ValueError(f"LFM2-VL's image processor cuts {self.hf.patch}-pixel patches "
                              f"folded {self.hf.factor} x {self.hf.factor}, its tower takes "
                              f"{config.patch_size} folded {config.factor}")
-        if self.hf.tile_size % (config.patch_size * config.factor):
-            raise ValueError(f"LFM2-VL: tile_size {self.hf.tile_size} must be a multiple of "
-                             f"{config.patch_size * config.factor} pixels")
+        if not _special_tokens(path):
+            raise ValueError("LFM2-VL with use_image_special_tokens false is not supported "
+                             "(each image between <|image_start|> and <|image_end|> is)")
         self.config = config
         self.placeholder = config.image_token_id
         self.tokens = Lfm2VlImageTokens(tokenizer, config)
+        self.option_keys = tuple(OPTIONS)
 
-    def __call__(self, ids: list[int], data: Any) -> tuple[list[int], ImageInputs]:
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        super().check_options(options)
+        self.hf.with_options(options)
+
+    def process(self, ids: list[int], data: Mapping[str, Any],
+                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
+        return self(ids, data["image"], options)
+
+    def expanded(self, ids: list[int], data: Mapping[str, Any],
+                 options: Mapping[str, Any] | None = None) -> list[int]:
+        return self.expand(ids, data["image"], options)
+
+    def __call__(self, ids: list[int], data: Any, options: Mapping[str, Any] | None = None
+                 ) -> tuple[list[int], ImageInputs]:
         """The prompt with its placeholders expanded, and its images' inputs. `data`: one
-        image or a list (PIL images or URLs)."""
+        image or a list (PIL images or URLs); `options`: mm_processor_kwargs (OPTIONS)
+        over the checkpoint's settings."""
         import torch
 
+        tiling = self.hf.with_options(options or {})
         images = [im.convert("RGB") for im in load_images(data)]
-        layouts = [self.hf.layout((im.height, im.width)) for im in images]
+        layouts = [tiling.layout((im.height, im.width)) for im in images]
         ids = self.tokens(ids, layouts)  # before the pixels: a mismatch costs nothing
-        patches = [self.hf.pixels(im) for im in images]
+        patches = [tiling.pixels(im) for im in images]
         c = self.config
         positions = self.positions(ids)
         hashes = [hashlib.blake2b(p.numpy().tobytes() + repr(s).encode(),
@@ -143,11 +173,13 @@ class Lfm2VlImageProcessor(MultimodalProcessor):
                                 placeholder_ranges(positions, [c.tokens_for(s) for s in layouts]),
                                 hashes, sizes=layouts)
 
-    def expand(self, ids: list[int], items: Any) -> list[int]:
+    def expand(self, ids: list[int], items: Any,
+               options: Mapping[str, Any] | None = None) -> list[int]:
         """The prompt expanded for these images, without their pixels: what /tokenize and
         usage count."""
-        images = load_images(items)
-        return self.tokens(ids, [self.hf.layout((im.height, im.width)) for im in images])
+        tiling = self.hf.with_options(options or {})
+        return self.tokens(ids, [tiling.layout((im.height, im.width))
+                                 for im in load_images(items)])
 
     def positions(self, ids: list[int]) -> list[int]:
         return [p for p, t in enumerate(ids) if t == self.config.image_token_id]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,6 +29,12 @@ from loraplex.engine.llama4_images import resize
 from loraplex.models.lfm2_vl import Lfm2VlLayout
 
 _BILINEAR = 2  # PILImageResampling.BILINEAR, HF's default for LFM2-VL
+# the image processor's options a checkpoint or a request's mm_processor_kwargs may set
+# (HF's names), by the kind of value each takes
+OPTIONS: dict[str, type] = {"min_image_tokens": int, "max_image_tokens": int, "min_tiles": int,
+                            "max_tiles": int, "tile_size": int, "use_thumbnail": bool,
+                            "do_image_splitting": bool, "max_pixels_tolerance": float}
+FIELDS = {"do_image_splitting": "split"}  # HF's name -> Lfm2VlTiling's, where they differ
 
 
 def round_by_factor(x: float, factor: int) -> int:
@@ -50,6 +57,20 @@ def closest_grid(aspect: float, grids: list[tuple[int, int]], size: tuple[int, i
     return best
 
 
+def saved_image_processor(path: str) -> dict[str, Any]:
+    """The image processor's saved settings: preprocessor_config.json, else
+    processor_config.json's "image_processor" (OSError: neither)."""
+    legacy = os.path.join(path, "preprocessor_config.json")
+    if os.path.isfile(legacy):
+        with open(legacy) as f:
+            return json.load(f)
+    with open(os.path.join(path, "processor_config.json")) as f:
+        cfg = json.load(f).get("image_processor")
+    if not isinstance(cfg, dict):
+        raise FileNotFoundError(f"{path}: processor_config.json holds no image_processor")
+    return cfg
+
+
 @dataclass(frozen=True)
 class Lfm2VlTiling:
     """The fields of preprocessor_config.json HF's Lfm2VlImageProcessor reads."""
@@ -69,9 +90,10 @@ class Lfm2VlTiling:
 
     @classmethod
     def from_pretrained(cls, path: str) -> Lfm2VlTiling:
-        """From `path`'s preprocessor_config.json (OSError when there is none)."""
-        with open(os.path.join(path, "preprocessor_config.json")) as f:
-            cfg = json.load(f)
+        """From `path`'s preprocessor_config.json, or the "image_processor" of its
+        processor_config.json (as transformers 5 saves a processor); OSError when there is
+        neither."""
+        cfg = saved_image_processor(path)
         if cfg.get("resample", _BILINEAR) != _BILINEAR or not cfg.get("do_rescale", True) \
                 or not cfg.get("do_normalize", True) or not cfg.get("do_pad", True) \
                 or cfg.get("rescale_factor", 1 / 255) != 1 / 255:
@@ -79,21 +101,38 @@ class Lfm2VlTiling:
                              "with rescale 1/255, normalize and pad is supported")
         d = cls()
         mean, std = cfg.get("image_mean", d.image_mean), cfg.get("image_std", d.image_std)
-        tiling = cls(
-            int(cfg.get("encoder_patch_size", d.patch)),
-            int(cfg.get("downsample_factor", d.factor)), int(cfg.get("tile_size", d.tile_size)),
-            int(cfg.get("min_tiles", d.min_tiles)), int(cfg.get("max_tiles", d.max_tiles)),
-            bool(cfg.get("use_thumbnail", d.use_thumbnail)),
-            int(cfg.get("min_image_tokens", d.min_image_tokens)),
-            int(cfg.get("max_image_tokens", d.max_image_tokens)),
-            float(cfg.get("max_pixels_tolerance", d.max_pixels_tolerance)),
-            bool(cfg.get("do_image_splitting", d.split)),
-            tuple(mean if isinstance(mean, list) else [mean] * 3),
-            tuple(std if isinstance(std, list) else [std] * 3))
-        if tiling.split and tiling.min_tiles > tiling.max_tiles:
-            raise ValueError(f"LFM2-VL's image processor in {path}: min_tiles must be at "
-                             "most max_tiles")
-        return tiling
+        base = cls(int(cfg.get("encoder_patch_size", d.patch)),
+                   int(cfg.get("downsample_factor", d.factor)),
+                   image_mean=tuple(mean if isinstance(mean, list) else [mean] * 3),
+                   image_std=tuple(std if isinstance(std, list) else [std] * 3))
+        return base.with_options({k: cfg[k] for k in OPTIONS if k in cfg},
+                                 f"LFM2-VL's image processor in {path}")
+
+    def with_options(self, options: Mapping[str, Any],
+                     where: str = "mm_processor_kwargs") -> Lfm2VlTiling:
+        """These settings with `options` (HF's names, OPTIONS) over them; ValueError for a
+        value of the wrong kind or settings that do not fit together."""
+        for key, value in options.items():
+            kind = OPTIONS[key]
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is float:
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            if not ok:
+                want = {bool: "true or false", float: "a number > 0"}.get(kind,
+                                                                        "an integer >= 1")
+                raise ValueError(f"{where}: {key} must be {want}, got {value!r}")
+        out = replace(self, **{FIELDS.get(k, k): v for k, v in options.items()})
+        if out.split and out.min_tiles > out.max_tiles:
+            raise ValueError(f"{where}: min_tiles must be at most max_tiles")
+        if out.min_image_tokens > out.max_image_tokens:
+            raise ValueError(f"{where}: min_image_tokens must be at most max_image_tokens")
+        if out.tile_size % (out.patch * out.factor):
+            raise ValueError(f"{where}: tile_size {out.tile_size} must be a multiple of "
+                             f"{out.patch * out.factor} pixels (patch x downsample_factor)")
+        return out
 
     def _grids(self) -> list[tuple[int, int]]:
         """HF's _target_ratios: (cols, rows) with min..max tiles, by tile count."""
