@@ -22,6 +22,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from loraplex.engine.images import ImageInputs, load_images, placeholder_ranges
 from loraplex.engine.lfm2_vl_tiling import OPTIONS, Lfm2VlTiling
 from loraplex.engine.multimodal_processor import MultimodalProcessor
@@ -158,8 +160,6 @@ class Lfm2VlImageProcessor(MultimodalProcessor):
         """The prompt with its placeholders expanded, and its images' inputs. `data`: one
         image or a list (PIL images or URLs); `options`: mm_processor_kwargs (OPTIONS)
         over the checkpoint's settings."""
-        import torch
-
         tiling = self.hf.with_options(options or {})
         images = [im.convert("RGB") for im in load_images(data)]
         layouts = [tiling.layout((im.height, im.width)) for im in images]
