@@ -87,9 +87,10 @@ def check(outs, paths: dict[str, Path], jobs: list[tuple[str, list, str | None]]
 
 def test_prompt_ids_and_pixels_match_hf_processor(lfm2vl):
     """Images that fit one tile, that split into tiles down or across (with the
-    thumbnail; one whose grid is a tie), tiny and square ones, two in a prompt: the expanded ids and the patches
-    are HF's processor's (its padding cut off), each image's layout its spatial shapes;
-    `expand` counts the same ids without pixels; an expanded prompt is kept as is."""
+    thumbnail; one whose grid is a tie), tiny and square ones, two in a prompt: the
+    expanded ids and the patches are HF's processor's (its padding cut off), each image's
+    layout its spatial shapes; `expand` counts the same ids without pixels; an expanded
+    prompt is kept as is."""
     base = lfm2vl["base"]
     llm = make_llm(base)
     proc, tok = llm.llm_engine.image_processor, llm.get_tokenizer()
