@@ -86,6 +86,52 @@ def chat_token_ids(client, model: str, content: list, max_tokens: int = 6,
     return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
 
 
+def without_torchvision(relative: str, name: str) -> Any:
+    """A transformers module that imports torchvision at its top (not installed here),
+    loaded as `name` with torchvision stubbed, for HF's functions that never call it:
+    `relative`, its path under transformers' package."""
+    import importlib.util
+    import sys
+    import types
+
+    import transformers
+
+    if name not in sys.modules:
+        stubs = {m: sys.modules.get(m) or types.ModuleType(m) for m in
+                 ("torchvision", "torchvision.transforms", "torchvision.transforms.v2")}
+        stubs["torchvision.transforms.v2"].functional = types.SimpleNamespace()
+        saved = {m: sys.modules.get(m) for m in stubs}
+        sys.modules.update(stubs)
+        try:
+            spec = importlib.util.spec_from_file_location(
+                name, Path(transformers.__file__).parent / relative)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        finally:
+            for m, old in saved.items():
+                if old is None:
+                    sys.modules.pop(m, None)
+    return sys.modules[name]
+
+
+def check_image_refusals(client, model: str, content: list) -> None:
+    """Over the chat route of a server started with --limit-mm-per-prompt {"image": 1}:
+    a broken image and a second image (`content`'s first part again) each fail with a
+    400 in OpenAI's error shape, saying why."""
+    import re
+
+    import openai
+    import pytest
+
+    broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    for parts, match in (([broken], "cannot decode the image"),
+                         ([*content, content[0]], "At most 1 image")):
+        with pytest.raises(openai.BadRequestError) as info:
+            chat_token_ids(client, model, parts)
+        assert re.search(match, info.value.body["message"]), info.value.body
+
+
 def greedy_reference(logprobs_of, max_tokens: int) -> list[int]:
     """The reference's greedy reply, token by token: `logprobs_of(reply so far)` is its
     log-softmax over the prompt and those tokens."""

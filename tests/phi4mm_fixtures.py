@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tests.fixtures import _reinit_, make_tokenizer
-from tests.multimodal_fixtures import with_peft
+from tests.multimodal_fixtures import with_peft, without_torchvision
 
 IMAGE, AUDIO = "<|image|>", "<|audio|>"
 CROP = 64
@@ -102,31 +102,9 @@ def hf_image_token_count(height: int, width: int) -> int:
     """Phi4MultimodalImageProcessor.get_number_of_image_tokens (HF's own count) for the
     tiny checkpoint's crops. Its module imports torchvision (not installed) for the
     resize it never calls here: it is loaded with that import stubbed."""
-    import importlib.util
-    import sys
-    import types
-
-    import transformers
-
-    name = "transformers.models.phi4_multimodal._image_processing_no_torchvision"
-    if name not in sys.modules:
-        stubs = {}
-        for mod in ("torchvision", "torchvision.transforms", "torchvision.transforms.v2"):
-            stubs[mod] = sys.modules.get(mod) or types.ModuleType(mod)
-        stubs["torchvision.transforms.v2"].functional = types.SimpleNamespace()
-        saved = {m: sys.modules.get(m) for m in stubs}
-        sys.modules.update(stubs)
-        try:
-            path = Path(transformers.__file__).parent / "models/phi4_multimodal" \
-                / "image_processing_phi4_multimodal.py"
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        finally:
-            for m, old in saved.items():
-                if old is None:
-                    sys.modules.pop(m, None)
-    proc = sys.modules[name].Phi4MultimodalImageProcessor(size={"height": CROP, "width": CROP},
-                                                          patch_size=2)
+    module = without_torchvision(
+        "models/phi4_multimodal/image_processing_phi4_multimodal.py",
+        "transformers.models.phi4_multimodal._image_processing_no_torchvision")
+    proc = module.Phi4MultimodalImageProcessor(size={"height": CROP, "width": CROP},
+                                               patch_size=2)
     return proc.get_number_of_image_tokens(height, width, {})

@@ -15,7 +15,8 @@ adapter of too high a rank refused alone, in the engine and over HTTP. LFM2-MoE 
 its experts fused (transformers 5's in-memory layout), without expert_bias and
 renormalization, and its routing weights against HF's router to fp32 rounding. LFM2-VL
 (the LFM2 above behind a tiny SigLIP2 tower) on text against HF + PEFT on the VL model,
-its images refused offline and over HTTP.
+its images refused offline and over HTTP (saved without preprocessor_config.json: served
+on text; its images: tests/test_lfm2_vl_images.py).
 """
 
 from __future__ import annotations
@@ -363,8 +364,8 @@ def test_vl_text_matches_hf_and_peft(lfm2_vl, prompts):
 
 
 def test_vl_images_are_refused(lfm2_vl, prompts):
-    """An image, offline or in a chat request over HTTP (a 400), is refused alone; text
-    goes on."""
+    """Without preprocessor_config.json (served on text), an image, offline or in a chat
+    request over HTTP (a 400), is refused alone; text goes on."""
     from PIL import Image
 
     base, _ = lfm2_vl

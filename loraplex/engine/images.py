@@ -39,6 +39,7 @@ from loraplex.models.granite_speech import (
     is_granite_speech,
 )
 from loraplex.models.internvl import InternVLVision, InternVLVisionConfig, is_internvl
+from loraplex.models.lfm2_vl import Lfm2VlVision, Lfm2VlVisionConfig, is_lfm2_vl
 from loraplex.models.llama4_vision import (
     Llama4ImageTokens,
     Llama4Vision,
@@ -60,10 +61,10 @@ logger = logging.getLogger(__name__)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
                 | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig
                 | Phi4MMVisionConfig | VoxtralAudioConfig | InternVLVisionConfig
-                | Gemma4VisionConfig)
+                | Gemma4VisionConfig | Lfm2VlVisionConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
           | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral | InternVLVision
-          | Gemma4Vision)
+          | Gemma4Vision | Lfm2VlVision)
 
 
 def _is_gemma3(hf_config: Any) -> bool:
@@ -84,6 +85,7 @@ ENCODER_CONFIGS: tuple[tuple[Callable[[Any], bool], type[VisionConfig]], ...] = 
     (is_qwen_vl, QwenVisionConfig),  # Qwen2-VL, Qwen2.5-VL
     (takes_pixtral_tower, PixtralVisionConfig),  # Mistral 3, Pixtral-12B
     (is_internvl, InternVLVisionConfig),  # engine/internvl_images.py's tiles
+    (is_lfm2_vl, Lfm2VlVisionConfig),  # engine/lfm2_vl_images.py's tiles
 )
 
 # the module an encoder config builds (by its exact class: Qwen3-VL's config is a
@@ -101,6 +103,7 @@ TOWERS: dict[type[VisionConfig], Callable[[Any], Vision]] = {
     VoxtralAudioConfig: Voxtral,
     Phi4MMVisionConfig: Phi4MMVision,
     InternVLVisionConfig: InternVLVision,
+    Lfm2VlVisionConfig: Lfm2VlVision,
 }
 
 

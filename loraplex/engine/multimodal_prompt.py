@@ -25,6 +25,7 @@ from loraplex.engine.images import (
     vision_config,
 )
 from loraplex.engine.internvl_images import InternVLImageProcessor
+from loraplex.engine.lfm2_vl_images import Lfm2VlImageProcessor
 from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.engine.phi4mm_inputs import Phi4MMProcessor
 from loraplex.engine.pixtral_images import PixtralImageProcessor
@@ -39,6 +40,7 @@ from loraplex.models.gemma3_vision import Gemma3VisionConfig
 from loraplex.models.gemma4_vision import Gemma4VisionConfig
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig
 from loraplex.models.internvl import InternVLVisionConfig
+from loraplex.models.lfm2_vl import Lfm2VlVisionConfig
 from loraplex.models.llama4_vision import Llama4VisionConfig
 from loraplex.models.llava import LlavaVisionConfig
 from loraplex.models.phi4mm import Phi4MMVisionConfig
@@ -61,6 +63,7 @@ PROCESSORS: dict[type, type[MultimodalProcessor]] = {
     QwenVisionConfig: QwenImageProcessor,  # engine/qwen_images.py
     PixtralVisionConfig: PixtralImageProcessor,  # engine/pixtral_images.py (Mistral 3)
     InternVLVisionConfig: InternVLImageProcessor,  # engine/internvl_images.py: tiles
+    Lfm2VlVisionConfig: Lfm2VlImageProcessor,  # engine/lfm2_vl_images.py: tiles
     GraniteSpeechAudioConfig: AudioProcessor,  # engine/audio.py
     Qwen2AudioConfig: Qwen2AudioProcessor,  # engine/qwen2_audio_inputs.py
     VoxtralAudioConfig: VoxtralAudioProcessor,  # engine/voxtral_inputs.py

@@ -29,8 +29,8 @@ files) and PEFT adapters trained with transformers >= 4.52 name its modules
 `model.language_model.*`: `TextOnly.name` maps both onto the text model's names.
 
 LFM2-VL (`Lfm2VlForConditionalGeneration`: an LFM2 language model, models/lfm2.py,
-behind a SigLIP2 tower) is served on text only: its tower is never loaded and image
-inputs are refused.
+behind a SigLIP2 NaFlex tower) is served with its images too (models/lfm2_vl.py,
+engine/lfm2_vl_images.py).
 
 Llama 4 (Scout, Maverick: `Llama4ForConditionalGeneration`, its language model a
 `Llama4ForCausalLM` as `language_model.*`, its tower `vision_model.*`) is served with its
@@ -183,7 +183,7 @@ MULTIMODAL: dict[str, TextOnly] = {
         vision_leaves=("out_proj", "fc1", "fc2", "linear_1", "linear_2", "conv1", "conv2"),
         images=True),
     # LFM2-VL: an LFM2 language model (models/lfm2.py) behind a SigLIP2 tower and a
-    # projector, served on text only; its tower's q/k/v/out_proj share the language
+    # projector (models/lfm2_vl.py); its tower's q/k/v/out_proj share the language
     # model's names (its LoRA told apart by the `vision_tower.` prefix)
     "Lfm2VlForConditionalGeneration": TextOnly(
         "Lfm2ForCausalLM",
@@ -191,7 +191,8 @@ MULTIMODAL: dict[str, TextOnly] = {
                  ("language_model.lm_head.", "lm_head.")),
         skipped=("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.",
                  "multi_modal_projector."),
-        vision_leaves=("fc1", "fc2", "patch_embedding", "linear_1", "linear_2")),
+        vision_leaves=("fc1", "fc2", "patch_embedding", "linear_1", "linear_2"),
+        images=True),
 }
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
 # their dense sibling as if it were theirs); none today
