@@ -213,6 +213,12 @@ def load_image(source: Any, connector: MediaConnector | None = None) -> Any:
     return image
 
 
+def image_hash(pixels: torch.Tensor, size: tuple[int, int]) -> bytes:
+    """An image's prefix-cache key: its pixel values (fp32) and size."""
+    return hashlib.blake2b(pixels.float().contiguous().numpy().tobytes() + repr(size).encode(),
+                           digest_size=16).digest()
+
+
 def placeholder_ranges(positions: list[int], counts: list[int]) -> list[tuple[int, int]]:
     """Each image's (first placeholder position, span to its last one + 1), its
     placeholders `counts[i]` of `positions` in order."""
@@ -318,9 +324,7 @@ class ImageProcessor(MultimodalProcessor):
             pixels = torch.cat([p[:n] for p, n in zip(pixels, tiles, strict=True)])
         positions = self.positions(ids)
         ranges = placeholder_ranges(positions, counts)
-        hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes() + repr(s).encode(),
-                                  digest_size=16).digest()
-                  for p, s in zip(pixels.float().split(tiles), sizes)]
+        hashes = [image_hash(p, s) for p, s in zip(pixels.float().split(tiles), sizes)]
         return ids, ImageInputs(pixels, positions, ranges, hashes, sizes=sizes,
                                 bidirectional=c.bidirectional,
                                 crops=crops if any(crops) else [])
