@@ -29,7 +29,11 @@ from loraplex.engine.images import (
     load_images,
     placeholder_ranges,
 )
-from loraplex.engine.internvl_videos import InternVLVideoProcessor, frame_pieces
+from loraplex.engine.internvl_videos import (
+    InternVLMediaTokens,
+    InternVLVideoProcessor,
+    wrapped,
+)
 from loraplex.engine.qwen_videos import split_videos
 from loraplex.models.internvl import InternVLVisionConfig
 from loraplex.models.llava import placeholder_runs
@@ -93,8 +97,9 @@ class InternVLImageProcessor(ImageProcessor):
             except ValueError as e:
                 logger.warning("%s; video inputs are refused", e)
                 self.no_videos = f"multi_modal_data: video inputs are not supported: {e}"
-        self.splice = TextSplice(tokenizer, {start, end, tiling.image_token_id,
-                                             self.video_token})
+        self.media = InternVLMediaTokens(
+            tiling.image_token_id, start, end, self.video_token, tiling.tokens_per_tile,
+            TextSplice(tokenizer, {start, end, tiling.image_token_id, self.video_token}))
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -168,33 +173,9 @@ class InternVLImageProcessor(ImageProcessor):
 
     def expand_media(self, ids: list[int], sizes: list[tuple[int, int]], frames: list[int]
                      ) -> tuple[list[int], list[tuple[str, int]]]:
-        """Each `<IMG_CONTEXT>` expanded for image i of `sizes`, each `<video>` for video j
-        of `frames` frames, as InternVLProcessor writes them into the text; and the items'
-        prompt order, ("image", i) / ("video", j)."""
-        c, video = self.config, self.video_token
-        counts = {"image": (sum(t == c.image_token_id for t in ids), len(sizes)),
-                  "video": (sum(t == video for t in ids), len(frames))}
-        for kind, (found, given) in counts.items():
-            if found != given:
-                raise ValueError(f"the prompt has {found} {kind} placeholder token(s) for "
-                                 f"{given} {kind}(s): put one "
-                                 f"{'<IMG_CONTEXT>' if kind == 'image' else VIDEO} where "
-                                 f"each {kind} goes")
-        pieces: list[int | str] = []
-        order: list[tuple[str, int]] = []
-        seen = {"image": 0, "video": 0}
-        tile = [c.image_token_id] * c.tokens_per_tile
-        for t in ids:
-            kind = "image" if t == c.image_token_id else "video" if t == video else None
-            if kind is None:
-                pieces.append(t)
-                continue
-            i = seen[kind]
-            seen[kind] += 1
-            order.append((kind, i))
-            pieces += ([self.start, *[t] * c.tokens_for(sizes[i]), self.end] if kind == "image"
-                       else frame_pieces(frames[i], tile, self.start, self.end))
-        return self.splice(pieces), order
+        """The prompt expanded for images of `sizes` and videos of `frames` frames
+        (InternVLMediaTokens.expand), and the items' prompt order."""
+        return self.media.expand(ids, [self.config.tokens_for(s) for s in sizes], frames)
 
     def check(self, ids: list[int], inputs: ImageInputs) -> None:
         """Processed inputs given with a prompt (the server's) must be that prompt's (with
@@ -216,7 +197,7 @@ def expand_internvl(ids: list[int], context: int, start: int, end: int,
     """Image i's one `<IMG_CONTEXT>` becomes `<img>`, `counts[i]` of them, `</img>`; a
     prompt already so expanded is kept as is."""
     runs = placeholder_runs(ids, context)
-    if runs == counts and _wrapped(ids, context, start, end):
+    if runs == counts and wrapped(ids, context, start, end):
         return list(ids)
     if sum(runs) != len(counts):
         raise ValueError(f"the prompt has {sum(runs)} image placeholder token(s) (id "
@@ -228,13 +209,3 @@ def expand_internvl(ids: list[int], context: int, start: int, end: int,
         out.extend([start, *[context] * next(left), end] if t == context else [t])
     return out
 
-
-def _wrapped(ids: list[int], context: int, start: int, end: int) -> bool:
-    """Every run of `<IMG_CONTEXT>` lies between `<img>` and `</img>`."""
-    for i, t in enumerate(ids):
-        if t != context:
-            continue
-        if (i == 0 or ids[i - 1] not in (context, start)) or \
-                (i + 1 == len(ids) or ids[i + 1] not in (context, end)):
-            return False
-    return True

@@ -5,10 +5,12 @@ frame_pixels: torchvision's bicubic resize with antialias, HF's fused rescale an
 normalization).
 
 Frames: taken as given, as vLLM takes the frames its loader sampled (HF's
-`do_sample_frames` is off by default); where the metadata says `"do_sample_frames": True`,
-HF's InternVLVideoProcessor.sample_frames picks them from the frames given: `num_frames`
-(or `fps` x the video's seconds, by the metadata's fps) of the processor config, evenly
-from `initial_shift` (True: half a step). Each frame is resized to the processor's
+`do_sample_frames` is off by default); where the metadata says `"do_sample_frames": True`
+(vLLM's loader says so when it kept every frame) and the processor config gives
+`num_frames` or `fps` to sample by, HF's InternVLVideoProcessor.sample_frames picks them
+from the frames given: `num_frames` (or `fps` x the video's seconds, by the metadata's
+fps), evenly from `initial_shift` (True: half a step). (Without either HF's sampling
+fails; the frames are then taken as given.) Each frame is resized to the processor's
 height x width (the tower's tile side: one tile a frame, no thumbnail) and normalized
 (the class defaults: 384 pixels, CLIP's mean and std; the hub's configs give 448 and
 ImageNet's).
@@ -23,6 +25,8 @@ first frame's "Frame1: " is tokenized with the prompt's text before it
 from __future__ import annotations
 
 import hashlib
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +39,7 @@ from loraplex.engine.qwen_videos import (
     unpack,
     video_processor_dict,
 )
+from loraplex.models.text_splice import TextSplice
 
 DEFAULT_SIDE = 384  # InternVLVideoProcessor's size without a config
 
@@ -93,7 +98,7 @@ class InternVLVideoProcessor:
         `do_sample_frames`."""
         frames, meta = unpack(video)
         frames = QwenVideoProcessor.array(frames)
-        if meta.get("do_sample_frames"):
+        if meta.get("do_sample_frames") and (self.num_frames or self.fps):
             frames = frames[sample_frames(len(frames), meta.get("fps"), self.num_frames,
                                           self.fps, self.initial_shift)]
         return frames
@@ -117,3 +122,97 @@ def frame_pieces(frames: int, context: list[int], start: int, end: int) -> list[
     for i in range(frames):
         out += [("\n" if i else "") + f"Frame{i + 1}: ", start, *context, end]
     return out
+
+
+@dataclass(frozen=True)
+class InternVLMediaTokens:
+    """InternVLProcessor's prompt rule for images and videos together, on token ids."""
+
+    context: int  # <IMG_CONTEXT>
+    start: int  # <img>
+    end: int  # </img>
+    video: int  # <video>
+    per_frame: int  # <IMG_CONTEXT> tokens a frame (a tile) takes
+    splice: TextSplice
+
+    def expand(self, ids: list[int], images: list[int], frames: list[int]
+               ) -> tuple[list[int], list[tuple[str, int]]]:
+        """Each `<IMG_CONTEXT>` expanded for image i's `images[i]` tokens, each `<video>`
+        for video j's `frames[j]` frames, as InternVLProcessor writes them into the text;
+        and the items' prompt order, ("image", i) / ("video", j). A prompt expanded so
+        already (the chat route expands before it processes) is kept as it is."""
+        order = self._expanded_order(ids, images, frames)
+        if order is not None:
+            return list(ids), order
+        for kind, found, given, mark in (
+                ("image", ids.count(self.context), len(images), "<IMG_CONTEXT>"),
+                ("video", ids.count(self.video), len(frames), "<video>")):
+            if found != given:
+                raise ValueError(f"the prompt has {found} {kind} placeholder token(s) for "
+                                 f"{given} {kind}(s): put one {mark} where each {kind} goes")
+        pieces: list[int | str] = []
+        order = []
+        seen = {"image": 0, "video": 0}
+        for t in ids:
+            kind = "image" if t == self.context else "video" if t == self.video else None
+            if kind is None:
+                pieces.append(t)
+                continue
+            i = seen[kind]
+            seen[kind] += 1
+            order.append((kind, i))
+            pieces += ([self.start, *[t] * images[i], self.end] if kind == "image" else
+                       frame_pieces(frames[i], [self.context] * self.per_frame, self.start,
+                                    self.end))
+        return self.splice(pieces), order
+
+    def _expanded_order(self, ids: list[int], images: list[int], frames: list[int]
+                        ) -> list[tuple[str, int]] | None:
+        """The items' order in a prompt expanded already: its runs of `<IMG_CONTEXT>`,
+        each between `<img>` and `</img>`, an image's run its count, a video's its frames'
+        runs after their "Frame{i}: " texts; None: not so expanded."""
+        if self.video in ids or not wrapped(ids, self.context, self.start, self.end):
+            return None
+        runs = [(p, _run_length(ids, p)) for p, t in enumerate(ids)
+                if t == self.context and (p == 0 or ids[p - 1] != t)]
+        frame_of = [self._frame_number(ids, p - 1) for p, _ in runs]
+        order: list[tuple[str, int]] = []
+        k, left = 0, {"image": iter(enumerate(images)), "video": iter(enumerate(frames))}
+        while k < len(runs):
+            kind = "video" if frame_of[k] == 1 else "image"
+            i, n = next(left[kind], (None, 0))
+            want = [(self.per_frame, f + 1) for f in range(n)] if kind == "video" else [(n, None)]
+            got = [(length, frame_of[k + j]) for j, (_, length) in enumerate(runs[k:k + len(want)])]
+            if i is None or got != want:
+                return None
+            order.append((kind, i))
+            k += len(want)
+        if len(order) != len(images) + len(frames):
+            return None
+        return order
+
+    def _frame_number(self, ids: list[int], at: int) -> int | None:
+        """i where the text before the `<img>` at `at` ends with "Frame{i}: "."""
+        lo = at
+        while lo > 0 and ids[lo - 1] not in self.splice.special:
+            lo -= 1
+        found = re.search(r"Frame(\d+): $", self.splice.decode(ids[lo:at]))
+        return int(found.group(1)) if found else None
+
+
+def _run_length(ids: list[int], p: int) -> int:
+    n = 0
+    while p + n < len(ids) and ids[p + n] == ids[p]:
+        n += 1
+    return n
+
+
+def wrapped(ids: list[int], context: int, start: int, end: int) -> bool:
+    """Every run of `<IMG_CONTEXT>` lies between `<img>` and `</img>`."""
+    for i, t in enumerate(ids):
+        if t != context:
+            continue
+        if (i == 0 or ids[i - 1] not in (context, start)) or \
+                (i + 1 == len(ids) or ids[i + 1] not in (context, end)):
+            return False
+    return True
