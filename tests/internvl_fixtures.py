@@ -42,11 +42,12 @@ ASK = "USER: <IMG_CONTEXT>\nWhat is this? ASSISTANT:"
 VIDEO_ASK = "USER: <video>\nWhat happens? ASSISTANT:"
 
 
-def make_tiny_internvl(out: Path, seed: int, text: str = "qwen2", tied: bool = False) -> Path:
+def make_tiny_internvl(out: Path, seed: int, text: str = "qwen2", tied: bool = False,
+                       feature_layer: int = -1) -> Path:
     """A 2-layer language model (`text`: qwen2, qwen3 or llama; `tied`: lm_head the
     embedding, as InternVL3-1B's) behind a 2-layer InternViT (RMSNorms, q / k norms, a
-    final LayerNorm: InternViT-6B's options) on 16-pixel tiles, at most 6 tiles an image;
-    weights std 0.2."""
+    final LayerNorm: InternViT-6B's options) on 16-pixel tiles, at most 6 tiles an image,
+    its features from `feature_layer` (vision_feature_layer); weights std 0.2."""
     from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
 
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,8 @@ def make_tiny_internvl(out: Path, seed: int, text: str = "qwen2", tied: bool = F
                   norm_type="rms_norm", use_mean_pooling=False, hidden_act="gelu")
     cfg = InternVLConfig(text_config=lm, vision_config=vision, image_seq_length=SEQ,
                          image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
-                         downsample_ratio=0.5, tie_word_embeddings=tied)
+                         downsample_ratio=0.5, tie_word_embeddings=tied,
+                         vision_feature_layer=feature_layer)
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration(cfg).eval()
     _reinit_(model, seed, 0.2)
