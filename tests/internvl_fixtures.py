@@ -43,11 +43,13 @@ VIDEO_ASK = "USER: <video>\nWhat happens? ASSISTANT:"
 
 
 def make_tiny_internvl(out: Path, seed: int, text: str = "qwen2", tied: bool = False,
-                       feature_layer: int = -1) -> Path:
+                       feature_layer: int = -1, final_norm: bool = True) -> Path:
     """A 2-layer language model (`text`: qwen2, qwen3 or llama; `tied`: lm_head the
     embedding, as InternVL3-1B's) behind a 2-layer InternViT (RMSNorms, q / k norms, a
     final LayerNorm: InternViT-6B's options) on 16-pixel tiles, at most 6 tiles an image,
-    its features from `feature_layer` (vision_feature_layer); weights std 0.2."""
+    its features from `feature_layer` (vision_feature_layer), `final_norm` false: no
+    final LayerNorm (use_mean_pooling, the remote layout's tower); ImageNet's mean and std
+    (the hub's); weights std 0.2."""
     from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
 
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,7 @@ def make_tiny_internvl(out: Path, seed: int, text: str = "qwen2", tied: bool = F
               eos_token_id=2, pad_token_id=3, tie_word_embeddings=tied)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2, image_size=TILE, patch_size=PATCH, use_qk_norm=True,
-                  norm_type="rms_norm", use_mean_pooling=False, hidden_act="gelu")
+                  norm_type="rms_norm", use_mean_pooling=not final_norm, hidden_act="gelu")
     cfg = InternVLConfig(text_config=lm, vision_config=vision, image_seq_length=SEQ,
                          image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
                          downsample_ratio=0.5, tie_word_embeddings=tied,
@@ -76,7 +78,8 @@ def make_tiny_internvl(out: Path, seed: int, text: str = "qwen2", tied: bool = F
     model.save_pretrained(str(out))
     processor_class().from_dict(
         {"size": {"height": TILE, "width": TILE}, "max_patches": 6, "min_patches": 1,
-         "crop_to_patches": False}).save_pretrained(str(out))  # (the hub's setting)
+         "crop_to_patches": False, "image_mean": [0.485, 0.456, 0.406],
+         "image_std": [0.229, 0.224, 0.225]}).save_pretrained(str(out))  # (the hub's)
     (out / "processor_config.json").write_text(json.dumps(
         {"processor_class": "InternVLProcessor", "image_seq_length": SEQ}))
     saved = json.loads((out / "preprocessor_config.json").read_text())

@@ -246,14 +246,7 @@ class ImageProcessor(MultimodalProcessor):
             return None
 
     def __init__(self, path: str, config: VisionConfig, tokenizer: Any = None) -> None:
-        from transformers import AutoImageProcessor
-
-        if isinstance(config, Llama4VisionConfig):  # HF's needs torchvision: ours
-            from loraplex.engine.llama4_images import Llama4ImagePreprocessor
-
-            self.hf = Llama4ImagePreprocessor.from_pretrained(path)
-        else:
-            self.hf = AutoImageProcessor.from_pretrained(path)
+        self.hf = self.load_hf(path, config)
         # the token a prompt (or the chat's string fallback) puts where an image goes
         self.placeholder = config.image_token_id
         # Gemma 3's pan-and-scan options as saved (engine/pan_and_scan.py); None: no crops
@@ -276,6 +269,18 @@ class ImageProcessor(MultimodalProcessor):
             self._expand = lambda ids, sizes, crops: expand_placeholders(
                 ids, config.image_token_id, [config.tokens_for(s) for s in sizes])
         self.config = config
+
+    @staticmethod
+    def load_hf(path: str, config: VisionConfig) -> Any:
+        """The checkpoint's HF image processor (InternVL's remote layout builds its own:
+        engine/internvl_images.py)."""
+        from transformers import AutoImageProcessor
+
+        if isinstance(config, Llama4VisionConfig):  # HF's needs torchvision: ours
+            from loraplex.engine.llama4_images import Llama4ImagePreprocessor
+
+            return Llama4ImagePreprocessor.from_pretrained(path)
+        return AutoImageProcessor.from_pretrained(path)
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         super().check_options(options)

@@ -36,6 +36,7 @@ from loraplex.engine.internvl_videos import (
 )
 from loraplex.engine.qwen_videos import split_videos
 from loraplex.models.internvl import InternVLVisionConfig
+from loraplex.models.internvl_chat import image_processor_settings
 from loraplex.models.llava import placeholder_runs
 from loraplex.models.text_splice import TextSplice
 
@@ -64,6 +65,21 @@ class InternVLTiling(InternVLVisionConfig):
 
 class InternVLImageProcessor(ImageProcessor):
     """ImageProcessor with InternVL's tiles and its `<img>` ... `</img>` expansion."""
+
+    @staticmethod
+    def load_hf(path: str, config: Any) -> Any:
+        """The checkpoint's GotOcr2 image processor; for InternVL's remote layout one built
+        from its config (models/internvl_chat.py), as HF's conversion writes it."""
+        settings = image_processor_settings(path)
+        if settings is None:
+            return ImageProcessor.load_hf(path, config)
+        import transformers
+
+        if not settings.pop("tiles"):  # dynamic_image_size false: one tile an image
+            settings["max_patches"] = 1
+        kind = getattr(transformers, "GotOcr2ImageProcessorPil", None) \
+            or transformers.GotOcr2ImageProcessor  # (transformers 5: the one without torchvision)
+        return kind(**settings)
 
     def __init__(self, path: str, config: InternVLVisionConfig, tokenizer: Any = None) -> None:
         super().__init__(path, config, tokenizer)

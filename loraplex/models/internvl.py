@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.models.internvl_chat import hf_vision_names
 from loraplex.models.llava import (
     CLIPMLP,
     VISION_ACTIVATIONS,
@@ -259,6 +260,12 @@ class InternVLVision(VisionWeights):
         self.config = c
         self.vision_tower = InternViT(c)
         self.multi_modal_projector = Projector(c)
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """One checkpoint tensor; the remote layout's under their "-hf" names
+        (models/internvl_chat.py)."""
+        for hf_name, part in hf_vision_names(name, tensor):
+            super().load_weight(hf_name, part)
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
