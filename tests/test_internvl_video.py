@@ -13,6 +13,7 @@ import ast
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -70,7 +71,8 @@ def test_prompt_and_pixels_are_hfs(internvl):
     """A video alone, an image then a video, two videos around an image with text glued
     to them: the expanded ids are HF's processor's (the same as `expanded` counts), the
     pixels HF's in prompt order, each item's placeholders its range; the expanded prompt
-    given again is kept as it is, its items read in the same order."""
+    given again is kept as it is, its items read in the same order; processed inputs
+    whose frames or kinds are not the prompt's are refused."""
     base = internvl["base"]
     proc, tok = _processor(base), tokenizer(str(base))
     assert proc.modalities == ("image", "video")
@@ -84,6 +86,12 @@ def test_prompt_and_pixels_are_hfs(internvl):
         assert proc.expanded(tok(prompt).input_ids, data) == ids
         again, kept = proc.process(ids, data)  # expanded already (the chat route's way)
         assert again == ids and kept.ranges == inputs.ranges and kept.videos == inputs.videos
+        proc.check(ids, inputs)  # the server's processed inputs, checked against the prompt
+        k = inputs.videos[0]
+        fewer = [(sz[0] - 1, 0) if i == k else sz for i, sz in enumerate(inputs.sizes)]
+        for bad in (replace(inputs, sizes=fewer), replace(inputs, videos=[])):
+            with pytest.raises(ValueError, match="do not match the prompt"):
+                proc.check(ids, bad)
         assert torch.allclose(inputs.pixel_values, inp["pixel_values"], atol=1e-5)
         frames = [len(v) for v in vids]
         assert [inputs.sizes[k][0] for k in inputs.videos] == frames
