@@ -170,3 +170,22 @@ def test_remote_settings_refused(remote, tmp_path, change, match):
     (base / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(ValueError, match=match):
         make_llm(base)
+
+
+@pytest.mark.parametrize(("change", "layer", "tiles"), [
+    ({"select_layer": -2, "max_dynamic_patch": 2}, -2, 3),
+    ({"dynamic_image_size": False}, -1, 1)])
+def test_remote_settings_taken(remote, tmp_path, change, layer, tiles):
+    """select_layer is the vision_feature_layer; max_dynamic_patch bounds an image's tiles
+    (a 50 x 20 image: 2 and the thumbnail), dynamic_image_size false gives one tile."""
+    from loraplex.engine.images import vision_config
+    from loraplex.engine.internvl_images import InternVLImageProcessor
+    from loraplex.models.internvl_chat import chat_config
+
+    base = Path(shutil.copytree(remote["remote"], tmp_path / "set"))
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, **change}))
+    config = chat_config(str(base))
+    assert config.vision_feature_layer == layer
+    proc = InternVLImageProcessor(str(base), vision_config(config), tokenizer(str(base)))
+    assert proc.config.tiles((20, 50)) == tiles
