@@ -24,7 +24,7 @@ import torch
 import transformers
 
 from loraplex import LoRARequest
-from tests.engine_utils import make_llm
+from tests.engine_utils import make_llm, refused_alone
 from tests.internvl_fixtures import (
     GREEDY,
     SEQ,
@@ -197,12 +197,7 @@ def test_bad_videos_fail_alone(internvl):
            (media_request(TEXT, [], [video(1)]), r"0 video placeholder token\(s\) for 1 video"),
            (media_request(VIDEO_ASK, [], [video(1)[..., 0]]), r"a video must be \[frames"),
            (media_request(VIDEO_ASK, [], [video(1, 12)]), "max_model_len is 96")]
-    for prompt, match in bad:
-        with pytest.raises(ValueError, match=match):
-            engine.add_request("bad", prompt, GREEDY)
-    outs = []
-    while engine.has_unfinished_requests():
-        outs += [o for o in engine.step() if o.finished]
+    outs = refused_alone(engine, bad, GREEDY)
     assert [o.request_id for o in outs] == ["good"]
     check_media(outs, base, [(VIDEO_ASK, [], [video(1)], None)])
 
