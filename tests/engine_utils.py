@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from loraplex import LLM, LoRARequest, SamplingParams
 from tests.fixtures import assert_greedy_close, hf_greedy, hf_logprobs
@@ -167,3 +170,16 @@ def check_engine_on_kernel(kernels, monkeypatch, base: Path, adapter: Path,
         for lp_t, lp_w in zip(t.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
             for tok, entry in lp_w.items():
                 assert abs(lp_t[tok].logprob - entry.logprob) < 1e-4
+
+
+def refused_alone(engine, bad: list[tuple[Any, str]], params: SamplingParams) -> list:
+    """Each of the `bad` (prompt, error regex) fails at add_request with its ValueError,
+    queueing nothing; then the requests queued before run to the end: their final
+    outputs, in the order they finished."""
+    for prompt, match in bad:
+        with pytest.raises(ValueError, match=match):
+            engine.add_request("bad", prompt, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    return outs

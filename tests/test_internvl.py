@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import transformers
 from safetensors.torch import load_file, save_file
 
 from loraplex import LoRARequest
@@ -187,3 +188,44 @@ def test_hub_checkpoint_layout(internvl, tmp_path):
     a = image(1, (50, 20))
     outs = make_llm(base).generate([request(ASK, [a]), TEXT], GREEDY, use_tqdm=False)
     check(outs, internvl["base"], [(ASK, [a], None), (TEXT, [], None)])
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="transformers 4's InternVL fails on vision_feature_layer other "
+                           "than -1 (it calls a `vision_model` it does not have)")
+@pytest.mark.parametrize("layer", [-2, -3])
+def test_vision_feature_layer_matches_hf(layer, tiny_root):
+    """vision_feature_layer -2 (after the first of 2 layers) and -3 (the embeddings): HF's
+    hidden_states[layer], without the final LayerNorm; an image under the base and a
+    video under an adapter, in one batch: HF's tokens and logprobs."""
+    from tests.internvl_fixtures import VIDEO_ASK, check_media, media_request, video
+
+    root = tiny_root / f"internvl_layer{layer}"
+    base = make_tiny_internvl(root / "base", seed=86, feature_layer=layer)
+    paths = with_adapters(base, seed=87)
+    llm = make_llm(base, enable_lora=True, max_lora_rank=8)
+    a = image(1, (50, 20))
+    jobs = [(ASK, [a], [], None), (VIDEO_ASK, [], [video(2)], "r8")]
+    outs = llm.generate([media_request(p, ims, vids) for p, ims, vids, _ in jobs], GREEDY,
+                        use_tqdm=False, lora_request=[None, loras(paths)["r8"]])
+    check_media(outs, base, [(p, ims, vids, paths[n] if n else None)
+                             for p, ims, vids, n in jobs])
+
+
+def test_feature_settings_refused():
+    """A vision_feature_layer beyond the tower's layers, a list of them, and the "full"
+    strategy (HF's model cannot fold the CLS into its square): refused at start-up."""
+    from transformers import InternVLConfig
+
+    from loraplex.models.internvl import InternVLVisionConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=16, patch_size=4)
+    for kw, match in (({"vision_feature_layer": 3}, "within the tower's 2 layers"),
+                      ({"vision_feature_layer": -4}, "within the tower's 2 layers"),
+                      ({"vision_feature_layer": [-1, -2]}, "one layer's index"),
+                      ({"vision_feature_select_strategy": "full"}, "not 'full'")):
+        with pytest.raises(ValueError, match=match):
+            InternVLVisionConfig.from_hf(InternVLConfig(vision_config=vision, **kw))
+    assert InternVLVisionConfig.from_hf(InternVLConfig(
+        vision_config=vision, vision_feature_layer=-3)).feature_layer == 0

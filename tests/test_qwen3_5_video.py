@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from loraplex import LoRARequest
-from tests.engine_utils import make_llm
+from tests.engine_utils import make_llm, refused_alone
 from tests.llava_fixtures import data_url, image
 from tests.multimodal_fixtures import (
     chat_token_ids,
@@ -151,12 +151,7 @@ def test_limit_and_bad_videos_fail_alone(qwen35):
            (request(ASK, [], [video(1, 1)]), "at least 2 frames"),
            (request(TEXT, [], [video(1)]), r"0 video placeholder token\(s\).*for 1 video"),
            (request(ASK, [], [video(1, 40, (32, 32))]), "max_model_len is 128")]
-    for prompt, match in bad:
-        with pytest.raises(ValueError, match=match):
-            engine.add_request("bad", prompt, GREEDY)
-    outs = []
-    while engine.has_unfinished_requests():
-        outs += [o for o in engine.step() if o.finished]
+    outs = refused_alone(engine, bad, GREEDY)
     assert [o.request_id for o in outs] == ["good"]
     check(outs, base, [(ASK, [], [video(1)], None)])
 

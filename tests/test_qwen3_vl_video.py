@@ -35,7 +35,7 @@ from loraplex import LoRARequest
 from loraplex.engine.qwen3_videos import Qwen3VideoProcessor
 from loraplex.engine.qwen_images import QwenImageProcessor
 from loraplex.models.qwen3_vl import Qwen3VisionConfig
-from tests.engine_utils import make_llm
+from tests.engine_utils import make_llm, refused_alone
 from tests.llava_fixtures import image
 from tests.multimodal_fixtures import (
     assert_matches_reference,
@@ -394,12 +394,7 @@ def test_bad_videos_fail_alone(qwen3):
            (request(TEXT, [], [video(1)]), r"0 video placeholder token\(s\).*for 1 video"),
            (request(f"{VIDEO}{VIDEO}", [], [video(1)]), r"2 video placeholder"),
            (request(ASK, [], [(video(1), {"fps": -1})]), "fps must be positive")]
-    for prompt, match in bad:
-        with pytest.raises(ValueError, match=match):
-            engine.add_request("bad", prompt, GREEDY)
-    outs = []
-    while engine.has_unfinished_requests():
-        outs += [o for o in engine.step() if o.finished]
+    outs = refused_alone(engine, bad, GREEDY)
     assert [o.request_id for o in outs] == ["good"]
     check(outs, base, [(ASK, [], [video(1)], None)])
 

@@ -33,7 +33,7 @@ from loraplex.engine.qwen_images import QwenImageProcessor
 from loraplex.engine.qwen_videos import QwenVideoProcessor
 from loraplex.models.mrope import mrope_positions
 from loraplex.models.qwen2_vl import QwenVisionConfig
-from tests.engine_utils import make_llm
+from tests.engine_utils import make_llm, refused_alone
 from tests.llava_fixtures import data_url, image
 from tests.multimodal_fixtures import (
     assert_matches_reference,
@@ -464,12 +464,7 @@ def test_bad_videos_fail_alone(qwen25):
            ({"prompt": ASK, "multi_modal_data": {"video": "clip.mp4"}}, "'video' must be"),
            ({"prompt": ASK, "multi_modal_data": {"video": (video(1), {"fps": -1})}},
             "fps must be positive")]
-    for prompt, match in bad:
-        with pytest.raises(ValueError, match=match):
-            engine.add_request("bad", prompt, GREEDY)
-    outs = []
-    while engine.has_unfinished_requests():
-        outs += [o for o in engine.step() if o.finished]
+    outs = refused_alone(engine, bad, GREEDY)
     assert [o.request_id for o in outs] == ["good"]
     check(outs, base, [(ASK, [], [video(1)], None)])
 

@@ -216,6 +216,12 @@ def load_image(source: Any, connector: MediaConnector | None = None) -> Any:
     return image
 
 
+def image_hash(pixels: torch.Tensor, size: tuple[int, int]) -> bytes:
+    """An image's prefix-cache key: its pixel values (fp32) and size."""
+    return hashlib.blake2b(pixels.float().contiguous().numpy().tobytes() + repr(size).encode(),
+                           digest_size=16).digest()
+
+
 def placeholder_ranges(positions: list[int], counts: list[int]) -> list[tuple[int, int]]:
     """Each image's (first placeholder position, span to its last one + 1), its
     placeholders `counts[i]` of `positions` in order."""
@@ -243,14 +249,7 @@ class ImageProcessor(MultimodalProcessor):
             return None
 
     def __init__(self, path: str, config: VisionConfig, tokenizer: Any = None) -> None:
-        from transformers import AutoImageProcessor
-
-        if isinstance(config, Llama4VisionConfig):  # HF's needs torchvision: ours
-            from loraplex.engine.llama4_images import Llama4ImagePreprocessor
-
-            self.hf = Llama4ImagePreprocessor.from_pretrained(path)
-        else:
-            self.hf = AutoImageProcessor.from_pretrained(path)
+        self.hf = self.load_hf(path, config)
         # the token a prompt (or the chat's string fallback) puts where an image goes
         self.placeholder = config.image_token_id
         # Gemma 3's pan-and-scan options as saved (engine/pan_and_scan.py); None: no crops
@@ -273,6 +272,18 @@ class ImageProcessor(MultimodalProcessor):
             self._expand = lambda ids, sizes, crops: expand_placeholders(
                 ids, config.image_token_id, [config.tokens_for(s) for s in sizes])
         self.config = config
+
+    @staticmethod
+    def load_hf(path: str, config: VisionConfig) -> Any:
+        """The checkpoint's HF image processor (InternVL's remote layout builds its own:
+        engine/internvl_images.py)."""
+        from transformers import AutoImageProcessor
+
+        if isinstance(config, Llama4VisionConfig):  # HF's needs torchvision: ours
+            from loraplex.engine.llama4_images import Llama4ImagePreprocessor
+
+            return Llama4ImagePreprocessor.from_pretrained(path)
+        return AutoImageProcessor.from_pretrained(path)
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         super().check_options(options)
@@ -321,9 +332,7 @@ class ImageProcessor(MultimodalProcessor):
             pixels = torch.cat([p[:n] for p, n in zip(pixels, tiles, strict=True)])
         positions = self.positions(ids)
         ranges = placeholder_ranges(positions, counts)
-        hashes = [hashlib.blake2b(p.contiguous().numpy().tobytes() + repr(s).encode(),
-                                  digest_size=16).digest()
-                  for p, s in zip(pixels.float().split(tiles), sizes)]
+        hashes = [image_hash(p, s) for p, s in zip(pixels.float().split(tiles), sizes)]
         return ids, ImageInputs(pixels, positions, ranges, hashes, sizes=sizes,
                                 bidirectional=c.bidirectional,
                                 crops=crops if any(crops) else [])

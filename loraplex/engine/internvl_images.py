@@ -5,18 +5,44 @@ thumbnail of the whole image after them when there is more than one tile), and e
 `<IMG_CONTEXT>` of the prompt becomes `<img>`, tokens_per_tile `<IMG_CONTEXT>` per tile,
 `</img>`, as InternVLProcessor expands it (so the prompt ids are HF's). The rest is
 engine/images.py's ImageProcessor: pixels, placeholders' positions, hashes, checks.
+
+Videos (multi_modal_data "video", chat `video_url` parts) are items of the same
+ImageInputs (engine/internvl_videos.py: each frame one tile, each `<video>` its frames'
+"Frame{i}: <img>...</img>" lines), in prompt order among the images: one tower call
+embeds them all, tile after tile as the placeholders come. A video's size in
+`ImageInputs.sizes` is (its frames, 0); `ImageInputs.videos` says which items are videos.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from loraplex.engine.images import ImageProcessor
-from loraplex.models.internvl import InternVLVisionConfig
-from loraplex.models.llava import placeholder_runs
+import torch
 
-IMAGE_START, IMAGE_END = "<img>", "</img>"
+from loraplex.engine.images import (
+    ImageInputs,
+    ImageProcessor,
+    image_hash,
+    load_images,
+    placeholder_ranges,
+)
+from loraplex.engine.internvl_videos import (
+    InternVLMediaTokens,
+    InternVLVideoProcessor,
+    wrapped,
+)
+from loraplex.engine.qwen_videos import split_videos
+from loraplex.models.internvl import InternVLVisionConfig
+from loraplex.models.internvl_chat import image_processor_settings
+from loraplex.models.llava import placeholder_runs
+from loraplex.models.text_splice import TextSplice
+
+logger = logging.getLogger(__name__)
+
+IMAGE_START, IMAGE_END, VIDEO = "<img>", "</img>", "<video>"
 
 
 @dataclass(frozen=True)
@@ -40,6 +66,21 @@ class InternVLTiling(InternVLVisionConfig):
 class InternVLImageProcessor(ImageProcessor):
     """ImageProcessor with InternVL's tiles and its `<img>` ... `</img>` expansion."""
 
+    @staticmethod
+    def load_hf(path: str, config: Any) -> Any:
+        """The checkpoint's GotOcr2 image processor; for InternVL's remote layout one built
+        from its config (models/internvl_chat.py), as HF's conversion writes it."""
+        settings = image_processor_settings(path)
+        if settings is None:
+            return ImageProcessor.load_hf(path, config)
+        import transformers
+
+        if not settings.pop("tiles"):  # dynamic_image_size false: one tile an image
+            settings["max_patches"] = 1
+        kind = getattr(transformers, "GotOcr2ImageProcessorPil", None) \
+            or transformers.GotOcr2ImageProcessor  # (transformers 5: the one without torchvision)
+        return kind(**settings)
+
     def __init__(self, path: str, config: InternVLVisionConfig, tokenizer: Any = None) -> None:
         super().__init__(path, config, tokenizer)
         side = self.hf.size["height"] if isinstance(self.hf.size, dict) else self.hf.size.height
@@ -60,6 +101,111 @@ class InternVLImageProcessor(ImageProcessor):
             raise ValueError(f"InternVL's tokenizer lacks {texts[0]} / {texts[1]}")
         self._expand = lambda ids, sizes, crops: expand_internvl(
             ids, tiling.image_token_id, start, end, [tiling.tokens_for(s) for s in sizes])
+        self.start, self.end = start, end
+        self.video: InternVLVideoProcessor | None = None
+        self.video_token = tokenizer.convert_tokens_to_ids(
+            getattr(tokenizer, "video_token", None) or VIDEO)
+        self.no_videos = ("multi_modal_data: video inputs are not supported for this "
+                          f"model: its tokenizer has no {VIDEO} token")
+        if self.video_token not in (None, tokenizer.unk_token_id):
+            try:
+                self.video = InternVLVideoProcessor(path, config.image_size)
+            except ValueError as e:
+                logger.warning("%s; video inputs are refused", e)
+                self.no_videos = f"multi_modal_data: video inputs are not supported: {e}"
+        self.media = InternVLMediaTokens(
+            tiling.image_token_id, start, end, self.video_token, tiling.tokens_per_tile,
+            TextSplice(tokenizer, {start, end, tiling.image_token_id, self.video_token}))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image", "video") if self.video is not None else ("image",)
+
+    def placeholder_token(self, modality: str) -> int | None:
+        return self.video_token if modality == "video" else self.placeholder
+
+    def process(self, ids: list[int], data: Mapping[str, Any],
+                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
+        if "video" in data:
+            return self.with_videos(ids, data.get("image"), data["video"])
+        return super().process(ids, data, options)
+
+    def expanded(self, ids: list[int], data: Mapping[str, Any],
+                 options: Mapping[str, Any] | None = None) -> list[int]:
+        if "video" in data:
+            images = load_images(data["image"]) if data.get("image") is not None else []
+            return self.expand_media(ids, [(im.height, im.width) for im in images],
+                                     [len(self._video().frames(v))
+                                      for v in split_videos(data["video"])])[0]
+        return super().expanded(ids, data, options)
+
+    def processed_inputs(self, data: Mapping[str, Any]) -> ImageInputs | None:
+        """The server's inputs (under "image": its videos are items of them); raw videos
+        beside them are processed with them, as raw items."""
+        return None if "video" in data else super().processed_inputs(data)
+
+    def _video(self) -> InternVLVideoProcessor:
+        if self.video is None:
+            raise ValueError(self.no_videos)
+        return self.video
+
+    def with_videos(self, ids: list[int], image_data: Any, video_data: Any
+                    ) -> tuple[list[int], ImageInputs]:
+        """The prompt with its images' and videos' placeholders expanded, and their inputs:
+        items in prompt order, an image its tiles and thumbnail, a video its frames."""
+        video = self._video()
+        images = load_images(image_data) if image_data is not None else []
+        clips = [video.frames(v) for v in split_videos(video_data)]
+        sizes = [(im.height, im.width) for im in images]
+        # before the pixels: a mismatch costs nothing
+        ids, order = self.expand_media(ids, sizes, [len(f) for f in clips])
+        items: list[tuple[torch.Tensor, tuple[int, int], bytes]] = []
+        if images:
+            out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt",
+                          **self.hf_kwargs)
+            self.check_pixels(out["pixel_values"])
+            tiles = out["pixel_values"].split([self.config.tiles(s) for s in sizes])
+            items += [(p, s, image_hash(p, s)) for p, s in zip(tiles, sizes, strict=True)]
+        for frames in clips:
+            pixels, digest = video(frames)
+            items.append((pixels, (len(frames), 0), digest))
+        order = [i if kind == "image" else len(images) + i for kind, i in order]
+        kept = [items[i] for i in order]
+        sizes = [s for _, s, _ in kept]
+        videos = [k for k, i in enumerate(order) if i >= len(images)]
+        positions = self.positions(ids)
+        return ids, ImageInputs(
+            torch.cat([p for p, _, _ in kept]), positions,
+            placeholder_ranges(positions, self._counts(sizes, videos)),
+            [h for _, _, h in kept], sizes=sizes, videos=videos)
+
+    def _counts(self, sizes: list[tuple[int, int]], videos: list[int]) -> list[int]:
+        """Each item's `<IMG_CONTEXT>` tokens: an image's by its tiles, a video's (its size
+        (frames, 0)) a tile a frame."""
+        return [self.config.tokens_per_tile * n for n in self._tiles(sizes, videos)]
+
+    def _tiles(self, sizes: list[tuple[int, int]], videos: list[int]) -> list[int]:
+        return [s[0] if k in videos else self.config.tiles(s) for k, s in enumerate(sizes)]
+
+    def expand_media(self, ids: list[int], sizes: list[tuple[int, int]], frames: list[int]
+                     ) -> tuple[list[int], list[tuple[str, int]]]:
+        """The prompt expanded for images of `sizes` and videos of `frames` frames
+        (InternVLMediaTokens.expand), and the items' prompt order."""
+        return self.media.expand(ids, [self.config.tokens_for(s) for s in sizes], frames)
+
+    def check(self, ids: list[int], inputs: ImageInputs) -> None:
+        """Processed inputs given with a prompt (the server's) must be that prompt's (with
+        videos: each item's tiles and placeholders by its kind)."""
+        if not inputs.videos:
+            return super().check(ids, inputs)
+        counts = self._counts(inputs.sizes, inputs.videos)
+        tiles = sum(self._tiles(inputs.sizes, inputs.videos))
+        if self.positions(ids) != inputs.positions or len(inputs.sizes) != len(inputs.ranges) \
+                or sum(counts) != len(inputs.positions) \
+                or placeholder_ranges(inputs.positions, counts) != inputs.ranges \
+                or inputs.pixel_values.shape[0] != tiles:
+            raise ValueError("multi_modal_data: the processed image inputs do not match the "
+                             "prompt's (expanded) image placeholders")
 
 
 def expand_internvl(ids: list[int], context: int, start: int, end: int,
@@ -67,7 +213,7 @@ def expand_internvl(ids: list[int], context: int, start: int, end: int,
     """Image i's one `<IMG_CONTEXT>` becomes `<img>`, `counts[i]` of them, `</img>`; a
     prompt already so expanded is kept as is."""
     runs = placeholder_runs(ids, context)
-    if runs == counts and _wrapped(ids, context, start, end):
+    if runs == counts and wrapped(ids, context, start, end):
         return list(ids)
     if sum(runs) != len(counts):
         raise ValueError(f"the prompt has {sum(runs)} image placeholder token(s) (id "
@@ -79,13 +225,3 @@ def expand_internvl(ids: list[int], context: int, start: int, end: int,
         out.extend([start, *[context] * next(left), end] if t == context else [t])
     return out
 
-
-def _wrapped(ids: list[int], context: int, start: int, end: int) -> bool:
-    """Every run of `<IMG_CONTEXT>` lies between `<img>` and `</img>`."""
-    for i, t in enumerate(ids):
-        if t != context:
-            continue
-        if (i == 0 or ids[i - 1] not in (context, start)) or \
-                (i + 1 == len(ids) or ids[i + 1] not in (context, end)):
-            return False
-    return True

@@ -76,6 +76,7 @@ from loraplex.models.gguf_loader import (
     log_dequantized_size,
 )
 from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
+from loraplex.models.internvl_chat import chat_config as internvl_chat_config
 from loraplex.models.llava import VisionWeights
 from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
 from loraplex.models.mamba_hybrid import has_mamba_layers
@@ -141,7 +142,8 @@ class LLMEngine:
         self.mistral_format = MistralFormat() if self.gguf else MistralFormat.resolve(
             path, args.config_format, args.load_format)
         hf_config = gguf_config(path) if self.gguf else mistral_config(path) \
-            if self.mistral_format.config else AutoConfig.from_pretrained(path)
+            if self.mistral_format.config else (  # InternVL's remote layout: as its -hf
+                internvl_chat_config(path) or AutoConfig.from_pretrained(path))
         apply_hf_overrides(hf_config, parse_hf_overrides(args.hf_overrides))
         read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
         whole = hf_config

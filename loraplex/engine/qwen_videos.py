@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.engine.images import expand_placeholders
+from loraplex.models.internvl import is_internvl
 from loraplex.models.qwen2_vl import Grid, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import is_qwen3_vl
 
@@ -78,8 +79,8 @@ def _smart_resize(height: int, width: int, factor: int, min_pixels: int,
 
 def takes_videos(hf_config: Any) -> bool:
     """The checkpoint's videos are served: Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and
-    Qwen3.5's (engine/qwen3_videos.py)."""
-    return is_qwen_vl(hf_config) or is_qwen3_vl(hf_config)
+    Qwen3.5's (engine/qwen3_videos.py), InternVL's (engine/internvl_videos.py)."""
+    return is_qwen_vl(hf_config) or is_qwen3_vl(hf_config) or is_internvl(hf_config)
 
 
 def is_video(item: Any) -> bool:
@@ -238,22 +239,7 @@ class QwenVideoProcessor:
     def pixels(self, frames: torch.Tensor) -> tuple[torch.Tensor, Grid]:
         """[T, 3, H, W] frames resized, rescaled, normalized and laid out in patches."""
         t, _, height, width = frames.shape
-        h, w = self.size(t, height, width)
-        x = frames
-        if (h, w) != (height, width):
-            x = F.interpolate(x.float(), size=(h, w), mode="bicubic", align_corners=False,
-                              antialias=True)
-            if frames.dtype == torch.uint8:  # torchvision's uint8 bicubic
-                x = x.clamp_(0, 255).round_().to(torch.uint8)
-        x = x.to(torch.float32)
-        if self.do_normalize:  # HF's fused rescale + normalize
-            scale = 1 / self.rescale_factor if self.do_rescale else 1.0
-            mean = torch.tensor(self.mean, dtype=torch.float32) * scale
-            std = torch.tensor(self.std, dtype=torch.float32) * scale
-            x = (x - mean[:, None, None]) / std[:, None, None]
-        elif self.do_rescale:
-            x = x * self.rescale_factor
-        return self.patchify(x)
+        return self.patchify(frame_pixels(frames, self.size(t, height, width), self))
 
     def expand(self, ids: list[int], clips: list[Any], grids: list[Grid]) -> list[int]:
         """The prompt with each video's `<|video_pad|>` expanded to its grid's tokens
@@ -288,6 +274,28 @@ class QwenVideoProcessor:
         x = x.view(t, tp, c, h // m, m, p, w // m, m, p)
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return x.reshape(t * h * w, c * tp * p * p), (t, h, w)
+
+
+def frame_pixels(frames: torch.Tensor, size: tuple[int, int], norm: Any) -> torch.Tensor:
+    """[T, 3, H, W] frames resized to `size` (bicubic with antialias, as torchvision
+    resizes: a uint8 tensor in fp32, clamped and rounded back) and rescaled and normalized
+    in HF's one fused step, by `norm`'s do_rescale, rescale_factor, do_normalize, mean and
+    std (a video processor's settings; InternVL's too, engine/internvl_videos.py)."""
+    x = frames
+    if size != tuple(frames.shape[-2:]):
+        x = F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False,
+                          antialias=True)
+        if frames.dtype == torch.uint8:  # torchvision's uint8 bicubic
+            x = x.clamp_(0, 255).round_().to(torch.uint8)
+    x = x.to(torch.float32)
+    if norm.do_normalize:  # HF's fused rescale + normalize
+        scale = 1 / norm.rescale_factor if norm.do_rescale else 1.0
+        mean = torch.tensor(norm.mean, dtype=torch.float32) * scale
+        std = torch.tensor(norm.std, dtype=torch.float32) * scale
+        x = (x - mean[:, None, None]) / std[:, None, None]
+    elif norm.do_rescale:
+        x = x * norm.rescale_factor
+    return x
 
 
 def _sampled_fps(meta: dict[str, Any]) -> float:

@@ -40,6 +40,7 @@ from loraplex.models.llava import (
     check_tower,
     placeholder_runs,
 )
+from loraplex.models.text_splice import TextSplice
 
 
 @dataclass(frozen=True)
@@ -134,12 +135,9 @@ class Gemma3ImageTokens:
         self.c = c
         self.encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
         self.wrap = self.encode("\n\n")
-        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False,
-                                                   clean_up_tokenization_spaces=False)
-        # what splits the text when HF tokenizes it: special and added tokens
-        self.special = {c.boi_token_id, c.eoi_token_id, c.image_token_id,
-                        *getattr(tokenizer, "all_special_ids", ()),
-                        *getattr(tokenizer, "added_tokens_decoder", {})}
+        # the crops' text tokenized with the prompt's around it (models/text_splice.py)
+        self.splice = TextSplice(tokenizer, {c.boi_token_id, c.eoi_token_id,
+                                             c.image_token_id})
         # the tokens that are only newlines, and how many each holds
         self.newlines: dict[int, int] = {}
         for k in range(1, 33):
@@ -191,30 +189,7 @@ class Gemma3ImageTokens:
                 pieces += [ORIGINAL_IMAGE, *one, SOME_CROPS, *one] + [" ", *one] * (k - 1)
             else:
                 pieces += one
-        out: list[int] = []
-        run: list[int | str] = []
-        for p in [*pieces, None]:
-            if p is not None and (isinstance(p, str) or p not in self.special):
-                run.append(p)
-                continue
-            out += self._text_run(run)
-            run = []
-            if p is not None:
-                out.append(p)
-        return out
-
-    def _text_run(self, run: list[int | str]) -> list[int]:
-        """A run of text between special tokens: as it is, or with inserted text in it,
-        its text tokenized again."""
-        if not any(isinstance(p, str) for p in run):
-            return list(run)  # type: ignore[arg-type]
-        text, ids = "", []
-        for p in run:
-            if isinstance(p, str):
-                text, ids = text + self.decode(ids) + p, []
-            else:
-                ids.append(p)
-        return self.encode(text + self.decode(ids))
+        return self.splice(pieces)
 
     def _merge_newlines(self, tokens: list[tuple[int, bool]]) -> list[int]:
         """Each run of newline tokens that holds an inserted one, tokenized again as

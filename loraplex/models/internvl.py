@@ -11,6 +11,8 @@ scale each residual branch by a learned vector (layer scale: `lambda_1`, `lambda
 norms are LayerNorms or RMSNorms (`norm_type`: InternViT-6B's), its attention has q / k
 RMSNorms over the whole width where `use_qk_norm` says (InternViT-6B). The language model
 is loraplex's Qwen2, Qwen3 or Llama (text_config's model_type: models/text_only.py).
+The features are the last layer's after the final norm, or, with a `vision_feature_layer`
+other than -1, HF's `hidden_states[layer]` (the later layers skipped, no final norm).
 
 Checkpoints name the parts `vision_tower.*` and `multi_modal_projector.*` (the hub's
 files) or under `model.` (saved by transformers 5): both load (models/llava.py's
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.models.internvl_chat import hf_vision_names
 from loraplex.models.llava import (
     CLIPMLP,
     VISION_ACTIVATIONS,
@@ -69,6 +72,10 @@ class InternVLVisionConfig:
     text_hidden_size: int
     projector_act: str
     image_token_id: int  # <IMG_CONTEXT>
+    # -1: the last layer's states after the final norm (HF's last_hidden_state); else
+    # HF's hidden_states[k]: after k layers (0: the embeddings, as transformers 4 gives
+    # them; transformers 5 asks its tower for no hidden states at 0 and fails), unnormed
+    feature_layer: int = -1
 
     @classmethod
     def from_hf(cls, hf: Any) -> InternVLVisionConfig:
@@ -76,11 +83,15 @@ class InternVLVisionConfig:
         check_tower("InternVL", v, "internvl_vision", "InternViT")
         check_activation("vision_config.hidden_act", v.hidden_act)
         check_activation("projector_hidden_act", hf.projector_hidden_act)
-        if hf.vision_feature_layer != -1 or hf.vision_feature_select_strategy != "default":
-            raise ValueError("InternVL is supported with vision_feature_layer -1 and "
-                             "vision_feature_select_strategy 'default' (the released "
-                             f"checkpoints'), not {hf.vision_feature_layer!r} / "
-                             f"{hf.vision_feature_select_strategy!r}")
+        if hf.vision_feature_select_strategy != "default":  # HF's model cannot run "full"
+            raise ValueError("InternVL is supported with vision_feature_select_strategy "
+                             "'default' (the CLS dropped; HF's pixel shuffle needs a square "
+                             f"of patches), not {hf.vision_feature_select_strategy!r}")
+        layers = v.num_hidden_layers
+        layer = hf.vision_feature_layer
+        if not isinstance(layer, int) or not -layers - 1 <= layer <= layers:
+            raise ValueError("InternVL's vision_feature_layer must be one layer's index "
+                             f"within the tower's {layers} layers, got {layer!r}")
         scale = round(1 / hf.downsample_ratio)
         side = _side(v.image_size) // _side(v.patch_size)
         if abs(scale * hf.downsample_ratio - 1) > 1e-6 or side % scale:
@@ -93,7 +104,8 @@ class InternVLVisionConfig:
                    getattr(v, "num_channels", 3), v.layer_norm_eps, v.hidden_act,
                    v.norm_type == "rms_norm", bool(v.use_qk_norm), bool(v.attention_bias),
                    not v.use_mean_pooling, scale, hf.text_config.hidden_size,
-                   hf.projector_hidden_act, int(hf.image_token_id))
+                   hf.projector_hidden_act, int(hf.image_token_id),
+                   feature_layer=layer if layer == -1 else layer % (layers + 1))
 
     @property
     def bidirectional(self) -> bool:
@@ -204,12 +216,14 @@ class InternViT(nn.Module):
         self.layernorm = (nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
                           if c.final_norm else nn.Identity())
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[tiles, channels, H, W] -> the last layer's states [tiles, 1 + patches, D]."""
+    def forward(self, pixels: torch.Tensor, feature_layer: int = -1) -> torch.Tensor:
+        """[tiles, channels, H, W] -> the states [tiles, 1 + patches, D] of
+        `feature_layer` (InternVLVisionConfig's: -1, the last layer's normed)."""
         x = self.embeddings(pixels)
-        for layer in self.encoder.layer:
+        last = feature_layer == -1
+        for layer in self.encoder.layer if last else self.encoder.layer[:feature_layer]:
             x = layer(x)
-        return self.layernorm(x)
+        return self.layernorm(x) if last else x
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -247,13 +261,19 @@ class InternVLVision(VisionWeights):
         self.vision_tower = InternViT(c)
         self.multi_modal_projector = Projector(c)
 
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """One checkpoint tensor; the remote layout's under their "-hf" names
+        (models/internvl_chat.py)."""
+        for hf_name, part in hf_vision_names(name, tensor):
+            super().load_weight(hf_name, part)
+
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
         """[tiles, channels, H, W] of every image (each image's tiles, its thumbnail
         last) -> [tiles * tokens_per_tile, text hidden], tile after tile."""
         c = self.config
         dtype = self.multi_modal_projector.linear_1.weight.dtype
-        states = self.vision_tower(pixels.to(dtype))[:, 1:]  # the CLS dropped
+        states = self.vision_tower(pixels.to(dtype), c.feature_layer)[:, 1:]  # no CLS
         side = c.image_size // c.patch_size
         folded = pixel_shuffle(states.reshape(states.shape[0], side, side, -1), c.scale)
         return self.multi_modal_projector(folded.reshape(-1, folded.shape[-1]))

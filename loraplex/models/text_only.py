@@ -124,7 +124,8 @@ MULTIMODAL: dict[str, TextOnly] = {
     # Llama (its text config's model_type); InternViT's q/k/v_proj share the language
     # model's names (their LoRA told apart by the `vision_tower.` prefix)
     "InternVLForConditionalGeneration": replace(
-        _LLAVA, vision_leaves=("projection_layer", "fc1", "fc2", "linear_1", "linear_2")),
+        _LLAVA, vision_leaves=("projection_layer", "fc1", "fc2", "linear_1", "linear_2"),
+        skipped=(*_LLAVA.skipped, "vision_model.", "mlp1.")),  # (the remote layout's)
     "Llama4ForConditionalGeneration": TextOnly(
         "Llama4ForCausalLM",
         renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
