@@ -245,3 +245,20 @@ def test_quantization_settings_beside_config_json(quantized, tmp_path, prompts, 
                         use_tqdm=False)
     check_against_hf(outs, ref_dir, [None, None], prompts[:2])
 
+
+
+def test_not_convert_names_follow_the_checkpoint_renames():
+    """A checkpoint whose names are not ours (Mamba's and Nemotron-H's `backbone.`) lists
+    its plain modules under its names: substrings and compressed-tensors' regexes alike
+    end up naming our modules, and names without the renamed part stay as they are."""
+    from loraplex.models.mamba_hybrid import MIXER_BLOCK_RENAMES
+    quant = QuantConfig("gptq", 4, 32, modules_to_not_convert=(
+        "backbone.layers.0.mixer.in_proj", r"re:backbone\.layers\.1\.mixer\.out_proj$",
+        "lm_head", "re:.*x_proj$"))
+    ours = quant.renamed(MIXER_BLOCK_RENAMES)
+    for name, plain in (("model.layers.0.mixer.in_proj", True),
+                        ("model.layers.1.mixer.out_proj", True),
+                        ("model.layers.1.mixer.in_proj", False),
+                        ("model.layers.2.mixer.x_proj", True), ("lm_head", True)):
+        assert ours.skips(name) is plain, name
+        assert not quant.skips(name) or name.endswith(("x_proj", "lm_head")), name

@@ -53,10 +53,7 @@ class Mamba1Block(nn.Module):
     def __init__(self, a: Any, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
         super().__init__()
         self.norm = a.norm(a.hidden_size)
-        # (under its checkpoints' name, backbone.layers.N.mixer, which a quantized one's
-        # not-convert list names)
-        self.mixer = Mamba1Mixer(a.hidden_size, a.mamba1, a.quant,
-                                 f"backbone{prefix.removeprefix('model')}.mixer")
+        self.mixer = Mamba1Mixer(a.hidden_size, a.mamba1, a.quant, f"{prefix}.mixer")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x + self.mixer(self.norm(x), get_context().mamba)

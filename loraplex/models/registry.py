@@ -658,4 +658,6 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
     )
     if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
         args = replace(args, **mla_args(hf_config, name, scaling))
+    if quant is not None and args.checkpoint_renames:  # not-convert lists under our names
+        args = replace(args, quant=quant.renamed(args.checkpoint_renames))
     return LlamaForCausalLM(args)

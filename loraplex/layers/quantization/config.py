@@ -73,6 +73,19 @@ class QuantConfig:
         return any(re.match(m[3:], module_name) if m.startswith("re:") else m in module_name
                    for m in self.modules_to_not_convert)
 
+    def renamed(self, renames: tuple[tuple[str, str], ...]) -> QuantConfig:
+        """This config with its not-convert names under our module names: `renames` are a
+        checkpoint's (LlamaArgs.checkpoint_renames: Mamba's `backbone.` is our `model.`),
+        applied as the loader applies them to tensor names (in a regex, escaped too)."""
+        def rename(entry: str) -> str:
+            for theirs, ours in renames:
+                entry = entry.replace(theirs, ours)
+                if entry.startswith("re:"):
+                    entry = entry.replace(re.escape(theirs), re.escape(ours))
+            return entry
+        return replace(self, modules_to_not_convert=tuple(
+            rename(m) for m in self.modules_to_not_convert))
+
 
 # older quantizers wrote their settings beside config.json instead of into it
 _SIDE_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
