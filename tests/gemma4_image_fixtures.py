@@ -15,13 +15,14 @@ import torch
 from tests.fixtures import _reinit_, _trained_tokenizer
 from tests.gemma4_fixtures import gemma4_config
 
-IMAGE, BOI, EOI = "<|image|>", "<|image>", "<image|>"
+IMAGE, BOI, EOI, VIDEO = "<|image|>", "<|image>", "<image|>", "<|video|>"
 AUDIO, BOA, EOA = "<|audio|>", "<|audio>", "<audio|>"
-# Gemma 4's template's shape: an image part becomes <|image|>
+# Gemma 4's template's shape: an image part becomes <|image|>, a video part <|video|>
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
     "{% for p in m['content'] %}{% if p['type'] == 'image' %}<|image|>"
+    "{% elif p['type'] == 'video' %}<|video|>"
     "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -36,20 +37,25 @@ def make_tokenizer(out: Path) -> Any:
         eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         clean_up_tokenization_spaces=False, model_max_length=512,
         extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI,
-                              "audio_token": AUDIO, "boa_token": BOA, "eoa_token": EOA})
+                              "audio_token": AUDIO, "boa_token": BOA, "eoa_token": EOA,
+                              "video_token": VIDEO})
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(out))
     return tok
 
 
 @torch.no_grad()
-def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False) -> Path:
+def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False,
+                            image_soft_tokens: int = 70, video_soft_tokens: int | None = None
+                            ) -> Path:
     """The checkpoint and its processor in `out`; random weights of std 0.1.
     `image_blocks`: use_bidirectional_attention "vision" (an image's tokens see each other
     both ways on the sliding layers, whose window of 6 is shorter than an image), and no
     KV sharing (with it, the full layers' outputs at image rows reach no later layer's
     K/V: their causal rule would not show), and the tower's clipped linears (bounds that
-    clip on its first layer's MLP)."""
+    clip on its first layer's MLP). `image_soft_tokens`: the image processor's
+    max_soft_tokens; `video_soft_tokens`: the video processor's, saved beside it (HF's
+    Gemma4VideoProcessor, tests/gemma4_video_fixtures.py), or none saved."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil
 
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +69,8 @@ def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False) ->
                   use_clipped_linears=image_blocks)
     cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
                        image_token_id=ids(IMAGE), boi_token_id=ids(BOI),
-                       eoi_token_id=ids(EOI), audio_token_id=ids(AUDIO))
+                       eoi_token_id=ids(EOI), audio_token_id=ids(AUDIO),
+                       video_token_id=ids(VIDEO))
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(cfg).eval()
     _reinit_(model, seed, 0.1)
@@ -82,15 +89,20 @@ def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False) ->
         layer.layer_scalar.copy_(0.8 + 0.4 * torch.rand(1, generator=gen))
     model.save_pretrained(str(out))
     Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2,
-                            max_soft_tokens=70).save_pretrained(str(out))
+                            max_soft_tokens=image_soft_tokens).save_pretrained(str(out))
+    if video_soft_tokens is not None:
+        from tests.gemma4_video_fixtures import video_processor
+
+        video_processor(video_soft_tokens).save_pretrained(str(out))
     return out
 
 
 @functools.lru_cache(maxsize=2)
 def processor(base: str) -> Any:
-    """HF's Gemma4Processor over the checkpoint's tokenizer and image processor. Its
-    video processor needs torchvision, which this environment lacks: it is built without
-    one (ProcessorMixin's class check let through for it alone; images never use it)."""
+    """HF's Gemma4Processor over the checkpoint's tokenizer, image processor and video
+    processor (HF's Gemma4VideoProcessor, tests/gemma4_video_fixtures.py: the one saved
+    beside the checkpoint, else its defaults at this tower's patch sizes; ProcessorMixin's
+    class check, which looks it up among torchvision's, let through for it alone)."""
     from transformers import (
         AutoImageProcessor,
         AutoTokenizer,
@@ -99,26 +111,36 @@ def processor(base: str) -> Any:
     )
     from transformers.processing_utils import ProcessorMixin
 
+    from tests.gemma4_video_fixtures import video_processor
+
+    saved = Path(base) / "video_preprocessor_config.json"
     check = ProcessorMixin.check_argument_for_proper_class
 
-    def without_video(self: Any, name: str, arg: Any) -> Any:
-        return None if name == "video_processor" and arg is None else check(self, name, arg)
+    def video_as_is(self: Any, name: str, arg: Any) -> Any:
+        return None if name == "video_processor" else check(self, name, arg)
 
-    ProcessorMixin.check_argument_for_proper_class = without_video
+    ProcessorMixin.check_argument_for_proper_class = video_as_is
     try:
         return Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
                                image_processor=AutoImageProcessor.from_pretrained(base),
                                tokenizer=AutoTokenizer.from_pretrained(base),
-                               video_processor=None)
+                               video_processor=video_processor(
+                                   path=saved if saved.is_file() else None))
     finally:
         ProcessorMixin.check_argument_for_proper_class = check
 
 
-def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True
-              ) -> dict[str, torch.Tensor]:
-    """What HF's processor makes of a prompt and its images, as the model takes them (no
-    attention mask: all ones)."""
+def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True,
+              videos: list | None = None) -> dict[str, torch.Tensor]:
+    """What HF's processor makes of a prompt and its images (and videos: (frames,
+    metadata) pairs, frames at their resized size, tests/gemma4_video_fixtures.py), as
+    the model takes them (no attention mask: all ones)."""
+    extra = {}
+    if videos:
+        extra = {"videos": [f for f, _ in videos], "do_sample_frames": False,
+                 "do_convert_rgb": False, "video_metadata": [m for _, m in videos]}
     out = processor(str(base))(text=prompt, images=images or None, return_tensors="pt",
-                               add_special_tokens=add_special_tokens)
-    return {k: v for k, v in out.items() if k not in ("num_soft_tokens_per_image",
-                                                      "attention_mask")}
+                               add_special_tokens=add_special_tokens, **extra)
+    return {k: v for k, v in out.items() if k not in (
+        "num_soft_tokens_per_image", "num_soft_tokens_per_video", "attention_mask",
+        "video_metadata")}

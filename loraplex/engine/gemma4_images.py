@@ -1,23 +1,36 @@
-"""Gemma 4's images on their way into the engine: HF's Gemma 4 image processor resizes
-each image (aspect ratio kept) and cuts it into patches padded to max_soft_tokens x k^2
-(models/gemma4_vision.py), and each <|image|> of the prompt becomes boi, the image's soft
-tokens, eoi, as Gemma4Processor expands it (so the prompt ids are HF's). The rest is
-engine/images.py's ImageProcessor: placeholders' positions, hashes, checks.
+"""Gemma 4's images and videos on their way into the engine: HF's Gemma 4 image processor
+resizes each image (aspect ratio kept) and cuts it into patches (models/gemma4_vision.py),
+and each <|image|> of the prompt becomes boi, the image's soft tokens, eoi, as
+Gemma4Processor expands it (so the prompt ids are HF's). A video's frames are images of
+their own at the video budget, each `<|video|>` becoming the frames with their timestamps
+(engine/gemma4_videos.py).
+
+Images and frames are items of one ImageInputs in prompt order (one tower call embeds them
+all): each item's real patches, flat (`pixel_values`), its (rows, columns) patch grid
+(`sizes`), its run of soft tokens (`ranges`: each frame its own, so each is its own
+bidirectional block under use_bidirectional_attention "vision", as HF's mask makes it),
+its hash; `videos` names the frames.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
 
-from loraplex.engine.images import ImageProcessor
+from loraplex.engine.gemma4_videos import Gemma4Clip, Gemma4Videos
+from loraplex.engine.images import ImageInputs, ImageProcessor, load_images
+from loraplex.engine.qwen_videos import split_videos
 from loraplex.models.gemma4_vision import Gemma4VisionConfig, expand_gemma4
+
+Grid = tuple[int, int]
 
 
 class Gemma4ImageProcessor(ImageProcessor):
-    """ImageProcessor with Gemma 4's patches and its boi ... eoi expansion."""
+    """Gemma 4's patches of images and video frames, and its prompt expansion."""
 
     def __init__(self, path: str, config: Gemma4VisionConfig, tokenizer: Any = None) -> None:
         super().__init__(path, config, tokenizer)
@@ -28,10 +41,107 @@ class Gemma4ImageProcessor(ImageProcessor):
                              f"pooled {hf.pooling_kernel_size} x {hf.pooling_kernel_size}, its "
                              f"tower takes {config.patch_size} pooled "
                              f"{config.pooling_kernel_size}")
-        config = replace(config, max_soft_tokens=int(hf.max_soft_tokens))
-        self.config = config
+        self.config = config = replace(config, max_soft_tokens=int(hf.max_soft_tokens))
         self._expand = lambda ids, sizes, crops: expand_gemma4(
             ids, config, [config.tokens_for(s) for s in sizes])
+        # timestamps are text: without the tokenizer (or a video token) videos are refused
+        self.video = (Gemma4Videos(path, config, hf, tokenizer)
+                      if config.video_token_id >= 0 and tokenizer is not None else None)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image", "video") if self.video is not None else ("image",)
+
+    def placeholder_token(self, modality: str) -> int | None:
+        return self.config.video_token_id if modality == "video" else self.placeholder
+
+    def process(self, ids: list[int], data: Mapping[str, Any],
+                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
+        return self.inputs(ids, data.get("image"), data.get("video"))
+
+    def expanded(self, ids: list[int], data: Mapping[str, Any],
+                 options: Mapping[str, Any] | None = None) -> list[int]:
+        images = [] if data.get("image") is None else load_images(data["image"])
+        return self._expand_all(ids, [self.config.grid((im.height, im.width)) for im in images],
+                                self._clips(data.get("video")))
+
+    def processed_inputs(self, data: Mapping[str, Any]) -> ImageInputs | None:
+        return None if "video" in data else super().processed_inputs(data)
+
+    def __call__(self, ids: list[int], data: Any, options: Mapping[str, Any] | None = None
+                 ) -> tuple[list[int], ImageInputs]:
+        return self.inputs(ids, data)
+
+    def inputs(self, ids: list[int], images: Any, videos: Any = None
+               ) -> tuple[list[int], ImageInputs]:
+        """The prompt with its placeholders expanded, and its images' and videos' inputs
+        (module docstring). `images`: one image or a list (PIL images or URLs), or None;
+        `videos`: multi_modal_data's "video" entry, or None."""
+        images = [] if images is None else load_images(images)
+        clips = self._clips(videos)
+        c = self.config
+        grids = [c.grid((im.height, im.width)) for im in images]
+        ids = self._expand_all(ids, grids, clips)  # before the pixels: a mismatch costs nothing
+        items: list[tuple[torch.Tensor, Grid]] = []
+        if images:
+            out = self.hf(images=[im.convert("RGB") for im in images], return_tensors="pt")
+            self.check_pixels(out["pixel_values"])
+            items += [(p[:r * w].float(), (r, w))
+                      for p, (r, w) in zip(out["pixel_values"], grids, strict=True)]
+        for clip in clips:
+            items += [(p, clip.grid) for p in self.video.pixels(clip).split(
+                clip.grid[0] * clip.grid[1])]
+        runs = self._runs(ids)
+        firsts = [p for p, t, _ in runs if t == c.image_token_id] + \
+            [p for p, t, _ in runs if t == c.video_token_id]
+        order = sorted(range(len(items)), key=lambda i: firsts[i])
+        patch = 3 * c.patch_size ** 2
+        pixels = torch.cat([items[i][0] for i in order]) if items else torch.empty(0, patch)
+        grids = [items[i][1] for i in order]
+        hashes = [hashlib.blake2b(items[i][0].contiguous().numpy().tobytes()
+                                  + repr(items[i][1]).encode(), digest_size=16).digest()
+                  for i in order]
+        return ids, ImageInputs(pixels, self.positions(ids), [(p, n) for p, _, n in runs],
+                                hashes, sizes=grids, bidirectional=c.bidirectional,
+                                videos=[k for k, (_, t, _) in enumerate(runs)
+                                        if t == c.video_token_id])
+
+    def _clips(self, videos: Any) -> list[Gemma4Clip]:
+        if videos is None:
+            return []
+        if self.video is None:
+            raise ValueError("multi_modal_data: video inputs are not supported for this model "
+                             "(its config names no video_token_id, or no tokenizer was given)")
+        return [self.video.clip(v) for v in split_videos(videos)]
+
+    def _expand_all(self, ids: list[int], grids: list[Grid], clips: list[Gemma4Clip]
+                    ) -> list[int]:
+        ids = expand_gemma4(ids, self.config, [self.config.grid_tokens(g) for g in grids])
+        return self.video.expand(ids, clips) if clips else ids
+
+    def expand(self, ids: list[int], images: list[Any],
+               options: Mapping[str, Any] | None = None) -> list[int]:
+        return self._expand_all(ids, [self.config.grid((im.height, im.width))
+                                      for im in images], [])
+
+    def _runs(self, ids: list[int]) -> list[tuple[int, int, int]]:
+        """Each run of image or video soft tokens: (first position, token, length)."""
+        tokens = {self.config.image_token_id, self.config.video_token_id}
+        runs: list[tuple[int, int, int]] = []
+        for p, t in enumerate(ids):
+            if t not in tokens:
+                continue
+            if runs and runs[-1][1] == t and sum(runs[-1][::2]) == p:
+                runs[-1] = (runs[-1][0], t, runs[-1][2] + 1)
+            else:
+                runs.append((p, t, 1))
+        return runs
+
+    def positions(self, ids: list[int]) -> list[int]:
+        tokens = {self.config.image_token_id}
+        if self.video is not None:
+            tokens.add(self.config.video_token_id)
+        return [p for p, t in enumerate(ids) if t in tokens]
 
     def check_pixels(self, pixels: torch.Tensor) -> None:
         c = self.config
@@ -39,3 +149,19 @@ class Gemma4ImageProcessor(ImageProcessor):
         if tuple(pixels.shape[-2:]) != want:
             raise ValueError(f"the image processor gives patches {tuple(pixels.shape[-2:])}, "
                              f"the vision tower takes {want}")
+
+    def check(self, ids: list[int], inputs: ImageInputs) -> None:
+        """Processed inputs given with a prompt (the server's) must be that prompt's: a
+        run of soft tokens per item, as many as its grid gives, the frames where the
+        video tokens are."""
+        c = self.config
+        runs = self._runs(ids)
+        if self.positions(ids) != inputs.positions \
+                or [(p, n) for p, _, n in runs] != inputs.ranges \
+                or [n for *_, n in runs] != [c.grid_tokens(g) for g in inputs.sizes] \
+                or [k for k, (_, t, _) in enumerate(runs) if t == c.video_token_id] \
+                != inputs.videos \
+                or inputs.pixel_values.shape[0] != sum(r * w for r, w in inputs.sizes) \
+                or inputs.bidirectional != c.bidirectional:
+            raise ValueError("multi_modal_data: the processed image inputs do not match the "
+                             "prompt's (expanded) image placeholders")

@@ -27,7 +27,7 @@ them (Attention.images_causal); unset, every layer is causal over them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,6 +65,7 @@ class Gemma4VisionConfig:
     eoi_token_id: int
     image_blocks: bool  # use_bidirectional_attention "vision": both ways on sliding layers
     max_soft_tokens: int = 280  # the image processor's (engine/gemma4_images.py)
+    video_token_id: int = -1  # <|video|>: each video frame's soft tokens (-1: none)
 
     @classmethod
     def from_hf(cls, hf: Any) -> Gemma4VisionConfig:
@@ -84,7 +85,8 @@ class Gemma4VisionConfig:
                    bool(v.use_clipped_linears), bool(v.standardize),
                    hf.text_config.hidden_size, int(hf.image_token_id), int(hf.boi_token_id),
                    int(hf.eoi_token_id),
-                   getattr(hf.text_config, "use_bidirectional_attention", None) == "vision")
+                   getattr(hf.text_config, "use_bidirectional_attention", None) == "vision",
+                   video_token_id=int(getattr(hf, "video_token_id", None) or -1))
 
     @property
     def placeholder_id(self) -> int:
@@ -117,8 +119,11 @@ class Gemma4VisionConfig:
         return th // p, tw // p
 
     def tokens_for(self, size: tuple[int, int]) -> int:
-        rows, cols = self.grid(size)
-        return rows * cols // self.pooling_kernel_size ** 2
+        return self.grid_tokens(self.grid(size))
+
+    def grid_tokens(self, grid: tuple[int, int]) -> int:
+        """The soft tokens of a (rows, columns) patch grid: one per k x k block."""
+        return grid[0] * grid[1] // self.pooling_kernel_size ** 2
 
     def tiles(self, size: tuple[int, int]) -> int:
         return 1
@@ -264,17 +269,15 @@ class Gemma4Vision(VisionWeights):
         return name if name.startswith(("vision_tower.", "embed_vision.")) else None
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
-        """[images, max patches, 3 p^2] -> [their soft tokens, text hidden]."""
+    def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        """[the items' real patches, 3 p^2] (images and video frames, item after item) and
+        each item's (rows, columns) patch grid -> [their soft tokens, text hidden]."""
         e = self.embed_vision
         dtype = e.embedding_projection.weight.dtype
-        # the processor's max_soft_tokens, from its padding: max_soft_tokens x k^2 patches
-        c = replace(self.config,
-                    max_soft_tokens=pixels.shape[1] // self.config.pooling_kernel_size ** 2)
         out = []
-        for patches, size in zip(pixels, sizes, strict=True):
-            rows, cols = c.grid(size)
-            tokens = self.vision_tower(patches[:rows * cols].to(dtype), rows, cols)
+        for patches, (rows, cols) in zip(pixels.split([r * c for r, c in grids]), grids,
+                                         strict=True):
+            tokens = self.vision_tower(patches.to(dtype), rows, cols)
             out.append(e.embedding_projection(e.embedding_pre_projection_norm(tokens)))
         return torch.cat(out)
 
