@@ -137,11 +137,12 @@ def test_prompt_ids_match_hf_processor(gemma4v):
     tok = hf.tokenizer
     ours = load_processor(base, vision_config(AutoConfig.from_pretrained(base)), tok)
     assert ours.modalities == ("image", "video") and ours.video.config.max_soft_tokens == 70
-    bare = frames(5, 2)  # no metadata: 24 fps, indices 0, 1
+    bare = frames(5, 2)
     cases = ((ASK, [], [clip(1)]), (BOTH, [image(2, (90, 30))], [clip(3, 2, (64, 64))]),
              (TWO, [], [clip(4), (bare, {"fps": 24.0, "frames_indices": [0, 1],
                                          "total_num_frames": 2})]),
-             ("<|video|>", [], [clip(6, 1)]))
+             ("<|video|>", [], [clip(6, 1)]),
+             ("User: Clip 10<|video|> Model:", [], [clip(6, 1)]))  # "10" + "00:00" joined
     for prompt, images, videos in cases:
         want = hf_inputs(gemma4v["base"], prompt, images, videos=videos)["input_ids"][0].tolist()
         data = {"video": videos, **({"image": images} if images else {})}
@@ -150,6 +151,10 @@ def test_prompt_ids_match_hf_processor(gemma4v):
         assert len(inputs.positions) == sum(t in (tok.image_token_id, hf.video_token_id)
                                             for t in want)
         assert ours.process(want, data)[0] == want
+    many = frames(9, 25, (64, 64))  # bare: 24 fps, frame 24 at 00:01
+    assert ours.expanded(tok.encode(ASK), {"video": [many]}) == hf_inputs(
+        gemma4v["base"], ASK, [], videos=[(many, {"fps": 24.0, "frames_indices": list(range(25)),
+                                                  "total_num_frames": 25})])["input_ids"][0].tolist()
     big = frames(7, 2, (120, 200))  # resized: HF's count of its tokens
     got = ours.process(tok.encode("<|video|>"), {"video": [big]})[0]
     assert got.count(hf.video_token_id) == hf._get_num_multimodal_tokens(
