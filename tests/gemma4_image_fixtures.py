@@ -17,12 +17,13 @@ from tests.gemma4_fixtures import gemma4_config
 
 IMAGE, BOI, EOI, VIDEO = "<|image|>", "<|image>", "<image|>", "<|video|>"
 AUDIO, BOA, EOA = "<|audio|>", "<|audio>", "<audio|>"
-# Gemma 4's template's shape: an image part becomes <|image|>, a video part <|video|>
+# Gemma 4's template's shape: an image part becomes <|image|>, a video part <|video|>, an
+# audio part <|audio|>
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
     "{% for p in m['content'] %}{% if p['type'] == 'image' %}<|image|>"
-    "{% elif p['type'] == 'video' %}<|video|>"
+    "{% elif p['type'] == 'video' %}<|video|>{% elif p['type'] == 'audio' %}<|audio|>"
     "{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -46,8 +47,8 @@ def make_tokenizer(out: Path) -> Any:
 
 @torch.no_grad()
 def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False,
-                            image_soft_tokens: int = 70, video_soft_tokens: int | None = None
-                            ) -> Path:
+                            image_soft_tokens: int = 70, video_soft_tokens: int | None = None,
+                            audio: bool = False) -> Path:
     """The checkpoint and its processor in `out`; random weights of std 0.1.
     `image_blocks`: use_bidirectional_attention "vision" (an image's tokens see each other
     both ways on the sliding layers, whose window of 6 is shorter than an image), and no
@@ -55,7 +56,8 @@ def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False,
     K/V: their causal rule would not show), and the tower's clipped linears (bounds that
     clip on its first layer's MLP). `image_soft_tokens`: the image processor's
     max_soft_tokens; `video_soft_tokens`: the video processor's, saved beside it (HF's
-    Gemma4VideoProcessor, tests/gemma4_video_fixtures.py), or none saved."""
+    Gemma4VideoProcessor, tests/gemma4_video_fixtures.py), or none saved. `audio`: a
+    2-layer audio tower and its embedder too (HF's feature extractor's 128 mel bins)."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil
 
     out.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,13 @@ def make_tiny_gemma4_vision(out: Path, seed: int, image_blocks: bool = False,
                   num_attention_heads=2, num_key_value_heads=2, head_dim=16, patch_size=4,
                   pooling_kernel_size=2, position_embedding_size=160, standardize=True,
                   use_clipped_linears=image_blocks)
-    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+    sound = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 subsampling_conv_channels=[128, 4], output_proj_dims=24, conv_kernel_size=5)
+    cfg = Gemma4Config(text_config=text, vision_config=vision,
+                       audio_config=sound if audio else None,
                        image_token_id=ids(IMAGE), boi_token_id=ids(BOI),
                        eoi_token_id=ids(EOI), audio_token_id=ids(AUDIO),
+                       boa_token_id=ids(BOA), eoa_token_index=ids(EOA),
                        video_token_id=ids(VIDEO))
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(cfg).eval()
@@ -131,13 +137,14 @@ def processor(base: str) -> Any:
 
 
 def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True,
-              videos: list | None = None) -> dict[str, torch.Tensor]:
+              videos: list | None = None, audio: list | None = None
+              ) -> dict[str, torch.Tensor]:
     """What HF's processor makes of a prompt and its images (and videos: (frames,
     metadata) pairs, frames at their resized size, tests/gemma4_video_fixtures.py), as
-    the model takes them (no attention mask: all ones)."""
-    extra = {}
+    the model takes them (no attention mask: all ones). `audio`: 16 kHz waveforms."""
+    extra = {"audio": audio} if audio else {}
     if videos:
-        extra = {"videos": [f for f, _ in videos], "do_sample_frames": False,
+        extra |= {"videos": [f for f, _ in videos], "do_sample_frames": False,
                  "do_convert_rgb": False, "video_metadata": [m for _, m in videos]}
     out = processor(str(base))(text=prompt, images=images or None, return_tensors="pt",
                                add_special_tokens=add_special_tokens, **extra)

@@ -79,7 +79,7 @@ def test_image_features_match_hf(gemma4):
     images = [image(1), image(2, (90, 30))]
     inp = hf_inputs(gemma4["base"], TWO, images)
     grids = [llm.llm_engine.image_processor.config.grid((i.height, i.width)) for i in images]
-    pixels = torch.cat([p[:r * c] for p, (r, c) in zip(inp["pixel_values"], grids)])
+    pixels = torch.cat([p[:r * c].flatten() for p, (r, c) in zip(inp["pixel_values"], grids)])
     ours = llm.llm_engine.vision(pixels, grids)
     with torch.no_grad():
         ref = hf_multimodal(str(gemma4["base"]), None).model.get_image_features(

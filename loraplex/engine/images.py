@@ -155,6 +155,9 @@ class ImageInputs:
     # Gemma 3's pan-and-scan: each image's crops, items of their own after it (empty:
     # none); what limit_mm_per_prompt does not count (engine/pan_and_scan.py)
     crops: list[int] = field(default_factory=list)
+    # Gemma 4: which items are audio clips (engine/gemma4_images.py), never a
+    # bidirectional block (`blocks`), nor counted as images
+    audio: list[int] = field(default_factory=list)
 
     def free_on_preempt(self) -> None:
         """What the request gives back while preempted: nothing here (its embeddings are
@@ -174,10 +177,17 @@ class ImageInputs:
         if not self.bidirectional:
             return n
         end = start + n
-        for first, count in self.ranges:
+        for first, count in self.blocks():
             if first < end < first + count:
                 return max(first - start, 0)
         return n
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """The items whose placeholders see each other both ways: none unless
+        `bidirectional`, then every item but the audio clips."""
+        if not self.bidirectional:
+            return []
+        return [r for i, r in enumerate(self.ranges) if i not in set(self.audio)]
 
     def rows_in(self, start: int, end: int) -> tuple[list[int], slice]:
         """The placeholder positions in [start, end) and their slice of `embeds`."""

@@ -57,6 +57,12 @@ class Gemma4AudioConfig:
     output_dims: int
     text_hidden_size: int
 
+    @property
+    def mels(self) -> int:
+        """The mel bins a frame holds: the first conv's channels (HF's input projection
+        takes channels[0] / 4 x channels[1] values a step: mels / 4 of each)."""
+        return self.conv_channels[0]
+
     @classmethod
     def from_hf(cls, hf: Any) -> Gemma4AudioConfig:
         a = hf.audio_config
@@ -224,27 +230,3 @@ class AudioTower(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.output_proj(x)
-
-
-class Gemma4AudioEncoder(nn.Module):
-    """Mel features -> one language-model input embedding per audio soft token."""
-
-    def __init__(self, c: Gemma4AudioConfig) -> None:
-        super().__init__()
-        self.config = c
-        self.audio_tower = AudioTower(c)
-        self.embed_audio = nn.Module()
-        self.embed_audio.embedding_pre_projection_norm = Gemma4RMSNorm(
-            c.output_dims, c.eps, with_scale=False)
-        self.embed_audio.embedding_projection = nn.Linear(c.output_dims, c.text_hidden_size,
-                                                          bias=False)
-
-    def forward(self, features: torch.Tensor, frames: list[int]) -> torch.Tensor:
-        """[the clips' mel frames, mels] (clip after clip, `frames[i]` each) -> [their
-        soft tokens, text hidden]."""
-        e = self.embed_audio
-        dtype = e.embedding_projection.weight.dtype
-        out = [e.embedding_projection(e.embedding_pre_projection_norm(
-                   self.audio_tower(clip.to(dtype))))
-               for clip in features.split(frames)]
-        return torch.cat(out)
