@@ -28,7 +28,7 @@ from tests.engine_utils import make_llm  # noqa: E402
 from tests.gemma4_fixtures import gemma4_config  # noqa: E402
 from tests.gemma4_image_fixtures import hf_inputs, make_tiny_gemma4_vision, processor  # noqa: E402
 from tests.gemma4_video_fixtures import frames  # noqa: E402
-from tests.llava_fixtures import image  # noqa: E402
+from tests.llava_fixtures import data_url, image  # noqa: E402
 from tests.multimodal_fixtures import (  # noqa: E402
     LANGUAGE_MODEL,
     assert_matches_reference,
@@ -232,6 +232,21 @@ def test_chunked_prefill_and_prefix_cache(gemma4a):
     assert 0 < again[1].num_cached_tokens <= ids.index(audio)
 
 
+def test_audio_stays_causal_under_image_blocks(tiny_root):
+    """use_bidirectional_attention "vision": an image's tokens see each other both ways on
+    the sliding layers, a clip's do not (HF's mask, its mm_token_type_ids); in chunks of
+    80 that cut through the clip (never through the image): HF's tokens and logprobs."""
+    base = make_tiny_gemma4_vision(tiny_root / "gemma4audioblocks" / "base", seed=100,
+                                   image_blocks=True, audio=True)
+    llm = llm_of(base, max_num_batched_tokens=80)
+    a = wave(1, 1.0)
+    jobs = [("User: <|image|> and <|audio|>? Model:", [a], [image(1)], [], None),
+            ("User: Say what you hear <|audio|>", [a], [], [], None)]
+    outs = llm.generate([request(p, c, i, v) for p, c, i, v, _ in jobs], GREEDY,
+                        use_tqdm=False)
+    check(outs, base, jobs)
+
+
 def test_tower_connector_lora_on_audio(gemma4a, tmp_path):
     """enable_tower_connector_lora: an adapter on the audio tower's attention and
     relative projections, its embedder and the language model's q_proj: PEFT's tokens."""
@@ -285,7 +300,7 @@ def test_server_chat_with_audio(gemma4a):
     """/v1/chat/completions with an input_audio part on the base and an adapter: HF's
     greedy tokens over HF's processor's prompt (its usage counted); two clips (over the
     limit), bytes that are no audio, a clip over 30 s: a 400 each, the server serving
-    on."""
+    on (an image beside a clip counts one of each)."""
     base = gemma4a["base"]
     a = wave(1, 1.0)
     data = wav_b64((a, 16000))
@@ -314,3 +329,5 @@ def test_server_chat_with_audio(gemma4a):
             assert info.value.status_code == 400 and message in info.value.body["message"], \
                 info.value.body
         assert len(chat_token_ids(client, "r8", content, n)) == n
+        pictured = [{"type": "image_url", "image_url": {"url": data_url(image(1))}}, *content]
+        assert len(chat_token_ids(client, "r8", pictured, n)) == n  # one image, one clip
