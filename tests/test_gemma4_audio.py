@@ -73,7 +73,7 @@ def request(prompt: str, clips: list, images: list = (), videos: list = ()) -> d
 
 def hf_model(chunking: dict, seed: int) -> torch.nn.Module:
     """HF's Gemma4ForConditionalGeneration with a tiny random audio tower: weights of std
-    0.2, clip bounds on its first layer's feed-forward, gradient clipping at 4."""
+    0.2, clip bounds on its first layer's feed-forward, gradient clipping at 0.5."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -85,7 +85,7 @@ def hf_model(chunking: dict, seed: int) -> torch.nn.Module:
                        audio_config=dict(hidden_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, output_proj_dims=24,
                                          subsampling_conv_channels=[128, 4],
-                                         conv_kernel_size=5, gradient_clipping=4.0,
+                                         conv_kernel_size=5, gradient_clipping=0.5,
                                          **chunking))
     model = Gemma4ForConditionalGeneration(cfg).eval()
     gen = torch.Generator().manual_seed(seed)
