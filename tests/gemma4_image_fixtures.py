@@ -151,3 +151,27 @@ def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = 
     return {k: v for k, v in out.items() if k not in (
         "num_soft_tokens_per_image", "num_soft_tokens_per_video", "attention_mask",
         "video_metadata")}
+
+
+def check_against_hf(outs, base: Path, jobs: list, add_special_tokens: bool = True) -> None:
+    """Each output's prompt ids are HF's processor's, its tokens HF's greedy ones and its
+    logprobs HF's (+ PEFT's) within 1e-4. `jobs`: (prompt, images, videos, audio clips,
+    adapter) per output."""
+    from tests.multimodal_fixtures import assert_matches_reference, hf_logprobs
+
+    for out, (prompt, images, videos, clips, adapter) in zip(outs, jobs, strict=True):
+        inp = hf_inputs(base, prompt, list(images), add_special_tokens, videos=list(videos),
+                        audio=list(clips))
+        ids = inp["input_ids"][0].tolist()
+        assert out.prompt_token_ids == ids
+        got = out.outputs[0].token_ids
+        ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
+        assert_matches_reference(out, ref, adapter)
+
+
+def gemma4_llm(base: Path, **kw) -> Any:
+    """tests/engine_utils.py's make_llm with room for videos and clips (max_model_len 512)."""
+    from tests.engine_utils import make_llm
+
+    kw.setdefault("max_model_len", 512)
+    return make_llm(base, **kw)

@@ -26,12 +26,17 @@ from loraplex import LoRARequest, SamplingParams  # noqa: E402
 from loraplex.models.gemma4_audio import Gemma4AudioConfig  # noqa: E402
 from tests.engine_utils import make_llm  # noqa: E402
 from tests.gemma4_fixtures import gemma4_config  # noqa: E402
-from tests.gemma4_image_fixtures import hf_inputs, make_tiny_gemma4_vision, processor  # noqa: E402
+from tests.gemma4_image_fixtures import (  # noqa: E402
+    check_against_hf,
+    gemma4_llm,
+    hf_inputs,
+    make_tiny_gemma4_vision,
+    processor,
+)
 from tests.gemma4_video_fixtures import frames  # noqa: E402
 from tests.llava_fixtures import data_url, image  # noqa: E402
 from tests.multimodal_fixtures import (  # noqa: E402
     LANGUAGE_MODEL,
-    assert_matches_reference,
     chat_token_ids,
     greedy_reference,
     hf_logprobs,
@@ -150,22 +155,11 @@ def gemma4a(tiny_root: Path) -> dict[str, Path]:
                                           targets=LANGUAGE_MODEL + "(k_proj|gate_proj)")}
 
 
-def llm_of(base: Path, **kw):
-    kw.setdefault("max_model_len", 512)
-    return make_llm(base, **kw)
-
-
 def check(outs, base: Path, jobs: list, add_special_tokens: bool = True) -> None:
-    """Each output's prompt ids are HF's processor's, its tokens HF's greedy ones and its
-    logprobs HF's within 1e-4. `jobs`: (prompt, clips, images, videos, adapter)."""
-    for out, (prompt, clips, images, videos, adapter) in zip(outs, jobs, strict=True):
-        inp = hf_inputs(base, prompt, list(images), add_special_tokens, videos=list(videos),
-                        audio=list(clips))
-        ids = inp["input_ids"][0].tolist()
-        assert out.prompt_token_ids == ids
-        got = out.outputs[0].token_ids
-        ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
-        assert_matches_reference(out, ref, adapter)
+    """HF's prompt ids, tokens and logprobs (check_against_hf); `jobs`: (prompt, clips,
+    images, videos, adapter)."""
+    check_against_hf(outs, base, [(p, i, v, c, a) for p, c, i, v, a in jobs],
+                     add_special_tokens)
 
 
 def test_prompt_ids_match_hf_processor(gemma4a):
@@ -201,7 +195,7 @@ def test_mixed_batch_matches_hf(gemma4a):
     image + video + audio, two clips, a video and a text request: HF's tokens and
     logprobs."""
     base = gemma4a["base"]
-    llm = llm_of(base, enable_lora=True, max_loras=1, max_lora_rank=8)
+    llm = gemma4_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8)
     a, b, v = wave(1, 1.0), wave(2, 0.37), (frames(3, 2), VIDEO)
     jobs = [(ASK, [a], [], [], None), (ASK, [a], [], [], "r8"), (ASK, [a], [], [], "r4"),
             (ALL, [b], [image(1)], [v], "r8"), (TWO, [b, a], [], [], "r4"),
@@ -217,7 +211,7 @@ def test_chunked_prefill_and_prefix_cache(gemma4a):
     """Prefill chunks of 8 tokens through a clip: HF's tokens. The same clip again hits
     the prefix cache past it; another clip misses from its first soft token on."""
     base = gemma4a["base"]
-    llm = llm_of(base, enable_lora=True, max_lora_rank=8, max_num_batched_tokens=8,
+    llm = gemma4_llm(base, enable_lora=True, max_lora_rank=8, max_num_batched_tokens=8,
                  block_size=4)
     a, other = wave(1, 1.0), wave(5, 1.0)
     r8 = LoRARequest("r8", 1, str(gemma4a["r8"]))
@@ -238,7 +232,7 @@ def test_audio_stays_causal_under_image_blocks(tiny_root):
     80 that cut through the clip (never through the image): HF's tokens and logprobs."""
     base = make_tiny_gemma4_vision(tiny_root / "gemma4audioblocks" / "base", seed=100,
                                    image_blocks=True, audio=True)
-    llm = llm_of(base, max_num_batched_tokens=80)
+    llm = gemma4_llm(base, max_num_batched_tokens=80)
     a = wave(1, 1.0)
     jobs = [("User: <|image|> and <|audio|>? Model:", [a], [image(1)], [], None),
             ("User: Say what you hear <|audio|>", [a], [], [], None)]
@@ -254,7 +248,7 @@ def test_tower_connector_lora_on_audio(gemma4a, tmp_path):
         gemma4a["base"], tmp_path / "tower", r=4, seed=99,
         targets=r".*(language_model.*\.q_proj|audio_tower.*(q_proj\.linear|relative_k_proj)"
                 r"|embed_audio\.embedding_projection)")
-    llm = llm_of(gemma4a["base"], enable_lora=True, max_lora_rank=8,
+    llm = gemma4_llm(gemma4a["base"], enable_lora=True, max_lora_rank=8,
                  enable_tower_connector_lora=True)
     a = wave(1, 1.0)
     outs = llm.generate([request(ASK, [a])] * 2, GREEDY, use_tqdm=False,
@@ -269,7 +263,7 @@ def test_chat_and_bad_clips_fail_alone(gemma4a):
     fail at add_request and queue nothing; the good request beside them finishes with HF's
     tokens."""
     base = gemma4a["base"]
-    llm = llm_of(base, limit_mm_per_prompt={"audio": 1, "image": 1, "video": 1})
+    llm = gemma4_llm(base, limit_mm_per_prompt={"audio": 1, "image": 1, "video": 1})
     a = wave(1, 1.0)
     conv = [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": wav_b64((a, 16000)), "format": "wav"}},

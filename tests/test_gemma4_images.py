@@ -20,11 +20,15 @@ pytest.importorskip("PIL")
 
 from loraplex import LoRARequest, SamplingParams  # noqa: E402
 from tests.engine_utils import make_llm  # noqa: E402
-from tests.gemma4_image_fixtures import hf_inputs, make_tiny_gemma4_vision, processor  # noqa: E402
+from tests.gemma4_image_fixtures import (  # noqa: E402
+    check_against_hf,
+    hf_inputs,
+    make_tiny_gemma4_vision,
+    processor,
+)
 from tests.llava_fixtures import data_url, image  # noqa: E402
 from tests.multimodal_fixtures import (  # noqa: E402
     LANGUAGE_MODEL,
-    assert_matches_reference,
     chat_token_ids,
     hf_logprobs,
     hf_multimodal,
@@ -61,15 +65,9 @@ def gemma4_blocks(tiny_root: Path) -> dict[str, Path]:
 
 def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
           add_special_tokens: bool = True) -> None:
-    """Each output's prompt ids are HF's processor's, its tokens HF's greedy ones and its
-    logprobs HF's within 1e-4."""
-    for out, (prompt, images, adapter) in zip(outs, jobs, strict=True):
-        inp = hf_inputs(base, prompt, images, add_special_tokens)
-        ids = inp["input_ids"][0].tolist()
-        assert out.prompt_token_ids == ids
-        got = out.outputs[0].token_ids
-        ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
-        assert_matches_reference(out, ref, adapter)
+    """HF's prompt ids, tokens and logprobs (check_against_hf); `jobs`: (prompt, images,
+    adapter)."""
+    check_against_hf(outs, base, [(p, i, [], [], a) for p, i, a in jobs], add_special_tokens)
 
 
 def test_image_features_match_hf(gemma4):

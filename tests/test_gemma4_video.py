@@ -22,13 +22,17 @@ pytest.importorskip("transformers.models.gemma4",
 pytest.importorskip("PIL")
 
 from loraplex import LoRARequest, SamplingParams  # noqa: E402
-from tests.engine_utils import make_llm  # noqa: E402
-from tests.gemma4_image_fixtures import hf_inputs, make_tiny_gemma4_vision, processor  # noqa: E402
+from tests.gemma4_image_fixtures import (  # noqa: E402
+    check_against_hf,
+    gemma4_llm,
+    hf_inputs,
+    make_tiny_gemma4_vision,
+    processor,
+)
 from tests.gemma4_video_fixtures import frames  # noqa: E402
 from tests.llava_fixtures import image  # noqa: E402
 from tests.multimodal_fixtures import (  # noqa: E402
     LANGUAGE_MODEL,
-    assert_matches_reference,
     chat_token_ids,
     greedy_reference,
     hf_logprobs,
@@ -53,12 +57,6 @@ def clip(seed: int, count: int = 3, size: tuple[int, int] = (56, 72)) -> tuple:
             "total_num_frames": 140} if count <= 3 else {
         "fps": 1.0, "frames_indices": list(range(count)), "total_num_frames": count}
     return frames(seed, count, size), meta
-
-
-def llm_of(base: Path, **kw):
-    """make_llm with room for several videos (max_model_len 512)."""
-    kw.setdefault("max_model_len", 512)
-    return make_llm(base, **kw)
 
 
 def request(prompt: str, images: list, videos: list) -> dict:
@@ -94,21 +92,15 @@ def gemma4v_blocks(tiny_root: Path) -> dict[str, Path]:
 
 def check(outs, base: Path, jobs: list[tuple[str, list, list, Path | None]],
           add_special_tokens: bool = True) -> None:
-    """Each output's prompt ids are HF's processor's, its tokens HF's greedy ones and its
-    logprobs HF's within 1e-4."""
-    for out, (prompt, images, videos, adapter) in zip(outs, jobs, strict=True):
-        inp = hf_inputs(base, prompt, images, add_special_tokens, videos=videos)
-        ids = inp["input_ids"][0].tolist()
-        assert out.prompt_token_ids == ids
-        got = out.outputs[0].token_ids
-        ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
-        assert_matches_reference(out, ref, adapter)
+    """HF's prompt ids, tokens and logprobs (check_against_hf); `jobs`: (prompt, images,
+    videos, adapter)."""
+    check_against_hf(outs, base, [(p, i, v, [], a) for p, i, v, a in jobs], add_special_tokens)
 
 
 def test_frame_features_match_hf(gemma4v):
     """The tower + embedder over two videos' frames (two frame sizes): HF's
     get_video_features within 1e-5."""
-    llm = llm_of(gemma4v["base"])
+    llm = gemma4_llm(gemma4v["base"])
     videos = [clip(1), clip(2, 2, (64, 64))]
     inp = hf_inputs(gemma4v["base"], TWO, [], videos=videos)
     _, inputs = llm.llm_engine.image_processor.process(
@@ -167,7 +159,7 @@ def test_mixed_batch_matches_hf(gemma4v):
     """Video requests on the base and on adapters of two ranks (more adapters than slots),
     an image + video one, two videos, an image and a text request: HF's tokens and
     logprobs."""
-    llm = llm_of(gemma4v["base"], enable_lora=True, max_loras=1, max_lora_rank=8)
+    llm = gemma4_llm(gemma4v["base"], enable_lora=True, max_loras=1, max_lora_rank=8)
     a, b, im = clip(1), clip(3, 2, (64, 64)), image(2, (90, 30))
     jobs = [(ASK, [], [a], None), (ASK, [], [a], "r8"), (ASK, [], [a], "r4"),
             (BOTH, [im], [b], "r8"), (TWO, [], [b, a], "r4"), (TEXT, [], [], None),
@@ -187,7 +179,7 @@ def test_frame_blocks_match_hf(budget, gemma4v_blocks):
     text requests on the base and an adapter; `budget` 80: prompts chunked, never inside
     a frame (a frame of 63 or 64 tokens waits for a step with room)."""
     blocks = gemma4v_blocks
-    llm = llm_of(blocks["base"], enable_lora=True, max_lora_rank=8,
+    llm = gemma4_llm(blocks["base"], enable_lora=True, max_lora_rank=8,
                    max_num_batched_tokens=budget)
     a, b = clip(1), clip(3, 2, (64, 64))
     jobs = [(ASK, [], [a], None), (ASK, [], [b], "r8"), (BOTH, [image(2)], [b], None),
@@ -204,7 +196,7 @@ def test_chunked_prefill_and_prefix_cache(gemma4v):
     The same video again hits the prefix cache past its frames; another video of the
     same size misses from its first frame on; both still HF's."""
     base = gemma4v["base"]
-    llm = llm_of(base, enable_lora=True, max_lora_rank=8, max_num_batched_tokens=24,
+    llm = gemma4_llm(base, enable_lora=True, max_lora_rank=8, max_num_batched_tokens=24,
                    block_size=8, enable_prefix_caching=True)
     a, other = clip(1), clip(8)
     r8 = LoRARequest("r8", 1, str(gemma4v["r8"]))
@@ -226,7 +218,7 @@ def test_tower_connector_lora_on_frames(gemma4v, tmp_path):
         gemma4v["base"], tmp_path / "tower", r=4, seed=95,
         targets=r".*(language_model.*\.q_proj|vision_tower.*q_proj\.linear"
                 r"|embed_vision\.embedding_projection)")
-    llm = llm_of(gemma4v["base"], enable_lora=True, max_lora_rank=8,
+    llm = gemma4_llm(gemma4v["base"], enable_lora=True, max_lora_rank=8,
                    enable_tower_connector_lora=True)
     a = clip(1)
     outs = llm.generate([request(ASK, [], [a])] * 2, GREEDY, use_tqdm=False,
@@ -241,7 +233,7 @@ def test_chat_and_bad_videos_fail_alone(gemma4v):
     placeholder and one too long for max_model_len fail at add_request and queue nothing;
     the good request beside them finishes with HF's tokens."""
     base = gemma4v["base"]
-    llm = llm_of(base, max_model_len=320, limit_mm_per_prompt={"video": 1, "image": 1})
+    llm = gemma4_llm(base, max_model_len=320, limit_mm_per_prompt={"video": 1, "image": 1})
     gif = paletted(2, 3, (72, 56))
     conv = [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": gif_url(gif)}},
