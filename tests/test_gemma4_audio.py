@@ -6,8 +6,8 @@ with a right context, with clipped linears and gradient clipping that bite; the 
 count; the prompt ids (each <|audio|> into boa, its soft tokens, eoa); greedy tokens and
 logprobs of mixed batches (text, image, video and audio requests over the base and
 adapters of two ranks); chunked prefill through a clip; prefix caching (the same clip
-hits, another misses); LoRA on the audio tower; chat audio parts over a real server; bad
-clips failing alone."""
+hits, another misses); LoRA on the audio tower; chat audio and video parts over a real
+server; bad clips failing alone."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from tests.multimodal_fixtures import (  # noqa: E402
     wav_b64,
 )
 from tests.server_utils import RemoteServer  # noqa: E402
+from tests.test_qwen_video import gif_url, paletted  # noqa: E402
 
 SHIPPED = {}  # chunk 12, left 13, right 0
 RIGHT = dict(attention_chunk_size=4, attention_context_left=5, attention_context_right=3)
@@ -290,31 +291,43 @@ def test_chat_and_bad_clips_fail_alone(gemma4a):
     check(done, base, [(ASK, [a], [], [], None)])
 
 
-def test_server_chat_with_audio(gemma4a):
-    """/v1/chat/completions with an input_audio part on the base and an adapter: HF's
-    greedy tokens over HF's processor's prompt (its usage counted); two clips (over the
-    limit), bytes that are no audio, a clip over 30 s: a 400 each, the server serving
-    on (an image beside a clip counts one of each)."""
+def test_server_chat_with_audio_and_video(gemma4a):
+    """/v1/chat/completions with an input_audio part on the base and an adapter, and a GIF
+    video_url part on the adapter: HF's greedy tokens over HF's processor's prompt (its
+    usage counted); two clips or two videos (over the limits), bytes that are no audio or
+    no video, a clip over 30 s: a 400 each, the server serving on (an image, a video and a
+    clip in one message count one of each)."""
     base = gemma4a["base"]
     a = wave(1, 1.0)
-    data = wav_b64((a, 16000))
-    content = [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+    content = [{"type": "input_audio", "input_audio": {"data": wav_b64((a, 16000)),
+                                                       "format": "wav"}},
                {"type": "text", "text": "What is said?"}]
     inp = hf_inputs(base, "<|user|><|audio|>What is said?\n<|assistant|>", [], False,
                     audio=[heard(a)])
+    gif = paletted(3, 3, (72, 56))
+    filmed = [{"type": "video_url", "video_url": {"url": gif_url(gif)}},
+              {"type": "text", "text": "What happens?"}]
+    video_inp = hf_inputs(base, "<|user|><|video|>What happens?\n<|assistant|>", [], False,
+                          videos=[(gif, {"fps": 2.0, "frames_indices": [0, 1, 2],
+                                         "total_num_frames": 3})])
     n = GREEDY.max_tokens
     args = ["--max-model-len", "512", "--dtype", "float32", "--enable-lora",
             "--max-lora-rank", "8", "--lora-modules", f"r8={gemma4a['r8']}",
-            "--limit-mm-per-prompt", '{"image": 1, "audio": 1}']
+            "--limit-mm-per-prompt", '{"image": 1, "audio": 1, "video": 1}']
     with RemoteServer(base, args) as server:
         client = server.get_client()
-        for model, adapter in ((str(base), None), ("r8", gemma4a["r8"])):
-            want = greedy_reference(lambda r, a=adapter: hf_logprobs(base, a, inp, r), n)
-            assert chat_token_ids(client, model, content, n, len(inp["input_ids"][0])) == want
+        for model, adapter, parts, ref in ((str(base), None, content, inp),
+                                           ("r8", gemma4a["r8"], content, inp),
+                                           ("r8", gemma4a["r8"], filmed, video_inp)):
+            want = greedy_reference(lambda r, a=adapter, i=ref: hf_logprobs(base, a, i, r), n)
+            assert chat_token_ids(client, model, parts, n, len(ref["input_ids"][0])) == want
         long = wav_b64((np.zeros(16000 * 31, np.float32), 16000))
         bad = {"too many": ([content[0], content[0]], "At most 1 audio"),
+               "too many videos": ([filmed[0], filmed[0]], "At most 1 video"),
                "broken": ([{"type": "input_audio", "input_audio": {
                    "data": "AAAA", "format": "wav"}}], "audio"),
+               "broken video": ([{"type": "video_url", "video_url": {
+                   "url": "data:video/mp4;base64,AAAA"}}], "cannot decode the video"),
                "too long": ([{"type": "input_audio", "input_audio": {
                    "data": long, "format": "wav"}}], "longer than Gemma 4 takes")}
         for parts, message in bad.values():
@@ -322,6 +335,6 @@ def test_server_chat_with_audio(gemma4a):
                 chat_token_ids(client, str(base), parts)
             assert info.value.status_code == 400 and message in info.value.body["message"], \
                 info.value.body
-        assert len(chat_token_ids(client, "r8", content, n)) == n
-        pictured = [{"type": "image_url", "image_url": {"url": data_url(image(1))}}, *content]
-        assert len(chat_token_ids(client, "r8", pictured, n)) == n  # one image, one clip
+        everything = [{"type": "image_url", "image_url": {"url": data_url(image(1))}},
+                      filmed[0], *content]
+        assert len(chat_token_ids(client, "r8", everything, n)) == n

@@ -6,14 +6,14 @@ tower's frame features, the prompt ids (the first timestamp tokenized with the t
 before it), greedy tokens and logprobs of mixed batches (text, image, video and image +
 video requests over the base and adapters of two ranks, chunked prefill through the
 frames, each frame its own bidirectional block under use_bidirectional_attention
-"vision"), prefix caching (the same video hits, another misses), LoRA on the tower, the
-chat routes, and bad videos failing alone (offline and over HTTP)."""
+"vision"), prefix caching (the same video hits, another misses), LoRA on the tower,
+LLM.chat, and bad videos failing alone. (Over HTTP: tests/test_gemma4_audio.py's server
+test, one server for video_url and audio parts.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 
@@ -33,13 +33,9 @@ from tests.gemma4_video_fixtures import frames  # noqa: E402
 from tests.llava_fixtures import image  # noqa: E402
 from tests.multimodal_fixtures import (  # noqa: E402
     LANGUAGE_MODEL,
-    chat_token_ids,
-    greedy_reference,
-    hf_logprobs,
     hf_multimodal,
     make_multimodal_adapter,
 )
-from tests.server_utils import RemoteServer  # noqa: E402
 from tests.test_qwen_video import gif_url, paletted  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
@@ -259,41 +255,3 @@ def test_chat_and_bad_videos_fail_alone(gemma4v):
         done += [o for o in engine.step() if o.finished]
     assert [o.request_id for o in done] == ["good"]
     check(done, base, [(ASK, [], [clip(1)], None)])
-
-
-@pytest.fixture(scope="module")
-def server(gemma4v):
-    args = ["--max-model-len", "400", "--dtype", "float32", "--enable-lora",
-            "--max-lora-rank", "8", "--lora-modules", f"r8={gemma4v['r8']}",
-            "--limit-mm-per-prompt", '{"image": 1, "video": 1}']
-    with RemoteServer(gemma4v["base"], args) as s:
-        yield s
-
-
-def test_server_chat_with_video(server, gemma4v):
-    """/v1/chat/completions with a GIF video_url on the base and an adapter: HF's greedy
-    tokens over HF's processor's prompt (its usage counted); two videos (over the limit),
-    an undecodable video and one too long: a 400 each, the server serving on."""
-    base = gemma4v["base"]
-    gif = paletted(3, 3, (72, 56))
-    content = [{"type": "video_url", "video_url": {"url": gif_url(gif)}},
-               {"type": "text", "text": "What happens?"}]
-    meta = {"fps": 2.0, "frames_indices": [0, 1, 2], "total_num_frames": 3}
-    inp = hf_inputs(base, "<|user|><|video|>What happens?\n<|assistant|>", [], False,
-                    videos=[(gif, meta)])
-    client = server.get_client()
-    n = GREEDY.max_tokens
-    for model, adapter in ((str(base), None), ("r8", gemma4v["r8"])):
-        want = greedy_reference(lambda r, a=adapter: hf_logprobs(base, a, inp, r), n)
-        assert chat_token_ids(client, model, content, n, len(inp["input_ids"][0])) == want
-    long = [{"type": "video_url", "video_url": {"url": gif_url(paletted(4, 6, (72, 56)))}}]
-    bad = {"too many": ([content[0], content[0]], "At most 1 video"),
-           "broken": ([{"type": "video_url", "video_url": {
-               "url": "data:video/mp4;base64,AAAA"}}], "cannot decode the video"),
-           "too long": (long, "max")}
-    for parts, message in bad.values():
-        with pytest.raises(openai.BadRequestError) as info:
-            chat_token_ids(client, str(base), parts)
-        assert info.value.status_code == 400 and message in info.value.body["message"], \
-            info.value.body
-    assert len(chat_token_ids(client, "r8", content, n)) == n
