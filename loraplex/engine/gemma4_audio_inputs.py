@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from loraplex.engine.audio import as_clips, resample, waveform
+from loraplex.engine.images import expand_wrapped
 from loraplex.models.gemma4_audio import Gemma4AudioConfig
-from loraplex.models.gemma4_vision import Gemma4VisionConfig, expand_wrapped
+from loraplex.models.gemma4_vision import Gemma4VisionConfig
 
 MAX_SAMPLES = 480_000  # Gemma4AudioFeatureExtractor's max_length
 
@@ -74,4 +75,5 @@ class Gemma4AudioClips:
         """Clip i's one `<|audio|>` becomes boa, its soft tokens, eoa."""
         c = self.config
         return expand_wrapped(ids, c.audio_token_id, c.boa_token_id, c.eoa_token_id,
-                              [Gemma4AudioConfig.tokens_for(n) for n in frames], "audio")
+                              [Gemma4AudioConfig.tokens_for(n) for n in frames], "<|audio|>",
+                              "audio")

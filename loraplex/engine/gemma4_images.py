@@ -26,9 +26,9 @@ import torch
 
 from loraplex.engine.gemma4_audio_inputs import Gemma4AudioClips
 from loraplex.engine.gemma4_videos import Gemma4Clip, Gemma4Videos
-from loraplex.engine.images import ImageInputs, ImageProcessor, load_images
+from loraplex.engine.images import ImageInputs, ImageProcessor, expand_wrapped, load_images
 from loraplex.engine.qwen_videos import split_videos
-from loraplex.models.gemma4_vision import Gemma4VisionConfig, expand_gemma4
+from loraplex.models.gemma4_vision import Gemma4VisionConfig
 
 Size = tuple[int, ...]  # an image's or frame's (rows, columns); a clip's (mel frames,)
 
@@ -198,3 +198,10 @@ class Gemma4ImageProcessor(ImageProcessor):
                 or inputs.bidirectional != c.bidirectional:
             raise ValueError("multi_modal_data: the processed image inputs do not match the "
                              "prompt's (expanded) image placeholders")
+
+
+def expand_gemma4(ids: list[int], c: Gemma4VisionConfig, counts: list[int]) -> list[int]:
+    """Image i's one <|image|> becomes boi, `counts[i]` <|image|>, eoi (Gemma4Processor's
+    text); a prompt already so expanded is kept as is."""
+    return expand_wrapped(ids, c.image_token_id, c.boi_token_id, c.eoi_token_id, counts,
+                          "<|image|>")

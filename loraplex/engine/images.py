@@ -384,3 +384,30 @@ def expand_placeholders(ids: list[int], token: int, counts: list[int],
     for t in ids:
         out.extend([token] * next(left) if t == token else [t])
     return out
+
+
+def expand_wrapped(ids: list[int], token: int, begin: int, end: int, counts: list[int],
+                   name: str, kind: str = "image") -> list[int]:
+    """Item i's one `token` (its text `name`) becomes `begin`, `counts[i]` of it, `end`
+    (InternVL's <img> ... </img>, Gemma 4's boi ... eoi and boa ... eoa); a prompt already
+    so expanded is kept as is."""
+    runs = placeholder_runs(ids, token)
+    if runs == counts and _wrapped(ids, token, begin, end):
+        return list(ids)
+    if sum(runs) != len(counts):
+        raise ValueError(f"the prompt has {sum(runs)} {kind} placeholder token(s) (id {token}) "
+                         f"for {len(counts)} {kind}(s): put one {name} where each {kind} goes")
+    out: list[int] = []
+    left = iter(counts)
+    for t in ids:
+        out.extend([begin, *[token] * next(left), end] if t == token else [t])
+    return out
+
+
+def _wrapped(ids: list[int], token: int, begin: int, end: int) -> bool:
+    """Every run of `token` lies between `begin` and `end`."""
+    for i, t in enumerate(ids):
+        if t == token and ((i == 0 or ids[i - 1] not in (t, begin))
+                           or (i + 1 == len(ids) or ids[i + 1] not in (t, end))):
+            return False
+    return True

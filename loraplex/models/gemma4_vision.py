@@ -1,10 +1,14 @@
 """Gemma 4's image side (Gemma4ForConditionalGeneration; transformers 5's Gemma4VisionModel
-and Gemma4MultimodalEmbedder).
+and Gemma4MultimodalEmbedder), and the module that holds its encoders: Gemma4Vision runs
+images and video frames (engine/gemma4_videos.py: images at the video budget) through
+the vision tower and audio clips through the audio tower (models/gemma4_audio.py), each
+item alone, from their values flat (engine/gemma4_images.py).
 
 HF's image processor resizes each image, keeping its aspect ratio, to the largest size
 of at most max_soft_tokens x k^2 patches (k: pooling_kernel_size) whose sides are
 multiples of k x patch_size, cuts it into patches (row-major, each patch_size^2 x 3
-values), and pads them to that many. The tower:
+values), and pads them to that many (engine/gemma4_images.py keeps the real ones). The
+tower:
 - patch_embedder: 2 (v - 0.5), one linear, plus a learned x and a y position embedding;
 - encoder layers: Gemma's sandwich norms, q/k RMS-normed (v without a weight), a 2-D rope
   (the first half of each head rotates by the patch's column, the second by its row),
@@ -16,7 +20,7 @@ embed_vision maps each into the language model: RMSNorm without a weight, one li
 
 The prompt marks an image with <|image|> (the processor's image_token); Gemma4Processor
 writes boi, the image's soft tokens (<|image|> each), eoi in its place
-(`expand_gemma4`). In the language model an image row's token embedding is the image's
+(engine/gemma4_images.py `expand_gemma4`). In the language model an image row's token embedding is the image's
 vector (unscaled), and its per-layer embedding is the pad token's (models/gemma4.py).
 With text_config.use_bidirectional_attention "vision" an image's tokens see each other
 both ways on the sliding layers (AND(window, OR(causal, same image)), as Gemma 3's on
@@ -36,7 +40,7 @@ from torch import nn
 
 from loraplex.layers.activation import ACTIVATIONS
 from loraplex.layers.norm import Gemma4RMSNorm
-from loraplex.models.llava import VisionWeights, placeholder_runs
+from loraplex.models.llava import VisionWeights
 
 if TYPE_CHECKING:
     from loraplex.models.gemma4_audio import Gemma4AudioConfig
@@ -336,37 +340,3 @@ def _audio_fields(hf: Any) -> dict[str, Any]:
     return dict(audio=Gemma4AudioConfig.from_hf(hf), audio_token_id=int(hf.audio_token_id),
                 boa_token_id=int(hf.boa_token_id),
                 eoa_token_id=int(hf.eoa_token_index if eoa is None else eoa))
-
-
-def expand_gemma4(ids: list[int], c: Gemma4VisionConfig, counts: list[int]) -> list[int]:
-    """Image i's one <|image|> becomes boi, `counts[i]` <|image|>, eoi (Gemma4Processor's
-    text); a prompt already so expanded is kept as is."""
-    return expand_wrapped(ids, c.image_token_id, c.boi_token_id, c.eoi_token_id, counts,
-                          "image")
-
-
-def expand_wrapped(ids: list[int], token: int, begin: int, end: int, counts: list[int],
-                   kind: str) -> list[int]:
-    """Item i's one `token` becomes `begin`, `counts[i]` of it, `end` (Gemma4Processor's
-    rule for images and audio clips); a prompt already so expanded is kept as is."""
-    runs = placeholder_runs(ids, token)
-    if runs == counts and _wrapped(ids, token, begin, end):
-        return list(ids)
-    if sum(runs) != len(counts):
-        name = "<|image|>" if kind == "image" else "<|audio|>"
-        raise ValueError(f"the prompt has {sum(runs)} {name} token(s) (id {token}) for "
-                         f"{len(counts)} {kind}(s): put one {name} where each {kind} goes")
-    out: list[int] = []
-    left = iter(counts)
-    for t in ids:
-        out.extend([begin, *[t] * next(left), end] if t == token else [t])
-    return out
-
-
-def _wrapped(ids: list[int], token: int, begin: int, end: int) -> bool:
-    """Every run of `token` lies between `begin` and `end`."""
-    for i, t in enumerate(ids):
-        if t == token and ((i == 0 or ids[i - 1] not in (t, begin))
-                           or (i + 1 == len(ids) or ids[i + 1] not in (t, end))):
-            return False
-    return True
