@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from loraplex.engine.images import ImageProcessor, expand_wrapped
+from loraplex.engine.images import ImageProcessor
 from loraplex.models.internvl import InternVLVisionConfig
+from loraplex.models.llava import placeholder_runs
 
 IMAGE_START, IMAGE_END = "<img>", "</img>"
 
@@ -65,4 +66,26 @@ def expand_internvl(ids: list[int], context: int, start: int, end: int,
                     counts: list[int]) -> list[int]:
     """Image i's one `<IMG_CONTEXT>` becomes `<img>`, `counts[i]` of them, `</img>`; a
     prompt already so expanded is kept as is."""
-    return expand_wrapped(ids, context, start, end, counts, "<IMG_CONTEXT>")
+    runs = placeholder_runs(ids, context)
+    if runs == counts and _wrapped(ids, context, start, end):
+        return list(ids)
+    if sum(runs) != len(counts):
+        raise ValueError(f"the prompt has {sum(runs)} image placeholder token(s) (id "
+                         f"{context}) for {len(counts)} image(s): put one <IMG_CONTEXT> "
+                         "where each image goes")
+    out: list[int] = []
+    left = iter(counts)
+    for t in ids:
+        out.extend([start, *[context] * next(left), end] if t == context else [t])
+    return out
+
+
+def _wrapped(ids: list[int], context: int, start: int, end: int) -> bool:
+    """Every run of `<IMG_CONTEXT>` lies between `<img>` and `</img>`."""
+    for i, t in enumerate(ids):
+        if t != context:
+            continue
+        if (i == 0 or ids[i - 1] not in (context, start)) or \
+                (i + 1 == len(ids) or ids[i + 1] not in (context, end)):
+            return False
+    return True

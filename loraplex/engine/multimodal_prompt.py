@@ -85,7 +85,8 @@ def encoder_config(hf_config: Any, text_only: TextOnly | None, multimodal: Multi
         modality = "audio"
     if not (multimodal.takes(modality)
             or (takes_videos(hf_config) and multimodal.takes("video"))
-            or (kind is Gemma4VisionConfig and multimodal.takes("audio"))):
+            or (kind is Gemma4VisionConfig  # its videos and audio clips
+                and (multimodal.takes("video") or multimodal.takes("audio")))):
         logger.info("limit_mm_per_prompt allows no %s: serving %s on text (its encoder is "
                     "not loaded)", modality, model)
         return None
