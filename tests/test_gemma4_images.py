@@ -20,11 +20,15 @@ pytest.importorskip("PIL")
 
 from loraplex import LoRARequest, SamplingParams  # noqa: E402
 from tests.engine_utils import make_llm  # noqa: E402
-from tests.gemma4_image_fixtures import hf_inputs, make_tiny_gemma4_vision, processor  # noqa: E402
+from tests.gemma4_image_fixtures import (  # noqa: E402
+    check_against_hf,
+    hf_inputs,
+    make_tiny_gemma4_vision,
+    processor,
+)
 from tests.llava_fixtures import data_url, image  # noqa: E402
 from tests.multimodal_fixtures import (  # noqa: E402
     LANGUAGE_MODEL,
-    assert_matches_reference,
     chat_token_ids,
     hf_logprobs,
     hf_multimodal,
@@ -61,15 +65,9 @@ def gemma4_blocks(tiny_root: Path) -> dict[str, Path]:
 
 def check(outs, base: Path, jobs: list[tuple[str, list, Path | None]],
           add_special_tokens: bool = True) -> None:
-    """Each output's prompt ids are HF's processor's, its tokens HF's greedy ones and its
-    logprobs HF's within 1e-4."""
-    for out, (prompt, images, adapter) in zip(outs, jobs, strict=True):
-        inp = hf_inputs(base, prompt, images, add_special_tokens)
-        ids = inp["input_ids"][0].tolist()
-        assert out.prompt_token_ids == ids
-        got = out.outputs[0].token_ids
-        ref = hf_logprobs(base, adapter, inp, got[:-1])[len(ids) - 1:]
-        assert_matches_reference(out, ref, adapter)
+    """HF's prompt ids, tokens and logprobs (check_against_hf); `jobs`: (prompt, images,
+    adapter)."""
+    check_against_hf(outs, base, [(p, i, [], [], a) for p, i, a in jobs], add_special_tokens)
 
 
 def test_image_features_match_hf(gemma4):
@@ -78,7 +76,9 @@ def test_image_features_match_hf(gemma4):
     llm = make_llm(gemma4["base"])
     images = [image(1), image(2, (90, 30))]
     inp = hf_inputs(gemma4["base"], TWO, images)
-    ours = llm.llm_engine.vision(inp["pixel_values"], [(i.height, i.width) for i in images])
+    grids = [llm.llm_engine.image_processor.config.grid((i.height, i.width)) for i in images]
+    pixels = torch.cat([p[:r * c].flatten() for p, (r, c) in zip(inp["pixel_values"], grids)])
+    ours = llm.llm_engine.vision(pixels, grids)
     with torch.no_grad():
         ref = hf_multimodal(str(gemma4["base"]), None).model.get_image_features(
             inp["pixel_values"], inp["image_position_ids"]).pooler_output
@@ -105,7 +105,7 @@ def test_prompt_ids_match_hf_processor(gemma4):
         assert got == want
         assert len(inputs.positions) == sum(t == tok.image_token_id for t in want)
         assert ours.process(want, {"image": images})[0] == want
-    with pytest.raises(ValueError, match="1 <\\|image\\|> token.*for 2 image"):
+    with pytest.raises(ValueError, match="1 image placeholder token.*for 2 image"):
         ours.process(tok.encode(ASK), {"image": [image(1), image(2)]})
 
 

@@ -158,6 +158,9 @@ class ImageInputs:
     # Gemma 3's pan-and-scan: each image's crops, items of their own after it (empty:
     # none); what limit_mm_per_prompt does not count (engine/pan_and_scan.py)
     crops: list[int] = field(default_factory=list)
+    # Gemma 4: which items are audio clips (engine/gemma4_images.py), never a
+    # bidirectional block (`blocks`), nor counted as images
+    audio: list[int] = field(default_factory=list)
 
     def free_on_preempt(self) -> None:
         """What the request gives back while preempted: nothing here (its embeddings are
@@ -177,10 +180,17 @@ class ImageInputs:
         if not self.bidirectional:
             return n
         end = start + n
-        for first, count in self.ranges:
+        for first, count in self.blocks():
             if first < end < first + count:
                 return max(first - start, 0)
         return n
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """The items whose placeholders see each other both ways: none unless
+        `bidirectional`, then every item but the audio clips."""
+        if not self.bidirectional:
+            return []
+        return [r for i, r in enumerate(self.ranges) if i not in set(self.audio)]
 
     def rows_in(self, start: int, end: int) -> tuple[list[int], slice]:
         """The placeholder positions in [start, end) and their slice of `embeds`."""
@@ -386,3 +396,30 @@ def expand_placeholders(ids: list[int], token: int, counts: list[int],
     for t in ids:
         out.extend([token] * next(left) if t == token else [t])
     return out
+
+
+def expand_wrapped(ids: list[int], token: int, begin: int, end: int, counts: list[int],
+                   name: str, kind: str = "image") -> list[int]:
+    """Item i's one `token` (its text `name`) becomes `begin`, `counts[i]` of it, `end`
+    (InternVL's <img> ... </img>, Gemma 4's boi ... eoi and boa ... eoa); a prompt already
+    so expanded is kept as is."""
+    runs = placeholder_runs(ids, token)
+    if runs == counts and _wrapped(ids, token, begin, end):
+        return list(ids)
+    if sum(runs) != len(counts):
+        raise ValueError(f"the prompt has {sum(runs)} {kind} placeholder token(s) (id {token}) "
+                         f"for {len(counts)} {kind}(s): put one {name} where each {kind} goes")
+    out: list[int] = []
+    left = iter(counts)
+    for t in ids:
+        out.extend([begin, *[token] * next(left), end] if t == token else [t])
+    return out
+
+
+def _wrapped(ids: list[int], token: int, begin: int, end: int) -> bool:
+    """Every run of `token` lies between `begin` and `end`."""
+    for i, t in enumerate(ids):
+        if t == token and ((i == 0 or ids[i - 1] not in (t, begin))
+                           or (i + 1 == len(ids) or ids[i + 1] not in (t, end))):
+            return False
+    return True

@@ -87,13 +87,16 @@ def encoder_config(hf_config: Any, text_only: TextOnly | None, multimodal: Multi
     if kind is Phi4MMVisionConfig and multimodal.takes("audio"):  # images and audio
         modality = "audio"
     if not (multimodal.takes(modality)
-            or (takes_videos(hf_config) and multimodal.takes("video"))):
+            or (takes_videos(hf_config) and multimodal.takes("video"))
+            or (kind is Gemma4VisionConfig  # its videos and audio clips
+                and (multimodal.takes("video") or multimodal.takes("audio")))):
         logger.info("limit_mm_per_prompt allows no %s: serving %s on text (its encoder is "
                     "not loaded)", modality, model)
         return None
     config = vision_config(hf_config)
-    if isinstance(config, Phi4MMVisionConfig) and not multimodal.takes("audio"):
-        config = replace(config, audio=None)  # Phi-4-multimodal: images only
+    if isinstance(config, Phi4MMVisionConfig | Gemma4VisionConfig) \
+            and not multimodal.takes("audio"):
+        config = replace(config, audio=None)  # images (and Gemma 4's videos) only
     return config
 
 
@@ -208,7 +211,7 @@ class MultimodalPrompts:
 def check_bidirectional(images: ImageInputs, scheduler: SchedulerConfig) -> None:
     """Gemma 3's images attend to their own tokens both ways, so each is prefilled within
     one chunk: it must fit the token budget."""
-    longest = max(n for _, n in images.ranges)
+    longest = max((n for _, n in images.blocks()), default=0)
     if scheduler.enable_chunked_prefill and longest > scheduler.max_num_batched_tokens:
         raise ValueError(f"multi_modal_data: an image takes {longest} tokens, which are "
                          "prefilled in one step: max_num_batched_tokens "
@@ -231,7 +234,7 @@ def count_items(items: Any, modality: str = "image") -> int:
     the server's processed ImageInputs (its images; its videos count as "video"), or
     one; videos: engine/qwen_videos.py's count (a list of frames is one video)."""
     if isinstance(items, ImageInputs):
-        return len(items.ranges) - len(items.videos) - sum(items.crops)
+        return len(items.ranges) - len(items.videos) - len(items.audio) - sum(items.crops)
     if modality == "video":
         return count_videos(items)
     if modality == "audio" and is_clip(items):  # one (waveform, rate) tuple

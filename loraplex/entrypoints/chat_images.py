@@ -174,8 +174,8 @@ class ChatImages:
     def _video(self, part: dict[str, Any], i: int) -> Any:
         if self.video_placeholder is None:
             raise ValueError(f"messages[{i}]: video_url: video inputs are not supported by model "
-                             f"{self.model!r} (videos are served on Qwen2-VL, Qwen2.5-VL and "
-                             "Qwen3-VL)")
+                             f"{self.model!r} (videos are served on Qwen2-VL, Qwen2.5-VL, "
+                             "Qwen3-VL, Qwen3.5 and Gemma 4)")
         value = part.get("video_url")
         if isinstance(value, dict):
             value = value.get("url")

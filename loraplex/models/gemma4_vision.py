@@ -1,10 +1,14 @@
 """Gemma 4's image side (Gemma4ForConditionalGeneration; transformers 5's Gemma4VisionModel
-and Gemma4MultimodalEmbedder).
+and Gemma4MultimodalEmbedder), and the module that holds its encoders: Gemma4Vision runs
+images and video frames (engine/gemma4_videos.py: images at the video budget) through
+the vision tower and audio clips through the audio tower (models/gemma4_audio.py), each
+item alone, from their values flat (engine/gemma4_images.py).
 
 HF's image processor resizes each image, keeping its aspect ratio, to the largest size
 of at most max_soft_tokens x k^2 patches (k: pooling_kernel_size) whose sides are
 multiples of k x patch_size, cuts it into patches (row-major, each patch_size^2 x 3
-values), and pads them to that many. The tower:
+values), and pads them to that many (engine/gemma4_images.py keeps the real ones). The
+tower:
 - patch_embedder: 2 (v - 0.5), one linear, plus a learned x and a y position embedding;
 - encoder layers: Gemma's sandwich norms, q/k RMS-normed (v without a weight), a 2-D rope
   (the first half of each head rotates by the patch's column, the second by its row),
@@ -16,7 +20,7 @@ embed_vision maps each into the language model: RMSNorm without a weight, one li
 
 The prompt marks an image with <|image|> (the processor's image_token); Gemma4Processor
 writes boi, the image's soft tokens (<|image|> each), eoi in its place
-(`expand_gemma4`). In the language model an image row's token embedding is the image's
+(engine/gemma4_images.py `expand_gemma4`). In the language model an image row's token embedding is the image's
 vector (unscaled), and its per-layer embedding is the pad token's (models/gemma4.py).
 With text_config.use_bidirectional_attention "vision" an image's tokens see each other
 both ways on the sliding layers (AND(window, OR(causal, same image)), as Gemma 3's on
@@ -27,8 +31,8 @@ them (Attention.images_causal); unset, every layer is causal over them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,10 @@ from torch import nn
 
 from loraplex.layers.activation import ACTIVATIONS
 from loraplex.layers.norm import Gemma4RMSNorm
-from loraplex.models.llava import VisionWeights, placeholder_runs
+from loraplex.models.llava import VisionWeights
+
+if TYPE_CHECKING:
+    from loraplex.models.gemma4_audio import Gemma4AudioConfig
 
 
 def is_gemma4(hf_config: Any) -> bool:
@@ -65,6 +72,13 @@ class Gemma4VisionConfig:
     eoi_token_id: int
     image_blocks: bool  # use_bidirectional_attention "vision": both ways on sliding layers
     max_soft_tokens: int = 280  # the image processor's (engine/gemma4_images.py)
+    video_token_id: int = -1  # <|video|>: each video frame's soft tokens (-1: none)
+    # the audio tower (models/gemma4_audio.py; None: not built, audio refused) and its
+    # tokens: <|audio|> (the placeholder, and each soft token), boa, eoa
+    audio: Gemma4AudioConfig | None = None
+    audio_token_id: int = -1
+    boa_token_id: int = -1
+    eoa_token_id: int = -1
 
     @classmethod
     def from_hf(cls, hf: Any) -> Gemma4VisionConfig:
@@ -84,7 +98,24 @@ class Gemma4VisionConfig:
                    bool(v.use_clipped_linears), bool(v.standardize),
                    hf.text_config.hidden_size, int(hf.image_token_id), int(hf.boi_token_id),
                    int(hf.eoi_token_id),
-                   getattr(hf.text_config, "use_bidirectional_attention", None) == "vision")
+                   getattr(hf.text_config, "use_bidirectional_attention", None) == "vision",
+                   video_token_id=int(getattr(hf, "video_token_id", None) or -1),
+                   **_audio_fields(hf))
+
+    def item_tokens(self, size: tuple[int, ...]) -> int:
+        """The soft tokens of an item of Gemma4Vision's input: an image's or frame's
+        (rows, columns) grid, or a clip's (mel frames,)."""
+        if len(size) == 1:
+            from loraplex.models.gemma4_audio import Gemma4AudioConfig
+
+            return Gemma4AudioConfig.tokens_for(size[0])
+        return self.grid_tokens(size)
+
+    def item_values(self, size: tuple[int, ...]) -> int:
+        """How many values an item holds in Gemma4Vision's flat input."""
+        if len(size) == 1:
+            return size[0] * self.audio.mels
+        return size[0] * size[1] * 3 * self.patch_size ** 2
 
     @property
     def placeholder_id(self) -> int:
@@ -117,8 +148,11 @@ class Gemma4VisionConfig:
         return th // p, tw // p
 
     def tokens_for(self, size: tuple[int, int]) -> int:
-        rows, cols = self.grid(size)
-        return rows * cols // self.pooling_kernel_size ** 2
+        return self.grid_tokens(self.grid(size))
+
+    def grid_tokens(self, grid: tuple[int, int]) -> int:
+        """The soft tokens of a (rows, columns) patch grid: one per k x k block."""
+        return grid[0] * grid[1] // self.pooling_kernel_size ** 2
 
     def tiles(self, size: tuple[int, int]) -> int:
         return 1
@@ -245,7 +279,7 @@ class VisionTower(nn.Module):
 
 
 class Gemma4Vision(VisionWeights):
-    """Pixels (HF's padded patches) -> one language-model input embedding per soft token."""
+    """Pixels (and audio features) -> one language-model input embedding per soft token."""
 
     label = "Gemma 4's vision tower / embedder"
 
@@ -253,55 +287,56 @@ class Gemma4Vision(VisionWeights):
         super().__init__()
         self.config = c
         self.vision_tower = VisionTower(c)
-        self.embed_vision = nn.Module()
-        self.embed_vision.embedding_pre_projection_norm = Gemma4RMSNorm(
-            c.hidden_size, c.eps, with_scale=False)
-        self.embed_vision.embedding_projection = nn.Linear(c.hidden_size, c.text_hidden_size,
-                                                           bias=False)
+        self.embed_vision = embedder(c.hidden_size, c.text_hidden_size, c.eps)
+        if c.audio is not None:  # models/gemma4_audio.py
+            from loraplex.models.gemma4_audio import AudioTower
+
+            self.audio_tower = AudioTower(c.audio)
+            self.embed_audio = embedder(c.audio.output_dims, c.text_hidden_size, c.audio.eps)
 
     def ours(self, name: str) -> str | None:
         name = name.removeprefix("model.")
-        return name if name.startswith(("vision_tower.", "embed_vision.")) else None
+        towers = ("vision_tower.", "embed_vision.") + (
+            ("audio_tower.", "embed_audio.") if self.config.audio is not None else ())
+        return name if name.startswith(towers) else None
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, sizes: list[tuple[int, int]]) -> torch.Tensor:
-        """[images, max patches, 3 p^2] -> [their soft tokens, text hidden]."""
-        e = self.embed_vision
-        dtype = e.embedding_projection.weight.dtype
-        # the processor's max_soft_tokens, from its padding: max_soft_tokens x k^2 patches
-        c = replace(self.config,
-                    max_soft_tokens=pixels.shape[1] // self.config.pooling_kernel_size ** 2)
+    def forward(self, values: torch.Tensor, sizes: list[tuple[int, ...]]) -> torch.Tensor:
+        """The items' values flat (images' and video frames' real patches, audio clips'
+        mel frames, item after item) and each item's size (an image's or frame's
+        (rows, columns) patch grid, a clip's (mel frames,)) -> [their soft tokens, text
+        hidden]."""
+        c = self.config
         out = []
-        for patches, size in zip(pixels, sizes, strict=True):
-            rows, cols = c.grid(size)
-            tokens = self.vision_tower(patches[:rows * cols].to(dtype), rows, cols)
-            out.append(e.embedding_projection(e.embedding_pre_projection_norm(tokens)))
+        for flat, size in zip(values.split([c.item_values(s) for s in sizes]), sizes,
+                              strict=True):
+            if len(size) == 1:
+                tower, embed = self.audio_tower, self.embed_audio
+                x = tower(flat.view(size[0], -1).to(embed.embedding_projection.weight.dtype))
+            else:
+                tower, embed = self.vision_tower, self.embed_vision
+                rows, cols = size
+                x = tower(flat.view(rows * cols, -1).to(embed.embedding_projection.weight.dtype),
+                          rows, cols)
+            out.append(embed.embedding_projection(embed.embedding_pre_projection_norm(x)))
         return torch.cat(out)
 
 
-def expand_gemma4(ids: list[int], c: Gemma4VisionConfig, counts: list[int]) -> list[int]:
-    """Image i's one <|image|> becomes boi, `counts[i]` <|image|>, eoi (Gemma4Processor's
-    text); a prompt already so expanded is kept as is."""
-    runs = placeholder_runs(ids, c.image_token_id)
-    if runs == counts and _wrapped(ids, c):
-        return list(ids)
-    if sum(runs) != len(counts):
-        raise ValueError(f"the prompt has {sum(runs)} <|image|> token(s) (id "
-                         f"{c.image_token_id}) for {len(counts)} image(s): put one <|image|> "
-                         "where each image goes")
-    out: list[int] = []
-    left = iter(counts)
-    for t in ids:
-        out.extend([c.boi_token_id, *[t] * next(left), c.eoi_token_id]
-                   if t == c.image_token_id else [t])
-    return out
+def embedder(d_in: int, d_out: int, eps: float) -> nn.Module:
+    """HF's Gemma4MultimodalEmbedder: RMSNorm without a weight, one linear."""
+    e = nn.Module()
+    e.embedding_pre_projection_norm = Gemma4RMSNorm(d_in, eps, with_scale=False)
+    e.embedding_projection = nn.Linear(d_in, d_out, bias=False)
+    return e
 
 
-def _wrapped(ids: list[int], c: Gemma4VisionConfig) -> bool:
-    """Every <|image|> run lies between boi and eoi."""
-    for i, t in enumerate(ids):
-        if t == c.image_token_id and (
-                (i == 0 or ids[i - 1] not in (t, c.boi_token_id))
-                or (i + 1 == len(ids) or ids[i + 1] not in (t, c.eoi_token_id))):
-            return False
-    return True
+def _audio_fields(hf: Any) -> dict[str, Any]:
+    """The audio tower's config and tokens, where the checkpoint has one."""
+    if getattr(hf, "audio_config", None) is None:
+        return {}
+    from loraplex.models.gemma4_audio import Gemma4AudioConfig
+
+    eoa = getattr(hf, "eoa_token_id", None)
+    return dict(audio=Gemma4AudioConfig.from_hf(hf), audio_token_id=int(hf.audio_token_id),
+                boa_token_id=int(hf.boa_token_id),
+                eoa_token_id=int(hf.eoa_token_index if eoa is None else eoa))

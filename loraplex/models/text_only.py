@@ -134,9 +134,9 @@ MULTIMODAL: dict[str, TextOnly] = {
                  "model.multi_modal_projector."),
         vision_leaves=("fc1", "fc2", "linear_1", "linear"), images=True),
     # Gemma 4 (E2B, E4B, 26B-A4B, 31B): its language model (models/gemma4.py); its vision
-    # tower and embedder load into models/gemma4_vision.py (images served where the
-    # language model is causal over them), its audio tower is not loaded (audio refused);
-    # the towers' linears are `linear` inside Gemma4ClippableLinear
+    # tower and embedder load into models/gemma4_vision.py (images and videos served), its
+    # audio tower and embedder too (models/gemma4_audio.py); the towers' linears are
+    # `linear` inside Gemma4ClippableLinear, and the audio tower's own
     "Gemma4ForConditionalGeneration": TextOnly(
         "Gemma4ForCausalLM",
         renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
@@ -144,7 +144,8 @@ MULTIMODAL: dict[str, TextOnly] = {
         skipped=("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.",
                  "model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
                  "model.embed_audio."),
-        vision_leaves=("linear", "embedding_projection", "input_proj"), images=True),
+        vision_leaves=("linear", "embedding_projection", "input_proj", "relative_k_proj",
+                       "input_proj_linear", "output_proj"), images=True),
     # Granite Speech: a Granite language model behind a conformer encoder and a Q-Former
     # projector (models/granite_speech.py); the hub's files name them `language_model.*`,
     # `encoder.*`, `projector.*`, transformers 5 `model.language_model.*` and so on. Its

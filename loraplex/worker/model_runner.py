@@ -387,8 +387,7 @@ class ModelRunner:
         else:
             torch_prefill_layout(ctx, lens, self.device,
                                  starts if width else None, width * self.block_size)
-        blocks = [s.images.ranges if s.images is not None and s.images.bidirectional else []
-                  for s in cached or []]
+        blocks = [s.images.blocks() if s.images is not None else [] for s in cached or []]
         if any(blocks):  # Gemma 3: each image's tokens see each other
             if self.attn_backend == "triton":
                 ctx.key_limit = self._tensor(image_key_limits(blocks, starts or [0] * len(lens),
