@@ -17,7 +17,6 @@ mask makes it; clips stay causal, `audio`), its hash; `videos` names the frames.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -26,7 +25,13 @@ import torch
 
 from loraplex.engine.gemma4_audio_inputs import Gemma4AudioClips
 from loraplex.engine.gemma4_videos import Gemma4Clip, Gemma4Videos
-from loraplex.engine.images import ImageInputs, ImageProcessor, expand_wrapped, load_images
+from loraplex.engine.images import (
+    ImageInputs,
+    ImageProcessor,
+    expand_wrapped,
+    image_hash,
+    load_images,
+)
 from loraplex.engine.qwen_videos import split_videos
 from loraplex.models.gemma4_vision import Gemma4VisionConfig
 
@@ -108,9 +113,7 @@ class Gemma4ImageProcessor(ImageProcessor):
         order = sorted(range(len(items)), key=lambda i: firsts[i])
         values = torch.cat([items[i][0].flatten() for i in order]) if items \
             else torch.empty(0)
-        hashes = [hashlib.blake2b(items[i][0].contiguous().numpy().tobytes()
-                                  + repr(items[i][1]).encode(), digest_size=16).digest()
-                  for i in order]
+        hashes = [image_hash(*items[i]) for i in order]
         return ids, ImageInputs(values, self.positions(ids), [(p, n) for p, _, n in runs],
                                 hashes, sizes=[items[i][1] for i in order],
                                 bidirectional=c.bidirectional,

@@ -226,8 +226,8 @@ def load_image(source: Any, connector: MediaConnector | None = None) -> Any:
     return image
 
 
-def image_hash(pixels: torch.Tensor, size: tuple[int, int]) -> bytes:
-    """An image's prefix-cache key: its pixel values (fp32) and size."""
+def image_hash(pixels: torch.Tensor, size: tuple[int, ...]) -> bytes:
+    """An image's (a frame's, a clip's) prefix-cache key: its values (fp32) and size."""
     return hashlib.blake2b(pixels.float().contiguous().numpy().tobytes() + repr(size).encode(),
                            digest_size=16).digest()
 
