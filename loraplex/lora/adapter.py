@@ -140,7 +140,9 @@ class TargetShapes:
             module = "model." + module  # `*Model` (AutoModel: an embedding model's names)
         if not self.aliases:
             return module
-        return ".".join(self.aliases.get(part, part) for part in module.split("."))
+        # (an alias to "" drops the component: OPT's model.decoder.layers, our model.layers)
+        return ".".join(p for p in (self.aliases.get(part, part) for part in module.split("."))
+                        if p)
 
     def no_slots(self, leaf: str) -> bool:
         """The model has `leaf` but the engine gave it no adapter slots
