@@ -34,6 +34,11 @@ CLASSIC_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
         ffn_hidden_size=128, max_position_embeddings=512, new_decoder_architecture=True,
         bias=False, rope_theta=1000.0)),
+    # Falcon2-11B: the new architecture's KV groups on one LayerNorm
+    "falcon_11b": ("FalconConfig", dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        ffn_hidden_size=128, max_position_embeddings=512, new_decoder_architecture=True,
+        num_ln_in_parallel_attn=1, bias=False)),
     # one after the other, q/k/v per head, biases (a rotary Falcon-RW)
     "falcon_sequential": ("FalconConfig", dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_hidden_size=128,

@@ -8,30 +8,37 @@ prefilled whole and in chunks:
 - Falcon: 7B's multi-query attention beside the MLP on one LayerNorm, 40B's KV groups
   fused per group with two LayerNorms, and sequential layers with q/k/v per head and
   biases; adapters on query_key_value, dense and the MLP's;
-- OPT: learned positions at p + 2, ReLU, biases; adapters on q/k/v/out_proj, fc1, fc2;
+- OPT: learned positions at p + 2, ReLU, biases; adapters on q/k/v/out_proj, fc1, fc2
+  and the embeddings;
 - GPT-J: parallel sublayers, rotary on interleaved pairs of part of each head, lm_head
-  with a bias; adapters on q/k/v, out_proj, fc_in, fc_out.
+  with a bias; adapters on q/k/v, out_proj, fc_in, fc_out, the embeddings and lm_head.
+
+Their checkpoints' other shapes load (OPT's saved from OPTModel, GPT-J's with causal-mask
+buffers); what loraplex does not do of them is refused before anything loads.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from loraplex.models.registry import build_model
 from tests.classic_fixtures import CLASSIC_CONFIGS, has_config, make_classic_model
-from tests.engine_utils import check_mixed_batch, make_llm
-from tests.fixtures import make_peft_adapter
+from tests.engine_utils import GREEDY, check_mixed_batch, make_llm
+from tests.fixtures import edited_copy, hf_greedy, make_peft_adapter
 
 ARCHS = list(CLASSIC_CONFIGS)
 # per family: a low-rank adapter on part of the model, a higher-rank one on every linear
 ADAPTERS = {
     "gpt_bigcode": {"r4": ["c_attn", "c_proj"], "r8": "all-linear"},
     "falcon": {"r4": ["query_key_value", "dense"], "r8": "all-linear"},
-    "opt": {"r4": ["q_proj", "v_proj", "out_proj", "fc1"], "r8": "all-linear"},
-    "gptj": {"r4": ["q_proj", "v_proj", "fc_in"], "r8": "all-linear"},
+    "opt": {"r4": ["q_proj", "v_proj", "out_proj", "fc1", "embed_tokens"],
+            "r8": "all-linear"},
+    "gptj": {"r4": ["q_proj", "v_proj", "fc_in", "wte", "lm_head"], "r8": "all-linear"},
 }
 
 
@@ -65,3 +72,86 @@ def test_mixed_batch_matches_peft(arch, budget, models, prompts):
                    **({"enable_chunked_prefill": True, "max_num_batched_tokens": budget}
                       if budget else {}))
     check_mixed_batch(llm, base, adapters, prompts, extra=2)
+
+
+PROMPT = [1, 43, 76, 9]
+
+
+@pytest.mark.parametrize("arch", ["opt", "gptj", "gpt_bigcode"])
+def test_older_checkpoint_names_load(arch, models, tmp_path, caplog):
+    """OPT checkpoints saved from OPTModel (decoder.*, no model. prefix nor lm_head: it is
+    tied); GPT-J's and GPTBigCode's with each layer's causal-mask buffers (attn.bias,
+    attn.masked_bias), skipped without a warning: the same model."""
+    if not has_config(arch):
+        pytest.skip(f"this transformers ({transformers.__version__}) has no {arch}")
+    base, _ = models[arch]
+
+    def renamed(tensors: dict) -> dict:
+        if arch == "opt":
+            return {k.removeprefix("model."): v for k, v in tensors.items()
+                    if k != "lm_head.weight"}
+        for i in range(2):
+            tensors[f"transformer.h.{i}.attn.bias"] = torch.ones(
+                1, 1, 8, 8, dtype=torch.bool).tril()
+            tensors[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e9)
+        return tensors
+
+    def tied(cfg: dict) -> None:
+        cfg["tie_word_embeddings"] = True
+
+    copy = edited_copy(base, tmp_path / arch, tied if arch == "opt" else None,
+                       tensors=renamed, config="config.json", weights="model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="loraplex.models.loader"):
+        out = make_llm(copy).generate([{"prompt_token_ids": PROMPT}], GREEDY,
+                                      use_tqdm=False)[0].outputs[0].token_ids
+    assert not [r for r in caplog.records if r.name == "loraplex.models.loader"]
+    assert out == hf_greedy(copy, None, PROMPT, len(out))
+
+
+def _config(name: str, **fields) -> object:
+    """A tiny config of `name`'s architecture."""
+    config_class, sizes = {
+        "falcon": ("FalconConfig", dict(hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2)),
+        "opt": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  ffn_dim=64)),
+        "gpt_bigcode": ("GPTBigCodeConfig", dict(n_embd=32, n_layer=2, n_head=2)),
+    }[name]
+    return getattr(transformers, config_class)(vocab_size=32, **sizes, **fields)
+
+
+@pytest.mark.parametrize(("name", "fields", "match"), [
+    ("falcon", dict(alibi=True), "alibi=True .* not supported"),
+    ("opt", dict(do_layer_norm_before=False), "do_layer_norm_before=False .* not supported"),
+    ("opt", dict(word_embed_proj_dim=16), "word_embed_proj_dim=16 != hidden_size=32"),
+])
+def test_unsupported_variants_are_refused(name, fields, match):
+    """What HF's code does that loraplex does not (ALiBi Falcons, OPT-350m's post-LN layers
+    and its projections) is refused at build, before any weight loads."""
+    with pytest.raises(ValueError, match=match):
+        build_model(_config(name, **fields))
+
+
+def test_learned_positions_refuse_long_lora():
+    """Long-context LoRA stretches rope tables; a learned position table has no rows past
+    its size: refused, naming why."""
+    with pytest.raises(ValueError, match="long-lora-scaling-factors: not supported on a "
+                                         "model with learned absolute positions"):
+        build_model(_config("gpt_bigcode"), long_lora_factors=(2.0,))
+
+
+def test_config_fields_become_flags():
+    """Each variant's config fields as loraplex reads them: GPTBigCode's one KV head
+    (multi_query) or one per head, its unscaled scores; Falcon's KV heads and layout per
+    variant."""
+    mqa = build_model(_config("gpt_bigcode")).args
+    assert (mqa.num_kv_heads, mqa.qkv_per_head, mqa.attention_multiplier) == (1, False, None)
+    mha = build_model(_config("gpt_bigcode", multi_query=False,
+                              scale_attn_weights=False)).args
+    assert (mha.num_kv_heads, mha.qkv_per_head, mha.attention_multiplier) == (2, True, 1.0)
+    falcon = {k: build_model(_config("falcon", **f)).args for k, f in {
+        "7b": dict(multi_query=True, parallel_attn=True),
+        "40b": dict(new_decoder_architecture=True, num_kv_heads=1),
+        "rw": dict(multi_query=False, parallel_attn=False)}.items()}
+    assert [(a.num_kv_heads, a.qkv_per_head, a.norm_layout) for a in falcon.values()] == [
+        (1, False, "parallel"), (1, True, "parallel_two_norms"), (2, True, "pre")]
