@@ -15,7 +15,7 @@ from tests.fixtures import SPECIAL_TOKENS, _reinit_, make_tokenizer
 
 _IDS = dict(bos_token_id=SPECIAL_TOKENS.index("<s>"), eos_token_id=SPECIAL_TOKENS.index("</s>"),
             pad_token_id=SPECIAL_TOKENS.index("<pad>"))
-# name -> (config class, its fields): hidden 64, 4 heads, 2 layers, MLP 128
+# name -> (config class, its fields): hidden 64, 4 heads (CodeGen 8), 2 layers, MLP 128
 CLASSIC_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # StarCoder 1: multi-query attention, learned positions, tied embeddings
     "gpt_bigcode": ("GPTBigCodeConfig", dict(
@@ -53,6 +53,10 @@ CLASSIC_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # first 8 of 16 head dims, lm_head with a bias
     "gptj": ("GPTJConfig", dict(
         n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=512, rotary_dim=8)),
+    # CodeGen: GPT-J's layer, q/k/v fused in 4 shards of 2 heads each (q, v, k in each)
+    "codegen": ("CodeGenConfig", dict(
+        n_embd=64, n_layer=2, n_head=8, n_inner=128, n_positions=512, n_ctx=512,
+        rotary_dim=4)),
 }
 
 

@@ -11,7 +11,9 @@ prefilled whole and in chunks:
 - OPT: learned positions at p + 2, ReLU, biases; adapters on q/k/v/out_proj, fc1, fc2
   and the embeddings;
 - GPT-J: parallel sublayers, rotary on interleaved pairs of part of each head, lm_head
-  with a bias; adapters on q/k/v, out_proj, fc_in, fc_out, the embeddings and lm_head.
+  with a bias; adapters on q/k/v, out_proj, fc_in, fc_out, the embeddings and lm_head;
+- CodeGen: GPT-J's layer, q/k/v fused in qkv_proj in 4 shards (each its heads' q, v, k);
+  adapters on qkv_proj (one slice) and the rest.
 
 Their checkpoints' other shapes load (OPT's saved from OPTModel, GPT-J's with causal-mask
 buffers); what loraplex does not do of them is refused before anything loads.
@@ -39,6 +41,7 @@ ADAPTERS = {
     "opt": {"r4": ["q_proj", "v_proj", "out_proj", "fc1", "embed_tokens"],
             "r8": "all-linear"},
     "gptj": {"r4": ["q_proj", "v_proj", "fc_in", "wte", "lm_head"], "r8": "all-linear"},
+    "codegen": {"r4": ["qkv_proj", "fc_out"], "r8": "all-linear"},
 }
 
 
@@ -116,6 +119,7 @@ def _config(name: str, **fields) -> object:
         "opt": ("OPTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   ffn_dim=64)),
         "gpt_bigcode": ("GPTBigCodeConfig", dict(n_embd=32, n_layer=2, n_head=2)),
+        "codegen": ("CodeGenConfig", dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=4)),
     }[name]
     return getattr(transformers, config_class)(vocab_size=32, **sizes, **fields)
 
@@ -124,10 +128,12 @@ def _config(name: str, **fields) -> object:
     ("falcon", dict(alibi=True), "alibi=True .* not supported"),
     ("opt", dict(do_layer_norm_before=False), "do_layer_norm_before=False .* not supported"),
     ("opt", dict(word_embed_proj_dim=16), "word_embed_proj_dim=16 != hidden_size=32"),
+    ("codegen", {}, "n_head=2: .* must be a multiple of 4"),
 ])
 def test_unsupported_variants_are_refused(name, fields, match):
     """What HF's code does that loraplex does not (ALiBi Falcons, OPT-350m's post-LN layers
-    and its projections) is refused at build, before any weight loads."""
+    and its projections) and configs HF's layout cannot mean (CodeGen's heads in 4 shards)
+    are refused at build, before any weight loads."""
     with pytest.raises(ValueError, match=match):
         build_model(_config(name, **fields))
 

@@ -16,6 +16,8 @@
 - GPT-J: attention and the MLP (fc_in / fc_out) side by side on one LayerNorm, rotary on
   interleaved pairs over the first rotary_dim dimensions of each head (base 10000), no
   biases on q/k/v/out_proj, lm_head with a bias.
+- CodeGen: GPT-J's layer, q/k/v fused in qkv_proj as its 4 model-parallel shards held
+  them: per shard its heads' queries, values, keys.
 
 Their checkpoints' and adapters' names (transformer.h.{i}.attn, model.decoder.layers ...)
 map onto ours (model.layers.{i}.self_attn ...) by checkpoint_renames / adapter_aliases.
@@ -25,16 +27,19 @@ from __future__ import annotations
 
 from typing import Any
 
-GPT_BIGCODE, FALCON, OPT, GPTJ = ("GPTBigCodeForCausalLM", "FalconForCausalLM",
-                                  "OPTForCausalLM", "GPTJForCausalLM")
+GPT_BIGCODE, FALCON, OPT, GPTJ, CODEGEN = (
+    "GPTBigCodeForCausalLM", "FalconForCausalLM", "OPTForCausalLM", "GPTJForCausalLM",
+    "CodeGenForCausalLM")
 CLASSIC_MODEL_TYPES = {"gpt_bigcode": GPT_BIGCODE, "falcon": FALCON, "opt": OPT,
-                       "gptj": GPTJ}
+                       "gptj": GPTJ, "codegen": CODEGEN}
+CODEGEN_SHARDS = 4  # CodeGen's mp_num: its qkv_proj's layout
 # what each config calls its activation and its norms' epsilon (OPT's is nn.LayerNorm's
 # default, 1e-5: registry._norm_eps)
 ACTIVATION_FIELDS = {GPT_BIGCODE: "activation_function", FALCON: "activation",
-                     OPT: "activation_function", GPTJ: "activation_function"}
+                     OPT: "activation_function", GPTJ: "activation_function",
+                     CODEGEN: "activation_function"}
 CLASSIC_NORM_EPS = {GPT_BIGCODE: "layer_norm_epsilon", FALCON: "layer_norm_epsilon",
-                    GPTJ: "layer_norm_epsilon"}
+                    GPTJ: "layer_norm_epsilon", CODEGEN: "layer_norm_epsilon"}
 # GPT-2's names (GPTBigCode, GPT-J) -> ours, in checkpoints and adapters
 _GPT2_RENAMES = (("transformer.wte.", "model.embed_tokens."),
                  ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."),
@@ -43,7 +48,14 @@ _GPT2_RENAMES = (("transformer.wte.", "model.embed_tokens."),
 _GPT2_ALIASES = (("transformer", "model"), ("h", "layers"), ("attn", "self_attn"),
                  ("wte", "embed_tokens"))
 # their checkpoints' causal-mask buffers (older saves), no weights
-_MASK_BUFFERS = (".self_attn.bias", ".self_attn.masked_bias")
+_MASK_BUFFERS = (".self_attn.bias", ".self_attn.masked_bias", ".self_attn.causal_mask")
+# GPT-J's layer: parallel sublayers on one LayerNorm, interleaved rotary, biased MLP and
+# lm_head
+_GPTJ_LAYER = {
+    "norm_type": "layernorm", "norm_layout": "parallel", "ungated_mlp": ("fc_in", "fc_out"),
+    "mlp_bias": True, "lm_head_bias": True, "rope_interleaved": True,
+    "checkpoint_renames": _GPT2_RENAMES, "checkpoint_skips": _MASK_BUFFERS,
+    "adapter_aliases": _GPT2_ALIASES}
 
 # each architecture's fixed LlamaArgs flags (registry._ARCHITECTURES); classic_args adds
 # what its config decides
@@ -79,18 +91,18 @@ CLASSIC_FLAGS: dict[str, dict[str, Any]] = {
                                (".final_layer_norm.", ".post_attention_layernorm."),
                                (".fc1.", ".mlp.fc1."), (".fc2.", ".mlp.fc2.")),
         "adapter_aliases": (("decoder", ""), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))},
-    GPTJ: {
-        "norm_type": "layernorm", "norm_layout": "parallel", "ungated_mlp": ("fc_in", "fc_out"),
-        "mlp_bias": True, "lm_head_bias": True, "rope_interleaved": True,
-        "module_renames": (("out_proj", "o_proj"),), "checkpoint_renames": _GPT2_RENAMES,
-        "checkpoint_skips": _MASK_BUFFERS, "adapter_aliases": _GPT2_ALIASES},
+    GPTJ: {**_GPTJ_LAYER, "module_renames": (("out_proj", "o_proj"),)},
+    CODEGEN: {**_GPTJ_LAYER, "fused_qkv": True, "qkv_per_head": True,
+              "qkv_groups": CODEGEN_SHARDS, "qkv_group_order": "qvk",
+              "module_renames": (("out_proj", "o_proj"),)},
 }
 
 
 def classic_args(hf: Any, name: str) -> dict[str, Any]:
     """The LlamaArgs fields a classic architecture's config decides (over build_model's
     defaults, which read Llama's fields)."""
-    return {GPT_BIGCODE: _gpt_bigcode, FALCON: _falcon, OPT: _opt, GPTJ: _gptj}[name](hf)
+    return {GPT_BIGCODE: _gpt_bigcode, FALCON: _falcon, OPT: _opt, GPTJ: _gptj,
+            CODEGEN: _codegen}[name](hf)
 
 
 def _no_rotary(hf: Any) -> dict[str, Any]:
@@ -139,6 +151,14 @@ def _opt(hf: Any) -> dict[str, Any]:
     return dict(_no_rotary(hf), num_kv_heads=hf.num_attention_heads,
                 norm_type="layernorm" if affine else "layernorm_noparam",
                 qkv_bias=bias, o_bias=bias, mlp_bias=bias, intermediate_size=hf.ffn_dim)
+
+
+def _codegen(hf: Any) -> dict[str, Any]:
+    if hf.num_attention_heads % CODEGEN_SHARDS:
+        raise ValueError(f"CodeGen with n_head={hf.num_attention_heads}: its qkv_proj is laid "
+                         f"out in {CODEGEN_SHARDS} shards of whole heads, so n_head must be a "
+                         f"multiple of {CODEGEN_SHARDS}")
+    return _gptj(hf)
 
 
 def _gptj(hf: Any) -> dict[str, Any]:

@@ -138,6 +138,10 @@ class LlamaArgs:
     # ... laid out per KV head, [kv_heads, (its queries, k, v), head_dim] (GPT-NeoX's
     # query_key_value, one query each; Falcon's new_decoder_architecture, a group each)
     qkv_per_head: bool = False
+    # ... or in this many groups of (queries, keys, values) heads, in qkv_group_order
+    # (CodeGen's qkv_proj: its 4 model-parallel shards', each q, v, k); 0: one per KV head
+    qkv_groups: int = 0
+    qkv_group_order: str = "qkv"
     # attention's output projection's name (GPTBigCode's c_proj: its MLP's is c_proj too,
     # so no per-leaf rename could name only this one)
     attention_output: str = "o_proj"
@@ -309,17 +313,22 @@ class LlamaAttention(nn.Module):
         self.key_multiplier = a.key_multiplier
         self.clip_qkv = a.clip_qkv
         self.qkv_per_head = a.qkv_per_head
+        self.qkv_groups = a.qkv_groups or a.num_kv_heads
+        self.values_before_keys = a.qkv_group_order == "qvk"
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap, window or 0, chunk=chunk)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q_size = self.q_size * (2 if self.output_gate else 1)
-        if self.qkv_per_head:  # GPT-NeoX, Falcon: each KV head's queries, k, v side by side
-            qkv = self.qkv_proj(x).view(x.shape[0], self.kv_size // self.head_dim, -1,
-                                        self.head_dim)
-            q, k, v = (t.reshape(x.shape[0], -1)
-                       for t in (qkv[:, :, :-2], qkv[:, :, -2], qkv[:, :, -1]))
+        if self.qkv_per_head:  # GPT-NeoX, Falcon: each KV head's queries, k, v side by
+            # side; CodeGen: each shard's queries, values, keys
+            kv = self.kv_size // self.head_dim // self.qkv_groups  # KV heads per group
+            qkv = self.qkv_proj(x).view(x.shape[0], self.qkv_groups, -1, self.head_dim)
+            q, k, v = qkv.split([qkv.shape[2] - 2 * kv, kv, kv], dim=2)
+            if self.values_before_keys:
+                k, v = v, k
+            q, k, v = (t.reshape(x.shape[0], -1) for t in (q, k, v))
         else:
             q, k, v = self.qkv_proj(x).split([q_size, self.kv_size, self.kv_size], dim=-1)
         gate = None
