@@ -16,7 +16,8 @@ prefilled whole and in chunks:
   adapters on qkv_proj (one slice) and the rest.
 
 Their checkpoints' other shapes load (OPT's saved from OPTModel, GPT-J's with causal-mask
-buffers); what loraplex does not do of them is refused before anything loads.
+buffers); given embeddings (prompt_embeds) get the learned positions as in HF; what
+loraplex does not do of them is refused before anything loads.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ import pytest
 import torch
 import transformers
 
+from loraplex.lora.request import LoRARequest
 from loraplex.models.registry import build_model
 from tests.classic_fixtures import CLASSIC_CONFIGS, has_config, make_classic_model
 from tests.engine_utils import GREEDY, check_mixed_batch, make_llm
 from tests.fixtures import edited_copy, hf_greedy, make_peft_adapter
+from tests.test_prompt_embeds import GREEDY as EMBEDS_GREEDY
+from tests.test_prompt_embeds import _check, _hf, _hf_greedy, _not_a_token
 
 ARCHS = list(CLASSIC_CONFIGS)
 # per family: a low-rank adapter on part of the model, a higher-rank one on every linear
@@ -161,3 +165,27 @@ def test_config_fields_become_flags():
         "rw": dict(multi_query=False, parallel_attn=False)}.items()}
     assert [(a.num_kv_heads, a.qkv_per_head, a.norm_layout) for a in falcon.values()] == [
         (1, False, "parallel"), (1, True, "parallel_two_norms"), (2, True, "pre")]
+
+
+@pytest.mark.parametrize("arch", ["gpt_bigcode", "opt"])
+def test_given_embeddings_get_learned_positions(arch, models):
+    """prompt_embeds on a model with learned positions: its position rows are added to the
+    given embeddings as HF adds them to inputs_embeds (adapter and all)."""
+    base, adapters = models[arch]
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
+                   enable_prompt_embeds=True)
+    e = _not_a_token(_hf(base), [1, 43, 76, 99, 12, 57, 8], seed=7)
+    out = llm.generate([{"prompt_embeds": e}], EMBEDS_GREEDY,
+                       lora_request=LoRARequest("r8", 1, str(adapters["r8"])),
+                       use_tqdm=False)[0]
+    _check(out, _hf_greedy(_hf(base, adapters["r8"]), e, EMBEDS_GREEDY.max_tokens))
+
+
+def test_biased_lm_head_refuses_whole_tables(models):
+    """GPT-J's lm_head has a bias: whole lm_head tables per adapter (modules_to_save) are
+    refused at start-up, as on Phi."""
+    base, _ = models["gptj"]
+    with pytest.raises(ValueError, match="--enable-lora-modules-to-save is not supported on "
+                                         "a model whose lm_head has a bias"):
+        make_llm(base, enable_lora=True, enable_lora_modules_to_save=True,
+                 lora_target_modules=["q_proj", "embed_tokens", "lm_head"])
