@@ -57,6 +57,9 @@ CLASSIC_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "codegen": ("CodeGenConfig", dict(
         n_embd=64, n_layer=2, n_head=8, n_inner=128, n_positions=512, n_ctx=512,
         rotary_dim=4)),
+    # BLOOM: ALiBi over 6 heads (4 slopes of one sequence, 2 of the next), embeddings
+    # LayerNorm'd, q/k/v per head
+    "bloom": ("BloomConfig", dict(hidden_size=48, n_layer=2, n_head=6)),
 }
 
 

@@ -13,7 +13,9 @@ prefilled whole and in chunks:
 - GPT-J: parallel sublayers, rotary on interleaved pairs of part of each head, lm_head
   with a bias; adapters on q/k/v, out_proj, fc_in, fc_out, the embeddings and lm_head;
 - CodeGen: GPT-J's layer, q/k/v fused in qkv_proj in 4 shards (each its heads' q, v, k);
-  adapters on qkv_proj (one slice) and the rest.
+  adapters on qkv_proj (one slice) and the rest;
+- BLOOM: ALiBi over 6 heads (the Triton kernels' in tests/test_alibi.py), its embedding
+  LayerNorm, q/k/v fused per head; adapters on query_key_value, dense and the MLP's.
 
 Their checkpoints' other shapes load (OPT's saved from OPTModel, GPT-J's with causal-mask
 buffers); given embeddings (prompt_embeds) get the learned positions as in HF; what
@@ -46,6 +48,7 @@ ADAPTERS = {
             "r8": "all-linear"},
     "gptj": {"r4": ["q_proj", "v_proj", "fc_in", "wte", "lm_head"], "r8": "all-linear"},
     "codegen": {"r4": ["qkv_proj", "fc_out"], "r8": "all-linear"},
+    "bloom": {"r4": ["query_key_value", "dense"], "r8": "all-linear"},
 }
 
 
@@ -84,19 +87,20 @@ def test_mixed_batch_matches_peft(arch, budget, models, prompts):
 PROMPT = [1, 43, 76, 9]
 
 
-@pytest.mark.parametrize("arch", ["opt", "gptj", "gpt_bigcode"])
+@pytest.mark.parametrize("arch", ["opt", "gptj", "gpt_bigcode", "bloom"])
 def test_older_checkpoint_names_load(arch, models, tmp_path, caplog):
     """OPT checkpoints saved from OPTModel (decoder.*, no model. prefix nor lm_head: it is
-    tied); GPT-J's and GPTBigCode's with each layer's causal-mask buffers (attn.bias,
+    tied), BLOOM's from BloomModel (word_embeddings.*, h.*: no transformer. prefix);
+    GPT-J's and GPTBigCode's with each layer's causal-mask buffers (attn.bias,
     attn.masked_bias), skipped without a warning: the same model."""
     if not has_config(arch):
         pytest.skip(f"this transformers ({transformers.__version__}) has no {arch}")
     base, _ = models[arch]
 
     def renamed(tensors: dict) -> dict:
-        if arch == "opt":
-            return {k.removeprefix("model."): v for k, v in tensors.items()
-                    if k != "lm_head.weight"}
+        if arch in ("opt", "bloom"):
+            return {k.removeprefix("model.").removeprefix("transformer."): v
+                    for k, v in tensors.items() if k != "lm_head.weight"}
         for i in range(2):
             tensors[f"transformer.h.{i}.attn.bias"] = torch.ones(
                 1, 1, 8, 8, dtype=torch.bool).tril()
@@ -124,6 +128,7 @@ def _config(name: str, **fields) -> object:
                                   ffn_dim=64)),
         "gpt_bigcode": ("GPTBigCodeConfig", dict(n_embd=32, n_layer=2, n_head=2)),
         "codegen": ("CodeGenConfig", dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=4)),
+        "bloom": ("BloomConfig", dict(hidden_size=32, n_layer=2, n_head=2)),
     }[name]
     return getattr(transformers, config_class)(vocab_size=32, **sizes, **fields)
 
@@ -133,6 +138,8 @@ def _config(name: str, **fields) -> object:
     ("opt", dict(do_layer_norm_before=False), "do_layer_norm_before=False .* not supported"),
     ("opt", dict(word_embed_proj_dim=16), "word_embed_proj_dim=16 != hidden_size=32"),
     ("codegen", {}, "n_head=2: .* must be a multiple of 4"),
+    ("bloom", dict(apply_residual_connection_post_layernorm=True),
+     "apply_residual_connection_post_layernorm=True is not supported"),
 ])
 def test_unsupported_variants_are_refused(name, fields, match):
     """What HF's code does that loraplex does not (ALiBi Falcons, OPT-350m's post-LN layers
@@ -167,10 +174,11 @@ def test_config_fields_become_flags():
         (1, False, "parallel"), (1, True, "parallel_two_norms"), (2, True, "pre")]
 
 
-@pytest.mark.parametrize("arch", ["gpt_bigcode", "opt"])
-def test_given_embeddings_get_learned_positions(arch, models):
+@pytest.mark.parametrize("arch", ["gpt_bigcode", "opt", "bloom"])
+def test_given_embeddings_are_treated_as_hf_treats_them(arch, models):
     """prompt_embeds on a model with learned positions: its position rows are added to the
-    given embeddings as HF adds them to inputs_embeds (adapter and all)."""
+    given embeddings as HF adds them to inputs_embeds (adapter and all); on BLOOM its
+    embedding LayerNorm normalizes them, as HF's."""
     base, adapters = models[arch]
     llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
                    enable_prompt_embeds=True)

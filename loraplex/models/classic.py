@@ -18,6 +18,9 @@
   biases on q/k/v/out_proj, lm_head with a bias.
 - CodeGen: GPT-J's layer, q/k/v fused in qkv_proj as its 4 model-parallel shards held
   them: per shard its heads' queries, values, keys.
+- BLOOM: ALiBi (a linear bias per head on the key positions: layers/attention.py), no
+  positions otherwise; a LayerNorm on the embeddings; q/k/v fused per head in
+  query_key_value, `dense`, a GELU MLP dense_h_to_4h / dense_4h_to_h, biases everywhere.
 
 Their checkpoints' and adapters' names (transformer.h.{i}.attn, model.decoder.layers ...)
 map onto ours (model.layers.{i}.self_attn ...) by checkpoint_renames / adapter_aliases.
@@ -25,13 +28,14 @@ map onto ours (model.layers.{i}.self_attn ...) by checkpoint_renames / adapter_a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-GPT_BIGCODE, FALCON, OPT, GPTJ, CODEGEN = (
+GPT_BIGCODE, FALCON, OPT, GPTJ, CODEGEN, BLOOM = (
     "GPTBigCodeForCausalLM", "FalconForCausalLM", "OPTForCausalLM", "GPTJForCausalLM",
-    "CodeGenForCausalLM")
+    "CodeGenForCausalLM", "BloomForCausalLM")
 CLASSIC_MODEL_TYPES = {"gpt_bigcode": GPT_BIGCODE, "falcon": FALCON, "opt": OPT,
-                       "gptj": GPTJ, "codegen": CODEGEN}
+                       "gptj": GPTJ, "codegen": CODEGEN, "bloom": BLOOM}
 CODEGEN_SHARDS = 4  # CodeGen's mp_num: its qkv_proj's layout
 # what each config calls its activation and its norms' epsilon (OPT's is nn.LayerNorm's
 # default, 1e-5: registry._norm_eps)
@@ -39,7 +43,8 @@ ACTIVATION_FIELDS = {GPT_BIGCODE: "activation_function", FALCON: "activation",
                      OPT: "activation_function", GPTJ: "activation_function",
                      CODEGEN: "activation_function"}
 CLASSIC_NORM_EPS = {GPT_BIGCODE: "layer_norm_epsilon", FALCON: "layer_norm_epsilon",
-                    GPTJ: "layer_norm_epsilon", CODEGEN: "layer_norm_epsilon"}
+                    GPTJ: "layer_norm_epsilon", CODEGEN: "layer_norm_epsilon",
+                    BLOOM: "layer_norm_epsilon"}
 # GPT-2's names (GPTBigCode, GPT-J) -> ours, in checkpoints and adapters
 _GPT2_RENAMES = (("transformer.wte.", "model.embed_tokens."),
                  ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."),
@@ -95,6 +100,20 @@ CLASSIC_FLAGS: dict[str, dict[str, Any]] = {
     CODEGEN: {**_GPTJ_LAYER, "fused_qkv": True, "qkv_per_head": True,
               "qkv_groups": CODEGEN_SHARDS, "qkv_group_order": "qvk",
               "module_renames": (("out_proj", "o_proj"),)},
+    BLOOM: {
+        "norm_type": "layernorm", "fused_qkv": True, "qkv_per_head": True,
+        "ungated_mlp": ("dense_h_to_4h", "dense_4h_to_h"),
+        "qkv_bias": True, "o_bias": True, "mlp_bias": True, "embedding_norm": True,
+        "module_renames": (("query_key_value", "qkv_proj"), ("dense", "o_proj")),
+        "checkpoint_prefix": "transformer.",
+        "checkpoint_renames": (("transformer.word_embeddings_layernorm.", "model.embed_norm."),
+                               ("transformer.word_embeddings.", "model.embed_tokens."),
+                               ("transformer.ln_f.", "model.norm."),
+                               ("transformer.h.", "model.layers."),
+                               (".self_attention.", ".self_attn.")),
+        "adapter_aliases": (("transformer", "model"), ("h", "layers"),
+                            ("self_attention", "self_attn"),
+                            ("word_embeddings", "embed_tokens"))},
 }
 
 
@@ -102,7 +121,7 @@ def classic_args(hf: Any, name: str) -> dict[str, Any]:
     """The LlamaArgs fields a classic architecture's config decides (over build_model's
     defaults, which read Llama's fields)."""
     return {GPT_BIGCODE: _gpt_bigcode, FALCON: _falcon, OPT: _opt, GPTJ: _gptj,
-            CODEGEN: _codegen}[name](hf)
+            CODEGEN: _codegen, BLOOM: _bloom}[name](hf)
 
 
 def _no_rotary(hf: Any) -> dict[str, Any]:
@@ -167,3 +186,22 @@ def _gptj(hf: Any) -> dict[str, Any]:
     return dict(num_kv_heads=hf.num_attention_heads, rotary_dim=rotary,
                 rope_theta=10000.0, rope_scaling=None,  # (its sinusoids' fixed base)
                 intermediate_size=hf.n_inner or 4 * hf.hidden_size)
+
+
+def _bloom(hf: Any) -> dict[str, Any]:
+    if getattr(hf, "apply_residual_connection_post_layernorm", False):
+        raise ValueError("BLOOM with apply_residual_connection_post_layernorm=True is not "
+                         "supported")
+    heads = hf.num_attention_heads
+    return dict(_no_rotary(hf), num_kv_heads=heads, intermediate_size=4 * hf.hidden_size,
+                hidden_act="gelu_tanh", alibi_slopes=alibi_slopes(heads))  # (bloom_gelu)
+
+
+def alibi_slopes(num_heads: int) -> tuple[float, ...]:
+    """ALiBi's head slopes (Press et al., 2021), as BLOOM computes them: a geometric
+    sequence over the largest power of two of heads, 2^(-8 i / n), and for the heads past
+    it every other term of the sequence for twice as many."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = [2 ** (-8 * i / n) for i in range(1, n + 1)]
+    extra = min(n, num_heads - n)
+    return tuple(slopes + [2 ** (-8 * i / (2 * n)) for i in range(1, 2 * extra, 2)])

@@ -110,6 +110,9 @@ class LlamaArgs:
     # checkpoint name pieces -> ours, for architectures that name a module otherwise
     # (Hunyuan's query_layernorm is our q_norm)
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # the prefix of the checkpoint's decoder tensors, prepended to names without it
+    # (BLOOM's checkpoints saved from BloomModel: word_embeddings.*, h.*), before the renames
+    checkpoint_prefix: str = ""
     # an HF module (in checkpoints and adapters) -> ours, which it is the whole of (Phi's
     # attention output `dense` is our o_proj)
     module_renames: tuple[tuple[str, str], ...] = ()
@@ -148,6 +151,9 @@ class LlamaArgs:
     # learned position embeddings added to the tokens' (GPTBigCode, OPT), the row of
     # position p at p + this offset (OPT's 2); None: none
     learned_positions: int | None = None
+    # ALiBi (BLOOM): each head's slope; its scores get slope x key position (no rotary)
+    alibi_slopes: tuple[float, ...] | None = None
+    embedding_norm: bool = False  # a LayerNorm on the embeddings (BLOOM's), as `embed_norm`
     fused_gate_up: bool = False
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
     rope_interleaved: bool = False  # rotate pairs (2i, 2i+1), not halves (Ernie 4.5)
@@ -317,7 +323,8 @@ class LlamaAttention(nn.Module):
         self.values_before_keys = a.qkv_group_order == "qvk"
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
-                              a.attn_logit_softcap, window or 0, chunk=chunk)
+                              a.attn_logit_softcap, window or 0, chunk=chunk,
+                              alibi_slopes=a.alibi_slopes)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q_size = self.q_size * (2 if self.output_gate else 1)
@@ -508,6 +515,7 @@ class LlamaModel(nn.Module):
         if a.learned_positions is not None:  # GPTBigCode's wpe, OPT's embed_positions
             self.embed_positions = nn.Embedding(a.max_position + a.learned_positions,
                                                 a.hidden_size)
+        self.embed_norm = a.norm(a.hidden_size) if a.embedding_norm else None
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling,
                                                a.long_lora_factors, a.rope_interleaved,
@@ -564,6 +572,8 @@ class LlamaModel(nn.Module):
             x = x.index_copy(0, rows, embeds.to(x.dtype))
         if self.position_offset is not None:  # (given embeddings too, as HF's)
             x = x + self.embed_positions(positions + self.position_offset)
+        if self.embed_norm is not None:  # BLOOM (given embeddings too, as HF's)
+            x = self.embed_norm(x)
         if self.aux_layers is not None:
             return self.norm(self._keep_aux(positions, x))
         if self.layers_take_embeddings:
