@@ -60,6 +60,10 @@ CLASSIC_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # BLOOM: ALiBi over 6 heads (4 slopes of one sequence, 2 of the next), embeddings
     # LayerNorm'd, q/k/v per head
     "bloom": ("BloomConfig", dict(hidden_size=48, n_layer=2, n_head=6)),
+    # MPT: ALiBi over 6 heads with its own slopes (alibi_bias_max 8: HF's MptModel reads
+    # none), q/k/v clamped, its softmax_scale, no biases
+    "mpt": ("MptConfig", dict(d_model=48, n_layers=2, n_heads=6, max_seq_len=512,
+                              attn_config=dict(clip_qkv=0.8, softmax_scale=0.3))),
 }
 
 

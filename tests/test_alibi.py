@@ -1,4 +1,4 @@
-"""ALiBi (BLOOM): each head's scores get slope x key position. The Triton kernels (under
+"""ALiBi (BLOOM, MPT): each head's scores get slope x key position. The Triton kernels (under
 the interpreter on the CPU) against a float64 reference, decode split or not, prefill
 over cached context; and BLOOM served by each attention backend against HF + PEFT, with
 chunked prefill and prefix caching (its cached blocks' keys keep their positions).
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.models.classic import alibi_slopes
+from loraplex.models.classic import alibi_slopes, mpt_alibi_slopes
 from tests.classic_fixtures import has_config, make_classic_model
 from tests.engine_utils import check_mixed_batch, check_shared_prefixes, make_llm
 from tests.fixtures import make_peft_adapter
@@ -39,6 +39,16 @@ def test_slopes_are_blooms():
     the sequence for twice as many heads (BLOOM's _get_alibi_slopes)."""
     assert alibi_slopes(4) == (2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8)
     assert alibi_slopes(6) == (2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3)
+
+
+@pytest.mark.parametrize("heads", [6, 8])
+def test_mpt_slopes_are_hfs(heads):
+    """MPT's slopes: over the next power of two of heads, odd terms first (HF's
+    build_mpt_alibi_tensor, at its alibi_bias_max of 8)."""
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    hf = build_mpt_alibi_tensor(heads, 2)[:, 0, 0]  # key 0 of 2: -slope
+    assert torch.tensor(mpt_alibi_slopes(heads, 8.0)) == pytest.approx(-hf, rel=1e-6)
 
 
 @interpreted

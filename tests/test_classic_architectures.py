@@ -15,7 +15,9 @@ prefilled whole and in chunks:
 - CodeGen: GPT-J's layer, q/k/v fused in qkv_proj in 4 shards (each its heads' q, v, k);
   adapters on qkv_proj (one slice) and the rest;
 - BLOOM: ALiBi over 6 heads (the Triton kernels' in tests/test_alibi.py), its embedding
-  LayerNorm, q/k/v fused per head; adapters on query_key_value, dense and the MLP's.
+  LayerNorm, q/k/v fused per head; adapters on query_key_value, dense and the MLP's;
+- MPT: ALiBi with its own slopes, q/k/v fused in Wqkv and clamped, its softmax_scale, no
+  biases; adapters on Wqkv, out_proj, up_proj, down_proj.
 
 Their checkpoints' other shapes load (OPT's saved from OPTModel, GPT-J's with causal-mask
 buffers); given embeddings (prompt_embeds) get the learned positions as in HF; what
@@ -49,6 +51,7 @@ ADAPTERS = {
     "gptj": {"r4": ["q_proj", "v_proj", "fc_in", "wte", "lm_head"], "r8": "all-linear"},
     "codegen": {"r4": ["qkv_proj", "fc_out"], "r8": "all-linear"},
     "bloom": {"r4": ["query_key_value", "dense"], "r8": "all-linear"},
+    "mpt": {"r4": ["Wqkv", "down_proj"], "r8": "all-linear"},
 }
 
 

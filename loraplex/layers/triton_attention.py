@@ -353,7 +353,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr, cu_ptr,
-                    sinks_ptr, slopes_ptr, limit_ptr, out_ptr, qk_scale, k_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                    sinks_ptr, slopes_ptr, limit_ptr, out_ptr, qk_scale, k_scale, v_scale,
+                    stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot,
                     stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,

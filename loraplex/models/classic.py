@@ -21,6 +21,9 @@
 - BLOOM: ALiBi (a linear bias per head on the key positions: layers/attention.py), no
   positions otherwise; a LayerNorm on the embeddings; q/k/v fused per head in
   query_key_value, `dense`, a GELU MLP dense_h_to_4h / dense_4h_to_h, biases everywhere.
+- MPT: ALiBi with its own slopes (alibi_bias_max), q/k/v fused in Wqkv and clamped
+  (clip_qkv), its softmax_scale, LayerNorm without biases, no biases anywhere, a GELU MLP
+  up_proj / down_proj of 4 x d_model (as HF's MptMLP builds it).
 
 Their checkpoints' and adapters' names (transformer.h.{i}.attn, model.decoder.layers ...)
 map onto ours (model.layers.{i}.self_attn ...) by checkpoint_renames / adapter_aliases.
@@ -31,11 +34,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-GPT_BIGCODE, FALCON, OPT, GPTJ, CODEGEN, BLOOM = (
+GPT_BIGCODE, FALCON, OPT, GPTJ, CODEGEN, BLOOM, MPT = (
     "GPTBigCodeForCausalLM", "FalconForCausalLM", "OPTForCausalLM", "GPTJForCausalLM",
-    "CodeGenForCausalLM", "BloomForCausalLM")
+    "CodeGenForCausalLM", "BloomForCausalLM", "MptForCausalLM")
 CLASSIC_MODEL_TYPES = {"gpt_bigcode": GPT_BIGCODE, "falcon": FALCON, "opt": OPT,
-                       "gptj": GPTJ, "codegen": CODEGEN, "bloom": BLOOM}
+                       "gptj": GPTJ, "codegen": CODEGEN, "bloom": BLOOM, "mpt": MPT}
 CODEGEN_SHARDS = 4  # CodeGen's mp_num: its qkv_proj's layout
 # what each config calls its activation and its norms' epsilon (OPT's is nn.LayerNorm's
 # default, 1e-5: registry._norm_eps)
@@ -44,7 +47,7 @@ ACTIVATION_FIELDS = {GPT_BIGCODE: "activation_function", FALCON: "activation",
                      CODEGEN: "activation_function"}
 CLASSIC_NORM_EPS = {GPT_BIGCODE: "layer_norm_epsilon", FALCON: "layer_norm_epsilon",
                     GPTJ: "layer_norm_epsilon", CODEGEN: "layer_norm_epsilon",
-                    BLOOM: "layer_norm_epsilon"}
+                    BLOOM: "layer_norm_epsilon", MPT: "layer_norm_epsilon"}
 # GPT-2's names (GPTBigCode, GPT-J) -> ours, in checkpoints and adapters
 _GPT2_RENAMES = (("transformer.wte.", "model.embed_tokens."),
                  ("transformer.ln_f.", "model.norm."), ("transformer.h.", "model.layers."),
@@ -114,6 +117,16 @@ CLASSIC_FLAGS: dict[str, dict[str, Any]] = {
         "adapter_aliases": (("transformer", "model"), ("h", "layers"),
                             ("self_attention", "self_attn"),
                             ("word_embeddings", "embed_tokens"))},
+    MPT: {
+        "norm_type": "layernorm_nobias", "fused_qkv": True, "ungated_mlp": ("up_proj", "down_proj"),
+        "module_renames": (("Wqkv", "qkv_proj"), ("out_proj", "o_proj")),
+        "checkpoint_renames": (("transformer.wte.", "model.embed_tokens."),
+                               ("transformer.norm_f.", "model.norm."),
+                               ("transformer.blocks.", "model.layers."),
+                               (".attn.", ".self_attn."), (".norm_1.", ".input_layernorm."),
+                               (".norm_2.", ".post_attention_layernorm."), (".ffn.", ".mlp.")),
+        "adapter_aliases": (("transformer", "model"), ("blocks", "layers"),
+                            ("attn", "self_attn"), ("ffn", "mlp"), ("wte", "embed_tokens"))},
 }
 
 
@@ -121,7 +134,7 @@ def classic_args(hf: Any, name: str) -> dict[str, Any]:
     """The LlamaArgs fields a classic architecture's config decides (over build_model's
     defaults, which read Llama's fields)."""
     return {GPT_BIGCODE: _gpt_bigcode, FALCON: _falcon, OPT: _opt, GPTJ: _gptj,
-            CODEGEN: _codegen, BLOOM: _bloom}[name](hf)
+            CODEGEN: _codegen, BLOOM: _bloom, MPT: _mpt}[name](hf)
 
 
 def _no_rotary(hf: Any) -> dict[str, Any]:
@@ -195,6 +208,24 @@ def _bloom(hf: Any) -> dict[str, Any]:
     heads = hf.num_attention_heads
     return dict(_no_rotary(hf), num_kv_heads=heads, intermediate_size=4 * hf.hidden_size,
                 hidden_act="gelu_tanh", alibi_slopes=alibi_slopes(heads))  # (bloom_gelu)
+
+
+def _mpt(hf: Any) -> dict[str, Any]:
+    attn = hf.attn_config
+    heads = hf.num_attention_heads
+    clip = getattr(attn, "clip_qkv", None)
+    return dict(_no_rotary(hf), num_kv_heads=heads, intermediate_size=4 * hf.hidden_size,
+                hidden_act="gelu", clip_qkv=float(clip) if clip else None,
+                attention_multiplier=getattr(attn, "softmax_scale", None),
+                alibi_slopes=mpt_alibi_slopes(heads, float(attn.alibi_bias_max)))
+
+
+def mpt_alibi_slopes(num_heads: int, max_bias: float) -> tuple[float, ...]:
+    """MPT's ALiBi slopes: 2^(-max_bias i / n) over n = the next power of two of heads;
+    for other head counts the odd terms, then the even ones, the first num_heads."""
+    n = 2 ** math.ceil(math.log2(num_heads))
+    slopes = [2 ** (-max_bias * i / n) for i in range(1, n + 1)]
+    return tuple((slopes[1::2] + slopes[::2])[:num_heads] if n != num_heads else slopes)
 
 
 def alibi_slopes(num_heads: int) -> tuple[float, ...]:
