@@ -41,7 +41,7 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
-    "relu2": relu_squared}
+    "relu2": relu_squared, "relu": F.relu}
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,11 @@ same values twice into the one tensor). On the torch path MLA runs its prefill r
 itself, in the decompressed form, through three hooks: `store`, `gathered_keys` (a
 sequence's cached latents) and `decode` (a mixed step's decode rows, absorbed).
 
+ALiBi (BLOOM, MPT: `alibi_slopes`): each head adds slope_h x (key position) to its scores,
+a linear bias per head instead of positions (any per-query constant, as MPT's relative
+form has, leaves the softmax as it is). The torch path writes that softmax out; the
+kernels add it to each tile's scores.
+
 KV sharing (Gemma 4, `reads_kv_of`): a layer that attends over an earlier layer's cache
 writes nothing; it shares that layer's cache tensors and torch decode mirror.
 
@@ -97,7 +102,8 @@ def decode_splits(batch: int, num_kv_heads: int, max_context_len: int,
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  softcap: float = 0.0, window: int = 0, chunk: int = 0,
-                 values_are_keys: bool = False) -> None:
+                 values_are_keys: bool = False,
+                 alibi_slopes: tuple[float, ...] | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -109,6 +115,10 @@ class Attention(nn.Module):
         # V is K (MLA's latent, layers/mla.py): v_cache is k_cache, one tensor, written and
         # read once; the caller passes k as v
         self.values_are_keys = values_are_keys
+        # ALiBi: a slope per head [H] (fp32), or None
+        self.alibi_slopes: torch.Tensor | None
+        self.register_buffer("alibi_slopes", None if alibi_slopes is None else
+                             torch.tensor(alibi_slopes, dtype=torch.float32), persistent=False)
         # set by the model runner once the cache is allocated: [num_blocks, block_size, KVH, D]
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -210,12 +220,13 @@ class Attention(nn.Module):
                 *((self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens)
                   if with_ctx else ()), softcap=self.softcap, window=self.window,
                 sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale,
-                key_limit=None if self.images_causal else ctx.key_limit, chunk=self.chunk)
+                key_limit=None if self.images_causal else ctx.key_limit, chunk=self.chunk,
+                alibi_slopes=self.alibi_slopes)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                          ctx.context_lens, self.scale, ctx.decode_splits,
                                          softcap=self.softcap, window=self.window, sinks=sinks,
                                          k_scale=self.k_scale, v_scale=self.v_scale,
-                                         chunk=self.chunk)
+                                         chunk=self.chunk, alibi_slopes=self.alibi_slopes)
 
     def _prefill(self, q, k, v, ctx: StepContext, sinks: torch.Tensor | None) -> torch.Tensor:
         b, length = ctx.padded_index.shape
@@ -258,9 +269,11 @@ class Attention(nn.Module):
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(scale q k^T) v over [B, h, L, D] (mask: bool, True = attend; None =
-        causal). With a softcap or sinks (which SDPA has no option for) written out, in
-        fp32: softmax(cap * tanh(scale q k^T / cap)) v; softmax([scores, sink])[:-1] v."""
-        if not self.softcap and sinks is None:
+        causal). With a softcap, sinks or ALiBi (which SDPA has no option for) written out,
+        in fp32: softmax(cap * tanh(scale q k^T / cap)) v; softmax([scores, sink])[:-1] v;
+        softmax(scale q k^T + slope_h j) v, key j at position j (every path lays keys out
+        from each sequence's first position)."""
+        if not self.softcap and sinks is None and self.alibi_slopes is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                   scale=self.scale, enable_gqa=True)
         group = q.shape[1] // k.shape[1]
@@ -268,6 +281,9 @@ class Attention(nn.Module):
         scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
         if self.softcap:
             scores = self.softcap * torch.tanh(scores / self.softcap)
+        if self.alibi_slopes is not None:
+            keys = torch.arange(scores.shape[-1], device=q.device, dtype=torch.float32)
+            scores = scores + self.alibi_slopes.view(-1, 1, 1) * keys
         if mask is None:
             mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -29,7 +29,8 @@ first key any query of the tile sees, and a per-key mask does the rest.
 Softmax runs in fp32 (base-2 exponentials, scale folded in); P is cast to the V dtype
 for the second dot, as flash attention does. Attention sinks (gpt-oss: a logit per head
 that joins the softmax with no value) enter each row's sum once at the end, or once in
-the merge of a split decode.
+the merge of a split decode. ALiBi (BLOOM, MPT: a slope per head) adds slope x key
+position to each tile's scores (base 2, as the rest).
 """
 
 from __future__ import annotations
@@ -115,8 +116,9 @@ def _dot(a, b, F32: tl.constexpr):
 
 @triton.jit
 def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr,
-                 SOFTCAP: tl.constexpr):
-    # one online-softmax step: q [M, D], k/v [N, D], valid [M, N] or [1, N]
+                 SOFTCAP: tl.constexpr, slope, key_pos, ALIBI: tl.constexpr):
+    # one online-softmax step: q [M, D], k/v [N, D], valid [M, N] or [1, N]; ALIBI: each
+    # row's slope [M] (base 2) times the keys' positions [N] joins the scores
     s = _dot(q, tl.trans(k), F32)
     if SOFTCAP > 0:  # Gemma 2: cap * tanh(scale * q.k / cap), then base 2 (tanh via sigmoid)
         log2e = 1.4426950408889634
@@ -124,6 +126,8 @@ def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr,
                                  - 1.0)
     else:
         s = s * qk_scale
+    if ALIBI:
+        s = s + slope[:, None] * key_pos[None, :].to(tl.float32)
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
@@ -147,7 +151,7 @@ def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_p
                   end, stride_cb, stride_ct, k_scale, v_scale, HEAD_DIM: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   F32: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                  CHUNK: tl.constexpr):
+                  CHUNK: tl.constexpr, slope, ALIBI: tl.constexpr):
     """Online softmax of q over cached positions [start, end) of one sequence and one KV
     head (kc_ptr/vc_ptr already offset to it), BLOCK_N rows at a time through the table.
     WINDOW > 0: query row m (at position q_pos[m]) sees only positions > q_pos[m] - WINDOW;
@@ -171,20 +175,21 @@ def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_p
             valid = valid & (pos[None, :] > q_pos[:, None] - WINDOW)
         if CHUNK > 0:
             valid = valid & (pos[None, :] >= q_pos[:, None] - q_pos[:, None] % CHUNK)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP,
+                                     slope, pos, ALIBI)
     return m_i, l_i, acc
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, out_ptr, lse_ptr,
-                   qk_scale, k_scale, v_scale,
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, slopes_ptr, out_ptr,
+                   lse_ptr, qk_scale, k_scale, v_scale,
                    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_tb,
                    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, num_splits,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
                    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, CHUNK: tl.constexpr,
-                   HEAD_TILES: tl.constexpr):
+                   HEAD_TILES: tl.constexpr, ALIBI: tl.constexpr):
     """num_splits is a runtime value, not specialized on: it follows the batch size and the
     longest context, and each new value would otherwise compile another kernel mid-serving.
     WINDOW > 0: only the last WINDOW cached positions (the new token's own included);
@@ -214,10 +219,12 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, out_pt
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    slope = tl.load(slopes_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) \
+        * 1.4426950408889634 if ALIBI else m_i
     m_i, l_i, acc = _attend_paged(  # [lo, ctx_len) is the window: no per-key mask
         q, g, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
         table_ptr + b.to(tl.int64) * stride_tb, start, end, stride_cb, stride_ct, k_scale,
-        v_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0, 0)
+        v_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0, 0, slope, ALIBI)
     if HAS_SINKS and not SPLIT:  # split: the merge adds the sink once
         l_i, acc = _add_sink(m_i, l_i, acc, tl.load(sinks_ptr + heads, mask=g_ok, other=0.0))
 
@@ -294,13 +301,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_splits: int = 1, out: torch.Tensor | None = None,
                            softcap: float = 0.0, window: int = 0,
                            sinks: torch.Tensor | None = None, k_scale: float = 1.0,
-                           v_scale: float = 1.0, chunk: int = 0) -> torch.Tensor:
+                           v_scale: float = 1.0, chunk: int = 0,
+                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first context_lens[b] cached
     tokens of sequence b (KV head h // (H // KVH)); context_lens[b] == 0 gives zeros.
     softcap > 0: the scores are softcap * tanh(score / softcap) (Gemma 2). window > 0: only
     the last `window` cached tokens (sliding-window attention); chunk > 0: only those of
     the new token's chunk of `chunk` positions (Llama 4). sinks [H]: each head's
-    sink logit joins its softmax (gpt-oss). An FP8 cache holds K / k_scale, V / v_scale.
+    sink logit joins its softmax (gpt-oss). alibi_slopes [H] fp32: each head's scores get
+    slope x key position (BLOOM, MPT). An FP8 cache holds K / k_scale, V / v_scale.
 
     q: [B, H, D] (last dim contiguous); k_cache/v_cache: [num_blocks, block_size, KVH, D];
     block_tables: [B, max_blocks] int32; context_lens: [B] int32. Returns [B, H, D]."""
@@ -322,7 +331,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sinks = sinks if has_sinks else q  # any tensor: never read
     head_tiles = triton.cdiv(group, block_g)
     _decode_kernel[(b, kvh * head_tiles, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, sinks, part, lse, scale * _LOG2E,
+        q, k_cache, v_cache, block_tables, context_lens, sinks,
+        alibi_slopes if alibi_slopes is not None else q, part, lse, scale * _LOG2E,
         float(k_scale), float(v_scale),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), part.stride(0), part.stride(1), part.stride(2),
@@ -330,7 +340,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_SIZE=block_size, SPLIT=num_splits > 1,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         F32=fp32_dot(q.dtype, _INTERPRETED), SOFTCAP=float(softcap), WINDOW=int(window),
-        HAS_SINKS=has_sinks, CHUNK=int(chunk), HEAD_TILES=head_tiles, num_warps=4)
+        HAS_SINKS=has_sinks, CHUNK=int(chunk), HEAD_TILES=head_tiles,
+        ALIBI=alibi_slopes is not None, num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
             part, lse, sinks, out, part.stride(0), part.stride(1), part.stride(2),
@@ -342,14 +353,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr, cu_ptr,
-                    sinks_ptr, limit_ptr, out_ptr, qk_scale, k_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                    sinks_ptr, slopes_ptr, limit_ptr, out_ptr, qk_scale, k_scale, v_scale,
+                    stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_tb, stride_ot,
                     stride_oh,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     HAS_CONTEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
                     WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                    CHUNK: tl.constexpr):
+                    CHUNK: tl.constexpr, ALIBI: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -365,6 +377,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    slope = l_i + tl.load(slopes_ptr + h).to(tl.float32) * 1.4426950408889634 \
+        if ALIBI else l_i  # ([BLOCK_M]: the head's slope on every row; l_i is zeros)
     # 1) the cached context, all of it before every query: only the length bound (and,
     # with a window, positions past each query's position - WINDOW)
     ctx_len = tl.load(ctx_lens_ptr + b) if HAS_CONTEXT else 0
@@ -377,7 +391,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
         q, ctx_len + i, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch,
         vc_ptr + kvh * stride_ch, table_ptr + b.to(tl.int64) * stride_tb,
         tl.minimum(ctx_lo, ctx_end), ctx_end, stride_cb, stride_ct, k_scale, v_scale,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW, CHUNK)
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW, CHUNK, slope, ALIBI)
     # 2) the step's own K/V, causal: key j is visible to query i when j <= i, or with
     # HAS_LIMIT j <= limit[i] (Gemma 3's image tokens: the last of their image; i for
     # text) (and, with a window, j > i - WINDOW; with chunks, ctx_len + j at or after the
@@ -406,7 +420,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
         if CHUNK > 0:
             q_pos = ctx_len + i
             valid = valid & (j[None, :] + ctx_len >= q_pos[:, None] - q_pos[:, None] % CHUNK)
-        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP)
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP,
+                                     slope, ctx_len + j, ALIBI)
     if HAS_SINKS:
         l_i, acc = _add_sink(m_i, l_i, acc, tl.load(sinks_ptr + h))
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -422,8 +437,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       out: torch.Tensor | None = None, softcap: float = 0.0,
                       window: int = 0, sinks: torch.Tensor | None = None,
                       k_scale: float = 1.0, v_scale: float = 1.0,
-                      key_limit: torch.Tensor | None = None, chunk: int = 0
-                      ) -> torch.Tensor:
+                      key_limit: torch.Tensor | None = None, chunk: int = 0,
+                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of new tokens packed flat: sequence b's queries and K/V are rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q [T, H, D] / k, v [T, KVH, D]. With
     context_lens, sequence b also has context_lens[b] earlier tokens in the paged cache
@@ -434,6 +449,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sequence's new tokens (index from the sequence's first new token; >= its own), for
     Gemma 3's image tokens, which see the rest of their image; None: causal. chunk > 0:
     each query sees only its chunk's keys (positions from p - p % chunk; Llama 4).
+    alibi_slopes [H] fp32: slope x key position added to each head's scores (BLOOM, MPT).
     Returns [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
@@ -453,7 +469,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     has_sinks = sinks is not None
     _prefill_kernel[grid](
         q, k, v, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-        sinks if has_sinks else q, key_limit if key_limit is not None else cu_seqlens_q, out,
+        sinks if has_sinks else q, alibi_slopes if alibi_slopes is not None else q,
+        key_limit if key_limit is not None else cu_seqlens_q, out,
         scale * _LOG2E, float(k_scale), float(v_scale), q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), k_cache.stride(0), k_cache.stride(1) if has_ctx else 0,
@@ -462,5 +479,6 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         BLOCK_SIZE=k_cache.shape[1] if has_ctx else 1, HAS_CONTEXT=has_ctx, BLOCK_M=block,
         BLOCK_N=block, BLOCK_D=block_d, F32=fp32_dot(q.dtype, _INTERPRETED),
         SOFTCAP=float(softcap), WINDOW=int(window), HAS_SINKS=has_sinks,
-        HAS_LIMIT=key_limit is not None, CHUNK=int(chunk), num_warps=4)
+        HAS_LIMIT=key_limit is not None, CHUNK=int(chunk), ALIBI=alibi_slopes is not None,
+        num_warps=4)
     return out

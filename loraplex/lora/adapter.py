@@ -140,7 +140,9 @@ class TargetShapes:
             module = "model." + module  # `*Model` (AutoModel: an embedding model's names)
         if not self.aliases:
             return module
-        return ".".join(self.aliases.get(part, part) for part in module.split("."))
+        # (an alias to "" drops the component: OPT's model.decoder.layers, our model.layers)
+        return ".".join(p for p in (self.aliases.get(part, part) for part in module.split("."))
+                        if p)
 
     def no_slots(self, leaf: str) -> bool:
         """The model has `leaf` but the engine gave it no adapter slots
@@ -371,6 +373,9 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
     for key, tensor in _read_tensors(name, path).items():
         if is_original_copy(key) or (targets.classifier_heads and is_classifier_key(key)):
             continue  # a classifier head: the engine's (layers/classifier.py)
+        if key.endswith("lm_head.base_layer.bias") and cfg.get("bias", "none") == "none":
+            continue  # a biased lm_head's (GPT-J's) own bias, saved beside a copy of its
+            # weight (PEFT's save_embedding_layers): with bias="none", never trained
         if (module := vocab_copy_module(key)) is not None:
             if (ours := targets.ours(module)) is not None:
                 vocab.add_copy(key, ours, tensor)

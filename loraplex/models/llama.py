@@ -110,6 +110,9 @@ class LlamaArgs:
     # checkpoint name pieces -> ours, for architectures that name a module otherwise
     # (Hunyuan's query_layernorm is our q_norm)
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # the prefix of the checkpoint's decoder tensors, prepended to names without it
+    # (BLOOM's checkpoints saved from BloomModel: word_embeddings.*, h.*), before the renames
+    checkpoint_prefix: str = ""
     # an HF module (in checkpoints and adapters) -> ours, which it is the whole of (Phi's
     # attention output `dense` is our o_proj)
     module_renames: tuple[tuple[str, str], ...] = ()
@@ -135,8 +138,22 @@ class LlamaArgs:
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
     # the HF modules are fused ones: qkv_proj (Phi-3), gate_up_proj (Phi-3, GLM)
     fused_qkv: bool = False
-    # ... laid out per head, [heads, (q, k, v), head_dim] (GPT-NeoX's query_key_value)
+    # ... laid out per KV head, [kv_heads, (its queries, k, v), head_dim] (GPT-NeoX's
+    # query_key_value, one query each; Falcon's new_decoder_architecture, a group each)
     qkv_per_head: bool = False
+    # ... or in this many groups of (queries, keys, values) heads, in qkv_group_order
+    # (CodeGen's qkv_proj: its 4 model-parallel shards', each q, v, k); 0: one per KV head
+    qkv_groups: int = 0
+    qkv_group_order: str = "qkv"
+    # attention's output projection's name (GPTBigCode's c_proj: its MLP's is c_proj too,
+    # so no per-leaf rename could name only this one)
+    attention_output: str = "o_proj"
+    # learned position embeddings added to the tokens' (GPTBigCode, OPT), the row of
+    # position p at p + this offset (OPT's 2); None: none
+    learned_positions: int | None = None
+    # ALiBi (BLOOM): each head's slope; its scores get slope x key position (no rotary)
+    alibi_slopes: tuple[float, ...] | None = None
+    embedding_norm: bool = False  # a LayerNorm on the embeddings (BLOOM's), as `embed_norm`
     fused_gate_up: bool = False
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
     rope_interleaved: bool = False  # rotate pairs (2i, 2i+1), not halves (Ernie 4.5)
@@ -275,8 +292,9 @@ class LlamaAttention(nn.Module):
                         _names(prefix, "qkv_proj")) if a.fused_qkv else
             make_linear(a.hidden_size, sizes, a.qkv_bias, a.quant,
                         _names(prefix, "q_proj", "k_proj", "v_proj")))
-        self.o_proj = make_linear(self.q_size, [a.hidden_size], a.o_bias, a.quant,
-                                  _names(prefix, "o_proj"))
+        self.output_name = a.attention_output
+        setattr(self, self.output_name, make_linear(self.q_size, [a.hidden_size], a.o_bias,
+                                                    a.quant, _names(prefix, self.output_name)))
         self.sinks = nn.Parameter(torch.empty(a.num_heads)) if a.attention_sinks else None
         self.qk_norm_full = a.qk_norm_full
         self.qk_norm_after_rope = a.qk_norm_after_rope
@@ -301,14 +319,22 @@ class LlamaAttention(nn.Module):
         self.key_multiplier = a.key_multiplier
         self.clip_qkv = a.clip_qkv
         self.qkv_per_head = a.qkv_per_head
+        self.qkv_groups = a.qkv_groups or a.num_kv_heads
+        self.values_before_keys = a.qkv_group_order == "qvk"
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
-                              a.attn_logit_softcap, window or 0, chunk=chunk)
+                              a.attn_logit_softcap, window or 0, chunk=chunk,
+                              alibi_slopes=a.alibi_slopes)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q_size = self.q_size * (2 if self.output_gate else 1)
-        if self.qkv_per_head:  # GPT-NeoX: each head's q, k, v side by side
-            q, k, v = self.qkv_proj(x).view(x.shape[0], -1, 3 * self.head_dim).chunk(3, dim=-1)
+        if self.qkv_per_head:  # GPT-NeoX, Falcon: each KV head's queries, k, v side by
+            # side; CodeGen: each shard's queries, values, keys
+            kv = self.kv_size // self.head_dim // self.qkv_groups  # KV heads per group
+            qkv = self.qkv_proj(x).view(x.shape[0], self.qkv_groups, -1, self.head_dim)
+            q, k, v = qkv.split([qkv.shape[2] - 2 * kv, kv, kv], dim=2)
+            if self.values_before_keys:
+                k, v = v, k
             q, k, v = (t.reshape(x.shape[0], -1) for t in (q, k, v))
         else:
             q, k, v = self.qkv_proj(x).split([q_size, self.kv_size, self.kv_size], dim=-1)
@@ -342,7 +368,8 @@ class LlamaAttention(nn.Module):
             scale = 1.0 + beta * torch.log1p(torch.floor(positions.float() / original))
             q = q * scale[:, None, None].to(q.dtype)
         out = self.attn(q, k, v, self.sinks)
-        return self.o_proj(out if gate is None else out * torch.sigmoid(gate))
+        return getattr(self, self.output_name)(
+            out if gate is None else out * torch.sigmoid(gate))
 
 
 class LlamaMLP(nn.Module):
@@ -481,6 +508,14 @@ class LlamaModel(nn.Module):
         self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
         self.embed_scale_in_embedding = a.embed_scale_in_embedding
         self.embedding_multiplier = a.embedding_multiplier
+        self.position_offset = a.learned_positions
+        if a.learned_positions is not None and a.long_lora_factors:
+            raise ValueError("--long-lora-scaling-factors: not supported on a model with "
+                             "learned absolute positions (GPTBigCode, OPT)")
+        if a.learned_positions is not None:  # GPTBigCode's wpe, OPT's embed_positions
+            self.embed_positions = nn.Embedding(a.max_position + a.learned_positions,
+                                                a.hidden_size)
+        self.embed_norm = a.norm(a.hidden_size) if a.embedding_norm else None
         self.rotary = rotary = RotaryEmbedding(a.rotary_dim or a.head_dim, a.max_position,
                                                a.rope_theta, a.rope_scaling,
                                                a.long_lora_factors, a.rope_interleaved,
@@ -535,6 +570,10 @@ class LlamaModel(nn.Module):
             if embeds.dim() == 3:  # Qwen3-VL's DeepStack (models/qwen3_vl.py)
                 return self.norm(self._deepstack(positions, x, rows, embeds.to(x.dtype)))
             x = x.index_copy(0, rows, embeds.to(x.dtype))
+        if self.position_offset is not None:  # (given embeddings too, as HF's)
+            x = x + self.embed_positions(positions + self.position_offset)
+        if self.embed_norm is not None:  # BLOOM (given embeddings too, as HF's)
+            x = self.embed_norm(x)
         if self.aux_layers is not None:
             return self.norm(self._keep_aux(positions, x))
         if self.layers_take_embeddings:
@@ -640,6 +679,10 @@ class LlamaForCausalLM(nn.Module):
         if args.mamba1 is not None:  # the Mamba-1 mixers' projections (models/mamba1.py)
             from loraplex.models.mamba1 import mamba1_lora_targets
             self.lora_target_modules = mamba1_lora_targets(args, self.lora_target_modules)
+        if args.attention_output != "o_proj":  # (GPTBigCode's c_proj: its MLP's name too)
+            self.lora_target_modules = tuple(dict.fromkeys(
+                args.attention_output if m == "o_proj" else m
+                for m in self.lora_target_modules))
         for theirs, ours in args.module_renames:  # (Phi's dense: our o_proj)
             self.packed_modules_mapping = {**self.packed_modules_mapping, theirs: (ours, 0)}
             self.lora_target_modules = tuple(theirs if m == ours else m

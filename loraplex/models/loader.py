@@ -136,6 +136,9 @@ def load_weights(model: LlamaForCausalLM, path: str, vision: VisionWeights | Non
                 vision.load_weight(name, tensor)
             continue
         name = ours if text_only is not None else name
+        prefix = model.args.checkpoint_prefix  # (BLOOM's saves from BloomModel lack it)
+        if prefix and not name.startswith((prefix, "lm_head.")):
+            name = prefix + name
         for theirs, ours_part in model.args.checkpoint_renames:
             name = name.replace(theirs, ours_part)
         if "rotary_emb.inv_freq" in name or name.endswith(model.args.checkpoint_skips):

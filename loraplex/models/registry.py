@@ -8,6 +8,13 @@ from typing import Any
 
 from loraplex.layers.activation import ACT_AND_MUL
 from loraplex.layers.quantization import QuantConfig
+from loraplex.models.classic import (
+    ACTIVATION_FIELDS,
+    CLASSIC_FLAGS,
+    CLASSIC_MODEL_TYPES,
+    CLASSIC_NORM_EPS,
+    classic_args,
+)
 from loraplex.models.deepseek import (
     DEEPSEEK_ARCHITECTURES,
     DEEPSEEK_MODEL_TYPES,
@@ -168,6 +175,8 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
         "checkpoint_skips": (".self_attn.bias", ".self_attn.masked_bias"),
         "adapter_aliases": (("gpt_neox", "model"), ("attention", "self_attn"),
                             ("embed_in", "embed_tokens"), ("embed_out", "lm_head"))},
+    # GPTBigCode (StarCoder 1), Falcon, OPT, GPT-J: models/classic.py
+    **CLASSIC_FLAGS,
 }
 
 # multimodal checkpoints: with images (LLaVA), or their language model on text
@@ -206,7 +215,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "phi": "PhiForCausalLM", "stablelm": "StableLmForCausalLM",
                   "olmo": "OlmoForCausalLM", "helium": "HeliumForCausalLM",
                   "gpt_neox": "GPTNeoXForCausalLM", "phimoe": "PhimoeForCausalLM",
-                  **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES,
+                  **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES, **CLASSIC_MODEL_TYPES,
                   **GATED_DELTA_NET_MODEL_TYPES, **MAMBA1_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
@@ -224,7 +233,7 @@ _MLP_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
              "ArceeForCausalLM", "NemotronForCausalLM", "BambaForCausalLM",
              "NemotronHForCausalLM", "FalconH1ForCausalLM", "HeliumForCausalLM")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                "gelu": "gelu", "relu2": "relu2", "xielu": "xielu"}
+                "gelu": "gelu", "relu2": "relu2", "xielu": "xielu", "relu": "relu"}
 _DEFAULT_MAX_POSITIONS = 2048  # a config without max_position_embeddings (Mamba2)
 # what a config calls its norms' epsilon, where not rms_norm_eps
 _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_epsilon",
@@ -234,7 +243,7 @@ _NORM_EPS = {"NemotronForCausalLM": "norm_eps", "Starcoder2ForCausalLM": "norm_e
              "MambaForCausalLM": "layer_norm_epsilon",
              "FalconMambaForCausalLM": "layer_norm_epsilon",
              "PhiForCausalLM": "layer_norm_eps", "StableLmForCausalLM": "layer_norm_eps",
-             "GPTNeoXForCausalLM": "layer_norm_eps",
+             "GPTNeoXForCausalLM": "layer_norm_eps", **CLASSIC_NORM_EPS,
              **dict.fromkeys(LFM2_ARCHITECTURES, "norm_eps")}
 
 
@@ -344,8 +353,8 @@ def _hidden_act(hf: Any, name: str) -> str:
     configs call "gelu": as vLLM does, "gelu" means exact only as `hidden_activation`."""
     if name in ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         return "gelu" if getattr(hf, "hidden_activation", None) == "gelu" else "gelu_tanh"
-    act = getattr(hf, "mlp_hidden_act" if name == "NemotronHForCausalLM" else "hidden_act",
-                  "silu")
+    act = getattr(hf, "mlp_hidden_act" if name == "NemotronHForCausalLM" else
+                  ACTIVATION_FIELDS.get(name, "hidden_act"), "silu")
     gated = "ungated_mlp" not in _ARCHITECTURES[name]
     supported = [a for a, ours in _ACTIVATIONS.items() if (not gated or ours in ACT_AND_MUL)
                  and (ours != "xielu" or name == "ApertusForCausalLM")]
@@ -356,9 +365,9 @@ def _hidden_act(hf: Any, name: str) -> str:
 
 
 def _norm_eps(hf: Any, name: str) -> float:
-    """The norms' epsilon, under the name the architecture's config gives it (OLMo's
-    config has none: HF's norm fixes it at 1e-5)."""
-    if name == "OlmoForCausalLM":
+    """The norms' epsilon, under the name the architecture's config gives it (OLMo's and
+    OPT's configs have none: HF's norms fix it at 1e-5)."""
+    if name in ("OlmoForCausalLM", "OPTForCausalLM"):
         return 1e-5
     return float(getattr(hf, _NORM_EPS.get(name, "rms_norm_eps")))
 
@@ -658,6 +667,8 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
     )
     if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
         args = replace(args, **mla_args(hf_config, name, scaling))
+    if name in CLASSIC_FLAGS:  # their configs' own fields (models/classic.py)
+        args = replace(args, **classic_args(hf_config, name))
     if quant is not None and args.checkpoint_renames:  # not-convert lists under our names
         args = replace(args, quant=quant.renamed(args.checkpoint_renames))
     return LlamaForCausalLM(args)

@@ -1,0 +1,126 @@
+"""ALiBi (BLOOM, MPT): each head's scores get slope x key position. The Triton kernels (under
+the interpreter on the CPU) against a float64 reference, decode split or not, prefill
+over cached context; and BLOOM served by each attention backend against HF + PEFT, with
+chunked prefill and prefix caching (its cached blocks' keys keep their positions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.models.classic import alibi_slopes, mpt_alibi_slopes
+from tests.classic_fixtures import has_config, make_classic_model
+from tests.engine_utils import check_mixed_batch, check_shared_prefixes, make_llm
+from tests.fixtures import make_peft_adapter
+from tests.test_attention import DEV, cached_kv, interpreted, paged_cache, rel_err, ta
+
+SLOPES = torch.tensor(alibi_slopes(6), dtype=torch.float32)  # 4 of one sequence, 2 of another
+
+
+def alibi_reference(q, k, v, scale, slopes, q_offset=0):
+    """q [M, H, D] at positions q_offset.., k/v [N, KVH, D] at 0..N-1, causal, float64:
+    softmax(scale q.k + slope_h j) v."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, 1)
+    v = v.double().repeat_interleave(group, 1)
+    s = torch.einsum("mhd,nhd->hmn", q.double(), k) * scale
+    keys = torch.arange(k.shape[0], dtype=torch.float64)
+    s = s + slopes.double()[:, None, None] * keys
+    q_pos = q_offset + torch.arange(q.shape[0])
+    s = s.masked_fill(keys[None, None, :] > q_pos[None, :, None], float("-inf"))
+    return torch.einsum("hmn,nhd->mhd", s.softmax(-1), v)
+
+
+def test_slopes_are_blooms():
+    """Powers of two: 2^(-8 i / n); past the largest power of two, every other slope of
+    the sequence for twice as many heads (BLOOM's _get_alibi_slopes)."""
+    assert alibi_slopes(4) == (2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8)
+    assert alibi_slopes(6) == (2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3)
+
+
+@pytest.mark.parametrize("heads", [6, 8])
+def test_mpt_slopes_are_hfs(heads):
+    """MPT's slopes: over the next power of two of heads, odd terms first (HF's
+    build_mpt_alibi_tensor, at its alibi_bias_max of 8)."""
+    from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+    hf = build_mpt_alibi_tensor(heads, 2)[:, 0, 0]  # key 0 of 2: -slope
+    assert torch.tensor(mpt_alibi_slopes(heads, 8.0)) == pytest.approx(-hf, rel=1e-6)
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_kernel(splits):
+    """Each sequence's new token over its cached keys, heads grouped on KV heads, the
+    context split or not; length 0 gives zeros."""
+    gen = torch.Generator().manual_seed(splits)
+    lens, d = [1, 37, 0, 70], 32
+    k_cache, v_cache, table = paged_cache(lens, 3, d, 16, torch.float32, DEV, gen)
+    q = torch.randn(len(lens), 6, d, generator=gen)
+    out = ta.paged_decode_attention(q, k_cache, v_cache, table,
+                                    torch.tensor(lens, dtype=torch.int32), d ** -0.5,
+                                    num_splits=splits, alibi_slopes=SLOPES)
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert out[b].eq(0).all()
+            continue
+        k, v = cached_kv(k_cache, v_cache, table[b], n)
+        ref = alibi_reference(q[b:b + 1], k, v, d ** -0.5, SLOPES, q_offset=n - 1)
+        assert rel_err(out[b:b + 1], ref) < 1e-5, (b, n)
+
+
+@interpreted
+def test_prefill_kernel_over_cached_context():
+    """New tokens packed flat, each sequence after its cached context: the keys of both
+    biased by their absolute positions."""
+    gen = torch.Generator().manual_seed(7)
+    q_lens, ctx_lens, d = [5, 20, 1], [0, 19, 40], 32
+    t = sum(q_lens)
+    q = torch.randn(t, 6, d, generator=gen)
+    k, v = torch.randn(t, 6, d, generator=gen), torch.randn(t, 6, d, generator=gen)
+    k_cache, v_cache, table = paged_cache(ctx_lens, 6, d, 16, torch.float32, DEV, gen)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = ta.prefill_attention(q, k, v, cu, max(q_lens), d ** -0.5, k_cache, v_cache, table,
+                               torch.tensor(ctx_lens, dtype=torch.int32),
+                               alibi_slopes=SLOPES)
+    for b, (n, c) in enumerate(zip(q_lens, ctx_lens, strict=True)):
+        s = int(cu[b])
+        kc, vc = cached_kv(k_cache, v_cache, table[b], c)
+        ref = alibi_reference(q[s:s + n], torch.cat([kc, k[s:s + n]]),
+                              torch.cat([vc, v[s:s + n]]), d ** -0.5, SLOPES, q_offset=c)
+        assert rel_err(out[s:s + n], ref) < 1e-5, (b, n, c)
+
+
+@pytest.fixture(scope="module")
+def bloom(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
+    if not has_config("bloom"):
+        pytest.skip("this transformers has no BLOOM")
+    base = make_classic_model(tiny_root / "alibi_bloom", "bloom", seed=410)
+    specs = {"r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+             "r4_qv": dict(r=4, lora_alpha=8, target_modules=["query_key_value"])}
+    return base, {name: make_peft_adapter(base, tiny_root / f"alibi_bloom_{name}",
+                                          seed=411 + i, **spec)
+                  for i, (name, spec) in enumerate(specs.items())}
+
+
+def test_bloom_on_the_triton_kernels_matches_peft(monkeypatch, bloom, prompts):
+    """The mixed batch of test_classic_architectures on the Triton attention kernels:
+    prefill in chunks (each over the cached earlier ones) and decode."""
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
+    base, adapters = bloom
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=8,
+                   enable_chunked_prefill=True, max_num_batched_tokens=6)
+    assert llm.llm_engine.model_runner.attn_backend == "triton"
+    check_mixed_batch(llm, base, adapters, prompts, extra=2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bloom_prefix_cache_matches_peft(monkeypatch, bloom, prompts, backend):
+    """Requests that start from cached blocks (their keys' positions from the sequence's
+    start, whatever computed them) give HF + PEFT's outputs on both backends."""
+    monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", backend)
+    base, adapters = bloom
+    check_shared_prefixes(base, adapters, prompts)
