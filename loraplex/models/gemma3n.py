@@ -182,3 +182,8 @@ class Gemma3nForCausalLM(LlamaForCausalLM):
                            "down_proj", "per_layer_input_gate", "per_layer_projection",
                            "per_layer_model_projection", "linear_left", "linear_right",
                            "embed_tokens", "lm_head")
+    lora_refused_modules = {name: "LoRA on Gemma 3n's AltUp linears is not supported (PEFT's "
+                            "all-linear targets them: train with the attention, MLP, LAuReL "
+                            "and per-layer projections as target_modules)" for name in (
+                                "altup_projections", "altup_unembed_projections",
+                                "modality_router", "prediction_coefs", "correction_coefs")}
