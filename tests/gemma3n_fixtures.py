@@ -3,8 +3,8 @@ under model.language_model.*, as Gemma3nForConditionalGeneration (stand-in tower
 HF's MobileNetV5 tower needs timm).
 
 Five layers, sliding sliding full sliding full (window 6); the last two reuse layers 1's
-and 2's K/V (KV sharing); AltUp over 3 streams, LAuReL of rank 8, per-layer embeddings of
-8 (the last 4 token ids past their table), MLP widths per layer, activation sparsity on
+and 2's K/V (KV sharing, where HF's reference runs it: HF_KV_SHARING); AltUp over 3 streams, LAuReL of rank 8, per-layer embeddings of
+8 (the last 4 token ids past their table, where HF runs them), MLP widths per layer, activation sparsity on
 layers 0 and 2; final logits capped.
 """
 
@@ -20,7 +20,23 @@ from tests.fixtures import SPECIAL_TOKENS, _reinit_, make_tokenizer
 LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention",
                "sliding_attention", "full_attention"]
 WINDOW = 6
-PLE_MISSING = 4  # token ids past vocab_size_per_layer_input
+
+
+def _hf_kv_sharing() -> bool:
+    """Whether HF's Gemma 3n shares K/V in a forward without a cache (the reference
+    logprobs'): transformers 5 (its config's kv_sharing_modes). 4.56's reusing layers then
+    compute K/V of their own, with weights the cached path never uses; its
+    Gemma3nForCausalLM also indexes the per-layer table with every id (no row 0 for the
+    ids past it)."""
+    try:
+        from transformers import Gemma3nTextConfig
+    except ImportError:
+        return False
+    return hasattr(Gemma3nTextConfig, "kv_sharing_modes")
+
+
+HF_KV_SHARING = _hf_kv_sharing()
+PLE_MISSING = 4 if HF_KV_SHARING else 0  # token ids past vocab_size_per_layer_input
 
 
 def gemma3n_config(vocab_size: int, **overrides):
@@ -31,7 +47,7 @@ def gemma3n_config(vocab_size: int, **overrides):
         num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         layer_types=list(LAYER_TYPES), sliding_window=WINDOW, final_logit_softcapping=20.0,
         hidden_size_per_layer_input=8, vocab_size_per_layer_input=vocab_size - PLE_MISSING,
-        num_kv_shared_layers=2, altup_num_inputs=3, altup_active_idx=0, laurel_rank=8,
+        num_kv_shared_layers=2 if HF_KV_SHARING else 0, altup_num_inputs=3, altup_active_idx=0, laurel_rank=8,
         activation_sparsity_pattern=[0.95, 0.0, 0.6, 0.0, 0.0],
         max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1e6,
         rope_local_base_freq=1e4,

@@ -32,6 +32,7 @@ from tests.fixtures import (  # noqa: E402
     make_peft_adapter,
 )
 from tests.gemma3n_fixtures import (  # noqa: E402
+    HF_KV_SHARING,
     PLE_MISSING,
     WINDOW,
     as_conditional_adapter,
@@ -40,6 +41,11 @@ from tests.gemma3n_fixtures import (  # noqa: E402
 )
 from tests.multimodal_fixtures import wav_b64  # noqa: E402
 from tests.server_utils import RemoteServer, token_ids_of  # noqa: E402
+
+# (transformers 4.56: see tests/gemma3n_fixtures.py; the rest runs without KV sharing)
+needs_hf_kv_sharing = pytest.mark.skipif(
+    not HF_KV_SHARING, reason="transformers < 5's Gemma 3n runs its KV-sharing layers' own "
+    "K/V without a cache, and fails on token ids past the per-layer table")
 
 # every module of Gemma 3n's decoder loraplex serves a LoRA on
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -98,9 +104,10 @@ def test_decode_past_window_after_chunked_prefill(llm, gemma3n, prompts):
 
 def test_no_prefix_cache_and_ids_past_the_per_layer_table(gemma3n, prompts):
     """Prefix caching off, prompts holding the token ids that have no per-layer embedding
-    row (HF reads row 0 for them): the base and the rank-8 adapter as HF + PEFT."""
+    row (HF reads row 0 for them; not on transformers < 5, whose model fails on them):
+    the base and the rank-8 adapter as HF + PEFT."""
     vocab = len(load_tokenizer())
-    tail = list(range(vocab - PLE_MISSING, vocab))
+    tail = list(range(vocab - PLE_MISSING, vocab)) or prompts[1][1:6]
     batch = [prompts[0] + tail, tail + prompts[2], prompts[0] + tail]
     llm = make_llm(gemma3n["base"], enable_lora=True, max_loras=1, max_lora_rank=8,
                    block_size=8, max_num_batched_tokens=16, enable_prefix_caching=False)
@@ -129,6 +136,7 @@ def test_prefix_cache_repeat_equals_fresh(llm, gemma3n, prompts):
     check_against_hf([again], gemma3n["base"], [gemma3n["adapters"]["r4_qv"]], [prompt])
 
 
+@needs_hf_kv_sharing
 def test_kv_cache_counts_only_storing_layers(llm):
     """The KV budget pays for the three layers that keep a cache (2 heads of 16 each), not
     the two that reuse layers 1's and 2's, which attend over the same tensors."""
@@ -246,3 +254,25 @@ def test_server_conditional_generation_on_text(server, gemma3n, prompts, tmp_pat
     assert r.status_code == 400 and "max_lora_rank" in r.json()["error"]["message"], r.text
     r = client.completions.create(model="r8", prompt=prompts[1], max_tokens=3, temperature=0)
     assert r.choices[0].finish_reason == "length"
+
+
+def test_kv_sharing_greedy_on_any_transformers(gemma3n, prompts):
+    """KV sharing against HF's cached generation, which shares K/V on every transformers
+    (on 4.56 the checkpoint saves the reusing layers' own k/v_proj and norms, and PEFT
+    puts a LoRA on those k/v_proj: both left out, as HF's cached path leaves them):
+    greedy tokens of the base and a q/k/v adapter, a prompt past the window."""
+    base = make_gemma3n(gemma3n["root"] / "shared", seed=7, num_kv_shared_layers=2,
+                        vocab_size_per_layer_input=len(load_tokenizer()))
+    adapter = make_peft_adapter(base, gemma3n["root"] / "shared_qkv", r=4, seed=8,
+                                target_modules=("q_proj", "k_proj", "v_proj"))
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=8,
+                   max_num_batched_tokens=16)
+    attns = [layer.self_attn.attn for layer in llm.llm_engine.model.model.layers]
+    assert [a.reads_kv_of for a in attns] == [None, None, None, attns[1], attns[2]]
+    req = lora_requests({"qkv": adapter})["qkv"]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": prompts[-1]}] * 2, params,
+                        lora_request=[None, req], use_tqdm=False)
+    for out, lora in zip(outs, (None, adapter), strict=True):
+        assert list(out.outputs[0].token_ids) == hf_greedy(base, lora, prompts[-1], 12)
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids

@@ -128,6 +128,10 @@ class TargetShapes:
     # module names (any path component) the model refuses LoRA on -> why (Gemma 3n's
     # AltUp linears: the model's lora_refused_modules)
     refused: dict[str, str] = field(default_factory=dict)
+    # modules (our names) whose LoRA weights are dropped: they compute nothing here (the
+    # model's lora_ignored_modules: Gemma 3n's KV-sharing layers' k/v_proj, which
+    # transformers 4.56 builds, and PEFT targets, but never runs with a cache)
+    ignored: frozenset[str] = frozenset()
 
     def refusal(self, name: str, target: str) -> LoRAError | None:
         """The error for an adapter's target the model refuses by name; None if it does
@@ -393,6 +397,8 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
             module, kind = _module_name(name, key)
             if targets.ours(module) is None:
                 unused.add(module)
+                continue
+            if targets.ours(module) in targets.ignored:  # (Gemma 3n: see `ignored`)
                 continue
             pairs.setdefault(module, {})[kind] = tensor
     images = targets.text_only is not None and targets.text_only.images

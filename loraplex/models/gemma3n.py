@@ -187,3 +187,11 @@ class Gemma3nForCausalLM(LlamaForCausalLM):
                             "and per-layer projections as target_modules)" for name in (
                                 "altup_projections", "altup_unembed_projections",
                                 "modality_router", "prediction_coefs", "correction_coefs")}
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__(args)
+        # the KV-sharing layers' k/v_proj: transformers 4.56 builds them (PEFT puts a LoRA
+        # there) but runs them only without a cache; 5.x has none
+        self.lora_ignored_modules = tuple(
+            f"model.layers.{i}.self_attn.{m}" for i, mode in enumerate(args.gemma4.kv_modes)
+            if mode == "reuse" for m in ("k_proj", "v_proj"))

@@ -97,7 +97,10 @@ def gemma3n_args(hf: Any, quant: Any, max_model_len: int | None, text_only: Any,
         final_logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0),
         sliding_window=window or None,
         window_layers=tuple(i for i, t in enumerate(types) if t == SLIDING) if window else (),
-        checkpoint_skips=_shared_layer_kv(g4.kv_modes), gemma4=g4, gemma3n=g3n)
+        checkpoint_skips=_shared_layer_kv(g4.kv_modes), gemma4=g4, gemma3n=g3n,
+        # transformers 4.56 saves Gemma3nForCausalLM under its conversion mapping's names,
+        # every `model` replaced (model.per_layer_model.language_model_projection.weight)
+        checkpoint_renames=(("model.language_model", "model"),))
 
 
 def _shared_layer_kv(modes: tuple[str | None, ...]) -> tuple[str, ...]:
