@@ -30,7 +30,7 @@ from loraplex.layers.altup import AltUp, collapse_streams, expand_streams
 from loraplex.layers.linear import make_linear
 from loraplex.layers.norm import Gemma4RMSNorm
 from loraplex.layers.rotary import RotaryEmbedding
-from loraplex.models.gemma4 import Gemma4Attention, Gemma4Model, SharedKV
+from loraplex.models.gemma4 import Gemma4Attention, Gemma4Model, SharedKV, share_kv_caches
 from loraplex.models.gemma4_args import FULL, SLIDING
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 
@@ -139,10 +139,7 @@ class Gemma3nModel(nn.Module):
         self.layers = nn.ModuleList(
             Gemma3nDecoderLayer(a, rotary[t], f"model.layers.{i}", i)
             for i, t in enumerate(g4.layer_types))
-        for i, layer in enumerate(self.layers):  # reusing layers read their source's cache
-            source = g4.kv_source(i)
-            if source != i:
-                layer.self_attn.attn.reads_kv_of = self.layers[source].self_attn.attn
+        share_kv_caches(self.layers, g4)
         self.norm = Gemma4RMSNorm(a.hidden_size, a.norm_eps)
         self.ple_size, self.ple_vocab, self.num_layers = g4.ple_size, g4.ple_vocab, a.num_layers
         width = a.num_layers * g4.ple_size

@@ -144,18 +144,6 @@ MULTIMODAL: dict[str, TextOnly] = {
                  "model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
                  "model.embed_audio."),
         vision_leaves=("linear", "embedding_projection", "input_proj"), images=True),
-    # Gemma 3n (E2B, E4B): its language model (models/gemma3n.py) on text; its vision
-    # (MobileNetV5) and audio towers and their embedders are not loaded (image and
-    # audio inputs refused)
-    "Gemma3nForConditionalGeneration": TextOnly(
-        "Gemma3nForCausalLM",
-        renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
-                 ("language_model.lm_head.", "lm_head.")),
-        skipped=("vision_tower.", "audio_tower.", "embed_vision.", "embed_audio.",
-                 "model.vision_tower.", "model.audio_tower.", "model.embed_vision.",
-                 "model.embed_audio."),
-        vision_leaves=("embedding_projection", "input_proj_linear", "linear_start",
-                       "linear_end", "ffw_layer_1", "ffw_layer_2", "conv")),
     # Granite Speech: a Granite language model behind a conformer encoder and a Q-Former
     # projector (models/granite_speech.py); the hub's files name them `language_model.*`,
     # `encoder.*`, `projector.*`, transformers 5 `model.language_model.*` and so on. Its
@@ -205,6 +193,13 @@ MULTIMODAL: dict[str, TextOnly] = {
                  "multi_modal_projector."),
         vision_leaves=("fc1", "fc2", "patch_embedding", "linear_1", "linear_2")),
 }
+# Gemma 3n (E2B, E4B): Gemma 4's names, its language model (models/gemma3n.py) on text;
+# its vision (MobileNetV5) and audio towers and their embedders are not loaded (image and
+# audio inputs refused)
+MULTIMODAL["Gemma3nForConditionalGeneration"] = replace(
+    MULTIMODAL["Gemma4ForConditionalGeneration"], text_architecture="Gemma3nForCausalLM",
+    vision_leaves=("embedding_projection", "input_proj_linear", "linear_start", "linear_end",
+                   "ffw_layer_1", "ffw_layer_2", "conv"), images=False)
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
 # their dense sibling as if it were theirs); none today
 REFUSED: dict[str, str] = {}
