@@ -216,7 +216,8 @@ class Gemma4Model(nn.Module):
     @aux_layers.setter
     def aux_layers(self, layers: tuple[int, ...] | None) -> None:
         if layers is not None:
-            raise ValueError("EAGLE-3 speculative decoding is not supported on Gemma 4")
+            raise ValueError("EAGLE-3 speculative decoding is not supported on Gemma 4 or "
+                             "Gemma 3n")
 
     def given_embeds_scale(self, dtype: torch.dtype) -> float:
         """prompt_embeds: refused, the per-layer embeddings need each token's id."""
