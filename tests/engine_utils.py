@@ -147,6 +147,23 @@ def check_mixed_batch(llm: LLM, base: Path, adapters: dict[str, Path], prompts: 
     assert len(first) == len(names), "an adapter left the output unchanged"
 
 
+def check_prefix_cache_repeat(llm: LLM, base: Path, adapters: dict[str, Path], name: str,
+                              prompt: list[int], block_size: int) -> None:
+    """`prompt` under the adapter `name` of `adapters` (lora_requests' ids) twice: the
+    second run starts from the first's cached blocks and gives its tokens and logprobs,
+    which are HF + PEFT's."""
+    req, adapter = lora_requests(adapters)[name], adapters[name]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    first, again = (llm.generate([{"prompt_token_ids": prompt}], params, lora_request=req,
+                                 use_tqdm=False)[0] for _ in range(2))
+    assert again.num_cached_tokens >= len(prompt) // block_size * block_size - block_size > 0
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    for a, b in zip(again.outputs[0].logprobs, first.outputs[0].logprobs, strict=True):
+        for t, lp in b.items():
+            assert abs(a[t].logprob - lp.logprob) < 1e-5
+    check_against_hf([again], base, [adapter], [prompt])
+
+
 def check_engine_on_kernel(kernels, monkeypatch, base: Path, adapter: Path,
                            prompts: list[list[int]], **llm_kw) -> None:
     """An engine whose quantized linears run `kernels.quant_matmul` (a Triton module, under

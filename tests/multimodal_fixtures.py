@@ -245,3 +245,19 @@ def wav_b64(c: tuple[Any, int]) -> str:
     import base64
 
     return base64.b64encode(wav_bytes(c)).decode()
+
+
+def check_media_refused(client: Any, model: str) -> None:
+    """A chat message with an image, and one with an audio clip, are each a 400 over the
+    openai client, on a model served on text (its towers not loaded)."""
+    import openai
+    import pytest
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    audio = {"type": "input_audio", "input_audio": {
+        "data": wav_b64(([0.0] * 1600, 16000)), "format": "wav"}}
+    for part, word in ((image, "image inputs are not supported"), (audio, "audio")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=model, max_tokens=2, messages=[{
+                "role": "user", "content": [part, {"type": "text", "text": "What is this?"}]}])
+        assert info.value.status_code == 400 and word in info.value.body["message"]

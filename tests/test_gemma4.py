@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import openai
 import pytest
 import torch
 
@@ -21,6 +20,7 @@ from tests.engine_utils import (  # noqa: E402
     GREEDY,
     check_against_hf,
     check_mixed_batch,
+    check_prefix_cache_repeat,
     lora_requests,
     make_llm,
 )
@@ -32,7 +32,7 @@ from tests.fixtures import (  # noqa: E402
     make_peft_adapter,
 )
 from tests.gemma4_fixtures import WINDOW, as_conditional_generation, make_gemma4  # noqa: E402
-from tests.multimodal_fixtures import wav_b64  # noqa: E402
+from tests.multimodal_fixtures import check_media_refused  # noqa: E402
 from tests.server_utils import RemoteServer, token_ids_of  # noqa: E402
 
 # every module PEFT can put a LoRA on in Gemma 4's decoder but the router's proj
@@ -130,19 +130,8 @@ def test_triton_backend_matches_hf(monkeypatch, gemma4, prompts):
 
 def test_prefix_cache_repeat_equals_fresh(llm, gemma4, prompts):
     """A prompt seen before starts from its cached blocks and gives what it gave fresh."""
-    reqs = lora_requests(gemma4["adapters"])
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
-    prompt = prompts[-2] + prompts[0][1:]
-    first = llm.generate([{"prompt_token_ids": prompt}], params,
-                         lora_request=reqs["r4_qv"], use_tqdm=False)[0]
-    again = llm.generate([{"prompt_token_ids": prompt}], params,
-                         lora_request=reqs["r4_qv"], use_tqdm=False)[0]
-    assert again.num_cached_tokens >= len(prompt) // 8 * 8 - 8 > 0
-    assert again.outputs[0].token_ids == first.outputs[0].token_ids
-    for a, b in zip(again.outputs[0].logprobs, first.outputs[0].logprobs, strict=True):
-        for t, lp in b.items():
-            assert abs(a[t].logprob - lp.logprob) < 1e-5
-    check_against_hf([again], gemma4["base"], [gemma4["adapters"]["r4_qv"]], [prompt])
+    check_prefix_cache_repeat(llm, gemma4["base"], gemma4["adapters"], "r4_qv",
+                              prompts[-2] + prompts[0][1:], 8)
 
 
 def test_kv_cache_counts_only_storing_layers(llm):
@@ -223,20 +212,7 @@ def test_server_conditional_generation_on_text(server, gemma4, prompts, tmp_path
                                       extra_body={"return_tokens_as_token_ids": True})
         assert token_ids_of(r.choices[0].logprobs) == hf_greedy(gemma4["base"], adapter,
                                                                 prompts[0], 6), model
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=base, max_tokens=2, messages=[{
-            "role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-                {"type": "text", "text": "What is this?"}]}])
-    assert info.value.status_code == 400 and "image inputs are not supported" in \
-        info.value.body["message"]
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=base, max_tokens=2, messages=[{
-            "role": "user", "content": [
-                {"type": "input_audio", "input_audio": {
-                    "data": wav_b64(([0.0] * 1600, 16000)), "format": "wav"}},
-                {"type": "text", "text": "What is this?"}]}])
-    assert info.value.status_code == 400 and "audio" in info.value.body["message"]
+    check_media_refused(client, base)
     big = make_peft_adapter(gemma4["base"], tmp_path / "r32", r=32, seed=4)
     r = server.post("/v1/load_lora_adapter", {"lora_name": "big", "lora_path": str(big)})
     assert r.status_code == 400 and "max_lora_rank" in r.json()["error"]["message"], r.text

@@ -125,6 +125,20 @@ class TargetShapes:
     # --enable-tower-connector-lora (lora/tower.py): an adapter's tower / projector module
     # name -> the tower's own (VisionWeights.ours); None: those modules are left out
     tower: Callable[[str], str | None] | None = field(default=None, compare=False)
+    # module names (any path component) the model refuses LoRA on -> why (Gemma 3n's
+    # AltUp linears: the model's lora_refused_modules)
+    refused: dict[str, str] = field(default_factory=dict)
+    # modules (our names) whose LoRA weights are dropped: they compute nothing here (the
+    # model's lora_ignored_modules: Gemma 3n's KV-sharing layers' k/v_proj, which
+    # transformers 4.56 builds, and PEFT targets, but never runs with a cache)
+    ignored: frozenset[str] = frozenset()
+
+    def refusal(self, name: str, target: str) -> LoRAError | None:
+        """The error for an adapter's target the model refuses by name; None if it does
+        not."""
+        why = next((self.refused[p] for p in target.split(".") if p in self.refused), None)
+        return None if why is None else LoRAError(
+            f"LoRA adapter {name!r} targets {target!r}: {why}")
 
     def ours(self, module: str) -> str | None:
         """An adapter's module name as this model names it; None for a multimodal base's
@@ -249,6 +263,8 @@ def _check_config(name: str, cfg: dict, max_rank: int, targets: TargetShapes) ->
     vision = targets.text_only.vision_leaves if targets.text_only else ()
     if isinstance(target, list):
         for t in target:
+            if (refused := targets.refusal(name, t)) is not None:
+                raise refused
             if targets.no_slots(t.rsplit(".", 1)[-1]):
                 raise targets.no_slots_error(name, t)
             if t.rsplit(".", 1)[-1] not in leaves and t.rsplit(".", 1)[-1] not in vision:
@@ -387,6 +403,8 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
             if targets.ours(module) is None:
                 unused.add(module)
                 continue
+            if targets.ours(module) in targets.ignored:  # (Gemma 3n: see `ignored`)
+                continue
             pairs.setdefault(module, {})[kind] = tensor
     images = targets.text_only is not None and targets.text_only.images
     if not pairs:
@@ -434,6 +452,8 @@ def load_adapter(req: LoRARequest, targets: TargetShapes, max_rank: int,
             raise LoRAError(f"LoRA adapter {name!r}: {hf_module!r} on the tower / projector "
                             "is not one of its linear layers (LoRA on the tower serves its "
                             "nn.Linear layers only)")
+        if module not in targets.shapes and (refused := targets.refusal(name, hf_module)):
+            raise refused
         if module not in targets.shapes:
             leaf = "experts" if ".experts." in f"{module}." else module.rsplit(".", 1)[-1]
             if targets.no_slots(leaf):

@@ -213,7 +213,9 @@ class LoRAManager:
                             full_vocab=self.cfg.modules_to_save,
                             max_position=model.args.max_position,
                             long_lora_factors=self.cfg.long_lora_scaling_factors,
-                            text_only=model.args.text_only)
+                            text_only=model.args.text_only,
+                            refused=dict(getattr(model, "lora_refused_modules", {})),
+                            ignored=frozenset(getattr(model, "lora_ignored_modules", ())))
 
     @staticmethod
     def _aliases(args: Any) -> dict[str, str]:

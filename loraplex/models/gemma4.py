@@ -39,7 +39,7 @@ from loraplex.layers.experts import FusedExperts
 from loraplex.layers.linear import Linear, make_linear
 from loraplex.layers.norm import Gemma4RMSNorm
 from loraplex.layers.rotary import RotaryEmbedding
-from loraplex.models.gemma4_args import FULL, SLIDING
+from loraplex.models.gemma4_args import FULL, SLIDING, Gemma4Args
 from loraplex.models.llama import ImageRows, LlamaArgs, LlamaForCausalLM, LlamaMLP
 
 # K/V of the step's storing layers, by layer type: what their reusing layers attend to
@@ -98,6 +98,14 @@ class Gemma4Attention(nn.Module):
             if self.stores:
                 shared[self.layer_type] = (k, v)
         return self.o_proj(self.attn(q, k, v))
+
+
+def share_kv_caches(layers: nn.ModuleList, g: Gemma4Args) -> None:
+    """Each reusing layer's Attention reads its storing layer's cache (`reads_kv_of`)."""
+    for i, layer in enumerate(layers):
+        source = g.kv_source(i)
+        if source != i:
+            layer.self_attn.attn.reads_kv_of = layers[source].self_attn.attn
 
 
 class Gemma4Router(nn.Module):
@@ -188,10 +196,7 @@ class Gemma4Model(nn.Module):
         self.layers = nn.ModuleList(
             Gemma4DecoderLayer(a, rotary[t], f"model.layers.{i}", i)
             for i, t in enumerate(g.layer_types))
-        for i, layer in enumerate(self.layers):  # reusing layers read their source's cache
-            source = g.kv_source(i)
-            if source != i:
-                layer.self_attn.attn.reads_kv_of = self.layers[source].self_attn.attn
+        share_kv_caches(self.layers, g)
         self.norm = Gemma4RMSNorm(a.hidden_size, a.norm_eps)
         self.ple_size, self.num_layers = g.ple_size, a.num_layers
         self.pad_token_id = g.pad_token_id
@@ -211,7 +216,8 @@ class Gemma4Model(nn.Module):
     @aux_layers.setter
     def aux_layers(self, layers: tuple[int, ...] | None) -> None:
         if layers is not None:
-            raise ValueError("EAGLE-3 speculative decoding is not supported on Gemma 4")
+            raise ValueError("EAGLE-3 speculative decoding is not supported on Gemma 4 or "
+                             "Gemma 3n")
 
     def given_embeds_scale(self, dtype: torch.dtype) -> float:
         """prompt_embeds: refused, the per-layer embeddings need each token's id."""

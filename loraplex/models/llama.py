@@ -76,6 +76,7 @@ from loraplex.models.text_only import TextOnly
 from loraplex.models.zamba2 import Zamba2Args, tie_shared_blocks
 
 if TYPE_CHECKING:  # (models/lfm2.py and gemma4_args.py build on this file)
+    from loraplex.models.gemma3n_args import Gemma3nArgs
     from loraplex.models.gemma4_args import Gemma4Args
     from loraplex.models.lfm2 import Lfm2Args
 
@@ -240,6 +241,9 @@ class LlamaArgs:
     # Gemma 4's per-layer shapes, KV sharing, per-layer embeddings, experts (gemma4.py,
     # gemma4_args.py)
     gemma4: Gemma4Args | None = None
+    # Gemma 3n's AltUp, LAuReL, per-layer MLP widths and sparsity (gemma3n.py,
+    # gemma3n_args.py; its attention and per-layer embeddings are in `gemma4`)
+    gemma3n: Gemma3nArgs | None = None
     # Mamba's, FalconMamba's and Jamba's Mamba-1 mixers (the layers of mamba_layers:
     # models/mamba1.py, hybrid_layer "mamba1" or "jamba")
     mamba1: Mamba1Args | None = None

@@ -20,6 +20,8 @@ from loraplex.models.deepseek import (
     DEEPSEEK_MODEL_TYPES,
     mla_args,
 )
+from loraplex.models.gemma3n import Gemma3nForCausalLM
+from loraplex.models.gemma3n_args import gemma3n_args
 from loraplex.models.gemma4 import Gemma4ForCausalLM
 from loraplex.models.gemma4_args import gemma4_args
 from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, granite_moe_flags
@@ -56,6 +58,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # its own decoder (models/gemma4.py): per-layer shapes, KV sharing, per-layer
     # embeddings, experts beside the MLP
     "Gemma4ForCausalLM": {},
+    # its own decoder (models/gemma3n.py): AltUp, LAuReL, Gemma 4's attention and
+    # per-layer embeddings
+    "Gemma3nForCausalLM": {},
     "Olmo2ForCausalLM": {"norm_layout": "post", "qk_norm_full": True},
     "GraniteForCausalLM": {},
     "Phi3ForCausalLM": {"fused_qkv": True, "fused_gate_up": True},
@@ -191,6 +196,7 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                   "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "gemma4_text": "Gemma4ForCausalLM",
+                  "gemma3n_text": "Gemma3nForCausalLM",
                   "granite": "GraniteForCausalLM", "olmo2": "Olmo2ForCausalLM",
                   "phi3": "Phi3ForCausalLM", "gpt_oss": "GptOssForCausalLM",
                   "smollm3": "SmolLM3ForCausalLM", "exaone4": "Exaone4ForCausalLM",
@@ -608,6 +614,9 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
     if name == "Gemma4ForCausalLM":  # its config has per-layer head_dim / KV heads
         return Gemma4ForCausalLM(gemma4_args(hf_config, quant, max_model_len, text_only,
                                              tuple(long_lora_factors)))
+    if name == "Gemma3nForCausalLM":  # AltUp, LAuReL, per-layer MLP widths
+        return Gemma3nForCausalLM(gemma3n_args(hf_config, quant, max_model_len, text_only,
+                                               tuple(long_lora_factors)))
     theta, scaling = rope_params(hf_config)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "mrope":
         scaling = None  # Qwen2-VL (transformers 4): a default rope in sections (_mrope)

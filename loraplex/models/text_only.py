@@ -196,6 +196,13 @@ MULTIMODAL: dict[str, TextOnly] = {
         vision_leaves=("fc1", "fc2", "patch_embedding", "linear_1", "linear_2"),
         images=True),
 }
+# Gemma 3n (E2B, E4B): Gemma 4's names, its language model (models/gemma3n.py) on text;
+# its vision (MobileNetV5) and audio towers and their embedders are not loaded (image and
+# audio inputs refused)
+MULTIMODAL["Gemma3nForConditionalGeneration"] = replace(
+    MULTIMODAL["Gemma4ForConditionalGeneration"], text_architecture="Gemma3nForCausalLM",
+    vision_leaves=("embedding_projection", "input_proj_linear", "linear_start", "linear_end",
+                   "ffw_layer_1", "ffw_layer_2", "conv"), images=False)
 # multimodal checkpoints refused by name, with why (a plain "not supported" would list
 # their dense sibling as if it were theirs); none today
 REFUSED: dict[str, str] = {}
