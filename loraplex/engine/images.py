@@ -38,6 +38,7 @@ from loraplex.models.granite_speech import (
     GraniteSpeechAudioConfig,
     is_granite_speech,
 )
+from loraplex.models.idefics3 import Idefics3Vision, Idefics3VisionConfig, is_idefics3
 from loraplex.models.internvl import InternVLVision, InternVLVisionConfig, is_internvl
 from loraplex.models.llama4_vision import (
     Llama4ImageTokens,
@@ -60,10 +61,10 @@ logger = logging.getLogger(__name__)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
                 | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig
                 | Phi4MMVisionConfig | VoxtralAudioConfig | InternVLVisionConfig
-                | Gemma4VisionConfig)
+                | Gemma4VisionConfig | Idefics3VisionConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
           | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral | InternVLVision
-          | Gemma4Vision)
+          | Gemma4Vision | Idefics3Vision)
 
 
 def _is_gemma3(hf_config: Any) -> bool:
@@ -84,6 +85,7 @@ ENCODER_CONFIGS: tuple[tuple[Callable[[Any], bool], type[VisionConfig]], ...] = 
     (is_qwen_vl, QwenVisionConfig),  # Qwen2-VL, Qwen2.5-VL
     (takes_pixtral_tower, PixtralVisionConfig),  # Mistral 3, Pixtral-12B
     (is_internvl, InternVLVisionConfig),  # engine/internvl_images.py's tiles
+    (is_idefics3, Idefics3VisionConfig),  # Idefics3, SmolVLM: engine/idefics3_images.py
 )
 
 # the module an encoder config builds (by its exact class: Qwen3-VL's config is a
@@ -101,6 +103,7 @@ TOWERS: dict[type[VisionConfig], Callable[[Any], Vision]] = {
     VoxtralAudioConfig: Voxtral,
     Phi4MMVisionConfig: Phi4MMVision,
     InternVLVisionConfig: InternVLVision,
+    Idefics3VisionConfig: Idefics3Vision,
 }
 
 

@@ -24,6 +24,7 @@ from loraplex.engine.images import (
     encoder_class,
     vision_config,
 )
+from loraplex.engine.idefics3_images import Idefics3ImageProcessor
 from loraplex.engine.internvl_images import InternVLImageProcessor
 from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.engine.phi4mm_inputs import Phi4MMProcessor
@@ -38,6 +39,7 @@ from loraplex.lora.request import LoRARequest
 from loraplex.models.gemma3_vision import Gemma3VisionConfig
 from loraplex.models.gemma4_vision import Gemma4VisionConfig
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig
+from loraplex.models.idefics3 import Idefics3VisionConfig
 from loraplex.models.internvl import InternVLVisionConfig
 from loraplex.models.llama4_vision import Llama4VisionConfig
 from loraplex.models.llava import LlavaVisionConfig
@@ -61,6 +63,7 @@ PROCESSORS: dict[type, type[MultimodalProcessor]] = {
     QwenVisionConfig: QwenImageProcessor,  # engine/qwen_images.py
     PixtralVisionConfig: PixtralImageProcessor,  # engine/pixtral_images.py (Mistral 3)
     InternVLVisionConfig: InternVLImageProcessor,  # engine/internvl_images.py: tiles
+    Idefics3VisionConfig: Idefics3ImageProcessor,  # engine/idefics3_images.py (SmolVLM too)
     GraniteSpeechAudioConfig: AudioProcessor,  # engine/audio.py
     Qwen2AudioConfig: Qwen2AudioProcessor,  # engine/qwen2_audio_inputs.py
     VoxtralAudioConfig: VoxtralAudioProcessor,  # engine/voxtral_inputs.py
