@@ -119,8 +119,11 @@ class ImageMarkers:
         return out + [self.fake, self.global_, *seq, self.fake]
 
     def expand(self, ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:
-        """Image i's one `<image>` becomes image_ids(sizes[i])."""
+        """Image i's one `<image>` becomes image_ids(sizes[i]); a prompt already so
+        expanded (the chat route's, processed before) is kept as is."""
         runs = placeholder_runs(ids, self.image)
+        if sum(runs) != len(sizes) and self._expanded(ids, sizes):
+            return list(ids)
         if sum(runs) != len(sizes):
             raise ValueError(f"the prompt has {sum(runs)} image placeholder token(s) (id "
                              f"{self.image}) for {len(sizes)} image(s): put one <image> "
@@ -130,3 +133,17 @@ class ImageMarkers:
         for t in ids:
             out.extend(self.image_ids(next(left)) if t == self.image else [t])
         return out
+
+    def _expanded(self, ids: list[int], sizes: list[tuple[int, int]]) -> bool:
+        """Every `<image>` of `ids` lies in image i's whole expansion, in order."""
+        at, covered = 0, 0
+        for size in sizes:
+            want = self.image_ids(size)
+            try:
+                start = ids.index(self.image, at) - want.index(self.image)
+            except ValueError:
+                return False
+            if start < 0 or ids[start:start + len(want)] != want:
+                return False
+            at, covered = start + len(want), covered + want.count(self.image)
+        return covered == ids.count(self.image)
