@@ -17,6 +17,7 @@ from typing import Any
 from loraplex.config import MultiModalConfig, SchedulerConfig
 from loraplex.engine.audio import AudioProcessor, is_clip
 from loraplex.engine.gemma4_images import Gemma4ImageProcessor
+from loraplex.engine.idefics3_images import Idefics3ImageProcessor
 from loraplex.engine.images import (
     ImageInputs,
     ImageProcessor,
@@ -24,7 +25,6 @@ from loraplex.engine.images import (
     encoder_class,
     vision_config,
 )
-from loraplex.engine.idefics3_images import Idefics3ImageProcessor
 from loraplex.engine.internvl_images import InternVLImageProcessor
 from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.engine.phi4mm_inputs import Phi4MMProcessor
