@@ -67,6 +67,28 @@ def make_tiny_idefics3(out: Path, seed: int, family: str = "smolvlm",
     return out
 
 
+@torch.no_grad()
+def hf_positions_are_ours() -> bool:
+    """Whether the installed transformers gives a whole tile's patches the tower's
+    positions loraplex gives them (models/idefics3.py `position_ids`: transformers 5's,
+    vLLM's and the original Idefics2 code's). transformers 4.56 scales the coordinates
+    by (1 - 1e-6) before bucketizing, which puts most patches one position lower: its
+    image outputs are not the trained model's, so they are no reference."""
+    from transformers import SmolVLMVisionConfig
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionEmbeddings
+
+    from loraplex.models.idefics3 import position_ids
+
+    emb = SmolVLMVisionEmbeddings(SmolVLMVisionConfig(
+        hidden_size=4, num_attention_heads=1, image_size=TILE, patch_size=PATCH))
+    emb.patch_embedding.weight.zero_()
+    emb.patch_embedding.bias.zero_()
+    emb.position_embedding.weight.copy_(torch.arange(16.0)[:, None].expand(16, 4))
+    side = TILE // PATCH
+    got = emb(torch.zeros(1, 3, TILE, TILE), torch.ones(1, side, side, dtype=torch.bool))
+    return torch.equal(got[0, :, 0].long(), position_ids(side, side))
+
+
 def processor_class(name: str) -> type:
     """HF's image processor that needs no torchvision (transformers 5: the PIL one)."""
     import transformers
@@ -88,37 +110,31 @@ def family(base: Path) -> str:
     return json.loads((base / "config.json").read_text())["model_type"]
 
 
-def hf_prompt(base: Path, prompt: str, images: list) -> str:
-    """The prompt's text with each `<image>` expanded by HF's processor's own rule."""
-    if not images:
-        return prompt
-    out = image_processor(str(base))(images=[images], return_row_col_info=True)
-    rows, cols = out["rows"][0], out["cols"][0]
+def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True
+              ) -> dict[str, torch.Tensor]:
+    """HF's ids of the prompt, its images' pixels and pixel mask: Idefics3Processor's own
+    output; SmolVLM's by SmolVLMProcessor's rule (`get_image_prompt_string` with the rows
+    and columns HF's image processor gives) on the text, then tokenized."""
+    tok, proc = tokenizer(str(base)), image_processor(str(base))
     if family(base) == "idefics3":
         from transformers import Idefics3Processor
 
-        proc = Idefics3Processor(image_processor(str(base)), tokenizer(str(base)),
-                                 image_seq_len=SEQ)
-        parts = [proc.replace_image_token({"rows": [rows], "cols": [cols]}, i)
-                 for i in range(len(images))]
-    else:
-        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+        out = Idefics3Processor(proc, tok, image_seq_len=SEQ)(
+            text=[prompt], images=[images] if images else None, return_tensors="pt",
+            add_special_tokens=add_special_tokens)
+        return {k: v for k, v in out.items() if k != "attention_mask"}
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
 
-        parts = [get_image_prompt_string(r, c, SEQ, "<fake_token_around_image>", "<image>",
-                                         "<global-img>") for r, c in zip(rows, cols)]
-    pieces = prompt.split("<image>")
-    return pieces[0] + "".join(p + rest for p, rest in zip(parts, pieces[1:]))
-
-
-def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = True
-              ) -> dict[str, torch.Tensor]:
-    """HF's ids of the prompt (hf_prompt) and its images' pixels and pixel mask, as HF's
-    processor batches one prompt's images."""
-    out: dict[str, torch.Tensor] = {}
+    out = {}
     if images:
-        out = dict(image_processor(str(base))(images=[images], return_tensors="pt"))
-    ids = tokenizer(str(base))(hf_prompt(base, prompt, images),
-                               add_special_tokens=add_special_tokens).input_ids
+        out = dict(proc(images=[images], return_tensors="pt", return_row_col_info=True))
+        grids = zip(out.pop("rows")[0], out.pop("cols")[0], strict=True)
+        pieces = prompt.split("<image>")
+        prompt = pieces[0] + "".join(
+            get_image_prompt_string(r, c, SEQ, "<fake_token_around_image>", "<image>",
+                                    "<global-img>") + rest
+            for (r, c), rest in zip(grids, pieces[1:], strict=True))
+    ids = tok(prompt, add_special_tokens=add_special_tokens).input_ids
     out["input_ids"] = torch.tensor([ids])
     return out
 

@@ -25,6 +25,7 @@ from tests.idefics3_fixtures import (
     check,
     hf_inputs,
     hf_logprobs,
+    hf_positions_are_ours,
     make_multimodal_adapter,
     make_tiny_idefics3,
     tokenizer,
@@ -35,6 +36,11 @@ from tests.multimodal_fixtures import chat_token_ids, request
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
+# on the tests that compare image outputs with HF's model
+images_vs_hf = pytest.mark.skipif(
+    not hf_positions_are_ours(),
+    reason="this transformers (4.x) gives SigLIP's patches positions one bucket lower than "
+           "the trained models' (transformers 5's, vLLM's): no reference for image outputs")
 
 TEXT = "User: What is the capital of France?<end_of_utterance>\nAssistant:"
 TWO = "User:<image> and <image>: which is brighter?<end_of_utterance>\nAssistant:"
@@ -67,6 +73,33 @@ def ids_of(base: Path, *tokens: str) -> list[int]:
     return tokenizer(str(base)).convert_tokens_to_ids(list(tokens))
 
 
+@pytest.mark.parametrize("splitting", [True, False])
+@pytest.mark.parametrize("family", ["smolvlm", "idefics3"])
+def test_prompt_ids_match_hf_processor(family, splitting, tiny_root):
+    """The engine's prompt ids and pixels for one, two and three images of several sizes
+    (a square one 2 x 2 tiles, a wide one 1 x 2, a tall one 2 x 1, with splitting; each
+    its global view alone without) are HF's processor's; the /tokenize count (`expand`)
+    the same. No model output compared: this runs on every transformers."""
+    from transformers import AutoConfig
+
+    from loraplex.engine.idefics3_images import Idefics3ImageProcessor
+    from loraplex.engine.images import vision_config
+
+    base = make_tiny_idefics3(tiny_root / f"prompt_{family}_{splitting}", seed=98,
+                              family=family, splitting=splitting)
+    proc = Idefics3ImageProcessor(str(base), vision_config(AutoConfig.from_pretrained(base)),
+                                  tokenizer(str(base)))
+    a, wide, tall = image(1, (16, 16)), image(2, (50, 20)), image(3, (9, 30))
+    three = "<image>x<image>\n<image>" + TWO
+    for prompt, images in ((ASK, [a]), (TWO, [wide, tall]), (three, [tall, a, wide, a, a])):
+        ref = hf_inputs(base, prompt, images)
+        ids = tokenizer(str(base))(prompt).input_ids
+        got, inputs = proc(ids, images)
+        assert got == ref["input_ids"][0].tolist() == proc.expand(ids, images)
+        assert inputs.pixel_values.equal(ref["pixel_values"][0])  # every tile, in order
+
+
+@images_vs_hf
 def test_mixed_batch_matches_hf(model):
     """A text request, image requests under the base and two adapters (ranks 8 and 4; one
     slot: more adapters than slots), a square image (2 x 2 tiles), a wide one (1 x 2), two
@@ -91,6 +124,7 @@ def test_mixed_batch_matches_hf(model):
     assert outs[1].outputs[0].token_ids != other.outputs[0].token_ids  # the image counts
 
 
+@images_vs_hf
 def test_prompt_ids_without_splitting(tiny_root):
     """do_image_splitting false: each image its global view alone (`<global-img>` and
     image_seq_len `<image>` between two `<fake_token_around_image>`), whatever its size:
@@ -110,6 +144,7 @@ def test_prompt_ids_without_splitting(tiny_root):
     assert outs[1].prompt_token_ids.count(image_id) == 2 * SEQ
 
 
+@images_vs_hf
 def test_image_cut_by_chunked_prefill(smolvlm):
     """A budget of 16 tokens a step: the image's tokens span several chunks (its tower
     runs once, each chunk takes its rows); beside a text request and an adapter's: HF's
@@ -128,6 +163,7 @@ def test_image_cut_by_chunked_prefill(smolvlm):
     check(outs, paths["base"], [(p, ims, paths[n] if n else None) for p, ims, n in jobs])
 
 
+@images_vs_hf
 def test_prefix_cache_same_image_hits_other_misses(smolvlm):
     """The same text with another image: only the blocks before the image's first token
     are shared; the same image again: the whole prompt but its last block. HF's output."""
@@ -145,6 +181,7 @@ def test_prefix_cache_same_image_hits_other_misses(smolvlm):
     assert runs[0].outputs[0].token_ids != runs[1].outputs[0].token_ids
 
 
+@images_vs_hf
 def test_tower_connector_lora_matches_peft(model, tmp_path):
     """enable_tower_connector_lora: an adapter's LoRA on the SigLIP tower's q_proj (the
     language model's name too), out_proj and fc1 and the connector's projection, beside
@@ -162,6 +199,7 @@ def test_tower_connector_lora_matches_peft(model, tmp_path):
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
 
 
+@images_vs_hf
 def test_offline_refusals_fail_only_their_request(smolvlm):
     """Too many images (limit_mm_per_prompt), placeholders that do not match the images,
     a broken image: each a ValueError of its own; the engine serves on, the server's way
@@ -193,6 +231,7 @@ def test_offline_refusals_fail_only_their_request(smolvlm):
     check(outs, base, [(ASK, [a], None)] * 3)
 
 
+@images_vs_hf
 def test_chat_and_server(smolvlm):
     """The chat route over HTTP (the openai client, a data URL) under the base and an
     adapter: HF's greedy tokens; a broken image and too many images fail alone with a

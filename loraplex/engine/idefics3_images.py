@@ -35,9 +35,10 @@ class Idefics3Tiling(Idefics3VisionConfig):
     def grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """The (rows, columns) of tiles an image of `size` (height, width) is cut into;
         (0, 0): not split, the global view alone."""
-        _, rows, cols = self.processor.get_number_of_image_patches(
+        tiles, rows, cols = self.processor.get_number_of_image_patches(
             size[0], size[1], {"do_image_splitting": self.splitting})
-        return int(rows), int(cols)
+        # an image not split: (0, 0, 0) from transformers 5, (1, 1, 1) from 4.x
+        return (int(rows), int(cols)) if tiles > 1 else (0, 0)
 
     def tiles(self, size: tuple[int, int]) -> int:
         """Tiles an image of `size` gives, its global view counted."""
