@@ -68,25 +68,29 @@ def make_tiny_idefics3(out: Path, seed: int, family: str = "smolvlm",
 
 
 @torch.no_grad()
-def hf_positions_are_ours() -> bool:
-    """Whether the installed transformers gives a whole tile's patches the tower's
-    positions loraplex gives them (models/idefics3.py `position_ids`: transformers 5's,
-    vLLM's and the original Idefics2 code's). transformers 4.56 scales the coordinates
-    by (1 - 1e-6) before bucketizing, which puts most patches one position lower: its
-    image outputs are not the trained model's, so they are no reference."""
+def hf_positions(side: int) -> torch.Tensor:
+    """The positions HF's SigLIP embeddings give the patches of a whole tile of `side` x
+    `side` patches (its table `side` x `side`)."""
     from transformers import SmolVLMVisionConfig
     from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionEmbeddings
 
-    from loraplex.models.idefics3 import position_ids
-
     emb = SmolVLMVisionEmbeddings(SmolVLMVisionConfig(
-        hidden_size=4, num_attention_heads=1, image_size=TILE, patch_size=PATCH))
+        hidden_size=4, num_attention_heads=1, image_size=side, patch_size=1))
     emb.patch_embedding.weight.zero_()
     emb.patch_embedding.bias.zero_()
-    emb.position_embedding.weight.copy_(torch.arange(16.0)[:, None].expand(16, 4))
-    side = TILE // PATCH
-    got = emb(torch.zeros(1, 3, TILE, TILE), torch.ones(1, side, side, dtype=torch.bool))
-    return torch.equal(got[0, :, 0].long(), position_ids(side, side))
+    table = torch.arange(side * side, dtype=torch.float32)  # each position's own index
+    emb.position_embedding.weight.copy_(table[:, None].expand(-1, 4))
+    got = emb(torch.zeros(1, 3, side, side), torch.ones(1, side, side, dtype=torch.bool))
+    return got[0, :, 0].long()
+
+
+def hf_positions_are_trained() -> bool:
+    """Whether the installed transformers gives a whole tile's patches the positions the
+    models were trained with (0, 1, 2, ... on a 4 x 4 tile: transformers 5's, vLLM's, the
+    original Idefics2 code's). transformers 4.56 scales the coordinates by (1 - 1e-6)
+    before bucketizing, which puts most patches one position lower: its image outputs
+    are not the trained model's, so they are no reference."""
+    return torch.equal(hf_positions(4), torch.arange(16))
 
 
 def processor_class(name: str) -> type:

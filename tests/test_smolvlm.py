@@ -14,6 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 
 from loraplex import LoRARequest
 from tests.engine_utils import make_llm
@@ -25,7 +26,8 @@ from tests.idefics3_fixtures import (
     check,
     hf_inputs,
     hf_logprobs,
-    hf_positions_are_ours,
+    hf_positions,
+    hf_positions_are_trained,
     make_multimodal_adapter,
     make_tiny_idefics3,
     tokenizer,
@@ -38,7 +40,7 @@ from tests.server_utils import RemoteServer
 pytest.importorskip("PIL")
 # on the tests that compare image outputs with HF's model
 images_vs_hf = pytest.mark.skipif(
-    not hf_positions_are_ours(),
+    not hf_positions_are_trained(),
     reason="this transformers (4.x) gives SigLIP's patches positions one bucket lower than "
            "the trained models' (transformers 5's, vLLM's): no reference for image outputs")
 
@@ -71,6 +73,17 @@ def loras(paths) -> dict[str, LoRARequest]:
 
 def ids_of(base: Path, *tokens: str) -> list[int]:
     return tokenizer(str(base)).convert_tokens_to_ids(list(tokens))
+
+
+@images_vs_hf
+@pytest.mark.parametrize("side", [4, 19, 26, 32])
+def test_tower_positions_are_hf(side):
+    """A whole tile's patch positions are HF's bucketized ones: 26 x 26 (Idefics3's 364
+    pixels), 32 x 32 (SmolVLM's 512), and 19 x 19, where float rounding makes them other
+    than the patches' indices."""
+    from loraplex.models.idefics3 import position_ids
+
+    assert torch.equal(position_ids(side, side), hf_positions(side))
 
 
 @pytest.mark.parametrize("splitting", [True, False])
