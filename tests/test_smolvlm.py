@@ -198,18 +198,23 @@ def test_prefix_cache_same_image_hits_other_misses(smolvlm):
 def test_tower_connector_lora_matches_peft(model, tmp_path):
     """enable_tower_connector_lora: an adapter's LoRA on the SigLIP tower's q_proj (the
     language model's name too), out_proj and fc1 and the connector's projection, beside
-    the language model's q_proj, in one batch with the base: PEFT's output."""
+    the language model's q_proj; and one on "all-linear" (PEFT's list of leaf names: the
+    tower's fc1 / fc2 / out_proj, the connector's proj, every projection of the language
+    model); in one batch with the base: PEFT's outputs."""
     both = make_multimodal_adapter(
         model["base"], tmp_path / "tower", r=4, seed=95,
         targets=LANGUAGE_MODEL + r"q_proj|.*vision_model.*\.(q_proj|out_proj|fc1)"
                 r"|.*modality_projection\.proj")
+    every = make_multimodal_adapter(model["base"], tmp_path / "all", r=2, seed=96,
+                                    targets="all-linear", scale=0.1)
     llm = make_llm(model["base"], enable_lora=True, max_lora_rank=8,
                    enable_tower_connector_lora=True)
     a = image(1, (50, 20))
-    outs = llm.generate([request(ASK, [a]), request(ASK, [a])], GREEDY, use_tqdm=False,
-                        lora_request=[None, LoRARequest("tower", 1, str(both))])
-    check(outs, model["base"], [(ASK, [a], None), (ASK, [a], both)])
-    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+    outs = llm.generate([request(ASK, [a])] * 3, GREEDY, use_tqdm=False,
+                        lora_request=[None, LoRARequest("tower", 1, str(both)),
+                                      LoRARequest("all", 2, str(every))])
+    check(outs, model["base"], [(ASK, [a], None), (ASK, [a], both), (ASK, [a], every)])
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 3
 
 
 @images_vs_hf
