@@ -292,3 +292,16 @@ def test_adapter_names_of_older_peft(smolvlm, tmp_path):
     out = llm.generate(TEXT, GREEDY, use_tqdm=False,
                        lora_request=LoRARequest("copy", 1, str(copy)))
     check([out[0]], smolvlm["base"], [(TEXT, [], copy)])
+
+
+def test_all_linear_adapter_without_tower_lora(smolvlm, tmp_path):
+    """An "all-linear" adapter (its target_modules PEFT's list of leaf names, the tower's
+    fc1 / fc2 / out_proj and the connector's proj among them) on an engine without tower
+    LoRA: served, its tower part left out (as vLLM does); on text, where the tower never
+    runs, PEFT's output."""
+    every = make_multimodal_adapter(smolvlm["base"], tmp_path / "all", r=2, seed=96,
+                                    targets="all-linear", scale=0.1)
+    llm = make_llm(smolvlm["base"], enable_lora=True, max_lora_rank=8)
+    out = llm.generate(TEXT, GREEDY, use_tqdm=False,
+                       lora_request=LoRARequest("all", 1, str(every)))
+    check([out[0]], smolvlm["base"], [(TEXT, [], every)])
