@@ -20,7 +20,6 @@ from typing import Any
 
 from loraplex.engine.images import ImageProcessor
 from loraplex.models.idefics3 import Idefics3VisionConfig
-from loraplex.models.llava import placeholder_runs
 
 FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
 
@@ -121,12 +120,12 @@ class ImageMarkers:
 
     def expand(self, ids: list[int], sizes: list[tuple[int, int]]) -> list[int]:
         """Image i's one `<image>` becomes image_ids(sizes[i]); a prompt already so
-        expanded (the chat route's, processed before) is kept as is."""
-        runs = placeholder_runs(ids, self.image)
-        if sum(runs) != len(sizes) and self._expanded(ids, sizes):
+        expanded (HF's processor's ids, or a prompt the chat route expanded) is kept."""
+        count = ids.count(self.image)
+        if count != len(sizes) and self._expanded(ids, sizes):
             return list(ids)
-        if sum(runs) != len(sizes):
-            raise ValueError(f"the prompt has {sum(runs)} image placeholder token(s) (id "
+        if count != len(sizes):
+            raise ValueError(f"the prompt has {count} image placeholder token(s) (id "
                              f"{self.image}) for {len(sizes)} image(s): put one <image> "
                              "where each image goes")
         out: list[int] = []
