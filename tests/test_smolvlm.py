@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from loraplex import LoRARequest
 from tests.engine_utils import make_llm
@@ -234,6 +235,10 @@ def test_offline_refusals_fail_only_their_request(smolvlm):
     with pytest.raises(ValueError, match=rf"{5 * SEQ} image placeholder token.*for 1 image"):
         llm.generate({"prompt_token_ids": broken, "multi_modal_data": {"image": [a]}}, GREEDY,
                      use_tqdm=False)
+    # HF's expansion and one more <image>: not one image's expansion either
+    with pytest.raises(ValueError, match=rf"{5 * SEQ + 1} image placeholder token.*for 1 "):
+        llm.generate({"prompt_token_ids": expanded + ids_of(base, "<image>"),
+                      "multi_modal_data": {"image": [a]}}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="do not match"):
         llm.generate({"prompt_token_ids": expanded[1:],  # every position one off
                       "multi_modal_data": {"image": inputs}}, GREEDY, use_tqdm=False)
@@ -284,3 +289,25 @@ def test_all_linear_adapter_without_tower_lora(smolvlm, tmp_path):
     out = llm.generate(TEXT, GREEDY, use_tqdm=False,
                        lora_request=LoRARequest("all", 1, str(every)))
     check([out[0]], smolvlm["base"], [(TEXT, [], every)])
+
+
+def test_unsupported_configs_refused(smolvlm, tmp_path):
+    """At start-up: a scale_factor that does not fold the tower's patch grid evenly, and
+    an image processor whose tiles are not the tower's size, each with why."""
+    import json
+
+    from loraplex.engine.idefics3_images import Idefics3ImageProcessor
+    from loraplex.models.idefics3 import Idefics3VisionConfig
+
+    hf = AutoConfig.from_pretrained(smolvlm["base"])
+    hf.scale_factor = 3
+    with pytest.raises(ValueError, match="scale_factor 3 must fold the tower's 4 x 4"):
+        Idefics3VisionConfig.from_hf(hf)
+    base = Path(shutil.copytree(smolvlm["base"], tmp_path / "base"))
+    path = base / "preprocessor_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["max_image_size"] = {"longest_edge": 32}
+    path.write_text(json.dumps(cfg))
+    config = Idefics3VisionConfig.from_hf(AutoConfig.from_pretrained(base))
+    with pytest.raises(ValueError, match="cuts 32-pixel tiles, the vision tower takes 16"):
+        Idefics3ImageProcessor(str(base), config, tokenizer(str(base)))
