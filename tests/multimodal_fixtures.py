@@ -86,41 +86,6 @@ def chat_token_ids(client, model: str, content: list, max_tokens: int = 6,
     return [int(c.token.split(":", 1)[1]) for c in resp.choices[0].logprobs.content]
 
 
-def check_image_chat_server(paths: dict[str, Path], content: list,
-                            inputs: dict[str, torch.Tensor], max_tokens: int) -> None:
-    """A server of `paths["base"]` with the adapter `paths["r8"]` and one image a prompt:
-    the chat route (the openai client) with one user message of `content` under the base
-    and r8 gives HF's greedy tokens over HF's processed `inputs` (and its usage their
-    count); a broken image and too many images fail alone with a 400 in OpenAI's error
-    shape, and the server serves on."""
-    import re
-
-    import openai
-    import pytest
-
-    from tests.server_utils import RemoteServer
-
-    base = paths["base"]
-    ids = inputs["input_ids"][0].tolist()
-    args = ["--max-model-len", "512", "--dtype", "float32", "--enable-lora",
-            "--max-lora-rank", "8", "--lora-modules", f"r8={paths['r8']}",
-            "--limit-mm-per-prompt", '{"image": 1}']
-    with RemoteServer(base, args) as server:
-        client = server.get_client()
-        for model, adapter in ((str(base), None), ("r8", paths["r8"])):
-            got = chat_token_ids(client, model, content, max_tokens, prompt_tokens=len(ids))
-            ref = hf_logprobs(base, adapter, inputs, got[:-1])
-            assert got == ref[len(ids) - 1:].argmax(-1).tolist()
-        for parts, match in (
-                ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
-                 "cannot decode the image"),
-                ([*content, content[0]], "At most 1 image")):
-            with pytest.raises(openai.BadRequestError) as info:
-                chat_token_ids(client, str(base), parts, max_tokens)
-            assert re.search(match, info.value.body["message"]), info.value.body
-        assert len(chat_token_ids(client, str(base), content, max_tokens)) == max_tokens
-
-
 def greedy_reference(logprobs_of, max_tokens: int) -> list[int]:
     """The reference's greedy reply, token by token: `logprobs_of(reply so far)` is its
     log-softmax over the prompt and those tokens."""

@@ -12,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import openai
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -23,16 +24,14 @@ from tests.internvl_fixtures import (
     SEQ,
     check,
     hf_inputs,
+    hf_logprobs,
     make_tiny_internvl,
     tokenizer,
     with_adapters,
 )
 from tests.llava_fixtures import data_url, image
-from tests.multimodal_fixtures import (
-    check_image_chat_server,
-    make_multimodal_adapter,
-    request,
-)
+from tests.multimodal_fixtures import chat_token_ids, make_multimodal_adapter, request
+from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
 
@@ -154,7 +153,24 @@ def test_chat_and_server(internvl):
     check(outs, base, [(text, [a], None)], add_special_tokens=False)
     del llm
     inp = hf_inputs(base, text, [a], add_special_tokens=False)
-    check_image_chat_server(internvl, content, inp, GREEDY.max_tokens)
+    ids = inp["input_ids"][0].tolist()
+    args = ["--max-model-len", "512", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "8", "--lora-modules", f"r8={internvl['r8']}",
+            "--limit-mm-per-prompt", '{"image": 1}']
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        for model, adapter in ((str(base), None), ("r8", internvl["r8"])):
+            got = chat_token_ids(client, model, content, prompt_tokens=len(ids))
+            ref = hf_logprobs(base, adapter, inp, got[:-1])
+            assert got == ref[len(ids) - 1:].argmax(-1).tolist()
+        for parts, match in (
+                ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                 "cannot decode the image"),
+                ([*content, content[0]], "At most 1 image")):
+            with pytest.raises(openai.BadRequestError) as info:
+                chat_token_ids(client, str(base), parts)
+            assert re.search(match, info.value.body["message"]), info.value.body
+        assert len(chat_token_ids(client, str(base), content)) == GREEDY.max_tokens
 
 
 def test_hub_checkpoint_layout(internvl, tmp_path):

@@ -8,9 +8,11 @@ connector, the chat route over HTTP; bad inputs fail alone."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 from transformers import AutoConfig
@@ -24,6 +26,7 @@ from tests.idefics3_fixtures import (
     SEQ,
     check,
     hf_inputs,
+    hf_logprobs,
     hf_positions,
     hf_positions_are_trained,
     make_multimodal_adapter,
@@ -32,7 +35,8 @@ from tests.idefics3_fixtures import (
     with_adapters,
 )
 from tests.llava_fixtures import data_url, image
-from tests.multimodal_fixtures import check_image_chat_server, request
+from tests.multimodal_fixtures import chat_token_ids, request
+from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
 # on the tests that compare image outputs with HF's model
@@ -260,7 +264,24 @@ def test_chat_and_server(smolvlm):
     content = [{"type": "image_url", "image_url": {"url": data_url(a)}},
                {"type": "text", "text": "What is this?"}]
     inp = hf_inputs(base, text, [a], add_special_tokens=False)
-    check_image_chat_server(smolvlm, content, inp, GREEDY.max_tokens)
+    ids = inp["input_ids"][0].tolist()
+    args = ["--max-model-len", "512", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "8", "--lora-modules", f"r8={smolvlm['r8']}",
+            "--limit-mm-per-prompt", '{"image": 1}']
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        for name, adapter in ((str(base), None), ("r8", smolvlm["r8"])):
+            got = chat_token_ids(client, name, content, prompt_tokens=len(ids))
+            ref = hf_logprobs(base, adapter, inp, got[:-1])
+            assert got == ref[len(ids) - 1:].argmax(-1).tolist()
+        for parts, match in (
+                ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                 "cannot decode the image"),
+                ([*content, content[0]], "At most 1 image")):
+            with pytest.raises(openai.BadRequestError) as info:
+                chat_token_ids(client, str(base), parts)
+            assert re.search(match, info.value.body["message"]), info.value.body
+        assert len(chat_token_ids(client, str(base), content)) == GREEDY.max_tokens
 
 
 def test_adapter_names_of_older_peft(smolvlm, tmp_path):
