@@ -38,6 +38,7 @@ from loraplex.models.granite_speech import (
     GraniteSpeechAudioConfig,
     is_granite_speech,
 )
+from loraplex.models.idefics3 import Idefics3Vision, Idefics3VisionConfig, is_idefics3
 from loraplex.models.internvl import InternVLVision, InternVLVisionConfig, is_internvl
 from loraplex.models.lfm2_vl import Lfm2VlVision, Lfm2VlVisionConfig, is_lfm2_vl
 from loraplex.models.llama4_vision import (
@@ -61,10 +62,10 @@ logger = logging.getLogger(__name__)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
                 | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig
                 | Phi4MMVisionConfig | VoxtralAudioConfig | InternVLVisionConfig
-                | Gemma4VisionConfig | Lfm2VlVisionConfig)
+                | Gemma4VisionConfig | Lfm2VlVisionConfig | Idefics3VisionConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
           | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral | InternVLVision
-          | Gemma4Vision | Lfm2VlVision)
+          | Gemma4Vision | Lfm2VlVision | Idefics3Vision)
 
 
 def _is_gemma3(hf_config: Any) -> bool:
@@ -86,6 +87,7 @@ ENCODER_CONFIGS: tuple[tuple[Callable[[Any], bool], type[VisionConfig]], ...] = 
     (takes_pixtral_tower, PixtralVisionConfig),  # Mistral 3, Pixtral-12B
     (is_internvl, InternVLVisionConfig),  # engine/internvl_images.py's tiles
     (is_lfm2_vl, Lfm2VlVisionConfig),  # engine/lfm2_vl_images.py's tiles
+    (is_idefics3, Idefics3VisionConfig),  # Idefics3, SmolVLM: engine/idefics3_images.py
 )
 
 # the module an encoder config builds (by its exact class: Qwen3-VL's config is a
@@ -104,6 +106,7 @@ TOWERS: dict[type[VisionConfig], Callable[[Any], Vision]] = {
     Phi4MMVisionConfig: Phi4MMVision,
     InternVLVisionConfig: InternVLVision,
     Lfm2VlVisionConfig: Lfm2VlVision,
+    Idefics3VisionConfig: Idefics3Vision,
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from loraplex.config import MultiModalConfig, SchedulerConfig
 from loraplex.engine.audio import AudioProcessor, is_clip
 from loraplex.engine.gemma4_images import Gemma4ImageProcessor
+from loraplex.engine.idefics3_images import Idefics3ImageProcessor
 from loraplex.engine.images import (
     ImageInputs,
     ImageProcessor,
@@ -39,6 +40,7 @@ from loraplex.lora.request import LoRARequest
 from loraplex.models.gemma3_vision import Gemma3VisionConfig
 from loraplex.models.gemma4_vision import Gemma4VisionConfig
 from loraplex.models.granite_speech import GraniteSpeechAudioConfig
+from loraplex.models.idefics3 import Idefics3VisionConfig
 from loraplex.models.internvl import InternVLVisionConfig
 from loraplex.models.lfm2_vl import Lfm2VlVisionConfig
 from loraplex.models.llama4_vision import Llama4VisionConfig
@@ -64,6 +66,7 @@ PROCESSORS: dict[type, type[MultimodalProcessor]] = {
     PixtralVisionConfig: PixtralImageProcessor,  # engine/pixtral_images.py (Mistral 3)
     InternVLVisionConfig: InternVLImageProcessor,  # engine/internvl_images.py: tiles
     Lfm2VlVisionConfig: Lfm2VlImageProcessor,  # engine/lfm2_vl_images.py: tiles
+    Idefics3VisionConfig: Idefics3ImageProcessor,  # engine/idefics3_images.py (SmolVLM too)
     GraniteSpeechAudioConfig: AudioProcessor,  # engine/audio.py
     Qwen2AudioConfig: Qwen2AudioProcessor,  # engine/qwen2_audio_inputs.py
     VoxtralAudioConfig: VoxtralAudioProcessor,  # engine/voxtral_inputs.py

@@ -92,6 +92,10 @@ _QWEN3_VL = replace(_QWEN_VL, text_architecture="Qwen3ForCausalLM",
 # Qwen3-VL-MoE: the same tower and names over a Qwen3-MoE (its `qwen3_vl_moe_text` config
 # says the experts are fused: models/registry.py `_experts`)
 _QWEN3_VL_MOE = replace(_QWEN3_VL, text_architecture="Qwen3MoeForCausalLM")
+_IDEFICS3 = TextOnly(
+    "LlamaForCausalLM", renames=(("model.text_model.", "model."),),
+    skipped=("model.vision_model.", "model.connector."),
+    vision_leaves=("fc1", "fc2", "out_proj", "proj"), images=True)
 MULTIMODAL: dict[str, TextOnly] = {
     "Gemma3ForConditionalGeneration": TextOnly(
         "Gemma3ForCausalLM",
@@ -126,6 +130,11 @@ MULTIMODAL: dict[str, TextOnly] = {
     "InternVLForConditionalGeneration": replace(
         _LLAVA, vision_leaves=("projection_layer", "fc1", "fc2", "linear_1", "linear_2"),
         skipped=(*_LLAVA.skipped, "vision_model.", "mlp1.")),  # (the remote layout's)
+    # Idefics3, SmolVLM / SmolVLM2: a Llama (SmolLM2) as `model.text_model.*` behind a
+    # SigLIP tower `model.vision_model.*` and a connector (models/idefics3.py); the
+    # tower's q/k/v_proj share the language model's names (told apart by the prefix)
+    "Idefics3ForConditionalGeneration": _IDEFICS3,
+    "SmolVLMForConditionalGeneration": _IDEFICS3,
     "Llama4ForConditionalGeneration": TextOnly(
         "Llama4ForCausalLM",
         renames=(("language_model.model.", "model."), ("model.language_model.", "model."),
