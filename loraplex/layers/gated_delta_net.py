@@ -95,13 +95,14 @@ def _decayed_products(a: torch.Tensor, b: torch.Tensor, cum: torch.Tensor,
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            beta: torch.Tensor, s0: torch.Tensor, chunk: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence, fp32: q, k [L, H, Dk] (normed and scaled), v [L, H, Dv], g [L, H, Dg]
-    (the log decay: Dg 1 for one per head, Dk for one per key channel), beta [L, H], s0
+    """One sequence, fp32: q, k [L, H, Dk] (normed and scaled), v [L, H, Dv], g [L, H] or
+    [L, H, Dg] (the log decay: one per head, or Dk, one per key channel), beta [L, H], s0
     [H, Dk, Dv]. Returns o [L, H, Dv] and the final state [H, Dk, Dv].
     Within a chunk, T = (I + strictly-lower((beta k) k^T * decay))^-1 turns its updates
     into u = T (beta v) and w = T (beta k exp(cum g)); across chunks the state is carried."""
     n = q.shape[0]
     pad = (chunk - n % chunk) % chunk
+    g = g[..., None] if g.dim() == 2 else g
 
     def chunks(t: torch.Tensor) -> torch.Tensor:  # [L, H, ...] -> [H, K, C, ...]
         t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, 0, 0, pad))
@@ -132,9 +133,10 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
 def recurrent_gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                g: torch.Tensor, beta: torch.Tensor, s: torch.Tensor
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token of each of D sequences, fp32: q, k [D, H, Dk], v [D, H, Dv], g [D, H, Dg]
-    (Dg 1 or Dk, as the chunked form's), beta [D, H], s [D, H, Dk, Dv]. Returns o [D, H,
+    """One token of each of D sequences, fp32: q, k [D, H, Dk], v [D, H, Dv], g [D, H] or
+    [D, H, Dg] (as the chunked form's), beta [D, H], s [D, H, Dk, Dv]. Returns o [D, H,
     Dv] and the new states."""
+    g = g[..., None] if g.dim() == 2 else g
     s = s * g.exp()[..., None]
     predicted = (s * k[..., None]).sum(-2)  # S^T k: [D, H, Dv]
     s = s + k[..., None] * ((v - predicted) * beta[..., None])[..., None, :]
@@ -158,8 +160,8 @@ class DeltaRuleMixer(ConvSSMState, nn.Module):
 
     def delta_rule(self, qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                    batch: MambaBatch) -> torch.Tensor:
-        """qkv [T, conv_dim] (the conv's input), g [T, Hv, Dg] and beta [T, Hv] fp32 ->
-        o [T, Hv, Dv] fp32, each sequence's rows from its state."""
+        """qkv [T, conv_dim] (the conv's input), g [T, Hv] or [T, Hv, Dg] and beta [T, Hv]
+        fp32 -> o [T, Hv, Dv] fp32, each sequence's rows from its state."""
         parts = [self._prefill(qkv[s:e], g[s:e], beta[s:e], slot, fresh)
                  for s, e, slot, fresh in batch.prefill]
         if batch.decode_slots is not None and batch.decode_slots.numel():
@@ -264,7 +266,7 @@ class GatedDeltaNet(DeltaRuleMixer):
         qkv, z, b, a = self._project(x)
         beta = torch.sigmoid(b.float())
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        o = self.delta_rule(qkv, g[..., None], beta, batch)  # [T, Hv, Dv] fp32
+        o = self.delta_rule(qkv, g, beta, batch)  # [T, Hv, Dv] fp32
         y = self.norm(o.to(x.dtype), z)
         return self.out_proj(y.reshape(x.shape[0], m.value_dim))
 
