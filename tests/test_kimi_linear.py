@@ -15,15 +15,12 @@ layer (prefill in two chunks, then decode steps); a too-high rank refused alone.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from loraplex import LoRARequest, SamplingParams
@@ -34,7 +31,9 @@ from loraplex.lora.errors import LoRAError
 from loraplex.models.kimi_linear import kda_args
 from loraplex.models.registry import build_model
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, lora_requests, make_llm
+from tests.expert_adapters import check_merged_adapter, per_expert_adapter
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
+from tests.server_utils import check_rank_refused
 
 pytest.importorskip("transformers.models.kimi_linear",
                     reason=f"transformers {transformers.__version__} has no Kimi-Linear")
@@ -123,48 +122,23 @@ def test_whole_prompts(kimi, prompts):
                      prompts[-2:] * 2)
 
 
-def _hub_named_expert_adapter(base: Path, out: Path, ref: Path, r: int = 4) -> Path:
-    """An adapter under the hub's (and vLLM's) names, each expert's w1 / w3 / w2 in
-    `block_sparse_moe`, into `out`; `ref`: the base with its deltas merged."""
-    weights = load_file(str(base / "model.safetensors"))
-    lora, gen = {}, torch.Generator().manual_seed(11)
-    for key, weight in weights.items():
-        if ".block_sparse_moe.experts." not in key:
-            continue
-        module = key.removesuffix(".weight")
-        a = 0.3 * torch.randn(r, weight.shape[1], generator=gen)
-        b = 0.3 * torch.randn(weight.shape[0], r, generator=gen)
-        lora[f"base_model.model.{module}.lora_A.weight"] = a
-        lora[f"base_model.model.{module}.lora_B.weight"] = b
-        weights[key] = weight + b @ a * 2.0  # alpha / r
-    shutil.copytree(base, ref)
-    save_file(weights, str(ref / "model.safetensors"), metadata={"format": "pt"})
-    out.mkdir()
-    save_file(lora, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-        "target_modules": ["w1", "w3", "w2"]}))
-    return out
-
-
 def test_hub_named_expert_adapter(kimi, prompts, tmp_path):
-    """LoRA on each expert under the hub's names (block_sparse_moe.experts.N.w1 ...) beside
-    the base and a PEFT adapter over one slot: as HF computes the merged base."""
+    """LoRA on each expert under the hub's names (block_sparse_moe.experts.N.w1 / w3 / w2,
+    vLLM's) beside the base and a PEFT adapter over one slot: as HF computes the merged
+    base."""
     base, adapters = kimi
     ref = tmp_path / "merged"
-    adapter = _hub_named_expert_adapter(base, tmp_path / "hub_experts", ref)
-    reqs = lora_requests({"hub": adapter, "r4_kda": adapters["r4_kda"]})
-    batch = [(None, prompts[0]), ("hub", prompts[0]), ("r4_kda", prompts[1]),
-             ("hub", prompts[2])]
-    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8)
-    outs = llm.generate([{"prompt_token_ids": p} for _, p in batch], GREEDY,
-                        lora_request=[reqs[n] if n else None for n, _ in batch],
-                        use_tqdm=False)
-    for out, (name, prompt) in zip(outs, batch, strict=True):
-        ref_base, ref_adapter = (ref, None) if name == "hub" else \
-            (base, adapters[name] if name else None)
-        check_against_hf([out], ref_base, [ref_adapter], [prompt])
-    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+    adapter = per_expert_adapter(base, tmp_path / "hub_experts", ref,
+                                 experts=".block_sparse_moe.experts.", leaves=("w1", "w3", "w2"))
+    check_merged_adapter(base, ref, adapter, ("r4_kda", adapters["r4_kda"]), prompts)
+
+
+def test_too_high_rank_over_http(kimi, prompts):
+    """max_lora_rank 4: the rank-8 adapter is refused by name in the engine and over HTTP
+    (a 400 in OpenAI's shape, then a 404), the rank-4 one serves the engine's tokens."""
+    base, adapters = kimi
+    check_rank_refused(base, ("r4_kda", adapters["r4_kda"]), ("r8_all", adapters["r8_all"]),
+                       prompts)
 
 
 def test_prefix_caching_hits_equal_misses(kimi, prompts):
