@@ -246,6 +246,18 @@ def test_too_high_rank_fails_alone(kimi, prompts, tmp_path):
                      [prompts[1]] * 2)
 
 
+def test_bfloat16_keeps_dt_bias_fp32(kimi, prompts):
+    """In bf16 the forget gate's dt_bias stays fp32, as HF keeps it, and the rest is
+    bf16; the model generates."""
+    base, _ = kimi
+    llm = make_llm(base, dtype="bfloat16")
+    kda = llm.llm_engine.model_runner.mixers[0]
+    assert kda.forget_gate.dt_bias.dtype == torch.float32
+    assert kda.q_proj.weight.dtype == kda.forget_gate.A_log.dtype == torch.bfloat16
+    out = llm.generate([{"prompt_token_ids": prompts[2]}], GREEDY, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
+
+
 def test_config_flags():
     """What the registry reads: KDA's shape and layers, MLA's dims (no rotation), the
     experts, the dense layer; a layer kind outside the two, and quantization, refused."""

@@ -40,12 +40,13 @@ class KimiForgetGate(nn.Module):
                                     (f"{prefix}.f_a_proj",))
         self.f_b_proj = make_linear(m.head_k_dim, [m.key_dim], False, None,
                                     (f"{prefix}.f_b_proj",))
-        self.dt_bias = nn.Parameter(torch.zeros(m.key_dim))
+        # fp32 whatever the model's dtype, as HF keeps it (_keep_in_fp32_modules_strict)
+        self.dt_bias = nn.Parameter(torch.zeros(m.key_dim, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.zeros(1, 1, m.num_k_heads, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.m
-        g = (self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float())
+        g = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias
         g = g.view(-1, m.num_k_heads, m.head_k_dim)
         return -self.A_log.float()[0].exp() * F.softplus(g)
 
