@@ -1,7 +1,7 @@
 """State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py), LFM2's short
 convolutions (layers/short_conv.py), gated DeltaNet layers (layers/gated_delta_net.py:
-Qwen3-Next's, Qwen3.5's; Kimi-Linear's KDA, layers/kda.py) or Mamba-1 mixers (layers/mamba1.py: Mamba's, FalconMamba's,
-Jamba's).
+Qwen3-Next's, Qwen3.5's; Kimi-Linear's KDA, layers/kda.py) or Mamba-1 mixers
+(layers/mamba1.py: Mamba's, FalconMamba's, Jamba's).
 
 A running sequence holds one slot: per mixer layer its conv state [conv_dim, d_conv - 1]
 and SSM state ([heads, head_dim, d_state]; a DeltaNet's [v heads, d_k, d_v]; a short
