@@ -21,7 +21,6 @@ per expert, as transformers 4 saves it (checked the same way).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ import tests.test_attention  # noqa: F401  (on the CPU: Triton under the interpr
 from loraplex.layers.mla import mla_softmax_scale
 from loraplex.models.registry import build_model
 from tests.engine_utils import GREEDY, check_against_hf, check_mixed_batch, lora_requests, make_llm
+from tests.expert_adapters import check_merged_adapter, per_expert_adapter
 from tests.fixtures import _reinit_, make_peft_adapter, make_tokenizer
 
 if not hasattr(transformers, "DeepseekV3Config"):
@@ -183,53 +183,16 @@ def test_dense_and_shared_mlp_lora(version, deepseek, prompts, tiny_root):
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
 
 
-def _per_expert_adapter(base: Path, out: Path, ref: Path, r: int = 4, seed: int = 5
-                        ) -> Path:
-    """An adapter saved per expert (transformers 4's layout, vLLM's) on every expert of
-    `base`, into `out`; `ref`: the base with its deltas merged (the checkpoint has a module
-    per expert, as DeepSeek's ship and transformers 5 saves them)."""
-    weights = load_file(str(base / "model.safetensors"))
-    lora = {}
-    gen = torch.Generator().manual_seed(seed)
-    for key, weight in weights.items():
-        if ".mlp.experts." not in key:
-            continue
-        module = key.removesuffix(".weight")
-        a = 0.3 * torch.randn(r, weight.shape[1], generator=gen)
-        b = 0.3 * torch.randn(weight.shape[0], r, generator=gen)
-        lora[f"base_model.model.{module}.lora_A.weight"] = a
-        lora[f"base_model.model.{module}.lora_B.weight"] = b
-        weights[key] = weight + b @ a * 2.0  # alpha / r
-    assert lora, "no per-expert weights in the checkpoint"
-    shutil.copytree(base, ref)
-    save_file(weights, str(ref / "model.safetensors"), metadata={"format": "pt"})
-    out.mkdir()
-    save_file(lora, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-        "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
-    return out
-
-
 @pytest.mark.parametrize("version", ["v3", "v2"])
 def test_per_expert_adapter(version, deepseek, prompts, tmp_path):
-    """An adapter saved per expert serves beside the base and another adapter over one
-    slot: as HF computes the base with its deltas merged."""
+    """An adapter saved per expert (transformers 4's layout, vLLM's; the checkpoint has a
+    module per expert, as DeepSeek's ship and transformers 5 saves them) serves beside the
+    base and another adapter over one slot: as HF computes the base with its deltas
+    merged."""
     base, adapters = deepseek[version]
     ref = tmp_path / "merged"
-    adapter = _per_expert_adapter(base, tmp_path / "per_expert", ref)
-    reqs = lora_requests({"per_expert": adapter, "r4_attn": adapters["r4_attn"]})
-    batch = [(None, prompts[0]), ("per_expert", prompts[0]), ("r4_attn", prompts[1]),
-             ("per_expert", prompts[2])]
-    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8)
-    outs = llm.generate([{"prompt_token_ids": p} for _, p in batch], GREEDY,
-                        lora_request=[reqs[n] if n else None for n, _ in batch],
-                        use_tqdm=False)
-    for out, (name, prompt) in zip(outs, batch, strict=True):
-        ref_base, ref_adapter = (ref, None) if name == "per_expert" else \
-            (base, adapters[name] if name else None)
-        check_against_hf([out], ref_base, [ref_adapter], [prompt])
-    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+    adapter = per_expert_adapter(base, tmp_path / "per_expert", ref)
+    check_merged_adapter(base, ref, adapter, ("r4_attn", adapters["r4_attn"]), prompts)
 
 
 @pytest.mark.parametrize("budget", [None, 6])

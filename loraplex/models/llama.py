@@ -45,6 +45,8 @@ One file, flags for the differences:
 - Qwen3-Next's and Qwen3.5's attention gates its output per channel (`attn_output_gate`:
   q_proj gives each head's query, then its gate; o_proj(attn * sigmoid(gate))); their
   other layers are gated DeltaNets (models/qwen3_next.py).
+- Kimi-Linear's layers are KDA (layers/kda.py) or MLA without positions, with DeepSeek-V3's
+  experts (models/kimi_linear.py).
 
 Tokens of all sequences in a step are laid out flat ([T, hidden]); attention finds each
 sequence's tokens through the step context.
@@ -238,6 +240,9 @@ class LlamaArgs:
     # models/qwen3_next.py); their attention's output gate, q_proj's second half per head
     gated_delta_net: GatedDeltaNetArgs | None = None
     attn_output_gate: bool = False
+    # Kimi-Linear's KDA layers (the layers of mamba_layers: models/kimi_linear.py; a
+    # key head per value head), beside MLA's
+    kda: GatedDeltaNetArgs | None = None
     # Gemma 4's per-layer shapes, KV sharing, per-layer embeddings, experts (gemma4.py,
     # gemma4_args.py)
     gemma4: Gemma4Args | None = None
@@ -680,6 +685,10 @@ class LlamaForCausalLM(nn.Module):
             self.lora_target_modules = self.lora_target_modules + (
                 ("in_proj_qkvz", "in_proj_ba") if args.gated_delta_net.fused_projections
                 else ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")) + ("out_proj",)
+        if args.kda is not None:  # Kimi-Linear's KDA projections beside MLA's
+            from loraplex.models.kimi_linear import KDA_LORA_TARGETS
+            self.lora_target_modules = self.lora_target_modules + tuple(
+                m for m in KDA_LORA_TARGETS if m not in self.lora_target_modules)
         if args.mamba1 is not None:  # the Mamba-1 mixers' projections (models/mamba1.py)
             from loraplex.models.mamba1 import mamba1_lora_targets
             self.lora_target_modules = mamba1_lora_targets(args, self.lora_target_modules)

@@ -140,6 +140,9 @@ def layer_class(a: Any) -> type[nn.Module]:
     if a.hybrid_layer == "qwen3_next":
         from loraplex.models.qwen3_next import Qwen3NextDecoderLayer
         return Qwen3NextDecoderLayer
+    if a.hybrid_layer == "kimi_linear":
+        from loraplex.models.kimi_linear import KimiLinearDecoderLayer
+        return KimiLinearDecoderLayer
     from loraplex.models.granite_hybrid import GraniteHybridDecoderLayer
     return GraniteHybridDecoderLayer
 
@@ -228,11 +231,13 @@ def mamba_flags(hf: Any, name: str) -> dict[str, Any]:
 def has_mamba_layers(hf: Any, name: str) -> bool:
     """Whether the model has Mamba2 mixers (Granite 4.0 -micro, in the same class, has
     attention layers only), LFM2's short convolutions, gated DeltaNets
-    (models/qwen3_next.py) or Mamba-1 mixers (models/mamba1.py): a state per sequence
+    (models/qwen3_next.py), Kimi-Linear's KDA layers (models/kimi_linear.py) or Mamba-1
+    mixers (models/mamba1.py): a state per sequence
     either way."""
+    from loraplex.models.kimi_linear import has_kda_layers
     from loraplex.models.lfm2 import has_conv_layers
     from loraplex.models.mamba1 import has_mamba1_layers
     from loraplex.models.qwen3_next import has_gated_delta_net_layers
     return (name in _FAMILY and "mamba" in layer_kinds(hf, name)) \
         or has_conv_layers(hf, name) or has_gated_delta_net_layers(hf, name) \
-        or has_mamba1_layers(hf, name)
+        or has_mamba1_layers(hf, name) or has_kda_layers(hf, name)

@@ -25,6 +25,7 @@ from loraplex.models.gemma3n_args import gemma3n_args
 from loraplex.models.gemma4 import Gemma4ForCausalLM
 from loraplex.models.gemma4_args import gemma4_args
 from loraplex.models.granite_hybrid import GRANITE_MOE_ARCHITECTURES, granite_moe_flags
+from loraplex.models.kimi_linear import KIMI_LINEAR, KIMI_LINEAR_MODEL_TYPES, kimi_linear_flags
 from loraplex.models.lfm2 import LFM2_ARCHITECTURES, LFM2_MODEL_TYPES, lfm2_flags
 from loraplex.models.llama import LlamaArgs, LlamaForCausalLM
 from loraplex.models.llama4 import llama4_flags
@@ -136,6 +137,9 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
     # gated DeltaNet layers beside attention with an output gate; experts with a gated
     # shared expert (Qwen3-Next, Qwen3.5-MoE) or an MLP (Qwen3.5): models/qwen3_next.py
     **dict.fromkeys(GATED_DELTA_NET_ARCHITECTURES, ARCHITECTURE_FLAGS),
+    # KDA layers beside latent attention without positions, DeepSeek-V3's experts:
+    # models/kimi_linear.py
+    KIMI_LINEAR: {},
     # Mamba-1 mixers alone (Mamba, FalconMamba), or beside attention without positions
     # and experts (Jamba): models/mamba1.py
     **dict.fromkeys(MAMBA1_ARCHITECTURES, {}),
@@ -222,7 +226,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "olmo": "OlmoForCausalLM", "helium": "HeliumForCausalLM",
                   "gpt_neox": "GPTNeoXForCausalLM", "phimoe": "PhimoeForCausalLM",
                   **DEEPSEEK_MODEL_TYPES, **LFM2_MODEL_TYPES, **CLASSIC_MODEL_TYPES,
-                  **GATED_DELTA_NET_MODEL_TYPES, **MAMBA1_MODEL_TYPES}
+                  **GATED_DELTA_NET_MODEL_TYPES, **MAMBA1_MODEL_TYPES,
+                  **KIMI_LINEAR_MODEL_TYPES}
 # the architectures whose q/k/v/o have biases where the config's attention_bias says so
 # (and, for some, the MLP's where mlp_bias does), as their HF modeling code reads them
 _ATTENTION_BIAS = ("LlamaForCausalLM", "GraniteForCausalLM", *GRANITE_MOE_ARCHITECTURES,
@@ -673,8 +678,10 @@ def build_model(hf_config: Any, quant: QuantConfig | None = None,
         **lfm2_flags(hf_config, name, quant),
         **gated_delta_net_flags(hf_config, name, quant),
         **mamba1_flags(hf_config, name, quant),
+        **kimi_linear_flags(hf_config, name, quant),
     )
-    if name in DEEPSEEK_ARCHITECTURES:  # MLA: its own heads, head dims and biases
+    if name in (*DEEPSEEK_ARCHITECTURES, KIMI_LINEAR):  # MLA: its own heads, head dims
+        # and biases
         args = replace(args, **mla_args(hf_config, name, scaling))
     if name in CLASSIC_FLAGS:  # their configs' own fields (models/classic.py)
         args = replace(args, **classic_args(hf_config, name))

@@ -1,7 +1,7 @@
 """State slots of a hybrid model's Mamba2 mixers (layers/mamba2.py), LFM2's short
 convolutions (layers/short_conv.py), gated DeltaNet layers (layers/gated_delta_net.py:
-Qwen3-Next's, Qwen3.5's) or Mamba-1 mixers (layers/mamba1.py: Mamba's, FalconMamba's,
-Jamba's).
+Qwen3-Next's, Qwen3.5's; Kimi-Linear's KDA, layers/kda.py) or Mamba-1 mixers
+(layers/mamba1.py: Mamba's, FalconMamba's, Jamba's).
 
 A running sequence holds one slot: per mixer layer its conv state [conv_dim, d_conv - 1]
 and SSM state ([heads, head_dim, d_state]; a DeltaNet's [v heads, d_k, d_v]; a short
@@ -25,15 +25,16 @@ import math
 import torch
 
 from loraplex.engine.sequence import Sequence
-from loraplex.layers.gated_delta_net import GatedDeltaNet
+from loraplex.layers.gated_delta_net import DeltaRuleMixer
 from loraplex.layers.mamba1 import Mamba1Mixer
 from loraplex.layers.mamba2 import Mamba2Mixer, MambaBatch
 from loraplex.layers.short_conv import ShortConv
 from loraplex.worker.state_snapshots import StateSnapshots
 
 # the layers whose state is per sequence (each names its states: `slot_state_shapes`)
-STATE_LAYERS = (Mamba2Mixer, ShortConv, GatedDeltaNet, Mamba1Mixer)
-StateMixer = Mamba2Mixer | ShortConv | GatedDeltaNet | Mamba1Mixer
+# (DeltaRuleMixer: gated DeltaNets and Kimi-Linear's KDA layers)
+STATE_LAYERS = (Mamba2Mixer, ShortConv, DeltaRuleMixer, Mamba1Mixer)
+StateMixer = Mamba2Mixer | ShortConv | DeltaRuleMixer | Mamba1Mixer
 
 
 def state_bytes_per_slot(mixers: list[StateMixer], dtype: torch.dtype) -> int:
