@@ -133,6 +133,7 @@ QWEN3_5_PLAIN = ("model.layers.2.linear_attn.in_proj_b", "model.layers.2.linear_
 # ones have 32 or more): left plain under the packed int formats
 SMALL = ("in_proj_b", "in_proj_a")
 MAMBA_PLAIN = tuple(f"backbone.layers.{i}.mixer.{p}" for i in (0, 1) for p in ("x_proj", "dt_proj"))
+LFM2_PLAIN = ("model.layers.0.conv.in_proj", "model.layers.1.self_attn.out_proj")
 LFM2_LAYER1_EXPERTS = tuple(f"model.layers.1.feed_forward.experts.{e}.{leaf}"
                             for e in range(8) for leaf in ("w1", "w3", "w2"))
 CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
@@ -147,9 +148,9 @@ CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "qwen3_5_moe_gptq4": ("qwen3_5_moe", _packed("gptq", group_size=16, skip=SMALL),
                           QWEN3_5_PLAIN),
     "qwen3_next_awq4": ("qwen3_next", _packed("awq", group_size=16), ()),
-    "lfm2_fp8_block": ("lfm2", _fp8("fp8", "block", block=(32, 32),
-                                    skip=("model.layers.0.conv.in_proj",)),
-                       ("model.layers.0.conv.in_proj",)),
+    # a conv block's in_proj and the attention's out_proj (its name, as the conv's)
+    "lfm2_fp8_block": ("lfm2", _fp8("fp8", "block", block=(32, 32), skip=LFM2_PLAIN),
+                       LFM2_PLAIN),
     "lfm2_moe_fp8_block": ("lfm2_moe", _fp8("fp8", "block", block=(32, 32)), ()),
     # layer 1's experts left plain by exact names (llm-compressor's `ignore`)
     "lfm2_moe_ct_w4a16": ("lfm2_moe", _ct_int(group_size=8, ignore=LFM2_LAYER1_EXPERTS),

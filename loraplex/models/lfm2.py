@@ -62,19 +62,6 @@ class Lfm2Args:
     use_expert_bias: bool = True  # LFM2-MoE: the choice on scores + expert_bias
 
 
-class Lfm2Attention(LlamaAttention):
-    """LlamaAttention whose output projection is `out_proj`, LFM2's name for it: the conv
-    block's is out_proj too, so no per-leaf packing map could rename only this one."""
-
-    def __init__(self, a: LlamaArgs, rotary: RotaryEmbedding, prefix: str, index: int) -> None:
-        super().__init__(a, rotary, prefix, index)
-        self.out_proj = self._modules.pop("o_proj")
-
-    @property
-    def o_proj(self) -> nn.Module:  # (what LlamaAttention.forward calls)
-        return self.out_proj
-
-
 def _experts(a: LlamaArgs, prefix: str) -> SparseMoE:
     """LFM2-MoE's sparse feed-forward (a quantized checkpoint's experts in its format, each
     expert's w1 / w3 / w2 a module modules_to_not_convert may name); without
@@ -102,7 +89,7 @@ class Lfm2DecoderLayer(nn.Module):
             self.conv = ShortConv(a.hidden_size, lf.conv_kernel, lf.conv_bias, a.quant,
                                   f"{prefix}.conv")
         else:
-            self.self_attn = Lfm2Attention(a, rotary, f"{prefix}.self_attn", index)
+            self.self_attn = LlamaAttention(a, rotary, f"{prefix}.self_attn", index)
         sparse = a.num_experts > 0 and index not in a.dense_layers
         self.feed_forward = _experts(a, f"{prefix}.feed_forward") if sparse \
             else LlamaMLP(a, f"{prefix}.feed_forward", lf.ff_size)
@@ -162,7 +149,9 @@ def lfm2_flags(hf: Any, name: str, quant: QuantConfig | None) -> dict[str, Any]:
                   conv_bias=bool(hf.conv_bias),
                   ff_size=int(hf.intermediate_size) if moe else ff_size(hf),
                   use_expert_bias=bool(getattr(hf, "use_expert_bias", True)))
+    # (attention's output projection is `out_proj`, as the conv block's)
     flags: dict[str, Any] = dict(lfm2=lf, hybrid_layer="lfm2", qk_norm=True,
+                                 attention_output="out_proj",
                                  checkpoint_renames=LFM2_RENAMES)
     if moe:  # one group of experts: GroupedTopKRouter's choice is then a plain top-k
         flags.update(num_experts=int(hf.num_experts),
