@@ -47,6 +47,11 @@ from loraplex.models.llama4_vision import (
     is_llama4,
 )
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
+from loraplex.models.llava_onevision import (
+    LlavaOnevisionVision,
+    LlavaOnevisionVisionConfig,
+    is_llava_onevision,
+)
 from loraplex.models.phi4mm import Phi4MMVision, Phi4MMVisionConfig, is_phi4mm
 from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, takes_pixtral_tower
 from loraplex.models.qwen2_audio import Qwen2Audio, Qwen2AudioConfig, is_qwen2_audio
@@ -61,10 +66,10 @@ logger = logging.getLogger(__name__)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
                 | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig
                 | Phi4MMVisionConfig | VoxtralAudioConfig | InternVLVisionConfig
-                | Gemma4VisionConfig | Lfm2VlVisionConfig)
+                | Gemma4VisionConfig | Lfm2VlVisionConfig | LlavaOnevisionVisionConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
           | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral | InternVLVision
-          | Gemma4Vision | Lfm2VlVision)
+          | Gemma4Vision | Lfm2VlVision | LlavaOnevisionVision)
 
 
 def _is_gemma3(hf_config: Any) -> bool:
@@ -86,6 +91,7 @@ ENCODER_CONFIGS: tuple[tuple[Callable[[Any], bool], type[VisionConfig]], ...] = 
     (takes_pixtral_tower, PixtralVisionConfig),  # Mistral 3, Pixtral-12B
     (is_internvl, InternVLVisionConfig),  # engine/internvl_images.py's tiles
     (is_lfm2_vl, Lfm2VlVisionConfig),  # engine/lfm2_vl_images.py's tiles
+    (is_llava_onevision, LlavaOnevisionVisionConfig),  # engine/llava_onevision.py: videos
 )
 
 # the module an encoder config builds (by its exact class: Qwen3-VL's config is a
@@ -104,6 +110,7 @@ TOWERS: dict[type[VisionConfig], Callable[[Any], Vision]] = {
     Phi4MMVisionConfig: Phi4MMVision,
     InternVLVisionConfig: InternVLVision,
     Lfm2VlVisionConfig: Lfm2VlVision,
+    LlavaOnevisionVisionConfig: LlavaOnevisionVision,
 }
 
 
