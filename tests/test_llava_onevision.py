@@ -31,7 +31,6 @@ from tests.llava_onevision_fixtures import (
     hf_inputs,
     make_tiny_onevision,
     media_request,
-    processor,
     video,
 )
 from tests.multimodal_fixtures import (
@@ -182,3 +181,65 @@ def test_bad_inputs_fail_alone(onevision):
     outs.sort(key=lambda o: o.request_id)
     check_media(outs, base, [(ASK, [image(2, (40, 20))], [], None),
                              (VIDEO_ASK, [], [video(1)], None)])
+
+
+def test_tower_lora_matches_hf_peft(onevision):
+    """enable_tower_connector_lora: an adapter on the SigLIP tower, the projector and the
+    language model, beside the base, on an image and a video: HF + PEFT's output; the
+    tower's LoRA changes it."""
+    from tests.multimodal_fixtures import LANGUAGE_MODEL, make_multimodal_adapter
+
+    base = onevision["base"]
+    tower = make_multimodal_adapter(
+        base, base.parent / "tower", r=4, seed=93, scale=0.5,
+        targets=rf".*(vision_tower.*(q_proj|fc1)|multi_modal_projector.linear_1)|"
+                rf"{LANGUAGE_MODEL}(v_proj)")
+    llm = make_llm(base, enable_lora=True, enable_tower_connector_lora=True,
+                   max_lora_rank=8, max_loras=2)
+    jobs = [(ASK, [image(4, (40, 20))], [], None), (ASK, [image(4, (40, 20))], [], tower),
+            (VIDEO_ASK, [], [video(1)], tower), (VIDEO_ASK, [], [video(1)], None)]
+    lora = LoRARequest("tower", 1, str(tower))
+    outs = llm.generate([media_request(p, ims, vids) for p, ims, vids, _ in jobs], GREEDY,
+                        use_tqdm=False, lora_request=[lora if a else None for *_, a in jobs])
+    check_media(outs, base, jobs)
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+
+
+def test_server_chat(onevision):
+    """The official client's chats: an image_url under r8 and a GIF video_url with an
+    image on the base get HF (+ PEFT)'s greedy tokens and prompt counts; an undecodable
+    image or video and a second video (limit 1) fail alone with a 400 in OpenAI's shape."""
+    from tests.test_qwen_video import gif_url, paletted
+
+    base, n = onevision["base"], GREEDY.max_tokens
+    frames = paletted(7, 3, (TILE, TILE))
+    clip = {"type": "video_url", "video_url": {"url": gif_url(frames)}}
+    im = image(8, (40, 20))
+    pictured = [{"type": "image_url", "image_url": {"url": data_url(im)}},
+                {"type": "text", "text": "What is this?"}]
+    both = [pictured[0], clip, {"type": "text", "text": "What happens?"}]
+    turn = "<|user|>{}\n<|assistant|>"
+    want = []
+    for adapter, ims, vids, text in (
+            (onevision["r8"], [im], [], f"{IMAGE}\nWhat is this?"),
+            (None, [im], [frames], f"{IMAGE}\n{VIDEO}\nWhat happens?")):
+        inp = hf_inputs(base, turn.format(text), ims, False, vids)
+        want.append((len(inp["input_ids"][0]), greedy_reference(
+            lambda r, a=adapter, i=inp: hf_logprobs(base, a, i, r), n)))
+    args = ["--max-model-len", "512", "--dtype", "float32", "--enable-lora",
+            "--max-lora-rank", "8", "--lora-modules", f"r8={onevision['r8']}",
+            "--limit-mm-per-prompt", '{"image": 1, "video": 1}']
+    with RemoteServer(base, args) as server:
+        client = server.get_client()
+        assert chat_token_ids(client, "r8", pictured, n, want[0][0]) == want[0][1]
+        for parts, match in (
+                ([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}],
+                 "cannot decode the video"),
+                ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                 "cannot decode the image"),
+                ([*both, clip], "At most 1 video")):
+            with pytest.raises(openai.BadRequestError) as info:
+                chat_token_ids(client, "r8", parts, n)
+            assert info.value.status_code == 400
+            assert re.search(match, info.value.body["message"]), info.value.body
+        assert chat_token_ids(client, str(base), both, n, want[1][0]) == want[1][1]
