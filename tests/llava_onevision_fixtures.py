@@ -26,9 +26,11 @@ from tests.fixtures import _reinit_, make_tokenizer
 from tests.multimodal_fixtures import check_jobs, tokenizer
 
 IMAGE, VIDEO = "<image>", "<video>"
-TILE, PATCH = 16, 4  # 16-pixel tiles of 4 x 4 patches
+# 20-pixel tiles of 5 x 5 patches (an odd side, as the hub's 27: a video frame's 2 x 2
+# bilinear pooling to 3 x 3 is no plain average then)
+TILE, PATCH = 20, 4
 # (height, width) in whole tiles: up to 3 x 3, so an image fills 9 tiles of features
-PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32], [16, 48], [48, 16], [48, 48]]
+PINPOINTS = [[20, 20], [20, 40], [40, 20], [40, 40], [20, 60], [60, 20], [60, 60]]
 MAX = "anyres_max_2"  # a budget of 2 tiles' patches: 2 x 2 tiles and more are reduced
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
 ASK = "USER: <image>\nWhat is this? ASSISTANT:"
