@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 
 from loraplex import SamplingParams
 from tests.fixtures import _reinit_, make_tokenizer
+from tests.internvl_fixtures import media_request  # noqa: F401 (re-exported)
 from tests.multimodal_fixtures import check_jobs, tokenizer
 
 IMAGE, VIDEO = "<image>", "<video>"
@@ -135,16 +137,33 @@ def hf_inputs(base: Path, prompt: str, images: list, add_special_tokens: bool = 
     # (HF's model takes videos of one length a prompt: others' pixels only, in a list)
     same = len({len(c) for c in clips}) == 1
     out: dict[str, Any] = {"pixel_values_videos": torch.stack(clips) if same else clips}
-    pieces = {VIDEO: iter(proc.replace_video_token({"pixel_values_videos": clips}, i)
-                          for i in range(len(clips)))}
+    pieces = {VIDEO: iter(_video_text(proc, clips, i) for i in range(len(clips)))}
     if images:
         pixels = proc.image_processor(images, return_tensors="pt")
-        pieces[IMAGE] = iter(proc.replace_image_token(pixels, i) for i in range(len(images)))
+        pieces[IMAGE] = iter(_image_text(proc, pixels, i) for i in range(len(images)))
         out.update(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
     text = re.sub(f"{re.escape(IMAGE)}|{re.escape(VIDEO)}", lambda m: next(pieces[m.group()]),
                   prompt)
     ids = tokenizer(str(base))(text, add_special_tokens=add_special_tokens).input_ids
     return {"input_ids": torch.tensor([ids]), **out}
+
+
+def _video_text(proc: Any, clips: list[torch.Tensor], i: int) -> str:
+    """Video i's `<video>`s as LlavaOnevisionProcessor writes them (transformers 4.x: its
+    __call__'s own rule, inline there)."""
+    if hasattr(proc, "replace_video_token"):
+        return proc.replace_video_token({"pixel_values_videos": clips}, i)
+    pooled = math.ceil(int(math.sqrt(proc.num_image_tokens)) / 2)
+    return VIDEO * (len(clips[i]) * pooled * pooled + 1)
+
+
+def _image_text(proc: Any, pixels: Any, i: int) -> str:
+    """Image i's `<image>`s as LlavaOnevisionProcessor writes them (transformers 4.x:
+    its _get_number_of_features, which its __call__ reads)."""
+    if hasattr(proc, "replace_image_token"):
+        return proc.replace_image_token(pixels, i)
+    height, width = pixels["image_sizes"][i].tolist()
+    return IMAGE * proc._get_number_of_features(height, width, TILE, TILE)
 
 
 def check_media(outs, base: Path, jobs: list[tuple[str, list, list, Path | None]],
@@ -153,9 +172,3 @@ def check_media(outs, base: Path, jobs: list[tuple[str, list, list, Path | None]
     check_jobs(outs, base, [(p, (ims, vids), a) for p, ims, vids, a in jobs],
                lambda b, p, media, add: hf_inputs(b, p, media[0], add, media[1]),
                add_special_tokens)
-
-
-def media_request(prompt: str, images: list, videos: list) -> dict | str:
-    """`prompt` with its images and videos as multi_modal_data (alone without)."""
-    data = {k: v for k, v in (("image", images), ("video", videos)) if v}
-    return {"prompt": prompt, "multi_modal_data": data} if data else prompt

@@ -16,7 +16,6 @@ from typing import Any
 import openai
 import pytest
 import torch
-import transformers
 
 from loraplex import LoRARequest
 from tests.engine_utils import make_llm, refused_alone
@@ -44,11 +43,6 @@ from tests.multimodal_fixtures import (
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
-if int(transformers.__version__.split(".")[0]) < 5:
-    # (4.56's processor counts the tiny checkpoint's images differently: its slow image
-    # processor's tiles, not yet looked into; its processor also needs a video processor)
-    pytest.skip("LLaVA-OneVision is checked against transformers 5.x's processor and model "
-                "only", allow_module_level=True)
 
 TEXT = "USER: What is the capital of France? ASSISTANT:"
 BOTH = "USER: <image> then <video>: same scene? ASSISTANT:"
