@@ -243,3 +243,21 @@ def test_server_chat(onevision):
             assert info.value.status_code == 400
             assert re.search(match, info.value.body["message"]), info.value.body
         assert chat_token_ids(client, str(base), both, n, want[1][0]) == want[1][1]
+
+
+def test_video_config_it_cannot_follow_refuses_videos_only(onevision, tmp_path, caplog):
+    """A video processor config that does not resize frames to the tower's tile: images
+    are served (HF's tokens), videos refused with the reason, at add_request."""
+    import json
+    import shutil
+
+    base = Path(shutil.copytree(onevision["base"], tmp_path / "odd_video"))
+    (base / "video_preprocessor_config.json").write_text(json.dumps(
+        {"size": {"height": TILE * 2, "width": TILE * 2}}))
+    with caplog.at_level("WARNING"):
+        engine = make_llm(base).llm_engine
+    assert "video inputs are refused" in caplog.text
+    engine.add_request("image", media_request(ASK, [image(2, (40, 20))], []), GREEDY)
+    outs = refused_alone(engine, [(media_request(VIDEO_ASK, [], [video(1)]),
+                                   "not supported")], GREEDY)
+    check_media(outs, base, [(ASK, [image(2, (40, 20))], [], None)])

@@ -13,6 +13,7 @@ Images and videos are items of one ImageInputs in prompt order (a video's size
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,8 @@ from loraplex.engine.internvl_videos import InternVLVideoProcessor
 from loraplex.engine.qwen_videos import QwenVideoProcessor, split_videos, unpack
 from loraplex.models.llava_onevision import LlavaOnevisionVisionConfig, is_video
 
+logger = logging.getLogger(__name__)
+
 
 class OnevisionVideoProcessor(InternVLVideoProcessor):
     """HF's LlavaOnevisionVideoProcessor settings on frames: each resized to the tile,
@@ -43,13 +46,26 @@ class OnevisionVideoProcessor(InternVLVideoProcessor):
 class LlavaOnevisionProcessor(ImageProcessor):
     """ImageProcessor with OneVision's counts, and its videos."""
 
-    modalities = ("image", "video")
     config: LlavaOnevisionVisionConfig
 
     def __init__(self, path: str, config: LlavaOnevisionVisionConfig, tokenizer: Any = None
                  ) -> None:
         super().__init__(path, config, tokenizer)
-        self.video = OnevisionVideoProcessor(path, config.image_size)
+        self.video: OnevisionVideoProcessor | None = None
+        try:
+            self.video = OnevisionVideoProcessor(path, config.image_size)
+        except ValueError as e:  # (a video processor config it cannot follow: images only)
+            logger.warning("%s; video inputs are refused", e)
+            self.no_videos = f"multi_modal_data: video inputs are not supported: {e}"
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image", "video") if self.video is not None else ("image",)
+
+    def _video(self) -> OnevisionVideoProcessor:
+        if self.video is None:
+            raise ValueError(self.no_videos)
+        return self.video
 
     def placeholder_token(self, modality: str) -> int | None:
         return self.config.video_token_id if modality == "video" else self.placeholder
@@ -64,7 +80,7 @@ class LlavaOnevisionProcessor(ImageProcessor):
                  options: Mapping[str, Any] | None = None) -> list[int]:
         if "video" in data:
             images = load_images(data["image"]) if data.get("image") is not None else []
-            frames = [len(self.video.frames(v)) for v in split_videos(data["video"])]
+            frames = [len(self._video().frames(v)) for v in split_videos(data["video"])]
             return self.expand_media(ids, self._sizes(images), frames)
         return super().expanded(ids, data, options)
 
@@ -87,7 +103,8 @@ class LlavaOnevisionProcessor(ImageProcessor):
         """The prompt with its images' and videos' placeholders expanded, and their inputs:
         items in prompt order, an image its tiles, a video its frames."""
         images = load_images(image_data) if image_data is not None else []
-        clips = [self.video.frames(v) for v in split_videos(video_data)]
+        video = self._video()
+        clips = [video.frames(v) for v in split_videos(video_data)]
         sizes = self._sizes(images)
         # before the pixels: a mismatch costs nothing
         ids = self.expand_media(ids, sizes, [len(f) for f in clips])
@@ -98,7 +115,7 @@ class LlavaOnevisionProcessor(ImageProcessor):
                       zip(pixels.split([self.config.tiles(s) for s in sizes]), sizes,
                           strict=True)]
         for frames in clips:
-            pixels, digest = self.video(frames)
+            pixels, digest = video(frames)
             items.append((pixels, (len(frames), 0), digest))
         order = self._order(ids)
         kept = [items[i if kind == "image" else len(images) + i] for kind, i in order]
