@@ -48,6 +48,11 @@ from loraplex.models.llama4_vision import (
     is_llama4,
 )
 from loraplex.models.llava import LlavaVision, LlavaVisionConfig, placeholder_runs
+from loraplex.models.llava_onevision import (
+    LlavaOnevisionVision,
+    LlavaOnevisionVisionConfig,
+    is_llava_onevision,
+)
 from loraplex.models.phi4mm import Phi4MMVision, Phi4MMVisionConfig, is_phi4mm
 from loraplex.models.pixtral import PixtralVision, PixtralVisionConfig, takes_pixtral_tower
 from loraplex.models.qwen2_audio import Qwen2Audio, Qwen2AudioConfig, is_qwen2_audio
@@ -62,10 +67,11 @@ logger = logging.getLogger(__name__)
 VisionConfig = (LlavaVisionConfig | Gemma3VisionConfig | QwenVisionConfig | PixtralVisionConfig
                 | Llama4VisionConfig | GraniteSpeechAudioConfig | Qwen2AudioConfig
                 | Phi4MMVisionConfig | VoxtralAudioConfig | InternVLVisionConfig
-                | Gemma4VisionConfig | Lfm2VlVisionConfig | Idefics3VisionConfig)
+                | Gemma4VisionConfig | Lfm2VlVisionConfig | Idefics3VisionConfig
+                | LlavaOnevisionVisionConfig)
 Vision = (LlavaVision | Gemma3Vision | QwenVision | Qwen3Vision | PixtralVision | Llama4Vision
           | GraniteSpeechAudio | Qwen2Audio | Phi4MMVision | Voxtral | InternVLVision
-          | Gemma4Vision | Lfm2VlVision | Idefics3Vision)
+          | Gemma4Vision | Lfm2VlVision | Idefics3Vision | LlavaOnevisionVision)
 
 
 def _is_gemma3(hf_config: Any) -> bool:
@@ -88,6 +94,7 @@ ENCODER_CONFIGS: tuple[tuple[Callable[[Any], bool], type[VisionConfig]], ...] = 
     (is_internvl, InternVLVisionConfig),  # engine/internvl_images.py's tiles
     (is_lfm2_vl, Lfm2VlVisionConfig),  # engine/lfm2_vl_images.py's tiles
     (is_idefics3, Idefics3VisionConfig),  # Idefics3, SmolVLM: engine/idefics3_images.py
+    (is_llava_onevision, LlavaOnevisionVisionConfig),  # engine/llava_onevision.py: videos
 )
 
 # the module an encoder config builds (by its exact class: Qwen3-VL's config is a
@@ -107,6 +114,7 @@ TOWERS: dict[type[VisionConfig], Callable[[Any], Vision]] = {
     InternVLVisionConfig: InternVLVision,
     Lfm2VlVisionConfig: Lfm2VlVision,
     Idefics3VisionConfig: Idefics3Vision,
+    LlavaOnevisionVisionConfig: LlavaOnevisionVision,
 }
 
 

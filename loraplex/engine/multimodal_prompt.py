@@ -27,6 +27,7 @@ from loraplex.engine.images import (
 )
 from loraplex.engine.internvl_images import InternVLImageProcessor
 from loraplex.engine.lfm2_vl_images import Lfm2VlImageProcessor
+from loraplex.engine.llava_onevision import LlavaOnevisionProcessor
 from loraplex.engine.multimodal_processor import MultimodalProcessor
 from loraplex.engine.phi4mm_inputs import Phi4MMProcessor
 from loraplex.engine.pixtral_images import PixtralImageProcessor
@@ -45,6 +46,7 @@ from loraplex.models.internvl import InternVLVisionConfig
 from loraplex.models.lfm2_vl import Lfm2VlVisionConfig
 from loraplex.models.llama4_vision import Llama4VisionConfig
 from loraplex.models.llava import LlavaVisionConfig
+from loraplex.models.llava_onevision import LlavaOnevisionVisionConfig
 from loraplex.models.phi4mm import Phi4MMVisionConfig
 from loraplex.models.pixtral import PixtralVisionConfig
 from loraplex.models.qwen2_audio import Qwen2AudioConfig
@@ -67,6 +69,7 @@ PROCESSORS: dict[type, type[MultimodalProcessor]] = {
     InternVLVisionConfig: InternVLImageProcessor,  # engine/internvl_images.py: tiles
     Lfm2VlVisionConfig: Lfm2VlImageProcessor,  # engine/lfm2_vl_images.py: tiles
     Idefics3VisionConfig: Idefics3ImageProcessor,  # engine/idefics3_images.py (SmolVLM too)
+    LlavaOnevisionVisionConfig: LlavaOnevisionProcessor,  # engine/llava_onevision.py: videos
     GraniteSpeechAudioConfig: AudioProcessor,  # engine/audio.py
     Qwen2AudioConfig: Qwen2AudioProcessor,  # engine/qwen2_audio_inputs.py
     VoxtralAudioConfig: VoxtralAudioProcessor,  # engine/voxtral_inputs.py

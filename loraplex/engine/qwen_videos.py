@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from loraplex.engine.images import expand_placeholders
 from loraplex.models.internvl import is_internvl
+from loraplex.models.llava_onevision import is_llava_onevision
 from loraplex.models.qwen2_vl import Grid, QwenVisionConfig, is_qwen_vl
 from loraplex.models.qwen3_vl import is_qwen3_vl
 
@@ -79,8 +80,10 @@ def _smart_resize(height: int, width: int, factor: int, min_pixels: int,
 
 def takes_videos(hf_config: Any) -> bool:
     """The checkpoint's videos are served: Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and
-    Qwen3.5's (engine/qwen3_videos.py), InternVL's (engine/internvl_videos.py)."""
-    return is_qwen_vl(hf_config) or is_qwen3_vl(hf_config) or is_internvl(hf_config)
+    Qwen3.5's (engine/qwen3_videos.py), InternVL's (engine/internvl_videos.py),
+    LLaVA-OneVision's (engine/llava_onevision.py)."""
+    return is_qwen_vl(hf_config) or is_qwen3_vl(hf_config) or is_internvl(hf_config) \
+        or is_llava_onevision(hf_config)
 
 
 def is_video(item: Any) -> bool:

@@ -85,6 +85,7 @@ class LlavaVisionConfig(TowerConfig):
     image_token_id: int
     # LLaVA-NeXT's anyres resolutions, (height, width) each; None: LLaVA-1.5, one tile
     grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    siglip: bool = False  # a SigLIP tower (LLaVA-OneVision's: models/llava_onevision.py)
 
     @classmethod
     def from_hf(cls, hf: Any) -> LlavaVisionConfig:
@@ -186,12 +187,23 @@ def anyres_layout(c: LlavaVisionConfig, features: torch.Tensor, size: tuple[int,
     """One image's tile features [1 + tiles, patches, D] in HF LLaVA-NeXT's order: the
     base tile's patches, then the grid's patch rows (across its tiles), unpadded, each
     row followed by `newline`."""
+    return torch.cat([features[0], with_newlines(unpadded_grid(c, features, size), newline)])
+
+
+def unpadded_grid(c: LlavaVisionConfig, features: torch.Tensor, size: tuple[int, int]
+                  ) -> torch.Tensor:
+    """The grid tiles' features of one image's [1 + tiles, patches, D] as one patch map
+    [rows, columns, D] across its tiles, the padding rows or columns removed."""
     down, across, rows, cols = anyres_grid(c, size)
     side = c.image_size // c.patch_size
     grid = features[1:].view(down, across, side, side, -1).permute(0, 2, 1, 3, 4)
-    grid = grid.reshape(down * side, across * side, -1)[rows, cols]
+    return grid.reshape(down * side, across * side, -1)[rows, cols]
+
+
+def with_newlines(grid: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """A patch map [rows, columns, D] row after row, `newline` after each row."""
     grid = torch.cat([grid, newline.to(grid.dtype).expand(grid.shape[0], 1, -1)], dim=1)
-    return torch.cat([features[0], grid.flatten(0, 1)])
+    return grid.flatten(0, 1)
 
 
 class CLIPEmbeddings(nn.Module):
@@ -272,15 +284,18 @@ class CLIPVisionTower(nn.Module):
     convolution, and its post_layernorm on every patch of the last layer's output (its
     `last_hidden_state`, which Gemma 3 reads)."""
 
-    def __init__(self, c: TowerConfig, siglip: bool = False) -> None:
+    def __init__(self, c: TowerConfig, siglip: bool = False, post_norm: bool = True) -> None:
+        """`post_norm` false: SigLIP's hidden states of `feature_layers` as CLIP's are
+        read (LLaVA-OneVision's: no post_layernorm)."""
         super().__init__()
         self.embeddings = CLIPEmbeddings(c, siglip)
         norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        if siglip:
-            self.post_layernorm = norm
-        else:
+        if not siglip:
             self.pre_layrnorm = norm  # CLIP's name
+        elif post_norm:
+            self.post_layernorm = norm
         self.siglip = siglip
+        self.post_norm = siglip and post_norm
         self.encoder = CLIPEncoder(c)
         self.feature_layers = c.feature_layers
 
@@ -294,7 +309,7 @@ class CLIPVisionTower(nn.Module):
         for layer in self.encoder.layers[:max(self.feature_layers)]:
             x = layer(x)
             states.append(x)
-        if self.siglip:
+        if self.post_norm:
             return [self.post_layernorm(x)]
         return [states[i] for i in self.feature_layers]
 
@@ -366,12 +381,13 @@ class LlavaVision(VisionWeights):
     """Pixels -> one language-model input embedding per placeholder token."""
 
     label = "LLaVA's vision tower / projector"
-    unused = ("vision_tower.post_layernorm.",)  # CLIP's, on the pooled CLS
+    # CLIP's, on the pooled CLS (SigLIP's post_layernorm and pooling head, never read)
+    unused = ("vision_tower.post_layernorm.", "vision_tower.head.")
 
     def __init__(self, c: LlavaVisionConfig) -> None:
         super().__init__()
         self.config = c
-        self.vision_tower = CLIPVisionTower(c)
+        self.vision_tower = CLIPVisionTower(c, c.siglip, post_norm=False)
         self.multi_modal_projector = LlavaProjector(c)
         # LLaVA-NeXT's vector after each row of the grid's patches
         self.image_newline = (nn.Parameter(torch.empty(c.text_hidden_size))
@@ -382,13 +398,18 @@ class LlavaVision(VisionWeights):
         """[tiles, channels, H, W] (LLaVA-1.5: one an image) of images of `sizes` (height,
         width) -> [their placeholders, text hidden], image after image."""
         c = self.config
-        dtype = self.multi_modal_projector.linear_1.weight.dtype
-        states = self.vision_tower(pixels.to(dtype))
-        if not c.keep_cls:
-            states = [s[:, 1:] for s in states]
-        features = self.multi_modal_projector(torch.cat(states, dim=-1))
+        features = self.project(pixels)
         if self.image_newline is None:
             return features.flatten(0, 1)
         tiles = features.split([c.tiles(s) for s in sizes])
         return torch.cat([anyres_layout(c, t, s, self.image_newline)
                           for t, s in zip(tiles, sizes, strict=True)])
+
+    def project(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[tiles, channels, H, W] -> [tiles, tokens a tile, text hidden]: the tower's
+        feature layers (less CLIP's CLS under "default") through the projector."""
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        states = self.vision_tower(pixels.to(dtype))
+        if not self.config.keep_cls:
+            states = [s[:, 1:] for s in states]
+        return self.multi_modal_projector(torch.cat(states, dim=-1))

@@ -77,6 +77,7 @@ _LLAVA = TextOnly(
     skipped=("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
              "model.multi_modal_projector."),
     vision_leaves=("fc1", "fc2", "out_proj", "linear_1", "linear_2"), images=True)
+_LLAVA_NEXT = replace(_LLAVA, skipped=(*_LLAVA.skipped, "image_newline", "model.image_newline"))
 # Qwen2-VL: `model.*` and `visual.*` (the hub's files, transformers < 4.52) or
 # `model.language_model.*` and `model.visual.*` (saved since); the tower's own leaves
 # (Qwen2.5-VL's MLP shares gate/up/down_proj's names with the language model's: its
@@ -106,8 +107,9 @@ MULTIMODAL: dict[str, TextOnly] = {
         vision_leaves=("fc1", "fc2", "out_proj"), images=True),
     "LlavaForConditionalGeneration": _LLAVA,
     # LLaVA-NeXT: LLaVA's parts and its image_newline vector
-    "LlavaNextForConditionalGeneration": replace(
-        _LLAVA, skipped=(*_LLAVA.skipped, "image_newline", "model.image_newline")),
+    "LlavaNextForConditionalGeneration": _LLAVA_NEXT,
+    # LLaVA-OneVision: LLaVA-NeXT's names over a Qwen2 (its text config's model_type)
+    "LlavaOnevisionForConditionalGeneration": _LLAVA_NEXT,
     "Qwen2VLForConditionalGeneration": _QWEN_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN_VL,
     "Qwen3VLForConditionalGeneration": _QWEN3_VL,
