@@ -16,7 +16,6 @@ embeds them all, tile after tile as the placeholders come. A video's size in
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ from loraplex.engine.images import (
 from loraplex.engine.internvl_videos import (
     InternVLMediaTokens,
     InternVLVideoProcessor,
+    VideosBesideImages,
     wrapped,
 )
 from loraplex.engine.qwen_videos import split_videos
@@ -63,7 +63,7 @@ class InternVLTiling(InternVLVisionConfig):
         return self.tiles(size) * self.tokens_per_tile
 
 
-class InternVLImageProcessor(ImageProcessor):
+class InternVLImageProcessor(VideosBesideImages, ImageProcessor):
     """ImageProcessor with InternVL's tiles and its `<img>` ... `</img>` expansion."""
 
     @staticmethod
@@ -103,51 +103,23 @@ class InternVLImageProcessor(ImageProcessor):
             ids, tiling.image_token_id, start, end, [tiling.tokens_for(s) for s in sizes])
         self.start, self.end = start, end
         self.video: InternVLVideoProcessor | None = None
-        self.video_token = tokenizer.convert_tokens_to_ids(
+        self.video_token_id = tokenizer.convert_tokens_to_ids(
             getattr(tokenizer, "video_token", None) or VIDEO)
         self.no_videos = ("multi_modal_data: video inputs are not supported for this "
                           f"model: its tokenizer has no {VIDEO} token")
-        if self.video_token not in (None, tokenizer.unk_token_id):
+        if self.video_token_id not in (None, tokenizer.unk_token_id):
             try:
                 self.video = InternVLVideoProcessor(path, config.image_size)
             except ValueError as e:
                 logger.warning("%s; video inputs are refused", e)
                 self.no_videos = f"multi_modal_data: video inputs are not supported: {e}"
         self.media = InternVLMediaTokens(
-            tiling.image_token_id, start, end, self.video_token, tiling.tokens_per_tile,
-            TextSplice(tokenizer, {start, end, tiling.image_token_id, self.video_token}))
+            tiling.image_token_id, start, end, self.video_token_id, tiling.tokens_per_tile,
+            TextSplice(tokenizer, {start, end, tiling.image_token_id, self.video_token_id}))
 
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return ("image", "video") if self.video is not None else ("image",)
-
-    def placeholder_token(self, modality: str) -> int | None:
-        return self.video_token if modality == "video" else self.placeholder
-
-    def process(self, ids: list[int], data: Mapping[str, Any],
-                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
-        if "video" in data:
-            return self.with_videos(ids, data.get("image"), data["video"])
-        return super().process(ids, data, options)
-
-    def expanded(self, ids: list[int], data: Mapping[str, Any],
-                 options: Mapping[str, Any] | None = None) -> list[int]:
-        if "video" in data:
-            images = load_images(data["image"]) if data.get("image") is not None else []
-            return self.expand_media(ids, [(im.height, im.width) for im in images],
-                                     [len(self._video().frames(v))
-                                      for v in split_videos(data["video"])])[0]
-        return super().expanded(ids, data, options)
-
-    def processed_inputs(self, data: Mapping[str, Any]) -> ImageInputs | None:
-        """The server's inputs (under "image": its videos are items of them); raw videos
-        beside them are processed with them, as raw items."""
-        return None if "video" in data else super().processed_inputs(data)
-
-    def _video(self) -> InternVLVideoProcessor:
-        if self.video is None:
-            raise ValueError(self.no_videos)
-        return self.video
+    def expanded_with_videos(self, ids: list[int], images: list[Any], frames: list[int]
+                             ) -> list[int]:
+        return self.expand_media(ids, [(im.height, im.width) for im in images], frames)[0]
 
     def with_videos(self, ids: list[int], image_data: Any, video_data: Any
                     ) -> tuple[list[int], ImageInputs]:

@@ -26,16 +26,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from loraplex.engine.images import ImageInputs, load_images
 from loraplex.engine.qwen_videos import (
     CLIP_MEAN,
     CLIP_STD,
     QwenVideoProcessor,
     frame_pixels,
+    split_videos,
     unpack,
     video_processor_dict,
 )
@@ -113,6 +116,49 @@ class InternVLVideoProcessor:
         digest = hashlib.blake2b(b"internvl video" + pixels.contiguous().numpy().tobytes(),
                                  digest_size=16).digest()
         return pixels, digest
+
+
+class VideosBesideImages:
+    """The video side of an ImageProcessor whose videos are items of the prompt's
+    ImageInputs beside its images, in prompt order (InternVL's and LLaVA-OneVision's:
+    mixed in before ImageProcessor). A subclass sets `video` (None: videos refused with
+    `no_videos`) and `video_token_id`, and gives `with_videos` (the prompt expanded and
+    the inputs) and `expanded_with_videos` (the prompt expanded only)."""
+
+    video: Any
+    no_videos: str
+    video_token_id: int | None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image", "video") if self.video is not None else ("image",)
+
+    def placeholder_token(self, modality: str) -> int | None:
+        return self.video_token_id if modality == "video" else self.placeholder
+
+    def _video(self) -> Any:
+        if self.video is None:
+            raise ValueError(self.no_videos)
+        return self.video
+
+    def process(self, ids: list[int], data: Mapping[str, Any],
+                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
+        if "video" in data:
+            return self.with_videos(ids, data.get("image"), data["video"])
+        return super().process(ids, data, options)
+
+    def expanded(self, ids: list[int], data: Mapping[str, Any],
+                 options: Mapping[str, Any] | None = None) -> list[int]:
+        if "video" in data:
+            images = load_images(data["image"]) if data.get("image") is not None else []
+            frames = [len(self._video().frames(v)) for v in split_videos(data["video"])]
+            return self.expanded_with_videos(ids, images, frames)
+        return super().expanded(ids, data, options)
+
+    def processed_inputs(self, data: Mapping[str, Any]) -> ImageInputs | None:
+        """The server's inputs (under "image": its videos are items of them); raw videos
+        beside them are processed with them, as raw items."""
+        return None if "video" in data else super().processed_inputs(data)
 
 
 def frame_pieces(frames: int, context: list[int], start: int, end: int) -> list[int | str]:

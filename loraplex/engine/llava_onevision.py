@@ -14,7 +14,6 @@ Images and videos are items of one ImageInputs in prompt order (a video's size
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from loraplex.engine.images import (
     load_images,
     placeholder_ranges,
 )
-from loraplex.engine.internvl_videos import InternVLVideoProcessor
+from loraplex.engine.internvl_videos import InternVLVideoProcessor, VideosBesideImages
 from loraplex.engine.qwen_videos import QwenVideoProcessor, split_videos, unpack
 from loraplex.models.llava_onevision import LlavaOnevisionVisionConfig, is_video
 
@@ -43,7 +42,7 @@ class OnevisionVideoProcessor(InternVLVideoProcessor):
         return QwenVideoProcessor.array(unpack(video)[0])
 
 
-class LlavaOnevisionProcessor(ImageProcessor):
+class LlavaOnevisionProcessor(VideosBesideImages, ImageProcessor):
     """ImageProcessor with OneVision's counts, and its videos."""
 
     config: LlavaOnevisionVisionConfig
@@ -51,6 +50,7 @@ class LlavaOnevisionProcessor(ImageProcessor):
     def __init__(self, path: str, config: LlavaOnevisionVisionConfig, tokenizer: Any = None
                  ) -> None:
         super().__init__(path, config, tokenizer)
+        self.video_token_id = config.video_token_id
         self.video: OnevisionVideoProcessor | None = None
         try:
             self.video = OnevisionVideoProcessor(path, config.image_size)
@@ -58,36 +58,9 @@ class LlavaOnevisionProcessor(ImageProcessor):
             logger.warning("%s; video inputs are refused", e)
             self.no_videos = f"multi_modal_data: video inputs are not supported: {e}"
 
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return ("image", "video") if self.video is not None else ("image",)
-
-    def _video(self) -> OnevisionVideoProcessor:
-        if self.video is None:
-            raise ValueError(self.no_videos)
-        return self.video
-
-    def placeholder_token(self, modality: str) -> int | None:
-        return self.config.video_token_id if modality == "video" else self.placeholder
-
-    def process(self, ids: list[int], data: Mapping[str, Any],
-                options: Mapping[str, Any] | None = None) -> tuple[list[int], ImageInputs]:
-        if "video" in data:
-            return self.with_videos(ids, data.get("image"), data["video"])
-        return super().process(ids, data, options)
-
-    def expanded(self, ids: list[int], data: Mapping[str, Any],
-                 options: Mapping[str, Any] | None = None) -> list[int]:
-        if "video" in data:
-            images = load_images(data["image"]) if data.get("image") is not None else []
-            frames = [len(self._video().frames(v)) for v in split_videos(data["video"])]
-            return self.expand_media(ids, self._sizes(images), frames)
-        return super().expanded(ids, data, options)
-
-    def processed_inputs(self, data: Mapping[str, Any]) -> ImageInputs | None:
-        """The server's inputs (under "image": its videos are items of them); raw videos
-        beside them are processed with them, as raw items."""
-        return None if "video" in data else super().processed_inputs(data)
+    def expanded_with_videos(self, ids: list[int], images: list[Any], frames: list[int]
+                             ) -> list[int]:
+        return self.expand_media(ids, self._sizes(images), frames)
 
     def expand_media(self, ids: list[int], sizes: list[tuple[int, int]], frames: list[int]
                      ) -> list[int]:
