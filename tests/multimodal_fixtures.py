@@ -115,21 +115,29 @@ def without_torchvision(relative: str, name: str) -> Any:
     return sys.modules[name]
 
 
-def check_image_refusals(client, model: str, content: list) -> None:
-    """Over the chat route of a server started with --limit-mm-per-prompt {"image": 1}:
-    a broken image and a second image (`content`'s first part again) each fail with a
-    400 in OpenAI's error shape, saying why."""
+def check_chat_refusals(client, model: str, cases: list[tuple[list, str]],
+                        max_tokens: int = 6) -> None:
+    """Each case's content parts fail over the chat route with a 400 in OpenAI's error
+    shape, its message matching the case's regex."""
     import re
 
     import openai
     import pytest
 
-    broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    for parts, match in (([broken], "cannot decode the image"),
-                         ([*content, content[0]], "At most 1 image")):
+    for parts, match in cases:
         with pytest.raises(openai.BadRequestError) as info:
-            chat_token_ids(client, model, parts)
+            chat_token_ids(client, model, parts, max_tokens)
+        assert info.value.status_code == 400
         assert re.search(match, info.value.body["message"]), info.value.body
+
+
+def check_image_refusals(client, model: str, content: list) -> None:
+    """Over the chat route of a server started with --limit-mm-per-prompt {"image": 1}:
+    a broken image and a second image (`content`'s first part again) each fail with a
+    400 in OpenAI's error shape, saying why."""
+    broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    check_chat_refusals(client, model, [([broken], "cannot decode the image"),
+                                        ([*content, content[0]], "At most 1 image")])
 
 
 def greedy_reference(logprobs_of, max_tokens: int) -> list[int]:
