@@ -2,7 +2,9 @@
 # Everything loraplex checks on a GPU, in phases that each fit one device call (10 min):
 #
 #   here:        scripts/gpu_wheels.sh
-#   on the GPU, in this order (30 device-minutes a session do not cover them all):
+#   on the GPU, in this order (a session has 15 device-minutes, a machine's start
+#   included: `first` is sized to fit one call; the rest wait for later sessions):
+#                bash scripts/gpu_session.sh first        # kernels' tests + issue 6's 8B batch 32
 #                bash scripts/gpu_session.sh tests        # GPU-only tests (kernels, graphs)
 #                bash scripts/gpu_session.sh decode       # issue 6 targets: 8B + HF, then 1B
 #                bash scripts/gpu_session.sh adapters     # issue 7 targets: many adapters, 1B
@@ -34,6 +36,18 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/pip.log" 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 case "$phase" in
+  first)  # one 10-minute call: the LoRA / attention kernels and CUDA graphs against the
+    # torch reference, then issue 6's targets at its batch (8B, 32: base, one, mixed, HF +
+    # PEFT mixed) and the 1B sweep
+    timeout 170 python3 -m pytest -q --maxfail=10 -p no:cacheprovider -o addopts="" \
+      tests/test_triton_lora_ops.py tests/test_attention.py tests/test_cuda_graphs.py \
+      2>&1 | tee "$OUT/pytest_gpu_first.txt" | tail -8
+    timeout 280 python3 benchmarks/decode_step.py --shape llama-3.1-8b --device cuda \
+      --batch-sizes 32 --repeats 1 --hf --hf-new-tokens 16 \
+      --out "$OUT/decode_step_cuda_8b_b32.json" 2>&1 | tail -12
+    timeout 110 python3 benchmarks/decode_step.py --shape llama-3.2-1b --device cuda \
+      --batch-sizes 1 8 32 64 --repeats 1 --out "$OUT/decode_step_cuda_1b.json" 2>&1 | tail -14
+    ;;
   tests)
     timeout 560 python3 -m pytest -q --maxfail=25 -p no:cacheprovider -o addopts="" \
       tests/test_triton_lora_ops.py tests/test_attention.py tests/test_cuda_graphs.py \
