@@ -21,14 +21,9 @@ from loraplex.config import (
     SpeculativeConfig,
     resolve_dtype,
 )
+from loraplex.models.config_flags import long_lora_max_position, max_positions
 from loraplex.models.gguf_loader import is_gguf_model
-from loraplex.models.registry import (
-    architecture,
-    is_classifier,
-    is_headless,
-    long_lora_max_position,
-    max_positions,
-)
+from loraplex.models.registry import architecture, is_classifier, is_headless
 from loraplex.reasoning import REASONING_PARSERS
 
 logger = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ CLASSIC_MODEL_TYPES = {"gpt_bigcode": GPT_BIGCODE, "falcon": FALCON, "opt": OPT,
                        "gptj": GPTJ, "codegen": CODEGEN, "bloom": BLOOM, "mpt": MPT}
 CODEGEN_SHARDS = 4  # CodeGen's mp_num: its qkv_proj's layout
 # what each config calls its activation and its norms' epsilon (OPT's is nn.LayerNorm's
-# default, 1e-5: registry._norm_eps)
+# default, 1e-5: config_flags._norm_eps)
 ACTIVATION_FIELDS = {GPT_BIGCODE: "activation_function", FALCON: "activation",
                      OPT: "activation_function", GPTJ: "activation_function",
                      CODEGEN: "activation_function"}

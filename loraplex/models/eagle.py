@@ -34,9 +34,9 @@ from torch import nn
 
 from loraplex.layers.linear import Linear, make_linear
 from loraplex.layers.rotary import RotaryEmbedding
+from loraplex.models.config_flags import rope_params
 from loraplex.models.llama import LlamaArgs, LlamaAttention, LlamaDecoderLayer, LlamaMLP
 from loraplex.models.loader import iterate_weights
-from loraplex.models.registry import rope_params
 
 # HF sub-projections packed into one of our linears: (ours, shard)
 _PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from loraplex.models.config_flags import max_positions, rope_params
 from loraplex.models.gemma4_args import FULL, SLIDING, Gemma4Args
 from loraplex.models.llama import LlamaArgs
 
@@ -50,8 +51,6 @@ def gemma3n_args(hf: Any, quant: Any, max_model_len: int | None, text_only: Any,
                  long_lora_factors: tuple[float, ...]) -> LlamaArgs:
     """LlamaArgs (with Gemma4Args and Gemma3nArgs) of a Gemma3nTextConfig
     (models/registry.py)."""
-    from loraplex.models.registry import max_positions, rope_params
-
     if quant is not None:
         raise ValueError("quantized Gemma 3n checkpoints are not supported yet")
     if long_lora_factors:

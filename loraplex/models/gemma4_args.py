@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from loraplex.models.config_flags import max_positions, rope_params
 from loraplex.models.llama import LlamaArgs
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -59,8 +60,6 @@ def _per_layer(hf: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def gemma4_args(hf: Any, quant: Any, max_model_len: int | None, text_only: Any,
                 long_lora_factors: tuple[float, ...]) -> LlamaArgs:
     """LlamaArgs (with Gemma4Args) of a Gemma4TextConfig (models/registry.py)."""
-    from loraplex.models.registry import max_positions, rope_params
-
     if quant is not None:
         raise ValueError("quantized Gemma 4 checkpoints are not supported yet")
     if long_lora_factors:

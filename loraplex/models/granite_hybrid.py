@@ -72,7 +72,7 @@ class GraniteHybridDecoderLayer(HybridDecoderLayer):
 def granite_moe_flags(hf: Any, name: str) -> dict[str, Any]:
     """LlamaArgs flags of a GraniteMoe, GraniteMoeShared or GraniteMoeHybrid config: the
     experts (0: dense), the shared MLP's size (0: none), Granite's multipliers
-    (registry._granite's); a hybrid's: which layers are Mamba2 mixers and their shape,
+    (config_flags._granite's); a hybrid's: which layers are Mamba2 mixers and their shape,
     NoPE unless position_embedding_type is "rope"."""
     if name not in GRANITE_MOE_ARCHITECTURES:
         return {}

@@ -194,7 +194,7 @@ class LlamaArgs:
     embedding_multiplier: float = 1.0  # Granite: x = E[t] * this
     # HF scales Gemma's embeddings inside its embedding module (Gemma 3; Gemma and
     # Gemma 2 on transformers 5), so embeddings a caller gives (prompt_embeds) go in
-    # unscaled (registry._embedding_scaling)
+    # unscaled (config_flags._embedding_scaling)
     embed_scale_in_embedding: bool = False
     residual_multiplier: float = 1.0  # Granite: h = x + sublayer(x) * this
     attention_multiplier: float | None = None  # Granite: the attention scale (None: 1/sqrt(d))
