@@ -77,14 +77,20 @@ def make_model(out: Path, seed: int) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def kimi(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
-    root = tiny_root / "kimi_linear"
-    base = make_model(root / "base", 700)
-    specs = {"r4_kda": dict(r=4, lora_alpha=8, target_modules=KDA + ["kv_b_proj"], seed=701),
-             "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=702,
+def make_base_and_adapters(root: Path, seed: int) -> tuple[Path, dict[str, Path]]:
+    """The tiny base and its adapters of ranks 4 (KDA's projections and kv_b_proj) and 8
+    (every linear, the experts through target_parameters)."""
+    base = make_model(root / "base", seed)
+    specs = {"r4_kda": dict(r=4, lora_alpha=8, target_modules=KDA + ["kv_b_proj"],
+                            seed=seed + 1),
+             "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=seed + 2,
                             target_parameters=EXPERTS)}
     return base, {n: make_peft_adapter(base, root / n, **s) for n, s in specs.items()}
+
+
+@pytest.fixture(scope="module")
+def kimi(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
+    return make_base_and_adapters(tiny_root / "kimi_linear", 700)
 
 
 def _small_kda_chunks(llm, size: int = 4) -> None:

@@ -75,15 +75,9 @@ CASES: dict[str, tuple[Any, tuple[str, ...]]] = {
 
 @pytest.fixture(scope="module")
 def kimi_base(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
-    from tests.fixtures import make_peft_adapter
-    from tests.test_kimi_linear import EXPERTS, KDA, make_model
+    from tests.test_kimi_linear import make_base_and_adapters
 
-    root = tiny_root / "kimi_quant"
-    base = make_model(root / "base", 720)
-    specs = {"r4_kda": dict(r=4, lora_alpha=8, target_modules=KDA + ["kv_b_proj"], seed=721),
-             "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=722,
-                            target_parameters=EXPERTS)}
-    return base, {n: make_peft_adapter(base, root / n, **s) for n, s in specs.items()}
+    return make_base_and_adapters(tiny_root / "kimi_quant", 720)
 
 
 def _quantized(module: torch.nn.Module) -> bool:
@@ -159,13 +153,13 @@ def _fused(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...]
     for layer in range(1, 4):
         experts = f"model.layers.{layer}.mlp.experts"
         for suffix in suffixes:
-            def leaf(e: int, w: str, suffix: str = suffix) -> torch.Tensor:
-                return tensors[f"{experts}.{e}.{w}.{suffix}"]
+            w1, w3, w2 = ([tensors[f"{experts}.{e}.{w}.{suffix}"] for e in range(8)]
+                          for w in ("w1", "w3", "w2"))
             tail = suffix.removeprefix("weight") if suffix.startswith("weight") \
                 else f"_{suffix}"
             out[f"{experts}.gate_up_proj{tail}"] = torch.stack(
-                [torch.cat([leaf(e, "w1"), leaf(e, "w3")]) for e in range(8)])
-            out[f"{experts}.down_proj{tail}"] = torch.stack([leaf(e, "w2") for e in range(8)])
+                [torch.cat(pair) for pair in zip(w1, w3, strict=True)])
+            out[f"{experts}.down_proj{tail}"] = torch.stack(w2)
     return out
 
 
@@ -229,3 +223,25 @@ def test_fused_experts_refused_with_reason(kimi_base, tiny_root):
     for path, message in cases:
         with pytest.raises(ValueError, match=message):
             make_llm(path)
+
+
+def test_fused_fp8_experts_unblocked_scales():
+    """transformers 5's unblocked FP8 experts: gate_up_proj's scale one per half (gate's,
+    up's: [E, 2, 1]), down_proj's one per tensor ([E, 1, 1]); each expert computes its
+    weights dequantized with them."""
+    from loraplex.layers.quantization.fp8 import FP8
+
+    experts = FP8FusedExperts(16, 8, 2, QuantConfig("fp8", 8, -1))
+    gen = torch.Generator().manual_seed(4)
+    q13, q2 = (torch.randn(shape, generator=gen).to(FP8) for shape in ((2, 16, 16), (2, 16, 8)))
+    s13, s2 = torch.rand(2, 2, 1, generator=gen) + 0.5, torch.rand(2, 1, 1, generator=gen) + 0.5
+    for name, tensor in (("gate_up_proj_scale_inv", s13), ("down_proj", q2),
+                         ("gate_up_proj", q13), ("down_proj_scale_inv", s2)):
+        experts.load_fused(name, tensor)
+    experts.finish_loading()
+    x = torch.randn(3, 16, generator=gen)
+    for e in range(2):
+        w13 = q13[e].float() * s13[e].repeat_interleave(8, dim=0)
+        torch.testing.assert_close(experts.project(e, "w13", x), x @ w13.T)
+        torch.testing.assert_close(experts.project(e, "w2", x[:, :8]),
+                                   x[:, :8] @ (q2[e].float() * s2[e]).T)
