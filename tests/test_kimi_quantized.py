@@ -68,7 +68,10 @@ CASES: dict[str, tuple[Any, tuple[str, ...]]] = {
         base, root, "ct", group_size=8, ignore=LAYER1_EXPERTS + KDA_B_PROJ,
         linears=KIMI_LINEARS),
         ("model.layers.1.mlp.experts",)),
-    "gptq4": (_packed("gptq", group_size=8, skip=B_PROJ), ("model.layers.0.self_attn.b_proj",)),
+    # layer 1's whole block (experts, shared experts) left plain by its hub name
+    "gptq4": (_packed("gptq", group_size=8, skip=(*B_PROJ, "model.layers.1.block_sparse_moe")),
+              ("model.layers.0.self_attn.b_proj", "model.layers.1.mlp.experts",
+               "model.layers.1.mlp.shared_experts.down_proj")),
     "awq4": (_packed("awq", group_size=8, skip=B_PROJ), ("model.layers.2.self_attn.b_proj",)),
 }
 
@@ -223,6 +226,13 @@ def test_fused_experts_refused_with_reason(kimi_base, tiny_root):
     for path, message in cases:
         with pytest.raises(ValueError, match=message):
             make_llm(path)
+    # experts that take plain fused tensors (Qwen3-VL-MoE's) given an FP8 one
+    from loraplex.layers.experts import FusedExperts
+
+    with pytest.raises(ValueError, match=r"'gate_up_proj' \(torch.float8_e4m3fn, \(2, 16, 8\)\) "
+                       "is part of a quantized fused experts tensor"):
+        FusedExperts(8, 8, 2, fused=True).load_fused(
+            "gate_up_proj", torch.zeros(2, 16, 8).to(torch.float8_e4m3fn))
 
 
 def test_fused_fp8_experts_unblocked_scales():
