@@ -77,21 +77,26 @@ def make_model(out: Path, seed: int) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def kimi(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
-    root = tiny_root / "kimi_linear"
-    base = make_model(root / "base", 700)
-    specs = {"r4_kda": dict(r=4, lora_alpha=8, target_modules=KDA + ["kv_b_proj"], seed=701),
-             "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=702,
+def make_base_and_adapters(root: Path, seed: int) -> tuple[Path, dict[str, Path]]:
+    """The tiny base and its adapters of ranks 4 (KDA's projections and kv_b_proj) and 8
+    (every linear, the experts through target_parameters)."""
+    base = make_model(root / "base", seed)
+    specs = {"r4_kda": dict(r=4, lora_alpha=8, target_modules=KDA + ["kv_b_proj"],
+                            seed=seed + 1),
+             "r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear", seed=seed + 2,
                             target_parameters=EXPERTS)}
     return base, {n: make_peft_adapter(base, root / n, **s) for n, s in specs.items()}
+
+
+@pytest.fixture(scope="module")
+def kimi(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
+    return make_base_and_adapters(tiny_root / "kimi_linear", 700)
 
 
 def _small_kda_chunks(llm, size: int = 4) -> None:
     """The engine's KDA layers with the rule's chunk of `size` (HF's is 64)."""
     for m in llm.llm_engine.model_runner.mixers:
         m.m = replace(m.m, chunk_size=size)
-        m.forget_gate.m = m.m
 
 
 def test_mixed_batch_in_chunks(kimi, prompts):
@@ -131,6 +136,43 @@ def test_hub_named_expert_adapter(kimi, prompts, tmp_path):
     adapter = per_expert_adapter(base, tmp_path / "hub_experts", ref,
                                  experts=".block_sparse_moe.experts.", leaves=("w1", "w3", "w2"))
     check_merged_adapter(base, ref, adapter, ("r4_kda", adapters["r4_kda"]), prompts)
+
+
+def _remote_code_name(key: str) -> str:
+    """A PEFT key of transformers 5's Kimi-Linear as the hub's remote code (modeling_kimi.py)
+    names it: the forget gate's projections on the layer, the experts' block
+    `block_sparse_moe`."""
+    return key.replace(".forget_gate.", ".").replace(".mlp.shared_experts.",
+                                                     ".block_sparse_moe.shared_experts.")
+
+
+def test_remote_code_named_adapter(kimi, prompts, tmp_path):
+    """An adapter trained on the hub's remote code names the forget gate
+    `self_attn.f_a_proj` / `f_b_proj` and the shared expert `block_sparse_moe.shared_experts`
+    (PEFT on transformers 5 reads those names too): beside the base and the same weights
+    under transformers 5's names, over one slot, both give HF + PEFT's tokens."""
+    from safetensors.torch import load_file
+
+    from tests.fixtures import edited_copy
+
+    base, _ = kimi
+    ours = make_peft_adapter(base, tmp_path / "t5", r=4, lora_alpha=8, seed=703,
+                             target_modules=KDA + ["gate_proj", "up_proj", "down_proj"])
+    hub = edited_copy(ours, tmp_path / "hub", tensors=lambda t: {
+        _remote_code_name(k): v for k, v in t.items()})
+    keys = list(load_file(str(hub / "adapter_model.safetensors")))
+    assert any(".self_attn.f_b_proj." in k for k in keys)
+    assert any(".block_sparse_moe.shared_experts.down_proj." in k for k in keys)
+    assert not any("forget_gate" in k or ".mlp.shared" in k for k in keys)
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8)
+    reqs = lora_requests({"hub": hub, "t5": ours})
+    names = [None, "hub", "t5", "hub"]
+    batch = [prompts[0]] * 3 + [prompts[3]]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY,
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
+    check_against_hf(outs, base, [None, ours, ours, ours], batch)
+    assert outs[1].outputs[0].token_ids == outs[2].outputs[0].token_ids \
+        != outs[0].outputs[0].token_ids
 
 
 def test_too_high_rank_over_http(kimi, prompts):
@@ -176,8 +218,7 @@ def test_kda_layer_against_hf(kimi):
     hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     hf_layer = hf.model.layers[0].self_attn
     ours = KimiDeltaAttention(64, replace(kda_args(hf.config), chunk_size=4))
-    ours.forget_gate.m = ours.m
-    state = hf_layer.state_dict()
+    state = {k.removeprefix("forget_gate."): v for k, v in hf_layer.state_dict().items()}
     state["q_conv1d.weight"], state["k_conv1d.weight"], state["v_conv1d.weight"] = \
         state.pop("conv1d.weight").chunk(3)
     ours.load_state_dict(state)
@@ -252,15 +293,16 @@ def test_bfloat16_keeps_dt_bias_fp32(kimi, prompts):
     base, _ = kimi
     llm = make_llm(base, dtype="bfloat16")
     kda = llm.llm_engine.model_runner.mixers[0]
-    assert kda.forget_gate.dt_bias.dtype == torch.float32
-    assert kda.q_proj.weight.dtype == kda.forget_gate.A_log.dtype == torch.bfloat16
+    assert kda.dt_bias.dtype == torch.float32
+    assert kda.q_proj.weight.dtype == kda.A_log.dtype == torch.bfloat16
     out = llm.generate([{"prompt_token_ids": prompts[2]}], GREEDY, use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
 
 
 def test_config_flags():
     """What the registry reads: KDA's shape and layers, MLA's dims (no rotation), the
-    experts, the dense layer; a layer kind outside the two, and quantization, refused."""
+    experts, the dense layer; a layer kind outside the two refused (quantized checkpoints:
+    tests/test_kimi_quantized.py)."""
     cfg = kimi_config(64)
     args = build_model(cfg).args
     assert args.mamba_layers == (0, 2) and args.num_attention_layers == 2

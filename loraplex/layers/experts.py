@@ -92,6 +92,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 Shapes = tuple[tuple[int, ...], tuple[int, ...]]
+# what quantizers save beside a fused experts tensor (transformers 5's FP8 `_scale_inv`,
+# gpt-oss's MXFP4 `_blocks` / `_scales`, ...)
+QUANTIZED_FUSED_SUFFIXES = ("_scale_inv", "_scale", "_scales", "_blocks", "_zero_point",
+                            "_zeros", "_packed", "_absmax", "_quant_map", "_g_idx")
+
+
+def _quantized_dtype(tensor: torch.Tensor) -> bool:
+    """A quantized tensor's storage (FP8, packed ints, bitsandbytes' uint8), not a plain
+    weight's."""
+    return not tensor.is_floating_point() or tensor.dtype.itemsize == 1
 
 
 class FusedExperts(nn.Module):
@@ -204,8 +214,8 @@ class FusedExperts(nn.Module):
         shapes = {"gate_up_proj": ("w13", (e, h, 2 * i)), "down_proj": ("w2", (e, i, h)),
                   "gate_up_proj_bias": ("b13", (e, 2 * i)), "down_proj_bias": ("b2", (e, h))}
         if not self.fused_transposed or name not in shapes \
-                or (name.endswith("_bias") and self.b13 is None):
-            raise ValueError(f"unexpected experts tensor {name!r} in the checkpoint")
+                or (name.endswith("_bias") and self.b13 is None) or _quantized_dtype(tensor):
+            raise self.unexpected_fused(name, tensor)
         param, shape = shapes[name]
         if self.fused_untransposed and tensor.shape == getattr(self, param).shape:
             # transformers 5's save; a square one ([E, H, H]) is read so too, as HF's
@@ -233,13 +243,33 @@ class FusedExperts(nn.Module):
             getattr(self, param).copy_(tensor)
         return param
 
+    def unexpected_fused(self, name: str, tensor: torch.Tensor) -> ValueError:
+        """Why a fused experts tensor (transformers 5's experts.gate_up_proj / down_proj,
+        [E, ...], and whatever a quantizer saved beside them) cannot load here."""
+        what = f"experts tensor {name!r} ({tensor.dtype}, {tuple(tensor.shape)})"
+        if _quantized_dtype(tensor) or name.endswith(QUANTIZED_FUSED_SUFFIXES):
+            return ValueError(
+                f"{what} is part of a quantized fused experts tensor (transformers 5 saves a "
+                "mixture's experts fused: experts.gate_up_proj / experts.down_proj, each "
+                "[experts, out, in]): loraplex loads those in FP8 (with their _scale_inv), "
+                "and MXFP4 ones of gpt-oss; other quantized experts load one expert at a time "
+                "(experts.N.gate_proj / up_proj / down_proj or w1 / w3 / w2, with their "
+                "scales), as vLLM reads them and llm-compressor, AutoGPTQ and AutoAWQ save "
+                "them. Save the checkpoint's experts per expert, or serve the unquantized "
+                "checkpoint with quantization='fp8' or 'bitsandbytes' to quantize it as it "
+                "loads")
+        expected = "up_proj, down_proj" if self.ungated is not None else \
+            "gate_up_proj, down_proj" + (", their biases" if self.b13 is not None else "")
+        return ValueError(f"unexpected {what} in the checkpoint: " + (
+            f"these experts take {expected} fused" if self.fused_transposed else
+            "these experts load one expert at a time (experts.N.<projection>.weight)"))
+
     def _load_fused_ungated(self, name: str, tensor: torch.Tensor) -> str:
         """Nemotron-H's experts as transformers 5 saves them: up_proj [E, I, H] and
         down_proj [E, H, I], our layout."""
         param = {"up_proj": "w13", "down_proj": "w2"}.get(name)
-        if param is None:
-            raise ValueError(f"unexpected experts tensor {name!r} in the checkpoint (expected "
-                             "up_proj, down_proj)")
+        if param is None or _quantized_dtype(tensor):
+            raise self.unexpected_fused(name, tensor)
         if tensor.shape != getattr(self, param).shape:
             raise ValueError(f"experts {name} has shape {tuple(tensor.shape)}, the model "
                              f"expects {tuple(getattr(self, param).shape)}")

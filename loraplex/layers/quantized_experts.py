@@ -109,6 +109,39 @@ class FP8FusedExperts(FusedExperts):
             return self._set_scale(expert, name, tensor.float())
         return super().load_expert(expert, name, tensor, kind)
 
+    def load_fused(self, name: str, tensor: torch.Tensor) -> str:
+        """transformers 5's FP8 experts (its FP8Experts, saved fused): gate_up_proj
+        [E, 2I, H] and down_proj [E, H, I] in FP8, our layout, and their scales
+        (gate_up_proj_scale_inv...) per block of the fused rows, or unblocked one per
+        tensor (gate_up: one per half, gate's and up's)."""
+        weight = name.removesuffix("_scale_inv").removesuffix("_scale")
+        param = {"gate_up_proj": "w13", "down_proj": "w2"}.get(weight)
+        if param is None or self.fused_transposed or not self.prequantized \
+                or self.ungated is not None:
+            return super().load_fused(name, tensor)
+        if name == weight:
+            dst = getattr(self, param)
+            if tensor.dtype != FP8 or tensor.shape != dst.shape:
+                raise ValueError(f"fp8 experts {name} is {tensor.dtype} "
+                                 f"{tuple(tensor.shape)}: the model expects FP8 "
+                                 f"{tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.copy_(tensor)
+            return param
+        scales, i = getattr(self, f"{param}_scale"), self.intermediate_size
+        if tensor.shape[0] != self.num_experts:
+            raise ValueError(f"fp8 experts {name} has shape {tuple(tensor.shape)}, not one "
+                             f"scale tensor per expert ({self.num_experts})")
+        for e in range(self.num_experts):
+            scale = tensor[e].float()
+            if param == "w13" and not self.block_out and scale.numel() == 2:  # per half
+                scale = scale.reshape(2, 1).repeat_interleave(i, dim=0)
+            scales[e].copy_(fp8_scale_rows(scale, scales.shape[1], scales.shape[2],
+                                           self.block_out, f"expert {e} {weight}"))
+        leaves = self.w13_projections if param == "w13" else ("down",)
+        self._scaled.update((e, leaf) for e in range(self.num_experts) for leaf in leaves)
+        return param
+
     def _set_scale(self, expert: int, name: str, scale: torch.Tensor) -> str:
         param, rows = self._place(name)
         dst = getattr(self, f"{param}_scale")[expert, rows]

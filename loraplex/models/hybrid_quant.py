@@ -1,7 +1,8 @@
 """Which quantized checkpoints the hybrid models load (Qwen3-Next / Qwen3.5 / Qwen3.5-MoE,
-LFM2 / LFM2-MoE, Mamba / FalconMamba / Jamba): those whose every quantized tensor lands in
-a layer the shared quantized code already has. Their mixers' projections are plain
-linears (make_linear), so they take any linear format; the conv weights, A_log, dt_bias,
+LFM2 / LFM2-MoE, Mamba / FalconMamba / Jamba, Kimi-Linear): those whose every quantized
+tensor lands in a layer the shared quantized code already has. Their mixers' projections
+(Kimi's KDA ones and latent attention's too) are plain linears (make_linear), so they take
+any linear format; the conv weights, A_log, dt_bias,
 norms and routers stay plain, as every quantizer leaves them (a router a checkpoint
 quantized loads dequantized: GateLinear). Their experts are layers/quantized_experts.py's,
 which hold FP8, packed int and bitsandbytes 4-bit ones, not NVFP4 or MXFP4.

@@ -7,12 +7,17 @@ grouped, ungated shared experts) or, in its `dense` layers, a SwiGLU MLP.
 
     x = x + self_attn(norm(x));  x = x + mlp(norm(x))
 
-The hub's checkpoints (and transformers 5's saves) name the experts `block_sparse_moe`,
-each expert w1 / w3 / w2, and keep the forget gate's parameters on the layer; transformers
-5's modules (and so PEFT's adapters) are `mlp` and `self_attn.forget_gate`: ours are
-transformers 5's, the checkpoint renamed as it loads, an adapter's `block_sparse_moe`
-read as `mlp`. LlamaArgs carries the rest (models/llama.py); this file builds one layer
-and reads the config.
+The hub's checkpoints (and transformers 5's saves) and its remote code (modeling_kimi.py)
+name the experts `block_sparse_moe`, each expert w1 / w3 / w2, and keep the forget gate's
+parameters on the layer (`self_attn.f_a_proj`, `f_b_proj`, `dt_bias`, `A_log`, as ours);
+transformers 5's modules are `mlp`, fused experts and `self_attn.forget_gate.*`. So an
+adapter trained on either loads: one on transformers 5 names `self_attn.forget_gate.f_a_proj`
+and `mlp` (ours), one on the remote code `self_attn.f_a_proj` and `block_sparse_moe`
+(its experts one by one: experts.N.w1...); a checkpoint's names are renamed likewise
+(`KIMI_RENAMES`, its not-convert list's too). Quantized checkpoints load as the other
+hybrids' (models/hybrid_quant.py): the KDA, latent attention and MLP projections and the
+experts quantized, routers, convs and norms plain. LlamaArgs carries the rest
+(models/llama.py); this file builds one layer and reads the config.
 """
 
 from __future__ import annotations
@@ -27,14 +32,19 @@ from loraplex.layers.kda import KimiDeltaAttention
 from loraplex.layers.mla import MLAAttention
 from loraplex.layers.moe import GroupedTopK
 from loraplex.layers.quantization import QuantConfig
+from loraplex.models.hybrid_quant import check_hybrid_quant
 from loraplex.worker.context import get_context
 
 KIMI_LINEAR = "KimiLinearForCausalLM"
 KIMI_LINEAR_MODEL_TYPES = {"kimi_linear": KIMI_LINEAR}
-# the hub's names -> transformers 5's (ours)
-KIMI_RENAMES = tuple((f".self_attn.{p}", f".self_attn.forget_gate.{p}")
-                     for p in ("f_a_proj.", "f_b_proj.", "dt_bias", "A_log")) + (
-    (".block_sparse_moe.", ".mlp."),)
+# a checkpoint's names -> ours: transformers 5's forget gate (the hub's are ours), the
+# hub's experts (transformers 5's are ours); no outer dots, so that a not-convert list's
+# entries are renamed too, whole (model.layers.1.block_sparse_moe) or partial
+# (self_attn.forget_gate.f_a_proj)
+KIMI_RENAMES = (("self_attn.forget_gate.", "self_attn."), ("block_sparse_moe", "mlp"))
+# an adapter's module path components -> ours ("": dropped): transformers 5's forget gate
+# module, the remote code's experts' module
+KIMI_ADAPTER_ALIASES = (("forget_gate", ""), ("block_sparse_moe", "mlp"))
 # KDA's projections beside MLA's (LoRA targets; q_proj and o_proj are MLA's names too)
 KDA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "f_a_proj", "f_b_proj", "b_proj",
                     "g_a_proj", "g_b_proj", "o_proj")
@@ -57,7 +67,7 @@ class KimiLinearDecoderLayer(nn.Module):
         self.input_layernorm = a.norm(a.hidden_size)
         self.post_attention_layernorm = a.norm(a.hidden_size)
         self.is_kda = index in a.mamba_layers
-        self.self_attn = KimiDeltaAttention(a.hidden_size, a.kda, f"{prefix}.self_attn") \
+        self.self_attn = KimiDeltaAttention(a.hidden_size, a.kda, a.quant, f"{prefix}.self_attn") \
             if self.is_kda else MLAAttention(a.hidden_size, a.num_heads, a.mla, a.qkv_bias,
                                              a.quant, NoRotary(), f"{prefix}.self_attn")
         _, self.mlp = feed_forward(a, prefix, index)  # (moe_module "mlp")
@@ -110,9 +120,7 @@ def kimi_linear_flags(hf: Any, name: str, quant: QuantConfig | None) -> dict[str
     shape, the layer class, the experts, the checkpoint's and adapters' names."""
     if name != KIMI_LINEAR:
         return {}
-    if quant is not None:
-        raise ValueError(f"{quant.method}-quantized {KIMI_LINEAR} checkpoints are not "
-                         "supported yet")
+    check_hybrid_quant(quant, name, experts=True)
     kinds = list(hf.layer_types)
     unknown = sorted(set(kinds) - {"linear_attention", "full_attention"})
     if unknown:
@@ -121,7 +129,7 @@ def kimi_linear_flags(hf: Any, name: str, quant: QuantConfig | None) -> dict[str
     return dict(kda=kda_args(hf), hybrid_layer="kimi_linear",
                 mamba_layers=tuple(i for i, k in enumerate(kinds) if k == "linear_attention"),
                 checkpoint_renames=KIMI_RENAMES,
-                adapter_aliases=(("block_sparse_moe", "mlp"),), **_experts(hf))
+                adapter_aliases=KIMI_ADAPTER_ALIASES, **_experts(hf))
 
 
 def has_kda_layers(hf: Any, name: str) -> bool:
