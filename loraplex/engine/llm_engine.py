@@ -1,20 +1,26 @@
 """LLMEngine: requests in, one batched step at a time, RequestOutputs out (vLLM's API).
 
-    add_request -> Scheduler.schedule -> LoRAManager.activate -> ModelRunner.run
+    add_request -> (_tokenize / _prompt_embeds, the adapter registered, checks)
+                -> Sequence(s) into Scheduler's waiting queue
+    step        -> Scheduler.schedule -> LoRAManager.activate -> ModelRunner.run
                 -> Sampler -> detokenize, check stops -> RequestOutput
 
 A step is one forward over the running sequences' next tokens and the newly admitted
-prompts together (Scheduler: a mixed step).
+prompts together (Scheduler: a mixed step). This file keeps that loop and the engine's
+wiring (__init__); the rest is mixed in from files of one idea each:
+engine/model_loading.py (config, tokenizer, weights), engine/prompt_inputs.py (a prompt
+into ids or embeddings), engine/pooling_requests.py (a pooling runner's requests),
+engine/lora_admin.py (add_lora, remove_lora, ...: adapters against the requests),
+engine/multimodal_api.py (the multimodal properties, default_mm_loras); get_stats'
+EngineStats is engine/stats.py's.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
 
 import torch
 
@@ -23,13 +29,12 @@ from loraplex.config import EngineConfig, kv_cache_dtype
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
-from loraplex.engine.draft_model import load_draft_model, make_draft
-from loraplex.engine.eagle import EagleProposer, load_eagle_head, make_eagle
+from loraplex.engine.draft_model import make_draft
+from loraplex.engine.eagle import EagleProposer, make_eagle
 from loraplex.engine.generation_config import GenerationDefaults
-from loraplex.engine.images import ImageInputs, build_vision
+from loraplex.engine.images import build_vision
 from loraplex.engine.logits_processors import LogitsProcessorBatch, load_logits_processors
 from loraplex.engine.lora_admin import LoRAAdmin
-from loraplex.engine.mistral_tokenizer import resolve_tokenizer_mode
 from loraplex.engine.model_loading import ModelLoading
 from loraplex.engine.multimodal_api import DEFAULT_MM_LORA_IDS, MultimodalAPI
 from loraplex.engine.multimodal_prompt import (
@@ -38,22 +43,17 @@ from loraplex.engine.multimodal_prompt import (
     encoder_config,
     load_processor,
 )
-from loraplex.engine.pooling_heads import PoolingHeads, check_dimensions
+from loraplex.engine.pooling_heads import PoolingHeads
+from loraplex.engine.pooling_requests import PoolingRequests
 from loraplex.engine.prompt_checks import (
     bad_words_token_ids,
     cache_salt,
     check_logprobs,
     check_prompt,
-    check_prompt_keys,
     check_runner,
     check_token_ids,
 )
-from loraplex.engine.prompt_embeds import (
-    NOT_ENABLED,
-    PLACEHOLDER_ID,
-    checked_prompt_embeds,
-    prompt_embeds_inputs,
-)
+from loraplex.engine.prompt_inputs import PromptInputs
 from loraplex.engine.request import Request
 from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
@@ -61,11 +61,9 @@ from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeSta
 from loraplex.engine.stats import EngineStats, collect_stats
 from loraplex.engine.structured_output import StructuredOutputs
 from loraplex.inputs import PromptType
-from loraplex.layers.pooler import PoolingState
 from loraplex.layers.sampler import Sampler, SamplerOutput, SamplingRow
 from loraplex.lora.manager import LoRAManager
 from loraplex.lora.request import LoRARequest
-from loraplex.models.loader import resolve_model_path
 from loraplex.models.registry import is_headless
 from loraplex.models.whisper import WhisperConfig, is_whisper
 from loraplex.outputs import PoolingRequestOutput, RequestOutput
@@ -82,7 +80,11 @@ __all__ = ["DEFAULT_MM_LORA_IDS", "EngineStats", "LLMEngine"]
 logger = logging.getLogger(__name__)
 
 
-class LLMEngine(ModelLoading, LoRAAdmin, MultimodalAPI):
+class LLMEngine(ModelLoading, PromptInputs, PoolingRequests, LoRAAdmin, MultimodalAPI):
+    """vLLM's LLMEngine on one device; single-threaded (AsyncLLMEngine calls it from one
+    thread). The mixins are this class's parts by topic (module docstring), not bases to
+    use alone: they read the attributes __init__ sets."""
+
     def __init__(self, args: EngineArgs) -> None:
         path, hf_config, whole = self._resolve_config(args)  # (engine/model_loading.py)
         self.config: EngineConfig = args.create_engine_config(hf_config)
@@ -108,11 +110,7 @@ class LLMEngine(ModelLoading, LoRAAdmin, MultimodalAPI):
         torch.manual_seed(mc.seed)
         if mc.device.type == "cpu" and envs.LORAPLEX_CPU_KEEP_FREED_MEMORY:
             keep_freed_memory()
-        self._tokenizer_source = (path if args.tokenizer is None
-                                  else resolve_model_path(args.tokenizer), args.tokenizer_revision)
-        self.tokenizer_mode = "hf" if self.gguf and args.tokenizer is None else \
-            resolve_tokenizer_mode(args.tokenizer_mode, self._tokenizer_source[0])
-        self.tokenizer = self.load_tokenizer()
+        self.tokenizer = self._first_tokenizer(args, path)
         # the model's processor of multi_modal_data (engine/multimodal_prompt.py)
         processor = load_processor(path, vision, self.tokenizer)
         self.vision = (self._build(lambda: build_vision(vision))
@@ -137,16 +135,7 @@ class LLMEngine(ModelLoading, LoRAAdmin, MultimodalAPI):
         spec = self.config.speculative_config
         # a draft model (speculative decoding): loaded before the KV cache is sized, so
         # its weights and its cache come out of the same budget (worker/memory.py)
-        draft_model = (load_draft_model(spec, hf_config, self.tokenizer, mc, self._build)
-                       if spec and spec.method == "draft_model" else
-                       load_eagle_head(spec, hf_config, self.model, mc, self._build)
-                       if spec and spec.method in ("eagle", "eagle3") else None)
-        if draft_model is not None:
-            self.memory.draft_kv_block_bytes = kv_block_bytes(draft_model, kv_dtype, block_size)
-            self.memory.draft_weight_bytes = sum(
-                t.numel() * t.element_size()
-                for t in itertools.chain(draft_model.parameters(), draft_model.buffers())
-                if t is not None)
+        draft_model = self._load_draft_model(hf_config, kv_dtype, block_size)
         self.model_runner = ModelRunner(self.model, mc, cache_config,
                                         self.config.scheduler_config,
                                         lm.eager_slots if lm else None,
@@ -219,48 +208,6 @@ class LLMEngine(ModelLoading, LoRAAdmin, MultimodalAPI):
         return cls(args)
 
     # ---- requests ---------------------------------------------------------------------
-    def _tokenize(self, prompt: PromptType, tokenizer: Any) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            self.mm_prompts.check_counts(prompt)
-            check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return self._tokenize(prompt["prompt"], tokenizer)
-            if "prompt_embeds" in prompt:  # (generation takes them before this)
-                raise ValueError("prompt_embeds: supported for generation, not pooling")
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"unsupported prompt type {type(prompt).__name__}: give a str, "
-                         "a list of token ids or {'prompt_token_ids': [...]}")
-
-    def _prompt_embeds(self, prompt: dict[str, Any], params: SamplingParams
-                       ) -> tuple[list[int], ImageInputs]:
-        """vLLM's EmbedsPrompt (engine/prompt_embeds.py): its placeholder ids and its
-        rows' embeddings, truncated as truncate_prompt_tokens asks."""
-        if not self.model_config.enable_prompt_embeds:
-            raise ValueError(NOT_ENABLED)
-        other = sorted(set(prompt) - {"prompt_embeds", "cache_salt"})
-        if other:
-            raise ValueError(f"a prompt with prompt_embeds takes only 'cache_salt' beside "
-                             f"them, got {', '.join(map(repr, other))}")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs: not available for prompt_embeds (the prompt "
-                             "has no token ids to score)")
-        tensor = checked_prompt_embeds(prompt["prompt_embeds"], self.model.args.hidden_size)
-        mc = self.model_config
-        tensor = params.truncate_prompt(tensor, mc.max_model_len)
-        scale = self.model.model.given_embeds_scale(mc.dtype)  # as HF's model scales them
-        return [PLACEHOLDER_ID] * tensor.shape[0], prompt_embeds_inputs(
-            tensor * scale if scale != 1.0 else tensor, mc.device, mc.dtype)
-
-    def check_dimensions(self, dimensions: int | None) -> None:
-        """An embedding request's `dimensions`: within the model's matryoshka sizes."""
-        check_dimensions(self.model_config, dimensions, self.model.args.hidden_size)
-
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | PoolingParams | None = None,
                     lora_request: LoRARequest | None = None, priority: int = 0) -> None:
@@ -329,41 +276,6 @@ class LLMEngine(ModelLoading, LoRAAdmin, MultimodalAPI):
                                             detoks, prompt_embedded=embedded)
         for seq in seqs:
             self.scheduler.add(seq)
-
-    def _add_pooling_request(self, request_id: str, prompt: PromptType,
-                             params: PoolingParams, lora_request: LoRARequest | None,
-                             priority: int) -> None:
-        """One prefill-only sequence that pools its prompt's hidden states."""
-        self.pooling.check_request(params)
-        self.check_dimensions(params.dimensions)
-        lora_id = self._use_lora(lora_request) if lora_request is not None else 0
-        text, ids = self._tokenize(prompt, self.get_tokenizer(lora_request))
-        ids = params.truncate_prompt(ids, self.model_config.max_model_len)
-        cache_salt(prompt)  # checked; pooling takes nothing from the prefix cache
-        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
-            raise ValueError("multi_modal_data: image inputs are not supported for pooling")
-        check_prompt(ids, self.vocab_size(lora_request), self.model_config.max_model_len)
-        seq = Sequence(request_id, 0, ids, params, lora_id, None, priority)
-        seq.pooling = PoolingState(self.model_config.pooler_config.pooling_type,
-                                   self.pooling.position(ids))
-        if self.classify:  # read now: a bad head fails this request alone
-            self.pooling.head_of(lora_request, self.lora_manager)
-        self.requests[request_id] = Request(request_id, text, ids, params, lora_request,
-                                            [seq], [])
-        self.scheduler.add(seq)
-
-    def _finish_pooling(self, prefill: list[Sequence], touched: dict[str, Request]) -> None:
-        """Pooling sequences whose prompt is all computed: their embedding, and done."""
-        pc = self.model_config.pooler_config
-        for seq in prefill:
-            if seq.pooling is None or seq.num_computed_tokens < seq.num_tokens:
-                continue
-            req = self.requests[seq.request_id]
-            req.pooled = self.pooling.output(seq.pooling.pooled(), req.params, pc,
-                                             req.lora_request, self.lora_manager)
-            seq.finish_reason = "stop"
-            self.scheduler.finish(seq)
-            touched[req.request_id] = req
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

@@ -1,17 +1,26 @@
 """How the engine gets its model: the checkpoint's config as served, the tokenizer, the
-model's weights (and its vision tower's), and the refusals that must come before a load.
+model's weights (and its vision tower's, its draft model's), and the refusals that must
+come before a load. LLMEngine.__init__ calls them in this order:
 
-    _resolve_config: GGUF file / Mistral format / InternVL's remote layout / HF config
-                     -> hf_overrides -> the text model alone (text_only) -> Whisper's
-                     serving config -> a registered architecture
-    load_tokenizer, _build (a module in the model's dtype, on its device), _load_model
+    _resolve_config    GGUF file / Mistral format / InternVL's remote layout / HF config
+                       -> hf_overrides -> the text model alone (text_only) -> Whisper's
+                       serving config -> a registered architecture
+    _first_tokenizer   where load_tokenizer reads (the `tokenizer` option, a GGUF file),
+                       its mode (HF or mistral_common); load_tokenizer: a new copy
+    _build             a module in the model's dtype, on its device (the vision tower)
+    _check_whisper, _check_hybrid   what such models are not served with
+    _load_model        the model built and its weights read (dummy, GGUF, Mistral
+                       format, HF safetensors; a classifier's head)
+    _load_draft_model  speculative decoding's draft model or EAGLE head, its bytes in
+                       the memory plan
 
-A mixin of LLMEngine (engine/llm_engine.py), which calls these from its __init__ in this
-order; they read and set the engine's attributes named below.
+A mixin of LLMEngine (engine/llm_engine.py); it reads and sets the engine's attributes
+named below.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +29,9 @@ from transformers import AutoConfig, AutoTokenizer
 
 from loraplex.config import EngineConfig, LoRAConfig, ModelConfig
 from loraplex.engine.arg_utils import EngineArgs
-from loraplex.engine.mistral_tokenizer import MistralTokenizer
+from loraplex.engine.draft_model import load_draft_model
+from loraplex.engine.eagle import load_eagle_head
+from loraplex.engine.mistral_tokenizer import MistralTokenizer, resolve_tokenizer_mode
 from loraplex.engine.pooling_heads import PoolingHeads
 from loraplex.layers.classifier import ClassifierHead
 from loraplex.layers.quantization import read_side_config
@@ -44,6 +55,7 @@ from loraplex.models.mistral_format import (
 from loraplex.models.registry import architecture, build_model
 from loraplex.models.text_only import text_only_config
 from loraplex.models.whisper import is_whisper, serving_config
+from loraplex.worker.memory import MemoryPlan, kv_block_bytes
 
 
 class ModelLoading:
@@ -62,6 +74,8 @@ class ModelLoading:
     classify: bool
     headless: bool
     tokenizer: Any
+    model: Any
+    memory: MemoryPlan
 
     def _resolve_config(self, args: EngineArgs) -> tuple[str, Any, Any]:
         """(the checkpoint's local path, its config as served, the whole checkpoint's
@@ -83,6 +97,14 @@ class ModelLoading:
             hf_config = serving_config(hf_config)
         architecture(hf_config)
         return path, hf_config, whole
+
+    def _first_tokenizer(self, args: EngineArgs, path: str) -> Any:
+        """The engine's tokenizer; sets where load_tokenizer reads it and its mode."""
+        self._tokenizer_source = (path if args.tokenizer is None
+                                  else resolve_model_path(args.tokenizer), args.tokenizer_revision)
+        self.tokenizer_mode = "hf" if self.gguf and args.tokenizer is None else \
+            resolve_tokenizer_mode(args.tokenizer_mode, self._tokenizer_source[0])
+        return self.load_tokenizer()
 
     def load_tokenizer(self) -> Any:
         """A new copy of the base's tokenizer: the `tokenizer` option's, else the model's
@@ -164,3 +186,21 @@ class ModelLoading:
         if self.vision is not None:
             self.vision.eval()
         return model.eval()
+
+    def _load_draft_model(self, hf_config: Any, kv_dtype: torch.dtype,
+                          block_size: int) -> torch.nn.Module | None:
+        """speculative_config's draft model or EAGLE head (None: none, or ngram), its
+        weights' and KV blocks' bytes put in the memory plan."""
+        spec = self.config.speculative_config
+        mc = self.model_config
+        draft_model = (load_draft_model(spec, hf_config, self.tokenizer, mc, self._build)
+                       if spec and spec.method == "draft_model" else
+                       load_eagle_head(spec, hf_config, self.model, mc, self._build)
+                       if spec and spec.method in ("eagle", "eagle3") else None)
+        if draft_model is not None:
+            self.memory.draft_kv_block_bytes = kv_block_bytes(draft_model, kv_dtype, block_size)
+            self.memory.draft_weight_bytes = sum(
+                t.numel() * t.element_size()
+                for t in itertools.chain(draft_model.parameters(), draft_model.buffers())
+                if t is not None)
+        return draft_model
