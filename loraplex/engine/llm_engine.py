@@ -1,97 +1,71 @@
 """LLMEngine: requests in, one batched step at a time, RequestOutputs out (vLLM's API).
 
-    add_request -> Scheduler.schedule -> LoRAManager.activate -> ModelRunner.run
+    add_request -> (_tokenize / _prompt_embeds, the adapter registered, checks)
+                -> Sequence(s) into Scheduler's waiting queue
+    step        -> Scheduler.schedule -> LoRAManager.activate -> ModelRunner.run
                 -> Sampler -> detokenize, check stops -> RequestOutput
 
 A step is one forward over the running sequences' next tokens and the newly admitted
-prompts together (Scheduler: a mixed step).
+prompts together (Scheduler: a mixed step). This file keeps that loop and the engine's
+wiring (__init__); the rest is mixed in from files of one idea each:
+engine/model_loading.py (config, tokenizer, weights), engine/prompt_inputs.py (a prompt
+into ids or embeddings), engine/pooling_requests.py (a pooling runner's requests),
+engine/lora_admin.py (add_lora, remove_lora, ...: adapters against the requests),
+engine/multimodal_api.py (the multimodal properties, default_mm_loras); get_stats'
+EngineStats is engine/stats.py's.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
 
 from loraplex import envs
 from loraplex.config import EngineConfig, kv_cache_dtype
 from loraplex.engine.arg_utils import EngineArgs
 from loraplex.engine.block_manager import BlockManager
 from loraplex.engine.detokenizer import IncrementalDetokenizer
-from loraplex.engine.draft_model import load_draft_model, make_draft
-from loraplex.engine.eagle import EagleProposer, load_eagle_head, make_eagle
+from loraplex.engine.draft_model import make_draft
+from loraplex.engine.eagle import EagleProposer, make_eagle
 from loraplex.engine.generation_config import GenerationDefaults
-from loraplex.engine.images import ImageInputs, build_vision
+from loraplex.engine.images import build_vision
 from loraplex.engine.logits_processors import LogitsProcessorBatch, load_logits_processors
-from loraplex.engine.mistral_tokenizer import MistralTokenizer, resolve_tokenizer_mode
-from loraplex.engine.multimodal_processor import MultimodalProcessor
+from loraplex.engine.lora_admin import LoRAAdmin
+from loraplex.engine.model_loading import ModelLoading
+from loraplex.engine.multimodal_api import DEFAULT_MM_LORA_IDS, MultimodalAPI
 from loraplex.engine.multimodal_prompt import (
     MultimodalPrompts,
     default_mm_lora,
     encoder_config,
     load_processor,
 )
-from loraplex.engine.pooling_heads import PoolingHeads, check_dimensions
+from loraplex.engine.pooling_heads import PoolingHeads
+from loraplex.engine.pooling_requests import PoolingRequests
 from loraplex.engine.prompt_checks import (
     bad_words_token_ids,
     cache_salt,
     check_logprobs,
     check_prompt,
-    check_prompt_keys,
     check_runner,
     check_token_ids,
 )
-from loraplex.engine.prompt_embeds import (
-    NOT_ENABLED,
-    PLACEHOLDER_ID,
-    checked_prompt_embeds,
-    prompt_embeds_inputs,
-)
+from loraplex.engine.prompt_inputs import PromptInputs
 from loraplex.engine.request import Request
-from loraplex.engine.scheduler import ScheduledBatch, Scheduler
+from loraplex.engine.scheduler import Scheduler
 from loraplex.engine.sequence import Sequence
-from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats
+from loraplex.engine.spec_decode import Drafter, SpecDecodeLogger, SpecDecodeStats, draft_probs
+from loraplex.engine.stats import EngineStats, collect_stats
 from loraplex.engine.structured_output import StructuredOutputs
 from loraplex.inputs import PromptType
-from loraplex.layers.classifier import ClassifierHead
-from loraplex.layers.pooler import PoolingState
-from loraplex.layers.quantization import read_side_config
 from loraplex.layers.sampler import Sampler, SamplerOutput, SamplingRow
-from loraplex.lora.adapter import PackedLoRA, local_adapter_dir
-from loraplex.lora.errors import LoRAError
-from loraplex.lora.manager import LoRACacheStats, LoRAManager
+from loraplex.lora.manager import LoRAManager
 from loraplex.lora.request import LoRARequest
-from loraplex.models.gguf_loader import (
-    gguf_config,
-    gguf_file,
-    gguf_tokenizer,
-    iterate_gguf_weights,
-    log_dequantized_size,
-)
-from loraplex.models.hf_overrides import apply_hf_overrides, parse_hf_overrides
-from loraplex.models.internvl_chat import chat_config as internvl_chat_config
-from loraplex.models.llava import VisionWeights
-from loraplex.models.loader import init_dummy_weights, load_weights, resolve_model_path
-from loraplex.models.mamba_hybrid import has_mamba_layers
-from loraplex.models.mistral_format import (
-    MistralFormat,
-    iterate_mistral_weights,
-    mistral_config,
-)
-from loraplex.models.registry import (
-    architecture,
-    build_model,
-    is_headless,
-)
-from loraplex.models.text_only import text_only_config
-from loraplex.models.whisper import WhisperConfig, is_whisper, serving_config
+from loraplex.models.registry import is_headless
+from loraplex.models.whisper import WhisperConfig, is_whisper
 from loraplex.outputs import PoolingRequestOutput, RequestOutput
 from loraplex.pooling_params import PoolingParams
 from loraplex.reasoning import REASONING_PARSERS, reasoning_ended, reasoning_opened
@@ -101,56 +75,18 @@ from loraplex.worker.device import use_device
 from loraplex.worker.memory import cpu_cache_config, kv_block_bytes, plan_memory
 from loraplex.worker.model_runner import ModelRunner
 
+__all__ = ["DEFAULT_MM_LORA_IDS", "EngineStats", "LLMEngine"]
+
 logger = logging.getLogger(__name__)
 
-# default_mm_loras' lora_int_ids start here, past the ids users and the server give
-DEFAULT_MM_LORA_IDS = 1 << 30
 
+class LLMEngine(ModelLoading, PromptInputs, PoolingRequests, LoRAAdmin, MultimodalAPI):
+    """vLLM's LLMEngine on one device; single-threaded (AsyncLLMEngine calls it from one
+    thread). The mixins are this class's parts by topic (module docstring), not bases to
+    use alone: they read the attributes __init__ sets."""
 
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    running_lora_names: list[str]
-    waiting_lora_names: list[str]
-    max_loras: int
-    num_free_blocks: int
-    num_total_blocks: int
-    num_preemptions: int
-    # prefix caching, cumulative: prompt tokens looked up at admission, and found cached
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    # adapter tiers (zeros with LoRA off): how many are registered / in host memory /
-    # in device slots / being read now, and the cumulative cache counters
-    num_registered_loras: int = 0
-    num_host_loras: int = 0
-    num_slot_loras: int = 0
-    num_loading_loras: int = 0
-    lora_cache: LoRACacheStats | None = None
-    lora_load_seconds: list[float] = field(default_factory=list)  # loads since last call
-    # speculative decoding, cumulative (None: off)
-    spec_decode: SpecDecodeStats | None = None
-
-
-class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
-        # a GGUF file: config, tokenizer and weights from it (models/gguf_loader.py)
-        self.gguf = gguf_file(args.model, args.load_format, args.revision)
-        path = self.gguf or resolve_model_path(args.model, args.revision)
-        # Mistral's own format: params.json, consolidated*.safetensors (mistral_format.py)
-        self.mistral_format = MistralFormat() if self.gguf else MistralFormat.resolve(
-            path, args.config_format, args.load_format)
-        hf_config = gguf_config(path) if self.gguf else mistral_config(path) \
-            if self.mistral_format.config else (  # InternVL's remote layout: as its -hf
-                internvl_chat_config(path) or AutoConfig.from_pretrained(path))
-        apply_hf_overrides(hf_config, parse_hf_overrides(args.hf_overrides))
-        read_side_config(hf_config, path)  # older GPTQ / AWQ checkpoints
-        whole = hf_config
-        hf_config, self.text_only = text_only_config(hf_config, path)  # Gemma 3 4B+: text model
-        if is_whisper(hf_config):  # its decoder's positions are max_model_len's limit
-            hf_config = serving_config(hf_config)
-        architecture(hf_config)
+        path, hf_config, whole = self._resolve_config(args)  # (engine/model_loading.py)
         self.config: EngineConfig = args.create_engine_config(hf_config)
         self.model_config = self.config.model_config
         # custom logits processors: imported now, so a bad name fails before the model loads
@@ -174,11 +110,7 @@ class LLMEngine:
         torch.manual_seed(mc.seed)
         if mc.device.type == "cpu" and envs.LORAPLEX_CPU_KEEP_FREED_MEMORY:
             keep_freed_memory()
-        self._tokenizer_source = (path if args.tokenizer is None
-                                  else resolve_model_path(args.tokenizer), args.tokenizer_revision)
-        self.tokenizer_mode = "hf" if self.gguf and args.tokenizer is None else \
-            resolve_tokenizer_mode(args.tokenizer_mode, self._tokenizer_source[0])
-        self.tokenizer = self.load_tokenizer()
+        self.tokenizer = self._first_tokenizer(args, path)
         # the model's processor of multi_modal_data (engine/multimodal_prompt.py)
         processor = load_processor(path, vision, self.tokenizer)
         self.vision = (self._build(lambda: build_vision(vision))
@@ -203,16 +135,7 @@ class LLMEngine:
         spec = self.config.speculative_config
         # a draft model (speculative decoding): loaded before the KV cache is sized, so
         # its weights and its cache come out of the same budget (worker/memory.py)
-        draft_model = (load_draft_model(spec, hf_config, self.tokenizer, mc, self._build)
-                       if spec and spec.method == "draft_model" else
-                       load_eagle_head(spec, hf_config, self.model, mc, self._build)
-                       if spec and spec.method in ("eagle", "eagle3") else None)
-        if draft_model is not None:
-            self.memory.draft_kv_block_bytes = kv_block_bytes(draft_model, kv_dtype, block_size)
-            self.memory.draft_weight_bytes = sum(
-                t.numel() * t.element_size()
-                for t in itertools.chain(draft_model.parameters(), draft_model.buffers())
-                if t is not None)
+        draft_model = self._load_draft_model(hf_config, kv_dtype, block_size)
         self.model_runner = ModelRunner(self.model, mc, cache_config,
                                         self.config.scheduler_config,
                                         lm.eager_slots if lm else None,
@@ -284,183 +207,7 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
-    def load_tokenizer(self) -> Any:
-        """A new copy of the base's tokenizer: the `tokenizer` option's, else the model's
-        (a GGUF file's built from its metadata; tokenizer_mode="mistral": mistral_common's)."""
-        source, revision = self._tokenizer_source
-        if source == self.gguf:
-            return gguf_tokenizer(source)
-        if self.tokenizer_mode == "mistral":
-            return MistralTokenizer.from_pretrained(source)
-        return AutoTokenizer.from_pretrained(source, revision=revision)
-
-    def _check_hybrid(self, hf_config: Any) -> None:
-        """A hybrid model (Mamba2 or Mamba-1 mixers, LFM2's short convolutions, gated
-        DeltaNets: their state is per sequence, not per token): speculative decoding
-        refused. Prefix caching stays on: a cached prefix is used up to the last block whose
-        state snapshot is kept (worker/state_snapshots.py). (Granite 4.0's attention-only
-        -micro, in the same class, is no hybrid.)"""
-        if not has_mamba_layers(hf_config, architecture(hf_config)):
-            return
-        if self.config.speculative_config is not None:
-            raise ValueError("speculative decoding is not supported for hybrid models (Mamba2, "
-                             "Mamba-1, LFM2, gated DeltaNet: their recurrent state cannot "
-                             "roll back rejected drafts)")
-
-    def _check_whisper(self) -> None:
-        """What Whisper is not served with, refused at start."""
-        if self.config.speculative_config is not None:
-            raise ValueError("speculative decoding is not supported for Whisper "
-                             "(an encoder-decoder model)")
-        if self.model_config.runner == "pooling":
-            raise ValueError("Whisper runs as a generate model, not a pooling one")
-
-    def _default_mm_loras(self) -> dict[str, LoRARequest]:
-        """default_mm_loras as registered adapters, named by their modality; their ids
-        are vLLM's (the modality's place in sorted order + 1) moved past any id a user
-        or the server picks (DEFAULT_MM_LORA_IDS), so they never collide."""
-        asked = self.multimodal.default_loras
-        for modality in asked:
-            if modality not in self.modalities:
-                raise ValueError(f"default_mm_loras: {self.model_config.name!r} takes no "
-                                 f"{modality} inputs")
-        loras = {m: LoRARequest(m, DEFAULT_MM_LORA_IDS + i, asked[m])
-                 for i, m in enumerate(sorted(asked), start=1)}
-        for req in loras.values():
-            self.register_lora(req, fetch_hub=True)
-        return loras
-
-    @property
-    def image_processor(self) -> MultimodalProcessor | None:
-        """The model's processor of multi_modal_data (engine/multimodal_processor.py); None
-        when it takes none."""
-        return self.mm_prompts.processor
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        """What multi_modal_data may carry here (images, Qwen-VL's videos, audio)."""
-        return self.mm_prompts.modalities
-
-    @property
-    def image_placeholder(self) -> str | None:
-        """The image token's text (LLaVA's `<image>`); None: the model takes no images."""
-        return self.mm_prompts.placeholder("image")
-
-    @property
-    def video_placeholder(self) -> str | None:
-        """The video token's text (`<|video_pad|>`); None: the model takes no videos."""
-        return self.mm_prompts.placeholder("video")
-
-    @property
-    def audio_placeholder(self) -> str | None:
-        """What a chat puts where a clip goes (Granite Speech's `<|audio|>`; Qwen2-Audio's
-        `Audio {i}: <|audio_bos|><|AUDIO|><|audio_eos|>`, {i} the clip's number in the
-        conversation); None: the model takes no audio, or not in a chat (Whisper)."""
-        return self.mm_prompts.placeholder("audio")
-
-    @property
-    def mistral_audio_rate(self) -> int | None:
-        """Voxtral under tokenizer_mode "mistral": the rate its chat clips go to
-        mistral_common at (entrypoints/chat_images.py); None otherwise."""
-        return self.mm_prompts.mistral_audio_rate
-
-    def data_keys(self, inputs: ImageInputs) -> list[str]:
-        """multi_modal_data's keys for processed inputs (default_mm_loras go by them)."""
-        return self.mm_prompts.data_keys(inputs)
-
-    def _build(self, make: Callable[[], torch.nn.Module]) -> Any:
-        """A module made in the model's dtype, on its device."""
-        mc = self.model_config
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(mc.dtype)
-        try:
-            with torch.device(mc.device):
-                return make()
-        finally:
-            torch.set_default_dtype(default)
-
-    def _lora_tower(self) -> VisionWeights | None:
-        """The tower and projector whose linears get adapter slots
-        (enable_tower_connector_lora); None: LoRA on the language model only (also when
-        the tower is not loaded: served on text)."""
-        if not self.lora_config.tower_connector_lora or self.vision is None:
-            return None
-        return self.vision
-
-    def _load_model(self, hf_config: Any, path: str):
-        mc = self.model_config
-        model = self._build(lambda: build_model(
-            hf_config, mc.quantization,
-            self.lora_config.long_lora_scaling_factors if self.lora_config else (),
-            self.text_only, mc.max_model_len))
-        if mc.load_format == "dummy":
-            init_dummy_weights(model, mc.seed)
-            if self.vision is not None:
-                init_dummy_weights(self.vision, mc.seed + 1)
-            if self.classify:
-                self.pooling.random_head(hf_config, mc.seed + 2)
-        elif self.pooling.lm_head_classifier is not None:
-            load_weights(model, path, self.vision)
-        elif self.gguf:
-            load_weights(model, path, weights=iterate_gguf_weights(path, hf_config))
-            log_dequantized_size(path, model)
-        elif self.mistral_format.weights:
-            load_weights(model, path, self.vision,  # (Voxtral's encoder: models/voxtral.py)
-                         weights=iterate_mistral_weights(path, hf_config))
-        else:
-            heads: dict[str, torch.Tensor] | None = {} if self.classify else None
-            load_weights(model, path, self.vision, headless=self.headless, classifier=heads)
-            if heads is not None:
-                self.pooling.set_head(ClassifierHead.from_tensors(heads, path), path)
-        if self.pooling.lm_head_classifier is not None:
-            self.pooling.head_from_lm_head(model, self.tokenizer.get_vocab())
-        if self.vision is not None:
-            self.vision.eval()
-        return model.eval()
-
     # ---- requests ---------------------------------------------------------------------
-    def _tokenize(self, prompt: PromptType, tokenizer: Any) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            self.mm_prompts.check_counts(prompt)
-            check_prompt_keys(prompt, self.model_config.name, self.image_processor is not None)
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return self._tokenize(prompt["prompt"], tokenizer)
-            if "prompt_embeds" in prompt:  # (generation takes them before this)
-                raise ValueError("prompt_embeds: supported for generation, not pooling")
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, list | tuple) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise ValueError(f"unsupported prompt type {type(prompt).__name__}: give a str, "
-                         "a list of token ids or {'prompt_token_ids': [...]}")
-
-    def _prompt_embeds(self, prompt: dict[str, Any], params: SamplingParams
-                       ) -> tuple[list[int], ImageInputs]:
-        """vLLM's EmbedsPrompt (engine/prompt_embeds.py): its placeholder ids and its
-        rows' embeddings, truncated as truncate_prompt_tokens asks."""
-        if not self.model_config.enable_prompt_embeds:
-            raise ValueError(NOT_ENABLED)
-        other = sorted(set(prompt) - {"prompt_embeds", "cache_salt"})
-        if other:
-            raise ValueError(f"a prompt with prompt_embeds takes only 'cache_salt' beside "
-                             f"them, got {', '.join(map(repr, other))}")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs: not available for prompt_embeds (the prompt "
-                             "has no token ids to score)")
-        tensor = checked_prompt_embeds(prompt["prompt_embeds"], self.model.args.hidden_size)
-        mc = self.model_config
-        tensor = params.truncate_prompt(tensor, mc.max_model_len)
-        scale = self.model.model.given_embeds_scale(mc.dtype)  # as HF's model scales them
-        return [PLACEHOLDER_ID] * tensor.shape[0], prompt_embeds_inputs(
-            tensor * scale if scale != 1.0 else tensor, mc.device, mc.dtype)
-
-    def check_dimensions(self, dimensions: int | None) -> None:
-        """An embedding request's `dimensions`: within the model's matryoshka sizes."""
-        check_dimensions(self.model_config, dimensions, self.model.args.hidden_size)
-
     def add_request(self, request_id: str, prompt: PromptType,
                     params: SamplingParams | PoolingParams | None = None,
                     lora_request: LoRARequest | None = None, priority: int = 0) -> None:
@@ -529,52 +276,6 @@ class LLMEngine:
                                             detoks, prompt_embedded=embedded)
         for seq in seqs:
             self.scheduler.add(seq)
-
-    def _add_pooling_request(self, request_id: str, prompt: PromptType,
-                             params: PoolingParams, lora_request: LoRARequest | None,
-                             priority: int) -> None:
-        """One prefill-only sequence that pools its prompt's hidden states."""
-        self.pooling.check_request(params)
-        self.check_dimensions(params.dimensions)
-        lora_id = self._use_lora(lora_request) if lora_request is not None else 0
-        text, ids = self._tokenize(prompt, self.get_tokenizer(lora_request))
-        ids = params.truncate_prompt(ids, self.model_config.max_model_len)
-        cache_salt(prompt)  # checked; pooling takes nothing from the prefix cache
-        if isinstance(prompt, dict) and prompt.get("multi_modal_data"):
-            raise ValueError("multi_modal_data: image inputs are not supported for pooling")
-        check_prompt(ids, self.vocab_size(lora_request), self.model_config.max_model_len)
-        seq = Sequence(request_id, 0, ids, params, lora_id, None, priority)
-        seq.pooling = PoolingState(self.model_config.pooler_config.pooling_type,
-                                   self.pooling.position(ids))
-        if self.classify:  # read now: a bad head fails this request alone
-            self.pooling.head_of(lora_request, self.lora_manager)
-        self.requests[request_id] = Request(request_id, text, ids, params, lora_request,
-                                            [seq], [])
-        self.scheduler.add(seq)
-
-    def _finish_pooling(self, prefill: list[Sequence], touched: dict[str, Request]) -> None:
-        """Pooling sequences whose prompt is all computed: their embedding, and done."""
-        pc = self.model_config.pooler_config
-        for seq in prefill:
-            if seq.pooling is None or seq.num_computed_tokens < seq.num_tokens:
-                continue
-            req = self.requests[seq.request_id]
-            req.pooled = self.pooling.output(seq.pooling.pooled(), req.params, pc,
-                                             req.lora_request, self.lora_manager)
-            seq.finish_reason = "stop"
-            self.scheduler.finish(seq)
-            touched[req.request_id] = req
-
-    def _use_lora(self, req: LoRARequest) -> int:
-        if self.lora_manager is None:
-            raise ValueError(f"request asks for LoRA adapter {req.lora_name!r} but LoRA is "
-                             "not enabled: create the engine with enable_lora=True")
-        self.register_lora(req)  # config only: the weights load off the step loop
-        if req.lora_int_id not in self.lora_manager.pinned and \
-                len(self.lora_manager.pinned) >= self.lora_config.max_loras:
-            raise LoRAError(f"adapter {req.lora_name!r} cannot run: all max_loras="
-                            f"{self.lora_config.max_loras} slots are pinned by other adapters")
-        return req.lora_int_id
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -668,7 +369,7 @@ class LLMEngine:
             mask = (self.structured.token_mask([s.grammar for s in row_seqs])
                     if any(s.grammar is not None for s in row_seqs) else None)
             sampled = (self.sampler(logits, rows, mask, drafts if batch.spec else None,
-                                    _draft_probs(seq_drafts, batch, logits),
+                                    draft_probs(seq_drafts, batch, logits),
                                     self.logits_processors)
                        if rows else None)
             now = time.monotonic()
@@ -708,18 +409,6 @@ class LLMEngine:
         it = iter(entries)
         for seq, span in positions:
             seq.prompt_logprobs.extend(next(it) for _ in span)
-
-    def _fail_lora_requests(self, seqs: list[Sequence], failed: dict[int, LoRAError],
-                            touched: dict[str, Request]) -> list[Sequence]:
-        for seq in [s for s in self.scheduler.running + list(self.scheduler.waiting)
-                    if s.lora_int_id in failed]:
-            req = self.requests[seq.request_id]
-            req.error = str(failed[seq.lora_int_id])
-            seq.finish_reason = "error"
-            self.scheduler.finish(seq)
-            touched[req.request_id] = req
-        logger.error("adapter(s) failed to load: %s", "; ".join(map(str, failed.values())))
-        return [s for s in seqs if s.lora_int_id not in failed]
 
     def _emit_verified(self, req: Request, seq: Sequence, out: SamplerOutput, first: int,
                        num_drafts: int) -> None:
@@ -771,36 +460,7 @@ class LLMEngine:
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
 
-    # ---- adapters ---------------------------------------------------------------------
-    def _require_lora(self) -> LoRAManager:
-        if self.lora_manager is None:
-            raise ValueError("LoRA is not enabled: create the engine with enable_lora=True")
-        return self.lora_manager
-
-    def prepare_lora(self, lora_request: LoRARequest) -> PackedLoRA:
-        """Read and validate an adapter (I/O only); safe to call from any thread."""
-        return self._require_lora().prepare(lora_request)
-
-    def prepare_lora_in_background(self, lora_request: LoRARequest) -> Future[PackedLoRA]:
-        """prepare_lora on an adapter-loader thread, whose torch ops run single-threaded
-        (worker/cpu_threads.py); the future raises what prepare_lora would."""
-        return self._require_lora().loader.run(self.prepare_lora, lora_request)
-
-    def register_lora(self, lora_request: LoRARequest, fetch_hub: bool = False) -> bool:
-        """Make an adapter known without reading its weights (its config is checked);
-        they are read off the step loop when a request first needs them. Cheap enough
-        for thousands. False if this exact adapter is registered already.
-        `fetch_hub`: a hub id not registered yet is fetched and read now, as add_lora
-        does (the offline API, which waits anyway: only then is it known whether the
-        adapter adds tokens, which its prompts must be encoded with)."""
-        manager = self._require_lora()
-        if fetch_hub and lora_request.lora_int_id not in manager.registered \
-                and local_adapter_dir(lora_request) is None:
-            return self.add_lora(lora_request)
-        added = manager.register(lora_request)  # raises for another adapter on this id
-        self._pending_lora_removal.discard(lora_request.lora_int_id)  # wanted again
-        return added
-
+    # ---- the prefix cache, counters ----------------------------------------------------
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache; False (with a warning) while requests hold KV blocks."""
         if self.block_manager.reset_prefix_cache():
@@ -810,95 +470,10 @@ class LLMEngine:
                        self.block_manager.num_blocks - self.block_manager.num_free_blocks)
         return False
 
-    def add_lora(self, lora_request: LoRARequest, prepared: PackedLoRA | None = None) -> bool:
-        """Register and load now, validating the weights too (vLLM's add_lora)."""
-        manager = self._require_lora()
-        added = manager.add(lora_request, prepared)  # raises for another adapter on this id
-        self._pending_lora_removal.discard(lora_request.lora_int_id)  # wanted again
-        return added
-
-    def remove_lora(self, lora_int_id: int) -> bool:
-        """Unregister; requests already running on it finish on its weights first."""
-        manager = self._require_lora()
-        if lora_int_id not in manager.registered:
-            return False
-        if any(s.lora_int_id == lora_int_id for r in self.requests.values() for s in r.seqs
-               if not s.is_finished):
-            self._pending_lora_removal.add(lora_int_id)
-            return True
-        return manager.remove(lora_int_id)
-
-    def _collect_lora_removals(self) -> None:
-        if not self._pending_lora_removal:
-            return
-        busy = {s.lora_int_id for r in self.requests.values() for s in r.seqs
-                if not s.is_finished}
-        for lora_id in list(self._pending_lora_removal - busy):
-            self._pending_lora_removal.discard(lora_id)
-            self.lora_manager.remove(lora_id)
-
-    def list_loras(self) -> set[int]:
-        if self.lora_manager is None:
-            return set()
-        return set(self.lora_manager.registered) - self._pending_lora_removal
-
-    def list_registered_loras(self) -> set[int]:
-        """list_loras and the adapters whose removal waits for their requests: the ids
-        whose files the engine may still read."""
-        return set(self.lora_manager.registered) if self.lora_manager is not None else set()
-
-    def has_lora(self, lora_int_id: int) -> bool:
-        """``lora_int_id in list_loras()`` without building the set of every registered
-        id (thousands of them) for each request."""
-        return (self.lora_manager is not None and lora_int_id in self.lora_manager.registered
-                and lora_int_id not in self._pending_lora_removal)
-
-    def pin_lora(self, lora_int_id: int) -> bool:
-        return self._require_lora().pin(lora_int_id)
-
     def get_stats(self) -> EngineStats:
-        def names(seqs: Iterable[Sequence]) -> list[str]:
-            """The adapters' names, by distinct id: with thousands of requests queued
-            this runs every step. An unfinished request's id stays registered
-            (remove_lora defers), so the registry names them all."""
-            ids = {s.lora_int_id for s in seqs} - {0, None}
-            registered = self.lora_manager.registered if self.lora_manager else {}
-            return sorted({registered[i].lora_name for i in ids if i in registered})
-
-        lm = self.lora_manager
-        lora = {}
-        if lm is not None:
-            lora = dict(num_registered_loras=len(lm.registered), num_host_loras=lm.num_host,
-                        num_slot_loras=lm.num_slots_used,
-                        num_loading_loras=lm.loader.num_inflight,
-                        lora_cache=replace(lm.stats),
-                        lora_load_seconds=lm.loader.drain_latencies())
-        return EngineStats(
-            **lora,
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            running_lora_names=names(self.scheduler.running),
-            waiting_lora_names=names(self.scheduler.waiting),
-            max_loras=self.lora_config.max_loras if self.lora_config else 0,
-            num_free_blocks=self.block_manager.num_free_blocks,
-            num_total_blocks=self.block_manager.num_blocks,
-            num_preemptions=self.scheduler.num_preemptions,
-            prefix_cache_queries=self.block_manager.num_query_tokens,
-            prefix_cache_hits=self.block_manager.num_hit_tokens,
-            spec_decode=self.spec_stats.copy() if self.spec_stats else None)
-
-    def get_tokenizer(self, lora_request: LoRARequest | None = None):
-        """The tokenizer of requests for `lora_request`: the adapter's own when it adds
-        tokens to the vocabulary (registered), else the base model's."""
-        if lora_request is None or self.lora_manager is None:
-            return self.tokenizer
-        return self.lora_manager.tokenizers.get(lora_request.lora_int_id, self.tokenizer)
-
-    def vocab_size(self, lora_request: LoRARequest | None = None) -> int:
-        """Token ids a request may use: the base's vocabulary, plus the tokens its adapter
-        adds."""
-        added = (self.lora_manager.added_token_counts.get(lora_request.lora_int_id, 0)
-                 if lora_request is not None and self.lora_manager is not None else 0)
-        return self.model.args.vocab_size + added
+        return collect_stats(self.scheduler, self.block_manager, self.lora_manager,
+                             self.lora_config.max_loras if self.lora_config else 0,
+                             self.spec_stats)
 
 
 def _scored_prompt(seq: Sequence) -> list[int]:
@@ -906,22 +481,3 @@ def _scored_prompt(seq: Sequence) -> list[int]:
     are placeholders)."""
     return [] if seq.images is not None and seq.images.prompt_embeds else seq.prompt_token_ids
 
-
-def _draft_probs(seq_drafts: list[tuple[Sequence, list[int]]], batch: ScheduledBatch,
-                 logits: torch.Tensor) -> torch.Tensor | None:
-    """[rows, logits' width] the draft model's distribution behind each sampled row's
-    draft (zeros elsewhere: greedy and draftless rows ignore it), in the sampler's row
-    order; None when no draft came with one (ngram, or only greedy requests)."""
-    probs = dict(zip(batch.spec, batch.spec_probs))
-    if all(q is None for q in probs.values()):
-        return None
-    out = logits.new_zeros(sum(len(d) + 1 for _, d in seq_drafts), logits.shape[1],
-                           dtype=torch.float32)
-    row = 0
-    for seq, d in seq_drafts:
-        q = probs.get(seq) if d else None
-        if q is not None:
-            width = min(q.shape[1], out.shape[1])
-            out[row:row + len(d), :width] = q[:, :width]
-        row += len(d) + 1
-    return out

@@ -24,6 +24,7 @@ from loraplex.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from loraplex.engine.draft_model import DraftModel
+    from loraplex.engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +129,23 @@ class SpecDecodeLogger:
         logger.info("%s", line)
         self._last, self._last_time = stats.copy(), now
         return line
+
+
+def draft_probs(seq_drafts: list[tuple[Sequence, list[int]]], batch: ScheduledBatch,
+                logits: torch.Tensor) -> torch.Tensor | None:
+    """[rows, logits' width] the draft model's distribution behind each sampled row's
+    draft (zeros elsewhere: greedy and draftless rows ignore it), in the sampler's row
+    order; None when no draft came with one (ngram, or only greedy requests)."""
+    probs = dict(zip(batch.spec, batch.spec_probs))
+    if all(q is None for q in probs.values()):
+        return None
+    out = logits.new_zeros(sum(len(d) + 1 for _, d in seq_drafts), logits.shape[1],
+                           dtype=torch.float32)
+    row = 0
+    for seq, d in seq_drafts:
+        q = probs.get(seq) if d else None
+        if q is not None:
+            width = min(q.shape[1], out.shape[1])
+            out[row:row + len(d), :width] = q[:, :width]
+        row += len(d) + 1
+    return out
