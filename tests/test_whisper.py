@@ -202,11 +202,13 @@ def test_bad_inputs_fail_alone(whisper):
     check(out, whisper, [(clip(1), None)])
 
 
-def test_speculative_decoding_refused(whisper):
+def test_speculative_decoding_and_pooling_refused(whisper):
     with pytest.raises(ValueError, match="speculative decoding is not supported for Whisper"):
         whisper_llm(whisper["base"], speculative_config={"method": "ngram",
                                                       "num_speculative_tokens": 2,
                                                       "prompt_lookup_max": 2})
+    with pytest.raises(ValueError, match="Whisper runs as a generate model"):
+        whisper_llm(whisper["base"], runner="pooling")
 
 
 def test_prefix_cache_keyed_by_the_audio(whisper):
