@@ -24,6 +24,7 @@ from tests.engine_utils import check_against_hf, make_llm
 from tests.fixtures import (
     edited_copy,
     hf_greedy,
+    load_hf_model,
     load_tokenizer,
     make_peft_adapter,
     make_tiny_model,
@@ -359,6 +360,40 @@ def test_unrelated_random_draft_keeps_outputs(models):
     stats = _stats(spec)
     assert stats.num_drafts > 0 and stats.num_accepted_tokens < stats.num_draft_tokens / 2
     _assert_draft_cache_empty(spec)
+
+
+def check_second_tokens_follow_target(spec, base: Path, prompt: list[int]) -> None:
+    """Rejection sampling with a proposer's distributions, through `spec` (one draft per
+    step): 1500 seeded requests at temperature 0.8, max_tokens 3. The second token's
+    count of each id, summed over the requests, is the sum of the target's probabilities
+    of it given each request's first token (HF's softmax(logits / 0.8)) within 5 sigma;
+    some drafts accepted, some resampled."""
+    params = [SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True, seed=i)
+              for i in range(1500)]
+    outs, _ = _generate(spec, [prompt] * len(params), params)
+    stats = _stats(spec)
+    assert stats.num_drafts == len(params) and 0 < stats.num_accepted_tokens < len(params)
+    firsts = torch.tensor([o.outputs[0].token_ids[0] for o in outs])
+    seconds = torch.tensor([o.outputs[0].token_ids[1] for o in outs])
+    distinct = firsts.unique()
+    ids = torch.cat([torch.tensor([prompt]).expand(len(distinct), -1), distinct[:, None]], 1)
+    with torch.no_grad():
+        logits = load_hf_model(base)(input_ids=ids).logits[:, -1].double()
+    p = torch.softmax(logits / 0.8, -1)[torch.searchsorted(distinct, firsts)]  # [N, V]
+    got = torch.bincount(seconds, minlength=p.shape[1]).double()
+    sigma = (p * (1 - p)).sum(0).sqrt().clamp_min(1.0)
+    z = (got - p.sum(0)).abs() / sigma
+    assert (z <= 5).all(), (z.max(), int(z.argmax()))
+
+
+def test_sampled_tokens_keep_the_target_distribution(models):
+    """The draft model's distributions reach the rejection sampler (spec_decode.py's
+    draft_probs): with the random draft of another shape (its q far from the target's
+    p), sampled tokens keep the target's distribution; a q lost on the way (zeros: every
+    draft accepted) gives the draft's counts instead."""
+    spec = make_llm(models["base"], speculative_config=_spec(models, "random", k=1),
+                    max_num_seqs=256)
+    check_second_tokens_follow_target(spec, models["base"], _prompts()[4][:6])
 
 
 def test_adapter_added_tokens(models, tmp_path):
