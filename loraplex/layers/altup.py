@@ -17,18 +17,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loraplex.layers.moe import GateLinear
 from loraplex.layers.norm import Gemma4RMSNorm
+from loraplex.layers.quantization import QuantConfig
 
 
 class AltUp(nn.Module):
-    def __init__(self, hidden_size: int, num_inputs: int, active_idx: int, eps: float
-                 ) -> None:
+    def __init__(self, hidden_size: int, num_inputs: int, active_idx: int, eps: float,
+                 quant: QuantConfig | None = None) -> None:
+        """`quant`: a quantized checkpoint's; the router and coefficient linears (a few
+        outputs or inputs each) stay plain, dequantized where it quantized them."""
         super().__init__()
         self.n, self.active = num_inputs, active_idx
         self.correct_output_scale = nn.Parameter(torch.zeros(hidden_size))
-        self.correction_coefs = nn.Linear(num_inputs, num_inputs, bias=False)
-        self.prediction_coefs = nn.Linear(num_inputs, num_inputs ** 2, bias=False)
-        self.modality_router = nn.Linear(hidden_size, num_inputs, bias=False)
+        self.correction_coefs = GateLinear(num_inputs, num_inputs, quant=quant)
+        self.prediction_coefs = GateLinear(num_inputs, num_inputs ** 2, quant=quant)
+        self.modality_router = GateLinear(hidden_size, num_inputs, quant=quant)
         self.router_norm = Gemma4RMSNorm(hidden_size, eps)
         self.router_scale = 1.0 / hidden_size
 

@@ -1,0 +1,251 @@
+"""Quantized checkpoints of Gemma 4 (models/gemma4.py: its MoE fixture, experts beside the
+MLP) and Gemma 3n (models/gemma3n.py: AltUp, LAuReL), models/gemma_quant.py, with LoRA
+adapters trained on the unquantized base, against HF transformers + PEFT on the
+dequantized weights in fp32 (as tests/test_hybrid_quantized.py: the reference holds the
+very values the checkpoint encodes).
+
+The checkpoints: `fp8` blocks of [32, 32] (partial ones on the narrow projections),
+compressed-tensors int W4A16, GPTQ and AWQ 4-bit, written as their quantizers lay them
+out (tests/quantized_fixtures.py), and llm-compressor's FP8_DYNAMIC (FP8 weights per
+channel, each Linear's input FP8 per token) written by the compressed-tensors package.
+Every case quantizes attention, the MLPs and the per-layer embeddings' gate and
+projection (LAuReL's and AltUp's stream projections too); per_layer_model_projection is
+left plain by the not-convert list in some, as real checkpoints leave it. AltUp's small
+router / coefficient linears are quantized in FP8 and load dequantized (GateLinear), as
+Gemma 4's routers would; Gemma 4's experts stay plain. Each runs the base
+and adapters of ranks 4 and 8 (the experts too, through PEFT's target_parameters) over
+one slot in one batch, prompts prefilled in chunks beside other decodes; each format
+once, to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+
+from loraplex.layers.moe import GateLinear
+from loraplex.layers.quantization import QuantConfig, QuantLinear
+from loraplex.models.gemma_quant import GemmaPlainExperts, check_gemma_quant
+from tests.engine_utils import check_mixed_batch, make_llm
+from tests.quantized_fixtures import write_compressed_tensors, write_fp8, write_quantized
+
+VERSION = f"transformers {transformers.__version__}"
+# every linear of Gemma 4's and Gemma 3n's decoders (not Gemma 4's fused experts)
+GEMMA_LINEARS = re.compile(
+    r"\.((q|k|v|o|gate|up|down)_proj|per_layer_(input_gate|projection|model_projection)"
+    r"|linear_(left|right)|altup_(unembed_)?projections\.\d+|modality_router"
+    r"|(prediction|correction)_coefs|router\.proj)\.weight$")
+PLE_PLAIN = ("model.per_layer_model_projection",)  # as real checkpoints' ignore lists
+
+
+def _gemma4(root: Path) -> tuple[Path, dict[str, Path]]:
+    pytest.importorskip("transformers.models.gemma4", reason=f"{VERSION} has no Gemma 4")
+    from tests.fixtures import make_peft_adapter
+    from tests.gemma4_fixtures import make_gemma4
+    from tests.test_gemma4 import ALL_TARGETS
+
+    base = make_gemma4(root / "base", seed=810)
+    return base, {
+        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=811),
+        "r8_all": make_peft_adapter(base, root / "r8_all", r=8, target_modules=ALL_TARGETS,
+                                    target_parameters=["experts.gate_up_proj",
+                                                       "experts.down_proj"], seed=812)}
+
+
+def _gemma4_dense(root: Path) -> tuple[Path, dict[str, Path]]:
+    """E2B's shape: no experts, a v_proj on every layer; lm_head apart from the embedding
+    (the compressed-tensors package saves no tied tensors)."""
+    pytest.importorskip("transformers.models.gemma4", reason=f"{VERSION} has no Gemma 4")
+    from tests.fixtures import make_peft_adapter
+    from tests.gemma4_fixtures import make_gemma4
+    from tests.test_gemma4 import ALL_TARGETS
+
+    base = make_gemma4(root / "base", seed=820, enable_moe_block=False,
+                       attention_k_eq_v=False, tie_word_embeddings=False)
+    return base, {
+        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=821),
+        "r8_all": make_peft_adapter(base, root / "r8_all", r=8, target_modules=ALL_TARGETS,
+                                    seed=822)}
+
+
+def _gemma3n(root: Path) -> tuple[Path, dict[str, Path]]:
+    pytest.importorskip("transformers.models.gemma3n", reason=f"{VERSION} has no Gemma 3n")
+    from tests.fixtures import make_peft_adapter
+    from tests.gemma3n_fixtures import make_gemma3n
+    from tests.test_gemma3n import ALL_TARGETS
+
+    base = make_gemma3n(root / "base", seed=830)
+    return base, {
+        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=831),
+        "r8_all": make_peft_adapter(base, root / "r8_all", r=8, target_modules=ALL_TARGETS,
+                                    seed=832)}
+
+
+MAKERS = {"gemma4": _gemma4, "gemma4_dense": _gemma4_dense, "gemma3n": _gemma3n}
+
+
+@pytest.fixture(scope="module")
+def bases(tiny_root: Path):
+    """kind -> (plain base, its adapters), each made on first use."""
+    made: dict[str, tuple[Path, dict[str, Path]]] = {}
+
+    def get(kind: str) -> tuple[Path, dict[str, Path]]:
+        if kind not in made:
+            made[kind] = MAKERS[kind](tiny_root / "gemma_quant" / kind)
+        return made[kind]
+    return get
+
+
+def _fp8(fmt: str, strategy: str, **opts: Any):
+    return lambda base, root: write_fp8(base, root, fmt, strategy, linears=GEMMA_LINEARS,
+                                        **opts)
+
+
+def _ct_int(**opts: Any):
+    return lambda base, root: write_compressed_tensors(base, root, "ct", linears=GEMMA_LINEARS,
+                                                       **opts)
+
+
+def _packed(method: str, **opts: Any):
+    return lambda base, root: write_quantized(base, root, method, linears=GEMMA_LINEARS,
+                                              **opts)
+
+
+# case -> (model, checkpoint writer, the HF modules it leaves plain): each format once
+# (the file's time; compressed-tensors' FP8: test_gemma4_fp8_dynamic); Gemma 4's routers
+# (4 outputs) too few to pack along the outputs as int32 (GPTQ's zeros, AWQ,
+# compressed-tensors), left plain; AltUp's router and coefficients quantized in FP8
+GEMMA4_ROUTERS = tuple(f"model.layers.{i}.router.proj" for i in range(4))
+CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "gemma4_ct_w4a16": ("gemma4", _ct_int(group_size=8, ignore=PLE_PLAIN + GEMMA4_ROUTERS),
+                        PLE_PLAIN),
+    "gemma4_gptq4": ("gemma4", _packed("gptq", group_size=8, skip=("router",)), ()),
+    "gemma4_awq4": ("gemma4", _packed("awq", group_size=8, skip=("router",) + PLE_PLAIN),
+                    PLE_PLAIN),
+    "gemma3n_fp8_block": ("gemma3n", _fp8("fp8", "block", block=(32, 32), skip=PLE_PLAIN),
+                          PLE_PLAIN),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_root: Path, bases):
+    """case -> (quantized checkpoint, dequantized reference, adapters), each made on first
+    use."""
+    made: dict[str, tuple[Path, Path, dict[str, Path]]] = {}
+
+    def get(case: str) -> tuple[Path, Path, dict[str, Path]]:
+        if case not in made:
+            kind, write, _ = CASES[case]
+            base, adapters = bases(kind)
+            root = tiny_root / "gemma_quant" / case
+            root.mkdir(parents=True, exist_ok=True)
+            made[case] = (*write(base, root), adapters)
+        return made[case]
+    return get
+
+
+def _quantized(module: torch.nn.Module) -> bool:
+    return isinstance(getattr(module, "base_layer", module), QuantLinear)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_quantized_gemma_with_mixed_adapters_matches_hf_peft(case, checkpoints, prompts):
+    """The base and adapters of ranks 4 and 8 over one slot, prompts prefilled in chunks
+    of 7: HF + PEFT's tokens and logprobs on the dequantized weights; the projections stay
+    quantized, the not-convert list's modules, the routers and the experts plain."""
+    quant_dir, ref_dir, adapters = checkpoints(case)
+    llm = make_llm(quant_dir, enable_lora=True, max_loras=1, max_lora_rank=16, block_size=8,
+                   max_num_batched_tokens=7)
+    model = llm.llm_engine.model.model
+    layer = model.layers[1]
+    assert _quantized(layer.self_attn.qkv_proj) and _quantized(layer.mlp.down_proj)
+    assert _quantized(layer.per_layer_input_gate)
+    assert _quantized(model.per_layer_model_projection) == (CASES[case][2] != PLE_PLAIN)
+    if CASES[case][0] == "gemma4":
+        assert isinstance(layer.router.proj, GateLinear) and not _quantized(layer.router.proj)
+        assert type(getattr(layer.experts, "base_layer", layer.experts)) is GemmaPlainExperts
+    else:
+        assert _quantized(layer.laurel.linear_left) and _quantized(model.altup_projections[0])
+        assert isinstance(layer.altup.modality_router, GateLinear)
+    check_mixed_batch(llm, ref_dir, adapters, prompts, extra=1)
+
+
+def test_gemma4_fp8_dynamic(tiny_root, bases, prompts):
+    """llm-compressor's FP8_DYNAMIC on the dense Gemma 4 (RedHat's *-FP8-dynamic), written
+    by the compressed-tensors package, every Linear's input FP8 per token: the base and
+    both adapters against HF + PEFT running the package's fake-quantized forward."""
+    from tests.ct_float_fixtures import write_ct_float
+    from tests.engine_utils import GREEDY, check_fake_quant_against_hf, lora_requests
+
+    base, adapters = bases("gemma4_dense")
+    root = tiny_root / "gemma_quant" / "gemma4_fp8_dynamic"
+    root.mkdir(parents=True, exist_ok=True)
+    quant_dir, ref_dir = write_ct_float(base, root, "FP8_DYNAMIC", prompts[:3])
+    llm = make_llm(quant_dir, enable_lora=True, max_loras=2, max_lora_rank=16)
+    model = llm.llm_engine.model.model
+    assert _quantized(model.layers[0].self_attn.o_proj)
+    assert _quantized(model.per_layer_model_projection)
+    reqs = lora_requests(adapters)
+    names = [None, *sorted(adapters)]
+    batch = [prompts[i % len(prompts)] for i in range(len(names))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY,
+                        lora_request=[reqs[n] if n else None for n in names], use_tqdm=False)
+    check_fake_quant_against_hf(outs, ref_dir, [adapters[n] if n else None for n in names],
+                                batch)
+
+
+def _fp8_experts(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(torch.float8_e4m3fn) if k.endswith("experts.gate_up_proj") else v
+            for k, v in t.items()} | {"model.layers.0.experts.gate_up_proj_scale":
+                                      torch.ones(4, 48)}
+
+
+def _per_expert_packed(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in t.items() if not k.startswith("model.layers.0.experts.")}
+    out["model.layers.0.experts.0.gate_proj.weight_packed"] = torch.zeros(24, 8,
+                                                                          dtype=torch.int32)
+    return out
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (_fp8_experts, r"quantized Gemma 4 experts are not supported yet \(got "
+                   r"experts\.gate_up_proj"),
+    (_per_expert_packed, r"quantized Gemma 4 experts are not supported yet \(got "
+                         r"experts\.0\.gate_proj\.weight_packed"),
+], ids=["fp8_fused", "ct_per_expert"])
+def test_quantized_gemma4_experts_refused(edit, match, checkpoints, tiny_root):
+    """A Gemma 4 checkpoint whose experts are quantized (fused FP8, or split per expert
+    and packed as W4A16) is refused by name, saying what loads."""
+    from tests.fixtures import edited_copy
+
+    quant_dir = checkpoints("gemma4_gptq4")[0]
+    bad = tiny_root / "gemma_quant" / f"gemma4_experts_{edit.__name__}"
+    if not bad.exists():
+        edited_copy(quant_dir, bad, tensors=edit, config="config.json",
+                    weights="model.safetensors")
+    with pytest.raises(ValueError, match=match):
+        make_llm(bad)
+
+
+def test_unsupported_methods_are_refused_by_name(bases, tiny_root):
+    """MXFP4 (gpt-oss's) on Gemma 3n is refused naming what loads, offline through the
+    engine too; the linear formats pass."""
+    from tests.fixtures import edited_copy
+
+    with pytest.raises(ValueError, match="mxfp4-quantized Gemma 4 checkpoints are not "
+                       "supported yet: loraplex loads FP8"):
+        check_gemma_quant(QuantConfig("mxfp4", 4, 32), "Gemma 4")
+    for method in ("fp8", "compressed-tensors", "nvfp4", "gptq", "awq", "bitsandbytes"):
+        check_gemma_quant(QuantConfig(method, 4, 32), "Gemma 3n")
+    base, _ = bases("gemma3n")
+    bad = tiny_root / "gemma_quant" / "gemma3n_mxfp4"
+    if not bad.exists():
+        edited_copy(base, bad, lambda c: c.update(quantization_config={
+            "quant_method": "mxfp4"}), config="config.json")
+    with pytest.raises(ValueError, match="mxfp4-quantized Gemma 3n checkpoints"):
+        make_llm(bad)
