@@ -249,3 +249,50 @@ def test_unsupported_methods_are_refused_by_name(bases, tiny_root):
             "quant_method": "mxfp4"}), config="config.json")
     with pytest.raises(ValueError, match="mxfp4-quantized Gemma 3n checkpoints"):
         make_llm(bad)
+
+
+def test_gemma4_quantized_to_fp8_as_it_loads(tiny_root, bases, prompts):
+    """quantization="fp8" on the plain Gemma 4 (vLLM's in-flight FP8): its projections FP8
+    with a scale per row as they load, the routers and the experts plain; against HF +
+    PEFT on the same rounding dequantized."""
+    from tests.fixtures import edited_copy
+    from tests.quantized_fixtures import quantize_fp8
+
+    base, adapters = bases("gemma4")
+    ref_dir = tiny_root / "gemma_quant" / "gemma4_fp8_online_ref"
+    projections = re.compile(GEMMA_LINEARS.pattern.replace(r"|router\.proj", ""))
+    if not ref_dir.exists():
+        edited_copy(base, ref_dir, tensors=lambda t: {
+            k: quantize_fp8(v, "channel")[2] if projections.search(k) else v
+            for k, v in t.items()}, config="config.json", weights="model.safetensors")
+    llm = make_llm(base, quantization="fp8", enable_lora=True, max_loras=1, max_lora_rank=16,
+                   block_size=8, max_num_batched_tokens=7)
+    layer = llm.llm_engine.model.model.layers[0]
+    assert _quantized(layer.self_attn.qkv_proj) and _quantized(layer.per_layer_projection)
+    assert not _quantized(layer.router.proj)
+    assert layer.experts.base_layer.w13.dtype == torch.float32
+    check_mixed_batch(llm, ref_dir, adapters, prompts, extra=1)
+
+
+def test_gemma3n_reusing_layers_quantized_kv_skipped(checkpoints, tiny_root, prompts):
+    """A Gemma 3n checkpoint saved from transformers 4.56 holds the KV-sharing layers' own
+    k/v projections (never run with a cache), quantized as the rest: skipped as they load,
+    the outputs those of the checkpoint without them."""
+    from tests.engine_utils import GREEDY
+    from tests.fixtures import edited_copy
+    from tests.gemma3n_fixtures import HF_KV_SHARING
+
+    if not HF_KV_SHARING:
+        pytest.skip(f"{VERSION}'s tiny Gemma 3n has no KV-sharing layers")
+    quant_dir = checkpoints("gemma3n_fp8_block")[0]
+    extra = tiny_root / "gemma_quant" / "gemma3n_fp8_shared_kv"
+    fp8 = torch.full((32, 64), 448.0).to(torch.float8_e4m3fn)
+    if not extra.exists():
+        edited_copy(quant_dir, extra, tensors=lambda t: t | {
+            f"model.layers.{i}.self_attn.{m}.{kind}": value.clone() for i in (3, 4)
+            for m in ("k_proj", "v_proj")
+            for kind, value in (("weight", fp8), ("weight_scale_inv", torch.ones(1, 2)))},
+            config="config.json", weights="model.safetensors")
+    outs = [make_llm(d).generate([{"prompt_token_ids": prompts[2]}], GREEDY, use_tqdm=False)
+            for d in (quant_dir, extra)]
+    assert outs[0][0].outputs[0].token_ids == outs[1][0].outputs[0].token_ids
