@@ -5,14 +5,15 @@ dequantized weights in fp32 (as tests/test_hybrid_quantized.py: the reference ho
 very values the checkpoint encodes).
 
 The checkpoints: `fp8` blocks of [32, 32] (partial ones on the narrow projections),
-compressed-tensors int W4A16, GPTQ and AWQ 4-bit, written as their quantizers lay them
-out (tests/quantized_fixtures.py), and llm-compressor's FP8_DYNAMIC (FP8 weights per
-channel, each Linear's input FP8 per token) written by the compressed-tensors package.
+compressed-tensors FP8 per channel and int W4A16, GPTQ and AWQ 4-bit, written as their
+quantizers lay them out (tests/quantized_fixtures.py), and llm-compressor's FP8_DYNAMIC
+(FP8 weights per channel, each Linear's input FP8 per token) written by the
+compressed-tensors package.
 Every case quantizes attention, the MLPs and the per-layer embeddings' gate and
 projection (LAuReL's and AltUp's stream projections too); per_layer_model_projection is
-left plain by the not-convert list in some, as real checkpoints leave it. AltUp's small
-router / coefficient linears are quantized in FP8 and load dequantized (GateLinear), as
-Gemma 4's routers would; Gemma 4's experts stay plain. Each runs the base
+left plain by the not-convert list in some, as real checkpoints leave it. Gemma 4's
+routers and AltUp's small router / coefficient linears are quantized in FP8 and load
+dequantized (GateLinear); Gemma 4's experts stay plain. Each runs the base
 and adapters of ranks 4 and 8 (the experts too, through PEFT's target_parameters) over
 one slot in one batch, prompts prefilled in chunks beside other decodes; each format
 once, to keep the file fast.
@@ -117,18 +118,21 @@ def _packed(method: str, **opts: Any):
 
 
 # case -> (model, checkpoint writer, the HF modules it leaves plain): each format once
-# (the file's time; compressed-tensors' FP8: test_gemma4_fp8_dynamic); Gemma 4's routers
-# (4 outputs) too few to pack along the outputs as int32 (GPTQ's zeros, AWQ,
-# compressed-tensors), left plain; AltUp's router and coefficients quantized in FP8
+# (the file's time; compressed-tensors' FP8_DYNAMIC: test_gemma4_fp8_dynamic). Gemma 4's
+# routers (4 outputs) and AltUp's router (3 outputs) and coefficients (3 inputs) are too
+# narrow to pack as int32 (GPTQ's zeros, AWQ, compressed-tensors): left plain there,
+# quantized (and dequantized as they load) in FP8
 GEMMA4_ROUTERS = tuple(f"model.layers.{i}.router.proj" for i in range(4))
 CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "gemma4_fp8_block": ("gemma4", _fp8("fp8", "block", block=(32, 32), skip=PLE_PLAIN),
+                         PLE_PLAIN),
     "gemma4_ct_w4a16": ("gemma4", _ct_int(group_size=8, ignore=PLE_PLAIN + GEMMA4_ROUTERS),
                         PLE_PLAIN),
     "gemma4_gptq4": ("gemma4", _packed("gptq", group_size=8, skip=("router",)), ()),
     "gemma4_awq4": ("gemma4", _packed("awq", group_size=8, skip=("router",) + PLE_PLAIN),
                     PLE_PLAIN),
-    "gemma3n_fp8_block": ("gemma3n", _fp8("fp8", "block", block=(32, 32), skip=PLE_PLAIN),
-                          PLE_PLAIN),
+    "gemma3n_ct_fp8_channel": ("gemma3n", _fp8("compressed-tensors", "channel",
+                                                skip=PLE_PLAIN), PLE_PLAIN),
 }
 
 
@@ -251,29 +255,6 @@ def test_unsupported_methods_are_refused_by_name(bases, tiny_root):
         make_llm(bad)
 
 
-def test_gemma4_quantized_to_fp8_as_it_loads(tiny_root, bases, prompts):
-    """quantization="fp8" on the plain Gemma 4 (vLLM's in-flight FP8): its projections FP8
-    with a scale per row as they load, the routers and the experts plain; against HF +
-    PEFT on the same rounding dequantized."""
-    from tests.fixtures import edited_copy
-    from tests.quantized_fixtures import quantize_fp8
-
-    base, adapters = bases("gemma4")
-    ref_dir = tiny_root / "gemma_quant" / "gemma4_fp8_online_ref"
-    projections = re.compile(GEMMA_LINEARS.pattern.replace(r"|router\.proj", ""))
-    if not ref_dir.exists():
-        edited_copy(base, ref_dir, tensors=lambda t: {
-            k: quantize_fp8(v, "channel")[2] if projections.search(k) else v
-            for k, v in t.items()}, config="config.json", weights="model.safetensors")
-    llm = make_llm(base, quantization="fp8", enable_lora=True, max_loras=1, max_lora_rank=16,
-                   block_size=8, max_num_batched_tokens=7)
-    layer = llm.llm_engine.model.model.layers[0]
-    assert _quantized(layer.self_attn.qkv_proj) and _quantized(layer.per_layer_projection)
-    assert not _quantized(layer.router.proj)
-    assert layer.experts.base_layer.w13.dtype == torch.float32
-    check_mixed_batch(llm, ref_dir, adapters, prompts, extra=1)
-
-
 def test_gemma3n_reusing_layers_quantized_kv_skipped(checkpoints, tiny_root, prompts):
     """A Gemma 3n checkpoint saved from transformers 4.56 holds the KV-sharing layers' own
     k/v projections (never run with a cache), quantized as the rest: skipped as they load,
@@ -284,15 +265,30 @@ def test_gemma3n_reusing_layers_quantized_kv_skipped(checkpoints, tiny_root, pro
 
     if not HF_KV_SHARING:
         pytest.skip(f"{VERSION}'s tiny Gemma 3n has no KV-sharing layers")
-    quant_dir = checkpoints("gemma3n_fp8_block")[0]
+    quant_dir = checkpoints("gemma3n_ct_fp8_channel")[0]
     extra = tiny_root / "gemma_quant" / "gemma3n_fp8_shared_kv"
     fp8 = torch.full((32, 64), 448.0).to(torch.float8_e4m3fn)
     if not extra.exists():
         edited_copy(quant_dir, extra, tensors=lambda t: t | {
             f"model.layers.{i}.self_attn.{m}.{kind}": value.clone() for i in (3, 4)
             for m in ("k_proj", "v_proj")
-            for kind, value in (("weight", fp8), ("weight_scale_inv", torch.ones(1, 2)))},
+            for kind, value in (("weight", fp8), ("weight_scale", torch.ones(32, 1)))},
             config="config.json", weights="model.safetensors")
     outs = [make_llm(d).generate([{"prompt_token_ids": prompts[2]}], GREEDY, use_tqdm=False)
             for d in (quant_dir, extra)]
     assert outs[0][0].outputs[0].token_ids == outs[1][0].outputs[0].token_ids
+
+
+def test_gemma4_int_packed_router_refused_by_name(bases, tiny_root):
+    """A W4A16 Gemma 4 whose routers were packed too (4 outputs: no whole int32) is refused
+    naming the router and how to leave it out."""
+    base, _ = bases("gemma4")
+    root = tiny_root / "gemma_quant" / "gemma4_ct_router"
+    if not root.exists():
+        root.mkdir(parents=True)
+        write_compressed_tensors(base, root, "ct", linears=GEMMA_LINEARS, group_size=8,
+                                 ignore=PLE_PLAIN)
+    with pytest.raises(ValueError, match=r"model\.layers\.\d\.router\.proj\.weight_\w+: "
+                       r"compressed-tensors: output sizes \[4\] .* must leave them "
+                       r"unquantized: its ignore"):
+        make_llm(root / "ct_quant")

@@ -90,7 +90,8 @@ class Gemma3nDecoderLayer(nn.Module):
                      "pre_feedforward_layernorm", "post_feedforward_layernorm",
                      "post_per_layer_input_norm"):
             setattr(self, name, Gemma4RMSNorm(h, eps))
-        self.altup = AltUp(h, g.altup_num_inputs, g.altup_active_idx, eps, a.quant)
+        self.altup = AltUp(h, g.altup_num_inputs, g.altup_active_idx, eps, a.quant,
+                           f"{prefix}.altup")
         self.laurel = Laurel(a, f"{prefix}.laurel")
         self.act = ACTIVATIONS[a.hidden_act]
         ple = a.gemma4.ple_size

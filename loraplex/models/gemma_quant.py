@@ -4,8 +4,9 @@ every projection of theirs is a make_linear one: attention's, the MLP's, the per
 embeddings' gate and projections, LAuReL's and AltUp's stream projections. A module the
 checkpoint's not-convert list names (its towers, lm_head, per_layer_model_projection,
 as real ones leave them) loads plain. The small routers (Gemma 4's experts' `proj`, AltUp's
-modality_router and its coefficient linears) are GateLinear: kept exact, dequantized
-where a checkpoint quantized them.
+modality_router and its coefficient linears) are GateLinears (NamedGateLinear): kept
+exact, dequantized where a checkpoint quantized them in a format whose linear holds their
+shape (a packed int one does not: their 3-8 outputs fill no int32; refused naming them).
 
 Gemma 4's experts (fused gate_up_proj / down_proj, a GeGLU) stay plain: a checkpoint that
 quantized them is refused by name (GemmaPlainExperts); under quantization="fp8" /
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from loraplex.layers.experts import FusedExperts
+from loraplex.layers.moe import GateLinear
 from loraplex.layers.quantization import QuantConfig
 from loraplex.models.hybrid_quant import check_hybrid_quant
 
@@ -46,3 +48,23 @@ class GemmaPlainExperts(FusedExperts):
                     kind: str = "weight") -> str:
         raise ValueError(_EXPERTS_REFUSED.format(
             what=f"experts.{expert}.{name}.{kind} ({tensor.dtype})"))
+
+
+class NamedGateLinear(GateLinear):
+    """A GateLinear (plain, a quantized checkpoint's tensors dequantized as they load)
+    whose load errors name its HF module `hf_name`, and say how to avoid them."""
+
+    def __init__(self, in_features: int, out_features: int, quant: QuantConfig | None,
+                 hf_name: str) -> None:
+        super().__init__(in_features, out_features, quant=quant)
+        self.hf_name = hf_name
+
+    def load_shard(self, param_name: str, loaded: torch.Tensor, shard: int = 0) -> None:
+        try:
+            super().load_shard(param_name, loaded, shard)
+        except ValueError as e:
+            raise ValueError(
+                f"{self.hf_name}.{param_name}: {e} (loraplex loads Gemma's routers and "
+                "AltUp's small linears dequantized; a checkpoint whose format cannot hold "
+                "them must leave them unquantized: its ignore / modules_to_not_convert "
+                "list)") from e
