@@ -8,7 +8,7 @@ The checkpoints: `fp8` blocks of [32, 32] (partial ones on the narrow projection
 compressed-tensors FP8 per channel and int W4A16, GPTQ and AWQ 4-bit, written as their
 quantizers lay them out (tests/quantized_fixtures.py), and llm-compressor's FP8_DYNAMIC
 (FP8 weights per channel, each Linear's input FP8 per token) written by the
-compressed-tensors package.
+compressed-tensors package; and `quantization="fp8"` on the plain Gemma 4.
 Every case quantizes attention, the MLPs and the per-layer embeddings' gate and
 projection (LAuReL's and AltUp's stream projections too); per_layer_model_projection is
 left plain by the not-convert list in some, as real checkpoints leave it. Gemma 4's
@@ -21,6 +21,7 @@ once, to keep the file fast.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -44,77 +45,46 @@ GEMMA_LINEARS = re.compile(
 PLE_PLAIN = ("model.per_layer_model_projection",)  # as real checkpoints' ignore lists
 
 
-def _gemma4(root: Path) -> tuple[Path, dict[str, Path]]:
-    pytest.importorskip("transformers.models.gemma4", reason=f"{VERSION} has no Gemma 4")
+# kind -> (seed, the fixture's config overrides); gemma4_dense: E2B's shape (no experts, a
+# v_proj on every layer), lm_head apart from the embedding (the compressed-tensors
+# package saves no tied tensors)
+KINDS: dict[str, tuple[int, dict[str, Any]]] = {
+    "gemma4": (810, {}), "gemma3n": (830, {}),
+    "gemma4_dense": (820, dict(enable_moe_block=False, attention_k_eq_v=False,
+                               tie_word_embeddings=False))}
+
+
+def _make_base(kind: str, root: Path) -> tuple[Path, dict[str, Path]]:
+    """The tiny plain base of `kind` and adapters of ranks 4 (q/v) and 8 (every target,
+    the experts' through target_parameters)."""
+    family = "gemma3n" if kind == "gemma3n" else "gemma4"
+    pytest.importorskip(f"transformers.models.{family}", reason=f"{VERSION} has no {family}")
     from tests.fixtures import make_peft_adapter
-    from tests.gemma4_fixtures import make_gemma4
-    from tests.test_gemma4 import ALL_TARGETS
 
-    base = make_gemma4(root / "base", seed=810)
+    if family == "gemma3n":
+        from tests.gemma3n_fixtures import make_gemma3n as make
+        from tests.test_gemma3n import ALL_TARGETS
+    else:
+        from tests.gemma4_fixtures import make_gemma4 as make
+        from tests.test_gemma4 import ALL_TARGETS
+    seed, overrides = KINDS[kind]
+    base = make(root / "base", seed=seed, **overrides)
+    experts = ["experts.gate_up_proj", "experts.down_proj"] if kind == "gemma4" else None
     return base, {
-        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=811),
+        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=seed + 1),
         "r8_all": make_peft_adapter(base, root / "r8_all", r=8, target_modules=ALL_TARGETS,
-                                    target_parameters=["experts.gate_up_proj",
-                                                       "experts.down_proj"], seed=812)}
-
-
-def _gemma4_dense(root: Path) -> tuple[Path, dict[str, Path]]:
-    """E2B's shape: no experts, a v_proj on every layer; lm_head apart from the embedding
-    (the compressed-tensors package saves no tied tensors)."""
-    pytest.importorskip("transformers.models.gemma4", reason=f"{VERSION} has no Gemma 4")
-    from tests.fixtures import make_peft_adapter
-    from tests.gemma4_fixtures import make_gemma4
-    from tests.test_gemma4 import ALL_TARGETS
-
-    base = make_gemma4(root / "base", seed=820, enable_moe_block=False,
-                       attention_k_eq_v=False, tie_word_embeddings=False)
-    return base, {
-        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=821),
-        "r8_all": make_peft_adapter(base, root / "r8_all", r=8, target_modules=ALL_TARGETS,
-                                    seed=822)}
-
-
-def _gemma3n(root: Path) -> tuple[Path, dict[str, Path]]:
-    pytest.importorskip("transformers.models.gemma3n", reason=f"{VERSION} has no Gemma 3n")
-    from tests.fixtures import make_peft_adapter
-    from tests.gemma3n_fixtures import make_gemma3n
-    from tests.test_gemma3n import ALL_TARGETS
-
-    base = make_gemma3n(root / "base", seed=830)
-    return base, {
-        "r4_qv": make_peft_adapter(base, root / "r4_qv", r=4, seed=831),
-        "r8_all": make_peft_adapter(base, root / "r8_all", r=8, target_modules=ALL_TARGETS,
-                                    seed=832)}
-
-
-MAKERS = {"gemma4": _gemma4, "gemma4_dense": _gemma4_dense, "gemma3n": _gemma3n}
+                                    target_parameters=experts, seed=seed + 2)}
 
 
 @pytest.fixture(scope="module")
 def bases(tiny_root: Path):
     """kind -> (plain base, its adapters), each made on first use."""
-    made: dict[str, tuple[Path, dict[str, Path]]] = {}
-
-    def get(kind: str) -> tuple[Path, dict[str, Path]]:
-        if kind not in made:
-            made[kind] = MAKERS[kind](tiny_root / "gemma_quant" / kind)
-        return made[kind]
-    return get
+    return functools.cache(lambda kind: _make_base(kind, tiny_root / "gemma_quant" / kind))
 
 
-def _fp8(fmt: str, strategy: str, **opts: Any):
-    return lambda base, root: write_fp8(base, root, fmt, strategy, linears=GEMMA_LINEARS,
-                                        **opts)
-
-
-def _ct_int(**opts: Any):
-    return lambda base, root: write_compressed_tensors(base, root, "ct", linears=GEMMA_LINEARS,
-                                                       **opts)
-
-
-def _packed(method: str, **opts: Any):
-    return lambda base, root: write_quantized(base, root, method, linears=GEMMA_LINEARS,
-                                              **opts)
+def _writer(write: Any, **opts: Any) -> Any:
+    """A tests/quantized_fixtures.py writer of (base, root) over Gemma's linears."""
+    return functools.partial(write, linears=GEMMA_LINEARS, **opts)
 
 
 # case -> (model, checkpoint writer, the HF modules it leaves plain): each format once
@@ -124,33 +94,35 @@ def _packed(method: str, **opts: Any):
 # quantized (and dequantized as they load) in FP8
 GEMMA4_ROUTERS = tuple(f"model.layers.{i}.router.proj" for i in range(4))
 CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
-    "gemma4_fp8_block": ("gemma4", _fp8("fp8", "block", block=(32, 32), skip=PLE_PLAIN),
+    "gemma4_fp8_block": ("gemma4", _writer(write_fp8, fmt="fp8", strategy="block",
+                                           block=(32, 32), skip=PLE_PLAIN),
                          PLE_PLAIN),
-    "gemma4_ct_w4a16": ("gemma4", _ct_int(group_size=8, ignore=PLE_PLAIN + GEMMA4_ROUTERS),
+    "gemma4_ct_w4a16": ("gemma4", _writer(
+        write_compressed_tensors, name="ct", group_size=8, ignore=PLE_PLAIN + GEMMA4_ROUTERS),
                         PLE_PLAIN),
-    "gemma4_gptq4": ("gemma4", _packed("gptq", group_size=8, skip=("router",)), ()),
-    "gemma4_awq4": ("gemma4", _packed("awq", group_size=8, skip=("router",) + PLE_PLAIN),
+    "gemma4_gptq4": ("gemma4", _writer(write_quantized, method="gptq", group_size=8,
+                                       skip=("router",)), ()),
+    "gemma4_awq4": ("gemma4", _writer(write_quantized, method="awq", group_size=8,
+                                      skip=("router",) + PLE_PLAIN),
                     PLE_PLAIN),
-    "gemma3n_ct_fp8_channel": ("gemma3n", _fp8("compressed-tensors", "channel",
-                                                skip=PLE_PLAIN), PLE_PLAIN),
+    "gemma3n_ct_fp8_channel": ("gemma3n", _writer(
+        write_fp8, fmt="compressed-tensors", strategy="channel", skip=PLE_PLAIN), PLE_PLAIN),
 }
+
+
+def _write_case(case: str, tiny_root: Path, bases) -> tuple[Path, Path, dict[str, Path]]:
+    kind, write, _ = CASES[case]
+    base, adapters = bases(kind)
+    root = tiny_root / "gemma_quant" / case
+    root.mkdir(parents=True, exist_ok=True)
+    return (*write(base, root), adapters)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_root: Path, bases):
     """case -> (quantized checkpoint, dequantized reference, adapters), each made on first
     use."""
-    made: dict[str, tuple[Path, Path, dict[str, Path]]] = {}
-
-    def get(case: str) -> tuple[Path, Path, dict[str, Path]]:
-        if case not in made:
-            kind, write, _ = CASES[case]
-            base, adapters = bases(kind)
-            root = tiny_root / "gemma_quant" / case
-            root.mkdir(parents=True, exist_ok=True)
-            made[case] = (*write(base, root), adapters)
-        return made[case]
-    return get
+    return functools.cache(lambda case: _write_case(case, tiny_root, bases))
 
 
 def _quantized(module: torch.nn.Module) -> bool:
@@ -253,6 +225,29 @@ def test_unsupported_methods_are_refused_by_name(bases, tiny_root):
             "quant_method": "mxfp4"}), config="config.json")
     with pytest.raises(ValueError, match="mxfp4-quantized Gemma 3n checkpoints"):
         make_llm(bad)
+
+
+def test_gemma4_quantized_to_fp8_as_it_loads(tiny_root, bases, prompts):
+    """quantization="fp8" on the plain Gemma 4 (vLLM's in-flight FP8): its projections FP8
+    with a scale per row as they load, the routers and the experts plain; against HF +
+    PEFT on the same rounding dequantized."""
+    from tests.fixtures import edited_copy
+    from tests.quantized_fixtures import quantize_fp8
+
+    base, adapters = bases("gemma4")
+    ref_dir = tiny_root / "gemma_quant" / "gemma4_fp8_online_ref"
+    projections = re.compile(GEMMA_LINEARS.pattern.replace(r"|router\.proj", ""))
+    if not ref_dir.exists():
+        edited_copy(base, ref_dir, tensors=lambda t: {
+            k: quantize_fp8(v, "channel")[2] if projections.search(k) else v
+            for k, v in t.items()}, config="config.json", weights="model.safetensors")
+    llm = make_llm(base, quantization="fp8", enable_lora=True, max_loras=1, max_lora_rank=16,
+                   block_size=8, max_num_batched_tokens=7)
+    layer = llm.llm_engine.model.model.layers[0]
+    assert _quantized(layer.self_attn.qkv_proj) and _quantized(layer.per_layer_projection)
+    assert not _quantized(layer.router.proj)
+    assert layer.experts.base_layer.w13.dtype == torch.float32
+    check_mixed_batch(llm, ref_dir, adapters, prompts, extra=1)
 
 
 def test_gemma3n_reusing_layers_quantized_kv_skipped(checkpoints, tiny_root, prompts):
