@@ -287,3 +287,34 @@ def test_gemma4_int_packed_router_refused_by_name(bases, tiny_root):
                        r"compressed-tensors: output sizes \[4\] .* must leave them "
                        r"unquantized: its ignore"):
         make_llm(root / "ct_quant")
+
+
+def test_gemma3n_conditional_generation_compressed_tensors(checkpoints, tiny_root, prompts):
+    """The FP8 Gemma 3n as Gemma3nForConditionalGeneration saves it (its tensors and its
+    ignore list under model.language_model.*, regexes for the towers, as llm-compressor
+    writes them): the not-convert list read under the text model's names, its outputs
+    those of the text checkpoint (held against HF + PEFT above)."""
+    import json
+
+    from tests.engine_utils import GREEDY
+    from tests.gemma3n_fixtures import as_conditional_generation
+
+    quant_dir = checkpoints("gemma3n_ct_fp8_channel")[0]
+    whole = tiny_root / "gemma_quant" / "gemma3n_ct_fp8_whole"
+    if not whole.exists():
+        as_conditional_generation(quant_dir, whole)
+        cfg = json.loads((whole / "config.json").read_text())
+        quant = json.loads((quant_dir / "config.json").read_text())["quantization_config"]
+        quant["ignore"] = ["lm_head", "model.language_model.per_layer_model_projection",
+                           r"re:.*(vision|audio)_tower.*", r"re:.*embed_(vision|audio).*"]
+        cfg["quantization_config"] = quant
+        (whole / "config.json").write_text(json.dumps(cfg))
+    llms = [make_llm(d) for d in (quant_dir, whole)]
+    model = llms[1].llm_engine.model.model
+    assert not _quantized(model.per_layer_model_projection)
+    assert _quantized(model.layers[0].self_attn.qkv_proj)
+    outs = [llm.generate([{"prompt_token_ids": prompts[2]}], GREEDY, use_tqdm=False)[0]
+            for llm in llms]
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    for a, b in zip(outs[0].outputs[0].logprobs, outs[1].outputs[0].logprobs, strict=True):
+        assert all(abs(a[t].logprob - lp.logprob) < 1e-5 for t, lp in b.items())
