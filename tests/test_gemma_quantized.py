@@ -231,16 +231,12 @@ def test_gemma4_quantized_to_fp8_as_it_loads(tiny_root, bases, prompts):
     """quantization="fp8" on the plain Gemma 4 (vLLM's in-flight FP8): its projections FP8
     with a scale per row as they load, the routers and the experts plain; against HF +
     PEFT on the same rounding dequantized."""
-    from tests.fixtures import edited_copy
-    from tests.quantized_fixtures import quantize_fp8
-
     base, adapters = bases("gemma4")
-    ref_dir = tiny_root / "gemma_quant" / "gemma4_fp8_online_ref"
-    projections = re.compile(GEMMA_LINEARS.pattern.replace(r"|router\.proj", ""))
-    if not ref_dir.exists():
-        edited_copy(base, ref_dir, tensors=lambda t: {
-            k: quantize_fp8(v, "channel")[2] if projections.search(k) else v
-            for k, v in t.items()}, config="config.json", weights="model.safetensors")
+    root = tiny_root / "gemma_quant" / "gemma4_fp8_online"
+    root.mkdir(parents=True, exist_ok=True)
+    # (the reference: a checkpoint of per-row FP8, dequantized; routers left plain)
+    _, ref_dir = write_fp8(base, root, "compressed-tensors", "channel", linears=re.compile(
+        GEMMA_LINEARS.pattern.replace(r"|router\.proj", "")))
     llm = make_llm(base, quantization="fp8", enable_lora=True, max_loras=1, max_lora_rank=16,
                    block_size=8, max_num_batched_tokens=7)
     layer = llm.llm_engine.model.model.layers[0]
