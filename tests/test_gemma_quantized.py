@@ -8,7 +8,8 @@ The checkpoints: `fp8` blocks of [32, 32] (partial ones on the narrow projection
 compressed-tensors FP8 per channel and int W4A16, GPTQ and AWQ 4-bit, written as their
 quantizers lay them out (tests/quantized_fixtures.py), and llm-compressor's FP8_DYNAMIC
 (FP8 weights per channel, each Linear's input FP8 per token) written by the
-compressed-tensors package; and `quantization="fp8"` on the plain Gemma 4.
+compressed-tensors package; and `quantization="bitsandbytes"` (NF4 as it loads) on the
+plain dense Gemma 4.
 Every case quantizes attention, the MLPs and the per-layer embeddings' gate and
 projection (LAuReL's and AltUp's stream projections too); per_layer_model_projection is
 left plain by the not-convert list in some, as real checkpoints leave it. Gemma 4's
@@ -47,11 +48,13 @@ PLE_PLAIN = ("model.per_layer_model_projection",)  # as real checkpoints' ignore
 
 # kind -> (seed, the fixture's config overrides); gemma4_dense: E2B's shape (no experts, a
 # v_proj on every layer), lm_head apart from the embedding (the compressed-tensors
-# package saves no tied tensors)
+# package saves no tied tensors), every linear's inputs a multiple of bitsandbytes'
+# 64-value blocks
 KINDS: dict[str, tuple[int, dict[str, Any]]] = {
     "gemma4": (810, {}), "gemma3n": (830, {}),
     "gemma4_dense": (820, dict(enable_moe_block=False, attention_k_eq_v=False,
-                               tie_word_embeddings=False))}
+                               tie_word_embeddings=False, intermediate_size=128,
+                               hidden_size_per_layer_input=64))}
 
 
 def _make_base(kind: str, root: Path) -> tuple[Path, dict[str, Path]]:
@@ -110,12 +113,17 @@ CASES: dict[str, tuple[str, Any, tuple[str, ...]]] = {
 }
 
 
+def _case_dir(tiny_root: Path, name: str) -> Path:
+    """The directory of one case's checkpoints, made."""
+    root = tiny_root / "gemma_quant" / name
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def _write_case(case: str, tiny_root: Path, bases) -> tuple[Path, Path, dict[str, Path]]:
     kind, write, _ = CASES[case]
     base, adapters = bases(kind)
-    root = tiny_root / "gemma_quant" / case
-    root.mkdir(parents=True, exist_ok=True)
-    return (*write(base, root), adapters)
+    return (*write(base, _case_dir(tiny_root, case)), adapters)
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +167,8 @@ def test_gemma4_fp8_dynamic(tiny_root, bases, prompts):
     from tests.engine_utils import GREEDY, check_fake_quant_against_hf, lora_requests
 
     base, adapters = bases("gemma4_dense")
-    root = tiny_root / "gemma_quant" / "gemma4_fp8_dynamic"
-    root.mkdir(parents=True, exist_ok=True)
-    quant_dir, ref_dir = write_ct_float(base, root, "FP8_DYNAMIC", prompts[:3])
+    quant_dir, ref_dir = write_ct_float(base, _case_dir(tiny_root, "gemma4_fp8_dynamic"),
+                                       "FP8_DYNAMIC", prompts[:3])
     llm = make_llm(quant_dir, enable_lora=True, max_loras=2, max_lora_rank=16)
     model = llm.llm_engine.model.model
     assert _quantized(model.layers[0].self_attn.o_proj)
@@ -227,22 +234,22 @@ def test_unsupported_methods_are_refused_by_name(bases, tiny_root):
         make_llm(bad)
 
 
-def test_gemma4_quantized_to_fp8_as_it_loads(tiny_root, bases, prompts):
-    """quantization="fp8" on the plain Gemma 4 (vLLM's in-flight FP8): its projections FP8
-    with a scale per row as they load, the routers and the experts plain; against HF +
-    PEFT on the same rounding dequantized."""
-    base, adapters = bases("gemma4")
-    root = tiny_root / "gemma_quant" / "gemma4_fp8_online"
-    root.mkdir(parents=True, exist_ok=True)
-    # (the reference: a checkpoint of per-row FP8, dequantized; routers left plain)
-    _, ref_dir = write_fp8(base, root, "compressed-tensors", "channel", linears=re.compile(
-        GEMMA_LINEARS.pattern.replace(r"|router\.proj", "")))
-    llm = make_llm(base, quantization="fp8", enable_lora=True, max_loras=1, max_lora_rank=16,
-                   block_size=8, max_num_batched_tokens=7)
-    layer = llm.llm_engine.model.model.layers[0]
-    assert _quantized(layer.self_attn.qkv_proj) and _quantized(layer.per_layer_projection)
-    assert not _quantized(layer.router.proj)
-    assert layer.experts.base_layer.w13.dtype == torch.float32
+def test_gemma4_quantized_to_nf4_as_it_loads(tiny_root, bases, prompts):
+    """quantization="bitsandbytes" on the plain dense Gemma 4 (QLoRA's base): its
+    projections NF4 as they load (the per-layer embeddings' too); the base and adapters
+    trained on the plain model against HF + PEFT on the NF4 values dequantized."""
+    from loraplex.layers.quantization import BnB4bitLinear
+    from tests.quantized_fixtures import write_bnb4
+
+    base, adapters = bases("gemma4_dense")
+    plain, ref_dir = write_bnb4(base, _case_dir(tiny_root, "gemma4_nf4"), "nf4",
+                                prequantized=False, linears=GEMMA_LINEARS)
+    llm = make_llm(plain, quantization="bitsandbytes", enable_lora=True, max_loras=1,
+                   max_lora_rank=16, block_size=8, max_num_batched_tokens=7)
+    model = llm.llm_engine.model.model
+    for module in (model.layers[3].mlp.down_proj, model.layers[0].per_layer_projection,
+                   model.per_layer_model_projection):
+        assert isinstance(getattr(module, "base_layer", module), BnB4bitLinear)
     check_mixed_batch(llm, ref_dir, adapters, prompts, extra=1)
 
 
