@@ -34,20 +34,27 @@ def check_gemma_quant(quant: QuantConfig | None, name: str) -> None:
 
 
 class GemmaPlainExperts(FusedExperts):
-    """Gemma 4's experts, plain whatever the checkpoint's method: its fused tensors load
-    as FusedExperts loads them; quantized ones (FP8 or int tensors, scales, or per-expert
-    linears as a quantizer that split them saves them) are refused by name."""
+    """Gemma 4's experts, plain whatever the checkpoint's method: its plain tensors (fused,
+    or per expert) load as FusedExperts loads them; quantized ones (FP8 or int tensors,
+    their scales, fused or per expert as a quantizer that split them saves them) are
+    refused by name."""
 
     def load_fused(self, name: str, tensor: torch.Tensor) -> str:
-        plain = tensor.is_floating_point() and tensor.element_size() > 1
-        if name not in ("gate_up_proj", "down_proj") or not plain:
+        if name not in ("gate_up_proj", "down_proj") or not _plain(tensor):
             raise ValueError(_EXPERTS_REFUSED.format(what=f"experts.{name} ({tensor.dtype})"))
         return super().load_fused(name, tensor)
 
     def load_expert(self, expert: int, name: str, tensor: torch.Tensor,
                     kind: str = "weight") -> str:
-        raise ValueError(_EXPERTS_REFUSED.format(
-            what=f"experts.{expert}.{name}.{kind} ({tensor.dtype})"))
+        if kind != "weight" or not _plain(tensor):
+            raise ValueError(_EXPERTS_REFUSED.format(
+                what=f"experts.{expert}.{name}.{kind} ({tensor.dtype})"))
+        return super().load_expert(expert, name, tensor, kind)
+
+
+def _plain(tensor: torch.Tensor) -> bool:
+    """A weight in a floating dtype of 16 bits or more (not FP8, not packed ints)."""
+    return tensor.is_floating_point() and tensor.element_size() > 1
 
 
 class NamedGateLinear(GateLinear):
