@@ -18,17 +18,24 @@ import torch
 from torch import nn
 
 from loraplex.layers.norm import Gemma4RMSNorm
+from loraplex.layers.quantization import QuantConfig
+from loraplex.models.gemma_quant import NamedGateLinear
 
 
 class AltUp(nn.Module):
-    def __init__(self, hidden_size: int, num_inputs: int, active_idx: int, eps: float
-                 ) -> None:
+    def __init__(self, hidden_size: int, num_inputs: int, active_idx: int, eps: float,
+                 quant: QuantConfig | None = None, prefix: str = "altup") -> None:
+        """`quant`: a quantized checkpoint's; the router and coefficient linears (a few
+        outputs or inputs each) stay plain, dequantized where it quantized them
+        (models/gemma_quant.py); `prefix`: this module's HF name, for their errors."""
         super().__init__()
         self.n, self.active = num_inputs, active_idx
         self.correct_output_scale = nn.Parameter(torch.zeros(hidden_size))
-        self.correction_coefs = nn.Linear(num_inputs, num_inputs, bias=False)
-        self.prediction_coefs = nn.Linear(num_inputs, num_inputs ** 2, bias=False)
-        self.modality_router = nn.Linear(hidden_size, num_inputs, bias=False)
+        n = num_inputs
+        self.correction_coefs = NamedGateLinear(n, n, quant, f"{prefix}.correction_coefs")
+        self.prediction_coefs = NamedGateLinear(n, n ** 2, quant, f"{prefix}.prediction_coefs")
+        self.modality_router = NamedGateLinear(hidden_size, n, quant,
+                                               f"{prefix}.modality_router")
         self.router_norm = Gemma4RMSNorm(hidden_size, eps)
         self.router_scale = 1.0 / hidden_size
 

@@ -90,7 +90,8 @@ class Gemma3nDecoderLayer(nn.Module):
                      "pre_feedforward_layernorm", "post_feedforward_layernorm",
                      "post_per_layer_input_norm"):
             setattr(self, name, Gemma4RMSNorm(h, eps))
-        self.altup = AltUp(h, g.altup_num_inputs, g.altup_active_idx, eps)
+        self.altup = AltUp(h, g.altup_num_inputs, g.altup_active_idx, eps, a.quant,
+                           f"{prefix}.altup")
         self.laurel = Laurel(a, f"{prefix}.laurel")
         self.act = ACTIVATIONS[a.hidden_act]
         ple = a.gemma4.ple_size
@@ -148,8 +149,9 @@ class Gemma3nModel(nn.Module):
             a.hidden_size, [width], False, a.quant, ("model.per_layer_model_projection",))
         self.per_layer_projection_norm = Gemma4RMSNorm(g4.ple_size, a.norm_eps)
         self.altup_projections, self.altup_unembed_projections = (nn.ModuleList(
-            nn.Linear(a.hidden_size, a.hidden_size, bias=False)
-            for _ in range(g.altup_num_inputs - 1)) for _ in range(2))
+            make_linear(a.hidden_size, [a.hidden_size], False, a.quant, (f"model.{name}.{i}",))
+            for i in range(g.altup_num_inputs - 1))
+            for name in ("altup_projections", "altup_unembed_projections"))
         self.aux_hidden_states: torch.Tensor | None = None
 
     def given_embeds_scale(self, dtype: torch.dtype) -> float:

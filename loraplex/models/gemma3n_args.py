@@ -9,7 +9,12 @@ from typing import Any
 
 from loraplex.models.config_flags import max_positions, rope_params
 from loraplex.models.gemma4_args import FULL, SLIDING, Gemma4Args
+from loraplex.models.gemma_quant import check_gemma_quant
 from loraplex.models.llama import LlamaArgs
+
+# transformers 4.56 saves Gemma3nForCausalLM under its conversion mapping's names, every
+# `model` replaced (model.per_layer_model.language_model_projection.weight)
+_RENAMES = (("model.language_model", "model"),)
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,7 @@ def gemma3n_args(hf: Any, quant: Any, max_model_len: int | None, text_only: Any,
                  long_lora_factors: tuple[float, ...]) -> LlamaArgs:
     """LlamaArgs (with Gemma4Args and Gemma3nArgs) of a Gemma3nTextConfig
     (models/registry.py)."""
-    if quant is not None:
-        raise ValueError("quantized Gemma 3n checkpoints are not supported yet")
+    check_gemma_quant(quant, "Gemma 3n")
     if long_lora_factors:
         raise ValueError("--long-lora-scaling-factors: not supported on Gemma 3n, whose "
                          "layer types each have a rope of their own")
@@ -97,13 +101,26 @@ def gemma3n_args(hf: Any, quant: Any, max_model_len: int | None, text_only: Any,
         sliding_window=window or None,
         window_layers=tuple(i for i, t in enumerate(types) if t == SLIDING) if window else (),
         checkpoint_skips=_shared_layer_kv(g4.kv_modes), gemma4=g4, gemma3n=g3n,
-        # transformers 4.56 saves Gemma3nForCausalLM under its conversion mapping's names,
-        # every `model` replaced (model.per_layer_model.language_model_projection.weight)
-        checkpoint_renames=(("model.language_model", "model"),))
+        checkpoint_renames=_RENAMES,
+        quant=quant.renamed(_RENAMES) if quant is not None else None)
+
+
+# the tensors of one linear in a checkpoint of any format loraplex loads: plain, FP8 and
+# compressed-tensors, GPTQ / AWQ, bitsandbytes 4-bit (Params4bit's pieces) and 8-bit
+_LINEAR_TENSORS = (
+    "weight", "weight_scale", "weight_scale_inv", "input_scale", "weight_packed",
+    "weight_shape", "weight_zero_point", "weight_g_idx", "weight_global_scale",
+    "input_global_scale", "qweight", "qzeros", "scales", "g_idx", "SCB", "weight_format",
+    *(f"weight.{piece}" for piece in ("absmax", "quant_map", "nested_absmax",
+                                      "nested_quant_map", "quant_state.bitsandbytes__nf4",
+                                      "quant_state.bitsandbytes__fp4")))
 
 
 def _shared_layer_kv(modes: tuple[str | None, ...]) -> tuple[str, ...]:
-    """The reusing layers' own K/V projections and norms, which transformers 4.56 still
-    builds and saves (unused where HF runs with a cache): skipped on load."""
-    return tuple(f".layers.{i}.self_attn.{m}.weight" for i, mode in enumerate(modes)
-                 if mode == "reuse" for m in ("k_proj", "v_proj", "k_norm", "v_norm"))
+    """The reusing layers' own K/V projections (quantized or not) and norms, which
+    transformers 4.56 still builds and saves (unused where HF runs with a cache): skipped
+    on load."""
+    reusing = [i for i, mode in enumerate(modes) if mode == "reuse"]
+    return tuple(f".layers.{i}.self_attn.{m}.{t}" for i in reusing
+                 for m in ("k_proj", "v_proj") for t in _LINEAR_TENSORS) + tuple(
+        f".layers.{i}.self_attn.{m}.weight" for i in reusing for m in ("k_norm", "v_norm"))

@@ -35,11 +35,12 @@ from torch import nn
 
 from loraplex.layers.activation import ACTIVATIONS
 from loraplex.layers.attention import Attention
-from loraplex.layers.experts import FusedExperts
-from loraplex.layers.linear import Linear, make_linear
+from loraplex.layers.linear import make_linear
 from loraplex.layers.norm import Gemma4RMSNorm
+from loraplex.layers.quantization import QuantConfig
 from loraplex.layers.rotary import RotaryEmbedding
 from loraplex.models.gemma4_args import FULL, SLIDING, Gemma4Args
+from loraplex.models.gemma_quant import GemmaPlainExperts, NamedGateLinear
 from loraplex.models.llama import ImageRows, LlamaArgs, LlamaForCausalLM, LlamaMLP
 
 # K/V of the step's storing layers, by layer type: what their reusing layers attend to
@@ -111,13 +112,15 @@ def share_kv_caches(layers: nn.ModuleList, g: Gemma4Args) -> None:
 class Gemma4Router(nn.Module):
     """Top-k of the softmax over all experts, renormalized, times each expert's scale."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, eps: float,
+                 quant: QuantConfig | None = None, prefix: str = "router") -> None:
         super().__init__()
         self.top_k = top_k
         self.norm = Gemma4RMSNorm(hidden_size, eps, with_scale=False)
         self.scale = nn.Parameter(torch.ones(hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
-        self.proj = Linear(hidden_size, [num_experts])
+        # (plain: a quantized checkpoint's dequantized as it loads)
+        self.proj = NamedGateLinear(hidden_size, num_experts, quant, f"{prefix}.proj")
         self.root = hidden_size ** -0.5
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,9 +154,11 @@ class Gemma4DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = Gemma4RMSNorm(h, eps)
         self.moe = g.num_experts > 0
         if self.moe:
-            self.router = Gemma4Router(h, g.num_experts, g.top_k, eps)
-            self.experts = FusedExperts(h, g.moe_intermediate_size, g.num_experts,
-                                        fused=True, act=_gelu_glu)
+            self.router = Gemma4Router(h, g.num_experts, g.top_k, eps, a.quant,
+                                       f"{prefix}.router")
+            # (plain in a quantized checkpoint too: models/gemma_quant.py)
+            self.experts = GemmaPlainExperts(h, g.moe_intermediate_size, g.num_experts,
+                                             fused=True, act=_gelu_glu)
             for name in ("post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
                          "pre_feedforward_layernorm_2"):
                 setattr(self, name, Gemma4RMSNorm(h, eps))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplex.models.config_flags import max_positions, rope_params
+from loraplex.models.gemma_quant import check_gemma_quant
 from loraplex.models.llama import LlamaArgs
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -60,8 +61,7 @@ def _per_layer(hf: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 def gemma4_args(hf: Any, quant: Any, max_model_len: int | None, text_only: Any,
                 long_lora_factors: tuple[float, ...]) -> LlamaArgs:
     """LlamaArgs (with Gemma4Args) of a Gemma4TextConfig (models/registry.py)."""
-    if quant is not None:
-        raise ValueError("quantized Gemma 4 checkpoints are not supported yet")
+    check_gemma_quant(quant, "Gemma 4")
     if long_lora_factors:
         raise ValueError("--long-lora-scaling-factors: not supported on Gemma 4, whose "
                          "layer types each have a rope of their own")
@@ -104,7 +104,7 @@ def gemma4_args(hf: Any, quant: Any, max_model_len: int | None, text_only: Any,
     theta, scaling = rope_params(hf, SLIDING)
     window = int(hf.sliding_window or 0)
     return LlamaArgs(
-        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, quant=quant,
         intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
         num_heads=hf.num_attention_heads, num_kv_heads=kv_heads[0], head_dim=head_dims[0],
         norm_eps=float(hf.rms_norm_eps), rope_theta=theta, rope_scaling=scaling,
