@@ -1,7 +1,8 @@
-"""ALiBi (BLOOM, MPT): each head's scores get slope x key position. The Triton kernels (under
-the interpreter on the CPU) against a float64 reference, decode split or not, prefill
-over cached context; and BLOOM served by each attention backend against HF + PEFT, with
-chunked prefill and prefix caching (its cached blocks' keys keep their positions).
+"""ALiBi (BLOOM, MPT, Falcon-RW): each head's scores get slope x key position. The Triton
+kernels (under the interpreter on the CPU) against a float64 reference, decode split or
+not, prefill over cached context; and BLOOM and Falcon-RW (its slopes over sqrt(head_dim))
+served by each attention backend against HF + PEFT, with chunked prefill and prefix
+caching (its cached blocks' keys keep their positions).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.models.classic import alibi_slopes, mpt_alibi_slopes
+from loraplex.models.classic import alibi_slopes, falcon_alibi_slopes, mpt_alibi_slopes
 from tests.classic_fixtures import has_config, make_classic_model
 from tests.engine_utils import check_mixed_batch, check_shared_prefixes, make_llm
 from tests.fixtures import make_peft_adapter
@@ -49,6 +50,17 @@ def test_mpt_slopes_are_hfs(heads):
 
     hf = build_mpt_alibi_tensor(heads, 2)[:, 0, 0]  # key 0 of 2: -slope
     assert torch.tensor(mpt_alibi_slopes(heads, 8.0)) == pytest.approx(-hf, rel=1e-6)
+
+
+@pytest.mark.parametrize("heads", [4, 32])
+def test_falcon_slopes_are_hfs(heads):
+    """Falcon-RW's: HF adds its alibi (BLOOM's slopes in bfloat16: 32 heads' are no powers
+    of two) to the scores before their 1/sqrt(head_dim) scale, so ours are scaled by it."""
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    hf = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]  # key 1
+    ours = torch.tensor(falcon_alibi_slopes(heads, 16))
+    assert ours == pytest.approx(hf / 4, rel=1e-6)
 
 
 @interpreted
@@ -94,33 +106,51 @@ def test_prefill_kernel_over_cached_context():
         assert rel_err(out[s:s + n], ref) < 1e-5, (b, n, c)
 
 
+# the ALiBi checkpoints served: name -> (CLASSIC_CONFIGS' arch, config overrides)
+ALIBI_MODELS = {"bloom": ("bloom", {}),
+                "falcon_rw": ("falcon_sequential", dict(alibi=True))}  # (falcon-rw-1b's)
+
+
 @pytest.fixture(scope="module")
-def bloom(tiny_root: Path) -> tuple[Path, dict[str, Path]]:
-    if not has_config("bloom"):
-        pytest.skip("this transformers has no BLOOM")
-    base = make_classic_model(tiny_root / "alibi_bloom", "bloom", seed=410)
-    specs = {"r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
-             "r4_qv": dict(r=4, lora_alpha=8, target_modules=["query_key_value"])}
-    return base, {name: make_peft_adapter(base, tiny_root / f"alibi_bloom_{name}",
-                                          seed=411 + i, **spec)
-                  for i, (name, spec) in enumerate(specs.items())}
+def alibi_models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
+    """Each of ALIBI_MODELS, built on first use, with an adapter on every linear (rank 8)
+    and one on the fused q/k/v (rank 4)."""
+    class Lazy(dict):
+        def __missing__(self, name: str) -> tuple[Path, dict[str, Path]]:
+            arch, overrides = ALIBI_MODELS[name]
+            if not has_config(arch):
+                pytest.skip(f"this transformers has no {arch}")
+            seed = 410 + 10 * list(ALIBI_MODELS).index(name)
+            base = make_classic_model(tiny_root / f"alibi_{name}", arch, seed, **overrides)
+            specs = {"r8_all": dict(r=8, lora_alpha=16, target_modules="all-linear"),
+                     "r4_qv": dict(r=4, lora_alpha=8, target_modules=["query_key_value"])}
+            self[name] = base, {
+                adapter: make_peft_adapter(base, tiny_root / f"alibi_{name}_{adapter}",
+                                           seed=seed + 1 + i, **spec)
+                for i, (adapter, spec) in enumerate(specs.items())}
+            return self[name]
+    return Lazy()
 
 
-def test_bloom_on_the_triton_kernels_matches_peft(monkeypatch, bloom, prompts):
+@pytest.mark.parametrize("name", list(ALIBI_MODELS))
+def test_on_the_triton_kernels_matches_peft(monkeypatch, alibi_models, prompts, name):
     """The mixed batch of test_classic_architectures on the Triton attention kernels:
     prefill in chunks (each over the cached earlier ones) and decode."""
     monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", "triton")
-    base, adapters = bloom
+    base, adapters = alibi_models[name]
     llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=8,
                    enable_chunked_prefill=True, max_num_batched_tokens=6)
     assert llm.llm_engine.model_runner.attn_backend == "triton"
-    check_mixed_batch(llm, base, adapters, prompts, extra=2)
+    # (Falcon-RW: the three on the first prompt alone; the interpreter is slow)
+    check_mixed_batch(llm, base, adapters, prompts, extra=2 if name == "bloom" else 0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bloom_prefix_cache_matches_peft(monkeypatch, bloom, prompts, backend):
+@pytest.mark.parametrize(("name", "backend"), [
+    ("bloom", "torch"), ("bloom", "triton"), ("falcon_rw", "torch")])
+def test_prefix_cache_matches_peft(monkeypatch, alibi_models, prompts, name, backend):
     """Requests that start from cached blocks (their keys' positions from the sequence's
-    start, whatever computed them) give HF + PEFT's outputs on both backends."""
+    start, whatever computed them) give HF + PEFT's outputs on both backends (Falcon-RW's
+    slopes differ from BLOOM's only in value: the torch backend's alone)."""
     monkeypatch.setenv("LORAPLEX_ATTENTION_BACKEND", backend)
-    base, adapters = bloom
+    base, adapters = alibi_models[name]
     check_shared_prefixes(base, adapters, prompts)
