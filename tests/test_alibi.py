@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loraplex.layers.attention import Attention
 from loraplex.models.classic import alibi_slopes, falcon_alibi_slopes, mpt_alibi_slopes
 from tests.classic_fixtures import has_config, make_classic_model
 from tests.engine_utils import check_mixed_batch, check_shared_prefixes, make_llm
@@ -21,15 +22,16 @@ from tests.test_attention import DEV, cached_kv, interpreted, paged_cache, rel_e
 SLOPES = torch.tensor(alibi_slopes(6), dtype=torch.float32)  # 4 of one sequence, 2 of another
 
 
-def alibi_reference(q, k, v, scale, slopes, q_offset=0):
+def alibi_reference(q, k, v, scale, slopes, q_offset=0, bias=None):
     """q [M, H, D] at positions q_offset.., k/v [N, KVH, D] at 0..N-1, causal, float64:
-    softmax(scale q.k + slope_h j) v."""
+    softmax(scale q.k + slope_h j) v; `bias` [H, >= N]: softmax(scale q.k + bias_hj) v."""
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, 1)
     v = v.double().repeat_interleave(group, 1)
     s = torch.einsum("mhd,nhd->hmn", q.double(), k) * scale
     keys = torch.arange(k.shape[0], dtype=torch.float64)
-    s = s + slopes.double()[:, None, None] * keys
+    s = s + (slopes.double()[:, None, None] * keys if bias is None
+             else bias.double()[:, None, :k.shape[0]])
     q_pos = q_offset + torch.arange(q.shape[0])
     s = s.masked_fill(keys[None, None, :] > q_pos[None, :, None], float("-inf"))
     return torch.einsum("hmn,nhd->mhd", s.softmax(-1), v)
@@ -52,15 +54,68 @@ def test_mpt_slopes_are_hfs(heads):
     assert torch.tensor(mpt_alibi_slopes(heads, 8.0)) == pytest.approx(-hf, rel=1e-6)
 
 
-@pytest.mark.parametrize("heads", [4, 32])
-def test_falcon_slopes_are_hfs(heads):
-    """Falcon-RW's: HF adds its alibi (BLOOM's slopes in bfloat16: 32 heads' are no powers
-    of two) to the scores before their 1/sqrt(head_dim) scale, so ours are scaled by it."""
+def falcon_bias(heads: int, keys: int, head_dim: int) -> torch.Tensor:
+    """HF's Falcon-RW bias [H, keys]: its build_alibi_tensor (slopes, positions and
+    their products in bfloat16) over sqrt(head_dim), as FalconModel adds it to the scaled
+    scores."""
     from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
-    hf = build_alibi_tensor(torch.ones(1, 2), heads, torch.float32)[:, 0, 1]  # key 1
-    ours = torch.tensor(falcon_alibi_slopes(heads, 16))
-    assert ours == pytest.approx(hf / 4, rel=1e-6)
+    mask = torch.ones(1, keys, dtype=torch.long)  # (as FalconModel builds it: long)
+    return build_alibi_tensor(mask, heads, torch.float32)[:, 0, :] * head_dim ** -0.5
+
+
+@pytest.mark.parametrize("heads", [4, 32])
+def test_falcon_slopes_are_hfs(heads):
+    """Falcon-RW's: BLOOM's slopes in bfloat16 (32 heads' are no powers of two)."""
+    hf = falcon_bias(heads, 2, 1)[:, 1]  # key 1: the slope itself
+    assert torch.tensor(falcon_alibi_slopes(heads)).tolist() == hf.tolist()
+
+
+def test_torch_path_rounds_falcons_bias():
+    """The torch path's Falcon-RW bias is HF's too: 300 tokens' causal attention (their
+    keys past 256 at positions rounded to even) against the float64 reference."""
+    gen = torch.Generator().manual_seed(12)
+    heads, d, n = 16, 16, 300
+    slopes = falcon_alibi_slopes(heads)
+    attn = Attention(heads, 4, d, d ** -0.5, alibi_slopes=slopes, alibi_bf16_scale=d ** -0.5)
+    q, k, v = (torch.randn(n, h, d, generator=gen) for h in (heads, 4, 4))
+    out = attn._sdpa(*(t.transpose(0, 1)[None] for t in (q, k, v)), None)[0].transpose(0, 1)
+    ref = alibi_reference(q, k, v, d ** -0.5, None, 0, falcon_bias(heads, n, d))
+    assert rel_err(out, ref) < 1e-5
+
+
+@interpreted
+def test_kernels_round_falcons_bias():
+    """Falcon-RW (alibi_bf16_scale): the position and slope x position in bfloat16,
+    then over sqrt(head_dim), as HF's (fp32 slope x position is up to 0.3 off at position
+    300; positions past 256 round to even): decode split over cached keys, prefill over
+    cached context."""
+    gen = torch.Generator().manual_seed(11)
+    heads, d, scale = 16, 16, 16 ** -0.5
+    slopes = torch.tensor(falcon_alibi_slopes(heads))
+    bias = falcon_bias(heads, 310, d)
+    lens = [300, 9]
+    k_cache, v_cache, table = paged_cache(lens, 4, d, 16, torch.float32, DEV, gen)
+    q = torch.randn(len(lens), heads, d, generator=gen)
+    out = ta.paged_decode_attention(q, k_cache, v_cache, table,
+                                    torch.tensor(lens, dtype=torch.int32), d ** -0.5,
+                                    num_splits=2, alibi_slopes=slopes, alibi_bf16_scale=scale)
+    for b, n in enumerate(lens):
+        k, v = cached_kv(k_cache, v_cache, table[b], n)
+        ref = alibi_reference(q[b:b + 1], k, v, scale, slopes, n - 1, bias)
+        assert rel_err(out[b:b + 1], ref) < 1e-5, (b, n)
+    new_k, new_v = (torch.randn(4, 4, d, generator=gen) for _ in range(2))
+    cu = torch.tensor([0, 3, 4], dtype=torch.int32)
+    q = torch.randn(4, heads, d, generator=gen)
+    out = ta.prefill_attention(q, new_k, new_v, cu, 3, scale, k_cache, v_cache, table,
+                               torch.tensor(lens, dtype=torch.int32), alibi_slopes=slopes,
+                               alibi_bf16_scale=scale)
+    for b, n in enumerate(lens):
+        s, e = int(cu[b]), int(cu[b + 1])
+        kc, vc = cached_kv(k_cache, v_cache, table[b], n)
+        ref = alibi_reference(q[s:e], torch.cat([kc, new_k[s:e]]), torch.cat([vc, new_v[s:e]]),
+                              scale, slopes, n, bias)
+        assert rel_err(out[s:e], ref) < 1e-5, (b, n)
 
 
 @interpreted
@@ -108,7 +163,8 @@ def test_prefill_kernel_over_cached_context():
 
 # the ALiBi checkpoints served: name -> (CLASSIC_CONFIGS' arch, config overrides)
 ALIBI_MODELS = {"bloom": ("bloom", {}),
-                "falcon_rw": ("falcon_sequential", dict(alibi=True))}  # (falcon-rw-1b's)
+                # (falcon-rw-1b's layer; 16 heads: slopes 2^(-i/2), rounded in bfloat16)
+                "falcon_rw": ("falcon_sequential", dict(alibi=True, num_attention_heads=16))}
 
 
 @pytest.fixture(scope="module")

@@ -47,8 +47,9 @@ from tests.test_prompt_embeds import _check, _hf, _hf_greedy, _not_a_token
 VARIANTS = {
     # OPT-350m: post-LN layers, embeddings narrower than the layers (project_in / _out)
     "opt_350m": ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
-    # Falcon-RW (falcon-rw-1b): sequential layers, q/k/v per head, biases, ALiBi
-    "falcon_rw": ("falcon_sequential", dict(alibi=True)),
+    # Falcon-RW (falcon-rw-1b): sequential layers, q/k/v per head, biases, ALiBi over 16
+    # heads (slopes 2^(-i/2): HF rounds them, and slope x position, to bfloat16)
+    "falcon_rw": ("falcon_sequential", dict(alibi=True, num_attention_heads=16)),
 }
 ARCHS = [*CLASSIC_CONFIGS, *VARIANTS]
 # per family: a low-rank adapter on part of the model, a higher-rank one on every linear
@@ -199,7 +200,7 @@ def test_opt_and_falcon_rw_flags():
     assert not build_model(_config("opt", _remove_final_layer_norm=True)).args.final_norm
     rw = build_model(_config("falcon", alibi=True, multi_query=False,
                              parallel_attn=False)).args
-    assert rw.alibi_slopes == pytest.approx((2 ** -4 / 4, 2 ** -8 / 4))  # head_dim 16
+    assert (rw.alibi_slopes, rw.alibi_bf16_scale) == ((2 ** -4, 2 ** -8), 16 ** -0.5)
     assert rw.nope_layers == (0, 1)
     assert build_model(_config("falcon")).args.alibi_slopes is None
 

@@ -9,9 +9,9 @@
   else per head; attention (`dense`) and the MLP (dense_h_to_4h / dense_4h_to_h) side by
   side on one LayerNorm (7B; the new architecture's num_ln_in_parallel_attn=1) or on two
   (ln_attn, ln_mlp), or one after the other (parallel_attn=False); rotary, or ALiBi
-  (alibi=True: Falcon-RW) with BLOOM's slopes rounded to bfloat16 and scaled by
-  1/sqrt(head_dim), as HF adds them to the scores: (q.k + slope j) / sqrt(d); biases per
-  `bias`.
+  (alibi=True: Falcon-RW) as HF computes it: BLOOM's slopes, the positions and slope x
+  position in bfloat16 (`alibi_bf16_scale`), over sqrt(head_dim), as HF scales the
+  scores' sum with it: (q.k + slope j) / sqrt(d); biases per `bias`.
 - OPT: learned positions at position + 2, no rotary; q/k/v_proj / out_proj, ReLU MLP fc1 /
   fc2 (directly on the layer in HF, in our `mlp`), LayerNorm before each sublayer; biases
   per enable_bias. OPT-350m (do_layer_norm_before=False): each LayerNorm on its
@@ -167,8 +167,9 @@ def _falcon(hf: Any) -> dict[str, Any]:
     else:
         layout = "parallel" if hf.parallel_attn else "pre"
     bias = bool(hf.bias)
-    alibi = dict(_no_rotary(hf), alibi_slopes=falcon_alibi_slopes(
-        heads, hf.hidden_size // heads)) if getattr(hf, "alibi", False) else {}
+    alibi = dict(_no_rotary(hf), alibi_slopes=falcon_alibi_slopes(heads),
+                 alibi_bf16_scale=(hf.hidden_size // heads) ** -0.5) \
+        if getattr(hf, "alibi", False) else {}
     return dict(num_kv_heads=kv_heads, qkv_per_head=new or not hf.multi_query,
                 norm_layout=layout, qkv_bias=bias, o_bias=bias, mlp_bias=bias,
                 intermediate_size=hf.ffn_hidden_size or 4 * hf.hidden_size, **alibi)
@@ -231,11 +232,10 @@ def mpt_alibi_slopes(num_heads: int, max_bias: float) -> tuple[float, ...]:
     return tuple((slopes[1::2] + slopes[::2])[:num_heads] if n != num_heads else slopes)
 
 
-def falcon_alibi_slopes(num_heads: int, head_dim: int) -> tuple[float, ...]:
+def falcon_alibi_slopes(num_heads: int) -> tuple[float, ...]:
     """Falcon-RW's: BLOOM's slopes rounded to bfloat16 (HF's build_alibi_tensor, as the
-    model was trained), over sqrt(head_dim): HF scales the scores' sum with the bias."""
-    rounded = torch.tensor(alibi_slopes(num_heads)).bfloat16().float() * head_dim ** -0.5
-    return tuple(rounded.tolist())
+    model was trained)."""
+    return tuple(torch.tensor(alibi_slopes(num_heads)).bfloat16().float().tolist())
 
 
 def alibi_slopes(num_heads: int) -> tuple[float, ...]:

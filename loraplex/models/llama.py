@@ -161,6 +161,8 @@ class LlamaArgs:
     learned_positions: int | None = None
     # ALiBi (BLOOM): each head's slope; its scores get slope x key position (no rotary)
     alibi_slopes: tuple[float, ...] | None = None
+    # > 0 (Falcon-RW): slope x position in bfloat16 (its factors too), then times this
+    alibi_bf16_scale: float = 0.0
     embedding_norm: bool = False  # a LayerNorm on the embeddings (BLOOM's), as `embed_norm`
     fused_gate_up: bool = False
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
@@ -338,7 +340,8 @@ class LlamaAttention(nn.Module):
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap, window or 0, chunk=chunk,
-                              alibi_slopes=a.alibi_slopes)
+                              alibi_slopes=a.alibi_slopes,
+                              alibi_bf16_scale=a.alibi_bf16_scale)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q_size = self.q_size * (2 if self.output_gate else 1)
