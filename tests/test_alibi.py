@@ -17,7 +17,8 @@ from loraplex.models.classic import alibi_slopes, falcon_alibi_slopes, mpt_alibi
 from tests.classic_fixtures import has_config, make_classic_model
 from tests.engine_utils import check_mixed_batch, check_shared_prefixes, make_llm
 from tests.fixtures import make_peft_adapter
-from tests.test_attention import DEV, cached_kv, interpreted, paged_cache, rel_err, ta
+from tests.test_attention import CUDA, DEV, cached_kv, interpreted, paged_cache, rel_err, ta
+from tests.triton_compile import compile_for_h100
 
 SLOPES = torch.tensor(alibi_slopes(6), dtype=torch.float32)  # 4 of one sequence, 2 of another
 
@@ -163,8 +164,33 @@ def test_prefill_kernel_over_cached_context():
 
 # the ALiBi checkpoints served: name -> (CLASSIC_CONFIGS' arch, config overrides)
 ALIBI_MODELS = {"bloom": ("bloom", {}),
-                # (falcon-rw-1b's layer; 16 heads: slopes 2^(-i/2), rounded in bfloat16)
-                "falcon_rw": ("falcon_sequential", dict(alibi=True, num_attention_heads=16))}
+                # (falcon-rw-1b's layer; its bias's rounding: test_kernels_round_falcons_bias)
+                "falcon_rw": ("falcon_sequential", dict(alibi=True))}
+
+
+# Falcon-RW-1B's shapes (32 heads of 64) with its bf16 bias: decode split (its merge too)
+# and prefill over cached context; BLOOM's plain ALiBi prefill
+_ALIBI_LAUNCHES = """
+from loraplex.layers import triton_attention as A
+for name in ("_decode_kernel", "_merge_splits_kernel", "_prefill_kernel"):
+    setattr(A, name, Capture(getattr(A, name)))
+kc, table = torch.zeros(8, 16, 32, 64, dtype=torch.bfloat16), torch.zeros(2, 4, dtype=torch.int32)
+lens, q = torch.zeros(2, dtype=torch.int32), torch.zeros(2, 32, 64, dtype=torch.bfloat16)
+slopes = torch.ones(32)
+A.paged_decode_attention(q, kc, kc, table, lens, 0.1, num_splits=4, alibi_slopes=slopes,
+                         alibi_bf16_scale=0.125)
+qt = torch.zeros(24, 32, 64, dtype=torch.bfloat16)
+for bf16_scale in (0.125, 0.0):
+    A.prefill_attention(qt, qt, qt, torch.tensor([0, 10, 24], dtype=torch.int32), 14, 0.1,
+                        kc, kc, table, lens, alibi_slopes=slopes, alibi_bf16_scale=bf16_scale)
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA the GPU tests compile the kernels for real")
+def test_alibi_kernels_compile_for_h100():
+    """The interpreter accepts code the compiler rejects (Falcon-RW's bit-level bfloat16
+    rounding): compile its launches for sm_90, no GPU needed."""
+    assert compile_for_h100(_ALIBI_LAUNCHES) == 4
 
 
 @pytest.fixture(scope="module")
