@@ -7,9 +7,11 @@ prefilled whole and in chunks:
   attention's and the MLP's);
 - Falcon: 7B's multi-query attention beside the MLP on one LayerNorm, 40B's KV groups
   fused per group with two LayerNorms, and sequential layers with q/k/v per head and
-  biases; adapters on query_key_value, dense and the MLP's;
+  biases, rotary or ALiBi (Falcon-RW: its slopes over sqrt(head_dim)); adapters on
+  query_key_value, dense and the MLP's;
 - OPT: learned positions at p + 2, ReLU, biases; adapters on q/k/v/out_proj, fc1, fc2
-  and the embeddings;
+  and the embeddings; OPT-350m's post-LN layers without a final LayerNorm, its narrower
+  embeddings and project_in / project_out (all-linear's targets too);
 - GPT-J: parallel sublayers, rotary on interleaved pairs of part of each head, lm_head
   with a bias; adapters on q/k/v, out_proj, fc_in, fc_out, the embeddings and lm_head;
 - CodeGen: GPT-J's layer, q/k/v fused in qkv_proj in 4 shards (each its heads' q, v, k);
@@ -41,7 +43,15 @@ from tests.fixtures import edited_copy, hf_greedy, make_peft_adapter
 from tests.test_prompt_embeds import GREEDY as EMBEDS_GREEDY
 from tests.test_prompt_embeds import _check, _hf, _hf_greedy, _not_a_token
 
-ARCHS = list(CLASSIC_CONFIGS)
+# variants of CLASSIC_CONFIGS' checkpoints: name -> (its arch, config overrides)
+VARIANTS = {
+    # OPT-350m: post-LN layers, embeddings narrower than the layers (project_in / _out)
+    "opt_350m": ("opt", dict(do_layer_norm_before=False, word_embed_proj_dim=32)),
+    # Falcon-RW (falcon-rw-1b): sequential layers, q/k/v per head, biases, ALiBi over 16
+    # heads (slopes 2^(-i/2): HF rounds them, and slope x position, to bfloat16)
+    "falcon_rw": ("falcon_sequential", dict(alibi=True, num_attention_heads=16)),
+}
+ARCHS = [*CLASSIC_CONFIGS, *VARIANTS]
 # per family: a low-rank adapter on part of the model, a higher-rank one on every linear
 ADAPTERS = {
     "gpt_bigcode": {"r4": ["c_attn", "c_proj"], "r8": "all-linear"},
@@ -65,11 +75,12 @@ def _adapters(arch: str) -> dict[str, dict]:
 def models(tiny_root: Path) -> dict[str, tuple[Path, dict[str, Path]]]:
     class Lazy(dict):
         def __missing__(self, arch: str) -> tuple[Path, dict[str, Path]]:
-            if not has_config(arch):
+            config, overrides = VARIANTS.get(arch, (arch, {}))
+            if not has_config(config):
                 pytest.skip(f"this transformers ({transformers.__version__}) has no {arch}")
             root = tiny_root / "classic_archs"
             seed = 300 + ARCHS.index(arch)
-            base = make_classic_model(root / arch, arch, seed)
+            base = make_classic_model(root / arch, config, seed, **overrides)
             self[arch] = (base, {name: make_peft_adapter(base, root / f"{arch}_{name}",
                                                          seed=seed + i, **spec)
                                  for i, (name, spec) in enumerate(_adapters(arch).items())})
@@ -90,18 +101,16 @@ def test_mixed_batch_matches_peft(arch, budget, models, prompts):
 PROMPT = [1, 43, 76, 9]
 
 
-@pytest.mark.parametrize("arch", ["opt", "gptj", "gpt_bigcode", "bloom"])
+@pytest.mark.parametrize("arch", ["opt", "opt_350m", "gptj", "gpt_bigcode", "bloom"])
 def test_older_checkpoint_names_load(arch, models, tmp_path, caplog):
     """OPT checkpoints saved from OPTModel (decoder.*, no model. prefix nor lm_head: it is
-    tied), BLOOM's from BloomModel (word_embeddings.*, h.*: no transformer. prefix);
+    tied; OPT-350m's decoder.project_in / project_out), BLOOM's from BloomModel (word_embeddings.*, h.*: no transformer. prefix);
     GPT-J's and GPTBigCode's with each layer's causal-mask buffers (attn.bias,
     attn.masked_bias), skipped without a warning: the same model."""
-    if not has_config(arch):
-        pytest.skip(f"this transformers ({transformers.__version__}) has no {arch}")
     base, _ = models[arch]
 
     def renamed(tensors: dict) -> dict:
-        if arch in ("opt", "bloom"):
+        if arch in ("opt", "opt_350m", "bloom"):
             return {k.removeprefix("model.").removeprefix("transformer."): v
                     for k, v in tensors.items() if k != "lm_head.weight"}
         for i in range(2):
@@ -113,7 +122,7 @@ def test_older_checkpoint_names_load(arch, models, tmp_path, caplog):
     def tied(cfg: dict) -> None:
         cfg["tie_word_embeddings"] = True
 
-    copy = edited_copy(base, tmp_path / arch, tied if arch == "opt" else None,
+    copy = edited_copy(base, tmp_path / arch, tied if arch.startswith("opt") else None,
                        tensors=renamed, config="config.json", weights="model.safetensors")
     with caplog.at_level(logging.WARNING, logger="loraplex.models.loader"):
         out = make_llm(copy).generate([{"prompt_token_ids": PROMPT}], GREEDY,
@@ -137,17 +146,14 @@ def _config(name: str, **fields) -> object:
 
 
 @pytest.mark.parametrize(("name", "fields", "match"), [
-    ("falcon", dict(alibi=True), "alibi=True .* not supported"),
-    ("opt", dict(do_layer_norm_before=False), "do_layer_norm_before=False .* not supported"),
-    ("opt", dict(word_embed_proj_dim=16), "word_embed_proj_dim=16 != hidden_size=32"),
     ("codegen", {}, "n_head=2: .* must be a multiple of 4"),
     ("bloom", dict(apply_residual_connection_post_layernorm=True),
      "apply_residual_connection_post_layernorm=True is not supported"),
 ])
 def test_unsupported_variants_are_refused(name, fields, match):
-    """What HF's code does that loraplex does not (ALiBi Falcons, OPT-350m's post-LN layers
-    and its projections) and configs HF's layout cannot mean (CodeGen's heads in 4 shards)
-    are refused at build, before any weight loads."""
+    """What HF's code does that loraplex does not (BLOOM's residual after its LayerNorm)
+    and configs HF's layout cannot mean (CodeGen's heads in 4 shards) are refused at
+    build, before any weight loads."""
     with pytest.raises(ValueError, match=match):
         build_model(_config(name, **fields))
 
@@ -175,6 +181,43 @@ def test_config_fields_become_flags():
         "rw": dict(multi_query=False, parallel_attn=False)}.items()}
     assert [(a.num_kv_heads, a.qkv_per_head, a.norm_layout) for a in falcon.values()] == [
         (1, False, "parallel"), (1, True, "parallel_two_norms"), (2, True, "pre")]
+
+
+def test_opt_and_falcon_rw_flags():
+    """OPT-350m's post-LN layers without a final norm, its narrower embeddings (both
+    projections LoRA targets); a pre-LN OPT without its final norm
+    (_remove_final_layer_norm); Falcon-RW's ALiBi (HF's slopes over sqrt(head_dim)), no
+    rotary."""
+    opt = build_model(_config("opt", do_layer_norm_before=False, word_embed_proj_dim=16))
+    assert (opt.args.norm_layout, opt.args.final_norm, opt.args.word_embed_proj_dim) == (
+        "post_ln", False, 16)
+    assert {"project_in", "project_out"} <= set(opt.lora_target_modules)
+    assert (opt.model.embed_tokens.weight.shape, opt.lm_head.weight.shape) == (
+        (32, 16), (32, 16))
+    plain = build_model(_config("opt")).args
+    assert (plain.norm_layout, plain.final_norm, plain.word_embed_proj_dim) == (
+        "pre", True, None)
+    assert not build_model(_config("opt", _remove_final_layer_norm=True)).args.final_norm
+    rw = build_model(_config("falcon", alibi=True, multi_query=False,
+                             parallel_attn=False)).args
+    assert (rw.alibi_slopes, rw.alibi_bf16_scale) == ((2 ** -4, 2 ** -8), 16 ** -0.5)
+    assert rw.nope_layers == (0, 1)
+    assert build_model(_config("falcon")).args.alibi_slopes is None
+
+
+def test_projection_adapter_on_a_model_without_them(models):
+    """An OPT-350m adapter on every linear (project_in / project_out too) loaded on an
+    OPT whose embeddings are as wide as its layers (no projections): refused alone with
+    a ValueError naming the module; the base still serves."""
+    base, _ = models["opt"]
+    _, adapters = models["opt_350m"]
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8)
+    with pytest.raises(ValueError, match=r"target module .model\.decoder\.project_(in|out). not "
+                                         "found in the model"):
+        llm.generate([{"prompt_token_ids": PROMPT}], GREEDY,
+                     lora_request=LoRARequest("r8", 1, str(adapters["r8"])), use_tqdm=False)
+    out = llm.generate([{"prompt_token_ids": PROMPT}], GREEDY, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_greedy(base, None, PROMPT, GREEDY.max_tokens)
 
 
 @pytest.mark.parametrize("arch", ["gpt_bigcode", "opt", "bloom"])

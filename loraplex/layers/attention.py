@@ -38,8 +38,9 @@ sequence's cached latents) and `decode` (a mixed step's decode rows, absorbed).
 
 ALiBi (BLOOM, MPT: `alibi_slopes`): each head adds slope_h x (key position) to its scores,
 a linear bias per head instead of positions (any per-query constant, as MPT's relative
-form has, leaves the softmax as it is). The torch path writes that softmax out; the
-kernels add it to each tile's scores.
+form has, leaves the softmax as it is); Falcon-RW's (`alibi_bf16_scale`) rounds the
+position and that product to bfloat16, then scales it, as HF's code does. The torch path writes that
+softmax out; the kernels add it to each tile's scores.
 
 KV sharing (Gemma 4, `reads_kv_of`): a layer that attends over an earlier layer's cache
 writes nothing; it shares that layer's cache tensors and torch decode mirror.
@@ -103,7 +104,8 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  softcap: float = 0.0, window: int = 0, chunk: int = 0,
                  values_are_keys: bool = False,
-                 alibi_slopes: tuple[float, ...] | None = None) -> None:
+                 alibi_slopes: tuple[float, ...] | None = None,
+                 alibi_bf16_scale: float = 0.0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -119,6 +121,8 @@ class Attention(nn.Module):
         self.alibi_slopes: torch.Tensor | None
         self.register_buffer("alibi_slopes", None if alibi_slopes is None else
                              torch.tensor(alibi_slopes, dtype=torch.float32), persistent=False)
+        # > 0 (Falcon-RW): slope x position in bfloat16 (its factors too), then times this
+        self.alibi_bf16_scale = alibi_bf16_scale
         # set by the model runner once the cache is allocated: [num_blocks, block_size, KVH, D]
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -221,12 +225,13 @@ class Attention(nn.Module):
                   if with_ctx else ()), softcap=self.softcap, window=self.window,
                 sinks=sinks, k_scale=self.k_scale, v_scale=self.v_scale,
                 key_limit=None if self.images_causal else ctx.key_limit, chunk=self.chunk,
-                alibi_slopes=self.alibi_slopes)
+                alibi_slopes=self.alibi_slopes, alibi_bf16_scale=self.alibi_bf16_scale)
         return ta.paged_decode_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
                                          ctx.context_lens, self.scale, ctx.decode_splits,
                                          softcap=self.softcap, window=self.window, sinks=sinks,
                                          k_scale=self.k_scale, v_scale=self.v_scale,
-                                         chunk=self.chunk, alibi_slopes=self.alibi_slopes)
+                                         chunk=self.chunk, alibi_slopes=self.alibi_slopes,
+                                         alibi_bf16_scale=self.alibi_bf16_scale)
 
     def _prefill(self, q, k, v, ctx: StepContext, sinks: torch.Tensor | None) -> torch.Tensor:
         b, length = ctx.padded_index.shape
@@ -283,7 +288,12 @@ class Attention(nn.Module):
             scores = self.softcap * torch.tanh(scores / self.softcap)
         if self.alibi_slopes is not None:
             keys = torch.arange(scores.shape[-1], device=q.device, dtype=torch.float32)
-            scores = scores + self.alibi_slopes.view(-1, 1, 1) * keys
+            if self.alibi_bf16_scale:  # Falcon-RW, as HF: in bfloat16, then scaled
+                keys = keys.bfloat16().float()
+            bias = self.alibi_slopes.view(-1, 1, 1) * keys
+            if self.alibi_bf16_scale:
+                bias = bias.bfloat16().float() * self.alibi_bf16_scale
+            scores = scores + bias
         if mask is None:
             mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))

@@ -115,10 +115,22 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16(x):
+    # fp32 x rounded to bfloat16 (to nearest, ties to even), as fp32: on the bits, as
+    # torch rounds (the interpreter's cast to bfloat16 truncates)
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr,
-                 SOFTCAP: tl.constexpr, slope, key_pos, ALIBI: tl.constexpr):
+                 SOFTCAP: tl.constexpr, slope, key_pos, ALIBI: tl.constexpr,
+                 ALIBI_BF16: tl.constexpr):
     # one online-softmax step: q [M, D], k/v [N, D], valid [M, N] or [1, N]; ALIBI: each
-    # row's slope [M] (base 2) times the keys' positions [N] joins the scores
+    # row's slope [M] (base 2) times the keys' positions [N] joins the scores; ALIBI_BF16
+    # > 0 (Falcon-RW): the slope as given, the position and slope x position rounded to
+    # bfloat16 (HF's bfloat16 product), then times ALIBI_BF16 (and base 2)
     s = _dot(q, tl.trans(k), F32)
     if SOFTCAP > 0:  # Gemma 2: cap * tanh(scale * q.k / cap), then base 2 (tanh via sigmoid)
         log2e = 1.4426950408889634
@@ -126,7 +138,10 @@ def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32: tl.constexpr,
                                  - 1.0)
     else:
         s = s * qk_scale
-    if ALIBI:
+    if ALIBI_BF16 > 0:
+        s = s + _round_bf16(slope[:, None] * _round_bf16(key_pos.to(tl.float32))[None, :]) \
+            * (ALIBI_BF16 * 1.4426950408889634)
+    elif ALIBI:
         s = s + slope[:, None] * key_pos[None, :].to(tl.float32)
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -151,7 +166,7 @@ def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_p
                   end, stride_cb, stride_ct, k_scale, v_scale, HEAD_DIM: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   F32: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr,
-                  CHUNK: tl.constexpr, slope, ALIBI: tl.constexpr):
+                  CHUNK: tl.constexpr, slope, ALIBI: tl.constexpr, ALIBI_BF16: tl.constexpr):
     """Online softmax of q over cached positions [start, end) of one sequence and one KV
     head (kc_ptr/vc_ptr already offset to it), BLOCK_N rows at a time through the table.
     WINDOW > 0: query row m (at position q_pos[m]) sees only positions > q_pos[m] - WINDOW;
@@ -176,7 +191,7 @@ def _attend_paged(q, q_pos, m_i, l_i, acc, qk_scale, kc_ptr, vc_ptr, table_row_p
         if CHUNK > 0:
             valid = valid & (pos[None, :] >= q_pos[:, None] - q_pos[:, None] % CHUNK)
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP,
-                                     slope, pos, ALIBI)
+                                     slope, pos, ALIBI, ALIBI_BF16)
     return m_i, l_i, acc
 
 
@@ -189,7 +204,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, slopes
                    SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
                    WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, CHUNK: tl.constexpr,
-                   HEAD_TILES: tl.constexpr, ALIBI: tl.constexpr):
+                   HEAD_TILES: tl.constexpr, ALIBI: tl.constexpr,
+                   ALIBI_BF16: tl.constexpr):
     """num_splits is a runtime value, not specialized on: it follows the batch size and the
     longest context, and each new value would otherwise compile another kernel mid-serving.
     WINDOW > 0: only the last WINDOW cached positions (the new token's own included);
@@ -220,11 +236,12 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, lens_ptr, sinks_ptr, slopes
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     slope = tl.load(slopes_ptr + heads, mask=g_ok, other=0.0).to(tl.float32) \
-        * 1.4426950408889634 if ALIBI else m_i
+        * (1.0 if ALIBI_BF16 > 0 else 1.4426950408889634) if ALIBI else m_i
     m_i, l_i, acc = _attend_paged(  # [lo, ctx_len) is the window: no per-key mask
         q, g, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch, vc_ptr + kvh * stride_ch,
         table_ptr + b.to(tl.int64) * stride_tb, start, end, stride_cb, stride_ct, k_scale,
-        v_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0, 0, slope, ALIBI)
+        v_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, 0, 0, slope, ALIBI,
+        ALIBI_BF16)
     if HAS_SINKS and not SPLIT:  # split: the merge adds the sink once
         l_i, acc = _add_sink(m_i, l_i, acc, tl.load(sinks_ptr + heads, mask=g_ok, other=0.0))
 
@@ -302,14 +319,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softcap: float = 0.0, window: int = 0,
                            sinks: torch.Tensor | None = None, k_scale: float = 1.0,
                            v_scale: float = 1.0, chunk: int = 0,
-                           alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                           alibi_slopes: torch.Tensor | None = None,
+                           alibi_bf16_scale: float = 0.0) -> torch.Tensor:
     """out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b over the first context_lens[b] cached
     tokens of sequence b (KV head h // (H // KVH)); context_lens[b] == 0 gives zeros.
     softcap > 0: the scores are softcap * tanh(score / softcap) (Gemma 2). window > 0: only
     the last `window` cached tokens (sliding-window attention); chunk > 0: only those of
     the new token's chunk of `chunk` positions (Llama 4). sinks [H]: each head's
     sink logit joins its softmax (gpt-oss). alibi_slopes [H] fp32: each head's scores get
-    slope x key position (BLOOM, MPT). An FP8 cache holds K / k_scale, V / v_scale.
+    slope x key position (BLOOM, MPT); alibi_bf16_scale > 0 (Falcon-RW): the position
+    and that product rounded to bfloat16, then times alibi_bf16_scale, as HF's Falcon
+    computes it. An FP8
+    cache holds K / k_scale, V / v_scale.
 
     q: [B, H, D] (last dim contiguous); k_cache/v_cache: [num_blocks, block_size, KVH, D];
     block_tables: [B, max_blocks] int32; context_lens: [B] int32. Returns [B, H, D]."""
@@ -341,7 +362,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         F32=fp32_dot(q.dtype, _INTERPRETED), SOFTCAP=float(softcap), WINDOW=int(window),
         HAS_SINKS=has_sinks, CHUNK=int(chunk), HEAD_TILES=head_tiles,
-        ALIBI=alibi_slopes is not None, num_warps=4)
+        ALIBI=alibi_slopes is not None, ALIBI_BF16=float(alibi_bf16_scale), num_warps=4)
     if num_splits > 1:
         _merge_splits_kernel[(b, h)](
             part, lse, sinks, out, part.stride(0), part.stride(1), part.stride(2),
@@ -361,7 +382,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
                     HAS_CONTEXT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, F32: tl.constexpr, SOFTCAP: tl.constexpr,
                     WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                    CHUNK: tl.constexpr, ALIBI: tl.constexpr):
+                    CHUNK: tl.constexpr, ALIBI: tl.constexpr, ALIBI_BF16: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -377,8 +398,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    slope = l_i + tl.load(slopes_ptr + h).to(tl.float32) * 1.4426950408889634 \
-        if ALIBI else l_i  # ([BLOCK_M]: the head's slope on every row; l_i is zeros)
+    slope = l_i + tl.load(slopes_ptr + h).to(tl.float32) \
+        * (1.0 if ALIBI_BF16 > 0 else 1.4426950408889634) if ALIBI else l_i  # ([BLOCK_M]: the head's slope on every row; l_i is zeros)
     # 1) the cached context, all of it before every query: only the length bound (and,
     # with a window, positions past each query's position - WINDOW)
     ctx_len = tl.load(ctx_lens_ptr + b) if HAS_CONTEXT else 0
@@ -391,7 +412,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
         q, ctx_len + i, m_i, l_i, acc, qk_scale, kc_ptr + kvh * stride_ch,
         vc_ptr + kvh * stride_ch, table_ptr + b.to(tl.int64) * stride_tb,
         tl.minimum(ctx_lo, ctx_end), ctx_end, stride_cb, stride_ct, k_scale, v_scale,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW, CHUNK, slope, ALIBI)
+        HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, F32, SOFTCAP, WINDOW, CHUNK, slope, ALIBI,
+        ALIBI_BF16)
     # 2) the step's own K/V, causal: key j is visible to query i when j <= i, or with
     # HAS_LIMIT j <= limit[i] (Gemma 3's image tokens: the last of their image; i for
     # text) (and, with a window, j > i - WINDOW; with chunks, ctx_len + j at or after the
@@ -421,7 +443,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
             q_pos = ctx_len + i
             valid = valid & (j[None, :] + ctx_len >= q_pos[:, None] - q_pos[:, None] % CHUNK)
         m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, F32, SOFTCAP,
-                                     slope, ctx_len + j, ALIBI)
+                                     slope, ctx_len + j, ALIBI, ALIBI_BF16)
     if HAS_SINKS:
         l_i, acc = _add_sink(m_i, l_i, acc, tl.load(sinks_ptr + h))
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -438,7 +460,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       window: int = 0, sinks: torch.Tensor | None = None,
                       k_scale: float = 1.0, v_scale: float = 1.0,
                       key_limit: torch.Tensor | None = None, chunk: int = 0,
-                      alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                      alibi_slopes: torch.Tensor | None = None,
+                      alibi_bf16_scale: float = 0.0) -> torch.Tensor:
     """Causal attention of new tokens packed flat: sequence b's queries and K/V are rows
     cu_seqlens_q[b]:cu_seqlens_q[b+1] of q [T, H, D] / k, v [T, KVH, D]. With
     context_lens, sequence b also has context_lens[b] earlier tokens in the paged cache
@@ -449,8 +472,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sequence's new tokens (index from the sequence's first new token; >= its own), for
     Gemma 3's image tokens, which see the rest of their image; None: causal. chunk > 0:
     each query sees only its chunk's keys (positions from p - p % chunk; Llama 4).
-    alibi_slopes [H] fp32: slope x key position added to each head's scores (BLOOM, MPT).
-    Returns [T, H, D]."""
+    alibi_slopes [H] fp32: slope x key position added to each head's scores (BLOOM, MPT;
+    alibi_bf16_scale: as paged_decode_attention's). Returns [T, H, D]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     assert h % kvh == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -480,5 +503,5 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         BLOCK_N=block, BLOCK_D=block_d, F32=fp32_dot(q.dtype, _INTERPRETED),
         SOFTCAP=float(softcap), WINDOW=int(window), HAS_SINKS=has_sinks,
         HAS_LIMIT=key_limit is not None, CHUNK=int(chunk), ALIBI=alibi_slopes is not None,
-        num_warps=4)
+        ALIBI_BF16=float(alibi_bf16_scale), num_warps=4)
     return out

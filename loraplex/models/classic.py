@@ -8,11 +8,16 @@
   180B) per KV group [each group's queries, k, v], multi_query (7B) [q of all heads, k, v],
   else per head; attention (`dense`) and the MLP (dense_h_to_4h / dense_4h_to_h) side by
   side on one LayerNorm (7B; the new architecture's num_ln_in_parallel_attn=1) or on two
-  (ln_attn, ln_mlp), or one after the other (parallel_attn=False); rotary; biases per
-  `bias`. ALiBi Falcons are refused.
+  (ln_attn, ln_mlp), or one after the other (parallel_attn=False); rotary, or ALiBi
+  (alibi=True: Falcon-RW) as HF computes it: BLOOM's slopes, the positions and slope x
+  position in bfloat16 (`alibi_bf16_scale`), over sqrt(head_dim), as HF scales the
+  scores' sum with it: (q.k + slope j) / sqrt(d); biases per `bias`.
 - OPT: learned positions at position + 2, no rotary; q/k/v_proj / out_proj, ReLU MLP fc1 /
   fc2 (directly on the layer in HF, in our `mlp`), LayerNorm before each sublayer; biases
-  per enable_bias. OPT-350m's post-LN layers and its project_in / project_out are refused.
+  per enable_bias. OPT-350m (do_layer_norm_before=False): each LayerNorm on its
+  sublayer's residual sum ("post_ln"), no final one; its embeddings word_embed_proj_dim
+  wide, project_in after them (before the positions join), project_out before lm_head
+  (both LoRA targets, as PEFT's all-linear takes them).
 - GPT-J: attention and the MLP (fc_in / fc_out) side by side on one LayerNorm, rotary on
   interleaved pairs over the first rotary_dim dimensions of each head (base 10000), no
   biases on q/k/v/out_proj, lm_head with a bias.
@@ -33,6 +38,8 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+import torch
 
 GPT_BIGCODE, FALCON, OPT, GPTJ, CODEGEN, BLOOM, MPT = (
     "GPTBigCodeForCausalLM", "FalconForCausalLM", "OPTForCausalLM", "GPTJForCausalLM",
@@ -152,9 +159,6 @@ def _gpt_bigcode(hf: Any) -> dict[str, Any]:
 
 
 def _falcon(hf: Any) -> dict[str, Any]:
-    if getattr(hf, "alibi", False):
-        raise ValueError("Falcon with alibi=True (Falcon-RW) is not supported: loraplex's "
-                         "attention has no ALiBi biases yet")
     heads, new = hf.num_attention_heads, bool(hf.new_decoder_architecture)
     kv_heads = (hf.num_kv_heads or heads) if new or not hf.multi_query else 1
     if new:  # always parallel; two norms unless num_ln_in_parallel_attn says one
@@ -163,24 +167,24 @@ def _falcon(hf: Any) -> dict[str, Any]:
     else:
         layout = "parallel" if hf.parallel_attn else "pre"
     bias = bool(hf.bias)
+    alibi = dict(_no_rotary(hf), alibi_slopes=falcon_alibi_slopes(heads),
+                 alibi_bf16_scale=(hf.hidden_size // heads) ** -0.5) \
+        if getattr(hf, "alibi", False) else {}
     return dict(num_kv_heads=kv_heads, qkv_per_head=new or not hf.multi_query,
                 norm_layout=layout, qkv_bias=bias, o_bias=bias, mlp_bias=bias,
-                intermediate_size=hf.ffn_hidden_size or 4 * hf.hidden_size)
+                intermediate_size=hf.ffn_hidden_size or 4 * hf.hidden_size, **alibi)
 
 
 def _opt(hf: Any) -> dict[str, Any]:
-    if not hf.do_layer_norm_before:
-        raise ValueError("OPT with do_layer_norm_before=False (OPT-350m's post-LN layers) is "
-                         "not supported yet")
-    if (hf.word_embed_proj_dim or hf.hidden_size) != hf.hidden_size:
-        raise ValueError(f"OPT with word_embed_proj_dim={hf.word_embed_proj_dim} != "
-                         f"hidden_size={hf.hidden_size} (OPT-350m's project_in / "
-                         "project_out) is not supported yet")
-    if getattr(hf, "_remove_final_layer_norm", False):
-        raise ValueError("OPT with _remove_final_layer_norm=True is not supported")
     bias = bool(getattr(hf, "enable_bias", True))
     affine = bool(getattr(hf, "layer_norm_elementwise_affine", True))
+    pre = bool(hf.do_layer_norm_before)  # False: OPT-350m's post-LN layers
+    width = hf.word_embed_proj_dim or hf.hidden_size  # (HF builds its final LayerNorm
+    # only before-norm and without _remove_final_layer_norm)
     return dict(_no_rotary(hf), num_kv_heads=hf.num_attention_heads,
+                norm_layout="pre" if pre else "post_ln",
+                final_norm=pre and not getattr(hf, "_remove_final_layer_norm", False),
+                word_embed_proj_dim=width if width != hf.hidden_size else None,
                 norm_type="layernorm" if affine else "layernorm_noparam",
                 qkv_bias=bias, o_bias=bias, mlp_bias=bias, intermediate_size=hf.ffn_dim)
 
@@ -226,6 +230,12 @@ def mpt_alibi_slopes(num_heads: int, max_bias: float) -> tuple[float, ...]:
     n = 2 ** math.ceil(math.log2(num_heads))
     slopes = [2 ** (-max_bias * i / n) for i in range(1, n + 1)]
     return tuple((slopes[1::2] + slopes[::2])[:num_heads] if n != num_heads else slopes)
+
+
+def falcon_alibi_slopes(num_heads: int) -> tuple[float, ...]:
+    """Falcon-RW's: BLOOM's slopes rounded to bfloat16 (HF's build_alibi_tensor, as the
+    model was trained)."""
+    return tuple(torch.tensor(alibi_slopes(num_heads)).bfloat16().float().tolist())
 
 
 def alibi_slopes(num_heads: int) -> tuple[float, ...]:

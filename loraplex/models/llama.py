@@ -134,8 +134,13 @@ class LlamaArgs:
     # where a layer's norms are: "pre" (on each sublayer's input), "sandwich" (Gemma 2:
     # on its input and its output), "post" (OLMo 2: on its output only), "glm" (GLM-4:
     # sandwich, under its own names), "parallel" (Cohere: one norm, both sublayers on it),
-    # "parallel_two_norms" (GPT-NeoX: both sublayers on x, each through its own norm)
+    # "parallel_two_norms" (GPT-NeoX: both sublayers on x, each through its own norm),
+    # "post_ln" (OPT-350m: each norm on the residual sum, which the next sublayer reads)
     norm_layout: str = "pre"
+    final_norm: bool = True  # a norm after the last layer (OPT-350m has none)
+    # OPT-350m: token embeddings (and lm_head's input) this wide, its project_in after
+    # them and project_out before lm_head; None: hidden_size
+    word_embed_proj_dim: int | None = None
     query_pre_attn_scalar: float | None = None  # attention scale^-2 (None: head_dim)
     attn_logit_softcap: float = 0.0  # > 0: scores capped (Gemma 2)
     final_logit_softcap: float = 0.0  # > 0: logits capped (Gemma 2)
@@ -156,6 +161,8 @@ class LlamaArgs:
     learned_positions: int | None = None
     # ALiBi (BLOOM): each head's slope; its scores get slope x key position (no rotary)
     alibi_slopes: tuple[float, ...] | None = None
+    # > 0 (Falcon-RW): slope x position in bfloat16 (its factors too), then times this
+    alibi_bf16_scale: float = 0.0
     embedding_norm: bool = False  # a LayerNorm on the embeddings (BLOOM's), as `embed_norm`
     fused_gate_up: bool = False
     rotary_dim: int | None = None  # partial rotary: dims of each head rotated (None: all)
@@ -333,7 +340,8 @@ class LlamaAttention(nn.Module):
         chunk = l4.chunk_size if l4 and index in l4.chunked_layers else 0
         self.attn = Attention(a.num_heads, a.num_kv_heads, a.head_dim, scale,
                               a.attn_logit_softcap, window or 0, chunk=chunk,
-                              alibi_slopes=a.alibi_slopes)
+                              alibi_slopes=a.alibi_slopes,
+                              alibi_bf16_scale=a.alibi_bf16_scale)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q_size = self.q_size * (2 if self.output_gate else 1)
@@ -499,6 +507,9 @@ class LlamaDecoderLayer(nn.Module):
         if self.layout == "parallel":  # Cohere: both sublayers read the same normed x
             normed = self.input_layernorm(x)
             return x + self.self_attn(positions, normed) + self.ffn(normed)
+        if self.layout == "post_ln":  # OPT-350m: each norm on the sum, read from there
+            h = self.input_layernorm(x + self.self_attn(positions, x))
+            return self.post_attention_layernorm(h + self.ffn(h))
         if self.layout == "parallel_two_norms":  # GPT-NeoX: both read x, each normed
             return x + self.self_attn(positions, self.input_layernorm(x)) \
                 + self.ffn(self.post_attention_layernorm(x))
@@ -513,7 +524,14 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        width = a.word_embed_proj_dim or a.hidden_size
+        self.embed_tokens = nn.Embedding(a.vocab_size, width)
+        self.project_in = self.project_out = None  # (OPT-350m's, LoRA targets too)
+        if width != a.hidden_size:
+            self.project_in = make_linear(width, [a.hidden_size], False, a.quant,
+                                          ("model.decoder.project_in",))
+            self.project_out = make_linear(a.hidden_size, [width], False, a.quant,
+                                           ("model.decoder.project_out",))
         self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
         self.embed_scale_in_embedding = a.embed_scale_in_embedding
         self.embedding_multiplier = a.embedding_multiplier
@@ -550,7 +568,7 @@ class LlamaModel(nn.Module):
         self.layers_take_embeddings = a.zamba2 is not None
         if a.zamba2 is not None:
             tie_shared_blocks(self.layers, a.zamba2)
-        self.norm = a.norm(a.hidden_size)
+        self.norm = a.norm(a.hidden_size) if a.final_norm else nn.Identity()
         # an EAGLE-3 head reads the residual stream entering these layers (vLLM's
         # aux_hidden_state_layers): each forward then keeps them, concatenated, in
         # aux_hidden_states [T, len(aux_layers) x hidden]; None (the rule): nothing kept
@@ -577,22 +595,30 @@ class LlamaModel(nn.Module):
             # rows (Gemma 3's unscaled, as HF's: its scale is on the token embeddings only)
             rows, embeds = image_rows
             if embeds.dim() == 3:  # Qwen3-VL's DeepStack (models/qwen3_vl.py)
-                return self.norm(self._deepstack(positions, x, rows, embeds.to(x.dtype)))
+                return self._final(self._deepstack(positions, x, rows, embeds.to(x.dtype)))
             x = x.index_copy(0, rows, embeds.to(x.dtype))
+        if self.project_in is not None:  # OPT-350m, as HF: before the positions join
+            x = self.project_in(x)
         if self.position_offset is not None:  # (given embeddings too, as HF's)
             x = x + self.embed_positions(positions + self.position_offset)
         if self.embed_norm is not None:  # BLOOM (given embeddings too, as HF's)
             x = self.embed_norm(x)
         if self.aux_layers is not None:
-            return self.norm(self._keep_aux(positions, x))
+            return self._final(self._keep_aux(positions, x))
         if self.layers_take_embeddings:
             embeds = x
             for layer in self.layers:
                 x = layer(positions, x, embeds)
-            return self.norm(x)
+            return self._final(x)
         for layer in self.layers:
             x = layer(positions, x)
-        return self.norm(x)
+        return self._final(x)
+
+    def _final(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output as lm_head reads it: normed, then (OPT-350m) projected
+        back to the embeddings' width."""
+        x = self.norm(x)
+        return x if self.project_out is None else self.project_out(x)
 
     def _keep_aux(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The layers' forward, keeping the input of each of aux_layers (EAGLE-3)."""
@@ -700,11 +726,14 @@ class LlamaForCausalLM(nn.Module):
             self.packed_modules_mapping = {**self.packed_modules_mapping, theirs: (ours, 0)}
             self.lora_target_modules = tuple(theirs if m == ours else m
                                              for m in self.lora_target_modules)
+        if args.word_embed_proj_dim not in (None, args.hidden_size):  # OPT-350m's
+            self.lora_target_modules = self.lora_target_modules + ("project_in", "project_out")
         if args.lfm2 is not None:  # LFM2's names: out_proj, w1 / w3 / w2, the conv's
             from loraplex.models.lfm2 import lfm2_lora_targets
             self.lora_target_modules, self.packed_modules_mapping = lfm2_lora_targets(args)
         self.model = self.decoder_class(args)
-        self.lm_head = make_linear(args.hidden_size, [args.vocab_size], args.lm_head_bias)
+        self.lm_head = make_linear(args.word_embed_proj_dim or args.hidden_size,
+                                   [args.vocab_size], args.lm_head_bias)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
