@@ -104,7 +104,8 @@ PROMPT = [1, 43, 76, 9]
 @pytest.mark.parametrize("arch", ["opt", "opt_350m", "gptj", "gpt_bigcode", "bloom"])
 def test_older_checkpoint_names_load(arch, models, tmp_path, caplog):
     """OPT checkpoints saved from OPTModel (decoder.*, no model. prefix nor lm_head: it is
-    tied; OPT-350m's decoder.project_in / project_out), BLOOM's from BloomModel (word_embeddings.*, h.*: no transformer. prefix);
+    tied; OPT-350m's decoder.project_in / project_out), BLOOM's from BloomModel
+    (word_embeddings.*, h.*: no transformer. prefix);
     GPT-J's and GPTBigCode's with each layer's causal-mask buffers (attn.bias,
     attn.masked_bias), skipped without a warning: the same model."""
     base, _ = models[arch]
@@ -220,11 +221,12 @@ def test_projection_adapter_on_a_model_without_them(models):
     assert out[0].outputs[0].token_ids == hf_greedy(base, None, PROMPT, GREEDY.max_tokens)
 
 
-@pytest.mark.parametrize("arch", ["gpt_bigcode", "opt", "bloom"])
+@pytest.mark.parametrize("arch", ["gpt_bigcode", "opt", "opt_350m", "bloom"])
 def test_given_embeddings_are_treated_as_hf_treats_them(arch, models):
     """prompt_embeds on a model with learned positions: its position rows are added to the
     given embeddings as HF adds them to inputs_embeds (adapter and all); on BLOOM its
-    embedding LayerNorm normalizes them, as HF's."""
+    embedding LayerNorm normalizes them, as HF's; on OPT-350m they are as narrow as its
+    embeddings, project_in widens them (a row as wide as its layers is refused)."""
     base, adapters = models[arch]
     llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
                    enable_prompt_embeds=True)
@@ -233,6 +235,34 @@ def test_given_embeddings_are_treated_as_hf_treats_them(arch, models):
                        lora_request=LoRARequest("r8", 1, str(adapters["r8"])),
                        use_tqdm=False)[0]
     _check(out, _hf_greedy(_hf(base, adapters["r8"]), e, EMBEDS_GREEDY.max_tokens))
+    if arch == "opt_350m":
+        wide = torch.zeros(3, llm.llm_engine.model.args.hidden_size)
+        with pytest.raises(ValueError, match="prompt_embeds"):
+            llm.generate([{"prompt_embeds": wide}], EMBEDS_GREEDY, use_tqdm=False)
+
+
+def test_opt_350m_added_tokens_and_whole_tables(models, tmp_path, prompts):
+    """OPT-350m's embeddings are narrower than its layers: an adapter's added tokens (its
+    resized tables) and whole embed_tokens / lm_head tables (modules_to_save, tokens
+    added too) are rows of the embedding's width; in one batch with the base, over one
+    slot, each equals HF + PEFT on the resized model."""
+    from tests.engine_utils import check_against_hf
+    from tests.fixtures import make_added_tokens_adapter
+    from tests.test_added_tokens import _prompt_with_added
+
+    base, _ = models["opt_350m"]
+    adapters = {"resized": make_added_tokens_adapter(base, tmp_path / "resized", seed=61),
+                "whole": make_added_tokens_adapter(base, tmp_path / "whole", seed=62,
+                                                   mode="modules_to_save",
+                                                   new_tokens=("<a>", "<b>"))}
+    llm = make_llm(base, enable_lora=True, max_loras=1, max_lora_rank=8,
+                   enable_lora_modules_to_save=True)
+    names = ["resized", None, "whole"]
+    batch = [_prompt_with_added(prompts[0], 3), prompts[1], _prompt_with_added(prompts[2], 2)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch], GREEDY,
+                        lora_request=[LoRARequest(n, i + 1, str(adapters[n])) if n else None
+                                      for i, n in enumerate(names)], use_tqdm=False)
+    check_against_hf(outs, base, [adapters[n] if n else None for n in names], batch)
 
 
 def test_biased_lm_head_refuses_whole_tables(models):

@@ -64,7 +64,9 @@ class PromptInputs:
         if params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: not available for prompt_embeds (the prompt "
                              "has no token ids to score)")
-        tensor = checked_prompt_embeds(prompt["prompt_embeds"], self.model.args.hidden_size)
+        a = self.model.args  # rows as wide as the embedding (OPT-350m's: before project_in)
+        tensor = checked_prompt_embeds(prompt["prompt_embeds"],
+                                       a.word_embed_proj_dim or a.hidden_size)
         mc = self.model_config
         tensor = params.truncate_prompt(tensor, mc.max_model_len)
         scale = self.model.model.given_embeds_scale(mc.dtype)  # as HF's model scales them

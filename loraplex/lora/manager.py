@@ -241,8 +241,10 @@ class LoRAManager:
                         "have no per-layer embedding rows); lora_extra_vocab_size ignored")
             return None
         a = model.args
+        # rows as wide as the embedding (OPT-350m's are narrower than its layers)
         embed.extra_vocab = ExtraVocabSlots(a.vocab_size, cfg.max_loras,
-                                            cfg.lora_extra_vocab_size, a.hidden_size,
+                                            cfg.lora_extra_vocab_size,
+                                            embed.base_layer.embedding_dim,
                                             self.dtype, self.device)
         return embed.extra_vocab
 
@@ -258,7 +260,8 @@ class LoRAManager:
         a = model.args
         _refuse_head_bias(a, "--enable-lora-modules-to-save")
         try:
-            embed.full_vocab = FullVocabSlots(a.vocab_size, cfg.max_loras, a.hidden_size,
+            embed.full_vocab = FullVocabSlots(a.vocab_size, cfg.max_loras,
+                                              embed.base_layer.embedding_dim,
                                               self.dtype, self.device)
         except torch.OutOfMemoryError as e:
             raise ValueError(f"--enable-lora-modules-to-save: max_loras={cfg.max_loras} "
