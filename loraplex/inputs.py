@@ -2,7 +2,7 @@
 dicts (what `LLM.generate`, `LLMEngine.add_request` and `AsyncLLMEngine.generate` take).
 
 They are TypedDicts, so a plain dict with the same keys is the same prompt; the engine
-refuses any other key (llm_engine.py), rather than ignore it.
+refuses any other key (engine/prompt_checks.py), rather than ignore it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ adapter's LoRA on them is left
 out with a warning, as vLLM does (LoRA applies to the language model only), unless the
 engine has enable_tower_connector_lora (their linears get adapter slots: lora/tower.py,
 which names them through each tower's VisionWeights.ours). A Gemma 3
-checkpoint saved without its image processor is served on text (engine/llm_engine.py).
+checkpoint saved without its image processor is served on text (engine/model_loading.py).
 
 The checkpoint names the language model's weights `language_model.model.*` (the hub's
 files) and PEFT adapters trained with transformers >= 4.52 name its modules
