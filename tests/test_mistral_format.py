@@ -208,7 +208,8 @@ def test_params_json_fields(tmp_path):
                                                       "max_seq_len": 4096}))
     cfg = mistral_config(str(tmp_path))
     assert cfg.layer_types == ["full_attention", "sliding_attention"] * 2
-    assert sliding_window(cfg, "MistralForCausalLM") == {"sliding_window": 8, "window_layers": (1, 3)}
+    assert sliding_window(cfg, "MistralForCausalLM") == {"sliding_window": 8,
+                                                         "window_layers": (1, 3)}
     assert cfg.max_position_embeddings == 4096 and cfg.head_dim == 16
     assert str(cfg.dtype).endswith("bfloat16") and cfg.architectures == ["MistralForCausalLM"]
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
@@ -217,7 +218,8 @@ def test_params_json_fields(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({**base, "sliding_window": 8}))
     cfg = mistral_config(str(tmp_path))
     assert cfg.max_position_embeddings == 128_000
-    assert sliding_window(cfg, "MistralForCausalLM") == {"sliding_window": 8, "window_layers": (0, 1, 2, 3)}
+    assert sliding_window(cfg, "MistralForCausalLM") == {"sliding_window": 8,
+                                                         "window_layers": (0, 1, 2, 3)}
     (tmp_path / "params.json").write_text(json.dumps({**base, "sliding_window": [8, 4]}))
     with pytest.raises(ValueError, match="sliding_window"):
         mistral_config(str(tmp_path))

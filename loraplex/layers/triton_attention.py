@@ -398,8 +398,9 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, table_ptr, ctx_lens_ptr
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # [BLOCK_M]: the head's slope on every row (l_i is zeros)
     slope = l_i + tl.load(slopes_ptr + h).to(tl.float32) \
-        * (1.0 if ALIBI_BF16 > 0 else 1.4426950408889634) if ALIBI else l_i  # ([BLOCK_M]: the head's slope on every row; l_i is zeros)
+        * (1.0 if ALIBI_BF16 > 0 else 1.4426950408889634) if ALIBI else l_i
     # 1) the cached context, all of it before every query: only the length bound (and,
     # with a window, positions past each query's position - WINDOW)
     ctx_len = tl.load(ctx_lens_ptr + b) if HAS_CONTEXT else 0
