@@ -529,9 +529,9 @@ class LlamaModel(nn.Module):
         self.project_in = self.project_out = None  # (OPT-350m's, LoRA targets too)
         if width != a.hidden_size:
             self.project_in = make_linear(width, [a.hidden_size], False, a.quant,
-                                          ("model.decoder.project_in",))
+                                          ("model.project_in",))
             self.project_out = make_linear(a.hidden_size, [width], False, a.quant,
-                                           ("model.decoder.project_out",))
+                                           ("model.project_out",))
         self.embed_scale = a.hidden_size ** 0.5 if a.gemma else None
         self.embed_scale_in_embedding = a.embed_scale_in_embedding
         self.embedding_multiplier = a.embedding_multiplier
