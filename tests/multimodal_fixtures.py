@@ -166,6 +166,18 @@ def tokenizer(base: str) -> Any:
     return AutoTokenizer.from_pretrained(base)
 
 
+def our_processor(base: Path) -> Any:
+    """loraplex's processor of the checkpoint's multi_modal_data, as the engine loads it
+    (engine/multimodal_prompt.py's load_processor)."""
+    from transformers import AutoConfig
+
+    from loraplex.engine.images import vision_config
+    from loraplex.engine.multimodal_prompt import load_processor
+
+    config = vision_config(AutoConfig.from_pretrained(str(base)))
+    return load_processor(str(base), config, tokenizer(str(base)))
+
+
 @functools.lru_cache(maxsize=8)
 def image_processor(base: str) -> Any:
     """The checkpoint's HF image processor (cached)."""

@@ -38,7 +38,12 @@ from tests.internvl_fixtures import (
     with_adapters,
 )
 from tests.llava_fixtures import data_url, image
-from tests.multimodal_fixtures import chat_token_ids, check_chat_refusals, greedy_reference
+from tests.multimodal_fixtures import (
+    chat_token_ids,
+    check_chat_refusals,
+    greedy_reference,
+    our_processor,
+)
 from tests.server_utils import RemoteServer
 
 pytest.importorskip("PIL")
@@ -55,16 +60,6 @@ def internvl(tiny_root):
     return with_adapters(base, seed=85)
 
 
-def _processor(base: Path) -> Any:
-    from transformers import AutoConfig
-
-    from loraplex.engine.images import vision_config
-    from loraplex.engine.internvl_images import InternVLImageProcessor
-
-    config = vision_config(AutoConfig.from_pretrained(str(base)))
-    return InternVLImageProcessor(str(base), config, tokenizer(str(base)))
-
-
 def test_prompt_and_pixels_are_hfs(internvl):
     """A video alone, an image then a video, two videos around an image with text glued
     to them: the expanded ids are HF's processor's (the same as `expanded` counts), the
@@ -72,7 +67,7 @@ def test_prompt_and_pixels_are_hfs(internvl):
     given again is kept as it is, its items read in the same order; processed inputs
     whose frames or kinds are not the prompt's are refused."""
     base = internvl["base"]
-    proc, tok = _processor(base), tokenizer(str(base))
+    proc, tok = our_processor(base), tokenizer(str(base))
     assert proc.modalities == ("image", "video")
     wide = image(2, (50, 20))  # 3 tiles and a thumbnail
     for prompt, ims, vids in ((VIDEO_ASK, [], [video(1)]), (BOTH, [wide], [video(3, 2)]),
@@ -141,7 +136,7 @@ def test_sampled_video_prompt(internvl, tmp_path):
     base = Path(shutil.copytree(internvl["base"], tmp_path / "fps"))
     path = base / "video_preprocessor_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "fps": 1}))
-    proc, tok = _processor(base), tokenizer(str(base))
+    proc, tok = our_processor(base), tokenizer(str(base))
     clip = video(6, 6)
     ids, inputs = proc.process(tok(VIDEO_ASK).input_ids, {"video": [
         (clip, {"fps": 3.0, "do_sample_frames": True})]})
@@ -154,9 +149,9 @@ def test_sampled_video_prompt(internvl, tmp_path):
         proc.process(tok(VIDEO_ASK).input_ids, {"video": [(clip, {"do_sample_frames": True})]})
     path.write_text(json.dumps({**json.loads(path.read_text()), "num_frames": 8}))
     with pytest.raises(ValueError, match="cannot sample 8 frames from a video of 6"):
-        _processor(base).process(tok(VIDEO_ASK).input_ids, {"video": [
+        our_processor(base).process(tok(VIDEO_ASK).input_ids, {"video": [
             (clip, {"do_sample_frames": True})]})
-    ids, _ = _processor(internvl["base"]).process(tok(VIDEO_ASK).input_ids, {"video": [
+    ids, _ = our_processor(internvl["base"]).process(tok(VIDEO_ASK).input_ids, {"video": [
         (clip, {"fps": 3.0, "do_sample_frames": True})]})  # nothing to sample by: as given
     assert ids == hf_inputs(base, VIDEO_ASK, [], True, [clip])["input_ids"][0].tolist()
 
@@ -241,7 +236,7 @@ def test_frame_text_tokenized_with_the_prompts(internvl, tmp_path):
     tok = type(tok).from_pretrained(str(base))
     tok.add_tokens([" Frame"])
     tok.save_pretrained(str(base))
-    proc, tok = _processor(base), tokenizer(str(base))
+    proc, tok = our_processor(base), tokenizer(str(base))
     ids, _ = proc.process(tok(VIDEO_ASK).input_ids, {"video": [video(1)]})
     assert ids == hf_inputs(base, VIDEO_ASK, [], True, [video(1)])["input_ids"][0].tolist()
     assert ids.count(tok.convert_tokens_to_ids(" Frame")) == 1

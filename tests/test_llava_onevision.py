@@ -10,7 +10,6 @@ failing alone in the engine and over HTTP."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -36,6 +35,7 @@ from tests.multimodal_fixtures import (
     check_chat_refusals,
     greedy_reference,
     hf_logprobs,
+    our_processor,
     tokenizer,
     with_adapters,
 )
@@ -57,16 +57,6 @@ def onevision(tiny_root):
     return with_adapters(base, seed=91)
 
 
-def _processor(base: Path) -> Any:
-    from transformers import AutoConfig
-
-    from loraplex.engine.images import vision_config
-    from loraplex.engine.llava_onevision import LlavaOnevisionProcessor
-
-    config = vision_config(AutoConfig.from_pretrained(str(base)))
-    return LlavaOnevisionProcessor(str(base), config, tokenizer(str(base)))
-
-
 @pytest.mark.parametrize("aspect", ["anyres_max_2", "anyres_max_9"])
 def test_prompt_ids_are_hf_processors(aspect, onevision, tiny_root):
     """Each image size's expanded ids and tiles are HF's processor's (the budget's
@@ -75,7 +65,7 @@ def test_prompt_ids_are_hf_processors(aspect, onevision, tiny_root):
     prompt order, each item's placeholders its range."""
     base = onevision["base"] if aspect == "anyres_max_2" else make_tiny_onevision(
         tiny_root / "onevision" / aspect, seed=92, aspect=aspect)
-    proc, tok = _processor(base), tokenizer(str(base))
+    proc, tok = our_processor(base), tokenizer(str(base))
     counts = []
     for size in SIZES:
         im = image(3, size)
